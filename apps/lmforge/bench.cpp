@@ -1,0 +1,73 @@
+// lmforge bench train --model PRESET --batch B --seq T --steps N --precision fp32|bf16
+// Times full training steps (forward, backward, AdamW) on random tokens; the first step is a
+// warm-up and not counted. The last line is "... <number> tok/s" for bench/ scripts.
+#include <fmt/core.h>
+#include <omp.h>
+
+#include <chrono>
+
+#include "commands.h"
+#include "lmforge/core/cpu_features.h"
+#include "lmforge/core/rng.h"
+#include "lmforge/models/presets.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+#include "lmforge/optim/clip.h"
+
+namespace lmforge::app {
+
+void add_bench(CLI::App& app) {
+  struct Opts {
+    std::string model = "gpt2";
+    int64_t batch = 4, seq = 64, steps = 5;
+    std::string precision = "fp32";
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  CLI::App* cmd = bench->add_subcommand("train", "Time training steps of a preset on random data");
+  cmd->add_option("--model", o->model, "Model preset")->capture_default_str();
+  cmd->add_option("--batch", o->batch, "B")->capture_default_str();
+  cmd->add_option("--seq", o->seq, "T")->capture_default_str();
+  cmd->add_option("--steps", o->steps, "Timed steps (after one warm-up step)")
+      ->capture_default_str();
+  cmd->add_option("--precision", o->precision, "fp32 | bf16")->capture_default_str();
+  cmd->callback([o] {
+    if (o->precision != "fp32")
+      fail("--precision: \"{}\" is not available yet in this build; use fp32", o->precision);
+    if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0)
+      fail("--batch, --seq and --steps must be positive");
+    ModelConfig mc = model_preset(o->model);
+    Transformer model(mc);
+    model.init_weights(1);
+    model.plan(o->batch, o->seq);
+    AdamW opt(model.params(), {});
+    Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
+    Tensor tgt = Tensor::empty({o->batch, o->seq}, DType::kI32);
+    Rng rng(1);
+    for (int64_t i = 0; i < tok.numel(); ++i) {
+      tok.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
+      tgt.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
+    }
+    fmt::print("bench train: {} ({:.1f}M params) B={} T={} fp32, {} threads, {} [{}]\n", o->model,
+               model.params().numel() / 1e6, o->batch, o->seq, omp_get_max_threads(),
+               cpu_features().brand, cpu_features().summary());
+    double total = 0;
+    for (int64_t s = 0; s <= o->steps; ++s) {
+      auto t0 = std::chrono::steady_clock::now();
+      model.params().zero_grad();
+      float loss = model.forward(tok, tgt);
+      model.backward();
+      clip_grad_norm(model.params(), 1.0);
+      opt.step(1e-4);
+      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (s > 0) total += dt;
+      fmt::print("step {} loss {:.4f} {:.3f}s{}\n", s, loss, dt, s == 0 ? " (warm-up)" : "");
+      std::fflush(stdout);
+    }
+    double tps = static_cast<double>(o->batch * o->seq * o->steps) / total;
+    fmt::print("lmforge {} B={} T={} fp32: {:.1f} tok/s\n", o->model, o->batch, o->seq, tps);
+  });
+}
+
+}  // namespace lmforge::app

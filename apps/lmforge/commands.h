@@ -1,0 +1,14 @@
+// Subcommands of the lmforge CLI, one file each; main.cpp wires them into CLI11.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace lmforge::app {
+
+extern const char* const kDefaultConfigYaml;
+
+void add_train(CLI::App& app);
+void add_generate(CLI::App& app);
+void add_bench(CLI::App& app);
+
+}  // namespace lmforge::app

@@ -1,0 +1,27 @@
+// lmforge: train large language models from one native program.
+// Every user error is one line on stderr and exit code 1 (lmforge::Error is caught here).
+#include <cstdio>
+
+#include "commands.h"
+#include "lmforge/core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lmforge: train large language models end to end, natively (no Python)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "lmforge 0.1.0");
+  lmforge::app::add_train(app);
+  lmforge::app::add_generate(app);
+  lmforge::app::add_bench(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const lmforge::Error& e) {
+    std::fprintf(stderr, "lmforge: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "lmforge: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,56 @@
+// Token (+ learned position) embedding, as GPT-2's encoder: out[b,t] = wte[tok[b,t]] + wpe[t].
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/error.h"
+
+namespace lmforge::cpu {
+
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B,
+                       int64_t T_, int64_t C, int64_t V) {
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < B * T_; ++bt) {
+    int32_t tok = tokens[bt];
+    LMF_CHECK(tok >= 0 && tok < V, "token id {} outside vocabulary of {}", tok, V);
+    const T* e = wte + tok * C;
+    const T* p = wpe ? wpe + (bt % T_) * C : nullptr;
+    T* o = out + bt * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = e[c] + (p ? p[c] : T(0));
+  }
+}
+
+template <typename T>
+void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B,
+                        int64_t T_, int64_t C, int64_t V) {
+  // Scatter-add into dwte: split by channel so rows for repeated tokens never race, and the
+  // summation order (b, t ascending) is fixed.
+  constexpr int64_t kBlock = 16;
+  int64_t nblocks = (C + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
+    for (int64_t bt = 0; bt < B * T_; ++bt) {
+      T* d = dwte + tokens[bt] * C;
+      const T* g = dout + bt * C;
+      for (int64_t c = c0; c < c1; ++c) d[c] += g[c];
+    }
+  }
+  if (dwpe) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        const T* g = dout + (b * T_ + t) * C;
+        for (int64_t c = 0; c < C; ++c) dwpe[t * C + c] += g[c];
+      }
+  }
+}
+
+template void embedding_forward<float>(float*, const int32_t*, const float*, const float*,
+                                       int64_t, int64_t, int64_t, int64_t);
+template void embedding_forward<double>(double*, const int32_t*, const double*, const double*,
+                                        int64_t, int64_t, int64_t, int64_t);
+template void embedding_backward<float>(float*, float*, const float*, const int32_t*, int64_t,
+                                        int64_t, int64_t, int64_t);
+template void embedding_backward<double>(double*, double*, const double*, const int32_t*,
+                                         int64_t, int64_t, int64_t, int64_t);
+
+}  // namespace lmforge::cpu

@@ -1,0 +1,102 @@
+// CPU reference kernels, llm.c style: outputs first, saved activations passed explicitly, a `d`
+// prefix for gradients. Every backward ACCUMULATES (+=) into input and parameter gradients, so
+// callers zero gradient buffers once per step; the one exception is softmax_xent_backward,
+// which writes dlogits (it may alias logits). Templated on T = float (training) or double
+// (finite-difference gradient checks). Row-wise statistics (norms, softmax) accumulate in
+// double; reductions over rows are split by column so results do not depend on thread count.
+//
+// These are called through backend/ops.h, which checks shapes and dispatches on device/dtype.
+#pragma once
+
+#include <cstdint>
+
+namespace lmforge::cpu {
+
+// C (M, N) = alpha * op(A) op(B) + beta * C, row-major. float goes to oneDNN's sgemm; double is
+// a plain loop (used only by gradient checks on tiny shapes).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+template <typename T>
+void linear_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t N, int64_t C,
+                    int64_t OC);
+template <typename T>
+void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                     int64_t N, int64_t C, int64_t OC);
+
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B,
+                       int64_t T_, int64_t C, int64_t V);
+template <typename T>
+void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B,
+                        int64_t T_, int64_t C, int64_t V);
+
+template <typename T>
+void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
+                       int64_t N, int64_t C, double eps);
+template <typename T>
+void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
+                        const T* weight, const T* mean, const T* rstd, int64_t N, int64_t C);
+
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
+                     double eps);
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
+                      const T* rstd, int64_t N, int64_t C);
+
+// Rotary embedding (HF "rotate_half" layout: pairs (i, i + HS/2)) applied in place to n_heads
+// heads of HS at x + (b*T + t)*row_stride + h*HS, position pos0 + t. cos/sin are (T_max, HS/2).
+// backward is the inverse rotation, applied in place to the gradient.
+template <typename T>
+void rope_forward(T* x, const float* cos, const float* sin, int64_t B, int64_t T_, int64_t n_heads,
+                  int64_t HS, int64_t row_stride, int64_t pos0);
+template <typename T>
+void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t T_,
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+
+// Causal self-attention with grouped-query heads. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
+// [q heads | k heads | v heads]; query head h reads kv head h / (NH / NKV). probs (B, NH, T, T)
+// keeps the softmax for backward; scratch is (n_threads, T, T).
+template <typename T>
+void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HS);
+template <typename T>
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs,
+                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HS);
+// Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
+// kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i]. out is (n, NH*HS).
+void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
+                      const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
+                      int64_t NKV, int64_t HS);
+
+template <typename T> void gelu_forward(T* out, const T* inp, int64_t n);
+template <typename T> void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n);
+// inp (N, 2F) = [gate | up]; out (N, F) = silu(gate) * up.
+template <typename T> void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F);
+template <typename T>
+void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F);
+
+// losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] == ignore_index.
+template <typename T>
+void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N,
+                          int64_t V, int32_t ignore_index);
+// dlogits = dloss * (softmax(logits) - onehot(target)); rows with ignore_index get 0.
+template <typename T>
+void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss,
+                           int64_t N, int64_t V, int32_t ignore_index);
+
+template <typename T> void add(T* out, const T* a, const T* b, int64_t n);
+template <typename T> void accumulate(T* dst, const T* src, int64_t n);
+template <typename T> void scale(T* x, T s, int64_t n);
+// Sum of squares in double, in fixed-size blocks so the result is independent of thread count.
+template <typename T> double sum_squares(const T* x, int64_t n);
+
+// One AdamW step (Loshchilov & Hutter 2019), in the order torch.optim.AdamW applies it:
+// p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+// p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc_i = 1 - beta_i^step.
+void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t step);
+
+}  // namespace lmforge::cpu

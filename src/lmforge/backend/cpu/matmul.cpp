@@ -1,0 +1,76 @@
+// gemm and linear layers. fp32 matmuls go to oneDNN's sgemm (JIT, AVX2/AVX-512 chosen by
+// oneDNN at run time, row-major). Called from inside an OpenMP region (attention heads), oneDNN
+// runs single-threaded, which is what we want there.
+#include <oneapi/dnnl/dnnl.h>
+
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/error.h"
+
+namespace lmforge::cpu {
+
+template <>
+void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb,
+                                beta, C, ldc);
+  LMF_CHECK(st == dnnl_success, "dnnl_sgemm failed ({}) M={} N={} K={}", static_cast<int>(st), M,
+            N, K);
+}
+
+// Reference double gemm for gradient checks only (tiny shapes; speed is irrelevant here).
+template <>
+void gemm<double>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha,
+                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
+                  double* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        double a = ta ? A[k * lda + i] : A[i * lda + k];
+        double b = tb ? B[j * ldb + k] : B[k * ldb + j];
+        acc += a * b;
+      }
+      C[i * ldc + j] = alpha * acc + (beta == 0 ? 0 : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+template <typename T>
+void linear_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t N, int64_t C,
+                    int64_t OC) {
+  // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC)
+  gemm<T>(false, true, N, OC, C, T(1), inp, C, weight, C, T(0), out, OC);
+  if (bias) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t o = 0; o < OC; ++o) out[i * OC + o] += bias[o];
+  }
+}
+
+template <typename T>
+void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                     int64_t N, int64_t C, int64_t OC) {
+  if (dinp) gemm<T>(false, false, N, C, OC, T(1), dout, OC, weight, C, T(1), dinp, C);
+  if (dweight) gemm<T>(true, false, OC, C, N, T(1), dout, OC, inp, C, T(1), dweight, C);
+  if (dbias) {
+    // Column sums, split by column: deterministic whatever the thread count.
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < OC; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < N; ++i) acc += dout[i * OC + o];
+      dbias[o] += static_cast<T>(acc);
+    }
+  }
+}
+
+#define LMF_INSTANTIATE(T)                                                                \
+  template void linear_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t,     \
+                                  int64_t);                                               \
+  template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t,     \
+                                   int64_t, int64_t);
+LMF_INSTANTIATE(float)
+LMF_INSTANTIATE(double)
+#undef LMF_INSTANTIATE
+
+}  // namespace lmforge::cpu

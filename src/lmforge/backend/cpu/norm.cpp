@@ -1,0 +1,121 @@
+// LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019) over the last dimension.
+// Row statistics accumulate in double. Weight/bias gradients are column sums over rows, split
+// by column so they are deterministic whatever the thread count.
+#include <cmath>
+
+#include "lmforge/backend/cpu/kernels.h"
+
+namespace lmforge::cpu {
+
+template <typename T>
+void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
+                       int64_t N, int64_t C, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* x = inp + i * C;
+    double m = 0;
+    for (int64_t c = 0; c < C; ++c) m += x[c];
+    m /= C;
+    double var = 0;
+    for (int64_t c = 0; c < C; ++c) var += (x[c] - m) * (x[c] - m);
+    var /= C;
+    double s = 1.0 / std::sqrt(var + eps);
+    T* o = out + i * C;
+    for (int64_t c = 0; c < C; ++c)
+      o[c] = static_cast<T>((x[c] - m) * s) * weight[c] + (bias ? bias[c] : T(0));
+    mean[i] = static_cast<T>(m);
+    rstd[i] = static_cast<T>(s);
+  }
+}
+
+template <typename T>
+void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
+                        const T* weight, const T* mean, const T* rstd, int64_t N, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* x = inp + i * C;
+    const T* g = dout + i * C;
+    double m = mean[i], s = rstd[i];
+    double dnorm_mean = 0, dnorm_norm_mean = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      double n = (x[c] - m) * s;
+      double dn = static_cast<double>(weight[c]) * g[c];
+      dnorm_mean += dn;
+      dnorm_norm_mean += dn * n;
+    }
+    dnorm_mean /= C;
+    dnorm_norm_mean /= C;
+    T* d = dinp + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      double n = (x[c] - m) * s;
+      double dn = static_cast<double>(weight[c]) * g[c];
+      d[c] += static_cast<T>((dn - dnorm_mean - n * dnorm_norm_mean) * s);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    double dw = 0, db = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      double n = (inp[i * C + c] - static_cast<double>(mean[i])) * rstd[i];
+      dw += n * dout[i * C + c];
+      db += dout[i * C + c];
+    }
+    dweight[c] += static_cast<T>(dw);
+    if (dbias) dbias[c] += static_cast<T>(db);
+  }
+}
+
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
+                     double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* x = inp + i * C;
+    double ss = 0;
+    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[c]) * x[c];
+    double s = 1.0 / std::sqrt(ss / C + eps);
+    T* o = out + i * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(x[c] * s) * weight[c];
+    rstd[i] = static_cast<T>(s);
+  }
+}
+
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
+                      const T* rstd, int64_t N, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* x = inp + i * C;
+    const T* g = dout + i * C;
+    double s = rstd[i];
+    double dot = 0;  // mean(dn * n)
+    for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(weight[c]) * g[c] * x[c] * s;
+    dot /= C;
+    T* d = dinp + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      double n = x[c] * s;
+      d[c] += static_cast<T>(s * (static_cast<double>(weight[c]) * g[c] - n * dot));
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    double dw = 0;
+    for (int64_t i = 0; i < N; ++i)
+      dw += static_cast<double>(inp[i * C + c]) * rstd[i] * dout[i * C + c];
+    dweight[c] += static_cast<T>(dw);
+  }
+}
+
+#define LMF_INSTANTIATE(T)                                                                     \
+  template void layernorm_forward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t,        \
+                                     int64_t, double);                                         \
+  template void layernorm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,      \
+                                      const T*, int64_t, int64_t);                             \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double);      \
+  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,   \
+                                    int64_t);
+LMF_INSTANTIATE(float)
+LMF_INSTANTIATE(double)
+#undef LMF_INSTANTIATE
+
+}  // namespace lmforge::cpu

@@ -1,0 +1,268 @@
+#include "lmforge/backend/ops.h"
+
+#include <omp.h>
+
+#include "lmforge/backend/cpu/kernels.h"
+
+namespace lmforge::ops {
+
+namespace {
+
+// Calls f(T{}) with T the C++ type of t's dtype, after checking the device.
+template <typename F> void dispatch(const char* op, const Tensor& t, F&& f) {
+  if (t.device() != Device::kCPU) cuda_unavailable(op);
+  switch (t.dtype()) {
+    case DType::kF32: f(float{}); break;
+    case DType::kF64: f(double{}); break;
+    default: LMF_CHECK(false, "{}: unsupported dtype {}", op, dtype_name(t.dtype()));
+  }
+}
+
+template <typename T> T* ptr(const Tensor& t) { return t.raw() ? t.data<T>() : nullptr; }
+template <typename T> const T* cptr(const Tensor& t) { return t.raw() ? t.data<T>() : nullptr; }
+
+int64_t last(const Tensor& t) { return t.size(-1); }
+int64_t rows(const Tensor& t) { return t.numel() / last(t); }
+
+void same_numel(const char* op, const Tensor& a, const Tensor& b) {
+  LMF_CHECK(a.numel() == b.numel(), "{}: {} vs {}", op, a.shape().str(), b.shape().str());
+}
+
+}  // namespace
+
+void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias) {
+  int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
+  LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
+            inp.shape().str(), weight.shape().str(), out.shape().str());
+  dispatch("linear_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::linear_forward<T>(ptr<T>(out), cptr<T>(inp), cptr<T>(weight), cptr<T>(bias), N, C, OC);
+  });
+}
+
+void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
+                     const Tensor& dout, const Tensor& inp, const Tensor& weight) {
+  int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
+  LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
+            N, OC);
+  dispatch("linear_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
+                            cptr<T>(inp), cptr<T>(weight), N, C, OC);
+  });
+}
+
+void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
+                       const Tensor& wpe) {
+  int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
+  LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
+            tokens.shape().str());
+  LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_, wpe.size(0));
+  dispatch("embedding_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::embedding_forward<T>(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
+                              T_, C, V);
+  });
+}
+
+void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                        const Tensor& tokens) {
+  int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
+  dispatch("embedding_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout), tokens.data<int32_t>(),
+                               B, T_, C, V);
+  });
+}
+
+void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                       const Tensor& weight, const Tensor& bias, double eps) {
+  same_numel("layernorm_forward", out, inp);
+  dispatch("layernorm_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::layernorm_forward<T>(ptr<T>(out), ptr<T>(mean), ptr<T>(rstd), cptr<T>(inp),
+                              cptr<T>(weight), cptr<T>(bias), rows(inp), last(inp), eps);
+  });
+}
+
+void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
+                        const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                        const Tensor& mean, const Tensor& rstd) {
+  dispatch("layernorm_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::layernorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
+                               cptr<T>(inp), cptr<T>(weight), cptr<T>(mean), cptr<T>(rstd),
+                               rows(inp), last(inp));
+  });
+}
+
+void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
+                     double eps) {
+  same_numel("rmsnorm_forward", out, inp);
+  dispatch("rmsnorm_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd), cptr<T>(inp), cptr<T>(weight), rows(inp),
+                            last(inp), eps);
+  });
+}
+
+void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
+                      const Tensor& inp, const Tensor& weight, const Tensor& rstd) {
+  dispatch("rmsnorm_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), cptr<T>(dout), cptr<T>(inp),
+                             cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp));
+  });
+}
+
+namespace {
+void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, const Tensor& sin,
+          int64_t NH, int64_t NKV, int64_t pos0) {
+  int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
+  LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
+            op, T_, pos0, cos.shape().str(), HS);
+  dispatch(op, x, [&](auto tag) {
+    using T = decltype(tag);
+    auto f = backward ? cpu::rope_backward<T> : cpu::rope_forward<T>;
+    // q and k heads are adjacent: NH + NKV heads from the start of each row.
+    f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0);
+  });
+}
+}  // namespace
+
+void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
+                  int64_t n_kv_head, int64_t pos0) {
+  rope("rope_forward", false, qkv, cos, sin, n_head, n_kv_head, pos0);
+}
+
+void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
+                   int64_t n_kv_head, int64_t pos0) {
+  rope("rope_backward", true, dqkv, cos, sin, n_head, n_kv_head, pos0);
+}
+
+void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t NH,
+                       int64_t NKV) {
+  int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
+  LMF_CHECK(NH % NKV == 0 && probs.numel() == B * NH * T_ * T_ && out.numel() == B * T_ * NH * HS,
+            "attention: qkv {} probs {} out {} NH={} NKV={}", qkv.shape().str(),
+            probs.shape().str(), out.shape().str(), NH, NKV);
+  dispatch("attention_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(probs), cptr<T>(qkv), B, T_, NH, NKV, HS);
+  });
+}
+
+void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
+                        const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV) {
+  int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
+  LMF_CHECK(scratch.numel() >= static_cast<int64_t>(omp_get_max_threads()) * T_ * T_,
+            "attention_backward: scratch {} for {} threads", scratch.shape().str(),
+            omp_get_max_threads());
+  dispatch("attention_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::attention_backward<T>(ptr<T>(dqkv), ptr<T>(scratch), cptr<T>(dout), cptr<T>(qkv),
+                               cptr<T>(probs), B, T_, NH, NKV, HS);
+  });
+}
+
+void gelu_forward(const Tensor& out, const Tensor& inp) {
+  same_numel("gelu_forward", out, inp);
+  dispatch("gelu_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::gelu_forward<T>(ptr<T>(out), cptr<T>(inp), inp.numel());
+  });
+}
+
+void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  dispatch("gelu_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::gelu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), inp.numel());
+  });
+}
+
+void swiglu_forward(const Tensor& out, const Tensor& inp) {
+  int64_t F = last(inp) / 2, N = rows(inp);
+  LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
+  dispatch("swiglu_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::swiglu_forward<T>(ptr<T>(out), cptr<T>(inp), N, F);
+  });
+}
+
+void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  dispatch("swiglu_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), rows(inp), last(inp) / 2);
+  });
+}
+
+double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                            int32_t ignore_index) {
+  int64_t V = last(logits), N = rows(logits);
+  LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
+            logits.shape().str(), targets.shape().str());
+  double total = 0;
+  int64_t count = 0;
+  const int32_t* y = targets.data<int32_t>();
+  dispatch("softmax_xent_forward", logits, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), y, N, V, ignore_index);
+    for (int64_t i = 0; i < N; ++i) total += cptr<T>(losses)[i];
+  });
+  for (int64_t i = 0; i < N; ++i) count += y[i] != ignore_index;
+  return count ? total / count : 0.0;
+}
+
+void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                           double dloss, int32_t ignore_index) {
+  int64_t V = last(logits), N = rows(logits);
+  dispatch("softmax_xent_backward", logits, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
+                                  static_cast<T>(dloss), N, V, ignore_index);
+  });
+}
+
+void add(const Tensor& out, const Tensor& a, const Tensor& b) {
+  same_numel("add", a, b);
+  same_numel("add", out, a);
+  dispatch("add", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::add<T>(ptr<T>(out), cptr<T>(a), cptr<T>(b), a.numel());
+  });
+}
+
+void accumulate(const Tensor& dst, const Tensor& src) {
+  same_numel("accumulate", dst, src);
+  dispatch("accumulate", dst, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
+  });
+}
+
+void scale(const Tensor& x, double s) {
+  dispatch("scale", x, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::scale<T>(ptr<T>(x), static_cast<T>(s), x.numel());
+  });
+}
+
+double sum_squares(const Tensor& x) {
+  double r = 0;
+  dispatch("sum_squares", x, [&](auto tag) {
+    using T = decltype(tag);
+    r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
+  });
+  return r;
+}
+
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step) {
+  same_numel("adamw_update", param, grad);
+  if (param.device() != Device::kCPU) cuda_unavailable("adamw_update");
+  cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
+                    param.numel(), lr, beta1, beta2, eps, weight_decay, step);
+}
+
+}  // namespace lmforge::ops

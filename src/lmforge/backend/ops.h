@@ -1,0 +1,79 @@
+// The op interface: every layer calls these, and every backend implements them. Each op has a
+// forward and a backward; backward ops ACCUMULATE (+=) into gradients (see cpu/kernels.h).
+// Dispatch happens here, once, on the tensors' device and dtype (fp32, or fp64 for gradient
+// checks); op bodies never test the device. A tensor that is !defined() means "absent" (no
+// bias, no learned positions, no gradient wanted).
+//
+//   ops::linear_forward(out, x, w, b);                 // out (N, OC) = x (N, C) w^T + b
+//   ops::linear_backward(dx, dw, db, dout, x, w);      // dx, dw, db +=
+#pragma once
+
+#include <cstdint>
+
+#include "lmforge/core/tensor.h"
+
+namespace lmforge::ops {
+
+// (N, OC) = (N, C) @ (OC, C)^T + (OC); leading dims of inp/out are flattened into N.
+void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias);
+void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
+                     const Tensor& dout, const Tensor& inp, const Tensor& weight);
+
+// out (B, T, C) = wte[tokens] + wpe[t]; tokens (B, T) int32; wpe may be absent.
+void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
+                       const Tensor& wpe);
+void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                        const Tensor& tokens);
+
+// Over the last dimension C; mean/rstd are (N) saved for backward. bias may be absent.
+void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                       const Tensor& weight, const Tensor& bias, double eps);
+void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
+                        const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                        const Tensor& mean, const Tensor& rstd);
+void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
+                     double eps);
+void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
+                      const Tensor& inp, const Tensor& weight, const Tensor& rstd);
+
+// In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
+// fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place.
+void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
+                  int64_t n_kv_head, int64_t pos0);
+void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
+                   int64_t n_kv_head, int64_t pos0);
+
+// out (B, T, NH*HS); probs (B, NH, T, T); qkv (B, T, (NH + 2 NKV) * HS); scratch (threads, T, T).
+void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t n_head,
+                       int64_t n_kv_head);
+void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
+                        const Tensor& qkv, const Tensor& probs, int64_t n_head, int64_t n_kv_head);
+
+void gelu_forward(const Tensor& out, const Tensor& inp);
+void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
+// inp (N, 2F) = [gate | up] -> out (N, F)
+void swiglu_forward(const Tensor& out, const Tensor& inp);
+void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
+
+// Returns the mean loss over rows whose target != ignore_index (0 if none); losses (N) per row.
+double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                            int32_t ignore_index);
+// dlogits = dloss * (softmax - onehot); writes (not +=) and may alias logits.
+void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                           double dloss, int32_t ignore_index);
+
+void add(const Tensor& out, const Tensor& a, const Tensor& b);
+void accumulate(const Tensor& dst, const Tensor& src);
+void scale(const Tensor& x, double s);
+double sum_squares(const Tensor& x);
+
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step);
+
+}  // namespace lmforge::ops
+
+namespace lmforge {
+// The seam for the CUDA backend: a build without it links a stub that raises a clear error.
+[[noreturn]] void cuda_unavailable(const char* op);
+}  // namespace lmforge

@@ -1,0 +1,170 @@
+#include "lmforge/core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace lmforge {
+
+namespace {
+constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
+}
+
+std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
+  if (device != Device::kCPU) fail("cannot allocate on {}: the CUDA backend is not built", device_name(device));
+  size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  void* p = rounded ? std::aligned_alloc(kAlign, rounded) : nullptr;
+  if (rounded && !p)
+    fail("out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model size",
+         bytes / 1048576.0);
+  if (p) std::memset(p, 0, rounded);
+  return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
+}
+
+std::shared_ptr<Storage> Storage::borrow(void* data, size_t bytes, std::shared_ptr<void> keepalive,
+                                         Device device) {
+  auto s = std::shared_ptr<Storage>(new Storage(data, bytes, device, false));
+  s->keepalive_ = std::move(keepalive);
+  return s;
+}
+
+Storage::~Storage() {
+  if (owned_) std::free(data_);
+}
+
+Shape::Shape(std::initializer_list<int64_t> dims) {
+  LMF_CHECK(dims.size() <= kMaxDims, "too many dims: {}", dims.size());
+  for (int64_t d : dims) dims_[ndim_++] = d;
+}
+
+Shape Shape::of(const int64_t* dims, int n) {
+  LMF_CHECK(n <= kMaxDims, "too many dims: {}", n);
+  Shape s;
+  for (int i = 0; i < n; ++i) s.dims_[i] = dims[i];
+  s.ndim_ = n;
+  return s;
+}
+
+int64_t Shape::numel() const {
+  int64_t n = 1;
+  for (int i = 0; i < ndim_; ++i) n *= dims_[i];
+  return n;
+}
+
+bool Shape::operator==(const Shape& o) const {
+  if (ndim_ != o.ndim_) return false;
+  for (int i = 0; i < ndim_; ++i)
+    if (dims_[i] != o.dims_[i]) return false;
+  return true;
+}
+
+std::string Shape::str() const {
+  std::string s = "(";
+  for (int i = 0; i < ndim_; ++i) s += (i ? ", " : "") + std::to_string(dims_[i]);
+  return s + ")";
+}
+
+Tensor::Tensor(std::shared_ptr<Storage> storage, size_t byte_offset, Shape shape, DType dtype)
+    : storage_(std::move(storage)),
+      byte_offset_(byte_offset),
+      shape_(shape),
+      dtype_(dtype),
+      dtype_set_(true) {
+  if (storage_)
+    LMF_CHECK(byte_offset_ + nbytes() <= storage_->bytes(), "view {} {} at {} past storage of {} bytes",
+              shape_.str(), dtype_name(dtype_), byte_offset_, storage_->bytes());
+}
+
+Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
+  size_t bytes = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
+  return Tensor(Storage::allocate(bytes, device), 0, shape, dtype);
+}
+
+Tensor Tensor::view(Shape shape) const {
+  int infer = -1;
+  int64_t known = 1;
+  for (int i = 0; i < shape.ndim(); ++i) {
+    if (shape[i] == -1) {
+      LMF_CHECK(infer < 0, "view {}: two -1 dims", shape.str());
+      infer = i;
+    } else {
+      known *= shape[i];
+    }
+  }
+  if (infer >= 0) shape[infer] = known ? numel() / known : 0;
+  LMF_CHECK(shape.numel() == numel(), "view {} of tensor {}", shape.str(), shape_.str());
+  return Tensor(storage_, byte_offset_, shape, dtype_);
+}
+
+Tensor Tensor::slice(int64_t start, int64_t len) const {
+  LMF_CHECK(ndim() >= 1 && start >= 0 && start + len <= shape_[0], "slice [{}, {}) of {}", start,
+            start + len, shape_.str());
+  Shape s = shape_;
+  s[0] = len;
+  size_t row = static_cast<size_t>(shape_[0] ? numel() / shape_[0] : 0) * dtype_size(dtype_);
+  return Tensor(storage_, byte_offset_ + start * row, s, dtype_);
+}
+
+Tensor Tensor::operator[](int64_t i) const {
+  Tensor row = slice(i, 1);
+  int64_t dims[kMaxDims];
+  for (int d = 1; d < ndim(); ++d) dims[d - 1] = shape_[d];
+  return row.view(Shape::of(dims, ndim() - 1));
+}
+
+void Tensor::zero_() const {
+  if (numel()) std::memset(raw(), 0, nbytes());
+}
+
+void Tensor::copy_from(const Tensor& src) const {
+  LMF_CHECK(src.dtype() == dtype_ && src.numel() == numel(), "copy {} {} into {} {}",
+            src.shape().str(), dtype_name(src.dtype()), shape_.str(), dtype_name(dtype_));
+  if (numel()) std::memcpy(raw(), src.raw(), nbytes());
+}
+
+void Tensor::fill_(double v) const {
+  int64_t n = numel();
+  switch (dtype_) {
+    case DType::kF64: for (int64_t i = 0; i < n; ++i) data<double>()[i] = v; break;
+    case DType::kF32: for (int64_t i = 0; i < n; ++i) data<float>()[i] = static_cast<float>(v); break;
+    case DType::kI32: for (int64_t i = 0; i < n; ++i) data<int32_t>()[i] = static_cast<int32_t>(v); break;
+    default: LMF_CHECK(false, "fill_ on {}", dtype_name(dtype_));
+  }
+}
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape_, dtype_, device());
+  t.copy_from(*this);
+  return t;
+}
+
+Tensor Tensor::to(DType dt) const {
+  if (dt == dtype_) return clone();
+  Tensor t = empty(shape_, dt, device());
+  int64_t n = numel();
+  auto get = [&](int64_t i) -> double {
+    switch (dtype_) {
+      case DType::kF64: return static_cast<const double*>(raw())[i];
+      case DType::kF32: return static_cast<const float*>(raw())[i];
+      case DType::kBF16: return bf16_to_fp32(static_cast<const uint16_t*>(raw())[i]);
+      case DType::kI32: return static_cast<const int32_t*>(raw())[i];
+      case DType::kU16: return static_cast<const uint16_t*>(raw())[i];
+      case DType::kU32: return static_cast<const uint32_t*>(raw())[i];
+      default: LMF_CHECK(false, "to() from {}", dtype_name(dtype_));
+    }
+    return 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    double v = get(i);
+    switch (dt) {
+      case DType::kF64: static_cast<double*>(t.raw())[i] = v; break;
+      case DType::kF32: static_cast<float*>(t.raw())[i] = static_cast<float>(v); break;
+      case DType::kBF16: static_cast<uint16_t*>(t.raw())[i] = fp32_to_bf16(static_cast<float>(v)); break;
+      case DType::kI32: static_cast<int32_t*>(t.raw())[i] = static_cast<int32_t>(v); break;
+      default: LMF_CHECK(false, "to() into {}", dtype_name(dt));
+    }
+  }
+  return t;
+}
+
+}  // namespace lmforge

@@ -1,0 +1,124 @@
+#include "lmforge/data/shard.h"
+
+#include <fcntl.h>
+#include <glob.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+
+namespace lmforge {
+
+namespace {
+struct Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr) munmap(addr, size);
+  }
+};
+}  // namespace
+
+TokenShard TokenShard::open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail("{}: cannot open token shard ({}); check data.train / data.val", path,
+                   std::strerror(errno));
+  struct stat st {};
+  fstat(fd, &st);
+  size_t size = static_cast<size_t>(st.st_size);
+  if (size < kShardHeaderBytes) {
+    ::close(fd);
+    fail("{}: not a token shard (only {} bytes, header needs {}); re-create it", path, size,
+         kShardHeaderBytes);
+  }
+  auto m = std::make_shared<Mapping>();
+  m->addr = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m->addr == MAP_FAILED) {
+    m->addr = nullptr;
+    fail("{}: cannot map ({})", path, std::strerror(errno));
+  }
+  m->size = size;
+  const char* base = static_cast<const char*>(m->addr);
+  if (std::memcmp(base, kShardMagic, 8) != 0)
+    fail("{}: bad magic (not an lmforge token shard); make shards with lmforge", path);
+  uint32_t version, width;
+  uint64_t count;
+  std::memcpy(&version, base + 8, 4);
+  std::memcpy(&width, base + 12, 4);
+  std::memcpy(&count, base + 16, 8);
+  if (version != kShardVersion)
+    fail("{}: shard version {} is not supported (this lmforge reads {}); re-create the shard",
+         path, version, kShardVersion);
+  if (width != 2 && width != 4) fail("{}: token width {} bytes is invalid (2 or 4)", path, width);
+  if (kShardHeaderBytes + count * width != size)
+    fail("{}: header says {} tokens ({} bytes) but the file holds {} bytes of tokens; the shard "
+         "is truncated or corrupt, re-create it",
+         path, count, count * width, size - kShardHeaderBytes);
+  TokenShard s;
+  s.path_ = path;
+  s.map_ = m;
+  s.n_ = static_cast<int64_t>(count);
+  if (width == 2)
+    s.u16_ = reinterpret_cast<const uint16_t*>(base + kShardHeaderBytes);
+  else
+    s.u32_ = reinterpret_cast<const uint32_t*>(base + kShardHeaderBytes);
+  return s;
+}
+
+uint32_t TokenShard::max_token() const {
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < n_; ++i) mx = std::max(mx, (*this)[i]);
+  return mx;
+}
+
+void write_shard(const std::string& path, const std::vector<uint32_t>& tokens) {
+  bool small = std::all_of(tokens.begin(), tokens.end(), [](uint32_t t) { return t < 65536; });
+  char header[kShardHeaderBytes] = {};
+  uint32_t version = kShardVersion, width = small ? 2 : 4;
+  uint64_t count = tokens.size();
+  std::memcpy(header, kShardMagic, 8);
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 12, &width, 4);
+  std::memcpy(header + 16, &count, 8);
+  AtomicFile f(path);
+  f.write(header, sizeof(header));
+  if (small) {
+    std::vector<uint16_t> t16(tokens.begin(), tokens.end());
+    f.write(t16.data(), t16.size() * 2);
+  } else {
+    f.write(tokens.data(), tokens.size() * 4);
+  }
+  f.commit();
+}
+
+std::vector<std::string> expand_shards(const std::string& spec, const std::string& key) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> out;
+  if (spec.empty()) fail("{}: no shard path given; set {} to a shard file, directory or glob", key, key);
+  std::error_code ec;
+  if (fs::is_directory(spec, ec)) {
+    for (auto& e : fs::directory_iterator(spec))
+      if (e.path().extension() == ".bin") out.push_back(e.path().string());
+  } else if (spec.find_first_of("*?[") != std::string::npos) {
+    glob_t g{};
+    if (::glob(spec.c_str(), 0, nullptr, &g) == 0)
+      for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
+    globfree(&g);
+  } else {
+    if (!fs::exists(spec, ec)) fail("{}: {}: no such file; check the path", key, spec);
+    out.push_back(spec);
+  }
+  if (out.empty()) fail("{}: {} matches no shard files (*.bin)", key, spec);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace lmforge

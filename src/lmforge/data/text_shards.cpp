@@ -1,0 +1,80 @@
+#include "lmforge/data/text_shards.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+
+#include "lmforge/core/error.h"
+#include "lmforge/data/shard.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/byte_level.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+
+std::string cache_dir() {
+  std::string dir;
+  if (const char* c = std::getenv("LMFORGE_CACHE"); c && *c)
+    dir = c;
+  else if (const char* h = std::getenv("HOME"); h && *h)
+    dir = std::string(h) + "/.cache/lmforge";
+  else
+    dir = ".lmforge-cache";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail("{}: cannot create the cache directory ({}); set LMFORGE_CACHE", dir, ec.message());
+  return dir;
+}
+
+std::string demo_corpus_path() {
+  std::string dir = cache_dir() + "/demo", path = dir + "/kjv.txt";
+  if (fs::exists(path)) return path;
+  fs::create_directories(dir);
+  std::string tmp = path + ".tmp";
+  std::string cmd = "bible -f \"Gen1:1-Rev22:21\" > \"" + tmp + "\" 2>/dev/null";
+  int rc = std::system(cmd.c_str());
+  std::error_code ec;
+  if (rc != 0 || fs::file_size(tmp, ec) < 1000000) {
+    fs::remove(tmp, ec);
+    fail("demo corpus: the `bible` program (Debian package bible-kjv) is missing or failed; "
+         "install it with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
+  }
+  fs::rename(tmp, path);
+  return path;
+}
+
+TextShards shards_from_text(const std::string& spec, double val_fraction) {
+  std::string path = spec == "demo:kjv" ? demo_corpus_path() : spec;
+  if (!fs::exists(path)) fail("data.text: {}: no such file; check the path", path);
+  if (!(val_fraction >= 0 && val_fraction < 1))
+    fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
+  auto mtime = fs::last_write_time(path).time_since_epoch().count();
+  size_t key = std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|byte-v1",
+                                                    fs::absolute(path).string(),
+                                                    fs::file_size(path), mtime, val_fraction));
+  std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
+  TextShards out{dir + "/train.bin", dir + "/val.bin"};
+  if (fs::exists(out.train) && fs::exists(out.val)) return out;
+  fs::create_directories(dir);
+
+  std::string text = read_file(path);
+  size_t cut = text.size() - static_cast<size_t>(text.size() * val_fraction);
+  if (val_fraction > 0) {
+    size_t nl = text.rfind('\n', cut);
+    if (nl != std::string::npos && nl > 0) cut = nl + 1;
+  }
+  ByteTokenizer tok;
+  auto to_shard = [&](std::string_view part, const std::string& file) {
+    std::vector<int32_t> ids = tok.encode(part);
+    std::vector<uint32_t> u(ids.begin(), ids.end());
+    u.push_back(ByteTokenizer::kEndOfText);
+    write_shard(file, u);
+  };
+  to_shard(std::string_view(text).substr(cut), out.val);
+  to_shard(std::string_view(text).substr(0, cut), out.train);  // written last: marks completion
+  return out;
+}
+
+}  // namespace lmforge

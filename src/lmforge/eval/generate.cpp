@@ -1,0 +1,70 @@
+#include "lmforge/eval/generate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
+  if (o.temperature <= 0) return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  std::vector<int32_t> idx(V);
+  std::iota(idx.begin(), idx.end(), 0);
+  // Sort descending by logit (stable: ties keep id order, so sampling is reproducible).
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
+  std::vector<double> p(k);
+  double mx = logits[idx[0]] / o.temperature, sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += p[i] = std::exp(logits[idx[i]] / o.temperature - mx);
+  if (o.top_p > 0 && o.top_p < 1) {  // nucleus: smallest prefix whose mass reaches top_p
+    double acc = 0;
+    int64_t keep = k;
+    for (int64_t i = 0; i < k; ++i) {
+      acc += p[i] / sum;
+      if (acc >= o.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    k = keep;
+    sum = std::accumulate(p.begin(), p.begin() + k, 0.0);
+  }
+  double r = rng.uniform() * sum, acc = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    acc += p[i];
+    if (r < acc) return idx[i];
+  }
+  return idx[k - 1];
+}
+
+std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
+                              const SamplingOptions& o,
+                              const std::function<void(int32_t)>& on_token) {
+  if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
+  const ModelConfig& c = model.config();
+  int64_t total = std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
+  if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
+    fail("generate: the prompt has {} tokens but model.max_seq_len is {}; shorten it",
+         prompt.size(), c.max_seq_len);
+  for (int32_t id : prompt)
+    if (id < 0 || id >= c.vocab_size)
+      fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
+  KvCache cache = model.make_cache(total);
+  Rng rng(o.seed);
+  std::vector<int32_t> out;
+  Tensor logits = model.decode(cache, prompt.data(), static_cast<int64_t>(prompt.size()), 0);
+  int64_t pos = static_cast<int64_t>(prompt.size());
+  while (pos < total) {
+    int32_t id = sample_token(logits.data<float>(), c.vocab_size, o, rng);
+    out.push_back(id);
+    if (on_token) on_token(id);
+    if (id == o.stop_token || pos + 1 >= total) break;
+    logits = model.decode(cache, &id, 1, pos);
+    ++pos;
+  }
+  return out;
+}
+
+}  // namespace lmforge

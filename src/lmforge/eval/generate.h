@@ -1,0 +1,34 @@
+// Sampling from a model with a KV cache: the prompt is run once, then one token per step.
+// temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens or at stop_token.
+//
+//   SamplingOptions o{.max_tokens = 100, .temperature = 0.8, .top_k = 40, .top_p = 0.95, .seed = 1};
+//   std::vector<int32_t> out = generate(model, prompt_ids, o, [](int32_t id) { print(id); });
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/nn/transformer.h"
+
+namespace lmforge {
+
+struct SamplingOptions {
+  int64_t max_tokens = 200;
+  double temperature = 0.8;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  uint64_t seed = 1337;
+  int32_t stop_token = -1;  // e.g. <|endoftext|>; -1 = none
+};
+
+// Picks one id from logits (V) with the options above.
+int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng);
+
+// Returns the generated ids (without the prompt); calls on_token for each as it is produced.
+std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
+                              const SamplingOptions& o,
+                              const std::function<void(int32_t)>& on_token = {});
+
+}  // namespace lmforge

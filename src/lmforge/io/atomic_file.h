@@ -1,0 +1,33 @@
+// AtomicFile: write to "<path>.tmp", fsync, rename onto <path> on commit(). If the writer is
+// destroyed without commit() (an error, an exception), the temporary is removed: readers see
+// either the old file or the complete new one, never half of it.
+//
+//   AtomicFile f(path); f.write(buf, n); f.commit();
+#pragma once
+
+#include <cstdio>
+#include <string>
+
+namespace lmforge {
+
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t n);
+  void write(const std::string& s) { write(s.data(), s.size()); }
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  std::FILE* f_ = nullptr;
+};
+
+// Whole-file helpers.
+void write_file_atomic(const std::string& path, const std::string& content);
+std::string read_file(const std::string& path);  // throws Error naming the file
+
+}  // namespace lmforge

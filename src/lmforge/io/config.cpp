@@ -1,0 +1,265 @@
+#include "lmforge/io/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <map>
+#include <sstream>
+
+#include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/models/presets.h"
+
+namespace lmforge {
+
+std::vector<ConfigField> model_fields(ModelConfig& m) {
+  return {
+      {"preset", &m.preset, "named preset applied before the other model keys"},
+      {"arch", &m.arch, "gpt2 | llama"},
+      {"vocab_size", &m.vocab_size, "V"},
+      {"max_seq_len", &m.max_seq_len, "positions"},
+      {"n_layer", &m.n_layer, "L"},
+      {"n_head", &m.n_head, "NH"},
+      {"n_kv_head", &m.n_kv_head, "NKV (0 = n_head)"},
+      {"n_embd", &m.n_embd, "C"},
+      {"ffn_hidden", &m.ffn_hidden, "F (0 = 4*C)"},
+      {"norm", &m.norm, "layernorm | rmsnorm"},
+      {"norm_eps", &m.norm_eps, ""},
+      {"mlp", &m.mlp, "gelu | swiglu"},
+      {"pos", &m.pos, "learned | rope"},
+      {"rope_theta", &m.rope_theta, ""},
+      {"rope_scaling.factor", &m.rope_scaling.factor, "Llama 3.1 scaling; 0 = off"},
+      {"rope_scaling.low_freq_factor", &m.rope_scaling.low_freq_factor, ""},
+      {"rope_scaling.high_freq_factor", &m.rope_scaling.high_freq_factor, ""},
+      {"rope_scaling.original_max_position_embeddings",
+       &m.rope_scaling.original_max_position_embeddings, ""},
+      {"bias", &m.bias, "biases in linear layers and LayerNorm"},
+      {"tie_embeddings", &m.tie_embeddings, "lm_head shares tok_emb"},
+      {"init_std", &m.init_std, ""},
+  };
+}
+
+std::vector<ConfigField> fields(Config& c) {
+  std::vector<ConfigField> f;
+  for (auto& m : model_fields(c.model)) f.push_back({"model." + m.key, m.ptr, m.help});
+  std::vector<ConfigField> rest = {
+      {"init_from", &c.init_from, "initial weights (reserved: hf:DIR)"},
+      {"data.text", &c.data.text, "text file tokenized into shards; demo:kjv = the demo corpus"},
+      {"data.train", &c.data.train, "training shard: file, directory or glob"},
+      {"data.val", &c.data.val, "validation shard(s)"},
+      {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
+      {"data.tokenizer", &c.data.tokenizer, "byte"},
+      {"train.steps", &c.train.steps, "optimizer steps"},
+      {"train.batch_size", &c.train.batch_size, "B"},
+      {"train.seq_len", &c.train.seq_len, "T"},
+      {"train.grad_accum", &c.train.grad_accum, "micro-batches per step"},
+      {"train.lr", &c.train.lr, "peak learning rate"},
+      {"train.min_lr", &c.train.min_lr, "final learning rate"},
+      {"train.schedule", &c.train.schedule, "cosine | linear | constant"},
+      {"train.warmup", &c.train.warmup, "linear warmup steps"},
+      {"train.weight_decay", &c.train.weight_decay, "AdamW decoupled decay"},
+      {"train.beta1", &c.train.beta1, ""},
+      {"train.beta2", &c.train.beta2, ""},
+      {"train.eps", &c.train.eps, ""},
+      {"train.grad_clip", &c.train.grad_clip, "max global gradient norm; 0 = off"},
+      {"train.precision", &c.train.precision, "fp32"},
+      {"train.device", &c.train.device, "cpu | cuda | auto"},
+      {"train.seed", &c.train.seed, "weights, batches and sampling"},
+      {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},
+      {"train.eval_batches", &c.train.eval_batches, "batches per validation"},
+      {"train.checkpoint_every", &c.train.checkpoint_every, "steps between checkpoints"},
+      {"train.keep_last", &c.train.keep_last, "checkpoints kept; 0 = all"},
+      {"train.log_every", &c.train.log_every, "steps between log lines"},
+      {"run.dir", &c.run.dir, "run directory"},
+      {"sample.prompt", &c.sample.prompt, "sample after training (empty = none)"},
+      {"sample.max_tokens", &c.sample.max_tokens, ""},
+      {"sample.temperature", &c.sample.temperature, ""},
+      {"sample.top_k", &c.sample.top_k, "0 = off"},
+      {"sample.top_p", &c.sample.top_p, "1 = off"},
+  };
+  f.insert(f.end(), rest.begin(), rest.end());
+  return f;
+}
+
+namespace {
+
+std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
+  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+}
+
+template <typename T> bool parse_int(const std::string& s, T* out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && p == s.data() + s.size();
+}
+
+[[noreturn]] void bad_type(const std::string& source, const std::string& key, const char* want,
+                           const std::string& got) {
+  fail("{}: {}: expected {}, got \"{}\"", source, key, want, got);
+}
+
+const ConfigField* find_field(const std::vector<ConfigField>& fs, const std::string& key) {
+  for (auto& f : fs)
+    if (f.key == key) return &f;
+  return nullptr;
+}
+
+[[noreturn]] void unknown_key(const std::vector<ConfigField>& fs, const std::string& key,
+                              const std::string& source) {
+  // Suggest keys from the same section, so a typo is one glance away from its fix.
+  std::string section = key.substr(0, key.find('.') + 1), known;
+  for (auto& f : fs)
+    if (section.size() > 1 && f.key.starts_with(section)) known += (known.empty() ? "" : ", ") + f.key;
+  if (known.empty())
+    known = "model.*, data.*, train.*, run.*, sample.*, init_from (see docs/config.md)";
+  fail("{}: unknown key \"{}\"; known keys: {}", source, key, known);
+}
+
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
+             std::vector<std::pair<std::string, std::string>>& out) {
+  if (node.IsMap()) {
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      std::string k = it->first.as<std::string>();
+      flatten(it->second, prefix.empty() ? k : prefix + "." + k, source, out);
+    }
+  } else if (node.IsScalar()) {
+    out.emplace_back(prefix, node.Scalar());
+  } else if (node.IsNull()) {
+    out.emplace_back(prefix, "");
+  } else {
+    fail("{}: {}: expected a single value, got a list", source, prefix);
+  }
+}
+
+}  // namespace
+
+void assign_field(const ConfigField& f, const std::string& raw, const std::string& source) {
+  std::string v = trim(raw);
+  std::visit(
+      [&](auto* p) {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, std::string>) {
+          *p = v;
+        } else if constexpr (std::is_same_v<T, bool>) {
+          std::string l = v;
+          std::transform(l.begin(), l.end(), l.begin(), ::tolower);
+          if (l == "true" || l == "yes" || l == "on" || l == "1")
+            *p = true;
+          else if (l == "false" || l == "no" || l == "off" || l == "0")
+            *p = false;
+          else
+            bad_type(source, f.key, "true or false", v);
+        } else if constexpr (std::is_same_v<T, double>) {
+          char* end = nullptr;
+          double d = std::strtod(v.c_str(), &end);
+          if (v.empty() || *end != '\0' || !std::isfinite(d)) bad_type(source, f.key, "a number", v);
+          *p = d;
+        } else {
+          T x{};
+          if (!parse_int(v, &x)) {
+            // Accept integral floats written as 1e3.
+            char* end = nullptr;
+            double d = std::strtod(v.c_str(), &end);
+            if (v.empty() || *end != '\0' || d != std::floor(d) || std::fabs(d) > 9e15 ||
+                (std::is_unsigned_v<T> && d < 0))
+              bad_type(source, f.key, "an integer", v);
+            x = static_cast<T>(d);
+          }
+          *p = x;
+        }
+      },
+      f.ptr);
+}
+
+std::string field_value(const ConfigField& f) {
+  return std::visit(
+      [](auto* p) -> std::string {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, std::string>) return *p;
+        else if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
+        else if constexpr (std::is_same_v<T, double>) return fmt::format("{}", *p);
+        else return std::to_string(*p);
+      },
+      f.ptr);
+}
+
+void ConfigLoader::load_yaml_text(const std::string& text, const std::string& source) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    fail("{}:{}: invalid YAML ({})", source, e.mark.line + 1, e.msg);
+  }
+  if (root.IsNull()) return;
+  if (!root.IsMap()) fail("{}: expected a mapping of sections (model:, train:, ...)", source);
+  std::vector<std::pair<std::string, std::string>> kv;
+  flatten(root, "", source, kv);
+  for (auto& [k, v] : kv) pending_.push_back({k, v, source});
+}
+
+void ConfigLoader::load_yaml_file(const std::string& path) { load_yaml_text(read_file(path), path); }
+
+void ConfigLoader::set(const std::string& assignment, const std::string& source) {
+  size_t eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    fail("{} {}: expected KEY=VALUE, e.g. --set train.lr=3e-4", source, assignment);
+  pending_.push_back({trim(assignment.substr(0, eq)), assignment.substr(eq + 1), source});
+}
+
+void ConfigLoader::finish() {
+  std::vector<ConfigField> fs = fields(cfg_);
+  for (auto& a : pending_)
+    if (!find_field(fs, a.key)) unknown_key(fs, a.key, a.source);
+  // The preset replaces the whole model section; explicit model keys then override it.
+  for (auto it = pending_.rbegin(); it != pending_.rend(); ++it)
+    if (it->key == "model.preset") {
+      std::string name = trim(it->value);
+      try {
+        cfg_.model = model_preset(name);
+      } catch (const Error& e) {
+        fail("{}: {}", it->source, e.what());
+      }
+      break;
+    }
+  for (auto& a : pending_)
+    if (a.key != "model.preset") assign_field(*find_field(fs, a.key), a.value, a.source);
+  pending_.clear();
+}
+
+std::string config_to_yaml(Config& cfg) {
+  // Emit nested sections in field order: "a.b.c: v" becomes a: { b: { c: v } }.
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  std::vector<std::string> open;
+  for (auto& f : fields(cfg)) {
+    std::vector<std::string> parts;
+    std::stringstream ss(f.key);
+    for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+    size_t common = 0;
+    while (common < open.size() && common + 1 < parts.size() && open[common] == parts[common])
+      ++common;
+    while (open.size() > common) {
+      out << YAML::EndMap;
+      open.pop_back();
+    }
+    for (size_t i = common; i + 1 < parts.size(); ++i) {
+      out << YAML::Key << parts[i] << YAML::Value << YAML::BeginMap;
+      open.push_back(parts[i]);
+    }
+    out << YAML::Key << parts.back() << YAML::Value;
+    if (std::holds_alternative<std::string*>(f.ptr))
+      out << YAML::DoubleQuoted << field_value(f);
+    else
+      out << field_value(f);
+  }
+  while (!open.empty()) {
+    out << YAML::EndMap;
+    open.pop_back();
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace lmforge

@@ -1,0 +1,108 @@
+// Config: the whole run as plain structs with defaults. YAML maps onto them key by key; unknown
+// keys and wrong types are rejected with the file and key path; `--set a.b=c` overrides; the
+// resolved config is written back as YAML into the run directory.
+//
+//   Config cfg = Config::defaults();
+//   ConfigLoader loader(cfg);
+//   loader.load_yaml_file("run.yaml");        // or load_yaml_text(embedded, "<embedded default>")
+//   loader.set("train.lr=3e-4", "--set");
+//   loader.finish();                           // applies model.preset first, then the overrides
+//   std::string yaml = config_to_yaml(cfg);
+//
+// Keys are listed once, in fields() (config.cpp): that list is the config reference
+// (docs/config.md) and drives loading, --set, dumping and checkpoint metadata.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "lmforge/models/config.h"
+
+namespace lmforge {
+
+struct DataConfig {
+  std::string text;        // a UTF-8 text file tokenized byte-level into shards ("demo:kjv" = demo)
+  std::string train;       // token shard file(s): a path, a directory or a glob
+  std::string val;         // validation shard(s); empty with `text` = split from it
+  double val_fraction = 0.05;
+  std::string tokenizer = "byte";  // until the tokenizer issue: byte-level (256 bytes + <|endoftext|>)
+};
+
+struct TrainConfig {
+  int64_t steps = 1000;
+  int64_t batch_size = 8;   // B (sequences per micro-batch)
+  int64_t seq_len = 256;    // T
+  int64_t grad_accum = 1;
+  double lr = 1e-3;
+  double min_lr = 1e-4;
+  std::string schedule = "cosine";  // cosine | linear | constant
+  int64_t warmup = 50;
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;  // max global norm; 0 = off
+  std::string precision = "fp32";  // fp32 (bf16: the CPU-speed issue)
+  std::string device = "cpu";      // cpu | cuda | auto
+  uint64_t seed = 1337;
+  int64_t eval_every = 100;  // 0 = never
+  int64_t eval_batches = 10;
+  int64_t checkpoint_every = 200;  // 0 = only at the end
+  int64_t keep_last = 3;           // checkpoints kept; 0 = all
+  int64_t log_every = 1;
+};
+
+struct RunConfig {
+  std::string dir = "runs/default";
+};
+
+struct SampleConfig {  // printed after training when prompt is non-empty
+  std::string prompt;
+  int64_t max_tokens = 200;
+  double temperature = 0.8;
+  int64_t top_k = 0;
+  double top_p = 0.95;
+};
+
+struct Config {
+  ModelConfig model;
+  std::string init_from;  // later: hf:DIR
+  DataConfig data;
+  TrainConfig train;
+  RunConfig run;
+  SampleConfig sample;
+};
+
+// One configurable field: its dotted key and where it lives.
+struct ConfigField {
+  std::string key;
+  std::variant<int64_t*, uint64_t*, double*, bool*, std::string*> ptr;
+  std::string help;
+};
+std::vector<ConfigField> fields(Config& cfg);
+std::vector<ConfigField> model_fields(ModelConfig& m);  // keys without the "model." prefix
+
+class ConfigLoader {
+ public:
+  explicit ConfigLoader(Config& cfg) : cfg_(cfg) {}
+  void load_yaml_file(const std::string& path);
+  void load_yaml_text(const std::string& text, const std::string& source);
+  void set(const std::string& assignment, const std::string& source = "--set");  // "a.b=c"
+  void finish();  // applies the last model.preset, then every other assignment in order
+
+ private:
+  struct Assignment {
+    std::string key, value, source;
+  };
+  Config& cfg_;
+  std::vector<Assignment> pending_;
+};
+
+// Assigns `value` (text) to the field, or throws Error "<source>: <key>: expected ..., got ...".
+void assign_field(const ConfigField& f, const std::string& value, const std::string& source);
+std::string field_value(const ConfigField& f);
+std::string config_to_yaml(Config& cfg);
+
+}  // namespace lmforge

@@ -1,0 +1,51 @@
+// ModelConfig: one decoder-only transformer that covers GPT-2 and the Llama family.
+//
+//   GPT-2:  norm=layernorm, mlp=gelu,   pos=learned, bias=true,  tie_embeddings=true
+//   Llama3: norm=rmsnorm,   mlp=swiglu, pos=rope,    bias=false, tie_embeddings=false (3.2: true)
+//
+// Presets (models/presets.h) fill every field; any field can then be overridden by config.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace lmforge {
+
+struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
+  double factor = 0;
+  double low_freq_factor = 1;
+  double high_freq_factor = 4;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string preset;          // name it came from, for logs
+  std::string arch = "gpt2";   // "gpt2" or "llama": the family, for checkpoints and HF mapping
+  int64_t vocab_size = 50257;  // V
+  int64_t max_seq_len = 1024;  // positions (learned table size / rope table size)
+  int64_t n_layer = 12;        // L
+  int64_t n_head = 12;         // NH
+  int64_t n_kv_head = 0;       // NKV; 0 means = n_head (no GQA)
+  int64_t n_embd = 768;        // C
+  int64_t ffn_hidden = 0;      // F; 0 means 4*C for gelu
+  std::string norm = "layernorm";  // layernorm | rmsnorm
+  double norm_eps = 1e-5;
+  std::string mlp = "gelu";        // gelu (GELU-tanh) | swiglu
+  std::string pos = "learned";     // learned | rope
+  double rope_theta = 10000;
+  RopeScaling rope_scaling;
+  bool bias = true;
+  bool tie_embeddings = true;
+  double init_std = 0.02;
+
+  int64_t kv_heads() const { return n_kv_head ? n_kv_head : n_head; }
+  int64_t head_size() const { return n_embd / n_head; }
+  int64_t ffn() const { return ffn_hidden ? ffn_hidden : 4 * n_embd; }
+  int64_t qkv_dim() const { return (n_head + 2 * kv_heads()) * head_size(); }
+  // Throws Error naming the field when the combination is inconsistent.
+  void validate() const;
+  // Parameter count (tied embeddings counted once).
+  int64_t num_params() const;
+};
+
+}  // namespace lmforge

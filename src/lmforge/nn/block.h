@@ -1,0 +1,51 @@
+// One transformer block (pre-norm, as GPT-2 and Llama):
+//   x_mid = x + proj(attention(rope(qkv(norm1(x)))))
+//   x_out = x_mid + mlp(norm2(x_mid))      mlp: fc -> gelu -> proj  |  gate_up -> swiglu -> down
+// Activations for one (B, T) live in Block::Acts, planned once; backward reuses shared gradient
+// scratch (BlockScratch) across blocks since it runs one block at a time.
+#pragma once
+
+#include <string>
+
+#include "lmforge/models/config.h"
+#include "lmforge/nn/linear.h"
+#include "lmforge/nn/norm.h"
+
+namespace lmforge {
+
+struct RopeTables {
+  Tensor cos, sin;  // (max_seq_len, HS/2) fp32; undefined when pos != rope
+};
+
+// Gradient buffers shared by all blocks during backward.
+struct BlockScratch {
+  Tensor dnorm;  // (B, T, C)
+  Tensor dqkv;   // (B, T, Cq)
+  Tensor datt;   // (B, T, C)
+  Tensor dfc;    // (B, T, F or 2F)
+  Tensor dact;   // (B, T, F)
+  Tensor attn;   // (threads, T, T)
+  void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T);
+};
+
+struct Block {
+  ModelConfig cfg;
+  Norm norm1, norm2;
+  Linear qkv, proj;  // attention
+  Linear fc, down;   // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
+
+  struct Acts {
+    Norm::Saved n1, n2;
+    Tensor n1_out, qkv, probs, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T,T) ...
+    Tensor n2_out, fc_out, act, mlp_out, x_out;
+  };
+
+  void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);
+  void plan(Arena& a, Acts& acts, int64_t B, int64_t T) const;
+  void forward(const Acts& acts, const Tensor& x, const RopeTables& rope) const;
+  // dres: on entry d(x_out); on exit d(x). Parameter gradients +=.
+  void backward(const Tensor& dres, const Tensor& x, const Acts& acts, const BlockScratch& s,
+                const RopeTables& rope) const;
+};
+
+}  // namespace lmforge

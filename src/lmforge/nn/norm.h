@@ -1,0 +1,49 @@
+// Norm layer: LayerNorm (weight, optional bias) or RMSNorm (weight only) over the last dim.
+#pragma once
+
+#include <string>
+
+#include "lmforge/backend/ops.h"
+#include "lmforge/nn/params.h"
+
+namespace lmforge {
+
+struct Norm {
+  bool rms = false;
+  double eps = 1e-5;
+  Param* weight = nullptr;
+  Param* bias = nullptr;
+
+  struct Saved {  // per-row statistics kept for backward
+    Tensor mean;  // (N) LayerNorm only
+    Tensor rstd;  // (N)
+  };
+
+  void declare(ParamSet& ps, const std::string& name, int64_t C, bool rmsnorm, double epsilon,
+               bool has_bias) {
+    rms = rmsnorm;
+    eps = epsilon;
+    weight = ps.add(name + ".weight", {C}, false);
+    bias = (!rms && has_bias) ? ps.add(name + ".bias", {C}, false) : nullptr;
+  }
+  void plan(Arena& a, Saved& s, int64_t N) const {
+    if (!rms) s.mean = a.alloc({N});
+    s.rstd = a.alloc({N});
+  }
+  void forward(const Tensor& out, const Saved& s, const Tensor& inp) const {
+    if (rms)
+      ops::rmsnorm_forward(out, s.rstd, inp, weight->value, eps);
+    else
+      ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->value,
+                             bias ? bias->value : Tensor(), eps);
+  }
+  void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Saved& s) const {
+    if (rms)
+      ops::rmsnorm_backward(dinp, weight->grad, dout, inp, weight->value, s.rstd);
+    else
+      ops::layernorm_backward(dinp, weight->grad, bias ? bias->grad : Tensor(), dout, inp,
+                              weight->value, s.mean, s.rstd);
+  }
+};
+
+}  // namespace lmforge

@@ -1,0 +1,45 @@
+// ParamSet: every parameter of a model, by name, in one contiguous buffer, with gradients in a
+// second buffer of the same layout. Layers register shapes first; finalize() allocates both
+// buffers once. Optimizers and checkpoints walk the list; names are stable across runs.
+//
+//   ParamSet ps;
+//   Param* w = ps.add("blocks.0.attn.qkv.weight", {3 * C, C}, /*decay=*/true);
+//   ps.finalize();
+//   float* p = w->value.data<float>(); float* g = w->grad.data<float>();
+#pragma once
+
+#include <deque>
+#include <string>
+
+#include "lmforge/core/arena.h"
+
+namespace lmforge {
+
+struct Param {
+  std::string name;
+  Shape shape;
+  bool decay = true;  // AdamW weight decay applies (off for norms, biases, embeddings)
+  Tensor value;
+  Tensor grad;
+};
+
+class ParamSet {
+ public:
+  Param* add(const std::string& name, Shape shape, bool decay);
+  void finalize(DType dtype = DType::kF32);
+  Param* find(const std::string& name);
+
+  std::deque<Param>& params() { return params_; }
+  const std::deque<Param>& params() const { return params_; }
+  int64_t numel() const;
+  void zero_grad() const { grads_.zero_(); }
+  // The whole gradient buffer as one flat tensor (alignment gaps included; they stay zero).
+  Tensor flat_grads() const { return grads_.as_tensor(dtype_); }
+
+ private:
+  std::deque<Param> params_;  // deque: Param* handles stay valid while adding
+  Arena values_, grads_;
+  DType dtype_ = DType::kF32;
+};
+
+}  // namespace lmforge

@@ -1,0 +1,78 @@
+// Transformer: the whole decoder-only model for GPT-2 and Llama configurations.
+//
+//   Transformer model(model_preset("gpt2-tiny"));
+//   model.init_weights(1337);
+//   model.plan(B, T);                          // activations for this (B, T), allocated once
+//   model.params().zero_grad();
+//   float loss = model.forward(tokens, targets);  // tokens, targets: (B, T) int32
+//   model.backward();                          // parameter gradients +=
+//
+// Generation uses decode() with a KvCache (see eval/generate.h).
+#pragma once
+
+#include <vector>
+
+#include "lmforge/nn/block.h"
+
+namespace lmforge {
+
+struct KvCache {
+  int64_t max_len = 0;
+  std::vector<Tensor> k, v;  // per layer (NKV, max_len, HS)
+};
+
+class Transformer {
+ public:
+  explicit Transformer(const ModelConfig& cfg);
+
+  const ModelConfig& config() const { return cfg_; }
+  ParamSet& params() { return params_; }
+  const ParamSet& params() const { return params_; }
+
+  // GPT-2 initialisation: N(0, init_std) for matrices and embeddings, N(0, init_std/sqrt(2L)) for
+  // the projections into the residual stream, zeros for biases, ones for norm weights.
+  void init_weights(uint64_t seed);
+
+  void plan(int64_t B, int64_t T);
+  int64_t planned_batch() const { return B_; }
+  int64_t planned_seq() const { return T_; }
+  size_t activation_bytes() const { return acts_.capacity(); }
+
+  // Returns the mean cross-entropy over targets != ignore_index (0 if targets is undefined).
+  float forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index = -100);
+  // Gradients of loss_scale * mean loss, accumulated into params().grad. Needs forward with
+  // targets first; overwrites logits with dlogits.
+  void backward(double loss_scale = 1.0);
+  const Tensor& logits() const { return logits_; }  // (B, T, V) after forward
+
+  KvCache make_cache(int64_t max_len) const;
+  // Runs n tokens at positions pos0.. through the model with the cache; returns the logits of
+  // the last one (V). The cache must hold pos0 + n positions.
+  Tensor decode(KvCache& cache, const int32_t* tokens, int64_t n, int64_t pos0);
+
+ private:
+  ModelConfig cfg_;
+  ParamSet params_;
+  Param* tok_emb_ = nullptr;
+  Param* pos_emb_ = nullptr;
+  Param* lm_head_ = nullptr;  // == tok_emb_ when tied
+  std::vector<Block> blocks_;
+  Norm norm_f_;
+  RopeTables rope_;
+  Tensor rope_storage_cos_, rope_storage_sin_;
+
+  // training activations
+  int64_t B_ = 0, T_ = 0;
+  Arena acts_;
+  std::vector<Block::Acts> block_acts_;
+  Tensor x0_, nf_out_, logits_, losses_, dres_, dnf_;
+  Norm::Saved nf_;
+  BlockScratch scratch_;
+  Tensor tokens_, targets_;
+  int32_t ignore_index_ = -100;
+  bool have_targets_ = false;
+
+  Tensor lm_head_weight() const { return lm_head_->value; }
+};
+
+}  // namespace lmforge

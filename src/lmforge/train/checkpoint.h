@@ -1,0 +1,37 @@
+// Checkpoints: one directory per save, <run.dir>/checkpoints/step-00000100/, holding
+//   model.safetensors      parameters by name (fp32)
+//   optimizer.safetensors  AdamW moments as "m.<name>" / "v.<name>"
+//   state.json             format, version, step, model config, loader RNG, optimizer step count
+//   config.yaml            the resolved run config
+// The directory is written as step-N.tmp/ and renamed when complete, so a crash never leaves a
+// checkpoint that looks valid. Layout and fields: docs/formats.md.
+#pragma once
+
+#include <string>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+
+namespace lmforge {
+
+struct TrainState {
+  int64_t step = 0;  // optimizer steps completed
+  Rng::State loader_rng{};
+};
+
+// Returns the checkpoint directory. Removes older checkpoints beyond keep_last (0 = keep all).
+std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW& opt,
+                            const TrainState& st, const std::string& config_yaml,
+                            int64_t keep_last);
+// Newest complete checkpoint under run_dir/checkpoints, or "" if none.
+std::string find_latest_checkpoint(const std::string& run_dir);
+// PATH may be a checkpoint directory or a run directory (its newest checkpoint).
+std::string resolve_checkpoint(const std::string& path);
+ModelConfig checkpoint_model_config(const std::string& ckpt_dir);
+// Throws Error naming the first model key that differs from the checkpoint's.
+void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg);
+// Loads parameters (and, when opt/st are given, optimizer state and train state).
+void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st);
+
+}  // namespace lmforge

@@ -1,0 +1,209 @@
+#include "lmforge/train/trainer.h"
+
+#include <fmt/core.h>
+#include <omp.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "lmforge/core/error.h"
+#include "lmforge/data/loader.h"
+#include "lmforge/data/text_shards.h"
+#include "lmforge/eval/generate.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+#include "lmforge/optim/clip.h"
+#include "lmforge/optim/schedule.h"
+#include "lmforge/tokenizer/byte_level.h"
+#include "lmforge/train/checkpoint.h"
+#include "lmforge/train/metrics.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+void validate_train_config(const Config& cfg) {
+  const TrainConfig& t = cfg.train;
+  auto positive = [](int64_t v, const char* key) {
+    if (v <= 0) fail("train.{}: must be positive, got {}", key, v);
+  };
+  positive(t.steps, "steps");
+  positive(t.batch_size, "batch_size");
+  positive(t.seq_len, "seq_len");
+  positive(t.grad_accum, "grad_accum");
+  positive(t.log_every, "log_every");
+  if (!(t.lr > 0)) fail("train.lr: must be positive, got {}", t.lr);
+  if (t.precision != "fp32")
+    fail("train.precision: \"{}\" is not available yet in this build; use fp32", t.precision);
+  if (t.device == "cuda")
+    fail("train.device: cuda is not available in this build (CPU only); use cpu or auto");
+  if (t.device != "cpu" && t.device != "auto")
+    fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
+  if (t.warmup < 0) fail("train.warmup: must be >= 0, got {}", t.warmup);
+  if (cfg.data.tokenizer != "byte")
+    fail("data.tokenizer: only \"byte\" is available until the tokenizer lands, got \"{}\"",
+         cfg.data.tokenizer);
+  if (!cfg.init_from.empty())
+    fail("init_from: \"{}\" is not supported yet (Hugging Face import is a later feature)",
+         cfg.init_from);
+}
+
+namespace {
+
+double evaluate(Transformer& model, const Loader& val, int64_t batches, const Tensor& tok,
+                const Tensor& tgt) {
+  double sum = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    val.sequential(i, tok, tgt);
+    sum += model.forward(tok, tgt);
+  }
+  return sum / static_cast<double>(batches);
+}
+
+}  // namespace
+
+TrainResult train(Config& cfg, const std::string& resume) {
+  validate_train_config(cfg);
+  const TrainConfig& t = cfg.train;
+  cfg.model.validate();
+
+  // Data.
+  std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
+  if (!cfg.data.text.empty()) {
+    TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction);
+    if (train_spec.empty()) train_spec = s.train;
+    if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
+  }
+  if (train_spec.empty()) fail("data.train: no training data; set data.train (shards) or data.text");
+  Loader train_data(expand_shards(train_spec, "data.train"), t.batch_size, t.seq_len, t.seed + 1);
+  train_data.check_vocab(cfg.model.vocab_size, "data.train");
+  std::unique_ptr<Loader> val_data;
+  if (!val_spec.empty()) {
+    val_data = std::make_unique<Loader>(expand_shards(val_spec, "data.val"), t.batch_size,
+                                        t.seq_len, 0);
+    val_data->check_vocab(cfg.model.vocab_size, "data.val");
+  }
+
+  // Run directory.
+  const std::string& run_dir = cfg.run.dir;
+  std::string ckpt;
+  if (!resume.empty()) {
+    ckpt = resume == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume);
+    if (ckpt.empty())
+      fail("--resume: no checkpoint in {}/checkpoints; train without --resume first, or pass "
+           "--resume=PATH",
+           run_dir);
+    check_same_architecture(ckpt, cfg.model);
+  } else if (!find_latest_checkpoint(run_dir).empty()) {
+    fail("run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "
+         "directory with --set run.dir=DIR",
+         run_dir);
+  }
+  std::error_code ec;
+  fs::create_directories(run_dir, ec);
+  if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
+  std::string config_yaml = config_to_yaml(cfg);
+  write_file_atomic(run_dir + "/config.yaml", config_yaml);
+
+  // Model and optimizer.
+  Transformer model(cfg.model);
+  model.init_weights(t.seed);
+  model.plan(t.batch_size, t.seq_len);
+  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  Schedule sched{t.schedule, t.lr, t.min_lr, t.warmup, t.steps};
+  sched.at(0);  // rejects an unknown schedule before any work
+
+  TrainState st;
+  std::string metrics_path = run_dir + "/metrics.jsonl";
+  if (!ckpt.empty()) {
+    load_checkpoint(ckpt, model, &opt, &st);
+    train_data.set_state(st.loader_rng);
+    MetricsWriter::truncate_after(metrics_path, st.step);
+    fmt::print("resumed from {} at step {}\n", ckpt, st.step);
+  } else {
+    fs::remove(metrics_path, ec);
+  }
+  MetricsWriter metrics(metrics_path);
+
+  fmt::print("model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB\n",
+             cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
+             model.params().numel() / 1e6, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
+             cfg.model.vocab_size, model.activation_bytes() / 1048576.0);
+  fmt::print("data: {} training tokens{}; B={} T={} grad_accum={}; {} threads\n",
+             train_data.num_tokens(),
+             val_data ? fmt::format(", {} validation tokens", val_data->num_tokens()) : "",
+             t.batch_size, t.seq_len, t.grad_accum, omp_get_max_threads());
+  std::fflush(stdout);
+
+  Tensor tok = Tensor::empty({t.batch_size, t.seq_len}, DType::kI32);
+  Tensor tgt = Tensor::empty({t.batch_size, t.seq_len}, DType::kI32);
+  TrainResult res;
+  auto start = Clock::now();
+  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+  auto checkpoint = [&] {
+    st.loader_rng = train_data.state();
+    res.last_checkpoint = save_checkpoint(run_dir, model, opt, st, config_yaml, t.keep_last);
+  };
+
+  for (int64_t step = st.step; step < t.steps; ++step) {
+    auto t0 = Clock::now();
+    double lr = sched.at(step);
+    model.params().zero_grad();
+    double loss = 0;
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      train_data.next(tok, tgt);
+      loss += model.forward(tok, tgt) / static_cast<double>(t.grad_accum);
+      model.backward(1.0 / static_cast<double>(t.grad_accum));
+    }
+    double norm = clip_grad_norm(model.params(), t.grad_clip);
+    opt.step(lr);
+    st.step = step + 1;
+    double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    double tps = tokens_per_step / dt;
+    if (step == 0 || res.steps == 0) res.first_loss = loss;
+    res.last_loss = loss;
+    res.steps = st.step;
+    metrics.write({{"step", st.step},
+                   {"loss", loss},
+                   {"lr", lr},
+                   {"grad_norm", norm},
+                   {"tokens_per_s", tps},
+                   {"elapsed_s", elapsed},
+                   {"tokens", st.step * tokens_per_step}});
+    if (st.step % t.log_every == 0 || st.step == t.steps) {
+      fmt::print("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | {:.1f}s\n",
+                 st.step, t.steps, loss, lr, norm, tps, elapsed);
+      std::fflush(stdout);
+    }
+    if (!std::isfinite(loss))
+      fail("training diverged at step {} (loss {}); lower train.lr or raise train.warmup", st.step,
+           loss);
+    if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
+      double vl = evaluate(model, *val_data, t.eval_batches, tok, tgt);
+      res.last_val_loss = vl;
+      metrics.write({{"step", st.step}, {"val_loss", vl}});
+      fmt::print("step {:>6}/{} | val loss {:.4f}\n", st.step, t.steps, vl);
+      std::fflush(stdout);
+    }
+    if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
+      checkpoint();
+  }
+  checkpoint();
+  fmt::print("saved {}\n", res.last_checkpoint);
+
+  if (!cfg.sample.prompt.empty()) {
+    ByteTokenizer bt;
+    SamplingOptions so{cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k,
+                       cfg.sample.top_p, t.seed, ByteTokenizer::kEndOfText};
+    fmt::print("--- sample ---\n{}", cfg.sample.prompt);
+    generate(model, bt.encode(cfg.sample.prompt), so,
+             [&](int32_t id) { fmt::print("{}", bt.decode_one(id)); std::fflush(stdout); });
+    fmt::print("\n--------------\n");
+  }
+  return res;
+}
+
+}  // namespace lmforge
