@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up everything lmforge needs on Debian 12 and builds it (Release) into build/.
+#   scripts/setup.sh            system packages + build
+#   scripts/setup.sh --python   also the reference Python environment for tests/benchmarks
+# Packages are installed with apt-get (through sudo when not root) only when missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+packages=(build-essential cmake g++ ccache pkg-config
+          libdnnl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
+          libgtest-dev googletest
+          bible-kjv bible-kjv-text)
+want_python=0
+[[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip); }
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+cmake_args=(-S . -B build -DCMAKE_BUILD_TYPE=Release)
+if ((want_python)); then
+  python=$(bash scripts/setup-python-env.sh | tail -n 1)
+  cmake_args+=("-DLMFORGE_PYTHON=$python")
+fi
+cmake "${cmake_args[@]}" >/dev/null
+cmake --build build -j"$(nproc)"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up everything (packages, build, the reference Python environment) and runs the tests.
+#   scripts/test.sh          every test except those labelled slow (what CI runs)
+#   scripts/test.sh --slow   only the slow ones
+#   scripts/test.sh --all    everything
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/setup.sh --python
+select=(-LE slow)
+case ${1:-} in
+  --slow) select=(-L slow) ;;
+  --all) select=() ;;
+esac
+cd build
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest "${select[@]}" --output-on-failure -j1 --timeout 1500

@@ -1,0 +1,1 @@
+lmforge_test(test_core unit core/test_tensor.cpp core/test_rng.cpp)

@@ -1,0 +1,111 @@
+// Bad input through the real binary: one clear line on stderr naming the file/key, exit code 1,
+// no crash, nothing half-written.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "lmforge/data/shard.h"
+#include "testing/process.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using testing::run_lmforge;
+
+namespace {
+
+// A tiny, fast run configuration over a synthetic shard.
+std::string tiny_config(const std::string& dir) {
+  std::vector<uint32_t> toks(4000);
+  for (size_t i = 0; i < toks.size(); ++i) toks[i] = (i * 7 + i / 13) % 257;
+  write_shard(dir + "/train.bin", toks);
+  std::ofstream(dir + "/tiny.yaml") << "model:\n  preset: gpt2-tiny\n  n_layer: 1\n  vocab_size: 257\n"
+                                       "data:\n  train: train.bin\n"
+                                       "train:\n  steps: 2\n  batch_size: 2\n  seq_len: 16\n"
+                                       "  eval_every: 0\n  checkpoint_every: 0\n"
+                                       "run:\n  dir: run\n";
+  return dir + "/tiny.yaml";
+}
+
+void expect_one_line_error(const testing::RunResult& r, const std::vector<std::string>& needles) {
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
+  for (auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
+}
+
+void expect_no_tmp_files(const std::string& dir) {
+  for (auto& e : fs::recursive_directory_iterator(dir))
+    EXPECT_FALSE(e.path().string().ends_with(".tmp")) << e.path();
+}
+
+}  // namespace
+
+TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
+  std::string dir = testing::temp_dir("cli-config");
+  tiny_config(dir);
+  std::ofstream(dir + "/typo.yaml") << "train:\n  stepz: 3\n";
+  expect_one_line_error(run_lmforge("train typo.yaml", dir), {"typo.yaml", "train.stepz"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.lr=fast", dir),
+                        {"--set", "train.lr", "expected a number", "fast"});
+  expect_one_line_error(run_lmforge("train missing.yaml", dir), {"missing.yaml", "cannot open"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.preset=gpt9", dir),
+                        {"unknown preset", "gpt9"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_head=3", dir),
+                        {"model.n_embd", "n_head=3"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.precision=fp8", dir),
+                        {"train.precision"});
+  EXPECT_FALSE(fs::exists(dir + "/run/checkpoints"));
+}
+
+TEST(CliErrors, DataProblemsNameTheShard) {
+  std::string dir = testing::temp_dir("cli-data");
+  tiny_config(dir);
+  std::ofstream(dir + "/junk.bin") << std::string(1000, 'x');
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=junk.bin", dir),
+                        {"junk.bin", "bad magic"});
+  fs::copy_file(dir + "/train.bin", dir + "/cut.bin");
+  fs::resize_file(dir + "/cut.bin", fs::file_size(dir + "/cut.bin") - 100);
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=cut.bin", dir),
+                        {"cut.bin", "truncated"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=nope.bin", dir),
+                        {"data.train", "nope.bin"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.vocab_size=100", dir),
+                        {"train.bin", "model.vocab_size", "tokenizer"});
+}
+
+TEST(CliErrors, ResumeAndCheckpointProblems) {
+  std::string dir = testing::temp_dir("cli-resume");
+  tiny_config(dir);
+  expect_one_line_error(run_lmforge("train tiny.yaml --resume", dir), {"--resume", "no checkpoint"});
+  auto ok = run_lmforge("train tiny.yaml", dir);
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  // Training again into the same run.dir without --resume would mix two runs.
+  expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
+  // A checkpoint from another architecture.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_layer=2 --set train.steps=4 --resume", dir),
+                        {"model.n_layer", "checkpoint"});
+  // Corrupt weights file.
+  std::string ckpt = dir + "/run/checkpoints/step-00000002";
+  fs::resize_file(ckpt + "/model.safetensors", 100);
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi", dir),
+                        {"model.safetensors"});
+  expect_one_line_error(run_lmforge("generate --checkpoint nowhere --prompt hi", dir),
+                        {"nowhere", "no checkpoint"});
+  expect_no_tmp_files(dir);
+}
+
+TEST(Cli, HelpOnEverySubcommand) {
+  std::string dir = testing::temp_dir("cli-help");
+  for (std::string cmd : {"--help", "train --help", "generate --help", "bench train --help"}) {
+    auto r = run_lmforge(cmd, dir);
+    EXPECT_EQ(r.exit_code, 0) << cmd << r.err;
+    EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
+  }
+  EXPECT_NE(run_lmforge("frobnicate", dir).exit_code, 0);
+}
+
+}  // namespace lmforge

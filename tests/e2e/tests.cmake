@@ -1,0 +1,1 @@
+lmforge_test(test_e2e e2e e2e/test_cli_errors.cpp e2e/test_training.cpp)

@@ -1,0 +1,73 @@
+#include <gtest/gtest.h>
+
+#include "lmforge/core/error.h"
+#include "lmforge/io/config.h"
+
+namespace lmforge {
+
+namespace {
+Config load(const std::string& yaml, std::vector<std::string> sets = {}) {
+  Config c;
+  ConfigLoader l(c);
+  l.load_yaml_text(yaml, "test.yaml");
+  for (auto& s : sets) l.set(s);
+  l.finish();
+  return c;
+}
+
+std::string error_of(const std::string& yaml, std::vector<std::string> sets = {}) {
+  try {
+    load(yaml, sets);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(Config, PresetFirstThenOverridesInOrder) {
+  Config c = load("model:\n  n_layer: 2\n  preset: llama3.2-1b\ntrain:\n  lr: 1e-3\n",
+                  {"train.lr=5e-4", "model.n_kv_head=4"});
+  EXPECT_EQ(c.model.arch, "llama");
+  EXPECT_EQ(c.model.n_embd, 2048);
+  EXPECT_EQ(c.model.n_layer, 2);  // explicit key beats the preset wherever it appears
+  EXPECT_EQ(c.model.n_kv_head, 4);
+  EXPECT_DOUBLE_EQ(c.train.lr, 5e-4);  // --set beats the file
+  EXPECT_DOUBLE_EQ(c.model.rope_scaling.factor, 32.0);
+}
+
+TEST(Config, UnknownKeyNamesFileKeyAndKnownKeys) {
+  std::string e = error_of("train:\n  lrr: 0.1\n");
+  EXPECT_NE(e.find("test.yaml"), std::string::npos) << e;
+  EXPECT_NE(e.find("train.lrr"), std::string::npos) << e;
+  EXPECT_NE(e.find("train.lr"), std::string::npos) << e;  // suggestion list
+  EXPECT_NE(error_of("", {"nope.x=1"}).find("--set"), std::string::npos);
+}
+
+TEST(Config, WrongTypesAreRejectedWithTheKey) {
+  EXPECT_EQ(error_of("train:\n  lr: fast\n"), "test.yaml: train.lr: expected a number, got \"fast\"");
+  EXPECT_NE(error_of("train:\n  steps: 1.5\n").find("train.steps: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of("model:\n  bias: maybe\n").find("model.bias: expected true or false"),
+            std::string::npos);
+  EXPECT_NE(error_of("train:\n  steps: [1, 2]\n").find("train.steps: expected a single value"),
+            std::string::npos);
+  EXPECT_NE(error_of("model:\n  preset: gpt5\n").find("unknown preset \"gpt5\""),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {lr: 1\n").find("invalid YAML"), std::string::npos);
+  EXPECT_NE(error_of("", {"train.lr"}).find("expected KEY=VALUE"), std::string::npos);
+}
+
+TEST(Config, ResolvedYamlRoundTrips) {
+  Config a = load("model:\n  preset: gpt2-tiny\n  vocab_size: 257\nrun:\n  dir: \"x: y\"\n",
+                  {"train.steps=17", "sample.prompt=In the beginning"});
+  std::string yaml = config_to_yaml(a);
+  Config b = load(yaml);
+  EXPECT_EQ(config_to_yaml(b), yaml);
+  EXPECT_EQ(b.model.vocab_size, 257);
+  EXPECT_EQ(b.train.steps, 17);
+  EXPECT_EQ(b.run.dir, "x: y");
+  EXPECT_EQ(b.sample.prompt, "In the beginning");
+}
+
+}  // namespace lmforge

@@ -1,0 +1,1 @@
+lmforge_test(test_io unit io/test_config.cpp io/test_safetensors.cpp)

@@ -1,0 +1,59 @@
+// The KV-cache decode path must agree with the training forward: feeding a sequence in chunks
+// through decode() gives, for the last token, the logits forward() gives at that position.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/models/presets.h"
+#include "lmforge/nn/transformer.h"
+
+namespace lmforge {
+
+namespace {
+void check_decode_matches_forward(ModelConfig cfg) {
+  cfg.vocab_size = 97;
+  cfg.n_layer = 2;
+  Transformer model(cfg);
+  model.init_weights(3);
+  const int64_t T = 11;
+  model.plan(1, T);
+  Tensor tok = Tensor::empty({1, T}, DType::kI32);
+  Rng rng(5);
+  for (int64_t t = 0; t < T; ++t) tok.data<int32_t>()[t] = static_cast<int32_t>(rng.below(97));
+  model.forward(tok, Tensor());
+  const float* ref = model.logits().data<float>() + (T - 1) * 97;
+
+  KvCache cache = model.make_cache(T);
+  const int32_t* ids = tok.data<int32_t>();
+  model.decode(cache, ids, 6, 0);  // a prompt chunk, then single tokens
+  Tensor last;
+  for (int64_t t = 6; t < T; ++t) last = model.decode(cache, ids + t, 1, t);
+  double max_err = 0, max_ref = 0;
+  for (int v = 0; v < 97; ++v) {
+    max_err = std::max(max_err, static_cast<double>(std::fabs(last.data<float>()[v] - ref[v])));
+    max_ref = std::max(max_ref, static_cast<double>(std::fabs(ref[v])));
+  }
+  EXPECT_LT(max_err / max_ref, 1e-5) << cfg.preset << " max abs err " << max_err;
+}
+}  // namespace
+
+TEST(Decode, KvCacheMatchesFullForwardGpt2) { check_decode_matches_forward(model_preset("gpt2-tiny")); }
+TEST(Decode, KvCacheMatchesFullForwardLlama) {
+  check_decode_matches_forward(model_preset("llama3-tiny"));
+}
+
+TEST(Presets, SizesMatchThePublicConfigurations) {
+  // Parameter counts of the HF checkpoints (tied embeddings counted once).
+  EXPECT_EQ(model_preset("gpt2").num_params(), 124439808);
+  EXPECT_EQ(model_preset("gpt2-medium").num_params(), 354823168);
+  EXPECT_EQ(model_preset("gpt2-large").num_params(), 774030080);
+  EXPECT_EQ(model_preset("gpt2-xl").num_params(), 1557611200);
+  EXPECT_EQ(model_preset("llama3.2-1b").num_params(), 1235814400);
+  EXPECT_EQ(model_preset("llama3.2-3b").num_params(), 3212749824);
+  EXPECT_EQ(model_preset("llama3-8b").num_params(), 8030261248);
+  Transformer tiny(model_preset("gpt2-tiny"));
+  EXPECT_EQ(tiny.params().numel(), model_preset("gpt2-tiny").num_params());
+}
+
+}  // namespace lmforge

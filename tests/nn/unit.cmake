@@ -1,0 +1,1 @@
+lmforge_test(test_nn unit nn/test_decode.cpp)
