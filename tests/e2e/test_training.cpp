@@ -36,9 +36,9 @@ const char* kSmall =
 }  // namespace
 
 // The model must learn more than byte frequencies: a model that only learned the unigram
-// distribution would sit at its entropy H1 (~2.9 nats for English bytes); one that uses context
-// goes clearly below. Start: ln(257) = 5.55. Threshold: val loss < H1 - 0.25 after 150 steps
-// (~77k tokens), measured here as ~2.4 vs H1 ~2.9.
+// distribution would sit at its entropy H1 (3.15 nats for the KJV's bytes); one that uses context
+// goes clearly below. Start: ln(257) = 5.55. Threshold: val loss < H1 - 0.5 after 150 steps
+// (~77k tokens); measured 2.41 when written.
 TEST(Training, LossFallsBelowUnigramEntropyOnTheDemoCorpus) {
   std::string dir = testing::temp_dir("train-falls");
   std::string text = testing::slurp(demo_corpus_path());
@@ -59,7 +59,7 @@ TEST(Training, LossFallsBelowUnigramEntropyOnTheDemoCorpus) {
   ASSERT_EQ(val.size(), 1u);
   double first = train.begin()->second["loss"], vl = val.rbegin()->second["val_loss"];
   EXPECT_NEAR(first, std::log(257.0), 0.3);
-  EXPECT_LT(vl, h1 - 0.25) << "unigram entropy " << h1 << ", first loss " << first;
+  EXPECT_LT(vl, h1 - 0.5) << "unigram entropy " << h1 << ", first loss " << first;
   std::cout << "first loss " << first << ", final val loss " << vl << ", unigram entropy " << h1
             << "\n";
   for (auto& [step, j] : train) {

@@ -1,7 +1,12 @@
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
 #include "lmforge/core/error.h"
 #include "lmforge/io/config.h"
+#include "testing/paths.h"
 
 namespace lmforge {
 
@@ -68,6 +73,22 @@ TEST(Config, ResolvedYamlRoundTrips) {
   EXPECT_EQ(b.train.steps, 17);
   EXPECT_EQ(b.run.dir, "x: y");
   EXPECT_EQ(b.sample.prompt, "In the beginning");
+}
+
+}  // namespace lmforge
+
+namespace lmforge {
+
+// docs/config.md is the config reference: every key must be documented there.
+TEST(Config, EveryKeyIsDocumented) {
+  std::ifstream in(testing::source_dir() + "/docs/config.md");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string doc = ss.str();
+  ASSERT_FALSE(doc.empty());
+  Config c;
+  for (auto& f : fields(c))
+    EXPECT_NE(doc.find("| `" + f.key + "` |"), std::string::npos) << f.key << " not in docs/config.md";
 }
 
 }  // namespace lmforge

@@ -11,17 +11,14 @@
 #include <sstream>
 #include <string>
 
+#include "testing/paths.h"
+
 namespace lmforge::testing {
 
 struct RunResult {
   int exit_code = -1;
   std::string out, err;
 };
-
-inline std::string env_or(const char* name, const std::string& fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? v : fallback;
-}
 
 inline std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -41,7 +38,7 @@ inline std::string temp_dir(const std::string& name) {
 
 // args are appended to the binary verbatim (quote them yourself); runs in `cwd`.
 inline RunResult run_lmforge(const std::string& args, const std::string& cwd) {
-  std::string bin = env_or("LMFORGE_BIN", "lmforge");
+  std::string bin = lmforge_bin();
   std::string out = cwd + "/.stdout", err = cwd + "/.stderr";
   std::string cmd = "cd '" + cwd + "' && '" + bin + "' " + args + " >'" + out + "' 2>'" + err + "'";
   int status = std::system(cmd.c_str());
