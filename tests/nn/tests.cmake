@@ -1,0 +1,1 @@
+lmforge_test(test_model_reference reference nn/test_model_reference.cpp)

@@ -1,0 +1,1 @@
+lmforge_test(test_adamw_reference reference optim/test_adamw_reference.cpp)

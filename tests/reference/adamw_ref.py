@@ -1,0 +1,57 @@
+"""torch.optim.AdamW reference: a few parameters, three steps with given gradients.
+
+Two param groups: decayed matrices (weight_decay 0.1) and undecayed vectors (weight_decay 0),
+as lmforge's Param::decay. The learning rate changes between steps, as a schedule would.
+Saved: "param.<name>" (initial), and for step s = 1, 2, 3: "grad.<s>.<name>", "lr.<s>" and the
+state after the step, "after.<s>.<name>", "m.<s>.<name>", "v.<s>.<name>".
+"""
+
+import torch
+
+BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
+LRS = [1e-3, 3e-4, 2e-3]
+
+# name, shape, decay, gradient scale per step
+PARAMS = [
+    ("a.weight", (8, 5), True, 1.0),
+    ("a.bias", (5,), False, 0.1),
+    ("norm.weight", (5,), False, 1e-3),
+    ("b.weight", (3, 4), True, 1e-9),  # gradients below eps: eps dominates the denominator
+]
+
+
+def make(seed=99):
+    torch.manual_seed(seed)
+    out, meta = {}, []
+    params = []
+    for name, shape, decay, gscale in PARAMS:
+        value = torch.randn(shape) + (1.0 if name.startswith("norm") else 0.0)
+        out["param." + name] = value.clone()
+        params.append(torch.nn.Parameter(value))
+        meta.append({"name": name, "shape": list(shape), "decay": decay})
+    groups = [
+        {"params": [p for p, spec in zip(params, PARAMS) if spec[2]],
+         "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p, spec in zip(params, PARAMS) if not spec[2]], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=LRS[0], betas=BETAS, eps=EPS, foreach=False,
+                            fused=False)
+    for step, lr in enumerate(LRS, start=1):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for p, (name, shape, _, gscale) in zip(params, PARAMS):
+            grad = torch.randn(shape) * gscale
+            if step == 2 and name == "a.weight":
+                grad[0] = 0.0  # a zero gradient row: only decay and momentum move it
+            p.grad = grad
+            out[f"grad.{step}.{name}"] = grad.clone()
+        opt.step()
+        out[f"lr.{step}"] = torch.tensor([lr], dtype=torch.float64)
+        for p, (name, *_) in zip(params, PARAMS):
+            st = opt.state[p]
+            out[f"after.{step}.{name}"] = p.detach().clone()
+            out[f"m.{step}.{name}"] = st["exp_avg"].clone()
+            out[f"v.{step}.{name}"] = st["exp_avg_sq"].clone()
+    hyper = {"beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS, "weight_decay": WEIGHT_DECAY,
+             "steps": len(LRS), "params": meta}
+    return out, hyper

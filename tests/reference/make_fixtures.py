@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Writes the PyTorch reference fixtures that the `reference` tests compare lmforge against.
+
+  make_fixtures.py --out build/ref
+
+  ops.safetensors                 every op: inputs, dout, outputs, gradients (ops_ref.py)
+  model_gpt2-tiny.safetensors     params, tokens, targets, logits, loss, grad.<param> (model_ref.py)
+  model_llama3-tiny.safetensors
+  adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
+
+Run by CTest as the `reference_fixtures` test (FIXTURES_SETUP), so fixtures are made at test
+time from the reference venv and never committed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import adamw_ref  # noqa: E402
+import model_ref  # noqa: E402
+import ops_ref  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for the .safetensors fixtures")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    t0 = time.time()
+
+    def save(name, tensors, metadata):
+        path = os.path.join(args.out, name)
+        save_file(tensors, path + ".tmp", metadata=metadata)
+        os.replace(path + ".tmp", path)  # a reader never sees a half-written fixture
+        print(f"{path}: {len(tensors)} tensors ({time.time() - t0:.1f}s)")
+
+    tensors, cases = ops_ref.make()
+    save("ops.safetensors", tensors, {"cases": json.dumps(cases), "torch": torch.__version__})
+
+    for i, name in enumerate(model_ref.PRESETS):
+        tensors, cfg = model_ref.make(name, seed=1000 + i)
+        save(f"model_{name}.safetensors", tensors,
+             {"config": json.dumps(cfg.to_json()), "preset": name, "torch": torch.__version__})
+
+    tensors, hyper = adamw_ref.make()
+    save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()
