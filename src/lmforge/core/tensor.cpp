@@ -1,5 +1,6 @@
 #include "lmforge/core/tensor.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -8,11 +9,31 @@ namespace lmforge {
 
 namespace {
 constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
+
+// MemAvailable from /proc/meminfo in bytes, or 0 when unknown. Linux overcommits, so a too-large
+// malloc "succeeds" and the process is killed later; asking first turns that into an error.
+size_t available_memory() {
+  std::FILE* f = std::fopen("/proc/meminfo", "r");
+  if (!f) return 0;
+  char line[256];
+  size_t kb = 0;
+  while (std::fgets(line, sizeof(line), f))
+    if (std::sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb * 1024;
 }
+}  // namespace
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   if (device != Device::kCPU) fail("cannot allocate on {}: the CUDA backend is not built", device_name(device));
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  if (rounded > (size_t{1} << 26)) {
+    size_t avail = available_memory();
+    if (avail && rounded > avail)
+      fail("out of memory: need {:.2f} GiB more but {:.2f} GiB is available; reduce "
+           "train.batch_size, train.seq_len or the model size",
+           rounded / 1073741824.0, avail / 1073741824.0);
+  }
   void* p = rounded ? std::aligned_alloc(kAlign, rounded) : nullptr;
   if (rounded && !p)
     fail("out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model size",

@@ -86,7 +86,15 @@ TrainResult train(Config& cfg, const std::string& resume) {
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
 
-  // Run directory.
+  // Model and optimizer.
+  Transformer model(cfg.model);
+  model.init_weights(t.seed);
+  model.plan(t.batch_size, t.seq_len);
+  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  Schedule sched{t.schedule, t.lr, t.min_lr, t.warmup, t.steps};
+  sched.at(0);  // rejects an unknown schedule before anything is written
+
+  // Run directory: nothing is written until every check above has passed.
   const std::string& run_dir = cfg.run.dir;
   std::string ckpt;
   if (!resume.empty()) {
@@ -107,13 +115,6 @@ TrainResult train(Config& cfg, const std::string& resume) {
   std::string config_yaml = config_to_yaml(cfg);
   write_file_atomic(run_dir + "/config.yaml", config_yaml);
 
-  // Model and optimizer.
-  Transformer model(cfg.model);
-  model.init_weights(t.seed);
-  model.plan(t.batch_size, t.seq_len);
-  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
-  Schedule sched{t.schedule, t.lr, t.min_lr, t.warmup, t.steps};
-  sched.at(0);  // rejects an unknown schedule before any work
 
   TrainState st;
   std::string metrics_path = run_dir + "/metrics.jsonl";

@@ -1,6 +1,5 @@
 // Residual adds, gradient accumulation and reductions.
 #include <algorithm>
-#include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
 
@@ -22,18 +21,21 @@ template <typename T> void scale(T* x, T s, int64_t n) {
 }
 
 template <typename T> double sum_squares(const T* x, int64_t n) {
-  constexpr int64_t kBlock = 1 << 14;
-  int64_t nb = (n + kBlock - 1) / kBlock;
-  std::vector<double> partial(nb);
+  // At most kMaxBlocks fixed blocks, summed in order: no allocation, and the same result for
+  // any thread count.
+  constexpr int64_t kMaxBlocks = 256;
+  const int64_t block = std::max<int64_t>(1 << 12, (n + kMaxBlocks - 1) / kMaxBlocks);
+  const int64_t nb = (n + block - 1) / block;
+  double partial[kMaxBlocks];
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
     double acc = 0;
-    for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i)
+    for (int64_t i = b * block, e = std::min(n, (b + 1) * block); i < e; ++i)
       acc += static_cast<double>(x[i]) * x[i];
     partial[b] = acc;
   }
   double total = 0;
-  for (double p : partial) total += p;
+  for (int64_t b = 0; b < nb; ++b) total += partial[b];
   return total;
 }
 
