@@ -1,9 +1,10 @@
 // lmforge generate --checkpoint PATH --prompt TEXT [--max-tokens N --temperature T --top-k K
 //                  --top-p P --seed S]
+#include "lmforge/eval/generate.h"
+
 #include <fmt/core.h>
 
 #include "commands.h"
-#include "lmforge/eval/generate.h"
 #include "lmforge/tokenizer/byte_level.h"
 #include "lmforge/train/checkpoint.h"
 
@@ -32,9 +33,10 @@ void add_generate(CLI::App& app) {
     load_checkpoint(dir, model, nullptr, nullptr);
     ByteTokenizer tok;
     if (mc.vocab_size != ByteTokenizer::kVocabSize)
-      fail("{}: model.vocab_size is {} but only the byte-level tokenizer ({} ids) is available "
-           "in this build",
-           dir, mc.vocab_size, ByteTokenizer::kVocabSize);
+      fail(
+          "{}: model.vocab_size is {} but only the byte-level tokenizer ({} ids) is available "
+          "in this build",
+          dir, mc.vocab_size, ByteTokenizer::kVocabSize);
     o->s.stop_token = ByteTokenizer::kEndOfText;
     fmt::print("{}", o->prompt);
     std::fflush(stdout);

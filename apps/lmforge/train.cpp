@@ -13,8 +13,9 @@ void add_train(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
-      "train", "Train a model. Without CONFIG, trains the embedded default (a small GPT on the "
-               "demo corpus; see configs/default.yaml).");
+      "train",
+      "Train a model. Without CONFIG, trains the embedded default (a small GPT on the "
+      "demo corpus; see configs/default.yaml).");
   cmd->add_option("config", o->config, "YAML config (docs/config.md)");
   cmd->add_option("--set", o->sets, "Override a config key, e.g. --set train.lr=3e-4")
       ->type_name("KEY=VALUE");

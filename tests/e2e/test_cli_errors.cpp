@@ -20,11 +20,12 @@ std::string tiny_config(const std::string& dir) {
   std::vector<uint32_t> toks(4000);
   for (size_t i = 0; i < toks.size(); ++i) toks[i] = (i * 7 + i / 13) % 257;
   write_shard(dir + "/train.bin", toks);
-  std::ofstream(dir + "/tiny.yaml") << "model:\n  preset: gpt2-tiny\n  n_layer: 1\n  vocab_size: 257\n"
-                                       "data:\n  train: train.bin\n"
-                                       "train:\n  steps: 2\n  batch_size: 2\n  seq_len: 16\n"
-                                       "  eval_every: 0\n  checkpoint_every: 0\n"
-                                       "run:\n  dir: run\n";
+  std::ofstream(dir + "/tiny.yaml")
+      << "model:\n  preset: gpt2-tiny\n  n_layer: 1\n  vocab_size: 257\n"
+         "data:\n  train: train.bin\n"
+         "train:\n  steps: 2\n  batch_size: 2\n  seq_len: 16\n"
+         "  eval_every: 0\n  checkpoint_every: 0\n"
+         "run:\n  dir: run\n";
   return dir + "/tiny.yaml";
 }
 
@@ -34,7 +35,8 @@ void expect_one_line_error(const testing::RunResult& r, const std::vector<std::s
   EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
-  for (auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
+  for (auto& n : needles)
+    EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
 }
 
 void expect_no_tmp_files(const std::string& dir) {
@@ -80,14 +82,16 @@ TEST(CliErrors, DataProblemsNameTheShard) {
 TEST(CliErrors, ResumeAndCheckpointProblems) {
   std::string dir = testing::temp_dir("cli-resume");
   tiny_config(dir);
-  expect_one_line_error(run_lmforge("train tiny.yaml --resume", dir), {"--resume", "no checkpoint"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --resume", dir),
+                        {"--resume", "no checkpoint"});
   auto ok = run_lmforge("train tiny.yaml", dir);
   ASSERT_EQ(ok.exit_code, 0) << ok.err;
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
   // A checkpoint from another architecture.
-  expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_layer=2 --set train.steps=4 --resume", dir),
-                        {"model.n_layer", "checkpoint"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set model.n_layer=2 --set train.steps=4 --resume", dir),
+      {"model.n_layer", "checkpoint"});
   // Corrupt weights file.
   std::string ckpt = dir + "/run/checkpoints/step-00000002";
   fs::resize_file(ckpt + "/model.safetensors", 100);

@@ -50,7 +50,8 @@ TEST(Config, UnknownKeyNamesFileKeyAndKnownKeys) {
 }
 
 TEST(Config, WrongTypesAreRejectedWithTheKey) {
-  EXPECT_EQ(error_of("train:\n  lr: fast\n"), "test.yaml: train.lr: expected a number, got \"fast\"");
+  EXPECT_EQ(error_of("train:\n  lr: fast\n"),
+            "test.yaml: train.lr: expected a number, got \"fast\"");
   EXPECT_NE(error_of("train:\n  steps: 1.5\n").find("train.steps: expected an integer"),
             std::string::npos);
   EXPECT_NE(error_of("model:\n  bias: maybe\n").find("model.bias: expected true or false"),
@@ -88,7 +89,8 @@ TEST(Config, EveryKeyIsDocumented) {
   ASSERT_FALSE(doc.empty());
   Config c;
   for (auto& f : fields(c))
-    EXPECT_NE(doc.find("| `" + f.key + "` |"), std::string::npos) << f.key << " not in docs/config.md";
+    EXPECT_NE(doc.find("| `" + f.key + "` |"), std::string::npos)
+        << f.key << " not in docs/config.md";
 }
 
 }  // namespace lmforge

@@ -38,7 +38,9 @@ void check_decode_matches_forward(ModelConfig cfg) {
 }
 }  // namespace
 
-TEST(Decode, KvCacheMatchesFullForwardGpt2) { check_decode_matches_forward(model_preset("gpt2-tiny")); }
+TEST(Decode, KvCacheMatchesFullForwardGpt2) {
+  check_decode_matches_forward(model_preset("gpt2-tiny"));
+}
 TEST(Decode, KvCacheMatchesFullForwardLlama) {
   check_decode_matches_forward(model_preset("llama3-tiny"));
 }

@@ -9,17 +9,29 @@ namespace lmforge::ops {
 namespace {
 
 // Calls f(T{}) with T the C++ type of t's dtype, after checking the device.
-template <typename F> void dispatch(const char* op, const Tensor& t, F&& f) {
+template <typename F>
+void dispatch(const char* op, const Tensor& t, F&& f) {
   if (t.device() != Device::kCPU) cuda_unavailable(op);
   switch (t.dtype()) {
-    case DType::kF32: f(float{}); break;
-    case DType::kF64: f(double{}); break;
-    default: LMF_CHECK(false, "{}: unsupported dtype {}", op, dtype_name(t.dtype()));
+    case DType::kF32:
+      f(float{});
+      break;
+    case DType::kF64:
+      f(double{});
+      break;
+    default:
+      LMF_CHECK(false, "{}: unsupported dtype {}", op, dtype_name(t.dtype()));
   }
 }
 
-template <typename T> T* ptr(const Tensor& t) { return t.raw() ? t.data<T>() : nullptr; }
-template <typename T> const T* cptr(const Tensor& t) { return t.raw() ? t.data<T>() : nullptr; }
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.raw() ? t.data<T>() : nullptr;
+}
+template <typename T>
+const T* cptr(const Tensor& t) {
+  return t.raw() ? t.data<T>() : nullptr;
+}
 
 int64_t last(const Tensor& t) { return t.size(-1); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
@@ -30,7 +42,8 @@ void same_numel(const char* op, const Tensor& a, const Tensor& b) {
 
 }  // namespace
 
-void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias) {
+void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
+                    const Tensor& bias) {
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
             inp.shape().str(), weight.shape().str(), out.shape().str());
@@ -57,7 +70,8 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
   LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
             tokens.shape().str());
-  LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_, wpe.size(0));
+  LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_,
+            wpe.size(0));
   dispatch("embedding_forward", out, [&](auto tag) {
     using T = decltype(tag);
     cpu::embedding_forward<T>(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
@@ -70,8 +84,8 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
   dispatch("embedding_backward", dout, [&](auto tag) {
     using T = decltype(tag);
-    cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout), tokens.data<int32_t>(),
-                               B, T_, C, V);
+    cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout), tokens.data<int32_t>(), B,
+                               T_, C, V);
   });
 }
 

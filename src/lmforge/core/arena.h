@@ -25,7 +25,7 @@ class Arena {
   Tensor alloc(Shape shape, DType dtype = DType::kF32);
   size_t used() const { return used_; }
   size_t capacity() const { return storage_ ? storage_->bytes() : 0; }
-  void zero_() const;  // zero the whole arena (e.g. gradient buffers)
+  void zero_() const;                   // zero the whole arena (e.g. gradient buffers)
   Tensor as_tensor(DType dtype) const;  // the used part as one flat tensor
 
  private:

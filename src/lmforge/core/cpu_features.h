@@ -11,7 +11,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512_bf16 = false;
   bool amx_bf16 = false;
-  std::string brand;  // e.g. "Intel(R) Xeon(R) Platinum 8488C"
+  std::string brand;            // e.g. "Intel(R) Xeon(R) Platinum 8488C"
   std::string summary() const;  // "avx2 avx512f avx512_bf16 amx_bf16"
 };
 

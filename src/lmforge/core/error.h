@@ -4,8 +4,8 @@
 //  - LMF_CHECK: an internal invariant. Aborts with file:line and the message (shapes, sizes);
 //    it means a bug in lmforge, not in the user's input.
 //
-//   if (!file) throw Error(fmt::format("{}: cannot open ({}); check the path", path, strerror(errno)));
-//   LMF_CHECK(a.numel() == b.numel(), "numel {} vs {}", a.numel(), b.numel());
+//   if (!file) throw Error(fmt::format("{}: cannot open ({}); check the path", path,
+//   strerror(errno))); LMF_CHECK(a.numel() == b.numel(), "numel {} vs {}", a.numel(), b.numel());
 #pragma once
 
 #include <fmt/format.h>
@@ -25,7 +25,8 @@ template <typename... Args>
   throw Error(fmt::format(f, std::forward<Args>(args)...));
 }
 
-[[noreturn]] void check_failed(const char* file, int line, const char* cond, const std::string& msg);
+[[noreturn]] void check_failed(const char* file, int line, const char* cond,
+                               const std::string& msg);
 
 }  // namespace lmforge
 

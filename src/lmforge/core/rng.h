@@ -19,9 +19,9 @@ class Rng {
   void reseed(uint64_t seed);
 
   uint64_t next_u64();
-  double uniform();               // [0, 1), 53 random bits
-  uint64_t below(uint64_t n);     // uniform in [0, n), unbiased
-  double normal();                // standard normal (Box-Muller, both values used)
+  double uniform();            // [0, 1), 53 random bits
+  uint64_t below(uint64_t n);  // uniform in [0, n), unbiased
+  double normal();             // standard normal (Box-Muller, both values used)
 
   using State = std::array<uint64_t, 6>;  // s[0..3], has_spare, spare bits
   State state() const;

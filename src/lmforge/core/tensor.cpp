@@ -25,19 +25,23 @@ size_t available_memory() {
 }  // namespace
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
-  if (device != Device::kCPU) fail("cannot allocate on {}: the CUDA backend is not built", device_name(device));
+  if (device != Device::kCPU)
+    fail("cannot allocate on {}: the CUDA backend is not built", device_name(device));
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   if (rounded > (size_t{1} << 26)) {
     size_t avail = available_memory();
     if (avail && rounded > avail)
-      fail("out of memory: need {:.2f} GiB more but {:.2f} GiB is available; reduce "
-           "train.batch_size, train.seq_len or the model size",
-           rounded / 1073741824.0, avail / 1073741824.0);
+      fail(
+          "out of memory: need {:.2f} GiB more but {:.2f} GiB is available; reduce "
+          "train.batch_size, train.seq_len or the model size",
+          rounded / 1073741824.0, avail / 1073741824.0);
   }
   void* p = rounded ? std::aligned_alloc(kAlign, rounded) : nullptr;
   if (rounded && !p)
-    fail("out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model size",
-         bytes / 1048576.0);
+    fail(
+        "out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model "
+        "size",
+        bytes / 1048576.0);
   if (p) std::memset(p, 0, rounded);
   return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
 }
@@ -92,8 +96,9 @@ Tensor::Tensor(std::shared_ptr<Storage> storage, size_t byte_offset, Shape shape
       dtype_(dtype),
       dtype_set_(true) {
   if (storage_)
-    LMF_CHECK(byte_offset_ + nbytes() <= storage_->bytes(), "view {} {} at {} past storage of {} bytes",
-              shape_.str(), dtype_name(dtype_), byte_offset_, storage_->bytes());
+    LMF_CHECK(byte_offset_ + nbytes() <= storage_->bytes(),
+              "view {} {} at {} past storage of {} bytes", shape_.str(), dtype_name(dtype_),
+              byte_offset_, storage_->bytes());
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
@@ -146,10 +151,17 @@ void Tensor::copy_from(const Tensor& src) const {
 void Tensor::fill_(double v) const {
   int64_t n = numel();
   switch (dtype_) {
-    case DType::kF64: for (int64_t i = 0; i < n; ++i) data<double>()[i] = v; break;
-    case DType::kF32: for (int64_t i = 0; i < n; ++i) data<float>()[i] = static_cast<float>(v); break;
-    case DType::kI32: for (int64_t i = 0; i < n; ++i) data<int32_t>()[i] = static_cast<int32_t>(v); break;
-    default: LMF_CHECK(false, "fill_ on {}", dtype_name(dtype_));
+    case DType::kF64:
+      for (int64_t i = 0; i < n; ++i) data<double>()[i] = v;
+      break;
+    case DType::kF32:
+      for (int64_t i = 0; i < n; ++i) data<float>()[i] = static_cast<float>(v);
+      break;
+    case DType::kI32:
+      for (int64_t i = 0; i < n; ++i) data<int32_t>()[i] = static_cast<int32_t>(v);
+      break;
+    default:
+      LMF_CHECK(false, "fill_ on {}", dtype_name(dtype_));
   }
 }
 
@@ -165,24 +177,40 @@ Tensor Tensor::to(DType dt) const {
   int64_t n = numel();
   auto get = [&](int64_t i) -> double {
     switch (dtype_) {
-      case DType::kF64: return static_cast<const double*>(raw())[i];
-      case DType::kF32: return static_cast<const float*>(raw())[i];
-      case DType::kBF16: return bf16_to_fp32(static_cast<const uint16_t*>(raw())[i]);
-      case DType::kI32: return static_cast<const int32_t*>(raw())[i];
-      case DType::kU16: return static_cast<const uint16_t*>(raw())[i];
-      case DType::kU32: return static_cast<const uint32_t*>(raw())[i];
-      default: LMF_CHECK(false, "to() from {}", dtype_name(dtype_));
+      case DType::kF64:
+        return static_cast<const double*>(raw())[i];
+      case DType::kF32:
+        return static_cast<const float*>(raw())[i];
+      case DType::kBF16:
+        return bf16_to_fp32(static_cast<const uint16_t*>(raw())[i]);
+      case DType::kI32:
+        return static_cast<const int32_t*>(raw())[i];
+      case DType::kU16:
+        return static_cast<const uint16_t*>(raw())[i];
+      case DType::kU32:
+        return static_cast<const uint32_t*>(raw())[i];
+      default:
+        LMF_CHECK(false, "to() from {}", dtype_name(dtype_));
     }
     return 0;
   };
   for (int64_t i = 0; i < n; ++i) {
     double v = get(i);
     switch (dt) {
-      case DType::kF64: static_cast<double*>(t.raw())[i] = v; break;
-      case DType::kF32: static_cast<float*>(t.raw())[i] = static_cast<float>(v); break;
-      case DType::kBF16: static_cast<uint16_t*>(t.raw())[i] = fp32_to_bf16(static_cast<float>(v)); break;
-      case DType::kI32: static_cast<int32_t*>(t.raw())[i] = static_cast<int32_t>(v); break;
-      default: LMF_CHECK(false, "to() into {}", dtype_name(dt));
+      case DType::kF64:
+        static_cast<double*>(t.raw())[i] = v;
+        break;
+      case DType::kF32:
+        static_cast<float*>(t.raw())[i] = static_cast<float>(v);
+        break;
+      case DType::kBF16:
+        static_cast<uint16_t*>(t.raw())[i] = fp32_to_bf16(static_cast<float>(v));
+        break;
+      case DType::kI32:
+        static_cast<int32_t*>(t.raw())[i] = static_cast<int32_t>(v);
+        break;
+      default:
+        LMF_CHECK(false, "to() into {}", dtype_name(dt));
     }
   }
   return t;

@@ -87,7 +87,8 @@ class Tensor {
   void* raw() const {
     return storage_ ? static_cast<char*>(storage_->data()) + byte_offset_ : nullptr;
   }
-  template <typename T> T* data() const {
+  template <typename T>
+  T* data() const {
     LMF_CHECK(DTypeOf<T>::value == dtype_, "tensor is {}, accessed as {}", dtype_name(dtype_),
               dtype_name(DTypeOf<T>::value));
     return static_cast<T*>(raw());

@@ -14,9 +14,10 @@ Loader::Loader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint
     total_windows_ += windows_.back();
   }
   if (total_windows_ == 0)
-    fail("{}: {} tokens in all, too few for one window of train.seq_len+1={}; use more data or a "
-         "shorter train.seq_len",
-         paths.empty() ? std::string("data") : paths.front(), total_, T + 1);
+    fail(
+        "{}: {} tokens in all, too few for one window of train.seq_len+1={}; use more data or a "
+        "shorter train.seq_len",
+        paths.empty() ? std::string("data") : paths.front(), total_, T + 1);
 }
 
 void Loader::window(int64_t g, int32_t* tok, int32_t* tgt) const {
@@ -51,9 +52,10 @@ void Loader::check_vocab(int64_t vocab_size, const std::string& key) const {
   for (const TokenShard& s : shards_) {
     uint32_t mx = s.max_token();
     if (static_cast<int64_t>(mx) >= vocab_size)
-      fail("{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
-           "different tokenizer, re-create them or set model.vocab_size",
-           key, s.path(), mx, vocab_size);
+      fail(
+          "{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
+          "different tokenizer, re-create them or set model.vocab_size",
+          key, s.path(), mx, vocab_size);
   }
 }
 

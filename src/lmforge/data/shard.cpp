@@ -28,8 +28,9 @@ struct Mapping {
 
 TokenShard TokenShard::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail("{}: cannot open token shard ({}); check data.train / data.val", path,
-                   std::strerror(errno));
+  if (fd < 0)
+    fail("{}: cannot open token shard ({}); check data.train / data.val", path,
+         std::strerror(errno));
   struct stat st {};
   fstat(fd, &st);
   size_t size = static_cast<size_t>(st.st_size);
@@ -55,13 +56,14 @@ TokenShard TokenShard::open(const std::string& path) {
   std::memcpy(&width, base + 12, 4);
   std::memcpy(&count, base + 16, 8);
   if (version != kShardVersion)
-    fail("{}: shard version {} is not supported (this lmforge reads {}); re-create the shard",
-         path, version, kShardVersion);
+    fail("{}: shard version {} is not supported (this lmforge reads {}); re-create the shard", path,
+         version, kShardVersion);
   if (width != 2 && width != 4) fail("{}: token width {} bytes is invalid (2 or 4)", path, width);
   if (kShardHeaderBytes + count * width != size)
-    fail("{}: header says {} tokens ({} bytes) but the file holds {} bytes of tokens; the shard "
-         "is truncated or corrupt, re-create it",
-         path, count, count * width, size - kShardHeaderBytes);
+    fail(
+        "{}: header says {} tokens ({} bytes) but the file holds {} bytes of tokens; the shard "
+        "is truncated or corrupt, re-create it",
+        path, count, count * width, size - kShardHeaderBytes);
   TokenShard s;
   s.path_ = path;
   s.map_ = m;
@@ -102,7 +104,8 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens) {
 std::vector<std::string> expand_shards(const std::string& spec, const std::string& key) {
   namespace fs = std::filesystem;
   std::vector<std::string> out;
-  if (spec.empty()) fail("{}: no shard path given; set {} to a shard file, directory or glob", key, key);
+  if (spec.empty())
+    fail("{}: no shard path given; set {} to a shard file, directory or glob", key, key);
   std::error_code ec;
   if (fs::is_directory(spec, ec)) {
     for (auto& e : fs::directory_iterator(spec))

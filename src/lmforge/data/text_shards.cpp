@@ -38,8 +38,9 @@ std::string demo_corpus_path() {
   std::error_code ec;
   if (rc != 0 || fs::file_size(tmp, ec) < 1000000) {
     fs::remove(tmp, ec);
-    fail("demo corpus: the `bible` program (Debian package bible-kjv) is missing or failed; "
-         "install it with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
+    fail(
+        "demo corpus: the `bible` program (Debian package bible-kjv) is missing or failed; "
+        "install it with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
   }
   fs::rename(tmp, path);
   return path;
@@ -51,9 +52,9 @@ TextShards shards_from_text(const std::string& spec, double val_fraction) {
   if (!(val_fraction >= 0 && val_fraction < 1))
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
-  size_t key = std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|byte-v1",
-                                                    fs::absolute(path).string(),
-                                                    fs::file_size(path), mtime, val_fraction));
+  size_t key =
+      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|byte-v1", fs::absolute(path).string(),
+                                           fs::file_size(path), mtime, val_fraction));
   std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
   TextShards out{dir + "/train.bin", dir + "/val.bin"};
   if (fs::exists(out.train) && fs::exists(out.val)) return out;

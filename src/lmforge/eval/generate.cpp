@@ -9,11 +9,13 @@
 namespace lmforge {
 
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
-  if (o.temperature <= 0) return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  if (o.temperature <= 0)
+    return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
   std::vector<int32_t> idx(V);
   std::iota(idx.begin(), idx.end(), 0);
   // Sort descending by logit (stable: ties keep id order, so sampling is reproducible).
-  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
   std::vector<double> p(k);
   double mx = logits[idx[0]] / o.temperature, sum = 0;
@@ -44,7 +46,8 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               const std::function<void(int32_t)>& on_token) {
   if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
   const ModelConfig& c = model.config();
-  int64_t total = std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
+  int64_t total =
+      std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
   if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
     fail("generate: the prompt has {} tokens but model.max_seq_len is {}; shorten it",
          prompt.size(), c.max_seq_len);

@@ -1,8 +1,8 @@
 // Sampling from a model with a KV cache: the prompt is run once, then one token per step.
 // temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens or at stop_token.
 //
-//   SamplingOptions o{.max_tokens = 100, .temperature = 0.8, .top_k = 40, .top_p = 0.95, .seed = 1};
-//   std::vector<int32_t> out = generate(model, prompt_ids, o, [](int32_t id) { print(id); });
+//   SamplingOptions o{.max_tokens = 100, .temperature = 0.8, .top_k = 40, .top_p = 0.95, .seed =
+//   1}; std::vector<int32_t> out = generate(model, prompt_ids, o, [](int32_t id) { print(id); });
 #pragma once
 
 #include <cstdint>

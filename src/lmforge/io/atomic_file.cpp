@@ -13,8 +13,9 @@ namespace lmforge {
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(path + ".tmp") {
   f_ = std::fopen(tmp_.c_str(), "wb");
-  if (!f_) fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,
-                std::strerror(errno));
+  if (!f_)
+    fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,
+         std::strerror(errno));
 }
 
 AtomicFile::~AtomicFile() {

@@ -90,7 +90,8 @@ std::string trim(const std::string& s) {
   return b == std::string::npos ? "" : s.substr(b, e - b + 1);
 }
 
-template <typename T> bool parse_int(const std::string& s, T* out) {
+template <typename T>
+bool parse_int(const std::string& s, T* out) {
   auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
   return ec == std::errc() && p == s.data() + s.size();
 }
@@ -111,7 +112,8 @@ const ConfigField* find_field(const std::vector<ConfigField>& fs, const std::str
   // Suggest keys from the same section, so a typo is one glance away from its fix.
   std::string section = key.substr(0, key.find('.') + 1), known;
   for (auto& f : fs)
-    if (section.size() > 1 && f.key.starts_with(section)) known += (known.empty() ? "" : ", ") + f.key;
+    if (section.size() > 1 && f.key.starts_with(section))
+      known += (known.empty() ? "" : ", ") + f.key;
   if (known.empty())
     known = "model.*, data.*, train.*, run.*, sample.*, init_from (see docs/config.md)";
   fail("{}: unknown key \"{}\"; known keys: {}", source, key, known);
@@ -154,7 +156,8 @@ void assign_field(const ConfigField& f, const std::string& raw, const std::strin
         } else if constexpr (std::is_same_v<T, double>) {
           char* end = nullptr;
           double d = std::strtod(v.c_str(), &end);
-          if (v.empty() || *end != '\0' || !std::isfinite(d)) bad_type(source, f.key, "a number", v);
+          if (v.empty() || *end != '\0' || !std::isfinite(d))
+            bad_type(source, f.key, "a number", v);
           *p = d;
         } else {
           T x{};
@@ -177,10 +180,14 @@ std::string field_value(const ConfigField& f) {
   return std::visit(
       [](auto* p) -> std::string {
         using T = std::remove_pointer_t<decltype(p)>;
-        if constexpr (std::is_same_v<T, std::string>) return *p;
-        else if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
-        else if constexpr (std::is_same_v<T, double>) return fmt::format("{}", *p);
-        else return std::to_string(*p);
+        if constexpr (std::is_same_v<T, std::string>)
+          return *p;
+        else if constexpr (std::is_same_v<T, bool>)
+          return *p ? "true" : "false";
+        else if constexpr (std::is_same_v<T, double>)
+          return fmt::format("{}", *p);
+        else
+          return std::to_string(*p);
       },
       f.ptr);
 }
@@ -199,7 +206,9 @@ void ConfigLoader::load_yaml_text(const std::string& text, const std::string& so
   for (auto& [k, v] : kv) pending_.push_back({k, v, source});
 }
 
-void ConfigLoader::load_yaml_file(const std::string& path) { load_yaml_text(read_file(path), path); }
+void ConfigLoader::load_yaml_file(const std::string& path) {
+  load_yaml_text(read_file(path), path);
+}
 
 void ConfigLoader::set(const std::string& assignment, const std::string& source) {
   size_t eq = assignment.find('=');

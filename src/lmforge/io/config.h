@@ -23,17 +23,18 @@
 namespace lmforge {
 
 struct DataConfig {
-  std::string text;        // a UTF-8 text file tokenized byte-level into shards ("demo:kjv" = demo)
-  std::string train;       // token shard file(s): a path, a directory or a glob
-  std::string val;         // validation shard(s); empty with `text` = split from it
+  std::string text;   // a UTF-8 text file tokenized byte-level into shards ("demo:kjv" = demo)
+  std::string train;  // token shard file(s): a path, a directory or a glob
+  std::string val;    // validation shard(s); empty with `text` = split from it
   double val_fraction = 0.05;
-  std::string tokenizer = "byte";  // until the tokenizer issue: byte-level (256 bytes + <|endoftext|>)
+  std::string tokenizer =
+      "byte";  // until the tokenizer issue: byte-level (256 bytes + <|endoftext|>)
 };
 
 struct TrainConfig {
   int64_t steps = 1000;
-  int64_t batch_size = 8;   // B (sequences per micro-batch)
-  int64_t seq_len = 256;    // T
+  int64_t batch_size = 8;  // B (sequences per micro-batch)
+  int64_t seq_len = 256;   // T
   int64_t grad_accum = 1;
   double lr = 1e-3;
   double min_lr = 1e-4;
@@ -43,7 +44,7 @@ struct TrainConfig {
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
-  double grad_clip = 1.0;  // max global norm; 0 = off
+  double grad_clip = 1.0;          // max global norm; 0 = off
   std::string precision = "fp32";  // fp32 (bf16: the CPU-speed issue)
   std::string device = "cpu";      // cpu | cuda | auto
   uint64_t seed = 1337;

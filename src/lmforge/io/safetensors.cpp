@@ -18,13 +18,20 @@ namespace {
 
 const char* st_dtype(DType t) {
   switch (t) {
-    case DType::kF64: return "F64";
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
-    case DType::kI32: return "I32";
-    case DType::kU16: return "U16";
-    case DType::kU32: return "U32";
+    case DType::kF64:
+      return "F64";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
+    case DType::kI32:
+      return "I32";
+    case DType::kU16:
+      return "U16";
+    case DType::kU32:
+      return "U32";
   }
   return "?";
 }
@@ -71,12 +78,14 @@ Safetensors Safetensors::open(const std::string& path) {
   f.path_ = path;
   const char* base = static_cast<const char*>(mapping->addr);
   uint64_t n = 0;
-  if (mapping->size < 8) fail("{}: not a safetensors file (too short); the file is truncated", path);
+  if (mapping->size < 8)
+    fail("{}: not a safetensors file (too short); the file is truncated", path);
   std::memcpy(&n, base, 8);
   if (n > mapping->size - 8)
-    fail("{}: safetensors header of {} bytes runs past the end of the file; the file is truncated "
-         "or corrupt",
-         path, n);
+    fail(
+        "{}: safetensors header of {} bytes runs past the end of the file; the file is truncated "
+        "or corrupt",
+        path, n);
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(base + 8, base + 8 + n);
@@ -100,9 +109,10 @@ Safetensors Safetensors::open(const std::string& path) {
       e.end = v.at("data_offsets").at(1).get<size_t>();
       if (e.end < e.begin || e.end > data_size ||
           e.end - e.begin != static_cast<size_t>(e.shape.numel()) * dtype_size(e.dtype))
-        fail("{}: tensor {}: data offsets [{}, {}] disagree with its shape or the file size; the "
-             "file is truncated or corrupt",
-             path, name, e.begin, e.end);
+        fail(
+            "{}: tensor {}: data offsets [{}, {}] disagree with its shape or the file size; the "
+            "file is truncated or corrupt",
+            path, name, e.begin, e.end);
       f.index_[name] = e;
       f.order_.push_back(name);
     }

@@ -28,8 +28,8 @@ int64_t ModelConfig::num_params() const {
   int64_t C = n_embd, F = ffn();
   int64_t per_norm = C * (norm == "layernorm" && bias ? 2 : 1);
   int64_t attn = C * qkv_dim() + C * C + (bias ? qkv_dim() + C : 0);
-  int64_t mlp_p = mlp == "swiglu" ? 3 * C * F + (bias ? 2 * F + C : 0)
-                                  : 2 * C * F + (bias ? F + C : 0);
+  int64_t mlp_p =
+      mlp == "swiglu" ? 3 * C * F + (bias ? 2 * F + C : 0) : 2 * C * F + (bias ? F + C : 0);
   int64_t n = vocab_size * C + (pos == "learned" ? max_seq_len * C : 0);
   n += n_layer * (2 * per_norm + attn + mlp_p) + per_norm;
   if (!tie_embeddings) n += vocab_size * C;

@@ -19,19 +19,19 @@ struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
 };
 
 struct ModelConfig {
-  std::string preset;          // name it came from, for logs
-  std::string arch = "gpt2";   // "gpt2" or "llama": the family, for checkpoints and HF mapping
-  int64_t vocab_size = 50257;  // V
-  int64_t max_seq_len = 1024;  // positions (learned table size / rope table size)
-  int64_t n_layer = 12;        // L
-  int64_t n_head = 12;         // NH
-  int64_t n_kv_head = 0;       // NKV; 0 means = n_head (no GQA)
-  int64_t n_embd = 768;        // C
-  int64_t ffn_hidden = 0;      // F; 0 means 4*C for gelu
+  std::string preset;              // name it came from, for logs
+  std::string arch = "gpt2";       // "gpt2" or "llama": the family, for checkpoints and HF mapping
+  int64_t vocab_size = 50257;      // V
+  int64_t max_seq_len = 1024;      // positions (learned table size / rope table size)
+  int64_t n_layer = 12;            // L
+  int64_t n_head = 12;             // NH
+  int64_t n_kv_head = 0;           // NKV; 0 means = n_head (no GQA)
+  int64_t n_embd = 768;            // C
+  int64_t ffn_hidden = 0;          // F; 0 means 4*C for gelu
   std::string norm = "layernorm";  // layernorm | rmsnorm
   double norm_eps = 1e-5;
-  std::string mlp = "gelu";        // gelu (GELU-tanh) | swiglu
-  std::string pos = "learned";     // learned | rope
+  std::string mlp = "gelu";     // gelu (GELU-tanh) | swiglu
+  std::string pos = "learned";  // learned | rope
   double rope_theta = 10000;
   RopeScaling rope_scaling;
   bool bias = true;

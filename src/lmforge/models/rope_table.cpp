@@ -19,8 +19,8 @@ std::vector<double> rope_inv_freq(const ModelConfig& cfg) {
       if (wavelen > low_wavelen) {
         f /= s.factor;
       } else {
-        double smooth = (old_len / wavelen - s.low_freq_factor) /
-                        (s.high_freq_factor - s.low_freq_factor);
+        double smooth =
+            (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         f = (1 - smooth) * f / s.factor + smooth * f;
       }
     }

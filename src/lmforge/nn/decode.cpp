@@ -51,8 +51,8 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
       for (int64_t kvh = 0; kvh < NKV; ++kvh) {
         std::memcpy(kc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + kvh) * HS,
                     HS * sizeof(float));
-        std::memcpy(vc + (kvh * cache.max_len + pos0 + i) * HS,
-                    q + i * Cq + (NH + NKV + kvh) * HS, HS * sizeof(float));
+        std::memcpy(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS,
+                    HS * sizeof(float));
       }
     cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS);
     b.proj.forward(o, att);

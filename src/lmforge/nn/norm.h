@@ -34,8 +34,8 @@ struct Norm {
     if (rms)
       ops::rmsnorm_forward(out, s.rstd, inp, weight->value, eps);
     else
-      ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->value,
-                             bias ? bias->value : Tensor(), eps);
+      ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->value, bias ? bias->value : Tensor(),
+                             eps);
   }
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Saved& s) const {
     if (rms)

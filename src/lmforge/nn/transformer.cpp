@@ -49,9 +49,10 @@ void Transformer::init_weights(uint64_t seed) {
 
 void Transformer::plan(int64_t B, int64_t T) {
   if (T > cfg_.max_seq_len)
-    fail("train.seq_len: {} exceeds model.max_seq_len={}; lower train.seq_len or raise "
-         "model.max_seq_len",
-         T, cfg_.max_seq_len);
+    fail(
+        "train.seq_len: {} exceeds model.max_seq_len={}; lower train.seq_len or raise "
+        "model.max_seq_len",
+        T, cfg_.max_seq_len);
   B_ = B;
   T_ = T;
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;

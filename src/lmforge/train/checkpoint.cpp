@@ -55,10 +55,11 @@ json read_state(const std::string& ckpt_dir) {
 void copy_into(const Tensor& dst, const Tensor& src, const std::string& file,
                const std::string& name) {
   if (!(src.shape() == dst.shape()) || src.dtype() != dst.dtype())
-    fail("{}: tensor {} is {} {} but the model needs {} {}; the checkpoint is from another "
-         "architecture",
-         file, name, src.shape().str(), dtype_name(src.dtype()), dst.shape().str(),
-         dtype_name(dst.dtype()));
+    fail(
+        "{}: tensor {} is {} {} but the model needs {} {}; the checkpoint is from another "
+        "architecture",
+        file, name, src.shape().str(), dtype_name(src.dtype()), dst.shape().str(),
+        dtype_name(dst.dtype()));
   dst.copy_from(src);
 }
 
@@ -118,9 +119,10 @@ std::string resolve_checkpoint(const std::string& path) {
   if (fs::exists(fs::path(path) / "state.json", ec)) return path;
   std::string latest = find_latest_checkpoint(path);
   if (latest.empty())
-    fail("{}: no checkpoint here (expected a checkpoint directory with state.json, or a run "
-         "directory with checkpoints/step-*); train first or check the path",
-         path);
+    fail(
+        "{}: no checkpoint here (expected a checkpoint directory with state.json, or a run "
+        "directory with checkpoints/step-*); train first or check the path",
+        path);
   return latest;
 }
 
@@ -142,9 +144,10 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i].key == "preset" || a[i].key == "init_std") continue;
     if (field_value(a[i]) != field_value(b[i]))
-      fail("{}: checkpoint has model.{}={} but the config says {}; resume with the config it was "
-           "trained with (its config.yaml) or start a new run.dir",
-           ckpt_dir, a[i].key, field_value(a[i]), field_value(b[i]));
+      fail(
+          "{}: checkpoint has model.{}={} but the config says {}; resume with the config it was "
+          "trained with (its config.yaml) or start a new run.dir",
+          ckpt_dir, a[i].key, field_value(a[i]), field_value(b[i]));
   }
 }
 

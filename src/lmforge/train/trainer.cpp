@@ -76,13 +76,14 @@ TrainResult train(Config& cfg, const std::string& resume) {
     if (train_spec.empty()) train_spec = s.train;
     if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
   }
-  if (train_spec.empty()) fail("data.train: no training data; set data.train (shards) or data.text");
+  if (train_spec.empty())
+    fail("data.train: no training data; set data.train (shards) or data.text");
   Loader train_data(expand_shards(train_spec, "data.train"), t.batch_size, t.seq_len, t.seed + 1);
   train_data.check_vocab(cfg.model.vocab_size, "data.train");
   std::unique_ptr<Loader> val_data;
   if (!val_spec.empty()) {
-    val_data = std::make_unique<Loader>(expand_shards(val_spec, "data.val"), t.batch_size,
-                                        t.seq_len, 0);
+    val_data =
+        std::make_unique<Loader>(expand_shards(val_spec, "data.val"), t.batch_size, t.seq_len, 0);
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
 
@@ -100,21 +101,22 @@ TrainResult train(Config& cfg, const std::string& resume) {
   if (!resume.empty()) {
     ckpt = resume == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume);
     if (ckpt.empty())
-      fail("--resume: no checkpoint in {}/checkpoints; train without --resume first, or pass "
-           "--resume=PATH",
-           run_dir);
+      fail(
+          "--resume: no checkpoint in {}/checkpoints; train without --resume first, or pass "
+          "--resume=PATH",
+          run_dir);
     check_same_architecture(ckpt, cfg.model);
   } else if (!find_latest_checkpoint(run_dir).empty()) {
-    fail("run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "
-         "directory with --set run.dir=DIR",
-         run_dir);
+    fail(
+        "run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "
+        "directory with --set run.dir=DIR",
+        run_dir);
   }
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
   std::string config_yaml = config_to_yaml(cfg);
   write_file_atomic(run_dir + "/config.yaml", config_yaml);
-
 
   TrainState st;
   std::string metrics_path = run_dir + "/metrics.jsonl";
@@ -197,11 +199,17 @@ TrainResult train(Config& cfg, const std::string& resume) {
 
   if (!cfg.sample.prompt.empty()) {
     ByteTokenizer bt;
-    SamplingOptions so{cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k,
-                       cfg.sample.top_p, t.seed, ByteTokenizer::kEndOfText};
+    SamplingOptions so{cfg.sample.max_tokens,
+                       cfg.sample.temperature,
+                       cfg.sample.top_k,
+                       cfg.sample.top_p,
+                       t.seed,
+                       ByteTokenizer::kEndOfText};
     fmt::print("--- sample ---\n{}", cfg.sample.prompt);
-    generate(model, bt.encode(cfg.sample.prompt), so,
-             [&](int32_t id) { fmt::print("{}", bt.decode_one(id)); std::fflush(stdout); });
+    generate(model, bt.encode(cfg.sample.prompt), so, [&](int32_t id) {
+      fmt::print("{}", bt.decode_one(id));
+      std::fflush(stdout);
+    });
     fmt::print("\n--------------\n");
   }
   return res;

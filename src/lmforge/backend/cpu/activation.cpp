@@ -10,7 +10,8 @@ namespace {
 constexpr double kGeluC = 0.7978845608028654;  // sqrt(2/pi)
 }
 
-template <typename T> void gelu_forward(T* out, const T* inp, int64_t n) {
+template <typename T>
+void gelu_forward(T* out, const T* inp, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     T x = inp[i];
@@ -19,7 +20,8 @@ template <typename T> void gelu_forward(T* out, const T* inp, int64_t n) {
   }
 }
 
-template <typename T> void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
+template <typename T>
+void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     T x = inp[i];
@@ -31,7 +33,8 @@ template <typename T> void gelu_backward(T* dinp, const T* inp, const T* dout, i
   }
 }
 
-template <typename T> void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
+template <typename T>
+void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const T* g = inp + i * 2 * F;
@@ -60,10 +63,10 @@ void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F)
   }
 }
 
-#define LMF_INSTANTIATE(T)                                                      \
-  template void gelu_forward<T>(T*, const T*, int64_t);                         \
-  template void gelu_backward<T>(T*, const T*, const T*, int64_t);              \
-  template void swiglu_forward<T>(T*, const T*, int64_t, int64_t);              \
+#define LMF_INSTANTIATE(T)                                         \
+  template void gelu_forward<T>(T*, const T*, int64_t);            \
+  template void gelu_backward<T>(T*, const T*, const T*, int64_t); \
+  template void swiglu_forward<T>(T*, const T*, int64_t, int64_t); \
   template void swiglu_backward<T>(T*, const T*, const T*, int64_t, int64_t);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)

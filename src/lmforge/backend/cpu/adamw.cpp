@@ -10,7 +10,8 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, doubl
   // torch computes the scalars in Python double and casts them to fp32 at the kernel.
   const double b1 = beta1, b2 = beta2;
   const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(b2, static_cast<double>(step))));
+  const float bc2_sqrt =
+      static_cast<float>(std::sqrt(1.0 - std::pow(b2, static_cast<double>(step))));
   const float step_size = static_cast<float>(lr / bc1);
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float w1 = static_cast<float>(1.0 - b1), w2 = static_cast<float>(1.0 - b2);

@@ -43,8 +43,8 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
 }
 
 template <typename T>
-void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs,
-                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HS) {
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs, int64_t B,
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const T scale = T(1) / std::sqrt(T(HS));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -120,8 +120,8 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
 
 template void attention_forward<float>(float*, float*, const float*, int64_t, int64_t, int64_t,
                                        int64_t, int64_t);
-template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t);
+template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t, int64_t,
+                                        int64_t, int64_t);
 template void attention_backward<float>(float*, float*, const float*, const float*, const float*,
                                         int64_t, int64_t, int64_t, int64_t, int64_t);
 template void attention_backward<double>(double*, double*, const double*, const double*,

@@ -44,13 +44,13 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
   }
 }
 
-template void embedding_forward<float>(float*, const int32_t*, const float*, const float*,
-                                       int64_t, int64_t, int64_t, int64_t);
+template void embedding_forward<float>(float*, const int32_t*, const float*, const float*, int64_t,
+                                       int64_t, int64_t, int64_t);
 template void embedding_forward<double>(double*, const int32_t*, const double*, const double*,
                                         int64_t, int64_t, int64_t, int64_t);
 template void embedding_backward<float>(float*, float*, const float*, const int32_t*, int64_t,
                                         int64_t, int64_t, int64_t);
-template void embedding_backward<double>(double*, double*, const double*, const int32_t*,
-                                         int64_t, int64_t, int64_t, int64_t);
+template void embedding_backward<double>(double*, double*, const double*, const int32_t*, int64_t,
+                                         int64_t, int64_t, int64_t);
 
 }  // namespace lmforge::cpu

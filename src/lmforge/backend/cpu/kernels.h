@@ -36,8 +36,8 @@ template <typename T>
 void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
                        int64_t N, int64_t C, double eps);
 template <typename T>
-void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
-                        const T* weight, const T* mean, const T* rstd, int64_t N, int64_t C);
+void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                        const T* mean, const T* rstd, int64_t N, int64_t C);
 
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
@@ -63,35 +63,42 @@ template <typename T>
 void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
                        int64_t NKV, int64_t HS);
 template <typename T>
-void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs,
-                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HS);
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs, int64_t B,
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i]. out is (n, NH*HS).
 void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
                       const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
                       int64_t NKV, int64_t HS);
 
-template <typename T> void gelu_forward(T* out, const T* inp, int64_t n);
-template <typename T> void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n);
+template <typename T>
+void gelu_forward(T* out, const T* inp, int64_t n);
+template <typename T>
+void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n);
 // inp (N, 2F) = [gate | up]; out (N, F) = silu(gate) * up.
-template <typename T> void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F);
+template <typename T>
+void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F);
 template <typename T>
 void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F);
 
 // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] == ignore_index.
 template <typename T>
-void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N,
-                          int64_t V, int32_t ignore_index);
+void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
+                          int32_t ignore_index);
 // dlogits = dloss * (softmax(logits) - onehot(target)); rows with ignore_index get 0.
 template <typename T>
-void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss,
-                           int64_t N, int64_t V, int32_t ignore_index);
+void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
+                           int64_t V, int32_t ignore_index);
 
-template <typename T> void add(T* out, const T* a, const T* b, int64_t n);
-template <typename T> void accumulate(T* dst, const T* src, int64_t n);
-template <typename T> void scale(T* x, T s, int64_t n);
+template <typename T>
+void add(T* out, const T* a, const T* b, int64_t n);
+template <typename T>
+void accumulate(T* dst, const T* src, int64_t n);
+template <typename T>
+void scale(T* x, T s, int64_t n);
 // Sum of squares in double, in fixed-size blocks so the result is independent of thread count.
-template <typename T> double sum_squares(const T* x, int64_t n);
+template <typename T>
+double sum_squares(const T* x, int64_t n);
 
 // One AdamW step (Loshchilov & Hutter 2019), in the order torch.optim.AdamW applies it:
 // p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;

@@ -12,17 +12,16 @@ template <>
 void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb,
-                                beta, C, ldc);
-  LMF_CHECK(st == dnnl_success, "dnnl_sgemm failed ({}) M={} N={} K={}", static_cast<int>(st), M,
-            N, K);
+  dnnl_status_t st =
+      dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  LMF_CHECK(st == dnnl_success, "dnnl_sgemm failed ({}) M={} N={} K={}", static_cast<int>(st), M, N,
+            K);
 }
 
 // Reference double gemm for gradient checks only (tiny shapes; speed is irrelevant here).
 template <>
-void gemm<double>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha,
-                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
-                  double* C, int64_t ldc) {
+void gemm<double>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+                  int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
       double acc = 0;
@@ -64,11 +63,10 @@ void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
   }
 }
 
-#define LMF_INSTANTIATE(T)                                                                \
-  template void linear_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t,     \
-                                  int64_t);                                               \
-  template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t,     \
-                                   int64_t, int64_t);
+#define LMF_INSTANTIATE(T)                                                                      \
+  template void linear_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t); \
+  template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t,  \
+                                   int64_t);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE

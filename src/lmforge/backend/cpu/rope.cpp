@@ -47,7 +47,7 @@ template void rope_forward<double>(double*, const float*, const float*, int64_t,
                                    int64_t, int64_t, int64_t);
 template void rope_backward<float>(float*, const float*, const float*, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t);
-template void rope_backward<double>(double*, const float*, const float*, int64_t, int64_t,
-                                    int64_t, int64_t, int64_t, int64_t);
+template void rope_backward<double>(double*, const float*, const float*, int64_t, int64_t, int64_t,
+                                    int64_t, int64_t, int64_t);
 
 }  // namespace lmforge::cpu

@@ -8,7 +8,8 @@
 namespace lmforge::cpu {
 
 namespace {
-template <typename T> double row_logsumexp(const T* x, int64_t V) {
+template <typename T>
+double row_logsumexp(const T* x, int64_t V) {
   T mx = x[0];
   for (int64_t v = 1; v < V; ++v) mx = std::max(mx, x[v]);
   double sum = 0;
@@ -18,8 +19,8 @@ template <typename T> double row_logsumexp(const T* x, int64_t V) {
 }  // namespace
 
 template <typename T>
-void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N,
-                          int64_t V, int32_t ignore_index) {
+void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
+                          int32_t ignore_index) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
@@ -34,8 +35,8 @@ void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, in
 }
 
 template <typename T>
-void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss,
-                           int64_t N, int64_t V, int32_t ignore_index) {
+void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
+                           int64_t V, int32_t ignore_index) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
@@ -55,11 +56,11 @@ void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, 
 
 template void softmax_xent_forward<float>(float*, const float*, const int32_t*, int64_t, int64_t,
                                           int32_t);
-template void softmax_xent_forward<double>(double*, const double*, const int32_t*, int64_t,
-                                           int64_t, int32_t);
+template void softmax_xent_forward<double>(double*, const double*, const int32_t*, int64_t, int64_t,
+                                           int32_t);
 template void softmax_xent_backward<float>(float*, const float*, const int32_t*, float, int64_t,
                                            int64_t, int32_t);
-template void softmax_xent_backward<double>(double*, const double*, const int32_t*, double,
-                                            int64_t, int64_t, int32_t);
+template void softmax_xent_backward<double>(double*, const double*, const int32_t*, double, int64_t,
+                                            int64_t, int32_t);
 
 }  // namespace lmforge::cpu

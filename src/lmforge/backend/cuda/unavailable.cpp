@@ -4,9 +4,10 @@
 namespace lmforge {
 
 void cuda_unavailable(const char* op) {
-  fail("{}: the tensor is on a CUDA device but this lmforge was built without CUDA; rebuild with "
-       "-DLMFORGE_CUDA=ON or set train.device=cpu",
-       op);
+  fail(
+      "{}: the tensor is on a CUDA device but this lmforge was built without CUDA; rebuild with "
+      "-DLMFORGE_CUDA=ON or set train.device=cpu",
+      op);
 }
 
 }  // namespace lmforge
