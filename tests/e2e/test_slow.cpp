@@ -39,28 +39,4 @@ TEST(Slow, EmbeddedDefaultTrainsAndSamples) {
   EXPECT_GT(g.out.size(), 100u);
 }
 
-// Bit-exact resume for the Llama family too (RoPE, GQA, SwiGLU, RMSNorm, untied head).
-TEST(Slow, Llama3TinyResumeIsBitExact) {
-  std::string dir = testing::temp_dir("slow-llama-resume");
-  std::string common =
-      "--set model.preset=llama3-tiny --set model.vocab_size=257 --set data.text=demo:kjv "
-      "--set train.batch_size=4 --set train.seq_len=64 --set train.steps=30 "
-      "--set train.checkpoint_every=10 --set train.keep_last=0 --set train.eval_every=15 "
-      "--set sample.prompt= ";
-  ASSERT_EQ(run_lmforge("train " + common + "--set run.dir=a", dir).exit_code, 0);
-  ASSERT_EQ(run_lmforge("train " + common + "--set run.dir=b", dir).exit_code, 0);
-  fs::remove_all(dir + "/b/checkpoints/step-00000030");
-  fs::remove_all(dir + "/b/checkpoints/step-00000020");
-  auto r = run_lmforge("train " + common + "--set run.dir=b --resume", dir);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto a = records(dir + "/a/metrics.jsonl", "loss"), b = records(dir + "/b/metrics.jsonl", "loss");
-  ASSERT_EQ(a.size(), 30u);
-  ASSERT_EQ(b.size(), 30u);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"], b[i]["loss"]) << "step " << i + 1;
-  EXPECT_EQ(records(dir + "/a/metrics.jsonl", "val_loss"),
-            records(dir + "/b/metrics.jsonl", "val_loss"));
-  EXPECT_EQ(testing::slurp(dir + "/a/checkpoints/step-00000030/model.safetensors"),
-            testing::slurp(dir + "/b/checkpoints/step-00000030/model.safetensors"));
-}
-
 }  // namespace lmforge
