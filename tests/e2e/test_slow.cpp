@@ -5,24 +5,12 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "testing/process.h"
+#include "testing/metrics.h"
 
 namespace lmforge {
 
 namespace fs = std::filesystem;
 using testing::run_lmforge;
-
-namespace {
-std::vector<nlohmann::json> records(const std::string& path, const std::string& key) {
-  std::vector<nlohmann::json> out;
-  std::istringstream in(testing::slurp(path));
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) out.push_back(j);
-  }
-  return out;
-}
-}  // namespace
 
 // The README's main job: `lmforge train` on the embedded default, then generate. Measured when
 // written: val loss 5.55 -> 1.74 after 1000 steps (train loss ~1.5).
@@ -31,7 +19,7 @@ TEST(Slow, EmbeddedDefaultTrainsAndSamples) {
   auto r = run_lmforge("train", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("--- sample ---\nAnd God said"), std::string::npos) << r.out;
-  auto val = records(dir + "/runs/demo/metrics.jsonl", "val_loss");
+  auto val = testing::records_of(dir + "/runs/demo/metrics.jsonl", "val_loss");
   ASSERT_FALSE(val.empty());
   EXPECT_LT(val.back()["val_loss"].get<double>(), 1.95);
   auto g = run_lmforge("generate --checkpoint runs/demo --prompt 'In the beginning' --seed 1", dir);

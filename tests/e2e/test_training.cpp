@@ -8,7 +8,7 @@
 #include <sstream>
 
 #include "lmforge/data/text_shards.h"
-#include "testing/process.h"
+#include "testing/metrics.h"
 
 namespace lmforge {
 
@@ -20,22 +20,8 @@ namespace {
 // step -> record, for records that carry `key`.
 std::map<int64_t, nlohmann::json> metrics(const std::string& run_dir, const std::string& key) {
   std::map<int64_t, nlohmann::json> out;
-  std::istringstream in(testing::slurp(run_dir + "/metrics.jsonl"));
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) out[j["step"].get<int64_t>()] = j;
-  }
-  return out;
-}
-
-// Records of metrics.jsonl that carry `key`, in file order.
-std::vector<nlohmann::json> records_of(const std::string& path, const std::string& key) {
-  std::vector<nlohmann::json> out;
-  std::istringstream in(testing::slurp(path));
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) out.push_back(j);
-  }
+  for (auto& j : testing::records_of(run_dir + "/metrics.jsonl", key))
+    out[j["step"].get<int64_t>()] = j;
   return out;
 }
 
@@ -128,12 +114,13 @@ TEST(Training, Llama3TinyResumeIsBitExact) {
   fs::remove_all(dir + "/b/checkpoints/step-00000020");
   auto r = run_lmforge("train " + common + "--set run.dir=b --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto a = records_of(dir + "/a/metrics.jsonl", "loss"), b = records_of(dir + "/b/metrics.jsonl", "loss");
+  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss"),
+       b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
   ASSERT_EQ(a.size(), 30u);
   ASSERT_EQ(b.size(), 30u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"], b[i]["loss"]) << "step " << i + 1;
-  EXPECT_EQ(records_of(dir + "/a/metrics.jsonl", "val_loss"),
-            records_of(dir + "/b/metrics.jsonl", "val_loss"));
+  EXPECT_EQ(testing::records_of(dir + "/a/metrics.jsonl", "val_loss"),
+            testing::records_of(dir + "/b/metrics.jsonl", "val_loss"));
   EXPECT_EQ(testing::slurp(dir + "/a/checkpoints/step-00000030/model.safetensors"),
             testing::slurp(dir + "/b/checkpoints/step-00000030/model.safetensors"));
 }
