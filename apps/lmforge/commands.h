@@ -10,5 +10,6 @@ extern const char* const kDefaultConfigYaml;
 void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_bench(CLI::App& app);
+void add_tokenizer(CLI::App& app);
 
 }  // namespace lmforge::app

@@ -1,0 +1,138 @@
+// lmforge tokenizer encode --tokenizer PATH [--jsonl FILE | FILE...]   one line of ids per document
+// lmforge tokenizer decode --tokenizer PATH [FILE...]                  one line of ids -> text
+// lmforge tokenizer info --tokenizer PATH
+// Without files, encode reads all of stdin as one document and decode reads stdin line by line.
+#include "lmforge/tokenizer/tokenizer.h"
+
+#include <fmt/core.h>
+
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "commands.h"
+#include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+
+namespace lmforge::app {
+
+namespace {
+
+void print_ids(const std::vector<int32_t>& ids) {
+  std::string line;
+  line.reserve(ids.size() * 6);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i) line += ' ';
+    line += std::to_string(ids[i]);
+  }
+  line += '\n';
+  std::fwrite(line.data(), 1, line.size(), stdout);
+}
+
+std::vector<int32_t> parse_ids(const std::string& line, const std::string& where, size_t line_no) {
+  std::vector<int32_t> ids;
+  std::istringstream in(line);
+  std::string tok;
+  while (in >> tok) {
+    try {
+      size_t used = 0;
+      long v = std::stol(tok, &used);
+      if (used != tok.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(tok);
+      ids.push_back(static_cast<int32_t>(v));
+    } catch (const std::exception&) {
+      fail("{}:{}: \"{}\" is not a token id; expected space-separated non-negative integers", where,
+           line_no, tok);
+    }
+  }
+  return ids;
+}
+
+}  // namespace
+
+void add_tokenizer(CLI::App& app) {
+  struct Opts {
+    std::string tokenizer, jsonl, field = "text";
+    std::vector<std::string> files;
+    bool allow_special = false, bos = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* tk = app.add_subcommand("tokenizer", "Encode, decode and inspect tokenizers");
+  tk->require_subcommand(1);
+
+  CLI::App* enc =
+      tk->add_subcommand("encode", "Text -> one line of space-separated ids per document");
+  enc->add_option("--tokenizer", o->tokenizer, "Tokenizer file or directory (or \"byte\")")
+      ->required();
+  enc->add_option("--jsonl", o->jsonl, "JSONL input: one document per line");
+  enc->add_option("--field", o->field, "JSONL field holding the text")->capture_default_str();
+  enc->add_flag("--allow-special", o->allow_special, "Special-token text becomes special ids");
+  enc->add_flag("--bos", o->bos, "Prepend the tokenizer's BOS token, if it has one");
+  enc->add_option("files", o->files, "Text files, one document each (default: stdin)");
+  enc->callback([o] {
+    auto tok = load_tokenizer(o->tokenizer);
+    auto encode = [&](const std::string& text) {
+      print_ids(tok->encode(text, o->allow_special, o->bos));
+    };
+    if (!o->jsonl.empty()) {
+      std::ifstream in(o->jsonl);
+      if (!in) fail("{}: cannot open; check the path", o->jsonl);
+      size_t line_no = 0;
+      for (std::string line; std::getline(in, line);) {
+        ++line_no;
+        nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded() || !j.is_object() || !j.contains(o->field) || !j[o->field].is_string())
+          fail("{}:{}: expected a JSON object with a string field \"{}\"", o->jsonl, line_no,
+               o->field);
+        encode(j[o->field].get<std::string>());
+      }
+    } else if (o->files.empty()) {
+      encode(std::string(std::istreambuf_iterator<char>(std::cin), {}));
+    } else {
+      for (const std::string& f : o->files) encode(read_file(f));
+    }
+  });
+
+  CLI::App* dec =
+      tk->add_subcommand("decode", "Lines of space-separated ids -> text, one line each");
+  dec->add_option("--tokenizer", o->tokenizer, "Tokenizer file or directory")->required();
+  dec->add_option("files", o->files, "Files of id lines (default: stdin)");
+  dec->callback([o] {
+    auto tok = load_tokenizer(o->tokenizer);
+    auto run = [&](std::istream& in, const std::string& where) {
+      size_t line_no = 0;
+      for (std::string line; std::getline(in, line);) {
+        std::string text = tok->decode(parse_ids(line, where, ++line_no)) + "\n";
+        std::fwrite(text.data(), 1, text.size(), stdout);
+      }
+    };
+    if (o->files.empty()) run(std::cin, "<stdin>");
+    for (const std::string& f : o->files) {
+      std::ifstream in(f);
+      if (!in) fail("{}: cannot open; check the path", f);
+      run(in, f);
+    }
+  });
+
+  CLI::App* info = tk->add_subcommand("info", "Kind, vocabulary size, special tokens");
+  info->add_option("--tokenizer", o->tokenizer, "Tokenizer file or directory")->required();
+  info->callback([o] {
+    auto tok = load_tokenizer(o->tokenizer);
+    fmt::print(
+        "kind: {}\nsource: {}\nfingerprint: {}\nvocab_size: {}\nbos_id: {}\neos_id: {}\n"
+        "special_tokens: {}\n",
+        tok->kind(), tok->source(), tok->fingerprint(), tok->vocab_size(), tok->bos_id(),
+        tok->eos_id(), tok->special_tokens().size());
+    size_t shown = 0;
+    for (auto& [name, id] : tok->special_tokens()) {
+      if (shown++ == 16) {
+        fmt::print("  ...\n");
+        break;
+      }
+      fmt::print("  {} {}\n", id, name);
+    }
+  });
+}
+
+}  // namespace lmforge::app

@@ -1,0 +1,183 @@
+#include "lmforge/tokenizer/bpe_tokenizer.h"
+
+#include <algorithm>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+namespace {
+constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581 "▁"
+constexpr size_t kCacheMax = 1 << 16;
+
+size_t utf8_len(unsigned char c) {
+  if (c < 0x80) return 1;
+  if ((c >> 5) == 0x6) return 2;
+  if ((c >> 4) == 0xE) return 3;
+  if ((c >> 3) == 0x1E) return 4;
+  return 1;  // invalid lead byte: one byte
+}
+}  // namespace
+
+void BpeTokenizer::add_token(int32_t id, std::string bytes) {
+  LMF_CHECK(id >= 0, "negative token id {}", id);
+  if (static_cast<size_t>(id) >= vocab_.size()) {
+    vocab_.resize(id + 1);
+    is_special_.resize(id + 1, false);
+  }
+  ids_.emplace(bytes, id);  // first registration of the same bytes wins
+  vocab_[id] = std::move(bytes);
+}
+
+void BpeTokenizer::add_special(const std::string& text, int32_t id) {
+  if (static_cast<size_t>(id) >= vocab_.size()) {
+    vocab_.resize(id + 1);
+    is_special_.resize(id + 1, false);
+  }
+  vocab_[id] = text;
+  is_special_[id] = true;
+  specials_[text] = id;
+}
+
+int32_t BpeTokenizer::id_of(std::string_view bytes) const {
+  auto it = ids_.find(std::string(bytes));
+  return it == ids_.end() ? -1 : it->second;
+}
+
+void BpeTokenizer::finalize() {
+  for (int b = 0; b < 256; ++b) {
+    byte_id_[b] = id_of(std::string(1, static_cast<char>(b)));
+    fallback_id_[b] = id_of(fmt::format("<0x{:02X}>", b));
+  }
+  if (symbols_ == Symbols::kBytes)
+    for (int b = 0; b < 256; ++b)
+      if (byte_id_[b] < 0) fail("{}: byte 0x{:02X} has no token; not a byte-level BPE", source_, b);
+  for (auto& s : specials_by_first_) s.clear();
+  for (auto& [text, id] : specials_)
+    if (!text.empty()) specials_by_first_[static_cast<unsigned char>(text[0])].push_back(text);
+  for (auto& s : specials_by_first_)
+    std::sort(s.begin(), s.end(), [](auto& a, auto& b) { return a.size() > b.size(); });
+}
+
+void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
+  if (whole_piece_) {
+    auto it = ids_.find(std::string(piece));
+    if (it != ids_.end()) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto it = cache_.find(std::string(piece));
+    if (it != cache_.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  std::vector<int32_t> ids;
+  ids.reserve(piece.size());
+  if (symbols_ == Symbols::kBytes) {
+    for (unsigned char c : piece) ids.push_back(byte_id_[c]);
+  } else {
+    for (size_t i = 0; i < piece.size();) {
+      size_t n = std::min(utf8_len(static_cast<unsigned char>(piece[i])), piece.size() - i);
+      auto it = ids_.find(std::string(piece.substr(i, n)));
+      if (it != ids_.end()) {
+        ids.push_back(it->second);
+      } else if (byte_fallback_) {
+        for (size_t k = 0; k < n; ++k) {
+          int32_t f = fallback_id_[static_cast<unsigned char>(piece[i + k])];
+          ids.push_back(f >= 0 ? f : unk_);
+        }
+      } else if (unk_ >= 0) {
+        ids.push_back(unk_);
+      }
+      i += n;
+    }
+  }
+  engine_.merge(ids);
+  out.insert(out.end(), ids.begin(), ids.end());
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  if (cache_.size() >= kCacheMax) cache_.clear();
+  cache_.emplace(std::string(piece), std::move(ids));
+}
+
+void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
+                                   std::vector<int32_t>& out) const {
+  if (text.empty()) return;
+  std::string normalized;
+  if (metaspace_) {
+    if (prepend_ == Prepend::kAlways || (prepend_ == Prepend::kFirst && at_start))
+      normalized = kMeta;
+    for (char c : text) {
+      if (c == ' ')
+        normalized += kMeta;
+      else
+        normalized += c;
+    }
+    text = normalized;
+  } else if (add_prefix_space_ && at_start && text[0] != ' ') {
+    normalized = " " + std::string(text);
+    text = normalized;
+  }
+  if (pre_)
+    pre_->split(text, [&](std::string_view piece) { encode_piece(piece, out); });
+  else
+    encode_piece(text, out);
+}
+
+std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool allow_special,
+                                          bool add_bos) const {
+  std::vector<int32_t> out;
+  out.reserve(text.size() / 3 + 4);
+  if (add_bos && bos_ >= 0) out.push_back(bos_);
+  size_t start = 0;
+  if (allow_special && !specials_.empty()) {
+    for (size_t i = 0; i < text.size(); ++i) {
+      const auto& cands = specials_by_first_[static_cast<unsigned char>(text[i])];
+      for (const std::string& s : cands) {
+        if (text.compare(i, s.size(), s) == 0) {
+          encode_ordinary(text.substr(start, i - start), start == 0, out);
+          out.push_back(specials_.at(s));
+          i += s.size() - 1;
+          start = i + 1;
+          break;
+        }
+      }
+    }
+  }
+  encode_ordinary(text.substr(start), start == 0, out);
+  return out;
+}
+
+std::string BpeTokenizer::token_bytes(int32_t id) const {
+  if (id < 0 || static_cast<size_t>(id) >= vocab_.size()) return "";
+  const std::string& t = vocab_[id];
+  if (symbols_ == Symbols::kCharsWithByteFallback && !is_special_[id]) {
+    if (t.size() == 6 && t.starts_with("<0x") && t.back() == '>' && byte_fallback_) {
+      return std::string(1, static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16)));
+    }
+  }
+  if (!metaspace_ || is_special_[id]) return t;
+  std::string s;
+  for (size_t i = 0; i < t.size();) {
+    if (t.compare(i, kMeta.size(), kMeta) == 0) {
+      s += ' ';
+      i += kMeta.size();
+    } else {
+      s += t[i++];
+    }
+  }
+  return s;
+}
+
+std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
+  std::string s;
+  for (int32_t id : ids) s += token_bytes(id);
+  // SentencePiece-style decoders strip the one space that "prepend" added.
+  if (metaspace_ && prepend_ != Prepend::kNever && !s.empty() && s[0] == ' ') s.erase(0, 1);
+  return s;
+}
+
+}  // namespace lmforge

@@ -1,0 +1,84 @@
+// BpeTokenizer: the BPE tokenizer that the tiktoken, Hugging Face tokenizer.json and GPT-2
+// vocab.json+merges.txt loaders fill in (tokenizer/formats/*.cpp). Encoding:
+//   1. split out special tokens (when allowed),
+//   2. normalize (SentencePiece-style: spaces -> "▁", optional leading "▁"),
+//   3. pre-tokenize with the regex (if any),
+//   4. per piece: the whole piece if it is a token and whole-piece lookup is on (tiktoken,
+//      HF ignore_merges), else initial symbols (bytes, or characters with byte fallback) merged
+//      by the BpeEngine. Pieces are cached.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "lmforge/tokenizer/bpe.h"
+#include "lmforge/tokenizer/pretokenizer.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+class BpeTokenizer : public Tokenizer {
+ public:
+  enum class Symbols { kBytes, kCharsWithByteFallback };
+  enum class Prepend { kNever, kFirst, kAlways };  // SentencePiece-style leading "▁"
+
+  std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
+                              bool add_bos = false) const override;
+  std::string decode(const std::vector<int32_t>& ids) const override;
+  std::string token_bytes(int32_t id) const override;
+  int64_t vocab_size() const override { return static_cast<int64_t>(vocab_.size()); }
+
+  // --- filled in by the format loaders ---
+  // Registers token `id` with raw bytes `bytes` (ids may have gaps; missing ids decode to "").
+  void add_token(int32_t id, std::string bytes);
+  void add_special(const std::string& text, int32_t id);
+  int32_t id_of(std::string_view bytes) const;  // -1 if not a token
+  BpeEngine& engine() { return engine_; }
+  void set_pretokenizer(std::unique_ptr<Pretokenizer> p) { pre_ = std::move(p); }
+  void set_symbols(Symbols s) { symbols_ = s; }
+  void set_whole_piece_lookup(bool on) { whole_piece_ = on; }
+  // SentencePiece-style: replace ' ' with "▁" (U+2581) and prepend one per the scheme; decode
+  // reverses both. unk is used for characters without a token when byte fallback is off.
+  void set_metaspace(bool on, Prepend prepend) {
+    metaspace_ = on;
+    prepend_ = prepend;
+  }
+  void set_byte_fallback(bool on) { byte_fallback_ = on; }
+  void set_unk(int32_t id) { unk_ = id; }
+  void set_add_prefix_space(bool on) { add_prefix_space_ = on; }
+  void set_bos_eos(int32_t bos, int32_t eos) {
+    bos_ = bos;
+    eos_ = eos;
+  }
+  void set_identity(std::string kind, std::string source, std::string fingerprint) {
+    kind_ = std::move(kind);
+    source_ = std::move(source);
+    fingerprint_ = std::move(fingerprint);
+  }
+  // Call once after loading: builds the byte tables and the special-token matcher.
+  void finalize();
+
+ private:
+  void encode_ordinary(std::string_view text, bool at_start, std::vector<int32_t>& out) const;
+  void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
+
+  std::vector<std::string> vocab_;  // id -> raw bytes
+  std::unordered_map<std::string, int32_t> ids_;
+  std::vector<bool> is_special_;
+  BpeEngine engine_;
+  std::unique_ptr<Pretokenizer> pre_;
+  Symbols symbols_ = Symbols::kBytes;
+  bool whole_piece_ = false, metaspace_ = false, byte_fallback_ = false, add_prefix_space_ = false;
+  Prepend prepend_ = Prepend::kNever;
+  int32_t unk_ = -1;
+  std::array<int32_t, 256> byte_id_{};      // kBytes: the token of each single byte
+  std::array<int32_t, 256> fallback_id_{};  // byte fallback: the id of "<0xXX>"
+  std::array<std::vector<std::string>, 256> specials_by_first_;  // longest first
+  // Piece cache: most pieces repeat (words); bounded, per tokenizer, guarded for batch use.
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  mutable std::mutex cache_mu_;
+};
+
+}  // namespace lmforge

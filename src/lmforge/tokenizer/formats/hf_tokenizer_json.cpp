@@ -1,0 +1,218 @@
+// Hugging Face tokenizer.json (https://huggingface.co/docs/tokenizers) with a BPE model:
+//  - byte-level (GPT-2, Llama 3, Qwen2, SmolLM): ByteLevel / Split pre-tokenizers, vocabulary
+//    in GPT-2's byte<->unicode form, ByteLevel decoder;
+//  - SentencePiece-style (HF exports of Llama 2, Mistral, TinyLlama): Prepend/Replace
+//    normalizers or a Metaspace pre-tokenizer, byte_fallback <0xXX> tokens.
+// Added tokens are special tokens here; a TemplateProcessing post-processor that starts with a
+// special token gives the BOS.
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/bpe_tokenizer.h"
+#include "lmforge/tokenizer/formats/formats.h"
+#include "lmforge/tokenizer/known_encodings.h"
+
+namespace lmforge {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kGpt2Pattern =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+
+// Flattens a Sequence into its parts; a single component becomes a list of one.
+std::vector<json> parts(const json& j) {
+  if (j.is_null()) return {};
+  if (j.value("type", "") == "Sequence") {
+    for (const char* key : {"pretokenizers", "normalizers", "decoders", "processors"})
+      if (j.contains(key)) return j[key].get<std::vector<json>>();
+  }
+  return {j};
+}
+
+// Adds merges given as "a b" strings or [a, b] pairs; tokens map through to_bytes().
+template <typename ToBytes>
+void add_merges(BpeTokenizer& tok, const json& merges, const std::string& path, ToBytes to_bytes) {
+  uint32_t rank = 0;
+  for (const json& m : merges) {
+    std::string a, b;
+    if (m.is_string()) {
+      std::string s = m.get<std::string>();
+      size_t sp = s.find(' ', 1);
+      if (sp == std::string::npos) fail("{}: merge {} is not \"left right\"", path, rank);
+      a = s.substr(0, sp);
+      b = s.substr(sp + 1);
+    } else {
+      a = m.at(0).get<std::string>();
+      b = m.at(1).get<std::string>();
+    }
+    std::string ab, bb;
+    if (!to_bytes(a, &ab) || !to_bytes(b, &bb))
+      fail("{}: merge {} (\"{} {}\") holds characters outside the vocabulary's byte map", path,
+           rank, a, b);
+    int32_t ia = tok.id_of(ab), ib = tok.id_of(bb), im = tok.id_of(ab + bb);
+    if (ia < 0 || ib < 0 || im < 0)
+      fail("{}: merge {} (\"{} {}\") uses or makes a token missing from the vocabulary", path, rank,
+           a, b);
+    tok.engine().add_merge(ia, ib, im, rank++);
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
+  std::string text = read_file(path);
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON ({}); the file is truncated or corrupt", path, e.what());
+  }
+  auto tok = std::make_unique<BpeTokenizer>();
+  try {
+    const json& model = j.at("model");
+    if (model.value("type", "BPE") != "BPE")
+      fail("{}: model type \"{}\" is not supported (BPE only)", path, model.value("type", ""));
+
+    bool byte_level = false, metaspace = false, split_on_meta = false;
+    BpeTokenizer::Prepend prepend = BpeTokenizer::Prepend::kNever;
+    std::string pattern;
+    for (const json& p : parts(j["pre_tokenizer"])) {
+      std::string type = p.value("type", "");
+      if (type == "ByteLevel") {
+        byte_level = true;
+        if (p.value("use_regex", true)) pattern = kGpt2Pattern;
+        tok->set_add_prefix_space(p.value("add_prefix_space", false));
+      } else if (type == "Split") {
+        const json& pat = p.at("pattern");
+        if (!pat.contains("Regex"))
+          fail("{}: Split pre-tokenizer with a String pattern is not supported", path);
+        if (p.value("behavior", "Isolated") != "Isolated" || p.value("invert", false))
+          fail("{}: Split pre-tokenizer behavior {} is not supported (Isolated only)", path,
+               p.value("behavior", ""));
+        pattern = pat["Regex"].get<std::string>();
+      } else if (type == "Metaspace") {
+        metaspace = true;
+        split_on_meta = p.value("split", true);
+        std::string scheme =
+            p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
+        prepend = scheme == "first"    ? BpeTokenizer::Prepend::kFirst
+                  : scheme == "always" ? BpeTokenizer::Prepend::kAlways
+                                       : BpeTokenizer::Prepend::kNever;
+      } else if (type == "Digits" || type == "Punctuation" || type == "Whitespace") {
+        fail("{}: pre-tokenizer {} is not supported yet", path, type);
+      }
+    }
+    for (const json& n : parts(j["normalizer"])) {
+      std::string type = n.value("type", "");
+      if (type == "Prepend" && n.value("prepend", "") == "\xE2\x96\x81") {
+        metaspace = true;
+        prepend = BpeTokenizer::Prepend::kFirst;
+      } else if (type == "Replace" && n["pattern"].value("String", "") == " " &&
+                 n.value("content", "") == "\xE2\x96\x81") {
+        metaspace = true;
+      } else if (type == "NFC" || type == "NFKC" || type == "Lowercase") {
+        fail("{}: normalizer {} is not supported yet", path, type);
+      }
+    }
+    if (metaspace && split_on_meta)
+      fail("{}: Metaspace with split=true is not supported yet", path);
+
+    // Vocabulary: byte-level strings are GPT-2-mapped; SentencePiece-style ones are raw UTF-8.
+    auto to_bytes = [&](const std::string& s, std::string* out) {
+      if (byte_level) return gpt2_unicode_to_bytes(s, out);
+      *out = s;
+      return true;
+    };
+    std::string bytes;
+    for (auto& [s, id] : model.at("vocab").items()) {
+      if (!to_bytes(s, &bytes))
+        fail("{}: vocabulary entry \"{}\" is not in the byte-level alphabet", path, s);
+      tok->add_token(id.get<int32_t>(), bytes);
+    }
+    add_merges(*tok, model.at("merges"), path, to_bytes);
+    tok->set_whole_piece_lookup(model.value("ignore_merges", false));
+    if (!byte_level) {
+      tok->set_symbols(BpeTokenizer::Symbols::kCharsWithByteFallback);
+      tok->set_byte_fallback(model.value("byte_fallback", false));
+      if (model.contains("unk_token") && model["unk_token"].is_string())
+        tok->set_unk(tok->id_of(model["unk_token"].get<std::string>()));
+      tok->set_metaspace(metaspace, prepend);
+    }
+    if (!pattern.empty()) tok->set_pretokenizer(std::make_unique<Pretokenizer>(pattern, path));
+    for (const json& a : j.value("added_tokens", json::array()))
+      tok->add_special(a.at("content").get<std::string>(), a.at("id").get<int32_t>());
+
+    // BOS from a TemplateProcessing post-processor that starts with a special token.
+    int32_t bos = -1;
+    for (const json& p : parts(j["post_processor"])) {
+      if (p.value("type", "") != "TemplateProcessing") continue;
+      const json& single = p.at("single");
+      if (!single.empty() && single[0].contains("SpecialToken")) {
+        std::string name = single[0]["SpecialToken"].at("id").get<std::string>();
+        auto it = tok->special_tokens().find(name);
+        if (it != tok->special_tokens().end()) bos = it->second;
+      }
+    }
+    int32_t eos = -1;
+    for (const char* name : {"<|end_of_text|>", "<|endoftext|>", "</s>", "<|im_end|>"}) {
+      auto it = tok->special_tokens().find(name);
+      if (it != tok->special_tokens().end()) {
+        eos = it->second;
+        break;
+      }
+    }
+    tok->set_bos_eos(bos, eos);
+    tok->set_identity(byte_level ? "hf-bpe" : "hf-sp-bpe", path, fnv1a_hex(text));
+  } catch (const json::exception& e) {
+    fail("{}: unexpected tokenizer.json layout ({})", path, e.what());
+  }
+  tok->finalize();
+  return tok;
+}
+
+std::unique_ptr<Tokenizer> load_gpt2_vocab_merges(const std::string& vocab_json,
+                                                  const std::string& merges_txt) {
+  auto tok = std::make_unique<BpeTokenizer>();
+  std::string vtext = read_file(vocab_json), mtext = read_file(merges_txt);
+  try {
+    std::string bytes;
+    for (auto& [s, id] : json::parse(vtext).items()) {
+      if (s == "<|endoftext|>") {
+        tok->add_special(s, id.get<int32_t>());
+        continue;
+      }
+      if (!gpt2_unicode_to_bytes(s, &bytes))
+        fail("{}: entry \"{}\" is not in GPT-2's byte-level alphabet", vocab_json, s);
+      tok->add_token(id.get<int32_t>(), bytes);
+    }
+  } catch (const json::exception& e) {
+    fail("{}: not a GPT-2 vocab.json ({})", vocab_json, e.what());
+  }
+  json merges = json::array();
+  size_t line_no = 0;
+  for (size_t pos = 0; pos < mtext.size();) {
+    size_t end = mtext.find('\n', pos);
+    if (end == std::string::npos) end = mtext.size();
+    std::string line = mtext.substr(pos, end - pos);
+    pos = end + 1;
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line.starts_with("#version")) continue;
+    if (line.find(' ') == std::string::npos)
+      fail("{}:{}: expected \"left right\"", merges_txt, line_no);
+    merges.push_back(line);
+  }
+  add_merges(*tok, merges, merges_txt, gpt2_unicode_to_bytes);
+  tok->set_pretokenizer(std::make_unique<Pretokenizer>(kGpt2Pattern, merges_txt));
+  auto it = tok->special_tokens().find("<|endoftext|>");
+  tok->set_bos_eos(-1, it == tok->special_tokens().end() ? -1 : it->second);
+  tok->set_identity("gpt2-merges", vocab_json,
+                    fnv1a_hex(mtext, std::stoull(fnv1a_hex(vtext), nullptr, 16)));
+  tok->finalize();
+  return tok;
+}
+
+}  // namespace lmforge

@@ -1,0 +1,23 @@
+// The public tiktoken-format encodings lmforge recognises by their number of ranks, so that a
+// bare rank file (e.g. Llama 3's tokenizer.model) gets its pre-tokenizer pattern and special
+// tokens without a side file. A sibling <name>.json ({"pat_str", "special_tokens"}) overrides.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lmforge {
+
+struct KnownEncoding {
+  std::string name;
+  size_t n_ranks;
+  std::string pattern;
+  std::vector<std::pair<std::string, int32_t>> specials;
+  std::string bos, eos;  // special names ("" = none)
+};
+
+const KnownEncoding* known_encoding_for_ranks(size_t n_ranks);
+
+}  // namespace lmforge

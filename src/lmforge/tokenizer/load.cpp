@@ -1,0 +1,75 @@
+#include <filesystem>
+#include <fstream>
+
+#include "lmforge/core/error.h"
+#include "lmforge/tokenizer/formats/formats.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+
+std::string fnv1a_hex(std::string_view data, uint64_t h) {
+  for (unsigned char c : data) {
+    h ^= c;
+    h *= 0x100000001b3ull;
+  }
+  return fmt::format("{:016x}", h);
+}
+
+std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
+  auto it = specials_.find(std::string(name));
+  if (it == specials_.end()) return std::nullopt;
+  return it->second;
+}
+
+namespace {
+
+// First bytes of the file decide: '{' JSON, a base64 token then a space and a digit tiktoken,
+// else (binary protobuf) SentencePiece.
+std::string sniff(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::string head(256, '\0');
+  in.read(head.data(), head.size());
+  head.resize(in.gcount());
+  size_t i = head.find_first_not_of(" \t\r\n");
+  if (i != std::string::npos && head[i] == '{') return "json";
+  size_t sp = head.find(' '), nl = head.find('\n');
+  if (sp != std::string::npos && nl != std::string::npos && sp < nl && sp > 0 && sp + 1 < nl &&
+      std::isdigit(static_cast<unsigned char>(head[sp + 1])))
+    return "tiktoken";
+  return "binary";
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
+  if (path == "byte") return make_byte_tokenizer();
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    fs::path d(path);
+    if (fs::exists(d / "tokenizer.json"))
+      return load_hf_tokenizer_json((d / "tokenizer.json").string());
+    if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"))
+      return load_gpt2_vocab_merges((d / "vocab.json").string(), (d / "merges.txt").string());
+    if (fs::exists(d / "tokenizer.model")) return load_tokenizer((d / "tokenizer.model").string());
+    for (auto& e : fs::directory_iterator(d))
+      if (e.path().extension() == ".tiktoken") return load_tiktoken(e.path().string());
+    fail(
+        "{}: no tokenizer here (looked for tokenizer.json, vocab.json + merges.txt, "
+        "tokenizer.model, *.tiktoken)",
+        path);
+  }
+  if (!fs::exists(path, ec)) fail("{}: no such tokenizer file; check the path", path);
+  std::string name = fs::path(path).filename().string();
+  if (name == "vocab.json") {
+    fs::path merges = fs::path(path).parent_path() / "merges.txt";
+    return load_gpt2_vocab_merges(path, merges.string());
+  }
+  std::string kind = sniff(path);
+  if (kind == "json") return load_hf_tokenizer_json(path);
+  if (kind == "tiktoken") return load_tiktoken(path);
+  return load_sentencepiece(path);
+}
+
+}  // namespace lmforge

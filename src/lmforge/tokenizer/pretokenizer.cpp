@@ -1,0 +1,72 @@
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include "lmforge/tokenizer/pretokenizer.h"
+
+#include <pcre2.h>
+
+#include <mutex>
+#include <vector>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+struct Pretokenizer::Impl {
+  pcre2_code* code = nullptr;
+  bool jit = false;
+  // Match data is per thread: pcre2 match data is not shareable between concurrent matches.
+  pcre2_match_data* match_data() const {
+    thread_local std::vector<std::pair<const Impl*, pcre2_match_data*>> cache;
+    for (auto& [owner, md] : cache)
+      if (owner == this) return md;
+    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code, nullptr);
+    cache.emplace_back(this, md);
+    return md;
+  }
+  ~Impl() {
+    if (code) pcre2_code_free(code);
+  }
+};
+
+Pretokenizer::Pretokenizer(const std::string& pattern, const std::string& where)
+    : impl_(std::make_unique<Impl>()), pattern_(pattern) {
+  int err = 0;
+  PCRE2_SIZE offset = 0;
+  impl_->code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &offset, nullptr);
+  if (!impl_->code) {
+    PCRE2_UCHAR msg[256];
+    pcre2_get_error_message(err, msg, sizeof(msg));
+    fail("{}: invalid pre-tokenizer pattern at offset {}: {}", where, offset,
+         reinterpret_cast<const char*>(msg));
+  }
+  impl_->jit = pcre2_jit_compile(impl_->code, PCRE2_JIT_COMPLETE) == 0;
+}
+
+Pretokenizer::~Pretokenizer() = default;
+
+void Pretokenizer::split(std::string_view text,
+                         const std::function<void(std::string_view)>& piece) const {
+  pcre2_match_data* md = impl_->match_data();
+  const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
+  size_t pos = 0, covered = 0;
+  while (pos <= text.size()) {
+    int rc = impl_->jit ? pcre2_jit_match(impl_->code, subject, text.size(), pos, 0, md, nullptr)
+                        : pcre2_match(impl_->code, subject, text.size(), pos, 0, md, nullptr);
+    if (rc < 0) break;  // PCRE2_ERROR_NOMATCH (or a resource limit: the rest becomes one piece)
+    PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
+    size_t start = ov[0], end = ov[1];
+    // Bytes the regex skipped (only invalid UTF-8 can be skipped) become single-byte pieces.
+    for (; covered < start; ++covered) piece(text.substr(covered, 1));
+    if (end > start) piece(text.substr(start, end - start));
+    covered = end;
+    pos = end > start ? end : end + 1;  // an empty match: step over one byte
+    if (end == start && start < text.size()) {
+      // Step over a whole UTF-8 character so the next search starts on a boundary.
+      while (pos < text.size() && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) ++pos;
+    }
+  }
+  for (; covered < text.size(); ++covered) piece(text.substr(covered, 1));
+}
+
+}  // namespace lmforge

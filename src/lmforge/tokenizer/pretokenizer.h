@@ -1,0 +1,37 @@
+// Pretokenizer: splits text into pieces with a tokenizer's own regex (PCRE2 with JIT, UTF-8 and
+// Unicode properties), as tiktoken and Hugging Face's Split pre-tokenizer do.
+//
+// Invalid UTF-8 (documented policy, docs/formats.md): the regex runs with
+// PCRE2_MATCH_INVALID_UTF, so invalid bytes never join a match; every byte the regex leaves
+// out becomes its own piece. Encoding therefore never fails and decode(encode(x)) == x.
+//
+//   Pretokenizer p(R"('s|'t| ?\p{L}+| ?\p{N}+|\s+(?!\S)|\s+)", "gpt2.json");
+//   p.split(text, [](std::string_view piece) { ... });
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace lmforge {
+
+class Pretokenizer {
+ public:
+  // `where` names the file the pattern came from, for the error message.
+  Pretokenizer(const std::string& pattern, const std::string& where);
+  ~Pretokenizer();
+  Pretokenizer(const Pretokenizer&) = delete;
+  Pretokenizer& operator=(const Pretokenizer&) = delete;
+
+  // Calls piece() for consecutive pieces covering all of text, in order.
+  void split(std::string_view text, const std::function<void(std::string_view)>& piece) const;
+  const std::string& pattern() const { return pattern_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string pattern_;
+};
+
+}  // namespace lmforge

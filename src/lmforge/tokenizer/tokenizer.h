@@ -1,0 +1,65 @@
+// Tokenizer: text <-> token ids, whatever the file format. Load one with load_tokenizer(), which
+// detects the format from the path (docs/formats.md, "Tokenizers"):
+//   *.tiktoken (+ a sibling .json with pat_str and special_tokens), Llama 3 tokenizer.model in
+//   tiktoken format, Hugging Face tokenizer.json (byte-level BPE or SentencePiece-style BPE),
+//   GPT-2 vocab.json + merges.txt, SentencePiece .model, "byte" (the byte-level tokenizer),
+//   or a directory holding one of these.
+//
+//   auto tok = load_tokenizer("../shared/assets/tokenizers/cl100k_base.tiktoken");
+//   std::vector<int32_t> ids = tok->encode("Hello world", /*allow_special=*/false);
+//   std::string text = tok->decode(ids);
+//   int32_t eot = tok->special_id("<|endoftext|>").value();
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lmforge {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+
+  // allow_special: special-token strings in `text` become their ids; otherwise they are plain
+  // text. Post-processing (e.g. Llama 3's leading <|begin_of_text|>) is added only when
+  // add_bos is true and the tokenizer defines one.
+  virtual std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
+                                      bool add_bos = false) const = 0;
+  // Ids of specials decode to their text. Invalid UTF-8 from partial sequences is kept as bytes.
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  // The raw bytes of one token (for streaming output); specials give their text.
+  virtual std::string token_bytes(int32_t id) const = 0;
+
+  // Number of ids (the largest id + 1), specials included.
+  virtual int64_t vocab_size() const = 0;
+  virtual std::optional<int32_t> special_id(std::string_view name) const;
+  const std::map<std::string, int32_t>& special_tokens() const { return specials_; }
+  // Beginning/end of a document (-1 when the tokenizer has none): the token `prepare` appends to
+  // each document and `generate` stops at.
+  int32_t bos_id() const { return bos_; }
+  int32_t eos_id() const { return eos_; }
+
+  // "tiktoken", "hf-bpe", "hf-sp-bpe", "gpt2-merges", "sentencepiece" or "byte".
+  const std::string& kind() const { return kind_; }
+  // Where it came from and a hash of its files' bytes (recorded in shards and checkpoints).
+  const std::string& source() const { return source_; }
+  const std::string& fingerprint() const { return fingerprint_; }
+
+ protected:
+  std::map<std::string, int32_t> specials_;
+  int32_t bos_ = -1, eos_ = -1;
+  std::string kind_, source_, fingerprint_;
+};
+
+// Throws Error naming the path and what was expected when nothing loadable is found.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
+
+// FNV-1a 64-bit of data, as 16 hex digits (tokenizer fingerprints).
+std::string fnv1a_hex(std::string_view data, uint64_t seed = 0xcbf29ce484222325ull);
+
+}  // namespace lmforge
