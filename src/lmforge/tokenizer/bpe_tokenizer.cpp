@@ -1,6 +1,7 @@
 #include "lmforge/tokenizer/bpe_tokenizer.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "lmforge/core/error.h"
 
@@ -18,6 +19,20 @@ size_t utf8_len(unsigned char c) {
   return 1;  // invalid lead byte: one byte
 }
 }  // namespace
+
+BpeTokenizer::BpeTokenizer() {
+  static std::atomic<uint64_t> next{1};
+  serial_ = next++;
+}
+
+BpeTokenizer::PieceCache& BpeTokenizer::cache() const {
+  thread_local std::vector<std::pair<uint64_t, PieceCache>> caches;
+  for (auto& [serial, c] : caches)
+    if (serial == serial_) return c;
+  if (caches.size() >= 8) caches.erase(caches.begin());  // tokenizers come and go in tests
+  caches.emplace_back(serial_, PieceCache{});
+  return caches.back().second;
+}
 
 void BpeTokenizer::add_token(int32_t id, std::string bytes) {
   LMF_CHECK(id >= 0, "negative token id {}", id);
@@ -60,20 +75,19 @@ void BpeTokenizer::finalize() {
 }
 
 void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
+  thread_local std::string key;  // reused: lookups allocate nothing
+  key.assign(piece.data(), piece.size());
   if (whole_piece_) {
-    auto it = ids_.find(std::string(piece));
+    auto it = ids_.find(key);
     if (it != ids_.end()) {
       out.push_back(it->second);
       return;
     }
   }
-  {
-    std::lock_guard<std::mutex> lock(cache_mu_);
-    auto it = cache_.find(std::string(piece));
-    if (it != cache_.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
-    }
+  PieceCache& cache = this->cache();
+  if (auto it = cache.find(key); it != cache.end()) {
+    out.insert(out.end(), it->second.begin(), it->second.end());
+    return;
   }
   std::vector<int32_t> ids;
   ids.reserve(piece.size());
@@ -98,9 +112,8 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
   }
   engine_.merge(ids);
   out.insert(out.end(), ids.begin(), ids.end());
-  std::lock_guard<std::mutex> lock(cache_mu_);
-  if (cache_.size() >= kCacheMax) cache_.clear();
-  cache_.emplace(std::string(piece), std::move(ids));
+  if (cache.size() >= kCacheMax) cache.clear();
+  cache.emplace(key, std::move(ids));
 }
 
 void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,

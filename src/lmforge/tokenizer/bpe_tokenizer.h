@@ -10,7 +10,6 @@
 
 #include <array>
 #include <memory>
-#include <mutex>
 #include <unordered_map>
 
 #include "lmforge/tokenizer/bpe.h"
@@ -76,9 +75,14 @@ class BpeTokenizer : public Tokenizer {
   std::array<int32_t, 256> byte_id_{};      // kBytes: the token of each single byte
   std::array<int32_t, 256> fallback_id_{};  // byte fallback: the id of "<0xXX>"
   std::array<std::vector<std::string>, 256> specials_by_first_;  // longest first
-  // Piece cache: most pieces repeat (words); bounded, per tokenizer, guarded for batch use.
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
-  mutable std::mutex cache_mu_;
+  // Pieces repeat (words), so their ids are cached: per thread (no locks in encode_batch),
+  // bounded, keyed by this tokenizer's serial number (never reused, unlike its address).
+  using PieceCache = std::unordered_map<std::string, std::vector<int32_t>>;
+  PieceCache& cache() const;
+  uint64_t serial_;
+
+ public:
+  BpeTokenizer();
 };
 
 }  // namespace lmforge

@@ -23,6 +23,14 @@ std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
   return it->second;
 }
 
+std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string_view>& texts,
+                                                          bool allow_special, bool add_bos) const {
+  std::vector<std::vector<int32_t>> out(texts.size());
+#pragma omp parallel for schedule(dynamic, 4)
+  for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i], allow_special, add_bos);
+  return out;
+}
+
 namespace {
 
 // First bytes of the file decide: '{' JSON, a base64 token then a space and a digit tiktoken,

@@ -30,6 +30,10 @@ class Tokenizer {
   // add_bos is true and the tokenizer defines one.
   virtual std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
                                       bool add_bos = false) const = 0;
+  // Encodes many documents on all cores (OpenMP); results in input order.
+  std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string_view>& texts,
+                                                 bool allow_special = false,
+                                                 bool add_bos = false) const;
   // Ids of specials decode to their text. Invalid UTF-8 from partial sequences is kept as bytes.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   // The raw bytes of one token (for streaming output); specials give their text.
