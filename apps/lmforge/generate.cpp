@@ -5,7 +5,6 @@
 #include <fmt/core.h>
 
 #include "commands.h"
-#include "lmforge/tokenizer/byte_level.h"
 #include "lmforge/train/checkpoint.h"
 
 namespace lmforge::app {
@@ -31,17 +30,16 @@ void add_generate(CLI::App& app) {
     ModelConfig mc = checkpoint_model_config(dir);
     Transformer model(mc);
     load_checkpoint(dir, model, nullptr, nullptr);
-    ByteTokenizer tok;
-    if (mc.vocab_size != ByteTokenizer::kVocabSize)
-      fail(
-          "{}: model.vocab_size is {} but only the byte-level tokenizer ({} ids) is available "
-          "in this build",
-          dir, mc.vocab_size, ByteTokenizer::kVocabSize);
-    o->s.stop_token = ByteTokenizer::kEndOfText;
+    auto tok = checkpoint_tokenizer(dir);
+    if (tok->vocab_size() > mc.vocab_size)
+      fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
+           dir, tok->vocab_size(), mc.vocab_size);
+    o->s.stop_token = tok->eos_id();
+    o->s.vocab_limit = tok->vocab_size();
     fmt::print("{}", o->prompt);
     std::fflush(stdout);
-    generate(model, tok.encode(o->prompt), o->s, [&](int32_t id) {
-      fmt::print("{}", tok.decode_one(id));
+    generate(model, tok->encode(o->prompt, false, true), o->s, [&](int32_t id) {
+      fmt::print("{}", tok->token_bytes(id));
       std::fflush(stdout);
     });
     fmt::print("\n");

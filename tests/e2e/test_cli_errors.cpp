@@ -76,7 +76,12 @@ TEST(CliErrors, DataProblemsNameTheShard) {
   expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=nope.bin", dir),
                         {"data.train", "nope.bin"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set model.vocab_size=100", dir),
-                        {"train.bin", "model.vocab_size", "tokenizer"});
+                        {"model.vocab_size", "tokenizer's 257"});
+  write_shard(dir + "/big.bin", std::vector<uint32_t>(100, 1000));  // ids of another tokenizer
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=big.bin", dir),
+                        {"big.bin", "model.vocab_size", "tokenizer"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=nope.json", dir),
+                        {"data.tokenizer", "nope.json"});
 }
 
 TEST(CliErrors, ResumeAndCheckpointProblems) {

@@ -125,4 +125,29 @@ TEST(Training, Llama3TinyResumeIsBitExact) {
             testing::slurp(dir + "/b/checkpoints/step-00000030/model.safetensors"));
 }
 
+// A real tokenizer end to end: the vocabulary comes from it (padded to 64), the checkpoint
+// carries its files, and generate decodes with them.
+TEST(Training, TiktokenTokenizerFlowsIntoCheckpointAndGenerate) {
+  std::string dir = testing::temp_dir("train-tiktoken");
+  std::string tok = testing::shared_tokenizers_dir() + "/gpt2.tiktoken";
+  ASSERT_TRUE(fs::exists(tok)) << tok;
+  auto r = run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.n_layer=1 "
+      "--set model.vocab_size=0 --set data.text=demo:kjv --set data.tokenizer=" +
+          tok +
+          " --set train.steps=3 --set train.batch_size=2 --set train.seq_len=32 "
+          "--set train.eval_every=0 --set sample.prompt= --set run.dir=run",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string ckpt = dir + "/run/checkpoints/step-00000003";
+  EXPECT_TRUE(fs::exists(ckpt + "/tokenizer/gpt2.tiktoken"));
+  EXPECT_TRUE(fs::exists(ckpt + "/tokenizer/gpt2.json"));
+  auto state = nlohmann::json::parse(testing::slurp(ckpt + "/state.json"));
+  EXPECT_EQ(state["tokenizer"]["vocab_size"], 50257);
+  EXPECT_EQ(state["model"]["vocab_size"], "50304");  // padded to a multiple of 64
+  auto g = run_lmforge("generate --checkpoint run --prompt 'And God said' --max-tokens 8", dir);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(g.out.rfind("And God said", 0), 0u) << g.out;
+}
+
 }  // namespace lmforge

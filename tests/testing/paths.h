@@ -18,4 +18,7 @@ inline std::string source_dir() {
   return path_from_env("LMFORGE_SOURCE_DIR", LMFORGE_SOURCE_DIR_PATH);
 }
 
+// ../shared beside the checkout: reference tokenizer files (read-only).
+inline std::string shared_tokenizers_dir() { return source_dir() + "/../shared/assets/tokenizers"; }
+
 }  // namespace lmforge::testing

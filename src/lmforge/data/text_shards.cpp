@@ -8,7 +8,6 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
-#include "lmforge/tokenizer/byte_level.h"
 
 namespace lmforge {
 
@@ -46,7 +45,7 @@ std::string demo_corpus_path() {
   return path;
 }
 
-TextShards shards_from_text(const std::string& spec, double val_fraction) {
+TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok) {
   std::string path = spec == "demo:kjv" ? demo_corpus_path() : spec;
   if (!fs::exists(path)) fail("data.text: {}: no such file; check the path", path);
   if (!(val_fraction >= 0 && val_fraction < 1))
@@ -66,11 +65,19 @@ TextShards shards_from_text(const std::string& spec, double val_fraction) {
     size_t nl = text.rfind('\n', cut);
     if (nl != std::string::npos && nl > 0) cut = nl + 1;
   }
-  ByteTokenizer tok;
   auto to_shard = [&](std::string_view part, const std::string& file) {
-    std::vector<int32_t> ids = tok.encode(part);
-    std::vector<uint32_t> u(ids.begin(), ids.end());
-    u.push_back(ByteTokenizer::kEndOfText);
+    // Encoded in ~1 MB chunks cut at newlines, on all cores.
+    std::vector<std::string_view> chunks;
+    for (size_t pos = 0; pos < part.size();) {
+      size_t end = part.find('\n', std::min(part.size(), pos + (1 << 20)));
+      end = end == std::string_view::npos ? part.size() : end + 1;
+      chunks.push_back(part.substr(pos, end - pos));
+      pos = end;
+    }
+    std::vector<uint32_t> u;
+    if (tok.bos_id() >= 0) u.push_back(tok.bos_id());
+    for (auto& ids : tok.encode_batch(chunks)) u.insert(u.end(), ids.begin(), ids.end());
+    if (tok.eos_id() >= 0) u.push_back(tok.eos_id());
     write_shard(file, u);
   };
   to_shard(std::string_view(text).substr(cut), out.val);

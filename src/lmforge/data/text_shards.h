@@ -1,13 +1,16 @@
-// Plain text -> byte-level token shards, for the demo and small experiments (the data-pipeline
+// Plain text -> token shards, for the demo and small experiments (the data-pipeline
 // issue's `lmforge prepare` is the general tool). The shards are cached under
 // $LMFORGE_CACHE (default ~/.cache/lmforge) keyed by the text's path, size, mtime and split, so
-// re-running a demo re-uses them. The last `val_fraction` of the text (cut at a newline) is the
-// validation split; each split ends with <|endoftext|>.
+// re-running a demo re-uses them; the tokenizer's fingerprint is part of the key. The last
+// `val_fraction` of the text (cut at a newline) is the validation split; each split ends with
+// the tokenizer's end-of-document token.
 //
-//   TextShards s = shards_from_text("demo:kjv", 0.05);   // s.train, s.val: shard paths
+//   TextShards s = shards_from_text("demo:kjv", 0.05, *tok);   // s.train, s.val: shard paths
 #pragma once
 
 #include <string>
+
+#include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
 
@@ -19,6 +22,6 @@ std::string cache_dir();  // $LMFORGE_CACHE or $HOME/.cache/lmforge, created if 
 // The demo corpus (the King James Bible from Debian's bible-kjv), produced once with
 // `bible -f "Gen1:1-Rev22:21"`; throws Error saying how to install it when missing.
 std::string demo_corpus_path();
-TextShards shards_from_text(const std::string& spec, double val_fraction);
+TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok);
 
 }  // namespace lmforge

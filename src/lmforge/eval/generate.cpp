@@ -60,7 +60,8 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   Tensor logits = model.decode(cache, prompt.data(), static_cast<int64_t>(prompt.size()), 0);
   int64_t pos = static_cast<int64_t>(prompt.size());
   while (pos < total) {
-    int32_t id = sample_token(logits.data<float>(), c.vocab_size, o, rng);
+    int64_t V = o.vocab_limit > 0 ? std::min(o.vocab_limit, c.vocab_size) : c.vocab_size;
+    int32_t id = sample_token(logits.data<float>(), V, o, rng);
     out.push_back(id);
     if (on_token) on_token(id);
     if (id == o.stop_token || pos + 1 >= total) break;

@@ -21,6 +21,7 @@ struct SamplingOptions {
   double top_p = 1.0;
   uint64_t seed = 1337;
   int32_t stop_token = -1;  // e.g. <|endoftext|>; -1 = none
+  int64_t vocab_limit = 0;  // ids >= this (vocabulary padding) are never sampled; 0 = all
 };
 
 // Picks one id from logits (V) with the options above.

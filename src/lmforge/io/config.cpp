@@ -18,7 +18,7 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
   return {
       {"preset", &m.preset, "named preset applied before the other model keys"},
       {"arch", &m.arch, "gpt2 | llama"},
-      {"vocab_size", &m.vocab_size, "V"},
+      {"vocab_size", &m.vocab_size, "V; 0 = the tokenizer's, padded to a multiple of 64"},
       {"max_seq_len", &m.max_seq_len, "positions"},
       {"n_layer", &m.n_layer, "L"},
       {"n_head", &m.n_head, "NH"},
@@ -50,7 +50,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"data.train", &c.data.train, "training shard: file, directory or glob"},
       {"data.val", &c.data.val, "validation shard(s)"},
       {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
-      {"data.tokenizer", &c.data.tokenizer, "byte"},
+      {"data.tokenizer", &c.data.tokenizer,
+       "byte, or a tokenizer file/directory (tiktoken, tokenizer.json, vocab.json, .model)"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},
       {"train.seq_len", &c.train.seq_len, "T"},

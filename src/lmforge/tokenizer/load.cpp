@@ -23,8 +23,8 @@ std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
   return it->second;
 }
 
-std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string_view>& texts,
-                                                          bool allow_special, bool add_bos) const {
+std::vector<std::vector<int32_t>> Tokenizer::encode_batch(
+    const std::vector<std::string_view>& texts, bool allow_special, bool add_bos) const {
   std::vector<std::vector<int32_t>> out(texts.size());
 #pragma omp parallel for schedule(dynamic, 4)
   for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i], allow_special, add_bos);
@@ -78,6 +78,31 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   if (kind == "json") return load_hf_tokenizer_json(path);
   if (kind == "tiktoken") return load_tiktoken(path);
   return load_sentencepiece(path);
+}
+
+bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir) {
+  if (tok.kind() == "byte") return false;
+  fs::create_directories(dir);
+  fs::path src(tok.source());
+  auto copy = [&](const fs::path& from, const std::string& name) {
+    std::error_code ec;
+    fs::copy_file(from, fs::path(dir) / name, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail("{}: cannot copy the tokenizer into {} ({})", from.string(), dir, ec.message());
+  };
+  if (tok.kind() == "tiktoken") {
+    copy(src, src.filename().string());
+    fs::path meta = src;
+    meta.replace_extension(".json");
+    if (fs::exists(meta)) copy(meta, src.stem().string() + ".json");
+  } else if (tok.kind() == "gpt2-merges") {
+    copy(src, "vocab.json");
+    copy(src.parent_path() / "merges.txt", "merges.txt");
+  } else if (tok.kind() == "sentencepiece") {
+    copy(src, "tokenizer.model");
+  } else {
+    copy(src, "tokenizer.json");
+  }
+  return true;
 }
 
 }  // namespace lmforge

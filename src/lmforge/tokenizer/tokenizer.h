@@ -63,6 +63,11 @@ class Tokenizer {
 // Throws Error naming the path and what was expected when nothing loadable is found.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
+// Copies the tokenizer's files into `dir` under names load_tokenizer(dir) finds again
+// (tokenizer.json, vocab.json + merges.txt, tokenizer.model, <name>.tiktoken + <name>.json).
+// The byte-level tokenizer has no files: nothing is copied. Returns false in that case.
+bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir);
+
 // FNV-1a 64-bit of data, as 16 hex digits (tokenizer fingerprints).
 std::string fnv1a_hex(std::string_view data, uint64_t seed = 0xcbf29ce484222325ull);
 

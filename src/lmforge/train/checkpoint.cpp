@@ -66,8 +66,8 @@ void copy_into(const Tensor& dst, const Tensor& src, const std::string& file,
 }  // namespace
 
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW& opt,
-                            const TrainState& st, const std::string& config_yaml,
-                            int64_t keep_last) {
+                            const TrainState& st, const std::string& config_yaml, int64_t keep_last,
+                            const Tokenizer& tok) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
   fs::create_directories(dir);
   std::string name = fmt::format("step-{:08d}", st.step);
@@ -96,7 +96,12 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"step", st.step},
             {"optimizer_steps", opt.steps_taken()},
             {"loader_rng", st.loader_rng},
-            {"model", jm}};
+            {"model", jm},
+            {"tokenizer",
+             {{"kind", tok.kind()},
+              {"fingerprint", tok.fingerprint()},
+              {"vocab_size", tok.vocab_size()}}}};
+  copy_tokenizer_files(tok, (tmp / "tokenizer").string());
   write_file_atomic((tmp / "config.yaml").string(), config_yaml);
   write_file_atomic((tmp / "state.json").string(), j.dump(2) + "\n");
   fs::remove_all(final_dir, ec);
@@ -149,6 +154,18 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
           "trained with (its config.yaml) or start a new run.dir",
           ckpt_dir, a[i].key, field_value(a[i]), field_value(b[i]));
   }
+}
+
+std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
+  json j = read_state(ckpt_dir);
+  std::string kind = j.contains("tokenizer") ? j["tokenizer"].value("kind", "byte") : "byte";
+  auto tok = load_tokenizer(kind == "byte" ? "byte" : ckpt_dir + "/tokenizer");
+  if (j.contains("tokenizer") && j["tokenizer"].value("fingerprint", "") != tok->fingerprint())
+    fail(
+        "{}/tokenizer: its files do not match the fingerprint in state.json; the checkpoint is "
+        "corrupt",
+        ckpt_dir);
+  return tok;
 }
 
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st) {

@@ -3,6 +3,7 @@
 //   optimizer.safetensors  AdamW moments as "m.<name>" / "v.<name>"
 //   state.json             format, version, step, model config, loader RNG, optimizer step count
 //   config.yaml            the resolved run config
+//   tokenizer/             the tokenizer's files (absent for the byte-level tokenizer)
 // The directory is written as step-N.tmp/ and renamed when complete, so a crash never leaves a
 // checkpoint that looks valid. Layout and fields: docs/formats.md.
 #pragma once
@@ -12,6 +13,7 @@
 #include "lmforge/core/rng.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
+#include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
 
@@ -22,8 +24,8 @@ struct TrainState {
 
 // Returns the checkpoint directory. Removes older checkpoints beyond keep_last (0 = keep all).
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW& opt,
-                            const TrainState& st, const std::string& config_yaml,
-                            int64_t keep_last);
+                            const TrainState& st, const std::string& config_yaml, int64_t keep_last,
+                            const Tokenizer& tok);
 // Newest complete checkpoint under run_dir/checkpoints, or "" if none.
 std::string find_latest_checkpoint(const std::string& run_dir);
 // PATH may be a checkpoint directory or a run directory (its newest checkpoint).
@@ -31,6 +33,8 @@ std::string resolve_checkpoint(const std::string& path);
 ModelConfig checkpoint_model_config(const std::string& ckpt_dir);
 // Throws Error naming the first model key that differs from the checkpoint's.
 void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg);
+// The checkpoint's tokenizer (its tokenizer/ directory, else the byte-level one).
+std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir);
 // Loads parameters (and, when opt/st are given, optimizer state and train state).
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st);
 

@@ -15,7 +15,7 @@
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
 #include "lmforge/optim/schedule.h"
-#include "lmforge/tokenizer/byte_level.h"
+#include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/checkpoint.h"
 #include "lmforge/train/metrics.h"
 
@@ -42,9 +42,6 @@ void validate_train_config(const Config& cfg) {
   if (t.device != "cpu" && t.device != "auto")
     fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
   if (t.warmup < 0) fail("train.warmup: must be >= 0, got {}", t.warmup);
-  if (cfg.data.tokenizer != "byte")
-    fail("data.tokenizer: only \"byte\" is available until the tokenizer lands, got \"{}\"",
-         cfg.data.tokenizer);
   if (!cfg.init_from.empty())
     fail("init_from: \"{}\" is not supported yet (Hugging Face import is a later feature)",
          cfg.init_from);
@@ -67,12 +64,26 @@ double evaluate(Transformer& model, const Loader& val, int64_t batches, const Te
 TrainResult train(Config& cfg, const std::string& resume) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
+
+  // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
+  std::unique_ptr<Tokenizer> tokenizer;
+  try {
+    tokenizer = load_tokenizer(cfg.data.tokenizer);
+  } catch (const Error& e) {
+    fail("data.tokenizer: {}", e.what());
+  }
+  if (cfg.model.vocab_size == 0) cfg.model.vocab_size = (tokenizer->vocab_size() + 63) / 64 * 64;
+  if (cfg.model.vocab_size < tokenizer->vocab_size())
+    fail(
+        "model.vocab_size: {} is smaller than the tokenizer's {} ids ({}); set it to 0 to take "
+        "the tokenizer's",
+        cfg.model.vocab_size, tokenizer->vocab_size(), cfg.data.tokenizer);
   cfg.model.validate();
 
   // Data.
   std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
   if (!cfg.data.text.empty()) {
-    TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction);
+    TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction, *tokenizer);
     if (train_spec.empty()) train_spec = s.train;
     if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
   }
@@ -147,7 +158,8 @@ TrainResult train(Config& cfg, const std::string& resume) {
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
   auto checkpoint = [&] {
     st.loader_rng = train_data.state();
-    res.last_checkpoint = save_checkpoint(run_dir, model, opt, st, config_yaml, t.keep_last);
+    res.last_checkpoint =
+        save_checkpoint(run_dir, model, opt, st, config_yaml, t.keep_last, *tokenizer);
   };
 
   for (int64_t step = st.step; step < t.steps; ++step) {
@@ -198,16 +210,12 @@ TrainResult train(Config& cfg, const std::string& resume) {
   fmt::print("saved {}\n", res.last_checkpoint);
 
   if (!cfg.sample.prompt.empty()) {
-    ByteTokenizer bt;
-    SamplingOptions so{cfg.sample.max_tokens,
-                       cfg.sample.temperature,
-                       cfg.sample.top_k,
-                       cfg.sample.top_p,
-                       t.seed,
-                       ByteTokenizer::kEndOfText};
+    SamplingOptions so{
+        cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p, t.seed,
+        tokenizer->eos_id(),   tokenizer->vocab_size()};
     fmt::print("--- sample ---\n{}", cfg.sample.prompt);
-    generate(model, bt.encode(cfg.sample.prompt), so, [&](int32_t id) {
-      fmt::print("{}", bt.decode_one(id));
+    generate(model, tokenizer->encode(cfg.sample.prompt, false, true), so, [&](int32_t id) {
+      fmt::print("{}", tokenizer->token_bytes(id));
       std::fflush(stdout);
     });
     fmt::print("\n--------------\n");
