@@ -1,0 +1,1 @@
+lmforge_test(test_chat_template unit tokenizer/test_chat_template.cpp)

@@ -1,0 +1,51 @@
+#include <gtest/gtest.h>
+
+#include "lmforge/core/error.h"
+#include "lmforge/tokenizer/chat_template.h"
+#include "testing/paths.h"
+
+namespace lmforge {
+
+namespace {
+std::vector<ChatMessage> conversation() {
+  return {{"system", "You are terse."},
+          {"user", "What is 2+2?\n"},
+          {"assistant", "  4.\n\nIt's four."},
+          {"user", "And 3+3?"},
+          {"assistant", "6"}};
+}
+}  // namespace
+
+// Encoding turn by turn must give exactly the ids of the rendered string encoded with specials
+// allowed (what HF's apply_chat_template(tokenize=True) does), and the mask must select exactly
+// the assistants' (trimmed) content and their <|eot_id|>.
+TEST(ChatTemplate, Llama3IdsEqualEncodingTheRenderedTextAndMaskIsTheAssistant) {
+  auto tok = load_tokenizer(testing::shared_tokenizers_dir() + "/llama3.tiktoken");
+  auto msgs = conversation();
+  ChatEncoding enc = apply_chat_template(*tok, msgs, "llama3");
+  std::string rendered = render_chat_template(msgs, "llama3");
+  EXPECT_EQ(rendered.rfind("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           "You are terse.<|eot_id|>",
+                           0),
+            0u);
+  EXPECT_EQ(enc.ids, tok->encode(rendered, /*allow_special=*/true));
+  ASSERT_EQ(enc.assistant_mask.size(), enc.ids.size());
+  std::vector<int32_t> assistant;
+  for (size_t i = 0; i < enc.ids.size(); ++i)
+    if (enc.assistant_mask[i]) assistant.push_back(enc.ids[i]);
+  EXPECT_EQ(tok->decode(assistant), "4.\n\nIt's four.<|eot_id|>6<|eot_id|>");
+
+  ChatEncoding gen = apply_chat_template(*tok, {{"user", "Hi"}}, "llama3", true);
+  EXPECT_EQ(tok->decode(gen.ids),
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+}
+
+TEST(ChatTemplate, MissingSpecialsAndUnknownFormatsAreErrors) {
+  auto tok = load_tokenizer(testing::shared_tokenizers_dir() + "/cl100k_base.tiktoken");
+  EXPECT_THROW(apply_chat_template(*tok, conversation(), "chatml"), Error);  // no <|im_start|>
+  EXPECT_THROW(apply_chat_template(*tok, conversation(), "llama3"), Error);
+  EXPECT_THROW(apply_chat_template(*tok, conversation(), "alpaca"), Error);
+}
+
+}  // namespace lmforge
