@@ -6,6 +6,8 @@
 
 #include <fmt/core.h>
 
+#include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -15,6 +17,7 @@
 #include "commands.h"
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/bpe_trainer.h"
 
 namespace lmforge::app {
 
@@ -113,6 +116,36 @@ void add_tokenizer(CLI::App& app) {
       if (!in) fail("{}: cannot open; check the path", f);
       run(in, f);
     }
+  });
+
+  struct TrainOpts {
+    int64_t vocab_size = 8192;
+    std::string out, pattern;
+    std::vector<std::string> specials = {"<|endoftext|>"}, files;
+  };
+  auto t = std::make_shared<TrainOpts>();
+  CLI::App* train = tk->add_subcommand(
+      "train", "Learn a byte-level BPE from text files; writes OUT/tokenizer.json (HF format)");
+  train->add_option("--vocab-size", t->vocab_size, "Bytes + merges + specials")
+      ->capture_default_str();
+  train->add_option("--out", t->out, "Output directory")->required();
+  train->add_option("--pattern", t->pattern, "Pre-tokenizer regex (default: GPT-4's)");
+  train->add_option("--special", t->specials, "Special tokens (default: <|endoftext|>)");
+  train->add_option("files", t->files, "Text files (streamed)")->required();
+  train->callback([t] {
+    BpeTrainOptions opt;
+    opt.vocab_size = t->vocab_size;
+    opt.pattern = t->pattern;
+    opt.specials = t->specials;
+    auto t0 = std::chrono::steady_clock::now();
+    BpeTrainResult r = train_bpe(t->files, opt);
+    std::filesystem::create_directories(t->out);
+    write_file_atomic(t->out + "/tokenizer.json", r.tokenizer_json);
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    fmt::print(
+        "trained {} merges, vocabulary {} on {:.1f} MB ({} distinct pieces) in {:.1f}s: {}\n",
+        r.merges, r.vocab_size, r.bytes_read / 1e6, r.distinct_pieces, dt,
+        t->out + "/tokenizer.json");
   });
 
   CLI::App* info = tk->add_subcommand("info", "Kind, vocabulary size, special tokens");

@@ -18,6 +18,9 @@ inline std::string source_dir() {
   return path_from_env("LMFORGE_SOURCE_DIR", LMFORGE_SOURCE_DIR_PATH);
 }
 
+// The reference venv's python ("" when the build was configured without it).
+inline std::string python() { return path_from_env("LMFORGE_PYTHON", LMFORGE_PYTHON_PATH); }
+
 // ../shared beside the checkout: reference tokenizer files (read-only).
 inline std::string shared_tokenizers_dir() { return source_dir() + "/../shared/assets/tokenizers"; }
 

@@ -1,0 +1,216 @@
+#include "lmforge/tokenizer/bpe_trainer.h"
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <queue>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "lmforge/core/error.h"
+#include "lmforge/tokenizer/formats/formats.h"
+#include "lmforge/tokenizer/pretokenizer.h"
+
+namespace lmforge {
+
+namespace {
+
+constexpr const char* kGpt4Pattern =
+    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+)";
+constexpr size_t kChunk = 4 << 20;
+
+uint64_t pair_key(int32_t a, int32_t b) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+}
+
+using Counts = std::unordered_map<std::string, uint64_t>;
+
+// Reads `path` in ~4 MB chunks cut after a newline and adds its pieces' counts.
+void count_file(const std::string& path, const Pretokenizer& pre, Counts& counts, uint64_t& bytes) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("{}: cannot open the training text; check the path", path);
+  std::string carry, buf(kChunk, '\0');
+  while (in) {
+    in.read(buf.data(), buf.size());
+    std::string chunk = carry + buf.substr(0, in.gcount());
+    bytes += in.gcount();
+    size_t cut = in ? chunk.rfind('\n') : std::string::npos;
+    if (cut == std::string::npos) {
+      carry.clear();
+      if (in) {  // no newline in 4 MB: cut anyway at a UTF-8 boundary
+        cut = chunk.size();
+        while (cut > 0 && (static_cast<unsigned char>(chunk[cut - 1]) & 0xC0) == 0x80) --cut;
+        carry = chunk.substr(cut > 0 ? cut - 1 : 0);
+        chunk.resize(cut > 0 ? cut - 1 : 0);
+      }
+    } else {
+      carry = chunk.substr(cut + 1);
+      chunk.resize(cut + 1);
+    }
+    pre.split(chunk, [&](std::string_view p) { ++counts[std::string(p)]; });
+  }
+}
+
+}  // namespace
+
+BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOptions& o) {
+  const int64_t n_special = static_cast<int64_t>(o.specials.size());
+  if (o.vocab_size < 256 + n_special)
+    fail("--vocab-size: {} is below the 256 byte tokens plus {} specials", o.vocab_size, n_special);
+  if (files.empty()) fail("tokenizer train: no input files given");
+  std::string pattern = o.pattern.empty() ? kGpt4Pattern : o.pattern;
+  Pretokenizer pre(pattern, "--pattern");
+
+  BpeTrainResult res;
+  Counts counts;
+  for (const std::string& f : files) count_file(f, pre, counts, res.bytes_read);
+  res.distinct_pieces = counts.size();
+
+  // Words in a fixed order (sorted bytes) so ids and tie-breaks never depend on hashing.
+  std::vector<std::pair<std::string, uint64_t>> sorted(counts.begin(), counts.end());
+  counts.clear();
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<std::vector<int32_t>> words(sorted.size());
+  std::vector<uint64_t> freq(sorted.size());
+  for (size_t w = 0; w < sorted.size(); ++w) {
+    for (unsigned char c : sorted[w].first) words[w].push_back(c);
+    freq[w] = sorted[w].second;
+  }
+  sorted.clear();
+
+  std::vector<std::string> vocab(256);
+  for (int b = 0; b < 256; ++b) vocab[b] = std::string(1, static_cast<char>(b));
+  std::unordered_map<uint64_t, int64_t> pair_count;
+  std::unordered_map<uint64_t, std::unordered_set<int32_t>> where;
+  for (size_t w = 0; w < words.size(); ++w)
+    for (size_t i = 0; i + 1 < words[w].size(); ++i) {
+      uint64_t k = pair_key(words[w][i], words[w][i + 1]);
+      pair_count[k] += freq[w];
+      where[k].insert(static_cast<int32_t>(w));
+    }
+  // Max-heap by count, then the smaller pair key; stale entries are skipped when popped.
+  using Entry = std::pair<int64_t, uint64_t>;
+  auto cmp = [](const Entry& x, const Entry& y) {
+    return x.first != y.first ? x.first < y.first : x.second > y.second;
+  };
+  std::priority_queue<Entry, std::vector<Entry>, decltype(cmp)> heap(cmp);
+  for (auto& [k, c] : pair_count) heap.push({c, k});
+
+  std::vector<std::pair<int32_t, int32_t>> merges;
+  const int64_t target_merges = o.vocab_size - 256 - n_special;
+  while (static_cast<int64_t>(merges.size()) < target_merges && !heap.empty()) {
+    auto [c, k] = heap.top();
+    heap.pop();
+    auto it = pair_count.find(k);
+    if (it == pair_count.end() || it->second != c) continue;  // stale
+    if (c < o.min_frequency) break;
+    int32_t a = static_cast<int32_t>(k >> 32), b = static_cast<int32_t>(k & 0xffffffffu);
+    int32_t id = static_cast<int32_t>(vocab.size());
+    vocab.push_back(vocab[a] + vocab[b]);
+    merges.emplace_back(a, b);
+    std::unordered_set<int32_t> affected = std::move(where[k]);
+    where.erase(k);
+    pair_count.erase(k);
+    std::unordered_map<uint64_t, int64_t> delta;
+    std::vector<int32_t> sorted_words(affected.begin(), affected.end());
+    std::sort(sorted_words.begin(), sorted_words.end());
+    for (int32_t w : sorted_words) {
+      std::vector<int32_t>& s = words[w];
+      const int64_t f = static_cast<int64_t>(freq[w]);
+      for (size_t i = 0; i + 1 < s.size(); ++i) delta[pair_key(s[i], s[i + 1])] -= f;
+      std::vector<int32_t> t;
+      t.reserve(s.size());
+      for (size_t i = 0; i < s.size(); ++i) {
+        if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+          t.push_back(id);
+          ++i;
+        } else {
+          t.push_back(s[i]);
+        }
+      }
+      s.swap(t);
+      for (size_t i = 0; i + 1 < s.size(); ++i) {
+        uint64_t nk = pair_key(s[i], s[i + 1]);
+        delta[nk] += f;
+        where[nk].insert(w);
+      }
+    }
+    for (auto& [pk, d] : delta) {
+      if (d == 0 || pk == k) continue;
+      int64_t& pc = pair_count[pk];
+      pc += d;
+      if (pc <= 0) {
+        pair_count.erase(pk);
+      } else if (d > 0) {
+        heap.push({pc, pk});
+      } else {
+        heap.push({pc, pk});  // lowered: the old entry is now stale
+      }
+    }
+  }
+
+  // tokenizer.json: vocabulary strings in GPT-2's byte<->unicode form; merges as pairs.
+  using nlohmann::ordered_json;
+  ordered_json jv = ordered_json::object();
+  std::unordered_set<std::string> seen;
+  int32_t next_id = 0;
+  std::vector<std::string> id_str;
+  for (const std::string& t : vocab) {
+    std::string u = gpt2_bytes_to_unicode(t);
+    if (!seen.insert(u).second) continue;  // two merges spelling the same bytes: one token
+    jv[u] = next_id++;
+    id_str.push_back(u);
+  }
+  ordered_json jm = ordered_json::array();
+  for (auto& [a, b] : merges)
+    jm.push_back({gpt2_bytes_to_unicode(vocab[a]), gpt2_bytes_to_unicode(vocab[b])});
+  ordered_json added = ordered_json::array();
+  for (const std::string& s : o.specials) {
+    added.push_back({{"id", next_id},
+                     {"content", s},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+    ++next_id;  // specials live in added_tokens only, as in HF's Llama 3 tokenizer.json
+  }
+  ordered_json j = {{"version", "1.0"},
+                    {"truncation", nullptr},
+                    {"padding", nullptr},
+                    {"added_tokens", added},
+                    {"normalizer", nullptr},
+                    {"pre_tokenizer",
+                     {{"type", "Sequence"},
+                      {"pretokenizers", ordered_json::array({{{"type", "Split"},
+                                                              {"pattern", {{"Regex", pattern}}},
+                                                              {"behavior", "Isolated"},
+                                                              {"invert", false}},
+                                                             {{"type", "ByteLevel"},
+                                                              {"add_prefix_space", false},
+                                                              {"trim_offsets", true},
+                                                              {"use_regex", false}}})}}},
+                    {"post_processor", nullptr},
+                    {"decoder",
+                     {{"type", "ByteLevel"},
+                      {"add_prefix_space", true},
+                      {"trim_offsets", true},
+                      {"use_regex", true}}},
+                    {"model",
+                     {{"type", "BPE"},
+                      {"dropout", nullptr},
+                      {"unk_token", nullptr},
+                      {"continuing_subword_prefix", nullptr},
+                      {"end_of_word_suffix", nullptr},
+                      {"fuse_unk", false},
+                      {"byte_fallback", false},
+                      {"ignore_merges", false},
+                      {"vocab", jv},
+                      {"merges", jm}}}};
+  res.tokenizer_json = j.dump(1) + "\n";
+  res.merges = static_cast<int64_t>(merges.size());
+  res.vocab_size = next_id;
+  return res;
+}
+
+}  // namespace lmforge

@@ -1,0 +1,1 @@
+lmforge_test(test_bpe_trainer reference tokenizer/test_bpe_trainer.cpp)
