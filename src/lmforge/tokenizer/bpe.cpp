@@ -1,6 +1,8 @@
 #include "lmforge/tokenizer/bpe.h"
 
+#include <functional>
 #include <limits>
+#include <queue>
 
 namespace lmforge {
 
@@ -12,6 +14,7 @@ void BpeEngine::add_merge(int32_t left, int32_t right, int32_t merged, uint32_t 
 void BpeEngine::merge(std::vector<int32_t>& ids) const {
   const size_t n = ids.size();
   if (n < 2) return;
+  if (n > kLinearMax) return merge_long(ids);
   constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
   // ranks[i]: rank of merging ids[i] with ids[i+1] (kNone if not a merge). Short pieces (the
   // common case) are scanned linearly, like tiktoken: simpler and faster than a heap there.
@@ -49,6 +52,52 @@ void BpeEngine::merge(std::vector<int32_t>& ids) const {
       ranks[at] = kNone;
     if (at > 0) lookup(at - 1);
   }
+}
+
+// The same order (lowest rank, then leftmost) in O(n log n): symbols in a linked list, candidate
+// pairs in a min-heap keyed by (rank, position of the left symbol). Positions never reorder, so
+// "leftmost" is the lowest original position. An entry is stale once either symbol has changed;
+// it is then skipped (symbols only grow, so a changed pair never comes back).
+void BpeEngine::merge_long(std::vector<int32_t>& ids) const {
+  const uint32_t n = static_cast<uint32_t>(ids.size());
+  constexpr uint32_t kEnd = std::numeric_limits<uint32_t>::max();
+  struct Candidate {
+    uint32_t rank, pos;
+    int32_t left, right, merged;
+    bool operator>(const Candidate& o) const {
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
+  };
+  std::vector<uint32_t> next(n), prev(n);
+  std::vector<bool> gone(n, false);
+  for (uint32_t i = 0; i < n; ++i) {
+    next[i] = i + 1 < n ? i + 1 : kEnd;
+    prev[i] = i > 0 ? i - 1 : kEnd;
+  }
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
+  auto push = [&](uint32_t i) {
+    if (i == kEnd || next[i] == kEnd) return;
+    auto it = merges_.find(key(ids[i], ids[next[i]]));
+    if (it != merges_.end())
+      heap.push({it->second.rank, i, ids[i], ids[next[i]], it->second.merged});
+  };
+  for (uint32_t i = 0; i + 1 < n; ++i) push(i);
+  while (!heap.empty()) {
+    Candidate c = heap.top();
+    heap.pop();
+    uint32_t j = next[c.pos];
+    if (gone[c.pos] || j == kEnd || ids[c.pos] != c.left || ids[j] != c.right) continue;
+    ids[c.pos] = c.merged;
+    gone[j] = true;
+    next[c.pos] = next[j];
+    if (next[j] != kEnd) prev[next[j]] = c.pos;
+    push(prev[c.pos]);
+    push(c.pos);
+  }
+  size_t out = 0;
+  for (uint32_t i = 0; i < n; ++i)
+    if (!gone[i]) ids[out++] = ids[i];
+  ids.resize(out);
 }
 
 }  // namespace lmforge

@@ -33,6 +33,11 @@ class BpeEngine {
   static uint64_t key(int32_t a, int32_t b) {
     return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
   }
+  // Longer inputs (whole documents when a tokenizer has no pre-tokenizer) merge through a heap
+  // instead of the linear scan, which is quadratic.
+  static constexpr size_t kLinearMax = 128;
+  void merge_long(std::vector<int32_t>& ids) const;
+
   std::unordered_map<uint64_t, Merge> merges_;
 };
 

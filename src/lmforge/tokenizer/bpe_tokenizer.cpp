@@ -10,6 +10,7 @@ namespace lmforge {
 namespace {
 constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581 "▁"
 constexpr size_t kCacheMax = 1 << 16;
+constexpr size_t kCachePieceMax = 256;  // bytes
 
 size_t utf8_len(unsigned char c) {
   if (c < 0x80) return 1;
@@ -112,6 +113,8 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
   }
   engine_.merge(ids);
   out.insert(out.end(), ids.begin(), ids.end());
+  // Long pieces (whole documents when there is no pre-tokenizer) rarely repeat.
+  if (piece.size() > kCachePieceMax) return;
   if (cache.size() >= kCacheMax) cache.clear();
   cache.emplace(key, std::move(ids));
 }
@@ -121,7 +124,11 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
   if (text.empty()) return;
   std::string normalized;
   if (metaspace_) {
-    if (prepend_ == Prepend::kAlways || (prepend_ == Prepend::kFirst && at_start))
+    // Spaces become "▁" first: a run that starts with a space starts with "▁" (HF Metaspace).
+    bool starts_with_meta = text[0] == ' ' || text.starts_with(kMeta);
+    if (prepend_ == Prepend::kEvery ||
+        (!starts_with_meta &&
+         (prepend_ == Prepend::kAlways || (prepend_ == Prepend::kFirst && at_start))))
       normalized = kMeta;
     for (char c : text) {
       if (c == ' ')
@@ -130,7 +137,7 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
         normalized += c;
     }
     text = normalized;
-  } else if (add_prefix_space_ && at_start && text[0] != ' ') {
+  } else if (add_prefix_space_ && text[0] != ' ') {
     normalized = " " + std::string(text);
     text = normalized;
   }

@@ -21,7 +21,14 @@ namespace lmforge {
 class BpeTokenizer : public Tokenizer {
  public:
   enum class Symbols { kBytes, kCharsWithByteFallback };
-  enum class Prepend { kNever, kFirst, kAlways };  // SentencePiece-style leading "▁"
+  // SentencePiece-style leading "▁" on each run of text between special tokens (Hugging Face
+  // normalizes and pre-tokenizes each run on its own):
+  //   kNever;
+  //   kFirst:  the run at the start of the text, unless it starts with "▁" already (HF Metaspace
+  //            prepend_scheme "first");
+  //   kAlways: every run that does not start with "▁" already (Metaspace "always");
+  //   kEvery:  every run, unconditionally (HF's Prepend("▁") normalizer, as in Llama 2's export).
+  enum class Prepend { kNever, kFirst, kAlways, kEvery };
 
   std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
                               bool add_bos = false) const override;
@@ -46,6 +53,8 @@ class BpeTokenizer : public Tokenizer {
   }
   void set_byte_fallback(bool on) { byte_fallback_ = on; }
   void set_unk(int32_t id) { unk_ = id; }
+  // HF ByteLevel add_prefix_space: a space before each run of text between special tokens that
+  // does not start with one.
   void set_add_prefix_space(bool on) { add_prefix_space_ = on; }
   void set_bos_eos(int32_t bos, int32_t eos) {
     bos_ = bos;

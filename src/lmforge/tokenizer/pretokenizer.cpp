@@ -27,17 +27,51 @@ struct Pretokenizer::Impl {
   }
 };
 
+namespace {
+
+// \s and \S as \p{White_Space} and \P{White_Space}, inside classes too. PCRE2 10.42's \s (with
+// UCP) also matches U+180E MONGOLIAN VOWEL SEPARATOR, which left White_Space in Unicode 6.3;
+// tiktoken's regex crate and Hugging Face's Oniguruma match White_Space exactly.
+std::string white_space_property(const std::string& pattern) {
+  std::string out;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] != '\\' || i + 1 == pattern.size()) {
+      out += pattern[i];
+      continue;
+    }
+    char next = pattern[i + 1];
+    if (next == 'Q') {  // \Q...\E is literal text
+      size_t end = pattern.find("\\E", i + 2);
+      end = end == std::string::npos ? pattern.size() : end + 2;
+      out.append(pattern, i, end - i);
+      i = end - 1;
+      continue;
+    }
+    if (next == 's')
+      out += "\\p{White_Space}";
+    else if (next == 'S')
+      out += "\\P{White_Space}";
+    else
+      out.append(pattern, i, 2);
+    ++i;
+  }
+  return out;
+}
+
+}  // namespace
+
 Pretokenizer::Pretokenizer(const std::string& pattern, const std::string& where)
     : impl_(std::make_unique<Impl>()), pattern_(pattern) {
   int err = 0;
   PCRE2_SIZE offset = 0;
+  const std::string compiled = white_space_property(pattern);
   impl_->code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(compiled.data()), compiled.size(),
                     PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &offset, nullptr);
   if (!impl_->code) {
     PCRE2_UCHAR msg[256];
     pcre2_get_error_message(err, msg, sizeof(msg));
-    fail("{}: invalid pre-tokenizer pattern at offset {}: {}", where, offset,
+    fail("{}: invalid pre-tokenizer pattern at offset {} of {}: {}", where, offset, compiled,
          reinterpret_cast<const char*>(msg));
   }
   impl_->jit = pcre2_jit_compile(impl_->code, PCRE2_JIT_COMPLETE) == 0;

@@ -1,5 +1,7 @@
 // Pretokenizer: splits text into pieces with a tokenizer's own regex (PCRE2 with JIT, UTF-8 and
-// Unicode properties), as tiktoken and Hugging Face's Split pre-tokenizer do.
+// Unicode properties), as tiktoken and Hugging Face's Split pre-tokenizer do. \s means Unicode
+// White_Space, as in both (PCRE2's own \s adds U+180E). PCRE2 10.42 classifies characters by
+// Unicode 14; the references use newer tables (docs/formats.md, "Tokenizers").
 //
 // Invalid UTF-8 (documented policy, docs/formats.md): the regex runs with
 // PCRE2_MATCH_INVALID_UTF, so invalid bytes never join a match; every byte the regex leaves

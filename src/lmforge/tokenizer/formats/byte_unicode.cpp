@@ -2,6 +2,8 @@
 // the other 68 to U+0100.. in byte order, so every byte is a visible character in vocab files.
 #include <array>
 
+#include "lmforge/core/error.h"
+
 #include "lmforge/tokenizer/formats/formats.h"
 
 namespace lmforge {
@@ -25,6 +27,13 @@ const ByteMap& byte_map() {
   return m;
 }
 }  // namespace
+
+int32_t checked_token_id(int64_t id, const std::string& where) {
+  constexpr int64_t kMax = int64_t{1} << 22;
+  if (id < 0 || id >= kMax)
+    fail("{}: token id {} is outside [0, {}); the file is corrupt", where, id, kMax);
+  return static_cast<int32_t>(id);
+}
 
 std::string gpt2_bytes_to_unicode(const std::string& bytes) {
   std::string s;

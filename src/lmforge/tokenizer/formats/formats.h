@@ -21,6 +21,10 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
 // The byte-level tokenizer (256 bytes + <|endoftext|> = 256).
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 
+// A token id read from a file, checked to be in [0, 2^22): larger vocabularies do not exist, and
+// a corrupt id must not turn into a multi-gigabyte allocation. Throws Error naming `where`.
+int32_t checked_token_id(int64_t id, const std::string& where);
+
 // GPT-2's byte <-> printable-unicode map (bytes_to_unicode in openai/gpt-2 encoder.py), used by
 // byte-level BPE vocabularies. Returns the raw bytes of a mapped string, or false if a
 // character is not in the map.

@@ -83,6 +83,11 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
       std::string type = p.value("type", "");
       if (type == "ByteLevel") {
         byte_level = true;
+        // After a Split, HF would apply these to every piece of the split: one regex and a
+        // prefix space per run of text is all lmforge does.
+        if (!pattern.empty() && (p.value("use_regex", true) || p.value("add_prefix_space", false)))
+          fail("{}: ByteLevel with use_regex or add_prefix_space after a Split is not supported",
+               path);
         if (p.value("use_regex", true)) pattern = kGpt2Pattern;
         tok->set_add_prefix_space(p.value("add_prefix_space", false));
       } else if (type == "Split") {
@@ -92,6 +97,8 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         if (p.value("behavior", "Isolated") != "Isolated" || p.value("invert", false))
           fail("{}: Split pre-tokenizer behavior {} is not supported (Isolated only)", path,
                p.value("behavior", ""));
+        if (!pattern.empty())
+          fail("{}: a second regex pre-tokenizer is not supported (one Split or ByteLevel)", path);
         pattern = pat["Regex"].get<std::string>();
       } else if (type == "Metaspace") {
         metaspace = true;
@@ -109,7 +116,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
       std::string type = n.value("type", "");
       if (type == "Prepend" && n.value("prepend", "") == "\xE2\x96\x81") {
         metaspace = true;
-        prepend = BpeTokenizer::Prepend::kFirst;
+        prepend = BpeTokenizer::Prepend::kEvery;
       } else if (type == "Replace" && n["pattern"].value("String", "") == " " &&
                  n.value("content", "") == "\xE2\x96\x81") {
         metaspace = true;
@@ -130,7 +137,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
     for (auto& [s, id] : model.at("vocab").items()) {
       if (!to_bytes(s, &bytes))
         fail("{}: vocabulary entry \"{}\" is not in the byte-level alphabet", path, s);
-      tok->add_token(id.get<int32_t>(), bytes);
+      tok->add_token(checked_token_id(id.get<int64_t>(), path), bytes);
     }
     add_merges(*tok, model.at("merges"), path, to_bytes);
     tok->set_whole_piece_lookup(model.value("ignore_merges", false));
@@ -143,7 +150,8 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
     }
     if (!pattern.empty()) tok->set_pretokenizer(std::make_unique<Pretokenizer>(pattern, path));
     for (const json& a : j.value("added_tokens", json::array()))
-      tok->add_special(a.at("content").get<std::string>(), a.at("id").get<int32_t>());
+      tok->add_special(a.at("content").get<std::string>(),
+                       checked_token_id(a.at("id").get<int64_t>(), path));
 
     // BOS from a TemplateProcessing post-processor that starts with a special token.
     int32_t bos = -1;
@@ -179,14 +187,16 @@ std::unique_ptr<Tokenizer> load_gpt2_vocab_merges(const std::string& vocab_json,
   std::string vtext = read_file(vocab_json), mtext = read_file(merges_txt);
   try {
     std::string bytes;
-    for (auto& [s, id] : json::parse(vtext).items()) {
+    json vocab = json::parse(vtext);  // named: items() of a temporary would dangle
+    if (!vocab.is_object()) fail("{}: expected a JSON object of token -> id", vocab_json);
+    for (auto& [s, id] : vocab.items()) {
       if (s == "<|endoftext|>") {
-        tok->add_special(s, id.get<int32_t>());
+        tok->add_special(s, checked_token_id(id.get<int64_t>(), vocab_json));
         continue;
       }
       if (!gpt2_unicode_to_bytes(s, &bytes))
         fail("{}: entry \"{}\" is not in GPT-2's byte-level alphabet", vocab_json, s);
-      tok->add_token(id.get<int32_t>(), bytes);
+      tok->add_token(checked_token_id(id.get<int64_t>(), vocab_json), bytes);
     }
   } catch (const json::exception& e) {
     fail("{}: not a GPT-2 vocab.json ({})", vocab_json, e.what());

@@ -64,13 +64,13 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path) {
         rank = -1;
       }
     }
-    if (sp == std::string_view::npos || rank < 0 || rank > INT32_MAX ||
+    if (sp == std::string_view::npos || rank < 0 ||
         !base64_decode(line.substr(0, sp), &bytes) || bytes.empty())
       fail(
           "{}:{}: expected \"<base64 token> <rank>\"; the file is not a tiktoken rank file or is "
           "corrupt",
           path, line_no);
-    tok->add_token(static_cast<int32_t>(rank), bytes);
+    tok->add_token(checked_token_id(rank, fmt::format("{}:{}", path, line_no)), bytes);
     ++n;
   }
   if (n < 256) fail("{}: {} ranks; a byte-level rank file has at least 256", path, n);
@@ -96,7 +96,8 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path) {
       auto j = nlohmann::json::parse(read_file(meta_path));
       pattern = j.at("pat_str").get<std::string>();
       nlohmann::json specials = j.value("special_tokens", nlohmann::json::object());
-      for (auto& [name, id] : specials.items()) tok->add_special(name, id.get<int32_t>());
+      for (auto& [name, id] : specials.items())
+        tok->add_special(name, checked_token_id(id.get<int64_t>(), meta_path));
     } catch (const nlohmann::json::exception& ex) {
       fail("{}: expected {{\"pat_str\": ..., \"special_tokens\": {{...}}}} ({})", meta_path,
            ex.what());
