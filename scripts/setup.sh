@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything lmforge needs on Debian 12 and builds it (Release) into build/.
 #   scripts/setup.sh            system packages + build
-#   scripts/setup.sh --python   also the reference Python environment for tests/benchmarks
+#   scripts/setup.sh --python   also what the tests need: the reference Python environment,
+#                               clang for the fuzzers, and the test corpora (dict-gcide, linux-doc)
 # Packages are installed with apt-get (through sudo when not root) only when missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +14,7 @@ packages=(build-essential cmake g++ ccache pkg-config
           libgtest-dev googletest
           bible-kjv bible-kjv-text)
 want_python=0
-[[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip); }
+[[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip clang libclang-rt-14-dev dict-gcide linux-doc); }
 
 missing=()
 for p in "${packages[@]}"; do

@@ -14,3 +14,6 @@ case ${1:-} in
 esac
 cd build
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest "${select[@]}" --output-on-failure -j1 --timeout 1500
+cd "$root"
+# Each tokenizer-file fuzzer briefly (libFuzzer, clang); longer: scripts/fuzz.sh 600.
+[[ ${1:-} == --slow ]] || bash scripts/fuzz.sh 10
