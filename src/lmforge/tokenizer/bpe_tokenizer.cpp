@@ -9,7 +9,7 @@ namespace lmforge {
 
 namespace {
 constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581 "▁"
-constexpr size_t kCacheMax = 1 << 16;
+constexpr size_t kCacheMax = 1 << 18;  // ~20 MB per thread at most
 constexpr size_t kCachePieceMax = 256;  // bytes
 
 size_t utf8_len(unsigned char c) {
@@ -56,7 +56,9 @@ void BpeTokenizer::add_special(const std::string& text, int32_t id) {
 }
 
 int32_t BpeTokenizer::id_of(std::string_view bytes) const {
-  auto it = ids_.find(std::string(bytes));
+  thread_local std::string key;  // reused: loaders call this ~10^6 times
+  key.assign(bytes.data(), bytes.size());
+  auto it = ids_.find(key);
   return it == ids_.end() ? -1 : it->second;
 }
 
@@ -78,9 +80,10 @@ void BpeTokenizer::finalize() {
 void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
   thread_local std::string key;  // reused: lookups allocate nothing
   key.assign(piece.data(), piece.size());
+  // Whole-piece hits (most words) first: they never enter the cache, which keeps it for the
+  // pieces that need merging.
   if (whole_piece_) {
-    auto it = ids_.find(key);
-    if (it != ids_.end()) {
+    if (auto it = ids_.find(key); it != ids_.end()) {
       out.push_back(it->second);
       return;
     }
