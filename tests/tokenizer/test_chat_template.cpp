@@ -1,8 +1,13 @@
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/bpe_trainer.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "testing/paths.h"
+#include "testing/process.h"
 
 namespace lmforge {
 
@@ -46,6 +51,27 @@ TEST(ChatTemplate, MissingSpecialsAndUnknownFormatsAreErrors) {
   EXPECT_THROW(apply_chat_template(*tok, conversation(), "chatml"), Error);  // no <|im_start|>
   EXPECT_THROW(apply_chat_template(*tok, conversation(), "llama3"), Error);
   EXPECT_THROW(apply_chat_template(*tok, conversation(), "alpaca"), Error);
+}
+
+// ChatML needs <|im_start|>/<|im_end|>: a small BPE trained with them as specials.
+TEST(ChatTemplate, ChatMLIdsEqualEncodingTheRenderedTextAndMaskIsTheAssistant) {
+  std::string dir = testing::temp_dir("chatml");
+  std::ofstream(dir + "/corpus.txt") << "The assistant answers the user.\nWhat is two plus two?\n"
+                                        "It is four, said the assistant to the user.\n";
+  BpeTrainOptions o;
+  o.vocab_size = 300;
+  o.specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+  write_file_atomic(dir + "/tokenizer.json", train_bpe({dir + "/corpus.txt"}, o).tokenizer_json);
+  auto tok = load_tokenizer(dir + "/tokenizer.json");
+  auto msgs = conversation();
+  ChatEncoding enc = apply_chat_template(*tok, msgs, "chatml", true);
+  std::string rendered = render_chat_template(msgs, "chatml", true);
+  EXPECT_EQ(enc.ids, tok->encode(rendered, /*allow_special=*/true));
+  std::vector<int32_t> assistant;
+  for (size_t i = 0; i < enc.ids.size(); ++i)
+    if (enc.assistant_mask[i]) assistant.push_back(enc.ids[i]);
+  EXPECT_EQ(tok->decode(assistant), "  4.\n\nIt's four.<|im_end|>6<|im_end|>");
+  EXPECT_EQ(rendered.substr(rendered.size() - 22), "<|im_start|>assistant\n");
 }
 
 }  // namespace lmforge
