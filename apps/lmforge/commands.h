@@ -11,5 +11,6 @@ void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_tokenizer(CLI::App& app);
+void add_prepare(CLI::App& app);
 
 }  // namespace lmforge::app

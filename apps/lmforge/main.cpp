@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   lmforge::app::add_generate(app);
   lmforge::app::add_bench(app);
   lmforge::app::add_tokenizer(app);
+  lmforge::app::add_prepare(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

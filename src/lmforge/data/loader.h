@@ -13,6 +13,7 @@
 #include "lmforge/core/rng.h"
 #include "lmforge/core/tensor.h"
 #include "lmforge/data/shard.h"
+#include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
 
@@ -26,6 +27,9 @@ class Loader {
   // Throws Error (naming `key`) if any token id is >= vocab_size: shards made with another
   // tokenizer than the model's.
   void check_vocab(int64_t vocab_size, const std::string& key) const;
+  // Throws Error naming both tokenizers when a shard records a different tokenizer than `tok`
+  // (version-1 shards record none and are only checked by check_vocab).
+  void check_tokenizer(const Tokenizer& tok, const std::string& key) const;
 
   Rng::State state() const { return rng_.state(); }
   void set_state(const Rng::State& s) { rng_.set_state(s); }

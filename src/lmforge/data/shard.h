@@ -1,14 +1,19 @@
 // Token shards: lmforge's on-disk token format (docs/formats.md).
 //   bytes 0..7    magic "LMFSHARD"
-//   bytes 8..11   u32 version (1)
+//   bytes 8..11   u32 version (2; version 1 files, without the fields below, are still read)
 //   bytes 12..15  u32 bytes per token: 2 (u16) or 4 (u32)
-//   bytes 16..23  u64 token count
-//   bytes 24..255 reserved, zero (the data-pipeline issue adds document and tokenizer fields)
-//   bytes 256..   tokens, little-endian
+//   bytes 16..23  u64 token count N
+//   bytes 24..31  u64 document count D (0 = no document index)
+//   bytes 32..39  u64 tokenizer vocabulary size
+//   bytes 40..47  i32 BOS id, i32 EOS id (-1 = none)
+//   bytes 48..63  tokenizer fingerprint, 16 ASCII hex digits
+//   bytes 64..79  tokenizer kind, ASCII, NUL-padded
+//   bytes 80..255 reserved, zero
+//   bytes 256..   N tokens, little-endian; then, when D > 0, D+1 u64 document start offsets
 // Readers map the file and check magic, version, dtype and that the size equals the header's.
 //
 //   write_shard(path, tokens);              // atomic: tmp + rename
-//   TokenShard s = TokenShard::open(path);  // s.size(), s[i]
+//   TokenShard s = TokenShard::open(path);  // s.size(), s[i], s.num_docs(), s.doc_start(d)
 #pragma once
 
 #include <cstdint>
@@ -19,7 +24,15 @@
 namespace lmforge {
 
 constexpr char kShardMagic[8] = {'L', 'M', 'F', 'S', 'H', 'A', 'R', 'D'};
-constexpr uint32_t kShardVersion = 1;
+constexpr uint32_t kShardVersion = 2;
+
+// Who made the tokens (from the Tokenizer; all empty/-1 for version-1 shards).
+struct ShardTokenizerInfo {
+  std::string fingerprint;  // 16 hex digits
+  std::string kind;         // e.g. "tiktoken"
+  uint64_t vocab_size = 0;
+  int32_t bos = -1, eos = -1;
+};
 constexpr size_t kShardHeaderBytes = 256;
 
 class TokenShard {
@@ -28,6 +41,11 @@ class TokenShard {
   int64_t size() const { return n_; }
   uint32_t operator[](int64_t i) const { return u16_ ? u16_[i] : u32_[i]; }
   uint32_t max_token() const;
+  uint32_t version() const { return version_; }
+  const ShardTokenizerInfo& tokenizer() const { return tok_; }
+  // Document index (empty when the shard has none): document d is [doc_start(d), doc_start(d+1)).
+  int64_t num_docs() const { return static_cast<int64_t>(docs_n_); }
+  int64_t doc_start(int64_t d) const { return static_cast<int64_t>(docs_[d]); }
   const std::string& path() const { return path_; }
 
  private:
@@ -36,13 +54,21 @@ class TokenShard {
   const uint16_t* u16_ = nullptr;
   const uint32_t* u32_ = nullptr;
   int64_t n_ = 0;
+  uint32_t version_ = 0;
+  ShardTokenizerInfo tok_;
+  const uint64_t* docs_ = nullptr;
+  uint64_t docs_n_ = 0;
 };
 
-// Writes u16 tokens when every id < 65536, else u32.
-void write_shard(const std::string& path, const std::vector<uint32_t>& tokens);
+// Writes u16 tokens when every id < 65536, else u32. doc_starts (optional): the start offset of
+// each document, ascending from 0; the end offset N is added.
+void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
+                 const std::vector<uint64_t>& doc_starts = {},
+                 const ShardTokenizerInfo& tok = {});
 
-// Expands a path, a directory (its *.bin files) or a glob into sorted shard paths; throws Error
-// naming `key` when nothing matches.
+// Expands a path, a directory or a glob into sorted shard paths; throws Error naming `key` when
+// nothing matches. In a directory from `prepare`, a key ending in ".val" takes val-*.bin and
+// any other key train-*.bin (all *.bin when there are no such names).
 std::vector<std::string> expand_shards(const std::string& spec, const std::string& key);
 
 }  // namespace lmforge

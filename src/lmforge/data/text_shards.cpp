@@ -52,8 +52,9 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
   size_t key =
-      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|byte-v1", fs::absolute(path).string(),
-                                           fs::file_size(path), mtime, val_fraction));
+      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|{}|shard-v2", fs::absolute(path).string(),
+                                           fs::file_size(path), mtime, val_fraction,
+                                           tok.fingerprint()));
   std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
   TextShards out{dir + "/train.bin", dir + "/val.bin"};
   if (fs::exists(out.train) && fs::exists(out.val)) return out;
@@ -78,7 +79,9 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     if (tok.bos_id() >= 0) u.push_back(tok.bos_id());
     for (auto& ids : tok.encode_batch(chunks)) u.insert(u.end(), ids.begin(), ids.end());
     if (tok.eos_id() >= 0) u.push_back(tok.eos_id());
-    write_shard(file, u);
+    write_shard(file, u, {0},
+                {tok.fingerprint(), tok.kind(), static_cast<uint64_t>(tok.vocab_size()),
+                 tok.bos_id(), tok.eos_id()});
   };
   to_shard(std::string_view(text).substr(cut), out.val);
   to_shard(std::string_view(text).substr(0, cut), out.train);  // written last: marks completion

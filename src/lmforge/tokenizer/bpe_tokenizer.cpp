@@ -9,15 +9,19 @@ namespace lmforge {
 
 namespace {
 constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581 "▁"
-constexpr size_t kCacheMax = 1 << 18;  // ~20 MB per thread at most
-constexpr size_t kCachePieceMax = 256;  // bytes
+constexpr size_t kCacheMax = 1 << 18;               // ~20 MB per thread at most
+constexpr size_t kCachePieceMax = 256;              // bytes
 
-size_t utf8_len(unsigned char c) {
-  if (c < 0x80) return 1;
-  if ((c >> 5) == 0x6) return 2;
-  if ((c >> 4) == 0xE) return 3;
-  if ((c >> 3) == 0x1E) return 4;
-  return 1;  // invalid lead byte: one byte
+// Length of the UTF-8 character at s[i]; 1 for a byte that does not start a complete one (an
+// invalid lead byte, or one whose continuation bytes are missing), so that an invalid byte never
+// swallows the valid character after it.
+size_t utf8_len(std::string_view s, size_t i) {
+  unsigned char c = s[i];
+  size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+  if (i + n > s.size()) return 1;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 1;
+  return n;
 }
 }  // namespace
 
@@ -99,7 +103,7 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
     for (unsigned char c : piece) ids.push_back(byte_id_[c]);
   } else {
     for (size_t i = 0; i < piece.size();) {
-      size_t n = std::min(utf8_len(static_cast<unsigned char>(piece[i])), piece.size() - i);
+      size_t n = utf8_len(piece, i);
       auto it = ids_.find(std::string(piece.substr(i, n)));
       if (it != ids_.end()) {
         ids.push_back(it->second);

@@ -90,11 +90,13 @@ TrainResult train(Config& cfg, const std::string& resume) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   Loader train_data(expand_shards(train_spec, "data.train"), t.batch_size, t.seq_len, t.seed + 1);
+  train_data.check_tokenizer(*tokenizer, "data.train");
   train_data.check_vocab(cfg.model.vocab_size, "data.train");
   std::unique_ptr<Loader> val_data;
   if (!val_spec.empty()) {
     val_data =
         std::make_unique<Loader>(expand_shards(val_spec, "data.val"), t.batch_size, t.seq_len, 0);
+    val_data->check_tokenizer(*tokenizer, "data.val");
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
 

@@ -1,0 +1,53 @@
+// lmforge prepare [CONFIG.yaml] [--input PATH... --output DIR --tokenizer PATH ...]
+#include "commands.h"
+#include "lmforge/data/prepare.h"
+
+namespace lmforge::app {
+
+void add_prepare(CLI::App& app) {
+  struct Opts {
+    std::string config, output, tokenizer, name = "data", field, text_mode;
+    std::vector<std::string> inputs;
+    double val_fraction = -1;
+    int64_t shard_tokens = 0;
+    int64_t seed = -1;
+    int64_t stop_after = 0;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand(
+      "prepare", "Tokenize .txt/.jsonl(.gz/.zst) into token shards (docs/formats.md)");
+  cmd->add_option("config", o->config, "YAML with output, tokenizer, sources (docs/config.md)");
+  cmd->add_option("--input", o->inputs, "Files, directories or globs (one source, see --name)");
+  cmd->add_option("--name", o->name, "Source name for --input")->capture_default_str();
+  cmd->add_option("--output", o->output, "Output directory");
+  cmd->add_option("--tokenizer", o->tokenizer, "Tokenizer (default: byte)");
+  cmd->add_option("--field", o->field, "JSONL field (default: text)");
+  cmd->add_option("--text-mode", o->text_mode, ".txt documents: file | blank_line (default: file)");
+  cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation");
+  cmd->add_option("--shard-tokens", o->shard_tokens, "Tokens per train shard");
+  cmd->add_option("--seed", o->seed, "Seed of the train/validation split");
+  cmd->add_option("--stop-after-shards", o->stop_after,
+                  "Stop after N train shards, as an interruption would (for testing resume)");
+  cmd->callback([o] {
+    PrepareOptions p = o->config.empty() ? PrepareOptions{} : load_prepare_config(o->config);
+    if (!o->inputs.empty()) {
+      PrepareSource s;
+      s.name = o->name;
+      s.inputs = o->inputs;
+      p.sources.push_back(s);
+    }
+    for (PrepareSource& s : p.sources) {
+      if (!o->field.empty()) s.doc.field = o->field;
+      if (!o->text_mode.empty()) s.doc.text_mode = o->text_mode;
+    }
+    if (!o->output.empty()) p.output = o->output;
+    if (!o->tokenizer.empty()) p.tokenizer = o->tokenizer;
+    if (o->val_fraction >= 0) p.val_fraction = o->val_fraction;
+    if (o->shard_tokens > 0) p.shard_tokens = static_cast<uint64_t>(o->shard_tokens);
+    if (o->seed >= 0) p.seed = static_cast<uint64_t>(o->seed);
+    p.stop_after_shards = o->stop_after;
+    run_prepare(p);
+  });
+}
+
+}  // namespace lmforge::app

@@ -1,0 +1,219 @@
+#include "lmforge/data/documents.h"
+
+#include <glob.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool is_jsonl(const std::string& path) {
+  std::string p = path;
+  for (const char* ext : {".gz", ".zst"})
+    if (p.size() > 4 && p.ends_with(ext)) p.resize(p.size() - std::strlen(ext));
+  return p.ends_with(".jsonl") || p.ends_with(".json");
+}
+
+bool valid_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  size_t n = s.size(), i = 0;
+  while (i < n) {
+    unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t cp;
+    if ((c >> 5) == 0x6) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c >> 4) == 0xE) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c >> 3) == 0x1E) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + len > n) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+      return false;  // overlong, out of range, or a surrogate
+    i += len;
+  }
+  return true;
+}
+
+bool is_input_file(const fs::path& p) {
+  std::string s = p.string();
+  for (const char* ext : {"", ".gz", ".zst"})
+    for (const char* base : {".txt", ".jsonl"})
+      if (s.ends_with(std::string(base) + ext)) return true;
+  return false;
+}
+
+}  // namespace
+
+std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
+  std::vector<std::string> out;
+  for (const std::string& spec : specs) {
+    std::vector<std::string> found;
+    std::error_code ec;
+    if (fs::is_directory(spec, ec)) {
+      for (auto& e : fs::recursive_directory_iterator(spec))
+        if (e.is_regular_file() && is_input_file(e.path())) found.push_back(e.path().string());
+    } else if (spec.find_first_of("*?[") != std::string::npos) {
+      glob_t g{};
+      if (::glob(spec.c_str(), 0, nullptr, &g) == 0)
+        for (size_t i = 0; i < g.gl_pathc; ++i) found.emplace_back(g.gl_pathv[i]);
+      globfree(&g);
+    } else if (fs::exists(spec, ec)) {
+      found.push_back(spec);
+    } else {
+      fail("{}: no such input file; check the path", spec);
+    }
+    if (found.empty()) fail("{}: matches no input files (.txt, .jsonl, .gz, .zst)", spec);
+    std::sort(found.begin(), found.end());
+    out.insert(out.end(), found.begin(), found.end());
+  }
+  return out;
+}
+
+DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions opt)
+    : files_(std::move(files)), opt_(std::move(opt)) {
+  if (opt_.text_mode != "file" && opt_.text_mode != "blank_line")
+    fail("text_mode: expected file or blank_line, got \"{}\"", opt_.text_mode);
+}
+
+bool DocumentReader::open_next_file() {
+  if (in_) done_bytes_ += in_->consumed();
+  lines_.reset();
+  in_.reset();
+  if (file_ >= files_.size()) return false;
+  const std::string& path = files_[file_++];
+  in_ = ByteStream::open(path);
+  lines_ = std::make_unique<LineReader>(*in_, opt_.max_document_bytes);
+  jsonl_ = is_jsonl(path);
+  first_line_ = true;
+  file_done_ = false;
+  return true;
+}
+
+void DocumentReader::check_text(Document* d) const {
+  if (d->text.compare(0, 3, "\xEF\xBB\xBF") == 0) {
+    d->text.erase(0, 3);
+    d->bom_removed = true;
+  }
+  if (!d->skip.empty()) return;
+  if (d->text.size() > opt_.max_document_bytes)
+    d->skip = "too_large";
+  else if (d->text.find('\0') != std::string::npos)
+    d->skip = "nul_bytes";
+  else if (!valid_utf8(d->text))
+    d->skip = "invalid_utf8";
+  else if (d->text.empty())
+    d->skip = "empty";
+}
+
+bool DocumentReader::next(Document* d) {
+  d->text.clear();
+  d->skip.clear();
+  d->bom_removed = false;
+  for (;;) {
+    if (file_done_ && !open_next_file()) return false;
+    std::string line;
+    LineReader::Status st;
+    if (jsonl_) {
+      if (!lines_->next(&line, &st)) {
+        file_done_ = true;
+        continue;
+      }
+      if (first_line_ && line.compare(0, 3, "\xEF\xBB\xBF") == 0) {
+        line.erase(0, 3);
+        d->bom_removed = true;
+      }
+      first_line_ = false;
+      if (st == LineReader::Status::kTooLong) {
+        d->skip = "too_large";
+        return true;
+      }
+      nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded()) {
+        bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
+        d->skip = blank                                 ? "empty"
+                  : st == LineReader::Status::kNoNewline ? "truncated_last_line"
+                                                         : "malformed_json";
+        return true;
+      }
+      if (!j.is_object() || !j.contains(opt_.field) || !j[opt_.field].is_string()) {
+        d->skip = "missing_field";
+        return true;
+      }
+      d->text = j[opt_.field].get<std::string>();
+      check_text(d);
+      return true;
+    }
+    if (opt_.text_mode == "file") {
+      // The whole file is one document (read in full: it is one document either way).
+      std::string text;
+      bool too_long = false;
+      while (lines_->next(&line, &st)) {
+        if (st == LineReader::Status::kTooLong || text.size() + line.size() > opt_.max_document_bytes)
+          too_long = true;
+        if (too_long) continue;
+        text += line;
+        if (st != LineReader::Status::kNoNewline) text += '\n';
+      }
+      file_done_ = true;
+      d->text = std::move(text);
+      if (too_long) d->skip = "too_large";
+      check_text(d);
+      return true;
+    }
+    // blank_line: blocks of non-blank lines separated by blank lines.
+    std::string block;
+    bool any = false, too_long = false;
+    while (lines_->next(&line, &st)) {
+      if (first_line_ && line.compare(0, 3, "\xEF\xBB\xBF") == 0) {
+        line.erase(0, 3);
+        d->bom_removed = true;
+      }
+      first_line_ = false;
+      bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
+      if (blank) {
+        if (any) break;
+        continue;
+      }
+      any = true;
+      if (st == LineReader::Status::kTooLong || block.size() + line.size() > opt_.max_document_bytes)
+        too_long = true;
+      if (!too_long) {
+        if (!block.empty()) block += '\n';
+        block += line;
+      }
+    }
+    if (!any) {
+      file_done_ = true;
+      continue;
+    }
+    d->text = std::move(block);
+    if (too_long) d->skip = "too_large";
+    check_text(d);
+    return true;
+  }
+}
+
+}  // namespace lmforge

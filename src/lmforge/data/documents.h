@@ -1,0 +1,59 @@
+// Documents from a source's files, with the poisoned-corpus policy (docs/formats.md, "prepare"):
+//   skipped (counted by reason): malformed_json, missing_field (absent or not a string),
+//     invalid_utf8, nul_bytes, empty, too_large (> max_document_bytes), truncated_last_line
+//     (a last line without '\n' that is not valid JSON)
+//   repaired (counted, then kept): bom (a leading U+FEFF is removed)
+// Formats: .jsonl / .jsonl.gz / .jsonl.zst (one document per line, field selectable), .txt
+// (and .txt.gz/.zst): one document per file, or per blank-line-separated block.
+//
+//   DocumentReader r(files, {.field = "text", .text_mode = "file"});
+//   Document d;
+//   while (r.next(&d)) if (d.skip.empty()) use(d.text);
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lmforge/data/byte_stream.h"
+
+namespace lmforge {
+
+struct DocumentOptions {
+  std::string field = "text";
+  std::string text_mode = "file";  // file | blank_line
+  uint64_t max_document_bytes = 64ull << 20;
+};
+
+struct Document {
+  std::string text;
+  std::string skip;  // reason it is skipped; empty = keep
+  bool bom_removed = false;
+};
+
+class DocumentReader {
+ public:
+  DocumentReader(std::vector<std::string> files, DocumentOptions opt);
+  // The next record (kept or skipped); false at the end of the last file.
+  bool next(Document* doc);
+  // Bytes consumed from the input files so far (compressed bytes for .gz/.zst).
+  uint64_t bytes_consumed() const { return done_bytes_ + (in_ ? in_->consumed() : 0); }
+
+ private:
+  bool open_next_file();
+  void check_text(Document* doc) const;
+  std::vector<std::string> files_;
+  DocumentOptions opt_;
+  size_t file_ = 0;
+  std::unique_ptr<ByteStream> in_;
+  std::unique_ptr<LineReader> lines_;
+  bool jsonl_ = false, first_line_ = true, file_done_ = true;
+  uint64_t done_bytes_ = 0;
+};
+
+// Expands paths, directories (recursively: *.txt, *.jsonl and their .gz/.zst) and globs into a
+// sorted file list; throws Error naming the path that matches nothing.
+std::vector<std::string> expand_inputs(const std::vector<std::string>& specs);
+
+}  // namespace lmforge

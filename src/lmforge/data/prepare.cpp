@@ -1,0 +1,353 @@
+#include "lmforge/data/prepare.h"
+
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+
+#include "lmforge/core/error.h"
+#include "lmforge/data/shard.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr size_t kBatchDocs = 1024;
+constexpr size_t kBatchBytes = 16 << 20;
+
+uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// By content, not position: a document lands in the same split whatever else the corpus holds
+// (skipped records do not shift it), and duplicates never straddle train and validation.
+bool goes_to_val(uint64_t seed, std::string_view text, double fraction) {
+  if (fraction <= 0) return false;
+  uint64_t h = std::stoull(fnv1a_hex(text), nullptr, 16);
+  double u = static_cast<double>(mix64(mix64(seed) ^ h) >> 11) * 0x1.0p-53;
+  return u < fraction;
+}
+
+struct SplitBuffer {
+  std::vector<uint32_t> tokens;
+  std::vector<uint64_t> starts;
+  int64_t shards = 0;
+  uint64_t docs = 0, total_tokens = 0;
+};
+
+// The state a resumed run continues from: what was consumed and written at the last shard close.
+struct Progress {
+  std::string key;
+  uint64_t records = 0;
+  bool complete = false;
+  json stats = json::object();
+};
+
+class Job {
+ public:
+  Job(const PrepareOptions& o, const PrepareSource& src, const Tokenizer& tok)
+      : o_(o), src_(src), tok_(tok), dir_(o.output + "/" + src.name) {
+    info_ = {tok.fingerprint(), tok.kind(), static_cast<uint64_t>(tok.vocab_size()), tok.bos_id(),
+             tok.eos_id()};
+  }
+
+  json run() {
+    std::vector<std::string> files = expand_inputs(src_.inputs);
+    uint64_t total_bytes = 0;
+    std::string key_src = fmt::format("{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
+                                      o_.val_fraction, o_.seed, src_.doc.field, src_.doc.text_mode,
+                                      src_.doc.max_document_bytes);
+    for (const std::string& f : files) {
+      uint64_t size = fs::file_size(f);
+      total_bytes += size;
+      key_src += fmt::format("{}:{}:{}|", fs::absolute(f).string(), size,
+                             fs::last_write_time(f).time_since_epoch().count());
+    }
+    std::string key = fnv1a_hex(key_src);
+    fs::create_directories(dir_);
+    Progress p = load_progress();
+    if (!p.key.empty() && p.key != key)
+      fail("{}: holds shards of a different prepare (other inputs, tokenizer or options); choose "
+           "another output or delete it",
+           dir_);
+    if (p.complete) {
+      report("already complete");
+      return p.stats;
+    }
+    p.key = key;
+    restore(p);
+
+    DocumentReader reader(files, src_.doc);
+    Document d;
+    for (uint64_t r = 0; r < p.records; ++r)  // resume: skip what finished shards hold
+      if (!reader.next(&d)) fail("{}: inputs shrank since the interrupted run; delete it", dir_);
+    records_ = p.records;
+    start_ = Clock::now();
+    resumed_bytes_ = reader.bytes_consumed();
+
+    // Each batch keeps every record in order (kept or skipped), so counts and shard closes
+    // happen in record order and a close mid-batch records exactly what precedes it.
+    struct Entry {
+      uint64_t index;
+      int32_t text;  // index into texts, or -1 when skipped
+      std::string skip;
+      bool bom;
+    };
+    std::vector<std::string> texts;
+    std::vector<Entry> entries;
+    bool more = true;
+    while (more) {
+      texts.clear();
+      entries.clear();
+      size_t batch_bytes = 0;
+      while (texts.size() < kBatchDocs && batch_bytes < kBatchBytes) {
+        if (!reader.next(&d)) {
+          more = false;
+          break;
+        }
+        Entry e{p.records + records_read_++, -1, d.skip, d.bom_removed};
+        if (d.skip.empty()) {
+          e.text = static_cast<int32_t>(texts.size());
+          batch_bytes += d.text.size();
+          texts.push_back(std::move(d.text));
+        }
+        entries.push_back(std::move(e));
+      }
+      std::vector<std::string_view> views(texts.begin(), texts.end());
+      auto ids = tok_.encode_batch(views);
+      for (const Entry& e : entries) {
+        if (e.bom) ++repaired_["bom"];
+        if (e.text < 0)
+          ++skipped_[e.skip];
+        else
+          add(e.index, ids[e.text], texts[e.text]);
+      }
+      show(reader.bytes_consumed(), total_bytes);
+    }
+    records_ = p.records + records_read_;
+    close_shards(/*final=*/true);
+    if (o_.progress && isatty(2)) std::fprintf(stderr, "\n");
+    return stats();
+  }
+
+ private:
+  void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text) {
+    SplitBuffer& b = goes_to_val(o_.seed, text, o_.val_fraction) ? val_ : train_;
+    b.starts.push_back(b.tokens.size());
+    if (tok_.bos_id() >= 0) b.tokens.push_back(tok_.bos_id());
+    b.tokens.insert(b.tokens.end(), ids.begin(), ids.end());
+    if (tok_.eos_id() >= 0) b.tokens.push_back(tok_.eos_id());
+    ++b.docs;
+    docs_bytes_ += text.size();
+    if (train_.tokens.size() >= o_.shard_tokens) {
+      records_ = record + 1;
+      close_shards(false);
+    }
+  }
+
+  void write(SplitBuffer& b, const char* split) {
+    if (b.tokens.empty()) return;
+    std::string path = fmt::format("{}/{}-{:05d}.bin", dir_, split, b.shards++);
+    write_shard(path, b.tokens, b.starts, info_);
+    b.total_tokens += b.tokens.size();
+    b.tokens.clear();
+    b.starts.clear();
+  }
+
+  // Writes both pending shards and the progress that points just past them.
+  void close_shards(bool final) {
+    write(train_, "train");
+    write(val_, "val");
+    json j = {{"key", key_}, {"records", records_}, {"complete", final}, {"stats", stats()}};
+    write_file_atomic(dir_ + "/progress.json", j.dump(2) + "\n");
+    if (!final && o_.stop_after_shards > 0 && train_.shards >= o_.stop_after_shards)
+      fail("prepare {}: stopped after {} shards (--stop-after-shards); run again to resume",
+           src_.name, train_.shards);
+  }
+
+  json stats() const {
+    return {{"records", records_},
+            {"documents", {{"train", train_.docs}, {"val", val_.docs}}},
+            {"tokens", {{"train", train_.total_tokens}, {"val", val_.total_tokens}}},
+            {"shards", {{"train", train_.shards}, {"val", val_.shards}}},
+            {"skipped", skipped_},
+            {"repaired", repaired_},
+            {"document_bytes", docs_bytes_}};
+  }
+
+  Progress load_progress() const {
+    Progress p;
+    std::string path = dir_ + "/progress.json";
+    if (!fs::exists(path)) return p;
+    json j = json::parse(read_file(path), nullptr, false);
+    if (j.is_discarded()) fail("{}: corrupt progress file; delete {} and run again", path, dir_);
+    p.key = j.value("key", "");
+    p.records = j.value("records", uint64_t{0});
+    p.complete = j.value("complete", false);
+    p.stats = j.value("stats", json::object());
+    return p;
+  }
+
+  void restore(const Progress& p) {
+    key_ = p.key;
+    if (p.stats.empty()) {
+      // A fresh start: remove shards an interrupted run wrote after its last progress update.
+      for (auto& e : fs::directory_iterator(dir_))
+        if (e.path().extension() == ".bin") fs::remove(e.path());
+      return;
+    }
+    const json& s = p.stats;
+    train_.docs = s["documents"]["train"];
+    val_.docs = s["documents"]["val"];
+    train_.total_tokens = s["tokens"]["train"];
+    val_.total_tokens = s["tokens"]["val"];
+    train_.shards = s["shards"]["train"];
+    val_.shards = s["shards"]["val"];
+    skipped_ = s["skipped"].get<std::map<std::string, uint64_t>>();
+    repaired_ = s["repaired"].get<std::map<std::string, uint64_t>>();
+    docs_bytes_ = s.value("document_bytes", uint64_t{0});
+    // Shards past the recorded counts were written after the last progress: drop them.
+    for (auto& e : fs::directory_iterator(dir_)) {
+      std::string n = e.path().filename().string();
+      int idx = -1;
+      if (std::sscanf(n.c_str(), "train-%d.bin", &idx) == 1 && idx >= train_.shards)
+        fs::remove(e.path());
+      else if (std::sscanf(n.c_str(), "val-%d.bin", &idx) == 1 && idx >= val_.shards)
+        fs::remove(e.path());
+    }
+  }
+
+  void show(uint64_t done, uint64_t total) {
+    if (!o_.progress || !isatty(2)) return;
+    double dt = std::chrono::duration<double>(Clock::now() - start_).count();
+    double rate = dt > 0 ? (done - resumed_bytes_) / dt : 0;
+    double eta = rate > 0 ? (total - std::min(total, done)) / rate : 0;
+    std::fprintf(stderr, "\rprepare %s: %.1f/%.1f MB  %.1f MB/s  %.0f docs/s  ETA %.0fs   ",
+                 src_.name.c_str(), done / 1e6, total / 1e6, rate / 1e6,
+                 dt > 0 ? (train_.docs + val_.docs) / dt : 0.0, eta);
+  }
+
+  void report(const char* what) { fmt::print("prepare {}: {}\n", src_.name, what); }
+
+  const PrepareOptions& o_;
+  const PrepareSource& src_;
+  const Tokenizer& tok_;
+  std::string dir_, key_;
+  ShardTokenizerInfo info_;
+  SplitBuffer train_, val_;
+  std::map<std::string, uint64_t> skipped_, repaired_;
+  uint64_t records_ = 0, records_read_ = 0, docs_bytes_ = 0, resumed_bytes_ = 0;
+  Clock::time_point start_;
+};
+
+}  // namespace
+
+PrepareOptions load_prepare_config(const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::BadFile&) {
+    fail("{}: cannot open; check the path", path);
+  } catch (const YAML::Exception& e) {
+    fail("{}:{}: invalid YAML ({})", path, e.mark.line + 1, e.msg);
+  }
+  PrepareOptions o;
+  auto bad = [&](const std::string& key, const std::string& why) -> void {
+    fail("{}: {}: {}", path, key, why);
+  };
+  try {
+    for (auto it = root.begin(); it != root.end(); ++it) {
+      std::string k = it->first.as<std::string>();
+      const YAML::Node& v = it->second;
+      if (k == "output") o.output = v.as<std::string>();
+      else if (k == "tokenizer") o.tokenizer = v.as<std::string>();
+      else if (k == "shard_tokens") o.shard_tokens = v.as<uint64_t>();
+      else if (k == "val_fraction") o.val_fraction = v.as<double>();
+      else if (k == "seed") o.seed = v.as<uint64_t>();
+      else if (k == "sources") {
+        for (auto s = v.begin(); s != v.end(); ++s) {
+          PrepareSource src;
+          src.name = s->first.as<std::string>();
+          for (auto f = s->second.begin(); f != s->second.end(); ++f) {
+            std::string fk = f->first.as<std::string>();
+            const YAML::Node& fv = f->second;
+            if (fk == "inputs") {
+              if (fv.IsSequence())
+                for (auto x : fv) src.inputs.push_back(x.as<std::string>());
+              else
+                src.inputs.push_back(fv.as<std::string>());
+            } else if (fk == "field") src.doc.field = fv.as<std::string>();
+            else if (fk == "text_mode") src.doc.text_mode = fv.as<std::string>();
+            else if (fk == "max_document_bytes") src.doc.max_document_bytes = fv.as<uint64_t>();
+            else bad("sources." + src.name + "." + fk, "unknown key; known: inputs, field, text_mode, max_document_bytes");
+          }
+          o.sources.push_back(src);
+        }
+      } else {
+        bad(k, "unknown key; known: output, tokenizer, shard_tokens, val_fraction, seed, sources");
+      }
+    }
+  } catch (const YAML::Exception& e) {
+    fail("{}:{}: wrong type ({})", path, e.mark.line + 1, e.msg);
+  }
+  return o;
+}
+
+json run_prepare(const PrepareOptions& o) {
+  if (o.output.empty()) fail("prepare: no output directory; pass --output DIR");
+  if (o.sources.empty()) fail("prepare: no inputs; pass --input PATH or list sources in the config");
+  if (!(o.val_fraction >= 0 && o.val_fraction < 1))
+    fail("val_fraction: {} must be in [0, 1)", o.val_fraction);
+  if (o.shard_tokens == 0) fail("shard_tokens: must be positive");
+  std::error_code ec;
+  fs::create_directories(o.output, ec);
+  if (ec || access(o.output.c_str(), W_OK) != 0)
+    fail("{}: cannot write the output directory ({}); check permissions",
+         o.output, ec ? ec.message() : std::strerror(errno));
+  std::unique_ptr<Tokenizer> tok;
+  try {
+    tok = load_tokenizer(o.tokenizer);
+  } catch (const Error& e) {
+    fail("tokenizer: {}", e.what());
+  }
+  for (const PrepareSource& s : o.sources) expand_inputs(s.inputs);  // fail before any work
+  auto t0 = Clock::now();
+  json summary = {{"tokenizer",
+                   {{"source", tok->source()},
+                    {"kind", tok->kind()},
+                    {"fingerprint", tok->fingerprint()},
+                    {"vocab_size", tok->vocab_size()},
+                    {"bos", tok->bos_id()},
+                    {"eos", tok->eos_id()}}},
+                  {"sources", json::object()}};
+  uint64_t bytes = 0;
+  for (const PrepareSource& s : o.sources) {
+    json st = Job(o, s, *tok).run();
+    bytes += st.value("document_bytes", uint64_t{0});
+    summary["sources"][s.name] = st;
+    fmt::print("prepare {}: {} train + {} val documents, {} + {} tokens, skipped {}, repaired {}\n",
+               s.name, st["documents"]["train"].get<uint64_t>(),
+               st["documents"]["val"].get<uint64_t>(), st["tokens"]["train"].get<uint64_t>(),
+               st["tokens"]["val"].get<uint64_t>(), st["skipped"].dump(), st["repaired"].dump());
+  }
+  double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+  summary["seconds"] = dt;
+  summary["mb_per_s"] = dt > 0 ? bytes / 1e6 / dt : 0;
+  write_file_atomic(o.output + "/summary.json", summary.dump(2) + "\n");
+  fmt::print("prepare: {:.1f} MB of documents in {:.1f}s ({:.1f} MB/s); summary in {}/summary.json\n",
+             bytes / 1e6, dt, dt > 0 ? bytes / 1e6 / dt : 0, o.output);
+  return summary;
+}
+
+}  // namespace lmforge
