@@ -7,6 +7,12 @@
   model_gpt2-tiny.safetensors     params, tokens, targets, logits, loss, grad.<param> (model_ref.py)
   model_llama3-tiny.safetensors
   adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
+  tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
+                                  ~1.5 MB corpus sample and hard cases (tokenizer_ref.py)
+
+  make_fixtures.py --out build/ref --tokenizers-full
+                                  only tokenizers-full/: the same on every document of the corpora
+                                  (the `slow` tier)
 
 Run by CTest as the `reference_fixtures` test (FIXTURES_SETUP), so fixtures are made at test
 time from the reference venv and never committed.
@@ -26,13 +32,26 @@ from safetensors.torch import save_file  # noqa: E402
 import adamw_ref  # noqa: E402
 import model_ref  # noqa: E402
 import ops_ref  # noqa: E402
+import tokenizer_ref  # noqa: E402
+
+# Reference tokenizer files, read-only, beside the checkout (../shared/assets/tokenizers).
+TOKENIZER_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                                "shared", "assets", "tokenizers")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the .safetensors fixtures")
+    ap.add_argument("--tokenizer-assets", default=TOKENIZER_ASSETS,
+                    help="the tiktoken rank files (default: ../shared/assets/tokenizers)")
+    ap.add_argument("--tokenizers-full", action="store_true",
+                    help="only the tokenizer fixtures of the full corpora (OUT/tokenizers-full)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.tokenizers_full:
+        tokenizer_ref.make(os.path.join(args.out, "tokenizers-full"), args.tokenizer_assets,
+                           full=True)
+        return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.time()
 
@@ -52,6 +71,8 @@ def main():
 
     tensors, hyper = adamw_ref.make()
     save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "torch": torch.__version__})
+
+    tokenizer_ref.make(os.path.join(args.out, "tokenizers"), args.tokenizer_assets)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ struct DataConfig {
   std::string train;  // token shard file(s): a path, a directory or a glob
   std::string val;    // validation shard(s); empty with `text` = split from it
   double val_fraction = 0.05;
-  std::string tokenizer =
-      "byte";  // until the tokenizer issue: byte-level (256 bytes + <|endoftext|>)
+  std::string tokenizer = "byte";  // "byte", or a tokenizer file/directory (any format)
 };
 
 struct TrainConfig {
