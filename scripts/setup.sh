@@ -14,7 +14,7 @@ packages=(build-essential cmake g++ ccache pkg-config
           libgtest-dev googletest
           bible-kjv bible-kjv-text)
 want_python=0
-[[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip clang libclang-rt-14-dev dict-gcide linux-doc); }
+[[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip clang libclang-rt-14-dev dict-gcide linux-doc zstd gzip); }
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 // lmforge prepare [CONFIG.yaml] [--input PATH... --output DIR --tokenizer PATH ...]
-#include "commands.h"
 #include "lmforge/data/prepare.h"
+
+#include "commands.h"
 
 namespace lmforge::app {
 

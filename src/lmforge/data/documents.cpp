@@ -153,7 +153,7 @@ bool DocumentReader::next(Document* d) {
       nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (j.is_discarded()) {
         bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
-        d->skip = blank                                 ? "empty"
+        d->skip = blank                                  ? "empty"
                   : st == LineReader::Status::kNoNewline ? "truncated_last_line"
                                                          : "malformed_json";
         return true;
@@ -171,7 +171,8 @@ bool DocumentReader::next(Document* d) {
       std::string text;
       bool too_long = false;
       while (lines_->next(&line, &st)) {
-        if (st == LineReader::Status::kTooLong || text.size() + line.size() > opt_.max_document_bytes)
+        if (st == LineReader::Status::kTooLong ||
+            text.size() + line.size() > opt_.max_document_bytes)
           too_long = true;
         if (too_long) continue;
         text += line;
@@ -198,7 +199,8 @@ bool DocumentReader::next(Document* d) {
         continue;
       }
       any = true;
-      if (st == LineReader::Status::kTooLong || block.size() + line.size() > opt_.max_document_bytes)
+      if (st == LineReader::Status::kTooLong ||
+          block.size() + line.size() > opt_.max_document_bytes)
         too_long = true;
       if (!too_long) {
         if (!block.empty()) block += '\n';

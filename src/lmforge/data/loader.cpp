@@ -63,11 +63,12 @@ void Loader::check_tokenizer(const Tokenizer& tok, const std::string& key) const
   for (const TokenShard& s : shards_) {
     const ShardTokenizerInfo& t = s.tokenizer();
     if (!t.fingerprint.empty() && t.fingerprint != tok.fingerprint())
-      fail("{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
-           "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
-           "shards' tokenizer",
-           key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
-           tok.fingerprint(), tok.vocab_size());
+      fail(
+          "{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
+          "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
+          "shards' tokenizer",
+          key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
+          tok.fingerprint(), tok.vocab_size());
   }
 }
 

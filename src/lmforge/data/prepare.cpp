@@ -65,9 +65,9 @@ class Job {
   json run() {
     std::vector<std::string> files = expand_inputs(src_.inputs);
     uint64_t total_bytes = 0;
-    std::string key_src = fmt::format("{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
-                                      o_.val_fraction, o_.seed, src_.doc.field, src_.doc.text_mode,
-                                      src_.doc.max_document_bytes);
+    std::string key_src =
+        fmt::format("{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens, o_.val_fraction,
+                    o_.seed, src_.doc.field, src_.doc.text_mode, src_.doc.max_document_bytes);
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -78,9 +78,10 @@ class Job {
     fs::create_directories(dir_);
     Progress p = load_progress();
     if (!p.key.empty() && p.key != key)
-      fail("{}: holds shards of a different prepare (other inputs, tokenizer or options); choose "
-           "another output or delete it",
-           dir_);
+      fail(
+          "{}: holds shards of a different prepare (other inputs, tokenizer or options); choose "
+          "another output or delete it",
+          dir_);
     if (p.complete) {
       report("already complete");
       return p.stats;
@@ -270,11 +271,16 @@ PrepareOptions load_prepare_config(const std::string& path) {
     for (auto it = root.begin(); it != root.end(); ++it) {
       std::string k = it->first.as<std::string>();
       const YAML::Node& v = it->second;
-      if (k == "output") o.output = v.as<std::string>();
-      else if (k == "tokenizer") o.tokenizer = v.as<std::string>();
-      else if (k == "shard_tokens") o.shard_tokens = v.as<uint64_t>();
-      else if (k == "val_fraction") o.val_fraction = v.as<double>();
-      else if (k == "seed") o.seed = v.as<uint64_t>();
+      if (k == "output")
+        o.output = v.as<std::string>();
+      else if (k == "tokenizer")
+        o.tokenizer = v.as<std::string>();
+      else if (k == "shard_tokens")
+        o.shard_tokens = v.as<uint64_t>();
+      else if (k == "val_fraction")
+        o.val_fraction = v.as<double>();
+      else if (k == "seed")
+        o.seed = v.as<uint64_t>();
       else if (k == "sources") {
         for (auto s = v.begin(); s != v.end(); ++s) {
           PrepareSource src;
@@ -287,10 +293,15 @@ PrepareOptions load_prepare_config(const std::string& path) {
                 for (auto x : fv) src.inputs.push_back(x.as<std::string>());
               else
                 src.inputs.push_back(fv.as<std::string>());
-            } else if (fk == "field") src.doc.field = fv.as<std::string>();
-            else if (fk == "text_mode") src.doc.text_mode = fv.as<std::string>();
-            else if (fk == "max_document_bytes") src.doc.max_document_bytes = fv.as<uint64_t>();
-            else bad("sources." + src.name + "." + fk, "unknown key; known: inputs, field, text_mode, max_document_bytes");
+            } else if (fk == "field")
+              src.doc.field = fv.as<std::string>();
+            else if (fk == "text_mode")
+              src.doc.text_mode = fv.as<std::string>();
+            else if (fk == "max_document_bytes")
+              src.doc.max_document_bytes = fv.as<uint64_t>();
+            else
+              bad("sources." + src.name + "." + fk,
+                  "unknown key; known: inputs, field, text_mode, max_document_bytes");
           }
           o.sources.push_back(src);
         }
@@ -306,15 +317,16 @@ PrepareOptions load_prepare_config(const std::string& path) {
 
 json run_prepare(const PrepareOptions& o) {
   if (o.output.empty()) fail("prepare: no output directory; pass --output DIR");
-  if (o.sources.empty()) fail("prepare: no inputs; pass --input PATH or list sources in the config");
+  if (o.sources.empty())
+    fail("prepare: no inputs; pass --input PATH or list sources in the config");
   if (!(o.val_fraction >= 0 && o.val_fraction < 1))
     fail("val_fraction: {} must be in [0, 1)", o.val_fraction);
   if (o.shard_tokens == 0) fail("shard_tokens: must be positive");
   std::error_code ec;
   fs::create_directories(o.output, ec);
   if (ec || access(o.output.c_str(), W_OK) != 0)
-    fail("{}: cannot write the output directory ({}); check permissions",
-         o.output, ec ? ec.message() : std::strerror(errno));
+    fail("{}: cannot write the output directory ({}); check permissions", o.output,
+         ec ? ec.message() : std::strerror(errno));
   std::unique_ptr<Tokenizer> tok;
   try {
     tok = load_tokenizer(o.tokenizer);
@@ -345,8 +357,9 @@ json run_prepare(const PrepareOptions& o) {
   summary["seconds"] = dt;
   summary["mb_per_s"] = dt > 0 ? bytes / 1e6 / dt : 0;
   write_file_atomic(o.output + "/summary.json", summary.dump(2) + "\n");
-  fmt::print("prepare: {:.1f} MB of documents in {:.1f}s ({:.1f} MB/s); summary in {}/summary.json\n",
-             bytes / 1e6, dt, dt > 0 ? bytes / 1e6 / dt : 0, o.output);
+  fmt::print(
+      "prepare: {:.1f} MB of documents in {:.1f}s ({:.1f} MB/s); summary in {}/summary.json\n",
+      bytes / 1e6, dt, dt > 0 ? bytes / 1e6 / dt : 0, o.output);
   return summary;
 }
 

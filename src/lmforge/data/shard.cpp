@@ -71,9 +71,10 @@ TokenShard TokenShard::open(const std::string& path) {
   }
   uint64_t index_bytes = docs ? (docs + 1) * 8 : 0;
   if (count > size || docs > size || kShardHeaderBytes + count * width + index_bytes != size)
-    fail("{}: header says {} tokens and {} documents but the file holds {} bytes after the "
-         "header; the shard is truncated or corrupt, re-create it",
-         path, count, docs, size - kShardHeaderBytes);
+    fail(
+        "{}: header says {} tokens and {} documents but the file holds {} bytes after the "
+        "header; the shard is truncated or corrupt, re-create it",
+        path, count, docs, size - kShardHeaderBytes);
   s.version_ = version;
   if (docs) {
     s.docs_ = reinterpret_cast<const uint64_t*>(base + kShardHeaderBytes + count * width);

@@ -63,8 +63,7 @@ class TokenShard {
 // Writes u16 tokens when every id < 65536, else u32. doc_starts (optional): the start offset of
 // each document, ascending from 0; the end offset N is added.
 void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
-                 const std::vector<uint64_t>& doc_starts = {},
-                 const ShardTokenizerInfo& tok = {});
+                 const std::vector<uint64_t>& doc_starts = {}, const ShardTokenizerInfo& tok = {});
 
 // Expands a path, a directory or a glob into sorted shard paths; throws Error naming `key` when
 // nothing matches. In a directory from `prepare`, a key ending in ".val" takes val-*.bin and

@@ -51,10 +51,9 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
   if (!(val_fraction >= 0 && val_fraction < 1))
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
-  size_t key =
-      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|{}|shard-v2", fs::absolute(path).string(),
-                                           fs::file_size(path), mtime, val_fraction,
-                                           tok.fingerprint()));
+  size_t key = std::hash<std::string>{}(
+      fmt::format("{}|{}|{}|{}|{}|shard-v2", fs::absolute(path).string(), fs::file_size(path),
+                  mtime, val_fraction, tok.fingerprint()));
   std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
   TextShards out{dir + "/train.bin", dir + "/val.bin"};
   if (fs::exists(out.train) && fs::exists(out.val)) return out;

@@ -1,0 +1,1 @@
+lmforge_test(test_prepare unit data/test_prepare.cpp)

@@ -1,0 +1,230 @@
+// lmforge prepare: round trip, determinism across thread counts, resume after interruption,
+// and the poisoned-corpus policy (counts per reason; output equals the clean documents').
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/error.h"
+#include "lmforge/data/prepare.h"
+#include "lmforge/data/shard.h"
+#include "lmforge/tokenizer/tokenizer.h"
+#include "testing/paths.h"
+#include "testing/process.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string gpt2() { return testing::shared_tokenizers_dir() + "/gpt2.tiktoken"; }
+
+// Deterministic English-like documents with some Unicode.
+std::vector<std::string> make_docs(int n) {
+  std::vector<std::string> words = {"the",  "LORD",   "said",   "unto", "Moses,",
+                                    "and",  "Aaron;", "behold", "café", "naïve",
+                                    "日本", "🎉",      "\n",     "123",  "  "};
+  std::vector<std::string> docs;
+  uint64_t x = 7;
+  for (int i = 0; i < n; ++i) {
+    std::string d = "Doc " + std::to_string(i) + ":";
+    int len = 5 + static_cast<int>(x % 200);
+    for (int k = 0; k < len; ++k) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      d += " " + words[(x >> 33) % words.size()];
+    }
+    docs.push_back(d);
+  }
+  return docs;
+}
+
+void write_jsonl(const std::string& path, const std::vector<std::string>& docs) {
+  std::ofstream f(path, std::ios::binary);
+  for (auto& d : docs) f << json{{"text", d}}.dump() << "\n";
+}
+
+PrepareOptions options(const std::string& in, const std::string& out) {
+  PrepareOptions o;
+  o.sources = {{"src", {in}, {}}};
+  o.output = out;
+  o.tokenizer = gpt2();
+  o.shard_tokens = 4000;
+  o.val_fraction = 0.2;
+  o.progress = false;
+  return o;
+}
+
+// The .bin files of a prepared source, name -> bytes.
+std::map<std::string, std::string> shard_files(const std::string& dir) {
+  std::map<std::string, std::string> m;
+  for (auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".bin") m[e.path().filename().string()] = testing::slurp(e.path());
+  return m;
+}
+
+// Documents of one split, decoded, in order (BOS/EOS removed).
+std::vector<std::string> decode_split(const std::string& dir, const std::string& split,
+                                      const Tokenizer& tok) {
+  std::vector<std::string> out;
+  for (auto& [name, bytes] : shard_files(dir)) {
+    if (!name.starts_with(split)) continue;
+    TokenShard s = TokenShard::open(dir + "/" + name);
+    EXPECT_EQ(s.tokenizer().fingerprint, tok.fingerprint());
+    for (int64_t d = 0; d < s.num_docs(); ++d) {
+      std::vector<int32_t> ids;
+      for (int64_t i = s.doc_start(d); i < s.doc_start(d + 1); ++i) ids.push_back(s[i]);
+      EXPECT_EQ(ids.back(), tok.eos_id());
+      ids.pop_back();
+      out.push_back(tok.decode(ids));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(Prepare, RoundTripsAndIsIdenticalForOneAndTwoThreads) {
+  std::string dir = testing::temp_dir("prepare-rt");
+  auto docs = make_docs(400);
+  fs::create_directories(dir + "/in");
+  write_jsonl(dir + "/in/a.jsonl", std::vector<std::string>(docs.begin(), docs.begin() + 200));
+  write_jsonl(dir + "/in/b.jsonl", std::vector<std::string>(docs.begin() + 200, docs.end()));
+  ASSERT_EQ(std::system(("gzip -k '" + dir + "/in/b.jsonl' && mv '" + dir + "/in/b.jsonl.gz' '" +
+                         dir + "/in/c.jsonl.gz'")
+                            .c_str()),
+            0);
+  ASSERT_EQ(
+      std::system(("zstd -q '" + dir + "/in/b.jsonl' -o '" + dir + "/in/d.jsonl.zst'").c_str()), 0);
+  omp_set_num_threads(2);
+  json summary = run_prepare(options(dir + "/in", dir + "/out2"));
+  omp_set_num_threads(1);
+  run_prepare(options(dir + "/in", dir + "/out1"));
+  omp_set_num_threads(2);
+  auto two = shard_files(dir + "/out2/src"), one = shard_files(dir + "/out1/src");
+  EXPECT_GT(two.size(), 4u);  // several train and val shards
+  EXPECT_EQ(two, one);
+
+  // a.jsonl, b.jsonl, c.jsonl.gz, d.jsonl.zst in order: docs, docs[200:], docs[200:], docs[200:]
+  std::vector<std::string> all(docs);
+  for (int r = 0; r < 2; ++r) all.insert(all.end(), docs.begin() + 200, docs.end());
+  auto tok = load_tokenizer(gpt2());
+  auto train = decode_split(dir + "/out2/src", "train", *tok);
+  auto val = decode_split(dir + "/out2/src", "val", *tok);
+  EXPECT_EQ(train.size() + val.size(), all.size());
+  EXPECT_GT(val.size(), all.size() / 10);
+  size_t t = 0, v = 0;
+  for (const std::string& d : all) {  // each document is the next one of its split
+    if (t < train.size() && train[t] == d)
+      ++t;
+    else if (v < val.size() && val[v] == d)
+      ++v;
+    else
+      FAIL() << "document not found in order: " << d.substr(0, 40);
+  }
+  EXPECT_EQ(summary["sources"]["src"]["documents"]["train"].get<size_t>(), train.size());
+}
+
+TEST(Prepare, ResumesAfterAnInterruptionToTheSameBytes) {
+  std::string dir = testing::temp_dir("prepare-resume");
+  write_jsonl(dir + "/in.jsonl", make_docs(600));
+  run_prepare(options(dir + "/in.jsonl", dir + "/full"));
+  PrepareOptions o = options(dir + "/in.jsonl", dir + "/cut");
+  o.stop_after_shards = 2;
+  EXPECT_THROW(run_prepare(o), Error);
+  EXPECT_FALSE(json::parse(testing::slurp(dir + "/cut/src/progress.json"))["complete"]);
+  o.stop_after_shards = 0;
+  run_prepare(o);
+  EXPECT_EQ(shard_files(dir + "/cut/src"), shard_files(dir + "/full/src"));
+  EXPECT_EQ(json::parse(testing::slurp(dir + "/cut/src/progress.json"))["stats"],
+            json::parse(testing::slurp(dir + "/full/src/progress.json"))["stats"]);
+}
+
+TEST(Prepare, PoisonedCorpusCountsEachReasonAndKeepsOnlyTheCleanDocuments) {
+  std::string dir = testing::temp_dir("prepare-poison");
+  auto docs = make_docs(60);
+  write_jsonl(dir + "/clean.jsonl", docs);
+  {
+    std::ofstream f(dir + "/poisoned.jsonl", std::ios::binary);
+    f << "\xEF\xBB\xBF";  // a BOM before the first record: repaired
+    for (size_t i = 0; i < docs.size(); ++i) {
+      f << json{{"text", docs[i]}}.dump() << "\n";
+      switch (i) {
+        case 3:
+          f << "{\"text\": \"unterminated\n";
+          break;  // malformed_json
+        case 7:
+          f << "{\"body\": \"no text field\"}\n";
+          break;  // missing_field
+        case 9:
+          f << "{\"text\": 42}\n";
+          break;  // missing_field
+        case 11:
+          f << "{\"text\": \"a\\u0000b\"}\n";
+          break;  // nul_bytes
+        case 13:
+          f << "{\"text\": \"\"}\n";
+          break;  // empty
+        case 15:
+          f << "\n";
+          break;  // empty
+        case 17:
+          f << json{{"text", std::string(20000, 'x')}}.dump() << "\n";
+          break;  // too_large
+        case 19:
+          f << "[1, 2]\n";
+          break;  // missing_field
+        default:
+          break;
+      }
+    }
+    f << "{\"text\": \"cut off";  // truncated_last_line
+  }
+  {
+    std::ofstream t(dir + "/bad.txt", std::ios::binary);
+    t << "bad \xFF\xFE bytes\n";  // invalid_utf8 (.txt, one document per file)
+  }
+  PrepareOptions clean = options(dir + "/clean.jsonl", dir + "/out-clean");
+  PrepareOptions poisoned = options(dir + "/poisoned.jsonl", dir + "/out-poisoned");
+  poisoned.sources[0].inputs.push_back(dir + "/bad.txt");
+  clean.sources[0].doc.max_document_bytes = poisoned.sources[0].doc.max_document_bytes = 10000;
+  run_prepare(clean);
+  json s = run_prepare(poisoned)["sources"]["src"];
+  EXPECT_EQ(s["skipped"], (json{{"malformed_json", 1},
+                                {"missing_field", 3},
+                                {"nul_bytes", 1},
+                                {"empty", 2},
+                                {"too_large", 1},
+                                {"truncated_last_line", 1},
+                                {"invalid_utf8", 1}}));
+  EXPECT_EQ(s["repaired"], (json{{"bom", 1}}));
+  EXPECT_EQ(shard_files(dir + "/out-poisoned/src"), shard_files(dir + "/out-clean/src"));
+}
+
+TEST(Prepare, FatalErrorsAreClearAndWriteNothing) {
+  std::string dir = testing::temp_dir("prepare-errors");
+  write_jsonl(dir + "/in.jsonl", make_docs(10));
+  auto error_of = [](const PrepareOptions& o) -> std::string {
+    try {
+      run_prepare(o);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(error_of(options(dir + "/missing.jsonl", dir + "/o1")).find("missing.jsonl"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(dir + "/o1/src"));
+  EXPECT_NE(error_of(options(dir + "/in.jsonl", "/proc/lmforge-out")).find("/proc/lmforge-out"),
+            std::string::npos);
+  run_prepare(options(dir + "/in.jsonl", dir + "/o2"));
+  PrepareOptions other = options(dir + "/in.jsonl", dir + "/o2");
+  other.val_fraction = 0.5;
+  EXPECT_NE(error_of(other).find("different prepare"), std::string::npos);
+}
+
+}  // namespace lmforge
