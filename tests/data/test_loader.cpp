@@ -1,4 +1,7 @@
+// Loader: windows, packing, mixing, ranks and exact resume, on synthetic shards.
 #include <gtest/gtest.h>
+
+#include <set>
 
 #include "lmforge/core/error.h"
 #include "lmforge/data/loader.h"
@@ -7,36 +10,146 @@
 namespace lmforge {
 
 namespace {
-std::string make_shard(const std::string& dir, int n) {
+
+// A shard where token == position (ids < 1000 wrap), no document index.
+std::string counting_shard(const std::string& dir, const std::string& name, int n) {
   std::vector<uint32_t> t(n);
-  for (int i = 0; i < n; ++i) t[i] = static_cast<uint32_t>(i);  // token == position
-  write_shard(dir + "/s.bin", t);
-  return dir + "/s.bin";
+  for (int i = 0; i < n; ++i) t[i] = static_cast<uint32_t>(i % 1000);
+  write_shard(dir + "/" + name, t);
+  return dir + "/" + name;
 }
+
+// Documents of lengths `lens`; document d's tokens are 1000*d + position.
+std::string doc_shard(const std::string& dir, const std::string& name, std::vector<int> lens) {
+  std::vector<uint32_t> t;
+  std::vector<uint64_t> starts;
+  for (size_t d = 0; d < lens.size(); ++d) {
+    starts.push_back(t.size());
+    for (int i = 0; i < lens[d]; ++i) t.push_back(static_cast<uint32_t>(1000 * d + i));
+  }
+  write_shard(dir + "/" + name, t, starts);
+  return dir + "/" + name;
+}
+
+LoaderOptions opts(int64_t B, int64_t T, uint64_t seed) {
+  LoaderOptions o;
+  o.batch = B;
+  o.seq = T;
+  o.seed = seed;
+  return o;
+}
+
 }  // namespace
 
-TEST(Loader, WindowsAreShiftedByOneAndResumeExactly) {
-  std::string path = make_shard(testing::temp_dir("loader"), 1000);
-  Loader a({path}, 4, 16, 99), b({path}, 4, 16, 99);
-  Tensor tok = Tensor::empty({4, 16}, DType::kI32), tgt = Tensor::empty({4, 16}, DType::kI32);
-  Tensor tok2 = Tensor::empty({4, 16}, DType::kI32), tgt2 = Tensor::empty({4, 16}, DType::kI32);
-  for (int i = 0; i < 3; ++i) a.next(tok, tgt);
-  b.set_state(a.state());  // b continues where a is
-  for (int step = 0; step < 5; ++step) {
-    a.next(tok, tgt);
-    b.next(tok2, tgt2);
-    for (int i = 0; i < 64; ++i) {
-      EXPECT_EQ(tok.data<int32_t>()[i], tok2.data<int32_t>()[i]);
-      EXPECT_EQ(tgt.data<int32_t>()[i], tok.data<int32_t>()[i] + 1);
-      EXPECT_LT(tgt.data<int32_t>()[i], 1000);
+TEST(Loader, WindowsAreShiftedByOneAndEveryEpochVisitsEachOnce) {
+  std::string path = counting_shard(testing::temp_dir("loader-win"), "s.bin", 16 * 20 + 1);
+  Loader l(parse_data_spec(path, "data.train"), opts(4, 16, 9));
+  ASSERT_EQ(l.num_samples(0), 20);
+  Batch b = Batch::make(4, 16);
+  std::multiset<int64_t> seen;
+  for (int step = 0; step < 5; ++step) {  // 5 x 4 = one epoch
+    l.next(b);
+    for (int i = 0; i < 64; ++i)
+      EXPECT_EQ(b.targets.data<int32_t>()[i], b.tokens.data<int32_t>()[i] + 1);
+    for (auto& s : l.last_samples()) seen.insert(s.index);
+  }
+  EXPECT_EQ(seen.size(), 20u);
+  EXPECT_EQ(std::set<int64_t>(seen.begin(), seen.end()).size(), 20u);
+}
+
+// A ledger of sample ids: after save/restore the sequence continues exactly (across epochs).
+TEST(Loader, ResumeContinuesTheExactSampleSequence) {
+  std::string dir = testing::temp_dir("loader-resume");
+  std::string a = counting_shard(dir, "a.bin", 2000), c = counting_shard(dir, "c.bin", 900);
+  auto spec = parse_data_spec(a + "@0.7," + c + "@0.3", "data.train");
+  Loader ref(spec, opts(3, 32, 5));
+  Batch b = Batch::make(3, 32);
+  std::vector<SampleId> ledger;
+  for (int i = 0; i < 60; ++i) {
+    ref.next(b);
+    for (auto& s : ref.last_samples()) ledger.push_back(s);
+  }
+  Loader first(spec, opts(3, 32, 5));
+  std::vector<SampleId> resumed;
+  for (int i = 0; i < 23; ++i) {
+    first.next(b);
+    for (auto& s : first.last_samples()) resumed.push_back(s);
+  }
+  nlohmann::json st = nlohmann::json::parse(first.state().dump());  // through text, as on disk
+  Loader second(spec, opts(3, 32, 5));
+  second.set_state(st);
+  for (int i = 23; i < 60; ++i) {
+    second.next(b);
+    for (auto& s : second.last_samples()) resumed.push_back(s);
+  }
+  EXPECT_EQ(resumed, ledger);
+  // Mixing by weight: ~70% of rows from the first source.
+  double from_a = 0;
+  for (auto& s : ledger) from_a += s.source == 0;
+  EXPECT_NEAR(from_a / ledger.size(), 0.7, 0.1);
+}
+
+TEST(Loader, RanksSeeDisjointSamples) {
+  std::string path = counting_shard(testing::temp_dir("loader-ranks"), "s.bin", 8 * 100 + 1);
+  std::set<int64_t> all;
+  size_t total = 0;
+  for (int rank = 0; rank < 2; ++rank) {
+    LoaderOptions o = opts(5, 8, 3);
+    o.rank = rank;
+    o.world = 2;
+    Loader l(parse_data_spec(path, "data.train"), o);
+    Batch b = Batch::make(5, 8);
+    for (int i = 0; i < 10; ++i) {  // 10 x 5 = half an epoch each
+      l.next(b);
+      for (auto& s : l.last_samples()) {
+        all.insert(s.index);
+        ++total;
+      }
+    }
+  }
+  EXPECT_EQ(total, 100u);
+  EXPECT_EQ(all.size(), 100u);  // no sample seen by both ranks
+}
+
+TEST(Loader, BestFitPackingCutsFewerDocumentsAndRestartsPositions) {
+  std::string dir = testing::temp_dir("loader-pack");
+  std::vector<int> lens;
+  for (int d = 0; d < 200; ++d) lens.push_back(3 + (d * 37) % 29);  // 3..31 tokens
+  lens.push_back(100);  // longer than a slot: split
+  std::string path = doc_shard(dir, "d.bin", lens);
+  LoaderOptions o = opts(4, 32, 1);
+  o.packing = "best_fit";
+  Loader packed(parse_data_spec(path, "data.train"), o);
+  Loader chunked(parse_data_spec(path, "data.train"), opts(4, 32, 1));
+  auto ps = packed.stats()[0], cs = chunked.stats()[0];
+  EXPECT_EQ(ps["documents"], 201);
+  EXPECT_EQ(ps["cut_by_packing"], 1);  // only the 100-token document
+  EXPECT_GT(cs["cut_by_chunking"].get<int>(), 50);
+  EXPECT_GT(ps["fill"].get<double>(), 0.95);
+  Batch b = Batch::make(4, 32);
+  for (int step = 0; step < 10; ++step) {
+    packed.next(b);
+    const int32_t* tok = b.tokens.data<int32_t>();
+    const int32_t* tgt = b.targets.data<int32_t>();
+    const int32_t* pos = b.positions.data<int32_t>();
+    const int32_t* doc = b.doc_ids.data<int32_t>();
+    for (int i = 0; i < 4 * 32; ++i) {
+      if (doc[i] < 0) {  // padding
+        EXPECT_EQ(tgt[i], -100);
+        continue;
+      }
+      EXPECT_EQ(pos[i], tok[i] % 1000) << i;  // position within its document
+      bool same_doc_next = i % 32 < 31 && doc[i + 1] == doc[i];
+      if (same_doc_next) EXPECT_EQ(tgt[i], tok[i + 1]);
+      if (!same_doc_next && i % 32 < 31) EXPECT_EQ(tgt[i], -100);  // no cross-document target
     }
   }
 }
 
 TEST(Loader, RejectsTokensBeyondTheVocabularyAndTooLittleData) {
   std::string dir = testing::temp_dir("loader-vocab");
-  std::string path = make_shard(dir, 300);
-  Loader l({path}, 1, 8, 1);
+  std::string path = counting_shard(dir, "s.bin", 300);
+  Loader l(parse_data_spec(path, "data.train"), opts(1, 8, 1));
   EXPECT_NO_THROW(l.check_vocab(300, "data.train"));
   try {
     l.check_vocab(257, "data.train");
@@ -44,7 +157,11 @@ TEST(Loader, RejectsTokensBeyondTheVocabularyAndTooLittleData) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("token id 299"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(Loader({path}, 1, 300, 1), Error);
+  EXPECT_THROW(Loader(parse_data_spec(path, "data.train"), opts(1, 300, 1)), Error);
+  EXPECT_THROW(parse_data_spec(path + "@-1", "data.train"), Error);
+  LoaderOptions o = opts(1, 8, 1);
+  o.packing = "best_fit";  // needs a document index
+  EXPECT_THROW(Loader(parse_data_spec(path, "data.train"), o), Error);
 }
 
 }  // namespace lmforge

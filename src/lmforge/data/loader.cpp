@@ -1,74 +1,279 @@
 #include "lmforge/data/loader.h"
 
+#include <algorithm>
+#include <map>
+
 #include "lmforge/core/error.h"
 
 namespace lmforge {
 
-Loader::Loader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint64_t seed)
-    : B_(B), T_(T), rng_(seed) {
-  for (const std::string& p : paths) {
-    shards_.push_back(TokenShard::open(p));
-    int64_t n = shards_.back().size();
-    windows_.push_back(n > T ? n - T : 0);
-    total_ += n;
-    total_windows_ += windows_.back();
+std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::string& key) {
+  std::vector<DataSourceSpec> out;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t comma = spec.find(',', pos);
+    std::string item = spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    pos = comma == std::string::npos ? spec.size() + 1 : comma + 1;
+    if (item.empty()) continue;
+    DataSourceSpec s;
+    size_t at = item.rfind('@');
+    s.spec = item.substr(0, at);
+    if (at != std::string::npos) {
+      char* end = nullptr;
+      s.weight = std::strtod(item.c_str() + at + 1, &end);
+      if (*end != '\0' || !(s.weight > 0))
+        fail("{}: weight \"{}\" of {} must be a positive number", key, item.substr(at + 1), s.spec);
+    }
+    s.shards = expand_shards(s.spec, key);
+    out.push_back(std::move(s));
   }
-  if (total_windows_ == 0)
-    fail(
-        "{}: {} tokens in all, too few for one window of train.seq_len+1={}; use more data or a "
-        "shorter train.seq_len",
-        paths.empty() ? std::string("data") : paths.front(), total_, T + 1);
+  if (out.empty()) fail("{}: no data given; set it to shard paths (e.g. out/src or a@0.7,b@0.3)", key);
+  return out;
 }
 
-void Loader::window(int64_t g, int32_t* tok, int32_t* tgt) const {
-  size_t s = 0;
-  while (g >= windows_[s]) g -= windows_[s++];
-  const TokenShard& sh = shards_[s];
-  for (int64_t t = 0; t < T_; ++t) {
-    tok[t] = static_cast<int32_t>(sh[g + t]);
-    tgt[t] = static_cast<int32_t>(sh[g + t + 1]);
+Batch Batch::make(int64_t B, int64_t T) {
+  return {Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
+          Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32)};
+}
+
+Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& opt)
+    : o_(opt), rng_(opt.seed) {
+  if (o_.packing != "none" && o_.packing != "best_fit")
+    fail("data.packing: expected none or best_fit, got \"{}\"", o_.packing);
+  if (o_.world < 1 || o_.rank < 0 || o_.rank >= o_.world)
+    fail("loader: rank {} of world {} is invalid", o_.rank, o_.world);
+  double wsum = 0;
+  for (const DataSourceSpec& spec : specs) {
+    Source s;
+    s.spec = spec.spec;
+    s.weight = spec.weight;
+    for (const std::string& p : spec.shards) {
+      s.shards.push_back(TokenShard::open(p));
+      s.tokens += s.shards.back().size();
+    }
+    if (o_.packing == "best_fit")
+      plan_best_fit(s);
+    else
+      plan_chunks(s);
+    if (s.samples() < o_.world)
+      fail("{}: {} tokens make {} samples of train.seq_len+1={}, too few for {} rank(s); use more "
+           "data or a shorter train.seq_len",
+           s.spec, s.tokens, s.samples(), o_.seq + 1, o_.world);
+    total_tokens_ += s.tokens;
+    wsum += s.weight;
+    sources_.push_back(std::move(s));
+  }
+  double acc = 0;
+  for (const Source& s : sources_) cumulative_.push_back(acc += s.weight / wsum);
+}
+
+void Loader::plan_chunks(Source& s) {
+  const int64_t L = o_.seq + 1;
+  s.first_span.push_back(0);
+  for (size_t k = 0; k < s.shards.size(); ++k) {
+    const TokenShard& sh = s.shards[k];
+    for (int64_t start = 0; start + L <= sh.size(); start += o_.seq) {
+      s.spans.push_back({static_cast<int32_t>(k), static_cast<int32_t>(L), start});
+      s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
+    }
+    for (int64_t d = 0; d < sh.num_docs(); ++d) {  // documents crossing a window boundary
+      int64_t b = sh.doc_start(d), e = sh.doc_start(d + 1);
+      ++s.docs;
+      if (e - b > 0 && b / o_.seq != (e - 1) / o_.seq) ++s.cut_chunked;
+    }
+  }
+  s.filled = s.samples() * L;
+}
+
+void Loader::plan_best_fit(Source& s) {
+  const int64_t L = o_.seq + 1;
+  struct Piece {
+    int32_t shard;
+    int64_t start, len, pos0;
+  };
+  std::vector<Piece> pieces;
+  std::vector<std::vector<Span>> bins;
+  for (size_t k = 0; k < s.shards.size(); ++k) {
+    const TokenShard& sh = s.shards[k];
+    if (sh.num_docs() == 0)
+      fail("{}: data.packing=best_fit needs shards with a document index; make them with "
+           "`lmforge prepare`",
+           sh.path());
+    for (int64_t d = 0; d < sh.num_docs(); ++d) {
+      int64_t b = sh.doc_start(d), e = sh.doc_start(d + 1);
+      ++s.docs;
+      if (e - b > 0 && b / o_.seq != (e - 1) / o_.seq) ++s.cut_chunked;
+      if (e - b > L) ++s.cut_packed;
+      const int64_t doc_begin = b;
+      for (; e - b > L; b += L) {  // full slots of a long document
+        bins.push_back({{static_cast<int32_t>(k), static_cast<int32_t>(L), b,
+                         static_cast<int32_t>(b - doc_begin)}});
+        s.filled += L;
+      }
+      if (e > b) pieces.push_back({static_cast<int32_t>(k), b, e - b, b - doc_begin});
+    }
+  }
+  std::stable_sort(pieces.begin(), pieces.end(),
+                   [](const Piece& a, const Piece& b) { return a.len > b.len; });
+  std::multimap<int64_t, size_t> room;  // remaining capacity -> bin: best fit is lower_bound
+  for (const Piece& p : pieces) {
+    auto it = room.lower_bound(p.len);
+    size_t bin;
+    int64_t left;
+    if (it == room.end()) {
+      bin = bins.size();
+      bins.emplace_back();
+      left = L;
+    } else {
+      bin = it->second;
+      left = it->first;
+      room.erase(it);
+    }
+    bins[bin].push_back({p.shard, static_cast<int32_t>(p.len), p.start, static_cast<int32_t>(p.pos0)});
+    s.filled += p.len;
+    if (left - p.len > 0) room.emplace(left - p.len, bin);
+  }
+  s.first_span.push_back(0);
+  for (const auto& bin : bins) {
+    s.spans.insert(s.spans.end(), bin.begin(), bin.end());
+    s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
   }
 }
 
-void Loader::next(const Tensor& tokens, const Tensor& targets) {
-  int32_t* tok = tokens.data<int32_t>();
-  int32_t* tgt = targets.data<int32_t>();
-  for (int64_t b = 0; b < B_; ++b)
-    window(static_cast<int64_t>(rng_.below(static_cast<uint64_t>(total_windows_))), tok + b * T_,
-           tgt + b * T_);
+void Loader::fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) const {
+  const int64_t T = o_.seq;
+  int32_t* tok = b.tokens.data<int32_t>() + row * T;
+  int32_t* tgt = b.targets.data<int32_t>() + row * T;
+  int32_t* pos = b.positions.data<int32_t>() + row * T;
+  int32_t* doc = b.doc_ids.data<int32_t>() + row * T;
+  // The sample's T+1 tokens, padded; seq[i] predicts seq[i+1] within the same span.
+  int64_t t = 0;
+  int32_t d = 0;
+  for (int64_t k = s.first_span[sample]; k < s.first_span[sample + 1]; ++k, ++d) {
+    const Span& sp = s.spans[k];
+    const TokenShard& sh = s.shards[sp.shard];
+    for (int64_t i = 0; i < sp.len && t <= T; ++i, ++t) {
+      int32_t id = static_cast<int32_t>(sh[sp.start + i]);
+      if (t < T) {
+        tok[t] = id;
+        pos[t] = sp.pos0 + static_cast<int32_t>(i);
+        doc[t] = d;
+        tgt[t] = o_.ignore_index;  // set when the next token of the span arrives
+      }
+      if (t > 0 && i > 0) tgt[t - 1] = id;  // a span's first token is never a target
+    }
+  }
+  for (; t < T; ++t) {
+    tok[t] = o_.pad_token;
+    tgt[t] = o_.ignore_index;
+    pos[t] = 0;
+    doc[t] = -1;
+  }
 }
 
-void Loader::sequential(int64_t i, const Tensor& tokens, const Tensor& targets) const {
-  int32_t* tok = tokens.data<int32_t>();
-  int32_t* tgt = targets.data<int32_t>();
-  int64_t per_batch = B_ * T_;
-  for (int64_t b = 0; b < B_; ++b) {
-    int64_t start = ((i * per_batch + b * T_) % total_windows_);
-    window(start, tok + b * T_, tgt + b * T_);
+int64_t Loader::take(Source& s) {
+  const int64_t n = s.samples();
+  if (s.cursor + o_.rank >= n - (n % o_.world)) {  // epoch over (ranks stay in lockstep)
+    ++s.epoch;
+    s.cursor = 0;
   }
+  if (s.order_epoch != s.epoch) {
+    s.order.resize(n);
+    for (int64_t i = 0; i < n; ++i) s.order[i] = i;
+    Rng r(o_.seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(s.epoch) * 0x632be59bd9b4e019ull +
+          static_cast<uint64_t>(&s - sources_.data()));
+    for (int64_t i = n - 1; i > 0; --i) std::swap(s.order[i], s.order[r.below(i + 1)]);
+    s.order_epoch = s.epoch;
+  }
+  int64_t sample = s.order[s.cursor + o_.rank];
+  s.cursor += o_.world;
+  return sample;
+}
+
+void Loader::next(Batch& b) {
+  last_.clear();
+  for (int64_t row = 0; row < o_.batch; ++row) {
+    size_t src = 0;
+    if (sources_.size() > 1) {
+      double u = rng_.uniform();
+      while (src + 1 < sources_.size() && u >= cumulative_[src]) ++src;
+    }
+    int64_t sample = take(sources_[src]);
+    fill_row(sources_[src], sample, row, b);
+    last_.push_back({static_cast<int32_t>(src), sample});
+  }
+}
+
+void Loader::sequential(int64_t i, Batch& b) const {
+  int64_t total = 0;
+  for (const Source& s : sources_) total += s.samples();
+  for (int64_t row = 0; row < o_.batch; ++row) {
+    int64_t k = (i * o_.batch + row) % total;
+    size_t src = 0;
+    while (k >= sources_[src].samples()) k -= sources_[src++].samples();
+    fill_row(sources_[src], k, row, b);
+  }
+}
+
+nlohmann::json Loader::stats() const {
+  nlohmann::json j = nlohmann::json::array();
+  for (const Source& s : sources_) {
+    double slots = static_cast<double>(s.samples()) * (o_.seq + 1);
+    j.push_back({{"source", s.spec},
+                 {"weight", s.weight},
+                 {"tokens", s.tokens},
+                 {"samples", s.samples()},
+                 {"documents", s.docs},
+                 {"cut_by_packing", s.cut_packed},
+                 {"cut_by_chunking", s.cut_chunked},
+                 {"fill", slots > 0 ? s.filled / slots : 0.0}});
+  }
+  return j;
 }
 
 void Loader::check_vocab(int64_t vocab_size, const std::string& key) const {
-  for (const TokenShard& s : shards_) {
-    uint32_t mx = s.max_token();
-    if (static_cast<int64_t>(mx) >= vocab_size)
-      fail(
-          "{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
-          "different tokenizer, re-create them or set model.vocab_size",
-          key, s.path(), mx, vocab_size);
-  }
+  for (const Source& src : sources_)
+    for (const TokenShard& s : src.shards) {
+      uint32_t mx = s.max_token();
+      if (static_cast<int64_t>(mx) >= vocab_size)
+        fail("{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
+             "different tokenizer, re-create them or set model.vocab_size",
+             key, s.path(), mx, vocab_size);
+    }
 }
 
 void Loader::check_tokenizer(const Tokenizer& tok, const std::string& key) const {
-  for (const TokenShard& s : shards_) {
-    const ShardTokenizerInfo& t = s.tokenizer();
-    if (!t.fingerprint.empty() && t.fingerprint != tok.fingerprint())
-      fail(
-          "{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
-          "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
-          "shards' tokenizer",
-          key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
-          tok.fingerprint(), tok.vocab_size());
+  for (const Source& src : sources_)
+    for (const TokenShard& s : src.shards) {
+      const ShardTokenizerInfo& t = s.tokenizer();
+      if (!t.fingerprint.empty() && t.fingerprint != tok.fingerprint())
+        fail("{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
+             "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
+             "shards' tokenizer",
+             key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
+             tok.fingerprint(), tok.vocab_size());
+    }
+}
+
+nlohmann::json Loader::state() const {
+  nlohmann::json src = nlohmann::json::array();
+  for (const Source& s : sources_) src.push_back({{"epoch", s.epoch}, {"cursor", s.cursor}});
+  return {{"rng", rng_.state()}, {"sources", src}};
+}
+
+void Loader::set_state(const nlohmann::json& j) {
+  try {
+    rng_.set_state(j.at("rng").get<Rng::State>());
+    const auto& src = j.at("sources");
+    if (src.size() != sources_.size())
+      fail("loader state has {} sources but data.train has {}; resume with the same data",
+           src.size(), sources_.size());
+    for (size_t i = 0; i < sources_.size(); ++i) {
+      sources_[i].epoch = src[i].at("epoch").get<int64_t>();
+      sources_[i].cursor = src[i].at("cursor").get<int64_t>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail("checkpoint loader state is malformed ({})", e.what());
   }
 }
 

@@ -1,12 +1,22 @@
-// Loader: batches of (tokens, targets) windows from token shards. Training batches are random
-// windows of T+1 tokens drawn by a seeded Rng whose state is saved in checkpoints, so a resumed
-// run sees exactly the batches an uninterrupted one would. Validation batches are fixed,
-// non-overlapping windows from the start of the validation shards.
+// Loader: (tokens, targets) batches from prepared token shards.
 //
-//   Loader train(expand_shards(cfg.data.train, "data.train"), B, T, seed);
-//   train.next(tokens, targets);   // (B, T) int32 each
+// Each source (a shard path, directory or glob; several mix by weight: "a@0.7,b@0.3") is cut
+// into samples of T+1 tokens once, at start-up:
+//   packing "none":     consecutive windows of the shards (concatenate and chunk);
+//   packing "best_fit": whole documents (from the shards' document index) packed best-fit
+//                       decreasing into T+1 slots; documents longer than a slot are split. Unused
+//                       slot tail is padding with ignored targets. positions restart per document
+//                       and doc_ids number the documents of a row (for masks and RoPE later).
+// Each epoch visits every sample of a source once in a seeded random order; rank r of W takes
+// every W-th sample starting at r, so ranks see disjoint data. The state (RNG, per-source epoch
+// and cursor) is saved in checkpoints: a resumed run continues the exact sequence of samples.
+//
+//   Loader train(parse_data_spec(cfg.data.train, "data.train"), {B, T, seed});
+//   Batch b = Batch::make(B, T);
+//   train.next(b);                       // b.tokens, b.targets (B, T) int32
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -17,29 +27,87 @@
 
 namespace lmforge {
 
+struct DataSourceSpec {
+  std::string spec;  // as written
+  std::vector<std::string> shards;
+  double weight = 1.0;
+};
+// "SPEC[@WEIGHT],SPEC[@WEIGHT],..." -> sources; throws Error naming `key` on a bad weight or a
+// spec that matches no shard.
+std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::string& key);
+
+struct LoaderOptions {
+  int64_t batch = 1, seq = 1;
+  uint64_t seed = 0;
+  std::string packing = "none";  // none | best_fit
+  int64_t rank = 0, world = 1;
+  int32_t pad_token = 0;
+  int32_t ignore_index = -100;
+};
+
+struct Batch {
+  Tensor tokens, targets, positions, doc_ids;  // (B, T) int32 each
+  static Batch make(int64_t B, int64_t T);
+};
+
+struct SampleId {
+  int32_t source;
+  int64_t index;  // the sample's index in its source's plan
+  bool operator==(const SampleId&) const = default;
+};
+
 class Loader {
  public:
-  Loader(const std::vector<std::string>& paths, int64_t B, int64_t T, uint64_t seed);
-  void next(const Tensor& tokens, const Tensor& targets);
-  // Batch i of the fixed sequential windows (wraps around).
-  void sequential(int64_t i, const Tensor& tokens, const Tensor& targets) const;
-  int64_t num_tokens() const { return total_; }
-  // Throws Error (naming `key`) if any token id is >= vocab_size: shards made with another
-  // tokenizer than the model's.
+  Loader(const std::vector<DataSourceSpec>& sources, const LoaderOptions& opt);
+  void next(Batch& batch);
+  // Validation: batch i of all samples in their natural order (wraps around).
+  void sequential(int64_t i, Batch& batch) const;
+
+  // Samples of the last next(), one per row.
+  const std::vector<SampleId>& last_samples() const { return last_; }
+  int64_t num_tokens() const { return total_tokens_; }
+  int64_t num_samples(int source) const { return sources_[source].samples(); }
+  // Per source: samples, documents cut by packing and by plain chunking, slot fill.
+  nlohmann::json stats() const;
+
   void check_vocab(int64_t vocab_size, const std::string& key) const;
   // Throws Error naming both tokenizers when a shard records a different tokenizer than `tok`
   // (version-1 shards record none and are only checked by check_vocab).
   void check_tokenizer(const Tokenizer& tok, const std::string& key) const;
 
-  Rng::State state() const { return rng_.state(); }
-  void set_state(const Rng::State& s) { rng_.set_state(s); }
+  nlohmann::json state() const;
+  void set_state(const nlohmann::json& s);
 
  private:
-  void window(int64_t global_start, int32_t* tok, int32_t* tgt) const;
-  std::vector<TokenShard> shards_;
-  std::vector<int64_t> windows_;  // per shard: number of valid window starts (n - T)
-  int64_t B_, T_, total_ = 0, total_windows_ = 0;
+  struct Span {
+    int32_t shard;
+    int32_t len;
+    int64_t start;
+    int32_t pos0 = 0;  // position of the first token within its document
+  };
+  struct Source {
+    std::string spec;
+    double weight;
+    std::vector<TokenShard> shards;
+    std::vector<Span> spans;
+    std::vector<int64_t> first_span;  // sample i = spans[first_span[i], first_span[i+1])
+    int64_t docs = 0, cut_packed = 0, cut_chunked = 0, tokens = 0, filled = 0;
+    int64_t epoch = 0, cursor = 0;
+    std::vector<int64_t> order;  // permutation of the current epoch
+    int64_t order_epoch = -1;
+    int64_t samples() const { return static_cast<int64_t>(first_span.size()) - 1; }
+  };
+  void plan_chunks(Source& s);
+  void plan_best_fit(Source& s);
+  void fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) const;
+  int64_t take(Source& s);
+
+  LoaderOptions o_;
+  std::vector<Source> sources_;
+  std::vector<double> cumulative_;
   Rng rng_;
+  std::vector<SampleId> last_;
+  int64_t total_tokens_ = 0;
 };
 
 }  // namespace lmforge

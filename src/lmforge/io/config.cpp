@@ -47,9 +47,11 @@ std::vector<ConfigField> fields(Config& c) {
   std::vector<ConfigField> rest = {
       {"init_from", &c.init_from, "initial weights (reserved: hf:DIR)"},
       {"data.text", &c.data.text, "text file tokenized into shards; demo:kjv = the demo corpus"},
-      {"data.train", &c.data.train, "training shard: file, directory or glob"},
+      {"data.train", &c.data.train,
+       "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3"},
       {"data.val", &c.data.val, "validation shard(s)"},
       {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
+      {"data.packing", &c.data.packing, "none (chunks) | best_fit (whole documents, padded)"},
       {"data.tokenizer", &c.data.tokenizer,
        "byte, or a tokenizer file/directory (tiktoken, tokenizer.json, vocab.json, .model)"},
       {"train.steps", &c.train.steps, "optimizer steps"},

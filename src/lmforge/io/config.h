@@ -27,6 +27,7 @@ struct DataConfig {
   std::string train;  // token shard file(s): a path, a directory or a glob
   std::string val;    // validation shard(s); empty with `text` = split from it
   double val_fraction = 0.05;
+  std::string packing = "none";  // none (concatenate and chunk) | best_fit (whole documents)
   std::string tokenizer = "byte";  // "byte", or a tokenizer file/directory (any format)
 };
 

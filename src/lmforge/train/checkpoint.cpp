@@ -95,7 +95,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"version", kVersion},
             {"step", st.step},
             {"optimizer_steps", opt.steps_taken()},
-            {"loader_rng", st.loader_rng},
+            {"loader", st.loader},
             {"model", jm},
             {"tokenizer",
              {{"kind", tok.kind()},
@@ -186,7 +186,7 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
   }
   if (st) {
     st->step = j.at("step").get<int64_t>();
-    st->loader_rng = j.at("loader_rng").get<Rng::State>();
+    st->loader = j.at("loader");
   }
 }
 

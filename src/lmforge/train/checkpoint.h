@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "lmforge/core/rng.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
@@ -19,7 +21,7 @@ namespace lmforge {
 
 struct TrainState {
   int64_t step = 0;  // optimizer steps completed
-  Rng::State loader_rng{};
+  nlohmann::json loader;  // Loader::state(): RNG, per-source epoch and cursor
 };
 
 // Returns the checkpoint directory. Removes older checkpoints beyond keep_last (0 = keep all).

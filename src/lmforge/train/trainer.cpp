@@ -49,12 +49,11 @@ void validate_train_config(const Config& cfg) {
 
 namespace {
 
-double evaluate(Transformer& model, const Loader& val, int64_t batches, const Tensor& tok,
-                const Tensor& tgt) {
+double evaluate(Transformer& model, const Loader& val, int64_t batches, Batch& batch) {
   double sum = 0;
   for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i, tok, tgt);
-    sum += model.forward(tok, tgt);
+    val.sequential(i, batch);
+    sum += model.forward(batch.tokens, batch.targets);
   }
   return sum / static_cast<double>(batches);
 }
@@ -89,13 +88,16 @@ TrainResult train(Config& cfg, const std::string& resume) {
   }
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
-  Loader train_data(expand_shards(train_spec, "data.train"), t.batch_size, t.seq_len, t.seed + 1);
+  LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
+  lo.pad_token = std::max(tokenizer->eos_id(), 0);
+  Loader train_data(parse_data_spec(train_spec, "data.train"), lo);
   train_data.check_tokenizer(*tokenizer, "data.train");
   train_data.check_vocab(cfg.model.vocab_size, "data.train");
   std::unique_ptr<Loader> val_data;
   if (!val_spec.empty()) {
-    val_data =
-        std::make_unique<Loader>(expand_shards(val_spec, "data.val"), t.batch_size, t.seq_len, 0);
+    LoaderOptions vo = lo;
+    vo.seed = 0;
+    val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);
     val_data->check_tokenizer(*tokenizer, "data.val");
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
@@ -135,7 +137,7 @@ TrainResult train(Config& cfg, const std::string& resume) {
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
     load_checkpoint(ckpt, model, &opt, &st);
-    train_data.set_state(st.loader_rng);
+    train_data.set_state(st.loader);
     MetricsWriter::truncate_after(metrics_path, st.step);
     fmt::print("resumed from {} at step {}\n", ckpt, st.step);
   } else {
@@ -147,19 +149,25 @@ TrainResult train(Config& cfg, const std::string& resume) {
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
              model.params().numel() / 1e6, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
              cfg.model.vocab_size, model.activation_bytes() / 1048576.0);
+  for (const auto& s : train_data.stats())
+    fmt::print("data: {} weight {:.2f}: {} samples, {} documents ({} cut by {} packing, {} by "
+               "chunking), fill {:.1f}%\n",
+               s["source"].get<std::string>(), s["weight"].get<double>(),
+               s["samples"].get<int64_t>(), s["documents"].get<int64_t>(),
+               s[cfg.data.packing == "best_fit" ? "cut_by_packing" : "cut_by_chunking"].get<int64_t>(),
+               cfg.data.packing, s["cut_by_chunking"].get<int64_t>(), 100 * s["fill"].get<double>());
   fmt::print("data: {} training tokens{}; B={} T={} grad_accum={}; {} threads\n",
              train_data.num_tokens(),
              val_data ? fmt::format(", {} validation tokens", val_data->num_tokens()) : "",
              t.batch_size, t.seq_len, t.grad_accum, omp_get_max_threads());
   std::fflush(stdout);
 
-  Tensor tok = Tensor::empty({t.batch_size, t.seq_len}, DType::kI32);
-  Tensor tgt = Tensor::empty({t.batch_size, t.seq_len}, DType::kI32);
+  Batch batch = Batch::make(t.batch_size, t.seq_len);
   TrainResult res;
   auto start = Clock::now();
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
   auto checkpoint = [&] {
-    st.loader_rng = train_data.state();
+    st.loader = train_data.state();
     res.last_checkpoint =
         save_checkpoint(run_dir, model, opt, st, config_yaml, t.keep_last, *tokenizer);
   };
@@ -170,8 +178,8 @@ TrainResult train(Config& cfg, const std::string& resume) {
     model.params().zero_grad();
     double loss = 0;
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-      train_data.next(tok, tgt);
-      loss += model.forward(tok, tgt) / static_cast<double>(t.grad_accum);
+      train_data.next(batch);
+      loss += model.forward(batch.tokens, batch.targets) / static_cast<double>(t.grad_accum);
       model.backward(1.0 / static_cast<double>(t.grad_accum));
     }
     double norm = clip_grad_norm(model.params(), t.grad_clip);
@@ -199,7 +207,7 @@ TrainResult train(Config& cfg, const std::string& resume) {
       fail("training diverged at step {} (loss {}); lower train.lr or raise train.warmup", st.step,
            loss);
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
-      double vl = evaluate(model, *val_data, t.eval_batches, tok, tgt);
+      double vl = evaluate(model, *val_data, t.eval_batches, batch);
       res.last_val_loss = vl;
       metrics.write({{"step", st.step}, {"val_loss", vl}});
       fmt::print("step {:>6}/{} | val loss {:.4f}\n", st.step, t.steps, vl);
