@@ -9,11 +9,12 @@
 #include "commands.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/rng.h"
+#include "lmforge/data/loader.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
-#include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge::app {
@@ -48,7 +49,8 @@ void add_bench_tokenizer(CLI::App& bench) {
       for (int r = 0; r < std::max(1, o->repeat); ++r) {
         auto t0 = std::chrono::steady_clock::now();
         fn();
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        best = std::min(
+            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
       return best;
     };
@@ -61,6 +63,34 @@ void add_bench_tokenizer(CLI::App& bench) {
     fmt::print("{} tokens, {} documents, {:.2f} MB\n", n_ids, docs.size(), mb);
     fmt::print("lmforge batch ({} threads): {:.2f} MB/s\n", omp_get_max_threads(), mb / tn);
     fmt::print("lmforge {} single thread: {:.2f} MB/s\n", tok->kind(), mb / t1);
+  });
+}
+
+// lmforge bench loader --data SPEC --batch B --seq T [--packing best_fit]: batches per second.
+void add_bench_loader(CLI::App& bench) {
+  struct Opts {
+    std::string data, packing = "none";
+    int64_t batch = 8, seq = 512, batches = 2000;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = bench.add_subcommand("loader", "Batches per second of the data loader");
+  cmd->add_option("--data", o->data, "Shards, as data.train")->required();
+  cmd->add_option("--batch", o->batch, "B")->capture_default_str();
+  cmd->add_option("--seq", o->seq, "T")->capture_default_str();
+  cmd->add_option("--packing", o->packing, "none | best_fit")->capture_default_str();
+  cmd->add_option("--batches", o->batches, "Batches to time")->capture_default_str();
+  cmd->callback([o] {
+    LoaderOptions lo{o->batch, o->seq, 1, o->packing};
+    auto t0 = std::chrono::steady_clock::now();
+    Loader loader(parse_data_spec(o->data, "--data"), lo);
+    double plan = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    Batch b = Batch::make(o->batch, o->seq);
+    t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < o->batches; ++i) loader.next(b);
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    fmt::print("plan {:.3f}s; {}\n", plan, loader.stats().dump());
+    fmt::print("lmforge loader B={} T={} {}: {:.0f} batches/s, {:.0f} tok/s\n", o->batch, o->seq,
+               o->packing, o->batches / dt, o->batches * o->batch * o->seq / dt);
   });
 }
 
@@ -119,6 +149,7 @@ void add_bench(CLI::App& app) {
     fmt::print("lmforge {} B={} T={} fp32: {:.1f} tok/s\n", o->model, o->batch, o->seq, tps);
   });
   add_bench_tokenizer(*bench);
+  add_bench_loader(*bench);
 }
 
 }  // namespace lmforge::app

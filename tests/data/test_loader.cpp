@@ -115,7 +115,7 @@ TEST(Loader, BestFitPackingCutsFewerDocumentsAndRestartsPositions) {
   std::string dir = testing::temp_dir("loader-pack");
   std::vector<int> lens;
   for (int d = 0; d < 200; ++d) lens.push_back(3 + (d * 37) % 29);  // 3..31 tokens
-  lens.push_back(100);  // longer than a slot: split
+  lens.push_back(100);                                              // longer than a slot: split
   std::string path = doc_shard(dir, "d.bin", lens);
   LoaderOptions o = opts(4, 32, 1);
   o.packing = "best_fit";

@@ -129,9 +129,38 @@ void DocumentReader::check_text(Document* d) const {
 }
 
 bool DocumentReader::next(Document* d) {
-  d->text.clear();
-  d->skip.clear();
-  d->bom_removed = false;
+  RawRecord r;
+  if (!next_raw(&r)) return false;
+  *d = finish(std::move(r));
+  return true;
+}
+
+Document DocumentReader::finish(RawRecord&& r) const {
+  Document d = std::move(r.doc);
+  if (!d.skip.empty()) return d;
+  if (!r.jsonl) {
+    d.text = std::move(r.data);
+    check_text(&d);
+    return d;
+  }
+  nlohmann::json j = nlohmann::json::parse(r.data, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    bool blank = r.data.find_first_not_of(" \t\r") == std::string::npos;
+    d.skip = blank ? "empty" : r.no_newline ? "truncated_last_line" : "malformed_json";
+    return d;
+  }
+  if (!j.is_object() || !j.contains(opt_.field) || !j[opt_.field].is_string()) {
+    d.skip = "missing_field";
+    return d;
+  }
+  d.text = j[opt_.field].get<std::string>();
+  check_text(&d);
+  return d;
+}
+
+bool DocumentReader::next_raw(RawRecord* r) {
+  *r = RawRecord{};
+  Document* d = &r->doc;
   for (;;) {
     if (file_done_ && !open_next_file()) return false;
     std::string line;
@@ -146,24 +175,10 @@ bool DocumentReader::next(Document* d) {
         d->bom_removed = true;
       }
       first_line_ = false;
-      if (st == LineReader::Status::kTooLong) {
-        d->skip = "too_large";
-        return true;
-      }
-      nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (j.is_discarded()) {
-        bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
-        d->skip = blank                                  ? "empty"
-                  : st == LineReader::Status::kNoNewline ? "truncated_last_line"
-                                                         : "malformed_json";
-        return true;
-      }
-      if (!j.is_object() || !j.contains(opt_.field) || !j[opt_.field].is_string()) {
-        d->skip = "missing_field";
-        return true;
-      }
-      d->text = j[opt_.field].get<std::string>();
-      check_text(d);
+      r->jsonl = true;
+      r->no_newline = st == LineReader::Status::kNoNewline;
+      if (st == LineReader::Status::kTooLong) d->skip = "too_large";
+      r->data = std::move(line);
       return true;
     }
     if (opt_.text_mode == "file") {
@@ -179,9 +194,8 @@ bool DocumentReader::next(Document* d) {
         if (st != LineReader::Status::kNoNewline) text += '\n';
       }
       file_done_ = true;
-      d->text = std::move(text);
+      r->data = std::move(text);
       if (too_long) d->skip = "too_large";
-      check_text(d);
       return true;
     }
     // blank_line: blocks of non-blank lines separated by blank lines.
@@ -211,9 +225,8 @@ bool DocumentReader::next(Document* d) {
       file_done_ = true;
       continue;
     }
-    d->text = std::move(block);
+    r->data = std::move(block);
     if (too_long) d->skip = "too_large";
-    check_text(d);
     return true;
   }
 }

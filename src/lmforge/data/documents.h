@@ -32,11 +32,22 @@ struct Document {
   bool bom_removed = false;
 };
 
+// A record as read, before JSON parsing and checks (which finish() does, in parallel if wanted).
+struct RawRecord {
+  std::string data;  // a JSONL line or a .txt document
+  bool jsonl = false, no_newline = false;
+  Document doc;  // skip/bom_removed decided while reading (e.g. too_large, BOM)
+};
+
 class DocumentReader {
  public:
   DocumentReader(std::vector<std::string> files, DocumentOptions opt);
   // The next record (kept or skipped); false at the end of the last file.
   bool next(Document* doc);
+  // The same in two steps: next_raw() reads (sequential, cheap); finish() parses and checks
+  // (const, thread-safe).
+  bool next_raw(RawRecord* r);
+  Document finish(RawRecord&& r) const;
   // Bytes consumed from the input files so far (compressed bytes for .gz/.zst).
   uint64_t bytes_consumed() const { return done_bytes_ + (in_ ? in_->consumed() : 0); }
 

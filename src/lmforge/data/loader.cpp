@@ -12,7 +12,8 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
   size_t pos = 0;
   while (pos <= spec.size()) {
     size_t comma = spec.find(',', pos);
-    std::string item = spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    std::string item =
+        spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     pos = comma == std::string::npos ? spec.size() + 1 : comma + 1;
     if (item.empty()) continue;
     DataSourceSpec s;
@@ -27,7 +28,8 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
     s.shards = expand_shards(s.spec, key);
     out.push_back(std::move(s));
   }
-  if (out.empty()) fail("{}: no data given; set it to shard paths (e.g. out/src or a@0.7,b@0.3)", key);
+  if (out.empty())
+    fail("{}: no data given; set it to shard paths (e.g. out/src or a@0.7,b@0.3)", key);
   return out;
 }
 
@@ -56,9 +58,10 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     else
       plan_chunks(s);
     if (s.samples() < o_.world)
-      fail("{}: {} tokens make {} samples of train.seq_len+1={}, too few for {} rank(s); use more "
-           "data or a shorter train.seq_len",
-           s.spec, s.tokens, s.samples(), o_.seq + 1, o_.world);
+      fail(
+          "{}: {} tokens make {} samples of train.seq_len+1={}, too few for {} rank(s); use more "
+          "data or a shorter train.seq_len",
+          s.spec, s.tokens, s.samples(), o_.seq + 1, o_.world);
     total_tokens_ += s.tokens;
     wsum += s.weight;
     sources_.push_back(std::move(s));
@@ -96,9 +99,10 @@ void Loader::plan_best_fit(Source& s) {
   for (size_t k = 0; k < s.shards.size(); ++k) {
     const TokenShard& sh = s.shards[k];
     if (sh.num_docs() == 0)
-      fail("{}: data.packing=best_fit needs shards with a document index; make them with "
-           "`lmforge prepare`",
-           sh.path());
+      fail(
+          "{}: data.packing=best_fit needs shards with a document index; make them with "
+          "`lmforge prepare`",
+          sh.path());
     for (int64_t d = 0; d < sh.num_docs(); ++d) {
       int64_t b = sh.doc_start(d), e = sh.doc_start(d + 1);
       ++s.docs;
@@ -129,7 +133,8 @@ void Loader::plan_best_fit(Source& s) {
       left = it->first;
       room.erase(it);
     }
-    bins[bin].push_back({p.shard, static_cast<int32_t>(p.len), p.start, static_cast<int32_t>(p.pos0)});
+    bins[bin].push_back(
+        {p.shard, static_cast<int32_t>(p.len), p.start, static_cast<int32_t>(p.pos0)});
     s.filled += p.len;
     if (left - p.len > 0) room.emplace(left - p.len, bin);
   }
@@ -236,9 +241,10 @@ void Loader::check_vocab(int64_t vocab_size, const std::string& key) const {
     for (const TokenShard& s : src.shards) {
       uint32_t mx = s.max_token();
       if (static_cast<int64_t>(mx) >= vocab_size)
-        fail("{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
-             "different tokenizer, re-create them or set model.vocab_size",
-             key, s.path(), mx, vocab_size);
+        fail(
+            "{}: {} holds token id {} but model.vocab_size is {}; the shards were made with a "
+            "different tokenizer, re-create them or set model.vocab_size",
+            key, s.path(), mx, vocab_size);
     }
 }
 
@@ -247,11 +253,12 @@ void Loader::check_tokenizer(const Tokenizer& tok, const std::string& key) const
     for (const TokenShard& s : src.shards) {
       const ShardTokenizerInfo& t = s.tokenizer();
       if (!t.fingerprint.empty() && t.fingerprint != tok.fingerprint())
-        fail("{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
-             "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
-             "shards' tokenizer",
-             key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
-             tok.fingerprint(), tok.vocab_size());
+        fail(
+            "{}: {} was made with tokenizer {} (fingerprint {}, {} ids) but data.tokenizer is {} "
+            "({}, fingerprint {}, {} ids); re-run prepare with it or set data.tokenizer to the "
+            "shards' tokenizer",
+            key, s.path(), t.kind, t.fingerprint, t.vocab_size, tok.source(), tok.kind(),
+            tok.fingerprint(), tok.vocab_size());
     }
 }
 

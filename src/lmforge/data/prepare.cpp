@@ -90,49 +90,50 @@ class Job {
     restore(p);
 
     DocumentReader reader(files, src_.doc);
-    Document d;
+    RawRecord skipped_record;
     for (uint64_t r = 0; r < p.records; ++r)  // resume: skip what finished shards hold
-      if (!reader.next(&d)) fail("{}: inputs shrank since the interrupted run; delete it", dir_);
+      if (!reader.next_raw(&skipped_record))
+        fail("{}: inputs shrank since the interrupted run; delete it", dir_);
     records_ = p.records;
     start_ = Clock::now();
     resumed_bytes_ = reader.bytes_consumed();
 
     // Each batch keeps every record in order (kept or skipped), so counts and shard closes
     // happen in record order and a close mid-batch records exactly what precedes it.
-    struct Entry {
-      uint64_t index;
-      int32_t text;  // index into texts, or -1 when skipped
-      std::string skip;
-      bool bom;
-    };
-    std::vector<std::string> texts;
-    std::vector<Entry> entries;
+    // A batch of raw records is read in order, then parsed, checked and tokenized in
+    // parallel (results by index), then applied in record order: counts and shard closes
+    // happen in record order, so a close mid-batch records exactly what precedes it.
+    std::vector<RawRecord> raw;
+    std::vector<Document> docs;
+    std::vector<std::vector<int32_t>> ids;
     bool more = true;
     while (more) {
-      texts.clear();
-      entries.clear();
+      raw.clear();
       size_t batch_bytes = 0;
-      while (texts.size() < kBatchDocs && batch_bytes < kBatchBytes) {
-        if (!reader.next(&d)) {
+      while (raw.size() < kBatchDocs && batch_bytes < kBatchBytes) {
+        RawRecord r;
+        if (!reader.next_raw(&r)) {
           more = false;
           break;
         }
-        Entry e{p.records + records_read_++, -1, d.skip, d.bom_removed};
-        if (d.skip.empty()) {
-          e.text = static_cast<int32_t>(texts.size());
-          batch_bytes += d.text.size();
-          texts.push_back(std::move(d.text));
-        }
-        entries.push_back(std::move(e));
+        batch_bytes += r.data.size();
+        raw.push_back(std::move(r));
       }
-      std::vector<std::string_view> views(texts.begin(), texts.end());
-      auto ids = tok_.encode_batch(views);
-      for (const Entry& e : entries) {
-        if (e.bom) ++repaired_["bom"];
-        if (e.text < 0)
-          ++skipped_[e.skip];
+      const int64_t n = static_cast<int64_t>(raw.size());
+      docs.assign(n, Document{});
+      ids.assign(n, {});
+#pragma omp parallel for schedule(dynamic, 4)
+      for (int64_t k = 0; k < n; ++k) {
+        docs[k] = reader.finish(std::move(raw[k]));
+        if (docs[k].skip.empty()) ids[k] = tok_.encode(docs[k].text);
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        uint64_t index = p.records + records_read_++;
+        if (docs[k].bom_removed) ++repaired_["bom"];
+        if (!docs[k].skip.empty())
+          ++skipped_[docs[k].skip];
         else
-          add(e.index, ids[e.text], texts[e.text]);
+          add(index, ids[k], docs[k].text);
       }
       show(reader.bytes_consumed(), total_bytes);
     }
