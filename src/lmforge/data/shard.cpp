@@ -140,12 +140,19 @@ std::vector<std::string> expand_shards(const std::string& spec, const std::strin
     // A prepared source directory holds train-*.bin and val-*.bin: take the split the key names.
     std::string split = key.ends_with(".val") ? "val-" : "train-";
     std::vector<std::string> all;
+    bool prepared = false;
     for (auto& e : fs::directory_iterator(spec))
       if (e.path().extension() == ".bin") {
+        std::string name = e.path().filename().string();
         all.push_back(e.path().string());
-        if (e.path().filename().string().starts_with(split)) out.push_back(e.path().string());
+        prepared = prepared || name.starts_with("train-") || name.starts_with("val-");
+        if (name.starts_with(split)) out.push_back(e.path().string());
       }
-    if (out.empty()) out = all;
+    if (prepared && out.empty())
+      fail("{}: {} holds no {}*.bin shards (was it prepared with val_fraction 0, or with too few "
+           "documents?)",
+           key, spec, split);
+    if (!prepared) out = all;
   } else if (spec.find_first_of("*?[") != std::string::npos) {
     glob_t g{};
     if (::glob(spec.c_str(), 0, nullptr, &g) == 0)
