@@ -3,7 +3,6 @@
 #include <array>
 
 #include "lmforge/core/error.h"
-
 #include "lmforge/tokenizer/formats/formats.h"
 
 namespace lmforge {

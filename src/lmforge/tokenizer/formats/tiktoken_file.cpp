@@ -64,8 +64,8 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path) {
         rank = -1;
       }
     }
-    if (sp == std::string_view::npos || rank < 0 ||
-        !base64_decode(line.substr(0, sp), &bytes) || bytes.empty())
+    if (sp == std::string_view::npos || rank < 0 || !base64_decode(line.substr(0, sp), &bytes) ||
+        bytes.empty())
       fail(
           "{}:{}: expected \"<base64 token> <rank>\"; the file is not a tiktoken rank file or is "
           "corrupt",

@@ -1,0 +1,1 @@
+lmforge_test(test_tokenizer_reference reference tokenizer/test_tokenizer_reference.cpp)

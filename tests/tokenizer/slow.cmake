@@ -1,0 +1,1 @@
+lmforge_test(test_tokenizer_full slow tokenizer/test_tokenizer_full.cpp)

@@ -1,0 +1,1 @@
+lmforge_test(test_tokenizer_unit unit tokenizer/test_tokenizer_unit.cpp)
