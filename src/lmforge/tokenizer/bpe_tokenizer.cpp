@@ -45,7 +45,7 @@ void BpeTokenizer::add_token(int32_t id, std::string bytes) {
     vocab_.resize(id + 1);
     is_special_.resize(id + 1, false);
   }
-  ids_.emplace(bytes, id);  // first registration of the same bytes wins
+  ids_.insert(bytes, id);  // first registration of the same bytes wins
   vocab_[id] = std::move(bytes);
 }
 
@@ -59,12 +59,7 @@ void BpeTokenizer::add_special(const std::string& text, int32_t id) {
   specials_[text] = id;
 }
 
-int32_t BpeTokenizer::id_of(std::string_view bytes) const {
-  thread_local std::string key;  // reused: loaders call this ~10^6 times
-  key.assign(bytes.data(), bytes.size());
-  auto it = ids_.find(key);
-  return it == ids_.end() ? -1 : it->second;
-}
+int32_t BpeTokenizer::id_of(std::string_view bytes) const { return ids_.find(bytes); }
 
 void BpeTokenizer::finalize() {
   for (int b = 0; b < 256; ++b) {
@@ -82,16 +77,16 @@ void BpeTokenizer::finalize() {
 }
 
 void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
-  thread_local std::string key;  // reused: lookups allocate nothing
-  key.assign(piece.data(), piece.size());
   // Whole-piece hits (most words) first: they never enter the cache, which keeps it for the
   // pieces that need merging.
   if (whole_piece_) {
-    if (auto it = ids_.find(key); it != ids_.end()) {
-      out.push_back(it->second);
+    if (int32_t id = ids_.find(piece); id >= 0) {
+      out.push_back(id);
       return;
     }
   }
+  thread_local std::string key;  // reused: lookups allocate nothing
+  key.assign(piece.data(), piece.size());
   PieceCache& cache = this->cache();
   if (auto it = cache.find(key); it != cache.end()) {
     out.insert(out.end(), it->second.begin(), it->second.end());
@@ -104,9 +99,8 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
   } else {
     for (size_t i = 0; i < piece.size();) {
       size_t n = utf8_len(piece, i);
-      auto it = ids_.find(std::string(piece.substr(i, n)));
-      if (it != ids_.end()) {
-        ids.push_back(it->second);
+      if (int32_t id = ids_.find(piece.substr(i, n)); id >= 0) {
+        ids.push_back(id);
       } else if (byte_fallback_) {
         for (size_t k = 0; k < n; ++k) {
           int32_t f = fallback_id_[static_cast<unsigned char>(piece[i + k])];

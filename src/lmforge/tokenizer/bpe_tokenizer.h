@@ -14,6 +14,7 @@
 
 #include "lmforge/tokenizer/bpe.h"
 #include "lmforge/tokenizer/pretokenizer.h"
+#include "lmforge/tokenizer/string_id_map.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
@@ -73,7 +74,7 @@ class BpeTokenizer : public Tokenizer {
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
 
   std::vector<std::string> vocab_;  // id -> raw bytes
-  std::unordered_map<std::string, int32_t> ids_;
+  StringIdMap ids_;
   std::vector<bool> is_special_;
   BpeEngine engine_;
   std::unique_ptr<Pretokenizer> pre_;
