@@ -82,6 +82,16 @@ TEST(CliErrors, DataProblemsNameTheShard) {
                         {"big.bin", "model.vocab_size", "tokenizer"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=nope.json", dir),
                         {"data.tokenizer", "nope.json"});
+  // Shards prepared with one tokenizer, training told another: refused, naming both.
+  std::ofstream(dir + "/doc.txt") << "In the beginning God created the heaven and the earth.\n";
+  auto p = run_lmforge("prepare --input doc.txt --output prep", dir);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  std::string gpt2 = testing::shared_tokenizers_dir() + "/gpt2.tiktoken";
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set data.train=prep/data --set data.tokenizer=" + gpt2 +
+                      " --set model.vocab_size=0",
+                  dir),
+      {"prep/data/train-00000.bin", "byte", "gpt2.tiktoken", "fingerprint"});
 }
 
 TEST(CliErrors, ResumeAndCheckpointProblems) {
