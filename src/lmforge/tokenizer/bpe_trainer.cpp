@@ -9,14 +9,13 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/tokenizer/formats/formats.h"
+#include "lmforge/tokenizer/known_encodings.h"
 #include "lmforge/tokenizer/pretokenizer.h"
 
 namespace lmforge {
 
 namespace {
 
-constexpr const char* kGpt4Pattern =
-    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+)";
 constexpr size_t kChunk = 4 << 20;
 
 uint64_t pair_key(int32_t a, int32_t b) {
@@ -58,7 +57,7 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
   if (o.vocab_size < 256 + n_special)
     fail("--vocab-size: {} is below the 256 byte tokens plus {} specials", o.vocab_size, n_special);
   if (files.empty()) fail("tokenizer train: no input files given");
-  std::string pattern = o.pattern.empty() ? kGpt4Pattern : o.pattern;
+  std::string pattern = o.pattern.empty() ? kCl100kPattern : o.pattern;
   Pretokenizer pre(pattern, "--pattern");
 
   BpeTrainResult res;

@@ -20,4 +20,9 @@ struct KnownEncoding {
 
 const KnownEncoding* known_encoding_for_ranks(size_t n_ranks);
 
+// Pre-tokenizer patterns shared by several formats: GPT-2's (also HF's ByteLevel use_regex) and
+// GPT-4's cl100k (the default of `tokenizer train`).
+extern const char* const kGpt2Pattern;
+extern const char* const kCl100kPattern;
+
 }  // namespace lmforge

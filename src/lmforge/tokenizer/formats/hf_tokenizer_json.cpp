@@ -19,9 +19,6 @@ using nlohmann::json;
 
 namespace {
 
-constexpr const char* kGpt2Pattern =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-
 // Flattens a Sequence into its parts; a single component becomes a list of one.
 std::vector<json> parts(const json& j) {
   if (j.is_null()) return {};
