@@ -10,7 +10,7 @@ cd "$root"
 
 packages=(build-essential cmake g++ ccache pkg-config
           libdnnl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
-          libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev
+          libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev libsimdjson-dev
           libgtest-dev googletest
           bible-kjv bible-kjv-text)
 want_python=0

@@ -13,6 +13,7 @@ void add_prepare(CLI::App& app) {
     int64_t shard_tokens = 0;
     int64_t seed = -1;
     int64_t stop_after = 0;
+    int64_t val_docs = -1;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -25,6 +26,7 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("--field", o->field, "JSONL field (default: text)");
   cmd->add_option("--text-mode", o->text_mode, ".txt documents: file | blank_line (default: file)");
   cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation");
+  cmd->add_option("--val-docs", o->val_docs, "The first N documents are validation (a count)");
   cmd->add_option("--shard-tokens", o->shard_tokens, "Tokens per train shard");
   cmd->add_option("--seed", o->seed, "Seed of the train/validation split");
   cmd->add_option("--stop-after-shards", o->stop_after,
@@ -44,6 +46,7 @@ void add_prepare(CLI::App& app) {
     if (!o->output.empty()) p.output = o->output;
     if (!o->tokenizer.empty()) p.tokenizer = o->tokenizer;
     if (o->val_fraction >= 0) p.val_fraction = o->val_fraction;
+    if (o->val_docs >= 0) p.val_docs = static_cast<uint64_t>(o->val_docs);
     if (o->shard_tokens > 0) p.shard_tokens = static_cast<uint64_t>(o->shard_tokens);
     if (o->seed >= 0) p.seed = static_cast<uint64_t>(o->seed);
     p.stop_after_shards = o->stop_after;

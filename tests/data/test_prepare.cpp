@@ -205,6 +205,23 @@ TEST(Prepare, PoisonedCorpusCountsEachReasonAndKeepsOnlyTheCleanDocuments) {
   EXPECT_EQ(shard_files(dir + "/out-poisoned/src"), shard_files(dir + "/out-clean/src"));
 }
 
+TEST(Prepare, SplitsByCount) {
+  std::string dir = testing::temp_dir("prepare-count");
+  auto docs = make_docs(50);
+  write_jsonl(dir + "/in.jsonl", docs);
+  PrepareOptions o = options(dir + "/in.jsonl", dir + "/out");
+  o.val_fraction = 0;
+  o.val_docs = 7;
+  json s = run_prepare(o)["sources"]["src"];
+  EXPECT_EQ(s["documents"]["val"], 7);
+  EXPECT_EQ(s["documents"]["train"], 43);
+  auto tok = load_tokenizer(gpt2());
+  auto val = decode_split(dir + "/out/src", "val", *tok);
+  EXPECT_EQ(val, std::vector<std::string>(docs.begin(), docs.begin() + 7));
+  o.val_fraction = 0.1;
+  EXPECT_THROW(run_prepare(o), Error);
+}
+
 TEST(Prepare, FatalErrorsAreClearAndWriteNothing) {
   std::string dir = testing::temp_dir("prepare-errors");
   write_jsonl(dir + "/in.jsonl", make_docs(10));

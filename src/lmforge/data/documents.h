@@ -53,7 +53,7 @@ class DocumentReader {
 
  private:
   bool open_next_file();
-  void check_text(Document* doc) const;
+  void check_text(Document* doc, bool utf8_checked = false) const;
   std::vector<std::string> files_;
   DocumentOptions opt_;
   size_t file_ = 0;

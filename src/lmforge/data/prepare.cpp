@@ -10,6 +10,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/string_id_map.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
@@ -34,7 +35,7 @@ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
 // (skipped records do not shift it), and duplicates never straddle train and validation.
 bool goes_to_val(uint64_t seed, std::string_view text, double fraction) {
   if (fraction <= 0) return false;
-  uint64_t h = std::stoull(fnv1a_hex(text), nullptr, 16);
+  uint64_t h = StringIdMap::hash(text);
   double u = static_cast<double>(mix64(mix64(seed) ^ h) >> 11) * 0x1.0p-53;
   return u < fraction;
 }
@@ -65,9 +66,9 @@ class Job {
   json run() {
     std::vector<std::string> files = expand_inputs(src_.inputs);
     uint64_t total_bytes = 0;
-    std::string key_src =
-        fmt::format("{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens, o_.val_fraction,
-                    o_.seed, src_.doc.field, src_.doc.text_mode, src_.doc.max_document_bytes);
+    std::string key_src = fmt::format(
+        "{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens, o_.val_fraction,
+        o_.val_docs, o_.seed, src_.doc.field, src_.doc.text_mode, src_.doc.max_document_bytes);
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -145,7 +146,9 @@ class Job {
 
  private:
   void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text) {
-    SplitBuffer& b = goes_to_val(o_.seed, text, o_.val_fraction) ? val_ : train_;
+    bool val =
+        o_.val_docs > 0 ? val_.docs < o_.val_docs : goes_to_val(o_.seed, text, o_.val_fraction);
+    SplitBuffer& b = val ? val_ : train_;
     b.starts.push_back(b.tokens.size());
     if (tok_.bos_id() >= 0) b.tokens.push_back(tok_.bos_id());
     b.tokens.insert(b.tokens.end(), ids.begin(), ids.end());
@@ -280,6 +283,8 @@ PrepareOptions load_prepare_config(const std::string& path) {
         o.shard_tokens = v.as<uint64_t>();
       else if (k == "val_fraction")
         o.val_fraction = v.as<double>();
+      else if (k == "val_docs")
+        o.val_docs = v.as<uint64_t>();
       else if (k == "seed")
         o.seed = v.as<uint64_t>();
       else if (k == "sources") {
@@ -307,7 +312,9 @@ PrepareOptions load_prepare_config(const std::string& path) {
           o.sources.push_back(src);
         }
       } else {
-        bad(k, "unknown key; known: output, tokenizer, shard_tokens, val_fraction, seed, sources");
+        bad(k,
+            "unknown key; known: output, tokenizer, shard_tokens, val_fraction, val_docs, seed, "
+            "sources");
       }
     }
   } catch (const YAML::Exception& e) {
@@ -323,6 +330,8 @@ json run_prepare(const PrepareOptions& o) {
   if (!(o.val_fraction >= 0 && o.val_fraction < 1))
     fail("val_fraction: {} must be in [0, 1)", o.val_fraction);
   if (o.shard_tokens == 0) fail("shard_tokens: must be positive");
+  if (o.val_docs > 0 && o.val_fraction > 0)
+    fail("val_docs and val_fraction: set one of them (a count or a fraction), not both");
   std::error_code ec;
   fs::create_directories(o.output, ec);
   if (ec || access(o.output.c_str(), W_OK) != 0)

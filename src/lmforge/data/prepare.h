@@ -32,6 +32,7 @@ struct PrepareOptions {
   std::string tokenizer = "byte";
   uint64_t shard_tokens = 100'000'000;
   double val_fraction = 0.0;
+  uint64_t val_docs = 0;  // > 0: the first val_docs kept documents are validation (not a fraction)
   uint64_t seed = 1234;
   bool progress = true;           // a progress line on stderr (when it is a terminal)
   int64_t stop_after_shards = 0;  // > 0: stop with an error after that many train shards (tests)

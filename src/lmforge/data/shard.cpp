@@ -149,9 +149,10 @@ std::vector<std::string> expand_shards(const std::string& spec, const std::strin
         if (name.starts_with(split)) out.push_back(e.path().string());
       }
     if (prepared && out.empty())
-      fail("{}: {} holds no {}*.bin shards (was it prepared with val_fraction 0, or with too few "
-           "documents?)",
-           key, spec, split);
+      fail(
+          "{}: {} holds no {}*.bin shards (was it prepared with val_fraction 0, or with too few "
+          "documents?)",
+          key, spec, split);
     if (!prepared) out = all;
   } else if (spec.find_first_of("*?[") != std::string::npos) {
     glob_t g{};
