@@ -21,10 +21,15 @@ with open(sys.argv[2], "w") as f:
         pos = end
 PY
 "$root/build/lmforge" bench tokenizer --tokenizer "$tok" "$text" | tail -n 2
+# Best of 3 runs per thread count, as the raw encode figure is best of 3 passes.
 for threads in 1 2; do
-  rm -rf "$work/out"
-  OMP_NUM_THREADS=$threads "$root/build/lmforge" prepare --input "$work/in.jsonl" \
-    --output "$work/out" --tokenizer "$tok" --val-fraction 0.01 >/dev/null
-  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(f'lmforge prepare ({sys.argv[2]} threads): {s[\"mb_per_s\"]:.2f} MB/s')" \
-    "$work/out/summary.json" "$threads"
+  best=0
+  for run in 1 2 3; do
+    rm -rf "$work/out"
+    OMP_NUM_THREADS=$threads "$root/build/lmforge" prepare --input "$work/in.jsonl" \
+      --output "$work/out" --tokenizer "$tok" --val-fraction 0.01 >/dev/null
+    r=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mb_per_s'])" "$work/out/summary.json")
+    best=$(awk -v a="$best" -v b="$r" 'BEGIN{print (b > a) ? b : a}')
+  done
+  printf 'lmforge prepare (%s threads): %.2f MB/s\n' "$threads" "$best"
 done
