@@ -12,8 +12,9 @@ namespace lmforge {
 namespace fs = std::filesystem;
 using testing::run_lmforge;
 
-// The README's main job: `lmforge train` on the embedded default, then generate. Measured when
-// written: val loss 5.55 -> 1.74 after 1000 steps (train loss ~1.5).
+// The README's main job: `lmforge train` on the embedded default (its own 2048-token BPE), then
+// generate. Measured when written: loss 7.65 -> 3.50, validation 5.19 @250 -> 4.80 @1000
+// (ln 2048 = 7.62 is chance); the bound leaves room for other CPUs' rounding.
 TEST(Slow, EmbeddedDefaultTrainsAndSamples) {
   std::string dir = testing::temp_dir("slow-demo");
   auto r = run_lmforge("train", dir);
@@ -21,7 +22,7 @@ TEST(Slow, EmbeddedDefaultTrainsAndSamples) {
   EXPECT_NE(r.out.find("--- sample ---\nAnd God said"), std::string::npos) << r.out;
   auto val = testing::records_of(dir + "/runs/demo/metrics.jsonl", "val_loss");
   ASSERT_FALSE(val.empty());
-  EXPECT_LT(val.back()["val_loss"].get<double>(), 1.95);
+  EXPECT_LT(val.back()["val_loss"].get<double>(), 5.0);
   auto g = run_lmforge("generate --checkpoint runs/demo --prompt 'In the beginning' --seed 1", dir);
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_GT(g.out.size(), 100u);

@@ -27,7 +27,8 @@ std::map<int64_t, nlohmann::json> metrics(const std::string& run_dir, const std:
 
 const char* kSmall =
     "--set model.preset=gpt2-tiny --set model.vocab_size=257 --set model.max_seq_len=64 "
-    "--set data.text=demo:kjv --set train.batch_size=8 --set train.seq_len=64 "
+    "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
+    "--set train.seq_len=64 "
     "--set train.lr=2e-3 --set train.min_lr=2e-4 --set train.warmup=20 --set sample.prompt= ";
 
 }  // namespace
@@ -105,6 +106,7 @@ TEST(Training, Llama3TinyResumeIsBitExact) {
   std::string dir = testing::temp_dir("slow-llama-resume");
   std::string common =
       "--set model.preset=llama3-tiny --set model.vocab_size=257 --set data.text=demo:kjv "
+      "--set data.tokenizer=byte "
       "--set train.batch_size=4 --set train.seq_len=64 --set train.steps=30 "
       "--set train.checkpoint_every=10 --set train.keep_last=0 --set train.eval_every=15 "
       "--set sample.prompt= ";
@@ -148,6 +150,26 @@ TEST(Training, TiktokenTokenizerFlowsIntoCheckpointAndGenerate) {
   auto g = run_lmforge("generate --checkpoint run --prompt 'And God said' --max-tokens 8", dir);
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_EQ(g.out.rfind("And God said", 0), 0u) << g.out;
+}
+
+// data.tokenizer=bpe:N trains a BPE on data.text (as the embedded default does); the checkpoint
+// carries it and generate decodes with it.
+TEST(Training, TrainsItsOwnBpeOnDataText) {
+  std::string dir = testing::temp_dir("train-bpe");
+  std::string common =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set model.vocab_size=0 "
+      "--set data.text=demo:kjv --set train.steps=2 --set train.batch_size=2 "
+      "--set train.seq_len=32 --set train.eval_every=0 --set sample.prompt= ";
+  auto r = run_lmforge(common + "--set data.tokenizer=bpe:400 --set run.dir=run", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("V=448"), std::string::npos) << r.out;  // 400 padded to 64
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/tokenizer/tokenizer.json"));
+  auto g = run_lmforge("generate --checkpoint run --prompt 'And God' --max-tokens 5", dir);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(g.out.rfind("And God", 0), 0u);
+  auto bad = run_lmforge(common + "--set data.tokenizer=bpe:10 --set run.dir=run2", dir);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("bpe:N with N >= 257"), std::string::npos) << bad.err;
 }
 
 }  // namespace lmforge

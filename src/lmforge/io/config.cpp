@@ -53,7 +53,7 @@ std::vector<ConfigField> fields(Config& c) {
       {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
       {"data.packing", &c.data.packing, "none (chunks) | best_fit (whole documents, padded)"},
       {"data.tokenizer", &c.data.tokenizer,
-       "byte, or a tokenizer file/directory (tiktoken, tokenizer.json, vocab.json, .model)"},
+       "byte; bpe:N (train one on data.text); or a tokenizer file/directory"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},
       {"train.seq_len", &c.train.seq_len, "T"},

@@ -67,7 +67,18 @@ TrainResult train(Config& cfg, const std::string& resume) {
   // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
   std::unique_ptr<Tokenizer> tokenizer;
   try {
-    tokenizer = load_tokenizer(cfg.data.tokenizer);
+    std::string spec = cfg.data.tokenizer;
+    if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
+      int64_t n = 0;
+      try {
+        n = std::stoll(spec.substr(4));
+      } catch (...) {
+      }
+      if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
+      if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
+      spec = bpe_tokenizer_for_text(cfg.data.text, n);
+    }
+    tokenizer = load_tokenizer(spec);
   } catch (const Error& e) {
     fail("data.tokenizer: {}", e.what());
   }
@@ -149,13 +160,15 @@ TrainResult train(Config& cfg, const std::string& resume) {
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
              model.params().numel() / 1e6, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
              cfg.model.vocab_size, model.activation_bytes() / 1048576.0);
-  for (const auto& s : train_data.stats())
-    fmt::print("data: {} weight {:.2f}: {} samples, {} documents ({} cut by {} packing, {} by "
-               "chunking), fill {:.1f}%\n",
+  for (const auto& s : train_data.stats()) {
+    std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
+    if (cfg.data.packing == "best_fit")
+      cuts = fmt::format("{} cut by packing ({})", s["cut_by_packing"].get<int64_t>(), cuts);
+    fmt::print("data: {} (weight {:.2f}): {} samples, {} documents, {}, fill {:.1f}%\n",
                s["source"].get<std::string>(), s["weight"].get<double>(),
-               s["samples"].get<int64_t>(), s["documents"].get<int64_t>(),
-               s[cfg.data.packing == "best_fit" ? "cut_by_packing" : "cut_by_chunking"].get<int64_t>(),
-               cfg.data.packing, s["cut_by_chunking"].get<int64_t>(), 100 * s["fill"].get<double>());
+               s["samples"].get<int64_t>(), s["documents"].get<int64_t>(), cuts,
+               100 * s["fill"].get<double>());
+  }
   fmt::print("data: {} training tokens{}; B={} T={} grad_accum={}; {} threads\n",
              train_data.num_tokens(),
              val_data ? fmt::format(", {} validation tokens", val_data->num_tokens()) : "",
