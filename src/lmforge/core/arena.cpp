@@ -23,8 +23,8 @@ Tensor Arena::alloc(Shape shape, DType dtype) {
   size_t offset = used_;
   used_ = (used_ + bytes + kAlign - 1) / kAlign * kAlign;
   if (!storage_) return Tensor(nullptr, offset, shape, dtype);
-  LMF_CHECK(used_ <= storage_->bytes() || offset + bytes <= storage_->bytes(),
-            "arena overflow: {} of {} bytes", used_, storage_->bytes());
+  LMF_CHECK(offset + bytes <= storage_->bytes(), "arena overflow: {} + {} of {} bytes", offset,
+            bytes, storage_->bytes());
   return Tensor(storage_, offset, shape, dtype);
 }
 

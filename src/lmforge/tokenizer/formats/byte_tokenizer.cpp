@@ -1,15 +1,19 @@
-#include "lmforge/tokenizer/byte_level.h"
+// The byte-level tokenizer ("byte"): ids 0..255 are bytes, 256 is <|endoftext|>. Lossless for
+// any bytes; the demo's first tokenizer and a baseline.
 #include "lmforge/tokenizer/formats/formats.h"
 
 namespace lmforge {
 
 namespace {
-// Adapts ByteTokenizer (ids 0..255 = bytes, 256 = <|endoftext|>) to the Tokenizer interface.
+
+constexpr int32_t kEndOfText = 256;
+constexpr std::string_view kEndOfTextText = "<|endoftext|>";
+
 class ByteLevelTokenizer : public Tokenizer {
  public:
   ByteLevelTokenizer() {
-    specials_["<|endoftext|>"] = ByteTokenizer::kEndOfText;
-    eos_ = ByteTokenizer::kEndOfText;
+    specials_[std::string(kEndOfTextText)] = kEndOfText;
+    eos_ = kEndOfText;
     kind_ = "byte";
     source_ = "byte";
     fingerprint_ = "byte-v1";
@@ -17,11 +21,10 @@ class ByteLevelTokenizer : public Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool allow_special, bool) const override {
     std::vector<int32_t> out;
     out.reserve(text.size());
-    constexpr std::string_view kEot = "<|endoftext|>";
     for (size_t i = 0; i < text.size(); ++i) {
-      if (allow_special && text.compare(i, kEot.size(), kEot) == 0) {
-        out.push_back(ByteTokenizer::kEndOfText);
-        i += kEot.size() - 1;
+      if (allow_special && text.compare(i, kEndOfTextText.size(), kEndOfTextText) == 0) {
+        out.push_back(kEndOfText);
+        i += kEndOfTextText.size() - 1;
       } else {
         out.push_back(static_cast<unsigned char>(text[i]));
       }
@@ -34,11 +37,12 @@ class ByteLevelTokenizer : public Tokenizer {
     return s;
   }
   std::string token_bytes(int32_t id) const override {
-    if (id == ByteTokenizer::kEndOfText) return "<|endoftext|>";
-    return ByteTokenizer().decode_one(id);
+    if (id == kEndOfText) return std::string(kEndOfTextText);
+    return id >= 0 && id < 256 ? std::string(1, static_cast<char>(id)) : std::string();
   }
-  int64_t vocab_size() const override { return ByteTokenizer::kVocabSize; }
+  int64_t vocab_size() const override { return 257; }
 };
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> make_byte_tokenizer() { return std::make_unique<ByteLevelTokenizer>(); }
