@@ -1,10 +1,6 @@
 #include "lmforge/data/shard.h"
 
-#include <fcntl.h>
 #include <glob.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,41 +9,17 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/mapped_file.h"
 
 namespace lmforge {
 
-namespace {
-struct Mapping {
-  void* addr = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (addr) munmap(addr, size);
-  }
-};
-}  // namespace
-
 TokenShard TokenShard::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0)
-    fail("{}: cannot open token shard ({}); check data.train / data.val", path,
-         std::strerror(errno));
-  struct stat st {};
-  fstat(fd, &st);
-  size_t size = static_cast<size_t>(st.st_size);
-  if (size < kShardHeaderBytes) {
-    ::close(fd);
+  auto m = MappedFile::open(path, "check data.train / data.val");
+  size_t size = m->size();
+  if (size < kShardHeaderBytes)
     fail("{}: not a token shard (only {} bytes, header needs {}); re-create it", path, size,
          kShardHeaderBytes);
-  }
-  auto m = std::make_shared<Mapping>();
-  m->addr = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m->addr == MAP_FAILED) {
-    m->addr = nullptr;
-    fail("{}: cannot map ({})", path, std::strerror(errno));
-  }
-  m->size = size;
-  const char* base = static_cast<const char*>(m->addr);
+  const char* base = m->data();
   if (std::memcmp(base, kShardMagic, 8) != 0)
     fail("{}: bad magic (not an lmforge token shard); make shards with lmforge", path);
   uint32_t version, width;

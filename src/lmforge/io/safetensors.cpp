@@ -1,9 +1,5 @@
 #include "lmforge/io/safetensors.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -11,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/mapped_file.h"
 
 namespace lmforge {
 
@@ -48,40 +45,18 @@ bool parse_dtype(const std::string& s, DType* out) {
   return false;
 }
 
-// Owns an mmap'ed file; Storage::borrow points into it.
-struct Mapping {
-  void* addr = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (addr && size) munmap(addr, size);
-  }
-};
-
 }  // namespace
 
 Safetensors Safetensors::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
-  struct stat st {};
-  fstat(fd, &st);
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(st.st_size);
-  if (mapping->size) {
-    mapping->addr = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (mapping->addr == MAP_FAILED) {
-      ::close(fd);
-      fail("{}: cannot map ({})", path, std::strerror(errno));
-    }
-  }
-  ::close(fd);
+  auto mapping = MappedFile::open(path, "check the path");
   Safetensors f;
   f.path_ = path;
-  const char* base = static_cast<const char*>(mapping->addr);
+  const char* base = mapping->data();
   uint64_t n = 0;
-  if (mapping->size < 8)
+  if (mapping->size() < 8)
     fail("{}: not a safetensors file (too short); the file is truncated", path);
   std::memcpy(&n, base, 8);
-  if (n > mapping->size - 8)
+  if (n > mapping->size() - 8)
     fail(
         "{}: safetensors header of {} bytes runs past the end of the file; the file is truncated "
         "or corrupt",
@@ -93,7 +68,7 @@ Safetensors Safetensors::open(const std::string& path) {
     fail("{}: malformed safetensors header ({})", path, e.what());
   }
   f.data_start_ = 8 + n;
-  size_t data_size = mapping->size - f.data_start_;
+  size_t data_size = mapping->size() - f.data_start_;
   try {
     for (auto& [name, v] : header.items()) {
       if (name == "__metadata__") {
@@ -119,7 +94,7 @@ Safetensors Safetensors::open(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     fail("{}: malformed safetensors header ({})", path, e.what());
   }
-  f.map_ = Storage::borrow(mapping->addr, mapping->size, mapping);
+  f.map_ = Storage::borrow(mapping->raw(), mapping->size(), mapping);
   return f;
 }
 
