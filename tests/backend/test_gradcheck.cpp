@@ -164,17 +164,32 @@ void rope(Check& c) {
   };
 }
 
-void attention(Check& c, int64_t NH, int64_t NKV) {
+void qk_norm(Check& c) {
+  const int64_t B = 2, T = 3, NH = 4, NKV = 2, HS = 4;
+  auto [x, dx] = c.input("qkv", {B, T, (NH + 2 * NKV) * HS}, 2.0, 0.5);
+  auto [wq, dwq] = c.input("wq", {HS}, 0.5, 1.0);
+  auto [wk, dwk] = c.input("wk", {HS}, 0.5, 1.0);
+  Tensor out = Tensor::empty(x.shape(), DType::kF64), R = c.randn(out.shape());
+  Tensor rq = Tensor::empty({B * T * NH}, DType::kF64),
+         rk = Tensor::empty({B * T * NKV}, DType::kF64);
+  c.loss = [=] {
+    ops::qk_norm_forward(out, rq, rk, x, wq, wk, NH, NKV, 1e-5);
+    return dot(out, R);
+  };
+  c.backward = [=] { ops::qk_norm_backward(dx, dwq, dwk, R, x, wq, wk, rq, rk, NH, NKV); };
+}
+
+void attention(Check& c, int64_t NH, int64_t NKV, int64_t window = 0) {
   const int64_t B = 2, T = 4, HS = 4;
   auto [qkv, dqkv] = c.input("qkv", {B, T, (NH + 2 * NKV) * HS}, 1.5);
   Tensor out = Tensor::empty({B, T, NH * HS}, DType::kF64), R = c.randn(out.shape());
   Tensor probs = Tensor::empty({B, NH, T, T}, DType::kF64);
   Tensor scratch = Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), T, T}, DType::kF64);
   c.loss = [=] {
-    ops::attention_forward(out, probs, qkv, NH, NKV);
+    ops::attention_forward(out, probs, qkv, NH, NKV, window);
     return dot(out, R);
   };
-  c.backward = [=] { ops::attention_backward(dqkv, scratch, R, qkv, probs, NH, NKV); };
+  c.backward = [=] { ops::attention_backward(dqkv, scratch, R, qkv, probs, NH, NKV, window); };
 }
 
 void gelu(Check& c) {
@@ -238,6 +253,8 @@ std::vector<GradCase> cases() {
       {"attention_gqa", [](Check& c) { attention(c, 4, 2); }},
       {"attention_mha", [](Check& c) { attention(c, 2, 2); }},
       {"attention_mqa", [](Check& c) { attention(c, 3, 1); }},
+      {"attention_window2", [](Check& c) { attention(c, 4, 2, 2); }},
+      {"qk_norm", qk_norm},
       {"gelu", gelu},
       {"swiglu", swiglu},
       {"add", add},

@@ -144,14 +144,26 @@ void run_rope(Case& c) {
   };
 }
 
+void run_qk_norm(Case& c) {
+  int64_t NH = c.meta().at("n_head"), NKV = c.meta().at("n_kv_head");
+  Tensor qkv = c.in("qkv"), wq = c.in("wq"), wk = c.in("wk"), dout = c.in("dout");
+  int64_t N = qkv.numel() / qkv.size(-1);
+  Tensor rq = Tensor::empty({N * NH}, DType::kF32), rk = Tensor::empty({N * NKV}, DType::kF32);
+  ops::qk_norm_forward(c.result("out"), rq, rk, qkv, wq, wk, NH, NKV,
+                       c.meta().at("eps").get<double>());
+  Tensor dqkv = c.grad("dqkv"), dwq = c.grad("dwq"), dwk = c.grad("dwk");
+  c.backward = [=] { ops::qk_norm_backward(dqkv, dwq, dwk, dout, qkv, wq, wk, rq, rk, NH, NKV); };
+}
+
 void run_attention(Case& c) {
   int64_t NH = c.meta().at("n_head"), NKV = c.meta().at("n_kv_head");
+  int64_t window = c.meta().value("window", 0);
   Tensor qkv = c.in("qkv"), dout = c.in("dout"), probs = c.result("probs");
-  ops::attention_forward(c.result("out"), probs, qkv, NH, NKV);
+  ops::attention_forward(c.result("out"), probs, qkv, NH, NKV, window);
   int64_t T = qkv.size(1);
   Tensor scratch = Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), T, T}, DType::kF32);
   Tensor dqkv = c.grad("dqkv");
-  c.backward = [=] { ops::attention_backward(dqkv, scratch, dout, qkv, probs, NH, NKV); };
+  c.backward = [=] { ops::attention_backward(dqkv, scratch, dout, qkv, probs, NH, NKV, window); };
 }
 
 void run_gelu(Case& c) {
@@ -216,17 +228,12 @@ struct Op {
 
 const std::vector<Op>& op_table() {
   static const std::vector<Op> table = {
-      {"linear", 1e-5, run_linear},
-      {"embedding", 1e-6, run_embedding},
-      {"layernorm", 1e-5, run_layernorm},
-      {"rmsnorm", 1e-5, run_rmsnorm},
-      {"rope", 1e-5, run_rope},
-      {"attention", 1e-5, run_attention},
-      {"gelu", 1e-5, run_gelu},
-      {"swiglu", 1e-5, run_swiglu},
-      {"add", 1e-6, run_add},
-      {"softmax_xent", 1e-5, run_xent},
-      {"sum_squares", 1e-6, run_sum_squares},
+      {"linear", 1e-5, run_linear},       {"embedding", 1e-6, run_embedding},
+      {"layernorm", 1e-5, run_layernorm}, {"rmsnorm", 1e-5, run_rmsnorm},
+      {"qk_norm", 1e-5, run_qk_norm},     {"rope", 1e-5, run_rope},
+      {"attention", 1e-5, run_attention}, {"gelu", 1e-5, run_gelu},
+      {"swiglu", 1e-5, run_swiglu},       {"add", 1e-6, run_add},
+      {"softmax_xent", 1e-5, run_xent},   {"sum_squares", 1e-6, run_sum_squares},
   };
   return table;
 }

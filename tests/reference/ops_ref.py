@@ -78,14 +78,17 @@ def merge_qkv(q, k, v):
     return torch.cat([flat(q), flat(k), flat(v)], dim=-1)
 
 
-def causal_attention(q, k, v):
-    """q (B, NH, T, HS), k/v (B, NKV, T, HS) -> out (B, T, NH HS), probs (B, NH, T, T)."""
+def causal_attention(q, k, v, window=0):
+    """q (B, NH, T, HS), k/v (B, NKV, T, HS) -> out (B, T, NH HS), probs (B, NH, T, T).
+    window > 0: query t sees keys t - window < j <= t (HF's sliding-window mask)."""
     B, NH, T, hs = q.shape
     group = NH // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
+    if window:
+        mask &= torch.ones(T, T, dtype=torch.bool).triu(-(window - 1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return out.transpose(1, 2).reshape(B, T, NH * hs), probs
@@ -198,6 +201,19 @@ def norm_cases(w):
     inputs = {"x": _randn(B, T, C, scale=2.0, shift=0.7), "weight": _randn(C, shift=1.0)}
     _run(put, inputs, rms, {"x": "dx", "weight": "dweight"})
 
+    # Qwen3's q/k norm: RMSNorm over each head of the q and k parts of qkv; v passes through.
+    NH, NKV, HS = 4, 2, 8
+    put = w.case("qk_norm", "qk_norm", eps=eps, n_head=NH, n_kv_head=NKV)
+
+    def qk(qkv, wq, wk):
+        q, k, v = split_qkv(qkv, NH, NKV)
+        q, k = rms(q, wq)["out"], rms(k, wk)["out"]
+        return {"out": merge_qkv(q, k, v)}
+
+    inputs = {"qkv": _randn(B, T, (NH + 2 * NKV) * HS, scale=2.0, shift=0.3),
+              "wq": _randn(HS, shift=1.0), "wk": _randn(HS, shift=1.0)}
+    _run(put, inputs, qk, {"qkv": "dqkv", "wq": "dwq", "wk": "dwk"})
+
 
 def rope_cases(w):
     B, T = 2, 5
@@ -232,12 +248,12 @@ def rope_cases(w):
 
 def attention_cases(w):
     B, T, HS = 2, 7, 8
-    for name, NH, NKV in (("attention_gqa", 4, 2), ("attention_mha", 3, 3),
-                          ("attention_mqa", 4, 1)):
-        put = w.case(name, "attention", n_head=NH, n_kv_head=NKV)
+    for name, NH, NKV, window in (("attention_gqa", 4, 2, 0), ("attention_mha", 3, 3, 0),
+                                  ("attention_mqa", 4, 1, 0), ("attention_window3", 4, 2, 3)):
+        put = w.case(name, "attention", n_head=NH, n_kv_head=NKV, window=window)
 
-        def fn(qkv, NH=NH, NKV=NKV):
-            out, probs = causal_attention(*split_qkv(qkv, NH, NKV))
+        def fn(qkv, NH=NH, NKV=NKV, window=window):
+            out, probs = causal_attention(*split_qkv(qkv, NH, NKV), window)
             return {"out": out, "probs": probs}
 
         # scale 2: scores of order 1-10, so the softmax is far from uniform

@@ -116,7 +116,7 @@ void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, c
   dispatch("rmsnorm_forward", out, [&](auto tag) {
     using T = decltype(tag);
     cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd), cptr<T>(inp), cptr<T>(weight), rows(inp),
-                            last(inp), eps);
+                            last(inp), eps, 1, last(inp));
   });
 }
 
@@ -125,7 +125,46 @@ void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& d
   dispatch("rmsnorm_backward", dout, [&](auto tag) {
     using T = decltype(tag);
     cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), cptr<T>(dout), cptr<T>(inp),
-                             cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp));
+                             cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp), 1, last(inp));
+  });
+}
+
+void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd_k,
+                     const Tensor& inp, const Tensor& wq, const Tensor& wk, int64_t NH, int64_t NKV,
+                     double eps) {
+  const int64_t HS = wq.numel(), Cq = inp.size(-1), N = inp.numel() / Cq;
+  LMF_CHECK(Cq == (NH + 2 * NKV) * HS && out.numel() == inp.numel() && wk.numel() == HS &&
+                rstd_q.numel() == N * NH && rstd_k.numel() == N * NKV,
+            "qk_norm: inp {} wq {} rstd_q {} NH={} NKV={}", inp.shape().str(), wq.shape().str(),
+            rstd_q.shape().str(), NH, NKV);
+  out.copy_from(inp);  // v passes through
+  dispatch("qk_norm_forward", out, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd_q), cptr<T>(inp), cptr<T>(wq), N * NH, HS, eps,
+                            NH, Cq);
+    cpu::rmsnorm_forward<T>(ptr<T>(out) + NH * HS, ptr<T>(rstd_k), cptr<T>(inp) + NH * HS,
+                            cptr<T>(wk), N * NKV, HS, eps, NKV, Cq);
+  });
+}
+
+void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, const Tensor& dout,
+                      const Tensor& inp, const Tensor& wq, const Tensor& wk, const Tensor& rstd_q,
+                      const Tensor& rstd_k, int64_t NH, int64_t NKV) {
+  const int64_t HS = wq.numel(), Cq = inp.size(-1), N = inp.numel() / Cq;
+  same_numel("qk_norm_backward", dinp, dout);
+  dispatch("qk_norm_backward", dout, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dwq), cptr<T>(dout), cptr<T>(inp), cptr<T>(wq),
+                             cptr<T>(rstd_q), N * NH, HS, NH, Cq);
+    cpu::rmsnorm_backward<T>(ptr<T>(dinp) + NH * HS, ptr<T>(dwk), cptr<T>(dout) + NH * HS,
+                             cptr<T>(inp) + NH * HS, cptr<T>(wk), cptr<T>(rstd_k), N * NKV, HS, NKV,
+                             Cq);
+    const int64_t v0 = (NH + NKV) * HS, nv = NKV * HS;  // v passes through
+    T* d = ptr<T>(dinp);
+    const T* g = cptr<T>(dout);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = v0; c < v0 + nv; ++c) d[i * Cq + c] += g[i * Cq + c];
   });
 }
 
@@ -155,19 +194,20 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 }
 
 void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t NH,
-                       int64_t NKV) {
+                       int64_t NKV, int64_t window) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && probs.numel() == B * NH * T_ * T_ && out.numel() == B * T_ * NH * HS,
             "attention: qkv {} probs {} out {} NH={} NKV={}", qkv.shape().str(),
             probs.shape().str(), out.shape().str(), NH, NKV);
   dispatch("attention_forward", out, [&](auto tag) {
     using T = decltype(tag);
-    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(probs), cptr<T>(qkv), B, T_, NH, NKV, HS);
+    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(probs), cptr<T>(qkv), B, T_, NH, NKV, HS, window);
   });
 }
 
 void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
-                        const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV) {
+                        const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV,
+                        int64_t window) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(scratch.numel() >= static_cast<int64_t>(omp_get_max_threads()) * T_ * T_,
             "attention_backward: scratch {} for {} threads", scratch.shape().str(),
@@ -175,7 +215,7 @@ void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor&
   dispatch("attention_backward", dout, [&](auto tag) {
     using T = decltype(tag);
     cpu::attention_backward<T>(ptr<T>(dqkv), ptr<T>(scratch), cptr<T>(dout), cptr<T>(qkv),
-                               cptr<T>(probs), B, T_, NH, NKV, HS);
+                               cptr<T>(probs), B, T_, NH, NKV, HS, window);
   });
 }
 

@@ -35,6 +35,14 @@ void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, c
                      double eps);
 void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
                       const Tensor& inp, const Tensor& weight, const Tensor& rstd);
+// Qwen3's q/k norm: RMSNorm over each head of HS (weights wq, wk: (HS)) of the q and k parts of
+// qkv (B, T, (NH + 2 NKV) * HS); v is copied. rstd_q (B*T*NH), rstd_k (B*T*NKV) saved for backward.
+void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd_k,
+                     const Tensor& inp, const Tensor& wq, const Tensor& wk, int64_t n_head,
+                     int64_t n_kv_head, double eps);
+void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, const Tensor& dout,
+                      const Tensor& inp, const Tensor& wq, const Tensor& wk, const Tensor& rstd_q,
+                      const Tensor& rstd_k, int64_t n_head, int64_t n_kv_head);
 
 // In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
 // fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place.
@@ -44,10 +52,12 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
                    int64_t n_kv_head, int64_t pos0);
 
 // out (B, T, NH*HS); probs (B, NH, T, T); qkv (B, T, (NH + 2 NKV) * HS); scratch (threads, T, T).
+// Causal; window > 0 limits query t to keys (t - window, t] (Mistral/Phi-3 sliding window).
 void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t n_head,
-                       int64_t n_kv_head);
+                       int64_t n_kv_head, int64_t window = 0);
 void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
-                        const Tensor& qkv, const Tensor& probs, int64_t n_head, int64_t n_kv_head);
+                        const Tensor& qkv, const Tensor& probs, int64_t n_head, int64_t n_kv_head,
+                        int64_t window = 0);
 
 void gelu_forward(const Tensor& out, const Tensor& inp);
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);

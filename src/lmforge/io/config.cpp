@@ -17,13 +17,14 @@ namespace lmforge {
 std::vector<ConfigField> model_fields(ModelConfig& m) {
   return {
       {"preset", &m.preset, "named preset applied before the other model keys"},
-      {"arch", &m.arch, "gpt2 | llama"},
+      {"arch", &m.arch, "Hugging Face family: gpt2 | llama | mistral | qwen2 | qwen3 | phi3"},
       {"vocab_size", &m.vocab_size, "V; 0 = the tokenizer's, padded to a multiple of 64"},
       {"max_seq_len", &m.max_seq_len, "positions"},
       {"n_layer", &m.n_layer, "L"},
       {"n_head", &m.n_head, "NH"},
       {"n_kv_head", &m.n_kv_head, "NKV (0 = n_head)"},
       {"n_embd", &m.n_embd, "C"},
+      {"head_dim", &m.head_dim, "HS (0 = n_embd / n_head)"},
       {"ffn_hidden", &m.ffn_hidden, "F (0 = 4*C)"},
       {"norm", &m.norm, "layernorm | rmsnorm"},
       {"norm_eps", &m.norm_eps, ""},
@@ -36,6 +37,9 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
       {"rope_scaling.original_max_position_embeddings",
        &m.rope_scaling.original_max_position_embeddings, ""},
       {"bias", &m.bias, "biases in linear layers and LayerNorm"},
+      {"qkv_bias", &m.qkv_bias, "q/k/v biases even when bias is false (Qwen2)"},
+      {"qk_norm", &m.qk_norm, "RMSNorm on each q and k head before RoPE (Qwen3)"},
+      {"sliding_window", &m.sliding_window, "attend to the last W positions; 0 = all (Mistral)"},
       {"tie_embeddings", &m.tie_embeddings, "lm_head shares tok_emb"},
       {"init_std", &m.init_std, ""},
   };

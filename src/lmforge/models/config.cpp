@@ -8,12 +8,18 @@ void ModelConfig::validate() const {
   auto need = [](bool ok, const char* key, const std::string& why) {
     if (!ok) fail("model.{}: {}", key, why);
   };
-  need(arch == "gpt2" || arch == "llama", "arch", "expected gpt2 or llama, got \"" + arch + "\"");
+  need(arch == "gpt2" || arch == "llama" || arch == "mistral" || arch == "qwen2" ||
+           arch == "qwen3" || arch == "phi3",
+       "arch", "expected gpt2, llama, mistral, qwen2, qwen3 or phi3, got \"" + arch + "\"");
   need(vocab_size > 0, "vocab_size", "must be positive");
   need(n_layer > 0, "n_layer", "must be positive");
   need(n_head > 0, "n_head", "must be positive");
-  need(n_embd > 0 && n_embd % n_head == 0, "n_embd",
-       fmt::format("{} must be a positive multiple of n_head={}", n_embd, n_head));
+  need(head_dim >= 0, "head_dim", "must be >= 0 (0 = n_embd / n_head)");
+  need(n_embd > 0 && (head_dim > 0 || n_embd % n_head == 0), "n_embd",
+       fmt::format("{} must be a positive multiple of n_head={} (or set model.head_dim)", n_embd,
+                   n_head));
+  need(sliding_window >= 0, "sliding_window", "must be >= 0 (0 = off)");
+  need(!qk_norm || norm == "rmsnorm", "qk_norm", "needs norm: rmsnorm");
   need(kv_heads() > 0 && n_head % kv_heads() == 0, "n_kv_head",
        fmt::format("n_head={} must be a multiple of n_kv_head={}", n_head, kv_heads()));
   need(norm == "layernorm" || norm == "rmsnorm", "norm", "expected layernorm or rmsnorm");
@@ -27,7 +33,9 @@ void ModelConfig::validate() const {
 int64_t ModelConfig::num_params() const {
   int64_t C = n_embd, F = ffn();
   int64_t per_norm = C * (norm == "layernorm" && bias ? 2 : 1);
-  int64_t attn = C * qkv_dim() + C * C + (bias ? qkv_dim() + C : 0);
+  int64_t attn_out = n_head * head_size();
+  int64_t attn = C * qkv_dim() + attn_out * C + (has_qkv_bias() ? qkv_dim() : 0) + (bias ? C : 0) +
+                 (qk_norm ? 2 * head_size() : 0);
   int64_t mlp_p =
       mlp == "swiglu" ? 3 * C * F + (bias ? 2 * F + C : 0) : 2 * C * F + (bias ? F + C : 0);
   int64_t n = vocab_size * C + (pos == "learned" ? max_seq_len * C : 0);

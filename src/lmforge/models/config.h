@@ -1,7 +1,13 @@
-// ModelConfig: one decoder-only transformer that covers GPT-2 and the Llama family.
+// ModelConfig: one decoder-only transformer that covers GPT-2 and the Llama family (Llama 2/3,
+// Mistral, Qwen2/3, Phi-3, SmolLM, TinyLlama).
 //
-//   GPT-2:  norm=layernorm, mlp=gelu,   pos=learned, bias=true,  tie_embeddings=true
-//   Llama3: norm=rmsnorm,   mlp=swiglu, pos=rope,    bias=false, tie_embeddings=false (3.2: true)
+//   GPT-2:   norm=layernorm, mlp=gelu,   pos=learned, bias=true,  tie_embeddings=true
+//   Llama3:  norm=rmsnorm,   mlp=swiglu, pos=rope,    bias=false, tie_embeddings=false (3.2: true)
+//   Mistral: Llama + sliding_window;  Phi-3: Llama with HF's fused qkv/gate_up tensor names;
+//   Qwen2:   Llama + qkv_bias;        Qwen3: Llama + qk_norm (and head_dim != n_embd / n_head)
+//
+// `arch` names the Hugging Face family (models/hf.h): the tensor names and config.json layout
+// used for import and export. The other fields say what the network computes.
 //
 // Presets (models/presets.h) fill every field; any field can then be overridden by config.
 #pragma once
@@ -20,13 +26,14 @@ struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
 
 struct ModelConfig {
   std::string preset;              // name it came from, for logs
-  std::string arch = "gpt2";       // "gpt2" or "llama": the family, for checkpoints and HF mapping
+  std::string arch = "gpt2";       // gpt2 | llama | mistral | qwen2 | qwen3 | phi3
   int64_t vocab_size = 50257;      // V
   int64_t max_seq_len = 1024;      // positions (learned table size / rope table size)
   int64_t n_layer = 12;            // L
   int64_t n_head = 12;             // NH
   int64_t n_kv_head = 0;           // NKV; 0 means = n_head (no GQA)
   int64_t n_embd = 768;            // C
+  int64_t head_dim = 0;            // HS; 0 means n_embd / n_head
   int64_t ffn_hidden = 0;          // F; 0 means 4*C for gelu
   std::string norm = "layernorm";  // layernorm | rmsnorm
   double norm_eps = 1e-5;
@@ -34,12 +41,16 @@ struct ModelConfig {
   std::string pos = "learned";  // learned | rope
   double rope_theta = 10000;
   RopeScaling rope_scaling;
-  bool bias = true;
+  bool bias = true;            // biases in every linear layer and LayerNorm (GPT-2)
+  bool qkv_bias = false;       // q/k/v biases even when bias is false (Qwen2)
+  bool qk_norm = false;        // RMSNorm over each q and k head before RoPE (Qwen3)
+  int64_t sliding_window = 0;  // attend to the last W positions only; 0 = all (Mistral)
   bool tie_embeddings = true;
   double init_std = 0.02;
 
   int64_t kv_heads() const { return n_kv_head ? n_kv_head : n_head; }
-  int64_t head_size() const { return n_embd / n_head; }
+  int64_t head_size() const { return head_dim ? head_dim : n_embd / n_head; }
+  bool has_qkv_bias() const { return bias || qkv_bias; }
   int64_t ffn() const { return ffn_hidden ? ffn_hidden : 4 * n_embd; }
   int64_t qkv_dim() const { return (n_head + 2 * kv_heads()) * head_size(); }
   // Throws Error naming the field when the combination is inconsistent.

@@ -1,5 +1,5 @@
 // One transformer block (pre-norm, as GPT-2 and Llama):
-//   x_mid = x + proj(attention(rope(qkv(norm1(x)))))
+//   x_mid = x + proj(attention(rope(qk_norm?(qkv(norm1(x))))))
 //   x_out = x_mid + mlp(norm2(x_mid))      mlp: fc -> gelu -> proj  |  gate_up -> swiglu -> down
 // Activations for one (B, T) live in Block::Acts, planned once; backward reuses shared gradient
 // scratch (BlockScratch) across blocks since it runs one block at a time.
@@ -19,24 +19,28 @@ struct RopeTables {
 
 // Gradient buffers shared by all blocks during backward.
 struct BlockScratch {
-  Tensor dnorm;  // (B, T, C)
-  Tensor dqkv;   // (B, T, Cq)
-  Tensor datt;   // (B, T, C)
-  Tensor dfc;    // (B, T, F or 2F)
-  Tensor dact;   // (B, T, F)
-  Tensor attn;   // (threads, T, T)
+  Tensor dnorm;     // (B, T, C)
+  Tensor dqkv;      // (B, T, Cq)
+  Tensor dqkv_raw;  // (B, T, Cq) before the q/k norm (qk_norm only)
+  Tensor datt;      // (B, T, C)
+  Tensor dfc;       // (B, T, F or 2F)
+  Tensor dact;      // (B, T, F)
+  Tensor attn;      // (threads, T, T)
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T);
 };
 
 struct Block {
   ModelConfig cfg;
   Norm norm1, norm2;
-  Linear qkv, proj;  // attention
-  Linear fc, down;   // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
+  Linear qkv, proj;         // attention
+  Linear fc, down;          // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
+  Param* q_norm = nullptr;  // (HS) each, when cfg.qk_norm
+  Param* k_norm = nullptr;
 
   struct Acts {
     Norm::Saved n1, n2;
     Tensor n1_out, qkv, probs, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T,T) ...
+    Tensor qkv_raw, rstd_q, rstd_k;                   // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
   };
 

@@ -43,6 +43,12 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
     const Block& b = blocks_[l];
     b.norm1.forward(h, saved, x);
     b.qkv.forward(qkv, h);
+    if (cfg_.qk_norm) {
+      Tensor raw = qkv.clone();
+      Tensor rq = Tensor::empty({n * NH}, DType::kF32), rk = Tensor::empty({n * NKV}, DType::kF32);
+      ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->value, b.k_norm->value, NH, NKV,
+                           cfg_.norm_eps);
+    }
     if (rope_.cos.defined()) ops::rope_forward(qkv, rope_.cos, rope_.sin, NH, NKV, pos0);
     float* q = qkv.data<float>();
     float* kc = cache.k[l].data<float>();
@@ -54,7 +60,8 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
         std::memcpy(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS,
                     HS * sizeof(float));
       }
-    cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS);
+    cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
+                          cfg_.sliding_window);
     b.proj.forward(o, att);
     ops::add(x_mid, x, o);
     b.norm2.forward(h, saved, x_mid);

@@ -1,8 +1,9 @@
 // Causal scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads
-// (Ainslie et al. 2023). Per (batch, head): S = Q K^T / sqrt(HS) through gemm, causal softmax
-// in double, O = P V. The full (T, T) probabilities are kept for backward; a flash-style
-// recompute belongs to the speed issue. Backward is parallel over (batch, kv head) so the heads
-// sharing a kv head add into dK/dV in a fixed order without races.
+// (Ainslie et al. 2023) and an optional sliding window (Mistral, Phi-3): with window W > 0, query
+// t attends to keys (t - W, t], as Hugging Face's sliding-window mask. Per (batch, head): S = Q K^T
+// / sqrt(HS) through gemm, causal softmax in double, O = P V. The full (T, T) probabilities are
+// kept for backward; a flash-style recompute belongs to the speed issue. Backward is parallel over
+// (batch, kv head) so the heads sharing a kv head add into dK/dV in a fixed order without races.
 #include <omp.h>
 
 #include <cmath>
@@ -12,9 +13,16 @@
 
 namespace lmforge::cpu {
 
+namespace {
+// The first key position query t may see.
+inline int64_t first_key(int64_t t, int64_t window) {
+  return window > 0 && t >= window ? t - window + 1 : 0;
+}
+}  // namespace
+
 template <typename T>
 void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HS) {
+                       int64_t NKV, int64_t HS, int64_t window) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const T scale = T(1) / std::sqrt(T(HS));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -27,15 +35,17 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
       gemm<T>(false, true, T_, T_, HS, scale, q, Cq, k, Cq, T(0), p, T_);
       for (int64_t t = 0; t < T_; ++t) {
         T* row = p + t * T_;
-        T mx = row[0];
-        for (int64_t j = 1; j <= t; ++j) mx = std::max(mx, row[j]);
+        const int64_t lo = first_key(t, window);
+        T mx = row[lo];
+        for (int64_t j = lo + 1; j <= t; ++j) mx = std::max(mx, row[j]);
         double sum = 0;
-        for (int64_t j = 0; j <= t; ++j) {
+        for (int64_t j = lo; j <= t; ++j) {
           row[j] = std::exp(row[j] - mx);
           sum += row[j];
         }
         T inv = static_cast<T>(1.0 / sum);
-        for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
+        for (int64_t j = 0; j < lo; ++j) row[j] = T(0);
+        for (int64_t j = lo; j <= t; ++j) row[j] *= inv;
         for (int64_t j = t + 1; j < T_; ++j) row[j] = T(0);
       }
       gemm<T>(false, false, T_, HS, T_, T(1), p, T_, v, Cq, T(0), out + b * T_ * Co + h * HS, Co);
@@ -44,7 +54,7 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
 
 template <typename T>
 void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs, int64_t B,
-                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS) {
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const T scale = T(1) / std::sqrt(T(HS));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -69,9 +79,11 @@ void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const 
         for (int64_t t = 0; t < T_; ++t) {
           const T* pr = p + t * T_;
           T* dr = ds + t * T_;
+          const int64_t lo = first_key(t, window);
           double dot = 0;
-          for (int64_t j = 0; j <= t; ++j) dot += static_cast<double>(pr[j]) * dr[j];
-          for (int64_t j = 0; j <= t; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
+          for (int64_t j = lo; j <= t; ++j) dot += static_cast<double>(pr[j]) * dr[j];
+          for (int64_t j = 0; j < lo; ++j) dr[j] = T(0);
+          for (int64_t j = lo; j <= t; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
           for (int64_t j = t + 1; j < T_; ++j) dr[j] = T(0);
         }
         // dQ += scale dS K; dK += scale dS^T Q
@@ -83,7 +95,7 @@ void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const 
 
 void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
                       const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
-                      int64_t NKV, int64_t HS) {
+                      int64_t NKV, int64_t HS, int64_t window) {
   const int64_t group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
 #pragma omp parallel
@@ -95,22 +107,22 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
         const float* qh = q + i * q_stride + h * HS;
         const float* K = kcache + (h / group) * T_max * HS;
         const float* Vc = vcache + (h / group) * T_max * HS;
-        int64_t len = pos0 + i + 1;
+        const int64_t len = pos0 + i + 1, lo = first_key(pos0 + i, window);
         float mx = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
+        for (int64_t j = lo; j < len; ++j) {
           float s = 0;
           for (int64_t d = 0; d < HS; ++d) s += qh[d] * K[j * HS + d];
           att[j] = s * scale;
           mx = std::max(mx, att[j]);
         }
         double sum = 0;
-        for (int64_t j = 0; j < len; ++j) {
+        for (int64_t j = lo; j < len; ++j) {
           att[j] = std::exp(att[j] - mx);
           sum += att[j];
         }
         float* o = out + i * NH * HS + h * HS;
         for (int64_t d = 0; d < HS; ++d) o[d] = 0;
-        for (int64_t j = 0; j < len; ++j) {
+        for (int64_t j = lo; j < len; ++j) {
           float w = static_cast<float>(att[j] / sum);
           for (int64_t d = 0; d < HS; ++d) o[d] += w * Vc[j * HS + d];
         }
@@ -119,13 +131,13 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
 }
 
 template void attention_forward<float>(float*, float*, const float*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t);
+                                       int64_t, int64_t, int64_t);
 template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t);
+                                        int64_t, int64_t, int64_t);
 template void attention_backward<float>(float*, float*, const float*, const float*, const float*,
-                                        int64_t, int64_t, int64_t, int64_t, int64_t);
+                                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 template void attention_backward<double>(double*, double*, const double*, const double*,
-                                         const double*, int64_t, int64_t, int64_t, int64_t,
+                                         const double*, int64_t, int64_t, int64_t, int64_t, int64_t,
                                          int64_t);
 
 }  // namespace lmforge::cpu

@@ -39,12 +39,18 @@ template <typename T>
 void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                         const T* mean, const T* rstd, int64_t N, int64_t C);
 
+// RMSNorm over N rows of C. Row i lives at (i / group) * stride + (i % group) * C: group = 1,
+// stride = C for a contiguous (N, C) tensor; group = heads, stride = the qkv row width for
+// per-head q/k norms (Qwen3) reading heads in place.
+inline int64_t row_offset(int64_t i, int64_t C, int64_t group, int64_t stride) {
+  return group == 1 ? i * stride : (i / group) * stride + (i % group) * C;
+}
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
-                     double eps);
+                     double eps, int64_t group, int64_t stride);
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int64_t N, int64_t C);
+                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride);
 
 // Rotary embedding (HF "rotate_half" layout: pairs (i, i + HS/2)) applied in place to n_heads
 // heads of HS at x + (b*T + t)*row_stride + h*HS, position pos0 + t. cos/sin are (T_max, HS/2).
@@ -58,18 +64,20 @@ void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t
 
 // Causal self-attention with grouped-query heads. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
 // [q heads | k heads | v heads]; query head h reads kv head h / (NH / NKV). probs (B, NH, T, T)
-// keeps the softmax for backward; scratch is (n_threads, T, T).
+// keeps the softmax for backward; scratch is (n_threads, T, T). window > 0: query t sees keys
+// (t - window, t] only (sliding window); 0 = all of [0, t].
 template <typename T>
 void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HS);
+                       int64_t NKV, int64_t HS, int64_t window);
 template <typename T>
 void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs, int64_t B,
-                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS);
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
-// kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i]. out is (n, NH*HS).
+// kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is
+// (n, NH*HS).
 void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
                       const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
-                      int64_t NKV, int64_t HS);
+                      int64_t NKV, int64_t HS, int64_t window);
 
 template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n);

@@ -67,14 +67,15 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
 
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
-                     double eps) {
+                     double eps, int64_t group, int64_t stride) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
-    const T* x = inp + i * C;
+    const int64_t at = row_offset(i, C, group, stride);
+    const T* x = inp + at;
     double ss = 0;
     for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[c]) * x[c];
     double s = 1.0 / std::sqrt(ss / C + eps);
-    T* o = out + i * C;
+    T* o = out + at;
     for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(x[c] * s) * weight[c];
     rstd[i] = static_cast<T>(s);
   }
@@ -82,16 +83,17 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, 
 
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int64_t N, int64_t C) {
+                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
-    const T* x = inp + i * C;
-    const T* g = dout + i * C;
+    const int64_t at = row_offset(i, C, group, stride);
+    const T* x = inp + at;
+    const T* g = dout + at;
     double s = rstd[i];
     double dot = 0;  // mean(dn * n)
     for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(weight[c]) * g[c] * x[c] * s;
     dot /= C;
-    T* d = dinp + i * C;
+    T* d = dinp + at;
     for (int64_t c = 0; c < C; ++c) {
       double n = x[c] * s;
       d[c] += static_cast<T>(s * (static_cast<double>(weight[c]) * g[c] - n * dot));
@@ -100,20 +102,23 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < C; ++c) {
     double dw = 0;
-    for (int64_t i = 0; i < N; ++i)
-      dw += static_cast<double>(inp[i * C + c]) * rstd[i] * dout[i * C + c];
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t at = row_offset(i, C, group, stride) + c;
+      dw += static_cast<double>(inp[at]) * rstd[i] * dout[at];
+    }
     dweight[c] += static_cast<T>(dw);
   }
 }
 
-#define LMF_INSTANTIATE(T)                                                                       \
-  template void layernorm_forward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t, \
-                                     double);                                                    \
-  template void layernorm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,        \
-                                      const T*, int64_t, int64_t);                               \
-  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double);        \
-  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,     \
-                                    int64_t);
+#define LMF_INSTANTIATE(T)                                                                        \
+  template void layernorm_forward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t,  \
+                                     double);                                                     \
+  template void layernorm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,         \
+                                      const T*, int64_t, int64_t);                                \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double, int64_t, \
+                                   int64_t);                                                      \
+  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,      \
+                                    int64_t, int64_t, int64_t);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE
