@@ -217,6 +217,23 @@ TEST(TokenizerErrors, UnsupportedPreTokenizerSequencesAreRefused) {
   EXPECT_NE(error_of([&] { load_json(dir, "c.json", j); }).find("second regex"), std::string::npos);
 }
 
+// A normalizer lmforge does not implement (here SentencePiece's extra-whitespace removal, as the
+// Hugging Face export writes it) is refused rather than skipped, which would encode differently.
+TEST(TokenizerErrors, UnsupportedNormalizersAreRefused) {
+  std::string dir = testing::temp_dir("tok-normalizer");
+  json j = sentencepiece_json("prepend");
+  j["normalizer"]["normalizers"].push_back(
+      {{"type", "Replace"}, {"pattern", {{"Regex", " {2,}"}}}, {"content", " "}});
+  std::string msg = error_of([&] { load_json(dir, "a.json", j); });
+  EXPECT_NE(msg.find("a.json: normalizer {\"content\":\" \",\"pattern\":{\"Regex\""),
+            std::string::npos)
+      << msg;
+  j["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", std::string(300, 'A')}};
+  msg = error_of([&] { load_json(dir, "b.json", j); });
+  EXPECT_NE(msg.find("not supported yet"), std::string::npos) << msg;
+  EXPECT_LT(msg.size(), 300u) << msg;
+}
+
 // --- special tokens, BOS/EOS -------------------------------------------------------------------
 
 TEST(TokenizerSpecials, PublicEncodingsWithAndWithoutTheirJson) {

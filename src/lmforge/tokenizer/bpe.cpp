@@ -1,5 +1,6 @@
 #include "lmforge/tokenizer/bpe.h"
 
+#include <algorithm>
 #include <functional>
 #include <limits>
 #include <queue>
@@ -9,6 +10,19 @@ namespace lmforge {
 void BpeEngine::add_merge(int32_t left, int32_t right, int32_t merged, uint32_t rank) {
   auto [it, inserted] = merges_.try_emplace(key(left, right), Merge{rank, merged});
   if (!inserted && rank < it->second.rank) it->second = Merge{rank, merged};
+}
+
+std::vector<BpeEngine::Rule> BpeEngine::rules() const {
+  std::vector<Rule> out;
+  out.reserve(merges_.size());
+  for (auto& [k, m] : merges_)
+    out.push_back(
+        {static_cast<int32_t>(k >> 32), static_cast<int32_t>(k & 0xFFFFFFFFu), m.merged, m.rank});
+  std::sort(out.begin(), out.end(), [](const Rule& a, const Rule& b) {
+    if (a.rank != b.rank) return a.rank < b.rank;
+    return a.left != b.left ? a.left < b.left : a.right < b.right;
+  });
+  return out;
 }
 
 void BpeEngine::merge(std::vector<int32_t>& ids) const {

@@ -25,6 +25,16 @@ class BpeEngine {
   // Applies merges to ids until none applies.
   void merge(std::vector<int32_t>& ids) const;
 
+  struct Rule {
+    int32_t left, right, merged;
+    uint32_t rank;
+  };
+  // Every merge, ordered by (rank, left, right): the merges list of a Hugging Face BPE model
+  // that merges as this engine does. From a rank file that is transformers' TikTokenConverter
+  // order (each token's splits at its rank, by the ranks of the two parts); from a merges list,
+  // the list itself.
+  std::vector<Rule> rules() const;
+
  private:
   struct Merge {
     uint32_t rank;

@@ -69,6 +69,15 @@ class BpeTokenizer : public Tokenizer {
   // Call once after loading: builds the byte tables and the special-token matcher.
   void finalize();
 
+  // --- read back by the Hugging Face export (tokenizer/hf_export.cpp) ---
+  const BpeEngine& engine() const { return engine_; }
+  const Pretokenizer* pretokenizer() const { return pre_.get(); }
+  Symbols symbols() const { return symbols_; }
+  bool whole_piece_lookup() const { return whole_piece_; }
+  bool metaspace() const { return metaspace_; }
+  bool add_prefix_space() const { return add_prefix_space_; }
+  int32_t unk() const { return unk_; }
+
  private:
   void encode_ordinary(std::string_view text, bool at_start, std::vector<int32_t>& out) const;
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;

@@ -68,6 +68,17 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 // The byte-level tokenizer has no files: nothing is copied. Returns false in that case.
 bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir);
 
+// Writes the tokenizer in the Hugging Face layout into dir: tokenizer.json (+
+// tokenizer_config.json, special_tokens_map.json as transformers expects) so
+// AutoTokenizer.from_pretrained(dir) encodes like encode(). Its ids: add_special_tokens=False gives
+// encode(text, allow_special=true)'s, split_special_tokens=True allow_special=false's,
+// add_special_tokens=True adds add_bos's BOS. A tokenizer.json the tokenizer was loaded from is
+// copied byte for byte, with the tokenizer_config.json beside it if any; the other kinds get one
+// generated (tokenizer/hf_export.h, docs/formats.md "Export to Hugging Face"). Throws Error for a
+// SentencePiece model that tokenizer.json cannot express exactly (Unigram, a precompiled charsmap
+// such as nmt_nfkc, ...).
+void export_hf_tokenizer(const Tokenizer& tok, const std::string& dir);
+
 // FNV-1a 64-bit of data, as 16 hex digits (tokenizer fingerprints).
 std::string fnv1a_hex(std::string_view data, uint64_t seed = 0xcbf29ce484222325ull);
 

@@ -117,8 +117,11 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
       } else if (type == "Replace" && n["pattern"].value("String", "") == " " &&
                  n.value("content", "") == "\xE2\x96\x81") {
         metaspace = true;
-      } else if (type == "NFC" || type == "NFKC" || type == "Lowercase") {
-        fail("{}: normalizer {} is not supported yet", path, type);
+      } else {
+        // Anything else would be skipped and the text encoded differently from Hugging Face.
+        std::string what = n.dump();
+        if (what.size() > 120) what = what.substr(0, 120) + "...";
+        fail("{}: normalizer {} is not supported yet", path, what);
       }
     }
     if (metaspace && split_on_meta)

@@ -1,0 +1,2 @@
+lmforge_test(test_hf_export reference tokenizer/test_hf_export.cpp)
+lmforge_test(test_hf_export_unit unit tokenizer/test_hf_export_unit.cpp)
