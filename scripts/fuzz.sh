@@ -7,7 +7,7 @@ seconds=${1:-10}
 cmake -S "$root/fuzz" -B "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$root/build-fuzz" -j"$(nproc)"
 cd "$root/build-fuzz"
-for t in fuzz_tiktoken_file fuzz_tokenizer_json fuzz_vocab_merges fuzz_encode; do
+for t in fuzz_tiktoken_file fuzz_tokenizer_json fuzz_vocab_merges fuzz_encode fuzz_safetensors; do
   echo "fuzz: $t for ${seconds}s"
   mkdir -p "corpus-$t"
   ASAN_OPTIONS=detect_leaks=0 "./$t" -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=4096 \
