@@ -12,5 +12,6 @@ void add_generate(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_tokenizer(CLI::App& app);
 void add_prepare(CLI::App& app);
+void add_hf(CLI::App& app);  // convert, export, info
 
 }  // namespace lmforge::app

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   lmforge::app::add_bench(app);
   lmforge::app::add_tokenizer(app);
   lmforge::app::add_prepare(app);
+  lmforge::app::add_hf(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

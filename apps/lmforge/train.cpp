@@ -28,7 +28,7 @@ void add_train(CLI::App& app) {
     Config cfg;
     ConfigLoader loader(cfg);
     if (o->config.empty())
-      loader.load_yaml_text(kDefaultConfigYaml, "<embedded default config>");
+      loader.load_yaml_text(kDefaultConfigYaml, "<embedded default config>", /*base=*/true);
     else
       loader.load_yaml_file(o->config);
     for (const std::string& s : o->sets) loader.set(s);

@@ -45,6 +45,22 @@ TEST(Decode, KvCacheMatchesFullForwardLlama) {
   check_decode_matches_forward(model_preset("llama3-tiny"));
 }
 
+// Qwen3-style q/k norms with head_dim != n_embd / n_head, and a Mistral-style window shorter
+// than the sequence (the cache keeps every position; attention must skip the old ones).
+TEST(Decode, KvCacheMatchesFullForwardQkNormAndHeadDim) {
+  ModelConfig c = model_preset("llama3-tiny");
+  c.qk_norm = true;
+  c.head_dim = 2 * c.n_embd / c.n_head;
+  c.qkv_bias = true;
+  check_decode_matches_forward(c);
+  EXPECT_EQ(Transformer(c).params().numel(), c.num_params());
+}
+TEST(Decode, KvCacheMatchesFullForwardSlidingWindow) {
+  ModelConfig c = model_preset("llama3-tiny");
+  c.sliding_window = 4;
+  check_decode_matches_forward(c);
+}
+
 TEST(Presets, SizesMatchThePublicConfigurations) {
   // Parameter counts of the HF checkpoints (tied embeddings counted once).
   EXPECT_EQ(model_preset("gpt2").num_params(), 124439808);

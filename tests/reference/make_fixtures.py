@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import adamw_ref  # noqa: E402
+import hf_models_ref  # noqa: E402
 import model_ref  # noqa: E402
 import ops_ref  # noqa: E402
 import tokenizer_ref  # noqa: E402
@@ -73,6 +74,9 @@ def main():
     save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "torch": torch.__version__})
 
     tokenizer_ref.make(os.path.join(args.out, "tokenizers"), args.tokenizer_assets)
+
+    hf_models_ref.make(os.path.join(args.out, "hf_models"))
+    print(f"hf_models: {len(hf_models_ref.CASES)} families ({time.time() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

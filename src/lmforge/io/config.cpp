@@ -49,7 +49,8 @@ std::vector<ConfigField> fields(Config& c) {
   std::vector<ConfigField> f;
   for (auto& m : model_fields(c.model)) f.push_back({"model." + m.key, m.ptr, m.help});
   std::vector<ConfigField> rest = {
-      {"init_from", &c.init_from, "initial weights (reserved: hf:DIR)"},
+      {"init_from", &c.init_from,
+       "initial weights and tokenizer: hf:DIR (a Hugging Face model) or an lmforge checkpoint"},
       {"data.text", &c.data.text, "text file tokenized into shards; demo:kjv = the demo corpus"},
       {"data.train", &c.data.train,
        "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3"},
@@ -199,7 +200,7 @@ std::string field_value(const ConfigField& f) {
       f.ptr);
 }
 
-void ConfigLoader::load_yaml_text(const std::string& text, const std::string& source) {
+void ConfigLoader::load_yaml_text(const std::string& text, const std::string& source, bool base) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
@@ -210,7 +211,7 @@ void ConfigLoader::load_yaml_text(const std::string& text, const std::string& so
   if (!root.IsMap()) fail("{}: expected a mapping of sections (model:, train:, ...)", source);
   std::vector<std::pair<std::string, std::string>> kv;
   flatten(root, "", source, kv);
-  for (auto& [k, v] : kv) pending_.push_back({k, v, source});
+  for (auto& [k, v] : kv) pending_.push_back({k, v, source, base});
 }
 
 void ConfigLoader::load_yaml_file(const std::string& path) {
@@ -239,8 +240,10 @@ void ConfigLoader::finish() {
       }
       break;
     }
-  for (auto& a : pending_)
+  for (auto& a : pending_) {
     if (a.key != "model.preset") assign_field(*find_field(fs, a.key), a.value, a.source);
+    if (!a.base) cfg_.keys_given.insert(a.key);
+  }
   pending_.clear();
 }
 

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <variant>
 #include <vector>
@@ -27,7 +28,7 @@ struct DataConfig {
   std::string train;  // token shard file(s): a path, a directory or a glob
   std::string val;    // validation shard(s); empty with `text` = split from it
   double val_fraction = 0.05;
-  std::string packing = "none";  // none (concatenate and chunk) | best_fit (whole documents)
+  std::string packing = "none";    // none (concatenate and chunk) | best_fit (whole documents)
   std::string tokenizer = "byte";  // "byte", or a tokenizer file/directory (any format)
 };
 
@@ -69,7 +70,11 @@ struct SampleConfig {  // printed after training when prompt is non-empty
 
 struct Config {
   ModelConfig model;
-  std::string init_from;  // later: hf:DIR
+  std::string init_from;  // hf:DIR or an lmforge checkpoint/run directory (train/init_from.h)
+  // Keys the user's config file or --set assigned (not the embedded default): with init_from,
+  // model.* keys must agree with the source's architecture, and data.tokenizer, when given, with
+  // its tokenizer. Filled by ConfigLoader; not itself a config key.
+  std::set<std::string> keys_given;
   DataConfig data;
   TrainConfig train;
   RunConfig run;
@@ -89,13 +94,16 @@ class ConfigLoader {
  public:
   explicit ConfigLoader(Config& cfg) : cfg_(cfg) {}
   void load_yaml_file(const std::string& path);
-  void load_yaml_text(const std::string& text, const std::string& source);
+  // base: a starting point (the embedded default) whose model keys init_from may replace; keys
+  // from other sources are the user's and must agree with init_from's architecture.
+  void load_yaml_text(const std::string& text, const std::string& source, bool base = false);
   void set(const std::string& assignment, const std::string& source = "--set");  // "a.b=c"
   void finish();  // applies the last model.preset, then every other assignment in order
 
  private:
   struct Assignment {
     std::string key, value, source;
+    bool base = false;
   };
   Config& cfg_;
   std::vector<Assignment> pending_;

@@ -65,7 +65,7 @@ void copy_into(const Tensor& dst, const Tensor& src, const std::string& file,
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW& opt,
+std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
                             const Tokenizer& tok) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
@@ -80,13 +80,15 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   size_t i = 0;
   for (const Param& p : model.params().params()) {
     mw.add(p.name, p.value);
-    ow.add("m." + p.name, opt.m(i));
-    ow.add("v." + p.name, opt.v(i));
+    if (opt) {
+      ow.add("m." + p.name, opt->m(i));
+      ow.add("v." + p.name, opt->v(i));
+    }
     ++i;
   }
   mw.metadata["format"] = "pt";
   mw.write((tmp / "model.safetensors").string());
-  ow.write((tmp / "optimizer.safetensors").string());
+  if (opt) ow.write((tmp / "optimizer.safetensors").string());
 
   ModelConfig mc = model.config();
   json jm = json::object();
@@ -94,7 +96,9 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   json j = {{"format", kFormat},
             {"version", kVersion},
             {"step", st.step},
-            {"optimizer_steps", opt.steps_taken()},
+            {"optimizer_steps", opt ? opt->steps_taken() : 0},
+            {"weights_only", opt == nullptr},
+            {"init_from", st.init_from},
             {"loader", st.loader},
             {"model", jm},
             {"tokenizer",
@@ -174,6 +178,11 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
   Safetensors mf = Safetensors::open(mpath);
   for (Param& p : model.params().params()) copy_into(p.value, mf.get(p.name), mpath, p.name);
   if (opt) {
+    if (j.value("weights_only", false))
+      fail(
+          "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
+          "it with init_from: {}",
+          ckpt_dir, ckpt_dir);
     std::string opath = ckpt_dir + "/optimizer.safetensors";
     Safetensors of = Safetensors::open(opath);
     size_t i = 0;
@@ -187,7 +196,12 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
   if (st) {
     st->step = j.at("step").get<int64_t>();
     st->loader = j.at("loader");
+    st->init_from = j.value("init_from", "");
   }
+}
+
+std::string checkpoint_init_from(const std::string& ckpt_dir) {
+  return read_state(ckpt_dir).value("init_from", "");
 }
 
 }  // namespace lmforge

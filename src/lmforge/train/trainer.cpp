@@ -17,6 +17,7 @@
 #include "lmforge/optim/schedule.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/checkpoint.h"
+#include "lmforge/train/init_from.h"
 #include "lmforge/train/metrics.h"
 
 namespace lmforge {
@@ -42,9 +43,6 @@ void validate_train_config(const Config& cfg) {
   if (t.device != "cpu" && t.device != "auto")
     fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
   if (t.warmup < 0) fail("train.warmup: must be >= 0, got {}", t.warmup);
-  if (!cfg.init_from.empty())
-    fail("init_from: \"{}\" is not supported yet (Hugging Face import is a later feature)",
-         cfg.init_from);
 }
 
 namespace {
@@ -58,30 +56,69 @@ double evaluate(Transformer& model, const Loader& val, int64_t batches, Batch& b
   return sum / static_cast<double>(batches);
 }
 
+// With init_from the architecture comes from the source; a model key the user set to something
+// else is a conflict (keys equal to the source's are fine, so a run's resolved config.yaml, which
+// lists them all, loads again).
+void adopt_init_model(Config& cfg, const InitSource& src) {
+  ModelConfig want = src.model;
+  if (src.hf) want.preset.clear();
+  auto set = model_fields(cfg.model), from = model_fields(want);
+  for (size_t i = 0; i < set.size(); ++i) {
+    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std") continue;
+    std::string v = field_value(set[i]);
+    if (v != field_value(from[i]))
+      fail(
+          "model.{}: {} conflicts with init_from {} ({}); the architecture comes from init_from, "
+          "remove model.{} from the config",
+          set[i].key, v, src.spec, field_value(from[i]), set[i].key);
+  }
+  cfg.model = src.model;
+  if (src.hf) cfg.model.preset.clear();  // "hf:DIR" is not a preset name a config can load
+}
+
 }  // namespace
 
 TrainResult train(Config& cfg, const std::string& resume) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
 
+  // Initial weights from elsewhere: they fix the architecture and the tokenizer.
+  std::unique_ptr<InitSource> init;
+  if (!cfg.init_from.empty()) {
+    try {
+      init = std::make_unique<InitSource>(open_init_source(cfg.init_from));
+    } catch (const Error& e) {
+      fail("init_from: {}", e.what());
+    }
+    adopt_init_model(cfg, *init);
+  }
+
   // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
   std::unique_ptr<Tokenizer> tokenizer;
-  try {
-    std::string spec = cfg.data.tokenizer;
-    if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
-      int64_t n = 0;
-      try {
-        n = std::stoll(spec.substr(4));
-      } catch (...) {
+  if (init && !cfg.keys_given.count("data.tokenizer")) {
+    tokenizer = std::move(init->tokenizer);
+  } else
+    try {
+      std::string spec = cfg.data.tokenizer;
+      if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
+        int64_t n = 0;
+        try {
+          n = std::stoll(spec.substr(4));
+        } catch (...) {
+        }
+        if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
+        if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
+        spec = bpe_tokenizer_for_text(cfg.data.text, n);
       }
-      if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
-      if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
-      spec = bpe_tokenizer_for_text(cfg.data.text, n);
+      tokenizer = load_tokenizer(spec);
+    } catch (const Error& e) {
+      fail("data.tokenizer: {}", e.what());
     }
-    tokenizer = load_tokenizer(spec);
-  } catch (const Error& e) {
-    fail("data.tokenizer: {}", e.what());
-  }
+  if (init && init->tokenizer && tokenizer->fingerprint() != init->tokenizer->fingerprint())
+    fail(
+        "data.tokenizer: {} differs from the tokenizer of init_from {}; remove data.tokenizer to "
+        "use the model's own",
+        cfg.data.tokenizer, cfg.init_from);
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = (tokenizer->vocab_size() + 63) / 64 * 64;
   if (cfg.model.vocab_size < tokenizer->vocab_size())
     fail(
@@ -115,7 +152,13 @@ TrainResult train(Config& cfg, const std::string& resume) {
 
   // Model and optimizer.
   Transformer model(cfg.model);
-  model.init_weights(t.seed);
+  if (init) {
+    init->load_weights(model);
+    for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
+    fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
+  } else {
+    model.init_weights(t.seed);
+  }
   model.plan(t.batch_size, t.seq_len);
   AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
   Schedule sched{t.schedule, t.lr, t.min_lr, t.warmup, t.steps};
@@ -145,6 +188,7 @@ TrainResult train(Config& cfg, const std::string& resume) {
   write_file_atomic(run_dir + "/config.yaml", config_yaml);
 
   TrainState st;
+  st.init_from = cfg.init_from;
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
     load_checkpoint(ckpt, model, &opt, &st);
@@ -182,7 +226,7 @@ TrainResult train(Config& cfg, const std::string& resume) {
   auto checkpoint = [&] {
     st.loader = train_data.state();
     res.last_checkpoint =
-        save_checkpoint(run_dir, model, opt, st, config_yaml, t.keep_last, *tokenizer);
+        save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer);
   };
 
   for (int64_t step = st.step; step < t.steps; ++step) {

@@ -1,0 +1,191 @@
+// Hugging Face interop and inspection:
+//   lmforge convert --from-hf DIR --out RUN_DIR     HF model -> weights-only lmforge checkpoint
+//   lmforge export --checkpoint PATH --to-hf DIR    lmforge checkpoint -> HF model directory
+//   lmforge info PATH                               architecture, parameters, dtype, tokenizer
+#include "lmforge/models/hf.h"
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include <cctype>
+#include <filesystem>
+#include <set>
+
+#include "commands.h"
+#include "lmforge/core/error.h"
+#include "lmforge/io/config.h"
+#include "lmforge/io/safetensors.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/train/checkpoint.h"
+
+namespace lmforge::app {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// "5GB", "500MB", "2000000" -> bytes (decimal units, as transformers' max_shard_size).
+uint64_t parse_size(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  std::string unit = s.substr(i);
+  double v = 0;
+  try {
+    v = std::stod(s.substr(0, i));
+  } catch (...) {
+    fail("--max-shard-size: expected a size such as 5GB or 500MB, got \"{}\"", s);
+  }
+  double mult = unit.empty() || unit == "B" ? 1
+                : unit == "KB"              ? 1e3
+                : unit == "MB"              ? 1e6
+                : unit == "GB"              ? 1e9
+                                            : -1;
+  if (mult < 0 || v <= 0)
+    fail("--max-shard-size: expected a size such as 5GB or 500MB, got \"{}\"", s);
+  return static_cast<uint64_t>(v * mult);
+}
+
+std::string features(const ModelConfig& m) {
+  std::string f = fmt::format("{}, {}, {}", m.norm, m.mlp, m.pos);
+  if (m.pos == "rope") {
+    f += fmt::format(" (theta {}", m.rope_theta);
+    if (m.rope_scaling.factor > 0) f += fmt::format(", llama3 scaling x{}", m.rope_scaling.factor);
+    f += ")";
+  }
+  if (m.bias) f += ", biases";
+  if (m.qkv_bias && !m.bias) f += ", q/k/v biases";
+  if (m.qk_norm) f += ", q/k norm";
+  if (m.sliding_window) f += fmt::format(", sliding window {}", m.sliding_window);
+  if (m.tie_embeddings) f += ", tied embeddings";
+  return f;
+}
+
+void print_model(const ModelConfig& m) {
+  fmt::print("architecture: {}  L={} C={} NH={} NKV={} HS={} F={} V={} T={}\n", m.arch, m.n_layer,
+             m.n_embd, m.n_head, m.kv_heads(), m.head_size(), m.ffn(), m.vocab_size, m.max_seq_len);
+  fmt::print("features:     {}\n", features(m));
+  int64_t n = m.num_params();
+  fmt::print("parameters:   {} ({:.1f}M)\n", n, n / 1e6);
+}
+
+void print_tokenizer(const Tokenizer& t) {
+  auto id = [](int32_t i) { return i < 0 ? std::string("none") : std::to_string(i); };
+  fmt::print("tokenizer:    {}, {} ids, bos {}, eos {}, fingerprint {}\n", t.kind(), t.vocab_size(),
+             id(t.bos_id()), id(t.eos_id()), t.fingerprint());
+}
+
+void convert(const std::string& from, const std::string& out) {
+  if (!find_latest_checkpoint(out).empty())
+    fail("--out: {} already holds checkpoints; choose a new directory", out);
+  HfConfig hc = read_hf_config(from);
+  std::unique_ptr<Tokenizer> tok;
+  try {
+    tok = load_tokenizer(from);
+  } catch (const Error& e) {
+    fail("{}: no usable tokenizer in the model directory ({})", from, e.what());
+  }
+  for (const std::string& n : hc.notes) fmt::print("note: {}\n", n);
+  Config cfg;
+  cfg.model = hc.model;
+  cfg.model.preset.clear();
+  cfg.init_from = "hf:" + from;
+  Transformer model(cfg.model);
+  load_hf_weights(model, from);
+  TrainState st;
+  st.init_from = cfg.init_from;
+  std::string dir = save_checkpoint(out, model, nullptr, st, config_to_yaml(cfg), 0, *tok);
+  fmt::print("converted {} ({}, {:.1f}M parameters) -> {}\n", from, hc.model.arch,
+             model.params().numel() / 1e6, dir);
+}
+
+void export_hf(const std::string& checkpoint, const std::string& out, const std::string& dtype,
+               const std::string& shard, bool force) {
+  DType dt = dtype == "fp32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : DType::kI32;
+  if (dt == DType::kI32) fail("--dtype: expected fp32 or bf16, got \"{}\"", dtype);
+  uint64_t max_shard = parse_size(shard);
+  std::string dir = resolve_checkpoint(checkpoint);
+  ModelConfig mc = checkpoint_model_config(dir);
+  hf_config_json(mc, -1, -1, dt);  // fails on an inexpressible model before any work
+  std::error_code ec;
+  if (fs::exists(out, ec) && !fs::is_empty(out, ec) && !force)
+    fail("--to-hf: {} exists and is not empty; choose a new directory or pass --force", out);
+  Transformer model(mc);
+  load_checkpoint(dir, model, nullptr, nullptr);
+  auto tok = checkpoint_tokenizer(dir);
+  // Written beside the target and renamed, so a failure leaves no half-written model.
+  std::string tmp = out + ".tmp";
+  fs::remove_all(tmp, ec);
+  try {
+    save_hf_model(model, tok.get(), tmp, dt, max_shard);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  fs::remove_all(out, ec);
+  fs::rename(tmp, out, ec);
+  if (ec) fail("--to-hf: cannot move {} to {} ({})", tmp, out, ec.message());
+  fmt::print("exported {} ({}, {:.1f}M parameters, {}) -> {}\n", dir, mc.arch,
+             model.params().numel() / 1e6, dtype, out);
+}
+
+void info(const std::string& path) {
+  std::error_code ec;
+  fs::path p(path);
+  if (fs::is_directory(p, ec) && fs::exists(p / "config.json", ec) &&
+      !fs::exists(p / "state.json", ec)) {
+    HfConfig hc = read_hf_config(path);
+    SafetensorsSet set = SafetensorsSet::open(path);
+    std::set<std::string> dtypes;
+    for (const std::string& n : set.names()) dtypes.insert(set.info(n).dtype);
+    fmt::print("path:         {}\n", path);
+    fmt::print("format:       Hugging Face ({} file{})\n", set.files().size(),
+               set.files().size() == 1 ? "" : "s");
+    print_model(hc.model);
+    fmt::print("dtype:        {}\n", fmt::join(dtypes, ", "));
+    for (const std::string& n : hc.notes) fmt::print("note:         {}\n", n);
+    try {
+      print_tokenizer(*load_tokenizer(path));
+    } catch (const Error& e) {
+      fmt::print("tokenizer:    none usable ({})\n", e.what());
+    }
+    return;
+  }
+  std::string dir = resolve_checkpoint(path);
+  ModelConfig mc = checkpoint_model_config(dir);
+  fmt::print("path:         {}\n", dir);
+  std::string from = checkpoint_init_from(dir);
+  fmt::print("format:       lmforge checkpoint{}\n", from.empty() ? "" : ", init_from " + from);
+  print_model(mc);
+  fmt::print("dtype:        F32\n");
+  print_tokenizer(*checkpoint_tokenizer(dir));
+}
+
+}  // namespace
+
+void add_hf(CLI::App& app) {
+  struct Opts {
+    std::string from, out, checkpoint, to, dtype = "fp32", shard = "5GB", path;
+    bool force = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* c = app.add_subcommand("convert", "Hugging Face model directory -> lmforge checkpoint");
+  c->add_option("--from-hf", o->from, "Local HF model directory (config.json, *.safetensors)")
+      ->required();
+  c->add_option("--out", o->out, "Run directory to hold the checkpoint")->required();
+  c->callback([o] { convert(o->from, o->out); });
+
+  CLI::App* e = app.add_subcommand("export", "lmforge checkpoint -> Hugging Face model directory");
+  e->add_option("--checkpoint", o->checkpoint, "Checkpoint or run directory")->required();
+  e->add_option("--to-hf", o->to, "Output directory")->required();
+  e->add_option("--dtype", o->dtype, "fp32 | bf16")->capture_default_str();
+  e->add_option("--max-shard-size", o->shard, "Shard the weights past this size (e.g. 5GB)")
+      ->capture_default_str();
+  e->add_flag("--force", o->force, "Replace a non-empty output directory");
+  e->callback([o] { export_hf(o->checkpoint, o->to, o->dtype, o->shard, o->force); });
+
+  CLI::App* i = app.add_subcommand("info", "Describe a checkpoint, run or HF model directory");
+  i->add_option("path", o->path, "Checkpoint, run directory or HF model directory")->required();
+  i->callback([o] { info(o->path); });
+}
+
+}  // namespace lmforge::app

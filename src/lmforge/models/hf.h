@@ -1,0 +1,60 @@
+// Hugging Face interop: config.json <-> ModelConfig and HF tensor names <-> lmforge parameters,
+// for the families ModelConfig::arch names (gpt2, llama, mistral, qwen2, qwen3, phi3; SmolLM and
+// TinyLlama are llama). docs/formats.md, "Hugging Face checkpoints", has the tables.
+//
+//   HfConfig hc = read_hf_config("models/SmolLM2-135M");   // throws on anything unsupported
+//   Transformer model(hc.model);
+//   load_hf_weights(model, "models/SmolLM2-135M");         // any of bf16/f16/f32, sharded or not
+//   save_hf_model(model, tokenizer, "out/");                // config.json, weights, tokenizer
+//
+// Import is strict: a config.json field that would change the network and that lmforge does not
+// implement is an Error naming it; fields that only matter to training in PyTorch (dropout) are
+// reported as notes. Every tensor must be present, and a tensor lmforge would not use is an error
+// too (except buffers that are not weights, such as GPT-2's attn.bias mask).
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "lmforge/core/dtype.h"
+#include "lmforge/models/config.h"
+
+namespace lmforge {
+
+class Transformer;
+class Tokenizer;
+
+struct HfConfig {
+  ModelConfig model;
+  std::vector<std::string> notes;  // fields accepted but not acted on, for the user to see
+  int64_t bos_token_id = -1, eos_token_id = -1;
+};
+
+// Maps DIR/config.json (or a config.json path) onto a ModelConfig; `preset` is set to "hf:DIR".
+HfConfig read_hf_config(const std::string& dir);
+HfConfig hf_config_from_json(const nlohmann::json& j, const std::string& source);
+// The config.json transformers needs for `model` (its arch must be able to express it; throws
+// naming the field otherwise). Token ids < 0 are written as null.
+nlohmann::json hf_config_json(const ModelConfig& model, int64_t bos_token_id, int64_t eos_token_id,
+                              DType dtype);
+
+// One piece of an lmforge parameter in a HF checkpoint: rows [row0, row0 + rows) of the lmforge
+// tensor are the HF tensor `name` (transposed for GPT-2's Conv1D layers).
+struct HfPiece {
+  std::string name;
+  int64_t row0 = 0, rows = 0;
+  bool transpose = false;
+};
+std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& param,
+                               int64_t param_rows);
+
+// Loads every parameter from DIR (model.safetensors or a sharded index), converting to fp32.
+void load_hf_weights(Transformer& model, const std::string& dir);
+// Writes config.json, generation_config.json, the weights (sharded past max_shard_bytes, with
+// model.safetensors.index.json) in `dtype` (F32 or BF16) and the tokenizer files into dir.
+void save_hf_model(const Transformer& model, const Tokenizer* tokenizer, const std::string& dir,
+                   DType dtype, uint64_t max_shard_bytes);
+
+}  // namespace lmforge

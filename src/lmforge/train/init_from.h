@@ -1,0 +1,35 @@
+// Where a run's initial weights come from (`init_from`): a Hugging Face model directory
+// ("hf:DIR") or an lmforge checkpoint (a checkpoint or run directory, e.g. from `lmforge convert`
+// or an earlier run). The source fixes the architecture and the tokenizer.
+//
+//   InitSource src = open_init_source("hf:models/SmolLM2-135M");
+//   Transformer model(src.model);
+//   src.load_weights(model);
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lmforge/models/config.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+class Transformer;
+
+struct InitSource {
+  std::string spec;   // as given
+  bool hf = false;    // Hugging Face directory, else an lmforge checkpoint
+  std::string path;   // the directory (for a checkpoint: the resolved checkpoint directory)
+  ModelConfig model;  // its architecture
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::vector<std::string> notes;  // config.json fields accepted but not acted on
+
+  void load_weights(Transformer& model) const;
+};
+
+// Throws Error naming the path when it is neither a HF model directory nor a checkpoint.
+InitSource open_init_source(const std::string& spec);
+
+}  // namespace lmforge

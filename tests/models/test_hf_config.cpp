@@ -1,0 +1,211 @@
+// config.json -> ModelConfig for the published models of each family, as their files on the
+// Hugging Face Hub read (older transformers' layout: rope_theta and rope_scaling at the top).
+// The parameter counts are the ones the Hub reports for each checkpoint; lmforge's count for the
+// mapped config must equal them exactly. Unsupported fields are one clear error naming them.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/error.h"
+#include "lmforge/models/hf.h"
+
+namespace lmforge {
+namespace {
+
+using nlohmann::json;
+
+struct Published {
+  const char* name;
+  int64_t params;
+  const char* config;
+};
+
+const Published kModels[] = {
+    {"gpt2", 124'439'808,
+     R"({"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+      "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+      "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024,
+      "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1,
+      "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+      "summary_type": "cls_index", "summary_use_proj": true,
+      "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+      "vocab_size": 50257})"},
+    {"Llama-2-7b", 6'738'415'616, R"({"architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+      "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+      "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+      "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+      "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null,
+      "tie_word_embeddings": false, "torch_dtype": "float16",
+      "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})"},
+    {"Llama-3.1-8B", 8'030'261'248, R"({"architectures": ["LlamaForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 128000,
+      "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+      "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+      "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32,
+      "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+      "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})"},
+    {"Llama-3.2-1B", 1'235'814'400, R"({"architectures": ["LlamaForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 128000,
+      "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+      "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+      "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32,
+      "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
+      "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.45.0.dev0", "use_cache": true, "vocab_size": 128256})"},
+    {"Mistral-7B-v0.1", 7'241'732'096, R"({"architectures": ["MistralForCausalLM"],
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+      "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+      "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+      "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+      "sliding_window": 4096, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+      "transformers_version": "4.34.0.dev0", "use_cache": true, "vocab_size": 32000})"},
+    {"Qwen2.5-0.5B", 494'032'768, R"({"architectures": ["Qwen2ForCausalLM"],
+      "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+      "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+      "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+      "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+      "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+      "sliding_window": 32768, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.40.1", "use_cache": true, "use_sliding_window": false,
+      "vocab_size": 151936})"},
+    {"Qwen3-0.6B", 596'049'920, R"({"architectures": ["Qwen3ForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643,
+      "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+      "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+      "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16,
+      "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+      "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null,
+      "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+      "use_cache": true, "use_sliding_window": false, "vocab_size": 151936})"},
+    {"Phi-3-mini-4k", 3'821'079'552, R"({"_name_or_path": "Phi-3-mini-4k-instruct",
+      "architectures": ["Phi3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}, "bos_token_id": 1,
+      "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+      "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096,
+      "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32,
+      "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "pad_token_id": 32000,
+      "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+      "sliding_window": 2047, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+      "transformers_version": "4.40.2", "use_cache": true, "vocab_size": 32064})"},
+    {"SmolLM2-135M", 134'515'008, R"({"architectures": ["LlamaForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+      "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+      "intermediate_size": 1536, "is_llama_config": true, "max_position_embeddings": 8192,
+      "mlp_bias": false, "model_type": "llama", "num_attention_heads": 9,
+      "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_interleaved": false, "rope_scaling": null,
+      "rope_theta": 100000, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.42.3", "use_cache": true, "vocab_size": 49152})"},
+    {"TinyLlama-1.1B", 1'100'048'384, R"({"architectures": ["LlamaForCausalLM"],
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 2048,
+      "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 2048,
+      "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+      "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+      "rope_scaling": null, "tie_word_embeddings": false, "torch_dtype": "float32",
+      "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})"},
+};
+
+void PrintTo(const Published& p, std::ostream* os) { *os << p.name; }
+
+class PublishedConfig : public ::testing::TestWithParam<Published> {};
+
+TEST_P(PublishedConfig, MapsWithTheHubParameterCount) {
+  const Published& p = GetParam();
+  HfConfig hc = hf_config_from_json(json::parse(p.config), p.name);
+  EXPECT_EQ(hc.model.num_params(), p.params);
+  // Exporting the mapped config and reading it back gives the same model.
+  json back = hf_config_json(hc.model, hc.bos_token_id, hc.eos_token_id, DType::kBF16);
+  HfConfig again = hf_config_from_json(back, std::string(p.name) + " (exported)");
+  EXPECT_EQ(again.model.num_params(), p.params);
+  EXPECT_EQ(
+      back.dump(),
+      hf_config_json(again.model, again.bos_token_id, again.eos_token_id, DType::kBF16).dump());
+}
+
+INSTANTIATE_TEST_SUITE_P(Hub, PublishedConfig, ::testing::ValuesIn(kModels), [](const auto& info) {
+  std::string n = info.param.name;
+  for (char& c : n)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return n;
+});
+
+TEST(HfConfig, FieldsThatChangeTheNetwork) {
+  HfConfig gpt2 = hf_config_from_json(json::parse(kModels[0].config), "gpt2");
+  EXPECT_EQ(gpt2.notes.size(), 3u) << "attn/embd/resid_pdrop=0.1 are reported";
+  EXPECT_TRUE(gpt2.model.tie_embeddings && gpt2.model.bias && gpt2.model.pos == "learned");
+
+  HfConfig l31 = hf_config_from_json(json::parse(kModels[2].config), "llama3.1");
+  EXPECT_EQ(l31.model.rope_scaling.factor, 8.0);
+  EXPECT_EQ(l31.model.rope_theta, 500000.0);
+  EXPECT_EQ(l31.model.kv_heads(), 8);
+  EXPECT_EQ(l31.bos_token_id, 128000);
+
+  HfConfig q3 = hf_config_from_json(json::parse(kModels[6].config), "qwen3");
+  EXPECT_TRUE(q3.model.qk_norm);
+  EXPECT_EQ(q3.model.head_size(), 128);
+  EXPECT_EQ(q3.model.n_embd, 1024);
+  HfConfig q2 = hf_config_from_json(json::parse(kModels[5].config), "qwen2");
+  EXPECT_TRUE(q2.model.qkv_bias && !q2.model.bias);
+  EXPECT_EQ(q2.model.sliding_window, 0) << "use_sliding_window is false";
+  HfConfig mistral = hf_config_from_json(json::parse(kModels[4].config), "mistral");
+  EXPECT_EQ(mistral.model.sliding_window, 4096);
+}
+
+// Each mutation of a valid config must fail with an error naming `field`.
+TEST(HfConfig, UnsupportedFieldsAreNamed) {
+  struct Bad {
+    int model;  // index into kModels
+    const char* key;
+    json value;
+    const char* field;  // must appear in the error
+  };
+  const Bad cases[] = {
+      {2, "rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}, "yarn"},
+      {2, "rope_scaling", {{"rope_type", "dynamic"}, {"factor", 2.0}}, "dynamic"},
+      {2, "hidden_act", "gelu", "hidden_act"},
+      {2, "pretraining_tp", 2, "pretraining_tp"},
+      {2, "attention_bias", true, "attention_bias"},
+      {2, "quantization_config", {{"quant_method", "gptq"}}, "quantization_config"},
+      {2, "some_new_field", 1, "some_new_field"},
+      {2, "model_type", "falcon", "falcon"},
+      {0, "activation_function", "relu", "activation_function"},
+      {0, "scale_attn_by_inverse_layer_idx", true, "scale_attn_by_inverse_layer_idx"},
+      {5, "use_sliding_window", true, "use_sliding_window"},
+      {8, "rope_interleaved", true, "rope_interleaved"},
+      {7, "rope_scaling", {{"type", "longrope"}, {"long_factor", {1.0}}}, "long"},
+      {2, "num_hidden_layers", "32", "num_hidden_layers"},
+  };
+  for (const Bad& b : cases) {
+    json j = json::parse(kModels[b.model].config);
+    j[b.key] = b.value;
+    try {
+      hf_config_from_json(j, "config.json");
+      ADD_FAILURE() << b.key << "=" << b.value.dump() << " was accepted";
+    } catch (const Error& e) {
+      std::string msg = e.what();
+      EXPECT_NE(msg.find(b.field), std::string::npos) << b.key << ": " << msg;
+      EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(HfConfig, ExportRefusesWhatTheFamilyCannotExpress) {
+  HfConfig l = hf_config_from_json(json::parse(kModels[2].config), "llama");
+  ModelConfig m = l.model;
+  m.qk_norm = true;
+  EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
+  m = l.model;
+  m.sliding_window = 128;
+  EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
+  m = l.model;
+  m.arch = "gpt2";
+  EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
+}
+
+}  // namespace
+}  // namespace lmforge

@@ -1,0 +1,248 @@
+// Hugging Face interop against transformers itself (tests/reference/hf_models_ref.py):
+//   import  a tiny random model per family saved by save_pretrained (fp32, sharded, bf16) loads
+//           into lmforge with the same logits and loss;
+//   export  a random lmforge model per family, exported, loads with AutoModelForCausalLM with the
+//           same logits, its tokenizer with AutoTokenizer with the same ids, and imports back
+//           bit-identically;
+//   CLI     convert -> info -> export round trip, generate and train from init_from.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/io/config.h"
+#include "lmforge/models/hf.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/tokenizer/tokenizer.h"
+#include "testing/compare.h"
+#include "testing/process.h"
+
+namespace lmforge {
+namespace {
+
+namespace fs = std::filesystem;
+namespace t = lmforge::testing;
+using nlohmann::json;
+
+// Normalised logits error of lmforge's fp32 model against transformers' fp32 model (the issue's
+// bar); observed errors are ~1e-6.
+constexpr double kTol = 1e-4;
+
+// Must equal hf_models_ref.py's CASES + SAVES (checked against cases.json).
+const std::vector<std::string> kCases = {"gpt2",       "llama3", "llama3_sharded", "llama_bias",
+                                         "mistral",    "phi3",   "qwen2",          "qwen3",
+                                         "qwen3_bf16", "smollm", "tinyllama"};
+const std::map<std::string, std::string> kArchitecture = {
+    {"gpt2", "GPT2LMHeadModel"},   {"llama", "LlamaForCausalLM"}, {"mistral", "MistralForCausalLM"},
+    {"qwen2", "Qwen2ForCausalLM"}, {"qwen3", "Qwen3ForCausalLM"}, {"phi3", "Phi3ForCausalLM"}};
+
+std::string hf_dir(const std::string& c = "") { return t::ref_dir() + "/hf_models/" + c; }
+
+Tensor run_logits(Transformer& model, const Tensor& tokens, const Tensor& targets, float* loss) {
+  model.plan(tokens.size(0), tokens.size(1));
+  *loss = model.forward(tokens, targets);
+  return model.logits();
+}
+
+std::string config_diff(const ModelConfig& a, const ModelConfig& b) {
+  ModelConfig x = a, y = b;
+  auto fa = model_fields(x), fb = model_fields(y);
+  std::string d;
+  for (size_t i = 0; i < fa.size(); ++i)
+    if (fa[i].key != "preset" && field_value(fa[i]) != field_value(fb[i]))
+      d += fmt::format("{}: {} vs {}; ", fa[i].key, field_value(fa[i]), field_value(fb[i]));
+  return d;
+}
+
+TEST(HfFixtures, CaseListMatchesTheFixtures) {
+  json j = json::parse(t::slurp(hf_dir("cases.json")));
+  EXPECT_EQ(j.get<std::vector<std::string>>(), kCases);
+}
+
+class HfImport : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(HfImport, LogitsAndLossMatchTransformers) {
+  const std::string dir = hf_dir(GetParam());
+  HfConfig hc = read_hf_config(dir);
+  EXPECT_TRUE(hc.notes.empty()) << hc.notes.front();
+  Transformer model(hc.model);
+  load_hf_weights(model, dir);
+  Safetensors ref = Safetensors::open(dir + "/ref.safetensors");
+  float loss = 0;
+  Tensor logits = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss);
+  EXPECT_TRUE(t::tensors_close(GetParam() + " logits", logits, ref.get("logits"), kTol));
+  EXPECT_NEAR(loss, ref.get("loss").data<float>()[0], 1e-4 * std::abs(loss));
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, HfImport, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return info.param; });
+
+// Random weights of lmforge's own, norms and biases included, so every tensor matters.
+void randomize(Transformer& model, uint64_t seed) {
+  Rng rng(seed);
+  for (Param& p : model.params().params()) {
+    bool norm = p.name.find("norm") != std::string::npos;
+    float* w = p.value.data<float>();
+    for (int64_t i = 0; i < p.value.numel(); ++i)
+      w[i] = static_cast<float>(norm ? 1.0 + 0.2 * rng.normal() : 0.1 * rng.normal());
+  }
+}
+
+TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
+  const std::string root = t::temp_dir("hf-export");
+  const std::string corpus =
+      "In the beginning God created the heaven and the earth.\n  And the earth was without form, "
+      "and void; 1234567 <|endoftext|> caf\xc3\xa9 \xe2\x80\x94 \xe4\xbd\xa0\xe5\xa5\xbd!\n\n";
+  auto tok = load_tokenizer(hf_dir("tokenizer.json"));
+  std::vector<std::string> dirs;
+  std::map<std::string, std::unique_ptr<Transformer>> models;
+  uint64_t seed = 7;
+  for (const std::string& c : {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral",
+                               "qwen2", "qwen3", "phi3"}) {
+    ModelConfig mc = read_hf_config(hf_dir(c)).model;
+    auto& model = models[c] = std::make_unique<Transformer>(mc);
+    randomize(*model, seed++);
+    std::string out = root + "/" + c;
+    // Small shards for one family, so the index path is exercised too.
+    save_hf_model(*model, tok.get(), out, DType::kF32, c == "llama3" ? 50'000 : 5'000'000'000);
+    fs::copy_file(hf_dir(c) + "/ref.safetensors", out + "/tokens.safetensors");
+    std::ofstream(out + "/corpus.txt") << corpus;
+    dirs.push_back(out);
+  }
+  EXPECT_TRUE(fs::exists(root + "/llama3/model.safetensors.index.json"));
+  std::string cmd =
+      "'" + t::python() + "' '" + t::source_dir() + "/tests/reference/hf_models_ref.py' check";
+  for (auto& d : dirs) cmd += " '" + d + "'";
+  ASSERT_EQ(std::system((cmd + " > '" + root + "/python.log' 2>&1").c_str()), 0)
+      << t::slurp(root + "/python.log");
+
+  std::vector<int32_t> ours = tok->encode(corpus, true);
+  for (auto& [c, ptr] : models) {
+    SCOPED_TRACE(c);
+    Transformer& model = *ptr;
+    const std::string d = root + "/" + c;
+    Safetensors ref = Safetensors::open(d + "/tokens.safetensors");
+    float loss = 0;
+    Tensor logits = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss);
+    Safetensors hf = Safetensors::open(d + "/hf_logits.safetensors");
+    EXPECT_TRUE(t::tensors_close(c + " exported logits", logits, hf.get("logits"), kTol));
+    json j = json::parse(t::slurp(d + "/hf_tokens.json"));
+    EXPECT_EQ(j.at("class").get<std::string>(), kArchitecture.at(model.config().arch));
+    EXPECT_EQ(j.at("ids").get<std::vector<int32_t>>(), ours);
+
+    // Round trip: the export imports back bit for bit.
+    HfConfig back = read_hf_config(d);
+    EXPECT_EQ(config_diff(back.model, model.config()), "");
+    Transformer again(back.model);
+    load_hf_weights(again, d);
+    for (size_t i = 0; i < model.params().params().size(); ++i) {
+      const Tensor& a = model.params().params()[i].value;
+      const Tensor& b = again.params().params()[i].value;
+      EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << model.params().params()[i].name;
+    }
+  }
+}
+
+// The commands end to end: convert a sharded HF model, describe it, sample from it, fine-tune
+// from it, and export it back: the weights come back bit-identical to what transformers saved.
+TEST(HfCli, ConvertInfoGenerateTrainExport) {
+  const std::string root = t::temp_dir("hf-cli");
+  const std::string src = hf_dir("llama3_sharded");
+  auto r = t::run_lmforge("convert --from-hf '" + src + "' --out run", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = t::run_lmforge("info run", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("architecture: llama"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("init_from hf:" + src), std::string::npos) << r.out;
+  ModelConfig mc = read_hf_config(src).model;
+  EXPECT_NE(r.out.find("parameters:   " + std::to_string(mc.num_params())), std::string::npos)
+      << r.out;
+  r = t::run_lmforge("info '" + src + "'", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("Hugging Face (12 files)"), std::string::npos) << r.out;
+
+  r = t::run_lmforge("generate --checkpoint run --prompt 'In the' --max-tokens 5 --seed 1", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  r = t::run_lmforge("export --checkpoint run --to-hf out", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  SafetensorsSet orig = SafetensorsSet::open(src), back = SafetensorsSet::open(root + "/out");
+  EXPECT_EQ(orig.names().size(), back.names().size());
+  for (const std::string& n : orig.names()) {
+    ASSERT_TRUE(back.has(n)) << n;
+    Tensor a = orig.get(n), b = back.get(n);
+    EXPECT_TRUE(a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0) << n;
+  }
+  r = t::run_lmforge("export --checkpoint run --to-hf out", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+
+  // Fine-tune from the HF directory on a small text; the run records where it started.
+  std::ofstream(root + "/text.txt") << "In the beginning God created the heaven and the earth.\n";
+  r = t::run_lmforge("train --set init_from=hf:'" + src +
+                         "' --set data.text=text.txt --set data.val_fraction=0 "
+                         "--set train.steps=2 --set train.batch_size=1 --set train.seq_len=8 "
+                         "--set train.eval_every=0 --set run.dir=ft",
+                     root);
+  ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+  EXPECT_NE(r.out.find("init_from hf:" + src), std::string::npos) << r.out;
+  r = t::run_lmforge("info ft", root);
+  EXPECT_NE(r.out.find("init_from hf:" + src), std::string::npos) << r.out;
+  // The architecture comes from init_from: a conflicting model key is one clear error.
+  r = t::run_lmforge("train --set init_from=hf:'" + src +
+                         "' --set model.n_layer=3 --set data.text=text.txt --set run.dir=bad",
+                     root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("model.n_layer"), std::string::npos) << r.err;
+}
+
+// Bad HF directories: one clear error naming the file and the tensor or field.
+TEST(HfBadInput, MissingTensorWrongShapeAndUnsupportedFields) {
+  const std::string root = t::temp_dir("hf-bad");
+  fs::copy(hf_dir("qwen2"), root + "/m");
+  std::string dir = root + "/m";
+  // A missing tensor.
+  {
+    Safetensors f = Safetensors::open(dir + "/model.safetensors");
+    SafetensorsWriter w;
+    for (auto& n : f.names())
+      if (n != "model.layers.1.self_attn.k_proj.bias") w.add(n, f.get(n).clone());
+    w.write(root + "/missing.safetensors");
+  }
+  fs::copy_file(root + "/missing.safetensors", dir + "/model.safetensors",
+                fs::copy_options::overwrite_existing);
+  ModelConfig mc = read_hf_config(dir).model;
+  Transformer model(mc);
+  try {
+    load_hf_weights(model, dir);
+    FAIL() << "loaded a checkpoint with a missing tensor";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.1.self_attn.k_proj.bias"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("missing"), std::string::npos) << e.what();
+  }
+  // An unsupported rope type and an unknown field, via the CLI.
+  json cfg = json::parse(t::slurp(hf_dir("qwen2") + "/config.json"));
+  cfg["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"rope_theta", 10000.0}};
+  std::ofstream(dir + "/config.json") << cfg.dump();
+  auto r = t::run_lmforge("info m", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("yarn"), std::string::npos) << r.err;
+  cfg = json::parse(t::slurp(hf_dir("qwen2") + "/config.json"));
+  cfg["use_mrope_magic"] = true;
+  std::ofstream(dir + "/config.json") << cfg.dump();
+  r = t::run_lmforge("convert --from-hf m --out run", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("use_mrope_magic"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(root + "/run/checkpoints")) << "nothing written on error";
+  cfg["model_type"] = "falcon";
+  std::ofstream(dir + "/config.json") << cfg.dump();
+  r = t::run_lmforge("convert --from-hf m --out run", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("falcon"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace lmforge

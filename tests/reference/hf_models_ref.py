@@ -1,0 +1,160 @@
+"""Hugging Face transformers as the reference for lmforge's import and export.
+
+  hf_models_ref.py make OUT          one tiny random model per family, saved by transformers'
+                                     save_pretrained into OUT/<case>/, with a byte-level BPE
+                                     tokenizer and OUT/<case>/ref.safetensors holding tokens,
+                                     targets, logits (float32) and the loss
+  hf_models_ref.py check DIR...      loads each lmforge-exported DIR with AutoModelForCausalLM and
+                                     AutoTokenizer; writes DIR/hf_logits.safetensors for DIR's
+                                     tokens.safetensors and DIR/hf_tokens.json with AutoTokenizer's
+                                     ids for DIR/corpus.txt
+
+The families and their tricky parts: GPT-2 (Conv1D weights), Llama 3 (GQA, llama3 rope
+scaling), TinyLlama (Llama 2 shapes), SmolLM (tied embeddings), Llama with biases, Mistral
+(sliding window shorter than the sequence), Qwen2 (q/k/v biases), Qwen3 (q/k norm, head_dim !=
+hidden/heads), Phi-3 (fused qkv and gate_up, sliding window). Two extra saves test loading:
+sharded (model.safetensors.index.json) and bfloat16 weights.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+V, T, B = 320, 16, 2
+
+COMMON = dict(vocab_size=V, bos_token_id=256, eos_token_id=256, pad_token_id=None)
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
+
+CASES = {
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+                          embd_pdrop=0.0, resid_pdrop=0.0)),
+    "llama3": ("llama", dict(LLAMA, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 16})),
+    "tinyllama": ("llama", dict(LLAMA, num_key_value_heads=1, rope_theta=10000.0)),
+    "smollm": ("llama", dict(LLAMA, num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama_bias": ("llama", dict(LLAMA, attention_bias=True, mlp_bias=True)),
+    "mistral": ("mistral", dict(LLAMA, sliding_window=5, head_dim=16)),
+    "qwen2": ("qwen2", dict(LLAMA, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("qwen3", dict(LLAMA, head_dim=32, use_sliding_window=False)),
+    "phi3": ("phi3", dict(LLAMA, num_key_value_heads=4, sliding_window=6,
+                          original_max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0)),
+}
+# Same model as a case above, saved differently.
+SAVES = {"llama3_sharded": ("llama3", dict(max_shard_size="40KB"), None),
+         "qwen3_bf16": ("qwen3", {}, torch.bfloat16)}
+
+
+def corpus():
+    """Real text for the tokenizer: the King James Bible (bible-kjv) when installed."""
+    try:
+        import subprocess
+        return subprocess.run(["bible", "-f", "Gen1:1-Gen11:32"], capture_output=True, text=True,
+                              check=True).stdout
+    except Exception:
+        return open(__file__).read()
+
+
+def make_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus().splitlines(), trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(path)
+    return tok
+
+
+def randomize(model, gen):
+    """Weights well away from the init scale so every path matters: norms near 1, the rest
+    N(0, 0.1); biases too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def build(case):
+    model_type, kw = CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, **COMMON, **kw)
+    config.dtype = torch.float32
+    gen = torch.Generator().manual_seed(1234)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, gen)
+    return model.eval()
+
+
+def reference(model, out_dir):
+    gen = torch.Generator().manual_seed(99)
+    seq = torch.randint(0, V, (B, T + 1), generator=gen)
+    tokens, targets = seq[:, :T].contiguous(), seq[:, 1:].contiguous()
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+    save_file({"tokens": tokens.to(torch.int32), "targets": targets.to(torch.int32),
+               "logits": logits.contiguous(), "loss": loss.reshape(1)},
+              os.path.join(out_dir, "ref.safetensors"))
+
+
+def make(out):
+    os.makedirs(out, exist_ok=True)
+    tok_path = os.path.join(out, "tokenizer.json")
+    make_tokenizer(tok_path)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=tok_path, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+    models = {}
+    for case in CASES:
+        d = os.path.join(out, case)
+        models[case] = build(case)
+        models[case].save_pretrained(d)
+        fast.save_pretrained(d)
+        reference(models[case], d)
+    for name, (case, kwargs, dtype) in SAVES.items():
+        d = os.path.join(out, name)
+        m = models[case] if dtype is None else build(case).to(dtype)
+        m.save_pretrained(d, **kwargs)
+        fast.save_pretrained(d)
+        # The reference is what transformers computes from the saved files, in float32.
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        reference(reloaded.eval(), d)
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(sorted(list(CASES) + list(SAVES)), f)
+
+
+def check(dirs):
+    for d in dirs:
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        tokens = load_file(os.path.join(d, "tokens.safetensors"))["tokens"].long()
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits.float().contiguous()
+        save_file({"logits": logits}, os.path.join(d, "hf_logits.safetensors"))
+        tok = transformers.AutoTokenizer.from_pretrained(d)
+        text = open(os.path.join(d, "corpus.txt"), encoding="utf-8").read()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with open(os.path.join(d, "hf_tokens.json"), "w") as f:
+            json.dump({"ids": ids, "class": type(model).__name__}, f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(sys.argv[2])
+    elif sys.argv[1] == "check":
+        check(sys.argv[2:])
+    else:
+        sys.exit("usage: hf_models_ref.py make OUT | check DIR...")
