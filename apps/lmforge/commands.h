@@ -13,5 +13,6 @@ void add_bench(CLI::App& app);
 void add_tokenizer(CLI::App& app);
 void add_prepare(CLI::App& app);
 void add_hf(CLI::App& app);  // convert, export, info
+void add_plot(CLI::App& app);
 
 }  // namespace lmforge::app

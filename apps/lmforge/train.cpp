@@ -1,4 +1,5 @@
-// lmforge train [CONFIG.yaml] [--set KEY=VALUE]... [--resume[=auto|PATH]]
+// lmforge train [CONFIG.yaml] [--set KEY=VALUE]... [--resume[=auto|PATH]] [--start-step N]
+//               [--reset-optimizer]
 #include "commands.h"
 #include "lmforge/io/config.h"
 #include "lmforge/train/trainer.h"
@@ -10,6 +11,8 @@ void add_train(CLI::App& app) {
     std::string config;
     std::vector<std::string> sets;
     std::string resume;
+    int64_t start_step = -1;
+    bool reset_optimizer = false;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -20,10 +23,18 @@ void add_train(CLI::App& app) {
   cmd->add_option("--set", o->sets, "Override a config key, e.g. --set train.lr=3e-4")
       ->type_name("KEY=VALUE");
   cmd->add_option("--resume", o->resume,
-                  "Continue from a checkpoint: bare or =auto for the newest in run.dir, or a "
-                  "checkpoint directory")
+                  "Continue from a checkpoint: bare or =auto for the newest in run.dir that "
+                  "verifies against its manifest, or a checkpoint directory")
       ->expected(0, 1)
       ->default_str("auto");
+  cmd->add_option("--start-step", o->start_step,
+                  "With --resume: continue as step N (step counter and LR schedule); the data "
+                  "position still comes from the checkpoint")
+      ->type_name("N")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--reset-optimizer", o->reset_optimizer,
+                "With --resume: load the weights only; fresh AdamW state (moments and step "
+                "count 0)");
   cmd->callback([o, cmd] {
     Config cfg;
     ConfigLoader loader(cfg);
@@ -33,8 +44,8 @@ void add_train(CLI::App& app) {
       loader.load_yaml_file(o->config);
     for (const std::string& s : o->sets) loader.set(s);
     loader.finish();
-    std::string resume = o->resume;
-    if (cmd->count("--resume") && resume.empty()) resume = "auto";
+    ResumeOptions resume{o->resume, o->start_step, o->reset_optimizer};
+    if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";
     train(cfg, resume);
   });
 }

@@ -227,8 +227,9 @@ void add(Check& c) {
   };
 }
 
-// L = w * mean loss over non-ignored rows; backward gets dloss = w / count as the model passes it.
-void xent(Check& c) {
+// L = w * mean (loss + z lse^2) over non-ignored rows; backward gets dloss = w / count as the model
+// passes it. z = 0: plain cross-entropy; z > 0: with PaLM's z-loss.
+void xent(Check& c, double z = 0) {
   const int64_t N = 6, V = 5;
   auto [logits, dlogits] = c.input("logits", {N, V}, 2.0);
   Tensor targets = c.tokens({N}, V, /*ignore_every=*/4);  // rows 1 and 5 ignored
@@ -236,8 +237,12 @@ void xent(Check& c) {
   const double w = 0.7;
   int64_t count = 0;
   for (int64_t i = 0; i < N; ++i) count += targets.data<int32_t>()[i] != kIgnore;
-  c.loss = [=] { return w * ops::softmax_xent_forward(losses, logits, targets, kIgnore); };
-  c.backward = [=] { ops::softmax_xent_backward(dlogits, logits, targets, w / count, kIgnore); };
+  c.loss = [=] {
+    double lse_sq = 0;
+    double ce = ops::softmax_xent_forward(losses, logits, targets, kIgnore, &lse_sq);
+    return w * (ce + z * lse_sq);
+  };
+  c.backward = [=] { ops::softmax_xent_backward(dlogits, logits, targets, w / count, kIgnore, z); };
 }
 
 std::vector<GradCase> cases() {
@@ -258,7 +263,8 @@ std::vector<GradCase> cases() {
       {"gelu", gelu},
       {"swiglu", swiglu},
       {"add", add},
-      {"softmax_xent", xent},
+      {"softmax_xent", [](Check& c) { xent(c); }},
+      {"softmax_xent_zloss", [](Check& c) { xent(c, 0.3); }},
   };
 }
 

@@ -251,7 +251,7 @@ void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) 
 }
 
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                            int32_t ignore_index) {
+                            int32_t ignore_index, double* mean_lse_sq) {
   int64_t V = last(logits), N = rows(logits);
   LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
             logits.shape().str(), targets.shape().str());
@@ -260,20 +260,23 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
   const int32_t* y = targets.data<int32_t>();
   dispatch("softmax_xent_forward", logits, [&](auto tag) {
     using T = decltype(tag);
-    cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), y, N, V, ignore_index);
+    double zsum = 0;
+    cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), y, N, V, ignore_index, &zsum);
     for (int64_t i = 0; i < N; ++i) total += cptr<T>(losses)[i];
+    if (mean_lse_sq) *mean_lse_sq = zsum;
   });
   for (int64_t i = 0; i < N; ++i) count += y[i] != ignore_index;
+  if (mean_lse_sq) *mean_lse_sq = count ? *mean_lse_sq / count : 0.0;
   return count ? total / count : 0.0;
 }
 
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                           double dloss, int32_t ignore_index) {
+                           double dloss, int32_t ignore_index, double z_loss) {
   int64_t V = last(logits), N = rows(logits);
   dispatch("softmax_xent_backward", logits, [&](auto tag) {
     using T = decltype(tag);
     cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
-                                  static_cast<T>(dloss), N, V, ignore_index);
+                                  static_cast<T>(dloss), N, V, ignore_index, z_loss);
   });
 }
 

@@ -66,11 +66,13 @@ void swiglu_forward(const Tensor& out, const Tensor& inp);
 void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 
 // Returns the mean loss over rows whose target != ignore_index (0 if none); losses (N) per row.
+// mean_lse_sq, if given, receives the mean over those rows of logsumexp(logits)^2 (for z-loss).
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                            int32_t ignore_index);
-// dlogits = dloss * (softmax - onehot); writes (not +=) and may alias logits.
+                            int32_t ignore_index, double* mean_lse_sq = nullptr);
+// dlogits = dloss * (softmax (1 + 2 z_loss lse) - onehot): the gradient of
+// dloss * (xent + z_loss * lse^2) (PaLM's z-loss); writes (not +=) and may alias logits.
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                           double dloss, int32_t ignore_index);
+                           double dloss, int32_t ignore_index, double z_loss = 0);
 
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);

@@ -39,18 +39,28 @@ struct TrainConfig {
   int64_t grad_accum = 1;
   double lr = 1e-3;
   double min_lr = 1e-4;
-  std::string schedule = "cosine";  // cosine | linear | constant
+  std::string schedule = "cosine";  // constant | cosine | linear | wsd | one_cycle
   int64_t warmup = 50;
+  double decay_fraction = 0.2;  // wsd: share of the steps spent decaying to min_lr
+  double div_factor = 25;       // one_cycle: starts at lr / div_factor
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
-  double grad_clip = 1.0;          // max global norm; 0 = off
+  double grad_clip = 1.0;                         // max global norm; 0 = off
+  std::string activation_checkpointing = "none";  // none | selective | full (nn/block.h)
+  double z_loss = 0;                              // PaLM z-loss coefficient (1e-4 typical); 0 = off
+  double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
+  int64_t spike_window = 100;      // steps in the rolling statistics
+  int64_t max_skips = 10;          // consecutive skipped steps before the run stops
+  std::string inject_fault;        // testing aid: "nan@STEP,spike@STEP" (1-based steps)
   std::string precision = "fp32";  // fp32 (bf16: the CPU-speed issue)
   std::string device = "cpu";      // cpu | cuda | auto
   uint64_t seed = 1337;
   int64_t eval_every = 100;  // 0 = never
   int64_t eval_batches = 10;
+  int64_t patience = 0;            // early stopping: evals without improvement; 0 = off
+  double min_delta = 0;            // improvement that counts for patience and best
   int64_t checkpoint_every = 200;  // 0 = only at the end
   int64_t keep_last = 3;           // checkpoints kept; 0 = all
   int64_t log_every = 1;

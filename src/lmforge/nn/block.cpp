@@ -31,26 +31,72 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   down.declare(ps, p + ".mlp.proj", F, C, c.bias);
 }
 
-void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T) const {
+Recompute parse_recompute(const std::string& s) {
+  if (s == "none") return Recompute::kNone;
+  if (s == "selective") return Recompute::kSelective;
+  if (s == "full") return Recompute::kFull;
+  fail("train.activation_checkpointing: expected none, selective or full, got \"{}\"", s);
+}
+
+void Block::recompute(const Acts& a, const Tensor& x, const RopeTables& rope,
+                      Recompute mode) const {
+  if (mode == Recompute::kFull) {
+    forward(a, x, rope);
+  } else if (mode == Recompute::kSelective) {
+    norm1.forward(a.n1_out, a.n1, x);
+    ops::attention_forward(a.att, a.probs, a.qkv, cfg.n_head, cfg.kv_heads(), cfg.sliding_window);
+    norm2.forward(a.n2_out, a.n2, a.x_mid);
+    if (cfg.mlp == "swiglu")
+      ops::swiglu_forward(a.act, a.fc_out);
+    else
+      ops::gelu_forward(a.act, a.fc_out);
+  }
+}
+
+void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode) const {
+  if (mode == Recompute::kFull) plan(a, s, B, T);
+  if (mode != Recompute::kSelective) return;
+  int64_t C = cfg.n_embd;
+  s.n1_out = a.alloc({B, T, C});
+  s.n2_out = a.alloc({B, T, C});
+  s.probs = a.alloc({B, cfg.n_head, T, T});
+  s.act = a.alloc({B, T, cfg.ffn()});
+}
+
+void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
+                 const Acts* shared) const {
   int64_t C = cfg.n_embd, F = cfg.ffn(), NH = cfg.n_head;
+  if (mode == Recompute::kFull) {
+    x = *shared;
+    x.x_out = a.alloc({B, T, C});
+    return;
+  }
+  // kSelective: what recompute() rebuilds is shared; the rest (matmul outputs) is kept.
+  const bool sel = mode == Recompute::kSelective;
+  auto keep = [&](Tensor Acts::*field, Shape shape) {
+    x.*field = sel && (field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::probs ||
+                       field == &Acts::act)
+                   ? shared->*field
+                   : a.alloc(shape);
+  };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);
-  x.n1_out = a.alloc({B, T, C});
-  x.qkv = a.alloc({B, T, cfg.qkv_dim()});
+  keep(&Acts::n1_out, {B, T, C});
+  keep(&Acts::qkv, {B, T, cfg.qkv_dim()});
   if (cfg.qk_norm) {
-    x.qkv_raw = a.alloc({B, T, cfg.qkv_dim()});
-    x.rstd_q = a.alloc({B * T * NH});
-    x.rstd_k = a.alloc({B * T * cfg.kv_heads()});
+    keep(&Acts::qkv_raw, {B, T, cfg.qkv_dim()});
+    keep(&Acts::rstd_q, {B * T * NH});
+    keep(&Acts::rstd_k, {B * T * cfg.kv_heads()});
   }
-  x.probs = a.alloc({B, NH, T, T});
-  x.att = a.alloc({B, T, NH * cfg.head_size()});
-  x.att_proj = a.alloc({B, T, C});
-  x.x_mid = a.alloc({B, T, C});
-  x.n2_out = a.alloc({B, T, C});
-  x.fc_out = a.alloc({B, T, cfg.mlp == "swiglu" ? 2 * F : F});
-  x.act = a.alloc({B, T, F});
-  x.mlp_out = a.alloc({B, T, C});
-  x.x_out = a.alloc({B, T, C});
+  keep(&Acts::probs, {B, NH, T, T});
+  keep(&Acts::att, {B, T, NH * cfg.head_size()});
+  keep(&Acts::att_proj, {B, T, C});
+  keep(&Acts::x_mid, {B, T, C});
+  keep(&Acts::n2_out, {B, T, C});
+  keep(&Acts::fc_out, {B, T, cfg.mlp == "swiglu" ? 2 * F : F});
+  keep(&Acts::act, {B, T, F});
+  keep(&Acts::mlp_out, {B, T, C});
+  keep(&Acts::x_out, {B, T, C});
 }
 
 void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) const {

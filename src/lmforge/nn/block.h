@@ -3,6 +3,12 @@
 //   x_out = x_mid + mlp(norm2(x_mid))      mlp: fc -> gelu -> proj  |  gate_up -> swiglu -> down
 // Activations for one (B, T) live in Block::Acts, planned once; backward reuses shared gradient
 // scratch (BlockScratch) across blocks since it runs one block at a time.
+//
+// Activation checkpointing (Recompute): with kSelective the cheap, large activations (norm
+// outputs, attention probabilities (B, NH, T, T), the MLP activation) are shared by all blocks and
+// recomputed before each block's backward; with kFull every activation but the block's output is
+// shared and the whole block forward is recomputed. The kernels are deterministic, so the
+// recomputed values, and hence the loss and gradients, are bit-identical to kNone.
 #pragma once
 
 #include <string>
@@ -29,6 +35,10 @@ struct BlockScratch {
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T);
 };
 
+enum class Recompute { kNone, kSelective, kFull };
+// "none" | "selective" | "full"; throws Error naming train.activation_checkpointing otherwise.
+Recompute parse_recompute(const std::string& s);
+
 struct Block {
   ModelConfig cfg;
   Norm norm1, norm2;
@@ -45,7 +55,14 @@ struct Block {
   };
 
   void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);
-  void plan(Arena& a, Acts& acts, int64_t B, int64_t T) const;
+  // Allocates acts; with a Recompute mode other than kNone, the tensors that mode recomputes are
+  // views of `shared` (planned once with kNone) instead.
+  void plan(Arena& a, Acts& acts, int64_t B, int64_t T, Recompute mode = Recompute::kNone,
+            const Acts* shared = nullptr) const;
+  // The activations all blocks share under `mode` (kNone: nothing).
+  void plan_shared(Arena& a, Acts& shared, int64_t B, int64_t T, Recompute mode) const;
+  // Re-runs what `mode` did not keep, from the block input x, before backward.
+  void recompute(const Acts& acts, const Tensor& x, const RopeTables& rope, Recompute mode) const;
   void forward(const Acts& acts, const Tensor& x, const RopeTables& rope) const;
   // dres: on entry d(x_out); on exit d(x). Parameter gradients +=.
   void backward(const Tensor& dres, const Tensor& x, const Acts& acts, const BlockScratch& s,

@@ -47,7 +47,7 @@ void Transformer::init_weights(uint64_t seed) {
   }
 }
 
-void Transformer::plan(int64_t B, int64_t T) {
+void Transformer::plan(int64_t B, int64_t T, Recompute recompute) {
   if (T > cfg_.max_seq_len)
     fail(
         "train.seq_len: {} exceeds model.max_seq_len={}; lower train.seq_len or raise "
@@ -55,13 +55,16 @@ void Transformer::plan(int64_t B, int64_t T) {
         T, cfg_.max_seq_len);
   B_ = B;
   T_ = T;
+  recompute_ = recompute;
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
   block_acts_.assign(cfg_.n_layer, {});
   acts_ = Arena::planned([&](Arena& a) {
     tokens_ = a.alloc({B, T}, DType::kI32);
     targets_ = a.alloc({B, T}, DType::kI32);
     x0_ = a.alloc({B, T, C});
-    for (int64_t l = 0; l < cfg_.n_layer; ++l) blocks_[l].plan(a, block_acts_[l], B, T);
+    blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
+    for (int64_t l = 0; l < cfg_.n_layer; ++l)
+      blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
     norm_f_.plan(a, nf_, B * T);
     nf_out_ = a.alloc({B, T, C});
     logits_ = a.alloc({B, T, V});
@@ -90,16 +93,17 @@ float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t 
   norm_f_.forward(nf_out_, nf_, *x);
   ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
   if (!have_targets_) return 0.0f;
-  return static_cast<float>(ops::softmax_xent_forward(losses_, logits_, targets_, ignore_index_));
+  target_count_ = 0;
+  const int32_t* y = targets_.data<int32_t>();
+  for (int64_t i = 0; i < targets_.numel(); ++i) target_count_ += y[i] != ignore_index_;
+  return static_cast<float>(
+      ops::softmax_xent_forward(losses_, logits_, targets_, ignore_index_, &mean_lse_sq_));
 }
 
 void Transformer::backward(double loss_scale) {
   LMF_CHECK(have_targets_, "backward() needs forward() with targets");
-  int64_t count = 0;
-  const int32_t* y = targets_.data<int32_t>();
-  for (int64_t i = 0; i < targets_.numel(); ++i) count += y[i] != ignore_index_;
-  double dloss = count ? loss_scale / count : 0.0;
-  ops::softmax_xent_backward(logits_, logits_, targets_, dloss, ignore_index_);
+  double dloss = target_count_ ? loss_scale / static_cast<double>(target_count_) : 0.0;
+  ops::softmax_xent_backward(logits_, logits_, targets_, dloss, ignore_index_, z_loss_);
   Tensor& dlogits = logits_;
   dnf_.zero_();
   ops::linear_backward(dnf_, lm_head_->grad, Tensor(), dlogits, nf_out_, lm_head_weight());
@@ -108,6 +112,7 @@ void Transformer::backward(double loss_scale) {
   norm_f_.backward(dres_, dnf_, x_last, nf_);
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
     const Tensor& x_in = l ? block_acts_[l - 1].x_out : x0_;
+    blocks_[l].recompute(block_acts_[l], x_in, rope_, recompute_);
     blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, rope_);
   }
   ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_);

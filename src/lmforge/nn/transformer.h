@@ -33,16 +33,24 @@ class Transformer {
   // the projections into the residual stream, zeros for biases, ones for norm weights.
   void init_weights(uint64_t seed);
 
-  void plan(int64_t B, int64_t T);
+  // Activations for (B, T), allocated once; `recompute` trades memory for a second forward per
+  // block in backward (activation checkpointing, nn/block.h), with bit-identical results.
+  void plan(int64_t B, int64_t T, Recompute recompute = Recompute::kNone);
   int64_t planned_batch() const { return B_; }
   int64_t planned_seq() const { return T_; }
   size_t activation_bytes() const { return acts_.capacity(); }
 
   // Returns the mean cross-entropy over targets != ignore_index (0 if targets is undefined).
   float forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index = -100);
-  // Gradients of loss_scale * mean loss, accumulated into params().grad. Needs forward with
-  // targets first; overwrites logits with dlogits.
+  // Gradients of loss_scale * (mean loss + z_loss * mean lse^2), accumulated into
+  // params().grad. Needs forward with targets first; overwrites logits with dlogits. Gradient
+  // accumulation normalized by tokens passes loss_scale = target_count() / (all micro-batches'
+  // target count).
   void backward(double loss_scale = 1.0);
+  // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
+  int64_t target_count() const { return target_count_; }
+  double mean_lse_sq() const { return mean_lse_sq_; }
+  void set_z_loss(double z) { z_loss_ = z; }        // PaLM's auxiliary loss coefficient; 0 = off
   const Tensor& logits() const { return logits_; }  // (B, T, V) after forward
 
   KvCache make_cache(int64_t max_len) const;
@@ -65,12 +73,16 @@ class Transformer {
   int64_t B_ = 0, T_ = 0;
   Arena acts_;
   std::vector<Block::Acts> block_acts_;
+  Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
+  Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, losses_, dres_, dnf_;
   Norm::Saved nf_;
   BlockScratch scratch_;
   Tensor tokens_, targets_;
   int32_t ignore_index_ = -100;
   bool have_targets_ = false;
+  int64_t target_count_ = 0;
+  double mean_lse_sq_ = 0, z_loss_ = 0;
 
   Tensor lm_head_weight() const { return lm_head_->value; }
 };

@@ -1,12 +1,19 @@
 #include "lmforge/train/checkpoint.h"
 
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/config.h"
 #include "lmforge/io/safetensors.h"
+#include "lmforge/io/sha256.h"
 
 namespace lmforge {
 
@@ -18,22 +25,144 @@ namespace {
 constexpr const char* kFormat = "lmforge-checkpoint";
 constexpr int kVersion = 1;
 
-std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir) {
-  std::vector<std::pair<int64_t, std::string>> out;
+constexpr const char* kManifest = "manifest.json";
+constexpr const char* kManifestFormat = "lmforge-checkpoint-manifest";
+constexpr int kManifestVersion = 1;
+
+struct Listed {
+  int64_t step;
+  fs::path dir;
+};
+
+// "step-00000100" -> 100; -1 for any other name (e.g. "step-00000100.tmp").
+int64_t step_of(const std::string& name) {
+  if (!name.starts_with("step-") || name.size() == 5 || name.size() > 5 + 18) return -1;
+  for (size_t i = 5; i < name.size(); ++i)
+    if (name[i] < '0' || name[i] > '9') return -1;
+  return std::stoll(name.substr(5));
+}
+
+// Complete checkpoints (step-N directories with a manifest), oldest first; not verified.
+std::vector<Listed> list_checkpoints(const std::string& run_dir) {
+  std::vector<Listed> out;
   std::error_code ec;
   fs::path dir = fs::path(run_dir) / "checkpoints";
   if (!fs::is_directory(dir, ec)) return out;
-  for (auto& e : fs::directory_iterator(dir)) {
-    std::string name = e.path().filename().string();
-    if (!e.is_directory() || !name.starts_with("step-") || name.ends_with(".tmp")) continue;
-    if (!fs::exists(e.path() / "state.json")) continue;
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    int64_t step = step_of(e.path().filename().string());
+    if (step < 0 || !e.is_directory(ec) || !fs::exists(e.path() / kManifest, ec)) continue;
+    out.push_back({step, e.path()});
+  }
+  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a.step < b.step; });
+  return out;
+}
+
+// fsync a file or directory: data and metadata of a file, the entries (creations, renames) of a
+// directory.
+void sync_path(const fs::path& p, bool directory) {
+  int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | (directory ? O_DIRECTORY : 0));
+  if (fd < 0) fail("{}: cannot open to sync it to disk ({})", p.string(), std::strerror(errno));
+  if (::fsync(fd) != 0) {
+    int err = errno;
+    ::close(fd);
+    fail("{}: fsync failed ({}); is the disk full or failing?", p.string(), std::strerror(err));
+  }
+  ::close(fd);
+}
+
+// SHA-256 of each file (and its size), a few at a time: a checkpoint's bytes are mostly in two
+// files.
+std::vector<std::string> hash_files(const std::vector<fs::path>& files,
+                                    std::vector<uint64_t>* sizes = nullptr) {
+  std::vector<std::string> hex(files.size()), err(files.size());
+  std::vector<uint64_t> bytes(files.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(4)
+  for (size_t i = 0; i < files.size(); ++i) {
     try {
-      out.emplace_back(std::stoll(name.substr(5)), e.path().string());
-    } catch (...) {
+      hex[i] = sha256_file(files[i].string(), &bytes[i]);
+    } catch (const std::exception& e) {
+      err[i] = e.what();
     }
   }
-  std::sort(out.begin(), out.end());
-  return out;
+  for (const std::string& e : err)
+    if (!e.empty()) throw Error(e);
+  if (sizes) *sizes = bytes;
+  return hex;
+}
+
+// Hashes and fsyncs every file under dir, fsyncs its directories, then writes manifest.json (and
+// fsyncs it and dir): once it exists, everything it lists is on disk.
+void write_manifest(const fs::path& dir) {
+  std::vector<fs::path> files, dirs{dir};
+  std::vector<std::string> names;
+  for (auto& e : fs::recursive_directory_iterator(dir)) {
+    if (e.is_directory()) dirs.push_back(e.path());
+    if (!e.is_regular_file()) continue;
+    files.push_back(e.path());
+    names.push_back(e.path().lexically_relative(dir).generic_string());
+  }
+  std::vector<size_t> order(files.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return names[a] < names[b]; });
+  std::vector<uint64_t> bytes;
+  std::vector<std::string> hex = hash_files(files, &bytes);
+  json list = json::array();
+  for (size_t i : order) {
+    sync_path(files[i], false);
+    list.push_back({{"path", names[i]}, {"bytes", bytes[i]}, {"sha256", hex[i]}});
+  }
+  for (const fs::path& d : dirs) sync_path(d, true);
+  json m = {{"format", kManifestFormat}, {"version", kManifestVersion}, {"files", list}};
+  write_file_atomic((dir / kManifest).string(), m.dump(2) + "\n");
+  sync_path(dir, true);
+}
+
+// Takes a checkpoint out of the complete set atomically (a rename to *.tmp), then deletes it: a
+// kill in the middle leaves a stale *.tmp for the next save to remove, never a half-deleted
+// checkpoint that still looks complete.
+void retire(const fs::path& ckpt) {
+  std::error_code ec;
+  fs::path tmp = ckpt;
+  tmp += ".tmp";
+  fs::remove_all(tmp, ec);
+  fs::rename(ckpt, tmp, ec);
+  if (ec) tmp = ckpt;  // cannot rename: delete in place
+  fs::remove_all(tmp, ec);
+}
+
+std::optional<double> saved_val_loss(const fs::path& ckpt) {
+  try {
+    json j = json::parse(read_file((ckpt / "state.json").string()));
+    if (j.contains("val_loss") && j["val_loss"].is_number()) return j["val_loss"].get<double>();
+  } catch (const std::exception&) {  // a damaged checkpoint is nobody's best
+  }
+  return std::nullopt;
+}
+
+// After saving step `step`: drops checkpoints past it, marks the best, keeps keep_last + best.
+void prune(const std::string& run_dir, int64_t step, int64_t keep_last) {
+  fs::path dir = fs::path(run_dir) / "checkpoints";
+  std::vector<Listed> kept, drop;
+  for (Listed& c : list_checkpoints(run_dir)) (c.step > step ? drop : kept).push_back(c);
+  const Listed* best = nullptr;
+  std::optional<double> best_loss;
+  for (const Listed& c : kept) {
+    std::optional<double> vl = saved_val_loss(c.dir);
+    if (vl && (!best_loss || *vl < *best_loss)) {
+      best = &c;
+      best_loss = vl;
+    }
+  }
+  std::error_code ec;
+  if (best)
+    write_file_atomic((dir / "best").string(), best->dir.filename().string() + "\n");
+  else
+    fs::remove(dir / "best", ec);
+  if (keep_last > 0)
+    for (size_t k = 0; k + keep_last < kept.size(); ++k)
+      if (&kept[k] != best) drop.push_back(kept[k]);
+  for (const Listed& c : drop) retire(c.dir);
+  sync_path(dir, true);
 }
 
 json read_state(const std::string& ckpt_dir) {
@@ -69,11 +198,17 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
                             const Tokenizer& tok) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
-  fs::create_directories(dir);
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    fs::create_directories(dir);
+    sync_path(run_dir, true);
+  }
+  for (auto& e : fs::directory_iterator(dir)) {  // left by a save or prune that was killed
+    std::string n = e.path().filename().string();
+    if (n.starts_with("step-") && n.ends_with(".tmp")) fs::remove_all(e.path(), ec);
+  }
   std::string name = fmt::format("step-{:08d}", st.step);
   fs::path final_dir = dir / name, tmp = dir / (name + ".tmp");
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
 
   SafetensorsWriter mw, ow;
@@ -99,6 +234,9 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"optimizer_steps", opt ? opt->steps_taken() : 0},
             {"weights_only", opt == nullptr},
             {"init_from", st.init_from},
+            {"val_loss", st.val_loss ? json(*st.val_loss) : json(nullptr)},
+            {"guard", st.guard},
+            {"evals", st.evals},
             {"loader", st.loader},
             {"model", jm},
             {"tokenizer",
@@ -108,24 +246,103 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   copy_tokenizer_files(tok, (tmp / "tokenizer").string());
   write_file_atomic((tmp / "config.yaml").string(), config_yaml);
   write_file_atomic((tmp / "state.json").string(), j.dump(2) + "\n");
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp, final_dir);
+  write_manifest(tmp);
 
-  if (keep_last > 0) {
-    auto all = list_checkpoints(run_dir);
-    for (size_t k = 0; k + keep_last < all.size(); ++k) fs::remove_all(all[k].second, ec);
-  }
+  // A checkpoint of the same step from an abandoned continuation is moved aside first: rename()
+  // does not replace a non-empty directory.
+  fs::path old = dir / (name + ".old.tmp");
+  if (fs::exists(final_dir, ec)) fs::rename(final_dir, old);
+  fs::rename(tmp, final_dir);
+  sync_path(dir, true);
+  fs::remove_all(old, ec);
+  prune(run_dir, st.step, keep_last);
   return final_dir.string();
 }
 
+std::string verify_checkpoint(const std::string& ckpt_dir, std::string* why) {
+  auto bad = [&](const fs::path& p, const std::string& what) {
+    if (why) *why = what;
+    return p.string();
+  };
+  fs::path dir(ckpt_dir), mpath = dir / kManifest;
+  std::error_code ec;
+  if (!fs::exists(mpath, ec))
+    return bad(mpath, "missing, so the checkpoint is incomplete (its save was interrupted)");
+  json m;
+  try {
+    m = json::parse(read_file(mpath.string()));
+  } catch (const std::exception& e) {
+    return bad(mpath, fmt::format("unreadable ({})", e.what()));
+  }
+  if (!m.is_object() || m.value("format", "") != kManifestFormat || !m.contains("files") ||
+      !m["files"].is_array())
+    return bad(mpath, fmt::format("not a checkpoint manifest (expected format \"{}\" and files)",
+                                  kManifestFormat));
+  std::vector<fs::path> files;
+  std::vector<std::string> sums;
+  for (const json& f : m["files"]) {
+    bool ok = f.is_object() && f.contains("path") && f["path"].is_string() && f.contains("bytes") &&
+              f["bytes"].is_number_unsigned() && f.contains("sha256") && f["sha256"].is_string() &&
+              f["sha256"].get<std::string>().size() == 64;
+    fs::path rel = ok ? fs::path(f["path"].get<std::string>()) : fs::path();
+    if (!ok || rel.empty() || rel.is_absolute() ||
+        std::find(rel.begin(), rel.end(), "..") != rel.end())
+      return bad(mpath, fmt::format("malformed entry {}", f.dump()));
+    fs::path p = dir / rel;
+    uint64_t want = f["bytes"].get<uint64_t>();
+    uint64_t size = fs::file_size(p, ec);
+    if (ec) return bad(p, "missing (listed in manifest.json)");
+    if (size != want) return bad(p, fmt::format("{} bytes, manifest.json says {}", size, want));
+    files.push_back(p);
+    sums.push_back(f["sha256"].get<std::string>());
+  }
+  std::vector<std::string> hex;
+  try {
+    hex = hash_files(files);
+  } catch (const Error& e) {
+    return bad(dir, e.what());
+  }
+  for (size_t i = 0; i < files.size(); ++i)
+    if (hex[i] != sums[i])
+      return bad(files[i], "contents differ from manifest.json (SHA-256 mismatch)");
+  return "";
+}
+
+bool has_checkpoints(const std::string& run_dir) { return !list_checkpoints(run_dir).empty(); }
+
 std::string find_latest_checkpoint(const std::string& run_dir) {
   auto all = list_checkpoints(run_dir);
-  return all.empty() ? "" : all.back().second;
+  std::vector<std::string> skipped;
+  for (auto c = all.rbegin(); c != all.rend(); ++c) {
+    std::string why, bad = verify_checkpoint(c->dir.string(), &why);
+    if (bad.empty()) {
+      for (const std::string& w : skipped)
+        fmt::print(stderr, "warning: {}; using {} instead\n", w, c->dir.filename().string());
+      std::fflush(stderr);
+      return c->dir.string();
+    }
+    skipped.push_back(
+        fmt::format("{}: {}; skipping checkpoint {}", bad, why, c->dir.filename().string()));
+  }
+  if (!skipped.empty())
+    fail(
+        "{}; no valid checkpoint in {}/checkpoints ({} damaged); restore one or start a new "
+        "run.dir",
+        skipped.front(), run_dir, skipped.size());
+  return "";
 }
 
 std::string resolve_checkpoint(const std::string& path) {
   std::error_code ec;
-  if (fs::exists(fs::path(path) / "state.json", ec)) return path;
+  if (fs::exists(fs::path(path) / "state.json", ec) || fs::exists(fs::path(path) / kManifest, ec)) {
+    std::string why, bad = verify_checkpoint(path, &why);
+    if (!bad.empty())
+      fail(
+          "{}: {}; checkpoint {} is damaged; use another one (a run directory picks its newest "
+          "valid checkpoint)",
+          bad, why, path);
+    return path;
+  }
   std::string latest = find_latest_checkpoint(path);
   if (latest.empty())
     fail(
@@ -177,12 +394,12 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
   std::string mpath = ckpt_dir + "/model.safetensors";
   Safetensors mf = Safetensors::open(mpath);
   for (Param& p : model.params().params()) copy_into(p.value, mf.get(p.name), mpath, p.name);
+  if ((opt || st) && j.value("weights_only", false))
+    fail(
+        "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
+        "it with init_from: {}",
+        ckpt_dir, ckpt_dir);
   if (opt) {
-    if (j.value("weights_only", false))
-      fail(
-          "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
-          "it with init_from: {}",
-          ckpt_dir, ckpt_dir);
     std::string opath = ckpt_dir + "/optimizer.safetensors";
     Safetensors of = Safetensors::open(opath);
     size_t i = 0;
@@ -197,6 +414,11 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
     st->step = j.at("step").get<int64_t>();
     st->loader = j.at("loader");
     st->init_from = j.value("init_from", "");
+    st->val_loss.reset();
+    if (j.contains("val_loss") && j["val_loss"].is_number())
+      st->val_loss = j["val_loss"].get<double>();
+    st->guard = j.value("guard", nlohmann::json());
+    st->evals = j.value("evals", nlohmann::json());
   }
 }
 

@@ -2,14 +2,24 @@
 //   model.safetensors      parameters by name (fp32)
 //   optimizer.safetensors  AdamW moments as "m.<name>" / "v.<name>" (absent in a weights-only
 //                          checkpoint, e.g. from `lmforge convert`)
-//   state.json             format, version, step, model config, loader RNG, optimizer step count
+//   state.json             format, version, step, model config, loader RNG, optimizer step count,
+//                          the validation loss measured at this step
 //   config.yaml            the resolved run config
 //   tokenizer/             the tokenizer's files (absent for the byte-level tokenizer)
-// The directory is written as step-N.tmp/ and renamed when complete, so a crash never leaves a
-// checkpoint that looks valid. Layout and fields: docs/formats.md.
+//   manifest.json          every file above with its size and SHA-256, written last
+// A save survives kill -9 and power loss at any moment: it writes step-N.tmp/, fsyncs every file,
+// writes and fsyncs manifest.json, renames the directory to step-N and fsyncs checkpoints/. So a
+// checkpoint is complete iff its name has no .tmp suffix and manifest.json exists; readers also
+// check every file against the manifest (verify_checkpoint) and fall back to an older checkpoint
+// when the newest is damaged. Layout, fields and retention: docs/formats.md.
+//
+//   save_checkpoint(run_dir, model, &opt, st, config_yaml, keep_last, tok);
+//   std::string dir = find_latest_checkpoint(run_dir);  // newest that verifies, or ""
+//   load_checkpoint(dir, model, &opt, &st);
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "lmforge/core/rng.h"
@@ -20,19 +30,36 @@
 namespace lmforge {
 
 struct TrainState {
-  int64_t step = 0;       // optimizer steps completed
-  nlohmann::json loader;  // Loader::state(): RNG, per-source epoch and cursor
-  std::string init_from;  // where the initial weights came from ("" = random init)
+  int64_t step = 0;                // optimizer steps completed
+  nlohmann::json loader;           // Loader::state(): RNG, per-source epoch and cursor
+  std::string init_from;           // where the initial weights came from ("" = random init)
+  std::optional<double> val_loss;  // validation loss measured at this step, if there was one
+  nlohmann::json guard;            // SpikeGuard::state() (null = fresh)
+  nlohmann::json evals;  // validation history for best/early stopping: best, best_step, bad
 };
 
-// Returns the checkpoint directory. Removes older checkpoints beyond keep_last (0 = keep all).
+// Writes <run_dir>/checkpoints/step-<st.step>/ (see above) and returns its path. Then: removes
+// stale step-*.tmp directories left by an interrupted save; removes checkpoints with a higher step
+// (left from a continuation abandoned by resuming an earlier checkpoint); keeps the newest
+// keep_last (0 = all) plus the one with the lowest val_loss, named in checkpoints/best.
 // opt == nullptr writes a weights-only checkpoint (no optimizer.safetensors).
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
                             const Tokenizer& tok);
-// Newest complete checkpoint under run_dir/checkpoints, or "" if none.
+// Checks every file of a checkpoint against its manifest.json: present, the listed size, the
+// listed SHA-256 (reads every byte: ~0.5 s per GB with the CPU's SHA extensions, ~3 s without,
+// files in parallel). Returns "" when all match, else the path of the first file that does not
+// (manifest.json itself when it is missing or unreadable), and in *why what is wrong, e.g.
+// "100 bytes, manifest.json says 4096".
+std::string verify_checkpoint(const std::string& ckpt_dir, std::string* why = nullptr);
+// Whether run_dir/checkpoints holds a complete checkpoint (not verified).
+bool has_checkpoints(const std::string& run_dir);
+// Newest complete checkpoint under run_dir/checkpoints that verifies, or "" if there is none.
+// Each newer one that fails verification is skipped with one warning line on stderr naming the
+// file; when some exist but none verifies, throws Error naming the newest one's bad file.
 std::string find_latest_checkpoint(const std::string& run_dir);
-// PATH may be a checkpoint directory or a run directory (its newest checkpoint).
+// PATH may be a checkpoint directory (verified; Error naming the bad file) or a run directory
+// (its newest valid checkpoint).
 std::string resolve_checkpoint(const std::string& path);
 ModelConfig checkpoint_model_config(const std::string& ckpt_dir);
 // Throws Error naming the first model key that differs from the checkpoint's.
@@ -41,8 +68,9 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir);
 // The checkpoint's recorded init_from ("" when trained from random weights).
 std::string checkpoint_init_from(const std::string& ckpt_dir);
-// Loads parameters (and, when opt/st are given, optimizer state and train state; a weights-only
-// checkpoint then fails with a message pointing at init_from).
+// Loads parameters, and when given, optimizer state (opt) and train state (st); a weights-only
+// checkpoint then fails with a message pointing at init_from. Does not verify: get ckpt_dir from
+// find_latest_checkpoint / resolve_checkpoint.
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st);
 
 }  // namespace lmforge

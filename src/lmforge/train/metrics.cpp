@@ -1,31 +1,60 @@
 #include "lmforge/train/metrics.h"
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/train/tensorboard.h"
 
 namespace lmforge {
+
+namespace {
+
+// The run directory a metrics file lives in ("." for a bare file name).
+std::string dir_of(const std::string& path) {
+  std::string d = std::filesystem::path(path).parent_path().string();
+  return d.empty() ? "." : d;
+}
+
+}  // namespace
 
 MetricsWriter::MetricsWriter(const std::string& path) {
   f_ = std::fopen(path.c_str(), "a");
   if (!f_) fail("{}: cannot write metrics ({})", path, std::strerror(errno));
 }
 
+MetricsWriter::MetricsWriter(const std::string& path, const std::string& tensorboard_run_dir)
+    : MetricsWriter(path) {
+  if (!tensorboard_run_dir.empty()) enable_tensorboard(tensorboard_run_dir);
+}
+
 MetricsWriter::~MetricsWriter() {
   if (f_) std::fclose(f_);
+}
+
+void MetricsWriter::enable_tensorboard(const std::string& run_dir) {
+  tb_ = std::make_unique<TensorBoardWriter>(run_dir);
 }
 
 void MetricsWriter::write(const nlohmann::json& record) {
   std::string line = record.dump() + "\n";
   std::fwrite(line.data(), 1, line.size(), f_);
   std::fflush(f_);
+  if (!tb_ || !record.contains("step") || !record["step"].is_number_integer()) return;
+  int64_t step = record["step"].get<int64_t>();
+  double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  for (const auto& [key, value] : record.items())
+    if (key != "step" && value.is_number()) tb_->scalar(key, step, value.get<double>(), now);
+  tb_->flush();
 }
 
 void MetricsWriter::truncate_after(const std::string& path, int64_t step) {
+  tensorboard_truncate_after(dir_of(path), step);
   if (!std::filesystem::exists(path)) return;
   std::istringstream in(read_file(path));
   std::string kept;
@@ -36,6 +65,13 @@ void MetricsWriter::truncate_after(const std::string& path, int64_t step) {
     kept += line + "\n";
   }
   write_file_atomic(path, kept);
+}
+
+void MetricsWriter::remove(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::remove(path, ec);
+  if (ec) fail("{}: cannot remove ({})", path, ec.message());
+  tensorboard_remove(dir_of(path));
 }
 
 }  // namespace lmforge

@@ -4,7 +4,10 @@
 #include <omp.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
+#include <map>
+#include <sstream>
 
 #include "lmforge/core/error.h"
 #include "lmforge/data/loader.h"
@@ -17,13 +20,68 @@
 #include "lmforge/optim/schedule.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/checkpoint.h"
+#include "lmforge/train/guard.h"
 #include "lmforge/train/init_from.h"
 #include "lmforge/train/metrics.h"
+#include "lmforge/train/progress.h"
 
 namespace lmforge {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+double accumulate_gradients(Transformer& model, const std::vector<Batch>& micro,
+                            double* mean_lse_sq) {
+  const int32_t kIgnoreIndex = LoaderOptions{}.ignore_index;  // what the loader writes
+  int64_t targets = 0;
+  for (const Batch& b : micro) {
+    const int32_t* y = b.targets.data<int32_t>();
+    for (int64_t i = 0; i < b.targets.numel(); ++i) targets += y[i] != kIgnoreIndex;
+  }
+  double loss = 0, lse_sq = 0;
+  for (const Batch& b : micro) {
+    double l = model.forward(b.tokens, b.targets, kIgnoreIndex);
+    double share = targets ? static_cast<double>(model.target_count()) / targets : 0.0;
+    loss += l * share;
+    lse_sq += model.mean_lse_sq() * share;
+    model.backward(share);
+  }
+  if (mean_lse_sq) *mean_lse_sq = lse_sq;
+  return loss;
+}
+
+Schedule make_schedule(const TrainConfig& t) {
+  Schedule s{t.schedule, t.lr, t.min_lr, t.warmup, t.steps, t.decay_fraction, t.div_factor};
+  s.validate();
+  return s;
+}
+
+json EvalHistory::state() const {
+  return {{"best", best_}, {"best_step", best_step_}, {"bad", bad_}};
+}
+
+EvalHistory::EvalHistory(const json& j) {
+  if (j.is_null()) return;
+  best_ = j.at("best").get<double>();
+  best_step_ = j.at("best_step").get<int64_t>();
+  bad_ = j.at("bad").get<int64_t>();
+}
+
+bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
+  if (best_step_ < 0 || val_loss < best_ - min_delta) {
+    best_ = val_loss;
+    best_step_ = step;
+    bad_ = 0;
+    return true;
+  }
+  ++bad_;
+  return false;
+}
+
+namespace {
+std::map<int64_t, std::string> parse_faults(const std::string& spec);
+}  // namespace
 
 void validate_train_config(const Config& cfg) {
   const TrainConfig& t = cfg.train;
@@ -42,10 +100,44 @@ void validate_train_config(const Config& cfg) {
     fail("train.device: cuda is not available in this build (CPU only); use cpu or auto");
   if (t.device != "cpu" && t.device != "auto")
     fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
-  if (t.warmup < 0) fail("train.warmup: must be >= 0, got {}", t.warmup);
+  make_schedule(t);  // schedule keys
+  parse_recompute(t.activation_checkpointing);
+  if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
+  if (t.spike_zscore < 0)
+    fail("train.spike_zscore: must be >= 0 (0 = off), got {}", t.spike_zscore);
+  positive(t.spike_window, "spike_window");
+  if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
+  if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
+  parse_faults(t.inject_fault);
 }
 
 namespace {
+
+// train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps).
+std::map<int64_t, std::string> parse_faults(const std::string& spec) {
+  std::map<int64_t, std::string> out;
+  std::stringstream ss(spec);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t at = item.find('@');
+    std::string kind = item.substr(0, at);
+    int64_t step = 0;
+    try {
+      step = at == std::string::npos ? 0 : std::stoll(item.substr(at + 1));
+    } catch (...) {
+    }
+    if ((kind != "nan" && kind != "spike") || step <= 0)
+      fail("train.inject_fault: \"{}\": expected nan@STEP or spike@STEP, comma-separated", item);
+    out[step] = kind;
+  }
+  return out;
+}
+
+// Poisons this step as a bad batch would: NaN loss and gradients, or a 100x loss and gradients.
+void inject_fault(const std::string& kind, Transformer& model, double& loss) {
+  double f = kind == "nan" ? std::nan("") : 100.0;
+  loss *= f;
+  for (Param& p : model.params().params()) ops::scale(p.grad, f);
+}
 
 double evaluate(Transformer& model, const Loader& val, int64_t batches, Batch& batch) {
   double sum = 0;
@@ -78,7 +170,7 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-TrainResult train(Config& cfg, const std::string& resume) {
+TrainResult train(Config& cfg, const ResumeOptions& resume) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
 
@@ -159,23 +251,29 @@ TrainResult train(Config& cfg, const std::string& resume) {
   } else {
     model.init_weights(t.seed);
   }
-  model.plan(t.batch_size, t.seq_len);
+  model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
-  Schedule sched{t.schedule, t.lr, t.min_lr, t.warmup, t.steps};
-  sched.at(0);  // rejects an unknown schedule before anything is written
+  Schedule sched = make_schedule(t);  // validated before anything is written
 
   // Run directory: nothing is written until every check above has passed.
   const std::string& run_dir = cfg.run.dir;
   std::string ckpt;
-  if (!resume.empty()) {
-    ckpt = resume == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume);
+  if (resume.from.empty() && (resume.start_step >= 0 || resume.reset_optimizer))
+    fail("{}: only with --resume (it changes how a run continues from a checkpoint)",
+         resume.start_step >= 0 ? "--start-step" : "--reset-optimizer");
+  if (resume.start_step > t.steps)
+    fail("--start-step: {} is past train.steps ({}); raise train.steps", resume.start_step,
+         t.steps);
+  if (!resume.from.empty()) {
+    ckpt =
+        resume.from == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume.from);
     if (ckpt.empty())
       fail(
           "--resume: no checkpoint in {}/checkpoints; train without --resume first, or pass "
           "--resume=PATH",
           run_dir);
     check_same_architecture(ckpt, cfg.model);
-  } else if (!find_latest_checkpoint(run_dir).empty()) {
+  } else if (has_checkpoints(run_dir)) {
     fail(
         "run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "
         "directory with --set run.dir=DIR",
@@ -191,14 +289,19 @@ TrainResult train(Config& cfg, const std::string& resume) {
   st.init_from = cfg.init_from;
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
-    load_checkpoint(ckpt, model, &opt, &st);
+    load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
     train_data.set_state(st.loader);
-    MetricsWriter::truncate_after(metrics_path, st.step);
-    fmt::print("resumed from {} at step {}\n", ckpt, st.step);
+    const int64_t saved_step = st.step;
+    if (resume.start_step >= 0) st.step = resume.start_step;
+    // Records past the checkpoint belong to the interrupted continuation.
+    MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
+    fmt::print("resumed from {} at step {}{}{}\n", ckpt, saved_step,
+               st.step != saved_step ? fmt::format(", continuing as step {}", st.step) : "",
+               resume.reset_optimizer ? "; optimizer state reset" : "");
   } else {
-    fs::remove(metrics_path, ec);
+    MetricsWriter::remove(metrics_path);  // and an earlier run's TensorBoard events
   }
-  MetricsWriter metrics(metrics_path);
+  MetricsWriter metrics(metrics_path, /*tensorboard_run_dir=*/run_dir);
 
   fmt::print("model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB\n",
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
@@ -220,11 +323,26 @@ TrainResult train(Config& cfg, const std::string& resume) {
   std::fflush(stdout);
 
   Batch batch = Batch::make(t.batch_size, t.seq_len);
+  std::vector<Batch> micro(t.grad_accum);
+  for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
+  model.set_z_loss(t.z_loss);
+  SpikeGuard guard({t.spike_zscore, t.spike_window});
+  guard.set_state(st.guard);
+  EvalHistory evals(st.evals);
+  const std::map<int64_t, std::string> faults = parse_faults(t.inject_fault);
   TrainResult res;
   auto start = Clock::now();
+  Progress progress(t.steps, st.step, t.log_every);
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
   auto checkpoint = [&] {
     st.loader = train_data.state();
+    st.guard = guard.state();
+    st.evals = evals.state();
+    // The validation loss measured at this step, if the loop evaluated here (the same condition
+    // as the evaluation's); it picks checkpoints/best.
+    bool evaluated = val_data && t.eval_every > 0 &&
+                     (st.step % t.eval_every == 0 || st.step == t.steps) && res.last_val_loss >= 0;
+    st.val_loss = evaluated ? std::optional<double>(res.last_val_loss) : std::nullopt;
     res.last_checkpoint =
         save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer);
   };
@@ -233,14 +351,13 @@ TrainResult train(Config& cfg, const std::string& resume) {
     auto t0 = Clock::now();
     double lr = sched.at(step);
     model.params().zero_grad();
-    double loss = 0;
-    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-      train_data.next(batch);
-      loss += model.forward(batch.tokens, batch.targets) / static_cast<double>(t.grad_accum);
-      model.backward(1.0 / static_cast<double>(t.grad_accum));
-    }
+    for (Batch& b : micro) train_data.next(b);
+    double lse_sq = 0;
+    double loss = accumulate_gradients(model, micro, &lse_sq);
+    if (auto f = faults.find(step + 1); f != faults.end()) inject_fault(f->second, model, loss);
     double norm = clip_grad_norm(model.params(), t.grad_clip);
-    opt.step(lr);
+    SpikeGuard::Verdict verdict = guard.check(loss, norm);
+    if (verdict == SpikeGuard::Verdict::kOk) opt.step(lr);
     st.step = step + 1;
     double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
@@ -248,31 +365,57 @@ TrainResult train(Config& cfg, const std::string& resume) {
     if (step == 0 || res.steps == 0) res.first_loss = loss;
     res.last_loss = loss;
     res.steps = st.step;
-    metrics.write({{"step", st.step},
+    json record = {{"step", st.step},
                    {"loss", loss},
                    {"lr", lr},
                    {"grad_norm", norm},
                    {"tokens_per_s", tps},
                    {"elapsed_s", elapsed},
-                   {"tokens", st.step * tokens_per_step}});
-    if (st.step % t.log_every == 0 || st.step == t.steps) {
-      fmt::print("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | {:.1f}s\n",
-                 st.step, t.steps, loss, lr, norm, tps, elapsed);
-      std::fflush(stdout);
+                   {"tokens", st.step * tokens_per_step}};
+    if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
+    if (verdict != SpikeGuard::Verdict::kOk) {
+      record["skipped"] = verdict_name(verdict);
+      record["skipped_total"] = guard.skipped();
     }
-    if (!std::isfinite(loss))
-      fail("training diverged at step {} (loss {}); lower train.lr or raise train.warmup", st.step,
-           loss);
+    // JSON has no NaN/Inf: a non-finite value is written as null.
+    for (auto& [k, v] : record.items())
+      if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
+    metrics.write(record);
+    progress.step(st.step, loss, lr, norm, tps);
+    if (verdict != SpikeGuard::Verdict::kOk) {
+      progress.message(fmt::format(
+          "step {:>6}/{} | skipped ({}: loss {:.4g}, grad norm {:.4g}, z {:.1f}); {} in a row",
+          st.step, t.steps, verdict_name(verdict), loss, norm, guard.last_zscore(),
+          guard.consecutive()));
+      if (guard.consecutive() > t.max_skips)
+        fail(
+            "training stopped at step {}: {} steps in a row were skipped as non-finite or "
+            "spikes (train.max_skips={}); lower train.lr, raise train.warmup or resume from an "
+            "earlier checkpoint",
+            st.step, guard.consecutive(), t.max_skips);
+    }
+    bool stop = false;
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
       double vl = evaluate(model, *val_data, t.eval_batches, batch);
       res.last_val_loss = vl;
-      metrics.write({{"step", st.step}, {"val_loss", vl}});
-      fmt::print("step {:>6}/{} | val loss {:.4f}\n", st.step, t.steps, vl);
-      std::fflush(stdout);
+      bool best = evals.add(st.step, vl, t.min_delta);
+      metrics.write({{"step", st.step}, {"val_loss", vl}, {"val_ppl", std::exp(vl)}});
+      progress.message(fmt::format("step {:>6}/{} | val loss {:.4f} | ppl {:.2f}{}", st.step,
+                                   t.steps, vl, std::exp(vl), best ? " | best" : ""));
+      if (t.patience > 0 && evals.bad() >= t.patience) {
+        progress.message(fmt::format(
+            "early stopping at step {}: val loss has not improved by {} for {} evaluations "
+            "(best {:.4f} at step {})",
+            st.step, t.min_delta, evals.bad(), evals.best(), evals.best_step()));
+        stop = true;
+      }
     }
+    if (stop) break;
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
       checkpoint();
   }
+  progress.finish();
+  res.stopped_early = st.step < t.steps;
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
 

@@ -92,11 +92,11 @@ void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F)
 // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] == ignore_index.
 template <typename T>
 void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
-                          int32_t ignore_index);
+                          int32_t ignore_index, double* lse_sq_sum);
 // dlogits = dloss * (softmax(logits) - onehot(target)); rows with ignore_index get 0.
 template <typename T>
 void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
-                           int64_t V, int32_t ignore_index);
+                           int64_t V, int32_t ignore_index, double z_loss);
 
 template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);

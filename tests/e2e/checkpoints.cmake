@@ -1,0 +1,2 @@
+lmforge_test(test_e2e_checkpoints e2e e2e/test_checkpoints.cpp)
+lmforge_test(test_e2e_checkpoints_slow slow e2e/test_checkpoints_slow.cpp)

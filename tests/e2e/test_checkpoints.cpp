@@ -1,0 +1,188 @@
+// Checkpoints through the real binary: kill -9 at random moments (3 kills here, 20 in
+// test_checkpoints_slow.cpp), damaged checkpoints skipped with a warning, --reset-optimizer and
+// --start-step.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "e2e/crash_resume.h"
+#include "testing/metrics.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using testing::metric_by_step;
+using testing::run_lmforge;
+using testing::slurp;
+
+namespace {
+
+// 12 steps of a 2-layer model, a checkpoint (and a validation loss) every 4, all kept.
+const char* kRun =
+    "train --set model.preset=gpt2-tiny --set model.n_layer=2 --set model.vocab_size=257 "
+    "--set model.max_seq_len=64 --set data.text=demo:kjv --set data.tokenizer=byte "
+    "--set train.batch_size=4 --set train.seq_len=32 --set train.steps=12 "
+    "--set train.checkpoint_every=4 --set train.keep_last=0 --set train.eval_every=4 "
+    "--set train.eval_batches=2 --set sample.prompt= ";
+
+std::string ckpt(const std::string& run, int64_t step) {
+  return run + fmt::format("/checkpoints/step-{:08d}", step);
+}
+
+void flip_bit(const std::string& path, uint64_t at) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(at);
+  char c = 0;
+  f.get(c);
+  f.seekp(at);
+  f.put(static_cast<char>(c ^ 0x01));
+}
+
+std::vector<std::string> lines(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string l; std::getline(in, l);) out.push_back(l);
+  return out;
+}
+
+// Losses, validation losses and final weights of `run` equal those of the saved reference.
+void expect_same_as(const std::string& dir, const std::string& run) {
+  auto a = metric_by_step(dir + "/ref", "loss"), b = metric_by_step(dir + "/" + run, "loss");
+  ASSERT_EQ(a.size(), 12u);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(metric_by_step(dir + "/ref", "val_loss"), metric_by_step(dir + "/" + run, "val_loss"));
+  EXPECT_EQ(slurp(ckpt(dir + "/ref", 12) + "/model.safetensors"),
+            slurp(ckpt(dir + "/" + run, 12) + "/model.safetensors"));
+}
+
+}  // namespace
+
+TEST(CheckpointCrash, ThreeKillsThenResumeIsBitExact) {
+  testing::crash_and_resume(testing::temp_dir("crash3"), /*steps=*/40, /*kills=*/3, /*seed=*/3);
+}
+
+// The newest checkpoint has a truncated file and a flipped bit: --resume says which file, falls
+// back to the one before, and the run ends as if nothing had happened.
+TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
+  std::string dir = testing::temp_dir("ckpt-corrupt");
+  ASSERT_EQ(run_lmforge(std::string(kRun) + "--set run.dir=ref", dir).exit_code, 0);
+  fs::copy(dir + "/ref", dir + "/run", fs::copy_options::recursive);
+  std::string run = dir + "/run";
+  EXPECT_EQ(slurp(run + "/checkpoints/best"), "step-00000012\n");
+  EXPECT_EQ(nlohmann::json::parse(slurp(ckpt(run, 8) + "/state.json"))["val_loss"].dump(),
+            metric_by_step(run, "val_loss")[8]);
+
+  uint64_t opt_size = fs::file_size(ckpt(run, 12) + "/optimizer.safetensors");
+  fs::resize_file(ckpt(run, 12) + "/optimizer.safetensors", opt_size - 1000);
+  flip_bit(ckpt(run, 12) + "/model.safetensors",
+           fs::file_size(ckpt(run, 12) + "/model.safetensors") - 3);
+  auto r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(lines(r.err),
+            std::vector<std::string>{fmt::format(
+                "warning: run/checkpoints/step-00000012/optimizer.safetensors: {} bytes, "
+                "manifest.json says {}; skipping checkpoint step-00000012; using step-00000008 "
+                "instead",
+                opt_size - 1000, opt_size)});
+  EXPECT_NE(r.out.find("resumed from run/checkpoints/step-00000008 at step 8"), std::string::npos)
+      << r.out;
+  expect_same_as(dir, "run");
+
+  // Two damaged in a row: a flipped bit the size check cannot see, then a truncated file.
+  flip_bit(ckpt(run, 12) + "/model.safetensors", 100);
+  fs::resize_file(ckpt(run, 8) + "/state.json", 10);
+  // generate takes the newest valid one too.
+  auto g = run_lmforge("generate --checkpoint run --prompt 'And God' --max-tokens 4", dir);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(lines(g.err).size(), 2u) << g.err;
+  EXPECT_NE(g.err.find("using step-00000004"), std::string::npos) << g.err;
+  r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(lines(r.err).size(), 2u) << r.err;
+  EXPECT_EQ(lines(r.err)[0].rfind("warning: run/checkpoints/step-00000012/model.safetensors: "
+                                  "contents differ from manifest.json (SHA-256 mismatch)",
+                                  0),
+            0u)
+      << r.err;
+  EXPECT_EQ(lines(r.err)[1].rfind("warning: run/checkpoints/step-00000008/state.json: 10 bytes", 0),
+            0u)
+      << r.err;
+  EXPECT_NE(r.out.find("resumed from run/checkpoints/step-00000004 at step 4"), std::string::npos);
+  expect_same_as(dir, "run");
+
+  // A damaged checkpoint named explicitly is an error naming the file.
+  fs::resize_file(ckpt(run, 12) + "/config.yaml", 5);
+  r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume=run/checkpoints/step-00000012",
+                  dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  EXPECT_NE(r.err.find("run/checkpoints/step-00000012/config.yaml: 5 bytes"), std::string::npos)
+      << r.err;
+  // None left valid: one clear error.
+  fs::remove(ckpt(run, 8) + "/model.safetensors");
+  fs::resize_file(ckpt(run, 4) + "/model.safetensors", 8);
+  r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  EXPECT_NE(r.err.find("step-00000012/config.yaml"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("no valid checkpoint in run/checkpoints (3 damaged)"), std::string::npos)
+      << r.err;
+}
+
+// --reset-optimizer: the weights, step and data position from the checkpoint, AdamW from scratch.
+// --start-step N: the step counter (and so the schedule) from N, the data position from the
+// checkpoint.
+TEST(CheckpointResume, ResetOptimizerAndStartStep) {
+  std::string dir = testing::temp_dir("ckpt-resume-options");
+  ASSERT_EQ(run_lmforge(std::string(kRun) + "--set run.dir=ref", dir).exit_code, 0);
+  auto ref_loss = metric_by_step(dir + "/ref", "loss"), ref_lr = metric_by_step(dir + "/ref", "lr");
+
+  fs::copy(dir + "/ref", dir + "/reset", fs::copy_options::recursive);
+  auto r = run_lmforge(std::string(kRun) +
+                           "--set run.dir=reset --resume=reset/checkpoints/step-00000008 "
+                           "--reset-optimizer",
+                       dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("at step 8; optimizer state reset"), std::string::npos) << r.out;
+  auto loss = metric_by_step(dir + "/reset", "loss");
+  ASSERT_EQ(loss.size(), 12u);
+  EXPECT_EQ(loss[9], ref_loss[9]);  // the same weights and batch; the update differs
+  EXPECT_NE(loss[10], ref_loss[10]);
+  EXPECT_EQ(metric_by_step(dir + "/reset", "lr"), ref_lr);
+  auto state = nlohmann::json::parse(slurp(ckpt(dir + "/reset", 12) + "/state.json"));
+  EXPECT_EQ(state["step"], 12);
+  EXPECT_EQ(state["optimizer_steps"], 4);
+
+  fs::copy(dir + "/ref", dir + "/start", fs::copy_options::recursive);
+  r = run_lmforge(std::string(kRun) +
+                      "--set run.dir=start --resume=start/checkpoints/step-00000008 "
+                      "--start-step 4",
+                  dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("at step 8, continuing as step 4"), std::string::npos) << r.out;
+  loss = metric_by_step(dir + "/start", "loss");
+  auto lr = metric_by_step(dir + "/start", "lr");
+  ASSERT_EQ(loss.size(), 12u);
+  for (int64_t s = 1; s <= 4; ++s) EXPECT_EQ(loss[s], ref_loss[s]) << s;  // kept records
+  EXPECT_EQ(loss[5], ref_loss[9]);  // step 8's weights on the batch after step 8's
+  EXPECT_EQ(lr, ref_lr);            // the schedule follows the step counter
+  state = nlohmann::json::parse(slurp(ckpt(dir + "/start", 12) + "/state.json"));
+  EXPECT_EQ(state["optimizer_steps"], 16);
+  auto listing = testing::list_checkpoint_dir(dir + "/start");
+  EXPECT_EQ(listing.complete.size(), 3u);  // step 4 as it was; 8 and 12 written anew
+
+  // Both need --resume; --start-step stays within train.steps.
+  r = run_lmforge(std::string(kRun) + "--set run.dir=x --start-step 3", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--start-step: only with --resume"), std::string::npos) << r.err;
+  r = run_lmforge(std::string(kRun) + "--set run.dir=x --reset-optimizer", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--reset-optimizer: only with --resume"), std::string::npos) << r.err;
+  r = run_lmforge(std::string(kRun) + "--set run.dir=start --resume --start-step 13", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--start-step: 13 is past train.steps (12)"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir + "/x"));
+}
+
+}  // namespace lmforge

@@ -1,0 +1,1 @@
+lmforge_test(test_checkpoint unit train/test_checkpoint.cpp)

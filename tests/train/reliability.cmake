@@ -1,0 +1,1 @@
+lmforge_test(test_guard_and_accum unit train/test_guard_and_accum.cpp)

@@ -1,0 +1,105 @@
+// The spike/NaN guard's decisions, and gradient accumulation normalized by target tokens: two
+// micro-batches with different numbers of ignored targets must give the full batch's gradient.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/models/presets.h"
+#include "lmforge/train/guard.h"
+#include "lmforge/train/trainer.h"
+
+namespace lmforge {
+namespace {
+
+TEST(SpikeGuard, SkipsNonFiniteAndOutliersWithoutPoisoningTheStatistics) {
+  SpikeGuard g({6.0, 50, 20});
+  Rng rng(1);
+  for (int i = 0; i < 30; ++i)
+    EXPECT_EQ(g.check(3.0 + 0.01 * rng.normal(), 1.0 + 0.01 * rng.normal()),
+              SpikeGuard::Verdict::kOk);
+  EXPECT_EQ(g.check(std::nan(""), 1.0), SpikeGuard::Verdict::kNonFinite);
+  EXPECT_EQ(g.check(3.0, INFINITY), SpikeGuard::Verdict::kNonFinite);
+  EXPECT_EQ(g.check(300.0, 1.0), SpikeGuard::Verdict::kSpike);  // a 100x loss
+  EXPECT_EQ(g.check(3.0, 100.0), SpikeGuard::Verdict::kOk);     // gradient norms: clipping's job
+  EXPECT_EQ(g.consecutive(), 0);
+  EXPECT_EQ(g.check(300.0, 1.0), SpikeGuard::Verdict::kSpike);
+  EXPECT_EQ(g.check(-INFINITY, 1.0), SpikeGuard::Verdict::kNonFinite);
+  EXPECT_EQ(g.consecutive(), 2);
+  EXPECT_EQ(g.check(3.0, 1.0), SpikeGuard::Verdict::kOk);  // the statistics are intact
+  EXPECT_EQ(g.consecutive(), 0);
+  EXPECT_EQ(g.skipped(), 5);
+  // A lower loss is never a spike.
+  EXPECT_EQ(g.check(0.5, 1.0), SpikeGuard::Verdict::kOk);
+  // The state round-trips exactly: two guards then decide alike.
+  SpikeGuard h({6.0, 50, 20});
+  h.set_state(nlohmann::json::parse(g.state().dump()));
+  for (double x : {3.0, 3.2, 3.05, 40.0}) EXPECT_EQ(g.check(x, 1.0), h.check(x, 1.0));
+}
+
+TEST(SpikeGuard, NeedsHistoryBeforeJudgingSpikes) {
+  SpikeGuard g({6.0, 50, 20});
+  EXPECT_EQ(g.check(10.0, 1.0), SpikeGuard::Verdict::kOk);
+  EXPECT_EQ(g.check(1000.0, 1.0), SpikeGuard::Verdict::kOk);  // no history yet
+}
+
+std::vector<float> grads(Transformer& m) {
+  std::vector<float> g;
+  for (Param& p : m.params().params())
+    g.insert(g.end(), p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+  return g;
+}
+
+TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {
+  ModelConfig cfg = model_preset("llama3-tiny");
+  cfg.vocab_size = 61;
+  cfg.n_layer = 1;
+  const int64_t B = 2, T = 8;
+  Transformer micro_model(cfg), full_model(cfg);
+  micro_model.init_weights(3);
+  full_model.init_weights(3);
+  micro_model.set_z_loss(1e-2);
+  full_model.set_z_loss(1e-2);
+  micro_model.plan(B, T);
+  full_model.plan(2 * B, T);
+
+  Rng rng(9);
+  std::vector<Batch> micro = {Batch::make(B, T), Batch::make(B, T)};
+  std::vector<Batch> full = {Batch::make(2 * B, T)};
+  for (int64_t k = 0; k < 2; ++k)
+    for (int64_t i = 0; i < B * T; ++i) {
+      int32_t tok = static_cast<int32_t>(rng.below(61));
+      int32_t tgt = static_cast<int32_t>(rng.below(61));
+      // Micro-batch 0 ignores most of its targets, micro-batch 1 none.
+      if (k == 0 && i % 4 != 0) tgt = -100;
+      micro[k].tokens.data<int32_t>()[i] = full[0].tokens.data<int32_t>()[k * B * T + i] = tok;
+      micro[k].targets.data<int32_t>()[i] = full[0].targets.data<int32_t>()[k * B * T + i] = tgt;
+    }
+  micro_model.params().zero_grad();
+  full_model.params().zero_grad();
+  double lm = accumulate_gradients(micro_model, micro);
+  double lf = accumulate_gradients(full_model, full);
+  EXPECT_NEAR(lm, lf, 1e-6 * std::fabs(lf));
+  std::vector<float> a = grads(micro_model), b = grads(full_model);
+  double max_err = 0, max_ref = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_err = std::max(max_err, double(std::fabs(a[i] - b[i])));
+    max_ref = std::max(max_ref, double(std::fabs(b[i])));
+  }
+  EXPECT_LT(max_err / max_ref, 1e-5);
+
+  // Averaging the micro-batches' mean losses (dividing by the number of micro-batches) would
+  // weight micro-batch 0's few targets 4x too much: the check above would then fail.
+  micro_model.params().zero_grad();
+  for (const Batch& m : micro) {
+    micro_model.forward(m.tokens, m.targets);
+    micro_model.backward(0.5);
+  }
+  std::vector<float> c = grads(micro_model);
+  double wrong = 0;
+  for (size_t i = 0; i < c.size(); ++i) wrong = std::max(wrong, double(std::fabs(c[i] - b[i])));
+  EXPECT_GT(wrong / max_ref, 1e-2) << "the test would not notice per-micro-batch averaging";
+}
+
+}  // namespace
+}  // namespace lmforge
