@@ -2,10 +2,18 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+#include <vector>
+
+#include "lmforge/io/config.h"
 
 namespace lmforge::app {
 
 extern const char* const kDefaultConfigYaml;
+
+// The config `lmforge train [FILE] [--set K=V]...` runs: FILE, or the embedded default as the
+// base, then the --set assignments (train.cpp).
+lmforge::Config load_run_config(const std::string& file, const std::vector<std::string>& sets);
 
 void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
@@ -14,5 +22,6 @@ void add_tokenizer(CLI::App& app);
 void add_prepare(CLI::App& app);
 void add_hf(CLI::App& app);  // convert, export, info
 void add_plot(CLI::App& app);
+void add_lr_find(CLI::App& app);
 
 }  // namespace lmforge::app

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   lmforge::app::add_prepare(app);
   lmforge::app::add_hf(app);
   lmforge::app::add_plot(app);
+  lmforge::app::add_lr_find(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

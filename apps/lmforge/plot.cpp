@@ -103,14 +103,7 @@ void add_schedule_command(CLI::App& app) {
   cmd->add_option("--out", o->out, "Output image: .svg or .png")->required();
   cmd->add_flag("--log-y", o->log_y, "Logarithmic y axis");
   cmd->callback([o] {
-    Config cfg;
-    ConfigLoader loader(cfg);
-    if (o->config.empty())
-      loader.load_yaml_text(kDefaultConfigYaml, "<embedded default config>", /*base=*/true);
-    else
-      loader.load_yaml_file(o->config);
-    for (const std::string& s : o->sets) loader.set(s);
-    loader.finish();
+    Config cfg = load_run_config(o->config, o->sets);
     const TrainConfig& t = cfg.train;
     if (t.steps <= 0) fail("train.steps: must be positive, got {}", t.steps);
     Schedule sched = make_schedule(t);

@@ -6,6 +6,18 @@
 
 namespace lmforge::app {
 
+Config load_run_config(const std::string& file, const std::vector<std::string>& sets) {
+  Config cfg;
+  ConfigLoader loader(cfg);
+  if (file.empty())
+    loader.load_yaml_text(kDefaultConfigYaml, "<embedded default config>", /*base=*/true);
+  else
+    loader.load_yaml_file(file);
+  for (const std::string& s : sets) loader.set(s);
+  loader.finish();
+  return cfg;
+}
+
 void add_train(CLI::App& app) {
   struct Opts {
     std::string config;
@@ -36,14 +48,7 @@ void add_train(CLI::App& app) {
                 "With --resume: load the weights only; fresh AdamW state (moments and step "
                 "count 0)");
   cmd->callback([o, cmd] {
-    Config cfg;
-    ConfigLoader loader(cfg);
-    if (o->config.empty())
-      loader.load_yaml_text(kDefaultConfigYaml, "<embedded default config>", /*base=*/true);
-    else
-      loader.load_yaml_file(o->config);
-    for (const std::string& s : o->sets) loader.set(s);
-    loader.finish();
+    Config cfg = load_run_config(o->config, o->sets);
     ResumeOptions resume{o->resume, o->start_step, o->reset_optimizer};
     if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";
     train(cfg, resume);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "testing/metrics.h"
@@ -70,6 +71,29 @@ TEST(EarlyStopping, StopsAfterPatienceEvaluationsWithoutImprovement) {
   EXPECT_EQ(val.size(), 3u);
   EXPECT_NEAR(val.back()["val_ppl"].get<double>(), std::exp(val.back()["val_loss"].get<double>()),
               1e-9);
+}
+
+TEST(LrFind, SweepsPlotsAndSuggestsWithoutTouchingTheRunDir) {
+  std::string dir = testing::temp_dir("lrfind");
+  auto r = run_lmforge(std::string("lr-find ") + kTiny +
+                           "--set run.dir=run --steps 60 --start 1e-6 --end 10 --out lr.png",
+                       dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/run"));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/lr.png"));
+  auto j = nlohmann::json::parse(testing::slurp(dir + "/lr.json"));
+  auto lrs = j["lr"].get<std::vector<double>>();
+  ASSERT_GE(lrs.size(), 20u);
+  EXPECT_DOUBLE_EQ(lrs.front(), 1e-6);
+  for (size_t i = 1; i < lrs.size(); ++i)
+    EXPECT_NEAR(lrs[i] / lrs[i - 1], std::pow(1e7, 1.0 / 59), 1e-9);
+  // The sweep diverges before 10 (the run stops early), and the suggestion is a learning rate
+  // at which training still makes progress: well inside the sweep, below the minimum's LR.
+  EXPECT_LT(lrs.size(), 60u);
+  double suggested = j["suggested"];
+  EXPECT_GT(suggested, 1e-5);
+  EXPECT_LT(suggested, 1.0);
+  EXPECT_NE(r.out.find("suggested lr"), std::string::npos);
 }
 
 }  // namespace

@@ -170,12 +170,13 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-TrainResult train(Config& cfg, const ResumeOptions& resume) {
+RunSetup setup_run(Config& cfg) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
 
   // Initial weights from elsewhere: they fix the architecture and the tokenizer.
-  std::unique_ptr<InitSource> init;
+  RunSetup r;
+  std::unique_ptr<InitSource>& init = r.init;
   if (!cfg.init_from.empty()) {
     try {
       init = std::make_unique<InitSource>(open_init_source(cfg.init_from));
@@ -186,7 +187,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
 
   // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
-  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Tokenizer>& tokenizer = r.tokenizer;
   if (init && !cfg.keys_given.count("data.tokenizer")) {
     tokenizer = std::move(init->tokenizer);
   } else
@@ -230,10 +231,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
-  Loader train_data(parse_data_spec(train_spec, "data.train"), lo);
-  train_data.check_tokenizer(*tokenizer, "data.train");
-  train_data.check_vocab(cfg.model.vocab_size, "data.train");
-  std::unique_ptr<Loader> val_data;
+  r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
+  r.train_data->check_tokenizer(*tokenizer, "data.train");
+  r.train_data->check_vocab(cfg.model.vocab_size, "data.train");
+  std::unique_ptr<Loader>& val_data = r.val_data;
   if (!val_spec.empty()) {
     LoaderOptions vo = lo;
     vo.seed = 0;
@@ -242,8 +243,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
 
-  // Model and optimizer.
-  Transformer model(cfg.model);
+  // Model.
+  r.model = std::make_unique<Transformer>(cfg.model);
+  Transformer& model = *r.model;
   if (init) {
     init->load_weights(model);
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
@@ -252,6 +254,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     model.init_weights(t.seed);
   }
   model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+  return r;
+}
+
+TrainResult train(Config& cfg, const ResumeOptions& resume) {
+  const TrainConfig& t = cfg.train;
+
+  RunSetup setup = setup_run(cfg);
+  Transformer& model = *setup.model;
+  Loader& train_data = *setup.train_data;
+  std::unique_ptr<Loader>& val_data = setup.val_data;
+  std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
   AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
   Schedule sched = make_schedule(t);  // validated before anything is written
 
@@ -431,6 +444,60 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print("\n--------------\n");
   }
   return res;
+}
+
+}  // namespace lmforge
+
+namespace lmforge {
+
+LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
+  if (!(o.start > 0 && o.end > o.start)) fail("lr-find: need 0 < --start < --end");
+  if (o.steps < 5) fail("lr-find: --steps must be at least 5, got {}", o.steps);
+  RunSetup setup = setup_run(cfg);
+  const TrainConfig& t = cfg.train;
+  Transformer& model = *setup.model;
+  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  std::vector<Batch> micro(t.grad_accum);
+  for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
+  model.set_z_loss(t.z_loss);
+  LrFindResult r;
+  // Smoothed as fast.ai does: an exponential moving average with bias correction.
+  const double beta = 0.98;
+  double avg = 0, best = INFINITY;
+  for (int64_t i = 0; i < o.steps; ++i) {
+    double lr = o.start * std::pow(o.end / o.start, static_cast<double>(i) / (o.steps - 1));
+    model.params().zero_grad();
+    for (Batch& b : micro) setup.train_data->next(b);
+    double loss = accumulate_gradients(model, micro);
+    clip_grad_norm(model.params(), t.grad_clip);
+    opt.step(lr);
+    avg = beta * avg + (1 - beta) * loss;
+    double smooth = avg / (1 - std::pow(beta, static_cast<double>(i + 1)));
+    r.lrs.push_back(lr);
+    r.losses.push_back(loss);
+    r.smoothed.push_back(smooth);
+    fmt::print("lr-find {:>4}/{} | lr {:.3e} | loss {:.4f} | smoothed {:.4f}\n", i + 1, o.steps, lr,
+               loss, smooth);
+    std::fflush(stdout);
+    if (!std::isfinite(smooth) || (i > 10 && smooth > 4 * best)) break;
+    best = std::min(best, smooth);
+  }
+  // Rule: the LR where the smoothed loss falls fastest per unit of log(lr), looking only up to
+  // the smoothed minimum (past it the loss is diverging).
+  size_t n = r.smoothed.size(), at_min = 0;
+  for (size_t i = 0; i < n; ++i)
+    if (std::isfinite(r.smoothed[i]) && r.smoothed[i] < r.smoothed[at_min]) at_min = i;
+  double steepest = INFINITY;
+  r.suggested = r.lrs[at_min];
+  for (size_t i = 1; i <= at_min; ++i) {
+    double slope = (r.smoothed[i] - r.smoothed[i - 1]) / std::log(r.lrs[i] / r.lrs[i - 1]);
+    if (slope < steepest) {
+      steepest = slope;
+      r.suggested = r.lrs[i];
+    }
+  }
+  r.min_over_10 = r.lrs[at_min] / 10;
+  return r;
 }
 
 }  // namespace lmforge

@@ -14,6 +14,7 @@
 #include "lmforge/io/config.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/schedule.h"
+#include "lmforge/train/init_from.h"
 
 namespace lmforge {
 
@@ -66,6 +67,31 @@ struct ResumeOptions {
 };
 
 TrainResult train(Config& cfg, const ResumeOptions& resume = {});
+
+// Everything a run needs before its first step, from the config: init_from's source, the
+// tokenizer, the loaders and the model (initialized or loaded, planned for B x T). Fills in
+// cfg.model from init_from or the tokenizer (vocab_size 0). Writes nothing.
+struct RunSetup {
+  std::unique_ptr<InitSource> init;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Loader> train_data, val_data;  // val_data may be null
+  std::unique_ptr<Transformer> model;
+};
+RunSetup setup_run(Config& cfg);
+
+// The learning-rate range test (Smith 2017; fast.ai's lr_find): from the initial weights, one
+// AdamW step per LR on an exponential sweep from start to end, recording the loss; stops early
+// once the smoothed loss exceeds 4x its minimum. The run directory is not touched.
+struct LrFindOptions {
+  double start = 1e-7, end = 10;
+  int64_t steps = 100;
+};
+struct LrFindResult {
+  std::vector<double> lrs, losses, smoothed;
+  double suggested = 0;    // steepest descent of the smoothed loss, before its minimum
+  double min_over_10 = 0;  // the LR at the smoothed minimum, divided by 10 (fast.ai's other rule)
+};
+LrFindResult lr_find(Config& cfg, const LrFindOptions& o);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);

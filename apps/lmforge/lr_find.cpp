@@ -1,0 +1,61 @@
+// lmforge lr-find [CONFIG] [--set K=V]... [--start 1e-7 --end 10 --steps 100] [--out FILE]
+#include <fmt/core.h>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/io/plot.h"
+#include "lmforge/train/trainer.h"
+
+namespace lmforge::app {
+
+void add_lr_find(CLI::App& app) {
+  struct Opts {
+    std::string config, out = "lr_find.svg";
+    std::vector<std::string> sets;
+    LrFindOptions lf;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand(
+      "lr-find",
+      "Learning-rate range test: sweep the LR exponentially from the initial weights, plot loss "
+      "vs LR and suggest one");
+  cmd->add_option("config", o->config, "YAML config (default: the embedded default)");
+  cmd->add_option("--set", o->sets, "Override a config key")->type_name("KEY=VALUE");
+  cmd->add_option("--start", o->lf.start, "First LR")->capture_default_str();
+  cmd->add_option("--end", o->lf.end, "Last LR")->capture_default_str();
+  cmd->add_option("--steps", o->lf.steps, "Steps in the sweep")->capture_default_str();
+  cmd->add_option("--out", o->out, "Plot (.svg or .png); the points go beside it as .json")
+      ->capture_default_str();
+  cmd->callback([o] {
+    Config cfg = load_run_config(o->config, o->sets);
+    std::string ext = o->out.size() > 4 ? o->out.substr(o->out.size() - 4) : "";
+    if (ext != ".svg" && ext != ".png") fail("--out: {}: expected a .svg or .png file", o->out);
+    LrFindResult r = lr_find(cfg, o->lf);
+    Chart c;
+    c.title = "lr-find: suggested " + fmt::format("{:.2e}", r.suggested);
+    c.xlabel = "learning rate";
+    c.ylabel = "loss";
+    c.log_x = true;
+    c.series = {{"loss", r.lrs, r.losses}, {"smoothed", r.lrs, r.smoothed}};
+    write_chart(c, o->out);
+    nlohmann::json j = {{"lr", r.lrs},
+                        {"loss", r.losses},
+                        {"smoothed", r.smoothed},
+                        {"suggested", r.suggested},
+                        {"min_over_10", r.min_over_10}};
+    for (auto& v : j["loss"])
+      if (!std::isfinite(v.get<double>())) v = nullptr;
+    for (auto& v : j["smoothed"])
+      if (!std::isfinite(v.get<double>())) v = nullptr;
+    std::string json_path = o->out.substr(0, o->out.size() - 4) + ".json";
+    write_file_atomic(json_path, j.dump() + "\n");
+    fmt::print(
+        "suggested lr {:.2e}: where the smoothed loss falls fastest per log-LR before its minimum "
+        "(the minimum's LR / 10 = {:.2e}); plot {}, points {}\n",
+        r.suggested, r.min_over_10, o->out, json_path);
+  });
+}
+
+}  // namespace lmforge::app
