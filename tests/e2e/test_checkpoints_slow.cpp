@@ -4,7 +4,7 @@
 namespace lmforge {
 
 TEST(CheckpointCrash, TwentyKillsThenResumeIsBitExact) {
-  testing::crash_and_resume(testing::temp_dir("slow-crash20"), /*steps=*/100, /*kills=*/20,
+  testing::crash_and_resume(testing::temp_dir("slow-crash20"), /*steps=*/200, /*kills=*/20,
                             /*seed=*/20);
 }
 

@@ -64,6 +64,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 200;  // 0 = only at the end
   int64_t keep_last = 3;           // checkpoints kept; 0 = all
   int64_t log_every = 1;
+  double peak_tflops = 0;  // the device's peak, for MFU in metrics; 0 = not reported
 };
 
 struct RunConfig {

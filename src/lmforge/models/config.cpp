@@ -30,6 +30,13 @@ void ModelConfig::validate() const {
   need(ffn() > 0, "ffn_hidden", "must be positive");
 }
 
+double ModelConfig::flops_per_token(int64_t T) const {
+  int64_t N = num_params() - (pos == "learned" ? max_seq_len * n_embd : 0) -
+              (tie_embeddings ? 0 : vocab_size * n_embd);
+  return 6.0 * static_cast<double>(N) +
+         12.0 * static_cast<double>(n_layer * n_head * head_size() * T);
+}
+
 int64_t ModelConfig::num_params() const {
   int64_t C = n_embd, F = ffn();
   int64_t per_norm = C * (norm == "layernorm" && bias ? 2 : 1);

@@ -57,6 +57,9 @@ struct ModelConfig {
   void validate() const;
   // Parameter count (tied embeddings counted once).
   int64_t num_params() const;
+  // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
+  // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head.
+  double flops_per_token(int64_t T) const;
 };
 
 }  // namespace lmforge

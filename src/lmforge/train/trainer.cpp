@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cmath>
@@ -112,6 +113,12 @@ void validate_train_config(const Config& cfg) {
 }
 
 namespace {
+
+double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux: KiB
+}
 
 // train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps).
 std::map<int64_t, std::string> parse_faults(const std::string& spec) {
@@ -347,15 +354,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+  const double flops_per_token = cfg.model.flops_per_token(t.seq_len);
   auto checkpoint = [&] {
     st.loader = train_data.state();
     st.guard = guard.state();
     st.evals = evals.state();
-    // The validation loss measured at this step, if the loop evaluated here (the same condition
-    // as the evaluation's); it picks checkpoints/best.
-    bool evaluated = val_data && t.eval_every > 0 &&
-                     (st.step % t.eval_every == 0 || st.step == t.steps) && res.last_val_loss >= 0;
-    st.val_loss = evaluated ? std::optional<double>(res.last_val_loss) : std::nullopt;
     res.last_checkpoint =
         save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer);
   };
@@ -372,6 +375,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     SpikeGuard::Verdict verdict = guard.check(loss, norm);
     if (verdict == SpikeGuard::Verdict::kOk) opt.step(lr);
     st.step = step + 1;
+    st.val_loss.reset();
     double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     double tps = tokens_per_step / dt;
@@ -386,6 +390,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                    {"elapsed_s", elapsed},
                    {"tokens", st.step * tokens_per_step}};
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
+    const double tflops = flops_per_token * tps / 1e12;
+    record["tflops"] = tflops;
+    if (t.peak_tflops > 0) record["mfu"] = tflops / t.peak_tflops;
+    record["mem_mib"] = peak_rss_mib();
     if (verdict != SpikeGuard::Verdict::kOk) {
       record["skipped"] = verdict_name(verdict);
       record["skipped_total"] = guard.skipped();
@@ -411,6 +419,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
       double vl = evaluate(model, *val_data, t.eval_batches, batch);
       res.last_val_loss = vl;
+      st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
       bool best = evals.add(st.step, vl, t.min_delta);
       metrics.write({{"step", st.step}, {"val_loss", vl}, {"val_ppl", std::exp(vl)}});
       progress.message(fmt::format("step {:>6}/{} | val loss {:.4f} | ppl {:.2f}{}", st.step,
@@ -428,6 +437,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       checkpoint();
   }
   progress.finish();
+  fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
+             model.activation_bytes() / 1048576.0);
   res.stopped_early = st.step < t.steps;
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
