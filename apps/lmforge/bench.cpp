@@ -3,6 +3,7 @@
 // warm-up and not counted. The last line is "... <number> tok/s" for bench/ scripts.
 #include <fmt/core.h>
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <chrono>
 
@@ -103,7 +104,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5;
-    std::string precision = "fp32";
+    std::string precision = "fp32", recompute = "none";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -115,6 +116,8 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "Timed steps (after one warm-up step)")
       ->capture_default_str();
   cmd->add_option("--precision", o->precision, "fp32 | bf16")->capture_default_str();
+  cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
+      ->capture_default_str();
   cmd->callback([o] {
     if (o->precision != "fp32")
       fail("--precision: \"{}\" is not available yet in this build; use fp32", o->precision);
@@ -123,7 +126,7 @@ void add_bench(CLI::App& app) {
     ModelConfig mc = model_preset(o->model);
     Transformer model(mc);
     model.init_weights(1);
-    model.plan(o->batch, o->seq);
+    model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
     Tensor tgt = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -149,6 +152,10 @@ void add_bench(CLI::App& app) {
       std::fflush(stdout);
     }
     double tps = static_cast<double>(o->batch * o->seq * o->steps) / total;
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    fmt::print("activations ({}): {:.0f} MiB planned; peak resident {:.0f} MiB\n", o->recompute,
+               model.activation_bytes() / 1048576.0, u.ru_maxrss / 1024.0);
     fmt::print("lmforge {} B={} T={} fp32: {:.1f} tok/s\n", o->model, o->batch, o->seq, tps);
   });
   add_bench_tokenizer(*bench);
