@@ -1,0 +1,1 @@
+lmforge_test(test_prepare_disk_full e2e data/test_prepare_disk_full.cpp)
