@@ -30,15 +30,6 @@ std::string ckpt(const std::string& run, int64_t step) {
   return run + fmt::format("/checkpoints/step-{:08d}", step);
 }
 
-void flip_bit(const std::string& path, uint64_t at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(at);
-  char c = 0;
-  f.get(c);
-  f.seekp(at);
-  f.put(static_cast<char>(c ^ 0x01));
-}
-
 std::vector<std::string> lines(const std::string& s) {
   std::vector<std::string> out;
   std::istringstream in(s);
@@ -75,8 +66,8 @@ TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
 
   uint64_t opt_size = fs::file_size(ckpt(run, 12) + "/optimizer.safetensors");
   fs::resize_file(ckpt(run, 12) + "/optimizer.safetensors", opt_size - 1000);
-  flip_bit(ckpt(run, 12) + "/model.safetensors",
-           fs::file_size(ckpt(run, 12) + "/model.safetensors") - 3);
+  testing::flip_bit(ckpt(run, 12) + "/model.safetensors",
+                    fs::file_size(ckpt(run, 12) + "/model.safetensors") - 3);
   auto r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(lines(r.err),
@@ -90,7 +81,7 @@ TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
   expect_same_as(dir, "run");
 
   // Two damaged in a row: a flipped bit the size check cannot see, then a truncated file.
-  flip_bit(ckpt(run, 12) + "/model.safetensors", 100);
+  testing::flip_bit(ckpt(run, 12) + "/model.safetensors", 100);
   fs::resize_file(ckpt(run, 8) + "/state.json", 10);
   // generate takes the newest valid one too.
   auto g = run_lmforge("generate --checkpoint run --prompt 'And God' --max-tokens 4", dir);

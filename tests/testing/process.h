@@ -27,6 +27,16 @@ inline std::string slurp(const std::string& path) {
   return ss.str();
 }
 
+// Corrupts one byte of a file in place (flips its low bit), as a bad disk or a torn copy would.
+inline void flip_bit(const std::string& path, uint64_t at) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(at));
+  char c = 0;
+  f.get(c);
+  f.seekp(static_cast<std::streamoff>(at));
+  f.put(static_cast<char>(c ^ 0x01));
+}
+
 // A fresh, empty directory under the system temp dir, unique per test.
 inline std::string temp_dir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() /

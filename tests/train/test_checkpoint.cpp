@@ -56,15 +56,6 @@ struct Saver {
   }
 };
 
-void flip_bit(const std::string& path, uint64_t at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(at);
-  char c = 0;
-  f.get(c);
-  f.seekp(at);
-  f.put(static_cast<char>(c ^ 0x10));
-}
-
 }  // namespace
 
 TEST(Checkpoint, ManifestListsEveryFileWithSizeAndSha256) {
@@ -110,7 +101,8 @@ TEST(Checkpoint, VerifyNamesTheFirstDamagedFile) {
   EXPECT_NE(r.second.find("100 bytes, manifest.json says"), std::string::npos) << r.second;
   // A flipped bit in the tensor data: the size and the safetensors header are still fine.
   r = damaged("flipped", [](auto d) {
-    flip_bit(d + "/optimizer.safetensors", fs::file_size(d + "/optimizer.safetensors") - 5);
+    testing::flip_bit(d + "/optimizer.safetensors",
+                      fs::file_size(d + "/optimizer.safetensors") - 5);
   });
   EXPECT_EQ(r.first, "optimizer.safetensors");
   EXPECT_NE(r.second.find("SHA-256"), std::string::npos) << r.second;
@@ -146,7 +138,7 @@ TEST(Checkpoint, LatestFallsBackPastDamagedAndIncompleteOnes) {
   fs::remove(s.ckpt(10) + "/manifest.json");
   EXPECT_EQ(find_latest_checkpoint(s.run), s.ckpt(6));
 
-  flip_bit(s.ckpt(6) + "/model.safetensors", 1000);
+  testing::flip_bit(s.ckpt(6) + "/model.safetensors", 1000);
   ::testing::internal::CaptureStderr();
   EXPECT_EQ(find_latest_checkpoint(s.run), s.ckpt(4));
   std::string err = ::testing::internal::GetCapturedStderr();
