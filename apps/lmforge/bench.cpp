@@ -119,13 +119,14 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
   cmd->callback([o] {
-    if (o->precision != "fp32")
-      fail("--precision: \"{}\" is not available yet in this build; use fp32", o->precision);
+    if (o->precision != "fp32" && o->precision != "bf16")
+      fail("--precision: expected fp32 or bf16, got \"{}\"", o->precision);
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0)
       fail("--batch, --seq and --steps must be positive");
     ModelConfig mc = model_preset(o->model);
     Transformer model(mc);
     model.init_weights(1);
+    if (o->precision == "bf16") model.enable_bf16();
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -135,8 +136,8 @@ void add_bench(CLI::App& app) {
       tok.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
       tgt.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
     }
-    fmt::print("bench train: {} ({:.1f}M params) B={} T={} fp32, {} threads, {} [{}]\n", o->model,
-               model.params().numel() / 1e6, o->batch, o->seq, omp_get_max_threads(),
+    fmt::print("bench train: {} ({:.1f}M params) B={} T={} {}, {} threads, {} [{}]\n", o->model,
+               model.params().numel() / 1e6, o->batch, o->seq, o->precision, omp_get_max_threads(),
                cpu_features().brand, cpu_features().summary());
     double total = 0;
     for (int64_t s = 0; s <= o->steps; ++s) {
@@ -156,7 +157,8 @@ void add_bench(CLI::App& app) {
     getrusage(RUSAGE_SELF, &u);
     fmt::print("activations ({}): {:.0f} MiB planned; peak resident {:.0f} MiB\n", o->recompute,
                model.activation_bytes() / 1048576.0, u.ru_maxrss / 1024.0);
-    fmt::print("lmforge {} B={} T={} fp32: {:.1f} tok/s\n", o->model, o->batch, o->seq, tps);
+    fmt::print("lmforge {} B={} T={} {}: {:.1f} tok/s\n", o->model, o->batch, o->seq, o->precision,
+               tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);

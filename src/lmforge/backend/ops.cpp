@@ -47,6 +47,11 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
             inp.shape().str(), weight.shape().str(), out.shape().str());
+  if (weight.dtype() == DType::kBF16) {  // bf16 mixed precision: fp32 activations, bf16 weights
+    cpu::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(),
+                             cptr<float>(bias), N, C, OC);
+    return;
+  }
   dispatch("linear_forward", out, [&](auto tag) {
     using T = decltype(tag);
     cpu::linear_forward<T>(ptr<T>(out), cptr<T>(inp), cptr<T>(weight), cptr<T>(bias), N, C, OC);
@@ -58,6 +63,11 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
             N, OC);
+  if (weight.dtype() == DType::kBF16) {
+    cpu::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
+                              dout.data<float>(), inp.data<float>(), weight.bf16_data(), N, C, OC);
+    return;
+  }
   dispatch("linear_backward", dout, [&](auto tag) {
     using T = decltype(tag);
     cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
@@ -315,11 +325,13 @@ double sum_squares(const Tensor& x) {
 
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step) {
+                  int64_t step, const Tensor& param_bf16) {
   same_numel("adamw_update", param, grad);
   if (param.device() != Device::kCPU) cuda_unavailable("adamw_update");
+  if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
   cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
-                    param.numel(), lr, beta1, beta2, eps, weight_decay, step);
+                    param_bf16.defined() ? param_bf16.bf16_data() : nullptr, param.numel(), lr,
+                    beta1, beta2, eps, weight_decay, step);
 }
 
 }  // namespace lmforge::ops

@@ -14,7 +14,9 @@
 
 namespace lmforge::ops {
 
-// (N, OC) = (N, C) @ (OC, C)^T + (OC); leading dims of inp/out are flattened into N.
+// (N, OC) = (N, C) @ (OC, C)^T + (OC); leading dims of inp/out are flattened into N. A bf16
+// weight (the bf16 copy of an fp32 parameter) selects mixed precision: inp and dout are rounded
+// to bf16 for the matmul, accumulation and every output stay fp32.
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias);
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight);
@@ -81,7 +83,7 @@ double sum_squares(const Tensor& x);
 
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step);
+                  int64_t step, const Tensor& param_bf16 = Tensor());  // bf16(param) written
 
 }  // namespace lmforge::ops
 

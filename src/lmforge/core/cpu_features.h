@@ -9,6 +9,7 @@ namespace lmforge {
 struct CpuFeatures {
   bool avx2 = false;
   bool avx512f = false;
+  bool avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_bf16 = false;
   bool amx_bf16 = false;
   std::string brand;            // e.g. "Intel(R) Xeon(R) Platinum 8488C"

@@ -86,6 +86,14 @@ inline uint16_t fp32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+// As the AVX512-BF16 instructions convert (VCVTNEPS2BF16): denormal inputs become zero. The
+// training path's bf16 copies use this everywhere so every CPU rounds alike.
+inline uint16_t fp32_to_bf16_ftz(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+  return fp32_to_bf16(f);
+}
 inline float bf16_to_fp32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;

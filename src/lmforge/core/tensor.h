@@ -93,6 +93,11 @@ class Tensor {
               dtype_name(DTypeOf<T>::value));
     return static_cast<T*>(raw());
   }
+  // bf16 elements as raw uint16_t bits (uint16_t itself maps to the u16 token dtype).
+  uint16_t* bf16_data() const {
+    LMF_CHECK(dtype_ == DType::kBF16, "tensor is {}, accessed as bf16", dtype_name(dtype_));
+    return static_cast<uint16_t*>(raw());
+  }
 
   // Same storage, new shape with the same numel (one dimension may be -1).
   Tensor view(Shape shape) const;

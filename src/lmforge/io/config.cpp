@@ -84,7 +84,7 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.max_skips", &c.train.max_skips, "consecutive skipped steps that stop the run"},
       {"train.inject_fault", &c.train.inject_fault,
        "testing aid: nan@STEP,spike@STEP poisons those steps"},
-      {"train.precision", &c.train.precision, "fp32"},
+      {"train.precision", &c.train.precision, "fp32 | bf16 (bf16 matmuls, fp32 master weights)"},
       {"train.device", &c.train.device, "cpu | cuda | auto"},
       {"train.seed", &c.train.seed, "weights, batches and sampling"},
       {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},

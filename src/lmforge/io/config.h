@@ -54,7 +54,7 @@ struct TrainConfig {
   int64_t spike_window = 100;      // steps in the rolling statistics
   int64_t max_skips = 10;          // consecutive skipped steps before the run stops
   std::string inject_fault;        // testing aid: "nan@STEP,spike@STEP" (1-based steps)
-  std::string precision = "fp32";  // fp32 (bf16: the CPU-speed issue)
+  std::string precision = "fp32";  // fp32 | bf16 (bf16 matmuls, fp32 master weights)
   std::string device = "cpu";      // cpu | cuda | auto
   uint64_t seed = 1337;
   int64_t eval_every = 100;  // 0 = never

@@ -1,10 +1,12 @@
 #include "lmforge/nn/params.h"
 
+#include "lmforge/backend/cpu/kernels.h"
+
 namespace lmforge {
 
 Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
   LMF_CHECK(find(name) == nullptr, "duplicate parameter {}", name);
-  params_.push_back(Param{name, shape, decay, {}, {}});
+  params_.push_back(Param{name, shape, decay, {}, {}, false, {}});
   return &params_.back();
 }
 
@@ -15,6 +17,24 @@ void ParamSet::finalize(DType dtype) {
   };
   values_ = Arena::planned([&](Arena& a) { layout(a, false); });
   grads_ = Arena::planned([&](Arena& a) { layout(a, true); });
+}
+
+void ParamSet::enable_bf16() {
+  LMF_CHECK(dtype_ == DType::kF32 && values_.capacity() > 0, "enable_bf16 needs fp32 parameters");
+  if (has_bf16()) return;
+  bf16_ = Arena::planned([&](Arena& a) {
+    for (Param& p : params_)
+      if (p.matmul) p.value_bf16 = a.alloc(p.shape, DType::kBF16);
+  });
+  bf16_fresh_ = false;
+}
+
+void ParamSet::sync_bf16() {
+  if (!has_bf16() || bf16_fresh_) return;
+  for (Param& p : params_)
+    if (p.value_bf16.defined())
+      cpu::to_bf16(p.value_bf16.bf16_data(), p.value.data<float>(), p.value.numel());
+  bf16_fresh_ = true;
 }
 
 Param* ParamSet::find(const std::string& name) {

@@ -21,6 +21,8 @@ struct Param {
   bool decay = true;  // AdamW weight decay applies (off for norms, biases, embeddings)
   Tensor value;
   Tensor grad;
+  bool matmul = false;  // used as a matmul weight (gets a bf16 copy under bf16 precision)
+  Tensor value_bf16;    // bf16(value) for the matmuls when enabled; see ParamSet
 };
 
 class ParamSet {
@@ -36,9 +38,20 @@ class ParamSet {
   // The whole gradient buffer as one flat tensor (alignment gaps included; they stay zero).
   Tensor flat_grads() const { return grads_.as_tensor(dtype_); }
 
+  // bf16 mixed precision: matmul parameters get a bf16 copy (value_bf16) that the matmuls read.
+  // The optimizer rewrites the copies in its fused update and calls bf16_refreshed(); anything
+  // else that writes values (init, loading) leaves them stale, and sync_bf16() (called at the
+  // start of every forward) converts them again. enable_bf16 after finalize.
+  void enable_bf16();
+  bool has_bf16() const { return bf16_.capacity() > 0; }
+  void invalidate_bf16() { bf16_fresh_ = false; }
+  void bf16_refreshed() { bf16_fresh_ = true; }
+  void sync_bf16();
+
  private:
   std::deque<Param> params_;  // deque: Param* handles stay valid while adding
-  Arena values_, grads_;
+  Arena values_, grads_, bf16_;
+  bool bf16_fresh_ = false;
   DType dtype_ = DType::kF32;
 };
 

@@ -18,6 +18,7 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
     blocks_[l].declare(params_, "blocks." + std::to_string(l), cfg_);
   norm_f_.declare(params_, "norm_f", C, cfg_.norm == "rmsnorm", cfg_.norm_eps, cfg_.bias);
   lm_head_ = cfg_.tie_embeddings ? tok_emb_ : params_.add("lm_head.weight", {V, C}, true);
+  lm_head_->matmul = true;
   params_.finalize();
   if (cfg_.pos == "rope") {
     int64_t half = cfg_.head_size() / 2;
@@ -83,6 +84,7 @@ float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t 
   have_targets_ = targets.defined();
   if (have_targets_) targets_.copy_from(targets);
   ignore_index_ = ignore_index;
+  params_.sync_bf16();
 
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor());
   const Tensor* x = &x0_;

@@ -33,6 +33,12 @@ class Transformer {
   // the projections into the residual stream, zeros for biases, ones for norm weights.
   void init_weights(uint64_t seed);
 
+  // bf16 mixed precision (train.precision: bf16): the matmuls read bf16 copies of the weights
+  // and round their inputs to bf16, accumulating in fp32; parameters, gradients, optimizer state
+  // and every other op stay fp32. Call before training; the copies follow the weights.
+  void enable_bf16() { params_.enable_bf16(); }
+  bool bf16() const { return params_.has_bf16(); }
+
   // Activations for (B, T), allocated once; `recompute` trades memory for a second forward per
   // block in backward (activation checkpointing, nn/block.h), with bit-identical results.
   void plan(int64_t B, int64_t T, Recompute recompute = Recompute::kNone);
@@ -84,7 +90,9 @@ class Transformer {
   int64_t target_count_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
 
-  Tensor lm_head_weight() const { return lm_head_->value; }
+  const Tensor& lm_head_weight() const {
+    return lm_head_->value_bf16.defined() ? lm_head_->value_bf16 : lm_head_->value;
+  }
 };
 
 }  // namespace lmforge

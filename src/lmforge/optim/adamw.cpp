@@ -20,9 +20,10 @@ void AdamW::step(double lr) {
   size_t i = 0;
   for (Param& p : params_.params()) {
     ops::adamw_update(p.value, p.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      p.decay ? opt_.weight_decay : 0.0, t_);
+                      p.decay ? opt_.weight_decay : 0.0, t_, p.value_bf16);
     ++i;
   }
+  if (params_.has_bf16()) params_.bf16_refreshed();
 }
 
 }  // namespace lmforge

@@ -95,8 +95,8 @@ void validate_train_config(const Config& cfg) {
   positive(t.grad_accum, "grad_accum");
   positive(t.log_every, "log_every");
   if (!(t.lr > 0)) fail("train.lr: must be positive, got {}", t.lr);
-  if (t.precision != "fp32")
-    fail("train.precision: \"{}\" is not available yet in this build; use fp32", t.precision);
+  if (t.precision != "fp32" && t.precision != "bf16")
+    fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
   if (t.device == "cuda")
     fail("train.device: cuda is not available in this build (CPU only); use cpu or auto");
   if (t.device != "cpu" && t.device != "auto")
@@ -260,6 +260,7 @@ RunSetup setup_run(Config& cfg) {
   } else {
     model.init_weights(t.seed);
   }
+  if (t.precision == "bf16") model.enable_bf16();
   model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   return r;
 }

@@ -1,7 +1,9 @@
 // Residual adds, gradient accumulation and reductions.
 #include <algorithm>
+#include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cpu/vecmath.h"
 
 namespace lmforge::cpu {
 
@@ -23,6 +25,24 @@ void scale(T* x, T s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
+namespace {
+// Sum of squares of fp32 in double lanes (8 + 8 accumulators, fixed order).
+LMF_AVX512 double sum_squares_avx512(const float* x, int64_t n) {
+  __m512d a = _mm512_setzero_pd(), b = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    a = _mm512_fmadd_pd(lo, lo, a);
+    b = _mm512_fmadd_pd(hi, hi, b);
+  }
+  double acc = _mm512_reduce_add_pd(_mm512_add_pd(a, b));
+  for (; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+  return acc;
+}
+}  // namespace
+
 template <typename T>
 double sum_squares(const T* x, int64_t n) {
   // At most kMaxBlocks fixed blocks, summed in order: no allocation, and the same result for
@@ -33,9 +53,15 @@ double sum_squares(const T* x, int64_t n) {
   double partial[kMaxBlocks];
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * block, e = std::min(n, (b + 1) * block);
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        partial[b] = sum_squares_avx512(x + i0, e - i0);
+        continue;
+      }
+    }
     double acc = 0;
-    for (int64_t i = b * block, e = std::min(n, (b + 1) * block); i < e; ++i)
-      acc += static_cast<double>(x[i]) * x[i];
+    for (int64_t i = i0; i < e; ++i) acc += static_cast<double>(x[i]) * x[i];
     partial[b] = acc;
   }
   double total = 0;

@@ -25,6 +25,25 @@ template <typename T>
 void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                      int64_t N, int64_t C, int64_t OC);
 
+// dbias (OC) += column sums of dout (N, OC), in double, deterministic whatever the threads.
+template <typename T>
+void bias_grad(T* dbias, const T* dout, int64_t N, int64_t OC);
+
+// bf16 mixed precision (cpu/bf16.cpp). dst = bf16(src), round to nearest even.
+void to_bf16(uint16_t* dst, const float* src, int64_t n);
+// C (M, N) fp32 = op(A) op(B) [+ bias (N)] or C += op(A) op(B) (accumulate), A and B bf16 with
+// fp32 accumulation, through oneDNN's matmul (AMX / AVX512-BF16 brgemm chosen at run time).
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, bool accumulate,
+               float* C, int64_t ldc);
+// The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
+// to bf16 on the way into the matmul; out, dinp, dweight, dbias stay fp32 (+= as above).
+void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC);
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC);
+
 template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B,
                        int64_t T_, int64_t C, int64_t V);
@@ -111,7 +130,9 @@ double sum_squares(const T* x, int64_t n);
 // One AdamW step (Loshchilov & Hutter 2019), in the order torch.optim.AdamW applies it:
 // p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
 // p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc_i = 1 - beta_i^step.
-void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t step);
+// p16, if not null, receives bf16(p) in the same pass (the weights' copy for bf16 matmuls).
+// Vectorized with AVX-512 where present, bit-identical to the portable loop.
+void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step);
 
 }  // namespace lmforge::cpu

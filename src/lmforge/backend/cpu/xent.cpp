@@ -1,8 +1,10 @@
 // Softmax cross-entropy over the vocabulary with an ignore index (as torch's
 // F.cross_entropy(ignore_index=...)). logsumexp is accumulated in double.
 #include <cmath>
+#include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/error.h"
 
 namespace lmforge::cpu {
@@ -15,6 +17,49 @@ double row_logsumexp(const T* x, int64_t V) {
   double sum = 0;
   for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(x[v] - mx));
   return mx + std::log(sum);
+}
+
+// Two halves of an fp32 vector added to double accumulators.
+LMF_AVX512 inline void add_pd(__m512d& acc, __m512 v) {
+  acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  acc = _mm512_add_pd(
+      acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+// As row_logsumexp<float>: max, then sum of exp(x - max) in double lanes.
+LMF_AVX512 double row_logsumexp_avx512(const float* x, int64_t V) {
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  __m512 mx = ninf;
+  for (int64_t v = 0; v < V; v += 16) {
+    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, x + v));
+  }
+  const float fmx = _mm512_reduce_max_ps(mx);
+  const __m512 vmx = _mm512_set1_ps(fmx);
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t v = 0; v < V; v += 16) {
+    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vmx));
+    add_pd(acc, _mm512_maskz_mov_ps(m, e));
+  }
+  return fmx + std::log(_mm512_reduce_add_pd(acc));
+}
+
+// d = coef * exp(x - lse) (d may alias x); the caller then subtracts dloss at the target.
+LMF_AVX512 void softmax_grad_avx512(float* d, const float* x, int64_t V, float lse, float coef) {
+  const __m512 vl = _mm512_set1_ps(lse), vc = _mm512_set1_ps(coef);
+  for (int64_t v = 0; v < V; v += 16) {
+    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vl));
+    _mm512_mask_storeu_ps(d + v, m, _mm512_mul_ps(p, vc));
+  }
+}
+
+template <typename T>
+double lse_of(const T* x, int64_t V) {
+  if constexpr (std::is_same_v<T, float>)
+    if (has_avx512()) return row_logsumexp_avx512(x, V);
+  return row_logsumexp(x, V);
 }
 }  // namespace
 
@@ -31,7 +76,7 @@ void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, in
     }
     LMF_CHECK(y >= 0 && y < V, "target {} outside vocabulary of {}", y, V);
     const T* x = logits + i * V;
-    double lse = row_logsumexp(x, V);
+    double lse = lse_of(x, V);
     losses[i] = static_cast<T>(lse - x[y]);
     zsum += lse * lse;
   }
@@ -50,9 +95,17 @@ void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, 
       for (int64_t v = 0; v < V; ++v) d[v] = T(0);
       continue;
     }
-    double lse = row_logsumexp(x, V);  // read x fully before d (which may alias it) is written
+    double lse = lse_of(x, V);  // read x fully before d (which may alias it) is written
     // d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]
     double zf = 1.0 + 2.0 * z_loss * lse;
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        const float xy = x[y];  // before d overwrites it
+        softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
+        d[y] = static_cast<float>(dloss * (std::exp(static_cast<double>(xy) - lse) * zf - 1.0));
+        continue;
+      }
+    }
     for (int64_t v = 0; v < V; ++v) {
       double p = std::exp(static_cast<double>(x[v]) - lse);
       d[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));

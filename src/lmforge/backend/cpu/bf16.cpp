@@ -1,0 +1,180 @@
+// bf16 mixed precision on the CPU: fp32 -> bf16 conversion and bf16 matmuls with fp32
+// accumulation through oneDNN's matmul primitive, which picks its brgemm kernels at run time
+// (AMX on Sapphire Rapids, AVX512-BF16 on Cooper Lake / Zen 4, and a correct emulation
+// elsewhere). Primitives are created once per shape and cached, so a training step creates
+// none after the first; conversion scratch grows during the first step and is then reused.
+#include <immintrin.h>
+
+#include <cstring>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <unordered_map>
+#include <vector>
+
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/cpu_features.h"
+#include "lmforge/core/dtype.h"
+#include "lmforge/core/error.h"
+
+namespace lmforge::cpu {
+
+namespace {
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bf16_avx512(
+    uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 a = _mm512_loadu_ps(src + i), b = _mm512_loadu_ps(src + i + 16);
+    __m512bh r = _mm512_cvtne2ps_pbh(b, a);  // low half from a, RNE, NaN stays NaN
+    _mm512_storeu_si512(dst + i, reinterpret_cast<__m512i>(r));
+  }
+  for (; i < n; ++i) dst[i] = fp32_to_bf16_ftz(src[i]);
+}
+
+// Round to nearest even with denormals to zero: identical to _mm512_cvtne2ps_pbh (NaN payloads
+// aside).
+void to_bf16_portable(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp32_to_bf16_ftz(src[i]);
+}
+
+struct GemmKey {
+  bool ta, tb, acc, bias;
+  int64_t M, N, K, lda, ldb, ldc;
+  bool operator==(const GemmKey&) const = default;
+};
+struct GemmKeyHash {
+  size_t operator()(const GemmKey& k) const {
+    size_t h = (k.ta << 0) | (k.tb << 1) | (k.acc << 2) | (k.bias << 3);
+    for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc})
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+struct GemmPlan {
+  dnnl::memory::desc a, b, c, bias, scratch;
+  dnnl::matmul prim;
+};
+
+class Bf16Gemm {
+ public:
+  static Bf16Gemm& get() {
+    static Bf16Gemm g;
+    return g;
+  }
+  void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias, float* C) {
+    const GemmPlan& p = plan(k);
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, dnnl::memory(p.a, eng_, const_cast<uint16_t*>(A))},
+        {DNNL_ARG_WEIGHTS, dnnl::memory(p.b, eng_, const_cast<uint16_t*>(B))},
+        {DNNL_ARG_DST, dnnl::memory(p.c, eng_, C)}};
+    if (k.bias) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, eng_, const_cast<float*>(bias)));
+    // The library would allocate (and page-fault in) its packing buffers on every call; ours is
+    // sized by the largest plan and reused.
+    args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(p.scratch, eng_, scratchpad_.data()));
+    p.prim.execute(stream_, args);
+    stream_.wait();
+  }
+
+ private:
+  Bf16Gemm() : eng_(dnnl::engine::kind::cpu, 0), stream_(eng_) {}
+
+  const GemmPlan& plan(const GemmKey& k) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(k);
+    if (it != cache_.end()) return it->second;
+    using dt = dnnl::memory::data_type;
+    GemmPlan p;
+    // Row-major with leading dimensions; a transposed operand is the same memory read with
+    // swapped strides, which oneDNN's brgemm handles without a copy.
+    p.a = dnnl::memory::desc({k.M, k.K}, dt::bf16,
+                             k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
+    p.b = dnnl::memory::desc({k.K, k.N}, dt::bf16,
+                             k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
+    p.c = dnnl::memory::desc({k.M, k.N}, dt::f32, dnnl::memory::dims{k.ldc, 1});
+    if (k.bias) p.bias = dnnl::memory::desc({1, k.N}, dt::f32, dnnl::memory::dims{k.N, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (k.acc) {
+      dnnl::post_ops po;
+      po.append_sum(1.0f);
+      attr.set_post_ops(po);
+    }
+    try {
+      auto d =
+          k.bias ? dnnl::matmul::desc(p.a, p.b, p.bias, p.c) : dnnl::matmul::desc(p.a, p.b, p.c);
+      dnnl::matmul::primitive_desc pd(d, attr, eng_);
+      p.scratch = pd.scratchpad_desc();
+      if (scratchpad_.size() < p.scratch.get_size()) scratchpad_.resize(p.scratch.get_size());
+      p.prim = dnnl::matmul(pd);
+    } catch (const dnnl::error& e) {
+      fail("oneDNN bf16 matmul M={} N={} K={}: {}; use train.precision: fp32", k.M, k.N, k.K,
+           e.what());
+    }
+    return cache_.emplace(k, std::move(p)).first->second;
+  }
+
+  dnnl::engine eng_;
+  dnnl::stream stream_;
+  std::mutex mu_;
+  std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> cache_;
+  std::vector<char> scratchpad_;
+};
+
+// Conversion buffers reused by every bf16 linear: they grow during the first step only.
+uint16_t* scratch(int slot, int64_t n) {
+  static std::vector<uint16_t> bufs[2];
+  if (static_cast<int64_t>(bufs[slot].size()) < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
+}  // namespace
+
+void to_bf16(uint16_t* dst, const float* src, int64_t n) {
+  static const bool fast = cpu_features().avx512_bf16;
+  constexpr int64_t kChunk = 1 << 16;
+#pragma omp parallel for schedule(static) if (n > kChunk)
+  for (int64_t c = 0; c < n; c += kChunk) {
+    int64_t len = std::min(kChunk, n - c);
+    if (fast)
+      to_bf16_avx512(dst + c, src + c, len);
+    else
+      to_bf16_portable(dst + c, src + c, len);
+  }
+}
+
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+               const uint16_t* B, int64_t ldb, const float* bias, bool accumulate, float* C,
+               int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  LMF_CHECK(!(bias && accumulate), "gemm_bf16: bias with accumulate");
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = bias ? bias[j] : 0.0f;
+    return;
+  }
+  Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, M, N, K, lda, ldb, ldc}, A, B, bias, C);
+}
+
+void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  uint16_t* x = scratch(0, N * C);
+  to_bf16(x, inp, N * C);
+  gemm_bf16(false, true, N, OC, C, x, C, weight, C, bias, false, out, OC);
+}
+
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  uint16_t* d = scratch(0, N * OC);
+  to_bf16(d, dout, N * OC);
+  if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, true, dinp, C);
+  if (dweight) {
+    uint16_t* x = scratch(1, N * C);
+    to_bf16(x, inp, N * C);
+    gemm_bf16(true, false, OC, C, N, d, OC, x, C, nullptr, true, dweight, C);
+  }
+  if (dbias) bias_grad(dbias, dout, N, OC);
+}
+
+}  // namespace lmforge::cpu

@@ -1,0 +1,66 @@
+// AVX-512 building blocks for the fp32 kernels: a vectorized exp and the functions built on it.
+// Every function here is compiled for AVX-512 by its target attribute (the rest of the binary
+// stays x86-64-v2) and may only be called after checking cpu_features().avx512f, from functions
+// carrying the same LMF_AVX512 attribute.
+//
+//   if (has_avx512()) gelu_forward_avx512(out, inp, n); else portable loop
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "lmforge/core/cpu_features.h"
+
+#define LMF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+namespace lmforge::cpu {
+
+inline bool has_avx512() {
+  const CpuFeatures& f = cpu_features();
+  static const bool on = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  return on;
+}
+
+// e^x for fp32 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial),
+// within 2 ulp of the correctly rounded result; x < -87.3 gives 0 (no denormals), x > 88.7 +inf.
+LMF_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.7228391f), lo = _mm512_set1_ps(-87.3365448f);
+  __m512 over = x;
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 e = _mm512_scalef_ps(p, n);
+  e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(over, lo, _CMP_LT_OQ), e, _mm512_setzero_ps());
+  e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(over, hi, _CMP_GT_OQ), e,
+                           _mm512_set1_ps(__builtin_inff()));
+  // NaN in, NaN out (min/max above would have replaced it).
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(over, over, _CMP_UNORD_Q), e, over);
+}
+
+// tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
+LMF_AVX512 inline __m512 tanh512(__m512 u) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 e = exp512(_mm512_add_ps(u, u));
+  return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+}
+
+// 1 / (1 + e^{-x})
+LMF_AVX512 inline __m512 sigmoid512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// Loads/stores the first n < 16 lanes (masked tails).
+LMF_AVX512 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+}  // namespace lmforge::cpu
