@@ -1,22 +1,39 @@
-"""PyTorch peer for `lmforge bench train`: a nanoGPT-style GPT-2 of the same shape trained with
-torch.optim.AdamW on random tokens, fp32 eager (or bf16 autocast), on the same CPU threads.
-Prints a last line "torch <preset> B=.. T=.. <precision>: <number> tok/s" like lmforge's."""
+"""PyTorch peer for `lmforge bench train`: a nanoGPT-style model of the same shape (GPT-2, or a
+Llama with RMSNorm, RoPE, SwiGLU and grouped-query attention) trained with torch.optim.AdamW on
+random tokens, fp32 eager or bf16 autocast, optionally under torch.compile, on the same CPU
+threads. Runs on the current PyTorch and on Debian's 1.13 (no F.scaled_dot_product_attention
+there: the attention is then written out). Prints "peak resident N MiB" and a last line
+"torch <version> <preset> B=.. T=.. <precision>[+compile]: <number> tok/s" like lmforge's."""
 import argparse
-import math
+import resource
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRESETS = {  # (n_layer, n_head, n_embd), vocab 50257, 1024 positions: as lmforge's presets
+# As lmforge's presets (src/lmforge/models/presets.cpp).
+GPT2 = {  # (n_layer, n_head, n_embd); vocab 50257, 1024 positions
     "gpt2-tiny": (4, 4, 128),
     "gpt2": (12, 12, 768),
     "gpt2-medium": (24, 16, 1024),
 }
+LLAMA = {  # (n_layer, n_head, n_kv_head, n_embd, ffn_hidden, vocab, rope_theta, tied)
+    "llama3-tiny": (4, 4, 2, 128, 352, 128256, 10000.0, False),
+    "smollm2-135m": (30, 9, 3, 576, 1536, 49152, 100000.0, True),
+}
 
 
-class Block(nn.Module):
+def attention(q, k, v):
+    if hasattr(F, "scaled_dot_product_attention"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.size(-2)
+    s = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(v.dtype) @ v
+
+
+class GptBlock(nn.Module):
     def __init__(self, C, NH):
         super().__init__()
         self.nh = NH
@@ -28,7 +45,7 @@ class Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.nh, C // self.nh).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = attention(q, k, v)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
 
@@ -37,7 +54,7 @@ class GPT(nn.Module):
     def __init__(self, L, NH, C, V=50257, maxT=1024):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(maxT, C)
-        self.blocks = nn.ModuleList(Block(C, NH) for _ in range(L))
+        self.blocks = nn.ModuleList(GptBlock(C, NH) for _ in range(L))
         self.ln_f = nn.LayerNorm(C)
 
     def forward(self, idx, targets):
@@ -45,7 +62,70 @@ class GPT(nn.Module):
         for b in self.blocks:
             x = b(x)
         logits = self.ln_f(x) @ self.wte.weight.t()  # tied head
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, C, eps=1e-5):
+        super().__init__()
+        self.w, self.eps = nn.Parameter(torch.ones(C)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.w
+
+
+def rotate(x, cos, sin):  # HF rotate_half layout
+    h = x.size(-1) // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, C, NH, NKV, F_):
+        super().__init__()
+        self.nh, self.nkv, self.hs = NH, NKV, C // NH
+        self.n1, self.n2 = RMSNorm(C), RMSNorm(C)
+        self.qkv = nn.Linear(C, (NH + 2 * NKV) * self.hs, bias=False)
+        self.proj = nn.Linear(C, C, bias=False)
+        self.gate_up = nn.Linear(C, 2 * F_, bias=False)
+        self.down = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.n1(x)).split(
+            [self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], dim=2)
+        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)
+        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        rep = self.nh // self.nkv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        g, u = self.gate_up(self.n2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u)
+
+
+class Llama(nn.Module):
+    def __init__(self, L, NH, NKV, C, F_, V, theta, tied):
+        super().__init__()
+        self.wte = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(LlamaBlock(C, NH, NKV, F_) for _ in range(L))
+        self.norm = RMSNorm(C)
+        self.head = None if tied else nn.Linear(C, V, bias=False)
+        self.hs, self.theta = C // NH, theta
+
+    def forward(self, idx, targets):
+        T = idx.shape[1]
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.hs, 2).float() / self.hs))
+        f = torch.outer(torch.arange(T).float(), inv)
+        cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = b(x, cos, sin)
+        h = self.norm(x)
+        logits = h @ (self.wte.weight if self.head is None else self.head.weight).t()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
 
 def main():
@@ -55,20 +135,25 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(1)
-    model = GPT(*PRESETS[a.model])
+    if a.model in GPT2:
+        model, V = GPT(*GPT2[a.model]), 50257
+    else:
+        model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    idx = torch.randint(0, 50257, (a.batch, a.seq))
-    tgt = torch.randint(0, 50257, (a.batch, a.seq))
+    step_model = torch.compile(model) if a.compile else model
+    idx = torch.randint(0, V, (a.batch, a.seq))
+    tgt = torch.randint(0, V, (a.batch, a.seq))
     total = 0.0
     for s in range(a.steps + 1):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = model(idx, tgt)
+            loss = step_model(idx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -77,7 +162,9 @@ def main():
         if s > 0:
             total += dt
         print(f"step {s} loss {loss.item():.4f} {dt:.3f}s{' (warm-up)' if s == 0 else ''}", flush=True)
-    print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {a.precision}: "
+    print(f"peak resident {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    tag = a.precision + ("+compile" if a.compile else "")
+    print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")
 
 

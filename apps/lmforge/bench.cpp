@@ -6,8 +6,11 @@
 #include <sys/resource.h>
 
 #include <chrono>
+#include <cstdio>
+#include <vector>
 
 #include "commands.h"
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/data/loader.h"
@@ -98,6 +101,53 @@ void add_bench_loader(CLI::App& bench) {
   });
 }
 
+// lmforge bench matmul [--shape MxNxK ...]: the matmul ceiling of this machine through the same
+// oneDNN calls training uses, fp32 (sgemm) and bf16 (brgemm: AMX / AVX512-BF16) with fp32
+// output, GFLOP/s best of ~1 s per shape. Default shapes are GPT-2 124M's (qkv, LM head, MLP).
+void add_bench_matmul(CLI::App& bench) {
+  auto shapes = std::make_shared<std::vector<std::string>>(
+      std::vector<std::string>{"256x2304x768", "256x50304x768", "4096x3072x768", "4096x768x3072"});
+  CLI::App* cmd = bench.add_subcommand("matmul", "fp32 and bf16 matmul GFLOP/s (oneDNN)");
+  cmd->add_option("--shape", *shapes, "MxNxK (repeatable)")->capture_default_str();
+  cmd->callback([shapes] {
+    fmt::print("bench matmul: {} threads, {} [{}]\n", omp_get_max_threads(), cpu_features().brand,
+               cpu_features().summary());
+    double best16 = 0;
+    for (const std::string& s : *shapes) {
+      int64_t M = 0, N = 0, K = 0;
+      if (std::sscanf(s.c_str(), "%ldx%ldx%ld", &M, &N, &K) != 3 || M <= 0 || N <= 0 || K <= 0)
+        fail("--shape: expected MxNxK with positive sizes, got \"{}\"", s);
+      std::vector<float> a(M * K, 0.5f), b(K * N, 0.25f), c(M * N);
+      std::vector<uint16_t> a16(M * K), b16(K * N);
+      cpu::to_bf16(a16.data(), a.data(), M * K);
+      cpu::to_bf16(b16.data(), b.data(), K * N);
+      auto time = [&](auto&& f) {
+        f();  // warm-up (creates the primitive)
+        int64_t n = 0;
+        auto t0 = std::chrono::steady_clock::now();
+        double el = 0;
+        while (el < 1.0) {
+          f();
+          ++n;
+          el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        }
+        return 2.0 * M * N * K * n / el / 1e9;
+      };
+      // Weights as the linear layers hold them: (N, K) row-major, used transposed.
+      double f32 = time([&] {
+        cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c.data(), N);
+      });
+      double bf16 = time([&] {
+        cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, nullptr, false, c.data(),
+                       N);
+      });
+      best16 = std::max(best16, bf16);
+      fmt::print("matmul {}x{}x{}: fp32 {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s\n", M, N, K, f32, bf16);
+    }
+    fmt::print("lmforge matmul bf16 ceiling: {:.1f} GFLOP/s\n", best16);
+  });
+}
+
 }  // namespace
 
 void add_bench(CLI::App& app) {
@@ -143,8 +193,7 @@ void add_bench(CLI::App& app) {
     for (int64_t s = 0; s <= o->steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
       model.params().zero_grad();
-      float loss = model.forward(tok, tgt);
-      model.backward();
+      float loss = model.forward_backward(tok, tgt);
       clip_grad_norm(model.params(), 1.0);
       opt.step(1e-4);
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -157,11 +206,17 @@ void add_bench(CLI::App& app) {
     getrusage(RUSAGE_SELF, &u);
     fmt::print("activations ({}): {:.0f} MiB planned; peak resident {:.0f} MiB\n", o->recompute,
                model.activation_bytes() / 1048576.0, u.ru_maxrss / 1024.0);
+    fmt::print("LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
+               model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
+               model.full_logits_bytes() / 1048576.0);
+    const double fpt = mc.flops_per_token(o->seq);
+    fmt::print("{:.3f} GFLOP per token, {:.1f} GFLOP/s achieved\n", fpt / 1e9, fpt * tps / 1e9);
     fmt::print("lmforge {} B={} T={} {}: {:.1f} tok/s\n", o->model, o->batch, o->seq, o->precision,
                tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);
+  add_bench_matmul(*bench);
 }
 
 }  // namespace lmforge::app

@@ -7,7 +7,6 @@
 // (1e-16 |L| / h) errors are both ~1e-10, so the normalised error bound kTol = 1e-7 leaves margin
 // while a wrong backward (errors O(1)) cannot pass.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <functional>
 #include <ostream>
@@ -179,17 +178,20 @@ void qk_norm(Check& c) {
   c.backward = [=] { ops::qk_norm_backward(dx, dwq, dwk, R, x, wq, wk, rq, rk, NH, NKV); };
 }
 
-void attention(Check& c, int64_t NH, int64_t NKV, int64_t window = 0) {
-  const int64_t B = 2, T = 4, HS = 4;
+// T = 4 lies inside one tile of the kernel; T = 200 spans four query tiles (of 64) and two key
+// tiles (of 128), the last of each partial, so the online softmax's rescaling is differentiated,
+// and with window 37 the last query tile skips the first key tile.
+void attention(Check& c, int64_t NH, int64_t NKV, int64_t window = 0, int64_t T = 4,
+               int64_t B = 2) {
+  const int64_t HS = 4;
   auto [qkv, dqkv] = c.input("qkv", {B, T, (NH + 2 * NKV) * HS}, 1.5);
   Tensor out = Tensor::empty({B, T, NH * HS}, DType::kF64), R = c.randn(out.shape());
-  Tensor probs = Tensor::empty({B, NH, T, T}, DType::kF64);
-  Tensor scratch = Tensor::empty({static_cast<int64_t>(omp_get_max_threads()), T, T}, DType::kF64);
+  Tensor lse = Tensor::empty({B, NH, T}, DType::kF64);
   c.loss = [=] {
-    ops::attention_forward(out, probs, qkv, NH, NKV, window);
+    ops::attention_forward(out, lse, qkv, NH, NKV, window);
     return dot(out, R);
   };
-  c.backward = [=] { ops::attention_backward(dqkv, scratch, R, qkv, probs, NH, NKV, window); };
+  c.backward = [=] { ops::attention_backward(dqkv, R, qkv, out, lse, NH, NKV, window); };
 }
 
 void gelu(Check& c) {
@@ -259,6 +261,8 @@ std::vector<GradCase> cases() {
       {"attention_mha", [](Check& c) { attention(c, 2, 2); }},
       {"attention_mqa", [](Check& c) { attention(c, 3, 1); }},
       {"attention_window2", [](Check& c) { attention(c, 4, 2, 2); }},
+      {"attention_tiles", [](Check& c) { attention(c, 2, 1, 0, 200, 1); }},
+      {"attention_tiles_window37", [](Check& c) { attention(c, 2, 1, 37, 200, 1); }},
       {"qk_norm", qk_norm},
       {"gelu", gelu},
       {"swiglu", swiglu},

@@ -8,6 +8,7 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/models/hf.h"
+#include "lmforge/models/presets.h"
 
 namespace lmforge {
 namespace {
@@ -125,6 +126,11 @@ TEST_P(PublishedConfig, MapsWithTheHubParameterCount) {
   EXPECT_EQ(
       back.dump(),
       hf_config_json(again.model, again.bos_token_id, again.eos_token_id, DType::kBF16).dump());
+}
+
+// The ~100M Llama benchmark preset is SmolLM2-135M's shape: same count as the Hub's config.
+TEST(Presets, SmolLM2PresetHasTheHubParameterCount) {
+  EXPECT_EQ(model_preset("smollm2-135m").num_params(), 134'515'008);
 }
 
 INSTANTIATE_TEST_SUITE_P(Hub, PublishedConfig, ::testing::ValuesIn(kModels), [](const auto& info) {

@@ -41,7 +41,7 @@ const std::map<std::string, std::string> kArchitecture = {
 std::string hf_dir(const std::string& c = "") { return t::ref_dir() + "/hf_models/" + c; }
 
 Tensor run_logits(Transformer& model, const Tensor& tokens, const Tensor& targets, float* loss) {
-  model.plan(tokens.size(0), tokens.size(1));
+  model.plan(tokens.size(0), tokens.size(1), Recompute::kNone, /*keep_logits=*/true);
   *loss = model.forward(tokens, targets);
   return model.logits();
 }

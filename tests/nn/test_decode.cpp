@@ -17,7 +17,7 @@ void check_decode_matches_forward(ModelConfig cfg) {
   Transformer model(cfg);
   model.init_weights(3);
   const int64_t T = 11;
-  model.plan(1, T);
+  model.plan(1, T, Recompute::kNone, /*keep_logits=*/true);
   Tensor tok = Tensor::empty({1, T}, DType::kI32);
   Rng rng(5);
   for (int64_t t = 0; t < T; ++t) tok.data<int32_t>()[t] = static_cast<int32_t>(rng.below(97));

@@ -65,7 +65,7 @@ void check_model(const std::string& preset) {
   }
 
   Tensor tokens = f.get("tokens"), targets = f.get("targets");
-  model.plan(tokens.size(0), tokens.size(1));
+  model.plan(tokens.size(0), tokens.size(1), Recompute::kNone, /*keep_logits=*/true);
   float loss = model.forward(tokens, targets);
 
   testing::Diff d;
@@ -78,7 +78,7 @@ void check_model(const std::string& preset) {
               std::fabs(loss - ref_loss) / std::fabs(ref_loss), loss, ref_loss);
 
   model.params().zero_grad();
-  model.backward();
+  EXPECT_EQ(model.forward_backward(tokens, targets), loss);
   double worst = 0;
   std::string worst_name;
   for (const Param& p : model.params().params()) {

@@ -29,8 +29,7 @@ Result run(ModelConfig cfg, Recompute mode) {
     tgt.data<int32_t>()[i] = static_cast<int32_t>(rng.below(cfg.vocab_size));
   }
   m.params().zero_grad();
-  Result r{m.forward(tok, tgt), {}, m.activation_bytes()};
-  m.backward();
+  Result r{m.forward_backward(tok, tgt), {}, m.activation_bytes()};
   for (Param& p : m.params().params())
     r.grads.insert(r.grads.end(), p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
   return r;

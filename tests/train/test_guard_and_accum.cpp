@@ -92,8 +92,7 @@ TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {
   // weight micro-batch 0's few targets 4x too much: the check above would then fail.
   micro_model.params().zero_grad();
   for (const Batch& m : micro) {
-    micro_model.forward(m.tokens, m.targets);
-    micro_model.backward(0.5);
+    micro_model.forward_backward(m.tokens, m.targets, 0.5);
   }
   std::vector<float> c = grads(micro_model);
   double wrong = 0;

@@ -203,29 +203,33 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
   rope("rope_backward", true, dqkv, cos, sin, n_head, n_kv_head, pos0);
 }
 
-void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t NH,
+void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t NH,
                        int64_t NKV, int64_t window) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
-  LMF_CHECK(NH % NKV == 0 && probs.numel() == B * NH * T_ * T_ && out.numel() == B * T_ * NH * HS,
-            "attention: qkv {} probs {} out {} NH={} NKV={}", qkv.shape().str(),
-            probs.shape().str(), out.shape().str(), NH, NKV);
+  LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
+                out.numel() == B * T_ * NH * HS,
+            "attention: qkv {} lse {} out {} NH={} NKV={}", qkv.shape().str(), lse.shape().str(),
+            out.shape().str(), NH, NKV);
   dispatch("attention_forward", out, [&](auto tag) {
     using T = decltype(tag);
-    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(probs), cptr<T>(qkv), B, T_, NH, NKV, HS, window);
+    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS, window);
   });
 }
 
-void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
-                        const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV,
+void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                        const Tensor& out, const Tensor& lse, int64_t NH, int64_t NKV,
                         int64_t window) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
-  LMF_CHECK(scratch.numel() >= static_cast<int64_t>(omp_get_max_threads()) * T_ * T_,
-            "attention_backward: scratch {} for {} threads", scratch.shape().str(),
-            omp_get_max_threads());
+  LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
+                out.numel() == B * T_ * NH * HS && dout.numel() == out.numel() &&
+                dqkv.numel() == qkv.numel(),
+            "attention_backward: qkv {} dqkv {} out {} dout {} lse {} NH={} NKV={}",
+            qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
+            lse.shape().str(), NH, NKV);
   dispatch("attention_backward", dout, [&](auto tag) {
     using T = decltype(tag);
-    cpu::attention_backward<T>(ptr<T>(dqkv), ptr<T>(scratch), cptr<T>(dout), cptr<T>(qkv),
-                               cptr<T>(probs), B, T_, NH, NKV, HS, window);
+    cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
+                               cptr<T>(lse), B, T_, NH, NKV, HS, window);
   });
 }
 

@@ -53,12 +53,15 @@ void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64
 void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
                    int64_t n_kv_head, int64_t pos0);
 
-// out (B, T, NH*HS); probs (B, NH, T, T); qkv (B, T, (NH + 2 NKV) * HS); scratch (threads, T, T).
-// Causal; window > 0 limits query t to keys (t - window, t] (Mistral/Phi-3 sliding window).
-void attention_forward(const Tensor& out, const Tensor& probs, const Tensor& qkv, int64_t n_head,
+// out (B, T, NH*HS); lse (B, NH, T) the logsumexp of each row of scaled scores, saved for
+// backward; qkv (B, T, (NH + 2 NKV) * HS). Causal; window > 0 limits query t to keys
+// (t - window, t] (Mistral/Phi-3 sliding window). Tiled with an online softmax (FlashAttention),
+// so no (T, T) buffer exists; backward recomputes the probabilities from qkv and lse, takes the
+// forward's out, and adds into dqkv.
+void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
                        int64_t n_kv_head, int64_t window = 0);
-void attention_backward(const Tensor& dqkv, const Tensor& scratch, const Tensor& dout,
-                        const Tensor& qkv, const Tensor& probs, int64_t n_head, int64_t n_kv_head,
+void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                        const Tensor& out, const Tensor& lse, int64_t n_head, int64_t n_kv_head,
                         int64_t window = 0);
 
 void gelu_forward(const Tensor& out, const Tensor& inp);

@@ -2,7 +2,7 @@
 // same code: once on a measuring arena (no memory, just sums sizes), then on a real one of that
 // size. A training step then reuses the same tensors and allocates nothing.
 //
-//   auto layout = [&](Arena& a) { x = a.alloc({B, T, C}); probs = a.alloc({B, NH, T, T}); };
+//   auto layout = [&](Arena& a) { x = a.alloc({B, T, C}); h = a.alloc({B, T, 4 * C}); };
 //   Arena arena = Arena::planned(layout);
 #pragma once
 

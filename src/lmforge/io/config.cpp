@@ -76,7 +76,7 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.eps", &c.train.eps, ""},
       {"train.grad_clip", &c.train.grad_clip, "max global gradient norm; 0 = off"},
       {"train.activation_checkpointing", &c.train.activation_checkpointing,
-       "none | selective (recompute norms, attention probs, activations) | full (whole blocks)"},
+       "none | selective (recompute norms and MLP activations) | full (whole blocks)"},
       {"train.z_loss", &c.train.z_loss, "z-loss coefficient (mean logsumexp^2); 0 = off"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss or grad norm is this many std above the rolling mean; 0 = off"},

@@ -66,6 +66,15 @@ const std::map<std::string, std::function<ModelConfig()>>& table() {
          c.rope_theta = 10000;
          return c;
        }},
+      {"smollm2-135m",  // a ~100M Llama: HuggingFaceTB/SmolLM2-135M's shape
+       [] {
+         ModelConfig c = llama(30, 9, 3, 576, 1536);
+         c.vocab_size = 49152;
+         c.max_seq_len = 8192;
+         c.rope_theta = 100000;
+         c.tie_embeddings = true;
+         return c;
+       }},
       {"llama3.2-1b", [] { return llama32(16, 32, 2048); }},
       {"llama3.2-3b", [] { return llama32(28, 24, 3072); }},
       {"llama3-8b",

@@ -1,7 +1,5 @@
 #include "lmforge/nn/block.h"
 
-#include <omp.h>
-
 namespace lmforge {
 
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T) {
@@ -12,7 +10,6 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T) {
   datt = a.alloc({B, T, C});
   dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F});
   dact = a.alloc({B, T, F});
-  attn = a.alloc({static_cast<int64_t>(omp_get_max_threads()), T, T});
 }
 
 void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
@@ -44,7 +41,6 @@ void Block::recompute(const Acts& a, const Tensor& x, const RopeTables& rope,
     forward(a, x, rope);
   } else if (mode == Recompute::kSelective) {
     norm1.forward(a.n1_out, a.n1, x);
-    ops::attention_forward(a.att, a.probs, a.qkv, cfg.n_head, cfg.kv_heads(), cfg.sliding_window);
     norm2.forward(a.n2_out, a.n2, a.x_mid);
     if (cfg.mlp == "swiglu")
       ops::swiglu_forward(a.act, a.fc_out);
@@ -59,7 +55,6 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
   int64_t C = cfg.n_embd;
   s.n1_out = a.alloc({B, T, C});
   s.n2_out = a.alloc({B, T, C});
-  s.probs = a.alloc({B, cfg.n_head, T, T});
   s.act = a.alloc({B, T, cfg.ffn()});
 }
 
@@ -71,11 +66,11 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     x.x_out = a.alloc({B, T, C});
     return;
   }
-  // kSelective: what recompute() rebuilds is shared; the rest (matmul outputs) is kept.
+  // kSelective: what recompute() rebuilds is shared; the rest (matmul outputs, attention's
+  // output and logsumexp) is kept.
   const bool sel = mode == Recompute::kSelective;
   auto keep = [&](Tensor Acts::*field, Shape shape) {
-    x.*field = sel && (field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::probs ||
-                       field == &Acts::act)
+    x.*field = sel && (field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::act)
                    ? shared->*field
                    : a.alloc(shape);
   };
@@ -88,7 +83,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     keep(&Acts::rstd_q, {B * T * NH});
     keep(&Acts::rstd_k, {B * T * cfg.kv_heads()});
   }
-  keep(&Acts::probs, {B, NH, T, T});
+  keep(&Acts::lse, {B, NH, T});
   keep(&Acts::att, {B, T, NH * cfg.head_size()});
   keep(&Acts::att_proj, {B, T, C});
   keep(&Acts::x_mid, {B, T, C});
@@ -110,7 +105,7 @@ void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) cons
     qkv.forward(a.qkv, a.n1_out);
   }
   if (rope.cos.defined()) ops::rope_forward(a.qkv, rope.cos, rope.sin, NH, NKV, 0);
-  ops::attention_forward(a.att, a.probs, a.qkv, NH, NKV, cfg.sliding_window);
+  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window);
   proj.forward(a.att_proj, a.att);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
@@ -141,7 +136,7 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   s.datt.zero_();
   proj.backward(s.datt, dres, a.att);
   s.dqkv.zero_();
-  ops::attention_backward(s.dqkv, s.attn, s.datt, a.qkv, a.probs, NH, NKV, cfg.sliding_window);
+  ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window);
   if (rope.cos.defined()) ops::rope_backward(s.dqkv, rope.cos, rope.sin, NH, NKV, 0);
   s.dnorm.zero_();
   if (cfg.qk_norm) {

@@ -5,10 +5,12 @@
 // scratch (BlockScratch) across blocks since it runs one block at a time.
 //
 // Activation checkpointing (Recompute): with kSelective the cheap, large activations (norm
-// outputs, attention probabilities (B, NH, T, T), the MLP activation) are shared by all blocks and
-// recomputed before each block's backward; with kFull every activation but the block's output is
-// shared and the whole block forward is recomputed. The kernels are deterministic, so the
-// recomputed values, and hence the loss and gradients, are bit-identical to kNone.
+// outputs, the MLP activation) are shared by all blocks and recomputed before each block's
+// backward; attention keeps only its output and logsumexp (B, NH, T), small enough to keep per
+// block (its backward recomputes the probabilities tile by tile anyway). With kFull every
+// activation but the block's output is shared and the whole block forward is recomputed. The
+// kernels are deterministic, so the recomputed values, and hence the loss and gradients, are
+// bit-identical to kNone.
 #pragma once
 
 #include <string>
@@ -31,7 +33,6 @@ struct BlockScratch {
   Tensor datt;      // (B, T, C)
   Tensor dfc;       // (B, T, F or 2F)
   Tensor dact;      // (B, T, F)
-  Tensor attn;      // (threads, T, T)
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T);
 };
 
@@ -49,8 +50,8 @@ struct Block {
 
   struct Acts {
     Norm::Saved n1, n2;
-    Tensor n1_out, qkv, probs, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T,T) ...
-    Tensor qkv_raw, rstd_q, rstd_k;                   // qk_norm: qkv before the norm, stats
+    Tensor n1_out, qkv, lse, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T) (B,T,C) ...
+    Tensor qkv_raw, rstd_q, rstd_k;                 // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
   };
 

@@ -1,5 +1,6 @@
 #include "lmforge/nn/transformer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "lmforge/core/rng.h"
@@ -48,7 +49,7 @@ void Transformer::init_weights(uint64_t seed) {
   }
 }
 
-void Transformer::plan(int64_t B, int64_t T, Recompute recompute) {
+void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logits) {
   if (T > cfg_.max_seq_len)
     fail(
         "train.seq_len: {} exceeds model.max_seq_len={}; lower train.seq_len or raise "
@@ -57,7 +58,11 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute) {
   B_ = B;
   T_ = T;
   recompute_ = recompute;
+  keep_logits_ = keep_logits;
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
+  // Rows per LM-head chunk: about 32 MiB of fp32 logits, at least 64 rows (the matmul stays
+  // efficient), at most all of them.
+  chunk_rows_ = std::min(B * T, std::max<int64_t>(64, (32 << 20) / (4 * V)));
   block_acts_.assign(cfg_.n_layer, {});
   acts_ = Arena::planned([&](Arena& a) {
     tokens_ = a.alloc({B, T}, DType::kI32);
@@ -68,7 +73,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute) {
       blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
     norm_f_.plan(a, nf_, B * T);
     nf_out_ = a.alloc({B, T, C});
-    logits_ = a.alloc({B, T, V});
+    logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
+    chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
     losses_ = a.alloc({B, T});
     dres_ = a.alloc({B, T, C});
     dnf_ = a.alloc({B, T, C});
@@ -77,13 +83,23 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute) {
 }
 
 float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index) {
+  return run_forward(tokens, targets, ignore_index, nullptr);
+}
+
+float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale,
+                                    int32_t ignore_index) {
+  LMF_CHECK(targets.defined(), "forward_backward needs targets");
+  float loss = run_forward(tokens, targets, ignore_index, &loss_scale);
+  backward_blocks();
+  return loss;
+}
+
+float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+                               const double* loss_scale) {
   LMF_CHECK(B_ > 0, "forward before plan()");
   LMF_CHECK(tokens.shape() == tokens_.shape(), "tokens {} but planned {}", tokens.shape().str(),
             tokens_.shape().str());
   tokens_.copy_from(tokens);
-  have_targets_ = targets.defined();
-  if (have_targets_) targets_.copy_from(targets);
-  ignore_index_ = ignore_index;
   params_.sync_bf16();
 
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor());
@@ -93,22 +109,49 @@ float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t 
     x = &block_acts_[l].x_out;
   }
   norm_f_.forward(nf_out_, nf_, *x);
-  ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
-  if (!have_targets_) return 0.0f;
-  target_count_ = 0;
+  const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
+  if (!targets.defined()) {
+    LMF_CHECK(keep_logits_, "forward without targets needs plan(B, T, ..., keep_logits=true)");
+    ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
+    return 0.0f;
+  }
+  targets_.copy_from(targets);
   const int32_t* y = targets_.data<int32_t>();
-  for (int64_t i = 0; i < targets_.numel(); ++i) target_count_ += y[i] != ignore_index_;
-  return static_cast<float>(
-      ops::softmax_xent_forward(losses_, logits_, targets_, ignore_index_, &mean_lse_sq_));
+  target_count_ = 0;
+  for (int64_t i = 0; i < N; ++i) target_count_ += y[i] != ignore_index;
+  const double dloss =
+      loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
+  if (loss_scale) dnf_.zero_();
+
+  // The LM head and the loss, chunk by chunk; in training each chunk's logits turn into dlogits
+  // in place and go straight into d(nf_out) and the LM head's gradient.
+  Tensor h = nf_out_.view({N, C}), dh = dnf_.view({N, C}), yt = targets_.view({N}),
+         loss_rows = losses_.view({N});
+  Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
+  double lse_sq = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows_) {
+    const int64_t R = std::min(chunk_rows_, N - r0);
+    Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
+    Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
+    ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
+    double chunk_lse_sq = 0;
+    ops::softmax_xent_forward(loss_rows.slice(r0, R), logits, yr, ignore_index, &chunk_lse_sq);
+    int64_t n = 0;
+    for (int64_t i = r0; i < r0 + R; ++i) n += y[i] != ignore_index;
+    lse_sq += chunk_lse_sq * static_cast<double>(n);
+    if (loss_scale) {
+      ops::softmax_xent_backward(logits, logits, yr, dloss, ignore_index, z_loss_);
+      ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), logits, hr, lm_head_weight());
+    }
+  }
+  double sum = 0;
+  const float* l = losses_.data<float>();
+  for (int64_t i = 0; i < N; ++i) sum += l[i];
+  mean_lse_sq_ = target_count_ ? lse_sq / static_cast<double>(target_count_) : 0.0;
+  return target_count_ ? static_cast<float>(sum / static_cast<double>(target_count_)) : 0.0f;
 }
 
-void Transformer::backward(double loss_scale) {
-  LMF_CHECK(have_targets_, "backward() needs forward() with targets");
-  double dloss = target_count_ ? loss_scale / static_cast<double>(target_count_) : 0.0;
-  ops::softmax_xent_backward(logits_, logits_, targets_, dloss, ignore_index_, z_loss_);
-  Tensor& dlogits = logits_;
-  dnf_.zero_();
-  ops::linear_backward(dnf_, lm_head_->grad, Tensor(), dlogits, nf_out_, lm_head_weight());
+void Transformer::backward_blocks() {
   const Tensor& x_last = cfg_.n_layer ? block_acts_.back().x_out : x0_;
   dres_.zero_();
   norm_f_.backward(dres_, dnf_, x_last, nf_);
@@ -118,7 +161,6 @@ void Transformer::backward(double loss_scale) {
     blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, rope_);
   }
   ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_);
-  have_targets_ = false;  // logits now hold dlogits
 }
 
 }  // namespace lmforge

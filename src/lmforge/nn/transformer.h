@@ -4,8 +4,8 @@
 //   model.init_weights(1337);
 //   model.plan(B, T);                          // activations for this (B, T), allocated once
 //   model.params().zero_grad();
-//   float loss = model.forward(tokens, targets);  // tokens, targets: (B, T) int32
-//   model.backward();                          // parameter gradients +=
+//   float loss = model.forward_backward(tokens, targets);  // (B, T) int32; parameter grads +=
+//   float val = model.forward(tokens, targets);            // no gradients (evaluation)
 //
 // Generation uses decode() with a KvCache (see eval/generate.h).
 #pragma once
@@ -40,24 +40,36 @@ class Transformer {
   bool bf16() const { return params_.has_bf16(); }
 
   // Activations for (B, T), allocated once; `recompute` trades memory for a second forward per
-  // block in backward (activation checkpointing, nn/block.h), with bit-identical results.
-  void plan(int64_t B, int64_t T, Recompute recompute = Recompute::kNone);
+  // block in backward (activation checkpointing, nn/block.h), with bit-identical results. The
+  // LM head and the loss run in chunks of rows (logits_chunk_rows()), never holding B x T x V
+  // logits; keep_logits plans the full logits too, for forward() without targets (inference,
+  // reference tests).
+  void plan(int64_t B, int64_t T, Recompute recompute = Recompute::kNone, bool keep_logits = false);
   int64_t planned_batch() const { return B_; }
   int64_t planned_seq() const { return T_; }
   size_t activation_bytes() const { return acts_.capacity(); }
+  int64_t logits_chunk_rows() const { return chunk_rows_; }
+  // What B x T x V fp32 logits would take, and what the chunked LM head takes instead.
+  size_t full_logits_bytes() const { return static_cast<size_t>(B_ * T_) * cfg_.vocab_size * 4; }
+  size_t chunk_logits_bytes() const {
+    return static_cast<size_t>(chunk_rows_) * cfg_.vocab_size * 4;
+  }
 
-  // Returns the mean cross-entropy over targets != ignore_index (0 if targets is undefined).
+  // Returns the mean cross-entropy over targets != ignore_index; no gradients. Without targets
+  // (needs plan(..., keep_logits)) it only computes logits() and returns 0.
   float forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index = -100);
-  // Gradients of loss_scale * (mean loss + z_loss * mean lse^2), accumulated into
-  // params().grad. Needs forward with targets first; overwrites logits with dlogits. Gradient
-  // accumulation normalized by tokens passes loss_scale = target_count() / (all micro-batches'
-  // target count).
-  void backward(double loss_scale = 1.0);
+  // A training micro-batch: returns the mean loss as forward() and accumulates into
+  // params().grad the gradients of loss_scale * (mean loss + z_loss * mean lse^2). The LM head's
+  // backward is fused into its chunked forward (logits -> loss -> dlogits -> dx, dW per chunk).
+  // Gradient accumulation normalized by tokens passes loss_scale = (this micro-batch's targets)
+  // / (all micro-batches' targets).
+  float forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale = 1.0,
+                         int32_t ignore_index = -100);
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
   void set_z_loss(double z) { z_loss_ = z; }        // PaLM's auxiliary loss coefficient; 0 = off
-  const Tensor& logits() const { return logits_; }  // (B, T, V) after forward
+  const Tensor& logits() const { return logits_; }  // (B, T, V) after forward, if kept
 
   KvCache make_cache(int64_t max_len) const;
   // Runs n tokens at positions pos0.. through the model with the cache; returns the logits of
@@ -81,12 +93,16 @@ class Transformer {
   std::vector<Block::Acts> block_acts_;
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
-  Tensor x0_, nf_out_, logits_, losses_, dres_, dnf_;
+  Tensor x0_, nf_out_, logits_, chunk_, losses_, dres_, dnf_;
+  int64_t chunk_rows_ = 0;
+  bool keep_logits_ = false;
+  float run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+                    const double* loss_scale);
+  void backward_blocks();
   Norm::Saved nf_;
   BlockScratch scratch_;
   Tensor tokens_, targets_;
   int32_t ignore_index_ = -100;
-  bool have_targets_ = false;
   int64_t target_count_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
 

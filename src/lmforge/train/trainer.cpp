@@ -36,17 +36,20 @@ double accumulate_gradients(Transformer& model, const std::vector<Batch>& micro,
                             double* mean_lse_sq) {
   const int32_t kIgnoreIndex = LoaderOptions{}.ignore_index;  // what the loader writes
   int64_t targets = 0;
+  std::vector<int64_t> counts;
   for (const Batch& b : micro) {
     const int32_t* y = b.targets.data<int32_t>();
-    for (int64_t i = 0; i < b.targets.numel(); ++i) targets += y[i] != kIgnoreIndex;
+    int64_t n = 0;
+    for (int64_t i = 0; i < b.targets.numel(); ++i) n += y[i] != kIgnoreIndex;
+    counts.push_back(n);
+    targets += n;
   }
   double loss = 0, lse_sq = 0;
-  for (const Batch& b : micro) {
-    double l = model.forward(b.tokens, b.targets, kIgnoreIndex);
-    double share = targets ? static_cast<double>(model.target_count()) / targets : 0.0;
+  for (size_t m = 0; m < micro.size(); ++m) {
+    double share = targets ? static_cast<double>(counts[m]) / targets : 0.0;
+    double l = model.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnoreIndex);
     loss += l * share;
     lse_sq += model.mean_lse_sq() * share;
-    model.backward(share);
   }
   if (mean_lse_sq) *mean_lse_sq = lse_sq;
   return loss;

@@ -81,15 +81,18 @@ template <typename T>
 void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t T_,
                    int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
 
-// Causal self-attention with grouped-query heads. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
-// [q heads | k heads | v heads]; query head h reads kv head h / (NH / NKV). probs (B, NH, T, T)
-// keeps the softmax for backward; scratch is (n_threads, T, T). window > 0: query t sees keys
-// (t - window, t] only (sliding window); 0 = all of [0, t].
+// Causal self-attention with grouped-query heads, tiled with an online softmax (FlashAttention):
+// nothing of size (T, T) is stored. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
+// [q heads | k heads | v heads]; query head h reads kv head h / (NH / NKV). out is (B, T, NH*HS);
+// lse (B, NH, T) keeps each row's logsumexp of the scaled scores for backward, which recomputes
+// the probabilities from it and needs the forward's out. window > 0: query t sees keys
+// (t - window, t] only (sliding window); 0 = all of [0, t]. backward adds into dqkv. Unlike the
+// other softmaxes here, T = float keeps the online softmax's running max/sum in fp32.
 template <typename T>
-void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HS, int64_t window);
+void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
+                       int64_t HS, int64_t window);
 template <typename T>
-void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* probs, int64_t B,
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is

@@ -1,11 +1,16 @@
 // LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019) over the last dimension.
 // Row statistics accumulate in double. Weight/bias gradients are column sums over rows, split
 // by column so they are deterministic whatever the thread count.
+#include <algorithm>
 #include <cmath>
 
 #include "lmforge/backend/cpu/kernels.h"
 
 namespace lmforge::cpu {
+
+namespace {
+constexpr int64_t kCols = 64;  // columns per task in the weight-gradient sums
+}
 
 template <typename T>
 void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
@@ -52,16 +57,26 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
       d[c] += static_cast<T>((dn - dnorm_mean - n * dnorm_norm_mean) * s);
     }
   }
+  // Column sums in blocks of kCols columns: each column is summed in row order by one thread
+  // (deterministic), and the row walk stays within cache lines.
+  const int64_t blocks = (C + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    double dw = 0, db = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * kCols, nc = std::min(kCols, C - c0);
+    double dw[kCols] = {}, db[kCols] = {};
     for (int64_t i = 0; i < N; ++i) {
-      double n = (inp[i * C + c] - static_cast<double>(mean[i])) * rstd[i];
-      dw += n * dout[i * C + c];
-      db += dout[i * C + c];
+      const double m = mean[i], s = rstd[i];
+      const T* x = inp + i * C + c0;
+      const T* g = dout + i * C + c0;
+      for (int64_t j = 0; j < nc; ++j) {
+        dw[j] += (x[j] - m) * s * g[j];
+        db[j] += g[j];
+      }
     }
-    dweight[c] += static_cast<T>(dw);
-    if (dbias) dbias[c] += static_cast<T>(db);
+    for (int64_t j = 0; j < nc; ++j) {
+      dweight[c0 + j] += static_cast<T>(dw[j]);
+      if (dbias) dbias[c0 + j] += static_cast<T>(db[j]);
+    }
   }
 }
 
@@ -99,14 +114,17 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
       d[c] += static_cast<T>(s * (static_cast<double>(weight[c]) * g[c] - n * dot));
     }
   }
+  const int64_t blocks = (C + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    double dw = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * kCols, nc = std::min(kCols, C - c0);
+    double dw[kCols] = {};
     for (int64_t i = 0; i < N; ++i) {
-      const int64_t at = row_offset(i, C, group, stride) + c;
-      dw += static_cast<double>(inp[at]) * rstd[i] * dout[at];
+      const int64_t at = row_offset(i, C, group, stride) + c0;
+      const double s = rstd[i];
+      for (int64_t j = 0; j < nc; ++j) dw[j] += static_cast<double>(inp[at + j]) * s * dout[at + j];
     }
-    dweight[c] += static_cast<T>(dw);
+    for (int64_t j = 0; j < nc; ++j) dweight[c0 + j] += static_cast<T>(dw[j]);
   }
 }
 

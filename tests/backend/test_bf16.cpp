@@ -1,0 +1,269 @@
+// bf16 mixed precision and the AVX-512 fp32 kernels: the bf16 matmul against a plain double
+// product of the same bf16-rounded operands, the conversion against the scalar round-to-nearest
+// -even, AdamW's fused bf16 copy, the vectorized exp against libm, and a model trained in bf16
+// against the same model in fp32.
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cpu/vecmath.h"
+#include "lmforge/backend/ops.h"
+#include "lmforge/core/rng.h"
+#include "lmforge/models/presets.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+
+namespace lmforge {
+namespace {
+
+std::vector<float> randn(int64_t n, uint64_t seed, double scale = 1.0) {
+  Rng rng(seed);
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(rng.normal() * scale);
+  return v;
+}
+
+TEST(Bf16, ConversionIsRoundToNearestEvenWithDenormalsFlushed) {
+  std::vector<float> v = randn(10007, 1, 100.0);
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            1.00390625f,  // exactly halfway between two bf16: stays (even)
+                            1.01171875f,  // halfway, rounds up to even
+                            3.0e38f,      // rounds to +inf
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::denorm_min(),
+                            -1e-40f,
+                            std::numeric_limits<float>::min()};
+  for (int i = 0; i < 11; ++i) v[i * 97] = specials[i];
+  std::vector<uint16_t> out(v.size());
+  cpu::to_bf16(out.data(), v.data(), static_cast<int64_t>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i)
+    ASSERT_EQ(out[i], fp32_to_bf16_ftz(v[i])) << "at " << i << " value " << v[i];
+  EXPECT_EQ(fp32_to_bf16_ftz(1.00390625f), 0x3f80);
+  EXPECT_EQ(fp32_to_bf16_ftz(1.01171875f), 0x3f82);
+  EXPECT_EQ(fp32_to_bf16_ftz(-1e-40f), 0x8000);
+  uint16_t nan16 = 0;
+  float nan = std::numeric_limits<float>::quiet_NaN();
+  cpu::to_bf16(&nan16, &nan, 1);
+  EXPECT_TRUE(std::isnan(bf16_to_fp32(nan16)));
+}
+
+// C = op(A) op(B) [+ bias | + C] on bf16 operands, checked against double sums of the same
+// rounded values: only fp32 accumulation error remains.
+void check_gemm(bool ta, bool tb, bool acc, bool bias) {
+  const int64_t M = 37, N = 53, K = 71, lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+  std::vector<float> a = randn((ta ? K : M) * lda, 2), b = randn((tb ? N : K) * ldb, 3),
+                     c0 = randn(M * ldc, 4), bv = randn(N, 5);
+  std::vector<uint16_t> a16(a.size()), b16(b.size());
+  cpu::to_bf16(a16.data(), a.data(), static_cast<int64_t>(a.size()));
+  cpu::to_bf16(b16.data(), b.data(), static_cast<int64_t>(b.size()));
+  std::vector<float> c = c0;
+  cpu::gemm_bf16(ta, tb, M, N, K, a16.data(), lda, b16.data(), ldb, bias ? bv.data() : nullptr, acc,
+                 c.data(), ldc);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double ref = acc ? c0[i * ldc + j] : (bias ? bv[j] : 0.0), mag = std::fabs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        double x = bf16_to_fp32(ta ? a16[k * lda + i] : a16[i * lda + k]);
+        double y = bf16_to_fp32(tb ? b16[j * ldb + k] : b16[k * ldb + j]);
+        ref += x * y;
+        mag += std::fabs(x * y);
+      }
+      ASSERT_NEAR(c[i * ldc + j], ref, 1e-6 * mag + 1e-6)
+          << "ta=" << ta << " tb=" << tb << " acc=" << acc << " bias=" << bias << " at " << i << ","
+          << j;
+    }
+  // Padding columns of C are never written.
+  for (int64_t i = 0; i < M; ++i) EXPECT_EQ(c[i * ldc + N], c0[i * ldc + N]);
+}
+
+TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      check_gemm(ta, tb, false, false);
+      check_gemm(ta, tb, true, false);
+      check_gemm(ta, tb, false, true);
+    }
+}
+
+TEST(Bf16, LinearWithBf16WeightRoundsInputsAndAccumulatesInFp32) {
+  const int64_t N = 19, C = 24, OC = 40;
+  std::vector<float> x = randn(N * C, 6), w = randn(OC * C, 7, 0.2), b = randn(OC, 8),
+                     dy = randn(N * OC, 9);
+  Tensor xt = Tensor::empty({N, C}, DType::kF32), w16 = Tensor::empty({OC, C}, DType::kBF16),
+         bt = Tensor::empty({OC}, DType::kF32), y = Tensor::empty({N, OC}, DType::kF32),
+         dyt = Tensor::empty({N, OC}, DType::kF32);
+  std::memcpy(xt.data<float>(), x.data(), x.size() * 4);
+  std::memcpy(bt.data<float>(), b.data(), b.size() * 4);
+  std::memcpy(dyt.data<float>(), dy.data(), dy.size() * 4);
+  cpu::to_bf16(w16.bf16_data(), w.data(), OC * C);
+  ops::linear_forward(y, xt, w16, bt);
+  Tensor dx = Tensor::zeros({N, C}, DType::kF32), dw = Tensor::zeros({OC, C}, DType::kF32),
+         db = Tensor::zeros({OC}, DType::kF32);
+  ops::linear_backward(dx, dw, db, dyt, xt, w16);
+  auto r = [](float v) { return static_cast<double>(bf16_to_fp32(fp32_to_bf16_ftz(v))); };
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t o = 0; o < OC; ++o) {
+      double ref = b[o];
+      for (int64_t c = 0; c < C; ++c)
+        ref += r(x[i * C + c]) * bf16_to_fp32(w16.bf16_data()[o * C + c]);
+      EXPECT_NEAR(y.data<float>()[i * OC + o], ref, 1e-5 * (1 + std::fabs(ref)));
+    }
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      double ref = 0;
+      for (int64_t o = 0; o < OC; ++o)
+        ref += r(dy[i * OC + o]) * bf16_to_fp32(w16.bf16_data()[o * C + c]);
+      EXPECT_NEAR(dx.data<float>()[i * C + c], ref, 1e-5 * (1 + std::fabs(ref)));
+    }
+  for (int64_t o = 0; o < OC; ++o) {
+    double rb = 0;
+    for (int64_t i = 0; i < N; ++i) rb += dy[i * OC + o];  // bias gradient stays fp32
+    EXPECT_NEAR(db.data<float>()[o], rb, 1e-5 * (1 + std::fabs(rb)));
+    for (int64_t c = 0; c < C; ++c) {
+      double ref = 0;
+      for (int64_t i = 0; i < N; ++i) ref += r(dy[i * OC + o]) * r(x[i * C + c]);
+      EXPECT_NEAR(dw.data<float>()[o * C + c], ref, 1e-5 * (1 + std::fabs(ref)));
+    }
+  }
+}
+
+TEST(Bf16, AdamWWritesTheBf16CopyWithoutChangingTheFp32Update) {
+  const int64_t n = 100003;  // several chunks and a vector tail
+  std::vector<float> p0 = randn(n, 10), g = randn(n, 11), m0 = randn(n, 12, 0.1), v0(n);
+  for (int64_t i = 0; i < n; ++i) v0[i] = std::fabs(m0[i]);
+  std::vector<float> p1 = p0, m1 = m0, v1 = v0, p2 = p0, m2 = m0, v2 = v0;
+  std::vector<uint16_t> p16(n);
+  cpu::adamw_update(p1.data(), g.data(), m1.data(), v1.data(), nullptr, n, 1e-3, 0.9, 0.95, 1e-8,
+                    0.1, 7);
+  cpu::adamw_update(p2.data(), g.data(), m2.data(), v2.data(), p16.data(), n, 1e-3, 0.9, 0.95, 1e-8,
+                    0.1, 7);
+  EXPECT_EQ(std::memcmp(p1.data(), p2.data(), n * 4), 0);
+  EXPECT_EQ(std::memcmp(m1.data(), m2.data(), n * 4), 0);
+  EXPECT_EQ(std::memcmp(v1.data(), v2.data(), n * 4), 0);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(p16[i], fp32_to_bf16_ftz(p2[i])) << i;
+  // The vector body and the scalar tail apply the same formula: the update of element i does
+  // not depend on where it falls (compare a shifted run).
+  std::vector<float> ps(p0.begin() + 5, p0.end()), ms(m0.begin() + 5, m0.end()),
+      vs(v0.begin() + 5, v0.end());
+  cpu::adamw_update(ps.data(), g.data() + 5, ms.data(), vs.data(), nullptr, n - 5, 1e-3, 0.9, 0.95,
+                    1e-8, 0.1, 7);
+  EXPECT_EQ(std::memcmp(ps.data(), p1.data() + 5, (n - 5) * 4), 0);
+}
+
+LMF_AVX512 void exp_lanes(const float* x, float* y) {
+  _mm512_storeu_ps(y, cpu::exp512(_mm512_loadu_ps(x)));
+}
+
+TEST(VecMath, ExpWithinTwoUlpOfLibm) {
+  if (!cpu::has_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU: the portable kernels run";
+  std::vector<float> xs;
+  for (float x = -87.0f; x < 88.5f; x += 0.0137f) xs.push_back(x);
+  for (float x : {0.0f, -0.0f, 1e-8f, -1e-8f, 88.7f, -87.3f}) xs.push_back(x);
+  while (xs.size() % 16) xs.push_back(0.5f);
+  std::vector<float> ys(xs.size());
+  for (size_t i = 0; i < xs.size(); i += 16) exp_lanes(xs.data() + i, ys.data() + i);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    double ref = std::exp(static_cast<double>(xs[i]));
+    double ulp = std::nextafter(static_cast<float>(ref), 1e39f) - static_cast<float>(ref);
+    ASSERT_LE(std::fabs(ys[i] - ref), 2.0 * ulp) << "exp(" << xs[i] << ")";
+  }
+  float sp[16] = {-1000.0f, 1000.0f, std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  float out[16];
+  exp_lanes(sp, out);
+  EXPECT_EQ(out[0], 0.0f);
+  EXPECT_EQ(out[1], std::numeric_limits<float>::infinity());
+  EXPECT_EQ(out[2], std::numeric_limits<float>::infinity());
+  EXPECT_EQ(out[3], 0.0f);
+  EXPECT_TRUE(std::isnan(out[4]));
+}
+
+struct TrainRun {
+  std::vector<float> losses;
+  std::vector<float> grads;
+};
+
+// gpt2-tiny on a fixed repeating token pattern (learnable), `steps` AdamW steps.
+TrainRun train(bool bf16, int steps) {
+  ModelConfig cfg = model_preset("gpt2-tiny");
+  cfg.vocab_size = 97;
+  Transformer m(cfg);
+  m.init_weights(3);
+  if (bf16) m.enable_bf16();
+  const int64_t B = 4, T = 32;
+  m.plan(B, T);
+  AdamW opt(m.params(), {});
+  Tensor tok = Tensor::empty({B, T}, DType::kI32), tgt = Tensor::empty({B, T}, DType::kI32);
+  TrainRun r;
+  for (int s = 0; s < steps; ++s) {
+    for (int64_t i = 0; i < B * T; ++i) {
+      int64_t v = (i * 7 + s * 3 + (i / T) * 11) % 97;
+      tok.data<int32_t>()[i] = static_cast<int32_t>(v);
+      tgt.data<int32_t>()[i] = static_cast<int32_t>((v * 5 + 1) % 97);
+    }
+    m.params().zero_grad();
+    r.losses.push_back(m.forward_backward(tok, tgt));
+    if (s == 0)
+      for (const Param& p : m.params().params())
+        r.grads.insert(r.grads.end(), p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+    opt.step(3e-3);
+  }
+  return r;
+}
+
+TEST(Bf16, Gpt2TinyTrainsLikeFp32) {
+  TrainRun f32 = train(false, 40), b16 = train(true, 40);
+  // First step: same loss to bf16 rounding, gradients in the same direction.
+  EXPECT_NEAR(b16.losses[0], f32.losses[0], 1e-2 * f32.losses[0]);
+  double dot = 0, na = 0, nb = 0;
+  for (size_t i = 0; i < f32.grads.size(); ++i) {
+    dot += double(f32.grads[i]) * b16.grads[i];
+    na += double(f32.grads[i]) * f32.grads[i];
+    nb += double(b16.grads[i]) * b16.grads[i];
+  }
+  EXPECT_GT(dot / std::sqrt(na * nb), 0.999);
+  EXPECT_NE(std::memcmp(f32.grads.data(), b16.grads.data(), f32.grads.size() * 4), 0)
+      << "bf16 should round somewhere: is the bf16 path taken?";
+  // Both learn the pattern, and end within 2% of each other.
+  EXPECT_LT(f32.losses.back(), 0.5 * f32.losses[0]);
+  EXPECT_NEAR(b16.losses.back(), f32.losses.back(), 0.02 * f32.losses.back() + 0.01);
+}
+
+// After the first steps (primitive creation, scratch growth) a training step allocates no new
+// memory: counted as minor page faults, which every fresh buffer costs when first touched.
+TEST(Bf16, StepsAfterWarmUpTouchNoNewMemory) {
+  for (bool bf16 : {false, true}) {
+    ModelConfig cfg = model_preset("gpt2-tiny");
+    Transformer m(cfg);
+    m.init_weights(1);
+    if (bf16) m.enable_bf16();
+    const int64_t B = 4, T = 64;
+    m.plan(B, T);
+    AdamW opt(m.params(), {});
+    Tensor tok = Tensor::zeros({B, T}, DType::kI32), tgt = Tensor::zeros({B, T}, DType::kI32);
+    for (int64_t i = 0; i < B * T; ++i) tgt.data<int32_t>()[i] = static_cast<int32_t>(i % 50);
+    auto step = [&] {
+      m.params().zero_grad();
+      m.forward_backward(tok, tgt);
+      opt.step(1e-3);
+    };
+    step();
+    step();
+    rusage before{}, after{};
+    getrusage(RUSAGE_SELF, &before);
+    for (int i = 0; i < 3; ++i) step();
+    getrusage(RUSAGE_SELF, &after);
+    EXPECT_LT(after.ru_minflt - before.ru_minflt, 64) << (bf16 ? "bf16" : "fp32");
+  }
+}
+
+}  // namespace
+}  // namespace lmforge
