@@ -10,6 +10,7 @@
 #include <map>
 #include <sstream>
 
+#include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/data/text_shards.h"
@@ -263,7 +264,13 @@ RunSetup setup_run(Config& cfg) {
   } else {
     model.init_weights(t.seed);
   }
-  if (t.precision == "bf16") model.enable_bf16();
+  if (t.precision == "bf16") {
+    model.enable_bf16();
+    if (!cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
+      fmt::print(
+          "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
+          "bf16 matmuls, which may be slower than fp32\n");
+  }
   model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   return r;
 }
