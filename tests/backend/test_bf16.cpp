@@ -237,6 +237,27 @@ TEST(Bf16, Gpt2TinyTrainsLikeFp32) {
   EXPECT_NEAR(b16.losses.back(), f32.losses.back(), 0.02 * f32.losses.back() + 0.01);
 }
 
+// Writing new weights (here init_weights; checkpoint and HF loads likewise) marks the bf16 copies
+// stale, so the next forward uses the new weights and not copies of the old ones.
+TEST(Bf16, CopiesFollowWeightsWrittenOutsideTheOptimizer) {
+  ModelConfig cfg = model_preset("gpt2-tiny");
+  cfg.vocab_size = 97;
+  Tensor tok = Tensor::zeros({2, 16}, DType::kI32), tgt = Tensor::zeros({2, 16}, DType::kI32);
+  for (int64_t i = 0; i < 32; ++i) tgt.data<int32_t>()[i] = static_cast<int32_t>(i % 97);
+  auto loss = [&](Transformer& m) { return m.forward(tok, tgt); };
+  Transformer a(cfg), b(cfg);
+  a.init_weights(1);
+  a.enable_bf16();
+  a.plan(2, 16);
+  float before = loss(a);
+  a.init_weights(2);
+  b.init_weights(2);
+  b.enable_bf16();
+  b.plan(2, 16);
+  EXPECT_NE(loss(a), before);
+  EXPECT_EQ(loss(a), loss(b));
+}
+
 // After the first steps (primitive creation, scratch growth) a training step allocates no new
 // memory: counted as minor page faults, which every fresh buffer costs when first touched.
 TEST(Bf16, StepsAfterWarmUpTouchNoNewMemory) {

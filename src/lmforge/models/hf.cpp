@@ -474,6 +474,7 @@ bool equal_bytes(const Tensor& a, const Tensor& b) {
 }  // namespace
 
 void load_hf_weights(Transformer& model, const std::string& dir) {
+  model.params().invalidate_bf16();  // the weights change below; bf16 copies follow on use
   SafetensorsSet set = SafetensorsSet::open(dir);
   const ModelConfig& m = model.config();
   std::set<std::string> used;

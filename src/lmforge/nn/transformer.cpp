@@ -30,6 +30,7 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
 }
 
 void Transformer::init_weights(uint64_t seed) {
+  params_.invalidate_bf16();
   Rng rng(seed);
   const double std = cfg_.init_std, resid_std = std / std::sqrt(2.0 * cfg_.n_layer);
   for (Param& p : params_.params()) {

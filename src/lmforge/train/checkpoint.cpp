@@ -394,6 +394,7 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
   std::string mpath = ckpt_dir + "/model.safetensors";
   Safetensors mf = Safetensors::open(mpath);
   for (Param& p : model.params().params()) copy_into(p.value, mf.get(p.name), mpath, p.name);
+  model.params().invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
   if ((opt || st) && j.value("weights_only", false))
     fail(
         "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
