@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
@@ -191,15 +192,23 @@ struct TrainRun {
   std::vector<float> grads;
 };
 
+// gpt2-tiny (with vocabulary V) initialised from `seed`, in bf16 or fp32, planned for (B, T).
+std::unique_ptr<Transformer> tiny_model(uint64_t seed, bool bf16, int64_t B, int64_t T,
+                                        int64_t V = 97) {
+  ModelConfig cfg = model_preset("gpt2-tiny");
+  cfg.vocab_size = V;
+  auto m = std::make_unique<Transformer>(cfg);
+  m->init_weights(seed);
+  if (bf16) m->enable_bf16();
+  m->plan(B, T);
+  return m;
+}
+
 // gpt2-tiny on a fixed repeating token pattern (learnable), `steps` AdamW steps.
 TrainRun train(bool bf16, int steps) {
-  ModelConfig cfg = model_preset("gpt2-tiny");
-  cfg.vocab_size = 97;
-  Transformer m(cfg);
-  m.init_weights(3);
-  if (bf16) m.enable_bf16();
   const int64_t B = 4, T = 32;
-  m.plan(B, T);
+  auto model = tiny_model(3, bf16, B, T);
+  Transformer& m = *model;
   AdamW opt(m.params(), {});
   Tensor tok = Tensor::empty({B, T}, DType::kI32), tgt = Tensor::empty({B, T}, DType::kI32);
   TrainRun r;
@@ -240,20 +249,13 @@ TEST(Bf16, Gpt2TinyTrainsLikeFp32) {
 // Writing new weights (here init_weights; checkpoint and HF loads likewise) marks the bf16 copies
 // stale, so the next forward uses the new weights and not copies of the old ones.
 TEST(Bf16, CopiesFollowWeightsWrittenOutsideTheOptimizer) {
-  ModelConfig cfg = model_preset("gpt2-tiny");
-  cfg.vocab_size = 97;
   Tensor tok = Tensor::zeros({2, 16}, DType::kI32), tgt = Tensor::zeros({2, 16}, DType::kI32);
   for (int64_t i = 0; i < 32; ++i) tgt.data<int32_t>()[i] = static_cast<int32_t>(i % 97);
-  auto loss = [&](Transformer& m) { return m.forward(tok, tgt); };
-  Transformer a(cfg), b(cfg);
-  a.init_weights(1);
-  a.enable_bf16();
-  a.plan(2, 16);
+  auto loss = [&](const std::unique_ptr<Transformer>& m) { return m->forward(tok, tgt); };
+  auto a = tiny_model(1, true, 2, 16);
   float before = loss(a);
-  a.init_weights(2);
-  b.init_weights(2);
-  b.enable_bf16();
-  b.plan(2, 16);
+  a->init_weights(2);
+  auto b = tiny_model(2, true, 2, 16);
   EXPECT_NE(loss(a), before);
   EXPECT_EQ(loss(a), loss(b));
 }
@@ -262,12 +264,9 @@ TEST(Bf16, CopiesFollowWeightsWrittenOutsideTheOptimizer) {
 // memory: counted as minor page faults, which every fresh buffer costs when first touched.
 TEST(Bf16, StepsAfterWarmUpTouchNoNewMemory) {
   for (bool bf16 : {false, true}) {
-    ModelConfig cfg = model_preset("gpt2-tiny");
-    Transformer m(cfg);
-    m.init_weights(1);
-    if (bf16) m.enable_bf16();
     const int64_t B = 4, T = 64;
-    m.plan(B, T);
+    auto model = tiny_model(1, bf16, B, T, 50257);  // GPT-2's vocabulary: several LM-head chunks
+    Transformer& m = *model;
     AdamW opt(m.params(), {});
     Tensor tok = Tensor::zeros({B, T}, DType::kI32), tgt = Tensor::zeros({B, T}, DType::kI32);
     for (int64_t i = 0; i < B * T; ++i) tgt.data<int32_t>()[i] = static_cast<int32_t>(i % 50);

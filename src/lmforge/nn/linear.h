@@ -19,15 +19,12 @@ struct Linear {
     bias = has_bias ? ps.add(name + ".bias", {out}, false) : nullptr;
   }
   void forward(const Tensor& out, const Tensor& inp) const {
-    ops::linear_forward(out, inp, w(), bias ? bias->value : Tensor());
+    ops::linear_forward(out, inp, weight->matmul_weight(), bias ? bias->value : Tensor());
   }
   // dinp, weight.grad and bias.grad +=
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) const {
-    ops::linear_backward(dinp, weight->grad, bias ? bias->grad : Tensor(), dout, inp, w());
-  }
-  // The matmul operand: the bf16 copy under bf16 precision, else the fp32 value.
-  const Tensor& w() const {
-    return weight->value_bf16.defined() ? weight->value_bf16 : weight->value;
+    ops::linear_backward(dinp, weight->grad, bias ? bias->grad : Tensor(), dout, inp,
+                         weight->matmul_weight());
   }
 };
 

@@ -23,6 +23,8 @@ struct Param {
   Tensor grad;
   bool matmul = false;  // used as a matmul weight (gets a bf16 copy under bf16 precision)
   Tensor value_bf16;    // bf16(value) for the matmuls when enabled; see ParamSet
+  // The matmul operand: the bf16 copy under bf16 precision, else the fp32 value.
+  const Tensor& matmul_weight() const { return value_bf16.defined() ? value_bf16 : value; }
 };
 
 class ParamSet {

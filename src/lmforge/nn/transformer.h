@@ -106,9 +106,7 @@ class Transformer {
   int64_t target_count_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
 
-  const Tensor& lm_head_weight() const {
-    return lm_head_->value_bf16.defined() ? lm_head_->value_bf16 : lm_head_->value;
-  }
+  const Tensor& lm_head_weight() const { return lm_head_->matmul_weight(); }
 };
 
 }  // namespace lmforge

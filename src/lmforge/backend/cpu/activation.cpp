@@ -17,7 +17,7 @@ LMF_AVX512 void gelu_forward_avx512(float* out, const float* inp, int64_t n) {
   const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
                half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? 0xffff : tail_mask(n - i);
+    __mmask16 m = lanes(n - i);
     __m512 x = _mm512_maskz_loadu_ps(m, inp + i);
     __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), _mm512_mul_ps(x, x), x));
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh512(u)));
@@ -30,7 +30,7 @@ LMF_AVX512 void gelu_backward_avx512(float* dinp, const float* inp, const float*
                k3 = _mm512_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm512_set1_ps(0.5f),
                one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? 0xffff : tail_mask(n - i);
+    __mmask16 m = lanes(n - i);
     __m512 x = _mm512_maskz_loadu_ps(m, inp + i), x2 = _mm512_mul_ps(x, x);
     __m512 th = tanh512(_mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), x2, x)));
     __m512 sech2 = _mm512_fnmadd_ps(th, th, one);
@@ -45,7 +45,7 @@ LMF_AVX512 void gelu_backward_avx512(float* dinp, const float* inp, const float*
 
 LMF_AVX512 void swiglu_forward_avx512(float* out, const float* g, const float* u, int64_t F) {
   for (int64_t f = 0; f < F; f += 16) {
-    __mmask16 m = F - f >= 16 ? 0xffff : tail_mask(F - f);
+    __mmask16 m = lanes(F - f);
     __m512 x = _mm512_maskz_loadu_ps(m, g + f);
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, sigmoid512(x)), _mm512_maskz_loadu_ps(m, u + f));
     _mm512_mask_storeu_ps(out + f, m, y);
@@ -56,7 +56,7 @@ LMF_AVX512 void swiglu_backward_avx512(float* dg, float* du, const float* g, con
                                        const float* dout, int64_t F) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t f = 0; f < F; f += 16) {
-    __mmask16 m = F - f >= 16 ? 0xffff : tail_mask(F - f);
+    __mmask16 m = lanes(F - f);
     __m512 x = _mm512_maskz_loadu_ps(m, g + f), up = _mm512_maskz_loadu_ps(m, u + f);
     __m512 d = _mm512_maskz_loadu_ps(m, dout + f), s = sigmoid512(x);
     // dg += d u s (1 + g (1 - s)); du += d g s

@@ -75,7 +75,7 @@ LMF_AVX512 float exp_sub_sum_avx512(float* p, const float* s, int64_t n, float m
     acc = _mm512_add_ps(acc, e);
   }
   if (j < n) {
-    const __mmask16 k = tail_mask(n - j);
+    const __mmask16 k = lanes(n - j);
     __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vm));
     e = _mm512_maskz_mov_ps(k, e);
     _mm512_mask_storeu_ps(p + j, k, e);
@@ -93,6 +93,25 @@ float exp_sub_sum<float>(float* p, const float* s, int64_t n, float m) {
     sum += p[j];
   }
   return sum;
+}
+
+// Over the nq rows of a score tile (row stride kBk) of queries i0.. and keys j0..j0+nk: calls
+// f(r, row, a, e) for each row that sees some of the tile's keys, on its visible columns [a, e),
+// and sets every masked entry to 0 (a row that sees none is all 0 and f is not called).
+template <typename T, typename F>
+void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int64_t window, F&& f) {
+  for (int64_t r = 0; r < nq; ++r) {
+    T* row = s + r * kBk;
+    int64_t a, e;
+    visible(i0 + r, j0, nk, window, a, e);
+    if (a >= e) {
+      std::fill(row, row + nk, T(0));
+      continue;
+    }
+    f(r, row, a, e);
+    std::fill(row, row + a, T(0));
+    std::fill(row + e, row + nk, T(0));
+  }
 }
 
 }  // namespace
@@ -122,14 +141,8 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
         for (int64_t j0 = first_key_block(i0, window); j0 < i0 + nq; j0 += kBk) {
           const int64_t nk = std::min(kBk, i0 + nq - j0);
           gemm<T>(false, true, nq, nk, HS, scale, q, Cq, k + j0 * Cq, Cq, T(0), s, kBk);
-          for (int64_t r = 0; r < nq; ++r) {
-            T* row = s + r * kBk;
-            int64_t a, e;
-            visible(i0 + r, j0, nk, window, a, e);
-            if (a >= e) {  // the whole tile is masked for this row: P = 0, nothing rescales
-              std::fill(row, row + nk, T(0));
-              continue;
-            }
+          // A row that sees none of the tile gets P = 0 and rescales nothing.
+          for_visible_rows(s, i0, j0, nq, nk, window, [&](int64_t r, T* row, int64_t a, int64_t e) {
             const T mx = std::max(m[r], *std::max_element(row + a, row + e));
             if (mx > m[r]) {  // rescale what is accumulated (from -inf: all zero, factor 0)
               const T corr = std::exp(m[r] - mx);
@@ -138,9 +151,7 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
               m[r] = mx;
             }
             l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
-            std::fill(row, row + a, T(0));
-            std::fill(row + e, row + nk, T(0));
-          }
+          });
           gemm<T>(false, false, nq, HS, nk, T(1), s, kBk, v + j0 * Cq, Cq, T(1), o, Co);
         }
         T* lr = lse + (b * NH + h) * T_ + i0;
@@ -188,18 +199,10 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
             const int64_t nk = std::min(kBk, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
             gemm<T>(false, true, nq, nk, HS, scale, q, Cq, k + j0 * Cq, Cq, T(0), p, kBk);
-            for (int64_t r = 0; r < nq; ++r) {
-              T* row = p + r * kBk;
-              int64_t a, e;
-              visible(i0 + r, j0, nk, window, a, e);
-              if (a >= e) {
-                std::fill(row, row + nk, T(0));
-                continue;
-              }
-              exp_sub_sum(row + a, row + a, e - a, lr[r]);
-              std::fill(row, row + a, T(0));
-              std::fill(row + e, row + nk, T(0));
-            }
+            for_visible_rows(p, i0, j0, nq, nk, window,
+                             [&](int64_t r, T* row, int64_t a, int64_t e) {
+                               exp_sub_sum(row + a, row + a, e - a, lr[r]);
+                             });
             // dV += P^T dO; dP = dO V^T
             gemm<T>(true, false, nk, HS, nq, T(1), p, kBk, dO, Co, T(1), dv + j0 * Cq, Cq);
             gemm<T>(false, true, nq, nk, HS, T(1), dO, Co, v + j0 * Cq, Cq, T(0), dp, kBk);

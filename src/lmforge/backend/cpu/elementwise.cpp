@@ -32,8 +32,7 @@ LMF_AVX512 double sum_squares_avx512(const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_loadu_ps(x + i);
-    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m512d lo = lo_pd(v), hi = hi_pd(v);
     a = _mm512_fmadd_pd(lo, lo, a);
     b = _mm512_fmadd_pd(hi, hi, b);
   }

@@ -60,7 +60,15 @@ LMF_AVX512 inline __m512 sigmoid512(__m512 x) {
   return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
-// Loads/stores the first n < 16 lanes (masked tails).
-LMF_AVX512 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+// The mask of the first min(n, 16) lanes: all 16 in the body of a loop, the tail at its end.
+LMF_AVX512 inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// The low and high 8 lanes of an fp32 vector widened to double.
+LMF_AVX512 inline __m512d lo_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+LMF_AVX512 inline __m512d hi_pd(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
 
 }  // namespace lmforge::cpu

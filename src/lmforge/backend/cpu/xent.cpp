@@ -21,9 +21,7 @@ double row_logsumexp(const T* x, int64_t V) {
 
 // Two halves of an fp32 vector added to double accumulators.
 LMF_AVX512 inline void add_pd(__m512d& acc, __m512 v) {
-  acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-  acc = _mm512_add_pd(
-      acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  acc = _mm512_add_pd(_mm512_add_pd(acc, lo_pd(v)), hi_pd(v));
 }
 
 // As row_logsumexp<float>: max, then sum of exp(x - max) in double lanes.
@@ -31,14 +29,14 @@ LMF_AVX512 double row_logsumexp_avx512(const float* x, int64_t V) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   __m512 mx = ninf;
   for (int64_t v = 0; v < V; v += 16) {
-    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    __mmask16 m = lanes(V - v);
     mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, x + v));
   }
   const float fmx = _mm512_reduce_max_ps(mx);
   const __m512 vmx = _mm512_set1_ps(fmx);
   __m512d acc = _mm512_setzero_pd();
   for (int64_t v = 0; v < V; v += 16) {
-    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    __mmask16 m = lanes(V - v);
     __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vmx));
     add_pd(acc, _mm512_maskz_mov_ps(m, e));
   }
@@ -49,7 +47,7 @@ LMF_AVX512 double row_logsumexp_avx512(const float* x, int64_t V) {
 LMF_AVX512 void softmax_grad_avx512(float* d, const float* x, int64_t V, float lse, float coef) {
   const __m512 vl = _mm512_set1_ps(lse), vc = _mm512_set1_ps(coef);
   for (int64_t v = 0; v < V; v += 16) {
-    __mmask16 m = V - v >= 16 ? 0xffff : tail_mask(V - v);
+    __mmask16 m = lanes(V - v);
     __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vl));
     _mm512_mask_storeu_ps(d + v, m, _mm512_mul_ps(p, vc));
   }
