@@ -11,7 +11,7 @@ cd "$root"
 packages=(build-essential cmake g++ ccache pkg-config
           libdnnl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
           libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev libsimdjson-dev
-          libgtest-dev googletest
+          libgtest-dev googletest openmpi-bin libopenmpi-dev
           bible-kjv bible-kjv-text)
 want_python=0
 [[ ${1:-} == --python ]] && { want_python=1; packages+=(python3 python3-venv python3-pip clang libclang-rt-14-dev dict-gcide linux-doc zstd gzip); }

@@ -4,6 +4,7 @@
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/dist/communicator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"lmforge: train large language models end to end, natively (no Python)"};
@@ -21,12 +22,9 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
-  } catch (const lmforge::Error& e) {
-    std::fprintf(stderr, "lmforge: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "lmforge: %s\n", e.what());
-    return 1;
+  } catch (const std::exception& e) {  // lmforge::Error and the rest: one line
+    // Under several ranks this stops the others too, which would wait for this one.
+    lmforge::dist::abort_job(std::string("lmforge: ") + e.what());
   }
   return 0;
 }

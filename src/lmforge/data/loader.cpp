@@ -38,6 +38,17 @@ Batch Batch::make(int64_t B, int64_t T) {
           Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32)};
 }
 
+std::vector<int64_t> target_counts(const std::vector<Batch>& batches, int32_t ignore_index) {
+  std::vector<int64_t> out;
+  for (const Batch& b : batches) {
+    const int32_t* y = b.targets.data<int32_t>();
+    int64_t n = 0;
+    for (int64_t i = 0; i < b.targets.numel(); ++i) n += y[i] != ignore_index;
+    out.push_back(n);
+  }
+  return out;
+}
+
 Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& opt)
     : o_(opt), rng_(opt.seed) {
   if (o_.packing != "none" && o_.packing != "best_fit")
@@ -57,11 +68,11 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
       plan_best_fit(s);
     else
       plan_chunks(s);
-    if (s.samples() < o_.world)
+    if (s.samples() < 1)
       fail(
-          "{}: {} tokens make {} samples of train.seq_len+1={}, too few for {} rank(s); use more "
-          "data or a shorter train.seq_len",
-          s.spec, s.tokens, s.samples(), o_.seq + 1, o_.world);
+          "{}: {} tokens make no sample of train.seq_len+1={} tokens; use more data or a shorter "
+          "train.seq_len",
+          s.spec, s.tokens, o_.seq + 1);
     total_tokens_ += s.tokens;
     wsum += s.weight;
     sources_.push_back(std::move(s));
@@ -178,7 +189,7 @@ void Loader::fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) co
 
 int64_t Loader::take(Source& s) {
   const int64_t n = s.samples();
-  if (s.cursor + o_.rank >= n - (n % o_.world)) {  // epoch over (ranks stay in lockstep)
+  if (s.cursor >= n) {  // epoch over
     ++s.epoch;
     s.cursor = 0;
   }
@@ -190,21 +201,22 @@ int64_t Loader::take(Source& s) {
     for (int64_t i = n - 1; i > 0; --i) std::swap(s.order[i], s.order[r.below(i + 1)]);
     s.order_epoch = s.epoch;
   }
-  int64_t sample = s.order[s.cursor + o_.rank];
-  s.cursor += o_.world;
-  return sample;
+  return s.order[s.cursor++];
 }
 
 void Loader::next(Batch& b) {
   last_.clear();
-  for (int64_t row = 0; row < o_.batch; ++row) {
+  // Every rank walks the whole global batch (sources drawn, samples taken) and fills its rows.
+  const int64_t first = o_.rank * o_.batch;
+  for (int64_t row = 0; row < o_.batch * o_.world; ++row) {
     size_t src = 0;
     if (sources_.size() > 1) {
       double u = rng_.uniform();
       while (src + 1 < sources_.size() && u >= cumulative_[src]) ++src;
     }
     int64_t sample = take(sources_[src]);
-    fill_row(sources_[src], sample, row, b);
+    if (row < first || row >= first + o_.batch) continue;
+    fill_row(sources_[src], sample, row - first, b);
     last_.push_back({static_cast<int32_t>(src), sample});
   }
 }

@@ -7,9 +7,12 @@
 //                       decreasing into T+1 slots; documents longer than a slot are split. Unused
 //                       slot tail is padding with ignored targets. positions restart per document
 //                       and doc_ids number the documents of a row (for masks and RoPE later).
-// Each epoch visits every sample of a source once in a seeded random order; rank r of W takes
-// every W-th sample starting at r, so ranks see disjoint data. The state (RNG, per-source epoch
-// and cursor) is saved in checkpoints: a resumed run continues the exact sequence of samples.
+// Each epoch visits every sample of a source once in a seeded random order. The order of samples
+// is global, independent of the number of ranks: each next() takes the next B x W rows of that
+// sequence (the global micro-batch) and rank r of W gets rows [r B, (r + 1) B), so ranks see
+// disjoint data, and a run resumed with another number of ranks (same global batch or not)
+// continues the same sequence. The state (RNG, per-source epoch and cursor, the same on every
+// rank) is saved in checkpoints: a resumed run continues the exact sequence of samples.
 //
 //   Loader train(parse_data_spec(cfg.data.train, "data.train"), {B, T, seed});
 //   Batch b = Batch::make(B, T);
@@ -49,6 +52,10 @@ struct Batch {
   Tensor tokens, targets, positions, doc_ids;  // (B, T) int32 each
   static Batch make(int64_t B, int64_t T);
 };
+
+// Per batch: its targets != ignore_index (the loss's token count).
+std::vector<int64_t> target_counts(const std::vector<Batch>& batches,
+                                   int32_t ignore_index = LoaderOptions{}.ignore_index);
 
 struct SampleId {
   int32_t source;

@@ -98,6 +98,15 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.peak_tflops", &c.train.peak_tflops,
        "device peak TFLOP/s; metrics then carry mfu (0 = not reported)"},
       {"run.dir", &c.run.dir, "run directory"},
+      {"dist.strategy", &c.dist.strategy,
+       "no-shard (DDP), zero1, grad-shard (ZeRO-2), full-shard (ZeRO-3) or hybrid"},
+      {"dist.bucket_mb", &c.dist.bucket_mb, "gradient bucket size in MiB (communication overlap)"},
+      {"dist.offload", &c.dist.offload,
+       "optimizer state (and full-shard parameters) in a separate host arena, AdamW on the CPU"},
+      {"dist.timeout", &c.dist.timeout,
+       "seconds a collective may wait for the other ranks before the job stops"},
+      {"dist.ranks_per_node", &c.dist.ranks_per_node,
+       "0 = as launched; declares the node size (hybrid shards within a node)"},
       {"sample.prompt", &c.sample.prompt, "sample after training (empty = none)"},
       {"sample.max_tokens", &c.sample.max_tokens, ""},
       {"sample.temperature", &c.sample.temperature, ""},
@@ -140,7 +149,7 @@ const ConfigField* find_field(const std::vector<ConfigField>& fs, const std::str
     if (section.size() > 1 && f.key.starts_with(section))
       known += (known.empty() ? "" : ", ") + f.key;
   if (known.empty())
-    known = "model.*, data.*, train.*, run.*, sample.*, init_from (see docs/config.md)";
+    known = "model.*, data.*, train.*, run.*, dist.*, sample.*, init_from (see docs/config.md)";
   fail("{}: unknown key \"{}\"; known keys: {}", source, key, known);
 }
 

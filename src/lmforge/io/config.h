@@ -71,6 +71,16 @@ struct RunConfig {
   std::string dir = "runs/default";
 };
 
+// Data parallelism across processes (dist/data_parallel.h); ignored by a single process except
+// for strategy checks.
+struct DistConfig {
+  std::string strategy = "no-shard";  // no-shard | zero1 | grad-shard | full-shard | hybrid
+  double bucket_mb = 25;              // gradient all-reduce/reduce-scatter bucket size
+  bool offload = false;               // optimizer state (and full-shard parameters) in host arena
+  double timeout = 600;               // seconds a collective may take before the job stops
+  int64_t ranks_per_node = 0;         // 0 = as launched; declares nodes for hybrid
+};
+
 struct SampleConfig {  // printed after training when prompt is non-empty
   std::string prompt;
   int64_t max_tokens = 200;
@@ -89,6 +99,7 @@ struct Config {
   DataConfig data;
   TrainConfig train;
   RunConfig run;
+  DistConfig dist;
   SampleConfig sample;
 };
 

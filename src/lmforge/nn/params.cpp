@@ -12,11 +12,16 @@ Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
 
 void ParamSet::finalize(DType dtype) {
   dtype_ = dtype;
-  auto layout = [&](Arena& a, bool grad) {
-    for (Param& p : params_) (grad ? p.grad : p.value) = a.alloc(p.shape, dtype);
-  };
-  values_ = Arena::planned([&](Arena& a) { layout(a, false); });
-  grads_ = Arena::planned([&](Arena& a) { layout(a, true); });
+  allocate_values();
+  grads_ = Arena::planned([&](Arena& a) {
+    for (Param& p : params_) p.grad = a.alloc(p.shape, dtype_);
+  });
+}
+
+void ParamSet::allocate_values() {
+  values_ = Arena::planned([&](Arena& a) {
+    for (Param& p : params_) p.value = a.alloc(p.shape, dtype_);
+  });
 }
 
 void ParamSet::enable_bf16() {
@@ -35,6 +40,12 @@ void ParamSet::sync_bf16() {
     if (p.value_bf16.defined())
       cpu::to_bf16(p.value_bf16.bf16_data(), p.value.data<float>(), p.value.numel());
   bf16_fresh_ = true;
+}
+
+void ParamSet::release_values() {
+  LMF_CHECK(!has_bf16(), "release_values with bf16 copies");
+  for (Param& p : params_) p.value = Tensor();
+  values_ = Arena();
 }
 
 Param* ParamSet::find(const std::string& name) {

@@ -39,6 +39,21 @@ class ParamSet {
   void zero_grad() const { grads_.zero_(); }
   // The whole gradient buffer as one flat tensor (alignment gaps included; they stay zero).
   Tensor flat_grads() const { return grads_.as_tensor(dtype_); }
+  // The flat index space of both buffers: parameter p occupies elements
+  // [offset(p), offset(p) + numel) of flat_size() (the gaps keep every parameter 64-byte aligned).
+  // Sharding (dist/) cuts this space into contiguous per-rank ranges.
+  int64_t offset(const Param& p) const {
+    return static_cast<int64_t>(p.grad.byte_offset() / dtype_size(dtype_));
+  }
+  int64_t flat_size() const { return static_cast<int64_t>(grads_.used() / dtype_size(dtype_)); }
+  // Full-shard training keeps only a shard of the values: frees the value buffer and leaves
+  // every Param::value undefined until something points it at gathered memory.
+  void release_values();
+  void allocate_values();  // again, after release_values (contents undefined)
+  bool has_values() const { return values_.capacity() > 0; }
+  Tensor flat_values() const { return values_.as_tensor(dtype_); }
+  size_t value_bytes() const { return values_.capacity(); }
+  size_t grad_bytes() const { return grads_.capacity(); }
 
   // bf16 mixed precision: matmul parameters get a bf16 copy (value_bf16) that the matmuls read.
   // The optimizer rewrites the copies in its fused update and calls bf16_refreshed(); anything

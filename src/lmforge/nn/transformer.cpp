@@ -21,6 +21,20 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   lm_head_ = cfg_.tie_embeddings ? tok_emb_ : params_.add("lm_head.weight", {V, C}, true);
   lm_head_->matmul = true;
   params_.finalize();
+  // Groups: the embeddings, each block ("blocks.<l>."), the rest.
+  const auto& ps = params_.params();
+  group_begin_.assign(cfg_.n_layer + 3, ps.size());
+  group_begin_[0] = 0;
+  for (size_t i = ps.size(); i-- > 0;) {
+    const std::string& n = ps[i].name;
+    if (n.starts_with("blocks.")) {
+      int64_t l = std::stoll(n.substr(7, n.find('.', 7) - 7));
+      group_begin_[l + 1] = i;
+    } else if (!n.starts_with("tok_emb.") && !n.starts_with("pos_emb.")) {
+      group_begin_[cfg_.n_layer + 1] = i;
+    }
+  }
+  if (cfg_.n_layer == 0) group_begin_[1] = group_begin_[cfg_.n_layer + 1];
   if (cfg_.pos == "rope") {
     int64_t half = cfg_.head_size() / 2;
     rope_.cos = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
@@ -29,25 +43,47 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   }
 }
 
-void Transformer::init_weights(uint64_t seed) {
-  params_.invalidate_bf16();
+// Calls fn(param, i, value) for every element of every parameter in order, drawing the random
+// values from one stream (so a range of them comes out the same as from the whole).
+template <typename Fn>
+void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
   Rng rng(seed);
   const double std = cfg_.init_std, resid_std = std / std::sqrt(2.0 * cfg_.n_layer);
-  for (Param& p : params_.params()) {
-    float* w = p.value.data<float>();
-    int64_t n = p.value.numel();
+  for (const Param& p : params_.params()) {
+    const int64_t n = p.shape.numel();
     bool is_norm = p.name.find("norm") != std::string::npos;
     bool is_bias = p.name.size() > 5 && p.name.ends_with(".bias");
-    if (is_bias) {
-      p.value.zero_();
-    } else if (is_norm) {
-      p.value.fill_(1.0);
+    if (is_bias || is_norm) {
+      fn(p, -1, is_bias ? 0.0f : 1.0f);  // the whole parameter
     } else {
       bool resid = p.name.ends_with("attn.proj.weight") || p.name.ends_with("mlp.proj.weight");
       double s = resid ? resid_std : std;
-      for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(rng.normal() * s);
+      for (int64_t i = 0; i < n; ++i) fn(p, i, static_cast<float>(rng.normal() * s));
     }
   }
+}
+
+void Transformer::init_weights(uint64_t seed) {
+  params_.invalidate_bf16();
+  for_init_values(seed, [](const Param& p, int64_t i, float v) {
+    if (i < 0)
+      p.value.fill_(v);
+    else
+      p.value.data<float>()[i] = v;
+  });
+}
+
+void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const {
+  std::fill(out, out + n, 0.0f);  // alignment gaps
+  for_init_values(seed, [&](const Param& p, int64_t i, float v) {
+    const int64_t off = params_.offset(p), numel = p.shape.numel();
+    if (off + numel <= lo || off >= lo + n) return;
+    if (i >= 0) {
+      if (off + i >= lo && off + i < lo + n) out[off + i - lo] = v;
+      return;
+    }
+    for (int64_t k = std::max(off, lo); k < std::min(off + numel, lo + n); ++k) out[k - lo] = v;
+  });
 }
 
 void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logits) {
@@ -101,14 +137,17 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
   LMF_CHECK(tokens.shape() == tokens_.shape(), "tokens {} but planned {}", tokens.shape().str(),
             tokens_.shape().str());
   tokens_.copy_from(tokens);
+  hooks().before_forward(0);
   params_.sync_bf16();
 
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor());
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    hooks().before_forward(l + 1);
     blocks_[l].forward(block_acts_[l], *x, rope_);
     x = &block_acts_[l].x_out;
   }
+  hooks().before_forward(cfg_.n_layer + 1);
   norm_f_.forward(nf_out_, nf_, *x);
   const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
   if (!targets.defined()) {
@@ -156,12 +195,16 @@ void Transformer::backward_blocks() {
   const Tensor& x_last = cfg_.n_layer ? block_acts_.back().x_out : x0_;
   dres_.zero_();
   norm_f_.backward(dres_, dnf_, x_last, nf_);
+  hooks().grads_ready(cfg_.n_layer + 1);
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
     const Tensor& x_in = l ? block_acts_[l - 1].x_out : x0_;
+    hooks().before_backward(l + 1);
     blocks_[l].recompute(block_acts_[l], x_in, rope_, recompute_);
     blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, rope_);
+    hooks().grads_ready(l + 1);
   }
   ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_);
+  hooks().grads_ready(0);
 }
 
 }  // namespace lmforge

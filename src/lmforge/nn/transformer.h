@@ -21,6 +21,19 @@ struct KvCache {
   std::vector<Tensor> k, v;  // per layer (NKV, max_len, HS)
 };
 
+// Data parallelism's seam (dist/data_parallel.h). The parameters fall into groups that tile
+// ParamSet's flat space in order: 0 the embeddings, 1..L the blocks, L+1 the final norm (and an
+// untied LM head). Forward passes (training and evaluation) call before_forward(g) before group
+// g's parameters are first read; training calls before_backward(g) before a block's backward and
+// grads_ready(g) once group g's gradients of the micro-batch are final (L+1, L, ..., 1, 0).
+class GroupHooks {
+ public:
+  virtual ~GroupHooks() = default;
+  virtual void before_forward(int64_t group) {}
+  virtual void before_backward(int64_t group) {}
+  virtual void grads_ready(int64_t group) {}
+};
+
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& cfg);
@@ -32,6 +45,14 @@ class Transformer {
   // GPT-2 initialisation: N(0, init_std) for matrices and embeddings, N(0, init_std/sqrt(2L)) for
   // the projections into the residual stream, zeros for biases, ones for norm weights.
   void init_weights(uint64_t seed);
+  // The same values, for the flat elements [lo, lo + n) of the parameter space only (ParamSet::
+  // offset), written to out[0, n): a sharded model is created without the whole (deferred init).
+  void init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const;
+
+  // Parameter groups (see GroupHooks): params()[group_begin(g), group_begin(g + 1)).
+  int64_t num_groups() const { return cfg_.n_layer + 2; }
+  size_t group_begin(int64_t g) const { return group_begin_[g]; }
+  void set_hooks(GroupHooks* hooks) { hooks_ = hooks; }
 
   // bf16 mixed precision (train.precision: bf16): the matmuls read bf16 copies of the weights
   // and round their inputs to bf16, accumulating in fp32; parameters, gradients, optimizer state
@@ -79,6 +100,12 @@ class Transformer {
  private:
   ModelConfig cfg_;
   ParamSet params_;
+  std::vector<size_t> group_begin_;  // num_groups() + 1 entries
+  GroupHooks* hooks_ = nullptr;
+  GroupHooks no_hooks_;
+  GroupHooks& hooks() { return hooks_ ? *hooks_ : no_hooks_; }
+  template <typename Fn>
+  void for_init_values(uint64_t seed, Fn&& fn) const;
   Param* tok_emb_ = nullptr;
   Param* pos_emb_ = nullptr;
   Param* lm_head_ = nullptr;  // == tok_emb_ when tied

@@ -4,24 +4,36 @@
 
 namespace lmforge {
 
-AdamW::AdamW(ParamSet& params, const AdamWOptions& opt) : params_(params), opt_(opt) {
+std::vector<OptSlot> whole_slots(ParamSet& ps) {
+  std::vector<OptSlot> out;
+  for (Param& p : ps.params())
+    out.push_back({&p, 0, p.shape.numel(), p.value, p.grad, p.value_bf16});
+  return out;
+}
+
+AdamW::AdamW(ParamSet& params, const AdamWOptions& opt) : AdamW(params, whole_slots(params), opt) {}
+
+AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& opt)
+    : params_(params), opt_(opt), slots_(std::move(slots)) {
   state_ = Arena::planned([&](Arena& a) {
     m_.clear();
     v_.clear();
-    for (const Param& p : params_.params()) {
-      m_.push_back(a.alloc(p.shape, DType::kF32));
-      v_.push_back(a.alloc(p.shape, DType::kF32));
+    for (const OptSlot& s : slots_) {
+      Shape shape = s.whole() ? s.param->shape : Shape{s.len};
+      m_.push_back(a.alloc(shape, DType::kF32));
+      v_.push_back(a.alloc(shape, DType::kF32));
     }
   });
 }
 
 void AdamW::step(double lr) {
   ++t_;
-  size_t i = 0;
-  for (Param& p : params_.params()) {
-    ops::adamw_update(p.value, p.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      p.decay ? opt_.weight_decay : 0.0, t_, p.value_bf16);
-    ++i;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const OptSlot& s = slots_[i];
+    // A whole parameter's bf16 copy may be enabled after the optimizer was made.
+    const Tensor& bf16 = s.whole() ? s.param->value_bf16 : s.value_bf16;
+    ops::adamw_update(s.value, s.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
+                      s.param->decay ? opt_.weight_decay : 0.0, t_, bf16);
   }
   if (params_.has_bf16()) params_.bf16_refreshed();
 }

@@ -1,6 +1,9 @@
 // AdamW (Loshchilov & Hutter 2019) over a ParamSet, matching torch.optim.AdamW. Weight decay
 // applies only to parameters with decay=true (matrices; not norms, biases or embeddings).
-// Moments live in one buffer laid out like the parameters; checkpoints save them by name.
+// The optimizer works on slots: contiguous pieces of parameters with their value and gradient.
+// Unsharded, a slot is a whole parameter; under ZeRO (dist/data_parallel.h) each rank owns the
+// pieces of its shard, with the gradient taken from the reduce-scattered shard. Moments live in
+// one buffer, one pair per slot; checkpoints save them by parameter name.
 //
 //   AdamW opt(model.params(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1});
 //   opt.step(lr);
@@ -19,22 +22,40 @@ struct AdamWOptions {
   double weight_decay = 0.1;
 };
 
+// Elements [begin, begin + len) of *param (flattened); value, grad and value_bf16 (optional)
+// are 1-D tensors of len elements that the step reads and writes.
+struct OptSlot {
+  const Param* param = nullptr;
+  int64_t begin = 0, len = 0;
+  Tensor value, grad, value_bf16;
+  bool whole() const { return begin == 0 && len == param->shape.numel(); }
+};
+
 class AdamW {
  public:
+  // Every parameter of `params`, whole.
   AdamW(ParamSet& params, const AdamWOptions& opt);
+  // The given slots (a shard); bf16 copies named in slots are rewritten by step().
+  AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& opt);
   void step(double lr);
   int64_t steps_taken() const { return t_; }
   void set_steps_taken(int64_t t) { t_ = t; }
-  // First and second moments of params()[i].
+  const std::vector<OptSlot>& slots() const { return slots_; }
+  // First and second moments of slots()[i] (shaped like the parameter when the slot is whole).
   const Tensor& m(size_t i) const { return m_[i]; }
   const Tensor& v(size_t i) const { return v_[i]; }
+  size_t state_bytes() const { return state_.capacity(); }
 
  private:
   ParamSet& params_;
   AdamWOptions opt_;
+  std::vector<OptSlot> slots_;
   Arena state_;
   std::vector<Tensor> m_, v_;
   int64_t t_ = 0;
 };
+
+// Whole-parameter slots of every parameter of ps.
+std::vector<OptSlot> whole_slots(ParamSet& ps);
 
 }  // namespace lmforge

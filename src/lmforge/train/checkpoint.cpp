@@ -181,49 +181,135 @@ json read_state(const std::string& ckpt_dir) {
   return j;
 }
 
-void copy_into(const Tensor& dst, const Tensor& src, const std::string& file,
-               const std::string& name) {
-  if (!(src.shape() == dst.shape()) || src.dtype() != dst.dtype())
-    fail(
-        "{}: tensor {} is {} {} but the model needs {} {}; the checkpoint is from another "
-        "architecture",
-        file, name, src.shape().str(), dtype_name(src.dtype()), dst.shape().str(),
-        dtype_name(dst.dtype()));
-  dst.copy_from(src);
+std::string rank_file(const char* stem, int index, int count) {
+  return fmt::format("{}-rank-{:05d}-of-{:05d}.safetensors", stem, index, count);
+}
+
+// The files holding a checkpoint's model ("model") or optimizer ("optimizer") tensors: the
+// single file, else every rank file.
+std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& stem) {
+  std::vector<Safetensors> out;
+  std::error_code ec;
+  if (fs::exists(dir + "/" + stem + ".safetensors", ec)) {
+    out.push_back(Safetensors::open(dir + "/" + stem + ".safetensors"));
+    return out;
+  }
+  std::vector<std::string> paths;
+  for (auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().starts_with(stem + "-rank-")) paths.push_back(e.path());
+  std::sort(paths.begin(), paths.end());
+  if (paths.empty())
+    fail("{}: no {}.safetensors (or {}-rank-*.safetensors); the checkpoint is incomplete", dir,
+         stem, stem);
+  for (const std::string& p : paths) out.push_back(Safetensors::open(p));
+  return out;
+}
+
+// Fills out (a flat fp32 tensor) with the flat elements [lo, lo + out.numel()) of tensors
+// prefix + <parameter name>, whole or in slices (metadata "begin.<name>"), from the files.
+void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
+               int64_t lo, const Tensor& out) {
+  const int64_t hi = lo + out.numel();
+  float* dst = out.data<float>();
+  for (const Param& p : ps.params()) {
+    const int64_t off = ps.offset(p), numel = p.shape.numel();
+    const int64_t want = std::max<int64_t>(0, std::min(hi, off + numel) - std::max(lo, off));
+    if (want == 0) continue;
+    const std::string name = prefix + p.name;
+    int64_t got = 0;
+    for (const Safetensors& f : files) {
+      if (!f.has(name)) continue;
+      Tensor t = f.get(name);
+      auto b = f.metadata().find("begin." + name);
+      const int64_t begin = b == f.metadata().end() ? 0 : std::stoll(b->second);
+      if (t.dtype() != DType::kF32 || (b == f.metadata().end() && !(t.shape() == p.shape)) ||
+          begin < 0 || begin + t.numel() > numel)
+        fail(
+            "{}: tensor {} is {} {} but the model needs {} f32; the checkpoint is from another "
+            "architecture",
+            f.path(), name, t.shape().str(), dtype_name(t.dtype()), p.shape.str());
+      const int64_t a = std::max(lo, off + begin), z = std::min(hi, off + begin + t.numel());
+      if (a >= z) continue;
+      std::memcpy(dst + (a - lo), t.data<float>() + (a - off - begin),
+                  static_cast<size_t>(z - a) * sizeof(float));
+      got += z - a;
+    }
+    if (got != want)
+      fail(
+          "{}: tensor {} is missing or incomplete; the checkpoint is corrupt or from another model",
+          files.empty() ? std::string("checkpoint") : files[0].path(), name);
+  }
 }
 
 }  // namespace
 
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
-                            const Tokenizer& tok) {
+                            const Tokenizer& tok, const CheckpointShards* shards) {
+  const CheckpointShards one;
+  const CheckpointShards& sh = shards ? *shards : one;
+  const bool lead = !sh.comm || sh.comm->rank() == 0;
+  auto barrier = [&] {
+    if (sh.comm) sh.comm->barrier();
+  };
   fs::path dir = fs::path(run_dir) / "checkpoints";
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    fs::create_directories(dir);
-    sync_path(run_dir, true);
-  }
-  for (auto& e : fs::directory_iterator(dir)) {  // left by a save or prune that was killed
-    std::string n = e.path().filename().string();
-    if (n.starts_with("step-") && n.ends_with(".tmp")) fs::remove_all(e.path(), ec);
-  }
   std::string name = fmt::format("step-{:08d}", st.step);
   fs::path final_dir = dir / name, tmp = dir / (name + ".tmp");
-  fs::create_directories(tmp);
-
-  SafetensorsWriter mw, ow;
-  size_t i = 0;
-  for (const Param& p : model.params().params()) {
-    mw.add(p.name, p.value);
-    if (opt) {
-      ow.add("m." + p.name, opt->m(i));
-      ow.add("v." + p.name, opt->v(i));
+  std::error_code ec;
+  if (lead) {
+    if (!fs::is_directory(dir, ec)) {
+      fs::create_directories(dir);
+      sync_path(run_dir, true);
     }
-    ++i;
+    for (auto& e : fs::directory_iterator(dir)) {  // left by a save or prune that was killed
+      std::string n = e.path().filename().string();
+      if (n.starts_with("step-") && n.ends_with(".tmp")) fs::remove_all(e.path(), ec);
+    }
+    fs::create_directories(tmp);
   }
-  mw.metadata["format"] = "pt";
-  mw.write((tmp / "model.safetensors").string());
-  if (opt) ow.write((tmp / "optimizer.safetensors").string());
+  barrier();
+
+  const ParamSet& ps = model.params();
+  if (sh.values) {  // each writer its slices of the values
+    if (sh.writes) {
+      SafetensorsWriter mw;
+      const int64_t lo = sh.values_lo, hi = lo + sh.values->numel();
+      for (const Param& p : ps.params()) {
+        const int64_t off = ps.offset(p), numel = p.shape.numel();
+        const int64_t a = std::max(lo, off), z = std::min(hi, off + numel);
+        if (a >= z) continue;
+        mw.add(p.name, sh.values->slice(a - lo, z - a));
+        mw.metadata["begin." + p.name] = std::to_string(a - off);
+      }
+      mw.write((tmp / rank_file("model", sh.index, sh.count)).string());
+    }
+  } else if (lead) {
+    SafetensorsWriter mw;
+    for (const Param& p : ps.params()) mw.add(p.name, p.value);
+    mw.metadata["format"] = "pt";
+    mw.write((tmp / "model.safetensors").string());
+  }
+  if (opt && (sh.optimizer_sharded ? sh.writes : lead)) {
+    SafetensorsWriter ow;
+    for (size_t i = 0; i < opt->slots().size(); ++i) {
+      const OptSlot& s = opt->slots()[i];
+      const std::string& n = s.param->name;
+      ow.add("m." + n, opt->m(i));
+      ow.add("v." + n, opt->v(i));
+      if (sh.optimizer_sharded) {
+        ow.metadata["begin.m." + n] = std::to_string(s.begin);
+        ow.metadata["begin.v." + n] = std::to_string(s.begin);
+      }
+    }
+    ow.write((tmp / (sh.optimizer_sharded ? rank_file("optimizer", sh.index, sh.count)
+                                          : std::string("optimizer.safetensors")))
+                 .string());
+  }
+  barrier();  // every piece is written
+  if (!lead) {
+    barrier();  // rank 0 finished the save
+    return final_dir.string();
+  }
 
   ModelConfig mc = model.config();
   json jm = json::object();
@@ -233,6 +319,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"step", st.step},
             {"optimizer_steps", opt ? opt->steps_taken() : 0},
             {"weights_only", opt == nullptr},
+            {"shards", sh.values || sh.optimizer_sharded ? sh.count : 1},
             {"init_from", st.init_from},
             {"val_loss", st.val_loss ? json(*st.val_loss) : json(nullptr)},
             {"guard", st.guard},
@@ -256,6 +343,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   sync_path(dir, true);
   fs::remove_all(old, ec);
   prune(run_dir, st.step, keep_last);
+  barrier();
   return final_dir.string();
 }
 
@@ -391,23 +479,23 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
 
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st) {
   json j = read_state(ckpt_dir);
-  std::string mpath = ckpt_dir + "/model.safetensors";
-  Safetensors mf = Safetensors::open(mpath);
-  for (Param& p : model.params().params()) copy_into(p.value, mf.get(p.name), mpath, p.name);
-  model.params().invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
+  ParamSet& ps = model.params();
+  if (ps.has_values()) {
+    load_checkpoint_values(ckpt_dir, ps, 0, ps.flat_values());
+    ps.invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
+  }
   if ((opt || st) && j.value("weights_only", false))
     fail(
         "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
         "it with init_from: {}",
         ckpt_dir, ckpt_dir);
   if (opt) {
-    std::string opath = ckpt_dir + "/optimizer.safetensors";
-    Safetensors of = Safetensors::open(opath);
-    size_t i = 0;
-    for (Param& p : model.params().params()) {
-      copy_into(opt->m(i), of.get("m." + p.name), opath, "m." + p.name);
-      copy_into(opt->v(i), of.get("v." + p.name), opath, "v." + p.name);
-      ++i;
+    std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer");
+    for (size_t i = 0; i < opt->slots().size(); ++i) {
+      const OptSlot& s = opt->slots()[i];
+      const int64_t lo = ps.offset(*s.param) + s.begin;
+      fill_flat(files, "m.", ps, lo, opt->m(i).view({s.len}));
+      fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}));
     }
     opt->set_steps_taken(j.at("optimizer_steps").get<int64_t>());
   }
@@ -421,6 +509,11 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
     st->guard = j.value("guard", nlohmann::json());
     st->evals = j.value("evals", nlohmann::json());
   }
+}
+
+void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
+                            const Tensor& out) {
+  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out);
 }
 
 std::string checkpoint_init_from(const std::string& ckpt_dir) {

@@ -23,6 +23,7 @@
 #include <string>
 
 #include "lmforge/core/rng.h"
+#include "lmforge/dist/communicator.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/tokenizer/tokenizer.h"
@@ -38,6 +39,21 @@ struct TrainState {
   nlohmann::json evals;  // validation history for best/early stopping: best, best_step, bad
 };
 
+// Sharded training (dist/data_parallel.h): every rank calls save_checkpoint; the writers each
+// write their pieces as model-rank-R-of-N.safetensors (when the values are sharded) and
+// optimizer-rank-R-of-N.safetensors (when AdamW's slots are pieces), holding 1-D slices named
+// like the whole tensors with "begin.<name>" metadata (the slice's first element); rank 0 writes
+// the rest and the manifest and renames the directory. A checkpoint loads with any number of
+// ranks: each reads the pieces overlapping what it holds.
+struct CheckpointShards {
+  dist::Communicator* comm = nullptr;  // every rank of the job
+  int index = 0, count = 1;            // this rank's shard, shards in all
+  bool writes = true;                  // false on replicas (hybrid: only the first node writes)
+  bool optimizer_sharded = false;      // AdamW holds pieces (zero1 and up)
+  const Tensor* values = nullptr;      // the value shard when the model holds no values
+  int64_t values_lo = 0;               // its first flat element (ParamSet::offset)
+};
+
 // Writes <run_dir>/checkpoints/step-<st.step>/ (see above) and returns its path. Then: removes
 // stale step-*.tmp directories left by an interrupted save; removes checkpoints with a higher step
 // (left from a continuation abandoned by resuming an earlier checkpoint); keeps the newest
@@ -45,7 +61,7 @@ struct TrainState {
 // opt == nullptr writes a weights-only checkpoint (no optimizer.safetensors).
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
-                            const Tokenizer& tok);
+                            const Tokenizer& tok, const CheckpointShards* shards = nullptr);
 // Checks every file of a checkpoint against its manifest.json: present, the listed size, the
 // listed SHA-256 (reads every byte: ~0.5 s per GB with the CPU's SHA extensions, ~3 s without,
 // files in parallel). Returns "" when all match, else the path of the first file that does not
@@ -68,9 +84,14 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir);
 // The checkpoint's recorded init_from ("" when trained from random weights).
 std::string checkpoint_init_from(const std::string& ckpt_dir);
-// Loads parameters, and when given, optimizer state (opt) and train state (st); a weights-only
-// checkpoint then fails with a message pointing at init_from. Does not verify: get ckpt_dir from
-// find_latest_checkpoint / resolve_checkpoint.
+// The values of the flat parameter elements [lo, lo + out.numel()) (ParamSet::offset) from
+// model.safetensors or the model-rank files, whichever the checkpoint has.
+void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
+                            const Tensor& out);
+// Loads parameters (unless the model's values are released for full-shard), and when given,
+// optimizer state (opt) and train state (st); a weights-only checkpoint then fails with a message
+// pointing at init_from. Does not verify: get ckpt_dir from find_latest_checkpoint /
+// resolve_checkpoint.
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st);
 
 }  // namespace lmforge

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <map>
 #include <sstream>
@@ -14,6 +15,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/data/text_shards.h"
+#include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/nn/transformer.h"
@@ -36,15 +38,9 @@ using nlohmann::json;
 double accumulate_gradients(Transformer& model, const std::vector<Batch>& micro,
                             double* mean_lse_sq) {
   const int32_t kIgnoreIndex = LoaderOptions{}.ignore_index;  // what the loader writes
+  const std::vector<int64_t> counts = target_counts(micro, kIgnoreIndex);
   int64_t targets = 0;
-  std::vector<int64_t> counts;
-  for (const Batch& b : micro) {
-    const int32_t* y = b.targets.data<int32_t>();
-    int64_t n = 0;
-    for (int64_t i = 0; i < b.targets.numel(); ++i) n += y[i] != kIgnoreIndex;
-    counts.push_back(n);
-    targets += n;
-  }
+  for (int64_t n : counts) targets += n;
   double loss = 0, lse_sq = 0;
   for (size_t m = 0; m < micro.size(); ++m) {
     double share = targets ? static_cast<double>(counts[m]) / targets : 0.0;
@@ -114,6 +110,12 @@ void validate_train_config(const Config& cfg) {
   if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
   if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
   parse_faults(t.inject_fault);
+  dist::parse_strategy(cfg.dist.strategy);
+  if (!(cfg.dist.bucket_mb > 0))
+    fail("dist.bucket_mb: must be positive, got {}", cfg.dist.bucket_mb);
+  if (!(cfg.dist.timeout > 0)) fail("dist.timeout: must be positive, got {}", cfg.dist.timeout);
+  if (cfg.dist.ranks_per_node < 0)
+    fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
 }
 
 namespace {
@@ -136,27 +138,29 @@ std::map<int64_t, std::string> parse_faults(const std::string& spec) {
       step = at == std::string::npos ? 0 : std::stoll(item.substr(at + 1));
     } catch (...) {
     }
-    if ((kind != "nan" && kind != "spike") || step <= 0)
-      fail("train.inject_fault: \"{}\": expected nan@STEP or spike@STEP, comma-separated", item);
+    if ((kind != "nan" && kind != "spike" && kind != "kill" && kind != "hang") || step <= 0)
+      fail(
+          "train.inject_fault: \"{}\": expected nan@STEP, spike@STEP, kill@STEP or hang@STEP, "
+          "comma-separated",
+          item);
     out[step] = kind;
   }
   return out;
 }
 
 // Poisons this step as a bad batch would: NaN loss and gradients, or a 100x loss and gradients.
-void inject_fault(const std::string& kind, Transformer& model, double& loss) {
+void inject_fault(const std::string& kind, dist::DataParallel& dp, double& loss) {
   double f = kind == "nan" ? std::nan("") : 100.0;
   loss *= f;
-  for (Param& p : model.params().params()) ops::scale(p.grad, f);
+  dp.scale_grads(f);
 }
 
-double evaluate(Transformer& model, const Loader& val, int64_t batches, Batch& batch) {
-  double sum = 0;
-  for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i, batch);
-    sum += model.forward(batch.tokens, batch.targets);
-  }
-  return sum / static_cast<double>(batches);
+// The last rank dies (SIGKILL) or stops (SIGSTOP) in the middle of the step: the others must
+// stop within dist.timeout naming it.
+void inject_rank_failure(const std::string& kind, const dist::Communicator& world) {
+  if (world.rank() != world.size() - 1) return;
+  std::fflush(nullptr);
+  std::raise(kind == "kill" ? SIGKILL : SIGSTOP);
 }
 
 // With init_from the architecture comes from the source; a model key the user set to something
@@ -241,6 +245,8 @@ RunSetup setup_run(Config& cfg) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
+  lo.rank = dist::rank_info().rank;
+  lo.world = dist::rank_info().size;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
   r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
   r.train_data->check_tokenizer(*tokenizer, "data.train");
@@ -249,6 +255,8 @@ RunSetup setup_run(Config& cfg) {
   if (!val_spec.empty()) {
     LoaderOptions vo = lo;
     vo.seed = 0;
+    vo.rank = 0;  // every rank evaluates the whole validation set
+    vo.world = 1;
     val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);
     val_data->check_tokenizer(*tokenizer, "data.val");
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
@@ -261,9 +269,9 @@ RunSetup setup_run(Config& cfg) {
     init->load_weights(model);
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
-  } else {
+  } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
-  }
+  }  // full-shard: created as shards by DataParallel (deferred init)
   if (t.precision == "bf16") {
     model.enable_bf16();
     if (!cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
@@ -277,13 +285,26 @@ RunSetup setup_run(Config& cfg) {
 
 TrainResult train(Config& cfg, const ResumeOptions& resume) {
   const TrainConfig& t = cfg.train;
+  validate_train_config(cfg);
+
+  // Ranks: one process, or those mpirun/srun/lmforge launch started. Only rank 0 prints and
+  // writes the run directory's files (checkpoints: every rank its shard).
+  std::unique_ptr<dist::Communicator> world =
+      dist::init_world({cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node)});
+  const bool lead = world->rank() == 0;
+  if (!lead && !std::freopen("/dev/null", "w", stdout))
+    fail("cannot silence the standard output of rank {}", world->rank());
 
   RunSetup setup = setup_run(cfg);
   Transformer& model = *setup.model;
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
-  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  std::optional<uint64_t> deferred_seed;
+  if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
+  dist::DataParallel dp(*world, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
+                        deferred_seed);
+  AdamW& opt = dp.optimizer();
   Schedule sched = make_schedule(t);  // validated before anything is written
 
   // Run directory: nothing is written until every check above has passed.
@@ -310,29 +331,36 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "directory with --set run.dir=DIR",
         run_dir);
   }
-  std::error_code ec;
-  fs::create_directories(run_dir, ec);
-  if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
   std::string config_yaml = config_to_yaml(cfg);
-  write_file_atomic(run_dir + "/config.yaml", config_yaml);
+  if (lead) {
+    std::error_code ec;
+    fs::create_directories(run_dir, ec);
+    if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
+    write_file_atomic(run_dir + "/config.yaml", config_yaml);
+  }
 
   TrainState st;
   st.init_from = cfg.init_from;
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
     load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
+    if (dp.sharded_values())
+      load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
+                             dp.value_shard());
     train_data.set_state(st.loader);
     const int64_t saved_step = st.step;
     if (resume.start_step >= 0) st.step = resume.start_step;
     // Records past the checkpoint belong to the interrupted continuation.
-    MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
+    if (lead) MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
     fmt::print("resumed from {} at step {}{}{}\n", ckpt, saved_step,
                st.step != saved_step ? fmt::format(", continuing as step {}", st.step) : "",
                resume.reset_optimizer ? "; optimizer state reset" : "");
-  } else {
+  } else if (lead) {
     MetricsWriter::remove(metrics_path);  // and an earlier run's TensorBoard events
   }
-  MetricsWriter metrics(metrics_path, /*tensorboard_run_dir=*/run_dir);
+  world->barrier();  // rank 0 has made the run directory
+  std::optional<MetricsWriter> metrics;
+  if (lead) metrics.emplace(metrics_path, /*tensorboard_run_dir=*/run_dir);
 
   fmt::print("model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB\n",
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
@@ -351,6 +379,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
              train_data.num_tokens(),
              val_data ? fmt::format(", {} validation tokens", val_data->num_tokens()) : "",
              t.batch_size, t.seq_len, t.grad_accum, omp_get_max_threads());
+  if (world->size() > 1) {
+    const dist::RankInfo& ri = dist::rank_info();
+    fmt::print("dist: {} ranks ({} node(s) x {}) over {}, {}; global batch {} sequences per step\n",
+               world->size(), ri.nodes, ri.local_size, world->backend(),
+               dist::strategy_name(dp.strategy()), t.batch_size * t.grad_accum * world->size());
+  }
   std::fflush(stdout);
 
   Batch batch = Batch::make(t.batch_size, t.seq_len);
@@ -364,27 +398,41 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   TrainResult res;
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
-  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world->size();
   const double flops_per_token = cfg.model.flops_per_token(t.seq_len);
   auto checkpoint = [&] {
     st.loader = train_data.state();
     st.guard = guard.state();
     st.evals = evals.state();
+    CheckpointShards shards;
+    shards.comm = world.get();
+    shards.index = dp.shard_rank();
+    shards.count = dp.layout().ranks;
+    shards.writes = dist::rank_info().node == 0 || dp.strategy() != dist::Strategy::kHybrid;
+    shards.optimizer_sharded = dp.strategy() != dist::Strategy::kNoShard;
+    if (dp.sharded_values()) {
+      shards.values = &dp.value_shard();
+      shards.values_lo = dp.layout().begin(dp.shard_rank());
+    }
     res.last_checkpoint =
-        save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer);
+        save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer, &shards);
   };
 
   for (int64_t step = st.step; step < t.steps; ++step) {
     auto t0 = Clock::now();
     double lr = sched.at(step);
-    model.params().zero_grad();
+    dist::set_context(fmt::format("step {}", step + 1));
     for (Batch& b : micro) train_data.next(b);
+    auto fault = faults.find(step + 1);
+    if (fault != faults.end() && (fault->second == "kill" || fault->second == "hang"))
+      inject_rank_failure(fault->second, *world);
     double lse_sq = 0;
-    double loss = accumulate_gradients(model, micro, &lse_sq);
-    if (auto f = faults.find(step + 1); f != faults.end()) inject_fault(f->second, model, loss);
-    double norm = clip_grad_norm(model.params(), t.grad_clip);
+    double loss = dp.forward_backward(micro, &lse_sq);
+    if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
+      inject_fault(fault->second, dp, loss);
+    double norm = dp.clip_grad_norm(t.grad_clip);
     SpikeGuard::Verdict verdict = guard.check(loss, norm);
-    if (verdict == SpikeGuard::Verdict::kOk) opt.step(lr);
+    if (verdict == SpikeGuard::Verdict::kOk) dp.step(lr);
     st.step = step + 1;
     st.val_loss.reset();
     double dt = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -412,7 +460,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     // JSON has no NaN/Inf: a non-finite value is written as null.
     for (auto& [k, v] : record.items())
       if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
-    metrics.write(record);
+    if (metrics) metrics->write(record);
     progress.step(st.step, loss, lr, norm, tps);
     if (verdict != SpikeGuard::Verdict::kOk) {
       progress.message(fmt::format(
@@ -428,11 +476,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     }
     bool stop = false;
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
-      double vl = evaluate(model, *val_data, t.eval_batches, batch);
+      double vl = dp.evaluate(*val_data, t.eval_batches, batch);
       res.last_val_loss = vl;
       st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
       bool best = evals.add(st.step, vl, t.min_delta);
-      metrics.write({{"step", st.step}, {"val_loss", vl}, {"val_ppl", std::exp(vl)}});
+      if (metrics) metrics->write({{"step", st.step}, {"val_loss", vl}, {"val_ppl", std::exp(vl)}});
       progress.message(fmt::format("step {:>6}/{} | val loss {:.4f} | ppl {:.2f}{}", st.step,
                                    t.steps, vl, std::exp(vl), best ? " | best" : ""));
       if (t.patience > 0 && evals.bad() >= t.patience) {
@@ -450,11 +498,18 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   progress.finish();
   fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
              model.activation_bytes() / 1048576.0);
+  if (world->size() > 1 || dp.strategy() != dist::Strategy::kNoShard)
+    fmt::print(
+        "dist: {} per rank (rank 0): optimizer state {} bytes, parameters {} bytes (+ {} bytes "
+        "of gather buffers), gradients {} bytes\n",
+        dist::strategy_name(dp.strategy()), dp.optimizer_bytes(), dp.parameter_bytes(),
+        dp.gather_buffer_bytes(), dp.gradient_bytes());
   res.stopped_early = st.step < t.steps;
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
+  dp.gather_full_model();  // full-shard: the whole model again, for sampling
 
-  if (!cfg.sample.prompt.empty()) {
+  if (lead && !cfg.sample.prompt.empty()) {
     SamplingOptions so{
         cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p, t.seed,
         tokenizer->eos_id(),   tokenizer->vocab_size()};

@@ -1,0 +1,134 @@
+#include "lmforge/dist/communicator.h"
+
+#include <fmt/core.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "lmforge/core/error.h"
+#include "lmforge/dist/mpi_world.h"
+
+namespace lmforge::dist {
+
+namespace {
+
+struct Done final : Work {
+  bool test() override { return true; }
+  void wait() override {}
+};
+
+RankInfo g_info;
+
+// An integer environment variable, or `fallback` when unset.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  if (*end != '\0' || x < 0) fail("environment variable {}=\"{}\": expected an integer", name, v);
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+WorkPtr LocalCommunicator::all_reduce(float*, int64_t) { return std::make_unique<Done>(); }
+WorkPtr LocalCommunicator::all_reduce(double*, int64_t) { return std::make_unique<Done>(); }
+WorkPtr LocalCommunicator::reduce_scatter(const float* in, float* out,
+                                          const std::vector<int64_t>& c) {
+  if (in != out) std::memcpy(out, in, static_cast<size_t>(c.at(0)) * sizeof(float));
+  return std::make_unique<Done>();
+}
+WorkPtr LocalCommunicator::all_gather(const float* in, float* out, const std::vector<int64_t>& c) {
+  if (in && in != out) std::memcpy(out, in, static_cast<size_t>(c.at(0)) * sizeof(float));
+  return std::make_unique<Done>();
+}
+WorkPtr LocalCommunicator::broadcast(void*, int64_t, int) { return std::make_unique<Done>(); }
+std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
+  return std::make_unique<LocalCommunicator>();
+}
+
+RankInfo detect_launch() {
+  RankInfo r;
+  if (std::getenv("OMPI_COMM_WORLD_SIZE")) {
+    r.launcher = "mpirun";
+    r.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
+    r.size = env_int("OMPI_COMM_WORLD_SIZE", 1);
+    r.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
+    r.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1);
+  } else if (std::getenv("SLURM_PROCID") && env_int("SLURM_NTASKS", 1) > 1) {
+    r.launcher = "srun";
+    r.rank = env_int("SLURM_PROCID", 0);
+    r.size = env_int("SLURM_NTASKS", 1);
+    r.local_rank = env_int("SLURM_LOCALID", 0);
+    r.local_size = env_int("SLURM_NTASKS_PER_NODE", 0);
+    if (r.local_size == 0) r.local_size = r.size / std::max(1, env_int("SLURM_NNODES", 1));
+  } else if (std::getenv("PMI_SIZE")) {
+    r.launcher = "mpirun";
+    r.rank = env_int("PMI_RANK", 0);
+    r.size = env_int("PMI_SIZE", 1);
+    r.local_rank = env_int("MPI_LOCALRANKID", 0);
+    r.local_size = env_int("MPI_LOCALNRANKS", 1);
+  } else if (std::getenv("WORLD_SIZE")) {
+    r.launcher = "torchrun";
+    r.rank = env_int("RANK", 0);
+    r.size = env_int("WORLD_SIZE", 1);
+    r.local_rank = env_int("LOCAL_RANK", 0);
+    r.local_size = env_int("LOCAL_WORLD_SIZE", r.size);
+  }
+  if (r.size < 1 || r.rank >= r.size || r.local_size < 1 || r.local_rank >= r.local_size)
+    fail("launcher ({}): rank {} of {} (local {} of {}) is inconsistent", r.launcher, r.rank,
+         r.size, r.local_rank, r.local_size);
+  r.nodes = std::max(1, r.size / r.local_size);
+  r.node = r.rank / r.local_size;
+  return r;
+}
+
+const RankInfo& rank_info() { return g_info; }
+
+namespace {
+std::string g_context;
+}
+void set_context(std::string what) { g_context = std::move(what); }
+const std::string& context() { return g_context; }
+
+std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
+  g_info = detect_launch();
+  if (opt.ranks_per_node > 0) {
+    if (g_info.size % opt.ranks_per_node != 0)
+      fail("dist.ranks_per_node: {} does not divide the {} ranks", opt.ranks_per_node, g_info.size);
+    g_info.local_size = opt.ranks_per_node;
+    g_info.local_rank = g_info.rank % opt.ranks_per_node;
+    g_info.node = g_info.rank / opt.ranks_per_node;
+    g_info.nodes = g_info.size / opt.ranks_per_node;
+  }
+  if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local")
+    fail("dist.backend: expected auto, mpi or local, got \"{}\"", opt.backend);
+  if (g_info.size == 1 || opt.backend == "local") {
+    if (g_info.size > 1)
+      fail("dist.backend: local runs one process but the launcher started {}", g_info.size);
+    return std::make_unique<LocalCommunicator>();
+  }
+  if (g_info.launcher == "torchrun")
+    fail(
+        "launched by torchrun-style variables (WORLD_SIZE={}) but CPU training communicates over "
+        "MPI; start it with mpirun -np N, srun, or lmforge launch --nproc N",
+        g_info.size);
+  return make_mpi_world(g_info, opt.timeout_s);
+}
+
+void abort_job(const std::string& line, int code) {
+  if (g_info.size > 1 && mpi_active()) {
+    // Give rank 0 the chance to be the one that reports an error every rank hits.
+    if (g_info.rank != 0) std::this_thread::sleep_for(std::chrono::seconds(1));
+    std::fprintf(stderr, "%s\n", line.c_str());
+    std::fflush(stderr);
+    mpi_abort(code);
+  }
+  std::fprintf(stderr, "%s\n", line.c_str());
+  std::fflush(stderr);
+  std::exit(code);
+}
+
+}  // namespace lmforge::dist

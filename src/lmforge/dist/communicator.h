@@ -1,0 +1,104 @@
+// Communicator: the collectives lmforge's data parallelism needs, over an existing engine.
+//   LocalCommunicator   one process (size 1; every collective is a copy or nothing)
+//   MpiCommunicator     CPU tensors over MPI (Debian's OpenMPI), launched by mpirun or srun
+//   NcclCommunicator    GPU tensors over NCCL (dist/nccl.h; compiled when the toolkit has NCCL)
+// Every collective is asynchronous and returns a Work handle; wait() blocks until it completes
+// or fails the whole job after the timeout (dist.timeout) with one line naming this rank, the
+// operation and, where it can tell, the ranks that never arrived.
+//
+//   std::unique_ptr<Communicator> world = init_world({.timeout_s = 600});  // from the env
+//   WorkPtr w = world->all_reduce(grads, n);   // sum over ranks, in place
+//   ... compute ...
+//   w->wait();
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lmforge::dist {
+
+// A pending collective.
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual bool test() = 0;  // drives progress; true once complete
+  virtual void wait() = 0;  // blocks until complete (or fails the job after the timeout)
+};
+using WorkPtr = std::unique_ptr<Work>;
+
+// Where this process sits: from mpirun/srun/torchrun environment variables (see detect_launch).
+struct RankInfo {
+  int rank = 0, size = 1;
+  int local_rank = 0, local_size = 1;  // within this node
+  int node = 0, nodes = 1;
+  std::string launcher = "none";  // none | mpirun | srun | torchrun
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  virtual std::string backend() const = 0;
+
+  // Sum over ranks, in place.
+  virtual WorkPtr all_reduce(float* data, int64_t n) = 0;
+  virtual WorkPtr all_reduce(double* data, int64_t n) = 0;
+  // in holds sum(counts) elements, rank r's block at offset counts[0] + ... + counts[r-1]; out
+  // (counts[rank()] elements) receives the sum over ranks of this rank's block.
+  virtual WorkPtr reduce_scatter(const float* in, float* out,
+                                 const std::vector<int64_t>& counts) = 0;
+  // out (sum(counts) elements) receives every rank's block in rank order; rank r contributes
+  // counts[r] elements from in, or, when in == nullptr, from its own place in out (in place).
+  virtual WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& counts) = 0;
+  virtual WorkPtr broadcast(void* data, int64_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // The ranks passing the same color, ordered by key (e.g. the ranks of one node).
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+ protected:
+  int rank_ = 0, size_ = 1;
+};
+
+class LocalCommunicator final : public Communicator {
+ public:
+  LocalCommunicator() = default;
+  std::string backend() const override { return "local"; }
+  WorkPtr all_reduce(float*, int64_t) override;
+  WorkPtr all_reduce(double*, int64_t) override;
+  WorkPtr reduce_scatter(const float* in, float* out, const std::vector<int64_t>& c) override;
+  WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& c) override;
+  WorkPtr broadcast(void*, int64_t, int) override;
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) override;
+};
+
+struct WorldOptions {
+  double timeout_s = 600;        // dist.timeout: a collective that takes longer fails the job
+  int ranks_per_node = 0;        // dist.ranks_per_node: 0 = as launched; >0 declares nodes
+  std::string backend = "auto";  // auto | mpi | local
+};
+
+// Reads the launcher's environment: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE} (mpirun),
+// PMI_RANK/PMI_SIZE (MPICH, Intel MPI), SLURM_{PROCID,NTASKS,LOCALID,NNODES,NODEID} (srun),
+// RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (torchrun's convention).
+RankInfo detect_launch();
+
+// The world communicator: MPI when launched with more than one rank (MPI is initialized here
+// and finalized at exit), else LocalCommunicator. Throws Error when launched as several ranks
+// in a way lmforge cannot join (e.g. torchrun variables without NCCL for CPU tensors).
+std::unique_ptr<Communicator> init_world(const WorldOptions& opt);
+// This process's place as the world communicator was created (node from ranks_per_node).
+const RankInfo& rank_info();
+
+// What the job is doing (e.g. "step 12"), named in timeout messages.
+void set_context(std::string what);
+const std::string& context();
+
+// Stops every rank of the job (MPI_Abort under MPI) after printing `line` on stderr; for fatal
+// errors on one rank that the others would otherwise wait for.
+[[noreturn]] void abort_job(const std::string& line, int code = 1);
+
+}  // namespace lmforge::dist

@@ -1,0 +1,339 @@
+#include "lmforge/dist/data_parallel.h"
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "lmforge/backend/ops.h"
+#include "lmforge/core/error.h"
+#include "lmforge/optim/clip.h"
+
+namespace lmforge::dist {
+
+Strategy parse_strategy(const std::string& s) {
+  if (s == "no-shard" || s == "ddp") return Strategy::kNoShard;
+  if (s == "zero1") return Strategy::kZero1;
+  if (s == "grad-shard" || s == "zero2") return Strategy::kGradShard;
+  if (s == "full-shard" || s == "zero3") return Strategy::kFullShard;
+  if (s == "hybrid") return Strategy::kHybrid;
+  fail(
+      "dist.strategy: expected no-shard (ddp), zero1, grad-shard (zero2), full-shard (zero3) or "
+      "hybrid, got \"{}\"",
+      s);
+}
+
+const char* strategy_name(Strategy s) {
+  static const char* const names[] = {"no-shard", "zero1", "grad-shard", "full-shard", "hybrid"};
+  return names[static_cast<int>(s)];
+}
+
+ShardLayout::ShardLayout(int64_t n_, int ranks_) : n(n_), ranks(ranks_) {
+  per_rank = (n + ranks - 1) / ranks;
+  per_rank = (per_rank + 15) / 16 * 16;  // 64-byte aligned shard starts
+}
+
+std::vector<int64_t> ShardLayout::counts(int64_t lo, int64_t hi) const {
+  std::vector<int64_t> c(ranks);
+  for (int r = 0; r < ranks; ++r)
+    c[r] = std::max<int64_t>(0, std::min(hi, end(r)) - std::max(lo, begin(r)));
+  return c;
+}
+
+namespace {
+Tensor flat_view(const Tensor& t, int64_t start, int64_t len) {
+  return t.view({t.numel()}).slice(start, len);
+}
+}  // namespace
+
+DataParallel::DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
+                           const AdamWOptions& opt, std::optional<uint64_t> init_seed)
+    : world_(world),
+      shard_comm_(&world),
+      model_(model),
+      ps_(model.params()),
+      strategy_(parse_strategy(cfg.strategy)) {
+  if (!(cfg.bucket_mb > 0)) fail("dist.bucket_mb: must be positive, got {}", cfg.bucket_mb);
+  if (strategy_ == Strategy::kHybrid) {
+    const RankInfo& ri = rank_info();
+    node_comm_ = world.split(ri.node, world.rank());
+    cross_comm_ = world.split(ri.local_rank, world.rank());
+    shard_comm_ = node_comm_.get();
+  }
+  const bool values_sharded = strategy_ >= Strategy::kFullShard;
+  if (values_sharded && model.bf16())
+    fail(
+        "dist.strategy: {} with train.precision bf16 is not supported yet; use fp32, or "
+        "grad-shard with bf16",
+        strategy_name(strategy_));
+  const int64_t n = ps_.flat_size();
+  layout_ = ShardLayout(n, shard_comm_->size());
+  my_lo_ = layout_.begin(shard_comm_->rank());
+  my_hi_ = layout_.end(shard_comm_->rank());
+  const int64_t mine = my_hi_ - my_lo_;
+
+  // Buckets: groups in the order their gradients become final (head, blocks from the last, then
+  // the embeddings), merged while under bucket_mb; each covers a contiguous flat range.
+  const int64_t G = model.num_groups();
+  const int64_t bucket_elems = std::max<int64_t>(1, static_cast<int64_t>(cfg.bucket_mb * 262144));
+  bucket_of_group_.assign(G, -1);
+  for (int64_t g = G - 1; g >= 0; --g) {
+    if (group_hi(g) == group_lo(g)) continue;
+    if (buckets_.empty() || buckets_.back().hi - buckets_.back().lo >= bucket_elems)
+      buckets_.push_back({group_lo(g), group_hi(g)});
+    Bucket& b = buckets_.back();
+    b.lo = group_lo(g);
+    ++b.groups;
+    bucket_of_group_[g] = static_cast<int>(buckets_.size()) - 1;
+  }
+
+  if (grad_sharded())
+    shard_arena_ = Arena::planned([&](Arena& a) {
+      gshard_ = a.alloc({mine});
+      rs_tmp_ = a.alloc({mine});
+      vshard_ = values_sharded ? a.alloc({mine}) : Tensor();
+    });
+  if (values_sharded) {
+    if (ps_.has_values() && !init_seed)
+      vshard_.copy_from(flat_view(ps_.flat_values(), my_lo_, mine));
+    else
+      model.init_weights_range(init_seed.value_or(0), my_lo_, mine, vshard_.data<float>());
+    ps_.release_values();
+    int64_t block = 0;
+    for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
+    gather_ = Arena::planned([&](Arena& a) {
+      embed_buf_ = a.alloc({group_hi(0) - group_lo(0)});
+      tail_buf_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
+      block_buf_[0] = a.alloc({block});
+      block_buf_[1] = a.alloc({block});
+    });
+  } else if (world.size() > 1) {  // everyone starts from rank 0's weights
+    Tensor v = ps_.flat_values();
+    world.broadcast(v.raw(), static_cast<int64_t>(v.nbytes()), 0)->wait();
+    ps_.invalidate_bf16();
+  }
+
+  switch (strategy_) {
+    case Strategy::kNoShard:
+      opt_ = std::make_unique<AdamW>(ps_, opt);
+      break;
+    case Strategy::kZero1:
+      opt_ = std::make_unique<AdamW>(ps_, shard_slots(ps_.flat_values(), ps_.flat_grads()), opt);
+      break;
+    case Strategy::kGradShard:
+      opt_ = std::make_unique<AdamW>(ps_, shard_slots(ps_.flat_values(), gshard_), opt);
+      break;
+    default:
+      opt_ = std::make_unique<AdamW>(ps_, shard_slots(vshard_, gshard_), opt);
+  }
+  model.set_hooks(this);
+}
+
+DataParallel::~DataParallel() {
+  model_.set_hooks(nullptr);
+  works_.clear();  // Work destructors wait
+}
+
+int64_t DataParallel::group_lo(int64_t g) const {
+  const auto& ps = ps_.params();
+  size_t i = g < model_.num_groups() ? model_.group_begin(g) : ps.size();
+  return i < ps.size() ? ps_.offset(ps[i]) : ps_.flat_size();
+}
+
+// The pieces of this rank's range [my_lo_, my_hi_) per parameter. `values` and `grads` are
+// flat tensors covering either the whole space or just the shard (by their size).
+std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tensor& grads) {
+  const int64_t vbase = values.numel() == my_hi_ - my_lo_ ? my_lo_ : 0;
+  const int64_t gbase = grads.numel() == my_hi_ - my_lo_ ? my_lo_ : 0;
+  std::vector<OptSlot> out;
+  for (Param& p : ps_.params()) {
+    const int64_t off = ps_.offset(p), numel = p.shape.numel();
+    const int64_t lo = std::max(off, my_lo_), hi = std::min(off + numel, my_hi_);
+    if (lo >= hi) continue;
+    OptSlot s{&p,
+              lo - off,
+              hi - lo,
+              flat_view(values, lo - vbase, hi - lo),
+              flat_view(grads, lo - gbase, hi - lo),
+              Tensor()};
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;  // what the loader writes
+  const std::vector<int64_t> counts = target_counts(micro, kIgnore);
+  double targets = 0;
+  for (int64_t c : counts) targets += static_cast<double>(c);
+  world_.all_reduce(&targets, 1)->wait();  // over all ranks and micro-batches
+
+  double sums[2] = {0, 0};  // loss, lse^2: token-weighted over this rank's share
+  for (size_t m = 0; m < micro.size(); ++m) {
+    const bool last = m + 1 == micro.size();
+    sync_ = grad_sharded() || last;  // DDP and zero1 accumulate locally until the last
+    if (m == 0 || grad_sharded()) ps_.zero_grad();
+    for (Bucket& b : buckets_) b.pending = b.groups;
+    double share = targets > 0 ? static_cast<double>(counts[m]) / targets : 0.0;
+    double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore);
+    drain();
+    if (grad_sharded()) {
+      if (m == 0)
+        gshard_.copy_from(rs_tmp_);
+      else
+        ops::accumulate(gshard_, rs_tmp_);
+    }
+    sums[0] += l * share;
+    sums[1] += model_.mean_lse_sq() * share;
+  }
+  sync_ = false;
+  if (strategy_ == Strategy::kHybrid)
+    cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
+  world_.all_reduce(sums, 2)->wait();
+  if (mean_lse_sq) *mean_lse_sq = sums[1];
+  return sums[0];
+}
+
+void DataParallel::grads_ready(int64_t group) {
+  if (!sync_ || bucket_of_group_[group] < 0) return;
+  Bucket& b = buckets_[bucket_of_group_[group]];
+  if (--b.pending == 0) launch(b);
+  for (WorkPtr& w : works_) w->test();  // lets MPI progress while the backward goes on
+}
+
+void DataParallel::launch(Bucket& b) {
+  float* g = ps_.flat_grads().data<float>();
+  if (!grad_sharded()) {
+    works_.push_back(world_.all_reduce(g + b.lo, b.hi - b.lo));
+    return;
+  }
+  const int64_t at = std::clamp(b.lo, my_lo_, my_hi_) - my_lo_;
+  works_.push_back(shard_comm_->reduce_scatter(g + b.lo, rs_tmp_.data<float>() + at,
+                                               layout_.counts(b.lo, b.hi)));
+}
+
+void DataParallel::drain() {
+  for (WorkPtr& w : works_) w->wait();
+  works_.clear();
+}
+
+double DataParallel::clip_grad_norm(double max_norm) {
+  if (!grad_sharded()) return lmforge::clip_grad_norm(ps_, max_norm);
+  double ss = ops::sum_squares(gshard_);
+  shard_comm_->all_reduce(&ss, 1)->wait();  // hybrid: the shards of one node cover everything
+  double norm = std::sqrt(ss);
+  if (max_norm > 0 && std::isfinite(norm)) {
+    double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) ops::scale(gshard_, coef);
+  }
+  return norm;
+}
+
+void DataParallel::scale_grads(double f) {
+  if (grad_sharded())
+    ops::scale(gshard_, f);
+  else
+    for (Param& p : ps_.params()) ops::scale(p.grad, f);
+}
+
+void DataParallel::step(double lr) {
+  opt_->step(lr);
+  if (strategy_ == Strategy::kZero1 || strategy_ == Strategy::kGradShard) {
+    float* v = ps_.flat_values().data<float>();
+    world_.all_gather(nullptr, v, layout_.counts(0, layout_.n))->wait();
+    ps_.invalidate_bf16();  // only the shard's copies were rewritten
+  } else if (sharded_values()) {
+    slot_block_[0] = slot_block_[1] = -1;  // gathered blocks are stale now
+    edges_gathered_ = false;
+  }
+}
+
+double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) {
+  double sum = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    val.sequential(i, batch);
+    sum += model_.forward(batch.tokens, batch.targets);
+  }
+  return sum / static_cast<double>(batches);
+}
+
+// Full-shard: group g's values, all-gathered from the shards into its buffer.
+void DataParallel::gather(int64_t g, bool wait) {
+  const int64_t G = model_.num_groups();
+  auto start = [&](const Tensor& buf) {
+    const int64_t lo = group_lo(g), hi = group_hi(g);
+    const float* in = vshard_.data<float>() + (std::clamp(lo, my_lo_, my_hi_) - my_lo_);
+    return shard_comm_->all_gather(in, buf.data<float>(), layout_.counts(lo, hi));
+  };
+  if (g == 0 || g == G - 1) {  // the edges: gathered together, kept for the step
+    if (edges_gathered_) return;
+    edge_work_[0] = start(embed_buf_);
+    g = G - 1;
+    edge_work_[1] = start(tail_buf_);
+    for (WorkPtr& w : edge_work_) w->wait();
+    point_group(0, embed_buf_);
+    point_group(G - 1, tail_buf_);
+    edges_gathered_ = true;
+    return;
+  }
+  const int slot = static_cast<int>(g % 2);
+  if (slot_block_[slot] != g) {
+    if (slot_work_[slot]) slot_work_[slot]->wait();
+    slot_work_[slot] = start(block_buf_[slot]);
+    slot_block_[slot] = g;
+  }
+  if (wait) {
+    if (slot_work_[slot]) slot_work_[slot]->wait();
+    slot_work_[slot].reset();
+    point_group(g, block_buf_[slot]);
+  }
+}
+
+void DataParallel::point_group(int64_t g, const Tensor& buf) {
+  const int64_t lo = group_lo(g);
+  auto& ps = ps_.params();
+  for (size_t i = model_.group_begin(g); i < model_.group_begin(g + 1) && i < ps.size(); ++i) {
+    Param& p = ps[i];
+    p.value = Tensor(buf.storage(), buf.byte_offset() + (ps_.offset(p) - lo) * sizeof(float),
+                     p.shape, DType::kF32);
+  }
+}
+
+void DataParallel::before_forward(int64_t g) {
+  if (!sharded_values()) return;
+  const int64_t G = model_.num_groups();
+  if (g == 0 || g == G - 1) {
+    gather(g, true);
+    if (g == 0 && G > 2) gather(1, false);  // prefetch the first block
+    return;
+  }
+  gather(g, true);
+  if (g + 1 < G - 1) gather(g + 1, false);
+}
+
+void DataParallel::before_backward(int64_t g) {
+  if (!sharded_values()) return;
+  gather(g, true);
+  if (g - 1 >= 1) gather(g - 1, false);
+}
+
+void DataParallel::gather_full_model() {
+  if (!sharded_values()) return;
+  ps_.allocate_values();
+  world_.barrier();
+  shard_comm_
+      ->all_gather(vshard_.data<float>(), ps_.flat_values().data<float>(),
+                   layout_.counts(0, layout_.n))
+      ->wait();
+  model_.set_hooks(nullptr);  // the model now reads its own full buffer
+}
+
+size_t DataParallel::parameter_bytes() const {
+  return sharded_values() ? vshard_.nbytes() : ps_.value_bytes();
+}
+
+size_t DataParallel::gradient_bytes() const {
+  return ps_.grad_bytes() + (grad_sharded() ? gshard_.nbytes() + rs_tmp_.nbytes() : 0);
+}
+
+}  // namespace lmforge::dist

@@ -1,0 +1,134 @@
+// DataParallel: one optimizer step's gradients, clipping and update across the ranks of a
+// Communicator, under the sharding strategies users know from DDP, DeepSpeed ZeRO and FSDP:
+//   no-shard    (DDP)     gradients all-reduced in buckets during the backward of the last
+//                         micro-batch; every rank holds everything and takes the same step.
+//   zero1                 as no-shard, but each rank keeps AdamW state for its 1/N of the
+//                         parameters, updates that shard and all-gathers the parameters.
+//   grad-shard  (ZeRO-2)  + gradients reduce-scattered per micro-batch into a 1/N accumulator.
+//   full-shard  (ZeRO-3)  + parameters kept as a 1/N shard: each block is all-gathered just before
+//                         its forward and backward (the next one prefetched), into one of two
+//                         buffers; embeddings and the head stay gathered for the step.
+//   hybrid                full-shard within a node, replicated across nodes (the shard
+//                         accumulator all-reduced between nodes).
+// The flat parameter space (ParamSet::offset) is cut into contiguous per-rank ranges of
+// ceil(N / ranks) elements (64-byte aligned), the same for every strategy, which is what sharded
+// checkpoints record. The loss of a step is normalized by the number of target tokens over all
+// ranks and micro-batches, so N ranks give the gradient of one process with the global batch.
+//
+//   DataParallel dp(world, model, cfg.dist, adamw_options, init_seed);
+//   double loss = dp.forward_backward(micro);  // all ranks
+//   double norm = dp.clip_grad_norm(max_norm);
+//   dp.step(lr);
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "lmforge/data/loader.h"
+#include "lmforge/dist/communicator.h"
+#include "lmforge/io/config.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+
+namespace lmforge::dist {
+
+enum class Strategy { kNoShard, kZero1, kGradShard, kFullShard, kHybrid };
+Strategy parse_strategy(const std::string& s);  // Error naming dist.strategy
+const char* strategy_name(Strategy s);
+
+// Element ranges [begin, end) of a flat space of n elements cut for `ranks` shards.
+struct ShardLayout {
+  int64_t n = 0, per_rank = 0;
+  int ranks = 1;
+  ShardLayout() = default;
+  ShardLayout(int64_t n, int ranks);
+  int64_t begin(int r) const { return std::min(n, per_rank * r); }
+  int64_t end(int r) const { return std::min(n, per_rank * (r + 1)); }
+  // Per rank: how many of [lo, hi) it owns.
+  std::vector<int64_t> counts(int64_t lo, int64_t hi) const;
+};
+
+class DataParallel final : public GroupHooks {
+ public:
+  // The model must be planned. Under full-shard the model's value buffer is released: the
+  // values come from the model when it holds them (init_from), else from init_seed (created
+  // directly as shards).
+  DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
+               const AdamWOptions& opt, std::optional<uint64_t> init_seed = std::nullopt);
+  ~DataParallel() override;
+  DataParallel(const DataParallel&) = delete;
+  DataParallel& operator=(const DataParallel&) = delete;
+
+  Strategy strategy() const { return strategy_; }
+  Communicator& world() { return world_; }
+  bool sharded_values() const { return vshard_.defined(); }
+  const ShardLayout& layout() const { return layout_; }
+  int shard_rank() const { return shard_comm_->rank(); }
+
+  // Gradients of one step over the micro-batches (this rank's slice of the global batch),
+  // reduced per the strategy. Returns the global token-weighted mean loss (and mean lse^2).
+  double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr);
+  // Global gradient norm; scales the gradients as torch's clip_grad_norm_ when above max_norm.
+  double clip_grad_norm(double max_norm);
+  // Multiplies this step's gradients by f (fault injection in tests).
+  void scale_grads(double f);
+  void step(double lr);
+  // Validation loss over the same batches on every rank (eval runs redundantly per rank).
+  double evaluate(const Loader& val, int64_t batches, Batch& batch);
+  AdamW& optimizer() { return *opt_; }
+  const AdamW& optimizer() const { return *opt_; }
+
+  // Under full-shard: this rank's values [layout().begin(r), end(r)) and a full copy of all
+  // parameters into the model (allocates its value buffer; for sampling and export at the end).
+  const Tensor& value_shard() const { return vshard_; }
+  void gather_full_model();
+
+  // What this rank holds, in bytes: AdamW state; parameters (the shard under full-shard, else all)
+  // and the full-shard gather buffers; gradients (the accumulator under grad/full-shard and the
+  // whole-model gradient buffer used as backward workspace).
+  size_t optimizer_bytes() const { return opt_->state_bytes(); }
+  size_t parameter_bytes() const;
+  size_t gather_buffer_bytes() const { return gather_.capacity(); }
+  size_t gradient_bytes() const;
+
+  void before_forward(int64_t group) override;
+  void before_backward(int64_t group) override;
+  void grads_ready(int64_t group) override;
+
+ private:
+  struct Bucket {
+    int64_t lo, hi;
+    int pending = 0, groups = 0;
+  };
+  void launch(Bucket& b);
+  void drain();
+  void gather(int64_t group, bool wait);
+  void point_group(int64_t group, const Tensor& buf);
+  int64_t group_lo(int64_t g) const;
+  int64_t group_hi(int64_t g) const { return group_lo(g + 1); }
+  std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);
+  bool grad_sharded() const { return strategy_ >= Strategy::kGradShard; }
+
+  Communicator& world_;
+  Communicator* shard_comm_;  // world, or the node under hybrid
+  std::unique_ptr<Communicator> node_comm_, cross_comm_;
+  Transformer& model_;
+  ParamSet& ps_;
+  Strategy strategy_;
+  ShardLayout layout_;
+  int64_t my_lo_ = 0, my_hi_ = 0;
+  std::vector<Bucket> buckets_;
+  std::vector<int> bucket_of_group_;
+  std::vector<WorkPtr> works_;
+  bool sync_ = false;
+  bool first_micro_ = true;
+  Arena shard_arena_, gather_;
+  Tensor gshard_, rs_tmp_, vshard_;  // gradient accumulator, its per-micro-batch target, values
+  Tensor embed_buf_, tail_buf_, block_buf_[2];
+  int64_t slot_block_[2] = {-1, -1};
+  WorkPtr slot_work_[2], edge_work_[2];
+  bool edges_gathered_ = false;
+  std::unique_ptr<AdamW> opt_;
+};
+
+}  // namespace lmforge::dist
