@@ -23,5 +23,6 @@ void add_prepare(CLI::App& app);
 void add_hf(CLI::App& app);  // convert, export, info
 void add_plot(CLI::App& app);
 void add_lr_find(CLI::App& app);
+void add_launch(CLI::App& app);  // N ranks of lmforge through mpirun
 
 }  // namespace lmforge::app

@@ -95,13 +95,16 @@ const std::string& context() { return g_context; }
 
 std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
   g_info = detect_launch();
-  if (opt.ranks_per_node > 0) {
-    if (g_info.size % opt.ranks_per_node != 0)
-      fail("dist.ranks_per_node: {} does not divide the {} ranks", opt.ranks_per_node, g_info.size);
-    g_info.local_size = opt.ranks_per_node;
-    g_info.local_rank = g_info.rank % opt.ranks_per_node;
-    g_info.node = g_info.rank / opt.ranks_per_node;
-    g_info.nodes = g_info.size / opt.ranks_per_node;
+  WorldOptions o = opt;
+  if (o.ranks_per_node == 0)  // lmforge launch --ranks-per-node
+    o.ranks_per_node = env_int("LMFORGE_RANKS_PER_NODE", 0);
+  if (o.ranks_per_node > 0) {
+    if (g_info.size % o.ranks_per_node != 0)
+      fail("dist.ranks_per_node: {} does not divide the {} ranks", o.ranks_per_node, g_info.size);
+    g_info.local_size = o.ranks_per_node;
+    g_info.local_rank = g_info.rank % o.ranks_per_node;
+    g_info.node = g_info.rank / o.ranks_per_node;
+    g_info.nodes = g_info.size / o.ranks_per_node;
   }
   if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local")
     fail("dist.backend: expected auto, mpi or local, got \"{}\"", opt.backend);

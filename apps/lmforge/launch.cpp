@@ -1,0 +1,193 @@
+// lmforge launch --nproc N [--ranks-per-node K] [--timeout S] -- SUBCOMMAND ARGS...
+// Runs N ranks of this lmforge on this node. lmforge's CPU collectives are MPI, so the ranks are
+// started by OpenMPI's mpirun (Debian's openmpi-bin):
+//   mpirun -np N --oversubscribe --bind-to none [--allow-run-as-root, as root]
+//          -x OMP_NUM_THREADS=<max(1, cores/N), or as set> [-x LMFORGE_RANKS_PER_NODE=K]
+//          /proc/self/exe SUBCOMMAND ARGS...
+// SIGINT/SIGTERM sent to launch reach mpirun, which stops the ranks. launch exits with mpirun's
+// status: 0 when every rank succeeded, non-zero when one failed or was killed by a signal, 124
+// when --timeout passed (like timeout(1)). It prints nothing of its own on success.
+#include <sched.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "commands.h"
+#include "lmforge/core/error.h"
+
+namespace lmforge::app {
+
+namespace {
+
+volatile sig_atomic_t g_mpirun_pid = 0;
+
+// A Ctrl-C at the terminal already reached mpirun (it shares launch's process group, so that it
+// can forward the terminal's stdin to rank 0); forward what was sent to launch alone (kill, a
+// scheduler, timeout(1)) so that mpirun does not get it twice.
+void forward_signal(int sig, siginfo_t* info, void*) {
+  bool from_process = info == nullptr || info->si_code == SI_USER || info->si_code == SI_QUEUE ||
+                      info->si_code == SI_TKILL;
+  if (g_mpirun_pid > 0 && from_process) kill(g_mpirun_pid, sig);
+}
+
+std::string find_on_path(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path && *path ? path : "/usr/local/bin:/usr/bin:/bin";
+  size_t start = 0;
+  while (start <= dirs.size()) {
+    size_t end = dirs.find(':', start);
+    if (end == std::string::npos) end = dirs.size();
+    std::string dir = dirs.substr(start, end - start);
+    std::string cand = (dir.empty() ? "." : dir) + "/" + name;
+    if (access(cand.c_str(), X_OK) == 0) return cand;
+    start = end + 1;
+  }
+  return "";
+}
+
+int usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+struct LaunchOptions {
+  int nproc = 0;
+  int ranks_per_node = 0;
+  double timeout_s = 0;
+  std::vector<std::string> command;
+};
+
+std::vector<std::string> mpirun_argv(const std::string& mpirun, const LaunchOptions& o) {
+  std::vector<std::string> a = {mpirun,      "-np", std::to_string(o.nproc), "--oversubscribe",
+                                "--bind-to", "none"};
+  if (geteuid() == 0) a.push_back("--allow-run-as-root");
+  a.push_back("-x");
+  if (const char* t = std::getenv("OMP_NUM_THREADS"); t && *t)
+    a.push_back("OMP_NUM_THREADS");  // as set: forwarded
+  else
+    a.push_back("OMP_NUM_THREADS=" + std::to_string(std::max(1, usable_cores() / o.nproc)));
+  if (o.ranks_per_node > 0) {
+    a.push_back("-x");
+    a.push_back("LMFORGE_RANKS_PER_NODE=" + std::to_string(o.ranks_per_node));
+  }
+  std::error_code ec;
+  std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+  if (ec) fail("launch: cannot find this executable (/proc/self/exe): {}", ec.message());
+  a.push_back(self);
+  a.insert(a.end(), o.command.begin(), o.command.end());
+  return a;
+}
+
+// Runs mpirun and returns the exit code launch should exit with.
+int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
+  std::vector<char*> argv;
+  for (const std::string& s : args) argv.push_back(const_cast<char*>(s.c_str()));
+  argv.push_back(nullptr);
+
+  // Signals stay blocked from before fork until g_mpirun_pid is set, so none is lost.
+  sigset_t block, old;
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGTERM);
+  sigprocmask(SIG_BLOCK, &block, &old);
+  struct sigaction sa {};
+  sa.sa_sigaction = forward_signal;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = fork();
+  if (pid < 0) fail("launch: fork: {}", std::strerror(errno));
+  if (pid == 0) {
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &old, nullptr);
+    execv(argv[0], argv.data());
+    std::fprintf(stderr, "lmforge: launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    _exit(127);
+  }
+  g_mpirun_pid = pid;
+  sigprocmask(SIG_SETMASK, &old, nullptr);
+
+  using Clock = std::chrono::steady_clock;
+  auto deadline = Clock::now() + std::chrono::duration<double>(o.timeout_s);
+  auto kill_at = Clock::time_point::max();
+  bool timed_out = false;
+  int status = 0;
+  for (;;) {
+    pid_t r = waitpid(pid, &status, o.timeout_s > 0 ? WNOHANG : 0);
+    if (r == pid) break;
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) fail("launch: waitpid: {}", std::strerror(errno));
+    auto now = Clock::now();
+    if (!timed_out && now > deadline) {
+      std::fprintf(stderr,
+                   "lmforge: launch: the job did not finish within %g s (--timeout); stopping its "
+                   "%d ranks\n",
+                   o.timeout_s, o.nproc);
+      kill(pid, SIGTERM);
+      timed_out = true;
+      kill_at = now + std::chrono::seconds(10);
+    }
+    if (timed_out && now > kill_at) {
+      kill(pid, SIGKILL);
+      kill_at = Clock::time_point::max();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  g_mpirun_pid = 0;
+  if (timed_out) return 124;
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return 1;
+}
+
+}  // namespace
+
+void add_launch(CLI::App& app) {
+  auto o = std::make_shared<LaunchOptions>();
+  CLI::App* cmd = app.add_subcommand("launch",
+                                     "Run N ranks of lmforge on this node through mpirun, e.g. "
+                                     "lmforge launch --nproc 4 -- train config.yaml");
+  cmd->add_option("--nproc", o->nproc, "Number of ranks")->required()->type_name("N");
+  cmd->add_option("--ranks-per-node", o->ranks_per_node,
+                  "Declare nodes of K ranks each (dist.ranks_per_node), for hybrid parallelism "
+                  "on one machine")
+      ->type_name("K");
+  cmd->add_option("--timeout", o->timeout_s,
+                  "Stop every rank and exit 124 when the job runs longer than S seconds")
+      ->type_name("S");
+  cmd->add_option("command", o->command, "The lmforge subcommand each rank runs, after --")
+      ->required();
+  cmd->callback([o] {
+    if (o->nproc < 1) fail("launch: --nproc {}: expected at least 1 rank", o->nproc);
+    if (o->ranks_per_node < 0 || (o->ranks_per_node > 0 && o->nproc % o->ranks_per_node != 0))
+      fail("launch: --ranks-per-node {} does not divide --nproc {}", o->ranks_per_node, o->nproc);
+    if (o->timeout_s < 0) fail("launch: --timeout {}: expected seconds >= 0", o->timeout_s);
+    if (o->command.front() == "launch") fail("launch: the ranks cannot themselves launch");
+    std::string mpirun = find_on_path("mpirun");
+    if (mpirun.empty())
+      fail(
+          "launch: mpirun not found on PATH; lmforge's ranks are started by OpenMPI: install "
+          "Debian's openmpi-bin (apt-get install openmpi-bin)");
+    int code = run_mpirun(mpirun_argv(mpirun, *o), *o);
+    if (code != 0) throw CLI::RuntimeError(code);  // main() exits with it, printing nothing
+  });
+}
+
+}  // namespace lmforge::app

@@ -1,0 +1,146 @@
+// lmforge launch: N ranks of the real binary through mpirun. A subcommand that succeeds on every
+// rank succeeds; one that fails, or ranks stopped by a signal or --timeout, give a non-zero exit;
+// bad arguments and a missing mpirun are one clear line.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "testing/process.h"
+
+namespace lmforge {
+
+using testing::run_lmforge;
+
+namespace {
+
+size_t count_of(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
+void expect_one_line_error(const testing::RunResult& r, const std::vector<std::string>& needles) {
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  for (auto& n : needles)
+    EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
+}
+
+// lmforge ARGS started in the background with its stdin a pipe this test holds open (so that a
+// rank reading stdin waits), stdout/stderr into dir/.stdout, dir/.stderr.
+struct Background {
+  pid_t pid = -1;
+  int stdin_fd = -1;
+};
+
+Background spawn_lmforge(const std::vector<std::string>& args, const std::string& dir) {
+  int p[2];
+  EXPECT_EQ(pipe2(p, O_CLOEXEC), 0);
+  std::string bin = testing::lmforge_bin();
+  std::string out = dir + "/.stdout", err = dir + "/.stderr";
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(p[0], 0);
+    int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(o, 1);
+    dup2(e, 2);
+    if (chdir(dir.c_str()) != 0) _exit(126);
+    std::vector<char*> argv{const_cast<char*>(bin.c_str())};
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(bin.c_str(), argv.data());
+    _exit(127);
+  }
+  close(p[0]);
+  return {pid, p[1]};
+}
+
+// The exit code (128+signal when killed), or -1 when it has not exited within `limit` (then it
+// is killed).
+int wait_exit(pid_t pid, std::chrono::seconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+TEST(Launch, EveryRankRunsTheSubcommand) {
+  std::string dir = testing::temp_dir("launch-ok");
+  auto r = run_lmforge("launch --nproc 2 -- tokenizer info --tokenizer byte", dir);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(count_of(r.out, "vocab_size:"), 2u) << r.out;
+  EXPECT_EQ(r.err.find("lmforge"), std::string::npos) << r.err;
+}
+
+TEST(Launch, FailingRankFailsTheJob) {
+  std::string dir = testing::temp_dir("launch-fail");
+  auto r = run_lmforge("launch --nproc 2 -- train missing.yaml", dir);
+  EXPECT_NE(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("missing.yaml"), std::string::npos) << r.err;
+}
+
+TEST(Launch, BadArgumentsAreOneLine) {
+  std::string dir = testing::temp_dir("launch-args");
+  expect_one_line_error(run_lmforge("launch --nproc 0 -- tokenizer info --tokenizer byte", dir),
+                        {"--nproc 0", "at least 1"});
+  expect_one_line_error(
+      run_lmforge("launch --nproc 4 --ranks-per-node 3 -- tokenizer info --tokenizer byte", dir),
+      {"--ranks-per-node 3", "--nproc 4"});
+  EXPECT_NE(run_lmforge("launch --nproc 2", dir).exit_code, 0);  // no subcommand
+}
+
+TEST(Launch, MissingMpirunNamesThePackage) {
+  std::string dir = testing::temp_dir("launch-nompi");
+  std::string path = std::getenv("PATH") ? std::getenv("PATH") : "";
+  setenv("PATH", dir.c_str(), 1);  // the binary and /bin/sh are run by absolute path
+  auto r = run_lmforge("launch --nproc 2 -- tokenizer info --tokenizer byte", dir);
+  setenv("PATH", path.c_str(), 1);
+  expect_one_line_error(r, {"mpirun", "openmpi-bin"});
+}
+
+// SIGTERM to launch reaches mpirun, which stops the ranks (rank 0 waits on stdin); the job's exit
+// is non-zero.
+TEST(Launch, SigtermStopsTheRanks) {
+  std::string dir = testing::temp_dir("launch-sigterm");
+  Background b = spawn_lmforge(
+      {"launch", "--nproc", "2", "--", "tokenizer", "encode", "--tokenizer", "byte"}, dir);
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  EXPECT_EQ(waitpid(b.pid, nullptr, WNOHANG), 0) << testing::slurp(dir + "/.stderr");
+  kill(b.pid, SIGTERM);
+  int code = wait_exit(b.pid, std::chrono::seconds(30));
+  close(b.stdin_fd);
+  EXPECT_NE(code, -1) << "launch did not exit after SIGTERM";
+  EXPECT_NE(code, 0) << testing::slurp(dir + "/.stderr");
+}
+
+TEST(Launch, TimeoutStopsTheJob) {
+  std::string dir = testing::temp_dir("launch-timeout");
+  Background b = spawn_lmforge({"launch", "--nproc", "1", "--timeout", "1", "--", "tokenizer",
+                                "encode", "--tokenizer", "byte"},
+                               dir);
+  int code = wait_exit(b.pid, std::chrono::seconds(30));
+  close(b.stdin_fd);
+  EXPECT_EQ(code, 124) << testing::slurp(dir + "/.stderr");
+  EXPECT_NE(testing::slurp(dir + "/.stderr").find("--timeout"), std::string::npos);
+}
+
+}  // namespace lmforge
