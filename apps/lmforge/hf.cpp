@@ -9,10 +9,12 @@
 
 #include <cctype>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/io/config.h"
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
@@ -98,6 +100,24 @@ void convert(const std::string& from, const std::string& out) {
              model.params().numel() / 1e6, dir);
 }
 
+// A checkpoint in any form (sharded by N ranks or single-file) -> a single-file checkpoint of
+// the same step with the optimizer and training state, which any number of ranks can resume.
+void consolidate(const std::string& from, const std::string& out) {
+  if (!find_latest_checkpoint(out).empty())
+    fail("--out: {} already holds checkpoints; choose a new directory", out);
+  std::string dir = resolve_checkpoint(from);
+  Transformer model(checkpoint_model_config(dir));
+  TrainState st;
+  const bool weights_only =
+      nlohmann::json::parse(read_file(dir + "/state.json")).value("weights_only", false);
+  AdamW opt(model.params(), {});
+  load_checkpoint(dir, model, weights_only ? nullptr : &opt, &st);
+  auto tok = checkpoint_tokenizer(dir);
+  std::string saved = save_checkpoint(out, model, weights_only ? nullptr : &opt, st,
+                                      read_file(dir + "/config.yaml"), 0, *tok);
+  fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
+}
+
 void export_hf(const std::string& checkpoint, const std::string& out, const std::string& dtype,
                const std::string& shard, bool force) {
   DType dt = dtype == "fp32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : DType::kI32;
@@ -168,11 +188,23 @@ void add_hf(CLI::App& app) {
     bool force = false;
   };
   auto o = std::make_shared<Opts>();
-  CLI::App* c = app.add_subcommand("convert", "Hugging Face model directory -> lmforge checkpoint");
-  c->add_option("--from-hf", o->from, "Local HF model directory (config.json, *.safetensors)")
-      ->required();
+  CLI::App* c = app.add_subcommand(
+      "convert", "Hugging Face model directory or sharded checkpoint -> lmforge checkpoint");
+  auto* hf =
+      c->add_option("--from-hf", o->from, "Local HF model directory (config.json, *.safetensors)");
+  c->add_option("--from-checkpoint", o->checkpoint,
+                "A checkpoint (e.g. sharded by several ranks): one single-file checkpoint of the "
+                "same step, optimizer and training state")
+      ->excludes(hf);
   c->add_option("--out", o->out, "Run directory to hold the checkpoint")->required();
-  c->callback([o] { convert(o->from, o->out); });
+  c->callback([o] {
+    if (!o->checkpoint.empty())
+      consolidate(o->checkpoint, o->out);
+    else if (!o->from.empty())
+      convert(o->from, o->out);
+    else
+      fail("convert: give --from-hf DIR or --from-checkpoint DIR");
+  });
 
   CLI::App* e = app.add_subcommand("export", "lmforge checkpoint -> Hugging Face model directory");
   e->add_option("--checkpoint", o->checkpoint, "Checkpoint or run directory")->required();

@@ -1,5 +1,7 @@
 #include "lmforge/core/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,14 +38,26 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
           "train.batch_size, train.seq_len or the model size",
           rounded / 1073741824.0, avail / 1073741824.0);
   }
-  void* p = rounded ? std::aligned_alloc(kAlign, rounded) : nullptr;
+  // Large buffers come straight from the kernel: zero pages that only become resident when
+  // first written (a full-shard model never touches its whole-model buffer; start-up does not
+  // page in every arena twice). Small ones from the heap, zeroed.
+  const bool map = rounded >= (size_t{1} << 20);
+  void* p = nullptr;
+  if (map) {
+    p = ::mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) p = nullptr;
+  } else if (rounded) {
+    p = std::aligned_alloc(kAlign, rounded);
+    if (p) std::memset(p, 0, rounded);
+  }
   if (rounded && !p)
     fail(
         "out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model "
         "size",
         bytes / 1048576.0);
-  if (p) std::memset(p, 0, rounded);
-  return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
+  auto s = std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
+  s->mapped_ = map ? rounded : 0;
+  return s;
 }
 
 std::shared_ptr<Storage> Storage::borrow(void* data, size_t bytes, std::shared_ptr<void> keepalive,
@@ -54,7 +68,10 @@ std::shared_ptr<Storage> Storage::borrow(void* data, size_t bytes, std::shared_p
 }
 
 Storage::~Storage() {
-  if (owned_) std::free(data_);
+  if (owned_ && mapped_)
+    ::munmap(data_, mapped_);
+  else if (owned_)
+    std::free(data_);
 }
 
 Shape::Shape(std::initializer_list<int64_t> dims) {

@@ -42,6 +42,7 @@ class Storage {
   size_t bytes_;
   Device device_;
   bool owned_;
+  size_t mapped_ = 0;  // bytes of an mmap'ed allocation (0: heap)
   std::shared_ptr<void> keepalive_;
 };
 

@@ -82,8 +82,9 @@ struct WorldOptions {
 };
 
 // Reads the launcher's environment: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE} (mpirun),
-// PMI_RANK/PMI_SIZE (MPICH, Intel MPI), SLURM_{PROCID,NTASKS,LOCALID,NNODES,NODEID} (srun),
-// RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (torchrun's convention).
+// PMI_RANK/PMI_SIZE (MPICH, Intel MPI), SLURM_{PROCID,NTASKS,LOCALID,NTASKS_PER_NODE,NNODES} (srun;
+// nodes hold consecutive ranks), RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (torchrun's
+// convention).
 RankInfo detect_launch();
 
 // The world communicator: MPI when launched with more than one rank (MPI is initialized here

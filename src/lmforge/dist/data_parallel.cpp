@@ -113,19 +113,34 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     ps_.invalidate_bf16();
   }
 
+  std::vector<OptSlot> slots;
   switch (strategy_) {
     case Strategy::kNoShard:
-      opt_ = std::make_unique<AdamW>(ps_, opt);
+      slots = whole_slots(ps_);
       break;
     case Strategy::kZero1:
-      opt_ = std::make_unique<AdamW>(ps_, shard_slots(ps_.flat_values(), ps_.flat_grads()), opt);
+      slots = shard_slots(ps_.flat_values(), ps_.flat_grads());
       break;
     case Strategy::kGradShard:
-      opt_ = std::make_unique<AdamW>(ps_, shard_slots(ps_.flat_values(), gshard_), opt);
+      slots = shard_slots(ps_.flat_values(), gshard_);
       break;
     default:
-      opt_ = std::make_unique<AdamW>(ps_, shard_slots(vshard_, gshard_), opt);
+      slots = shard_slots(vshard_, gshard_);
   }
+  if (cfg.offload) {
+    device_slots_ = slots;
+    host_ = Arena::planned(
+        [&](Arena& a) {
+          host_slots_.clear();
+          for (const OptSlot& d : device_slots_)
+            host_slots_.push_back(
+                {d.param, d.begin, d.len, a.alloc({d.len}), a.alloc({d.len}), Tensor()});
+        },
+        Device::kCPU);
+    refresh_master();
+    slots = host_slots_;
+  }
+  opt_ = std::make_unique<AdamW>(ps_, std::move(slots), opt);
   model.set_hooks(this);
 }
 
@@ -236,8 +251,18 @@ void DataParallel::scale_grads(double f) {
     for (Param& p : ps_.params()) ops::scale(p.grad, f);
 }
 
+void DataParallel::refresh_master() {
+  for (size_t i = 0; i < host_slots_.size(); ++i)
+    host_slots_[i].value.copy_from(device_slots_[i].value.view({device_slots_[i].len}));
+}
+
 void DataParallel::step(double lr) {
+  for (size_t i = 0; i < host_slots_.size(); ++i)  // offload: gradients to the host
+    host_slots_[i].grad.copy_from(device_slots_[i].grad.view({device_slots_[i].len}));
   opt_->step(lr);
+  for (size_t i = 0; i < host_slots_.size(); ++i)  // and the new values back
+    device_slots_[i].value.view({device_slots_[i].len}).copy_from(host_slots_[i].value);
+  if (offload()) ps_.invalidate_bf16();
   if (strategy_ == Strategy::kZero1 || strategy_ == Strategy::kGradShard) {
     float* v = ps_.flat_values().data<float>();
     world_.all_gather(nullptr, v, layout_.counts(0, layout_.n))->wait();

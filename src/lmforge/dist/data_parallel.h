@@ -75,6 +75,13 @@ class DataParallel final : public GroupHooks {
   void step(double lr);
   // Validation loss over the same batches on every rank (eval runs redundantly per rank).
   double evaluate(const Loader& val, int64_t batches, Batch& batch);
+  // dist.offload: AdamW keeps its state and an fp32 master copy of this rank's parameters in a
+  // host arena and steps there; step() copies the gradient shard in and the new values out
+  // (device-to-host and back once the model lives on a GPU; plain copies on the CPU). After the
+  // model's values are replaced (a checkpoint load), refresh_master() copies them in again.
+  bool offload() const { return !host_slots_.empty() || host_.capacity() > 0; }
+  void refresh_master();
+  size_t host_bytes() const { return host_.capacity(); }
   AdamW& optimizer() { return *opt_; }
   const AdamW& optimizer() const { return *opt_; }
 
@@ -128,6 +135,8 @@ class DataParallel final : public GroupHooks {
   int64_t slot_block_[2] = {-1, -1};
   WorkPtr slot_work_[2], edge_work_[2];
   bool edges_gathered_ = false;
+  Arena host_;  // dist.offload: master values and gradients
+  std::vector<OptSlot> host_slots_, device_slots_;
   std::unique_ptr<AdamW> opt_;
 };
 

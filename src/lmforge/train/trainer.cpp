@@ -347,6 +347,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (dp.sharded_values())
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
                              dp.value_shard());
+    dp.refresh_master();  // dist.offload's host copy of the loaded values
     train_data.set_state(st.loader);
     const int64_t saved_step = st.step;
     if (resume.start_step >= 0) st.step = resume.start_step;
@@ -504,6 +505,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "of gather buffers), gradients {} bytes\n",
         dist::strategy_name(dp.strategy()), dp.optimizer_bytes(), dp.parameter_bytes(),
         dp.gather_buffer_bytes(), dp.gradient_bytes());
+  if (dp.offload())
+    fmt::print("dist.offload: AdamW master values and gradients in a host arena of {} bytes\n",
+               dp.host_bytes());
   res.stopped_early = st.step < t.steps;
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);

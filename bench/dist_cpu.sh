@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Data parallelism on one CPU machine: the same global batch trained by one process (all cores)
+# and by N ranks (cores / N threads each) under every dist.strategy, in one run.
+#   bench/dist_cpu.sh [--model gpt2] [--batch 4] [--seq 128] [--steps 6] [--ranks 2]
+# --batch is the global batch; each of N ranks takes batch/N rows. Prints per configuration the
+# median tokens/s of the steps after the first two, peak RSS of rank 0, and rank 0's optimizer
+# state and parameter bytes; then markdown rows for docs/benchmarks.md. Needs build/lmforge and
+# OpenMPI (scripts/setup.sh installs both).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+model=gpt2 batch=4 seq=128 steps=6 ranks=2
+while (($#)); do
+  case $1 in
+    --model) model=$2; shift 2 ;;
+    --batch) batch=$2; shift 2 ;;
+    --seq) seq=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --ranks) ranks=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+cores=$(nproc)
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+common=(--set "model.preset=$model" --set "train.seq_len=$seq" --set "train.steps=$steps"
+        --set train.eval_every=0 --set train.checkpoint_every=0 --set sample.prompt=
+        --set train.warmup=0)
+
+median_tps() {  # metrics.jsonl -> median tokens_per_s of steps > 2
+  python3 - "$1" <<'PY'
+import json, statistics, sys
+v = [json.loads(l)["tokens_per_s"] for l in open(sys.argv[1]) if '"loss"' in l][2:]
+print(f"{statistics.median(v):.1f}" if v else "n/a")
+PY
+}
+rows=()
+bench() {  # name nranks strategy
+  local name=$1 n=$2 strategy=$3 dir="$log/$1"
+  local args=(train "${common[@]}" --set "run.dir=$dir" --set "dist.strategy=$strategy")
+  if ((n == 1)); then
+    args+=(--set "train.batch_size=$((batch / ranks))" --set "train.grad_accum=$ranks")
+    OMP_NUM_THREADS=$cores "$root/build/lmforge" "${args[@]}" >"$log/$name.out" 2>&1 || { echo "$name failed"; tail -3 "$log/$name.out"; return; }
+  else
+    args+=(--set "train.batch_size=$((batch / n))")
+    OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) \
+      "$root/build/lmforge" launch --nproc "$n" -- "${args[@]}" >"$log/$name.out" 2>&1 || { echo "$name failed"; tail -3 "$log/$name.out"; return; }
+  fi
+  local tps rss opt par
+  tps=$(median_tps "$dir/metrics.jsonl")
+  rss=$(grep -oE 'peak resident memory [0-9]+' "$log/$name.out" | awk '{print $4}')
+  opt=$(grep -oE 'optimizer state [0-9]+' "$log/$name.out" | awk '{printf "%.0f", $3/1048576}')
+  par=$(grep -oE 'parameters [0-9]+ bytes' "$log/$name.out" | awk '{printf "%.0f", $2/1048576}')
+  echo "$name: $tps tok/s, peak RSS $rss MiB (rank 0), optimizer state ${opt:-all} MiB, parameters ${par:-all} MiB"
+  rows+=("| $model B=$batch T=$seq | $name | $tps | $rss | ${opt:-} | ${par:-} |")
+}
+
+bench "1 process x $cores threads" 1 no-shard
+for s in no-shard zero1 grad-shard full-shard; do
+  bench "$ranks ranks $s" "$ranks" "$s"
+done
+echo
+echo "| model, global batch | configuration | tokens/s | peak RSS rank 0 (MiB) | optimizer state rank 0 (MiB) | parameters rank 0 (MiB) |"
+echo "|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"

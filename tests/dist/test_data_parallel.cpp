@@ -1,0 +1,223 @@
+// Data parallelism over MPI ranks (lmforge launch --nproc N, oversubscribing the 2 cores with one
+// thread per rank): every strategy against one process that sees the same global batch (batch B
+// with grad_accum N, the rows rank r would take as micro-batch r). The reduction orders differ
+// (MPI's sum over ranks vs accumulation over micro-batches), so losses must agree to 1e-6
+// relative (gradient norms 1e-5) and final parameters to 2e-5 absolute (AdamW turns
+// rounding-level gradient differences into up to ~1e-6 in parameters with tiny gradients); the
+// tests also report when they are bit-identical. Then: sharded memory is 1/N, a checkpoint saved by
+// 4 ranks resumes on 2 and 1, hybrid as 2 nodes x 2, and a rank that dies or hangs stops the job
+// naming it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <regex>
+
+#include "lmforge/nn/transformer.h"
+#include "lmforge/train/checkpoint.h"
+#include "testing/metrics.h"
+#include "testing/process.h"
+
+namespace lmforge {
+namespace {
+
+using testing::RunResult;
+
+const char* const kTrain =
+    "train --set model.preset=gpt2-tiny --set train.seq_len=32 --set train.steps=6 "
+    "--set train.lr=3e-3 --set train.warmup=0 --set train.grad_clip=0.5 --set train.eval_every=0 "
+    "--set train.checkpoint_every=0 --set sample.prompt= --set train.log_every=1 ";
+
+class DataParallelTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    setenv("OMP_NUM_THREADS", "1", 1);  // ranks oversubscribe the cores: one thread each
+    dir_ = new std::string(testing::temp_dir("dp"));
+  }
+  static void TearDownTestSuite() { delete dir_; }
+
+  // Trains in run directory `name` with n ranks (n = 1: a plain process); extra --set args.
+  static RunResult run(const std::string& name, int n, const std::string& extra) {
+    std::string args = std::string(kTrain) + "--set run.dir=" + *dir_ + "/" + name + " " + extra;
+    if (n > 1) args = "launch --nproc " + std::to_string(n) + " -- " + args;
+    return testing::run_lmforge(args, *dir_);
+  }
+  // One process with the same global batch as n ranks of batch 2: batch 2 x grad_accum n.
+  static const std::string& reference(int n) {
+    static std::map<int, std::string> made;
+    if (!made.count(n)) {
+      std::string name = "ref" + std::to_string(n);
+      RunResult r =
+          run(name, 1, "--set train.batch_size=2 --set train.grad_accum=" + std::to_string(n));
+      EXPECT_EQ(r.exit_code, 0) << r.err;
+      made[n] = name;
+    }
+    return made[n];
+  }
+  static std::vector<double> losses(const std::string& name, const char* key = "loss") {
+    std::vector<double> out;
+    for (auto& j : testing::records_of(*dir_ + "/" + name + "/metrics.jsonl", key))
+      out.push_back(j[key].get<double>());
+    return out;
+  }
+  // The final parameters of a run (its last checkpoint, sharded or not), flat.
+  static std::vector<float> params(const std::string& name) {
+    std::string ckpt = find_latest_checkpoint(*dir_ + "/" + name);
+    EXPECT_FALSE(ckpt.empty()) << name;
+    return checkpoint_params(ckpt);
+  }
+  static std::vector<float> checkpoint_params(const std::string& ckpt) {
+    Transformer m(checkpoint_model_config(ckpt));
+    load_checkpoint(ckpt, m, nullptr, nullptr);
+    Tensor v = m.params().flat_values();
+    return std::vector<float>(v.data<float>(), v.data<float>() + v.numel());
+  }
+  // Compares a run with the reference of the same global batch; returns whether bit-identical.
+  static bool expect_same(const std::string& name, const std::string& ref) {
+    std::vector<double> a = losses(name), b = losses(ref);
+    EXPECT_EQ(a.size(), 6u) << name;
+    EXPECT_EQ(a.size(), b.size());
+    bool exact = a == b;
+    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+      EXPECT_NEAR(a[i], b[i], 1e-6 * std::abs(b[i])) << name << " step " << i + 1;
+    // AdamW hides a uniformly scaled gradient; the norm does not.
+    std::vector<double> na = losses(name, "grad_norm"), nb = losses(ref, "grad_norm");
+    EXPECT_EQ(na.size(), nb.size());
+    for (size_t i = 0; i < std::min(na.size(), nb.size()); ++i)
+      EXPECT_NEAR(na[i], nb[i], 1e-5 * nb[i]) << name << " grad norm, step " << i + 1;
+    std::vector<float> p = params(name), q = params(ref);
+    EXPECT_EQ(p.size(), q.size());
+    double worst = 0;
+    for (size_t i = 0; i < std::min(p.size(), q.size()); ++i)
+      worst = std::max(worst, static_cast<double>(std::abs(p[i] - q[i])));
+    EXPECT_LE(worst, 2e-5) << name;  // lr 3e-3 x 6 steps moves them ~2e-2
+    exact = exact && worst == 0;
+    std::printf("%s vs %s: %s (max |dparam| %.3g)\n", name.c_str(), ref.c_str(),
+                exact ? "bit-identical" : "within tolerance", worst);
+    return exact;
+  }
+  // "dist: ... optimizer state N bytes, parameters N bytes ..." of rank 0.
+  static std::pair<double, double> memory(const std::string& out) {
+    std::smatch m;
+    std::regex re("optimizer state (\\d+) bytes, parameters (\\d+) bytes");
+    EXPECT_TRUE(std::regex_search(out, m, re)) << out;
+    return {std::stod(m[1]), std::stod(m[2])};
+  }
+  static std::string* dir_;
+};
+std::string* DataParallelTest::dir_ = nullptr;
+
+TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
+  for (int n : {2, 4}) {
+    const std::string& ref = reference(n);
+    RunResult one =
+        run("single-" + std::to_string(n), 1,
+            "--set train.batch_size=2 --set dist.strategy=zero1 --set train.grad_accum=" +
+                std::to_string(n));
+    ASSERT_EQ(one.exit_code, 0) << one.err;
+    const double full_opt = memory(one.out).first, full_params = memory(one.out).second;
+    for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
+      std::string name = s + "-" + std::to_string(n);
+      RunResult r = run(name, n, "--set train.batch_size=2 --set dist.strategy=" + s);
+      ASSERT_EQ(r.exit_code, 0) << name << "\n" << r.out << r.err;
+      expect_same(name, ref);
+      auto [opt, par] = memory(r.out);
+      if (s != "no-shard")  // optimizer state is 1/N (+-1%)
+        EXPECT_NEAR(opt / full_opt, 1.0 / n, 0.01 / n) << name;
+      else
+        EXPECT_EQ(opt, full_opt);
+      if (s == "full-shard")
+        EXPECT_NEAR(par / full_params, 1.0 / n, 0.01 / n) << name;
+      else
+        EXPECT_EQ(par, full_params);
+    }
+  }
+}
+
+TEST_F(DataParallelTest, HybridAsTwoNodesOfTwoAndOffloadMatch) {
+  const std::string& ref = reference(4);
+  RunResult r = run("hybrid-4", 4,
+                    "--set train.batch_size=2 --set dist.strategy=hybrid --set "
+                    "dist.ranks_per_node=2");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("2 node(s) x 2"), std::string::npos) << r.out;
+  expect_same("hybrid-4", ref);
+  // Within a node the state is halved (full-shard over 2 ranks), replicated across nodes.
+  RunResult one = run(
+      "single-h", 1, "--set train.batch_size=2 --set train.grad_accum=4 --set dist.strategy=zero1");
+  EXPECT_NEAR(memory(r.out).first / memory(one.out).first, 0.5, 0.005);
+
+  RunResult o =
+      run("offload-2", 2,
+          "--set train.batch_size=2 --set dist.strategy=grad-shard --set dist.offload=true");
+  ASSERT_EQ(o.exit_code, 0) << o.out << o.err;
+  EXPECT_NE(o.out.find("dist.offload: AdamW master values and gradients in a host arena"),
+            std::string::npos)
+      << o.out;
+  expect_same("offload-2", reference(2));
+  // Offloaded full-shard resumes from its own checkpoint like any other.
+  RunResult f =
+      run("offload-full-2", 2,
+          "--set train.batch_size=2 --set dist.strategy=full-shard --set dist.offload=true "
+          "--set train.checkpoint_every=3");
+  ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
+  expect_same("offload-full-2", reference(2));
+}
+
+TEST_F(DataParallelTest, CheckpointOfFourRanksResumesOnTwoAndOne) {
+  // 4 ranks x batch 2, full-shard, a checkpoint at step 3; then steps 4-6 on 2 ranks x batch 4
+  // and on 1 process x batch 8: the same global batches, so the same losses.
+  RunResult r = run("reshard-4", 4,
+                    "--set train.batch_size=2 --set dist.strategy=full-shard --set "
+                    "train.checkpoint_every=3 --set train.keep_last=0");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  std::string ckpt = *dir_ + "/reshard-4/checkpoints/step-00000003";
+  ASSERT_TRUE(std::filesystem::exists(ckpt + "/model-rank-00003-of-00004.safetensors"));
+  ASSERT_TRUE(std::filesystem::exists(ckpt + "/optimizer-rank-00000-of-00004.safetensors"));
+  EXPECT_EQ(verify_checkpoint(ckpt), "");
+  std::vector<double> full = losses("reshard-4");
+  ASSERT_EQ(full.size(), 6u);
+  struct Case {
+    std::string name;
+    int ranks;
+    std::string extra;
+  };
+  for (const Case& c : {Case{"reshard-2", 2, "--set train.batch_size=4 --set dist.strategy=zero1"},
+                        Case{"reshard-1", 1, "--set train.batch_size=8"}}) {
+    RunResult x = run(c.name, c.ranks, c.extra + " --resume=" + ckpt);
+    ASSERT_EQ(x.exit_code, 0) << c.name << "\n" << x.out << x.err;
+    std::vector<double> l = losses(c.name);
+    ASSERT_EQ(l.size(), 3u) << c.name;
+    for (size_t i = 0; i < 3; ++i)
+      EXPECT_NEAR(l[i], full[3 + i], 1e-5 * full[3 + i]) << c.name << " step " << 4 + i;
+  }
+  // The sharded checkpoint consolidates into a single-file one holding the same values.
+  RunResult c = testing::run_lmforge(
+      "convert --from-checkpoint " + ckpt + " --out " + *dir_ + "/consolidated", *dir_);
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  std::string one = *dir_ + "/consolidated/checkpoints/step-00000003";
+  EXPECT_TRUE(std::filesystem::exists(one + "/model.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(one + "/optimizer.safetensors"));
+  EXPECT_EQ(checkpoint_params(one), checkpoint_params(ckpt));
+  // The single-process continuation wrote a single-file checkpoint; the sharded one exports.
+  EXPECT_TRUE(
+      std::filesystem::exists(*dir_ + "/reshard-1/checkpoints/step-00000006/model.safetensors"));
+  RunResult e =
+      testing::run_lmforge("export --checkpoint " + ckpt + " --to-hf " + *dir_ + "/hf", *dir_);
+  EXPECT_EQ(e.exit_code, 0) << e.err;
+}
+
+TEST_F(DataParallelTest, ADeadOrHungRankStopsTheJobNamingIt) {
+  RunResult k = run("kill", 2, "--set train.batch_size=2 --set train.inject_fault=kill@3");
+  EXPECT_NE(k.exit_code, 0);
+  EXPECT_NE((k.out + k.err).find("rank 1"), std::string::npos) << k.out << k.err;
+
+  RunResult h = run(
+      "hang", 2, "--set train.batch_size=2 --set train.inject_fault=hang@3 --set dist.timeout=3");
+  EXPECT_NE(h.exit_code, 0);
+  EXPECT_NE(h.err.find("rank 1 (at collective"), std::string::npos) << h.err;
+  EXPECT_NE(h.err.find("dist.timeout"), std::string::npos) << h.err;
+}
+
+}  // namespace
+}  // namespace lmforge
