@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data parallelism on one CPU machine: the same global batch trained by one process (all cores)
 # and by N ranks (cores / N threads each) under every dist.strategy, in one run.
-#   bench/dist_cpu.sh [--model gpt2] [--batch 4] [--seq 128] [--steps 6] [--ranks 2]
+#   bench/dist_cpu.sh [--model gpt2] [--batch 4] [--seq 128] [--steps 6] [--ranks 2] [--tokenizer F]
+# (default: GPT-2's tokenizer from ../shared/assets, so gpt2 is the 124M model)
 # --batch is the global batch; each of N ranks takes batch/N rows. Prints per configuration the
 # median tokens/s of the steps after the first two, peak RSS of rank 0, and rank 0's optimizer
 # state and parameter bytes; then markdown rows for docs/benchmarks.md. Needs build/lmforge and
@@ -9,6 +10,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=gpt2 batch=4 seq=128 steps=6 ranks=2
+tokenizer=$root/../shared/assets/tokenizers/gpt2.tiktoken
 while (($#)); do
   case $1 in
     --model) model=$2; shift 2 ;;
@@ -16,6 +18,7 @@ while (($#)); do
     --seq) seq=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --ranks) ranks=$2; shift 2 ;;
+    --tokenizer) tokenizer=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -24,7 +27,7 @@ log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT
 common=(--set "model.preset=$model" --set "train.seq_len=$seq" --set "train.steps=$steps"
         --set train.eval_every=0 --set train.checkpoint_every=0 --set sample.prompt=
-        --set train.warmup=0)
+        --set train.warmup=0 --set "data.tokenizer=$tokenizer")
 
 median_tps() {  # metrics.jsonl -> median tokens_per_s of steps > 2
   python3 - "$1" <<'PY'
@@ -33,9 +36,9 @@ v = [json.loads(l)["tokens_per_s"] for l in open(sys.argv[1]) if '"loss"' in l][
 print(f"{statistics.median(v):.1f}" if v else "n/a")
 PY
 }
-rows=()
+rows=() runs=0
 bench() {  # name nranks strategy
-  local name=$1 n=$2 strategy=$3 dir="$log/$1"
+  local name=$1 n=$2 strategy=$3 dir="$log/run$((++runs))"
   local args=(train "${common[@]}" --set "run.dir=$dir" --set "dist.strategy=$strategy")
   if ((n == 1)); then
     args+=(--set "train.batch_size=$((batch / ranks))" --set "train.grad_accum=$ranks")
@@ -47,9 +50,9 @@ bench() {  # name nranks strategy
   fi
   local tps rss opt par
   tps=$(median_tps "$dir/metrics.jsonl")
-  rss=$(grep -oE 'peak resident memory [0-9]+' "$log/$name.out" | awk '{print $4}')
-  opt=$(grep -oE 'optimizer state [0-9]+' "$log/$name.out" | awk '{printf "%.0f", $3/1048576}')
-  par=$(grep -oE 'parameters [0-9]+ bytes' "$log/$name.out" | awk '{printf "%.0f", $2/1048576}')
+  rss=$( (grep -oE 'peak resident memory [0-9]+' "$log/$name.out" || true) | awk '{print $4}')
+  opt=$( (grep -oE 'optimizer state [0-9]+' "$log/$name.out" || true) | awk '{printf "%.0f", $3/1048576}')
+  par=$( (grep -oE 'parameters [0-9]+ bytes' "$log/$name.out" || true) | awk '{printf "%.0f", $2/1048576}')
   echo "$name: $tps tok/s, peak RSS $rss MiB (rank 0), optimizer state ${opt:-all} MiB, parameters ${par:-all} MiB"
   rows+=("| $model B=$batch T=$seq | $name | $tps | $rss | ${opt:-} | ${par:-} |")
 }
