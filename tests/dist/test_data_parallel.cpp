@@ -2,8 +2,8 @@
 // thread per rank): every strategy against one process that sees the same global batch (batch B
 // with grad_accum N, the rows rank r would take as micro-batch r). The reduction orders differ
 // (MPI's sum over ranks vs accumulation over micro-batches), so losses must agree to 1e-6
-// relative (gradient norms 1e-5) and final parameters to 2e-5 absolute (AdamW turns
-// rounding-level gradient differences into up to ~1e-6 in parameters with tiny gradients); the
+// relative (gradient norms 1e-5) and final parameters to 1e-5 in relative L2 norm and 1e-3 for
+// any one (AdamW can turn a rounding-level difference of a tiny gradient into a sizeable step); the
 // tests also report when they are bit-identical. Then: sharded memory is 1/N, a checkpoint saved by
 // 4 ranks resumes on 2 and 1, hybrid as 2 nodes x 2, and a rank that dies or hangs stops the job
 // naming it.
@@ -87,13 +87,22 @@ class DataParallelTest : public ::testing::Test {
       EXPECT_NEAR(na[i], nb[i], 1e-5 * nb[i]) << name << " grad norm, step " << i + 1;
     std::vector<float> p = params(name), q = params(ref);
     EXPECT_EQ(p.size(), q.size());
-    double worst = 0;
-    for (size_t i = 0; i < std::min(p.size(), q.size()); ++i)
-      worst = std::max(worst, static_cast<double>(std::abs(p[i] - q[i])));
-    EXPECT_LE(worst, 2e-5) << name;  // lr 3e-3 x 6 steps moves them ~2e-2
+    // AdamW's step is lr * m / sqrt(v): for a near-zero gradient a rounding-level difference
+    // can move one parameter by up to lr, so single parameters get a third of one step (1e-3)
+    // and the whole vector 1e-5 relative (a wrong shard or update shows as ~1e-1).
+    double worst = 0, dd = 0, qq = 0;
+    for (size_t i = 0; i < std::min(p.size(), q.size()); ++i) {
+      double d = std::abs(static_cast<double>(p[i]) - q[i]);
+      worst = std::max(worst, d);
+      dd += d * d;
+      qq += static_cast<double>(q[i]) * q[i];
+    }
+    const double rel = std::sqrt(dd / qq);
+    EXPECT_LE(worst, 1e-3) << name;
+    EXPECT_LE(rel, 1e-5) << name;
     exact = exact && worst == 0;
-    std::printf("%s vs %s: %s (max |dparam| %.3g)\n", name.c_str(), ref.c_str(),
-                exact ? "bit-identical" : "within tolerance", worst);
+    std::printf("%s vs %s: %s (max |dparam| %.3g, |dparam| / |param| %.3g)\n", name.c_str(),
+                ref.c_str(), exact ? "bit-identical" : "within tolerance", worst, rel);
     return exact;
   }
   // "dist: ... optimizer state N bytes, parameters N bytes ..." of rank 0.
@@ -131,6 +140,18 @@ TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
       else
         EXPECT_EQ(par, full_params);
     }
+  }
+}
+
+TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {
+  // 2 ranks x batch 1 x grad_accum 2 takes the rows of one process's 2 x 2 in the same
+  // micro-batches; sharded strategies reduce-scatter every micro-batch and accumulate shards.
+  for (std::string s : {"no-shard", "grad-shard", "full-shard"}) {
+    std::string name = "accum-" + s;
+    RunResult r =
+        run(name, 2, "--set train.batch_size=1 --set train.grad_accum=2 --set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    expect_same(name, reference(2));
   }
 }
 

@@ -188,16 +188,12 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     const bool last = m + 1 == micro.size();
     sync_ = grad_sharded() || last;  // DDP and zero1 accumulate locally until the last
     if (m == 0 || grad_sharded()) ps_.zero_grad();
+    first_micro_ = m == 0;  // reduce-scatter straight into the accumulator
     for (Bucket& b : buckets_) b.pending = b.groups;
     double share = targets > 0 ? static_cast<double>(counts[m]) / targets : 0.0;
     double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore);
     drain();
-    if (grad_sharded()) {
-      if (m == 0)
-        gshard_.copy_from(rs_tmp_);
-      else
-        ops::accumulate(gshard_, rs_tmp_);
-    }
+    if (grad_sharded() && m > 0) ops::accumulate(gshard_, rs_tmp_);
     sums[0] += l * share;
     sums[1] += model_.mean_lse_sq() * share;
   }
@@ -223,8 +219,8 @@ void DataParallel::launch(Bucket& b) {
     return;
   }
   const int64_t at = std::clamp(b.lo, my_lo_, my_hi_) - my_lo_;
-  works_.push_back(shard_comm_->reduce_scatter(g + b.lo, rs_tmp_.data<float>() + at,
-                                               layout_.counts(b.lo, b.hi)));
+  float* out = (first_micro_ ? gshard_ : rs_tmp_).data<float>();
+  works_.push_back(shard_comm_->reduce_scatter(g + b.lo, out + at, layout_.counts(b.lo, b.hi)));
 }
 
 void DataParallel::drain() {

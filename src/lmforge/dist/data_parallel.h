@@ -130,7 +130,9 @@ class DataParallel final : public GroupHooks {
   bool sync_ = false;
   bool first_micro_ = true;
   Arena shard_arena_, gather_;
-  Tensor gshard_, rs_tmp_, vshard_;  // gradient accumulator, its per-micro-batch target, values
+  // Gradient accumulator (the first micro-batch's reduce-scatter target), the later
+  // micro-batches' target (untouched, so not resident, without gradient accumulation), values.
+  Tensor gshard_, rs_tmp_, vshard_;
   Tensor embed_buf_, tail_buf_, block_buf_[2];
   int64_t slot_block_[2] = {-1, -1};
   WorkPtr slot_work_[2], edge_work_[2];
