@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <future>
 #include <map>
 
 #include "lmforge/core/error.h"
@@ -96,48 +97,69 @@ class Job {
       if (!reader.next_raw(&skipped_record))
         fail("{}: inputs shrank since the interrupted run; delete it", dir_);
     records_ = p.records;
+    // The train shard's buffer at its final size up front (the pages fill as tokens arrive and
+    // stay for the next shards): growing it by doubling re-copies and re-faults every token.
+    // Capped by the input's size (a token is at least a byte of text, one more per document).
+    train_.tokens.reserve(std::min<uint64_t>(o_.shard_tokens + (64 << 10), 2 * total_bytes + 4096));
     start_ = Clock::now();
     resumed_bytes_ = reader.bytes_consumed();
 
-    // Each batch keeps every record in order (kept or skipped), so counts and shard closes
-    // happen in record order and a close mid-batch records exactly what precedes it.
-    // A batch of raw records is read in order, then parsed, checked and tokenized in
-    // parallel (results by index), then applied in record order: counts and shard closes
-    // happen in record order, so a close mid-batch records exactly what precedes it.
-    std::vector<RawRecord> raw;
-    std::vector<Document> docs;
-    std::vector<std::vector<int32_t>> ids;
-    bool more = true;
-    while (more) {
-      raw.clear();
-      size_t batch_bytes = 0;
-      while (raw.size() < kBatchDocs && batch_bytes < kBatchBytes) {
+    // A pipeline of batches in record order: batch k+1 is read (sequential, cheap) on one thread
+    // while batch k is parsed, checked and tokenized in parallel (results by index), and batch
+    // k-1 is applied on another: counts and shard closes happen in record order, so a close
+    // mid-batch records exactly what precedes it, and the output does not depend on timing.
+    struct Batch {
+      std::vector<RawRecord> raw;
+      uint64_t consumed = 0;  // input bytes read through this batch
+      bool last = false;
+    };
+    auto read_batch = [&reader] {
+      Batch b;
+      size_t bytes = 0;
+      while (b.raw.size() < kBatchDocs && bytes < kBatchBytes) {
         RawRecord r;
         if (!reader.next_raw(&r)) {
-          more = false;
+          b.last = true;
           break;
         }
-        batch_bytes += r.data.size();
-        raw.push_back(std::move(r));
+        bytes += r.data.size();
+        b.raw.push_back(std::move(r));
       }
-      const int64_t n = static_cast<int64_t>(raw.size());
-      docs.assign(n, Document{});
-      ids.assign(n, {});
+      b.consumed = reader.bytes_consumed();
+      return b;
+    };
+    std::vector<Document> docs[2];
+    std::vector<std::vector<int32_t>> ids[2];
+    auto apply = [&](int slot, uint64_t consumed) {
+      for (size_t k = 0; k < docs[slot].size(); ++k) {
+        const Document& d = docs[slot][k];
+        uint64_t index = p.records + records_read_++;
+        if (d.bom_removed) ++repaired_["bom"];
+        if (!d.skip.empty())
+          ++skipped_[d.skip];
+        else
+          add(index, ids[slot][k], d.text);
+      }
+      show(consumed, total_bytes);
+    };
+    std::future<Batch> next = std::async(std::launch::async, read_batch);
+    std::future<void> applied;  // batch k-1, whose buffers are the other slot
+    for (int slot = 0;; slot ^= 1) {
+      Batch b = next.get();
+      if (!b.last) next = std::async(std::launch::async, read_batch);
+      const int64_t n = static_cast<int64_t>(b.raw.size());
+      docs[slot].assign(n, Document{});
+      ids[slot].assign(n, {});
 #pragma omp parallel for schedule(dynamic, 4)
       for (int64_t k = 0; k < n; ++k) {
-        docs[k] = reader.finish(std::move(raw[k]));
-        if (docs[k].skip.empty()) ids[k] = tok_.encode(docs[k].text);
+        docs[slot][k] = reader.finish(std::move(b.raw[k]));
+        if (docs[slot][k].skip.empty()) ids[slot][k] = tok_.encode(docs[slot][k].text);
       }
-      for (int64_t k = 0; k < n; ++k) {
-        uint64_t index = p.records + records_read_++;
-        if (docs[k].bom_removed) ++repaired_["bom"];
-        if (!docs[k].skip.empty())
-          ++skipped_[docs[k].skip];
-        else
-          add(index, ids[k], docs[k].text);
-      }
-      show(reader.bytes_consumed(), total_bytes);
+      if (applied.valid()) applied.get();
+      applied = std::async(std::launch::async, apply, slot, b.consumed);
+      if (b.last) break;
     }
+    applied.get();
     records_ = p.records + records_read_;
     close_shards(/*final=*/true);
     if (o_.progress && isatty(2)) std::fprintf(stderr, "\n");
