@@ -29,6 +29,10 @@ if ((${#missing[@]})); then
 fi
 
 cmake_args=(-S . -B build -DCMAKE_BUILD_TYPE=Release)
+# The CUDA backend builds when nvcc is found (/usr/local/cuda); LMFORGE_CUDA_ARCHITECTURES picks
+# the GPU architectures (default 80;90a; the tests build one).
+[[ -n ${LMFORGE_CUDA_ARCHITECTURES:-} ]] &&
+  cmake_args+=("-DLMFORGE_CUDA_ARCHITECTURES=$LMFORGE_CUDA_ARCHITECTURES")
 if ((want_python)); then
   python=$(bash scripts/setup-python-env.sh | tail -n 1)
   cmake_args+=("-DLMFORGE_PYTHON=$python")

@@ -6,7 +6,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-bash scripts/setup.sh --python
+# CUDA code is compiled for one architecture here (H100's) to save time; GPU tests (label cuda)
+# skip without a GPU.
+LMFORGE_CUDA_ARCHITECTURES=${LMFORGE_CUDA_ARCHITECTURES:-90a} bash scripts/setup.sh --python
 select=(-LE slow)
 case ${1:-} in
   --slow) select=(-L slow) ;;

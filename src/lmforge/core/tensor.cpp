@@ -7,6 +7,8 @@
 #include <cstring>
 #include <new>
 
+#include "lmforge/backend/cuda/runtime.h"
+
 namespace lmforge {
 
 namespace {
@@ -27,8 +29,15 @@ size_t available_memory() {
 }  // namespace
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
-  if (device != Device::kCPU)
-    fail("cannot allocate on {}: the CUDA backend is not built", device_name(device));
+  if (device == Device::kCUDA) {  // zero-filled, like host storage
+    if (!cuda::available())
+      fail("cannot allocate on cuda: {}",
+           cuda::device_count() == 0 ? "no CUDA GPU is visible (or lmforge was built without CUDA)"
+                                     : "the device is unusable");
+    void* p = bytes ? cuda::malloc(bytes) : nullptr;
+    if (p) cuda::memset_zero(p, bytes);
+    return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
+  }
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   if (rounded > (size_t{1} << 26)) {
     size_t avail = available_memory();
@@ -68,7 +77,9 @@ std::shared_ptr<Storage> Storage::borrow(void* data, size_t bytes, std::shared_p
 }
 
 Storage::~Storage() {
-  if (owned_ && mapped_)
+  if (owned_ && device_ == Device::kCUDA)
+    cuda::free(data_);
+  else if (owned_ && mapped_)
     ::munmap(data_, mapped_);
   else if (owned_)
     std::free(data_);
@@ -156,16 +167,36 @@ Tensor Tensor::operator[](int64_t i) const {
 }
 
 void Tensor::zero_() const {
-  if (numel()) std::memset(raw(), 0, nbytes());
+  if (!numel()) return;
+  if (device() == Device::kCUDA)
+    cuda::memset_zero(raw(), nbytes());
+  else
+    std::memset(raw(), 0, nbytes());
 }
 
+// Same dtype and numel; across devices too (host <-> GPU, ordered on the CUDA stream; a copy to
+// the host waits for it).
 void Tensor::copy_from(const Tensor& src) const {
   LMF_CHECK(src.dtype() == dtype_ && src.numel() == numel(), "copy {} {} into {} {}",
             src.shape().str(), dtype_name(src.dtype()), shape_.str(), dtype_name(dtype_));
-  if (numel()) std::memcpy(raw(), src.raw(), nbytes());
+  if (!numel()) return;
+  const bool to_gpu = device() == Device::kCUDA, from_gpu = src.device() == Device::kCUDA;
+  if (!to_gpu && !from_gpu)
+    std::memcpy(raw(), src.raw(), nbytes());
+  else
+    cuda::memcpy(raw(), src.raw(), nbytes(),
+                 to_gpu && from_gpu ? cuda::Copy::kDeviceToDevice
+                 : to_gpu           ? cuda::Copy::kHostToDevice
+                                    : cuda::Copy::kDeviceToHost);
 }
 
 void Tensor::fill_(double v) const {
+  if (device() == Device::kCUDA) {  // set-up code only: through a host copy
+    Tensor host = empty(shape_, dtype_);
+    host.fill_(v);
+    copy_from(host);
+    return;
+  }
   int64_t n = numel();
   switch (dtype_) {
     case DType::kF64:
@@ -188,8 +219,16 @@ Tensor Tensor::clone() const {
   return t;
 }
 
+Tensor Tensor::to(Device d) const {
+  Tensor t = empty(shape_, dtype_, d);
+  t.copy_from(*this);
+  return t;
+}
+
 Tensor Tensor::to(DType dt) const {
   if (dt == dtype_) return clone();
+  LMF_CHECK(device() == Device::kCPU, "to({}) of a CUDA tensor: copy it to the host first",
+            dtype_name(dt));
   Tensor t = empty(shape_, dt, device());
   int64_t n = numel();
   auto get = [&](int64_t i) -> double {

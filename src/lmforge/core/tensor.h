@@ -111,8 +111,10 @@ class Tensor {
   void copy_from(const Tensor& src) const;  // same dtype and numel
   void fill_(double v) const;
   Tensor clone() const;
-  // fp32 <-> fp64 / bf16 conversion into a fresh tensor.
+  // fp32 <-> fp64 / bf16 conversion into a fresh tensor (host tensors).
   Tensor to(DType dtype) const;
+  // A copy on another device (host <-> CUDA).
+  Tensor to(Device device) const;
 
   const std::shared_ptr<Storage>& storage() const { return storage_; }
   size_t byte_offset() const { return byte_offset_; }

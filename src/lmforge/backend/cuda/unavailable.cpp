@@ -1,13 +1,29 @@
-// Linked when lmforge is built without CUDA (the default): any op on a CUDA tensor ends here.
+// Linked when lmforge is built without the CUDA backend: no GPU is available, and any op on a
+// CUDA tensor ends in cuda_unavailable().
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/backend/ops.h"
 
 namespace lmforge {
 
 void cuda_unavailable(const char* op) {
   fail(
-      "{}: the tensor is on a CUDA device but this lmforge was built without CUDA; rebuild with "
-      "-DLMFORGE_CUDA=ON or set train.device=cpu",
+      "{}: the tensor is on a CUDA device but this lmforge was built without CUDA (nvcc was not "
+      "found); install the CUDA toolkit and rebuild, or set train.device=cpu",
       op);
 }
+
+namespace cuda {
+int device_count() { return 0; }
+bool available() { return false; }
+std::string device_name() { return ""; }
+void set_device(int) { cuda_unavailable("set_device"); }
+void* stream() { return nullptr; }
+void* malloc(size_t) { cuda_unavailable("malloc"); }
+void free(void*) {}
+size_t free_memory() { return 0; }
+void memcpy(void*, const void*, size_t, Copy) { cuda_unavailable("memcpy"); }
+void memset_zero(void*, size_t) { cuda_unavailable("memset"); }
+void synchronize() {}
+}  // namespace cuda
 
 }  // namespace lmforge

@@ -1,0 +1,90 @@
+#include "lmforge/backend/cuda/runtime.h"
+
+#include <cuda_runtime.h>
+
+#include "lmforge/backend/cuda/check.h"
+#include "lmforge/backend/ops.h"
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+void cuda_unavailable(const char* op) {
+  fail("{}: not implemented on CUDA yet (see the CUDA issue); set train.device=cpu", op);
+}
+
+}  // namespace lmforge
+
+namespace lmforge::cuda {
+
+int device_count() {
+  static const int n = [] {
+    int c = 0;
+    return cudaGetDeviceCount(&c) == cudaSuccess ? c : (cudaGetLastError(), 0);
+  }();
+  return n;
+}
+
+bool available() { return device_count() > 0; }
+
+std::string device_name() {
+  if (!available()) return "";
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp p{};
+  LMF_CUDA(cudaGetDeviceProperties(&p, dev));
+  return p.name;
+}
+
+void set_device(int index) {
+  if (index < 0 || index >= device_count())
+    fail("CUDA device {} does not exist ({} device(s) visible)", index, device_count());
+  LMF_CUDA(cudaSetDevice(index));
+}
+
+void* stream() {
+  static cudaStream_t s = [] {
+    cudaStream_t x = nullptr;
+    LMF_CUDA(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
+    return x;
+  }();
+  return s;
+}
+
+size_t free_memory() {
+  size_t free_b = 0, total = 0;
+  LMF_CUDA(cudaMemGetInfo(&free_b, &total));
+  return free_b;
+}
+
+void* malloc(size_t bytes) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, bytes) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error of a failed allocation
+    fail(
+        "out of GPU memory: {:.2f} GiB requested, {:.2f} GiB free on {}; lower "
+        "train.batch_size or train.seq_len, or set train.activation_checkpointing",
+        bytes / 1073741824.0, free_memory() / 1073741824.0, device_name());
+  }
+  return p;
+}
+
+void free(void* p) {
+  if (p) cudaFree(p);
+}
+
+void memcpy(void* dst, const void* src, size_t bytes, Copy kind) {
+  cudaMemcpyKind k = kind == Copy::kHostToDevice   ? cudaMemcpyHostToDevice
+                     : kind == Copy::kDeviceToHost ? cudaMemcpyDeviceToHost
+                                                   : cudaMemcpyDeviceToDevice;
+  auto s = static_cast<cudaStream_t>(stream());
+  LMF_CUDA(cudaMemcpyAsync(dst, src, bytes, k, s));
+  if (kind == Copy::kDeviceToHost) LMF_CUDA(cudaStreamSynchronize(s));  // the host reads it next
+}
+
+void memset_zero(void* p, size_t bytes) {
+  LMF_CUDA(cudaMemsetAsync(p, 0, bytes, static_cast<cudaStream_t>(stream())));
+}
+
+void synchronize() { LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream()))); }
+
+}  // namespace lmforge::cuda

@@ -1,0 +1,32 @@
+// The CUDA runtime as the rest of lmforge sees it: plain C++ types only (no CUDA headers), so
+// core/ and backend/ops.cpp compile the same with or without the CUDA backend. Built when CMake
+// finds nvcc (LMFORGE_HAVE_CUDA); otherwise unavailable.cpp makes available() false and every
+// other call a clear error.
+//
+// One device per process (a rank's LOCAL_RANK picks it under data parallelism) and one compute
+// stream: every kernel and cuBLASLt/cuDNN call of a step is queued on stream(), so a step runs
+// without host synchronization except where a result is read back (the loss for logging).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace lmforge::cuda {
+
+bool available();            // a usable GPU is present (cudaGetDeviceCount > 0), cached
+int device_count();          // 0 without a GPU or without the CUDA backend
+std::string device_name();   // "NVIDIA H100 80GB HBM3" or "" without a GPU
+void set_device(int index);  // before any allocation; Error naming the index when invalid
+void* stream();              // the compute stream (cudaStream_t)
+
+// Device memory. malloc: Error naming the request and the free memory when it does not fit.
+void* malloc(size_t bytes);
+void free(void* p);
+size_t free_memory();  // bytes free on the current device
+enum class Copy { kHostToDevice, kDeviceToHost, kDeviceToDevice };
+void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on stream()
+void memset_zero(void* p, size_t bytes);                           // ordered on stream()
+void synchronize();  // waits for stream(); Error naming the failing kernel's message if any
+
+}  // namespace lmforge::cuda
