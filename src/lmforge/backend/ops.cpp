@@ -2,16 +2,40 @@
 
 #include <omp.h>
 
+#include <type_traits>
+
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cuda/attention.h"
+#include "lmforge/backend/cuda/kernels.h"
+#include "lmforge/backend/cuda/matmul.h"
+#include "lmforge/backend/cuda/runtime.h"
+
+// The CUDA twin of an op (fp32 only): a lambda in a build with the CUDA backend, nothing
+// otherwise (the cuda:: functions are then declared but never referenced).
+#ifdef LMFORGE_HAVE_CUDA
+#define LMF_GPU(...) [&] { __VA_ARGS__; }
+#else
+#define LMF_GPU(...) nullptr
+#endif
 
 namespace lmforge::ops {
 
 namespace {
 
-// Calls f(T{}) with T the C++ type of t's dtype, after checking the device.
-template <typename F>
-void dispatch(const char* op, const Tensor& t, F&& f) {
-  if (t.device() != Device::kCPU) cuda_unavailable(op);
+// Calls f(T{}) with T the C++ type of t's dtype for a host tensor, or gpu() for a CUDA tensor
+// (fp32; an op without a CUDA twin fails with a clear error).
+template <typename F, typename G = std::nullptr_t>
+void dispatch(const char* op, const Tensor& t, F&& f, G&& gpu = nullptr) {
+  if (t.device() == Device::kCUDA) {
+    if constexpr (std::is_same_v<std::decay_t<G>, std::nullptr_t>) {
+      cuda_unavailable(op);
+    } else {
+      LMF_CHECK(t.dtype() == DType::kF32, "{} on CUDA: fp32 only, got {}", op,
+                dtype_name(t.dtype()));
+      gpu();
+    }
+    return;
+  }
   switch (t.dtype()) {
     case DType::kF32:
       f(float{});
@@ -48,14 +72,23 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
   LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
             inp.shape().str(), weight.shape().str(), out.shape().str());
   if (weight.dtype() == DType::kBF16) {  // bf16 mixed precision: fp32 activations, bf16 weights
-    cpu::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(),
-                             cptr<float>(bias), N, C, OC);
+    auto f = [&](auto) {
+      cpu::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(),
+                               cptr<float>(bias), N, C, OC);
+    };
+    dispatch("linear_forward_bf16", out, f,
+             LMF_GPU(cuda::linear_forward_bf16(out.data<float>(), inp.data<float>(),
+                                               weight.bf16_data(), cptr<float>(bias), N, C, OC)));
     return;
   }
-  dispatch("linear_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::linear_forward<T>(ptr<T>(out), cptr<T>(inp), cptr<T>(weight), cptr<T>(bias), N, C, OC);
-  });
+  dispatch(
+      "linear_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::linear_forward<T>(ptr<T>(out), cptr<T>(inp), cptr<T>(weight), cptr<T>(bias), N, C, OC);
+      },
+      LMF_GPU(cuda::linear_forward(ptr<float>(out), cptr<float>(inp), cptr<float>(weight),
+                                   cptr<float>(bias), N, C, OC)));
 }
 
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
@@ -64,15 +97,27 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
             N, OC);
   if (weight.dtype() == DType::kBF16) {
-    cpu::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
-                              dout.data<float>(), inp.data<float>(), weight.bf16_data(), N, C, OC);
+    auto f = [&](auto) {
+      cpu::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
+                                dout.data<float>(), inp.data<float>(), weight.bf16_data(), N, C,
+                                OC);
+    };
+    dispatch("linear_backward_bf16", dout, f,
+             LMF_GPU(cuda::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight),
+                                                ptr<float>(dbias), dout.data<float>(),
+                                                inp.data<float>(), weight.bf16_data(), N, C, OC)));
     return;
   }
-  dispatch("linear_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
-                            cptr<T>(inp), cptr<T>(weight), N, C, OC);
-  });
+  dispatch(
+      "linear_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
+                                cptr<T>(inp), cptr<T>(weight), N, C, OC);
+      },
+      LMF_GPU(cuda::linear_backward(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
+                                    cptr<float>(dout), cptr<float>(inp), cptr<float>(weight), N, C,
+                                    OC)));
 }
 
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
@@ -82,61 +127,90 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
             tokens.shape().str());
   LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_,
             wpe.size(0));
-  dispatch("embedding_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::embedding_forward<T>(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
-                              T_, C, V);
-  });
+  dispatch(
+      "embedding_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::embedding_forward<T>(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe),
+                                  B, T_, C, V);
+      },
+      LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), cptr<float>(wte),
+                                      cptr<float>(wpe), B, T_, C, V)));
 }
 
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                         const Tensor& tokens) {
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
-  dispatch("embedding_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout), tokens.data<int32_t>(), B,
-                               T_, C, V);
-  });
+  dispatch(
+      "embedding_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout),
+                                   tokens.data<int32_t>(), B, T_, C, V);
+      },
+      LMF_GPU(cuda::embedding_backward(ptr<float>(dwte), ptr<float>(dwpe), cptr<float>(dout),
+                                       tokens.data<int32_t>(), B, T_, C, V)));
 }
 
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                        const Tensor& weight, const Tensor& bias, double eps) {
   same_numel("layernorm_forward", out, inp);
-  dispatch("layernorm_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::layernorm_forward<T>(ptr<T>(out), ptr<T>(mean), ptr<T>(rstd), cptr<T>(inp),
-                              cptr<T>(weight), cptr<T>(bias), rows(inp), last(inp), eps);
-  });
+  dispatch(
+      "layernorm_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::layernorm_forward<T>(ptr<T>(out), ptr<T>(mean), ptr<T>(rstd), cptr<T>(inp),
+                                  cptr<T>(weight), cptr<T>(bias), rows(inp), last(inp), eps);
+      },
+      LMF_GPU(cuda::layernorm_forward(ptr<float>(out), ptr<float>(mean), ptr<float>(rstd),
+                                      cptr<float>(inp), cptr<float>(weight), cptr<float>(bias),
+                                      rows(inp), last(inp), eps)));
 }
 
 void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                         const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& mean, const Tensor& rstd) {
-  dispatch("layernorm_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::layernorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
-                               cptr<T>(inp), cptr<T>(weight), cptr<T>(mean), cptr<T>(rstd),
-                               rows(inp), last(inp));
-  });
+  dispatch(
+      "layernorm_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::layernorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
+                                   cptr<T>(inp), cptr<T>(weight), cptr<T>(mean), cptr<T>(rstd),
+                                   rows(inp), last(inp));
+      },
+      LMF_GPU(cuda::layernorm_backward(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
+                                       cptr<float>(dout), cptr<float>(inp), cptr<float>(weight),
+                                       cptr<float>(mean), cptr<float>(rstd), rows(inp),
+                                       last(inp))));
 }
 
 void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
                      double eps) {
   same_numel("rmsnorm_forward", out, inp);
-  dispatch("rmsnorm_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd), cptr<T>(inp), cptr<T>(weight), rows(inp),
-                            last(inp), eps, 1, last(inp));
-  });
+  dispatch(
+      "rmsnorm_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd), cptr<T>(inp), cptr<T>(weight), rows(inp),
+                                last(inp), eps, 1, last(inp));
+      },
+      LMF_GPU(cuda::rmsnorm_forward(ptr<float>(out), ptr<float>(rstd), cptr<float>(inp),
+                                    cptr<float>(weight), rows(inp), last(inp), eps, 1, last(inp))));
 }
 
 void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
                       const Tensor& inp, const Tensor& weight, const Tensor& rstd) {
-  dispatch("rmsnorm_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), cptr<T>(dout), cptr<T>(inp),
-                             cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp), 1, last(inp));
-  });
+  dispatch(
+      "rmsnorm_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), cptr<T>(dout), cptr<T>(inp),
+                                 cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp), 1,
+                                 last(inp));
+      },
+      LMF_GPU(cuda::rmsnorm_backward(ptr<float>(dinp), ptr<float>(dweight), cptr<float>(dout),
+                                     cptr<float>(inp), cptr<float>(weight), cptr<float>(rstd),
+                                     rows(inp), last(inp), 1, last(inp))));
 }
 
 void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd_k,
@@ -184,12 +258,16 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
   int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
   LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
             op, T_, pos0, cos.shape().str(), HS);
-  dispatch(op, x, [&](auto tag) {
-    using T = decltype(tag);
-    auto f = backward ? cpu::rope_backward<T> : cpu::rope_forward<T>;
-    // q and k heads are adjacent: NH + NKV heads from the start of each row.
-    f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0);
-  });
+  dispatch(
+      op, x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        auto f = backward ? cpu::rope_backward<T> : cpu::rope_forward<T>;
+        // q and k heads are adjacent: NH + NKV heads from the start of each row.
+        f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0);
+      },
+      LMF_GPU((backward ? cuda::rope_backward : cuda::rope_forward)(
+          ptr<float>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
 }
 }  // namespace
 
@@ -210,10 +288,15 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
                 out.numel() == B * T_ * NH * HS,
             "attention: qkv {} lse {} out {} NH={} NKV={}", qkv.shape().str(), lse.shape().str(),
             out.shape().str(), NH, NKV);
-  dispatch("attention_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS, window);
-  });
+  dispatch(
+      "attention_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS,
+                                  window);
+      },
+      LMF_GPU(cuda::attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv), B, T_, NH,
+                                      NKV, HS, window)));
 }
 
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
@@ -226,49 +309,101 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
             "attention_backward: qkv {} dqkv {} out {} dout {} lse {} NH={} NKV={}",
             qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
             lse.shape().str(), NH, NKV);
-  dispatch("attention_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
-                               cptr<T>(lse), B, T_, NH, NKV, HS, window);
-  });
+  dispatch(
+      "attention_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
+                                   cptr<T>(lse), B, T_, NH, NKV, HS, window);
+      },
+      LMF_GPU(cuda::attention_backward(ptr<float>(dqkv), cptr<float>(dout), cptr<float>(qkv),
+                                       cptr<float>(out), cptr<float>(lse), B, T_, NH, NKV, HS,
+                                       window)));
 }
 
 void gelu_forward(const Tensor& out, const Tensor& inp) {
   same_numel("gelu_forward", out, inp);
-  dispatch("gelu_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::gelu_forward<T>(ptr<T>(out), cptr<T>(inp), inp.numel());
-  });
+  dispatch(
+      "gelu_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::gelu_forward<T>(ptr<T>(out), cptr<T>(inp), inp.numel());
+      },
+      LMF_GPU(cuda::gelu_forward(ptr<float>(out), cptr<float>(inp), inp.numel())));
 }
 
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
-  dispatch("gelu_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::gelu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), inp.numel());
-  });
+  dispatch(
+      "gelu_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::gelu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), inp.numel());
+      },
+      LMF_GPU(
+          cuda::gelu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout), inp.numel())));
 }
 
 void swiglu_forward(const Tensor& out, const Tensor& inp) {
   int64_t F = last(inp) / 2, N = rows(inp);
   LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
-  dispatch("swiglu_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::swiglu_forward<T>(ptr<T>(out), cptr<T>(inp), N, F);
-  });
+  dispatch(
+      "swiglu_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::swiglu_forward<T>(ptr<T>(out), cptr<T>(inp), N, F);
+      },
+      LMF_GPU(cuda::swiglu_forward(ptr<float>(out), cptr<float>(inp), N, F)));
 }
 
 void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
-  dispatch("swiglu_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), rows(inp), last(inp) / 2);
-  });
+  dispatch(
+      "swiglu_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), rows(inp),
+                                last(inp) / 2);
+      },
+      LMF_GPU(cuda::swiglu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout),
+                                    rows(inp), last(inp) / 2)));
 }
+
+namespace {
+// The CUDA forward: per-row losses and the lse^2 sum on the device, then the row losses and
+// targets read back for the mean (a host sync per call; the loss is what the step logs).
+double softmax_xent_forward_cuda(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                                 int32_t ignore_index, double* mean_lse_sq) {
+#ifdef LMFORGE_HAVE_CUDA
+  const int64_t V = last(logits), N = rows(logits);
+  static Tensor zsum;  // one device double, made on first use
+  if (!zsum.defined()) zsum = Tensor::empty({1}, DType::kF64, Device::kCUDA);
+  LMF_CHECK(logits.dtype() == DType::kF32, "softmax_xent_forward on CUDA: fp32 only");
+  cuda::softmax_xent_forward(losses.data<float>(), logits.data<float>(), targets.data<int32_t>(), N,
+                             V, ignore_index, mean_lse_sq ? zsum.data<double>() : nullptr);
+  Tensor l = losses.to(Device::kCPU), y = targets.to(Device::kCPU);
+  double total = 0, z = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    total += l.data<float>()[i];
+    count += y.data<int32_t>()[i] != ignore_index;
+  }
+  if (mean_lse_sq) {
+    z = zsum.to(Device::kCPU).data<double>()[0];
+    *mean_lse_sq = count ? z / count : 0.0;
+  }
+  return count ? total / count : 0.0;
+#else
+  cuda_unavailable("softmax_xent_forward");
+#endif
+}
+}  // namespace
 
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                             int32_t ignore_index, double* mean_lse_sq) {
   int64_t V = last(logits), N = rows(logits);
   LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
             logits.shape().str(), targets.shape().str());
+  if (logits.device() == Device::kCUDA)
+    return softmax_xent_forward_cuda(losses, logits, targets, ignore_index, mean_lse_sq);
   double total = 0;
   int64_t count = 0;
   const int32_t* y = targets.data<int32_t>();
@@ -287,43 +422,65 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                            double dloss, int32_t ignore_index, double z_loss) {
   int64_t V = last(logits), N = rows(logits);
-  dispatch("softmax_xent_backward", logits, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
-                                  static_cast<T>(dloss), N, V, ignore_index, z_loss);
-  });
+  dispatch(
+      "softmax_xent_backward", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
+                                      static_cast<T>(dloss), N, V, ignore_index, z_loss);
+      },
+      LMF_GPU(cuda::softmax_xent_backward(ptr<float>(dlogits), cptr<float>(logits),
+                                          targets.data<int32_t>(), static_cast<float>(dloss), N, V,
+                                          ignore_index, z_loss)));
 }
 
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   same_numel("add", a, b);
   same_numel("add", out, a);
-  dispatch("add", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::add<T>(ptr<T>(out), cptr<T>(a), cptr<T>(b), a.numel());
-  });
+  dispatch(
+      "add", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::add<T>(ptr<T>(out), cptr<T>(a), cptr<T>(b), a.numel());
+      },
+      LMF_GPU(cuda::add(ptr<float>(out), cptr<float>(a), cptr<float>(b), a.numel())));
 }
 
 void accumulate(const Tensor& dst, const Tensor& src) {
   same_numel("accumulate", dst, src);
-  dispatch("accumulate", dst, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
-  });
+  dispatch(
+      "accumulate", dst,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
+      },
+      LMF_GPU(cuda::accumulate(ptr<float>(dst), cptr<float>(src), src.numel())));
 }
 
 void scale(const Tensor& x, double s) {
-  dispatch("scale", x, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::scale<T>(ptr<T>(x), static_cast<T>(s), x.numel());
-  });
+  dispatch(
+      "scale", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::scale<T>(ptr<T>(x), static_cast<T>(s), x.numel());
+      },
+      LMF_GPU(cuda::scale(ptr<float>(x), static_cast<float>(s), x.numel())));
 }
 
 double sum_squares(const Tensor& x) {
   double r = 0;
-  dispatch("sum_squares", x, [&](auto tag) {
-    using T = decltype(tag);
-    r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
-  });
+  dispatch(
+      "sum_squares", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
+      },
+      LMF_GPU({
+        static Tensor acc;  // one device double, made on first use
+        if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
+        cuda::sum_squares(acc.data<double>(), cptr<float>(x), x.numel());
+        r = acc.to(Device::kCPU).data<double>()[0];
+      }));
   return r;
 }
 
@@ -331,11 +488,17 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
                   double lr, double beta1, double beta2, double eps, double weight_decay,
                   int64_t step, const Tensor& param_bf16) {
   same_numel("adamw_update", param, grad);
-  if (param.device() != Device::kCPU) cuda_unavailable("adamw_update");
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
-  cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
-                    param_bf16.defined() ? param_bf16.bf16_data() : nullptr, param.numel(), lr,
-                    beta1, beta2, eps, weight_decay, step);
+  uint16_t* p16 = param_bf16.defined() ? param_bf16.bf16_data() : nullptr;
+  dispatch(
+      "adamw_update", param,
+      [&](auto) {
+        cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
+                          p16, param.numel(), lr, beta1, beta2, eps, weight_decay, step);
+      },
+      LMF_GPU(cuda::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(),
+                                 v.data<float>(), p16, param.numel(), lr, beta1, beta2, eps,
+                                 weight_decay, step)));
 }
 
 }  // namespace lmforge::ops

@@ -16,6 +16,15 @@ void cuda_unavailable(const char* op) {
 
 namespace lmforge::cuda {
 
+namespace detail {
+void cuda_failed(int error, const char* call, const char* file, int line) {
+  const auto e = static_cast<cudaError_t>(error);
+  fail("CUDA error {} ({}) in {} at {}:{}", cudaGetErrorName(e), cudaGetErrorString(e), call, file,
+       line);
+}
+void raise(const std::string& message) { throw Error(message); }
+}  // namespace detail
+
 int device_count() {
   static const int n = [] {
     int c = 0;

@@ -1,0 +1,103 @@
+// CUDA kernels, fp32: the GPU twins of the CPU reference kernels in backend/cpu/kernels.h, with
+// the same argument order and semantics. Pointers are device pointers (plain C++ types: this
+// header needs no CUDA headers); every call is queued on cuda::stream() and returns without
+// synchronizing. As on the CPU, every backward ACCUMULATES (+=) into input and parameter
+// gradients, except softmax_xent_backward, which writes dlogits (it may alias logits).
+//
+//   cuda::layernorm_forward(out, mean, rstd, inp, w, b, N, C, 1e-5);      // (N, C)
+//   cuda::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);  // dinp, dw, db +=
+//
+// Numerics: row statistics (norms) accumulate in double, as the CPU does; softmax_xent keeps
+// a per-thread online max / sum of exp in fp32 and forms the logsumexp in double; column sums
+// (norm weight gradients) and sum_squares accumulate in double. Elementwise kernels use the
+// IEEE-rounded CUDA math library (no fast math).
+//
+// Determinism: every result is independent of scheduling (no floating-point atomics). Reductions
+// use a partition fixed by the shapes alone and reduce it in a fixed order. Bit-identical to the
+// CPU (same fp32 operations in the same order, no FMA contraction): embedding forward/backward
+// (dwte gets each token's rows added in (b, t) order), rope, add/accumulate/scale/fill, AdamW.
+//
+// Scratch: the norm backwards (2 x 256 x C doubles at most: 3 MiB at C = 768),
+// softmax_xent_forward with lse_sq_sum (N doubles) and sum_squares (1024 doubles) need a device
+// buffer of partial sums: the only allocation here. It is made through cuda::malloc on first use
+// (1 MiB at least) and regrown (after a stream synchronize) when a call needs more, so a training
+// loop allocates only during its first step, never in steady state (nor in a graph capture after
+// a warm-up step). Calls are stream-ordered, so one buffer serves them all; it lives until exit.
+//
+// Invalid ids: a kernel cannot raise, so a token id outside [0, V) gives a NaN row in
+// embedding_forward (and is skipped by embedding_backward), and a target outside [0, V) other
+// than ignore_index gives a NaN loss and a NaN gradient row: the NaN shows in the loss. Check ids
+// on the host where they are there anyway.
+#pragma once
+
+#include <cstdint>
+
+namespace lmforge::cuda {
+
+// out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null.
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
+                       int64_t B, int64_t T, int64_t C, int64_t V);
+// dwte += scatter of dout by token (deterministic: each block owns a channel slice and a set of
+// vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b.
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                        int64_t B, int64_t T, int64_t C, int64_t V);
+
+// LayerNorm over rows of C; mean, rstd (N) are saved for backward. bias / dbias may be null.
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, int64_t N, int64_t C, double eps);
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                        const float* inp, const float* weight, const float* mean, const float* rstd,
+                        int64_t N, int64_t C);
+
+// RMSNorm over N rows of C; row i lives at (i / group) * stride + (i % group) * C, as
+// cpu::row_offset (group = 1, stride = C for a contiguous (N, C) tensor).
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                     int64_t C, double eps, int64_t group, int64_t stride);
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
+                      const float* weight, const float* rstd, int64_t N, int64_t C, int64_t group,
+                      int64_t stride);
+
+// Rotary embedding in place, HF "rotate_half" layout, as cpu::rope_forward; cos/sin (T_max, HS/2)
+// are device arrays. backward applies the inverse rotation to dx in place.
+void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T,
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+
+// GELU, tanh approximation. backward: dinp += dout * gelu'(inp).
+void gelu_forward(float* out, const float* inp, int64_t n);
+void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n);
+// inp (N, 2F) = [gate | up]; out (N, F) = silu(gate) * up. backward: dinp (N, 2F) +=.
+void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
+void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F);
+
+// losses (N) = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] ==
+// ignore_index. lse_sq_sum, if not null, is a DEVICE double that receives (=, not +=) the sum
+// of logsumexp^2 over the non-ignored rows (for the z-loss), reduced in a fixed order (per-row
+// values in scratch, then one block), so it is the same on every run.
+void softmax_xent_forward(float* losses, const float* logits, const int32_t* targets, int64_t N,
+                          int64_t V, int32_t ignore_index, double* lse_sq_sum);
+// dlogits (N, V) = dloss * (softmax(logits) (1 + 2 z_loss lse) - onehot(target)); ignored rows
+// get 0. Writes (does not accumulate); dlogits may alias logits. dloss is a host value.
+void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,
+                           int64_t N, int64_t V, int32_t ignore_index, double z_loss);
+
+void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
+void accumulate(float* dst, const float* src, int64_t n);         // dst += src
+void scale(float* x, float s, int64_t n);                         // x *= s
+void fill(float* x, float value, int64_t n);                      // x = value
+void zero(float* x, int64_t n);                                   // x = 0
+// Sum of squares of x in double into the DEVICE double *result (= by default; += with
+// accumulate, e.g. over the tensors of a global gradient norm, in call order). Deterministic:
+// blocks of a size fixed by n, then one fixed-order reduction of the block sums.
+void sum_squares(double* result, const float* x, int64_t n, bool accumulate = false);
+
+// One AdamW step, the same operations in the same order and fp32 rounding as
+// cpu::adamw_update (no fused multiply-adds), so p, m, v are bit-identical to the CPU's.
+// p16, if not null, receives bf16(p) (round to nearest even, denormals to zero).
+void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step);
+
+// fp32 -> bf16 (to_bf16) is declared in matmul.h, beside the bf16 gemms that use it.
+
+}  // namespace lmforge::cuda

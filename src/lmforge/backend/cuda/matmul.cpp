@@ -1,0 +1,349 @@
+// gemm and linear layers through cuBLASLt (see matmul.h for the interface and numerics).
+//
+// Row-major on a column-major library: a row-major (r, c) matrix with leading dimension ld is, byte
+// for byte, the column-major (c, r) matrix with the same ld, i.e. its transpose. So the row-major
+// product C = op(A) op(B), an (M, N) matrix, is stored exactly like the column-major
+// C^T = op(B)^T op(A)^T, an (N, M) matrix. cuBLASLt is therefore asked for the column-major
+// D (m = N, n = M, k = K) = op_a(X) op_b(Y) with X = our B, Y = our A, and
+//   X's stored layout: column-major (N, K) when B is (K, N) row-major (op_a = N), or (K, N) when
+//                      B is stored transposed (N, K) row-major (op_a = T); ld = ldb;
+//   Y's stored layout: column-major (K, M) when A is (M, K) row-major (op_b = N), or (M, K) when A
+//                      is stored transposed (op_b = T); ld = lda;
+//   D: column-major (N, M), ld = ldc.
+// The bias epilogue adds a vector with one entry per row of D, i.e. per column of our C: the
+// row-major broadcast bias (N) that linear_forward wants.
+//
+// Plans: one cuBLASLt matmul descriptor, three layouts and the heuristic's best algorithm per key
+// (dtype, transposes, shape, leading dimensions, bias or not, and the alignment of each pointer,
+// capped at 256 bytes: the heuristic assumes 256-byte aligned operands unless told otherwise,
+// and an activation slice need not be). The cache lives for the process; nothing is freed at
+// exit (the driver may be gone by then). A plan's algorithm is fixed once chosen, and cuBLASLt
+// gives bitwise identical results for a fixed algorithm on the same GPU model and toolkit.
+// Fallbacks, so that no shape or alignment is an error: a bias the epilogue cannot take is
+// broadcast into C first (then beta = 1); an operand no algorithm accepts goes to a plain tiled
+// kernel (matmul_kernels.cu), with a one-line warning per plan.
+//
+// One handle and one 32 MiB workspace for every call: correct because every call is queued on the
+// one compute stream (a second stream would need its own workspace).
+#include "lmforge/backend/cuda/matmul.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <mutex>
+#include <unordered_map>
+
+#include "lmforge/backend/cuda/check.h"
+#include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/error.h"
+
+#define LMF_CUBLAS(call)                                                             \
+  do {                                                                               \
+    cublasStatus_t s_ = (call);                                                      \
+    if (s_ != CUBLAS_STATUS_SUCCESS)                                                 \
+      ::lmforge::fail("cuBLASLt error {} ({}) in {} at {}:{}", static_cast<int>(s_), \
+                      cublasLtGetStatusString(s_), #call, __FILE__, __LINE__);       \
+  } while (0)
+
+namespace lmforge::cuda {
+
+namespace detail {}  // namespace detail
+
+namespace {
+
+// 32 MiB: NVIDIA's recommended cuBLAS workspace on Hopper (the largest split-K / stream-K
+// configurations need it); smaller GPUs use less of it.
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;
+
+enum class Dtype : uint8_t { kF32, kBf16 };
+
+struct Key {
+  Dtype dtype;
+  bool ta, tb, bias;
+  int64_t M, N, K, lda, ldb, ldc;
+  uint32_t align_a, align_b, align_c, align_bias;
+  bool operator==(const Key&) const = default;
+};
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    size_t h = static_cast<size_t>(k.dtype) | (k.ta << 2) | (k.tb << 3) | (k.bias << 4);
+    for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc, int64_t(k.align_a), int64_t(k.align_b),
+                      int64_t(k.align_c), int64_t(k.align_bias)})
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t x = nullptr, y = nullptr, d = nullptr;  // X = our B, Y = our A, D = C
+  cublasLtMatmulAlgo_t algo{};
+  // A bias the epilogue could not take (no algorithm for it) is added by filling C's rows with
+  // it and running the gemm with beta = 1.
+  bool bias_epilogue = false;
+  // cuBLASLt has no algorithm at all (an operand aligned to less than its element needs, say):
+  // detail::gemm_fallback runs it, slowly but correctly.
+  bool fallback = false;
+};
+
+// The largest power of two (at most 256) that divides the address.
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+class Lt {
+ public:
+  static Lt& get() {
+    static Lt* lt = new Lt;  // never destroyed: see the file comment
+    return *lt;
+  }
+
+  // C = alpha op(A) op(B) + beta C [+ bias]; M, N, K > 0 and bias implies beta == 0.
+  void run(Dtype dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+           int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+           const float* bias) {
+    const Key key{dt,
+                  ta,
+                  tb,
+                  bias != nullptr,
+                  M,
+                  N,
+                  K,
+                  lda,
+                  ldb,
+                  ldc,
+                  alignment(A),
+                  alignment(B),
+                  alignment(C),
+                  bias ? alignment(bias) : 0u};
+    std::lock_guard<std::mutex> lock(mu_);
+    const Plan& p = plan(key, bias);
+    if (p.fallback) {
+      detail::gemm_fallback(dt == Dtype::kBf16, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C,
+                            ldc, bias);
+      return;
+    }
+    if (bias && p.bias_epilogue) {
+      // The descriptor is shared by every call with this key: point it at this call's bias.
+      LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                sizeof(bias)));
+    } else if (bias) {
+      detail::fill_rows(C, M, N, ldc, bias);
+      beta = 1.0f;
+    }
+    LMF_CUBLAS(cublasLtMatmul(handle_, p.op, &alpha, B, p.x, A, p.y, &beta, C, p.d, C, p.d, &p.algo,
+                              workspace_, kWorkspaceBytes, static_cast<cudaStream_t>(stream())));
+  }
+
+ private:
+  Lt() {
+    LMF_CUBLAS(cublasLtCreate(&handle_));
+    workspace_ = cuda::malloc(kWorkspaceBytes);
+  }
+
+  const Plan& plan(const Key& k, const float* bias) {
+    auto it = cache_.find(k);
+    if (it != cache_.end()) return it->second;
+
+    const cudaDataType_t ab = k.dtype == Dtype::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+    Plan p;
+    // fp32 and bf16 both accumulate in fp32 and scale in fp32; CUBLAS_COMPUTE_32F keeps fp32
+    // inputs in fp32 (no TF32), as the CPU's sgemm.
+    LMF_CUBLAS(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const int32_t op_x = k.tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // see the file comment
+    const int32_t op_y = k.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LMF_CUBLAS(
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_x, sizeof(op_x)));
+    LMF_CUBLAS(
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof(op_y)));
+    LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.x, ab, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb));
+    LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.y, ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda));
+    LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, k.N, k.M, k.ldc));
+
+    cublasLtMatmulPreference_t pref = nullptr;
+    LMF_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = kWorkspaceBytes;
+    LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &ws, sizeof(ws)));
+    const uint32_t al[4] = {k.align_b, k.align_a, k.align_c, k.align_c};  // X, Y, C, D
+    const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i])));
+
+    bool found = false;
+    if (k.bias) {
+      const int32_t epi = CUBLASLT_EPILOGUE_BIAS;
+      const int32_t bias_type = CUDA_R_32F;
+      LMF_CUBLAS(
+          cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+      LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                                &bias_type, sizeof(bias_type)));
+      // The heuristic reads the bias pointer's alignment from the descriptor.
+      LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                sizeof(bias)));
+      found = p.bias_epilogue = heuristic(p, pref);
+      if (!found) {
+        const int32_t none = CUBLASLT_EPILOGUE_DEFAULT;
+        const float* null_bias = nullptr;
+        LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none,
+                                                  sizeof(none)));
+        LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                  &null_bias, sizeof(null_bias)));
+      }
+    }
+    if (!found) found = heuristic(p, pref);
+    LMF_CUBLAS(cublasLtMatmulPreferenceDestroy(pref));
+    p.fallback = !found;
+    if (p.fallback)  // once per key: a slow path worth knowing about, not an error
+      fmt::print(stderr,
+                 "warning: cuBLASLt has no algorithm for the {} gemm M={} N={} K={} (trans_a={}, "
+                 "trans_b={}, lda={}, ldb={}, ldc={}, alignments {}/{}/{} bytes); using the plain "
+                 "CUDA fallback kernel\n",
+                 k.dtype == Dtype::kBf16 ? "bf16" : "fp32", k.M, k.N, k.K, k.ta, k.tb, k.lda, k.ldb,
+                 k.ldc, k.align_a, k.align_b, k.align_c);
+    return cache_.emplace(k, p).first->second;
+  }
+
+  // The heuristic's first choice into p.algo; false when it has none for this configuration.
+  bool heuristic(Plan& p, cublasLtMatmulPreference_t pref) {
+    cublasLtMatmulHeuristicResult_t r{};
+    int n = 0;
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.x, p.y, p.d, p.d, pref, 1, &r, &n);
+    // NOT_SUPPORTED: no heuristic for this configuration; INVALID_VALUE: a layout or alignment
+    // combination the library rejects. Either way the fallback kernel computes it.
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) return false;
+    LMF_CUBLAS(st);
+    if (n < 1 || r.state != CUBLAS_STATUS_SUCCESS || r.workspaceSize > kWorkspaceBytes)
+      return false;
+    p.algo = r.algo;
+    return true;
+  }
+
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  std::mutex mu_;
+  std::unordered_map<Key, Plan, KeyHash> cache_;
+};
+
+// Device scratch that grows to the largest request and is then reused: bf16 copies of
+// activations (slots 0, 1) and the bias gradient's partial sums (slot 2). Growing waits for the
+// stream, since queued kernels may still read the old buffer; after the first step it never grows.
+void* scratch(int slot, size_t bytes) {
+  static std::mutex mu;
+  static void* buf[3] = {};
+  static size_t cap[3] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (bytes > cap[slot]) {
+    if (buf[slot]) {
+      LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream())));
+      cuda::free(buf[slot]);
+      buf[slot] = nullptr;
+      cap[slot] = 0;
+    }
+    buf[slot] = cuda::malloc(bytes);
+    cap[slot] = bytes;
+  }
+  return buf[slot];
+}
+
+void check_gemm_args(const char* what, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                     int64_t lda, int64_t ldb, int64_t ldc) {
+  LMF_CHECK(M >= 0 && N >= 0 && K >= 0, "{}: M={} N={} K={}", what, M, N, K);
+  if (M == 0 || N == 0 || K == 0) return;  // the library is not called
+  LMF_CHECK(lda >= std::max<int64_t>(1, ta ? M : K) && ldb >= std::max<int64_t>(1, tb ? K : N) &&
+                ldc >= std::max<int64_t>(1, N),
+            "{}: leading dimensions lda={} ldb={} ldc={} too small for M={} N={} K={} "
+            "(trans_a={}, trans_b={})",
+            what, lda, ldb, ldc, M, N, K, ta, tb);
+}
+
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_gemm_args("cuda::gemm", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: C = beta C
+    detail::scale_rows(C, M, N, ldc, beta);
+    return;
+  }
+  Lt::get().run(Dtype::kF32, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc,
+                nullptr);
+}
+
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, bool accumulate,
+               float* C, int64_t ldc) {
+  check_gemm_args("cuda::gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  LMF_CHECK(!(bias && accumulate), "cuda::gemm_bf16: bias with accumulate");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) detail::fill_rows(C, M, N, ldc, bias);
+    return;
+  }
+  Lt::get().run(Dtype::kBf16, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb,
+                accumulate ? 1.0f : 0.0f, C, ldc, bias);
+}
+
+void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
+                    int64_t C, int64_t OC) {
+  // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC), the bias in the epilogue
+  if (N == 0 || OC == 0) return;
+  if (C == 0) {
+    detail::fill_rows(out, N, OC, OC, bias);
+    return;
+  }
+  check_gemm_args("cuda::linear_forward", false, true, N, OC, C, C, C, OC);
+  Lt::get().run(Dtype::kF32, false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC, bias);
+}
+
+void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC) {
+  if (N <= 0 || OC <= 0) return;
+  // Chunks of >= 128 rows, at most 64: with OC = 768 that is up to 24 x 64 blocks, enough to fill
+  // the GPU, and the chunking depends on the shape alone (so does the summation order).
+  const int64_t chunks = std::clamp<int64_t>((N + 127) / 128, 1, 64);
+  auto* partial = static_cast<double*>(scratch(2, size_t(chunks) * OC * sizeof(double)));
+  detail::bias_grad(dbias, dout, N, OC, partial, chunks);
+}
+
+void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t C, int64_t OC) {
+  // dinp (N, C) += dout (N, OC) @ weight (OC, C); dweight (OC, C) += dout^T @ inp (N, C)
+  if (dinp) gemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
+  if (dweight) gemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
+  if (dbias) bias_grad(dbias, dout, N, OC);
+}
+
+void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  auto* x = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * C) * 2));
+  to_bf16(x, inp, N * C);
+  gemm_bf16(false, true, N, OC, C, x, C, weight, C, bias, false, out, OC);
+}
+
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  if (dinp || dweight) {
+    auto* d = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * OC) * 2));
+    to_bf16(d, dout, N * OC);
+    if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, true, dinp, C);
+    if (dweight) {
+      auto* x = static_cast<uint16_t*>(scratch(1, std::max<size_t>(1, size_t(N) * C) * 2));
+      to_bf16(x, inp, N * C);
+      gemm_bf16(true, false, OC, C, N, d, OC, x, C, nullptr, true, dweight, C);
+    }
+  }
+  if (dbias) bias_grad(dbias, dout, N, OC);
+}
+
+}  // namespace lmforge::cuda

@@ -1,0 +1,81 @@
+// Matmuls and linear layers on the GPU, the twins of cpu::gemm / cpu::linear_* (cpu/kernels.h)
+// with the same row-major semantics, through cuBLASLt. Every pointer is device memory; every call
+// is queued on cuda::stream() and returns without waiting for the GPU.
+//
+//   cuda::gemm(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);  // out = inp W^T
+//   cuda::linear_backward(dinp, dweight, dbias, dout, inp, weight, N, C, OC);    // all +=
+//
+// Plans (cuBLASLt matmul descriptor, layouts and the heuristic's algorithm) are cached per shape,
+// dtype, epilogue and operand alignment, so a training step queries no heuristic and allocates
+// nothing after its first: one cuBLASLt handle and one 32 MiB workspace serve every call, and
+// the bf16 conversion / bias-gradient scratch grows during the first step only.
+//
+// Numerics: fp32 gemms use CUBLAS_COMPUTE_32F (true fp32 FMA, no TF32), so they match the CPU's
+// sgemm to accumulation-order rounding. bf16 gemms read bf16 A/B and accumulate and write fp32.
+// bias_grad sums columns in double, in a fixed order: bitwise reproducible run to run.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace lmforge::cuda {
+
+// C (M, N) = alpha * op(A) op(B) + beta * C, row-major, fp32. beta == 0: C is not read.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be null.
+void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
+                    int64_t C, int64_t OC);
+// dinp (N, C) += dout @ weight; dweight (OC, C) += dout^T @ inp; dbias (OC) += column sums of
+// dout. Any of dinp, dweight, dbias may be null (not wanted).
+void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t C, int64_t OC);
+
+// C = alpha op(A) op(B) + beta C [+ bias (N)] by a plain shared-memory tiled kernel (fp32 FMA,
+// k in order), for the rare operands cuBLASLt has no algorithm for (an odd alignment); A and B
+// are fp32, or bf16 (uint16_t) when bf16. M, N, K > 0.
+void gemm_fallback(bool bf16, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                   float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
+                   float* C, int64_t ldc, const float* bias);
+// dbias (OC) += column sums of dout (N, OC), accumulated in double in a fixed order.
+void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC);
+
+// dst = bf16(src), round to nearest even with denormals flushed to zero: bit-identical to
+// cpu::to_bf16 (fp32_to_bf16_ftz), NaN stays NaN.
+void to_bf16(uint16_t* dst, const float* src, int64_t n);
+
+// C (M, N) fp32 = op(A) op(B) [+ bias (N)], or C += op(A) op(B) when accumulate; A and B bf16,
+// fp32 accumulation. bias and accumulate are exclusive (as cpu::gemm_bf16).
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, bool accumulate,
+               float* C, int64_t ldc);
+
+// The linear layer with a bf16 copy of the weight: inp and dout are rounded to bf16 on the way
+// into the matmul (scratch owned here); out, dinp, dweight, dbias stay fp32 (+= as above).
+void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC);
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC);
+
+namespace detail {
+// Small kernels of matmul_kernels.cu, launched on stream() (for matmul.cpp only).
+// C (M, N) rows = bias (N), or 0 when bias is null.
+void fill_rows(float* C, int64_t M, int64_t N, int64_t ldc, const float* bias);
+// C (M, N) *= beta; beta == 0 writes 0 (NaN in C does not survive, as with a gemm's beta = 0).
+void scale_rows(float* C, int64_t M, int64_t N, int64_t ldc, float beta);
+// C = alpha op(A) op(B) + beta C [+ bias (N)] by a plain shared-memory tiled kernel (fp32 FMA,
+// k in order), for the rare operands cuBLASLt has no algorithm for (an odd alignment); A and B
+// are fp32, or bf16 (uint16_t) when bf16. M, N, K > 0.
+void gemm_fallback(bool bf16, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                   float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
+                   float* C, int64_t ldc, const float* bias);
+// dbias (OC) += column sums of dout (N, OC): chunks partial sums per column into partial
+// (chunks, OC) doubles, then each column's partials added in chunk order.
+void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, double* partial,
+               int64_t chunks);
+
+}  // namespace detail
+
+}  // namespace lmforge::cuda

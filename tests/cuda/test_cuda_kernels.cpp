@@ -1,0 +1,489 @@
+// The CUDA kernels (backend/cuda/kernels.h) against their CPU twins (backend/cpu/kernels.h): one
+// table of cases, each feeding both backends the same random inputs (shapes that are and are not
+// multiples of 4 / 32 / 128, GPT-2's C = 768, rmsnorm's per-head group/stride layout, pointers
+// off 16-byte alignment) and comparing every output; gradients start from random values so the
+// += of the backwards is checked too. Then the documented extras: run-to-run bit identity of the
+// reductions, and NaN for out-of-range ids. Every test skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cuda/kernels.h"
+#include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/dtype.h"
+#include "lmforge/core/rng.h"
+
+namespace lmforge {
+namespace {
+
+// Tolerances: the normalised error max|gpu - cpu| / max|cpu| of each output (as
+// testing/compare.h), so one number fits outputs of any scale.
+constexpr double kExact = 0;  // the same fp32 operations in the same order (kernels.h says which)
+constexpr double kElementwise = 1e-5;  // gelu, swiglu: CUDA tanhf / expf vs the CPU's exp-based
+constexpr double kReduction = 1e-4;    // norms, softmax cross-entropy: summation order
+constexpr double kDoubleSum = 1e-12;   // sum_squares: double sums of the same fp32 squares
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+// A device copy of a host vector, freed on scope exit.
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(const std::vector<T>& host) : n_(host.size()) {
+    p_ = static_cast<T*>(cuda::malloc(std::max<size_t>(n_, 1) * sizeof(T)));
+    if (n_) cuda::memcpy(p_, host.data(), n_ * sizeof(T), cuda::Copy::kHostToDevice);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { cuda::free(p_); }
+  T* get() { return p_; }
+  std::vector<T> host() const {  // waits for the stream
+    std::vector<T> v(n_);
+    if (n_) cuda::memcpy(v.data(), p_, n_ * sizeof(T), cuda::Copy::kDeviceToHost);
+    return v;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+double device_scalar(double* p) {
+  double v = 0;
+  cuda::memcpy(&v, p, sizeof(double), cuda::Copy::kDeviceToHost);
+  return v;
+}
+
+template <typename T = float>
+std::vector<T> zeros(int64_t n) {
+  return std::vector<T>(static_cast<size_t>(n));
+}
+
+std::vector<float> randn(Rng& rng, int64_t n, double scale = 1.0, double shift = 0.0) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(rng.normal() * scale + shift);
+  return v;
+}
+
+std::vector<int32_t> rand_ids(Rng& rng, int64_t n, int64_t below) {
+  std::vector<int32_t> v(n);
+  for (int32_t& x : v) x = static_cast<int32_t>(rng.below(below));
+  return v;
+}
+
+// Passes when max|got - want| / max|want| <= tol (NaN where both are NaN counts as equal); a
+// failure names the max absolute and relative errors and their indices.
+::testing::AssertionResult close(const std::string& what, const std::vector<float>& got,
+                                 const std::vector<float>& want, double tol) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure()
+           << what << ": " << got.size() << " elements, want " << want.size();
+  double max_abs = 0, max_rel = 0, ref_max = 0;
+  size_t abs_at = 0, rel_at = 0, mismatched_nan = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i]) || std::isnan(want[i])) {
+      mismatched_nan += std::isnan(got[i]) != std::isnan(want[i]);
+      continue;
+    }
+    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (!(e <= max_abs)) max_abs = e, abs_at = i;
+    if (want[i] != 0 && e / std::fabs(want[i]) > max_rel)
+      max_rel = e / std::fabs(want[i]), rel_at = i;
+    ref_max = std::max(ref_max, std::fabs(static_cast<double>(want[i])));
+  }
+  const double err = max_abs / std::max(ref_max, 1e-30);
+  char msg[512];
+  std::snprintf(msg, sizeof msg,
+                "%s: err %.3g (max abs %.3g at %zu: got %.9g, want %.9g; max rel %.3g at %zu; "
+                "max|want| %.3g; %zu NaN mismatches) vs tolerance %.1g",
+                what.c_str(), err, max_abs, abs_at, got.empty() ? 0.0 : got[abs_at],
+                want.empty() ? 0.0 : want[abs_at], max_rel, rel_at, ref_max, mismatched_nan, tol);
+  if (mismatched_nan || !(err <= tol)) return ::testing::AssertionFailure() << msg;
+  return ::testing::AssertionSuccess() << msg;
+}
+
+::testing::AssertionResult same_bits(const std::string& what, const std::vector<uint16_t>& got,
+                                     const std::vector<uint16_t>& want) {
+  for (size_t i = 0; i < want.size(); ++i)
+    if (got[i] != want[i])
+      return ::testing::AssertionFailure() << what << ": first difference at " << i << ": got 0x"
+                                           << std::hex << got[i] << ", want 0x" << want[i];
+  return ::testing::AssertionSuccess();
+}
+
+template <typename T>
+bool bit_identical(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases: each runs one kernel (or a forward/backward pair) on both backends.
+
+void embedding(Rng& rng, int64_t B, int64_t T, int64_t C, int64_t V, bool with_wpe) {
+  const std::vector<int32_t> tokens = rand_ids(rng, B * T, V);
+  const std::vector<float> wte = randn(rng, V * C), wpe = randn(rng, T * C);
+  std::vector<float> out = randn(rng, B * T * C);
+  DeviceArray<int32_t> d_tokens(tokens);
+  DeviceArray<float> d_wte(wte), d_wpe(wpe), d_out(out);
+  cpu::embedding_forward<float>(out.data(), tokens.data(), wte.data(),
+                                with_wpe ? wpe.data() : nullptr, B, T, C, V);
+  cuda::embedding_forward(d_out.get(), d_tokens.get(), d_wte.get(),
+                          with_wpe ? d_wpe.get() : nullptr, B, T, C, V);
+  EXPECT_TRUE(close("out", d_out.host(), out, kExact));
+
+  const std::vector<float> dout = randn(rng, B * T * C);
+  std::vector<float> dwte = randn(rng, V * C), dwpe = randn(rng, T * C);
+  DeviceArray<float> d_dout(dout), d_dwte(dwte), d_dwpe(dwpe);
+  cpu::embedding_backward<float>(dwte.data(), with_wpe ? dwpe.data() : nullptr, dout.data(),
+                                 tokens.data(), B, T, C, V);
+  cuda::embedding_backward(d_dwte.get(), with_wpe ? d_dwpe.get() : nullptr, d_dout.get(),
+                           d_tokens.get(), B, T, C, V);
+  EXPECT_TRUE(close("dwte", d_dwte.host(), dwte, kExact));
+  EXPECT_TRUE(close("dwpe", d_dwpe.host(), dwpe, kExact));
+}
+
+void layernorm(Rng& rng, int64_t N, int64_t C, bool with_bias) {
+  const std::vector<float> inp = randn(rng, N * C, 2.0, 3.0), weight = randn(rng, C),
+                           bias = randn(rng, C);
+  std::vector<float> out(N * C), mean(N), rstd(N);
+  DeviceArray<float> d_inp(inp), d_weight(weight), d_bias(bias), d_out(out), d_mean(mean),
+      d_rstd(rstd);
+  cpu::layernorm_forward<float>(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(),
+                                with_bias ? bias.data() : nullptr, N, C, 1e-5);
+  cuda::layernorm_forward(d_out.get(), d_mean.get(), d_rstd.get(), d_inp.get(), d_weight.get(),
+                          with_bias ? d_bias.get() : nullptr, N, C, 1e-5);
+  EXPECT_TRUE(close("out", d_out.host(), out, kReduction));
+  EXPECT_TRUE(close("mean", d_mean.host(), mean, kReduction));
+  EXPECT_TRUE(close("rstd", d_rstd.host(), rstd, kReduction));
+
+  // Backward from the CPU's saved statistics on both sides.
+  const std::vector<float> dout = randn(rng, N * C);
+  std::vector<float> dinp = randn(rng, N * C), dweight = randn(rng, C), dbias = randn(rng, C);
+  DeviceArray<float> d_dout(dout), d_dinp(dinp), d_dweight(dweight), d_dbias(dbias), c_mean(mean),
+      c_rstd(rstd);
+  cpu::layernorm_backward<float>(dinp.data(), dweight.data(), with_bias ? dbias.data() : nullptr,
+                                 dout.data(), inp.data(), weight.data(), mean.data(), rstd.data(),
+                                 N, C);
+  cuda::layernorm_backward(d_dinp.get(), d_dweight.get(), with_bias ? d_dbias.get() : nullptr,
+                           d_dout.get(), d_inp.get(), d_weight.get(), c_mean.get(), c_rstd.get(), N,
+                           C);
+  EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kReduction));
+  EXPECT_TRUE(close("dweight", d_dweight.host(), dweight, kReduction));
+  EXPECT_TRUE(close("dbias", d_dbias.host(), dbias, kReduction));
+}
+
+// Rows at offset + row_offset(i, C, group, stride) of one array, as the per-head q/k norms read
+// a qkv tensor in place; the elements between rows must stay untouched.
+void rmsnorm(Rng& rng, int64_t N, int64_t C, int64_t group, int64_t stride, int64_t offset) {
+  const int64_t size = offset + cpu::row_offset(N - 1, C, group, stride) + C;
+  const std::vector<float> inp = randn(rng, size, 2.0, 0.5), weight = randn(rng, C);
+  std::vector<float> out = randn(rng, size), rstd(N);
+  DeviceArray<float> d_inp(inp), d_weight(weight), d_out(out), d_rstd(rstd);
+  cpu::rmsnorm_forward<float>(out.data() + offset, rstd.data(), inp.data() + offset, weight.data(),
+                              N, C, 1e-6, group, stride);
+  cuda::rmsnorm_forward(d_out.get() + offset, d_rstd.get(), d_inp.get() + offset, d_weight.get(), N,
+                        C, 1e-6, group, stride);
+  EXPECT_TRUE(close("out", d_out.host(), out, kReduction));
+  EXPECT_TRUE(close("rstd", d_rstd.host(), rstd, kReduction));
+
+  const std::vector<float> dout = randn(rng, size);
+  std::vector<float> dinp = randn(rng, size), dweight = randn(rng, C);
+  DeviceArray<float> d_dout(dout), d_dinp(dinp), d_dweight(dweight), c_rstd(rstd);
+  cpu::rmsnorm_backward<float>(dinp.data() + offset, dweight.data(), dout.data() + offset,
+                               inp.data() + offset, weight.data(), rstd.data(), N, C, group,
+                               stride);
+  cuda::rmsnorm_backward(d_dinp.get() + offset, d_dweight.get(), d_dout.get() + offset,
+                         d_inp.get() + offset, d_weight.get(), c_rstd.get(), N, C, group, stride);
+  EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kReduction));
+  EXPECT_TRUE(close("dweight", d_dweight.host(), dweight, kReduction));
+}
+
+// Heads at offset + (b T + t) row_stride + h HS, positions pos0 + t of a Llama-style table.
+void rope(Rng& rng, int64_t B, int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+          int64_t pos0, int64_t offset) {
+  const int64_t half = HS / 2, T_max = pos0 + T;
+  std::vector<float> cos(T_max * half), sin(T_max * half);
+  for (int64_t p = 0; p < T_max; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double theta = p * std::pow(10000.0, -2.0 * i / HS);
+      cos[p * half + i] = static_cast<float>(std::cos(theta));
+      sin[p * half + i] = static_cast<float>(std::sin(theta));
+    }
+  const int64_t size = offset + B * T * row_stride;
+  std::vector<float> x = randn(rng, size), dx = randn(rng, size);
+  DeviceArray<float> d_cos(cos), d_sin(sin), d_x(x), d_dx(dx);
+  cpu::rope_forward<float>(x.data() + offset, cos.data(), sin.data(), B, T, n_heads, HS, row_stride,
+                           pos0);
+  cuda::rope_forward(d_x.get() + offset, d_cos.get(), d_sin.get(), B, T, n_heads, HS, row_stride,
+                     pos0);
+  EXPECT_TRUE(close("x", d_x.host(), x, kExact));
+  cpu::rope_backward<float>(dx.data() + offset, cos.data(), sin.data(), B, T, n_heads, HS,
+                            row_stride, pos0);
+  cuda::rope_backward(d_dx.get() + offset, d_cos.get(), d_sin.get(), B, T, n_heads, HS, row_stride,
+                      pos0);
+  EXPECT_TRUE(close("dx", d_dx.host(), dx, kExact));
+}
+
+// offset: elements to shift every pointer by (1 leaves 16-byte alignment: the scalar path).
+void gelu(Rng& rng, int64_t n, int64_t offset) {
+  const std::vector<float> inp = randn(rng, n + offset, 3.0), dout = randn(rng, n + offset);
+  std::vector<float> out = randn(rng, n + offset), dinp = randn(rng, n + offset);
+  DeviceArray<float> d_inp(inp), d_dout(dout), d_out(out), d_dinp(dinp);
+  cpu::gelu_forward<float>(out.data() + offset, inp.data() + offset, n);
+  cuda::gelu_forward(d_out.get() + offset, d_inp.get() + offset, n);
+  EXPECT_TRUE(close("out", d_out.host(), out, kElementwise));
+  cpu::gelu_backward<float>(dinp.data() + offset, inp.data() + offset, dout.data() + offset, n);
+  cuda::gelu_backward(d_dinp.get() + offset, d_inp.get() + offset, d_dout.get() + offset, n);
+  EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kElementwise));
+}
+
+void swiglu(Rng& rng, int64_t N, int64_t F) {
+  const std::vector<float> inp = randn(rng, N * 2 * F, 3.0), dout = randn(rng, N * F);
+  std::vector<float> out(N * F), dinp = randn(rng, N * 2 * F);
+  DeviceArray<float> d_inp(inp), d_dout(dout), d_out(out), d_dinp(dinp);
+  cpu::swiglu_forward<float>(out.data(), inp.data(), N, F);
+  cuda::swiglu_forward(d_out.get(), d_inp.get(), N, F);
+  EXPECT_TRUE(close("out", d_out.host(), out, kElementwise));
+  cpu::swiglu_backward<float>(dinp.data(), inp.data(), dout.data(), N, F);
+  cuda::swiglu_backward(d_dinp.get(), d_inp.get(), d_dout.get(), N, F);
+  EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kElementwise));
+}
+
+// Every fifth row ignored; backward both out of place and in place (dlogits aliasing logits).
+void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
+  constexpr int32_t kIgnore = -100;
+  const std::vector<float> logits = randn(rng, N * V, 4.0);
+  std::vector<int32_t> targets = rand_ids(rng, N, V);
+  for (int64_t i = 0; i < N; i += 5) targets[i] = kIgnore;
+  std::vector<float> losses(N);
+  double lse_sq = 0;
+  DeviceArray<float> d_logits(logits), d_losses(losses);
+  DeviceArray<int32_t> d_targets(targets);
+  DeviceArray<double> d_lse_sq({-1.0});
+  cpu::softmax_xent_forward<float>(losses.data(), logits.data(), targets.data(), N, V, kIgnore,
+                                   &lse_sq);
+  cuda::softmax_xent_forward(d_losses.get(), d_logits.get(), d_targets.get(), N, V, kIgnore,
+                             d_lse_sq.get());
+  EXPECT_TRUE(close("losses", d_losses.host(), losses, kReduction));
+  EXPECT_TRUE(close("lse_sq_sum", {static_cast<float>(device_scalar(d_lse_sq.get()))},
+                    {static_cast<float>(lse_sq)}, kReduction));
+
+  const float dloss = 1.0f / static_cast<float>(N);
+  std::vector<float> dlogits(N * V);
+  DeviceArray<float> d_dlogits(dlogits);
+  cpu::softmax_xent_backward<float>(dlogits.data(), logits.data(), targets.data(), dloss, N, V,
+                                    kIgnore, z_loss);
+  cuda::softmax_xent_backward(d_dlogits.get(), d_logits.get(), d_targets.get(), dloss, N, V,
+                              kIgnore, z_loss);
+  EXPECT_TRUE(close("dlogits", d_dlogits.host(), dlogits, kReduction));
+  cuda::softmax_xent_backward(d_logits.get(), d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
+                              z_loss);
+  EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));
+}
+
+void elementwise(Rng& rng, int64_t n, int64_t offset) {
+  const std::vector<float> a = randn(rng, n + offset), b = randn(rng, n + offset);
+  std::vector<float> out = randn(rng, n + offset), acc = randn(rng, n + offset);
+  DeviceArray<float> d_a(a), d_b(b), d_out(out), d_acc(acc);
+  const int64_t o = offset;
+  cpu::add<float>(out.data() + o, a.data() + o, b.data() + o, n);
+  cuda::add(d_out.get() + o, d_a.get() + o, d_b.get() + o, n);
+  EXPECT_TRUE(close("add", d_out.host(), out, kExact));
+  cpu::accumulate<float>(acc.data() + o, a.data() + o, n);
+  cuda::accumulate(d_acc.get() + o, d_a.get() + o, n);
+  EXPECT_TRUE(close("accumulate", d_acc.host(), acc, kExact));
+  cpu::scale<float>(acc.data() + o, 0.37f, n);
+  cuda::scale(d_acc.get() + o, 0.37f, n);
+  EXPECT_TRUE(close("scale", d_acc.host(), acc, kExact));
+  std::fill(acc.begin() + o, acc.begin() + o + n, -2.5f);
+  cuda::fill(d_acc.get() + o, -2.5f, n);
+  EXPECT_TRUE(close("fill", d_acc.host(), acc, kExact));
+  std::fill(acc.begin() + o, acc.begin() + o + n, 0.0f);
+  cuda::zero(d_acc.get() + o, n);
+  EXPECT_TRUE(close("zero", d_acc.host(), acc, kExact));
+}
+
+void sum_squares(Rng& rng, int64_t n, int64_t offset) {
+  const std::vector<float> x = randn(rng, n + offset, 3.0);
+  DeviceArray<float> d_x(x);
+  DeviceArray<double> d_sum({123.0});
+  const double want = cpu::sum_squares<float>(x.data() + offset, n);
+  cuda::sum_squares(d_sum.get(), d_x.get() + offset, n);
+  const double got = device_scalar(d_sum.get());
+  EXPECT_LE(std::fabs(got - want), kDoubleSum * std::fabs(want)) << got << " vs " << want;
+  cuda::sum_squares(d_sum.get(), d_x.get() + offset, n, /*accumulate=*/true);
+  EXPECT_LE(std::fabs(device_scalar(d_sum.get()) - 2 * want), kDoubleSum * std::fabs(2 * want));
+}
+
+// Bit-identical p, m, v and bf16 copy; some weights are denormal with zero moments, so the
+// copy's flush to zero is exercised.
+void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
+  std::vector<float> p = randn(rng, n), g = randn(rng, n, 1e-2), m = randn(rng, n, 1e-3), v(n);
+  for (float& x : v) x = static_cast<float>(rng.uniform() * 1e-4);
+  for (int64_t i = 0; i < n; i += 97) {
+    p[i] = (i % 2 ? -1 : 1) * std::numeric_limits<float>::denorm_min() * 1000;
+    g[i] = m[i] = v[i] = 0;
+  }
+  std::vector<uint16_t> p16(n, 0xffff);
+  DeviceArray<float> d_p(p), d_g(g), d_m(m), d_v(v);
+  DeviceArray<uint16_t> d_p16(p16);
+  cpu::adamw_update(p.data(), g.data(), m.data(), v.data(), with_p16 ? p16.data() : nullptr, n,
+                    3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+  cuda::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), with_p16 ? d_p16.get() : nullptr,
+                     n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+  EXPECT_TRUE(close("p", d_p.host(), p, kExact));
+  EXPECT_TRUE(close("m", d_m.host(), m, kExact));
+  EXPECT_TRUE(close("v", d_v.host(), v, kExact));
+  EXPECT_TRUE(same_bits("p16", d_p16.host(), p16));
+}
+
+struct Case {
+  std::string name;
+  std::function<void(Rng&)> run;
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+std::vector<Case> cases() {
+  return {
+      {"embedding_B2_T7_C37_V11", [](Rng& r) { embedding(r, 2, 7, 37, 11, true); }},
+      {"embedding_B4_T64_C768_V1000", [](Rng& r) { embedding(r, 4, 64, 768, 1000, true); }},
+      {"embedding_nopos_B3_T300_C130_V50", [](Rng& r) { embedding(r, 3, 300, 130, 50, false); }},
+      {"embedding_repeats_B8_T256_C64_V5", [](Rng& r) { embedding(r, 8, 256, 64, 5, true); }},
+      {"layernorm_N1_C1", [](Rng& r) { layernorm(r, 1, 1, true); }},
+      {"layernorm_N5_C37", [](Rng& r) { layernorm(r, 5, 37, true); }},
+      {"layernorm_N33_C768", [](Rng& r) { layernorm(r, 33, 768, true); }},
+      {"layernorm_nobias_N7_C1000", [](Rng& r) { layernorm(r, 7, 1000, false); }},
+      {"layernorm_N9_C130", [](Rng& r) { layernorm(r, 9, 130, true); }},
+      {"layernorm_N2051_C64", [](Rng& r) { layernorm(r, 2051, 64, true); }},
+      {"layernorm_N600_C768", [](Rng& r) { layernorm(r, 600, 768, true); }},
+      {"rmsnorm_N17_C768", [](Rng& r) { rmsnorm(r, 17, 768, 1, 768, 0); }},
+      {"rmsnorm_N5_C37", [](Rng& r) { rmsnorm(r, 5, 37, 1, 37, 0); }},
+      {"rmsnorm_N3000_C128", [](Rng& r) { rmsnorm(r, 3000, 128, 1, 128, 0); }},
+      // Qwen3's q/k norms on a qkv row of (4 q + 2 k + 2 v) heads of 64: q heads, then k heads.
+      {"rmsnorm_qnorm_N24_C64_group4", [](Rng& r) { rmsnorm(r, 24, 64, 4, 512, 0); }},
+      {"rmsnorm_knorm_N12_C64_group2", [](Rng& r) { rmsnorm(r, 12, 64, 2, 512, 256); }},
+      {"rmsnorm_misaligned_N10_C6_group2", [](Rng& r) { rmsnorm(r, 10, 6, 2, 30, 3); }},
+      {"rope_B2_T5_H3_HS64", [](Rng& r) { rope(r, 2, 5, 3, 64, 5 * 64, 3, 0); }},
+      {"rope_B1_T7_H2_HS6", [](Rng& r) { rope(r, 1, 7, 2, 6, 12, 0, 0); }},
+      {"rope_kheads_B2_T5_H2_HS64", [](Rng& r) { rope(r, 2, 5, 2, 64, 8 * 64, 1, 4 * 64); }},
+      {"rope_B2_T16_H4_HS128", [](Rng& r) { rope(r, 2, 16, 4, 128, 6 * 128, 0, 0); }},
+      {"gelu_n1", [](Rng& r) { gelu(r, 1, 0); }},
+      {"gelu_n12345", [](Rng& r) { gelu(r, 12345, 0); }},
+      {"gelu_n21504", [](Rng& r) { gelu(r, 768 * 4 * 7, 0); }},
+      {"gelu_misaligned_n1000", [](Rng& r) { gelu(r, 1000, 1); }},
+      {"swiglu_N3_F37", [](Rng& r) { swiglu(r, 3, 37); }},
+      {"swiglu_N5_F128", [](Rng& r) { swiglu(r, 5, 128); }},
+      {"swiglu_N8_F3072", [](Rng& r) { swiglu(r, 8, 3072); }},
+      {"softmax_xent_N7_V50257", [](Rng& r) { softmax_xent(r, 7, 50257, 0.0); }},
+      {"softmax_xent_zloss_N16_V50304", [](Rng& r) { softmax_xent(r, 16, 50304, 1e-4); }},
+      {"softmax_xent_N33_V100", [](Rng& r) { softmax_xent(r, 33, 100, 0.0); }},
+      {"softmax_xent_zloss_N4_V3", [](Rng& r) { softmax_xent(r, 4, 3, 0.5); }},
+      {"softmax_xent_N6_V1", [](Rng& r) { softmax_xent(r, 6, 1, 0.0); }},
+      {"elementwise_n1", [](Rng& r) { elementwise(r, 1, 0); }},
+      {"elementwise_n7", [](Rng& r) { elementwise(r, 7, 0); }},
+      {"elementwise_n100003", [](Rng& r) { elementwise(r, 100003, 0); }},
+      {"elementwise_misaligned_n1000", [](Rng& r) { elementwise(r, 1000, 1); }},
+      {"sum_squares_n1", [](Rng& r) { sum_squares(r, 1, 0); }},
+      {"sum_squares_n1000", [](Rng& r) { sum_squares(r, 1000, 0); }},
+      {"sum_squares_n1048579", [](Rng& r) { sum_squares(r, (1 << 20) + 3, 0); }},
+      {"sum_squares_misaligned_n5000001", [](Rng& r) { sum_squares(r, 5000001, 3); }},
+      {"adamw_n5_step1", [](Rng& r) { adamw(r, 5, false, 1); }},
+      {"adamw_p16_n1000003_step10", [](Rng& r) { adamw(r, 1000003, true, 10); }},
+  };
+}
+
+class CudaKernels : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaKernels, MatchesCpu) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  uint64_t seed = 1469598103934665603ull;  // FNV-1a of the name: a fixed seed per case
+  for (char ch : GetParam().name) seed = (seed ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  Rng rng(seed);
+  GetParam().run(rng);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, CudaKernels, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<Case>& p) { return p.param.name; });
+
+// The reductions give the same bits on every run (no atomics, partitions fixed by the shapes).
+TEST(CudaKernelsDeterminism, ReductionsAreBitIdenticalAcrossRuns) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  Rng rng(7);
+  const int64_t B = 16, T = 512, C = 768, V = 3, N = B * T, NX = 64, VX = 1000;
+  const std::vector<int32_t> tokens = rand_ids(rng, N, V);  // each id thousands of times
+  const std::vector<int32_t> targets = rand_ids(rng, NX, VX);
+  const std::vector<float> act = randn(rng, N * C, 1.0, 1.0), grad = randn(rng, N * C),
+                           weight = randn(rng, C), stats(N, 1.0f);
+  DeviceArray<int32_t> d_tokens(tokens), d_targets(targets);
+  DeviceArray<float> d_act(act), d_grad(grad), d_weight(weight), d_mean(stats), d_rstd(stats);
+
+  struct Outputs {
+    std::vector<float> dwte, dwpe, ln_dw, ln_db, rms_dw;
+    std::vector<double> sums;  // sum_squares, lse_sq_sum
+  };
+  auto run = [&] {
+    Outputs o;
+    DeviceArray<float> dwte(zeros(V * C)), dwpe(zeros(T * C));
+    cuda::embedding_backward(dwte.get(), dwpe.get(), d_grad.get(), d_tokens.get(), B, T, C, V);
+    o.dwte = dwte.host();
+    o.dwpe = dwpe.host();
+    DeviceArray<float> dinp(zeros(N * C)), dw(zeros(C)), db(zeros(C)), rms_dw(zeros(C));
+    cuda::layernorm_backward(dinp.get(), dw.get(), db.get(), d_grad.get(), d_act.get(),
+                             d_weight.get(), d_mean.get(), d_rstd.get(), N, C);
+    o.ln_dw = dw.host();
+    o.ln_db = db.host();
+    cuda::rmsnorm_backward(dinp.get(), rms_dw.get(), d_grad.get(), d_act.get(), d_weight.get(),
+                           d_rstd.get(), N, C, 1, C);
+    o.rms_dw = rms_dw.host();
+    DeviceArray<double> sums(zeros<double>(2));
+    DeviceArray<float> losses(zeros(NX));
+    cuda::sum_squares(sums.get(), d_act.get(), N * C);
+    cuda::softmax_xent_forward(losses.get(), d_act.get(), d_targets.get(), NX, VX, -100,
+                               sums.get() + 1);
+    o.sums = sums.host();
+    return o;
+  };
+  const Outputs first = run(), second = run();
+  EXPECT_TRUE(bit_identical(first.dwte, second.dwte));
+  EXPECT_TRUE(bit_identical(first.dwpe, second.dwpe));
+  EXPECT_TRUE(bit_identical(first.ln_dw, second.ln_dw));
+  EXPECT_TRUE(bit_identical(first.ln_db, second.ln_db));
+  EXPECT_TRUE(bit_identical(first.rms_dw, second.rms_dw));
+  EXPECT_TRUE(bit_identical(first.sums, second.sums));
+}
+
+// A kernel cannot raise: out-of-range ids show up as NaN (kernels.h).
+TEST(CudaKernelsInvalidIds, GiveNaN) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  const int64_t C = 8, V = 4;
+  DeviceArray<int32_t> tokens({1, 4, -1});
+  DeviceArray<float> wte(std::vector<float>(V * C, 1.0f)), out(zeros(3 * C));
+  cuda::embedding_forward(out.get(), tokens.get(), wte.get(), nullptr, 1, 3, C, V);
+  const std::vector<float> o = out.host();
+  EXPECT_EQ(o[0], 1.0f);
+  EXPECT_TRUE(std::isnan(o[C])) << "token == V";
+  EXPECT_TRUE(std::isnan(o[2 * C])) << "token < 0";
+
+  DeviceArray<int32_t> targets({0, 7, -100});
+  DeviceArray<float> logits(std::vector<float>(3 * V, 0.5f)), losses(zeros(3));
+  cuda::softmax_xent_forward(losses.get(), logits.get(), targets.get(), 3, V, -100, nullptr);
+  const std::vector<float> l = losses.host();
+  EXPECT_NEAR(l[0], std::log(4.0), 1e-6);
+  EXPECT_TRUE(std::isnan(l[1])) << "target == 7 with V == 4";
+  EXPECT_EQ(l[2], 0.0f) << "ignored";
+}
+
+}  // namespace
+}  // namespace lmforge
