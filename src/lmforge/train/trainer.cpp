@@ -11,6 +11,7 @@
 #include <map>
 #include <sstream>
 
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/data/loader.h"
@@ -98,7 +99,10 @@ void validate_train_config(const Config& cfg) {
   if (t.precision != "fp32" && t.precision != "bf16")
     fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
   if (t.device == "cuda")
-    fail("train.device: cuda is not available in this build (CPU only); use cpu or auto");
+    fail(
+        "train.device: training on CUDA is not wired up yet (the CUDA ops are built{}, the model "
+        "does not run on them); use cpu or auto",
+        cuda::available() ? fmt::format(" and {} is visible", cuda::device_name()) : "");
   if (t.device != "cpu" && t.device != "auto")
     fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
   make_schedule(t);  // schedule keys
