@@ -22,6 +22,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
+#include "testing/cuda.h"
 
 namespace lmforge {
 namespace {
@@ -36,28 +37,7 @@ constexpr double kDoubleSum = 1e-12;   // sum_squares: double sums of the same f
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-// A device copy of a host vector, freed on scope exit.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(const std::vector<T>& host) : n_(host.size()) {
-    p_ = static_cast<T*>(cuda::malloc(std::max<size_t>(n_, 1) * sizeof(T)));
-    if (n_) cuda::memcpy(p_, host.data(), n_ * sizeof(T), cuda::Copy::kHostToDevice);
-  }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() { cuda::free(p_); }
-  T* get() { return p_; }
-  std::vector<T> host() const {  // waits for the stream
-    std::vector<T> v(n_);
-    if (n_) cuda::memcpy(v.data(), p_, n_ * sizeof(T), cuda::Copy::kDeviceToHost);
-    return v;
-  }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
+using testing::DeviceArray;
 
 double device_scalar(double* p) {
   double v = 0;

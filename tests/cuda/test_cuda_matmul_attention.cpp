@@ -26,6 +26,7 @@
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
 #include "testing/compare.h"
+#include "testing/cuda.h"
 
 namespace lmforge {
 namespace {
@@ -48,31 +49,7 @@ std::vector<float> randn(size_t n, uint64_t seed, double scale = 1.0) {
   return v;
 }
 
-// A device array that frees itself; copies go through cuda::memcpy on the compute stream.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) {
-    p_ = static_cast<T*>(cuda::malloc(std::max<size_t>(n, 1) * sizeof(T)));
-  }
-  explicit DeviceArray(const std::vector<T>& v) : DeviceArray(v.size()) {
-    if (n_) cuda::memcpy(p_, v.data(), n_ * sizeof(T), cuda::Copy::kHostToDevice);
-  }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() { cuda::free(p_); }
-  T* get() const { return p_; }
-  std::vector<T> download() const {
-    cuda::synchronize();  // surfaces a failed kernel by name before the copy
-    std::vector<T> v(n_);
-    if (n_) cuda::memcpy(v.data(), p_, n_ * sizeof(T), cuda::Copy::kDeviceToHost);
-    return v;
-  }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
+using testing::DeviceArray;
 
 ::testing::AssertionResult parity(const std::string& what, const std::vector<float>& got,
                                   const std::vector<float>& want, double tol) {
@@ -125,7 +102,7 @@ TEST(CudaMatmul, GemmAllTransposesAlphaBeta) {
                  dc.get(), ldc);
       EXPECT_TRUE(parity(fmt::format("gemm ta={} tb={} M={} N={} K={} alpha={} beta={} offset={}",
                                      ta, tb, c.M, c.N, c.K, c.alpha, c.beta, c.offset_a),
-                         dc.download(), want, kTol.gemm));
+                         dc.host(), want, kTol.gemm));
     }
 }
 
@@ -148,7 +125,7 @@ TEST(CudaMatmul, ToBf16IsBitIdenticalToTheCpu) {
   DeviceArray<float> dv(v);
   DeviceArray<uint16_t> dout(v.size());
   cuda::to_bf16(dout.get(), dv.get(), static_cast<int64_t>(v.size()));
-  const std::vector<uint16_t> got = dout.download();
+  const std::vector<uint16_t> got = dout.host();
   for (size_t i = 0; i < v.size(); ++i) {
     if (std::isnan(v[i])) {
       EXPECT_TRUE(std::isnan(bf16_to_fp32(got[i]))) << "at " << i;
@@ -179,7 +156,7 @@ TEST(CudaMatmul, GemmBf16BiasAndAccumulate) {
                       bias ? dbias.get() : nullptr, acc, dc.get(), ldc);
       EXPECT_TRUE(parity(fmt::format("gemm_bf16 ta={} tb={} bias={} accumulate={} offset={}", ta,
                                      tb, bias, acc, off),
-                         dc.download(), want, kTol.gemm_bf16));
+                         dc.host(), want, kTol.gemm_bf16));
     }
 }
 
@@ -221,11 +198,11 @@ void check_linear(bool bf16, bool with_bias, int64_t N, int64_t C, int64_t OC, u
   const double tol = bf16 ? kTol.linear_bf16 : kTol.linear;
   const std::string tag =
       fmt::format("{} N={} C={} OC={} bias={}", bf16 ? "bf16" : "fp32", N, C, OC, with_bias);
-  EXPECT_TRUE(parity("linear out " + tag, d_out.download(), out, tol));
-  EXPECT_TRUE(parity("linear dinp " + tag, d_dinp.download(), dinp, tol));
-  EXPECT_TRUE(parity("linear dweight " + tag, d_dw.download(), dw, tol));
+  EXPECT_TRUE(parity("linear out " + tag, d_out.host(), out, tol));
+  EXPECT_TRUE(parity("linear dinp " + tag, d_dinp.host(), dinp, tol));
+  EXPECT_TRUE(parity("linear dweight " + tag, d_dw.host(), dw, tol));
   if (with_bias) {
-    EXPECT_TRUE(parity("linear dbias " + tag, d_db.download(), db, tol));
+    EXPECT_TRUE(parity("linear dbias " + tag, d_db.host(), db, tol));
   }
 
   // Only dweight wanted: dinp and dbias stay untouched.
@@ -236,9 +213,9 @@ void check_linear(bool bf16, bool with_bias, int64_t N, int64_t C, int64_t OC, u
   else
     cuda::linear_backward(nullptr, e_dw.get(), nullptr, d_dout.get(), d_inp.get(), d_w.get(), N, C,
                           OC);
-  EXPECT_TRUE(parity("linear dweight alone " + tag, e_dw.download(), dw, tol));
-  EXPECT_EQ(e_dinp.download(), dinp0);
-  EXPECT_EQ(e_db.download(), db0);
+  EXPECT_TRUE(parity("linear dweight alone " + tag, e_dw.host(), dw, tol));
+  EXPECT_EQ(e_dinp.host(), dinp0);
+  EXPECT_EQ(e_db.host(), db0);
 }
 
 TEST(CudaMatmul, LinearFp32) {
@@ -260,7 +237,7 @@ TEST(CudaMatmul, BiasGradIsDeterministic) {
       db2(std::vector<float>(OC, 0.0f));
   cuda::bias_grad(db1.get(), dout.get(), N, OC);
   cuda::bias_grad(db2.get(), dout.get(), N, OC);
-  EXPECT_EQ(db1.download(), db2.download());
+  EXPECT_EQ(db1.host(), db2.host());
 }
 
 struct AttnCase {
@@ -295,15 +272,15 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
                              c.T, c.NH, c.NKV, c.HS, c.window);
     const std::string tag = fmt::format("B={} T={} NH={} NKV={} HS={} window={}", c.B, c.T, c.NH,
                                         c.NKV, c.HS, c.window);
-    EXPECT_TRUE(parity("attention out " + tag, d_out.download(), out, kTol.attention));
-    EXPECT_TRUE(parity("attention lse " + tag, d_lse.download(), lse, kTol.attention));
-    const std::vector<float> g1 = d_dqkv.download();
+    EXPECT_TRUE(parity("attention out " + tag, d_out.host(), out, kTol.attention));
+    EXPECT_TRUE(parity("attention lse " + tag, d_lse.host(), lse, kTol.attention));
+    const std::vector<float> g1 = d_dqkv.host();
     EXPECT_TRUE(parity("attention dqkv " + tag, g1, dqkv, kTol.attention_grad));
 
     // Backward adds, and adds the same bits again: exactly twice the first gradient.
     cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
                              c.T, c.NH, c.NKV, c.HS, c.window);
-    const std::vector<float> g2 = d_dqkv.download();
+    const std::vector<float> g2 = d_dqkv.host();
     size_t mismatches = 0;
     for (size_t i = 0; i < g1.size(); ++i) mismatches += g2[i] != 2.0f * g1[i];
     EXPECT_EQ(mismatches, 0u) << "attention backward not deterministic/accumulating, " << tag;
