@@ -250,7 +250,7 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
   double lse_sq = 0;
   DeviceArray<float> d_logits(logits), d_losses(losses);
   DeviceArray<int32_t> d_targets(targets);
-  DeviceArray<double> d_lse_sq({-1.0});
+  DeviceArray<double> d_lse_sq(std::vector<double>{-1.0});
   cpu::softmax_xent_forward<float>(losses.data(), logits.data(), targets.data(), N, V, kIgnore,
                                    &lse_sq);
   cuda::softmax_xent_forward(d_losses.get(), d_logits.get(), d_targets.get(), N, V, kIgnore,
@@ -297,7 +297,7 @@ void elementwise(Rng& rng, int64_t n, int64_t offset) {
 void sum_squares(Rng& rng, int64_t n, int64_t offset) {
   const std::vector<float> x = randn(rng, n + offset, 3.0);
   DeviceArray<float> d_x(x);
-  DeviceArray<double> d_sum({123.0});
+  DeviceArray<double> d_sum(std::vector<double>{123.0});
   const double want = cpu::sum_squares<float>(x.data() + offset, n);
   cuda::sum_squares(d_sum.get(), d_x.get() + offset, n);
   const double got = device_scalar(d_sum.get());
