@@ -41,6 +41,10 @@ run ceiling "$root/build/lmforge" bench matmul
 ceiling=$(grep -oE 'ceiling: [0-9.]+' "$log/ceiling" | awk '{print $2}')
 run lmf32 "$root/build/lmforge" bench train "${args[@]}" --precision fp32
 run lmf16 "$root/build/lmforge" bench train "${args[@]}" --precision bf16
+# bf16 with selective activation checkpointing (norms and the MLP activation recomputed in the
+# backward, as torch.compile's min-cut rematerialization does): the memory-lean configuration.
+run lmf16s "$root/build/lmforge" bench train "${args[@]}" --precision bf16 \
+  --activation-checkpointing selective
 gflop=$(grep -oE '[0-9.]+ GFLOP per token' "$log/lmf16" | cut -d' ' -f1)
 peer=("$root/bench/torch_train_peer.py" "${args[@]}" --threads "$threads")
 run t32 "$python" "${peer[@]}" --precision fp32
@@ -56,13 +60,13 @@ fi
 a32=$(tps "$log/lmf32") a16=$(tps "$log/lmf16")
 echo
 echo "bf16 matmul ceiling (oneDNN, this machine): $ceiling GFLOP/s; $gflop GFLOP per token"
-for n in lmf32 lmf16 t32 t16 tc16 d32 d16; do
+for n in lmf32 lmf16 lmf16s t32 t16 tc16 d32 d16; do
   v=$(tps "$log/$n" || true)
   [[ -z $v ]] && continue
   awk -v n="$n" -v v="$v" -v g="$gflop" -v c="$ceiling" -v a="$a16" -v r="$(rss "$log/$n")" \
     'BEGIN{printf "%-6s %8.1f tok/s  %6.1f GFLOP/s (%4.1f%% of bf16 ceiling)  lmforge bf16 / this: %5.2f  peak %s MiB\n", n, v, v*g, 100*v*g/c, a/v, r}'
 done
 echo
-echo "| date | B×T | lmforge bf16 | lmforge fp32 | torch fp32 | torch bf16 | torch bf16+compile | torch 1.13 fp32 | torch 1.13 bf16 | bf16 GFLOP/s (% of ceiling) |"
+echo "| date | B×T | lmforge bf16 | lmforge bf16 selective (peak MiB) | lmforge fp32 | torch fp32 | torch bf16 | torch bf16+compile | torch 1.13 fp32 | torch 1.13 bf16 | bf16 GFLOP/s (% of ceiling) |"
 cell() { local v; v=$(tps "$log/$1" || true); echo "${v:-n/a}"; }
-echo "| $(date +%F) | ${batch}×${seq} | $a16 | $a32 | $(cell t32) | $(cell t16) | $(cell tc16) | $(cell d32) | $(cell d16) | $(awk -v v="$a16" -v g="$gflop" -v c="$ceiling" 'BEGIN{printf "%.0f (%.0f%%)", v*g, 100*v*g/c}') |"
+echo "| $(date +%F) | ${batch}×${seq} | $a16 | $(cell lmf16s) ($(rss "$log/lmf16s")) | $a32 | $(cell t32) | $(cell t16) | $(cell tc16) | $(cell d32) | $(cell d16) | $(awk -v v="$a16" -v g="$gflop" -v c="$ceiling" 'BEGIN{printf "%.0f (%.0f%%)", v*g, 100*v*g/c}') |"
