@@ -73,9 +73,11 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   const int64_t mine = my_hi_ - my_lo_;
 
   // Buckets: groups in the order their gradients become final (head, blocks from the last, then
-  // the embeddings), merged while under bucket_mb; each covers a contiguous flat range.
+  // the embeddings), merged while under bucket_mb; each covers a contiguous flat range. Under
+  // grad-/full-shard every group is its own bucket, reduce-scattered from its gradient buffer.
   const int64_t G = model.num_groups();
-  const int64_t bucket_elems = std::max<int64_t>(1, static_cast<int64_t>(cfg.bucket_mb * 262144));
+  const int64_t bucket_elems =
+      grad_sharded() ? 1 : std::max<int64_t>(1, static_cast<int64_t>(cfg.bucket_mb * 262144));
   bucket_of_group_.assign(G, -1);
   for (int64_t g = G - 1; g >= 0; --g) {
     if (group_hi(g) == group_lo(g)) continue;
@@ -87,20 +89,31 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     bucket_of_group_[g] = static_cast<int>(buckets_.size()) - 1;
   }
 
-  if (grad_sharded())
+  int64_t block = 0;  // the largest block, in elements
+  for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
+  if (grad_sharded()) {
     shard_arena_ = Arena::planned([&](Arena& a) {
       gshard_ = a.alloc({mine});
       rs_tmp_ = a.alloc({mine});
       vshard_ = values_sharded ? a.alloc({mine}) : Tensor();
     });
+    // The backward writes each group's gradients into a small workspace instead of a
+    // whole-model buffer: the embeddings and the head for the micro-batch, blocks in two
+    // alternating buffers, each reused once its reduce-scatter has completed.
+    grad_ws_ = Arena::planned([&](Arena& a) {
+      edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
+      edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
+      block_grad_[0] = a.alloc({block});
+      block_grad_[1] = a.alloc({block});
+    });
+    ps_.release_grads();
+  }
   if (values_sharded) {
     if (ps_.has_values() && !init_seed)
       vshard_.copy_from(flat_view(ps_.flat_values(), my_lo_, mine));
     else
       model.init_weights_range(init_seed.value_or(0), my_lo_, mine, vshard_.data<float>());
     ps_.release_values();
-    int64_t block = 0;
-    for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
     gather_ = Arena::planned([&](Arena& a) {
       embed_buf_ = a.alloc({group_hi(0) - group_lo(0)});
       tail_buf_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
@@ -187,13 +200,24 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   for (size_t m = 0; m < micro.size(); ++m) {
     const bool last = m + 1 == micro.size();
     sync_ = grad_sharded() || last;  // DDP and zero1 accumulate locally until the last
-    if (m == 0 || grad_sharded()) ps_.zero_grad();
+    if (grad_sharded()) {            // the edges' gradient buffers for this micro-batch
+      const int64_t G = model_.num_groups();
+      for (int e = 0; e < 2; ++e) {
+        edge_grad_[e].zero_();
+        point_group(e ? G - 1 : 0, edge_grad_[e], /*grad=*/true);
+      }
+    } else if (m == 0) {
+      ps_.zero_grad();
+    }
     first_micro_ = m == 0;  // reduce-scatter straight into the accumulator
     for (Bucket& b : buckets_) b.pending = b.groups;
     double share = targets > 0 ? static_cast<double>(counts[m]) / targets : 0.0;
     double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore);
     drain();
-    if (grad_sharded() && m > 0) ops::accumulate(gshard_, rs_tmp_);
+    if (grad_sharded() && m > 0) {
+      ops::accumulate(gshard_, rs_tmp_);
+      rs_tmp_used_ = true;
+    }
     sums[0] += l * share;
     sums[1] += model_.mean_lse_sq() * share;
   }
@@ -208,24 +232,34 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
 void DataParallel::grads_ready(int64_t group) {
   if (!sync_ || bucket_of_group_[group] < 0) return;
   Bucket& b = buckets_[bucket_of_group_[group]];
-  if (--b.pending == 0) launch(b);
+  if (--b.pending == 0) launch(b, group);
   for (WorkPtr& w : works_) w->test();  // lets MPI progress while the backward goes on
 }
 
-void DataParallel::launch(Bucket& b) {
-  float* g = ps_.flat_grads().data<float>();
+void DataParallel::launch(Bucket& b, int64_t group) {
   if (!grad_sharded()) {
+    float* g = ps_.flat_grads().data<float>();
     works_.push_back(world_.all_reduce(g + b.lo, b.hi - b.lo));
     return;
   }
+  // One group per bucket, its gradients in its workspace buffer.
+  const int64_t G = model_.num_groups();
+  const bool edge = group == 0 || group == G - 1;
+  const Tensor& buf = edge ? edge_grad_[group ? 1 : 0] : block_grad_[group % 2];
   const int64_t at = std::clamp(b.lo, my_lo_, my_hi_) - my_lo_;
   float* out = (first_micro_ ? gshard_ : rs_tmp_).data<float>();
-  works_.push_back(shard_comm_->reduce_scatter(g + b.lo, out + at, layout_.counts(b.lo, b.hi)));
+  WorkPtr w = shard_comm_->reduce_scatter(buf.data<float>(), out + at, layout_.counts(b.lo, b.hi));
+  if (edge)
+    works_.push_back(std::move(w));
+  else
+    block_grad_work_[group % 2] = std::move(w);
 }
 
 void DataParallel::drain() {
   for (WorkPtr& w : works_) w->wait();
   works_.clear();
+  for (WorkPtr& w : block_grad_work_)
+    if (w) w->wait(), w.reset();
 }
 
 double DataParallel::clip_grad_norm(double max_norm) {
@@ -310,13 +344,14 @@ void DataParallel::gather(int64_t g, bool wait) {
   }
 }
 
-void DataParallel::point_group(int64_t g, const Tensor& buf) {
+void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad) {
   const int64_t lo = group_lo(g);
   auto& ps = ps_.params();
   for (size_t i = model_.group_begin(g); i < model_.group_begin(g + 1) && i < ps.size(); ++i) {
     Param& p = ps[i];
-    p.value = Tensor(buf.storage(), buf.byte_offset() + (ps_.offset(p) - lo) * sizeof(float),
-                     p.shape, DType::kF32);
+    (grad ? p.grad : p.value) =
+        Tensor(buf.storage(), buf.byte_offset() + (ps_.offset(p) - lo) * sizeof(float), p.shape,
+               DType::kF32);
   }
 }
 
@@ -333,6 +368,12 @@ void DataParallel::before_forward(int64_t g) {
 }
 
 void DataParallel::before_backward(int64_t g) {
+  if (grad_sharded() && sync_) {  // block g's gradients into a free workspace buffer
+    const int slot = static_cast<int>(g % 2);
+    if (block_grad_work_[slot]) block_grad_work_[slot]->wait(), block_grad_work_[slot].reset();
+    block_grad_[slot].zero_();
+    point_group(g, block_grad_[slot], /*grad=*/true);
+  }
   if (!sharded_values()) return;
   gather(g, true);
   if (g - 1 >= 1) gather(g - 1, false);
@@ -354,7 +395,8 @@ size_t DataParallel::parameter_bytes() const {
 }
 
 size_t DataParallel::gradient_bytes() const {
-  return ps_.grad_bytes() + (grad_sharded() ? gshard_.nbytes() + rs_tmp_.nbytes() : 0);
+  return ps_.grad_bytes() + grad_ws_.capacity() +
+         (grad_sharded() ? gshard_.nbytes() + (rs_tmp_used_ ? rs_tmp_.nbytes() : 0) : 0);
 }
 
 }  // namespace lmforge::dist

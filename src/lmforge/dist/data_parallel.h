@@ -91,8 +91,9 @@ class DataParallel final : public GroupHooks {
   void gather_full_model();
 
   // What this rank holds, in bytes: AdamW state; parameters (the shard under full-shard, else all)
-  // and the full-shard gather buffers; gradients (the accumulator under grad/full-shard and the
-  // whole-model gradient buffer used as backward workspace).
+  // and the full-shard gather buffers; gradients (the whole-model buffer under no-shard/zero1;
+  // under grad-/full-shard the 1/N accumulator, its second buffer and the backward's workspace:
+  // embeddings, head and two blocks).
   size_t optimizer_bytes() const { return opt_->state_bytes(); }
   size_t parameter_bytes() const;
   size_t gather_buffer_bytes() const { return gather_.capacity(); }
@@ -107,10 +108,10 @@ class DataParallel final : public GroupHooks {
     int64_t lo, hi;
     int pending = 0, groups = 0;
   };
-  void launch(Bucket& b);
+  void launch(Bucket& b, int64_t group);
   void drain();
   void gather(int64_t group, bool wait);
-  void point_group(int64_t group, const Tensor& buf);
+  void point_group(int64_t group, const Tensor& buf, bool grad = false);
   int64_t group_lo(int64_t g) const;
   int64_t group_hi(int64_t g) const { return group_lo(g + 1); }
   std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);
@@ -133,7 +134,11 @@ class DataParallel final : public GroupHooks {
   // Gradient accumulator (the first micro-batch's reduce-scatter target), the later
   // micro-batches' target (untouched, so not resident, without gradient accumulation), values.
   Tensor gshard_, rs_tmp_, vshard_;
+  bool rs_tmp_used_ = false;  // (mapped lazily: counted once written)
   Tensor embed_buf_, tail_buf_, block_buf_[2];
+  Arena grad_ws_;  // grad-/full-shard: the backward's gradient workspace (see the constructor)
+  Tensor edge_grad_[2], block_grad_[2];
+  WorkPtr block_grad_work_[2];  // the reduce-scatter reading block_grad_[i]
   int64_t slot_block_[2] = {-1, -1};
   WorkPtr slot_work_[2], edge_work_[2];
   bool edges_gathered_ = false;

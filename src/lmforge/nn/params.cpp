@@ -6,7 +6,7 @@ namespace lmforge {
 
 Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
   LMF_CHECK(find(name) == nullptr, "duplicate parameter {}", name);
-  params_.push_back(Param{name, shape, decay, {}, {}, false, {}});
+  params_.push_back(Param{name, shape, decay, {}, {}, false, {}, 0});
   return &params_.back();
 }
 
@@ -16,6 +16,14 @@ void ParamSet::finalize(DType dtype) {
   grads_ = Arena::planned([&](Arena& a) {
     for (Param& p : params_) p.grad = a.alloc(p.shape, dtype_);
   });
+  for (Param& p : params_)
+    p.flat_offset = static_cast<int64_t>(p.grad.byte_offset() / dtype_size(dtype_));
+  flat_size_ = static_cast<int64_t>(grads_.used() / dtype_size(dtype_));
+}
+
+void ParamSet::release_grads() {
+  for (Param& p : params_) p.grad = Tensor();
+  grads_ = Arena();
 }
 
 void ParamSet::allocate_values() {

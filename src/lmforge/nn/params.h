@@ -21,8 +21,9 @@ struct Param {
   bool decay = true;  // AdamW weight decay applies (off for norms, biases, embeddings)
   Tensor value;
   Tensor grad;
-  bool matmul = false;  // used as a matmul weight (gets a bf16 copy under bf16 precision)
-  Tensor value_bf16;    // bf16(value) for the matmuls when enabled; see ParamSet
+  bool matmul = false;      // used as a matmul weight (gets a bf16 copy under bf16 precision)
+  Tensor value_bf16;        // bf16(value) for the matmuls when enabled; see ParamSet
+  int64_t flat_offset = 0;  // first element in ParamSet's flat space (ParamSet::offset)
   // The matmul operand: the bf16 copy under bf16 precision, else the fp32 value.
   const Tensor& matmul_weight() const { return value_bf16.defined() ? value_bf16 : value; }
 };
@@ -42,14 +43,15 @@ class ParamSet {
   // The flat index space of both buffers: parameter p occupies elements
   // [offset(p), offset(p) + numel) of flat_size() (the gaps keep every parameter 64-byte aligned).
   // Sharding (dist/) cuts this space into contiguous per-rank ranges.
-  int64_t offset(const Param& p) const {
-    return static_cast<int64_t>(p.grad.byte_offset() / dtype_size(dtype_));
-  }
-  int64_t flat_size() const { return static_cast<int64_t>(grads_.used() / dtype_size(dtype_)); }
+  int64_t offset(const Param& p) const { return p.flat_offset; }
+  int64_t flat_size() const { return flat_size_; }
   // Full-shard training keeps only a shard of the values: frees the value buffer and leaves
   // every Param::value undefined until something points it at gathered memory.
   void release_values();
   void allocate_values();  // again, after release_values (contents undefined)
+  // Grad-/full-shard training points each group's gradients at a small workspace instead: frees
+  // the gradient buffer and leaves every Param::grad undefined.
+  void release_grads();
   bool has_values() const { return values_.capacity() > 0; }
   Tensor flat_values() const { return values_.as_tensor(dtype_); }
   size_t value_bytes() const { return values_.capacity(); }
@@ -68,6 +70,7 @@ class ParamSet {
  private:
   std::deque<Param> params_;  // deque: Param* handles stay valid while adding
   Arena values_, grads_, bf16_;
+  int64_t flat_size_ = 0;
   bool bf16_fresh_ = false;
   DType dtype_ = DType::kF32;
 };
