@@ -88,6 +88,39 @@ __device__ void load_tile(float* __restrict__ dst, const float* __restrict__ src
 
 // Max / sum over the 16 lanes of a half-warp (the threads that share ty). At each xor step the two
 // partners add the same two values, so every lane ends with the same bits.
+// Two 64x64 score-like products from shared tiles (rows of kD + 1 floats), each thread holding
+// a 4x4 block: c1[i][j] += a1[row] . b1[col], c2[i][j] += a2[row] . b2[col] over kD, for rows
+// 4 ty + i and columns tx + 16 j. The backward kernels use it for (S, dP) and their transposes.
+template <int kD>
+__device__ __forceinline__ void two_products(const float* __restrict__ a1,
+                                             const float* __restrict__ a2,
+                                             const float* __restrict__ b1,
+                                             const float* __restrict__ b2, int ty, int tx,
+                                             float c1[4][4], float c2[4][4]) {
+  constexpr int kDP = kD + 1;
+#pragma unroll 4
+  for (int d = 0; d < kD; ++d) {
+    float ra[4], rb[4], ca[4], cb[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ra[i] = a1[(4 * ty + i) * kDP + d];
+      rb[i] = a2[(4 * ty + i) * kDP + d];
+    }
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      ca[jj] = b1[(tx + 16 * jj) * kDP + d];
+      cb[jj] = b2[(tx + 16 * jj) * kDP + d];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        c1[i][jj] = fmaf(ra[i], ca[jj], c1[i][jj]);
+        c2[i][jj] = fmaf(rb[i], cb[jj], c2[i][jj]);
+      }
+  }
+}
+
 __device__ __forceinline__ float half_warp_max(float v) {
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -271,27 +304,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
 
       float st[4][4] = {}, dpt[4][4] = {};  // S^T and dP^T: rows keys 4ty+i, columns tx+16jj
-#pragma unroll 4
-      for (int d = 0; d < kD; ++d) {
-        float ka[4], va[4], qc[4], gc[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          ka[i] = Ks[(4 * ty + i) * kDP + d];
-          va[i] = Vs[(4 * ty + i) * kDP + d];
-        }
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          qc[jj] = Qs[(tx + 16 * jj) * kDP + d];
-          gc[jj] = dOs[(tx + 16 * jj) * kDP + d];
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) {
-            st[i][jj] = fmaf(ka[i], qc[jj], st[i][jj]);
-            dpt[i][jj] = fmaf(va[i], gc[jj], dpt[i][jj]);
-          }
-      }
+      two_products<kD>(Ks, Vs, Qs, dOs, ty, tx, st, dpt);
 
       float ds[4][4];
 #pragma unroll
@@ -392,27 +405,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     float sc[4][4] = {}, dp[4][4] = {};  // S and dP: rows queries 4ty+i, columns keys tx+16jj
-#pragma unroll 4
-    for (int d = 0; d < kD; ++d) {
-      float qa[4], ga[4], kc[4], vc[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        qa[i] = Qs[(4 * ty + i) * kDP + d];
-        ga[i] = dOs[(4 * ty + i) * kDP + d];
-      }
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        kc[jj] = Ks[(tx + 16 * jj) * kDP + d];
-        vc[jj] = Vs[(tx + 16 * jj) * kDP + d];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          sc[i][jj] = fmaf(qa[i], kc[jj], sc[i][jj]);
-          dp[i][jj] = fmaf(ga[i], vc[jj], dp[i][jj]);
-        }
-    }
+    two_products<kD>(Qs, dOs, Ks, Vs, ty, tx, sc, dp);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
