@@ -1,0 +1,169 @@
+// Token and position embeddings (GPT-2's encoder), forward and deterministic backward.
+#include "lmforge/backend/cuda/device.cuh"
+
+namespace lmforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Embedding (GPT-2's encoder): out[b, t] = wte[tok[b, t]] + wpe[t].
+
+struct EmbeddingForwardOp {
+  float* out;
+  const int32_t* tokens;
+  const float* wte;
+  const float* wpe;
+  int64_t T, C, V;
+  template <int K>
+  __device__ void apply(int64_t i) const {  // K divides C: one token per call
+    const int64_t bt = i / C, c = i - bt * C;
+    const int32_t tok = tokens[bt];
+    Floats<K> o;
+    if (tok < 0 || tok >= V) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) o.v[k] = __int_as_float(0x7fc00000);  // NaN: see kernels.h
+    } else {
+      o = load<K>(wte + static_cast<int64_t>(tok) * C + c);
+      Floats<K> p;
+      if (wpe) {
+        p = load<K>(wpe + (bt % T) * C + c);
+      } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k) p.v[k] = 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) o.v[k] = __fadd_rn(o.v[k], p.v[k]);
+    }
+    store<K>(out + i, o);
+  }
+};
+
+// dwpe[t] += sum over b of dout[b, t], added in b order into the fp32 value (as the CPU).
+struct EmbeddingWpeGradOp {
+  float* dwpe;
+  const float* dout;
+  int64_t B, T, C;
+  template <int K>
+  __device__ void apply(int64_t i) const {
+    const int64_t t = i / C, c = i - t * C;
+    Floats<K> acc = load<K>(dwpe + i);
+    for (int64_t b = 0; b < B; ++b) {
+      const Floats<K> g = load<K>(dout + (b * T + t) * C + c);
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc.v[k] = __fadd_rn(acc.v[k], g.v[k]);
+    }
+    store<K>(dwpe + i, acc);
+  }
+};
+
+// dwte scatter-add without atomics. Block (x, y) owns channels [128 x, 128 x + 128) (one per
+// thread) of the vocabulary rows v with v % gridDim.y == y, so no element has two writers. It
+// walks the tokens in chunks: the block compacts the chunk's tokens that are its own, in (b, t)
+// order (ballots plus a prefix over the warps), then each thread adds their dout rows into its
+// channel. Every dwte element therefore receives its terms in (b, t) order, one fp32 add at a
+// time, exactly as cpu::embedding_backward: the result does not depend on the grid.
+constexpr int kEmbChannels = 128;                   // threads per block, one channel each
+constexpr int kEmbScan = 8;                         // tokens per thread per chunk
+constexpr int kEmbChunk = kEmbChannels * kEmbScan;  // tokens per chunk
+constexpr int kEmbWarps = kEmbChannels / 32;
+
+__global__ void __launch_bounds__(kEmbChannels)
+    embedding_wte_grad_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
+                              const int32_t* __restrict__ tokens, int64_t BT, int64_t C,
+                              int64_t V) {
+  __shared__ int32_t hit_pos[kEmbChunk];  // position within the chunk
+  __shared__ int32_t hit_tok[kEmbChunk];
+  __shared__ int counts[kEmbScan * kEmbWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kEmbChannels + threadIdx.x;
+  const int64_t parts = gridDim.y, part = blockIdx.y;
+  const unsigned lanes_below = (1u << lane) - 1u;
+
+  for (int64_t base = 0; base < BT; base += kEmbChunk) {
+    int32_t tok[kEmbScan];
+    unsigned ballot[kEmbScan];
+#pragma unroll
+    for (int k = 0; k < kEmbScan; ++k) {
+      const int64_t bt = base + k * kEmbChannels + threadIdx.x;
+      tok[k] = bt < BT ? tokens[bt] : -1;
+      const bool mine = tok[k] >= 0 && tok[k] < V && tok[k] % parts == part;
+      ballot[k] = __ballot_sync(kFullMask, mine);
+      if (lane == 0) counts[k * kEmbWarps + warp] = __popc(ballot[k]);
+    }
+    __syncthreads();
+    // Exclusive prefix over (k, warp), which is token order.
+    int offset[kEmbScan], total = 0;
+#pragma unroll
+    for (int k = 0; k < kEmbScan; ++k)
+      for (int w = 0; w < kEmbWarps; ++w) {
+        if (w == warp) offset[k] = total;
+        total += counts[k * kEmbWarps + w];
+      }
+#pragma unroll
+    for (int k = 0; k < kEmbScan; ++k)
+      if ((ballot[k] >> lane) & 1u) {
+        const int at = offset[k] + __popc(ballot[k] & lanes_below);
+        hit_pos[at] = k * kEmbChannels + threadIdx.x;
+        hit_tok[at] = tok[k];
+      }
+    __syncthreads();
+    if (c < C) {
+      int j = 0;
+      // Four rows at a time: their dout loads are independent; the dwte read-modify-writes may
+      // overlap too when the four tokens differ, and otherwise go one after another.
+      for (; j + 4 <= total; j += 4) {
+        float* d[4];
+        float g[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          d[k] = dwte + static_cast<int64_t>(hit_tok[j + k]) * C + c;
+          g[k] = dout[(base + hit_pos[j + k]) * C + c];
+        }
+        if (d[0] != d[1] && d[0] != d[2] && d[0] != d[3] && d[1] != d[2] && d[1] != d[3] &&
+            d[2] != d[3]) {
+          float a[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) a[k] = *d[k];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) *d[k] = __fadd_rn(a[k], g[k]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) *d[k] = __fadd_rn(*d[k], g[k]);
+        }
+      }
+      for (; j < total; ++j) {
+        float* d = dwte + static_cast<int64_t>(hit_tok[j]) * C + c;
+        *d = __fadd_rn(*d, dout[(base + hit_pos[j]) * C + c]);
+      }
+    }
+    __syncthreads();  // the next chunk rewrites counts and hits
+  }
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
+                       int64_t B, int64_t T, int64_t C, int64_t V) {
+  launch_map(EmbeddingForwardOp{out, tokens, wte, wpe, T, C, V}, B * T * C,
+             C % 4 == 0 && aligned16(out, wte, wpe));
+}
+
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                        int64_t B, int64_t T, int64_t C, int64_t V) {
+  const int64_t BT = B * T;
+  if (BT <= 0 || C <= 0) return;
+  // The grid only spreads the work: results are the same for any number of parts. Aim for a
+  // few blocks per SM.
+  const int64_t slices = (C + kEmbChannels - 1) / kEmbChannels;
+  const int64_t parts = std::clamp<int64_t>((4 * sm_count() + slices - 1) / slices, 1,
+                                            std::clamp<int64_t>(V, 1, 65535));
+  const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(parts));
+  embedding_wte_grad_kernel<<<grid, kEmbChannels, 0, cur_stream()>>>(dwte, dout, tokens, BT, C, V);
+  LMF_CUDA_LAUNCHED();
+  if (dwpe)
+    launch_map(EmbeddingWpeGradOp{dwpe, dout, B, T, C}, T * C, C % 4 == 0 && aligned16(dwpe, dout));
+}
+
+}  // namespace lmforge::cuda

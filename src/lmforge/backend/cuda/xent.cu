@@ -1,0 +1,172 @@
+// Softmax cross-entropy over rows of logits (with z-loss), forward and backward.
+#include "lmforge/backend/cuda/device.cuh"
+
+namespace lmforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Softmax cross-entropy: one block per row. Each thread keeps an online (max, sum of exp(x -
+// max)) in fp32 over its columns (Milakov & Gimelshein 2018), the block combines them in a
+// fixed tree, and lse = max + log(sum) in double. Rows are read as float4 between an unaligned
+// head and tail (V is usually odd).
+
+constexpr int kXentThreads = 512;
+
+struct MaxSum {
+  float m, s;
+};
+
+__device__ __forceinline__ void push(MaxSum& a, float x) {
+  if (x > a.m) {
+    a.s = a.s * expf(a.m - x) + 1.0f;  // expf(-inf) = 0 for the first element
+    a.m = x;
+  } else if (x != -INFINITY) {  // a -inf logit adds nothing (and -inf - -inf would be NaN)
+    a.s += expf(x - a.m);
+  }
+}
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f};
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+// f(v, x[v]) for the columns of a row of V that this thread owns.
+template <typename F>
+__device__ __forceinline__ void for_row(const float* x, int64_t V, F&& f) {
+  const int64_t head =
+      min(V, static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) / 4);
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) f(v, x[v]);
+  const int64_t nvec = (V - head) / 4;
+  const float4* x4 = reinterpret_cast<const float4*>(x + head);
+  for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+    const float4 q = x4[j];
+    const int64_t v = head + 4 * j;
+    f(v, q.x);
+    f(v + 1, q.y);
+    f(v + 2, q.z);
+    f(v + 3, q.w);
+  }
+  for (int64_t v = head + 4 * nvec + threadIdx.x; v < V; v += blockDim.x) f(v, x[v]);
+}
+
+// d[v] = f(v, x[v]) over a row; d may alias x (each element is read and written by one thread).
+template <typename F>
+__device__ __forceinline__ void map_row(float* d, const float* x, int64_t V, F&& f) {
+  if (((reinterpret_cast<uintptr_t>(d) ^ reinterpret_cast<uintptr_t>(x)) & 15) != 0) {
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = f(v, x[v]);
+    return;
+  }
+  const int64_t head =
+      min(V, static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) / 4);
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) d[v] = f(v, x[v]);
+  const int64_t nvec = (V - head) / 4;
+  const float4* x4 = reinterpret_cast<const float4*>(x + head);
+  float4* d4 = reinterpret_cast<float4*>(d + head);
+  for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+    const float4 q = x4[j];
+    const int64_t v = head + 4 * j;
+    d4[j] = make_float4(f(v, q.x), f(v + 1, q.y), f(v + 2, q.z), f(v + 3, q.w));
+  }
+  for (int64_t v = head + 4 * nvec + threadIdx.x; v < V; v += blockDim.x) d[v] = f(v, x[v]);
+}
+
+// logsumexp of a row, the same value in every thread (all threads of the block must call).
+__device__ double row_logsumexp(const float* x, int64_t V) {
+  __shared__ MaxSum part[kXentThreads / 32];
+  MaxSum a{-INFINITY, 0.0f};
+  for_row(x, V, [&](int64_t, float xv) { push(a, xv); });
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const MaxSum b{__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o)};
+    a = combine(a, b);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kXentThreads / 32 ? part[lane] : MaxSum{-INFINITY, 0.0f};
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const MaxSum b{__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o)};
+      a = combine(a, b);
+    }
+    if (lane == 0) part[0] = a;
+  }
+  __syncthreads();
+  a = part[0];
+  return static_cast<double>(a.m) + log(static_cast<double>(a.s));
+}
+
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_xent_forward_kernel(float* losses, double* lse_sq, const float* logits,
+                                const int32_t* targets, int64_t V, int32_t ignore_index) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  if (y == ignore_index) {  // the whole block
+    if (threadIdx.x == 0) {
+      losses[i] = 0.0f;
+      if (lse_sq) lse_sq[i] = 0.0;
+    }
+    return;
+  }
+  const float* x = logits + i * V;
+  const double lse = row_logsumexp(x, V);
+  if (threadIdx.x == 0) {
+    const bool valid = y >= 0 && y < V;
+    losses[i] = valid ? static_cast<float>(lse - x[y]) : __int_as_float(0x7fc00000);
+    if (lse_sq) lse_sq[i] = valid ? lse * lse : __longlong_as_double(0x7ff8000000000000LL);
+  }
+}
+
+// d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]. The row is fully read (for lse,
+// then a block sync) before any write, so dlogits may alias logits.
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_xent_backward_kernel(float* dlogits, const float* logits, const int32_t* targets,
+                                 float dloss, int64_t V, int32_t ignore_index, double z_loss) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  const float* x = logits + i * V;
+  float* d = dlogits + i * V;
+  if (y == ignore_index) {
+    map_row(d, x, V, [](int64_t, float) { return 0.0f; });
+    return;
+  }
+  const double lse = row_logsumexp(x, V);
+  const double zf = 1.0 + 2.0 * z_loss * lse;
+  const bool valid = y >= 0 && y < V;
+  const float lse_f = static_cast<float>(lse), coef = static_cast<float>(dloss * zf);
+  map_row(d, x, V, [&](int64_t v, float xv) {
+    if (!valid) return __int_as_float(0x7fc00000);
+    if (v == y) return static_cast<float>(dloss * (exp(static_cast<double>(xv) - lse) * zf - 1.0));
+    return expf(xv - lse_f) * coef;
+  });
+}
+
+}  // namespace
+
+void softmax_xent_forward(float* losses, const float* logits, const int32_t* targets, int64_t N,
+                          int64_t V, int32_t ignore_index, double* lse_sq_sum) {
+  if (N <= 0) {
+    if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
+    return;
+  }
+  double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
+  softmax_xent_forward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      losses, lse_sq, logits, targets, V, ignore_index);
+  LMF_CUDA_LAUNCHED();
+  if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
+}
+
+void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,
+                           int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
+  if (N <= 0) return;
+  softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      dlogits, logits, targets, dloss, V, ignore_index, z_loss);
+  LMF_CUDA_LAUNCHED();
+}
+
+}  // namespace lmforge::cuda
