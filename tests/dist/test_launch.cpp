@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "testing/errors.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -27,13 +28,7 @@ size_t count_of(const std::string& text, const std::string& needle) {
   return n;
 }
 
-void expect_one_line_error(const testing::RunResult& r, const std::vector<std::string>& needles) {
-  EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
-  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  for (auto& n : needles)
-    EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
-}
+using testing::expect_one_line_error;
 
 // lmforge ARGS started in the background with its stdin a pipe this test holds open (so that a
 // rank reading stdin waits), stdout/stderr into dir/.stdout, dir/.stderr.

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "lmforge/data/shard.h"
+#include "testing/errors.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -29,15 +30,7 @@ std::string tiny_config(const std::string& dir) {
   return dir + "/tiny.yaml";
 }
 
-void expect_one_line_error(const testing::RunResult& r, const std::vector<std::string>& needles) {
-  EXPECT_EQ(r.exit_code, 1) << r.err;
-  ASSERT_FALSE(r.err.empty());
-  EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
-  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
-  for (auto& n : needles)
-    EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
-}
+using testing::expect_one_line_error;
 
 void expect_no_tmp_files(const std::string& dir) {
   for (auto& e : fs::recursive_directory_iterator(dir))

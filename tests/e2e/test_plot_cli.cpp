@@ -5,6 +5,7 @@
 #include <fstream>
 #include <regex>
 
+#include "testing/errors.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -34,13 +35,7 @@ void write_run(const std::string& dir, int steps) {
   f << "{\"step\":" << steps + 2 << ",\"lo";              // torn by a crash
 }
 
-void expect_one_line_error(const testing::RunResult& r, const std::vector<std::string>& needles) {
-  EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_EQ(r.err.rfind("lmforge: ", 0), 0u) << r.err;
-  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  for (auto& n : needles)
-    EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
-}
+using testing::expect_one_line_error;
 
 TEST(PlotCli, PlotsLossOfSeveralRuns) {
   std::string dir = testing::temp_dir("plot-cli");
