@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "lmforge/core/rng.h"
+#include "lmforge/dist/data_parallel.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/train/guard.h"
 #include "lmforge/train/trainer.h"
@@ -75,10 +76,10 @@ TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {
       micro[k].tokens.data<int32_t>()[i] = full[0].tokens.data<int32_t>()[k * B * T + i] = tok;
       micro[k].targets.data<int32_t>()[i] = full[0].targets.data<int32_t>()[k * B * T + i] = tgt;
     }
-  micro_model.params().zero_grad();
-  full_model.params().zero_grad();
-  double lm = accumulate_gradients(micro_model, micro);
-  double lf = accumulate_gradients(full_model, full);
+  // The training step's gradient accumulation (DataParallel over one process).
+  dist::LocalCommunicator one;
+  double lm = dist::DataParallel(one, micro_model, DistConfig{}, {}).forward_backward(micro);
+  double lf = dist::DataParallel(one, full_model, DistConfig{}, {}).forward_backward(full);
   EXPECT_NEAR(lm, lf, 1e-6 * std::fabs(lf));
   std::vector<float> a = grads(micro_model), b = grads(full_model);
   double max_err = 0, max_ref = 0;

@@ -36,23 +36,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-double accumulate_gradients(Transformer& model, const std::vector<Batch>& micro,
-                            double* mean_lse_sq) {
-  const int32_t kIgnoreIndex = LoaderOptions{}.ignore_index;  // what the loader writes
-  const std::vector<int64_t> counts = target_counts(micro, kIgnoreIndex);
-  int64_t targets = 0;
-  for (int64_t n : counts) targets += n;
-  double loss = 0, lse_sq = 0;
-  for (size_t m = 0; m < micro.size(); ++m) {
-    double share = targets ? static_cast<double>(counts[m]) / targets : 0.0;
-    double l = model.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnoreIndex);
-    loss += l * share;
-    lse_sq += model.mean_lse_sq() * share;
-  }
-  if (mean_lse_sq) *mean_lse_sq = lse_sq;
-  return loss;
-}
-
 Schedule make_schedule(const TrainConfig& t) {
   Schedule s{t.schedule, t.lr, t.min_lr, t.warmup, t.steps, t.decay_fraction, t.div_factor};
   s.validate();
@@ -541,7 +524,9 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   RunSetup setup = setup_run(cfg);
   const TrainConfig& t = cfg.train;
   Transformer& model = *setup.model;
-  AdamW opt(model.params(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  dist::LocalCommunicator one;
+  dist::DataParallel dp(one, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
+                        setup.init ? std::nullopt : std::optional<uint64_t>(t.seed));
   std::vector<Batch> micro(t.grad_accum);
   for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
   model.set_z_loss(t.z_loss);
@@ -551,11 +536,10 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   double avg = 0, best = INFINITY;
   for (int64_t i = 0; i < o.steps; ++i) {
     double lr = o.start * std::pow(o.end / o.start, static_cast<double>(i) / (o.steps - 1));
-    model.params().zero_grad();
     for (Batch& b : micro) setup.train_data->next(b);
-    double loss = accumulate_gradients(model, micro);
-    clip_grad_norm(model.params(), t.grad_clip);
-    opt.step(lr);
+    double loss = dp.forward_backward(micro);
+    dp.clip_grad_norm(t.grad_clip);
+    dp.step(lr);
     avg = beta * avg + (1 - beta) * loss;
     double smooth = avg / (1 - std::pow(beta, static_cast<double>(i + 1)));
     r.lrs.push_back(lr);

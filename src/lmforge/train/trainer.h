@@ -25,13 +25,6 @@ struct TrainResult {
   bool stopped_early = false;
 };
 
-// One optimizer step's gradients over micro-batches, normalized by the number of target tokens
-// of all of them (not by the number of micro-batches): each micro-batch's mean-loss gradient is
-// weighted by its share of the targets, so the sum is the full batch's gradient however ignored
-// (padding) targets fall. Returns the token-weighted mean loss; gradients +=.
-double accumulate_gradients(Transformer& model, const std::vector<Batch>& micro,
-                            double* mean_lse_sq = nullptr);
-
 // The learning-rate schedule train.* describes (validated; throws Error naming the key).
 Schedule make_schedule(const TrainConfig& t);
 
