@@ -98,8 +98,6 @@ void validate_train_config(const Config& cfg) {
   if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
   parse_faults(t.inject_fault);
   dist::parse_strategy(cfg.dist.strategy);
-  if (!(cfg.dist.bucket_mb > 0))
-    fail("dist.bucket_mb: must be positive, got {}", cfg.dist.bucket_mb);
   if (!(cfg.dist.timeout > 0)) fail("dist.timeout: must be positive, got {}", cfg.dist.timeout);
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
