@@ -221,7 +221,14 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
       if (!f.has(name)) continue;
       Tensor t = f.get(name);
       auto b = f.metadata().find("begin." + name);
-      const int64_t begin = b == f.metadata().end() ? 0 : std::stoll(b->second);
+      int64_t begin = 0;
+      if (b != f.metadata().end()) {
+        char* end = nullptr;
+        begin = std::strtoll(b->second.c_str(), &end, 10);
+        if (b->second.empty() || *end != '\0')
+          fail("{}: metadata begin.{} is \"{}\", not an element offset; the checkpoint is corrupt",
+               f.path(), name, b->second);
+      }
       if (t.dtype() != DType::kF32 || (b == f.metadata().end() && !(t.shape() == p.shape)) ||
           begin < 0 || begin + t.numel() > numel)
         fail(
