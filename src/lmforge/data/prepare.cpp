@@ -41,9 +41,10 @@ bool goes_to_val(uint64_t seed, std::string_view text, double fraction) {
   return u < fraction;
 }
 
-struct SplitBuffer {
-  std::vector<uint32_t> tokens;
-  std::vector<uint64_t> starts;
+// One split's output: the shard being written (streamed to its temporary file, opened by the
+// split's first document after a close) and the totals of the shards closed so far.
+struct Split {
+  std::unique_ptr<ShardWriter> shard;
   int64_t shards = 0;
   uint64_t docs = 0, total_tokens = 0;
 };
@@ -97,10 +98,6 @@ class Job {
       if (!reader.next_raw(&skipped_record))
         fail("{}: inputs shrank since the interrupted run; delete it", dir_);
     records_ = p.records;
-    // The train shard's buffer at its final size up front (the pages fill as tokens arrive and
-    // stay for the next shards): growing it by doubling re-copies and re-faults every token.
-    // Capped by the input's size (a token is at least a byte of text, one more per document).
-    train_.tokens.reserve(std::min<uint64_t>(o_.shard_tokens + (64 << 10), 2 * total_bytes + 4096));
     start_ = Clock::now();
     resumed_bytes_ = reader.bytes_consumed();
 
@@ -148,12 +145,13 @@ class Job {
       Batch b = next.get();
       if (!b.last) next = std::async(std::launch::async, read_batch);
       const int64_t n = static_cast<int64_t>(b.raw.size());
-      docs[slot].assign(n, Document{});
-      ids[slot].assign(n, {});
+      docs[slot].resize(n);
+      ids[slot].resize(n);  // the buffers are kept and reused: no allocation once warm
 #pragma omp parallel for schedule(dynamic, 4)
       for (int64_t k = 0; k < n; ++k) {
         docs[slot][k] = reader.finish(std::move(b.raw[k]));
-        if (docs[slot][k].skip.empty()) ids[slot][k] = tok_.encode(docs[slot][k].text);
+        ids[slot][k].clear();
+        if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
       }
       if (applied.valid()) applied.get();
       applied = std::async(std::launch::async, apply, slot, b.consumed);
@@ -170,32 +168,35 @@ class Job {
   void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text) {
     bool val =
         o_.val_docs > 0 ? val_.docs < o_.val_docs : goes_to_val(o_.seed, text, o_.val_fraction);
-    SplitBuffer& b = val ? val_ : train_;
-    b.starts.push_back(b.tokens.size());
-    if (tok_.bos_id() >= 0) b.tokens.push_back(tok_.bos_id());
-    b.tokens.insert(b.tokens.end(), ids.begin(), ids.end());
-    if (tok_.eos_id() >= 0) b.tokens.push_back(tok_.eos_id());
+    Split& b = val ? val_ : train_;
+    if (!b.shard)
+      b.shard = std::make_unique<ShardWriter>(
+          fmt::format("{}/{}-{:05d}.bin", dir_, val ? "val" : "train", b.shards), info_,
+          ShardWriter::width_for(info_.vocab_size));
+    b.shard->begin_document();
+    if (tok_.bos_id() >= 0) b.shard->append(tok_.bos_id());
+    b.shard->append(ids.data(), ids.size());
+    if (tok_.eos_id() >= 0) b.shard->append(tok_.eos_id());
     ++b.docs;
     docs_bytes_ += text.size();
-    if (train_.tokens.size() >= o_.shard_tokens) {
+    if (train_.shard && train_.shard->tokens() >= o_.shard_tokens) {
       records_ = record + 1;
       close_shards(false);
     }
   }
 
-  void write(SplitBuffer& b, const char* split) {
-    if (b.tokens.empty()) return;
-    std::string path = fmt::format("{}/{}-{:05d}.bin", dir_, split, b.shards++);
-    write_shard(path, b.tokens, b.starts, info_);
-    b.total_tokens += b.tokens.size();
-    b.tokens.clear();
-    b.starts.clear();
+  void close(Split& b) {
+    if (!b.shard) return;
+    b.shard->commit();
+    b.total_tokens += b.shard->tokens();
+    b.shard.reset();
+    ++b.shards;
   }
 
   // Writes both pending shards and the progress that points just past them.
   void close_shards(bool final) {
-    write(train_, "train");
-    write(val_, "val");
+    close(train_);
+    close(val_);
     json j = {{"key", key_}, {"records", records_}, {"complete", final}, {"stats", stats()}};
     write_file_atomic(dir_ + "/progress.json", j.dump(2) + "\n");
     if (!final && o_.stop_after_shards > 0 && train_.shards >= o_.stop_after_shards)
@@ -228,6 +229,9 @@ class Job {
 
   void restore(const Progress& p) {
     key_ = p.key;
+    // Shards an interrupted run was streaming (never committed) are incomplete.
+    for (auto& e : fs::directory_iterator(dir_))
+      if (e.path().extension() == ".tmp") fs::remove(e.path());
     if (p.stats.empty()) {
       // A fresh start: remove shards an interrupted run wrote after its last progress update.
       for (auto& e : fs::directory_iterator(dir_))
@@ -272,7 +276,7 @@ class Job {
   const Tokenizer& tok_;
   std::string dir_, key_;
   ShardTokenizerInfo info_;
-  SplitBuffer train_, val_;
+  Split train_, val_;
   std::map<std::string, uint64_t> skipped_, repaired_;
   uint64_t records_ = 0, records_read_ = 0, docs_bytes_ = 0, resumed_bytes_ = 0;
   Clock::time_point start_;

@@ -70,36 +70,80 @@ uint32_t TokenShard::max_token() const {
   return mx;
 }
 
+namespace {
+constexpr size_t kStageBytes = 1 << 20;
+}
+
+ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width)
+    : file_(std::make_unique<AtomicFile>(path)), path_(path), tok_(tok), width_(width) {
+  LMF_CHECK(width == 2 || width == 4, "shard token width must be 2 or 4");
+  char header[kShardHeaderBytes] = {};  // counts filled in by commit()
+  file_->write(header, sizeof(header));
+  stage_.resize(kStageBytes);
+}
+
+ShardWriter::~ShardWriter() = default;
+
+void ShardWriter::append(const int32_t* ids, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (staged_ + width_ > stage_.size()) flush();
+    uint32_t id = static_cast<uint32_t>(ids[i]);
+    if (width_ == 2) {
+      LMF_CHECK(id < 65536, "{}: token id {} does not fit a u16 shard", path_, ids[i]);
+      uint16_t v = static_cast<uint16_t>(id);
+      std::memcpy(stage_.data() + staged_, &v, 2);
+    } else {
+      std::memcpy(stage_.data() + staged_, &id, 4);
+    }
+    staged_ += width_;
+  }
+  count_ += n;
+}
+
+void ShardWriter::flush() {
+  file_->write(stage_.data(), staged_);
+  staged_ = 0;
+}
+
+void ShardWriter::commit() {
+  flush();
+  uint64_t docs = starts_.size();
+  if (docs) {
+    LMF_CHECK(starts_[0] == 0, "document index must start at 0");
+    file_->write(starts_.data(), docs * 8);
+    file_->write(&count_, 8);
+  }
+  char header[kShardHeaderBytes] = {};
+  uint32_t version = kShardVersion;
+  std::memcpy(header, kShardMagic, 8);
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 12, &width_, 4);
+  std::memcpy(header + 16, &count_, 8);
+  std::memcpy(header + 24, &docs, 8);
+  std::memcpy(header + 32, &tok_.vocab_size, 8);
+  std::memcpy(header + 40, &tok_.bos, 4);
+  std::memcpy(header + 44, &tok_.eos, 4);
+  std::memcpy(header + 48, tok_.fingerprint.data(), std::min<size_t>(16, tok_.fingerprint.size()));
+  std::memcpy(header + 64, tok_.kind.data(), std::min<size_t>(16, tok_.kind.size()));
+  file_->overwrite(0, header, sizeof(header));
+  file_->commit();
+}
+
 void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
                  const std::vector<uint64_t>& doc_starts, const ShardTokenizerInfo& tok) {
   bool small = std::all_of(tokens.begin(), tokens.end(), [](uint32_t t) { return t < 65536; });
-  char header[kShardHeaderBytes] = {};
-  uint32_t version = kShardVersion, width = small ? 2 : 4;
-  uint64_t count = tokens.size(), docs = doc_starts.size();
-  std::memcpy(header, kShardMagic, 8);
-  std::memcpy(header + 8, &version, 4);
-  std::memcpy(header + 12, &width, 4);
-  std::memcpy(header + 16, &count, 8);
-  std::memcpy(header + 24, &docs, 8);
-  std::memcpy(header + 32, &tok.vocab_size, 8);
-  std::memcpy(header + 40, &tok.bos, 4);
-  std::memcpy(header + 44, &tok.eos, 4);
-  std::memcpy(header + 48, tok.fingerprint.data(), std::min<size_t>(16, tok.fingerprint.size()));
-  std::memcpy(header + 64, tok.kind.data(), std::min<size_t>(16, tok.kind.size()));
-  AtomicFile f(path);
-  f.write(header, sizeof(header));
-  if (small) {
-    std::vector<uint16_t> t16(tokens.begin(), tokens.end());
-    f.write(t16.data(), t16.size() * 2);
-  } else {
-    f.write(tokens.data(), tokens.size() * 4);
+  ShardWriter w(path, tok, small ? 2 : 4);
+  LMF_CHECK(doc_starts.empty() || doc_starts[0] == 0, "document index must start at 0");
+  const auto* ids = reinterpret_cast<const int32_t*>(tokens.data());
+  uint64_t begin = 0;
+  for (size_t d = 0; d <= doc_starts.size(); ++d) {
+    uint64_t end = d < doc_starts.size() ? doc_starts[d] : tokens.size();
+    LMF_CHECK(end >= begin && end <= tokens.size(), "document starts must ascend within the shard");
+    w.append(ids + begin, end - begin);
+    if (d < doc_starts.size()) w.begin_document();
+    begin = end;
   }
-  if (docs) {
-    LMF_CHECK(doc_starts[0] == 0, "document index must start at 0");
-    f.write(doc_starts.data(), docs * 8);
-    f.write(&count, 8);
-  }
-  f.commit();
+  w.commit();
 }
 
 std::vector<std::string> expand_shards(const std::string& spec, const std::string& key) {

@@ -23,6 +23,8 @@
 
 namespace lmforge {
 
+class AtomicFile;
+
 constexpr char kShardMagic[8] = {'L', 'M', 'F', 'S', 'H', 'A', 'R', 'D'};
 constexpr uint32_t kShardVersion = 2;
 
@@ -60,8 +62,42 @@ class TokenShard {
   uint64_t docs_n_ = 0;
 };
 
-// Writes u16 tokens when every id < 65536, else u32. doc_starts (optional): the start offset of
-// each document, ascending from 0; the end offset N is added.
+// Streams one shard to disk: tokens go to the file as they are appended (converted to the
+// shard's width through a small staging buffer), document starts are kept (8 bytes each), and
+// commit() appends the index, fills in the header's counts and renames the file into place
+// (AtomicFile: destroyed without commit(), nothing is left). Memory does not grow with the shard.
+//
+//   ShardWriter w(path, info, ShardWriter::width_for(info.vocab_size));
+//   w.begin_document(); w.append(ids.data(), ids.size()); ... w.commit();
+class ShardWriter {
+ public:
+  ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width);
+  ~ShardWriter();
+  // 2 (u16) when every id of a vocabulary of this size fits, else 4.
+  static uint32_t width_for(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
+
+  void begin_document() { starts_.push_back(count_); }
+  void append(const int32_t* ids, size_t n);
+  void append(int32_t id) { append(&id, 1); }
+  uint64_t tokens() const { return count_; }
+  uint64_t documents() const { return starts_.size(); }
+  void commit();
+
+ private:
+  void flush();
+
+  std::unique_ptr<AtomicFile> file_;
+  std::string path_;
+  ShardTokenizerInfo tok_;
+  uint32_t width_;
+  uint64_t count_ = 0;
+  std::vector<uint64_t> starts_;
+  std::vector<uint8_t> stage_;
+  size_t staged_ = 0;  // bytes in stage_
+};
+
+// Writes a whole shard at once: u16 tokens when every id < 65536, else u32. doc_starts
+// (optional): the start offset of each document, ascending from 0; the end offset N is added.
 void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
                  const std::vector<uint64_t>& doc_starts = {}, const ShardTokenizerInfo& tok = {});
 

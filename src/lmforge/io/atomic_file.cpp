@@ -30,6 +30,12 @@ void AtomicFile::write(const void* data, size_t n) {
     fail("{}: write failed ({}); is the disk full?", tmp_, std::strerror(errno));
 }
 
+void AtomicFile::overwrite(uint64_t offset, const void* data, size_t n) {
+  if (std::fflush(f_) != 0 ||
+      pwrite(fileno(f_), data, n, static_cast<off_t>(offset)) != static_cast<ssize_t>(n))
+    fail("{}: write failed ({}); is the disk full?", tmp_, std::strerror(errno));
+}
+
 void AtomicFile::commit() {
   bool ok = std::fflush(f_) == 0 && fsync(fileno(f_)) == 0;
   int err = errno;

@@ -5,6 +5,7 @@
 //   AtomicFile f(path); f.write(buf, n); f.commit();
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -19,6 +20,8 @@ class AtomicFile {
 
   void write(const void* data, size_t n);
   void write(const std::string& s) { write(s.data(), s.size()); }
+  // Rewrites bytes already written (e.g. a header whose counts are known only at the end).
+  void overwrite(uint64_t offset, const void* data, size_t n);
   void commit();
 
  private:

@@ -148,10 +148,8 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
     encode_piece(text, out);
 }
 
-std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool allow_special,
-                                          bool add_bos) const {
-  std::vector<int32_t> out;
-  out.reserve(text.size() / 3 + 4);
+void BpeTokenizer::encode_append(std::string_view text, std::vector<int32_t>& out,
+                                 bool allow_special, bool add_bos) const {
   if (add_bos && bos_ >= 0) out.push_back(bos_);
   size_t start = 0;
   if (allow_special && !specials_.empty()) {
@@ -169,7 +167,6 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool allow_spec
     }
   }
   encode_ordinary(text.substr(start), start == 0, out);
-  return out;
 }
 
 std::string BpeTokenizer::token_bytes(int32_t id) const {

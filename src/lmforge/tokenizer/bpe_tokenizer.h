@@ -31,8 +31,8 @@ class BpeTokenizer : public Tokenizer {
   //   kEvery:  every run, unconditionally (HF's Prepend("▁") normalizer, as in Llama 2's export).
   enum class Prepend { kNever, kFirst, kAlways, kEvery };
 
-  std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
-                              bool add_bos = false) const override;
+  void encode_append(std::string_view text, std::vector<int32_t>& out, bool allow_special = false,
+                     bool add_bos = false) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
   std::string token_bytes(int32_t id) const override;
   int64_t vocab_size() const override { return static_cast<int64_t>(vocab_.size()); }

@@ -23,6 +23,14 @@ std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
   return it->second;
 }
 
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool allow_special,
+                                       bool add_bos) const {
+  std::vector<int32_t> out;
+  out.reserve(text.size() / 3 + 4);
+  encode_append(text, out, allow_special, add_bos);
+  return out;
+}
+
 std::vector<std::vector<int32_t>> Tokenizer::encode_batch(
     const std::vector<std::string_view>& texts, bool allow_special, bool add_bos) const {
   std::vector<std::vector<int32_t>> out(texts.size());

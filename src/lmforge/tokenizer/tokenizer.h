@@ -28,8 +28,11 @@ class Tokenizer {
   // allow_special: special-token strings in `text` become their ids; otherwise they are plain
   // text. Post-processing (e.g. Llama 3's leading <|begin_of_text|>) is added only when
   // add_bos is true and the tokenizer defines one.
-  virtual std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
-                                      bool add_bos = false) const = 0;
+  std::vector<int32_t> encode(std::string_view text, bool allow_special = false,
+                              bool add_bos = false) const;
+  // encode(), appending to `out` (a buffer reused across documents allocates nothing).
+  virtual void encode_append(std::string_view text, std::vector<int32_t>& out,
+                             bool allow_special = false, bool add_bos = false) const = 0;
   // Encodes many documents on all cores (OpenMP); results in input order.
   std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string_view>& texts,
                                                  bool allow_special = false,

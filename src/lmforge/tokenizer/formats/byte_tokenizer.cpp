@@ -18,9 +18,8 @@ class ByteLevelTokenizer : public Tokenizer {
     source_ = "byte";
     fingerprint_ = "byte-v1";
   }
-  std::vector<int32_t> encode(std::string_view text, bool allow_special, bool) const override {
-    std::vector<int32_t> out;
-    out.reserve(text.size());
+  void encode_append(std::string_view text, std::vector<int32_t>& out, bool allow_special,
+                     bool) const override {
     for (size_t i = 0; i < text.size(); ++i) {
       if (allow_special && text.compare(i, kEndOfTextText.size(), kEndOfTextText) == 0) {
         out.push_back(kEndOfText);
@@ -29,7 +28,6 @@ class ByteLevelTokenizer : public Tokenizer {
         out.push_back(static_cast<unsigned char>(text[i]));
       }
     }
-    return out;
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::string s;

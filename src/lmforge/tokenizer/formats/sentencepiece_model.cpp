@@ -24,14 +24,13 @@ class SentencePieceTokenizer : public Tokenizer {
     fingerprint_ = fnv1a_hex(bytes);
   }
   // SentencePiece never reads control symbols from text: allow_special has no effect.
-  std::vector<int32_t> encode(std::string_view text, bool, bool add_bos) const override {
+  void encode_append(std::string_view text, std::vector<int32_t>& out, bool,
+                     bool add_bos) const override {
     std::vector<int> ids;
     auto st = sp_.Encode(text, &ids);
     LMF_CHECK(st.ok(), "sentencepiece encode: {}", st.ToString());
-    std::vector<int32_t> out;
     if (add_bos && bos_ >= 0) out.push_back(bos_);
     out.insert(out.end(), ids.begin(), ids.end());
-    return out;
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::string s;
