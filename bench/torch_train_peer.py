@@ -1,7 +1,7 @@
 """PyTorch peer for `lmforge bench train`: a nanoGPT-style model of the same shape (GPT-2, or a
 Llama with RMSNorm, RoPE, SwiGLU and grouped-query attention) trained with torch.optim.AdamW on
 random tokens, fp32 eager or bf16 autocast, optionally under torch.compile, on the same CPU
-threads. Runs on the current PyTorch and on Debian's 1.13 (no F.scaled_dot_product_attention
+threads or on a GPU (--device cuda: F.scaled_dot_product_attention, fused AdamW). Runs on the current PyTorch and on Debian's 1.13 (no F.scaled_dot_product_attention
 there: the attention is then written out). Prints "peak resident N MiB" and a last line
 "torch <version> <preset> B=.. T=.. <precision>[+compile]: <number> tok/s" like lmforge's."""
 import argparse
@@ -21,6 +21,7 @@ GPT2 = {  # (n_layer, n_head, n_embd); vocab 50257, 1024 positions
 LLAMA = {  # (n_layer, n_head, n_kv_head, n_embd, ffn_hidden, vocab, rope_theta, tied)
     "llama3-tiny": (4, 4, 2, 128, 352, 128256, 10000.0, False),
     "smollm2-135m": (30, 9, 3, 576, 1536, 49152, 100000.0, True),
+    "llama3.2-1b": (16, 32, 8, 2048, 8192, 128256, 500000.0, True),
 }
 
 
@@ -29,7 +30,7 @@ def attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     T = q.size(-2)
     s = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.softmax(s.float(), dim=-1).to(v.dtype) @ v
 
 
@@ -58,7 +59,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(C)
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in self.blocks:
             x = b(x)
         logits = self.ln_f(x) @ self.wte.weight.t()  # tied head
@@ -117,8 +118,9 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets):
         T = idx.shape[1]
-        inv = 1.0 / (self.theta ** (torch.arange(0, self.hs, 2).float() / self.hs))
-        f = torch.outer(torch.arange(T).float(), inv)
+        dev = idx.device
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.hs, 2, device=dev).float() / self.hs))
+        f = torch.outer(torch.arange(T, device=dev).float(), inv)
         cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()
         x = self.wte(idx)
         for b in self.blocks:
@@ -137,7 +139,10 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -145,24 +150,32 @@ def main():
         model, V = GPT(*GPT2[a.model]), 50257
     else:
         model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model.to(dev)
+    fused = {"fused": True} if gpu else {}  # the fused CUDA AdamW, as the seeds use on GPUs
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            **fused)
     step_model = torch.compile(model) if a.compile else model
-    idx = torch.randint(0, V, (a.batch, a.seq))
-    tgt = torch.randint(0, V, (a.batch, a.seq))
+    idx = torch.randint(0, V, (a.batch, a.seq), device=dev)
+    tgt = torch.randint(0, V, (a.batch, a.seq), device=dev)
     total = 0.0
     for s in range(a.steps + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             loss = step_model(idx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if gpu:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if s > 0:
             total += dt
         print(f"step {s} loss {loss.item():.4f} {dt:.3f}s{' (warm-up)' if s == 0 else ''}", flush=True)
     print(f"peak resident {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if gpu:
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
+              f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
     tag = a.precision + ("+compile" if a.compile else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")

@@ -11,6 +11,7 @@
 
 #include "commands.h"
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/data/loader.h"
@@ -20,6 +21,7 @@
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/trainer.h"
 
 namespace lmforge::app {
 
@@ -154,7 +156,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5;
-    std::string precision = "fp32", recompute = "none";
+    std::string precision = "fp32", recompute = "none", device = "cpu";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -168,6 +170,8 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--precision", o->precision, "fp32 | bf16")->capture_default_str();
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
+  cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
+      ->capture_default_str();
   cmd->callback([o] {
     if (o->precision != "fp32" && o->precision != "bf16")
       fail("--precision: expected fp32 or bf16, got \"{}\"", o->precision);
@@ -176,6 +180,8 @@ void add_bench(CLI::App& app) {
     ModelConfig mc = model_preset(o->model);
     Transformer model(mc);
     model.init_weights(1);
+    model.to(resolve_device(o->device));
+    const bool gpu = model.device() == Device::kCUDA;
     if (o->precision == "bf16") model.enable_bf16();
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
@@ -186,9 +192,13 @@ void add_bench(CLI::App& app) {
       tok.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
       tgt.data<int32_t>()[i] = static_cast<int32_t>(rng.below(mc.vocab_size));
     }
-    fmt::print("bench train: {} ({:.1f}M params) B={} T={} {}, {} threads, {} [{}]\n", o->model,
-               model.params().numel() / 1e6, o->batch, o->seq, o->precision, omp_get_max_threads(),
-               cpu_features().brand, cpu_features().summary());
+    if (gpu)
+      fmt::print("bench train: {} ({:.1f}M params) B={} T={} {}, {}\n", o->model,
+                 model.params().numel() / 1e6, o->batch, o->seq, o->precision, cuda::device_name());
+    else
+      fmt::print("bench train: {} ({:.1f}M params) B={} T={} {}, {} threads, {} [{}]\n", o->model,
+                 model.params().numel() / 1e6, o->batch, o->seq, o->precision,
+                 omp_get_max_threads(), cpu_features().brand, cpu_features().summary());
     double total = 0;
     for (int64_t s = 0; s <= o->steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
@@ -196,6 +206,7 @@ void add_bench(CLI::App& app) {
       float loss = model.forward_backward(tok, tgt);
       clip_grad_norm(model.params(), 1.0);
       opt.step(1e-4);
+      if (gpu) cuda::synchronize();  // the step's kernels, not just their launches
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (s > 0) total += dt;
       fmt::print("step {} loss {:.4f} {:.3f}s{}\n", s, loss, dt, s == 0 ? " (warm-up)" : "");
@@ -211,6 +222,14 @@ void add_bench(CLI::App& app) {
                model.full_logits_bytes() / 1048576.0);
     const double fpt = mc.flops_per_token(o->seq);
     fmt::print("{:.3f} GFLOP per token, {:.1f} GFLOP/s achieved\n", fpt / 1e9, fpt * tps / 1e9);
+    if (gpu) {
+      const double peak = cuda::datasheet_bf16_tflops();
+      fmt::print("peak GPU memory {:.0f} MiB (allocated by lmforge){}\n",
+                 cuda::peak_allocated() / 1048576.0,
+                 peak > 0 ? fmt::format("; MFU {:.1f}% of {:.1f} TFLOP/s",
+                                        100 * fpt * tps / 1e12 / peak, peak)
+                          : "");
+    }
     fmt::print("lmforge {} B={} T={} {}: {:.1f} tok/s\n", o->model, o->batch, o->seq, o->precision,
                tps);
   });

@@ -434,6 +434,20 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
                                           ignore_index, z_loss)));
 }
 
+void to_bf16(const Tensor& dst, const Tensor& src) {
+  same_numel("to_bf16", dst, src);
+  LMF_CHECK(dst.device() == src.device(), "to_bf16: both tensors on one device");
+  dispatch(
+      "to_bf16", src,
+      [&](auto tag) {
+        if constexpr (std::is_same_v<decltype(tag), float>)
+          cpu::to_bf16(dst.bf16_data(), src.data<float>(), src.numel());
+        else
+          LMF_CHECK(false, "to_bf16 converts fp32, got {}", dtype_name(src.dtype()));
+      },
+      LMF_GPU(cuda::to_bf16(dst.bf16_data(), src.data<float>(), src.numel())));
+}
+
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   same_numel("add", a, b);
   same_numel("add", out, a);

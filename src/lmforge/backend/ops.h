@@ -64,6 +64,9 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
                         const Tensor& out, const Tensor& lse, int64_t n_head, int64_t n_kv_head,
                         int64_t window = 0);
 
+// dst (bf16) = src (fp32) rounded to nearest even (the bf16 copies of the matmul weights).
+void to_bf16(const Tensor& dst, const Tensor& src);
+
 void gelu_forward(const Tensor& out, const Tensor& inp);
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 // inp (N, 2F) = [gate | up] -> out (N, F)

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <thread>
 
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
 #include "lmforge/dist/mpi_world.h"
 
@@ -35,13 +36,25 @@ int env_int(const char* name, int fallback) {
 
 WorkPtr LocalCommunicator::all_reduce(float*, int64_t) { return std::make_unique<Done>(); }
 WorkPtr LocalCommunicator::all_reduce(double*, int64_t) { return std::make_unique<Done>(); }
+namespace {
+// One rank's reduce-scatter and all-gather are copies, on the host or on the GPU (a model on
+// train.device: cuda keeps its shards there), ordered with the GPU's other work.
+void copy_floats(float* out, const float* in, int64_t n) {
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  if (cuda::is_device_pointer(out) || cuda::is_device_pointer(in))
+    cuda::memcpy(out, in, bytes, cuda::Copy::kDeviceToDevice);
+  else
+    std::memcpy(out, in, bytes);
+}
+}  // namespace
+
 WorkPtr LocalCommunicator::reduce_scatter(const float* in, float* out,
                                           const std::vector<int64_t>& c) {
-  if (in != out) std::memcpy(out, in, static_cast<size_t>(c.at(0)) * sizeof(float));
+  if (in != out) copy_floats(out, in, c.at(0));
   return std::make_unique<Done>();
 }
 WorkPtr LocalCommunicator::all_gather(const float* in, float* out, const std::vector<int64_t>& c) {
-  if (in && in != out) std::memcpy(out, in, static_cast<size_t>(c.at(0)) * sizeof(float));
+  if (in && in != out) copy_floats(out, in, c.at(0));
   return std::make_unique<Done>();
 }
 WorkPtr LocalCommunicator::broadcast(void*, int64_t, int) { return std::make_unique<Done>(); }

@@ -67,6 +67,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         "grad-shard with bf16",
         strategy_name(strategy_));
   const int64_t n = ps_.flat_size();
+  const Device device = model.device();  // buffers live beside the model's
   layout_ = ShardLayout(n, shard_comm_->size());
   my_lo_ = layout_.begin(shard_comm_->rank());
   my_hi_ = layout_.end(shard_comm_->rank());
@@ -92,34 +93,43 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   int64_t block = 0;  // the largest block, in elements
   for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
   if (grad_sharded()) {
-    shard_arena_ = Arena::planned([&](Arena& a) {
-      gshard_ = a.alloc({mine});
-      rs_tmp_ = a.alloc({mine});
-      vshard_ = values_sharded ? a.alloc({mine}) : Tensor();
-    });
+    shard_arena_ = Arena::planned(
+        [&](Arena& a) {
+          gshard_ = a.alloc({mine});
+          rs_tmp_ = a.alloc({mine});
+          vshard_ = values_sharded ? a.alloc({mine}) : Tensor();
+        },
+        device);
     // The backward writes each group's gradients into a small workspace instead of a
     // whole-model buffer: the embeddings and the head for the micro-batch, blocks in two
     // alternating buffers, each reused once its reduce-scatter has completed.
-    grad_ws_ = Arena::planned([&](Arena& a) {
-      edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
-      edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
-      block_grad_[0] = a.alloc({block});
-      block_grad_[1] = a.alloc({block});
-    });
+    grad_ws_ = Arena::planned(
+        [&](Arena& a) {
+          edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
+          edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
+          block_grad_[0] = a.alloc({block});
+          block_grad_[1] = a.alloc({block});
+        },
+        device);
     ps_.release_grads();
   }
   if (values_sharded) {
     if (ps_.has_values() && !init_seed)
       vshard_.copy_from(flat_view(ps_.flat_values(), my_lo_, mine));
-    else
-      model.init_weights_range(init_seed.value_or(0), my_lo_, mine, vshard_.data<float>());
+    else {  // made on the host, then copied to where the shard lives
+      Tensor host = Tensor::empty({mine}, DType::kF32);
+      model.init_weights_range(init_seed.value_or(0), my_lo_, mine, host.data<float>());
+      vshard_.copy_from(host);
+    }
     ps_.release_values();
-    gather_ = Arena::planned([&](Arena& a) {
-      embed_buf_ = a.alloc({group_hi(0) - group_lo(0)});
-      tail_buf_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
-      block_buf_[0] = a.alloc({block});
-      block_buf_[1] = a.alloc({block});
-    });
+    gather_ = Arena::planned(
+        [&](Arena& a) {
+          embed_buf_ = a.alloc({group_hi(0) - group_lo(0)});
+          tail_buf_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
+          block_buf_[0] = a.alloc({block});
+          block_buf_[1] = a.alloc({block});
+        },
+        device);
   } else if (world.size() > 1) {  // everyone starts from rank 0's weights
     Tensor v = ps_.flat_values();
     world.broadcast(v.raw(), static_cast<int64_t>(v.nbytes()), 0)->wait();

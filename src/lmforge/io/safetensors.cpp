@@ -176,7 +176,8 @@ Tensor Safetensors::load(const std::string& name, DType want) const {
 std::vector<std::string> Safetensors::names() const { return order_; }
 
 void SafetensorsWriter::add(const std::string& name, const Tensor& t) {
-  tensors_.emplace_back(name, t);
+  // A GPU tensor is copied to the host now: what is written is its value at add().
+  tensors_.emplace_back(name, t.device() == Device::kCPU ? t : t.to(Device::kCPU));
 }
 
 void SafetensorsWriter::write(const std::string& path) const {

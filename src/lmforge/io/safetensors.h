@@ -75,7 +75,8 @@ class Safetensors {
 
 class SafetensorsWriter {
  public:
-  void add(const std::string& name, const Tensor& t);  // keeps a reference; data read at write()
+  // Keeps a reference (data read at write()); a GPU tensor is copied to the host here.
+  void add(const std::string& name, const Tensor& t);
   std::map<std::string, std::string> metadata;
   // Writes to path + ".tmp" then renames: a reader never sees a half-written file. Tensors are
   // stored in the order added. Throws Error for a duplicate or reserved name.

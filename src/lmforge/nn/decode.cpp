@@ -22,6 +22,7 @@ KvCache Transformer::make_cache(int64_t max_len) const {
 }
 
 Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int64_t pos0) {
+  LMF_CHECK(device() == Device::kCPU, "decode runs on the CPU: call to(Device::kCPU) first");
   params_.sync_bf16();
   LMF_CHECK(n > 0 && pos0 + n <= cache.max_len, "decode: n={} pos0={} cache {}", n, pos0,
             cache.max_len);

@@ -1,6 +1,6 @@
 #include "lmforge/nn/params.h"
 
-#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/ops.h"
 
 namespace lmforge {
 
@@ -13,12 +13,39 @@ Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
 void ParamSet::finalize(DType dtype) {
   dtype_ = dtype;
   allocate_values();
-  grads_ = Arena::planned([&](Arena& a) {
-    for (Param& p : params_) p.grad = a.alloc(p.shape, dtype_);
-  });
+  allocate_grads();
   for (Param& p : params_)
     p.flat_offset = static_cast<int64_t>(p.grad.byte_offset() / dtype_size(dtype_));
   flat_size_ = static_cast<int64_t>(grads_.used() / dtype_size(dtype_));
+}
+
+void ParamSet::allocate_grads() {
+  grads_ = Arena::planned(
+      [&](Arena& a) {
+        for (Param& p : params_) p.grad = a.alloc(p.shape, dtype_);
+      },
+      device_);
+}
+
+void ParamSet::to(Device device) {
+  if (device == device_) return;
+  // The old buffers stay alive through these views until the copies are made.
+  Tensor values = has_values() ? flat_values() : Tensor();
+  Tensor grads = grads_.capacity() ? flat_grads() : Tensor();
+  const bool bf16 = has_bf16();
+  device_ = device;
+  if (values.defined()) {
+    allocate_values();
+    flat_values().copy_from(values);
+  }
+  if (grads.defined()) {
+    allocate_grads();
+    flat_grads().copy_from(grads);
+  }
+  if (bf16) {
+    bf16_ = Arena();
+    enable_bf16();
+  }
 }
 
 void ParamSet::release_grads() {
@@ -27,26 +54,29 @@ void ParamSet::release_grads() {
 }
 
 void ParamSet::allocate_values() {
-  values_ = Arena::planned([&](Arena& a) {
-    for (Param& p : params_) p.value = a.alloc(p.shape, dtype_);
-  });
+  values_ = Arena::planned(
+      [&](Arena& a) {
+        for (Param& p : params_) p.value = a.alloc(p.shape, dtype_);
+      },
+      device_);
 }
 
 void ParamSet::enable_bf16() {
   LMF_CHECK(dtype_ == DType::kF32 && values_.capacity() > 0, "enable_bf16 needs fp32 parameters");
   if (has_bf16()) return;
-  bf16_ = Arena::planned([&](Arena& a) {
-    for (Param& p : params_)
-      if (p.matmul) p.value_bf16 = a.alloc(p.shape, DType::kBF16);
-  });
+  bf16_ = Arena::planned(
+      [&](Arena& a) {
+        for (Param& p : params_)
+          if (p.matmul) p.value_bf16 = a.alloc(p.shape, DType::kBF16);
+      },
+      device_);
   bf16_fresh_ = false;
 }
 
 void ParamSet::sync_bf16() {
   if (!has_bf16() || bf16_fresh_) return;
   for (Param& p : params_)
-    if (p.value_bf16.defined())
-      cpu::to_bf16(p.value_bf16.bf16_data(), p.value.data<float>(), p.value.numel());
+    if (p.value_bf16.defined()) ops::to_bf16(p.value_bf16, p.value);
   bf16_fresh_ = true;
 }
 

@@ -32,6 +32,10 @@ class ParamSet {
  public:
   Param* add(const std::string& name, Shape shape, bool decay);
   void finalize(DType dtype = DType::kF32);
+  // Moves every buffer (values, gradients, bf16 copies) to `device`, contents kept (the bf16
+  // copies are reconverted on use); Param tensors point at the new buffers. Set-up code only.
+  void to(Device device);
+  Device device() const { return device_; }
   Param* find(const std::string& name);
 
   std::deque<Param>& params() { return params_; }
@@ -73,6 +77,8 @@ class ParamSet {
   int64_t flat_size_ = 0;
   bool bf16_fresh_ = false;
   DType dtype_ = DType::kF32;
+  Device device_ = Device::kCPU;
+  void allocate_grads();
 };
 
 }  // namespace lmforge

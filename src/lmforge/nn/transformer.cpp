@@ -65,6 +65,12 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
 
 void Transformer::init_weights(uint64_t seed) {
   params_.invalidate_bf16();
+  if (device() != Device::kCPU) {  // made on the host, copied in one piece
+    Tensor host = Tensor::empty({params_.flat_size()}, DType::kF32);
+    init_weights_range(seed, 0, params_.flat_size(), host.data<float>());
+    params_.flat_values().copy_from(host);
+    return;
+  }
   for_init_values(seed, [](const Param& p, int64_t i, float v) {
     if (i < 0)
       p.value.fill_(v);
@@ -86,6 +92,16 @@ void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float
   });
 }
 
+void Transformer::to(Device device) {
+  if (device == this->device()) return;
+  params_.to(device);
+  if (rope_.cos.defined()) {
+    rope_.cos = rope_.cos.to(device);
+    rope_.sin = rope_.sin.to(device);
+  }
+  if (B_ > 0) plan(B_, T_, recompute_, keep_logits_);
+}
+
 void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logits) {
   if (T > cfg_.max_seq_len)
     fail(
@@ -97,26 +113,29 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   recompute_ = recompute;
   keep_logits_ = keep_logits;
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
-  // Rows per LM-head chunk: about 32 MiB of fp32 logits, at least 64 rows (the matmul stays
-  // efficient), at most all of them.
-  chunk_rows_ = std::min(B * T, std::max<int64_t>(64, (32 << 20) / (4 * V)));
+  // Rows per LM-head chunk: about 32 MiB of fp32 logits on the CPU (256 MiB on a GPU, where each
+  // chunk's loss is read back), at least 64 rows (the matmul stays efficient), at most all.
+  const int64_t chunk_bytes = device() == Device::kCPU ? 32 << 20 : 256 << 20;
+  chunk_rows_ = std::min(B * T, std::max<int64_t>(64, chunk_bytes / (4 * V)));
   block_acts_.assign(cfg_.n_layer, {});
-  acts_ = Arena::planned([&](Arena& a) {
-    tokens_ = a.alloc({B, T}, DType::kI32);
-    targets_ = a.alloc({B, T}, DType::kI32);
-    x0_ = a.alloc({B, T, C});
-    blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
-    for (int64_t l = 0; l < cfg_.n_layer; ++l)
-      blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
-    norm_f_.plan(a, nf_, B * T);
-    nf_out_ = a.alloc({B, T, C});
-    logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
-    chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
-    losses_ = a.alloc({B, T});
-    dres_ = a.alloc({B, T, C});
-    dnf_ = a.alloc({B, T, C});
-    scratch_.plan(a, cfg_, B, T);
-  });
+  acts_ = Arena::planned(
+      [&](Arena& a) {
+        tokens_ = a.alloc({B, T}, DType::kI32);
+        targets_ = a.alloc({B, T}, DType::kI32);
+        x0_ = a.alloc({B, T, C});
+        blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
+        for (int64_t l = 0; l < cfg_.n_layer; ++l)
+          blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
+        norm_f_.plan(a, nf_, B * T);
+        nf_out_ = a.alloc({B, T, C});
+        logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
+        chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
+        losses_ = a.alloc({B, T});
+        dres_ = a.alloc({B, T, C});
+        dnf_ = a.alloc({B, T, C});
+        scratch_.plan(a, cfg_, B, T);
+      },
+      device());
 }
 
 float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index) {
@@ -156,7 +175,9 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
     return 0.0f;
   }
   targets_.copy_from(targets);
-  const int32_t* y = targets_.data<int32_t>();
+  // Targets are counted on the host (the caller's tensor; read back only if it is on a GPU).
+  const Tensor host_targets = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
+  const int32_t* y = host_targets.data<int32_t>();
   target_count_ = 0;
   for (int64_t i = 0; i < N; ++i) target_count_ += y[i] != ignore_index;
   const double dloss =
@@ -168,25 +189,24 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
   Tensor h = nf_out_.view({N, C}), dh = dnf_.view({N, C}), yt = targets_.view({N}),
          loss_rows = losses_.view({N});
   Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
-  double lse_sq = 0;
+  double lse_sq = 0, sum = 0;
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows_) {
     const int64_t R = std::min(chunk_rows_, N - r0);
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
     double chunk_lse_sq = 0;
-    ops::softmax_xent_forward(loss_rows.slice(r0, R), logits, yr, ignore_index, &chunk_lse_sq);
+    const double chunk_loss =
+        ops::softmax_xent_forward(loss_rows.slice(r0, R), logits, yr, ignore_index, &chunk_lse_sq);
     int64_t n = 0;
     for (int64_t i = r0; i < r0 + R; ++i) n += y[i] != ignore_index;
+    sum += chunk_loss * static_cast<double>(n);
     lse_sq += chunk_lse_sq * static_cast<double>(n);
     if (loss_scale) {
       ops::softmax_xent_backward(logits, logits, yr, dloss, ignore_index, z_loss_);
       ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), logits, hr, lm_head_weight());
     }
   }
-  double sum = 0;
-  const float* l = losses_.data<float>();
-  for (int64_t i = 0; i < N; ++i) sum += l[i];
   mean_lse_sq_ = target_count_ ? lse_sq / static_cast<double>(target_count_) : 0.0;
   return target_count_ ? static_cast<float>(sum / static_cast<double>(target_count_)) : 0.0f;
 }

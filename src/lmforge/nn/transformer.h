@@ -60,6 +60,12 @@ class Transformer {
   void enable_bf16() { params_.enable_bf16(); }
   bool bf16() const { return params_.has_bf16(); }
 
+  // Where parameters and activations live (train.device). to() moves them (set-up code: a planned
+  // model is planned again there); a CUDA model trains and evaluates through the CUDA ops, and
+  // goes back to the CPU for decode(). Tokens and targets are passed as host tensors either way.
+  void to(Device device);
+  Device device() const { return params_.device(); }
+
   // Activations for (B, T), allocated once; `recompute` trades memory for a second forward per
   // block in backward (activation checkpointing, nn/block.h), with bit-identical results. The
   // LM head and the loss run in chunks of rows (logits_chunk_rows()), never holding B x T x V
@@ -112,7 +118,6 @@ class Transformer {
   std::vector<Block> blocks_;
   Norm norm_f_;
   RopeTables rope_;
-  Tensor rope_storage_cos_, rope_storage_sin_;
 
   // training activations
   int64_t B_ = 0, T_ = 0;

@@ -15,15 +15,19 @@ AdamW::AdamW(ParamSet& params, const AdamWOptions& opt) : AdamW(params, whole_sl
 
 AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& opt)
     : params_(params), opt_(opt), slots_(std::move(slots)) {
-  state_ = Arena::planned([&](Arena& a) {
-    m_.clear();
-    v_.clear();
-    for (const OptSlot& s : slots_) {
-      Shape shape = s.whole() ? s.param->shape : Shape{s.len};
-      m_.push_back(a.alloc(shape, DType::kF32));
-      v_.push_back(a.alloc(shape, DType::kF32));
-    }
-  });
+  // The moments live where the slots' values do (the GPU; the host under dist.offload).
+  const Device device = slots_.empty() ? Device::kCPU : slots_[0].value.device();
+  state_ = Arena::planned(
+      [&](Arena& a) {
+        m_.clear();
+        v_.clear();
+        for (const OptSlot& s : slots_) {
+          Shape shape = s.whole() ? s.param->shape : Shape{s.len};
+          m_.push_back(a.alloc(shape, DType::kF32));
+          v_.push_back(a.alloc(shape, DType::kF32));
+        }
+      },
+      device);
 }
 
 void AdamW::step(double lr) {

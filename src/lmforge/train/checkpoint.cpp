@@ -209,6 +209,12 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
 // prefix + <parameter name>, whole or in slices (metadata "begin.<name>"), from the files.
 void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
                int64_t lo, const Tensor& out) {
+  if (out.device() != Device::kCPU) {  // a GPU buffer: filled on the host, copied in one piece
+    Tensor host = Tensor::empty(out.shape(), DType::kF32);
+    fill_flat(files, prefix, ps, lo, host);
+    out.copy_from(host);
+    return;
+  }
   const int64_t hi = lo + out.numel();
   float* dst = out.data<float>();
   for (const Param& p : ps.params()) {

@@ -81,13 +81,7 @@ void validate_train_config(const Config& cfg) {
   if (!(t.lr > 0)) fail("train.lr: must be positive, got {}", t.lr);
   if (t.precision != "fp32" && t.precision != "bf16")
     fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
-  if (t.device == "cuda")
-    fail(
-        "train.device: training on CUDA is not wired up yet (the CUDA ops are built{}, the model "
-        "does not run on them); use cpu or auto",
-        cuda::available() ? fmt::format(" and {} is visible", cuda::device_name()) : "");
-  if (t.device != "cpu" && t.device != "auto")
-    fail("train.device: expected cpu, cuda or auto, got \"{}\"", t.device);
+  resolve_device(t.device);
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
@@ -101,6 +95,17 @@ void validate_train_config(const Config& cfg) {
   if (!(cfg.dist.timeout > 0)) fail("dist.timeout: must be positive, got {}", cfg.dist.timeout);
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
+}
+
+Device resolve_device(const std::string& device) {
+  if (device == "cpu") return Device::kCPU;
+  if (device == "auto") return cuda::available() ? Device::kCUDA : Device::kCPU;
+  if (device != "cuda") fail("train.device: expected cpu, cuda or auto, got \"{}\"", device);
+  if (!cuda::available())
+    fail(
+        "train.device: cuda, but no CUDA GPU is visible (or this lmforge was built without "
+        "CUDA); use cpu, or auto to take a GPU only when there is one");
+  return Device::kCUDA;
 }
 
 namespace {
@@ -257,9 +262,11 @@ RunSetup setup_run(Config& cfg) {
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
   }  // full-shard: created as shards by DataParallel (deferred init)
+  // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
+  model.to(resolve_device(t.device));
   if (t.precision == "bf16") {
     model.enable_bf16();
-    if (!cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
+    if (model.device() == Device::kCPU && !cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
       fmt::print(
           "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
           "bf16 matmuls, which may be slower than fp32\n");
@@ -277,6 +284,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<dist::Communicator> world =
       dist::init_world({cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node)});
   const bool lead = world->rank() == 0;
+  if (world->size() > 1 && resolve_device(t.device) == Device::kCUDA)
+    fail(
+        "train.device: {} with {} ranks: data parallelism across GPUs (NCCL) is not wired into "
+        "training yet; train on one GPU (one process) or on the CPU ranks (train.device: cpu)",
+        t.device, world->size());
   if (!lead && !std::freopen("/dev/null", "w", stdout))
     fail("cannot silence the standard output of rank {}", world->rank());
 
@@ -386,6 +398,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Progress progress(t.steps, st.step, t.log_every);
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world->size();
   const double flops_per_token = cfg.model.flops_per_token(t.seq_len);
+  const bool on_gpu = model.device() == Device::kCUDA;
+  const double peak_tflops = t.peak_tflops > 0 ? t.peak_tflops
+                             : on_gpu          ? cuda::datasheet_bf16_tflops()
+                                               : 0.0;
+  if (on_gpu)
+    fmt::print("device: cuda, {}{}\n", cuda::device_name(),
+               peak_tflops > 0 ? fmt::format(" (MFU against {:.1f} TFLOP/s)", peak_tflops) : "");
   auto checkpoint = [&] {
     st.loader = train_data.state();
     st.guard = guard.state();
@@ -437,8 +456,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
-    if (t.peak_tflops > 0) record["mfu"] = tflops / t.peak_tflops;
+    if (peak_tflops > 0) record["mfu"] = tflops / peak_tflops;
     record["mem_mib"] = peak_rss_mib();
+    if (on_gpu) record["gpu_mem_mib"] = cuda::peak_allocated() / 1048576.0;
     if (verdict != SpikeGuard::Verdict::kOk) {
       record["skipped"] = verdict_name(verdict);
       record["skipped_total"] = guard.skipped();
@@ -484,6 +504,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   progress.finish();
   fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
              model.activation_bytes() / 1048576.0);
+  if (on_gpu)
+    fmt::print("peak GPU memory {:.0f} MiB (allocated by lmforge)\n",
+               cuda::peak_allocated() / 1048576.0);
   if (world->size() > 1 || dp.strategy() != dist::Strategy::kNoShard)
     fmt::print(
         "dist: {} per rank (rank 0): optimizer state {} bytes, parameters {} bytes (+ {} bytes "
@@ -497,6 +520,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
   dp.gather_full_model();  // full-shard: the whole model again, for sampling
+  if (lead && !cfg.sample.prompt.empty()) model.to(Device::kCPU);  // decode runs on the CPU
 
   if (lead && !cfg.sample.prompt.empty()) {
     SamplingOptions so{

@@ -71,6 +71,8 @@ struct RunSetup {
   std::unique_ptr<Transformer> model;
 };
 RunSetup setup_run(Config& cfg);
+// train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
+Device resolve_device(const std::string& device);
 
 // The learning-rate range test (Smith 2017; fast.ai's lr_find): from the initial weights, one
 // AdamW step per LR on an exponential sweep from start to end, recording the loss; stops early

@@ -2,6 +2,9 @@
 
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "lmforge/backend/cuda/check.h"
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/error.h"
@@ -44,6 +47,14 @@ std::string device_name() {
   return p.name;
 }
 
+double datasheet_bf16_tflops() {
+  const std::string name = device_name();
+  if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos)
+    return name.find("PCIe") != std::string::npos ? 756.0 : 989.4;
+  if (name.find("A100") != std::string::npos) return 312.0;
+  return 0;
+}
+
 void set_device(int index) {
   if (index < 0 || index >= device_count())
     fail("CUDA device {} does not exist ({} device(s) visible)", index, device_count());
@@ -65,6 +76,34 @@ size_t free_memory() {
   return free_b;
 }
 
+namespace {
+// What malloc() handed out (allocations are set-up-time events, so a map and a lock are cheap).
+struct Ledger {
+  std::mutex mu;
+  std::unordered_map<void*, size_t> sizes;
+  size_t now = 0, peak = 0;
+};
+Ledger& ledger() {
+  static Ledger* l = new Ledger;  // never destroyed: frees may come from static destructors
+  return *l;
+}
+}  // namespace
+
+size_t peak_allocated() {
+  std::lock_guard<std::mutex> lock(ledger().mu);
+  return ledger().peak;
+}
+
+bool is_device_pointer(const void* p) {
+  if (!p || !available()) return false;
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
 void* malloc(size_t bytes) {
   void* p = nullptr;
   if (cudaMalloc(&p, bytes) != cudaSuccess) {
@@ -74,11 +113,26 @@ void* malloc(size_t bytes) {
         "train.batch_size or train.seq_len, or set train.activation_checkpointing",
         bytes / 1073741824.0, free_memory() / 1073741824.0, device_name());
   }
+  Ledger& l = ledger();
+  std::lock_guard<std::mutex> lock(l.mu);
+  l.sizes[p] = bytes;
+  l.now += bytes;
+  l.peak = std::max(l.peak, l.now);
   return p;
 }
 
 void free(void* p) {
-  if (p) cudaFree(p);
+  if (!p) return;
+  {
+    Ledger& l = ledger();
+    std::lock_guard<std::mutex> lock(l.mu);
+    auto it = l.sizes.find(p);
+    if (it != l.sizes.end()) {
+      l.now -= it->second;
+      l.sizes.erase(it);
+    }
+  }
+  cudaFree(p);
 }
 
 void memcpy(void* dst, const void* src, size_t bytes, Copy kind) {

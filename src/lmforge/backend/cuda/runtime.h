@@ -14,16 +14,21 @@
 
 namespace lmforge::cuda {
 
-bool available();            // a usable GPU is present (cudaGetDeviceCount > 0), cached
-int device_count();          // 0 without a GPU or without the CUDA backend
-std::string device_name();   // "NVIDIA H100 80GB HBM3" or "" without a GPU
+bool available();           // a usable GPU is present (cudaGetDeviceCount > 0), cached
+int device_count();         // 0 without a GPU or without the CUDA backend
+std::string device_name();  // "NVIDIA H100 80GB HBM3" or "" without a GPU
+// The datasheet's dense bf16 tensor-core TFLOP/s of the GPU (H100/H200 SXM 989.4, H100 PCIe
+// 756, A100 312), the denominator of MFU; 0 for a GPU not in the list or without one.
+double datasheet_bf16_tflops();
 void set_device(int index);  // before any allocation; Error naming the index when invalid
 void* stream();              // the compute stream (cudaStream_t)
 
 // Device memory. malloc: Error naming the request and the free memory when it does not fit.
 void* malloc(size_t bytes);
 void free(void* p);
-size_t free_memory();  // bytes free on the current device
+size_t free_memory();                   // bytes free on the current device
+size_t peak_allocated();                // the most bytes this process held through malloc() at once
+bool is_device_pointer(const void* p);  // memory of a CUDA device (false without CUDA)
 enum class Copy { kHostToDevice, kDeviceToHost, kDeviceToDevice };
 void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on stream()
 void memset_zero(void* p, size_t bytes);                           // ordered on stream()

@@ -16,11 +16,14 @@ namespace cuda {
 int device_count() { return 0; }
 bool available() { return false; }
 std::string device_name() { return ""; }
+double datasheet_bf16_tflops() { return 0; }
 void set_device(int) { cuda_unavailable("set_device"); }
 void* stream() { return nullptr; }
 void* malloc(size_t) { cuda_unavailable("malloc"); }
 void free(void*) {}
 size_t free_memory() { return 0; }
+size_t peak_allocated() { return 0; }
+bool is_device_pointer(const void*) { return false; }
 void memcpy(void*, const void*, size_t, Copy) { cuda_unavailable("memcpy"); }
 void memset_zero(void*, size_t) { cuda_unavailable("memset"); }
 void synchronize() {}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# lmforge vs PyTorch on one GPU, in one run (the device machine; lmforge from build-gpu, see
+# scripts/gpu-check): the GPU's measured bf16 matmul rate (torch.matmul 8192^3), lmforge fp32
+# and bf16, PyTorch bf16 autocast eager and + torch.compile (SDPA, fused AdamW), same model,
+# batch and random tokens. Prints tok/s, MFU (against the datasheet peak and the measured
+# matmul rate) and peak GPU memory per row.
+#   bench/train_gpu.sh [--model gpt2] [--batch 16] [--seq 1024] [--steps 10]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+model=gpt2 batch=16 seq=1024 steps=10
+while (($#)); do
+  case $1 in
+    --model) model=$2; shift 2 ;;
+    --batch) batch=$2; shift 2 ;;
+    --seq) seq=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+bin=${LMFORGE_BIN:-$root/build-gpu/lmforge}
+python=${PYTHON:-python3}
+args=(--model "$model" --batch "$batch" --seq "$seq" --steps "$steps")
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+
+"$python" - <<'PY' | tee "$log/ceiling"
+import time, torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+for _ in range(3):
+    a @ b
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+for _ in range(20):
+    a @ b
+torch.cuda.synchronize()
+dt = (time.perf_counter() - t0) / 20
+print(f"bf16 matmul 8192^3 on {torch.cuda.get_device_name()}: {2 * 8192**3 / dt / 1e12:.1f} TFLOP/s")
+PY
+ceiling=$(grep -oE '[0-9.]+ TFLOP/s' "$log/ceiling" | cut -d' ' -f1)
+gflop=$("$bin" bench train "${args[@]}" --steps 1 --device cuda 2>/dev/null |
+  grep -oE '[0-9.]+ GFLOP per token' | cut -d' ' -f1 || echo 0)
+
+row() {  # name command...
+  local name=$1; shift
+  if "$@" >"$log/$name" 2>&1; then
+    local tps mem
+    tps=$(grep -oE '[0-9.]+ tok/s' "$log/$name" | tail -n 1 | cut -d' ' -f1)
+    mem=$(grep -oE 'peak GPU memory [0-9]+' "$log/$name" | tail -n 1 | awk '{print $4}')
+    awk -v n="$name" -v t="$tps" -v g="$gflop" -v c="$ceiling" -v m="$mem" 'BEGIN {
+      tf = t * g / 1000
+      printf "%-28s %10.0f tok/s  %6.1f TFLOP/s  MFU %5.1f%% (989.4)  %5.1f%% (measured %s)  peak GPU %s MiB\n",
+        n, t, tf, 100 * tf / 989.4, c > 0 ? 100 * tf / c : 0, c, m }'
+  else
+    echo "$name: failed (last lines below)"; tail -n 5 "$log/$name"
+  fi
+}
+row "lmforge fp32" "$bin" bench train "${args[@]}" --precision fp32 --device cuda
+row "lmforge bf16" "$bin" bench train "${args[@]}" --precision bf16 --device cuda
+row "torch bf16" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 --device cuda
+row "torch bf16+compile" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
+  --device cuda --compile
