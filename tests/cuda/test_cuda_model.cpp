@@ -196,6 +196,38 @@ TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
   for (int64_t s = 201; s <= 300; ++s) EXPECT_EQ(resumed[s], gpu[s]) << "step " << s;
 }
 
+// dist.backend: nccl on one GPU: the gradients and the loss's scalars go through an NCCL world
+// of one rank, which must train exactly as the plain single-GPU run does.
+TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+#ifndef LMFORGE_HAVE_NCCL
+  GTEST_SKIP() << "built without NCCL";
+#endif
+  const std::string dir = testing::temp_dir("cuda-nccl1");
+  const std::string common =
+      "train --set model.preset=gpt2-tiny --set model.vocab_size=257 --set model.max_seq_len=64 "
+      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
+      "--set train.seq_len=64 --set train.steps=20 --set train.grad_accum=2 "
+      "--set train.device=cuda --set sample.prompt= ";
+  for (std::string strategy : {"no-shard", "full-shard"}) {
+    auto plain = testing::run_lmforge(
+        common + "--set dist.strategy=" + strategy + " --set run.dir=plain-" + strategy, dir);
+    ASSERT_EQ(plain.exit_code, 0) << plain.err;
+    auto nccl = testing::run_lmforge(common + "--set dist.strategy=" + strategy +
+                                         " --set dist.backend=nccl --set run.dir=nccl-" + strategy,
+                                     dir);
+    ASSERT_EQ(nccl.exit_code, 0) << nccl.err;
+    auto a = testing::records_of(dir + "/plain-" + strategy + "/metrics.jsonl", "loss");
+    auto b = testing::records_of(dir + "/nccl-" + strategy + "/metrics.jsonl", "loss");
+    ASSERT_EQ(a.size(), 20u);
+    ASSERT_EQ(b.size(), 20u);
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(b[i]["loss"].get<double>(), a[i]["loss"].get<double>()) << strategy << " " << i;
+      EXPECT_EQ(b[i]["grad_norm"].get<double>(), a[i]["grad_norm"].get<double>()) << strategy;
+    }
+  }
+}
+
 // A GPU asked for where there is none is one clear error (this one runs everywhere; on a GPU
 // machine it checks nothing and passes).
 TEST(CudaTraining, DeviceCudaWithoutAGpuIsAClearError) {

@@ -53,6 +53,12 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"model.n_embd", "n_head=3"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.precision=fp8", dir),
                         {"train.precision"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=tpu", dir),
+                        {"train.device", "tpu"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=nccl", dir),
+                        {"dist.backend", "nccl", "train.device"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=gloo", dir),
+                        {"dist.backend", "gloo"});
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoints"));
 }
 

@@ -15,11 +15,6 @@ namespace lmforge::dist {
 
 namespace {
 
-struct Done final : Work {
-  bool test() override { return true; }
-  void wait() override {}
-};
-
 RankInfo g_info;
 
 // An integer environment variable, or `fallback` when unset.
@@ -34,8 +29,10 @@ int env_int(const char* name, int fallback) {
 
 }  // namespace
 
-WorkPtr LocalCommunicator::all_reduce(float*, int64_t) { return std::make_unique<Done>(); }
-WorkPtr LocalCommunicator::all_reduce(double*, int64_t) { return std::make_unique<Done>(); }
+WorkPtr LocalCommunicator::all_reduce(float*, int64_t) { return std::make_unique<CompletedWork>(); }
+WorkPtr LocalCommunicator::all_reduce(double*, int64_t) {
+  return std::make_unique<CompletedWork>();
+}
 namespace {
 // One rank's reduce-scatter and all-gather are copies, on the host or on the GPU (a model on
 // train.device: cuda keeps its shards there), ordered with the GPU's other work.
@@ -51,13 +48,15 @@ void copy_floats(float* out, const float* in, int64_t n) {
 WorkPtr LocalCommunicator::reduce_scatter(const float* in, float* out,
                                           const std::vector<int64_t>& c) {
   if (in != out) copy_floats(out, in, c.at(0));
-  return std::make_unique<Done>();
+  return std::make_unique<CompletedWork>();
 }
 WorkPtr LocalCommunicator::all_gather(const float* in, float* out, const std::vector<int64_t>& c) {
   if (in && in != out) copy_floats(out, in, c.at(0));
-  return std::make_unique<Done>();
+  return std::make_unique<CompletedWork>();
 }
-WorkPtr LocalCommunicator::broadcast(void*, int64_t, int) { return std::make_unique<Done>(); }
+WorkPtr LocalCommunicator::broadcast(void*, int64_t, int) {
+  return std::make_unique<CompletedWork>();
+}
 std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
   return std::make_unique<LocalCommunicator>();
 }
@@ -119,8 +118,9 @@ std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
     g_info.node = g_info.rank / o.ranks_per_node;
     g_info.nodes = g_info.size / o.ranks_per_node;
   }
-  if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local")
-    fail("dist.backend: expected auto, mpi or local, got \"{}\"", opt.backend);
+  if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local" &&
+      opt.backend != "nccl")
+    fail("dist.backend: expected auto, mpi, nccl or local, got \"{}\"", opt.backend);
   if (g_info.size == 1 || opt.backend == "local") {
     if (g_info.size > 1)
       fail("dist.backend: local runs one process but the launcher started {}", g_info.size);

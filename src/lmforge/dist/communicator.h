@@ -28,6 +28,12 @@ class Work {
 };
 using WorkPtr = std::unique_ptr<Work>;
 
+// A collective that completed before it was returned (one rank; staged host data).
+struct CompletedWork final : Work {
+  bool test() override { return true; }
+  void wait() override {}
+};
+
 // Where this process sits: from mpirun/srun/torchrun environment variables (see detect_launch).
 struct RankInfo {
   int rank = 0, size = 1;
@@ -78,7 +84,7 @@ class LocalCommunicator final : public Communicator {
 struct WorldOptions {
   double timeout_s = 600;        // dist.timeout: a collective that takes longer fails the job
   int ranks_per_node = 0;        // dist.ranks_per_node: 0 = as launched; >0 declares nodes
-  std::string backend = "auto";  // auto | mpi | local
+  std::string backend = "auto";  // auto | mpi | local | nccl (the host world is then as auto)
 };
 
 // Reads the launcher's environment: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE} (mpirun),

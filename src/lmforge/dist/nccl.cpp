@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
 
 namespace lmforge::dist {
@@ -375,6 +376,26 @@ NcclCommunicator::NcclCommunicator(ncclComm* comm, int device, double timeout_s,
   LMF_CUDA_CHECK(cudaStreamCreate(&stream_));
   LMF_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
   LMF_CUDA_CHECK(cudaMemsetAsync(scratch_, 0, sizeof(float), stream_));
+  cudaEvent_t ev = nullptr;
+  LMF_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  ready_ = ev;
+}
+
+void NcclCommunicator::after_compute() {
+  auto ev = static_cast<cudaEvent_t>(ready_);
+  LMF_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(cuda::stream())));
+  LMF_CUDA_CHECK(cudaStreamWaitEvent(stream_, ev, 0));
+}
+
+void* NcclCommunicator::stage(size_t bytes) {
+  if (bytes > staging_bytes_) {
+    LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old buffer may be in use
+    cudaFree(staging_);
+    staging_ = nullptr;
+    LMF_CUDA_CHECK(cudaMalloc(&staging_, bytes));
+    staging_bytes_ = bytes;
+  }
+  return staging_;
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -383,6 +404,8 @@ NcclCommunicator::~NcclCommunicator() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (comm_) ncclCommDestroy(comm_);
   cudaFree(scratch_);
+  cudaFree(staging_);
+  if (ready_) cudaEventDestroy(static_cast<cudaEvent_t>(ready_));
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -400,12 +423,25 @@ int64_t NcclCommunicator::total(const std::vector<int64_t>& c) const {
 
 WorkPtr NcclCommunicator::all_reduce(float* data, int64_t n) {
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  LMF_CHECK(n == 0 || cuda::is_device_pointer(data), "NCCL all_reduce of floats: device memory");
+  after_compute();
   LMF_NCCL_CHECK(ncclAllReduce(data, data, checked_count(n), ncclFloat, ncclSum, comm_, stream_));
   return finish(kAllReduce, n);
 }
 
 WorkPtr NcclCommunicator::all_reduce(double* data, int64_t n) {
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  after_compute();
+  if (n > 0 && !cuda::is_device_pointer(data)) {  // host scalars: staged, complete on return
+    const size_t bytes = checked_count(n) * sizeof(double);
+    auto* d = static_cast<double*>(stage(bytes));
+    LMF_CUDA_CHECK(cudaMemcpyAsync(d, data, bytes, cudaMemcpyHostToDevice, stream_));
+    LMF_NCCL_CHECK(ncclAllReduce(d, d, checked_count(n), ncclDouble, ncclSum, comm_, stream_));
+    finish(kAllReduce, n)->wait();  // bounded by dist.timeout, unlike a blocking copy
+    LMF_CUDA_CHECK(cudaMemcpyAsync(data, d, bytes, cudaMemcpyDeviceToHost, stream_));
+    LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return std::make_unique<CompletedWork>();
+  }
   LMF_NCCL_CHECK(ncclAllReduce(data, data, checked_count(n), ncclDouble, ncclSum, comm_, stream_));
   return finish(kAllReduce, n);
 }
@@ -414,6 +450,7 @@ WorkPtr NcclCommunicator::reduce_scatter(const float* in, float* out,
                                          const std::vector<int64_t>& c) {
   int64_t n = total(c);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  after_compute();
   if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
     LMF_NCCL_CHECK(
         ncclReduceScatter(in, out, checked_count(c[0]), ncclFloat, ncclSum, comm_, stream_));
@@ -438,6 +475,7 @@ WorkPtr NcclCommunicator::all_gather(const float* in, float* out, const std::vec
   for (int r = 0; r < rank_; ++r) mine_off += c[r];
   const float* mine = in ? in : out + mine_off;
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  after_compute();
   if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
     LMF_NCCL_CHECK(ncclAllGather(mine, out, checked_count(c[0]), ncclFloat, comm_, stream_));
   } else {
@@ -458,6 +496,17 @@ WorkPtr NcclCommunicator::all_gather(const float* in, float* out, const std::vec
 WorkPtr NcclCommunicator::broadcast(void* data, int64_t bytes, int root) {
   LMF_CHECK(root >= 0 && root < size_, "broadcast root {} of {} ranks", root, size_);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  after_compute();
+  if (bytes > 0 && !cuda::is_device_pointer(data)) {  // host bytes: staged, complete on return
+    const size_t n = checked_count(bytes);
+    void* d = stage(n);
+    LMF_CUDA_CHECK(cudaMemcpyAsync(d, data, n, cudaMemcpyHostToDevice, stream_));
+    LMF_NCCL_CHECK(ncclBroadcast(d, d, n, ncclUint8, root, comm_, stream_));
+    finish(kBroadcast, bytes)->wait();
+    LMF_CUDA_CHECK(cudaMemcpyAsync(data, d, n, cudaMemcpyDeviceToHost, stream_));
+    LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return std::make_unique<CompletedWork>();
+  }
   LMF_NCCL_CHECK(ncclBroadcast(data, data, checked_count(bytes), ncclUint8, root, comm_, stream_));
   return finish(kBroadcast, bytes);
 }

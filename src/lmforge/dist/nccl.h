@@ -2,9 +2,13 @@
 // only when CMake finds the CUDA toolkit with nccl.h and libnccl (LMFORGE_HAVE_NCCL=1); this
 // header keeps <nccl.h> and <cuda_runtime.h> out of its users.
 //
-// Ordering: each communicator enqueues on its own CUDA stream (stream()), created blocking, so it
-// waits for work on the legacy default stream; a caller producing data on another stream makes
-// stream() wait for it (cudaStreamWaitEvent) before the collective. A Work completes when its
+// Ordering: each communicator enqueues on its own CUDA stream (stream()), which first waits
+// (cudaStreamWaitEvent) for everything already queued on lmforge's compute stream
+// (cuda::stream()), so a collective reads the gradients the backward has produced so far; the
+// compute work queued after it overlaps with it, and consumers wait() on the host first.
+// Host memory: all_reduce(double*) and broadcast() also take host pointers (the loss and token
+// counts, the checkpoint's scalars): those are staged through device memory and complete before
+// the call returns. A Work completes when its
 // cudaEvent, recorded after the collective, has fired; wait() fails the whole job with one line
 // (and ncclCommAbort) when NCCL reports an asynchronous error or the timeout passes.
 //
@@ -60,6 +64,11 @@ class NcclCommunicator final : public Communicator {
   ncclComm* comm_ = nullptr;
   CUstream_st* stream_ = nullptr;
   float* scratch_ = nullptr;  // one device float for barrier()
+  void* staging_ = nullptr;   // device bytes for host data (grown on demand)
+  size_t staging_bytes_ = 0;
+  void* ready_ = nullptr;     // cudaEvent_t: the compute stream's work so far
+  void after_compute();       // stream() waits for the compute stream's queued work
+  void* stage(size_t bytes);  // staging_ with at least `bytes`
   int device_ = 0;
   double timeout_s_ = 600;
   int world_rank_ = 0;

@@ -107,6 +107,8 @@ std::vector<ConfigField> fields(Config& c) {
        "seconds a collective may wait for the other ranks before the job stops"},
       {"dist.ranks_per_node", &c.dist.ranks_per_node,
        "0 = as launched; declares the node size (hybrid shards within a node)"},
+      {"dist.backend", &c.dist.backend,
+       "auto (NCCL for a model on GPUs, else MPI; none for one process), mpi, nccl or local"},
       {"sample.prompt", &c.sample.prompt, "sample after training (empty = none)"},
       {"sample.max_tokens", &c.sample.max_tokens, ""},
       {"sample.temperature", &c.sample.temperature, ""},

@@ -79,6 +79,7 @@ struct DistConfig {
   bool offload = false;               // optimizer state (and full-shard parameters) in host arena
   double timeout = 600;               // seconds a collective may take before the job stops
   int64_t ranks_per_node = 0;         // 0 = as launched; declares nodes for hybrid
+  std::string backend = "auto";       // auto | mpi | nccl | local
 };
 
 struct SampleConfig {  // printed after training when prompt is non-empty

@@ -7,6 +7,9 @@
 namespace lmforge {
 
 double grad_norm(const ParamSet& params) {
+  // On a GPU, one reduction over the flat buffer (its alignment gaps are zero) reads back one
+  // number instead of one per parameter.
+  if (params.device() != Device::kCPU) return std::sqrt(ops::sum_squares(params.flat_grads()));
   double ss = 0;
   for (const Param& p : params.params()) ss += ops::sum_squares(p.grad);
   return std::sqrt(ss);

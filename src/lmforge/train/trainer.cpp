@@ -17,6 +17,9 @@
 #include "lmforge/data/loader.h"
 #include "lmforge/data/text_shards.h"
 #include "lmforge/dist/data_parallel.h"
+#ifdef LMFORGE_HAVE_NCCL
+#include "lmforge/dist/nccl.h"
+#endif
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/nn/transformer.h"
@@ -136,6 +139,38 @@ std::map<int64_t, std::string> parse_faults(const std::string& spec) {
     out[step] = kind;
   }
   return out;
+}
+
+// The NCCL world for a model on GPUs (dist.backend auto with several ranks, or nccl), after
+// selecting this rank's GPU; null when the collectives stay on the host world.
+std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, const Config& cfg) {
+  const std::string& backend = cfg.dist.backend;
+  if (resolve_device(cfg.train.device) != Device::kCUDA) {
+    if (backend == "nccl")
+      fail("dist.backend: nccl carries GPU memory; set train.device: cuda, or use mpi for CPUs");
+    return nullptr;
+  }
+  const int local = dist::rank_info().local_rank;
+  if (local >= cuda::device_count())
+    fail(
+        "train.device: cuda: rank {} is local rank {} but this node has {} GPU(s); start at most "
+        "one rank per GPU",
+        world.rank(), local, cuda::device_count());
+  cuda::set_device(local);
+  if (world.size() > 1 && backend == "mpi")
+    fail(
+        "dist.backend: mpi cannot reduce GPU memory (train.device: cuda with {} ranks); use nccl "
+        "or auto",
+        world.size());
+  if (world.size() == 1 && backend != "nccl") return nullptr;
+#ifdef LMFORGE_HAVE_NCCL
+  return dist::make_nccl_world(world, local, cfg.dist.timeout);
+#else
+  fail(
+      "dist.backend: NCCL is needed for {} on GPUs but this lmforge was built without it "
+      "(nccl.h and libnccl not found); install NCCL and rebuild",
+      world.size() > 1 ? "several ranks" : "dist.backend: nccl");
+#endif
 }
 
 // Poisons this step as a bad batch would: NaN loss and gradients, or a 100x loss and gradients.
@@ -281,14 +316,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
 
   // Ranks: one process, or those mpirun/srun/lmforge launch started. Only rank 0 prints and
   // writes the run directory's files (checkpoints: every rank its shard).
-  std::unique_ptr<dist::Communicator> world =
-      dist::init_world({cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node)});
+  std::unique_ptr<dist::Communicator> world = dist::init_world(
+      {cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node), cfg.dist.backend});
   const bool lead = world->rank() == 0;
-  if (world->size() > 1 && resolve_device(t.device) == Device::kCUDA)
-    fail(
-        "train.device: {} with {} ranks: data parallelism across GPUs (NCCL) is not wired into "
-        "training yet; train on one GPU (one process) or on the CPU ranks (train.device: cpu)",
-        t.device, world->size());
+  // A model on GPUs: one GPU per rank (by local rank), and its gradients and shards go over NCCL,
+  // bootstrapped through the host world (which keeps the run directory's barriers).
+  std::unique_ptr<dist::Communicator> gpu_world = make_gpu_world(*world, cfg);
+  dist::Communicator& comm = gpu_world ? *gpu_world : *world;
   if (!lead && !std::freopen("/dev/null", "w", stdout))
     fail("cannot silence the standard output of rank {}", world->rank());
 
@@ -299,7 +333,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
-  dist::DataParallel dp(*world, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
+  dist::DataParallel dp(comm, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
                         deferred_seed);
   AdamW& opt = dp.optimizer();
   Schedule sched = make_schedule(t);  // validated before anything is written
