@@ -38,8 +38,8 @@ dt = (time.perf_counter() - t0) / 20
 print(f"bf16 matmul 8192^3 on {torch.cuda.get_device_name()}: {2 * 8192**3 / dt / 1e12:.1f} TFLOP/s")
 PY
 ceiling=$(grep -oE '[0-9.]+ TFLOP/s' "$log/ceiling" | cut -d' ' -f1)
-gflop=$("$bin" bench train "${args[@]}" --steps 1 --device cuda 2>/dev/null |
-  grep -oE '[0-9.]+ GFLOP per token' | cut -d' ' -f1 || echo 0)
+gflop=$("$bin" bench train --model "$model" --batch "$batch" --seq "$seq" --steps 1 --device cuda |
+  grep -oE '[0-9.]+ GFLOP per token' | cut -d' ' -f1)
 
 row() {  # name command...
   local name=$1; shift

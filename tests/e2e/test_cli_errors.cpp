@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/data/shard.h"
 #include "testing/errors.h"
 #include "testing/process.h"
@@ -59,6 +60,15 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"dist.backend", "nccl", "train.device"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=gloo", dir),
                         {"dist.backend", "gloo"});
+  if (!cuda::available())  // a GPU asked for where there is none (built with CUDA or not)
+    expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=cuda", dir),
+                          {"train.device: cuda", "no CUDA GPU is visible"});
+  else  // what the CUDA backend cannot run is refused before anything is written
+    expect_one_line_error(
+        run_lmforge("train tiny.yaml --set train.device=cuda --set model.norm=rmsnorm "
+                    "--set model.qk_norm=true",
+                    dir),
+        {"model.qk_norm", "train.device: cpu"});
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoints"));
 }
 

@@ -503,6 +503,9 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
                   int64_t step, const Tensor& param_bf16) {
   same_numel("adamw_update", param, grad);
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
+  for (const Tensor* t : {&grad, &m, &v, &param_bf16})
+    LMF_CHECK(!t->defined() || t->device() == param.device(),
+              "adamw_update: the parameter and its gradient, moments and bf16 copy on one device");
   uint16_t* p16 = param_bf16.defined() ? param_bf16.bf16_data() : nullptr;
   dispatch(
       "adamw_update", param,

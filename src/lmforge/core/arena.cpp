@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "lmforge/backend/cuda/runtime.h"
+
 namespace lmforge {
 
 namespace {
@@ -29,7 +31,11 @@ Tensor Arena::alloc(Shape shape, DType dtype) {
 }
 
 void Arena::zero_() const {
-  if (storage_ && storage_->bytes()) std::memset(storage_->data(), 0, storage_->bytes());
+  if (!storage_ || !storage_->bytes()) return;
+  if (storage_->device() == Device::kCUDA)
+    cuda::memset_zero(storage_->data(), storage_->bytes());
+  else
+    std::memset(storage_->data(), 0, storage_->bytes());
 }
 
 Tensor Arena::as_tensor(DType dtype) const {

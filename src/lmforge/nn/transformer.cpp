@@ -99,7 +99,15 @@ void Transformer::to(Device device) {
     rope_.cos = rope_.cos.to(device);
     rope_.sin = rope_.sin.to(device);
   }
-  if (B_ > 0) plan(B_, T_, recompute_, keep_logits_);
+  // The activations are not moved: whoever trains or evaluates there plans for its (B, T), and
+  // decode() (generation after a GPU run) needs none.
+  acts_ = Arena();  // and every view of it, so the memory goes
+  block_acts_.clear();
+  shared_acts_ = {};
+  scratch_ = {};
+  nf_ = {};
+  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = losses_ = dres_ = dnf_ = Tensor();
+  B_ = T_ = 0;
 }
 
 void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logits) {

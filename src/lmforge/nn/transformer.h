@@ -60,9 +60,10 @@ class Transformer {
   void enable_bf16() { params_.enable_bf16(); }
   bool bf16() const { return params_.has_bf16(); }
 
-  // Where parameters and activations live (train.device). to() moves them (set-up code: a planned
-  // model is planned again there); a CUDA model trains and evaluates through the CUDA ops, and
-  // goes back to the CPU for decode(). Tokens and targets are passed as host tensors either way.
+  // Where parameters and activations live (train.device). to() moves the parameters (set-up
+  // code) and drops the activation plan: plan() again after it. A CUDA model trains and evaluates
+  // through the CUDA ops, and goes back to the CPU for decode(). Tokens and targets are passed as
+  // host tensors either way.
   void to(Device device);
   Device device() const { return params_.device(); }
 

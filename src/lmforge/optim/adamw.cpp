@@ -32,14 +32,19 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
 
 void AdamW::step(double lr) {
   ++t_;
+  bool refreshed = true;
   for (size_t i = 0; i < slots_.size(); ++i) {
     const OptSlot& s = slots_[i];
-    // A whole parameter's bf16 copy may be enabled after the optimizer was made.
+    // A whole parameter's bf16 copy may be enabled after the optimizer was made; it is written
+    // here only where it lives beside the slot (not from dist.offload's host copy of a GPU
+    // model: those copies are reconverted on use).
     const Tensor& bf16 = s.whole() ? s.param->value_bf16 : s.value_bf16;
+    const bool beside = bf16.defined() && bf16.device() == s.value.device();
+    refreshed = refreshed && (beside || !bf16.defined());
     ops::adamw_update(s.value, s.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      s.param->decay ? opt_.weight_decay : 0.0, t_, bf16);
+                      s.param->decay ? opt_.weight_decay : 0.0, t_, beside ? bf16 : Tensor());
   }
-  if (params_.has_bf16()) params_.bf16_refreshed();
+  if (params_.has_bf16() && refreshed) params_.bf16_refreshed();
 }
 
 }  // namespace lmforge
