@@ -11,17 +11,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=gpt2 batch=4 seq=128 steps=6 ranks=2
 tokenizer=$root/../shared/assets/tokenizers/gpt2.tiktoken
-while (($#)); do
-  case $1 in
-    --model) model=$2; shift 2 ;;
-    --batch) batch=$2; shift 2 ;;
-    --seq) seq=$2; shift 2 ;;
-    --steps) steps=$2; shift 2 ;;
-    --ranks) ranks=$2; shift 2 ;;
-    --tokenizer) tokenizer=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
+source "$root/bench/options.sh"
+parse_options "model batch seq steps ranks tokenizer" "$@"
 cores=$(nproc)
 log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT

@@ -9,16 +9,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=gpt2 batch=4 seq=64 steps=5 compile=1
-while (($#)); do
-  case $1 in
-    --model) model=$2; shift 2 ;;
-    --batch) batch=$2; shift 2 ;;
-    --seq) seq=$2; shift 2 ;;
-    --steps) steps=$2; shift 2 ;;
-    --no-compile) compile=0; shift ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
+source "$root/bench/options.sh"
+parse_options "model batch seq steps compile" "$@"
 threads=${OMP_NUM_THREADS:-$(nproc)}
 export OMP_NUM_THREADS=$threads
 python=$(bash "$root/scripts/setup-python-env.sh" | tail -n 1)

@@ -8,15 +8,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=gpt2 batch=16 seq=1024 steps=10
-while (($#)); do
-  case $1 in
-    --model) model=$2; shift 2 ;;
-    --batch) batch=$2; shift 2 ;;
-    --seq) seq=$2; shift 2 ;;
-    --steps) steps=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
+source "$root/bench/options.sh"
+parse_options "model batch seq steps" "$@"
 bin=${LMFORGE_BIN:-$root/build-gpu/lmforge}
 python=${PYTHON:-python3}
 args=(--model "$model" --batch "$batch" --seq "$seq" --steps "$steps")

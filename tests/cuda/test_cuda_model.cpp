@@ -154,17 +154,21 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
                             m.cpu.params().flat_values(), 5e-3));
 }
 
+// gpt2-tiny on the demo corpus, byte tokens (the CLI runs below add steps, device, run.dir).
+constexpr const char* kDemoRun =
+    "train --set model.preset=gpt2-tiny --set model.vocab_size=257 --set model.max_seq_len=64 "
+    "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
+    "--set train.seq_len=64 ";
+
 // The CLI on the GPU: a run saves checkpoints, resuming from one continues bit-exactly (the
 // kernels are deterministic), and the loss curve stays within 2% of the CPU's over 300 steps of
 // the demo corpus; the run reports GPU memory and samples (on the CPU) at the end.
 TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
   const std::string dir = testing::temp_dir("cuda-train");
-  const std::string common =
-      "train --set model.preset=gpt2-tiny --set model.vocab_size=257 --set model.max_seq_len=64 "
-      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
-      "--set train.seq_len=64 --set train.lr=2e-3 --set train.min_lr=2e-4 --set train.warmup=20 "
-      "--set sample.max_tokens=16 --set sample.prompt=In ";
+  const std::string common = std::string(kDemoRun) +
+                             "--set train.lr=2e-3 --set train.min_lr=2e-4 --set train.warmup=20 "
+                             "--set sample.max_tokens=16 --set sample.prompt=In ";
   auto loss_of = [&](const std::string& run) {
     std::map<int64_t, double> out;
     for (auto& j : testing::records_of(dir + "/" + run + "/metrics.jsonl", "loss"))
@@ -208,11 +212,9 @@ TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
   GTEST_SKIP() << "built without NCCL";
 #endif
   const std::string dir = testing::temp_dir("cuda-nccl1");
-  const std::string common =
-      "train --set model.preset=gpt2-tiny --set model.vocab_size=257 --set model.max_seq_len=64 "
-      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
-      "--set train.seq_len=64 --set train.steps=20 --set train.grad_accum=2 "
-      "--set train.device=cuda --set sample.prompt= ";
+  const std::string common = std::string(kDemoRun) +
+                             "--set train.steps=20 --set train.grad_accum=2 "
+                             "--set train.device=cuda --set sample.prompt= ";
   for (std::string strategy : {"no-shard", "full-shard"}) {
     auto plain = testing::run_lmforge(
         common + "--set dist.strategy=" + strategy + " --set run.dir=plain-" + strategy, dir);
