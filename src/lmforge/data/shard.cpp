@@ -85,19 +85,27 @@ ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok,
 ShardWriter::~ShardWriter() = default;
 
 void ShardWriter::append(const int32_t* ids, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
+  while (n > 0) {  // in runs that fit the staging buffer (branch-free inner loops)
     if (staged_ + width_ > stage_.size()) flush();
-    uint32_t id = static_cast<uint32_t>(ids[i]);
+    const size_t k = std::min(n, (stage_.size() - staged_) / width_);
+    uint8_t* dst = stage_.data() + staged_;
     if (width_ == 2) {
-      LMF_CHECK(id < 65536, "{}: token id {} does not fit a u16 shard", path_, ids[i]);
-      uint16_t v = static_cast<uint16_t>(id);
-      std::memcpy(stage_.data() + staged_, &v, 2);
+      uint32_t high = 0;  // bits above 16 of any id: it does not fit
+      for (size_t i = 0; i < k; ++i) {
+        const auto id = static_cast<uint32_t>(ids[i]);
+        high |= id >> 16;
+        const auto v = static_cast<uint16_t>(id);
+        std::memcpy(dst + 2 * i, &v, 2);
+      }
+      LMF_CHECK(high == 0, "{}: a token id >= 65536 does not fit a u16 shard", path_);
     } else {
-      std::memcpy(stage_.data() + staged_, &id, 4);
+      std::memcpy(dst, ids, k * 4);
     }
-    staged_ += width_;
+    staged_ += k * width_;
+    count_ += k;
+    ids += k;
+    n -= k;
   }
-  count_ += n;
 }
 
 void ShardWriter::flush() {
