@@ -306,6 +306,20 @@ void sum_squares(Rng& rng, int64_t n, int64_t offset) {
   EXPECT_LE(std::fabs(device_scalar(d_sum.get()) - 2 * want), kDoubleSum * std::fabs(2 * want));
 }
 
+// cuda::sum against a double sum on the host (the loss read-back of a step).
+void sum(Rng& rng, int64_t n, int64_t offset) {
+  const std::vector<float> x = randn(rng, n + offset, 3.0);
+  DeviceArray<float> d_x(x);
+  DeviceArray<double> d_sum(std::vector<double>{123.0});
+  double want = 0, scale = 0;
+  for (int64_t i = offset; i < offset + n; ++i) want += x[i], scale += std::fabs(x[i]);
+  cuda::sum(d_sum.get(), d_x.get() + offset, n);
+  const double got = device_scalar(d_sum.get());
+  EXPECT_LE(std::fabs(got - want), kDoubleSum * scale) << got << " vs " << want;
+  cuda::sum(d_sum.get(), d_x.get() + offset, n, /*accumulate=*/true);
+  EXPECT_LE(std::fabs(device_scalar(d_sum.get()) - 2 * want), 2 * kDoubleSum * scale);
+}
+
 // Bit-identical p, m, v and bf16 copy; some weights are denormal with zero moments, so the
 // copy's flush to zero is exercised.
 void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
@@ -379,6 +393,8 @@ std::vector<Case> cases() {
       {"sum_squares_n1000", [](Rng& r) { sum_squares(r, 1000, 0); }},
       {"sum_squares_n1048579", [](Rng& r) { sum_squares(r, (1 << 20) + 3, 0); }},
       {"sum_squares_misaligned_n5000001", [](Rng& r) { sum_squares(r, 5000001, 3); }},
+      {"sum_n1000", [](Rng& r) { sum(r, 1000, 0); }},
+      {"sum_misaligned_n5000001", [](Rng& r) { sum(r, 5000001, 3); }},
       {"adamw_n5_step1", [](Rng& r) { adamw(r, 5, false, 1); }},
       {"adamw_p16_n1000003_step10", [](Rng& r) { adamw(r, 1000003, true, 10); }},
   };

@@ -367,56 +367,54 @@ void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) 
                                     rows(inp), last(inp) / 2)));
 }
 
-namespace {
-// The CUDA forward: per-row losses and the lse^2 sum on the device, then the row losses and
-// targets read back for the mean (a host sync per call; the loss is what the step logs).
-double softmax_xent_forward_cuda(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                                 int32_t ignore_index, double* mean_lse_sq) {
-#ifdef LMFORGE_HAVE_CUDA
+void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                       int32_t ignore_index, const Tensor& lse_sq_sum) {
   const int64_t V = last(logits), N = rows(logits);
-  static Tensor zsum;  // one device double, made on first use
-  if (!zsum.defined()) zsum = Tensor::empty({1}, DType::kF64, Device::kCUDA);
-  LMF_CHECK(logits.dtype() == DType::kF32, "softmax_xent_forward on CUDA: fp32 only");
-  cuda::softmax_xent_forward(losses.data<float>(), logits.data<float>(), targets.data<int32_t>(), N,
-                             V, ignore_index, mean_lse_sq ? zsum.data<double>() : nullptr);
-  Tensor l = losses.to(Device::kCPU), y = targets.to(Device::kCPU);
-  double total = 0, z = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    total += l.data<float>()[i];
-    count += y.data<int32_t>()[i] != ignore_index;
-  }
-  if (mean_lse_sq) {
-    z = zsum.to(Device::kCPU).data<double>()[0];
-    *mean_lse_sq = count ? z / count : 0.0;
-  }
-  return count ? total / count : 0.0;
-#else
-  cuda_unavailable("softmax_xent_forward");
-#endif
+  LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
+            logits.shape().str(), targets.shape().str());
+  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
+                lse_sq_sum.device() == logits.device(),
+            "xent: lse_sq_sum is one double beside the logits");
+  dispatch(
+      "softmax_xent_rows", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), targets.data<int32_t>(), N, V,
+                                     ignore_index, lse_sq_sum.data<double>());
+      },
+      LMF_GPU(cuda::softmax_xent_forward(ptr<float>(losses), cptr<float>(logits),
+                                         targets.data<int32_t>(), N, V, ignore_index,
+                                         lse_sq_sum.data<double>())));
 }
-}  // namespace
+
+double sum(const Tensor& x) {
+  double r = 0;
+  dispatch(
+      "sum", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        const T* p = cptr<T>(x);
+        for (int64_t i = 0; i < x.numel(); ++i) r += p[i];
+      },
+      LMF_GPU({
+        static Tensor acc;  // one device double, made on first use
+        if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
+        cuda::sum(acc.data<double>(), cptr<float>(x), x.numel());
+        r = acc.to(Device::kCPU).data<double>()[0];
+      }));
+  return r;
+}
 
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                             int32_t ignore_index, double* mean_lse_sq) {
-  int64_t V = last(logits), N = rows(logits);
-  LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
-            logits.shape().str(), targets.shape().str());
-  if (logits.device() == Device::kCUDA)
-    return softmax_xent_forward_cuda(losses, logits, targets, ignore_index, mean_lse_sq);
-  double total = 0;
+  Tensor z = Tensor::empty({1}, DType::kF64, logits.device());
+  softmax_xent_rows(losses, logits, targets, ignore_index, z);
+  const Tensor y = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
   int64_t count = 0;
-  const int32_t* y = targets.data<int32_t>();
-  dispatch("softmax_xent_forward", logits, [&](auto tag) {
-    using T = decltype(tag);
-    double zsum = 0;
-    cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), y, N, V, ignore_index, &zsum);
-    for (int64_t i = 0; i < N; ++i) total += cptr<T>(losses)[i];
-    if (mean_lse_sq) *mean_lse_sq = zsum;
-  });
-  for (int64_t i = 0; i < N; ++i) count += y[i] != ignore_index;
-  if (mean_lse_sq) *mean_lse_sq = count ? *mean_lse_sq / count : 0.0;
-  return count ? total / count : 0.0;
+  for (int64_t i = 0; i < y.numel(); ++i) count += y.data<int32_t>()[i] != ignore_index;
+  if (mean_lse_sq)
+    *mean_lse_sq = count ? z.to(Device::kCPU).data<double>()[0] / static_cast<double>(count) : 0.0;
+  return count ? sum(losses) / static_cast<double>(count) : 0.0;
 }
 
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,

@@ -73,8 +73,16 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 void swiglu_forward(const Tensor& out, const Tensor& inp);
 void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 
-// Returns the mean loss over rows whose target != ignore_index (0 if none); losses (N) per row.
-// mean_lse_sq, if given, receives the mean over those rows of logsumexp(logits)^2 (for z-loss).
+// losses (N) per row (0 where target == ignore_index); lse_sq_sum (one fp64 element on the
+// logits' device) = the sum over the kept rows of logsumexp(logits)^2 (for the z-loss). Reads
+// nothing back: a GPU step stays asynchronous until its caller sums the losses.
+void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                       int32_t ignore_index, const Tensor& lse_sq_sum);
+// The sum of x's elements in double, on the host (fp32, or fp64 on the host; one read-back on a
+// GPU).
+double sum(const Tensor& x);
+// softmax_xent_rows, then the mean loss over rows whose target != ignore_index (0 if none);
+// mean_lse_sq, if given, receives the mean over those rows of logsumexp(logits)^2.
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                             int32_t ignore_index, double* mean_lse_sq = nullptr);
 // dlogits = dloss * (softmax (1 + 2 z_loss lse) - onehot): the gradient of

@@ -106,7 +106,8 @@ void Transformer::to(Device device) {
   shared_acts_ = {};
   scratch_ = {};
   nf_ = {};
-  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = losses_ = dres_ = dnf_ = Tensor();
+  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = losses_ = lse_sums_ = dres_ = dnf_ =
+      Tensor();
   B_ = T_ = 0;
 }
 
@@ -139,6 +140,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
         chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
         losses_ = a.alloc({B, T});
+        lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
         dres_ = a.alloc({B, T, C});
         dnf_ = a.alloc({B, T, C});
         scratch_.plan(a, cfg_, B, T);
@@ -197,24 +199,22 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
   Tensor h = nf_out_.view({N, C}), dh = dnf_.view({N, C}), yt = targets_.view({N}),
          loss_rows = losses_.view({N});
   Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
-  double lse_sq = 0, sum = 0;
-  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows_) {
+  for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
     const int64_t R = std::min(chunk_rows_, N - r0);
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
-    double chunk_lse_sq = 0;
-    const double chunk_loss =
-        ops::softmax_xent_forward(loss_rows.slice(r0, R), logits, yr, ignore_index, &chunk_lse_sq);
-    int64_t n = 0;
-    for (int64_t i = r0; i < r0 + R; ++i) n += y[i] != ignore_index;
-    sum += chunk_loss * static_cast<double>(n);
-    lse_sq += chunk_lse_sq * static_cast<double>(n);
+    ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index, lse_sums_.slice(c, 1));
     if (loss_scale) {
       ops::softmax_xent_backward(logits, logits, yr, dloss, ignore_index, z_loss_);
       ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), logits, hr, lm_head_weight());
     }
   }
+  // What the step reads back: the loss (one reduction of the rows) and the chunks' lse^2 sums.
+  const double sum = ops::sum(loss_rows);
+  const Tensor lse = lse_sums_.device() == Device::kCPU ? lse_sums_ : lse_sums_.to(Device::kCPU);
+  double lse_sq = 0;
+  for (int64_t c = 0; c < lse.numel(); ++c) lse_sq += lse.data<double>()[c];
   mean_lse_sq_ = target_count_ ? lse_sq / static_cast<double>(target_count_) : 0.0;
   return target_count_ ? static_cast<float>(sum / static_cast<double>(target_count_)) : 0.0f;
 }

@@ -127,6 +127,7 @@ class Transformer {
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, chunk_, losses_, dres_, dnf_;
+  Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   float run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,

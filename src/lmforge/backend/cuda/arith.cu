@@ -54,19 +54,19 @@ struct FillOp {
 constexpr int kSumThreads = 256;
 constexpr int64_t kSumMaxBlocks = 1024, kSumMinChunk = 1 << 12;
 
-template <int K>
+template <int K, bool kSquare>
 __global__ void __launch_bounds__(kSumThreads)
-    sum_squares_kernel(double* partial, const float* x, int64_t n, int64_t chunk) {
+    sum_kernel(double* partial, const float* x, int64_t n, int64_t chunk) {
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * chunk, i1 = min(n, i0 + chunk);
   const int64_t body = i0 + (i1 - i0) / K * K;
   double acc = 0;
   for (int64_t i = i0 + threadIdx.x * K; i < body; i += kSumThreads * K) {
     const Floats<K> v = load<K>(x + i);
 #pragma unroll
-    for (int k = 0; k < K; ++k) acc += static_cast<double>(v.v[k]) * v.v[k];
+    for (int k = 0; k < K; ++k) acc += static_cast<double>(v.v[k]) * (kSquare ? v.v[k] : 1.0f);
   }
   for (int64_t i = body + threadIdx.x; i < i1; i += kSumThreads)
-    acc += static_cast<double>(x[i]) * x[i];
+    acc += static_cast<double>(x[i]) * (kSquare ? x[i] : 1.0f);
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
@@ -139,7 +139,9 @@ void zero(float* x, int64_t n) {
   if (n > 0) LMF_CUDA(cudaMemsetAsync(x, 0, static_cast<size_t>(n) * sizeof(float), cur_stream()));
 }
 
-void sum_squares(double* result, const float* x, int64_t n, bool accumulate) {
+namespace {
+template <bool kSquare>
+void launch_sum(double* result, const float* x, int64_t n, bool accumulate) {
   if (n <= 0) {
     if (!accumulate) LMF_CUDA(cudaMemsetAsync(result, 0, sizeof(double), cur_stream()));
     return;
@@ -150,13 +152,22 @@ void sum_squares(double* result, const float* x, int64_t n, bool accumulate) {
   const int64_t blocks = (n + chunk - 1) / chunk;
   double* partial = scratch(blocks);
   if (aligned16(x))
-    sum_squares_kernel<4>
+    sum_kernel<4, kSquare>
         <<<static_cast<unsigned>(blocks), kSumThreads, 0, cur_stream()>>>(partial, x, n, chunk);
   else
-    sum_squares_kernel<1>
+    sum_kernel<1, kSquare>
         <<<static_cast<unsigned>(blocks), kSumThreads, 0, cur_stream()>>>(partial, x, n, chunk);
   LMF_CUDA_LAUNCHED();
   sum_partials(result, partial, blocks, accumulate);
+}
+}  // namespace
+
+void sum_squares(double* result, const float* x, int64_t n, bool accumulate) {
+  launch_sum<true>(result, x, n, accumulate);
+}
+
+void sum(double* result, const float* x, int64_t n, bool accumulate) {
+  launch_sum<false>(result, x, n, accumulate);
 }
 
 }  // namespace lmforge::cuda

@@ -91,6 +91,8 @@ void zero(float* x, int64_t n);                                   // x = 0
 // accumulate, e.g. over the tensors of a global gradient norm, in call order). Deterministic:
 // blocks of a size fixed by n, then one fixed-order reduction of the block sums.
 void sum_squares(double* result, const float* x, int64_t n, bool accumulate = false);
+// The sum of x, likewise (e.g. a step's per-row losses, read back once).
+void sum(double* result, const float* x, int64_t n, bool accumulate = false);
 
 // One AdamW step, the same operations in the same order and fp32 rounding as
 // cpu::adamw_update (no fused multiply-adds), so p, m, v are bit-identical to the CPU's.
