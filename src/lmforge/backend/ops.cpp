@@ -375,6 +375,8 @@ void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor&
   LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
                 lse_sq_sum.device() == logits.device(),
             "xent: lse_sq_sum is one double beside the logits");
+  LMF_CHECK(targets.device() == logits.device() && losses.device() == logits.device(),
+            "xent: logits, targets and losses on one device");
   dispatch(
       "softmax_xent_rows", logits,
       [&](auto tag) {
