@@ -60,6 +60,16 @@ const T* cptr(const Tensor& t) {
 int64_t last(const Tensor& t) { return t.size(-1); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 
+#ifdef LMFORGE_HAVE_CUDA
+// A device reduction of x's floats into one double, read back (the read waits for the stream).
+double gpu_reduce(void (*reduce)(double*, const float*, int64_t, bool), const Tensor& x) {
+  static Tensor acc;  // one device double, made on first use
+  if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
+  reduce(acc.data<double>(), cptr<float>(x), x.numel(), /*accumulate=*/false);
+  return acc.to(Device::kCPU).data<double>()[0];
+}
+#endif
+
 void same_numel(const char* op, const Tensor& a, const Tensor& b) {
   LMF_CHECK(a.numel() == b.numel(), "{}: {} vs {}", op, a.shape().str(), b.shape().str());
 }
@@ -398,12 +408,7 @@ double sum(const Tensor& x) {
         const T* p = cptr<T>(x);
         for (int64_t i = 0; i < x.numel(); ++i) r += p[i];
       },
-      LMF_GPU({
-        static Tensor acc;  // one device double, made on first use
-        if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
-        cuda::sum(acc.data<double>(), cptr<float>(x), x.numel());
-        r = acc.to(Device::kCPU).data<double>()[0];
-      }));
+      LMF_GPU(r = gpu_reduce(cuda::sum, x)));
   return r;
 }
 
@@ -489,12 +494,7 @@ double sum_squares(const Tensor& x) {
         using T = decltype(tag);
         r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
       },
-      LMF_GPU({
-        static Tensor acc;  // one device double, made on first use
-        if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
-        cuda::sum_squares(acc.data<double>(), cptr<float>(x), x.numel());
-        r = acc.to(Device::kCPU).data<double>()[0];
-      }));
+      LMF_GPU(r = gpu_reduce(cuda::sum_squares, x)));
   return r;
 }
 

@@ -122,8 +122,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   recompute_ = recompute;
   keep_logits_ = keep_logits;
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
-  // Rows per LM-head chunk: about 32 MiB of fp32 logits on the CPU (256 MiB on a GPU, where each
-  // chunk's loss is read back), at least 64 rows (the matmul stays efficient), at most all.
+  // Rows per LM-head chunk: about 32 MiB of fp32 logits on the CPU (cache-sized), 256 MiB on a
+  // GPU (fewer, larger GEMMs); at least 64 rows (the matmul stays efficient), at most all.
   const int64_t chunk_bytes = device() == Device::kCPU ? 32 << 20 : 256 << 20;
   chunk_rows_ = std::min(B * T, std::max<int64_t>(64, chunk_bytes / (4 * V)));
   block_acts_.assign(cfg_.n_layer, {});
