@@ -4,12 +4,14 @@
 #   scripts/setup.sh --python   also what the tests need: the reference Python environment,
 #                               clang for the fuzzers, and the test corpora (dict-gcide, linux-doc)
 # Packages are installed with apt-get (through sudo when not root) only when missing.
+# ocl-icd-opencl-dev: Debian's dnnl-config.cmake finds OpenCL (libdnnl-dev only recommends it, and
+# --no-install-recommends skips it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 packages=(build-essential cmake g++ ccache pkg-config
-          libdnnl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
+          libdnnl-dev ocl-icd-opencl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
           libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev libsimdjson-dev
           libgtest-dev googletest openmpi-bin libopenmpi-dev
           bible-kjv bible-kjv-text)
