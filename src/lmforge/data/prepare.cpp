@@ -1,11 +1,12 @@
 #include "lmforge/data/prepare.h"
 
+#include <malloc.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <chrono>
+#include <exception>
 #include <filesystem>
-#include <future>
 #include <map>
 
 #include "lmforge/core/error.h"
@@ -101,29 +102,31 @@ class Job {
     start_ = Clock::now();
     resumed_bytes_ = reader.bytes_consumed();
 
-    // A pipeline of batches in record order: batch k+1 is read (sequential, cheap) on one thread
-    // while batch k is parsed, checked and tokenized in parallel (results by index), and batch
-    // k-1 is applied on another: counts and shard closes happen in record order, so a close
-    // mid-batch records exactly what precedes it, and the output does not depend on timing.
+    // A pipeline of batches in record order, on the OpenMP threads alone (no extra threads to
+    // share the cores with): while batch k is parsed, checked and tokenized in parallel
+    // (results by index), one thread first applies batch k-1 (counts, shard appends and
+    // closes, in record order, so a close mid-batch records exactly what precedes it and the
+    // output does not depend on timing) and reads batch k+1 (sequential, cheap), then joins the
+    // loop over batch k.
     struct Batch {
       std::vector<RawRecord> raw;
       uint64_t consumed = 0;  // input bytes read through this batch
       bool last = false;
     };
-    auto read_batch = [&reader] {
-      Batch b;
+    auto read_batch = [&reader](Batch* b) {
+      b->raw.clear();
+      b->last = false;
       size_t bytes = 0;
-      while (b.raw.size() < kBatchDocs && bytes < kBatchBytes) {
+      while (b->raw.size() < kBatchDocs && bytes < kBatchBytes) {
         RawRecord r;
         if (!reader.next_raw(&r)) {
-          b.last = true;
+          b->last = true;
           break;
         }
         bytes += r.data.size();
-        b.raw.push_back(std::move(r));
+        b->raw.push_back(std::move(r));
       }
-      b.consumed = reader.bytes_consumed();
-      return b;
+      b->consumed = reader.bytes_consumed();
     };
     std::vector<Document> docs[2];
     std::vector<std::vector<int32_t>> ids[2];
@@ -139,25 +142,39 @@ class Job {
       }
       show(consumed, total_bytes);
     };
-    std::future<Batch> next = std::async(std::launch::async, read_batch);
-    std::future<void> applied;  // batch k-1, whose buffers are the other slot
-    for (int slot = 0;; slot ^= 1) {
-      Batch b = next.get();
-      if (!b.last) next = std::async(std::launch::async, read_batch);
+    Batch batch[2];
+    read_batch(&batch[0]);
+    uint64_t applied_consumed = 0;
+    int slot = 0;
+    for (bool first = true;; first = false, slot ^= 1) {
+      Batch& b = batch[slot];
+      Batch& next = batch[slot ^ 1];
+      const bool more = !b.last;
       const int64_t n = static_cast<int64_t>(b.raw.size());
       docs[slot].resize(n);
-      ids[slot].resize(n);  // the buffers are kept and reused: no allocation once warm
-#pragma omp parallel for schedule(dynamic, 4)
-      for (int64_t k = 0; k < n; ++k) {
-        docs[slot][k] = reader.finish(std::move(b.raw[k]));
-        ids[slot][k].clear();
-        if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
+      ids[slot].resize(n);              // the buffers are kept and reused: no allocation once warm
+      std::exception_ptr serial_error;  // exceptions must not leave the parallel region
+#pragma omp parallel
+      {
+#pragma omp single nowait
+        try {
+          if (!first) apply(slot ^ 1, applied_consumed);
+          if (more) read_batch(&next);
+        } catch (...) {
+          serial_error = std::current_exception();
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t k = 0; k < n; ++k) {
+          docs[slot][k] = reader.finish(std::move(b.raw[k]));
+          ids[slot][k].clear();
+          if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
+        }
       }
-      if (applied.valid()) applied.get();
-      applied = std::async(std::launch::async, apply, slot, b.consumed);
-      if (b.last) break;
+      if (serial_error) std::rethrow_exception(serial_error);
+      applied_consumed = b.consumed;
+      if (!more) break;
     }
-    applied.get();
+    apply(slot, applied_consumed);
     records_ = p.records + records_read_;
     close_shards(/*final=*/true);
     if (o_.progress && isatty(2)) std::fprintf(stderr, "\n");
@@ -363,6 +380,10 @@ json run_prepare(const PrepareOptions& o) {
   if (ec || access(o.output.c_str(), W_OK) != 0)
     fail("{}: cannot write the output directory ({}); check permissions", o.output,
          ec ? ec.message() : std::strerror(errno));
+  // Each batch frees and reallocates a few MB of document strings; glibc would hand the top of
+  // the heap back to the kernel after each and fault it in (zeroed) again: ~5% of a run.
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 64 << 20);
   auto t_load = Clock::now();
   std::unique_ptr<Tokenizer> tok;
   try {
