@@ -46,11 +46,14 @@ inline std::string temp_dir(const std::string& name) {
   return dir.string();
 }
 
-// args are appended to the binary verbatim (quote them yourself); runs in `cwd`.
-inline RunResult run_lmforge(const std::string& args, const std::string& cwd) {
+// args are appended to the binary verbatim (quote them yourself); runs in `cwd`. `launcher`
+// (e.g. "srun -n 2") goes before the binary.
+inline RunResult run_lmforge(const std::string& args, const std::string& cwd,
+                             const std::string& launcher = "") {
   std::string bin = lmforge_bin();
   std::string out = cwd + "/.stdout", err = cwd + "/.stderr";
-  std::string cmd = "cd '" + cwd + "' && '" + bin + "' " + args + " >'" + out + "' 2>'" + err + "'";
+  std::string cmd = "cd '" + cwd + "' && " + launcher + " '" + bin + "' " + args + " >'" + out +
+                    "' 2>'" + err + "'";
   int status = std::system(cmd.c_str());
   RunResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
