@@ -61,11 +61,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     shard_comm_ = node_comm_.get();
   }
   const bool values_sharded = strategy_ >= Strategy::kFullShard;
-  if (values_sharded && model.bf16())
-    fail(
-        "dist.strategy: {} with train.precision bf16 is not supported yet; use fp32, or "
-        "grad-shard with bf16",
-        strategy_name(strategy_));
+  const bool bf16 = model.bf16();
   const int64_t n = ps_.flat_size();
   const Device device = model.device();  // buffers live beside the model's
   layout_ = ShardLayout(n, shard_comm_->size());
@@ -121,6 +117,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
       model.init_weights_range(init_seed.value_or(0), my_lo_, mine, host.data<float>());
       vshard_.copy_from(host);
     }
+    if (bf16) ps_.use_external_bf16();  // bf16 copies of the gathered groups only
     ps_.release_values();
     gather_ = Arena::planned(
         [&](Arena& a) {
@@ -128,6 +125,11 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
           tail_buf_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
           block_buf_[0] = a.alloc({block});
           block_buf_[1] = a.alloc({block});
+          if (!bf16) return;
+          embed_bf16_ = a.alloc({group_hi(0) - group_lo(0)}, DType::kBF16);
+          tail_bf16_ = a.alloc({group_hi(G - 1) - group_lo(G - 1)}, DType::kBF16);
+          block_bf16_[0] = a.alloc({block}, DType::kBF16);
+          block_bf16_[1] = a.alloc({block}, DType::kBF16);
         },
         device);
   } else if (world.size() > 1) {  // everyone starts from rank 0's weights
@@ -336,8 +338,8 @@ void DataParallel::gather(int64_t g, bool wait) {
     g = G - 1;
     edge_work_[1] = start(tail_buf_);
     for (WorkPtr& w : edge_work_) w->wait();
-    point_group(0, embed_buf_);
-    point_group(G - 1, tail_buf_);
+    point_group(0, embed_buf_, false, embed_bf16_);
+    point_group(G - 1, tail_buf_, false, tail_bf16_);
     edges_gathered_ = true;
     return;
   }
@@ -350,18 +352,22 @@ void DataParallel::gather(int64_t g, bool wait) {
   if (wait) {
     if (slot_work_[slot]) slot_work_[slot]->wait();
     slot_work_[slot].reset();
-    point_group(g, block_buf_[slot]);
+    point_group(g, block_buf_[slot], false, block_bf16_[slot]);
   }
 }
 
-void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad) {
+void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad, const Tensor& bf16) {
   const int64_t lo = group_lo(g);
   auto& ps = ps_.params();
   for (size_t i = model_.group_begin(g); i < model_.group_begin(g + 1) && i < ps.size(); ++i) {
     Param& p = ps[i];
+    const int64_t at = ps_.offset(p) - lo;
     (grad ? p.grad : p.value) =
-        Tensor(buf.storage(), buf.byte_offset() + (ps_.offset(p) - lo) * sizeof(float), p.shape,
-               DType::kF32);
+        Tensor(buf.storage(), buf.byte_offset() + at * sizeof(float), p.shape, DType::kF32);
+    if (bf16.defined() && p.matmul) {  // the group's bf16 matmul weights, from its new values
+      p.value_bf16 = Tensor(bf16.storage(), bf16.byte_offset() + at * 2, p.shape, DType::kBF16);
+      ops::to_bf16(p.value_bf16, p.value);
+    }
   }
 }
 
@@ -397,7 +403,8 @@ void DataParallel::gather_full_model() {
       ->all_gather(vshard_.data<float>(), ps_.flat_values().data<float>(),
                    layout_.counts(0, layout_.n))
       ->wait();
-  model_.set_hooks(nullptr);  // the model now reads its own full buffer
+  if (ps_.has_bf16()) ps_.enable_bf16();  // whole-model bf16 copies again, made from it
+  model_.set_hooks(nullptr);              // the model now reads its own full buffer
 }
 
 size_t DataParallel::parameter_bytes() const {

@@ -111,7 +111,9 @@ class DataParallel final : public GroupHooks {
   void launch(Bucket& b, int64_t group);
   void drain();
   void gather(int64_t group, bool wait);
-  void point_group(int64_t group, const Tensor& buf, bool grad = false);
+  // Points group `group`'s values (or gradients) into `buf`; with `bf16` (full-shard under bf16
+  // precision) also its matmul weights' bf16 copies, converted from the values.
+  void point_group(int64_t group, const Tensor& buf, bool grad = false, const Tensor& bf16 = {});
   int64_t group_lo(int64_t g) const;
   int64_t group_hi(int64_t g) const { return group_lo(g + 1); }
   std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);
@@ -136,6 +138,8 @@ class DataParallel final : public GroupHooks {
   Tensor gshard_, rs_tmp_, vshard_;
   bool rs_tmp_used_ = false;  // (mapped lazily: counted once written)
   Tensor embed_buf_, tail_buf_, block_buf_[2];
+  // Full-shard under bf16: the matmul weights' bf16 copies, beside each gather buffer.
+  Tensor embed_bf16_, tail_bf16_, block_bf16_[2];
   Arena grad_ws_;  // grad-/full-shard: the backward's gradient workspace (see the constructor)
   Tensor edge_grad_[2], block_grad_[2];
   WorkPtr block_grad_work_[2];  // the reduce-scatter reading block_grad_[i]

@@ -32,7 +32,7 @@ void ParamSet::to(Device device) {
   // The old buffers stay alive through these views until the copies are made.
   Tensor values = has_values() ? flat_values() : Tensor();
   Tensor grads = grads_.capacity() ? flat_grads() : Tensor();
-  const bool bf16 = has_bf16();
+  const bool bf16 = bf16_.capacity() > 0;
   device_ = device;
   if (values.defined()) {
     allocate_values();
@@ -63,7 +63,8 @@ void ParamSet::allocate_values() {
 
 void ParamSet::enable_bf16() {
   LMF_CHECK(dtype_ == DType::kF32 && values_.capacity() > 0, "enable_bf16 needs fp32 parameters");
-  if (has_bf16()) return;
+  if (bf16_.capacity() > 0) return;
+  bf16_external_ = false;
   bf16_ = Arena::planned(
       [&](Arena& a) {
         for (Param& p : params_)
@@ -73,15 +74,21 @@ void ParamSet::enable_bf16() {
   bf16_fresh_ = false;
 }
 
+void ParamSet::use_external_bf16() {
+  bf16_ = Arena();
+  for (Param& p : params_) p.value_bf16 = Tensor();
+  bf16_external_ = true;
+}
+
 void ParamSet::sync_bf16() {
-  if (!has_bf16() || bf16_fresh_) return;
+  if (bf16_.capacity() == 0 || bf16_fresh_) return;
   for (Param& p : params_)
     if (p.value_bf16.defined()) ops::to_bf16(p.value_bf16, p.value);
   bf16_fresh_ = true;
 }
 
 void ParamSet::release_values() {
-  LMF_CHECK(!has_bf16(), "release_values with bf16 copies");
+  LMF_CHECK(bf16_.capacity() == 0, "release_values with bf16 copies");
   for (Param& p : params_) p.value = Tensor();
   values_ = Arena();
 }

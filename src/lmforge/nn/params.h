@@ -66,7 +66,12 @@ class ParamSet {
   // else that writes values (init, loading) leaves them stale, and sync_bf16() (called at the
   // start of every forward) converts them again. enable_bf16 after finalize.
   void enable_bf16();
-  bool has_bf16() const { return bf16_.capacity() > 0; }
+  // Full-shard keeps no whole-model copies: use_external_bf16() frees them and the owner of the
+  // gathered values (DataParallel) points each value_bf16 at its own buffers and converts them
+  // when a group is gathered; sync_bf16() then does nothing. enable_bf16() goes back to copies
+  // of this set's own.
+  void use_external_bf16();
+  bool has_bf16() const { return bf16_.capacity() > 0 || bf16_external_; }
   void invalidate_bf16() { bf16_fresh_ = false; }
   void bf16_refreshed() { bf16_fresh_ = true; }
   void sync_bf16();
@@ -75,7 +80,7 @@ class ParamSet {
   std::deque<Param> params_;  // deque: Param* handles stay valid while adding
   Arena values_, grads_, bf16_;
   int64_t flat_size_ = 0;
-  bool bf16_fresh_ = false;
+  bool bf16_fresh_ = false, bf16_external_ = false;
   DType dtype_ = DType::kF32;
   Device device_ = Device::kCPU;
   void allocate_grads();
