@@ -6,6 +6,7 @@
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/attention.h"
+#include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/cuda/matmul.h"
 #include "lmforge/backend/cuda/runtime.h"
@@ -61,6 +62,13 @@ int64_t last(const Tensor& t) { return t.size(-1); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 
 #ifdef LMFORGE_HAVE_CUDA
+// Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
+bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
+                         int64_t window) {
+  return bf16 && cuda::cudnn_attention_enabled() &&
+         cuda::cudnn_attention_supported(B, T, NH, NKV, HS, window);
+}
+
 // A device reduction of x's floats into one double, read back (the read waits for the stream).
 double gpu_reduce(void (*reduce)(double*, const float*, int64_t, bool), const Tensor& x) {
   static Tensor acc;  // one device double, made on first use
@@ -292,7 +300,7 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 }
 
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t NH,
-                       int64_t NKV, int64_t window) {
+                       int64_t NKV, int64_t window, [[maybe_unused]] bool bf16) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS,
@@ -305,13 +313,16 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
         cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS,
                                   window);
       },
-      LMF_GPU(cuda::attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv), B, T_, NH,
-                                      NKV, HS, window)));
+      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
+                  !cuda::cudnn_attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv),
+                                                 B, T_, NH, NKV, HS))
+                  cuda::attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv), B, T_,
+                                          NH, NKV, HS, window)));
 }
 
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t NH, int64_t NKV,
-                        int64_t window) {
+                        int64_t window, [[maybe_unused]] bool bf16) {
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS && dout.numel() == out.numel() &&
@@ -326,9 +337,13 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
         cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
                                    cptr<T>(lse), B, T_, NH, NKV, HS, window);
       },
-      LMF_GPU(cuda::attention_backward(ptr<float>(dqkv), cptr<float>(dout), cptr<float>(qkv),
-                                       cptr<float>(out), cptr<float>(lse), B, T_, NH, NKV, HS,
-                                       window)));
+      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
+                  !cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout),
+                                                  cptr<float>(qkv), cptr<float>(out),
+                                                  cptr<float>(lse), B, T_, NH, NKV, HS))
+                  cuda::attention_backward(ptr<float>(dqkv), cptr<float>(dout), cptr<float>(qkv),
+                                           cptr<float>(out), cptr<float>(lse), B, T_, NH, NKV, HS,
+                                           window)));
 }
 
 void gelu_forward(const Tensor& out, const Tensor& inp) {

@@ -57,12 +57,16 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 // backward; qkv (B, T, (NH + 2 NKV) * HS). Causal; window > 0 limits query t to keys
 // (t - window, t] (Mistral/Phi-3 sliding window). Tiled with an online softmax (FlashAttention),
 // so no (T, T) buffer exists; backward recomputes the probabilities from qkv and lse, takes the
-// forward's out, and adds into dqkv.
+// forward's out, and adds into dqkv. bf16: the run is bf16 mixed precision, so a bf16 kernel
+// may be used: on a CUDA tensor, cuDNN's fused flash attention (bf16 Q/K/V/O, fp32 softmax
+// statistics; backend/cuda/cudnn_attention.h) when it takes the shape and builds a plan, else the
+// fp32 kernel; LMFORGE_CUDNN_ATTENTION=0 in the environment keeps the fp32 kernel. The CPU
+// ignores it (fp32 attention).
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
-                       int64_t n_kv_head, int64_t window = 0);
+                       int64_t n_kv_head, int64_t window = 0, bool bf16 = false);
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t n_head, int64_t n_kv_head,
-                        int64_t window = 0);
+                        int64_t window = 0, bool bf16 = false);
 
 // dst (bf16) = src (fp32) rounded to nearest even (the bf16 copies of the matmul weights).
 void to_bf16(const Tensor& dst, const Tensor& src);

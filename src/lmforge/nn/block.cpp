@@ -2,6 +2,12 @@
 
 namespace lmforge {
 
+namespace {
+// bf16 mixed precision (train.precision: bf16): the matmul weights have bf16 copies
+// (ParamSet::enable_bf16), and attention may then run in bf16 as well (ops::attention_forward).
+bool bf16_run(const Linear& l) { return l.weight->value_bf16.defined(); }
+}  // namespace
+
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T) {
   int64_t C = c.n_embd, F = c.ffn();
   dnorm = a.alloc({B, T, C});
@@ -105,7 +111,7 @@ void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) cons
     qkv.forward(a.qkv, a.n1_out);
   }
   if (rope.cos.defined()) ops::rope_forward(a.qkv, rope.cos, rope.sin, NH, NKV, 0);
-  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window);
+  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv));
   proj.forward(a.att_proj, a.att);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
@@ -136,7 +142,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   s.datt.zero_();
   proj.backward(s.datt, dres, a.att);
   s.dqkv.zero_();
-  ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window);
+  ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
+                          bf16_run(qkv));
   if (rope.cos.defined()) ops::rope_backward(s.dqkv, rope.cos, rope.sin, NH, NKV, 0);
   s.dnorm.zero_();
   if (cfg.qk_norm) {

@@ -16,9 +16,11 @@
 // owns that tile (walking every query head of its group and every query tile in a fixed order),
 // dQ of a query tile by the one block that owns it, in a second kernel. See attention.cu.
 //
-// Next step (the CUDA issue's target for bf16 training): cuDNN's fused SDPA forward/backward
-// through the cuDNN graph API (tensor cores, bf16 in, fp32 softmax statistics), behind this
-// same interface; this fp32 kernel then stays as the fp32 path and the reference for it.
+// bf16 training: cuDNN's fused SDPA forward/backward through the cuDNN graph API (tensor cores,
+// bf16 in, fp32 softmax statistics) is in cudnn_attention.h, with this same fp32 interface;
+// ops::attention_forward/backward take it under bf16 mixed precision when cuDNN takes the shape
+// (window 0, HS a multiple of 8) and fall back to these fp32 kernels otherwise. These stay the
+// fp32 path and the reference the cuDNN path is tested against.
 #pragma once
 
 #include <cstdint>
