@@ -26,10 +26,14 @@
 //   Dsum f32 [B,H,T,1]  = reduce_add(dO * O) * 1.0
 //   S                   = matmul(Q, K^T) * scale - Stats, causal-masked as above; P = exp(S) f32
 //   P^T v bf16          = reshape(P) to [B,H,T,T] with the last two strides swapped
-//   dV                  = matmul(P^T, dO)      GQA: to v bf16 [B,H,T,D], then reduce_add to
-//   [B,G,T,D] dS v f32            = (matmul(dO, V^T) - Dsum) * P * scale dS^T v bf16         =
-//   reshape(dS) as P^T dK                  = matmul(dS^T, Q)      GQA: as dV Kr v f32 [B,G,T,D]  =
-//   reshape(K^T) dQacc f32 [B,H,T,D] = matmul(dS, Kr); dQ bf16 = identity(dQacc)
+//   dV                  = matmul(P^T, dO)
+//                         (GQA: to v bf16 [B,H,T,D], then reduce_add to [B,G,T,D])
+//   dS v f32            = (matmul(dO, V^T) - Dsum) * P * scale
+//   dS^T v bf16         = reshape(dS), as P^T
+//   dK                  = matmul(dS^T, Q)      (GQA: as dV)
+//   Kr v f32 [B,G,T,D]  = reshape(K^T)
+//   dQacc f32 [B,H,T,D] = matmul(dS, Kr)
+//   dQ bf16             = identity(dQacc)
 //
 // Versions: the composite graphs are what the frontend sends to every cuDNN 9 below 9.21; from
 // 9.21 it uses the single SDPA / softmax / diagonal-band operations instead (not used here, so
