@@ -32,7 +32,9 @@ void ParamSet::to(Device device) {
   // The old buffers stay alive through these views until the copies are made.
   Tensor values = has_values() ? flat_values() : Tensor();
   Tensor grads = grads_.capacity() ? flat_grads() : Tensor();
-  const bool bf16 = bf16_.capacity() > 0;
+  // External copies (full-shard's) point at the owner's buffers on the old device: the moved
+  // set makes copies of its own instead.
+  const bool bf16 = has_bf16();
   device_ = device;
   if (values.defined()) {
     allocate_values();
@@ -44,7 +46,8 @@ void ParamSet::to(Device device) {
   }
   if (bf16) {
     bf16_ = Arena();
-    enable_bf16();
+    for (Param& p : params_) p.value_bf16 = Tensor();
+    if (values.defined()) enable_bf16();
   }
 }
 

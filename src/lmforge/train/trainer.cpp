@@ -499,7 +499,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
-    if (peak_tflops > 0) record["mfu"] = tflops / peak_tflops;
+    // tflops is the job's (tokens of every rank); the peak is one GPU's.
+    if (peak_tflops > 0) record["mfu"] = tflops / (peak_tflops * world->size());
     record["mem_mib"] = peak_rss_mib();
     if (on_gpu) record["gpu_mem_mib"] = cuda::peak_allocated() / 1048576.0;
     if (verdict != SpikeGuard::Verdict::kOk) {
