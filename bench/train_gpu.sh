@@ -31,13 +31,13 @@ dt = (time.perf_counter() - t0) / 20
 print(f"bf16 matmul 8192^3 on {torch.cuda.get_device_name()}: {2 * 8192**3 / dt / 1e12:.1f} TFLOP/s")
 PY
 ceiling=$(grep -oE '[0-9.]+ TFLOP/s' "$log/ceiling" | cut -d' ' -f1)
-gflop=$("$bin" bench train --model "$model" --batch "$batch" --seq "$seq" --steps 1 --device cuda |
-  grep -oE '[0-9.]+ GFLOP per token' | cut -d' ' -f1)
+gflop=""  # lmforge's FLOPs per token, read off its first row (no separate probe run)
 
 row() {  # name command...
   local name=$1; shift
   if "$@" >"$log/$name" 2>&1; then
     local tps mem
+    [[ -n $gflop ]] || gflop=$(grep -oE '[0-9.]+ GFLOP per token' "$log/$name" | cut -d' ' -f1)
     tps=$(grep -oE '[0-9.]+ tok/s' "$log/$name" | tail -n 1 | cut -d' ' -f1)
     mem=$(grep -oE 'peak GPU memory [0-9]+' "$log/$name" | tail -n 1 | awk '{print $4}')
     awk -v n="$name" -v t="$tps" -v g="$gflop" -v c="$ceiling" -v m="$mem" 'BEGIN {
