@@ -51,22 +51,7 @@ std::vector<float> randn(size_t n, uint64_t seed, double scale = 1.0) {
 
 using testing::DeviceArray;
 
-::testing::AssertionResult parity(const std::string& what, const std::vector<float>& got,
-                                  const std::vector<float>& want, double tol) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure()
-           << what << ": " << got.size() << " values, want " << want.size();
-  std::vector<double> a(got.begin(), got.end()), b(want.begin(), want.end());
-  const testing::Diff d = testing::diff(a, b);
-  const std::string msg = fmt::format(
-      "{}: err {:.3g} (max abs {:.3g} at {}: got {:.9g}, want {:.9g}; max rel {:.3g} at {}; "
-      "max|ref| {:.3g}{})",
-      what, d.err, d.max_abs, d.abs_at, a.empty() ? 0.0 : a[d.abs_at],
-      b.empty() ? 0.0 : b[d.abs_at], d.max_rel, d.rel_at, d.ref_max,
-      d.nonfinite ? fmt::format("; {} non-finite", d.nonfinite) : "");
-  if (!(d.err <= tol)) return ::testing::AssertionFailure() << msg << " > tolerance " << tol;
-  return ::testing::AssertionSuccess() << msg;
-}
+using testing::parity;
 
 std::vector<uint16_t> bf16_of(const std::vector<float>& v) {
   std::vector<uint16_t> r(v.size());

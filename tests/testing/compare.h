@@ -107,6 +107,20 @@ inline std::string report(const std::string& what, const Shape& shape, const Dif
       d.nonfinite ? fmt::format("; {} non-finite", d.nonfinite) : "");
 }
 
+// Flat vectors of floats: passes when the sizes match and diff(got, want).err <= tol; the
+// message (also on success) is report()'s.
+inline ::testing::AssertionResult parity(const std::string& what, const std::vector<float>& got,
+                                         const std::vector<float>& want, double tol) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure()
+           << what << ": " << got.size() << " values, want " << want.size();
+  std::vector<double> a(got.begin(), got.end()), b(want.begin(), want.end());
+  const Diff d = diff(a, b);
+  const std::string msg = report(what, Shape({static_cast<int64_t>(a.size())}), d, a, b);
+  if (!(d.err <= tol)) return ::testing::AssertionFailure() << msg << " > tolerance " << tol;
+  return ::testing::AssertionSuccess() << msg;
+}
+
 // Passes when shapes match and diff(actual, expected).err <= tol. `d` receives the diff.
 inline ::testing::AssertionResult tensors_close(const std::string& what, const Tensor& actual,
                                                 const Tensor& expected, double tol,
