@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <regex>
 
+#include "dist/tiny_run.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/train/checkpoint.h"
 #include "testing/metrics.h"
@@ -23,10 +24,7 @@ namespace {
 
 using testing::RunResult;
 
-const char* const kTrain =
-    "train --set model.preset=gpt2-tiny --set train.seq_len=32 --set train.steps=6 "
-    "--set train.lr=3e-3 --set train.warmup=0 --set train.grad_clip=0.5 --set train.eval_every=0 "
-    "--set train.checkpoint_every=0 --set sample.prompt= --set train.log_every=1 ";
+const char* const kTrain = testing::kTinyTrain;
 
 class DataParallelTest : public ::testing::Test {
  protected:

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/tiny_run.h"
 #include "testing/metrics.h"
 #include "testing/process.h"
 
@@ -17,10 +18,7 @@ namespace {
 
 using testing::RunResult;
 
-const char* const kTrain =
-    "train --set model.preset=gpt2-tiny --set train.seq_len=32 --set train.steps=6 "
-    "--set train.lr=3e-3 --set train.warmup=0 --set train.grad_clip=0.5 --set train.eval_every=0 "
-    "--set train.checkpoint_every=0 --set sample.prompt= --set train.log_every=1 ";
+const char* const kTrain = testing::kTinyTrain;
 
 bool have_slurm() { return std::system("timeout 10 sinfo -h >/dev/null 2>&1") == 0; }
 
