@@ -67,11 +67,7 @@ TEST_F(SrunTest, TwoRanksTrainLikeOneProcessWithTheSameGlobalBatch) {
 }
 
 TEST_F(SrunTest, AHungRankStopsTheJobNamingItWithinTheTimeout) {
-  RunResult h = run(
-      "hang", 2, "--set train.batch_size=2 --set train.inject_fault=hang@3 --set dist.timeout=3");
-  EXPECT_NE(h.exit_code, 0);
-  EXPECT_NE(h.err.find("rank 1 (at collective"), std::string::npos) << h.err;
-  EXPECT_NE(h.err.find("dist.timeout"), std::string::npos) << h.err;
+  testing::expect_hung_rank_named(run("hang", 2, testing::kHangAtStep3));
 }
 
 }  // namespace
