@@ -413,14 +413,18 @@ void build_backward(GraphBuilder& g, const Layout& l) {
   // dV = P^T dO; with GQA per query head, then summed over each kv head's group
   auto p_t = g.virt(bf16, l.s(), l.s_t_strides());
   g.reshape(p, p_t);
-  const bool gqa = l.H != l.G;
-  if (!gqa) {
-    g.matmul(p_t, dO, dV);
-  } else {
-    auto dv_full = g.virt(bf16, l.q(), l.packed_q());
-    g.matmul(p_t, dO, dv_full);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dv_full, dV);
-  }
+  // A gradient of K or V: with GQA per query head first, then summed over each kv group.
+  auto kv_grad = [&](cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b,
+                     cudnnBackendDescriptor_t out) {
+    if (l.H == l.G) {
+      g.matmul(a, b, out);
+      return;
+    }
+    auto full = g.virt(bf16, l.q(), l.packed_q());
+    g.matmul(a, b, full);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, out);
+  };
+  kv_grad(p_t, dO, dV);
 
   // dS = scale P (dO V^T - Dsum)
   auto dp = g.virt(f32, l.s(), l.s_strides());
@@ -435,13 +439,7 @@ void build_backward(GraphBuilder& g, const Layout& l) {
   // dK = dS^T Q
   auto ds_t = g.virt(bf16, l.s(), l.s_t_strides());
   g.reshape(ds, ds_t);
-  if (!gqa) {
-    g.matmul(ds_t, Q, dK);
-  } else {
-    auto dk_full = g.virt(bf16, l.q(), l.packed_q());
-    g.matmul(ds_t, Q, dk_full);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dk_full, dK);
-  }
+  kv_grad(ds_t, Q, dK);
 
   // dQ = dS K, accumulated in fp32
   auto k = g.virt(f32, l.kv(), l.qkv_strides());
