@@ -1,6 +1,7 @@
 // lmforge bench train --model PRESET --batch B --seq T --steps N --precision fp32|bf16
 // Times full training steps (forward, backward, AdamW) on random tokens; the first step is a
-// warm-up and not counted. The last line is "... <number> tok/s" for bench/ scripts.
+// warm-up and not counted. --profile-steps N adds N steps with the op-level profile
+// (core/profile.h) and prints its table. The last line is "... <number> tok/s" for bench/ scripts.
 #include <fmt/core.h>
 #include <omp.h>
 #include <sys/resource.h>
@@ -13,6 +14,7 @@
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
+#include "lmforge/core/profile.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/io/atomic_file.h"
@@ -155,7 +157,7 @@ void add_bench_matmul(CLI::App& bench) {
 void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
-    int64_t batch = 4, seq = 64, steps = 5;
+    int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
     std::string precision = "fp32", recompute = "none", device = "cpu";
   };
   auto o = std::make_shared<Opts>();
@@ -172,11 +174,15 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
       ->capture_default_str();
+  cmd->add_option("--profile-steps", o->profile_steps,
+                  "After the timed steps, this many more with the op-level profile on; prints "
+                  "where a step's time goes, op by op")
+      ->capture_default_str();
   cmd->callback([o] {
     if (o->precision != "fp32" && o->precision != "bf16")
       fail("--precision: expected fp32 or bf16, got \"{}\"", o->precision);
-    if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0)
-      fail("--batch, --seq and --steps must be positive");
+    if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
+      fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
     ModelConfig mc = model_preset(o->model);
     Transformer model(mc);
     model.init_weights(1);
@@ -199,18 +205,29 @@ void add_bench(CLI::App& app) {
       fmt::print("bench train: {} ({:.1f}M params) B={} T={} {}, {} threads, {} [{}]\n", o->model,
                  model.params().numel() / 1e6, o->batch, o->seq, o->precision,
                  omp_get_max_threads(), cpu_features().brand, cpu_features().summary());
-    double total = 0;
-    for (int64_t s = 0; s <= o->steps; ++s) {
+    auto step = [&] {  // one training step, waited for; its seconds
       auto t0 = std::chrono::steady_clock::now();
       model.params().zero_grad();
       float loss = model.forward_backward(tok, tgt);
       clip_grad_norm(model.params(), 1.0);
       opt.step(1e-4);
       if (gpu) cuda::synchronize();  // the step's kernels, not just their launches
-      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      return std::pair(
+          loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    };
+    double total = 0;
+    for (int64_t s = 0; s <= o->steps; ++s) {
+      auto [loss, dt] = step();
       if (s > 0) total += dt;
       fmt::print("step {} loss {:.4f} {:.3f}s{}\n", s, loss, dt, s == 0 ? " (warm-up)" : "");
       std::fflush(stdout);
+    }
+    if (o->profile_steps > 0) {  // apart from the timed steps: profiling costs a little
+      profile::enable(true);
+      double profiled = 0;
+      for (int64_t s = 0; s < o->profile_steps; ++s) profiled += step().second;
+      fmt::print("{}", profile::report(o->profile_steps, profiled / o->profile_steps));
+      profile::enable(false);
     }
     double tps = static_cast<double>(o->batch * o->seq * o->steps) / total;
     rusage u{};

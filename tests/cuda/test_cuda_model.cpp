@@ -7,10 +7,12 @@
 // 2e-2 (both sides round the matmul inputs to bf16, but the GEMMs accumulate in other orders).
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <random>
 
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/profile.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/models/presets.h"
@@ -152,6 +154,37 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
   // zero may step the other way, so the bound is a few learning rates (1e-3), not rounding.
   EXPECT_TRUE(tensors_close("parameters after 20 steps", host(m.gpu.params().flat_values()),
                             m.cpu.params().flat_values(), 5e-3));
+}
+
+// The op-level profile on the GPU: every op of the step is timed by CUDA events (rows marked
+// gpu), the same calls as on the CPU, and the times resolve to no more than the steps' wall time.
+TEST(CudaProfile, TimesTheStepsOpsWithEvents) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  Pair m(tiny("gpt2-tiny"), /*bf16=*/true);
+  Batch b = random_batch(m.gpu.config().vocab_size, 5);
+  m.gpu.plan(kB, kT);
+  m.gpu.forward_backward(b.tokens, b.targets);  // warm-up: plans and scratch
+  cuda::synchronize();
+  profile::enable(true);
+  auto t0 = std::chrono::steady_clock::now();
+  m.gpu.params().zero_grad();
+  m.gpu.forward_backward(b.tokens, b.targets);
+  cuda::synchronize();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::vector<profile::Row> rows = profile::rows();
+  profile::enable(false);
+  int64_t linear = 0;
+  double in_ops = 0;
+  for (const profile::Row& r : rows) {
+    if (r.op == "copy_to_gpu" || r.op == "copy_to_host") continue;
+    EXPECT_TRUE(r.gpu) << r.op;
+    EXPECT_GT(r.seconds, 0) << r.op;
+    in_ops += r.seconds;
+    if (r.op == "linear_forward_bf16") linear += r.calls;
+  }
+  const int64_t L = m.gpu.config().n_layer, R = m.gpu.logits_chunk_rows();
+  EXPECT_EQ(linear, 4 * L + (kB * kT + R - 1) / R);
+  EXPECT_LE(in_ops, wall);
 }
 
 // gpt2-tiny on the demo corpus, byte tokens (the CLI runs below add steps, device, run.dir).

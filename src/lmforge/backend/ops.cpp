@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
@@ -10,6 +11,7 @@
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/cuda/matmul.h"
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/profile.h"
 
 // The CUDA twin of an op (fp32 only): a lambda in a build with the CUDA backend, nothing
 // otherwise (the cuda:: functions are then declared but never referenced).
@@ -27,6 +29,7 @@ namespace {
 // (fp32; an op without a CUDA twin fails with a clear error).
 template <typename F, typename G = std::nullptr_t>
 void dispatch(const char* op, const Tensor& t, F&& f, G&& gpu = nullptr) {
+  profile::Scope timed(op, t);  // a row of its own unless the op opened one (with its FLOPs)
   if (t.device() == Device::kCUDA) {
     if constexpr (std::is_same_v<std::decay_t<G>, std::nullptr_t>) {
       cuda_unavailable(op);
@@ -78,6 +81,16 @@ double gpu_reduce(void (*reduce)(double*, const float*, int64_t, bool), const Te
 }
 #endif
 
+// The matmul FLOPs of causal attention's forward: QK^T and PV over the (query, key) pairs a
+// query sees (t + 1 of them, at most window); the backward is 2.5 times that (five matmuls,
+// the scores recomputed), as FlashAttention counts it.
+double attention_flops(int64_t B, int64_t T, int64_t NH, int64_t HS, int64_t window) {
+  double pairs = 0;
+  for (int64_t t = 0; t < T; ++t)
+    pairs += static_cast<double>(window > 0 ? std::min(t + 1, window) : t + 1);
+  return 4.0 * static_cast<double>(B * NH * HS) * pairs;
+}
+
 void same_numel(const char* op, const Tensor& a, const Tensor& b) {
   LMF_CHECK(a.numel() == b.numel(), "{}: {} vs {}", op, a.shape().str(), b.shape().str());
 }
@@ -89,7 +102,10 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
             inp.shape().str(), weight.shape().str(), out.shape().str());
-  if (weight.dtype() == DType::kBF16) {  // bf16 mixed precision: fp32 activations, bf16 weights
+  const bool bf16 = weight.dtype() == DType::kBF16;
+  profile::Scope timed(bf16 ? "linear_forward_bf16" : "linear_forward", out,
+                       2.0 * static_cast<double>(N) * C * OC);
+  if (bf16) {  // bf16 mixed precision: fp32 activations, bf16 weights
     auto f = [&](auto) {
       cpu::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(),
                                cptr<float>(bias), N, C, OC);
@@ -114,7 +130,11 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
             N, OC);
-  if (weight.dtype() == DType::kBF16) {
+  const bool bf16 = weight.dtype() == DType::kBF16;
+  profile::Scope timed(
+      bf16 ? "linear_backward_bf16" : "linear_backward", dout,
+      2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
+  if (bf16) {
     auto f = [&](auto) {
       cpu::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
                                 dout.data<float>(), inp.data<float>(), weight.bf16_data(), N, C,
@@ -306,6 +326,7 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
                 out.numel() == B * T_ * NH * HS,
             "attention: qkv {} lse {} out {} NH={} NKV={}", qkv.shape().str(), lse.shape().str(),
             out.shape().str(), NH, NKV);
+  profile::Scope timed("attention_forward", out, attention_flops(B, T_, NH, HS, window));
   dispatch(
       "attention_forward", out,
       [&](auto tag) {
@@ -330,6 +351,7 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
             "attention_backward: qkv {} dqkv {} out {} dout {} lse {} NH={} NKV={}",
             qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
             lse.shape().str(), NH, NKV);
+  profile::Scope timed("attention_backward", dout, 2.5 * attention_flops(B, T_, NH, HS, window));
   dispatch(
       "attention_backward", dout,
       [&](auto tag) {
@@ -429,6 +451,7 @@ double sum(const Tensor& x) {
 
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                             int32_t ignore_index, double* mean_lse_sq) {
+  profile::Scope timed("softmax_xent_forward", logits);
   Tensor z = Tensor::empty({1}, DType::kF64, logits.device());
   softmax_xent_rows(losses, logits, targets, ignore_index, z);
   const Tensor y = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);

@@ -8,6 +8,7 @@
 #include <new>
 
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/profile.h"
 
 namespace lmforge {
 
@@ -168,6 +169,7 @@ Tensor Tensor::operator[](int64_t i) const {
 
 void Tensor::zero_() const {
   if (!numel()) return;
+  profile::Scope timed("zero", *this);
   if (device() == Device::kCUDA)
     cuda::memset_zero(raw(), nbytes());
   else
@@ -181,6 +183,11 @@ void Tensor::copy_from(const Tensor& src) const {
             src.shape().str(), dtype_name(src.dtype()), shape_.str(), dtype_name(dtype_));
   if (!numel()) return;
   const bool to_gpu = device() == Device::kCUDA, from_gpu = src.device() == Device::kCUDA;
+  // Keyed on the GPU side of a transfer: its time is on the stream.
+  profile::Scope timed(to_gpu && !from_gpu   ? "copy_to_gpu"
+                       : from_gpu && !to_gpu ? "copy_to_host"
+                                             : "copy",
+                       from_gpu ? src : *this);
   if (!to_gpu && !from_gpu)
     std::memcpy(raw(), src.raw(), nbytes());
   else

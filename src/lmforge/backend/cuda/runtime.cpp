@@ -4,6 +4,7 @@
 
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "lmforge/backend/cuda/check.h"
 #include "lmforge/backend/ops.h"
@@ -149,5 +150,36 @@ void memset_zero(void* p, size_t bytes) {
 }
 
 void synchronize() { LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream()))); }
+
+namespace {
+std::vector<cudaEvent_t>& event_pool() {
+  static auto* pool = new std::vector<cudaEvent_t>;  // never destroyed, as the ledger
+  return *pool;
+}
+}  // namespace
+
+void* event_record() {
+  cudaEvent_t e = nullptr;
+  if (event_pool().empty()) {
+    LMF_CUDA(cudaEventCreate(&e));
+  } else {
+    e = event_pool().back();
+    event_pool().pop_back();
+  }
+  LMF_CUDA(cudaEventRecord(e, static_cast<cudaStream_t>(stream())));
+  return e;
+}
+
+float event_elapsed_ms(void* start, void* end) {
+  LMF_CUDA(cudaEventSynchronize(static_cast<cudaEvent_t>(end)));
+  float ms = 0;
+  LMF_CUDA(
+      cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start), static_cast<cudaEvent_t>(end)));
+  return ms;
+}
+
+void event_release(void* event) {
+  if (event) event_pool().push_back(static_cast<cudaEvent_t>(event));
+}
 
 }  // namespace lmforge::cuda

@@ -34,4 +34,11 @@ void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on
 void memset_zero(void* p, size_t bytes);                           // ordered on stream()
 void synchronize();  // waits for stream(); Error naming the failing kernel's message if any
 
+// Timing events (core/profile.h): event_record() takes an event from a pool and records it on
+// stream(); event_elapsed_ms waits for `end` and returns the milliseconds since `start`;
+// event_release puts an event back.
+void* event_record();
+float event_elapsed_ms(void* start, void* end);
+void event_release(void* event);
+
 }  // namespace lmforge::cuda

@@ -27,6 +27,9 @@ bool is_device_pointer(const void*) { return false; }
 void memcpy(void*, const void*, size_t, Copy) { cuda_unavailable("memcpy"); }
 void memset_zero(void*, size_t) { cuda_unavailable("memset"); }
 void synchronize() {}
+void* event_record() { cuda_unavailable("event_record"); }
+float event_elapsed_ms(void*, void*) { cuda_unavailable("event_elapsed_ms"); }
+void event_release(void*) {}
 }  // namespace cuda
 
 }  // namespace lmforge
