@@ -170,6 +170,7 @@ TEST(CudaCudnnAttention, SupportedShapes) {
   EXPECT_FALSE(cuda::cudnn_attention_supported(2, 256, 12, 12, 20, 0));   // HS not a multiple of 8
   EXPECT_FALSE(cuda::cudnn_attention_supported(2, 256, 2, 1, 256, 0));    // HS above 128
   EXPECT_FALSE(cuda::cudnn_attention_supported(2, 256, 6, 4, 64, 0));     // NH not a multiple
+  EXPECT_FALSE(cuda::cudnn_attention_supported(2, 1, 12, 12, 64, 0));     // T = 1 (no backward)
   EXPECT_FALSE(cuda::cudnn_attention_supported(0, 256, 12, 12, 64, 0));   // empty
   const size_t v = cudnnGetVersion();
   if (v < 90000 || v == 91000 || v == 91001) {

@@ -586,7 +586,8 @@ bool cudnn_attention_enabled() {
 
 bool cudnn_attention_supported(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                                int64_t window) {
-  if (B < 1 || T < 1 || NH < 1 || NKV < 1 || window != 0) return false;
+  // T = 1: cudnn-frontend rejects the backward with s_q = s_kv = 1 (sdpa_support_surface.h).
+  if (B < 1 || T < 2 || NH < 1 || NKV < 1 || window != 0) return false;
   if (HS < 8 || HS > 128 || HS % 8 != 0 || NH % NKV != 0) return false;
   const int64_t v = cudnn_version();
   if (v < 90000 || v == 91000 || v == 91001) return false;

@@ -46,9 +46,9 @@ namespace lmforge::cuda {
 // False when the environment sets LMFORGE_CUDNN_ATTENTION=0 (read once).
 bool cudnn_attention_enabled();
 
-// The shapes cuDNN's fused attention takes: causal without a window, HS a multiple of 8 up to 128,
-// NH a multiple of NKV, a cuDNN 9 runtime other than 9.10.0/9.10.1 (known SDPA bugs), and T a
-// multiple of 128 before 9.16 (older backward engines need a padding mask otherwise). Whether an
+// The shapes cuDNN's fused attention takes: causal without a window, T >= 2, HS a multiple of 8 up
+// to 128, NH a multiple of NKV, a cuDNN 9 runtime other than 9.10.0/9.10.1 (known SDPA bugs), and T
+// a multiple of 128 before 9.16 (older backward engines need a padding mask otherwise). Whether an
 // engine exists for the GPU is only known when the plan is built (the calls below).
 bool cudnn_attention_supported(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                                int64_t window);
