@@ -209,8 +209,7 @@ void add_bench(CLI::App& app) {
       auto t0 = std::chrono::steady_clock::now();
       model.params().zero_grad();
       float loss = model.forward_backward(tok, tgt);
-      clip_grad_norm(model.params(), 1.0);
-      opt.step(1e-4);
+      opt.step(1e-4, clip_coef(grad_norm(model.params()), 1.0));
       if (gpu) cuda::synchronize();  // the step's kernels, not just their launches
       return std::pair(
           loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -159,6 +159,26 @@ TEST(Bf16, AdamWWritesTheBf16CopyWithoutChangingTheFp32Update) {
   EXPECT_EQ(std::memcmp(ps.data(), p1.data() + 5, (n - 5) * 4), 0);
 }
 
+// Clipping inside the update: grad_scale gives the bits of scaling the gradients in place first
+// (what clip_grad_norm_ does before torch's step), in the vector body and the scalar tail.
+TEST(Bf16, AdamWGradScaleIsScalingTheGradientsFirst) {
+  const int64_t n = 100003;
+  const double coef = 0.3711;
+  std::vector<float> p1 = randn(n, 20), g = randn(n, 21), m1 = randn(n, 22, 0.1), v1(n);
+  for (int64_t i = 0; i < n; ++i) v1[i] = std::fabs(m1[i]);
+  std::vector<float> p2 = p1, m2 = m1, v2 = v1, scaled = g;
+  for (float& x : scaled) x *= static_cast<float>(coef);
+  std::vector<uint16_t> h1(n), h2(n);
+  cpu::adamw_update(p1.data(), g.data(), m1.data(), v1.data(), h1.data(), n, 1e-3, 0.9, 0.95, 1e-8,
+                    0.1, 3, coef);
+  cpu::adamw_update(p2.data(), scaled.data(), m2.data(), v2.data(), h2.data(), n, 1e-3, 0.9, 0.95,
+                    1e-8, 0.1, 3);
+  EXPECT_EQ(std::memcmp(p1.data(), p2.data(), n * 4), 0);
+  EXPECT_EQ(std::memcmp(m1.data(), m2.data(), n * 4), 0);
+  EXPECT_EQ(std::memcmp(v1.data(), v2.data(), n * 4), 0);
+  EXPECT_EQ(std::memcmp(h1.data(), h2.data(), n * 2), 0);
+}
+
 LMF_AVX512 void exp_lanes(const float* x, float* y) {
   _mm512_storeu_ps(y, cpu::exp512(_mm512_loadu_ps(x)));
 }

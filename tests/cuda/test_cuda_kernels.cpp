@@ -321,7 +321,7 @@ void sum(Rng& rng, int64_t n, int64_t offset) {
 }
 
 // Bit-identical p, m, v and bf16 copy; some weights are denormal with zero moments, so the
-// copy's flush to zero is exercised.
+// copy's flush to zero is exercised; the gradients are clipped in the update (grad_scale).
 void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
   std::vector<float> p = randn(rng, n), g = randn(rng, n, 1e-2), m = randn(rng, n, 1e-3), v(n);
   for (float& x : v) x = static_cast<float>(rng.uniform() * 1e-4);
@@ -333,9 +333,9 @@ void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
   DeviceArray<float> d_p(p), d_g(g), d_m(m), d_v(v);
   DeviceArray<uint16_t> d_p16(p16);
   cpu::adamw_update(p.data(), g.data(), m.data(), v.data(), with_p16 ? p16.data() : nullptr, n,
-                    3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+                    3e-4, 0.9, 0.95, 1e-8, 0.1, step, /*grad_scale=*/0.61);
   cuda::adamw_update(d_p.get(), d_g.get(), d_m.get(), d_v.get(), with_p16 ? d_p16.get() : nullptr,
-                     n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step);
+                     n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step, /*grad_scale=*/0.61);
   EXPECT_TRUE(close("p", d_p.host(), p, kExact));
   EXPECT_TRUE(close("m", d_m.host(), m, kExact));
   EXPECT_TRUE(close("v", d_v.host(), v, kExact));

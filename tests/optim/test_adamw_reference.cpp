@@ -1,12 +1,14 @@
 // AdamW against torch.optim.AdamW (foreach=False): the parameters of adamw.safetensors
 // (tests/reference/adamw_ref.py) in a ParamSet with the same decay flags, the same gradients and
-// learning rates for three steps, parameters and both moments compared after every step.
+// learning rates for three steps, parameters and both moments compared after every step. The
+// step torch clips with clip_grad_norm_ is clipped here in the update (AdamW::step's grad_scale).
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "lmforge/optim/adamw.h"
+#include "lmforge/optim/clip.h"
 #include "testing/compare.h"
 
 namespace lmforge {
@@ -39,7 +41,12 @@ TEST(AdamWReference, ThreeStepsMatchTorch) {
     SCOPED_TRACE("step " + std::to_string(s));
     std::string tag = std::to_string(s) + ".";
     for (Param& p : ps.params()) p.grad.copy_from(f.get("grad." + tag + p.name));
-    opt.step(f.get("lr." + std::to_string(s)).data<double>()[0]);
+    double scale = 1.0;
+    if (f.has("max_norm." + std::to_string(s))) {
+      scale = clip_coef(grad_norm(ps), f.get("max_norm." + std::to_string(s)).data<double>()[0]);
+      EXPECT_LT(scale, 1.0);
+    }
+    opt.step(f.get("lr." + std::to_string(s)).data<double>()[0], scale);
     for (size_t i = 0; i < ps.params().size(); ++i) {
       const Param& p = ps.params()[i];
       testing::Diff d, dm, dv;

@@ -3,13 +3,16 @@
 Two param groups: decayed matrices (weight_decay 0.1) and undecayed vectors (weight_decay 0),
 as lmforge's Param::decay. The learning rate changes between steps, as a schedule would.
 Saved: "param.<name>" (initial), and for step s = 1, 2, 3: "grad.<s>.<name>", "lr.<s>" and the
-state after the step, "after.<s>.<name>", "m.<s>.<name>", "v.<s>.<name>".
+state after the step, "after.<s>.<name>", "m.<s>.<name>", "v.<s>.<name>". Step 2 clips the
+gradients first (torch.nn.utils.clip_grad_norm_ to "max_norm.2", below their norm); its saved
+gradients are the unclipped ones.
 """
 
 import torch
 
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 LRS = [1e-3, 3e-4, 2e-3]
+CLIP_STEP, MAX_NORM = 2, 0.5
 
 # name, shape, decay, gradient scale per step
 PARAMS = [
@@ -45,6 +48,10 @@ def make(seed=99):
                 grad[0] = 0.0  # a zero gradient row: only decay and momentum move it
             p.grad = grad
             out[f"grad.{step}.{name}"] = grad.clone()
+        if step == CLIP_STEP:
+            norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+            assert norm > MAX_NORM, "the clipped step must clip"
+            out[f"max_norm.{step}"] = torch.tensor([MAX_NORM], dtype=torch.float64)
         opt.step()
         out[f"lr.{step}"] = torch.tensor([lr], dtype=torch.float64)
         for p, (name, *_) in zip(params, PARAMS):

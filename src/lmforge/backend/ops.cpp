@@ -538,7 +538,7 @@ double sum_squares(const Tensor& x) {
 
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16) {
+                  int64_t step, const Tensor& param_bf16, double grad_scale) {
   same_numel("adamw_update", param, grad);
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
   for (const Tensor* t : {&grad, &m, &v, &param_bf16})
@@ -549,11 +549,12 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
       "adamw_update", param,
       [&](auto) {
         cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
-                          p16, param.numel(), lr, beta1, beta2, eps, weight_decay, step);
+                          p16, param.numel(), lr, beta1, beta2, eps, weight_decay, step,
+                          grad_scale);
       },
       LMF_GPU(cuda::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(),
                                  v.data<float>(), p16, param.numel(), lr, beta1, beta2, eps,
-                                 weight_decay, step)));
+                                 weight_decay, step, grad_scale)));
 }
 
 }  // namespace lmforge::ops

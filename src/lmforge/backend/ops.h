@@ -99,9 +99,10 @@ void accumulate(const Tensor& dst, const Tensor& src);
 void scale(const Tensor& x, double s);
 double sum_squares(const Tensor& x);
 
+// grad_scale multiplies the gradient as it is read (clipping); param_bf16 receives bf16(param).
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16 = Tensor());  // bf16(param) written
+                  int64_t step, const Tensor& param_bf16 = Tensor(), double grad_scale = 1.0);
 
 }  // namespace lmforge::ops
 

@@ -202,6 +202,7 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
 }
 
 double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq) {
+  grad_scale_ = 1.0;                                     // new gradients: no clipping decided yet
   const int32_t kIgnore = LoaderOptions{}.ignore_index;  // what the loader writes
   const std::vector<int64_t> counts = target_counts(micro, kIgnore);
   double targets = 0;
@@ -275,14 +276,15 @@ void DataParallel::drain() {
 }
 
 double DataParallel::clip_grad_norm(double max_norm) {
-  if (!grad_sharded()) return lmforge::clip_grad_norm(ps_, max_norm);
-  double ss = ops::sum_squares(gshard_);
-  shard_comm_->all_reduce(&ss, 1)->wait();  // hybrid: the shards of one node cover everything
-  double norm = std::sqrt(ss);
-  if (max_norm > 0 && std::isfinite(norm)) {
-    double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) ops::scale(gshard_, coef);
+  double norm = 0;
+  if (grad_sharded()) {
+    double ss = ops::sum_squares(gshard_);
+    shard_comm_->all_reduce(&ss, 1)->wait();  // hybrid: the shards of one node cover everything
+    norm = std::sqrt(ss);
+  } else {
+    norm = grad_norm(ps_);
   }
+  grad_scale_ = clip_coef(norm, max_norm);
   return norm;
 }
 
@@ -301,7 +303,8 @@ void DataParallel::refresh_master() {
 void DataParallel::step(double lr) {
   for (size_t i = 0; i < host_slots_.size(); ++i)  // offload: gradients to the host
     host_slots_[i].grad.copy_from(device_slots_[i].grad.view({device_slots_[i].len}));
-  opt_->step(lr);
+  opt_->step(lr, grad_scale_);
+  grad_scale_ = 1.0;
   for (size_t i = 0; i < host_slots_.size(); ++i)  // and the new values back
     device_slots_[i].value.view({device_slots_[i].len}).copy_from(host_slots_[i].value);
   if (offload()) ps_.invalidate_bf16();

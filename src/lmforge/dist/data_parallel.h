@@ -68,7 +68,8 @@ class DataParallel final : public GroupHooks {
   // Gradients of one step over the micro-batches (this rank's slice of the global batch),
   // reduced per the strategy. Returns the global token-weighted mean loss (and mean lse^2).
   double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr);
-  // Global gradient norm; scales the gradients as torch's clip_grad_norm_ when above max_norm.
+  // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
+  // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);
   // Multiplies this step's gradients by f (fault injection in tests).
   void scale_grads(double f);
@@ -132,6 +133,7 @@ class DataParallel final : public GroupHooks {
   std::vector<WorkPtr> works_;
   bool sync_ = false;
   bool first_micro_ = true;
+  double grad_scale_ = 1.0;  // clip_grad_norm's factor for the next step()
   Arena shard_arena_, gather_;
   // Gradient accumulator (the first micro-batch's reduce-scatter target), the later
   // micro-batches' target (untouched, so not resident, without gradient accumulation), values.

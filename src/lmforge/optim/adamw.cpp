@@ -30,7 +30,7 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
       device);
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   ++t_;
   bool refreshed = true;
   for (size_t i = 0; i < slots_.size(); ++i) {
@@ -42,7 +42,8 @@ void AdamW::step(double lr) {
     const bool beside = bf16.defined() && bf16.device() == s.value.device();
     refreshed = refreshed && (beside || !bf16.defined());
     ops::adamw_update(s.value, s.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      s.param->decay ? opt_.weight_decay : 0.0, t_, beside ? bf16 : Tensor());
+                      s.param->decay ? opt_.weight_decay : 0.0, t_, beside ? bf16 : Tensor(),
+                      grad_scale);
   }
   if (params_.has_bf16() && refreshed) params_.bf16_refreshed();
 }

@@ -6,7 +6,8 @@
 // one buffer, one pair per slot; checkpoints save them by parameter name.
 //
 //   AdamW opt(model.params(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1});
-//   opt.step(lr);
+//   opt.step(lr);                                              // or, clipped:
+//   opt.step(lr, clip_coef(grad_norm(model.params()), 1.0));  // optim/clip.h
 #pragma once
 
 #include <vector>
@@ -37,7 +38,9 @@ class AdamW {
   AdamW(ParamSet& params, const AdamWOptions& opt);
   // The given slots (a shard); bf16 copies named in slots are rewritten by step().
   AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& opt);
-  void step(double lr);
+  // grad_scale multiplies every gradient as it is read (gradient clipping: clip_coef in
+  // optim/clip.h), as torch's clip_grad_norm_ scaling them before the step would.
+  void step(double lr, double grad_scale = 1.0);
   int64_t steps_taken() const { return t_; }
   void set_steps_taken(int64_t t) { t_ = t; }
   const std::vector<OptSlot>& slots() const { return slots_; }

@@ -1,5 +1,6 @@
 #include "lmforge/optim/clip.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "lmforge/backend/ops.h"
@@ -15,14 +16,9 @@ double grad_norm(const ParamSet& params) {
   return std::sqrt(ss);
 }
 
-double clip_grad_norm(ParamSet& params, double max_norm) {
-  double norm = grad_norm(params);
-  if (max_norm > 0 && std::isfinite(norm)) {
-    double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (Param& p : params.params()) ops::scale(p.grad, coef);
-  }
-  return norm;
+double clip_coef(double norm, double max_norm) {
+  if (max_norm <= 0 || !std::isfinite(norm)) return 1.0;
+  return std::min(1.0, max_norm / (norm + 1e-6));
 }
 
 }  // namespace lmforge

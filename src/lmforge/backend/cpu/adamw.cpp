@@ -13,10 +13,11 @@ namespace {
 // Same operation order and fp32 rounding points as torch.optim.AdamW (foreach=False); torch
 // computes the scalars in Python double and casts them to fp32 at the kernel.
 struct AdamScalars {
-  float step_size, decay, w1, w2, b2, bc2_sqrt, eps;
+  float step_size, decay, w1, w2, b2, bc2_sqrt, eps, gscale;
 };
 
 inline float adam_one(float& p, float g, float& m, float& v, const AdamScalars& s) {
+  g *= s.gscale;  // clipping; exact when 1
   float pi = p * s.decay;
   m += s.w1 * (g - m);  // torch: exp_avg.lerp_(grad, 1 - beta1)
   v = v * s.b2 + s.w2 * g * g;
@@ -41,10 +42,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx51
   const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1),
                w2 = _mm512_set1_ps(s.w2), b2 = _mm512_set1_ps(s.b2),
                bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps),
-               lr = _mm512_set1_ps(s.step_size);
+               lr = _mm512_set1_ps(s.step_size), gscale = _mm512_set1_ps(s.gscale);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m512 gi = _mm512_loadu_ps(g + i), mi = _mm512_loadu_ps(m + i), vi = _mm512_loadu_ps(v + i);
+    __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), gscale), mi = _mm512_loadu_ps(m + i),
+           vi = _mm512_loadu_ps(v + i);
     __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
     mi = _mm512_add_ps(mi, _mm512_mul_ps(w1, _mm512_sub_ps(gi, mi)));
     vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(w2, gi), gi));
@@ -63,7 +65,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx51
 }  // namespace
 
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                  double grad_scale) {
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   AdamScalars s;
   s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
@@ -73,6 +76,7 @@ void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, i
   s.w2 = static_cast<float>(1.0 - beta2);
   s.b2 = static_cast<float>(beta2);
   s.eps = static_cast<float>(eps);
+  s.gscale = static_cast<float>(grad_scale);
   static const bool avx512 = cpu_features().avx512_bf16;  // implies AVX-512 F/BW/VL
   constexpr int64_t kChunk = 1 << 14;  // a multiple of 16: chunks stay vector-aligned
 #pragma omp parallel for schedule(static) if (n > kChunk)

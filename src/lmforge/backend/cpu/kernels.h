@@ -135,7 +135,10 @@ double sum_squares(const T* x, int64_t n);
 // p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc_i = 1 - beta_i^step.
 // p16, if not null, receives bf16(p) in the same pass (the weights' copy for bf16 matmuls).
 // Vectorized with AVX-512 where present, bit-identical to the portable loop.
+// g is multiplied by fp32(grad_scale) as it is read (gradient clipping), the rounding of scaling
+// the gradient in place first.
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t step);
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                  double grad_scale = 1.0);
 
 }  // namespace lmforge::cpu

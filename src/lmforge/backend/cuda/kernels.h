@@ -97,8 +97,10 @@ void sum(double* result, const float* x, int64_t n, bool accumulate = false);
 // One AdamW step, the same operations in the same order and fp32 rounding as
 // cpu::adamw_update (no fused multiply-adds), so p, m, v are bit-identical to the CPU's.
 // p16, if not null, receives bf16(p) (round to nearest even, denormals to zero).
+// g is multiplied by fp32(grad_scale) as it is read (gradient clipping).
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t step);
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                  double grad_scale = 1.0);
 
 // fp32 -> bf16 (to_bf16) is declared in matmul.h, beside the bf16 gemms that use it.
 

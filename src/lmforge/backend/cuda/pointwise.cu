@@ -136,7 +136,7 @@ struct AdamwOp {
   float* m;
   float* v;
   uint16_t* p16;
-  float step_size, decay, w1, w2, b2, bc2_sqrt, eps;
+  float step_size, decay, w1, w2, b2, bc2_sqrt, eps, gscale;
   template <int K>
   __device__ void apply(int64_t i) const {
     Floats<K> pv = load<K>(p + i), mv = load<K>(m + i), vv = load<K>(v + i);
@@ -144,7 +144,7 @@ struct AdamwOp {
     uint16_t h[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float gi = gv.v[k];
+      const float gi = __fmul_rn(gv.v[k], gscale);  // clipping; exact when 1
       float pi = __fmul_rn(pv.v[k], decay);
       const float mi = __fadd_rn(mv.v[k], __fmul_rn(w1, __fsub_rn(gi, mv.v[k])));  // lerp
       const float vi = __fadd_rn(__fmul_rn(vv.v[k], b2), __fmul_rn(__fmul_rn(w2, gi), gi));
@@ -191,7 +191,8 @@ void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N
 }
 
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
-                  double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                  double grad_scale) {
   // The scalars exactly as cpu::adamw_update computes them (double, then fp32).
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
@@ -206,7 +207,8 @@ void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, i
                    /*w2=*/static_cast<float>(1.0 - beta2),
                    /*b2=*/static_cast<float>(beta2),
                    /*bc2_sqrt=*/static_cast<float>(std::sqrt(bc2)),
-                   /*eps=*/static_cast<float>(eps)};
+                   /*eps=*/static_cast<float>(eps),
+                   /*gscale=*/static_cast<float>(grad_scale)};
   launch_map(op, n, aligned16(p, g, m, v) && aligned8(p16));
 }
 
