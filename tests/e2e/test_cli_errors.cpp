@@ -60,6 +60,8 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"dist.backend", "nccl", "train.device"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=gloo", dir),
                         {"dist.backend", "gloo"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.profile_steps=-1", dir),
+                        {"train.profile_steps", ">= 0"});
   if (!cuda::available())  // a GPU asked for where there is none (built with CUDA or not)
     expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=cuda", dir),
                           {"train.device: cuda", "no CUDA GPU is visible"});

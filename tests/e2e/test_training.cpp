@@ -66,6 +66,41 @@ TEST(Training, LossFallsBelowUnigramEntropyOnTheDemoCorpus) {
   EXPECT_TRUE(fs::exists(dir + "/run/config.yaml"));
 }
 
+// train.profile_steps: the op-level profile of the steps after the first, in the run directory
+// and on stdout; evaluation between profiled steps is left out (its forward passes would be
+// counted as 8 more linear calls per eval batch), and the run's losses are the unprofiled run's.
+TEST(Training, ProfileStepsWritesTheOpTable) {
+  std::string dir = testing::temp_dir("train-profile");
+  const std::string common = std::string("train ") + kSmall +
+                             "--set train.steps=5 --set train.eval_every=2 "
+                             "--set train.eval_batches=3 --set train.checkpoint_every=0 ";
+  auto r = run_lmforge(common + "--set train.profile_steps=3 --set run.dir=p", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(run_lmforge(common + "--set run.dir=q", dir).exit_code, 0);
+  const std::string table = testing::slurp(dir + "/p/profile.txt");
+  EXPECT_NE(table.find("profile of 3 step(s)"), std::string::npos) << table;
+  EXPECT_NE(r.out.find("profile of 3 step(s)"), std::string::npos);
+  // gpt2-tiny: 4 layers x 4 linear layers + 1 LM-head chunk (8 x 64 rows), per training step.
+  std::istringstream lines(table);
+  std::string line;
+  bool found = false;
+  while (std::getline(lines, line)) {
+    std::istringstream words(line);
+    std::string op;
+    double calls = 0;
+    if (words >> op >> calls && op == "linear_forward") {
+      EXPECT_DOUBLE_EQ(calls, 17.0) << line;
+      found = true;
+      break;
+    }
+  }
+  EXPECT_TRUE(found) << table;
+  EXPECT_FALSE(fs::exists(dir + "/q/profile.txt"));
+  auto a = metrics(dir + "/p", "loss"), b = metrics(dir + "/q", "loss");
+  ASSERT_EQ(a.size(), 5u);
+  for (auto& [step, j] : a) EXPECT_EQ(j["loss"], b.at(step)["loss"]) << "step " << step;
+}
+
 // Interrupted-then-resumed equals uninterrupted, bit for bit: losses, and the final weights.
 TEST(Training, ResumeIsBitExact) {
   std::string dir = testing::temp_dir("train-resume");

@@ -63,10 +63,10 @@ double now() {
 
 }  // namespace
 
-void enable(bool on) {
+void enable(bool on, bool keep) {
   Table& t = table();
   std::lock_guard<std::mutex> lock(t.mu);
-  t.clear();
+  if (!keep) t.clear();
   detail::g_on = on;
 }
 
@@ -99,7 +99,7 @@ void Scope::end() {
   const double t1 = gpu_ ? 0 : now();
   Table& tab = table();
   std::lock_guard<std::mutex> lock(tab.mu);
-  if (!detail::g_on || row_ >= static_cast<int64_t>(tab.rows.size())) {  // cleared meanwhile
+  if (row_ >= static_cast<int64_t>(tab.rows.size())) {  // cleared meanwhile
     cuda::event_release(event_);
     cuda::event_release(stop);
     return;

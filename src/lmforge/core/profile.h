@@ -27,8 +27,9 @@ extern bool g_on;
 }
 
 inline bool enabled() { return detail::g_on; }
-// Turning it on or off clears what was recorded.
-void enable(bool on);
+// Turning it on or off clears what was recorded, unless keep: enable(false, true) pauses (work
+// between profiled steps is left out) and enable(true, true) resumes.
+void enable(bool on, bool keep = false);
 
 // Times the op from construction to destruction; the row's key is (op, t's shape), and t's
 // device picks the clock. flops: the op's floating-point operations, for GFLOP/s (0: not shown).

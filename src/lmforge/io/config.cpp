@@ -97,6 +97,9 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.log_every", &c.train.log_every, "steps between log lines"},
       {"train.peak_tflops", &c.train.peak_tflops,
        "device peak TFLOP/s; metrics then carry mfu (0 = not reported)"},
+      {"train.profile_steps", &c.train.profile_steps,
+       "op-level profile of this many steps after the run's first: printed and written to "
+       "run.dir/profile.txt (0 = off)"},
       {"run.dir", &c.run.dir, "run directory"},
       {"dist.strategy", &c.dist.strategy,
        "no-shard (DDP), zero1, grad-shard (ZeRO-2), full-shard (ZeRO-3) or hybrid"},

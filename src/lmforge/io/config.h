@@ -65,6 +65,8 @@ struct TrainConfig {
   int64_t keep_last = 3;           // checkpoints kept; 0 = all
   int64_t log_every = 1;
   double peak_tflops = 0;  // the device's peak, for MFU in metrics; 0 = not reported
+  int64_t profile_steps =
+      0;  // op-level profile of this many steps after the first (core/profile.h)
 };
 
 struct RunConfig {

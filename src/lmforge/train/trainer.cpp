@@ -14,6 +14,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/profile.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/data/text_shards.h"
 #include "lmforge/dist/data_parallel.h"
@@ -93,6 +94,8 @@ void validate_train_config(const Config& cfg) {
   positive(t.spike_window, "spike_window");
   if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
   if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
+  if (t.profile_steps < 0)
+    fail("train.profile_steps: must be >= 0 (0 = off), got {}", t.profile_steps);
   parse_faults(t.inject_fault);
   dist::parse_strategy(cfg.dist.strategy);
   if (!(cfg.dist.timeout > 0)) fail("dist.timeout: must be positive, got {}", cfg.dist.timeout);
@@ -466,7 +469,20 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer, &shards);
   };
 
+  // train.profile_steps: the op-level profile of the steps after this run's first (rank 0's).
+  const int64_t profile_from = st.step + 1, profile_to = st.step + t.profile_steps;
+  int64_t profiled = 0;
+  double profiled_s = 0;
+  auto report_profile = [&] {
+    const std::string table = profile::report(profiled, profiled_s / profiled);
+    profile::enable(false);
+    progress.message(table.substr(0, table.size() - 1));
+    write_file_atomic((std::filesystem::path(run_dir) / "profile.txt").string(), table);
+  };
+
   for (int64_t step = st.step; step < t.steps; ++step) {
+    const bool profiling = lead && step >= profile_from && step <= profile_to;
+    if (profiling) profile::enable(true, /*keep=*/step > profile_from);
     auto t0 = Clock::now();
     double lr = sched.at(step);
     dist::set_context(fmt::format("step {}", step + 1));
@@ -483,7 +499,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (verdict == SpikeGuard::Verdict::kOk) dp.step(lr);
     st.step = step + 1;
     st.val_loss.reset();
+    if (profiling && on_gpu) cuda::synchronize();  // the step's kernels, for the profile's shares
     double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (profiling) {
+      profile::enable(false, /*keep=*/true);  // evaluation and checkpoints are not steps
+      profiled_s += dt;
+      if (++profiled == t.profile_steps || st.step == t.steps) report_profile();
+    }
     double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     double tps = tokens_per_step / dt;
     if (step == 0 || res.steps == 0) res.first_loss = loss;
