@@ -3,7 +3,7 @@
 #   bench/train_cpu.sh [--model gpt2] [--batch 4] [--seq 64] [--steps 5] [--no-compile]
 # Runs, in order: the oneDNN matmul ceiling (lmforge bench matmul); lmforge fp32 and bf16; the
 # venv's PyTorch fp32, bf16 autocast and bf16 autocast + torch.compile; Debian's PyTorch 1.13
-# (python3-torch, if installed) fp32 and bf16 autocast. Prints each figure, achieved GFLOP/s
+# (python3-torch, installed when missing) fp32 and bf16 autocast. Prints each figure, achieved GFLOP/s
 # (lmforge's FLOPs per token for every row), peak RSS, and a markdown row for
 # docs/benchmarks.md. Needs build/lmforge and the reference venv (scripts/setup.sh --python).
 set -euo pipefail
@@ -42,6 +42,13 @@ peer=("$root/bench/torch_train_peer.py" "${args[@]}" --threads "$threads")
 run t32 "$python" "${peer[@]}" --precision fp32
 run t16 "$python" "${peer[@]}" --precision bf16
 if ((compile)); then run tc16 "$python" "${peer[@]}" --precision bf16 --compile; else : >"$log/tc16"; fi
+# The bars are against Debian's PyTorch: installed here when missing (apt, as setup.sh).
+if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+  echo "installing Debian's python3-torch (the PyTorch 1.13 peer)"
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-torch \
+    >/dev/null 2>&1 || echo "could not install python3-torch"
+fi
 if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
   run d32 /usr/bin/python3 "${peer[@]}" --precision fp32
   run d16 /usr/bin/python3 "${peer[@]}" --precision bf16
