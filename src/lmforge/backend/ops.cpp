@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
@@ -91,6 +92,16 @@ double attention_flops(int64_t B, int64_t T, int64_t NH, int64_t HS, int64_t win
   return 4.0 * static_cast<double>(B * NH * HS) * pairs;
 }
 
+// Every defined tensor of an op on ref's device: a host pointer handed to cuBLASLt would fail
+// later, asynchronously, far from its cause.
+void same_device(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    LMF_CHECK(!t->defined() || t->device() == ref.device(),
+              "{}: every tensor on one device (a {} tensor among {} ones)", op,
+              t->device() == Device::kCUDA ? "CUDA" : "host",
+              ref.device() == Device::kCUDA ? "CUDA" : "host");
+}
+
 void same_numel(const char* op, const Tensor& a, const Tensor& b) {
   LMF_CHECK(a.numel() == b.numel(), "{}: {} vs {}", op, a.shape().str(), b.shape().str());
 }
@@ -102,6 +113,7 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
             inp.shape().str(), weight.shape().str(), out.shape().str());
+  same_device("linear_forward", out, {&inp, &weight, &bias});
   const bool bf16 = weight.dtype() == DType::kBF16;
   profile::Scope timed(bf16 ? "linear_forward_bf16" : "linear_forward", out,
                        2.0 * static_cast<double>(N) * C * OC);
@@ -130,6 +142,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
             N, OC);
+  same_device("linear_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight});
   const bool bf16 = weight.dtype() == DType::kBF16;
   profile::Scope timed(
       bf16 ? "linear_backward_bf16" : "linear_backward", dout,

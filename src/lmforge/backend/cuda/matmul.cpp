@@ -18,7 +18,8 @@
 // capped at 256 bytes: the heuristic assumes 256-byte aligned operands unless told otherwise,
 // and an activation slice need not be). The cache lives for the process; nothing is freed at
 // exit (the driver may be gone by then). A plan's algorithm is fixed once chosen, and cuBLASLt
-// gives bitwise identical results for a fixed algorithm on the same GPU model and toolkit.
+// gives bitwise identical results for a fixed algorithm with the same toolkit on the same
+// architecture and SM count, one stream at a time (cuBLAS "Results reproducibility").
 // Fallbacks, so that no shape or alignment is an error: a bias the epilogue cannot take is
 // broadcast into C first (then beta = 1); an operand no algorithm accepts goes to a plain tiled
 // kernel (matmul_kernels.cu), with a one-line warning per plan.
@@ -87,6 +88,7 @@ struct Plan {
   // cuBLASLt has no algorithm at all (an operand aligned to less than its element needs, say):
   // detail::gemm_fallback runs it, slowly but correctly.
   bool fallback = false;
+  cublasStatus_t why = CUBLAS_STATUS_SUCCESS;  // the heuristic's last answer (for the warning)
 };
 
 // The largest power of two (at most 256) that divides the address.
@@ -205,10 +207,11 @@ class Lt {
     if (p.fallback)  // once per key: a slow path worth knowing about, not an error
       fmt::print(stderr,
                  "warning: cuBLASLt has no algorithm for the {} gemm M={} N={} K={} (trans_a={}, "
-                 "trans_b={}, lda={}, ldb={}, ldc={}, alignments {}/{}/{} bytes); using the plain "
-                 "CUDA fallback kernel\n",
+                 "trans_b={}, lda={}, ldb={}, ldc={}, alignments A/B/C/bias {}/{}/{}/{} bytes; "
+                 "{}); using the plain CUDA fallback kernel\n",
                  k.dtype == Dtype::kBf16 ? "bf16" : "fp32", k.M, k.N, k.K, k.ta, k.tb, k.lda, k.ldb,
-                 k.ldc, k.align_a, k.align_b, k.align_c);
+                 k.ldc, k.align_a, k.align_b, k.align_c, k.align_bias,
+                 p.why == CUBLAS_STATUS_SUCCESS ? "no result" : cublasLtGetStatusName(p.why));
     return cache_.emplace(k, p).first->second;
   }
 
@@ -219,9 +222,12 @@ class Lt {
     const cublasStatus_t st =
         cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.x, p.y, p.d, p.d, pref, 1, &r, &n);
     // NOT_SUPPORTED: no heuristic for this configuration; INVALID_VALUE: a layout or alignment
-    // combination the library rejects. Either way the fallback kernel computes it.
+    // combination the library rejects (or a mistake in the descriptors: the warning names the
+    // status). Either way the fallback kernel computes it.
+    p.why = st;
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) return false;
     LMF_CUBLAS(st);
+    if (n >= 1) p.why = r.state;
     if (n < 1 || r.state != CUBLAS_STATUS_SUCCESS || r.workspaceSize > kWorkspaceBytes)
       return false;
     p.algo = r.algo;
@@ -334,13 +340,20 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC) {
   if (dinp || dweight) {
-    auto* d = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * OC) * 2));
-    to_bf16(d, dout, N * OC);
-    if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, true, dinp, C);
+    // bf16(dout) with rows padded to 16 bytes: with GPT-2's vocabulary (OC = 50257) the LM head's
+    // rows would be 2-byte aligned, and Hopper's fast GEMM kernels want 16-byte strides (llm.c pads
+    // the vocabulary to 50304 for the same reason). The padding is never read (K, M = OC).
+    const int64_t ld = (OC + 7) / 8 * 8;
+    auto* d = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * ld) * 2));
+    if (ld == OC)
+      to_bf16(d, dout, N * OC);
+    else
+      detail::to_bf16_rows(d, ld, dout, N, OC);
+    if (dinp) gemm_bf16(false, false, N, C, OC, d, ld, weight, C, nullptr, true, dinp, C);
     if (dweight) {
       auto* x = static_cast<uint16_t*>(scratch(1, std::max<size_t>(1, size_t(N) * C) * 2));
       to_bf16(x, inp, N * C);
-      gemm_bf16(true, false, OC, C, N, d, OC, x, C, nullptr, true, dweight, C);
+      gemm_bf16(true, false, OC, C, N, d, ld, x, C, nullptr, true, dweight, C);
     }
   }
   if (dbias) bias_grad(dbias, dout, N, OC);

@@ -32,12 +32,6 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t C, int64_t OC);
 
-// C = alpha op(A) op(B) + beta C [+ bias (N)] by a plain shared-memory tiled kernel (fp32 FMA,
-// k in order), for the rare operands cuBLASLt has no algorithm for (an odd alignment); A and B
-// are fp32, or bf16 (uint16_t) when bf16. M, N, K > 0.
-void gemm_fallback(bool bf16, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                   float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
-                   float* C, int64_t ldc, const float* bias);
 // dbias (OC) += column sums of dout (N, OC), accumulated in double in a fixed order.
 void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC);
 
@@ -61,6 +55,8 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
 
 namespace detail {
 // Small kernels of matmul_kernels.cu, launched on stream() (for matmul.cpp only).
+// dst rows of ld elements = bf16(src (rows, cols)), as to_bf16; the padding is not written.
+void to_bf16_rows(uint16_t* dst, int64_t ld, const float* src, int64_t rows, int64_t cols);
 // C (M, N) rows = bias (N), or 0 when bias is null.
 void fill_rows(float* C, int64_t M, int64_t N, int64_t ldc, const float* bias);
 // C (M, N) *= beta; beta == 0 writes 0 (NaN in C does not survive, as with a gemm's beta = 0).

@@ -42,6 +42,13 @@ __global__ void to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restri
     dst[i] = bf16_rne_ftz(src[i]);
 }
 
+__global__ void to_bf16_rows_kernel(uint16_t* __restrict__ dst, int64_t ld,
+                                    const float* __restrict__ src, int64_t rows, int64_t cols) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[(i / cols) * ld + i % cols] = bf16_rne_ftz(src[i]);
+}
+
 __global__ void fill_rows_kernel(float* __restrict__ C, int64_t M, int64_t N, int64_t ldc,
                                  const float* __restrict__ bias) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * N;
@@ -153,6 +160,13 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n) {
 }
 
 namespace detail {
+
+void to_bf16_rows(uint16_t* dst, int64_t ld, const float* src, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return;
+  to_bf16_rows_kernel<<<grid_for(rows * cols), kThreads, 0, cur_stream()>>>(dst, ld, src, rows,
+                                                                            cols);
+  LMF_CUDA(cudaGetLastError());
+}
 
 void fill_rows(float* C, int64_t M, int64_t N, int64_t ldc, const float* bias) {
   if (M <= 0 || N <= 0) return;
