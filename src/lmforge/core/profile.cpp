@@ -30,21 +30,18 @@ struct Table {
   std::map<std::pair<std::string, std::string>, int64_t> index;
   std::vector<Pending> pending;
 
-  // Reads the pending events into their rows (waits for the last of them). Holds mu.
-  void resolve() {
+  // Gives the pending events back, their times added to their rows first when read. Holds mu.
+  void drain(bool read) {
     for (const Pending& p : pending) {
-      rows[p.row].seconds += cuda::event_elapsed_ms(p.start, p.end) / 1e3;
+      if (read) rows[p.row].seconds += cuda::event_elapsed_ms(p.start, p.end) / 1e3;
       cuda::event_release(p.start);
       cuda::event_release(p.end);
     }
     pending.clear();
   }
+  void resolve() { drain(true); }  // waits for the last event
   void clear() {
-    for (const Pending& p : pending) {
-      cuda::event_release(p.start);
-      cuda::event_release(p.end);
-    }
-    pending.clear();
+    drain(false);
     rows.clear();
     index.clear();
   }
@@ -80,8 +77,9 @@ void Scope::begin(const char* op, const Tensor& t, double flops) {
   Table& tab = table();
   {
     std::lock_guard<std::mutex> lock(tab.mu);
-    auto [it, added] = tab.index.try_emplace({op, t.shape().str()}, tab.rows.size());
-    if (added) tab.rows.push_back(Row{op, t.shape().str(), gpu_, 0, 0, 0});
+    std::string shape = t.shape().str();
+    auto [it, added] = tab.index.try_emplace({op, shape}, tab.rows.size());
+    if (added) tab.rows.push_back(Row{op, std::move(shape), gpu_, 0, 0, 0});
     row_ = it->second;
     tab.rows[row_].calls += 1;
     tab.rows[row_].flops += flops;

@@ -478,6 +478,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     profile::enable(false);
     progress.message(table.substr(0, table.size() - 1));
     write_file_atomic((std::filesystem::path(run_dir) / "profile.txt").string(), table);
+    profiled = 0;
   };
 
   for (int64_t step = st.step; step < t.steps; ++step) {
@@ -504,7 +505,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (profiling) {
       profile::enable(false, /*keep=*/true);  // evaluation and checkpoints are not steps
       profiled_s += dt;
-      if (++profiled == t.profile_steps || st.step == t.steps) report_profile();
+      if (++profiled == t.profile_steps) report_profile();
     }
     double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     double tps = tokens_per_step / dt;
@@ -567,6 +568,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
       checkpoint();
   }
+  if (profiled > 0) report_profile();  // the run ended (or stopped early) before N steps
   progress.finish();
   fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
              model.activation_bytes() / 1048576.0);
