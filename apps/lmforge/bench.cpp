@@ -158,7 +158,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
-    std::string precision = "fp32", recompute = "none", device = "cpu";
+    std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -170,6 +170,9 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "Timed steps (after one warm-up step)")
       ->capture_default_str();
   cmd->add_option("--precision", o->precision, "fp32 | bf16")->capture_default_str();
+  cmd->add_option("--master-weights", o->master_weights,
+                  "fp32 | bf16 (with --precision bf16; as train.master_weights)")
+      ->capture_default_str();
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
@@ -181,6 +184,8 @@ void add_bench(CLI::App& app) {
   cmd->callback([o] {
     if (o->precision != "fp32" && o->precision != "bf16")
       fail("--precision: expected fp32 or bf16, got \"{}\"", o->precision);
+    if (o->master_weights != "fp32" && !(o->master_weights == "bf16" && o->precision == "bf16"))
+      fail("--master-weights: fp32, or bf16 with --precision bf16; got \"{}\"", o->master_weights);
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
       fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
     ModelConfig mc = model_preset(o->model);
@@ -189,6 +194,7 @@ void add_bench(CLI::App& app) {
     model.to(resolve_device(o->device));
     const bool gpu = model.device() == Device::kCUDA;
     if (o->precision == "bf16") model.enable_bf16();
+    if (o->master_weights == "bf16") model.use_bf16_master();
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -231,8 +237,11 @@ void add_bench(CLI::App& app) {
     double tps = static_cast<double>(o->batch * o->seq * o->steps) / total;
     rusage u{};
     getrusage(RUSAGE_SELF, &u);
-    fmt::print("activations ({}): {:.0f} MiB planned; peak resident {:.0f} MiB\n", o->recompute,
-               model.activation_bytes() / 1048576.0, u.ru_maxrss / 1024.0);
+    fmt::print(
+        "activations ({}): {:.0f} MiB planned; weights {:.0f} MiB ({} master weights); peak "
+        "resident {:.0f} MiB\n",
+        o->recompute, model.activation_bytes() / 1048576.0,
+        model.params().weight_bytes() / 1048576.0, o->master_weights, u.ru_maxrss / 1024.0);
     fmt::print("LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
                model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
                model.full_logits_bytes() / 1048576.0);

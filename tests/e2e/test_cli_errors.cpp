@@ -54,6 +54,15 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"model.n_embd", "n_head=3"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.precision=fp8", dir),
                         {"train.precision"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.master_weights=bf16", dir),
+                        {"train.master_weights", "train.precision: bf16"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.precision=bf16 --set train.master_weights=bf16 "
+                  "--set dist.strategy=zero1",
+                  dir),
+      {"train.master_weights", "dist.strategy: zero1"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.master_weights=fp16", dir),
+                        {"train.master_weights", "fp16"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=tpu", dir),
                         {"train.device", "tpu"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=nccl", dir),

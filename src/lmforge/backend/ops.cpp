@@ -13,6 +13,7 @@
 #include "lmforge/backend/cuda/matmul.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/profile.h"
+#include "lmforge/core/stochastic_round.h"
 
 // The CUDA twin of an op (fp32 only): a lambda in a build with the CUDA backend, nothing
 // otherwise (the cuda:: functions are then declared but never referenced).
@@ -178,12 +179,29 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
             tokens.shape().str());
   LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_,
             wpe.size(0));
+  LMF_CHECK(!wpe.raw() || wpe.dtype() == wte.dtype(), "embedding: wte {} but wpe {}",
+            dtype_name(wte.dtype()), dtype_name(wpe.dtype()));
+  if (wte.dtype() == DType::kBF16) {  // bf16 master weights: the tables widened on the way
+    const uint16_t* e = wte.bf16_data();
+    const uint16_t* p = wpe.raw() ? wpe.bf16_data() : nullptr;
+    dispatch(
+        "embedding_forward", out,
+        [&](auto tag) {
+          if constexpr (std::is_same_v<decltype(tag), float>)
+            cpu::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V);
+          else
+            LMF_CHECK(false, "embedding_forward: a bf16 table gives fp32 rows");
+        },
+        LMF_GPU(
+            cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V)));
+    return;
+  }
   dispatch(
       "embedding_forward", out,
       [&](auto tag) {
         using T = decltype(tag);
-        cpu::embedding_forward<T>(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe),
-                                  B, T_, C, V);
+        cpu::embedding_forward(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
+                               T_, C, V);
       },
       LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), cptr<float>(wte),
                                       cptr<float>(wpe), B, T_, C, V)));
@@ -504,6 +522,21 @@ void to_bf16(const Tensor& dst, const Tensor& src) {
       LMF_GPU(cuda::to_bf16(dst.bf16_data(), src.data<float>(), src.numel())));
 }
 
+void from_bf16(const Tensor& dst, const Tensor& src) {
+  same_numel("from_bf16", dst, src);
+  LMF_CHECK(dst.device() == src.device() && src.dtype() == DType::kBF16,
+            "from_bf16: a bf16 tensor into an fp32 one on the same device");
+  dispatch(
+      "from_bf16", dst,
+      [&](auto tag) {
+        if constexpr (std::is_same_v<decltype(tag), float>)
+          cpu::from_bf16(dst.data<float>(), src.bf16_data(), src.numel());
+        else
+          LMF_CHECK(false, "from_bf16 writes fp32, got {}", dtype_name(dst.dtype()));
+      },
+      LMF_GPU(cuda::from_bf16(dst.data<float>(), src.bf16_data(), src.numel())));
+}
+
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   same_numel("add", a, b);
   same_numel("add", out, a);
@@ -551,12 +584,36 @@ double sum_squares(const Tensor& x) {
 
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16, double grad_scale) {
+                  int64_t step, const Tensor& param_bf16, double grad_scale, uint64_t sr_seed,
+                  int64_t sr_index) {
   same_numel("adamw_update", param, grad);
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
   for (const Tensor* t : {&grad, &m, &v, &param_bf16})
     LMF_CHECK(!t->defined() || t->device() == param.device(),
               "adamw_update: the parameter and its gradient, moments and bf16 copy on one device");
+  if (param.dtype() == DType::kBF16) {  // bf16 master weights, rounded stochastically
+    LMF_CHECK(!param_bf16.defined(), "adamw_update: a bf16 parameter is its own bf16 copy");
+    uint16_t* p = param.bf16_data();
+    const float* g = grad.data<float>();
+    float *mp = m.data<float>(), *vp = v.data<float>();
+    // The hash takes the low 32 bits of the flat index and the key its high word, so a range is
+    // cut where the low word would wrap.
+    auto pieces = [&](auto&& kernel) {
+      for (int64_t done = 0, n = param.numel(); done < n;) {
+        const uint64_t index = static_cast<uint64_t>(sr_index + done);
+        const int64_t len = std::min<int64_t>(
+            n - done, (int64_t{1} << 32) - static_cast<int64_t>(index & 0xffffffffu));
+        kernel(p + done, g + done, mp + done, vp + done, len, lr, beta1, beta2, eps, weight_decay,
+               step, grad_scale, sr_key(sr_seed, step, static_cast<uint32_t>(index >> 32)),
+               static_cast<uint32_t>(index));
+        done += len;
+      }
+    };
+    dispatch(
+        "adamw_update", grad, [&](auto) { pieces(cpu::adamw_update_sr); },
+        LMF_GPU(pieces(cuda::adamw_update_sr)));
+    return;
+  }
   uint16_t* p16 = param_bf16.defined() ? param_bf16.bf16_data() : nullptr;
   dispatch(
       "adamw_update", param,

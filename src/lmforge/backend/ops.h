@@ -21,7 +21,8 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, 
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight);
 
-// out (B, T, C) = wte[tokens] + wpe[t]; tokens (B, T) int32; wpe may be absent.
+// out (B, T, C) = wte[tokens] + wpe[t]; tokens (B, T) int32; wpe may be absent. The tables may
+// be bf16 (bf16 master weights; both alike), widened exactly into fp32 rows.
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
                        const Tensor& wpe);
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
@@ -70,6 +71,8 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
 
 // dst (bf16) = src (fp32) rounded to nearest even (the bf16 copies of the matmul weights).
 void to_bf16(const Tensor& dst, const Tensor& src);
+// dst (fp32) = src (bf16), exact (fp32 working copies of bf16 master weights).
+void from_bf16(const Tensor& dst, const Tensor& src);
 
 void gelu_forward(const Tensor& out, const Tensor& inp);
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
@@ -100,9 +103,13 @@ void scale(const Tensor& x, double s);
 double sum_squares(const Tensor& x);
 
 // grad_scale multiplies the gradient as it is read (clipping); param_bf16 receives bf16(param).
+// A bf16 param is a bf16 master weight: updated in fp32 and written back rounded stochastically
+// with bits hashed from (sr_seed, step, sr_index + i), sr_index being the flat index of its first
+// element (core/stochastic_round.h), so every backend and every resume rounds alike.
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16 = Tensor(), double grad_scale = 1.0);
+                  int64_t step, const Tensor& param_bf16 = Tensor(), double grad_scale = 1.0,
+                  uint64_t sr_seed = 0, int64_t sr_index = 0);
 
 }  // namespace lmforge::ops
 

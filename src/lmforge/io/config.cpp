@@ -85,6 +85,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.inject_fault", &c.train.inject_fault,
        "testing aid: nan@STEP,spike@STEP poisons those steps"},
       {"train.precision", &c.train.precision, "fp32 | bf16 (bf16 matmuls, fp32 master weights)"},
+      {"train.master_weights", &c.train.master_weights,
+       "fp32 | bf16 (bf16 precision only: bf16 weights updated with stochastic rounding)"},
       {"train.device", &c.train.device, "cpu | cuda | auto"},
       {"train.seed", &c.train.seed, "weights, batches and sampling"},
       {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},

@@ -55,7 +55,8 @@ struct TrainConfig {
   int64_t max_skips = 10;          // consecutive skipped steps before the run stops
   std::string inject_fault;        // testing aid: "nan@STEP,spike@STEP" (1-based steps)
   std::string precision = "fp32";  // fp32 | bf16 (bf16 matmuls, fp32 master weights)
-  std::string device = "cpu";      // cpu | cuda | auto
+  std::string master_weights = "fp32";  // fp32 | bf16 (stochastic rounding; with bf16 precision)
+  std::string device = "cpu";           // cpu | cuda | auto
   uint64_t seed = 1337;
   int64_t eval_every = 100;  // 0 = never
   int64_t eval_batches = 10;

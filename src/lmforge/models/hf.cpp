@@ -539,6 +539,7 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
     const int64_t rows = p.value.size(0), cols = p.value.numel() / rows;
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
       Tensor src = p.value.slice(piece.row0, piece.rows), t;
+      if (src.dtype() != DType::kF32) src = src.to(DType::kF32);  // bf16 master weights
       if (piece.transpose) {
         t = Tensor::empty({cols, piece.rows}, DType::kF32);
         const float* s = src.data<float>();

@@ -105,7 +105,7 @@ void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) cons
   norm1.forward(a.n1_out, a.n1, x);
   if (cfg.qk_norm) {
     qkv.forward(a.qkv_raw, a.n1_out);
-    ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->value, k_norm->value, NH,
+    ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
                          NKV, cfg.norm_eps);
   } else {
     qkv.forward(a.qkv, a.n1_out);
@@ -148,8 +148,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   s.dnorm.zero_();
   if (cfg.qk_norm) {
     s.dqkv_raw.zero_();
-    ops::qk_norm_backward(s.dqkv_raw, q_norm->grad, k_norm->grad, s.dqkv, a.qkv_raw, q_norm->value,
-                          k_norm->value, a.rstd_q, a.rstd_k, NH, NKV);
+    ops::qk_norm_backward(s.dqkv_raw, q_norm->grad, k_norm->grad, s.dqkv, a.qkv_raw, q_norm->fp32(),
+                          k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
     qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out);
   } else {
     qkv.backward(s.dnorm, s.dqkv, a.n1_out);

@@ -48,7 +48,7 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
     if (cfg_.qk_norm) {
       Tensor raw = qkv.clone();
       Tensor rq = Tensor::empty({n * NH}, DType::kF32), rk = Tensor::empty({n * NKV}, DType::kF32);
-      ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->value, b.k_norm->value, NH, NKV,
+      ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->fp32(), b.k_norm->fp32(), NH, NKV,
                            cfg_.norm_eps);
     }
     if (rope_.cos.defined()) ops::rope_forward(qkv, rope_.cos, rope_.sin, NH, NKV, pos0);

@@ -19,7 +19,7 @@ struct Linear {
     bias = has_bias ? ps.add(name + ".bias", {out}, false) : nullptr;
   }
   void forward(const Tensor& out, const Tensor& inp) const {
-    ops::linear_forward(out, inp, weight->matmul_weight(), bias ? bias->value : Tensor());
+    ops::linear_forward(out, inp, weight->matmul_weight(), bias ? bias->fp32() : Tensor());
   }
   // dinp, weight.grad and bias.grad +=
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) const {

@@ -32,17 +32,17 @@ struct Norm {
   }
   void forward(const Tensor& out, const Saved& s, const Tensor& inp) const {
     if (rms)
-      ops::rmsnorm_forward(out, s.rstd, inp, weight->value, eps);
+      ops::rmsnorm_forward(out, s.rstd, inp, weight->fp32(), eps);
     else
-      ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->value, bias ? bias->value : Tensor(),
-                             eps);
+      ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->fp32(),
+                             bias ? bias->fp32() : Tensor(), eps);
   }
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Saved& s) const {
     if (rms)
-      ops::rmsnorm_backward(dinp, weight->grad, dout, inp, weight->value, s.rstd);
+      ops::rmsnorm_backward(dinp, weight->grad, dout, inp, weight->fp32(), s.rstd);
     else
       ops::layernorm_backward(dinp, weight->grad, bias ? bias->grad : Tensor(), dout, inp,
-                              weight->value, s.mean, s.rstd);
+                              weight->fp32(), s.mean, s.rstd);
   }
 };
 

@@ -6,7 +6,7 @@ namespace lmforge {
 
 Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
   LMF_CHECK(find(name) == nullptr, "duplicate parameter {}", name);
-  params_.push_back(Param{name, shape, decay, {}, {}, false, {}, 0});
+  params_.push_back(Param{name, shape, decay, {}, {}, false, {}, 0, {}});
   return &params_.back();
 }
 
@@ -44,7 +44,7 @@ void ParamSet::to(Device device) {
     allocate_grads();
     flat_grads().copy_from(grads);
   }
-  if (bf16) {
+  if (bf16 && !master_bf16_) {  // (bf16 masters are their own copies: allocate_values)
     bf16_ = Arena();
     for (Param& p : params_) p.value_bf16 = Tensor();
     if (values.defined()) enable_bf16();
@@ -57,16 +57,67 @@ void ParamSet::release_grads() {
 }
 
 void ParamSet::allocate_values() {
-  values_ = Arena::planned(
+  if (!master_bf16_) {
+    values_ = Arena::planned(
+        [&](Arena& a) {
+          for (Param& p : params_) p.value = a.alloc(p.shape, dtype_);
+        },
+        device_);
+    return;
+  }
+  // bf16 masters keep the flat index space of the fp32 gradients (the same element offsets),
+  // so the values are views into one flat bf16 tensor rather than separately aligned pieces.
+  values_ =
+      Arena((static_cast<size_t>(flat_size_) * dtype_size(DType::kBF16) + 63) / 64 * 64, device_);
+  const Tensor flat = values_.alloc({flat_size_}, DType::kBF16);
+  for (Param& p : params_) {
+    p.value = flat.slice(p.flat_offset, p.shape.numel()).view(p.shape);
+    if (p.matmul) p.value_bf16 = p.value;
+  }
+  work_ = Arena::planned(
       [&](Arena& a) {
-        for (Param& p : params_) p.value = a.alloc(p.shape, dtype_);
+        for (Param& p : params_)
+          if (p.shape.ndim() == 1) p.value_f32 = a.alloc(p.shape, DType::kF32);
       },
       device_);
+  bf16_fresh_ = false;
+}
+
+Tensor ParamSet::flat_values() const {
+  if (!master_bf16_) return values_.as_tensor(dtype_);
+  return values_.as_tensor(DType::kBF16).slice(0, flat_size_);
+}
+
+void ParamSet::assign_values(const Tensor& src) {
+  LMF_CHECK(src.dtype() == DType::kF32 && src.numel() == flat_size_,
+            "assign_values: {} fp32 values expected", flat_size_);
+  Tensor dst = flat_values();
+  if (master_bf16_) {
+    Tensor host = src.device() == Device::kCPU ? src : src.to(Device::kCPU);
+    Tensor rounded = Tensor::empty({flat_size_}, DType::kBF16);
+    ops::to_bf16(rounded, host);
+    dst.copy_from(rounded);
+  } else {
+    dst.copy_from(src);
+  }
+  invalidate_bf16();
+}
+
+void ParamSet::use_bf16_master() {
+  LMF_CHECK(dtype_ == DType::kF32 && has_values() && !bf16_external_,
+            "use_bf16_master needs the set's own fp32 values");
+  if (master_bf16_) return;
+  const Tensor old = flat_values();  // keeps the fp32 buffer alive until converted
+  bf16_ = Arena();                   // the matmul weights become their own bf16 copies
+  for (Param& p : params_) p.value_bf16 = Tensor();
+  master_bf16_ = true;
+  allocate_values();
+  ops::to_bf16(flat_values(), old);
 }
 
 void ParamSet::enable_bf16() {
   LMF_CHECK(dtype_ == DType::kF32 && values_.capacity() > 0, "enable_bf16 needs fp32 parameters");
-  if (bf16_.capacity() > 0) return;
+  if (bf16_.capacity() > 0 || master_bf16_) return;
   bf16_external_ = false;
   bf16_ = Arena::planned(
       [&](Arena& a) {
@@ -78,20 +129,28 @@ void ParamSet::enable_bf16() {
 }
 
 void ParamSet::use_external_bf16() {
+  LMF_CHECK(!master_bf16_, "external bf16 copies with bf16 master weights");
   bf16_ = Arena();
   for (Param& p : params_) p.value_bf16 = Tensor();
   bf16_external_ = true;
 }
 
 void ParamSet::sync_bf16() {
-  if (bf16_.capacity() == 0 || bf16_fresh_) return;
-  for (Param& p : params_)
-    if (p.value_bf16.defined()) ops::to_bf16(p.value_bf16, p.value);
+  if (bf16_fresh_) return;
+  if (master_bf16_) {
+    for (Param& p : params_)
+      if (p.value_f32.defined()) ops::from_bf16(p.value_f32, p.value);
+  } else if (bf16_.capacity() > 0) {
+    for (Param& p : params_)
+      if (p.value_bf16.defined()) ops::to_bf16(p.value_bf16, p.value);
+  } else {
+    return;
+  }
   bf16_fresh_ = true;
 }
 
 void ParamSet::release_values() {
-  LMF_CHECK(bf16_.capacity() == 0, "release_values with bf16 copies");
+  LMF_CHECK(bf16_.capacity() == 0 && !master_bf16_, "release_values with bf16 copies");
   for (Param& p : params_) p.value = Tensor();
   values_ = Arena();
 }

@@ -18,14 +18,17 @@ namespace lmforge {
 struct Param {
   std::string name;
   Shape shape;
-  bool decay = true;  // AdamW weight decay applies (off for norms, biases, embeddings)
-  Tensor value;
-  Tensor grad;
+  bool decay = true;        // AdamW weight decay applies (off for norms, biases, embeddings)
+  Tensor value;             // the master weights: fp32, or bf16 under ParamSet::use_bf16_master
+  Tensor grad;              // fp32
   bool matmul = false;      // used as a matmul weight (gets a bf16 copy under bf16 precision)
   Tensor value_bf16;        // bf16(value) for the matmuls when enabled; see ParamSet
   int64_t flat_offset = 0;  // first element in ParamSet's flat space (ParamSet::offset)
+  Tensor value_f32;         // bf16 master weights: the fp32 working copy of a 1-D parameter
   // The matmul operand: the bf16 copy under bf16 precision, else the fp32 value.
   const Tensor& matmul_weight() const { return value_bf16.defined() ? value_bf16 : value; }
+  // The operand of the fp32 ops (norm weights, biases): the value, or its fp32 working copy.
+  const Tensor& fp32() const { return value_f32.defined() ? value_f32 : value; }
 };
 
 class ParamSet {
@@ -57,8 +60,14 @@ class ParamSet {
   // the gradient buffer and leaves every Param::grad undefined.
   void release_grads();
   bool has_values() const { return values_.capacity() > 0; }
-  Tensor flat_values() const { return values_.as_tensor(dtype_); }
+  // The values in the flat index space (bf16 under bf16 master weights).
+  Tensor flat_values() const;
+  // Sets every value from src, fp32 of flat_size() elements on any device (converted to the
+  // master dtype, rounding to nearest even).
+  void assign_values(const Tensor& src);
   size_t value_bytes() const { return values_.capacity(); }
+  // Everything the weights take: the values, bf16 copies and fp32 working copies.
+  size_t weight_bytes() const { return values_.capacity() + bf16_.capacity() + work_.capacity(); }
   size_t grad_bytes() const { return grads_.capacity(); }
 
   // bf16 mixed precision: matmul parameters get a bf16 copy (value_bf16) that the matmuls read.
@@ -71,16 +80,26 @@ class ParamSet {
   // when a group is gathered; sync_bf16() then does nothing. enable_bf16() goes back to copies
   // of this set's own.
   void use_external_bf16();
-  bool has_bf16() const { return bf16_.capacity() > 0 || bf16_external_; }
+  bool has_bf16() const { return bf16_.capacity() > 0 || bf16_external_ || master_bf16_; }
+
+  // bf16 master weights (train.master_weights: bf16): the values themselves become bf16 (rounded
+  // to nearest even once, here), half the memory of fp32 ones and no separate bf16 copies: a
+  // matmul weight's value_bf16 is its value. AdamW updates them in fp32 and rounds stochastically
+  // (ops::adamw_update). The 1-D parameters (norm weights, biases) get fp32 working copies
+  // (value_f32, read through Param::fp32()) that sync_bf16() refreshes; the embedding tables are
+  // read as bf16 by ops::embedding_forward. Gradients stay fp32. After enable_bf16; not with
+  // full-shard's external copies.
+  void use_bf16_master();
+  bool bf16_master() const { return master_bf16_; }
   void invalidate_bf16() { bf16_fresh_ = false; }
   void bf16_refreshed() { bf16_fresh_ = true; }
   void sync_bf16();
 
  private:
   std::deque<Param> params_;  // deque: Param* handles stay valid while adding
-  Arena values_, grads_, bf16_;
+  Arena values_, grads_, bf16_, work_;
   int64_t flat_size_ = 0;
-  bool bf16_fresh_ = false, bf16_external_ = false;
+  bool bf16_fresh_ = false, bf16_external_ = false, master_bf16_ = false;
   DType dtype_ = DType::kF32;
   Device device_ = Device::kCPU;
   void allocate_grads();

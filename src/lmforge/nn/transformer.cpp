@@ -65,10 +65,10 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
 
 void Transformer::init_weights(uint64_t seed) {
   params_.invalidate_bf16();
-  if (device() != Device::kCPU) {  // made on the host, copied in one piece
+  if (device() != Device::kCPU || params_.bf16_master()) {  // made on the host, then copied in
     Tensor host = Tensor::empty({params_.flat_size()}, DType::kF32);
     init_weights_range(seed, 0, params_.flat_size(), host.data<float>());
-    params_.flat_values().copy_from(host);
+    params_.assign_values(host);
     return;
   }
   for_init_values(seed, [](const Param& p, int64_t i, float v) {

@@ -59,6 +59,9 @@ class Transformer {
   // and every other op stay fp32. Call before training; the copies follow the weights.
   void enable_bf16() { params_.enable_bf16(); }
   bool bf16() const { return params_.has_bf16(); }
+  // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
+  // stochastic rounding (ParamSet::use_bf16_master).
+  void use_bf16_master() { params_.use_bf16_master(); }
 
   // Where parameters and activations live (train.device). to() moves the parameters (set-up
   // code) and drops the activation plan: plan() again after it. A CUDA model trains and evaluates

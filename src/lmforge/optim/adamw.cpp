@@ -32,20 +32,27 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
 
 void AdamW::step(double lr, double grad_scale) {
   ++t_;
-  bool refreshed = true;
+  bool refreshed = true, masters = false;
   for (size_t i = 0; i < slots_.size(); ++i) {
     const OptSlot& s = slots_[i];
+    // bf16 master weights are their own bf16 copies, rounded stochastically by the update; their
+    // fp32 working copies (1-D parameters) are refreshed before the next forward.
+    const bool master16 = s.value.dtype() == DType::kBF16;
+    masters = masters || master16;
     // A whole parameter's bf16 copy may be enabled after the optimizer was made; it is written
     // here only where it lives beside the slot (not from dist.offload's host copy of a GPU
     // model: those copies are reconverted on use).
-    const Tensor& bf16 = s.whole() ? s.param->value_bf16 : s.value_bf16;
+    const Tensor& bf16 = master16 ? Tensor() : s.whole() ? s.param->value_bf16 : s.value_bf16;
     const bool beside = bf16.defined() && bf16.device() == s.value.device();
     refreshed = refreshed && (beside || !bf16.defined());
     ops::adamw_update(s.value, s.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
                       s.param->decay ? opt_.weight_decay : 0.0, t_, beside ? bf16 : Tensor(),
-                      grad_scale);
+                      grad_scale, opt_.seed, params_.offset(*s.param) + s.begin);
   }
-  if (params_.has_bf16() && refreshed) params_.bf16_refreshed();
+  if (masters)
+    params_.invalidate_bf16();
+  else if (params_.has_bf16() && refreshed)
+    params_.bf16_refreshed();
 }
 
 }  // namespace lmforge

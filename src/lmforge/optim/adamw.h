@@ -21,6 +21,8 @@ struct AdamWOptions {
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.1;
+  uint64_t seed =
+      0;  // bf16 master weights: the stochastic rounding's seed (core/stochastic_round.h)
 };
 
 // Elements [begin, begin + len) of *param (flattened); value, grad and value_bf16 (optional)

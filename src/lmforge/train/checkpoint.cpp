@@ -210,13 +210,19 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
 void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
                int64_t lo, const Tensor& out) {
   if (out.device() != Device::kCPU) {  // a GPU buffer: filled on the host, copied in one piece
-    Tensor host = Tensor::empty(out.shape(), DType::kF32);
+    Tensor host = Tensor::empty(out.shape(), out.dtype());
     fill_flat(files, prefix, ps, lo, host);
     out.copy_from(host);
     return;
   }
+  // Values are fp32, or bf16 under bf16 master weights; a checkpoint of the other kind converts
+  // (bf16 to fp32 exactly, fp32 to bf16 rounding to nearest even), so a run may change
+  // train.master_weights on resume.
+  LMF_CHECK(out.dtype() == DType::kF32 || out.dtype() == DType::kBF16, "fill_flat into {}",
+            dtype_name(out.dtype()));
+  const size_t esize = dtype_size(out.dtype());
   const int64_t hi = lo + out.numel();
-  float* dst = out.data<float>();
+  char* dst = static_cast<char*>(out.raw());
   for (const Param& p : ps.params()) {
     const int64_t off = ps.offset(p), numel = p.shape.numel();
     const int64_t want = std::max<int64_t>(0, std::min(hi, off + numel) - std::max(lo, off));
@@ -225,7 +231,14 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
     int64_t got = 0;
     for (const Safetensors& f : files) {
       if (!f.has(name)) continue;
-      Tensor t = f.get(name);
+      const std::string& stored = f.info(name).dtype;
+      if (stored != "F32" && stored != "BF16")
+        fail(
+            "{}: tensor {} is {} but the model needs f32 or bf16; the checkpoint is from another "
+            "architecture",
+            f.path(), name, stored);
+      const bool same = stored == (out.dtype() == DType::kF32 ? "F32" : "BF16");
+      Tensor t = same ? f.get(name) : f.load(name, out.dtype());  // a view, or converted
       auto b = f.metadata().find("begin." + name);
       int64_t begin = 0;
       if (b != f.metadata().end()) {
@@ -235,16 +248,17 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
           fail("{}: metadata begin.{} is \"{}\", not an element offset; the checkpoint is corrupt",
                f.path(), name, b->second);
       }
-      if (t.dtype() != DType::kF32 || (b == f.metadata().end() && !(t.shape() == p.shape)) ||
-          begin < 0 || begin + t.numel() > numel)
+      if ((b == f.metadata().end() && !(t.shape() == p.shape)) || begin < 0 ||
+          begin + t.numel() > numel)
         fail(
-            "{}: tensor {} is {} {} but the model needs {} f32; the checkpoint is from another "
+            "{}: tensor {} is {} {} but the model needs {}; the checkpoint is from another "
             "architecture",
-            f.path(), name, t.shape().str(), dtype_name(t.dtype()), p.shape.str());
+            f.path(), name, t.shape().str(), stored, p.shape.str());
       const int64_t a = std::max(lo, off + begin), z = std::min(hi, off + begin + t.numel());
       if (a >= z) continue;
-      std::memcpy(dst + (a - lo), t.data<float>() + (a - off - begin),
-                  static_cast<size_t>(z - a) * sizeof(float));
+      std::memcpy(dst + (a - lo) * esize,
+                  static_cast<const char*>(t.raw()) + (a - off - begin) * esize,
+                  static_cast<size_t>(z - a) * esize);
       got += z - a;
     }
     if (got != want)

@@ -85,6 +85,19 @@ void validate_train_config(const Config& cfg) {
   if (!(t.lr > 0)) fail("train.lr: must be positive, got {}", t.lr);
   if (t.precision != "fp32" && t.precision != "bf16")
     fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
+  if (t.master_weights != "fp32" && t.master_weights != "bf16")
+    fail("train.master_weights: expected fp32 or bf16, got \"{}\"", t.master_weights);
+  if (t.master_weights == "bf16") {
+    if (t.precision != "bf16")
+      fail(
+          "train.master_weights: bf16 needs train.precision: bf16 (bf16 weights feed bf16 "
+          "matmuls); set both, or keep master_weights: fp32");
+    if (dist::parse_strategy(cfg.dist.strategy) != dist::Strategy::kNoShard || cfg.dist.offload)
+      fail(
+          "train.master_weights: bf16 works with dist.strategy: no-shard and without "
+          "dist.offload for now; use fp32 master weights with {}",
+          cfg.dist.offload ? "dist.offload" : "dist.strategy: " + cfg.dist.strategy);
+  }
   resolve_device(t.device);
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
@@ -313,6 +326,7 @@ RunSetup setup_run(Config& cfg) {
   model.to(resolve_device(t.device));
   if (t.precision == "bf16") {
     model.enable_bf16();
+    if (t.master_weights == "bf16") model.use_bf16_master();
     if (model.device() == Device::kCPU && !cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
       fmt::print(
           "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
@@ -345,8 +359,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
-  dist::DataParallel dp(comm, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
-                        deferred_seed);
+  dist::DataParallel dp(comm, model, cfg.dist,
+                        {t.beta1, t.beta2, t.eps, t.weight_decay, /*seed=*/t.seed}, deferred_seed);
   AdamW& opt = dp.optimizer();
   Schedule sched = make_schedule(t);  // validated before anything is written
 
@@ -615,7 +629,7 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   const TrainConfig& t = cfg.train;
   Transformer& model = *setup.model;
   dist::LocalCommunicator one;
-  dist::DataParallel dp(one, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay},
+  dist::DataParallel dp(one, model, cfg.dist, {t.beta1, t.beta2, t.eps, t.weight_decay, t.seed},
                         setup.init ? std::nullopt : std::optional<uint64_t>(t.seed));
   std::vector<Batch> micro(t.grad_accum);
   for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);

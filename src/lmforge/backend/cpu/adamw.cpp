@@ -2,20 +2,25 @@
 
 #include <cmath>
 
+#include "lmforge/backend/adamw_scalars.h"
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/dtype.h"
+#include "lmforge/core/stochastic_round.h"
+
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands
+// (_mm512_undefined_*) as maybe-uninitialized once the kernels are inlined into the OpenMP
+// regions: off for this file.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace lmforge::cpu {
 
 namespace {
 
 // Same operation order and fp32 rounding points as torch.optim.AdamW (foreach=False); torch
-// computes the scalars in Python double and casts them to fp32 at the kernel.
-struct AdamScalars {
-  float step_size, decay, w1, w2, b2, bc2_sqrt, eps, gscale;
-};
-
+// computes the scalars in Python double and casts them to fp32 at the kernel (adam_scalars).
 inline float adam_one(float& p, float g, float& m, float& v, const AdamScalars& s) {
   g *= s.gscale;  // clipping; exact when 1
   float pi = p * s.decay;
@@ -62,26 +67,78 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx51
   adamw_portable(p + i, g + i, m + i, v + i, p16 ? p16 + i : nullptr, n - i, s);
 }
 
+// bf16 master weights: the same update on bf16(p) widened exactly, written back stochastically
+// rounded with the bits of element index0 + i (core/stochastic_round.h).
+void adamw_sr_portable(uint16_t* p, const float* g, float* m, float* v, int64_t n,
+                       const AdamScalars& s, uint32_t key, uint32_t index0) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = bf16_to_fp32(p[i]);
+    adam_one(pi, g[i], m[i], v[i], s);
+    p[i] = bf16_round_stochastic(pi, sr_bits(key, index0 + static_cast<uint32_t>(i)));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i hash32_avx512(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void adamw_sr_avx512(
+    uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamScalars& s, uint32_t key,
+    uint32_t index0) {
+  const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1),
+               w2 = _mm512_set1_ps(s.w2), b2 = _mm512_set1_ps(s.b2),
+               bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps),
+               lr = _mm512_set1_ps(s.step_size), gscale = _mm512_set1_ps(s.gscale);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vkey = _mm512_set1_epi32(static_cast<int>(key)),
+                golden = _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)),
+                low16 = _mm512_set1_epi32(0xffff), abs_mask = _mm512_set1_epi32(0x7fffffff),
+                exp_mask = _mm512_set1_epi32(0x7f800000), quiet = _mm512_set1_epi32(0x40 << 16);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    __m512 pi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), gscale), mi = _mm512_loadu_ps(m + i),
+           vi = _mm512_loadu_ps(v + i);
+    pi = _mm512_mul_ps(pi, decay);
+    mi = _mm512_add_ps(mi, _mm512_mul_ps(w1, _mm512_sub_ps(gi, mi)));
+    vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(w2, gi), gi));
+    __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
+    pi = _mm512_sub_ps(pi, _mm512_mul_ps(lr, _mm512_div_ps(mi, denom)));
+    _mm512_storeu_ps(m + i, mi);
+    _mm512_storeu_ps(v + i, vi);
+    // bf16_round_stochastic, lanewise: finite values get the random offset, NaN its quiet bit,
+    // inf nothing.
+    const __m512i idx = _mm512_add_epi32(
+        _mm512_set1_epi32(static_cast<int>(index0 + static_cast<uint32_t>(i))), lanes);
+    const __m512i bits = hash32_avx512(_mm512_xor_si512(_mm512_mullo_epi32(idx, golden), vkey));
+    const __m512i u = _mm512_castps_si512(pi);
+    const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, exp_mask), exp_mask);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), exp_mask);
+    __m512i r = _mm512_mask_add_epi32(u, finite, u, _mm512_and_si512(bits, low16));
+    r = _mm512_mask_or_epi32(r, nan, r, quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+  adamw_sr_portable(p + i, g + i, m + i, v + i, n - i, s, key, index0 + static_cast<uint32_t>(i));
+}
+
 }  // namespace
+
+constexpr int64_t kAdamChunk = 1 << 14;  // a multiple of 16: chunks stay vector-aligned
 
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int64_t step,
                   double grad_scale) {
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  AdamScalars s;
-  s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
-  s.step_size = static_cast<float>(lr / bc1);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.w1 = static_cast<float>(1.0 - beta1);
-  s.w2 = static_cast<float>(1.0 - beta2);
-  s.b2 = static_cast<float>(beta2);
-  s.eps = static_cast<float>(eps);
-  s.gscale = static_cast<float>(grad_scale);
+  const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   static const bool avx512 = cpu_features().avx512_bf16;  // implies AVX-512 F/BW/VL
-  constexpr int64_t kChunk = 1 << 14;  // a multiple of 16: chunks stay vector-aligned
-#pragma omp parallel for schedule(static) if (n > kChunk)
-  for (int64_t c = 0; c < n; c += kChunk) {
-    int64_t len = std::min(kChunk, n - c);
+#pragma omp parallel for schedule(static) if (n > kAdamChunk)
+  for (int64_t c = 0; c < n; c += kAdamChunk) {
+    int64_t len = std::min(kAdamChunk, n - c);
     uint16_t* q = p16 ? p16 + c : nullptr;
     if (avx512)
       adamw_avx512(p + c, g + c, m + c, v + c, q, len, s);
@@ -89,5 +146,23 @@ void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, i
       adamw_portable(p + c, g + c, m + c, v + c, q, len, s);
   }
 }
+
+void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                     double grad_scale, uint32_t key, uint32_t index0) {
+  const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  static const bool avx512 = has_avx512();
+#pragma omp parallel for schedule(static) if (n > kAdamChunk)
+  for (int64_t c = 0; c < n; c += kAdamChunk) {
+    const int64_t len = std::min(kAdamChunk, n - c);
+    const uint32_t i0 = index0 + static_cast<uint32_t>(c);
+    if (avx512)
+      adamw_sr_avx512(p + c, g + c, m + c, v + c, len, s, key, i0);
+    else
+      adamw_sr_portable(p + c, g + c, m + c, v + c, len, s, key, i0);
+  }
+}
+
+#pragma GCC diagnostic pop
 
 }  // namespace lmforge::cpu

@@ -142,6 +142,10 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n) {
   }
 }
 
+void from_bf16(float* dst, const uint16_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(src[i]);  // the compiler vectorizes it
+}
+
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                const uint16_t* B, int64_t ldb, const float* bias, bool accumulate, float* C,
                int64_t ldc) {

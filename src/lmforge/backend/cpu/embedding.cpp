@@ -1,20 +1,29 @@
 // Token (+ learned position) embedding, as GPT-2's encoder: out[b,t] = wte[tok[b,t]] + wpe[t].
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
 namespace lmforge::cpu {
 
+namespace {
 template <typename T>
-void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B,
+T widen(T x) {
+  return x;
+}
+float widen(uint16_t h) { return bf16_to_fp32(h); }
+}  // namespace
+
+template <typename T, typename W>
+void embedding_forward(T* out, const int32_t* tokens, const W* wte, const W* wpe, int64_t B,
                        int64_t T_, int64_t C, int64_t V) {
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T_; ++bt) {
     int32_t tok = tokens[bt];
     LMF_CHECK(tok >= 0 && tok < V, "token id {} outside vocabulary of {}", tok, V);
-    const T* e = wte + tok * C;
-    const T* p = wpe ? wpe + (bt % T_) * C : nullptr;
+    const W* e = wte + tok * C;
+    const W* p = wpe ? wpe + (bt % T_) * C : nullptr;
     T* o = out + bt * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = e[c] + (p ? p[c] : T(0));
+    for (int64_t c = 0; c < C; ++c) o[c] = widen(e[c]) + (p ? widen(p[c]) : T(0));
   }
 }
 
@@ -44,10 +53,12 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
   }
 }
 
-template void embedding_forward<float>(float*, const int32_t*, const float*, const float*, int64_t,
-                                       int64_t, int64_t, int64_t);
-template void embedding_forward<double>(double*, const int32_t*, const double*, const double*,
-                                        int64_t, int64_t, int64_t, int64_t);
+template void embedding_forward(float*, const int32_t*, const float*, const float*, int64_t,
+                                int64_t, int64_t, int64_t);
+template void embedding_forward(float*, const int32_t*, const uint16_t*, const uint16_t*, int64_t,
+                                int64_t, int64_t, int64_t);
+template void embedding_forward(double*, const int32_t*, const double*, const double*, int64_t,
+                                int64_t, int64_t, int64_t);
 template void embedding_backward<float>(float*, float*, const float*, const int32_t*, int64_t,
                                         int64_t, int64_t, int64_t);
 template void embedding_backward<double>(double*, double*, const double*, const int32_t*, int64_t,

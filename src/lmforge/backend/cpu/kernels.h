@@ -31,6 +31,8 @@ void bias_grad(T* dbias, const T* dout, int64_t N, int64_t OC);
 
 // bf16 mixed precision (cpu/bf16.cpp). dst = bf16(src), round to nearest even.
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
+// fp32 = bf16, exact.
+void from_bf16(float* dst, const uint16_t* src, int64_t n);
 // C (M, N) fp32 = op(A) op(B) [+ bias (N)] or C += op(A) op(B) (accumulate), A and B bf16 with
 // fp32 accumulation, through oneDNN's matmul (AMX / AVX512-BF16 brgemm chosen at run time).
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
@@ -44,8 +46,9 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
 
-template <typename T>
-void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B,
+// W is T, or uint16_t for bf16 tables (bf16 master weights), widened exactly.
+template <typename T, typename W>
+void embedding_forward(T* out, const int32_t* tokens, const W* wte, const W* wpe, int64_t B,
                        int64_t T_, int64_t C, int64_t V);
 template <typename T>
 void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B,
@@ -140,5 +143,12 @@ double sum_squares(const T* x, int64_t n);
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int64_t step,
                   double grad_scale = 1.0);
+// bf16 master weights (train.master_weights: bf16): the same update of p (bf16, widened exactly),
+// written back rounded stochastically with the bits sr_bits(key, index0 + i) of
+// core/stochastic_round.h; m and v as adamw_update. AVX-512 where present, bit-identical to the
+// scalar definition.
+void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                     double grad_scale, uint32_t key, uint32_t index0);
 
 }  // namespace lmforge::cpu

@@ -10,11 +10,25 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Embedding (GPT-2's encoder): out[b, t] = wte[tok[b, t]] + wpe[t].
 
+// K table values from fp32 or bf16 (bf16 master weights; widened exactly).
+template <int K>
+__device__ __forceinline__ Floats<K> load_table(const float* p) {
+  return load<K>(p);
+}
+template <int K>
+__device__ __forceinline__ Floats<K> load_table(const uint16_t* p) {
+  Floats<K> r;
+#pragma unroll
+  for (int k = 0; k < K; ++k) r.v[k] = __uint_as_float(static_cast<uint32_t>(p[k]) << 16);
+  return r;
+}
+
+template <typename W>
 struct EmbeddingForwardOp {
   float* out;
   const int32_t* tokens;
-  const float* wte;
-  const float* wpe;
+  const W* wte;
+  const W* wpe;
   int64_t T, C, V;
   template <int K>
   __device__ void apply(int64_t i) const {  // K divides C: one token per call
@@ -25,10 +39,10 @@ struct EmbeddingForwardOp {
 #pragma unroll
       for (int k = 0; k < K; ++k) o.v[k] = __int_as_float(0x7fc00000);  // NaN: see kernels.h
     } else {
-      o = load<K>(wte + static_cast<int64_t>(tok) * C + c);
+      o = load_table<K>(wte + static_cast<int64_t>(tok) * C + c);
       Floats<K> p;
       if (wpe) {
-        p = load<K>(wpe + (bt % T) * C + c);
+        p = load_table<K>(wpe + (bt % T) * C + c);
       } else {
 #pragma unroll
         for (int k = 0; k < K; ++k) p.v[k] = 0.0f;
@@ -146,8 +160,14 @@ __global__ void __launch_bounds__(kEmbChannels)
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
                        int64_t B, int64_t T, int64_t C, int64_t V) {
-  launch_map(EmbeddingForwardOp{out, tokens, wte, wpe, T, C, V}, B * T * C,
+  launch_map(EmbeddingForwardOp<float>{out, tokens, wte, wpe, T, C, V}, B * T * C,
              C % 4 == 0 && aligned16(out, wte, wpe));
+}
+
+void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
+                       int64_t B, int64_t T, int64_t C, int64_t V) {
+  launch_map(EmbeddingForwardOp<uint16_t>{out, tokens, wte, wpe, T, C, V}, B * T * C,
+             C % 4 == 0 && aligned16(out));
 }
 
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,

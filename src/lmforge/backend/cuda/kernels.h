@@ -37,6 +37,9 @@ namespace lmforge::cuda {
 // out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null.
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
                        int64_t B, int64_t T, int64_t C, int64_t V);
+// The same from bf16 tables (bf16 master weights), widened exactly.
+void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
+                       int64_t B, int64_t T, int64_t C, int64_t V);
 // dwte += scatter of dout by token (deterministic: each block owns a channel slice and a set of
 // vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b.
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
@@ -101,6 +104,10 @@ void sum(double* result, const float* x, int64_t n, bool accumulate = false);
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int64_t step,
                   double grad_scale = 1.0);
+// bf16 master weights: cpu::adamw_update_sr, bit-identical.
+void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                     double grad_scale, uint32_t key, uint32_t index0);
 
 // fp32 -> bf16 (to_bf16) is declared in matmul.h, beside the bf16 gemms that use it.
 

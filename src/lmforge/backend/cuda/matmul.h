@@ -38,6 +38,8 @@ void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC);
 // dst = bf16(src), round to nearest even with denormals flushed to zero: bit-identical to
 // cpu::to_bf16 (fp32_to_bf16_ftz), NaN stays NaN.
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
+// fp32 = bf16, exact.
+void from_bf16(float* dst, const uint16_t* src, int64_t n);
 
 // C (M, N) fp32 = op(A) op(B) [+ bias (N)], or C += op(A) op(B) when accumulate; A and B bf16,
 // fp32 accumulation. bias and accumulate are exclusive (as cpu::gemm_bf16).

@@ -1,5 +1,7 @@
 // Per-element kernels on the grid-stride map: rotary embedding, GELU, SwiGLU and AdamW.
+#include "lmforge/backend/adamw_scalars.h"
 #include "lmforge/backend/cuda/device.cuh"
+#include "lmforge/core/stochastic_round.h"
 
 namespace lmforge::cuda {
 
@@ -130,13 +132,24 @@ struct SwigluBackwardOp {
 // ---------------------------------------------------------------------------------------------
 // AdamW: cpu::adamw_update's operations in its order, each rounded to fp32 (no contraction).
 
+// One element: returns the new weight and updates m and v in place.
+__device__ __forceinline__ float adam_element(float p, float g, float& m, float& v,
+                                              const AdamScalars& s) {
+  const float gi = __fmul_rn(g, s.gscale);  // clipping; exact when 1
+  const float pi = __fmul_rn(p, s.decay);
+  m = __fadd_rn(m, __fmul_rn(s.w1, __fsub_rn(gi, m)));  // lerp
+  v = __fadd_rn(__fmul_rn(v, s.b2), __fmul_rn(__fmul_rn(s.w2, gi), gi));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+  return __fsub_rn(pi, __fmul_rn(s.step_size, __fdiv_rn(m, denom)));
+}
+
 struct AdamwOp {
   float* p;
   const float* g;
   float* m;
   float* v;
   uint16_t* p16;
-  float step_size, decay, w1, w2, b2, bc2_sqrt, eps, gscale;
+  AdamScalars s;
   template <int K>
   __device__ void apply(int64_t i) const {
     Floats<K> pv = load<K>(p + i), mv = load<K>(m + i), vv = load<K>(v + i);
@@ -144,21 +157,39 @@ struct AdamwOp {
     uint16_t h[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float gi = __fmul_rn(gv.v[k], gscale);  // clipping; exact when 1
-      float pi = __fmul_rn(pv.v[k], decay);
-      const float mi = __fadd_rn(mv.v[k], __fmul_rn(w1, __fsub_rn(gi, mv.v[k])));  // lerp
-      const float vi = __fadd_rn(__fmul_rn(vv.v[k], b2), __fmul_rn(__fmul_rn(w2, gi), gi));
-      const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-      pi = __fsub_rn(pi, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
-      pv.v[k] = pi;
-      mv.v[k] = mi;
-      vv.v[k] = vi;
-      h[k] = bf16_ftz(pi);
+      pv.v[k] = adam_element(pv.v[k], gv.v[k], mv.v[k], vv.v[k], s);
+      h[k] = bf16_ftz(pv.v[k]);
     }
     store<K>(p + i, pv);
     store<K>(m + i, mv);
     store<K>(v + i, vv);
     if (p16) store_bf16<K>(p16 + i, h);
+  }
+};
+
+// bf16 master weights: AdamwOp's update on bf16(p) widened exactly, written back stochastically
+// rounded (cpu::adamw_update_sr; core/stochastic_round.h).
+struct AdamwSrOp {
+  uint16_t* p;
+  const float* g;
+  float* m;
+  float* v;
+  AdamScalars s;
+  uint32_t key, index0;
+  template <int K>
+  __device__ void apply(int64_t i) const {
+    Floats<K> mv = load<K>(m + i), vv = load<K>(v + i);
+    const Floats<K> gv = load<K>(g + i);
+    uint16_t h[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float pi = adam_element(__uint_as_float(static_cast<uint32_t>(p[i + k]) << 16), gv.v[k],
+                                    mv.v[k], vv.v[k], s);
+      h[k] = bf16_round_stochastic(pi, sr_bits(key, index0 + static_cast<uint32_t>(i + k)));
+    }
+    store<K>(m + i, mv);
+    store<K>(v + i, vv);
+    store_bf16<K>(p + i, h);
   }
 };
 
@@ -193,23 +224,16 @@ void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int64_t step,
                   double grad_scale) {
-  // The scalars exactly as cpu::adamw_update computes them (double, then fp32).
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const AdamwOp op{p,
-                   g,
-                   m,
-                   v,
-                   p16,
-                   /*step_size=*/static_cast<float>(lr / bc1),
-                   /*decay=*/static_cast<float>(1.0 - lr * weight_decay),
-                   /*w1=*/static_cast<float>(1.0 - beta1),
-                   /*w2=*/static_cast<float>(1.0 - beta2),
-                   /*b2=*/static_cast<float>(beta2),
-                   /*bc2_sqrt=*/static_cast<float>(std::sqrt(bc2)),
-                   /*eps=*/static_cast<float>(eps),
-                   /*gscale=*/static_cast<float>(grad_scale)};
-  launch_map(op, n, aligned16(p, g, m, v) && aligned8(p16));
+  // The scalars exactly as cpu::adamw_update computes them.
+  const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  launch_map(AdamwOp{p, g, m, v, p16, s}, n, aligned16(p, g, m, v) && aligned8(p16));
+}
+
+void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                     double grad_scale, uint32_t key, uint32_t index0) {
+  const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  launch_map(AdamwSrOp{p, g, m, v, s, key, index0}, n, aligned16(g, m, v) && aligned8(p));
 }
 
 }  // namespace lmforge::cuda
