@@ -4,6 +4,8 @@
 // step torch clips with clip_grad_norm_ is clipped here in the update (AdamW::step's grad_scale).
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -60,6 +62,62 @@ TEST(AdamWReference, ThreeStepsMatchTorch) {
                   d.err, dm.err, dv.err);
     }
   }
+}
+
+// The bf16 values on either side of y (truncated, and the next one away from zero; equal when y
+// is a bf16 value).
+std::pair<float, float> bf16_bracket(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, 4);
+  const float lo = bf16_to_fp32(static_cast<uint16_t>(u >> 16));
+  return {lo, (u & 0xffffu) ? bf16_to_fp32(static_cast<uint16_t>((u >> 16) + 1)) : lo};
+}
+
+// bf16 master weights: from bf16 parameters, one step must give one of the two bf16 neighbours of
+// torch's fp32 result (stochastic rounding), the moments as torch's. torch's fp32 value may lie a
+// rounding error from lmforge's, so the neighbours are those of an interval around it.
+TEST(AdamWReference, Bf16MasterStepIsTorchsRoundedToANeighbour) {
+  Safetensors f = testing::open_fixture("adamw.safetensors");
+  json h = json::parse(f.metadata().at("adamw"));
+  ParamSet ps;
+  for (const json& p : h.at("params")) {
+    const std::string name = p.at("name");
+    ps.add(name, f.get("sr.param." + name).shape(), p.at("decay").get<bool>());
+  }
+  ps.finalize();
+  for (Param& p : ps.params()) p.value.copy_from(f.load("sr.param." + p.name, DType::kF32));
+  ps.use_bf16_master();
+  AdamW opt(ps, {.beta1 = h.at("beta1"),
+                 .beta2 = h.at("beta2"),
+                 .eps = h.at("eps"),
+                 .weight_decay = h.at("weight_decay"),
+                 .seed = 11});
+  for (Param& p : ps.params()) p.grad.copy_from(f.get("sr.grad." + p.name));
+  opt.step(f.get("lr.1").data<double>()[0]);
+  int64_t moved_up = 0, moved_down = 0, total = 0;
+  for (size_t i = 0; i < ps.params().size(); ++i) {
+    const Param& p = ps.params()[i];
+    ASSERT_EQ(p.value.dtype(), DType::kBF16);
+    Tensor want = f.get("sr.after." + p.name);
+    for (int64_t k = 0; k < want.numel(); ++k, ++total) {
+      const float x = want.data<float>()[k], got = bf16_to_fp32(p.value.bf16_data()[k]);
+      bool neighbour = false;  // of x, or of a value a rounding error away
+      for (float y : {x, x * (1 - 1e-6f), x * (1 + 1e-6f)}) {
+        const auto [lo, hi] = bf16_bracket(y);
+        neighbour = neighbour || got == lo || got == hi;
+      }
+      EXPECT_TRUE(neighbour) << p.name << "[" << k << "]: " << got << " is no bf16 neighbour of "
+                             << x;
+      moved_up += std::fabs(got) > std::fabs(x);
+      moved_down += std::fabs(got) < std::fabs(x);
+    }
+    EXPECT_TRUE(testing::tensors_close("m " + p.name, opt.m(i), f.get("sr.m." + p.name), kTol));
+    EXPECT_TRUE(testing::tensors_close("v " + p.name, opt.v(i), f.get("sr.v." + p.name), kTol));
+  }
+  std::printf("  %lld weights: %lld rounded away from zero, %lld toward\n", (long long)total,
+              (long long)moved_up, (long long)moved_down);
+  EXPECT_GT(moved_up, 0);
+  EXPECT_GT(moved_down, 0);
 }
 
 }  // namespace

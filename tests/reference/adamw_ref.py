@@ -6,6 +6,12 @@ Saved: "param.<name>" (initial), and for step s = 1, 2, 3: "grad.<s>.<name>", "l
 state after the step, "after.<s>.<name>", "m.<s>.<name>", "v.<s>.<name>". Step 2 clips the
 gradients first (torch.nn.utils.clip_grad_norm_ to "max_norm.2", below their norm); its saved
 gradients are the unclipped ones.
+
+bf16 master weights ("sr." prefix): the same parameters drawn again and stored in bf16
+("sr.param.<name>", BF16), one AdamW step at LRS[0] computed in fp32 on their exact fp32 values
+with gradients "sr.grad.<name>": "sr.after.<name>" (fp32, before any rounding), "sr.m.<name>",
+"sr.v.<name>". lmforge's bf16 master update must give one of the two bf16 neighbours of
+sr.after, and the same moments.
 """
 
 import torch
@@ -59,6 +65,30 @@ def make(seed=99):
             out[f"after.{step}.{name}"] = p.detach().clone()
             out[f"m.{step}.{name}"] = st["exp_avg"].clone()
             out[f"v.{step}.{name}"] = st["exp_avg_sq"].clone()
+    make_bf16_master(out, seed + 1)
     hyper = {"beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS, "weight_decay": WEIGHT_DECAY,
              "steps": len(LRS), "params": meta}
     return out, hyper
+
+
+def make_bf16_master(out, seed):
+    torch.manual_seed(seed)
+    params = []
+    for name, shape, decay, gscale in PARAMS:
+        value = (torch.randn(shape) + (1.0 if name.startswith("norm") else 0.0)).bfloat16()
+        out["sr.param." + name] = value.clone()
+        p = torch.nn.Parameter(value.float())
+        p.grad = torch.randn(shape) * gscale
+        out["sr.grad." + name] = p.grad.clone()
+        params.append(p)
+    groups = [
+        {"params": [p for p, spec in zip(params, PARAMS) if spec[2]],
+         "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p, spec in zip(params, PARAMS) if not spec[2]], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=LRS[0], betas=BETAS, eps=EPS, foreach=False, fused=False)
+    opt.step()
+    for p, (name, *_) in zip(params, PARAMS):
+        out["sr.after." + name] = p.detach().clone()
+        out["sr.m." + name] = opt.state[p]["exp_avg"].clone()
+        out["sr.v." + name] = opt.state[p]["exp_avg_sq"].clone()
