@@ -22,6 +22,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
+#include "lmforge/core/stochastic_round.h"
 #include "testing/cuda.h"
 
 namespace lmforge {
@@ -131,6 +132,23 @@ void embedding(Rng& rng, int64_t B, int64_t T, int64_t C, int64_t V, bool with_w
                            d_tokens.get(), B, T, C, V);
   EXPECT_TRUE(close("dwte", d_dwte.host(), dwte, kExact));
   EXPECT_TRUE(close("dwpe", d_dwpe.host(), dwpe, kExact));
+}
+
+// bf16 tables (bf16 master weights): widened exactly on both sides.
+void embedding_bf16(Rng& rng, int64_t B, int64_t T, int64_t C, int64_t V, bool with_wpe) {
+  const std::vector<int32_t> tokens = rand_ids(rng, B * T, V);
+  std::vector<uint16_t> wte(V * C), wpe(T * C);
+  for (uint16_t& h : wte) h = fp32_to_bf16(static_cast<float>(rng.normal()));
+  for (uint16_t& h : wpe) h = fp32_to_bf16(static_cast<float>(rng.normal()));
+  std::vector<float> out = randn(rng, B * T * C);
+  DeviceArray<int32_t> d_tokens(tokens);
+  DeviceArray<uint16_t> d_wte(wte), d_wpe(wpe);
+  DeviceArray<float> d_out(out);
+  cpu::embedding_forward(out.data(), tokens.data(), wte.data(), with_wpe ? wpe.data() : nullptr, B,
+                         T, C, V);
+  cuda::embedding_forward(d_out.get(), d_tokens.get(), d_wte.get(),
+                          with_wpe ? d_wpe.get() : nullptr, B, T, C, V);
+  EXPECT_TRUE(close("out", d_out.host(), out, kExact));
 }
 
 void layernorm(Rng& rng, int64_t N, int64_t C, bool with_bias) {
@@ -342,6 +360,25 @@ void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
   EXPECT_TRUE(same_bits("p16", d_p16.host(), p16));
 }
 
+// bf16 master weights: the stochastically rounded update, bit-identical (the rounding bits come
+// from the element's index, not from the thread that computes it).
+void adamw_sr(Rng& rng, int64_t n, int64_t step, uint32_t index0) {
+  std::vector<uint16_t> p(n);
+  for (uint16_t& h : p) h = fp32_to_bf16(static_cast<float>(rng.normal()));
+  std::vector<float> g = randn(rng, n, 1e-2), m = randn(rng, n, 1e-3), v(n);
+  for (float& x : v) x = static_cast<float>(rng.uniform() * 1e-4);
+  DeviceArray<uint16_t> d_p(p);
+  DeviceArray<float> d_g(g), d_m(m), d_v(v);
+  const uint32_t key = sr_key(1337, step, 0);
+  cpu::adamw_update_sr(p.data(), g.data(), m.data(), v.data(), n, 3e-4, 0.9, 0.95, 1e-8, 0.1, step,
+                       0.61, key, index0);
+  cuda::adamw_update_sr(d_p.get(), d_g.get(), d_m.get(), d_v.get(), n, 3e-4, 0.9, 0.95, 1e-8, 0.1,
+                        step, 0.61, key, index0);
+  EXPECT_TRUE(same_bits("p", d_p.host(), p));
+  EXPECT_TRUE(close("m", d_m.host(), m, kExact));
+  EXPECT_TRUE(close("v", d_v.host(), v, kExact));
+}
+
 struct Case {
   std::string name;
   std::function<void(Rng&)> run;
@@ -397,6 +434,11 @@ std::vector<Case> cases() {
       {"sum_misaligned_n5000001", [](Rng& r) { sum(r, 5000001, 3); }},
       {"adamw_n5_step1", [](Rng& r) { adamw(r, 5, false, 1); }},
       {"adamw_p16_n1000003_step10", [](Rng& r) { adamw(r, 1000003, true, 10); }},
+      {"adamw_sr_n5_step1", [](Rng& r) { adamw_sr(r, 5, 1, 0); }},
+      {"adamw_sr_n1000003_step10", [](Rng& r) { adamw_sr(r, 1000003, 10, 4000000000u); }},
+      {"embedding_bf16_B4_T64_C768_V1000", [](Rng& r) { embedding_bf16(r, 4, 64, 768, 1000, true); }},
+      {"embedding_bf16_nopos_B3_T30_C130_V50",
+       [](Rng& r) { embedding_bf16(r, 3, 30, 130, 50, false); }},
   };
 }
 

@@ -156,6 +156,37 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
                             m.cpu.params().flat_values(), 5e-3));
 }
 
+// train.master_weights: bf16 on the GPU: the weights live on the device in bf16, the update rounds
+// them stochastically there, and ten steps track the CPU's (bf16 tolerance: cuDNN's bf16 attention
+// against the CPU's fp32 kernel, and roundings that may go the other way near a tie).
+TEST(CudaTraining, Bf16MasterWeightsTrackTheCpu) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  ModelConfig c = tiny("llama3-tiny");
+  Pair m(c, /*bf16=*/true);
+  m.cpu.use_bf16_master();
+  m.gpu.use_bf16_master();
+  ASSERT_EQ(m.gpu.params().flat_values().dtype(), DType::kBF16);
+  ASSERT_EQ(m.gpu.params().flat_values().device(), Device::kCUDA);
+  m.cpu.plan(kB, kT);
+  m.gpu.plan(kB, kT);
+  dist::LocalCommunicator one_cpu, one_gpu;
+  DistConfig dc;
+  AdamWOptions ao{0.9, 0.95, 1e-8, 0.1, /*seed=*/5};
+  dist::DataParallel dp_cpu(one_cpu, m.cpu, dc, ao), dp_gpu(one_gpu, m.gpu, dc, ao);
+  for (int step = 0; step < 10; ++step) {
+    std::vector<Batch> micro{random_batch(c.vocab_size, 300 + step)};
+    double lc = dp_cpu.forward_backward(micro), lg = dp_gpu.forward_backward(micro);
+    EXPECT_NEAR(lg, lc, 2e-2 * lc) << "step " << step;
+    dp_cpu.clip_grad_norm(1.0);
+    dp_gpu.clip_grad_norm(1.0);
+    dp_cpu.step(1e-3);
+    dp_gpu.step(1e-3);
+  }
+  EXPECT_TRUE(tensors_close("bf16 master weights after 10 steps",
+                            host(m.gpu.params().flat_values()).to(DType::kF32),
+                            m.cpu.params().flat_values().to(DType::kF32), 2e-2));
+}
+
 // The op-level profile on the GPU: every op of the step is timed by CUDA events (rows marked
 // gpu), the same calls as on the CPU, and the times resolve to no more than the steps' wall time.
 TEST(CudaProfile, TimesTheStepsOpsWithEvents) {
