@@ -183,6 +183,60 @@ LMF_AVX512 void exp_lanes(const float* x, float* y) {
   _mm512_storeu_ps(y, cpu::exp512(_mm512_loadu_ps(x)));
 }
 
+// bf16 activations: the norms and activation functions writing a bf16 output give exactly
+// to_bf16 of their fp32 output (the row blocks of ops' CPU path included: N spans several), and
+// the statistics saved for backward are the fp32 path's.
+TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
+  const int64_t N = 9000, C = 64;  // 4096 rows per block at C = 64: three blocks
+  Tensor x = Tensor::empty({N, C}, DType::kF32), x2 = Tensor::empty({N, 2 * C}, DType::kF32);
+  Tensor w = Tensor::empty({C}, DType::kF32), b = Tensor::empty({C}, DType::kF32);
+  auto fill = [](const Tensor& t, uint64_t seed) {
+    std::vector<float> v = randn(t.numel(), seed);
+    std::memcpy(t.raw(), v.data(), t.nbytes());
+  };
+  fill(x, 1);
+  fill(x2, 2);
+  fill(w, 3);
+  fill(b, 4);
+  auto same = [](const char* what, const Tensor& f32, const Tensor& b16) {
+    Tensor want = Tensor::empty(f32.shape(), DType::kBF16);
+    ops::to_bf16(want, f32);
+    EXPECT_EQ(std::memcmp(want.raw(), b16.raw(), want.nbytes()), 0) << what;
+  };
+  Tensor out = Tensor::empty({N, C}, DType::kF32), out16 = Tensor::empty({N, C}, DType::kBF16);
+  Tensor m1 = Tensor::empty({N}, DType::kF32), r1 = Tensor::empty({N}, DType::kF32),
+         m2 = Tensor::empty({N}, DType::kF32), r2 = Tensor::empty({N}, DType::kF32);
+  ops::layernorm_forward(out, m1, r1, x, w, b, 1e-5);
+  ops::layernorm_forward(out16, m2, r2, x, w, b, 1e-5);
+  same("layernorm", out, out16);
+  EXPECT_EQ(std::memcmp(m1.raw(), m2.raw(), m1.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(r1.raw(), r2.raw(), r1.nbytes()), 0);
+  ops::rmsnorm_forward(out, r1, x, w, 1e-6);
+  ops::rmsnorm_forward(out16, r2, x, w, 1e-6);
+  same("rmsnorm", out, out16);
+  EXPECT_EQ(std::memcmp(r1.raw(), r2.raw(), r1.nbytes()), 0);
+  ops::gelu_forward(out, x);
+  ops::gelu_forward(out16, x);
+  same("gelu", out, out16);
+  ops::swiglu_forward(out, x2);
+  ops::swiglu_forward(out16, x2);
+  same("swiglu", out, out16);
+  // A bf16 input goes into the matmul as it is: the same as the fp32 input it rounds.
+  Tensor w16 = Tensor::empty({32, C}, DType::kBF16), y1 = Tensor::empty({N, 32}, DType::kF32),
+         y2 = Tensor::empty({N, 32}, DType::kF32), wf = Tensor::empty({32, C}, DType::kF32);
+  fill(wf, 5);
+  ops::to_bf16(w16, wf);
+  ops::linear_forward(y1, out, w16, Tensor());
+  ops::linear_forward(y2, out16, w16, Tensor());
+  EXPECT_EQ(std::memcmp(y1.raw(), y2.raw(), y1.nbytes()), 0);
+  Tensor g = Tensor::empty({N, 32}, DType::kF32), dw1 = Tensor::zeros({32, C}, DType::kF32),
+         dw2 = Tensor::zeros({32, C}, DType::kF32);
+  fill(g, 6);
+  ops::linear_backward(Tensor(), dw1, Tensor(), g, out, w16);
+  ops::linear_backward(Tensor(), dw2, Tensor(), g, out16, w16);
+  EXPECT_EQ(std::memcmp(dw1.raw(), dw2.raw(), dw1.nbytes()), 0);
+}
+
 TEST(VecMath, ExpWithinTwoUlpOfLibm) {
   if (!cpu::has_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU: the portable kernels run";
   std::vector<float> xs;

@@ -19,6 +19,7 @@
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/kernels.h"
+#include "lmforge/backend/cuda/matmul.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
@@ -360,6 +361,35 @@ void adamw(Rng& rng, int64_t n, bool with_p16, int64_t step) {
   EXPECT_TRUE(same_bits("p16", d_p16.host(), p16));
 }
 
+// bf16 activations: each forward writing bf16 gives exactly to_bf16 of its own fp32 output.
+void bf16_outputs(Rng& rng, int64_t N, int64_t C) {
+  const std::vector<float> inp = randn(rng, N * 2 * C, 2.0, 0.5), weight = randn(rng, C),
+                           bias = randn(rng, C);
+  DeviceArray<float> d_inp(inp), d_weight(weight), d_bias(bias), d_out(std::vector<float>(N * C)),
+      d_stat(std::vector<float>(2 * N));
+  DeviceArray<uint16_t> d_want(std::vector<uint16_t>(N * C)), d_got(std::vector<uint16_t>(N * C));
+  float* mean = d_stat.get();
+  float* rstd = d_stat.get() + N;
+  auto check = [&](const char* what) {
+    cuda::to_bf16(d_want.get(), d_out.get(), N * C);
+    EXPECT_TRUE(same_bits(what, d_got.host(), d_want.host()));
+  };
+  cuda::layernorm_forward(d_out.get(), mean, rstd, d_inp.get(), d_weight.get(), d_bias.get(), N, C,
+                          1e-5);
+  cuda::layernorm_forward(d_got.get(), mean, rstd, d_inp.get(), d_weight.get(), d_bias.get(), N, C,
+                          1e-5);
+  check("layernorm");
+  cuda::rmsnorm_forward(d_out.get(), rstd, d_inp.get(), d_weight.get(), N, C, 1e-6, 1, C);
+  cuda::rmsnorm_forward(d_got.get(), rstd, d_inp.get(), d_weight.get(), N, C, 1e-6, 1, C);
+  check("rmsnorm");
+  cuda::gelu_forward(d_out.get(), d_inp.get(), N * C);
+  cuda::gelu_forward(d_got.get(), d_inp.get(), N * C);
+  check("gelu");
+  cuda::swiglu_forward(d_out.get(), d_inp.get(), N, C);
+  cuda::swiglu_forward(d_got.get(), d_inp.get(), N, C);
+  check("swiglu");
+}
+
 // bf16 master weights: the stochastically rounded update, bit-identical (the rounding bits come
 // from the element's index, not from the thread that computes it).
 void adamw_sr(Rng& rng, int64_t n, int64_t step, uint32_t index0) {
@@ -435,8 +465,11 @@ std::vector<Case> cases() {
       {"adamw_n5_step1", [](Rng& r) { adamw(r, 5, false, 1); }},
       {"adamw_p16_n1000003_step10", [](Rng& r) { adamw(r, 1000003, true, 10); }},
       {"adamw_sr_n5_step1", [](Rng& r) { adamw_sr(r, 5, 1, 0); }},
+      {"bf16_outputs_N33_C768", [](Rng& r) { bf16_outputs(r, 33, 768); }},
+      {"bf16_outputs_N7_C37", [](Rng& r) { bf16_outputs(r, 7, 37); }},
       {"adamw_sr_n1000003_step10", [](Rng& r) { adamw_sr(r, 1000003, 10, 4000000000u); }},
-      {"embedding_bf16_B4_T64_C768_V1000", [](Rng& r) { embedding_bf16(r, 4, 64, 768, 1000, true); }},
+      {"embedding_bf16_B4_T64_C768_V1000",
+       [](Rng& r) { embedding_bf16(r, 4, 64, 768, 1000, true); }},
       {"embedding_bf16_nopos_B3_T30_C130_V50",
        [](Rng& r) { embedding_bf16(r, 3, 30, 130, 50, false); }},
   };

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/attention.h"
@@ -66,6 +67,26 @@ const T* cptr(const Tensor& t) {
 int64_t last(const Tensor& t) { return t.size(-1); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 
+// bf16 activations on the CPU: `fill(dst, r0, n)` computes rows [r0, r0 + n) of an fp32 kernel's
+// output into dst; they are rounded into the bf16 `out` (cols per row) a block of ~1 MiB at a time,
+// with cpu::to_bf16, as a bf16 matmul rounds an fp32 input: bit-identical to rounding the whole
+// fp32 output afterwards. The fp32 block buffer grows on first use and is then reused.
+template <typename F>
+void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
+  LMF_CHECK(out.dtype() == DType::kBF16 && out.numel() == N * cols, "{}: bf16 out {} for {} x {}",
+            op, out.shape().str(), N, cols);
+  static std::vector<float> buf;
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
+  const int64_t most = std::min(block, N);
+  if (buf.size() < static_cast<size_t>(most * cols)) buf.resize(static_cast<size_t>(most * cols));
+  uint16_t* o = out.bf16_data();
+  for (int64_t r0 = 0; r0 < N; r0 += block) {
+    const int64_t n = std::min(block, N - r0);
+    fill(buf.data(), r0, n);
+    cpu::to_bf16(o + r0 * cols, buf.data(), n * cols);
+  }
+}
+
 #ifdef LMFORGE_HAVE_CUDA
 // Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
 bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
@@ -118,14 +139,22 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
   const bool bf16 = weight.dtype() == DType::kBF16;
   profile::Scope timed(bf16 ? "linear_forward_bf16" : "linear_forward", out,
                        2.0 * static_cast<double>(N) * C * OC);
-  if (bf16) {  // bf16 mixed precision: fp32 activations, bf16 weights
-    auto f = [&](auto) {
-      cpu::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(),
-                               cptr<float>(bias), N, C, OC);
+  LMF_CHECK(bf16 || inp.dtype() != DType::kBF16,
+            "linear_forward: a bf16 input needs a bf16 weight");
+  if (bf16) {  // bf16 mixed precision: fp32 or bf16 activations, bf16 weights
+    // The kernels take the input as it is: a bf16 one goes straight into the matmul.
+    auto run = [&](auto&& kernel) {
+      if (inp.dtype() == DType::kBF16)
+        kernel(out.data<float>(), static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(),
+               cptr<float>(bias), N, C, OC);
+      else
+        kernel(out.data<float>(), inp.data<float>(), weight.bf16_data(), cptr<float>(bias), N, C,
+               OC);
     };
-    dispatch("linear_forward_bf16", out, f,
-             LMF_GPU(cuda::linear_forward_bf16(out.data<float>(), inp.data<float>(),
-                                               weight.bf16_data(), cptr<float>(bias), N, C, OC)));
+    dispatch(
+        "linear_forward_bf16", out,
+        [&](auto) { run([](auto... a) { cpu::linear_forward_bf16(a...); }); },
+        LMF_GPU(run([](auto... a) { cuda::linear_forward_bf16(a...); })));
     return;
   }
   dispatch(
@@ -148,16 +177,21 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   profile::Scope timed(
       bf16 ? "linear_backward_bf16" : "linear_backward", dout,
       2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
+  LMF_CHECK(bf16 || inp.dtype() != DType::kBF16,
+            "linear_backward: a bf16 input needs a bf16 weight");
   if (bf16) {
-    auto f = [&](auto) {
-      cpu::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
-                                dout.data<float>(), inp.data<float>(), weight.bf16_data(), N, C,
-                                OC);
+    auto run = [&](auto&& kernel) {
+      if (inp.dtype() == DType::kBF16)
+        kernel(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias), dout.data<float>(),
+               static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
+      else
+        kernel(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias), dout.data<float>(),
+               inp.data<float>(), weight.bf16_data(), N, C, OC);
     };
-    dispatch("linear_backward_bf16", dout, f,
-             LMF_GPU(cuda::linear_backward_bf16(ptr<float>(dinp), ptr<float>(dweight),
-                                                ptr<float>(dbias), dout.data<float>(),
-                                                inp.data<float>(), weight.bf16_data(), N, C, OC)));
+    dispatch(
+        "linear_backward_bf16", dout,
+        [&](auto) { run([](auto... a) { cpu::linear_backward_bf16(a...); }); },
+        LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16(a...); })));
     return;
   }
   dispatch(
@@ -224,6 +258,21 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                        const Tensor& weight, const Tensor& bias, double eps) {
   same_numel("layernorm_forward", out, inp);
+  if (out.dtype() == DType::kBF16) {  // bf16 activations (the output feeds a bf16 matmul)
+    const int64_t N = rows(inp), C = last(inp);
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::layernorm_forward<float>(dst, ptr<float>(mean) + r0, ptr<float>(rstd) + r0,
+                                    cptr<float>(inp) + r0 * C, cptr<float>(weight),
+                                    cptr<float>(bias), n, C, eps);
+    };
+    dispatch(
+        "layernorm_forward", inp,
+        [&](auto) { cpu_rows_bf16("layernorm_forward", out, N, C, fill); },
+        LMF_GPU(cuda::layernorm_forward(out.bf16_data(), ptr<float>(mean), ptr<float>(rstd),
+                                        cptr<float>(inp), cptr<float>(weight), cptr<float>(bias), N,
+                                        C, eps)));
+    return;
+  }
   dispatch(
       "layernorm_forward", out,
       [&](auto tag) {
@@ -256,6 +305,18 @@ void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor&
 void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
                      double eps) {
   same_numel("rmsnorm_forward", out, inp);
+  if (out.dtype() == DType::kBF16) {  // bf16 activations
+    const int64_t N = rows(inp), C = last(inp);
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::rmsnorm_forward<float>(dst, ptr<float>(rstd) + r0, cptr<float>(inp) + r0 * C,
+                                  cptr<float>(weight), n, C, eps, 1, C);
+    };
+    dispatch(
+        "rmsnorm_forward", inp, [&](auto) { cpu_rows_bf16("rmsnorm_forward", out, N, C, fill); },
+        LMF_GPU(cuda::rmsnorm_forward(out.bf16_data(), ptr<float>(rstd), cptr<float>(inp),
+                                      cptr<float>(weight), N, C, eps, 1, C)));
+    return;
+  }
   dispatch(
       "rmsnorm_forward", out,
       [&](auto tag) {
@@ -401,6 +462,16 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
 
 void gelu_forward(const Tensor& out, const Tensor& inp) {
   same_numel("gelu_forward", out, inp);
+  if (out.dtype() == DType::kBF16) {  // bf16 activations
+    const int64_t N = rows(inp), F = last(inp);
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::gelu_forward<float>(dst, cptr<float>(inp) + r0 * F, n * F);
+    };
+    dispatch(
+        "gelu_forward", inp, [&](auto) { cpu_rows_bf16("gelu_forward", out, N, F, fill); },
+        LMF_GPU(cuda::gelu_forward(out.bf16_data(), cptr<float>(inp), inp.numel())));
+    return;
+  }
   dispatch(
       "gelu_forward", out,
       [&](auto tag) {
@@ -424,6 +495,15 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
 void swiglu_forward(const Tensor& out, const Tensor& inp) {
   int64_t F = last(inp) / 2, N = rows(inp);
   LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
+  if (out.dtype() == DType::kBF16) {  // bf16 activations
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::swiglu_forward<float>(dst, cptr<float>(inp) + r0 * 2 * F, n, F);
+    };
+    dispatch(
+        "swiglu_forward", inp, [&](auto) { cpu_rows_bf16("swiglu_forward", out, N, F, fill); },
+        LMF_GPU(cuda::swiglu_forward(out.bf16_data(), cptr<float>(inp), N, F)));
+    return;
+  }
   dispatch(
       "swiglu_forward", out,
       [&](auto tag) {

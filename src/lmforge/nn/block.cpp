@@ -59,9 +59,9 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
   if (mode == Recompute::kFull) plan(a, s, B, T);
   if (mode != Recompute::kSelective) return;
   int64_t C = cfg.n_embd;
-  s.n1_out = a.alloc({B, T, C});
-  s.n2_out = a.alloc({B, T, C});
-  s.act = a.alloc({B, T, cfg.ffn()});
+  s.n1_out = a.alloc({B, T, C}, matmul_input_dtype);
+  s.n2_out = a.alloc({B, T, C}, matmul_input_dtype);
+  s.act = a.alloc({B, T, cfg.ffn()}, matmul_input_dtype);
 }
 
 void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
@@ -76,9 +76,9 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   // output and logsumexp) is kept.
   const bool sel = mode == Recompute::kSelective;
   auto keep = [&](Tensor Acts::*field, Shape shape) {
-    x.*field = sel && (field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::act)
-                   ? shared->*field
-                   : a.alloc(shape);
+    const bool mm_in = field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::act;
+    x.*field =
+        sel && mm_in ? shared->*field : a.alloc(shape, mm_in ? matmul_input_dtype : DType::kF32);
   };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);

@@ -47,6 +47,11 @@ struct Block {
   Linear fc, down;          // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
   Param* q_norm = nullptr;  // (HS) each, when cfg.qk_norm
   Param* k_norm = nullptr;
+  // bf16 activations (set before plan under bf16 precision): the tensors that only feed matmuls
+  // (n1_out, n2_out, act) are planned in bf16 and written rounded by the norms and the activation
+  // function, so the bf16 matmuls read them as they are (no conversion pass, half the memory).
+  // The values are the ones the matmuls would round fp32 ones to: training is bit-identical.
+  DType matmul_input_dtype = DType::kF32;
 
   struct Acts {
     Norm::Saved n1, n2;

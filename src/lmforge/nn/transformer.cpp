@@ -132,6 +132,10 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   const int64_t chunks = (N + most - 1) / most;
   chunk_rows_ = (N + chunks - 1) / chunks;
   block_acts_.assign(cfg_.n_layer, {});
+  // bf16 activations where they only feed matmuls (Block::matmul_input_dtype; the final norm's
+  // output feeds the LM head).
+  const DType mm_in = bf16() && bf16_acts_ ? DType::kBF16 : DType::kF32;
+  for (Block& b : blocks_) b.matmul_input_dtype = mm_in;
   acts_ = Arena::planned(
       [&](Arena& a) {
         tokens_ = a.alloc({B, T}, DType::kI32);
@@ -141,7 +145,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         for (int64_t l = 0; l < cfg_.n_layer; ++l)
           blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
         norm_f_.plan(a, nf_, B * T);
-        nf_out_ = a.alloc({B, T, C});
+        nf_out_ = a.alloc({B, T, C}, mm_in);
         logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
         chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
         losses_ = a.alloc({B, T});

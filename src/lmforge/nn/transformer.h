@@ -59,6 +59,10 @@ class Transformer {
   // and every other op stay fp32. Call before training; the copies follow the weights.
   void enable_bf16() { params_.enable_bf16(); }
   bool bf16() const { return params_.has_bf16(); }
+  // Under bf16, plan() makes the activations that only feed matmuls bf16 (Block::
+  // matmul_input_dtype): same results, less memory and no conversion passes. Off keeps them fp32
+  // (for comparison).
+  void set_bf16_activations(bool on) { bf16_acts_ = on; }
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
   // stochastic rounding (ParamSet::use_bf16_master).
   void use_bf16_master() { params_.use_bf16_master(); }
@@ -130,6 +134,7 @@ class Transformer {
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, chunk_, losses_, dres_, dnf_;
+  bool bf16_acts_ = true;
   Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;

@@ -160,25 +160,37 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
   Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, M, N, K, lda, ldb, ldc}, A, B, bias, C);
 }
 
+void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, false, out, OC);
+}
+
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC) {
   uint16_t* x = scratch(0, N * C);
   to_bf16(x, inp, N * C);
-  gemm_bf16(false, true, N, OC, C, x, C, weight, C, bias, false, out, OC);
+  linear_forward_bf16(out, x, weight, bias, N, C, OC);
+}
+
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  uint16_t* d = scratch(0, N * OC);
+  to_bf16(d, dout, N * OC);
+  if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, true, dinp, C);
+  if (dweight) gemm_bf16(true, false, OC, C, N, d, OC, inp, C, nullptr, true, dweight, C);
+  if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC) {
-  uint16_t* d = scratch(0, N * OC);
-  to_bf16(d, dout, N * OC);
-  if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, true, dinp, C);
+  uint16_t* x = nullptr;
   if (dweight) {
-    uint16_t* x = scratch(1, N * C);
+    x = scratch(1, N * C);
     to_bf16(x, inp, N * C);
-    gemm_bf16(true, false, OC, C, N, d, OC, x, C, nullptr, true, dweight, C);
   }
-  if (dbias) bias_grad(dbias, dout, N, OC);
+  linear_backward_bf16(dinp, dweight, dbias, dout, x, weight, N, C, OC);
 }
 
 }  // namespace lmforge::cpu

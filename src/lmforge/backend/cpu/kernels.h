@@ -45,6 +45,13 @@ void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, c
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
+// The same with the input already in bf16 (bf16 activations: the norms and activation functions
+// write their matmul inputs in bf16), so nothing is converted on its way in.
+void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC);
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC);
 
 // W is T, or uint16_t for bf16 tables (bf16 master weights), widened exactly.
 template <typename T, typename W>

@@ -107,6 +107,16 @@ __device__ __forceinline__ uint16_t bf16_ftz(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// K values into a bf16 buffer, rounded as bf16_ftz (bf16 activations); K == 4 needs 8-byte
+// alignment. With the fp32 store above, kernels templated on their output type write either.
+template <int K>
+__device__ __forceinline__ void store(uint16_t* p, const Floats<K>& r) {
+  uint16_t h[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) h[k] = bf16_ftz(r.v[k]);
+  store_bf16<K>(p, h);
+}
+
 // Butterfly sum: every lane ends with the same value (addition is commutative).
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll

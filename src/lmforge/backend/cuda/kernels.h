@@ -74,6 +74,16 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n);
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
 void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F);
 
+// bf16 activations: the same forwards writing their output rounded to bf16 (round to nearest
+// even, denormals to zero: cpu::to_bf16 of the fp32 output, bit for bit), for a bf16 matmul to
+// read directly. rmsnorm_forward's rows are contiguous here (group 1, stride C).
+void layernorm_forward(uint16_t* out, float* mean, float* rstd, const float* inp,
+                       const float* weight, const float* bias, int64_t N, int64_t C, double eps);
+void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                     int64_t C, double eps, int64_t group, int64_t stride);
+void gelu_forward(uint16_t* out, const float* inp, int64_t n);
+void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F);
+
 // losses (N) = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] ==
 // ignore_index. lse_sq_sum, if not null, is a DEVICE double that receives (=, not +=) the sum
 // of logsumexp^2 over the non-ignored rows (for the z-loss), reduced in a fixed order (per-row

@@ -329,15 +329,20 @@ void linear_backward(float* dinp, float* dweight, float* dbias, const float* dou
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
+void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, false, out, OC);
+}
+
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC) {
   auto* x = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * C) * 2));
   to_bf16(x, inp, N * C);
-  gemm_bf16(false, true, N, OC, C, x, C, weight, C, bias, false, out, OC);
+  linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
-                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC) {
   if (dinp || dweight) {
     // bf16(dout) with rows padded to 16 bytes: with GPT-2's vocabulary (OC = 50257) the LM head's
@@ -350,13 +355,20 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
     else
       detail::to_bf16_rows(d, ld, dout, N, OC);
     if (dinp) gemm_bf16(false, false, N, C, OC, d, ld, weight, C, nullptr, true, dinp, C);
-    if (dweight) {
-      auto* x = static_cast<uint16_t*>(scratch(1, std::max<size_t>(1, size_t(N) * C) * 2));
-      to_bf16(x, inp, N * C);
-      gemm_bf16(true, false, OC, C, N, d, ld, x, C, nullptr, true, dweight, C);
-    }
+    if (dweight) gemm_bf16(true, false, OC, C, N, d, ld, inp, C, nullptr, true, dweight, C);
   }
   if (dbias) bias_grad(dbias, dout, N, OC);
+}
+
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const float* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  uint16_t* x = nullptr;
+  if (dweight) {  // slot 1: slot 0 holds bf16(dout)
+    x = static_cast<uint16_t*>(scratch(1, std::max<size_t>(1, size_t(N) * C) * 2));
+    to_bf16(x, inp, N * C);
+  }
+  linear_backward_bf16(dinp, dweight, dbias, dout, x, weight, N, C, OC);
 }
 
 }  // namespace lmforge::cuda

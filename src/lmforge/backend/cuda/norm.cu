@@ -11,9 +11,9 @@ namespace {
 // Norms: one warp per row, row statistics in double (as the CPU). K = 4: C and the row starts
 // are multiples of 4 and the pointers 16-byte aligned; lane l then owns columns 4 l + 128 j.
 
-template <int K>
+template <int K, typename O>
 __global__ void __launch_bounds__(kThreads)
-    layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp,
+    layernorm_forward_kernel(O* out, float* mean, float* rstd, const float* inp,
                              const float* weight, const float* bias, int64_t N, int64_t C,
                              double eps) {
   const int lane = threadIdx.x & 31;
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   var = warp_sum(var) / C;
   const double s = 1.0 / sqrt(var + eps);
-  float* o = out + i * C;
+  O* o = out + i * C;
   for (int64_t c = lane * K; c < C; c += 32 * K) {
     Floats<K> v = load<K>(x + c);
     const Floats<K> w = load<K>(weight + c);
@@ -95,10 +95,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int K>
+template <int K, typename O>
 __global__ void __launch_bounds__(kThreads)
-    rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* weight,
-                           int64_t N, int64_t C, double eps, int64_t group, int64_t stride) {
+    rmsnorm_forward_kernel(O* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                           int64_t C, double eps, int64_t group, int64_t stride) {
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (i >= N) return;
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < K; ++k) ss += static_cast<double>(v.v[k]) * v.v[k];
   }
   const double s = 1.0 / sqrt(warp_sum(ss) / C + eps);
-  float* o = out + at;
+  O* o = out + at;
   for (int64_t c = lane * K; c < C; c += 32 * K) {
     Floats<K> v = load<K>(x + c);
     const Floats<K> w = load<K>(weight + c);
@@ -235,8 +235,12 @@ unsigned row_blocks(int64_t N) {
 
 }  // namespace
 
-void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                       const float* bias, int64_t N, int64_t C, double eps) {
+namespace {
+
+template <typename O>
+void launch_layernorm_forward(O* out, float* mean, float* rstd, const float* inp,
+                              const float* weight, const float* bias, int64_t N, int64_t C,
+                              double eps) {
   if (N <= 0 || C <= 0) return;
   if (C % 4 == 0 && aligned16(out, inp, weight, bias))
     layernorm_forward_kernel<4><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
@@ -245,6 +249,31 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
     layernorm_forward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
         out, mean, rstd, inp, weight, bias, N, C, eps);
   LMF_CUDA_LAUNCHED();
+}
+
+template <typename O>
+void launch_rmsnorm_forward(O* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                            int64_t C, double eps, int64_t group, int64_t stride) {
+  if (N <= 0 || C <= 0) return;
+  if (C % 4 == 0 && stride % 4 == 0 && aligned16(out, inp, weight))
+    rmsnorm_forward_kernel<4><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
+        out, rstd, inp, weight, N, C, eps, group, stride);
+  else
+    rmsnorm_forward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
+        out, rstd, inp, weight, N, C, eps, group, stride);
+  LMF_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, int64_t N, int64_t C, double eps) {
+  launch_layernorm_forward(out, mean, rstd, inp, weight, bias, N, C, eps);
+}
+
+void layernorm_forward(uint16_t* out, float* mean, float* rstd, const float* inp,
+                       const float* weight, const float* bias, int64_t N, int64_t C, double eps) {
+  launch_layernorm_forward(out, mean, rstd, inp, weight, bias, N, C, eps);
 }
 
 void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
@@ -263,14 +292,12 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
 
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
                      int64_t C, double eps, int64_t group, int64_t stride) {
-  if (N <= 0 || C <= 0) return;
-  if (C % 4 == 0 && stride % 4 == 0 && aligned16(out, inp, weight))
-    rmsnorm_forward_kernel<4><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        out, rstd, inp, weight, N, C, eps, group, stride);
-  else
-    rmsnorm_forward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        out, rstd, inp, weight, N, C, eps, group, stride);
-  LMF_CUDA_LAUNCHED();
+  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride);
+}
+
+void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                     int64_t C, double eps, int64_t group, int64_t stride) {
+  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride);
 }
 
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,

@@ -52,8 +52,9 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluK = 0.044715f;
 constexpr float kGeluK3 = static_cast<float>(3 * 0.044715);
 
+template <typename O>  // float, or uint16_t for bf16 activations
 struct GeluForwardOp {
-  float* out;
+  O* out;
   const float* inp;
   template <int K>
   __device__ void apply(int64_t i) const {
@@ -89,8 +90,9 @@ struct GeluBackwardOp {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+template <typename O>
 struct SwigluForwardOp {
-  float* out;
+  O* out;
   const float* inp;
   int64_t F;
   template <int K>
@@ -206,7 +208,11 @@ void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int
 }
 
 void gelu_forward(float* out, const float* inp, int64_t n) {
-  launch_map(GeluForwardOp{out, inp}, n, aligned16(out, inp));
+  launch_map(GeluForwardOp<float>{out, inp}, n, aligned16(out, inp));
+}
+
+void gelu_forward(uint16_t* out, const float* inp, int64_t n) {
+  launch_map(GeluForwardOp<uint16_t>{out, inp}, n, aligned16(out, inp));
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
@@ -214,7 +220,11 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) 
 }
 
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F) {
-  launch_map(SwigluForwardOp{out, inp, F}, N * F, F % 4 == 0 && aligned16(out, inp));
+  launch_map(SwigluForwardOp<float>{out, inp, F}, N * F, F % 4 == 0 && aligned16(out, inp));
+}
+
+void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F) {
+  launch_map(SwigluForwardOp<uint16_t>{out, inp, F}, N * F, F % 4 == 0 && aligned16(out, inp));
 }
 
 void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F) {
