@@ -158,7 +158,8 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
-    std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu";
+    std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
+                activations = "bf16";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -172,6 +173,10 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--precision", o->precision, "fp32 | bf16")->capture_default_str();
   cmd->add_option("--master-weights", o->master_weights,
                   "fp32 | bf16 (with --precision bf16; as train.master_weights)")
+      ->capture_default_str();
+  cmd->add_option("--matmul-inputs", o->activations,
+                  "bf16 | fp32: under --precision bf16, the activations that only feed matmuls "
+                  "stored in bf16 (default) or fp32 (for comparison)")
       ->capture_default_str();
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
@@ -195,6 +200,9 @@ void add_bench(CLI::App& app) {
     const bool gpu = model.device() == Device::kCUDA;
     if (o->precision == "bf16") model.enable_bf16();
     if (o->master_weights == "bf16") model.use_bf16_master();
+    if (o->activations != "bf16" && o->activations != "fp32")
+      fail("--matmul-inputs: expected bf16 or fp32, got \"{}\"", o->activations);
+    model.set_bf16_activations(o->activations == "bf16");
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
