@@ -185,6 +185,13 @@ TEST(CudaTraining, Bf16MasterWeightsTrackTheCpu) {
   EXPECT_TRUE(tensors_close("bf16 master weights after 10 steps",
                             host(m.gpu.params().flat_values()).to(DType::kF32),
                             m.cpu.params().flat_values().to(DType::kF32), 2e-2));
+  // Back on the host (as a run does to sample at its end): the bf16 masters and their fp32
+  // working copies come along, and the model evaluates as the CPU's does.
+  m.gpu.to(Device::kCPU);
+  m.gpu.plan(kB, kT);
+  const Batch b = random_batch(c.vocab_size, 999);
+  const float lc = m.cpu.forward(b.tokens, b.targets), lg = m.gpu.forward(b.tokens, b.targets);
+  EXPECT_NEAR(lg, lc, 2e-2 * lc);
 }
 
 // The op-level profile on the GPU: every op of the step is timed by CUDA events (rows marked

@@ -147,8 +147,12 @@ TEST(Training, Bf16MasterWeightsCheckpointAndResumeBitExact) {
                        "--set model.n_layer=2 --set train.steps=12 --set train.checkpoint_every=5 "
                        "--set train.keep_last=0 --set train.eval_every=0 "
                        "--set train.precision=bf16 ";
-  const std::string master = "--set train.master_weights=bf16 ";
-  ASSERT_EQ(run_lmforge("train " + common + master + "--set run.dir=a", dir).exit_code, 0);
+  // (and the run samples at the end, from bf16 master weights)
+  const std::string master =
+      "--set train.master_weights=bf16 --set sample.prompt=In --set sample.max_tokens=8 ";
+  auto first = run_lmforge("train " + common + master + "--set run.dir=a", dir);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_NE(first.out.find("--- sample ---\nIn"), std::string::npos) << first.out;
   ASSERT_EQ(run_lmforge("train " + common + master + "--set run.dir=b", dir).exit_code, 0);
   ASSERT_EQ(run_lmforge("train " + common + "--set run.dir=f", dir).exit_code, 0);  // fp32 masters
   fs::remove_all(dir + "/b/checkpoints/step-00000012");
@@ -182,9 +186,20 @@ TEST(Training, Bf16MasterWeightsCheckpointAndResumeBitExact) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto c = metrics(dir + "/c", "loss");
   ASSERT_EQ(c.size(), 12u);
-  EXPECT_EQ(c.at(10)["loss"], a.at(10)["loss"]);
+  // Step 11's forward sees the same weights (widened exactly) and the same data in both runs.
+  EXPECT_EQ(c.at(11)["loss"], a.at(11)["loss"]);
   EXPECT_NEAR(c.at(12)["loss"].get<double>(), a.at(12)["loss"].get<double>(),
               0.02 * a.at(12)["loss"].get<double>());
+  // And the other way: the fp32-master run resumed with bf16 master weights (rounded once).
+  fs::copy(dir + "/f", dir + "/d", fs::copy_options::recursive);
+  fs::remove_all(dir + "/d/checkpoints/step-00000012");
+  r = run_lmforge("train " + common + master + "--set run.dir=d --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto d = metrics(dir + "/d", "loss");
+  ASSERT_EQ(d.size(), 12u);
+  EXPECT_NEAR(d.at(12)["loss"].get<double>(), f.at(12)["loss"].get<double>(),
+              0.02 * f.at(12)["loss"].get<double>());
+  EXPECT_EQ(Safetensors::open(dir + "/d" + ckpt).info("tok_emb.weight").dtype, "BF16");
 }
 
 // Bit-exact resume for the Llama family too (RoPE, GQA, SwiGLU, RMSNorm, untied head).

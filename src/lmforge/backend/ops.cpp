@@ -71,11 +71,16 @@ int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 // output into dst; they are rounded into the bf16 `out` (cols per row) a block of ~1 MiB at a time,
 // with cpu::to_bf16, as a bf16 matmul rounds an fp32 input: bit-identical to rounding the whole
 // fp32 output afterwards. The fp32 block buffer grows on first use and is then reused.
+std::vector<float>& rows_bf16_buffer() {
+  static std::vector<float> buf;  // one for every op (they run one at a time)
+  return buf;
+}
+
 template <typename F>
 void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
   LMF_CHECK(out.dtype() == DType::kBF16 && out.numel() == N * cols, "{}: bf16 out {} for {} x {}",
             op, out.shape().str(), N, cols);
-  static std::vector<float> buf;
+  std::vector<float>& buf = rows_bf16_buffer();
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
   const int64_t most = std::min(block, N);
   if (buf.size() < static_cast<size_t>(most * cols)) buf.resize(static_cast<size_t>(most * cols));

@@ -38,6 +38,9 @@ void AdamW::step(double lr, double grad_scale) {
     // bf16 master weights are their own bf16 copies, rounded stochastically by the update; their
     // fp32 working copies (1-D parameters) are refreshed before the next forward.
     const bool master16 = s.value.dtype() == DType::kBF16;
+    LMF_CHECK(!s.param->value.defined() || s.param->value.dtype() == s.value.dtype(),
+              "AdamW over {} was made before ParamSet::use_bf16_master; make it after",
+              s.param->name);
     masters = masters || master16;
     // A whole parameter's bf16 copy may be enabled after the optimizer was made; it is written
     // here only where it lives beside the slot (not from dist.offload's host copy of a GPU

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "lmforge/backend/ops.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/config.h"
 #include "lmforge/io/safetensors.h"
@@ -233,12 +234,12 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
       if (!f.has(name)) continue;
       const std::string& stored = f.info(name).dtype;
       if (stored != "F32" && stored != "BF16")
-        fail(
-            "{}: tensor {} is {} but the model needs f32 or bf16; the checkpoint is from another "
-            "architecture",
-            f.path(), name, stored);
+        fail("{}: tensor {} is stored as {}; lmforge checkpoints hold F32 or BF16 values", f.path(),
+             name, stored);
+      // Same dtype: a view. bf16 into fp32 widens exactly; fp32 into bf16 rounds as every other
+      // fp32 -> bf16 conversion of weights does (ops::to_bf16: nearest even, denormals to zero).
       const bool same = stored == (out.dtype() == DType::kF32 ? "F32" : "BF16");
-      Tensor t = same ? f.get(name) : f.load(name, out.dtype());  // a view, or converted
+      Tensor t = same || out.dtype() == DType::kBF16 ? f.get(name) : f.load(name, DType::kF32);
       auto b = f.metadata().find("begin." + name);
       int64_t begin = 0;
       if (b != f.metadata().end()) {
@@ -256,9 +257,12 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
             f.path(), name, t.shape().str(), stored, p.shape.str());
       const int64_t a = std::max(lo, off + begin), z = std::min(hi, off + begin + t.numel());
       if (a >= z) continue;
-      std::memcpy(dst + (a - lo) * esize,
-                  static_cast<const char*>(t.raw()) + (a - off - begin) * esize,
-                  static_cast<size_t>(z - a) * esize);
+      if (t.dtype() == out.dtype())
+        std::memcpy(dst + (a - lo) * esize,
+                    static_cast<const char*>(t.raw()) + (a - off - begin) * esize,
+                    static_cast<size_t>(z - a) * esize);
+      else  // an fp32 checkpoint into bf16 master weights
+        ops::to_bf16(out.slice(a - lo, z - a), t.view({t.numel()}).slice(a - off - begin, z - a));
       got += z - a;
     }
     if (got != want)
