@@ -119,6 +119,21 @@ TEST_F(Nccl, AllGatherOutOfPlaceAndInPlace) {
   EXPECT_EQ(out.download(), ramp<float>(n, -1.0f));
 }
 
+// 2-byte elements (bf16 master weights): the bits arrive as they were, NaN patterns included.
+TEST_F(Nccl, AllGatherTwoByteElements) {
+  const size_t n = 301;
+  std::vector<uint16_t> bits(n);
+  for (size_t i = 0; i < n; ++i) bits[i] = static_cast<uint16_t>(i * 2654435761u >> 7);
+  bits[5] = 0x7fc1;  // a NaN payload
+  DeviceBuffer<uint16_t> in(n), out(n);
+  in.upload(bits);
+  out.upload(std::vector<uint16_t>(n, 0));
+  world_->all_gather(in.get(), out.get(), {static_cast<int64_t>(n)})->wait();
+  EXPECT_EQ(out.download(), bits);
+  world_->all_gather(nullptr, out.get(), {static_cast<int64_t>(n)})->wait();
+  EXPECT_EQ(out.download(), bits);
+}
+
 TEST_F(Nccl, BroadcastBytes) {
   const size_t n = 77;
   DeviceBuffer<float> b(n);

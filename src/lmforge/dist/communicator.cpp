@@ -36,8 +36,9 @@ WorkPtr LocalCommunicator::all_reduce(double*, int64_t) {
 namespace {
 // One rank's reduce-scatter and all-gather are copies, on the host or on the GPU (a model on
 // train.device: cuda keeps its shards there), ordered with the GPU's other work.
-void copy_floats(float* out, const float* in, int64_t n) {
-  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+template <typename T>
+void copy_floats(T* out, const T* in, int64_t n) {
+  const size_t bytes = static_cast<size_t>(n) * sizeof(T);
   if (cuda::is_device_pointer(out) || cuda::is_device_pointer(in))
     cuda::memcpy(out, in, bytes, cuda::Copy::kDeviceToDevice);
   else
@@ -51,6 +52,11 @@ WorkPtr LocalCommunicator::reduce_scatter(const float* in, float* out,
   return std::make_unique<CompletedWork>();
 }
 WorkPtr LocalCommunicator::all_gather(const float* in, float* out, const std::vector<int64_t>& c) {
+  if (in && in != out) copy_floats(out, in, c.at(0));
+  return std::make_unique<CompletedWork>();
+}
+WorkPtr LocalCommunicator::all_gather(const uint16_t* in, uint16_t* out,
+                                      const std::vector<int64_t>& c) {
   if (in && in != out) copy_floats(out, in, c.at(0));
   return std::make_unique<CompletedWork>();
 }

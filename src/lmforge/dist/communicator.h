@@ -59,6 +59,9 @@ class Communicator {
   // out (sum(counts) elements) receives every rank's block in rank order; rank r contributes
   // counts[r] elements from in, or, when in == nullptr, from its own place in out (in place).
   virtual WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& counts) = 0;
+  // The same for 2-byte elements (bf16 master weights; the bits are copied, never combined).
+  virtual WorkPtr all_gather(const uint16_t* in, uint16_t* out,
+                             const std::vector<int64_t>& counts) = 0;
   virtual WorkPtr broadcast(void* data, int64_t bytes, int root) = 0;
   virtual void barrier() = 0;
   // The ranks passing the same color, ordered by key (e.g. the ranks of one node).
@@ -76,6 +79,7 @@ class LocalCommunicator final : public Communicator {
   WorkPtr all_reduce(double*, int64_t) override;
   WorkPtr reduce_scatter(const float* in, float* out, const std::vector<int64_t>& c) override;
   WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& c) override;
+  WorkPtr all_gather(const uint16_t* in, uint16_t* out, const std::vector<int64_t>& c) override;
   WorkPtr broadcast(void*, int64_t, int) override;
   void barrier() override {}
   std::unique_ptr<Communicator> split(int, int) override;

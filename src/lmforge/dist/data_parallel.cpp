@@ -309,8 +309,11 @@ void DataParallel::step(double lr) {
     device_slots_[i].value.view({device_slots_[i].len}).copy_from(host_slots_[i].value);
   if (offload()) ps_.invalidate_bf16();
   if (strategy_ == Strategy::kZero1 || strategy_ == Strategy::kGradShard) {
-    float* v = ps_.flat_values().data<float>();
-    world_.all_gather(nullptr, v, layout_.counts(0, layout_.n))->wait();
+    const Tensor v = ps_.flat_values();  // fp32, or bf16 master weights
+    if (v.dtype() == DType::kBF16)
+      world_.all_gather(nullptr, v.bf16_data(), layout_.counts(0, layout_.n))->wait();
+    else
+      world_.all_gather(nullptr, v.data<float>(), layout_.counts(0, layout_.n))->wait();
     ps_.invalidate_bf16();  // only the shard's copies were rewritten
   } else if (sharded_values()) {
     slot_block_[0] = slot_block_[1] = -1;  // gathered blocks are stale now

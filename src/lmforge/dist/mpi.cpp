@@ -139,17 +139,10 @@ class MpiCommunicator final : public Communicator {
   }
 
   WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& c) override {
-    auto w = std::make_unique<MpiWork>(kAllGather, total(c), comm_);
-    w->counts = ints(c, "all_gather");
-    w->displs.resize(c.size());
-    int64_t off = 0;
-    for (size_t r = 0; r < c.size(); ++r) {
-      w->displs[r] = checked_count(off, "all_gather");
-      off += c[r];
-    }
-    MPI_Iallgatherv(in ? in : MPI_IN_PLACE, w->counts[rank_], MPI_FLOAT, out, w->counts.data(),
-                    w->displs.data(), MPI_FLOAT, comm_, &w->req);
-    return w;
+    return gather(in, out, c, MPI_FLOAT);
+  }
+  WorkPtr all_gather(const uint16_t* in, uint16_t* out, const std::vector<int64_t>& c) override {
+    return gather(in, out, c, MPI_UINT16_T);
   }
 
   WorkPtr broadcast(void* data, int64_t bytes, int root) override {
@@ -171,6 +164,19 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  WorkPtr gather(const void* in, void* out, const std::vector<int64_t>& c, MPI_Datatype type) {
+    auto w = std::make_unique<MpiWork>(kAllGather, total(c), comm_);
+    w->counts = ints(c, "all_gather");
+    w->displs.resize(c.size());
+    int64_t off = 0;
+    for (size_t r = 0; r < c.size(); ++r) {
+      w->displs[r] = checked_count(off, "all_gather");
+      off += c[r];
+    }
+    MPI_Iallgatherv(in ? in : MPI_IN_PLACE, w->counts[rank_], type, out, w->counts.data(),
+                    w->displs.data(), type, comm_, &w->req);
+    return w;
+  }
   WorkPtr reduce(void* data, int64_t n, MPI_Datatype type) {
     auto w = std::make_unique<MpiWork>(kAllReduce, n, comm_);
     MPI_Iallreduce(MPI_IN_PLACE, data, checked_count(n, "all_reduce"), type, MPI_SUM, comm_,

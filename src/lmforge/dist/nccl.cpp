@@ -470,22 +470,36 @@ WorkPtr NcclCommunicator::reduce_scatter(const float* in, float* out,
 }
 
 WorkPtr NcclCommunicator::all_gather(const float* in, float* out, const std::vector<int64_t>& c) {
+  return gather(in, out, c, sizeof(float), ncclFloat);
+}
+
+WorkPtr NcclCommunicator::all_gather(const uint16_t* in, uint16_t* out,
+                                     const std::vector<int64_t>& c) {
+  return gather(in, out, c, sizeof(uint16_t), ncclBfloat16);  // copied, so any 2-byte type
+}
+
+WorkPtr NcclCommunicator::gather(const void* in, void* out, const std::vector<int64_t>& c,
+                                 size_t esize, int type) {
+  const auto dtype = static_cast<ncclDataType_t>(type);
+  auto at = [&](void* base, int64_t elems) {
+    return static_cast<char*>(base) + static_cast<size_t>(elems) * esize;
+  };
   int64_t n = total(c);
   int64_t mine_off = 0;
   for (int r = 0; r < rank_; ++r) mine_off += c[r];
-  const float* mine = in ? in : out + mine_off;
+  const void* mine = in ? in : at(out, mine_off);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
   after_compute();
   if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
-    LMF_NCCL_CHECK(ncclAllGather(mine, out, checked_count(c[0]), ncclFloat, comm_, stream_));
+    LMF_NCCL_CHECK(ncclAllGather(mine, out, checked_count(c[0]), dtype, comm_, stream_));
   } else {
     // Rank r broadcasts its block into place; sendbuff is read on the root only.
     LMF_NCCL_CHECK(ncclGroupStart());
     int64_t off = 0;
     for (int r = 0; r < size_; ++r) {
       if (c[r] > 0)
-        LMF_NCCL_CHECK(ncclBroadcast(r == rank_ ? mine : out + off, out + off, checked_count(c[r]),
-                                     ncclFloat, r, comm_, stream_));
+        LMF_NCCL_CHECK(ncclBroadcast(r == rank_ ? mine : at(out, off), at(out, off),
+                                     checked_count(c[r]), dtype, r, comm_, stream_));
       off += c[r];
     }
     LMF_NCCL_CHECK(ncclGroupEnd());

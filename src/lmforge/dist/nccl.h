@@ -52,6 +52,8 @@ class NcclCommunicator final : public Communicator {
   // out must not overlap in, except as exactly this rank's block of it (in place).
   WorkPtr reduce_scatter(const float* in, float* out, const std::vector<int64_t>& counts) override;
   WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& counts) override;
+  WorkPtr all_gather(const uint16_t* in, uint16_t* out,
+                     const std::vector<int64_t>& counts) override;
   WorkPtr broadcast(void* data, int64_t bytes, int root) override;
   void barrier() override;
   // ncclCommSplit; color must be >= 0.
@@ -59,6 +61,9 @@ class NcclCommunicator final : public Communicator {
 
  private:
   WorkPtr finish(int op, int64_t elems);  // a Work for what was just enqueued
+  // all_gather of esize-byte elements of NCCL type `type` (an ncclDataType_t).
+  WorkPtr gather(const void* in, void* out, const std::vector<int64_t>& counts, size_t esize,
+                 int type);
   int64_t total(const std::vector<int64_t>& counts) const;
 
   ncclComm* comm_ = nullptr;
