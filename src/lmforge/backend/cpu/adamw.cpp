@@ -39,26 +39,42 @@ void adamw_portable(float* p, const float* g, float* m, float* v, uint16_t* p16,
   }
 }
 
-// The same arithmetic, 16 lanes at a time (CPUs with AVX512-BF16) (separate multiplies and adds, no
-// FMA: results are bit-identical to the portable loop), writing the bf16 copy of the weights in the
-// same pass.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx512(
-    float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, const AdamScalars& s) {
-  const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1),
-               w2 = _mm512_set1_ps(s.w2), b2 = _mm512_set1_ps(s.b2),
-               bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps),
-               lr = _mm512_set1_ps(s.step_size), gscale = _mm512_set1_ps(s.gscale);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), gscale), mi = _mm512_loadu_ps(m + i),
-           vi = _mm512_loadu_ps(v + i);
-    __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
+// adam_one on 16 lanes: the scalars broadcast once; step() loads g, m, v at i, stores m and v, and
+// returns the new weights from the old ones (separate multiplies and adds, no FMA: bit-identical
+// to adam_one).
+struct AdamLanes {
+  __m512 decay, w1, w2, b2, bc2, eps, lr, gscale;
+  __attribute__((target("avx512f"))) explicit AdamLanes(const AdamScalars& s)
+      : decay(_mm512_set1_ps(s.decay)),
+        w1(_mm512_set1_ps(s.w1)),
+        w2(_mm512_set1_ps(s.w2)),
+        b2(_mm512_set1_ps(s.b2)),
+        bc2(_mm512_set1_ps(s.bc2_sqrt)),
+        eps(_mm512_set1_ps(s.eps)),
+        lr(_mm512_set1_ps(s.step_size)),
+        gscale(_mm512_set1_ps(s.gscale)) {}
+  __attribute__((target("avx512f"))) __m512 step(__m512 p, const float* g, float* m,
+                                                 float* v) const {
+    __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g), gscale), mi = _mm512_loadu_ps(m),
+           vi = _mm512_loadu_ps(v);
+    __m512 pi = _mm512_mul_ps(p, decay);
     mi = _mm512_add_ps(mi, _mm512_mul_ps(w1, _mm512_sub_ps(gi, mi)));
     vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(w2, gi), gi));
     __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
-    pi = _mm512_sub_ps(pi, _mm512_mul_ps(lr, _mm512_div_ps(mi, denom)));
-    _mm512_storeu_ps(m + i, mi);
-    _mm512_storeu_ps(v + i, vi);
+    _mm512_storeu_ps(m, mi);
+    _mm512_storeu_ps(v, vi);
+    return _mm512_sub_ps(pi, _mm512_mul_ps(lr, _mm512_div_ps(mi, denom)));
+  }
+};
+
+// 16 lanes at a time (CPUs with AVX512-BF16), writing the bf16 copy of the weights in the same
+// pass; bit-identical to the portable loop.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx512(
+    float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, const AdamScalars& s) {
+  const AdamLanes lanes(s);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 pi = lanes.step(_mm512_loadu_ps(p + i), g + i, m + i, v + i);
     _mm512_storeu_ps(p + i, pi);
     if (p16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + i),
@@ -89,10 +105,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i hash32_avx51
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void adamw_sr_avx512(
     uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamScalars& s, uint32_t key,
     uint32_t index0) {
-  const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1),
-               w2 = _mm512_set1_ps(s.w2), b2 = _mm512_set1_ps(s.b2),
-               bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps),
-               lr = _mm512_set1_ps(s.step_size), gscale = _mm512_set1_ps(s.gscale);
+  const AdamLanes adam(s);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i vkey = _mm512_set1_epi32(static_cast<int>(key)),
                 golden = _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)),
@@ -101,16 +114,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void adamw_sr_avx512(
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
-    __m512 pi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), gscale), mi = _mm512_loadu_ps(m + i),
-           vi = _mm512_loadu_ps(v + i);
-    pi = _mm512_mul_ps(pi, decay);
-    mi = _mm512_add_ps(mi, _mm512_mul_ps(w1, _mm512_sub_ps(gi, mi)));
-    vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(w2, gi), gi));
-    __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
-    pi = _mm512_sub_ps(pi, _mm512_mul_ps(lr, _mm512_div_ps(mi, denom)));
-    _mm512_storeu_ps(m + i, mi);
-    _mm512_storeu_ps(v + i, vi);
+    const __m512 pi = adam.step(
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), g + i, m + i, v + i);
     // bf16_round_stochastic, lanewise: finite values get the random offset, NaN its quiet bit,
     // inf nothing.
     const __m512i idx = _mm512_add_epi32(
