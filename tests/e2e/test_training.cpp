@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -177,6 +178,14 @@ TEST(Training, Bf16MasterWeightsCheckpointAndResumeBitExact) {
   auto g = run_lmforge("generate --checkpoint a --prompt 'And God said' --max-tokens 20", dir);
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_EQ(g.out.rfind("And God said", 0), 0u);
+  // Exported in bf16, the Hugging Face weights are the checkpoint's bits (GPT-2 stores the
+  // token embedding as transformer.wte.weight).
+  auto e = run_lmforge("export --checkpoint a --to-hf hf --dtype bf16", dir);
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  Tensor ours = sa.get("tok_emb.weight"),
+         hf = Safetensors::open(dir + "/hf/model.safetensors").get("transformer.wte.weight");
+  ASSERT_EQ(hf.nbytes(), ours.nbytes());
+  EXPECT_EQ(std::memcmp(hf.raw(), ours.raw(), ours.nbytes()), 0);
 
   // Back to fp32 master weights from step 10 of the bf16-master run: the bf16 values widen
   // exactly, and training continues.
