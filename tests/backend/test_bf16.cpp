@@ -235,6 +235,35 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
   ops::linear_backward(Tensor(), dw1, Tensor(), g, out, w16);
   ops::linear_backward(Tensor(), dw2, Tensor(), g, out16, w16);
   EXPECT_EQ(std::memcmp(dw1.raw(), dw2.raw(), dw1.nbytes()), 0);
+
+  // The loss's backward writing bf16 dlogits, rows padded (ld 104 for V = 97): each row is
+  // to_bf16 of the fp32 one, the padding untouched; the LM head's backward takes them as they are.
+  const int64_t R = 40, V = 97, ld = 104;
+  Tensor logits = Tensor::empty({R, V}, DType::kF32), tg = Tensor::empty({R}, DType::kI32);
+  fill(logits, 7);
+  for (int64_t i = 0; i < R; ++i)
+    tg.data<int32_t>()[i] = i == 3 ? -100 : static_cast<int32_t>(i * 5 % V);
+  Tensor d32 = Tensor::empty({R, V}, DType::kF32), d16 = Tensor::empty({R, ld}, DType::kBF16);
+  std::memset(d16.raw(), 0xab, d16.nbytes());
+  ops::softmax_xent_backward(d32, logits, tg, 0.25, -100, 1e-4);
+  ops::softmax_xent_backward(d16, logits, tg, 0.25, -100, 1e-4);
+  Tensor want = Tensor::empty({R, V}, DType::kBF16);
+  ops::to_bf16(want, d32);
+  for (int64_t i = 0; i < R; ++i) {
+    ASSERT_EQ(std::memcmp(want.bf16_data() + i * V, d16.bf16_data() + i * ld, V * 2), 0) << i;
+    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(d16.bf16_data()[i * ld + v], 0xabab);
+  }
+  Tensor h16 = Tensor::empty({R, C}, DType::kBF16), hw = Tensor::empty({V, C}, DType::kF32),
+         hw16 = Tensor::empty({V, C}, DType::kBF16);
+  std::memcpy(h16.raw(), out16.raw(), h16.nbytes());
+  fill(hw, 8);
+  ops::to_bf16(hw16, hw);
+  Tensor dh1 = Tensor::zeros({R, C}, DType::kF32), dh2 = Tensor::zeros({R, C}, DType::kF32),
+         dhw1 = Tensor::zeros({V, C}, DType::kF32), dhw2 = Tensor::zeros({V, C}, DType::kF32);
+  ops::linear_backward(dh1, dhw1, Tensor(), d32, h16, hw16);
+  ops::linear_backward(dh2, dhw2, Tensor(), d16, h16, hw16);
+  EXPECT_EQ(std::memcmp(dh1.raw(), dh2.raw(), dh1.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(dhw1.raw(), dhw2.raw(), dhw1.nbytes()), 0);
 }
 
 TEST(VecMath, ExpWithinTwoUlpOfLibm) {

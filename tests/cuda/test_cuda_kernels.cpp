@@ -286,6 +286,18 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
   cuda::softmax_xent_backward(d_dlogits.get(), d_logits.get(), d_targets.get(), dloss, N, V,
                               kIgnore, z_loss);
   EXPECT_TRUE(close("dlogits", d_dlogits.host(), dlogits, kReduction));
+  // Written in bf16 into rows padded to 8 elements: each row the rounding of the fp32 kernel's,
+  // the padding untouched.
+  const int64_t ld = (V + 7) / 8 * 8;
+  DeviceArray<uint16_t> d16(std::vector<uint16_t>(N * ld, 0xabab)), want(N * ld);
+  cuda::softmax_xent_backward(d16.get(), ld, d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
+                              z_loss);
+  cuda::detail::to_bf16_rows(want.get(), ld, d_dlogits.get(), N, V);
+  const std::vector<uint16_t> got = d16.host(), ref = want.host();
+  for (int64_t i = 0; i < N; ++i) {
+    ASSERT_EQ(std::memcmp(got.data() + i * ld, ref.data() + i * ld, V * 2), 0) << "row " << i;
+    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got[i * ld + v], 0xabab) << "row " << i;
+  }
   cuda::softmax_xent_backward(d_logits.get(), d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
                               z_loss);
   EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));

@@ -68,9 +68,10 @@ int64_t last(const Tensor& t) { return t.size(-1); }
 int64_t rows(const Tensor& t) { return t.numel() / last(t); }
 
 // bf16 activations on the CPU: `fill(dst, r0, n)` computes rows [r0, r0 + n) of an fp32 kernel's
-// output into dst; they are rounded into the bf16 `out` (cols per row) a block of ~1 MiB at a time,
-// with cpu::to_bf16, as a bf16 matmul rounds an fp32 input: bit-identical to rounding the whole
-// fp32 output afterwards. The fp32 block buffer grows on first use and is then reused.
+// output (cols each) into dst; they are rounded into the bf16 `out` (rows ld >= cols elements
+// apart; the padding is not written) a block of ~1 MiB (at least 16 rows) at a time, with
+// cpu::to_bf16, as a bf16 matmul rounds an fp32 input: bit-identical to rounding the whole fp32
+// output afterwards. The fp32 block buffer grows on first use and is then reused.
 std::vector<float>& rows_bf16_buffer() {
   static std::vector<float> buf;  // one for every op (they run one at a time)
   return buf;
@@ -78,17 +79,21 @@ std::vector<float>& rows_bf16_buffer() {
 
 template <typename F>
 void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
-  LMF_CHECK(out.dtype() == DType::kBF16 && out.numel() == N * cols, "{}: bf16 out {} for {} x {}",
-            op, out.shape().str(), N, cols);
+  const int64_t ld = out.ndim() ? last(out) : cols;
+  LMF_CHECK(out.dtype() == DType::kBF16 && ld >= cols && out.numel() == N * ld,
+            "{}: bf16 out {} for {} x {}", op, out.shape().str(), N, cols);
   std::vector<float>& buf = rows_bf16_buffer();
-  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
   const int64_t most = std::min(block, N);
   if (buf.size() < static_cast<size_t>(most * cols)) buf.resize(static_cast<size_t>(most * cols));
   uint16_t* o = out.bf16_data();
   for (int64_t r0 = 0; r0 < N; r0 += block) {
     const int64_t n = std::min(block, N - r0);
     fill(buf.data(), r0, n);
-    cpu::to_bf16(o + r0 * cols, buf.data(), n * cols);
+    if (ld == cols)
+      cpu::to_bf16(o + r0 * ld, buf.data(), n * cols);
+    else
+      for (int64_t r = 0; r < n; ++r) cpu::to_bf16(o + (r0 + r) * ld, buf.data() + r * cols, cols);
   }
 }
 
@@ -175,10 +180,30 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight) {
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
-  LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
-            N, OC);
   same_device("linear_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight});
   const bool bf16 = weight.dtype() == DType::kBF16;
+  if (dout.dtype() == DType::kBF16) {
+    // A bf16 output gradient, already rounded (the LM head's dlogits), rows ld >= OC apart.
+    const int64_t ld = last(dout);
+    LMF_CHECK(bf16 && inp.dtype() == DType::kBF16 && !dbias.raw() && rows(dout) == N && ld >= OC,
+              "linear_backward: a bf16 dout {} needs bf16 weight and input and no bias (N={} "
+              "OC={})",
+              dout.shape().str(), N, OC);
+    profile::Scope timed(
+        "linear_backward_bf16", dinp.raw() ? dinp : dweight,
+        2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
+    auto run = [&](auto&& kernel) {
+      kernel(ptr<float>(dinp), ptr<float>(dweight), static_cast<const uint16_t*>(dout.bf16_data()),
+             ld, static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
+    };
+    dispatch(
+        "linear_backward_bf16", dinp.raw() ? dinp : dweight,
+        [&](auto) { run([](auto... a) { cpu::linear_backward_bf16_dout(a...); }); },
+        LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16_dout(a...); })));
+    return;
+  }
+  LMF_CHECK(dout.numel() == N * OC, "linear_backward: dout {} for N={} OC={}", dout.shape().str(),
+            N, OC);
   profile::Scope timed(
       bf16 ? "linear_backward_bf16" : "linear_backward", dout,
       2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
@@ -581,6 +606,21 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                            double dloss, int32_t ignore_index, double z_loss) {
   int64_t V = last(logits), N = rows(logits);
+  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
+    const int64_t ld = last(dlogits);
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::softmax_xent_backward<float>(dst, cptr<float>(logits) + r0 * V,
+                                        targets.data<int32_t>() + r0, static_cast<float>(dloss), n,
+                                        V, ignore_index, z_loss);
+    };
+    dispatch(
+        "softmax_xent_backward", logits,
+        [&](auto) { cpu_rows_bf16("softmax_xent_backward", dlogits, N, V, fill); },
+        LMF_GPU(cuda::softmax_xent_backward(dlogits.bf16_data(), ld, cptr<float>(logits),
+                                            targets.data<int32_t>(), static_cast<float>(dloss), N,
+                                            V, ignore_index, z_loss)));
+    return;
+  }
   dispatch(
       "softmax_xent_backward", logits,
       [&](auto tag) {

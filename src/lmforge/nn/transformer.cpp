@@ -106,8 +106,8 @@ void Transformer::to(Device device) {
   shared_acts_ = {};
   scratch_ = {};
   nf_ = {};
-  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = losses_ = lse_sums_ = dres_ = dnf_ =
-      Tensor();
+  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ =
+      dnf_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -148,6 +148,12 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         nf_out_ = a.alloc({B, T, C}, mm_in);
         logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
         chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
+        // bf16: the loss's backward writes dlogits rounded to bf16 for the LM head's matmuls
+        // (rows padded to 16 bytes on a GPU, for its fast GEMM kernels), no fp32 dlogits pass.
+        const int64_t ld = device() == Device::kCPU ? V : (V + 7) / 8 * 8;
+        dlogits16_ = keep_logits || mm_in != DType::kBF16
+                         ? Tensor()
+                         : a.alloc({chunk_rows_, ld}, DType::kBF16);
         losses_ = a.alloc({B, T});
         lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
         dres_ = a.alloc({B, T, C});
@@ -215,8 +221,10 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
     ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index, lse_sums_.slice(c, 1));
     if (loss_scale) {
-      ops::softmax_xent_backward(logits, logits, yr, dloss, ignore_index, z_loss_);
-      ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), logits, hr, lm_head_weight());
+      // dlogits in place (fp32), or straight into bf16 for the bf16 matmuls.
+      const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
+      ops::softmax_xent_backward(dl, logits, yr, dloss, ignore_index, z_loss_);
+      ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
     }
   }
   // What the step reads back: the loss (one reduction of the rows) and the chunks' lse^2 sums.

@@ -133,7 +133,7 @@ class Transformer {
   std::vector<Block::Acts> block_acts_;
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
-  Tensor x0_, nf_out_, logits_, chunk_, losses_, dres_, dnf_;
+  Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
   bool bf16_acts_ = true;
   Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;

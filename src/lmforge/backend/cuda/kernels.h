@@ -94,6 +94,11 @@ void softmax_xent_forward(float* losses, const float* logits, const int32_t* tar
 // get 0. Writes (does not accumulate); dlogits may alias logits. dloss is a host value.
 void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss);
+// The same written rounded to bf16 (bf16_ftz) into rows ld >= V apart (the LM head's backward
+// matmul input; ld a multiple of 8 keeps its rows 16-byte aligned); the padding is not written.
+void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
+                           const int32_t* targets, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss);
 
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src

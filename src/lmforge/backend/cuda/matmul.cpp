@@ -354,10 +354,16 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
       to_bf16(d, dout, N * OC);
     else
       detail::to_bf16_rows(d, ld, dout, N, OC);
-    if (dinp) gemm_bf16(false, false, N, C, OC, d, ld, weight, C, nullptr, true, dinp, C);
-    if (dweight) gemm_bf16(true, false, OC, C, N, d, ld, inp, C, nullptr, true, dweight, C);
+    linear_backward_bf16_dout(dinp, dweight, d, ld, inp, weight, N, C, OC);
   }
   if (dbias) bias_grad(dbias, dout, N, OC);
+}
+
+void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
+                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                               int64_t OC) {
+  if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, true, dinp, C);
+  if (dweight) gemm_bf16(true, false, OC, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,

@@ -61,6 +61,10 @@ void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
+// And with the output gradient already in bf16 (rows ld >= OC apart; no bias).
+void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
+                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                               int64_t OC);
 
 namespace detail {
 // Small kernels of matmul_kernels.cu, launched on stream() (for matmul.cpp only).

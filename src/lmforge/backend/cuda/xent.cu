@@ -1,4 +1,6 @@
 // Softmax cross-entropy over rows of logits (with z-loss), forward and backward.
+#include <type_traits>
+
 #include "lmforge/backend/cuda/device.cuh"
 
 namespace lmforge::cuda {
@@ -124,22 +126,30 @@ __global__ void __launch_bounds__(kXentThreads)
 
 // d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]. The row is fully read (for lse,
 // then a block sync) before any write, so dlogits may alias logits.
+template <typename O>  // float (in place allowed), or uint16_t: bf16 rows ld apart
 __global__ void __launch_bounds__(kXentThreads)
-    softmax_xent_backward_kernel(float* dlogits, const float* logits, const int32_t* targets,
-                                 float dloss, int64_t V, int32_t ignore_index, double z_loss) {
+    softmax_xent_backward_kernel(O* dlogits, int64_t ld, const float* logits,
+                                 const int32_t* targets, float dloss, int64_t V,
+                                 int32_t ignore_index, double z_loss) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
   const float* x = logits + i * V;
-  float* d = dlogits + i * V;
+  O* d = dlogits + i * ld;
+  auto write = [&](auto&& g) {  // d[v] = g(v, x[v]) over the row
+    if constexpr (std::is_same_v<O, float>)
+      map_row(d, x, V, g);
+    else
+      for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
+  };
   if (y == ignore_index) {
-    map_row(d, x, V, [](int64_t, float) { return 0.0f; });
+    write([](int64_t, float) { return 0.0f; });
     return;
   }
   const double lse = row_logsumexp(x, V);
   const double zf = 1.0 + 2.0 * z_loss * lse;
   const bool valid = y >= 0 && y < V;
   const float lse_f = static_cast<float>(lse), coef = static_cast<float>(dloss * zf);
-  map_row(d, x, V, [&](int64_t v, float xv) {
+  write([&](int64_t v, float xv) {
     if (!valid) return __int_as_float(0x7fc00000);
     if (v == y) return static_cast<float>(dloss * (exp(static_cast<double>(xv) - lse) * zf - 1.0));
     return expf(xv - lse_f) * coef;
@@ -165,7 +175,16 @@ void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* t
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
   softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      dlogits, logits, targets, dloss, V, ignore_index, z_loss);
+      dlogits, V, logits, targets, dloss, V, ignore_index, z_loss);
+  LMF_CUDA_LAUNCHED();
+}
+
+void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
+                           const int32_t* targets, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss) {
+  if (N <= 0) return;
+  softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
 }
 
