@@ -190,7 +190,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
               "OC={})",
               dout.shape().str(), N, OC);
     profile::Scope timed(
-        "linear_backward_bf16", dinp.raw() ? dinp : dweight,
+        "linear_backward_bf16", dout,
         2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
     auto run = [&](auto&& kernel) {
       kernel(ptr<float>(dinp), ptr<float>(dweight), static_cast<const uint16_t*>(dout.bf16_data()),
