@@ -253,6 +253,22 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
     ASSERT_EQ(std::memcmp(want.bf16_data() + i * V, d16.bf16_data() + i * ld, V * 2), 0) << i;
     for (int64_t v = V; v < ld; ++v) ASSERT_EQ(d16.bf16_data()[i * ld + v], 0xabab);
   }
+  // The fused forward + backward (training): the same losses and dlogits bit for bit, fp32 in
+  // place and bf16 padded alike, and lse^2 to rounding.
+  Tensor l1 = Tensor::empty({R}, DType::kF32), l2 = Tensor::empty({R}, DType::kF32),
+         z1 = Tensor::empty({1}, DType::kF64), z2 = Tensor::empty({1}, DType::kF64),
+         inplace = logits.clone(), f16 = Tensor::empty({R, ld}, DType::kBF16);
+  ops::softmax_xent_rows(l1, logits, tg, -100, z1);
+  ops::softmax_xent_forward_backward(l2, z2, inplace, inplace, tg, -100, 0.25, 1e-4);
+  EXPECT_EQ(std::memcmp(l1.raw(), l2.raw(), l1.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(inplace.raw(), d32.raw(), d32.nbytes()), 0);
+  EXPECT_NEAR(z2.data<double>()[0], z1.data<double>()[0], 1e-12 * z1.data<double>()[0]);
+  ops::softmax_xent_forward_backward(l2, z2, f16, logits, tg, -100, 0.25, 1e-4);
+  EXPECT_EQ(std::memcmp(l1.raw(), l2.raw(), l1.nbytes()), 0);
+  for (int64_t i = 0; i < R; ++i)
+    ASSERT_EQ(std::memcmp(f16.bf16_data() + i * ld, d16.bf16_data() + i * ld, V * 2), 0) << i;
+  EXPECT_NEAR(z2.data<double>()[0], z1.data<double>()[0], 1e-12 * z1.data<double>()[0]);
+
   Tensor h16 = Tensor::empty({R, C}, DType::kBF16), hw = Tensor::empty({V, C}, DType::kF32),
          hw16 = Tensor::empty({V, C}, DType::kBF16);
   std::memcpy(h16.raw(), out16.raw(), h16.nbytes());

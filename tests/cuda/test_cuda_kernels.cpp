@@ -298,6 +298,21 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
     ASSERT_EQ(std::memcmp(got.data() + i * ld, ref.data() + i * ld, V * 2), 0) << "row " << i;
     for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got[i * ld + v], 0xabab) << "row " << i;
   }
+  // The fused forward + backward: the separate kernels' losses and dlogits bit for bit (fp32 and
+  // padded bf16), lse^2 to rounding.
+  DeviceArray<float> f_losses(losses), f_dlogits(dlogits);
+  DeviceArray<double> f_lse_sq(std::vector<double>{-1.0});
+  cuda::softmax_xent_forward_backward(f_losses.get(), f_lse_sq.get(), f_dlogits.get(),
+                                      d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
+                                      z_loss);
+  EXPECT_EQ(f_losses.host(), d_losses.host());
+  EXPECT_EQ(f_dlogits.host(), d_dlogits.host());
+  EXPECT_NEAR(device_scalar(f_lse_sq.get()), device_scalar(d_lse_sq.get()),
+              1e-12 * std::abs(device_scalar(d_lse_sq.get())));
+  DeviceArray<uint16_t> f16(std::vector<uint16_t>(N * ld, 0xabab));
+  cuda::softmax_xent_forward_backward(f_losses.get(), f_lse_sq.get(), f16.get(), ld, d_logits.get(),
+                                      d_targets.get(), dloss, N, V, kIgnore, z_loss);
+  EXPECT_EQ(f16.host(), d16.host());
   cuda::softmax_xent_backward(d_logits.get(), d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
                               z_loss);
   EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));

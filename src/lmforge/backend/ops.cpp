@@ -633,6 +633,52 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
                                           ignore_index, z_loss)));
 }
 
+void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
+                                   const Tensor& dlogits, const Tensor& logits,
+                                   const Tensor& targets, int32_t ignore_index, double dloss,
+                                   double z_loss) {
+  const int64_t V = last(logits), N = rows(logits);
+  LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N,
+            "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),
+            dlogits.shape().str());
+  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64,
+            "xent: lse_sq_sum is one double");
+  same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
+  const float dl = static_cast<float>(dloss);
+  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
+    const int64_t ld = last(dlogits);
+    double total = 0;  // the blocks' lse^2 sums
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      double part = 0;
+      cpu::softmax_xent_forward_backward<float>(
+          ptr<float>(losses) + r0, dst, cptr<float>(logits) + r0 * V, targets.data<int32_t>() + r0,
+          dl, n, V, ignore_index, z_loss, &part);
+      total += part;
+    };
+    dispatch(
+        "softmax_xent_forward_backward", logits,
+        [&](auto) {
+          cpu_rows_bf16("softmax_xent_forward_backward", dlogits, N, V, fill);
+          lse_sq_sum.data<double>()[0] = total;
+        },
+        LMF_GPU(cuda::softmax_xent_forward_backward(
+            ptr<float>(losses), lse_sq_sum.data<double>(), dlogits.bf16_data(), ld,
+            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+    return;
+  }
+  dispatch(
+      "softmax_xent_forward_backward", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_forward_backward<T>(ptr<T>(losses), ptr<T>(dlogits), cptr<T>(logits),
+                                              targets.data<int32_t>(), static_cast<T>(dloss), N, V,
+                                              ignore_index, z_loss, lse_sq_sum.data<double>());
+      },
+      LMF_GPU(cuda::softmax_xent_forward_backward(
+          ptr<float>(losses), lse_sq_sum.data<double>(), ptr<float>(dlogits), cptr<float>(logits),
+          targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+}
+
 void to_bf16(const Tensor& dst, const Tensor& src) {
   same_numel("to_bf16", dst, src);
   LMF_CHECK(dst.device() == src.device(), "to_bf16: both tensors on one device");

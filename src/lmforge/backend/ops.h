@@ -96,6 +96,15 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
 // dloss * (xent + z_loss * lse^2) (PaLM's z-loss); writes (not +=) and may alias logits.
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                            double dloss, int32_t ignore_index, double z_loss = 0);
+// softmax_xent_rows and softmax_xent_backward in one pass over the logits (training: one
+// logsumexp per row): the same losses and dlogits, bit for bit, and lse_sq_sum to rounding (its
+// partial sums may group differently). dlogits may alias logits, or be bf16: (N, ld >= V) rows,
+// each rounded to bf16 as to_bf16 would (the LM head's backward matmul input; the padding is not
+// written).
+void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
+                                   const Tensor& dlogits, const Tensor& logits,
+                                   const Tensor& targets, int32_t ignore_index, double dloss,
+                                   double z_loss = 0);
 
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);

@@ -219,13 +219,17 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
-    ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index, lse_sums_.slice(c, 1));
-    if (loss_scale) {
-      // dlogits in place (fp32), or straight into bf16 for the bf16 matmuls.
-      const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
-      ops::softmax_xent_backward(dl, logits, yr, dloss, ignore_index, z_loss_);
-      ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
+    if (!loss_scale) {
+      ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index,
+                             lse_sums_.slice(c, 1));
+      continue;
     }
+    // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
+    // for the bf16 matmuls.
+    const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
+    ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
+                                       yr, ignore_index, dloss, z_loss_);
+    ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
   }
   // What the step reads back: the loss (one reduction of the rows) and the chunks' lse^2 sums.
   const double sum = ops::sum(loss_rows);

@@ -61,6 +61,27 @@ double lse_of(const T* x, int64_t V) {
 }
 }  // namespace
 
+namespace {
+// Row i's gradient d(lse - x_y + z lse^2) / dx_v = dloss (p_v (1 + 2 z lse) - [v == y]), from
+// its lse; x is read before d (which may alias it) is written.
+template <typename T>
+void grad_row(T* d, const T* x, int64_t V, int32_t y, double lse, T dloss, double z_loss) {
+  double zf = 1.0 + 2.0 * z_loss * lse;
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) {
+      const float xy = x[y];  // before d overwrites it
+      softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
+      d[y] = static_cast<float>(dloss * (std::exp(static_cast<double>(xy) - lse) * zf - 1.0));
+      return;
+    }
+  }
+  for (int64_t v = 0; v < V; ++v) {
+    double p = std::exp(static_cast<double>(x[v]) - lse);
+    d[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));
+  }
+}
+}  // namespace
+
 template <typename T>
 void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
                           int32_t ignore_index, double* lse_sq_sum) {
@@ -93,22 +114,32 @@ void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, 
       for (int64_t v = 0; v < V; ++v) d[v] = T(0);
       continue;
     }
-    double lse = lse_of(x, V);  // read x fully before d (which may alias it) is written
-    // d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]
-    double zf = 1.0 + 2.0 * z_loss * lse;
-    if constexpr (std::is_same_v<T, float>) {
-      if (has_avx512()) {
-        const float xy = x[y];  // before d overwrites it
-        softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
-        d[y] = static_cast<float>(dloss * (std::exp(static_cast<double>(xy) - lse) * zf - 1.0));
-        continue;
-      }
-    }
-    for (int64_t v = 0; v < V; ++v) {
-      double p = std::exp(static_cast<double>(x[v]) - lse);
-      d[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));
-    }
+    grad_row(d, x, V, y, lse_of(x, V), dloss, z_loss);  // lse read fully before d is written
   }
+}
+
+template <typename T>
+void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const int32_t* targets,
+                                   T dloss, int64_t N, int64_t V, int32_t ignore_index,
+                                   double z_loss, double* lse_sq_sum) {
+  double zsum = 0;
+#pragma omp parallel for schedule(static) reduction(+ : zsum)
+  for (int64_t i = 0; i < N; ++i) {
+    int32_t y = targets[i];
+    const T* x = logits + i * V;
+    T* d = dlogits + i * V;
+    if (y == ignore_index) {
+      losses[i] = T(0);
+      for (int64_t v = 0; v < V; ++v) d[v] = T(0);
+      continue;
+    }
+    LMF_CHECK(y >= 0 && y < V, "target {} outside vocabulary of {}", y, V);
+    const double lse = lse_of(x, V);
+    losses[i] = static_cast<T>(lse - x[y]);  // before d (which may alias x) is written
+    zsum += lse * lse;
+    grad_row(d, x, V, y, lse, dloss, z_loss);
+  }
+  if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 
 template void softmax_xent_forward<float>(float*, const float*, const int32_t*, int64_t, int64_t,
@@ -119,5 +150,11 @@ template void softmax_xent_backward<float>(float*, const float*, const int32_t*,
                                            int64_t, int32_t, double);
 template void softmax_xent_backward<double>(double*, const double*, const int32_t*, double, int64_t,
                                             int64_t, int32_t, double);
+template void softmax_xent_forward_backward<float>(float*, float*, const float*, const int32_t*,
+                                                   float, int64_t, int64_t, int32_t, double,
+                                                   double*);
+template void softmax_xent_forward_backward<double>(double*, double*, const double*, const int32_t*,
+                                                    double, int64_t, int64_t, int32_t, double,
+                                                    double*);
 
 }  // namespace lmforge::cpu

@@ -99,6 +99,15 @@ void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* t
 void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
                            const int32_t* targets, float dloss, int64_t N, int64_t V,
                            int32_t ignore_index, double z_loss);
+// Forward and backward in one pass (training), as softmax_xent_forward then
+// softmax_xent_backward: losses and lse_sq_sum (a device double, =), and dlogits (fp32, may alias
+// logits; or bf16 rows ld apart).
+void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, float* dlogits,
+                                   const float* logits, const int32_t* targets, float dloss,
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss);
+void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* dlogits, int64_t ld,
+                                   const float* logits, const int32_t* targets, float dloss,
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss);
 
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src

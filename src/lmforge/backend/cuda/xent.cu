@@ -126,6 +126,32 @@ __global__ void __launch_bounds__(kXentThreads)
 
 // d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]. The row is fully read (for lse,
 // then a block sync) before any write, so dlogits may alias logits.
+// Row i's gradient, written to d (float: may alias x; uint16_t: rounded to bf16) from its lse.
+template <typename O>
+__device__ __forceinline__ void write_grad_row(O* d, const float* x, int64_t V, int32_t y,
+                                               double lse, float dloss, double z_loss) {
+  const double zf = 1.0 + 2.0 * z_loss * lse;
+  const bool valid = y >= 0 && y < V;
+  const float lse_f = static_cast<float>(lse), coef = static_cast<float>(dloss * zf);
+  auto g = [&](int64_t v, float xv) {
+    if (!valid) return __int_as_float(0x7fc00000);
+    if (v == y) return static_cast<float>(dloss * (exp(static_cast<double>(xv) - lse) * zf - 1.0));
+    return expf(xv - lse_f) * coef;
+  };
+  if constexpr (std::is_same_v<O, float>)
+    map_row(d, x, V, g);
+  else
+    for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
+}
+
+template <typename O>
+__device__ __forceinline__ void zero_row(O* d, const float* x, int64_t V) {
+  if constexpr (std::is_same_v<O, float>)
+    map_row(d, x, V, [](int64_t, float) { return 0.0f; });
+  else
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = 0;
+}
+
 template <typename O>  // float (in place allowed), or uint16_t: bf16 rows ld apart
 __global__ void __launch_bounds__(kXentThreads)
     softmax_xent_backward_kernel(O* dlogits, int64_t ld, const float* logits,
@@ -135,25 +161,42 @@ __global__ void __launch_bounds__(kXentThreads)
   const int32_t y = targets[i];
   const float* x = logits + i * V;
   O* d = dlogits + i * ld;
-  auto write = [&](auto&& g) {  // d[v] = g(v, x[v]) over the row
-    if constexpr (std::is_same_v<O, float>)
-      map_row(d, x, V, g);
-    else
-      for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
-  };
   if (y == ignore_index) {
-    write([](int64_t, float) { return 0.0f; });
+    zero_row(d, x, V);
+    return;
+  }
+  write_grad_row(d, x, V, y, row_logsumexp(x, V), dloss, z_loss);
+}
+
+// Forward and backward of a row from one logsumexp (training): the loss and lse^2 as the forward
+// kernel, then the gradient as the backward kernel. In place is safe: row_logsumexp reads the
+// whole row before its block syncs, thread 0 reads x[y] before the sync below, and each element
+// is then read and written by one thread.
+template <typename O>
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_xent_fused_kernel(float* losses, double* lse_sq, O* dlogits, int64_t ld,
+                              const float* logits, const int32_t* targets, float dloss, int64_t V,
+                              int32_t ignore_index, double z_loss) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  const float* x = logits + i * V;
+  O* d = dlogits + i * ld;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) {
+      losses[i] = 0.0f;
+      if (lse_sq) lse_sq[i] = 0.0;
+    }
+    zero_row(d, x, V);
     return;
   }
   const double lse = row_logsumexp(x, V);
-  const double zf = 1.0 + 2.0 * z_loss * lse;
   const bool valid = y >= 0 && y < V;
-  const float lse_f = static_cast<float>(lse), coef = static_cast<float>(dloss * zf);
-  write([&](int64_t v, float xv) {
-    if (!valid) return __int_as_float(0x7fc00000);
-    if (v == y) return static_cast<float>(dloss * (exp(static_cast<double>(xv) - lse) * zf - 1.0));
-    return expf(xv - lse_f) * coef;
-  });
+  if (threadIdx.x == 0) {
+    losses[i] = valid ? static_cast<float>(lse - x[y]) : __int_as_float(0x7fc00000);
+    if (lse_sq) lse_sq[i] = valid ? lse * lse : __longlong_as_double(0x7ff8000000000000LL);
+  }
+  __syncthreads();  // x[y] is read before its thread's block overwrites it (in place)
+  write_grad_row(d, x, V, y, lse, dloss, z_loss);
 }
 
 }  // namespace
@@ -177,6 +220,33 @@ void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* t
   softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
       dlogits, V, logits, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
+}
+
+template <typename O>
+void launch_fused(float* losses, double* lse_sq_sum, O* dlogits, int64_t ld, const float* logits,
+                  const int32_t* targets, float dloss, int64_t N, int64_t V, int32_t ignore_index,
+                  double z_loss) {
+  if (N <= 0) {
+    if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
+    return;
+  }
+  double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
+  softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      losses, lse_sq, dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
+  LMF_CUDA_LAUNCHED();
+  if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
+}
+
+void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, float* dlogits,
+                                   const float* logits, const int32_t* targets, float dloss,
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
+  launch_fused(losses, lse_sq_sum, dlogits, V, logits, targets, dloss, N, V, ignore_index, z_loss);
+}
+
+void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* dlogits, int64_t ld,
+                                   const float* logits, const int32_t* targets, float dloss,
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
+  launch_fused(losses, lse_sq_sum, dlogits, ld, logits, targets, dloss, N, V, ignore_index, z_loss);
 }
 
 void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
