@@ -124,8 +124,6 @@ __global__ void __launch_bounds__(kXentThreads)
   }
 }
 
-// d(lse - x_y + z lse^2) / dx_v = p_v (1 + 2 z lse) - [v == y]. The row is fully read (for lse,
-// then a block sync) before any write, so dlogits may alias logits.
 // Row i's gradient, written to d (float: may alias x; uint16_t: rounded to bf16) from its lse.
 template <typename O>
 __device__ __forceinline__ void write_grad_row(O* d, const float* x, int64_t V, int32_t y,
@@ -152,26 +150,11 @@ __device__ __forceinline__ void zero_row(O* d, const float* x, int64_t V) {
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = 0;
 }
 
-template <typename O>  // float (in place allowed), or uint16_t: bf16 rows ld apart
-__global__ void __launch_bounds__(kXentThreads)
-    softmax_xent_backward_kernel(O* dlogits, int64_t ld, const float* logits,
-                                 const int32_t* targets, float dloss, int64_t V,
-                                 int32_t ignore_index, double z_loss) {
-  const int64_t i = blockIdx.x;
-  const int32_t y = targets[i];
-  const float* x = logits + i * V;
-  O* d = dlogits + i * ld;
-  if (y == ignore_index) {
-    zero_row(d, x, V);
-    return;
-  }
-  write_grad_row(d, x, V, y, row_logsumexp(x, V), dloss, z_loss);
-}
-
 // Forward and backward of a row from one logsumexp (training): the loss and lse^2 as the forward
-// kernel, then the gradient as the backward kernel. In place is safe: row_logsumexp reads the
-// whole row before its block syncs, thread 0 reads x[y] before the sync below, and each element
-// is then read and written by one thread.
+// kernel (unless losses is null: the backward alone), then the gradient. d(lse - x_y + z lse^2) /
+// dx_v = p_v (1 + 2 z lse) - [v == y]. In place is safe: row_logsumexp reads the whole row before
+// its block syncs, thread 0 reads x[y] before the sync below, and each element is then read and
+// written by one thread. O: float (in place allowed), or uint16_t: bf16 rows ld apart.
 template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
     softmax_xent_fused_kernel(float* losses, double* lse_sq, O* dlogits, int64_t ld,
@@ -182,7 +165,7 @@ __global__ void __launch_bounds__(kXentThreads)
   const float* x = logits + i * V;
   O* d = dlogits + i * ld;
   if (y == ignore_index) {
-    if (threadIdx.x == 0) {
+    if (losses && threadIdx.x == 0) {
       losses[i] = 0.0f;
       if (lse_sq) lse_sq[i] = 0.0;
     }
@@ -191,7 +174,7 @@ __global__ void __launch_bounds__(kXentThreads)
   }
   const double lse = row_logsumexp(x, V);
   const bool valid = y >= 0 && y < V;
-  if (threadIdx.x == 0) {
+  if (losses && threadIdx.x == 0) {
     losses[i] = valid ? static_cast<float>(lse - x[y]) : __int_as_float(0x7fc00000);
     if (lse_sq) lse_sq[i] = valid ? lse * lse : __longlong_as_double(0x7ff8000000000000LL);
   }
@@ -217,8 +200,8 @@ void softmax_xent_forward(float* losses, const float* logits, const int32_t* tar
 void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
-  softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      dlogits, V, logits, targets, dloss, V, ignore_index, z_loss);
+  softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      nullptr, nullptr, dlogits, V, logits, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
 }
 
@@ -253,8 +236,8 @@ void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
                            const int32_t* targets, float dloss, int64_t N, int64_t V,
                            int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
-  softmax_xent_backward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
+  softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      nullptr, nullptr, dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
 }
 
