@@ -1,101 +1,23 @@
+// The layer ops (linear, embedding, norms, RoPE, attention, activations); dispatch and the shared
+// helpers are in dispatch.h, the loss in ops_loss.cpp, whole-buffer ops and AdamW in ops_optim.cpp.
 #include "lmforge/backend/ops.h"
 
 #include <omp.h>
 
 #include <algorithm>
-#include <initializer_list>
-#include <type_traits>
-#include <vector>
 
-#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/attention.h"
 #include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/cuda/matmul.h"
 #include "lmforge/backend/cuda/runtime.h"
-#include "lmforge/core/profile.h"
-#include "lmforge/core/stochastic_round.h"
-
-// The CUDA twin of an op (fp32 only): a lambda in a build with the CUDA backend, nothing
-// otherwise (the cuda:: functions are then declared but never referenced).
-#ifdef LMFORGE_HAVE_CUDA
-#define LMF_GPU(...) [&] { __VA_ARGS__; }
-#else
-#define LMF_GPU(...) nullptr
-#endif
+#include "lmforge/backend/dispatch.h"
 
 namespace lmforge::ops {
 
+using namespace detail;
+
 namespace {
-
-// Calls f(T{}) with T the C++ type of t's dtype for a host tensor, or gpu() for a CUDA tensor
-// (fp32; an op without a CUDA twin fails with a clear error).
-template <typename F, typename G = std::nullptr_t>
-void dispatch(const char* op, const Tensor& t, F&& f, G&& gpu = nullptr) {
-  profile::Scope timed(op, t);  // a row of its own unless the op opened one (with its FLOPs)
-  if (t.device() == Device::kCUDA) {
-    if constexpr (std::is_same_v<std::decay_t<G>, std::nullptr_t>) {
-      cuda_unavailable(op);
-    } else {
-      LMF_CHECK(t.dtype() == DType::kF32, "{} on CUDA: fp32 only, got {}", op,
-                dtype_name(t.dtype()));
-      gpu();
-    }
-    return;
-  }
-  switch (t.dtype()) {
-    case DType::kF32:
-      f(float{});
-      break;
-    case DType::kF64:
-      f(double{});
-      break;
-    default:
-      LMF_CHECK(false, "{}: unsupported dtype {}", op, dtype_name(t.dtype()));
-  }
-}
-
-template <typename T>
-T* ptr(const Tensor& t) {
-  return t.raw() ? t.data<T>() : nullptr;
-}
-template <typename T>
-const T* cptr(const Tensor& t) {
-  return t.raw() ? t.data<T>() : nullptr;
-}
-
-int64_t last(const Tensor& t) { return t.size(-1); }
-int64_t rows(const Tensor& t) { return t.numel() / last(t); }
-
-// bf16 activations on the CPU: `fill(dst, r0, n)` computes rows [r0, r0 + n) of an fp32 kernel's
-// output (cols each) into dst; they are rounded into the bf16 `out` (rows ld >= cols elements
-// apart; the padding is not written) a block of ~1 MiB (at least 16 rows) at a time, with
-// cpu::to_bf16, as a bf16 matmul rounds an fp32 input: bit-identical to rounding the whole fp32
-// output afterwards. The fp32 block buffer grows on first use and is then reused.
-std::vector<float>& rows_bf16_buffer() {
-  static std::vector<float> buf;  // one for every op (they run one at a time)
-  return buf;
-}
-
-template <typename F>
-void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
-  const int64_t ld = out.ndim() ? last(out) : cols;
-  LMF_CHECK(out.dtype() == DType::kBF16 && ld >= cols && out.numel() == N * ld,
-            "{}: bf16 out {} for {} x {}", op, out.shape().str(), N, cols);
-  std::vector<float>& buf = rows_bf16_buffer();
-  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
-  const int64_t most = std::min(block, N);
-  if (buf.size() < static_cast<size_t>(most * cols)) buf.resize(static_cast<size_t>(most * cols));
-  uint16_t* o = out.bf16_data();
-  for (int64_t r0 = 0; r0 < N; r0 += block) {
-    const int64_t n = std::min(block, N - r0);
-    fill(buf.data(), r0, n);
-    if (ld == cols)
-      cpu::to_bf16(o + r0 * ld, buf.data(), n * cols);
-    else
-      for (int64_t r = 0; r < n; ++r) cpu::to_bf16(o + (r0 + r) * ld, buf.data() + r * cols, cols);
-  }
-}
 
 #ifdef LMFORGE_HAVE_CUDA
 // Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
@@ -103,14 +25,6 @@ bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NK
                          int64_t window) {
   return bf16 && cuda::cudnn_attention_enabled() &&
          cuda::cudnn_attention_supported(B, T, NH, NKV, HS, window);
-}
-
-// A device reduction of x's floats into one double, read back (the read waits for the stream).
-double gpu_reduce(void (*reduce)(double*, const float*, int64_t, bool), const Tensor& x) {
-  static Tensor acc;  // one device double, made on first use
-  if (!acc.defined()) acc = Tensor::empty({1}, DType::kF64, Device::kCUDA);
-  reduce(acc.data<double>(), cptr<float>(x), x.numel(), /*accumulate=*/false);
-  return acc.to(Device::kCPU).data<double>()[0];
 }
 #endif
 
@@ -122,20 +36,6 @@ double attention_flops(int64_t B, int64_t T, int64_t NH, int64_t HS, int64_t win
   for (int64_t t = 0; t < T; ++t)
     pairs += static_cast<double>(window > 0 ? std::min(t + 1, window) : t + 1);
   return 4.0 * static_cast<double>(B * NH * HS) * pairs;
-}
-
-// Every defined tensor of an op on ref's device: a host pointer handed to cuBLASLt would fail
-// later, asynchronously, far from its cause.
-void same_device(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    LMF_CHECK(!t->defined() || t->device() == ref.device(),
-              "{}: every tensor on one device (a {} tensor among {} ones)", op,
-              t->device() == Device::kCUDA ? "CUDA" : "host",
-              ref.device() == Device::kCUDA ? "CUDA" : "host");
-}
-
-void same_numel(const char* op, const Tensor& a, const Tensor& b) {
-  LMF_CHECK(a.numel() == b.numel(), "{}: {} vs {}", op, a.shape().str(), b.shape().str());
 }
 
 }  // namespace
@@ -553,249 +453,6 @@ void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) 
       },
       LMF_GPU(cuda::swiglu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout),
                                     rows(inp), last(inp) / 2)));
-}
-
-void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                       int32_t ignore_index, const Tensor& lse_sq_sum) {
-  const int64_t V = last(logits), N = rows(logits);
-  LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
-            logits.shape().str(), targets.shape().str());
-  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
-                lse_sq_sum.device() == logits.device(),
-            "xent: lse_sq_sum is one double beside the logits");
-  LMF_CHECK(targets.device() == logits.device() && losses.device() == logits.device(),
-            "xent: logits, targets and losses on one device");
-  dispatch(
-      "softmax_xent_rows", logits,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), targets.data<int32_t>(), N, V,
-                                     ignore_index, lse_sq_sum.data<double>());
-      },
-      LMF_GPU(cuda::softmax_xent_forward(ptr<float>(losses), cptr<float>(logits),
-                                         targets.data<int32_t>(), N, V, ignore_index,
-                                         lse_sq_sum.data<double>())));
-}
-
-double sum(const Tensor& x) {
-  double r = 0;
-  dispatch(
-      "sum", x,
-      [&](auto tag) {
-        using T = decltype(tag);
-        const T* p = cptr<T>(x);
-        for (int64_t i = 0; i < x.numel(); ++i) r += p[i];
-      },
-      LMF_GPU(r = gpu_reduce(cuda::sum, x)));
-  return r;
-}
-
-double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                            int32_t ignore_index, double* mean_lse_sq) {
-  profile::Scope timed("softmax_xent_forward", logits);
-  Tensor z = Tensor::empty({1}, DType::kF64, logits.device());
-  softmax_xent_rows(losses, logits, targets, ignore_index, z);
-  const Tensor y = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
-  int64_t count = 0;
-  for (int64_t i = 0; i < y.numel(); ++i) count += y.data<int32_t>()[i] != ignore_index;
-  if (mean_lse_sq)
-    *mean_lse_sq = count ? z.to(Device::kCPU).data<double>()[0] / static_cast<double>(count) : 0.0;
-  return count ? sum(losses) / static_cast<double>(count) : 0.0;
-}
-
-void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                           double dloss, int32_t ignore_index, double z_loss) {
-  int64_t V = last(logits), N = rows(logits);
-  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
-    const int64_t ld = last(dlogits);
-    auto fill = [&](float* dst, int64_t r0, int64_t n) {
-      cpu::softmax_xent_backward<float>(dst, cptr<float>(logits) + r0 * V,
-                                        targets.data<int32_t>() + r0, static_cast<float>(dloss), n,
-                                        V, ignore_index, z_loss);
-    };
-    dispatch(
-        "softmax_xent_backward", logits,
-        [&](auto) { cpu_rows_bf16("softmax_xent_backward", dlogits, N, V, fill); },
-        LMF_GPU(cuda::softmax_xent_backward(dlogits.bf16_data(), ld, cptr<float>(logits),
-                                            targets.data<int32_t>(), static_cast<float>(dloss), N,
-                                            V, ignore_index, z_loss)));
-    return;
-  }
-  dispatch(
-      "softmax_xent_backward", logits,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
-                                      static_cast<T>(dloss), N, V, ignore_index, z_loss);
-      },
-      LMF_GPU(cuda::softmax_xent_backward(ptr<float>(dlogits), cptr<float>(logits),
-                                          targets.data<int32_t>(), static_cast<float>(dloss), N, V,
-                                          ignore_index, z_loss)));
-}
-
-void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
-                                   const Tensor& dlogits, const Tensor& logits,
-                                   const Tensor& targets, int32_t ignore_index, double dloss,
-                                   double z_loss) {
-  const int64_t V = last(logits), N = rows(logits);
-  LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N,
-            "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),
-            dlogits.shape().str());
-  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64,
-            "xent: lse_sq_sum is one double");
-  same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
-  const float dl = static_cast<float>(dloss);
-  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
-    const int64_t ld = last(dlogits);
-    double total = 0;  // the blocks' lse^2 sums
-    auto fill = [&](float* dst, int64_t r0, int64_t n) {
-      double part = 0;
-      cpu::softmax_xent_forward_backward<float>(
-          ptr<float>(losses) + r0, dst, cptr<float>(logits) + r0 * V, targets.data<int32_t>() + r0,
-          dl, n, V, ignore_index, z_loss, &part);
-      total += part;
-    };
-    dispatch(
-        "softmax_xent_forward_backward", logits,
-        [&](auto) {
-          cpu_rows_bf16("softmax_xent_forward_backward", dlogits, N, V, fill);
-          lse_sq_sum.data<double>()[0] = total;
-        },
-        LMF_GPU(cuda::softmax_xent_forward_backward(
-            ptr<float>(losses), lse_sq_sum.data<double>(), dlogits.bf16_data(), ld,
-            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
-    return;
-  }
-  dispatch(
-      "softmax_xent_forward_backward", logits,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::softmax_xent_forward_backward<T>(ptr<T>(losses), ptr<T>(dlogits), cptr<T>(logits),
-                                              targets.data<int32_t>(), static_cast<T>(dloss), N, V,
-                                              ignore_index, z_loss, lse_sq_sum.data<double>());
-      },
-      LMF_GPU(cuda::softmax_xent_forward_backward(
-          ptr<float>(losses), lse_sq_sum.data<double>(), ptr<float>(dlogits), cptr<float>(logits),
-          targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
-}
-
-void to_bf16(const Tensor& dst, const Tensor& src) {
-  same_numel("to_bf16", dst, src);
-  LMF_CHECK(dst.device() == src.device(), "to_bf16: both tensors on one device");
-  dispatch(
-      "to_bf16", src,
-      [&](auto tag) {
-        if constexpr (std::is_same_v<decltype(tag), float>)
-          cpu::to_bf16(dst.bf16_data(), src.data<float>(), src.numel());
-        else
-          LMF_CHECK(false, "to_bf16 converts fp32, got {}", dtype_name(src.dtype()));
-      },
-      LMF_GPU(cuda::to_bf16(dst.bf16_data(), src.data<float>(), src.numel())));
-}
-
-void from_bf16(const Tensor& dst, const Tensor& src) {
-  same_numel("from_bf16", dst, src);
-  LMF_CHECK(dst.device() == src.device() && src.dtype() == DType::kBF16,
-            "from_bf16: a bf16 tensor into an fp32 one on the same device");
-  dispatch(
-      "from_bf16", dst,
-      [&](auto tag) {
-        if constexpr (std::is_same_v<decltype(tag), float>)
-          cpu::from_bf16(dst.data<float>(), src.bf16_data(), src.numel());
-        else
-          LMF_CHECK(false, "from_bf16 writes fp32, got {}", dtype_name(dst.dtype()));
-      },
-      LMF_GPU(cuda::from_bf16(dst.data<float>(), src.bf16_data(), src.numel())));
-}
-
-void add(const Tensor& out, const Tensor& a, const Tensor& b) {
-  same_numel("add", a, b);
-  same_numel("add", out, a);
-  dispatch(
-      "add", out,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::add<T>(ptr<T>(out), cptr<T>(a), cptr<T>(b), a.numel());
-      },
-      LMF_GPU(cuda::add(ptr<float>(out), cptr<float>(a), cptr<float>(b), a.numel())));
-}
-
-void accumulate(const Tensor& dst, const Tensor& src) {
-  same_numel("accumulate", dst, src);
-  dispatch(
-      "accumulate", dst,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
-      },
-      LMF_GPU(cuda::accumulate(ptr<float>(dst), cptr<float>(src), src.numel())));
-}
-
-void scale(const Tensor& x, double s) {
-  dispatch(
-      "scale", x,
-      [&](auto tag) {
-        using T = decltype(tag);
-        cpu::scale<T>(ptr<T>(x), static_cast<T>(s), x.numel());
-      },
-      LMF_GPU(cuda::scale(ptr<float>(x), static_cast<float>(s), x.numel())));
-}
-
-double sum_squares(const Tensor& x) {
-  double r = 0;
-  dispatch(
-      "sum_squares", x,
-      [&](auto tag) {
-        using T = decltype(tag);
-        r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
-      },
-      LMF_GPU(r = gpu_reduce(cuda::sum_squares, x)));
-  return r;
-}
-
-void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                  double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16, double grad_scale, uint64_t sr_seed,
-                  int64_t sr_index) {
-  same_numel("adamw_update", param, grad);
-  if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
-  for (const Tensor* t : {&grad, &m, &v, &param_bf16})
-    LMF_CHECK(!t->defined() || t->device() == param.device(),
-              "adamw_update: the parameter and its gradient, moments and bf16 copy on one device");
-  if (param.dtype() == DType::kBF16) {  // bf16 master weights, rounded stochastically
-    LMF_CHECK(!param_bf16.defined(), "adamw_update: a bf16 parameter is its own bf16 copy");
-    uint16_t* p = param.bf16_data();
-    const float* g = grad.data<float>();
-    float *mp = m.data<float>(), *vp = v.data<float>();
-    // The hash takes the low 32 bits of the flat index and the key its high word, so a range is
-    // cut where the low word would wrap.
-    auto pieces = [&](auto&& kernel) {
-      for (int64_t done = 0, n = param.numel(); done < n;) {
-        const uint64_t index = static_cast<uint64_t>(sr_index + done);
-        const int64_t len = std::min<int64_t>(
-            n - done, (int64_t{1} << 32) - static_cast<int64_t>(index & 0xffffffffu));
-        kernel(p + done, g + done, mp + done, vp + done, len, lr, beta1, beta2, eps, weight_decay,
-               step, grad_scale, sr_key(sr_seed, step, static_cast<uint32_t>(index >> 32)),
-               static_cast<uint32_t>(index));
-        done += len;
-      }
-    };
-    dispatch(
-        "adamw_update", grad, [&](auto) { pieces(cpu::adamw_update_sr); },
-        LMF_GPU(pieces(cuda::adamw_update_sr)));
-    return;
-  }
-  uint16_t* p16 = param_bf16.defined() ? param_bf16.bf16_data() : nullptr;
-  dispatch(
-      "adamw_update", param,
-      [&](auto) {
-        cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
-                          p16, param.numel(), lr, beta1, beta2, eps, weight_decay, step,
-                          grad_scale);
-      },
-      LMF_GPU(cuda::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(),
-                                 v.data<float>(), p16, param.numel(), lr, beta1, beta2, eps,
-                                 weight_decay, step, grad_scale)));
 }
 
 }  // namespace lmforge::ops

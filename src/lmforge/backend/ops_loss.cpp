@@ -1,0 +1,135 @@
+// The loss ops: softmax cross-entropy over rows of logits (forward, backward, both in one pass)
+// and the host sum of a tensor.
+#include "lmforge/backend/cuda/kernels.h"
+#include "lmforge/backend/dispatch.h"
+#include "lmforge/backend/ops.h"
+
+namespace lmforge::ops {
+
+using namespace detail;
+
+void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                       int32_t ignore_index, const Tensor& lse_sq_sum) {
+  const int64_t V = last(logits), N = rows(logits);
+  LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
+            logits.shape().str(), targets.shape().str());
+  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
+                lse_sq_sum.device() == logits.device(),
+            "xent: lse_sq_sum is one double beside the logits");
+  LMF_CHECK(targets.device() == logits.device() && losses.device() == logits.device(),
+            "xent: logits, targets and losses on one device");
+  dispatch(
+      "softmax_xent_rows", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_forward<T>(ptr<T>(losses), cptr<T>(logits), targets.data<int32_t>(), N, V,
+                                     ignore_index, lse_sq_sum.data<double>());
+      },
+      LMF_GPU(cuda::softmax_xent_forward(ptr<float>(losses), cptr<float>(logits),
+                                         targets.data<int32_t>(), N, V, ignore_index,
+                                         lse_sq_sum.data<double>())));
+}
+
+double sum(const Tensor& x) {
+  double r = 0;
+  dispatch(
+      "sum", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        const T* p = cptr<T>(x);
+        for (int64_t i = 0; i < x.numel(); ++i) r += p[i];
+      },
+      LMF_GPU(r = gpu_reduce(cuda::sum, x)));
+  return r;
+}
+
+double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
+                            int32_t ignore_index, double* mean_lse_sq) {
+  profile::Scope timed("softmax_xent_forward", logits);
+  Tensor z = Tensor::empty({1}, DType::kF64, logits.device());
+  softmax_xent_rows(losses, logits, targets, ignore_index, z);
+  const Tensor y = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
+  int64_t count = 0;
+  for (int64_t i = 0; i < y.numel(); ++i) count += y.data<int32_t>()[i] != ignore_index;
+  if (mean_lse_sq)
+    *mean_lse_sq = count ? z.to(Device::kCPU).data<double>()[0] / static_cast<double>(count) : 0.0;
+  return count ? sum(losses) / static_cast<double>(count) : 0.0;
+}
+
+void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                           double dloss, int32_t ignore_index, double z_loss) {
+  int64_t V = last(logits), N = rows(logits);
+  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
+    const int64_t ld = last(dlogits);
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::softmax_xent_backward<float>(dst, cptr<float>(logits) + r0 * V,
+                                        targets.data<int32_t>() + r0, static_cast<float>(dloss), n,
+                                        V, ignore_index, z_loss);
+    };
+    dispatch(
+        "softmax_xent_backward", logits,
+        [&](auto) { cpu_rows_bf16("softmax_xent_backward", dlogits, N, V, fill); },
+        LMF_GPU(cuda::softmax_xent_backward(dlogits.bf16_data(), ld, cptr<float>(logits),
+                                            targets.data<int32_t>(), static_cast<float>(dloss), N,
+                                            V, ignore_index, z_loss)));
+    return;
+  }
+  dispatch(
+      "softmax_xent_backward", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_backward<T>(ptr<T>(dlogits), cptr<T>(logits), targets.data<int32_t>(),
+                                      static_cast<T>(dloss), N, V, ignore_index, z_loss);
+      },
+      LMF_GPU(cuda::softmax_xent_backward(ptr<float>(dlogits), cptr<float>(logits),
+                                          targets.data<int32_t>(), static_cast<float>(dloss), N, V,
+                                          ignore_index, z_loss)));
+}
+
+void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
+                                   const Tensor& dlogits, const Tensor& logits,
+                                   const Tensor& targets, int32_t ignore_index, double dloss,
+                                   double z_loss) {
+  const int64_t V = last(logits), N = rows(logits);
+  LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N,
+            "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),
+            dlogits.shape().str());
+  LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64,
+            "xent: lse_sq_sum is one double");
+  same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
+  const float dl = static_cast<float>(dloss);
+  if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
+    const int64_t ld = last(dlogits);
+    double total = 0;  // the blocks' lse^2 sums
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      double part = 0;
+      cpu::softmax_xent_forward_backward<float>(
+          ptr<float>(losses) + r0, dst, cptr<float>(logits) + r0 * V, targets.data<int32_t>() + r0,
+          dl, n, V, ignore_index, z_loss, &part);
+      total += part;
+    };
+    dispatch(
+        "softmax_xent_forward_backward", logits,
+        [&](auto) {
+          cpu_rows_bf16("softmax_xent_forward_backward", dlogits, N, V, fill);
+          lse_sq_sum.data<double>()[0] = total;
+        },
+        LMF_GPU(cuda::softmax_xent_forward_backward(
+            ptr<float>(losses), lse_sq_sum.data<double>(), dlogits.bf16_data(), ld,
+            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+    return;
+  }
+  dispatch(
+      "softmax_xent_forward_backward", logits,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softmax_xent_forward_backward<T>(ptr<T>(losses), ptr<T>(dlogits), cptr<T>(logits),
+                                              targets.data<int32_t>(), static_cast<T>(dloss), N, V,
+                                              ignore_index, z_loss, lse_sq_sum.data<double>());
+      },
+      LMF_GPU(cuda::softmax_xent_forward_backward(
+          ptr<float>(losses), lse_sq_sum.data<double>(), ptr<float>(dlogits), cptr<float>(logits),
+          targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+}
+
+}  // namespace lmforge::ops

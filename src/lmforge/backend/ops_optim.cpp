@@ -1,0 +1,132 @@
+// Conversions, elementwise arithmetic, squared norms and the AdamW update: the ops over whole
+// buffers (parameters, gradients, optimizer state).
+#include "lmforge/backend/cuda/kernels.h"
+#include "lmforge/backend/cuda/matmul.h"
+#include "lmforge/backend/dispatch.h"
+#include "lmforge/backend/ops.h"
+#include "lmforge/core/stochastic_round.h"
+
+namespace lmforge::ops {
+
+using namespace detail;
+
+void to_bf16(const Tensor& dst, const Tensor& src) {
+  same_numel("to_bf16", dst, src);
+  LMF_CHECK(dst.device() == src.device(), "to_bf16: both tensors on one device");
+  dispatch(
+      "to_bf16", src,
+      [&](auto tag) {
+        if constexpr (std::is_same_v<decltype(tag), float>)
+          cpu::to_bf16(dst.bf16_data(), src.data<float>(), src.numel());
+        else
+          LMF_CHECK(false, "to_bf16 converts fp32, got {}", dtype_name(src.dtype()));
+      },
+      LMF_GPU(cuda::to_bf16(dst.bf16_data(), src.data<float>(), src.numel())));
+}
+
+void from_bf16(const Tensor& dst, const Tensor& src) {
+  same_numel("from_bf16", dst, src);
+  LMF_CHECK(dst.device() == src.device() && src.dtype() == DType::kBF16,
+            "from_bf16: a bf16 tensor into an fp32 one on the same device");
+  dispatch(
+      "from_bf16", dst,
+      [&](auto tag) {
+        if constexpr (std::is_same_v<decltype(tag), float>)
+          cpu::from_bf16(dst.data<float>(), src.bf16_data(), src.numel());
+        else
+          LMF_CHECK(false, "from_bf16 writes fp32, got {}", dtype_name(dst.dtype()));
+      },
+      LMF_GPU(cuda::from_bf16(dst.data<float>(), src.bf16_data(), src.numel())));
+}
+
+void add(const Tensor& out, const Tensor& a, const Tensor& b) {
+  same_numel("add", a, b);
+  same_numel("add", out, a);
+  dispatch(
+      "add", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::add<T>(ptr<T>(out), cptr<T>(a), cptr<T>(b), a.numel());
+      },
+      LMF_GPU(cuda::add(ptr<float>(out), cptr<float>(a), cptr<float>(b), a.numel())));
+}
+
+void accumulate(const Tensor& dst, const Tensor& src) {
+  same_numel("accumulate", dst, src);
+  dispatch(
+      "accumulate", dst,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
+      },
+      LMF_GPU(cuda::accumulate(ptr<float>(dst), cptr<float>(src), src.numel())));
+}
+
+void scale(const Tensor& x, double s) {
+  dispatch(
+      "scale", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::scale<T>(ptr<T>(x), static_cast<T>(s), x.numel());
+      },
+      LMF_GPU(cuda::scale(ptr<float>(x), static_cast<float>(s), x.numel())));
+}
+
+double sum_squares(const Tensor& x) {
+  double r = 0;
+  dispatch(
+      "sum_squares", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        r = cpu::sum_squares<T>(cptr<T>(x), x.numel());
+      },
+      LMF_GPU(r = gpu_reduce(cuda::sum_squares, x)));
+  return r;
+}
+
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step, const Tensor& param_bf16, double grad_scale, uint64_t sr_seed,
+                  int64_t sr_index) {
+  same_numel("adamw_update", param, grad);
+  if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
+  for (const Tensor* t : {&grad, &m, &v, &param_bf16})
+    LMF_CHECK(!t->defined() || t->device() == param.device(),
+              "adamw_update: the parameter and its gradient, moments and bf16 copy on one device");
+  if (param.dtype() == DType::kBF16) {  // bf16 master weights, rounded stochastically
+    LMF_CHECK(!param_bf16.defined(), "adamw_update: a bf16 parameter is its own bf16 copy");
+    uint16_t* p = param.bf16_data();
+    const float* g = grad.data<float>();
+    float *mp = m.data<float>(), *vp = v.data<float>();
+    // The hash takes the low 32 bits of the flat index and the key its high word, so a range is
+    // cut where the low word would wrap.
+    auto pieces = [&](auto&& kernel) {
+      for (int64_t done = 0, n = param.numel(); done < n;) {
+        const uint64_t index = static_cast<uint64_t>(sr_index + done);
+        const int64_t len = std::min<int64_t>(
+            n - done, (int64_t{1} << 32) - static_cast<int64_t>(index & 0xffffffffu));
+        kernel(p + done, g + done, mp + done, vp + done, len, lr, beta1, beta2, eps, weight_decay,
+               step, grad_scale, sr_key(sr_seed, step, static_cast<uint32_t>(index >> 32)),
+               static_cast<uint32_t>(index));
+        done += len;
+      }
+    };
+    dispatch(
+        "adamw_update", grad, [&](auto) { pieces(cpu::adamw_update_sr); },
+        LMF_GPU(pieces(cuda::adamw_update_sr)));
+    return;
+  }
+  uint16_t* p16 = param_bf16.defined() ? param_bf16.bf16_data() : nullptr;
+  dispatch(
+      "adamw_update", param,
+      [&](auto) {
+        cpu::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(),
+                          p16, param.numel(), lr, beta1, beta2, eps, weight_decay, step,
+                          grad_scale);
+      },
+      LMF_GPU(cuda::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(),
+                                 v.data<float>(), p16, param.numel(), lr, beta1, beta2, eps,
+                                 weight_decay, step, grad_scale)));
+}
+
+}  // namespace lmforge::ops
