@@ -159,7 +159,7 @@ void add_bench(CLI::App& app) {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
-                activations = "bf16";
+                activations = "bf16", outputs = "bf16";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -177,6 +177,10 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--matmul-inputs", o->activations,
                   "bf16 | fp32: under --precision bf16, the activations that only feed matmuls "
                   "stored in bf16 (default) or fp32 (for comparison)")
+      ->capture_default_str();
+  cmd->add_option("--matmul-outputs", o->outputs,
+                  "bf16 | fp32: with bf16 matmul inputs, the matmuls' outputs (qkv, attention, "
+                  "fc, the residual branches) stored in bf16 (default) or fp32 (for comparison)")
       ->capture_default_str();
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
@@ -203,6 +207,9 @@ void add_bench(CLI::App& app) {
     if (o->activations != "bf16" && o->activations != "fp32")
       fail("--matmul-inputs: expected bf16 or fp32, got \"{}\"", o->activations);
     model.set_bf16_activations(o->activations == "bf16");
+    if (o->outputs != "bf16" && o->outputs != "fp32")
+      fail("--matmul-outputs: expected bf16 or fp32, got \"{}\"", o->outputs);
+    model.set_bf16_matmul_outputs(o->outputs == "bf16");
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);

@@ -282,6 +282,133 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
   EXPECT_EQ(std::memcmp(dhw1.raw(), dhw2.raw(), dhw1.nbytes()), 0);
 }
 
+// bf16 matmul outputs: each op on bf16 activations computes what its fp32 path computes on the
+// widened values and rounds once (to_bf16): the matmul's bf16 output is the fp32 output rounded
+// (bias included), the activations read bf16 and their backwards write d(inp) rounded, RoPE
+// rotates q and k and leaves v's bits alone, the residual add widens, attention reads and writes
+// bf16, and a bf16 output gradient with a bias gives the bias gradient of its widened values.
+TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
+  auto filled = [](Shape shape, DType dt, uint64_t seed, double scale = 1.0) {
+    Tensor f = Tensor::empty(shape, DType::kF32);
+    std::vector<float> v = randn(f.numel(), seed, scale);
+    std::memcpy(f.raw(), v.data(), f.nbytes());
+    if (dt == DType::kF32) return f;
+    Tensor h = Tensor::empty(shape, DType::kBF16);
+    ops::to_bf16(h, f);
+    return h;
+  };
+  auto widen = [](const Tensor& h) {
+    Tensor f = Tensor::empty(h.shape(), DType::kF32);
+    ops::from_bf16(f, h);
+    return f;
+  };
+  auto rounded = [](const Tensor& f) {
+    Tensor h = Tensor::empty(f.shape(), DType::kBF16);
+    ops::to_bf16(h, f);
+    return h;
+  };
+  auto same = [](const char* what, const Tensor& a, const Tensor& b) {
+    ASSERT_EQ(a.nbytes(), b.nbytes()) << what;
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << what;
+  };
+  const int64_t N = 300, C = 64, OC = 96;
+  // The matmul: bf16 out = the fp32 out rounded, with and without bias, bf16 or fp32 input.
+  Tensor x16 = filled({N, C}, DType::kBF16, 1), w16 = filled({OC, C}, DType::kBF16, 2, 0.1),
+         bias = filled({OC}, DType::kF32, 3);
+  Tensor y32 = Tensor::empty({N, OC}, DType::kF32), y16 = Tensor::empty({N, OC}, DType::kBF16);
+  for (const Tensor& b : {bias, Tensor()}) {
+    ops::linear_forward(y32, x16, w16, b);
+    ops::linear_forward(y16, x16, w16, b);
+    // oneDNN may block the sums differently for a bf16 destination: within one bf16 ulp.
+    const uint16_t* got = y16.bf16_data();
+    Tensor want = rounded(y32);
+    int64_t off = 0;
+    for (int64_t i = 0; i < y16.numel(); ++i)
+      off += got[i] != want.bf16_data()[i] && std::abs(int(got[i]) - int(want.bf16_data()[i])) <= 1;
+    for (int64_t i = 0; i < y16.numel(); ++i)
+      ASSERT_LE(std::abs(int(got[i]) - int(want.bf16_data()[i])), 1) << i;
+    EXPECT_LE(off, y16.numel() / 100);
+    ops::linear_forward(y16, widen(x16), w16, b);  // an fp32 input is rounded on its way in
+    for (int64_t i = 0; i < y16.numel(); ++i)
+      ASSERT_LE(std::abs(int(got[i]) - int(want.bf16_data()[i])), 1) << i;
+  }
+
+  // The backward of a bf16 output gradient with a bias: as the fp32 gradient it widens from.
+  Tensor g16 = filled({N, OC}, DType::kBF16, 4);
+  Tensor dx1 = Tensor::zeros({N, C}, DType::kF32), dx2 = Tensor::zeros({N, C}, DType::kF32),
+         dw1 = Tensor::zeros({OC, C}, DType::kF32), dw2 = Tensor::zeros({OC, C}, DType::kF32),
+         db1 = Tensor::zeros({OC}, DType::kF32), db2 = Tensor::zeros({OC}, DType::kF32);
+  ops::linear_backward(dx1, dw1, db1, widen(g16), x16, w16);
+  ops::linear_backward(dx2, dw2, db2, g16, x16, w16);
+  same("dinp", dx1, dx2);
+  same("dweight", dw1, dw2);
+  same("dbias", db1, db2);
+
+  // GELU and SwiGLU on bf16 inputs (several of the CPU path's row blocks).
+  const int64_t R = 9000, F = 64;
+  Tensor a16 = filled({R, F}, DType::kBF16, 5), a2_16 = filled({R, 2 * F}, DType::kBF16, 6);
+  Tensor dy = filled({R, F}, DType::kF32, 7);
+  Tensor o32 = Tensor::empty({R, F}, DType::kF32), o16 = Tensor::empty({R, F}, DType::kBF16);
+  ops::gelu_forward(o32, widen(a16));
+  ops::gelu_forward(o16, a16);
+  same("gelu", rounded(o32), o16);
+  Tensor d32 = Tensor::zeros({R, F}, DType::kF32), d16 = Tensor::empty({R, F}, DType::kBF16);
+  std::memset(d16.raw(), 0x7f, d16.nbytes());  // written, not added to
+  ops::gelu_backward(d32, widen(a16), dy);
+  ops::gelu_backward(d16, a16, dy);
+  same("gelu backward", rounded(d32), d16);
+  ops::swiglu_forward(o32, widen(a2_16));
+  ops::swiglu_forward(o16, a2_16);
+  same("swiglu", rounded(o32), o16);
+  Tensor s32 = Tensor::zeros({R, 2 * F}, DType::kF32),
+         s16 = Tensor::empty({R, 2 * F}, DType::kBF16);
+  std::memset(s16.raw(), 0x7f, s16.nbytes());
+  ops::swiglu_backward(s32, widen(a2_16), dy);
+  ops::swiglu_backward(s16, a2_16, dy);
+  same("swiglu backward", rounded(s32), s16);
+
+  // The residual add of a bf16 branch.
+  Tensor res = filled({R, F}, DType::kF32, 8), sum1 = Tensor::empty({R, F}, DType::kF32),
+         sum2 = Tensor::empty({R, F}, DType::kF32);
+  ops::add(sum1, res, widen(a16));
+  ops::add(sum2, res, a16);
+  same("add", sum1, sum2);
+
+  // RoPE on a bf16 qkv (GQA: NH = 4, NKV = 2, HS = 16), at an offset position, T spanning
+  // several row blocks of a sequence.
+  const int64_t B = 2, T = 300, NH = 4, NKV = 2, HS = 16, Cq = (NH + 2 * NKV) * HS;
+  Tensor cos = Tensor::empty({T + 5, HS / 2}, DType::kF32), sin = cos.clone();
+  for (int64_t t = 0; t < T + 5; ++t)
+    for (int64_t i = 0; i < HS / 2; ++i) {
+      const double a = t / std::pow(10000.0, 2.0 * i / HS);
+      cos.data<float>()[t * HS / 2 + i] = static_cast<float>(std::cos(a));
+      sin.data<float>()[t * HS / 2 + i] = static_cast<float>(std::sin(a));
+    }
+  Tensor q16 = filled({B, T, Cq}, DType::kBF16, 9), q32 = widen(q16);
+  const Tensor v_before = q16.clone();
+  ops::rope_forward(q32, cos, sin, NH, NKV, 5);
+  ops::rope_forward(q16, cos, sin, NH, NKV, 5);
+  same("rope", rounded(q32), q16);
+  for (int64_t r = 0; r < B * T; ++r)
+    ASSERT_EQ(std::memcmp(q16.bf16_data() + r * Cq + (NH + NKV) * HS,
+                          v_before.bf16_data() + r * Cq + (NH + NKV) * HS, NKV * HS * 2),
+              0);
+
+  // Attention on a bf16 qkv writes a bf16 out; its backward takes them with fp32 dout.
+  Tensor out32 = Tensor::empty({B, T, NH * HS}, DType::kF32),
+         out16 = Tensor::empty({B, T, NH * HS}, DType::kBF16),
+         lse1 = Tensor::empty({B, NH, T}, DType::kF32), lse2 = lse1.clone();
+  ops::attention_forward(out32, lse1, widen(q16), NH, NKV);
+  ops::attention_forward(out16, lse2, q16, NH, NKV, 0, true);
+  same("attention", rounded(out32), out16);
+  same("lse", lse1, lse2);
+  Tensor dout = filled({B, T, NH * HS}, DType::kF32, 10);
+  Tensor dq1 = Tensor::zeros({B, T, Cq}, DType::kF32), dq2 = Tensor::zeros({B, T, Cq}, DType::kF32);
+  ops::attention_backward(dq1, dout, widen(q16), widen(out16), lse1, NH, NKV);
+  ops::attention_backward(dq2, dout, q16, out16, lse2, NH, NKV, 0, true);
+  same("attention backward", dq1, dq2);
+}
+
 TEST(VecMath, ExpWithinTwoUlpOfLibm) {
   if (!cpu::has_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU: the portable kernels run";
   std::vector<float> xs;

@@ -417,6 +417,102 @@ void bf16_outputs(Rng& rng, int64_t N, int64_t C) {
   check("swiglu");
 }
 
+// bf16 matmul outputs (bf16 activations throughout): the activations on a bf16 input give their
+// fp32 kernel's output on the widened input, rounded (backwards: written, not added, so d_got
+// starts as garbage); RoPE on a bf16 qkv and the residual add of a bf16 branch are bit-identical
+// to the CPU; the bias gradient of a bf16 dout (rows ld apart) matches the CPU's column sums; the
+// matmul's bf16 output is its fp32 output rounded (within one bf16 ulp: cuBLASLt may pick another
+// algorithm for a bf16 D), bias included.
+void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
+  auto to16 = [](const std::vector<float>& v) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = fp32_to_bf16_ftz(v[i]);
+    return h;
+  };
+  auto widen = [](const std::vector<uint16_t>& h) {
+    std::vector<float> v(h.size());
+    for (size_t i = 0; i < h.size(); ++i) v[i] = bf16_to_fp32(h[i]);
+    return v;
+  };
+  const std::vector<uint16_t> a16 = to16(randn(rng, N * 2 * F, 2.0, 0.5));
+  const std::vector<float> a32 = widen(a16), dout = randn(rng, N * F);
+  DeviceArray<uint16_t> d_a16(a16), d_got(std::vector<uint16_t>(N * 2 * F, 0x7f7f)),
+      d_want(std::vector<uint16_t>(N * 2 * F));
+  DeviceArray<float> d_a32(a32), d_dout(dout), d_f32(zeros(N * 2 * F));
+  auto check = [&](const char* what, int64_t n) {
+    cuda::to_bf16(d_want.get(), d_f32.get(), n);
+    std::vector<uint16_t> got = d_got.host(), want = d_want.host();
+    got.resize(n);
+    want.resize(n);
+    EXPECT_TRUE(same_bits(what, got, want));
+  };
+  cuda::gelu_forward(d_f32.get(), d_a32.get(), N * F);
+  cuda::gelu_forward(d_got.get(), d_a16.get(), N * F);
+  check("gelu", N * F);
+  cuda::zero(d_f32.get(), N * 2 * F);
+  cuda::gelu_backward(d_f32.get(), d_a32.get(), d_dout.get(), N * F);
+  cuda::gelu_backward(d_got.get(), d_a16.get(), d_dout.get(), N * F);
+  check("gelu_backward", N * F);
+  cuda::swiglu_forward(d_f32.get(), d_a32.get(), N, F);
+  cuda::swiglu_forward(d_got.get(), d_a16.get(), N, F);
+  check("swiglu", N * F);
+  cuda::zero(d_f32.get(), N * 2 * F);
+  cuda::swiglu_backward(d_f32.get(), d_a32.get(), d_dout.get(), N, F);
+  cuda::swiglu_backward(d_got.get(), d_a16.get(), d_dout.get(), N, F);
+  check("swiglu_backward", N * 2 * F);
+
+  // The residual add, against the CPU.
+  std::vector<float> sum(N * F);
+  cpu::add(sum.data(), dout.data(), a16.data(), N * F);
+  cuda::add(d_f32.get(), d_dout.get(), d_a16.get(), N * F);
+  std::vector<float> got_sum = d_f32.host();
+  got_sum.resize(N * F);
+  EXPECT_TRUE(close("add", got_sum, sum, kExact));
+
+  // RoPE on a bf16 qkv (rows of 2F = (NH + 2 NKV) * HS with NH = 2, NKV = 1: HS = F / 2), as the
+  // CPU path of ops does it: widen, rotate the q and k heads, round them.
+  if (F % 4 == 0) {
+    const int64_t HS = F / 2, half = HS / 2, T = N, Tm = T + 3, Cq = 2 * F;
+    std::vector<float> cs(Tm * half), sn(Tm * half);
+    for (int64_t i = 0; i < Tm * half; ++i) {
+      cs[i] = static_cast<float>(std::cos(0.01 * i));
+      sn[i] = static_cast<float>(std::sin(0.01 * i));
+    }
+    std::vector<float> x = a32;
+    cpu::rope_forward<float>(x.data(), cs.data(), sn.data(), 1, T, 3, HS, Cq, 3);
+    std::vector<uint16_t> want = a16;
+    for (int64_t r = 0; r < T; ++r)
+      for (int64_t c = 0; c < 3 * HS; ++c) want[r * Cq + c] = fp32_to_bf16_ftz(x[r * Cq + c]);
+    DeviceArray<uint16_t> d_x(a16);
+    DeviceArray<float> d_cos(cs), d_sin(sn);
+    cuda::rope_forward(d_x.get(), d_cos.get(), d_sin.get(), 1, T, 3, HS, Cq, 3);
+    EXPECT_TRUE(same_bits("rope", d_x.host(), want));
+  }
+
+  // The bias gradient of a bf16 dout with rows ld apart, and the matmul's bf16 output.
+  const int64_t OC = F, C = 2 * F, ld = OC + 8;
+  std::vector<uint16_t> g16 = to16(randn(rng, N * ld));
+  std::vector<float> db = randn(rng, OC), bias = randn(rng, OC);
+  DeviceArray<uint16_t> d_g16(g16);
+  DeviceArray<float> d_db(db), d_bias(bias);
+  cpu::bias_grad<float, uint16_t>(db.data(), g16.data(), N, OC, ld);
+  cuda::bias_grad(d_db.get(), d_g16.get(), N, OC, ld);
+  EXPECT_TRUE(close("bias_grad bf16", d_db.host(), db, kReduction));
+  const std::vector<uint16_t> w16 = to16(randn(rng, OC * C, 0.1));
+  DeviceArray<uint16_t> d_w16(w16), d_y16(std::vector<uint16_t>(N * OC));
+  DeviceArray<float> d_y32(zeros(N * OC));
+  for (const float* b : {d_bias.get(), static_cast<const float*>(nullptr)}) {
+    cuda::linear_forward_bf16(d_y32.get(), d_a16.get(), d_w16.get(), b, N, C, OC);
+    cuda::linear_forward_bf16(d_y16.get(), d_a16.get(), d_w16.get(), b, N, C, OC);
+    const std::vector<float> y32 = d_y32.host();
+    const std::vector<uint16_t> y16 = d_y16.host();
+    int64_t worst = 0;
+    for (int64_t i = 0; i < N * OC; ++i)
+      worst = std::max<int64_t>(worst, std::abs(int(y16[i]) - int(fp32_to_bf16_ftz(y32[i]))));
+    EXPECT_LE(worst, 1) << (b ? "with" : "without") << " bias";
+  }
+}
+
 // bf16 master weights: the stochastically rounded update, bit-identical (the rounding bits come
 // from the element's index, not from the thread that computes it).
 void adamw_sr(Rng& rng, int64_t n, int64_t step, uint32_t index0) {
@@ -494,6 +590,9 @@ std::vector<Case> cases() {
       {"adamw_sr_n5_step1", [](Rng& r) { adamw_sr(r, 5, 1, 0); }},
       {"bf16_outputs_N33_C768", [](Rng& r) { bf16_outputs(r, 33, 768); }},
       {"bf16_outputs_N7_C37", [](Rng& r) { bf16_outputs(r, 7, 37); }},
+      {"bf16_matmul_outputs_N64_F768", [](Rng& r) { bf16_matmul_outputs(r, 64, 768); }},
+      {"bf16_matmul_outputs_N9_F36", [](Rng& r) { bf16_matmul_outputs(r, 9, 36); }},
+      {"bf16_matmul_outputs_N5_F13", [](Rng& r) { bf16_matmul_outputs(r, 5, 13); }},
       {"adamw_sr_n1000003_step10", [](Rng& r) { adamw_sr(r, 1000003, 10, 4000000000u); }},
       {"embedding_bf16_B4_T64_C768_V1000",
        [](Rng& r) { embedding_bf16(r, 4, 64, 768, 1000, true); }},

@@ -48,6 +48,20 @@ inline void dispatch(const char* op, const Tensor& t, F&& f, G&& gpu = nullptr) 
   }
 }
 
+// For op bodies that read their tensors' dtypes themselves (bf16 activations): dispatches on
+// t's device only, calling cpu() on the host and gpu() for a CUDA tensor.
+template <typename F, typename G = std::nullptr_t>
+inline void dispatch_device(const char* op, const Tensor& t, F&& cpu, G&& gpu = nullptr) {
+  profile::Scope timed(op, t);
+  if (t.device() != Device::kCUDA) {
+    cpu();
+  } else if constexpr (std::is_same_v<std::decay_t<G>, std::nullptr_t>) {
+    cuda_unavailable(op);
+  } else {
+    gpu();
+  }
+}
+
 template <typename T>
 inline T* ptr(const Tensor& t) {
   return t.raw() ? t.data<T>() : nullptr;
@@ -70,13 +84,29 @@ inline std::vector<float>& rows_bf16_buffer() {
   return buf;
 }
 
+// Rows per block of cpu_rows_bf16: ~1 MiB of fp32, at least 16 rows.
+inline int64_t cpu_block_rows(int64_t cols) {
+  return std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
+}
+
+// bf16 inputs of an fp32 kernel on the CPU, inside cpu_rows_bf16's fill: rows [r0, r0 + n) of t
+// as fp32, widened exactly into block buffer `slot` (0 or 1; grown on first use, then reused).
+inline float* cpu_rows_f32(const Tensor& t, int64_t r0, int64_t n, int slot) {
+  static std::vector<float> bufs[2];
+  const int64_t cols = last(t);
+  std::vector<float>& buf = bufs[slot];
+  if (buf.size() < static_cast<size_t>(n * cols)) buf.resize(static_cast<size_t>(n * cols));
+  cpu::from_bf16(buf.data(), t.bf16_data() + r0 * cols, n * cols);
+  return buf.data();
+}
+
 template <typename F>
 inline void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
   const int64_t ld = out.ndim() ? last(out) : cols;
   LMF_CHECK(out.dtype() == DType::kBF16 && ld >= cols && out.numel() == N * ld,
             "{}: bf16 out {} for {} x {}", op, out.shape().str(), N, cols);
   std::vector<float>& buf = rows_bf16_buffer();
-  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
+  const int64_t block = cpu_block_rows(cols);
   const int64_t most = std::min(block, N);
   if (buf.size() < static_cast<size_t>(most * cols)) buf.resize(static_cast<size_t>(most * cols));
   uint16_t* o = out.bf16_data();

@@ -38,6 +38,22 @@ double attention_flops(int64_t B, int64_t T, int64_t NH, int64_t HS, int64_t win
   return 4.0 * static_cast<double>(B * NH * HS) * pairs;
 }
 
+// fp32 scratch shaped like t, for the fp32 kernels run on bf16 activations (attention on the
+// CPU, or where cuDNN takes no plan): one grow-only buffer per slot and device, reused every step.
+Tensor f32_scratch(const Tensor& t, int slot) {
+  static Tensor bufs[2][2];  // [on a GPU][slot]
+  Tensor& b = bufs[t.device() == Device::kCUDA][slot];
+  if (!b.defined() || b.numel() < t.numel())
+    b = Tensor::empty({t.numel()}, DType::kF32, t.device());
+  return b.slice(0, t.numel()).view(t.shape());
+}
+// The same holding fp32(t) for a bf16 t (exact).
+Tensor widened(const Tensor& t, int slot) {
+  Tensor w = f32_scratch(t, slot);
+  from_bf16(w, t);
+  return w;
+}
+
 }  // namespace
 
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
@@ -51,19 +67,27 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
                        2.0 * static_cast<double>(N) * C * OC);
   LMF_CHECK(bf16 || inp.dtype() != DType::kBF16,
             "linear_forward: a bf16 input needs a bf16 weight");
+  LMF_CHECK(bf16 || out.dtype() != DType::kBF16,
+            "linear_forward: a bf16 output needs a bf16 weight");
   if (bf16) {  // bf16 mixed precision: fp32 or bf16 activations, bf16 weights
-    // The kernels take the input as it is: a bf16 one goes straight into the matmul.
+    // The kernels take the input as it is (a bf16 one goes straight into the matmul) and write
+    // an fp32 or a bf16 output (bf16 matmul outputs).
     auto run = [&](auto&& kernel) {
-      if (inp.dtype() == DType::kBF16)
-        kernel(out.data<float>(), static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(),
-               cptr<float>(bias), N, C, OC);
+      auto with_out = [&](auto* o) {
+        if (inp.dtype() == DType::kBF16)
+          kernel(o, static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(),
+                 cptr<float>(bias), N, C, OC);
+        else
+          kernel(o, inp.data<float>(), weight.bf16_data(), cptr<float>(bias), N, C, OC);
+      };
+      if (out.dtype() == DType::kBF16)
+        with_out(out.bf16_data());
       else
-        kernel(out.data<float>(), inp.data<float>(), weight.bf16_data(), cptr<float>(bias), N, C,
-               OC);
+        with_out(out.data<float>());
     };
-    dispatch(
-        "linear_forward_bf16", out,
-        [&](auto) { run([](auto... a) { cpu::linear_forward_bf16(a...); }); },
+    dispatch_device(
+        "linear_forward_bf16", weight,
+        [&] { run([](auto... a) { cpu::linear_forward_bf16(a...); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_forward_bf16(a...); })));
     return;
   }
@@ -83,22 +107,23 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   same_device("linear_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight});
   const bool bf16 = weight.dtype() == DType::kBF16;
   if (dout.dtype() == DType::kBF16) {
-    // A bf16 output gradient, already rounded (the LM head's dlogits), rows ld >= OC apart.
+    // A bf16 output gradient, already rounded (the LM head's dlogits, the MLP's d(fc_out)),
+    // rows ld >= OC apart.
     const int64_t ld = last(dout);
-    LMF_CHECK(bf16 && inp.dtype() == DType::kBF16 && !dbias.raw() && rows(dout) == N && ld >= OC,
-              "linear_backward: a bf16 dout {} needs bf16 weight and input and no bias (N={} "
-              "OC={})",
+    LMF_CHECK(bf16 && inp.dtype() == DType::kBF16 && rows(dout) == N && ld >= OC,
+              "linear_backward: a bf16 dout {} needs bf16 weight and input (N={} OC={})",
               dout.shape().str(), N, OC);
     profile::Scope timed(
         "linear_backward_bf16", dout,
         2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
     auto run = [&](auto&& kernel) {
-      kernel(ptr<float>(dinp), ptr<float>(dweight), static_cast<const uint16_t*>(dout.bf16_data()),
-             ld, static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
+      kernel(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
+             static_cast<const uint16_t*>(dout.bf16_data()), ld,
+             static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
     };
-    dispatch(
-        "linear_backward_bf16", dinp.raw() ? dinp : dweight,
-        [&](auto) { run([](auto... a) { cpu::linear_backward_bf16_dout(a...); }); },
+    dispatch_device(
+        "linear_backward_bf16", weight,
+        [&] { run([](auto... a) { cpu::linear_backward_bf16_dout(a...); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16_dout(a...); })));
     return;
   }
@@ -318,6 +343,28 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
   int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
   LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
             op, T_, pos0, cos.shape().str(), HS);
+  if (x.dtype() == DType::kBF16) {  // bf16 qkv (bf16 matmul outputs): rotated in fp32, rounded
+    LMF_CHECK(!backward, "{}: the gradient is fp32", op);
+    dispatch_device(
+        op, x,
+        [&] {
+          // Blocks of rows within one sequence: widened, rotated by the fp32 kernel at their
+          // positions, and the q and k heads (the first NH + NKV heads) rounded back.
+          const int64_t block = std::min(cpu_block_rows(Cq), T_), qk = (NH + NKV) * HS;
+          uint16_t* x16 = x.bf16_data();
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t t0 = 0; t0 < T_; t0 += block) {
+              const int64_t n = std::min(block, T_ - t0), r0 = b * T_ + t0;
+              float* w = cpu_rows_f32(x.view({B * T_, Cq}), r0, n, 0);
+              cpu::rope_forward<float>(w, cos.data<float>(), sin.data<float>(), 1, n, NH + NKV, HS,
+                                       Cq, pos0 + t0);
+              for (int64_t r = 0; r < n; ++r) cpu::to_bf16(x16 + (r0 + r) * Cq, w + r * Cq, qk);
+            }
+        },
+        LMF_GPU(cuda::rope_forward(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_,
+                                   NH + NKV, HS, Cq, pos0)));
+    return;
+  }
   dispatch(
       op, x,
       [&](auto tag) {
@@ -326,8 +373,11 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
         // q and k heads are adjacent: NH + NKV heads from the start of each row.
         f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0);
       },
-      LMF_GPU((backward ? cuda::rope_backward : cuda::rope_forward)(
-          ptr<float>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
+      LMF_GPU(
+          using F = void (*)(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                             int64_t, int64_t);
+          const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
+          f(ptr<float>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
 }
 }  // namespace
 
@@ -349,6 +399,20 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
             "attention: qkv {} lse {} out {} NH={} NKV={}", qkv.shape().str(), lse.shape().str(),
             out.shape().str(), NH, NKV);
   profile::Scope timed("attention_forward", out, attention_flops(B, T_, NH, HS, window));
+  if (qkv.dtype() == DType::kBF16) {  // bf16 qkv and out (bf16 matmul outputs)
+    LMF_CHECK(out.dtype() == DType::kBF16, "attention_forward: a bf16 qkv needs a bf16 out");
+#ifdef LMFORGE_HAVE_CUDA
+    if (qkv.device() == Device::kCUDA && try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) &&
+        cuda::cudnn_attention_forward(out.bf16_data(), ptr<float>(lse), qkv.bf16_data(), B, T_, NH,
+                                      NKV, HS))
+      return;
+#endif
+    // The fp32 kernel on the widened qkv, its output rounded.
+    const Tensor o = f32_scratch(out, 1);
+    attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false);
+    to_bf16(out, o);
+    return;
+  }
   dispatch(
       "attention_forward", out,
       [&](auto tag) {
@@ -374,6 +438,19 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
             qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
             lse.shape().str(), NH, NKV);
   profile::Scope timed("attention_backward", dout, 2.5 * attention_flops(B, T_, NH, HS, window));
+  if (qkv.dtype() == DType::kBF16) {  // bf16 qkv and out; dout and dqkv fp32
+    LMF_CHECK(
+        out.dtype() == DType::kBF16 && dout.dtype() == DType::kF32 && dqkv.dtype() == DType::kF32,
+        "attention_backward: a bf16 qkv needs a bf16 out, fp32 dout and dqkv");
+#ifdef LMFORGE_HAVE_CUDA
+    if (qkv.device() == Device::kCUDA && try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) &&
+        cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout), qkv.bf16_data(),
+                                       out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS))
+      return;
+#endif
+    attention_backward(dqkv, dout, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false);
+    return;
+  }
   dispatch(
       "attention_backward", dout,
       [&](auto tag) {
@@ -390,10 +467,56 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
                                            window)));
 }
 
+namespace {
+// The activations with bf16 activations throughout: a bf16 input (the fc matmul's bf16 output)
+// gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
+// backward; the arithmetic is the fp32 kernels' on the widened input. cols: the input's row
+// width; out_cols: the output's.
+template <typename CpuFwd, typename GpuFwd>
+void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int64_t out_cols,
+                      CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {
+  LMF_CHECK(out.dtype() == DType::kBF16, "{}: a bf16 input needs a bf16 output", op);
+  const int64_t N = rows(inp);
+  dispatch_device(
+      op, inp,
+      [&] {
+        cpu_rows_bf16(op, out, N, out_cols, [&](float* dst, int64_t r0, int64_t n) {
+          cpu_fwd(dst, cpu_rows_f32(inp, r0, n, 0), n);
+        });
+      },
+      std::forward<GpuFwd>(gpu_fwd));
+}
+
+template <typename CpuBwd, typename GpuBwd>
+void act_backward_bf16(const char* op, const Tensor& dinp, const Tensor& inp, const Tensor& dout,
+                       CpuBwd&& cpu_bwd, GpuBwd&& gpu_bwd) {
+  LMF_CHECK(dinp.dtype() == DType::kBF16 && dout.dtype() == DType::kF32,
+            "{}: a bf16 input takes an fp32 dout and writes a bf16 dinp", op);
+  same_numel(op, dinp, inp);
+  const int64_t N = rows(inp), cols = last(inp), out_cols = last(dout);
+  dispatch_device(
+      op, inp,
+      [&] {
+        cpu_rows_bf16(op, dinp, N, cols, [&](float* dst, int64_t r0, int64_t n) {
+          std::fill(dst, dst + n * cols, 0.0f);
+          cpu_bwd(dst, cpu_rows_f32(inp, r0, n, 0), dout.data<float>() + r0 * out_cols, n);
+        });
+      },
+      std::forward<GpuBwd>(gpu_bwd));
+}
+}  // namespace
+
 void gelu_forward(const Tensor& out, const Tensor& inp) {
   same_numel("gelu_forward", out, inp);
+  const int64_t N = rows(inp), F = last(inp);
+  if (inp.dtype() == DType::kBF16) {
+    act_forward_bf16(
+        "gelu_forward", out, inp, F,
+        [&](float* dst, const float* x, int64_t n) { cpu::gelu_forward<float>(dst, x, n * F); },
+        LMF_GPU(cuda::gelu_forward(out.bf16_data(), inp.bf16_data(), inp.numel())));
+    return;
+  }
   if (out.dtype() == DType::kBF16) {  // bf16 activations
-    const int64_t N = rows(inp), F = last(inp);
     auto fill = [&](float* dst, int64_t r0, int64_t n) {
       cpu::gelu_forward<float>(dst, cptr<float>(inp) + r0 * F, n * F);
     };
@@ -412,6 +535,16 @@ void gelu_forward(const Tensor& out, const Tensor& inp) {
 }
 
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  if (inp.dtype() == DType::kBF16) {
+    act_backward_bf16(
+        "gelu_backward", dinp, inp, dout,
+        [&](float* dst, const float* x, const float* g, int64_t n) {
+          cpu::gelu_backward<float>(dst, x, g, n * last(inp));
+        },
+        LMF_GPU(cuda::gelu_backward(dinp.bf16_data(), inp.bf16_data(), dout.data<float>(),
+                                    inp.numel())));
+    return;
+  }
   dispatch(
       "gelu_backward", dout,
       [&](auto tag) {
@@ -425,6 +558,13 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
 void swiglu_forward(const Tensor& out, const Tensor& inp) {
   int64_t F = last(inp) / 2, N = rows(inp);
   LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
+  if (inp.dtype() == DType::kBF16) {
+    act_forward_bf16(
+        "swiglu_forward", out, inp, F,
+        [&](float* dst, const float* x, int64_t n) { cpu::swiglu_forward<float>(dst, x, n, F); },
+        LMF_GPU(cuda::swiglu_forward(out.bf16_data(), inp.bf16_data(), N, F)));
+    return;
+  }
   if (out.dtype() == DType::kBF16) {  // bf16 activations
     auto fill = [&](float* dst, int64_t r0, int64_t n) {
       cpu::swiglu_forward<float>(dst, cptr<float>(inp) + r0 * 2 * F, n, F);
@@ -444,15 +584,24 @@ void swiglu_forward(const Tensor& out, const Tensor& inp) {
 }
 
 void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  const int64_t N = rows(inp), F = last(inp) / 2;
+  if (inp.dtype() == DType::kBF16) {
+    act_backward_bf16(
+        "swiglu_backward", dinp, inp, dout,
+        [&](float* dst, const float* x, const float* g, int64_t n) {
+          cpu::swiglu_backward<float>(dst, x, g, n, F);
+        },
+        LMF_GPU(
+            cuda::swiglu_backward(dinp.bf16_data(), inp.bf16_data(), dout.data<float>(), N, F)));
+    return;
+  }
   dispatch(
       "swiglu_backward", dout,
       [&](auto tag) {
         using T = decltype(tag);
-        cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), rows(inp),
-                                last(inp) / 2);
+        cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), N, F);
       },
-      LMF_GPU(cuda::swiglu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout),
-                                    rows(inp), last(inp) / 2)));
+      LMF_GPU(cuda::swiglu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout), N, F)));
 }
 
 }  // namespace lmforge::ops

@@ -42,6 +42,18 @@ void from_bf16(const Tensor& dst, const Tensor& src) {
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   same_numel("add", a, b);
   same_numel("add", out, a);
+  if (b.dtype() == DType::kBF16) {  // a residual branch's bf16 matmul output, widened exactly
+    LMF_CHECK(out.dtype() == DType::kF32 && a.dtype() == DType::kF32,
+              "add: a bf16 b goes into fp32 a and out");
+    dispatch(
+        "add", out,
+        [&](auto tag) {
+          if constexpr (std::is_same_v<decltype(tag), float>)
+            cpu::add(out.data<float>(), a.data<float>(), b.bf16_data(), a.numel());
+        },
+        LMF_GPU(cuda::add(out.data<float>(), a.data<float>(), b.bf16_data(), a.numel())));
+    return;
+  }
   dispatch(
       "add", out,
       [&](auto tag) {

@@ -8,13 +8,14 @@ namespace {
 bool bf16_run(const Linear& l) { return l.weight->value_bf16.defined(); }
 }  // namespace
 
-void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T) {
+void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
+                        DType matmul_output_dtype) {
   int64_t C = c.n_embd, F = c.ffn();
   dnorm = a.alloc({B, T, C});
   dqkv = a.alloc({B, T, c.qkv_dim()});
   if (c.qk_norm) dqkv_raw = a.alloc({B, T, c.qkv_dim()});
   datt = a.alloc({B, T, C});
-  dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F});
+  dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
 }
 
@@ -77,8 +78,14 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   const bool sel = mode == Recompute::kSelective;
   auto keep = [&](Tensor Acts::*field, Shape shape) {
     const bool mm_in = field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::act;
-    x.*field =
-        sel && mm_in ? shared->*field : a.alloc(shape, mm_in ? matmul_input_dtype : DType::kF32);
+    const bool attn = field == &Acts::qkv || field == &Acts::att;
+    const bool mm_out =
+        field == &Acts::att_proj || field == &Acts::fc_out || field == &Acts::mlp_out;
+    const DType dt = mm_in    ? matmul_input_dtype
+                     : attn   ? attention_dtype()
+                     : mm_out ? matmul_output_dtype
+                              : DType::kF32;
+    x.*field = sel && mm_in ? shared->*field : a.alloc(shape, dt);
   };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);
@@ -130,7 +137,7 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   s.dact.zero_();
   down.backward(s.dact, dres, a.act);
-  s.dfc.zero_();
+  if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
   if (cfg.mlp == "swiglu")
     ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
   else

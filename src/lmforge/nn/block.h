@@ -31,9 +31,10 @@ struct BlockScratch {
   Tensor dqkv;      // (B, T, Cq)
   Tensor dqkv_raw;  // (B, T, Cq) before the q/k norm (qk_norm only)
   Tensor datt;      // (B, T, C)
-  Tensor dfc;       // (B, T, F or 2F)
+  Tensor dfc;       // (B, T, F or 2F); bf16 when fc_out is (written by the activation's backward)
   Tensor dact;      // (B, T, F)
-  void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T);
+  void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
+            DType matmul_output_dtype = DType::kF32);
 };
 
 enum class Recompute { kNone, kSelective, kFull };
@@ -52,6 +53,16 @@ struct Block {
   // function, so the bf16 matmuls read them as they are (no conversion pass, half the memory).
   // The values are the ones the matmuls would round fp32 ones to: training is bit-identical.
   DType matmul_input_dtype = DType::kF32;
+  // bf16 matmul outputs (bf16 activations throughout, as torch.autocast and llm.c keep them):
+  // qkv, the attention output, fc_out and the two residual branches (att_proj, mlp_out) are
+  // planned in bf16 and written rounded by the matmuls; RoPE rotates the bf16 qkv, attention
+  // reads and writes bf16 (cuDNN's own types on a GPU), the activation function reads bf16 and
+  // its backward writes d(fc_out) in bf16 for the fc matmul's backward, and the residual adds
+  // widen the branch. Unlike the bf16 matmul inputs this rounds values the fp32 path keeps, so
+  // training is close to it, not identical. Models with q/k norms keep qkv and attention fp32.
+  DType matmul_output_dtype = DType::kF32;
+  // qkv's and the attention output's dtype.
+  DType attention_dtype() const { return cfg.qk_norm ? DType::kF32 : matmul_output_dtype; }
 
   struct Acts {
     Norm::Saved n1, n2;

@@ -135,7 +135,11 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   // bf16 activations where they only feed matmuls (Block::matmul_input_dtype; the final norm's
   // output feeds the LM head).
   const DType mm_in = bf16() && bf16_acts_ ? DType::kBF16 : DType::kF32;
-  for (Block& b : blocks_) b.matmul_input_dtype = mm_in;
+  const DType mm_out = mm_in == DType::kBF16 && bf16_outs_ ? DType::kBF16 : DType::kF32;
+  for (Block& b : blocks_) {
+    b.matmul_input_dtype = mm_in;
+    b.matmul_output_dtype = mm_out;
+  }
   acts_ = Arena::planned(
       [&](Arena& a) {
         tokens_ = a.alloc({B, T}, DType::kI32);
@@ -158,7 +162,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
         dres_ = a.alloc({B, T, C});
         dnf_ = a.alloc({B, T, C});
-        scratch_.plan(a, cfg_, B, T);
+        scratch_.plan(a, cfg_, B, T, mm_out);
       },
       device());
 }

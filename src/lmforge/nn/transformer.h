@@ -63,6 +63,10 @@ class Transformer {
   // matmul_input_dtype): same results, less memory and no conversion passes. Off keeps them fp32
   // (for comparison).
   void set_bf16_activations(bool on) { bf16_acts_ = on; }
+  // With them, the matmul outputs in bf16 as well (Block::matmul_output_dtype; torch.autocast's
+  // and llm.c's activations): on by default; off keeps them fp32 (the exact fp32-activation
+  // results, for comparison).
+  void set_bf16_matmul_outputs(bool on) { bf16_outs_ = on; }
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
   // stochastic rounding (ParamSet::use_bf16_master).
   void use_bf16_master() { params_.use_bf16_master(); }
@@ -135,6 +139,7 @@ class Transformer {
   Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
   bool bf16_acts_ = true;
+  bool bf16_outs_ = true;
   Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;

@@ -38,13 +38,13 @@ void to_bf16_portable(uint16_t* dst, const float* src, int64_t n) {
 }
 
 struct GemmKey {
-  bool ta, tb, acc, bias;
+  bool ta, tb, acc, bias, c16;  // c16: C is bf16 (rounded from the fp32 accumulator)
   int64_t M, N, K, lda, ldb, ldc;
   bool operator==(const GemmKey&) const = default;
 };
 struct GemmKeyHash {
   size_t operator()(const GemmKey& k) const {
-    size_t h = (k.ta << 0) | (k.tb << 1) | (k.acc << 2) | (k.bias << 3);
+    size_t h = (k.ta << 0) | (k.tb << 1) | (k.acc << 2) | (k.bias << 3) | (k.c16 << 4);
     for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc})
       h = h * 1000003u ^ std::hash<int64_t>()(v);
     return h;
@@ -61,7 +61,7 @@ class Bf16Gemm {
     static Bf16Gemm g;
     return g;
   }
-  void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias, float* C) {
+  void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias, void* C) {
     const GemmPlan& p = plan(k);
     std::unordered_map<int, dnnl::memory> args = {
         {DNNL_ARG_SRC, dnnl::memory(p.a, eng_, const_cast<uint16_t*>(A))},
@@ -90,7 +90,7 @@ class Bf16Gemm {
                              k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
     p.b = dnnl::memory::desc({k.K, k.N}, dt::bf16,
                              k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
-    p.c = dnnl::memory::desc({k.M, k.N}, dt::f32, dnnl::memory::dims{k.ldc, 1});
+    p.c = dnnl::memory::desc({k.M, k.N}, k.c16 ? dt::bf16 : dt::f32, dnnl::memory::dims{k.ldc, 1});
     if (k.bias) p.bias = dnnl::memory::desc({1, k.N}, dt::f32, dnnl::memory::dims{k.N, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -157,7 +157,27 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
         for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = bias ? bias[j] : 0.0f;
     return;
   }
-  Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, M, N, K, lda, ldb, ldc}, A, B, bias, C);
+  Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B,
+                      bias, C);
+}
+
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC) {
+  if (N == 0 || OC == 0) return;
+  if (C == 0) {  // bias alone
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t o = 0; o < OC; ++o) out[i * OC + o] = fp32_to_bf16_ftz(bias ? bias[o] : 0.0f);
+    return;
+  }
+  Bf16Gemm::get().run({false, true, false, bias != nullptr, true, N, OC, C, C, C, OC}, inp, weight,
+                      bias, out);
+}
+
+void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  uint16_t* x = scratch(0, N * C);
+  to_bf16(x, inp, N * C);
+  linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
@@ -177,15 +197,16 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
                           int64_t OC) {
   uint16_t* d = scratch(0, N * OC);
   to_bf16(d, dout, N * OC);
-  linear_backward_bf16_dout(dinp, dweight, d, OC, inp, weight, N, C, OC);
+  linear_backward_bf16_dout(dinp, dweight, nullptr, d, OC, inp, weight, N, C, OC);
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
-void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
-                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                               int64_t OC) {
+void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
+                               int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
+                               int64_t C, int64_t OC) {
   if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, true, dinp, C);
   if (dweight) gemm_bf16(true, false, OC, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
+  if (dbias) bias_grad(dbias, dout, N, OC, ld);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,

@@ -4,6 +4,7 @@
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
+#include "lmforge/core/dtype.h"
 
 namespace lmforge::cpu {
 
@@ -11,6 +12,11 @@ template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void add(float* out, const float* a, const uint16_t* b, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + bf16_to_fp32(b[i]);
 }
 
 template <typename T>

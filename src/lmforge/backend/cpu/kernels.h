@@ -25,9 +25,10 @@ template <typename T>
 void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                      int64_t N, int64_t C, int64_t OC);
 
-// dbias (OC) += column sums of dout (N, OC), in double, deterministic whatever the threads.
-template <typename T>
-void bias_grad(T* dbias, const T* dout, int64_t N, int64_t OC);
+// dbias (OC) += column sums of dout (N, OC; rows ld apart, OC when ld < 0), in double,
+// deterministic whatever the threads. D = T, or uint16_t for a bf16 dout into fp32 dbias.
+template <typename T, typename D = T>
+void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld = -1);
 
 // bf16 mixed precision (cpu/bf16.cpp). dst = bf16(src), round to nearest even.
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
@@ -52,10 +53,18 @@ void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
-// And with the output gradient already in bf16 (rows ld >= OC apart; no bias).
-void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
-                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                               int64_t OC);
+// And with the output gradient already in bf16 (rows ld >= OC apart); dbias (may be null) +=
+// the column sums of the bf16 values.
+void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
+                               int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
+                               int64_t C, int64_t OC);
+// bf16 matmul outputs (bf16 activations): out (N, OC) = bf16(inp @ weight^T + bias), the fp32
+// accumulator plus the fp32 bias rounded once to nearest even, as to_bf16 rounds; the input bf16
+// or fp32 (rounded on its way in, as above).
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC);
+void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC);
 
 // W is T, or uint16_t for bf16 tables (bf16 master weights), widened exactly.
 template <typename T, typename W>
@@ -142,6 +151,8 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
 
 template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);
+// out = a + b with b bf16, widened exactly (a residual branch's bf16 matmul output).
+void add(float* out, const float* a, const uint16_t* b, int64_t n);
 template <typename T>
 void accumulate(T* dst, const T* src, int64_t n);
 template <typename T>

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
 namespace lmforge::cpu {
@@ -57,10 +58,17 @@ void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
-template <typename T>
-void bias_grad(T* dbias, const T* dout, int64_t N, int64_t OC) {
+namespace {
+inline double widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline double widen(uint16_t x) { return bf16_to_fp32(x); }  // a bf16 output gradient
+}  // namespace
+
+template <typename T, typename D>
+void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld) {
   // Column sums in double, each column summed in row order by one thread: deterministic
   // whatever the thread count. Blocks of columns keep the row walk in cache lines.
+  if (ld < 0) ld = OC;
   constexpr int64_t kCols = 64;
   const int64_t blocks = (OC + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
@@ -68,20 +76,21 @@ void bias_grad(T* dbias, const T* dout, int64_t N, int64_t OC) {
     const int64_t o0 = blk * kCols, n = std::min(kCols, OC - o0);
     double acc[kCols] = {};
     for (int64_t i = 0; i < N; ++i) {
-      const T* row = dout + i * OC + o0;
-      for (int64_t j = 0; j < n; ++j) acc[j] += row[j];
+      const D* row = dout + i * ld + o0;
+      for (int64_t j = 0; j < n; ++j) acc[j] += widen(row[j]);
     }
     for (int64_t j = 0; j < n; ++j) dbias[o0 + j] += static_cast<T>(acc[j]);
   }
 }
 
 #define LMF_INSTANTIATE(T)                                                                      \
-  template void bias_grad<T>(T*, const T*, int64_t, int64_t);                                   \
+  template void bias_grad<T, T>(T*, const T*, int64_t, int64_t, int64_t);                       \
   template void linear_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t); \
   template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t,  \
                                    int64_t);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE
+template void bias_grad<float, uint16_t>(float*, const uint16_t*, int64_t, int64_t, int64_t);
 
 }  // namespace lmforge::cpu

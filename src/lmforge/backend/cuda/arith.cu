@@ -10,10 +10,11 @@ using namespace detail;
 
 namespace {
 
+template <typename Bt>  // float, or uint16_t for a bf16 b (widened exactly)
 struct AddOp {
   float* out;
   const float* a;
-  const float* b;
+  const Bt* b;
   template <int K>
   __device__ void apply(int64_t i) const {
     Floats<K> x = load<K>(a + i);
@@ -124,11 +125,15 @@ void sum_partials(double* out, const double* partial, int64_t n, bool accumulate
 }  // namespace detail
 
 void add(float* out, const float* a, const float* b, int64_t n) {
-  launch_map(AddOp{out, a, b}, n, aligned16(out, a, b));
+  launch_map(AddOp<float>{out, a, b}, n, aligned16(out, a, b));
+}
+
+void add(float* out, const float* a, const uint16_t* b, int64_t n) {
+  launch_map(AddOp<uint16_t>{out, a, b}, n, aligned16(out, a) && aligned4(b));
 }
 
 void accumulate(float* dst, const float* src, int64_t n) {
-  launch_map(AddOp{dst, dst, src}, n, aligned16(dst, src));
+  launch_map(AddOp<float>{dst, dst, src}, n, aligned16(dst, src));
 }
 
 void scale(float* x, float s, int64_t n) { launch_map(ScaleOp{x, s}, n, aligned16(x)); }

@@ -594,61 +594,51 @@ bool cudnn_attention_supported(int64_t B, int64_t T, int64_t NH, int64_t NKV, in
   return T % 128 == 0 || v >= 91600;
 }
 
-bool cudnn_attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T,
-                             int64_t NH, int64_t NKV, int64_t HS) {
-  require_supported("cudnn_attention_forward", B, T, NH, NKV, HS);
+namespace {
+
+// The plans on bf16 operands; qkv16/o16 (forward) or qkv16/o16/do16 (backward) are either the
+// caller's bf16 activations or this file's scratch copies of fp32 ones.
+bool forward16(uint16_t* o16, float* lse, const uint16_t* qkv16, int64_t B, int64_t T, int64_t NH,
+               int64_t NKV, int64_t HS) {
   if (!aligned16(lse)) return false;  // Stats is declared 16-byte aligned
   State& s = State::get();
-  std::lock_guard<std::mutex> lock(s.mu);
   const Key k{B, T, NH, NKV, HS, false};
   const Plan* p = s.plan(k);
   if (!p) return false;
-  const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
-  auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
-  auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
   void* ws = p->workspace > 0 ? s.scratch(kWorkspace, size_t(p->workspace)) : nullptr;
-  to_bf16(qkv16, qkv, n_qkv);
+  auto* q = const_cast<uint16_t*>(qkv16);
   execute(*p, k,
-          {{kQ, qkv16},
-           {kK, qkv16 + NH * HS},
-           {kV, qkv16 + (NH + NKV) * HS},
+          {{kQ, q},
+           {kK, q + NH * HS},
+           {kV, q + (NH + NKV) * HS},
            {kO, o16},
            {kStats, lse},
            {kScale, const_cast<float*>(&p->scale)},
            {kNegInf, const_cast<float*>(&p->neg_inf)}},
           ws);
-  detail::bf16_to_fp32(out, o16, n_out);
   return true;
 }
 
-bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                              const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                              int64_t HS) {
-  require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
+bool backward16(float* dqkv, const uint16_t* do16, const uint16_t* qkv16, const uint16_t* o16,
+                const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
   if (!aligned16(lse)) return false;
   State& s = State::get();
-  std::lock_guard<std::mutex> lock(s.mu);
   const Key k{B, T, NH, NKV, HS, true};
   const Plan* p = s.plan(k);
   if (!p) return false;
   const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
-  auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
-  auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
-  auto* do16 = static_cast<uint16_t*>(s.scratch(kDout16, size_t(n_out) * 2));
   auto* dqkv16 = static_cast<uint16_t*>(s.scratch(kDqkv16, size_t(n_qkv) * 2));
   void* row_sum = s.scratch(kRowSumBuf, size_t(B * NH * T) * 4);
   void* dq_accum = s.scratch(kDqAccumBuf, size_t(n_out) * 4);
   void* ws = p->workspace > 0 ? s.scratch(kWorkspace, size_t(p->workspace)) : nullptr;
-  to_bf16(qkv16, qkv, n_qkv);
-  to_bf16(o16, out, n_out);
-  to_bf16(do16, dout, n_out);
   memset_zero(dq_accum, size_t(n_out) * 4);
+  auto* q = const_cast<uint16_t*>(qkv16);
   execute(*p, k,
-          {{kQ, qkv16},
-           {kK, qkv16 + NH * HS},
-           {kV, qkv16 + (NH + NKV) * HS},
-           {kO, o16},
-           {kDO, do16},
+          {{kQ, q},
+           {kK, q + NH * HS},
+           {kV, q + (NH + NKV) * HS},
+           {kO, const_cast<uint16_t*>(o16)},
+           {kDO, const_cast<uint16_t*>(do16)},
            {kStats, const_cast<float*>(lse)},
            {kDQ, dqkv16},
            {kDK, dqkv16 + NH * HS},
@@ -661,6 +651,61 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, 
           ws);
   detail::accumulate_bf16(dqkv, dqkv16, n_qkv);
   return true;
+}
+
+}  // namespace
+
+bool cudnn_attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T,
+                             int64_t NH, int64_t NKV, int64_t HS) {
+  require_supported("cudnn_attention_forward", B, T, NH, NKV, HS);
+  State& s = State::get();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.plan({B, T, NH, NKV, HS, false}) || !aligned16(lse)) return false;
+  const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
+  auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
+  auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
+  to_bf16(qkv16, qkv, n_qkv);
+  if (!forward16(o16, lse, qkv16, B, T, NH, NKV, HS)) return false;
+  detail::bf16_to_fp32(out, o16, n_out);
+  return true;
+}
+
+bool cudnn_attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                             int64_t NH, int64_t NKV, int64_t HS) {
+  require_supported("cudnn_attention_forward", B, T, NH, NKV, HS);
+  State& s = State::get();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return forward16(out, lse, qkv, B, T, NH, NKV, HS);
+}
+
+bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                              const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                              int64_t HS) {
+  require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
+  State& s = State::get();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.plan({B, T, NH, NKV, HS, true}) || !aligned16(lse)) return false;
+  const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
+  auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
+  auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
+  auto* do16 = static_cast<uint16_t*>(s.scratch(kDout16, size_t(n_out) * 2));
+  to_bf16(qkv16, qkv, n_qkv);
+  to_bf16(o16, out, n_out);
+  to_bf16(do16, dout, n_out);
+  return backward16(dqkv, do16, qkv16, o16, lse, B, T, NH, NKV, HS);
+}
+
+bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qkv,
+                              const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS) {
+  require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
+  State& s = State::get();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.plan({B, T, NH, NKV, HS, true}) || !aligned16(lse)) return false;
+  const int64_t n_out = B * T * NH * HS;
+  auto* do16 = static_cast<uint16_t*>(s.scratch(kDout16, size_t(n_out) * 2));
+  to_bf16(do16, dout, n_out);
+  return backward16(dqkv, do16, qkv, out, lse, B, T, NH, NKV, HS);
 }
 
 }  // namespace lmforge::cuda

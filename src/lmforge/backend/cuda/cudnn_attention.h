@@ -62,6 +62,14 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, 
                               const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                               int64_t HS);
 
+// bf16 activations (bf16 matmul outputs): qkv and out already bf16, used as they are (no
+// conversion of qkv or out either way); dout and dqkv stay fp32.
+bool cudnn_attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
+                             int64_t NH, int64_t NKV, int64_t HS);
+bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qkv,
+                              const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS);
+
 namespace detail {
 // The conversions around the cuDNN plans (cudnn_attention_kernels.cu), on stream().
 void bf16_to_fp32(float* dst, const uint16_t* src, int64_t n);     // dst = fp32(src)

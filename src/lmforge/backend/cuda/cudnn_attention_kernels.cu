@@ -8,30 +8,12 @@ namespace lmforge::cuda::detail {
 
 namespace {
 
-// K consecutive bf16 values as floats; K == 4 is one 8-byte load (little-endian: the element at
-// the lower address is the low half of each 32-bit word).
-template <int K>
-__device__ __forceinline__ Floats<K> load_bf16(const uint16_t* p) {
-  Floats<K> r;
-  if constexpr (K == 4) {
-    const uint2 q = *reinterpret_cast<const uint2*>(p);
-    r.v[0] = __uint_as_float(q.x << 16);
-    r.v[1] = __uint_as_float(q.x & 0xffff0000u);
-    r.v[2] = __uint_as_float(q.y << 16);
-    r.v[3] = __uint_as_float(q.y & 0xffff0000u);
-  } else {
-#pragma unroll
-    for (int k = 0; k < K; ++k) r.v[k] = __uint_as_float(static_cast<uint32_t>(p[k]) << 16);
-  }
-  return r;
-}
-
 struct WidenOp {
   float* dst;
   const uint16_t* src;
   template <int K>
   __device__ void apply(int64_t i) const {
-    store<K>(dst + i, load_bf16<K>(src + i));
+    store<K>(dst + i, load<K>(src + i));
   }
 };
 
@@ -40,7 +22,7 @@ struct AccumulateOp {
   const uint16_t* src;
   template <int K>
   __device__ void apply(int64_t i) const {
-    const Floats<K> s = load_bf16<K>(src + i);
+    const Floats<K> s = load<K>(src + i);
     Floats<K> d = load<K>(dst + i);
 #pragma unroll
     for (int k = 0; k < K; ++k) d.v[k] = __fadd_rn(d.v[k], s.v[k]);

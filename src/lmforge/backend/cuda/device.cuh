@@ -76,6 +76,30 @@ __device__ __forceinline__ Floats<K> load(const float* p) {
   return r;
 }
 
+// K consecutive bf16 values widened (exactly) to floats; K == 4 is one 8-byte load (the pointer
+// is then 8-byte aligned; little-endian: the element at the lower address is the low half of
+// each 32-bit word). With the fp32 load above, kernels templated on their input type read either.
+template <int K>
+__device__ __forceinline__ Floats<K> load(const uint16_t* p) {
+  Floats<K> r;
+  if constexpr (K == 4) {
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    r.v[0] = __uint_as_float(q.x << 16);
+    r.v[1] = __uint_as_float(q.x & 0xffff0000u);
+    r.v[2] = __uint_as_float(q.y << 16);
+    r.v[3] = __uint_as_float(q.y & 0xffff0000u);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) r.v[k] = __uint_as_float(static_cast<uint32_t>(p[k]) << 16);
+  }
+  return r;
+}
+
+// Alignment for the vectorized (K == 4) path of a pointer of either element type: 16 bytes for
+// fp32, 8 for bf16.
+inline bool aligned4(const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned4(const uint16_t* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+
 template <int K>
 __device__ __forceinline__ void store(float* p, const Floats<K>& r) {
   if constexpr (K == 4) {

@@ -60,9 +60,12 @@ constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 
 enum class Dtype : uint8_t { kF32, kBf16 };
 
+void* scratch(int slot, size_t bytes);  // below
+
 struct Key {
   Dtype dtype;
   bool ta, tb, bias;
+  bool d16;  // C/D bf16 (bf16 matmul outputs), else fp32
   int64_t M, N, K, lda, ldb, ldc;
   uint32_t align_a, align_b, align_c, align_bias;
   bool operator==(const Key&) const = default;
@@ -70,7 +73,8 @@ struct Key {
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
-    size_t h = static_cast<size_t>(k.dtype) | (k.ta << 2) | (k.tb << 3) | (k.bias << 4);
+    size_t h =
+        static_cast<size_t>(k.dtype) | (k.ta << 2) | (k.tb << 3) | (k.bias << 4) | (k.d16 << 5);
     for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc, int64_t(k.align_a), int64_t(k.align_b),
                       int64_t(k.align_c), int64_t(k.align_bias)})
       h = h * 1000003u ^ std::hash<int64_t>()(v);
@@ -106,14 +110,17 @@ class Lt {
     return *lt;
   }
 
-  // C = alpha op(A) op(B) + beta C [+ bias]; M, N, K > 0 and bias implies beta == 0.
+  // C = alpha op(A) op(B) + beta C [+ bias]; M, N, K > 0 and bias implies beta == 0. d16: C is
+  // bf16 (beta == 0), the fp32 result rounded once; where cuBLASLt has no algorithm for that (or
+  // for its fp32 bias), the fp32 result goes through scratch and cuda::to_bf16.
   void run(Dtype dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
-           int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-           const float* bias) {
+           int64_t lda, const void* B, int64_t ldb, float beta, void* C, int64_t ldc,
+           const float* bias, bool d16 = false) {
     const Key key{dt,
                   ta,
                   tb,
                   bias != nullptr,
+                  d16,
                   M,
                   N,
                   K,
@@ -124,11 +131,19 @@ class Lt {
                   alignment(B),
                   alignment(C),
                   bias ? alignment(bias) : 0u};
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     const Plan& p = plan(key, bias);
+    if (d16 && (p.fallback || (bias && !p.bias_epilogue))) {
+      lock.unlock();
+      LMF_CHECK(ldc == N, "cuda gemm: a bf16 output needs ldc == N");
+      auto* c32 = static_cast<float*>(scratch(3, size_t(M) * N * sizeof(float)));
+      run(dt, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, c32, N, bias);
+      to_bf16(static_cast<uint16_t*>(C), c32, M * N);
+      return;
+    }
     if (p.fallback) {
-      detail::gemm_fallback(dt == Dtype::kBf16, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C,
-                            ldc, bias);
+      detail::gemm_fallback(dt == Dtype::kBf16, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta,
+                            static_cast<float*>(C), ldc, bias);
       return;
     }
     if (bias && p.bias_epilogue) {
@@ -136,7 +151,7 @@ class Lt {
       LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                 sizeof(bias)));
     } else if (bias) {
-      detail::fill_rows(C, M, N, ldc, bias);
+      detail::fill_rows(static_cast<float*>(C), M, N, ldc, bias);
       beta = 1.0f;
     }
     LMF_CUBLAS(cublasLtMatmul(handle_, p.op, &alpha, B, p.x, A, p.y, &beta, C, p.d, C, p.d, &p.algo,
@@ -166,7 +181,7 @@ class Lt {
         cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof(op_y)));
     LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.x, ab, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb));
     LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.y, ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda));
-    LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, k.N, k.M, k.ldc));
+    LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.d, k.d16 ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc));
 
     cublasLtMatmulPreference_t pref = nullptr;
     LMF_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
@@ -208,10 +223,17 @@ class Lt {
       fmt::print(stderr,
                  "warning: cuBLASLt has no algorithm for the {} gemm M={} N={} K={} (trans_a={}, "
                  "trans_b={}, lda={}, ldb={}, ldc={}, alignments A/B/C/bias {}/{}/{}/{} bytes; "
-                 "{}); using the plain CUDA fallback kernel\n",
-                 k.dtype == Dtype::kBf16 ? "bf16" : "fp32", k.M, k.N, k.K, k.ta, k.tb, k.lda, k.ldb,
-                 k.ldc, k.align_a, k.align_b, k.align_c, k.align_bias,
-                 p.why == CUBLAS_STATUS_SUCCESS ? "no result" : cublasLtGetStatusName(p.why));
+                 "{}); using {}\n",
+                 k.dtype == Dtype::kBf16 ? (k.d16 ? "bf16 (bf16 output)" : "bf16") : "fp32", k.M,
+                 k.N, k.K, k.ta, k.tb, k.lda, k.ldb, k.ldc, k.align_a, k.align_b, k.align_c,
+                 k.align_bias,
+                 p.why == CUBLAS_STATUS_SUCCESS ? "no result" : cublasLtGetStatusName(p.why),
+                 k.d16 ? "an fp32 gemm and a rounding pass" : "the plain CUDA fallback kernel");
+    else if (k.d16 && k.bias && !p.bias_epilogue)
+      fmt::print(stderr,
+                 "warning: cuBLASLt takes no fp32 bias with a bf16 output for M={} N={} K={}; "
+                 "using an fp32 gemm and a rounding pass\n",
+                 k.M, k.N, k.K);
     return cache_.emplace(k, p).first->second;
   }
 
@@ -241,12 +263,13 @@ class Lt {
 };
 
 // Device scratch that grows to the largest request and is then reused: bf16 copies of
-// activations (slots 0, 1) and the bias gradient's partial sums (slot 2). Growing waits for the
-// stream, since queued kernels may still read the old buffer; after the first step it never grows.
+// activations (slots 0, 1), the bias gradient's partial sums (slot 2) and fp32 results on their
+// way to a bf16 output (slot 3). Growing waits for the stream, since queued kernels may still read
+// the old buffer; after the first step it never grows.
 void* scratch(int slot, size_t bytes) {
   static std::mutex mu;
-  static void* buf[3] = {};
-  static size_t cap[3] = {};
+  static void* buf[4] = {};
+  static size_t cap[4] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (bytes > cap[slot]) {
     if (buf[slot]) {
@@ -312,13 +335,24 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
   Lt::get().run(Dtype::kF32, false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC, bias);
 }
 
+namespace {
+// Chunks of >= 128 rows, at most 64: with OC = 768 that is up to 24 x 64 blocks, enough to fill
+// the GPU, and the chunking depends on the shape alone (so does the summation order).
+int64_t bias_chunks(int64_t N) { return std::clamp<int64_t>((N + 127) / 128, 1, 64); }
+}  // namespace
+
 void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC) {
   if (N <= 0 || OC <= 0) return;
-  // Chunks of >= 128 rows, at most 64: with OC = 768 that is up to 24 x 64 blocks, enough to fill
-  // the GPU, and the chunking depends on the shape alone (so does the summation order).
-  const int64_t chunks = std::clamp<int64_t>((N + 127) / 128, 1, 64);
+  const int64_t chunks = bias_chunks(N);
   auto* partial = static_cast<double*>(scratch(2, size_t(chunks) * OC * sizeof(double)));
-  detail::bias_grad(dbias, dout, N, OC, partial, chunks);
+  detail::bias_grad(dbias, dout, N, OC, OC, partial, chunks);
+}
+
+void bias_grad(float* dbias, const uint16_t* dout, int64_t N, int64_t OC, int64_t ld) {
+  if (N <= 0 || OC <= 0) return;
+  const int64_t chunks = bias_chunks(N);
+  auto* partial = static_cast<double*>(scratch(2, size_t(chunks) * OC * sizeof(double)));
+  detail::bias_grad(dbias, dout, N, OC, ld, partial, chunks);
 }
 
 void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
@@ -341,6 +375,27 @@ void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, c
   linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC) {
+  if (N == 0 || OC == 0) return;
+  if (C == 0) {  // the bias alone, rounded
+    auto* c32 = static_cast<float*>(scratch(3, size_t(N) * OC * sizeof(float)));
+    detail::fill_rows(c32, N, OC, OC, bias);
+    to_bf16(out, c32, N * OC);
+    return;
+  }
+  check_gemm_args("cuda::linear_forward_bf16", false, true, N, OC, C, C, C, OC);
+  Lt::get().run(Dtype::kBf16, false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC, bias,
+                /*d16=*/true);
+}
+
+void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC) {
+  auto* x = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * C) * 2));
+  to_bf16(x, inp, N * C);
+  linear_forward_bf16(out, x, weight, bias, N, C, OC);
+}
+
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC) {
@@ -354,16 +409,17 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
       to_bf16(d, dout, N * OC);
     else
       detail::to_bf16_rows(d, ld, dout, N, OC);
-    linear_backward_bf16_dout(dinp, dweight, d, ld, inp, weight, N, C, OC);
+    linear_backward_bf16_dout(dinp, dweight, nullptr, d, ld, inp, weight, N, C, OC);
   }
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
-void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
-                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                               int64_t OC) {
+void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
+                               int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
+                               int64_t C, int64_t OC) {
   if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, true, dinp, C);
   if (dweight) gemm_bf16(true, false, OC, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
+  if (dbias) bias_grad(dbias, dout, N, OC, ld);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,

@@ -34,6 +34,8 @@ void linear_backward(float* dinp, float* dweight, float* dbias, const float* dou
 
 // dbias (OC) += column sums of dout (N, OC), accumulated in double in a fixed order.
 void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC);
+// The same of a bf16 dout with rows ld >= OC apart.
+void bias_grad(float* dbias, const uint16_t* dout, int64_t N, int64_t OC, int64_t ld);
 
 // dst = bf16(src), round to nearest even with denormals flushed to zero: bit-identical to
 // cpu::to_bf16 (fp32_to_bf16_ftz), NaN stays NaN.
@@ -61,10 +63,18 @@ void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
-// And with the output gradient already in bf16 (rows ld >= OC apart; no bias).
-void linear_backward_bf16_dout(float* dinp, float* dweight, const uint16_t* dout, int64_t ld,
-                               const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                               int64_t OC);
+// And with the output gradient already in bf16 (rows ld >= OC apart); dbias (may be null) += its
+// column sums.
+void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
+                               int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
+                               int64_t C, int64_t OC);
+// bf16 matmul outputs: out (N, OC) bf16 = the fp32 result (accumulator + fp32 bias) rounded once
+// to nearest even (cuBLASLt's bf16 D; an fp32 gemm and to_bf16 where it has no algorithm), from a
+// bf16 input or an fp32 one rounded on its way in.
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC);
+void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
+                         int64_t N, int64_t C, int64_t OC);
 
 namespace detail {
 // Small kernels of matmul_kernels.cu, launched on stream() (for matmul.cpp only).
@@ -80,10 +90,12 @@ void scale_rows(float* C, int64_t M, int64_t N, int64_t ldc, float beta);
 void gemm_fallback(bool bf16, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                    float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
                    float* C, int64_t ldc, const float* bias);
-// dbias (OC) += column sums of dout (N, OC): chunks partial sums per column into partial
-// (chunks, OC) doubles, then each column's partials added in chunk order.
-void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, double* partial,
+// dbias (OC) += column sums of dout (N, OC; rows ld apart; fp32 or bf16): chunks partial sums per
+// column into partial (chunks, OC) doubles, then each column's partials added in chunk order.
+void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, int64_t ld, double* partial,
                int64_t chunks);
+void bias_grad(float* dbias, const uint16_t* dout, int64_t N, int64_t OC, int64_t ld,
+               double* partial, int64_t chunks);
 
 }  // namespace detail
 

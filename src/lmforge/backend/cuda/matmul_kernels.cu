@@ -80,8 +80,14 @@ __global__ void scale_rows_kernel(float* __restrict__ C, int64_t M, int64_t N, i
 // on the shapes only.
 constexpr int kBgCols = 32, kBgRows = 8;
 
-__global__ void bias_grad_partial_kernel(double* __restrict__ partial,
-                                         const float* __restrict__ dout, int64_t N, int64_t OC,
+__device__ __forceinline__ double widen(float x) { return x; }
+__device__ __forceinline__ double widen(uint16_t x) {
+  return __uint_as_float(static_cast<uint32_t>(x) << 16);
+}
+
+template <typename D>  // float, or uint16_t for a bf16 dout
+__global__ void bias_grad_partial_kernel(double* __restrict__ partial, const D* __restrict__ dout,
+                                         int64_t N, int64_t OC, int64_t ld,
                                          int64_t rows_per_chunk) {
   __shared__ double red[kBgRows][kBgCols];
   const int64_t col = blockIdx.x * int64_t(kBgCols) + threadIdx.x;
@@ -90,7 +96,7 @@ __global__ void bias_grad_partial_kernel(double* __restrict__ partial,
   const int64_t r1 = r0 + rows_per_chunk < N ? r0 + rows_per_chunk : N;
   double acc = 0;
   if (col < OC)
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBgRows) acc += dout[r * OC + col];
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kBgRows) acc += widen(dout[r * ld + col]);
   red[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < OC) {
@@ -210,8 +216,10 @@ void gemm_fallback(bool bf16, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
   LMF_CUDA(cudaGetLastError());
 }
 
-void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, double* partial,
-               int64_t chunks) {
+namespace {
+template <typename D>
+void bias_grad_impl(float* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld, double* partial,
+                    int64_t chunks) {
   if (OC <= 0) return;
   if (N <= 0) return;  // nothing to add
   if (chunks < 1 || chunks > 65535)
@@ -219,11 +227,22 @@ void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, double* p
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   const dim3 grid(static_cast<unsigned>((OC + kBgCols - 1) / kBgCols),
                   static_cast<unsigned>(chunks));
-  bias_grad_partial_kernel<<<grid, dim3(kBgCols, kBgRows), 0, cur_stream()>>>(partial, dout, N, OC,
-                                                                              rows_per_chunk);
+  bias_grad_partial_kernel<D>
+      <<<grid, dim3(kBgCols, kBgRows), 0, cur_stream()>>>(partial, dout, N, OC, ld, rows_per_chunk);
   LMF_CUDA(cudaGetLastError());
   bias_grad_finish_kernel<<<grid_for(OC), kThreads, 0, cur_stream()>>>(dbias, partial, OC, chunks);
   LMF_CUDA(cudaGetLastError());
+}
+}  // namespace
+
+void bias_grad(float* dbias, const float* dout, int64_t N, int64_t OC, int64_t ld, double* partial,
+               int64_t chunks) {
+  bias_grad_impl(dbias, dout, N, OC, ld, partial, chunks);
+}
+
+void bias_grad(float* dbias, const uint16_t* dout, int64_t N, int64_t OC, int64_t ld,
+               double* partial, int64_t chunks) {
+  bias_grad_impl(dbias, dout, N, OC, ld, partial, chunks);
 }
 
 }  // namespace detail

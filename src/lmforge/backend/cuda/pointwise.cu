@@ -1,4 +1,6 @@
 // Per-element kernels on the grid-stride map: rotary embedding, GELU, SwiGLU and AdamW.
+#include <type_traits>
+
 #include "lmforge/backend/adamw_scalars.h"
 #include "lmforge/backend/cuda/device.cuh"
 #include "lmforge/core/stochastic_round.h"
@@ -12,8 +14,9 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding: one unit per rotated pair (i, i + HS/2) of one head of one token.
 
+template <typename X>  // float, or uint16_t for a bf16 qkv (rotated in fp32, rounded)
 struct RopeOp {
-  float* x;
+  X* x;
   const float* cos;
   const float* sin;
   int64_t T, n_heads, half, HS, row_stride, pos0;
@@ -22,7 +25,7 @@ struct RopeOp {
   __device__ void apply(int64_t u) const {  // K divides half: one head per call
     const int64_t r = u / half, i = u - r * half;
     const int64_t bt = r / n_heads, h = r - bt * n_heads, t = bt % T;
-    float* v = x + bt * row_stride + h * HS + i;
+    X* v = x + bt * row_stride + h * HS + i;
     const int64_t cs = (pos0 + t) * half + i;
     Floats<K> x1 = load<K>(v), x2 = load<K>(v + half);
     const Floats<K> c = load<K>(cos + cs), s = load<K>(sin + cs);
@@ -37,12 +40,13 @@ struct RopeOp {
   }
 };
 
-void rope(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t n_heads,
+template <typename X>
+void rope(X* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t n_heads,
           int64_t HS, int64_t row_stride, int64_t pos0, float sign) {
   const int64_t half = HS / 2;
-  const RopeOp op{x, cos, sin, T, n_heads, half, HS, row_stride, pos0, sign};
+  const RopeOp<X> op{x, cos, sin, T, n_heads, half, HS, row_stride, pos0, sign};
   launch_map(op, B * T * n_heads * half,
-             half % 4 == 0 && row_stride % 4 == 0 && aligned16(x, cos, sin));
+             half % 4 == 0 && row_stride % 4 == 0 && aligned4(x) && aligned16(cos, sin));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -52,10 +56,10 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluK = 0.044715f;
 constexpr float kGeluK3 = static_cast<float>(3 * 0.044715);
 
-template <typename O>  // float, or uint16_t for bf16 activations
+template <typename O, typename I = float>  // float, or uint16_t for bf16 activations
 struct GeluForwardOp {
   O* out;
-  const float* inp;
+  const I* inp;
   template <int K>
   __device__ void apply(int64_t i) const {
     Floats<K> v = load<K>(inp + i);
@@ -68,14 +72,29 @@ struct GeluForwardOp {
   }
 };
 
+// D float: dinp += (the fp32 path); D uint16_t: dinp = bf16(...) (bf16 activations: d(fc_out) is
+// written rounded for the fc matmul's backward).
+template <int K, typename D>
+__device__ __forceinline__ Floats<K> grad_in(const D* p) {
+  if constexpr (std::is_same_v<D, float>) {
+    return load<K>(p);
+  } else {
+    Floats<K> z;
+#pragma unroll
+    for (int k = 0; k < K; ++k) z.v[k] = 0.0f;
+    return z;
+  }
+}
+
+template <typename D = float, typename I = float>
 struct GeluBackwardOp {
-  float* dinp;
-  const float* inp;
+  D* dinp;
+  const I* inp;
   const float* dout;
   template <int K>
   __device__ void apply(int64_t i) const {
     const Floats<K> xv = load<K>(inp + i), g = load<K>(dout + i);
-    Floats<K> d = load<K>(dinp + i);
+    Floats<K> d = grad_in<K>(dinp + i);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float x = xv.v[k];
@@ -90,15 +109,15 @@ struct GeluBackwardOp {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-template <typename O>
+template <typename O, typename I = float>
 struct SwigluForwardOp {
   O* out;
-  const float* inp;
+  const I* inp;
   int64_t F;
   template <int K>
   __device__ void apply(int64_t i) const {  // K divides F: one row per call
     const int64_t row = i / F, f = i - row * F;
-    const float* g = inp + row * 2 * F + f;
+    const I* g = inp + row * 2 * F + f;
     Floats<K> gv = load<K>(g);
     const Floats<K> uv = load<K>(g + F);
 #pragma unroll
@@ -108,18 +127,19 @@ struct SwigluForwardOp {
 };
 
 // dgate += d u s (1 + g (1 - s)); dup += d g s, with s = sigmoid(g).
+template <typename D = float, typename I = float>  // as GeluBackwardOp
 struct SwigluBackwardOp {
-  float* dinp;
-  const float* inp;
+  D* dinp;
+  const I* inp;
   const float* dout;
   int64_t F;
   template <int K>
   __device__ void apply(int64_t i) const {
     const int64_t row = i / F, f = i - row * F;
-    const float* g = inp + row * 2 * F + f;
-    float* dg = dinp + row * 2 * F + f;
+    const I* g = inp + row * 2 * F + f;
+    D* dg = dinp + row * 2 * F + f;
     const Floats<K> gv = load<K>(g), uv = load<K>(g + F), d = load<K>(dout + i);
-    Floats<K> dgv = load<K>(dg), duv = load<K>(dg + F);
+    Floats<K> dgv = grad_in<K>(dg), duv = grad_in<K>(dg + F);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float x = gv.v[k], s = sigmoid(x);
@@ -202,6 +222,10 @@ void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64
   rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, 1.0f);
 }
 
+void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T,
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
+  rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, 1.0f);
+}
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
                    int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
   rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, -1.0f);
@@ -216,7 +240,14 @@ void gelu_forward(uint16_t* out, const float* inp, int64_t n) {
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
-  launch_map(GeluBackwardOp{dinp, inp, dout}, n, aligned16(dinp, inp, dout));
+  launch_map(GeluBackwardOp<>{dinp, inp, dout}, n, aligned16(dinp, inp, dout));
+}
+void gelu_forward(uint16_t* out, const uint16_t* inp, int64_t n) {
+  launch_map(GeluForwardOp<uint16_t, uint16_t>{out, inp}, n, aligned4(out) && aligned4(inp));
+}
+void gelu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n) {
+  launch_map(GeluBackwardOp<uint16_t, uint16_t>{dinp, inp, dout}, n,
+             aligned4(dinp) && aligned4(inp) && aligned4(dout));
 }
 
 void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F) {
@@ -228,7 +259,16 @@ void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F) {
 }
 
 void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F) {
-  launch_map(SwigluBackwardOp{dinp, inp, dout, F}, N * F, F % 4 == 0 && aligned16(dinp, inp, dout));
+  launch_map(SwigluBackwardOp<>{dinp, inp, dout, F}, N * F,
+             F % 4 == 0 && aligned16(dinp, inp, dout));
+}
+void swiglu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F) {
+  launch_map(SwigluForwardOp<uint16_t, uint16_t>{out, inp, F}, N * F,
+             F % 4 == 0 && aligned4(out) && aligned4(inp));
+}
+void swiglu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F) {
+  launch_map(SwigluBackwardOp<uint16_t, uint16_t>{dinp, inp, dout, F}, N * F,
+             F % 4 == 0 && aligned4(dinp) && aligned4(inp) && aligned4(dout));
 }
 
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
