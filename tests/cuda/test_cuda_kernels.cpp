@@ -501,7 +501,8 @@ void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
   const std::vector<uint16_t> w16 = to16(randn(rng, OC * C, 0.1));
   DeviceArray<uint16_t> d_w16(w16), d_y16(std::vector<uint16_t>(N * OC));
   DeviceArray<float> d_y32(zeros(N * OC));
-  for (const float* b : {d_bias.get(), static_cast<const float*>(nullptr)}) {
+  for (const float* b :
+       {static_cast<const float*>(d_bias.get()), static_cast<const float*>(nullptr)}) {
     cuda::linear_forward_bf16(d_y32.get(), d_a16.get(), d_w16.get(), b, N, C, OC);
     cuda::linear_forward_bf16(d_y16.get(), d_a16.get(), d_w16.get(), b, N, C, OC);
     const std::vector<float> y32 = d_y32.host();
