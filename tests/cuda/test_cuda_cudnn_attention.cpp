@@ -164,6 +164,41 @@ TEST(CudaCudnnAttention, OpsSelectTheBf16PathUnderMixedPrecision) {
   EXPECT_EQ(run(true, 37), win_out.host());
 }
 
+// bf16 activations: the overloads taking bf16 qkv / out run the same plans as the fp32 wrappers,
+// minus the conversions, which are exact on bf16 values. So on bf16-valued inputs the bf16 out is
+// the fp32 wrapper's out (a widened bf16 O) rounded, bit for bit, lse is the same, and the
+// backward adds the same dK and dV (dQ to cuDNN's run-to-run atomics, see cudnn_attention.h).
+TEST(CudaCudnnAttention, Bf16OverloadsAreTheFp32WrappersWithoutConversions) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  const int64_t B = 2, T = 128, NH = 4, NKV = 2, HS = 64, W = (NH + 2 * NKV) * HS,
+                n_out = B * T * NH * HS;
+  if (!cuda::cudnn_attention_supported(B, T, NH, NKV, HS, 0)) GTEST_SKIP() << "cuDNN too old";
+  const std::vector<float> qkv = randn_bf16(B * T * W, 91), dout = randn_bf16(n_out, 92),
+                           d0 = randn_bf16(B * T * W, 93);
+  std::vector<uint16_t> qkv16(qkv.size());
+  for (size_t i = 0; i < qkv.size(); ++i) qkv16[i] = fp32_to_bf16_ftz(qkv[i]);
+  DeviceArray<float> d_qkv(qkv), out32(n_out), lse32(B * NH * T), lse16(B * NH * T), d_dout(dout),
+      dq32(d0), dq16(d0);
+  DeviceArray<uint16_t> d_qkv16(qkv16), out16{std::vector<uint16_t>(n_out)};
+  ASSERT_TRUE(
+      cuda::cudnn_attention_forward(out32.get(), lse32.get(), d_qkv.get(), B, T, NH, NKV, HS));
+  ASSERT_TRUE(
+      cuda::cudnn_attention_forward(out16.get(), lse16.get(), d_qkv16.get(), B, T, NH, NKV, HS));
+  const std::vector<float> o32 = out32.host();
+  const std::vector<uint16_t> o16 = out16.host();
+  for (int64_t i = 0; i < n_out; ++i) ASSERT_EQ(o16[i], fp32_to_bf16_ftz(o32[i])) << i;
+  EXPECT_EQ(lse16.host(), lse32.host());
+  ASSERT_TRUE(cuda::cudnn_attention_backward(dq32.get(), d_dout.get(), d_qkv.get(), out32.get(),
+                                             lse32.get(), B, T, NH, NKV, HS));
+  ASSERT_TRUE(cuda::cudnn_attention_backward(dq16.get(), d_dout.get(), d_qkv16.get(), out16.get(),
+                                             lse16.get(), B, T, NH, NKV, HS));
+  const std::vector<float> g32 = dq32.host(), g16 = dq16.host();
+  EXPECT_EQ(added_part(g16, d0, W, NH * HS, 2 * NKV * HS),
+            added_part(g32, d0, W, NH * HS, 2 * NKV * HS));  // dK, dV
+  EXPECT_TRUE(
+      parity("dQ", added_part(g16, d0, W, 0, NH * HS), added_part(g32, d0, W, 0, NH * HS), 1e-2));
+}
+
 // The shape rules need no GPU: they read only cuDNN's version.
 TEST(CudaCudnnAttention, SupportedShapes) {
   EXPECT_FALSE(cuda::cudnn_attention_supported(2, 256, 12, 12, 64, 37));  // a sliding window

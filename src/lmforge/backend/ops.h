@@ -16,7 +16,9 @@ namespace lmforge::ops {
 
 // (N, OC) = (N, C) @ (OC, C)^T + (OC); leading dims of inp/out are flattened into N. A bf16
 // weight (the bf16 copy of an fp32 parameter) selects mixed precision: inp and dout are rounded
-// to bf16 for the matmul, accumulation and every output stay fp32.
+// to bf16 for the matmul (or are bf16 already), accumulation is fp32, and out is fp32 or bf16 (bf16
+// matmul outputs: the fp32 result plus bias rounded once). A bf16 dout (rows ld >= OC apart) is
+// taken as it is, its bias gradient summed in double; dinp, dweight, dbias are fp32 (+=).
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias);
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight);
@@ -48,7 +50,8 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
                       const Tensor& rstd_k, int64_t n_head, int64_t n_kv_head);
 
 // In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
-// fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place.
+// fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place. A
+// bf16 qkv (bf16 matmul outputs; forward only) is rotated in fp32 and its q and k heads rounded.
 void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
                   int64_t n_kv_head, int64_t pos0);
 void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
@@ -62,7 +65,9 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 // may be used: on a CUDA tensor, cuDNN's fused flash attention (bf16 Q/K/V/O, fp32 softmax
 // statistics; backend/cuda/cudnn_attention.h) when it takes the shape and builds a plan, else the
 // fp32 kernel; LMFORGE_CUDNN_ATTENTION=0 in the environment keeps the fp32 kernel. The CPU
-// ignores it (fp32 attention).
+// ignores it (fp32 attention). bf16 activations: qkv and out may both be bf16 (dout and dqkv stay
+// fp32); cuDNN then reads and writes them as they are, and the fp32 kernel (the CPU, or a shape
+// cuDNN does not take) runs on fp32 copies in grow-only scratch outside the activation plan.
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
                        int64_t n_kv_head, int64_t window = 0, bool bf16 = false);
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
@@ -74,6 +79,9 @@ void to_bf16(const Tensor& dst, const Tensor& src);
 // dst (fp32) = src (bf16), exact (fp32 working copies of bf16 master weights).
 void from_bf16(const Tensor& dst, const Tensor& src);
 
+// bf16 activations: inp may be bf16 (the fc matmul's output; out is then bf16), and the backward
+// then WRITES (not +=) a bf16 dinp from an fp32 dout, each the fp32 arithmetic on the widened
+// input rounded once.
 void gelu_forward(const Tensor& out, const Tensor& inp);
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 // inp (N, 2F) = [gate | up] -> out (N, F)
@@ -106,6 +114,7 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
                                    const Tensor& targets, int32_t ignore_index, double dloss,
                                    double z_loss = 0);
 
+// b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);
 void scale(const Tensor& x, double s);

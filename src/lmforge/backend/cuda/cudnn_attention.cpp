@@ -660,7 +660,7 @@ bool cudnn_attention_forward(float* out, float* lse, const float* qkv, int64_t B
   require_supported("cudnn_attention_forward", B, T, NH, NKV, HS);
   State& s = State::get();
   std::lock_guard<std::mutex> lock(s.mu);
-  if (!s.plan({B, T, NH, NKV, HS, false}) || !aligned16(lse)) return false;
+  if (!aligned16(lse) || !s.plan({B, T, NH, NKV, HS, false})) return false;
   const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
   auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
   auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
@@ -684,7 +684,7 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, 
   require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
   State& s = State::get();
   std::lock_guard<std::mutex> lock(s.mu);
-  if (!s.plan({B, T, NH, NKV, HS, true}) || !aligned16(lse)) return false;
+  if (!aligned16(lse) || !s.plan({B, T, NH, NKV, HS, true})) return false;
   const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
   auto* qkv16 = static_cast<uint16_t*>(s.scratch(kQkv16, size_t(n_qkv) * 2));
   auto* o16 = static_cast<uint16_t*>(s.scratch(kO16, size_t(n_out) * 2));
@@ -701,7 +701,7 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qk
   require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
   State& s = State::get();
   std::lock_guard<std::mutex> lock(s.mu);
-  if (!s.plan({B, T, NH, NKV, HS, true}) || !aligned16(lse)) return false;
+  if (!aligned16(lse) || !s.plan({B, T, NH, NKV, HS, true})) return false;
   const int64_t n_out = B * T * NH * HS;
   auto* do16 = static_cast<uint16_t*>(s.scratch(kDout16, size_t(n_out) * 2));
   to_bf16(do16, dout, n_out);
