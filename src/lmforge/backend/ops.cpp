@@ -470,8 +470,8 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
 namespace {
 // The activations with bf16 activations throughout: a bf16 input (the fc matmul's bf16 output)
 // gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
-// backward; the arithmetic is the fp32 kernels' on the widened input. cols: the input's row
-// width; out_cols: the output's.
+// backward; the arithmetic is the fp32 kernels' on the widened input. out_cols: the output's
+// row width (F for GELU and SwiGLU alike).
 template <typename CpuFwd, typename GpuFwd>
 void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int64_t out_cols,
                       CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {
