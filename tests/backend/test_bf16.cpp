@@ -349,6 +349,23 @@ TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
   same("dinp", dx1, dx2);
   same("dweight", dw1, dw2);
   same("dbias", db1, db2);
+  // A bf16 dinp (attention's d(att)) is written: the fp32 dinp from zero, rounded once (within an
+  // ulp, as the forward); dweight and dbias as with an fp32 dinp.
+  Tensor gf = filled({N, OC}, DType::kF32, 11);
+  Tensor dx16 = Tensor::empty({N, C}, DType::kBF16), dx32 = Tensor::zeros({N, C}, DType::kF32),
+         dw3 = Tensor::zeros({OC, C}, DType::kF32), dw4 = Tensor::zeros({OC, C}, DType::kF32),
+         db3 = Tensor::zeros({OC}, DType::kF32), db4 = Tensor::zeros({OC}, DType::kF32);
+  std::memset(dx16.raw(), 0x7f, dx16.nbytes());
+  ops::linear_backward(dx32, dw3, db3, gf, x16, w16);
+  ops::linear_backward(dx16, dw4, db4, gf, x16, w16);
+  same("dweight with a bf16 dinp", dw3, dw4);
+  same("dbias with a bf16 dinp", db3, db4);
+  for (int64_t i = 0; i < dx16.numel(); ++i) {
+    const float y = dx32.data<float>()[i];
+    ASSERT_LE(std::fabs(bf16_to_fp32(dx16.bf16_data()[i]) - y),
+              std::ldexp(1.0, std::ilogb(y) - 7) + 1e-5)
+        << i;
+  }
 
   // GELU and SwiGLU on bf16 inputs (several of the CPU path's row blocks).
   const int64_t R = 9000, F = 64;
@@ -395,6 +412,10 @@ TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
   ops::rope_forward(q32, cos, sin, NH, NKV, 5);
   ops::rope_forward(q16, cos, sin, NH, NKV, 5);
   same("rope", rounded(q32), q16);
+  Tensor r16 = q16.clone(), r32 = widen(r16);  // the backward (a bf16 dqkv) likewise
+  ops::rope_backward(r32, cos, sin, NH, NKV, 5);
+  ops::rope_backward(r16, cos, sin, NH, NKV, 5);
+  same("rope backward", rounded(r32), r16);
   for (int64_t r = 0; r < B * T; ++r)
     ASSERT_EQ(std::memcmp(q16.bf16_data() + r * Cq + (NH + NKV) * HS,
                           v_before.bf16_data() + r * Cq + (NH + NKV) * HS, NKV * HS * 2),
@@ -413,6 +434,14 @@ TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
   ops::attention_backward(dq1, dout, widen(q16), widen(out16), lse1, NH, NKV);
   ops::attention_backward(dq2, dout, q16, out16, lse2, NH, NKV, 0, true);
   same("attention backward", dq1, dq2);
+  // bf16 gradients (a GPU's d(att) and d(qkv)): dqkv written, the fp32 path's from zero rounded.
+  const Tensor dout16 = rounded(dout);
+  Tensor dq3 = Tensor::zeros({B, T, Cq}, DType::kF32),
+         dq16 = Tensor::empty({B, T, Cq}, DType::kBF16);
+  std::memset(dq16.raw(), 0x7f, dq16.nbytes());
+  ops::attention_backward(dq3, widen(dout16), widen(q16), widen(out16), lse1, NH, NKV);
+  ops::attention_backward(dq16, dout16, q16, out16, lse2, NH, NKV, 0, true);
+  same("attention backward, bf16 gradients", rounded(dq3), dq16);
 }
 
 TEST(VecMath, ExpWithinTwoUlpOfLibm) {

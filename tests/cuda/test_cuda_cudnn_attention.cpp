@@ -197,6 +197,25 @@ TEST(CudaCudnnAttention, Bf16OverloadsAreTheFp32WrappersWithoutConversions) {
             added_part(g32, d0, W, NH * HS, 2 * NKV * HS));  // dK, dV
   EXPECT_TRUE(
       parity("dQ", added_part(g16, d0, W, 0, NH * HS), added_part(g32, d0, W, 0, NH * HS), 1e-2));
+  // bf16 dout and dqkv (bf16 attention gradients): dqkv written, i.e. what the fp32 wrapper adds
+  // into a zero dqkv (a widened bf16 value, exactly), rounded.
+  std::vector<uint16_t> dout16(dout.size());
+  for (size_t i = 0; i < dout.size(); ++i) dout16[i] = fp32_to_bf16_ftz(dout[i]);
+  const std::vector<float> zero(qkv.size(), 0.0f);
+  DeviceArray<float> dz(zero);
+  DeviceArray<uint16_t> d_dout16(dout16), dq_b16{std::vector<uint16_t>(qkv.size(), 0x7f7f)};
+  ASSERT_TRUE(cuda::cudnn_attention_backward(dz.get(), d_dout.get(), d_qkv.get(), out32.get(),
+                                             lse32.get(), B, T, NH, NKV, HS));
+  ASSERT_TRUE(cuda::cudnn_attention_backward(dq_b16.get(), d_dout16.get(), d_qkv16.get(),
+                                             out16.get(), lse16.get(), B, T, NH, NKV, HS));
+  const std::vector<float> gz = dz.host();
+  std::vector<float> gb(gz.size());
+  const std::vector<uint16_t> b16 = dq_b16.host();
+  for (size_t i = 0; i < gb.size(); ++i) gb[i] = bf16_to_fp32(b16[i]);
+  EXPECT_EQ(added_part(gb, zero, W, NH * HS, 2 * NKV * HS),
+            added_part(gz, zero, W, NH * HS, 2 * NKV * HS));  // dK, dV
+  EXPECT_TRUE(parity("dQ (bf16)", added_part(gb, zero, W, 0, NH * HS),
+                     added_part(gz, zero, W, 0, NH * HS), 1e-2));
 }
 
 // The shape rules need no GPU: they read only cuDNN's version.

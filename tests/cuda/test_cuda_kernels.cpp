@@ -487,6 +487,14 @@ void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
     DeviceArray<float> d_cos(cs), d_sin(sn);
     cuda::rope_forward(d_x.get(), d_cos.get(), d_sin.get(), 1, T, 3, HS, Cq, 3);
     EXPECT_TRUE(same_bits("rope", d_x.host(), want));
+    std::vector<float> dx = a32;  // the backward on a bf16 dqkv likewise
+    cpu::rope_backward<float>(dx.data(), cs.data(), sn.data(), 1, T, 3, HS, Cq, 3);
+    std::vector<uint16_t> want_b = a16;
+    for (int64_t r = 0; r < T; ++r)
+      for (int64_t c = 0; c < 3 * HS; ++c) want_b[r * Cq + c] = fp32_to_bf16_ftz(dx[r * Cq + c]);
+    DeviceArray<uint16_t> d_dx(a16);
+    cuda::rope_backward(d_dx.get(), d_cos.get(), d_sin.get(), 1, T, 3, HS, Cq, 3);
+    EXPECT_TRUE(same_bits("rope backward", d_dx.host(), want_b));
   }
 
   // The bias gradient of a bf16 dout with rows ld apart, and the matmul's bf16 output.
@@ -513,6 +521,20 @@ void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
                 std::ldexp(1.0, std::ilogb(y32[i]) - 7) + 1e-5)
           << i << (b ? " with" : " without") << " bias";
   }
+  // The backward writing a bf16 dinp: the fp32 dinp from zero, rounded (within an ulp).
+  const std::vector<float> gout = randn(rng, N * OC);
+  DeviceArray<float> d_gout(gout), d_dx32(zeros(N * C)), d_dw(zeros(OC * C));
+  DeviceArray<uint16_t> d_dx16(std::vector<uint16_t>(N * C, 0x7f7f));
+  cuda::linear_backward_bf16(d_dx32.get(), d_dw.get(), nullptr, d_gout.get(), d_a16.get(),
+                             d_w16.get(), N, C, OC);
+  cuda::linear_backward_bf16(d_dx16.get(), nullptr, nullptr, d_gout.get(), d_a16.get(), d_w16.get(),
+                             N, C, OC);
+  const std::vector<float> dx32 = d_dx32.host();
+  const std::vector<uint16_t> dx16 = d_dx16.host();
+  for (int64_t i = 0; i < N * C; ++i)
+    ASSERT_LE(std::fabs(bf16_to_fp32(dx16[i]) - dx32[i]),
+              std::ldexp(1.0, std::ilogb(dx32[i]) - 7) + 1e-5)
+        << i;
 }
 
 // bf16 master weights: the stochastically rounded update, bit-identical (the rounding bits come

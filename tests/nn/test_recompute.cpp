@@ -24,13 +24,14 @@ struct Result {
 };
 
 Result run(ModelConfig cfg, Recompute mode, bool bf16 = false, bool bf16_acts = true,
-           bool bf16_outs = true) {
+           bool bf16_outs = true, bool bf16_att_grads = false) {
   const int64_t B = 2, T = 16;
   Transformer m(cfg);
   m.init_weights(5);
   if (bf16) m.enable_bf16();
   m.set_bf16_activations(bf16_acts);
   m.set_bf16_matmul_outputs(bf16_outs);
+  m.set_bf16_attention_grads(bf16_att_grads);
   m.plan(B, T, mode);
   Tensor tok = Tensor::empty({B, T}, DType::kI32), tgt = Tensor::empty({B, T}, DType::kI32);
   Rng rng(7);
@@ -84,21 +85,29 @@ void check_bf16_activations(ModelConfig cfg) {
 // with a smaller plan than bf16 matmul inputs alone; against the fp32-activation run (the same
 // model and batch) the loss is within 0.1% and the gradients within 2% (relative L2; ~0.4% seen),
 // which is bf16 rounding of the activations, not a different computation.
-void check_bf16_matmul_outputs(ModelConfig cfg) {
+// grads: attention's gradients in bf16 too (the GPU's default).
+void check_bf16_matmul_outputs(ModelConfig cfg, bool grads = false) {
   cfg.vocab_size = 97;
   cfg.n_layer = 3;
   const Result f32 = run(cfg, Recompute::kNone, true, /*bf16_acts=*/false);
   const Result ins = run(cfg, Recompute::kNone, true, true, /*bf16_outs=*/false);
-  const Result none = run(cfg, Recompute::kNone, true);
+  const Result none = run(cfg, Recompute::kNone, true, true, true, grads);
   for (Recompute mode : {Recompute::kSelective, Recompute::kFull}) {
     SCOPED_TRACE(static_cast<int>(mode));
-    Result r = run(cfg, mode, true);
+    Result r = run(cfg, mode, true, true, true, grads);
     EXPECT_EQ(r.loss, none.loss);
     ASSERT_EQ(r.grads.size(), none.grads.size());
     EXPECT_EQ(std::memcmp(r.grads.data(), none.grads.data(), none.grads.size() * sizeof(float)), 0);
   }
   EXPECT_LT(none.bytes, ins.bytes);
   EXPECT_NE(none.loss, ins.loss);  // the path is taken
+  if (grads) {  // bf16 d(att) and d(qkv) make the gradient scratch smaller (not with q/k norms)
+    const size_t without = run(cfg, Recompute::kNone, true).bytes;
+    if (cfg.qk_norm)
+      EXPECT_EQ(none.bytes, without);
+    else
+      EXPECT_LT(none.bytes, without);
+  }
   EXPECT_NEAR(none.loss, f32.loss, 1e-3 * f32.loss);
   double diff = 0, ref = 0;
   for (size_t i = 0; i < f32.grads.size(); ++i) {
@@ -124,6 +133,13 @@ TEST(Bf16MatmulOutputs, CloseToFp32ActivationsQwen3Style) {  // q/k norms keep a
   c.qk_norm = true;
   c.sliding_window = 5;
   check_bf16_matmul_outputs(c);
+  check_bf16_matmul_outputs(c, /*grads=*/true);  // which then stay fp32 as well
+}
+TEST(Bf16MatmulOutputs, WithBf16AttentionGradientsGpt2) {
+  check_bf16_matmul_outputs(model_preset("gpt2-tiny"), /*grads=*/true);
+}
+TEST(Bf16MatmulOutputs, WithBf16AttentionGradientsLlama) {
+  check_bf16_matmul_outputs(model_preset("llama3-tiny"), /*grads=*/true);
 }
 
 TEST(Bf16Activations, BitIdenticalToFp32ActivationsGpt2) {

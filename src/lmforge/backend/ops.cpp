@@ -41,7 +41,7 @@ double attention_flops(int64_t B, int64_t T, int64_t NH, int64_t HS, int64_t win
 // fp32 scratch shaped like t, for the fp32 kernels run on bf16 activations (attention on the
 // CPU, or where cuDNN takes no plan): one grow-only buffer per slot and device, reused every step.
 Tensor f32_scratch(const Tensor& t, int slot) {
-  static Tensor bufs[2][2];  // [on a GPU][slot]
+  static Tensor bufs[2][4];  // [on a GPU][slot]
   Tensor& b = bufs[t.device() == Device::kCUDA][slot];
   if (!b.defined() || b.numel() < t.numel())
     b = Tensor::empty({t.numel()}, DType::kF32, t.device());
@@ -134,9 +134,15 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
       2.0 * static_cast<double>(N) * C * OC * ((dinp.raw() ? 1 : 0) + (dweight.raw() ? 1 : 0)));
   LMF_CHECK(bf16 || inp.dtype() != DType::kBF16,
             "linear_backward: a bf16 input needs a bf16 weight");
+  LMF_CHECK(dinp.dtype() != DType::kBF16 || (bf16 && inp.dtype() == DType::kBF16),
+            "linear_backward: a bf16 dinp needs bf16 weight and input");
   if (bf16) {
+    // dinp fp32 (+=), or bf16 (written: bf16 activations, the attention output's gradient).
     auto run = [&](auto&& kernel) {
-      if (inp.dtype() == DType::kBF16)
+      if (dinp.dtype() == DType::kBF16)
+        kernel(dinp.bf16_data(), ptr<float>(dweight), ptr<float>(dbias), dout.data<float>(),
+               static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
+      else if (inp.dtype() == DType::kBF16)
         kernel(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias), dout.data<float>(),
                static_cast<const uint16_t*>(inp.bf16_data()), weight.bf16_data(), N, C, OC);
       else
@@ -343,8 +349,7 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
   int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
   LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
             op, T_, pos0, cos.shape().str(), HS);
-  if (x.dtype() == DType::kBF16) {  // bf16 qkv (bf16 matmul outputs): rotated in fp32, rounded
-    LMF_CHECK(!backward, "{}: the gradient is fp32", op);
+  if (x.dtype() == DType::kBF16) {  // bf16 qkv or dqkv (bf16 activations): in fp32, rounded
     dispatch_device(
         op, x,
         [&] {
@@ -356,13 +361,17 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
             for (int64_t t0 = 0; t0 < T_; t0 += block) {
               const int64_t n = std::min(block, T_ - t0), r0 = b * T_ + t0;
               float* w = cpu_rows_f32(x.view({B * T_, Cq}), r0, n, 0);
-              cpu::rope_forward<float>(w, cos.data<float>(), sin.data<float>(), 1, n, NH + NKV, HS,
-                                       Cq, pos0 + t0);
+              (backward ? cpu::rope_backward<float>
+                        : cpu::rope_forward<float>)(w, cos.data<float>(), sin.data<float>(), 1, n,
+                                                    NH + NKV, HS, Cq, pos0 + t0);
               for (int64_t r = 0; r < n; ++r) cpu::to_bf16(x16 + (r0 + r) * Cq, w + r * Cq, qk);
             }
         },
-        LMF_GPU(cuda::rope_forward(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_,
-                                   NH + NKV, HS, Cq, pos0)));
+        LMF_GPU(
+            using F = void (*)(uint16_t*, const float*, const float*, int64_t, int64_t, int64_t,
+                               int64_t, int64_t, int64_t);
+            const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
+            f(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
     return;
   }
   dispatch(
@@ -438,17 +447,27 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
             qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
             lse.shape().str(), NH, NKV);
   profile::Scope timed("attention_backward", dout, 2.5 * attention_flops(B, T_, NH, HS, window));
-  if (qkv.dtype() == DType::kBF16) {  // bf16 qkv and out; dout and dqkv fp32
-    LMF_CHECK(
-        out.dtype() == DType::kBF16 && dout.dtype() == DType::kF32 && dqkv.dtype() == DType::kF32,
-        "attention_backward: a bf16 qkv needs a bf16 out, fp32 dout and dqkv");
+  if (qkv.dtype() == DType::kBF16) {
+    // bf16 qkv and out; dout and dqkv both fp32 (dqkv +=) or both bf16 (dqkv written, rounded).
+    const bool g16 = dout.dtype() == DType::kBF16;
+    LMF_CHECK(out.dtype() == DType::kBF16 && (dqkv.dtype() == DType::kBF16) == g16 &&
+                  (g16 || (dout.dtype() == DType::kF32 && dqkv.dtype() == DType::kF32)),
+              "attention_backward: a bf16 qkv needs a bf16 out, and dout and dqkv both fp32 or "
+              "both bf16");
 #ifdef LMFORGE_HAVE_CUDA
     if (qkv.device() == Device::kCUDA && try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) &&
-        cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout), qkv.bf16_data(),
-                                       out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS))
+        (g16 ? cuda::cudnn_attention_backward(dqkv.bf16_data(), dout.bf16_data(), qkv.bf16_data(),
+                                              out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS)
+             : cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout), qkv.bf16_data(),
+                                              out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV,
+                                              HS)))
       return;
 #endif
-    attention_backward(dqkv, dout, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false);
+    // The fp32 kernel on widened copies (into a zeroed fp32 dqkv, rounded, for a bf16 one).
+    const Tensor g = g16 ? widened(dout, 2) : dout, dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
+    if (g16) dq.zero_();
+    attention_backward(dq, g, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false);
+    if (g16) to_bf16(dqkv, dq);
     return;
   }
   dispatch(

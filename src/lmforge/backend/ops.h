@@ -18,7 +18,8 @@ namespace lmforge::ops {
 // weight (the bf16 copy of an fp32 parameter) selects mixed precision: inp and dout are rounded
 // to bf16 for the matmul (or are bf16 already), accumulation is fp32, and out is fp32 or bf16 (bf16
 // matmul outputs: the fp32 result plus bias rounded once). A bf16 dout (rows ld >= OC apart) is
-// taken as it is, its bias gradient summed in double; dinp, dweight, dbias are fp32 (+=).
+// taken as it is, its bias gradient summed in double; dweight and dbias are fp32 (+=), dinp fp32
+// (+=) or bf16 (bf16 attention gradients: written, the fp32 result rounded once).
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias);
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight);
@@ -51,7 +52,7 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
 
 // In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
 // fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place. A
-// bf16 qkv (bf16 matmul outputs; forward only) is rotated in fp32 and its q and k heads rounded.
+// bf16 qkv (or dqkv) is rotated in fp32 and its q and k heads rounded.
 void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
                   int64_t n_kv_head, int64_t pos0);
 void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
@@ -65,9 +66,10 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 // may be used: on a CUDA tensor, cuDNN's fused flash attention (bf16 Q/K/V/O, fp32 softmax
 // statistics; backend/cuda/cudnn_attention.h) when it takes the shape and builds a plan, else the
 // fp32 kernel; LMFORGE_CUDNN_ATTENTION=0 in the environment keeps the fp32 kernel. The CPU
-// ignores it (fp32 attention). bf16 activations: qkv and out may both be bf16 (dout and dqkv stay
-// fp32); cuDNN then reads and writes them as they are, and the fp32 kernel (the CPU, or a shape
-// cuDNN does not take) runs on fp32 copies in grow-only scratch outside the activation plan.
+// ignores it (fp32 attention). bf16 activations: qkv and out may both be bf16, with dout and dqkv
+// both fp32 (dqkv +=) or both bf16 (dqkv written, rounded once); cuDNN then reads and writes them
+// as they are, and the fp32 kernel (the CPU, or a shape cuDNN does not take) runs on fp32 copies
+// in grow-only scratch outside the activation plan. rope_backward takes a bf16 dqkv likewise.
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
                        int64_t n_kv_head, int64_t window = 0, bool bf16 = false);
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,

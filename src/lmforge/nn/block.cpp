@@ -9,12 +9,15 @@ bool bf16_run(const Linear& l) { return l.weight->value_bf16.defined(); }
 }  // namespace
 
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
-                        DType matmul_output_dtype) {
+                        DType matmul_output_dtype, bool bf16_attention_grads) {
   int64_t C = c.n_embd, F = c.ffn();
   dnorm = a.alloc({B, T, C});
-  dqkv = a.alloc({B, T, c.qkv_dim()});
+  // Attention's gradients in bf16 (written, not added to) only when asked and attention itself is
+  // bf16 (not with q/k norms).
+  const DType att = bf16_attention_grads && !c.qk_norm ? matmul_output_dtype : DType::kF32;
+  dqkv = a.alloc({B, T, c.qkv_dim()}, att);
   if (c.qk_norm) dqkv_raw = a.alloc({B, T, c.qkv_dim()});
-  datt = a.alloc({B, T, C});
+  datt = a.alloc({B, T, C}, att);
   dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
 }
@@ -146,9 +149,9 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   fc.backward(s.dnorm, s.dfc, a.n2_out);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
-  s.datt.zero_();
+  if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
   proj.backward(s.datt, dres, a.att);
-  s.dqkv.zero_();
+  if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
                           bf16_run(qkv));
   if (rope.cos.defined()) ops::rope_backward(s.dqkv, rope.cos, rope.sin, NH, NKV, 0);

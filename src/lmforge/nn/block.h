@@ -28,13 +28,15 @@ struct RopeTables {
 // Gradient buffers shared by all blocks during backward.
 struct BlockScratch {
   Tensor dnorm;     // (B, T, C)
-  Tensor dqkv;      // (B, T, Cq)
+  Tensor dqkv;      // (B, T, Cq); bf16 with bf16 attention gradients (written by its backward)
   Tensor dqkv_raw;  // (B, T, Cq) before the q/k norm (qk_norm only)
-  Tensor datt;      // (B, T, C)
+  Tensor datt;      // (B, T, C); likewise (written by proj's backward)
   Tensor dfc;       // (B, T, F or 2F); bf16 when fc_out is (written by the activation's backward)
   Tensor dact;      // (B, T, F)
+  // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
+  // attention backward reads and writes, so no conversion passes around it on a GPU.
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
-            DType matmul_output_dtype = DType::kF32);
+            DType matmul_output_dtype = DType::kF32, bool bf16_attention_grads = false);
 };
 
 enum class Recompute { kNone, kSelective, kFull };
@@ -56,8 +58,9 @@ struct Block {
   // bf16 matmul outputs (bf16 activations throughout, as torch.autocast and llm.c keep them):
   // qkv, the attention output, fc_out and the two residual branches (att_proj, mlp_out) are
   // planned in bf16 and written rounded by the matmuls; RoPE rotates the bf16 qkv, attention
-  // reads and writes bf16 (cuDNN's own types on a GPU), the activation function reads bf16 and
-  // its backward writes d(fc_out) in bf16 for the fc matmul's backward, and the residual adds
+  // reads and writes bf16 (cuDNN's own types on a GPU; there its gradients d(att) and d(qkv) are
+  // bf16 too, see BlockScratch), the activation function reads bf16 and its backward writes
+  // d(fc_out) in bf16 for the fc matmul's backward, and the residual adds
   // widen the branch. Unlike the bf16 matmul inputs this rounds values the fp32 path keeps, so
   // training is close to it, not identical. Models with q/k norms keep qkv and attention fp32.
   DType matmul_output_dtype = DType::kF32;

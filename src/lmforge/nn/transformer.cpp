@@ -162,7 +162,9 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
         dres_ = a.alloc({B, T, C});
         dnf_ = a.alloc({B, T, C});
-        scratch_.plan(a, cfg_, B, T, mm_out);
+        const bool att_grads =
+            bf16_att_grads_ < 0 ? device() == Device::kCUDA : bf16_att_grads_ == 1;
+        scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
       },
       device());
 }

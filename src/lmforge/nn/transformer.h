@@ -67,6 +67,12 @@ class Transformer {
   // and llm.c's activations): on by default; off keeps them fp32 (the exact fp32-activation
   // results, for comparison).
   void set_bf16_matmul_outputs(bool on) { bf16_outs_ = on; }
+  // With bf16 matmul outputs, attention's gradients d(att) and d(qkv) in bf16 as well: what cuDNN
+  // reads and writes, so on by default on a GPU, where it saves the conversion passes around
+  // cuDNN's backward and the rounding is cuDNN's anyway. Off by default on the CPU, whose fp32
+  // attention backward is more precise than that (in a 40-step gpt2-tiny run bf16 gradients
+  // learned ~2% slower, Bf16.Gpt2TinyTrainsLikeFp32); on for tests of the GPU's path.
+  void set_bf16_attention_grads(bool on) { bf16_att_grads_ = on ? 1 : 0; }
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
   // stochastic rounding (ParamSet::use_bf16_master).
   void use_bf16_master() { params_.use_bf16_master(); }
@@ -140,7 +146,8 @@ class Transformer {
   Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
   bool bf16_acts_ = true;
   bool bf16_outs_ = true;
-  Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
+  int bf16_att_grads_ = -1;  // -1: on a GPU only
+  Tensor lse_sums_;          // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   float run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -161,16 +162,21 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
                       bias, C);
 }
 
-void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
-                         const float* bias, int64_t N, int64_t C, int64_t OC) {
-  if (N == 0 || OC == 0) return;
-  if (C == 0) {  // bias alone
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t o = 0; o < OC; ++o) out[i * OC + o] = fp32_to_bf16_ftz(bias ? bias[o] : 0.0f);
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+               const uint16_t* B, int64_t ldb, const float* bias, uint16_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // bias alone
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = fp32_to_bf16_ftz(bias ? bias[j] : 0.0f);
     return;
   }
-  Bf16Gemm::get().run({false, true, false, bias != nullptr, true, N, OC, C, C, C, OC}, inp, weight,
-                      bias, out);
+  Bf16Gemm::get().run({ta, tb, false, bias != nullptr, true, M, N, K, lda, ldb, ldc}, A, B, bias,
+                      C);
+}
+
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC) {
+  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, out, OC);
 }
 
 void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
@@ -192,13 +198,35 @@ void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, c
   linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
+namespace {
+// dout rounded into scratch for the GEMMs; dinp fp32 (+=) or bf16 (written); dbias from the fp32
+// dout.
+template <typename DinT>
+void linear_backward_rounding_dout(DinT* dinp, float* dweight, float* dbias, const float* dout,
+                                   const uint16_t* inp, const uint16_t* weight, int64_t N,
+                                   int64_t C, int64_t OC) {
+  uint16_t* d = scratch(0, N * OC);
+  to_bf16(d, dout, N * OC);
+  if constexpr (std::is_same_v<DinT, float>) {
+    linear_backward_bf16_dout(dinp, dweight, nullptr, d, OC, inp, weight, N, C, OC);
+  } else {
+    if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, dinp, C);
+    linear_backward_bf16_dout(nullptr, dweight, nullptr, d, OC, inp, weight, N, C, OC);
+  }
+  if (dbias) bias_grad(dbias, dout, N, OC);
+}
+}  // namespace
+
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC) {
-  uint16_t* d = scratch(0, N * OC);
-  to_bf16(d, dout, N * OC);
-  linear_backward_bf16_dout(dinp, dweight, nullptr, d, OC, inp, weight, N, C, OC);
-  if (dbias) bias_grad(dbias, dout, N, OC);
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+}
+
+void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC);
 }
 
 void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,

@@ -61,8 +61,17 @@ void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const 
 // bf16 matmul outputs (bf16 activations): out (N, OC) = bf16(inp @ weight^T + bias), the fp32
 // accumulator plus the fp32 bias rounded once to nearest even, as to_bf16 rounds; the input bf16
 // or fp32 (rounded on its way in, as above).
+// C (M, N) bf16 = bf16(op(A) op(B) [+ bias]): the fp32 result rounded once (bf16 activations).
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, uint16_t* C,
+               int64_t ldc);
 void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
                          const float* bias, int64_t N, int64_t C, int64_t OC);
+// The backward with dinp in bf16, WRITTEN (not +=) as bf16(dout @ weight): the attention
+// output's gradient under bf16 activations, which cuDNN reads as it is.
+void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC);
 void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC);
 

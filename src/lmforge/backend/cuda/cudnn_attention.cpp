@@ -619,15 +619,18 @@ bool forward16(uint16_t* o16, float* lse, const uint16_t* qkv16, int64_t B, int6
   return true;
 }
 
-bool backward16(float* dqkv, const uint16_t* do16, const uint16_t* qkv16, const uint16_t* o16,
-                const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+// dQ/dK/dV: written straight into dqkv16 when it is given (bf16 activations), else into scratch
+// and added (widened) into the fp32 dqkv.
+bool backward16(float* dqkv, uint16_t* dqkv16, const uint16_t* do16, const uint16_t* qkv16,
+                const uint16_t* o16, const float* lse, int64_t B, int64_t T, int64_t NH,
+                int64_t NKV, int64_t HS) {
   if (!aligned16(lse)) return false;
   State& s = State::get();
   const Key k{B, T, NH, NKV, HS, true};
   const Plan* p = s.plan(k);
   if (!p) return false;
   const int64_t W = (NH + 2 * NKV) * HS, n_qkv = B * T * W, n_out = B * T * NH * HS;
-  auto* dqkv16 = static_cast<uint16_t*>(s.scratch(kDqkv16, size_t(n_qkv) * 2));
+  if (!dqkv16) dqkv16 = static_cast<uint16_t*>(s.scratch(kDqkv16, size_t(n_qkv) * 2));
   void* row_sum = s.scratch(kRowSumBuf, size_t(B * NH * T) * 4);
   void* dq_accum = s.scratch(kDqAccumBuf, size_t(n_out) * 4);
   void* ws = p->workspace > 0 ? s.scratch(kWorkspace, size_t(p->workspace)) : nullptr;
@@ -649,7 +652,7 @@ bool backward16(float* dqkv, const uint16_t* do16, const uint16_t* qkv16, const 
            {kNegInf, const_cast<float*>(&p->neg_inf)},
            {kOne, const_cast<float*>(&p->one)}},
           ws);
-  detail::accumulate_bf16(dqkv, dqkv16, n_qkv);
+  if (dqkv) detail::accumulate_bf16(dqkv, dqkv16, n_qkv);
   return true;
 }
 
@@ -692,7 +695,7 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, 
   to_bf16(qkv16, qkv, n_qkv);
   to_bf16(o16, out, n_out);
   to_bf16(do16, dout, n_out);
-  return backward16(dqkv, do16, qkv16, o16, lse, B, T, NH, NKV, HS);
+  return backward16(dqkv, nullptr, do16, qkv16, o16, lse, B, T, NH, NKV, HS);
 }
 
 bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qkv,
@@ -705,7 +708,16 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qk
   const int64_t n_out = B * T * NH * HS;
   auto* do16 = static_cast<uint16_t*>(s.scratch(kDout16, size_t(n_out) * 2));
   to_bf16(do16, dout, n_out);
-  return backward16(dqkv, do16, qkv, out, lse, B, T, NH, NKV, HS);
+  return backward16(dqkv, nullptr, do16, qkv, out, lse, B, T, NH, NKV, HS);
+}
+
+bool cudnn_attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
+                              const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS) {
+  require_supported("cudnn_attention_backward", B, T, NH, NKV, HS);
+  State& s = State::get();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return backward16(nullptr, dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS);
 }
 
 }  // namespace lmforge::cuda

@@ -63,10 +63,14 @@ bool cudnn_attention_backward(float* dqkv, const float* dout, const float* qkv, 
                               int64_t HS);
 
 // bf16 activations (bf16 matmul outputs): qkv and out already bf16, used as they are (no
-// conversion of qkv or out either way); dout and dqkv stay fp32.
+// conversion of qkv or out either way); dout and dqkv fp32 (+=), or bf16 (below).
 bool cudnn_attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T,
                              int64_t NH, int64_t NKV, int64_t HS);
 bool cudnn_attention_backward(float* dqkv, const float* dout, const uint16_t* qkv,
+                              const uint16_t* out, const float* lse, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS);
+// And with dout bf16: dqkv bf16 is WRITTEN (cuDNN's dQ/dK/dV straight into it), not added to.
+bool cudnn_attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv,
                               const uint16_t* out, const float* lse, int64_t B, int64_t T,
                               int64_t NH, int64_t NKV, int64_t HS);
 

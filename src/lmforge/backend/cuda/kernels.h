@@ -86,15 +86,18 @@ void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F);
 
 // bf16 matmul outputs (bf16 activations throughout): the activations read the fc matmul's bf16
 // output and write bf16; their backwards read it too and WRITE (not +=) dinp rounded to bf16, the
-// fc matmul's bf16 output gradient. RoPE rotates a bf16 qkv in place (fp32 arithmetic, rounded
-// once); add widens a bf16 residual branch. Each computes what its fp32 twin computes on the
-// widened values and rounds as to_bf16 (RoPE and add are then bit-identical to the CPU).
+// fc matmul's bf16 output gradient. RoPE rotates a bf16 qkv (and its backward a bf16 dqkv) in
+// place (fp32 arithmetic, rounded once); add widens a bf16 residual branch. Each computes what its
+// fp32 twin computes on the widened values and rounds as to_bf16 (RoPE and add are then
+// bit-identical to the CPU).
 void gelu_forward(uint16_t* out, const uint16_t* inp, int64_t n);
 void gelu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n);
 void swiglu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F);
 void swiglu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F);
 void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T,
                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+void rope_backward(uint16_t* dx, const float* cos, const float* sin, int64_t B, int64_t T,
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
 void add(float* out, const float* a, const uint16_t* b, int64_t n);  // out = a + fp32(b)
 
 // losses (N) = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] ==

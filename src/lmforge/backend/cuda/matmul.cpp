@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "lmforge/backend/cuda/check.h"
@@ -375,18 +376,25 @@ void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, c
   linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
-void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
-                         const float* bias, int64_t N, int64_t C, int64_t OC) {
-  if (N == 0 || OC == 0) return;
-  if (C == 0) {  // the bias alone, rounded
-    auto* c32 = static_cast<float*>(scratch(3, size_t(N) * OC * sizeof(float)));
-    detail::fill_rows(c32, N, OC, OC, bias);
-    to_bf16(out, c32, N * OC);
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, uint16_t* C,
+               int64_t ldc) {
+  check_gemm_args("cuda::gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // the bias alone, rounded
+    LMF_CHECK(ldc == N, "cuda::gemm_bf16: a bf16 output needs ldc == N");
+    auto* c32 = static_cast<float*>(scratch(3, size_t(M) * N * sizeof(float)));
+    detail::fill_rows(c32, M, N, N, bias);
+    to_bf16(C, c32, M * N);
     return;
   }
-  check_gemm_args("cuda::linear_forward_bf16", false, true, N, OC, C, C, C, OC);
-  Lt::get().run(Dtype::kBf16, false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC, bias,
+  Lt::get().run(Dtype::kBf16, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc, bias,
                 /*d16=*/true);
+}
+
+void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
+                         const float* bias, int64_t N, int64_t C, int64_t OC) {
+  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, out, OC);
 }
 
 void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
@@ -396,9 +404,13 @@ void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight
   linear_forward_bf16(out, x, weight, bias, N, C, OC);
 }
 
-void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
-                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC) {
+namespace {
+// dout rounded into scratch for the GEMMs; dinp fp32 (+=) or bf16 (written); dbias from the fp32
+// dout.
+template <typename DinT>
+void linear_backward_rounding_dout(DinT* dinp, float* dweight, float* dbias, const float* dout,
+                                   const uint16_t* inp, const uint16_t* weight, int64_t N,
+                                   int64_t C, int64_t OC) {
   if (dinp || dweight) {
     // bf16(dout) with rows padded to 16 bytes: with GPT-2's vocabulary (OC = 50257) the LM head's
     // rows would be 2-byte aligned, and Hopper's fast GEMM kernels want 16-byte strides (llm.c pads
@@ -409,9 +421,27 @@ void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float
       to_bf16(d, dout, N * OC);
     else
       detail::to_bf16_rows(d, ld, dout, N, OC);
-    linear_backward_bf16_dout(dinp, dweight, nullptr, d, ld, inp, weight, N, C, OC);
+    if constexpr (std::is_same_v<DinT, float>) {
+      linear_backward_bf16_dout(dinp, dweight, nullptr, d, ld, inp, weight, N, C, OC);
+    } else {
+      if (dinp) gemm_bf16(false, false, N, C, OC, d, ld, weight, C, nullptr, dinp, C);
+      linear_backward_bf16_dout(nullptr, dweight, nullptr, d, ld, inp, weight, N, C, OC);
+    }
   }
   if (dbias) bias_grad(dbias, dout, N, OC);
+}
+}  // namespace
+
+void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC);
+}
+
+void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const float* dout,
+                          const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
+                          int64_t OC) {
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC);
 }
 
 void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,

@@ -226,6 +226,10 @@ void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, in
                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
   rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, 1.0f);
 }
+void rope_backward(uint16_t* dx, const float* cos, const float* sin, int64_t B, int64_t T,
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
+  rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, -1.0f);
+}
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
                    int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
   rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, -1.0f);
