@@ -3,7 +3,7 @@
 # scripts/gpu-check): the GPU's measured bf16 matmul rate (torch.matmul 8192^3), lmforge fp32
 # and bf16 (fp32 and bf16 master weights; fp32 matmul outputs for comparison), PyTorch bf16 autocast eager and + torch.compile (SDPA, fused AdamW), same model,
 # batch and random tokens. Prints tok/s, MFU (against the datasheet peak and the measured
-# matmul rate) and peak GPU memory per row, then lmforge bf16's op-level profile.
+# matmul rate) and peak GPU memory per row, lmforge bf16's op-level profile after its row.
 #   bench/train_gpu.sh [--model gpt2] [--batch 16] [--seq 1024] [--steps 10]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,16 +48,17 @@ row() {  # name command...
     echo "$name: failed (last lines below)"; tail -n 5 "$log/$name"
   fi
 }
-row "lmforge fp32" "$bin" bench train "${args[@]}" --precision fp32 --device cuda
+# The bars' two rows first (a run cut off at its time limit still has them), then the rest.
 # Three more steps with the op-level profile (not in the timing): where the time goes.
 row "lmforge bf16" "$bin" bench train "${args[@]}" --precision bf16 --device cuda --profile-steps 3
+echo "lmforge bf16, op by op (bench train --profile-steps 3):"
+sed -n '/^profile of/,/^activations/p' "$log/lmforge bf16" | sed '$d'
+echo
+row "torch bf16+compile" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
+  --device cuda --compile
 row "lmforge bf16, bf16 masters" "$bin" bench train "${args[@]}" --precision bf16 \
   --master-weights bf16 --device cuda
 row "lmforge bf16, fp32 matmul outputs" "$bin" bench train "${args[@]}" --precision bf16 \
   --matmul-outputs fp32 --device cuda
 row "torch bf16" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 --device cuda
-row "torch bf16+compile" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
-  --device cuda --compile
-echo
-echo "lmforge bf16, op by op (bench train --profile-steps 3):"
-sed -n '/^profile of/,/^activations/p' "$log/lmforge bf16" | sed '$d'
+row "lmforge fp32" "$bin" bench train "${args[@]}" --precision fp32 --device cuda
