@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # lmforge vs PyTorch on one GPU, in one run (the device machine; lmforge from build-gpu, see
 # scripts/gpu-check): the GPU's measured bf16 matmul rate (torch.matmul 8192^3), lmforge fp32
-# and bf16 (fp32 and bf16 master weights; fp32 matmul outputs for comparison), PyTorch bf16 autocast eager and + torch.compile (SDPA, fused AdamW), same model,
-# batch and random tokens. Prints tok/s, MFU (against the datasheet peak and the measured
+# and bf16 (fp32 and bf16 master weights; CUDA graphs; fp32 matmul outputs for comparison),
+# PyTorch bf16 autocast eager and + torch.compile (SDPA, fused AdamW), same model, batch and
+# random tokens. Prints tok/s, MFU (against the datasheet peak and the measured
 # matmul rate) and peak GPU memory per row, lmforge bf16's op-level profile after its row.
 #   bench/train_gpu.sh [--model gpt2] [--batch 16] [--seq 1024] [--steps 10]
 set -euo pipefail
@@ -56,6 +57,8 @@ sed -n '/^profile of/,/^activations/p' "$log/lmforge bf16" | sed '$d'
 echo
 row "torch bf16+compile" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
   --device cuda --compile
+row "lmforge bf16, CUDA graphs" "$bin" bench train "${args[@]}" --precision bf16 --device cuda \
+  --cuda-graphs
 row "lmforge bf16, bf16 masters" "$bin" bench train "${args[@]}" --precision bf16 \
   --master-weights bf16 --device cuda
 row "lmforge bf16, fp32 matmul outputs" "$bin" bench train "${args[@]}" --precision bf16 \

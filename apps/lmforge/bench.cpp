@@ -158,6 +158,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
+    bool cuda_graphs = false;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
                 activations = "bf16", outputs = "bf16";
   };
@@ -186,6 +187,9 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
       ->capture_default_str();
+  cmd->add_flag("--cuda-graphs", o->cuda_graphs,
+                "On a GPU: the step's forward and backward captured as a CUDA graph and replayed "
+                "(as train.cuda_graphs; a second warm-up step captures it)");
   cmd->add_option("--profile-steps", o->profile_steps,
                   "After the timed steps, this many more with the op-level profile on; prints "
                   "where a step's time goes, op by op")
@@ -210,6 +214,8 @@ void add_bench(CLI::App& app) {
     if (o->outputs != "bf16" && o->outputs != "fp32")
       fail("--matmul-outputs: expected bf16 or fp32, got \"{}\"", o->outputs);
     model.set_bf16_matmul_outputs(o->outputs == "bf16");
+    if (o->cuda_graphs && !gpu) fail("--cuda-graphs: needs --device cuda (a GPU)");
+    model.set_cuda_graphs(o->cuda_graphs);
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -236,10 +242,11 @@ void add_bench(CLI::App& app) {
           loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     };
     double total = 0;
-    for (int64_t s = 0; s <= o->steps; ++s) {
+    const int64_t warm = o->cuda_graphs ? 2 : 1;  // with graphs, the second step captures
+    for (int64_t s = 0; s < warm + o->steps; ++s) {
       auto [loss, dt] = step();
-      if (s > 0) total += dt;
-      fmt::print("step {} loss {:.4f} {:.3f}s{}\n", s, loss, dt, s == 0 ? " (warm-up)" : "");
+      if (s >= warm) total += dt;
+      fmt::print("step {} loss {:.4f} {:.3f}s{}\n", s, loss, dt, s < warm ? " (warm-up)" : "");
       std::fflush(stdout);
     }
     if (o->profile_steps > 0) {  // apart from the timed steps: profiling costs a little

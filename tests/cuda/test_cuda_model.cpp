@@ -194,6 +194,50 @@ TEST(CudaTraining, Bf16MasterWeightsTrackTheCpu) {
   EXPECT_NEAR(lg, lc, 2e-2 * lc);
 }
 
+// train.cuda_graphs: the step captured once and replayed gives the eager step's losses and
+// parameters bit for bit (the same kernels on the same buffers), for GPT-2 and Llama shapes, bf16,
+// with activation checkpointing, over steps whose loss scale changes (a step with an ignored
+// target runs eagerly and the next recaptures), and the graph is really replayed.
+TEST(CudaTraining, CudaGraphStepsAreBitIdenticalToEagerSteps) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  for (const auto& [preset, recompute] : {std::pair{"gpt2-tiny", Recompute::kNone},
+                                          std::pair{"llama3-tiny", Recompute::kSelective}}) {
+    SCOPED_TRACE(preset);
+    ModelConfig c = tiny(preset);
+    Transformer eager(c), graphed(c);
+    for (Transformer* m : {&eager, &graphed}) {
+      m->init_weights(11);
+      m->to(Device::kCUDA);
+      m->enable_bf16();
+      m->plan(kB, kT, recompute);
+    }
+    graphed.set_cuda_graphs(true);
+    graphed.plan(kB, kT, recompute);
+    dist::LocalCommunicator one_e, one_g;
+    DistConfig dc;
+    AdamWOptions ao{0.9, 0.95, 1e-8, 0.1};
+    dist::DataParallel dp_e(one_e, eager, dc, ao), dp_g(one_g, graphed, dc, ao);
+    for (int step = 0; step < 8; ++step) {
+      const bool ignored = step == 4;  // a new loss scale: eager, then captured again
+      std::vector<Batch> micro{random_batch(c.vocab_size, 700 + 2 * step, ignored),
+                               random_batch(c.vocab_size, 701 + 2 * step, ignored)};
+      const double le = dp_e.forward_backward(micro), lg = dp_g.forward_backward(micro);
+      EXPECT_EQ(lg, le) << "step " << step;
+      EXPECT_EQ(dp_g.clip_grad_norm(1.0), dp_e.clip_grad_norm(1.0)) << "step " << step;
+      dp_e.step(1e-3);
+      dp_g.step(1e-3);
+    }
+    // 16 micro-batches: the first runs eagerly, the second is captured and every later one with
+    // the same loss scale replays (or recaptures, after a scratch buffer was regrown); the first
+    // of step 4 (a new scale) and of step 5 (the old one back) run eagerly: 13 through a graph.
+    EXPECT_EQ(graphed.graph_launches(), 13);
+    EXPECT_EQ(eager.graph_launches(), 0);
+    EXPECT_TRUE(tensors_close("parameters after 8 graphed steps",
+                              host(graphed.params().flat_values()),
+                              host(eager.params().flat_values()), 0.0));
+  }
+}
+
 // The op-level profile on the GPU: every op of the step is timed by CUDA events (rows marked
 // gpu), the same calls as on the CPU, and the times resolve to no more than the steps' wall time.
 TEST(CudaProfile, TimesTheStepsOpsWithEvents) {
@@ -233,7 +277,8 @@ constexpr const char* kDemoRun =
 
 // The CLI on the GPU: a run saves checkpoints, resuming from one continues bit-exactly (the
 // kernels are deterministic), and the loss curve stays within 2% of the CPU's over 300 steps of
-// the demo corpus; the run reports GPU memory and samples (on the CPU) at the end.
+// the demo corpus; the run reports GPU memory and samples (on the CPU) at the end; with
+// train.cuda_graphs the run is the same bit for bit.
 TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
   const std::string dir = testing::temp_dir("cuda-train");
@@ -273,6 +318,16 @@ TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto resumed = loss_of("resumed");
   for (int64_t s = 201; s <= 300; ++s) EXPECT_EQ(resumed[s], gpu[s]) << "step " << s;
+
+  // train.cuda_graphs: the same run with the step replayed from a CUDA graph, bit for bit.
+  r = testing::run_lmforge(common + "--set train.steps=300 --set train.device=cuda " +
+                               "--set train.cuda_graphs=true --set run.dir=graphs",
+                           dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("could not be captured"), std::string::npos) << r.err;
+  auto graphs = loss_of("graphs");
+  ASSERT_EQ(graphs.size(), 300u);
+  for (int64_t s = 1; s <= 300; ++s) EXPECT_EQ(graphs[s], gpu[s]) << "step " << s;
 }
 
 // dist.backend: nccl on one GPU: the gradients and the loss's scalars go through an NCCL world

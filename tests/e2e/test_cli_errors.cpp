@@ -63,6 +63,8 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       {"train.master_weights", "dist.strategy: full-shard"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.master_weights=fp16", dir),
                         {"train.master_weights", "fp16"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.cuda_graphs=true", dir),
+                        {"train.cuda_graphs", "CPU", "train.cuda_graphs: false"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=tpu", dir),
                         {"train.device", "tpu"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set dist.backend=nccl", dir),

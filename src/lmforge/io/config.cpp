@@ -88,6 +88,9 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.master_weights", &c.train.master_weights,
        "fp32 | bf16 (bf16 precision only: bf16 weights updated with stochastic rounding)"},
       {"train.device", &c.train.device, "cpu | cuda | auto"},
+      {"train.cuda_graphs", &c.train.cuda_graphs,
+       "on a GPU, capture the step's forward and backward as a CUDA graph once and replay it "
+       "(one process; bit-identical, less launch overhead)"},
       {"train.seed", &c.train.seed, "weights, batches and sampling"},
       {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},
       {"train.eval_batches", &c.train.eval_batches, "batches per validation"},

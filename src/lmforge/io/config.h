@@ -57,6 +57,7 @@ struct TrainConfig {
   std::string precision = "fp32";  // fp32 | bf16 (bf16 matmuls, fp32 master weights)
   std::string master_weights = "fp32";  // fp32 | bf16 (stochastic rounding; with bf16 precision)
   std::string device = "cpu";           // cpu | cuda | auto
+  bool cuda_graphs = false;  // on a GPU: the step's kernels captured once, replayed (one process)
   uint64_t seed = 1337;
   int64_t eval_every = 100;  // 0 = never
   int64_t eval_batches = 10;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/profile.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/models/rope_table.h"
 
@@ -101,6 +103,7 @@ void Transformer::to(Device device) {
   }
   // The activations are not moved: whoever trains or evaluates there plans for its (B, T), and
   // decode() (generation after a GPU run) needs none.
+  graph_ = {};
   acts_ = Arena();  // and every view of it, so the memory goes
   block_acts_.clear();
   shared_acts_ = {};
@@ -117,6 +120,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         "train.seq_len: {} exceeds model.max_seq_len={}; lower train.seq_len or raise "
         "model.max_seq_len",
         T, cfg_.max_seq_len);
+  graph_ = {};  // its buffers are about to change
   B_ = B;
   T_ = T;
   recompute_ = recompute;
@@ -170,26 +174,42 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
 }
 
 float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index) {
-  return run_forward(tokens, targets, ignore_index, nullptr);
+  const double dloss = stage(tokens, targets, ignore_index, nullptr);
+  queue_forward(targets.defined(), dloss);
+  return targets.defined() ? read_loss() : 0.0f;
 }
 
 float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale,
                                     int32_t ignore_index) {
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
-  float loss = run_forward(tokens, targets, ignore_index, &loss_scale);
-  backward_blocks();
-  return loss;
+  const double dloss = stage(tokens, targets, ignore_index, &loss_scale);
+  run_step(dloss);
+  return read_loss();  // after the backward is queued: the step's one wait for the GPU
 }
 
-float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
-                               const double* loss_scale) {
+double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+                          const double* loss_scale) {
   LMF_CHECK(B_ > 0, "forward before plan()");
   LMF_CHECK(tokens.shape() == tokens_.shape(), "tokens {} but planned {}", tokens.shape().str(),
             tokens_.shape().str());
   tokens_.copy_from(tokens);
+  ignore_index_ = ignore_index;
   hooks().before_forward(0);
   params_.sync_bf16();
+  if (!targets.defined()) {
+    LMF_CHECK(keep_logits_, "forward without targets needs plan(B, T, ..., keep_logits=true)");
+    return 0.0;
+  }
+  targets_.copy_from(targets);
+  // Targets are counted on the host (the caller's tensor; read back only if it is on a GPU).
+  const Tensor host_targets = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
+  const int32_t* y = host_targets.data<int32_t>();
+  target_count_ = 0;
+  for (int64_t i = 0; i < B_ * T_; ++i) target_count_ += y[i] != ignore_index;
+  return loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
+}
 
+void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor());
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
@@ -200,20 +220,11 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
   hooks().before_forward(cfg_.n_layer + 1);
   norm_f_.forward(nf_out_, nf_, *x);
   const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
-  if (!targets.defined()) {
-    LMF_CHECK(keep_logits_, "forward without targets needs plan(B, T, ..., keep_logits=true)");
+  if (!has_targets) {
     ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
-    return 0.0f;
+    return;
   }
-  targets_.copy_from(targets);
-  // Targets are counted on the host (the caller's tensor; read back only if it is on a GPU).
-  const Tensor host_targets = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
-  const int32_t* y = host_targets.data<int32_t>();
-  target_count_ = 0;
-  for (int64_t i = 0; i < N; ++i) target_count_ += y[i] != ignore_index;
-  const double dloss =
-      loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
-  if (loss_scale) dnf_.zero_();
+  if (training) dnf_.zero_();
 
   // The LM head and the loss, chunk by chunk; in training each chunk's logits turn into dlogits
   // in place and go straight into d(nf_out) and the LM head's gradient.
@@ -225,8 +236,8 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
-    if (!loss_scale) {
-      ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index,
+    if (!training) {
+      ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
                              lse_sums_.slice(c, 1));
       continue;
     }
@@ -234,16 +245,69 @@ float Transformer::run_forward(const Tensor& tokens, const Tensor& targets, int3
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
-                                       yr, ignore_index, dloss, z_loss_);
+                                       yr, ignore_index_, dloss, z_loss_);
     ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
   }
-  // What the step reads back: the loss (one reduction of the rows) and the chunks' lse^2 sums.
-  const double sum = ops::sum(loss_rows);
+}
+
+float Transformer::read_loss() {
+  // The loss (one reduction of the rows) and the chunks' lse^2 sums.
+  const double sum = ops::sum(losses_);
   const Tensor lse = lse_sums_.device() == Device::kCPU ? lse_sums_ : lse_sums_.to(Device::kCPU);
   double lse_sq = 0;
   for (int64_t c = 0; c < lse.numel(); ++c) lse_sq += lse.data<double>()[c];
   mean_lse_sq_ = target_count_ ? lse_sq / static_cast<double>(target_count_) : 0.0;
   return target_count_ ? static_cast<float>(sum / static_cast<double>(target_count_)) : 0.0f;
+}
+
+void Transformer::queue_step(double dloss) {
+  queue_forward(true, dloss, /*training=*/true);
+  backward_blocks();
+}
+
+void Transformer::run_step(double dloss) {
+  if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled()) {
+    queue_step(dloss);
+    return;
+  }
+  // The graph replays the kernels exactly as captured: the same buffers (fixed by plan()), the
+  // same loss scale (a kernel argument) and no device buffer freed since (a scratch buffer it
+  // reads may have been regrown elsewhere). A call with a new scale runs eagerly, and captures
+  // when the next call has the same one (pretraining: every call after the first).
+  const bool current = graph_.exec && graph_.dloss == dloss && graph_.ignore == ignore_index_ &&
+                       graph_.frees == cuda::frees();
+  if (current) {
+    cuda::graph_launch(graph_.exec);
+    ++graph_.launches;
+  } else if (dloss == graph_.last_dloss && graph_.failures < 2) {
+    graph_.reset();
+    cuda::begin_capture();
+    std::string why;
+    try {
+      queue_step(dloss);
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    graph_.exec = cuda::end_capture();
+    if (graph_.exec) {
+      graph_.dloss = dloss;
+      graph_.ignore = ignore_index_;
+      graph_.frees = cuda::frees();
+      cuda::graph_launch(graph_.exec);
+      ++graph_.launches;
+    } else {
+      // Nothing of the capture ran: the step eagerly. Twice failed, graphs stay off.
+      if (++graph_.failures == 2)
+        fmt::print(stderr,
+                   "warning: train.cuda_graphs: the step could not be captured ({}); "
+                   "running without CUDA graphs\n",
+                   why.empty() ? "cudaStreamEndCapture failed" : why);
+      queue_step(dloss);
+    }
+  } else {
+    queue_step(dloss);
+  }
+  graph_.last_dloss = dloss;
 }
 
 void Transformer::backward_blocks() {
@@ -260,6 +324,18 @@ void Transformer::backward_blocks() {
   }
   ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_);
   hooks().grads_ready(0);
+}
+
+Transformer::StepGraph& Transformer::StepGraph::operator=(const StepGraph&) {
+  reset();
+  failures = 0;
+  last_dloss = std::nan("");
+  return *this;
+}
+
+void Transformer::StepGraph::reset() {
+  cuda::graph_destroy(exec);
+  exec = nullptr;
 }
 
 }  // namespace lmforge

@@ -73,6 +73,17 @@ class Transformer {
   // attention backward is more precise than that (in a 40-step gpt2-tiny run bf16 gradients
   // learned ~2% slower, Bf16.Gpt2TinyTrainsLikeFp32); on for tests of the GPU's path.
   void set_bf16_attention_grads(bool on) { bf16_att_grads_ = on ? 1 : 0; }
+  // train.cuda_graphs: on a GPU, forward_backward() captures its kernels (forward, loss, backward)
+  // into a CUDA graph once and replays it on later calls, one launch instead of ~30 per layer:
+  // bit-identical results, less host time per step. Inputs are copied in and the loss is read
+  // back outside the graph; a call with a different loss scale (a different count of targets)
+  // runs without it. For one process (the data-parallel hooks run outside the graph) and not
+  // while profiling (core/profile.h times ops one by one).
+  void set_cuda_graphs(bool on) {
+    cuda_graphs_ = on;
+    graph_ = {};
+  }
+  int64_t graph_launches() const { return graph_.launches; }  // steps that replayed the graph
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
   // stochastic rounding (ParamSet::use_bf16_master).
   void use_bf16_master() { params_.use_bf16_master(); }
@@ -113,7 +124,10 @@ class Transformer {
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
-  void set_z_loss(double z) { z_loss_ = z; }        // PaLM's auxiliary loss coefficient; 0 = off
+  void set_z_loss(double z) {  // PaLM's auxiliary loss coefficient; 0 = off
+    z_loss_ = z;
+    graph_ = {};
+  }
   const Tensor& logits() const { return logits_; }  // (B, T, V) after forward, if kept
 
   KvCache make_cache(int64_t max_len) const;
@@ -150,9 +164,35 @@ class Transformer {
   Tensor lse_sums_;          // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
-  float run_forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
-                    const double* loss_scale);
+  // A forward in three parts, so that a training step's kernels can be captured as one graph:
+  // stage() copies tokens and targets in, counts the targets and returns the loss's gradient
+  // scale (0 without loss_scale); queue_forward() queues the kernels (training: with the LM
+  // head's backward); read_loss() waits and reads the loss and lse^2 back.
+  double stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+               const double* loss_scale);
+  void queue_forward(bool has_targets, double dloss, bool training = false);
+  float read_loss();
+  void queue_step(double dloss);  // queue_forward for training, then backward_blocks
+  void run_step(double dloss);    // queue_step, through the CUDA graph when on
   void backward_blocks();
+  // The captured training step (cudaGraphExec_t) and what it was captured with; copies of a
+  // Transformer start without one.
+  struct StepGraph {
+    void* exec = nullptr;
+    double dloss = 0;
+    int32_t ignore = 0;
+    uint64_t frees = 0;                     // cuda::frees() when captured
+    double last_dloss = __builtin_nan("");  // the previous call's scale (capture when repeated)
+    int failures = 0;                       // failed captures (two turn graphs off)
+    int64_t launches = 0;
+    StepGraph() = default;
+    StepGraph(const StepGraph&) {}
+    StepGraph& operator=(const StepGraph&);
+    ~StepGraph() { reset(); }
+    void reset();
+  };
+  bool cuda_graphs_ = false;
+  StepGraph graph_;
   Norm::Saved nf_;
   BlockScratch scratch_;
   Tensor tokens_, targets_;

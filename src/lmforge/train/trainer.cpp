@@ -98,7 +98,18 @@ void validate_train_config(const Config& cfg) {
           "without dist.offload for now; use fp32 master weights with {}",
           cfg.dist.offload ? "dist.offload" : "dist.strategy: " + cfg.dist.strategy);
   }
-  resolve_device(t.device);
+  const Device device = resolve_device(t.device);
+  if (t.cuda_graphs && device != Device::kCUDA)
+    fail(
+        "train.cuda_graphs: CUDA graphs need a GPU, but train.device {} trains on the CPU; set "
+        "train.cuda_graphs: false",
+        t.device);
+  if (t.cuda_graphs &&
+      (dist::parse_strategy(cfg.dist.strategy) > dist::Strategy::kZero1 || cfg.dist.offload))
+    fail(
+        "train.cuda_graphs: works with dist.strategy no-shard or zero1 without dist.offload (the "
+        "sharded strategies gather and scatter between the layers); set train.cuda_graphs: "
+        "false");
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
@@ -332,6 +343,7 @@ RunSetup setup_run(Config& cfg) {
           "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
           "bf16 matmuls, which may be slower than fp32\n");
   }
+  model.set_cuda_graphs(t.cuda_graphs);
   model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   return r;
 }
@@ -345,10 +357,19 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<dist::Communicator> world = dist::init_world(
       {cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node), cfg.dist.backend});
   const bool lead = world->rank() == 0;
+  if (t.cuda_graphs && world->size() > 1)
+    fail(
+        "train.cuda_graphs: one process only for now ({} ranks: the gradient all-reduce runs "
+        "between the layers' kernels); set train.cuda_graphs: false",
+        world->size());
   // A model on GPUs: one GPU per rank (by local rank), and its gradients and shards go over NCCL,
   // bootstrapped through the host world (which keeps the run directory's barriers).
   std::unique_ptr<dist::Communicator> gpu_world = make_gpu_world(*world, cfg);
   dist::Communicator& comm = gpu_world ? *gpu_world : *world;
+  if (t.cuda_graphs && gpu_world)
+    fail(
+        "train.cuda_graphs: not with the NCCL world of dist.backend: nccl (its collectives run "
+        "between the layers' kernels); set dist.backend: auto or train.cuda_graphs: false");
   if (!lead && !std::freopen("/dev/null", "w", stdout))
     fail("cannot silence the standard output of rank {}", world->rank());
 

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -88,7 +89,10 @@ Ledger& ledger() {
   static Ledger* l = new Ledger;  // never destroyed: frees may come from static destructors
   return *l;
 }
+std::atomic<uint64_t> g_frees{0};
 }  // namespace
+
+uint64_t frees() { return g_frees.load(); }
 
 size_t peak_allocated() {
   std::lock_guard<std::mutex> lock(ledger().mu);
@@ -133,6 +137,7 @@ void free(void* p) {
       l.sizes.erase(it);
     }
   }
+  g_frees.fetch_add(1);
   cudaFree(p);
 }
 
@@ -150,6 +155,34 @@ void memset_zero(void* p, size_t bytes) {
 }
 
 void synchronize() { LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream()))); }
+
+void begin_capture() {
+  // Thread-local: another thread's calls (a data loader's) do not break this capture.
+  LMF_CUDA(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream()),
+                                  cudaStreamCaptureModeThreadLocal));
+}
+
+void* end_capture() {
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(static_cast<cudaStream_t>(stream()), &graph);
+  cudaGraphExec_t exec = nullptr;
+  if (e == cudaSuccess && graph) e = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // a failed capture is not a sticky error: the stream works on
+    return nullptr;
+  }
+  return exec;
+}
+
+void graph_launch(void* exec) {
+  LMF_CUDA(
+      cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), static_cast<cudaStream_t>(stream())));
+}
+
+void graph_destroy(void* exec) {
+  if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
+}
 
 namespace {
 std::vector<cudaEvent_t>& event_pool() {

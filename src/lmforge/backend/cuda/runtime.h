@@ -34,6 +34,19 @@ void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on
 void memset_zero(void* p, size_t bytes);                           // ordered on stream()
 void synchronize();  // waits for stream(); Error naming the failing kernel's message if any
 
+// How many device buffers free() has released so far: a captured graph that may read one of them
+// is stale once this moves (nn/transformer.cpp recaptures).
+uint64_t frees();
+
+// CUDA graphs (train.cuda_graphs): between begin_capture() and end_capture() the work queued on
+// stream() by this thread is recorded, not run; end_capture() returns the executable graph
+// (cudaGraphExec_t), or null when the capture failed (something in it synchronized or
+// allocated): then nothing of it ran. graph_launch() queues a graph on stream().
+void begin_capture();
+void* end_capture();
+void graph_launch(void* exec);
+void graph_destroy(void* exec);  // null is a no-op
+
 // Timing events (core/profile.h): event_record() takes an event from a pool and records it on
 // stream(); event_elapsed_ms waits for `end` and returns the milliseconds since `start`;
 // event_release puts an event back.

@@ -30,6 +30,11 @@ void synchronize() {}
 void* event_record() { cuda_unavailable("event_record"); }
 float event_elapsed_ms(void*, void*) { cuda_unavailable("event_elapsed_ms"); }
 void event_release(void*) {}
+uint64_t frees() { return 0; }
+void begin_capture() { cuda_unavailable("begin_capture"); }
+void* end_capture() { return nullptr; }
+void graph_launch(void*) { cuda_unavailable("graph_launch"); }
+void graph_destroy(void*) {}
 }  // namespace cuda
 
 }  // namespace lmforge
