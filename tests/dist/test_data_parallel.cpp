@@ -211,8 +211,9 @@ TEST_F(DataParallelTest, FullShardAndHybridTrainInBf16LikeDdp) {
   }
 }
 
-// bf16 master weights with the optimizer state sharded (zero1, grad-shard): each rank rounds its
-// shard stochastically with the bits of the elements' flat indices, so the all-gathered weights
+// bf16 master weights with the optimizer state sharded (zero1, grad-shard, and grad-shard with the
+// AdamW step offloaded to a host arena holding bf16 masters): each rank rounds its shard
+// stochastically with the bits of the elements' flat indices, so the all-gathered weights
 // are those DDP computes whole. Against DDP with the same ranks; a rounding-level difference in
 // a gradient sum or the clipping norm can flip a rounding by one bf16 ulp (relative 2^-8), so
 // single weights get one ulp and the whole vector 1e-3 relative.
@@ -222,11 +223,19 @@ TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
   RunResult d = run("bf16m-ddp", 2, bf16 + "--set dist.strategy=no-shard");
   ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
   const double full_opt = memory(d.out).first;
-  for (std::string s : {"zero1", "grad-shard"}) {
+  for (std::string s : {"zero1", "grad-shard", "grad-shard+offload"}) {
     const std::string name = "bf16m-" + s;
-    RunResult r = run(name, 2, bf16 + "--set dist.strategy=" + s);
+    const bool offload = s.ends_with("+offload");
+    RunResult r = run(name, 2,
+                      bf16 + "--set dist.strategy=" + s.substr(0, s.find('+')) +
+                          (offload ? " --set dist.offload=true" : ""));
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_NEAR(memory(r.out).first / full_opt, 0.5, 0.005) << name;
+    // Offloaded: the host arena holds the shard's bf16 masters (2 bytes) and fp32 gradients.
+    if (offload)
+      EXPECT_NE(r.out.find("dist.offload: AdamW master values and gradients in a host arena"),
+                std::string::npos)
+          << r.out;
     const std::string ckpt = find_latest_checkpoint(*dir_ + "/" + name);
     EXPECT_EQ(Safetensors::open(ckpt + "/model.safetensors").info("tok_emb.weight").dtype, "BF16");
     std::vector<double> a = losses(name), b = losses("bf16m-ddp");

@@ -158,8 +158,8 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         [&](Arena& a) {
           host_slots_.clear();
           for (const OptSlot& d : device_slots_)
-            host_slots_.push_back(
-                {d.param, d.begin, d.len, a.alloc({d.len}), a.alloc({d.len}), Tensor()});
+            host_slots_.push_back({d.param, d.begin, d.len, a.alloc({d.len}, d.value.dtype()),
+                                   a.alloc({d.len}), Tensor()});
         },
         Device::kCPU);
     refresh_master();

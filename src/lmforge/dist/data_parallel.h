@@ -76,10 +76,11 @@ class DataParallel final : public GroupHooks {
   void step(double lr);
   // Validation loss over the same batches on every rank (eval runs redundantly per rank).
   double evaluate(const Loader& val, int64_t batches, Batch& batch);
-  // dist.offload: AdamW keeps its state and an fp32 master copy of this rank's parameters in a
-  // host arena and steps there; step() copies the gradient shard in and the new values out
-  // (device-to-host and back once the model lives on a GPU; plain copies on the CPU). After the
-  // model's values are replaced (a checkpoint load), refresh_master() copies them in again.
+  // dist.offload: AdamW keeps its state and a master copy of this rank's parameters (fp32, or
+  // bf16 under bf16 master weights) in a host arena and steps there; step() copies the gradient
+  // shard in and the new values out (device-to-host and back once the model lives on a GPU;
+  // plain copies on the CPU). After the model's values are replaced (a checkpoint load),
+  // refresh_master() copies them in again.
   bool offload() const { return !host_slots_.empty() || host_.capacity() > 0; }
   void refresh_master();
   size_t host_bytes() const { return host_.capacity(); }
