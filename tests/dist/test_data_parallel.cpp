@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <regex>
 
 #include "dist/tiny_run.h"
@@ -211,10 +212,11 @@ TEST_F(DataParallelTest, FullShardAndHybridTrainInBf16LikeDdp) {
   }
 }
 
-// bf16 master weights with the optimizer state sharded (zero1, grad-shard, and grad-shard with the
-// AdamW step offloaded to a host arena holding bf16 masters): each rank rounds its shard
-// stochastically with the bits of the elements' flat indices, so the all-gathered weights
-// are those DDP computes whole. Against DDP with the same ranks; a rounding-level difference in
+// bf16 master weights with the optimizer state sharded (zero1, grad-shard, full-shard, and each
+// sharded one with the AdamW step offloaded to a host arena holding bf16 masters): each rank
+// rounds its shard stochastically with the bits of the elements' flat indices, so the weights
+// (all-gathered, or gathered block by block as bf16 under full-shard) are those DDP computes
+// whole. Against DDP with the same ranks; a rounding-level difference in
 // a gradient sum or the clipping norm can flip a rounding by one bf16 ulp (relative 2^-8), so
 // single weights get one ulp and the whole vector 1e-3 relative.
 TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
@@ -223,7 +225,9 @@ TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
   RunResult d = run("bf16m-ddp", 2, bf16 + "--set dist.strategy=no-shard");
   ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
   const double full_opt = memory(d.out).first;
-  for (std::string s : {"zero1", "grad-shard", "grad-shard+offload"}) {
+  const double full_params = memory(d.out).second;
+  for (std::string s :
+       {"zero1", "grad-shard", "grad-shard+offload", "full-shard", "full-shard+offload"}) {
     const std::string name = "bf16m-" + s;
     const bool offload = s.ends_with("+offload");
     RunResult r = run(name, 2,
@@ -231,13 +235,20 @@ TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
                           (offload ? " --set dist.offload=true" : ""));
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_NEAR(memory(r.out).first / full_opt, 0.5, 0.005) << name;
+    // full-shard: each rank keeps half of the bf16 weights (and gathers blocks as bf16).
+    if (s.starts_with("full-shard"))
+      EXPECT_NEAR(memory(r.out).second / full_params, 0.5, 0.005) << name;
     // Offloaded: the host arena holds the shard's bf16 masters (2 bytes) and fp32 gradients.
     if (offload)
       EXPECT_NE(r.out.find("dist.offload: AdamW master values and gradients in a host arena"),
                 std::string::npos)
           << r.out;
     const std::string ckpt = find_latest_checkpoint(*dir_ + "/" + name);
-    EXPECT_EQ(Safetensors::open(ckpt + "/model.safetensors").info("tok_emb.weight").dtype, "BF16");
+    // The weights are saved in bf16 (under full-shard each rank's shard file holds its slices).
+    const std::string file = std::filesystem::exists(ckpt + "/model.safetensors")
+                                 ? ckpt + "/model.safetensors"
+                                 : ckpt + "/model-rank-00000-of-00002.safetensors";
+    EXPECT_EQ(Safetensors::open(file).info("tok_emb.weight").dtype, "BF16") << name;
     std::vector<double> a = losses(name), b = losses("bf16m-ddp");
     ASSERT_EQ(a.size(), 6u);
     ASSERT_EQ(b.size(), 6u);
@@ -256,6 +267,29 @@ TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
     EXPECT_LE(std::sqrt(dd / qq), 1e-3) << name;
     std::printf("%s vs bf16m-ddp: %lld of %zu weights differ\n", name.c_str(),
                 static_cast<long long>(differ), p.size());
+  }
+  // full-shard's bf16 value shards in a checkpoint: resumed on the same 2 ranks the run continues
+  // bit for bit; on 1 process (resharded, batch 4) within the tolerance above.
+  RunResult f = run("bf16m-fs-ckpt", 2,
+                    bf16 + "--set dist.strategy=full-shard --set train.checkpoint_every=3 " +
+                        "--set train.keep_last=0");
+  ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
+  const std::string ckpt = *dir_ + "/bf16m-fs-ckpt/checkpoints/step-00000003";
+  const std::vector<double> whole = losses("bf16m-fs-ckpt");
+  ASSERT_EQ(whole.size(), 6u);
+  for (const auto& [name, ranks, extra] :
+       {std::tuple{"bf16m-fs-resumed-2", 2, "--set dist.strategy=full-shard"},
+        std::tuple{"bf16m-fs-resumed-1", 1, "--set train.batch_size=4"}}) {
+    RunResult x = run(name, ranks, bf16 + extra + " --resume=" + ckpt);
+    ASSERT_EQ(x.exit_code, 0) << name << "\n" << x.out << x.err;
+    const std::vector<double> l = losses(name);
+    ASSERT_EQ(l.size(), 3u) << name;
+    for (size_t i = 0; i < 3; ++i) {
+      if (ranks == 2)
+        EXPECT_EQ(l[i], whole[3 + i]) << name << " step " << 4 + i;
+      else
+        EXPECT_NEAR(l[i], whole[3 + i], 1e-3 * whole[3 + i]) << name << " step " << 4 + i;
+    }
   }
 }
 

@@ -56,11 +56,6 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"train.precision"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.master_weights=bf16", dir),
                         {"train.master_weights", "train.precision: bf16"});
-  expect_one_line_error(
-      run_lmforge("train tiny.yaml --set train.precision=bf16 --set train.master_weights=bf16 "
-                  "--set dist.strategy=full-shard",
-                  dir),
-      {"train.master_weights", "dist.strategy: full-shard"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.master_weights=fp16", dir),
                         {"train.master_weights", "fp16"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.cuda_graphs=true", dir),

@@ -62,6 +62,8 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   }
   const bool values_sharded = strategy_ >= Strategy::kFullShard;
   const bool bf16 = model.bf16();
+  // bf16 master weights: the value shard is bf16 and blocks are gathered as 2-byte elements.
+  const bool master16 = ps_.bf16_master();
   const int64_t n = ps_.flat_size();
   const Device device = model.device();  // buffers live beside the model's
   layout_ = ShardLayout(n, shard_comm_->size());
@@ -93,7 +95,8 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         [&](Arena& a) {
           gshard_ = a.alloc({mine});
           rs_tmp_ = a.alloc({mine});
-          vshard_ = values_sharded ? a.alloc({mine}) : Tensor();
+          vshard_ =
+              values_sharded ? a.alloc({mine}, master16 ? DType::kBF16 : DType::kF32) : Tensor();
         },
         device);
     // The backward writes each group's gradients into a small workspace instead of a
@@ -115,6 +118,11 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     else {  // made on the host, then copied to where the shard lives
       Tensor host = Tensor::empty({mine}, DType::kF32);
       model.init_weights_range(init_seed.value_or(0), my_lo_, mine, host.data<float>());
+      if (master16) {  // rounded to nearest even, as ParamSet::use_bf16_master does
+        Tensor h16 = Tensor::empty({mine}, DType::kBF16);
+        ops::to_bf16(h16, host);
+        host = h16;
+      }
       vshard_.copy_from(host);
     }
     if (bf16) ps_.use_external_bf16();  // bf16 copies of the gathered groups only
@@ -333,16 +341,21 @@ double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) 
 // Full-shard: group g's values, all-gathered from the shards into its buffer.
 void DataParallel::gather(int64_t g, bool wait) {
   const int64_t G = model_.num_groups();
-  auto start = [&](const Tensor& buf) {
+  // Into the fp32 buffer, or with bf16 master weights the bf16 one (the values themselves).
+  auto start = [&](const Tensor& buf, const Tensor& buf16) {
     const int64_t lo = group_lo(g), hi = group_hi(g);
-    const float* in = vshard_.data<float>() + (std::clamp(lo, my_lo_, my_hi_) - my_lo_);
-    return shard_comm_->all_gather(in, buf.data<float>(), layout_.counts(lo, hi));
+    const int64_t at = std::clamp(lo, my_lo_, my_hi_) - my_lo_;
+    if (vshard_.dtype() == DType::kBF16)
+      return shard_comm_->all_gather(vshard_.bf16_data() + at, buf16.bf16_data(),
+                                     layout_.counts(lo, hi));
+    return shard_comm_->all_gather(vshard_.data<float>() + at, buf.data<float>(),
+                                   layout_.counts(lo, hi));
   };
   if (g == 0 || g == G - 1) {  // the edges: gathered together, kept for the step
     if (edges_gathered_) return;
-    edge_work_[0] = start(embed_buf_);
+    edge_work_[0] = start(embed_buf_, embed_bf16_);
     g = G - 1;
-    edge_work_[1] = start(tail_buf_);
+    edge_work_[1] = start(tail_buf_, tail_bf16_);
     for (WorkPtr& w : edge_work_) w->wait();
     point_group(0, embed_buf_, false, embed_bf16_);
     point_group(G - 1, tail_buf_, false, tail_bf16_);
@@ -352,7 +365,7 @@ void DataParallel::gather(int64_t g, bool wait) {
   const int slot = static_cast<int>(g % 2);
   if (slot_block_[slot] != g) {
     if (slot_work_[slot]) slot_work_[slot]->wait();
-    slot_work_[slot] = start(block_buf_[slot]);
+    slot_work_[slot] = start(block_buf_[slot], block_bf16_[slot]);
     slot_block_[slot] = g;
   }
   if (wait) {
@@ -368,8 +381,22 @@ void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad, const Te
   for (size_t i = model_.group_begin(g); i < model_.group_begin(g + 1) && i < ps.size(); ++i) {
     Param& p = ps[i];
     const int64_t at = ps_.offset(p) - lo;
-    (grad ? p.grad : p.value) =
+    const Tensor f32 =
         Tensor(buf.storage(), buf.byte_offset() + at * sizeof(float), p.shape, DType::kF32);
+    if (grad) {
+      p.grad = f32;
+      continue;
+    }
+    if (vshard_.dtype() == DType::kBF16) {  // bf16 masters: gathered into `bf16`
+      p.value = Tensor(bf16.storage(), bf16.byte_offset() + at * 2, p.shape, DType::kBF16);
+      if (p.matmul) p.value_bf16 = p.value;
+      if (p.shape.ndim() == 1) {  // norm weights and biases: read in fp32 (ParamSet)
+        p.value_f32 = f32;
+        ops::from_bf16(p.value_f32, p.value);
+      }
+      continue;
+    }
+    p.value = f32;
     if (bf16.defined() && p.matmul) {  // the group's bf16 matmul weights, from its new values
       p.value_bf16 = Tensor(bf16.storage(), bf16.byte_offset() + at * 2, p.shape, DType::kBF16);
       ops::to_bf16(p.value_bf16, p.value);
@@ -405,10 +432,16 @@ void DataParallel::gather_full_model() {
   if (!sharded_values()) return;
   ps_.allocate_values();
   world_.barrier();
-  shard_comm_
-      ->all_gather(vshard_.data<float>(), ps_.flat_values().data<float>(),
-                   layout_.counts(0, layout_.n))
-      ->wait();
+  if (vshard_.dtype() == DType::kBF16)
+    shard_comm_
+        ->all_gather(vshard_.bf16_data(), ps_.flat_values().bf16_data(),
+                     layout_.counts(0, layout_.n))
+        ->wait();
+  else
+    shard_comm_
+        ->all_gather(vshard_.data<float>(), ps_.flat_values().data<float>(),
+                     layout_.counts(0, layout_.n))
+        ->wait();
   if (ps_.has_bf16()) ps_.enable_bf16();  // whole-model bf16 copies again, made from it
   model_.set_hooks(nullptr);              // the model now reads its own full buffer
 }

@@ -117,7 +117,12 @@ void ParamSet::use_bf16_master() {
 
 void ParamSet::enable_bf16() {
   LMF_CHECK(dtype_ == DType::kF32 && values_.capacity() > 0, "enable_bf16 needs fp32 parameters");
-  if (bf16_.capacity() > 0 || master_bf16_) return;
+  if (master_bf16_) {  // the set's own values again (allocate_values): their own copies
+    bf16_external_ = false;
+    bf16_fresh_ = false;
+    return;
+  }
+  if (bf16_.capacity() > 0) return;
   bf16_external_ = false;
   bf16_ = Arena::planned(
       [&](Arena& a) {
@@ -129,14 +134,13 @@ void ParamSet::enable_bf16() {
 }
 
 void ParamSet::use_external_bf16() {
-  LMF_CHECK(!master_bf16_, "external bf16 copies with bf16 master weights");
   bf16_ = Arena();
   for (Param& p : params_) p.value_bf16 = Tensor();
   bf16_external_ = true;
 }
 
 void ParamSet::sync_bf16() {
-  if (bf16_fresh_) return;
+  if (bf16_fresh_ || bf16_external_) return;  // external: the owner converts what it gathers
   if (master_bf16_) {
     for (Param& p : params_)
       if (p.value_f32.defined()) ops::from_bf16(p.value_f32, p.value);
@@ -150,9 +154,10 @@ void ParamSet::sync_bf16() {
 }
 
 void ParamSet::release_values() {
-  LMF_CHECK(bf16_.capacity() == 0 && !master_bf16_, "release_values with bf16 copies");
-  for (Param& p : params_) p.value = Tensor();
-  values_ = Arena();
+  LMF_CHECK(bf16_.capacity() == 0 && (!master_bf16_ || bf16_external_),
+            "release_values with bf16 copies");
+  for (Param& p : params_) p.value = p.value_bf16 = p.value_f32 = Tensor();
+  values_ = work_ = Arena();
 }
 
 Param* ParamSet::find(const std::string& name) {

@@ -77,8 +77,10 @@ class ParamSet {
   void enable_bf16();
   // Full-shard keeps no whole-model copies: use_external_bf16() frees them and the owner of the
   // gathered values (DataParallel) points each value_bf16 at its own buffers and converts them
-  // when a group is gathered; sync_bf16() then does nothing. enable_bf16() goes back to copies
-  // of this set's own.
+  // when a group is gathered; sync_bf16() then does nothing. With bf16 master weights the owner
+  // gathers the bf16 values themselves and points value, value_bf16 and the 1-D parameters' fp32
+  // working copies (value_f32) at its buffers. enable_bf16() goes back to copies of this set's
+  // own (after allocate_values).
   void use_external_bf16();
   bool has_bf16() const { return bf16_.capacity() > 0 || bf16_external_ || master_bf16_; }
 
@@ -87,8 +89,8 @@ class ParamSet {
   // matmul weight's value_bf16 is its value. AdamW updates them in fp32 and rounds stochastically
   // (ops::adamw_update). The 1-D parameters (norm weights, biases) get fp32 working copies
   // (value_f32, read through Param::fp32()) that sync_bf16() refreshes; the embedding tables are
-  // read as bf16 by ops::embedding_forward. Gradients stay fp32. After enable_bf16; not with
-  // full-shard's external copies.
+  // read as bf16 by ops::embedding_forward. Gradients stay fp32. After enable_bf16, before
+  // use_external_bf16.
   void use_bf16_master();
   bool bf16_master() const { return master_bf16_; }
   void invalidate_bf16() { bf16_fresh_ = false; }

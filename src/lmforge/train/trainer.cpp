@@ -92,11 +92,6 @@ void validate_train_config(const Config& cfg) {
       fail(
           "train.master_weights: bf16 needs train.precision: bf16 (bf16 weights feed bf16 "
           "matmuls); set both, or keep master_weights: fp32");
-    if (dist::parse_strategy(cfg.dist.strategy) >= dist::Strategy::kFullShard)
-      fail(
-          "train.master_weights: bf16 works with dist.strategy no-shard, zero1 or grad-shard for "
-          "now; use fp32 master weights with dist.strategy: {}",
-          cfg.dist.strategy);
   }
   const Device device = resolve_device(t.device);
   if (t.cuda_graphs && device != Device::kCUDA)
