@@ -196,14 +196,20 @@ TEST_F(DataParallelTest, FullShardAndHybridTrainInBf16LikeDdp) {
       "--set train.precision=bf16 --set train.batch_size=2 --set sample.prompt=The "
       "--set sample.max_tokens=8 ";
   auto sample = [](const std::string& out) { return out.substr(out.find("--- sample ---")); };
-  for (int n : {2, 4}) {
-    std::string ref = "bf16-ddp-" + std::to_string(n);
-    RunResult d = run(ref, n, bf16 + "--set dist.strategy=no-shard");
+  // Also with bf16 master weights: bf16 shards gathered as bf16, the whole model gathered as bf16
+  // for the sample.
+  for (auto [n, masters] :
+       {std::pair{2, false}, std::pair{4, false}, std::pair{2, true}, std::pair{4, true}}) {
+    const std::string m = masters ? "--set train.master_weights=bf16 " : "";
+    const std::string suffix = std::to_string(n) + (masters ? "-masters" : "");
+    std::string ref = "bf16-ddp-" + suffix;
+    RunResult d = run(ref, n, bf16 + m + "--set dist.strategy=no-shard");
     ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
-    std::string name = n == 2 ? "bf16-full-shard-2" : "bf16-hybrid-4";
+    std::string name = (n == 2 ? "bf16-full-shard-" : "bf16-hybrid-") + suffix;
     RunResult r = run(name, n,
-                      bf16 + (n == 2 ? "--set dist.strategy=full-shard"
-                                     : "--set dist.strategy=hybrid --set dist.ranks_per_node=2"));
+                      bf16 + m +
+                          (n == 2 ? "--set dist.strategy=full-shard"
+                                  : "--set dist.strategy=hybrid --set dist.ranks_per_node=2"));
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     expect_same(name, ref);
     ASSERT_NE(d.out.find("--- sample ---"), std::string::npos) << d.out;
