@@ -104,6 +104,11 @@ class DataParallel final : public GroupHooks {
   void before_forward(int64_t group) override;
   void before_backward(int64_t group) override;
   void grads_ready(int64_t group) override;
+  // One process and neither gradients nor values sharded: the hooks then do nothing a replayed
+  // step would miss.
+  bool graph_safe() const override {
+    return world_.size() == 1 && !grad_sharded() && !sharded_values();
+  }
 
  private:
   struct Bucket {

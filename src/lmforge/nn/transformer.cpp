@@ -286,17 +286,23 @@ void Transformer::run_step(double dloss) {
     try {
       queue_step(dloss);
     } catch (const Error& e) {
-      why = e.what();
+      why = e.what();  // the capture may be intact but is only part of the step: dropped below
+    } catch (...) {
+      cuda::graph_destroy(cuda::end_capture());  // the stream out of capture mode, then on
+      throw;
     }
     graph_.exec = cuda::end_capture();
-    if (graph_.exec) {
+    if (graph_.exec && why.empty()) {
       graph_.dloss = dloss;
       graph_.ignore = ignore_index_;
       graph_.frees = cuda::frees();
+      ++graph_.captures;
       cuda::graph_launch(graph_.exec);
       ++graph_.launches;
     } else {
-      // Nothing of the capture ran: the step eagerly. Twice failed, graphs stay off.
+      // Nothing of the capture ran: the step eagerly (an error repeats there, as without
+      // graphs). Twice failed, graphs stay off.
+      graph_.reset();
       if (++graph_.failures == 2)
         fmt::print(stderr,
                    "warning: train.cuda_graphs: the step could not be captured ({}); "

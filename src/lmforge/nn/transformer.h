@@ -32,6 +32,10 @@ class GroupHooks {
   virtual void before_forward(int64_t group) {}
   virtual void before_backward(int64_t group) {}
   virtual void grads_ready(int64_t group) {}
+  // Whether a training step may be captured as a CUDA graph (Transformer::set_cuda_graphs): the
+  // hooks run while the step is captured, not when it is replayed, so they must do no work a
+  // step needs (true for one process without sharded gradients or values).
+  virtual bool graph_safe() const { return true; }
 };
 
 class Transformer {
@@ -52,12 +56,18 @@ class Transformer {
   // Parameter groups (see GroupHooks): params()[group_begin(g), group_begin(g + 1)).
   int64_t num_groups() const { return cfg_.n_layer + 2; }
   size_t group_begin(int64_t g) const { return group_begin_[g]; }
-  void set_hooks(GroupHooks* hooks) { hooks_ = hooks; }
+  void set_hooks(GroupHooks* hooks) {
+    hooks_ = hooks;
+    graph_ = {};
+  }
 
   // bf16 mixed precision (train.precision: bf16): the matmuls read bf16 copies of the weights
   // and round their inputs to bf16, accumulating in fp32; parameters, gradients, optimizer state
   // and every other op stay fp32. Call before training; the copies follow the weights.
-  void enable_bf16() { params_.enable_bf16(); }
+  void enable_bf16() {
+    params_.enable_bf16();
+    graph_ = {};  // new buffers, not freed ones
+  }
   bool bf16() const { return params_.has_bf16(); }
   // Under bf16, plan() makes the activations that only feed matmuls bf16 (Block::
   // matmul_input_dtype): same results, less memory and no conversion passes. Off keeps them fp32
@@ -77,16 +87,21 @@ class Transformer {
   // into a CUDA graph once and replays it on later calls, one launch instead of ~30 per layer:
   // bit-identical results, less host time per step. Inputs are copied in and the loss is read
   // back outside the graph; a call with a different loss scale (a different count of targets)
-  // runs without it. For one process (the data-parallel hooks run outside the graph) and not
-  // while profiling (core/profile.h times ops one by one).
+  // runs without it. Only where the hooks allow it (GroupHooks::graph_safe: one process, no
+  // sharding) and not while profiling (core/profile.h times ops one by one).
   void set_cuda_graphs(bool on) {
     cuda_graphs_ = on;
     graph_ = {};
   }
-  int64_t graph_launches() const { return graph_.launches; }  // steps that replayed the graph
+  // Micro-batches run through a graph (captured or replayed), and captures made.
+  int64_t graph_launches() const { return graph_.launches; }
+  int64_t graph_captures() const { return graph_.captures; }
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
   // stochastic rounding (ParamSet::use_bf16_master).
-  void use_bf16_master() { params_.use_bf16_master(); }
+  void use_bf16_master() {
+    params_.use_bf16_master();
+    graph_ = {};
+  }
 
   // Where parameters and activations live (train.device). to() moves the parameters (set-up
   // code) and drops the activation plan: plan() again after it. A CUDA model trains and evaluates
@@ -184,7 +199,7 @@ class Transformer {
     uint64_t frees = 0;                     // cuda::frees() when captured
     double last_dloss = __builtin_nan("");  // the previous call's scale (capture when repeated)
     int failures = 0;                       // failed captures (two turn graphs off)
-    int64_t launches = 0;
+    int64_t launches = 0, captures = 0;
     StepGraph() = default;
     StepGraph(const StepGraph&) {}
     StepGraph& operator=(const StepGraph&);
