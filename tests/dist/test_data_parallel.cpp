@@ -242,13 +242,15 @@ TEST_F(DataParallelTest, Bf16MasterWeightsWithShardedOptimizerLikeDdp) {
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_NEAR(memory(r.out).first / full_opt, 0.5, 0.005) << name;
     // full-shard: each rank keeps half of the bf16 weights (and gathers blocks as bf16).
-    if (s.starts_with("full-shard"))
+    if (s.starts_with("full-shard")) {
       EXPECT_NEAR(memory(r.out).second / full_params, 0.5, 0.005) << name;
+    }
     // Offloaded: the host arena holds the shard's bf16 masters (2 bytes) and fp32 gradients.
-    if (offload)
+    if (offload) {
       EXPECT_NE(r.out.find("dist.offload: AdamW master values and gradients in a host arena"),
                 std::string::npos)
           << r.out;
+    }
     const std::string ckpt = find_latest_checkpoint(*dir_ + "/" + name);
     // The weights are saved in bf16 (under full-shard each rank's shard file holds its slices).
     const std::string file = std::filesystem::exists(ckpt + "/model.safetensors")

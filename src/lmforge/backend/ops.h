@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "lmforge/core/tensor.h"
 
@@ -130,6 +131,18 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
                   double lr, double beta1, double beta2, double eps, double weight_decay,
                   int64_t step, const Tensor& param_bf16 = Tensor(), double grad_scale = 1.0,
                   uint64_t sr_seed = 0, int64_t sr_index = 0);
+// One AdamW step over many parameters (AdamW::step): each item updated exactly as
+// adamw_update(param, grad, m, v, ..., decay ? weight_decay : 0, step, param_bf16, grad_scale,
+// sr_seed, sr_index) would; on a GPU in one launch (cuda::adamw_update_many) instead of one per
+// item.
+struct AdamwItem {
+  Tensor param, grad, m, v, param_bf16;
+  bool decay = true;
+  int64_t sr_index = 0;
+};
+void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double beta1, double beta2,
+                      double eps, double weight_decay, int64_t step, double grad_scale = 1.0,
+                      uint64_t sr_seed = 0);
 
 }  // namespace lmforge::ops
 

@@ -96,32 +96,49 @@ double sum_squares(const Tensor& x) {
   return r;
 }
 
-void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                  double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, const Tensor& param_bf16, double grad_scale, uint64_t sr_seed,
-                  int64_t sr_index) {
+namespace {
+void check_adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                 const Tensor& param_bf16) {
   same_numel("adamw_update", param, grad);
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
   for (const Tensor* t : {&grad, &m, &v, &param_bf16})
     LMF_CHECK(!t->defined() || t->device() == param.device(),
               "adamw_update: the parameter and its gradient, moments and bf16 copy on one device");
-  if (param.dtype() == DType::kBF16) {  // bf16 master weights, rounded stochastically
+  if (param.dtype() == DType::kBF16)
     LMF_CHECK(!param_bf16.defined(), "adamw_update: a bf16 parameter is its own bf16 copy");
+}
+
+// bf16 master weights: the stochastic rounding's hash takes the low 32 bits of the flat index and
+// the key its high word, so n elements from flat index sr_index are cut where the low word would
+// wrap: fn(done, len, key, index0) per piece.
+template <typename Fn>
+void sr_pieces(int64_t n, int64_t sr_index, uint64_t sr_seed, int64_t step, Fn&& fn) {
+  for (int64_t done = 0; done < n;) {
+    const uint64_t index = static_cast<uint64_t>(sr_index + done);
+    const int64_t len =
+        std::min<int64_t>(n - done, (int64_t{1} << 32) - static_cast<int64_t>(index & 0xffffffffu));
+    fn(done, len, sr_key(sr_seed, step, static_cast<uint32_t>(index >> 32)),
+       static_cast<uint32_t>(index));
+    done += len;
+  }
+}
+}  // namespace
+
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step, const Tensor& param_bf16, double grad_scale, uint64_t sr_seed,
+                  int64_t sr_index) {
+  check_adamw(param, grad, m, v, param_bf16);
+  if (param.dtype() == DType::kBF16) {  // bf16 master weights, rounded stochastically
     uint16_t* p = param.bf16_data();
     const float* g = grad.data<float>();
     float *mp = m.data<float>(), *vp = v.data<float>();
-    // The hash takes the low 32 bits of the flat index and the key its high word, so a range is
-    // cut where the low word would wrap.
     auto pieces = [&](auto&& kernel) {
-      for (int64_t done = 0, n = param.numel(); done < n;) {
-        const uint64_t index = static_cast<uint64_t>(sr_index + done);
-        const int64_t len = std::min<int64_t>(
-            n - done, (int64_t{1} << 32) - static_cast<int64_t>(index & 0xffffffffu));
-        kernel(p + done, g + done, mp + done, vp + done, len, lr, beta1, beta2, eps, weight_decay,
-               step, grad_scale, sr_key(sr_seed, step, static_cast<uint32_t>(index >> 32)),
-               static_cast<uint32_t>(index));
-        done += len;
-      }
+      sr_pieces(param.numel(), sr_index, sr_seed, step,
+                [&](int64_t done, int64_t len, uint32_t key, uint32_t index0) {
+                  kernel(p + done, g + done, mp + done, vp + done, len, lr, beta1, beta2, eps,
+                         weight_decay, step, grad_scale, key, index0);
+                });
     };
     dispatch(
         "adamw_update", grad, [&](auto) { pieces(cpu::adamw_update_sr); },
@@ -139,6 +156,46 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
       LMF_GPU(cuda::adamw_update(param.data<float>(), grad.data<float>(), m.data<float>(),
                                  v.data<float>(), p16, param.numel(), lr, beta1, beta2, eps,
                                  weight_decay, step, grad_scale)));
+}
+
+void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double beta1, double beta2,
+                      double eps, double weight_decay, int64_t step, double grad_scale,
+                      uint64_t sr_seed) {
+  if (items.empty()) return;
+#ifdef LMFORGE_HAVE_CUDA
+  bool gpu = true;  // every item on the GPU: one launch
+  for (const AdamwItem& it : items) gpu = gpu && it.param.device() == Device::kCUDA;
+  if (gpu) {
+    profile::Scope scope("adamw_update_all", items[0].param);
+    std::vector<cuda::AdamwSlot> slots;
+    slots.reserve(items.size());
+    for (const AdamwItem& it : items) {
+      check_adamw(it.param, it.grad, it.m, it.v, it.param_bf16);
+      const float* g = it.grad.data<float>();
+      float *m = it.m.data<float>(), *v = it.v.data<float>();
+      if (it.param.dtype() == DType::kBF16) {
+        uint16_t* p = it.param.bf16_data();
+        sr_pieces(it.param.numel(), it.sr_index, sr_seed, step,
+                  [&](int64_t done, int64_t len, uint32_t key, uint32_t index0) {
+                    slots.push_back({p + done, g + done, m + done, v + done, nullptr, len, key,
+                                     index0, /*sr=*/true, it.decay});
+                  });
+      } else {
+        slots.push_back({it.param.data<float>(), g, m, v,
+                         it.param_bf16.defined() ? it.param_bf16.bf16_data() : nullptr,
+                         it.param.numel(), 0, 0, /*sr=*/false, it.decay});
+      }
+    }
+    cuda::adamw_update_many(slots.data(), static_cast<int64_t>(slots.size()), lr, beta1, beta2, eps,
+                            weight_decay, step, grad_scale);
+    return;
+  }
+#endif
+  // The CPU's update: one parallel loop per item.
+  for (const AdamwItem& it : items)
+    adamw_update(it.param, it.grad, it.m, it.v, lr, beta1, beta2, eps,
+                 it.decay ? weight_decay : 0.0, step, it.param_bf16, grad_scale, sr_seed,
+                 it.sr_index);
 }
 
 }  // namespace lmforge::ops

@@ -33,6 +33,8 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
 void AdamW::step(double lr, double grad_scale) {
   ++t_;
   bool refreshed = true, masters = false;
+  std::vector<ops::AdamwItem> items;
+  items.reserve(slots_.size());
   for (size_t i = 0; i < slots_.size(); ++i) {
     const OptSlot& s = slots_[i];
     // bf16 master weights are their own bf16 copies, rounded stochastically by the update; their
@@ -48,10 +50,12 @@ void AdamW::step(double lr, double grad_scale) {
     const Tensor& bf16 = master16 ? Tensor() : s.whole() ? s.param->value_bf16 : s.value_bf16;
     const bool beside = bf16.defined() && bf16.device() == s.value.device();
     refreshed = refreshed && (beside || !bf16.defined());
-    ops::adamw_update(s.value, s.grad, m_[i], v_[i], lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      s.param->decay ? opt_.weight_decay : 0.0, t_, beside ? bf16 : Tensor(),
-                      grad_scale, opt_.seed, params_.offset(*s.param) + s.begin);
+    items.push_back({s.value, s.grad, m_[i], v_[i], beside ? bf16 : Tensor(), s.param->decay,
+                     params_.offset(*s.param) + s.begin});
   }
+  // All slots at once (one launch on a GPU).
+  ops::adamw_update_all(items, lr, opt_.beta1, opt_.beta2, opt_.eps, opt_.weight_decay, t_,
+                        grad_scale, opt_.seed);
   if (masters)
     params_.invalidate_bf16();
   else if (params_.has_bf16() && refreshed)

@@ -149,6 +149,23 @@ void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n,
                      double beta1, double beta2, double eps, double weight_decay, int64_t step,
                      double grad_scale, uint32_t key, uint32_t index0);
 
+// A whole optimizer step in one launch (as torch's fused multi-tensor AdamW): each slot is
+// updated as adamw_update (fp32 p with an optional bf16 copy p16) or, with sr, adamw_update_sr
+// (bf16 p, key and index0 as there); decay chooses weight_decay or none. Bit-identical to one
+// call per slot. `slots` is host memory (copied to the device with the launch).
+struct AdamwSlot {
+  void* p;  // float*, or uint16_t* with sr
+  const float* g;
+  float* m;
+  float* v;
+  uint16_t* p16;  // fp32 p only; may be null
+  int64_t n;
+  uint32_t key, index0;  // sr only
+  bool sr, decay;
+};
+void adamw_update_many(const AdamwSlot* slots, int64_t count, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, int64_t step, double grad_scale);
+
 // fp32 -> bf16 (to_bf16) is declared in matmul.h, beside the bf16 gemms that use it.
 
 }  // namespace lmforge::cuda

@@ -1,5 +1,8 @@
 // Per-element kernels on the grid-stride map: rotary embedding, GELU, SwiGLU and AdamW.
+#include <cstring>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "lmforge/backend/adamw_scalars.h"
 #include "lmforge/backend/cuda/device.cuh"
@@ -215,6 +218,46 @@ struct AdamwSrOp {
   }
 };
 
+// adamw_update_many: blocks of kThreads, each over one chunk of one slot (the slot table and the
+// chunk list are uploaded with the launch). A slot whose arrays are aligned takes 4 elements per
+// thread at a time, as launch_map's vectorized path.
+constexpr int64_t kAdamwChunk = 16384;  // a multiple of 4
+
+struct AdamwDevSlot {
+  AdamwSlot s;
+  bool vec;
+};
+
+struct AdamwChunk {
+  int64_t slot, begin;
+};
+
+template <typename Op>
+__device__ void apply_range(const Op& op, int64_t begin, int64_t end, bool vec) {
+  if (vec) {
+    const int64_t end4 = begin + (end - begin) / 4 * 4;
+    for (int64_t i = begin + 4 * threadIdx.x; i < end4; i += 4 * blockDim.x)
+      op.template apply<4>(i);
+    begin = end4;
+  }
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    adamw_many_kernel(const AdamwDevSlot* slots, const AdamwChunk* chunks, AdamScalars with_decay,
+                      AdamScalars without_decay) {
+  const AdamwChunk c = chunks[blockIdx.x];
+  const AdamwDevSlot d = slots[c.slot];
+  const AdamwSlot& s = d.s;
+  const AdamScalars& sc = s.decay ? with_decay : without_decay;
+  const int64_t end = min(c.begin + kAdamwChunk, s.n);
+  if (s.sr)
+    apply_range(AdamwSrOp{static_cast<uint16_t*>(s.p), s.g, s.m, s.v, sc, s.key, s.index0}, c.begin,
+                end, d.vec);
+  else
+    apply_range(AdamwOp{static_cast<float*>(s.p), s.g, s.m, s.v, s.p16, sc}, c.begin, end, d.vec);
+}
+
 }  // namespace
 
 void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T,
@@ -288,6 +331,52 @@ void adamw_update_sr(uint16_t* p, const float* g, float* m, float* v, int64_t n,
                      double grad_scale, uint32_t key, uint32_t index0) {
   const AdamScalars s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   launch_map(AdamwSrOp{p, g, m, v, s, key, index0}, n, aligned16(g, m, v) && aligned8(p));
+}
+
+void adamw_update_many(const AdamwSlot* slots, int64_t count, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, int64_t step, double grad_scale) {
+  std::vector<AdamwDevSlot> dev;
+  std::vector<AdamwChunk> chunks;
+  for (int64_t i = 0; i < count; ++i) {
+    const AdamwSlot& s = slots[i];
+    if (s.n <= 0) continue;
+    const bool vec = s.sr ? aligned16(s.g, s.m, s.v) && aligned8(s.p)
+                          : aligned16(s.p, s.g, s.m, s.v) && aligned8(s.p16);
+    for (int64_t b = 0; b < s.n; b += kAdamwChunk)
+      chunks.push_back({static_cast<int64_t>(dev.size()), b});
+    dev.push_back({s, vec});
+  }
+  if (chunks.empty()) return;
+  // One upload of the table and the chunks into a device buffer that grows to the largest step
+  // (the first) and is then reused; the copy is ordered on the stream, after the last step's
+  // kernel has read the old table.
+  const size_t slot_bytes = (dev.size() * sizeof(AdamwDevSlot) + 15) / 16 * 16;
+  const size_t bytes = slot_bytes + chunks.size() * sizeof(AdamwChunk);
+  std::vector<unsigned char> host(bytes);
+  std::memcpy(host.data(), dev.data(), dev.size() * sizeof(AdamwDevSlot));
+  std::memcpy(host.data() + slot_bytes, chunks.data(), chunks.size() * sizeof(AdamwChunk));
+  static std::mutex mu;
+  static void* buf = nullptr;
+  static size_t cap = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  if (bytes > cap) {
+    if (buf) {
+      synchronize();
+      cuda::free(buf);
+    }
+    buf = cuda::malloc(bytes);
+    cap = bytes;
+  }
+  cuda::memcpy(buf, host.data(), bytes, Copy::kHostToDevice);
+  const auto* d_slots = static_cast<const AdamwDevSlot*>(buf);
+  const auto* d_chunks =
+      reinterpret_cast<const AdamwChunk*>(static_cast<const unsigned char*>(buf) + slot_bytes);
+  // The scalars exactly as cpu::adamw_update computes them (no decay: weight_decay 0).
+  const AdamScalars sd = adam_scalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  const AdamScalars sn = adam_scalars(lr, beta1, beta2, eps, 0.0, step, grad_scale);
+  adamw_many_kernel<<<static_cast<unsigned>(chunks.size()), kThreads, 0, cur_stream()>>>(
+      d_slots, d_chunks, sd, sn);
+  LMF_CUDA_LAUNCHED();
 }
 
 }  // namespace lmforge::cuda
