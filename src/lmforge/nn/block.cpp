@@ -60,9 +60,15 @@ void Block::recompute(const Acts& a, const Tensor& x, const RopeTables& rope,
 }
 
 void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode) const {
-  if (mode == Recompute::kFull) plan(a, s, B, T);
-  if (mode != Recompute::kSelective) return;
+  if (mode == Recompute::kFull) {
+    plan(a, s, B, T);
+    return;
+  }
   int64_t C = cfg.n_embd;
+  // The residual branches are added to the stream right after the GEMMs that write them and are
+  // not read in backward: one buffer serves att_proj and mlp_out in every block.
+  s.att_proj = s.mlp_out = a.alloc({B, T, C}, matmul_output_dtype);
+  if (mode != Recompute::kSelective) return;
   s.n1_out = a.alloc({B, T, C}, matmul_input_dtype);
   s.n2_out = a.alloc({B, T, C}, matmul_input_dtype);
   s.act = a.alloc({B, T, cfg.ffn()}, matmul_input_dtype);
@@ -77,7 +83,8 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     return;
   }
   // kSelective: what recompute() rebuilds is shared; the rest (matmul outputs, attention's
-  // output and logsumexp) is kept.
+  // output and logsumexp) is kept. In either mode the residual branches are shared (see
+  // plan_shared).
   const bool sel = mode == Recompute::kSelective;
   auto keep = [&](Tensor Acts::*field, Shape shape) {
     const bool mm_in = field == &Acts::n1_out || field == &Acts::n2_out || field == &Acts::act;
@@ -88,7 +95,10 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
                      : attn   ? attention_dtype()
                      : mm_out ? matmul_output_dtype
                               : DType::kF32;
-    x.*field = sel && mm_in ? shared->*field : a.alloc(shape, dt);
+    const bool branch = field == &Acts::att_proj || field == &Acts::mlp_out;
+    x.*field = (sel && mm_in) || (branch && shared && shared->att_proj.defined())
+                   ? shared->*field
+                   : a.alloc(shape, dt);
   };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);

@@ -76,10 +76,13 @@ struct Block {
 
   void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);
   // Allocates acts; with a Recompute mode other than kNone, the tensors that mode recomputes are
-  // views of `shared` (planned once with kNone) instead.
+  // views of `shared` (planned once with kNone) instead, and with a `shared` from plan_shared the
+  // residual branches are its one buffer.
   void plan(Arena& a, Acts& acts, int64_t B, int64_t T, Recompute mode = Recompute::kNone,
             const Acts* shared = nullptr) const;
-  // The activations all blocks share under `mode` (kNone: nothing).
+  // The activations all blocks share under `mode`: the residual branches' buffer (att_proj and
+  // mlp_out, consumed by the adds right after their GEMMs), plus what kSelective recomputes, or
+  // under kFull a whole set.
   void plan_shared(Arena& a, Acts& shared, int64_t B, int64_t T, Recompute mode) const;
   // Re-runs what `mode` did not keep, from the block input x, before backward.
   void recompute(const Acts& acts, const Tensor& x, const RopeTables& rope, Recompute mode) const;
