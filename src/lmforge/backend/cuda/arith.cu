@@ -101,20 +101,10 @@ int sm_count() {
 // one). Every use is stream-ordered, so calls share it. Kept until exit.
 double* scratch(int64_t count) {
   static std::mutex mu;
-  static void* buf = nullptr;
-  static size_t cap = 0;
+  static GrowingBuffer buf;
   const size_t bytes = static_cast<size_t>(count) * sizeof(double);
   std::lock_guard<std::mutex> lock(mu);
-  if (bytes > cap) {
-    if (buf) {
-      synchronize();
-      cuda::free(buf);
-      buf = nullptr;
-    }
-    cap = std::max(bytes, size_t{1} << 20);
-    buf = cuda::malloc(cap);
-  }
-  return static_cast<double*>(buf);
+  return static_cast<double*>(buf.get(std::max(bytes, size_t{1} << 20)));
 }
 
 void sum_partials(double* out, const double* partial, int64_t n, bool accumulate) {

@@ -525,20 +525,9 @@ Shape make_shape(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, 
 // for the stream, since a queued backward may still read the old buffer.
 float* d_scratch(size_t n) {
   static std::mutex mu;
-  static float* buf = nullptr;
-  static size_t cap = 0;
+  static GrowingBuffer buf;
   std::lock_guard<std::mutex> lock(mu);
-  if (n > cap) {
-    if (buf) {
-      LMF_CUDA(cudaStreamSynchronize(cur_stream()));
-      cuda::free(buf);
-      buf = nullptr;
-      cap = 0;
-    }
-    buf = static_cast<float*>(cuda::malloc(n * sizeof(float)));
-    cap = n;
-  }
-  return buf;
+  return static_cast<float*>(buf.get(n * sizeof(float)));
 }
 
 }  // namespace

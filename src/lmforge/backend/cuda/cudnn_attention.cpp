@@ -471,20 +471,7 @@ class State {
 
   cudnnHandle_t handle() const { return handle_; }
 
-  void* scratch(Slot slot, size_t bytes) {
-    bytes = std::max<size_t>(bytes, 256);
-    if (bytes > cap_[slot]) {
-      if (buf_[slot]) {
-        LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream())));
-        cuda::free(buf_[slot]);
-        buf_[slot] = nullptr;
-        cap_[slot] = 0;
-      }
-      buf_[slot] = cuda::malloc(bytes);
-      cap_[slot] = bytes;
-    }
-    return buf_[slot];
-  }
+  void* scratch(Slot slot, size_t bytes) { return buf_[slot].get(std::max<size_t>(bytes, 256)); }
 
  private:
   Plan build(const Key& k) {
@@ -529,8 +516,7 @@ class State {
 
   cudnnHandle_t handle_ = nullptr;
   std::unordered_map<Key, Plan, KeyHash> plans_;
-  void* buf_[kSlots] = {};
-  size_t cap_[kSlots] = {};
+  GrowingBuffer buf_[kSlots];
 };
 
 // Runs a plan with the given (uid, device pointer) bindings; any failure is an Error.

@@ -269,20 +269,9 @@ class Lt {
 // the old buffer; after the first step it never grows.
 void* scratch(int slot, size_t bytes) {
   static std::mutex mu;
-  static void* buf[4] = {};
-  static size_t cap[4] = {};
+  static GrowingBuffer buf[4];
   std::lock_guard<std::mutex> lock(mu);
-  if (bytes > cap[slot]) {
-    if (buf[slot]) {
-      LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream())));
-      cuda::free(buf[slot]);
-      buf[slot] = nullptr;
-      cap[slot] = 0;
-    }
-    buf[slot] = cuda::malloc(bytes);
-    cap[slot] = bytes;
-  }
-  return buf[slot];
+  return buf[slot].get(bytes);
 }
 
 void check_gemm_args(const char* what, bool ta, bool tb, int64_t M, int64_t N, int64_t K,

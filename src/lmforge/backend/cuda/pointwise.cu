@@ -356,17 +356,9 @@ void adamw_update_many(const AdamwSlot* slots, int64_t count, double lr, double 
   std::memcpy(host.data(), dev.data(), dev.size() * sizeof(AdamwDevSlot));
   std::memcpy(host.data() + slot_bytes, chunks.data(), chunks.size() * sizeof(AdamwChunk));
   static std::mutex mu;
-  static void* buf = nullptr;
-  static size_t cap = 0;
+  static GrowingBuffer table;
   std::lock_guard<std::mutex> lock(mu);
-  if (bytes > cap) {
-    if (buf) {
-      synchronize();
-      cuda::free(buf);
-    }
-    buf = cuda::malloc(bytes);
-    cap = bytes;
-  }
+  void* buf = table.get(bytes);
   cuda::memcpy(buf, host.data(), bytes, Copy::kHostToDevice);
   const auto* d_slots = static_cast<const AdamwDevSlot*>(buf);
   const auto* d_chunks =

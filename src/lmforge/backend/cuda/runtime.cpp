@@ -156,6 +156,21 @@ void memset_zero(void* p, size_t bytes) {
 
 void synchronize() { LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream()))); }
 
+void* GrowingBuffer::get(size_t bytes) {
+  if (bytes > cap_) {
+    if (buf_) {
+      synchronize();
+      void* old = buf_;
+      buf_ = nullptr;
+      cap_ = 0;
+      cuda::free(old);
+    }
+    buf_ = cuda::malloc(bytes);
+    cap_ = bytes;
+  }
+  return buf_;
+}
+
 void begin_capture() {
   // Thread-local: another thread's calls (a data loader's) do not break this capture.
   LMF_CUDA(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream()),

@@ -34,6 +34,19 @@ void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on
 void memset_zero(void* p, size_t bytes);                           // ordered on stream()
 void synchronize();  // waits for stream(); Error naming the failing kernel's message if any
 
+// Device scratch that grows to the largest request and is then reused. Growing waits for the
+// stream first (kernels queued earlier may still read the old buffer), frees the old buffer and
+// allocates the new size; get(0) before any request is null. Not locked: the owner serializes
+// its calls. Never freed (scratch lives until exit, when the driver may be gone).
+class GrowingBuffer {
+ public:
+  void* get(size_t bytes);
+
+ private:
+  void* buf_ = nullptr;
+  size_t cap_ = 0;
+};
+
 // How many device buffers free() has released so far: a captured graph that may read one of them
 // is stale once this moves (nn/transformer.cpp recaptures).
 uint64_t frees();
