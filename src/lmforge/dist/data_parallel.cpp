@@ -344,12 +344,8 @@ void DataParallel::gather(int64_t g, bool wait) {
   // Into the fp32 buffer, or with bf16 master weights the bf16 one (the values themselves).
   auto start = [&](const Tensor& buf, const Tensor& buf16) {
     const int64_t lo = group_lo(g), hi = group_hi(g);
-    const int64_t at = std::clamp(lo, my_lo_, my_hi_) - my_lo_;
-    if (vshard_.dtype() == DType::kBF16)
-      return shard_comm_->all_gather(vshard_.bf16_data() + at, buf16.bf16_data(),
-                                     layout_.counts(lo, hi));
-    return shard_comm_->all_gather(vshard_.data<float>() + at, buf.data<float>(),
-                                   layout_.counts(lo, hi));
+    return gather_values(std::clamp(lo, my_lo_, my_hi_) - my_lo_,
+                         vshard_.dtype() == DType::kBF16 ? buf16 : buf, layout_.counts(lo, hi));
   };
   if (g == 0 || g == G - 1) {  // the edges: gathered together, kept for the step
     if (edges_gathered_) return;
@@ -373,6 +369,15 @@ void DataParallel::gather(int64_t g, bool wait) {
     slot_work_[slot].reset();
     point_group(g, block_buf_[slot], false, block_bf16_[slot]);
   }
+}
+
+WorkPtr DataParallel::gather_values(int64_t at, const Tensor& out,
+                                    const std::vector<int64_t>& counts) {
+  LMF_CHECK(out.dtype() == vshard_.dtype(), "gather_values: {} into {}",
+            dtype_name(vshard_.dtype()), dtype_name(out.dtype()));
+  if (vshard_.dtype() == DType::kBF16)
+    return shard_comm_->all_gather(vshard_.bf16_data() + at, out.bf16_data(), counts);
+  return shard_comm_->all_gather(vshard_.data<float>() + at, out.data<float>(), counts);
 }
 
 void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad, const Tensor& bf16) {
@@ -432,16 +437,7 @@ void DataParallel::gather_full_model() {
   if (!sharded_values()) return;
   ps_.allocate_values();
   world_.barrier();
-  if (vshard_.dtype() == DType::kBF16)
-    shard_comm_
-        ->all_gather(vshard_.bf16_data(), ps_.flat_values().bf16_data(),
-                     layout_.counts(0, layout_.n))
-        ->wait();
-  else
-    shard_comm_
-        ->all_gather(vshard_.data<float>(), ps_.flat_values().data<float>(),
-                     layout_.counts(0, layout_.n))
-        ->wait();
+  gather_values(0, ps_.flat_values(), layout_.counts(0, layout_.n))->wait();
   if (ps_.has_bf16()) ps_.enable_bf16();  // whole-model bf16 copies again, made from it
   model_.set_hooks(nullptr);              // the model now reads its own full buffer
 }

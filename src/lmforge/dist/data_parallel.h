@@ -118,6 +118,9 @@ class DataParallel final : public GroupHooks {
   void launch(Bucket& b, int64_t group);
   void drain();
   void gather(int64_t group, bool wait);
+  // The value shard from its element `at` all-gathered into `out` over the shard communicator:
+  // fp32, or bf16 elements under bf16 master weights (the shard's dtype; `out` must match).
+  WorkPtr gather_values(int64_t at, const Tensor& out, const std::vector<int64_t>& counts);
   // Points group `group`'s values (or gradients) into `buf`; with `bf16` (full-shard under bf16
   // precision) also its matmul weights' bf16 copies, converted from the values.
   void point_group(int64_t group, const Tensor& buf, bool grad = false, const Tensor& bf16 = {});

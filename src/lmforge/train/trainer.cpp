@@ -99,12 +99,10 @@ void validate_train_config(const Config& cfg) {
         "train.cuda_graphs: CUDA graphs need a GPU, but train.device {} trains on the CPU; set "
         "train.cuda_graphs: false",
         t.device);
-  if (t.cuda_graphs &&
-      (dist::parse_strategy(cfg.dist.strategy) > dist::Strategy::kZero1 || cfg.dist.offload))
+  if (t.cuda_graphs && dist::parse_strategy(cfg.dist.strategy) > dist::Strategy::kZero1)
     fail(
-        "train.cuda_graphs: works with dist.strategy no-shard or zero1 without dist.offload (the "
-        "sharded strategies gather and scatter between the layers); set train.cuda_graphs: "
-        "false");
+        "train.cuda_graphs: works with dist.strategy no-shard or zero1 (the sharded strategies "
+        "gather and scatter between the layers); set train.cuda_graphs: false");
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
