@@ -607,6 +607,9 @@ std::vector<Case> cases() {
       {"embedding_B4_T64_C768_V1000", [](Rng& r) { embedding(r, 4, 64, 768, 1000, true); }},
       {"embedding_nopos_B3_T300_C130_V50", [](Rng& r) { embedding(r, 3, 300, 130, 50, false); }},
       {"embedding_repeats_B8_T256_C64_V5", [](Rng& r) { embedding(r, 8, 256, 64, 5, true); }},
+      // Runs of one token (summed in a register, written once), across 1024-token chunks.
+      {"embedding_runs_B2_T1500_C64_V1", [](Rng& r) { embedding(r, 2, 1500, 64, 1, true); }},
+      {"embedding_runs_B3_T700_C200_V2", [](Rng& r) { embedding(r, 3, 700, 200, 2, false); }},
       {"layernorm_N1_C1", [](Rng& r) { layernorm(r, 1, 1, true); }},
       {"layernorm_N5_C37", [](Rng& r) { layernorm(r, 5, 37, true); }},
       {"layernorm_N33_C768", [](Rng& r) { layernorm(r, 33, 768, true); }},
@@ -625,6 +628,8 @@ std::vector<Case> cases() {
       {"rope_B1_T7_H2_HS6", [](Rng& r) { rope(r, 1, 7, 2, 6, 12, 0, 0); }},
       {"rope_kheads_B2_T5_H2_HS64", [](Rng& r) { rope(r, 2, 5, 2, 64, 8 * 64, 1, 4 * 64); }},
       {"rope_B2_T16_H4_HS128", [](Rng& r) { rope(r, 2, 16, 4, 128, 6 * 128, 0, 0); }},
+      // Odd head size (half = 4 would take the float4 path but head h starts at h * 9).
+      {"rope_odd_B2_T3_H3_HS9", [](Rng& r) { rope(r, 2, 3, 3, 9, 28, 1, 0); }},
       {"gelu_n1", [](Rng& r) { gelu(r, 1, 0); }},
       {"gelu_n12345", [](Rng& r) { gelu(r, 12345, 0); }},
       {"gelu_n21504", [](Rng& r) { gelu(r, 768 * 4 * 7, 0); }},

@@ -218,6 +218,40 @@ TEST(CudaMatmul, LinearBf16) {
   check_linear(true, false, 130, 64, 1001, 5000);
 }
 
+// The parity tests pass just as well on the slow paths (the plain fallback kernel, a bias added
+// outside the epilogue), so they cannot tell a descriptor mistake from a working cuBLASLt: GPT-2's
+// shapes (aligned activations, the LM head's odd 50257 columns) must get cuBLASLt plans, and with
+// an fp32 output the bias must go through the epilogue.
+TEST(CudaMatmul, ModelShapesStayOnCublasLt) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  const int64_t N = 128, C = 768;
+  const cuda::MatmulPlanCounts before = cuda::matmul_plan_counts();
+  DeviceArray<float> x(randn(N * C, 1)), out32(N * 50257), dout(randn(N * 50257, 2, 0.01)),
+      dx(N * 4 * C), dw(50257 * C), b(randn(4 * C, 3));
+  DeviceArray<uint16_t> x16(bf16_of(randn(N * C, 4))), w16(bf16_of(randn(50257 * C, 5, 0.02))),
+      out16(N * 4 * C);
+  for (int64_t oc : {3 * C, 4 * C, C}) {  // qkv, fc, proj (all with a bias in GPT-2)
+    cuda::linear_forward_bf16(out32.get(), x16.get(), w16.get(), b.get(), N, C, oc);
+    cuda::linear_forward(out32.get(), x.get(), dw.get(), b.get(), N, C, oc);  // fp32 mode
+  }
+  cuda::linear_forward_bf16(out32.get(), x16.get(), w16.get(), nullptr, N, C, 50257);  // LM head
+  cuda::linear_backward_bf16(dx.get(), dw.get(), nullptr, dout.get(), x16.get(), w16.get(), N, C,
+                             50257);
+  const cuda::MatmulPlanCounts fp32_out = cuda::matmul_plan_counts();
+  EXPECT_GE(fp32_out.plans - before.plans, 9);
+  EXPECT_EQ(fp32_out.fallback - before.fallback, 0) << "see the cuBLASLt warnings on stderr";
+  EXPECT_EQ(fp32_out.unfused_bias - before.unfused_bias, 0) << "fp32 bias with an fp32 output";
+  // bf16 outputs with an fp32 bias: whether the epilogue takes that is up to the library (the
+  // other path is an fp32 gemm and a rounding pass), so it is reported, not asserted.
+  for (int64_t oc : {3 * C, 4 * C})
+    cuda::linear_forward_bf16(out16.get(), x16.get(), w16.get(), b.get(), N, C, oc);
+  const cuda::MatmulPlanCounts bf16_out = cuda::matmul_plan_counts();
+  EXPECT_EQ(bf16_out.fallback - fp32_out.fallback, 0);
+  std::printf("bf16-output gemms with an fp32 bias outside the epilogue: %lld of 2\n",
+              static_cast<long long>(bf16_out.unfused_bias - fp32_out.unfused_bias));
+  cuda::synchronize();
+}
+
 TEST(CudaMatmul, BiasGradIsDeterministic) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
   const int64_t N = 5000, OC = 77;

@@ -266,7 +266,7 @@ void Transformer::queue_step(double dloss) {
 }
 
 void Transformer::run_step(double dloss) {
-  if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled()) {
+  if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled() || !hooks().graph_safe()) {
     queue_step(dloss);
     return;
   }

@@ -170,7 +170,9 @@ std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, co
       fail("dist.backend: nccl carries GPU memory; set train.device: cuda, or use mpi for CPUs");
     return nullptr;
   }
-  const int local = dist::rank_info().local_rank;
+  // One visible GPU per process (srun --gpus-per-task, or CUDA_VISIBLE_DEVICES set per rank):
+  // it is device 0 whatever the local rank.
+  const int local = cuda::device_count() == 1 ? 0 : dist::rank_info().local_rank;
   if (local >= cuda::device_count())
     fail(
         "train.device: cuda: rank {} is local rank {} but this node has {} GPU(s); start at most "

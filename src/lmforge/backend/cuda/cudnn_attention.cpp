@@ -465,7 +465,13 @@ class State {
   // The plan for k, built on first use; nullptr when cuDNN built none (warned once).
   const Plan* plan(const Key& k) {
     auto it = plans_.find(k);
-    if (it == plans_.end()) it = plans_.emplace(k, build(k)).first;
+    if (it == plans_.end()) {
+      Plan p = build(k);
+      // A failure that may pass (out of memory, a build inside a graph capture) is not
+      // remembered: the next call tries again.
+      if (!p.ok && transient_) return nullptr;
+      it = plans_.emplace(k, std::move(p)).first;
+    }
     return it->second.ok ? &it->second : nullptr;
   }
 
@@ -499,6 +505,7 @@ class State {
       st = g.status();
       failed = g.failed();
     }
+    transient_ = !p.ok && (st == CUDNN_STATUS_ALLOC_FAILED || capturing());
     if (!p.ok) {
       fmt::print(stderr,
                  "warning: cuDNN fused attention {} is unavailable for {} ({}: {}, cuDNN {}); "
@@ -515,6 +522,7 @@ class State {
   }
 
   cudnnHandle_t handle_ = nullptr;
+  bool transient_ = false;  // the last build failed for a reason that may pass
   std::unordered_map<Key, Plan, KeyHash> plans_;
   GrowingBuffer buf_[kSlots];
 };
@@ -586,7 +594,8 @@ namespace {
 // caller's bf16 activations or this file's scratch copies of fp32 ones.
 bool forward16(uint16_t* o16, float* lse, const uint16_t* qkv16, int64_t B, int64_t T, int64_t NH,
                int64_t NKV, int64_t HS) {
-  if (!aligned16(lse)) return false;  // Stats is declared 16-byte aligned
+  // Every tensor is declared 16-byte aligned: a caller's odd offset takes the fp32 kernel.
+  if (!aligned16(lse) || !aligned16(o16) || !aligned16(qkv16)) return false;
   State& s = State::get();
   const Key k{B, T, NH, NKV, HS, false};
   const Plan* p = s.plan(k);
@@ -610,7 +619,9 @@ bool forward16(uint16_t* o16, float* lse, const uint16_t* qkv16, int64_t B, int6
 bool backward16(float* dqkv, uint16_t* dqkv16, const uint16_t* do16, const uint16_t* qkv16,
                 const uint16_t* o16, const float* lse, int64_t B, int64_t T, int64_t NH,
                 int64_t NKV, int64_t HS) {
-  if (!aligned16(lse)) return false;
+  if (!aligned16(lse) || !aligned16(do16) || !aligned16(qkv16) || !aligned16(o16) ||
+      (dqkv16 && !aligned16(dqkv16)))
+    return false;
   State& s = State::get();
   const Key k{B, T, NH, NKV, HS, true};
   const Plan* p = s.plan(k);

@@ -124,9 +124,23 @@ __global__ void __launch_bounds__(kEmbChannels)
       }
     __syncthreads();
     if (c < C) {
+      // A run of one token (padding, a repeated prompt) is summed in a register and written
+      // once: the same fp32 additions in the same order as one read-modify-write per hit, without
+      // a dependent global load and store per repeat. `pend` is the row whose sum is not stored
+      // yet; every other row's memory is current.
+      float* pend = nullptr;
+      float acc = 0.0f;
+      auto add = [&](float* d, float g) {
+        if (d != pend) {
+          if (pend) *pend = acc;
+          pend = d;
+          acc = *d;
+        }
+        acc = __fadd_rn(acc, g);
+      };
       int j = 0;
-      // Four rows at a time: their dout loads are independent; the dwte read-modify-writes may
-      // overlap too when the four tokens differ, and otherwise go one after another.
+      // Four rows at a time: their dout loads are independent, and so are the dwte
+      // read-modify-writes when the four tokens differ (and differ from the pending one).
       for (; j + 4 <= total; j += 4) {
         float* d[4];
         float g[4];
@@ -136,7 +150,9 @@ __global__ void __launch_bounds__(kEmbChannels)
           g[k] = dout[(base + hit_pos[j + k]) * C + c];
         }
         if (d[0] != d[1] && d[0] != d[2] && d[0] != d[3] && d[1] != d[2] && d[1] != d[3] &&
-            d[2] != d[3]) {
+            d[2] != d[3] && pend != d[0] && pend != d[1] && pend != d[2] && pend != d[3]) {
+          if (pend) *pend = acc;
+          pend = nullptr;
           float a[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) a[k] = *d[k];
@@ -144,13 +160,12 @@ __global__ void __launch_bounds__(kEmbChannels)
           for (int k = 0; k < 4; ++k) *d[k] = __fadd_rn(a[k], g[k]);
         } else {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) *d[k] = __fadd_rn(*d[k], g[k]);
+          for (int k = 0; k < 4; ++k) add(d[k], g[k]);
         }
       }
-      for (; j < total; ++j) {
-        float* d = dwte + static_cast<int64_t>(hit_tok[j]) * C + c;
-        *d = __fadd_rn(*d, dout[(base + hit_pos[j]) * C + c]);
-      }
+      for (; j < total; ++j)
+        add(dwte + static_cast<int64_t>(hit_tok[j]) * C + c, dout[(base + hit_pos[j]) * C + c]);
+      if (pend) *pend = acc;
     }
     __syncthreads();  // the next chunk rewrites counts and hits
   }

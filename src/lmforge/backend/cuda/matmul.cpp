@@ -93,6 +93,10 @@ struct Plan {
   // cuBLASLt has no algorithm at all (an operand aligned to less than its element needs, say):
   // detail::gemm_fallback runs it, slowly but correctly.
   bool fallback = false;
+  // The heuristic's answer is no promise: cublasLtMatmul may still refuse the configuration
+  // (NOT_SUPPORTED / INVALID_VALUE). Until a call has succeeded, a refusal downgrades the plan
+  // (the bias epilogue first, then the fallback kernel) instead of failing the run.
+  bool checked = false;
   cublasStatus_t why = CUBLAS_STATUS_SUCCESS;  // the heuristic's last answer (for the warning)
 };
 
@@ -133,7 +137,7 @@ class Lt {
                   alignment(C),
                   bias ? alignment(bias) : 0u};
     std::unique_lock<std::mutex> lock(mu_);
-    const Plan& p = plan(key, bias);
+    Plan& p = plan(key, bias);
     if (d16 && (p.fallback || (bias && !p.bias_epilogue))) {
       lock.unlock();
       LMF_CHECK(ldc == N, "cuda gemm: a bf16 output needs ldc == N");
@@ -151,12 +155,37 @@ class Lt {
       // The descriptor is shared by every call with this key: point it at this call's bias.
       LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                 sizeof(bias)));
-    } else if (bias) {
+    }
+    const float beta_in = beta;
+    if (bias && !p.bias_epilogue) {
       detail::fill_rows(static_cast<float*>(C), M, N, ldc, bias);
       beta = 1.0f;
     }
-    LMF_CUBLAS(cublasLtMatmul(handle_, p.op, &alpha, B, p.x, A, p.y, &beta, C, p.d, C, p.d, &p.algo,
-                              workspace_, kWorkspaceBytes, static_cast<cudaStream_t>(stream())));
+    const cublasStatus_t st =
+        cublasLtMatmul(handle_, p.op, &alpha, B, p.x, A, p.y, &beta, C, p.d, C, p.d, &p.algo,
+                       workspace_, kWorkspaceBytes, static_cast<cudaStream_t>(stream()));
+    if (!p.checked && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)) {
+      // A refused call queues nothing (a filled C is filled again): downgrade, then run again.
+      downgrade(p, key, st);
+      lock.unlock();
+      run(dt, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta_in, C, ldc, bias, d16);
+      return;
+    }
+    LMF_CUBLAS(st);
+    p.checked = true;
+  }
+
+  // How many plans exist, and how many of them left cuBLASLt (the fallback kernel) or its bias
+  // epilogue: the tests assert that aligned shapes stay on the fast paths.
+  MatmulPlanCounts counts() {
+    std::lock_guard<std::mutex> lock(mu_);
+    MatmulPlanCounts c;
+    for (const auto& [k, p] : cache_) {
+      ++c.plans;
+      c.fallback += p.fallback;
+      c.unfused_bias += k.bias && !p.fallback && !p.bias_epilogue;
+    }
+    return c;
   }
 
  private:
@@ -165,7 +194,7 @@ class Lt {
     workspace_ = cuda::malloc(kWorkspaceBytes);
   }
 
-  const Plan& plan(const Key& k, const float* bias) {
+  Plan& plan(const Key& k, const float* bias) {
     auto it = cache_.find(k);
     if (it != cache_.end()) return it->second;
 
@@ -184,18 +213,7 @@ class Lt {
     LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.y, ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda));
     LMF_CUBLAS(cublasLtMatrixLayoutCreate(&p.d, k.d16 ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc));
 
-    cublasLtMatmulPreference_t pref = nullptr;
-    LMF_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
-    const uint64_t ws = kWorkspaceBytes;
-    LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &ws, sizeof(ws)));
-    const uint32_t al[4] = {k.align_b, k.align_a, k.align_c, k.align_c};  // X, Y, C, D
-    const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    for (int i = 0; i < 4; ++i)
-      LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i])));
-
+    cublasLtMatmulPreference_t pref = preference(k);
     bool found = false;
     if (k.bias) {
       const int32_t epi = CUBLASLT_EPILOGUE_BIAS;
@@ -208,14 +226,7 @@ class Lt {
       LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                 sizeof(bias)));
       found = p.bias_epilogue = heuristic(p, pref);
-      if (!found) {
-        const int32_t none = CUBLASLT_EPILOGUE_DEFAULT;
-        const float* null_bias = nullptr;
-        LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none,
-                                                  sizeof(none)));
-        LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                  &null_bias, sizeof(null_bias)));
-      }
+      if (!found) no_epilogue(p);
     }
     if (!found) found = heuristic(p, pref);
     LMF_CUBLAS(cublasLtMatmulPreferenceDestroy(pref));
@@ -236,6 +247,52 @@ class Lt {
                  "using an fp32 gemm and a rounding pass\n",
                  k.M, k.N, k.K);
     return cache_.emplace(k, p).first->second;
+  }
+
+  cublasLtMatmulPreference_t preference(const Key& k) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    LMF_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = kWorkspaceBytes;
+    LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &ws, sizeof(ws)));
+    const uint32_t al[4] = {k.align_b, k.align_a, k.align_c, k.align_c};  // X, Y, C, D
+    const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i])));
+    return pref;
+  }
+
+  void no_epilogue(Plan& p) {
+    const int32_t none = CUBLASLT_EPILOGUE_DEFAULT;
+    const float* null_bias = nullptr;
+    LMF_CUBLAS(
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof(none)));
+    LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &null_bias,
+                                              sizeof(null_bias)));
+    p.bias_epilogue = false;
+  }
+
+  // cublasLtMatmul refused the heuristic's algorithm (status st): without the bias epilogue if the
+  // plan had one (the bias then goes into C first), else the fallback kernel. One warning line.
+  void downgrade(Plan& p, const Key& k, cublasStatus_t st) {
+    const bool had_epilogue = p.bias_epilogue;
+    if (had_epilogue) {
+      no_epilogue(p);
+      cublasLtMatmulPreference_t pref = preference(k);
+      p.fallback = !heuristic(p, pref);
+      LMF_CUBLAS(cublasLtMatmulPreferenceDestroy(pref));
+    } else {
+      p.fallback = true;
+    }
+    fmt::print(
+        stderr,
+        "warning: cuBLASLt refused its own algorithm for the {} gemm M={} N={} K={} "
+        "({}); using {}\n",
+        k.dtype == Dtype::kBf16 ? (k.d16 ? "bf16 (bf16 output)" : "bf16") : "fp32", k.M, k.N, k.K,
+        cublasLtGetStatusName(st),
+        p.fallback ? "the plain CUDA fallback kernel" : "the gemm without its bias epilogue");
   }
 
   // The heuristic's first choice into p.algo; false when it has none for this configuration.
@@ -286,6 +343,8 @@ void check_gemm_args(const char* what, bool ta, bool tb, int64_t M, int64_t N, i
 }
 
 }  // namespace
+
+MatmulPlanCounts matmul_plan_counts() { return Lt::get().counts(); }
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {

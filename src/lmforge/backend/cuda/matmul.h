@@ -86,6 +86,14 @@ void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const fl
 void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC);
 
+// The cuBLASLt plans made so far (one per shape, layout and alignment), and how many of them run
+// on the slow paths: the plain fallback kernel, or the bias added outside the epilogue. For tests
+// (aligned shapes must stay on cuBLASLt) and diagnostics.
+struct MatmulPlanCounts {
+  int64_t plans = 0, fallback = 0, unfused_bias = 0;
+};
+MatmulPlanCounts matmul_plan_counts();
+
 namespace detail {
 // Small kernels of matmul_kernels.cu, launched on stream() (for matmul.cpp only).
 // dst rows of ld elements = bf16(src (rows, cols)), as to_bf16; the padding is not written.

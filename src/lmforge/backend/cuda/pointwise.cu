@@ -49,7 +49,8 @@ void rope(X* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_
   const int64_t half = HS / 2;
   const RopeOp<X> op{x, cos, sin, T, n_heads, half, HS, row_stride, pos0, sign};
   launch_map(op, B * T * n_heads * half,
-             half % 4 == 0 && row_stride % 4 == 0 && aligned4(x) && aligned16(cos, sin));
+             HS % 2 == 0 && half % 4 == 0 && row_stride % 4 == 0 && aligned4(x) &&
+                 aligned16(cos, sin));  // odd HS: h * HS breaks the 16-byte alignment
 }
 
 // ---------------------------------------------------------------------------------------------

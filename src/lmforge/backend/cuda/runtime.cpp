@@ -52,7 +52,9 @@ std::string device_name() {
 double datasheet_bf16_tflops() {
   const std::string name = device_name();
   if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos)
-    return name.find("PCIe") != std::string::npos ? 756.0 : 989.4;
+    return name.find("PCIe") != std::string::npos  ? 756.0
+           : name.find("NVL") != std::string::npos ? 835.0  // H100 NVL, H200 NVL
+                                                   : 989.4;
   if (name.find("A100") != std::string::npos) return 312.0;
   return 0;
 }
@@ -111,8 +113,13 @@ bool is_device_pointer(const void* p) {
 
 void* malloc(size_t bytes) {
   void* p = nullptr;
-  if (cudaMalloc(&p, bytes) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky error of a failed allocation
+  if (const cudaError_t e = cudaMalloc(&p, bytes); e != cudaSuccess) {
+    cudaGetLastError();  // clear the error of a failed allocation
+    // Not every failure is memory: an earlier kernel's fault (sticky) or an allocation inside a
+    // graph capture surfaces here too, and must not be reported as "lower the batch size".
+    if (e != cudaErrorMemoryAllocation)
+      fail("cudaMalloc of {:.2f} GiB failed: {} ({}); an earlier kernel may have faulted",
+           bytes / 1073741824.0, cudaGetErrorString(e), cudaGetErrorName(e));
     fail(
         "out of GPU memory: {:.2f} GiB requested, {:.2f} GiB free on {}; lower "
         "train.batch_size or train.seq_len, or set train.activation_checkpointing",
@@ -138,7 +145,9 @@ void free(void* p) {
     }
   }
   g_frees.fetch_add(1);
-  cudaFree(p);
+  // Checked: a failed free left unread would be reported by the next launch check, against an
+  // unrelated kernel.
+  LMF_CUDA(cudaFree(p));
 }
 
 void memcpy(void* dst, const void* src, size_t bytes, Copy kind) {
@@ -158,6 +167,10 @@ void synchronize() { LMF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(st
 
 void* GrowingBuffer::get(size_t bytes) {
   if (bytes > cap_) {
+    // Growing synchronizes and allocates, neither of which a capture allows; say so plainly
+    // (the capture is dropped and the step runs eagerly, see nn/transformer.cpp).
+    if (capturing())
+      fail("device scratch must grow to {} bytes inside a CUDA graph capture", bytes);
     if (buf_) {
       synchronize();
       void* old = buf_;
@@ -175,6 +188,12 @@ void begin_capture() {
   // Thread-local: another thread's calls (a data loader's) do not break this capture.
   LMF_CUDA(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream()),
                                   cudaStreamCaptureModeThreadLocal));
+}
+
+bool capturing() {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  LMF_CUDA(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream()), &st));
+  return st != cudaStreamCaptureStatusNone;
 }
 
 void* end_capture() {

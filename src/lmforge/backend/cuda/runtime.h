@@ -18,7 +18,8 @@ bool available();           // a usable GPU is present (cudaGetDeviceCount > 0),
 int device_count();         // 0 without a GPU or without the CUDA backend
 std::string device_name();  // "NVIDIA H100 80GB HBM3" or "" without a GPU
 // The datasheet's dense bf16 tensor-core TFLOP/s of the GPU (H100/H200 SXM 989.4, H100 PCIe
-// 756, A100 312), the denominator of MFU; 0 for a GPU not in the list or without one.
+// 756, H100/H200 NVL 835, A100 312), the denominator of MFU; 0 for a GPU not in the list or without
+// one.
 double datasheet_bf16_tflops();
 void set_device(int index);  // before any allocation; Error naming the index when invalid
 void* stream();              // the compute stream (cudaStream_t)
@@ -57,6 +58,7 @@ uint64_t frees();
 // allocated): then nothing of it ran. graph_launch() queues a graph on stream().
 void begin_capture();
 void* end_capture();
+bool capturing();  // stream() is being captured (false without CUDA)
 void graph_launch(void* exec);
 void graph_destroy(void* exec);  // null is a no-op
 

@@ -33,6 +33,7 @@ void event_release(void*) {}
 uint64_t frees() { return 0; }
 void begin_capture() { cuda_unavailable("begin_capture"); }
 void* end_capture() { return nullptr; }
+bool capturing() { return false; }
 void graph_launch(void*) { cuda_unavailable("graph_launch"); }
 void graph_destroy(void*) {}
 }  // namespace cuda
