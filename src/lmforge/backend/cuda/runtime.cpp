@@ -145,9 +145,10 @@ void free(void* p) {
     }
   }
   g_frees.fetch_add(1);
-  // Checked: a failed free left unread would be reported by the next launch check, against an
-  // unrelated kernel.
-  LMF_CUDA(cudaFree(p));
+  // Not thrown (free runs in destructors), but cleared: a failed free left unread would be
+  // reported by the next launch check, against an unrelated kernel. A sticky error (an earlier
+  // fault) stays and is reported by the next check, as it should be.
+  if (cudaFree(p) != cudaSuccess) cudaGetLastError();
 }
 
 void memcpy(void* dst, const void* src, size_t bytes, Copy kind) {
