@@ -431,8 +431,9 @@ WorkPtr NcclCommunicator::all_reduce(float* data, int64_t n) {
 
 WorkPtr NcclCommunicator::all_reduce(double* data, int64_t n) {
   LMF_CUDA_CHECK(cudaSetDevice(device_));
-  after_compute();
-  if (n > 0 && !cuda::is_device_pointer(data)) {  // host scalars: staged, complete on return
+  // Host scalars: staged, complete on return, and not ordered after the queued compute (which
+  // they do not read: waiting for it would stall the host on the whole step).
+  if (n > 0 && !cuda::is_device_pointer(data)) {
     const size_t bytes = checked_count(n) * sizeof(double);
     auto* d = static_cast<double*>(stage(bytes));
     LMF_CUDA_CHECK(cudaMemcpyAsync(d, data, bytes, cudaMemcpyHostToDevice, stream_));
@@ -442,6 +443,7 @@ WorkPtr NcclCommunicator::all_reduce(double* data, int64_t n) {
     LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return std::make_unique<CompletedWork>();
   }
+  after_compute();
   LMF_NCCL_CHECK(ncclAllReduce(data, data, checked_count(n), ncclDouble, ncclSum, comm_, stream_));
   return finish(kAllReduce, n);
 }
@@ -510,8 +512,7 @@ WorkPtr NcclCommunicator::gather(const void* in, void* out, const std::vector<in
 WorkPtr NcclCommunicator::broadcast(void* data, int64_t bytes, int root) {
   LMF_CHECK(root >= 0 && root < size_, "broadcast root {} of {} ranks", root, size_);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
-  after_compute();
-  if (bytes > 0 && !cuda::is_device_pointer(data)) {  // host bytes: staged, complete on return
+  if (bytes > 0 && !cuda::is_device_pointer(data)) {  // host bytes: staged, as all_reduce's
     const size_t n = checked_count(bytes);
     void* d = stage(n);
     LMF_CUDA_CHECK(cudaMemcpyAsync(d, data, n, cudaMemcpyHostToDevice, stream_));
@@ -521,6 +522,7 @@ WorkPtr NcclCommunicator::broadcast(void* data, int64_t bytes, int root) {
     LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return std::make_unique<CompletedWork>();
   }
+  after_compute();
   LMF_NCCL_CHECK(ncclBroadcast(data, data, checked_count(bytes), ncclUint8, root, comm_, stream_));
   return finish(kBroadcast, bytes);
 }
