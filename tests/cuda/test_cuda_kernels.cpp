@@ -318,6 +318,18 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
   EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));
 }
 
+// dst += src on cols columns from col0 of rows ld apart (qk_norm's v pass-through); the other
+// columns untouched.
+void accumulate_rows(Rng& rng, int64_t rows, int64_t cols, int64_t ld, int64_t col0) {
+  const std::vector<float> src = randn(rng, rows * ld);
+  std::vector<float> dst = randn(rng, rows * ld);
+  DeviceArray<float> d_src(src), d_dst(dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = col0; c < col0 + cols; ++c) dst[r * ld + c] += src[r * ld + c];
+  cuda::accumulate_rows(d_dst.get() + col0, d_src.get() + col0, rows, cols, ld);
+  EXPECT_TRUE(close("accumulate_rows", d_dst.host(), dst, kExact));
+}
+
 void elementwise(Rng& rng, int64_t n, int64_t offset) {
   const std::vector<float> a = randn(rng, n + offset), b = randn(rng, n + offset);
   std::vector<float> out = randn(rng, n + offset), acc = randn(rng, n + offset);
@@ -642,6 +654,8 @@ std::vector<Case> cases() {
       {"softmax_xent_N33_V100", [](Rng& r) { softmax_xent(r, 33, 100, 0.0); }},
       {"softmax_xent_zloss_N4_V3", [](Rng& r) { softmax_xent(r, 4, 3, 0.5); }},
       {"softmax_xent_N6_V1", [](Rng& r) { softmax_xent(r, 6, 1, 0.0); }},
+      {"accumulate_rows_R37_C64_ld192", [](Rng& r) { accumulate_rows(r, 37, 64, 192, 128); }},
+      {"accumulate_rows_R5_C6_ld21", [](Rng& r) { accumulate_rows(r, 5, 6, 21, 9); }},
       {"elementwise_n1", [](Rng& r) { elementwise(r, 1, 0); }},
       {"elementwise_n7", [](Rng& r) { elementwise(r, 7, 0); }},
       {"elementwise_n100003", [](Rng& r) { elementwise(r, 100003, 0); }},

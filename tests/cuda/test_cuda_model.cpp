@@ -1,6 +1,7 @@
 // The whole model on the GPU (train.device: cuda) against the same model on the CPU: logits, loss
-// and every parameter gradient of gpt2-tiny and llama3-tiny, AdamW steps through DataParallel,
-// and the CLI's training, checkpoints and resume on the GPU. Every test skips without a GPU.
+// and every parameter gradient of gpt2-tiny, llama3-tiny and the same with Qwen3's q/k norms, AdamW
+// steps through DataParallel, and the CLI's training, checkpoints and resume on the GPU. Every test
+// skips without a GPU.
 //
 // Tolerances (relative to the largest reference magnitude, testing/compare.h): fp32 1e-4 for
 // logits and gradients (cuBLASLt's fp32 GEMMs sum in another order than oneDNN's; no TF32), bf16
@@ -27,8 +28,11 @@ using testing::tensors_close;
 
 constexpr int64_t kB = 2, kT = 32;
 
+// "qwen3-tiny": llama3-tiny with Qwen3's q/k norms.
 ModelConfig tiny(const std::string& preset) {
-  ModelConfig c = model_preset(preset);
+  const bool qwen3 = preset == "qwen3-tiny";
+  ModelConfig c = model_preset(qwen3 ? "llama3-tiny" : preset);
+  c.qk_norm = qwen3;
   c.vocab_size = 320;  // small, and not a multiple of the GEMM tiles' favourite sizes
   c.max_seq_len = 64;
   return c;
@@ -118,7 +122,8 @@ TEST_P(CudaModel, RecomputeGivesIdenticalGradients) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, CudaModel,
-                         ::testing::Combine(::testing::Values("gpt2-tiny", "llama3-tiny"),
+                         ::testing::Combine(::testing::Values("gpt2-tiny", "llama3-tiny",
+                                                              "qwen3-tiny"),
                                             ::testing::Bool()),
                          [](const auto& info) {
                            std::string n = std::get<0>(info.param);

@@ -73,10 +73,10 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                           {"train.device: cuda", "no CUDA GPU is visible"});
   else  // what the CUDA backend cannot run is refused before anything is written
     expect_one_line_error(
-        run_lmforge("train tiny.yaml --set train.device=cuda --set model.norm=rmsnorm "
-                    "--set model.qk_norm=true",
-                    dir),
-        {"model.qk_norm", "train.device: cpu"});
+        run_lmforge(
+            "train tiny.yaml --set train.device=cuda --set model.n_embd=256 --set model.n_head=1",
+            dir),
+        {"head size", "train.device: cpu"});
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoints"));
 }
 

@@ -312,14 +312,23 @@ void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd
                 rstd_q.numel() == N * NH && rstd_k.numel() == N * NKV,
             "qk_norm: inp {} wq {} rstd_q {} NH={} NKV={}", inp.shape().str(), wq.shape().str(),
             rstd_q.shape().str(), NH, NKV);
+  same_device("qk_norm_forward", out, {&rstd_q, &rstd_k, &inp, &wq, &wk});
   out.copy_from(inp);  // v passes through
-  dispatch("qk_norm_forward", out, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd_q), cptr<T>(inp), cptr<T>(wq), N * NH, HS, eps,
-                            NH, Cq);
-    cpu::rmsnorm_forward<T>(ptr<T>(out) + NH * HS, ptr<T>(rstd_k), cptr<T>(inp) + NH * HS,
-                            cptr<T>(wk), N * NKV, HS, eps, NKV, Cq);
-  });
+  // q heads: N * NH rows of HS, NH per token row of Cq; k heads likewise after them.
+  dispatch(
+      "qk_norm_forward", out,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd_q), cptr<T>(inp), cptr<T>(wq), N * NH, HS,
+                                eps, NH, Cq);
+        cpu::rmsnorm_forward<T>(ptr<T>(out) + NH * HS, ptr<T>(rstd_k), cptr<T>(inp) + NH * HS,
+                                cptr<T>(wk), N * NKV, HS, eps, NKV, Cq);
+      },
+      LMF_GPU(cuda::rmsnorm_forward(ptr<float>(out), ptr<float>(rstd_q), cptr<float>(inp),
+                                    cptr<float>(wq), N * NH, HS, eps, NH, Cq);
+              cuda::rmsnorm_forward(ptr<float>(out) + NH * HS, ptr<float>(rstd_k),
+                                    cptr<float>(inp) + NH * HS, cptr<float>(wk), N * NKV, HS, eps,
+                                    NKV, Cq)));
 }
 
 void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, const Tensor& dout,
@@ -327,20 +336,30 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
                       const Tensor& rstd_k, int64_t NH, int64_t NKV) {
   const int64_t HS = wq.numel(), Cq = inp.size(-1), N = inp.numel() / Cq;
   same_numel("qk_norm_backward", dinp, dout);
-  dispatch("qk_norm_backward", dout, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dwq), cptr<T>(dout), cptr<T>(inp), cptr<T>(wq),
-                             cptr<T>(rstd_q), N * NH, HS, NH, Cq);
-    cpu::rmsnorm_backward<T>(ptr<T>(dinp) + NH * HS, ptr<T>(dwk), cptr<T>(dout) + NH * HS,
-                             cptr<T>(inp) + NH * HS, cptr<T>(wk), cptr<T>(rstd_k), N * NKV, HS, NKV,
-                             Cq);
-    const int64_t v0 = (NH + NKV) * HS, nv = NKV * HS;  // v passes through
-    T* d = ptr<T>(dinp);
-    const T* g = cptr<T>(dout);
+  same_device("qk_norm_backward", dout, {&dinp, &dwq, &dwk, &inp, &wq, &wk, &rstd_q, &rstd_k});
+  const int64_t v0 = (NH + NKV) * HS, nv = NKV * HS;  // v passes through
+  dispatch(
+      "qk_norm_backward", dout,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dwq), cptr<T>(dout), cptr<T>(inp),
+                                 cptr<T>(wq), cptr<T>(rstd_q), N * NH, HS, NH, Cq);
+        cpu::rmsnorm_backward<T>(ptr<T>(dinp) + NH * HS, ptr<T>(dwk), cptr<T>(dout) + NH * HS,
+                                 cptr<T>(inp) + NH * HS, cptr<T>(wk), cptr<T>(rstd_k), N * NKV, HS,
+                                 NKV, Cq);
+        T* d = ptr<T>(dinp);
+        const T* g = cptr<T>(dout);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = v0; c < v0 + nv; ++c) d[i * Cq + c] += g[i * Cq + c];
-  });
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t c = v0; c < v0 + nv; ++c) d[i * Cq + c] += g[i * Cq + c];
+      },
+      LMF_GPU(cuda::rmsnorm_backward(ptr<float>(dinp), ptr<float>(dwq), cptr<float>(dout),
+                                     cptr<float>(inp), cptr<float>(wq), cptr<float>(rstd_q), N * NH,
+                                     HS, NH, Cq);
+              cuda::rmsnorm_backward(ptr<float>(dinp) + NH * HS, ptr<float>(dwk),
+                                     cptr<float>(dout) + NH * HS, cptr<float>(inp) + NH * HS,
+                                     cptr<float>(wk), cptr<float>(rstd_k), N * NKV, HS, NKV, Cq);
+              cuda::accumulate_rows(ptr<float>(dinp) + v0, cptr<float>(dout) + v0, N, nv, Cq)));
 }
 
 namespace {

@@ -311,10 +311,6 @@ RunSetup setup_run(Config& cfg) {
 
   // Model.
   if (resolve_device(t.device) == Device::kCUDA) {  // what the CUDA backend cannot run yet
-    if (cfg.model.qk_norm)
-      fail(
-          "model.qk_norm: the q/k norm (Qwen3) has no CUDA kernel yet; train this model with "
-          "train.device: cpu");
     if (cfg.model.head_size() > 128)
       fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",
            cfg.model.head_size());

@@ -126,6 +126,28 @@ void accumulate(float* dst, const float* src, int64_t n) {
   launch_map(AddOp<float>{dst, dst, src}, n, aligned16(dst, src));
 }
 
+namespace {
+struct AccumulateRowsOp {
+  float* dst;
+  const float* src;
+  int64_t cols, ld;
+  template <int K>
+  __device__ void apply(int64_t u) const {  // K divides cols: one row per call
+    const int64_t r = u / cols, at = r * ld + (u - r * cols);
+    Floats<K> x = load<K>(dst + at);
+    const Floats<K> y = load<K>(src + at);
+#pragma unroll
+    for (int k = 0; k < K; ++k) x.v[k] = __fadd_rn(x.v[k], y.v[k]);
+    store<K>(dst + at, x);
+  }
+};
+}  // namespace
+
+void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+  launch_map(AccumulateRowsOp{dst, src, cols, ld}, rows * cols,
+             cols % 4 == 0 && ld % 4 == 0 && aligned16(dst, src));
+}
+
 void scale(float* x, float s, int64_t n) { launch_map(ScaleOp{x, s}, n, aligned16(x)); }
 
 void fill(float* x, float value, int64_t n) { launch_map(FillOp{x, value}, n, aligned16(x)); }

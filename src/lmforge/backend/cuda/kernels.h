@@ -127,9 +127,12 @@ void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* 
 
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src
-void scale(float* x, float s, int64_t n);                         // x *= s
-void fill(float* x, float value, int64_t n);                      // x = value
-void zero(float* x, int64_t n);                                   // x = 0
+// dst += src on `cols` columns of `rows` rows ld elements apart (both the same layout), e.g. the
+// v part of a packed qkv gradient.
+void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld);
+void scale(float* x, float s, int64_t n);     // x *= s
+void fill(float* x, float value, int64_t n);  // x = value
+void zero(float* x, int64_t n);               // x = 0
 // Sum of squares of x in double into the DEVICE double *result (= by default; += with
 // accumulate, e.g. over the tensors of a global gradient norm, in call order). Deterministic:
 // blocks of a size fixed by n, then one fixed-order reduction of the block sums.
