@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -11,7 +12,16 @@
 
 namespace lmforge {
 
-AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(path + ".tmp") {
+namespace {
+// "<path>.<pid>.<n>.tmp": two processes (or threads) writing the same file, e.g. two runs filling
+// the same cache entry, each write their own temporary; the renames are atomic, the last wins.
+std::string temp_name(const std::string& path) {
+  static std::atomic<uint64_t> n{0};
+  return fmt::format("{}.{}.{}.tmp", path, getpid(), n.fetch_add(1));
+}
+}  // namespace
+
+AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(path)) {
   f_ = std::fopen(tmp_.c_str(), "wb");
   if (!f_)
     fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,

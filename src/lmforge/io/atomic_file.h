@@ -1,4 +1,4 @@
-// AtomicFile: write to "<path>.tmp", fsync, rename onto <path> on commit(). If the writer is
+// AtomicFile: write to "<path>.<pid>.<n>.tmp", fsync, rename onto <path> on commit(). If the writer is
 // destroyed without commit() (an error, an exception), the temporary is removed: readers see
 // either the old file or the complete new one, never half of it.
 //

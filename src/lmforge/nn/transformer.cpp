@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/core/rng.h"
@@ -167,10 +168,21 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         dres_ = a.alloc({B, T, C});
         dnf_ = a.alloc({B, T, C});
         const bool att_grads =
-            bf16_att_grads_ < 0 ? device() == Device::kCUDA : bf16_att_grads_ == 1;
+            bf16_att_grads_ < 0 ? cudnn_attention_for(B, T) : bf16_att_grads_ == 1;
         scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
       },
       device());
+}
+
+bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
+#ifdef LMFORGE_HAVE_CUDA
+  return device() == Device::kCUDA && cuda::cudnn_attention_enabled() &&
+         cuda::cudnn_attention_supported(B, T, cfg_.n_head, cfg_.kv_heads(), cfg_.head_size(),
+                                         cfg_.sliding_window);
+#else
+  (void)B, (void)T;
+  return false;
+#endif
 }
 
 float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index) {

@@ -78,10 +78,12 @@ class Transformer {
   // results, for comparison).
   void set_bf16_matmul_outputs(bool on) { bf16_outs_ = on; }
   // With bf16 matmul outputs, attention's gradients d(att) and d(qkv) in bf16 as well: what cuDNN
-  // reads and writes, so on by default on a GPU, where it saves the conversion passes around
-  // cuDNN's backward and the rounding is cuDNN's anyway. Off by default on the CPU, whose fp32
-  // attention backward is more precise than that (in a 40-step gpt2-tiny run bf16 gradients
-  // learned ~2% slower, Bf16.Gpt2TinyTrainsLikeFp32); on for tests of the GPU's path.
+  // reads and writes, so on by default on a GPU where cuDNN takes the shape, where it saves the
+  // conversion passes around cuDNN's backward and the rounding is cuDNN's anyway (a shape cuDNN
+  // refuses, e.g. a sliding window, keeps fp32 gradients for the fp32 kernel). Off by default on
+  // the CPU, whose fp32 attention backward is more precise than that (in a 40-step gpt2-tiny run
+  // bf16 gradients learned ~2% slower, Bf16.Gpt2TinyTrainsLikeFp32); on for tests of the GPU's
+  // path.
   void set_bf16_attention_grads(bool on) { bf16_att_grads_ = on ? 1 : 0; }
   // train.cuda_graphs: on a GPU, forward_backward() captures its kernels (forward, loss, backward)
   // into a CUDA graph once and replays it on later calls, one launch instead of ~30 per layer:
@@ -175,8 +177,9 @@ class Transformer {
   Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
   bool bf16_acts_ = true;
   bool bf16_outs_ = true;
-  int bf16_att_grads_ = -1;  // -1: on a GPU only
-  Tensor lse_sums_;          // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
+  int bf16_att_grads_ = -1;  // -1: on a GPU, where cuDNN's attention takes the shape
+  bool cudnn_attention_for(int64_t B, int64_t T) const;
+  Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   // A forward in three parts, so that a training step's kernels can be captured as one graph:

@@ -462,8 +462,24 @@ class State {
 
   std::mutex mu;
 
-  // The plan for k, built on first use; nullptr when cuDNN built none (warned once).
+  // The plan for k, built on first use; nullptr when cuDNN built none (warned once). Both
+  // directions or neither: a forward through cuDNN (lse of bf16-rounded q/k, a bf16-rounded O)
+  // followed by the fp32 kernel's backward (P recomputed from the unrounded q/k against that lse)
+  // would give wrong gradients, so a shape whose backward cuDNN cannot build never takes its
+  // forward either (and the reverse).
   const Plan* plan(const Key& k) {
+    Key other = k;
+    other.backward = !k.backward;
+    const Plan* p = one(k);
+    return p && one(other) ? p : nullptr;
+  }
+
+  cudnnHandle_t handle() const { return handle_; }
+
+  void* scratch(Slot slot, size_t bytes) { return buf_[slot].get(std::max<size_t>(bytes, 256)); }
+
+ private:
+  const Plan* one(const Key& k) {
     auto it = plans_.find(k);
     if (it == plans_.end()) {
       Plan p = build(k);
@@ -475,11 +491,6 @@ class State {
     return it->second.ok ? &it->second : nullptr;
   }
 
-  cudnnHandle_t handle() const { return handle_; }
-
-  void* scratch(Slot slot, size_t bytes) { return buf_[slot].get(std::max<size_t>(bytes, 256)); }
-
- private:
   Plan build(const Key& k) {
     Plan p;
     cudnnStatus_t st = CUDNN_STATUS_SUCCESS;

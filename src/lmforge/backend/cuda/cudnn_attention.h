@@ -35,6 +35,8 @@
 // Failure: a graph or plan cuDNN will not build (no engine for this GPU or version) makes
 // cudnn_attention_forward / backward return false without doing anything, after one warning line
 // on stderr per shape and direction naming the cuDNN status; the caller runs the fp32 kernel.
+// Both directions are built on a shape's first call and either both are used or neither (the
+// fp32 backward cannot follow cuDNN's forward: their lse come from differently rounded q/k).
 // An error while running a built plan is an Error. LMFORGE_CUDNN_ATTENTION=0 in the environment
 // turns the path off (cudnn_attention_enabled() false), for A/B comparisons.
 #pragma once
