@@ -169,6 +169,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
 
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
                        const Tensor& wpe) {
+  same_device("embedding_forward", out, {&tokens, &wte, &wpe});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
   LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
             tokens.shape().str());
@@ -204,6 +205,7 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
 
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                         const Tensor& tokens) {
+  same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
   dispatch(
       "embedding_backward", dout,
@@ -218,6 +220,7 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
 
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                        const Tensor& weight, const Tensor& bias, double eps) {
+  same_device("layernorm_forward", out, {&mean, &rstd, &inp, &weight, &bias});
   same_numel("layernorm_forward", out, inp);
   if (out.dtype() == DType::kBF16) {  // bf16 activations (the output feeds a bf16 matmul)
     const int64_t N = rows(inp), C = last(inp);
@@ -249,6 +252,7 @@ void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd
 void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                         const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& mean, const Tensor& rstd) {
+  same_device("layernorm_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight, &mean, &rstd});
   dispatch(
       "layernorm_backward", dout,
       [&](auto tag) {
@@ -265,6 +269,7 @@ void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor&
 
 void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
                      double eps) {
+  same_device("rmsnorm_forward", out, {&rstd, &inp, &weight});
   same_numel("rmsnorm_forward", out, inp);
   if (out.dtype() == DType::kBF16) {  // bf16 activations
     const int64_t N = rows(inp), C = last(inp);
@@ -291,6 +296,7 @@ void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, c
 
 void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
                       const Tensor& inp, const Tensor& weight, const Tensor& rstd) {
+  same_device("rmsnorm_backward", dout, {&dinp, &dweight, &inp, &weight, &rstd});
   dispatch(
       "rmsnorm_backward", dout,
       [&](auto tag) {
@@ -365,6 +371,7 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
 namespace {
 void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, const Tensor& sin,
           int64_t NH, int64_t NKV, int64_t pos0) {
+  same_device(op, x, {&cos, &sin});
   int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
   LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
             op, T_, pos0, cos.shape().str(), HS);
@@ -421,6 +428,7 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t NH,
                        int64_t NKV, int64_t window, [[maybe_unused]] bool bf16) {
+  same_device("attention_forward", out, {&lse, &qkv});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS,
@@ -458,6 +466,7 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t NH, int64_t NKV,
                         int64_t window, [[maybe_unused]] bool bf16) {
+  same_device("attention_backward", dout, {&dqkv, &qkv, &out, &lse});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS && dout.numel() == out.numel() &&
@@ -545,6 +554,7 @@ void act_backward_bf16(const char* op, const Tensor& dinp, const Tensor& inp, co
 }  // namespace
 
 void gelu_forward(const Tensor& out, const Tensor& inp) {
+  same_device("gelu_forward", out, {&inp});
   same_numel("gelu_forward", out, inp);
   const int64_t N = rows(inp), F = last(inp);
   if (inp.dtype() == DType::kBF16) {
@@ -573,6 +583,7 @@ void gelu_forward(const Tensor& out, const Tensor& inp) {
 }
 
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  same_device("gelu_backward", dout, {&dinp, &inp});
   if (inp.dtype() == DType::kBF16) {
     act_backward_bf16(
         "gelu_backward", dinp, inp, dout,
@@ -594,6 +605,7 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
 }
 
 void swiglu_forward(const Tensor& out, const Tensor& inp) {
+  same_device("swiglu_forward", out, {&inp});
   int64_t F = last(inp) / 2, N = rows(inp);
   LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
   if (inp.dtype() == DType::kBF16) {
@@ -622,6 +634,7 @@ void swiglu_forward(const Tensor& out, const Tensor& inp) {
 }
 
 void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
+  same_device("swiglu_backward", dout, {&dinp, &inp});
   const int64_t N = rows(inp), F = last(inp) / 2;
   if (inp.dtype() == DType::kBF16) {
     act_backward_bf16(

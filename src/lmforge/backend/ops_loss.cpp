@@ -10,6 +10,7 @@ using namespace detail;
 
 void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                        int32_t ignore_index, const Tensor& lse_sq_sum) {
+  same_device("softmax_xent_rows", logits, {&losses, &targets, &lse_sq_sum});
   const int64_t V = last(logits), N = rows(logits);
   LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
             logits.shape().str(), targets.shape().str());
@@ -45,6 +46,7 @@ double sum(const Tensor& x) {
 
 double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                             int32_t ignore_index, double* mean_lse_sq) {
+  same_device("softmax_xent_forward", logits, {&losses, &targets});
   profile::Scope timed("softmax_xent_forward", logits);
   Tensor z = Tensor::empty({1}, DType::kF64, logits.device());
   softmax_xent_rows(losses, logits, targets, ignore_index, z);
@@ -58,6 +60,7 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
 
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                            double dloss, int32_t ignore_index, double z_loss) {
+  same_device("softmax_xent_backward", logits, {&dlogits, &targets});
   int64_t V = last(logits), N = rows(logits);
   if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
     const int64_t ld = last(dlogits);
@@ -90,6 +93,7 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
                                    const Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, int32_t ignore_index, double dloss,
                                    double z_loss) {
+  same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
   const int64_t V = last(logits), N = rows(logits);
   LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N,
             "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),

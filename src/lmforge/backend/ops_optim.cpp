@@ -11,6 +11,7 @@ namespace lmforge::ops {
 using namespace detail;
 
 void to_bf16(const Tensor& dst, const Tensor& src) {
+  same_device("to_bf16", src, {&dst});
   same_numel("to_bf16", dst, src);
   LMF_CHECK(dst.device() == src.device(), "to_bf16: both tensors on one device");
   dispatch(
@@ -25,6 +26,7 @@ void to_bf16(const Tensor& dst, const Tensor& src) {
 }
 
 void from_bf16(const Tensor& dst, const Tensor& src) {
+  same_device("from_bf16", src, {&dst});
   same_numel("from_bf16", dst, src);
   LMF_CHECK(dst.device() == src.device() && src.dtype() == DType::kBF16,
             "from_bf16: a bf16 tensor into an fp32 one on the same device");
@@ -40,6 +42,7 @@ void from_bf16(const Tensor& dst, const Tensor& src) {
 }
 
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
+  same_device("add", out, {&a, &b});
   same_numel("add", a, b);
   same_numel("add", out, a);
   if (b.dtype() == DType::kBF16) {  // a residual branch's bf16 matmul output, widened exactly
@@ -64,6 +67,7 @@ void add(const Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 void accumulate(const Tensor& dst, const Tensor& src) {
+  same_device("accumulate", dst, {&src});
   same_numel("accumulate", dst, src);
   dispatch(
       "accumulate", dst,
@@ -99,6 +103,7 @@ double sum_squares(const Tensor& x) {
 namespace {
 void check_adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                  const Tensor& param_bf16) {
+  same_device("adamw_update", param, {&grad, &m, &v, &param_bf16});
   same_numel("adamw_update", param, grad);
   if (param_bf16.defined()) same_numel("adamw_update", param, param_bf16);
   for (const Tensor* t : {&grad, &m, &v, &param_bf16})
