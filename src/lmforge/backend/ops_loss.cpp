@@ -62,6 +62,10 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
                            double dloss, int32_t ignore_index, double z_loss) {
   same_device("softmax_xent_backward", logits, {&dlogits, &targets});
   int64_t V = last(logits), N = rows(logits);
+  LMF_CHECK(targets.numel() == N && rows(dlogits) == N &&
+                (dlogits.dtype() == DType::kBF16 ? last(dlogits) >= V : last(dlogits) == V),
+            "xent backward: logits {} targets {} dlogits {}", logits.shape().str(),
+            targets.shape().str(), dlogits.shape().str());
   if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
     const int64_t ld = last(dlogits);
     auto fill = [&](float* dst, int64_t r0, int64_t n) {
@@ -95,12 +99,12 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
                                    double z_loss) {
   same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
   const int64_t V = last(logits), N = rows(logits);
-  LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N,
+  LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N &&
+                (dlogits.dtype() == DType::kBF16 ? last(dlogits) >= V : last(dlogits) == V),
             "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),
             dlogits.shape().str());
   LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64,
             "xent: lse_sq_sum is one double");
-  same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
   const float dl = static_cast<float>(dloss);
   if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
     const int64_t ld = last(dlogits);
