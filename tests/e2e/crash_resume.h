@@ -229,10 +229,7 @@ inline void crash_and_resume(const std::string& dir, int64_t steps, int kills, u
     std::string left;
     for (const std::string& t : l.tmp) {
       std::string mf = run + "/checkpoints/" + t + "/manifest.json";
-      left += " " + t +
-              (fs::exists(mf)            ? " (manifest written)"
-               : fs::exists(mf + ".tmp") ? " (manifest being written)"
-                                         : " (no manifest)");
+      left += " " + t + (fs::exists(mf) ? " (manifest written)" : " (no manifest)");
     }
     mid_write += !l.tmp.empty();
     base = l.complete.rbegin()->first;

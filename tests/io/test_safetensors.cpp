@@ -1,6 +1,7 @@
 // Safetensors reading, writing, conversion on load and sharded sets. The accept/reject rules are
 // also checked against the reference package on a corpus (test_safetensors_reference).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -108,6 +109,20 @@ TEST(Safetensors, RoundTripsTensorsAndMetadata) {
   EXPECT_EQ(f.info("a").dtype, "F32");
   EXPECT_EQ(f.info("b.ids").begin, 24u);
   EXPECT_THROW(f.get("missing"), Error);
+}
+
+// Temporaries are per process; one left by a killed writer (its pid gone) is removed by the next
+// write of the same file, one of a live writer (this process) is left alone.
+TEST(AtomicFile, RemovesTheTemporariesOfDeadWritersOnly) {
+  const std::string dir = testing::temp_dir("atomic"), path = dir + "/m.json";
+  const std::string dead = path + ".999999999.3.tmp",  // beyond any pid_max: no such process
+      live = fmt::format("{}.{}.77.tmp", path, getpid()), other = dir + "/n.json.999999999.0.tmp";
+  for (const std::string& f : {dead, live, other}) std::ofstream(f) << "half";
+  write_file_atomic(path, "{}");
+  EXPECT_EQ(read_file(path), "{}");
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other)) << "another file's temporary";
 }
 
 TEST(Safetensors, TruncatedFileIsAClearError) {

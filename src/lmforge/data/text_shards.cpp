@@ -1,5 +1,7 @@
 #include "lmforge/data/text_shards.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -32,7 +34,8 @@ std::string demo_corpus_path() {
   std::string dir = cache_dir() + "/demo", path = dir + "/kjv.txt";
   if (fs::exists(path)) return path;
   fs::create_directories(dir);
-  std::string tmp = path + ".tmp";
+  // Per process: two runs on a fresh cache each write their own, and the last rename wins.
+  std::string tmp = fmt::format("{}.{}.tmp", path, getpid());
   std::string cmd = "bible -f \"Gen1:1-Rev22:21\" > \"" + tmp + "\" 2>/dev/null";
   int rc = std::system(cmd.c_str());
   std::error_code ec;

@@ -1,10 +1,13 @@
 #include "lmforge/io/atomic_file.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -19,9 +22,32 @@ std::string temp_name(const std::string& path) {
   static std::atomic<uint64_t> n{0};
   return fmt::format("{}.{}.{}.tmp", path, getpid(), n.fetch_add(1));
 }
+
+// Temporaries of path left by writers that were killed (their process is gone): removed, so
+// kills do not pile them up (one fixed name used to be overwritten instead). The first 4096
+// entries of the directory only: a shard directory of thousands of files is not rescanned per
+// file (prepare removes its own temporaries when it resumes).
+void remove_stale_temps(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  const std::string prefix = p.filename().string() + ".";
+  std::error_code ec;
+  int seen = 0;
+  for (fs::directory_iterator it(p.parent_path().empty() ? fs::path(".") : p.parent_path(), ec),
+       end;
+       !ec && it != end && ++seen <= 4096; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!name.starts_with(prefix) || !name.ends_with(".tmp")) continue;
+    const std::string rest = name.substr(prefix.size());  // "<pid>.<n>.tmp"
+    const long pid = std::strtol(rest.c_str(), nullptr, 10);
+    if (pid <= 0 || rest.find_first_not_of("0123456789.") != rest.size() - 3) continue;
+    if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove(it->path(), ec);
+  }
+}
 }  // namespace
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(path)) {
+  remove_stale_temps(path);
   f_ = std::fopen(tmp_.c_str(), "wb");
   if (!f_)
     fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,

@@ -1,4 +1,5 @@
-// AtomicFile: write to "<path>.<pid>.<n>.tmp", fsync, rename onto <path> on commit(). If the writer is
+// AtomicFile: write to "<path>.<pid>.<n>.tmp", fsync, rename onto <path> on commit() (and first
+// remove such temporaries of <path> whose writer process is gone). If the writer is
 // destroyed without commit() (an error, an exception), the temporary is removed: readers see
 // either the old file or the complete new one, never half of it.
 //

@@ -78,8 +78,9 @@ class SafetensorsWriter {
   // Keeps a reference (data read at write()); a GPU tensor is copied to the host here.
   void add(const std::string& name, const Tensor& t);
   std::map<std::string, std::string> metadata;
-  // Writes to a temporary beside path (AtomicFile) then renames: a reader never sees a half-written file. Tensors are
-  // stored in the order added. Throws Error for a duplicate or reserved name.
+  // Writes to a temporary beside path (AtomicFile) then renames: a reader never sees a
+  // half-written file. Tensors are stored in the order added. Throws Error for a duplicate or
+  // reserved name.
   void write(const std::string& path) const;
 
  private:

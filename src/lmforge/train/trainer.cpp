@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <sstream>
@@ -170,9 +171,11 @@ std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, co
       fail("dist.backend: nccl carries GPU memory; set train.device: cuda, or use mpi for CPUs");
     return nullptr;
   }
-  // One visible GPU per process (srun --gpus-per-task, or CUDA_VISIBLE_DEVICES set per rank):
-  // it is device 0 whatever the local rank.
-  const int local = cuda::device_count() == 1 ? 0 : dist::rank_info().local_rank;
+  // A rank the launcher bound to one GPU (srun --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES)
+  // sees it as device 0 whatever its local rank; otherwise the local rank's GPU, at most one rank
+  // per GPU (two ranks on a one-GPU node without binding get the error below, not NCCL's).
+  const bool bound = cuda::device_count() == 1 && std::getenv("CUDA_VISIBLE_DEVICES");
+  const int local = bound ? 0 : dist::rank_info().local_rank;
   if (local >= cuda::device_count())
     fail(
         "train.device: cuda: rank {} is local rank {} but this node has {} GPU(s); start at most "

@@ -57,6 +57,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -467,11 +468,22 @@ class State {
   // followed by the fp32 kernel's backward (P recomputed from the unrounded q/k against that lse)
   // would give wrong gradients, so a shape whose backward cuDNN cannot build never takes its
   // forward either (and the reverse).
+  // A shape whose build failed transiently (not cached, tried again later) stays on the fp32
+  // kernel until its next forward: the backward of that step must not take cuDNN alone.
   const Plan* plan(const Key& k) {
-    Key other = k;
+    Key fwd = k, other = k;
+    fwd.backward = false;
     other.backward = !k.backward;
+    if (retry_.count(fwd)) {
+      if (k.backward) return nullptr;
+      retry_.erase(fwd);
+    }
     const Plan* p = one(k);
-    return p && one(other) ? p : nullptr;
+    const Plan* q = p ? one(other) : nullptr;
+    if (p && q) return p;
+    if (!plans_.count(k) || (p && !plans_.count(other)))
+      retry_.insert(fwd);  // not cached: transient
+    return nullptr;
   }
 
   cudnnHandle_t handle() const { return handle_; }
@@ -533,7 +545,8 @@ class State {
   }
 
   cudnnHandle_t handle_ = nullptr;
-  bool transient_ = false;  // the last build failed for a reason that may pass
+  bool transient_ = false;                  // the last build failed for a reason that may pass
+  std::unordered_set<Key, KeyHash> retry_;  // forward keys of shapes that failed transiently
   std::unordered_map<Key, Plan, KeyHash> plans_;
   GrowingBuffer buf_[kSlots];
 };

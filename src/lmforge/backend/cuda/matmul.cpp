@@ -286,13 +286,14 @@ class Lt {
     } else {
       p.fallback = true;
     }
-    fmt::print(
-        stderr,
-        "warning: cuBLASLt refused its own algorithm for the {} gemm M={} N={} K={} "
-        "({}); using {}\n",
-        k.dtype == Dtype::kBf16 ? (k.d16 ? "bf16 (bf16 output)" : "bf16") : "fp32", k.M, k.N, k.K,
-        cublasLtGetStatusName(st),
-        p.fallback ? "the plain CUDA fallback kernel" : "the gemm without its bias epilogue");
+    fmt::print(stderr,
+               "warning: cuBLASLt refused its own algorithm for the {} gemm M={} N={} K={} "
+               "({}); using {}\n",
+               k.dtype == Dtype::kBf16 ? (k.d16 ? "bf16 (bf16 output)" : "bf16") : "fp32", k.M, k.N,
+               k.K, cublasLtGetStatusName(st),
+               k.d16        ? "an fp32 gemm and a rounding pass"
+               : p.fallback ? "the plain CUDA fallback kernel"
+                            : "the gemm without its bias epilogue");
   }
 
   // The heuristic's first choice into p.algo; false when it has none for this configuration.
