@@ -59,10 +59,30 @@ Tensor widened(const Tensor& t, int slot) {
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
                     const Tensor& bias) {
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
-  LMF_CHECK(last(inp) == C && out.numel() == N * OC, "linear: inp {} weight {} out {}",
-            inp.shape().str(), weight.shape().str(), out.shape().str());
   same_device("linear_forward", out, {&inp, &weight, &bias});
   const bool bf16 = weight.dtype() == DType::kBF16;
+  // Rows padded past OC (the LM head's logits on a GPU, 16-byte rows for the fast GEMM kernels):
+  // fp32 output of bf16 weights on a GPU, no bias; the padding is not written.
+  const bool padded = out.numel() != N * OC && rows(out) == N && last(out) > OC;
+  LMF_CHECK(last(inp) == C && (out.numel() == N * OC || padded), "linear: inp {} weight {} out {}",
+            inp.shape().str(), weight.shape().str(), out.shape().str());
+  if (padded) {
+#ifdef LMFORGE_HAVE_CUDA
+    LMF_CHECK(
+        bf16 && out.dtype() == DType::kF32 && out.device() == Device::kCUDA && !bias.defined(),
+        "linear_forward: padded output rows need a GPU, bf16 weights and no bias");
+    profile::Scope timed("linear_forward_bf16", out, 2.0 * static_cast<double>(N) * C * OC);
+    if (inp.dtype() == DType::kBF16)
+      cuda::linear_forward_bf16(out.data<float>(), static_cast<const uint16_t*>(inp.bf16_data()),
+                                weight.bf16_data(), nullptr, N, C, OC, last(out));
+    else
+      cuda::linear_forward_bf16(out.data<float>(), inp.data<float>(), weight.bf16_data(), nullptr,
+                                N, C, OC, last(out));
+    return;
+#else
+    fail("linear_forward: padded output rows need the CUDA backend");
+#endif
+  }
   profile::Scope timed(bf16 ? "linear_forward_bf16" : "linear_forward", out,
                        2.0 * static_cast<double>(N) * C * OC);
   LMF_CHECK(bf16 || inp.dtype() != DType::kBF16,

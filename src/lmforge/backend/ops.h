@@ -112,10 +112,12 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
 // partial sums may group differently). dlogits may alias logits, or be bf16: (N, ld >= V) rows,
 // each rounded to bf16 as to_bf16 would (the LM head's backward matmul input; the padding is not
 // written).
+// vocab > 0: the logits' rows are padded past the vocab (last(logits) > vocab; a GPU with bf16
+// dlogits only: the LM head's 16-byte rows there), the padding is not read.
 void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
                                    const Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, int32_t ignore_index, double dloss,
-                                   double z_loss = 0);
+                                   double z_loss = 0, int64_t vocab = 0);
 
 // b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);

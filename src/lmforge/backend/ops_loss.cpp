@@ -96,9 +96,12 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
 void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
                                    const Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, int32_t ignore_index, double dloss,
-                                   double z_loss) {
+                                   double z_loss, int64_t vocab) {
   same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
-  const int64_t V = last(logits), N = rows(logits);
+  const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx, N = rows(logits);
+  LMF_CHECK(V <= ldx &&
+                (V == ldx || (logits.device() == Device::kCUDA && dlogits.dtype() == DType::kBF16)),
+            "xent: vocab {} with logits rows of {} (padded rows: a GPU and bf16 dlogits)", V, ldx);
   LMF_CHECK(targets.numel() == N && losses.numel() == N && rows(dlogits) == N &&
                 (dlogits.dtype() == DType::kBF16 ? last(dlogits) >= V : last(dlogits) == V),
             "xent: logits {} targets {} dlogits {}", logits.shape().str(), targets.shape().str(),
@@ -124,7 +127,7 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
         },
         LMF_GPU(cuda::softmax_xent_forward_backward(
             ptr<float>(losses), lse_sq_sum.data<double>(), dlogits.bf16_data(), ld,
-            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, ldx)));
     return;
   }
   dispatch(

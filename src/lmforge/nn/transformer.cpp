@@ -156,13 +156,16 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         norm_f_.plan(a, nf_, B * T);
         nf_out_ = a.alloc({B, T, C}, mm_in);
         logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
-        chunk_ = keep_logits ? Tensor() : a.alloc({chunk_rows_, V});
         // bf16: the loss's backward writes dlogits rounded to bf16 for the LM head's matmuls
         // (rows padded to 16 bytes on a GPU, for its fast GEMM kernels), no fp32 dlogits pass.
-        const int64_t ld = device() == Device::kCPU ? V : (V + 7) / 8 * 8;
-        dlogits16_ = keep_logits || mm_in != DType::kBF16
-                         ? Tensor()
-                         : a.alloc({chunk_rows_, ld}, DType::kBF16);
+        // There the fp32 logits' rows are padded to 16 bytes too (GPT-2's 50257 columns would
+        // leave the LM head's forward GEMM 4-byte aligned rows: Hopper's TMA kernels need 16).
+        const bool gpu = device() != Device::kCPU;
+        const bool bf16_dlogits = !keep_logits && mm_in == DType::kBF16;
+        dlogits16_ = bf16_dlogits ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
+                                  : Tensor();
+        chunk_ = keep_logits ? Tensor()
+                             : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
         losses_ = a.alloc({B, T});
         lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
         dres_ = a.alloc({B, T, C});
@@ -245,7 +248,11 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
   for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
     const int64_t R = std::min(chunk_rows_, N - r0);
-    Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
+    // Padded rows (a GPU's chunk, see plan) in training; evaluation reads (R, V) contiguously.
+    Tensor logits = keep_logits_ ? all_logits.slice(r0, R)
+                    : training || chunk_.size(-1) == V
+                        ? chunk_.slice(0, R)
+                        : chunk_.view({chunk_.numel()}).slice(0, R * V).view({R, V});
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
     if (!training) {
@@ -257,7 +264,7 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
-                                       yr, ignore_index_, dloss, z_loss_);
+                                       yr, ignore_index_, dloss, z_loss_, V);
     ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
   }
 }

@@ -414,15 +414,15 @@ void linear_backward(float* dinp, float* dweight, float* dbias, const float* dou
 }
 
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
-                         int64_t N, int64_t C, int64_t OC) {
-  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, false, out, OC);
+                         int64_t N, int64_t C, int64_t OC, int64_t ldc) {
+  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, false, out, ldc > 0 ? ldc : OC);
 }
 
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
-                         int64_t N, int64_t C, int64_t OC) {
+                         int64_t N, int64_t C, int64_t OC, int64_t ldc) {
   auto* x = static_cast<uint16_t*>(scratch(0, std::max<size_t>(1, size_t(N) * C) * 2));
   to_bf16(x, inp, N * C);
-  linear_forward_bf16(out, x, weight, bias, N, C, OC);
+  linear_forward_bf16(out, x, weight, bias, N, C, OC, ldc);
 }
 
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,

@@ -52,14 +52,15 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 // The linear layer with a bf16 copy of the weight: inp and dout are rounded to bf16 on the way
 // into the matmul (scratch owned here); out, dinp, dweight, dbias stay fp32 (+= as above).
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
-                         int64_t N, int64_t C, int64_t OC);
+                         int64_t N, int64_t C, int64_t OC, int64_t ldc = 0);
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);
 // The same with the input already in bf16 (bf16 activations: the norms and activation functions
 // write their matmul inputs in bf16), so nothing is converted on its way in.
+// ldc: out's row stride (>= OC; 0 = OC), e.g. the LM head's logits padded to 16-byte rows.
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
-                         int64_t N, int64_t C, int64_t OC);
+                         int64_t N, int64_t C, int64_t OC, int64_t ldc = 0);
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
                           int64_t OC);

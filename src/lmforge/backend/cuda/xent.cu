@@ -158,11 +158,11 @@ __device__ __forceinline__ void zero_row(O* d, const float* x, int64_t V) {
 template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
     softmax_xent_fused_kernel(float* losses, double* lse_sq, O* dlogits, int64_t ld,
-                              const float* logits, const int32_t* targets, float dloss, int64_t V,
-                              int32_t ignore_index, double z_loss) {
+                              const float* logits, int64_t ldx, const int32_t* targets, float dloss,
+                              int64_t V, int32_t ignore_index, double z_loss) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
-  const float* x = logits + i * V;
+  const float* x = logits + i * ldx;
   O* d = dlogits + i * ld;
   if (y == ignore_index) {
     if (losses && threadIdx.x == 0) {
@@ -201,21 +201,21 @@ void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* t
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      nullptr, nullptr, dlogits, V, logits, targets, dloss, V, ignore_index, z_loss);
+      nullptr, nullptr, dlogits, V, logits, V, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
 }
 
 template <typename O>
 void launch_fused(float* losses, double* lse_sq_sum, O* dlogits, int64_t ld, const float* logits,
-                  const int32_t* targets, float dloss, int64_t N, int64_t V, int32_t ignore_index,
-                  double z_loss) {
+                  int64_t ldx, const int32_t* targets, float dloss, int64_t N, int64_t V,
+                  int32_t ignore_index, double z_loss) {
   if (N <= 0) {
     if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
     return;
   }
   double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      losses, lse_sq, dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
+      losses, lse_sq, dlogits, ld, logits, ldx, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
   if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
 }
@@ -223,13 +223,16 @@ void launch_fused(float* losses, double* lse_sq_sum, O* dlogits, int64_t ld, con
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, float* dlogits,
                                    const float* logits, const int32_t* targets, float dloss,
                                    int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
-  launch_fused(losses, lse_sq_sum, dlogits, V, logits, targets, dloss, N, V, ignore_index, z_loss);
+  launch_fused(losses, lse_sq_sum, dlogits, V, logits, V, targets, dloss, N, V, ignore_index,
+               z_loss);
 }
 
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* dlogits, int64_t ld,
                                    const float* logits, const int32_t* targets, float dloss,
-                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
-  launch_fused(losses, lse_sq_sum, dlogits, ld, logits, targets, dloss, N, V, ignore_index, z_loss);
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss,
+                                   int64_t ldx) {
+  launch_fused(losses, lse_sq_sum, dlogits, ld, logits, ldx > 0 ? ldx : V, targets, dloss, N, V,
+               ignore_index, z_loss);
 }
 
 void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
@@ -237,7 +240,7 @@ void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
                            int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      nullptr, nullptr, dlogits, ld, logits, targets, dloss, V, ignore_index, z_loss);
+      nullptr, nullptr, dlogits, ld, logits, V, targets, dloss, V, ignore_index, z_loss);
   LMF_CUDA_LAUNCHED();
 }
 
