@@ -220,13 +220,13 @@ TEST(CudaMatmul, LinearBf16) {
 
 // The parity tests pass just as well on the slow paths (the plain fallback kernel, a bias added
 // outside the epilogue), so they cannot tell a descriptor mistake from a working cuBLASLt: GPT-2's
-// shapes (aligned activations, the LM head's odd 50257 columns) must get cuBLASLt plans, and with
-// an fp32 output the bias must go through the epilogue.
+// shapes (aligned activations, the LM head's 50257 columns in padded rows) must get cuBLASLt plans,
+// and with an fp32 output the bias must go through the epilogue.
 TEST(CudaMatmul, ModelShapesStayOnCublasLt) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
   const int64_t N = 128, C = 768;
   const cuda::MatmulPlanCounts before = cuda::matmul_plan_counts();
-  DeviceArray<float> x(randn(N * C, 1)), out32(N * 50257), dout(randn(N * 50257, 2, 0.01)),
+  DeviceArray<float> x(randn(N * C, 1)), out32(N * 50260), dout(randn(N * 50257, 2, 0.01)),
       dx(N * 4 * C), dw(50257 * C), b(randn(4 * C, 3));
   DeviceArray<uint16_t> x16(bf16_of(randn(N * C, 4))), w16(bf16_of(randn(50257 * C, 5, 0.02))),
       out16(N * 4 * C);
@@ -234,7 +234,8 @@ TEST(CudaMatmul, ModelShapesStayOnCublasLt) {
     cuda::linear_forward_bf16(out32.get(), x16.get(), w16.get(), b.get(), N, C, oc);
     cuda::linear_forward(out32.get(), x.get(), dw.get(), b.get(), N, C, oc);  // fp32 mode
   }
-  cuda::linear_forward_bf16(out32.get(), x16.get(), w16.get(), nullptr, N, C, 50257);  // LM head
+  // The LM head as the model runs it on a GPU: logits rows padded to 50260 (16 bytes).
+  cuda::linear_forward_bf16(out32.get(), x16.get(), w16.get(), nullptr, N, C, 50257, 50260);
   cuda::linear_backward_bf16(dx.get(), dw.get(), nullptr, dout.get(), x16.get(), w16.get(), N, C,
                              50257);
   const cuda::MatmulPlanCounts fp32_out = cuda::matmul_plan_counts();
