@@ -87,6 +87,10 @@ TEST_P(CudaModel, LogitsLossAndGradientsMatchTheCpu) {
 
   m.cpu.plan(kB, kT);
   m.gpu.plan(kB, kT);
+  // The loss alone (evaluation) through the training plan's LM-head chunks (padded rows on the
+  // GPU under bf16).
+  const float ec = m.cpu.forward(b.tokens, b.targets), eg = m.gpu.forward(b.tokens, b.targets);
+  EXPECT_NEAR(eg, ec, tol * std::fabs(ec)) << preset << " (evaluation)";
   m.cpu.params().zero_grad();
   m.gpu.params().zero_grad();
   const float lc = m.cpu.forward_backward(b.tokens, b.targets);

@@ -94,8 +94,9 @@ void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
 // losses (N) per row (0 where target == ignore_index); lse_sq_sum (one fp64 element on the
 // logits' device) = the sum over the kept rows of logsumexp(logits)^2 (for the z-loss). Reads
 // nothing back: a GPU step stays asynchronous until its caller sums the losses.
+// vocab > 0: the logits' rows are padded past it (a GPU only), the padding not read.
 void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                       int32_t ignore_index, const Tensor& lse_sq_sum);
+                       int32_t ignore_index, const Tensor& lse_sq_sum, int64_t vocab = 0);
 // The sum of x's elements in double, on the host (fp32, or fp64 on the host; one read-back on a
 // GPU).
 double sum(const Tensor& x);

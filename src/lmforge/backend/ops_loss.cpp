@@ -9,9 +9,11 @@ namespace lmforge::ops {
 using namespace detail;
 
 void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
-                       int32_t ignore_index, const Tensor& lse_sq_sum) {
+                       int32_t ignore_index, const Tensor& lse_sq_sum, int64_t vocab) {
   same_device("softmax_xent_rows", logits, {&losses, &targets, &lse_sq_sum});
-  const int64_t V = last(logits), N = rows(logits);
+  const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx, N = rows(logits);
+  LMF_CHECK(V <= ldx && (V == ldx || logits.device() == Device::kCUDA),
+            "xent: vocab {} with logits rows of {} (padded rows: a GPU only)", V, ldx);
   LMF_CHECK(targets.numel() == N && losses.numel() == N, "xent: logits {} targets {}",
             logits.shape().str(), targets.shape().str());
   LMF_CHECK(lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
@@ -28,7 +30,7 @@ void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor&
       },
       LMF_GPU(cuda::softmax_xent_forward(ptr<float>(losses), cptr<float>(logits),
                                          targets.data<int32_t>(), N, V, ignore_index,
-                                         lse_sq_sum.data<double>())));
+                                         lse_sq_sum.data<double>(), ldx)));
 }
 
 double sum(const Tensor& x) {

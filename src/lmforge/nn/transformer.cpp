@@ -248,16 +248,13 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
   for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
     const int64_t R = std::min(chunk_rows_, N - r0);
-    // Padded rows (a GPU's chunk, see plan) in training; evaluation reads (R, V) contiguously.
-    Tensor logits = keep_logits_ ? all_logits.slice(r0, R)
-                    : training || chunk_.size(-1) == V
-                        ? chunk_.slice(0, R)
-                        : chunk_.view({chunk_.numel()}).slice(0, R * V).view({R, V});
+    // A GPU's chunk has padded rows (see plan): the GEMM and the loss take V of each.
+    Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
     if (!training) {
       ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
-                             lse_sums_.slice(c, 1));
+                             lse_sums_.slice(c, 1), V);
       continue;
     }
     // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16

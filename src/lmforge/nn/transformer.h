@@ -124,8 +124,9 @@ class Transformer {
   int64_t logits_chunk_rows() const { return chunk_rows_; }
   // What B x T x V fp32 logits would take, and what the chunked LM head takes instead.
   size_t full_logits_bytes() const { return static_cast<size_t>(B_ * T_) * cfg_.vocab_size * 4; }
-  size_t chunk_logits_bytes() const {
-    return static_cast<size_t>(chunk_rows_) * cfg_.vocab_size * 4;
+  size_t chunk_logits_bytes() const {  // padded rows on a GPU (see plan)
+    return chunk_.defined() ? chunk_.nbytes()
+                            : static_cast<size_t>(chunk_rows_) * cfg_.vocab_size * 4;
   }
 
   // Returns the mean cross-entropy over targets != ignore_index; no gradients. Without targets

@@ -104,8 +104,9 @@ void add(float* out, const float* a, const uint16_t* b, int64_t n);  // out = a 
 // ignore_index. lse_sq_sum, if not null, is a DEVICE double that receives (=, not +=) the sum
 // of logsumexp^2 over the non-ignored rows (for the z-loss), reduced in a fixed order (per-row
 // values in scratch, then one block), so it is the same on every run.
+// ldx: the logits' row stride (>= V; 0 = V).
 void softmax_xent_forward(float* losses, const float* logits, const int32_t* targets, int64_t N,
-                          int64_t V, int32_t ignore_index, double* lse_sq_sum);
+                          int64_t V, int32_t ignore_index, double* lse_sq_sum, int64_t ldx = 0);
 // dlogits (N, V) = dloss * (softmax(logits) (1 + 2 z_loss lse) - onehot(target)); ignored rows
 // get 0. Writes (does not accumulate); dlogits may alias logits. dloss is a host value.
 void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,

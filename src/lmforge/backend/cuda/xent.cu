@@ -104,7 +104,7 @@ __device__ double row_logsumexp(const float* x, int64_t V) {
 }
 
 __global__ void __launch_bounds__(kXentThreads)
-    softmax_xent_forward_kernel(float* losses, double* lse_sq, const float* logits,
+    softmax_xent_forward_kernel(float* losses, double* lse_sq, const float* logits, int64_t ldx,
                                 const int32_t* targets, int64_t V, int32_t ignore_index) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kXentThreads)
     }
     return;
   }
-  const float* x = logits + i * V;
+  const float* x = logits + i * ldx;
   const double lse = row_logsumexp(x, V);
   if (threadIdx.x == 0) {
     const bool valid = y >= 0 && y < V;
@@ -185,14 +185,14 @@ __global__ void __launch_bounds__(kXentThreads)
 }  // namespace
 
 void softmax_xent_forward(float* losses, const float* logits, const int32_t* targets, int64_t N,
-                          int64_t V, int32_t ignore_index, double* lse_sq_sum) {
+                          int64_t V, int32_t ignore_index, double* lse_sq_sum, int64_t ldx) {
   if (N <= 0) {
     if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
     return;
   }
   double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
   softmax_xent_forward_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      losses, lse_sq, logits, targets, V, ignore_index);
+      losses, lse_sq, logits, ldx > 0 ? ldx : V, targets, V, ignore_index);
   LMF_CUDA_LAUNCHED();
   if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
 }
