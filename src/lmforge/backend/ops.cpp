@@ -23,8 +23,7 @@ namespace {
 // Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
 bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                          int64_t window) {
-  return bf16 && cuda::cudnn_attention_enabled() &&
-         cuda::cudnn_attention_supported(B, T, NH, NKV, HS, window);
+  return bf16 && cuda::cudnn_attention_takes(B, T, NH, NKV, HS, window);
 }
 #endif
 

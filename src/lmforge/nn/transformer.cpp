@@ -179,9 +179,9 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
 #ifdef LMFORGE_HAVE_CUDA
-  return device() == Device::kCUDA && cuda::cudnn_attention_enabled() &&
-         cuda::cudnn_attention_supported(B, T, cfg_.n_head, cfg_.kv_heads(), cfg_.head_size(),
-                                         cfg_.sliding_window);
+  return device() == Device::kCUDA &&
+         cuda::cudnn_attention_takes(B, T, cfg_.n_head, cfg_.kv_heads(), cfg_.head_size(),
+                                     cfg_.sliding_window);
 #else
   (void)B, (void)T;
   return false;

@@ -602,6 +602,11 @@ bool cudnn_attention_enabled() {
   return on;
 }
 
+bool cudnn_attention_takes(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
+                           int64_t window) {
+  return cudnn_attention_enabled() && cudnn_attention_supported(B, T, NH, NKV, HS, window);
+}
+
 bool cudnn_attention_supported(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                                int64_t window) {
   // T = 1: cudnn-frontend rejects the backward with s_q = s_kv = 1 (sdpa_support_surface.h).

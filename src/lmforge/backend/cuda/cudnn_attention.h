@@ -54,6 +54,10 @@ bool cudnn_attention_enabled();
 // engine exists for the GPU is only known when the plan is built (the calls below).
 bool cudnn_attention_supported(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
                                int64_t window);
+// Whether the bf16 attention op goes to cuDNN for this shape: enabled and supported (the one
+// decision ops::attention_* and the Transformer's default bf16 attention gradients share).
+bool cudnn_attention_takes(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
+                           int64_t window);
 
 // The shape must be supported (an Error otherwise). true: queued; false: nothing was done,
 // because cuDNN built no plan for this shape (warned once) or lse is not 16-byte aligned.
