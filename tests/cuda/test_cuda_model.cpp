@@ -350,7 +350,9 @@ TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
 }
 
 // dist.backend: nccl on one GPU: the gradients and the loss's scalars go through an NCCL world
-// of one rank, which must train exactly as the plain single-GPU run does.
+// of one rank, which must train exactly as the plain single-GPU run does; bootstrapped through the
+// host world, and as a torchrun launch of one rank (the world itself NCCL, made by
+// make_nccl_world_tcp, which also carries the run directory's barriers).
 TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
 #ifndef LMFORGE_HAVE_NCCL
@@ -368,13 +370,23 @@ TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
                                          " --set dist.backend=nccl --set run.dir=nccl-" + strategy,
                                      dir);
     ASSERT_EQ(nccl.exit_code, 0) << nccl.err;
+    EXPECT_NE(nccl.out.find("over local (tensors over nccl)"), std::string::npos) << nccl.out;
+    auto torchrun =
+        testing::run_lmforge(common + "--set dist.strategy=" + strategy +
+                                 " --set dist.backend=nccl --set run.dir=torchrun-" + strategy,
+                             dir, "env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1");
+    ASSERT_EQ(torchrun.exit_code, 0) << torchrun.err;
+    EXPECT_NE(torchrun.out.find("dist: 1 ranks (1 node(s) x 1) over nccl,"), std::string::npos)
+        << torchrun.out;
     auto a = testing::records_of(dir + "/plain-" + strategy + "/metrics.jsonl", "loss");
-    auto b = testing::records_of(dir + "/nccl-" + strategy + "/metrics.jsonl", "loss");
-    ASSERT_EQ(a.size(), 20u);
-    ASSERT_EQ(b.size(), 20u);
-    for (size_t i = 0; i < a.size(); ++i) {
-      EXPECT_EQ(b[i]["loss"].get<double>(), a[i]["loss"].get<double>()) << strategy << " " << i;
-      EXPECT_EQ(b[i]["grad_norm"].get<double>(), a[i]["grad_norm"].get<double>()) << strategy;
+    for (std::string run : {"nccl-", "torchrun-"}) {
+      auto b = testing::records_of(dir + "/" + run + strategy + "/metrics.jsonl", "loss");
+      ASSERT_EQ(a.size(), 20u);
+      ASSERT_EQ(b.size(), 20u) << run;
+      for (size_t i = 0; i < a.size(); ++i) {
+        EXPECT_EQ(b[i]["loss"].get<double>(), a[i]["loss"].get<double>()) << run << strategy << i;
+        EXPECT_EQ(b[i]["grad_norm"].get<double>(), a[i]["grad_norm"].get<double>()) << run;
+      }
     }
   }
 }

@@ -127,15 +127,23 @@ std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
   if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local" &&
       opt.backend != "nccl")
     fail("dist.backend: expected auto, mpi, nccl or local, got \"{}\"", opt.backend);
-  if (g_info.size == 1 || opt.backend == "local") {
-    if (g_info.size > 1)
-      fail("dist.backend: local runs one process but the launcher started {}", g_info.size);
-    return std::make_unique<LocalCommunicator>();
+  if (opt.backend == "local" && g_info.size > 1)
+    fail("dist.backend: local runs one process but the launcher started {}", g_info.size);
+  if (g_info.launcher == "torchrun" && opt.rendezvous_world &&
+      (g_info.size > 1 || opt.backend == "nccl")) {
+    if (opt.backend == "mpi")
+      fail(
+          "dist.backend: mpi needs mpirun or srun, but this process was launched by "
+          "torchrun-style variables (WORLD_SIZE={}); use nccl or auto",
+          g_info.size);
+    return opt.rendezvous_world(g_info);
   }
+  if (g_info.size == 1 || opt.backend == "local") return std::make_unique<LocalCommunicator>();
   if (g_info.launcher == "torchrun")
     fail(
         "launched by torchrun-style variables (WORLD_SIZE={}) but CPU training communicates over "
-        "MPI; start it with mpirun -np N, srun, or lmforge launch --nproc N",
+        "MPI; start it with mpirun -np N, srun, or lmforge launch --nproc N (torchrun is for "
+        "train.device: cuda)",
         g_info.size);
   return make_mpi_world(g_info, opt.timeout_s);
 }

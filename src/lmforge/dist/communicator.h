@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -89,6 +90,10 @@ struct WorldOptions {
   double timeout_s = 600;        // dist.timeout: a collective that takes longer fails the job
   int ranks_per_node = 0;        // dist.ranks_per_node: 0 = as launched; >0 declares nodes
   std::string backend = "auto";  // auto | mpi | local | nccl (the host world is then as auto)
+  // The world of a launch without MPI (torchrun's variables): the trainer passes the NCCL world
+  // by TCP rendezvous when the model is on GPUs. Called with this process's place (node from
+  // ranks_per_node) for several ranks, or for one with backend nccl. Unset: such launches fail.
+  std::function<std::unique_ptr<Communicator>(const RankInfo&)> rendezvous_world;
 };
 
 // Reads the launcher's environment: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE} (mpirun),
@@ -97,9 +102,10 @@ struct WorldOptions {
 // convention).
 RankInfo detect_launch();
 
-// The world communicator: MPI when launched with more than one rank (MPI is initialized here
-// and finalized at exit), else LocalCommunicator. Throws Error when launched as several ranks
-// in a way lmforge cannot join (e.g. torchrun variables without NCCL for CPU tensors).
+// The world communicator: MPI when launched with more than one rank by mpirun or srun (MPI is
+// initialized here and finalized at exit), opt.rendezvous_world's when launched by torchrun,
+// else LocalCommunicator. Throws Error when launched as several ranks in a way lmforge cannot
+// join (torchrun's variables without a rendezvous world: CPU training communicates over MPI).
 std::unique_ptr<Communicator> init_world(const WorldOptions& opt);
 // This process's place as the world communicator was created (node from ranks_per_node).
 const RankInfo& rank_info();

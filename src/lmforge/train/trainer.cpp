@@ -162,8 +162,52 @@ std::map<int64_t, std::string> parse_faults(const std::string& spec) {
   return out;
 }
 
-// The NCCL world for a model on GPUs (dist.backend auto with several ranks, or nccl), after
-// selecting this rank's GPU; null when the collectives stay on the host world.
+// Selects this rank's GPU and returns its index: a rank the launcher bound to one GPU (srun
+// --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES) sees it as device 0 whatever its local rank;
+// otherwise the local rank's GPU, at most one rank per GPU (two ranks on a one-GPU node without
+// binding get the error below, not NCCL's).
+int select_gpu(int rank) {
+  const bool bound = cuda::device_count() == 1 && std::getenv("CUDA_VISIBLE_DEVICES");
+  const int local = bound ? 0 : dist::rank_info().local_rank;
+  if (local >= cuda::device_count())
+    fail(
+        "train.device: cuda: rank {} is local rank {} but this node has {} GPU(s); start at most "
+        "one rank per GPU",
+        rank, local, cuda::device_count());
+  cuda::set_device(local);
+  return local;
+}
+
+[[noreturn]] [[maybe_unused]] void fail_without_nccl(bool several) {
+  fail(
+      "dist.backend: NCCL is needed for {} on GPUs but this lmforge was built without it "
+      "(nccl.h and libnccl not found); install NCCL and rebuild",
+      several ? "several ranks" : "dist.backend: nccl");
+}
+
+// The world of the ranks: over MPI (mpirun, srun, lmforge launch) or, for a model on GPUs
+// launched by torchrun's variables, the NCCL world by TCP rendezvous at MASTER_ADDR.
+std::unique_ptr<dist::Communicator> make_world(const Config& cfg, bool on_gpu) {
+  dist::WorldOptions wo;
+  wo.timeout_s = cfg.dist.timeout;
+  wo.ranks_per_node = static_cast<int>(cfg.dist.ranks_per_node);
+  wo.backend = cfg.dist.backend;
+  if (on_gpu)
+    wo.rendezvous_world = [&cfg](const dist::RankInfo& ri) -> std::unique_ptr<dist::Communicator> {
+      const int device = select_gpu(ri.rank);
+#ifdef LMFORGE_HAVE_NCCL
+      return dist::make_nccl_world_tcp(ri, device, cfg.dist.timeout);
+#else
+      (void)device;
+      fail_without_nccl(ri.size > 1);
+#endif
+    };
+  return dist::init_world(wo);
+}
+
+// The NCCL world for a model on GPUs (dist.backend auto with several ranks, or nccl) over the
+// host world, after selecting this rank's GPU; null when the collectives stay on the host world
+// (CPU training, one GPU without dist.backend: nccl, or a world that is NCCL already).
 std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, const Config& cfg) {
   const std::string& backend = cfg.dist.backend;
   if (resolve_device(cfg.train.device) != Device::kCUDA) {
@@ -171,17 +215,8 @@ std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, co
       fail("dist.backend: nccl carries GPU memory; set train.device: cuda, or use mpi for CPUs");
     return nullptr;
   }
-  // A rank the launcher bound to one GPU (srun --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES)
-  // sees it as device 0 whatever its local rank; otherwise the local rank's GPU, at most one rank
-  // per GPU (two ranks on a one-GPU node without binding get the error below, not NCCL's).
-  const bool bound = cuda::device_count() == 1 && std::getenv("CUDA_VISIBLE_DEVICES");
-  const int local = bound ? 0 : dist::rank_info().local_rank;
-  if (local >= cuda::device_count())
-    fail(
-        "train.device: cuda: rank {} is local rank {} but this node has {} GPU(s); start at most "
-        "one rank per GPU",
-        world.rank(), local, cuda::device_count());
-  cuda::set_device(local);
+  if (world.backend() == "nccl") return nullptr;  // torchrun's rendezvous world
+  const int local = select_gpu(world.rank());
   if (world.size() > 1 && backend == "mpi")
     fail(
         "dist.backend: mpi cannot reduce GPU memory (train.device: cuda with {} ranks); use nccl "
@@ -191,10 +226,7 @@ std::unique_ptr<dist::Communicator> make_gpu_world(dist::Communicator& world, co
 #ifdef LMFORGE_HAVE_NCCL
   return dist::make_nccl_world(world, local, cfg.dist.timeout);
 #else
-  fail(
-      "dist.backend: NCCL is needed for {} on GPUs but this lmforge was built without it "
-      "(nccl.h and libnccl not found); install NCCL and rebuild",
-      world.size() > 1 ? "several ranks" : "dist.backend: nccl");
+  fail_without_nccl(world.size() > 1);
 #endif
 }
 
@@ -348,8 +380,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
 
   // Ranks: one process, or those mpirun/srun/lmforge launch started. Only rank 0 prints and
   // writes the run directory's files (checkpoints: every rank its shard).
-  std::unique_ptr<dist::Communicator> world = dist::init_world(
-      {cfg.dist.timeout, static_cast<int>(cfg.dist.ranks_per_node), cfg.dist.backend});
+  // A torchrun launch of a model on GPUs makes the NCCL world directly (TCP rendezvous).
+  std::unique_ptr<dist::Communicator> world =
+      make_world(cfg, resolve_device(t.device) == Device::kCUDA);
   const bool lead = world->rank() == 0;
   if (t.cuda_graphs && world->size() > 1)
     fail(
@@ -360,7 +393,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // bootstrapped through the host world (which keeps the run directory's barriers).
   std::unique_ptr<dist::Communicator> gpu_world = make_gpu_world(*world, cfg);
   dist::Communicator& comm = gpu_world ? *gpu_world : *world;
-  if (t.cuda_graphs && gpu_world)
+  if (t.cuda_graphs && comm.backend() == "nccl")
     fail(
         "train.cuda_graphs: not with the NCCL world of dist.backend: nccl (its collectives run "
         "between the layers' kernels); set dist.backend: auto or train.cuda_graphs: false");
@@ -452,11 +485,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
              train_data.num_tokens(),
              val_data ? fmt::format(", {} validation tokens", val_data->num_tokens()) : "",
              t.batch_size, t.seq_len, t.grad_accum, omp_get_max_threads());
-  if (world->size() > 1) {
+  if (world->size() > 1 || comm.backend() == "nccl") {
     const dist::RankInfo& ri = dist::rank_info();
+    const std::string over = world.get() == &comm ? comm.backend()
+                                                  : fmt::format("{} (tensors over {})",
+                                                                world->backend(), comm.backend());
     fmt::print("dist: {} ranks ({} node(s) x {}) over {}, {}; global batch {} sequences per step\n",
-               world->size(), ri.nodes, ri.local_size, world->backend(),
-               dist::strategy_name(dp.strategy()), t.batch_size * t.grad_accum * world->size());
+               world->size(), ri.nodes, ri.local_size, over, dist::strategy_name(dp.strategy()),
+               t.batch_size * t.grad_accum * world->size());
   }
   std::fflush(stdout);
 

@@ -1,0 +1,163 @@
+// The world a rank joins, from its launcher's environment (detect_launch, init_world): which
+// variables are read, and which launches are refused or handed to the rendezvous world (the
+// trainer's NCCL world by TCP for torchrun launches of a model on GPUs). No MPI is initialized:
+// only launches that do not need it are exercised here (the MPI ones: test_launch, test_srun).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "lmforge/core/error.h"
+#include "lmforge/dist/communicator.h"
+
+namespace lmforge::dist {
+namespace {
+
+// Clears every launcher's variables for one test and restores them after it.
+class WorldTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const char* n : kVars)
+      if (const char* v = std::getenv(n)) saved_.emplace_back(n, v);
+    for (const char* n : kVars) unsetenv(n);
+  }
+  void TearDown() override {
+    for (const char* n : kVars) unsetenv(n);
+    for (auto& [n, v] : saved_) setenv(n.c_str(), v.c_str(), 1);
+  }
+  static void torchrun(int rank, int size, int local_rank, int local_size) {
+    setenv("RANK", std::to_string(rank).c_str(), 1);
+    setenv("WORLD_SIZE", std::to_string(size).c_str(), 1);
+    setenv("LOCAL_RANK", std::to_string(local_rank).c_str(), 1);
+    setenv("LOCAL_WORLD_SIZE", std::to_string(local_size).c_str(), 1);
+  }
+
+ private:
+  static constexpr const char* kVars[] = {"OMPI_COMM_WORLD_SIZE",
+                                          "OMPI_COMM_WORLD_RANK",
+                                          "OMPI_COMM_WORLD_LOCAL_RANK",
+                                          "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                          "SLURM_PROCID",
+                                          "SLURM_NTASKS",
+                                          "SLURM_LOCALID",
+                                          "SLURM_NTASKS_PER_NODE",
+                                          "SLURM_NNODES",
+                                          "PMI_SIZE",
+                                          "PMI_RANK",
+                                          "MPI_LOCALRANKID",
+                                          "MPI_LOCALNRANKS",
+                                          "WORLD_SIZE",
+                                          "RANK",
+                                          "LOCAL_RANK",
+                                          "LOCAL_WORLD_SIZE",
+                                          "LMFORGE_RANKS_PER_NODE"};
+  std::vector<std::pair<std::string, std::string>> saved_;
+};
+
+// Stands in for the NCCL world: the rank and size it was made for.
+class FakeWorld final : public Communicator {
+ public:
+  explicit FakeWorld(const RankInfo& ri) { rank_ = ri.rank, size_ = ri.size; }
+  std::string backend() const override { return "fake"; }
+  WorkPtr all_reduce(float*, int64_t) override { return nullptr; }
+  WorkPtr all_reduce(double*, int64_t) override { return nullptr; }
+  WorkPtr reduce_scatter(const float*, float*, const std::vector<int64_t>&) override {
+    return nullptr;
+  }
+  WorkPtr all_gather(const float*, float*, const std::vector<int64_t>&) override { return nullptr; }
+  WorkPtr all_gather(const uint16_t*, uint16_t*, const std::vector<int64_t>&) override {
+    return nullptr;
+  }
+  WorkPtr broadcast(void*, int64_t, int) override { return nullptr; }
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) override { return nullptr; }
+};
+
+std::string error_of(const WorldOptions& o) {
+  try {
+    init_world(o);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST_F(WorldTest, TorchrunVariablesGiveTheRankAndNode) {
+  torchrun(5, 8, 1, 4);
+  RankInfo r = detect_launch();
+  EXPECT_EQ(r.launcher, "torchrun");
+  EXPECT_EQ(r.rank, 5);
+  EXPECT_EQ(r.size, 8);
+  EXPECT_EQ(r.local_rank, 1);
+  EXPECT_EQ(r.local_size, 4);
+  EXPECT_EQ(r.node, 1);
+  EXPECT_EQ(r.nodes, 2);
+  torchrun(4, 4, 0, 4);  // rank past the world
+  try {
+    detect_launch();
+    ADD_FAILURE() << "rank 4 of 4 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("torchrun"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(WorldTest, TorchrunWithoutARendezvousWorldIsRefusedNamingTheLaunchers) {
+  torchrun(1, 2, 1, 2);
+  std::string e = error_of({});
+  EXPECT_NE(e.find("torchrun"), std::string::npos) << e;
+  EXPECT_NE(e.find("mpirun -np N"), std::string::npos) << e;
+  EXPECT_NE(e.find("train.device: cuda"), std::string::npos) << e;
+}
+
+TEST_F(WorldTest, TorchrunHandsSeveralRanksToTheRendezvousWorld) {
+  torchrun(3, 4, 1, 2);
+  int calls = 0;
+  RankInfo seen;
+  WorldOptions o;
+  o.ranks_per_node = 1;  // declared nodes win over LOCAL_WORLD_SIZE
+  o.rendezvous_world = [&](const RankInfo& ri) -> std::unique_ptr<Communicator> {
+    ++calls;
+    seen = ri;
+    return std::make_unique<FakeWorld>(ri);
+  };
+  auto w = init_world(o);
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(w->backend(), "fake");
+  EXPECT_EQ(w->rank(), 3);
+  EXPECT_EQ(w->size(), 4);
+  EXPECT_EQ(seen.node, 3);
+  EXPECT_EQ(seen.nodes, 4);
+  EXPECT_EQ(rank_info().node, 3);  // what the trainer reads later
+
+  o.backend = "mpi";  // MPI cannot be joined from torchrun's variables
+  std::string e = error_of(o);
+  EXPECT_NE(e.find("dist.backend: mpi"), std::string::npos) << e;
+  EXPECT_NE(e.find("torchrun"), std::string::npos) << e;
+  o.backend = "local";
+  e = error_of(o);
+  EXPECT_NE(e.find("dist.backend: local"), std::string::npos) << e;
+  EXPECT_EQ(calls, 1);
+}
+
+TEST_F(WorldTest, OneTorchrunRankIsLocalUnlessNcclIsAskedFor) {
+  torchrun(0, 1, 0, 1);
+  int calls = 0;
+  WorldOptions o;
+  o.rendezvous_world = [&](const RankInfo& ri) -> std::unique_ptr<Communicator> {
+    ++calls;
+    return std::make_unique<FakeWorld>(ri);
+  };
+  EXPECT_EQ(init_world(o)->backend(), "local");
+  EXPECT_EQ(calls, 0);
+  o.backend = "nccl";  // an NCCL world of one, as dist.backend: nccl asks for under mpirun
+  EXPECT_EQ(init_world(o)->backend(), "fake");
+  EXPECT_EQ(calls, 1);
+  // Without a launcher the rendezvous world is never asked for.
+  unsetenv("WORLD_SIZE");
+  EXPECT_EQ(init_world(o)->backend(), "local");
+  EXPECT_EQ(calls, 1);
+}
+
+}  // namespace
+}  // namespace lmforge::dist
