@@ -18,7 +18,7 @@ void add_prepare(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
       "prepare", "Tokenize .txt/.jsonl(.gz/.zst) into token shards (docs/formats.md)");
-  cmd->add_option("config", o->config, "YAML with output, tokenizer, sources (docs/config.md)");
+  cmd->add_option("config", o->config, "YAML with output, tokenizer, sources (docs/formats.md)");
   cmd->add_option("--input", o->inputs, "Files, directories or globs (one source, see --name)");
   cmd->add_option("--name", o->name, "Source name for --input")->capture_default_str();
   cmd->add_option("--output", o->output, "Output directory");

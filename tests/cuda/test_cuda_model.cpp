@@ -352,7 +352,8 @@ TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
 // dist.backend: nccl on one GPU: the gradients and the loss's scalars go through an NCCL world
 // of one rank, which must train exactly as the plain single-GPU run does; bootstrapped through the
 // host world, and as a torchrun launch of one rank (the world itself NCCL, made by
-// make_nccl_world_tcp, which also carries the run directory's barriers).
+// make_nccl_world_tcp, which also carries the run directory's barriers; one rank needs no TCP
+// rendezvous, so that part is tested only by test_nccl's threads).
 TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
 #ifndef LMFORGE_HAVE_NCCL
@@ -374,7 +375,9 @@ TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
     auto torchrun =
         testing::run_lmforge(common + "--set dist.strategy=" + strategy +
                                  " --set dist.backend=nccl --set run.dir=torchrun-" + strategy,
-                             dir, "env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1");
+                             dir,
+                             "env -u OMPI_COMM_WORLD_SIZE -u SLURM_PROCID -u PMI_SIZE WORLD_SIZE=1 "
+                             "RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1");
     ASSERT_EQ(torchrun.exit_code, 0) << torchrun.err;
     EXPECT_NE(torchrun.out.find("dist: 1 ranks (1 node(s) x 1) over nccl,"), std::string::npos)
         << torchrun.out;

@@ -179,6 +179,28 @@ TEST_F(Nccl, TcpWorldOfOneRank) {
 
 namespace {
 
+// Sets (or, for nullptr, unsets) an environment variable for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    if (value)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_.c_str(), old_.c_str(), 1);
+    else
+      unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
 // A port nothing listens on right now (the kernel's pick for port 0).
 int free_port() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -279,6 +301,42 @@ TEST(TcpRendezvous, StrayConnectionIsIgnored) {
   EXPECT_EQ(err0, "");
   EXPECT_EQ(err1, "");
   EXPECT_EQ(got, id0);
+}
+
+// The address make_nccl_world_tcp meets at: MASTER_ADDR:MASTER_PORT; LMFORGE_NCCL_PORT wins;
+// under torchrun's agent store (which listens on MASTER_PORT) the next port.
+TEST(TcpRendezvous, AddressFromTheLaunchersVariables) {
+  RankInfo info;
+  info.size = 2;
+  info.launcher = "torchrun";
+  ScopedEnv addr("MASTER_ADDR", "node0"), port("MASTER_PORT", "29500");
+  ScopedEnv mine("LMFORGE_NCCL_PORT", nullptr), agent("TORCHELASTIC_USE_AGENT_STORE", nullptr);
+  RendezvousAddress a = rendezvous_address(info);
+  EXPECT_EQ(a.addr, "node0");
+  EXPECT_EQ(a.port, 29500);
+  EXPECT_NE(a.where.find("MASTER_ADDR:MASTER_PORT=node0:29500"), std::string::npos) << a.where;
+  {
+    ScopedEnv store("TORCHELASTIC_USE_AGENT_STORE", "True");
+    a = rendezvous_address(info);
+    EXPECT_EQ(a.port, 29501);
+    EXPECT_NE(a.where.find("torchrun's store"), std::string::npos) << a.where;
+    ScopedEnv chosen("LMFORGE_NCCL_PORT", "31000");
+    a = rendezvous_address(info);
+    EXPECT_EQ(a.port, 31000);
+    EXPECT_NE(a.where.find("LMFORGE_NCCL_PORT=31000"), std::string::npos) << a.where;
+  }
+  {
+    ScopedEnv store("TORCHELASTIC_USE_AGENT_STORE", "False");
+    EXPECT_EQ(rendezvous_address(info).port, 29500);
+  }
+  {
+    ScopedEnv bad("LMFORGE_NCCL_PORT", "http");
+    std::string e = error_of([&] { rendezvous_address(info); });
+    EXPECT_NE(e.find("LMFORGE_NCCL_PORT=\"http\""), std::string::npos) << e;
+  }
+  ScopedEnv none("MASTER_ADDR", nullptr);
+  std::string e = error_of([&] { rendezvous_address(info); });
+  EXPECT_NE(e.find("MASTER_ADDR and MASTER_PORT must be set for 2 ranks"), std::string::npos) << e;
 }
 
 }  // namespace lmforge::dist

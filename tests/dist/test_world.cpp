@@ -51,6 +51,7 @@ class WorldTest : public ::testing::Test {
                                           "RANK",
                                           "LOCAL_RANK",
                                           "LOCAL_WORLD_SIZE",
+                                          "TORCHELASTIC_RUN_ID",
                                           "LMFORGE_RANKS_PER_NODE"};
   std::vector<std::pair<std::string, std::string>> saved_;
 };
@@ -100,6 +101,26 @@ TEST_F(WorldTest, TorchrunVariablesGiveTheRankAndNode) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("torchrun"), std::string::npos) << e.what();
   }
+}
+
+// torchrun started by srun (or inside an sbatch script, or under mpirun): its workers inherit
+// the outer launcher's variables, and torchrun's ranks (marked by TORCHELASTIC_RUN_ID) win.
+TEST_F(WorldTest, TorchrunWorkersInsideSrunOrMpirunTakeTorchrunsRanks) {
+  setenv("SLURM_PROCID", "1", 1);
+  setenv("SLURM_NTASKS", "2", 1);
+  setenv("SLURM_LOCALID", "0", 1);
+  setenv("SLURM_NTASKS_PER_NODE", "1", 1);
+  setenv("OMPI_COMM_WORLD_SIZE", "2", 1);
+  setenv("OMPI_COMM_WORLD_RANK", "1", 1);
+  torchrun(6, 8, 2, 4);
+  EXPECT_EQ(detect_launch().launcher, "mpirun");  // WORLD_SIZE alone: could be anyone's
+  setenv("TORCHELASTIC_RUN_ID", "job42", 1);
+  RankInfo r = detect_launch();
+  EXPECT_EQ(r.launcher, "torchrun");
+  EXPECT_EQ(r.rank, 6);
+  EXPECT_EQ(r.size, 8);
+  EXPECT_EQ(r.local_rank, 2);
+  EXPECT_EQ(r.node, 1);
 }
 
 TEST_F(WorldTest, TorchrunWithoutARendezvousWorldIsRefusedNamingTheLaunchers) {

@@ -68,10 +68,14 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"dist.backend", "gloo"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.profile_steps=-1", dir),
                         {"train.profile_steps", ">= 0"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.spike_window=10", dir),
+                        {"train.spike_window", "at least 20", "train.spike_zscore: 0"});
   // torchrun's variables: its ranks can join only an NCCL world (a model on GPUs).
-  expect_one_line_error(run_lmforge("train tiny.yaml", dir,
-                                    "env WORLD_SIZE=2 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2"),
-                        {"torchrun", "WORLD_SIZE=2", "mpirun -np N", "train.device: cuda"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml", dir,
+                  "env -u OMPI_COMM_WORLD_SIZE -u SLURM_PROCID -u PMI_SIZE WORLD_SIZE=2 "
+                  "RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2"),
+      {"torchrun", "WORLD_SIZE=2", "mpirun -np N", "train.device: cuda"});
   if (!cuda::available())  // a GPU asked for where there is none (built with CUDA or not)
     expect_one_line_error(run_lmforge("train tiny.yaml --set train.device=cuda", dir),
                           {"train.device: cuda", "no CUDA GPU is visible"});

@@ -69,7 +69,12 @@ std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
 
 RankInfo detect_launch() {
   RankInfo r;
-  if (std::getenv("OMPI_COMM_WORLD_SIZE")) {
+  // torchrun's workers inherit their parent's variables (srun torchrun, torchrun inside an sbatch
+  // script or an mpirun): its own TORCHELASTIC_RUN_ID marks them, and its ranks win.
+  const bool torchrun = std::getenv("WORLD_SIZE") && std::getenv("TORCHELASTIC_RUN_ID");
+  if (torchrun) {
+    r.launcher = "torchrun";
+  } else if (std::getenv("OMPI_COMM_WORLD_SIZE")) {
     r.launcher = "mpirun";
     r.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
     r.size = env_int("OMPI_COMM_WORLD_SIZE", 1);
@@ -90,6 +95,8 @@ RankInfo detect_launch() {
     r.local_size = env_int("MPI_LOCALNRANKS", 1);
   } else if (std::getenv("WORLD_SIZE")) {
     r.launcher = "torchrun";
+  }
+  if (r.launcher == "torchrun") {
     r.rank = env_int("RANK", 0);
     r.size = env_int("WORLD_SIZE", 1);
     r.local_rank = env_int("LOCAL_RANK", 0);
@@ -143,7 +150,7 @@ std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
     fail(
         "launched by torchrun-style variables (WORLD_SIZE={}) but CPU training communicates over "
         "MPI; start it with mpirun -np N, srun, or lmforge launch --nproc N (torchrun is for "
-        "train.device: cuda)",
+        "train.device: cuda, or auto with GPUs)",
         g_info.size);
   return make_mpi_world(g_info, opt.timeout_s);
 }

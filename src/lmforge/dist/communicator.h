@@ -115,7 +115,9 @@ void set_context(std::string what);
 const std::string& context();
 
 // Stops every rank of the job (MPI_Abort under MPI) after printing `line` on stderr; for fatal
-// errors on one rank that the others would otherwise wait for.
+// errors on one rank that the others would otherwise wait for. Without MPI (torchrun's NCCL
+// world) only this process exits: the launcher stops its siblings, and the other ranks' next
+// collective fails within dist.timeout naming the operation.
 [[noreturn]] void abort_job(const std::string& line, int code = 1);
 
 }  // namespace lmforge::dist

@@ -233,9 +233,9 @@ int listen_any(int port, const std::string& where) {
     close(fd);
     fail("NCCL rendezvous: rank 0 cannot listen on port {} ({}): {}; {}", port, where,
          std::strerror(e),
-         e == EADDRINUSE ? "another process holds it (under torchrun its agent's store may: set "
-                           "LMFORGE_NCCL_PORT to a free port for every rank)"
-                         : "choose another MASTER_PORT");
+         e == EADDRINUSE ? "another process holds it: set LMFORGE_NCCL_PORT to a free port for "
+                           "every rank"
+                         : "choose another MASTER_PORT or LMFORGE_NCCL_PORT");
   }
   return fd;
 }
@@ -558,22 +558,35 @@ std::unique_ptr<Communicator> make_nccl_world_tcp(const RankInfo& info, int devi
   ncclUniqueId id{};
   if (info.rank == 0) LMF_NCCL_CHECK(ncclGetUniqueId(&id));
   if (info.size > 1) {
-    const char* addr = std::getenv("MASTER_ADDR");
-    const char* port_s = std::getenv("MASTER_PORT");
-    if (!addr || !*addr || !port_s || !*port_s)
-      fail(
-          "NCCL rendezvous: MASTER_ADDR and MASTER_PORT must be set for {} ranks (launched by "
-          "{}); torchrun sets them, or export them on every rank",
-          info.size, info.launcher);
-    int port = env_port("MASTER_PORT", port_s);
-    std::string where = fmt::format("MASTER_ADDR:MASTER_PORT={}:{}", addr, port_s);
-    if (const char* p = std::getenv("LMFORGE_NCCL_PORT"); p && *p) {
-      port = env_port("LMFORGE_NCCL_PORT", p);
-      where = fmt::format("MASTER_ADDR={}, LMFORGE_NCCL_PORT={}", addr, p);
-    }
-    tcp_rendezvous(addr, port, info.rank, info.size, &id, sizeof id, timeout_s, where);
+    const RendezvousAddress a = rendezvous_address(info);
+    tcp_rendezvous(a.addr, a.port, info.rank, info.size, &id, sizeof id, timeout_s, a.where);
   }
   return init_comm(id, info.rank, info.size, device, timeout_s);
+}
+
+RendezvousAddress rendezvous_address(const RankInfo& info) {
+  const char* addr = std::getenv("MASTER_ADDR");
+  const char* port_s = std::getenv("MASTER_PORT");
+  if (!addr || !*addr || !port_s || !*port_s)
+    fail(
+        "NCCL rendezvous: MASTER_ADDR and MASTER_PORT must be set for {} ranks (launched by {}); "
+        "torchrun sets them, or export them on every rank",
+        info.size, info.launcher);
+  RendezvousAddress a{addr, env_port("MASTER_PORT", port_s),
+                      fmt::format("MASTER_ADDR:MASTER_PORT={}:{}", addr, port_s)};
+  const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  if (const char* p = std::getenv("LMFORGE_NCCL_PORT"); p && *p) {
+    a.port = env_port("LMFORGE_NCCL_PORT", p);
+    a.where = fmt::format("MASTER_ADDR={}, LMFORGE_NCCL_PORT={}", addr, p);
+  } else if (agent_store && std::string(agent_store) == "True") {
+    // torchrun's agent keeps its own store on MASTER_PORT: the next port, unless told another.
+    a.port = a.port < 65535 ? a.port + 1 : a.port - 1;
+    a.where = fmt::format(
+        "MASTER_ADDR={}, port {} (MASTER_PORT={} is torchrun's store; LMFORGE_NCCL_PORT chooses "
+        "another)",
+        addr, a.port, port_s);
+  }
+  return a;
 }
 
 void tcp_rendezvous(const std::string& addr, int port, int rank, int size, void* id, size_t bytes,

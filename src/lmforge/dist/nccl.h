@@ -85,12 +85,22 @@ class NcclCommunicator final : public Communicator {
 std::unique_ptr<Communicator> make_nccl_world(Communicator& bootstrap, int device,
                                               double timeout_s = 600);
 
-// The NCCL world without MPI (torchrun's convention): rank 0 listens on MASTER_PORT (or
-// LMFORGE_NCCL_PORT when set, for when torchrun's own store holds MASTER_PORT) and sends the
-// ncclUniqueId to each other rank, which connects to MASTER_ADDR:MASTER_PORT, retrying until
-// timeout_s. Throws Error naming MASTER_ADDR:MASTER_PORT when the rendezvous fails.
+// The NCCL world without MPI (torchrun's convention): rank 0 listens on rendezvous_address()'s
+// port and sends the ncclUniqueId to each other rank, which connects to it, retrying until
+// timeout_s. Throws Error naming the address and port when the rendezvous fails.
 std::unique_ptr<Communicator> make_nccl_world_tcp(const RankInfo& info, int device,
                                                   double timeout_s = 600);
+
+// Where make_nccl_world_tcp meets: MASTER_ADDR and MASTER_PORT, or LMFORGE_NCCL_PORT when set;
+// under torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE=True: the agent listens on
+// MASTER_PORT itself) the port after MASTER_PORT. `where` names them in errors. Throws Error
+// when MASTER_ADDR or MASTER_PORT is missing or a port is not a number.
+struct RendezvousAddress {
+  std::string addr;
+  int port = 0;
+  std::string where;
+};
+RendezvousAddress rendezvous_address(const RankInfo& info);
 
 // The rendezvous make_nccl_world_tcp uses, on any bytes: rank 0 (of `size`) listens on `port`
 // and sends `id` to every other rank; the others connect to addr:port and receive it into `id`.

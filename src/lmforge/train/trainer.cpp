@@ -110,6 +110,12 @@ void validate_train_config(const Config& cfg) {
   if (t.spike_zscore < 0)
     fail("train.spike_zscore: must be >= 0 (0 = off), got {}", t.spike_zscore);
   positive(t.spike_window, "spike_window");
+  if (const int64_t h = SpikeGuard::Options{}.min_history; t.spike_zscore > 0 && t.spike_window < h)
+    fail(
+        "train.spike_window: {} is below the {} accepted steps the spike guard needs before it "
+        "z-scores a loss (it would never fire); raise it to at least {}, or set "
+        "train.spike_zscore: 0",
+        t.spike_window, h, h);
   if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
   if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
   if (t.profile_steps < 0)
