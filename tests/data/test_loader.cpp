@@ -140,8 +140,11 @@ TEST(Loader, BestFitPackingCutsFewerDocumentsAndRestartsPositions) {
       }
       EXPECT_EQ(pos[i], tok[i] % 1000) << i;  // position within its document
       bool same_doc_next = i % 32 < 31 && doc[i + 1] == doc[i];
-      if (same_doc_next) EXPECT_EQ(tgt[i], tok[i + 1]);
-      if (!same_doc_next && i % 32 < 31) EXPECT_EQ(tgt[i], -100);  // no cross-document target
+      if (same_doc_next) {
+        EXPECT_EQ(tgt[i], tok[i + 1]);
+      } else if (i % 32 < 31) {
+        EXPECT_EQ(tgt[i], -100);  // no cross-document target
+      }
     }
   }
 }
@@ -162,6 +165,45 @@ TEST(Loader, RejectsTokensBeyondTheVocabularyAndTooLittleData) {
   LoaderOptions o = opts(1, 8, 1);
   o.packing = "best_fit";  // needs a document index
   EXPECT_THROW(Loader(parse_data_spec(path, "data.train"), o), Error);
+}
+
+// A checkpoint's loader state resumes only the data it was saved over: another sequence length
+// (so another sample count) or a cursor out of range is refused, naming the source.
+TEST(Loader, StateOfOtherDataOrOutOfRangeIsRefused) {
+  std::string path = counting_shard(testing::temp_dir("loader-state"), "s.bin", 16 * 20 + 1);
+  auto spec = parse_data_spec(path, "data.train");
+  Loader l(spec, opts(4, 16, 9));
+  Batch b = Batch::make(4, 16);
+  l.next(b);
+  nlohmann::json st = l.state();
+  EXPECT_EQ(st["sources"][0]["samples"], 20);
+  auto error_of = [&](Loader& into, const nlohmann::json& j) -> std::string {
+    try {
+      into.set_state(j);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  Loader shorter(spec, opts(4, 8, 9));  // 40 samples of 8+1 tokens
+  std::string e = error_of(shorter, st);
+  EXPECT_NE(e.find("made 20 samples but now makes 40"), std::string::npos) << e;
+  EXPECT_NE(e.find("s.bin"), std::string::npos) << e;
+  nlohmann::json bad = st;
+  bad["sources"][0]["cursor"] = -3;
+  e = error_of(l, bad);
+  EXPECT_NE(e.find("sample -3 of 20 is out of range"), std::string::npos) << e;
+  bad["sources"][0]["cursor"] = 21;
+  EXPECT_NE(error_of(l, bad).find("out of range"), std::string::npos);
+  nlohmann::json old = st;  // a checkpoint from before "samples" was saved still resumes
+  old["sources"][0].erase("samples");
+  EXPECT_EQ(error_of(l, old), "");
+  try {
+    Loader none(spec, opts(4, 0, 9));
+    ADD_FAILURE() << "a sequence length of 0 was accepted";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("sequence length 0"), std::string::npos) << err.what();
+  }
 }
 
 }  // namespace lmforge

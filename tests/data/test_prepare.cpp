@@ -244,4 +244,51 @@ TEST(Prepare, FatalErrorsAreClearAndWriteNothing) {
   EXPECT_NE(error_of(other).find("different prepare"), std::string::npos);
 }
 
+// text_mode: blank_line: a line too long to hold is dropped by the line reader; it must count
+// the whole block as too_large, not end it as a blank line would (which kept both halves).
+TEST(Prepare, BlankLineModeSkipsABlockWithAnOverlongLine) {
+  std::string dir = testing::temp_dir("prepare-blank");
+  {
+    std::ofstream f(dir + "/in.txt", std::ios::binary);
+    f << "first line\n" << std::string((1 << 20) + 4096, 'x') << "\nlast line\n\nsecond doc\n";
+  }
+  PrepareOptions o = options(dir + "/in.txt", dir + "/out");
+  o.sources[0].doc.text_mode = "blank_line";
+  o.sources[0].doc.max_document_bytes = 100;
+  o.val_fraction = 0;
+  json s = run_prepare(o)["sources"]["src"];
+  EXPECT_EQ(s["skipped"], (json{{"too_large", 1}}));
+  auto tok = load_tokenizer(gpt2());
+  EXPECT_EQ(decode_split(dir + "/out/src", "train", *tok), std::vector<std::string>{"second doc"});
+}
+
+// A gzip input cut short is an error naming it, not a corpus that silently ends early.
+TEST(Prepare, TruncatedGzipIsAnError) {
+  std::string dir = testing::temp_dir("prepare-gz");
+  write_jsonl(dir + "/in.jsonl", make_docs(200));
+  ASSERT_EQ(std::system(("gzip -k '" + dir + "/in.jsonl'").c_str()), 0);
+  run_prepare(options(dir + "/in.jsonl.gz", dir + "/whole"));  // the whole file reads
+  fs::resize_file(dir + "/in.jsonl.gz", fs::file_size(dir + "/in.jsonl.gz") / 2);
+  try {
+    run_prepare(options(dir + "/in.jsonl.gz", dir + "/cut"));
+    ADD_FAILURE() << "a truncated .gz was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("in.jsonl.gz: gzip stream ends early"), std::string::npos)
+        << e.what();
+  }
+}
+
+// A BOM before a record that is skipped repaired nothing: only kept records count as repaired.
+TEST(Prepare, BomOnASkippedRecordIsNotCountedAsRepaired) {
+  std::string dir = testing::temp_dir("prepare-bom");
+  {
+    std::ofstream f(dir + "/in.jsonl", std::ios::binary);
+    f << "\xEF\xBB\xBF{\"text\": \"\"}\n";
+    for (auto& d : make_docs(5)) f << json{{"text", d}}.dump() << "\n";
+  }
+  json s = run_prepare(options(dir + "/in.jsonl", dir + "/out"))["sources"]["src"];
+  EXPECT_EQ(s["skipped"], (json{{"empty", 1}}));
+  EXPECT_FALSE(s.contains("repaired") && s["repaired"].contains("bom")) << s.dump();
+}
+
 }  // namespace lmforge

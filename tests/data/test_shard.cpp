@@ -58,4 +58,32 @@ TEST(Shard, BadMagicSizeMismatchAndMissingFileAreClearErrors) {
   EXPECT_THROW(expand_shards(dir + "/nothing*", "data.train"), Error);
 }
 
+// The document index is checked whole: an entry in the middle past the tokens, or going back,
+// would make the loader read past the mapped file. 2-byte tokens leave the index unaligned
+// (N odd): it still reads back.
+TEST(Shard, DocumentIndexIsCheckedWholeAndReadUnaligned) {
+  std::string dir = testing::temp_dir("shard-index");
+  std::vector<uint32_t> toks = {1, 2, 3, 4, 5, 6, 7};  // u16, 7 tokens: index at an odd offset
+  write_shard(dir + "/ok.bin", toks, {0, 3, 5});
+  TokenShard ok = TokenShard::open(dir + "/ok.bin");
+  ASSERT_EQ(ok.num_docs(), 3);
+  EXPECT_EQ(ok.doc_start(1), 3);
+  EXPECT_EQ(ok.doc_start(2), 5);
+  EXPECT_EQ(ok.doc_start(3), 7);
+  const std::string bytes = testing::slurp(dir + "/ok.bin");
+  const size_t index = kShardHeaderBytes + 2 * toks.size();
+  ASSERT_EQ(bytes.size(), index + 4 * 8);
+  auto with_entry = [&](const std::string& name, int d, uint64_t v) {
+    std::string b = bytes;
+    std::memcpy(b.data() + index + 8 * d, &v, 8);
+    std::ofstream(dir + "/" + name, std::ios::binary) << b;
+    return dir + "/" + name;
+  };
+  std::string e = error_of(with_entry("past.bin", 1, 10000000));
+  EXPECT_NE(e.find("document 1 of the index starts at token 10000000"), std::string::npos) << e;
+  EXPECT_NE(e.find("past.bin"), std::string::npos) << e;
+  e = error_of(with_entry("back.bin", 2, 2));
+  EXPECT_NE(e.find("document 2 of the index starts at token 2 (after 3"), std::string::npos) << e;
+}
+
 }  // namespace lmforge

@@ -54,6 +54,13 @@ class GzipStream : public ByteStream {
       const char* msg = gzerror(gz_, &err);
       fail("{}: corrupt gzip data ({}); the file is truncated or damaged", path_, msg);
     }
+    if (static_cast<size_t>(got) < n) {  // end of input: complete, or cut inside a gzip member
+      int err = Z_OK;
+      gzerror(gz_, &err);
+      if (err == Z_BUF_ERROR)
+        fail("{}: gzip stream ends early; the file is truncated (re-create or re-download it)",
+             path_);
+    }
     return static_cast<size_t>(got);
   }
   uint64_t consumed() const override { return static_cast<uint64_t>(gzoffset(gz_)); }

@@ -211,15 +211,17 @@ bool DocumentReader::next_raw(RawRecord* r) {
         d->bom_removed = true;
       }
       first_line_ = false;
+      if (st == LineReader::Status::kTooLong) {  // its bytes were dropped: not a blank line
+        any = too_long = true;
+        continue;
+      }
       bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
       if (blank) {
         if (any) break;
         continue;
       }
       any = true;
-      if (st == LineReader::Status::kTooLong ||
-          block.size() + line.size() > opt_.max_document_bytes)
-        too_long = true;
+      if (block.size() + line.size() > opt_.max_document_bytes) too_long = true;
       if (!too_long) {
         if (!block.empty()) block += '\n';
         block += line;

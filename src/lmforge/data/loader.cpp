@@ -55,6 +55,8 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     fail("data.packing: expected none or best_fit, got \"{}\"", o_.packing);
   if (o_.world < 1 || o_.rank < 0 || o_.rank >= o_.world)
     fail("loader: rank {} of world {} is invalid", o_.rank, o_.world);
+  if (o_.batch < 1 || o_.seq < 1)
+    fail("loader: batch size {} and sequence length {} must be at least 1", o_.batch, o_.seq);
   double wsum = 0;
   for (const DataSourceSpec& spec : specs) {
     Source s;
@@ -276,7 +278,8 @@ void Loader::check_tokenizer(const Tokenizer& tok, const std::string& key) const
 
 nlohmann::json Loader::state() const {
   nlohmann::json src = nlohmann::json::array();
-  for (const Source& s : sources_) src.push_back({{"epoch", s.epoch}, {"cursor", s.cursor}});
+  for (const Source& s : sources_)
+    src.push_back({{"epoch", s.epoch}, {"cursor", s.cursor}, {"samples", s.samples()}});
   return {{"rng", rng_.state()}, {"sources", src}};
 }
 
@@ -288,8 +291,21 @@ void Loader::set_state(const nlohmann::json& j) {
       fail("loader state has {} sources but data.train has {}; resume with the same data",
            src.size(), sources_.size());
     for (size_t i = 0; i < sources_.size(); ++i) {
-      sources_[i].epoch = src[i].at("epoch").get<int64_t>();
-      sources_[i].cursor = src[i].at("cursor").get<int64_t>();
+      Source& s = sources_[i];
+      // Checkpoints before "samples" was saved carry only epoch and cursor.
+      if (src[i].contains("samples") && src[i].at("samples").get<int64_t>() != s.samples())
+        fail(
+            "checkpoint loader state: {} made {} samples but now makes {} (its shards, "
+            "train.seq_len or data.packing changed); resume with the same data, or start a new "
+            "run from the checkpoint with init_from",
+            s.spec, src[i].at("samples").get<int64_t>(), s.samples());
+      const int64_t epoch = src[i].at("epoch").get<int64_t>();
+      const int64_t cursor = src[i].at("cursor").get<int64_t>();
+      if (epoch < 0 || cursor < 0 || cursor > s.samples())
+        fail("checkpoint loader state: {}: epoch {}, sample {} of {} is out of range", s.spec,
+             epoch, cursor, s.samples());
+      s.epoch = epoch;
+      s.cursor = cursor;
     }
   } catch (const nlohmann::json::exception& e) {
     fail("checkpoint loader state is malformed ({})", e.what());

@@ -134,7 +134,7 @@ class Job {
       for (size_t k = 0; k < docs[slot].size(); ++k) {
         const Document& d = docs[slot][k];
         uint64_t index = p.records + records_read_++;
-        if (d.bom_removed) ++repaired_["bom"];
+        if (d.bom_removed && d.skip.empty()) ++repaired_["bom"];  // repaired = kept
         if (!d.skip.empty())
           ++skipped_[d.skip];
         else

@@ -49,10 +49,20 @@ TokenShard TokenShard::open(const std::string& path) {
         path, count, docs, size - kShardHeaderBytes);
   s.version_ = version;
   if (docs) {
-    s.docs_ = reinterpret_cast<const uint64_t*>(base + kShardHeaderBytes + count * width);
+    s.docs_ = base + kShardHeaderBytes + count * width;
     s.docs_n_ = docs;
-    if (s.docs_[0] != 0 || s.docs_[docs] != count)
+    if (s.doc_start(0) != 0 ||
+        s.doc_start(static_cast<int64_t>(docs)) != static_cast<int64_t>(count))
       fail("{}: the document index does not span the tokens; the shard is corrupt", path);
+    for (uint64_t d = 0, prev = 0; d <= docs; ++d) {  // offsets within [0, N], never decreasing
+      const uint64_t at = static_cast<uint64_t>(s.doc_start(static_cast<int64_t>(d)));
+      if (at < prev || at > count)
+        fail(
+            "{}: document {} of the index starts at token {} (after {}, of {}); the shard is "
+            "corrupt, re-create it",
+            path, d, at, prev, count);
+      prev = at;
+    }
   }
   s.path_ = path;
   s.map_ = m;

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,7 +48,11 @@ class TokenShard {
   const ShardTokenizerInfo& tokenizer() const { return tok_; }
   // Document index (empty when the shard has none): document d is [doc_start(d), doc_start(d+1)).
   int64_t num_docs() const { return static_cast<int64_t>(docs_n_); }
-  int64_t doc_start(int64_t d) const { return static_cast<int64_t>(docs_[d]); }
+  int64_t doc_start(int64_t d) const {  // the index follows 2-byte tokens: maybe not 8-aligned
+    uint64_t v;
+    std::memcpy(&v, docs_ + 8 * d, 8);
+    return static_cast<int64_t>(v);
+  }
   const std::string& path() const { return path_; }
 
  private:
@@ -58,7 +63,7 @@ class TokenShard {
   int64_t n_ = 0;
   uint32_t version_ = 0;
   ShardTokenizerInfo tok_;
-  const uint64_t* docs_ = nullptr;
+  const char* docs_ = nullptr;  // D+1 little-endian u64
   uint64_t docs_n_ = 0;
 };
 
