@@ -86,6 +86,9 @@ void convert(const std::string& from, const std::string& out) {
   } catch (const Error& e) {
     fail("{}: no usable tokenizer in the model directory ({})", from, e.what());
   }
+  if (tok->vocab_size() > hc.model.vocab_size)  // as init_from: hf:DIR checks
+    fail("{}: the tokenizer has {} ids but config.json says vocab_size {}", from, tok->vocab_size(),
+         hc.model.vocab_size);
   for (const std::string& n : hc.notes) fmt::print("note: {}\n", n);
   Config cfg;
   cfg.model = hc.model;
@@ -108,18 +111,28 @@ void consolidate(const std::string& from, const std::string& out) {
   std::string dir = resolve_checkpoint(from);
   Transformer model(checkpoint_model_config(dir));
   TrainState st;
-  const bool weights_only =
-      nlohmann::json::parse(read_file(dir + "/state.json")).value("weights_only", false);
+  const nlohmann::json state = nlohmann::json::parse(read_file(dir + "/state.json"));
+  const bool weights_only = state.value("weights_only", false);
   AdamW opt(model.params(), {});
-  load_checkpoint(dir, model, weights_only ? nullptr : &opt, &st);
+  if (weights_only) {  // the weights and where they came from; there is no run to resume
+    load_checkpoint(dir, model, nullptr, nullptr);
+    st.step = state.value("step", int64_t{0});
+    st.init_from = state.value("init_from", "");
+  } else {
+    load_checkpoint(dir, model, &opt, &st);
+  }
   auto tok = checkpoint_tokenizer(dir);
   std::string saved = save_checkpoint(out, model, weights_only ? nullptr : &opt, st,
                                       read_file(dir + "/config.yaml"), 0, *tok);
   fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
 }
 
-void export_hf(const std::string& checkpoint, const std::string& out, const std::string& dtype,
+void export_hf(const std::string& checkpoint, const std::string& out_arg, const std::string& dtype,
                const std::string& shard, bool force) {
+  // DIR/ and DIR name the same directory; the temporary goes beside it, not inside.
+  fs::path out_path = fs::path(out_arg).lexically_normal();
+  if (!out_path.has_filename()) out_path = out_path.parent_path();
+  const std::string out = out_path.string();
   DType dt = dtype == "fp32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : DType::kI32;
   if (dt == DType::kI32) fail("--dtype: expected fp32 or bf16, got \"{}\"", dtype);
   uint64_t max_shard = parse_size(shard);
@@ -176,7 +189,7 @@ void info(const std::string& path) {
   std::string from = checkpoint_init_from(dir);
   fmt::print("format:       lmforge checkpoint{}\n", from.empty() ? "" : ", init_from " + from);
   print_model(mc);
-  fmt::print("dtype:        F32\n");
+  fmt::print("dtype:        {}\n", fmt::join(checkpoint_dtypes(dir), ", "));
   print_tokenizer(*checkpoint_tokenizer(dir));
 }
 

@@ -90,7 +90,12 @@ TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
   EXPECT_NE(g.err.find("using step-00000004"), std::string::npos) << g.err;
   r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  ASSERT_EQ(lines(r.err).size(), 2u) << r.err;
+  ASSERT_EQ(lines(r.err).size(), 3u) << r.err;  // the third: step 12 moved aside at step 8's save
+  EXPECT_EQ(lines(r.err)[2].rfind("warning: run/checkpoints/step-00000012 is from a continuation "
+                                  "this run abandoned",
+                                  0),
+            0u)
+      << r.err;
   EXPECT_EQ(lines(r.err)[0].rfind("warning: run/checkpoints/step-00000012/model.safetensors: "
                                   "contents differ from manifest.json (SHA-256 mismatch)",
                                   0),
@@ -162,6 +167,16 @@ TEST(CheckpointResume, ResetOptimizerAndStartStep) {
   EXPECT_EQ(state["optimizer_steps"], 16);
   auto listing = testing::list_checkpoint_dir(dir + "/start");
   EXPECT_EQ(listing.complete.size(), 3u);  // step 4 as it was; 8 and 12 written anew
+  // The old step 12 (past the first new save, step 8) is moved aside, not deleted; the old step 8
+  // is replaced.
+  EXPECT_TRUE(fs::exists(dir + "/start/checkpoints/abandoned/step-00000012/state.json"));
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir + "/start/checkpoints/abandoned/step-00000012/"
+                                              "state.json"))["optimizer_steps"],
+            12);
+  EXPECT_NE(r.err.find("step-00000012 is from a continuation this run abandoned (it saved step 8 "
+                       "anew); moved to"),
+            std::string::npos)
+      << r.err;
 
   // Both need --resume; --start-step stays within train.steps.
   r = run_lmforge(std::string(kRun) + "--set run.dir=x --start-step 3", dir);

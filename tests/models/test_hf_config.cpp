@@ -160,6 +160,12 @@ TEST(HfConfig, FieldsThatChangeTheNetwork) {
   EXPECT_EQ(q2.model.sliding_window, 0) << "use_sliding_window is false";
   HfConfig mistral = hf_config_from_json(json::parse(kModels[4].config), "mistral");
   EXPECT_EQ(mistral.model.sliding_window, 4096);
+  // Without rms_norm_eps each family takes transformers' default: 1e-5 for Phi-3, 1e-6 for Llama.
+  json phi3 = json::parse(kModels[7].config), llama = json::parse(kModels[1].config);
+  phi3.erase("rms_norm_eps");
+  llama.erase("rms_norm_eps");
+  EXPECT_EQ(hf_config_from_json(phi3, "phi3").model.norm_eps, 1e-5);
+  EXPECT_EQ(hf_config_from_json(llama, "llama").model.norm_eps, 1e-6);
 }
 
 // Each mutation of a valid config must fail with an error naming `field`.
@@ -185,6 +191,11 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {8, "rope_interleaved", true, "rope_interleaved"},
       {7, "rope_scaling", {{"type", "longrope"}, {"long_factor", {1.0}}}, "long"},
       {2, "num_hidden_layers", "32", "num_hidden_layers"},
+      {2, "rope_scaling", {{"rope_type", "llama3"}, {"low_freq_factor", 1.0}}, "factor"},
+      {2, "rope_scaling", {{"rope_type", "llama3"}, {"factor", -8.0}}, "factor"},
+      {2, "rope_scaling", {{"rope_type", nullptr}}, "rope_type"},
+      {2, "rope_theta", "500000", "rope_theta"},
+      {2, "rope_theta", -1.0, "rope_theta"},
   };
   for (const Bad& b : cases) {
     json j = json::parse(kModels[b.model].config);

@@ -159,6 +159,12 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   ModelConfig mc = read_hf_config(src).model;
   EXPECT_NE(r.out.find("parameters:   " + std::to_string(mc.num_params())), std::string::npos)
       << r.out;
+  EXPECT_NE(r.out.find("dtype:        F32\n"), std::string::npos) << r.out;
+  // The converted checkpoint is weights-only: it consolidates (copies) all the same.
+  r = t::run_lmforge("convert --from-checkpoint run --out copy", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(t::slurp(root + "/copy/checkpoints/step-00000000/model.safetensors"),
+            t::slurp(root + "/run/checkpoints/step-00000000/model.safetensors"));
   r = t::run_lmforge("info '" + src + "'", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("Hugging Face (12 files)"), std::string::npos) << r.out;
@@ -178,6 +184,12 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   r = t::run_lmforge("export --checkpoint run --to-hf out", root);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+  // out/ names the same directory: replaced in place, its temporary beside it, not inside.
+  r = t::run_lmforge("export --checkpoint run --to-hf out/ --force", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(SafetensorsSet::open(root + "/out").names().size(), orig.names().size());
+  EXPECT_FALSE(std::filesystem::exists(root + "/out.tmp"));
+  EXPECT_FALSE(std::filesystem::exists(root + "/out/.tmp"));
 
   // Fine-tune from the HF directory on a small text; the run records where it started.
   std::ofstream(root + "/text.txt") << "In the beginning God created the heaven and the earth.\n";

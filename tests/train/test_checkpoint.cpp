@@ -121,9 +121,25 @@ TEST(Checkpoint, VerifyNamesTheFirstDamagedFile) {
   });
   EXPECT_EQ(r.first, "manifest.json");
   EXPECT_NE(r.second.find("malformed"), std::string::npos) << r.second;
-  // Files the manifest does not list are not its business.
+  // Files the manifest does not list are not its business, unless loading would read them: a
+  // tensor file (rank files are found by name), or a manifest that lists no state.json.
   r = damaged("extra", [](auto d) { std::ofstream(d + "/notes.txt") << "hi"; });
   EXPECT_EQ(r.first, "");
+  r = damaged("extra-rank", [](auto d) {
+    fs::copy_file(d + "/model.safetensors", d + "/model-rank-00001-of-00002.safetensors");
+  });
+  EXPECT_EQ(r.first, "model-rank-00001-of-00002.safetensors");
+  EXPECT_NE(r.second.find("not listed in manifest.json"), std::string::npos) << r.second;
+  r = damaged("unlisted-state", [](auto d) {
+    json m = json::parse(testing::slurp(d + "/manifest.json"));
+    json kept = json::array();
+    for (const json& f : m["files"])
+      if (f["path"] != "state.json") kept.push_back(f);
+    m["files"] = kept;
+    std::ofstream(d + "/manifest.json") << m.dump();
+  });
+  EXPECT_EQ(r.first, "manifest.json");
+  EXPECT_NE(r.second.find("lists no state.json"), std::string::npos) << r.second;
 }
 
 TEST(Checkpoint, LatestFallsBackPastDamagedAndIncompleteOnes) {
@@ -199,10 +215,13 @@ TEST(Checkpoint, SaveRemovesStaleTmpAndLaterSteps) {
   fs::create_directories(s.run + "/checkpoints/step-00000001.tmp");
   fs::create_directories(s.run + "/checkpoints/step-00000004.old.tmp");
   // Resumed from step 2: the next save is step 4, which replaces the old step 4 and ends the
-  // continuation that step 6 belonged to.
+  // continuation that step 6 belonged to (moved aside, not deleted).
   s.model.params().params()[0].value.data<float>()[0] += 1;
   s.save(4);
-  EXPECT_EQ(s.listing(), (std::vector<std::string>{"step-00000002", "step-00000004"}));
+  EXPECT_EQ(s.listing(), (std::vector<std::string>{"abandoned", "step-00000002", "step-00000004"}));
+  EXPECT_EQ(verify_checkpoint(s.run + "/checkpoints/abandoned/step-00000006"), "");
+  EXPECT_FALSE(fs::exists(s.run + "/checkpoints/step-00000004.old.tmp"));
+  EXPECT_FALSE(fs::exists(s.run + "/checkpoints/step-00000004.tmp"));
   EXPECT_EQ(verify_checkpoint(s.ckpt(4)), "");
   Transformer back(tiny_config());
   load_checkpoint(s.ckpt(4), back, nullptr, nullptr);

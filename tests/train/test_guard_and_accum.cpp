@@ -51,6 +51,27 @@ std::vector<float> grads(Transformer& m) {
   return g;
 }
 
+// Early stopping's history: a NaN or infinite validation loss is never the best (nothing would
+// beat it, and JSON writes it as null), counts as no improvement, and the state round-trips
+// through text as a checkpoint stores it.
+TEST(EvalHistory, NonFiniteLossesAreNeverTheBestAndTheStateRoundTrips) {
+  EvalHistory h;
+  EXPECT_FALSE(h.add(2, std::nan(""), 0.0));
+  EXPECT_EQ(h.best_step(), -1);
+  EXPECT_EQ(h.bad(), 1);
+  EvalHistory after_nan(nlohmann::json::parse(h.state().dump()));
+  EXPECT_EQ(after_nan.best_step(), -1);
+  EXPECT_TRUE(after_nan.add(4, 5.0, 0.0));
+  EXPECT_EQ(after_nan.bad(), 0);
+  EXPECT_FALSE(after_nan.add(6, INFINITY, 0.0));
+  EXPECT_TRUE(after_nan.add(8, 4.5, 0.0));
+  EXPECT_FALSE(after_nan.add(10, 4.45, 0.1));  // within min_delta
+  EvalHistory back(nlohmann::json::parse(after_nan.state().dump()));
+  EXPECT_EQ(back.best(), 4.5);
+  EXPECT_EQ(back.best_step(), 8);
+  EXPECT_EQ(back.bad(), 1);
+}
+
 TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {
   ModelConfig cfg = model_preset("llama3-tiny");
   cfg.vocab_size = 61;

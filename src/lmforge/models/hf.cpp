@@ -148,12 +148,26 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
   }
   if (r.has("rope_theta")) params["rope_theta"] = j.at("rope_theta");
   const std::string where = r.source() + ": rope_parameters";
-  std::string type = params.value("rope_type", params.value("type", std::string("default")));
-  m.rope_theta = params.value("rope_theta", 10000.0);
+  // A positive number under `k` (fallback when absent), or an error naming the file and key.
+  auto positive = [&](const char* k, double fallback) {
+    if (!params.contains(k)) return fallback;
+    const json& v = params[k];
+    if (!v.is_number() || !(v.get<double>() > 0))
+      fail("{}: \"{}\": expected a positive number, got {}", where, k, v.dump());
+    return v.get<double>();
+  };
+  std::string type = "default";
+  for (const char* k : {"type", "rope_type"})  // rope_type wins
+    if (params.contains(k)) {
+      if (!params[k].is_string())
+        fail("{}: \"{}\": expected a string, got {}", where, k, params[k].dump());
+      type = params[k].get<std::string>();
+    }
+  m.rope_theta = positive("rope_theta", 10000.0);
   for (auto& [k, v] : params.items()) {
     if (k == "rope_type" || k == "type" || k == "rope_theta") continue;
     if (k == "partial_rotary_factor") {
-      if (v.get<double>() != 1.0)
+      if (!v.is_number() || v.get<double>() != 1.0)
         fail("{}: partial_rotary_factor={} is not supported (lmforge rotates whole heads)", where,
              v.dump());
       continue;
@@ -164,11 +178,13 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
       fail("{}: \"{}\" ({}) is not supported with rope_type {}", where, k, v.dump(), type);
   }
   if (type == "llama3") {
-    m.rope_scaling.factor = params.at("factor").get<double>();
-    m.rope_scaling.low_freq_factor = params.value("low_freq_factor", 1.0);
-    m.rope_scaling.high_freq_factor = params.value("high_freq_factor", 4.0);
+    if (!params.contains("factor"))
+      fail("{}: rope_type llama3 needs \"factor\" (e.g. 32.0 for Llama 3.2)", where);
+    m.rope_scaling.factor = positive("factor", 0);
+    m.rope_scaling.low_freq_factor = positive("low_freq_factor", 1.0);
+    m.rope_scaling.high_freq_factor = positive("high_freq_factor", 4.0);
     m.rope_scaling.original_max_position_embeddings =
-        params.value("original_max_position_embeddings", int64_t{8192});
+        static_cast<int64_t>(positive("original_max_position_embeddings", 8192));
   } else if (type != "default") {
     fail("{}: rope_type \"{}\" is not supported (lmforge supports default and llama3)", where,
          type);
@@ -211,7 +227,7 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : 0;
   if (m.n_kv_head == m.n_head) m.n_kv_head = 0;
   m.max_seq_len = r.integer("max_position_embeddings");
-  m.norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.norm_eps = r.number("rms_norm_eps", type == "phi3" ? 1e-5 : 1e-6);  // transformers' defaults
   if (r.has("head_dim")) {
     m.head_dim = r.integer("head_dim");
     if (m.n_head > 0 && m.head_dim * m.n_head == m.n_embd) m.head_dim = 0;  // the default

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "lmforge/backend/ops.h"
 #include "lmforge/io/atomic_file.h"
@@ -140,11 +142,31 @@ std::optional<double> saved_val_loss(const fs::path& ckpt) {
   return std::nullopt;
 }
 
-// After saving step `step`: drops checkpoints past it, marks the best, keeps keep_last + best.
+// After saving step `step`: moves checkpoints past it aside (into checkpoints/abandoned/, so
+// --resume never takes them and nothing trained is deleted), marks the best, keeps keep_last +
+// best.
 void prune(const std::string& run_dir, int64_t step, int64_t keep_last) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
   std::vector<Listed> kept, drop;
-  for (Listed& c : list_checkpoints(run_dir)) (c.step > step ? drop : kept).push_back(c);
+  std::error_code ec;
+  for (Listed& c : list_checkpoints(run_dir)) {
+    if (c.step <= step) {
+      kept.push_back(c);
+      continue;
+    }
+    fs::path to = dir / "abandoned" / c.dir.filename();
+    fs::create_directories(to.parent_path(), ec);
+    fs::remove_all(to, ec);
+    fs::rename(c.dir, to, ec);
+    if (ec) {
+      drop.push_back(c);  // cannot move it aside: it must not be resumed, so it goes
+      continue;
+    }
+    fmt::print(stderr,
+               "warning: {} is from a continuation this run abandoned (it saved step {} anew); "
+               "moved to {}\n",
+               c.dir.string(), step, to.string());
+  }
   const Listed* best = nullptr;
   std::optional<double> best_loss;
   for (const Listed& c : kept) {
@@ -154,7 +176,6 @@ void prune(const std::string& run_dir, int64_t step, int64_t keep_last) {
       best_loss = vl;
     }
   }
-  std::error_code ec;
   if (best)
     write_file_atomic((dir / "best").string(), best->dir.filename().string() + "\n");
   else
@@ -366,11 +387,18 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   write_file_atomic((tmp / "state.json").string(), j.dump(2) + "\n");
   write_manifest(tmp);
 
-  // A checkpoint of the same step from an abandoned continuation is moved aside first: rename()
-  // does not replace a non-empty directory.
+  // A checkpoint of the same step (a finished run resumed, an abandoned continuation) is swapped
+  // with the new one in one atomic step where the filesystem can (renameat2 RENAME_EXCHANGE), so
+  // a kill never leaves the step without a complete checkpoint; else it is moved aside first
+  // (rename() does not replace a non-empty directory).
   fs::path old = dir / (name + ".old.tmp");
-  if (fs::exists(final_dir, ec)) fs::rename(final_dir, old);
-  fs::rename(tmp, final_dir);
+  if (fs::exists(final_dir, ec)) {
+    if (renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0)
+      old = tmp;  // now holds the replaced checkpoint
+    else
+      fs::rename(final_dir, old);
+  }
+  if (old != tmp) fs::rename(tmp, final_dir);
   sync_path(dir, true);
   fs::remove_all(old, ec);
   prune(run_dir, st.step, keep_last);
@@ -399,6 +427,7 @@ std::string verify_checkpoint(const std::string& ckpt_dir, std::string* why) {
                                   kManifestFormat));
   std::vector<fs::path> files;
   std::vector<std::string> sums;
+  std::set<std::string> listed;
   for (const json& f : m["files"]) {
     bool ok = f.is_object() && f.contains("path") && f["path"].is_string() && f.contains("bytes") &&
               f["bytes"].is_number_unsigned() && f.contains("sha256") && f["sha256"].is_string() &&
@@ -414,6 +443,16 @@ std::string verify_checkpoint(const std::string& ckpt_dir, std::string* why) {
     if (size != want) return bad(p, fmt::format("{} bytes, manifest.json says {}", size, want));
     files.push_back(p);
     sums.push_back(f["sha256"].get<std::string>());
+    listed.insert(rel.generic_string());
+  }
+  // What loading reads must have been saved with it: state.json, and every tensor file (the
+  // rank files are found by name, so one added later would be read unverified).
+  if (!listed.count("state.json"))
+    return bad(mpath, "lists no state.json; the checkpoint is corrupt");
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_regular_file(ec) && n.ends_with(".safetensors") && !listed.count(n))
+      return bad(e.path(), "not listed in manifest.json (added after the save?); remove it");
   }
   std::vector<std::string> hex;
   try {
@@ -549,6 +588,13 @@ void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int
 
 std::string checkpoint_init_from(const std::string& ckpt_dir) {
   return read_state(ckpt_dir).value("init_from", "");
+}
+
+std::set<std::string> checkpoint_dtypes(const std::string& ckpt_dir) {
+  std::set<std::string> out;
+  for (const Safetensors& f : open_pieces(ckpt_dir, "model"))
+    for (const std::string& n : f.names()) out.insert(f.info(n).dtype);
+  return out;
 }
 
 }  // namespace lmforge

@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "lmforge/core/rng.h"
@@ -84,6 +85,8 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir);
 // The checkpoint's recorded init_from ("" when trained from random weights).
 std::string checkpoint_init_from(const std::string& ckpt_dir);
+// The safetensors dtypes its model values are stored in ("F32"; "BF16" under bf16 master weights).
+std::set<std::string> checkpoint_dtypes(const std::string& ckpt_dir);
 // The values of the flat parameter elements [lo, lo + out.numel()) (ParamSet::offset) from
 // model.safetensors or the model-rank files, whichever the checkpoint has.
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,

@@ -48,18 +48,22 @@ Schedule make_schedule(const TrainConfig& t) {
 }
 
 json EvalHistory::state() const {
-  return {{"best", best_}, {"best_step", best_step_}, {"bad", bad_}};
+  return {{"best", best_step_ < 0 ? json(nullptr) : json(best_)},
+          {"best_step", best_step_},
+          {"bad", bad_}};
 }
 
 EvalHistory::EvalHistory(const json& j) {
   if (j.is_null()) return;
-  best_ = j.at("best").get<double>();
   best_step_ = j.at("best_step").get<int64_t>();
   bad_ = j.at("bad").get<int64_t>();
+  if (best_step_ >= 0) best_ = j.at("best").get<double>();
 }
 
 bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
-  if (best_step_ < 0 || val_loss < best_ - min_delta) {
+  // A non-finite loss never becomes the best (nothing would ever beat a NaN, and JSON cannot
+  // hold it): it counts as an evaluation without improvement.
+  if (std::isfinite(val_loss) && (best_step_ < 0 || val_loss < best_ - min_delta)) {
     best_ = val_loss;
     best_step_ = step;
     bad_ = 0;

@@ -33,7 +33,8 @@ Schedule make_schedule(const TrainConfig& t);
 class EvalHistory {
  public:
   explicit EvalHistory(const nlohmann::json& state = nullptr);
-  bool add(int64_t step, double val_loss, double min_delta);  // true if this is the new best
+  // True if this is the new best; a non-finite loss never is (it counts as no improvement).
+  bool add(int64_t step, double val_loss, double min_delta);
   double best() const { return best_; }
   int64_t best_step() const { return best_step_; }
   int64_t bad() const { return bad_; }
