@@ -512,11 +512,12 @@ def train_sentencepiece_style(train_lines):
     return vocab, merges
 
 
-def hf_sentencepiece_style(vocab, merges, metaspace):
+def hf_sentencepiece_style(vocab, merges, metaspace, byte_fallback=True, unk_token="<unk>"):
     """A Llama-2-style tokenizer.json. metaspace=False: Prepend + Replace normalizers (Llama 2's
     export); True: a Metaspace pre-tokenizer with prepend_scheme "first", split off
-    (transformers' non-legacy export)."""
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True,
+    (transformers' non-legacy export). byte_fallback / unk_token vary what happens to characters
+    without a token."""
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk_token, byte_fallback=byte_fallback,
                                fuse_unk=True))
     if metaspace:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
@@ -530,6 +531,45 @@ def hf_sentencepiece_style(vocab, merges, metaspace):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return tok
+
+
+# Added tokens with Hugging Face's flags (appended after GPT-2's <|endoftext|>): "special": false
+# tokens are matched in text even with split_special_tokens; lstrip/rstrip take the whitespace
+# before/after them.
+ADDED_WITH_FLAGS = [("<think>", dict(special=False)), ("</think>", dict(special=False)),
+                    ("<tool_call>", dict(special=False, lstrip=True, rstrip=True)),
+                    ("<mask>", dict(special=True, lstrip=True)),
+                    ("<|assistant|>", dict(special=True, rstrip=True))]
+
+
+def with_flagged_added_tokens(tok):
+    for text, flags in ADDED_WITH_FLAGS:
+        tok.add_tokens([AddedToken(text, normalized=False, **flags)])
+    return tok
+
+
+def flagged_token_texts(docs, seed=11):
+    """Documents with the flagged added tokens inserted among assorted whitespace."""
+    rng = random.Random(seed)
+    spaces = ["", " ", "  ", "\n", "\t ", " \n\n", "\u3000", "\u00a0 "]
+    out = []
+    for i, (name, text) in enumerate(docs):
+        text = text[:600]
+        for _ in range(4):
+            at = rng.randrange(len(text) + 1)
+            tok = rng.choice(ADDED_WITH_FLAGS)[0]
+            text = text[:at] + rng.choice(spaces) + tok + rng.choice(spaces) + text[at:]
+        out.append((f"flags-{i}:{name}", text))
+    return out
+
+
+def with_duplicate_merges(tokenizer_json_text, ranks_to_repeat):
+    """The same tokenizer.json with some merges listed again at the end (HF keeps the later
+    rank)."""
+    j = json.loads(tokenizer_json_text)
+    merges = j["model"]["merges"]
+    merges += [merges[r] for r in ranks_to_repeat]
+    return json.dumps(j, ensure_ascii=False)
 
 
 def train_sentencepiece(train_lines, path):
@@ -791,10 +831,44 @@ def make(out, assets, full=False):
     emit("hf-llama3", save(tok, "hf-llama3"), HfRef(tok, emulated, uni, has_bos=True), hf, main,
          True, "<|end_of_text|>")
 
+    # Added tokens with lstrip/rstrip/special=false; a Split that leaves text between its matches
+    # (kept as pieces); merges listed twice (the later rank wins).
+    tok = with_flagged_added_tokens(hf_gpt2(gpt2_ranks, 50256, False))
+    emulated = with_flagged_added_tokens(
+        hf_gpt2(gpt2_ranks, 50256, False, uni.rewrite("onig", gpt2_pattern)))
+    emit("hf-added-flags", save(tok, "hf-added-flags"), HfRef(tok, emulated, uni), hf,
+         flagged_token_texts(small[:80]) + small[:40], False, "<|endoftext|>")
+    words = r"\p{L}+"
+    split_tok = hf_gpt2(gpt2_ranks, 50256, False, words)
+    emit("hf-split-words", save(split_tok, "hf-split-words"),
+         HfRef(split_tok, hf_gpt2(gpt2_ranks, 50256, False, uni.rewrite("onig", words)), uni), hf,
+         small, True, "<|endoftext|>")
+    repeat = [0, 3, 40, 700]
+    dup_path = os.path.join(out, "hf-gpt2-dup-merges", "tokenizer.json")
+    os.makedirs(os.path.dirname(dup_path), exist_ok=True)
+    with open(dup_path, "w", encoding="utf-8") as f:
+        f.write(with_duplicate_merges(hf_gpt2(gpt2_ranks, 50256, False).to_str(), repeat))
+    dup = Tokenizer.from_file(dup_path)
+    dup_emulated = Tokenizer.from_str(with_duplicate_merges(
+        hf_gpt2(gpt2_ranks, 50256, False, uni.rewrite("onig", gpt2_pattern)).to_str(), repeat))
+    emit("hf-gpt2-dup-merges", dup_path, HfRef(dup, dup_emulated, uni), hf, small, True,
+         "<|endoftext|>")
+
     sp_vocab, sp_merges = train_sentencepiece_style(kjv_lines)
     for name, metaspace in [("hf-sp-bpe", False), ("hf-sp-metaspace", True)]:
         tok = hf_sentencepiece_style(sp_vocab, sp_merges, metaspace)
         emit(name, save(tok, name), HfRef(tok, has_bos=True), hf, main, True, "</s>")
+    # Characters without a token: one <unk> per run (fuse_unk) without byte fallback; dropped
+    # when byte fallback lacks some of their bytes and there is no unk token.
+    tok = hf_sentencepiece_style(sp_vocab, sp_merges, False, byte_fallback=False)
+    emit("hf-sp-unk", save(tok, "hf-sp-unk"), HfRef(tok, has_bos=True), hf, small, True, "</s>")
+    ascii_bytes = {s: i for s, i in sp_vocab.items()
+                   if not (s.startswith("<0x") and len(s) == 6 and int(s[3:5], 16) >= 0x80)}
+    ascii_bytes = {s: i for i, (s, _) in enumerate(sorted(ascii_bytes.items(),
+                                                          key=lambda kv: kv[1]))}
+    tok = hf_sentencepiece_style(ascii_bytes, sp_merges, False, unk_token=None)
+    emit("hf-sp-partial-bytes", save(tok, "hf-sp-partial-bytes"), HfRef(tok, has_bos=True), hf,
+         small, True, "</s>")
 
     sp_dir = os.path.join(out, "sentencepiece-bpe")
     os.makedirs(sp_dir, exist_ok=True)

@@ -41,6 +41,11 @@ inline const std::vector<std::string>& reference_tokenizer_names() {
                                                  "hf-llama3",
                                                  "hf-sp-bpe",
                                                  "hf-sp-metaspace",
+                                                 "hf-added-flags",
+                                                 "hf-split-words",
+                                                 "hf-gpt2-dup-merges",
+                                                 "hf-sp-unk",
+                                                 "hf-sp-partial-bytes",
                                                  "sentencepiece-bpe"};
   return names;
 }

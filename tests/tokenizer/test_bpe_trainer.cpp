@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "lmforge/data/text_shards.h"
@@ -53,6 +54,30 @@ TEST(BpeTrainer, TokenizerJsonEncodesLikeHuggingFaceAndTrainingIsDeterministic) 
   for (int32_t id; in >> id;) hf.push_back(id);
   ASSERT_EQ(hf.size(), ours.size());
   for (size_t i = 0; i < hf.size(); ++i) ASSERT_EQ(ours[i], hf[i]) << "first difference at " << i;
+}
+
+// The special strings are cut out of the training text before counting, as Hugging Face's trainer
+// does with added tokens: documents joined by <|endoftext|> teach no merge of its pieces.
+TEST(BpeTrainer, SpecialStringsInTheTextTeachNoMerges) {
+  std::string dir = testing::temp_dir("bpe-train-specials");
+  std::string kjv = read_file(demo_corpus_path()).substr(0, 200000);
+  {
+    std::ofstream f(dir + "/train.txt");
+    std::istringstream lines(kjv);
+    for (std::string l; std::getline(lines, l);) f << l << "<|endoftext|>";
+  }
+  BpeTrainOptions o;
+  o.vocab_size = 700;
+  nlohmann::json j = nlohmann::json::parse(train_bpe({dir + "/train.txt"}, o).tokenizer_json);
+  size_t pieces = 0;
+  for (auto& [piece, id] : j.at("model").at("vocab").items()) {
+    if (piece == "<|endoftext|>") continue;
+    ++pieces;
+    EXPECT_EQ(piece.find("<|"), std::string::npos) << piece;
+    EXPECT_EQ(piece.find("doftext"), std::string::npos) << piece;
+    EXPECT_EQ(piece.find("|>"), std::string::npos) << piece;
+  }
+  EXPECT_GT(pieces, 600u);
 }
 
 }  // namespace lmforge

@@ -217,6 +217,30 @@ TEST(TokenizerErrors, UnsupportedPreTokenizerSequencesAreRefused) {
   EXPECT_NE(error_of([&] { load_json(dir, "c.json", j); }).find("second regex"), std::string::npos);
 }
 
+// Pre-tokenizers and BPE options lmforge does not implement are refused, not skipped.
+TEST(TokenizerErrors, UnsupportedPreTokenizersAndModelOptionsAreRefused) {
+  std::string dir = testing::temp_dir("tok-unsupported-model");
+  json j = byte_level_json(false);
+  j["pre_tokenizer"] = {{"type", "WhitespaceSplit"}};
+  EXPECT_NE(error_of([&] { load_json(dir, "a.json", j); }).find("pre-tokenizer WhitespaceSplit"),
+            std::string::npos);
+  j = byte_level_json(false);
+  j["model"]["end_of_word_suffix"] = "</w>";
+  EXPECT_NE(error_of([&] { load_json(dir, "b.json", j); }).find("end_of_word_suffix"),
+            std::string::npos);
+  j = byte_level_json(false);
+  j["model"]["dropout"] = 0.1;
+  EXPECT_NE(error_of([&] { load_json(dir, "c.json", j); }).find("dropout"), std::string::npos);
+  j = byte_level_json(false);
+  j["added_tokens"][0]["single_word"] = true;
+  EXPECT_NE(error_of([&] { load_json(dir, "d.json", j); }).find("single_word"), std::string::npos);
+  j = byte_level_json(false);  // null and empty affixes, no dropout: as Hugging Face writes them
+  j["model"]["end_of_word_suffix"] = "";
+  j["model"]["continuing_subword_prefix"] = nullptr;
+  j["model"]["dropout"] = nullptr;
+  EXPECT_EQ(error_of([&] { load_json(dir, "e.json", j); }), "");
+}
+
 // A normalizer lmforge does not implement (here SentencePiece's extra-whitespace removal, as the
 // Hugging Face export writes it) is refused rather than skipped, which would encode differently.
 TEST(TokenizerErrors, UnsupportedNormalizersAreRefused) {
@@ -350,6 +374,25 @@ TEST(TokenizerPretokenizer, BackslashSIsUnicodeWhiteSpace) {
   auto cl100k = load_tokenizer(shared("cl100k_base.tiktoken"));
   EXPECT_EQ(cl100k->encode("\t\t" + mvs), (Ids{197, 197, 157, 254, 236}));
   EXPECT_EQ(cl100k->encode("x   " + mvs), (Ids{87, 256, 87189, 254, 236}));
+}
+
+// A long run under nested quantifiers overflows PCRE2's default JIT stack (32 KiB): the match
+// must still succeed, not leave the rest of the text as single bytes. Text a Split pattern does
+// not cover is kept in pieces of valid UTF-8, invalid bytes one by one.
+TEST(TokenizerPretokenizer, LongRunsAndUncoveredTextStayWhole) {
+  auto pieces = [](const std::string& pattern, const std::string& text) {
+    std::vector<std::string> out;
+    Pretokenizer(pattern, "test").split(text, [&](std::string_view p) { out.emplace_back(p); });
+    return out;
+  };
+  using V = std::vector<std::string>;
+  const std::string run(20000, 'a');
+  EXPECT_EQ(pieces(R"( ?(?:\p{L}\p{M}*)+|\s+|[^\s\p{L}]+)", run + " hello world"),
+            (V{run, " hello", " world"}));
+  EXPECT_EQ(pieces(R"(\p{L}+)", "hello, world!! \xFF\xFE" "12"),
+            (V{"hello", ", ", "world", "!! ", "\xFF", "\xFE", "12"}));
+  EXPECT_EQ(pieces(R"(\p{L}+)", "\xE6\x97\xA5x \xE6\x97"),  // a cut character at the end
+            (V{"\xE6\x97\xA5x", " ", "\xE6", "\x97"}));
 }
 
 // HF normalizes and pre-tokenizes every run of text between added tokens on its own. Expected

@@ -152,8 +152,8 @@ class Job {
       const bool more = !b.last;
       const int64_t n = static_cast<int64_t>(b.raw.size());
       docs[slot].resize(n);
-      ids[slot].resize(n);              // the buffers are kept and reused: no allocation once warm
-      std::exception_ptr serial_error;  // exceptions must not leave the parallel region
+      ids[slot].resize(n);  // the buffers are kept and reused: no allocation once warm
+      std::exception_ptr serial_error, encode_error;  // must not leave the parallel region
 #pragma omp parallel
       {
 #pragma omp single nowait
@@ -165,12 +165,18 @@ class Job {
         }
 #pragma omp for schedule(dynamic, 4)
         for (int64_t k = 0; k < n; ++k) {
-          docs[slot][k] = reader.finish(std::move(b.raw[k]));
-          ids[slot][k].clear();
-          if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
+          try {
+            docs[slot][k] = reader.finish(std::move(b.raw[k]));
+            ids[slot][k].clear();
+            if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
+          } catch (...) {
+#pragma omp critical(lmforge_prepare_encode_error)
+            if (!encode_error) encode_error = std::current_exception();
+          }
         }
       }
       if (serial_error) std::rethrow_exception(serial_error);
+      if (encode_error) std::rethrow_exception(encode_error);
       applied_consumed = b.consumed;
       if (!more) break;
     }

@@ -7,9 +7,10 @@
 
 namespace lmforge {
 
-void BpeEngine::add_merge(int32_t left, int32_t right, int32_t merged, uint32_t rank) {
+void BpeEngine::add_merge(int32_t left, int32_t right, int32_t merged, uint32_t rank,
+                          bool last_wins) {
   auto [it, inserted] = merges_.try_emplace(key(left, right), Merge{rank, merged});
-  if (!inserted && rank < it->second.rank) it->second = Merge{rank, merged};
+  if (!inserted && (last_wins || rank < it->second.rank)) it->second = Merge{rank, merged};
 }
 
 std::vector<BpeEngine::Rule> BpeEngine::rules() const {

@@ -18,8 +18,10 @@ namespace lmforge {
 
 class BpeEngine {
  public:
-  // Keeps the lowest rank when a pair is added twice.
-  void add_merge(int32_t left, int32_t right, int32_t merged, uint32_t rank);
+  // A pair added twice keeps the lowest rank, or with last_wins the last one added (Hugging Face
+  // builds its merge map from the list in order, so a repeated merge takes its later rank).
+  void add_merge(int32_t left, int32_t right, int32_t merged, uint32_t rank,
+                 bool last_wins = false);
   void reserve(size_t n) { merges_.reserve(n); }
   size_t size() const { return merges_.size(); }
   // Applies merges to ids until none applies.

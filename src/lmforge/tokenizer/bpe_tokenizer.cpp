@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 
 #include "lmforge/core/error.h"
 
@@ -49,7 +50,7 @@ void BpeTokenizer::add_token(int32_t id, std::string bytes) {
   vocab_[id] = std::move(bytes);
 }
 
-void BpeTokenizer::add_special(const std::string& text, int32_t id) {
+void BpeTokenizer::add_special(const std::string& text, int32_t id, uint8_t flags) {
   if (static_cast<size_t>(id) >= vocab_.size()) {
     vocab_.resize(id + 1);
     is_special_.resize(id + 1, false);
@@ -57,6 +58,12 @@ void BpeTokenizer::add_special(const std::string& text, int32_t id) {
   vocab_[id] = text;
   is_special_[id] = true;
   specials_[text] = id;
+  if (flags)
+    added_flags_[text] = flags;
+  else
+    added_flags_.erase(text);
+  has_not_special_ = false;
+  for (auto& [t, f] : added_flags_) has_not_special_ = has_not_special_ || (f & kNotSpecial);
 }
 
 int32_t BpeTokenizer::id_of(std::string_view bytes) const { return ids_.find(bytes); }
@@ -97,20 +104,30 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
   if (symbols_ == Symbols::kBytes) {
     for (unsigned char c : piece) ids.push_back(byte_id_[c]);
   } else {
+    bool pending_unk = false;  // an unknown character whose unk is not pushed yet (fusing)
+    auto known = [&] {
+      if (pending_unk) ids.push_back(unk_);
+      pending_unk = false;
+    };
     for (size_t i = 0; i < piece.size();) {
       size_t n = utf8_len(piece, i);
+      bool fallback = byte_fallback_;
+      for (size_t k = 0; fallback && k < n; ++k)
+        fallback = fallback_id_[static_cast<unsigned char>(piece[i + k])] >= 0;
       if (int32_t id = ids_.find(piece.substr(i, n)); id >= 0) {
+        known();
         ids.push_back(id);
-      } else if (byte_fallback_) {
-        for (size_t k = 0; k < n; ++k) {
-          int32_t f = fallback_id_[static_cast<unsigned char>(piece[i + k])];
-          ids.push_back(f >= 0 ? f : unk_);
-        }
-      } else if (unk_ >= 0) {
-        ids.push_back(unk_);
+      } else if (fallback) {
+        known();
+        for (size_t k = 0; k < n; ++k)
+          ids.push_back(fallback_id_[static_cast<unsigned char>(piece[i + k])]);
+      } else if (unk_ >= 0) {  // as Hugging Face: one unk per character, or per run when fused
+        if (!fuse_unk_) known();
+        pending_unk = true;
       }
       i += n;
     }
+    known();
   }
   engine_.merge(ids);
   out.insert(out.end(), ids.begin(), ids.end());
@@ -148,21 +165,60 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
     encode_piece(text, out);
 }
 
+namespace {
+
+// The length of the Unicode White_Space character at text[i] (Rust's char::is_whitespace, which
+// Hugging Face's lstrip/rstrip use), or 0.
+size_t whitespace_at(std::string_view text, size_t i) {
+  if (i >= text.size()) return 0;
+  const auto b = [&](size_t k) {
+    return k < text.size() ? static_cast<unsigned char>(text[k]) : 0;
+  };
+  const unsigned char c = b(i);
+  if (c == ' ' || (c >= 0x09 && c <= 0x0D)) return 1;
+  if (c == 0xC2 && (b(i + 1) == 0x85 || b(i + 1) == 0xA0)) return 2;  // U+0085, U+00A0
+  if (c == 0xE1 && b(i + 1) == 0x9A && b(i + 2) == 0x80) return 3;    // U+1680
+  if (c == 0xE2 && b(i + 1) == 0x80) {
+    const unsigned char d = b(i + 2);  // U+2000..200A, U+2028, U+2029, U+202F
+    if ((d >= 0x80 && d <= 0x8A) || d == 0xA8 || d == 0xA9 || d == 0xAF) return 3;
+  }
+  if (c == 0xE2 && b(i + 1) == 0x81 && b(i + 2) == 0x9F) return 3;  // U+205F
+  if (c == 0xE3 && b(i + 1) == 0x80 && b(i + 2) == 0x80) return 3;  // U+3000
+  return 0;
+}
+
+// The length of the White_Space character that ends at text[end) and starts at or after lo.
+size_t whitespace_before(std::string_view text, size_t lo, size_t end) {
+  for (size_t n = 1; n <= 3 && n <= end - lo; ++n)
+    if (whitespace_at(text, end - n) == n) return n;
+  return 0;
+}
+
+}  // namespace
+
 void BpeTokenizer::encode_append(std::string_view text, std::vector<int32_t>& out,
                                  bool allow_special, bool add_bos) const {
   if (add_bos && bos_ >= 0) out.push_back(bos_);
   size_t start = 0;
-  if (allow_special && !specials_.empty()) {
+  if ((allow_special && !specials_.empty()) || has_not_special_) {
     for (size_t i = 0; i < text.size(); ++i) {
       const auto& cands = specials_by_first_[static_cast<unsigned char>(text[i])];
-      for (const std::string& s : cands) {
-        if (text.compare(i, s.size(), s) == 0) {
-          encode_ordinary(text.substr(start, i - start), start == 0, out);
-          out.push_back(specials_.at(s));
-          i += s.size() - 1;
-          start = i + 1;
-          break;
-        }
+      for (const std::string& s : cands) {  // longest first
+        if (text.compare(i, s.size(), s) != 0) continue;
+        auto f = added_flags_.find(s);
+        const uint8_t flags = f == added_flags_.end() ? 0 : f->second;
+        if (!allow_special && !(flags & kNotSpecial)) continue;
+        size_t end = i;  // of the ordinary text before the token
+        if (flags & kLstrip)
+          while (size_t n = whitespace_before(text, start, end)) end -= n;
+        encode_ordinary(text.substr(start, end - start), start == 0, out);
+        out.push_back(specials_.at(s));
+        size_t next = i + s.size();
+        if (flags & kRstrip)
+          while (size_t n = whitespace_at(text, next)) next += n;
+        i = next - 1;
+        start = next;
+        break;
       }
     }
   }
@@ -173,7 +229,9 @@ std::string BpeTokenizer::token_bytes(int32_t id) const {
   if (id < 0 || static_cast<size_t>(id) >= vocab_.size()) return "";
   const std::string& t = vocab_[id];
   if (symbols_ == Symbols::kCharsWithByteFallback && !is_special_[id]) {
-    if (t.size() == 6 && t.starts_with("<0x") && t.back() == '>' && byte_fallback_) {
+    if (t.size() == 6 && t.starts_with("<0x") && t.back() == '>' && byte_fallback_ &&
+        std::isxdigit(static_cast<unsigned char>(t[3])) &&
+        std::isxdigit(static_cast<unsigned char>(t[4]))) {  // else an ordinary token's text
       return std::string(1, static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16)));
     }
   }

@@ -40,7 +40,12 @@ class BpeTokenizer : public Tokenizer {
   // --- filled in by the format loaders ---
   // Registers token `id` with raw bytes `bytes` (ids may have gaps; missing ids decode to "").
   void add_token(int32_t id, std::string bytes);
-  void add_special(const std::string& text, int32_t id);
+  // Hugging Face added-token flags (tokenizer.json's added_tokens): a kNotSpecial token
+  // ("special": false, e.g. Qwen3's <think>) is matched in text even without allow_special, as
+  // Hugging Face matches it even with split_special_tokens; kLstrip / kRstrip take the
+  // whitespace before / after the token into it.
+  enum AddedFlags : uint8_t { kNotSpecial = 1, kLstrip = 2, kRstrip = 4 };
+  void add_special(const std::string& text, int32_t id, uint8_t flags = 0);
   int32_t id_of(std::string_view bytes) const;  // -1 if not a token
   BpeEngine& engine() { return engine_; }
   void set_pretokenizer(std::unique_ptr<Pretokenizer> p) { pre_ = std::move(p); }
@@ -53,7 +58,13 @@ class BpeTokenizer : public Tokenizer {
     prepend_ = prepend;
   }
   void set_byte_fallback(bool on) { byte_fallback_ = on; }
-  void set_unk(int32_t id) { unk_ = id; }
+  // unk for each character without a token (and, with byte fallback, without every one of its
+  // <0xXX> tokens); fused: one unk for a run of such characters within a piece (HF fuse_unk).
+  // Without an unk token such characters are dropped, as Hugging Face drops them.
+  void set_unk(int32_t id, bool fused = false) {
+    unk_ = id;
+    fuse_unk_ = fused;
+  }
   // HF ByteLevel add_prefix_space: a space before each run of text between special tokens that
   // does not start with one.
   void set_add_prefix_space(bool on) { add_prefix_space_ = on; }
@@ -89,6 +100,9 @@ class BpeTokenizer : public Tokenizer {
   std::unique_ptr<Pretokenizer> pre_;
   Symbols symbols_ = Symbols::kBytes;
   bool whole_piece_ = false, metaspace_ = false, byte_fallback_ = false, add_prefix_space_ = false;
+  bool fuse_unk_ = false;
+  std::unordered_map<std::string, uint8_t> added_flags_;  // non-zero AddedFlags by text
+  bool has_not_special_ = false;                          // any kNotSpecial token
   Prepend prepend_ = Prepend::kNever;
   int32_t unk_ = -1;
   std::array<int32_t, 256> byte_id_{};      // kBytes: the token of each single byte

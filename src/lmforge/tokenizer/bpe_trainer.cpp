@@ -24,8 +24,25 @@ uint64_t pair_key(int32_t a, int32_t b) {
 
 using Counts = std::unordered_map<std::string, uint64_t>;
 
+// Adds the counts of text's pieces; the special strings are cut out first (as Hugging Face's
+// trainer does with added tokens), so no merge learns from them.
+void count_text(std::string_view text, const Pretokenizer& pre,
+                const std::vector<std::string>& specials, Counts& counts) {
+  size_t from = 0;
+  while (from < text.size()) {
+    size_t at = text.size(), len = 0;
+    for (const std::string& s : specials)
+      if (size_t k = s.empty() ? std::string_view::npos : text.find(s, from);
+          k != std::string_view::npos && (k < at || (k == at && s.size() > len)))
+        at = k, len = s.size();
+    pre.split(text.substr(from, at - from), [&](std::string_view p) { ++counts[std::string(p)]; });
+    from = at + len;
+  }
+}
+
 // Reads `path` in ~4 MB chunks cut after a newline and adds its pieces' counts.
-void count_file(const std::string& path, const Pretokenizer& pre, Counts& counts, uint64_t& bytes) {
+void count_file(const std::string& path, const Pretokenizer& pre,
+                const std::vector<std::string>& specials, Counts& counts, uint64_t& bytes) {
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("{}: cannot open the training text; check the path", path);
   std::string carry, buf(kChunk, '\0');
@@ -46,7 +63,7 @@ void count_file(const std::string& path, const Pretokenizer& pre, Counts& counts
       carry = chunk.substr(cut + 1);
       chunk.resize(cut + 1);
     }
-    pre.split(chunk, [&](std::string_view p) { ++counts[std::string(p)]; });
+    count_text(chunk, pre, specials, counts);
   }
 }
 
@@ -62,7 +79,7 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
 
   BpeTrainResult res;
   Counts counts;
-  for (const std::string& f : files) count_file(f, pre, counts, res.bytes_read);
+  for (const std::string& f : files) count_file(f, pre, o.specials, counts, res.bytes_read);
   res.distinct_pieces = counts.size();
 
   // Words in a fixed order (sorted bytes) so ids and tie-breaks never depend on hashing.

@@ -10,6 +10,22 @@
 
 namespace lmforge {
 
+// The JIT's machine stack for this thread: PCRE2's default (32 KiB) runs out on long runs under
+// nested quantifiers, e.g. (?:\p{L}\p{M}*)+ over 2000 letters; grown on demand up to 64 MiB.
+pcre2_match_context* jit_context() {
+  struct Context {
+    pcre2_jit_stack* stack = pcre2_jit_stack_create(32 << 10, 64 << 20, nullptr);
+    pcre2_match_context* ctx = pcre2_match_context_create(nullptr);
+    Context() { pcre2_jit_stack_assign(ctx, nullptr, stack); }
+    ~Context() {
+      pcre2_match_context_free(ctx);
+      pcre2_jit_stack_free(stack);
+    }
+  };
+  thread_local Context c;
+  return c.ctx;
+}
+
 struct Pretokenizer::Impl {
   pcre2_code* code = nullptr;
   bool jit = false;
@@ -58,6 +74,42 @@ std::string white_space_property(const std::string& pattern) {
   return out;
 }
 
+// The length of the valid UTF-8 character at s[i] (shortest form, no surrogates, <= U+10FFFF),
+// or 0 when the byte there does not start one.
+size_t valid_char_len(std::string_view s, size_t i) {
+  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = b(i);
+  if (c < 0x80) return 1;
+  size_t n = c >= 0xC2 && c <= 0xDF   ? 2
+             : c >= 0xE0 && c <= 0xEF ? 3
+             : c >= 0xF0 && c <= 0xF4 ? 4
+                                      : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((b(i + k) & 0xC0) != 0x80) return 0;
+  if ((c == 0xE0 && b(i + 1) < 0xA0) || (c == 0xED && b(i + 1) > 0x9F) ||
+      (c == 0xF0 && b(i + 1) < 0x90) || (c == 0xF4 && b(i + 1) > 0x8F))
+    return 0;  // overlong, surrogate or past U+10FFFF
+  return n;
+}
+
+// Text the pattern does not cover (a Split pattern that matches words only; invalid UTF-8, which
+// never joins a match): each run of valid characters is one piece, as Hugging Face's Split keeps
+// it, and each invalid byte a piece of its own.
+void emit_gap(std::string_view text, size_t from, size_t to,
+              const std::function<void(std::string_view)>& piece) {
+  while (from < to) {
+    size_t run = from;
+    for (size_t n; run < to && (n = valid_char_len(text, run)) > 0 && run + n <= to;) run += n;
+    if (run > from) {
+      piece(text.substr(from, run - from));
+      from = run;
+    } else {
+      piece(text.substr(from++, 1));
+    }
+  }
+}
+
 }  // namespace
 
 Pretokenizer::Pretokenizer(const std::string& pattern, const std::string& where)
@@ -85,13 +137,23 @@ void Pretokenizer::split(std::string_view text,
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   size_t pos = 0, covered = 0;
   while (pos <= text.size()) {
-    int rc = impl_->jit ? pcre2_jit_match(impl_->code, subject, text.size(), pos, 0, md, nullptr)
-                        : pcre2_match(impl_->code, subject, text.size(), pos, 0, md, nullptr);
-    if (rc < 0) break;  // PCRE2_ERROR_NOMATCH (or a resource limit: the rest becomes one piece)
+    int rc = impl_->jit
+                 ? pcre2_jit_match(impl_->code, subject, text.size(), pos, 0, md, jit_context())
+                 : pcre2_match(impl_->code, subject, text.size(), pos, 0, md, nullptr);
+    if (rc < 0 && rc != PCRE2_ERROR_NOMATCH && impl_->jit)  // the interpreter's limits differ
+      rc = pcre2_match(impl_->code, subject, text.size(), pos, PCRE2_NO_JIT, md, nullptr);
+    if (rc == PCRE2_ERROR_NOMATCH) break;
+    if (rc < 0) {  // a resource limit: splitting the rest differently would change the tokens
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(rc, msg, sizeof(msg));
+      fail(
+          "pre-tokenizer pattern {}: matching failed at byte {} of a {}-byte text ({}); split the "
+          "text into smaller documents",
+          pattern_, pos, text.size(), reinterpret_cast<const char*>(msg));
+    }
     PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     size_t start = ov[0], end = ov[1];
-    // Bytes the regex skipped (only invalid UTF-8 can be skipped) become single-byte pieces.
-    for (; covered < start; ++covered) piece(text.substr(covered, 1));
+    emit_gap(text, covered, start, piece);
     if (end > start) piece(text.substr(start, end - start));
     covered = end;
     pos = end > start ? end : end + 1;  // an empty match: step over one byte
@@ -100,7 +162,7 @@ void Pretokenizer::split(std::string_view text,
       while (pos < text.size() && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) ++pos;
     }
   }
-  for (; covered < text.size(); ++covered) piece(text.substr(covered, 1));
+  emit_gap(text, covered, text.size(), piece);
 }
 
 }  // namespace lmforge

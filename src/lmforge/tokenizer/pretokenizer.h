@@ -4,8 +4,11 @@
 // Unicode 14; the references use newer tables (docs/formats.md, "Tokenizers").
 //
 // Invalid UTF-8 (documented policy, docs/formats.md): the regex runs with
-// PCRE2_MATCH_INVALID_UTF, so invalid bytes never join a match; every byte the regex leaves
-// out becomes its own piece. Encoding therefore never fails and decode(encode(x)) == x.
+// PCRE2_MATCH_INVALID_UTF, so invalid bytes never join a match; every invalid byte the regex
+// leaves out becomes its own piece, and every run of valid text it leaves out (a Split pattern
+// that matches only some of the text) one piece, as Hugging Face's Split does. Encoding therefore
+// never fails (a pattern that exceeds PCRE2's resource limits on a text is an Error) and
+// decode(encode(x)) == x.
 //
 //   Pretokenizer p(R"('s|'t| ?\p{L}+| ?\p{N}+|\s+(?!\S)|\s+)", "gpt2.json");
 //   p.split(text, [](std::string_view piece) { ... });

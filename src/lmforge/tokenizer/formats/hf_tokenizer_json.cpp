@@ -53,7 +53,7 @@ void add_merges(BpeTokenizer& tok, const json& merges, const std::string& path, 
     if (ia < 0 || ib < 0 || im < 0)
       fail("{}: merge {} (\"{} {}\") uses or makes a token missing from the vocabulary", path, rank,
            a, b);
-    tok.engine().add_merge(ia, ib, im, rank++);
+    tok.engine().add_merge(ia, ib, im, rank++, /*last_wins=*/true);
   }
 }
 
@@ -72,6 +72,15 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
     const json& model = j.at("model");
     if (model.value("type", "BPE") != "BPE")
       fail("{}: model type \"{}\" is not supported (BPE only)", path, model.value("type", ""));
+    for (const char* k : {"end_of_word_suffix", "continuing_subword_prefix"})
+      if (model.contains(k) && !model[k].is_null() && model[k] != "")
+        fail("{}: model.{} {} is not supported yet (BPE without word affixes only)", path, k,
+             model[k].dump());
+    if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"] != 0)
+      fail(
+          "{}: model.dropout {} is not supported (BPE dropout makes encoding random); set it "
+          "to null",
+          path, model["dropout"].dump());
 
     bool byte_level = false, metaspace = false, split_on_meta = false;
     BpeTokenizer::Prepend prepend = BpeTokenizer::Prepend::kNever;
@@ -105,8 +114,9 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         prepend = scheme == "first"    ? BpeTokenizer::Prepend::kFirst
                   : scheme == "always" ? BpeTokenizer::Prepend::kAlways
                                        : BpeTokenizer::Prepend::kNever;
-      } else if (type == "Digits" || type == "Punctuation" || type == "Whitespace") {
-        fail("{}: pre-tokenizer {} is not supported yet", path, type);
+      } else {  // skipping it would split the text differently from Hugging Face
+        fail("{}: pre-tokenizer {} is not supported yet (ByteLevel, Split and Metaspace are)", path,
+             type.empty() ? p.dump() : type);
       }
     }
     for (const json& n : parts(j["normalizer"])) {
@@ -145,13 +155,21 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
       tok->set_symbols(BpeTokenizer::Symbols::kCharsWithByteFallback);
       tok->set_byte_fallback(model.value("byte_fallback", false));
       if (model.contains("unk_token") && model["unk_token"].is_string())
-        tok->set_unk(tok->id_of(model["unk_token"].get<std::string>()));
+        tok->set_unk(tok->id_of(model["unk_token"].get<std::string>()),
+                     model.value("fuse_unk", false));
       tok->set_metaspace(metaspace, prepend);
     }
     if (!pattern.empty()) tok->set_pretokenizer(std::make_unique<Pretokenizer>(pattern, path));
-    for (const json& a : j.value("added_tokens", json::array()))
-      tok->add_special(a.at("content").get<std::string>(),
-                       checked_token_id(a.at("id").get<int64_t>(), path));
+    for (const json& a : j.value("added_tokens", json::array())) {
+      const std::string content = a.at("content").get<std::string>();
+      if (a.value("single_word", false))
+        fail("{}: added token \"{}\" has single_word, which is not supported yet", path, content);
+      uint8_t flags = 0;
+      if (!a.value("special", true)) flags |= BpeTokenizer::kNotSpecial;
+      if (a.value("lstrip", false)) flags |= BpeTokenizer::kLstrip;
+      if (a.value("rstrip", false)) flags |= BpeTokenizer::kRstrip;
+      tok->add_special(content, checked_token_id(a.at("id").get<int64_t>(), path), flags);
+    }
 
     // BOS from a TemplateProcessing post-processor that starts with a special token.
     int32_t bos = -1;
