@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
@@ -72,6 +74,20 @@ TEST(ChatTemplate, ChatMLIdsEqualEncodingTheRenderedTextAndMaskIsTheAssistant) {
     if (enc.assistant_mask[i]) assistant.push_back(enc.ids[i]);
   EXPECT_EQ(tok->decode(assistant), "  4.\n\nIt's four.<|im_end|>6<|im_end|>");
   EXPECT_EQ(rendered.substr(rendered.size() - 22), "<|im_start|>assistant\n");
+
+  // The same tokenizer with ByteLevel's add_prefix_space: every run decodes one byte longer than
+  // its text (the space in front), which must not shift the header/content boundary.
+  nlohmann::json j = nlohmann::json::parse(testing::slurp(dir + "/tokenizer.json"));
+  j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
+  std::filesystem::create_directories(dir + "/prefix");
+  write_file_atomic(dir + "/prefix/tokenizer.json", j.dump());
+  auto spaced = load_tokenizer(dir + "/prefix/tokenizer.json");
+  enc = apply_chat_template(*spaced, msgs, "chatml");
+  EXPECT_EQ(enc.ids, spaced->encode(render_chat_template(msgs, "chatml"), true));
+  assistant.clear();
+  for (size_t i = 0; i < enc.ids.size(); ++i)
+    if (enc.assistant_mask[i]) assistant.push_back(enc.ids[i]);
+  EXPECT_EQ(spaced->decode(assistant), "  4.\n\nIt's four.<|im_end|>6<|im_end|>");
 }
 
 }  // namespace lmforge

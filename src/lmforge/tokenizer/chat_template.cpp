@@ -19,13 +19,19 @@ struct Builder {
     out.assistant_mask.push_back(assistant);
   }
   // Encodes header + content as one text segment; tokens ending past the header are content.
+  // A tokenizer that prepends a space to each run (SentencePiece's "▁", ByteLevel's
+  // add_prefix_space) decodes to more bytes than the text: those come first.
   void text(const std::string& header, const std::string& content, bool assistant) {
     std::vector<int32_t> ids = tok.encode(header + content, false, false);
+    size_t total = 0;
+    for (int32_t id : ids) total += tok.token_bytes(id).size();
+    const size_t prefix =
+        total > header.size() + content.size() ? total - header.size() - content.size() : 0;
     size_t end = 0;
     for (int32_t id : ids) {
       end += tok.token_bytes(id).size();
       out.ids.push_back(id);
-      out.assistant_mask.push_back(assistant && end > header.size());
+      out.assistant_mask.push_back(assistant && end > prefix + header.size());
     }
   }
 };
