@@ -191,4 +191,25 @@ TEST(CheckpointResume, ResetOptimizerAndStartStep) {
   EXPECT_FALSE(fs::exists(dir + "/x"));
 }
 
+// metrics.jsonl's tokens and elapsed_s count across resumes, also when the resumed run takes
+// bigger steps (here grad_accum 1 -> 2): not today's step size times the step number.
+TEST(CheckpointResume, TokensAndElapsedCountAcrossResumes) {
+  std::string dir = testing::temp_dir("ckpt-resume-tokens");
+  const std::string run = std::string(kRun) + "--set train.steps=8 --set run.dir=a ";
+  ASSERT_EQ(run_lmforge(run, dir).exit_code, 0);
+  auto r = run_lmforge(run + "--set train.grad_accum=2 --resume=a/checkpoints/step-00000004", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto tokens = metric_by_step(dir + "/a", "tokens");
+  auto elapsed = metric_by_step(dir + "/a", "elapsed_s");
+  ASSERT_EQ(tokens.size(), 8u);
+  const int64_t step_tokens = 4 * 32;  // batch_size x seq_len
+  EXPECT_EQ(std::stoll(tokens[4]), 4 * step_tokens);
+  EXPECT_EQ(std::stoll(tokens[5]), 4 * step_tokens + 2 * step_tokens);
+  EXPECT_EQ(std::stoll(tokens[8]), 4 * step_tokens + 4 * 2 * step_tokens);
+  for (int64_t s = 2; s <= 8; ++s)
+    EXPECT_GE(std::stod(elapsed[s]), std::stod(elapsed[s - 1])) << "step " << s;
+  auto state = nlohmann::json::parse(slurp(ckpt(dir + "/a", 8) + "/state.json"));
+  EXPECT_EQ(state["tokens"], 4 * step_tokens + 4 * 2 * step_tokens);
+}
+
 }  // namespace lmforge

@@ -68,6 +68,19 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
                         {"dist.backend", "gloo"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.profile_steps=-1", dir),
                         {"train.profile_steps", ">= 0"});
+  // Sampling and evaluation options are checked before training, not after it.
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set sample.prompt=In --set sample.max_tokens=-5", dir),
+      {"sample.max_tokens", ">= 0"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set sample.prompt=In --set sample.temperature=-1", dir),
+      {"sample.temperature"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.eval_every=1 --set train.eval_batches=0", dir),
+      {"train.eval_batches", "positive"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set sample.prompt=" + std::string(300, 'x'), dir),
+      {"sample.prompt", "300 tokens", "model.max_seq_len"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.spike_window=10", dir),
                         {"train.spike_window", "at least 20", "train.spike_zscore: 0"});
   // torchrun's variables: its ranks can join only an NCCL world (a model on GPUs).
@@ -126,6 +139,11 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--resume", "no checkpoint"});
   auto ok = run_lmforge("train tiny.yaml", dir);
   ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  // Sampling options out of range are refused by generate as by train.
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --max-tokens -3", dir),
+                        {"--max-tokens", ">= 0"});
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --top-p 0", dir),
+                        {"--top-p", "(0, 1]"});
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
   // A checkpoint from another architecture.

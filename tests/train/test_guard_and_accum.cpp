@@ -5,10 +5,13 @@
 #include <cmath>
 
 #include "lmforge/core/rng.h"
+#include "lmforge/data/loader.h"
+#include "lmforge/data/shard.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/train/guard.h"
 #include "lmforge/train/trainer.h"
+#include "testing/process.h"
 
 namespace lmforge {
 namespace {
@@ -120,6 +123,57 @@ TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {
   double wrong = 0;
   for (size_t i = 0; i < c.size(); ++i) wrong = std::max(wrong, double(std::fabs(c[i] - b[i])));
   EXPECT_GT(wrong / max_ref, 1e-2) << "the test would not notice per-micro-batch averaging";
+}
+
+// Validation loss is the mean over targets, as the training loss: packed batches with few targets
+// weigh less, and asking for more batches than the set holds reads each sample once. Reference:
+// one batch holding every sample.
+TEST(Evaluation, ValidationLossIsTokenWeightedOverTheSetOnce) {
+  ModelConfig cfg = model_preset("llama3-tiny");
+  cfg.vocab_size = 61;
+  cfg.n_layer = 1;
+  const int64_t T = 8;
+  std::string dir = testing::temp_dir("eval-weighted");
+  std::vector<uint32_t> toks;
+  std::vector<uint64_t> starts;
+  Rng rng(5);
+  for (int len : {9, 3, 2, 9, 4}) {  // best_fit: samples with 8, 5+..., few targets
+    starts.push_back(toks.size());
+    for (int i = 0; i < len; ++i) toks.push_back(static_cast<uint32_t>(rng.below(61)));
+  }
+  write_shard(dir + "/val.bin", toks, starts);
+  auto spec = parse_data_spec(dir + "/val.bin", "data.val");
+  auto loader = [&](int64_t B) {
+    LoaderOptions o;
+    o.batch = B;
+    o.seq = T;
+    o.packing = "best_fit";
+    return Loader(spec, o);
+  };
+  Loader two = loader(2);
+  const int64_t samples = two.num_samples(0);
+  ASSERT_GE(samples, 3);
+  ASSERT_EQ(samples % 2, 1) << "the last batch of two should hold one padding row";
+  Loader all = loader(samples);
+
+  Transformer small(cfg), whole(cfg);
+  small.init_weights(3);
+  whole.init_weights(3);
+  small.plan(2, T);
+  whole.plan(samples, T);
+  Batch b_all = Batch::make(samples, T), b_two = Batch::make(2, T);
+  all.sequential(0, b_all);
+  const double want = whole.forward(b_all.tokens, b_all.targets);
+  dist::LocalCommunicator one;
+  dist::DataParallel dp(one, small, DistConfig{}, {});
+  EXPECT_NEAR(dp.evaluate(two, /*batches=*/100, b_two), want, 1e-6 * std::fabs(want));
+  // The old per-batch average of means differs here (the test would notice it).
+  double mean_of_means = 0;
+  for (int64_t i = 0; i < two.sequential_batches(); ++i) {
+    two.sequential(i, b_two);
+    mean_of_means += small.forward(b_two.tokens, b_two.targets) / two.sequential_batches();
+  }
+  EXPECT_GT(std::fabs(mean_of_means - want), 1e-4 * std::fabs(want));
 }
 
 }  // namespace

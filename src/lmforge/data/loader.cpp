@@ -227,11 +227,25 @@ void Loader::sequential(int64_t i, Batch& b) const {
   int64_t total = 0;
   for (const Source& s : sources_) total += s.samples();
   for (int64_t row = 0; row < o_.batch; ++row) {
-    int64_t k = (i * o_.batch + row) % total;
+    int64_t k = i * o_.batch + row;
+    if (k >= total) {  // past the end: a row of padding
+      const int64_t T = o_.seq;
+      std::fill_n(b.tokens.data<int32_t>() + row * T, T, o_.pad_token);
+      std::fill_n(b.targets.data<int32_t>() + row * T, T, o_.ignore_index);
+      std::fill_n(b.positions.data<int32_t>() + row * T, T, 0);
+      std::fill_n(b.doc_ids.data<int32_t>() + row * T, T, -1);
+      continue;
+    }
     size_t src = 0;
     while (k >= sources_[src].samples()) k -= sources_[src++].samples();
     fill_row(sources_[src], k, row, b);
   }
+}
+
+int64_t Loader::sequential_batches() const {
+  int64_t total = 0;
+  for (const Source& s : sources_) total += s.samples();
+  return (total + o_.batch - 1) / o_.batch;
 }
 
 nlohmann::json Loader::stats() const {

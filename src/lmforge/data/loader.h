@@ -67,8 +67,10 @@ class Loader {
  public:
   Loader(const std::vector<DataSourceSpec>& sources, const LoaderOptions& opt);
   void next(Batch& batch);
-  // Validation: batch i of all samples in their natural order (wraps around).
+  // Validation: batch i of all samples in their natural order; rows past the last sample are
+  // padding (no targets), so each sample counts once. sequential_batches() covers them all.
   void sequential(int64_t i, Batch& batch) const;
+  int64_t sequential_batches() const;
 
   // Samples of the last next(), one per row.
   const std::vector<SampleId>& last_samples() const { return last_; }

@@ -330,12 +330,19 @@ void DataParallel::step(double lr) {
 }
 
 double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) {
-  double sum = 0;
+  // Token-weighted like the training loss (a batch's mean times its targets), over at most the
+  // whole validation set once.
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  batches = std::min(batches, val.sequential_batches());
+  double sum = 0, targets = 0;
   for (int64_t i = 0; i < batches; ++i) {
     val.sequential(i, batch);
-    sum += model_.forward(batch.tokens, batch.targets);
+    const double n = static_cast<double>(target_counts({batch}, kIgnore)[0]);
+    if (n == 0) continue;
+    sum += model_.forward(batch.tokens, batch.targets, kIgnore) * n;
+    targets += n;
   }
-  return sum / static_cast<double>(batches);
+  return targets > 0 ? sum / targets : std::nan("");
 }
 
 // Full-shard: group g's values, all-gathered from the shards into its buffer.

@@ -8,6 +8,19 @@
 
 namespace lmforge {
 
+void check_sampling(const SamplingOptions& o, bool config_keys) {
+  auto name = [&](const char* key, const char* flag) { return config_keys ? key : flag; };
+  if (o.max_tokens < 0)
+    fail("{}: must be >= 0, got {}", name("sample.max_tokens", "--max-tokens"), o.max_tokens);
+  if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
+    fail("{}: must be >= 0 (0 = greedy), got {}", name("sample.temperature", "--temperature"),
+         o.temperature);
+  if (o.top_k < 0)
+    fail("{}: must be >= 0 (0 = off), got {}", name("sample.top_k", "--top-k"), o.top_k);
+  if (!(o.top_p > 0 && o.top_p <= 1))
+    fail("{}: must be in (0, 1] (1 = off), got {}", name("sample.top_p", "--top-p"), o.top_p);
+}
+
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
   if (o.temperature <= 0)
     return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
@@ -20,7 +33,7 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
   std::vector<double> p(k);
   double mx = logits[idx[0]] / o.temperature, sum = 0;
   for (int64_t i = 0; i < k; ++i) sum += p[i] = std::exp(logits[idx[i]] / o.temperature - mx);
-  if (o.top_p > 0 && o.top_p < 1) {  // nucleus: smallest prefix whose mass reaches top_p
+  if (o.top_p < 1) {  // nucleus: smallest prefix whose mass reaches top_p
     double acc = 0;
     int64_t keep = k;
     for (int64_t i = 0; i < k; ++i) {
@@ -45,6 +58,7 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token) {
   if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
+  check_sampling(o, /*config_keys=*/false);
   const ModelConfig& c = model.config();
   int64_t total =
       std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);

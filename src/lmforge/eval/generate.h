@@ -24,6 +24,11 @@ struct SamplingOptions {
   int64_t vocab_limit = 0;  // ids >= this (vocabulary padding) are never sampled; 0 = all
 };
 
+// Throws Error naming the option for a value outside its range (max_tokens < 0, temperature < 0
+// or not finite, top_k < 0, top_p outside (0, 1]): as the config's sample.* keys when
+// config_keys, else as generate's flags.
+void check_sampling(const SamplingOptions& o, bool config_keys);
+
 // Picks one id from logits (V) with the options above.
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng);
 

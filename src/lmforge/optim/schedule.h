@@ -7,7 +7,9 @@
 //              lr + (min_lr - lr) (s - (S - D) + 1) / D
 //   one_cycle: fast.ai's fit_one_cycle: cosine from lr / div_factor up to lr over the first W
 //              steps (W = 0: a quarter of the steps), then cosine down to min_lr at S
-// Every schedule ends at min_lr (constant: lr); docs/config.md lists the keys.
+// cosine, linear and one_cycle reach min_lr at s = S, one step past the last (as PyTorch's
+// schedulers with T_max = the decay steps); wsd's last step takes min_lr; constant stays at lr.
+// docs/config.md lists the keys.
 #pragma once
 
 #include <cstdint>

@@ -376,6 +376,8 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"val_loss", st.val_loss ? json(*st.val_loss) : json(nullptr)},
             {"guard", st.guard},
             {"evals", st.evals},
+            {"tokens", st.tokens},
+            {"elapsed_s", st.elapsed_s},
             {"loader", st.loader},
             {"model", jm},
             {"tokenizer",
@@ -578,6 +580,8 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
       st->val_loss = j["val_loss"].get<double>();
     st->guard = j.value("guard", nlohmann::json());
     st->evals = j.value("evals", nlohmann::json());
+    st->tokens = j.value("tokens", int64_t{-1});  // absent before it was recorded
+    st->elapsed_s = j.value("elapsed_s", 0.0);
   }
 }
 

@@ -38,6 +38,8 @@ struct TrainState {
   std::optional<double> val_loss;  // validation loss measured at this step, if there was one
   nlohmann::json guard;            // SpikeGuard::state() (null = fresh)
   nlohmann::json evals;  // validation history for best/early stopping: best, best_step, bad
+  int64_t tokens = -1;   // tokens trained on so far, over every rank (-1: not recorded)
+  double elapsed_s = 0;  // training time so far, over every resume
 };
 
 // Sharded training (dist/data_parallel.h): every rank calls save_checkpoint; the writers each

@@ -83,6 +83,12 @@ void validate_train_config(const Config& cfg) {
     if (v <= 0) fail("train.{}: must be positive, got {}", key, v);
   };
   positive(t.steps, "steps");
+  if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
+  if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
+  if (!cfg.sample.prompt.empty())  // the sample comes after training: its options are checked now
+    check_sampling(
+        {cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p},
+        /*config_keys=*/true);
   positive(t.batch_size, "batch_size");
   positive(t.seq_len, "seq_len");
   positive(t.grad_accum, "grad_accum");
@@ -415,6 +421,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
+  if (!cfg.sample.prompt.empty()) {  // sampled after training: a prompt that cannot fit fails now
+    const size_t n = tokenizer->encode(cfg.sample.prompt, false, true).size();
+    if (static_cast<int64_t>(n) >= model.config().max_seq_len)
+      fail("sample.prompt: {} tokens but model.max_seq_len is {}; shorten it (or set it empty)", n,
+           model.config().max_seq_len);
+  }
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
   dist::DataParallel dp(comm, model, cfg.dist,
@@ -518,6 +530,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
   const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world->size();
+  // Counted across resumes (which may change the batch, accumulation or ranks); checkpoints that
+  // did not record them count the steps done at today's step size.
+  if (st.tokens < 0) st.tokens = st.step * tokens_per_step;
+  const double elapsed_before = st.elapsed_s;
   const double flops_per_token = cfg.model.flops_per_token(t.seq_len);
   const bool on_gpu = model.device() == Device::kCUDA;
   const double peak_tflops = t.peak_tflops > 0 ? t.peak_tflops
@@ -582,18 +598,15 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       profiled_s += dt;
       if (++profiled == t.profile_steps) report_profile();
     }
-    double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    st.elapsed_s = elapsed_before + std::chrono::duration<double>(Clock::now() - start).count();
+    st.tokens += tokens_per_step;
     double tps = tokens_per_step / dt;
     if (step == 0 || res.steps == 0) res.first_loss = loss;
     res.last_loss = loss;
     res.steps = st.step;
-    json record = {{"step", st.step},
-                   {"loss", loss},
-                   {"lr", lr},
-                   {"grad_norm", norm},
-                   {"tokens_per_s", tps},
-                   {"elapsed_s", elapsed},
-                   {"tokens", st.step * tokens_per_step}};
+    json record = {{"step", st.step},    {"loss", loss},        {"lr", lr},
+                   {"grad_norm", norm},  {"tokens_per_s", tps}, {"elapsed_s", st.elapsed_s},
+                   {"tokens", st.tokens}};
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
