@@ -142,6 +142,22 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   std::error_code ec;
   if (fs::exists(out, ec) && !fs::is_empty(out, ec) && !force)
     fail("--to-hf: {} exists and is not empty; choose a new directory or pass --force", out);
+  // --force replaces the directory: never one that holds the checkpoint, a run, or this process's
+  // working directory.
+  auto inside = [](const fs::path& child, const fs::path& parent) {
+    const auto rel = child.lexically_relative(parent);
+    return !rel.empty() && *rel.begin() != "..";
+  };
+  const fs::path target = fs::weakly_canonical(out_path, ec);
+  for (const fs::path& keep : {fs::weakly_canonical(dir, ec), fs::current_path(ec)})
+    if (inside(keep, target))
+      fail("--to-hf: {} holds {}, which --force would delete; export to a new directory", out,
+           keep.string());
+  if (fs::exists(target / "checkpoints", ec) || fs::exists(target / "state.json", ec))
+    fail(
+        "--to-hf: {} is an lmforge run or checkpoint, which --force would delete; export to a "
+        "new directory",
+        out);
   Transformer model(mc);
   load_checkpoint(dir, model, nullptr, nullptr);
   auto tok = checkpoint_tokenizer(dir);

@@ -176,6 +176,9 @@ void add_launch(CLI::App& app) {
       ->required();
   cmd->callback([o] {
     if (o->nproc < 1) fail("launch: --nproc {}: expected at least 1 rank", o->nproc);
+    if (o->nproc > 4096)  // one node; beyond, a typo (mpirun would try to start them all)
+      fail("launch: --nproc {}: at most 4096 ranks on one node; use mpirun or srun for more",
+           o->nproc);
     if (o->ranks_per_node < 0 || (o->ranks_per_node > 0 && o->nproc % o->ranks_per_node != 0))
       fail("launch: --ranks-per-node {} does not divide --nproc {}", o->ranks_per_node, o->nproc);
     if (o->timeout_s < 0) fail("launch: --timeout {}: expected seconds >= 0", o->timeout_s);

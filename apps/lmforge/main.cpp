@@ -1,6 +1,8 @@
 // lmforge: train large language models from one native program.
 // Every user error is one line on stderr and exit code 1 (lmforge::Error is caught here).
 #include <cstdio>
+#include <filesystem>
+#include <new>
 
 #include "commands.h"
 #include "lmforge/core/error.h"
@@ -21,8 +23,23 @@ int main(int argc, char** argv) {
   lmforge::app::add_launch(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::RuntimeError& e) {  // a subcommand's own exit status (launch's ranks)
+    return e.get_exit_code();
+  } catch (const CLI::ParseError& e) {  // a bad option or argument: one line, as every error
+    std::fprintf(stderr, "lmforge: %s; see lmforge --help (or SUBCOMMAND --help)\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    lmforge::dist::abort_job(
+        "lmforge: out of memory; reduce train.batch_size, train.seq_len or the model size");
+  } catch (const std::filesystem::filesystem_error& e) {  // names the path(s) itself
+    lmforge::dist::abort_job(std::string("lmforge: ") + e.what() +
+                             "; check the path and its permissions");
   } catch (const std::exception& e) {  // lmforge::Error and the rest: one line
     // Under several ranks this stops the others too, which would wait for this one.
     lmforge::dist::abort_job(std::string("lmforge: ") + e.what());

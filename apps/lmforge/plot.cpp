@@ -109,11 +109,12 @@ void add_schedule_command(CLI::App& app) {
     Schedule sched = make_schedule(t);
     // Every step up to 20,000; beyond, an even sample of them (and the last): a kink is then
     // off by at most steps / 10,000, less than a pixel.
-    int64_t stride = t.steps <= 20000 ? 1 : (t.steps + 9999) / 10000;
+    const int64_t stride = t.steps <= 20000 ? 1 : t.steps / 10000 + 1;  // no overflow
     Series s{t.schedule, {}, {}};
-    for (int64_t step = 0; step < t.steps; step += stride) {
+    for (int64_t step = 0;; step += stride) {
       s.x.push_back(static_cast<double>(step));
       s.y.push_back(sched.at(step));
+      if (t.steps - 1 - step < stride) break;
     }
     if (s.x.back() != static_cast<double>(t.steps - 1)) {
       s.x.push_back(static_cast<double>(t.steps - 1));

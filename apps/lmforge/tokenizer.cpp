@@ -34,7 +34,8 @@ void print_ids(const std::vector<int32_t>& ids) {
   std::fwrite(line.data(), 1, line.size(), stdout);
 }
 
-std::vector<int32_t> parse_ids(const std::string& line, const std::string& where, size_t line_no) {
+std::vector<int32_t> parse_ids(const std::string& line, const std::string& where, size_t line_no,
+                               int64_t vocab_size) {
   std::vector<int32_t> ids;
   std::istringstream in(line);
   std::string tok;
@@ -48,6 +49,9 @@ std::vector<int32_t> parse_ids(const std::string& line, const std::string& where
       fail("{}:{}: \"{}\" is not a token id; expected space-separated non-negative integers", where,
            line_no, tok);
     }
+    if (ids.back() >= vocab_size)
+      fail("{}:{}: id {} is outside the tokenizer's {} ids; decode with the tokenizer that made it",
+           where, line_no, ids.back(), vocab_size);
   }
   return ids;
 }
@@ -106,12 +110,13 @@ void add_tokenizer(CLI::App& app) {
     auto run = [&](std::istream& in, const std::string& where) {
       size_t line_no = 0;
       for (std::string line; std::getline(in, line);) {
-        std::string text = tok->decode(parse_ids(line, where, ++line_no)) + "\n";
+        std::string text = tok->decode(parse_ids(line, where, ++line_no, tok->vocab_size())) + "\n";
         std::fwrite(text.data(), 1, text.size(), stdout);
       }
     };
     if (o->files.empty()) run(std::cin, "<stdin>");
     for (const std::string& f : o->files) {
+      check_not_directory(f);
       std::ifstream in(f);
       if (!in) fail("{}: cannot open; check the path", f);
       run(in, f);

@@ -144,6 +144,11 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--max-tokens", ">= 0"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --top-p 0", dir),
                         {"--top-p", "(0, 1]"});
+  // export --force replaces its target: never the run, its checkpoint or the working directory.
+  for (std::string to : {"run", ".", "run/checkpoints"})
+    expect_one_line_error(run_lmforge("export --checkpoint run --to-hf " + to + " --force", dir),
+                          {"--to-hf", "--force would delete"});
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/state.json"));
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
   // A checkpoint from another architecture.
@@ -168,6 +173,51 @@ TEST(Cli, HelpOnEverySubcommand) {
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
   }
   EXPECT_NE(run_lmforge("frobnicate", dir).exit_code, 0);
+}
+
+// Hostile inputs across commands: one line naming the culprit, exit 1, nothing written.
+TEST(CliErrors, HostileInputsAreOneLineErrors) {
+  std::string dir = testing::temp_dir("cli-hostile");
+  tiny_config(dir);
+  fs::create_directories(dir + "/adir");
+  // A bad option is one "lmforge:" line like every other error.
+  expect_one_line_error(run_lmforge("train tiny.yaml --bogus", dir), {"--bogus", "--help"});
+  // A directory where a file belongs is named, not read as empty.
+  expect_one_line_error(run_lmforge("train adir", dir), {"adir", "is a directory"});
+  expect_one_line_error(run_lmforge("tokenizer decode --tokenizer byte adir", dir),
+                        {"adir", "is a directory"});
+  // Values no model or optimizer can take.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.norm_eps=-1", dir),
+                        {"model.norm_eps", "positive"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_layer=2000000000", dir),
+                        {"model.n_layer", "beyond any model"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.beta1=2", dir),
+                        {"train.beta1", "[0, 1)"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.keep_last=-1", dir),
+                        {"train.keep_last"});
+  // A model whose training state cannot fit in memory is refused before allocating any of it.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_embd=65536 --set "
+                                    "model.n_head=64 --set model.n_layer=64",
+                                    dir),
+                        {"out of memory", "AdamW state", "GiB is available"});
+  // Ids the tokenizer does not have.
+  std::ofstream(dir + "/ids.txt") << "300 1 2\n";
+  expect_one_line_error(run_lmforge("tokenizer decode --tokenizer byte ids.txt", dir),
+                        {"ids.txt:1", "id 300", "outside"});
+  // prepare: a source name is one directory under --output; a .gz that is not gzip.
+  std::ofstream(dir + "/doc.txt") << "In the beginning God created the heaven and the earth.\n";
+  expect_one_line_error(run_lmforge("prepare --input doc.txt --output prep --name ../esc", dir),
+                        {"source name", "../esc"});
+  EXPECT_FALSE(fs::exists(dir + "/esc"));
+  std::ofstream(dir + "/plain.jsonl.gz") << "{\"text\": \"not compressed\"}\n";
+  expect_one_line_error(run_lmforge("prepare --input plain.jsonl.gz --output prep2", dir),
+                        {"plain.jsonl.gz", "not gzip data"});
+  expect_one_line_error(run_lmforge("launch --nproc 99999 -- info run", dir),
+                        {"--nproc 99999", "4096"});
+  // The longest schedule plots in bounded time.
+  auto r = run_lmforge("schedule tiny.yaml --set train.steps=9223372036854775807 --out s.svg", dir);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  expect_no_tmp_files(dir);
 }
 
 }  // namespace lmforge

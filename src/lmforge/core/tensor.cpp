@@ -14,10 +14,11 @@ namespace lmforge {
 
 namespace {
 constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
+}  // namespace
 
-// MemAvailable from /proc/meminfo in bytes, or 0 when unknown. Linux overcommits, so a too-large
-// malloc "succeeds" and the process is killed later; asking first turns that into an error.
-size_t available_memory() {
+// Linux overcommits, so a too-large malloc "succeeds" and the process is killed later; asking
+// first turns that into an error.
+size_t available_host_memory() {
   std::FILE* f = std::fopen("/proc/meminfo", "r");
   if (!f) return 0;
   char line[256];
@@ -27,7 +28,13 @@ size_t available_memory() {
   std::fclose(f);
   return kb * 1024;
 }
-}  // namespace
+
+void check_host_memory(double bytes, const std::string& what, const std::string& fix) {
+  const size_t avail = available_host_memory();
+  if (avail && bytes > static_cast<double>(avail))
+    fail("out of memory: {} need {:.2f} GiB but {:.2f} GiB is available; {}", what,
+         bytes / 1073741824.0, avail / 1073741824.0, fix);
+}
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   if (device == Device::kCUDA) {  // zero-filled, like host storage
@@ -41,7 +48,7 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   }
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   if (rounded > (size_t{1} << 26)) {
-    size_t avail = available_memory();
+    size_t avail = available_host_memory();
     if (avail && rounded > avail)
       fail(
           "out of memory: need {:.2f} GiB more but {:.2f} GiB is available; reduce "

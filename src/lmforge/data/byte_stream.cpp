@@ -49,6 +49,11 @@ class GzipStream : public ByteStream {
   }
   size_t read(char* buf, size_t n) override {
     int got = gzread(gz_, buf, static_cast<unsigned>(n));
+    if (!checked_ && got > 0) {  // zlib passes non-gzip bytes through ("transparent" reading)
+      checked_ = true;
+      if (gzdirect(gz_))
+        fail("{}: not gzip data (no gzip header); re-compress it or drop the .gz suffix", path_);
+    }
     if (got < 0) {
       int err = 0;
       const char* msg = gzerror(gz_, &err);
@@ -68,6 +73,7 @@ class GzipStream : public ByteStream {
  private:
   std::string path_;
   gzFile gz_ = nullptr;
+  bool checked_ = false;
 };
 
 class ZstdStream : public FileStream {

@@ -381,11 +381,13 @@ json run_prepare(const PrepareOptions& o) {
   if (o.shard_tokens == 0) fail("shard_tokens: must be positive");
   if (o.val_docs > 0 && o.val_fraction > 0)
     fail("val_docs and val_fraction: set one of them (a count or a fraction), not both");
-  std::error_code ec;
-  fs::create_directories(o.output, ec);
-  if (ec || access(o.output.c_str(), W_OK) != 0)
-    fail("{}: cannot write the output directory ({}); check permissions", o.output,
-         ec ? ec.message() : std::strerror(errno));
+  for (const PrepareSource& s : o.sources)  // each is a directory of --output
+    if (s.name.empty() || s.name == "." || s.name == ".." ||
+        s.name.find_first_of("/\\") != std::string::npos)
+      fail(
+          "source name \"{}\": must be a plain directory name (not empty, no '/', not . or ..); "
+          "it names the directory under {}",
+          s.name, o.output);
   // Each batch frees and reallocates a few MB of document strings; glibc would hand the top of
   // the heap back to the kernel after each and fault it in (zeroed) again: ~5% of a run.
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
@@ -398,6 +400,11 @@ json run_prepare(const PrepareOptions& o) {
     fail("tokenizer: {}", e.what());
   }
   for (const PrepareSource& s : o.sources) expand_inputs(s.inputs);  // fail before any work
+  std::error_code ec;  // the output directory only once the inputs are known good
+  fs::create_directories(o.output, ec);
+  if (ec || access(o.output.c_str(), W_OK) != 0)
+    fail("{}: cannot write the output directory ({}); check permissions", o.output,
+         ec ? ec.message() : std::strerror(errno));
   double load_seconds = std::chrono::duration<double>(Clock::now() - t_load).count();
   auto t0 = Clock::now();
   json summary = {{"tokenizer",

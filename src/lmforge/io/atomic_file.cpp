@@ -94,7 +94,13 @@ void write_file_atomic(const std::string& path, const std::string& content) {
   f.commit();
 }
 
+void check_not_directory(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail("{}: is a directory; pass a file", path);
+}
+
 std::string read_file(const std::string& path) {
+  check_not_directory(path);  // an ifstream opens a directory and reads nothing
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
   std::ostringstream ss;

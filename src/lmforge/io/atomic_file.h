@@ -33,5 +33,7 @@ class AtomicFile {
 // Whole-file helpers.
 void write_file_atomic(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path);  // throws Error naming the file
+// Throws Error "PATH: is a directory; pass a file" (an ifstream opens one and reads nothing).
+void check_not_directory(const std::string& path);
 
 }  // namespace lmforge

@@ -28,6 +28,19 @@ void ModelConfig::validate() const {
   need(pos != "rope" || head_size() % 2 == 0, "n_embd", "rope needs an even head size");
   need(max_seq_len > 0, "max_seq_len", "must be positive");
   need(ffn() > 0, "ffn_hidden", "must be positive");
+  need(norm_eps > 0, "norm_eps", fmt::format("must be positive, got {}", norm_eps));
+  need(pos != "rope" || rope_theta > 0, "rope_theta",
+       fmt::format("must be positive, got {}", rope_theta));
+  // Far beyond any model, and small enough that the parameter counts cannot overflow.
+  constexpr int64_t kMaxDim = int64_t{1} << 24;
+  for (auto [key, v] : {std::pair{"vocab_size", vocab_size},
+                        {"n_embd", n_embd},
+                        {"n_head", n_head},
+                        {"head_dim", head_dim},
+                        {"ffn_hidden", ffn()},
+                        {"max_seq_len", max_seq_len}})
+    need(v <= kMaxDim, key, fmt::format("{} is beyond any model (at most {})", v, kMaxDim));
+  need(n_layer <= 4096, "n_layer", fmt::format("{} is beyond any model (at most 4096)", n_layer));
 }
 
 double ModelConfig::flops_per_token(int64_t T) const {

@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/formats/formats.h"
 #include "lmforge/tokenizer/known_encodings.h"
 #include "lmforge/tokenizer/pretokenizer.h"
@@ -43,6 +44,7 @@ void count_text(std::string_view text, const Pretokenizer& pre,
 // Reads `path` in ~4 MB chunks cut after a newline and adds its pieces' counts.
 void count_file(const std::string& path, const Pretokenizer& pre,
                 const std::vector<std::string>& specials, Counts& counts, uint64_t& bytes) {
+  check_not_directory(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("{}: cannot open the training text; check the path", path);
   std::string carry, buf(kChunk, '\0');
@@ -71,6 +73,11 @@ void count_file(const std::string& path, const Pretokenizer& pre,
 
 BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOptions& o) {
   const int64_t n_special = static_cast<int64_t>(o.specials.size());
+  for (size_t i = 0; i < o.specials.size(); ++i) {
+    if (o.specials[i].empty()) fail("--special: an empty special token is not allowed");
+    for (size_t k = 0; k < i; ++k)
+      if (o.specials[k] == o.specials[i]) fail("--special: \"{}\" is given twice", o.specials[i]);
+  }
   if (o.vocab_size < 256 + n_special)
     fail("--vocab-size: {} is below the 256 byte tokens plus {} specials", o.vocab_size, n_special);
   if (files.empty()) fail("tokenizer train: no input files given");

@@ -93,7 +93,17 @@ void validate_train_config(const Config& cfg) {
   positive(t.seq_len, "seq_len");
   positive(t.grad_accum, "grad_accum");
   positive(t.log_every, "log_every");
-  if (!(t.lr > 0)) fail("train.lr: must be positive, got {}", t.lr);
+  if (!(t.lr > 0) || !std::isfinite(t.lr)) fail("train.lr: must be positive, got {}", t.lr);
+  if (!(t.min_lr >= 0) || !std::isfinite(t.min_lr))
+    fail("train.min_lr: must be >= 0, got {}", t.min_lr);
+  if (!(t.beta1 >= 0 && t.beta1 < 1)) fail("train.beta1: must be in [0, 1), got {}", t.beta1);
+  if (!(t.beta2 >= 0 && t.beta2 < 1)) fail("train.beta2: must be in [0, 1), got {}", t.beta2);
+  if (!(t.eps > 0)) fail("train.eps: must be positive, got {}", t.eps);
+  if (!(t.weight_decay >= 0)) fail("train.weight_decay: must be >= 0, got {}", t.weight_decay);
+  if (!(t.grad_clip >= 0)) fail("train.grad_clip: must be >= 0 (0 = off), got {}", t.grad_clip);
+  if (t.checkpoint_every < 0)
+    fail("train.checkpoint_every: must be >= 0 (0 = only at the end), got {}", t.checkpoint_every);
+  if (t.keep_last < 0) fail("train.keep_last: must be >= 0 (0 = all), got {}", t.keep_last);
   if (t.precision != "fp32" && t.precision != "bf16")
     fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
   if (t.master_weights != "fp32" && t.master_weights != "bf16")
@@ -283,6 +293,14 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
+void check_training_fits(const ModelConfig& model, bool bf16) {
+  check_host_memory(
+      static_cast<double>(model.num_params()) * (16 + (bf16 ? 2 : 0)),
+      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)",
+                  model.num_params() / 1e6),
+      "choose a smaller model, or shard it over several ranks (dist.strategy)");
+}
+
 RunSetup setup_run(Config& cfg) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
@@ -366,6 +384,9 @@ RunSetup setup_run(Config& cfg) {
       fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",
            cfg.model.head_size());
   }
+  if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
+      dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
+    check_training_fits(cfg.model, t.precision == "bf16");
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {
