@@ -36,9 +36,11 @@ void add_generate(CLI::App& app) {
            dir, tok->vocab_size(), mc.vocab_size);
     o->s.stop_token = tok->eos_id();
     o->s.vocab_limit = tok->vocab_size();
+    const std::vector<int32_t> prompt = tok->encode(o->prompt, false, true);
+    check_generate(mc, prompt, o->s);  // before the prompt is echoed
     fmt::print("{}", o->prompt);
     std::fflush(stdout);
-    generate(model, tok->encode(o->prompt, false, true), o->s, [&](int32_t id) {
+    generate(model, prompt, o->s, [&](int32_t id) {
       fmt::print("{}", tok->token_bytes(id));
       std::fflush(stdout);
     });

@@ -241,4 +241,22 @@ TEST(Checkpoint, WeightsOnlyCannotResumeEvenWithoutOptimizer) {
   load_checkpoint(s.ckpt(0), s.model, nullptr, nullptr);  // weights: fine
 }
 
+// A state.json field of the wrong type (a hand edit, a damaged but re-hashed checkpoint) is one
+// error naming the file, not a bare JSON exception.
+TEST(Checkpoint, StateFieldsOfTheWrongTypeNameTheFile) {
+  Saver s("ckpt-state-types");
+  std::string dir = s.save(2);
+  json j = json::parse(testing::slurp(dir + "/state.json"));
+  j["step"] = "x";
+  std::ofstream(dir + "/state.json") << j.dump();
+  TrainState back;
+  try {
+    load_checkpoint(dir, s.model, &s.opt, &back);
+    ADD_FAILURE() << "a string step was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(dir + "/state.json"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("corrupt"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace lmforge

@@ -21,6 +21,18 @@ void check_sampling(const SamplingOptions& o, bool config_keys) {
     fail("{}: must be in (0, 1] (1 = off), got {}", name("sample.top_p", "--top-p"), o.top_p);
 }
 
+void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
+                    const SamplingOptions& o) {
+  if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
+  check_sampling(o, /*config_keys=*/false);
+  if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
+    fail("generate: the prompt has {} tokens but model.max_seq_len is {}; shorten it",
+         prompt.size(), c.max_seq_len);
+  for (int32_t id : prompt)
+    if (id < 0 || id >= c.vocab_size)
+      fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
+}
+
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
   if (o.temperature <= 0)
     return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
@@ -57,17 +69,10 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token) {
-  if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
-  check_sampling(o, /*config_keys=*/false);
   const ModelConfig& c = model.config();
+  check_generate(c, prompt, o);
   int64_t total =
       std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
-  if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
-    fail("generate: the prompt has {} tokens but model.max_seq_len is {}; shorten it",
-         prompt.size(), c.max_seq_len);
-  for (int32_t id : prompt)
-    if (id < 0 || id >= c.vocab_size)
-      fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
   KvCache cache = model.make_cache(total);
   Rng rng(o.seed);
   std::vector<int32_t> out;

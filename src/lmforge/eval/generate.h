@@ -29,6 +29,11 @@ struct SamplingOptions {
 // config_keys, else as generate's flags.
 void check_sampling(const SamplingOptions& o, bool config_keys);
 
+// What generate() checks before any work (Error naming the problem): a prompt that is empty, does
+// not fit the context or holds ids outside the vocabulary; sampling options as check_sampling.
+void check_generate(const ModelConfig& model, const std::vector<int32_t>& prompt,
+                    const SamplingOptions& o);
+
 // Picks one id from logits (V) with the options above.
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng);
 

@@ -549,7 +549,23 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
   return tok;
 }
 
+namespace {
+void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, AdamW* opt,
+                           TrainState* st);
+}  // namespace
+
 void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st) {
+  try {
+    load_checkpoint_state(ckpt_dir, model, opt, st);
+  } catch (const json::exception& e) {  // a field of the wrong type or missing
+    fail("{}/state.json: {}; the checkpoint is corrupt, resume from an earlier one", ckpt_dir,
+         e.what());
+  }
+}
+
+namespace {
+void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, AdamW* opt,
+                           TrainState* st) {
   json j = read_state(ckpt_dir);
   ParamSet& ps = model.params();
   if (ps.has_values()) {
@@ -584,6 +600,7 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
     st->elapsed_s = j.value("elapsed_s", 0.0);
   }
 }
+}  // namespace
 
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
                             const Tensor& out) {
