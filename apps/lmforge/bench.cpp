@@ -202,7 +202,8 @@ void add_bench(CLI::App& app) {
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
       fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
     ModelConfig mc = model_preset(o->model);
-    if (resolve_device(o->device) == Device::kCPU) check_training_fits(mc, o->precision == "bf16");
+    if (resolve_device(o->device) == Device::kCPU)
+      check_training_fits(mc, o->precision == "bf16", o->master_weights == "bf16");
     Transformer model(mc);
     model.init_weights(1);
     model.to(resolve_device(o->device));

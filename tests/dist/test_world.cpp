@@ -2,6 +2,7 @@
 // variables are read, and which launches are refused or handed to the rendezvous world (the
 // trainer's NCCL world by TCP for torchrun launches of a model on GPUs). No MPI is initialized:
 // only launches that do not need it are exercised here (the MPI ones: test_launch, test_srun).
+#include <fmt/core.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -84,16 +85,15 @@ std::string error_of(const WorldOptions& o) {
   return "";
 }
 
+// What detect_launch() says, as one comparable line.
+std::string place(const RankInfo& r) {
+  return fmt::format("{} rank {} of {}, local {} of {}, node {} of {}", r.launcher, r.rank, r.size,
+                     r.local_rank, r.local_size, r.node, r.nodes);
+}
+
 TEST_F(WorldTest, TorchrunVariablesGiveTheRankAndNode) {
   torchrun(5, 8, 1, 4);
-  RankInfo r = detect_launch();
-  EXPECT_EQ(r.launcher, "torchrun");
-  EXPECT_EQ(r.rank, 5);
-  EXPECT_EQ(r.size, 8);
-  EXPECT_EQ(r.local_rank, 1);
-  EXPECT_EQ(r.local_size, 4);
-  EXPECT_EQ(r.node, 1);
-  EXPECT_EQ(r.nodes, 2);
+  EXPECT_EQ(place(detect_launch()), "torchrun rank 5 of 8, local 1 of 4, node 1 of 2");
   torchrun(4, 4, 0, 4);  // rank past the world
   try {
     detect_launch();
@@ -115,12 +115,7 @@ TEST_F(WorldTest, TorchrunWorkersInsideSrunOrMpirunTakeTorchrunsRanks) {
   torchrun(6, 8, 2, 4);
   EXPECT_EQ(detect_launch().launcher, "mpirun");  // WORLD_SIZE alone: could be anyone's
   setenv("TORCHELASTIC_RUN_ID", "job42", 1);
-  RankInfo r = detect_launch();
-  EXPECT_EQ(r.launcher, "torchrun");
-  EXPECT_EQ(r.rank, 6);
-  EXPECT_EQ(r.size, 8);
-  EXPECT_EQ(r.local_rank, 2);
-  EXPECT_EQ(r.node, 1);
+  EXPECT_EQ(place(detect_launch()), "torchrun rank 6 of 8, local 2 of 4, node 1 of 2");
 }
 
 TEST_F(WorldTest, TorchrunWithoutARendezvousWorldIsRefusedNamingTheLaunchers) {

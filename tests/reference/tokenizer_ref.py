@@ -752,23 +752,24 @@ def make(out, assets, full=False):
     uni = Unicode14()
     log(f"tokenizers: Unicode classes beyond 14.0: {uni.summary()} ({time.time() - t0:.1f}s)")
 
-    def batches(doc_set, default_allow, eot=None):
+    def batches(doc_set, default_allow, eot=None, with_hard=True):
         def split(items):
             return [n for n, _ in items], [t for _, t in items]
         j = [(n, t.replace("{eot}", eot or "")) for n, t in joined]
+        h = hard if with_hard else []
         b = [(*split(doc_set), default_allow, False),
-             (*split(hard), False, False), (*split(hard), True, False),
+             (*split(h), False, False), (*split(h), True, False),
              (*split(special), False, False), (*split(special), True, False),
-             (*split(special[:4] + hard[:8]), default_allow, True)]
+             (*split(special[:4] + h[:8]), default_allow, True)]
         if eot:
             b.append((*split(j), True, False))
         return b
 
     manifest = []
 
-    def emit(name, path, ref, reference, doc_set, default_allow, eot=None):
+    def emit(name, path, ref, reference, doc_set, default_allow, eot=None, with_hard=True):
         n, nb, u14 = write_fixture(os.path.join(out, name + ".jsonl"), ref,
-                                   batches(doc_set, default_allow, eot))
+                                   batches(doc_set, default_allow, eot, with_hard))
         manifest.append({"name": name, "path": path, "fixture": name + ".jsonl",
                          "reference": reference, "docs": n, "bytes": nb, "unicode14_docs": u14})
         log(f"tokenizers: {name}: {n} docs, {nb / 1e6:.2f} MB, {u14} with Unicode 14 "
@@ -843,6 +844,18 @@ def make(out, assets, full=False):
     emit("hf-split-words", save(split_tok, "hf-split-words"),
          HfRef(split_tok, hf_gpt2(gpt2_ranks, 50256, False, uni.rewrite("onig", words)), uni), hf,
          small, True, "<|endoftext|>")
+    # SmolLM's layout: Digits(individual_digits) before ByteLevel's regex. Without the
+    # every-code-point hard cases: Digits classifies by Rust's newer Unicode tables, which the
+    # Unicode 14 emulation (a regex rewrite) cannot reach; numbers written many ways instead.
+    digits_tok = hf_gpt2(gpt2_ranks, 50256, False)
+    digits_tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    numbers = [(f"numbers-{i}", t) for i, t in enumerate([
+        "In 1611, 1,234.56 and 007 agents; 3x+4y=25 at 12:30pm, v2.0.1, 0xFF, 1e-9.",
+        "Fullwidth \uff11\uff12\uff13, Arabic-Indic \u0661\u0662\u0663, superscript x\u00b2, \u2167 and \u00bd.",
+        "  42  \n\n 7\t8 9   10 ", "abc123def 456 ghi789", "1" * 300 + " " + "9" * 17])]
+    emit("hf-digits", save(digits_tok, "hf-digits"), HfRef(digits_tok), hf,
+         numbers + small[:200], True, "<|endoftext|>", with_hard=False)
     repeat = [0, 3, 40, 700]
     dup_path = os.path.join(out, "hf-gpt2-dup-merges", "tokenizer.json")
     os.makedirs(os.path.dirname(dup_path), exist_ok=True)

@@ -46,6 +46,7 @@ inline const std::vector<std::string>& reference_tokenizer_names() {
                                                  "hf-gpt2-dup-merges",
                                                  "hf-sp-unk",
                                                  "hf-sp-partial-bytes",
+                                                 "hf-digits",
                                                  "sentencepiece-bpe"};
   return names;
 }

@@ -13,10 +13,13 @@ namespace lmforge {
 
 Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
-  check_host_memory(8.0 * static_cast<double>(cfg_.num_params()),
-                    fmt::format("the model's fp32 weights and gradients ({:.0f}M parameters)",
-                                cfg_.num_params() / 1e6),
-                    "choose a smaller model");
+  // Its fp32 weights are written (initialized or loaded) by every user of the model; gradients and
+  // optimizer state are training's to check (check_training_fits), and sharded runs never touch
+  // most of them.
+  check_host_memory(
+      4.0 * static_cast<double>(cfg_.num_params()),
+      fmt::format("the model's fp32 weights ({:.0f}M parameters)", cfg_.num_params() / 1e6),
+      "choose a smaller model");
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
   // Registration order is the parameter order everywhere (init, optimizer, checkpoints).
   tok_emb_ = params_.add("tok_emb.weight", {V, C}, false);

@@ -159,10 +159,26 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
     normalized = " " + std::string(text);
     text = normalized;
   }
-  if (pre_)
-    pre_->split(text, [&](std::string_view piece) { encode_piece(piece, out); });
+  auto split = [&](std::string_view run) {
+    if (pre_)
+      pre_->split(run, [&](std::string_view piece) { encode_piece(piece, out); });
+    else
+      encode_piece(run, out);
+  };
+  if (digits_)
+    digits_->split_marked(text, [&](std::string_view piece, bool digits) {
+      if (digits)
+        encode_piece(piece, out);
+      else
+        split(piece);
+    });
   else
-    encode_piece(text, out);
+    split(text);
+}
+
+void BpeTokenizer::set_digits(bool individual) {
+  // Rust's char::is_numeric, which Hugging Face's Digits uses: the Unicode categories N*.
+  digits_ = std::make_unique<Pretokenizer>(individual ? R"(\p{N})" : R"(\p{N}+)", "Digits");
 }
 
 namespace {

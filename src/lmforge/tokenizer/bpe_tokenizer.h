@@ -49,6 +49,9 @@ class BpeTokenizer : public Tokenizer {
   int32_t id_of(std::string_view bytes) const;  // -1 if not a token
   BpeEngine& engine() { return engine_; }
   void set_pretokenizer(std::unique_ptr<Pretokenizer> p) { pre_ = std::move(p); }
+  // Hugging Face's Digits pre-tokenizer before the regex (SmolLM, StarCoder): numeric characters
+  // split off first, one piece each (individual) or per run; the regex then splits the rest.
+  void set_digits(bool individual);
   void set_symbols(Symbols s) { symbols_ = s; }
   void set_whole_piece_lookup(bool on) { whole_piece_ = on; }
   // SentencePiece-style: replace ' ' with "▁" (U+2581) and prepend one per the scheme; decode
@@ -97,7 +100,7 @@ class BpeTokenizer : public Tokenizer {
   StringIdMap ids_;
   std::vector<bool> is_special_;
   BpeEngine engine_;
-  std::unique_ptr<Pretokenizer> pre_;
+  std::unique_ptr<Pretokenizer> pre_, digits_;
   Symbols symbols_ = Symbols::kBytes;
   bool whole_piece_ = false, metaspace_ = false, byte_fallback_ = false, add_prefix_space_ = false;
   bool fuse_unk_ = false;

@@ -29,13 +29,19 @@ using Counts = std::unordered_map<std::string, uint64_t>;
 // trainer does with added tokens), so no merge learns from them.
 void count_text(std::string_view text, const Pretokenizer& pre,
                 const std::vector<std::string>& specials, Counts& counts) {
+  // Each special's next occurrence, searched again only once the cut has passed it: one scan
+  // of the text per special.
+  std::vector<size_t> next;
+  for (const std::string& s : specials) next.push_back(text.find(s));
   size_t from = 0;
   while (from < text.size()) {
     size_t at = text.size(), len = 0;
-    for (const std::string& s : specials)
-      if (size_t k = s.empty() ? std::string_view::npos : text.find(s, from);
-          k != std::string_view::npos && (k < at || (k == at && s.size() > len)))
-        at = k, len = s.size();
+    for (size_t i = 0; i < specials.size(); ++i) {
+      if (next[i] < from) next[i] = text.find(specials[i], from);
+      if (next[i] != std::string_view::npos &&
+          (next[i] < at || (next[i] == at && specials[i].size() > len)))
+        at = next[i], len = specials[i].size();
+    }
     pre.split(text.substr(from, at - from), [&](std::string_view p) { ++counts[std::string(p)]; });
     from = at + len;
   }

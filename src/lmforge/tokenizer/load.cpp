@@ -1,3 +1,4 @@
+#include <exception>
 #include <filesystem>
 #include <fstream>
 
@@ -34,8 +35,17 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool allow_special
 std::vector<std::vector<int32_t>> Tokenizer::encode_batch(
     const std::vector<std::string_view>& texts, bool allow_special, bool add_bos) const {
   std::vector<std::vector<int32_t>> out(texts.size());
+  std::exception_ptr error;  // must not leave the parallel region (std::terminate)
 #pragma omp parallel for schedule(dynamic, 4)
-  for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i], allow_special, add_bos);
+  for (size_t i = 0; i < texts.size(); ++i) {
+    try {
+      out[i] = encode(texts[i], allow_special, add_bos);
+    } catch (...) {
+#pragma omp critical(lmforge_encode_batch_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
   return out;
 }
 

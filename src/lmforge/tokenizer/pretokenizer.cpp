@@ -97,15 +97,15 @@ size_t valid_char_len(std::string_view s, size_t i) {
 // never joins a match): each run of valid characters is one piece, as Hugging Face's Split keeps
 // it, and each invalid byte a piece of its own.
 void emit_gap(std::string_view text, size_t from, size_t to,
-              const std::function<void(std::string_view)>& piece) {
+              const std::function<void(std::string_view, bool)>& piece) {
   while (from < to) {
     size_t run = from;
     for (size_t n; run < to && (n = valid_char_len(text, run)) > 0 && run + n <= to;) run += n;
     if (run > from) {
-      piece(text.substr(from, run - from));
+      piece(text.substr(from, run - from), false);
       from = run;
     } else {
-      piece(text.substr(from++, 1));
+      piece(text.substr(from++, 1), false);
     }
   }
 }
@@ -133,6 +133,11 @@ Pretokenizer::~Pretokenizer() = default;
 
 void Pretokenizer::split(std::string_view text,
                          const std::function<void(std::string_view)>& piece) const {
+  split_marked(text, [&](std::string_view p, bool) { piece(p); });
+}
+
+void Pretokenizer::split_marked(std::string_view text,
+                                const std::function<void(std::string_view, bool)>& piece) const {
   pcre2_match_data* md = impl_->match_data();
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   size_t pos = 0, covered = 0;
@@ -154,7 +159,7 @@ void Pretokenizer::split(std::string_view text,
     PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     size_t start = ov[0], end = ov[1];
     emit_gap(text, covered, start, piece);
-    if (end > start) piece(text.substr(start, end - start));
+    if (end > start) piece(text.substr(start, end - start), true);
     covered = end;
     pos = end > start ? end : end + 1;  // an empty match: step over one byte
     if (end == start && start < text.size()) {

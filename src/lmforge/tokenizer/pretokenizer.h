@@ -31,6 +31,10 @@ class Pretokenizer {
 
   // Calls piece() for consecutive pieces covering all of text, in order.
   void split(std::string_view text, const std::function<void(std::string_view)>& piece) const;
+  // The same, saying for each piece whether the pattern matched it (else it is text between
+  // matches).
+  void split_marked(std::string_view text,
+                    const std::function<void(std::string_view, bool matched)>& piece) const;
   const std::string& pattern() const { return pattern_; }
 
  private:

@@ -156,7 +156,8 @@ void prune(const std::string& run_dir, int64_t step, int64_t keep_last) {
     }
     fs::path to = dir / "abandoned" / c.dir.filename();
     fs::create_directories(to.parent_path(), ec);
-    fs::remove_all(to, ec);
+    for (int n = 2; fs::exists(to, ec); ++n)  // an earlier abandoned one of the same step stays
+      to = dir / "abandoned" / fmt::format("{}.{}", c.dir.filename().string(), n);
     fs::rename(c.dir, to, ec);
     if (ec) {
       drop.push_back(c);  // cannot move it aside: it must not be resumed, so it goes

@@ -293,9 +293,11 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-void check_training_fits(const ModelConfig& model, bool bf16) {
+void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master) {
+  // fp32 values, gradients and two moments; + bf16 copies, or bf16 values in place of fp32 ones.
+  const double per_param = bf16_master ? 14 : bf16 ? 18 : 16;
   check_host_memory(
-      static_cast<double>(model.num_params()) * (16 + (bf16 ? 2 : 0)),
+      static_cast<double>(model.num_params()) * per_param,
       fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)",
                   model.num_params() / 1e6),
       "choose a smaller model, or shard it over several ranks (dist.strategy)");
@@ -386,7 +388,7 @@ RunSetup setup_run(Config& cfg) {
   }
   if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
       dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
-    check_training_fits(cfg.model, t.precision == "bf16");
+    check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16");
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {

@@ -1,10 +1,11 @@
 // Hugging Face tokenizer.json (https://huggingface.co/docs/tokenizers) with a BPE model:
-//  - byte-level (GPT-2, Llama 3, Qwen2, SmolLM): ByteLevel / Split pre-tokenizers, vocabulary
-//    in GPT-2's byte<->unicode form, ByteLevel decoder;
+//  - byte-level (GPT-2, Llama 3, SmolLM): ByteLevel / Split pre-tokenizers (after a Digits one, as
+//    SmolLM's), vocabulary in GPT-2's byte<->unicode form, ByteLevel decoder; Qwen2's NFC
+//    normalizer is not supported yet (refused);
 //  - SentencePiece-style (HF exports of Llama 2, Mistral, TinyLlama): Prepend/Replace
 //    normalizers or a Metaspace pre-tokenizer, byte_fallback <0xXX> tokens.
-// Added tokens are special tokens here; a TemplateProcessing post-processor that starts with a
-// special token gives the BOS.
+// Added tokens keep their special/lstrip/rstrip flags; a TemplateProcessing post-processor that
+// starts with a special token gives the BOS.
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
@@ -82,7 +83,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
           "to null",
           path, model["dropout"].dump());
 
-    bool byte_level = false, metaspace = false, split_on_meta = false;
+    bool byte_level = false, metaspace = false, split_on_meta = false, digits = false;
     BpeTokenizer::Prepend prepend = BpeTokenizer::Prepend::kNever;
     std::string pattern;
     for (const json& p : parts(j["pre_tokenizer"])) {
@@ -94,6 +95,8 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         if (!pattern.empty() && (p.value("use_regex", true) || p.value("add_prefix_space", false)))
           fail("{}: ByteLevel with use_regex or add_prefix_space after a Split is not supported",
                path);
+        if (digits && p.value("add_prefix_space", false))  // HF: a space before every digit split
+          fail("{}: ByteLevel with add_prefix_space after Digits is not supported", path);
         if (p.value("use_regex", true)) pattern = kGpt2Pattern;
         tok->set_add_prefix_space(p.value("add_prefix_space", false));
       } else if (type == "Split") {
@@ -106,6 +109,11 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         if (!pattern.empty())
           fail("{}: a second regex pre-tokenizer is not supported (one Split or ByteLevel)", path);
         pattern = pat["Regex"].get<std::string>();
+      } else if (type == "Digits") {  // splits off numbers before any regex (SmolLM)
+        if (byte_level || !pattern.empty() || metaspace)
+          fail("{}: a Digits pre-tokenizer after another is not supported (only first)", path);
+        tok->set_digits(p.value("individual_digits", false));
+        digits = true;
       } else if (type == "Metaspace") {
         metaspace = true;
         split_on_meta = p.value("split", true);
