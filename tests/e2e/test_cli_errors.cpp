@@ -195,6 +195,13 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
                         {"train.beta1", "[0, 1)"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.keep_last=-1", dir),
                         {"train.keep_last"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.seed=-1", dir),
+                        {"train.seed", "a non-negative integer"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set run.dir=", dir), {"run.dir", "empty"});
+  expect_one_line_error(run_lmforge("lr-find tiny.yaml --end inf", dir), {"lr-find", "finite"});
+  std::ofstream(dir + "/bad-prepare.yaml") << "output: [1]\n";
+  expect_one_line_error(run_lmforge("prepare bad-prepare.yaml", dir),
+                        {"bad-prepare.yaml:1", "output", "wrong type"});
   // A model whose training state cannot fit in memory is refused before allocating any of it.
   expect_one_line_error(run_lmforge("train tiny.yaml --set model.n_embd=65536 --set "
                                     "model.n_head=64 --set model.n_layer=64",

@@ -320,9 +320,11 @@ PrepareOptions load_prepare_config(const std::string& path) {
   auto bad = [&](const std::string& key, const std::string& why) -> void {
     fail("{}: {}: {}", path, key, why);
   };
+  std::string at = "the top level";  // the key being read, for a type error
   try {
     for (auto it = root.begin(); it != root.end(); ++it) {
       std::string k = it->first.as<std::string>();
+      at = k;
       const YAML::Node& v = it->second;
       if (k == "output")
         o.output = v.as<std::string>();
@@ -342,6 +344,7 @@ PrepareOptions load_prepare_config(const std::string& path) {
           src.name = s->first.as<std::string>();
           for (auto f = s->second.begin(); f != s->second.end(); ++f) {
             std::string fk = f->first.as<std::string>();
+            at = "sources." + src.name + "." + fk;
             const YAML::Node& fv = f->second;
             if (fk == "inputs") {
               if (fv.IsSequence())
@@ -367,7 +370,8 @@ PrepareOptions load_prepare_config(const std::string& path) {
       }
     }
   } catch (const YAML::Exception& e) {
-    fail("{}:{}: wrong type ({})", path, e.mark.line + 1, e.msg);
+    fail("{}:{}: {}: wrong type ({}); see docs/formats.md for the prepare keys", path,
+         e.mark.line + 1, at, e.msg);
   }
   return o;
 }

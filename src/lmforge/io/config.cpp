@@ -217,7 +217,8 @@ void assign_field(const ConfigField& f, const std::string& raw, const std::strin
             double d = std::strtod(v.c_str(), &end);
             if (v.empty() || *end != '\0' || d != std::floor(d) || std::fabs(d) > 9e15 ||
                 (std::is_unsigned_v<T> && d < 0))
-              bad_type(source, f.key, "an integer", v);
+              bad_type(source, f.key,
+                       std::is_unsigned_v<T> ? "a non-negative integer" : "an integer", v);
             x = static_cast<T>(d);
           }
           *p = x;

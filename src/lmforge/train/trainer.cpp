@@ -83,6 +83,7 @@ void validate_train_config(const Config& cfg) {
     if (v <= 0) fail("train.{}: must be positive, got {}", key, v);
   };
   positive(t.steps, "steps");
+  if (cfg.run.dir.empty()) fail("run.dir: empty; set the run directory (e.g. runs/my-run)");
   if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
   if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
   if (!cfg.sample.prompt.empty())  // the sample comes after training: its options are checked now
@@ -720,7 +721,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
 namespace lmforge {
 
 LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
-  if (!(o.start > 0 && o.end > o.start)) fail("lr-find: need 0 < --start < --end");
+  if (!(o.start > 0 && o.end > o.start) || !std::isfinite(o.end))
+    fail("lr-find: need 0 < --start < --end, both finite (got {} and {})", o.start, o.end);
   if (o.steps < 5) fail("lr-find: --steps must be at least 5, got {}", o.steps);
   RunSetup setup = setup_run(cfg);
   const TrainConfig& t = cfg.train;
