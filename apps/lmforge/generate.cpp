@@ -37,7 +37,7 @@ void add_generate(CLI::App& app) {
     o->s.stop_token = tok->eos_id();
     o->s.vocab_limit = tok->vocab_size();
     const std::vector<int32_t> prompt = tok->encode(o->prompt, false, true);
-    check_generate(mc, prompt, o->s);  // before the prompt is echoed
+    check_generate(mc, prompt, o->s, /*config_keys=*/false);  // before the prompt is echoed
     fmt::print("{}", o->prompt);
     std::fflush(stdout);
     generate(model, prompt, o->s, [&](int32_t id) {

@@ -14,10 +14,9 @@ namespace lmforge {
 
 namespace {
 constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
-}  // namespace
 
-// Linux overcommits, so a too-large malloc "succeeds" and the process is killed later; asking
-// first turns that into an error.
+// MemAvailable from /proc/meminfo in bytes, or 0 when unknown. Linux overcommits, so a too-large
+// malloc "succeeds" and the process is killed later; asking first turns that into an error.
 size_t available_host_memory() {
   std::FILE* f = std::fopen("/proc/meminfo", "r");
   if (!f) return 0;
@@ -28,6 +27,7 @@ size_t available_host_memory() {
   std::fclose(f);
   return kb * 1024;
 }
+}  // namespace
 
 void check_host_memory(double bytes, const std::string& what, const std::string& fix) {
   const size_t avail = available_host_memory();
@@ -47,14 +47,9 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
     return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
   }
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
-  if (rounded > (size_t{1} << 26)) {
-    size_t avail = available_host_memory();
-    if (avail && rounded > avail)
-      fail(
-          "out of memory: need {:.2f} GiB more but {:.2f} GiB is available; reduce "
-          "train.batch_size, train.seq_len or the model size",
-          rounded / 1073741824.0, avail / 1073741824.0);
-  }
+  if (rounded > (size_t{1} << 26))
+    check_host_memory(static_cast<double>(rounded), "a new buffer",
+                      "reduce train.batch_size, train.seq_len or the model size");
   // Large buffers come straight from the kernel: zero pages that only become resident when
   // first written (a full-shard model never touches its whole-model buffer; start-up does not
   // page in every arena twice). Small ones from the heap, zeroed.

@@ -19,8 +19,6 @@
 
 namespace lmforge {
 
-// MemAvailable from /proc/meminfo in bytes, or 0 when unknown.
-size_t available_host_memory();
 // Throws Error "out of memory: <what> need X GiB but Y GiB is available; <fix>" when `bytes`
 // exceed the available host memory. Linux accepts mappings larger than memory and kills the
 // process when they are touched: callers that know a whole footprint ask first.

@@ -22,12 +22,13 @@ void check_sampling(const SamplingOptions& o, bool config_keys) {
 }
 
 void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
-                    const SamplingOptions& o) {
-  if (prompt.empty()) fail("generate: the prompt is empty; pass --prompt TEXT");
-  check_sampling(o, /*config_keys=*/false);
+                    const SamplingOptions& o, bool config_keys) {
+  const char* what = config_keys ? "sample.prompt" : "generate: the prompt";
+  if (prompt.empty()) fail("{} is empty; pass {}", what, config_keys ? "some text" : "--prompt");
+  check_sampling(o, config_keys);
   if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
-    fail("generate: the prompt has {} tokens but model.max_seq_len is {}; shorten it",
-         prompt.size(), c.max_seq_len);
+    fail("{} has {} tokens but model.max_seq_len is {}; shorten it", what, prompt.size(),
+         c.max_seq_len);
   for (int32_t id : prompt)
     if (id < 0 || id >= c.vocab_size)
       fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
@@ -70,7 +71,7 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token) {
   const ModelConfig& c = model.config();
-  check_generate(c, prompt, o);
+  check_generate(c, prompt, o, /*config_keys=*/false);
   int64_t total =
       std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
   KvCache cache = model.make_cache(total);

@@ -30,9 +30,10 @@ struct SamplingOptions {
 void check_sampling(const SamplingOptions& o, bool config_keys);
 
 // What generate() checks before any work (Error naming the problem): a prompt that is empty, does
-// not fit the context or holds ids outside the vocabulary; sampling options as check_sampling.
+// not fit the context or holds ids outside the vocabulary; sampling options as check_sampling,
+// named as the sample.* keys when config_keys.
 void check_generate(const ModelConfig& model, const std::vector<int32_t>& prompt,
-                    const SamplingOptions& o);
+                    const SamplingOptions& o, bool config_keys);
 
 // Picks one id from logits (V) with the options above.
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng);

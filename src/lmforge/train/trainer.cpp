@@ -75,6 +75,13 @@ bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
 
 namespace {
 std::map<int64_t, std::string> parse_faults(const std::string& spec);
+
+// The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
+SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
+  return {cfg.sample.max_tokens,      cfg.sample.temperature, cfg.sample.top_k,
+          cfg.sample.top_p,           cfg.train.seed,         tok ? tok->eos_id() : -1,
+          tok ? tok->vocab_size() : 0};
+}
 }  // namespace
 
 void validate_train_config(const Config& cfg) {
@@ -87,9 +94,7 @@ void validate_train_config(const Config& cfg) {
   if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
   if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
   if (!cfg.sample.prompt.empty())  // the sample comes after training: its options are checked now
-    check_sampling(
-        {cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p},
-        /*config_keys=*/true);
+    check_sampling(sampling_options(cfg, nullptr), /*config_keys=*/true);
   positive(t.batch_size, "batch_size");
   positive(t.seq_len, "seq_len");
   positive(t.grad_accum, "grad_accum");
@@ -445,12 +450,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
-  if (!cfg.sample.prompt.empty()) {  // sampled after training: a prompt that cannot fit fails now
-    const size_t n = tokenizer->encode(cfg.sample.prompt, false, true).size();
-    if (static_cast<int64_t>(n) >= model.config().max_seq_len)
-      fail("sample.prompt: {} tokens but model.max_seq_len is {}; shorten it (or set it empty)", n,
-           model.config().max_seq_len);
-  }
+  if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
+    check_generate(model.config(), tokenizer->encode(cfg.sample.prompt, false, true),
+                   sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
   dist::DataParallel dp(comm, model, cfg.dist,
@@ -703,9 +705,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (lead && !cfg.sample.prompt.empty()) model.to(Device::kCPU);  // decode runs on the CPU
 
   if (lead && !cfg.sample.prompt.empty()) {
-    SamplingOptions so{
-        cfg.sample.max_tokens, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p, t.seed,
-        tokenizer->eos_id(),   tokenizer->vocab_size()};
+    SamplingOptions so = sampling_options(cfg, tokenizer.get());
     fmt::print("--- sample ---\n{}", cfg.sample.prompt);
     generate(model, tokenizer->encode(cfg.sample.prompt, false, true), so, [&](int32_t id) {
       fmt::print("{}", tokenizer->token_bytes(id));
