@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 
 namespace lmforge {
 
@@ -19,42 +20,6 @@ bool is_jsonl(const std::string& path) {
   for (const char* ext : {".gz", ".zst"})
     if (p.size() > 4 && p.ends_with(ext)) p.resize(p.size() - std::strlen(ext));
   return p.ends_with(".jsonl") || p.ends_with(".json");
-}
-
-bool valid_utf8(const std::string& s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  size_t n = s.size(), i = 0;
-  while (i < n) {
-    unsigned char c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len;
-    uint32_t cp;
-    if ((c >> 5) == 0x6) {
-      len = 2;
-      cp = c & 0x1F;
-    } else if ((c >> 4) == 0xE) {
-      len = 3;
-      cp = c & 0x0F;
-    } else if ((c >> 3) == 0x1E) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (i + len > n) return false;
-    for (size_t k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (p[i + k] & 0x3F);
-    }
-    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-      return false;  // overlong, out of range, or a surrogate
-    i += len;
-  }
-  return true;
 }
 
 bool is_input_file(const fs::path& p) {
@@ -122,7 +87,7 @@ void DocumentReader::check_text(Document* d, bool utf8_checked) const {
     d->skip = "too_large";
   else if (d->text.find('\0') != std::string::npos)
     d->skip = "nul_bytes";
-  else if (!utf8_checked && !valid_utf8(d->text))
+  else if (!utf8_checked && find_invalid_utf8(d->text) != d->text.size())
     d->skip = "invalid_utf8";
   else if (d->text.empty())
     d->skip = "empty";

@@ -18,6 +18,8 @@
 #include <nlohmann/json.hpp>
 #include <tuple>
 
+#include "lmforge/core/utf8.h"
+
 namespace lmforge::safetensors_detail {
 
 namespace {
@@ -55,38 +57,6 @@ int find_format_dtype(std::string_view s) {
   for (size_t i = 0; i < std::size(kFormatDTypes); ++i)
     if (s == kFormatDTypes[i].name) return static_cast<int>(i);
   return -1;
-}
-
-// Where the first byte that is not UTF-8 is (as Rust's str::from_utf8 judges: no overlong forms,
-// no surrogates, nothing above U+10FFFF), or n when all are.
-size_t find_invalid_utf8(const unsigned char* s, size_t n) {
-  size_t i = 0;
-  while (i < n) {
-    unsigned char c = s[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len;
-    uint32_t cp, min;
-    if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F, min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F, min = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-      return i;
-    }
-    if (n - i < len) return i;
-    for (size_t k = 1; k < len; ++k) {
-      if ((s[i + k] & 0xC0) != 0x80) return i;
-      cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-    i += len;
-  }
-  return n;
 }
 
 void append_utf8(std::string* out, uint32_t cp) {
@@ -682,9 +652,7 @@ const char* format_dtype_name(DType t) {
   return "?";
 }
 
-bool is_utf8(std::string_view s) {
-  return find_invalid_utf8(reinterpret_cast<const unsigned char*>(s.data()), s.size()) == s.size();
-}
+bool is_utf8(std::string_view s) { return find_invalid_utf8(s) == s.size(); }
 
 std::string quote_name(std::string_view s) {
   return nlohmann::json(std::string(s))
@@ -708,7 +676,7 @@ Header read_header(const std::string& file, const char* bytes, uint64_t size) {
         "truncated or corrupt",
         file, n, size);
   const char* text = bytes + 8;
-  size_t bad = find_invalid_utf8(reinterpret_cast<const unsigned char*>(text), n);
+  size_t bad = find_invalid_utf8(std::string_view(text, n));
   if (bad != n)
     fail("{}: safetensors header is not valid UTF-8 (byte {}); the file is corrupt", file, 8 + bad);
   Header h;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 
 namespace lmforge {
 
@@ -74,25 +75,6 @@ std::string white_space_property(const std::string& pattern) {
   return out;
 }
 
-// The length of the valid UTF-8 character at s[i] (shortest form, no surrogates, <= U+10FFFF),
-// or 0 when the byte there does not start one.
-size_t valid_char_len(std::string_view s, size_t i) {
-  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = b(i);
-  if (c < 0x80) return 1;
-  size_t n = c >= 0xC2 && c <= 0xDF   ? 2
-             : c >= 0xE0 && c <= 0xEF ? 3
-             : c >= 0xF0 && c <= 0xF4 ? 4
-                                      : 0;
-  if (n == 0 || i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k)
-    if ((b(i + k) & 0xC0) != 0x80) return 0;
-  if ((c == 0xE0 && b(i + 1) < 0xA0) || (c == 0xED && b(i + 1) > 0x9F) ||
-      (c == 0xF0 && b(i + 1) < 0x90) || (c == 0xF4 && b(i + 1) > 0x8F))
-    return 0;  // overlong, surrogate or past U+10FFFF
-  return n;
-}
-
 // Text the pattern does not cover (a Split pattern that matches words only; invalid UTF-8, which
 // never joins a match): each run of valid characters is one piece, as Hugging Face's Split keeps
 // it, and each invalid byte a piece of its own.
@@ -100,7 +82,7 @@ void emit_gap(std::string_view text, size_t from, size_t to,
               const std::function<void(std::string_view, bool)>& piece) {
   while (from < to) {
     size_t run = from;
-    for (size_t n; run < to && (n = valid_char_len(text, run)) > 0 && run + n <= to;) run += n;
+    for (size_t n; run < to && (n = utf8_char_len(text, run)) > 0 && run + n <= to;) run += n;
     if (run > from) {
       piece(text.substr(from, run - from), false);
       from = run;
