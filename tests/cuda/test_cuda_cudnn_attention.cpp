@@ -67,7 +67,7 @@ std::vector<float> added_part(const std::vector<float>& g, const std::vector<flo
 }
 
 TEST(CudaCudnnAttention, MatchesTheFp32Kernel) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const Case cases[] = {
       {2, 200, 4, 4, 64},    // NH == NKV; T neither a multiple of 64 nor of 128
       {2, 256, 12, 12, 64},  // GPT-2 small's heads
@@ -140,7 +140,7 @@ std::vector<float> host_values(const Tensor& t) {
 // ops::attention_forward takes cuDNN only with bf16 = true (unless LMFORGE_CUDNN_ATTENTION=0)
 // and without a window; otherwise the fp32 kernel, bit for bit.
 TEST(CudaCudnnAttention, OpsSelectTheBf16PathUnderMixedPrecision) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t B = 2, T = 128, NH = 4, NKV = 2, HS = 64, W = (NH + 2 * NKV) * HS;
   ASSERT_TRUE(cuda::cudnn_attention_supported(B, T, NH, NKV, HS, 0));
   const std::vector<float> qkv_v = randn_bf16(B * T * W, 77);
@@ -169,7 +169,7 @@ TEST(CudaCudnnAttention, OpsSelectTheBf16PathUnderMixedPrecision) {
 // the fp32 wrapper's out (a widened bf16 O) rounded, bit for bit, lse is the same, and the
 // backward adds the same dK and dV (dQ to cuDNN's run-to-run atomics, see cudnn_attention.h).
 TEST(CudaCudnnAttention, Bf16OverloadsAreTheFp32WrappersWithoutConversions) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t B = 2, T = 128, NH = 4, NKV = 2, HS = 64, W = (NH + 2 * NKV) * HS,
                 n_out = B * T * NH * HS;
   if (!cuda::cudnn_attention_supported(B, T, NH, NKV, HS, 0)) GTEST_SKIP() << "cuDNN too old";

@@ -714,7 +714,7 @@ std::vector<Case> cases() {
 class CudaKernels : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaKernels, MatchesCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   uint64_t seed = 1469598103934665603ull;  // FNV-1a of the name: a fixed seed per case
   for (char ch : GetParam().name) seed = (seed ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
   Rng rng(seed);
@@ -726,7 +726,7 @@ INSTANTIATE_TEST_SUITE_P(Kernels, CudaKernels, ::testing::ValuesIn(cases()),
 
 // The reductions give the same bits on every run (no atomics, partitions fixed by the shapes).
 TEST(CudaKernelsDeterminism, ReductionsAreBitIdenticalAcrossRuns) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   Rng rng(7);
   const int64_t B = 16, T = 512, C = 768, V = 3, N = B * T, NX = 64, VX = 1000;
   const std::vector<int32_t> tokens = rand_ids(rng, N, V);  // each id thousands of times
@@ -773,7 +773,7 @@ TEST(CudaKernelsDeterminism, ReductionsAreBitIdenticalAcrossRuns) {
 
 // A kernel cannot raise: out-of-range ids show up as NaN (kernels.h).
 TEST(CudaKernelsInvalidIds, GiveNaN) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t C = 8, V = 4;
   DeviceArray<int32_t> tokens({1, 4, -1});
   DeviceArray<float> wte(std::vector<float>(V * C, 1.0f)), out(zeros(3 * C));

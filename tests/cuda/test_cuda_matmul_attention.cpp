@@ -60,7 +60,7 @@ std::vector<uint16_t> bf16_of(const std::vector<float>& v) {
 }
 
 TEST(CudaMatmul, GemmAllTransposesAlphaBeta) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   struct Case {
     int64_t M, N, K;
     float alpha, beta;
@@ -92,7 +92,7 @@ TEST(CudaMatmul, GemmAllTransposesAlphaBeta) {
 }
 
 TEST(CudaMatmul, ToBf16IsBitIdenticalToTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   std::vector<float> v = randn(10007, 1, 100.0);
   const float specials[] = {0.0f,
                             -0.0f,
@@ -121,7 +121,7 @@ TEST(CudaMatmul, ToBf16IsBitIdenticalToTheCpu) {
 }
 
 TEST(CudaMatmul, GemmBf16BiasAndAccumulate) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t M = 37, N = 53, K = 71;
   uint64_t seed = 100;
   for (int t = 0; t < 4; ++t)
@@ -204,13 +204,13 @@ void check_linear(bool bf16, bool with_bias, int64_t N, int64_t C, int64_t OC, u
 }
 
 TEST(CudaMatmul, LinearFp32) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   check_linear(false, true, 300, 96, 80, 1000);  // N = 300: three bias-gradient chunks
   check_linear(false, false, 67, 33, 51, 2000);
 }
 
 TEST(CudaMatmul, LinearBf16) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   check_linear(true, true, 300, 96, 80, 3000);
   check_linear(true, false, 67, 40, 56, 4000);
   // OC not a multiple of 8 (GPT-2's vocabulary is 50257): the backward's bf16(dout) rows are
@@ -223,7 +223,7 @@ TEST(CudaMatmul, LinearBf16) {
 // shapes (aligned activations, the LM head's 50257 columns in padded rows) must get cuBLASLt plans,
 // and with an fp32 output the bias must go through the epilogue.
 TEST(CudaMatmul, ModelShapesStayOnCublasLt) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t N = 128, C = 768;
   const cuda::MatmulPlanCounts before = cuda::matmul_plan_counts();
   DeviceArray<float> x(randn(N * C, 1)), out32(N * 50260), dout(randn(N * 50257, 2, 0.01)),
@@ -254,7 +254,7 @@ TEST(CudaMatmul, ModelShapesStayOnCublasLt) {
 }
 
 TEST(CudaMatmul, BiasGradIsDeterministic) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t N = 5000, OC = 77;
   DeviceArray<float> dout(randn(N * OC, 7)), db1(std::vector<float>(OC, 0.0f)),
       db2(std::vector<float>(OC, 0.0f));
@@ -268,7 +268,7 @@ struct AttnCase {
 };
 
 TEST(CudaAttention, ForwardBackwardMatchCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const AttnCase cases[] = {
       {2, 200, 4, 2, 64, 0},   // four query tiles, the last partial
       {2, 200, 4, 2, 64, 37},  // window: whole key tiles skipped
@@ -311,7 +311,7 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
 }
 
 TEST(CudaAttention, RejectsHeadSizeAbove128) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   EXPECT_THROW(cuda::attention_forward(nullptr, nullptr, nullptr, 1, 8, 2, 1, 256, 0), Error);
 }
 

@@ -69,7 +69,7 @@ struct Pair {
 class CudaModel : public ::testing::TestWithParam<std::tuple<std::string, bool>> {};
 
 TEST_P(CudaModel, LogitsLossAndGradientsMatchTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const auto& [preset, bf16] = GetParam();
   const double tol = bf16 ? 2e-2 : 1e-4;
   ModelConfig c = tiny(preset);
@@ -106,7 +106,7 @@ TEST_P(CudaModel, LogitsLossAndGradientsMatchTheCpu) {
 
 // Activation checkpointing recomputes on the GPU as on the CPU: the same gradients.
 TEST_P(CudaModel, RecomputeGivesIdenticalGradients) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const auto& [preset, bf16] = GetParam();
   ModelConfig c = tiny(preset);
   Transformer a(c), r(c);
@@ -144,7 +144,7 @@ INSTANTIATE_TEST_SUITE_P(Presets, CudaModel,
 // Twenty AdamW steps (two micro-batches each, clipping) through DataParallel on one process:
 // the losses and final parameters track the CPU's.
 TEST(CudaTraining, AdamWStepsTrackTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   ModelConfig c = tiny("llama3-tiny");
   Pair m(c, /*bf16=*/false);
   m.cpu.plan(kB, kT);
@@ -174,7 +174,7 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
 // them stochastically there, and ten steps track the CPU's (bf16 tolerance: cuDNN's bf16 attention
 // against the CPU's fp32 kernel, and roundings that may go the other way near a tie).
 TEST(CudaTraining, Bf16MasterWeightsTrackTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   ModelConfig c = tiny("llama3-tiny");
   Pair m(c, /*bf16=*/true);
   m.cpu.use_bf16_master();
@@ -213,7 +213,7 @@ TEST(CudaTraining, Bf16MasterWeightsTrackTheCpu) {
 // with activation checkpointing, over steps whose loss scale changes (a step with an ignored
 // target runs eagerly and the next recaptures), and the graph is really replayed.
 TEST(CudaTraining, CudaGraphStepsAreBitIdenticalToEagerSteps) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   for (const auto& [preset, recompute] : {std::pair{"gpt2-tiny", Recompute::kNone},
                                           std::pair{"llama3-tiny", Recompute::kSelective}}) {
     SCOPED_TRACE(preset);
@@ -260,7 +260,7 @@ TEST(CudaTraining, CudaGraphStepsAreBitIdenticalToEagerSteps) {
 // The op-level profile on the GPU: every op of the step is timed by CUDA events (rows marked
 // gpu), the same calls as on the CPU, and the times resolve to no more than the steps' wall time.
 TEST(CudaProfile, TimesTheStepsOpsWithEvents) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   Pair m(tiny("gpt2-tiny"), /*bf16=*/true);
   Batch b = random_batch(m.gpu.config().vocab_size, 5);
   m.gpu.plan(kB, kT);
@@ -299,7 +299,7 @@ constexpr const char* kDemoRun =
 // the demo corpus; the run reports GPU memory and samples (on the CPU) at the end; with
 // train.cuda_graphs the run is the same bit for bit.
 TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const std::string dir = testing::temp_dir("cuda-train");
   const std::string common = std::string(kDemoRun) +
                              "--set train.lr=2e-3 --set train.min_lr=2e-4 --set train.warmup=20 "
@@ -355,7 +355,7 @@ TEST(CudaTraining, CliRunResumesExactlyAndTracksTheCpu) {
 // make_nccl_world_tcp, which also carries the run directory's barriers; one rank needs no TCP
 // rendezvous, so that part is tested only by test_nccl's threads).
 TEST(CudaTraining, NcclWorldOfOneTrainsAsOneProcess) {
-  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU";
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
 #ifndef LMFORGE_HAVE_NCCL
   GTEST_SKIP() << "built without NCCL";
 #endif

@@ -38,10 +38,7 @@ void check_host_memory(double bytes, const std::string& what, const std::string&
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   if (device == Device::kCUDA) {  // zero-filled, like host storage
-    if (!cuda::available())
-      fail("cannot allocate on cuda: {}",
-           cuda::device_count() == 0 ? "no CUDA GPU is visible (or lmforge was built without CUDA)"
-                                     : "the device is unusable");
+    if (!cuda::available()) fail("cannot allocate on cuda: {}", cuda::unavailable_reason());
     void* p = bytes ? cuda::malloc(bytes) : nullptr;
     if (p) cuda::memset_zero(p, bytes);
     return std::shared_ptr<Storage>(new Storage(p, bytes, device, true));

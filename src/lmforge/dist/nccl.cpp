@@ -74,7 +74,12 @@ class NcclWork final : public Work {
   bool test() override {
     if (done_) return true;
     cudaError_t e = cudaEventQuery(event_);
-    if (e == cudaErrorNotReady) return false;
+    if (e == cudaErrorNotReady) {
+      // Not an error, but the runtime may record it as the thread's last error, which the next
+      // kernel launch's cudaGetLastError check would then report against that kernel.
+      (void)cudaGetLastError();
+      return false;
+    }
     if (e != cudaSuccess)
       stop(fmt::format("failed on the GPU: CUDA error {} ({})", cudaGetErrorName(e),
                        cudaGetErrorString(e)));

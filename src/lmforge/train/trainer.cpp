@@ -155,12 +155,22 @@ void validate_train_config(const Config& cfg) {
 
 Device resolve_device(const std::string& device) {
   if (device == "cpu") return Device::kCPU;
-  if (device == "auto") return cuda::available() ? Device::kCUDA : Device::kCPU;
+  if (device == "auto") {
+    if (cuda::available()) return Device::kCUDA;
+    // A GPU the runtime cannot use (driver too old, taken in exclusive mode) is worth a word
+    // before training on the CPU instead.
+    static bool warned = false;
+    if (!warned && !cuda::no_device()) {
+      warned = true;
+      fmt::print(stderr, "warning: train.device: auto trains on the CPU: {}\n",
+                 cuda::unavailable_reason());
+    }
+    return Device::kCPU;
+  }
   if (device != "cuda") fail("train.device: expected cpu, cuda or auto, got \"{}\"", device);
   if (!cuda::available())
-    fail(
-        "train.device: cuda, but no CUDA GPU is visible (or this lmforge was built without "
-        "CUDA); use cpu, or auto to take a GPU only when there is one");
+    fail("train.device: cuda, but {}; use cpu, or auto to take a GPU only when there is one",
+         cuda::unavailable_reason());
   return Device::kCUDA;
 }
 

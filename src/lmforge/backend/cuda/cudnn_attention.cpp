@@ -284,6 +284,10 @@ class GraphBuilder {
         cudnnBackendDestroyDescriptor(plan);
       }
     }
+    // An engine config that cuDNN refused may leave a (non-sticky) CUDA error behind, e.g. from
+    // a kernel attribute it could not set; clear it, or the next launch check would report it
+    // against an unrelated kernel. A sticky error (a fault) survives this and still surfaces.
+    (void)cudaGetLastError();
     if (ok() && !p.exec) check(last, "execution plan (no engine config finalized)");
     if (ok()) {
       p.ok = true;

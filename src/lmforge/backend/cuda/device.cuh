@@ -157,6 +157,7 @@ __device__ inline double block_sum(double v) {
   __syncthreads();
   double t = 0;
   if (warp == 0) t = warp_sum(lane < static_cast<int>(blockDim.x >> 5) ? part[lane] : 0.0);
+  __syncthreads();  // part is reused by a second call in the same kernel
   return t;
 }
 

@@ -60,6 +60,24 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluK = 0.044715f;
 constexpr float kGeluK3 = static_cast<float>(3 * 0.044715);
 
+// The activations' arithmetic is spelled out with round-to-nearest intrinsics (no contraction into
+// FMAs): the kernels on bf16 and on fp32 inputs must give the same bits for the same values, which
+// must not depend on the choices nvcc makes per template instantiation.
+__device__ __forceinline__ float gelu_tanh_arg(float x) {  // sqrt(2/pi) (x + 0.044715 x^3)
+  return __fmul_rn(kGeluC, __fadd_rn(x, __fmul_rn(__fmul_rn(__fmul_rn(kGeluK, x), x), x)));
+}
+__device__ __forceinline__ float gelu(float x) {  // 0.5 x (1 + tanh(u))
+  return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(gelu_tanh_arg(x))));
+}
+// d gelu / dx = 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float th = tanhf(gelu_tanh_arg(x));
+  const float sech2 = __fsub_rn(1.0f, __fmul_rn(th, th));
+  const float du = __fmul_rn(kGeluC, __fadd_rn(1.0f, __fmul_rn(__fmul_rn(kGeluK3, x), x)));
+  return __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, th)),
+                   __fmul_rn(__fmul_rn(__fmul_rn(0.5f, x), sech2), du));
+}
+
 template <typename O, typename I = float>  // float, or uint16_t for bf16 activations
 struct GeluForwardOp {
   O* out;
@@ -68,10 +86,7 @@ struct GeluForwardOp {
   __device__ void apply(int64_t i) const {
     Floats<K> v = load<K>(inp + i);
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const float x = v.v[k], u = kGeluC * (x + kGeluK * x * x * x);
-      v.v[k] = 0.5f * x * (1.0f + tanhf(u));
-    }
+    for (int k = 0; k < K; ++k) v.v[k] = gelu(v.v[k]);
     store<K>(out + i, v);
   }
 };
@@ -100,18 +115,14 @@ struct GeluBackwardOp {
     const Floats<K> xv = load<K>(inp + i), g = load<K>(dout + i);
     Floats<K> d = grad_in<K>(dinp + i);
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const float x = xv.v[k];
-      const float th = tanhf(kGeluC * (x + kGeluK * x * x * x));
-      const float sech2 = 1.0f - th * th;
-      const float du = kGeluC * (1.0f + kGeluK3 * x * x);
-      d.v[k] += g.v[k] * (0.5f * (1.0f + th) + 0.5f * x * sech2 * du);
-    }
+    for (int k = 0; k < K; ++k) d.v[k] = __fadd_rn(d.v[k], __fmul_rn(g.v[k], gelu_grad(xv.v[k])));
     store<K>(dinp + i, d);
   }
 };
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) {
+  return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
+}
 
 template <typename O, typename I = float>
 struct SwigluForwardOp {
@@ -125,7 +136,7 @@ struct SwigluForwardOp {
     Floats<K> gv = load<K>(g);
     const Floats<K> uv = load<K>(g + F);
 #pragma unroll
-    for (int k = 0; k < K; ++k) gv.v[k] = gv.v[k] * sigmoid(gv.v[k]) * uv.v[k];
+    for (int k = 0; k < K; ++k) gv.v[k] = __fmul_rn(__fmul_rn(gv.v[k], sigmoid(gv.v[k])), uv.v[k]);
     store<K>(out + i, gv);
   }
 };
@@ -147,8 +158,9 @@ struct SwigluBackwardOp {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float x = gv.v[k], s = sigmoid(x);
-      dgv.v[k] += d.v[k] * uv.v[k] * s * (1.0f + x * (1.0f - s));
-      duv.v[k] += d.v[k] * x * s;
+      const float ds = __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s)));
+      dgv.v[k] = __fadd_rn(dgv.v[k], __fmul_rn(__fmul_rn(__fmul_rn(d.v[k], uv.v[k]), s), ds));
+      duv.v[k] = __fadd_rn(duv.v[k], __fmul_rn(__fmul_rn(d.v[k], x), s));
     }
     store<K>(dg, dgv);
     store<K>(dg + F, duv);

@@ -30,12 +30,47 @@ void cuda_failed(int error, const char* call, const char* file, int line) {
 void raise(const std::string& message) { throw Error(message); }
 }  // namespace detail
 
-int device_count() {
-  static const int n = [] {
-    int c = 0;
-    return cudaGetDeviceCount(&c) == cudaSuccess ? c : (cudaGetLastError(), 0);
+namespace {
+struct Probe {
+  int count = 0;
+  cudaError_t error = cudaSuccess;
+  int driver = 0;  // the CUDA version the driver supports; 0 when no driver is installed
+  bool no_device() const {
+    return count == 0 && (error == cudaSuccess || error == cudaErrorNoDevice || driver == 0);
+  }
+};
+const Probe& probe() {
+  static const Probe p = [] {
+    Probe r;
+    r.error = cudaGetDeviceCount(&r.count);
+    if (r.error != cudaSuccess) {
+      cudaGetLastError();
+      r.count = 0;
+    }
+    if (cudaDriverGetVersion(&r.driver) != cudaSuccess) r.driver = 0;
+    return r;
   }();
-  return n;
+  return p;
+}
+}  // namespace
+
+int device_count() { return probe().count; }
+
+bool no_device() { return probe().no_device(); }
+
+std::string unavailable_reason() {
+  const Probe& p = probe();
+  if (p.count > 0) return "";
+  if (p.no_device())
+    return p.driver == 0 ? "no CUDA GPU is visible (no CUDA driver is installed)"
+                         : "no CUDA GPU is visible";
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  return fmt::format(
+      "the CUDA runtime cannot use the GPU: {} ({}; the driver supports CUDA {}.{}, lmforge was "
+      "built with {}.{})",
+      cudaGetErrorName(p.error), cudaGetErrorString(p.error), p.driver / 1000, p.driver % 1000 / 10,
+      runtime / 1000, runtime % 1000 / 10);
 }
 
 bool available() { return device_count() > 0; }

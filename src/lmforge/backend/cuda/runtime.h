@@ -14,8 +14,14 @@
 
 namespace lmforge::cuda {
 
-bool available();           // a usable GPU is present (cudaGetDeviceCount > 0), cached
-int device_count();         // 0 without a GPU or without the CUDA backend
+bool available();    // a usable GPU is present (cudaGetDeviceCount > 0), cached
+int device_count();  // 0 without a GPU or without the CUDA backend
+// Why available() is false, for error messages ("" when it is true): no GPU, a driver older than
+// the runtime (with both versions), a GPU taken in exclusive mode, or no CUDA backend.
+std::string unavailable_reason();
+// True when there is simply no GPU (or no CUDA backend), as opposed to a GPU the runtime cannot
+// use: train.device auto falls back to the CPU quietly only then.
+bool no_device();
 std::string device_name();  // "NVIDIA H100 80GB HBM3" or "" without a GPU
 // The datasheet's dense bf16 tensor-core TFLOP/s of the GPU (H100/H200 SXM 989.4, H100 PCIe
 // 756, H100/H200 NVL 835, A100 312), the denominator of MFU; 0 for a GPU not in the list or without

@@ -14,6 +14,10 @@ void cuda_unavailable(const char* op) {
 
 namespace cuda {
 int device_count() { return 0; }
+std::string unavailable_reason() {
+  return "this lmforge was built without CUDA (nvcc was not found)";
+}
+bool no_device() { return true; }
 bool available() { return false; }
 std::string device_name() { return ""; }
 double datasheet_bf16_tflops() { return 0; }
