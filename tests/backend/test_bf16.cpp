@@ -95,6 +95,32 @@ TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
     }
 }
 
+// CPUs without AVX-512 (where Debian's oneDNN has no bf16 matmul) widen the operands to fp32: the
+// same sums, and a bf16 C is the fp32 result rounded once.
+TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
+  cpu::set_bf16_gemm_widened(true);
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      check_gemm(ta, tb, false, false);
+      check_gemm(ta, tb, true, false);
+      check_gemm(ta, tb, false, true);
+    }
+  const int64_t M = 9, N = 13, K = 21, ldc = N + 3;
+  std::vector<float> a = randn(M * K, 11), b = randn(N * K, 12), bv = randn(N, 13);
+  std::vector<uint16_t> a16(a.size()), b16(b.size()), c16(M * ldc, 0x7f7f);
+  cpu::to_bf16(a16.data(), a.data(), M * K);
+  cpu::to_bf16(b16.data(), b.data(), N * K);
+  std::vector<float> c(M * N);
+  cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), false, c.data(), N);
+  cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), c16.data(), ldc);
+  cpu::set_bf16_gemm_widened(false);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j)
+      EXPECT_EQ(c16[i * ldc + j], fp32_to_bf16_ftz(c[i * N + j])) << i << "," << j;
+    for (int64_t j = N; j < ldc; ++j) EXPECT_EQ(c16[i * ldc + j], 0x7f7f);  // padding untouched
+  }
+}
+
 TEST(Bf16, LinearWithBf16WeightRoundsInputsAndAccumulatesInFp32) {
   const int64_t N = 19, C = 24, OC = 40;
   std::vector<float> x = randn(N * C, 6), w = randn(OC * C, 7, 0.2), b = randn(OC, 8),

@@ -1,5 +1,6 @@
 #include "lmforge/core/cpu_features.h"
 
+#include <cstdint>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -13,15 +14,30 @@ CpuFeatures detect() {
   CpuFeatures f;
 #if defined(__x86_64__)
   unsigned a, b, c, d;
-  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
-    f.avx2 = b & (1u << 5);
-    f.avx512f = b & (1u << 16);
-    f.avx512dq = b & (1u << 17);
-    f.avx512bw = b & (1u << 30);
-    f.avx512vl = b & (1u << 31);
-    f.amx_bf16 = d & (1u << 22);
+  // CPUID says what the CPU has; XCR0 says which register states the OS saves and so lets
+  // programs use (a kernel or hypervisor may leave AVX-512's or AMX's off: their instructions
+  // then fault).
+  uint64_t xcr0 = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 27))) {  // OSXSAVE: xgetbv is available
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
   }
-  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+  const bool os_avx = (xcr0 & 0x6) == 0x6;          // XMM and YMM state
+  const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;     // plus opmask and ZMM state
+  const bool os_amx = (xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
+  unsigned max_sub = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    max_sub = a;
+    f.avx2 = os_avx && (b & (1u << 5));
+    f.avx512f = os_avx512 && (b & (1u << 16));
+    f.avx512dq = os_avx512 && (b & (1u << 17));
+    f.avx512bw = os_avx512 && (b & (1u << 30));
+    f.avx512vl = os_avx512 && (b & (1u << 31));
+    f.amx_bf16 = os_amx && (d & (1u << 22));
+  }
+  if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+    f.avx512_bf16 = os_avx512 && (a & (1u << 5));
   char brand[49] = {};
   for (unsigned i = 0; i < 3; ++i) {
     if (!__get_cpuid(0x80000002u + i, &a, &b, &c, &d)) break;
@@ -40,7 +56,9 @@ CpuFeatures detect() {
 std::string CpuFeatures::summary() const {
   std::string s;
   auto add = [&](bool on, const char* n) {
-    if (on) s += (s.empty() ? "" : " ") + std::string(n);
+    if (!on) return;
+    if (!s.empty()) s += ' ';
+    s += n;
   };
   add(avx2, "avx2");
   add(avx512f, "avx512f");

@@ -1,10 +1,14 @@
 // bf16 mixed precision on the CPU: fp32 -> bf16 conversion and bf16 matmuls with fp32
 // accumulation through oneDNN's matmul primitive, which picks its brgemm kernels at run time
-// (AMX on Sapphire Rapids, AVX512-BF16 on Cooper Lake / Zen 4, and a correct emulation
-// elsewhere). Primitives are created once per shape and cached, so a training step creates
-// none after the first; conversion scratch grows during the first step and is then reused.
+// (AMX on Sapphire Rapids, AVX512-BF16 on Cooper Lake / Zen 4, an emulation on other AVX-512
+// CPUs). Where oneDNN has no bf16 matmul at all (Debian's oneDNN 2.x needs AVX-512: Zen 3, older
+// Intel), the operands are widened to fp32 (exactly) and go to the fp32 sgemm: the same products
+// accumulated in fp32, the same rounding of a bf16 output, no speedup. Primitives are created once
+// per shape and cached, so a training step creates none after the first; conversion scratch grows
+// during the first step and is then reused.
 #include <immintrin.h>
 
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -54,7 +58,14 @@ struct GemmKeyHash {
 struct GemmPlan {
   dnnl::memory::desc a, b, c, bias, scratch;
   dnnl::matmul prim;
+  bool widen = false;  // no oneDNN bf16 matmul here: widened operands through sgemm
 };
+
+// dst (rows, cols; contiguous) = src (rows, cols; rows ld apart), bf16 widened to fp32.
+void widen_rows(float* dst, const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) from_bf16(dst + r * cols, src + r * ld, cols);
+}
 
 class Bf16Gemm {
  public:
@@ -62,8 +73,10 @@ class Bf16Gemm {
     static Bf16Gemm g;
     return g;
   }
+  bool force_widen_ = false;  // set_bf16_gemm_widened
   void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias, void* C) {
     const GemmPlan& p = plan(k);
+    if (p.widen || force_widen_) return run_widened(k, A, B, bias, C);
     std::unordered_map<int, dnnl::memory> args = {
         {DNNL_ARG_SRC, dnnl::memory(p.a, eng_, const_cast<uint16_t*>(A))},
         {DNNL_ARG_WEIGHTS, dnnl::memory(p.b, eng_, const_cast<uint16_t*>(B))},
@@ -78,6 +91,35 @@ class Bf16Gemm {
 
  private:
   Bf16Gemm() : eng_(dnnl::engine::kind::cpu, 0), stream_(eng_) {}
+
+  // The fallback: op(A) op(B) on fp32 copies of A and B (exact), into C or, for a bf16 C, into an
+  // fp32 buffer rounded once at the end; the bias joins the fp32 accumulator as oneDNN's does.
+  void run_widened(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias,
+                   void* C) {
+    const int64_t a_rows = k.ta ? k.K : k.M, a_cols = k.ta ? k.M : k.K;
+    const int64_t b_rows = k.tb ? k.N : k.K, b_cols = k.tb ? k.K : k.N;
+    float* a = grow(wide_[0], a_rows * a_cols);
+    float* b = grow(wide_[1], b_rows * b_cols);
+    widen_rows(a, A, a_rows, a_cols, k.lda);
+    widen_rows(b, B, b_rows, b_cols, k.ldb);
+    float* c = k.c16 ? grow(wide_[2], k.M * k.N) : static_cast<float*>(C);
+    const int64_t ldc = k.c16 ? k.N : k.ldc;
+    if (bias)
+      for (int64_t i = 0; i < k.M; ++i) std::memcpy(c + i * ldc, bias, k.N * sizeof(float));
+    const float beta = k.acc || bias ? 1.0f : 0.0f;
+    gemm<float>(k.ta, k.tb, k.M, k.N, k.K, 1.0f, a, a_cols, b, b_cols, beta, c, ldc);
+    if (k.c16) {
+      auto* out = static_cast<uint16_t*>(C);
+#pragma omp parallel for schedule(static) if (k.M * k.N > (1 << 16))
+      for (int64_t i = 0; i < k.M; ++i) {
+        for (int64_t j = 0; j < k.N; ++j) out[i * k.ldc + j] = fp32_to_bf16_ftz(c[i * k.N + j]);
+      }
+    }
+  }
+  static float* grow(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
 
   const GemmPlan& plan(const GemmKey& k) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -108,8 +150,19 @@ class Bf16Gemm {
       if (scratchpad_.size() < p.scratch.get_size()) scratchpad_.resize(p.scratch.get_size());
       p.prim = dnnl::matmul(pd);
     } catch (const dnnl::error& e) {
-      fail("oneDNN bf16 matmul M={} N={} K={}: {}; use train.precision: fp32", k.M, k.N, k.K,
-           e.what());
+      if (e.status != dnnl_unimplemented)
+        fail("oneDNN bf16 matmul M={} N={} K={}: {}; use train.precision: fp32", k.M, k.N, k.K,
+             e.what());
+      p = GemmPlan{};
+      p.widen = true;
+      static bool told = false;
+      if (!told && !cpu_features().avx512f) {
+        told = true;
+        std::fprintf(stderr,
+                     "note: this CPU has no AVX-512, for which oneDNN has no bf16 matmul: bf16 "
+                     "matmuls run as fp32 GEMMs on the widened operands (same results, no "
+                     "speedup over fp32)\n");
+      }
     }
     return cache_.emplace(k, std::move(p)).first->second;
   }
@@ -119,6 +172,7 @@ class Bf16Gemm {
   std::mutex mu_;
   std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> cache_;
   std::vector<char> scratchpad_;
+  std::vector<float> wide_[3];  // the fallback's fp32 A, B and (bf16 C) accumulator
 };
 
 // Conversion buffers reused by every bf16 linear: they grow during the first step only.
@@ -129,6 +183,8 @@ uint16_t* scratch(int slot, int64_t n) {
 }
 
 }  // namespace
+
+void set_bf16_gemm_widened(bool on) { Bf16Gemm::get().force_widen_ = on; }
 
 void to_bf16(uint16_t* dst, const float* src, int64_t n) {
   static const bool fast = cpu_features().avx512_bf16;

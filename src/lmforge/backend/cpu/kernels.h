@@ -34,6 +34,9 @@ void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld = -1);
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // fp32 = bf16, exact.
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
+// Tests: gemm_bf16 takes the path of CPUs without oneDNN bf16 matmuls (operands widened to fp32,
+// the fp32 sgemm) even where oneDNN has them.
+void set_bf16_gemm_widened(bool on);
 // C (M, N) fp32 = op(A) op(B) [+ bias (N)] or C += op(A) op(B) (accumulate), A and B bf16 with
 // fp32 accumulation, through oneDNN's matmul (AMX / AVX512-BF16 brgemm chosen at run time).
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
