@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
+#include "lmforge/core/error.h"
 #include "lmforge/core/rng.h"
+#include "lmforge/eval/generate.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/transformer.h"
 
@@ -75,6 +79,59 @@ TEST(Presets, SizesMatchThePublicConfigurations) {
   EXPECT_EQ(model_preset("gpt2").flops_per_token(1024), 6.0 * 123653376 + 12.0 * 12 * 768 * 1024);
   Transformer tiny(model_preset("gpt2-tiny"));
   EXPECT_EQ(tiny.params().numel(), model_preset("gpt2-tiny").num_params());
+}
+
+// A tiny temperature or an infinite logit overflows logit / temperature: sampling must then take
+// the top token (the limit of softmax(logits / T) as T -> 0), never the least likely one.
+TEST(Sampling, OverflowingTemperatureOrInfiniteLogitIsGreedy) {
+  const float logits[5] = {1.0f, 5.0f, -3.0f, 4.0f, 0.5f};
+  SamplingOptions o;
+  Rng rng(7);
+  o.temperature = 1e-310;  // finite and positive: check_sampling takes it
+  check_sampling(o, false);
+  for (int top_k : {0, 3}) {
+    o.top_k = top_k;
+    for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_token(logits, 5, o, rng), 1) << top_k;
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  const float with_inf[4] = {0.0f, -1.0f, inf, 2.0f};
+  o.temperature = 0.8;
+  o.top_k = 0;
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_token(with_inf, 4, o, rng), 2);
+  const float with_nan[3] = {0.0f, std::nanf(""), 1.0f};
+  EXPECT_THROW(sample_token(with_nan, 3, o, rng), Error);
+}
+
+// Sampling follows softmax(logits / T): frequencies over many draws match the probabilities.
+TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
+  const float logits[4] = {0.2f, 1.5f, -0.7f, 1.0f};
+  SamplingOptions o;
+  o.temperature = 0.7;
+  Rng rng(11);
+  const int n = 200000;
+  std::vector<int> count(4, 0);
+  for (int i = 0; i < n; ++i) ++count[sample_token(logits, 4, o, rng)];
+  double z = 0;
+  for (float l : logits) z += std::exp(l / 0.7);
+  for (int v = 0; v < 4; ++v) {
+    const double p = std::exp(logits[v] / 0.7) / z;
+    // 5 standard deviations of a binomial count
+    EXPECT_NEAR(count[v], n * p, 5 * std::sqrt(n * p * (1 - p))) << v;
+  }
+}
+
+// A --max-tokens near INT64_MAX generates up to the context instead of overflowing.
+TEST(Sampling, HugeMaxTokensStopsAtTheContext) {
+  ModelConfig cfg = model_preset("gpt2-tiny");
+  cfg.vocab_size = 97;
+  cfg.n_layer = 1;
+  cfg.max_seq_len = 16;
+  Transformer model(cfg);
+  model.init_weights(3);
+  SamplingOptions o;
+  o.max_tokens = std::numeric_limits<int64_t>::max();
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  EXPECT_EQ(generate(model, prompt, o, nullptr).size(), 13u);
 }
 
 }  // namespace lmforge

@@ -37,6 +37,9 @@ void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
   if (o.temperature <= 0)
     return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  for (int64_t i = 0; i < V; ++i)
+    if (std::isnan(logits[i]))
+      fail("generate: the model's logits are NaN (id {}); the weights have diverged", i);
   std::vector<int32_t> idx(V);
   std::iota(idx.begin(), idx.end(), 0);
   // Sort descending by logit (stable: ties keep id order, so sampling is reproducible).
@@ -44,8 +47,14 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
                    [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
   std::vector<double> p(k);
-  double mx = logits[idx[0]] / o.temperature, sum = 0;
-  for (int64_t i = 0; i < k; ++i) sum += p[i] = std::exp(logits[idx[i]] / o.temperature - mx);
+  // Relative to the top logit before dividing: the top token weighs exactly 1 even where
+  // logit / temperature overflows (a tiny temperature, an infinite logit), so sampling then
+  // becomes greedy instead of NaN.
+  const double top = logits[idx[0]];
+  if (std::isinf(top)) return idx[0];
+  double sum = 0;
+  for (int64_t i = 0; i < k; ++i)
+    sum += p[i] = std::exp((static_cast<double>(logits[idx[i]]) - top) / o.temperature);
   if (o.top_p < 1) {  // nucleus: smallest prefix whose mass reaches top_p
     double acc = 0;
     int64_t keep = k;
@@ -72,8 +81,8 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               const std::function<void(int32_t)>& on_token) {
   const ModelConfig& c = model.config();
   check_generate(c, prompt, o, /*config_keys=*/false);
-  int64_t total =
-      std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o.max_tokens, c.max_seq_len);
+  const int64_t P = static_cast<int64_t>(prompt.size());  // < max_seq_len (check_generate)
+  const int64_t total = P + std::min<int64_t>(o.max_tokens, c.max_seq_len - P);
   KvCache cache = model.make_cache(total);
   Rng rng(o.seed);
   std::vector<int32_t> out;
