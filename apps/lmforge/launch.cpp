@@ -9,6 +9,7 @@
 // when --timeout passed (like timeout(1)). It prints nothing of its own on success.
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -62,6 +63,42 @@ int usable_cores() {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
+// The processes this (subreaper) process adopted: ranks whose mpirun died before them.
+std::vector<pid_t> adopted_children() {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  const std::string self = std::to_string(getpid());
+  for (auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::FILE* f = std::fopen((e.path() / "stat").c_str(), "r");
+    if (!f) continue;
+    char buf[512];
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = '\0';
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses, so parse after the last ')'
+    const char* close = std::strrchr(buf, ')');
+    char state = 0;
+    int ppid = 0;
+    if (close && std::sscanf(close + 1, " %c %d", &state, &ppid) == 2 &&
+        std::to_string(ppid) == self)
+      out.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  return out;
+}
+
+// After mpirun has exited: a rank it left behind (SIGSTOPped, or mpirun itself killed by the
+// --timeout escalation) was re-parented to launch, the subreaper; kill and reap it.
+void kill_orphaned_ranks() {
+  for (int round = 0; round < 50; ++round) {
+    std::vector<pid_t> left = adopted_children();
+    if (left.empty()) return;
+    for (pid_t p : left) kill(p, SIGKILL);
+    for (pid_t p : left) waitpid(p, nullptr, 0);
+  }
+}
+
 struct LaunchOptions {
   int nproc = 0;
   int ranks_per_node = 0;
@@ -96,6 +133,8 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
   for (const std::string& s : args) argv.push_back(const_cast<char*>(s.c_str()));
   argv.push_back(nullptr);
 
+  // Ranks outliving mpirun become launch's children instead of init's, to be stopped below.
+  prctl(PR_SET_CHILD_SUBREAPER, 1);
   // Signals stay blocked from before fork until g_mpirun_pid is set, so none is lost.
   sigset_t block, old;
   sigemptyset(&block);
@@ -151,6 +190,7 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   g_mpirun_pid = 0;
+  kill_orphaned_ranks();
   if (timed_out) return 124;
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);

@@ -44,6 +44,10 @@ class WorldTest : public ::testing::Test {
                                           "SLURM_LOCALID",
                                           "SLURM_NTASKS_PER_NODE",
                                           "SLURM_NNODES",
+                                          "SLURM_STEP_NUM_TASKS",
+                                          "SLURM_STEP_NUM_NODES",
+                                          "SLURM_STEP_TASKS_PER_NODE",
+                                          "SLURM_NODEID",
                                           "PMI_SIZE",
                                           "PMI_RANK",
                                           "MPI_LOCALRANKID",
@@ -108,6 +112,7 @@ TEST_F(WorldTest, TorchrunVariablesGiveTheRankAndNode) {
 TEST_F(WorldTest, TorchrunWorkersInsideSrunOrMpirunTakeTorchrunsRanks) {
   setenv("SLURM_PROCID", "1", 1);
   setenv("SLURM_NTASKS", "2", 1);
+  setenv("SLURM_STEP_NUM_TASKS", "2", 1);
   setenv("SLURM_LOCALID", "0", 1);
   setenv("SLURM_NTASKS_PER_NODE", "1", 1);
   setenv("OMPI_COMM_WORLD_SIZE", "2", 1);
@@ -116,6 +121,42 @@ TEST_F(WorldTest, TorchrunWorkersInsideSrunOrMpirunTakeTorchrunsRanks) {
   EXPECT_EQ(detect_launch().launcher, "mpirun");  // WORLD_SIZE alone: could be anyone's
   setenv("TORCHELASTIC_RUN_ID", "job42", 1);
   EXPECT_EQ(place(detect_launch()), "torchrun rank 6 of 8, local 2 of 4, node 1 of 2");
+}
+
+// srun names each task's node and how many tasks each node holds, which may differ (srun -N2 -n5
+// places 3 and 2, also written "3(x1),2"); a node of ranks need not be a block of ranks (srun -m
+// cyclic).
+TEST_F(WorldTest, SrunNodesMayHoldDifferentNumbersOfTasks) {
+  auto srun = [](int rank, int local, int node, const char* per_node) {
+    setenv("SLURM_PROCID", std::to_string(rank).c_str(), 1);
+    setenv("SLURM_NTASKS", "5", 1);
+    setenv("SLURM_STEP_NUM_TASKS", "5", 1);
+    setenv("SLURM_STEP_NUM_NODES", "2", 1);
+    setenv("SLURM_NNODES", "2", 1);
+    setenv("SLURM_LOCALID", std::to_string(local).c_str(), 1);
+    setenv("SLURM_NODEID", std::to_string(node).c_str(), 1);
+    setenv("SLURM_STEP_TASKS_PER_NODE", per_node, 1);
+  };
+  srun(2, 2, 0, "3,2");
+  EXPECT_EQ(place(detect_launch()), "srun rank 2 of 5, local 2 of 3, node 0 of 2");
+  srun(4, 1, 1, "3(x1),2");
+  EXPECT_EQ(place(detect_launch()), "srun rank 4 of 5, local 1 of 2, node 1 of 2");
+  srun(1, 0, 1, "3,2");  // cyclic: rank 1 is the first task of node 1
+  EXPECT_EQ(place(detect_launch()), "srun rank 1 of 5, local 0 of 2, node 1 of 2");
+  srun(5, 1, 2, "2(x3)");
+  setenv("SLURM_STEP_NUM_TASKS", "6", 1);
+  setenv("SLURM_STEP_NUM_NODES", "3", 1);
+  EXPECT_EQ(place(detect_launch()), "srun rank 5 of 6, local 1 of 2, node 2 of 3");
+}
+
+// The shell of an sbatch script has SLURM_PROCID=0 and the job's SLURM_NTASKS, but a process it
+// starts without srun is one process, not rank 0 of an srun step.
+TEST_F(WorldTest, AProcessInAnSbatchScriptWithoutSrunIsOneProcess) {
+  setenv("SLURM_PROCID", "0", 1);
+  setenv("SLURM_NTASKS", "4", 1);
+  setenv("SLURM_NNODES", "2", 1);
+  setenv("SLURM_NODEID", "0", 1);
+  EXPECT_EQ(place(detect_launch()), "none rank 0 of 1, local 0 of 1, node 0 of 1");
 }
 
 TEST_F(WorldTest, TorchrunWithoutARendezvousWorldIsRefusedNamingTheLaunchers) {

@@ -2,9 +2,11 @@
 
 #include <fmt/core.h>
 
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <thread>
 
 #include "lmforge/backend/cuda/runtime.h"
@@ -25,6 +27,30 @@ int env_int(const char* name, int fallback) {
   long x = std::strtol(v, &end, 10);
   if (*end != '\0' || x < 0) fail("environment variable {}=\"{}\": expected an integer", name, v);
   return static_cast<int>(x);
+}
+
+// Slurm's tasks-per-node list ("3,2", "2(x3),1"): the count on node `node`, or 0 when the list
+// is missing, malformed or shorter.
+int slurm_tasks_on_node(const char* list, int node) {
+  if (!list) return 0;
+  std::string_view rest(list);
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    int count = 0, repeat = 1;
+    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), count);
+    if (ec != std::errc() || count < 1) return 0;
+    std::string_view tail(p, item.data() + item.size() - p);
+    if (!tail.empty()) {  // "(xM)"
+      if (tail.size() < 4 || tail.substr(0, 2) != "(x" || tail.back() != ')') return 0;
+      auto [q, ec2] = std::from_chars(tail.data() + 2, tail.data() + tail.size() - 1, repeat);
+      if (ec2 != std::errc() || q != tail.data() + tail.size() - 1 || repeat < 1) return 0;
+    }
+    if (node < repeat) return count;
+    node -= repeat;
+  }
+  return 0;
 }
 
 }  // namespace
@@ -80,13 +106,21 @@ RankInfo detect_launch() {
     r.size = env_int("OMPI_COMM_WORLD_SIZE", 1);
     r.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
     r.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1);
-  } else if (std::getenv("SLURM_PROCID") && env_int("SLURM_NTASKS", 1) > 1) {
+  } else if (std::getenv("SLURM_PROCID") && env_int("SLURM_STEP_NUM_TASKS", 1) > 1) {
+    // srun's step variables: an sbatch script's own shell also has SLURM_PROCID=0 and the job's
+    // SLURM_NTASKS, but a process started there without srun is one process.
     r.launcher = "srun";
     r.rank = env_int("SLURM_PROCID", 0);
-    r.size = env_int("SLURM_NTASKS", 1);
+    r.size = env_int("SLURM_STEP_NUM_TASKS", 1);
     r.local_rank = env_int("SLURM_LOCALID", 0);
-    r.local_size = env_int("SLURM_NTASKS_PER_NODE", 0);
-    if (r.local_size == 0) r.local_size = r.size / std::max(1, env_int("SLURM_NNODES", 1));
+    r.nodes = env_int("SLURM_STEP_NUM_NODES", env_int("SLURM_NNODES", 1));
+    r.node = env_int("SLURM_NODEID", -1);
+    // Nodes may hold different numbers of tasks (srun -N2 -n5 places 3 and 2).
+    r.local_size =
+        r.node >= 0 ? slurm_tasks_on_node(std::getenv("SLURM_STEP_TASKS_PER_NODE"), r.node) : 0;
+    if (r.local_size == 0) r.local_size = env_int("SLURM_NTASKS_PER_NODE", 0);
+    if (r.local_size == 0) r.local_size = r.size / std::max(1, r.nodes);
+    if (r.node < 0 || r.node >= r.nodes) r.node = -1;
   } else if (std::getenv("PMI_SIZE")) {
     r.launcher = "mpirun";
     r.rank = env_int("PMI_RANK", 0);
@@ -105,8 +139,10 @@ RankInfo detect_launch() {
   if (r.size < 1 || r.rank >= r.size || r.local_size < 1 || r.local_rank >= r.local_size)
     fail("launcher ({}): rank {} of {} (local {} of {}) is inconsistent", r.launcher, r.rank,
          r.size, r.local_rank, r.local_size);
-  r.nodes = std::max(1, r.size / r.local_size);
-  r.node = r.rank / r.local_size;
+  if (r.launcher != "srun" || r.node < 0) {  // srun names the node; the others: blocks of ranks
+    r.nodes = std::max(1, r.size / r.local_size);
+    r.node = r.rank / r.local_size;
+  }
   return r;
 }
 

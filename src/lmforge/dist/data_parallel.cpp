@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
 
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/error.h"
@@ -57,8 +60,25 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   if (strategy_ == Strategy::kHybrid) {
     const RankInfo& ri = rank_info();
     node_comm_ = world.split(ri.node, world.rank());
-    cross_comm_ = world.split(ri.local_rank, world.rank());
+    // Across nodes, the ranks holding the same shard: the same place in their node's group (the
+    // launcher's local rank agrees only when ranks sit in consecutive blocks per node).
+    cross_comm_ = world.split(node_comm_->rank(), world.rank());
     shard_comm_ = node_comm_.get();
+    // Every node's group must be alike, or the shard layouts (and so the cross-node
+    // all-reduces) differ between nodes.
+    std::vector<double> sizes(world.size(), 0.0);
+    sizes[world.rank()] = node_comm_->size();
+    world.all_reduce(sizes.data(), static_cast<int64_t>(sizes.size()))->wait();
+    if (std::adjacent_find(sizes.begin(), sizes.end(), std::not_equal_to<>()) != sizes.end()) {
+      std::string placed;
+      for (size_t r = 0; r < sizes.size(); ++r)
+        placed += fmt::format("{}rank {}: {}", r ? ", " : "", r, sizes[r]);
+      fail(
+          "dist.strategy: hybrid needs the same number of ranks on every node, but the launcher "
+          "placed them unevenly (ranks in this rank's node group: {}); launch the same number of "
+          "tasks per node, or set dist.ranks_per_node",
+          placed);
+    }
   }
   const bool values_sharded = strategy_ >= Strategy::kFullShard;
   const bool bf16 = model.bf16();
@@ -356,6 +376,7 @@ void DataParallel::gather(int64_t g, bool wait) {
   };
   if (g == 0 || g == G - 1) {  // the edges: gathered together, kept for the step
     if (edges_gathered_) return;
+    g = 0;  // start() reads g: the embeddings first, whichever edge was asked for
     edge_work_[0] = start(embed_buf_, embed_bf16_);
     g = G - 1;
     edge_work_[1] = start(tail_buf_, tail_bf16_);

@@ -8,11 +8,13 @@
 #include <fmt/core.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <limits>
 #include <thread>
+#include <vector>
 
 #include "lmforge/core/error.h"
 #include "lmforge/dist/mpi_world.h"
@@ -65,11 +67,14 @@ class MpiWork final : public Work {
   }
   std::vector<int> counts, displs;  // must outlive the request
   MPI_Request req = MPI_REQUEST_NULL;
+  std::vector<MPI_Request> more;  // further requests of one collective (a broadcast in pieces)
 
   bool test() override {
     if (done_) return true;
     int flag = 0;
     MPI_Test(&req, &flag, MPI_STATUS_IGNORE);
+    if (flag && !more.empty())
+      MPI_Testall(static_cast<int>(more.size()), more.data(), &flag, MPI_STATUSES_IGNORE);
     done_ = flag != 0;
     return done_;
   }
@@ -117,6 +122,15 @@ class MpiWork final : public Work {
   bool done_ = false;
 };
 
+// MPI_Ibarrier waited on with dist.timeout: before a blocking collective (communicator splits,
+// the node board's set-up), so that a rank that died first stops the others instead of hanging
+// them there.
+void timed_barrier(MPI_Comm comm) {
+  MpiWork w(kBarrier, 0, comm);
+  MPI_Ibarrier(comm, &w.req);
+  w.wait();
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
@@ -146,18 +160,26 @@ class MpiCommunicator final : public Communicator {
   }
 
   WorkPtr broadcast(void* data, int64_t bytes, int root) override {
+    // In pieces of at most 1 GiB: MPI counts are ints, and the initial weights of a model past
+    // half a billion fp32 parameters are more bytes than that.
+    constexpr int64_t kPiece = int64_t{1} << 30;
     auto w = std::make_unique<MpiWork>(kBroadcast, bytes, comm_);
-    MPI_Ibcast(data, checked_count(bytes, "broadcast"), MPI_BYTE, root, comm_, &w->req);
+    auto* p = static_cast<char*>(data);
+    const int64_t first = std::min(bytes, kPiece);
+    MPI_Ibcast(p, checked_count(first, "broadcast"), MPI_BYTE, root, comm_, &w->req);
+    w->more.reserve(static_cast<size_t>((bytes - first + kPiece - 1) / kPiece));
+    for (int64_t off = first; off < bytes; off += kPiece) {
+      w->more.push_back(MPI_REQUEST_NULL);
+      MPI_Ibcast(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, root, comm_,
+                 &w->more.back());
+    }
     return w;
   }
 
-  void barrier() override {
-    MpiWork w(kBarrier, 0, comm_);
-    MPI_Ibarrier(comm_, &w.req);
-    w.wait();
-  }
+  void barrier() override { timed_barrier(comm_); }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
+    timed_barrier(comm_);
     MPI_Comm sub = MPI_COMM_NULL;
     MPI_Comm_split(comm_, color, key, &sub);
     return std::make_unique<MpiCommunicator>(sub);
@@ -235,17 +257,19 @@ std::unique_ptr<Communicator> make_mpi_world(const RankInfo& info, double timeou
          info.size);
 
   // The node's board (really shared memory: the ranks of one host).
+  timed_barrier(MPI_COMM_WORLD);
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_board.world_rank, MPI_INFO_NULL,
                       &g_board.node);
   int nrank = 0, nsize = 1;
   MPI_Comm_rank(g_board.node, &nrank);
   MPI_Comm_size(g_board.node, &nsize);
   Slot* base = nullptr;
+  timed_barrier(g_board.node);
   MPI_Win_allocate_shared(sizeof(Slot), sizeof(Slot), MPI_INFO_NULL, g_board.node, &base,
                           &g_board.win);
   g_board.mine = new (base) Slot{};
   g_board.mine->world_rank = g_board.world_rank;
-  MPI_Barrier(g_board.node);
+  timed_barrier(g_board.node);
   for (int r = 0; r < nsize; ++r) {
     MPI_Aint size = 0;
     int disp = 0;
@@ -253,7 +277,7 @@ std::unique_ptr<Communicator> make_mpi_world(const RankInfo& info, double timeou
     MPI_Win_shared_query(g_board.win, r, &size, &disp, &s);
     g_board.slots.push_back(s);
   }
-  MPI_Barrier(MPI_COMM_WORLD);
+  timed_barrier(MPI_COMM_WORLD);
   return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
 }
 

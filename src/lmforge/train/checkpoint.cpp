@@ -94,8 +94,10 @@ std::vector<std::string> hash_files(const std::vector<fs::path>& files,
 }
 
 // Hashes and fsyncs every file under dir, fsyncs its directories, then writes manifest.json (and
-// fsyncs it and dir): once it exists, everything it lists is on disk.
-void write_manifest(const fs::path& dir) {
+// fsyncs it and dir): once it exists, everything it lists is on disk. `expected` names files other
+// processes wrote (the ranks' shards), listed even where this process's cached view of the
+// directory (a network filesystem) does not show them yet, and an error when they are missing.
+void write_manifest(const fs::path& dir, const std::vector<std::string>& expected = {}) {
   std::vector<fs::path> files, dirs{dir};
   std::vector<std::string> names;
   for (auto& e : fs::recursive_directory_iterator(dir)) {
@@ -103,6 +105,17 @@ void write_manifest(const fs::path& dir) {
     if (!e.is_regular_file()) continue;
     files.push_back(e.path());
     names.push_back(e.path().lexically_relative(dir).generic_string());
+  }
+  for (const std::string& n : expected) {
+    if (std::find(names.begin(), names.end(), n) != names.end()) continue;
+    std::error_code ec;
+    if (!fs::is_regular_file(dir / n, ec))
+      fail(
+          "checkpoint {}: {} is missing although every rank reported its shard written; check "
+          "that run.dir is one directory shared by all nodes",
+          dir.string(), n);
+    files.push_back(dir / n);
+    names.push_back(n);
   }
   std::vector<size_t> order(files.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -388,7 +401,12 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   copy_tokenizer_files(tok, (tmp / "tokenizer").string());
   write_file_atomic((tmp / "config.yaml").string(), config_yaml);
   write_file_atomic((tmp / "state.json").string(), j.dump(2) + "\n");
-  write_manifest(tmp);
+  std::vector<std::string> shard_files;
+  for (int i = 0; i < sh.count; ++i) {
+    if (sh.values) shard_files.push_back(rank_file("model", i, sh.count));
+    if (opt && sh.optimizer_sharded) shard_files.push_back(rank_file("optimizer", i, sh.count));
+  }
+  write_manifest(tmp, shard_files);
 
   // A checkpoint of the same step (a finished run resumed, an abandoned continuation) is swapped
   // with the new one in one atomic step where the filesystem can (renameat2 RENAME_EXCHANGE), so

@@ -429,6 +429,18 @@ RunSetup setup_run(Config& cfg) {
   return r;
 }
 
+namespace {
+// Rank 0's string on every rank.
+std::string broadcast_string(dist::Communicator& world, std::string s) {
+  if (world.size() == 1) return s;
+  int64_t n = static_cast<int64_t>(s.size());
+  world.broadcast(&n, sizeof n, 0)->wait();
+  s.resize(static_cast<size_t>(n));
+  if (n > 0) world.broadcast(s.data(), n, 0)->wait();
+  return s;
+}
+}  // namespace
+
 TrainResult train(Config& cfg, const ResumeOptions& resume) {
   const TrainConfig& t = cfg.train;
   validate_train_config(cfg);
@@ -480,8 +492,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fail("--start-step: {} is past train.steps ({}); raise train.steps", resume.start_step,
          t.steps);
   if (!resume.from.empty()) {
-    ckpt =
-        resume.from == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume.from);
+    // Rank 0 picks the checkpoint and every other rank verifies that one: a rank choosing on its
+    // own could fall back to an older step (a file it failed to read) and train from other weights.
+    if (lead)
+      ckpt =
+          resume.from == "auto" ? find_latest_checkpoint(run_dir) : resolve_checkpoint(resume.from);
+    ckpt = broadcast_string(*world, ckpt);
+    if (!lead && !ckpt.empty()) resolve_checkpoint(ckpt);
     if (ckpt.empty())
       fail(
           "--resume: no checkpoint in {}/checkpoints; train without --resume first, or pass "
