@@ -75,7 +75,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         placed += fmt::format("{}rank {}: {}", r ? ", " : "", r, sizes[r]);
       fail(
           "dist.strategy: hybrid needs the same number of ranks on every node, but the launcher "
-          "placed them unevenly (ranks in this rank's node group: {}); launch the same number of "
+          "placed them unevenly (the size of each rank's node: {}); launch the same number of "
           "tasks per node, or set dist.ranks_per_node",
           placed);
     }
