@@ -209,6 +209,10 @@ TEST(Bf16, AdamWGradScaleIsScalingTheGradientsFirst) {
 LMF_AVX512 void exp_lanes(const float* x, float* y) {
   _mm512_storeu_ps(y, cpu::exp512(_mm512_loadu_ps(x)));
 }
+LMF_AVX2 void exp_lanes_avx2(const float* x, float* y) {  // 16 lanes as two vectors of 8
+  _mm256_storeu_ps(y, cpu::exp256(_mm256_loadu_ps(x)));
+  _mm256_storeu_ps(y + 8, cpu::exp256(_mm256_loadu_ps(x + 8)));
+}
 
 // bf16 activations: the norms and activation functions writing a bf16 output give exactly
 // to_bf16 of their fp32 output (the row blocks of ops' CPU path included: N spans several), and
@@ -470,8 +474,7 @@ TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
   same("attention backward, bf16 gradients", rounded(dq3), dq16);
 }
 
-TEST(VecMath, ExpWithinTwoUlpOfLibm) {
-  if (!cpu::has_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU: the portable kernels run";
+void check_exp_lanes(void (*exp_lanes)(const float*, float*)) {
   std::vector<float> xs;
   for (float x = -87.0f; x < 88.5f; x += 0.0137f) xs.push_back(x);
   for (float x : {0.0f, -0.0f, 1e-8f, -1e-8f, 88.7f, -87.3f}) xs.push_back(x);
@@ -492,6 +495,18 @@ TEST(VecMath, ExpWithinTwoUlpOfLibm) {
   EXPECT_EQ(out[2], std::numeric_limits<float>::infinity());
   EXPECT_EQ(out[3], 0.0f);
   EXPECT_TRUE(std::isnan(out[4]));
+}
+
+TEST(VecMath, ExpWithinTwoUlpOfLibm) {
+  if (!cpu::has_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  check_exp_lanes(exp_lanes);
+}
+
+// AVX2 has no scalef: 2^n in two factors, which must stay exact down to e^-87.3 and up to
+// e^88.7 (n = -126 and 128).
+TEST(VecMath, Avx2ExpWithinTwoUlpOfLibm) {
+  if (!cpu::has_avx2()) GTEST_SKIP() << "no AVX2 on this CPU (or LMFORGE_MAX_ISA=baseline)";
+  check_exp_lanes(exp_lanes_avx2);
 }
 
 struct TrainRun {
@@ -550,9 +565,15 @@ TEST(Bf16, Gpt2TinyTrainsLikeFp32) {
   EXPECT_GT(dot / std::sqrt(na * nb), 0.999);
   EXPECT_NE(std::memcmp(f32.grads.data(), b16.grads.data(), f32.grads.size() * 4), 0)
       << "bf16 should round somewhere: is the bf16 path taken?";
-  // Both learn the pattern, and end within 2% of each other.
+  // Both learn the pattern, and end within 2% of each other: the mean of the last 5 steps (the
+  // curve drops steeply there, so a single step compares two trajectories a step out of phase).
+  auto tail = [](const TrainRun& r) {
+    double sum = 0;
+    for (size_t i = r.losses.size() - 5; i < r.losses.size(); ++i) sum += r.losses[i];
+    return sum / 5;
+  };
   EXPECT_LT(f32.losses.back(), 0.5 * f32.losses[0]);
-  EXPECT_NEAR(b16.losses.back(), f32.losses.back(), 0.02 * f32.losses.back() + 0.01);
+  EXPECT_NEAR(tail(b16), tail(f32), 0.02 * tail(f32) + 0.01);
 }
 
 // bf16 master weights (train.master_weights: bf16) learn as fp32 masters do: the same first loss

@@ -1,6 +1,8 @@
 #include "lmforge/core/cpu_features.h"
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -26,10 +28,11 @@ CpuFeatures detect() {
   const bool os_avx = (xcr0 & 0x6) == 0x6;          // XMM and YMM state
   const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;     // plus opmask and ZMM state
   const bool os_amx = (xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
+  const bool fma = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 12));
   unsigned max_sub = 0;
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     max_sub = a;
-    f.avx2 = os_avx && (b & (1u << 5));
+    f.avx2 = os_avx && fma && (b & (1u << 5));  // the AVX2 kernels use FMA too
     f.avx512f = os_avx512 && (b & (1u << 16));
     f.avx512dq = os_avx512 && (b & (1u << 17));
     f.avx512bw = os_avx512 && (b & (1u << 30));
@@ -49,6 +52,18 @@ CpuFeatures detect() {
   f.brand = brand;
   while (!f.brand.empty() && f.brand.back() == ' ') f.brand.pop_back();
 #endif
+  // LMFORGE_MAX_ISA caps what the kernels may use (as oneDNN's ONEDNN_MAX_CPU_ISA): to compare
+  // paths, or to test the AVX2 and portable kernels on a CPU that has more.
+  if (const char* cap = std::getenv("LMFORGE_MAX_ISA"); cap && *cap) {
+    const std::string v = cap;
+    if (v == "avx2" || v == "baseline") {
+      f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512_bf16 = f.amx_bf16 = false;
+      if (v == "baseline") f.avx2 = false;
+    } else if (v != "avx512") {
+      std::fprintf(
+          stderr, "warning: LMFORGE_MAX_ISA=%s: expected avx512, avx2 or baseline; ignored\n", cap);
+    }
+  }
   return f;
 }
 }  // namespace

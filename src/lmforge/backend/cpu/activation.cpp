@@ -68,10 +68,82 @@ LMF_AVX512 void swiglu_backward_avx512(float* dg, float* du, const float* g, con
     _mm512_mask_storeu_ps(du + f, m, b);
   }
 }
+
+// The same kernels on 8 lanes (AVX2 + FMA); the last n % 8 elements by the scalar formulas.
+float gelu_scalar(float x) {
+  const float u = static_cast<float>(kGeluC) * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.0f + std::tanh(u));
+}
+float gelu_grad_scalar(float x) {
+  const float th = std::tanh(static_cast<float>(kGeluC) * (x + 0.044715f * x * x * x));
+  const float du = static_cast<float>(kGeluC) * (1.0f + static_cast<float>(3 * 0.044715) * x * x);
+  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
+}
+float sigmoid_scalar(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+LMF_AVX2 void gelu_forward_avx2(float* out, const float* inp, int64_t n) {
+  const __m256 c = _mm256_set1_ps(static_cast<float>(kGeluC)), k = _mm256_set1_ps(0.044715f),
+               half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(inp + i);
+    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, x), _mm256_mul_ps(x, x), x));
+    _mm256_storeu_ps(out + i,
+                     _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh256(u))));
+  }
+  for (; i < n; ++i) out[i] = gelu_scalar(inp[i]);
+}
+
+LMF_AVX2 void gelu_backward_avx2(float* dinp, const float* inp, const float* dout, int64_t n) {
+  const __m256 c = _mm256_set1_ps(static_cast<float>(kGeluC)), k = _mm256_set1_ps(0.044715f),
+               k3 = _mm256_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm256_set1_ps(0.5f),
+               one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(inp + i), x2 = _mm256_mul_ps(x, x);
+    const __m256 th = tanh256(_mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, x), x2, x)));
+    const __m256 sech2 = _mm256_fnmadd_ps(th, th, one);
+    const __m256 du = _mm256_mul_ps(c, _mm256_fmadd_ps(k3, x2, one));
+    const __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), sech2), du,
+                                     _mm256_mul_ps(half, _mm256_add_ps(one, th)));
+    _mm256_storeu_ps(dinp + i,
+                     _mm256_fmadd_ps(_mm256_loadu_ps(dout + i), g, _mm256_loadu_ps(dinp + i)));
+  }
+  for (; i < n; ++i) dinp[i] += dout[i] * gelu_grad_scalar(inp[i]);
+}
+
+LMF_AVX2 void swiglu_forward_avx2(float* out, const float* g, const float* u, int64_t F) {
+  int64_t f = 0;
+  for (; f + 8 <= F; f += 8) {
+    const __m256 x = _mm256_loadu_ps(g + f);
+    _mm256_storeu_ps(out + f,
+                     _mm256_mul_ps(_mm256_mul_ps(x, sigmoid256(x)), _mm256_loadu_ps(u + f)));
+  }
+  for (; f < F; ++f) out[f] = g[f] * sigmoid_scalar(g[f]) * u[f];
+}
+
+LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const float* u,
+                                   const float* dout, int64_t F) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t f = 0;
+  for (; f + 8 <= F; f += 8) {
+    const __m256 x = _mm256_loadu_ps(g + f), up = _mm256_loadu_ps(u + f),
+                 d = _mm256_loadu_ps(dout + f), s = sigmoid256(x);
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one);
+    _mm256_storeu_ps(dg + f, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(d, up), s), t,
+                                             _mm256_loadu_ps(dg + f)));
+    _mm256_storeu_ps(du + f, _mm256_fmadd_ps(_mm256_mul_ps(d, x), s, _mm256_loadu_ps(du + f)));
+  }
+  for (; f < F; ++f) {
+    const float s = sigmoid_scalar(g[f]), d = dout[f];
+    dg[f] += d * u[f] * s * (1.0f + g[f] * (1.0f - s));
+    du[f] += d * g[f] * s;
+  }
+}
 }  // namespace
 
-// fp32 with AVX-512: the vectorized kernels above (exp-based tanh/sigmoid within a few ulp);
-// otherwise, and for the fp64 gradient checks, the plain loops.
+// fp32 with AVX-512 or AVX2: the vectorized kernels above (exp-based tanh/sigmoid within a few
+// ulp); otherwise, and for the fp64 gradient checks, the plain loops.
 template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -79,6 +151,12 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < n; c += kChunk)
         gelu_forward_avx512(out + c, inp + c, std::min(kChunk, n - c));
+      return;
+    }
+    if (has_avx2()) {
+#pragma omp parallel for schedule(static)
+      for (int64_t c = 0; c < n; c += kChunk)
+        gelu_forward_avx2(out + c, inp + c, std::min(kChunk, n - c));
       return;
     }
   }
@@ -97,6 +175,12 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < n; c += kChunk)
         gelu_backward_avx512(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
+      return;
+    }
+    if (has_avx2()) {
+#pragma omp parallel for schedule(static)
+      for (int64_t c = 0; c < n; c += kChunk)
+        gelu_backward_avx2(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
       return;
     }
   }
@@ -120,6 +204,12 @@ void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
         swiglu_forward_avx512(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
       return;
     }
+    if (has_avx2()) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < N; ++i)
+        swiglu_forward_avx2(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
+      return;
+    }
   }
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
@@ -140,6 +230,13 @@ void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F)
       for (int64_t i = 0; i < N; ++i)
         swiglu_backward_avx512(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
                                inp + i * 2 * F + F, dout + i * F, F);
+      return;
+    }
+    if (has_avx2()) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < N; ++i)
+        swiglu_backward_avx2(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
+                             inp + i * 2 * F + F, dout + i * F, F);
       return;
     }
   }

@@ -46,6 +46,20 @@ LMF_AVX512 double sum_squares_avx512(const float* x, int64_t n) {
   for (; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
   return acc;
 }
+
+LMF_AVX2 double sum_squares_avx2(const float* x, int64_t n) {
+  __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256d lo = lo_pd256(v), hi = hi_pd256(v);
+    a = _mm256_fmadd_pd(lo, lo, a);
+    b = _mm256_fmadd_pd(hi, hi, b);
+  }
+  double acc = hsum256d(_mm256_add_pd(a, b));
+  for (; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+  return acc;
+}
 }  // namespace
 
 template <typename T>
@@ -62,6 +76,10 @@ double sum_squares(const T* x, int64_t n) {
     if constexpr (std::is_same_v<T, float>) {
       if (has_avx512()) {
         partial[b] = sum_squares_avx512(x + i0, e - i0);
+        continue;
+      }
+      if (has_avx2()) {
+        partial[b] = sum_squares_avx2(x + i0, e - i0);
         continue;
       }
     }

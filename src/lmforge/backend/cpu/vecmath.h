@@ -1,9 +1,11 @@
-// AVX-512 building blocks for the fp32 kernels: a vectorized exp and the functions built on it.
-// Every function here is compiled for AVX-512 by its target attribute (the rest of the binary
-// stays x86-64-v2) and may only be called after checking cpu_features().avx512f, from functions
-// carrying the same LMF_AVX512 attribute.
+// AVX-512 and AVX2 building blocks for the fp32 kernels: a vectorized exp and the functions built
+// on it. Every function here is compiled for its ISA by its target attribute (the rest of the
+// binary stays x86-64-v2) and may only be called after checking has_avx512() / has_avx2(), from
+// functions carrying the same LMF_AVX512 / LMF_AVX2 attribute.
 //
-//   if (has_avx512()) gelu_forward_avx512(out, inp, n); else portable loop
+//   if (has_avx512()) gelu_forward_avx512(out, inp, n);
+//   else if (has_avx2()) gelu_forward_avx2(out, inp, n);
+//   else portable loop
 #pragma once
 
 #include <immintrin.h>
@@ -13,6 +15,7 @@
 #include "lmforge/core/cpu_features.h"
 
 #define LMF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define LMF_AVX2 __attribute__((target("avx2,fma")))
 
 namespace lmforge::cpu {
 
@@ -70,5 +73,59 @@ LMF_AVX512 inline __m512d lo_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps
 LMF_AVX512 inline __m512d hi_pd(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
+
+// AVX2 with FMA (Haswell, Zen 1-3 and later): CPUs without AVX-512, where the kernels would
+// otherwise run scalar.
+inline bool has_avx2() {
+  static const bool on = cpu_features().avx2;
+  return on;
+}
+
+// exp512 on 8 lanes: the same reduction and polynomial; 2^n applied in two steps (n = n1 + n2,
+// each a normal power of two) since AVX2 has no scalef.
+LMF_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.7228391f), lo = _mm256_set1_ps(-87.3365448f);
+  const __m256 over = x;
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);  // in [-126, 128]
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  __m256 e = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  e = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(over, lo, _CMP_LT_OQ));
+  e = _mm256_blendv_ps(e, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(over, hi, _CMP_GT_OQ));
+  return _mm256_blendv_ps(e, over, _mm256_cmp_ps(over, over, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+LMF_AVX2 inline __m256 tanh256(__m256 u) {  // as tanh512
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp256(_mm256_add_ps(u, u));
+  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+}
+
+LMF_AVX2 inline __m256 sigmoid256(__m256 x) {  // as sigmoid512
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+// The sum of 4 double lanes, and the lanes of an fp32 vector widened to double.
+LMF_AVX2 inline double hsum256d(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+LMF_AVX2 inline __m256d lo_pd256(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+LMF_AVX2 inline __m256d hi_pd256(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
 
 }  // namespace lmforge::cpu

@@ -1,5 +1,6 @@
 // Softmax cross-entropy over the vocabulary with an ignore index (as torch's
 // F.cross_entropy(ignore_index=...)). logsumexp is accumulated in double.
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -53,10 +54,41 @@ LMF_AVX512 void softmax_grad_avx512(float* d, const float* x, int64_t V, float l
   }
 }
 
+// The same on 8 lanes (AVX2); the last V % 8 logits scalar.
+LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V) {
+  __m256 mx = _mm256_set1_ps(-__builtin_inff());
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + v));
+  alignas(32) float lanes8[8];
+  _mm256_store_ps(lanes8, mx);
+  float fmx = lanes8[0];
+  for (int k = 1; k < 8; ++k) fmx = std::max(fmx, lanes8[k]);
+  for (int64_t t = v; t < V; ++t) fmx = std::max(fmx, x[t]);
+  const __m256 vmx = _mm256_set1_ps(fmx);
+  __m256d acc = _mm256_setzero_pd();
+  for (v = 0; v + 8 <= V; v += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx));
+    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(e)), hi_pd256(e));
+  }
+  double sum = hsum256d(acc);
+  for (; v < V; ++v) sum += std::exp(static_cast<double>(x[v] - fmx));
+  return fmx + std::log(sum);
+}
+
+LMF_AVX2 void softmax_grad_avx2(float* d, const float* x, int64_t V, float lse, float coef) {
+  const __m256 vl = _mm256_set1_ps(lse), vc = _mm256_set1_ps(coef);
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8)
+    _mm256_storeu_ps(d + v, _mm256_mul_ps(exp256(_mm256_sub_ps(_mm256_loadu_ps(x + v), vl)), vc));
+  for (; v < V; ++v) d[v] = coef * std::exp(x[v] - lse);
+}
+
 template <typename T>
 double lse_of(const T* x, int64_t V) {
-  if constexpr (std::is_same_v<T, float>)
+  if constexpr (std::is_same_v<T, float>) {
     if (has_avx512()) return row_logsumexp_avx512(x, V);
+    if (has_avx2()) return row_logsumexp_avx2(x, V);
+  }
   return row_logsumexp(x, V);
 }
 }  // namespace
@@ -68,9 +100,12 @@ template <typename T>
 void grad_row(T* d, const T* x, int64_t V, int32_t y, double lse, T dloss, double z_loss) {
   double zf = 1.0 + 2.0 * z_loss * lse;
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
+    if (has_avx512() || has_avx2()) {
       const float xy = x[y];  // before d overwrites it
-      softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
+      if (has_avx512())
+        softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
+      else
+        softmax_grad_avx2(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
       d[y] = static_cast<float>(dloss * (std::exp(static_cast<double>(xy) - lse) * zf - 1.0));
       return;
     }
