@@ -160,8 +160,8 @@ class Bf16Gemm {
         told = true;
         std::fprintf(stderr,
                      "note: this CPU has no AVX-512, for which oneDNN has no bf16 matmul: bf16 "
-                     "matmuls run as fp32 GEMMs on the widened operands (same results, no "
-                     "speedup over fp32)\n");
+                     "matmuls run as fp32 GEMMs on the widened operands (same results, slower "
+                     "than train.precision: fp32 on this CPU)\n");
       }
     }
     return cache_.emplace(k, std::move(p)).first->second;
