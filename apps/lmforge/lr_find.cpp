@@ -1,4 +1,6 @@
 // lmforge lr-find [CONFIG] [--set K=V]... [--start 1e-7 --end 10 --steps 100] [--out FILE]
+#include "lmforge/train/lr_find.h"
+
 #include <fmt/core.h>
 
 #include <nlohmann/json.hpp>
