@@ -140,6 +140,12 @@ LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const f
     du[f] += d * g[f] * s;
   }
 }
+
+// The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop).
+template <typename Fn>
+Fn* pick(Fn* avx512, Fn* avx2) {
+  return has_avx512() ? avx512 : has_avx2() ? avx2 : nullptr;
+}
 }  // namespace
 
 // fp32 with AVX-512 or AVX2: the vectorized kernels above (exp-based tanh/sigmoid within a few
@@ -147,16 +153,9 @@ LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const f
 template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
+    if (auto k = pick(gelu_forward_avx512, gelu_forward_avx2)) {
 #pragma omp parallel for schedule(static)
-      for (int64_t c = 0; c < n; c += kChunk)
-        gelu_forward_avx512(out + c, inp + c, std::min(kChunk, n - c));
-      return;
-    }
-    if (has_avx2()) {
-#pragma omp parallel for schedule(static)
-      for (int64_t c = 0; c < n; c += kChunk)
-        gelu_forward_avx2(out + c, inp + c, std::min(kChunk, n - c));
+      for (int64_t c = 0; c < n; c += kChunk) k(out + c, inp + c, std::min(kChunk, n - c));
       return;
     }
   }
@@ -171,16 +170,10 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
 template <typename T>
 void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
+    if (auto k = pick(gelu_backward_avx512, gelu_backward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < n; c += kChunk)
-        gelu_backward_avx512(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
-      return;
-    }
-    if (has_avx2()) {
-#pragma omp parallel for schedule(static)
-      for (int64_t c = 0; c < n; c += kChunk)
-        gelu_backward_avx2(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
+        k(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
       return;
     }
   }
@@ -198,16 +191,9 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
 template <typename T>
 void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
+    if (auto k = pick(swiglu_forward_avx512, swiglu_forward_avx2)) {
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < N; ++i)
-        swiglu_forward_avx512(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
-      return;
-    }
-    if (has_avx2()) {
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < N; ++i)
-        swiglu_forward_avx2(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
+      for (int64_t i = 0; i < N; ++i) k(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
       return;
     }
   }
@@ -225,18 +211,11 @@ void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
 template <typename T>
 void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F) {
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
+    if (auto k = pick(swiglu_backward_avx512, swiglu_backward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < N; ++i)
-        swiglu_backward_avx512(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
-                               inp + i * 2 * F + F, dout + i * F, F);
-      return;
-    }
-    if (has_avx2()) {
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < N; ++i)
-        swiglu_backward_avx2(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
-                             inp + i * 2 * F + F, dout + i * F, F);
+        k(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F, inp + i * 2 * F + F,
+          dout + i * F, F);
       return;
     }
   }
