@@ -2,11 +2,15 @@
 // variables are read, and which launches are refused or handed to the rendezvous world (the
 // trainer's NCCL world by TCP for torchrun launches of a model on GPUs). No MPI is initialized:
 // only launches that do not need it are exercised here (the MPI ones: test_launch, test_srun).
+// Also the Watchdog that bounds NCCL's communicator set-up.
 #include <fmt/core.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lmforge/core/error.h"
@@ -214,6 +218,34 @@ TEST_F(WorldTest, OneTorchrunRankIsLocalUnlessNcclIsAskedFor) {
   unsetenv("WORLD_SIZE");
   EXPECT_EQ(init_world(o)->backend(), "local");
   EXPECT_EQ(calls, 1);
+}
+
+// A call that never returns (a rank that never joins NCCL's set-up) ends the process within the
+// watchdog's timeout, with its line and status 1.
+TEST(Watchdog, EndsAProcessWhoseCallNeverReturns) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EXIT(
+      {
+        Watchdog w(0.2, "lmforge: rank 0: ncclCommInitRank (2 ranks, GPU 0) did not return");
+        std::this_thread::sleep_for(std::chrono::seconds(10));  // "never"
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(1), "rank 0: ncclCommInitRank \\(2 ranks, GPU 0\\) did not return");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(20));
+}
+
+// A call that returns in time disarms it: nothing is printed and the process goes on.
+TEST(Watchdog, StaysQuietWhenTheCallReturns) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        { Watchdog w(0.2, "lmforge: must not be printed"); }
+        std::this_thread::sleep_for(std::chrono::milliseconds(600));
+        std::fprintf(stderr, "went on\n");
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0), "^went on\n$");
 }
 
 }  // namespace

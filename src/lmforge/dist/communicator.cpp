@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -202,6 +203,27 @@ void abort_job(const std::string& line, int code) {
   std::fprintf(stderr, "%s\n", line.c_str());
   std::fflush(stderr);
   std::exit(code);
+}
+
+Watchdog::Watchdog(double timeout_s, std::string line) {
+  thread_ = std::thread([this, timeout_s, line = std::move(line)] {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [this] { return done_; }))
+      return;
+    std::fprintf(stderr, "%s\n", line.c_str());
+    std::fflush(stderr);
+    if (g_info.size > 1 && mpi_active()) mpi_abort(1);
+    std::_Exit(1);
+  });
+}
+
+Watchdog::~Watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+  }
+  cv_.notify_one();
+  thread_.join();
 }
 
 }  // namespace lmforge::dist

@@ -12,10 +12,13 @@
 //   w->wait();
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace lmforge::dist {
@@ -119,5 +122,24 @@ const std::string& context();
 // world) only this process exits: the launcher stops its siblings, and the other ranks' next
 // collective fails within dist.timeout naming the operation.
 [[noreturn]] void abort_job(const std::string& line, int code = 1);
+
+// Bounds a blocking call that has no timeout of its own (NCCL's communicator set-up, which waits
+// for every rank): unless destroyed within timeout_s, it prints `line` on stderr and ends the
+// job from its own thread (MPI_Abort under MPI, else this process exits with status 1; no
+// destructors run, as the blocked thread still holds what they would free).
+//   { Watchdog w(timeout_s, "lmforge: rank 3: ncclCommInitRank ... did not return"); call(); }
+class Watchdog {
+ public:
+  Watchdog(double timeout_s, std::string line);
+  ~Watchdog();
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
 
 }  // namespace lmforge::dist

@@ -143,10 +143,24 @@ void select_device(int device) {
   LMF_CUDA_CHECK(cudaSetDevice(device));
 }
 
+// The line a rank prints when NCCL's set-up of a communicator (which waits for all its ranks)
+// has not returned within dist.timeout.
+std::string set_up_timeout(const char* call, int rank, int size, int device, double timeout_s) {
+  return fmt::format(
+      "lmforge: rank {}: {} ({} ranks, GPU {}) did not return within {:g} s (dist.timeout): a "
+      "rank never joined (it died or hangs) or cannot reach this one (NCCL_DEBUG=INFO and "
+      "NCCL_SOCKET_IFNAME); stopping",
+      rank, call, size, device, timeout_s);
+}
+
 std::unique_ptr<Communicator> init_comm(const ncclUniqueId& id, int rank, int size, int device,
                                         double timeout_s) {
   ncclComm_t comm = nullptr;
-  ncclResult_t r = ncclCommInitRank(&comm, size, id, rank);
+  ncclResult_t r;
+  {
+    Watchdog w(timeout_s, set_up_timeout("ncclCommInitRank", rank, size, device, timeout_s));
+    r = ncclCommInitRank(&comm, size, id, rank);
+  }
   if (r != ncclSuccess)
     fail("ncclCommInitRank (rank {} of {}, GPU {}): NCCL error {} ({}); NCCL_DEBUG=WARN says more",
          rank, size, device, ncclGetErrorString(r), ncclGetLastError(nullptr));
@@ -542,7 +556,11 @@ std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key) {
   LMF_CHECK(color >= 0, "split color {} must be >= 0", color);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
   ncclComm_t sub = nullptr;
-  LMF_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+  {
+    Watchdog w(timeout_s_,
+               set_up_timeout("ncclCommSplit", world_rank_, size_, device_, timeout_s_));
+    LMF_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+  }
   return std::make_unique<NcclCommunicator>(sub, device_, timeout_s_, world_rank_);
 }
 
