@@ -12,7 +12,7 @@ cd "$root"
 
 packages=(build-essential cmake g++ ccache pkg-config
           libdnnl-dev ocl-icd-opencl-dev libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
-          libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev libsimdjson-dev
+          libpcre2-dev libsentencepiece-dev zlib1g-dev libzstd-dev libsimdjson-dev libicu-dev
           libgtest-dev googletest openmpi-bin libopenmpi-dev
           bible-kjv bible-kjv-text)
 want_python=0

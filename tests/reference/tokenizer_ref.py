@@ -542,6 +542,49 @@ ADDED_WITH_FLAGS = [("<think>", dict(special=False)), ("</think>", dict(special=
                     ("<|assistant|>", dict(special=True, rstrip=True))]
 
 
+# Qwen2's pre-tokenizer pattern (its tokenizer.json's Split regex).
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                 r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# Text that the Unicode normal forms change: decomposed and precomposed accents, canonical
+# reordering of marks, singletons (Angstrom, Ohm, Kelvin signs), Hangul syllables and their jamo,
+# composition exclusions, compatibility characters (ligatures, fullwidth, circled, super- and
+# subscripts, NBSP and other spaces, Arabic presentation forms whose decomposition is 18
+# characters long), and marks after special tokens and spaces.
+NORMALIZATION_TEXTS = [
+    "Cafe\u0301 cre\u0300me bru\u0302le\u0301e, caf\u00e9 cr\u00e8me br\u00fbl\u00e9e.",
+    "A\u030a \u212b \u00c5 \u2126 \u03a9 \u212a K; q\u0323\u0307 q\u0307\u0323 "
+    "a\u0301\u0316\u0300 s\u0323\u0307",
+    "\u1112\u1161\u11ab\u1100\u1173\u11af \ud55c\uae00 \u1100\u1161 \u1100\u1161\u11a8",
+    "\u0958\u0959 \u0915\u093c \u2adc \u2add\u0338 \u0f43 e\u0301\u0301\u0301",
+    "\ufb01nance \ufb02ow \uff28\uff45\uff4c\uff4c\uff4f \u2460\u2461 x\u00b2 H\u2082O "
+    "\u00bd \u2153 \u2167 \u3392 \u33a1 \u2122 \u00aa\u00ba",
+    "no\u00a0break\u2002en\u2003em\u3000ideographic\u202fnarrow \u00a8 \u00b4 \u02dc end",
+    "\ufdfa \ufdfb \ufb4f \uff76\uff9e\uff76\uff9f \u30ac \u30ab\u3099 \u2474 \u249c",
+    "\u0301 leading mark, \n\u0301 after newline, '\u0301s contraction, 1\u0301 2\u20dd",
+    "<|endoftext|>\u0301 mark after a special, e<|endoftext|>\u0301 and \u1100<|endoftext|>\u1161",
+    "Vietnamese: Tie\u0302\u0301ng Vie\u0323\u0302t; Greek: \u03b1\u0313\u0301 "
+    "\u1f04 \u03ce\u0345; \u00e5ngstr\u00f6m \u01fa",
+    "Mixed: Stra\u00dfe \u1e9e \u0130stanbul \u0131 \u017f\u0307 \ufb05 \u2028line\u2029para",
+    "\ufdfa" * 40 + " \u3300\u3301\u3302" * 20 + " e" + "\u0301\u0323" * 50,
+]
+
+
+def hf_normalized(ranks, meta, pattern, normalizer):
+    """Qwen2's layout (ByteLevel BPE after a Split with its pattern, merges not skipped) with a
+    normalizer, from tiktoken ranks."""
+    vocab = {byte_str(t): r for t, r in ranks.items()}
+    tok = Tokenizer(models.BPE(vocab, merges_all_splits(ranks)))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = sorted(meta["special_tokens"].items(), key=lambda kv: kv[1])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    return tok
+
+
 def with_flagged_added_tokens(tok):
     for text, flags in ADDED_WITH_FLAGS:
         tok.add_tokens([AddedToken(text, normalized=False, **flags)])
@@ -866,6 +909,19 @@ def make(out, assets, full=False):
         hf_gpt2(gpt2_ranks, 50256, False, uni.rewrite("onig", gpt2_pattern)).to_str(), repeat))
     emit("hf-gpt2-dup-merges", dup_path, HfRef(dup, dup_emulated, uni), hf, small, True,
          "<|endoftext|>")
+
+    # Unicode normal forms: NFC as in Qwen2's tokenizer.json (on the main sample), and the other
+    # three on the small one; all with the texts the forms change.
+    _, cl_ranks, cl_meta = encodings["cl100k_base"]
+    norm_texts = [(f"normalization-{i}", t) for i, t in enumerate(NORMALIZATION_TEXTS)]
+    for form, doc_set in [("NFC", main), ("NFD", small), ("NFKC", small), ("NFKD", small)]:
+        make_norm = getattr(normalizers, form)
+        tok = hf_normalized(cl_ranks, cl_meta, QWEN2_PATTERN, make_norm())
+        emulated = hf_normalized(cl_ranks, cl_meta, uni.rewrite("onig", QWEN2_PATTERN),
+                                 make_norm())
+        name = "hf-qwen2-nfc" if form == "NFC" else f"hf-{form.lower()}"
+        emit(name, save(tok, name), HfRef(tok, emulated, uni), hf, norm_texts + doc_set, True,
+             "<|endoftext|>")
 
     sp_vocab, sp_merges = train_sentencepiece_style(kjv_lines)
     for name, metaspace in [("hf-sp-bpe", False), ("hf-sp-metaspace", True)]:

@@ -47,6 +47,10 @@ inline const std::vector<std::string>& reference_tokenizer_names() {
                                                  "hf-sp-unk",
                                                  "hf-sp-partial-bytes",
                                                  "hf-digits",
+                                                 "hf-qwen2-nfc",
+                                                 "hf-nfd",
+                                                 "hf-nfkc",
+                                                 "hf-nfkd",
                                                  "sentencepiece-bpe"};
   return names;
 }

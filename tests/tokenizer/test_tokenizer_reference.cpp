@@ -4,7 +4,8 @@
 // make_fixtures.py): tiktoken for the four rank files of ../shared/assets/tokenizers (with their
 // .json patterns, and with lmforge's built-in patterns against tiktoken's own); Hugging Face
 // `tokenizers` for tokenizer.json files built from those ranks (GPT-2 and Llama 3 style) or
-// trained on the KJV (SentencePiece-style BPE, Prepend/Replace or Metaspace), and for GPT-2's
+// trained on the KJV (SentencePiece-style BPE, Prepend/Replace or Metaspace), for the Unicode
+// normal forms (Qwen2's layout with NFC, and NFD, NFKC, NFKD), and for GPT-2's
 // vocab.json + merges.txt; `sentencepiece` for a .model trained on the KJV. Documents: a fixed
 // ~1.5 MB sample of the KJV, GCIDE and the kernel's .rst files, plus hand-written hard cases
 // and every assigned code point. The full corpora are test_tokenizer_full (label slow).

@@ -16,6 +16,7 @@
 #include "lmforge/tokenizer/formats/formats.h"
 #include "lmforge/tokenizer/pretokenizer.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/tokenizer/unicode_normalize.h"
 #include "testing/paths.h"
 #include "testing/process.h"
 
@@ -258,6 +259,21 @@ TEST(TokenizerErrors, UnsupportedNormalizersAreRefused) {
   EXPECT_LT(msg.size(), 300u) << msg;
 }
 
+// A Unicode normal form goes first: after the "▁" steps a K form would leave the spaces it
+// makes as spaces (lmforge applies it before them), and two forms are one too many.
+TEST(TokenizerErrors, NormalFormsOnlyFirst) {
+  std::string dir = testing::temp_dir("tok-normal-form");
+  json j = sentencepiece_json("prepend");
+  j["normalizer"]["normalizers"].insert(j["normalizer"]["normalizers"].begin(),
+                                        json::object({{"type", "NFKC"}}));
+  EXPECT_EQ(error_of([&] { load_json(dir, "first.json", j); }), "");
+  j["normalizer"]["normalizers"].push_back(json::object({{"type", "NFC"}}));
+  std::string msg = error_of([&] { load_json(dir, "last.json", j); });
+  EXPECT_NE(msg.find("last.json: normalizer NFC after another normalizer is not supported"),
+            std::string::npos)
+      << msg;
+}
+
 // --- special tokens, BOS/EOS -------------------------------------------------------------------
 
 TEST(TokenizerSpecials, PublicEncodingsWithAndWithoutTheirJson) {
@@ -352,6 +368,34 @@ TEST(TokenizerInvalidUtf8, RandomBytesRoundTripThroughByteLevelTokenizers) {
   }
 }
 
+// Bytes that are not UTF-8 stay as they are and separate the text: nothing composes across
+// them, and normalizing twice changes nothing (random bytes mixed with composable text). The
+// forms themselves are checked against Hugging Face in test_tokenizer_reference (hf-nf*).
+TEST(TokenizerInvalidUtf8, NormalFormsKeepInvalidBytesAndAreIdempotent) {
+  EXPECT_EQ(normalize_utf8("e\xCC\x81", NormalForm::kNFC), "\xC3\xA9");  // e + U+0301 -> U+00E9
+  EXPECT_EQ(normalize_utf8("e\xFF\xCC\x81", NormalForm::kNFC), "e\xFF\xCC\x81");
+  EXPECT_EQ(normalize_utf8("\xC3\xA9\xC3", NormalForm::kNFD), "e\xCC\x81\xC3");
+  std::mt19937 rng(15);
+  const std::string alphabet = "ae \n\xCC\x81\xCC\xA3\xC3\xA9\xEF\xAC\x81\xE1\x84\x80\xE1\x85\xA1";
+  for (NormalForm f : {NormalForm::kNFC, NormalForm::kNFD, NormalForm::kNFKC, NormalForm::kNFKD}) {
+    for (int trial = 0; trial < 300; ++trial) {
+      std::string text(rng() % 120, '\0');
+      for (char& c : text)
+        c = rng() % 4 ? alphabet[rng() % alphabet.size()] : static_cast<char>(rng());
+      const std::string once = normalize_utf8(text, f);
+      ASSERT_EQ(normalize_utf8(once, f), once) << normal_form_name(f) << " trial " << trial;
+      // Bytes 0xF8..0xFF are never UTF-8: each one is kept, in order.
+      auto never_utf8 = [](const std::string& s) {
+        std::string out;
+        for (char c : s)
+          if (static_cast<unsigned char>(c) >= 0xF8) out += c;
+        return out;
+      };
+      ASSERT_EQ(never_utf8(once), never_utf8(text)) << normal_form_name(f) << " trial " << trial;
+    }
+  }
+}
+
 // --- behaviours pinned to the references -------------------------------------------------------
 
 // tiktoken's regex crate and HF's Oniguruma take \s as White_Space; PCRE2's \s also matches
@@ -389,7 +433,9 @@ TEST(TokenizerPretokenizer, LongRunsAndUncoveredTextStayWhole) {
   const std::string run(20000, 'a');
   EXPECT_EQ(pieces(R"( ?(?:\p{L}\p{M}*)+|\s+|[^\s\p{L}]+)", run + " hello world"),
             (V{run, " hello", " world"}));
-  EXPECT_EQ(pieces(R"(\p{L}+)", "hello, world!! \xFF\xFE" "12"),
+  EXPECT_EQ(pieces(R"(\p{L}+)",
+                   "hello, world!! \xFF\xFE"
+                   "12"),
             (V{"hello", ", ", "world", "!! ", "\xFF", "\xFE", "12"}));
   EXPECT_EQ(pieces(R"(\p{L}+)", "\xE6\x97\xA5x \xE6\x97"),  // a cut character at the end
             (V{"\xE6\x97\xA5x", " ", "\xE6", "\x97"}));

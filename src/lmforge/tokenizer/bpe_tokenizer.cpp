@@ -140,6 +140,11 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& ou
 void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
                                    std::vector<int32_t>& out) const {
   if (text.empty()) return;
+  std::string in_form;  // text in the normal form
+  if (normal_form_ != NormalForm::kNone) {
+    in_form = normalize_utf8(text, normal_form_);
+    text = in_form;
+  }
   std::string normalized;
   if (metaspace_) {
     // Spaces become "▁" first: a run that starts with a space starts with "▁" (HF Metaspace).
@@ -156,7 +161,9 @@ void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start,
     }
     text = normalized;
   } else if (add_prefix_space_ && text[0] != ' ') {
-    normalized = " " + std::string(text);
+    normalized.reserve(text.size() + 1);
+    normalized.push_back(' ');
+    normalized.append(text);
     text = normalized;
   }
   auto split = [&](std::string_view run) {

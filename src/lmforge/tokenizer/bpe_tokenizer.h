@@ -1,7 +1,8 @@
 // BpeTokenizer: the BPE tokenizer that the tiktoken, Hugging Face tokenizer.json and GPT-2
 // vocab.json+merges.txt loaders fill in (tokenizer/formats/*.cpp). Encoding:
 //   1. split out special tokens (when allowed),
-//   2. normalize (SentencePiece-style: spaces -> "▁", optional leading "▁"),
+//   2. normalize (a Unicode normal form, e.g. Qwen2's NFC; SentencePiece-style: spaces -> "▁",
+//      optional leading "▁"),
 //   3. pre-tokenize with the regex (if any),
 //   4. per piece: the whole piece if it is a token and whole-piece lookup is on (tiktoken,
 //      HF ignore_merges), else initial symbols (bytes, or characters with byte fallback) merged
@@ -16,6 +17,7 @@
 #include "lmforge/tokenizer/pretokenizer.h"
 #include "lmforge/tokenizer/string_id_map.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/tokenizer/unicode_normalize.h"
 
 namespace lmforge {
 
@@ -61,6 +63,10 @@ class BpeTokenizer : public Tokenizer {
     prepend_ = prepend;
   }
   void set_byte_fallback(bool on) { byte_fallback_ = on; }
+  // Hugging Face's NFC / NFD / NFKC / NFKD normalizer: each run of text between special tokens
+  // is put in that form first (before the "▁" and prefix-space steps).
+  void set_normal_form(NormalForm f) { normal_form_ = f; }
+  NormalForm normal_form() const { return normal_form_; }
   // unk for each character without a token (and, with byte fallback, without every one of its
   // <0xXX> tokens); fused: one unk for a run of such characters within a piece (HF fuse_unk).
   // Without an unk token such characters are dropped, as Hugging Face drops them.
@@ -107,6 +113,7 @@ class BpeTokenizer : public Tokenizer {
   std::unordered_map<std::string, uint8_t> added_flags_;  // non-zero AddedFlags by text
   bool has_not_special_ = false;                          // any kNotSpecial token
   Prepend prepend_ = Prepend::kNever;
+  NormalForm normal_form_ = NormalForm::kNone;
   int32_t unk_ = -1;
   std::array<int32_t, 256> byte_id_{};      // kBytes: the token of each single byte
   std::array<int32_t, 256> fallback_id_{};  // byte fallback: the id of "<0xXX>"

@@ -155,9 +155,9 @@ std::string hf_byte_level_tokenizer_json(const BpeTokenizer& tok) {
   // What the generated pipeline cannot say: lmforge adds the prefix space once per run of text,
   // a ByteLevel after a Split would add it to every piece (such tokenizers come from a
   // tokenizer.json, which is copied instead).
-  LMF_CHECK(
-      tok.symbols() == BpeTokenizer::Symbols::kBytes && !tok.metaspace() && !tok.add_prefix_space(),
-      "{}: not a plain byte-level BPE", tok.source());
+  LMF_CHECK(tok.symbols() == BpeTokenizer::Symbols::kBytes && !tok.metaspace() &&
+                !tok.add_prefix_space() && tok.normal_form() == NormalForm::kNone,
+            "{}: not a plain byte-level BPE", tok.source());
   std::unordered_map<int32_t, bool> special;
   for (auto& [text, id] : tok.special_tokens()) special[id] = true;
   std::vector<std::string> vocab;

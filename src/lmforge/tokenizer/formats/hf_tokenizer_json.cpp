@@ -1,7 +1,7 @@
 // Hugging Face tokenizer.json (https://huggingface.co/docs/tokenizers) with a BPE model:
 //  - byte-level (GPT-2, Llama 3, SmolLM): ByteLevel / Split pre-tokenizers (after a Digits one, as
-//    SmolLM's), vocabulary in GPT-2's byte<->unicode form, ByteLevel decoder; Qwen2's NFC
-//    normalizer is not supported yet (refused);
+//    SmolLM's), vocabulary in GPT-2's byte<->unicode form, ByteLevel decoder; a Unicode
+//    normal form first (Qwen2's NFC; NFD, NFKC, NFKD);
 //  - SentencePiece-style (HF exports of Llama 2, Mistral, TinyLlama): Prepend/Replace
 //    normalizers or a Metaspace pre-tokenizer, byte_fallback <0xXX> tokens.
 // Added tokens keep their special/lstrip/rstrip flags; a TemplateProcessing post-processor that
@@ -127,8 +127,19 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
              type.empty() ? p.dump() : type);
       }
     }
+    bool normal_form_first = true;  // a normal form only before the "▁" steps (see below)
     for (const json& n : parts(j["normalizer"])) {
       std::string type = n.value("type", "");
+      if (NormalForm f = normal_form_named(type); f != NormalForm::kNone) {
+        // lmforge applies it before them: after them a K form would leave the spaces it makes
+        // (from U+00A0, U+2002, ...) as spaces instead of "▁".
+        if (!normal_form_first || tok->normal_form() != NormalForm::kNone)
+          fail("{}: normalizer {} after another normalizer is not supported (only first)", path,
+               type);
+        tok->set_normal_form(f);
+        continue;
+      }
+      normal_form_first = false;
       if (type == "Prepend" && n.value("prepend", "") == "\xE2\x96\x81") {
         metaspace = true;
         prepend = BpeTokenizer::Prepend::kEvery;

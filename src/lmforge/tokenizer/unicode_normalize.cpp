@@ -1,0 +1,167 @@
+#include "lmforge/tokenizer/unicode_normalize.h"
+
+#include <unicode/unorm2.h>
+#include <unicode/uset.h>
+#include <unicode/ustring.h>
+
+#include <vector>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+namespace {
+
+// Hugging Face's normalizers (the unicode-normalization-alignments crate) know the characters of
+// Unicode 9.0: a character assigned later has no decomposition and combining class 0 there, and
+// stays as it is. ICU's normalizer filtered to the characters of Unicode 9.0 does the same (text
+// outside the filter is left unchanged and separates the spans around it), as ICU's own
+// Unicode 3.2 normalization for IDNA does.
+constexpr char kHfUnicodeAge[] = "[:age=9.0:]";
+
+const UNormalizer2* make_instance(NormalForm f) {
+  UErrorCode e = U_ZERO_ERROR;
+  const UNormalizer2* n = nullptr;
+  if (f == NormalForm::kNFC) n = unorm2_getNFCInstance(&e);
+  if (f == NormalForm::kNFD) n = unorm2_getNFDInstance(&e);
+  if (f == NormalForm::kNFKC) n = unorm2_getNFKCInstance(&e);
+  if (f == NormalForm::kNFKD) n = unorm2_getNFKDInstance(&e);
+  UChar pattern[sizeof kHfUnicodeAge];
+  u_charsToUChars(kHfUnicodeAge, pattern, static_cast<int32_t>(sizeof kHfUnicodeAge));
+  USet* age = U_SUCCESS(e) ? uset_openPattern(pattern, -1, &e) : nullptr;
+  if (U_SUCCESS(e)) uset_freeze(age);
+  const UNormalizer2* filtered = U_SUCCESS(e) ? unorm2_openFiltered(n, age, &e) : nullptr;
+  if (U_FAILURE(e))
+    fail("Unicode normalization {}: ICU has no data for it ({}); is libicu's data installed?",
+         normal_form_name(f), u_errorName(e));
+  return filtered;  // kept for the process (with its set), as ICU keeps its own instances
+}
+
+const UNormalizer2* instance(NormalForm f) {
+  if (f == NormalForm::kNone) return nullptr;
+  static const UNormalizer2* const forms[] = {
+      make_instance(NormalForm::kNFC), make_instance(NormalForm::kNFD),
+      make_instance(NormalForm::kNFKC), make_instance(NormalForm::kNFKD)};
+  return forms[static_cast<int>(f) - 1];
+}
+
+// The length of the valid UTF-8 character at s[i] (shortest form, no surrogates, at most
+// U+10FFFF), or 0.
+size_t valid_utf8_at(std::string_view s, size_t i) {
+  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = b(i);
+  if (c < 0x80) return 1;
+  size_t n;
+  uint32_t cp;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2, cp = c & 0x1F;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3, cp = c & 0x0F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4, cp = c & 0x07;
+  } else {
+    return 0;
+  }
+  if (i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k) {
+    if ((b(i + k) & 0xC0) != 0x80) return 0;
+    cp = cp << 6 | (b(i + k) & 0x3F);
+  }
+  if ((n == 3 && (cp < 0x800 || (cp >= 0xD800 && cp < 0xE000))) ||
+      (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+    return 0;
+  return n;
+}
+
+// Appends the normal form of `run` (valid UTF-8) to `out`.
+void normalize_run(const UNormalizer2* norm, std::string_view run, std::string& out) {
+  thread_local std::vector<UChar> src, dst;
+  UErrorCode e = U_ZERO_ERROR;
+  int32_t n16 = 0;
+  src.resize(run.size() + 1);  // UTF-16 never has more units than UTF-8 has bytes
+  u_strFromUTF8(src.data(), static_cast<int32_t>(src.size()), &n16, run.data(),
+                static_cast<int32_t>(run.size()), &e);
+  LMF_CHECK(U_SUCCESS(e), "UTF-8 -> UTF-16: {}", u_errorName(e));
+  // A quick check first: most text is already normalized, and only its tail from the first
+  // character that might change needs the normalizer.
+  const int32_t ok = unorm2_spanQuickCheckYes(norm, src.data(), n16, &e);
+  LMF_CHECK(U_SUCCESS(e), "Unicode normalization: {}", u_errorName(e));
+  if (ok == n16) {
+    out.append(run);
+    return;
+  }
+  dst.resize(static_cast<size_t>(n16 - ok) * 4 + 16);  // a first guess; grown below if short
+  int32_t m = 0;
+  for (;;) {
+    e = U_ZERO_ERROR;
+    m = unorm2_normalize(norm, src.data() + ok, n16 - ok, dst.data(),
+                         static_cast<int32_t>(dst.size()), &e);
+    if (e != U_BUFFER_OVERFLOW_ERROR) break;
+    dst.resize(static_cast<size_t>(m) + 1);
+  }
+  LMF_CHECK(U_SUCCESS(e), "Unicode normalization: {}", u_errorName(e));
+  // The normalized prefix back as UTF-8 (the same bytes as run's), then the normalized tail.
+  int32_t prefix8 = 0;
+  e = U_ZERO_ERROR;
+  u_strToUTF8(nullptr, 0, &prefix8, src.data(), ok, &e);  // preflight: its UTF-8 length
+  out.append(run.substr(0, static_cast<size_t>(prefix8)));
+  const size_t at = out.size();
+  out.resize(at + static_cast<size_t>(m) * 3 + 1);
+  int32_t n8 = 0;
+  e = U_ZERO_ERROR;
+  u_strToUTF8(out.data() + at, static_cast<int32_t>(out.size() - at), &n8, dst.data(), m, &e);
+  LMF_CHECK(U_SUCCESS(e), "UTF-16 -> UTF-8: {}", u_errorName(e));
+  out.resize(at + static_cast<size_t>(n8));
+}
+
+}  // namespace
+
+NormalForm normal_form_named(std::string_view name) {
+  if (name == "NFC") return NormalForm::kNFC;
+  if (name == "NFD") return NormalForm::kNFD;
+  if (name == "NFKC") return NormalForm::kNFKC;
+  if (name == "NFKD") return NormalForm::kNFKD;
+  return NormalForm::kNone;
+}
+
+const char* normal_form_name(NormalForm f) {
+  switch (f) {
+    case NormalForm::kNFC:
+      return "NFC";
+    case NormalForm::kNFD:
+      return "NFD";
+    case NormalForm::kNFKC:
+      return "NFKC";
+    case NormalForm::kNFKD:
+      return "NFKD";
+    case NormalForm::kNone:
+      break;
+  }
+  return "none";
+}
+
+std::string normalize_utf8(std::string_view text, NormalForm f) {
+  std::string out;
+  const UNormalizer2* norm = instance(f);
+  bool ascii = true;
+  for (unsigned char c : text) ascii = ascii && c < 0x80;
+  if (!norm || ascii) {  // ASCII is in every normal form
+    out.assign(text);
+    return out;
+  }
+  out.reserve(text.size());
+  size_t start = 0;
+  for (size_t i = 0; i < text.size();) {
+    if (size_t n = valid_utf8_at(text, i)) {
+      i += n;
+      continue;
+    }
+    if (i > start) normalize_run(norm, text.substr(start, i - start), out);
+    out += text[i];  // an invalid byte, kept
+    start = ++i;
+  }
+  if (start < text.size()) normalize_run(norm, text.substr(start), out);
+  return out;
+}
+
+}  // namespace lmforge
