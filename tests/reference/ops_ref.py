@@ -247,9 +247,13 @@ def rope_cases(w):
 
 
 def attention_cases(w):
-    B, T, HS = 2, 7, 8
-    for name, NH, NKV, window in (("attention_gqa", 4, 2, 0), ("attention_mha", 3, 3, 0),
-                                  ("attention_mqa", 4, 1, 0), ("attention_window3", 4, 2, 3)):
+    HS = 8
+    # T = 45: rows of 8-lane vector blocks and a tail in the kernels' exp (T = 7 only has tails).
+    for name, B, T, NH, NKV, window in (("attention_gqa", 2, 7, 4, 2, 0),
+                                        ("attention_mha", 2, 7, 3, 3, 0),
+                                        ("attention_mqa", 2, 7, 4, 1, 0),
+                                        ("attention_window3", 2, 7, 4, 2, 3),
+                                        ("attention_long", 1, 45, 2, 1, 0)):
         put = w.case(name, "attention", n_head=NH, n_kv_head=NKV, window=window)
 
         def fn(qkv, NH=NH, NKV=NKV, window=window):

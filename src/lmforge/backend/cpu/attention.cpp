@@ -11,10 +11,10 @@
 // for backward, which recomputes P = exp(S - lse) tile by tile.
 //
 // Numerics: T = float computes S, P, the running max/sum and the output accumulator in fp32
-// (block matmuls through sgemm; exp by exp512 where AVX-512 is present, else std::exp); the
-// row reduction D = rowsum(dO * O) of backward is accumulated in double. T = double is double
-// throughout (gradient checks). Every task walks its tiles in a fixed order, so results do not
-// depend on the thread count.
+// (block matmuls through sgemm; exp by exp512 / exp256 where AVX-512 / AVX2 is present, else
+// std::exp); the row reduction D = rowsum(dO * O) of backward is accumulated in double. T =
+// double is double throughout (gradient checks). Every task walks its tiles in a fixed order, so
+// results do not depend on the thread count.
 //
 // Parallelism: forward over (batch, head, query block); backward over (batch, kv head), so the
 // query heads sharing a kv head add into dK/dV one after the other without races, and the rows
@@ -53,8 +53,8 @@ inline void visible(int64_t t, int64_t j0, int64_t nk, int64_t window, int64_t& 
   e = std::min<int64_t>(t - j0 + 1, nk);
 }
 
-// p[j] = e^(s[j] - m) for j in [0, n); returns the sum of p (in T, lane by lane under AVX-512,
-// then lanes in a fixed order).
+// p[j] = e^(s[j] - m) for j in [0, n); returns the sum of p (in T, lane by lane under AVX-512 or
+// AVX2, then lanes in a fixed order).
 template <typename T>
 T exp_sub_sum(T* p, const T* s, int64_t n, T m) {
   T sum = 0;
@@ -84,9 +84,34 @@ LMF_AVX512 float exp_sub_sum_avx512(float* p, const float* s, int64_t n, float m
   return _mm512_reduce_add_ps(acc);
 }
 
+// As exp_sub_sum_avx512 on 8 lanes (a masked load and store for the tail, so that every entry
+// goes through exp256).
+LMF_AVX2 float exp_sub_sum_avx2(float* p, const float* s, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (j < n) {
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j, k), vm));
+    e = _mm256_and_ps(e, _mm256_castsi256_ps(k));
+    _mm256_maskstore_ps(p + j, k, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 template <>
 float exp_sub_sum<float>(float* p, const float* s, int64_t n, float m) {
   if (has_avx512()) return exp_sub_sum_avx512(p, s, n, m);
+  if (has_avx2()) return exp_sub_sum_avx2(p, s, n, m);
   float sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     p[j] = std::exp(s[j] - m);
