@@ -13,18 +13,25 @@ T widen(T x) {
 float widen(uint16_t h) { return bf16_to_fp32(h); }
 }  // namespace
 
+void IdCheck::raise(const int32_t* ids, const char* what, int64_t V) const {
+  const int64_t i = at.load();
+  if (i >= 0) fail("{} {} (at position {}) outside the vocabulary of {}", what, ids[i], i, V);
+}
+
 template <typename T, typename W>
 void embedding_forward(T* out, const int32_t* tokens, const W* wte, const W* wpe, int64_t B,
                        int64_t T_, int64_t C, int64_t V) {
+  IdCheck check;
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T_; ++bt) {
-    int32_t tok = tokens[bt];
-    LMF_CHECK(tok >= 0 && tok < V, "token id {} outside vocabulary of {}", tok, V);
+    if (!check.ok(tokens, bt, V)) continue;
+    const int32_t tok = tokens[bt];
     const W* e = wte + tok * C;
     const W* p = wpe ? wpe + (bt % T_) * C : nullptr;
     T* o = out + bt * C;
     for (int64_t c = 0; c < C; ++c) o[c] = widen(e[c]) + (p ? widen(p[c]) : T(0));
   }
+  check.raise(tokens, "token id", V);
 }
 
 template <typename T>

@@ -8,9 +8,28 @@
 // These are called through backend/ops.h, which checks shapes and dispatches on device/dtype.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace lmforge::cpu {
+
+// Token ids checked inside an OpenMP loop. An exception must not leave a parallel region (the
+// process would end in std::terminate), so the loop notes the first bad position it meets and
+// skips it, and raise() throws after the loop:
+//   IdCheck check;
+//   #pragma omp parallel for
+//   for (i ...) { if (!check.ok(ids, i, V)) continue; ... }
+//   check.raise(ids, "token id", V);
+struct IdCheck {
+  std::atomic<int64_t> at{-1};
+  bool ok(const int32_t* ids, int64_t i, int64_t V) {
+    if (ids[i] >= 0 && ids[i] < V) return true;
+    int64_t none = -1;
+    at.compare_exchange_strong(none, i);
+    return false;
+  }
+  void raise(const int32_t* ids, const char* what, int64_t V) const;
+};
 
 // C (M, N) = alpha * op(A) op(B) + beta * C, row-major. float goes to oneDNN's sgemm; double is
 // a plain loop (used only by gradient checks on tiny shapes).

@@ -121,36 +121,39 @@ template <typename T>
 void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
                           int32_t ignore_index, double* lse_sq_sum) {
   double zsum = 0;
+  IdCheck check;
 #pragma omp parallel for schedule(static) reduction(+ : zsum)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
-    if (y == ignore_index) {
+    if (y == ignore_index || !check.ok(targets, i, V)) {
       losses[i] = T(0);
       continue;
     }
-    LMF_CHECK(y >= 0 && y < V, "target {} outside vocabulary of {}", y, V);
     const T* x = logits + i * V;
     double lse = lse_of(x, V);
     losses[i] = static_cast<T>(lse - x[y]);
     zsum += lse * lse;
   }
+  check.raise(targets, "target", V);
   if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 
 template <typename T>
 void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
                            int64_t V, int32_t ignore_index, double z_loss) {
+  IdCheck check;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
     const T* x = logits + i * V;
     T* d = dlogits + i * V;
-    if (y == ignore_index) {
+    if (y == ignore_index || !check.ok(targets, i, V)) {
       for (int64_t v = 0; v < V; ++v) d[v] = T(0);
       continue;
     }
     grad_row(d, x, V, y, lse_of(x, V), dloss, z_loss);  // lse read fully before d is written
   }
+  check.raise(targets, "target", V);
 }
 
 template <typename T>
@@ -158,22 +161,23 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
                                    T dloss, int64_t N, int64_t V, int32_t ignore_index,
                                    double z_loss, double* lse_sq_sum) {
   double zsum = 0;
+  IdCheck check;
 #pragma omp parallel for schedule(static) reduction(+ : zsum)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
     const T* x = logits + i * V;
     T* d = dlogits + i * V;
-    if (y == ignore_index) {
+    if (y == ignore_index || !check.ok(targets, i, V)) {
       losses[i] = T(0);
       for (int64_t v = 0; v < V; ++v) d[v] = T(0);
       continue;
     }
-    LMF_CHECK(y >= 0 && y < V, "target {} outside vocabulary of {}", y, V);
     const double lse = lse_of(x, V);
     losses[i] = static_cast<T>(lse - x[y]);  // before d (which may alias x) is written
     zsum += lse * lse;
     grad_row(d, x, V, y, lse, dloss, z_loss);
   }
+  check.raise(targets, "target", V);
   if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 
