@@ -19,30 +19,54 @@ namespace {
 // Unicode 3.2 normalization for IDNA does.
 constexpr char kHfUnicodeAge[] = "[:age=9.0:]";
 
-const UNormalizer2* make_instance(NormalForm f) {
-  UErrorCode e = U_ZERO_ERROR;
-  const UNormalizer2* n = nullptr;
-  if (f == NormalForm::kNFC) n = unorm2_getNFCInstance(&e);
-  if (f == NormalForm::kNFD) n = unorm2_getNFDInstance(&e);
-  if (f == NormalForm::kNFKC) n = unorm2_getNFKCInstance(&e);
-  if (f == NormalForm::kNFKD) n = unorm2_getNFKDInstance(&e);
-  UChar pattern[sizeof kHfUnicodeAge];
-  u_charsToUChars(kHfUnicodeAge, pattern, static_cast<int32_t>(sizeof kHfUnicodeAge));
-  USet* age = U_SUCCESS(e) ? uset_openPattern(pattern, -1, &e) : nullptr;
-  if (U_SUCCESS(e)) uset_freeze(age);
-  const UNormalizer2* filtered = U_SUCCESS(e) ? unorm2_openFiltered(n, age, &e) : nullptr;
-  if (U_FAILURE(e))
-    fail("Unicode normalization {}: ICU has no data for it ({}); is libicu's data installed?",
-         normal_form_name(f), u_errorName(e));
-  return filtered;  // kept for the process (with its set), as ICU keeps its own instances
-}
+// The four forms filtered to kHfUnicodeAge, made on first use and closed at exit.
+class FilteredForms {
+ public:
+  FilteredForms() {
+    UErrorCode e = U_ZERO_ERROR;
+    UChar pattern[sizeof kHfUnicodeAge];
+    u_charsToUChars(kHfUnicodeAge, pattern, static_cast<int32_t>(sizeof kHfUnicodeAge));
+    age_ = uset_openPattern(pattern, -1, &e);
+    check(e, "the set of Unicode 9.0's characters");
+    uset_freeze(age_);
+    const UNormalizer2* (*const get[])(UErrorCode*) = {unorm2_getNFCInstance, unorm2_getNFDInstance,
+                                                       unorm2_getNFKCInstance,
+                                                       unorm2_getNFKDInstance};
+    for (int k = 0; k < 4; ++k) {
+      const UNormalizer2* full = get[k](&e);
+      check(e, normal_form_name(static_cast<NormalForm>(k + 1)));
+      forms_[k] = unorm2_openFiltered(full, age_, &e);
+      check(e, normal_form_name(static_cast<NormalForm>(k + 1)));
+    }
+  }
+  ~FilteredForms() { close(); }
+  FilteredForms(const FilteredForms&) = delete;
+  FilteredForms& operator=(const FilteredForms&) = delete;
+  const UNormalizer2* get(NormalForm f) const { return forms_[static_cast<int>(f) - 1]; }
+
+ private:
+  void check(UErrorCode e, const char* what) {
+    if (U_SUCCESS(e)) return;
+    close();
+    fail("Unicode normalization: ICU cannot make {} ({}); is libicu's data installed?", what,
+         u_errorName(e));
+  }
+  void close() {
+    for (UNormalizer2*& n : forms_) {
+      if (n) unorm2_close(n);  // before the set it holds
+      n = nullptr;
+    }
+    if (age_) uset_close(age_);
+    age_ = nullptr;
+  }
+  USet* age_ = nullptr;
+  UNormalizer2* forms_[4] = {};
+};
 
 const UNormalizer2* instance(NormalForm f) {
   if (f == NormalForm::kNone) return nullptr;
-  static const UNormalizer2* const forms[] = {
-      make_instance(NormalForm::kNFC), make_instance(NormalForm::kNFD),
-      make_instance(NormalForm::kNFKC), make_instance(NormalForm::kNFKD)};
-  return forms[static_cast<int>(f) - 1];
+  static const FilteredForms forms;
+  return forms.get(f);
 }
 
 // The length of the valid UTF-8 character at s[i] (shortest form, no surrogates, at most
