@@ -221,7 +221,8 @@ void add_launch(CLI::App& app) {
            o->nproc);
     if (o->ranks_per_node < 0 || (o->ranks_per_node > 0 && o->nproc % o->ranks_per_node != 0))
       fail("launch: --ranks-per-node {} does not divide --nproc {}", o->ranks_per_node, o->nproc);
-    if (o->timeout_s < 0) fail("launch: --timeout {}: expected seconds >= 0", o->timeout_s);
+    if (!(o->timeout_s >= 0 && o->timeout_s <= 1e7))  // NaN and inf too (deadline arithmetic)
+      fail("launch: --timeout {}: expected seconds from 0 (none) to 1e7", o->timeout_s);
     if (o->command.front() == "launch") fail("launch: the ranks cannot themselves launch");
     std::string mpirun = find_on_path("mpirun");
     if (mpirun.empty())

@@ -38,15 +38,29 @@ class OutOfVocabulary : public ::testing::TestWithParam<int32_t> {
   void SetUp() override { omp_set_num_threads(2); }
 };
 
-TEST_P(OutOfVocabulary, EmbeddingForwardThrows) {
+TEST_P(OutOfVocabulary, EmbeddingForwardAndBackwardThrow) {
   Tensor out = Tensor::zeros({kB, kT, kC}, DType::kF32), wte = Tensor::zeros({kV, kC}, DType::kF32);
-  const std::string msg =
+  const std::string want =
+      "token id " + std::to_string(GetParam()) + " (at position 100) outside the vocabulary of 50";
+  std::string msg =
       error_of([&] { ops::embedding_forward(out, ids(GetParam(), 100), wte, Tensor()); });
-  EXPECT_NE(msg.find("token id " + std::to_string(GetParam()) +
-                     " (at position 100) outside the "
-                     "vocabulary of 50"),
-            std::string::npos)
-      << msg;
+  EXPECT_NE(msg.find(want), std::string::npos) << msg;
+  msg = error_of([&] { ops::embedding_backward(wte, Tensor(), out, ids(GetParam(), 100)); });
+  EXPECT_NE(msg.find(want), std::string::npos) << msg;
+}
+
+// With several bad ids the lowest position is named, whichever thread meets one first.
+TEST(OutOfVocabularyIds, TheLowestPositionIsNamed) {
+  omp_set_num_threads(2);
+  Tensor out = Tensor::zeros({kB, kT, kC}, DType::kF32), wte = Tensor::zeros({kV, kC}, DType::kF32);
+  // Rows 0..63 go to thread 0 and 64..127 to thread 1 (static schedule): thread 1 meets its bad
+  // id at once, thread 0 the lower one 60 rows in.
+  Tensor t = ids(-3, 60);
+  t.data<int32_t>()[64] = 99;
+  for (int rep = 0; rep < 20; ++rep) {
+    const std::string msg = error_of([&] { ops::embedding_forward(out, t, wte, Tensor()); });
+    ASSERT_NE(msg.find("token id -3 (at position 60)"), std::string::npos) << msg;
+  }
 }
 
 TEST_P(OutOfVocabulary, CrossEntropyThrows) {

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -77,18 +78,19 @@ void sync_path(const fs::path& p, bool directory) {
 // files.
 std::vector<std::string> hash_files(const std::vector<fs::path>& files,
                                     std::vector<uint64_t>* sizes = nullptr) {
-  std::vector<std::string> hex(files.size()), err(files.size());
+  std::vector<std::string> hex(files.size());
+  std::vector<std::exception_ptr> err(files.size());  // rethrown as they were, after the loop
   std::vector<uint64_t> bytes(files.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(4)
   for (size_t i = 0; i < files.size(); ++i) {
     try {
       hex[i] = sha256_file(files[i].string(), &bytes[i]);
-    } catch (const std::exception& e) {
-      err[i] = e.what();
+    } catch (...) {
+      err[i] = std::current_exception();
     }
   }
-  for (const std::string& e : err)
-    if (!e.empty()) throw Error(e);
+  for (const std::exception_ptr& e : err)
+    if (e) std::rethrow_exception(e);
   if (sizes) *sizes = bytes;
   return hex;
 }

@@ -148,7 +148,8 @@ void validate_train_config(const Config& cfg) {
     fail("train.profile_steps: must be >= 0 (0 = off), got {}", t.profile_steps);
   parse_faults(t.inject_fault);
   dist::parse_strategy(cfg.dist.strategy);
-  if (!(cfg.dist.timeout > 0)) fail("dist.timeout: must be positive, got {}", cfg.dist.timeout);
+  if (!(cfg.dist.timeout > 0 && cfg.dist.timeout <= 1e7))  // NaN and inf too (deadlines)
+    fail("dist.timeout: must be seconds in (0, 1e7], got {}", cfg.dist.timeout);
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
 }

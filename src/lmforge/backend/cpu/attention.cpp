@@ -19,6 +19,8 @@
 // Parallelism: forward over (batch, head, query block); backward over (batch, kv head), so the
 // query heads sharing a kv head add into dK/dV one after the other without races, and the rows
 // of dQ of a query head are written by that head's task only.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -248,9 +250,12 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
                       int64_t NKV, int64_t HS, int64_t window) {
   const int64_t group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  // One row of scores per thread, allocated before the parallel region (a bad_alloc inside it
+  // would end the process); per generate call, not a training step.
+  std::vector<float> rows(static_cast<size_t>(omp_get_max_threads()) * (pos0 + n));
 #pragma omp parallel
   {
-    std::vector<float> att(pos0 + n);  // per thread, per generate call: not a training step
+    float* att = rows.data() + static_cast<size_t>(omp_get_thread_num()) * (pos0 + n);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < NH; ++h) {

@@ -41,10 +41,12 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
   // summation order (b, t ascending) is fixed.
   constexpr int64_t kBlock = 16;
   int64_t nblocks = (C + kBlock - 1) / kBlock;
+  IdCheck check;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
     for (int64_t bt = 0; bt < B * T_; ++bt) {
+      if (!check.ok(tokens, bt, V)) continue;
       T* d = dwte + tokens[bt] * C;
       const T* g = dout + bt * C;
       for (int64_t c = c0; c < c1; ++c) d[c] += g[c];
@@ -58,6 +60,7 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
         for (int64_t c = 0; c < C; ++c) dwpe[t * C + c] += g[c];
       }
   }
+  check.raise(tokens, "token id", V);
 }
 
 template void embedding_forward(float*, const int32_t*, const float*, const float*, int64_t,

@@ -14,8 +14,8 @@
 namespace lmforge::cpu {
 
 // Token ids checked inside an OpenMP loop. An exception must not leave a parallel region (the
-// process would end in std::terminate), so the loop notes the first bad position it meets and
-// skips it, and raise() throws after the loop:
+// process would end in std::terminate), so the loop notes the lowest bad position and skips it,
+// and raise() throws after the loop (positions count from the pointer given):
 //   IdCheck check;
 //   #pragma omp parallel for
 //   for (i ...) { if (!check.ok(ids, i, V)) continue; ... }
@@ -24,8 +24,9 @@ struct IdCheck {
   std::atomic<int64_t> at{-1};
   bool ok(const int32_t* ids, int64_t i, int64_t V) {
     if (ids[i] >= 0 && ids[i] < V) return true;
-    int64_t none = -1;
-    at.compare_exchange_strong(none, i);
+    int64_t seen = at.load(std::memory_order_relaxed);  // keep the lowest: the same message
+    while ((seen < 0 || i < seen) && !at.compare_exchange_weak(seen, i)) {
+    }
     return false;
   }
   void raise(const int32_t* ids, const char* what, int64_t V) const;
