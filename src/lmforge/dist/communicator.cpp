@@ -212,7 +212,8 @@ Watchdog::Watchdog(double timeout_s, std::string line) {
       return;
     std::fprintf(stderr, "%s\n", line.c_str());
     std::fflush(stderr);
-    if (g_info.size > 1 && mpi_active()) mpi_abort(1);
+    // Not MPI_Abort: MPI may not be called from this thread (MPI_THREAD_FUNNELED at most); mpirun
+    // stops the job when a rank exits without MPI_Finalize.
     std::_Exit(1);
   });
 }

@@ -124,9 +124,9 @@ const std::string& context();
 [[noreturn]] void abort_job(const std::string& line, int code = 1);
 
 // Bounds a blocking call that has no timeout of its own (NCCL's communicator set-up, which waits
-// for every rank): unless destroyed within timeout_s, it prints `line` on stderr and ends the
-// job from its own thread (MPI_Abort under MPI, else this process exits with status 1; no
-// destructors run, as the blocked thread still holds what they would free).
+// for every rank): unless destroyed within timeout_s, it prints `line` on stderr and ends this
+// process from its own thread with status 1 (no destructors run: the blocked thread still holds
+// what they would free); mpirun, torchrun or srun --kill-on-bad-exit then stop the other ranks.
 //   { Watchdog w(timeout_s, "lmforge: rank 3: ncclCommInitRank ... did not return"); call(); }
 class Watchdog {
  public:
