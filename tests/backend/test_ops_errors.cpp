@@ -10,9 +10,12 @@
 
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/error.h"
+#include "testing/errors.h"
 
 namespace lmforge {
 namespace {
+
+using testing::error_of;
 
 constexpr int64_t kB = 2, kT = 64, kC = 8, kV = 50;
 
@@ -22,15 +25,6 @@ Tensor ids(int32_t bad, int64_t at) {
   for (int64_t i = 0; i < kB * kT; ++i) p[i] = static_cast<int32_t>(i % kV);
   p[at] = bad;
   return t;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 class OutOfVocabulary : public ::testing::TestWithParam<int32_t> {

@@ -18,10 +18,13 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/dist/nccl.h"
+#include "testing/errors.h"
 
 namespace lmforge::dist {
 
 namespace {
+
+using testing::error_of;
 
 // Empty when a GPU is visible, else why not.
 std::string no_gpu_reason() {
@@ -212,15 +215,6 @@ int free_port() {
   EXPECT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
   close(fd);
   return ntohs(a.sin_port);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

@@ -471,16 +471,26 @@ def hf_gpt2(ranks, eot, add_prefix_space, pattern=None):
     return tok
 
 
-def hf_llama3(ranks, meta, pattern):
+def hf_split_byte_level(ranks, meta, pattern, ignore_merges, normalizer=None):
+    """Byte-level BPE from tiktoken ranks after a Split with `pattern` (every split of a token as
+    a merge, as transformers' TikTokenConverter), the specials as added tokens (numbered by HF
+    from the vocabulary's size)."""
     vocab = {byte_str(t): r for t, r in ranks.items()}
-    tok = Tokenizer(models.BPE(vocab, merges_all_splits(ranks), ignore_merges=True))
+    tok = Tokenizer(models.BPE(vocab, merges_all_splits(ranks), ignore_merges=ignore_merges))
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     specials = sorted(meta["special_tokens"].items(), key=lambda kv: kv[1])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
-    for s, i in specials:
+    return tok
+
+
+def hf_llama3(ranks, meta, pattern):
+    tok = hf_split_byte_level(ranks, meta, pattern, ignore_merges=True)
+    for s, i in meta["special_tokens"].items():  # they follow on from the ranks
         assert tok.token_to_id(s) == i, (s, i)
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -573,16 +583,7 @@ NORMALIZATION_TEXTS = [
 def hf_normalized(ranks, meta, pattern, normalizer):
     """Qwen2's layout (ByteLevel BPE after a Split with its pattern, merges not skipped) with a
     normalizer, from tiktoken ranks."""
-    vocab = {byte_str(t): r for t, r in ranks.items()}
-    tok = Tokenizer(models.BPE(vocab, merges_all_splits(ranks)))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    specials = sorted(meta["special_tokens"].items(), key=lambda kv: kv[1])
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
-    return tok
+    return hf_split_byte_level(ranks, meta, pattern, ignore_merges=False, normalizer=normalizer)
 
 
 def with_flagged_added_tokens(tok):

@@ -1,5 +1,6 @@
 // The user-error contract in tests: exit code 1 and exactly one line on stderr, "lmforge: ...",
-// naming every needle (the file, key or fix), never an internal error.
+// naming every needle (the file, key or fix), never an internal error; and error_of(), the
+// message of the Error a call throws.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "lmforge/core/error.h"
 #include "testing/process.h"
 
 namespace lmforge::testing {
@@ -20,6 +22,17 @@ inline void expect_one_line_error(const RunResult& r, const std::vector<std::str
   EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
   for (auto& n : needles)
     EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in " << r.err;
+}
+
+// The message of the lmforge::Error that f() throws ("" if it throws none).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 }  // namespace lmforge::testing

@@ -17,11 +17,14 @@
 #include "lmforge/tokenizer/pretokenizer.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/tokenizer/unicode_normalize.h"
+#include "testing/errors.h"
 #include "testing/paths.h"
 #include "testing/process.h"
 
 namespace lmforge {
 namespace {
+
+using testing::error_of;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -35,17 +38,6 @@ std::string shared(const std::string& name) {
 
 void write(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
-}
-
-// The message of the Error that f() throws ("" if it throws none).
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 std::string b64(const std::string& bytes) {
