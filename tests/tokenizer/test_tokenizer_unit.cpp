@@ -388,6 +388,28 @@ TEST(TokenizerInvalidUtf8, NormalFormsKeepInvalidBytesAndAreIdempotent) {
   }
 }
 
+// Text longer than the pieces normalize_utf8 hands ICU (1 MiB) normalizes as a whole: a unit
+// that starts with an ASCII letter starts at a boundary of every form, so the form of k copies is
+// k copies of the unit's form (the pieces are cut before ASCII characters only).
+TEST(TokenizerNormalForms, LongTextIsNormalizedAsAWhole) {
+  // Long runs of marks of two combining classes (230, 220): a cut inside one would leave them
+  // reordered and composed differently.
+  std::string unit =
+      "Cafe\xCC\x81 q\xCC\x87\xCC\xA3 \xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8 \xEF\xAC\x81 e";
+  for (int k = 0; k < 200; ++k) unit += "\xCC\x81\xCC\xA3";
+  std::string text, want;
+  for (NormalForm f : {NormalForm::kNFC, NormalForm::kNFD, NormalForm::kNFKC, NormalForm::kNFKD}) {
+    const std::string one = normalize_utf8(unit, f);
+    text.clear();
+    want.clear();
+    while (text.size() < (size_t{3} << 20)) {
+      text += unit;
+      want += one;
+    }
+    ASSERT_TRUE(normalize_utf8(text, f) == want) << normal_form_name(f);  // 3 MiB: no diff dump
+  }
+}
+
 // --- behaviours pinned to the references -------------------------------------------------------
 
 // tiktoken's regex crate and HF's Oniguruma take \s as White_Space; PCRE2's \s also matches

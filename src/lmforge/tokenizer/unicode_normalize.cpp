@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 
 namespace lmforge {
 
@@ -69,36 +70,14 @@ const UNormalizer2* instance(NormalForm f) {
   return forms.get(f);
 }
 
-// The length of the valid UTF-8 character at s[i] (shortest form, no surrogates, at most
-// U+10FFFF), or 0.
-size_t valid_utf8_at(std::string_view s, size_t i) {
-  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = b(i);
-  if (c < 0x80) return 1;
-  size_t n;
-  uint32_t cp;
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 2, cp = c & 0x1F;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 3, cp = c & 0x0F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 4, cp = c & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k) {
-    if ((b(i + k) & 0xC0) != 0x80) return 0;
-    cp = cp << 6 | (b(i + k) & 0x3F);
-  }
-  if ((n == 3 && (cp < 0x800 || (cp >= 0xD800 && cp < 0xE000))) ||
-      (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
-    return 0;
-  return n;
-}
+// Runs longer than this are normalized in pieces (see normalize_utf8).
+constexpr size_t kRunBytes = size_t{1} << 20;
 
 // Appends the normal form of `run` (valid UTF-8) to `out`.
 void normalize_run(const UNormalizer2* norm, std::string_view run, std::string& out) {
+  if (run.size() >= (size_t{1} << 26))  // ICU's lengths are int32_t, and expansions grow 18x
+    fail("Unicode normalization: {} bytes of text without an ASCII character; split the document",
+         run.size());
   thread_local std::vector<UChar> src, dst;
   UErrorCode e = U_ZERO_ERROR;
   int32_t n16 = 0;
@@ -114,7 +93,7 @@ void normalize_run(const UNormalizer2* norm, std::string_view run, std::string& 
     out.append(run);
     return;
   }
-  dst.resize(static_cast<size_t>(n16 - ok) * 4 + 16);  // a first guess; grown below if short
+  dst.resize(static_cast<size_t>(n16 - ok) * 3 / 2 + 16);  // a first guess; grown if short
   int32_t m = 0;
   for (;;) {
     e = U_ZERO_ERROR;
@@ -176,7 +155,14 @@ std::string normalize_utf8(std::string_view text, NormalForm f) {
   out.reserve(text.size());
   size_t start = 0;
   for (size_t i = 0; i < text.size();) {
-    if (size_t n = valid_utf8_at(text, i)) {
+    // A long run is cut before an ASCII character (a boundary of every form: nothing composes
+    // with the character before it, nor reorders across it), which bounds ICU's UTF-16 buffers
+    // and keeps lengths within its int32_t.
+    if (i - start >= kRunBytes && static_cast<unsigned char>(text[i]) < 0x80) {
+      normalize_run(norm, text.substr(start, i - start), out);
+      start = i;
+    }
+    if (size_t n = utf8_char_len(text, i)) {
       i += n;
       continue;
     }
