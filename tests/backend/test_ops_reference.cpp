@@ -103,9 +103,10 @@ void run_linear(Case& c) {
 
 void run_embedding(Case& c) {
   Tensor tokens = c.in("tokens"), wte = c.in("wte"), wpe = maybe_in(c, "wpe"), dout = c.in("dout");
-  ops::embedding_forward(c.result("out"), tokens, wte, wpe);
+  Tensor positions = maybe_in(c, "positions");  // packed rows
+  ops::embedding_forward(c.result("out"), tokens, wte, wpe, positions);
   Tensor dwte = c.grad("dwte"), dwpe = maybe_grad(c, "dwpe");
-  c.backward = [=] { ops::embedding_backward(dwte, dwpe, dout, tokens); };
+  c.backward = [=] { ops::embedding_backward(dwte, dwpe, dout, tokens, positions); };
 }
 
 void run_layernorm(Case& c) {
@@ -147,14 +148,14 @@ void run_rope(Case& c) {
   Tensor sin = Tensor::empty({cfg.max_seq_len, cfg.head_size() / 2}, DType::kF32);
   rope_tables(cfg, cos, sin);
 
-  Tensor out = c.result("out"), dout = c.in("dout");
+  Tensor out = c.result("out"), dout = c.in("dout"), positions = maybe_in(c, "positions");
   out.copy_from(c.in("qkv"));
-  ops::rope_forward(out, cos, sin, NH, NKV, pos0);
+  ops::rope_forward(out, cos, sin, NH, NKV, pos0, positions);
   Tensor dqkv = c.grad("dqkv");
   c.backward_writes = true;  // in place on the gradient
   c.backward = [=] {
     dqkv.copy_from(dout);
-    ops::rope_backward(dqkv, cos, sin, NH, NKV, pos0);
+    ops::rope_backward(dqkv, cos, sin, NH, NKV, pos0, positions);
   };
 }
 
@@ -200,10 +201,13 @@ void run_attention(Case& c) {
   int64_t NH = c.meta().at("n_head"), NKV = c.meta().at("n_kv_head");
   int64_t window = c.meta().value("window", 0);
   Tensor qkv = c.in("qkv"), dout = c.in("dout"), out = c.result("out");
+  Tensor doc_start = maybe_in(c, "doc_start");  // packed rows
   Tensor lse = c.derived_result("lse", lse_from_probs(qkv, c.in("probs"), NH, NKV));
-  ops::attention_forward(out, lse, qkv, NH, NKV, window);
+  ops::attention_forward(out, lse, qkv, NH, NKV, window, false, doc_start);
   Tensor dqkv = c.grad("dqkv");
-  c.backward = [=] { ops::attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window); };
+  c.backward = [=] {
+    ops::attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, false, doc_start);
+  };
 }
 
 void run_gelu(Case& c) {

@@ -112,25 +112,30 @@ bool bit_identical(const std::vector<T>& a, const std::vector<T>& b) {
 // ---------------------------------------------------------------------------------------------
 // Cases: each runs one kernel (or a forward/backward pair) on both backends.
 
-void embedding(Rng& rng, int64_t B, int64_t T, int64_t C, int64_t V, bool with_wpe) {
+// packed: explicit positions (each token's position in its document, repeating).
+void embedding(Rng& rng, int64_t B, int64_t T, int64_t C, int64_t V, bool with_wpe,
+               bool packed = false) {
   const std::vector<int32_t> tokens = rand_ids(rng, B * T, V);
+  const std::vector<int32_t> pos = packed ? rand_ids(rng, B * T, T) : std::vector<int32_t>{0};
   const std::vector<float> wte = randn(rng, V * C), wpe = randn(rng, T * C);
   std::vector<float> out = randn(rng, B * T * C);
-  DeviceArray<int32_t> d_tokens(tokens);
+  DeviceArray<int32_t> d_tokens(tokens), d_pos(pos);
+  const int32_t* h_pos = packed ? pos.data() : nullptr;
+  const int32_t* g_pos = packed ? d_pos.get() : nullptr;
   DeviceArray<float> d_wte(wte), d_wpe(wpe), d_out(out);
   cpu::embedding_forward<float>(out.data(), tokens.data(), wte.data(),
-                                with_wpe ? wpe.data() : nullptr, B, T, C, V);
+                                with_wpe ? wpe.data() : nullptr, B, T, C, V, h_pos);
   cuda::embedding_forward(d_out.get(), d_tokens.get(), d_wte.get(),
-                          with_wpe ? d_wpe.get() : nullptr, B, T, C, V);
+                          with_wpe ? d_wpe.get() : nullptr, B, T, C, V, g_pos);
   EXPECT_TRUE(close("out", d_out.host(), out, kExact));
 
   const std::vector<float> dout = randn(rng, B * T * C);
   std::vector<float> dwte = randn(rng, V * C), dwpe = randn(rng, T * C);
   DeviceArray<float> d_dout(dout), d_dwte(dwte), d_dwpe(dwpe);
   cpu::embedding_backward<float>(dwte.data(), with_wpe ? dwpe.data() : nullptr, dout.data(),
-                                 tokens.data(), B, T, C, V);
+                                 tokens.data(), B, T, C, V, h_pos);
   cuda::embedding_backward(d_dwte.get(), with_wpe ? d_dwpe.get() : nullptr, d_dout.get(),
-                           d_tokens.get(), B, T, C, V);
+                           d_tokens.get(), B, T, C, V, g_pos, T);
   EXPECT_TRUE(close("dwte", d_dwte.host(), dwte, kExact));
   EXPECT_TRUE(close("dwpe", d_dwpe.host(), dwpe, kExact));
 }
@@ -208,9 +213,10 @@ void rmsnorm(Rng& rng, int64_t N, int64_t C, int64_t group, int64_t stride, int6
   EXPECT_TRUE(close("dweight", d_dweight.host(), dweight, kReduction));
 }
 
-// Heads at offset + (b T + t) row_stride + h HS, positions pos0 + t of a Llama-style table.
+// Heads at offset + (b T + t) row_stride + h HS, positions pos0 + t of a Llama-style table (or,
+// packed, random positions in [0, pos0 + T)).
 void rope(Rng& rng, int64_t B, int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
-          int64_t pos0, int64_t offset) {
+          int64_t pos0, int64_t offset, bool packed = false) {
   const int64_t half = HS / 2, T_max = pos0 + T;
   std::vector<float> cos(T_max * half), sin(T_max * half);
   for (int64_t p = 0; p < T_max; ++p)
@@ -221,16 +227,20 @@ void rope(Rng& rng, int64_t B, int64_t T, int64_t n_heads, int64_t HS, int64_t r
     }
   const int64_t size = offset + B * T * row_stride;
   std::vector<float> x = randn(rng, size), dx = randn(rng, size);
+  const std::vector<int32_t> pos = packed ? rand_ids(rng, B * T, T_max) : std::vector<int32_t>{0};
+  DeviceArray<int32_t> d_pos(pos);
+  const int32_t* h_pos = packed ? pos.data() : nullptr;
+  const int32_t* g_pos = packed ? d_pos.get() : nullptr;
   DeviceArray<float> d_cos(cos), d_sin(sin), d_x(x), d_dx(dx);
   cpu::rope_forward<float>(x.data() + offset, cos.data(), sin.data(), B, T, n_heads, HS, row_stride,
-                           pos0);
+                           pos0, h_pos);
   cuda::rope_forward(d_x.get() + offset, d_cos.get(), d_sin.get(), B, T, n_heads, HS, row_stride,
-                     pos0);
+                     pos0, g_pos);
   EXPECT_TRUE(close("x", d_x.host(), x, kExact));
   cpu::rope_backward<float>(dx.data() + offset, cos.data(), sin.data(), B, T, n_heads, HS,
-                            row_stride, pos0);
+                            row_stride, pos0, h_pos);
   cuda::rope_backward(d_dx.get() + offset, d_cos.get(), d_sin.get(), B, T, n_heads, HS, row_stride,
-                      pos0);
+                      pos0, g_pos);
   EXPECT_TRUE(close("dx", d_dx.host(), dx, kExact));
 }
 
@@ -646,6 +656,8 @@ std::vector<Case> cases() {
       {"embedding_B4_T64_C768_V1000", [](Rng& r) { embedding(r, 4, 64, 768, 1000, true); }},
       {"embedding_nopos_B3_T300_C130_V50", [](Rng& r) { embedding(r, 3, 300, 130, 50, false); }},
       {"embedding_repeats_B8_T256_C64_V5", [](Rng& r) { embedding(r, 8, 256, 64, 5, true); }},
+      {"embedding_packed_B4_T64_C768_V1000",
+       [](Rng& r) { embedding(r, 4, 64, 768, 1000, true, /*packed=*/true); }},
       // Runs of one token (summed in a register, written once), across 1024-token chunks.
       {"embedding_runs_B2_T1500_C64_V1", [](Rng& r) { embedding(r, 2, 1500, 64, 1, true); }},
       {"embedding_runs_B3_T700_C200_V2", [](Rng& r) { embedding(r, 3, 700, 200, 2, false); }},
@@ -667,6 +679,8 @@ std::vector<Case> cases() {
       {"rope_B1_T7_H2_HS6", [](Rng& r) { rope(r, 1, 7, 2, 6, 12, 0, 0); }},
       {"rope_kheads_B2_T5_H2_HS64", [](Rng& r) { rope(r, 2, 5, 2, 64, 8 * 64, 1, 4 * 64); }},
       {"rope_B2_T16_H4_HS128", [](Rng& r) { rope(r, 2, 16, 4, 128, 6 * 128, 0, 0); }},
+      {"rope_packed_B2_T16_H4_HS128",
+       [](Rng& r) { rope(r, 2, 16, 4, 128, 6 * 128, 0, 0, /*packed=*/true); }},
       // Odd head size (half = 4 would take the float4 path but head h starts at h * 9).
       {"rope_odd_B2_T3_H3_HS9", [](Rng& r) { rope(r, 2, 3, 3, 9, 28, 1, 0); }},
       {"gelu_n1", [](Rng& r) { gelu(r, 1, 0); }},

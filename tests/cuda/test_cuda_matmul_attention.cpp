@@ -265,16 +265,36 @@ TEST(CudaMatmul, BiasGradIsDeterministic) {
 
 struct AttnCase {
   int64_t B, T, NH, NKV, HS, window;
+  int64_t doc = 0;  // > 0: packed rows of documents of doc, 1 and 2 doc + 5 tokens, cycled
 };
+
+// Each position's document start for packed rows (cpu/kernels.h), or empty.
+std::vector<int32_t> doc_starts(const AttnCase& c) {
+  std::vector<int32_t> ds;
+  if (c.doc <= 0) return ds;
+  const int64_t lengths[] = {c.doc, 1, 2 * c.doc + 5};
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0, k = b; t < c.T; ++k) {
+      const int64_t n = std::min(lengths[k % 3], c.T - t);
+      for (int64_t i = 0; i < n; ++i) ds.push_back(static_cast<int32_t>(t));
+      t += n;
+    }
+  return ds;
+}
 
 TEST(CudaAttention, ForwardBackwardMatchCpu) {
   if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const AttnCase cases[] = {
       {2, 200, 4, 2, 64, 0},   // four query tiles, the last partial
       {2, 200, 4, 2, 64, 37},  // window: whole key tiles skipped
-      {2, 100, 4, 2, 32, 0},  {2, 100, 4, 2, 32, 37},
+      {2, 100, 4, 2, 32, 0},
+      {2, 100, 4, 2, 32, 37},
       {1, 77, 2, 1, 80, 5},  // HS 80 padded to 128, MQA, a window shorter than a tile
       {1, 1, 4, 2, 16, 0},   // a single position
+      // packed rows: documents crossing tiles, single tokens, with and without a window
+      {2, 200, 4, 2, 64, 0, 70},
+      {2, 200, 4, 2, 64, 37, 50},
+      {1, 77, 2, 1, 80, 5, 9},
   };
   uint64_t seed = 500;
   for (const AttnCase& c : cases) {
@@ -282,19 +302,23 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
     const std::vector<float> qkv = randn(c.B * c.T * Cq, ++seed),
                              dout = randn(c.B * c.T * Co, ++seed);
     std::vector<float> out(c.B * c.T * Co), lse(c.B * c.NH * c.T), dqkv(c.B * c.T * Cq, 0.0f);
+    const std::vector<int32_t> ds = doc_starts(c);
+    const int32_t* h_ds = ds.empty() ? nullptr : ds.data();
     cpu::attention_forward<float>(out.data(), lse.data(), qkv.data(), c.B, c.T, c.NH, c.NKV, c.HS,
-                                  c.window);
+                                  c.window, h_ds);
     cpu::attention_backward<float>(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(),
-                                   c.B, c.T, c.NH, c.NKV, c.HS, c.window);
+                                   c.B, c.T, c.NH, c.NKV, c.HS, c.window, h_ds);
 
     DeviceArray<float> d_qkv(qkv), d_dout(dout), d_out(out.size()), d_lse(lse.size()),
         d_dqkv(std::vector<float>(dqkv.size(), 0.0f));
+    DeviceArray<int32_t> d_ds(ds.empty() ? std::vector<int32_t>{0} : ds);
+    const int32_t* g_ds = ds.empty() ? nullptr : d_ds.get();
     cuda::attention_forward(d_out.get(), d_lse.get(), d_qkv.get(), c.B, c.T, c.NH, c.NKV, c.HS,
-                            c.window);
+                            c.window, g_ds);
     cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
-                             c.T, c.NH, c.NKV, c.HS, c.window);
-    const std::string tag = fmt::format("B={} T={} NH={} NKV={} HS={} window={}", c.B, c.T, c.NH,
-                                        c.NKV, c.HS, c.window);
+                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds);
+    const std::string tag = fmt::format("B={} T={} NH={} NKV={} HS={} window={} doc={}", c.B, c.T,
+                                        c.NH, c.NKV, c.HS, c.window, c.doc);
     EXPECT_TRUE(parity("attention out " + tag, d_out.host(), out, kTol.attention));
     EXPECT_TRUE(parity("attention lse " + tag, d_lse.host(), lse, kTol.attention));
     const std::vector<float> g1 = d_dqkv.host();
@@ -302,7 +326,7 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
 
     // Backward adds, and adds the same bits again: exactly twice the first gradient.
     cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
-                             c.T, c.NH, c.NKV, c.HS, c.window);
+                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds);
     const std::vector<float> g2 = d_dqkv.host();
     size_t mismatches = 0;
     for (size_t i = 0; i < g1.size(); ++i) mismatches += g2[i] != 2.0f * g1[i];

@@ -11,6 +11,9 @@ Conventions mirrored from backend/cpu/kernels.h:
   rope       HF rotate_half: element i pairs with i + HS/2, applied to the q and k heads of a
              fused qkv row [q heads | k heads | v heads]
   attention  causal; query head h reads kv head h // (NH / NKV)
+  packed     rows holding several documents: per-token positions (HF's position_ids) for the
+             learned and rotary position embeddings, and attention only within a document
+             (a block-diagonal causal mask); the op takes doc_start, each token's document start
   swiglu     x (N, 2F) = [gate | up] -> silu(gate) * up
   xent       mean over targets != ignore_index, as F.cross_entropy
 """
@@ -78,9 +81,10 @@ def merge_qkv(q, k, v):
     return torch.cat([flat(q), flat(k), flat(v)], dim=-1)
 
 
-def causal_attention(q, k, v, window=0):
+def causal_attention(q, k, v, window=0, doc_ids=None):
     """q (B, NH, T, HS), k/v (B, NKV, T, HS) -> out (B, T, NH HS), probs (B, NH, T, T).
-    window > 0: query t sees keys t - window < j <= t (HF's sliding-window mask)."""
+    window > 0: query t sees keys t - window < j <= t (HF's sliding-window mask). doc_ids (B, T):
+    query t sees only keys of its own document."""
     B, NH, T, hs = q.shape
     group = NH // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
@@ -88,6 +92,8 @@ def causal_attention(q, k, v, window=0):
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     if window:
         mask &= torch.ones(T, T, dtype=torch.bool).triu(-(window - 1))
+    if doc_ids is not None:
+        mask = mask[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -152,6 +158,26 @@ def linear_cases(w):
              grad_names)
 
 
+def packed_rows(B, T, seed_lengths):
+    """Rows of whole documents of the given lengths (cycled) -> doc_ids, positions, doc_start
+    (B, T) int64: the document of each token, its position in it, its document's first index."""
+    doc = torch.empty(B, T, dtype=torch.int64)
+    for b in range(B):
+        t, d, i = 0, 0, b
+        while t < T:
+            n = min(seed_lengths[i % len(seed_lengths)], T - t)
+            doc[b, t:t + n] = d
+            t, d, i = t + n, d + 1, i + 1
+    pos = torch.zeros(B, T, dtype=torch.int64)
+    start = torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        for t in range(1, T):
+            same = doc[b, t] == doc[b, t - 1]
+            pos[b, t] = pos[b, t - 1] + 1 if same else 0
+            start[b, t] = start[b, t - 1] if same else t
+    return doc, pos, start
+
+
 def embedding_cases(w):
     B, T, C, V, maxT = 2, 5, 8, 7, 9  # V < B*T: token ids repeat, so dwte rows add up
     for name, learned in (("embedding", True), ("embedding_nopos", False)):
@@ -172,6 +198,17 @@ def embedding_cases(w):
 
         put("tokens", tokens)
         _run(put, inputs, fn, grad_names)
+
+    # Packed rows: wpe by each token's position in its document (positions repeat, so dwpe rows
+    # add up across documents).
+    put = w.case("embedding_packed", "embedding")
+    tokens = torch.randint(0, V, (B, T))
+    _, positions, _ = packed_rows(B, T, [2, 3, 1])
+    put("tokens", tokens)
+    put("positions", positions)
+    _run(put, {"wte": _randn(V, C), "wpe": _randn(maxT, C)},
+         lambda wte, wpe: {"out": F.embedding(tokens, wte) + F.embedding(positions, wpe)},
+         {"wte": "dwte", "wpe": "dwpe"})
 
 
 def norm_cases(w):
@@ -245,6 +282,24 @@ def rope_cases(w):
 
         _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS)}, fn, {"qkv": "dqkv"})
 
+    # Packed rows: each token rotated by its position in its document (HF's position_ids).
+    NH, NKV, HS, theta = 4, 2, 16, 10000.0
+    T = 9
+    put = w.case("rope_packed", "rope", n_head=NH, n_kv_head=NKV, head_size=HS, rope_theta=theta,
+                 pos0=0, max_seq_len=T)
+    _, positions, _ = packed_rows(B, T, [4, 2, 5])
+    put("positions", positions)
+    inv = rope_inv_freq(theta, HS)
+
+    def packed(qkv):
+        q, k, v = split_qkv(qkv, NH, NKV)
+        freqs = positions.to(torch.float64)[..., None] * inv  # (B, T, HS/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]      # (B, 1, T, HS)
+        cos, sin = emb.cos(), emb.sin()
+        return {"out": merge_qkv(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)}
+
+    _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS)}, packed, {"qkv": "dqkv"})
+
 
 def attention_cases(w):
     HS = 8
@@ -261,6 +316,23 @@ def attention_cases(w):
             return {"out": out, "probs": probs}
 
         # scale 2: scores of order 1-10, so the softmax is far from uniform
+        _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS, scale=2.0)}, fn, {"qkv": "dqkv"})
+
+    # Packed rows: attention within each document only. T = 300 spans several query tiles (64)
+    # and key tiles (128) of the CPU kernel, with documents crossing tile edges, short ones and
+    # single tokens; one case adds a sliding window.
+    for name, B, T, NH, NKV, window, lengths in (
+            ("attention_packed", 2, 11, 4, 2, 0, [3, 1, 5]),
+            ("attention_packed_window", 2, 11, 4, 2, 2, [4, 6]),
+            ("attention_packed_long", 2, 300, 2, 1, 0, [70, 1, 150, 9, 64, 129])):
+        put = w.case(name, "attention", n_head=NH, n_kv_head=NKV, window=window)
+        doc, _, start = packed_rows(B, T, lengths)
+        put("doc_start", start)
+
+        def fn(qkv, NH=NH, NKV=NKV, window=window, doc=doc):
+            out, probs = causal_attention(*split_qkv(qkv, NH, NKV), window, doc)
+            return {"out": out, "probs": probs}
+
         _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS, scale=2.0)}, fn, {"qkv": "dqkv"})
 
 

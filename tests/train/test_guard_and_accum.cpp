@@ -163,7 +163,7 @@ TEST(Evaluation, ValidationLossIsTokenWeightedOverTheSetOnce) {
   whole.plan(samples, T);
   Batch b_all = Batch::make(samples, T), b_two = Batch::make(2, T);
   all.sequential(0, b_all);
-  const double want = whole.forward(b_all.tokens, b_all.targets);
+  const double want = whole.forward(b_all.tokens, b_all.targets, -100, b_all.doc_ids);
   dist::LocalCommunicator one;
   dist::DataParallel dp(one, small, DistConfig{}, {});
   EXPECT_NEAR(dp.evaluate(two, /*batches=*/100, b_two), want, 1e-6 * std::fabs(want));
@@ -171,7 +171,8 @@ TEST(Evaluation, ValidationLossIsTokenWeightedOverTheSetOnce) {
   double mean_of_means = 0;
   for (int64_t i = 0; i < two.sequential_batches(); ++i) {
     two.sequential(i, b_two);
-    mean_of_means += small.forward(b_two.tokens, b_two.targets) / two.sequential_batches();
+    mean_of_means +=
+        small.forward(b_two.tokens, b_two.targets, -100, b_two.doc_ids) / two.sequential_batches();
   }
   EXPECT_GT(std::fabs(mean_of_means - want), 1e-4 * std::fabs(want));
 }

@@ -19,6 +19,34 @@ using namespace detail;
 
 namespace {
 
+// Packed rows (ops.h): positions (B, T) int32 within [0, rows) each; doc_start (B, T) int32 with
+// doc_start[t] in [0, t] and never decreasing along a row. Checked where they are on the host
+// (they are made by the model, so a failure is a bug there).
+void check_positions(const char* op, const Tensor& positions, int64_t B, int64_t T_, int64_t rows) {
+  if (!positions.defined()) return;
+  LMF_CHECK(positions.dtype() == DType::kI32 && positions.numel() == B * T_,
+            "{}: positions {} for B={} T={}", op, positions.shape().str(), B, T_);
+  if (positions.device() != Device::kCPU) return;
+  const int32_t* p = positions.data<int32_t>();
+  for (int64_t i = 0; i < B * T_; ++i)
+    LMF_CHECK(p[i] >= 0 && p[i] < rows, "{}: position {} at {} outside [0, {})", op, p[i], i, rows);
+}
+
+void check_doc_start(const char* op, const Tensor& doc_start, int64_t B, int64_t T_) {
+  if (!doc_start.defined()) return;
+  LMF_CHECK(doc_start.dtype() == DType::kI32 && doc_start.numel() == B * T_,
+            "{}: doc_start {} for B={} T={}", op, doc_start.shape().str(), B, T_);
+  if (doc_start.device() != Device::kCPU) return;
+  const int32_t* d = doc_start.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T_; ++t) {
+      const int32_t v = d[b * T_ + t];
+      LMF_CHECK(v >= 0 && v <= t && (t == 0 || v >= d[b * T_ + t - 1]),
+                "{}: doc_start {} at row {} position {} (must be in [0, t], non-decreasing)", op, v,
+                b, t);
+    }
+}
+
 #ifdef LMFORGE_HAVE_CUDA
 // Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
 bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
@@ -187,13 +215,15 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
 }
 
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
-                       const Tensor& wpe) {
-  same_device("embedding_forward", out, {&tokens, &wte, &wpe});
+                       const Tensor& wpe, const Tensor& positions) {
+  same_device("embedding_forward", out, {&tokens, &wte, &wpe, &positions});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
   LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
             tokens.shape().str());
-  LMF_CHECK(!wpe.raw() || wpe.size(0) >= T_, "embedding: T={} beyond {} positions", T_,
-            wpe.size(0));
+  LMF_CHECK(!wpe.raw() || positions.defined() || wpe.size(0) >= T_,
+            "embedding: T={} beyond {} positions", T_, wpe.size(0));
+  if (wpe.raw()) check_positions("embedding_forward", positions, B, T_, wpe.size(0));
+  const int32_t* pos = wpe.raw() ? cptr<int32_t>(positions) : nullptr;
   LMF_CHECK(!wpe.raw() || wpe.dtype() == wte.dtype(), "embedding: wte {} but wpe {}",
             dtype_name(wte.dtype()), dtype_name(wpe.dtype()));
   if (wte.dtype() == DType::kBF16) {  // bf16 master weights: the tables widened on the way
@@ -203,12 +233,12 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
         "embedding_forward", out,
         [&](auto tag) {
           if constexpr (std::is_same_v<decltype(tag), float>)
-            cpu::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V);
+            cpu::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V, pos);
           else
             LMF_CHECK(false, "embedding_forward: a bf16 table gives fp32 rows");
         },
-        LMF_GPU(
-            cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V)));
+        LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V,
+                                        pos)));
     return;
   }
   dispatch(
@@ -216,25 +246,28 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
       [&](auto tag) {
         using T = decltype(tag);
         cpu::embedding_forward(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
-                               T_, C, V);
+                               T_, C, V, pos);
       },
       LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), cptr<float>(wte),
-                                      cptr<float>(wpe), B, T_, C, V)));
+                                      cptr<float>(wpe), B, T_, C, V, pos)));
 }
 
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
-                        const Tensor& tokens) {
-  same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens});
+                        const Tensor& tokens, const Tensor& positions) {
+  same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens, &positions});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
+  const int64_t P = dwpe.raw() ? dwpe.size(0) : 0;
+  if (dwpe.raw()) check_positions("embedding_backward", positions, B, T_, P);
+  const int32_t* pos = dwpe.raw() ? cptr<int32_t>(positions) : nullptr;
   dispatch(
       "embedding_backward", dout,
       [&](auto tag) {
         using T = decltype(tag);
         cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout),
-                                   tokens.data<int32_t>(), B, T_, C, V);
+                                   tokens.data<int32_t>(), B, T_, C, V, pos);
       },
       LMF_GPU(cuda::embedding_backward(ptr<float>(dwte), ptr<float>(dwpe), cptr<float>(dout),
-                                       tokens.data<int32_t>(), B, T_, C, V)));
+                                       tokens.data<int32_t>(), B, T_, C, V, pos, P)));
 }
 
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
@@ -389,11 +422,13 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
 
 namespace {
 void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, const Tensor& sin,
-          int64_t NH, int64_t NKV, int64_t pos0) {
-  same_device(op, x, {&cos, &sin});
+          int64_t NH, int64_t NKV, int64_t pos0, const Tensor& positions) {
+  same_device(op, x, {&cos, &sin, &positions});
   int64_t B = x.size(0), T_ = x.size(1), Cq = x.size(2), HS = Cq / (NH + 2 * NKV);
-  LMF_CHECK(pos0 + T_ <= cos.size(0) && cos.size(1) * 2 == HS, "{}: T={} pos0={} table {} HS={}",
-            op, T_, pos0, cos.shape().str(), HS);
+  LMF_CHECK((positions.defined() || pos0 + T_ <= cos.size(0)) && cos.size(1) * 2 == HS,
+            "{}: T={} pos0={} table {} HS={}", op, T_, pos0, cos.shape().str(), HS);
+  check_positions(op, positions, B, T_, cos.size(0));
+  const int32_t* pos = cptr<int32_t>(positions);
   if (x.dtype() == DType::kBF16) {  // bf16 qkv or dqkv (bf16 activations): in fp32, rounded
     dispatch_device(
         op, x,
@@ -408,15 +443,16 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
               float* w = cpu_rows_f32(x.view({B * T_, Cq}), r0, n, 0);
               (backward ? cpu::rope_backward<float>
                         : cpu::rope_forward<float>)(w, cos.data<float>(), sin.data<float>(), 1, n,
-                                                    NH + NKV, HS, Cq, pos0 + t0);
+                                                    NH + NKV, HS, Cq, pos0 + t0,
+                                                    pos ? pos + r0 : nullptr);
               for (int64_t r = 0; r < n; ++r) cpu::to_bf16(x16 + (r0 + r) * Cq, w + r * Cq, qk);
             }
         },
-        LMF_GPU(
-            using F = void (*)(uint16_t*, const float*, const float*, int64_t, int64_t, int64_t,
-                               int64_t, int64_t, int64_t);
-            const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
-            f(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
+        LMF_GPU(using F = void (*)(uint16_t*, const float*, const float*, int64_t, int64_t, int64_t,
+                                   int64_t, int64_t, int64_t, const int32_t*);
+                const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
+                f(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq,
+                  pos0, pos)));
     return;
   }
   dispatch(
@@ -425,34 +461,39 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
         using T = decltype(tag);
         auto f = backward ? cpu::rope_backward<T> : cpu::rope_forward<T>;
         // q and k heads are adjacent: NH + NKV heads from the start of each row.
-        f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0);
+        f(ptr<T>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0, pos);
       },
-      LMF_GPU(
-          using F = void (*)(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
-                             int64_t, int64_t);
-          const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
-          f(ptr<float>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0)));
+      LMF_GPU(using F = void (*)(float*, const float*, const float*, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, int64_t, const int32_t*);
+              const F f = backward ? F(cuda::rope_backward) : F(cuda::rope_forward);
+              f(ptr<float>(x), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS, Cq, pos0,
+                pos)));
 }
 }  // namespace
 
 void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
-                  int64_t n_kv_head, int64_t pos0) {
-  rope("rope_forward", false, qkv, cos, sin, n_head, n_kv_head, pos0);
+                  int64_t n_kv_head, int64_t pos0, const Tensor& positions) {
+  rope("rope_forward", false, qkv, cos, sin, n_head, n_kv_head, pos0, positions);
 }
 
 void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
-                   int64_t n_kv_head, int64_t pos0) {
-  rope("rope_backward", true, dqkv, cos, sin, n_head, n_kv_head, pos0);
+                   int64_t n_kv_head, int64_t pos0, const Tensor& positions) {
+  rope("rope_backward", true, dqkv, cos, sin, n_head, n_kv_head, pos0, positions);
 }
 
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t NH,
-                       int64_t NKV, int64_t window, [[maybe_unused]] bool bf16) {
-  same_device("attention_forward", out, {&lse, &qkv});
+                       int64_t NKV, int64_t window, [[maybe_unused]] bool bf16,
+                       const Tensor& doc_start) {
+  same_device("attention_forward", out, {&lse, &qkv, &doc_start});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS,
             "attention: qkv {} lse {} out {} NH={} NKV={}", qkv.shape().str(), lse.shape().str(),
             out.shape().str(), NH, NKV);
+  check_doc_start("attention_forward", doc_start, B, T_);
+  const int32_t* ds = cptr<int32_t>(doc_start);
+  // cuDNN's fused attention takes no document starts: packed rows run the fp32 kernels.
+  bf16 = bf16 && !ds;
   profile::Scope timed("attention_forward", out, attention_flops(B, T_, NH, HS, window));
   if (qkv.dtype() == DType::kBF16) {  // bf16 qkv and out (bf16 matmul outputs)
     LMF_CHECK(out.dtype() == DType::kBF16, "attention_forward: a bf16 qkv needs a bf16 out");
@@ -464,7 +505,7 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
 #endif
     // The fp32 kernel on the widened qkv, its output rounded.
     const Tensor o = f32_scratch(out, 1);
-    attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false);
+    attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false, doc_start);
     to_bf16(out, o);
     return;
   }
@@ -473,19 +514,19 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
       [&](auto tag) {
         using T = decltype(tag);
         cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS,
-                                  window);
+                                  window, ds);
       },
       LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
                   !cuda::cudnn_attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv),
                                                  B, T_, NH, NKV, HS))
                   cuda::attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv), B, T_,
-                                          NH, NKV, HS, window)));
+                                          NH, NKV, HS, window, ds)));
 }
 
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t NH, int64_t NKV,
-                        int64_t window, [[maybe_unused]] bool bf16) {
-  same_device("attention_backward", dout, {&dqkv, &qkv, &out, &lse});
+                        int64_t window, [[maybe_unused]] bool bf16, const Tensor& doc_start) {
+  same_device("attention_backward", dout, {&dqkv, &qkv, &out, &lse, &doc_start});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
                 out.numel() == B * T_ * NH * HS && dout.numel() == out.numel() &&
@@ -493,6 +534,9 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
             "attention_backward: qkv {} dqkv {} out {} dout {} lse {} NH={} NKV={}",
             qkv.shape().str(), dqkv.shape().str(), out.shape().str(), dout.shape().str(),
             lse.shape().str(), NH, NKV);
+  check_doc_start("attention_backward", doc_start, B, T_);
+  const int32_t* ds = cptr<int32_t>(doc_start);
+  bf16 = bf16 && !ds;  // as the forward
   profile::Scope timed("attention_backward", dout, 2.5 * attention_flops(B, T_, NH, HS, window));
   if (qkv.dtype() == DType::kBF16) {
     // bf16 qkv and out; dout and dqkv both fp32 (dqkv +=) or both bf16 (dqkv written, rounded).
@@ -513,7 +557,8 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
     // The fp32 kernel on widened copies (into a zeroed fp32 dqkv, rounded, for a bf16 one).
     const Tensor g = g16 ? widened(dout, 2) : dout, dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
     if (g16) dq.zero_();
-    attention_backward(dq, g, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false);
+    attention_backward(dq, g, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false,
+                       doc_start);
     if (g16) to_bf16(dqkv, dq);
     return;
   }
@@ -522,7 +567,7 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
       [&](auto tag) {
         using T = decltype(tag);
         cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
-                                   cptr<T>(lse), B, T_, NH, NKV, HS, window);
+                                   cptr<T>(lse), B, T_, NH, NKV, HS, window, ds);
       },
       LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
                   !cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout),
@@ -530,7 +575,7 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
                                                   cptr<float>(lse), B, T_, NH, NKV, HS))
                   cuda::attention_backward(ptr<float>(dqkv), cptr<float>(dout), cptr<float>(qkv),
                                            cptr<float>(out), cptr<float>(lse), B, T_, NH, NKV, HS,
-                                           window)));
+                                           window, ds)));
 }
 
 namespace {

@@ -25,12 +25,18 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, 
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight);
 
-// out (B, T, C) = wte[tokens] + wpe[t]; tokens (B, T) int32; wpe may be absent. The tables may
-// be bf16 (bf16 master weights; both alike), widened exactly into fp32 rows.
+// Packed rows (several documents in one row of a batch; data.packing: best_fit) pass the ops
+// below, as (B, T) int32 tensors on the ops' device, each token's position within its document
+// (`positions`, for learned positions and RoPE) and the first position of its document in the
+// row (`doc_start`, for attention: in [0, t], never decreasing along a row). Absent: one sequence
+// per row from position 0.
+
+// out (B, T, C) = wte[tokens] + wpe[t] (or wpe[positions]); tokens (B, T) int32; wpe may be
+// absent. The tables may be bf16 (bf16 master weights; both alike), widened exactly into fp32 rows.
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
-                       const Tensor& wpe);
+                       const Tensor& wpe, const Tensor& positions = {});
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
-                        const Tensor& tokens);
+                        const Tensor& tokens, const Tensor& positions = {});
 
 // Over the last dimension C; mean/rstd are (N) saved for backward. bias may be absent.
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
@@ -53,15 +59,18 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
 
 // In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
 // fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place. A
-// bf16 qkv (or dqkv) is rotated in fp32 and its q and k heads rounded.
+// bf16 qkv (or dqkv) is rotated in fp32 and its q and k heads rounded. Token t is at position
+// pos0 + t, or positions[b, t] when given.
 void rope_forward(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
-                  int64_t n_kv_head, int64_t pos0);
+                  int64_t n_kv_head, int64_t pos0, const Tensor& positions = {});
 void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
-                   int64_t n_kv_head, int64_t pos0);
+                   int64_t n_kv_head, int64_t pos0, const Tensor& positions = {});
 
 // out (B, T, NH*HS); lse (B, NH, T) the logsumexp of each row of scaled scores, saved for
 // backward; qkv (B, T, (NH + 2 NKV) * HS). Causal; window > 0 limits query t to keys
-// (t - window, t] (Mistral/Phi-3 sliding window). Tiled with an online softmax (FlashAttention),
+// (t - window, t] (Mistral/Phi-3 sliding window); doc_start further limits it to keys from
+// doc_start[b, t] on (packed rows: no attention across documents; cuDNN is not used then).
+// Tiled with an online softmax (FlashAttention),
 // so no (T, T) buffer exists; backward recomputes the probabilities from qkv and lse, takes the
 // forward's out, and adds into dqkv. bf16: the run is bf16 mixed precision, so a bf16 kernel
 // may be used: on a CUDA tensor, cuDNN's fused flash attention (bf16 Q/K/V/O, fp32 softmax
@@ -72,10 +81,11 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 // as they are, and the fp32 kernel (the CPU, or a shape cuDNN does not take) runs on fp32 copies
 // in grow-only scratch outside the activation plan. rope_backward takes a bf16 dqkv likewise.
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
-                       int64_t n_kv_head, int64_t window = 0, bool bf16 = false);
+                       int64_t n_kv_head, int64_t window = 0, bool bf16 = false,
+                       const Tensor& doc_start = {});
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t n_head, int64_t n_kv_head,
-                        int64_t window = 0, bool bf16 = false);
+                        int64_t window = 0, bool bf16 = false, const Tensor& doc_start = {});
 
 // dst (bf16) = src (fp32) rounded to nearest even (the bf16 copies of the matmul weights).
 void to_bf16(const Tensor& dst, const Tensor& src);

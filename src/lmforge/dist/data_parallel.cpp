@@ -253,7 +253,8 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     first_micro_ = m == 0;  // reduce-scatter straight into the accumulator
     for (Bucket& b : buckets_) b.pending = b.groups;
     double share = targets > 0 ? static_cast<double>(counts[m]) / targets : 0.0;
-    double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore);
+    double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore,
+                                       micro[m].doc_ids);
     drain();
     if (grad_sharded() && m > 0) {
       ops::accumulate(gshard_, rs_tmp_);
@@ -359,7 +360,7 @@ double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) 
     val.sequential(i, batch);
     const double n = static_cast<double>(target_counts({batch}, kIgnore)[0]);
     if (n == 0) continue;
-    sum += model_.forward(batch.tokens, batch.targets, kIgnore) * n;
+    sum += model_.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids) * n;
     targets += n;
   }
   return targets > 0 ? sum / targets : std::nan("");

@@ -45,10 +45,9 @@ Recompute parse_recompute(const std::string& s) {
   fail("train.activation_checkpointing: expected none, selective or full, got \"{}\"", s);
 }
 
-void Block::recompute(const Acts& a, const Tensor& x, const RopeTables& rope,
-                      Recompute mode) const {
+void Block::recompute(const Acts& a, const Tensor& x, const Positions& pos, Recompute mode) const {
   if (mode == Recompute::kFull) {
-    forward(a, x, rope);
+    forward(a, x, pos);
   } else if (mode == Recompute::kSelective) {
     norm1.forward(a.n1_out, a.n1, x);
     norm2.forward(a.n2_out, a.n2, a.x_mid);
@@ -120,7 +119,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   keep(&Acts::x_out, {B, T, C});
 }
 
-void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) const {
+void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   norm1.forward(a.n1_out, a.n1, x);
   if (cfg.qk_norm) {
@@ -130,8 +129,9 @@ void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) cons
   } else {
     qkv.forward(a.qkv, a.n1_out);
   }
-  if (rope.cos.defined()) ops::rope_forward(a.qkv, rope.cos, rope.sin, NH, NKV, 0);
-  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv));
+  if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
+  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
+                         pos.doc_start);
   proj.forward(a.att_proj, a.att);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
@@ -145,7 +145,7 @@ void Block::forward(const Acts& a, const Tensor& x, const RopeTables& rope) cons
 }
 
 void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const BlockScratch& s,
-                     const RopeTables& rope) const {
+                     const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   s.dact.zero_();
@@ -163,8 +163,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   proj.backward(s.datt, dres, a.att);
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
-                          bf16_run(qkv));
-  if (rope.cos.defined()) ops::rope_backward(s.dqkv, rope.cos, rope.sin, NH, NKV, 0);
+                          bf16_run(qkv), pos.doc_start);
+  if (pos.cos.defined()) ops::rope_backward(s.dqkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   s.dnorm.zero_();
   if (cfg.qk_norm) {
     s.dqkv_raw.zero_();

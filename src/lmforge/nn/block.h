@@ -21,8 +21,12 @@
 
 namespace lmforge {
 
-struct RopeTables {
-  Tensor cos, sin;  // (max_seq_len, HS/2) fp32; undefined when pos != rope
+// Where the tokens of a batch sit: RoPE's tables and, for packed rows (several documents in a
+// row), each token's position in its document and its document's first position in the row
+// (ops.h; undefined: one sequence per row from position 0).
+struct Positions {
+  Tensor cos, sin;        // (max_seq_len, HS/2) fp32; undefined when pos != rope
+  Tensor ids, doc_start;  // (B, T) int32 on the model's device, or undefined
 };
 
 // Gradient buffers shared by all blocks during backward.
@@ -85,11 +89,11 @@ struct Block {
   // under kFull a whole set.
   void plan_shared(Arena& a, Acts& shared, int64_t B, int64_t T, Recompute mode) const;
   // Re-runs what `mode` did not keep, from the block input x, before backward.
-  void recompute(const Acts& acts, const Tensor& x, const RopeTables& rope, Recompute mode) const;
-  void forward(const Acts& acts, const Tensor& x, const RopeTables& rope) const;
+  void recompute(const Acts& acts, const Tensor& x, const Positions& pos, Recompute mode) const;
+  void forward(const Acts& acts, const Tensor& x, const Positions& pos) const;
   // dres: on entry d(x_out); on exit d(x). Parameter gradients +=.
   void backward(const Tensor& dres, const Tensor& x, const Acts& acts, const BlockScratch& s,
-                const RopeTables& rope) const;
+                const Positions& pos) const;
 };
 
 }  // namespace lmforge

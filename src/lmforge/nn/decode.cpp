@@ -51,7 +51,8 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
       ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->fp32(), b.k_norm->fp32(), NH, NKV,
                            cfg_.norm_eps);
     }
-    if (rope_.cos.defined()) ops::rope_forward(qkv, rope_.cos, rope_.sin, NH, NKV, pos0);
+    if (positions_.cos.defined())
+      ops::rope_forward(qkv, positions_.cos, positions_.sin, NH, NKV, pos0);
     float* q = qkv.data<float>();
     float* kc = cache.k[l].data<float>();
     float* vc = cache.v[l].data<float>();

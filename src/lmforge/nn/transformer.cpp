@@ -47,9 +47,9 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   if (cfg_.n_layer == 0) group_begin_[1] = group_begin_[cfg_.n_layer + 1];
   if (cfg_.pos == "rope") {
     int64_t half = cfg_.head_size() / 2;
-    rope_.cos = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
-    rope_.sin = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
-    rope_tables(cfg_, rope_.cos, rope_.sin);
+    positions_.cos = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
+    positions_.sin = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
+    rope_tables(cfg_, positions_.cos, positions_.sin);
   }
 }
 
@@ -105,9 +105,9 @@ void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float
 void Transformer::to(Device device) {
   if (device == this->device()) return;
   params_.to(device);
-  if (rope_.cos.defined()) {
-    rope_.cos = rope_.cos.to(device);
-    rope_.sin = rope_.sin.to(device);
+  if (positions_.cos.defined()) {
+    positions_.cos = positions_.cos.to(device);
+    positions_.sin = positions_.sin.to(device);
   }
   // The activations are not moved: whoever trains or evaluates there plans for its (B, T), and
   // decode() (generation after a GPU run) needs none.
@@ -117,8 +117,8 @@ void Transformer::to(Device device) {
   shared_acts_ = {};
   scratch_ = {};
   nf_ = {};
-  tokens_ = targets_ = x0_ = nf_out_ = logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ =
-      dnf_ = Tensor();
+  tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
+      logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -156,6 +156,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
       [&](Arena& a) {
         tokens_ = a.alloc({B, T}, DType::kI32);
         targets_ = a.alloc({B, T}, DType::kI32);
+        pos_ids_ = a.alloc({B, T}, DType::kI32);
+        doc_start_ = a.alloc({B, T}, DType::kI32);
         x0_ = a.alloc({B, T, C});
         blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
         for (int64_t l = 0; l < cfg_.n_layer; ++l)
@@ -182,6 +184,11 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
       },
       device());
+  if (device() != Device::kCPU) {
+    host_pos_ids_ = Tensor::empty({B, T}, DType::kI32);
+    host_doc_start_ = Tensor::empty({B, T}, DType::kI32);
+  }
+  positions_.ids = positions_.doc_start = Tensor();
 }
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
@@ -195,26 +202,63 @@ bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
 #endif
 }
 
-float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index) {
-  const double dloss = stage(tokens, targets, ignore_index, nullptr);
+float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+                           const Tensor& doc_ids) {
+  const double dloss = stage(tokens, targets, ignore_index, nullptr, doc_ids);
   queue_forward(targets.defined(), dloss);
   return targets.defined() ? read_loss() : 0.0f;
 }
 
 float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale,
-                                    int32_t ignore_index) {
+                                    int32_t ignore_index, const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
-  const double dloss = stage(tokens, targets, ignore_index, &loss_scale);
+  const double dloss = stage(tokens, targets, ignore_index, &loss_scale, doc_ids);
   run_step(dloss);
   return read_loss();  // after the backward is queued: the step's one wait for the GPU
 }
 
+void Transformer::stage_documents(const Tensor& doc_ids) {
+  positions_.ids = positions_.doc_start = Tensor();
+  if (!doc_ids.defined()) return;
+  LMF_CHECK(doc_ids.shape() == tokens_.shape() && doc_ids.dtype() == DType::kI32 &&
+                doc_ids.device() == Device::kCPU,
+            "doc_ids {} but planned {} (int32, on the host)", doc_ids.shape().str(),
+            tokens_.shape().str());
+  const int32_t* d = doc_ids.data<int32_t>();
+  // One document per row (padding after it aside: nothing real attends to it) is the plain case.
+  bool packed = false;
+  for (int64_t i = 0; i < B_ * T_ && !packed; ++i)
+    packed = i % T_ && d[i] >= 0 && d[i - 1] >= 0 && d[i] != d[i - 1];
+  if (!packed) return;
+  const bool host = device() == Device::kCPU;
+  const Tensor& pos_t = host ? pos_ids_ : host_pos_ids_;
+  const Tensor& ds_t = host ? doc_start_ : host_doc_start_;
+  int32_t* pos = pos_t.data<int32_t>();
+  int32_t* ds = ds_t.data<int32_t>();
+  for (int64_t b = 0; b < B_; ++b)
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t i = b * T_ + t;
+      // A new document at a row's start, where the id changes, and at each padding token (which
+      // sees only itself).
+      const bool start = t == 0 || d[i] < 0 || d[i] != d[i - 1];
+      ds[i] = start ? static_cast<int32_t>(t) : ds[i - 1];
+      pos[i] = static_cast<int32_t>(t) - ds[i];
+    }
+  if (!host) {
+    pos_ids_.copy_from(host_pos_ids_);
+    doc_start_.copy_from(host_doc_start_);
+  }
+  positions_.ids = pos_ids_;
+  positions_.doc_start = doc_start_;
+}
+
 double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
-                          const double* loss_scale) {
+                          const double* loss_scale, const Tensor& doc_ids) {
   LMF_CHECK(B_ > 0, "forward before plan()");
   LMF_CHECK(tokens.shape() == tokens_.shape(), "tokens {} but planned {}", tokens.shape().str(),
             tokens_.shape().str());
   tokens_.copy_from(tokens);
+  stage_documents(doc_ids);
   ignore_index_ = ignore_index;
   hooks().before_forward(0);
   params_.sync_bf16();
@@ -232,11 +276,12 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
 }
 
 void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
-  ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor());
+  ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor(),
+                         positions_.ids);
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     hooks().before_forward(l + 1);
-    blocks_[l].forward(block_acts_[l], *x, rope_);
+    blocks_[l].forward(block_acts_[l], *x, positions_);
     x = &block_acts_[l].x_out;
   }
   hooks().before_forward(cfg_.n_layer + 1);
@@ -297,8 +342,10 @@ void Transformer::run_step(double dloss) {
   // same loss scale (a kernel argument) and no device buffer freed since (a scratch buffer it
   // reads may have been regrown elsewhere). A call with a new scale runs eagerly, and captures
   // when the next call has the same one (pretraining: every call after the first).
+  // Packed or not changes which kernels run (the document starts' buffers are fixed).
+  const bool packed = positions_.doc_start.defined();
   const bool current = graph_.exec && graph_.dloss == dloss && graph_.ignore == ignore_index_ &&
-                       graph_.frees == cuda::frees();
+                       graph_.packed == packed && graph_.frees == cuda::frees();
   if (current) {
     cuda::graph_launch(graph_.exec);
     ++graph_.launches;
@@ -318,6 +365,7 @@ void Transformer::run_step(double dloss) {
     if (graph_.exec && why.empty()) {
       graph_.dloss = dloss;
       graph_.ignore = ignore_index_;
+      graph_.packed = packed;
       graph_.frees = cuda::frees();
       ++graph_.captures;
       cuda::graph_launch(graph_.exec);
@@ -347,11 +395,12 @@ void Transformer::backward_blocks() {
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
     const Tensor& x_in = l ? block_acts_[l - 1].x_out : x0_;
     hooks().before_backward(l + 1);
-    blocks_[l].recompute(block_acts_[l], x_in, rope_, recompute_);
-    blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, rope_);
+    blocks_[l].recompute(block_acts_[l], x_in, positions_, recompute_);
+    blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, positions_);
     hooks().grads_ready(l + 1);
   }
-  ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_);
+  ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
+                          positions_.ids);
   hooks().grads_ready(0);
 }
 

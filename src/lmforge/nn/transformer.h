@@ -7,6 +7,10 @@
 //   float loss = model.forward_backward(tokens, targets);  // (B, T) int32; parameter grads +=
 //   float val = model.forward(tokens, targets);            // no gradients (evaluation)
 //
+// Packed rows (data.packing: best_fit puts several documents in a row) pass the loader's doc_ids
+// (B, T) as well: each document then attends only to itself and its positions start at 0, as
+// if it were alone in its row (docs/formats.md, "packing").
+//
 // Generation uses decode() with a KvCache (see eval/generate.h).
 #pragma once
 
@@ -130,15 +134,18 @@ class Transformer {
   }
 
   // Returns the mean cross-entropy over targets != ignore_index; no gradients. Without targets
-  // (needs plan(..., keep_logits)) it only computes logits() and returns 0.
-  float forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index = -100);
+  // (needs plan(..., keep_logits)) it only computes logits() and returns 0. doc_ids (B, T) int32
+  // on the host, optional: the document of each token of a packed row, counted from 0 along the
+  // row (-1: padding); a run of equal ids is one document.
+  float forward(const Tensor& tokens, const Tensor& targets, int32_t ignore_index = -100,
+                const Tensor& doc_ids = {});
   // A training micro-batch: returns the mean loss as forward() and accumulates into
   // params().grad the gradients of loss_scale * (mean loss + z_loss * mean lse^2). The LM head's
   // backward is fused into its chunked forward (logits -> loss -> dlogits -> dx, dW per chunk).
   // Gradient accumulation normalized by tokens passes loss_scale = (this micro-batch's targets)
   // / (all micro-batches' targets).
   float forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale = 1.0,
-                         int32_t ignore_index = -100);
+                         int32_t ignore_index = -100, const Tensor& doc_ids = {});
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
@@ -167,7 +174,7 @@ class Transformer {
   Param* lm_head_ = nullptr;  // == tok_emb_ when tied
   std::vector<Block> blocks_;
   Norm norm_f_;
-  RopeTables rope_;
+  Positions positions_;  // RoPE's tables; ids and doc_start while the batch is packed
 
   // training activations
   int64_t B_ = 0, T_ = 0;
@@ -188,7 +195,10 @@ class Transformer {
   // scale (0 without loss_scale); queue_forward() queues the kernels (training: with the LM
   // head's backward); read_loss() waits and reads the loss and lse^2 back.
   double stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
-               const double* loss_scale);
+               const double* loss_scale, const Tensor& doc_ids);
+  // From doc_ids: whether the rows hold more than one document each, and if so the positions
+  // and document starts (into pos_ids_ and doc_start_).
+  void stage_documents(const Tensor& doc_ids);
   void queue_forward(bool has_targets, double dloss, bool training = false);
   float read_loss();
   void queue_step(double dloss);  // queue_forward for training, then backward_blocks
@@ -200,6 +210,7 @@ class Transformer {
     void* exec = nullptr;
     double dloss = 0;
     int32_t ignore = 0;
+    bool packed = false;
     uint64_t frees = 0;                     // cuda::frees() when captured
     double last_dloss = __builtin_nan("");  // the previous call's scale (capture when repeated)
     int failures = 0;                       // failed captures (two turn graphs off)
@@ -215,6 +226,8 @@ class Transformer {
   Norm::Saved nf_;
   BlockScratch scratch_;
   Tensor tokens_, targets_;
+  Tensor pos_ids_, doc_start_;            // (B, T) int32 on the device, for packed rows
+  Tensor host_pos_ids_, host_doc_start_;  // their host staging (GPU only)
   int32_t ignore_index_ = -100;
   int64_t target_count_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;

@@ -1,6 +1,9 @@
 // Causal scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads
 // (Ainslie et al. 2023) and an optional sliding window (Mistral, Phi-3): with window W > 0, query
-// t attends to keys (t - W, t], as Hugging Face's sliding-window mask.
+// t attends to keys (t - W, t], as Hugging Face's sliding-window mask. Packed rows (several
+// documents in one row) pass doc_start, the first position of each query's document: query t
+// then sees keys [doc_start[t], t] only (a block-diagonal causal mask, as flash-attention's
+// variable-length kernels), combined with the window.
 //
 // Tiled as FlashAttention (Dao et al. 2022; backward as FlashAttention-2, Dao 2023): queries in
 // blocks of kBq rows meet keys in blocks of kBk columns, and the softmax is computed online
@@ -39,19 +42,26 @@ namespace {
 constexpr int64_t kBq = 64;   // query rows per tile
 constexpr int64_t kBk = 128;  // key columns per tile
 
-// The first key position query t may see.
-inline int64_t first_key(int64_t t, int64_t window) {
-  return window > 0 && t >= window ? t - window + 1 : 0;
+// The first key position query t may see; lo is the first position of its document (0 in an
+// unpacked row).
+inline int64_t first_key(int64_t t, int64_t window, int64_t lo = 0) {
+  return std::max(window > 0 && t >= window ? t - window + 1 : 0, lo);
 }
 
+// Where the documents of a row start: ds[t] for query t (nullptr: one document per row). Document
+// starts never decrease along a row (packed documents are contiguous), so a tile's first row has
+// the smallest first key.
+inline int64_t doc_lo(const int32_t* ds, int64_t t) { return ds ? ds[t] : 0; }
+
 // The first key block (a multiple of kBk) that query rows from t0 on may see.
-inline int64_t first_key_block(int64_t t0, int64_t window) {
-  return first_key(t0, window) / kBk * kBk;
+inline int64_t first_key_block(int64_t t0, int64_t window, const int32_t* ds) {
+  return first_key(t0, window, doc_lo(ds, t0)) / kBk * kBk;
 }
 
 // The columns [a, e) of key tile j0 (nk wide) that query t sees; empty when a >= e.
-inline void visible(int64_t t, int64_t j0, int64_t nk, int64_t window, int64_t& a, int64_t& e) {
-  a = std::max<int64_t>(first_key(t, window) - j0, 0);
+inline void visible(int64_t t, int64_t j0, int64_t nk, int64_t window, int64_t lo, int64_t& a,
+                    int64_t& e) {
+  a = std::max<int64_t>(first_key(t, window, lo) - j0, 0);
   e = std::min<int64_t>(t - j0 + 1, nk);
 }
 
@@ -125,12 +135,14 @@ float exp_sub_sum<float>(float* p, const float* s, int64_t n, float m) {
 // Over the nq rows of a score tile (row stride kBk) of queries i0.. and keys j0..j0+nk: calls
 // f(r, row, a, e) for each row that sees some of the tile's keys, on its visible columns [a, e),
 // and sets every masked entry to 0 (a row that sees none is all 0 and f is not called).
+// ds: the row's document starts (nullptr: one document).
 template <typename T, typename F>
-void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int64_t window, F&& f) {
+void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int64_t window,
+                      const int32_t* ds, F&& f) {
   for (int64_t r = 0; r < nq; ++r) {
     T* row = s + r * kBk;
     int64_t a, e;
-    visible(i0 + r, j0, nk, window, a, e);
+    visible(i0 + r, j0, nk, window, doc_lo(ds, i0 + r), a, e);
     if (a >= e) {
       std::fill(row, row + nk, T(0));
       continue;
@@ -145,7 +157,7 @@ void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int6
 
 template <typename T>
 void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                       int64_t HS, int64_t window) {
+                       int64_t HS, int64_t window, const int32_t* doc_start) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kBq - 1) / kBq;
   const T scale = T(1) / std::sqrt(T(HS));
@@ -160,25 +172,27 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
         const T* k = qkv + b * T_ * Cq + (NH + h / group) * HS;
         const T* v = qkv + b * T_ * Cq + (NH + NKV + h / group) * HS;
         T* o = out + (b * T_ + i0) * Co + h * HS;  // (nq, HS) rows of stride Co: the accumulator
+        const int32_t* ds = doc_start ? doc_start + b * T_ : nullptr;
         for (int64_t r = 0; r < nq; ++r) {
           std::fill(o + r * Co, o + r * Co + HS, T(0));
           m[r] = -std::numeric_limits<T>::infinity();
           l[r] = 0;
         }
-        for (int64_t j0 = first_key_block(i0, window); j0 < i0 + nq; j0 += kBk) {
+        for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
           const int64_t nk = std::min(kBk, i0 + nq - j0);
           gemm<T>(false, true, nq, nk, HS, scale, q, Cq, k + j0 * Cq, Cq, T(0), s, kBk);
           // A row that sees none of the tile gets P = 0 and rescales nothing.
-          for_visible_rows(s, i0, j0, nq, nk, window, [&](int64_t r, T* row, int64_t a, int64_t e) {
-            const T mx = std::max(m[r], *std::max_element(row + a, row + e));
-            if (mx > m[r]) {  // rescale what is accumulated (from -inf: all zero, factor 0)
-              const T corr = std::exp(m[r] - mx);
-              l[r] *= corr;
-              for (int64_t d = 0; d < HS; ++d) o[r * Co + d] *= corr;
-              m[r] = mx;
-            }
-            l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
-          });
+          for_visible_rows(
+              s, i0, j0, nq, nk, window, ds, [&](int64_t r, T* row, int64_t a, int64_t e) {
+                const T mx = std::max(m[r], *std::max_element(row + a, row + e));
+                if (mx > m[r]) {  // rescale what is accumulated (from -inf: all zero, factor 0)
+                  const T corr = std::exp(m[r] - mx);
+                  l[r] *= corr;
+                  for (int64_t d = 0; d < HS; ++d) o[r * Co + d] *= corr;
+                  m[r] = mx;
+                }
+                l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
+              });
           gemm<T>(false, false, nq, HS, nk, T(1), s, kBk, v + j0 * Cq, Cq, T(1), o, Co);
         }
         T* lr = lse + (b * NH + h) * T_ + i0;
@@ -192,7 +206,8 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
 
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
-                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window) {
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window,
+                        const int32_t* doc_start) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kBq - 1) / kBq;
   const T scale = T(1) / std::sqrt(T(HS));
@@ -208,6 +223,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
       const T* v = base + (NH + NKV + kvh) * HS;
       T* dk = dbase + (NH + kvh) * HS;
       T* dv = dbase + (NH + NKV + kvh) * HS;
+      const int32_t* ds = doc_start ? doc_start + b * T_ : nullptr;
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * kBq, nq = std::min(kBq, T_ - i0);
@@ -222,11 +238,11 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
               dot += static_cast<double>(dO[r * Co + d]) * O[r * Co + d];
             D[r] = static_cast<T>(dot);
           }
-          for (int64_t j0 = first_key_block(i0, window); j0 < i0 + nq; j0 += kBk) {
+          for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
             const int64_t nk = std::min(kBk, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
             gemm<T>(false, true, nq, nk, HS, scale, q, Cq, k + j0 * Cq, Cq, T(0), p, kBk);
-            for_visible_rows(p, i0, j0, nq, nk, window,
+            for_visible_rows(p, i0, j0, nq, nk, window, ds,
                              [&](int64_t r, T* row, int64_t a, int64_t e) {
                                exp_sub_sum(row + a, row + a, e - a, lr[r]);
                              });
@@ -286,14 +302,14 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
 }
 
 template void attention_forward<float>(float*, float*, const float*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t);
+                                       int64_t, int64_t, int64_t, const int32_t*);
 template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t);
+                                        int64_t, int64_t, int64_t, const int32_t*);
 template void attention_backward<float>(float*, const float*, const float*, const float*,
                                         const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t);
+                                        int64_t, const int32_t*);
 template void attention_backward<double>(double*, const double*, const double*, const double*,
                                          const double*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t);
+                                         int64_t, const int32_t*);
 
 }  // namespace lmforge::cpu

@@ -100,11 +100,12 @@ void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight
 
 // W is T, or uint16_t for bf16 tables (bf16 master weights), widened exactly.
 template <typename T, typename W>
+// pos (B*T, optional): the position of each token for wpe (else t); each in [0, rows of wpe).
 void embedding_forward(T* out, const int32_t* tokens, const W* wte, const W* wpe, int64_t B,
-                       int64_t T_, int64_t C, int64_t V);
+                       int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr);
 template <typename T>
 void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B,
-                        int64_t T_, int64_t C, int64_t V);
+                        int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr);
 
 template <typename T>
 void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
@@ -130,11 +131,13 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 // heads of HS at x + (b*T + t)*row_stride + h*HS, position pos0 + t. cos/sin are (T_max, HS/2).
 // backward is the inverse rotation, applied in place to the gradient.
 template <typename T>
+// pos (B*T, optional): each token's position (a row of the tables); else pos0 + t.
 void rope_forward(T* x, const float* cos, const float* sin, int64_t B, int64_t T_, int64_t n_heads,
-                  int64_t HS, int64_t row_stride, int64_t pos0);
+                  int64_t HS, int64_t row_stride, int64_t pos0, const int32_t* pos = nullptr);
 template <typename T>
 void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t T_,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos = nullptr);
 
 // Causal self-attention with grouped-query heads, tiled with an online softmax (FlashAttention):
 // nothing of size (T, T) is stored. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
@@ -144,11 +147,14 @@ void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t
 // (t - window, t] only (sliding window); 0 = all of [0, t]. backward adds into dqkv. Unlike the
 // other softmaxes here, T = float keeps the online softmax's running max/sum in fp32.
 template <typename T>
+// doc_start (B*T, optional): packed rows; query t sees keys [doc_start[t], t] only, with
+// doc_start[t] in [0, t] and never decreasing along a row.
 void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                       int64_t HS, int64_t window);
+                       int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
-                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window);
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window,
+                        const int32_t* doc_start = nullptr);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is
 // (n, NH*HS).

@@ -8,13 +8,14 @@ namespace lmforge::cpu {
 namespace {
 template <typename T>
 void rotate(T* x, const float* cos, const float* sin, int64_t B, int64_t T_, int64_t n_heads,
-            int64_t HS, int64_t row_stride, int64_t pos0, float sign) {
+            int64_t HS, int64_t row_stride, int64_t pos0, const int32_t* pos, float sign) {
   int64_t half = HS / 2;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T_; ++t) {
-      const float* c = cos + (pos0 + t) * half;
-      const float* s = sin + (pos0 + t) * half;
+      const int64_t p = pos ? pos[b * T_ + t] : pos0 + t;
+      const float* c = cos + p * half;
+      const float* s = sin + p * half;
       T* row = x + (b * T_ + t) * row_stride;
       for (int64_t h = 0; h < n_heads; ++h) {
         T* v = row + h * HS;
@@ -31,23 +32,24 @@ void rotate(T* x, const float* cos, const float* sin, int64_t B, int64_t T_, int
 
 template <typename T>
 void rope_forward(T* x, const float* cos, const float* sin, int64_t B, int64_t T_, int64_t n_heads,
-                  int64_t HS, int64_t row_stride, int64_t pos0) {
-  rotate(x, cos, sin, B, T_, n_heads, HS, row_stride, pos0, 1.0f);
+                  int64_t HS, int64_t row_stride, int64_t pos0, const int32_t* pos) {
+  rotate(x, cos, sin, B, T_, n_heads, HS, row_stride, pos0, pos, 1.0f);
 }
 
 template <typename T>
 void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t T_,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
-  rotate(dx, cos, sin, B, T_, n_heads, HS, row_stride, pos0, -1.0f);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos) {
+  rotate(dx, cos, sin, B, T_, n_heads, HS, row_stride, pos0, pos, -1.0f);
 }
 
 template void rope_forward<float>(float*, const float*, const float*, int64_t, int64_t, int64_t,
-                                  int64_t, int64_t, int64_t);
+                                  int64_t, int64_t, int64_t, const int32_t*);
 template void rope_forward<double>(double*, const float*, const float*, int64_t, int64_t, int64_t,
-                                   int64_t, int64_t, int64_t);
+                                   int64_t, int64_t, int64_t, const int32_t*);
 template void rope_backward<float>(float*, const float*, const float*, int64_t, int64_t, int64_t,
-                                   int64_t, int64_t, int64_t);
+                                   int64_t, int64_t, int64_t, const int32_t*);
 template void rope_backward<double>(double*, const float*, const float*, int64_t, int64_t, int64_t,
-                                    int64_t, int64_t, int64_t);
+                                    int64_t, int64_t, int64_t, const int32_t*);
 
 }  // namespace lmforge::cpu

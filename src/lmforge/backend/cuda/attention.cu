@@ -60,8 +60,9 @@ constexpr int64_t kMaxHS = 128;
 
 struct Shape {
   int64_t B, T, NH, NKV, HS, window;
-  int64_t Cq, Co, group;  // qkv row width, out row width, query heads per kv head
-  float scale;            // 1 / sqrt(HS)
+  const int32_t* doc_start;  // (B, T) device array, or null: see attention.h
+  int64_t Cq, Co, group;     // qkv row width, out row width, query heads per kv head
+  float scale;               // 1 / sqrt(HS)
 };
 
 // The first key position query t may see.
@@ -69,9 +70,23 @@ __host__ __device__ inline int64_t first_key(int64_t t, int64_t window) {
   return window > 0 && t >= window ? t - window + 1 : 0;
 }
 
-// Query t sees key j: causal, within the window, and t a real row (tiles run past T).
-__device__ __forceinline__ bool visible(int64_t t, int64_t j, int64_t T, int64_t window) {
-  return t < T && j <= t && (window <= 0 || j > t - window);
+// The first position of query t's document in row b (0 without document starts, or past T).
+__device__ __forceinline__ int64_t doc_lo(const Shape& s, int64_t b, int64_t t) {
+  return s.doc_start && t < s.T ? s.doc_start[b * s.T + t] : 0;
+}
+
+// The first key block (a multiple of kB) a query tile from row i0 of row b may see: document
+// starts never decrease along a row, so the tile's first row has the smallest first key.
+__device__ __forceinline__ int64_t first_key_block(const Shape& s, int64_t b, int64_t i0) {
+  const int64_t w = first_key(i0, s.window), d = doc_lo(s, b, i0);
+  return (w > d ? w : d) / kB * kB;
+}
+
+// Query t sees key j: causal, within the window and its document (lo: doc_lo), and t a real row
+// (tiles run past T).
+__device__ __forceinline__ bool visible(int64_t t, int64_t j, int64_t T, int64_t window,
+                                        int64_t lo) {
+  return t < T && j <= t && j >= lo && (window <= 0 || j > t - window);
 }
 
 // dst (kB, kD + 1) in shared memory = rows [0, rows) and columns [0, HS) of src (row stride
@@ -161,7 +176,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int dd = 0; dd < kDT; ++dd) o[i][dd] = 0.0f;
   }
 
-  for (int64_t j0 = first_key(i0, s.window) / kB * kB; j0 < i0 + nq; j0 += kB) {
+  int64_t lo[4];  // each row's document start
+#pragma unroll
+  for (int i = 0; i < 4; ++i) lo[i] = doc_lo(s, b, i0 + 4 * ty + i);
+  for (int64_t j0 = first_key_block(s, b, i0); j0 < i0 + nq; j0 += kB) {
     __syncthreads();  // the previous tile's reads of Ks, Vs, Ps are done
     load_tile<kD>(Ks, kp + j0 * s.Cq, s.Cq, s.T - j0, s.HS);
     load_tile<kD>(Vs, vp + j0 * s.Cq, s.Cq, s.T - j0, s.HS);
@@ -188,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int64_t j = j0 + tx + 16 * jj;
-        sc[i][jj] = visible(t, j, s.T, s.window) ? sc[i][jj] * s.scale : -INFINITY;
+        sc[i][jj] = visible(t, j, s.T, s.window, lo[i]) ? sc[i][jj] * s.scale : -INFINITY;
         mx = fmaxf(mx, sc[i][jj]);
       }
       mx = half_warp_max(mx);
@@ -274,6 +292,7 @@ __global__ void __launch_bounds__(kThreads)
   float* Ss = dOs + kB * kDP;  // (kB, kPS) P^T, then dS^T: rows keys, columns queries
   float* Ls = Ss + kB * kPS;   // (kB) lse of the query tile
   float* Dsm = Ls + kB;        // (kB) D of the query tile
+  int32_t* Lo = reinterpret_cast<int32_t*>(Dsm + kB);  // (kB) doc_lo of the query tile
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int64_t j0 = kb * kB, nk = s.T - j0 < kB ? s.T - j0 : kB;
@@ -300,6 +319,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t at = (b * s.NH + h) * s.T + i0 + r;
         Ls[r] = r < nq ? lse[at] : 0.0f;
         Dsm[r] = r < nq ? Dg[at] : 0.0f;
+        Lo[r] = static_cast<int32_t>(doc_lo(s, b, i0 + r));
       }
       __syncthreads();
 
@@ -314,7 +334,8 @@ __global__ void __launch_bounds__(kThreads)
           const int q = tx + 16 * jj;
           const int64_t j = j0 + 4 * ty + i, t = i0 + q;
           // P = exp(scale q.k - lse), 0 where masked; dS = P (dP - D)
-          const float p = visible(t, j, s.T, s.window) ? expf(st[i][jj] * s.scale - Ls[q]) : 0.0f;
+          const float p =
+              visible(t, j, s.T, s.window, Lo[q]) ? expf(st[i][jj] * s.scale - Ls[q]) : 0.0f;
           ds[i][jj] = p * (dpt[i][jj] - Dsm[q]);
           Ss[(4 * ty + i) * kPS + q] = p;
         }
@@ -398,7 +419,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int dd = 0; dd < kDT; ++dd) dq[i][dd] = 0.0f;
   }
 
-  for (int64_t j0 = first_key(i0, s.window) / kB * kB; j0 < i0 + nq; j0 += kB) {
+  int64_t lo[4];  // each row's document start
+#pragma unroll
+  for (int i = 0; i < 4; ++i) lo[i] = doc_lo(s, b, i0 + 4 * ty + i);
+  for (int64_t j0 = first_key_block(s, b, i0); j0 < i0 + nq; j0 += kB) {
     __syncthreads();  // the previous tile's reads of Ks, Vs, Ss are done
     load_tile<kD>(Ks, kp + j0 * s.Cq, s.Cq, s.T - j0, s.HS);
     load_tile<kD>(Vs, vp + j0 * s.Cq, s.Cq, s.T - j0, s.HS);
@@ -411,7 +435,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int64_t t = i0 + 4 * ty + i, j = j0 + tx + 16 * jj;
-        const float p = visible(t, j, s.T, s.window) ? expf(sc[i][jj] * s.scale - L[i]) : 0.0f;
+        const float p =
+            visible(t, j, s.T, s.window, lo[i]) ? expf(sc[i][jj] * s.scale - L[i]) : 0.0f;
         Ss[(4 * ty + i) * kPS + tx + 16 * jj] = p * (dp[i][jj] - Dr[i]);
       }
     __syncthreads();
@@ -444,7 +469,7 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr size_t forward_smem(int kD) { return sizeof(float) * (3 * kB * (kD + 1) + kB * kPS); }
 constexpr size_t dkv_smem(int kD) {
-  return sizeof(float) * (4 * kB * (kD + 1) + kB * kPS + 2 * kB);
+  return sizeof(float) * (4 * kB * (kD + 1) + kB * kPS + 3 * kB);  // + Ls, Dsm, Lo
 }
 constexpr size_t dq_smem(int kD) { return sizeof(float) * (4 * kB * (kD + 1) + kB * kPS); }
 
@@ -497,7 +522,7 @@ void backward_kD(float* dqkv, const float* dout, const float* qkv, const float* 
 
 // Checks the shape (an Error naming the bad value) and fills in the derived sizes.
 Shape make_shape(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                 int64_t window) {
+                 int64_t window, const int32_t* doc_start) {
   auto bad = [&](const std::string& what) {
     detail::raise(std::string("cuda::") + op + ": " + what + " (B=" + std::to_string(B) + " T=" +
                   std::to_string(T) + " NH=" + std::to_string(NH) + " NKV=" + std::to_string(NKV) +
@@ -514,6 +539,7 @@ Shape make_shape(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, 
           NKV,
           HS,
           window,
+          doc_start,
           (NH + 2 * NKV) * HS,
           NH * HS,
           NH / NKV,
@@ -533,8 +559,8 @@ float* d_scratch(size_t n) {
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t NH,
-                       int64_t NKV, int64_t HS, int64_t window) {
-  const Shape s = make_shape("attention_forward", B, T, NH, NKV, HS, window);
+                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start) {
+  const Shape s = make_shape("attention_forward", B, T, NH, NKV, HS, window, doc_start);
   if (B == 0 || T == 0) return;
   if (HS <= 32)
     forward_kD<32>(out, lse, qkv, s);
@@ -546,8 +572,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int6
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                        int64_t window) {
-  const Shape s = make_shape("attention_backward", B, T, NH, NKV, HS, window);
+                        int64_t window, const int32_t* doc_start) {
+  const Shape s = make_shape("attention_backward", B, T, NH, NKV, HS, window, doc_start);
   if (B == 0 || T == 0) return;
   float* D = d_scratch(static_cast<size_t>(B * NH * T));
   const int64_t rows = B * T * NH, per_block = kThreads / 32;

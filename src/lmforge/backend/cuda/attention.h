@@ -6,7 +6,9 @@
 //   cuda::attention_backward(dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS, window);  // dqkv +=
 //
 // qkv is (B, T, (NH + 2*NKV) * HS) = [q heads | k heads | v heads]; query head h reads kv head
-// h / (NH / NKV). window > 0: query t sees keys (t - window, t]; 0: all of [0, t]. lse (B, NH, T)
+// h / (NH / NKV). window > 0: query t sees keys (t - window, t]; 0: all of [0, t]. doc_start
+// (B, T) device array, or null: packed rows, query t sees keys [doc_start[t], t] only (doc_start
+// in [0, t], never decreasing along a row), as the CPU's. lse (B, NH, T)
 // is each row's logsumexp of the scaled scores. HS up to 128 (any value; smaller head sizes are
 // padded with zeros in shared memory), NH a multiple of NKV; anything else is an Error.
 //
@@ -28,10 +30,10 @@
 namespace lmforge::cuda {
 
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t NH,
-                       int64_t NKV, int64_t HS, int64_t window);
+                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
 // Adds into dqkv (B, T, (NH + 2*NKV) * HS). out and lse are the forward's.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                        int64_t window);
+                        int64_t window, const int32_t* doc_start = nullptr);
 
 }  // namespace lmforge::cuda

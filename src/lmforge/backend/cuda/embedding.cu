@@ -29,6 +29,7 @@ struct EmbeddingForwardOp {
   const int32_t* tokens;
   const W* wte;
   const W* wpe;
+  const int32_t* pos;  // or null: t
   int64_t T, C, V;
   template <int K>
   __device__ void apply(int64_t i) const {  // K divides C: one token per call
@@ -42,7 +43,7 @@ struct EmbeddingForwardOp {
       o = load_table<K>(wte + static_cast<int64_t>(tok) * C + c);
       Floats<K> p;
       if (wpe) {
-        p = load_table<K>(wpe + (bt % T) * C + c);
+        p = load_table<K>(wpe + (pos ? pos[bt] : bt % T) * C + c);
       } else {
 #pragma unroll
         for (int k = 0; k < K; ++k) p.v[k] = 0.0f;
@@ -174,30 +175,40 @@ __global__ void __launch_bounds__(kEmbChannels)
 }  // namespace
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V) {
-  launch_map(EmbeddingForwardOp<float>{out, tokens, wte, wpe, T, C, V}, B * T * C,
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos) {
+  launch_map(EmbeddingForwardOp<float>{out, tokens, wte, wpe, pos, T, C, V}, B * T * C,
              C % 4 == 0 && aligned16(out, wte, wpe));
 }
 
 void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V) {
-  launch_map(EmbeddingForwardOp<uint16_t>{out, tokens, wte, wpe, T, C, V}, B * T * C,
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos) {
+  launch_map(EmbeddingForwardOp<uint16_t>{out, tokens, wte, wpe, pos, T, C, V}, B * T * C,
              C % 4 == 0 && aligned16(out));
 }
 
-void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
-                        int64_t B, int64_t T, int64_t C, int64_t V) {
-  const int64_t BT = B * T;
-  if (BT <= 0 || C <= 0) return;
+namespace {
+// d[ids[i]] += dout[i] over the BT rows, V rows of d (embedding_wte_grad_kernel).
+void scatter_rows(float* d, const float* dout, const int32_t* ids, int64_t BT, int64_t C,
+                  int64_t V) {
   // The grid only spreads the work: results are the same for any number of parts. Aim for a
   // few blocks per SM.
   const int64_t slices = (C + kEmbChannels - 1) / kEmbChannels;
   const int64_t parts = std::clamp<int64_t>((4 * sm_count() + slices - 1) / slices, 1,
                                             std::clamp<int64_t>(V, 1, 65535));
   const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(parts));
-  embedding_wte_grad_kernel<<<grid, kEmbChannels, 0, cur_stream()>>>(dwte, dout, tokens, BT, C, V);
+  embedding_wte_grad_kernel<<<grid, kEmbChannels, 0, cur_stream()>>>(d, dout, ids, BT, C, V);
   LMF_CUDA_LAUNCHED();
-  if (dwpe)
+}
+}  // namespace
+
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P) {
+  const int64_t BT = B * T;
+  if (BT <= 0 || C <= 0) return;
+  scatter_rows(dwte, dout, tokens, BT, C, V);
+  if (dwpe && pos)
+    scatter_rows(dwpe, dout, pos, BT, C, P);
+  else if (dwpe)
     launch_map(EmbeddingWpeGradOp{dwpe, dout, B, T, C}, T * C, C % 4 == 0 && aligned16(dwpe, dout));
 }
 

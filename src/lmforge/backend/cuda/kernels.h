@@ -34,16 +34,19 @@
 
 namespace lmforge::cuda {
 
-// out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null.
+// out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null. pos (B*T, or null): the
+// row of wpe for each token (packed rows) instead of t.
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V);
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr);
 // The same from bf16 tables (bf16 master weights), widened exactly.
 void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V);
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr);
 // dwte += scatter of dout by token (deterministic: each block owns a channel slice and a set of
-// vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b.
+// vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b, or with
+// pos (B*T; P rows of wpe) the same scatter as dwte's by position.
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
-                        int64_t B, int64_t T, int64_t C, int64_t V);
+                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr,
+                        int64_t P = 0);
 
 // LayerNorm over rows of C; mean, rstd (N) are saved for backward. bias / dbias may be null.
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
@@ -62,10 +65,13 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
 
 // Rotary embedding in place, HF "rotate_half" layout, as cpu::rope_forward; cos/sin (T_max, HS/2)
 // are device arrays. backward applies the inverse rotation to dx in place.
+// pos (B*T device array, or null): each token's position (else pos0 + t).
 void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T,
-                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                  const int32_t* pos = nullptr);
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos = nullptr);
 
 // GELU, tanh approximation. backward: dinp += dout * gelu'(inp).
 void gelu_forward(float* out, const float* inp, int64_t n);
@@ -95,9 +101,11 @@ void gelu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64
 void swiglu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F);
 void swiglu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F);
 void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T,
-                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                  const int32_t* pos = nullptr);
 void rope_backward(uint16_t* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos = nullptr);
 void add(float* out, const float* a, const uint16_t* b, int64_t n);  // out = a + fp32(b)
 
 // losses (N) = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] ==

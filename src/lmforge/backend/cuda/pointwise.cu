@@ -23,13 +23,14 @@ struct RopeOp {
   const float* cos;
   const float* sin;
   int64_t T, n_heads, half, HS, row_stride, pos0;
-  float sign;  // +1 forward, -1 backward (the inverse rotation)
+  const int32_t* pos;  // (B*T) positions, or null: pos0 + t
+  float sign;          // +1 forward, -1 backward (the inverse rotation)
   template <int K>
   __device__ void apply(int64_t u) const {  // K divides half: one head per call
     const int64_t r = u / half, i = u - r * half;
     const int64_t bt = r / n_heads, h = r - bt * n_heads, t = bt % T;
     X* v = x + bt * row_stride + h * HS + i;
-    const int64_t cs = (pos0 + t) * half + i;
+    const int64_t cs = (pos ? pos[bt] : pos0 + t) * half + i;
     Floats<K> x1 = load<K>(v), x2 = load<K>(v + half);
     const Floats<K> c = load<K>(cos + cs), s = load<K>(sin + cs);
 #pragma unroll
@@ -45,9 +46,9 @@ struct RopeOp {
 
 template <typename X>
 void rope(X* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t n_heads,
-          int64_t HS, int64_t row_stride, int64_t pos0, float sign) {
+          int64_t HS, int64_t row_stride, int64_t pos0, const int32_t* pos, float sign) {
   const int64_t half = HS / 2;
-  const RopeOp<X> op{x, cos, sin, T, n_heads, half, HS, row_stride, pos0, sign};
+  const RopeOp<X> op{x, cos, sin, T, n_heads, half, HS, row_stride, pos0, pos, sign};
   launch_map(op, B * T * n_heads * half,
              HS % 2 == 0 && half % 4 == 0 && row_stride % 4 == 0 && aligned4(x) &&
                  aligned16(cos, sin));  // odd HS: h * HS breaks the 16-byte alignment
@@ -274,21 +275,25 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T,
-                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
-  rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, 1.0f);
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                  const int32_t* pos) {
+  rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, pos, 1.0f);
 }
 
 void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T,
-                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
-  rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, 1.0f);
+                  int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                  const int32_t* pos) {
+  rope(x, cos, sin, B, T, n_heads, HS, row_stride, pos0, pos, 1.0f);
 }
 void rope_backward(uint16_t* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
-  rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, -1.0f);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos) {
+  rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, pos, -1.0f);
 }
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0) {
-  rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, -1.0f);
+                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
+                   const int32_t* pos) {
+  rope(dx, cos, sin, B, T, n_heads, HS, row_stride, pos0, pos, -1.0f);
 }
 
 void gelu_forward(float* out, const float* inp, int64_t n) {
