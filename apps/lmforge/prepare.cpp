@@ -7,7 +7,7 @@ namespace lmforge::app {
 
 void add_prepare(CLI::App& app) {
   struct Opts {
-    std::string config, output, tokenizer, name = "data", field, text_mode;
+    std::string config, output, tokenizer, name = "data", field, text_mode, format, chat_template;
     std::vector<std::string> inputs;
     double val_fraction = -1;
     int64_t shard_tokens = 0;
@@ -23,7 +23,13 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("--name", o->name, "Source name for --input")->capture_default_str();
   cmd->add_option("--output", o->output, "Output directory");
   cmd->add_option("--tokenizer", o->tokenizer, "Tokenizer (default: byte)");
-  cmd->add_option("--field", o->field, "JSONL field (default: text)");
+  cmd->add_option("--field", o->field, "JSONL field (default: text, or messages for chat)");
+  cmd->add_option("--format", o->format,
+                  "text | chat (JSONL conversations for SFT: the loss on the assistant's tokens "
+                  "only; default: text)");
+  cmd->add_option(
+      "--chat-template", o->chat_template,
+      "chat: chatml | llama3 (the tokenizer needs its special tokens; default: chatml)");
   cmd->add_option("--text-mode", o->text_mode, ".txt documents: file | blank_line (default: file)");
   cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation");
   cmd->add_option("--val-docs", o->val_docs, "The first N documents are validation (a count)");
@@ -42,6 +48,8 @@ void add_prepare(CLI::App& app) {
     for (PrepareSource& s : p.sources) {
       if (!o->field.empty()) s.doc.field = o->field;
       if (!o->text_mode.empty()) s.doc.text_mode = o->text_mode;
+      if (!o->format.empty()) s.doc.format = o->format;
+      if (!o->chat_template.empty()) s.doc.chat_template = o->chat_template;
     }
     if (!o->output.empty()) p.output = o->output;
     if (!o->tokenizer.empty()) p.tokenizer = o->tokenizer;

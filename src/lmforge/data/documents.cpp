@@ -61,6 +61,17 @@ DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions o
     : files_(std::move(files)), opt_(std::move(opt)) {
   if (opt_.text_mode != "file" && opt_.text_mode != "blank_line")
     fail("text_mode: expected file or blank_line, got \"{}\"", opt_.text_mode);
+  if (opt_.format != "text" && opt_.format != "chat")
+    fail("format: expected text or chat, got \"{}\"", opt_.format);
+  if (opt_.format == "chat") {
+    render_chat_template({}, opt_.chat_template);  // an unknown template fails here
+    for (const std::string& f : files_)
+      if (!is_jsonl(f))
+        fail(
+            "{}: format chat reads JSONL, one conversation per line ({{\"{}\": [{{\"role\": ..., "
+            "\"content\": ...}}, ...]}}); convert it or use format text",
+            f, opt_.json_field());
+  }
 }
 
 bool DocumentReader::open_next_file() {
@@ -117,14 +128,46 @@ Document DocumentReader::finish(RawRecord&& r) const {
     d.skip = blank ? "empty" : r.no_newline ? "truncated_last_line" : "malformed_json";
     return d;
   }
+  if (opt_.format == "chat") {
+    finish_chat(root, &d);
+    return d;
+  }
   std::string_view text;
-  if (root[opt_.field].get_string().get(text) != simdjson::SUCCESS) {
+  if (root[opt_.json_field()].get_string().get(text) != simdjson::SUCCESS) {
     d.skip = "missing_field";  // not an object, no such field, or not a string
     return d;
   }
   d.text.assign(text);
   check_text(&d, /*utf8_checked=*/true);  // simdjson validated the line's UTF-8
   return d;
+}
+
+void DocumentReader::finish_chat(const simdjson::dom::element& root, Document* d) const {
+  simdjson::dom::array turns;
+  if (root[opt_.json_field()].get_array().get(turns) != simdjson::SUCCESS) {
+    d->skip = "missing_field";  // not an object, no such field, or not an array
+    return;
+  }
+  bool assistant = false;
+  for (simdjson::dom::element turn : turns) {
+    std::string_view role, content;
+    if (turn["role"].get_string().get(role) != simdjson::SUCCESS ||
+        turn["content"].get_string().get(content) != simdjson::SUCCESS) {
+      d->skip = "malformed_chat";
+      d->messages.clear();
+      return;
+    }
+    d->messages.push_back({std::string(role), std::string(content)});
+    assistant = assistant || role == "assistant";
+  }
+  if (!assistant) {
+    d->skip = "no_assistant";
+    d->messages.clear();
+    return;
+  }
+  d->text = render_chat_template(d->messages, opt_.chat_template);
+  check_text(d, /*utf8_checked=*/true);
+  if (!d->skip.empty()) d->messages.clear();
 }
 
 bool DocumentReader::next_raw(RawRecord* r) {

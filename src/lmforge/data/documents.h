@@ -5,6 +5,10 @@
 //   repaired (counted, then kept): bom (a leading U+FEFF is removed)
 // Formats: .jsonl / .jsonl.gz / .jsonl.zst (one document per line, field selectable), .txt
 // (and .txt.gz/.zst): one document per file, or per blank-line-separated block.
+// Chat (format "chat", JSONL only): the field (default "messages") is a conversation, an array
+// of {"role": ..., "content": ...} objects; skipped as malformed_chat when it is anything else
+// and as no_assistant without an assistant turn (nothing to train on). Its text is the
+// conversation rendered with the chat template (tokenizer/chat_template.h).
 //
 //   DocumentReader r(files, {.field = "text", .text_mode = "file"});
 //   Document d;
@@ -17,18 +21,30 @@
 #include <vector>
 
 #include "lmforge/data/byte_stream.h"
+#include "lmforge/tokenizer/chat_template.h"
+
+namespace simdjson::dom {
+class element;
+}
 
 namespace lmforge {
 
 struct DocumentOptions {
-  std::string field = "text";
+  std::string field;               // the JSONL field; empty: "text", or "messages" for chat
   std::string text_mode = "file";  // file | blank_line
   uint64_t max_document_bytes = 64ull << 20;
+  std::string format = "text";           // text | chat
+  std::string chat_template = "chatml";  // chat: chatml | llama3
+  const std::string& json_field() const {
+    static const std::string text = "text", messages = "messages";
+    return !field.empty() ? field : format == "chat" ? messages : text;
+  }
 };
 
 struct Document {
   std::string text;
-  std::string skip;  // reason it is skipped; empty = keep
+  std::vector<ChatMessage> messages;  // format "chat"
+  std::string skip;                   // reason it is skipped; empty = keep
   bool bom_removed = false;
 };
 
@@ -54,6 +70,7 @@ class DocumentReader {
  private:
   bool open_next_file();
   void check_text(Document* doc, bool utf8_checked = false) const;
+  void finish_chat(const simdjson::dom::element& root, Document* doc) const;
   std::vector<std::string> files_;
   DocumentOptions opt_;
   size_t file_ = 0;

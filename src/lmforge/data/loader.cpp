@@ -34,8 +34,11 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
 }
 
 Batch Batch::make(int64_t B, int64_t T) {
-  return {Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
+  Batch b{Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
           Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32)};
+  b.positions.zero_();  // a batch filled by hand (tokens and targets) is one document per row
+  b.doc_ids.zero_();
+  return b;
 }
 
 std::vector<int64_t> target_counts(const std::vector<Batch>& batches, int32_t ignore_index) {
@@ -178,7 +181,9 @@ void Loader::fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) co
         doc[t] = d;
         tgt[t] = o_.ignore_index;  // set when the next token of the span arrives
       }
-      if (t > 0 && i > 0) tgt[t - 1] = id;  // a span's first token is never a target
+      // A span's first token is never a target, nor one a loss mask clears (SFT: not the
+      // assistant's).
+      if (t > 0 && i > 0) tgt[t - 1] = sh.is_target(sp.start + i) ? id : o_.ignore_index;
     }
   }
   for (; t < T; ++t) {

@@ -6,7 +6,9 @@
 //   packing "best_fit": whole documents (from the shards' document index) packed best-fit
 //                       decreasing into T+1 slots; documents longer than a slot are split. Unused
 //                       slot tail is padding with ignored targets. positions restart per document
-//                       and doc_ids number the documents of a row (for masks and RoPE later).
+//                       and doc_ids number the documents of a row (the model then keeps each
+//                       document to itself: nn/transformer.h).
+// Shards with a loss mask (SFT) leave the targets it clears ignored.
 // Each epoch visits every sample of a source once in a seeded random order. The order of samples
 // is global, independent of the number of ranks: each next() takes the next B x W rows of that
 // sequence (the global micro-batch) and rank r of W gets rows [r B, (r + 1) B), so ranks see
@@ -50,6 +52,7 @@ struct LoaderOptions {
 
 struct Batch {
   Tensor tokens, targets, positions, doc_ids;  // (B, T) int32 each
+  // Positions and doc_ids start zero (one document per row) for batches filled by hand.
   static Batch make(int64_t B, int64_t T);
 };
 

@@ -12,6 +12,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/tokenizer/string_id_map.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
@@ -69,9 +70,11 @@ class Job {
   json run() {
     std::vector<std::string> files = expand_inputs(src_.inputs);
     uint64_t total_bytes = 0;
-    std::string key_src = fmt::format(
-        "{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens, o_.val_fraction,
-        o_.val_docs, o_.seed, src_.doc.field, src_.doc.text_mode, src_.doc.max_document_bytes);
+    std::string key_src =
+        fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
+                    o_.val_fraction, o_.val_docs, o_.seed, src_.doc.json_field(),
+                    src_.doc.text_mode, src_.doc.max_document_bytes);
+    if (chat()) key_src += "chat:" + src_.doc.chat_template + "|";
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -130,6 +133,7 @@ class Job {
     };
     std::vector<Document> docs[2];
     std::vector<std::vector<int32_t>> ids[2];
+    std::vector<std::vector<uint8_t>> masks[2];  // chat: the assistant's tokens
     auto apply = [&](int slot, uint64_t consumed) {
       for (size_t k = 0; k < docs[slot].size(); ++k) {
         const Document& d = docs[slot][k];
@@ -138,7 +142,7 @@ class Job {
         if (!d.skip.empty())
           ++skipped_[d.skip];
         else
-          add(index, ids[slot][k], d.text);
+          add(index, ids[slot][k], d.text, chat() ? masks[slot][k].data() : nullptr);
       }
       show(consumed, total_bytes);
     };
@@ -153,6 +157,7 @@ class Job {
       const int64_t n = static_cast<int64_t>(b.raw.size());
       docs[slot].resize(n);
       ids[slot].resize(n);  // the buffers are kept and reused: no allocation once warm
+      masks[slot].resize(chat() ? n : 0);
       std::exception_ptr serial_error, encode_error;  // must not leave the parallel region
 #pragma omp parallel
       {
@@ -168,7 +173,14 @@ class Job {
           try {
             docs[slot][k] = reader.finish(std::move(b.raw[k]));
             ids[slot][k].clear();
-            if (docs[slot][k].skip.empty()) tok_.encode_append(docs[slot][k].text, ids[slot][k]);
+            const Document& d = docs[slot][k];
+            if (d.skip.empty() && chat()) {
+              ChatEncoding e = apply_chat_template(tok_, d.messages, src_.doc.chat_template);
+              ids[slot][k] = std::move(e.ids);
+              masks[slot][k] = std::move(e.assistant_mask);
+            } else if (d.skip.empty()) {
+              tok_.encode_append(d.text, ids[slot][k]);
+            }
           } catch (...) {
 #pragma omp critical(lmforge_prepare_encode_error)
             if (!encode_error) encode_error = std::current_exception();
@@ -188,18 +200,26 @@ class Job {
   }
 
  private:
-  void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text) {
+  bool chat() const { return src_.doc.format == "chat"; }
+
+  // is_target (chat): the loss mask of ids; the template frames the conversation (no BOS/EOS).
+  void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text,
+           const uint8_t* is_target) {
     bool val =
         o_.val_docs > 0 ? val_.docs < o_.val_docs : goes_to_val(o_.seed, text, o_.val_fraction);
     Split& b = val ? val_ : train_;
     if (!b.shard)
       b.shard = std::make_unique<ShardWriter>(
           fmt::format("{}/{}-{:05d}.bin", dir_, val ? "val" : "train", b.shards), info_,
-          ShardWriter::width_for(info_.vocab_size));
+          ShardWriter::width_for(info_.vocab_size), /*loss_mask=*/chat());
     b.shard->begin_document();
-    if (tok_.bos_id() >= 0) b.shard->append(tok_.bos_id());
-    b.shard->append(ids.data(), ids.size());
-    if (tok_.eos_id() >= 0) b.shard->append(tok_.eos_id());
+    if (chat()) {
+      b.shard->append(ids.data(), ids.size(), is_target);
+    } else {
+      if (tok_.bos_id() >= 0) b.shard->append(tok_.bos_id());
+      b.shard->append(ids.data(), ids.size());
+      if (tok_.eos_id() >= 0) b.shard->append(tok_.eos_id());
+    }
     ++b.docs;
     docs_bytes_ += text.size();
     if (train_.shard && train_.shard->tokens() >= o_.shard_tokens) {
@@ -357,9 +377,14 @@ PrepareOptions load_prepare_config(const std::string& path) {
               src.doc.text_mode = fv.as<std::string>();
             else if (fk == "max_document_bytes")
               src.doc.max_document_bytes = fv.as<uint64_t>();
+            else if (fk == "format")
+              src.doc.format = fv.as<std::string>();
+            else if (fk == "chat_template")
+              src.doc.chat_template = fv.as<std::string>();
             else
               bad("sources." + src.name + "." + fk,
-                  "unknown key; known: inputs, field, text_mode, max_document_bytes");
+                  "unknown key; known: inputs, field, text_mode, max_document_bytes, format, "
+                  "chat_template");
           }
           o.sources.push_back(src);
         }
@@ -403,7 +428,16 @@ json run_prepare(const PrepareOptions& o) {
   } catch (const Error& e) {
     fail("tokenizer: {}", e.what());
   }
-  for (const PrepareSource& s : o.sources) expand_inputs(s.inputs);  // fail before any work
+  for (const PrepareSource& s : o.sources) {               // fail before any work
+    DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
+    if (s.doc.format == "chat") {                          // the template's special tokens
+      try {
+        apply_chat_template(*tok, {{"user", "?"}, {"assistant", "!"}}, s.doc.chat_template);
+      } catch (const Error& e) {
+        fail("source {}: {}", s.name, e.what());
+      }
+    }
+  }
   std::error_code ec;  // the output directory only once the inputs are known good
   fs::create_directories(o.output, ec);
   if (ec || access(o.output.c_str(), W_OK) != 0)

@@ -3,7 +3,9 @@
 //   <output>/<source>/progress.json   resumable state, updated after each shard pair
 //   <output>/summary.json             counts per source (documents, tokens, skipped by reason)
 // Documents are read in order, tokenized in parallel batches (order kept), and each gets BOS
-// (if the tokenizer has one) + tokens + EOS. A document goes to validation when
+// (if the tokenizer has one) + tokens + EOS. A chat source (format: chat) encodes each
+// conversation with its chat template instead (which frames it itself) and writes shards with a
+// loss mask: only the assistant's tokens are targets. A document goes to validation when
 // hash(seed, its text) < val_fraction: deterministic, independent of thread count and of the
 // records around it.
 // Shards close when the train shard reaches shard_tokens; the val shard closes with it, so every

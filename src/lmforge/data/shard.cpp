@@ -27,11 +27,12 @@ TokenShard TokenShard::open(const std::string& path) {
   std::memcpy(&version, base + 8, 4);
   std::memcpy(&width, base + 12, 4);
   std::memcpy(&count, base + 16, 8);
-  if (version != 1 && version != kShardVersion)
-    fail("{}: shard version {} is not supported (this lmforge reads 1 and {}); re-create the shard",
-         path, version, kShardVersion);
+  if (version != 1 && version != kShardVersion && version != kShardVersionMasked)
+    fail("{}: shard version {} is not supported (this lmforge reads 1 to {}); re-create the shard",
+         path, version, kShardVersionMasked);
   if (width != 2 && width != 4) fail("{}: token width {} bytes is invalid (2 or 4)", path, width);
   uint64_t docs = 0;
+  uint32_t flags = 0;
   TokenShard s;
   if (version >= 2) {
     std::memcpy(&docs, base + 24, 8);
@@ -41,8 +42,12 @@ TokenShard TokenShard::open(const std::string& path) {
     s.tok_.fingerprint.assign(base + 48, strnlen(base + 48, 16));
     s.tok_.kind.assign(base + 64, strnlen(base + 64, 16));
   }
-  uint64_t index_bytes = docs ? (docs + 1) * 8 : 0;
-  if (count > size || docs > size || kShardHeaderBytes + count * width + index_bytes != size)
+  if (version >= 3) std::memcpy(&flags, base + 80, 4);
+  if (flags & ~1u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
+  const uint64_t index_bytes = docs ? (docs + 1) * 8 : 0;
+  const uint64_t mask_bytes = flags & 1u ? (count + 7) / 8 : 0;
+  if (count > size || docs > size ||
+      kShardHeaderBytes + count * width + index_bytes + mask_bytes != size)
     fail(
         "{}: header says {} tokens and {} documents but the file holds {} bytes after the "
         "header; the shard is truncated or corrupt, re-create it",
@@ -64,6 +69,9 @@ TokenShard TokenShard::open(const std::string& path) {
       prev = at;
     }
   }
+  if (mask_bytes)
+    s.mask_ =
+        reinterpret_cast<const uint8_t*>(base + kShardHeaderBytes + count * width + index_bytes);
   s.path_ = path;
   s.map_ = m;
   s.n_ = static_cast<int64_t>(count);
@@ -84,8 +92,13 @@ namespace {
 constexpr size_t kStageBytes = 1 << 20;
 }
 
-ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width)
-    : file_(std::make_unique<AtomicFile>(path)), path_(path), tok_(tok), width_(width) {
+ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
+                         bool loss_mask)
+    : file_(std::make_unique<AtomicFile>(path)),
+      path_(path),
+      tok_(tok),
+      width_(width),
+      masked_(loss_mask) {
   LMF_CHECK(width == 2 || width == 4, "shard token width must be 2 or 4");
   char header[kShardHeaderBytes] = {};  // counts filled in by commit()
   file_->write(header, sizeof(header));
@@ -94,7 +107,15 @@ ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok,
 
 ShardWriter::~ShardWriter() = default;
 
-void ShardWriter::append(const int32_t* ids, size_t n) {
+void ShardWriter::append(const int32_t* ids, size_t n, const uint8_t* is_target) {
+  LMF_CHECK(masked_ || !is_target, "{}: a loss mask for a shard made without one", path_);
+  if (masked_) {
+    mask_.resize((count_ + n + 7) / 8);
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t at = count_ + i;
+      if (!is_target || is_target[i]) mask_[at >> 3] |= static_cast<uint8_t>(1u << (at & 7));
+    }
+  }
   while (n > 0) {  // in runs that fit the staging buffer (branch-free inner loops)
     if (staged_ + width_ > stage_.size()) flush();
     const size_t k = std::min(n, (stage_.size() - staged_) / width_);
@@ -131,8 +152,10 @@ void ShardWriter::commit() {
     file_->write(starts_.data(), docs * 8);
     file_->write(&count_, 8);
   }
+  if (masked_) file_->write(mask_.data(), mask_.size());
   char header[kShardHeaderBytes] = {};
-  uint32_t version = kShardVersion;
+  const uint32_t version = masked_ ? kShardVersionMasked : kShardVersion, flags = masked_ ? 1 : 0;
+  std::memcpy(header + 80, &flags, 4);
   std::memcpy(header, kShardMagic, 8);
   std::memcpy(header + 8, &version, 4);
   std::memcpy(header + 12, &width_, 4);

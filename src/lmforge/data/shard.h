@@ -1,6 +1,7 @@
 // Token shards: lmforge's on-disk token format (docs/formats.md).
 //   bytes 0..7    magic "LMFSHARD"
-//   bytes 8..11   u32 version (2; version 1 files, without the fields below, are still read)
+//   bytes 8..11   u32 version (3 with a loss mask, else 2; version 1 files, without the fields
+//                 below, are still read)
 //   bytes 12..15  u32 bytes per token: 2 (u16) or 4 (u32)
 //   bytes 16..23  u64 token count N
 //   bytes 24..31  u64 document count D (0 = no document index)
@@ -8,8 +9,11 @@
 //   bytes 40..47  i32 BOS id, i32 EOS id (-1 = none)
 //   bytes 48..63  tokenizer fingerprint, 16 ASCII hex digits
 //   bytes 64..79  tokenizer kind, ASCII, NUL-padded
-//   bytes 80..255 reserved, zero
-//   bytes 256..   N tokens, little-endian; then, when D > 0, D+1 u64 document start offsets
+//   bytes 80..83  u32 flags (version 3): bit 0 = a loss mask follows the index
+//   bytes 84..255 reserved, zero
+//   bytes 256..   N tokens, little-endian; then, when D > 0, D+1 u64 document start offsets;
+//                 then, with a loss mask, ceil(N/8) bytes: bit i % 8 of byte i / 8 set when token
+//                 i is a target (SFT's assistant-only loss; without a mask every token is)
 // Readers map the file and check magic, version, dtype and that the size equals the header's.
 //
 //   write_shard(path, tokens);              // atomic: tmp + rename
@@ -28,6 +32,7 @@ class AtomicFile;
 
 constexpr char kShardMagic[8] = {'L', 'M', 'F', 'S', 'H', 'A', 'R', 'D'};
 constexpr uint32_t kShardVersion = 2;
+constexpr uint32_t kShardVersionMasked = 3;  // with a loss mask
 
 // Who made the tokens (from the Tokenizer; all empty/-1 for version-1 shards).
 struct ShardTokenizerInfo {
@@ -53,6 +58,9 @@ class TokenShard {
     std::memcpy(&v, docs_ + 8 * d, 8);
     return static_cast<int64_t>(v);
   }
+  // Loss mask: whether token i may be a target (the loader ignores targets it clears).
+  bool has_loss_mask() const { return mask_ != nullptr; }
+  bool is_target(int64_t i) const { return !mask_ || (mask_[i >> 3] >> (i & 7)) & 1; }
   const std::string& path() const { return path_; }
 
  private:
@@ -65,24 +73,29 @@ class TokenShard {
   ShardTokenizerInfo tok_;
   const char* docs_ = nullptr;  // D+1 little-endian u64
   uint64_t docs_n_ = 0;
+  const uint8_t* mask_ = nullptr;  // ceil(N/8) bytes, or null
 };
 
 // Streams one shard to disk: tokens go to the file as they are appended (converted to the
 // shard's width through a small staging buffer), document starts are kept (8 bytes each), and
 // commit() appends the index, fills in the header's counts and renames the file into place
-// (AtomicFile: destroyed without commit(), nothing is left). Memory does not grow with the shard.
+// (AtomicFile: destroyed without commit(), nothing is left). Memory grows with the shard only by
+// the index (8 bytes per document) and, for a loss mask, one bit per token.
 //
 //   ShardWriter w(path, info, ShardWriter::width_for(info.vocab_size));
 //   w.begin_document(); w.append(ids.data(), ids.size()); ... w.commit();
 class ShardWriter {
  public:
-  ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width);
+  // loss_mask: the shard carries a loss mask (version 3); append() without one marks its tokens
+  // as targets.
+  ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
+              bool loss_mask = false);
   ~ShardWriter();
   // 2 (u16) when every id of a vocabulary of this size fits, else 4.
   static uint32_t width_for(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 
   void begin_document() { starts_.push_back(count_); }
-  void append(const int32_t* ids, size_t n);
+  void append(const int32_t* ids, size_t n, const uint8_t* is_target = nullptr);
   void append(int32_t id) { append(&id, 1); }
   uint64_t tokens() const { return count_; }
   uint64_t documents() const { return starts_.size(); }
@@ -97,6 +110,8 @@ class ShardWriter {
   uint32_t width_;
   uint64_t count_ = 0;
   std::vector<uint64_t> starts_;
+  bool masked_ = false;
+  std::vector<uint8_t> mask_;  // ceil(count_/8) bytes when masked_
   std::vector<uint8_t> stage_;
   size_t staged_ = 0;  // bytes in stage_
 };

@@ -1,0 +1,57 @@
+// Supervised fine-tuning end to end: `lmforge prepare --format chat` on JSONL conversations, then
+// `lmforge train` on the shards with best-fit packing. The user turns are random words (several
+// nats per token, unlearnable) and every assistant reply is the same: with the loss on the
+// assistant's tokens only, the loss falls near 0; had the user's tokens counted, it could not
+// fall below a few nats.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/rng.h"
+#include "testing/metrics.h"
+#include "testing/paths.h"
+#include "testing/process.h"
+
+namespace lmforge {
+
+TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
+  const std::string dir = testing::temp_dir("sft-e2e");
+  const std::string tok = testing::shared_tokenizers_dir() + "/llama3.tiktoken";
+  const char* words[] = {"river", "stone", "lamp",  "seven", "cedar", "wheat", "iron",  "dove",
+                         "salt",  "gate",  "cloud", "horn",  "myrrh", "oil",   "bread", "sword"};
+  {
+    Rng rng(3);
+    std::ofstream f(dir + "/chat.jsonl");
+    for (int i = 0; i < 400; ++i) {
+      std::string user;
+      for (int k = 0; k < 12; ++k) user += std::string(k ? " " : "") + words[rng.below(16)];
+      nlohmann::json c = {{"messages",
+                           {{{"role", "user"}, {"content", user}},
+                            {{"role", "assistant"}, {"content", "Amen, so be it."}}}}};
+      f << c.dump() << "\n";
+    }
+  }
+  auto p = testing::run_lmforge("prepare --input chat.jsonl --output shards --tokenizer " + tok +
+                                    " --format chat --chat-template llama3 --val-docs 40",
+                                dir);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+
+  auto r = testing::run_lmforge(
+      "train --set model.preset=llama3-tiny --set model.vocab_size=0 --set data.tokenizer=" + tok +
+          " --set data.train=shards/data --set data.val=shards/data --set data.packing=best_fit"
+          " --set train.batch_size=4 --set train.seq_len=64 --set train.steps=60"
+          " --set train.lr=3e-3 --set train.min_lr=3e-4 --set train.warmup=5"
+          " --set train.eval_every=60 --set train.eval_batches=10 --set sample.prompt="
+          " --set run.dir=run",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto val = testing::records_of(dir + "/run/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 1u);
+  const double vl = val.back()["val_loss"];
+  // "Amen, so be it.<|eot_id|>" after the assistant header: learned within 60 steps (0.0045 when
+  // written); ln(16) = 2.8 nats per random user word, were those targets too.
+  EXPECT_LT(vl, 0.3);
+}
+
+}  // namespace lmforge
