@@ -52,6 +52,17 @@ TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
   // "Amen, so be it.<|eot_id|>" after the assistant header: learned within 60 steps (0.0045 when
   // written); ln(16) = 2.8 nats per random user word, were those targets too.
   EXPECT_LT(vl, 0.3);
+
+  // Asked in the template it was tuned with, the model gives the reply and stops at <|eot_id|>.
+  auto g = testing::run_lmforge(
+      "generate --checkpoint run --chat-template llama3 --prompt 'cedar salt dove' "
+      "--temperature 0 --max-tokens 20",
+      dir);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(g.out, "Amen, so be it.\n");
+  auto bad = testing::run_lmforge("generate --checkpoint run --system hi --prompt x", dir);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--chat-template"), std::string::npos) << bad.err;
 }
 
 }  // namespace lmforge

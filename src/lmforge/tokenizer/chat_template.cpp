@@ -85,6 +85,11 @@ ChatEncoding apply_chat_template(const Tokenizer& tok, const std::vector<ChatMes
   return std::move(b.out);
 }
 
+std::string chat_end_of_turn(const std::string& format) {
+  check_format(format);
+  return format == "llama3" ? "<|eot_id|>" : "<|im_end|>";
+}
+
 std::string render_chat_template(const std::vector<ChatMessage>& messages,
                                  const std::string& format, bool add_generation_prompt) {
   check_format(format);

@@ -29,6 +29,8 @@ struct ChatEncoding {
 // format: "llama3" or "chatml". Throws Error when the tokenizer lacks the format's specials.
 ChatEncoding apply_chat_template(const Tokenizer& tok, const std::vector<ChatMessage>& messages,
                                  const std::string& format, bool add_generation_prompt = false);
+// The token that ends a turn in the format (where generation of a reply stops).
+std::string chat_end_of_turn(const std::string& format);
 // The rendered text (what HF's apply_chat_template(tokenize=False) prints).
 std::string render_chat_template(const std::vector<ChatMessage>& messages,
                                  const std::string& format, bool add_generation_prompt = false);
