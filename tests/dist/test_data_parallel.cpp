@@ -143,6 +143,24 @@ TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
   }
 }
 
+// LoRA (model.lora_rank) under every strategy: the adapters' gradients reduce, shard and update
+// as one process's with the same global batch, and the frozen weights get no optimizer state.
+TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
+  const std::string lora = "--set model.lora_rank=4 --set train.batch_size=2 ";
+  // zero1 on one process is no-shard, and reports its memory.
+  RunResult ref = run("lora-ref", 1, lora + "--set train.grad_accum=2 --set dist.strategy=zero1");
+  ASSERT_EQ(ref.exit_code, 0) << ref.err;
+  const double ref_opt = memory(ref.out).first;
+  for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
+    RunResult r = run("lora-" + s, 2, lora + "--set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
+    expect_same("lora-" + s, "lora-ref");
+    EXPECT_LE(memory(r.out).first, ref_opt) << s;
+  }
+  // AdamW state: two moments of the adapters only (4 blocks x 4 layers x r (in + out)).
+  EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));
+}
+
 TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {
   // 2 ranks x batch 1 x grad_accum 2 takes the rows of one process's 2 x 2 in the same
   // micro-batches; sharded strategies reduce-scatter every micro-batch and accumulate shards.

@@ -5,10 +5,12 @@
 // fall below a few nats.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/rng.h"
+#include "lmforge/io/safetensors.h"
 #include "testing/metrics.h"
 #include "testing/paths.h"
 #include "testing/process.h"
@@ -63,6 +65,57 @@ TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
   auto bad = testing::run_lmforge("generate --checkpoint run --system hi --prompt x", dir);
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("--chat-template"), std::string::npos) << bad.err;
+}
+
+// LoRA from a pretrained checkpoint by config keys alone: the adapters learn, the base weights in
+// the run's checkpoints stay those of the source bit for bit, AdamW keeps state for the adapters
+// only, the run resumes, and the export merges the adapters.
+TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
+  const std::string dir = testing::temp_dir("lora-e2e");
+  const std::string data =
+      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=8 "
+      "--set train.seq_len=64 --set train.eval_every=0 --set sample.prompt= ";
+  auto r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.vocab_size=257 "
+      "--set model.max_seq_len=64 --set train.steps=20 " +
+          data + "--set run.dir=base",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string lora =
+      "train --set init_from=base --set model.lora_rank=8 "
+      "--set train.lr=1e-2 --set train.checkpoint_every=20 " +
+      data + "--set run.dir=lora ";
+  r = testing::run_lmforge(lora + "--set train.steps=40", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("trainable parameters"), std::string::npos) << r.out;
+  auto loss = testing::records_of(dir + "/lora/metrics.jsonl", "loss");
+  ASSERT_EQ(loss.size(), 40u);
+  EXPECT_LT(loss.back()["loss"].get<double>(), loss.front()["loss"].get<double>() - 0.1);
+  r = testing::run_lmforge(lora + "--set train.steps=50 --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  Safetensors base = Safetensors::open(dir + "/base/checkpoints/step-00000020/model.safetensors");
+  Safetensors tuned = Safetensors::open(dir + "/lora/checkpoints/step-00000050/model.safetensors");
+  int adapters = 0;
+  for (const std::string& n : tuned.names()) {
+    if (n.ends_with(".lora_a") || n.ends_with(".lora_b")) {
+      ++adapters;
+      continue;
+    }
+    ASSERT_TRUE(base.has(n)) << n;
+    Tensor a = base.get(n), b = tuned.get(n);
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << n << " moved";
+  }
+  EXPECT_EQ(adapters, 2 * 4 * 4);  // A and B of qkv, proj, fc, down in 4 blocks
+  Safetensors opt =
+      Safetensors::open(dir + "/lora/checkpoints/step-00000050/optimizer.safetensors");
+  EXPECT_EQ(opt.names().size(), 2u * adapters);  // m and v
+  for (const std::string& n : opt.names()) EXPECT_NE(n.find(".lora_"), std::string::npos) << n;
+
+  r = testing::run_lmforge("export --checkpoint lora --to-hf hf", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  SafetensorsSet hf = SafetensorsSet::open(dir + "/hf");
+  for (const std::string& n : hf.names()) EXPECT_EQ(n.find("lora"), std::string::npos) << n;
 }
 
 }  // namespace lmforge

@@ -217,7 +217,7 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
   for (Param& p : ps_.params()) {
     const int64_t off = ps_.offset(p), numel = p.shape.numel();
     const int64_t lo = std::max(off, my_lo_), hi = std::min(off + numel, my_hi_);
-    if (lo >= hi) continue;
+    if (lo >= hi || p.frozen) continue;  // frozen (LoRA's base): no optimizer state
     OptSlot s{&p,
               lo - off,
               hi - lo,

@@ -42,6 +42,9 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
       {"sliding_window", &m.sliding_window, "attend to the last W positions; 0 = all (Mistral)"},
       {"tie_embeddings", &m.tie_embeddings, "lm_head shares tok_emb"},
       {"init_std", &m.init_std, ""},
+      {"lora_rank", &m.lora.rank, "LoRA adapters' rank; 0 = off (full fine-tuning)"},
+      {"lora_alpha", &m.lora.alpha, "LoRA scale numerator: updates are (alpha / rank) B A x"},
+      {"lora_targets", &m.lora.targets, "layers with adapters: some of qkv, proj, fc, down"},
   };
 }
 
@@ -56,7 +59,8 @@ std::vector<ConfigField> fields(Config& c) {
        "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3"},
       {"data.val", &c.data.val, "validation shard(s)"},
       {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
-      {"data.packing", &c.data.packing, "none (chunks) | best_fit (whole documents, padded)"},
+      {"data.packing", &c.data.packing,
+       "none (chunks) | best_fit (whole documents, each attending only to itself)"},
       {"data.tokenizer", &c.data.tokenizer,
        "byte; bpe:N (train one on data.text); or a tokenizer file/directory"},
       {"train.steps", &c.train.steps, "optimizer steps"},

@@ -41,6 +41,46 @@ void ModelConfig::validate() const {
                         {"max_seq_len", max_seq_len}})
     need(v <= kMaxDim, key, fmt::format("{} is beyond any model (at most {})", v, kMaxDim));
   need(n_layer <= 4096, "n_layer", fmt::format("{} is beyond any model (at most 4096)", n_layer));
+  need(lora.rank >= 0 && lora.rank <= 65536, "lora_rank",
+       fmt::format("must be in [0, 65536] (0 = off), got {}", lora.rank));
+  if (lora.on()) {
+    need(lora.alpha > 0 && lora.alpha < 1e9, "lora_alpha",
+         fmt::format("must be positive, got {}", lora.alpha));
+    size_t pos = 0;
+    while (pos <= lora.targets.size()) {
+      size_t comma = lora.targets.find(',', pos);
+      if (comma == std::string::npos) comma = lora.targets.size();
+      const std::string t = lora.targets.substr(pos, comma - pos);
+      need(t == "qkv" || t == "proj" || t == "fc" || t == "down", "lora_targets",
+           fmt::format("\"{}\" is not a layer; list some of qkv, proj, fc, down (comma-separated)",
+                       t));
+      pos = comma + 1;
+    }
+  }
+}
+
+bool LoraConfig::targets_layer(const std::string& layer) const {
+  if (!on()) return false;
+  size_t pos = 0;
+  while (pos <= targets.size()) {
+    size_t comma = targets.find(',', pos);
+    if (comma == std::string::npos) comma = targets.size();
+    if (targets.compare(pos, comma - pos, layer) == 0) return true;
+    pos = comma + 1;
+  }
+  return false;
+}
+
+int64_t ModelConfig::lora_params() const {
+  if (!lora.on()) return 0;
+  const int64_t C = n_embd, r = lora.rank;
+  const int64_t fc_out = mlp == "swiglu" ? 2 * ffn() : ffn();
+  int64_t per_block = 0;
+  if (lora.targets_layer("qkv")) per_block += r * (C + qkv_dim());
+  if (lora.targets_layer("proj")) per_block += r * (n_head * head_size() + C);
+  if (lora.targets_layer("fc")) per_block += r * (C + fc_out);
+  if (lora.targets_layer("down")) per_block += r * (ffn() + C);
+  return n_layer * per_block;
 }
 
 double ModelConfig::flops_per_token(int64_t T) const {

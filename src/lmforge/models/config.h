@@ -24,6 +24,19 @@ struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
   int64_t original_max_position_embeddings = 8192;
 };
 
+// Low-rank adapters (LoRA, Hu et al. 2021) on the linear layers of every block named in
+// `targets` (lmforge's layers: qkv, proj, fc, down; docs/config.md maps them to HF's): the layer
+// computes W x + b + (alpha / rank) B (A x) with A (rank, in) and B (out, rank), B starting at 0,
+// and only the adapters train: every other parameter is frozen. rank 0 = off.
+struct LoraConfig {
+  int64_t rank = 0;
+  double alpha = 16;
+  std::string targets = "qkv,proj,fc,down";
+  bool on() const { return rank > 0; }
+  bool targets_layer(const std::string& layer) const;  // on() and `layer` is listed
+  double scale() const { return alpha / static_cast<double>(rank); }
+};
+
 struct ModelConfig {
   std::string preset;              // name it came from, for logs
   std::string arch = "gpt2";       // gpt2 | llama | mistral | qwen2 | qwen3 | phi3
@@ -47,6 +60,7 @@ struct ModelConfig {
   int64_t sliding_window = 0;  // attend to the last W positions only; 0 = all (Mistral)
   bool tie_embeddings = true;
   double init_std = 0.02;
+  LoraConfig lora;
 
   int64_t kv_heads() const { return n_kv_head ? n_kv_head : n_head; }
   int64_t head_size() const { return head_dim ? head_dim : n_embd / n_head; }
@@ -55,8 +69,10 @@ struct ModelConfig {
   int64_t qkv_dim() const { return (n_head + 2 * kv_heads()) * head_size(); }
   // Throws Error naming the field when the combination is inconsistent.
   void validate() const;
-  // Parameter count (tied embeddings counted once).
+  // Parameter count (tied embeddings counted once), without LoRA adapters; lora_params() counts
+  // those.
   int64_t num_params() const;
+  int64_t lora_params() const;
   // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
   // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head.
   double flops_per_token(int64_t T) const;

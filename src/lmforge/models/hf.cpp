@@ -502,6 +502,7 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
          name);
   };
   for (Param& p : model.params().params()) {
+    if (is_lora_param(p.name)) continue;  // LoRA adapters on top keep their initial values
     const int64_t rows = p.value.size(0);
     const int64_t cols = p.value.numel() / rows;
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
@@ -544,6 +545,34 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
   }
 }
 
+namespace {
+// p's fp32 value on the host, with a LoRA adapter merged in: W + s B A (lora_b holds B^T).
+Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
+  Tensor w = p.value.dtype() == DType::kF32 ? p.value.clone() : p.value.to(DType::kF32);
+  if (!p.name.ends_with(".weight")) return w;
+  const std::string layer = p.name.substr(0, p.name.size() - 7);
+  const Param *a = nullptr, *b = nullptr;
+  for (const Param& q : ps.params()) {
+    if (q.name == layer + ".lora_a") a = &q;
+    if (q.name == layer + ".lora_b") b = &q;
+  }
+  if (!a || !b) return w;
+  const Tensor af = a->value.to(DType::kF32), bf = b->value.to(DType::kF32);
+  const int64_t r = a->shape[0], C = a->shape[1], OC = b->shape[1];
+  const float* A = af.data<float>();
+  const float* Bt = bf.data<float>();
+  float* W = w.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < OC; ++o)
+    for (int64_t c = 0; c < C; ++c) {
+      double acc = 0;
+      for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(Bt[k * OC + o]) * A[k * C + c];
+      W[o * C + c] += static_cast<float>(scale * acc);
+    }
+  return w;
+}
+}  // namespace
+
 void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::string& dir,
                    DType dtype, uint64_t max_shard_bytes) {
   LMF_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "export dtype {}", dtype_name(dtype));
@@ -552,10 +581,14 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   json config = hf_config_json(m, bos, eos, dtype);  // throws before anything is written
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const Param& p : model.params().params()) {
+    if (is_lora_param(p.name)) continue;  // merged into their layers' weights
     const int64_t rows = p.value.size(0), cols = p.value.numel() / rows;
+    // fp32 (bf16 master weights widened), LoRA merged.
+    const Tensor value = m.lora.on() ? merged_value(model.params(), p, m.lora.scale())
+                         : p.value.dtype() == DType::kF32 ? p.value
+                                                          : p.value.to(DType::kF32);
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
-      Tensor src = p.value.slice(piece.row0, piece.rows), t;
-      if (src.dtype() != DType::kF32) src = src.to(DType::kF32);  // bf16 master weights
+      Tensor src = value.slice(piece.row0, piece.rows), t;
       if (piece.transpose) {
         t = Tensor::empty({cols, piece.rows}, DType::kF32);
         const float* s = src.data<float>();

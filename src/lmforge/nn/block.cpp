@@ -20,22 +20,26 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   datt = a.alloc({B, T, C}, att);
   dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
+  if (c.lora.on()) dlora = a.alloc({B * T, c.lora.rank});
 }
 
 void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   cfg = c;
   int64_t C = c.n_embd, F = c.ffn();
   bool rms = c.norm == "rmsnorm";
+  // LoRA adapters' rank for a layer (0: none) and their scale.
+  auto rank = [&](const char* layer) { return c.lora.targets_layer(layer) ? c.lora.rank : 0; };
+  const double s = c.lora.on() ? c.lora.scale() : 0;
   norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias);
-  qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias());
+  qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s);
   if (c.qk_norm) {
     q_norm = ps.add(p + ".attn.q_norm.weight", {c.head_size()}, false);
     k_norm = ps.add(p + ".attn.k_norm.weight", {c.head_size()}, false);
   }
-  proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias);
+  proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s);
   norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias);
-  fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias);
-  down.declare(ps, p + ".mlp.proj", F, C, c.bias);
+  fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias, rank("fc"), s);
+  down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s);
 }
 
 Recompute parse_recompute(const std::string& s) {
@@ -117,30 +121,35 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   keep(&Acts::act, {B, T, F});
   keep(&Acts::mlp_out, {B, T, C});
   keep(&Acts::x_out, {B, T, C});
+  for (auto [l, t] : {std::pair{&qkv, &Acts::t_qkv},
+                      {&proj, &Acts::t_proj},
+                      {&fc, &Acts::t_fc},
+                      {&down, &Acts::t_down}})
+    if (l->has_lora()) x.*t = a.alloc({B * T, l->lora_rank()});
 }
 
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   norm1.forward(a.n1_out, a.n1, x);
   if (cfg.qk_norm) {
-    qkv.forward(a.qkv_raw, a.n1_out);
+    qkv.forward(a.qkv_raw, a.n1_out, a.t_qkv);
     ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
                          NKV, cfg.norm_eps);
   } else {
-    qkv.forward(a.qkv, a.n1_out);
+    qkv.forward(a.qkv, a.n1_out, a.t_qkv);
   }
   if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
                          pos.doc_start);
-  proj.forward(a.att_proj, a.att);
+  proj.forward(a.att_proj, a.att, a.t_proj);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
-  fc.forward(a.fc_out, a.n2_out);
+  fc.forward(a.fc_out, a.n2_out, a.t_fc);
   if (cfg.mlp == "swiglu")
     ops::swiglu_forward(a.act, a.fc_out);
   else
     ops::gelu_forward(a.act, a.fc_out);
-  down.forward(a.mlp_out, a.act);
+  down.forward(a.mlp_out, a.act, a.t_down);
   ops::add(a.x_out, a.x_mid, a.mlp_out);
 }
 
@@ -149,18 +158,18 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   s.dact.zero_();
-  down.backward(s.dact, dres, a.act);
+  down.backward(s.dact, dres, a.act, a.t_down, s.dlora);
   if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
   if (cfg.mlp == "swiglu")
     ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
   else
     ops::gelu_backward(s.dfc, a.fc_out, s.dact);
   s.dnorm.zero_();
-  fc.backward(s.dnorm, s.dfc, a.n2_out);
+  fc.backward(s.dnorm, s.dfc, a.n2_out, a.t_fc, s.dlora);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
-  proj.backward(s.datt, dres, a.att);
+  proj.backward(s.datt, dres, a.att, a.t_proj, s.dlora);
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
                           bf16_run(qkv), pos.doc_start);
@@ -168,11 +177,12 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   s.dnorm.zero_();
   if (cfg.qk_norm) {
     s.dqkv_raw.zero_();
-    ops::qk_norm_backward(s.dqkv_raw, q_norm->grad, k_norm->grad, s.dqkv, a.qkv_raw, q_norm->fp32(),
-                          k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
-    qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out);
+    ops::qk_norm_backward(s.dqkv_raw, q_norm->frozen ? Tensor() : q_norm->grad,
+                          k_norm->frozen ? Tensor() : k_norm->grad, s.dqkv, a.qkv_raw,
+                          q_norm->fp32(), k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
+    qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out, a.t_qkv, s.dlora);
   } else {
-    qkv.backward(s.dnorm, s.dqkv, a.n1_out);
+    qkv.backward(s.dnorm, s.dqkv, a.n1_out, a.t_qkv, s.dlora);
   }
   norm1.backward(dres, s.dnorm, x, a.n1);  // dres is now d(x)
 }

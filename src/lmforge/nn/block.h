@@ -37,6 +37,7 @@ struct BlockScratch {
   Tensor datt;      // (B, T, C); likewise (written by proj's backward)
   Tensor dfc;       // (B, T, F or 2F); bf16 when fc_out is (written by the activation's backward)
   Tensor dact;      // (B, T, F)
+  Tensor dlora;     // (B*T, r): LoRA adapters' gradient scratch (Linear::backward)
   // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
   // attention backward reads and writes, so no conversion passes around it on a GPU.
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
@@ -76,6 +77,7 @@ struct Block {
     Tensor n1_out, qkv, lse, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T) (B,T,C) ...
     Tensor qkv_raw, rstd_q, rstd_k;                 // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
+    Tensor t_qkv, t_proj, t_fc, t_down;  // LoRA adapters' activations (B*T, r), fp32
   };
 
   void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);

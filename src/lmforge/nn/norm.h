@@ -37,11 +37,13 @@ struct Norm {
       ops::layernorm_forward(out, s.mean, s.rstd, inp, weight->fp32(),
                              bias ? bias->fp32() : Tensor(), eps);
   }
+  // dinp += ; the weight and bias gradients += unless frozen (LoRA).
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Saved& s) const {
+    const Tensor dw = weight->frozen ? Tensor() : weight->grad;
     if (rms)
-      ops::rmsnorm_backward(dinp, weight->grad, dout, inp, weight->fp32(), s.rstd);
+      ops::rmsnorm_backward(dinp, dw, dout, inp, weight->fp32(), s.rstd);
     else
-      ops::layernorm_backward(dinp, weight->grad, bias ? bias->grad : Tensor(), dout, inp,
+      ops::layernorm_backward(dinp, dw, bias && !bias->frozen ? bias->grad : Tensor(), dout, inp,
                               weight->fp32(), s.mean, s.rstd);
   }
 };

@@ -22,6 +22,7 @@ struct Param {
   Tensor value;             // the master weights: fp32, or bf16 under ParamSet::use_bf16_master
   Tensor grad;              // fp32
   bool matmul = false;      // used as a matmul weight (gets a bf16 copy under bf16 precision)
+  bool frozen = false;      // not trained (LoRA's base weights): no gradient, no optimizer state
   Tensor value_bf16;        // bf16(value) for the matmuls when enabled; see ParamSet
   int64_t flat_offset = 0;  // first element in ParamSet's flat space (ParamSet::offset)
   Tensor value_f32;         // bf16 master weights: the fp32 working copy of a 1-D parameter

@@ -16,10 +16,10 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   // Its fp32 weights are written (initialized or loaded) by every user of the model; gradients and
   // optimizer state are training's to check (check_training_fits), and sharded runs never touch
   // most of them.
-  check_host_memory(
-      4.0 * static_cast<double>(cfg_.num_params()),
-      fmt::format("the model's fp32 weights ({:.0f}M parameters)", cfg_.num_params() / 1e6),
-      "choose a smaller model");
+  check_host_memory(4.0 * static_cast<double>(cfg_.num_params() + cfg_.lora_params()),
+                    fmt::format("the model's fp32 weights ({:.0f}M parameters)",
+                                (cfg_.num_params() + cfg_.lora_params()) / 1e6),
+                    "choose a smaller model");
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
   // Registration order is the parameter order everywhere (init, optimizer, checkpoints).
   tok_emb_ = params_.add("tok_emb.weight", {V, C}, false);
@@ -30,6 +30,9 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   norm_f_.declare(params_, "norm_f", C, cfg_.norm == "rmsnorm", cfg_.norm_eps, cfg_.bias);
   lm_head_ = cfg_.tie_embeddings ? tok_emb_ : params_.add("lm_head.weight", {V, C}, true);
   lm_head_->matmul = true;
+  // LoRA: only the adapters train.
+  if (cfg_.lora.on())
+    for (Param& p : params_.params()) p.frozen = !is_lora_param(p.name);
   params_.finalize();
   // Groups: the embeddings, each block ("blocks.<l>."), the rest.
   const auto& ps = params_.params();
@@ -53,17 +56,29 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   }
 }
 
+bool is_lora_param(const std::string& name) {
+  return name.ends_with(".lora_a") || name.ends_with(".lora_b");
+}
+
 // Calls fn(param, i, value) for every element of every parameter in order, drawing the random
-// values from one stream (so a range of them comes out the same as from the whole).
+// values from one stream (so a range of them comes out the same as from the whole). LoRA's A
+// matrices draw from a second stream, so the other weights are those of the model without
+// adapters; its B matrices start at 0.
 template <typename Fn>
 void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
-  Rng rng(seed);
+  Rng rng(seed), lora_rng(seed ^ 0x4c6f5241ull);
   const double std = cfg_.init_std, resid_std = std / std::sqrt(2.0 * cfg_.n_layer);
   for (const Param& p : params_.params()) {
     const int64_t n = p.shape.numel();
     bool is_norm = p.name.find("norm") != std::string::npos;
     bool is_bias = p.name.size() > 5 && p.name.ends_with(".bias");
-    if (is_bias || is_norm) {
+    if (p.name.ends_with(".lora_a")) {  // PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), ..)
+      const double bound = 1.0 / std::sqrt(static_cast<double>(p.shape[1]));
+      for (int64_t i = 0; i < n; ++i)
+        fn(p, i, static_cast<float>((2.0 * lora_rng.uniform() - 1.0) * bound));
+    } else if (p.name.ends_with(".lora_b")) {
+      fn(p, -1, 0.0f);
+    } else if (is_bias || is_norm) {
       fn(p, -1, is_bias ? 0.0f : 1.0f);  // the whole parameter
     } else {
       bool resid = p.name.ends_with("attn.proj.weight") || p.name.ends_with("mlp.proj.weight");
@@ -147,7 +162,9 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   // bf16 activations where they only feed matmuls (Block::matmul_input_dtype; the final norm's
   // output feeds the LM head).
   const DType mm_in = bf16() && bf16_acts_ ? DType::kBF16 : DType::kF32;
-  const DType mm_out = mm_in == DType::kBF16 && bf16_outs_ ? DType::kBF16 : DType::kF32;
+  // LoRA adds its adapters' products into the matmul outputs: those stay fp32.
+  const DType mm_out =
+      mm_in == DType::kBF16 && bf16_outs_ && !cfg_.lora.on() ? DType::kBF16 : DType::kF32;
   for (Block& b : blocks_) {
     b.matmul_input_dtype = mm_in;
     b.matmul_output_dtype = mm_out;
@@ -314,7 +331,8 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
                                        yr, ignore_index_, dloss, z_loss_, V);
-    ops::linear_backward(dh.slice(r0, R), lm_head_->grad, Tensor(), dl, hr, lm_head_weight());
+    ops::linear_backward(dh.slice(r0, R), lm_head_->frozen ? Tensor() : lm_head_->grad, Tensor(),
+                         dl, hr, lm_head_weight());
   }
 }
 
@@ -399,8 +417,9 @@ void Transformer::backward_blocks() {
     blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, positions_);
     hooks().grads_ready(l + 1);
   }
-  ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
-                          positions_.ids);
+  if (!tok_emb_->frozen)  // LoRA freezes both tables
+    ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
+                            positions_.ids);
   hooks().grads_ready(0);
 }
 

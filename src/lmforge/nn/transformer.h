@@ -42,6 +42,9 @@ class GroupHooks {
   virtual bool graph_safe() const { return true; }
 };
 
+// LoRA adapters' parameters ("<layer>.lora_a", "<layer>.lora_b"; nn/linear.h).
+bool is_lora_param(const std::string& name);
+
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& cfg);

@@ -7,7 +7,7 @@ namespace lmforge {
 std::vector<OptSlot> whole_slots(ParamSet& ps) {
   std::vector<OptSlot> out;
   for (Param& p : ps.params())
-    out.push_back({&p, 0, p.shape.numel(), p.value, p.grad, p.value_bf16});
+    if (!p.frozen) out.push_back({&p, 0, p.shape.numel(), p.value, p.grad, p.value_bf16});
   return out;
 }
 

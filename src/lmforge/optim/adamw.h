@@ -1,5 +1,6 @@
 // AdamW (Loshchilov & Hutter 2019) over a ParamSet, matching torch.optim.AdamW. Weight decay
-// applies only to parameters with decay=true (matrices; not norms, biases or embeddings).
+// applies only to parameters with decay=true (matrices; not norms, biases or embeddings). Frozen
+// parameters (LoRA's base weights) have no slot: no state, never updated.
 // The optimizer works on slots: contiguous pieces of parameters with their value and gradient.
 // Unsharded, a slot is a whole parameter; under ZeRO (dist/data_parallel.h) each rank owns the
 // pieces of its shard, with the gradient taken from the reduce-scattered shard. Moments live in
@@ -60,7 +61,7 @@ class AdamW {
   int64_t t_ = 0;
 };
 
-// Whole-parameter slots of every parameter of ps.
+// Whole-parameter slots of every parameter of ps that trains (not frozen: LoRA).
 std::vector<OptSlot> whole_slots(ParamSet& ps);
 
 }  // namespace lmforge

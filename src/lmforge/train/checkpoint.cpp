@@ -302,6 +302,11 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
         ops::to_bf16(out.slice(a - lo, z - a), t.view({t.numel()}).slice(a - off - begin, z - a));
       got += z - a;
     }
+    // LoRA adapters a checkpoint does not hold at all (a model without them, as init_from) keep
+    // the values they have.
+    if (got == 0 && is_lora_param(p.name) &&
+        std::none_of(files.begin(), files.end(), [&](const Safetensors& f) { return f.has(name); }))
+      continue;
     if (got != want)
       fail(
           "{}: tensor {} is missing or incomplete; the checkpoint is corrupt or from another model",
@@ -537,8 +542,10 @@ ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
   json j = read_state(ckpt_dir);
   ModelConfig mc;
   for (auto& f : model_fields(mc)) {
-    if (!j["model"].contains(f.key))
+    if (!j["model"].contains(f.key)) {
+      if (f.key.starts_with("lora_")) continue;  // from before LoRA: none
       fail("{}/state.json: model.{} missing; the checkpoint is corrupt", ckpt_dir, f.key);
+    }
     assign_field(f, j["model"][f.key].get<std::string>(), ckpt_dir + "/state.json");
   }
   mc.validate();

@@ -296,7 +296,9 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
   if (src.hf) want.preset.clear();
   auto set = model_fields(cfg.model), from = model_fields(want);
   for (size_t i = 0; i < set.size(); ++i) {
-    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std") continue;
+    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std" ||
+        set[i].key.starts_with("lora_"))  // adapters go on top of the source's architecture
+      continue;
     std::string v = field_value(set[i]);
     if (v != field_value(from[i]))
       fail(
@@ -304,19 +306,28 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
           "remove model.{} from the config",
           set[i].key, v, src.spec, field_value(from[i]), set[i].key);
   }
+  const LoraConfig lora = cfg.model.lora;
   cfg.model = src.model;
   if (src.hf) cfg.model.preset.clear();  // "hf:DIR" is not a preset name a config can load
+  // LoRA as configured; keys not given keep the source's (a LoRA checkpoint continues as one).
+  if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
+  if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
+  if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
 }
 
 }  // namespace
 
 void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master) {
-  // fp32 values, gradients and two moments; + bf16 copies, or bf16 values in place of fp32 ones.
-  const double per_param = bf16_master ? 14 : bf16 ? 18 : 16;
+  // fp32 values and gradients; + bf16 copies, or bf16 values in place of fp32 ones; two fp32
+  // moments per trained parameter (under LoRA the adapters only).
+  const double all = static_cast<double>(model.num_params() + model.lora_params());
+  const double trained = model.lora.on() ? static_cast<double>(model.lora_params()) : all;
   check_host_memory(
-      static_cast<double>(model.num_params()) * per_param,
-      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)",
-                  model.num_params() / 1e6),
+      all * (bf16_master ? 6
+             : bf16      ? 10
+                         : 8) +
+          trained * 8,
+      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)", all / 1e6),
       "choose a smaller model, or shard it over several ranks (dist.strategy)");
 }
 
@@ -409,6 +420,9 @@ RunSetup setup_run(Config& cfg) {
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {
+    // LoRA adapters the source does not have start from their initial values (B = 0: the
+    // source's model); the load replaces everything else.
+    if (cfg.model.lora.on()) model.init_weights(t.seed);
     init->load_weights(model);
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
@@ -548,6 +562,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
              model.params().numel() / 1e6, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
              cfg.model.vocab_size, model.activation_bytes() / 1048576.0);
+  if (cfg.model.lora.on())
+    fmt::print(
+        "LoRA rank {} alpha {} on {}: {:.3f}M trainable parameters ({:.2f}%), the rest frozen\n",
+        cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets,
+        cfg.model.lora_params() / 1e6,
+        100.0 * static_cast<double>(cfg.model.lora_params()) /
+            static_cast<double>(model.params().numel()));
   for (const auto& s : train_data.stats()) {
     std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
     if (cfg.data.packing == "best_fit")

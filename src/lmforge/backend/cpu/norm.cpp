@@ -58,7 +58,9 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
     }
   }
   // Column sums in blocks of kCols columns: each column is summed in row order by one thread
-  // (deterministic), and the row walk stays within cache lines.
+  // (deterministic), and the row walk stays within cache lines. No dweight: no parameter
+  // gradients (frozen).
+  if (!dweight) return;
   const int64_t blocks = (C + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -114,6 +116,7 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
       d[c] += static_cast<T>(s * (static_cast<double>(weight[c]) * g[c] - n * dot));
     }
   }
+  if (!dweight) return;  // frozen
   const int64_t blocks = (C + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {

@@ -287,7 +287,7 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     layernorm_backward_kernel<1>
         <<<row_blocks(N), kThreads, 0, cur_stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);
   LMF_CUDA_LAUNCHED();
-  norm_param_grads(dweight, dbias, dout, inp, mean, rstd, N, C, 1, C);
+  if (dweight) norm_param_grads(dweight, dbias, dout, inp, mean, rstd, N, C, 1, C);  // else frozen
 }
 
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
@@ -311,7 +311,7 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
     rmsnorm_backward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
         dinp, dout, inp, weight, rstd, N, C, group, stride);
   LMF_CUDA_LAUNCHED();
-  norm_param_grads(dweight, nullptr, dout, inp, nullptr, rstd, N, C, group, stride);
+  if (dweight) norm_param_grads(dweight, nullptr, dout, inp, nullptr, rstd, N, C, group, stride);
 }
 
 }  // namespace lmforge::cuda

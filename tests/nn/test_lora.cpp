@@ -1,0 +1,204 @@
+// LoRA adapters (model.lora_rank > 0): the adapted model computes what the merged model
+// W' = W + s B A computes, and its adapter gradients are the merged model's weight gradient
+// pulled back through the product (dA = s B^T dW', dB = s dW' A^T). The merged model's
+// gradients are lmforge's full-model ones (checked against Hugging Face transformers in
+// test_model_reference), so these tests check the adapters against an independent route. Only
+// the adapters train: the base weights get no gradient, no optimizer state and stay bit for bit.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+#include "lmforge/core/rng.h"
+#include "lmforge/models/hf.h"
+#include "lmforge/models/presets.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
+#include "testing/paths.h"
+#include "testing/process.h"
+
+namespace lmforge {
+namespace {
+
+constexpr int64_t kB = 2, kT = 16;
+
+ModelConfig tiny(const std::string& preset, int64_t rank) {
+  ModelConfig c = model_preset(preset);
+  c.vocab_size = 61;
+  c.n_layer = 2;
+  c.lora.rank = rank;
+  c.lora.alpha = 8;
+  return c;
+}
+
+void batch(Tensor& tok, Tensor& tgt, uint64_t seed) {
+  tok = Tensor::empty({kB, kT}, DType::kI32);
+  tgt = Tensor::empty({kB, kT}, DType::kI32);
+  Rng rng(seed);
+  for (int64_t i = 0; i < kB * kT; ++i) {
+    tok.data<int32_t>()[i] = static_cast<int32_t>(rng.below(61));
+    tgt.data<int32_t>()[i] = static_cast<int32_t>(rng.below(61));
+  }
+}
+
+const Param& param(const Transformer& m, const std::string& name) {
+  for (const Param& p : m.params().params())
+    if (p.name == name) return p;
+  ADD_FAILURE() << "no parameter " << name;
+  return m.params().params().front();
+}
+
+// out (M, N) = a (M, K) @ b (K, N) in double, a and b given by element functions.
+template <typename A, typename B>
+std::vector<double> matmul(int64_t M, int64_t K, int64_t N, A a, B b) {
+  std::vector<double> out(M * N, 0.0);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) out[i * N + j] += a(i, k) * b(k, j);
+  return out;
+}
+
+void check_against_merged(const std::string& preset) {
+  const ModelConfig lc = tiny(preset, 4), bc = tiny(preset, 0);
+  Transformer lora(lc), merged(bc);
+  lora.init_weights(3);
+  merged.init_weights(3);
+  // B starts at 0; give it values so that the adapters change the model and A gets a gradient.
+  Rng rng(9);
+  for (Param& p : lora.params().params())
+    if (p.name.ends_with(".lora_b"))
+      for (int64_t i = 0; i < p.shape.numel(); ++i)
+        p.value.data<float>()[i] = static_cast<float>(0.05 * rng.normal());
+  const double s = lc.lora.scale();
+  std::vector<std::string> layers;
+  for (Param& p : merged.params().params()) {
+    const Param& lp = param(lora, p.name);  // the base weights are the non-LoRA model's
+    ASSERT_EQ(std::memcmp(lp.value.raw(), p.value.raw(), p.value.nbytes()), 0) << p.name;
+    if (!p.name.ends_with(".weight")) continue;
+    const std::string layer = p.name.substr(0, p.name.size() - 7);
+    bool adapted = false;
+    for (const Param& q : lora.params().params()) adapted |= q.name == layer + ".lora_a";
+    if (!adapted) continue;
+    layers.push_back(layer);
+    const Param& a = param(lora, layer + ".lora_a");
+    const Param& b = param(lora, layer + ".lora_b");
+    const int64_t r = a.shape[0], C = a.shape[1], OC = b.shape[1];
+    const float* A = a.value.data<float>();
+    const float* Bt = b.value.data<float>();
+    const auto ba = matmul(
+        OC, r, C, [&](int64_t o, int64_t k) { return Bt[k * OC + o]; },
+        [&](int64_t k, int64_t c) { return A[k * C + c]; });
+    for (int64_t i = 0; i < OC * C; ++i) p.value.data<float>()[i] += static_cast<float>(s * ba[i]);
+  }
+  ASSERT_EQ(layers.size(), 4u * lc.n_layer) << "qkv, proj, fc and down of every block";
+
+  Tensor tok, tgt;
+  batch(tok, tgt, 21);
+  lora.plan(kB, kT);
+  merged.plan(kB, kT);
+  lora.params().zero_grad();
+  merged.params().zero_grad();
+  const float ll = lora.forward_backward(tok, tgt), lm = merged.forward_backward(tok, tgt);
+  EXPECT_NEAR(ll, lm, 2e-6 * std::fabs(lm));
+
+  for (const std::string& layer : layers) {
+    const Param& a = param(lora, layer + ".lora_a");
+    const Param& b = param(lora, layer + ".lora_b");
+    const Param& w = param(merged, layer + ".weight");
+    const int64_t r = a.shape[0], C = a.shape[1], OC = b.shape[1];
+    const float* A = a.value.data<float>();
+    const float* Bt = b.value.data<float>();
+    const float* dW = w.grad.data<float>();
+    // dA (r, C) = s B^T dW' = s lora_b dW';  d(lora_b) (r, OC) = s (dW' A^T)^T = s A dW'^T.
+    const auto da = matmul(
+        r, OC, C, [&](int64_t k, int64_t o) { return s * Bt[k * OC + o]; },
+        [&](int64_t o, int64_t c) { return dW[o * C + c]; });
+    const auto db = matmul(
+        r, C, OC, [&](int64_t k, int64_t c) { return s * A[k * C + c]; },
+        [&](int64_t c, int64_t o) { return dW[o * C + c]; });
+    for (auto [got, want, what] : {std::tuple{&a, &da, "lora_a"}, {&b, &db, "lora_b"}}) {
+      double worst = 0, scale = 0;
+      for (size_t i = 0; i < want->size(); ++i) {
+        worst = std::max(worst, std::fabs(got->grad.data<float>()[i] - (*want)[i]));
+        scale = std::max(scale, std::fabs((*want)[i]));
+      }
+      EXPECT_GT(scale, 0) << layer << " " << what;
+      EXPECT_LT(worst, 1e-4 * scale) << layer << " " << what;
+    }
+  }
+  for (const Param& p : lora.params().params()) {  // frozen: no gradient at all
+    if (!p.frozen) continue;
+    double ss = 0;
+    for (int64_t i = 0; i < p.grad.numel(); ++i) ss += std::fabs(p.grad.data<float>()[i]);
+    EXPECT_EQ(ss, 0.0) << p.name;
+  }
+}
+
+TEST(Lora, GptAdaptersMatchTheMergedModel) { check_against_merged("gpt2-tiny"); }
+TEST(Lora, LlamaAdaptersMatchTheMergedModel) { check_against_merged("llama3-tiny"); }
+
+// AdamW keeps state for the adapters only and never moves a frozen weight; after training, the
+// Hugging Face export (adapters merged) computes the adapted model's logits.
+TEST(Lora, OnlyAdaptersTrainAndTheExportIsMerged) {
+  const ModelConfig lc = tiny("llama3-tiny", 8);
+  Transformer m(lc);
+  m.init_weights(5);
+  const Tensor before = m.params().flat_values().clone();
+  AdamW opt(m.params(), {.weight_decay = 0.1});
+  EXPECT_EQ(static_cast<int64_t>(opt.slots().size()), 2 * 4 * lc.n_layer);
+  EXPECT_LT(opt.state_bytes(), 8 * static_cast<size_t>(lc.lora_params()) + 4096);
+  Tensor tok, tgt;
+  batch(tok, tgt, 4);
+  m.plan(kB, kT);
+  float first = 0, last = 0;
+  for (int step = 0; step < 8; ++step) {
+    m.params().zero_grad();
+    last = m.forward_backward(tok, tgt);
+    if (step == 0) first = last;
+    opt.step(1e-2);
+  }
+  EXPECT_LT(last, first - 0.05) << "the adapters learn the batch";
+  for (const Param& p : m.params().params()) {
+    const Tensor was = before.view({before.numel()}).slice(m.params().offset(p), p.shape.numel());
+    const bool same = std::memcmp(was.raw(), p.value.raw(), p.value.nbytes()) == 0;
+    EXPECT_EQ(same, p.frozen) << p.name;
+  }
+
+  const std::string dir = testing::temp_dir("lora-export");
+  save_hf_model(m, nullptr, dir, DType::kF32, 1ull << 30);
+  ModelConfig base = lc;
+  base.lora.rank = 0;
+  Transformer hf(base);
+  load_hf_weights(hf, dir);
+  m.plan(kB, kT, Recompute::kNone, /*keep_logits=*/true);
+  hf.plan(kB, kT, Recompute::kNone, /*keep_logits=*/true);
+  m.forward(tok, Tensor());
+  hf.forward(tok, Tensor());
+  const float* a = m.logits().data<float>();
+  const float* b = hf.logits().data<float>();
+  double worst = 0;
+  for (int64_t i = 0; i < m.logits().numel(); ++i)
+    worst = std::max<double>(worst, std::fabs(a[i] - b[i]));
+  EXPECT_LT(worst, 1e-4);
+}
+
+// Under bf16 the adapters' products are added into fp32 matmul outputs; training runs close to
+// fp32.
+TEST(Lora, Bf16IsCloseToFp32) {
+  const ModelConfig lc = tiny("gpt2-tiny", 4);
+  Transformer f32(lc), b16(lc);
+  f32.init_weights(2);
+  b16.init_weights(2);
+  b16.enable_bf16();
+  Tensor tok, tgt;
+  batch(tok, tgt, 8);
+  f32.plan(kB, kT);
+  b16.plan(kB, kT);
+  const float lf = f32.forward_backward(tok, tgt), lb = b16.forward_backward(tok, tgt);
+  EXPECT_NEAR(lb, lf, 2e-2 * std::fabs(lf));
+}
+
+}  // namespace
+}  // namespace lmforge
