@@ -5,6 +5,7 @@ threads or on a GPU (--device cuda: F.scaled_dot_product_attention, fused AdamW)
 there: the attention is then written out). Prints "peak resident N MiB" and a last line
 "torch <version> <preset> B=.. T=.. <precision>[+compile]: <number> tok/s" like lmforge's."""
 import argparse
+import math
 import resource
 import time
 
@@ -130,6 +131,31 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
 
+class LoraLinear(nn.Module):
+    """PEFT's LoRA layer without dropout: base(x) + (alpha / r) B A x, A ~ U(+-1/sqrt(in)), B = 0."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.s = base, alpha / r
+        bound = 1.0 / math.sqrt(base.in_features)
+        self.A = nn.Parameter(torch.empty(r, base.in_features).uniform_(-bound, bound))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + self.s * F.linear(F.linear(x, self.A), self.B)
+
+
+def add_lora(model, r, alpha):
+    """Freezes every weight and wraps each block's linear layers with an adapter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.modules():
+        if isinstance(block, (GptBlock, LlamaBlock)):
+            for name, child in list(block.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(block, name, LoraLinear(child, r, alpha))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2")
@@ -140,6 +166,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters on every block linear")
+    ap.add_argument("--lora-alpha", type=float, default=16)
     a = ap.parse_args()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
@@ -150,9 +178,12 @@ def main():
         model, V = GPT(*GPT2[a.model]), 50257
     else:
         model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
+    if a.lora_rank:
+        add_lora(model, a.lora_rank, a.lora_alpha)
     model.to(dev)
+    trained = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if gpu else {}  # the fused CUDA AdamW, as the seeds use on GPUs
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+    opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             **fused)
     step_model = torch.compile(model) if a.compile else model
     idx = torch.randint(0, V, (a.batch, a.seq), device=dev)
@@ -164,7 +195,7 @@ def main():
             loss = step_model(idx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if gpu:
             torch.cuda.synchronize()
@@ -176,7 +207,8 @@ def main():
     if gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
-    tag = a.precision + ("+compile" if a.compile else "")
+    tag = a.precision + ("+compile" if a.compile else "") + \
+        (f"+lora{a.lora_rank}" if a.lora_rank else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")
 

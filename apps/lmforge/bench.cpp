@@ -157,7 +157,7 @@ void add_bench_matmul(CLI::App& bench) {
 void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
-    int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0;
+    int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0, lora_rank = 0;
     bool cuda_graphs = false;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
                 activations = "bf16", outputs = "bf16";
@@ -185,6 +185,10 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--activation-checkpointing", o->recompute, "none | selective | full")
       ->capture_default_str();
+  cmd->add_option("--lora-rank", o->lora_rank,
+                  "LoRA adapters of this rank on every block layer (as model.lora_rank; the rest "
+                  "frozen); 0 = full training")
+      ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", o->cuda_graphs,
@@ -202,6 +206,8 @@ void add_bench(CLI::App& app) {
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
       fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
     ModelConfig mc = model_preset(o->model);
+    mc.lora.rank = o->lora_rank;
+    mc.validate();  // the rank
     if (resolve_device(o->device) == Device::kCPU)
       check_training_fits(mc, o->precision == "bf16", o->master_weights == "bf16");
     Transformer model(mc);
@@ -279,8 +285,8 @@ void add_bench(CLI::App& app) {
                                         100 * fpt * tps / 1e12 / peak, peak)
                           : "");
     }
-    fmt::print("lmforge {} B={} T={} {}: {:.1f} tok/s\n", o->model, o->batch, o->seq, o->precision,
-               tps);
+    fmt::print("lmforge {} B={} T={} {}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq,
+               o->precision, o->lora_rank ? fmt::format("+lora{}", o->lora_rank) : "", tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);
