@@ -55,7 +55,7 @@ void add_generate(CLI::App& app) {
       } catch (const Error& e) {
         fail("--chat-template: {}", e.what());
       }
-      o->s.stop_token = *tok->special_id(chat_end_of_turn(o->chat_template));
+      o->s.end_of_turn = *tok->special_id(chat_end_of_turn(o->chat_template));
     } else {
       prompt = tok->encode(o->prompt, false, true);
     }
@@ -63,7 +63,7 @@ void add_generate(CLI::App& app) {
     if (!chat) fmt::print("{}", o->prompt);
     std::fflush(stdout);
     generate(model, prompt, o->s, [&](int32_t id) {
-      if (chat && id == o->s.stop_token) return;  // the reply ends there
+      if (chat && (id == o->s.stop_token || id == o->s.end_of_turn)) return;  // the reply ends
       fmt::print("{}", tok->token_bytes(id));
       std::fflush(stdout);
     });

@@ -182,6 +182,12 @@ TEST(PrepareChat, BadSetUpIsOneClearErrorBeforeAnyOutput) {
   e = testing::error_of([&] { run_prepare(o); });
   EXPECT_NE(e.find("alpaca"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(dir + "/o3"));
+
+  o = chat_options(dir + "/chat.jsonl", dir + "/o4");  // a template without format chat
+  o.sources[0].doc.format = "text";
+  e = testing::error_of([&] { run_prepare(o); });
+  EXPECT_NE(e.find("format chat only"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir + "/o4"));
 }
 
 }  // namespace lmforge

@@ -112,6 +112,13 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
   EXPECT_EQ(opt.names().size(), 2u * adapters);  // m and v
   for (const std::string& n : opt.names()) EXPECT_NE(n.find(".lora_"), std::string::npos) << n;
 
+  // Starting from the LoRA run with other adapters would drop the trained ones: refused.
+  r = testing::run_lmforge("train --set init_from=lora --set model.lora_rank=0 " + data +
+                               "--set train.steps=1 --set run.dir=again",
+                           dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("holds LoRA adapters"), std::string::npos) << r.err;
+
   r = testing::run_lmforge("export --checkpoint lora --to-hf hf", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   SafetensorsSet hf = SafetensorsSet::open(dir + "/hf");

@@ -184,20 +184,41 @@ TEST(Lora, OnlyAdaptersTrainAndTheExportIsMerged) {
   EXPECT_LT(worst, 1e-4);
 }
 
-// Under bf16 the adapters' products are added into fp32 matmul outputs; training runs close to
-// fp32.
+// Under bf16 the adapters' products are added into fp32 matmul outputs: the loss and the
+// adapters' gradients stay close to fp32's.
 TEST(Lora, Bf16IsCloseToFp32) {
   const ModelConfig lc = tiny("gpt2-tiny", 4);
   Transformer f32(lc), b16(lc);
-  f32.init_weights(2);
-  b16.init_weights(2);
+  for (Transformer* m : {&f32, &b16}) {
+    m->init_weights(2);
+    Rng rng(6);  // B != 0, so that A has a gradient too
+    for (Param& p : m->params().params())
+      if (p.name.ends_with(".lora_b"))
+        for (int64_t i = 0; i < p.shape.numel(); ++i)
+          p.value.data<float>()[i] = static_cast<float>(0.05 * rng.normal());
+  }
   b16.enable_bf16();
   Tensor tok, tgt;
   batch(tok, tgt, 8);
   f32.plan(kB, kT);
   b16.plan(kB, kT);
+  f32.params().zero_grad();
+  b16.params().zero_grad();
   const float lf = f32.forward_backward(tok, tgt), lb = b16.forward_backward(tok, tgt);
   EXPECT_NEAR(lb, lf, 2e-2 * std::fabs(lf));
+  for (size_t i = 0; i < f32.params().params().size(); ++i) {
+    const Param& a = f32.params().params()[i];
+    const Param& b = b16.params().params()[i];
+    if (!is_lora_param(a.name)) continue;
+    double dd = 0, aa = 0;
+    for (int64_t k = 0; k < a.grad.numel(); ++k) {
+      const double x = a.grad.data<float>()[k], y = b.grad.data<float>()[k];
+      dd += (x - y) * (x - y);
+      aa += x * x;
+    }
+    EXPECT_GT(aa, 0) << a.name;
+    EXPECT_LT(std::sqrt(dd / aa), 5e-2) << a.name;
+  }
 }
 
 }  // namespace

@@ -63,8 +63,11 @@ DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions o
     fail("text_mode: expected file or blank_line, got \"{}\"", opt_.text_mode);
   if (opt_.format != "text" && opt_.format != "chat")
     fail("format: expected text or chat, got \"{}\"", opt_.format);
+  if (opt_.format != "chat" && !opt_.chat_template.empty())
+    fail("chat_template: \"{}\" applies to format chat only (this source is format {})",
+         opt_.chat_template, opt_.format);
   if (opt_.format == "chat") {
-    render_chat_template({}, opt_.chat_template);  // an unknown template fails here
+    render_chat_template({}, opt_.chat_format());  // an unknown template fails here
     for (const std::string& f : files_)
       if (!is_jsonl(f))
         fail(
@@ -165,7 +168,7 @@ void DocumentReader::finish_chat(const simdjson::dom::element& root, Document* d
     d->messages.clear();
     return;
   }
-  d->text = render_chat_template(d->messages, opt_.chat_template);
+  d->text = render_chat_template(d->messages, opt_.chat_format());
   check_text(d, /*utf8_checked=*/true);
   if (!d->skip.empty()) d->messages.clear();
 }

@@ -33,11 +33,15 @@ struct DocumentOptions {
   std::string field;               // the JSONL field; empty: "text", or "messages" for chat
   std::string text_mode = "file";  // file | blank_line
   uint64_t max_document_bytes = 64ull << 20;
-  std::string format = "text";           // text | chat
-  std::string chat_template = "chatml";  // chat: chatml | llama3
+  std::string format = "text";  // text | chat
+  std::string chat_template;    // chat: chatml (when empty) | llama3
   const std::string& json_field() const {
     static const std::string text = "text", messages = "messages";
     return !field.empty() ? field : format == "chat" ? messages : text;
+  }
+  const std::string& chat_format() const {
+    static const std::string chatml = "chatml";
+    return chat_template.empty() ? chatml : chat_template;
   }
 };
 

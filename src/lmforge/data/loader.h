@@ -5,9 +5,10 @@
 //   packing "none":     consecutive windows of the shards (concatenate and chunk);
 //   packing "best_fit": whole documents (from the shards' document index) packed best-fit
 //                       decreasing into T+1 slots; documents longer than a slot are split. Unused
-//                       slot tail is padding with ignored targets. positions restart per document
-//                       and doc_ids number the documents of a row (the model then keeps each
-//                       document to itself: nn/transformer.h).
+//                       slot tail is padding with ignored targets. positions (each token's place
+//                       in its document; informational) and doc_ids number the documents of a
+//                       row; the model keeps each document of a row to itself from doc_ids, its
+//                       positions counted from the piece's start (nn/transformer.h).
 // Shards with a loss mask (SFT) leave the targets it clears ignored.
 // Each epoch visits every sample of a source once in a seeded random order. The order of samples
 // is global, independent of the number of ranks: each next() takes the next B x W rows of that

@@ -74,7 +74,7 @@ class Job {
         fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
                     o_.val_fraction, o_.val_docs, o_.seed, src_.doc.json_field(),
                     src_.doc.text_mode, src_.doc.max_document_bytes);
-    if (chat()) key_src += "chat:" + src_.doc.chat_template + "|";
+    if (chat()) key_src += "chat:" + src_.doc.chat_format() + "|";
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -175,7 +175,7 @@ class Job {
             ids[slot][k].clear();
             const Document& d = docs[slot][k];
             if (d.skip.empty() && chat()) {
-              ChatEncoding e = apply_chat_template(tok_, d.messages, src_.doc.chat_template);
+              ChatEncoding e = apply_chat_template(tok_, d.messages, src_.doc.chat_format());
               ids[slot][k] = std::move(e.ids);
               masks[slot][k] = std::move(e.assistant_mask);
             } else if (d.skip.empty()) {
@@ -432,7 +432,7 @@ json run_prepare(const PrepareOptions& o) {
     DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
     if (s.doc.format == "chat") {                          // the template's special tokens
       try {
-        apply_chat_template(*tok, {{"user", "?"}, {"assistant", "!"}}, s.doc.chat_template);
+        apply_chat_template(*tok, {{"user", "?"}, {"assistant", "!"}}, s.doc.chat_format());
       } catch (const Error& e) {
         fail("source {}: {}", s.name, e.what());
       }

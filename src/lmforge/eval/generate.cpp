@@ -93,7 +93,7 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
     int32_t id = sample_token(logits.data<float>(), V, o, rng);
     out.push_back(id);
     if (on_token) on_token(id);
-    if (id == o.stop_token || pos + 1 >= total) break;
+    if (id == o.stop_token || id == o.end_of_turn || pos + 1 >= total) break;
     logits = model.decode(cache, &id, 1, pos);
     ++pos;
   }

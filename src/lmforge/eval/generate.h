@@ -1,5 +1,6 @@
 // Sampling from a model with a KV cache: the prompt is run once, then one token per step.
-// temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens or at stop_token.
+// temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens, stop_token or
+// end_of_turn.
 //
 //   SamplingOptions o{.max_tokens = 100, .temperature = 0.8, .top_k = 40, .top_p = 0.95, .seed =
 //   1}; std::vector<int32_t> out = generate(model, prompt_ids, o, [](int32_t id) { print(id); });
@@ -20,8 +21,9 @@ struct SamplingOptions {
   int64_t top_k = 0;
   double top_p = 1.0;
   uint64_t seed = 1337;
-  int32_t stop_token = -1;  // e.g. <|endoftext|>; -1 = none
-  int64_t vocab_limit = 0;  // ids >= this (vocabulary padding) are never sampled; 0 = all
+  int32_t stop_token = -1;   // e.g. <|endoftext|>; -1 = none
+  int32_t end_of_turn = -1;  // a second stop token (a chat's, e.g. <|im_end|>); -1 = none
+  int64_t vocab_limit = 0;   // ids >= this (vocabulary padding) are never sampled; 0 = all
 };
 
 // Throws Error naming the option for a value outside its range (max_tokens < 0, temperature < 0

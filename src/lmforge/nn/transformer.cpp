@@ -60,22 +60,29 @@ bool is_lora_param(const std::string& name) {
   return name.ends_with(".lora_a") || name.ends_with(".lora_b");
 }
 
+namespace {
+// LoRA's A matrices draw from their own stream (see for_init_values), PEFT's
+// kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+Rng lora_stream(uint64_t seed) { return Rng(seed ^ 0x4c6f5241ull); }
+float lora_a_value(Rng& rng, int64_t in) {
+  return static_cast<float>((2.0 * rng.uniform() - 1.0) / std::sqrt(static_cast<double>(in)));
+}
+}  // namespace
+
 // Calls fn(param, i, value) for every element of every parameter in order, drawing the random
 // values from one stream (so a range of them comes out the same as from the whole). LoRA's A
 // matrices draw from a second stream, so the other weights are those of the model without
 // adapters; its B matrices start at 0.
 template <typename Fn>
 void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
-  Rng rng(seed), lora_rng(seed ^ 0x4c6f5241ull);
+  Rng rng(seed), lora_rng = lora_stream(seed);
   const double std = cfg_.init_std, resid_std = std / std::sqrt(2.0 * cfg_.n_layer);
   for (const Param& p : params_.params()) {
     const int64_t n = p.shape.numel();
     bool is_norm = p.name.find("norm") != std::string::npos;
     bool is_bias = p.name.size() > 5 && p.name.ends_with(".bias");
-    if (p.name.ends_with(".lora_a")) {  // PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), ..)
-      const double bound = 1.0 / std::sqrt(static_cast<double>(p.shape[1]));
-      for (int64_t i = 0; i < n; ++i)
-        fn(p, i, static_cast<float>((2.0 * lora_rng.uniform() - 1.0) * bound));
+    if (p.name.ends_with(".lora_a")) {
+      for (int64_t i = 0; i < n; ++i) fn(p, i, lora_a_value(lora_rng, p.shape[1]));
     } else if (p.name.ends_with(".lora_b")) {
       fn(p, -1, 0.0f);
     } else if (is_bias || is_norm) {
@@ -102,6 +109,22 @@ void Transformer::init_weights(uint64_t seed) {
     else
       p.value.data<float>()[i] = v;
   });
+}
+
+void Transformer::init_adapters(uint64_t seed) {
+  Rng rng = lora_stream(seed);
+  for (Param& p : params_.params()) {
+    if (!is_lora_param(p.name)) continue;
+    Tensor host = Tensor::zeros(p.shape, DType::kF32);  // B = 0
+    if (p.name.ends_with(".lora_a"))
+      for (int64_t i = 0; i < host.numel(); ++i)
+        host.data<float>()[i] = lora_a_value(rng, p.shape[1]);
+    if (p.value.dtype() == DType::kF32)
+      p.value.copy_from(host);
+    else
+      ops::to_bf16(p.value, host.to(p.value.device()));
+  }
+  params_.invalidate_bf16();
 }
 
 void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const {

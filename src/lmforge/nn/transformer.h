@@ -56,6 +56,9 @@ class Transformer {
   // GPT-2 initialisation: N(0, init_std) for matrices and embeddings, N(0, init_std/sqrt(2L)) for
   // the projections into the residual stream, zeros for biases, ones for norm weights.
   void init_weights(uint64_t seed);
+  // The LoRA adapters alone, with the values init_weights(seed) gives them (the other weights
+  // come from elsewhere: init_from).
+  void init_adapters(uint64_t seed);
   // The same values, for the flat elements [lo, lo + n) of the parameter space only (ParamSet::
   // offset), written to out[0, n): a sharded model is created without the whole (deferred init).
   void init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const;

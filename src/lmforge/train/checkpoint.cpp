@@ -245,11 +245,14 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
 
 // Fills out (a flat fp32 tensor) with the flat elements [lo, lo + out.numel()) of tensors
 // prefix + <parameter name>, whole or in slices (metadata "begin.<name>"), from the files.
+// without_adapters: the files are of a model without LoRA adapters (init_from under LoRA): the
+// adapters' elements keep the values out has.
 void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
-               int64_t lo, const Tensor& out) {
+               int64_t lo, const Tensor& out, bool without_adapters = false) {
   if (out.device() != Device::kCPU) {  // a GPU buffer: filled on the host, copied in one piece
     Tensor host = Tensor::empty(out.shape(), out.dtype());
-    fill_flat(files, prefix, ps, lo, host);
+    if (without_adapters) host.copy_from(out);
+    fill_flat(files, prefix, ps, lo, host, without_adapters);
     out.copy_from(host);
     return;
   }
@@ -302,11 +305,7 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
         ops::to_bf16(out.slice(a - lo, z - a), t.view({t.numel()}).slice(a - off - begin, z - a));
       got += z - a;
     }
-    // LoRA adapters a checkpoint does not hold at all (a model without them, as init_from) keep
-    // the values they have.
-    if (got == 0 && is_lora_param(p.name) &&
-        std::none_of(files.begin(), files.end(), [&](const Safetensors& f) { return f.has(name); }))
-      continue;
+    if (without_adapters && is_lora_param(p.name)) continue;
     if (got != want)
       fail(
           "{}: tensor {} is missing or incomplete; the checkpoint is corrupt or from another model",
@@ -632,7 +631,11 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
 
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
                             const Tensor& out) {
-  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out);
+  // A model with LoRA adapters from a checkpoint without them (init_from): they keep their values.
+  const bool without_adapters = !checkpoint_model_config(ckpt_dir).lora.on() &&
+                                std::any_of(ps.params().begin(), ps.params().end(),
+                                            [](const Param& p) { return is_lora_param(p.name); });
+  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, without_adapters);
 }
 
 std::string checkpoint_init_from(const std::string& ckpt_dir) {

@@ -313,6 +313,14 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
   if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
   if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
   if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
+  const LoraConfig& had = src.model.lora;
+  const LoraConfig& now = cfg.model.lora;
+  if (had.on() && (now.rank != had.rank || now.alpha != had.alpha || now.targets != had.targets))
+    fail(
+        "model.lora_*: init_from {} holds LoRA adapters (rank {}, alpha {}, on {}) that the "
+        "config would drop or change; remove model.lora_* to continue them, or export it merged "
+        "(lmforge export --to-hf DIR) and start from hf:DIR",
+        src.spec, had.rank, had.alpha, had.targets);
 }
 
 }  // namespace
@@ -422,7 +430,7 @@ RunSetup setup_run(Config& cfg) {
   if (init) {
     // LoRA adapters the source does not have start from their initial values (B = 0: the
     // source's model); the load replaces everything else.
-    if (cfg.model.lora.on()) model.init_weights(t.seed);
+    if (cfg.model.lora.on()) model.init_adapters(t.seed);
     init->load_weights(model);
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);

@@ -311,6 +311,9 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t h = kvh * s.group; h < (kvh + 1) * s.group; ++h) {
     for (int64_t i0 = j0; i0 < t_end; i0 += kB) {
+      // Packed rows: once a query tile's first document starts after this key tile, so do all
+      // later ones (starts never decrease); the same for every thread of the block.
+      if (doc_lo(s, b, i0) > j0 + nk - 1) break;
       const int64_t nq = s.T - i0 < kB ? s.T - i0 : kB;
       __syncthreads();  // the previous tile's reads of Qs, dOs, Ss, Ls, Dsm are done
       load_tile<kD>(Qs, base + i0 * s.Cq + h * s.HS, s.Cq, nq, s.HS);

@@ -2,8 +2,8 @@
 // attention_backward (cpu/kernels.h) with the same layout, masking and saved lse. Pointers are
 // device memory; calls are queued on cuda::stream() and return without waiting.
 //
-//   cuda::attention_forward(out, lse, qkv, B, T, NH, NKV, HS, window);  // out (B, T, NH*HS)
-//   cuda::attention_backward(dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS, window);  // dqkv +=
+//   cuda::attention_forward(out, lse, qkv, B, T, NH, NKV, HS, window, doc_start);  // (B, T, NH*HS)
+//   cuda::attention_backward(dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS, window, doc_start);
 //
 // qkv is (B, T, (NH + 2*NKV) * HS) = [q heads | k heads | v heads]; query head h reads kv head
 // h / (NH / NKV). window > 0: query t sees keys (t - window, t]; 0: all of [0, t]. doc_start

@@ -206,9 +206,10 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
   const int64_t BT = B * T;
   if (BT <= 0 || C <= 0) return;
   scatter_rows(dwte, dout, tokens, BT, C, V);
-  if (dwpe && pos)
+  if (dwpe && pos) {
+    if (P <= 0) detail::raise("cuda::embedding_backward: positions need P, the table's rows");
     scatter_rows(dwpe, dout, pos, BT, C, P);
-  else if (dwpe)
+  } else if (dwpe)
     launch_map(EmbeddingWpeGradOp{dwpe, dout, B, T, C}, T * C, C % 4 == 0 && aligned16(dwpe, dout));
 }
 

@@ -45,8 +45,7 @@ void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, c
 // vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b, or with
 // pos (B*T; P rows of wpe) the same scatter as dwte's by position.
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
-                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr,
-                        int64_t P = 0);
+                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P);
 
 // LayerNorm over rows of C; mean, rstd (N) are saved for backward. bias / dbias may be null.
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
