@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -65,6 +66,35 @@ TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
   auto bad = testing::run_lmforge("generate --checkpoint run --system hi --prompt x", dir);
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("--chat-template"), std::string::npos) << bad.err;
+}
+
+// NEFTune's noise comes from (seed, step, rank, micro-batch): an interrupted and resumed run
+// equals an uninterrupted one bit for bit, and differs from a run without noise.
+TEST(Neftune, ResumeIsBitExactAndTheNoiseIsApplied) {
+  const std::string dir = testing::temp_dir("neftune-e2e");
+  const std::string common =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=2 --set model.vocab_size=257 "
+      "--set model.max_seq_len=64 --set data.text=demo:kjv --set data.tokenizer=byte "
+      "--set train.batch_size=4 --set train.seq_len=64 --set train.grad_accum=2 "
+      "--set train.steps=8 --set train.checkpoint_every=4 --set train.keep_last=0 "
+      "--set train.eval_every=0 --set sample.prompt= ";
+  const std::string noisy = common + "--set train.neftune_alpha=5 ";
+  ASSERT_EQ(testing::run_lmforge(noisy + "--set run.dir=a", dir).exit_code, 0);
+  ASSERT_EQ(testing::run_lmforge(noisy + "--set run.dir=b", dir).exit_code, 0);
+  ASSERT_EQ(testing::run_lmforge(common + "--set run.dir=plain", dir).exit_code, 0);
+  std::filesystem::remove_all(dir + "/b/checkpoints/step-00000008");
+  auto r = testing::run_lmforge(noisy + "--set run.dir=b --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss");
+  auto b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
+  auto p = testing::records_of(dir + "/plain/metrics.jsonl", "loss");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), 8u);
+  ASSERT_EQ(p.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
+    EXPECT_NE(a[i]["loss"].get<double>(), p[i]["loss"].get<double>()) << "step " << i + 1;
+  }
 }
 
 // LoRA from a pretrained checkpoint by config keys alone: the adapters learn, the base weights in

@@ -82,6 +82,9 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.activation_checkpointing", &c.train.activation_checkpointing,
        "none | selective (recompute norms and MLP activations) | full (whole blocks)"},
       {"train.z_loss", &c.train.z_loss, "z-loss coefficient (mean logsumexp^2); 0 = off"},
+      {"train.neftune_alpha", &c.train.neftune_alpha,
+       "NEFTune: training adds uniform noise of scale alpha / sqrt(T C) to the embeddings (5 "
+       "typical); 0 = off"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

@@ -50,6 +50,8 @@ struct TrainConfig {
   double grad_clip = 1.0;                         // max global norm; 0 = off
   std::string activation_checkpointing = "none";  // none | selective | full (nn/block.h)
   double z_loss = 0;                              // PaLM z-loss coefficient (1e-4 typical); 0 = off
+  double neftune_alpha =
+      0;  // NEFTune: uniform noise of alpha / sqrt(T C) on the embeddings; 0 = off
   double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
   int64_t spike_window = 100;      // steps in the rolling statistics
   int64_t max_skips = 10;          // consecutive skipped steps before the run stops

@@ -155,6 +155,7 @@ void Transformer::to(Device device) {
   shared_acts_ = {};
   scratch_ = {};
   nf_ = {};
+  noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   B_ = T_ = 0;
@@ -253,6 +254,7 @@ float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets,
                                     int32_t ignore_index, const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
   const double dloss = stage(tokens, targets, ignore_index, &loss_scale, doc_ids);
+  stage_noise();
   run_step(dloss);
   return read_loss();  // after the backward is queued: the step's one wait for the GPU
 }
@@ -315,9 +317,24 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
   return loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
 }
 
+void Transformer::stage_noise() {
+  if (neftune_alpha_ <= 0) return;
+  if (!noise_.defined() || noise_.shape() != x0_.shape() || noise_.device() != device()) {
+    noise_ = Tensor::empty(x0_.shape(), DType::kF32, device());  // once per plan
+    host_noise_ = device() == Device::kCPU ? noise_ : Tensor::empty(x0_.shape(), DType::kF32);
+  }
+  const double bound = neftune_alpha_ / std::sqrt(static_cast<double>(T_ * cfg_.n_embd));
+  Rng rng(neftune_key_ * 0xbf58476d1ce4e5b9ull + ++neftune_calls_);
+  float* n = host_noise_.data<float>();
+  for (int64_t i = 0; i < host_noise_.numel(); ++i)
+    n[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
+  if (device() != Device::kCPU) noise_.copy_from(host_noise_);
+}
+
 void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor(),
                          positions_.ids);
+  if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     hooks().before_forward(l + 1);

@@ -159,7 +159,17 @@ class Transformer {
     z_loss_ = z;
     graph_ = {};
   }
+  // NEFTune (Jain et al. 2023, as Hugging Face's trainer): training forwards add uniform noise in
+  // [-alpha / sqrt(T C), +alpha / sqrt(T C)] to the embeddings; evaluation adds none. The noise
+  // of the k-th training micro-batch after this call is drawn from (key, k) on the host. alpha 0
+  // = off (the default).
+  void set_neftune(double alpha, uint64_t key) {
+    neftune_alpha_ = alpha;
+    neftune_key_ = key;
+    neftune_calls_ = 0;
+  }
   const Tensor& logits() const { return logits_; }  // (B, T, V) after forward, if kept
+  const Tensor& embeddings() const { return x0_; }  // (B, T, C): the last forward's block input
 
   KvCache make_cache(int64_t max_len) const;
   // Runs n tokens at positions pos0.. through the model with the cache; returns the logits of
@@ -237,6 +247,10 @@ class Transformer {
   int32_t ignore_index_ = -100;
   int64_t target_count_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
+  double neftune_alpha_ = 0;
+  uint64_t neftune_key_ = 0, neftune_calls_ = 0;
+  Tensor noise_, host_noise_;  // (B, T, C) NEFTune's noise, and its host staging on a GPU
+  void stage_noise();
 
   const Tensor& lm_head_weight() const { return lm_head_->matmul_weight(); }
 };

@@ -133,6 +133,8 @@ void validate_train_config(const Config& cfg) {
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
+  if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
+    fail("train.neftune_alpha: must be >= 0 (0 = off; 5 is typical), got {}", t.neftune_alpha);
   if (t.spike_zscore < 0)
     fail("train.spike_zscore: must be >= 0 (0 = off), got {}", t.spike_zscore);
   positive(t.spike_window, "spike_window");
@@ -666,6 +668,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (fault != faults.end() && (fault->second == "kill" || fault->second == "hang"))
       inject_rank_failure(fault->second, *world);
     double lse_sq = 0;
+    // NEFTune's noise: drawn from (seed, step, rank, micro-batch), so a resumed run draws the same.
+    if (t.neftune_alpha > 0)
+      model.set_neftune(t.neftune_alpha, t.seed * 0x9e3779b97f4a7c15ull ^
+                                             static_cast<uint64_t>(step) << 20 ^
+                                             static_cast<uint64_t>(world->rank()));
     double loss = dp.forward_backward(micro, &lse_sq);
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
       inject_fault(fault->second, dp, loss);
