@@ -43,6 +43,28 @@ void batch(Tensor& tok, Tensor& tgt, uint64_t seed) {
   }
 }
 
+// B starts at 0; values for it, so that the adapters change the model and A gets a gradient.
+void randomize_b(Transformer& m, uint64_t seed) {
+  Rng rng(seed);
+  for (Param& p : m.params().params())
+    if (p.name.ends_with(".lora_b"))
+      for (int64_t i = 0; i < p.shape.numel(); ++i)
+        p.value.data<float>()[i] = static_cast<float>(0.05 * rng.normal());
+}
+
+// Both models planned for (kB, kT) and run through one training micro-batch from zeroed
+// gradients; their losses.
+std::pair<float, float> train_both(Transformer& a, Transformer& b, uint64_t seed) {
+  Tensor tok, tgt;
+  batch(tok, tgt, seed);
+  a.plan(kB, kT);
+  b.plan(kB, kT);
+  a.params().zero_grad();
+  b.params().zero_grad();
+  const float la = a.forward_backward(tok, tgt);
+  return {la, b.forward_backward(tok, tgt)};
+}
+
 const Param& param(const Transformer& m, const std::string& name) {
   for (const Param& p : m.params().params())
     if (p.name == name) return p;
@@ -65,12 +87,7 @@ void check_against_merged(const std::string& preset) {
   Transformer lora(lc), merged(bc);
   lora.init_weights(3);
   merged.init_weights(3);
-  // B starts at 0; give it values so that the adapters change the model and A gets a gradient.
-  Rng rng(9);
-  for (Param& p : lora.params().params())
-    if (p.name.ends_with(".lora_b"))
-      for (int64_t i = 0; i < p.shape.numel(); ++i)
-        p.value.data<float>()[i] = static_cast<float>(0.05 * rng.normal());
+  randomize_b(lora, 9);
   const double s = lc.lora.scale();
   std::vector<std::string> layers;
   for (Param& p : merged.params().params()) {
@@ -94,13 +111,7 @@ void check_against_merged(const std::string& preset) {
   }
   ASSERT_EQ(layers.size(), 4u * lc.n_layer) << "qkv, proj, fc and down of every block";
 
-  Tensor tok, tgt;
-  batch(tok, tgt, 21);
-  lora.plan(kB, kT);
-  merged.plan(kB, kT);
-  lora.params().zero_grad();
-  merged.params().zero_grad();
-  const float ll = lora.forward_backward(tok, tgt), lm = merged.forward_backward(tok, tgt);
+  const auto [ll, lm] = train_both(lora, merged, 21);
   EXPECT_NEAR(ll, lm, 2e-6 * std::fabs(lm));
 
   for (const std::string& layer : layers) {
@@ -191,20 +202,10 @@ TEST(Lora, Bf16IsCloseToFp32) {
   Transformer f32(lc), b16(lc);
   for (Transformer* m : {&f32, &b16}) {
     m->init_weights(2);
-    Rng rng(6);  // B != 0, so that A has a gradient too
-    for (Param& p : m->params().params())
-      if (p.name.ends_with(".lora_b"))
-        for (int64_t i = 0; i < p.shape.numel(); ++i)
-          p.value.data<float>()[i] = static_cast<float>(0.05 * rng.normal());
+    randomize_b(*m, 6);
   }
   b16.enable_bf16();
-  Tensor tok, tgt;
-  batch(tok, tgt, 8);
-  f32.plan(kB, kT);
-  b16.plan(kB, kT);
-  f32.params().zero_grad();
-  b16.params().zero_grad();
-  const float lf = f32.forward_backward(tok, tgt), lb = b16.forward_backward(tok, tgt);
+  const auto [lf, lb] = train_both(f32, b16, 8);
   EXPECT_NEAR(lb, lf, 2e-2 * std::fabs(lf));
   for (size_t i = 0; i < f32.params().params().size(); ++i) {
     const Param& a = f32.params().params()[i];
