@@ -7,6 +7,7 @@
   model_gpt2-tiny.safetensors     params, tokens, targets, logits, loss, grad.<param> (model_ref.py)
   model_llama3-tiny.safetensors
   adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
+  preference.safetensors          DPO and ORPO losses and gradients on gpt2-tiny (preference_ref.py)
   tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
                                   ~1.5 MB corpus sample and hard cases (tokenizer_ref.py)
 
@@ -33,6 +34,7 @@ import adamw_ref  # noqa: E402
 import hf_models_ref  # noqa: E402
 import model_ref  # noqa: E402
 import ops_ref  # noqa: E402
+import preference_ref  # noqa: E402
 import tokenizer_ref  # noqa: E402
 
 # Reference tokenizer files, read-only, beside the checkout (../shared/assets/tokenizers).
@@ -72,6 +74,9 @@ def main():
 
     tensors, hyper = adamw_ref.make()
     save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "torch": torch.__version__})
+
+    tensors, hyper = preference_ref.make()
+    save("preference.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})
 
     tokenizer_ref.make(os.path.join(args.out, "tokenizers"), args.tokenizer_assets)
 

@@ -125,10 +125,14 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
 // written).
 // vocab > 0: the logits' rows are padded past the vocab (last(logits) > vocab; a GPU with bf16
 // dlogits only: the LM head's 16-byte rows there), the padding is not read.
+// row_scale (optional; N fp32 on the logits' device): row i's gradient is scaled by dloss *
+// row_scale[i] (per-sequence objectives such as DPO weigh each row's tokens by their sequence's
+// gradient).
 void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
                                    const Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, int32_t ignore_index, double dloss,
-                                   double z_loss = 0, int64_t vocab = 0);
+                                   double z_loss = 0, int64_t vocab = 0,
+                                   const Tensor& row_scale = {});
 
 // b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);

@@ -94,8 +94,14 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
 void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_sum,
                                    const Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, int32_t ignore_index, double dloss,
-                                   double z_loss, int64_t vocab) {
+                                   double z_loss, int64_t vocab, const Tensor& row_scale) {
   same_device("softmax_xent_forward_backward", logits, {&losses, &lse_sq_sum, &dlogits, &targets});
+  if (row_scale.defined()) {
+    same_device("softmax_xent_forward_backward", logits, {&row_scale});
+    LMF_CHECK(row_scale.dtype() == DType::kF32 && row_scale.numel() == rows(logits),
+              "xent: row_scale {} for {} rows (fp32)", row_scale.shape().str(), rows(logits));
+  }
+  const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx, N = rows(logits);
   LMF_CHECK(V <= ldx &&
                 (V == ldx || (logits.device() == Device::kCUDA && dlogits.dtype() == DType::kBF16)),
@@ -114,7 +120,7 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
       double part = 0;
       cpu::softmax_xent_forward_backward<float>(
           ptr<float>(losses) + r0, dst, cptr<float>(logits) + r0 * V, targets.data<int32_t>() + r0,
-          dl, n, V, ignore_index, z_loss, &part);
+          dl, n, V, ignore_index, z_loss, &part, rs ? rs + r0 : nullptr);
       total += part;
     };
     dispatch(
@@ -123,9 +129,10 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
           cpu_rows_bf16("softmax_xent_forward_backward", dlogits, N, V, fill);
           lse_sq_sum.data<double>()[0] = total;
         },
-        LMF_GPU(cuda::softmax_xent_forward_backward(
-            ptr<float>(losses), lse_sq_sum.data<double>(), dlogits.bf16_data(), ld,
-            cptr<float>(logits), targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, ldx)));
+        LMF_GPU(cuda::softmax_xent_forward_backward(ptr<float>(losses), lse_sq_sum.data<double>(),
+                                                    dlogits.bf16_data(), ld, cptr<float>(logits),
+                                                    targets.data<int32_t>(), dl, N, V, ignore_index,
+                                                    z_loss, ldx, rs)));
     return;
   }
   dispatch(
@@ -134,11 +141,11 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
         using T = decltype(tag);
         cpu::softmax_xent_forward_backward<T>(ptr<T>(losses), ptr<T>(dlogits), cptr<T>(logits),
                                               targets.data<int32_t>(), static_cast<T>(dloss), N, V,
-                                              ignore_index, z_loss, lse_sq_sum.data<double>());
+                                              ignore_index, z_loss, lse_sq_sum.data<double>(), rs);
       },
       LMF_GPU(cuda::softmax_xent_forward_backward(
           ptr<float>(losses), lse_sq_sum.data<double>(), ptr<float>(dlogits), cptr<float>(logits),
-          targets.data<int32_t>(), dl, N, V, ignore_index, z_loss)));
+          targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, rs)));
 }
 
 }  // namespace lmforge::ops

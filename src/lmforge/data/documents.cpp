@@ -61,20 +61,30 @@ DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions o
     : files_(std::move(files)), opt_(std::move(opt)) {
   if (opt_.text_mode != "file" && opt_.text_mode != "blank_line")
     fail("text_mode: expected file or blank_line, got \"{}\"", opt_.text_mode);
-  if (opt_.format != "text" && opt_.format != "chat")
-    fail("format: expected text or chat, got \"{}\"", opt_.format);
-  if (opt_.format != "chat" && !opt_.chat_template.empty())
-    fail("chat_template: \"{}\" applies to format chat only (this source is format {})",
-         opt_.chat_template, opt_.format);
-  if (opt_.format == "chat") {
+  if (opt_.format != "text" && opt_.format != "chat" && opt_.format != "preference")
+    fail("format: expected text, chat or preference, got \"{}\"", opt_.format);
+  if (opt_.format == "text" && !opt_.chat_template.empty())
+    fail(
+        "chat_template: \"{}\" applies to formats chat and preference only (this source is "
+        "format text)",
+        opt_.chat_template);
+  if (opt_.format == "preference" && !opt_.field.empty())
+    fail(
+        "field: format preference reads the fields prompt, chosen and rejected; remove field "
+        "\"{}\"",
+        opt_.field);
+  if (opt_.format == "chat" || !opt_.chat_template.empty())
     render_chat_template({}, opt_.chat_format());  // an unknown template fails here
+  if (opt_.format != "text")
     for (const std::string& f : files_)
       if (!is_jsonl(f))
-        fail(
-            "{}: format chat reads JSONL, one conversation per line ({{\"{}\": [{{\"role\": ..., "
-            "\"content\": ...}}, ...]}}); convert it or use format text",
-            f, opt_.json_field());
-  }
+        fail("{}: format {} reads JSONL, one {} per line; convert it or use format text", f,
+             opt_.format,
+             opt_.format == "chat"
+                 ? fmt::format(
+                       "conversation ({{\"{}\": [{{\"role\": ..., \"content\": ...}}, ...]}})",
+                       opt_.json_field())
+                 : "preference pair ({\"prompt\": ..., \"chosen\": ..., \"rejected\": ...})");
 }
 
 bool DocumentReader::open_next_file() {
@@ -135,6 +145,10 @@ Document DocumentReader::finish(RawRecord&& r) const {
     finish_chat(root, &d);
     return d;
   }
+  if (opt_.format == "preference") {
+    finish_preference(root, &d);
+    return d;
+  }
   std::string_view text;
   if (root[opt_.json_field()].get_string().get(text) != simdjson::SUCCESS) {
     d.skip = "missing_field";  // not an object, no such field, or not a string
@@ -171,6 +185,73 @@ void DocumentReader::finish_chat(const simdjson::dom::element& root, Document* d
   d->text = render_chat_template(d->messages, opt_.chat_format());
   check_text(d, /*utf8_checked=*/true);
   if (!d->skip.empty()) d->messages.clear();
+}
+
+namespace {
+// A preference record's field: a string (one message of `role`) or a list of messages. Returns
+// false when it is neither, or a message is malformed; absent leaves `out` empty.
+bool read_turns(const simdjson::dom::element& root, const char* key, const char* role,
+                bool allow_list, std::vector<ChatMessage>& out, bool& present) {
+  simdjson::dom::element v;
+  present = root[key].get(v) == simdjson::SUCCESS;
+  if (!present) return true;
+  std::string_view text;
+  if (v.get_string().get(text) == simdjson::SUCCESS) {
+    out.push_back({role, std::string(text)});
+    return true;
+  }
+  simdjson::dom::array turns;
+  if (!allow_list || v.get_array().get(turns) != simdjson::SUCCESS) return false;
+  for (simdjson::dom::element turn : turns) {
+    std::string_view r, content;
+    if (turn["role"].get_string().get(r) != simdjson::SUCCESS ||
+        turn["content"].get_string().get(content) != simdjson::SUCCESS)
+      return false;
+    out.push_back({std::string(r), std::string(content)});
+  }
+  return true;
+}
+
+bool has_assistant(const std::vector<ChatMessage>& m) {
+  return std::any_of(m.begin(), m.end(),
+                     [](const ChatMessage& x) { return x.role == "assistant"; });
+}
+}  // namespace
+
+void DocumentReader::finish_preference(const simdjson::dom::element& root, Document* d) const {
+  // Plain pairs (no chat template) are strings: the prompt's text, then the response's.
+  const bool chat = !opt_.chat_template.empty();
+  std::vector<ChatMessage> prompt, chosen, rejected;
+  bool has_prompt = false, has_chosen = false, has_rejected = false;
+  const bool ok = read_turns(root, "prompt", "user", chat, prompt, has_prompt) &&
+                  read_turns(root, "chosen", "assistant", chat, chosen, has_chosen) &&
+                  read_turns(root, "rejected", "assistant", chat, rejected, has_rejected);
+  if (!ok) {
+    d->skip = "malformed_pair";
+    return;
+  }
+  if (!has_chosen || !has_rejected) {
+    d->skip = "missing_field";
+    return;
+  }
+  if (!has_assistant(chosen) || !has_assistant(rejected)) {
+    d->skip = "no_assistant";
+    return;
+  }
+  d->messages = prompt;
+  d->messages.insert(d->messages.end(), chosen.begin(), chosen.end());
+  d->rejected = std::move(prompt);
+  d->rejected.insert(d->rejected.end(), rejected.begin(), rejected.end());
+  if (chat) {
+    d->text = render_chat_template(d->messages, opt_.chat_format()) +
+              render_chat_template(d->rejected, opt_.chat_format());
+  } else {
+    d->text.clear();
+    for (const auto* m : {&d->messages, &d->rejected})
+      for (const ChatMessage& x : *m) d->text += x.content;
+  }
+  check_text(d, /*utf8_checked=*/true);
+  if (!d->skip.empty()) d->messages.clear(), d->rejected.clear();
 }
 
 bool DocumentReader::next_raw(RawRecord* r) {

@@ -9,6 +9,12 @@
 // of {"role": ..., "content": ...} objects; skipped as malformed_chat when it is anything else
 // and as no_assistant without an assistant turn (nothing to train on). Its text is the
 // conversation rendered with the chat template (tokenizer/chat_template.h).
+// Preference (format "preference", JSONL only; DPO and ORPO): fields "prompt" (optional),
+// "chosen" and "rejected", as TRL's datasets: strings, or with a chat template also lists of
+// messages (a string prompt is a user turn, a string response an assistant turn). messages is
+// the prompt + chosen, rejected the prompt + rejected; skipped as malformed_pair (a field of the
+// wrong kind, a list without a template, a malformed message), missing_field (no chosen or
+// rejected) or no_assistant. Without a template the pair is plain text: prompt then response.
 //
 //   DocumentReader r(files, {.field = "text", .text_mode = "file"});
 //   Document d;
@@ -33,8 +39,8 @@ struct DocumentOptions {
   std::string field;               // the JSONL field; empty: "text", or "messages" for chat
   std::string text_mode = "file";  // file | blank_line
   uint64_t max_document_bytes = 64ull << 20;
-  std::string format = "text";  // text | chat
-  std::string chat_template;    // chat: chatml (when empty) | llama3
+  std::string format = "text";  // text | chat | preference
+  std::string chat_template;    // chat: chatml (when empty) | llama3; preference: none = plain
   const std::string& json_field() const {
     static const std::string text = "text", messages = "messages";
     return !field.empty() ? field : format == "chat" ? messages : text;
@@ -47,7 +53,8 @@ struct DocumentOptions {
 
 struct Document {
   std::string text;
-  std::vector<ChatMessage> messages;  // format "chat"
+  std::vector<ChatMessage> messages;  // format "chat"; "preference": prompt + chosen
+  std::vector<ChatMessage> rejected;  // format "preference": prompt + rejected
   std::string skip;                   // reason it is skipped; empty = keep
   bool bom_removed = false;
 };
@@ -75,6 +82,7 @@ class DocumentReader {
   bool open_next_file();
   void check_text(Document* doc, bool utf8_checked = false) const;
   void finish_chat(const simdjson::dom::element& root, Document* doc) const;
+  void finish_preference(const simdjson::dom::element& root, Document* doc) const;
   std::vector<std::string> files_;
   DocumentOptions opt_;
   size_t file_ = 0;

@@ -60,6 +60,16 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     fail("loader: rank {} of world {} is invalid", o_.rank, o_.world);
   if (o_.batch < 1 || o_.seq < 1)
     fail("loader: batch size {} and sequence length {} must be at least 1", o_.batch, o_.seq);
+  if (o_.pairs && o_.batch % 2)
+    fail(
+        "train.batch_size: {} is odd; a preference pair takes two rows (chosen, rejected), make "
+        "it even",
+        o_.batch);
+  if (o_.pairs && o_.packing != "none")
+    fail(
+        "data.packing: {} packs documents, but preference pairs take a row per response; set "
+        "data.packing: none",
+        o_.packing);
   double wsum = 0;
   for (const DataSourceSpec& spec : specs) {
     Source s;
@@ -69,7 +79,9 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
       s.shards.push_back(TokenShard::open(p));
       s.tokens += s.shards.back().size();
     }
-    if (o_.packing == "best_fit")
+    if (o_.pairs)
+      plan_pairs(s);
+    else if (o_.packing == "best_fit")
       plan_best_fit(s);
     else
       plan_chunks(s);
@@ -161,7 +173,46 @@ void Loader::plan_best_fit(Source& s) {
   }
 }
 
-void Loader::fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) const {
+void Loader::plan_pairs(Source& s) {
+  const int64_t L = o_.seq + 1;
+  s.first_span.push_back(0);
+  for (size_t k = 0; k < s.shards.size(); ++k) {
+    const TokenShard& sh = s.shards[k];
+    if (!sh.paired())
+      fail(
+          "{}: is not made of preference pairs, which train.objective dpo and orpo train on; "
+          "make them with `lmforge prepare --format preference`",
+          sh.path());
+    for (int64_t d = 0; d < sh.num_docs(); d += 2) {
+      bool cut = false;
+      for (int64_t side = 0; side < 2; ++side) {  // chosen, rejected: cut to T+1 tokens
+        const int64_t b = sh.doc_start(d + side), len = sh.doc_start(d + side + 1) - b;
+        cut = cut || len > L;
+        s.spans.push_back({static_cast<int32_t>(k), static_cast<int32_t>(std::min(len, L)), b});
+        s.filled += std::min(len, L);
+      }
+      s.docs += 2;
+      s.cut_packed += cut;  // pairs cut by train.seq_len
+      s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
+    }
+  }
+}
+
+void Loader::fill_sample(const Source& s, int64_t sample, int64_t row, Batch& b) const {
+  const int64_t k0 = s.first_span[sample], k1 = s.first_span[sample + 1];
+  if (!o_.pairs) return fill_row(s, k0, k1, row, b);
+  for (int64_t k = k0; k < k1; ++k) fill_row(s, k, k + 1, row + (k - k0), b);
+}
+
+void Loader::pad_row(int64_t row, Batch& b) const {
+  const int64_t T = o_.seq;
+  std::fill_n(b.tokens.data<int32_t>() + row * T, T, o_.pad_token);
+  std::fill_n(b.targets.data<int32_t>() + row * T, T, o_.ignore_index);
+  std::fill_n(b.positions.data<int32_t>() + row * T, T, 0);
+  std::fill_n(b.doc_ids.data<int32_t>() + row * T, T, -1);
+}
+
+void Loader::fill_row(const Source& s, int64_t k0, int64_t k1, int64_t row, Batch& b) const {
   const int64_t T = o_.seq;
   int32_t* tok = b.tokens.data<int32_t>() + row * T;
   int32_t* tgt = b.targets.data<int32_t>() + row * T;
@@ -170,7 +221,7 @@ void Loader::fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) co
   // The sample's T+1 tokens, padded; seq[i] predicts seq[i+1] within the same span.
   int64_t t = 0;
   int32_t d = 0;
-  for (int64_t k = s.first_span[sample]; k < s.first_span[sample + 1]; ++k, ++d) {
+  for (int64_t k = k0; k < k1; ++k, ++d) {
     const Span& sp = s.spans[k];
     const TokenShard& sh = s.shards[sp.shard];
     for (int64_t i = 0; i < sp.len && t <= T; ++i, ++t) {
@@ -214,16 +265,16 @@ int64_t Loader::take(Source& s) {
 void Loader::next(Batch& b) {
   last_.clear();
   // Every rank walks the whole global batch (sources drawn, samples taken) and fills its rows.
-  const int64_t first = o_.rank * o_.batch;
-  for (int64_t row = 0; row < o_.batch * o_.world; ++row) {
+  const int64_t per = rows_per_sample(), n = o_.batch / per, first = o_.rank * n;
+  for (int64_t i = 0; i < n * o_.world; ++i) {
     size_t src = 0;
     if (sources_.size() > 1) {
       double u = rng_.uniform();
       while (src + 1 < sources_.size() && u >= cumulative_[src]) ++src;
     }
     int64_t sample = take(sources_[src]);
-    if (row < first || row >= first + o_.batch) continue;
-    fill_row(sources_[src], sample, row - first, b);
+    if (i < first || i >= first + n) continue;
+    fill_sample(sources_[src], sample, (i - first) * per, b);
     last_.push_back({static_cast<int32_t>(src), sample});
   }
 }
@@ -231,32 +282,30 @@ void Loader::next(Batch& b) {
 void Loader::sequential(int64_t i, Batch& b) const {
   int64_t total = 0;
   for (const Source& s : sources_) total += s.samples();
-  for (int64_t row = 0; row < o_.batch; ++row) {
-    int64_t k = i * o_.batch + row;
-    if (k >= total) {  // past the end: a row of padding
-      const int64_t T = o_.seq;
-      std::fill_n(b.tokens.data<int32_t>() + row * T, T, o_.pad_token);
-      std::fill_n(b.targets.data<int32_t>() + row * T, T, o_.ignore_index);
-      std::fill_n(b.positions.data<int32_t>() + row * T, T, 0);
-      std::fill_n(b.doc_ids.data<int32_t>() + row * T, T, -1);
+  const int64_t per = rows_per_sample(), n = o_.batch / per;
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t k = i * n + j;
+    if (k >= total) {  // past the end: rows of padding
+      for (int64_t q = 0; q < per; ++q) pad_row(j * per + q, b);
       continue;
     }
     size_t src = 0;
     while (k >= sources_[src].samples()) k -= sources_[src++].samples();
-    fill_row(sources_[src], k, row, b);
+    fill_sample(sources_[src], k, j * per, b);
   }
 }
 
 int64_t Loader::sequential_batches() const {
   int64_t total = 0;
   for (const Source& s : sources_) total += s.samples();
-  return (total + o_.batch - 1) / o_.batch;
+  const int64_t n = o_.batch / rows_per_sample();
+  return (total + n - 1) / n;
 }
 
 nlohmann::json Loader::stats() const {
   nlohmann::json j = nlohmann::json::array();
   for (const Source& s : sources_) {
-    double slots = static_cast<double>(s.samples()) * (o_.seq + 1);
+    double slots = static_cast<double>(s.samples() * rows_per_sample()) * (o_.seq + 1);
     j.push_back({{"source", s.spec},
                  {"weight", s.weight},
                  {"tokens", s.tokens},

@@ -49,6 +49,10 @@ struct LoaderOptions {
   int64_t rank = 0, world = 1;
   int32_t pad_token = 0;
   int32_t ignore_index = -100;
+  // Preference pairs (train.objective dpo, orpo): a sample is a pair of documents of paired
+  // shards (prepare --format preference), filling rows 2j (chosen) and 2j+1 (rejected), each cut
+  // to T+1 tokens; batch counts rows and must be even.
+  bool pairs = false;
 };
 
 struct Batch {
@@ -76,7 +80,7 @@ class Loader {
   void sequential(int64_t i, Batch& batch) const;
   int64_t sequential_batches() const;
 
-  // Samples of the last next(), one per row.
+  // Samples of the last next(), one per row (per pair of rows with pairs).
   const std::vector<SampleId>& last_samples() const { return last_; }
   int64_t num_tokens() const { return total_tokens_; }
   int64_t num_samples(int source) const { return sources_[source].samples(); }
@@ -112,7 +116,13 @@ class Loader {
   };
   void plan_chunks(Source& s);
   void plan_best_fit(Source& s);
-  void fill_row(const Source& s, int64_t sample, int64_t row, Batch& b) const;
+  void plan_pairs(Source& s);
+  // Rows per sample: 2 with pairs, else 1.
+  int64_t rows_per_sample() const { return o_.pairs ? 2 : 1; }
+  // The sample's rows from `row` on: one row of its spans, or (pairs) one row per span.
+  void fill_sample(const Source& s, int64_t sample, int64_t row, Batch& b) const;
+  void fill_row(const Source& s, int64_t k0, int64_t k1, int64_t row, Batch& b) const;
+  void pad_row(int64_t row, Batch& b) const;
   int64_t take(Source& s);
 
   LoaderOptions o_;

@@ -75,6 +75,7 @@ class Job {
                     o_.val_fraction, o_.val_docs, o_.seed, src_.doc.json_field(),
                     src_.doc.text_mode, src_.doc.max_document_bytes);
     if (chat()) key_src += "chat:" + src_.doc.chat_format() + "|";
+    if (preference()) key_src += "preference:" + src_.doc.chat_template + "|";
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -134,6 +135,7 @@ class Job {
     std::vector<Document> docs[2];
     std::vector<std::vector<int32_t>> ids[2];
     std::vector<std::vector<uint8_t>> masks[2];  // chat: the assistant's tokens
+    std::vector<size_t> splits[2];  // preference: ids = chosen's then rejected's from here
     auto apply = [&](int slot, uint64_t consumed) {
       for (size_t k = 0; k < docs[slot].size(); ++k) {
         const Document& d = docs[slot][k];
@@ -142,7 +144,8 @@ class Job {
         if (!d.skip.empty())
           ++skipped_[d.skip];
         else
-          add(index, ids[slot][k], d.text, chat() ? masks[slot][k].data() : nullptr);
+          add(index, ids[slot][k], d.text, masked() ? masks[slot][k].data() : nullptr,
+              preference() ? splits[slot][k] : 0);
       }
       show(consumed, total_bytes);
     };
@@ -157,7 +160,8 @@ class Job {
       const int64_t n = static_cast<int64_t>(b.raw.size());
       docs[slot].resize(n);
       ids[slot].resize(n);  // the buffers are kept and reused: no allocation once warm
-      masks[slot].resize(chat() ? n : 0);
+      masks[slot].resize(masked() ? n : 0);
+      splits[slot].resize(preference() ? n : 0);
       std::exception_ptr serial_error, encode_error;  // must not leave the parallel region
 #pragma omp parallel
       {
@@ -178,6 +182,14 @@ class Job {
               ChatEncoding e = apply_chat_template(tok_, d.messages, src_.doc.chat_format());
               ids[slot][k] = std::move(e.ids);
               masks[slot][k] = std::move(e.assistant_mask);
+            } else if (d.skip.empty() && preference()) {
+              ChatEncoding c = encode_response(d.messages), r = encode_response(d.rejected);
+              splits[slot][k] = c.ids.size();
+              c.ids.insert(c.ids.end(), r.ids.begin(), r.ids.end());
+              c.assistant_mask.insert(c.assistant_mask.end(), r.assistant_mask.begin(),
+                                      r.assistant_mask.end());
+              ids[slot][k] = std::move(c.ids);
+              masks[slot][k] = std::move(c.assistant_mask);
             } else if (d.skip.empty()) {
               tok_.encode_append(d.text, ids[slot][k]);
             }
@@ -201,19 +213,50 @@ class Job {
 
  private:
   bool chat() const { return src_.doc.format == "chat"; }
+  bool preference() const { return src_.doc.format == "preference"; }
+  bool masked() const { return chat() || preference(); }
 
-  // is_target (chat): the loss mask of ids; the template frames the conversation (no BOS/EOS).
+  // A preference pair's side (prompt + response): with a chat template as chat data; plain, BOS
+  // + the prompt's text + the response's + EOS, the response and EOS its targets (the prompt and
+  // response tokenized apart, as TRL does).
+  ChatEncoding encode_response(const std::vector<ChatMessage>& turns) const {
+    if (!src_.doc.chat_template.empty())
+      return apply_chat_template(tok_, turns, src_.doc.chat_format());
+    ChatEncoding e;
+    auto push = [&e](int32_t id, uint8_t target) {
+      e.ids.push_back(id);
+      e.assistant_mask.push_back(target);
+    };
+    if (tok_.bos_id() >= 0) push(tok_.bos_id(), 0);
+    std::vector<int32_t> part;
+    for (const ChatMessage& m : turns) {
+      part.clear();
+      tok_.encode_append(m.content, part);
+      for (int32_t id : part) push(id, m.role == "assistant");
+    }
+    if (tok_.eos_id() >= 0) push(tok_.eos_id(), 1);
+    return e;
+  }
+
+  // is_target (chat, preference): the loss mask of ids; the template frames the conversation (no
+  // BOS/EOS). split (preference): ids are the chosen side's [0, split) then the rejected side's,
+  // written as two documents.
   void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text,
-           const uint8_t* is_target) {
+           const uint8_t* is_target, size_t split = 0) {
     bool val =
         o_.val_docs > 0 ? val_.docs < o_.val_docs : goes_to_val(o_.seed, text, o_.val_fraction);
     Split& b = val ? val_ : train_;
     if (!b.shard)
       b.shard = std::make_unique<ShardWriter>(
           fmt::format("{}/{}-{:05d}.bin", dir_, val ? "val" : "train", b.shards), info_,
-          ShardWriter::width_for(info_.vocab_size), /*loss_mask=*/chat());
+          ShardWriter::width_for(info_.vocab_size), /*loss_mask=*/masked(),
+          /*paired=*/preference());
     b.shard->begin_document();
-    if (chat()) {
+    if (preference()) {
+      b.shard->append(ids.data(), split, is_target);
+      b.shard->begin_document();
+      b.shard->append(ids.data() + split, ids.size() - split, is_target + split);
+    } else if (chat()) {
       b.shard->append(ids.data(), ids.size(), is_target);
     } else {
       if (tok_.bos_id() >= 0) b.shard->append(tok_.bos_id());
@@ -430,7 +473,8 @@ json run_prepare(const PrepareOptions& o) {
   }
   for (const PrepareSource& s : o.sources) {               // fail before any work
     DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
-    if (s.doc.format == "chat") {                          // the template's special tokens
+    if (s.doc.format == "chat" ||
+        (s.doc.format == "preference" && !s.doc.chat_template.empty())) {  // its specials
       try {
         apply_chat_template(*tok, {{"user", "?"}, {"assistant", "!"}}, s.doc.chat_format());
       } catch (const Error& e) {

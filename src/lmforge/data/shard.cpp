@@ -43,7 +43,10 @@ TokenShard TokenShard::open(const std::string& path) {
     s.tok_.kind.assign(base + 64, strnlen(base + 64, 16));
   }
   if (version >= 3) std::memcpy(&flags, base + 80, 4);
-  if (flags & ~1u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
+  if (flags & ~3u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
+  if (flags & 2u && (!(flags & 1u) || docs % 2))
+    fail("{}: a preference shard needs a loss mask and pairs of documents; re-create it", path);
+  s.paired_ = flags & 2u;
   const uint64_t index_bytes = docs ? (docs + 1) * 8 : 0;
   const uint64_t mask_bytes = flags & 1u ? (count + 7) / 8 : 0;
   if (count > size || docs > size ||
@@ -93,12 +96,13 @@ constexpr size_t kStageBytes = 1 << 20;
 }
 
 ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
-                         bool loss_mask)
+                         bool loss_mask, bool paired)
     : file_(std::make_unique<AtomicFile>(path)),
       path_(path),
       tok_(tok),
       width_(width),
-      masked_(loss_mask) {
+      masked_(loss_mask || paired),
+      paired_(paired) {
   LMF_CHECK(width == 2 || width == 4, "shard token width must be 2 or 4");
   char header[kShardHeaderBytes] = {};  // counts filled in by commit()
   file_->write(header, sizeof(header));
@@ -153,8 +157,10 @@ void ShardWriter::commit() {
     file_->write(&count_, 8);
   }
   if (masked_) file_->write(mask_.data(), mask_.size());
+  LMF_CHECK(!paired_ || docs % 2 == 0, "{}: {} documents make no pairs", path_, docs);
   char header[kShardHeaderBytes] = {};
-  const uint32_t version = masked_ ? kShardVersionMasked : kShardVersion, flags = masked_ ? 1 : 0;
+  const uint32_t version = masked_ ? kShardVersionMasked : kShardVersion,
+                 flags = (masked_ ? 1u : 0u) | (paired_ ? 2u : 0u);
   std::memcpy(header + 80, &flags, 4);
   std::memcpy(header, kShardMagic, 8);
   std::memcpy(header + 8, &version, 4);

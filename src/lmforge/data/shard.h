@@ -9,7 +9,9 @@
 //   bytes 40..47  i32 BOS id, i32 EOS id (-1 = none)
 //   bytes 48..63  tokenizer fingerprint, 16 ASCII hex digits
 //   bytes 64..79  tokenizer kind, ASCII, NUL-padded
-//   bytes 80..83  u32 flags (version 3): bit 0 = a loss mask follows the index
+//   bytes 80..83  u32 flags (version 3): bit 0 = a loss mask follows the index; bit 1 =
+//                 preference pairs (with bit 0): documents 2j and 2j+1 are pair j's chosen and
+//                 rejected responses with their prompt, the mask marking the responses
 //   bytes 84..255 reserved, zero
 //   bytes 256..   N tokens, little-endian; then, when D > 0, D+1 u64 document start offsets;
 //                 then, with a loss mask, ceil(N/8) bytes: bit i % 8 of byte i / 8 set when token
@@ -61,6 +63,8 @@ class TokenShard {
   // Loss mask: whether token i may be a target (the loader ignores targets it clears).
   bool has_loss_mask() const { return mask_ != nullptr; }
   bool is_target(int64_t i) const { return !mask_ || (mask_[i >> 3] >> (i & 7)) & 1; }
+  // Preference pairs (prepare --format preference): documents 2j, 2j+1 are chosen, rejected.
+  bool paired() const { return paired_; }
   const std::string& path() const { return path_; }
 
  private:
@@ -74,6 +78,7 @@ class TokenShard {
   const char* docs_ = nullptr;  // D+1 little-endian u64
   uint64_t docs_n_ = 0;
   const uint8_t* mask_ = nullptr;  // ceil(N/8) bytes, or null
+  bool paired_ = false;
 };
 
 // Streams one shard to disk: tokens go to the file as they are appended (converted to the
@@ -87,9 +92,9 @@ class TokenShard {
 class ShardWriter {
  public:
   // loss_mask: the shard carries a loss mask (version 3); append() without one marks its tokens
-  // as targets.
+  // as targets. paired: preference pairs (a loss mask too; an even number of documents).
   ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
-              bool loss_mask = false);
+              bool loss_mask = false, bool paired = false);
   ~ShardWriter();
   // 2 (u16) when every id of a vocabulary of this size fits, else 4.
   static uint32_t width_for(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
@@ -110,7 +115,7 @@ class ShardWriter {
   uint32_t width_;
   uint64_t count_ = 0;
   std::vector<uint64_t> starts_;
-  bool masked_ = false;
+  bool masked_ = false, paired_ = false;
   std::vector<uint8_t> mask_;  // ceil(count_/8) bytes when masked_
   std::vector<uint8_t> stage_;
   size_t staged_ = 0;  // bytes in stage_

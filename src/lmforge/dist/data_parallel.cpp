@@ -229,13 +229,15 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
   return out;
 }
 
-double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq) {
+double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq,
+                                      RowObjective* objective) {
   grad_scale_ = 1.0;                                     // new gradients: no clipping decided yet
   const int32_t kIgnore = LoaderOptions{}.ignore_index;  // what the loader writes
   const std::vector<int64_t> counts = target_counts(micro, kIgnore);
   double targets = 0;
   for (int64_t c : counts) targets += static_cast<double>(c);
   world_.all_reduce(&targets, 1)->wait();  // over all ranks and micro-batches
+  if (objective) objective->begin(micro, world_);
 
   double sums[2] = {0, 0};  // loss, lse^2: token-weighted over this rank's share
   for (size_t m = 0; m < micro.size(); ++m) {
@@ -253,20 +255,30 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     first_micro_ = m == 0;  // reduce-scatter straight into the accumulator
     for (Bucket& b : buckets_) b.pending = b.groups;
     double share = targets > 0 ? static_cast<double>(counts[m]) / targets : 0.0;
-    double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore,
-                                       micro[m].doc_ids);
+    if (objective) {
+      model_.forward_backward_rows(
+          micro[m].tokens, micro[m].targets,
+          [&](const std::vector<double>& logp, std::vector<float>& w) {
+            sums[0] += objective->weigh(m, logp, model_.row_targets(), w);
+          },
+          kIgnore, micro[m].doc_ids);
+    } else {
+      double l = model_.forward_backward(micro[m].tokens, micro[m].targets, share, kIgnore,
+                                         micro[m].doc_ids);
+      sums[0] += l * share;
+      sums[1] += model_.mean_lse_sq() * share;
+    }
     drain();
     if (grad_sharded() && m > 0) {
       ops::accumulate(gshard_, rs_tmp_);
       rs_tmp_used_ = true;
     }
-    sums[0] += l * share;
-    sums[1] += model_.mean_lse_sq() * share;
   }
   sync_ = false;
   if (strategy_ == Strategy::kHybrid)
     cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
   world_.all_reduce(sums, 2)->wait();
+  if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];
   return sums[0];
 }

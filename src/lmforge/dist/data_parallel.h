@@ -48,6 +48,21 @@ struct ShardLayout {
   std::vector<int64_t> counts(int64_t lo, int64_t hi) const;
 };
 
+// A loss over whole rows in place of the mean cross-entropy of their tokens (train/objective.h:
+// DPO, ORPO). Per step, forward_backward() calls begin(micro, world) on every rank, then for each
+// micro-batch m weigh(m, logp, targets, w) with the policy's log-likelihood of each row's targets
+// and the rows' target counts: it sets the rows' gradient weights (Transformer::RowWeigher) and
+// returns the micro-batch's share of the global loss (the shares are summed over micro-batches and
+// ranks); then end(world) (metrics over the ranks).
+class RowObjective {
+ public:
+  virtual ~RowObjective() = default;
+  virtual void begin(const std::vector<Batch>& micro, Communicator& world) = 0;
+  virtual double weigh(size_t m, const std::vector<double>& logp,
+                       const std::vector<int64_t>& targets, std::vector<float>& w) = 0;
+  virtual void end(Communicator& world) {}
+};
+
 class DataParallel final : public GroupHooks {
  public:
   // The model must be planned. Under full-shard the model's value buffer is released: the
@@ -67,7 +82,9 @@ class DataParallel final : public GroupHooks {
 
   // Gradients of one step over the micro-batches (this rank's slice of the global batch),
   // reduced per the strategy. Returns the global token-weighted mean loss (and mean lse^2).
-  double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr);
+  // With an objective, the loss is the objective's (mean_lse_sq is then 0).
+  double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr,
+                          RowObjective* objective = nullptr);
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);

@@ -85,6 +85,14 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.neftune_alpha", &c.train.neftune_alpha,
        "NEFTune: training adds uniform noise of scale alpha / sqrt(T C) to the embeddings (5 "
        "typical); 0 = off"},
+      {"train.objective", &c.train.objective,
+       "clm (next-token cross-entropy; SFT on masked shards) | dpo | orpo (preference pairs from "
+       "prepare --format preference)"},
+      {"train.dpo_beta", &c.train.dpo_beta, "DPO: beta, the KL penalty's strength (0.1 typical)"},
+      {"train.dpo_label_smoothing", &c.train.dpo_label_smoothing,
+       "DPO: share of preference labels assumed flipped (conservative DPO); 0 = plain DPO"},
+      {"train.orpo_lambda", &c.train.orpo_lambda,
+       "ORPO: weight of the odds-ratio term (TRL's beta; 0.1 typical)"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

@@ -158,6 +158,7 @@ void Transformer::to(Device device) {
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
+  row_scale_ = host_row_scale_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -313,8 +314,46 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
   const Tensor host_targets = targets.device() == Device::kCPU ? targets : targets.to(Device::kCPU);
   const int32_t* y = host_targets.data<int32_t>();
   target_count_ = 0;
-  for (int64_t i = 0; i < B_ * T_; ++i) target_count_ += y[i] != ignore_index;
+  row_targets_.assign(B_, 0);
+  for (int64_t i = 0; i < B_ * T_; ++i) row_targets_[i / T_] += y[i] != ignore_index;
+  for (int64_t n : row_targets_) target_count_ += n;
   return loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
+}
+
+void Transformer::row_logps(std::vector<double>& logp) const {
+  const Tensor l = losses_.device() == Device::kCPU ? losses_ : losses_.to(Device::kCPU);
+  const float* p = l.data<float>();  // 0 where the target is ignored
+  logp.assign(B_, 0.0);
+  for (int64_t i = 0; i < B_ * T_; ++i) logp[i / T_] -= p[i];
+}
+
+void Transformer::forward_backward_rows(const Tensor& tokens, const Tensor& targets,
+                                        const RowWeigher& weigh, int32_t ignore_index,
+                                        const Tensor& doc_ids) {
+  LMF_CHECK(targets.defined(), "forward_backward_rows needs targets");
+  LMF_CHECK(z_loss_ == 0, "a per-row objective with the z-loss");
+  const double one = 1.0;
+  stage(tokens, targets, ignore_index, &one, doc_ids);
+  stage_noise();
+  graph_.last_dloss = std::nan("");  // not captured: the weights change every call
+  queue_trunk(/*training=*/true);
+  queue_head(true, 0.0, /*training=*/false);  // the losses alone, for the weights
+  std::vector<double> logp;
+  row_logps(logp);
+  std::vector<float> w(B_, 0.0f);
+  weigh(logp, w);
+  LMF_CHECK(static_cast<int64_t>(w.size()) == B_, "weigh gave {} weights for {} rows", w.size(),
+            B_);
+  if (!row_scale_.defined() || row_scale_.numel() != B_ * T_ || row_scale_.device() != device()) {
+    row_scale_ = Tensor::empty({B_ * T_}, DType::kF32, device());  // once per plan
+    host_row_scale_ = device() == Device::kCPU ? row_scale_ : Tensor::empty({B_ * T_}, DType::kF32);
+  }
+  float* h = host_row_scale_.data<float>();
+  for (int64_t i = 0; i < B_ * T_; ++i) h[i] = w[i / T_];
+  if (device() != Device::kCPU) row_scale_.copy_from(host_row_scale_);
+  queue_head(true, 1.0, /*training=*/true, row_scale_);
+  backward_blocks();
+  read_loss();  // the mean cross-entropy and lse^2 of the rows, as forward_backward
 }
 
 void Transformer::stage_noise() {
@@ -332,6 +371,11 @@ void Transformer::stage_noise() {
 }
 
 void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
+  queue_trunk(training);
+  queue_head(has_targets, dloss, training);
+}
+
+void Transformer::queue_trunk(bool training) {
   ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor(),
                          positions_.ids);
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
@@ -343,6 +387,10 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   }
   hooks().before_forward(cfg_.n_layer + 1);
   norm_f_.forward(nf_out_, nf_, *x);
+}
+
+void Transformer::queue_head(bool has_targets, double dloss, bool training,
+                             const Tensor& row_scale) {
   const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
   if (!has_targets) {
     ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
@@ -370,7 +418,8 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
-                                       yr, ignore_index_, dloss, z_loss_, V);
+                                       yr, ignore_index_, dloss, z_loss_, V,
+                                       row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
     ops::linear_backward(dh.slice(r0, R), lm_head_->frozen ? Tensor() : lm_head_->grad, Tensor(),
                          dl, hr, lm_head_weight());
   }

@@ -14,6 +14,7 @@
 // Generation uses decode() with a KvCache (see eval/generate.h).
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "lmforge/nn/block.h"
@@ -152,6 +153,19 @@ class Transformer {
   // / (all micro-batches' targets).
   float forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale = 1.0,
                          int32_t ignore_index = -100, const Tensor& doc_ids = {});
+  // Per-sequence objectives (DPO, ORPO: train/objective.h). row_logps: after a forward, each
+  // row's log-likelihood of its targets (the sum over them of log p(target); 0 without any).
+  void row_logps(std::vector<double>& logp) const;
+  const std::vector<int64_t>& row_targets() const { return row_targets_; }  // per row
+  // weigh(logp, w) sets each row's gradient weight from the rows' log-likelihoods: w[r] = -d
+  // loss / d logp[r], the gradient of the loss with respect to each target's cross-entropy in
+  // row r.
+  using RowWeigher = std::function<void(const std::vector<double>& logp, std::vector<float>& w)>;
+  // A training micro-batch for such a loss: the forward, the LM head once without gradients (the
+  // log-likelihoods, for weigh), then again with the rows' weights, and the backward:
+  // params().grad += d loss / d params. Not captured in a CUDA graph; no z-loss.
+  void forward_backward_rows(const Tensor& tokens, const Tensor& targets, const RowWeigher& weigh,
+                             int32_t ignore_index = -100, const Tensor& doc_ids = {});
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
@@ -216,6 +230,10 @@ class Transformer {
   // and document starts (into pos_ids_ and doc_start_).
   void stage_documents(const Tensor& doc_ids);
   void queue_forward(bool has_targets, double dloss, bool training = false);
+  void queue_trunk(bool training);  // the embeddings, blocks and final norm
+  // The LM head and the loss (in training with its backward into dnf_ and the head's gradient;
+  // row_scale: per-row weights of the loss's gradient).
+  void queue_head(bool has_targets, double dloss, bool training, const Tensor& row_scale = {});
   float read_loss();
   void queue_step(double dloss);  // queue_forward for training, then backward_blocks
   void run_step(double dloss);    // queue_step, through the CUDA graph when on
@@ -246,6 +264,8 @@ class Transformer {
   Tensor host_pos_ids_, host_doc_start_;  // their host staging (GPU only)
   int32_t ignore_index_ = -100;
   int64_t target_count_ = 0;
+  std::vector<int64_t> row_targets_;
+  Tensor row_scale_, host_row_scale_;  // (B T) per-token weights of forward_backward_rows
   double mean_lse_sq_ = 0, z_loss_ = 0;
   double neftune_alpha_ = 0;
   uint64_t neftune_key_ = 0, neftune_calls_ = 0;

@@ -33,6 +33,7 @@
 #include "lmforge/train/guard.h"
 #include "lmforge/train/init_from.h"
 #include "lmforge/train/metrics.h"
+#include "lmforge/train/objective.h"
 #include "lmforge/train/progress.h"
 
 namespace lmforge {
@@ -133,6 +134,23 @@ void validate_train_config(const Config& cfg) {
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
+  if (t.objective != "clm" && t.objective != "dpo" && t.objective != "orpo")
+    fail("train.objective: expected clm, dpo or orpo, got \"{}\"", t.objective);
+  if (t.objective != "clm") {
+    if (t.z_loss != 0)
+      fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
+    if (t.batch_size % 2)
+      fail(
+          "train.batch_size: {} is odd; under train.objective {} a preference pair takes two "
+          "rows (chosen, rejected), make it even",
+          t.batch_size, t.objective);
+  }
+  if (!(t.dpo_beta > 0 && t.dpo_beta < 1e6))
+    fail("train.dpo_beta: must be positive (0.1 typical), got {}", t.dpo_beta);
+  if (!(t.dpo_label_smoothing >= 0 && t.dpo_label_smoothing < 0.5))
+    fail("train.dpo_label_smoothing: must be in [0, 0.5), got {}", t.dpo_label_smoothing);
+  if (!(t.orpo_lambda >= 0 && t.orpo_lambda < 1e6))
+    fail("train.orpo_lambda: must be >= 0 (0.1 typical), got {}", t.orpo_lambda);
   if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
     fail("train.neftune_alpha: must be >= 0 (0 = off; 5 is typical), got {}", t.neftune_alpha);
   if (t.spike_zscore < 0)
@@ -401,6 +419,7 @@ RunSetup setup_run(Config& cfg) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
+  lo.pairs = t.objective != "clm";
   lo.rank = dist::rank_info().rank;
   lo.world = dist::rank_info().size;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
@@ -439,18 +458,33 @@ RunSetup setup_run(Config& cfg) {
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
   }  // full-shard: created as shards by DataParallel (deferred init)
-  // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
-  model.to(resolve_device(t.device));
-  if (t.precision == "bf16") {
-    model.enable_bf16();
-    if (t.master_weights == "bf16") model.use_bf16_master();
-    if (model.device() == Device::kCPU && !cpu_features().avx512_bf16 && !cpu_features().amx_bf16)
-      fmt::print(
-          "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
-          "bf16 matmuls, which may be slower than fp32\n");
+  if (t.objective == "dpo") {
+    // DPO's reference: the policy as it starts, held whole on every rank and never trained. LoRA
+    // adapters from a source without them start as a no-op (B = 0): the reference goes without.
+    ModelConfig rc = cfg.model;
+    if (!(init && init->model.lora.on())) rc.lora = {};
+    r.reference = std::make_unique<Transformer>(rc);
+    if (init)
+      init->load_weights(*r.reference);
+    else
+      r.reference->init_weights(t.seed);
   }
+  // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
+  for (Transformer* m : {r.model.get(), r.reference.get()}) {
+    if (!m) continue;
+    m->to(resolve_device(t.device));
+    if (t.precision == "bf16") {
+      m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
+      if (t.master_weights == "bf16") m->use_bf16_master();
+    }
+    m->plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+  }
+  if (t.precision == "bf16" && model.device() == Device::kCPU && !cpu_features().avx512_bf16 &&
+      !cpu_features().amx_bf16)
+    fmt::print(
+        "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
+        "bf16 matmuls, which may be slower than fp32\n");
   model.set_cuda_graphs(t.cuda_graphs);
-  model.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   return r;
 }
 
@@ -603,6 +637,19 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::fflush(stdout);
 
+  // train.objective dpo | orpo: the loss over preference pairs (train/objective.h).
+  std::unique_ptr<PreferenceObjective> objective;
+  if (t.objective != "clm") {
+    objective = std::make_unique<PreferenceObjective>(
+        PreferenceOptions{t.objective, t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
+                          t.dpo_label_smoothing},
+        setup.reference.get());
+    fmt::print("objective: {} (beta {}){}\n", t.objective,
+               t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
+               setup.reference ? fmt::format("; reference model {:.0f} MiB of weights",
+                                             setup.reference->params().numel() * 4 / 1048576.0)
+                               : "");
+  }
   Batch batch = Batch::make(t.batch_size, t.seq_len);
   std::vector<Batch> micro(t.grad_accum);
   for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
@@ -673,7 +720,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       model.set_neftune(t.neftune_alpha, t.seed * 0x9e3779b97f4a7c15ull ^
                                              static_cast<uint64_t>(step) << 20 ^
                                              static_cast<uint64_t>(world->rank()));
-    double loss = dp.forward_backward(micro, &lse_sq);
+    double loss = dp.forward_backward(micro, &lse_sq, objective.get());
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
       inject_fault(fault->second, dp, loss);
     double norm = dp.clip_grad_norm(t.grad_clip);
@@ -698,6 +745,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                    {"grad_norm", norm},  {"tokens_per_s", tps}, {"elapsed_s", st.elapsed_s},
                    {"tokens", st.tokens}};
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
+    if (objective) record.update(objective->metrics());
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
     // tflops is the job's (tokens of every rank); the peak is one GPU's.
@@ -727,13 +775,31 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     }
     bool stop = false;
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
-      double vl = dp.evaluate(*val_data, t.eval_batches, batch);
+      json val_record = {{"step", st.step}};
+      double vl = 0;
+      std::string detail;
+      if (objective) {
+        json m;
+        vl = objective->evaluate(model, *val_data, t.eval_batches, batch, &m);
+        val_record.update(m);
+        if (m.contains("val_reward_accuracy"))
+          detail = fmt::format(" | reward accuracy {:.3f} | margin {:.4f}",
+                               m["val_reward_accuracy"].get<double>(),
+                               m["val_reward_margin"].get<double>());
+      } else {
+        vl = dp.evaluate(*val_data, t.eval_batches, batch);
+        val_record["val_ppl"] = std::exp(vl);
+        detail = fmt::format(" | ppl {:.2f}", std::exp(vl));
+      }
+      val_record["val_loss"] = vl;
+      for (auto& [k, v] : val_record.items())  // JSON has no NaN
+        if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
       res.last_val_loss = vl;
       st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
       bool best = evals.add(st.step, vl, t.min_delta);
-      if (metrics) metrics->write({{"step", st.step}, {"val_loss", vl}, {"val_ppl", std::exp(vl)}});
-      progress.message(fmt::format("step {:>6}/{} | val loss {:.4f} | ppl {:.2f}{}", st.step,
-                                   t.steps, vl, std::exp(vl), best ? " | best" : ""));
+      if (metrics) metrics->write(val_record);
+      progress.message(fmt::format("step {:>6}/{} | val loss {:.4f}{}{}", st.step, t.steps, vl,
+                                   detail, best ? " | best" : ""));
       if (t.patience > 0 && evals.bad() >= t.patience) {
         progress.message(fmt::format(
             "early stopping at step {}: val loss has not improved by {} for {} evaluations "

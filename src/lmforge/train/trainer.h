@@ -70,6 +70,9 @@ struct RunSetup {
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Loader> train_data, val_data;  // val_data may be null
   std::unique_ptr<Transformer> model;
+  // train.objective dpo: the frozen reference model (the policy's initial weights; without LoRA's
+  // adapters, which start as a no-op), planned for the same (B, T); null otherwise.
+  std::unique_ptr<Transformer> reference;
 };
 RunSetup setup_run(Config& cfg);
 // One process training on the CPU holds every parameter's fp32 value, gradient and two AdamW

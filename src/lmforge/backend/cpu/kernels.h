@@ -181,11 +181,13 @@ template <typename T>
 void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
                            int64_t V, int32_t ignore_index, double z_loss);
 // Both in one pass over each row (training): losses and lse_sq_sum as softmax_xent_forward,
-// dlogits (may alias logits) as softmax_xent_backward, from one logsumexp per row.
+// dlogits (may alias logits) as softmax_xent_backward, from one logsumexp per row. row_scale
+// (optional, N): row i's gradient is scaled by dloss * row_scale[i] (per-sequence objectives).
 template <typename T>
 void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const int32_t* targets,
                                    T dloss, int64_t N, int64_t V, int32_t ignore_index,
-                                   double z_loss, double* lse_sq_sum);
+                                   double z_loss, double* lse_sq_sum,
+                                   const float* row_scale = nullptr);
 
 template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);

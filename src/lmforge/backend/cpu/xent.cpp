@@ -159,7 +159,7 @@ void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, 
 template <typename T>
 void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const int32_t* targets,
                                    T dloss, int64_t N, int64_t V, int32_t ignore_index,
-                                   double z_loss, double* lse_sq_sum) {
+                                   double z_loss, double* lse_sq_sum, const float* row_scale) {
   double zsum = 0;
   IdCheck check;
 #pragma omp parallel for schedule(static) reduction(+ : zsum)
@@ -175,7 +175,7 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
     const double lse = lse_of(x, V);
     losses[i] = static_cast<T>(lse - x[y]);  // before d (which may alias x) is written
     zsum += lse * lse;
-    grad_row(d, x, V, y, lse, dloss, z_loss);
+    grad_row(d, x, V, y, lse, row_scale ? static_cast<T>(dloss * row_scale[i]) : dloss, z_loss);
   }
   check.raise(targets, "target", V);
   if (lse_sq_sum) *lse_sq_sum = zsum;
@@ -191,9 +191,9 @@ template void softmax_xent_backward<double>(double*, const double*, const int32_
                                             int64_t, int32_t, double);
 template void softmax_xent_forward_backward<float>(float*, float*, const float*, const int32_t*,
                                                    float, int64_t, int64_t, int32_t, double,
-                                                   double*);
+                                                   double*, const float*);
 template void softmax_xent_forward_backward<double>(double*, double*, const double*, const int32_t*,
                                                     double, int64_t, int64_t, int32_t, double,
-                                                    double*);
+                                                    double*, const float*);
 
 }  // namespace lmforge::cpu

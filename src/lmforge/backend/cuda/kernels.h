@@ -125,14 +125,16 @@ void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
                            int32_t ignore_index, double z_loss);
 // Forward and backward in one pass (training), as softmax_xent_forward then
 // softmax_xent_backward: losses and lse_sq_sum (a device double, =), and dlogits (fp32, may alias
-// logits; or bf16 rows ld apart, the logits' rows then ldx >= V apart: 0 = V).
+// logits; or bf16 rows ld apart, the logits' rows then ldx >= V apart: 0 = V). row_scale
+// (optional, N floats on the device): row i's gradient scaled by dloss * row_scale[i].
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, float* dlogits,
                                    const float* logits, const int32_t* targets, float dloss,
-                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss);
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss,
+                                   const float* row_scale = nullptr);
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* dlogits, int64_t ld,
                                    const float* logits, const int32_t* targets, float dloss,
                                    int64_t N, int64_t V, int32_t ignore_index, double z_loss,
-                                   int64_t ldx = 0);
+                                   int64_t ldx = 0, const float* row_scale = nullptr);
 
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src

@@ -159,7 +159,8 @@ template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
     softmax_xent_fused_kernel(float* losses, double* lse_sq, O* dlogits, int64_t ld,
                               const float* logits, int64_t ldx, const int32_t* targets, float dloss,
-                              int64_t V, int32_t ignore_index, double z_loss) {
+                              int64_t V, int32_t ignore_index, double z_loss,
+                              const float* row_scale) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
   const float* x = logits + i * ldx;
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kXentThreads)
     if (lse_sq) lse_sq[i] = valid ? lse * lse : __longlong_as_double(0x7ff8000000000000LL);
   }
   __syncthreads();  // x[y] is read before its thread's block overwrites it (in place)
-  write_grad_row(d, x, V, y, lse, dloss, z_loss);
+  write_grad_row(d, x, V, y, lse, row_scale ? dloss * row_scale[i] : dloss, z_loss);
 }
 
 }  // namespace
@@ -201,38 +202,39 @@ void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* t
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      nullptr, nullptr, dlogits, V, logits, V, targets, dloss, V, ignore_index, z_loss);
+      nullptr, nullptr, dlogits, V, logits, V, targets, dloss, V, ignore_index, z_loss, nullptr);
   LMF_CUDA_LAUNCHED();
 }
 
 template <typename O>
 void launch_fused(float* losses, double* lse_sq_sum, O* dlogits, int64_t ld, const float* logits,
                   int64_t ldx, const int32_t* targets, float dloss, int64_t N, int64_t V,
-                  int32_t ignore_index, double z_loss) {
+                  int32_t ignore_index, double z_loss, const float* row_scale) {
   if (N <= 0) {
     if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
     return;
   }
   double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      losses, lse_sq, dlogits, ld, logits, ldx, targets, dloss, V, ignore_index, z_loss);
+      losses, lse_sq, dlogits, ld, logits, ldx, targets, dloss, V, ignore_index, z_loss, row_scale);
   LMF_CUDA_LAUNCHED();
   if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
 }
 
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, float* dlogits,
                                    const float* logits, const int32_t* targets, float dloss,
-                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
+                                   int64_t N, int64_t V, int32_t ignore_index, double z_loss,
+                                   const float* row_scale) {
   launch_fused(losses, lse_sq_sum, dlogits, V, logits, V, targets, dloss, N, V, ignore_index,
-               z_loss);
+               z_loss, row_scale);
 }
 
 void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* dlogits, int64_t ld,
                                    const float* logits, const int32_t* targets, float dloss,
                                    int64_t N, int64_t V, int32_t ignore_index, double z_loss,
-                                   int64_t ldx) {
+                                   int64_t ldx, const float* row_scale) {
   launch_fused(losses, lse_sq_sum, dlogits, ld, logits, ldx > 0 ? ldx : V, targets, dloss, N, V,
-               ignore_index, z_loss);
+               ignore_index, z_loss, row_scale);
 }
 
 void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
@@ -240,7 +242,7 @@ void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
                            int32_t ignore_index, double z_loss) {
   if (N <= 0) return;
   softmax_xent_fused_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      nullptr, nullptr, dlogits, ld, logits, V, targets, dloss, V, ignore_index, z_loss);
+      nullptr, nullptr, dlogits, ld, logits, V, targets, dloss, V, ignore_index, z_loss, nullptr);
   LMF_CUDA_LAUNCHED();
 }
 

@@ -1,0 +1,188 @@
+#include "lmforge/train/objective.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+namespace {
+double sigmoid(double x) {
+  return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x));
+}
+double log_sigmoid(double x) {
+  return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x));
+}
+}  // namespace
+
+PairTerm dpo_pair(double logp_c, double logp_r, double ref_c, double ref_r, double beta,
+                  double label_smoothing) {
+  PairTerm t;
+  t.reward_chosen = beta * (logp_c - ref_c);
+  t.reward_rejected = beta * (logp_r - ref_r);
+  const double z = t.reward_chosen - t.reward_rejected, s = label_smoothing;
+  t.loss = -(1 - s) * log_sigmoid(z) - s * log_sigmoid(-z);
+  const double dz = -(1 - s) * sigmoid(-z) + s * sigmoid(z);
+  t.dchosen = beta * dz;
+  t.drejected = -beta * dz;
+  return t;
+}
+
+PairTerm orpo_pair(double logp_c, int64_t n_c, double logp_r, int64_t n_r, double lambda) {
+  LMF_CHECK(n_c > 0 && n_r > 0, "orpo_pair without targets");
+  // Mean log-probabilities, kept below 0: log(1 - e^a) is -inf at a = 0 (a response the model
+  // predicts with probability 1 in fp32).
+  const double a_c = std::min(logp_c / static_cast<double>(n_c), -1e-7);
+  const double a_r = std::min(logp_r / static_cast<double>(n_r), -1e-7);
+  const double one_minus_c = -std::expm1(a_c), one_minus_r = -std::expm1(a_r);  // 1 - e^a
+  PairTerm t;
+  t.log_odds = (a_c - a_r) - (std::log(one_minus_c) - std::log(one_minus_r));
+  t.loss = -lambda * log_sigmoid(t.log_odds);
+  const double dlo = -lambda * sigmoid(-t.log_odds);
+  // d log_odds / d a_c = 1 + e^a_c / (1 - e^a_c) = 1 / (1 - e^a_c); likewise -1 / (1 - e^a_r).
+  t.dchosen = dlo / one_minus_c / static_cast<double>(n_c);
+  t.drejected = -dlo / one_minus_r / static_cast<double>(n_r);
+  t.reward_chosen = lambda * a_c;  // TRL's ORPO rewards
+  t.reward_rejected = lambda * a_r;
+  return t;
+}
+
+PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer* reference)
+    : o_(o), dpo_(o.kind == "dpo"), ref_(reference) {
+  LMF_CHECK(o.kind == "dpo" || o.kind == "orpo", "objective {}", o.kind);
+  LMF_CHECK(!dpo_ || ref_, "DPO needs its reference model");
+  step_.fill(0);
+  last_.fill(0);
+}
+
+std::vector<int64_t> PreferenceObjective::row_targets(const Batch& b) {
+  const int64_t B = b.targets.size(0), T = b.targets.size(1);
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  const int32_t* y = b.targets.data<int32_t>();
+  std::vector<int64_t> n(B, 0);
+  for (int64_t i = 0; i < B * T; ++i) n[i / T] += y[i] != kIgnore;
+  return n;
+}
+
+PairTerm PreferenceObjective::pair(const std::vector<double>& logp,
+                                   const std::vector<int64_t>& targets,
+                                   const std::vector<double>& ref, size_t j) const {
+  const size_t c = 2 * j, r = c + 1;
+  return dpo_ ? dpo_pair(logp[c], logp[r], ref[c], ref[r], o_.beta, o_.label_smoothing)
+              : orpo_pair(logp[c], targets[c], logp[r], targets[r], o_.beta);
+}
+
+void PreferenceObjective::add(Sums& s, const PairTerm& t, double chosen_logp,
+                              int64_t chosen_n) const {
+  s[kPairs] += 1;
+  s[kPrefLoss] += t.loss;
+  s[kRewardC] += t.reward_chosen;
+  s[kRewardR] += t.reward_rejected;
+  s[kCorrect] += t.reward_chosen > t.reward_rejected;
+  s[kLogOdds] += t.log_odds;
+  if (!dpo_) {
+    s[kNll] -= chosen_logp;
+    s[kChosenTokens] += static_cast<double>(chosen_n);
+  }
+}
+
+double PreferenceObjective::loss_of(const Sums& s) const {
+  if (s[kPairs] == 0) return std::nan("");
+  double loss = s[kPrefLoss] / s[kPairs];
+  if (!dpo_) loss += s[kNll] / s[kChosenTokens];
+  return loss;
+}
+
+nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string& prefix) const {
+  nlohmann::json j;
+  if (s[kPairs] == 0) return j;
+  const double n = s[kPairs];
+  j[prefix + "reward_chosen"] = s[kRewardC] / n;
+  j[prefix + "reward_rejected"] = s[kRewardR] / n;
+  j[prefix + "reward_margin"] = (s[kRewardC] - s[kRewardR]) / n;
+  j[prefix + "reward_accuracy"] = s[kCorrect] / n;
+  if (!dpo_) {
+    j[prefix + "nll"] = s[kNll] / s[kChosenTokens];
+    j[prefix + "log_odds"] = s[kLogOdds] / n;
+  }
+  return j;
+}
+
+void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communicator& world) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
+  ref_logp_.assign(micro.size(), {});
+  for (size_t m = 0; m < micro.size(); ++m) {
+    const Batch& b = micro[m];
+    const std::vector<int64_t> n = row_targets(b);
+    LMF_CHECK(n.size() % 2 == 0, "preference pairs need an even batch, got {} rows", n.size());
+    for (size_t j = 0; 2 * j < n.size(); ++j)
+      if (n[2 * j] > 0 && n[2 * j + 1] > 0) {
+        counts[0] += 1;
+        counts[1] += static_cast<double>(n[2 * j]);
+      }
+    if (ref_) {  // the reference's log-likelihoods, before the policy's forward
+      ref_->forward(b.tokens, b.targets, kIgnore, b.doc_ids);
+      ref_->row_logps(ref_logp_[m]);
+    }
+  }
+  world.all_reduce(counts, 2)->wait();
+  pairs_ = counts[0];
+  chosen_tokens_ = counts[1];
+  step_.fill(0);
+}
+
+double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
+                                  const std::vector<int64_t>& targets, std::vector<float>& w) {
+  static const std::vector<double> no_ref;
+  const std::vector<double>& ref = ref_ ? ref_logp_[m] : no_ref;
+  double share = 0;
+  for (size_t j = 0; 2 * j < logp.size(); ++j) {
+    const size_t c = 2 * j, r = c + 1;
+    w[c] = w[r] = 0;
+    if (targets[c] == 0 || targets[r] == 0) continue;  // a pair without a response: no term
+    const PairTerm t = pair(logp, targets, ref, j);
+    add(step_, t, logp[c], targets[c]);
+    // The row's tokens are weighed by d loss / d (their cross-entropy) = -d loss / d logp.
+    double wc = -t.dchosen / pairs_, wr = -t.drejected / pairs_;
+    share += t.loss / pairs_;
+    if (!dpo_) {  // the NLL of the chosen tokens, over all of the step's
+      wc += 1.0 / chosen_tokens_;
+      share -= logp[c] / chosen_tokens_;
+    }
+    w[c] = static_cast<float>(wc);
+    w[r] = static_cast<float>(wr);
+  }
+  return share;
+}
+
+void PreferenceObjective::end(dist::Communicator& world) {
+  world.all_reduce(step_.data(), kN)->wait();
+  last_ = step_;
+}
+
+double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int64_t batches,
+                                     Batch& batch, nlohmann::json* metrics) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  batches = std::min(batches, val.sequential_batches());
+  Sums s;
+  s.fill(0);
+  std::vector<double> logp, ref;
+  for (int64_t i = 0; i < batches; ++i) {
+    val.sequential(i, batch);
+    const std::vector<int64_t> n = row_targets(batch);
+    policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
+    policy.row_logps(logp);
+    if (ref_) {
+      ref_->forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
+      ref_->row_logps(ref);
+    }
+    for (size_t j = 0; 2 * j < n.size(); ++j)
+      if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
+  }
+  if (metrics) *metrics = metrics_of(s, "val_");
+  return loss_of(s);
+}
+
+}  // namespace lmforge

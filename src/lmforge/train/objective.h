@@ -1,0 +1,87 @@
+// Preference objectives (train.objective: dpo | orpo) over pairs of rows: each preference pair is
+// two rows of a batch, 2j its chosen response and 2j+1 its rejected one (the loader's pairs mode;
+// `prepare --format preference`), their targets the response tokens only. From each row's
+// log-likelihood logp (the sum of log p(target) over its targets):
+//
+//   DPO  (Rafailov et al. 2023; TRL's "sigmoid" loss): with the frozen reference model's r,
+//        z = beta ((logp_c - r_c) - (logp_r - r_r)),
+//        loss = -(1 - s) log sigmoid(z) - s log sigmoid(-z)     (s: label smoothing, cDPO)
+//        rewards beta (logp - r) per response; accuracy = chosen reward > rejected reward.
+//   ORPO (Hong et al. 2024; TRL's ORPOTrainer): with a = logp / targets (mean per token),
+//        log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)),
+//        loss = NLL(chosen tokens) - lambda log sigmoid(log_odds)
+//        no reference model.
+// Losses are means over the step's pairs (those with targets in both rows) across micro-batches
+// and ranks; ORPO's NLL is the mean over all chosen target tokens of the step (lmforge's
+// token-count normalization; TRL normalizes per micro-batch).
+//
+// The gradient flows through Transformer::forward_backward_rows: each row's tokens are weighed
+// by -d loss / d logp of their row (dist::RowObjective).
+#pragma once
+
+#include <array>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "lmforge/data/loader.h"
+#include "lmforge/dist/data_parallel.h"
+#include "lmforge/nn/transformer.h"
+
+namespace lmforge {
+
+// One pair's term: its loss and the loss's derivatives with respect to the two rows' logp.
+struct PairTerm {
+  double loss = 0, dchosen = 0, drejected = 0;
+  double reward_chosen = 0, reward_rejected = 0;  // DPO: beta (logp - r); ORPO: lambda a
+  double log_odds = 0;                            // ORPO
+};
+PairTerm dpo_pair(double logp_c, double logp_r, double ref_c, double ref_r, double beta,
+                  double label_smoothing);
+// The odds-ratio term alone (the NLL is added per token).
+PairTerm orpo_pair(double logp_c, int64_t n_c, double logp_r, int64_t n_r, double lambda);
+
+struct PreferenceOptions {
+  std::string kind = "dpo";  // dpo | orpo
+  double beta = 0.1;         // DPO's beta or ORPO's lambda
+  double label_smoothing = 0;
+};
+
+class PreferenceObjective final : public dist::RowObjective {
+ public:
+  // reference: DPO's frozen reference model, planned for the policy's (B, T); null for ORPO.
+  PreferenceObjective(const PreferenceOptions& o, Transformer* reference);
+
+  void begin(const std::vector<Batch>& micro, dist::Communicator& world) override;
+  double weigh(size_t m, const std::vector<double>& logp, const std::vector<int64_t>& targets,
+               std::vector<float>& w) override;
+  void end(dist::Communicator& world) override;
+  // The last step's metrics (means over its pairs): reward_chosen, reward_rejected,
+  // reward_margin, reward_accuracy; ORPO adds nll, log_odds.
+  nlohmann::json metrics() const { return metrics_of(last_); }
+
+  // Validation: the loss over the pairs of the first `batches` batches of val (each rank the
+  // whole set); metrics (optional) receives the same means as metrics(), prefixed "val_".
+  double evaluate(Transformer& policy, const Loader& val, int64_t batches, Batch& batch,
+                  nlohmann::json* metrics = nullptr);
+
+ private:
+  // Sums over pairs (and ORPO's chosen tokens).
+  enum Sum { kPairs, kChosenTokens, kPrefLoss, kNll, kRewardC, kRewardR, kCorrect, kLogOdds, kN };
+  using Sums = std::array<double, kN>;
+  PairTerm pair(const std::vector<double>& logp, const std::vector<int64_t>& targets,
+                const std::vector<double>& ref, size_t j) const;
+  void add(Sums& s, const PairTerm& t, double chosen_logp, int64_t chosen_n) const;
+  double loss_of(const Sums& s) const;
+  nlohmann::json metrics_of(const Sums& s, const std::string& prefix = "") const;
+  static std::vector<int64_t> row_targets(const Batch& b);
+
+  PreferenceOptions o_;
+  bool dpo_;
+  Transformer* ref_;
+  std::vector<std::vector<double>> ref_logp_;  // per micro-batch of the step, per row
+  double pairs_ = 0, chosen_tokens_ = 0;       // the step's, over all ranks
+  Sums step_, last_;
+};
+
+}  // namespace lmforge

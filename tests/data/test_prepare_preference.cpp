@@ -1,0 +1,209 @@
+// Preference data (DPO, ORPO): `prepare --format preference` writes each JSONL pair as two
+// documents of a paired shard (chosen, rejected; each the prompt then the response, the mask on
+// the response), and the loader's pairs mode puts them in rows 2j and 2j+1 with the response's
+// tokens as the only targets.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/error.h"
+#include "lmforge/data/loader.h"
+#include "lmforge/data/prepare.h"
+#include "lmforge/data/shard.h"
+#include "lmforge/tokenizer/chat_template.h"
+#include "testing/errors.h"
+#include "testing/paths.h"
+#include "testing/process.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string tokenizer_file(const std::string& name) {
+  return testing::shared_tokenizers_dir() + "/" + name + ".tiktoken";
+}
+
+PrepareOptions options(const std::string& in, const std::string& out, const std::string& tok,
+                       const std::string& chat_template = "") {
+  PrepareOptions o;
+  PrepareSource s{"pairs", {in}, {}};
+  s.doc.format = "preference";
+  s.doc.chat_template = chat_template;
+  o.sources = {s};
+  o.output = out;
+  o.tokenizer = tokenizer_file(tok);
+  o.progress = false;
+  return o;
+}
+
+// A shard document's ids and mask.
+void read_doc(const TokenShard& s, int64_t d, std::vector<int32_t>& ids,
+              std::vector<uint8_t>& mask) {
+  ids.clear();
+  mask.clear();
+  for (int64_t i = s.doc_start(d); i < s.doc_start(d + 1); ++i) {
+    ids.push_back(static_cast<int32_t>(s[i]));
+    mask.push_back(s.is_target(i));
+  }
+}
+
+}  // namespace
+
+TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets) {
+  const std::string dir = testing::temp_dir("prepare-pref");
+  {
+    std::ofstream f(dir + "/p.jsonl", std::ios::binary);
+    f << R"({"prompt": "In the beginning", "chosen": " God created the heaven.", "rejected": " was nothing."})"
+      << "\n";
+    f << R"({"chosen": "Amen.", "rejected": "No."})"
+      << "\n";  // no prompt
+    f << R"({"prompt": "x", "chosen": 3, "rejected": "y"})"
+      << "\n";  // malformed_pair
+    f << R"({"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "y"})"
+      << "\n";  // a list needs a chat template: malformed_pair
+    f << R"({"prompt": "x", "chosen": "y"})"
+      << "\n";  // missing_field
+  }
+  const json summary = run_prepare(options(dir + "/p.jsonl", dir + "/out", "gpt2"));
+  const json& st = summary["sources"]["pairs"];
+  EXPECT_EQ(st["documents"]["train"], 2);
+  EXPECT_EQ(st["skipped"], json({{"malformed_pair", 2}, {"missing_field", 1}}));
+
+  auto tok = load_tokenizer(tokenizer_file("gpt2"));
+  ASSERT_LT(tok->bos_id(), 0);  // GPT-2: no BOS; EOS <|endoftext|> ends each response
+  TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
+  EXPECT_TRUE(s.paired());
+  ASSERT_EQ(s.num_docs(), 4);
+  const std::vector<std::array<std::string, 2>> want = {
+      {"In the beginning", " God created the heaven."},
+      {"In the beginning", " was nothing."},
+      {"", "Amen."},
+      {"", "No."}};
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> mask;
+  for (int64_t d = 0; d < 4; ++d) {
+    read_doc(s, d, ids, mask);
+    std::vector<int32_t> prompt = tok->encode(want[d][0]), response = tok->encode(want[d][1]);
+    std::vector<int32_t> e = prompt;
+    e.insert(e.end(), response.begin(), response.end());
+    e.push_back(tok->eos_id());
+    std::vector<uint8_t> m(prompt.size(), 0);
+    m.resize(e.size(), 1);
+    EXPECT_EQ(ids, e) << "document " << d;
+    EXPECT_EQ(mask, m) << "document " << d;
+  }
+
+  // Pairs mode: pair j in rows 2j (chosen) and 2j+1 (rejected); the targets are the response and
+  // EOS, nothing of the prompt or the padding. T = 6 cuts the first pair's chosen side.
+  LoaderOptions lo;
+  lo.batch = 4;
+  lo.seq = 6;
+  lo.pairs = true;
+  lo.pad_token = tok->eos_id();
+  Loader loader(parse_data_spec(dir + "/out/pairs", "data.train"), lo);
+  EXPECT_EQ(loader.num_samples(0), 2);
+  EXPECT_EQ(loader.stats()[0]["cut_by_packing"], 1);
+  ASSERT_EQ(loader.sequential_batches(), 1);
+  Batch b = Batch::make(4, 6);
+  loader.sequential(0, b);
+  for (int64_t row = 0; row < 4; ++row) {
+    read_doc(s, row, ids, mask);
+    for (int64_t t = 0; t < 6; ++t) {
+      const int32_t x = b.tokens.data<int32_t>()[row * 6 + t];
+      const int32_t y = b.targets.data<int32_t>()[row * 6 + t];
+      if (t < static_cast<int64_t>(ids.size())) {
+        EXPECT_EQ(x, ids[t]) << "row " << row << " t " << t;
+      } else {
+        EXPECT_EQ(b.doc_ids.data<int32_t>()[row * 6 + t], -1) << "padding";
+      }
+      const bool target = t + 1 < static_cast<int64_t>(ids.size()) && mask[t + 1];
+      EXPECT_EQ(y, target ? ids[t + 1] : lo.ignore_index) << "row " << row << " t " << t;
+    }
+  }
+  // Training order: whole pairs, the same rows together.
+  loader.next(b);
+  ASSERT_EQ(loader.last_samples().size(), 2u);
+
+  // An odd batch, packing, or shards that are not pairs: one clear error each.
+  lo.batch = 3;
+  std::string e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("train.batch_size: 3 is odd"), std::string::npos) << e;
+  lo.batch = 2;
+  lo.packing = "best_fit";
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("data.packing: best_fit"), std::string::npos) << e;
+  lo.packing = "none";
+  write_shard(dir + "/plain.bin", {1, 2, 3, 4, 5, 6, 7, 8, 9}, {0, 4});
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/plain.bin", "d"), lo); });
+  EXPECT_NE(e.find("--format preference"), std::string::npos) << e;
+}
+
+TEST(PreparePreference, ChatPairsUseTheTemplateForPromptAndResponses) {
+  const std::string dir = testing::temp_dir("prepare-pref-chat");
+  const std::vector<ChatMessage> prompt = {{"system", "Be brief."}, {"user", "Who led Israel?"}};
+  {
+    std::ofstream f(dir + "/p.jsonl", std::ios::binary);
+    json turns = json::array();
+    for (const ChatMessage& m : prompt) turns.push_back({{"role", m.role}, {"content", m.content}});
+    f << json({{"prompt", turns}, {"chosen", "Moses."}, {"rejected", "Pharaoh."}}).dump() << "\n";
+    f << json({{"prompt", "Say amen."},
+               {"chosen", {{{"role", "assistant"}, {"content", "Amen."}}}},
+               {"rejected", {{{"role", "assistant"}, {"content", "No."}}}}})
+             .dump()
+      << "\n";
+    f << json({{"prompt", "x"},
+               {"chosen", {{{"role", "user"}, {"content", "a"}}}},
+               {"rejected", "b"}})
+             .dump()
+      << "\n";  // no_assistant
+  }
+  const json summary = run_prepare(options(dir + "/p.jsonl", dir + "/out", "llama3", "llama3"));
+  EXPECT_EQ(summary["sources"]["pairs"]["skipped"], json({{"no_assistant", 1}}));
+  auto tok = load_tokenizer(tokenizer_file("llama3"));
+  TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
+  ASSERT_EQ(s.num_docs(), 4);
+  auto with = [](std::vector<ChatMessage> m, ChatMessage last) {
+    m.push_back(std::move(last));
+    return m;
+  };
+  const std::vector<std::vector<ChatMessage>> want = {
+      with(prompt, {"assistant", "Moses."}),
+      with(prompt, {"assistant", "Pharaoh."}),
+      {{"user", "Say amen."}, {"assistant", "Amen."}},
+      {{"user", "Say amen."}, {"assistant", "No."}}};
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> mask;
+  for (int64_t d = 0; d < 4; ++d) {
+    const ChatEncoding e = apply_chat_template(*tok, want[d], "llama3");
+    read_doc(s, d, ids, mask);
+    EXPECT_EQ(ids, e.ids) << "document " << d;
+    EXPECT_EQ(mask, e.assistant_mask) << "document " << d;
+  }
+}
+
+TEST(PreparePreference, BadSetUpIsOneClearErrorBeforeAnyOutput) {
+  const std::string dir = testing::temp_dir("prepare-pref-errors");
+  std::ofstream(dir + "/p.jsonl") << R"({"chosen": "a", "rejected": "b"})"
+                                  << "\n";
+  std::ofstream(dir + "/p.txt") << "plain\n";
+  PrepareOptions o = options(dir + "/p.txt", dir + "/o1", "gpt2");
+  std::string e = testing::error_of([&] { run_prepare(o); });
+  EXPECT_NE(e.find("format preference reads JSONL"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir + "/o1"));
+  o = options(dir + "/p.jsonl", dir + "/o2", "gpt2", "llama3");  // GPT-2 lacks llama3's specials
+  e = testing::error_of([&] { run_prepare(o); });
+  EXPECT_NE(e.find("<|begin_of_text|>"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir + "/o2"));
+  o = options(dir + "/p.jsonl", dir + "/o3", "gpt2");
+  o.sources[0].doc.field = "text";
+  e = testing::error_of([&] { run_prepare(o); });
+  EXPECT_NE(e.find("fields prompt, chosen and rejected"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir + "/o3"));
+}
+
+}  // namespace lmforge
