@@ -278,6 +278,58 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
   EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));
 }
 
+// Per-sequence objectives: the fused cross-entropy with per-row gradient weights (DPO, ORPO), and
+// knowledge distillation's fused cross-entropy + KL (fp32 and padded bf16 dlogits) against the
+// CPU.
+void xent_objectives(Rng& rng, int64_t N, int64_t V) {
+  constexpr int32_t kIgnore = -100;
+  const std::vector<float> logits = randn(rng, N * V, 3.0), teacher = randn(rng, N * V, 4.0);
+  std::vector<int32_t> targets = rand_ids(rng, N, V);
+  for (int64_t i = 0; i < N; i += 4) targets[i] = kIgnore;
+  std::vector<float> scale(N);
+  for (int64_t i = 0; i < N; ++i) scale[i] = static_cast<float>(rng.normal());
+  const float dloss = 0.5f;
+  std::vector<float> losses(N), dlogits(N * V);
+  double lse_sq = 0;
+  cpu::softmax_xent_forward_backward<float>(losses.data(), dlogits.data(), logits.data(),
+                                            targets.data(), dloss, N, V, kIgnore, 0.0, &lse_sq,
+                                            scale.data());
+  DeviceArray<float> d_logits(logits), d_teacher(teacher), d_scale(scale), d_losses(losses),
+      d_dlogits(dlogits), d_kl(losses);
+  DeviceArray<int32_t> d_targets(targets);
+  DeviceArray<double> d_lse_sq(std::vector<double>{-1.0});
+  cuda::softmax_xent_forward_backward(d_losses.get(), d_lse_sq.get(), d_dlogits.get(),
+                                      d_logits.get(), d_targets.get(), dloss, N, V, kIgnore, 0.0,
+                                      d_scale.get());
+  EXPECT_TRUE(close("weighted xent losses", d_losses.host(), losses, kReduction));
+  EXPECT_TRUE(close("weighted xent dlogits", d_dlogits.host(), dlogits, kReduction));
+
+  const double alpha = 0.7, temperature = 2.0;
+  std::vector<float> kl(N);
+  cpu::softmax_distill_forward_backward(losses.data(), kl.data(), dlogits.data(), logits.data(),
+                                        teacher.data(), targets.data(), dloss, N, V, kIgnore, alpha,
+                                        temperature);
+  cuda::softmax_distill_forward_backward(d_losses.get(), d_kl.get(), d_dlogits.get(), nullptr, V,
+                                         d_logits.get(), V, d_teacher.get(), d_targets.get(), dloss,
+                                         N, V, kIgnore, alpha, temperature);
+  EXPECT_TRUE(close("distill losses", d_losses.host(), losses, kReduction));
+  EXPECT_TRUE(close("distill kl", d_kl.host(), kl, kReduction));
+  EXPECT_TRUE(close("distill dlogits", d_dlogits.host(), dlogits, kReduction));
+  const int64_t ld = (V + 7) / 8 * 8;
+  DeviceArray<uint16_t> d16(std::vector<uint16_t>(N * ld, 0xabab));
+  cuda::softmax_distill_forward_backward(d_losses.get(), d_kl.get(), nullptr, d16.get(), ld,
+                                         d_logits.get(), V, d_teacher.get(), d_targets.get(), dloss,
+                                         N, V, kIgnore, alpha, temperature);
+  const std::vector<uint16_t> got16 = d16.host();
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t v = 0; v < V; ++v) {
+      const float g = bf16_to_fp32(got16[i * ld + v]), w = dlogits[i * V + v];
+      ASSERT_LE(std::abs(g - w), 1e-2f * std::abs(w) + 1e-6f) << "row " << i << " col " << v;
+    }
+    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got16[i * ld + v], 0xabab) << "row " << i;
+  }
+}
+
 // dst += src on cols columns from col0 of rows ld apart (qk_norm's v pass-through); the other
 // columns untouched.
 void accumulate_rows(Rng& rng, int64_t rows, int64_t cols, int64_t ld, int64_t col0) {
@@ -618,6 +670,8 @@ std::vector<Case> cases() {
       {"softmax_xent_N33_V100", [](Rng& r) { softmax_xent(r, 33, 100, 0.0); }},
       {"softmax_xent_zloss_N4_V3", [](Rng& r) { softmax_xent(r, 4, 3, 0.5); }},
       {"softmax_xent_N6_V1", [](Rng& r) { softmax_xent(r, 6, 1, 0.0); }},
+      {"xent_objectives_N9_V50257", [](Rng& r) { xent_objectives(r, 9, 50257); }},
+      {"xent_objectives_N5_V7", [](Rng& r) { xent_objectives(r, 5, 7); }},
       {"accumulate_rows_R37_C64_ld192", [](Rng& r) { accumulate_rows(r, 37, 64, 192, 128); }},
       {"accumulate_rows_R5_C6_ld21", [](Rng& r) { accumulate_rows(r, 5, 6, 21, 9); }},
       {"elementwise_n1", [](Rng& r) { elementwise(r, 1, 0); }},

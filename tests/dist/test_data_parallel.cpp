@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 
 #include "dist/tiny_run.h"
@@ -159,6 +161,35 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   }
   // AdamW state: two moments of the adapters only (4 blocks x 4 layers x r (in + out)).
   EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));
+}
+
+// DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair
+// normalization over ranks and micro-batches and the per-row gradient weights give one process's
+// step with the same global batch.
+TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
+  {
+    std::ofstream f(*dir_ + "/pairs.jsonl");
+    for (int i = 0; i < 40; ++i)
+      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
+                           {"chosen", i % 3 ? "In the beginning." : "And God said, Let there be."},
+                           {"rejected", i % 2 ? "Selah." : "And it was so, and it was good."}})
+               .dump()
+        << "\n";
+  }
+  RunResult p = testing::run_lmforge(
+      "prepare --input pairs.jsonl --output prefs --format preference --val-fraction 0", *dir_);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  const std::string dpo =
+      "--set train.objective=dpo --set train.dpo_beta=0.5 --set data.text= --set "
+      "data.tokenizer=byte "
+      "--set model.vocab_size=0 --set data.train=prefs/data --set train.batch_size=2 ";
+  RunResult ref = run("dpo-ref", 1, dpo + "--set train.grad_accum=2");
+  ASSERT_EQ(ref.exit_code, 0) << ref.out << ref.err;
+  for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
+    RunResult r = run("dpo-" + s, 2, dpo + "--set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
+    expect_same("dpo-" + s, "dpo-ref");
+  }
 }
 
 TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {

@@ -8,6 +8,7 @@
   model_llama3-tiny.safetensors
   adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
   preference.safetensors          DPO and ORPO losses and gradients on gpt2-tiny (preference_ref.py)
+  distill.safetensors             knowledge distillation's loss and gradients (distill_ref.py)
   tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
                                   ~1.5 MB corpus sample and hard cases (tokenizer_ref.py)
 
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import adamw_ref  # noqa: E402
+import distill_ref  # noqa: E402
 import hf_models_ref  # noqa: E402
 import model_ref  # noqa: E402
 import ops_ref  # noqa: E402
@@ -77,6 +79,8 @@ def main():
 
     tensors, hyper = preference_ref.make()
     save("preference.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})
+    tensors, hyper = distill_ref.make()
+    save("distill.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})
 
     tokenizer_ref.make(os.path.join(args.out, "tokenizers"), args.tokenizer_assets)
 

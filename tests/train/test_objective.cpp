@@ -2,7 +2,8 @@
 // reference weights and the same pairs through lmforge's trainer path (DataParallel with a
 // PreferenceObjective, Transformer::forward_backward_rows) and through PyTorch in float64 (TRL's
 // losses written from the papers); the loss, rewards and EVERY parameter gradient compared, in
-// one micro-batch and split into three (the losses are normalized over the whole step).
+// one micro-batch and split into three (the losses are normalized over the whole step). Then
+// knowledge distillation against tests/reference/distill_ref.py.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -89,6 +90,45 @@ TEST(PreferenceObjective, DpoMatchesPyTorch) { check("dpo", 6); }
 TEST(PreferenceObjective, DpoOverMicroBatchesMatchesPyTorch) { check("dpo", 2); }
 TEST(PreferenceObjective, OrpoMatchesPyTorch) { check("orpo", 6); }
 TEST(PreferenceObjective, OrpoOverMicroBatchesMatchesPyTorch) { check("orpo", 2); }
+
+// Knowledge distillation through the trainer's path (DataParallel, the teacher's trunk and the
+// fused distillation loss per LM-head chunk) against distill_ref.py.
+TEST(Distillation, LossKlAndGradientsMatchPyTorch) {
+  Safetensors f = testing::open_fixture("distill.safetensors");
+  const json h = json::parse(f.metadata().at("hyper"));
+  const ModelConfig cfg = model_preset(h.at("preset").get<std::string>());
+  Transformer student(cfg), teacher(cfg);
+  for (Param& p : student.params().params()) p.value.copy_from(f.get(p.name));
+  for (Param& p : teacher.params().params()) p.value.copy_from(f.get("teacher." + p.name));
+  Tensor tokens = f.get("tokens"), targets = f.get("targets");
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  student.plan(B, T);
+  teacher.plan(B, T);
+  student.set_distillation(
+      {&teacher, h.at("alpha").get<double>(), h.at("temperature").get<double>()});
+  Batch b = Batch::make(B, T);
+  b.tokens.copy_from(tokens);
+  b.targets.copy_from(targets);
+  dist::LocalCommunicator one;
+  dist::DataParallel dp(one, student, DistConfig{}, {});
+  double kl = 0;
+  const double loss = dp.forward_backward({b}, nullptr, nullptr, &kl);
+  const double ref_loss = f.get("loss").data<float>()[0], ref_kl = f.get("kl").data<float>()[0];
+  EXPECT_NEAR(loss, ref_loss, kTol * ref_loss);
+  EXPECT_NEAR(kl, ref_kl, kTol * ref_kl);
+  std::printf("  loss %.7f vs %.7f, KL %.7f vs %.7f\n", loss, ref_loss, kl, ref_kl);
+  double worst = 0;
+  for (Param& p : student.params().params()) {
+    testing::Diff d;
+    EXPECT_TRUE(
+        testing::tensors_close("grad " + p.name, p.grad, f.get("grad." + p.name), kTol, &d));
+    worst = std::max(worst, d.err);
+  }
+  std::printf("  worst gradient error %.2e\n", worst);
+  // Evaluation stays the student's plain cross-entropy.
+  const float ce = student.forward(tokens, targets);
+  EXPECT_NE(ce, static_cast<float>(loss));
+}
 
 // Policy == reference: every reward is 0 and the DPO loss is log 2 (plain) whatever the data;
 // label smoothing does not change it at z = 0.

@@ -134,6 +134,15 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
                                    double z_loss = 0, int64_t vocab = 0,
                                    const Tensor& row_scale = {});
 
+// Knowledge distillation (train.objective: distill): per row with a target, losses = (1 - alpha)
+// CE + alpha T^2 KL(softmax(teacher / T) || softmax(logits / T)) (Hinton et al. 2015), kl = the
+// KL term; dlogits = dloss * d losses / d logits, written as softmax_xent_forward_backward writes
+// it (fp32, may alias logits; or bf16 rows). teacher: (N, V) fp32. Rows with ignore_index get 0.
+void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,
+                                      const Tensor& logits, const Tensor& teacher,
+                                      const Tensor& targets, int32_t ignore_index, double dloss,
+                                      double alpha, double temperature, int64_t vocab = 0);
+
 // b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);

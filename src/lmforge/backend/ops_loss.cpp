@@ -148,4 +148,50 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
           targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, rs)));
 }
 
+void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,
+                                      const Tensor& logits, const Tensor& teacher,
+                                      const Tensor& targets, int32_t ignore_index, double dloss,
+                                      double alpha, double temperature, int64_t vocab) {
+  same_device("softmax_distill_forward_backward", logits,
+              {&losses, &kl, &dlogits, &teacher, &targets});
+  const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx, N = rows(logits);
+  const bool bf16 = dlogits.dtype() == DType::kBF16;
+  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
+                teacher.numel() == N * V && targets.numel() == N && losses.numel() == N &&
+                kl.numel() == N && rows(dlogits) == N &&
+                (bf16 ? last(dlogits) >= V : last(dlogits) == V) &&
+                (V == ldx || (logits.device() == Device::kCUDA && bf16)),
+            "distill: logits {} teacher {} targets {} dlogits {}", logits.shape().str(),
+            teacher.shape().str(), targets.shape().str(), dlogits.shape().str());
+  const float dl = static_cast<float>(dloss);
+  if (bf16) {
+    auto fill = [&](float* dst, int64_t r0, int64_t n) {
+      cpu::softmax_distill_forward_backward(
+          ptr<float>(losses) + r0, ptr<float>(kl) + r0, dst, cptr<float>(logits) + r0 * V,
+          cptr<float>(teacher) + r0 * V, targets.data<int32_t>() + r0, dl, n, V, ignore_index,
+          alpha, temperature);
+    };
+    dispatch_device(
+        "softmax_distill_forward_backward", logits,
+        [&]() { cpu_rows_bf16("softmax_distill_forward_backward", dlogits, N, V, fill); },
+        LMF_GPU(cuda::softmax_distill_forward_backward(
+            ptr<float>(losses), ptr<float>(kl), nullptr, dlogits.bf16_data(), last(dlogits),
+            cptr<float>(logits), ldx, cptr<float>(teacher), targets.data<int32_t>(), dl, N, V,
+            ignore_index, alpha, temperature)));
+    return;
+  }
+  dispatch_device(
+      "softmax_distill_forward_backward", logits,
+      [&]() {
+        cpu::softmax_distill_forward_backward(ptr<float>(losses), ptr<float>(kl),
+                                              ptr<float>(dlogits), cptr<float>(logits),
+                                              cptr<float>(teacher), targets.data<int32_t>(), dl, N,
+                                              V, ignore_index, alpha, temperature);
+      },
+      LMF_GPU(cuda::softmax_distill_forward_backward(
+          ptr<float>(losses), ptr<float>(kl), ptr<float>(dlogits), nullptr, V, cptr<float>(logits),
+          ldx, cptr<float>(teacher), targets.data<int32_t>(), dl, N, V, ignore_index, alpha,
+          temperature)));
+}
+
 }  // namespace lmforge::ops

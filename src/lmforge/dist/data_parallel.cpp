@@ -230,7 +230,7 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
 }
 
 double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq,
-                                      RowObjective* objective) {
+                                      RowObjective* objective, double* mean_kl) {
   grad_scale_ = 1.0;                                     // new gradients: no clipping decided yet
   const int32_t kIgnore = LoaderOptions{}.ignore_index;  // what the loader writes
   const std::vector<int64_t> counts = target_counts(micro, kIgnore);
@@ -239,7 +239,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   world_.all_reduce(&targets, 1)->wait();  // over all ranks and micro-batches
   if (objective) objective->begin(micro, world_);
 
-  double sums[2] = {0, 0};  // loss, lse^2: token-weighted over this rank's share
+  double sums[3] = {0, 0, 0};  // loss, lse^2, KL: token-weighted over this rank's share
   for (size_t m = 0; m < micro.size(); ++m) {
     const bool last = m + 1 == micro.size();
     sync_ = grad_sharded() || last;  // DDP and zero1 accumulate locally until the last
@@ -267,6 +267,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
                                          micro[m].doc_ids);
       sums[0] += l * share;
       sums[1] += model_.mean_lse_sq() * share;
+      sums[2] += model_.mean_kl() * share;
     }
     drain();
     if (grad_sharded() && m > 0) {
@@ -277,9 +278,10 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   sync_ = false;
   if (strategy_ == Strategy::kHybrid)
     cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
-  world_.all_reduce(sums, 2)->wait();
+  world_.all_reduce(sums, 3)->wait();
   if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];
+  if (mean_kl) *mean_kl = sums[2];
   return sums[0];
 }
 

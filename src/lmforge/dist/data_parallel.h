@@ -82,9 +82,10 @@ class DataParallel final : public GroupHooks {
 
   // Gradients of one step over the micro-batches (this rank's slice of the global batch),
   // reduced per the strategy. Returns the global token-weighted mean loss (and mean lse^2).
-  // With an objective, the loss is the objective's (mean_lse_sq is then 0).
+  // With an objective, the loss is the objective's (mean_lse_sq is then 0). mean_kl: under
+  // knowledge distillation (Transformer::set_distillation), the mean KL term over the targets.
   double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr,
-                          RowObjective* objective = nullptr);
+                          RowObjective* objective = nullptr, double* mean_kl = nullptr);
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);

@@ -158,7 +158,7 @@ void Transformer::to(Device device) {
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
-  row_scale_ = host_row_scale_ = Tensor();
+  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -256,8 +256,12 @@ float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets,
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
   const double dloss = stage(tokens, targets, ignore_index, &loss_scale, doc_ids);
   stage_noise();
+  if (distill_.teacher) distill_.teacher->forward_hidden(tokens, doc_ids);
   run_step(dloss);
-  return read_loss();  // after the backward is queued: the step's one wait for the GPU
+  const float loss = read_loss();  // after the backward is queued: the step's one wait for the GPU
+  mean_kl_ =
+      distill_.teacher && target_count_ ? ops::sum(kl_) / static_cast<double>(target_count_) : 0.0;
+  return loss;
 }
 
 void Transformer::stage_documents(const Tensor& doc_ids) {
@@ -318,6 +322,21 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
   for (int64_t i = 0; i < B_ * T_; ++i) row_targets_[i / T_] += y[i] != ignore_index;
   for (int64_t n : row_targets_) target_count_ += n;
   return loss_scale && target_count_ ? *loss_scale / static_cast<double>(target_count_) : 0.0;
+}
+
+void Transformer::forward_hidden(const Tensor& tokens, const Tensor& doc_ids) {
+  LMF_CHECK(B_ > 0 && tokens.shape() == tokens_.shape(), "forward_hidden: tokens {} but planned {}",
+            tokens.shape().str(), tokens_.shape().str());
+  tokens_.copy_from(tokens);
+  stage_documents(doc_ids);
+  hooks().before_forward(0);
+  params_.sync_bf16();
+  queue_trunk(/*training=*/false);
+}
+
+void Transformer::head_logits(const Tensor& out, int64_t r0, int64_t R) {
+  const int64_t N = B_ * T_, C = cfg_.n_embd;
+  ops::linear_forward(out, nf_out_.view({N, C}).slice(r0, R), lm_head_weight(), Tensor());
 }
 
 void Transformer::row_logps(std::vector<double>& logp) const {
@@ -417,9 +436,23 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
-    ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
-                                       yr, ignore_index_, dloss, z_loss_, V,
-                                       row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
+    if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
+      if (!teacher_chunk_.defined() || teacher_chunk_.size(0) != chunk_rows_ ||
+          teacher_chunk_.device() != device()) {
+        teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());  // once per plan
+        kl_ = Tensor::empty({N}, DType::kF32, device());
+      }
+      const Tensor tl = teacher_chunk_.slice(0, R);
+      distill_.teacher->head_logits(tl, r0, R);
+      lse_sums_.slice(c, 1).zero_();  // no z-loss
+      ops::softmax_distill_forward_backward(loss_rows.slice(r0, R), kl_.slice(r0, R), dl, logits,
+                                            tl, yr, ignore_index_, dloss, distill_.alpha,
+                                            distill_.temperature, V);
+    } else {
+      ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
+                                         yr, ignore_index_, dloss, z_loss_, V,
+                                         row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
+    }
     ops::linear_backward(dh.slice(r0, R), lm_head_->frozen ? Tensor() : lm_head_->grad, Tensor(),
                          dl, hr, lm_head_weight());
   }
@@ -441,7 +474,8 @@ void Transformer::queue_step(double dloss) {
 }
 
 void Transformer::run_step(double dloss) {
-  if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled() || !hooks().graph_safe()) {
+  if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled() || !hooks().graph_safe() ||
+      distill_.teacher) {
     queue_step(dloss);
     return;
   }

@@ -166,6 +166,25 @@ class Transformer {
   // params().grad += d loss / d params. Not captured in a CUDA graph; no z-loss.
   void forward_backward_rows(const Tensor& tokens, const Tensor& targets, const RowWeigher& weigh,
                              int32_t ignore_index = -100, const Tensor& doc_ids = {});
+  // Knowledge distillation (train.objective: distill): training forwards (forward_backward) run
+  // the teacher's trunk on the same tokens, and each LM-head chunk's loss per target becomes
+  // (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)) with the teacher's
+  // logits of those rows (ops::softmax_distill_forward_backward). Evaluation stays plain cross-
+  // entropy. The teacher: same vocabulary, planned for the same (B, T). Not captured in CUDA
+  // graphs; no z-loss. teacher null = off.
+  struct Distillation {
+    Transformer* teacher = nullptr;
+    double alpha = 0.5, temperature = 2.0;
+  };
+  void set_distillation(const Distillation& d) {
+    distill_ = d;
+    graph_ = {};
+  }
+  double mean_kl() const { return mean_kl_; }  // the last training forward's, over its targets
+  // For a teacher: the trunk (embeddings, blocks, final norm) over tokens (B, T), then the LM
+  // head's logits of its rows [r0, r0 + R) into out (R, V) fp32.
+  void forward_hidden(const Tensor& tokens, const Tensor& doc_ids = {});
+  void head_logits(const Tensor& out, int64_t r0, int64_t R);
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
@@ -266,6 +285,9 @@ class Transformer {
   int64_t target_count_ = 0;
   std::vector<int64_t> row_targets_;
   Tensor row_scale_, host_row_scale_;  // (B T) per-token weights of forward_backward_rows
+  Distillation distill_;
+  Tensor teacher_chunk_, kl_;  // the teacher's logits of a chunk; (B T) KL terms
+  double mean_kl_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
   double neftune_alpha_ = 0;
   uint64_t neftune_key_ = 0, neftune_calls_ = 0;

@@ -134,11 +134,27 @@ void validate_train_config(const Config& cfg) {
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
-  if (t.objective != "clm" && t.objective != "dpo" && t.objective != "orpo")
-    fail("train.objective: expected clm, dpo or orpo, got \"{}\"", t.objective);
-  if (t.objective != "clm") {
-    if (t.z_loss != 0)
-      fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
+  if (t.objective != "clm" && t.objective != "dpo" && t.objective != "orpo" &&
+      t.objective != "distill")
+    fail("train.objective: expected clm, dpo, orpo or distill, got \"{}\"", t.objective);
+  if (t.objective != "clm" && t.z_loss != 0)
+    fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
+  if (t.objective == "distill") {
+    if (t.teacher.empty())
+      fail(
+          "train.teacher: train.objective distill needs a teacher; set it to a checkpoint or run "
+          "directory, or hf:DIR");
+    if (!(t.distill_alpha >= 0 && t.distill_alpha <= 1))
+      fail("train.distill_alpha: must be in [0, 1] (the KL term's weight), got {}",
+           t.distill_alpha);
+    if (!(t.distill_temperature > 0 && t.distill_temperature < 1e4))
+      fail("train.distill_temperature: must be positive (2 typical), got {}",
+           t.distill_temperature);
+  } else if (!t.teacher.empty()) {
+    fail("train.teacher: only with train.objective: distill (this run's is {}); remove it",
+         t.objective);
+  }
+  if (t.objective == "dpo" || t.objective == "orpo") {
     if (t.batch_size % 2)
       fail(
           "train.batch_size: {} is odd; under train.objective {} a preference pair takes two "
@@ -419,7 +435,7 @@ RunSetup setup_run(Config& cfg) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
-  lo.pairs = t.objective != "clm";
+  lo.pairs = t.objective == "dpo" || t.objective == "orpo";
   lo.rank = dist::rank_info().rank;
   lo.world = dist::rank_info().size;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
@@ -469,8 +485,33 @@ RunSetup setup_run(Config& cfg) {
     else
       r.reference->init_weights(t.seed);
   }
+  if (t.objective == "distill") {
+    // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
+    InitSource src;
+    try {
+      src = open_init_source(t.teacher);
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+    if (src.tokenizer->fingerprint() != tokenizer->fingerprint())
+      fail(
+          "train.teacher: {} has tokenizer {} ({}) but this run's is {} ({}); distillation needs "
+          "the same tokenizer",
+          t.teacher, src.tokenizer->kind(), src.tokenizer->fingerprint(), tokenizer->kind(),
+          tokenizer->fingerprint());
+    if (src.model.vocab_size != cfg.model.vocab_size)
+      fail(
+          "train.teacher: {} has a vocabulary of {} but the model's is {}; set model.vocab_size: "
+          "{}",
+          t.teacher, src.model.vocab_size, cfg.model.vocab_size, src.model.vocab_size);
+    if (src.model.max_seq_len < t.seq_len)
+      fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
+           src.model.max_seq_len, t.seq_len);
+    r.teacher = std::make_unique<Transformer>(src.model);
+    src.load_weights(*r.teacher);
+  }
   // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
-  for (Transformer* m : {r.model.get(), r.reference.get()}) {
+  for (Transformer* m : {r.model.get(), r.reference.get(), r.teacher.get()}) {
     if (!m) continue;
     m->to(resolve_device(t.device));
     if (t.precision == "bf16") {
@@ -485,6 +526,7 @@ RunSetup setup_run(Config& cfg) {
         "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
         "bf16 matmuls, which may be slower than fp32\n");
   model.set_cuda_graphs(t.cuda_graphs);
+  if (r.teacher) model.set_distillation({r.teacher.get(), t.distill_alpha, t.distill_temperature});
   return r;
 }
 
@@ -639,7 +681,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
 
   // train.objective dpo | orpo: the loss over preference pairs (train/objective.h).
   std::unique_ptr<PreferenceObjective> objective;
-  if (t.objective != "clm") {
+  if (t.objective == "dpo" || t.objective == "orpo") {
     objective = std::make_unique<PreferenceObjective>(
         PreferenceOptions{t.objective, t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
                           t.dpo_label_smoothing},
@@ -650,6 +692,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                              setup.reference->params().numel() * 4 / 1048576.0)
                                : "");
   }
+  if (setup.teacher)
+    fmt::print("objective: distill from {} ({:.2f}M parameters), alpha {} temperature {}\n",
+               t.teacher, setup.teacher->params().numel() / 1e6, t.distill_alpha,
+               t.distill_temperature);
   Batch batch = Batch::make(t.batch_size, t.seq_len);
   std::vector<Batch> micro(t.grad_accum);
   for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
@@ -720,7 +766,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       model.set_neftune(t.neftune_alpha, t.seed * 0x9e3779b97f4a7c15ull ^
                                              static_cast<uint64_t>(step) << 20 ^
                                              static_cast<uint64_t>(world->rank()));
-    double loss = dp.forward_backward(micro, &lse_sq, objective.get());
+    double kl = 0;
+    double loss = dp.forward_backward(micro, &lse_sq, objective.get(), &kl);
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
       inject_fault(fault->second, dp, loss);
     double norm = dp.clip_grad_norm(t.grad_clip);
@@ -746,6 +793,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                    {"tokens", st.tokens}};
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     if (objective) record.update(objective->metrics());
+    if (setup.teacher) record["kl"] = kl;
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
     // tflops is the job's (tokens of every rank); the peak is one GPU's.

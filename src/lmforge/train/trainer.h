@@ -73,6 +73,8 @@ struct RunSetup {
   // train.objective dpo: the frozen reference model (the policy's initial weights; without LoRA's
   // adapters, which start as a no-op), planned for the same (B, T); null otherwise.
   std::unique_ptr<Transformer> reference;
+  // train.objective distill: the teacher (train.teacher), planned for (B, T), set on the model.
+  std::unique_ptr<Transformer> teacher;
 };
 RunSetup setup_run(Config& cfg);
 // One process training on the CPU holds every parameter's fp32 value, gradient and two AdamW

@@ -189,6 +189,14 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
                                    double z_loss, double* lse_sq_sum,
                                    const float* row_scale = nullptr);
 
+// Knowledge distillation per row with a target: losses = (1 - alpha) CE + alpha T^2 KL(q || p^T)
+// with q = softmax(teacher / T), p^T = softmax(logits / T); kl = the KL term; dlogits (may alias
+// logits) = dloss d losses / d logits. Rows with ignore_index get 0.
+void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, const float* logits,
+                                      const float* teacher, const int32_t* targets, float dloss,
+                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                                      double temperature);
+
 template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);
 // out = a + b with b bf16, widened exactly (a residual branch's bf16 matmul output).

@@ -181,6 +181,54 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
   if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 
+void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, const float* logits,
+                                      const float* teacher, const int32_t* targets, float dloss,
+                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                                      double temperature) {
+  const double inv_t = 1.0 / temperature;
+  IdCheck check;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const int32_t y = targets[i];
+    const float* x = logits + i * V;
+    const float* t = teacher + i * V;
+    float* d = dlogits + i * V;
+    if (y == ignore_index || !check.ok(targets, i, V)) {
+      losses[i] = kl[i] = 0.0f;
+      for (int64_t v = 0; v < V; ++v) d[v] = 0.0f;
+      continue;
+    }
+    // logsumexp of the logits, and of the student's and the teacher's at temperature T.
+    const double lse = lse_of(x, V);
+    double ms = -INFINITY, mt = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) {
+      ms = std::max(ms, x[v] * inv_t);
+      mt = std::max(mt, t[v] * inv_t);
+    }
+    double ss = 0, st = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      ss += std::exp(x[v] * inv_t - ms);
+      st += std::exp(t[v] * inv_t - mt);
+    }
+    const double lse_s = ms + std::log(ss), lse_t = mt + std::log(st);
+    const double ce = lse - x[y];  // before d (which may alias x) is written
+    // KL(q || p) = sum q (log q - log p); d/dx_v of (1 - a) CE + a T^2 KL =
+    // (1 - a)(p_v - [v == y]) + a T (p^T_v - q_v).
+    double kl_sum = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double xv = x[v], log_q = t[v] * inv_t - lse_t, log_ps = xv * inv_t - lse_s;
+      const double q = std::exp(log_q);
+      kl_sum += q * (log_q - log_ps);
+      const double g = (1 - alpha) * (std::exp(xv - lse) - (v == y ? 1.0 : 0.0)) +
+                       alpha * temperature * (std::exp(log_ps) - q);
+      d[v] = static_cast<float>(dloss * g);
+    }
+    kl[i] = static_cast<float>(kl_sum);
+    losses[i] = static_cast<float>((1 - alpha) * ce + alpha * temperature * temperature * kl_sum);
+  }
+  check.raise(targets, "target", V);
+}
+
 template void softmax_xent_forward<float>(float*, const float*, const int32_t*, int64_t, int64_t,
                                           int32_t, double*);
 template void softmax_xent_forward<double>(double*, const double*, const int32_t*, int64_t, int64_t,

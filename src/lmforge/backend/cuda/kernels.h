@@ -136,6 +136,15 @@ void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* 
                                    int64_t N, int64_t V, int32_t ignore_index, double z_loss,
                                    int64_t ldx = 0, const float* row_scale = nullptr);
 
+// Knowledge distillation per row (as cpu::softmax_distill_forward_backward): dlogits fp32 (ld = V,
+// may alias logits) or, when dlogits16 is given, bf16 rows ld apart; logits rows ldx apart; teacher
+// (N, V).
+void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
+                                      int64_t ld, const float* logits, int64_t ldx,
+                                      const float* teacher, const int32_t* targets, float dloss,
+                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                                      double temperature);
+
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src
 // dst += src on `cols` columns of `rows` rows ld elements apart (both the same layout), e.g. the

@@ -76,11 +76,12 @@ __device__ __forceinline__ void map_row(float* d, const float* x, int64_t V, F&&
   for (int64_t v = head + 4 * nvec + threadIdx.x; v < V; v += blockDim.x) d[v] = f(v, x[v]);
 }
 
-// logsumexp of a row, the same value in every thread (all threads of the block must call).
-__device__ double row_logsumexp(const float* x, int64_t V) {
+// logsumexp of a row (times scale), the same value in every thread (all threads of the block
+// must call; a second call needs a __syncthreads() between).
+__device__ double row_logsumexp(const float* x, int64_t V, float scale = 1.0f) {
   __shared__ MaxSum part[kXentThreads / 32];
   MaxSum a{-INFINITY, 0.0f};
-  for_row(x, V, [&](int64_t, float xv) { push(a, xv); });
+  for_row(x, V, [&](int64_t, float xv) { push(a, xv * scale); });
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const MaxSum b{__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o)};
@@ -183,7 +184,76 @@ __global__ void __launch_bounds__(kXentThreads)
   write_grad_row(d, x, V, y, lse, row_scale ? dloss * row_scale[i] : dloss, z_loss);
 }
 
+// Knowledge distillation: one block per row, as softmax_distill_forward_backward documents.
+template <typename O>
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_distill_kernel(float* losses, float* kl, O* dlogits, int64_t ld, const float* logits,
+                           int64_t ldx, const float* teacher, const int32_t* targets, float dloss,
+                           int64_t V, int32_t ignore_index, double alpha, double temperature) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  const float* x = logits + i * ldx;
+  const float* t = teacher + i * V;
+  O* d = dlogits + i * ld;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) losses[i] = kl[i] = 0.0f;
+    zero_row(d, x, V);
+    return;
+  }
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const double lse = row_logsumexp(x, V);
+  __syncthreads();
+  const double lse_s = row_logsumexp(x, V, inv_t);
+  __syncthreads();
+  const double lse_t = row_logsumexp(t, V, inv_t);
+  double part = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const double log_q = t[v] * inv_t - lse_t, log_ps = x[v] * inv_t - lse_s;
+    part += exp(log_q) * (log_q - log_ps);
+  }
+  const double kl_sum = block_sum(part);
+  const bool valid = y >= 0 && y < V;
+  if (threadIdx.x == 0) {
+    const double ce = valid ? lse - x[y] : 0.0;
+    kl[i] = valid ? static_cast<float>(kl_sum) : __int_as_float(0x7fc00000);
+    losses[i] =
+        valid ? static_cast<float>((1 - alpha) * ce + alpha * temperature * temperature * kl_sum)
+              : __int_as_float(0x7fc00000);
+  }
+  __syncthreads();  // x[y] is read before its thread overwrites it (in place)
+  const float lse_f = static_cast<float>(lse), lse_sf = static_cast<float>(lse_s),
+              lse_tf = static_cast<float>(lse_t);
+  const float a = static_cast<float>(1 - alpha), b = static_cast<float>(alpha * temperature);
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const float xv = x[v];
+    float g = a * (expf(xv - lse_f) - (v == y ? 1.0f : 0.0f)) +
+              b * (expf(xv * inv_t - lse_sf) - expf(t[v] * inv_t - lse_tf));
+    g = valid ? dloss * g : __int_as_float(0x7fc00000);
+    if constexpr (std::is_same_v<O, float>)
+      d[v] = g;
+    else
+      d[v] = bf16_ftz(g);
+  }
+}
+
 }  // namespace
+
+void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
+                                      int64_t ld, const float* logits, int64_t ldx,
+                                      const float* teacher, const int32_t* targets, float dloss,
+                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                                      double temperature) {
+  if (N <= 0) return;
+  if (dlogits16)
+    softmax_distill_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, kl, dlogits16, ld, logits, ldx, teacher, targets, dloss, V, ignore_index, alpha,
+        temperature);
+  else
+    softmax_distill_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, kl, dlogits, ld, logits, ldx, teacher, targets, dloss, V, ignore_index, alpha,
+        temperature);
+  LMF_CUDA_LAUNCHED();
+}
 
 void softmax_xent_forward(float* losses, const float* logits, const int32_t* targets, int64_t N,
                           int64_t V, int32_t ignore_index, double* lse_sq_sum, int64_t ldx) {

@@ -1,0 +1,180 @@
+// Fine-tuning objectives end to end. A small GPT-2 pretrained on "<eight random words>\n"
+// followed by one of two replies ("Amen, so be it." or "Selah.", at random), then:
+// - tuned on pairs that prefer "Amen, so be it.": `lmforge prepare --format preference` (plain
+//   pairs, GPT-2's tokenizer), then `lmforge train` with train.objective dpo (from the pretrained
+//   run, its own frozen reference) and orpo. The prompt words carry no signal, so every pair asks
+//   the same: prefer the reply;
+// - distilled (train.objective distill) into a smaller student with the pretrained run as the
+//   teacher.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "lmforge/core/rng.h"
+#include "testing/metrics.h"
+#include "testing/paths.h"
+#include "testing/process.h"
+
+namespace lmforge {
+namespace {
+
+class ObjectivesE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = testing::temp_dir("preference-e2e");
+    const char* words[] = {"river", "stone", "lamp",  "seven", "cedar", "wheat", "iron",  "dove",
+                           "salt",  "gate",  "cloud", "horn",  "myrrh", "oil",   "bread", "sword"};
+    Rng rng(3);
+    auto prompt = [&] {
+      std::string p;
+      for (int k = 0; k < 8; ++k) p += std::string(k ? " " : "") + words[rng.below(16)];
+      return p + "\n";
+    };
+    {
+      std::ofstream base(dir_ + "/base.jsonl"), pairs(dir_ + "/pairs.jsonl");
+      for (int i = 0; i < 400; ++i) {
+        base << nlohmann::json({{"text", prompt() + (rng.below(2) ? "Amen, so be it." : "Selah.")}})
+                    .dump()
+             << "\n";
+        pairs << nlohmann::json(
+                     {{"prompt", prompt()}, {"chosen", "Amen, so be it."}, {"rejected", "Selah."}})
+                     .dump()
+              << "\n";
+      }
+    }
+    const std::string prep = "prepare --tokenizer " + tok() + " --val-docs 40 ";
+    auto p = testing::run_lmforge(prep + "--input base.jsonl --output base", dir_);
+    ASSERT_EQ(p.exit_code, 0) << p.err;
+    p = testing::run_lmforge(prep + "--input pairs.jsonl --output pairs --format preference", dir_);
+    ASSERT_EQ(p.exit_code, 0) << p.err;
+    auto r = testing::run_lmforge(
+        "train --set model.preset=gpt2-tiny --set model.vocab_size=0 --set data.tokenizer=" +
+            tok() +
+            " --set data.train=base/data --set data.packing=best_fit --set train.batch_size=8"
+            " --set train.seq_len=32 --set train.steps=60 --set train.lr=3e-3"
+            " --set train.min_lr=3e-4 --set train.warmup=5 --set train.eval_every=0"
+            " --set sample.prompt= --set run.dir=base_run",
+        dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  static std::string tok() { return testing::shared_tokenizers_dir() + "/gpt2.tiktoken"; }
+  // A tuning run from the pretrained one.
+  static std::string tune(const std::string& objective, double lr) {
+    return "train --set init_from=base_run --set data.train=pairs/data --set data.val=pairs/data "
+           "--set train.objective=" +
+           objective + " --set train.lr=" + std::to_string(lr) +
+           " --set train.batch_size=8 --set train.seq_len=32 --set train.steps=30"
+           " --set train.min_lr=1e-5 --set train.warmup=3 --set train.eval_every=30"
+           " --set train.checkpoint_every=15 --set train.keep_last=0 --set sample.prompt= ";
+  }
+  static std::string dir_;
+};
+std::string ObjectivesE2E::dir_;
+
+// DPO starts at log 2 with zero rewards (the reference is the starting policy, computed alike),
+// learns to rank every validation pair, and resumes bit-exactly (the reference is rebuilt from
+// init_from).
+TEST_F(ObjectivesE2E, DpoRanksTheChosenReplyAndResumesExactly) {
+  auto r = testing::run_lmforge(tune("dpo", 3e-4) + "--set run.dir=dpo", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("objective: dpo (beta 0.1); reference model"), std::string::npos) << r.out;
+  auto steps = testing::records_of(dir_ + "/dpo/metrics.jsonl", "loss");
+  ASSERT_EQ(steps.size(), 30u);
+  EXPECT_NEAR(steps[0]["loss"].get<double>(), std::log(2.0), 1e-12);
+  EXPECT_EQ(steps[0]["reward_chosen"].get<double>(), 0.0);
+  EXPECT_EQ(steps[0]["reward_rejected"].get<double>(), 0.0);
+  auto val = testing::records_of(dir_ + "/dpo/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 1u);
+  // 0.0156, accuracy 1 and margin 4.16 when written.
+  EXPECT_LT(val[0]["val_loss"].get<double>(), 0.1);
+  EXPECT_EQ(val[0]["val_reward_accuracy"].get<double>(), 1.0);
+  EXPECT_GT(val[0]["val_reward_margin"].get<double>(), 2.0);
+
+  std::filesystem::copy(dir_ + "/dpo", dir_ + "/dpo_resumed",
+                        std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(dir_ + "/dpo_resumed/checkpoints/step-00000030");
+  r = testing::run_lmforge(tune("dpo", 3e-4) + "--set run.dir=dpo_resumed --resume", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto again = testing::records_of(dir_ + "/dpo_resumed/metrics.jsonl", "loss");
+  ASSERT_EQ(again.size(), 30u);
+  for (size_t i = 15; i < 30; ++i)
+    EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
+}
+
+// ORPO (no reference): the chosen reply's NLL falls and the odds ratio ranks every pair; greedy
+// decoding then answers with it.
+TEST_F(ObjectivesE2E, OrpoLearnsTheChosenReply) {
+  auto r = testing::run_lmforge(tune("orpo", 1e-3) + "--set run.dir=orpo", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto val = testing::records_of(dir_ + "/orpo/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 1u);
+  // nll 0.004, accuracy 1 when written.
+  EXPECT_LT(val[0]["val_nll"].get<double>(), 0.05);
+  EXPECT_EQ(val[0]["val_reward_accuracy"].get<double>(), 1.0);
+  EXPECT_GT(val[0]["val_log_odds"].get<double>(), 2.0);
+  auto g = testing::run_lmforge(
+      "generate --checkpoint orpo --prompt 'cedar salt dove oil gate horn iron lamp\n' "
+      "--temperature 0 --max-tokens 8",
+      dir_);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+}
+
+// Distillation into a student of half the width and depth: the KL to the teacher falls well
+// below where it starts (0.74 -> 0.06 when written).
+TEST_F(ObjectivesE2E, DistillationPullsTheStudentToTheTeacher) {
+  auto r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.n_layer=2 --set model.n_embd=64 "
+      "--set model.n_head=2 --set model.vocab_size=0 --set data.tokenizer=" +
+          tok() +
+          " --set data.train=base/data --set data.val=base/data --set data.packing=best_fit"
+          " --set train.objective=distill --set train.teacher=base_run"
+          " --set train.distill_alpha=0.8 --set train.batch_size=8 --set train.seq_len=32"
+          " --set train.steps=60 --set train.lr=3e-3 --set train.min_lr=3e-4 --set train.warmup=5"
+          " --set train.eval_every=60 --set sample.prompt= --set run.dir=student",
+      dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("objective: distill from base_run"), std::string::npos) << r.out;
+  auto steps = testing::records_of(dir_ + "/student/metrics.jsonl", "kl");
+  ASSERT_EQ(steps.size(), 60u);
+  const double kl0 = steps.front()["kl"].get<double>(), kl1 = steps.back()["kl"].get<double>();
+  std::printf("KL to the teacher: %.4f -> %.4f\n", kl0, kl1);
+  EXPECT_LT(kl1, kl0 / 4);
+  auto val = testing::records_of(dir_ + "/student/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 1u);
+  // Cross-entropy, as any run's: 2.53 when written (ln V = 10.8 untrained).
+  EXPECT_LT(val[0]["val_loss"].get<double>(), 3.5);
+
+  // A teacher with another tokenizer is refused before anything is written.
+  r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set data.text=demo:kjv --set data.tokenizer=byte "
+      "--set model.vocab_size=0 --set train.objective=distill --set train.teacher=base_run "
+      "--set train.steps=1 --set run.dir=x5",
+      dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("distillation needs the same tokenizer"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/x5"));
+}
+
+TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
+  auto r =
+      testing::run_lmforge(tune("dpo", 1e-4) + "--set data.train=base/data --set run.dir=x1", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--format preference"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("orpo", 1e-4) + "--set train.batch_size=5 --set run.dir=x2", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.batch_size: 5 is odd"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("dpo", 1e-4) + "--set train.z_loss=1e-4 --set run.dir=x3", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.z_loss"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("kto", 1e-4) + "--set run.dir=x4", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("expected clm, dpo, orpo or distill"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/x1"));
+}
+
+}  // namespace
+}  // namespace lmforge

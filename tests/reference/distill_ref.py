@@ -1,0 +1,57 @@
+"""Knowledge distillation's loss and gradients for tests/train/test_objective.cpp, written from
+Hinton et al. 2015 (the KL term scaled by T^2, as in DistilBERT and the common trainers) on
+model_ref.py's PyTorch transformer in float64 (not from lmforge's C++):
+
+  loss = mean over target tokens of (1 - alpha) CE + alpha T^2 KL(softmax(t / T) || softmax(s / T))
+
+The teacher is a second gpt2-tiny with its own random weights, its logits sharpened (weights x3)
+so that its distribution differs from the student's.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import model_ref
+
+ALPHA, TEMPERATURE = 0.7, 2.0
+
+
+def make(name="gpt2-tiny", seed=91, B=3, T=16):
+    cfg = model_ref.PRESETS[name]
+    torch.manual_seed(seed)
+    student, teacher = model_ref.Transformer(cfg), model_ref.Transformer(cfg)
+    out = {}
+    for (pname, p), (_, q) in zip(student.named_parameters(), teacher.named_parameters()):
+        norm = ".norm" in "." + pname and pname.endswith(".weight")
+        value = 1.0 + 0.1 * torch.randn(p.shape) if norm else 0.02 * torch.randn(p.shape)
+        teacher_value = 3.0 + 0.3 * torch.randn(p.shape) if norm else 0.02 * torch.randn(p.shape)
+        with torch.no_grad():
+            p.copy_(value)
+            q.copy_(teacher_value)
+        out[pname] = value.contiguous()
+        out["teacher." + pname] = teacher_value.contiguous()
+    student.double()
+    teacher.double()
+
+    tokens = torch.randint(0, cfg.vocab_size, (B, T))
+    targets = torch.randint(0, cfg.vocab_size, (B, T))
+    targets[0, :4] = -100  # a prompt, and padding
+    targets[2, T - 5:] = -100
+    logits, _ = student(tokens, targets)
+    with torch.no_grad():
+        teacher_logits, _ = teacher(tokens, targets)
+    mask = (targets != -100).reshape(-1)
+    V = logits.shape[-1]
+    s, t, y = logits.reshape(-1, V)[mask], teacher_logits.reshape(-1, V)[mask], targets.reshape(-1)[mask]
+    ce = F.cross_entropy(s, y.long(), reduction="none")
+    kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1),
+                  log_target=True, reduction="none").sum(-1)
+    loss = ((1 - ALPHA) * ce + ALPHA * TEMPERATURE ** 2 * kl).mean()
+    loss.backward()
+    out["tokens"] = tokens.to(torch.int32)
+    out["targets"] = targets.to(torch.int32)
+    out["loss"] = loss.detach().float().view(1)
+    out["kl"] = kl.mean().detach().float().view(1)
+    for pname, p in student.named_parameters():
+        out["grad." + pname] = p.grad.float().contiguous()
+    return out, {"preset": name, "alpha": ALPHA, "temperature": TEMPERATURE}
