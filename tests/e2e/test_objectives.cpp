@@ -104,6 +104,21 @@ TEST_F(ObjectivesE2E, DpoRanksTheChosenReplyAndResumesExactly) {
     EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
 }
 
+// DPO with LoRA: the reference is the policy with its adapters off (no second model); it starts
+// at log 2 all the same, and learns.
+TEST_F(ObjectivesE2E, DpoWithLoraUsesTheBaseModelAsItsReference) {
+  auto r = testing::run_lmforge(
+      tune("dpo", 3e-3) + "--set model.lora_rank=8 --set train.steps=10 --set run.dir=dpo_lora",
+      dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("reference model: the policy without its LoRA adapters"), std::string::npos)
+      << r.out;
+  auto steps = testing::records_of(dir_ + "/dpo_lora/metrics.jsonl", "loss");
+  ASSERT_EQ(steps.size(), 10u);
+  EXPECT_NEAR(steps[0]["loss"].get<double>(), std::log(2.0), 1e-12);
+  EXPECT_LT(steps.back()["loss"].get<double>(), 0.5);
+}
+
 // ORPO (no reference): the chosen reply's NLL falls and the odds ratio ranks every pair; greedy
 // decoding then answers with it.
 TEST_F(ObjectivesE2E, OrpoLearnsTheChosenReply) {

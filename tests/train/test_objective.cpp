@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "lmforge/core/rng.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/train/objective.h"
@@ -90,6 +91,46 @@ TEST(PreferenceObjective, DpoMatchesPyTorch) { check("dpo", 6); }
 TEST(PreferenceObjective, DpoOverMicroBatchesMatchesPyTorch) { check("dpo", 2); }
 TEST(PreferenceObjective, OrpoMatchesPyTorch) { check("orpo", 6); }
 TEST(PreferenceObjective, OrpoOverMicroBatchesMatchesPyTorch) { check("orpo", 2); }
+
+// DPO under LoRA: the reference as the policy with its adapters off (no second model) gives the
+// loss and gradients of a separate reference model holding the base weights, bit for bit.
+TEST(PreferenceObjective, LoraReferenceIsThePolicyWithoutAdapters) {
+  Fixture fx;
+  ModelConfig lcfg = fx.cfg;
+  lcfg.lora.rank = 4;
+  auto run = [&](bool adapters_off, double* loss) {
+    Transformer policy(lcfg);
+    Rng rng(5);
+    for (Param& p : policy.params().params()) {
+      if (is_lora_param(p.name)) {  // adapters that change the model (B != 0)
+        float* v = p.value.data<float>();
+        for (int64_t i = 0; i < p.value.numel(); ++i)
+          v[i] = 0.05f * static_cast<float>(rng.normal());
+      } else {
+        p.value.copy_from(fx.f.get(p.name));
+      }
+    }
+    policy.plan(2, fx.T);
+    fx.reference.plan(2, fx.T);
+    for (Param& p : fx.reference.params().params()) p.value.copy_from(fx.f.get(p.name));  // base
+    PreferenceObjective obj({"dpo", 0.5, 0.0}, adapters_off ? &policy : &fx.reference,
+                            adapters_off);
+    dist::LocalCommunicator one;
+    dist::DataParallel dp(one, policy, DistConfig{}, {});
+    *loss = dp.forward_backward(fx.micro(2), nullptr, &obj);
+    std::vector<float> grads;
+    for (Param& p : policy.params().params())
+      if (!p.frozen)
+        grads.insert(grads.end(), p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+    return grads;
+  };
+  double separate = 0, base = 0;
+  const std::vector<float> a = run(false, &separate), b = run(true, &base);
+  EXPECT_EQ(separate, base);
+  EXPECT_EQ(a, b);
+  EXPECT_GT(a.size(), 0u);
+  EXPECT_NE(separate, std::log(2.0));  // the adapters moved the policy off the reference
+}
 
 // Knowledge distillation through the trainer's path (DataParallel, the teacher's trunk and the
 // fused distillation loss per LM-head chunk) against distill_ref.py.

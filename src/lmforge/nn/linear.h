@@ -24,6 +24,7 @@ struct Linear {
   Param* lora_a = nullptr;  // (r, C)
   Param* lora_b = nullptr;  // (r, OC): B transposed
   double lora_scale = 0;
+  bool lora_off = false;  // the adapter skipped (forward only: DPO's reference under LoRA)
 
   void declare(ParamSet& ps, const std::string& name, int64_t in, int64_t out, bool has_bias,
                int64_t lora_rank = 0, double scale = 0) {
@@ -44,7 +45,7 @@ struct Linear {
   // (needed with an adapter; decode passes a temporary). out must be fp32 then.
   void forward(const Tensor& out, const Tensor& inp, const Tensor& t = {}) const {
     ops::linear_forward(out, inp, weight->matmul_weight(), bias ? bias->fp32() : Tensor());
-    if (!lora_a) return;
+    if (!lora_a || lora_off) return;
     const Tensor tt = t.defined() ? t
                                   : Tensor::empty({inp.numel() / inp.size(-1), lora_rank()},
                                                   DType::kF32, inp.device());

@@ -254,6 +254,7 @@ float Transformer::forward(const Tensor& tokens, const Tensor& targets, int32_t 
 float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets, double loss_scale,
                                     int32_t ignore_index, const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
+  LMF_CHECK(!adapters_off_, "training with the LoRA adapters off");
   const double dloss = stage(tokens, targets, ignore_index, &loss_scale, doc_ids);
   stage_noise();
   if (distill_.teacher) distill_.teacher->forward_hidden(tokens, doc_ids);
@@ -350,6 +351,7 @@ void Transformer::forward_backward_rows(const Tensor& tokens, const Tensor& targ
                                         const RowWeigher& weigh, int32_t ignore_index,
                                         const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward_rows needs targets");
+  LMF_CHECK(!adapters_off_, "training with the LoRA adapters off");
   LMF_CHECK(z_loss_ == 0, "a per-row objective with the z-loss");
   const double one = 1.0;
   stage(tokens, targets, ignore_index, &one, doc_ids);

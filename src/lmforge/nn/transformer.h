@@ -57,6 +57,13 @@ class Transformer {
   // GPT-2 initialisation: N(0, init_std) for matrices and embeddings, N(0, init_std/sqrt(2L)) for
   // the projections into the residual stream, zeros for biases, ones for norm weights.
   void init_weights(uint64_t seed);
+  // LoRA: with adapters off, forwards compute the base model alone (PEFT's disable_adapter();
+  // DPO's reference under LoRA). Training needs them on.
+  void set_adapters(bool on) {
+    for (Block& b : blocks_)
+      for (Linear* l : {&b.qkv, &b.proj, &b.fc, &b.down}) l->lora_off = !on;
+    adapters_off_ = !on;
+  }
   // The LoRA adapters alone, with the values init_weights(seed) gives them (the other weights
   // come from elsewhere: init_from).
   void init_adapters(uint64_t seed);
@@ -286,6 +293,7 @@ class Transformer {
   std::vector<int64_t> row_targets_;
   Tensor row_scale_, host_row_scale_;  // (B T) per-token weights of forward_backward_rows
   Distillation distill_;
+  bool adapters_off_ = false;
   Tensor teacher_chunk_, kl_;  // the teacher's logits of a chunk; (B T) KL terms
   double mean_kl_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;

@@ -48,12 +48,26 @@ PairTerm orpo_pair(double logp_c, int64_t n_c, double logp_r, int64_t n_r, doubl
   return t;
 }
 
-PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer* reference)
-    : o_(o), dpo_(o.kind == "dpo"), ref_(reference) {
+PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
+                                         bool reference_without_adapters)
+    : o_(o), dpo_(o.kind == "dpo"), ref_(reference), ref_adapters_off_(reference_without_adapters) {
   LMF_CHECK(o.kind == "dpo" || o.kind == "orpo", "objective {}", o.kind);
   LMF_CHECK(!dpo_ || ref_, "DPO needs its reference model");
   step_.fill(0);
   last_.fill(0);
+}
+
+void PreferenceObjective::reference_logps(const Batch& b, std::vector<double>& logp) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  if (ref_adapters_off_) ref_->set_adapters(false);
+  try {
+    ref_->forward(b.tokens, b.targets, kIgnore, b.doc_ids);
+  } catch (...) {
+    if (ref_adapters_off_) ref_->set_adapters(true);
+    throw;
+  }
+  if (ref_adapters_off_) ref_->set_adapters(true);
+  ref_->row_logps(logp);
 }
 
 std::vector<int64_t> PreferenceObjective::row_targets(const Batch& b) {
@@ -110,7 +124,6 @@ nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string&
 }
 
 void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communicator& world) {
-  const int32_t kIgnore = LoaderOptions{}.ignore_index;
   double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
   ref_logp_.assign(micro.size(), {});
   for (size_t m = 0; m < micro.size(); ++m) {
@@ -122,10 +135,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
         counts[0] += 1;
         counts[1] += static_cast<double>(n[2 * j]);
       }
-    if (ref_) {  // the reference's log-likelihoods, before the policy's forward
-      ref_->forward(b.tokens, b.targets, kIgnore, b.doc_ids);
-      ref_->row_logps(ref_logp_[m]);
-    }
+    if (ref_) reference_logps(b, ref_logp_[m]);  // before the policy's forward
   }
   world.all_reduce(counts, 2)->wait();
   pairs_ = counts[0];
@@ -174,10 +184,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
-    if (ref_) {
-      ref_->forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
-      ref_->row_logps(ref);
-    }
+    if (ref_) reference_logps(batch, ref);
     for (size_t j = 0; 2 * j < n.size(); ++j)
       if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
   }

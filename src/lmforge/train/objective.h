@@ -50,7 +50,10 @@ struct PreferenceOptions {
 class PreferenceObjective final : public dist::RowObjective {
  public:
   // reference: DPO's frozen reference model, planned for the policy's (B, T); null for ORPO.
-  PreferenceObjective(const PreferenceOptions& o, Transformer* reference);
+  // reference_without_adapters: the reference is the policy itself with its LoRA adapters off
+  // (Transformer::set_adapters) while it computes the reference's log-likelihoods.
+  PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
+                      bool reference_without_adapters = false);
 
   void begin(const std::vector<Batch>& micro, dist::Communicator& world) override;
   double weigh(size_t m, const std::vector<double>& logp, const std::vector<int64_t>& targets,
@@ -79,6 +82,9 @@ class PreferenceObjective final : public dist::RowObjective {
   PreferenceOptions o_;
   bool dpo_;
   Transformer* ref_;
+  bool ref_adapters_off_;
+  // The reference's log-likelihoods of a batch's rows.
+  void reference_logps(const Batch& b, std::vector<double>& logp);
   std::vector<std::vector<double>> ref_logp_;  // per micro-batch of the step, per row
   double pairs_ = 0, chosen_tokens_ = 0;       // the step's, over all ranks
   Sums step_, last_;

@@ -475,15 +475,19 @@ RunSetup setup_run(Config& cfg) {
     model.init_weights(t.seed);
   }  // full-shard: created as shards by DataParallel (deferred init)
   if (t.objective == "dpo") {
-    // DPO's reference: the policy as it starts, held whole on every rank and never trained. LoRA
-    // adapters from a source without them start as a no-op (B = 0): the reference goes without.
-    ModelConfig rc = cfg.model;
-    if (!(init && init->model.lora.on())) rc.lora = {};
-    r.reference = std::make_unique<Transformer>(rc);
-    if (init)
-      init->load_weights(*r.reference);
-    else
-      r.reference->init_weights(t.seed);
+    // DPO's reference: the policy as it starts, never trained. LoRA adapters from a source
+    // without them start as a no-op (B = 0): the reference is the policy with its adapters off
+    // (PEFT's disable_adapter(); no second model). Otherwise a second model, loaded the same way
+    // and held whole on every rank.
+    if (cfg.model.lora.on() && !(init && init->model.lora.on())) {
+      r.reference_is_base = true;
+    } else {
+      r.reference = std::make_unique<Transformer>(cfg.model);
+      if (init)
+        init->load_weights(*r.reference);
+      else
+        r.reference->init_weights(t.seed);
+    }
   }
   if (t.objective == "distill") {
     // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
@@ -685,12 +689,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     objective = std::make_unique<PreferenceObjective>(
         PreferenceOptions{t.objective, t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
                           t.dpo_label_smoothing},
-        setup.reference.get());
+        setup.reference_is_base ? &model : setup.reference.get(),
+        /*reference_without_adapters=*/setup.reference_is_base);
     fmt::print("objective: {} (beta {}){}\n", t.objective,
                t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
-               setup.reference ? fmt::format("; reference model {:.0f} MiB of weights",
-                                             setup.reference->params().numel() * 4 / 1048576.0)
-                               : "");
+               setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
+               : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
+                                                     setup.reference->params().numel() * 4 / 1048576.0)
+                                       : "");
   }
   if (setup.teacher)
     fmt::print("objective: distill from {} ({:.2f}M parameters), alpha {} temperature {}\n",

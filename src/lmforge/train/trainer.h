@@ -70,9 +70,11 @@ struct RunSetup {
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Loader> train_data, val_data;  // val_data may be null
   std::unique_ptr<Transformer> model;
-  // train.objective dpo: the frozen reference model (the policy's initial weights; without LoRA's
-  // adapters, which start as a no-op), planned for the same (B, T); null otherwise.
+  // train.objective dpo: the frozen reference model (the policy's initial weights), planned for
+  // the same (B, T); null otherwise, or when reference_is_base: under LoRA from a source without
+  // adapters the reference is the policy with its adapters off.
   std::unique_ptr<Transformer> reference;
+  bool reference_is_base = false;
   // train.objective distill: the teacher (train.teacher), planned for (B, T), set on the model.
   std::unique_ptr<Transformer> teacher;
 };
