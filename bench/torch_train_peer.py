@@ -5,6 +5,7 @@ threads or on a GPU (--device cuda: F.scaled_dot_product_attention, fused AdamW)
 there: the attention is then written out). Prints "peak resident N MiB" and a last line
 "torch <version> <preset> B=.. T=.. <precision>[+compile]: <number> tok/s" like lmforge's."""
 import argparse
+import copy
 import math
 import resource
 import time
@@ -59,12 +60,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(GptBlock(C, NH) for _ in range(L))
         self.ln_f = nn.LayerNorm(C)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, reduction="mean"):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in self.blocks:
             x = b(x)
         logits = self.ln_f(x) @ self.wte.weight.t()  # tied head
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                               reduction=reduction)
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +119,7 @@ class Llama(nn.Module):
         self.head = None if tied else nn.Linear(C, V, bias=False)
         self.hs, self.theta = C // NH, theta
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, reduction="mean"):
         T = idx.shape[1]
         dev = idx.device
         inv = 1.0 / (self.theta ** (torch.arange(0, self.hs, 2, device=dev).float() / self.hs))
@@ -128,7 +130,8 @@ class Llama(nn.Module):
             x = b(x, cos, sin)
         h = self.norm(x)
         logits = h @ (self.wte.weight if self.head is None else self.head.weight).t()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                               reduction=reduction)
 
 
 class LoraLinear(nn.Module):
@@ -141,7 +144,11 @@ class LoraLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, base.in_features).uniform_(-bound, bound))
         self.B = nn.Parameter(torch.zeros(base.out_features, r))
 
+    enabled = True  # off: the base layer alone (PEFT's disable_adapter, DPO's reference)
+
     def forward(self, x):
+        if not LoraLinear.enabled:
+            return self.base(x)
         return self.base(x) + self.s * F.linear(F.linear(x, self.A), self.B)
 
 
@@ -156,6 +163,25 @@ def add_lora(model, r, alpha):
                     setattr(block, name, LoraLinear(child, r, alpha))
 
 
+def row_logps(model, idx, tgt):
+    return -model(idx, tgt, "none").view(idx.shape).sum(-1)
+
+
+def dpo_loss(model, reference, idx, tgt, beta=0.1):
+    """TRL's DPO (sigmoid) loss over pairs of rows; the reference's log-likelihoods without
+    gradients."""
+    with torch.no_grad():
+        if reference is None:  # LoRA: the model with its adapters off
+            LoraLinear.enabled = False
+            ref = row_logps(model, idx, tgt)
+            LoraLinear.enabled = True
+        else:
+            ref = row_logps(reference, idx, tgt)
+    pol = row_logps(model, idx, tgt)
+    z = beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
+    return -F.logsigmoid(z).mean()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2")
@@ -168,6 +194,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters on every block linear")
     ap.add_argument("--lora-alpha", type=float, default=16)
+    ap.add_argument("--objective", default="clm", choices=["clm", "dpo"],
+                    help="dpo: rows 2j, 2j+1 a pair; TRL's sigmoid loss, beta 0.1, the reference "
+                    "a frozen copy (with --lora-rank the model with its adapters off)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
@@ -181,6 +210,9 @@ def main():
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha)
     model.to(dev)
+    reference = None
+    if a.objective == "dpo" and not a.lora_rank:
+        reference = copy.deepcopy(model).requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if gpu else {}  # the fused CUDA AdamW, as the seeds use on GPUs
     opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -192,7 +224,10 @@ def main():
     for s in range(a.steps + 1):
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = step_model(idx, tgt)
+            if a.objective == "dpo":
+                loss = dpo_loss(step_model, reference, idx, tgt)
+            else:
+                loss = step_model(idx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -208,7 +243,7 @@ def main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
     tag = a.precision + ("+compile" if a.compile else "") + \
-        (f"+lora{a.lora_rank}" if a.lora_rank else "")
+        (f"+lora{a.lora_rank}" if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")
 

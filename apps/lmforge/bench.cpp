@@ -23,6 +23,7 @@
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
 namespace lmforge::app {
@@ -160,7 +161,7 @@ void add_bench(CLI::App& app) {
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0, lora_rank = 0;
     bool cuda_graphs = false;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
-                activations = "bf16", outputs = "bf16";
+                activations = "bf16", outputs = "bf16", objective = "clm";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -189,6 +190,10 @@ void add_bench(CLI::App& app) {
                   "LoRA adapters of this rank on every block layer (as model.lora_rank; the rest "
                   "frozen); 0 = full training")
       ->capture_default_str();
+  cmd->add_option("--objective", o->objective,
+                  "clm | dpo (as train.objective: rows 2j, 2j+1 a pair; a reference model's "
+                  "forward, or with --lora-rank the model's without adapters)")
+      ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", o->cuda_graphs,
@@ -205,6 +210,10 @@ void add_bench(CLI::App& app) {
       fail("--master-weights: fp32, or bf16 with --precision bf16; got \"{}\"", o->master_weights);
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
       fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
+    if (o->objective != "clm" && o->objective != "dpo")
+      fail("--objective: expected clm or dpo, got \"{}\"", o->objective);
+    if (o->objective == "dpo" && o->batch % 2)
+      fail("--batch: {} is odd; a DPO pair takes two rows", o->batch);
     ModelConfig mc = model_preset(o->model);
     mc.lora.rank = o->lora_rank;
     mc.validate();  // the rank
@@ -225,6 +234,22 @@ void add_bench(CLI::App& app) {
     if (o->cuda_graphs && !gpu) fail("--cuda-graphs: needs --device cuda (a GPU)");
     model.set_cuda_graphs(o->cuda_graphs);
     model.plan(o->batch, o->seq, parse_recompute(o->recompute));
+    // DPO: the reference, as the trainer makes it (a second model; under LoRA the model itself
+    // with its adapters off).
+    std::unique_ptr<Transformer> reference;
+    std::unique_ptr<PreferenceObjective> dpo;
+    dist::LocalCommunicator one;
+    if (o->objective == "dpo") {
+      if (!mc.lora.on()) {
+        reference = std::make_unique<Transformer>(mc);
+        reference->init_weights(1);
+        reference->to(model.device());
+        if (o->precision == "bf16") reference->enable_bf16();
+        reference->plan(o->batch, o->seq, parse_recompute(o->recompute));
+      }
+      dpo = std::make_unique<PreferenceObjective>(PreferenceOptions{"dpo", 0.1, 0.0},
+                                                  reference ? reference.get() : &model, !reference);
+    }
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
     Tensor tgt = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -243,7 +268,17 @@ void add_bench(CLI::App& app) {
     auto step = [&] {  // one training step, waited for; its seconds
       auto t0 = std::chrono::steady_clock::now();
       model.params().zero_grad();
-      float loss = model.forward_backward(tok, tgt);
+      float loss = 0;
+      if (dpo) {
+        Batch b{tok, tgt, Tensor(), Tensor()};
+        dpo->begin({b}, one);
+        model.forward_backward_rows(
+            tok, tgt, [&](const std::vector<double>& logp, std::vector<float>& w) {
+              loss = static_cast<float>(dpo->weigh(0, logp, model.row_targets(), w));
+            });
+      } else {
+        loss = model.forward_backward(tok, tgt);
+      }
       opt.step(1e-4, clip_coef(grad_norm(model.params()), 1.0));
       if (gpu) cuda::synchronize();  // the step's kernels, not just their launches
       return std::pair(
@@ -285,8 +320,9 @@ void add_bench(CLI::App& app) {
                                         100 * fpt * tps / 1e12 / peak, peak)
                           : "");
     }
-    fmt::print("lmforge {} B={} T={} {}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq,
-               o->precision, o->lora_rank ? fmt::format("+lora{}", o->lora_rank) : "", tps);
+    fmt::print("lmforge {} B={} T={} {}{}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq,
+               o->precision, o->lora_rank ? fmt::format("+lora{}", o->lora_rank) : "",
+               dpo ? "+dpo" : "", tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);

@@ -108,6 +108,7 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
   Loader loader(parse_data_spec(dir + "/out/pairs", "data.train"), lo);
   EXPECT_EQ(loader.num_samples(0), 2);
   EXPECT_EQ(loader.stats()[0]["cut_by_packing"], 1);
+  EXPECT_EQ(loader.stats()[0]["pairs_without_targets"], 0);
   ASSERT_EQ(loader.sequential_batches(), 1);
   Batch b = Batch::make(4, 6);
   loader.sequential(0, b);
@@ -138,6 +139,14 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
   EXPECT_NE(e.find("data.packing: best_fit"), std::string::npos) << e;
   lo.packing = "none";
+  lo.seq = 2;  // the first pair's 3 prompt tokens leave no response within T+1 = 3 tokens
+  EXPECT_EQ(
+      Loader(parse_data_spec(dir + "/out/pairs", "d"), lo).stats()[0]["pairs_without_targets"], 1);
+  lo.seq = 6;
+  lo.pairs = false;  // preference pairs are not next-token data
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("only train.objective dpo and orpo"), std::string::npos) << e;
+  lo.pairs = true;
   write_shard(dir + "/plain.bin", {1, 2, 3, 4, 5, 6, 7, 8, 9}, {0, 4});
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/plain.bin", "d"), lo); });
   EXPECT_NE(e.find("--format preference"), std::string::npos) << e;
@@ -161,12 +170,21 @@ TEST(PreparePreference, ChatPairsUseTheTemplateForPromptAndResponses) {
                {"rejected", "b"}})
              .dump()
       << "\n";  // no_assistant
+    // TRL's implicit prompt: both sides carry the whole conversation, an assistant turn in the
+    // shared part.
+    auto conv = [](const std::string& last) {
+      return json::array({{{"role", "user"}, {"content", "Hi."}},
+                          {{"role", "assistant"}, {"content", "Hello."}},
+                          {{"role", "user"}, {"content", "Who?"}},
+                          {{"role", "assistant"}, {"content", last}}});
+    };
+    f << json({{"chosen", conv("Moses.")}, {"rejected", conv("Aaron.")}}).dump() << "\n";
   }
   const json summary = run_prepare(options(dir + "/p.jsonl", dir + "/out", "llama3", "llama3"));
   EXPECT_EQ(summary["sources"]["pairs"]["skipped"], json({{"no_assistant", 1}}));
   auto tok = load_tokenizer(tokenizer_file("llama3"));
   TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
-  ASSERT_EQ(s.num_docs(), 4);
+  ASSERT_EQ(s.num_docs(), 6);
   auto with = [](std::vector<ChatMessage> m, ChatMessage last) {
     m.push_back(std::move(last));
     return m;
@@ -183,6 +201,25 @@ TEST(PreparePreference, ChatPairsUseTheTemplateForPromptAndResponses) {
     read_doc(s, d, ids, mask);
     EXPECT_EQ(ids, e.ids) << "document " << d;
     EXPECT_EQ(mask, e.assistant_mask) << "document " << d;
+  }
+  // The shared conversation is the prompt: its assistant turn is no target, the last reply (and
+  // its end of turn) is.
+  const std::vector<ChatMessage> shared = {
+      {"user", "Hi."}, {"assistant", "Hello."}, {"user", "Who?"}};
+  const size_t k = apply_chat_template(*tok, shared, "llama3").ids.size();
+  for (int64_t d = 4; d < 6; ++d) {
+    const ChatEncoding e = apply_chat_template(
+        *tok, with(shared, {"assistant", d == 4 ? "Moses." : "Aaron."}), "llama3");
+    read_doc(s, d, ids, mask);
+    EXPECT_EQ(ids, e.ids) << "document " << d;
+    std::vector<uint8_t> m = e.assistant_mask;
+    std::fill(m.begin(), m.begin() + k, 0);
+    EXPECT_EQ(mask, m) << "document " << d;
+    EXPECT_NE(m, e.assistant_mask) << "the shared turn was a target of the template's mask";
+    std::string targets;
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (mask[i]) targets += tok->decode({ids[i]});
+    EXPECT_EQ(targets, std::string(d == 4 ? "Moses." : "Aaron.") + "<|eot_id|>");
   }
 }
 

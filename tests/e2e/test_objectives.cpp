@@ -189,6 +189,16 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("expected clm, dpo, orpo or distill"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/x1"));
+  // The paired shards as next-token data, and lr-find on a preference objective: refused.
+  r = testing::run_lmforge(tune("clm", 1e-4) + "--set run.dir=x6", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("only train.objective dpo and orpo"), std::string::npos) << r.err;
+  r = testing::run_lmforge(
+      "lr-find --set init_from=base_run --set data.train=pairs/data "
+      "--set train.objective=dpo --set train.batch_size=8 --set run.dir=x7",
+      dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("lr-find: sweeps the next-token loss"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -171,6 +171,22 @@ TEST(Distillation, LossKlAndGradientsMatchPyTorch) {
   EXPECT_NE(ce, static_cast<float>(loss));
 }
 
+// A step whose pairs all lack targets on a side has no terms: its metrics are an empty object
+// (merged into the step's record), its loss contribution 0.
+TEST(PreferenceObjective, AStepWithoutUsablePairsIsEmpty) {
+  Fixture fx;
+  fx.policy.plan(2, fx.T);
+  PreferenceObjective obj({"orpo", 0.1, 0.0}, nullptr);
+  std::vector<Batch> micro = fx.micro(2);
+  std::fill_n(micro[0].targets.data<int32_t>() + fx.T, fx.T, -100);  // the rejected side
+  dist::LocalCommunicator one;
+  dist::DataParallel dp(one, fx.policy, DistConfig{}, {});
+  EXPECT_EQ(dp.forward_backward({micro[0]}, nullptr, &obj), 0.0);
+  json record = {{"step", 1}};
+  record.update(obj.metrics());
+  EXPECT_EQ(record.size(), 1u);
+}
+
 // Policy == reference: every reward is 0 and the DPO loss is log 2 (plain) whatever the data;
 // label smoothing does not change it at z = 0.
 TEST(PreferenceObjective, DpoStartsAtLog2) {

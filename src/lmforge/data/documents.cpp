@@ -242,6 +242,14 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
   d->messages.insert(d->messages.end(), chosen.begin(), chosen.end());
   d->rejected = std::move(prompt);
   d->rejected.insert(d->rejected.end(), rejected.begin(), rejected.end());
+  // The prompt: the leading messages both sides share (an explicit prompt, or TRL's implicit one
+  // when chosen and rejected carry the whole conversation); only what follows is trained.
+  auto same = [](const ChatMessage& a, const ChatMessage& b) {
+    return a.role == b.role && a.content == b.content;
+  };
+  while (d->prompt_turns + 1 < std::min(d->messages.size(), d->rejected.size()) &&
+         same(d->messages[d->prompt_turns], d->rejected[d->prompt_turns]))
+    ++d->prompt_turns;
   if (chat) {
     d->text = render_chat_template(d->messages, opt_.chat_format()) +
               render_chat_template(d->rejected, opt_.chat_format());

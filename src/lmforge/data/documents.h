@@ -15,6 +15,7 @@
 // the prompt + chosen, rejected the prompt + rejected; skipped as malformed_pair (a field of the
 // wrong kind, a list without a template, a malformed message), missing_field (no chosen or
 // rejected) or no_assistant. Without a template the pair is plain text: prompt then response.
+// The prompt is the leading messages both sides share: assistant turns in it are not trained.
 //
 //   DocumentReader r(files, {.field = "text", .text_mode = "file"});
 //   Document d;
@@ -55,6 +56,7 @@ struct Document {
   std::string text;
   std::vector<ChatMessage> messages;  // format "chat"; "preference": prompt + chosen
   std::vector<ChatMessage> rejected;  // format "preference": prompt + rejected
+  size_t prompt_turns = 0;            // preference: leading messages both sides share (the prompt)
   std::string skip;                   // reason it is skipped; empty = keep
   bool bom_removed = false;
 };

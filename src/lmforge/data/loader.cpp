@@ -77,6 +77,12 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     s.weight = spec.weight;
     for (const std::string& p : spec.shards) {
       s.shards.push_back(TokenShard::open(p));
+      if (s.shards.back().paired() && !o_.pairs)
+        fail(
+            "{}: holds preference pairs (chosen and rejected responses), which only "
+            "train.objective dpo and orpo train on; set one, or prepare the data with format "
+            "chat",
+            p);
       s.tokens += s.shards.back().size();
     }
     if (o_.pairs)
@@ -184,15 +190,19 @@ void Loader::plan_pairs(Source& s) {
           "make them with `lmforge prepare --format preference`",
           sh.path());
     for (int64_t d = 0; d < sh.num_docs(); d += 2) {
-      bool cut = false;
+      bool cut = false, empty = false;
       for (int64_t side = 0; side < 2; ++side) {  // chosen, rejected: cut to T+1 tokens
-        const int64_t b = sh.doc_start(d + side), len = sh.doc_start(d + side + 1) - b;
-        cut = cut || len > L;
-        s.spans.push_back({static_cast<int32_t>(k), static_cast<int32_t>(std::min(len, L)), b});
-        s.filled += std::min(len, L);
+        const int64_t b = sh.doc_start(d + side), len = std::min(sh.doc_start(d + side + 1) - b, L);
+        cut = cut || sh.doc_start(d + side + 1) - b > L;
+        bool target = false;  // a token after the first that the mask keeps
+        for (int64_t i = b + 1; i < b + len && !target; ++i) target = sh.is_target(i);
+        empty = empty || !target;
+        s.spans.push_back({static_cast<int32_t>(k), static_cast<int32_t>(len), b});
+        s.filled += len;
       }
       s.docs += 2;
-      s.cut_packed += cut;  // pairs cut by train.seq_len
+      s.cut_packed += cut;     // pairs cut by train.seq_len
+      s.empty_pairs += empty;  // a side without targets: the pair counts for nothing
       s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
     }
   }
@@ -313,6 +323,7 @@ nlohmann::json Loader::stats() const {
                  {"documents", s.docs},
                  {"cut_by_packing", s.cut_packed},
                  {"cut_by_chunking", s.cut_chunked},
+                 {"pairs_without_targets", s.empty_pairs},
                  {"fill", slots > 0 ? s.filled / slots : 0.0}});
   }
   return j;

@@ -84,7 +84,8 @@ class Loader {
   const std::vector<SampleId>& last_samples() const { return last_; }
   int64_t num_tokens() const { return total_tokens_; }
   int64_t num_samples(int source) const { return sources_[source].samples(); }
-  // Per source: samples, documents cut by packing and by plain chunking, slot fill.
+  // Per source: samples, documents cut by packing and by plain chunking (pairs: pairs cut by T,
+  // and pairs_without_targets), slot fill.
   nlohmann::json stats() const;
 
   void check_vocab(int64_t vocab_size, const std::string& key) const;
@@ -109,6 +110,7 @@ class Loader {
     std::vector<Span> spans;
     std::vector<int64_t> first_span;  // sample i = spans[first_span[i], first_span[i+1])
     int64_t docs = 0, cut_packed = 0, cut_chunked = 0, tokens = 0, filled = 0;
+    int64_t empty_pairs = 0;  // pairs: a side without targets (its prompt fills T)
     int64_t epoch = 0, cursor = 0;
     std::vector<int64_t> order;  // permutation of the current epoch
     int64_t order_epoch = -1;

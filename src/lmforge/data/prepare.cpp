@@ -183,7 +183,8 @@ class Job {
               ids[slot][k] = std::move(e.ids);
               masks[slot][k] = std::move(e.assistant_mask);
             } else if (d.skip.empty() && preference()) {
-              ChatEncoding c = encode_response(d.messages), r = encode_response(d.rejected);
+              ChatEncoding c = encode_response(d.messages, d.prompt_turns),
+                           r = encode_response(d.rejected, d.prompt_turns);
               splits[slot][k] = c.ids.size();
               c.ids.insert(c.ids.end(), r.ids.begin(), r.ids.end());
               c.assistant_mask.insert(c.assistant_mask.end(), r.assistant_mask.begin(),
@@ -219,9 +220,20 @@ class Job {
   // A preference pair's side (prompt + response): with a chat template as chat data; plain, BOS
   // + the prompt's text + the response's + EOS, the response and EOS its targets (the prompt and
   // response tokenized apart, as TRL does).
-  ChatEncoding encode_response(const std::vector<ChatMessage>& turns) const {
-    if (!src_.doc.chat_template.empty())
-      return apply_chat_template(tok_, turns, src_.doc.chat_format());
+  ChatEncoding encode_response(const std::vector<ChatMessage>& turns, size_t prompt_turns) const {
+    if (!src_.doc.chat_template.empty()) {
+      ChatEncoding e = apply_chat_template(tok_, turns, src_.doc.chat_format());
+      // The prompt's tokens (its assistant turns too) are no targets: as far as the prompt's own
+      // encoding is a prefix of the whole (it is: turns end in special tokens).
+      const std::vector<int32_t> p =
+          apply_chat_template(tok_,
+                              std::vector<ChatMessage>(turns.begin(), turns.begin() + prompt_turns),
+                              src_.doc.chat_format())
+              .ids;
+      for (size_t i = 0; i < p.size() && i < e.ids.size() && p[i] == e.ids[i]; ++i)
+        e.assistant_mask[i] = 0;
+      return e;
+    }
     ChatEncoding e;
     auto push = [&e](int32_t id, uint8_t target) {
       e.ids.push_back(id);

@@ -231,6 +231,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     host_doc_start_ = Tensor::empty({B, T}, DType::kI32);
   }
   positions_.ids = positions_.doc_start = Tensor();
+  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = Tensor();  // sized for the old (B, T)
 }
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {

@@ -20,6 +20,11 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   if (!(o.start > 0 && o.end > o.start) || !std::isfinite(o.end))
     fail("lr-find: need 0 < --start < --end, both finite (got {} and {})", o.start, o.end);
   if (o.steps < 5) fail("lr-find: --steps must be at least 5, got {}", o.steps);
+  if (cfg.train.objective == "dpo" || cfg.train.objective == "orpo")
+    fail(
+        "lr-find: sweeps the next-token loss, not train.objective {}; run it with "
+        "train.objective: clm (e.g. on the SFT data)",
+        cfg.train.objective);
   RunSetup setup = setup_run(cfg);
   const TrainConfig& t = cfg.train;
   Transformer& model = *setup.model;

@@ -109,7 +109,7 @@ double PreferenceObjective::loss_of(const Sums& s) const {
 }
 
 nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string& prefix) const {
-  nlohmann::json j;
+  nlohmann::json j = nlohmann::json::object();  // merged into a record: never null
   if (s[kPairs] == 0) return j;
   const double n = s[kPairs];
   j[prefix + "reward_chosen"] = s[kRewardC] / n;

@@ -512,7 +512,11 @@ RunSetup setup_run(Config& cfg) {
       fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
            src.model.max_seq_len, t.seq_len);
     r.teacher = std::make_unique<Transformer>(src.model);
-    src.load_weights(*r.teacher);
+    try {
+      src.load_weights(*r.teacher);
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
   }
   // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
   for (Transformer* m : {r.model.get(), r.reference.get(), r.teacher.get()}) {
@@ -663,6 +667,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
     if (cfg.data.packing == "best_fit")
       cuts = fmt::format("{} cut by packing ({})", s["cut_by_packing"].get<int64_t>(), cuts);
+    if (t.objective == "dpo" || t.objective == "orpo") {
+      cuts = fmt::format("{} pairs cut to train.seq_len", s["cut_by_packing"].get<int64_t>());
+      if (const int64_t empty = s["pairs_without_targets"].get<int64_t>(); empty > 0)
+        cuts += fmt::format(
+            "; warning: {} pairs have a side without targets (the prompt fills train.seq_len) and "
+            "count for nothing",
+            empty);
+    }
     fmt::print("data: {} (weight {:.2f}): {} samples, {} documents, {}, fill {:.1f}%\n",
                s["source"].get<std::string>(), s["weight"].get<double>(),
                s["samples"].get<int64_t>(), s["documents"].get<int64_t>(), cuts,
@@ -691,7 +703,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                           t.dpo_label_smoothing},
         setup.reference_is_base ? &model : setup.reference.get(),
         /*reference_without_adapters=*/setup.reference_is_base);
-    fmt::print("objective: {} (beta {}){}\n", t.objective,
+    fmt::print("objective: {} ({} {}){}\n", t.objective, t.objective == "dpo" ? "beta" : "lambda",
                t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
                setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
                : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
