@@ -526,7 +526,10 @@ RunSetup setup_run(Config& cfg) {
       m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
       if (t.master_weights == "bf16") m->use_bf16_master();
     }
-    m->plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+    // The reference and the teacher only run forwards: planned with full recomputation, each
+    // block keeps its input alone (the same results, bit for bit, in a fraction of the memory).
+    m->plan(t.batch_size, t.seq_len,
+            m == &model ? parse_recompute(t.activation_checkpointing) : Recompute::kFull);
   }
   if (t.precision == "bf16" && model.device() == Device::kCPU && !cpu_features().avx512_bf16 &&
       !cpu_features().amx_bf16)
