@@ -127,8 +127,10 @@ void consolidate(const std::string& from, const std::string& out) {
   fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
 }
 
+// --to-hf DIR (peft false) or --to-peft DIR (the LoRA adapters alone, as PEFT saves them).
 void export_hf(const std::string& checkpoint, const std::string& out_arg, const std::string& dtype,
-               const std::string& shard, bool force) {
+               const std::string& shard, bool force, bool peft) {
+  const char* opt = peft ? "--to-peft" : "--to-hf";
   // DIR/ and DIR name the same directory; the temporary goes beside it, not inside.
   fs::path out_path = fs::path(out_arg).lexically_normal();
   if (!out_path.has_filename()) out_path = out_path.parent_path();
@@ -139,9 +141,12 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   std::string dir = resolve_checkpoint(checkpoint);
   ModelConfig mc = checkpoint_model_config(dir);
   hf_config_json(mc, -1, -1, dt);  // fails on an inexpressible model before any work
+  if (peft && !mc.lora.on())
+    fail("--to-peft: {} has no LoRA adapters (model.lora_rank 0); export it whole with --to-hf",
+         dir);
   std::error_code ec;
   if (fs::exists(out, ec) && !fs::is_empty(out, ec) && !force)
-    fail("--to-hf: {} exists and is not empty; choose a new directory or pass --force", out);
+    fail("{}: {} exists and is not empty; choose a new directory or pass --force", opt, out);
   // --force replaces the directory: never one that holds the checkpoint, a run, or this process's
   // working directory.
   auto inside = [](const fs::path& child, const fs::path& parent) {
@@ -151,28 +156,45 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   const fs::path target = fs::weakly_canonical(out_path, ec);
   for (const fs::path& keep : {fs::weakly_canonical(dir, ec), fs::current_path(ec)})
     if (inside(keep, target))
-      fail("--to-hf: {} holds {}, which --force would delete; export to a new directory", out,
+      fail("{}: {} holds {}, which --force would delete; export to a new directory", opt, out,
            keep.string());
   if (fs::exists(target / "checkpoints", ec) || fs::exists(target / "state.json", ec))
     fail(
-        "--to-hf: {} is an lmforge run or checkpoint, which --force would delete; export to a "
-        "new directory",
-        out);
+        "{}: {} is an lmforge run or checkpoint, which --force would delete; export to a new "
+        "directory",
+        opt, out);
   Transformer model(mc);
   load_checkpoint(dir, model, nullptr, nullptr);
   auto tok = checkpoint_tokenizer(dir);
+  // The adapters' base: the HF directory the run started from, if it did.
+  const std::string from = checkpoint_init_from(dir);
+  const std::string base_model = from.starts_with("hf:") ? from.substr(3) : "";
   // Written beside the target and renamed, so a failure leaves no half-written model.
   std::string tmp = out + ".tmp";
   fs::remove_all(tmp, ec);
   try {
-    save_hf_model(model, tok.get(), tmp, dt, max_shard);
+    if (peft)
+      save_peft_adapter(model, tmp, base_model, dt);
+    else
+      save_hf_model(model, tok.get(), tmp, dt, max_shard);
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;
   }
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
-  if (ec) fail("--to-hf: cannot move {} to {} ({})", tmp, out, ec.message());
+  if (ec) fail("{}: cannot move {} to {} ({})", opt, tmp, out, ec.message());
+  if (peft) {
+    fmt::print(
+        "exported the LoRA adapters of {} (rank {}, alpha {}, {:.2f}M parameters, {}) -> {}\n", dir,
+        mc.lora.rank, mc.lora.alpha, mc.lora_params() / 1e6, dtype, out);
+    fmt::print("base model: {}\n",
+               base_model.empty()
+                   ? fmt::format("not a HF directory (init_from {}); export that with --to-hf",
+                                 from.empty() ? "none" : from)
+                   : base_model);
+    return;
+  }
   fmt::print("exported {} ({}, {:.1f}M parameters, {}) -> {}\n", dir, mc.arch,
              model.params().numel() / 1e6, dtype, out);
 }
@@ -213,7 +235,7 @@ void info(const std::string& path) {
 
 void add_hf(CLI::App& app) {
   struct Opts {
-    std::string from, out, checkpoint, to, dtype = "fp32", shard = "5GB", path;
+    std::string from, out, checkpoint, to, peft, dtype = "fp32", shard = "5GB", path;
     bool force = false;
   };
   auto o = std::make_shared<Opts>();
@@ -235,14 +257,23 @@ void add_hf(CLI::App& app) {
       fail("convert: give --from-hf DIR or --from-checkpoint DIR");
   });
 
-  CLI::App* e = app.add_subcommand("export", "lmforge checkpoint -> Hugging Face model directory");
+  CLI::App* e = app.add_subcommand(
+      "export", "lmforge checkpoint -> Hugging Face model directory (or PEFT LoRA adapter)");
   e->add_option("--checkpoint", o->checkpoint, "Checkpoint or run directory")->required();
-  e->add_option("--to-hf", o->to, "Output directory")->required();
+  auto* to_hf = e->add_option("--to-hf", o->to, "Output directory (LoRA adapters merged)");
+  e->add_option("--to-peft", o->peft,
+                "Output directory for a LoRA checkpoint's adapters alone, as PEFT saves them "
+                "(adapter_config.json, adapter_model.safetensors)")
+      ->excludes(to_hf);
   e->add_option("--dtype", o->dtype, "fp32 | bf16")->capture_default_str();
   e->add_option("--max-shard-size", o->shard, "Shard the weights past this size (e.g. 5GB)")
       ->capture_default_str();
   e->add_flag("--force", o->force, "Replace a non-empty output directory");
-  e->callback([o] { export_hf(o->checkpoint, o->to, o->dtype, o->shard, o->force); });
+  e->callback([o] {
+    if (o->to.empty() && o->peft.empty()) fail("export: give --to-hf DIR or --to-peft DIR");
+    const bool peft = !o->peft.empty();
+    export_hf(o->checkpoint, peft ? o->peft : o->to, o->dtype, o->shard, o->force, peft);
+  });
 
   CLI::App* i = app.add_subcommand("info", "Describe a checkpoint, run or HF model directory");
   i->add_option("path", o->path, "Checkpoint, run directory or HF model directory")->required();

@@ -153,6 +153,25 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   SafetensorsSet hf = SafetensorsSet::open(dir + "/hf");
   for (const std::string& n : hf.names()) EXPECT_EQ(n.find("lora"), std::string::npos) << n;
+
+  // The adapters alone, as PEFT saves them (their values are checked against transformers in
+  // test_hf_reference): GPT-2's four Conv1D layers per block, A and B each.
+  r = testing::run_lmforge("export --checkpoint lora --to-peft adapter", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("base model: not a HF directory (init_from base)"), std::string::npos)
+      << r.out;
+  const auto cfg = nlohmann::json::parse(testing::slurp(dir + "/adapter/adapter_config.json"));
+  EXPECT_EQ(cfg["r"], 8);
+  EXPECT_EQ(cfg["fan_in_fan_out"], true);
+  EXPECT_EQ(cfg["target_modules"],
+            nlohmann::json({"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}));
+  Safetensors adapter = Safetensors::open(dir + "/adapter/adapter_model.safetensors");
+  EXPECT_EQ(adapter.names().size(), 2u * 4 * 4);
+  EXPECT_TRUE(adapter.has("base_model.model.transformer.h.3.mlp.c_fc.lora_B.weight"));
+  r = testing::run_lmforge("export --checkpoint base --to-peft adapter2", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("has no LoRA adapters"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/adapter2"));
 }
 
 }  // namespace lmforge

@@ -99,17 +99,23 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   std::vector<std::string> dirs;
   std::map<std::string, std::unique_ptr<Transformer>> models;
   uint64_t seed = 7;
-  // llama3_lora: Llama 3 with LoRA adapters on every layer kind, exported merged.
-  for (const std::string& c : {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral",
-                               "qwen2", "qwen3", "phi3", "llama3_lora"}) {
-    const std::string src = c == "llama3_lora" ? "llama3" : c;
+  // llama3_lora: Llama 3 with LoRA adapters on every layer kind, exported merged. *_peft: the
+  // base model without them, and the adapters as a PEFT adapter in <dir>/adapter, which the
+  // reference applies as PEFT merges them (W += alpha / r * B A, transposed for GPT-2's Conv1D).
+  for (const std::string& c :
+       {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral", "qwen2", "qwen3", "phi3",
+        "llama3_lora", "llama3_peft", "gpt2_peft"}) {
+    const bool peft = c.ends_with("_peft");
+    const std::string src = c.substr(0, c.find('_', c.starts_with("llama_") ? 6 : 0));
     ModelConfig mc = read_hf_config(hf_dir(src)).model;
-    if (c == "llama3_lora") mc.lora.rank = 4;
+    if (c == "llama3_lora" || peft) mc.lora.rank = 4;
     auto& model = models[c] = std::make_unique<Transformer>(mc);
     randomize(*model, seed++);
     std::string out = root + "/" + c;
     // Small shards for one family, so the index path is exercised too.
-    save_hf_model(*model, tok.get(), out, DType::kF32, c == "llama3" ? 50'000 : 5'000'000'000);
+    save_hf_model(*model, tok.get(), out, DType::kF32, c == "llama3" ? 50'000 : 5'000'000'000,
+                  /*merge_lora=*/!peft);
+    if (peft) save_peft_adapter(*model, out + "/adapter", "", DType::kF32);
     fs::copy_file(hf_dir(src) + "/ref.safetensors", out + "/tokens.safetensors");
     std::ofstream(out + "/corpus.txt") << corpus;
     dirs.push_back(out);
@@ -136,7 +142,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
     EXPECT_EQ(j.at("ids").get<std::vector<int32_t>>(), ours);
 
     // Round trip: the export imports back bit for bit (LoRA's: merged, checked above).
-    if (model.config().lora.on()) continue;
+    if (model.config().lora.on()) continue;  // (a PEFT adapter's config is checked in Python)
     HfConfig back = read_hf_config(d);
     EXPECT_EQ(config_diff(back.model, model.config()), "");
     Transformer again(back.model);

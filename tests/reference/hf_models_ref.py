@@ -137,9 +137,40 @@ def make(out):
         json.dump(sorted(list(CASES) + list(SAVES)), f)
 
 
+def apply_peft_adapter(model, adir):
+    """Merges a PEFT LoRA adapter directory into model as PEFT's merge_and_unload does (written from
+    PEFT's LoraLayer.get_delta_weight: W += transpose(B @ A, fan_in_fan_out) * lora_alpha / r),
+    checking the keys and config a PEFT load relies on."""
+    cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM", cfg
+    w = load_file(os.path.join(adir, "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    merged = 0
+    for key, a in w.items():
+        if key.endswith(".lora_B.weight"):
+            continue
+        prefix, suffix = "base_model.model.", ".lora_A.weight"
+        assert key.startswith(prefix) and key.endswith(suffix), key
+        name = key[len(prefix):-len(suffix)]
+        assert any(name == t or name.endswith("." + t) for t in cfg["target_modules"]), name
+        b = w[key.replace(".lora_A.", ".lora_B.")]
+        assert a.shape[0] == cfg["r"] and b.shape[1] == cfg["r"], (key, a.shape, b.shape)
+        delta = (b.double() @ a.double()) * scale
+        with torch.no_grad():
+            layer = modules[name]
+            layer.weight += (delta.t() if cfg["fan_in_fan_out"] else delta).to(layer.weight.dtype)
+        merged += 1
+    # Every targeted module of the model got its adapter.
+    targeted = [n for n in modules if any(n.endswith("." + t) for t in cfg["target_modules"])]
+    assert merged == len(targeted), (merged, len(targeted))
+
+
 def check(dirs):
     for d in dirs:
         model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        if os.path.isdir(os.path.join(d, "adapter")):
+            apply_peft_adapter(model, os.path.join(d, "adapter"))
         tokens = load_file(os.path.join(d, "tokens.safetensors"))["tokens"].long()
         with torch.no_grad():
             logits = model(input_ids=tokens).logits.float().contiguous()

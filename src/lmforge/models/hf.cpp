@@ -574,17 +574,17 @@ Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
 }  // namespace
 
 void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::string& dir,
-                   DType dtype, uint64_t max_shard_bytes) {
+                   DType dtype, uint64_t max_shard_bytes, bool merge_lora) {
   LMF_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "export dtype {}", dtype_name(dtype));
   const ModelConfig& m = model.config();
   int64_t bos = tok ? tok->bos_id() : -1, eos = tok ? tok->eos_id() : -1;
   json config = hf_config_json(m, bos, eos, dtype);  // throws before anything is written
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const Param& p : model.params().params()) {
-    if (is_lora_param(p.name)) continue;  // merged into their layers' weights
+    if (is_lora_param(p.name)) continue;  // merged into their layers' weights, or left out
     const int64_t rows = p.value.size(0), cols = p.value.numel() / rows;
     // fp32 (bf16 master weights widened), LoRA merged.
-    const Tensor value = m.lora.on() ? merged_value(model.params(), p, m.lora.scale())
+    const Tensor value = m.lora.on() && merge_lora ? merged_value(model.params(), p, m.lora.scale())
                          : p.value.dtype() == DType::kF32 ? p.value
                                                           : p.value.to(DType::kF32);
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
@@ -608,6 +608,66 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
               {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
   write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
   if (tok) export_hf_tokenizer(*tok, dir);
+}
+
+void save_peft_adapter(const Transformer& model, const std::string& dir,
+                       const std::string& base_model, DType dtype) {
+  const ModelConfig& m = model.config();
+  LMF_CHECK(m.lora.on(), "save_peft_adapter without LoRA adapters");
+  const ParamSet& ps = model.params();
+  auto find = [&ps](const std::string& name) -> const Param& {
+    for (const Param& p : ps.params())
+      if (p.name == name) return p;
+    LMF_CHECK(false, "no parameter {}", name);
+    return ps.params().front();
+  };
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::set<std::string> targets;
+  bool conv1d = false;
+  for (const Param& a : ps.params()) {
+    if (!a.name.ends_with(".lora_a")) continue;
+    const std::string layer = a.name.substr(0, a.name.size() - 7);
+    const Param& b = find(layer + ".lora_b");
+    const Param& w = find(layer + ".weight");
+    const Tensor af = a.value.to(DType::kF32), bt = b.value.to(DType::kF32);  // (r, in), (r, out)
+    const int64_t r = a.shape[0], out = b.shape[1];
+    for (const HfPiece& piece : hf_pieces(m, w.name, w.shape[0])) {
+      conv1d = conv1d || piece.transpose;
+      const std::string module = piece.name.substr(0, piece.name.rfind(".weight"));
+      Tensor bp = Tensor::empty({piece.rows, r}, DType::kF32);  // B's rows of this module
+      for (int64_t i = 0; i < piece.rows; ++i)
+        for (int64_t k = 0; k < r; ++k)
+          bp.data<float>()[i * r + k] = bt.data<float>()[k * out + piece.row0 + i];
+      const std::string key = "base_model.model." + module;
+      tensors.emplace_back(key + ".lora_A.weight",
+                           dtype == DType::kF32 ? af.clone() : af.to(dtype));
+      tensors.emplace_back(key + ".lora_B.weight", dtype == DType::kF32 ? bp : bp.to(dtype));
+      // PEFT matches target_modules as suffixes of the module names: the last two components
+      // tell GPT-2's attn.c_proj from its mlp.c_proj.
+      const size_t last = module.rfind('.'), before = module.rfind('.', last - 1);
+      targets.insert(module.substr(before + 1));
+    }
+  }
+  json config = {{"peft_type", "LORA"},
+                 {"task_type", "CAUSAL_LM"},
+                 {"r", m.lora.rank},
+                 {"lora_alpha", m.lora.alpha},
+                 {"lora_dropout", 0.0},
+                 {"bias", "none"},
+                 {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
+                 {"fan_in_fan_out", conv1d},
+                 {"use_rslora", false},
+                 {"init_lora_weights", true},
+                 {"inference_mode", true},
+                 {"modules_to_save", nullptr},
+                 {"base_model_name_or_path", base_model.empty() ? json(nullptr) : json(base_model)},
+                 {"revision", nullptr}};
+  fs::create_directories(dir);
+  SafetensorsWriter wr;
+  for (const auto& [name, t] : tensors) wr.add(name, t);
+  wr.metadata = {{"format", "pt"}};
+  wr.write((fs::path(dir) / "adapter_model.safetensors").string());
+  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), config.dump(2) + "\n");
 }
 
 }  // namespace lmforge

@@ -54,7 +54,19 @@ std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& para
 void load_hf_weights(Transformer& model, const std::string& dir);
 // Writes config.json, generation_config.json, the weights (sharded past max_shard_bytes, with
 // model.safetensors.index.json) in `dtype` (F32 or BF16) and the tokenizer files into dir.
+// LoRA adapters are merged into their layers' weights (W + (alpha / r) B A); with merge_lora
+// false they are left out (the base model, for save_peft_adapter).
 void save_hf_model(const Transformer& model, const Tokenizer* tokenizer, const std::string& dir,
-                   DType dtype, uint64_t max_shard_bytes);
+                   DType dtype, uint64_t max_shard_bytes, bool merge_lora = true);
+// A LoRA model's adapters as a PEFT adapter directory: adapter_config.json (peft_type LORA,
+// task_type CAUSAL_LM, r, lora_alpha, target_modules, fan_in_fan_out for GPT-2's Conv1D layers,
+// base_model_name_or_path = base_model or null) and adapter_model.safetensors with PEFT's keys
+// "base_model.model.<HF module>.lora_A.weight" (r, in) and ".lora_B.weight" (out, r). A fused
+// lmforge layer that is several HF modules (Llama's qkv: q_proj, k_proj, v_proj; fc: gate_proj,
+// up_proj) gives each its rows of B and the shared A: the same products. For
+// peft.PeftModel.from_pretrained on the base model (the init_from source, or save_hf_model with
+// merge_lora false).
+void save_peft_adapter(const Transformer& model, const std::string& dir,
+                       const std::string& base_model, DType dtype);
 
 }  // namespace lmforge
