@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
 
 namespace lmforge::testing {
@@ -86,6 +87,20 @@ inline ::testing::AssertionResult same_bits(const std::string& what,
       return ::testing::AssertionFailure() << what << ": first difference at " << i << ": got 0x"
                                            << std::hex << got[i] << ", want 0x" << want[i];
   return ::testing::AssertionSuccess();
+}
+
+// bf16 rows ld apart (got16, N x V used) against fp32 rows want (N x V): each within bf16's
+// rounding, the padding columns left at 0xabab.
+inline void expect_bf16_rows_near(const std::vector<uint16_t>& got16,
+                                  const std::vector<float>& want, int64_t N, int64_t V,
+                                  int64_t ld) {
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t v = 0; v < V; ++v) {
+      const float g = bf16_to_fp32(got16[i * ld + v]), w = want[i * V + v];
+      ASSERT_LE(std::abs(g - w), 1e-2f * std::abs(w) + 1e-6f) << "row " << i << " col " << v;
+    }
+    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got16[i * ld + v], 0xabab) << "row " << i;
+  }
 }
 
 template <typename T>

@@ -266,13 +266,7 @@ void softmax_xent(Rng& rng, int64_t N, int64_t V, double z_loss) {
   EXPECT_TRUE(close("losses (forward, padded rows)", e_losses.host(), losses, kReduction));
   EXPECT_NEAR(device_scalar(p_lse_sq.get()), lse_sq, kReduction * std::abs(lse_sq));
   const std::vector<uint16_t> got16 = p16.host();
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t v = 0; v < V; ++v) {
-      const float g = bf16_to_fp32(got16[i * ld + v]), w = dlogits[i * V + v];
-      ASSERT_LE(std::abs(g - w), 1e-2f * std::abs(w) + 1e-6f) << "row " << i << " col " << v;
-    }
-    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got16[i * ld + v], 0xabab) << "row " << i;
-  }
+  expect_bf16_rows_near(got16, dlogits, N, V, ld);
   cuda::softmax_xent_backward(d_logits.get(), d_logits.get(), d_targets.get(), dloss, N, V, kIgnore,
                               z_loss);
   EXPECT_TRUE(close("dlogits in place", d_logits.host(), dlogits, kReduction));
@@ -321,13 +315,7 @@ void xent_objectives(Rng& rng, int64_t N, int64_t V) {
                                          d_logits.get(), V, d_teacher.get(), d_targets.get(), dloss,
                                          N, V, kIgnore, alpha, temperature);
   const std::vector<uint16_t> got16 = d16.host();
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t v = 0; v < V; ++v) {
-      const float g = bf16_to_fp32(got16[i * ld + v]), w = dlogits[i * V + v];
-      ASSERT_LE(std::abs(g - w), 1e-2f * std::abs(w) + 1e-6f) << "row " << i << " col " << v;
-    }
-    for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got16[i * ld + v], 0xabab) << "row " << i;
-  }
+  expect_bf16_rows_near(got16, dlogits, N, V, ld);
 }
 
 // dst += src on cols columns from col0 of rows ld apart (qk_norm's v pass-through); the other

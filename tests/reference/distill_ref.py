@@ -19,19 +19,12 @@ ALPHA, TEMPERATURE = 0.7, 2.0
 def make(name="gpt2-tiny", seed=91, B=3, T=16):
     cfg = model_ref.PRESETS[name]
     torch.manual_seed(seed)
-    student, teacher = model_ref.Transformer(cfg), model_ref.Transformer(cfg)
+    student, teacher, values = model_ref.two_models(
+        cfg, lambda norm, shape, value: (3.0 + 0.3 * torch.randn(shape)) if norm
+        else 0.02 * torch.randn(shape))
     out = {}
-    for (pname, p), (_, q) in zip(student.named_parameters(), teacher.named_parameters()):
-        norm = ".norm" in "." + pname and pname.endswith(".weight")
-        value = 1.0 + 0.1 * torch.randn(p.shape) if norm else 0.02 * torch.randn(p.shape)
-        teacher_value = 3.0 + 0.3 * torch.randn(p.shape) if norm else 0.02 * torch.randn(p.shape)
-        with torch.no_grad():
-            p.copy_(value)
-            q.copy_(teacher_value)
-        out[pname] = value.contiguous()
-        out["teacher." + pname] = teacher_value.contiguous()
-    student.double()
-    teacher.double()
+    for pname, (value, teacher_value) in values.items():
+        out[pname], out["teacher." + pname] = value, teacher_value
 
     tokens = torch.randint(0, cfg.vocab_size, (B, T))
     targets = torch.randint(0, cfg.vocab_size, (B, T))

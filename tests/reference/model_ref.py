@@ -148,6 +148,23 @@ class Transformer(nn.Module):
         return logits, loss
 
 
+def two_models(cfg, second_value):
+    """Two models of cfg with random fp32 weights (norm weights 1 + N(0, 0.1), the rest
+    N(0, 0.02)) for the first and second_value(name, shape, first's value) for the second, both
+    then run in float64. Returns (first, second, {name: value, "<second>." ...} to fill)."""
+    first, second = Transformer(cfg), Transformer(cfg)
+    values = {}
+    for (pname, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
+        norm = ".norm" in "." + pname and pname.endswith(".weight")
+        value = 1.0 + 0.1 * torch.randn(p.shape) if norm else 0.02 * torch.randn(p.shape)
+        other = second_value(norm, p.shape, value)
+        with torch.no_grad():
+            p.copy_(value)
+            q.copy_(other)
+        values[pname] = (value.contiguous(), other.contiguous())
+    return first.double(), second.double(), values
+
+
 def make(name, seed, B=2, T=16):
     """Returns the tensors of model_<name>.safetensors and its config."""
     cfg = PRESETS[name]

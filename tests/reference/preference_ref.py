@@ -51,21 +51,11 @@ def orpo_loss(policy, tokens, targets):
 def make(name="gpt2-tiny", seed=77, B=6, T=16):
     cfg = model_ref.PRESETS[name]
     torch.manual_seed(seed)
-    policy, ref = model_ref.Transformer(cfg), model_ref.Transformer(cfg)
+    policy, ref, values = model_ref.two_models(
+        cfg, lambda norm, shape, value: value + 0.01 * torch.randn(shape))
     out = {}
-    for (pname, p), (_, q) in zip(policy.named_parameters(), ref.named_parameters()):
-        if ".norm" in "." + pname and pname.endswith(".weight"):
-            value = 1.0 + 0.1 * torch.randn(p.shape)
-        else:
-            value = 0.02 * torch.randn(p.shape)
-        ref_value = value + 0.01 * torch.randn(p.shape)
-        with torch.no_grad():
-            p.copy_(value)
-            q.copy_(ref_value)
-        out[pname] = value.contiguous()
-        out["ref." + pname] = ref_value.contiguous()
-    policy.double()
-    ref.double()
+    for pname, (value, ref_value) in values.items():
+        out[pname], out["ref." + pname] = value, ref_value
 
     tokens = torch.randint(0, cfg.vocab_size, (B, T))
     targets = torch.full((B, T), -100)
