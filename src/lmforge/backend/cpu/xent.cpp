@@ -181,6 +181,55 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
   if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 
+namespace {
+// logsumexp of x * s (s > 0) on 8 lanes: max, then the sum of exp(s (x - max)) in double lanes.
+LMF_AVX2 double scaled_logsumexp_avx2(const float* x, int64_t V, float s) {
+  __m256 mx = _mm256_set1_ps(-__builtin_inff());
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + v));
+  alignas(32) float lanes8[8];
+  _mm256_store_ps(lanes8, mx);
+  float fmx = lanes8[0];
+  for (int k = 1; k < 8; ++k) fmx = std::max(fmx, lanes8[k]);
+  for (int64_t k = v; k < V; ++k) fmx = std::max(fmx, x[k]);
+  const __m256 vmx = _mm256_set1_ps(fmx), vs = _mm256_set1_ps(s);
+  __m256d acc = _mm256_setzero_pd();
+  for (v = 0; v + 8 <= V; v += 8) {
+    const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx), vs));
+    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(e)), hi_pd256(e));
+  }
+  double sum = hsum256d(acc);
+  for (; v < V; ++v) sum += std::exp(static_cast<double>((x[v] - fmx) * s));
+  return static_cast<double>(fmx) * s + std::log(sum);
+}
+
+// The distillation row's gradient without the one-hot term, d = ca p + cb (p^T - q), and its KL
+// sum q (log q - log p^T), on 8 lanes (d may alias x).
+LMF_AVX2 double distill_row_avx2(float* d, const float* x, const float* t, int64_t V, float inv_t,
+                                 float lse, float lse_s, float lse_t, float ca, float cb) {
+  const __m256 vi = _mm256_set1_ps(inv_t), vl = _mm256_set1_ps(lse), vls = _mm256_set1_ps(lse_s),
+               vlt = _mm256_set1_ps(lse_t), va = _mm256_set1_ps(ca), vb = _mm256_set1_ps(cb);
+  __m256d acc = _mm256_setzero_pd();
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + v), tv = _mm256_loadu_ps(t + v);
+    const __m256 log_q = _mm256_fmsub_ps(tv, vi, vlt), log_ps = _mm256_fmsub_ps(xv, vi, vls);
+    const __m256 q = exp256(log_q), ps = exp256(log_ps), p = exp256(_mm256_sub_ps(xv, vl));
+    const __m256 k = _mm256_mul_ps(q, _mm256_sub_ps(log_q, log_ps));
+    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(k)), hi_pd256(k));
+    _mm256_storeu_ps(d + v, _mm256_fmadd_ps(va, p, _mm256_mul_ps(vb, _mm256_sub_ps(ps, q))));
+  }
+  double kl = hsum256d(acc);
+  for (; v < V; ++v) {
+    const float xv = x[v], log_q = t[v] * inv_t - lse_t, log_ps = xv * inv_t - lse_s;
+    const float q = std::exp(log_q);
+    kl += static_cast<double>(q) * (log_q - log_ps);
+    d[v] = ca * std::exp(xv - lse) + cb * (std::exp(log_ps) - q);
+  }
+  return kl;
+}
+}  // namespace
+
 void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, const float* logits,
                                       const float* teacher, const int32_t* targets, float dloss,
                                       int64_t N, int64_t V, int32_t ignore_index, double alpha,
@@ -200,6 +249,19 @@ void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, 
     }
     // logsumexp of the logits, and of the student's and the teacher's at temperature T.
     const double lse = lse_of(x, V);
+    if (has_avx2()) {
+      const float s = static_cast<float>(inv_t);
+      const double lse_s = scaled_logsumexp_avx2(x, V, s), lse_t = scaled_logsumexp_avx2(t, V, s);
+      const double ce = lse - x[y];  // before d (which may alias x) is written
+      const float ca = static_cast<float>(dloss * (1 - alpha));
+      const double kl_sum = distill_row_avx2(d, x, t, V, s, static_cast<float>(lse),
+                                             static_cast<float>(lse_s), static_cast<float>(lse_t),
+                                             ca, static_cast<float>(dloss * alpha * temperature));
+      d[y] -= ca;  // the one-hot term of the cross-entropy's gradient
+      kl[i] = static_cast<float>(kl_sum);
+      losses[i] = static_cast<float>((1 - alpha) * ce + alpha * temperature * temperature * kl_sum);
+      continue;
+    }
     double ms = -INFINITY, mt = -INFINITY;
     for (int64_t v = 0; v < V; ++v) {
       ms = std::max(ms, x[v] * inv_t);
