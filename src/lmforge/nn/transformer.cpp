@@ -301,16 +301,20 @@ void Transformer::stage_documents(const Tensor& doc_ids) {
   positions_.doc_start = doc_start_;
 }
 
-double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
-                          const double* loss_scale, const Tensor& doc_ids) {
+void Transformer::stage_inputs(const Tensor& tokens, const Tensor& doc_ids) {
   LMF_CHECK(B_ > 0, "forward before plan()");
   LMF_CHECK(tokens.shape() == tokens_.shape(), "tokens {} but planned {}", tokens.shape().str(),
             tokens_.shape().str());
   tokens_.copy_from(tokens);
   stage_documents(doc_ids);
-  ignore_index_ = ignore_index;
   hooks().before_forward(0);
   params_.sync_bf16();
+}
+
+double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
+                          const double* loss_scale, const Tensor& doc_ids) {
+  stage_inputs(tokens, doc_ids);
+  ignore_index_ = ignore_index;
   if (!targets.defined()) {
     LMF_CHECK(keep_logits_, "forward without targets needs plan(B, T, ..., keep_logits=true)");
     return 0.0;
@@ -327,12 +331,7 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
 }
 
 void Transformer::forward_hidden(const Tensor& tokens, const Tensor& doc_ids) {
-  LMF_CHECK(B_ > 0 && tokens.shape() == tokens_.shape(), "forward_hidden: tokens {} but planned {}",
-            tokens.shape().str(), tokens_.shape().str());
-  tokens_.copy_from(tokens);
-  stage_documents(doc_ids);
-  hooks().before_forward(0);
-  params_.sync_bf16();
+  stage_inputs(tokens, doc_ids);
   queue_trunk(/*training=*/false);
 }
 

@@ -252,6 +252,8 @@ class Transformer {
   // head's backward); read_loss() waits and reads the loss and lse^2 back.
   double stage(const Tensor& tokens, const Tensor& targets, int32_t ignore_index,
                const double* loss_scale, const Tensor& doc_ids);
+  // Its first part (every forward): tokens and documents in, parameters ready (hooks, bf16).
+  void stage_inputs(const Tensor& tokens, const Tensor& doc_ids);
   // From doc_ids: whether the rows hold more than one document each, and if so the positions
   // and document starts (into pos_ids_ and doc_start_).
   void stage_documents(const Tensor& doc_ids);

@@ -54,8 +54,9 @@ LMF_AVX512 void softmax_grad_avx512(float* d, const float* x, int64_t V, float l
   }
 }
 
-// The same on 8 lanes (AVX2); the last V % 8 logits scalar.
-LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V) {
+// The same on 8 lanes (AVX2); the last V % 8 logits scalar. s > 0: the logsumexp of x * s
+// (distillation's temperature; multiplying by 1 is exact).
+LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V, float s = 1.0f) {
   __m256 mx = _mm256_set1_ps(-__builtin_inff());
   int64_t v = 0;
   for (; v + 8 <= V; v += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + v));
@@ -64,15 +65,15 @@ LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V) {
   float fmx = lanes8[0];
   for (int k = 1; k < 8; ++k) fmx = std::max(fmx, lanes8[k]);
   for (int64_t t = v; t < V; ++t) fmx = std::max(fmx, x[t]);
-  const __m256 vmx = _mm256_set1_ps(fmx);
+  const __m256 vmx = _mm256_set1_ps(fmx), vs = _mm256_set1_ps(s);
   __m256d acc = _mm256_setzero_pd();
   for (v = 0; v + 8 <= V; v += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx));
+    const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx), vs));
     acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(e)), hi_pd256(e));
   }
   double sum = hsum256d(acc);
-  for (; v < V; ++v) sum += std::exp(static_cast<double>(x[v] - fmx));
-  return fmx + std::log(sum);
+  for (; v < V; ++v) sum += std::exp(static_cast<double>((x[v] - fmx) * s));
+  return static_cast<double>(fmx) * s + std::log(sum);
 }
 
 LMF_AVX2 void softmax_grad_avx2(float* d, const float* x, int64_t V, float lse, float coef) {
@@ -182,27 +183,6 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
 }
 
 namespace {
-// logsumexp of x * s (s > 0) on 8 lanes: max, then the sum of exp(s (x - max)) in double lanes.
-LMF_AVX2 double scaled_logsumexp_avx2(const float* x, int64_t V, float s) {
-  __m256 mx = _mm256_set1_ps(-__builtin_inff());
-  int64_t v = 0;
-  for (; v + 8 <= V; v += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + v));
-  alignas(32) float lanes8[8];
-  _mm256_store_ps(lanes8, mx);
-  float fmx = lanes8[0];
-  for (int k = 1; k < 8; ++k) fmx = std::max(fmx, lanes8[k]);
-  for (int64_t k = v; k < V; ++k) fmx = std::max(fmx, x[k]);
-  const __m256 vmx = _mm256_set1_ps(fmx), vs = _mm256_set1_ps(s);
-  __m256d acc = _mm256_setzero_pd();
-  for (v = 0; v + 8 <= V; v += 8) {
-    const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx), vs));
-    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(e)), hi_pd256(e));
-  }
-  double sum = hsum256d(acc);
-  for (; v < V; ++v) sum += std::exp(static_cast<double>((x[v] - fmx) * s));
-  return static_cast<double>(fmx) * s + std::log(sum);
-}
-
 // The distillation row's gradient without the one-hot term, d = ca p + cb (p^T - q), and its KL
 // sum q (log q - log p^T), on 8 lanes (d may alias x).
 LMF_AVX2 double distill_row_avx2(float* d, const float* x, const float* t, int64_t V, float inv_t,
@@ -251,7 +231,7 @@ void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, 
     const double lse = lse_of(x, V);
     if (has_avx2()) {
       const float s = static_cast<float>(inv_t);
-      const double lse_s = scaled_logsumexp_avx2(x, V, s), lse_t = scaled_logsumexp_avx2(t, V, s);
+      const double lse_s = row_logsumexp_avx2(x, V, s), lse_t = row_logsumexp_avx2(t, V, s);
       const double ce = lse - x[y];  // before d (which may alias x) is written
       const float ca = static_cast<float>(dloss * (1 - alpha));
       const double kl_sum = distill_row_avx2(d, x, t, V, s, static_cast<float>(lse),

@@ -1,0 +1,234 @@
+// setup_run: everything a run needs before its first step, from the config (trainer.h):
+// init_from's source and the architecture it fixes, the tokenizer, the loaders, the model and,
+// per train.objective, DPO's reference or the distillation teacher.
+#include <fmt/core.h>
+
+#include "lmforge/core/cpu_features.h"
+#include "lmforge/core/error.h"
+#include "lmforge/data/text_shards.h"
+#include "lmforge/dist/data_parallel.h"
+#include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/trainer.h"
+
+namespace lmforge {
+
+namespace {
+
+// With init_from the architecture comes from the source; a model key the user set to something
+// else is a conflict (keys equal to the source's are fine, so a run's resolved config.yaml, which
+// lists them all, loads again).
+void adopt_init_model(Config& cfg, const InitSource& src) {
+  ModelConfig want = src.model;
+  if (src.hf) want.preset.clear();
+  auto set = model_fields(cfg.model), from = model_fields(want);
+  for (size_t i = 0; i < set.size(); ++i) {
+    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std" ||
+        set[i].key.starts_with("lora_"))  // adapters go on top of the source's architecture
+      continue;
+    std::string v = field_value(set[i]);
+    if (v != field_value(from[i]))
+      fail(
+          "model.{}: {} conflicts with init_from {} ({}); the architecture comes from init_from, "
+          "remove model.{} from the config",
+          set[i].key, v, src.spec, field_value(from[i]), set[i].key);
+  }
+  const LoraConfig lora = cfg.model.lora;
+  cfg.model = src.model;
+  if (src.hf) cfg.model.preset.clear();  // "hf:DIR" is not a preset name a config can load
+  // LoRA as configured; keys not given keep the source's (a LoRA checkpoint continues as one).
+  if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
+  if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
+  if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
+  const LoraConfig& had = src.model.lora;
+  const LoraConfig& now = cfg.model.lora;
+  if (had.on() && (now.rank != had.rank || now.alpha != had.alpha || now.targets != had.targets))
+    fail(
+        "model.lora_*: init_from {} holds LoRA adapters (rank {}, alpha {}, on {}) that the "
+        "config would drop or change; remove model.lora_* to continue them, or export it merged "
+        "(lmforge export --to-hf DIR) and start from hf:DIR",
+        src.spec, had.rank, had.alpha, had.targets);
+}
+
+}  // namespace
+
+void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master) {
+  // fp32 values and gradients; + bf16 copies, or bf16 values in place of fp32 ones; two fp32
+  // moments per trained parameter (under LoRA the adapters only).
+  const double all = static_cast<double>(model.num_params() + model.lora_params());
+  const double trained = model.lora.on() ? static_cast<double>(model.lora_params()) : all;
+  check_host_memory(
+      all * (bf16_master ? 6
+             : bf16      ? 10
+                         : 8) +
+          trained * 8,
+      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)", all / 1e6),
+      "choose a smaller model, or shard it over several ranks (dist.strategy)");
+}
+
+RunSetup setup_run(Config& cfg) {
+  validate_train_config(cfg);
+  const TrainConfig& t = cfg.train;
+
+  // Initial weights from elsewhere: they fix the architecture and the tokenizer.
+  RunSetup r;
+  std::unique_ptr<InitSource>& init = r.init;
+  if (!cfg.init_from.empty()) {
+    try {
+      init = std::make_unique<InitSource>(open_init_source(cfg.init_from));
+    } catch (const Error& e) {
+      fail("init_from: {}", e.what());
+    }
+    adopt_init_model(cfg, *init);
+  }
+
+  // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
+  std::unique_ptr<Tokenizer>& tokenizer = r.tokenizer;
+  if (init && !cfg.keys_given.count("data.tokenizer")) {
+    tokenizer = std::move(init->tokenizer);
+  } else
+    try {
+      std::string spec = cfg.data.tokenizer;
+      if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
+        int64_t n = 0;
+        try {
+          n = std::stoll(spec.substr(4));
+        } catch (...) {
+        }
+        if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
+        if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
+        spec = bpe_tokenizer_for_text(cfg.data.text, n);
+      }
+      tokenizer = load_tokenizer(spec);
+    } catch (const Error& e) {
+      fail("data.tokenizer: {}", e.what());
+    }
+  if (init && init->tokenizer && tokenizer->fingerprint() != init->tokenizer->fingerprint())
+    fail(
+        "data.tokenizer: {} differs from the tokenizer of init_from {}; remove data.tokenizer to "
+        "use the model's own",
+        cfg.data.tokenizer, cfg.init_from);
+  if (cfg.model.vocab_size == 0) cfg.model.vocab_size = (tokenizer->vocab_size() + 63) / 64 * 64;
+  if (cfg.model.vocab_size < tokenizer->vocab_size())
+    fail(
+        "model.vocab_size: {} is smaller than the tokenizer's {} ids ({}); set it to 0 to take "
+        "the tokenizer's",
+        cfg.model.vocab_size, tokenizer->vocab_size(), cfg.data.tokenizer);
+  cfg.model.validate();
+
+  // Data.
+  std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
+  if (!cfg.data.text.empty()) {
+    TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction, *tokenizer);
+    if (train_spec.empty()) train_spec = s.train;
+    if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
+  }
+  if (train_spec.empty())
+    fail("data.train: no training data; set data.train (shards) or data.text");
+  LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
+  lo.pairs = t.objective == "dpo" || t.objective == "orpo";
+  lo.rank = dist::rank_info().rank;
+  lo.world = dist::rank_info().size;
+  lo.pad_token = std::max(tokenizer->eos_id(), 0);
+  r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
+  r.train_data->check_tokenizer(*tokenizer, "data.train");
+  r.train_data->check_vocab(cfg.model.vocab_size, "data.train");
+  std::unique_ptr<Loader>& val_data = r.val_data;
+  if (!val_spec.empty()) {
+    LoaderOptions vo = lo;
+    vo.seed = 0;
+    vo.rank = 0;  // every rank evaluates the whole validation set
+    vo.world = 1;
+    val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);
+    val_data->check_tokenizer(*tokenizer, "data.val");
+    val_data->check_vocab(cfg.model.vocab_size, "data.val");
+  }
+
+  // Model.
+  if (resolve_device(t.device) == Device::kCUDA) {  // what the CUDA backend cannot run yet
+    if (cfg.model.head_size() > 128)
+      fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",
+           cfg.model.head_size());
+  }
+  if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
+      dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
+    check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16");
+  r.model = std::make_unique<Transformer>(cfg.model);
+  Transformer& model = *r.model;
+  if (init) {
+    // LoRA adapters the source does not have start from their initial values (B = 0: the
+    // source's model); the load replaces everything else.
+    if (cfg.model.lora.on()) model.init_adapters(t.seed);
+    init->load_weights(model);
+    for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
+    fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
+  } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
+    model.init_weights(t.seed);
+  }  // full-shard: created as shards by DataParallel (deferred init)
+  if (t.objective == "dpo") {
+    // DPO's reference: the policy as it starts, never trained. LoRA adapters from a source
+    // without them start as a no-op (B = 0): the reference is the policy with its adapters off
+    // (PEFT's disable_adapter(); no second model). Otherwise a second model, loaded the same way
+    // and held whole on every rank.
+    if (cfg.model.lora.on() && !(init && init->model.lora.on())) {
+      r.reference_is_base = true;
+    } else {
+      r.reference = std::make_unique<Transformer>(cfg.model);
+      if (init)
+        init->load_weights(*r.reference);
+      else
+        r.reference->init_weights(t.seed);
+    }
+  }
+  if (t.objective == "distill") {
+    // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
+    InitSource src;
+    try {
+      src = open_init_source(t.teacher);
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+    if (src.tokenizer->fingerprint() != tokenizer->fingerprint())
+      fail(
+          "train.teacher: {} has tokenizer {} ({}) but this run's is {} ({}); distillation needs "
+          "the same tokenizer",
+          t.teacher, src.tokenizer->kind(), src.tokenizer->fingerprint(), tokenizer->kind(),
+          tokenizer->fingerprint());
+    if (src.model.vocab_size != cfg.model.vocab_size)
+      fail(
+          "train.teacher: {} has a vocabulary of {} but the model's is {}; set model.vocab_size: "
+          "{}",
+          t.teacher, src.model.vocab_size, cfg.model.vocab_size, src.model.vocab_size);
+    if (src.model.max_seq_len < t.seq_len)
+      fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
+           src.model.max_seq_len, t.seq_len);
+    r.teacher = std::make_unique<Transformer>(src.model);
+    try {
+      src.load_weights(*r.teacher);
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+  }
+  // On a GPU: made (or loaded) on the host, then moved there with everything planned after.
+  for (Transformer* m : {r.model.get(), r.reference.get(), r.teacher.get()}) {
+    if (!m) continue;
+    m->to(resolve_device(t.device));
+    if (t.precision == "bf16") {
+      m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
+      if (t.master_weights == "bf16") m->use_bf16_master();
+    }
+    // The reference and the teacher only run forwards: planned with full recomputation, each
+    // block keeps its input alone (the same results, bit for bit, in a fraction of the memory).
+    m->plan(t.batch_size, t.seq_len,
+            m == &model ? parse_recompute(t.activation_checkpointing) : Recompute::kFull);
+  }
+  if (t.precision == "bf16" && model.device() == Device::kCPU && !cpu_features().avx512_bf16 &&
+      !cpu_features().amx_bf16)
+    fmt::print(
+        "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
+        "bf16 matmuls, which may be slower than fp32\n");
+  model.set_cuda_graphs(t.cuda_graphs);
+  if (r.teacher) model.set_distillation({r.teacher.get(), t.distill_alpha, t.distill_temperature});
+  return r;
+}
+
+}  // namespace lmforge
