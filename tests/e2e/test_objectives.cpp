@@ -2,8 +2,8 @@
 // followed by one of two replies ("Amen, so be it." or "Selah.", at random), then:
 // - tuned on pairs that prefer "Amen, so be it.": `lmforge prepare --format preference` (plain
 //   pairs, GPT-2's tokenizer), then `lmforge train` with train.objective dpo (from the pretrained
-//   run, its own frozen reference) and orpo. The prompt words carry no signal, so every pair asks
-//   the same: prefer the reply;
+//   run, its own frozen reference; its sigmoid and IPO losses), orpo and simpo. The prompt words
+//   carry no signal, so every pair asks the same: prefer the reply;
 // - distilled (train.objective distill) into a smaller student with the pretrained run as the
 //   teacher.
 #include <gtest/gtest.h>
@@ -80,7 +80,9 @@ std::string ObjectivesE2E::dir_;
 TEST_F(ObjectivesE2E, DpoRanksTheChosenReplyAndResumesExactly) {
   auto r = testing::run_lmforge(tune("dpo", 3e-4) + "--set run.dir=dpo", dir_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_NE(r.out.find("objective: dpo (beta 0.1); reference model"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("objective: dpo (sigmoid loss, beta 0.1); reference model"),
+            std::string::npos)
+      << r.out;
   auto steps = testing::records_of(dir_ + "/dpo/metrics.jsonl", "loss");
   ASSERT_EQ(steps.size(), 30u);
   EXPECT_NEAR(steps[0]["loss"].get<double>(), std::log(2.0), 1e-12);
@@ -138,6 +140,50 @@ TEST_F(ObjectivesE2E, OrpoLearnsTheChosenReply) {
   EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
 }
 
+// IPO (train.dpo_loss: ipo): starts at (0 - 1/(2 beta))^2 = 25 exactly (mean log-ratios of 0)
+// and falls.
+TEST_F(ObjectivesE2E, IpoStartsAtItsTargetMarginAndLearns) {
+  auto r = testing::run_lmforge(
+      tune("dpo", 3e-4) + "--set train.dpo_loss=ipo --set train.steps=10 --set run.dir=ipo", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("objective: dpo (ipo loss, beta 0.1)"), std::string::npos) << r.out;
+  auto steps = testing::records_of(dir_ + "/ipo/metrics.jsonl", "loss");
+  ASSERT_EQ(steps.size(), 10u);
+  EXPECT_NEAR(steps[0]["loss"].get<double>(), 25.0, 1e-9);
+  EXPECT_LT(steps.back()["loss"].get<double>(), 20.0);
+  EXPECT_GT(steps.back()["reward_margin"].get<double>(), 0.0);
+}
+
+// SimPO (no reference; length-normalized rewards, margin gamma) ranks every validation pair. At
+// this learning rate it does so by pushing both replies down (greedy decoding then babbles, as
+// observed), so the run that must answer also weighs the chosen replies' NLL (CPO-SimPO,
+// cpo_alpha 1); greedy decoding then answers with the chosen reply.
+TEST_F(ObjectivesE2E, SimpoLearnsTheChosenReply) {
+  for (const char* alpha : {"0", "1"}) {
+    const std::string dir = std::string("simpo") + alpha;
+    auto r = testing::run_lmforge(
+        tune("simpo", 1e-3) + "--set train.cpo_alpha=" + alpha + " --set run.dir=" + dir, dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("objective: simpo (beta 2 gamma 0.5 cpo_alpha " + std::string(alpha)),
+              std::string::npos)
+        << r.out;
+    auto val = testing::records_of(dir_ + "/" + dir + "/metrics.jsonl", "val_loss");
+    ASSERT_EQ(val.size(), 1u);
+    EXPECT_EQ(val[0]["val_reward_accuracy"].get<double>(), 1.0);
+    EXPECT_GT(val[0]["val_reward_margin"].get<double>(), 2.0);
+    if (alpha[0] == '0') continue;
+    // 0.0068 (nll 0.0068, the SimPO term 4e-5) when written.
+    EXPECT_LT(val[0]["val_loss"].get<double>(), 0.1);
+    EXPECT_LT(val[0]["val_nll"].get<double>(), 0.05);
+    auto g = testing::run_lmforge(
+        "generate --checkpoint " + dir +
+            " --prompt 'cedar salt dove oil gate horn iron lamp\n' --temperature 0 --max-tokens 8",
+        dir_);
+    ASSERT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+  }
+}
+
 // Distillation into a student of half the width and depth: the KL to the teacher falls well
 // below where it starts (0.74 -> 0.06 when written).
 TEST_F(ObjectivesE2E, DistillationPullsTheStudentToTheTeacher) {
@@ -185,14 +231,18 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   r = testing::run_lmforge(tune("dpo", 1e-4) + "--set train.z_loss=1e-4 --set run.dir=x3", dir_);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("train.z_loss"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("dpo", 1e-4) + "--set train.dpo_loss=kto --set run.dir=x8", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.dpo_loss: expected sigmoid, hinge or ipo"), std::string::npos)
+      << r.err;
   r = testing::run_lmforge(tune("kto", 1e-4) + "--set run.dir=x4", dir_);
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("expected clm, dpo, orpo or distill"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("expected clm, dpo, orpo, simpo or distill"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/x1"));
   // The paired shards as next-token data, and lr-find on a preference objective: refused.
   r = testing::run_lmforge(tune("clm", 1e-4) + "--set run.dir=x6", dir_);
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("only train.objective dpo and orpo"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("only train.objective dpo, orpo and simpo"), std::string::npos) << r.err;
   r = testing::run_lmforge(
       "lr-find --set init_from=base_run --set data.train=pairs/data "
       "--set train.objective=dpo --set train.batch_size=8 --set run.dir=x7",

@@ -102,7 +102,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   // llama3_lora: Llama 3 with LoRA adapters on every layer kind, exported merged. *_peft: the
   // base model without them, and the adapters as a PEFT adapter in <dir>/adapter, which the
   // reference applies as PEFT merges them (W += alpha / r * B A, transposed for GPT-2's Conv1D).
-  for (const std::string& c :
+  for (const std::string c :
        {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral", "qwen2", "qwen3", "phi3",
         "llama3_lora", "llama3_peft", "gpt2_peft"}) {
     const bool peft = c.ends_with("_peft");

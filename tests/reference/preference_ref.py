@@ -1,6 +1,7 @@
-"""DPO and ORPO losses and gradients for tests/train/test_objective.cpp, written from the papers
-and TRL's DPOTrainer (loss_type "sigmoid", label smoothing) and ORPOTrainer, on model_ref.py's
-PyTorch transformer in float64 (not from lmforge's C++).
+"""DPO, ORPO and SimPO losses and gradients for tests/train/test_objective.cpp, written from the
+papers and TRL's DPOTrainer (loss_type "sigmoid" with label smoothing, "hinge", "ipo"),
+ORPOTrainer and CPOTrainer (loss_type "simpo" with cpo_alpha), on model_ref.py's PyTorch
+transformer in float64 (not from lmforge's C++).
 
 Rows 2j and 2j+1 are pair j's chosen and rejected responses after a shared prompt; targets are
 -100 on the prompt and padding, so a row's log-likelihood is the sum of log p(target) over its
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 import model_ref
 
 DPO_BETA, DPO_SMOOTHING, ORPO_LAMBDA = 0.5, 0.1, 0.7
+IPO_BETA = 0.3
+SIMPO_BETA, SIMPO_GAMMA, CPO_ALPHA = 2.0, 0.4, 0.3
 
 
 def row_logps(logits, targets):
@@ -21,18 +24,51 @@ def row_logps(logits, targets):
     return (lp.squeeze(-1) * mask).sum(-1), mask.sum(-1)
 
 
-def dpo_loss(policy, ref, tokens, targets):
+def dpo_logratios(policy, ref, tokens, targets, average):
+    """TRL's chosen and rejected log-ratios (policy - reference); IPO averages over tokens."""
     logits, _ = policy(tokens, targets)
     with torch.no_grad():
         ref_logits, _ = ref(tokens, targets)
-    pi, _ = row_logps(logits, targets)
+    pi, n = row_logps(logits, targets)
     r, _ = row_logps(ref_logits, targets)
-    z = (pi[0::2] - r[0::2]) - (pi[1::2] - r[1::2])  # TRL: chosen_logratios - rejected_logratios
-    losses = (-F.logsigmoid(DPO_BETA * z) * (1 - DPO_SMOOTHING)
-              - F.logsigmoid(-DPO_BETA * z) * DPO_SMOOTHING)
-    rewards_c = DPO_BETA * (pi[0::2] - r[0::2]).detach()
-    rewards_r = DPO_BETA * (pi[1::2] - r[1::2]).detach()
-    return losses.mean(), rewards_c, rewards_r
+    if average:
+        pi, r = pi / n, r / n
+    return pi[0::2] - r[0::2], pi[1::2] - r[1::2]
+
+
+def dpo_loss(policy, ref, tokens, targets, loss_type="sigmoid", beta=DPO_BETA):
+    lc, lr = dpo_logratios(policy, ref, tokens, targets, loss_type == "ipo")
+    z = lc - lr  # TRL's logits
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * z) * (1 - DPO_SMOOTHING)
+                  - F.logsigmoid(-beta * z) * DPO_SMOOTHING)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:  # ipo: eq. 17 of Azar et al.
+        losses = (z - 1 / (2 * beta)) ** 2
+    return losses.mean(), beta * lc.detach(), beta * lr.detach()
+
+
+def hinge_beta(policy, ref, tokens, targets):
+    """A beta that puts the pairs on both sides of the hinge (1 - beta z = 0): the largest z
+    at beta z = 2 (no gradient), the others below half of it (beta z < 1)."""
+    with torch.no_grad():
+        lc, lr = dpo_logratios(policy, ref, tokens, targets, False)
+    z = (lc - lr).sort().values
+    assert z[-1] > 0 and z[-2] < z[-1] / 2, z
+    return float(2 / z[-1])
+
+
+def simpo_loss(policy, tokens, targets):
+    logits, _ = policy(tokens, targets)
+    lp, n = row_logps(logits, targets)
+    a = lp / n  # TRL's CPO: average_log_prob for simpo
+    z = a[0::2] - a[1::2] - SIMPO_GAMMA / SIMPO_BETA
+    V = logits.shape[-1]
+    nll = F.cross_entropy(logits[0::2].reshape(-1, V), targets[0::2].reshape(-1).long(),
+                          ignore_index=-100)
+    loss = -F.logsigmoid(SIMPO_BETA * z).mean() + CPO_ALPHA * nll
+    return loss, SIMPO_BETA * a[0::2].detach(), SIMPO_BETA * a[1::2].detach(), nll.detach()
 
 
 def orpo_loss(policy, tokens, targets):
@@ -69,13 +105,26 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
     out["tokens"] = tokens.to(torch.int32)
     out["targets"] = targets.to(torch.int32)
 
-    loss, rc, rr = dpo_loss(policy, ref, tokens, targets)
+    hinge = hinge_beta(policy, ref, tokens, targets)
+    for kind, loss_type, beta in (("dpo", "sigmoid", DPO_BETA), ("dpo_hinge", "hinge", hinge),
+                                  ("dpo_ipo", "ipo", IPO_BETA)):
+        loss, rc, rr = dpo_loss(policy, ref, tokens, targets, loss_type, beta)
+        loss.backward()
+        out[kind + ".loss"] = loss.detach().float().view(1)
+        out[kind + ".reward_chosen"] = rc.float().contiguous()
+        out[kind + ".reward_rejected"] = rr.float().contiguous()
+        for pname, p in policy.named_parameters():
+            out[kind + ".grad." + pname] = p.grad.float().contiguous()
+            p.grad = None
+
+    loss, rc, rr, nll = simpo_loss(policy, tokens, targets)
     loss.backward()
-    out["dpo.loss"] = loss.detach().float().view(1)
-    out["dpo.reward_chosen"] = rc.float().contiguous()
-    out["dpo.reward_rejected"] = rr.float().contiguous()
+    out["simpo.loss"] = loss.detach().float().view(1)
+    out["simpo.reward_chosen"] = rc.float().contiguous()
+    out["simpo.reward_rejected"] = rr.float().contiguous()
+    out["simpo.nll"] = nll.float().view(1)
     for pname, p in policy.named_parameters():
-        out["dpo.grad." + pname] = p.grad.float().contiguous()
+        out["simpo.grad." + pname] = p.grad.float().contiguous()
         p.grad = None
 
     loss, log_odds, nll = orpo_loss(policy, tokens, targets)
@@ -86,5 +135,6 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
     for pname, p in policy.named_parameters():
         out["orpo.grad." + pname] = p.grad.float().contiguous()
     hyper = {"preset": name, "dpo_beta": DPO_BETA, "dpo_label_smoothing": DPO_SMOOTHING,
-             "orpo_lambda": ORPO_LAMBDA}
+             "orpo_lambda": ORPO_LAMBDA, "hinge_beta": hinge, "ipo_beta": IPO_BETA,
+             "simpo_beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA, "cpo_alpha": CPO_ALPHA}
     return out, hyper

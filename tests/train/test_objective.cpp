@@ -1,9 +1,10 @@
-// DPO and ORPO (train/objective.h) against tests/reference/preference_ref.py: the same policy and
-// reference weights and the same pairs through lmforge's trainer path (DataParallel with a
-// PreferenceObjective, Transformer::forward_backward_rows) and through PyTorch in float64 (TRL's
-// losses written from the papers); the loss, rewards and EVERY parameter gradient compared, in
-// one micro-batch and split into three (the losses are normalized over the whole step). Then
-// knowledge distillation against tests/reference/distill_ref.py.
+// DPO (its sigmoid, hinge and IPO losses), ORPO and SimPO (train/objective.h) against
+// tests/reference/preference_ref.py: the same policy and reference weights and the same pairs
+// through lmforge's trainer path (DataParallel with a PreferenceObjective,
+// Transformer::forward_backward_rows) and through PyTorch in float64 (TRL's losses written from
+// the papers); the loss, rewards and EVERY parameter gradient compared, in one micro-batch and
+// split into three (the losses are normalized over the whole step). Then knowledge distillation
+// against tests/reference/distill_ref.py.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -52,10 +53,25 @@ void check(const std::string& kind, int64_t rows) {
   const json& h = fx.hyper;
   fx.policy.plan(rows, fx.T);
   fx.reference.plan(rows, fx.T);
-  PreferenceOptions o{
-      kind, kind == "dpo" ? h.at("dpo_beta").get<double>() : h.at("orpo_lambda").get<double>(),
-      kind == "dpo" ? h.at("dpo_label_smoothing").get<double>() : 0.0};
-  PreferenceObjective obj(o, kind == "dpo" ? &fx.reference : nullptr);
+  // kind: the fixture's name, "dpo_<loss>" for DPO's other losses.
+  PreferenceOptions o;
+  o.kind = kind.substr(0, kind.find('_'));
+  const bool dpo = o.kind == "dpo";
+  if (kind == "dpo") {
+    o.beta = h.at("dpo_beta").get<double>();
+    o.label_smoothing = h.at("dpo_label_smoothing").get<double>();
+  } else if (dpo) {
+    const std::string loss = kind.substr(4);
+    o.dpo_loss = parse_dpo_loss(loss);
+    o.beta = h.at(loss + "_beta").get<double>();
+  } else if (o.kind == "orpo") {
+    o.beta = h.at("orpo_lambda").get<double>();
+  } else {
+    o.beta = h.at("simpo_beta").get<double>();
+    o.gamma = h.at("simpo_gamma").get<double>();
+    o.cpo_alpha = h.at("cpo_alpha").get<double>();
+  }
+  PreferenceObjective obj(o, dpo ? &fx.reference : nullptr);
   dist::LocalCommunicator one;
   dist::DataParallel dp(one, fx.policy, DistConfig{}, {});
   const double loss = dp.forward_backward(fx.micro(rows), nullptr, &obj);
@@ -70,12 +86,16 @@ void check(const std::string& kind, int64_t rows) {
     for (int64_t i = 0; i < t.numel(); ++i) s += t.data<float>()[i];
     return s / static_cast<double>(t.numel());
   };
-  if (kind == "dpo") {
-    EXPECT_NEAR(m.at("reward_chosen").get<double>(), mean(fx.f.get("dpo.reward_chosen")), 1e-5);
-    EXPECT_NEAR(m.at("reward_rejected").get<double>(), mean(fx.f.get("dpo.reward_rejected")), 1e-5);
+  if (o.kind != "orpo") {
+    const double rc = mean(fx.f.get(kind + ".reward_chosen"));
+    const double rr = mean(fx.f.get(kind + ".reward_rejected"));
+    EXPECT_NEAR(m.at("reward_chosen").get<double>(), rc, 1e-5 * std::max(1.0, std::fabs(rc)));
+    EXPECT_NEAR(m.at("reward_rejected").get<double>(), rr, 1e-5 * std::max(1.0, std::fabs(rr)));
   } else {
     EXPECT_NEAR(m.at("log_odds").get<double>(), mean(fx.f.get("orpo.log_odds")), 1e-5);
-    EXPECT_NEAR(m.at("nll").get<double>(), fx.f.get("orpo.nll").data<float>()[0], 1e-4);
+  }
+  if (!dpo) {
+    EXPECT_NEAR(m.at("nll").get<double>(), fx.f.get(kind + ".nll").data<float>()[0], 1e-4);
   }
   double worst = 0;
   for (Param& p : fx.policy.params().params()) {
@@ -91,6 +111,12 @@ TEST(PreferenceObjective, DpoMatchesPyTorch) { check("dpo", 6); }
 TEST(PreferenceObjective, DpoOverMicroBatchesMatchesPyTorch) { check("dpo", 2); }
 TEST(PreferenceObjective, OrpoMatchesPyTorch) { check("orpo", 6); }
 TEST(PreferenceObjective, OrpoOverMicroBatchesMatchesPyTorch) { check("orpo", 2); }
+// TRL's other DPO losses; the hinge's beta puts one pair past the hinge (no gradient).
+TEST(PreferenceObjective, DpoHingeMatchesPyTorch) { check("dpo_hinge", 2); }
+TEST(PreferenceObjective, IpoMatchesPyTorch) { check("dpo_ipo", 2); }
+// SimPO with CPO's NLL term (cpo_alpha > 0), no reference model.
+TEST(PreferenceObjective, SimpoMatchesPyTorch) { check("simpo", 6); }
+TEST(PreferenceObjective, SimpoOverMicroBatchesMatchesPyTorch) { check("simpo", 2); }
 
 // DPO under LoRA: the reference as the policy with its adapters off (no second model) gives the
 // loss and gradients of a separate reference model holding the base weights, bit for bit.
@@ -191,7 +217,7 @@ TEST(PreferenceObjective, AStepWithoutUsablePairsIsEmpty) {
 // label smoothing does not change it at z = 0.
 TEST(PreferenceObjective, DpoStartsAtLog2) {
   for (double smoothing : {0.0, 0.2}) {
-    PairTerm t = dpo_pair(-12.5, -3.25, -12.5, -3.25, 0.1, smoothing);
+    PairTerm t = dpo_pair({-12.5, -3.25, 7, 3, -12.5, -3.25}, 0.1, smoothing);
     EXPECT_DOUBLE_EQ(t.loss, std::log(2.0));
     EXPECT_DOUBLE_EQ(t.reward_chosen, 0.0);
     EXPECT_DOUBLE_EQ(t.dchosen, -0.1 * (0.5 - smoothing));

@@ -80,7 +80,8 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
       if (s.shards.back().paired() && !o_.pairs)
         fail(
             "{}: holds preference pairs (chosen and rejected responses), which only "
-            "train.objective dpo and orpo train on; set one, or prepare the data with format "
+            "train.objective dpo, orpo and simpo train on; set one, or prepare the data with "
+            "format "
             "chat",
             p);
       s.tokens += s.shards.back().size();
@@ -186,7 +187,8 @@ void Loader::plan_pairs(Source& s) {
     const TokenShard& sh = s.shards[k];
     if (!sh.paired())
       fail(
-          "{}: is not made of preference pairs, which train.objective dpo and orpo train on; "
+          "{}: is not made of preference pairs, which train.objective dpo, orpo and simpo train "
+          "on; "
           "make them with `lmforge prepare --format preference`",
           sh.path());
     for (int64_t d = 0; d < sh.num_docs(); d += 2) {

@@ -86,8 +86,8 @@ std::vector<ConfigField> fields(Config& c) {
        "NEFTune: training adds uniform noise of scale alpha / sqrt(T C) to the embeddings (5 "
        "typical); 0 = off"},
       {"train.objective", &c.train.objective,
-       "clm (next-token cross-entropy; SFT on masked shards) | dpo | orpo (preference pairs from "
-       "prepare --format preference) | distill (from train.teacher)"},
+       "clm (next-token cross-entropy; SFT on masked shards) | dpo | orpo | simpo (preference "
+       "pairs from prepare --format preference) | distill (from train.teacher)"},
       {"train.teacher", &c.train.teacher,
        "distill: the teacher model, a checkpoint or run directory or hf:DIR (same tokenizer)"},
       {"train.distill_alpha", &c.train.distill_alpha,
@@ -97,8 +97,15 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.dpo_beta", &c.train.dpo_beta, "DPO: beta, the KL penalty's strength (0.1 typical)"},
       {"train.dpo_label_smoothing", &c.train.dpo_label_smoothing,
        "DPO: share of preference labels assumed flipped (conservative DPO); 0 = plain DPO"},
+      {"train.dpo_loss", &c.train.dpo_loss,
+       "DPO: sigmoid (DPO) | hinge (SLiC) | ipo (IPO, on mean log-probabilities); TRL's loss_type"},
       {"train.orpo_lambda", &c.train.orpo_lambda,
        "ORPO: weight of the odds-ratio term (TRL's beta; 0.1 typical)"},
+      {"train.simpo_beta", &c.train.simpo_beta,
+       "SimPO: beta, the scale of the length-normalized rewards (2 to 2.5 typical)"},
+      {"train.simpo_gamma", &c.train.simpo_gamma, "SimPO: gamma, the target reward margin"},
+      {"train.cpo_alpha", &c.train.cpo_alpha,
+       "SimPO: weight of the chosen responses' NLL (TRL's cpo_alpha); 0 = SimPO as published"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

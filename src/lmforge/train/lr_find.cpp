@@ -12,6 +12,7 @@
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/nn/transformer.h"
+#include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
 namespace lmforge {
@@ -20,7 +21,7 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   if (!(o.start > 0 && o.end > o.start) || !std::isfinite(o.end))
     fail("lr-find: need 0 < --start < --end, both finite (got {} and {})", o.start, o.end);
   if (o.steps < 5) fail("lr-find: --steps must be at least 5, got {}", o.steps);
-  if (cfg.train.objective == "dpo" || cfg.train.objective == "orpo")
+  if (preference_objective(cfg.train.objective))
     fail(
         "lr-find: sweeps the next-token loss, not train.objective {}; run it with "
         "train.objective: clm (e.g. on the SFT data)",

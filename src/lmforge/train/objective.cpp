@@ -16,42 +16,104 @@ double log_sigmoid(double x) {
 }
 }  // namespace
 
-PairTerm dpo_pair(double logp_c, double logp_r, double ref_c, double ref_r, double beta,
-                  double label_smoothing) {
+DpoLoss parse_dpo_loss(const std::string& s) {
+  if (s == "sigmoid") return DpoLoss::kSigmoid;
+  if (s == "hinge") return DpoLoss::kHinge;
+  if (s == "ipo") return DpoLoss::kIpo;
+  fail("train.dpo_loss: expected sigmoid, hinge or ipo (TRL's loss_type), got \"{}\"", s);
+}
+
+PairTerm dpo_pair(const PairLogps& p, double beta, double label_smoothing, DpoLoss loss) {
+  // IPO compares mean log-probabilities (TRL divides policy's and reference's by the targets).
+  LMF_CHECK(loss != DpoLoss::kIpo || (p.n_chosen > 0 && p.n_rejected > 0), "ipo without targets");
+  const double sc = loss == DpoLoss::kIpo ? 1.0 / static_cast<double>(p.n_chosen) : 1.0;
+  const double sr = loss == DpoLoss::kIpo ? 1.0 / static_cast<double>(p.n_rejected) : 1.0;
+  const double dc = (p.chosen - p.ref_chosen) * sc, dr = (p.rejected - p.ref_rejected) * sr;
   PairTerm t;
-  t.reward_chosen = beta * (logp_c - ref_c);
-  t.reward_rejected = beta * (logp_r - ref_r);
-  const double z = t.reward_chosen - t.reward_rejected, s = label_smoothing;
-  t.loss = -(1 - s) * log_sigmoid(z) - s * log_sigmoid(-z);
-  const double dz = -(1 - s) * sigmoid(-z) + s * sigmoid(z);
-  t.dchosen = beta * dz;
-  t.drejected = -beta * dz;
+  t.reward_chosen = beta * dc;
+  t.reward_rejected = beta * dr;
+  const double z = t.reward_chosen - t.reward_rejected;  // beta d
+  double dd = 0;                                         // d loss / d d
+  switch (loss) {
+    case DpoLoss::kSigmoid: {
+      const double s = label_smoothing;
+      t.loss = -(1 - s) * log_sigmoid(z) - s * log_sigmoid(-z);
+      dd = beta * (-(1 - s) * sigmoid(-z) + s * sigmoid(z));
+      break;
+    }
+    case DpoLoss::kHinge:
+      t.loss = std::max(0.0, 1 - z);
+      dd = 1 - z > 0 ? -beta : 0.0;  // torch's relu: no gradient at 0
+      break;
+    case DpoLoss::kIpo: {
+      const double e = (dc - dr) - 1 / (2 * beta);
+      t.loss = e * e;
+      dd = 2 * e;
+      break;
+    }
+  }
+  t.dchosen = dd * sc;
+  t.drejected = -dd * sr;
   return t;
 }
 
-PairTerm orpo_pair(double logp_c, int64_t n_c, double logp_r, int64_t n_r, double lambda) {
-  LMF_CHECK(n_c > 0 && n_r > 0, "orpo_pair without targets");
-  // Mean log-probabilities, kept below 0: log(1 - e^a) is -inf at a = 0 (a response the model
-  // predicts with probability 1 in fp32).
-  const double a_c = std::min(logp_c / static_cast<double>(n_c), -1e-7);
-  const double a_r = std::min(logp_r / static_cast<double>(n_r), -1e-7);
+namespace {
+// Mean log-probabilities, kept below 0: log(1 - e^a) is -inf at a = 0 (a response the model
+// predicts with probability 1 in fp32).
+double mean_logp(double logp, int64_t n) { return std::min(logp / static_cast<double>(n), -1e-7); }
+}  // namespace
+
+PairTerm orpo_pair(const PairLogps& p, double lambda) {
+  LMF_CHECK(p.n_chosen > 0 && p.n_rejected > 0, "orpo_pair without targets");
+  const double a_c = mean_logp(p.chosen, p.n_chosen), a_r = mean_logp(p.rejected, p.n_rejected);
   const double one_minus_c = -std::expm1(a_c), one_minus_r = -std::expm1(a_r);  // 1 - e^a
   PairTerm t;
   t.log_odds = (a_c - a_r) - (std::log(one_minus_c) - std::log(one_minus_r));
   t.loss = -lambda * log_sigmoid(t.log_odds);
   const double dlo = -lambda * sigmoid(-t.log_odds);
   // d log_odds / d a_c = 1 + e^a_c / (1 - e^a_c) = 1 / (1 - e^a_c); likewise -1 / (1 - e^a_r).
-  t.dchosen = dlo / one_minus_c / static_cast<double>(n_c);
-  t.drejected = -dlo / one_minus_r / static_cast<double>(n_r);
+  t.dchosen = dlo / one_minus_c / static_cast<double>(p.n_chosen);
+  t.drejected = -dlo / one_minus_r / static_cast<double>(p.n_rejected);
   t.reward_chosen = lambda * a_c;  // TRL's ORPO rewards
   t.reward_rejected = lambda * a_r;
   return t;
 }
 
+PairTerm simpo_pair(const PairLogps& p, double beta, double gamma) {
+  LMF_CHECK(p.n_chosen > 0 && p.n_rejected > 0, "simpo_pair without targets");
+  const double nc = static_cast<double>(p.n_chosen), nr = static_cast<double>(p.n_rejected);
+  PairTerm t;
+  t.reward_chosen = beta * (p.chosen / nc);  // TRL's CPO rewards
+  t.reward_rejected = beta * (p.rejected / nr);
+  const double z = t.reward_chosen - t.reward_rejected - gamma;
+  t.loss = -log_sigmoid(z);
+  const double dz = -sigmoid(-z);
+  t.dchosen = dz * beta / nc;
+  t.drejected = -dz * beta / nr;
+  return t;
+}
+
+PreferenceOptions preference_options(const TrainConfig& t) {
+  PreferenceOptions o;
+  o.kind = t.objective;
+  o.beta = t.objective == "dpo" ? t.dpo_beta : t.objective == "orpo" ? t.orpo_lambda : t.simpo_beta;
+  o.label_smoothing = t.objective == "dpo" ? t.dpo_label_smoothing : 0.0;
+  o.dpo_loss = parse_dpo_loss(t.dpo_loss);
+  o.gamma = t.simpo_gamma;
+  o.cpo_alpha = t.cpo_alpha;
+  return o;
+}
+
 PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
                                          bool reference_without_adapters)
-    : o_(o), dpo_(o.kind == "dpo"), ref_(reference), ref_adapters_off_(reference_without_adapters) {
-  LMF_CHECK(o.kind == "dpo" || o.kind == "orpo", "objective {}", o.kind);
+    : o_(o),
+      dpo_(o.kind == "dpo"),
+      nll_weight_(o.kind == "orpo"    ? 1.0
+                  : o.kind == "simpo" ? o.cpo_alpha
+                                      : 0.0),
+      ref_(reference),
+      ref_adapters_off_(reference_without_adapters) {
+  LMF_CHECK(o.kind == "dpo" || o.kind == "orpo" || o.kind == "simpo", "objective {}", o.kind);
   LMF_CHECK(!dpo_ || ref_, "DPO needs its reference model");
   step_.fill(0);
   last_.fill(0);
@@ -83,8 +145,10 @@ PairTerm PreferenceObjective::pair(const std::vector<double>& logp,
                                    const std::vector<int64_t>& targets,
                                    const std::vector<double>& ref, size_t j) const {
   const size_t c = 2 * j, r = c + 1;
-  return dpo_ ? dpo_pair(logp[c], logp[r], ref[c], ref[r], o_.beta, o_.label_smoothing)
-              : orpo_pair(logp[c], targets[c], logp[r], targets[r], o_.beta);
+  const PairLogps p{
+      logp[c], logp[r], targets[c], targets[r], dpo_ ? ref[c] : 0.0, dpo_ ? ref[r] : 0.0};
+  if (dpo_) return dpo_pair(p, o_.beta, o_.label_smoothing, o_.dpo_loss);
+  return o_.kind == "orpo" ? orpo_pair(p, o_.beta) : simpo_pair(p, o_.beta, o_.gamma);
 }
 
 void PreferenceObjective::add(Sums& s, const PairTerm& t, double chosen_logp,
@@ -104,7 +168,7 @@ void PreferenceObjective::add(Sums& s, const PairTerm& t, double chosen_logp,
 double PreferenceObjective::loss_of(const Sums& s) const {
   if (s[kPairs] == 0) return std::nan("");
   double loss = s[kPrefLoss] / s[kPairs];
-  if (!dpo_) loss += s[kNll] / s[kChosenTokens];
+  if (nll_weight_ != 0) loss += nll_weight_ * s[kNll] / s[kChosenTokens];
   return loss;
 }
 
@@ -116,10 +180,8 @@ nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string&
   j[prefix + "reward_rejected"] = s[kRewardR] / n;
   j[prefix + "reward_margin"] = (s[kRewardC] - s[kRewardR]) / n;
   j[prefix + "reward_accuracy"] = s[kCorrect] / n;
-  if (!dpo_) {
-    j[prefix + "nll"] = s[kNll] / s[kChosenTokens];
-    j[prefix + "log_odds"] = s[kLogOdds] / n;
-  }
+  if (!dpo_) j[prefix + "nll"] = s[kNll] / s[kChosenTokens];
+  if (o_.kind == "orpo") j[prefix + "log_odds"] = s[kLogOdds] / n;
   return j;
 }
 
@@ -157,9 +219,9 @@ double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
     // The row's tokens are weighed by d loss / d (their cross-entropy) = -d loss / d logp.
     double wc = -t.dchosen / pairs_, wr = -t.drejected / pairs_;
     share += t.loss / pairs_;
-    if (!dpo_) {  // the NLL of the chosen tokens, over all of the step's
-      wc += 1.0 / chosen_tokens_;
-      share -= logp[c] / chosen_tokens_;
+    if (nll_weight_ != 0) {  // the NLL of the chosen tokens, over all of the step's
+      wc += nll_weight_ / chosen_tokens_;
+      share -= nll_weight_ * logp[c] / chosen_tokens_;
     }
     w[c] = static_cast<float>(wc);
     w[r] = static_cast<float>(wr);

@@ -8,6 +8,7 @@
 #include "lmforge/data/text_shards.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
 namespace lmforge {
@@ -125,7 +126,7 @@ RunSetup setup_run(Config& cfg) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
-  lo.pairs = t.objective == "dpo" || t.objective == "orpo";
+  lo.pairs = preference_objective(t.objective);
   lo.rank = dist::rank_info().rank;
   lo.world = dist::rank_info().size;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);

@@ -77,9 +77,13 @@ std::map<int64_t, std::string> parse_faults(const std::string& spec);
 
 // The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
 SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
-  return {cfg.sample.max_tokens,      cfg.sample.temperature, cfg.sample.top_k,
-          cfg.sample.top_p,           cfg.train.seed,         tok ? tok->eos_id() : -1,
-          tok ? tok->vocab_size() : 0};
+  return {cfg.sample.max_tokens,
+          cfg.sample.temperature,
+          cfg.sample.top_k,
+          cfg.sample.top_p,
+          cfg.train.seed,
+          tok ? tok->eos_id() : -1,
+          tok ? static_cast<int32_t>(tok->vocab_size()) : 0};
 }
 }  // namespace
 
@@ -132,9 +136,9 @@ void validate_train_config(const Config& cfg) {
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
-  if (t.objective != "clm" && t.objective != "dpo" && t.objective != "orpo" &&
-      t.objective != "distill")
-    fail("train.objective: expected clm, dpo, orpo or distill, got \"{}\"", t.objective);
+  const bool pairs = preference_objective(t.objective);
+  if (!pairs && t.objective != "clm" && t.objective != "distill")
+    fail("train.objective: expected clm, dpo, orpo, simpo or distill, got \"{}\"", t.objective);
   if (t.objective != "clm" && t.z_loss != 0)
     fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
   if (t.objective == "distill") {
@@ -152,7 +156,7 @@ void validate_train_config(const Config& cfg) {
     fail("train.teacher: only with train.objective: distill (this run's is {}); remove it",
          t.objective);
   }
-  if (t.objective == "dpo" || t.objective == "orpo") {
+  if (pairs) {
     if (t.batch_size % 2)
       fail(
           "train.batch_size: {} is odd; under train.objective {} a preference pair takes two "
@@ -163,8 +167,19 @@ void validate_train_config(const Config& cfg) {
     fail("train.dpo_beta: must be positive (0.1 typical), got {}", t.dpo_beta);
   if (!(t.dpo_label_smoothing >= 0 && t.dpo_label_smoothing < 0.5))
     fail("train.dpo_label_smoothing: must be in [0, 0.5), got {}", t.dpo_label_smoothing);
+  if (parse_dpo_loss(t.dpo_loss) != DpoLoss::kSigmoid && t.dpo_label_smoothing != 0)
+    fail(
+        "train.dpo_label_smoothing: applies to train.dpo_loss sigmoid only (this run's is {}); set "
+        "it to 0",
+        t.dpo_loss);
   if (!(t.orpo_lambda >= 0 && t.orpo_lambda < 1e6))
     fail("train.orpo_lambda: must be >= 0 (0.1 typical), got {}", t.orpo_lambda);
+  if (!(t.simpo_beta > 0 && t.simpo_beta < 1e6))
+    fail("train.simpo_beta: must be positive (2 to 2.5 typical), got {}", t.simpo_beta);
+  if (!(std::fabs(t.simpo_gamma) < 1e6))
+    fail("train.simpo_gamma: must be a finite number (0.5 to 1.5 typical), got {}", t.simpo_gamma);
+  if (!(t.cpo_alpha >= 0 && t.cpo_alpha < 1e6))
+    fail("train.cpo_alpha: must be >= 0 (0 = SimPO, 1 = CPO-SimPO), got {}", t.cpo_alpha);
   if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
     fail("train.neftune_alpha: must be >= 0 (0 = off; 5 is typical), got {}", t.neftune_alpha);
   if (t.spike_zscore < 0)
@@ -453,7 +468,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
     if (cfg.data.packing == "best_fit")
       cuts = fmt::format("{} cut by packing ({})", s["cut_by_packing"].get<int64_t>(), cuts);
-    if (t.objective == "dpo" || t.objective == "orpo") {
+    if (preference_objective(t.objective)) {
       cuts = fmt::format("{} pairs cut to train.seq_len", s["cut_by_packing"].get<int64_t>());
       if (const int64_t empty = s["pairs_without_targets"].get<int64_t>(); empty > 0)
         cuts += fmt::format(
@@ -481,16 +496,18 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::fflush(stdout);
 
-  // train.objective dpo | orpo: the loss over preference pairs (train/objective.h).
+  // train.objective dpo | orpo | simpo: the loss over preference pairs (train/objective.h).
   std::unique_ptr<PreferenceObjective> objective;
-  if (t.objective == "dpo" || t.objective == "orpo") {
+  if (preference_objective(t.objective)) {
+    const PreferenceOptions po = preference_options(t);
     objective = std::make_unique<PreferenceObjective>(
-        PreferenceOptions{t.objective, t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
-                          t.dpo_label_smoothing},
-        setup.reference_is_base ? &model : setup.reference.get(),
+        po, setup.reference_is_base ? &model : setup.reference.get(),
         /*reference_without_adapters=*/setup.reference_is_base);
-    fmt::print("objective: {} ({} {}){}\n", t.objective, t.objective == "dpo" ? "beta" : "lambda",
-               t.objective == "dpo" ? t.dpo_beta : t.orpo_lambda,
+    std::string what = t.objective == "dpo" ? fmt::format("{} loss, beta {}", t.dpo_loss, po.beta)
+                       : t.objective == "orpo" ? fmt::format("lambda {}", po.beta)
+                                               : fmt::format("beta {} gamma {} cpo_alpha {}",
+                                                             po.beta, po.gamma, po.cpo_alpha);
+    fmt::print("objective: {} ({}){}\n", t.objective, what,
                setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
                : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
                                                      setup.reference->params().numel() * 4 / 1048576.0)
