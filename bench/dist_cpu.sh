@@ -4,8 +4,10 @@
 #   bench/dist_cpu.sh [--model gpt2] [--batch 4] [--seq 128] [--steps 6] [--ranks 2] [--tokenizer F]
 # (default: GPT-2's tokenizer from ../shared/assets, so gpt2 is the 124M model)
 # --batch is the global batch; each of N ranks takes batch/N rows. Prints per configuration the
-# median tokens/s of the steps after the first two, peak RSS of rank 0, and rank 0's optimizer
-# state and parameter bytes; then markdown rows for docs/benchmarks.md. Needs build/lmforge and
+# median tokens/s of the steps after the first two, peak RSS of rank 0, rank 0's optimizer
+# state and parameter bytes, its traffic per step (MiB sent, as the communicator counts a ring
+# algorithm's bytes) and the share of the gradient collectives' time the backward hid; then
+# markdown rows for docs/benchmarks.md. Needs build/lmforge and
 # OpenMPI (scripts/setup.sh installs both).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,13 +41,15 @@ bench() {  # name nranks strategy
     OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) \
       "$root/build/lmforge" launch --nproc "$n" -- "${args[@]}" >"$log/$name.out" 2>&1 || { echo "$name failed"; tail -3 "$log/$name.out"; return; }
   fi
-  local tps rss opt par
+  local tps rss opt par comm hidden
   tps=$(median_tps "$dir/metrics.jsonl")
   rss=$( (grep -oE 'peak resident memory [0-9]+' "$log/$name.out" || true) | awk '{print $4}')
   opt=$( (grep -oE 'optimizer state [0-9]+' "$log/$name.out" || true) | awk '{printf "%.0f", $3/1048576}')
   par=$( (grep -oE 'parameters [0-9]+ bytes' "$log/$name.out" || true) | awk '{printf "%.0f", $2/1048576}')
-  echo "$name: $tps tok/s, peak RSS $rss MiB (rank 0), optimizer state ${opt:-all} MiB, parameters ${par:-all} MiB"
-  rows+=("| $model B=$batch T=$seq | $name | $tps | $rss | ${opt:-} | ${par:-} |")
+  comm=$( (grep -oE 'per step and rank [0-9.]+ MiB' "$log/$name.out" || true) | awk '{print $5}')
+  hidden=$( (grep -oE '[0-9]+% hidden' "$log/$name.out" || true) | awk '{print $1}')
+  echo "$name: $tps tok/s, peak RSS $rss MiB (rank 0), optimizer state ${opt:-all} MiB, parameters ${par:-all} MiB, sent ${comm:--} MiB per step, ${hidden:--} of the gradient collectives hidden"
+  rows+=("| $model B=$batch T=$seq | $name | $tps | $rss | ${opt:-} | ${par:-} | ${comm:-} | ${hidden:-} |")
 }
 
 bench "1 process x $cores threads" 1 no-shard
@@ -53,6 +57,6 @@ for s in no-shard zero1 grad-shard full-shard; do
   bench "$ranks ranks $s" "$ranks" "$s"
 done
 echo
-echo "| model, global batch | configuration | tokens/s | peak RSS rank 0 (MiB) | optimizer state rank 0 (MiB) | parameters rank 0 (MiB) |"
-echo "|---|---|---|---|---|---|"
+echo "| model, global batch | configuration | tokens/s | peak RSS rank 0 (MiB) | optimizer state rank 0 (MiB) | parameters rank 0 (MiB) | sent per step, rank 0 (MiB) | gradient collectives hidden |"
+echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

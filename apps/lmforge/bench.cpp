@@ -245,7 +245,7 @@ void add_bench(CLI::App& app) {
         reference->init_weights(1);
         reference->to(model.device());
         if (o->precision == "bf16") reference->enable_bf16();
-        reference->plan(o->batch, o->seq, Recompute::kFull);  // forwards only, as the trainer's
+        reference->plan_forward_only(o->batch, o->seq);  // as the trainer's
       }
       dpo = std::make_unique<PreferenceObjective>(PreferenceOptions{"dpo", 0.1, 0.0},
                                                   reference ? reference.get() : &model, !reference);

@@ -145,7 +145,7 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
   lo.seq = 6;
   lo.pairs = false;  // preference pairs are not next-token data
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
-  EXPECT_NE(e.find("only train.objective dpo and orpo"), std::string::npos) << e;
+  EXPECT_NE(e.find("only train.objective dpo, orpo and simpo"), std::string::npos) << e;
   lo.pairs = true;
   write_shard(dir + "/plain.bin", {1, 2, 3, 4, 5, 6, 7, 8, 9}, {0, 4});
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/plain.bin", "d"), lo); });

@@ -114,6 +114,34 @@ class DataParallelTest : public ::testing::Test {
     EXPECT_TRUE(std::regex_search(out, m, re)) << out;
     return {std::stod(m[1]), std::stod(m[2])};
   }
+  // The bytes per step and rank that a strategy's collectives send with n ranks (without
+  // gradient accumulation), from the model's group sizes: a ring all-reduce of B bytes sends
+  // 2(n-1)/n B from each rank, a reduce-scatter or all-gather of B bytes (n-1)/n B.
+  //   no-shard    all-reduce of the gradients
+  //   zero1       the same, then an all-gather of the updated parameters
+  //   grad-shard  reduce-scatter of the gradients, all-gather of the parameters
+  //   full-shard  reduce-scatter of the gradients; all-gathers of the embeddings and head (once
+  //               a step), of every block before its forward, and before its backward of every
+  //               block but the last two (still in the two gather buffers after the forward)
+  static double traffic_in_theory(const std::string& s, int n, const std::string& run_name) {
+    Transformer m(checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)));
+    const ParamSet& ps = m.params();
+    auto lo = [&](int64_t g) {
+      return g < m.num_groups() ? ps.offset(ps.params()[m.group_begin(g)]) : ps.flat_size();
+    };
+    const double P = 4.0 * static_cast<double>(ps.flat_size()), k = (n - 1.0) / n;
+    const int64_t L = m.config().n_layer;
+    double blocks = 0, regathered = 0;
+    for (int64_t g = 1; g <= L; ++g) {
+      const double b = 4.0 * static_cast<double>(lo(g + 1) - lo(g));
+      blocks += b;
+      if (g <= L - 2) regathered += b;
+    }
+    if (s == "no-shard") return 2 * k * P;
+    if (s == "zero1") return 3 * k * P;
+    if (s == "grad-shard") return 2 * k * P;
+    return k * P + k * ((P - blocks) + blocks + regathered);  // full-shard
+  }
   static std::string* dir_;
 };
 std::string* DataParallelTest::dir_ = nullptr;
@@ -141,12 +169,20 @@ TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
         EXPECT_NEAR(par / full_params, 1.0 / n, 0.01 / n) << name;
       else
         EXPECT_EQ(par, full_params);
+      // Communication volume, as the communicator counted it, against the theory.
+      const double expect = traffic_in_theory(s, n, name);
+      const std::vector<double> mib = losses(name, "comm_mib");
+      ASSERT_EQ(mib.size(), 6u) << name;
+      for (double v : mib) EXPECT_NEAR(v * 1048576.0, expect, 1e-9 * expect) << name;
+      std::printf("%s: %.4f MiB per step and rank, %.4f in theory\n", name.c_str(), mib[0],
+                  expect / 1048576.0);
     }
   }
 }
 
 // LoRA (model.lora_rank) under every strategy: the adapters' gradients reduce, shard and update
 // as one process's with the same global batch, and the frozen weights get no optimizer state.
+// no-shard and zero1 send the adapters' gradients (and zero1 their updated values) alone.
 TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   const std::string lora = "--set model.lora_rank=4 --set train.batch_size=2 ";
   // zero1 on one process is no-shard, and reports its memory.
@@ -158,6 +194,12 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
     ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
     expect_same("lora-" + s, "lora-ref");
     EXPECT_LE(memory(r.out).first, ref_opt) << s;
+    if (s == "no-shard" || s == "zero1") {
+      const double adapters = 4.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128);
+      const double expect = (s == "zero1" ? 1.5 : 1.0) * adapters;  // 2 ranks: k = 1/2
+      for (double v : losses("lora-" + s, "comm_mib"))
+        EXPECT_NEAR(v * 1048576.0, expect, 1e-9 * expect) << s;
+    }
   }
   // AdamW state: two moments of the adapters only (4 blocks x 4 layers x r (in + out)).
   EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));

@@ -94,6 +94,91 @@ std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
   return std::make_unique<LocalCommunicator>();
 }
 
+CommStats& CommStats::operator-=(const CommStats& o) {
+  calls -= o.calls;
+  scalar_calls -= o.scalar_calls;
+  payload_bytes -= o.payload_bytes;
+  bus_bytes -= o.bus_bytes;
+  wait_s -= o.wait_s;
+  return *this;
+}
+
+namespace {
+// A collective's handle that adds the time its wait() blocks to the stats.
+class TimedWork final : public Work {
+ public:
+  TimedWork(WorkPtr inner, std::shared_ptr<CommStats> stats)
+      : inner_(std::move(inner)), stats_(std::move(stats)) {}
+  bool test() override { return inner_->test(); }
+  void wait() override {
+    const auto t0 = std::chrono::steady_clock::now();
+    inner_->wait();
+    stats_->wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+ private:
+  WorkPtr inner_;
+  std::shared_ptr<CommStats> stats_;
+};
+
+double total(const std::vector<int64_t>& counts) {
+  int64_t n = 0;
+  for (int64_t c : counts) n += c;
+  return static_cast<double>(n);
+}
+}  // namespace
+
+CountingCommunicator::CountingCommunicator(Communicator& inner)
+    : inner_(&inner), stats_(std::make_shared<CommStats>()) {
+  rank_ = inner.rank();
+  size_ = inner.size();
+}
+
+CountingCommunicator::CountingCommunicator(std::unique_ptr<Communicator> owned,
+                                           std::shared_ptr<CommStats> stats)
+    : owned_(std::move(owned)), inner_(owned_.get()), stats_(std::move(stats)) {
+  rank_ = inner_->rank();
+  size_ = inner_->size();
+}
+
+WorkPtr CountingCommunicator::count(WorkPtr w, double payload, double bus_share) {
+  stats_->calls += 1;
+  stats_->payload_bytes += payload;
+  stats_->bus_bytes += payload * bus_share;
+  return std::make_unique<TimedWork>(std::move(w), stats_);
+}
+
+WorkPtr CountingCommunicator::all_reduce(float* data, int64_t n) {
+  const double N = size_;
+  return count(inner_->all_reduce(data, n), 4.0 * static_cast<double>(n), 2 * (N - 1) / N);
+}
+WorkPtr CountingCommunicator::all_reduce(double* data, int64_t n) {
+  stats_->scalar_calls += 1;
+  return std::make_unique<TimedWork>(inner_->all_reduce(data, n), stats_);
+}
+WorkPtr CountingCommunicator::reduce_scatter(const float* in, float* out,
+                                             const std::vector<int64_t>& c) {
+  const double N = size_;
+  return count(inner_->reduce_scatter(in, out, c), 4.0 * total(c), (N - 1) / N);
+}
+WorkPtr CountingCommunicator::all_gather(const float* in, float* out,
+                                         const std::vector<int64_t>& c) {
+  const double N = size_;
+  return count(inner_->all_gather(in, out, c), 4.0 * total(c), (N - 1) / N);
+}
+WorkPtr CountingCommunicator::all_gather(const uint16_t* in, uint16_t* out,
+                                         const std::vector<int64_t>& c) {
+  const double N = size_;
+  return count(inner_->all_gather(in, out, c), 2.0 * total(c), (N - 1) / N);
+}
+WorkPtr CountingCommunicator::broadcast(void* data, int64_t bytes, int root) {
+  return count(inner_->broadcast(data, bytes, root), static_cast<double>(bytes),
+               size_ > 1 ? 1.0 : 0.0);
+}
+std::unique_ptr<Communicator> CountingCommunicator::split(int color, int key) {
+  return std::unique_ptr<Communicator>(new CountingCommunicator(inner_->split(color, key), stats_));
+}
+
 RankInfo detect_launch() {
   RankInfo r;
   // torchrun's workers inherit their parent's variables (srun torchrun, torchrun inside an sbatch

@@ -89,6 +89,43 @@ class LocalCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int, int) override;
 };
 
+// What the collectives issued through a CountingCommunicator moved, per rank. bus_bytes counts
+// what a ring algorithm sends from each rank (NCCL's "bus" convention, the volume the backends'
+// large-message algorithms move): an all-reduce of B bytes 2(N-1)/N B, a reduce-scatter or
+// all-gather of B bytes in all (N-1)/N B, a broadcast B. payload_bytes is the buffers' size (B).
+// The double all-reduces (loss sums, counts: a few numbers each) are counted apart as scalars.
+struct CommStats {
+  int64_t calls = 0, scalar_calls = 0;
+  double payload_bytes = 0, bus_bytes = 0;
+  double wait_s = 0;  // time blocked in Work::wait() of those collectives
+  CommStats& operator-=(const CommStats& o);
+};
+
+// Forwards every collective to `inner` and counts it in stats() (and, for split() children, in
+// the same stats). What DataParallel talks through, so that it can report a step's traffic.
+class CountingCommunicator final : public Communicator {
+ public:
+  explicit CountingCommunicator(Communicator& inner);
+  std::string backend() const override { return inner_->backend(); }
+  WorkPtr all_reduce(float* data, int64_t n) override;
+  WorkPtr all_reduce(double* data, int64_t n) override;
+  WorkPtr reduce_scatter(const float* in, float* out, const std::vector<int64_t>& c) override;
+  WorkPtr all_gather(const float* in, float* out, const std::vector<int64_t>& c) override;
+  WorkPtr all_gather(const uint16_t* in, uint16_t* out, const std::vector<int64_t>& c) override;
+  WorkPtr broadcast(void* data, int64_t bytes, int root) override;
+  void barrier() override { inner_->barrier(); }
+  // The child counts into this communicator's stats.
+  std::unique_ptr<Communicator> split(int color, int key) override;
+  const CommStats& stats() const { return *stats_; }
+
+ private:
+  CountingCommunicator(std::unique_ptr<Communicator> owned, std::shared_ptr<CommStats> stats);
+  WorkPtr count(WorkPtr w, double payload, double bus_share);
+  std::unique_ptr<Communicator> owned_;
+  Communicator* inner_;
+  std::shared_ptr<CommStats> stats_;
+};
+
 struct WorldOptions {
   double timeout_s = 600;        // dist.timeout: a collective that takes longer fails the job
   int ranks_per_node = 0;        // dist.ranks_per_node: 0 = as launched; >0 declares nodes

@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -51,24 +52,25 @@ Tensor flat_view(const Tensor& t, int64_t start, int64_t len) {
 
 DataParallel::DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
                            const AdamWOptions& opt, std::optional<uint64_t> init_seed)
-    : world_(world),
-      shard_comm_(&world),
+    : counted_(world),
+      world_(counted_),
+      shard_comm_(&counted_),
       model_(model),
       ps_(model.params()),
       strategy_(parse_strategy(cfg.strategy)) {
   if (!(cfg.bucket_mb > 0)) fail("dist.bucket_mb: must be positive, got {}", cfg.bucket_mb);
   if (strategy_ == Strategy::kHybrid) {
     const RankInfo& ri = rank_info();
-    node_comm_ = world.split(ri.node, world.rank());
+    node_comm_ = world_.split(ri.node, world_.rank());
     // Across nodes, the ranks holding the same shard: the same place in their node's group (the
     // launcher's local rank agrees only when ranks sit in consecutive blocks per node).
-    cross_comm_ = world.split(node_comm_->rank(), world.rank());
+    cross_comm_ = world_.split(node_comm_->rank(), world_.rank());
     shard_comm_ = node_comm_.get();
     // Every node's group must be alike, or the shard layouts (and so the cross-node
     // all-reduces) differ between nodes.
-    std::vector<double> sizes(world.size(), 0.0);
-    sizes[world.rank()] = node_comm_->size();
-    world.all_reduce(sizes.data(), static_cast<int64_t>(sizes.size()))->wait();
+    std::vector<double> sizes(world_.size(), 0.0);
+    sizes[world_.rank()] = node_comm_->size();
+    world_.all_reduce(sizes.data(), static_cast<int64_t>(sizes.size()))->wait();
     if (std::adjacent_find(sizes.begin(), sizes.end(), std::not_equal_to<>()) != sizes.end()) {
       std::string placed;
       for (size_t r = 0; r < sizes.size(); ++r)
@@ -107,6 +109,11 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     ++b.groups;
     bucket_of_group_[g] = static_cast<int>(buckets_.size()) - 1;
   }
+  trainable_ = ps_.trainable_ranges();
+  for (Bucket& b : buckets_)
+    for (const auto& [lo, hi] : trainable_)
+      if (std::max(lo, b.lo) < std::min(hi, b.hi))
+        b.ranges.emplace_back(std::max(lo, b.lo), std::min(hi, b.hi));
 
   int64_t block = 0;  // the largest block, in elements
   for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
@@ -160,9 +167,9 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
           block_bf16_[1] = a.alloc({block}, DType::kBF16);
         },
         device);
-  } else if (world.size() > 1) {  // everyone starts from rank 0's weights
+  } else if (world_.size() > 1) {  // everyone starts from rank 0's weights
     Tensor v = ps_.flat_values();
-    world.broadcast(v.raw(), static_cast<int64_t>(v.nbytes()), 0)->wait();
+    world_.broadcast(v.raw(), static_cast<int64_t>(v.nbytes()), 0)->wait();
     ps_.invalidate_bf16();
   }
 
@@ -269,7 +276,9 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
       sums[1] += model_.mean_lse_sq() * share;
       sums[2] += model_.mean_kl() * share;
     }
+    const auto t0 = std::chrono::steady_clock::now();
     drain();
+    grad_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (grad_sharded() && m > 0) {
       ops::accumulate(gshard_, rs_tmp_);
       rs_tmp_used_ = true;
@@ -295,7 +304,7 @@ void DataParallel::grads_ready(int64_t group) {
 void DataParallel::launch(Bucket& b, int64_t group) {
   if (!grad_sharded()) {
     float* g = ps_.flat_grads().data<float>();
-    works_.push_back(world_.all_reduce(g + b.lo, b.hi - b.lo));
+    for (const auto& [lo, hi] : b.ranges) works_.push_back(world_.all_reduce(g + lo, hi - lo));
     return;
   }
   // One group per bucket, its gradients in its workspace buffer.
@@ -309,6 +318,25 @@ void DataParallel::launch(Bucket& b, int64_t group) {
     works_.push_back(std::move(w));
   else
     block_grad_work_[group % 2] = std::move(w);
+}
+
+double DataParallel::time_gradient_collectives() {
+  const int64_t G = model_.num_groups();
+  double best = 0;
+  for (int run = 0; run < 2; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    first_micro_ = true;  // grad-/full-shard: into the accumulator, which the step overwrites
+    for (size_t i = 0; i < buckets_.size(); ++i) {
+      int64_t g = G - 1;  // the bucket's last group (its groups, in backward order)
+      while (bucket_of_group_[g] != static_cast<int>(i)) --g;
+      launch(buckets_[i], g - buckets_[i].groups + 1);
+    }
+    drain();
+    if (strategy_ == Strategy::kHybrid)
+      cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
+    best = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return best;
 }
 
 void DataParallel::drain() {
@@ -335,7 +363,8 @@ void DataParallel::scale_grads(double f) {
   if (grad_sharded())
     ops::scale(gshard_, f);
   else
-    for (Param& p : ps_.params()) ops::scale(p.grad, f);
+    for (Param& p : ps_.params())
+      if (!p.frozen) ops::scale(p.grad, f);
 }
 
 void DataParallel::refresh_master() {
@@ -352,11 +381,14 @@ void DataParallel::step(double lr) {
     device_slots_[i].value.view({device_slots_[i].len}).copy_from(host_slots_[i].value);
   if (offload()) ps_.invalidate_bf16();
   if (strategy_ == Strategy::kZero1 || strategy_ == Strategy::kGradShard) {
+    // The updated parameters (all of them but under LoRA), each rank's in place.
     const Tensor v = ps_.flat_values();  // fp32, or bf16 master weights
-    if (v.dtype() == DType::kBF16)
-      world_.all_gather(nullptr, v.bf16_data(), layout_.counts(0, layout_.n))->wait();
-    else
-      world_.all_gather(nullptr, v.data<float>(), layout_.counts(0, layout_.n))->wait();
+    for (const auto& [lo, hi] : trainable_) {
+      if (v.dtype() == DType::kBF16)
+        world_.all_gather(nullptr, v.bf16_data() + lo, layout_.counts(lo, hi))->wait();
+      else
+        world_.all_gather(nullptr, v.data<float>() + lo, layout_.counts(lo, hi))->wait();
+    }
     ps_.invalidate_bf16();  // only the shard's copies were rewritten
   } else if (sharded_values()) {
     slot_block_[0] = slot_block_[1] = -1;  // gathered blocks are stale now

@@ -76,6 +76,16 @@ class DataParallel final : public GroupHooks {
 
   Strategy strategy() const { return strategy_; }
   Communicator& world() { return world_; }
+  // Every collective this object has issued so far (this rank's traffic: CommStats), and the
+  // time forward_backward() spent waiting for gradient collectives after the backward passes
+  // (the part not hidden behind them).
+  const CommStats& comm_stats() const { return counted_.stats(); }
+  double grad_wait_s() const { return grad_wait_s_; }
+  // The gradient collectives of one step's last micro-batch (and hybrid's cross-node
+  // all-reduce), issued back to back with no backward to hide them behind and timed: the
+  // second of two runs, in seconds. Call before the first step (it sums the gradients or
+  // workspaces while they are zero, which leaves them so; the traffic is counted).
+  double time_gradient_collectives();
   bool sharded_values() const { return vshard_.defined(); }
   const ShardLayout& layout() const { return layout_; }
   int shard_rank() const { return shard_comm_->rank(); }
@@ -134,6 +144,9 @@ class DataParallel final : public GroupHooks {
   struct Bucket {
     int64_t lo, hi;
     int pending = 0, groups = 0;
+    // The ranges of [lo, hi) that hold trained parameters (all of it but under LoRA): what
+    // no-shard and zero1 all-reduce.
+    std::vector<std::pair<int64_t, int64_t>> ranges;
   };
   void launch(Bucket& b, int64_t group);
   void drain();
@@ -149,8 +162,11 @@ class DataParallel final : public GroupHooks {
   std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);
   bool grad_sharded() const { return strategy_ >= Strategy::kGradShard; }
 
-  Communicator& world_;
-  Communicator* shard_comm_;  // world, or the node under hybrid
+  CountingCommunicator counted_;  // the world given, counted
+  Communicator& world_;           // = counted_
+  Communicator* shard_comm_;      // world, or the node under hybrid
+  double grad_wait_s_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> trainable_;  // ParamSet::trainable_ranges
   std::unique_ptr<Communicator> node_comm_, cross_comm_;
   Transformer& model_;
   ParamSet& ps_;

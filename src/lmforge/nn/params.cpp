@@ -160,6 +160,33 @@ void ParamSet::release_values() {
   values_ = work_ = Arena();
 }
 
+std::vector<std::pair<int64_t, int64_t>> ParamSet::trainable_ranges() const {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  bool prev = false;  // the previous parameter trains
+  for (const Param& p : params_) {
+    if (p.frozen) {
+      prev = false;
+      continue;
+    }
+    const int64_t hi = p.flat_offset + p.shape.numel();
+    if (prev)
+      out.back().second = hi;
+    else
+      out.emplace_back(p.flat_offset, hi);
+    prev = true;
+  }
+  if (out.size() == 1 && out[0].first == 0 &&
+      out[0].second == params_.back().flat_offset + params_.back().shape.numel())
+    out[0].second = flat_size_;  // everything trains: the whole space, trailing gap included
+  return out;
+}
+
+void ParamSet::zero_grad() const {
+  if (grads_.capacity() == 0) return;
+  const Tensor flat = flat_grads();
+  for (const auto& [lo, hi] : trainable_ranges()) flat.slice(lo, hi - lo).zero_();
+}
+
 Param* ParamSet::find(const std::string& name) {
   for (Param& p : params_)
     if (p.name == name) return &p;

@@ -10,6 +10,8 @@
 
 #include <deque>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "lmforge/core/arena.h"
 
@@ -45,7 +47,12 @@ class ParamSet {
   std::deque<Param>& params() { return params_; }
   const std::deque<Param>& params() const { return params_; }
   int64_t numel() const;
-  void zero_grad() const { grads_.zero_(); }
+  // Zeroes the gradients of the parameters that train (trainable_ranges): frozen ones are never
+  // written, so on the host their part of the buffer is never even paged in.
+  void zero_grad() const;
+  // The flat ranges [lo, hi) that hold the parameters that train, consecutive ones merged (with
+  // the alignment gaps between them): one range, the whole space, without frozen parameters.
+  std::vector<std::pair<int64_t, int64_t>> trainable_ranges() const;
   // The whole gradient buffer as one flat tensor (alignment gaps included; they stay zero).
   Tensor flat_grads() const { return grads_.as_tensor(dtype_); }
   // The flat index space of both buffers: parameter p occupies elements

@@ -213,12 +213,18 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         // leave the LM head's forward GEMM 4-byte aligned rows: Hopper's TMA kernels need 16).
         const bool gpu = device() != Device::kCPU;
         const bool bf16_dlogits = !keep_logits && mm_in == DType::kBF16;
-        dlogits16_ = bf16_dlogits ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
-                                  : Tensor();
+        dlogits16_ = bf16_dlogits && !forward_only_
+                         ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
+                         : Tensor();
         chunk_ = keep_logits ? Tensor()
                              : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
         losses_ = a.alloc({B, T});
         lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
+        if (forward_only_) {  // no backward
+          dres_ = dnf_ = Tensor();
+          scratch_ = {};
+          return;
+        }
         dres_ = a.alloc({B, T, C});
         dnf_ = a.alloc({B, T, C});
         const bool att_grads =
@@ -256,6 +262,7 @@ float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets,
                                     int32_t ignore_index, const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward needs targets");
   LMF_CHECK(!adapters_off_, "training with the LoRA adapters off");
+  LMF_CHECK(!forward_only_, "training a model planned for forwards only");
   const double dloss = stage(tokens, targets, ignore_index, &loss_scale, doc_ids);
   stage_noise();
   if (distill_.teacher) distill_.teacher->forward_hidden(tokens, doc_ids);
@@ -352,6 +359,7 @@ void Transformer::forward_backward_rows(const Tensor& tokens, const Tensor& targ
                                         const Tensor& doc_ids) {
   LMF_CHECK(targets.defined(), "forward_backward_rows needs targets");
   LMF_CHECK(!adapters_off_, "training with the LoRA adapters off");
+  LMF_CHECK(!forward_only_, "training a model planned for forwards only");
   LMF_CHECK(z_loss_ == 0, "a per-row objective with the z-loss");
   const double one = 1.0;
   stage(tokens, targets, ignore_index, &one, doc_ids);
@@ -421,8 +429,8 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
 
   // The LM head and the loss, chunk by chunk; in training each chunk's logits turn into dlogits
   // in place and go straight into d(nf_out) and the LM head's gradient.
-  Tensor h = nf_out_.view({N, C}), dh = dnf_.view({N, C}), yt = targets_.view({N}),
-         loss_rows = losses_.view({N});
+  Tensor h = nf_out_.view({N, C}), dh = training ? dnf_.view({N, C}) : Tensor(),
+         yt = targets_.view({N}), loss_rows = losses_.view({N});
   Tensor all_logits = keep_logits_ ? logits_.view({N, V}) : Tensor();
   for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
     const int64_t R = std::min(chunk_rows_, N - r0);

@@ -136,6 +136,15 @@ class Transformer {
   // logits; keep_logits plans the full logits too, for forward() without targets (inference,
   // reference tests).
   void plan(int64_t B, int64_t T, Recompute recompute = Recompute::kNone, bool keep_logits = false);
+  // A model that only runs forwards (DPO's separate reference, a distillation teacher): planned
+  // as full recomputation plans its forward (each block keeps its input alone; the same results,
+  // bit for bit) without the backward's buffers, and its gradient buffer freed. It cannot train
+  // afterwards.
+  void plan_forward_only(int64_t B, int64_t T) {
+    forward_only_ = true;
+    params_.release_grads();
+    plan(B, T, Recompute::kFull);
+  }
   int64_t planned_batch() const { return B_; }
   int64_t planned_seq() const { return T_; }
   size_t activation_bytes() const { return acts_.capacity(); }
@@ -246,6 +255,7 @@ class Transformer {
   Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
+  bool forward_only_ = false;  // plan_forward_only
   // A forward in three parts, so that a training step's kernels can be captured as one graph:
   // stage() copies tokens and targets in, counts the targets and returns the loss's gradient
   // scale (0 without loss_scale); queue_forward() queues the kernels (training: with the LM

@@ -12,7 +12,8 @@ double grad_norm(const ParamSet& params) {
   // number instead of one per parameter.
   if (params.device() != Device::kCPU) return std::sqrt(ops::sum_squares(params.flat_grads()));
   double ss = 0;
-  for (const Param& p : params.params()) ss += ops::sum_squares(p.grad);
+  for (const Param& p : params.params())
+    if (!p.frozen) ss += ops::sum_squares(p.grad);  // (a frozen one's stays zero)
   return std::sqrt(ss);
 }
 

@@ -217,10 +217,12 @@ RunSetup setup_run(Config& cfg) {
       m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
       if (t.master_weights == "bf16") m->use_bf16_master();
     }
-    // The reference and the teacher only run forwards: planned with full recomputation, each
-    // block keeps its input alone (the same results, bit for bit, in a fraction of the memory).
-    m->plan(t.batch_size, t.seq_len,
-            m == &model ? parse_recompute(t.activation_checkpointing) : Recompute::kFull);
+    // The reference and the teacher only run forwards: each block keeps its input alone, no
+    // backward buffers nor gradients (the same results, bit for bit, in a fraction of the memory).
+    if (m == &model)
+      m->plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+    else
+      m->plan_forward_only(t.batch_size, t.seq_len);
   }
   if (t.precision == "bf16" && model.device() == Device::kCPU && !cpu_features().avx512_bf16 &&
       !cpu_features().amx_bf16)

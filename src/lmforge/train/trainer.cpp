@@ -494,6 +494,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                world->size(), ri.nodes, ri.local_size, over, dist::strategy_name(dp.strategy()),
                t.batch_size * t.grad_accum * world->size());
   }
+  // Communication: each step's traffic (comm_mib) and the time spent waiting for gradient
+  // collectives after the backward passes (comm_wait_s), against the same collectives timed
+  // alone: the share hidden behind the backward (docs/distributed.md, "communication").
+  double comm_alone_s = 0, comm_mib_sum = 0, comm_wait_sum = 0;
+  int64_t comm_steps = 0;
+  if (world->size() > 1) {
+    comm_alone_s = dp.time_gradient_collectives() *
+                   (dp.strategy() >= dist::Strategy::kGradShard ? t.grad_accum : 1);
+    fmt::print("dist: a step's gradient collectives take {:.3f} s alone (timed at start-up)\n",
+               comm_alone_s);
+  }
   std::fflush(stdout);
 
   // train.objective dpo | orpo | simpo: the loss over preference pairs (train/objective.h).
@@ -588,12 +599,16 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                              static_cast<uint64_t>(step) << 20 ^
                                              static_cast<uint64_t>(world->rank()));
     double kl = 0;
+    const dist::CommStats comm0 = dp.comm_stats();
+    const double wait0 = dp.grad_wait_s();
     double loss = dp.forward_backward(micro, &lse_sq, objective.get(), &kl);
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
       inject_fault(fault->second, dp, loss);
     double norm = dp.clip_grad_norm(t.grad_clip);
     SpikeGuard::Verdict verdict = guard.check(loss, norm);
     if (verdict == SpikeGuard::Verdict::kOk) dp.step(lr);
+    dist::CommStats comm = dp.comm_stats();
+    comm -= comm0;
     st.step = step + 1;
     st.val_loss.reset();
     if (profiling && on_gpu) cuda::synchronize();  // the step's kernels, for the profile's shares
@@ -615,6 +630,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     if (objective) record.update(objective->metrics());
     if (setup.teacher) record["kl"] = kl;
+    if (world->size() > 1) {
+      record["comm_mib"] = comm.bus_bytes / 1048576.0;
+      record["comm_wait_s"] = dp.grad_wait_s() - wait0;
+      comm_mib_sum += comm.bus_bytes / 1048576.0;
+      comm_wait_sum += dp.grad_wait_s() - wait0;
+      ++comm_steps;
+    }
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
     // tflops is the job's (tokens of every rank); the peak is one GPU's.
@@ -694,6 +716,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "of gather buffers), gradients {} bytes\n",
         dist::strategy_name(dp.strategy()), dp.optimizer_bytes(), dp.parameter_bytes(),
         dp.gather_buffer_bytes(), dp.gradient_bytes());
+  if (comm_steps > 0) {
+    const double wait = comm_wait_sum / static_cast<double>(comm_steps);
+    fmt::print(
+        "dist: per step and rank {:.1f} MiB sent (ring algorithm's bytes); gradient collectives "
+        "waited for after the backward {:.3f} s of {:.3f} s alone: {:.0f}% hidden behind it\n",
+        comm_mib_sum / static_cast<double>(comm_steps), wait, comm_alone_s,
+        comm_alone_s > 0 ? 100.0 * std::clamp(1.0 - wait / comm_alone_s, 0.0, 1.0) : 0.0);
+  }
   if (dp.offload())
     fmt::print("dist.offload: AdamW master values and gradients in a host arena of {} bytes\n",
                dp.host_bytes());
