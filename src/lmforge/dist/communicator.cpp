@@ -3,7 +3,6 @@
 #include <fmt/core.h>
 
 #include <charconv>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -99,28 +98,10 @@ CommStats& CommStats::operator-=(const CommStats& o) {
   scalar_calls -= o.scalar_calls;
   payload_bytes -= o.payload_bytes;
   bus_bytes -= o.bus_bytes;
-  wait_s -= o.wait_s;
   return *this;
 }
 
 namespace {
-// A collective's handle that adds the time its wait() blocks to the stats.
-class TimedWork final : public Work {
- public:
-  TimedWork(WorkPtr inner, std::shared_ptr<CommStats> stats)
-      : inner_(std::move(inner)), stats_(std::move(stats)) {}
-  bool test() override { return inner_->test(); }
-  void wait() override {
-    const auto t0 = std::chrono::steady_clock::now();
-    inner_->wait();
-    stats_->wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-
- private:
-  WorkPtr inner_;
-  std::shared_ptr<CommStats> stats_;
-};
-
 double total(const std::vector<int64_t>& counts) {
   int64_t n = 0;
   for (int64_t c : counts) n += c;
@@ -145,7 +126,7 @@ WorkPtr CountingCommunicator::count(WorkPtr w, double payload, double bus_share)
   stats_->calls += 1;
   stats_->payload_bytes += payload;
   stats_->bus_bytes += payload * bus_share;
-  return std::make_unique<TimedWork>(std::move(w), stats_);
+  return w;
 }
 
 WorkPtr CountingCommunicator::all_reduce(float* data, int64_t n) {
@@ -154,7 +135,7 @@ WorkPtr CountingCommunicator::all_reduce(float* data, int64_t n) {
 }
 WorkPtr CountingCommunicator::all_reduce(double* data, int64_t n) {
   stats_->scalar_calls += 1;
-  return std::make_unique<TimedWork>(inner_->all_reduce(data, n), stats_);
+  return inner_->all_reduce(data, n);
 }
 WorkPtr CountingCommunicator::reduce_scatter(const float* in, float* out,
                                              const std::vector<int64_t>& c) {

@@ -97,7 +97,6 @@ class LocalCommunicator final : public Communicator {
 struct CommStats {
   int64_t calls = 0, scalar_calls = 0;
   double payload_bytes = 0, bus_bytes = 0;
-  double wait_s = 0;  // time blocked in Work::wait() of those collectives
   CommStats& operator-=(const CommStats& o);
 };
 
