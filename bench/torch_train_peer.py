@@ -182,6 +182,21 @@ def dpo_loss(model, reference, idx, tgt, beta=0.1):
     return -F.logsigmoid(z).mean()
 
 
+def init_like_gpt2(model):
+    """nanoGPT's _init_weights (GPT-2's, and lmforge's Transformer::init_weights): N(0, 0.02) for
+    the matrices and embeddings, N(0, 0.02 / sqrt(2 L)) for the projections into the residual
+    stream, zero biases; norm weights stay ones. (PyTorch's default N(0, 1) embeddings give tied
+    logits of ~30 and losses in the hundreds, whose softmax underflows into denormals: Debian's
+    torch 1.13 then ran fp32 at ~5 tok/s on one core.)"""
+    L = len(model.blocks)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            residual = name.endswith(("proj.weight", "out.weight", "down.weight"))
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * L) if residual else 0.02)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2")
@@ -207,6 +222,8 @@ def main():
         model, V = GPT(*GPT2[a.model]), 50257
     else:
         model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
+    with torch.no_grad():
+        init_like_gpt2(model)
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha)
     model.to(dev)

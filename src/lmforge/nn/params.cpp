@@ -52,7 +52,7 @@ void ParamSet::to(Device device) {
 }
 
 void ParamSet::release_grads() {
-  for (Param& p : params_) p.grad = Tensor();
+  for (Param& p : params_) p.grad = Tensor(), p.grad_unwritten = false;
   grads_ = Arena();
 }
 
@@ -184,7 +184,26 @@ std::vector<std::pair<int64_t, int64_t>> ParamSet::trainable_ranges() const {
 void ParamSet::zero_grad() const {
   if (grads_.capacity() == 0) return;
   const Tensor flat = flat_grads();
-  for (const auto& [lo, hi] : trainable_ranges()) flat.slice(lo, hi - lo).zero_();
+  if (device_ != Device::kCPU) {  // one memset on the device is as good as free
+    for (const auto& [lo, hi] : trainable_ranges()) flat.slice(lo, hi - lo).zero_();
+    return;
+  }
+  // The rest, zeroed in runs of consecutive parameters (with the gaps between them, zero anyway).
+  int64_t lo = -1, hi = -1;
+  auto flush = [&] {
+    if (lo >= 0) flat.slice(lo, hi - lo).zero_();
+    lo = hi = -1;
+  };
+  for (const Param& p : params_) {
+    if (p.frozen || p.matmul) {
+      flush();
+      if (!p.frozen) p.grad_unwritten = true;
+      continue;
+    }
+    if (lo < 0) lo = p.flat_offset;
+    hi = p.flat_offset + p.shape.numel();
+  }
+  flush();
 }
 
 Param* ParamSet::find(const std::string& name) {

@@ -28,6 +28,21 @@ struct Param {
   Tensor value_bf16;        // bf16(value) for the matmuls when enabled; see ParamSet
   int64_t flat_offset = 0;  // first element in ParamSet's flat space (ParamSet::offset)
   Tensor value_f32;         // bf16 master weights: the fp32 working copy of a 1-D parameter
+  // On the host, zero_grad() leaves a matmul weight's gradient as it was and sets this instead:
+  // the step's first GEMM into it then writes rather than adds (PyTorch's zero_grad with
+  // set_to_none), which saves zeroing the buffer and the GEMM's read of it. Whoever adds to the
+  // gradient asks accumulate_grad() (false once: write it); anything else settle_grad() first.
+  mutable bool grad_unwritten = false;
+  bool accumulate_grad() const {
+    const bool add = !grad_unwritten;
+    grad_unwritten = false;
+    return add;
+  }
+  void settle_grad() const {
+    if (!grad_unwritten) return;
+    grad.zero_();
+    grad_unwritten = false;
+  }
   // The matmul operand: the bf16 copy under bf16 precision, else the fp32 value.
   const Tensor& matmul_weight() const { return value_bf16.defined() ? value_bf16 : value; }
   // The operand of the fp32 ops (norm weights, biases): the value, or its fp32 working copy.
@@ -48,7 +63,9 @@ class ParamSet {
   const std::deque<Param>& params() const { return params_; }
   int64_t numel() const;
   // Zeroes the gradients of the parameters that train (trainable_ranges): frozen ones are never
-  // written, so on the host their part of the buffer is never even paged in.
+  // written, so on the host their part of the buffer is never even paged in. On the host the
+  // matmul weights' are marked Param::grad_unwritten instead (their first GEMM writes them; the
+  // model settles any left unwritten before it reports a group's gradients ready).
   void zero_grad() const;
   // The flat ranges [lo, hi) that hold the parameters that train, consecutive ones merged (with
   // the alignment gaps between them): one range, the whole space, without frozen parameters.

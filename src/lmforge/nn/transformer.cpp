@@ -463,8 +463,9 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
                                          yr, ignore_index_, dloss, z_loss_, V,
                                          row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
     }
-    ops::linear_backward(dh.slice(r0, R), lm_head_->frozen ? Tensor() : lm_head_->grad, Tensor(),
-                         dl, hr, lm_head_weight());
+    const bool train_head = !lm_head_->frozen;
+    ops::linear_backward(dh.slice(r0, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl, hr,
+                         lm_head_weight(), !train_head || lm_head_->accumulate_grad());
   }
 }
 
@@ -538,22 +539,30 @@ void Transformer::run_step(double dloss) {
   graph_.last_dloss = dloss;
 }
 
+void Transformer::grads_ready(int64_t g) {
+  // A gradient no GEMM wrote this step (ParamSet::zero_grad left it unwritten) is zero.
+  for (size_t i = group_begin_[g]; i < group_begin_[g + 1]; ++i) params_.params()[i].settle_grad();
+  hooks().grads_ready(g);
+}
+
 void Transformer::backward_blocks() {
   const Tensor& x_last = cfg_.n_layer ? block_acts_.back().x_out : x0_;
   dres_.zero_();
   norm_f_.backward(dres_, dnf_, x_last, nf_);
-  hooks().grads_ready(cfg_.n_layer + 1);
+  grads_ready(cfg_.n_layer + 1);
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
     const Tensor& x_in = l ? block_acts_[l - 1].x_out : x0_;
     hooks().before_backward(l + 1);
     blocks_[l].recompute(block_acts_[l], x_in, positions_, recompute_);
     blocks_[l].backward(dres_, x_in, block_acts_[l], scratch_, positions_);
-    hooks().grads_ready(l + 1);
+    grads_ready(l + 1);
   }
-  if (!tok_emb_->frozen)  // LoRA freezes both tables
+  if (!tok_emb_->frozen) {    // LoRA freezes both tables
+    tok_emb_->settle_grad();  // tied: the LM head's gradient is in it already
     ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
                             positions_.ids);
-  hooks().grads_ready(0);
+  }
+  grads_ready(0);
 }
 
 Transformer::StepGraph& Transformer::StepGraph::operator=(const StepGraph&) {

@@ -276,6 +276,7 @@ class Transformer {
   void queue_step(double dloss);  // queue_forward for training, then backward_blocks
   void run_step(double dloss);    // queue_step, through the CUDA graph when on
   void backward_blocks();
+  void grads_ready(int64_t group);  // settles the group's gradients, then hooks().grads_ready
   // The captured training step (cudaGraphExec_t) and what it was captured with; copies of a
   // Transformer start without one.
   struct StepGraph {

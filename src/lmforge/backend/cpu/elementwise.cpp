@@ -31,19 +31,32 @@ void scale(T* x, T s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as maybe-uninitialized
+// once inlined (as in adamw.cpp): off for the kernels below.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace {
-// Sum of squares of fp32 in double lanes (8 + 8 accumulators, fixed order).
+// Sum of squares of fp32 in double lanes, fixed order. The block is read as four streams at once
+// (its quarters, each with its own accumulators): one stream per core leaves most of the memory
+// bandwidth unused (17.8 GB/s on 2 Sapphire Rapids cores, 4 streams ~2x that).
 LMF_AVX512 double sum_squares_avx512(const float* x, int64_t n) {
-  __m512d a = _mm512_setzero_pd(), b = _mm512_setzero_pd();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    __m512d lo = lo_pd(v), hi = hi_pd(v);
-    a = _mm512_fmadd_pd(lo, lo, a);
-    b = _mm512_fmadd_pd(hi, hi, b);
+  const int64_t q = n / 64 * 16;  // each quarter a multiple of 16
+  const float* s[4] = {x, x + q, x + 2 * q, x + 3 * q};
+  __m512d lo[4], hi[4];
+  for (int k = 0; k < 4; ++k) lo[k] = hi[k] = _mm512_setzero_pd();
+  for (int64_t i = 0; i < q; i += 16) {
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v = _mm512_loadu_ps(s[k] + i);
+      const __m512d l = lo_pd(v), h = hi_pd(v);
+      lo[k] = _mm512_fmadd_pd(l, l, lo[k]);
+      hi[k] = _mm512_fmadd_pd(h, h, hi[k]);
+    }
   }
-  double acc = _mm512_reduce_add_pd(_mm512_add_pd(a, b));
-  for (; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+  __m512d sum = _mm512_add_pd(lo[0], hi[0]);
+  for (int k = 1; k < 4; ++k) sum = _mm512_add_pd(sum, _mm512_add_pd(lo[k], hi[k]));
+  double acc = _mm512_reduce_add_pd(sum);
+  for (int64_t i = 4 * q; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
   return acc;
 }
 
@@ -61,6 +74,7 @@ LMF_AVX2 double sum_squares_avx2(const float* x, int64_t n) {
   return acc;
 }
 }  // namespace
+#pragma GCC diagnostic pop
 
 template <typename T>
 double sum_squares(const T* x, int64_t n) {
