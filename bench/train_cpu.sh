@@ -43,11 +43,14 @@ run t32 "$python" "${peer[@]}" --precision fp32
 run t16 "$python" "${peer[@]}" --precision bf16
 if ((compile)); then run tc16 "$python" "${peer[@]}" --precision bf16 --compile; else : >"$log/tc16"; fi
 # The bars are against Debian's PyTorch: installed here when missing (apt, as setup.sh).
-if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
-  echo "installing Debian's python3-torch (the PyTorch 1.13 peer)"
+# Its fp32 GEMMs go to whatever libblas.so.3 the alternatives system names: with only libblas3
+# (the netlib reference BLAS, one thread) it trains GPT-2 at ~5 tok/s, so OpenBLAS comes with it.
+if ! /usr/bin/python3 -c 'import torch' 2>/dev/null ||
+  ! dpkg-query -W -f='${Status}' libopenblas0-pthread 2>/dev/null | grep -q "install ok installed"; then
+  echo "installing Debian's python3-torch (the PyTorch 1.13 peer) and OpenBLAS"
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-torch \
-    >/dev/null 2>&1 || echo "could not install python3-torch"
+    libopenblas0-pthread >/dev/null 2>&1 || echo "could not install python3-torch"
 fi
 if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
   run d32 /usr/bin/python3 "${peer[@]}" --precision fp32

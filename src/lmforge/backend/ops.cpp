@@ -591,17 +591,43 @@ namespace {
 // gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
 // backward; the arithmetic is the fp32 kernels' on the widened input. out_cols: the output's
 // row width (F for GELU and SwiGLU alike).
+// bf16 rows in, bf16 rows out on the CPU, in parallel: blocks of rows (~16K floats, L2-sized),
+// each widened into its thread's fp32 buffer, computed by body(y, x, r0, n) into the thread's other
+// buffer and rounded into out's rows by to_bf16: one pass over memory, one parallel region (the
+// kernels' own OpenMP loops run single-threaded inside it).
+template <typename Body>
+void cpu_bf16_rows_parallel(const Tensor& out, const Tensor& inp, Body&& body) {
+  const int64_t N = rows(inp), in_cols = last(inp), out_cols = last(out);
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 14) / std::max(in_cols, out_cols));
+  const auto* x16 = static_cast<const uint16_t*>(inp.bf16_data());
+  auto* y16 = static_cast<uint16_t*>(out.bf16_data());
+#pragma omp parallel
+  {
+    thread_local std::vector<float> xb, yb;  // grown on first use, then reused
+    if (xb.size() < static_cast<size_t>(block * in_cols)) xb.resize(block * in_cols);
+    if (yb.size() < static_cast<size_t>(block * out_cols)) yb.resize(block * out_cols);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      cpu::from_bf16(xb.data(), x16 + r0 * in_cols, n * in_cols);
+      body(yb.data(), xb.data(), r0, n);
+      cpu::to_bf16(y16 + r0 * out_cols, yb.data(), n * out_cols);
+    }
+  }
+}
+
 template <typename CpuFwd, typename GpuFwd>
 void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int64_t out_cols,
                       CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {
-  LMF_CHECK(out.dtype() == DType::kBF16, "{}: a bf16 input needs a bf16 output", op);
-  const int64_t N = rows(inp);
+  LMF_CHECK(
+      out.dtype() == DType::kBF16 && out.numel() == rows(inp) * out_cols && last(out) == out_cols,
+      "{}: a bf16 input {} needs a bf16 output of {} columns, not {} {}", op, inp.shape().str(),
+      out_cols, dtype_name(out.dtype()), out.shape().str());
   dispatch_device(
       op, inp,
       [&] {
-        cpu_rows_bf16(op, out, N, out_cols, [&](float* dst, int64_t r0, int64_t n) {
-          cpu_fwd(dst, cpu_rows_f32(inp, r0, n, 0), n);
-        });
+        cpu_bf16_rows_parallel(
+            out, inp, [&](float* y, const float* x, int64_t, int64_t n) { cpu_fwd(y, x, n); });
       },
       std::forward<GpuFwd>(gpu_fwd));
 }
@@ -612,13 +638,15 @@ void act_backward_bf16(const char* op, const Tensor& dinp, const Tensor& inp, co
   LMF_CHECK(dinp.dtype() == DType::kBF16 && dout.dtype() == DType::kF32,
             "{}: a bf16 input takes an fp32 dout and writes a bf16 dinp", op);
   same_numel(op, dinp, inp);
-  const int64_t N = rows(inp), cols = last(inp), out_cols = last(dout);
+  LMF_CHECK(last(dinp) == last(inp), "{}: dinp {} for inp {}", op, dinp.shape().str(),
+            inp.shape().str());
+  const int64_t cols = last(inp), out_cols = last(dout);
   dispatch_device(
       op, inp,
       [&] {
-        cpu_rows_bf16(op, dinp, N, cols, [&](float* dst, int64_t r0, int64_t n) {
-          std::fill(dst, dst + n * cols, 0.0f);
-          cpu_bwd(dst, cpu_rows_f32(inp, r0, n, 0), dout.data<float>() + r0 * out_cols, n);
+        cpu_bf16_rows_parallel(dinp, inp, [&](float* y, const float* x, int64_t r0, int64_t n) {
+          std::fill(y, y + n * cols, 0.0f);
+          cpu_bwd(y, x, dout.data<float>() + r0 * out_cols, n);
         });
       },
       std::forward<GpuBwd>(gpu_bwd));
