@@ -1,6 +1,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "lmforge/backend/adamw_scalars.h"
 #include "lmforge/backend/cpu/kernels.h"
@@ -68,18 +69,24 @@ struct AdamLanes {
 };
 
 // 16 lanes at a time (CPUs with AVX512-BF16), writing the bf16 copy of the weights in the same
-// pass; bit-identical to the portable loop.
+// pass; bit-identical to the portable loop. The copy is only written, so (aligned) it goes out with
+// streaming stores: no read of its old lines (1/15 of the pass's memory traffic).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void adamw_avx512(
     float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, const AdamScalars& s) {
   const AdamLanes lanes(s);
+  const bool stream = (reinterpret_cast<uintptr_t>(p16) & 31) == 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 pi = lanes.step(_mm512_loadu_ps(p + i), g + i, m + i, v + i);
     _mm512_storeu_ps(p + i, pi);
-    if (p16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + i),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(pi)));
+    if (!p16) continue;
+    const auto h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(pi));
+    if (stream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p16 + i), h);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + i), h);
   }
+  if (p16 && stream) _mm_sfence();  // the streamed stores ordered before anyone reads them
   adamw_portable(p + i, g + i, m + i, v + i, p16 ? p16 + i : nullptr, n - i, s);
 }
 
