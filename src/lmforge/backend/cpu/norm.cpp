@@ -93,6 +93,38 @@ LMF_AVX512 void layernorm_backward_row_avx512(float* d, const float* x, const fl
     _mm512_mask_storeu_ps(d + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d + c), upd));
   }
 }
+// layernorm_backward's weight and bias gradients of one block of nc <= kCols (64) columns, summed
+// over the rows in order in double: dw[j] = sum_i ((x - mean) rstd) g, db[j] = sum_i g; x and g
+// point at the block's first column of row 0 (rows C apart). The scalar loop's arithmetic, on 8
+// lanes.
+LMF_AVX512 void layernorm_param_grads_avx512(double* dw, double* db, const float* x, const float* g,
+                                             const float* mean, const float* rstd, int64_t N,
+                                             int64_t C, int64_t nc) {
+  static_assert(kCols == 64);
+  __m512d aw[8], ab[8];
+  for (int k = 0; k < 8; ++k) aw[k] = ab[k] = _mm512_setzero_pd();
+  const int quads = static_cast<int>((nc + 15) / 16);
+  for (int64_t i = 0; i < N; ++i) {
+    const __m512d m = _mm512_set1_pd(mean[i]), s = _mm512_set1_pd(rstd[i]);
+    for (int q = 0; q < quads; ++q) {
+      const __mmask16 k = lanes(nc - 16 * q);  // masked lanes add zeros
+      const __m512 xv = _mm512_maskz_loadu_ps(k, x + i * C + 16 * q),
+                   gv = _mm512_maskz_loadu_ps(k, g + i * C + 16 * q);
+      for (int h = 0; h < 2; ++h) {
+        const __m512d xd = h ? hi_pd(xv) : lo_pd(xv), gd = h ? hi_pd(gv) : lo_pd(gv);
+        const __m512d n = _mm512_mul_pd(_mm512_sub_pd(xd, m), s);
+        aw[2 * q + h] = _mm512_add_pd(aw[2 * q + h], _mm512_mul_pd(n, gd));
+        ab[2 * q + h] = _mm512_add_pd(ab[2 * q + h], gd);
+      }
+    }
+  }
+  double w[64], b[64];
+  for (int k = 0; k < 8; ++k) {
+    _mm512_storeu_pd(w + 8 * k, aw[k]);
+    _mm512_storeu_pd(b + 8 * k, ab[k]);
+  }
+  for (int64_t j = 0; j < nc; ++j) dw[j] = w[j], db[j] = b[j];
+}
 }  // namespace
 
 template <typename T>
@@ -163,7 +195,14 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t c0 = blk * kCols, nc = std::min(kCols, C - c0);
     double dw[kCols] = {}, db[kCols] = {};
-    for (int64_t i = 0; i < N; ++i) {
+    bool summed = false;
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        layernorm_param_grads_avx512(dw, db, inp + c0, dout + c0, mean, rstd, N, C, nc);
+        summed = true;
+      }
+    }
+    for (int64_t i = 0; i < N && !summed; ++i) {
       const double m = mean[i], s = rstd[i];
       const T* x = inp + i * C + c0;
       const T* g = dout + i * C + c0;
