@@ -93,6 +93,59 @@ LMF_AVX512 void layernorm_backward_row_avx512(float* d, const float* x, const fl
     _mm512_mask_storeu_ps(d + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d + c), upd));
   }
 }
+// One row of rmsnorm_forward / rmsnorm_backward's dinp in fp32 with AVX-512: the scalar loops'
+// double arithmetic on 8 lanes (row sums in lanes, then across them).
+LMF_AVX512 void rmsnorm_forward_row_avx512(float* o, float* rstd, const float* x, const float* w,
+                                           int64_t C, double eps) {
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __m512 xv = _mm512_maskz_loadu_ps(lanes(C - c), x + c);  // masked lanes are 0
+    const __m512d lo = lo_pd(xv), hi = hi_pd(xv);
+    acc = _mm512_add_pd(acc, _mm512_add_pd(_mm512_mul_pd(lo, lo), _mm512_mul_pd(hi, hi)));
+  }
+  const double sd = 1.0 / std::sqrt(_mm512_reduce_add_pd(acc) / static_cast<double>(C) + eps);
+  const __m512d s = _mm512_set1_pd(sd);
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + c);
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(lo_pd(xv), s)),
+                 hi = _mm512_cvtpd_ps(_mm512_mul_pd(hi_pd(xv), s));
+    _mm512_mask_storeu_ps(o + c, k,
+                          _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1),
+                                        _mm512_maskz_loadu_ps(k, w + c)));
+  }
+  *rstd = static_cast<float>(sd);
+}
+
+LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const float* g,
+                                            const float* w, double rstd, int64_t C) {
+  const __m512d s = _mm512_set1_pd(rstd);
+  __m512d acc = _mm512_setzero_pd();  // sum of dn * n, dn = w g, n = x rstd
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);  // masked lanes add zeros
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
+                 wv = _mm512_maskz_loadu_ps(k, w + c);
+    for (int h = 0; h < 2; ++h) {
+      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
+      acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_mul_pd(dn, h ? hi_pd(xv) : lo_pd(xv)), s));
+    }
+  }
+  const __m512d dot = _mm512_set1_pd(_mm512_reduce_add_pd(acc) / static_cast<double>(C));
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
+                 wv = _mm512_maskz_loadu_ps(k, w + c);
+    __m256 r[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
+      const __m512d n = _mm512_mul_pd(h ? hi_pd(xv) : lo_pd(xv), s);
+      r[h] = _mm512_cvtpd_ps(_mm512_mul_pd(s, _mm512_sub_pd(dn, _mm512_mul_pd(n, dot))));
+    }
+    const __m512 upd = _mm512_insertf32x8(_mm512_castps256_ps512(r[0]), r[1], 1);
+    _mm512_mask_storeu_ps(d + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d + c), upd));
+  }
+}
+
 // layernorm_backward's weight and bias gradients of one block of nc <= kCols (64) columns, summed
 // over the rows in order in double: dw[j] = sum_i ((x - mean) rstd) g, db[j] = sum_i g; x and g
 // point at the block's first column of row 0 (rows C apart). The scalar loop's arithmetic, on 8
@@ -224,6 +277,12 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, 
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t at = row_offset(i, C, group, stride);
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        rmsnorm_forward_row_avx512(out + at, rstd + i, inp + at, weight, C, eps);
+        continue;
+      }
+    }
     const T* x = inp + at;
     double ss = 0;
     for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[c]) * x[c];
@@ -240,6 +299,12 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t at = row_offset(i, C, group, stride);
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        rmsnorm_backward_row_avx512(dinp + at, inp + at, dout + at, weight, rstd[i], C);
+        continue;
+      }
+    }
     const T* x = inp + at;
     const T* g = dout + at;
     double s = rstd[i];
