@@ -587,10 +587,6 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
 }
 
 namespace {
-// The activations with bf16 activations throughout: a bf16 input (the fc matmul's bf16 output)
-// gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
-// backward; the arithmetic is the fp32 kernels' on the widened input. out_cols: the output's
-// row width (F for GELU and SwiGLU alike).
 // bf16 rows in, bf16 rows out on the CPU, in parallel: blocks of rows (~16K floats, L2-sized),
 // each widened into its thread's fp32 buffer, computed by body(y, x, r0, n) into the thread's other
 // buffer and rounded into out's rows by to_bf16: one pass over memory, one parallel region (the
@@ -616,6 +612,10 @@ void cpu_bf16_rows_parallel(const Tensor& out, const Tensor& inp, Body&& body) {
   }
 }
 
+// The activations with bf16 activations throughout: a bf16 input (the fc matmul's bf16 output)
+// gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
+// backward; the arithmetic is the fp32 kernels' on the widened input. out_cols: the output's
+// row width (F for GELU and SwiGLU alike).
 template <typename CpuFwd, typename GpuFwd>
 void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int64_t out_cols,
                       CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {

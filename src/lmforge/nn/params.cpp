@@ -188,7 +188,8 @@ void ParamSet::zero_grad() const {
     for (const auto& [lo, hi] : trainable_ranges()) flat.slice(lo, hi - lo).zero_();
     return;
   }
-  // The rest, zeroed in runs of consecutive parameters (with the gaps between them, zero anyway).
+  // The host: matmul weights marked unwritten, the rest zeroed in runs of consecutive parameters
+  // (with the gaps between them, zero anyway).
   int64_t lo = -1, hi = -1;
   auto flush = [&] {
     if (lo >= 0) flat.slice(lo, hi - lo).zero_();

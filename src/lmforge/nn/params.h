@@ -30,7 +30,7 @@ struct Param {
   Tensor value_f32;         // bf16 master weights: the fp32 working copy of a 1-D parameter
   // On the host, zero_grad() leaves a matmul weight's gradient as it was and sets this instead:
   // the step's first GEMM into it then writes rather than adds (PyTorch's zero_grad with
-  // set_to_none), which saves zeroing the buffer and the GEMM's read of it. Whoever adds to the
+  // set_to_none), which saves the pass that zeroing the buffer costs. Whoever adds to the
   // gradient asks accumulate_grad() (false once: write it); anything else settle_grad() first.
   mutable bool grad_unwritten = false;
   bool accumulate_grad() const {

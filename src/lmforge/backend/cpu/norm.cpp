@@ -21,6 +21,17 @@ constexpr int64_t kCols = 64;  // columns per task in the weight-gradient sums
 }
 
 namespace {
+// Half h of 16 floats widened to doubles (0: lanes 0-7, 1: lanes 8-15).
+LMF_AVX512 inline __m512d half_pd(__m512 v, int h) { return h ? hi_pd(v) : lo_pd(v); }
+// The two halves rounded to fp32, as one vector of 16.
+LMF_AVX512 inline __m512 join_ps(__m512d lo, __m512d hi) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+}
+// d[0, 16) += join_ps(lo, hi) in lanes k: the row kernels' dinp update.
+LMF_AVX512 inline void add_halves(float* d, __mmask16 k, __m512d lo, __m512d hi) {
+  _mm512_mask_storeu_ps(d, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d), join_ps(lo, hi)));
+}
+
 // One row of layernorm_forward in fp32 with AVX-512: the same double arithmetic on 8 lanes (the
 // row sums in lanes, then across them), the output's fp32 multiply and add as the scalar loop's.
 LMF_AVX512 void layernorm_forward_row_avx512(float* o, float* mean, float* rstd, const float* x,
@@ -46,9 +57,8 @@ LMF_AVX512 void layernorm_forward_row_avx512(float* o, float* mean, float* rstd,
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = lanes(C - c);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c);
-    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(lo_pd(xv), m), s)),
-                 hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(hi_pd(xv), m), s));
-    __m512 y = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1),
+    __m512 y = _mm512_mul_ps(join_ps(_mm512_mul_pd(_mm512_sub_pd(lo_pd(xv), m), s),
+                                     _mm512_mul_pd(_mm512_sub_pd(hi_pd(xv), m), s)),
                              _mm512_maskz_loadu_ps(k, w + c));
     if (b) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, b + c));
     _mm512_mask_storeu_ps(o + c, k, y);
@@ -64,15 +74,14 @@ LMF_AVX512 void layernorm_backward_row_avx512(float* d, const float* x, const fl
   const __m512d m = _mm512_set1_pd(mean), s = _mm512_set1_pd(rstd);
   __m512d sdn = _mm512_setzero_pd(), sdnn = _mm512_setzero_pd();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = lanes(C - c);
+    const __mmask16 k = lanes(C - c);  // masked lanes load zeros: dn = 0 adds nothing
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
                  wv = _mm512_maskz_loadu_ps(k, w + c);
     for (int h = 0; h < 2; ++h) {
-      const __m512d n = _mm512_mul_pd(_mm512_sub_pd(h ? hi_pd(xv) : lo_pd(xv), m), s);
-      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
-      const __mmask8 kh = static_cast<__mmask8>(h ? k >> 8 : k);  // (masked lanes add 0 anyway)
-      sdn = _mm512_mask_add_pd(sdn, kh, sdn, dn);
-      sdnn = _mm512_mask_fmadd_pd(dn, kh, n, sdnn);
+      const __m512d n = _mm512_mul_pd(_mm512_sub_pd(half_pd(xv, h), m), s);
+      const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
+      sdn = _mm512_add_pd(sdn, dn);
+      sdnn = _mm512_fmadd_pd(dn, n, sdnn);
     }
   }
   const __m512d dnm = _mm512_set1_pd(_mm512_reduce_add_pd(sdn) / static_cast<double>(C)),
@@ -81,18 +90,17 @@ LMF_AVX512 void layernorm_backward_row_avx512(float* d, const float* x, const fl
     const __mmask16 k = lanes(C - c);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
                  wv = _mm512_maskz_loadu_ps(k, w + c);
-    __m256 r[2];
+    __m512d r[2];
     for (int h = 0; h < 2; ++h) {
-      const __m512d n = _mm512_mul_pd(_mm512_sub_pd(h ? hi_pd(xv) : lo_pd(xv), m), s);
-      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
+      const __m512d n = _mm512_mul_pd(_mm512_sub_pd(half_pd(xv, h), m), s);
+      const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
       // (dn - dnorm_mean - n * dnorm_norm_mean) * rstd
-      r[h] = _mm512_cvtpd_ps(
-          _mm512_mul_pd(_mm512_sub_pd(_mm512_sub_pd(dn, dnm), _mm512_mul_pd(n, dnnm)), s));
+      r[h] = _mm512_mul_pd(_mm512_sub_pd(_mm512_sub_pd(dn, dnm), _mm512_mul_pd(n, dnnm)), s);
     }
-    const __m512 upd = _mm512_insertf32x8(_mm512_castps256_ps512(r[0]), r[1], 1);
-    _mm512_mask_storeu_ps(d + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d + c), upd));
+    add_halves(d + c, k, r[0], r[1]);
   }
 }
+
 // One row of rmsnorm_forward / rmsnorm_backward's dinp in fp32 with AVX-512: the scalar loops'
 // double arithmetic on 8 lanes (row sums in lanes, then across them).
 LMF_AVX512 void rmsnorm_forward_row_avx512(float* o, float* rstd, const float* x, const float* w,
@@ -108,11 +116,10 @@ LMF_AVX512 void rmsnorm_forward_row_avx512(float* o, float* rstd, const float* x
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = lanes(C - c);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c);
-    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(lo_pd(xv), s)),
-                 hi = _mm512_cvtpd_ps(_mm512_mul_pd(hi_pd(xv), s));
-    _mm512_mask_storeu_ps(o + c, k,
-                          _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1),
-                                        _mm512_maskz_loadu_ps(k, w + c)));
+    _mm512_mask_storeu_ps(
+        o + c, k,
+        _mm512_mul_ps(join_ps(_mm512_mul_pd(lo_pd(xv), s), _mm512_mul_pd(hi_pd(xv), s)),
+                      _mm512_maskz_loadu_ps(k, w + c)));
   }
   *rstd = static_cast<float>(sd);
 }
@@ -126,8 +133,8 @@ LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const floa
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
                  wv = _mm512_maskz_loadu_ps(k, w + c);
     for (int h = 0; h < 2; ++h) {
-      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
-      acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_mul_pd(dn, h ? hi_pd(xv) : lo_pd(xv)), s));
+      const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
+      acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_mul_pd(dn, half_pd(xv, h)), s));
     }
   }
   const __m512d dot = _mm512_set1_pd(_mm512_reduce_add_pd(acc) / static_cast<double>(C));
@@ -135,14 +142,13 @@ LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const floa
     const __mmask16 k = lanes(C - c);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
                  wv = _mm512_maskz_loadu_ps(k, w + c);
-    __m256 r[2];
+    __m512d r[2];
     for (int h = 0; h < 2; ++h) {
-      const __m512d dn = _mm512_mul_pd(h ? hi_pd(wv) : lo_pd(wv), h ? hi_pd(gv) : lo_pd(gv));
-      const __m512d n = _mm512_mul_pd(h ? hi_pd(xv) : lo_pd(xv), s);
-      r[h] = _mm512_cvtpd_ps(_mm512_mul_pd(s, _mm512_sub_pd(dn, _mm512_mul_pd(n, dot))));
+      const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
+      const __m512d n = _mm512_mul_pd(half_pd(xv, h), s);
+      r[h] = _mm512_mul_pd(s, _mm512_sub_pd(dn, _mm512_mul_pd(n, dot)));
     }
-    const __m512 upd = _mm512_insertf32x8(_mm512_castps256_ps512(r[0]), r[1], 1);
-    _mm512_mask_storeu_ps(d + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, d + c), upd));
+    add_halves(d + c, k, r[0], r[1]);
   }
 }
 
@@ -164,7 +170,7 @@ LMF_AVX512 void layernorm_param_grads_avx512(double* dw, double* db, const float
       const __m512 xv = _mm512_maskz_loadu_ps(k, x + i * C + 16 * q),
                    gv = _mm512_maskz_loadu_ps(k, g + i * C + 16 * q);
       for (int h = 0; h < 2; ++h) {
-        const __m512d xd = h ? hi_pd(xv) : lo_pd(xv), gd = h ? hi_pd(gv) : lo_pd(gv);
+        const __m512d xd = half_pd(xv, h), gd = half_pd(gv, h);
         const __m512d n = _mm512_mul_pd(_mm512_sub_pd(xd, m), s);
         aw[2 * q + h] = _mm512_add_pd(aw[2 * q + h], _mm512_mul_pd(n, gd));
         ab[2 * q + h] = _mm512_add_pd(ab[2 * q + h], gd);
