@@ -47,7 +47,7 @@ row() {  # name command...
     awk -v n="$name" -v t="$tps" -v g="$gflop" -v c="$ceiling" -v m="$mem" 'BEGIN {
       tf = t * g / 1000
       printf "%-28s %10.0f tok/s  %6.1f TFLOP/s  MFU %5.1f%% (989.4)  %5.1f%% (measured %s)  peak GPU %s MiB\n",
-        n, t, tf, 100 * tf / 989.4, c > 0 ? 100 * tf / c : 0, c, m }'
+        n, t, tf, 100 * tf / 989.4, (c > 0 ? 100 * tf / c : 0), c, m }'
   else
     echo "$name: failed (last lines below)"; tail -n 5 "$log/$name"
   fi
