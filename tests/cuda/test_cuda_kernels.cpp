@@ -527,10 +527,12 @@ void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
     cuda::linear_forward_bf16(d_y16.get(), d_a16.get(), d_w16.get(), b, N, C, OC);
     const std::vector<float> y32 = d_y32.host();
     const std::vector<uint16_t> y16 = d_y16.host();
-    // Within one bf16 ulp of the fp32 result (plus fp32 summation noise near zero).
+    // Within one bf16 ulp of the fp32 result (plus fp32 summation noise near zero); the bf16
+    // output's epilogue adds the bias rounded to bf16 (as autocast does): half its ulp more.
     for (int64_t i = 0; i < N * OC; ++i)
       ASSERT_LE(std::fabs(bf16_to_fp32(y16[i]) - y32[i]),
-                std::ldexp(1.0, std::ilogb(y32[i]) - 7) + 1e-5)
+                std::ldexp(1.0, std::ilogb(y32[i]) - 7) + 1e-5 +
+                    (b ? std::ldexp(1.0, std::ilogb(bias[i % OC]) - 8) : 0.0))
           << i << (b ? " with" : " without") << " bias";
   }
   // The backward writing a bf16 dinp: the fp32 dinp from zero, rounded (within an ulp).

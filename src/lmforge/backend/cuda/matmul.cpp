@@ -121,23 +121,33 @@ class Lt {
   void run(Dtype dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
            int64_t lda, const void* B, int64_t ldb, float beta, void* C, int64_t ldc,
            const float* bias, bool d16 = false) {
-    const Key key{dt,
-                  ta,
-                  tb,
-                  bias != nullptr,
-                  d16,
-                  M,
-                  N,
-                  K,
-                  lda,
-                  ldb,
-                  ldc,
-                  alignment(A),
-                  alignment(B),
-                  alignment(C),
-                  bias ? alignment(bias) : 0u};
+    Key key{dt,
+            ta,
+            tb,
+            bias != nullptr,
+            d16,
+            M,
+            N,
+            K,
+            lda,
+            ldb,
+            ldc,
+            alignment(A),
+            alignment(B),
+            alignment(C),
+            bias ? alignment(bias) : 0u};
+    // A bf16 output's epilogue adds a bf16 bias: cuBLASLt takes no fp32 bias with a bf16 D (its
+    // bias type is D's, but for FP8 kernels; INVALID_VALUE on CUDA 13), and PyTorch's autocast
+    // rounds the bias to bf16 as well. Rounded into scratch slot 4 on the stream, before the gemm.
+    const void* epi_bias = bias;
+    if (d16 && bias) {
+      auto* b16 = static_cast<uint16_t*>(scratch(4, size_t(N) * 2));
+      to_bf16(b16, bias, N);
+      epi_bias = b16;
+      key.align_bias = alignment(b16);
+    }
     std::unique_lock<std::mutex> lock(mu_);
-    Plan& p = plan(key, bias);
+    Plan& p = plan(key, epi_bias);
     if (d16 && (p.fallback || (bias && !p.bias_epilogue))) {
       lock.unlock();
       LMF_CHECK(ldc == N, "cuda gemm: a bf16 output needs ldc == N");
@@ -153,8 +163,8 @@ class Lt {
     }
     if (bias && p.bias_epilogue) {
       // The descriptor is shared by every call with this key: point it at this call's bias.
-      LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                                sizeof(bias)));
+      LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &epi_bias,
+                                                sizeof(epi_bias)));
     }
     const float beta_in = beta;
     if (bias && !p.bias_epilogue) {
@@ -194,7 +204,7 @@ class Lt {
     workspace_ = cuda::malloc(kWorkspaceBytes);
   }
 
-  Plan& plan(const Key& k, const float* bias) {
+  Plan& plan(const Key& k, const void* bias) {
     auto it = cache_.find(k);
     if (it != cache_.end()) return it->second;
 
@@ -217,7 +227,7 @@ class Lt {
     bool found = false;
     if (k.bias) {
       const int32_t epi = CUBLASLT_EPILOGUE_BIAS;
-      const int32_t bias_type = CUDA_R_32F;
+      const int32_t bias_type = k.d16 ? CUDA_R_16BF : CUDA_R_32F;
       LMF_CUBLAS(
           cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
       LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
@@ -261,14 +271,24 @@ class Lt {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
     for (int i = 0; i < 4; ++i)
       LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i])));
+    if (k.d16) {
+      // Split-K partial sums reduced in the output type (in place in D, or bf16 in the
+      // workspace) would round more than once: a bf16 output is the fp32 sum rounded once.
+      const uint32_t schemes =
+          CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+      LMF_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes)));
+    }
     return pref;
   }
 
   void no_epilogue(Plan& p) {
-    const int32_t none = CUBLASLT_EPILOGUE_DEFAULT;
+    const int32_t none = CUBLASLT_EPILOGUE_DEFAULT, default_type = -1;
     const float* null_bias = nullptr;
     LMF_CUBLAS(
         cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof(none)));
+    LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                              &default_type, sizeof(default_type)));
     LMF_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &null_bias,
                                               sizeof(null_bias)));
     p.bias_epilogue = false;
@@ -322,12 +342,12 @@ class Lt {
 };
 
 // Device scratch that grows to the largest request and is then reused: bf16 copies of
-// activations (slots 0, 1), the bias gradient's partial sums (slot 2) and fp32 results on their
-// way to a bf16 output (slot 3). Growing waits for the stream, since queued kernels may still read
-// the old buffer; after the first step it never grows.
+// activations (slots 0, 1), the bias gradient's partial sums (slot 2), fp32 results on their
+// way to a bf16 output (slot 3) and a bf16 output's bf16 bias (slot 4). Growing waits for the
+// stream, since queued kernels may still read the old buffer; after the first step it never grows.
 void* scratch(int slot, size_t bytes) {
   static std::mutex mu;
-  static GrowingBuffer buf[4];
+  static GrowingBuffer buf[5];
   std::lock_guard<std::mutex> lock(mu);
   return buf[slot].get(bytes);
 }
