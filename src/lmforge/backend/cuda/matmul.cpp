@@ -433,9 +433,22 @@ void linear_backward(float* dinp, float* dweight, float* dbias, const float* dou
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
+namespace {
+// An LM head's vocabulary need not be a multiple of the GEMM tiles (GPT-2's 50257 is odd): its
+// GEMMs run as an aligned part of the first OC / 64 * 64 rows of the weight and a narrow tail of
+// the rest (nanoGPT and llm.c pad the vocabulary to 50304 for the same reason; here the model's
+// shapes stay as they are). Small OC: one GEMM.
+int64_t aligned_rows(int64_t OC) { return OC >= 4096 ? OC / 64 * 64 : OC; }
+}  // namespace
+
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC, int64_t ldc) {
-  gemm_bf16(false, true, N, OC, C, inp, C, weight, C, bias, false, out, ldc > 0 ? ldc : OC);
+  if (ldc <= 0) ldc = OC;
+  const int64_t n1 = aligned_rows(OC);
+  gemm_bf16(false, true, N, n1, C, inp, C, weight, C, bias, false, out, ldc);
+  if (n1 < OC)
+    gemm_bf16(false, true, N, OC - n1, C, inp, C, weight + n1 * C, C, bias ? bias + n1 : nullptr,
+              false, out + n1, ldc);
 }
 
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
@@ -516,8 +529,18 @@ void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const fl
 void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
                                int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
                                int64_t C, int64_t OC) {
-  if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, true, dinp, C);
-  if (dweight) gemm_bf16(true, false, OC, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
+  // dinp: the sum over OC as the aligned part plus the tail; dweight: its rows likewise.
+  const int64_t n1 = aligned_rows(OC), n2 = OC - n1;
+  if (dinp) {
+    gemm_bf16(false, false, N, C, n1, dout, ld, weight, C, nullptr, true, dinp, C);
+    if (n2)
+      gemm_bf16(false, false, N, C, n2, dout + n1, ld, weight + n1 * C, C, nullptr, true, dinp, C);
+  }
+  if (dweight) {
+    gemm_bf16(true, false, n1, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
+    if (n2)
+      gemm_bf16(true, false, n2, C, N, dout + n1, ld, inp, C, nullptr, true, dweight + n1 * C, C);
+  }
   if (dbias) bias_grad(dbias, dout, N, OC, ld);
 }
 
