@@ -5,12 +5,13 @@
 # PyTorch bf16 autocast eager and + torch.compile (SDPA, fused AdamW), same model, batch and
 # random tokens. Prints tok/s, MFU (against the datasheet peak and the measured
 # matmul rate) and peak GPU memory per row, lmforge bf16's op-level profile after its row.
-#   bench/train_gpu.sh [--model gpt2] [--batch 16] [--seq 1024] [--steps 10]
+#   bench/train_gpu.sh [--model gpt2] [--batch 16] [--seq 1024] [--steps 10] [--rows all|bars]
+# --rows bars: only the bars' rows (lmforge bf16, PyTorch bf16 + torch.compile), for a short lease.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-model=gpt2 batch=16 seq=1024 steps=10
+model=gpt2 batch=16 seq=1024 steps=10 rows=all
 source "$root/bench/options.sh"
-parse_options "model batch seq steps" "$@"
+parse_options "model batch seq steps rows" "$@"
 bin=${LMFORGE_BIN:-$root/build-gpu/lmforge}
 python=${PYTHON:-python3}
 args=(--model "$model" --batch "$batch" --seq "$seq" --steps "$steps")
@@ -59,9 +60,12 @@ row "lmforge bf16" "$bin" bench train "${args[@]}" --precision bf16 --device cud
 echo "lmforge bf16, op by op (bench train --profile-steps 3):"
 sed -n '/^profile of/,/^activations/p' "$log/lmforge bf16" | sed '$d'
 echo
-row "torch bf16" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 --device cuda
+[[ $rows == bars ]] ||
+  row "torch bf16" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
+    --device cuda
 row "torch bf16+compile" "$python" "$root/bench/torch_train_peer.py" "${args[@]}" --precision bf16 \
   --device cuda --compile
+[[ $rows == bars ]] && exit 0
 row "lmforge bf16, CUDA graphs" "$bin" bench train "${args[@]}" --precision bf16 --device cuda \
   --cuda-graphs
 row "lmforge bf16, bf16 masters" "$bin" bench train "${args[@]}" --precision bf16 \
