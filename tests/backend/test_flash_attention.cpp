@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/rng.h"
 #include "testing/compare.h"
@@ -137,7 +138,74 @@ void check(DType dtype, int64_t window) {
   close("dqkv x2", dqkv[1], twice);  // backward accumulates
 }
 
+// bf16 activations on a CPU with AVX512-BF16 or AMX: the tile products in bf16 (P and dS rounded
+// to bf16 before theirs, as FlashAttention on GPUs), against the double reference on the same
+// (bf16) qkv: normalised error 1e-2 for out and 2e-2 for dqkv (measured 3e-3 and 7e-3: P's and
+// dS's rounding, 2^-9 relative per entry),
+// 1e-5 for lse (the scores come from exact bf16 products summed in fp32). dout fp32 (dqkv +=,
+// accumulating) or bf16 (dqkv written); bit-identical with 1 and 2 threads.
+void check_bf16(int64_t window, bool bf16_dout) {
+  if (!cpu::gemm_bf16_tile_available())
+    GTEST_SKIP() << "no oneDNN bf16 matmuls on this CPU (AVX512-BF16 / AMX): the fp32 kernels run "
+                    "on widened copies (Bf16.OpsOnBf16MatmulOutputsRoundTheFp32PathOnce)";
+  const std::string tag = "bf16 window " + std::to_string(window) + (bf16_dout ? " bf16 dout" : "");
+  Rng rng(7 + window);
+  Tensor q32 = randn({kB, kT, kCq}, DType::kF32, rng, 2.0);
+  Tensor qkv = Tensor::empty({kB, kT, kCq}, DType::kBF16);
+  ops::to_bf16(qkv, q32);
+  ops::from_bf16(q32, qkv);  // the reference reads the bf16 values
+  Tensor g32 = randn({kB, kT, kCo}, DType::kF32, rng, 1.0);
+  Tensor g16 = Tensor::empty({kB, kT, kCo}, DType::kBF16);
+  ops::to_bf16(g16, g32);
+  if (bf16_dout) ops::from_bf16(g32, g16);
+  Naive want = naive_attention(q32, g32, window);
+
+  const int threads = omp_get_max_threads();
+  Tensor out[2], lse[2], dqkv[2];
+  for (int run = 0; run < 2; ++run) {
+    omp_set_num_threads(run == 0 ? 1 : std::max(threads, 2));
+    out[run] = Tensor::empty({kB, kT, kCo}, DType::kBF16);
+    lse[run] = Tensor::empty({kB, kNH, kT}, DType::kF32);
+    lse[run].fill_(NAN);
+    ops::attention_forward(out[run], lse[run], qkv, kNH, kNKV, window, true);
+    if (bf16_dout) {
+      dqkv[run] = Tensor::empty({kB, kT, kCq}, DType::kBF16);
+      std::memset(dqkv[run].raw(), 0x7f, dqkv[run].nbytes());  // written, not added to
+      ops::attention_backward(dqkv[run], g16, qkv, out[run], lse[run], kNH, kNKV, window, true);
+    } else {
+      dqkv[run] = Tensor::zeros({kB, kT, kCq}, DType::kF32);
+      ops::attention_backward(dqkv[run], g32, qkv, out[run], lse[run], kNH, kNKV, window, true);
+    }
+  }
+  omp_set_num_threads(threads);
+  auto close = [&](const std::string& what, const Tensor& got, const Tensor& ref, double tol) {
+    Tensor g = got;
+    if (got.dtype() == DType::kBF16) {
+      g = Tensor::empty(got.shape(), DType::kF32);
+      ops::from_bf16(g, got);
+    }
+    testing::Diff d;
+    EXPECT_TRUE(testing::tensors_close(tag + " " + what, g, ref, tol, &d));
+    std::printf("  %-28s %-8s err %.2e  max abs %.2e  max rel %.2e\n", tag.c_str(), what.c_str(),
+                d.err, d.max_abs, d.max_rel);
+  };
+  close("out", out[1], want.out, 1e-2);
+  close("lse", lse[1], want.lse, 1e-5);
+  close("dqkv", dqkv[1], want.dqkv, 2e-2);
+  EXPECT_TRUE(bit_equal(out[0], out[1])) << tag << ": out depends on the thread count";
+  EXPECT_TRUE(bit_equal(dqkv[0], dqkv[1])) << tag << ": dqkv depends on the thread count";
+  if (!bf16_dout) {
+    ops::attention_backward(dqkv[1], g32, qkv, out[1], lse[1], kNH, kNKV, window, true);
+    Tensor twice = want.dqkv.clone();
+    ops::scale(twice, 2.0);
+    close("dqkv x2", dqkv[1], twice, 2e-2);  // backward accumulates
+  }
+}
+
 TEST(FlashAttention, MatchesNaiveFp32) { check(DType::kF32, 0); }
+TEST(FlashAttention, Bf16TilesMatchNaive) { check_bf16(0, false); }
+TEST(FlashAttention, Bf16TilesMatchNaiveWindow37) { check_bf16(37, false); }
+TEST(FlashAttention, Bf16TilesWithBf16GradientsMatchNaive) { check_bf16(0, true); }
 TEST(FlashAttention, MatchesNaiveFp32Window37) { check(DType::kF32, 37); }
 TEST(FlashAttention, MatchesNaiveFp64) { check(DType::kF64, 0); }
 TEST(FlashAttention, MatchesNaiveFp64Window37) { check(DType::kF64, 37); }

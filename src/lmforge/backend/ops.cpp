@@ -511,6 +511,11 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
                                       NKV, HS))
       return;
 #endif
+    if (qkv.device() == Device::kCPU && cpu::bf16_attention_tiles(HS)) {
+      cpu::attention_forward_bf16(out.bf16_data(), ptr<float>(lse), qkv.bf16_data(), B, T_, NH, NKV,
+                                  HS, window, ds);
+      return;
+    }
     // The fp32 kernel on the widened qkv, its output rounded.
     const Tensor o = f32_scratch(out, 1);
     attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false, doc_start);
@@ -562,6 +567,21 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
                                               HS)))
       return;
 #endif
+    if (qkv.device() == Device::kCPU && cpu::bf16_attention_tiles(HS)) {
+      // Into a zeroed fp32 dqkv, rounded, for a bf16 one.
+      const Tensor dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
+      if (g16) dq.zero_();
+      if (g16)
+        cpu::attention_backward_bf16(
+            dq.data<float>(), static_cast<const uint16_t*>(dout.bf16_data()), qkv.bf16_data(),
+            out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window, ds);
+      else
+        cpu::attention_backward_bf16(dq.data<float>(), cptr<float>(dout), qkv.bf16_data(),
+                                     out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window,
+                                     ds);
+      if (g16) to_bf16(dqkv, dq);
+      return;
+    }
     // The fp32 kernel on widened copies (into a zeroed fp32 dqkv, rounded, for a bf16 one).
     const Tensor g = g16 ? widened(dout, 2) : dout, dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
     if (g16) dq.zero_();

@@ -25,12 +25,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
+#include "lmforge/core/dtype.h"
+#include "lmforge/core/error.h"
 
 namespace lmforge::cpu {
 
@@ -260,6 +264,198 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
         }
     }
 }
+
+// ---- bf16 operands (bf16 activations on a CPU with AVX512-BF16 or AMX) --------------------------
+//
+// The same tiles, online softmax and task split as above, with the tile products as bf16 GEMMs
+// with fp32 accumulation (gemm_bf16_tile: oneDNN's AMX / AVX512-BF16 kernels run by the calling
+// thread; measured on a 2-core Sapphire Rapids at 64 x 128 x 64 tiles: 300-550 GFLOP/s against
+// 90-165 for fp32 sgemm tiles). Q, K, V and dO are read as bf16 where they lie; S, the softmax,
+// O's accumulator, D and dP are fp32; P and dS are rounded to bf16 for their products (as
+// FlashAttention does on GPUs). The scale is applied to S before the softmax and folded into dS.
+
+namespace {
+
+// row[j] *= scale for j in [0, n); returns the largest of them (the bf16 kernels' scores).
+float scale_max(float* row, int64_t n, float scale) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] *= scale;
+    mx = std::max(mx, row[j]);
+  }
+  return mx;
+}
+
+LMF_AVX512 float scale_max_avx512(float* row, int64_t n, float scale) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), vs);
+    _mm512_mask_storeu_ps(row + j, k, x);
+    mx = _mm512_mask_max_ps(mx, k, mx, x);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+inline float scale_max_row(float* row, int64_t n, float scale) {
+  return has_avx512() ? scale_max_avx512(row, n, scale) : scale_max(row, n, scale);
+}
+
+std::atomic<bool> g_bf16_tiles{true};
+
+template <typename T, size_t N>
+struct alignas(64) Tile {
+  T v[N];
+};
+
+}  // namespace
+
+bool bf16_attention_tiles(int64_t HS) {
+  return g_bf16_tiles.load(std::memory_order_relaxed) && HS <= kMaxBf16HeadSize &&
+         gemm_bf16_tile_available();
+}
+void set_bf16_attention_tiles(bool on) { g_bf16_tiles.store(on); }
+
+void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T_,
+                            int64_t NH, int64_t NKV, int64_t HS, int64_t window,
+                            const int32_t* doc_start) {
+  LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_forward_bf16: head size {} above {}", HS,
+            kMaxBf16HeadSize);
+  const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
+  const int64_t nqb = (T_ + kBq - 1) / kBq;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+#pragma omp parallel for collapse(3) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        Tile<float, kBq * kBk> s;                 // S, then P, of one tile
+        Tile<uint16_t, kBq * kBk> p16;            // bf16(P)
+        Tile<float, kBq * kMaxBf16HeadSize> acc;  // O's accumulator (nq, HS)
+        float m[kBq], l[kBq];
+        const int64_t i0 = qb * kBq, nq = std::min(kBq, T_ - i0);
+        const uint16_t* q = qkv + (b * T_ + i0) * Cq + h * HS;
+        const uint16_t* k = qkv + b * T_ * Cq + (NH + h / group) * HS;
+        const uint16_t* v = qkv + b * T_ * Cq + (NH + NKV + h / group) * HS;
+        float* o = acc.v;
+        const int32_t* ds = doc_start ? doc_start + b * T_ : nullptr;
+        std::fill(o, o + nq * HS, 0.0f);
+        std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+        std::fill(l, l + nq, 0.0f);
+        for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
+          const int64_t nk = std::min(kBk, i0 + nq - j0);
+          gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, s.v, kBk);
+          for_visible_rows(s.v, i0, j0, nq, nk, window, ds,
+                           [&](int64_t r, float* row, int64_t a, int64_t e) {
+                             const float mx = std::max(m[r], scale_max_row(row + a, e - a, scale));
+                             if (mx > m[r]) {
+                               const float corr = std::exp(m[r] - mx);
+                               l[r] *= corr;
+                               for (int64_t d = 0; d < HS; ++d) o[r * HS + d] *= corr;
+                               m[r] = mx;
+                             }
+                             l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
+                           });
+          for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kBk, s.v + r * kBk, nk);
+          gemm_bf16_tile(false, false, nq, HS, nk, p16.v, kBk, v + j0 * Cq, Cq, true, o, HS);
+        }
+        float* lr = lse + (b * NH + h) * T_ + i0;
+        uint16_t* orow = out + (b * T_ + i0) * Co + h * HS;
+        for (int64_t r = 0; r < nq; ++r) {
+          const float inv = 1.0f / l[r];
+          for (int64_t d = 0; d < HS; ++d) o[r * HS + d] *= inv;
+          to_bf16_serial(orow + r * Co, o + r * HS, HS);
+          lr[r] = m[r] + std::log(l[r]);
+        }
+      }
+}
+
+namespace {
+inline float as_float(float x) { return x; }
+inline float as_float(uint16_t x) { return bf16_to_fp32(x); }
+}  // namespace
+
+template <typename DO>
+void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, const uint16_t* out,
+                             const float* lse, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
+                             int64_t HS, int64_t window, const int32_t* doc_start) {
+  LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_backward_bf16: head size {} above {}", HS,
+            kMaxBf16HeadSize);
+  const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
+  const int64_t nqb = (T_ + kBq - 1) / kBq;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t kvh = 0; kvh < NKV; ++kvh) {
+      Tile<float, kBq * kBk> p, dp;                  // P; dP
+      Tile<uint16_t, kBq * kBk> p16, ds16;           // bf16(P); bf16(scale dS)
+      Tile<uint16_t, kBq * kMaxBf16HeadSize> dO16s;  // dO of the query block, when fp32
+      float D[kBq];
+      const uint16_t* base = qkv + b * T_ * Cq;
+      float* dbase = dqkv + b * T_ * Cq;
+      const uint16_t* k = base + (NH + kvh) * HS;
+      const uint16_t* v = base + (NH + NKV + kvh) * HS;
+      float* dk = dbase + (NH + kvh) * HS;
+      float* dv = dbase + (NH + NKV + kvh) * HS;
+      const int32_t* ds = doc_start ? doc_start + b * T_ : nullptr;
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * kBq, nq = std::min(kBq, T_ - i0);
+          const uint16_t* q = base + i0 * Cq + h * HS;
+          float* dq = dbase + i0 * Cq + h * HS;
+          const DO* dO = dout + (b * T_ + i0) * Co + h * HS;
+          const uint16_t* O = out + (b * T_ + i0) * Co + h * HS;
+          const float* lr = lse + (b * NH + h) * T_ + i0;
+          // dO as a bf16 operand: where it lies, or rounded into the block's buffer.
+          const uint16_t* g16;
+          int64_t ldg;
+          if constexpr (std::is_same_v<DO, uint16_t>) {
+            g16 = dO;
+            ldg = Co;
+          } else {
+            for (int64_t r = 0; r < nq; ++r) to_bf16_serial(dO16s.v + r * HS, dO + r * Co, HS);
+            g16 = dO16s.v;
+            ldg = HS;
+          }
+          for (int64_t r = 0; r < nq; ++r) {
+            double dot = 0;
+            for (int64_t d = 0; d < HS; ++d)
+              dot += static_cast<double>(as_float(dO[r * Co + d])) * bf16_to_fp32(O[r * Co + d]);
+            D[r] = static_cast<float>(dot);
+          }
+          for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
+            const int64_t nk = std::min(kBk, i0 + nq - j0);
+            // P = exp(scale Q K^T - lse), zero where masked.
+            gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, p.v, kBk);
+            for_visible_rows(p.v, i0, j0, nq, nk, window, ds,
+                             [&](int64_t r, float* row, int64_t a, int64_t e) {
+                               scale_max_row(row + a, e - a, scale);
+                               exp_sub_sum(row + a, row + a, e - a, lr[r]);
+                             });
+            for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kBk, p.v + r * kBk, nk);
+            // dV += P^T dO; dP = dO V^T
+            gemm_bf16_tile(true, false, nk, HS, nq, p16.v, kBk, g16, ldg, true, dv + j0 * Cq, Cq);
+            gemm_bf16_tile(false, true, nq, nk, HS, g16, ldg, v + j0 * Cq, Cq, false, dp.v, kBk);
+            // scale dS = scale P (dP - D); masked entries have P = 0 and so dS = 0.
+            for (int64_t r = 0; r < nq; ++r) {
+              for (int64_t j = 0; j < nk; ++j)
+                dp.v[r * kBk + j] = scale * p.v[r * kBk + j] * (dp.v[r * kBk + j] - D[r]);
+              to_bf16_serial(ds16.v + r * kBk, dp.v + r * kBk, nk);
+            }
+            // dQ += (scale dS) K; dK += (scale dS)^T Q
+            gemm_bf16_tile(false, false, nq, HS, nk, ds16.v, kBk, k + j0 * Cq, Cq, true, dq, Cq);
+            gemm_bf16_tile(true, false, nk, HS, nq, ds16.v, kBk, q, Cq, true, dk + j0 * Cq, Cq);
+          }
+        }
+    }
+}
+
+template void attention_backward_bf16<float>(float*, const float*, const uint16_t*, const uint16_t*,
+                                             const float*, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t, int64_t, const int32_t*);
+template void attention_backward_bf16<uint16_t>(float*, const uint16_t*, const uint16_t*,
+                                                const uint16_t*, const float*, int64_t, int64_t,
+                                                int64_t, int64_t, int64_t, int64_t, const int32_t*);
 
 void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
                       const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,

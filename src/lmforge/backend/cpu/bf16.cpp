@@ -8,6 +8,7 @@
 // during the first step and is then reused.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -182,7 +183,98 @@ uint16_t* scratch(int slot, int64_t n) {
   return bufs[slot].data();
 }
 
+// Small bf16 products for kernels that tile their work over OpenMP threads (attention): each
+// thread owns its primitives, stream, memory objects and scratchpad, so calls from inside a
+// parallel region need no lock, and oneDNN runs each one on the calling thread (its OpenMP
+// regions nest inactive). A few shapes per kernel: the per-thread caches stay small.
+class TileGemm {
+ public:
+  static bool available() {
+    static const bool ok = [] {
+      if (!cpu_features().avx512_bf16) return false;  // emulated or absent: the fp32 kernels
+      try {
+        dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+        using dt = dnnl::memory::data_type;
+        dnnl::memory::desc a({64, 64}, dt::bf16, {64, 1}), c({64, 64}, dt::f32, {64, 1});
+        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, a, c), eng);
+        return true;
+      } catch (const dnnl::error&) {
+        return false;
+      }
+    }();
+    return ok;
+  }
+
+  static void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, float* C) {
+    thread_local TileGemm t;
+    t.exec(k, A, B, C);
+  }
+
+ private:
+  struct Plan {
+    dnnl::matmul prim;
+    dnnl::memory a, b, c, scratch;
+  };
+  TileGemm() : eng_(dnnl::engine::kind::cpu, 0), stream_(eng_) {}
+
+  void exec(const GemmKey& k, const uint16_t* A, const uint16_t* B, float* C) {
+    auto it = cache_.find(k);
+    if (it == cache_.end()) it = cache_.emplace(k, make(k)).first;
+    Plan& p = it->second;
+    p.a.set_data_handle(const_cast<uint16_t*>(A));
+    p.b.set_data_handle(const_cast<uint16_t*>(B));
+    p.c.set_data_handle(C);
+    p.scratch.set_data_handle(scratchpad_.data());
+    p.prim.execute(stream_, {{DNNL_ARG_SRC, p.a},
+                             {DNNL_ARG_WEIGHTS, p.b},
+                             {DNNL_ARG_DST, p.c},
+                             {DNNL_ARG_SCRATCHPAD, p.scratch}});
+  }
+
+  Plan make(const GemmKey& k) {
+    using dt = dnnl::memory::data_type;
+    const dnnl::memory::desc a({k.M, k.K}, dt::bf16,
+                               k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
+    const dnnl::memory::desc b({k.K, k.N}, dt::bf16,
+                               k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
+    const dnnl::memory::desc c({k.M, k.N}, dt::f32, dnnl::memory::dims{k.ldc, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (k.acc) {
+      dnnl::post_ops po;
+      po.append_sum(1.0f);
+      attr.set_post_ops(po);
+    }
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, eng_);
+    const dnnl::memory::desc sd = pd.scratchpad_desc();
+    // Grown before any memory object points into it (a plan made later may need more: the
+    // handles are set on every call).
+    if (scratchpad_.size() < sd.get_size() + 64) scratchpad_.resize(sd.get_size() + 64);
+    return Plan{dnnl::matmul(pd), dnnl::memory(a, eng_, nullptr), dnnl::memory(b, eng_, nullptr),
+                dnnl::memory(c, eng_, nullptr), dnnl::memory(sd, eng_, nullptr)};
+  }
+
+  dnnl::engine eng_;
+  dnnl::stream stream_;
+  std::unordered_map<GemmKey, Plan, GemmKeyHash> cache_;
+  std::vector<char> scratchpad_;
+};
+
 }  // namespace
+
+bool gemm_bf16_tile_available() { return TileGemm::available(); }
+
+void gemm_bf16_tile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                    int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                    int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  TileGemm::run({ta, tb, accumulate, false, false, M, N, K, lda, ldb, ldc}, A, B, C);
+}
 
 void set_bf16_gemm_widened(bool on) { Bf16Gemm::get().force_widen_ = on; }
 
@@ -197,6 +289,14 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n) {
     else
       to_bf16_portable(dst + c, src + c, len);
   }
+}
+
+void to_bf16_serial(uint16_t* dst, const float* src, int64_t n) {
+  static const bool fast = cpu_features().avx512_bf16;
+  if (fast)
+    to_bf16_avx512(dst, src, n);
+  else
+    to_bf16_portable(dst, src, n);
 }
 
 void from_bf16(float* dst, const uint16_t* src, int64_t n) {

@@ -52,6 +52,8 @@ void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld = -1);
 
 // bf16 mixed precision (cpu/bf16.cpp). dst = bf16(src), round to nearest even.
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
+// The same without an OpenMP region, for short rows inside a parallel one.
+void to_bf16_serial(uint16_t* dst, const float* src, int64_t n);
 // fp32 = bf16, exact.
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
 // Tests: gemm_bf16 takes the path of CPUs without oneDNN bf16 matmuls (operands widened to fp32,
@@ -62,6 +64,13 @@ void set_bf16_gemm_widened(bool on);
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, bool accumulate,
                float* C, int64_t ldc);
+// The same for small products computed by each OpenMP thread of a tiled kernel (attention),
+// called from inside its parallel region: single-threaded, no lock, per-thread oneDNN primitives.
+// Only where oneDNN has real bf16 matmuls (AVX512-BF16 or AMX): gemm_bf16_tile_available().
+bool gemm_bf16_tile_available();
+void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                    int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                    int64_t ldc);
 // The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
 // to bf16 on the way into the matmul; out, dinp, dweight, dbias stay fp32 (+= as above; dweight
 // written instead when !dweight_accumulate, here and in linear_backward: the step's first
@@ -157,6 +166,22 @@ template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window,
                         const int32_t* doc_start = nullptr);
+// The same on bf16 qkv and out (bf16 activations) with bf16 tile products (gemm_bf16_tile: only
+// where gemm_bf16_tile_available()), head size at most kMaxBf16HeadSize. backward adds into an
+// fp32 dqkv; dout is fp32 or bf16.
+constexpr int64_t kMaxBf16HeadSize = 256;
+// Whether ops take these kernels for bf16 attention on the CPU: the tile products available, the
+// head size within kMaxBf16HeadSize, and not switched off (tests: set_bf16_attention_tiles(false)
+// sends bf16 attention to the fp32 kernels on widened copies, as on CPUs without the products).
+bool bf16_attention_tiles(int64_t HS);
+void set_bf16_attention_tiles(bool on);
+void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T_,
+                            int64_t NH, int64_t NKV, int64_t HS, int64_t window,
+                            const int32_t* doc_start = nullptr);
+template <typename DO>
+void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, const uint16_t* out,
+                             const float* lse, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
+                             int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is
 // (n, NH*HS).
