@@ -58,8 +58,8 @@ inline int64_t first_key(int64_t t, int64_t window, int64_t lo = 0) {
 inline int64_t doc_lo(const int32_t* ds, int64_t t) { return ds ? ds[t] : 0; }
 
 // The first key block (a multiple of kBk) that query rows from t0 on may see.
-inline int64_t first_key_block(int64_t t0, int64_t window, const int32_t* ds) {
-  return first_key(t0, window, doc_lo(ds, t0)) / kBk * kBk;
+inline int64_t first_key_block(int64_t t0, int64_t window, const int32_t* ds, int64_t bk = kBk) {
+  return first_key(t0, window, doc_lo(ds, t0)) / bk * bk;
 }
 
 // The columns [a, e) of key tile j0 (nk wide) that query t sees; empty when a >= e.
@@ -142,9 +142,9 @@ float exp_sub_sum<float>(float* p, const float* s, int64_t n, float m) {
 // ds: the row's document starts (nullptr: one document).
 template <typename T, typename F>
 void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int64_t window,
-                      const int32_t* ds, F&& f) {
+                      const int32_t* ds, F&& f, int64_t ld = kBk) {
   for (int64_t r = 0; r < nq; ++r) {
-    T* row = s + r * kBk;
+    T* row = s + r * ld;
     int64_t a, e;
     visible(i0 + r, j0, nk, window, doc_lo(ds, i0 + r), a, e);
     if (a >= e) {
@@ -304,6 +304,10 @@ inline float scale_max_row(float* row, int64_t n, float scale) {
 
 std::atomic<bool> g_bf16_tiles{true};
 
+// The bf16 kernels' tiles: larger than the fp32 ones (each product is a oneDNN call of a few
+// microseconds' overhead).
+constexpr int64_t kQ16 = 64, kK16 = 128;
+
 template <typename T, size_t N>
 struct alignas(64) Tile {
   T v[N];
@@ -323,17 +327,17 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
   LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_forward_bf16: head size {} above {}", HS,
             kMaxBf16HeadSize);
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
-  const int64_t nqb = (T_ + kBq - 1) / kBq;
+  const int64_t nqb = (T_ + kQ16 - 1) / kQ16;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
 #pragma omp parallel for collapse(3) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h)
       for (int64_t qb = 0; qb < nqb; ++qb) {
-        Tile<float, kBq * kBk> s;                 // S, then P, of one tile
-        Tile<uint16_t, kBq * kBk> p16;            // bf16(P)
-        Tile<float, kBq * kMaxBf16HeadSize> acc;  // O's accumulator (nq, HS)
-        float m[kBq], l[kBq];
-        const int64_t i0 = qb * kBq, nq = std::min(kBq, T_ - i0);
+        Tile<float, kQ16 * kK16> s;                // S, then P, of one tile
+        Tile<uint16_t, kQ16 * kK16> p16;           // bf16(P)
+        Tile<float, kQ16 * kMaxBf16HeadSize> acc;  // O's accumulator (nq, HS)
+        float m[kQ16], l[kQ16];
+        const int64_t i0 = qb * kQ16, nq = std::min(kQ16, T_ - i0);
         const uint16_t* q = qkv + (b * T_ + i0) * Cq + h * HS;
         const uint16_t* k = qkv + b * T_ * Cq + (NH + h / group) * HS;
         const uint16_t* v = qkv + b * T_ * Cq + (NH + NKV + h / group) * HS;
@@ -342,9 +346,9 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
         std::fill(o, o + nq * HS, 0.0f);
         std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
         std::fill(l, l + nq, 0.0f);
-        for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
-          const int64_t nk = std::min(kBk, i0 + nq - j0);
-          gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, s.v, kBk);
+        for (int64_t j0 = first_key_block(i0, window, ds, kK16); j0 < i0 + nq; j0 += kK16) {
+          const int64_t nk = std::min(kK16, i0 + nq - j0);
+          gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, s.v, kK16);
           for_visible_rows(s.v, i0, j0, nq, nk, window, ds,
                            [&](int64_t r, float* row, int64_t a, int64_t e) {
                              const float mx = std::max(m[r], scale_max_row(row + a, e - a, scale));
@@ -356,8 +360,8 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
                              }
                              l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
                            });
-          for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kBk, s.v + r * kBk, nk);
-          gemm_bf16_tile(false, false, nq, HS, nk, p16.v, kBk, v + j0 * Cq, Cq, true, o, HS);
+          for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kK16, s.v + r * kK16, nk);
+          gemm_bf16_tile(false, false, nq, HS, nk, p16.v, kK16, v + j0 * Cq, Cq, true, o, HS);
         }
         float* lr = lse + (b * NH + h) * T_ + i0;
         uint16_t* orow = out + (b * T_ + i0) * Co + h * HS;
@@ -382,15 +386,15 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
   LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_backward_bf16: head size {} above {}", HS,
             kMaxBf16HeadSize);
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
-  const int64_t nqb = (T_ + kBq - 1) / kBq;
+  const int64_t nqb = (T_ + kQ16 - 1) / kQ16;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kvh = 0; kvh < NKV; ++kvh) {
-      Tile<float, kBq * kBk> p, dp;                  // P; dP
-      Tile<uint16_t, kBq * kBk> p16, ds16;           // bf16(P); bf16(scale dS)
-      Tile<uint16_t, kBq * kMaxBf16HeadSize> dO16s;  // dO of the query block, when fp32
-      float D[kBq];
+      Tile<float, kQ16 * kK16> p, dp;                 // P; dP
+      Tile<uint16_t, kQ16 * kK16> p16, ds16;          // bf16(P); bf16(scale dS)
+      Tile<uint16_t, kQ16 * kMaxBf16HeadSize> dO16s;  // dO of the query block, when fp32
+      float D[kQ16];
       const uint16_t* base = qkv + b * T_ * Cq;
       float* dbase = dqkv + b * T_ * Cq;
       const uint16_t* k = base + (NH + kvh) * HS;
@@ -400,7 +404,7 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
       const int32_t* ds = doc_start ? doc_start + b * T_ : nullptr;
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
         for (int64_t qb = 0; qb < nqb; ++qb) {
-          const int64_t i0 = qb * kBq, nq = std::min(kBq, T_ - i0);
+          const int64_t i0 = qb * kQ16, nq = std::min(kQ16, T_ - i0);
           const uint16_t* q = base + i0 * Cq + h * HS;
           float* dq = dbase + i0 * Cq + h * HS;
           const DO* dO = dout + (b * T_ + i0) * Co + h * HS;
@@ -423,28 +427,30 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
               dot += static_cast<double>(as_float(dO[r * Co + d])) * bf16_to_fp32(O[r * Co + d]);
             D[r] = static_cast<float>(dot);
           }
-          for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
-            const int64_t nk = std::min(kBk, i0 + nq - j0);
+          for (int64_t j0 = first_key_block(i0, window, ds, kK16); j0 < i0 + nq; j0 += kK16) {
+            const int64_t nk = std::min(kK16, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
-            gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, p.v, kBk);
-            for_visible_rows(p.v, i0, j0, nq, nk, window, ds,
-                             [&](int64_t r, float* row, int64_t a, int64_t e) {
-                               scale_max_row(row + a, e - a, scale);
-                               exp_sub_sum(row + a, row + a, e - a, lr[r]);
-                             });
-            for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kBk, p.v + r * kBk, nk);
+            gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, p.v, kK16);
+            for_visible_rows(
+                p.v, i0, j0, nq, nk, window, ds,
+                [&](int64_t r, float* row, int64_t a, int64_t e) {
+                  scale_max_row(row + a, e - a, scale);
+                  exp_sub_sum(row + a, row + a, e - a, lr[r]);
+                },
+                kK16);
+            for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kK16, p.v + r * kK16, nk);
             // dV += P^T dO; dP = dO V^T
-            gemm_bf16_tile(true, false, nk, HS, nq, p16.v, kBk, g16, ldg, true, dv + j0 * Cq, Cq);
-            gemm_bf16_tile(false, true, nq, nk, HS, g16, ldg, v + j0 * Cq, Cq, false, dp.v, kBk);
+            gemm_bf16_tile(true, false, nk, HS, nq, p16.v, kK16, g16, ldg, true, dv + j0 * Cq, Cq);
+            gemm_bf16_tile(false, true, nq, nk, HS, g16, ldg, v + j0 * Cq, Cq, false, dp.v, kK16);
             // scale dS = scale P (dP - D); masked entries have P = 0 and so dS = 0.
             for (int64_t r = 0; r < nq; ++r) {
               for (int64_t j = 0; j < nk; ++j)
-                dp.v[r * kBk + j] = scale * p.v[r * kBk + j] * (dp.v[r * kBk + j] - D[r]);
-              to_bf16_serial(ds16.v + r * kBk, dp.v + r * kBk, nk);
+                dp.v[r * kK16 + j] = scale * p.v[r * kK16 + j] * (dp.v[r * kK16 + j] - D[r]);
+              to_bf16_serial(ds16.v + r * kK16, dp.v + r * kK16, nk);
             }
             // dQ += (scale dS) K; dK += (scale dS)^T Q
-            gemm_bf16_tile(false, false, nq, HS, nk, ds16.v, kBk, k + j0 * Cq, Cq, true, dq, Cq);
-            gemm_bf16_tile(true, false, nk, HS, nq, ds16.v, kBk, q, Cq, true, dk + j0 * Cq, Cq);
+            gemm_bf16_tile(false, false, nq, HS, nk, ds16.v, kK16, k + j0 * Cq, Cq, true, dq, Cq);
+            gemm_bf16_tile(true, false, nk, HS, nq, ds16.v, kK16, q, Cq, true, dk + j0 * Cq, Cq);
           }
         }
     }
