@@ -62,6 +62,30 @@ struct GemmPlan {
   bool widen = false;  // no oneDNN bf16 matmul here: widened operands through sgemm
 };
 
+// The descriptors of a row-major product op(A) op(B) (a transposed operand is the same memory read
+// with swapped strides, which oneDNN's brgemm handles without a copy) and its attribute: our own
+// scratchpad, and the sum post-op when it accumulates into C.
+struct GemmDescs {
+  dnnl::memory::desc a, b, c;
+  dnnl::primitive_attr attr;
+};
+GemmDescs describe(const GemmKey& k) {
+  using dt = dnnl::memory::data_type;
+  GemmDescs g;
+  g.a = dnnl::memory::desc({k.M, k.K}, dt::bf16,
+                           k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
+  g.b = dnnl::memory::desc({k.K, k.N}, dt::bf16,
+                           k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
+  g.c = dnnl::memory::desc({k.M, k.N}, k.c16 ? dt::bf16 : dt::f32, dnnl::memory::dims{k.ldc, 1});
+  g.attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (k.acc) {
+    dnnl::post_ops po;
+    po.append_sum(1.0f);
+    g.attr.set_post_ops(po);
+  }
+  return g;
+}
+
 // dst (rows, cols; contiguous) = src (rows, cols; rows ld apart), bf16 widened to fp32.
 void widen_rows(float* dst, const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
@@ -128,21 +152,12 @@ class Bf16Gemm {
     if (it != cache_.end()) return it->second;
     using dt = dnnl::memory::data_type;
     GemmPlan p;
-    // Row-major with leading dimensions; a transposed operand is the same memory read with
-    // swapped strides, which oneDNN's brgemm handles without a copy.
-    p.a = dnnl::memory::desc({k.M, k.K}, dt::bf16,
-                             k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
-    p.b = dnnl::memory::desc({k.K, k.N}, dt::bf16,
-                             k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
-    p.c = dnnl::memory::desc({k.M, k.N}, k.c16 ? dt::bf16 : dt::f32, dnnl::memory::dims{k.ldc, 1});
+    GemmDescs g = describe(k);
+    p.a = g.a;
+    p.b = g.b;
+    p.c = g.c;
     if (k.bias) p.bias = dnnl::memory::desc({1, k.N}, dt::f32, dnnl::memory::dims{k.N, 1});
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    if (k.acc) {
-      dnnl::post_ops po;
-      po.append_sum(1.0f);
-      attr.set_post_ops(po);
-    }
+    const dnnl::primitive_attr& attr = g.attr;
     try {
       auto d =
           k.bias ? dnnl::matmul::desc(p.a, p.b, p.bias, p.c) : dnnl::matmul::desc(p.a, p.b, p.c);
@@ -232,20 +247,9 @@ class TileGemm {
   }
 
   Plan make(const GemmKey& k) {
-    using dt = dnnl::memory::data_type;
-    const dnnl::memory::desc a({k.M, k.K}, dt::bf16,
-                               k.ta ? dnnl::memory::dims{1, k.lda} : dnnl::memory::dims{k.lda, 1});
-    const dnnl::memory::desc b({k.K, k.N}, dt::bf16,
-                               k.tb ? dnnl::memory::dims{1, k.ldb} : dnnl::memory::dims{k.ldb, 1});
-    const dnnl::memory::desc c({k.M, k.N}, dt::f32, dnnl::memory::dims{k.ldc, 1});
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    if (k.acc) {
-      dnnl::post_ops po;
-      po.append_sum(1.0f);
-      attr.set_post_ops(po);
-    }
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, eng_);
+    const GemmDescs g = describe(k);  // c16 false: an fp32 C
+    const dnnl::memory::desc &a = g.a, &b = g.b, &c = g.c;
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), g.attr, eng_);
     const dnnl::memory::desc sd = pd.scratchpad_desc();
     // Grown before any memory object points into it (a plan made later may need more: the
     // handles are set on every call).
