@@ -136,6 +136,21 @@ float exp_sub_sum<float>(float* p, const float* s, int64_t n, float m) {
   return sum;
 }
 
+inline double widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline double widen(uint16_t x) { return bf16_to_fp32(x); }
+
+// D[r] = rowsum(dO * O) of the nq rows (ld apart, HS wide), accumulated in double; backward's
+// correction of dP. dO and O fp32, double or bf16.
+template <typename T, typename G, typename O>
+void rowsum_products(T* D, const G* dO, const O* out, int64_t nq, int64_t HS, int64_t ld) {
+  for (int64_t r = 0; r < nq; ++r) {
+    double dot = 0;
+    for (int64_t d = 0; d < HS; ++d) dot += widen(dO[r * ld + d]) * widen(out[r * ld + d]);
+    D[r] = static_cast<T>(dot);
+  }
+}
+
 // Over the nq rows of a score tile (row stride kBk) of queries i0.. and keys j0..j0+nk: calls
 // f(r, row, a, e) for each row that sees some of the tile's keys, on its visible columns [a, e),
 // and sets every masked entry to 0 (a row that sees none is all 0 and f is not called).
@@ -236,12 +251,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
           const T* dO = dout + (b * T_ + i0) * Co + h * HS;
           const T* O = out + (b * T_ + i0) * Co + h * HS;
           const T* lr = lse + (b * NH + h) * T_ + i0;
-          for (int64_t r = 0; r < nq; ++r) {
-            double dot = 0;
-            for (int64_t d = 0; d < HS; ++d)
-              dot += static_cast<double>(dO[r * Co + d]) * O[r * Co + d];
-            D[r] = static_cast<T>(dot);
-          }
+          rowsum_products(D, dO, O, nq, HS, Co);
           for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
             const int64_t nk = std::min(kBk, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
@@ -374,11 +384,6 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
       }
 }
 
-namespace {
-inline float as_float(float x) { return x; }
-inline float as_float(uint16_t x) { return bf16_to_fp32(x); }
-}  // namespace
-
 template <typename DO>
 void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, const uint16_t* out,
                              const float* lse, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
@@ -421,12 +426,7 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
             g16 = dO16s.v;
             ldg = HS;
           }
-          for (int64_t r = 0; r < nq; ++r) {
-            double dot = 0;
-            for (int64_t d = 0; d < HS; ++d)
-              dot += static_cast<double>(as_float(dO[r * Co + d])) * bf16_to_fp32(O[r * Co + d]);
-            D[r] = static_cast<float>(dot);
-          }
+          rowsum_products(D, dO, O, nq, HS, Co);
           for (int64_t j0 = first_key_block(i0, window, ds, kK16); j0 < i0 + nq; j0 += kK16) {
             const int64_t nk = std::min(kK16, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
