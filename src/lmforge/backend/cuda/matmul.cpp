@@ -438,17 +438,22 @@ namespace {
 // GEMMs run as an aligned part of the first OC / 64 * 64 rows of the weight and a narrow tail of
 // the rest (nanoGPT and llm.c pad the vocabulary to 50304 for the same reason; here the model's
 // shapes stay as they are). Small OC: one GEMM.
-int64_t aligned_rows(int64_t OC) { return OC >= 4096 ? OC / 64 * 64 : OC; }
+// f(r0, n) for the weight's rows [r0, r0 + n): the aligned part, then the tail if any.
+template <typename F>
+void vocab_parts(int64_t OC, F&& f) {
+  const int64_t n1 = OC >= 4096 ? OC / 64 * 64 : OC;
+  f(0, n1);
+  if (n1 < OC) f(n1, OC - n1);
+}
 }  // namespace
 
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC, int64_t ldc) {
   if (ldc <= 0) ldc = OC;
-  const int64_t n1 = aligned_rows(OC);
-  gemm_bf16(false, true, N, n1, C, inp, C, weight, C, bias, false, out, ldc);
-  if (n1 < OC)
-    gemm_bf16(false, true, N, OC - n1, C, inp, C, weight + n1 * C, C, bias ? bias + n1 : nullptr,
-              false, out + n1, ldc);
+  vocab_parts(OC, [&](int64_t r0, int64_t n) {
+    gemm_bf16(false, true, N, n, C, inp, C, weight + r0 * C, C, bias ? bias + r0 : nullptr, false,
+              out + r0, ldc);
+  });
 }
 
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
@@ -530,17 +535,14 @@ void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const 
                                int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
                                int64_t C, int64_t OC) {
   // dinp: the sum over OC as the aligned part plus the tail; dweight: its rows likewise.
-  const int64_t n1 = aligned_rows(OC), n2 = OC - n1;
-  if (dinp) {
-    gemm_bf16(false, false, N, C, n1, dout, ld, weight, C, nullptr, true, dinp, C);
-    if (n2)
-      gemm_bf16(false, false, N, C, n2, dout + n1, ld, weight + n1 * C, C, nullptr, true, dinp, C);
-  }
-  if (dweight) {
-    gemm_bf16(true, false, n1, C, N, dout, ld, inp, C, nullptr, true, dweight, C);
-    if (n2)
-      gemm_bf16(true, false, n2, C, N, dout + n1, ld, inp, C, nullptr, true, dweight + n1 * C, C);
-  }
+  if (dinp)
+    vocab_parts(OC, [&](int64_t r0, int64_t n) {
+      gemm_bf16(false, false, N, C, n, dout + r0, ld, weight + r0 * C, C, nullptr, true, dinp, C);
+    });
+  if (dweight)
+    vocab_parts(OC, [&](int64_t r0, int64_t n) {
+      gemm_bf16(true, false, n, C, N, dout + r0, ld, inp, C, nullptr, true, dweight + r0 * C, C);
+    });
   if (dbias) bias_grad(dbias, dout, N, OC, ld);
 }
 
