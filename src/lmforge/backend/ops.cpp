@@ -567,10 +567,10 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
                                               HS)))
       return;
 #endif
+    // Into a zeroed fp32 dqkv, rounded at the end, for a bf16 one.
+    const Tensor dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
+    if (g16) dq.zero_();
     if (qkv.device() == Device::kCPU && cpu::bf16_attention_tiles(HS)) {
-      // Into a zeroed fp32 dqkv, rounded, for a bf16 one.
-      const Tensor dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
-      if (g16) dq.zero_();
       if (g16)
         cpu::attention_backward_bf16(
             dq.data<float>(), static_cast<const uint16_t*>(dout.bf16_data()), qkv.bf16_data(),
@@ -579,14 +579,10 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
         cpu::attention_backward_bf16(dq.data<float>(), cptr<float>(dout), qkv.bf16_data(),
                                      out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window,
                                      ds);
-      if (g16) to_bf16(dqkv, dq);
-      return;
+    } else {  // the fp32 kernel on widened copies
+      attention_backward(dq, g16 ? widened(dout, 2) : dout, widened(qkv, 0), widened(out, 1), lse,
+                         NH, NKV, window, false, doc_start);
     }
-    // The fp32 kernel on widened copies (into a zeroed fp32 dqkv, rounded, for a bf16 one).
-    const Tensor g = g16 ? widened(dout, 2) : dout, dq = g16 ? f32_scratch(dqkv, 3) : dqkv;
-    if (g16) dq.zero_();
-    attention_backward(dq, g, widened(qkv, 0), widened(out, 1), lse, NH, NKV, window, false,
-                       doc_start);
     if (g16) to_bf16(dqkv, dq);
     return;
   }
