@@ -18,8 +18,9 @@ namespace {
 
 using nlohmann::json;
 
-// lmforge follows torch's fp32 operation order, so only rounding differences (a few ulp of the
-// update, far below 1e-6 of the parameter) are expected.
+// lmforge follows torch's fp32 operations (with the denominator's bias correction folded into two
+// scalars: adamw_scalars.h), so only rounding differences (a few ulp of the update, far below 1e-6
+// of the parameter) are expected.
 constexpr double kTol = 1e-6;
 
 TEST(AdamWReference, ThreeStepsMatchTorch) {

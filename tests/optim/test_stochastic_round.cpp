@@ -91,17 +91,18 @@ struct Expected {
 Expected scalar_update(std::vector<uint16_t> p, const std::vector<float>& g, std::vector<float> m,
                        std::vector<float> v, double lr, double wd, int64_t step, double gscale,
                        uint64_t seed, int64_t index0) {
-  const float bc2 = static_cast<float>(std::sqrt(1.0 - std::pow(0.95, double(step))));
-  const float step_size = static_cast<float>(lr / (1.0 - std::pow(0.9, double(step))));
+  // The bias corrections folded as the kernels do (backend/adamw_scalars.h).
+  const double bc2 = std::sqrt(1.0 - std::pow(0.95, double(step)));
+  const float step_size = static_cast<float>(lr * bc2 / (1.0 - std::pow(0.9, double(step))));
   const float decay = static_cast<float>(1.0 - lr * wd), w1 = static_cast<float>(1.0 - 0.9),
-              w2 = static_cast<float>(1.0 - 0.95), b2 = 0.95f, eps = 1e-8f;
+              w2 = static_cast<float>(1.0 - 0.95), b2 = 0.95f, eps = static_cast<float>(1e-8 * bc2);
   Expected e;
   for (size_t i = 0; i < p.size(); ++i) {
     const float gi = g[i] * static_cast<float>(gscale);
     float pi = bf16_to_fp32(p[i]) * decay;
     m[i] += w1 * (gi - m[i]);
     v[i] = v[i] * b2 + w2 * gi * gi;
-    pi = pi - step_size * (m[i] / (std::sqrt(v[i]) / bc2 + eps));
+    pi = pi - step_size * (m[i] / (std::sqrt(v[i]) + eps));
     const uint64_t idx = static_cast<uint64_t>(index0) + i;
     p[i] = bf16_round_stochastic(pi, sr_bits(sr_key(seed, step, static_cast<uint32_t>(idx >> 32)),
                                              static_cast<uint32_t>(idx)));

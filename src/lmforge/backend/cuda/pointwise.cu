@@ -178,7 +178,7 @@ __device__ __forceinline__ float adam_element(float p, float g, float& m, float&
   const float pi = __fmul_rn(p, s.decay);
   m = __fadd_rn(m, __fmul_rn(s.w1, __fsub_rn(gi, m)));  // lerp
   v = __fadd_rn(__fmul_rn(v, s.b2), __fmul_rn(__fmul_rn(s.w2, gi), gi));
-  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+  const float denom = __fadd_rn(__fsqrt_rn(v), s.eps);
   return __fsub_rn(pi, __fmul_rn(s.step_size, __fdiv_rn(m, denom)));
 }
 
