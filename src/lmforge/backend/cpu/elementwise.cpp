@@ -31,30 +31,37 @@ void scale(T* x, T s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
-// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as maybe-uninitialized
-// once inlined (as in adamw.cpp): off for the kernels below.
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for the kernels below.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 namespace {
-// Sum of squares of fp32 in double lanes, fixed order. The block is read as four streams at once
-// (its quarters, each with its own accumulators): one stream per core leaves most of the memory
-// bandwidth unused (17.8 GB/s on 2 Sapphire Rapids cores, 4 streams ~2x that).
+// Sum of squares of fp32, fixed order. The block is read as four streams at once (its quarters,
+// each with its own accumulators), each prefetched 2 KiB ahead: one stream per core leaves most of
+// the memory bandwidth unused (17.8 GB/s on 2 Sapphire Rapids cores, 4 streams 24, prefetched 30).
+// Each lane sums 64 squares in fp32 (as torch's norms do) before they join double accumulators:
+// widening every vector cost a fifth of the pass.
 LMF_AVX512 double sum_squares_avx512(const float* x, int64_t n) {
+  constexpr int64_t kAhead = 512, kFlush = 64 * 16;
   const int64_t q = n / 64 * 16;  // each quarter a multiple of 16
   const float* s[4] = {x, x + q, x + 2 * q, x + 3 * q};
-  __m512d lo[4], hi[4];
-  for (int k = 0; k < 4; ++k) lo[k] = hi[k] = _mm512_setzero_pd();
-  for (int64_t i = 0; i < q; i += 16) {
-    for (int k = 0; k < 4; ++k) {
-      const __m512 v = _mm512_loadu_ps(s[k] + i);
-      const __m512d l = lo_pd(v), h = hi_pd(v);
-      lo[k] = _mm512_fmadd_pd(l, l, lo[k]);
-      hi[k] = _mm512_fmadd_pd(h, h, hi[k]);
+  __m512 part[4];
+  __m512d sum = _mm512_setzero_pd();
+  for (int64_t i0 = 0; i0 < q; i0 += kFlush) {
+    for (int k = 0; k < 4; ++k) part[k] = _mm512_setzero_ps();
+    const int64_t e = std::min(q, i0 + kFlush);
+    for (int64_t i = i0; i < e; i += 16) {
+      for (int k = 0; k < 4; ++k) {
+        if (i + kAhead < q)
+          _mm_prefetch(reinterpret_cast<const char*>(s[k] + i + kAhead), _MM_HINT_T0);
+        const __m512 v = _mm512_loadu_ps(s[k] + i);
+        part[k] = _mm512_fmadd_ps(v, v, part[k]);
+      }
     }
+    for (int k = 0; k < 4; ++k)
+      sum = _mm512_add_pd(sum, _mm512_add_pd(lo_pd(part[k]), hi_pd(part[k])));
   }
-  __m512d sum = _mm512_add_pd(lo[0], hi[0]);
-  for (int k = 1; k < 4; ++k) sum = _mm512_add_pd(sum, _mm512_add_pd(lo[k], hi[k]));
   double acc = _mm512_reduce_add_pd(sum);
   for (int64_t i = 4 * q; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
   return acc;
