@@ -441,20 +441,9 @@ void rope(const char* op, bool backward, const Tensor& x, const Tensor& cos, con
     dispatch_device(
         op, x,
         [&] {
-          // Blocks of rows within one sequence: widened, rotated by the fp32 kernel at their
-          // positions, and the q and k heads (the first NH + NKV heads) rounded back.
-          const int64_t block = std::min(cpu_block_rows(Cq), T_), qk = (NH + NKV) * HS;
-          uint16_t* x16 = x.bf16_data();
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t t0 = 0; t0 < T_; t0 += block) {
-              const int64_t n = std::min(block, T_ - t0), r0 = b * T_ + t0;
-              float* w = cpu_rows_f32(x.view({B * T_, Cq}), r0, n, 0);
-              (backward ? cpu::rope_backward<float>
-                        : cpu::rope_forward<float>)(w, cos.data<float>(), sin.data<float>(), 1, n,
-                                                    NH + NKV, HS, Cq, pos0 + t0,
-                                                    pos ? pos + r0 : nullptr);
-              for (int64_t r = 0; r < n; ++r) cpu::to_bf16(x16 + (r0 + r) * Cq, w + r * Cq, qk);
-            }
+          // The q and k heads (the first NH + NKV heads) of each row.
+          cpu::rope_bf16(x.bf16_data(), cos.data<float>(), sin.data<float>(), B, T_, NH + NKV, HS,
+                         Cq, pos0, pos, backward);
         },
         LMF_GPU(using F = void (*)(uint16_t*, const float*, const float*, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t, const int32_t*);

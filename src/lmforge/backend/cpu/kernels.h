@@ -149,6 +149,11 @@ template <typename T>
 void rope_backward(T* dx, const float* cos, const float* sin, int64_t B, int64_t T_,
                    int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
                    const int32_t* pos = nullptr);
+// The same on bf16 rows (bf16 activations): each row's heads widened, rotated in fp32 and rounded
+// back, one row per OpenMP task.
+void rope_bf16(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T_,
+               int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0, const int32_t* pos,
+               bool backward);
 
 // Causal self-attention with grouped-query heads, tiled with an online softmax (FlashAttention):
 // nothing of size (T, T) is stored. qkv is (B, T, (NH + 2*NKV) * HS) laid out as
