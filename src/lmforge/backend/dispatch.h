@@ -89,17 +89,6 @@ inline int64_t cpu_block_rows(int64_t cols) {
   return std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, cols));
 }
 
-// bf16 inputs of an fp32 kernel on the CPU, inside cpu_rows_bf16's fill: rows [r0, r0 + n) of t
-// as fp32, widened exactly into block buffer `slot` (0 or 1; grown on first use, then reused).
-inline float* cpu_rows_f32(const Tensor& t, int64_t r0, int64_t n, int slot) {
-  static std::vector<float> bufs[2];
-  const int64_t cols = last(t);
-  std::vector<float>& buf = bufs[slot];
-  if (buf.size() < static_cast<size_t>(n * cols)) buf.resize(static_cast<size_t>(n * cols));
-  cpu::from_bf16(buf.data(), t.bf16_data() + r0 * cols, n * cols);
-  return buf.data();
-}
-
 template <typename F>
 inline void cpu_rows_bf16(const char* op, const Tensor& out, int64_t N, int64_t cols, F&& fill) {
   const int64_t ld = out.ndim() ? last(out) : cols;

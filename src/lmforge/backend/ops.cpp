@@ -610,9 +610,9 @@ void cpu_bf16_rows_parallel(const Tensor& out, const Tensor& inp, Body&& body) {
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t n = std::min(block, N - r0);
-      cpu::from_bf16(xb.data(), x16 + r0 * in_cols, n * in_cols);
+      cpu::from_bf16_serial(xb.data(), x16 + r0 * in_cols, n * in_cols);
       body(yb.data(), xb.data(), r0, n);
-      cpu::to_bf16(y16 + r0 * out_cols, yb.data(), n * out_cols);
+      cpu::to_bf16_serial(y16 + r0 * out_cols, yb.data(), n * out_cols);
     }
   }
 }
@@ -620,10 +620,11 @@ void cpu_bf16_rows_parallel(const Tensor& out, const Tensor& inp, Body&& body) {
 // The activations with bf16 activations throughout: a bf16 input (the fc matmul's bf16 output)
 // gives a bf16 output, and the backward writes (not +=) a bf16 dinp for the fc matmul's
 // backward; the arithmetic is the fp32 kernels' on the widened input. out_cols: the output's
-// row width (F for GELU and SwiGLU alike).
-template <typename CpuFwd, typename GpuFwd>
+// row width (F for GELU and SwiGLU alike). cpu_fused: the one-pass bf16 kernel, false where the
+// CPU has none (then blocks of rows are widened for the fp32 kernel and rounded back).
+template <typename CpuFused, typename CpuFwd, typename GpuFwd>
 void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int64_t out_cols,
-                      CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {
+                      CpuFused&& cpu_fused, CpuFwd&& cpu_fwd, GpuFwd&& gpu_fwd) {
   LMF_CHECK(
       out.dtype() == DType::kBF16 && out.numel() == rows(inp) * out_cols && last(out) == out_cols,
       "{}: a bf16 input {} needs a bf16 output of {} columns, not {} {}", op, inp.shape().str(),
@@ -631,15 +632,16 @@ void act_forward_bf16(const char* op, const Tensor& out, const Tensor& inp, int6
   dispatch_device(
       op, inp,
       [&] {
+        if (cpu_fused(out.bf16_data(), static_cast<const uint16_t*>(inp.bf16_data()))) return;
         cpu_bf16_rows_parallel(
             out, inp, [&](float* y, const float* x, int64_t, int64_t n) { cpu_fwd(y, x, n); });
       },
       std::forward<GpuFwd>(gpu_fwd));
 }
 
-template <typename CpuBwd, typename GpuBwd>
+template <typename CpuFused, typename CpuBwd, typename GpuBwd>
 void act_backward_bf16(const char* op, const Tensor& dinp, const Tensor& inp, const Tensor& dout,
-                       CpuBwd&& cpu_bwd, GpuBwd&& gpu_bwd) {
+                       CpuFused&& cpu_fused, CpuBwd&& cpu_bwd, GpuBwd&& gpu_bwd) {
   LMF_CHECK(dinp.dtype() == DType::kBF16 && dout.dtype() == DType::kF32,
             "{}: a bf16 input takes an fp32 dout and writes a bf16 dinp", op);
   same_numel(op, dinp, inp);
@@ -649,6 +651,9 @@ void act_backward_bf16(const char* op, const Tensor& dinp, const Tensor& inp, co
   dispatch_device(
       op, inp,
       [&] {
+        if (cpu_fused(dinp.bf16_data(), static_cast<const uint16_t*>(inp.bf16_data()),
+                      dout.data<float>()))
+          return;
         cpu_bf16_rows_parallel(dinp, inp, [&](float* y, const float* x, int64_t r0, int64_t n) {
           std::fill(y, y + n * cols, 0.0f);
           cpu_bwd(y, x, dout.data<float>() + r0 * out_cols, n);
@@ -665,6 +670,7 @@ void gelu_forward(const Tensor& out, const Tensor& inp) {
   if (inp.dtype() == DType::kBF16) {
     act_forward_bf16(
         "gelu_forward", out, inp, F,
+        [&](uint16_t* y, const uint16_t* x) { return cpu::gelu_forward_bf16(y, x, inp.numel()); },
         [&](float* dst, const float* x, int64_t n) { cpu::gelu_forward<float>(dst, x, n * F); },
         LMF_GPU(cuda::gelu_forward(out.bf16_data(), inp.bf16_data(), inp.numel())));
     return;
@@ -692,6 +698,9 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
   if (inp.dtype() == DType::kBF16) {
     act_backward_bf16(
         "gelu_backward", dinp, inp, dout,
+        [&](uint16_t* d, const uint16_t* x, const float* g) {
+          return cpu::gelu_backward_bf16(d, x, g, inp.numel());
+        },
         [&](float* dst, const float* x, const float* g, int64_t n) {
           cpu::gelu_backward<float>(dst, x, g, n * last(inp));
         },
@@ -716,6 +725,7 @@ void swiglu_forward(const Tensor& out, const Tensor& inp) {
   if (inp.dtype() == DType::kBF16) {
     act_forward_bf16(
         "swiglu_forward", out, inp, F,
+        [&](uint16_t* y, const uint16_t* x) { return cpu::swiglu_forward_bf16(y, x, N, F); },
         [&](float* dst, const float* x, int64_t n) { cpu::swiglu_forward<float>(dst, x, n, F); },
         LMF_GPU(cuda::swiglu_forward(out.bf16_data(), inp.bf16_data(), N, F)));
     return;
@@ -744,6 +754,9 @@ void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) 
   if (inp.dtype() == DType::kBF16) {
     act_backward_bf16(
         "swiglu_backward", dinp, inp, dout,
+        [&](uint16_t* d, const uint16_t* x, const float* g) {
+          return cpu::swiglu_backward_bf16(d, x, g, N, F);
+        },
         [&](float* dst, const float* x, const float* g, int64_t n) {
           cpu::swiglu_backward<float>(dst, x, g, n, F);
         },

@@ -13,59 +13,64 @@ namespace {
 constexpr double kGeluC = 0.7978845608028654;  // sqrt(2/pi)
 constexpr int64_t kChunk = 1 << 12;            // elements per vectorized task
 
-LMF_AVX512 void gelu_forward_avx512(float* out, const float* inp, int64_t n) {
+// The AVX-512 kernels, on fp32 or bf16 (In, Out) memory: bf16 inputs widened, bf16 outputs rounded
+// to nearest even (as to_bf16), a bf16 gradient written where an fp32 one is added to (prior16);
+// the same fp32 arithmetic either way. The bf16 instantiations carry LMF_AVX512_BF16 through the
+// callers' target.
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void gelu_forward_avx512(Out* out, const In* inp, int64_t n) {
   const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
                half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = lanes(n - i);
-    __m512 x = _mm512_maskz_loadu_ps(m, inp + i);
+    __m512 x = load16(inp + i, m);
     __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), _mm512_mul_ps(x, x), x));
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh512(u)));
-    _mm512_mask_storeu_ps(out + i, m, y);
+    store16(out + i, m, y);
   }
 }
 
-LMF_AVX512 void gelu_backward_avx512(float* dinp, const float* inp, const float* dout, int64_t n) {
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void gelu_backward_avx512(Out* dinp, const In* inp, const float* dout,
+                                                 int64_t n) {
   const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
                k3 = _mm512_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm512_set1_ps(0.5f),
                one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = lanes(n - i);
-    __m512 x = _mm512_maskz_loadu_ps(m, inp + i), x2 = _mm512_mul_ps(x, x);
+    __m512 x = load16(inp + i, m), x2 = _mm512_mul_ps(x, x);
     __m512 th = tanh512(_mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), x2, x)));
     __m512 sech2 = _mm512_fnmadd_ps(th, th, one);
     __m512 du = _mm512_mul_ps(c, _mm512_fmadd_ps(k3, x2, one));
     __m512 g = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, x), sech2), du,
                                _mm512_mul_ps(half, _mm512_add_ps(one, th)));
-    __m512 d = _mm512_maskz_loadu_ps(m, dinp + i);
-    d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dout + i), g, d);
-    _mm512_mask_storeu_ps(dinp + i, m, d);
+    store16(dinp + i, m,
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dout + i), g, prior16(dinp + i, m)));
   }
 }
 
-LMF_AVX512 void swiglu_forward_avx512(float* out, const float* g, const float* u, int64_t F) {
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void swiglu_forward_avx512(Out* out, const In* g, const In* u, int64_t F) {
   for (int64_t f = 0; f < F; f += 16) {
     __mmask16 m = lanes(F - f);
-    __m512 x = _mm512_maskz_loadu_ps(m, g + f);
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, sigmoid512(x)), _mm512_maskz_loadu_ps(m, u + f));
-    _mm512_mask_storeu_ps(out + f, m, y);
+    __m512 x = load16(g + f, m);
+    store16(out + f, m, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid512(x)), load16(u + f, m)));
   }
 }
 
-LMF_AVX512 void swiglu_backward_avx512(float* dg, float* du, const float* g, const float* u,
-                                       const float* dout, int64_t F) {
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void swiglu_backward_avx512(Out* dg, Out* du, const In* g, const In* u,
+                                                   const float* dout, int64_t F) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t f = 0; f < F; f += 16) {
     __mmask16 m = lanes(F - f);
-    __m512 x = _mm512_maskz_loadu_ps(m, g + f), up = _mm512_maskz_loadu_ps(m, u + f);
+    __m512 x = load16(g + f, m), up = load16(u + f, m);
     __m512 d = _mm512_maskz_loadu_ps(m, dout + f), s = sigmoid512(x);
     // dg += d u s (1 + g (1 - s)); du += d g s
     __m512 t = _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one);
-    __m512 a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(d, up), s), t,
-                               _mm512_maskz_loadu_ps(m, dg + f));
-    __m512 b = _mm512_fmadd_ps(_mm512_mul_ps(d, x), s, _mm512_maskz_loadu_ps(m, du + f));
-    _mm512_mask_storeu_ps(dg + f, m, a);
-    _mm512_mask_storeu_ps(du + f, m, b);
+    store16(dg + f, m,
+            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(d, up), s), t, prior16(dg + f, m)));
+    store16(du + f, m, _mm512_fmadd_ps(_mm512_mul_ps(d, x), s, prior16(du + f, m)));
   }
 }
 
@@ -141,7 +146,9 @@ LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const f
   }
 }
 
-// The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop).
+// The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop). (The
+// fp32 instantiations of the AVX-512 templates hold no bf16 instruction: AVX-512 CPUs without
+// AVX512-BF16 run them.)
 template <typename Fn>
 Fn* pick(Fn* avx512, Fn* avx2) {
   return has_avx512() ? avx512 : has_avx2() ? avx2 : nullptr;
@@ -153,7 +160,7 @@ Fn* pick(Fn* avx512, Fn* avx2) {
 template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(gelu_forward_avx512, gelu_forward_avx2)) {
+    if (auto k = pick(gelu_forward_avx512<float, float>, gelu_forward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < n; c += kChunk) k(out + c, inp + c, std::min(kChunk, n - c));
       return;
@@ -170,7 +177,7 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
 template <typename T>
 void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(gelu_backward_avx512, gelu_backward_avx2)) {
+    if (auto k = pick(gelu_backward_avx512<float, float>, gelu_backward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < n; c += kChunk)
         k(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
@@ -191,7 +198,7 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
 template <typename T>
 void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(swiglu_forward_avx512, swiglu_forward_avx2)) {
+    if (auto k = pick(swiglu_forward_avx512<float, float>, swiglu_forward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < N; ++i) k(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
       return;
@@ -211,7 +218,7 @@ void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
 template <typename T>
 void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(swiglu_backward_avx512, swiglu_backward_avx2)) {
+    if (auto k = pick(swiglu_backward_avx512<float, float>, swiglu_backward_avx2)) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < N; ++i)
         k(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F, inp + i * 2 * F + F,
@@ -232,6 +239,40 @@ void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F)
       du[f] += d * g[f] * s;
     }
   }
+}
+
+bool gelu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t n) {
+  if (!has_avx512_bf16()) return false;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; c += kChunk)
+    gelu_forward_avx512(out + c, inp + c, std::min(kChunk, n - c));
+  return true;
+}
+
+bool gelu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n) {
+  if (!has_avx512_bf16()) return false;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; c += kChunk)
+    gelu_backward_avx512(dinp + c, inp + c, dout + c, std::min(kChunk, n - c));
+  return true;
+}
+
+bool swiglu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F) {
+  if (!has_avx512_bf16()) return false;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    swiglu_forward_avx512(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
+  return true;
+}
+
+bool swiglu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N,
+                          int64_t F) {
+  if (!has_avx512_bf16()) return false;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    swiglu_backward_avx512(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
+                           inp + i * 2 * F + F, dout + i * F, F);
+  return true;
 }
 
 #define LMF_INSTANTIATE(T)                                         \

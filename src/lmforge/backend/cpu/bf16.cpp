@@ -89,7 +89,7 @@ GemmDescs describe(const GemmKey& k) {
 // dst (rows, cols; contiguous) = src (rows, cols; rows ld apart), bf16 widened to fp32.
 void widen_rows(float* dst, const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) from_bf16(dst + r * cols, src + r * ld, cols);
+  for (int64_t r = 0; r < rows; ++r) from_bf16_serial(dst + r * cols, src + r * ld, cols);
 }
 
 class Bf16Gemm {
@@ -282,9 +282,11 @@ void gemm_bf16_tile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uin
 
 void set_bf16_gemm_widened(bool on) { Bf16Gemm::get().force_widen_ = on; }
 
+// The conversions run in chunks of this many elements over OpenMP threads, one chunk serially.
+constexpr int64_t kChunk = 1 << 16;
+
 void to_bf16(uint16_t* dst, const float* src, int64_t n) {
   static const bool fast = cpu_features().avx512_bf16;
-  constexpr int64_t kChunk = 1 << 16;
 #pragma omp parallel for schedule(static) if (n > kChunk)
   for (int64_t c = 0; c < n; c += kChunk) {
     int64_t len = std::min(kChunk, n - c);
@@ -303,8 +305,14 @@ void to_bf16_serial(uint16_t* dst, const float* src, int64_t n) {
     to_bf16_portable(dst, src, n);
 }
 
-void from_bf16(float* dst, const uint16_t* src, int64_t n) {
+void from_bf16_serial(float* dst, const uint16_t* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(src[i]);  // the compiler vectorizes it
+}
+
+void from_bf16(float* dst, const uint16_t* src, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > kChunk)
+  for (int64_t c = 0; c < n; c += kChunk)
+    from_bf16_serial(dst + c, src + c, std::min(kChunk, n - c));
 }
 
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,

@@ -54,8 +54,10 @@ void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld = -1);
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // The same without an OpenMP region, for short rows inside a parallel one.
 void to_bf16_serial(uint16_t* dst, const float* src, int64_t n);
-// fp32 = bf16, exact.
+// fp32 = bf16, exact; over OpenMP threads when n is large (the _serial forms: inside parallel
+// regions, where even an inactive nested region costs a team's set-up per call).
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
+void from_bf16_serial(float* dst, const uint16_t* src, int64_t n);
 // Tests: gemm_bf16 takes the path of CPUs without oneDNN bf16 matmuls (operands widened to fp32,
 // the fp32 sgemm) even where oneDNN has them.
 void set_bf16_gemm_widened(bool on);
@@ -203,6 +205,14 @@ template <typename T>
 void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F);
 template <typename T>
 void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F);
+// The four on bf16 activations (a bf16 input; a bf16 output, or a bf16 dinp written, not added
+// to): the fp32 kernels' arithmetic on the widened input, rounded to nearest even, in one pass.
+// false (nothing done) where the CPU has no AVX512-BF16: the caller widens into fp32 blocks.
+bool gelu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t n);
+bool gelu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n);
+bool swiglu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F);
+bool swiglu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N,
+                          int64_t F);
 
 // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] == ignore_index.
 template <typename T>

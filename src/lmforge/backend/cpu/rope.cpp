@@ -51,7 +51,7 @@ void rope_bf16(uint16_t* x, const float* cos, const float* sin, int64_t B, int64
     thread_local std::vector<float> w;
     if (static_cast<int64_t>(w.size()) < n) w.resize(n);
     uint16_t* row = x + r * row_stride;
-    from_bf16(w.data(), row, n);
+    from_bf16_serial(w.data(), row, n);
     rotate_row(w.data(), cos + p * half, sin + p * half, n_heads, HS, backward ? -1.0f : 1.0f);
     to_bf16_serial(row, w.data(), n);
   });

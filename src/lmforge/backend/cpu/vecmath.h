@@ -16,12 +16,20 @@
 
 #define LMF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define LMF_AVX2 __attribute__((target("avx2,fma")))
+// AVX-512 with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4): kernels that load and store bf16;
+// callable after has_avx512_bf16().
+#define LMF_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace lmforge::cpu {
 
 inline bool has_avx512() {
   const CpuFeatures& f = cpu_features();
   static const bool on = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  return on;
+}
+
+inline bool has_avx512_bf16() {
+  static const bool on = has_avx512() && cpu_features().avx512_bf16;
   return on;
 }
 
@@ -67,6 +75,24 @@ LMF_AVX512 inline __m512 sigmoid512(__m512 x) {
 LMF_AVX512 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
+
+// 16 fp32 lanes from fp32 or bf16 memory (widened exactly), the first min(n, 16) of them; and
+// back, a bf16 store rounding to nearest even as to_bf16 does.
+LMF_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+LMF_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+LMF_AVX512 inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+LMF_AVX512_BF16 inline void store16(uint16_t* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+// What a gradient kernel adds to: the fp32 gradient it accumulates into, or zeros for a bf16 one
+// it writes.
+LMF_AVX512 inline __m512 prior16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+LMF_AVX512 inline __m512 prior16(const uint16_t*, __mmask16) { return _mm512_setzero_ps(); }
 
 // The low and high 8 lanes of an fp32 vector widened to double.
 LMF_AVX512 inline __m512d lo_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
