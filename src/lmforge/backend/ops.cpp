@@ -150,15 +150,18 @@ void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight,
 
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight,
-                     bool dweight_accumulate) {
+                     bool dweight_accumulate, bool dinp_accumulate) {
   int64_t OC = weight.size(0), C = weight.size(1), N = inp.numel() / C;
   same_device("linear_backward", dout, {&dinp, &dweight, &dbias, &inp, &weight});
-  const bool dw_acc = dweight_accumulate;
-  // The GPU kernels always add: a weight gradient to be written is zeroed first there (the host
-  // ParamSet leaves gradients unwritten; on a GPU it zeroes them, so this does not happen).
-  if (!dw_acc && dweight.raw() && dout.device() == Device::kCUDA) {
-    dweight.zero_();
-    return linear_backward(dinp, dweight, dbias, dout, inp, weight, true);
+  const bool dw_acc = dweight_accumulate, dx_acc = dinp_accumulate;
+  // The GPU kernels always add: a gradient to be written is zeroed first there (the host
+  // ParamSet leaves gradients unwritten; on a GPU it zeroes them, so a weight's does not happen).
+  const bool write_dw = !dw_acc && dweight.raw(),
+             write_dx = !dx_acc && dinp.raw() && dinp.dtype() != DType::kBF16;
+  if ((write_dw || write_dx) && dout.device() == Device::kCUDA) {
+    if (write_dw) dweight.zero_();
+    if (write_dx) dinp.zero_();
+    return linear_backward(dinp, dweight, dbias, dout, inp, weight, true, true);
   }
   const bool bf16 = weight.dtype() == DType::kBF16;
   if (dout.dtype() == DType::kBF16) {
@@ -178,7 +181,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
     };
     dispatch_device(
         "linear_backward_bf16", weight,
-        [&] { run([dw_acc](auto... a) { cpu::linear_backward_bf16_dout(a..., dw_acc); }); },
+        [&] { run([=](auto... a) { cpu::linear_backward_bf16_dout(a..., dw_acc, dx_acc); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16_dout(a...); })));
     return;
   }
@@ -192,7 +195,8 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
   LMF_CHECK(dinp.dtype() != DType::kBF16 || (bf16 && inp.dtype() == DType::kBF16),
             "linear_backward: a bf16 dinp needs bf16 weight and input");
   if (bf16) {
-    // dinp fp32 (+=), or bf16 (written: bf16 activations, the attention output's gradient).
+    // dinp fp32 (+=, or written), or bf16 (written: bf16 activations, the attention output's
+    // gradient).
     auto run = [&](auto&& kernel) {
       if (dinp.dtype() == DType::kBF16)
         kernel(dinp.bf16_data(), ptr<float>(dweight), ptr<float>(dbias), dout.data<float>(),
@@ -206,7 +210,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
     };
     dispatch(
         "linear_backward_bf16", dout,
-        [&](auto) { run([dw_acc](auto... a) { cpu::linear_backward_bf16(a..., dw_acc); }); },
+        [&](auto) { run([=](auto... a) { cpu::linear_backward_bf16(a..., dw_acc, dx_acc); }); },
         LMF_GPU(run([](auto... a) { cuda::linear_backward_bf16(a...); })));
     return;
   }
@@ -215,7 +219,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
       [&](auto tag) {
         using T = decltype(tag);
         cpu::linear_backward<T>(ptr<T>(dinp), ptr<T>(dweight), ptr<T>(dbias), cptr<T>(dout),
-                                cptr<T>(inp), cptr<T>(weight), N, C, OC, dw_acc);
+                                cptr<T>(inp), cptr<T>(weight), N, C, OC, dw_acc, dx_acc);
       },
       LMF_GPU(cuda::linear_backward(ptr<float>(dinp), ptr<float>(dweight), ptr<float>(dbias),
                                     cptr<float>(dout), cptr<float>(inp), cptr<float>(weight), N, C,

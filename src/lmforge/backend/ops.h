@@ -22,11 +22,12 @@ namespace lmforge::ops {
 // taken as it is, its bias gradient summed in double; dweight and dbias are fp32 (+=), dinp fp32
 // (+=) or bf16 (bf16 attention gradients: written, the fp32 result rounded once).
 // !dweight_accumulate: dweight is written (dout^T inp), not added to: a weight's first gradient of
-// the step (Param::accumulate_grad), what it held is ignored.
+// the step (Param::accumulate_grad), what it held is ignored. !dinp_accumulate: an fp32 dinp is
+// written (dout W) likewise: the layer is its first contribution (no zeroing pass before).
 void linear_forward(const Tensor& out, const Tensor& inp, const Tensor& weight, const Tensor& bias);
 void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                      const Tensor& dout, const Tensor& inp, const Tensor& weight,
-                     bool dweight_accumulate = true);
+                     bool dweight_accumulate = true, bool dinp_accumulate = true);
 
 // Packed rows (several documents in one row of a batch; data.packing: best_fit) pass the ops
 // below, as (B, T) int32 tensors on the ops' device, each token's position within its document

@@ -157,15 +157,14 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
                      const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
-  s.dact.zero_();
-  down.backward(s.dact, dres, a.act, a.t_down, s.dlora);
+  // The scratch gradients dact and dnorm are written by their layer's backward (no zeroing).
+  down.backward(s.dact, dres, a.act, a.t_down, s.dlora, false);
   if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
   if (cfg.mlp == "swiglu")
     ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
   else
     ops::gelu_backward(s.dfc, a.fc_out, s.dact);
-  s.dnorm.zero_();
-  fc.backward(s.dnorm, s.dfc, a.n2_out, a.t_fc, s.dlora);
+  fc.backward(s.dnorm, s.dfc, a.n2_out, a.t_fc, s.dlora, false);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
@@ -174,15 +173,14 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
                           bf16_run(qkv), pos.doc_start);
   if (pos.cos.defined()) ops::rope_backward(s.dqkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
-  s.dnorm.zero_();
   if (cfg.qk_norm) {
     s.dqkv_raw.zero_();
     ops::qk_norm_backward(s.dqkv_raw, q_norm->frozen ? Tensor() : q_norm->grad,
                           k_norm->frozen ? Tensor() : k_norm->grad, s.dqkv, a.qkv_raw,
                           q_norm->fp32(), k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
-    qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out, a.t_qkv, s.dlora);
+    qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out, a.t_qkv, s.dlora, false);
   } else {
-    qkv.backward(s.dnorm, s.dqkv, a.n1_out, a.t_qkv, s.dlora);
+    qkv.backward(s.dnorm, s.dqkv, a.n1_out, a.t_qkv, s.dlora, false);
   }
   norm1.backward(dres, s.dnorm, x, a.n1);  // dres is now d(x)
 }

@@ -56,13 +56,13 @@ struct Linear {
     ops::linear_backward(out, Tensor(), Tensor(), tt, out, lora_b->matmul_weight());
   }
   // dinp, and the trainable parameters' gradients, += (a weight's first of the step written:
-  // Param::grad_unwritten). t: forward's; dt: (N, r) scratch.
+  // Param::grad_unwritten; dinp written when !dinp_accumulate). t: forward's; dt: (N, r) scratch.
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Tensor& t = {},
-                const Tensor& dt = {}) const {
+                const Tensor& dt = {}, bool dinp_accumulate = true) const {
     const bool train_w = !weight->frozen;
-    ops::linear_backward(dinp, train_w ? weight->grad : Tensor(),
-                         bias && !bias->frozen ? bias->grad : Tensor(), dout, inp,
-                         weight->matmul_weight(), !train_w || weight->accumulate_grad());
+    ops::linear_backward(
+        dinp, train_w ? weight->grad : Tensor(), bias && !bias->frozen ? bias->grad : Tensor(),
+        dout, inp, weight->matmul_weight(), !train_w || weight->accumulate_grad(), dinp_accumulate);
     if (!lora_a) return;
     // d(lora_b) += t^T dout; dt = dout B (then the scale); dinp += dt A, d(lora_a) += dt^T inp.
     ops::linear_backward(Tensor(), lora_b->grad, Tensor(), t, dout, lora_b->matmul_weight(),

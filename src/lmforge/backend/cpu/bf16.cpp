@@ -372,11 +372,11 @@ namespace {
 template <typename DinT>
 void linear_backward_rounding_dout(DinT* dinp, float* dweight, float* dbias, const float* dout,
                                    const uint16_t* inp, const uint16_t* weight, int64_t N,
-                                   int64_t C, int64_t OC, bool dw_acc) {
+                                   int64_t C, int64_t OC, bool dw_acc, bool dx_acc) {
   uint16_t* d = scratch(0, N * OC);
   to_bf16(d, dout, N * OC);
   if constexpr (std::is_same_v<DinT, float>) {
-    linear_backward_bf16_dout(dinp, dweight, nullptr, d, OC, inp, weight, N, C, OC, dw_acc);
+    linear_backward_bf16_dout(dinp, dweight, nullptr, d, OC, inp, weight, N, C, OC, dw_acc, dx_acc);
   } else {
     if (dinp) gemm_bf16(false, false, N, C, OC, d, OC, weight, C, nullptr, dinp, C);
     linear_backward_bf16_dout(nullptr, dweight, nullptr, d, OC, inp, weight, N, C, OC, dw_acc);
@@ -387,33 +387,33 @@ void linear_backward_rounding_dout(DinT* dinp, float* dweight, float* dbias, con
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dw_acc) {
-  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC, dw_acc);
+                          int64_t OC, bool dw_acc, bool dx_acc) {
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC, dw_acc, dx_acc);
 }
 
 void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dw_acc) {
-  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC, dw_acc);
+                          int64_t OC, bool dw_acc, bool dx_acc) {
+  linear_backward_rounding_dout(dinp, dweight, dbias, dout, inp, weight, N, C, OC, dw_acc, dx_acc);
 }
 
 void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
                                int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
-                               int64_t C, int64_t OC, bool dw_acc) {
-  if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, true, dinp, C);
+                               int64_t C, int64_t OC, bool dw_acc, bool dx_acc) {
+  if (dinp) gemm_bf16(false, false, N, C, OC, dout, ld, weight, C, nullptr, dx_acc, dinp, C);
   if (dweight) gemm_bf16(true, false, OC, C, N, dout, ld, inp, C, nullptr, dw_acc, dweight, C);
   if (dbias) bias_grad(dbias, dout, N, OC, ld);
 }
 
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dw_acc) {
+                          int64_t OC, bool dw_acc, bool dx_acc) {
   uint16_t* x = nullptr;
   if (dweight) {
     x = scratch(1, N * C);
     to_bf16(x, inp, N * C);
   }
-  linear_backward_bf16(dinp, dweight, dbias, dout, x, weight, N, C, OC, dw_acc);
+  linear_backward_bf16(dinp, dweight, dbias, dout, x, weight, N, C, OC, dw_acc, dx_acc);
 }
 
 }  // namespace lmforge::cpu

@@ -43,7 +43,8 @@ void linear_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
                     int64_t OC);
 template <typename T>
 void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
-                     int64_t N, int64_t C, int64_t OC, bool dweight_accumulate = true);
+                     int64_t N, int64_t C, int64_t OC, bool dweight_accumulate = true,
+                     bool dinp_accumulate = true);
 
 // dbias (OC) += column sums of dout (N, OC; rows ld apart, OC when ld < 0), in double,
 // deterministic whatever the threads. D = T, or uint16_t for a bf16 dout into fp32 dbias.
@@ -76,24 +77,25 @@ void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 // The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
 // to bf16 on the way into the matmul; out, dinp, dweight, dbias stay fp32 (+= as above; dweight
 // written instead when !dweight_accumulate, here and in linear_backward: the step's first
-// gradient of a weight, see Param::grad_unwritten).
+// gradient of a weight, see Param::grad_unwritten; dinp when !dinp_accumulate).
 void linear_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC);
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const float* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dweight_accumulate = true);
+                          int64_t OC, bool dweight_accumulate = true, bool dinp_accumulate = true);
 // The same with the input already in bf16 (bf16 activations: the norms and activation functions
 // write their matmul inputs in bf16), so nothing is converted on its way in.
 void linear_forward_bf16(float* out, const uint16_t* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC);
 void linear_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dweight_accumulate = true);
+                          int64_t OC, bool dweight_accumulate = true, bool dinp_accumulate = true);
 // And with the output gradient already in bf16 (rows ld >= OC apart); dbias (may be null) +=
 // the column sums of the bf16 values.
 void linear_backward_bf16_dout(float* dinp, float* dweight, float* dbias, const uint16_t* dout,
                                int64_t ld, const uint16_t* inp, const uint16_t* weight, int64_t N,
-                               int64_t C, int64_t OC, bool dweight_accumulate = true);
+                               int64_t C, int64_t OC, bool dweight_accumulate = true,
+                               bool dinp_accumulate = true);
 // bf16 matmul outputs (bf16 activations): out (N, OC) = bf16(inp @ weight^T + bias), the fp32
 // accumulator plus the fp32 bias rounded once to nearest even, as to_bf16 rounds; the input bf16
 // or fp32 (rounded on its way in, as above).
@@ -103,11 +105,12 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
                int64_t ldc);
 void linear_forward_bf16(uint16_t* out, const uint16_t* inp, const uint16_t* weight,
                          const float* bias, int64_t N, int64_t C, int64_t OC);
-// The backward with dinp in bf16, WRITTEN (not +=) as bf16(dout @ weight): the attention
-// output's gradient under bf16 activations, which cuDNN reads as it is.
+// The backward with dinp in bf16, WRITTEN (not +=) as bf16(dout @ weight) whatever
+// dinp_accumulate: the attention output's gradient under bf16 activations, which cuDNN reads as it
+// is.
 void linear_backward_bf16(uint16_t* dinp, float* dweight, float* dbias, const float* dout,
                           const uint16_t* inp, const uint16_t* weight, int64_t N, int64_t C,
-                          int64_t OC, bool dweight_accumulate = true);
+                          int64_t OC, bool dweight_accumulate = true, bool dinp_accumulate = true);
 void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight, const float* bias,
                          int64_t N, int64_t C, int64_t OC);
 

@@ -52,8 +52,8 @@ void linear_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
 
 template <typename T>
 void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
-                     int64_t N, int64_t C, int64_t OC, bool dw_acc) {
-  if (dinp) gemm<T>(false, false, N, C, OC, T(1), dout, OC, weight, C, T(1), dinp, C);
+                     int64_t N, int64_t C, int64_t OC, bool dw_acc, bool dx_acc) {
+  if (dinp) gemm<T>(false, false, N, C, OC, T(1), dout, OC, weight, C, T(dx_acc ? 1 : 0), dinp, C);
   if (dweight)
     gemm<T>(true, false, OC, C, N, T(1), dout, OC, inp, C, T(dw_acc ? 1 : 0), dweight, C);
   if (dbias) bias_grad(dbias, dout, N, OC);
@@ -88,7 +88,7 @@ void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld) {
   template void bias_grad<T, T>(T*, const T*, int64_t, int64_t, int64_t);                       \
   template void linear_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t); \
   template void linear_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t,  \
-                                   int64_t, bool);
+                                   int64_t, bool, bool);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE
