@@ -3,7 +3,8 @@
 // (Param::grad_unwritten). Whatever the buffers held before must then not matter: gradients
 // filled with NaN before zero_grad() come out identical to those of a model whose gradients were
 // zero, for tied (GPT-2) and untied (Llama) heads, fp32 and bf16 matmuls, LoRA adapters, and two
-// micro-batches accumulated.
+// micro-batches accumulated. Likewise the layers' input gradients (scratch written by their
+// layer's backward, not zeroed first): an earlier batch's values in them leave no trace.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -24,7 +25,9 @@ struct Case {
   int64_t lora_rank;
 };
 
-std::vector<float> gradients(const Case& c, bool poison, int micro_batches) {
+// warm: a batch of other tokens through forward and backward first, so that every activation and
+// scratch buffer holds its values (the layers' input gradients are written, not added to).
+std::vector<float> gradients(const Case& c, bool poison, int micro_batches, bool warm = false) {
   ModelConfig cfg = model_preset(c.preset);
   cfg.vocab_size = 61;
   cfg.n_layer = 2;
@@ -39,6 +42,15 @@ std::vector<float> gradients(const Case& c, bool poison, int micro_batches) {
         p.value.data<float>()[i] = static_cast<float>(0.05 * init.normal());
   if (c.bf16) m.enable_bf16();
   m.plan(kB, kT);
+  Tensor tok = Tensor::empty({kB, kT}, DType::kI32), tgt = Tensor::empty({kB, kT}, DType::kI32);
+  if (warm) {
+    Rng other(99);
+    for (int64_t i = 0; i < kB * kT; ++i) {
+      tok.data<int32_t>()[i] = static_cast<int32_t>(other.below(cfg.vocab_size));
+      tgt.data<int32_t>()[i] = static_cast<int32_t>(other.below(cfg.vocab_size));
+    }
+    m.forward_backward(tok, tgt, 0.5);
+  }
   if (poison)
     for (const Param& p : m.params().params())
       if (!p.frozen)
@@ -48,7 +60,6 @@ std::vector<float> gradients(const Case& c, bool poison, int micro_batches) {
   bool unwritten = false;
   for (const Param& p : m.params().params()) unwritten |= p.grad_unwritten;
   EXPECT_TRUE(unwritten) << "zero_grad should leave the matmul weights' gradients to their GEMMs";
-  Tensor tok = Tensor::empty({kB, kT}, DType::kI32), tgt = Tensor::empty({kB, kT}, DType::kI32);
   Rng rng(7);
   for (int mb = 0; mb < micro_batches; ++mb) {
     for (int64_t i = 0; i < kB * kT; ++i) {
@@ -80,6 +91,15 @@ TEST_P(GradWrite, WhatTheBuffersHeldDoesNotMatter) {
     EXPECT_EQ(differ, 0) << micro << " micro-batch(es)";
     EXPECT_GT(nonzero, static_cast<int64_t>(clean.size()) / 2);
   }
+}
+
+TEST_P(GradWrite, AnEarlierBatchLeavesNoTrace) {
+  const std::vector<float> fresh = gradients(GetParam(), false, 1),
+                           warm = gradients(GetParam(), true, 1, true);
+  ASSERT_EQ(fresh.size(), warm.size());
+  int64_t differ = 0;
+  for (size_t i = 0; i < fresh.size(); ++i) differ += !(fresh[i] == warm[i]);
+  EXPECT_EQ(differ, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, GradWrite,
