@@ -224,6 +224,12 @@ def main():
         model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
     with torch.no_grad():
         init_like_gpt2(model)
+    # FLOPs per token as lmforge counts them (ModelConfig::flops_per_token): 6N + 12 L C T, N all
+    # parameters but the learned positions and, with an untied head, the input table.
+    n = sum(p.numel() for p in model.parameters())
+    n -= model.wpe.weight.numel() if isinstance(model, GPT) else \
+        (model.wte.weight.numel() if model.head is not None else 0)
+    gflop = (6 * n + 12 * len(model.blocks) * model.wte.weight.shape[1] * a.seq) / 1e9
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha)
     model.to(dev)
@@ -256,6 +262,7 @@ def main():
             total += dt
         print(f"step {s} loss {loss.item():.4f} {dt:.3f}s{' (warm-up)' if s == 0 else ''}", flush=True)
     print(f"peak resident {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"{gflop:.3f} GFLOP per token (the base model's)")
     if gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")

@@ -35,7 +35,9 @@ PY
 ) || true  # no ceiling (0) rather than no rows
 ceiling=$(grep -oE '[0-9.]+ TFLOP/s' "$log/ceiling" | cut -d' ' -f1 || true)
 ceiling=${ceiling:-0}
-gflop=""  # lmforge's FLOPs per token, read off its first row (no separate probe run)
+gflop=""  # FLOPs per token (lmforge's count), read off the first row that prints them: lmforge's
+          # or the PyTorch peer's (the same formula), so a failed lmforge row leaves the others'
+          # TFLOP/s and MFU right
 
 row() {  # name command...
   local name=$1; shift

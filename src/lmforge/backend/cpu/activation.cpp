@@ -15,8 +15,8 @@ constexpr int64_t kChunk = 1 << 12;            // elements per vectorized task
 
 // The AVX-512 kernels, on fp32 or bf16 (In, Out) memory: bf16 inputs widened, bf16 outputs rounded
 // to nearest even (as to_bf16), a bf16 gradient written where an fp32 one is added to (prior16);
-// the same fp32 arithmetic either way. The bf16 instantiations carry LMF_AVX512_BF16 through the
-// callers' target.
+// the same fp32 arithmetic either way. Compiled with AVX512-BF16 enabled for the bf16 store; the
+// fp32 instantiations hold no bf16 instruction, so AVX-512 CPUs without it run them (pick).
 template <typename Out, typename In>
 LMF_AVX512_BF16 inline void gelu_forward_avx512(Out* out, const In* inp, int64_t n) {
   const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
@@ -146,9 +146,7 @@ LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const f
   }
 }
 
-// The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop). (The
-// fp32 instantiations of the AVX-512 templates hold no bf16 instruction: AVX-512 CPUs without
-// AVX512-BF16 run them.)
+// The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop).
 template <typename Fn>
 Fn* pick(Fn* avx512, Fn* avx2) {
   return has_avx512() ? avx512 : has_avx2() ? avx2 : nullptr;
