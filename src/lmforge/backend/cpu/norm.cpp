@@ -152,28 +152,30 @@ LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const floa
   }
 }
 
-// layernorm_backward's weight and bias gradients of one block of nc <= kCols (64) columns, summed
-// over the rows in order in double: dw[j] = sum_i ((x - mean) rstd) g, db[j] = sum_i g; x and g
-// point at the block's first column of row 0 (rows C apart). The scalar loop's arithmetic, on 8
-// lanes.
-LMF_AVX512 void layernorm_param_grads_avx512(double* dw, double* db, const float* x, const float* g,
-                                             const float* mean, const float* rstd, int64_t N,
-                                             int64_t C, int64_t nc) {
+// The norms' weight (and LayerNorm's bias) gradients of one block of nc <= kCols (64) columns,
+// summed over the rows in order in double: dw[j] = sum_i ((x - mean) rstd) g, db[j] = sum_i g
+// (RMSNorm: mean null, i.e. (x rstd) g; db null). x and g point at the block's first column of
+// row 0; row i at row_offset(i, C, group, stride). The scalar loops' arithmetic, on 8 lanes (x - 0
+// is x exactly).
+LMF_AVX512 void norm_param_grads_avx512(double* dw, double* db, const float* x, const float* g,
+                                        const float* mean, const float* rstd, int64_t N, int64_t C,
+                                        int64_t nc, int64_t group, int64_t stride) {
   static_assert(kCols == 64);
   __m512d aw[8], ab[8];
   for (int k = 0; k < 8; ++k) aw[k] = ab[k] = _mm512_setzero_pd();
   const int quads = static_cast<int>((nc + 15) / 16);
   for (int64_t i = 0; i < N; ++i) {
-    const __m512d m = _mm512_set1_pd(mean[i]), s = _mm512_set1_pd(rstd[i]);
+    const int64_t at = row_offset(i, C, group, stride);
+    const __m512d m = _mm512_set1_pd(mean ? mean[i] : 0.0), s = _mm512_set1_pd(rstd[i]);
     for (int q = 0; q < quads; ++q) {
       const __mmask16 k = lanes(nc - 16 * q);  // masked lanes add zeros
-      const __m512 xv = _mm512_maskz_loadu_ps(k, x + i * C + 16 * q),
-                   gv = _mm512_maskz_loadu_ps(k, g + i * C + 16 * q);
+      const __m512 xv = _mm512_maskz_loadu_ps(k, x + at + 16 * q),
+                   gv = _mm512_maskz_loadu_ps(k, g + at + 16 * q);
       for (int h = 0; h < 2; ++h) {
         const __m512d xd = half_pd(xv, h), gd = half_pd(gv, h);
         const __m512d n = _mm512_mul_pd(_mm512_sub_pd(xd, m), s);
         aw[2 * q + h] = _mm512_add_pd(aw[2 * q + h], _mm512_mul_pd(n, gd));
-        ab[2 * q + h] = _mm512_add_pd(ab[2 * q + h], gd);
+        if (db) ab[2 * q + h] = _mm512_add_pd(ab[2 * q + h], gd);
       }
     }
   }
@@ -182,7 +184,10 @@ LMF_AVX512 void layernorm_param_grads_avx512(double* dw, double* db, const float
     _mm512_storeu_pd(w + 8 * k, aw[k]);
     _mm512_storeu_pd(b + 8 * k, ab[k]);
   }
-  for (int64_t j = 0; j < nc; ++j) dw[j] = w[j], db[j] = b[j];
+  for (int64_t j = 0; j < nc; ++j) {
+    dw[j] = w[j];
+    if (db) db[j] = b[j];
+  }
 }
 }  // namespace
 
@@ -257,7 +262,7 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
     bool summed = false;
     if constexpr (std::is_same_v<T, float>) {
       if (has_avx512()) {
-        layernorm_param_grads_avx512(dw, db, inp + c0, dout + c0, mean, rstd, N, C, nc);
+        norm_param_grads_avx512(dw, db, inp + c0, dout + c0, mean, rstd, N, C, nc, 1, C);
         summed = true;
       }
     }
@@ -329,7 +334,15 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t c0 = blk * kCols, nc = std::min(kCols, C - c0);
     double dw[kCols] = {};
-    for (int64_t i = 0; i < N; ++i) {
+    bool summed = false;
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        norm_param_grads_avx512(dw, nullptr, inp + c0, dout + c0, nullptr, rstd, N, C, nc, group,
+                                stride);
+        summed = true;
+      }
+    }
+    for (int64_t i = 0; i < N && !summed; ++i) {
       const int64_t at = row_offset(i, C, group, stride) + c0;
       const double s = rstd[i];
       for (int64_t j = 0; j < nc; ++j) dw[j] += static_cast<double>(inp[at + j]) * s * dout[at + j];
