@@ -4,8 +4,10 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
@@ -59,11 +61,35 @@ void linear_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
   if (dbias) bias_grad(dbias, dout, N, OC);
 }
 
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for the kernel below.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace {
 inline double widen(float x) { return x; }
 inline double widen(double x) { return x; }
 inline double widen(uint16_t x) { return bf16_to_fp32(x); }  // a bf16 output gradient
+
+// acc[j] = sum over the N rows (ld apart) of x[j], j < nc <= 64, in row order in double lanes: the
+// scalar loop's sums (fp32 and bf16 widen to double exactly), 8 columns per lane vector.
+template <typename D>
+LMF_AVX512 void column_sums_avx512(double* acc, const D* x, int64_t N, int64_t ld, int64_t nc) {
+  __m512d a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm512_setzero_pd();
+  const int quads = static_cast<int>((nc + 15) / 16);
+  for (int64_t i = 0; i < N; ++i)
+    for (int q = 0; q < quads; ++q) {
+      const __m512 v = load16(x + i * ld + 16 * q, lanes(nc - 16 * q));  // masked lanes: zeros
+      a[2 * q] = _mm512_add_pd(a[2 * q], lo_pd(v));
+      a[2 * q + 1] = _mm512_add_pd(a[2 * q + 1], hi_pd(v));
+    }
+  double w[64];
+  for (int k = 0; k < 8; ++k) _mm512_storeu_pd(w + 8 * k, a[k]);
+  for (int64_t j = 0; j < nc; ++j) acc[j] = w[j];
+}
 }  // namespace
+#pragma GCC diagnostic pop
 
 template <typename T, typename D>
 void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld) {
@@ -76,6 +102,13 @@ void bias_grad(T* dbias, const D* dout, int64_t N, int64_t OC, int64_t ld) {
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t o0 = blk * kCols, n = std::min(kCols, OC - o0);
     double acc[kCols] = {};
+    if constexpr (std::is_same_v<T, float>) {
+      if (has_avx512()) {
+        column_sums_avx512(acc, dout + o0, N, ld, n);
+        for (int64_t j = 0; j < n; ++j) dbias[o0 + j] += static_cast<T>(acc[j]);
+        continue;
+      }
+    }
     for (int64_t i = 0; i < N; ++i) {
       const D* row = dout + i * ld + o0;
       for (int64_t j = 0; j < n; ++j) acc[j] += widen(row[j]);
