@@ -3,6 +3,7 @@
 // -even, AdamW's fused bf16 copy, the vectorized exp against libm, and a model trained in bf16
 // against the same model in fp32.
 #include <gtest/gtest.h>
+#include <omp.h>
 #include <sys/resource.h>
 
 #include <cmath>
@@ -93,6 +94,58 @@ TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
       check_gemm(ta, tb, true, false);
       check_gemm(ta, tb, false, true);
     }
+}
+
+// The weight-gradient product on AMX tiles (gemm_bf16's (trans_a, !trans_b) fp32 path where the
+// CPU has AMX): shapes that pad every tile dimension, split columns among threads (few panels of
+// rows) or not, unaligned rows (plain stores) and 64-byte aligned ones (streaming stores); against
+// double sums of the rounded operands, and bit-identical whatever the thread count.
+TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
+  if (!cpu::amx_gemm_available()) GTEST_SKIP() << "no AMX-BF16 on this CPU (or not granted)";
+  struct Shape {
+    int64_t M, N, K, ldc;
+  };
+  for (const Shape& s : {Shape{40, 300, 257, 301}, Shape{130, 64, 64, 64}, Shape{33, 17, 1, 17},
+                         Shape{96, 48, cpu::kAmxMaxK, 48}, Shape{1000, 35, 31, 48}}) {
+    const int64_t lda = s.M + 5, ldb = s.N + 3;
+    std::vector<float> a = randn(s.K * lda, 21), b = randn(s.K * ldb, 22);
+    std::vector<uint16_t> a16(a.size()), b16(b.size());
+    cpu::to_bf16(a16.data(), a.data(), static_cast<int64_t>(a.size()));
+    cpu::to_bf16(b16.data(), b.data(), static_cast<int64_t>(b.size()));
+    ASSERT_TRUE(cpu::amx_gemm_takes(s.M, s.N, s.K));
+    for (bool acc : {false, true}) {
+      const std::vector<float> c0 = randn(s.M * s.ldc + 16, 23);
+      std::vector<std::vector<float>> results;
+      for (int threads : {1, 2, 3}) {
+        std::vector<float> buf(s.M * s.ldc + 16);
+        float* c = buf.data() + ((-reinterpret_cast<uintptr_t>(buf.data())) & 63) / 4;
+        std::copy(c0.begin(), c0.begin() + s.M * s.ldc, c);
+        const int before = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        cpu::gemm_bf16_at_b_amx(s.M, s.N, s.K, a16.data(), lda, b16.data(), ldb, acc, c, s.ldc);
+        omp_set_num_threads(before);
+        results.emplace_back(c, c + s.M * s.ldc);
+      }
+      for (int64_t i = 0; i < s.M; ++i) {
+        for (int64_t j = 0; j < s.N; ++j) {
+          double ref = acc ? c0[i * s.ldc + j] : 0.0, mag = std::fabs(ref);
+          for (int64_t k = 0; k < s.K; ++k) {
+            const double x = bf16_to_fp32(a16[k * lda + i]), y = bf16_to_fp32(b16[k * ldb + j]);
+            ref += x * y;
+            mag += std::fabs(x * y);
+          }
+          ASSERT_NEAR(results[0][i * s.ldc + j], ref, 1e-6 * mag + 1e-6)
+              << "M=" << s.M << " N=" << s.N << " K=" << s.K << " acc=" << acc << " at " << i << ","
+              << j;
+        }
+        for (int64_t j = s.N; j < s.ldc; ++j)  // padding columns never written
+          ASSERT_EQ(results[0][i * s.ldc + j], c0[i * s.ldc + j]);
+      }
+      EXPECT_EQ(results[0], results[1]) << "M=" << s.M << " N=" << s.N << " K=" << s.K;
+      EXPECT_EQ(results[0], results[2]) << "M=" << s.M << " N=" << s.N << " K=" << s.K;
+    }
+  }
+  EXPECT_FALSE(cpu::amx_gemm_takes(64, 64, cpu::kAmxMaxK + 1));  // longer K: oneDNN's
 }
 
 // CPUs without AVX-512 (where Debian's oneDNN has no bf16 matmul) widen the operands to fp32: the

@@ -326,8 +326,10 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
         for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = bias ? bias[j] : 0.0f;
     return;
   }
-  Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B,
-                      bias, C);
+  Bf16Gemm& g = Bf16Gemm::get();
+  if (ta && !tb && !bias && !g.force_widen_ && amx_gemm_takes(M, N, K))
+    return gemm_bf16_at_b_amx(M, N, K, A, lda, B, ldb, accumulate, C, ldc);  // weight gradients
+  g.run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B, bias, C);
 }
 
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,

@@ -1,0 +1,212 @@
+// The weight-gradient product on AMX tiles: dW (M, N) (+)= A^T B, A (K, M) the output gradient and
+// B (K, N) the layer's input, both bf16 row-major, K the step's tokens (short: a few hundred). In
+// a training step this GEMM writes every weight gradient once, from cold cache lines; oneDNN's
+// brgemm reaches ~60% of its hot speed there. Here each thread owns panels of 32 rows of dW, with
+// the whole K in four 16x16 fp32 accumulator tiles, and writes finished rows with streaming stores
+// (no read for ownership of lines it overwrites).
+//
+// Packing: B once per call into AMX's pair-interleaved layout, B'[k/2][n][2] (two rows of B
+// interleaved 16 bits at a time); A per panel, the same interleave of its 32 columns and then a
+// transpose of the 32-bit pairs, so a tile row holds 32 consecutive k of one row of A^T. K, M and N
+// are padded with zeros to the tiles (16 rows, 32 k, 16 columns).
+//
+// Each output element is the sum over k in the tiles' fixed order, whatever the thread count:
+// deterministic as the rest of the step. The products are exact in fp32 (bf16 x bf16) and the
+// sums fp32 with round-to-nearest-even (denormal inputs as zero), as oneDNN's AMX kernels.
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "lmforge/backend/cpu/kernels.h"
+#include "lmforge/core/cpu_features.h"
+
+#define LMF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+
+namespace lmforge::cpu {
+
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for this file's kernels.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+namespace {
+
+constexpr int64_t kPanel = 32;  // rows of dW per panel (two tile rows)
+constexpr int64_t kTileK = 32;  // k per tile product (16 pairs)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux keeps the tile data state off until a process asks for it (ARCH_REQ_XCOMP_PERM, 5.16+);
+// oneDNN asks too. Without it a tile instruction faults: the kernel is then not used.
+bool tile_state_granted() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
+}
+
+// dst (32 pairs x 2 values = 64 bf16) = rows r and r+1 of src interleaved, for 32 columns from c;
+// a row at or past K, or a column at or past n, reads as zero.
+LMF_AMX inline void interleave32(uint16_t* dst, const uint16_t* src, int64_t ld, int64_t r,
+                                 int64_t K, int64_t c, int64_t n) {
+  // Lane 2i takes a's column i, lane 2i+1 b's (the second half: columns 16 + i).
+  alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                   11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const int64_t valid = std::clamp<int64_t>(n - c, 0, 32);
+  const __mmask32 m = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
+  const __m512i a = r < K ? _mm512_maskz_loadu_epi16(m, src + r * ld + c) : _mm512_setzero_si512();
+  const __m512i b =
+      r + 1 < K ? _mm512_maskz_loadu_epi16(m, src + (r + 1) * ld + c) : _mm512_setzero_si512();
+  _mm512_store_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+  _mm512_store_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+}
+
+// One thread's part: panels of rows [p_begin, p_end) x columns [n0, n1) of dW.
+struct Job {
+  int64_t M, N, K, Kp, Np, lda, ldc;
+  const uint16_t* A;
+  const uint16_t* Bp;  // packed B: Kp/2 rows of Np pairs
+  float* C;
+  bool accumulate, stream;
+};
+
+LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* pairs,
+                        uint32_t* ap, float* cbuf) {
+  const int64_t kh = j.Kp / 2;  // pairs of k
+  // A's 32 columns from m0, interleaved by pairs of rows: pairs[p][r], then transposed to
+  // ap[r][p]: row r of the panel of A^T with its k consecutive.
+  for (int64_t p = 0; p < kh; ++p)
+    interleave32(reinterpret_cast<uint16_t*>(pairs + p * kPanel), j.A, j.lda, 2 * p, j.K, m0, j.M);
+  const __m512i iota =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(kPanel));
+  for (int64_t r = 0; r < kPanel; ++r)
+    for (int64_t p = 0; p < kh; p += 16) {
+      const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(int(p * kPanel + r)));
+      _mm512_store_si512(ap + r * kh + p, _mm512_i32gather_epi32(idx, pairs, 4));
+    }
+  // The next panel's columns of A into L2 while this one computes: its K rows lie a row of A
+  // apart (one page or more for an LM head's gradient), beyond the hardware prefetchers' reach.
+  if (m0 + kPanel < j.M)
+    for (int64_t k = 0; k < j.K; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(j.A + k * j.lda + m0 + kPanel), _MM_HINT_T1);
+  const int64_t rows = std::min(kPanel, j.M - m0);
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(ap);
+  for (int64_t c0 = n0; c0 < n1; c0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < j.Kp; k += kTileK) {
+      _tile_loadd(4, a + k, j.Kp * 2);
+      _tile_loadd(5, a + 16 * j.Kp + k, j.Kp * 2);
+      const uint16_t* b = j.Bp + (k / 2) * (j.Np * 2) + c0 * 2;
+      _tile_loadd(6, b, j.Np * 4);
+      _tile_loadd(7, b + 32, j.Np * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, cbuf, 128);
+    _tile_stored(1, cbuf + 16, 128);
+    _tile_stored(2, cbuf + 16 * 32, 128);
+    _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+    for (int64_t h = 0; h < 32; h += 16) {
+      const int64_t valid = std::clamp<int64_t>(j.N - c0 - h, 0, 16);
+      if (valid == 0) break;
+      const __mmask16 m = __mmask16((1u << valid) - 1);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = j.C + (m0 + r) * j.ldc + c0 + h;
+        __m512 v = _mm512_load_ps(cbuf + r * 32 + h);
+        if (j.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dst));
+        if (valid == 16 && j.stream)
+          _mm512_stream_ps(dst, v);
+        else
+          _mm512_mask_storeu_ps(dst, m, v);
+      }
+    }
+  }
+}
+
+LMF_AMX void run_thread(const Job& j, int64_t items, int64_t panels, int64_t chunk,
+                        uint32_t* scratch) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t kh = j.Kp / 2;
+  uint32_t* pairs = scratch;
+  uint32_t* ap = pairs + kh * kPanel;
+  float* cbuf = reinterpret_cast<float*>(ap + kh * kPanel);
+#pragma omp for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {  // column chunk major: a thread's B stays in cache
+    const int64_t n0 = (it / panels) * chunk, n1 = std::min(n0 + chunk, j.Np);
+    panel_rows(j, (it % panels) * kPanel, n0, n1, pairs, ap, cbuf);
+  }
+  _tile_release();
+  _mm_sfence();  // the streaming stores visible before the threads join
+}
+
+LMF_AMX void pack_b(uint16_t* bp, const uint16_t* B, int64_t ldb, int64_t K, int64_t N, int64_t Kp,
+                    int64_t Np) {
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < Kp / 2; ++p)
+    for (int64_t c = 0; c < Np; c += 32)
+      interleave32(bp + p * Np * 2 + c * 2, B, ldb, 2 * p, K, c, N);
+}
+
+}  // namespace
+#pragma GCC diagnostic pop
+
+bool amx_gemm_available() {
+  static const bool ok = cpu_features().amx_bf16 && tile_state_granted();
+  return ok;
+}
+
+bool amx_gemm_takes(int64_t M, int64_t N, int64_t K) {
+  return K > 0 && K <= kAmxMaxK && M > 0 && N > 0 && amx_gemm_available() && !omp_in_parallel();
+}
+
+void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                        const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  const int64_t Kp = (K + kTileK - 1) / kTileK * kTileK, Np = (N + 31) / 32 * 32;
+  static std::vector<uint16_t> bpack;  // grows during the first step only
+  static std::vector<uint32_t> scratch;
+  if (static_cast<int64_t>(bpack.size()) < Kp * Np + 32) bpack.resize(Kp * Np + 32);
+  uint16_t* bp = bpack.data() + ((-reinterpret_cast<uintptr_t>(bpack.data())) & 63) / 2;
+  pack_b(bp, B, ldb, K, N, Kp, Np);
+
+  const int threads = omp_get_max_threads();
+  const int64_t panels = (M + kPanel - 1) / kPanel;
+  // Whole rows of dW per item unless there are too few panels to share out: then column chunks.
+  const int64_t splits = std::min<int64_t>(Np / 32, (4 * threads + panels - 1) / panels);
+  const int64_t chunk = (Np / 32 + splits - 1) / splits * 32;
+  const int64_t items = panels * ((Np + chunk - 1) / chunk);
+  const int64_t per_thread = Kp * kPanel + 32 * 32 + 16;  // pairs + panel (uint32) + cbuf
+  if (static_cast<int64_t>(scratch.size()) < per_thread * threads)
+    scratch.resize(per_thread * threads);
+  const bool stream = reinterpret_cast<uintptr_t>(C) % 64 == 0 && ldc % 16 == 0;
+  const Job job{M, N, K, Kp, Np, lda, ldc, A, bp, C, accumulate, stream};
+#pragma omp parallel num_threads(threads)
+  {
+    uint32_t* s = scratch.data() + per_thread * omp_get_thread_num();
+    s += ((-reinterpret_cast<uintptr_t>(s)) & 63) / 4;  // 64-byte aligned
+    run_thread(job, items, panels, chunk, s);
+  }
+}
+
+}  // namespace lmforge::cpu
