@@ -148,6 +148,46 @@ TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
   EXPECT_FALSE(cpu::amx_gemm_takes(64, 64, cpu::kAmxMaxK + 1));  // longer K: oneDNN's
 }
 
+// gemm_bf16_tile's products on AMX tiles (attention's tiles, one thread each): every transpose,
+// shapes that pad the tiles or fill them exactly (A read in place), at the size limits, and a
+// shape past them (oneDNN's), against double sums of the rounded operands.
+TEST(Bf16, AmxTileProductsMatchDoubleForEveryTranspose) {
+  if (!cpu::amx_gemm_available()) GTEST_SKIP() << "no AMX-BF16 on this CPU (or not granted)";
+  struct Shape {
+    int64_t M, N, K;
+  };
+  for (const Shape& s : {Shape{64, 128, 64}, Shape{37, 45, 19}, Shape{128, 256, 256},
+                         Shape{1, 1, 1}, Shape{33, 70, 130}, Shape{64, 64, 300}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (bool acc : {false, true}) {
+          const int64_t lda = (ta ? s.M : s.K) + 7, ldb = (tb ? s.K : s.N) + 9, ldc = s.N + 3;
+          std::vector<float> a = randn((ta ? s.K : s.M) * lda, 31),
+                             b = randn((tb ? s.N : s.K) * ldb, 32), c0 = randn(s.M * ldc, 33);
+          std::vector<uint16_t> a16(a.size()), b16(b.size());
+          cpu::to_bf16(a16.data(), a.data(), static_cast<int64_t>(a.size()));
+          cpu::to_bf16(b16.data(), b.data(), static_cast<int64_t>(b.size()));
+          std::vector<float> c = c0;
+          cpu::gemm_bf16_tile(ta, tb, s.M, s.N, s.K, a16.data(), lda, b16.data(), ldb, acc,
+                              c.data(), ldc);
+          for (int64_t i = 0; i < s.M; ++i) {
+            for (int64_t j = 0; j < s.N; ++j) {
+              double ref = acc ? c0[i * ldc + j] : 0.0, mag = std::fabs(ref);
+              for (int64_t k = 0; k < s.K; ++k) {
+                const double x = bf16_to_fp32(ta ? a16[k * lda + i] : a16[i * lda + k]);
+                const double y = bf16_to_fp32(tb ? b16[j * ldb + k] : b16[k * ldb + j]);
+                ref += x * y;
+                mag += std::fabs(x * y);
+              }
+              ASSERT_NEAR(c[i * ldc + j], ref, 1e-6 * mag + 1e-6)
+                  << "M=" << s.M << " N=" << s.N << " K=" << s.K << " ta=" << ta << " tb=" << tb
+                  << " acc=" << acc << " at " << i << "," << j;
+            }
+            for (int64_t j = s.N; j < ldc; ++j) ASSERT_EQ(c[i * ldc + j], c0[i * ldc + j]);
+          }
+        }
+}
+
 // CPUs without AVX-512 (where Debian's oneDNN has no bf16 matmul) widen the operands to fp32: the
 // same sums, and a bf16 C is the fp32 result rounded once.
 TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {

@@ -56,12 +56,16 @@ CpuFeatures detect() {
   // paths, or to test the AVX2 and portable kernels on a CPU that has more.
   if (const char* cap = std::getenv("LMFORGE_MAX_ISA"); cap && *cap) {
     const std::string v = cap;
-    if (v == "avx2" || v == "baseline") {
+    if (v == "avx512_bf16") {
+      f.amx_bf16 = false;  // lmforge's own AMX kernels off (oneDNN still picks its own)
+    } else if (v == "avx2" || v == "baseline") {
       f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512_bf16 = f.amx_bf16 = false;
       if (v == "baseline") f.avx2 = false;
     } else if (v != "avx512") {
       std::fprintf(
-          stderr, "warning: LMFORGE_MAX_ISA=%s: expected avx512, avx2 or baseline; ignored\n", cap);
+          stderr,
+          "warning: LMFORGE_MAX_ISA=%s: expected avx512, avx512_bf16, avx2 or baseline; ignored\n",
+          cap);
     }
   }
   return f;

@@ -169,12 +169,160 @@ LMF_AMX void pack_b(uint16_t* bp, const uint16_t* B, int64_t ldb, int64_t K, int
       interleave32(bp + p * Np * 2 + c * 2, B, ldb, 2 * p, K, c, N);
 }
 
+// ---- small products, one thread each (attention's tiles: gemm_bf16_tile) ----------------------
+//
+// C (M, N) (+)= op(A) op(B) within kSmall* limits, packed per call into the tile layouts: op(A)
+// rows with k consecutive (read in place when A is untransposed and whole tiles), op(B) in pairs.
+// A transposed operand goes through 16 x 16 transposes of 32-bit pairs in registers.
+constexpr int64_t kSmallM = 128, kSmallN = 256, kSmallK = 256;
+
+// r[i] holds row i of a 16 x 16 matrix of 32-bit elements; afterwards, column i.
+LMF_AMX inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+struct SmallBuffers {
+  alignas(64) uint16_t a[kSmallM * kSmallK];
+  alignas(64) uint16_t b[kSmallK * kSmallN];
+  alignas(64) float c[32 * 32];
+};
+
+// 32 bf16 of row r from column c (zeros at or past n), as 16 pairs' worth of a vector.
+LMF_AMX inline __m512i row32(const uint16_t* src, int64_t ld, int64_t r, int64_t rows, int64_t c,
+                             int64_t n) {
+  if (r >= rows) return _mm512_setzero_si512();
+  const int64_t valid = std::clamp<int64_t>(n - c, 0, 32);
+  const __mmask32 m = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
+  return _mm512_maskz_loadu_epi16(m, src + r * ld + c);
+}
+
+LMF_AMX void small_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                        int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                        int64_t ldc) {
+  static thread_local SmallBuffers buf;
+  const int64_t Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+  const int64_t kh = Kp / 2;
+  // op(A) rows with k consecutive: ap, lda_p apart.
+  const uint16_t* ap = A;
+  int64_t lda_p = lda;
+  if (ta || M % 32 || K % 32) {
+    ap = buf.a;
+    lda_p = Kp;
+    if (!ta) {
+      for (int64_t i = 0; i < Mp; ++i)
+        for (int64_t k = 0; k < Kp; k += 32)
+          _mm512_store_si512(buf.a + i * Kp + k, row32(A, lda, i, M, k, K));
+    } else {  // A is (K, M): pairs of its rows interleaved, then transposed 16 x 16
+      uint32_t* a32 = reinterpret_cast<uint32_t*>(buf.a);
+      alignas(64) uint16_t pair[64];
+      for (int64_t p0 = 0; p0 < kh; p0 += 16)
+        for (int64_t i0 = 0; i0 < Mp; i0 += 32) {
+          __m512i lo[16], hi[16];
+          for (int64_t q = 0; q < 16; ++q) {
+            interleave32(pair, A, lda, 2 * (p0 + q), K, i0, M);
+            lo[q] = _mm512_load_si512(pair);
+            hi[q] = _mm512_load_si512(pair + 32);
+          }
+          transpose16(lo);
+          transpose16(hi);
+          for (int64_t q = 0; q < 16; ++q) {
+            _mm512_store_si512(a32 + (i0 + q) * kh + p0, lo[q]);
+            _mm512_store_si512(a32 + (i0 + 16 + q) * kh + p0, hi[q]);
+          }
+        }
+    }
+  }
+  // op(B) in pairs: b32[p][n] = (op(B)[2p][n], op(B)[2p+1][n]).
+  uint32_t* b32 = reinterpret_cast<uint32_t*>(buf.b);
+  if (!tb) {
+    for (int64_t p = 0; p < kh; ++p)
+      for (int64_t c = 0; c < Np; c += 32)
+        interleave32(buf.b + p * Np * 2 + c * 2, B, ldb, 2 * p, K, c, N);
+  } else {  // B is (N, K): a row's pairs are 32-bit elements already; transposed 16 x 16
+    for (int64_t n0 = 0; n0 < Np; n0 += 16)
+      for (int64_t p0 = 0; p0 < kh; p0 += 16) {
+        __m512i r[16];
+        for (int64_t q = 0; q < 16; ++q) r[q] = row32(B, ldb, n0 + q, N, 2 * p0, K);
+        transpose16(r);
+        for (int64_t q = 0; q < 16; ++q) _mm512_store_si512(b32 + (p0 + q) * Np + n0, r[q]);
+      }
+  }
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  for (int64_t m0 = 0; m0 < Mp; m0 += 32)
+    for (int64_t n0 = 0; n0 < Np; n0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < Kp; k += kTileK) {
+        _tile_loadd(4, ap + m0 * lda_p + k, lda_p * 2);
+        _tile_loadd(5, ap + (m0 + 16) * lda_p + k, lda_p * 2);
+        const uint16_t* b = buf.b + (k / 2) * (Np * 2) + n0 * 2;
+        _tile_loadd(6, b, Np * 4);
+        _tile_loadd(7, b + 32, Np * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, buf.c, 128);
+      _tile_stored(1, buf.c + 16, 128);
+      _tile_stored(2, buf.c + 16 * 32, 128);
+      _tile_stored(3, buf.c + 16 * 32 + 16, 128);
+      const int64_t rows = std::min<int64_t>(32, M - m0);
+      for (int64_t h = 0; h < 32; h += 16) {
+        const int64_t valid = std::clamp<int64_t>(N - n0 - h, 0, 16);
+        if (valid == 0) break;
+        const __mmask16 m = __mmask16((1u << valid) - 1);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = C + (m0 + r) * ldc + n0 + h;
+          __m512 v = _mm512_load_ps(buf.c + r * 32 + h);
+          if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dst));
+          _mm512_mask_storeu_ps(dst, m, v);
+        }
+      }
+    }
+  _tile_release();
+}
+
 }  // namespace
 #pragma GCC diagnostic pop
 
 bool amx_gemm_available() {
   static const bool ok = cpu_features().amx_bf16 && tile_state_granted();
   return ok;
+}
+
+bool amx_small_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                    int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                    int64_t ldc) {
+  if (M > kSmallM || N > kSmallN || K > kSmallK || !amx_gemm_available()) return false;
+  small_gemm(ta, tb, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  return true;
 }
 
 bool amx_gemm_takes(int64_t M, int64_t N, int64_t K) {

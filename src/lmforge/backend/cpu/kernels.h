@@ -81,6 +81,11 @@ void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 constexpr int64_t kAmxMaxK = 1024;
 bool amx_gemm_available();
 bool amx_gemm_takes(int64_t M, int64_t N, int64_t K);
+// gemm_bf16_tile's products on AMX tiles where they fit (M <= 128, N <= 256, K <= 256: attention's
+// tiles), run by the calling thread; false (nothing done) where not.
+bool amx_small_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                    int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                    int64_t ldc);
 void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                         const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 // The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
