@@ -53,23 +53,75 @@ bool tile_state_granted() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
 }
 
-// dst (32 pairs x 2 values = 64 bf16) = rows r and r+1 of src interleaved, for 32 columns from c;
-// a row at or past K, or a column at or past n, reads as zero.
-LMF_AMX inline void interleave32(uint16_t* dst, const uint16_t* src, int64_t ld, int64_t r,
-                                 int64_t K, int64_t c, int64_t n) {
-  // Lane 2i takes a's column i, lane 2i+1 b's (the second half: columns 16 + i).
+// lo, hi (16 pairs each) = rows r and r+1 of src interleaved 16 bits at a time, for 32 columns
+// from c; a row at or past K, or a column at or past n, reads as zero.
+LMF_AMX inline void interleave32(__m512i& lo, __m512i& hi, const uint16_t* src, int64_t ld,
+                                 int64_t r, int64_t K, int64_t c, int64_t n) {
+  // Lane 2i takes a's column i, lane 2i+1 b's (hi: columns 16 + i).
   alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                    37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
                                                    11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i il = _mm512_load_si512(kLo);
+  const __m512i ih = _mm512_add_epi16(il, _mm512_set1_epi16(16));
   const int64_t valid = std::clamp<int64_t>(n - c, 0, 32);
   const __mmask32 m = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
   const __m512i a = r < K ? _mm512_maskz_loadu_epi16(m, src + r * ld + c) : _mm512_setzero_si512();
   const __m512i b =
       r + 1 < K ? _mm512_maskz_loadu_epi16(m, src + (r + 1) * ld + c) : _mm512_setzero_si512();
-  _mm512_store_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
-  _mm512_store_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+  lo = _mm512_permutex2var_epi16(a, il, b);
+  hi = _mm512_permutex2var_epi16(a, ih, b);
+}
+
+// The same stored at dst (64 bf16, 64-byte aligned): a row of AMX's pair layout of B.
+LMF_AMX inline void interleave32(uint16_t* dst, const uint16_t* src, int64_t ld, int64_t r,
+                                 int64_t K, int64_t c, int64_t n) {
+  __m512i lo, hi;
+  interleave32(lo, hi, src, ld, r, K, c, n);
+  _mm512_store_si512(dst, lo);
+  _mm512_store_si512(dst + 32, hi);
+}
+
+// r[i] holds row i of a 16 x 16 matrix of 32-bit elements; afterwards, column i.
+LMF_AMX inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// Rows of A^T with k consecutive, for A (K, n) bf16 rows ld apart: dst[i][p] (rows of kh 32-bit
+// pairs, i < rows, a multiple of 32) = (A[2p][c0 + i], A[2p + 1][c0 + i]), zeros past K or n.
+// Pairs of A's rows interleaved, then transposed 16 x 16 in registers.
+LMF_AMX void pack_transposed(uint32_t* dst, int64_t kh, const uint16_t* A, int64_t ld, int64_t K,
+                             int64_t c0, int64_t n, int64_t rows) {
+  for (int64_t p0 = 0; p0 < kh; p0 += 16)
+    for (int64_t i0 = 0; i0 < rows; i0 += 32) {
+      __m512i lo[16], hi[16];
+      for (int64_t q = 0; q < 16; ++q)
+        interleave32(lo[q], hi[q], A, ld, 2 * (p0 + q), K, c0 + i0, n);
+      transpose16(lo);
+      transpose16(hi);
+      for (int64_t q = 0; q < 16; ++q) {
+        _mm512_store_si512(dst + (i0 + q) * kh + p0, lo[q]);
+        _mm512_store_si512(dst + (i0 + 16 + q) * kh + p0, hi[q]);
+      }
+    }
 }
 
 // One thread's part: panels of rows [p_begin, p_end) x columns [n0, n1) of dW.
@@ -81,21 +133,10 @@ struct Job {
   bool accumulate, stream;
 };
 
-LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* pairs,
-                        uint32_t* ap, float* cbuf) {
-  const int64_t kh = j.Kp / 2;  // pairs of k
-  // A's 32 columns from m0, interleaved by pairs of rows: pairs[p][r], then transposed to
-  // ap[r][p]: row r of the panel of A^T with its k consecutive.
-  for (int64_t p = 0; p < kh; ++p)
-    interleave32(reinterpret_cast<uint16_t*>(pairs + p * kPanel), j.A, j.lda, 2 * p, j.K, m0, j.M);
-  const __m512i iota =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(kPanel));
-  for (int64_t r = 0; r < kPanel; ++r)
-    for (int64_t p = 0; p < kh; p += 16) {
-      const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(int(p * kPanel + r)));
-      _mm512_store_si512(ap + r * kh + p, _mm512_i32gather_epi32(idx, pairs, 4));
-    }
+LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* ap,
+                        float* cbuf) {
+  const int64_t kh = j.Kp / 2;                                // pairs of k
+  pack_transposed(ap, kh, j.A, j.lda, j.K, m0, j.M, kPanel);  // the panel's rows of A^T
   // The next panel's columns of A into L2 while this one computes: its K rows lie a row of A
   // apart (one page or more for an LM head's gradient), beyond the hardware prefetchers' reach.
   if (m0 + kPanel < j.M)
@@ -149,13 +190,12 @@ LMF_AMX void run_thread(const Job& j, int64_t items, int64_t panels, int64_t chu
   }
   _tile_loadconfig(&cfg);
   const int64_t kh = j.Kp / 2;
-  uint32_t* pairs = scratch;
-  uint32_t* ap = pairs + kh * kPanel;
+  uint32_t* ap = scratch;
   float* cbuf = reinterpret_cast<float*>(ap + kh * kPanel);
 #pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {  // column chunk major: a thread's B stays in cache
     const int64_t n0 = (it / panels) * chunk, n1 = std::min(n0 + chunk, j.Np);
-    panel_rows(j, (it % panels) * kPanel, n0, n1, pairs, ap, cbuf);
+    panel_rows(j, (it % panels) * kPanel, n0, n1, ap, cbuf);
   }
   _tile_release();
   _mm_sfence();  // the streaming stores visible before the threads join
@@ -175,30 +215,6 @@ LMF_AMX void pack_b(uint16_t* bp, const uint16_t* B, int64_t ldb, int64_t K, int
 // rows with k consecutive (read in place when A is untransposed and whole tiles), op(B) in pairs.
 // A transposed operand goes through 16 x 16 transposes of 32-bit pairs in registers.
 constexpr int64_t kSmallM = 128, kSmallN = 256, kSmallK = 256;
-
-// r[i] holds row i of a 16 x 16 matrix of 32-bit elements; afterwards, column i.
-LMF_AMX inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
-}
 
 struct SmallBuffers {
   alignas(64) uint16_t a[kSmallM * kSmallK];
@@ -231,24 +247,8 @@ LMF_AMX void small_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const
       for (int64_t i = 0; i < Mp; ++i)
         for (int64_t k = 0; k < Kp; k += 32)
           _mm512_store_si512(buf.a + i * Kp + k, row32(A, lda, i, M, k, K));
-    } else {  // A is (K, M): pairs of its rows interleaved, then transposed 16 x 16
-      uint32_t* a32 = reinterpret_cast<uint32_t*>(buf.a);
-      alignas(64) uint16_t pair[64];
-      for (int64_t p0 = 0; p0 < kh; p0 += 16)
-        for (int64_t i0 = 0; i0 < Mp; i0 += 32) {
-          __m512i lo[16], hi[16];
-          for (int64_t q = 0; q < 16; ++q) {
-            interleave32(pair, A, lda, 2 * (p0 + q), K, i0, M);
-            lo[q] = _mm512_load_si512(pair);
-            hi[q] = _mm512_load_si512(pair + 32);
-          }
-          transpose16(lo);
-          transpose16(hi);
-          for (int64_t q = 0; q < 16; ++q) {
-            _mm512_store_si512(a32 + (i0 + q) * kh + p0, lo[q]);
-            _mm512_store_si512(a32 + (i0 + 16 + q) * kh + p0, hi[q]);
-          }
-        }
+    } else {  // A is (K, M)
+      pack_transposed(reinterpret_cast<uint32_t*>(buf.a), kh, A, lda, K, 0, M, Mp);
     }
   }
   // op(B) in pairs: b32[p][n] = (op(B)[2p][n], op(B)[2p+1][n]).
@@ -344,7 +344,7 @@ void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int6
   const int64_t splits = std::min<int64_t>(Np / 32, (4 * threads + panels - 1) / panels);
   const int64_t chunk = (Np / 32 + splits - 1) / splits * 32;
   const int64_t items = panels * ((Np + chunk - 1) / chunk);
-  const int64_t per_thread = Kp * kPanel + 32 * 32 + 16;  // pairs + panel (uint32) + cbuf
+  const int64_t per_thread = Kp / 2 * kPanel + 32 * 32 + 16;  // panel (uint32) + cbuf
   if (static_cast<int64_t>(scratch.size()) < per_thread * threads)
     scratch.resize(per_thread * threads);
   const bool stream = reinterpret_cast<uintptr_t>(C) % 64 == 0 && ldc % 16 == 0;
