@@ -103,7 +103,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   for (int64_t g = G - 1; g >= 0; --g) {
     if (group_hi(g) == group_lo(g)) continue;
     if (buckets_.empty() || buckets_.back().hi - buckets_.back().lo >= bucket_elems)
-      buckets_.push_back({group_lo(g), group_hi(g)});
+      buckets_.push_back(Bucket{.lo = group_lo(g), .hi = group_hi(g)});
     Bucket& b = buckets_.back();
     b.lo = group_lo(g);
     ++b.groups;
