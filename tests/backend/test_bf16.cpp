@@ -148,11 +148,12 @@ TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
   EXPECT_FALSE(cpu::amx_gemm_takes(64, 64, cpu::kAmxMaxK + 1));  // longer K: oneDNN's
 }
 
-// gemm_bf16_tile's products on AMX tiles (attention's tiles, one thread each): every transpose,
-// shapes that pad the tiles or fill them exactly (A read in place), at the size limits, and a
-// shape past them (oneDNN's), against double sums of the rounded operands.
-TEST(Bf16, AmxTileProductsMatchDoubleForEveryTranspose) {
-  if (!cpu::amx_gemm_available()) GTEST_SKIP() << "no AMX-BF16 on this CPU (or not granted)";
+// gemm_bf16_tile's products (attention's tiles, one thread each) on AMX tiles, or AVX512-BF16 dot
+// products without AMX (and under LMFORGE_MAX_ISA=avx512_bf16): every transpose, shapes that pad
+// the tiles or fill them exactly (A read in place), an odd leading dimension, at the size limits,
+// and a shape past them (oneDNN's), against double sums of the rounded operands.
+TEST(Bf16, TileProductsMatchDoubleForEveryTranspose) {
+  if (!cpu::gemm_bf16_tile_available()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   struct Shape {
     int64_t M, N, K;
   };
@@ -160,8 +161,10 @@ TEST(Bf16, AmxTileProductsMatchDoubleForEveryTranspose) {
                          Shape{1, 1, 1}, Shape{33, 70, 130}, Shape{64, 64, 300}})
     for (bool ta : {false, true})
       for (bool tb : {false, true})
-        for (bool acc : {false, true}) {
-          const int64_t lda = (ta ? s.M : s.K) + 7, ldb = (tb ? s.K : s.N) + 9, ldc = s.N + 3;
+        for (int cases = 0; cases < 4; ++cases) {
+          const bool acc = cases & 1;
+          const int64_t pad = cases & 2 ? 8 : 7;  // even: whole tiles of A are read in place
+          const int64_t lda = (ta ? s.M : s.K) + pad, ldb = (tb ? s.K : s.N) + 9, ldc = s.N + 3;
           std::vector<float> a = randn((ta ? s.K : s.M) * lda, 31),
                              b = randn((tb ? s.N : s.K) * ldb, 32), c0 = randn(s.M * ldc, 33);
           std::vector<uint16_t> a16(a.size()), b16(b.size());

@@ -151,6 +151,14 @@ void rowsum_products(T* D, const G* dO, const O* out, int64_t nq, int64_t HS, in
   }
 }
 
+// row[j] = 0 for j in [0, n) outside [a, e) (all of them when a >= e): a tile row's masked entries.
+template <typename T>
+void zero_outside(T* row, int64_t a, int64_t e, int64_t n) {
+  if (a >= e) a = e = n;
+  std::fill(row, row + a, T(0));
+  std::fill(row + e, row + n, T(0));
+}
+
 // Over the nq rows of a score tile (row stride kBk) of queries i0.. and keys j0..j0+nk: calls
 // f(r, row, a, e) for each row that sees some of the tile's keys, on its visible columns [a, e),
 // and sets every masked entry to 0 (a row that sees none is all 0 and f is not called).
@@ -162,13 +170,8 @@ void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int6
     T* row = s + r * ld;
     int64_t a, e;
     visible(i0 + r, j0, nk, window, doc_lo(ds, i0 + r), a, e);
-    if (a >= e) {
-      std::fill(row, row + nk, T(0));
-      continue;
-    }
-    f(r, row, a, e);
-    std::fill(row, row + a, T(0));
-    std::fill(row + e, row + nk, T(0));
+    if (a < e) f(r, row, a, e);
+    zero_outside(row, a, e, nk);
   }
 }
 
@@ -278,38 +281,58 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
 // ---- bf16 operands (bf16 activations on a CPU with AVX512-BF16 or AMX) --------------------------
 //
 // The same tiles, online softmax and task split as above, with the tile products as bf16 GEMMs
-// with fp32 accumulation (gemm_bf16_tile: oneDNN's AMX / AVX512-BF16 kernels run by the calling
-// thread; measured on a 2-core Sapphire Rapids at 64 x 128 x 64 tiles: 300-550 GFLOP/s against
-// 90-165 for fp32 sgemm tiles). Q, K, V and dO are read as bf16 where they lie; S, the softmax,
-// O's accumulator, D and dP are fp32; P and dS are rounded to bf16 for their products (as
-// FlashAttention does on GPUs). The scale is applied to S before the softmax and folded into dS.
+// with fp32 accumulation (gemm_bf16_tile: lmforge's AMX or AVX512-BF16 kernels run by the calling
+// thread, cpu/amx.cpp; oneDNN's measured on a 2-core Sapphire Rapids at 64 x 128 x 64 tiles:
+// 300-550 GFLOP/s against 90-165 for fp32 sgemm tiles). Q, K, V and dO are read as bf16 where they
+// lie; S, the softmax, O's accumulator, D and dP are fp32; P and dS are rounded to bf16 for their
+// products (as FlashAttention does on GPUs). The scale is applied to S before the softmax and
+// folded into dS.
 
 namespace {
 
-// row[j] *= scale for j in [0, n); returns the largest of them (the bf16 kernels' scores).
-float scale_max(float* row, int64_t n, float scale) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] *= scale;
-    mx = std::max(mx, row[j]);
-  }
-  return mx;
-}
+// The softmax passes of the bf16 kernels on a row of raw scores s (fp32; bf16 tiles imply
+// AVX512-BF16): x = scale s[j] and e^(x - m) with the fp32 kernels' operations (exp512, lanes
+// summed one by one in a fixed order), fused so that a tile row is read once or twice and only
+// what the next product reads is stored.
 
-LMF_AVX512 float scale_max_avx512(float* row, int64_t n, float scale) {
+// The largest scale s[j], j in [0, n).
+LMF_AVX512 float scaled_max(const float* s, int64_t n, float scale) {
   const __m512 vs = _mm512_set1_ps(scale);
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = lanes(n - j);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), vs);
-    _mm512_mask_storeu_ps(row + j, k, x);
-    mx = _mm512_mask_max_ps(mx, k, mx, x);
+    mx = _mm512_mask_max_ps(mx, k, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs));
   }
   return _mm512_reduce_max_ps(mx);
 }
 
-inline float scale_max_row(float* row, int64_t n, float scale) {
-  return has_avx512() ? scale_max_avx512(row, n, scale) : scale_max(row, n, scale);
+// p16[j] = bf16(e^(scale s[j] - m)) for j in [0, n), and p[j] the fp32 value unless p is null
+// (p may be s); returns the sum of the fp32 values.
+LMF_AVX512_BF16 float exp_scaled(float* p, uint16_t* p16, const float* s, int64_t n, float scale,
+                                 float m) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(x, vm)));
+    if (p) _mm512_mask_storeu_ps(p + j, k, e);
+    store16(p16 + j, k, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// ds16[j] = bf16(scale p[j] (dp[j] - D)), j in [0, n): backward's scaled dS.
+LMF_AVX512_BF16 void softmax_grad_bf16(uint16_t* ds16, const float* p, const float* dp, int64_t n,
+                                       float scale, float D) {
+  const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(D);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(k, p + j)),
+                                   _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd));
+    store16(ds16 + j, k, x);
+  }
 }
 
 std::atomic<bool> g_bf16_tiles{true};
@@ -359,18 +382,21 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
         for (int64_t j0 = first_key_block(i0, window, ds, kK16); j0 < i0 + nq; j0 += kK16) {
           const int64_t nk = std::min(kK16, i0 + nq - j0);
           gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, s.v, kK16);
-          for_visible_rows(s.v, i0, j0, nq, nk, window, ds,
-                           [&](int64_t r, float* row, int64_t a, int64_t e) {
-                             const float mx = std::max(m[r], scale_max_row(row + a, e - a, scale));
-                             if (mx > m[r]) {
-                               const float corr = std::exp(m[r] - mx);
-                               l[r] *= corr;
-                               for (int64_t d = 0; d < HS; ++d) o[r * HS + d] *= corr;
-                               m[r] = mx;
-                             }
-                             l[r] += exp_sub_sum(row + a, row + a, e - a, mx);
-                           });
-          for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kK16, s.v + r * kK16, nk);
+          // S into bf16(P) (zero where masked), with the running max and sum.
+          for_visible_rows(
+              p16.v, i0, j0, nq, nk, window, ds,
+              [&](int64_t r, uint16_t* prow, int64_t a, int64_t e) {
+                const float* srow = s.v + r * kK16;
+                const float mx = std::max(m[r], scaled_max(srow + a, e - a, scale));
+                if (mx > m[r]) {
+                  const float corr = std::exp(m[r] - mx);
+                  l[r] *= corr;
+                  for (int64_t d = 0; d < HS; ++d) o[r * HS + d] *= corr;
+                  m[r] = mx;
+                }
+                l[r] += exp_scaled(nullptr, prow + a, srow + a, e - a, scale, mx);
+              },
+              kK16);
           gemm_bf16_tile(false, false, nq, HS, nk, p16.v, kK16, v + j0 * Cq, Cq, true, o, HS);
         }
         float* lr = lse + (b * NH + h) * T_ + i0;
@@ -431,23 +457,22 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
             const int64_t nk = std::min(kK16, i0 + nq - j0);
             // P = exp(scale Q K^T - lse), zero where masked.
             gemm_bf16_tile(false, true, nq, nk, HS, q, Cq, k + j0 * Cq, Cq, false, p.v, kK16);
-            for_visible_rows(
-                p.v, i0, j0, nq, nk, window, ds,
-                [&](int64_t r, float* row, int64_t a, int64_t e) {
-                  scale_max_row(row + a, e - a, scale);
-                  exp_sub_sum(row + a, row + a, e - a, lr[r]);
-                },
-                kK16);
-            for (int64_t r = 0; r < nq; ++r) to_bf16_serial(p16.v + r * kK16, p.v + r * kK16, nk);
+            for (int64_t r = 0; r < nq; ++r) {  // P in place and as bf16
+              float* row = p.v + r * kK16;
+              uint16_t* row16 = p16.v + r * kK16;
+              int64_t a, e;
+              visible(i0 + r, j0, nk, window, doc_lo(ds, i0 + r), a, e);
+              if (a < e) exp_scaled(row + a, row16 + a, row + a, e - a, scale, lr[r]);
+              zero_outside(row, a, e, nk);
+              zero_outside(row16, a, e, nk);
+            }
             // dV += P^T dO; dP = dO V^T
             gemm_bf16_tile(true, false, nk, HS, nq, p16.v, kK16, g16, ldg, true, dv + j0 * Cq, Cq);
             gemm_bf16_tile(false, true, nq, nk, HS, g16, ldg, v + j0 * Cq, Cq, false, dp.v, kK16);
             // scale dS = scale P (dP - D); masked entries have P = 0 and so dS = 0.
-            for (int64_t r = 0; r < nq; ++r) {
-              for (int64_t j = 0; j < nk; ++j)
-                dp.v[r * kK16 + j] = scale * p.v[r * kK16 + j] * (dp.v[r * kK16 + j] - D[r]);
-              to_bf16_serial(ds16.v + r * kK16, dp.v + r * kK16, nk);
-            }
+            for (int64_t r = 0; r < nq; ++r)
+              softmax_grad_bf16(ds16.v + r * kK16, p.v + r * kK16, dp.v + r * kK16, nk, scale,
+                                D[r]);
             // dQ += (scale dS) K; dK += (scale dS)^T Q
             gemm_bf16_tile(false, false, nq, HS, nk, ds16.v, kK16, k + j0 * Cq, Cq, true, dq, Cq);
             gemm_bf16_tile(true, false, nk, HS, nq, ds16.v, kK16, q, Cq, true, dk + j0 * Cq, Cq);

@@ -277,7 +277,7 @@ void gemm_bf16_tile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uin
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
   }
-  if (amx_small_gemm(ta, tb, M, N, K, A, lda, B, ldb, accumulate, C, ldc)) return;
+  if (small_gemm_bf16(ta, tb, M, N, K, A, lda, B, ldb, accumulate, C, ldc)) return;
   TileGemm::run({ta, tb, accumulate, false, false, M, N, K, lda, ldb, ldc}, A, B, C);
 }
 

@@ -68,8 +68,9 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
                int64_t lda, const uint16_t* B, int64_t ldb, const float* bias, bool accumulate,
                float* C, int64_t ldc);
 // The same for small products computed by each OpenMP thread of a tiled kernel (attention),
-// called from inside its parallel region: single-threaded, no lock, per-thread oneDNN primitives.
-// Only where oneDNN has real bf16 matmuls (AVX512-BF16 or AMX): gemm_bf16_tile_available().
+// called from inside its parallel region: single-threaded, no lock (small_gemm_bf16 where the
+// product fits, else per-thread oneDNN primitives). Only where the CPU has real bf16 products
+// (AVX512-BF16 or AMX): gemm_bf16_tile_available().
 bool gemm_bf16_tile_available();
 void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                     int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
@@ -81,11 +82,12 @@ void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 constexpr int64_t kAmxMaxK = 1024;
 bool amx_gemm_available();
 bool amx_gemm_takes(int64_t M, int64_t N, int64_t K);
-// gemm_bf16_tile's products on AMX tiles where they fit (M <= 128, N <= 256, K <= 256: attention's
-// tiles), run by the calling thread; false (nothing done) where not.
-bool amx_small_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
-                    int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
-                    int64_t ldc);
+// gemm_bf16_tile's products where they fit (M <= 128, N <= 256, K <= 256: attention's tiles), run
+// by the calling thread on AMX tiles, or with AVX512-BF16 dot products on CPUs without AMX; false
+// (nothing done) past those sizes or without AVX512-BF16.
+bool small_gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                     int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+                     int64_t ldc);
 void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                         const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 // The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
