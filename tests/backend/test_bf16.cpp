@@ -96,23 +96,25 @@ TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
     }
 }
 
-// The weight-gradient product on AMX tiles (gemm_bf16's (trans_a, !trans_b) fp32 path where the
-// CPU has AMX): shapes that pad every tile dimension, split columns among threads (few panels of
-// rows) or not, unaligned rows (plain stores) and 64-byte aligned ones (streaming stores); against
-// double sums of the rounded operands, and bit-identical whatever the thread count.
-TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
-  if (!cpu::amx_gemm_available()) GTEST_SKIP() << "no AMX-BF16 on this CPU (or not granted)";
+// The weight-gradient product of our own (gemm_bf16's (trans_a, !trans_b) fp32 path): on AMX tiles,
+// or with AVX512-BF16 dot products (without AMX, or under LMFORGE_MAX_ISA=avx512_bf16): shapes
+// that pad every tile dimension, split columns among threads (few panels of rows) or not,
+// unaligned rows (plain stores) and 64-byte aligned ones (streaming stores); against double sums
+// of the rounded operands, and bit-identical whatever the thread count.
+TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
+  const bool amx = cpu::amx_gemm_available();
+  if (!amx && !cpu::has_avx512_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   struct Shape {
     int64_t M, N, K, ldc;
   };
   for (const Shape& s : {Shape{40, 300, 257, 301}, Shape{130, 64, 64, 64}, Shape{33, 17, 1, 17},
-                         Shape{96, 48, cpu::kAmxMaxK, 48}, Shape{1000, 35, 31, 48}}) {
+                         Shape{96, 48, cpu::kWeightGradMaxK, 48}, Shape{1000, 35, 31, 48}}) {
     const int64_t lda = s.M + 5, ldb = s.N + 3;
     std::vector<float> a = randn(s.K * lda, 21), b = randn(s.K * ldb, 22);
     std::vector<uint16_t> a16(a.size()), b16(b.size());
     cpu::to_bf16(a16.data(), a.data(), static_cast<int64_t>(a.size()));
     cpu::to_bf16(b16.data(), b.data(), static_cast<int64_t>(b.size()));
-    ASSERT_TRUE(cpu::amx_gemm_takes(s.M, s.N, s.K));
+    EXPECT_EQ(cpu::weight_grad_gemm_takes(s.M, s.N, s.K), amx);  // dot products: LM heads only
     for (bool acc : {false, true}) {
       const std::vector<float> c0 = randn(s.M * s.ldc + 16, 23);
       std::vector<std::vector<float>> results;
@@ -122,7 +124,7 @@ TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
         std::copy(c0.begin(), c0.begin() + s.M * s.ldc, c);
         const int before = omp_get_max_threads();
         omp_set_num_threads(threads);
-        cpu::gemm_bf16_at_b_amx(s.M, s.N, s.K, a16.data(), lda, b16.data(), ldb, acc, c, s.ldc);
+        cpu::gemm_bf16_weight_grad(s.M, s.N, s.K, a16.data(), lda, b16.data(), ldb, acc, c, s.ldc);
         omp_set_num_threads(before);
         results.emplace_back(c, c + s.M * s.ldc);
       }
@@ -145,7 +147,8 @@ TEST(Bf16, AmxWeightGradientMatchesDoubleAndIsThreadCountInvariant) {
       EXPECT_EQ(results[0], results[2]) << "M=" << s.M << " N=" << s.N << " K=" << s.K;
     }
   }
-  EXPECT_FALSE(cpu::amx_gemm_takes(64, 64, cpu::kAmxMaxK + 1));  // longer K: oneDNN's
+  EXPECT_FALSE(
+      cpu::weight_grad_gemm_takes(64, 64, cpu::kWeightGradMaxK + 1));  // longer K: oneDNN's
 }
 
 // gemm_bf16_tile's products (attention's tiles, one thread each) on AMX tiles, or AVX512-BF16 dot

@@ -14,10 +14,13 @@
 // deterministic as the rest of the step. The products are exact in fp32 (bf16 x bf16) and the
 // sums fp32 with round-to-nearest-even (denormal inputs as zero), as oneDNN's AMX kernels.
 //
+// On CPUs with AVX512-BF16 and no AMX (AMD Zen 4, Cooper Lake) the same packed panels go through
+// vdpbf16ps dot products instead (dp_block), for the gradients far larger than the caches only
+// (an LM head's: weight_grad_gemm_takes).
+//
 // Attention's small products (small_gemm_bf16, one thread each) use the same layouts, packed per
-// call, on AMX tiles or, on CPUs with AVX512-BF16 and no AMX (AMD Zen 4, Cooper Lake), with
-// vdpbf16ps dot products: 160-180 GFLOP/s on one Zen 4 core at 64 x 64 x 64 (~75% of its peak)
-// where oneDNN's brgemm, called per tile, reaches 130.
+// call, on AMX tiles or with dot products: 160-180 GFLOP/s on one Zen 4 core at 64 x 64 x 64
+// (~75% of its peak) where oneDNN's brgemm, called per tile, reaches 130.
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/syscall.h>
@@ -139,15 +142,61 @@ struct Job {
   bool accumulate, stream;
 };
 
-LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* ap,
-                        float* cbuf) {
-  const int64_t kh = j.Kp / 2;                                // pairs of k
-  pack_transposed(ap, kh, j.A, j.lda, j.K, m0, j.M, kPanel);  // the panel's rows of A^T
-  // The next panel's columns of A into L2 while this one computes: its K rows lie a row of A
-  // apart (one page or more for an LM head's gradient), beyond the hardware prefetchers' reach.
+// Rows [m0, m0 + rows) x columns [n0, n0 + 16) of C (N wide) from v[r * vstride]: added to C under
+// accumulate; whole rows of 16 streamed when stream, else written (columns past N untouched).
+LMF_AVX512 inline void write_rows(float* C, int64_t ldc, int64_t N, int64_t m0, int64_t rows,
+                                  int64_t n0, bool accumulate, bool stream, const __m512* v,
+                                  int64_t vstride) {
+  const int64_t valid = std::clamp<int64_t>(N - n0, 0, 16);
+  if (valid == 0) return;
+  const __mmask16 m = __mmask16((1u << valid) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = C + (m0 + r) * ldc + n0;
+    __m512 x = v[r * vstride];
+    if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, dst));
+    if (valid == 16 && stream)
+      _mm512_stream_ps(dst, x);
+    else
+      _mm512_mask_storeu_ps(dst, m, x);
+  }
+}
+
+// 8 rows x 32 columns of a product in 16 fp32 registers, with AVX512-BF16 dot products (CPUs
+// without AMX: AMD Zen 4 and later, Cooper Lake): acc[r][h] = sum over pairs p < kh of the pair
+// a[r * lda + p] of op(A) (broadcast) times the pairs b[p * ldb + 16 h ...] of op(B). vdpbf16ps
+// adds the two products of a pair one after the other, as a tile does: the same fp32 sums in the
+// same order.
+constexpr int64_t kDpRows = 8;
+constexpr int64_t kDpWeightGradMinElems = int64_t{1} << 24;  // weight_grad_gemm_takes
+LMF_AVX512_BF16 inline void dp_block(__m512 (&acc)[kDpRows][2], const uint32_t* a, int64_t lda,
+                                     const uint32_t* b, int64_t ldb, int64_t kh) {
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < kDpRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kh; ++p, b += ldb) {
+    const auto b0 = (__m512bh)_mm512_load_si512(b);
+    const auto b1 = (__m512bh)_mm512_load_si512(b + 16);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < kDpRows; ++r) {
+      const auto x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+    }
+  }
+}
+
+// A panel's rows of A^T (ap: kPanel rows of Kp/2 pairs), and the next panel's columns of A toward
+// L2 while this one computes: its K rows lie a row of A apart (one page or more for an LM head's
+// gradient), beyond the hardware prefetchers' reach.
+LMF_AVX512 void load_panel(const Job& j, int64_t m0, uint32_t* ap) {
+  pack_transposed(ap, j.Kp / 2, j.A, j.lda, j.K, m0, j.M, kPanel);
   if (m0 + kPanel < j.M)
     for (int64_t k = 0; k < j.K; ++k)
       _mm_prefetch(reinterpret_cast<const char*>(j.A + k * j.lda + m0 + kPanel), _MM_HINT_T1);
+}
+
+LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* ap,
+                        float* cbuf) {
+  load_panel(j, m0, ap);
   const int64_t rows = std::min(kPanel, j.M - m0);
   const uint16_t* a = reinterpret_cast<const uint16_t*>(ap);
   for (int64_t c0 = n0; c0 < n1; c0 += 32) {
@@ -170,23 +219,28 @@ LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32
     _tile_stored(1, cbuf + 16, 128);
     _tile_stored(2, cbuf + 16 * 32, 128);
     _tile_stored(3, cbuf + 16 * 32 + 16, 128);
-    for (int64_t h = 0; h < 32; h += 16) {
-      const int64_t valid = std::clamp<int64_t>(j.N - c0 - h, 0, 16);
-      if (valid == 0) break;
-      const __mmask16 m = __mmask16((1u << valid) - 1);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = j.C + (m0 + r) * j.ldc + c0 + h;
-        __m512 v = _mm512_load_ps(cbuf + r * 32 + h);
-        if (j.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dst));
-        if (valid == 16 && j.stream)
-          _mm512_stream_ps(dst, v);
-        else
-          _mm512_mask_storeu_ps(dst, m, v);
-      }
-    }
+    const auto* v = reinterpret_cast<const __m512*>(cbuf);
+    write_rows(j.C, j.ldc, j.N, m0, rows, c0, j.accumulate, j.stream, v, 2);
+    write_rows(j.C, j.ldc, j.N, m0, rows, c0 + 16, j.accumulate, j.stream, v + 1, 2);
   }
 }
 
+LMF_AVX512_BF16 void panel_rows_dp(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32_t* ap) {
+  load_panel(j, m0, ap);
+  const int64_t kh = j.Kp / 2, rows = std::min(kPanel, j.M - m0);
+  const auto* b32 = reinterpret_cast<const uint32_t*>(j.Bp);
+  for (int64_t c0 = n0; c0 < n1; c0 += 32)
+    for (int64_t r0 = 0; r0 < rows; r0 += kDpRows) {
+      __m512 acc[kDpRows][2];
+      dp_block(acc, ap + r0 * kh, kh, b32 + c0, j.Np, kh);
+      const int64_t n = std::min(kDpRows, rows - r0);
+      write_rows(j.C, j.ldc, j.N, m0 + r0, n, c0, j.accumulate, j.stream, &acc[0][0], 2);
+      write_rows(j.C, j.ldc, j.N, m0 + r0, n, c0 + 16, j.accumulate, j.stream, &acc[0][1], 2);
+    }
+}
+
+// A thread's items (column chunk major: a thread's B stays in cache), on AMX tiles or with dot
+// products.
 LMF_AMX void run_thread(const Job& j, int64_t items, int64_t panels, int64_t chunk,
                         uint32_t* scratch) {
   TileConfig cfg;
@@ -195,20 +249,26 @@ LMF_AMX void run_thread(const Job& j, int64_t items, int64_t panels, int64_t chu
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-  const int64_t kh = j.Kp / 2;
-  uint32_t* ap = scratch;
-  float* cbuf = reinterpret_cast<float*>(ap + kh * kPanel);
+  float* cbuf = reinterpret_cast<float*>(scratch + j.Kp / 2 * kPanel);
 #pragma omp for schedule(static)
-  for (int64_t it = 0; it < items; ++it) {  // column chunk major: a thread's B stays in cache
-    const int64_t n0 = (it / panels) * chunk, n1 = std::min(n0 + chunk, j.Np);
-    panel_rows(j, (it % panels) * kPanel, n0, n1, ap, cbuf);
-  }
+  for (int64_t it = 0; it < items; ++it)
+    panel_rows(j, (it % panels) * kPanel, (it / panels) * chunk,
+               std::min((it / panels + 1) * chunk, j.Np), scratch, cbuf);
   _tile_release();
   _mm_sfence();  // the streaming stores visible before the threads join
 }
 
-LMF_AMX void pack_b(uint16_t* bp, const uint16_t* B, int64_t ldb, int64_t K, int64_t N, int64_t Kp,
-                    int64_t Np) {
+LMF_AVX512_BF16 void run_thread_dp(const Job& j, int64_t items, int64_t panels, int64_t chunk,
+                                   uint32_t* scratch) {
+#pragma omp for schedule(static)
+  for (int64_t it = 0; it < items; ++it)
+    panel_rows_dp(j, (it % panels) * kPanel, (it / panels) * chunk,
+                  std::min((it / panels + 1) * chunk, j.Np), scratch);
+  _mm_sfence();
+}
+
+LMF_AVX512 void pack_b(uint16_t* bp, const uint16_t* B, int64_t ldb, int64_t K, int64_t N,
+                       int64_t Kp, int64_t Np) {
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < Kp / 2; ++p)
     for (int64_t c = 0; c < Np; c += 32)
@@ -279,20 +339,6 @@ LMF_AVX512 SmallOperands pack_small(SmallBuffers& buf, bool ta, bool tb, int64_t
   return o;
 }
 
-// C rows [m0, m0 + rows) x columns [n0, n0 + 16) (+)= v[r], columns at or past N untouched.
-LMF_AVX512 inline void write_rows(float* C, int64_t ldc, int64_t m0, int64_t rows, int64_t n0,
-                                  int64_t N, bool accumulate, const __m512* v, int64_t vstride) {
-  const int64_t valid = std::clamp<int64_t>(N - n0, 0, 16);
-  if (valid == 0) return;
-  const __mmask16 m = __mmask16((1u << valid) - 1);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = C + (m0 + r) * ldc + n0;
-    __m512 x = v[r * vstride];
-    if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, dst));
-    _mm512_mask_storeu_ps(dst, m, x);
-  }
-}
-
 LMF_AMX void small_gemm_amx(const SmallOperands& o, int64_t M, int64_t N, bool accumulate, float* C,
                             int64_t ldc, float* cbuf) {
   TileConfig cfg;
@@ -324,42 +370,25 @@ LMF_AMX void small_gemm_amx(const SmallOperands& o, int64_t M, int64_t N, bool a
       _tile_stored(3, cbuf + 16 * 32 + 16, 128);
       const int64_t rows = std::min<int64_t>(32, M - m0);
       const auto* v = reinterpret_cast<const __m512*>(cbuf);
-      write_rows(C, ldc, m0, rows, n0, N, accumulate, v, 2);
-      write_rows(C, ldc, m0, rows, n0 + 16, N, accumulate, v + 1, 2);
+      write_rows(C, ldc, N, m0, rows, n0, accumulate, false, v, 2);
+      write_rows(C, ldc, N, m0, rows, n0 + 16, accumulate, false, v + 1, 2);
     }
   _tile_release();
 }
 
-// The same with AVX512-BF16 dot products (CPUs without AMX: AMD Zen 4 and later, Cooper Lake):
-// blocks of 8 rows x 32 columns in 16 fp32 registers; each pair of op(A) broadcast to the lanes
-// and multiplied by the pairs of 32 columns of op(B). vdpbf16ps adds the two products of a pair
-// one after the other, as a tile does: the same fp32 sums in the same order.
-LMF_AVX512_BF16 void small_gemm_dpbf16(const SmallOperands& o, int64_t M, int64_t N, bool accumulate,
-                                  float* C, int64_t ldc) {
-  constexpr int64_t kRows = 8;
-  const int64_t kh = o.Kp / 2, lda32 = o.lda / 2;
+// The same with AVX512-BF16 dot products (dp_block).
+LMF_AVX512_BF16 void small_gemm_dpbf16(const SmallOperands& o, int64_t M, int64_t N,
+                                       bool accumulate, float* C, int64_t ldc) {
+  const int64_t kh = o.Kp / 2;
   const auto* a32 = reinterpret_cast<const uint32_t*>(o.a);
   const auto* b32 = reinterpret_cast<const uint32_t*>(o.b);
-  for (int64_t m0 = 0; m0 < std::min(o.Mp, (M + kRows - 1) / kRows * kRows); m0 += kRows)
+  for (int64_t m0 = 0; m0 < M; m0 += kDpRows)  // rows to Mp are there (zeros) to read
     for (int64_t n0 = 0; n0 < o.Np; n0 += 32) {
-      __m512 acc[kRows][2];
-#pragma GCC unroll 8
-      for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      const uint32_t* a = a32 + m0 * lda32;
-      const uint32_t* b = b32 + n0;
-      for (int64_t p = 0; p < kh; ++p, b += o.Np) {
-        const auto b0 = (__m512bh)_mm512_load_si512(b);
-        const auto b1 = (__m512bh)_mm512_load_si512(b + 16);
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < kRows; ++r) {
-          const auto x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda32 + p]));
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
-        }
-      }
-      const int64_t rows = std::min<int64_t>(kRows, M - m0);
-      write_rows(C, ldc, m0, rows, n0, N, accumulate, &acc[0][0], 2);
-      write_rows(C, ldc, m0, rows, n0 + 16, N, accumulate, &acc[0][1], 2);
+      __m512 acc[kDpRows][2];
+      dp_block(acc, a32 + m0 * (o.lda / 2), o.lda / 2, b32 + n0, o.Np, kh);
+      const int64_t rows = std::min(kDpRows, M - m0);
+      write_rows(C, ldc, N, m0, rows, n0, accumulate, false, &acc[0][0], 2);
+      write_rows(C, ldc, N, m0, rows, n0 + 16, accumulate, false, &acc[0][1], 2);
     }
 }
 
@@ -385,12 +414,17 @@ bool small_gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const ui
   return true;
 }
 
-bool amx_gemm_takes(int64_t M, int64_t N, int64_t K) {
-  return K > 0 && K <= kAmxMaxK && M > 0 && N > 0 && amx_gemm_available() && !omp_in_parallel();
+bool weight_grad_gemm_takes(int64_t M, int64_t N, int64_t K) {
+  if (K <= 0 || K > kWeightGradMaxK || M <= 0 || N <= 0 || omp_in_parallel()) return false;
+  if (amx_gemm_available()) return true;
+  // With dot products, only gradients far larger than the caches (an LM head's): there oneDNN's
+  // brgemm slows down (Zen 4, 2 cores: 50257 x 768 at K = 256, 258 -> 350 GFLOP/s; K = 1024, 312
+  // -> 403), while for a layer's (768 x 3072 or smaller) it is as fast or faster.
+  return has_avx512_bf16() && M * N >= kDpWeightGradMinElems;
 }
 
-void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                        const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+void gemm_bf16_weight_grad(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                           const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   const int64_t Kp = (K + kTileK - 1) / kTileK * kTileK, Np = (N + 31) / 32 * 32;
   static std::vector<uint16_t> bpack;  // grows during the first step only
   static std::vector<uint32_t> scratch;
@@ -408,12 +442,16 @@ void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int6
   if (static_cast<int64_t>(scratch.size()) < per_thread * threads)
     scratch.resize(per_thread * threads);
   const bool stream = reinterpret_cast<uintptr_t>(C) % 64 == 0 && ldc % 16 == 0;
+  static const bool amx = amx_gemm_available();
   const Job job{M, N, K, Kp, Np, lda, ldc, A, bp, C, accumulate, stream};
 #pragma omp parallel num_threads(threads)
   {
     uint32_t* s = scratch.data() + per_thread * omp_get_thread_num();
     s += ((-reinterpret_cast<uintptr_t>(s)) & 63) / 4;  // 64-byte aligned
-    run_thread(job, items, panels, chunk, s);
+    if (amx)
+      run_thread(job, items, panels, chunk, s);
+    else
+      run_thread_dp(job, items, panels, chunk, s);
   }
 }
 

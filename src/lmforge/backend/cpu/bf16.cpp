@@ -328,8 +328,8 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
     return;
   }
   Bf16Gemm& g = Bf16Gemm::get();
-  if (ta && !tb && !bias && !g.force_widen_ && amx_gemm_takes(M, N, K))
-    return gemm_bf16_at_b_amx(M, N, K, A, lda, B, ldb, accumulate, C, ldc);  // weight gradients
+  if (ta && !tb && !bias && !g.force_widen_ && weight_grad_gemm_takes(M, N, K))
+    return gemm_bf16_weight_grad(M, N, K, A, lda, B, ldb, accumulate, C, ldc);  // weight gradients
   g.run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B, bias, C);
 }
 

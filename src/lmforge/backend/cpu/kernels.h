@@ -75,21 +75,23 @@ bool gemm_bf16_tile_available();
 void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                     int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
                     int64_t ldc);
-// The weight-gradient product on AMX tiles (cpu/amx.cpp): C (M, N) fp32 = A^T B, or += with
-// accumulate, A (K, M) and B (K, N) bf16 row-major, K short (the tokens of a step). Only where
-// amx_gemm_takes(M, N, K): AMX-BF16 present and granted by the OS, K <= kAmxMaxK, and the caller
-// outside an OpenMP parallel region. gemm_bf16 sends its (trans_a, !trans_b) fp32 products here.
-constexpr int64_t kAmxMaxK = 1024;
+// The weight-gradient product of our own (cpu/amx.cpp): C (M, N) fp32 = A^T B, or += with
+// accumulate, A (K, M) and B (K, N) bf16 row-major, K short (the tokens of a step), on AMX tiles
+// or, without AMX, with AVX512-BF16 dot products. gemm_bf16 sends its (trans_a, !trans_b) fp32
+// products here where weight_grad_gemm_takes(M, N, K): K <= kWeightGradMaxK, the caller outside an
+// OpenMP parallel region, and AMX-BF16 present and granted by the OS, or else AVX512-BF16 and a
+// gradient of at least 2^24 elements (an LM head's).
+constexpr int64_t kWeightGradMaxK = 1024;
 bool amx_gemm_available();
-bool amx_gemm_takes(int64_t M, int64_t N, int64_t K);
+bool weight_grad_gemm_takes(int64_t M, int64_t N, int64_t K);
 // gemm_bf16_tile's products where they fit (M <= 128, N <= 256, K <= 256: attention's tiles), run
 // by the calling thread on AMX tiles, or with AVX512-BF16 dot products on CPUs without AMX; false
 // (nothing done) past those sizes or without AVX512-BF16.
 bool small_gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                      int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
                      int64_t ldc);
-void gemm_bf16_at_b_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                        const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+void gemm_bf16_weight_grad(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                           const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 // The linear layer with a bf16 copy of the weight: activations and output gradients are rounded
 // to bf16 on the way into the matmul; out, dinp, dweight, dbias stay fp32 (+= as above; dweight
 // written instead when !dweight_accumulate, here and in linear_backward: the step's first
