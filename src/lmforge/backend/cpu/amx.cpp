@@ -161,6 +161,32 @@ LMF_AVX512 inline void write_rows(float* C, int64_t ldc, int64_t N, int64_t m0, 
   }
 }
 
+// 32 x 32 of a product on the four accumulator tiles (the tile configuration loaded): rows of
+// op(A) with k consecutive at a (lda elements apart), op(B)'s pairs for the 32 columns at b (rows
+// of ldb pairs), Kp k (a multiple of kTileK); the fp32 result into cbuf (32 rows of 32).
+LMF_AMX inline void amx_block(float* cbuf, const uint16_t* a, int64_t lda, const uint16_t* b,
+                              int64_t ldb, int64_t Kp) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < Kp; k += kTileK) {
+    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(5, a + 16 * lda + k, lda * 2);
+    const uint16_t* bk = b + (k / 2) * (ldb * 2);
+    _tile_loadd(6, bk, ldb * 4);
+    _tile_loadd(7, bk + 32, ldb * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, cbuf, 128);
+  _tile_stored(1, cbuf + 16, 128);
+  _tile_stored(2, cbuf + 16 * 32, 128);
+  _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+}
+
 // 8 rows x 32 columns of a product in 16 fp32 registers, with AVX512-BF16 dot products (CPUs
 // without AMX: AMD Zen 4 and later, Cooper Lake): acc[r][h] = sum over pairs p < kh of the pair
 // a[r * lda + p] of op(A) (broadcast) times the pairs b[p * ldb + 16 h ...] of op(B). vdpbf16ps
@@ -200,25 +226,7 @@ LMF_AMX void panel_rows(const Job& j, int64_t m0, int64_t n0, int64_t n1, uint32
   const int64_t rows = std::min(kPanel, j.M - m0);
   const uint16_t* a = reinterpret_cast<const uint16_t*>(ap);
   for (int64_t c0 = n0; c0 < n1; c0 += 32) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < j.Kp; k += kTileK) {
-      _tile_loadd(4, a + k, j.Kp * 2);
-      _tile_loadd(5, a + 16 * j.Kp + k, j.Kp * 2);
-      const uint16_t* b = j.Bp + (k / 2) * (j.Np * 2) + c0 * 2;
-      _tile_loadd(6, b, j.Np * 4);
-      _tile_loadd(7, b + 32, j.Np * 4);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, cbuf, 128);
-    _tile_stored(1, cbuf + 16, 128);
-    _tile_stored(2, cbuf + 16 * 32, 128);
-    _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+    amx_block(cbuf, a, j.Kp, j.Bp + c0 * 2, j.Np, j.Kp);
     const auto* v = reinterpret_cast<const __m512*>(cbuf);
     write_rows(j.C, j.ldc, j.N, m0, rows, c0, j.accumulate, j.stream, v, 2);
     write_rows(j.C, j.ldc, j.N, m0, rows, c0 + 16, j.accumulate, j.stream, v + 1, 2);
@@ -349,25 +357,7 @@ LMF_AMX void small_gemm_amx(const SmallOperands& o, int64_t M, int64_t N, bool a
   _tile_loadconfig(&cfg);
   for (int64_t m0 = 0; m0 < o.Mp; m0 += 32)
     for (int64_t n0 = 0; n0 < o.Np; n0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < o.Kp; k += kTileK) {
-        _tile_loadd(4, o.a + m0 * o.lda + k, o.lda * 2);
-        _tile_loadd(5, o.a + (m0 + 16) * o.lda + k, o.lda * 2);
-        const uint16_t* b = o.b + (k / 2) * (o.Np * 2) + n0 * 2;
-        _tile_loadd(6, b, o.Np * 4);
-        _tile_loadd(7, b + 32, o.Np * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, cbuf, 128);
-      _tile_stored(1, cbuf + 16, 128);
-      _tile_stored(2, cbuf + 16 * 32, 128);
-      _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+      amx_block(cbuf, o.a + m0 * o.lda, o.lda, o.b + n0 * 2, o.Np, o.Kp);
       const int64_t rows = std::min<int64_t>(32, M - m0);
       const auto* v = reinterpret_cast<const __m512*>(cbuf);
       write_rows(C, ldc, N, m0, rows, n0, accumulate, false, v, 2);
