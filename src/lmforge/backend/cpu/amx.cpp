@@ -190,8 +190,8 @@ LMF_AMX inline void amx_block(float* cbuf, const uint16_t* a, int64_t lda, const
 // 8 rows x 32 columns of a product in 16 fp32 registers, with AVX512-BF16 dot products (CPUs
 // without AMX: AMD Zen 4 and later, Cooper Lake): acc[r][h] = sum over pairs p < kh of the pair
 // a[r * lda + p] of op(A) (broadcast) times the pairs b[p * ldb + 16 h ...] of op(B). vdpbf16ps
-// adds the two products of a pair one after the other, as a tile does: the same fp32 sums in the
-// same order.
+// adds a pair's two (exact) products to the fp32 accumulator with denormals as zero, as a tile
+// does; k in the same order whatever the thread count.
 constexpr int64_t kDpRows = 8;
 constexpr int64_t kDpWeightGradMinElems = int64_t{1} << 24;  // weight_grad_gemm_takes
 LMF_AVX512_BF16 inline void dp_block(__m512 (&acc)[kDpRows][2], const uint32_t* a, int64_t lda,
