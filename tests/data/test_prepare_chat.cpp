@@ -153,9 +153,10 @@ TEST(PrepareChat, ShardsHoldTheTemplateAndItsMaskAndTheLoaderTargetsOnlyTheAssis
       }
     }
     EXPECT_EQ(targets, targets_expected);
-    if (packing == "none")  // one row, in document order
+    if (packing == "none") {  // one row, in document order
       EXPECT_EQ(assistant,
                 "4.<|eot_id|>Moses.<|eot_id|>Elijah, the Tishbite.<|eot_id|>カフェ<|eot_id|>");
+    }
   }
 }
 

@@ -102,8 +102,10 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   bucket_of_group_.assign(G, -1);
   for (int64_t g = G - 1; g >= 0; --g) {
     if (group_hi(g) == group_lo(g)) continue;
-    if (buckets_.empty() || buckets_.back().hi - buckets_.back().lo >= bucket_elems)
-      buckets_.push_back(Bucket{.lo = group_lo(g), .hi = group_hi(g)});
+    if (buckets_.empty() || buckets_.back().hi - buckets_.back().lo >= bucket_elems) {
+      buckets_.emplace_back();
+      buckets_.back().hi = group_hi(g);
+    }
     Bucket& b = buckets_.back();
     b.lo = group_lo(g);
     ++b.groups;

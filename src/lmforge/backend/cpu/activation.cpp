@@ -7,6 +7,12 @@
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
 
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for this file.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace lmforge::cpu {
 
 namespace {
@@ -283,3 +289,5 @@ LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE
 
 }  // namespace lmforge::cpu
+
+#pragma GCC diagnostic pop

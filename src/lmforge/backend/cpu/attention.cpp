@@ -36,6 +36,12 @@
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for this file.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace lmforge::cpu {
 
 namespace {
@@ -540,3 +546,5 @@ template void attention_backward<double>(double*, const double*, const double*, 
                                          int64_t, const int32_t*);
 
 }  // namespace lmforge::cpu
+
+#pragma GCC diagnostic pop

@@ -8,6 +8,12 @@
 #include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/error.h"
 
+// GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
+// maybe-uninitialized once inlined (as in adamw.cpp): off for this file.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace lmforge::cpu {
 
 namespace {
@@ -287,3 +293,5 @@ template void softmax_xent_forward_backward<double>(double*, double*, const doub
                                                     double*, const float*);
 
 }  // namespace lmforge::cpu
+
+#pragma GCC diagnostic pop
