@@ -154,8 +154,10 @@ TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
       EXPECT_EQ(results[0], results[2]) << "M=" << s.M << " N=" << s.N << " K=" << s.K;
     }
   }
-  EXPECT_FALSE(
-      cpu::weight_grad_gemm_takes(64, 64, cpu::kWeightGradMaxK + 1));  // longer K: oneDNN's
+  // An LM head's gradient takes the kernel either way; a layer's only on AMX; longer K never.
+  EXPECT_TRUE(cpu::weight_grad_gemm_takes(50257, 768, 256));
+  EXPECT_EQ(cpu::weight_grad_gemm_takes(768, 3072, 256), amx);
+  EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, cpu::kWeightGradMaxK + 1));
 }
 
 // gemm_bf16_tile's products (attention's tiles, one thread each) on AMX tiles, or AVX512-BF16 dot
