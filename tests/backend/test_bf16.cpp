@@ -67,8 +67,9 @@ TEST(Bf16, ConversionIsRoundToNearestEvenWithDenormalsFlushed) {
 
 // C = op(A) op(B) [+ bias | + C] on bf16 operands, checked against double sums of the same
 // rounded values: only fp32 accumulation error remains.
-void check_gemm(bool ta, bool tb, bool acc, bool bias) {
-  const int64_t M = 37, N = 53, K = 71, lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+void check_gemm(bool ta, bool tb, bool acc, bool bias, int64_t M = 37, int64_t N = 53,
+                int64_t K = 71) {
+  const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
   std::vector<float> a = randn((ta ? K : M) * lda, 2), b = randn((tb ? N : K) * ldb, 3),
                      c0 = randn(M * ldc, 4), bv = randn(N, 5);
   std::vector<uint16_t> a16(a.size()), b16(b.size());
@@ -94,7 +95,9 @@ void check_gemm(bool ta, bool tb, bool acc, bool bias) {
   for (int64_t i = 0; i < M; ++i) EXPECT_EQ(c[i * ldc + N], c0[i * ldc + N]);
 }
 
+// Native bf16 products (oneDNN's brgemm; widened anyway where oneDNN has none).
 TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
+  const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
       check_gemm(ta, tb, false, false);
@@ -109,6 +112,7 @@ TEST(Bf16, GemmMatchesDoubleProductOfRoundedOperands) {
 // unaligned rows (plain stores) and 64-byte aligned ones (streaming stores); against double sums
 // of the rounded operands, and bit-identical whatever the thread count.
 TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
+  const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
   const bool amx = cpu::amx_gemm_available();
   if (!amx && !cpu::has_avx512_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   struct Shape {
@@ -158,6 +162,9 @@ TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
   EXPECT_TRUE(cpu::weight_grad_gemm_takes(50257, 768, 256));
   EXPECT_EQ(cpu::weight_grad_gemm_takes(768, 3072, 256), amx);
   EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, cpu::kWeightGradMaxK + 1));
+  // Widened bf16 products (a CPU that multiplies bf16 slower than fp32): never.
+  cpu::set_bf16_matmul(cpu::Bf16Matmul::kWidened);
+  EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, 256));
 }
 
 // gemm_bf16_tile's products (attention's tiles, one thread each) on AMX tiles, or AVX512-BF16 dot
@@ -165,6 +172,7 @@ TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
 // the tiles or fill them exactly (A read in place), an odd leading dimension, at the size limits,
 // and a shape past them (oneDNN's), against double sums of the rounded operands.
 TEST(Bf16, TileProductsMatchDoubleForEveryTranspose) {
+  const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
   if (!cpu::gemm_bf16_tile_available()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   struct Shape {
     int64_t M, N, K;
@@ -203,29 +211,39 @@ TEST(Bf16, TileProductsMatchDoubleForEveryTranspose) {
         }
 }
 
-// CPUs without AVX-512 (where Debian's oneDNN has no bf16 matmul) widen the operands to fp32: the
-// same sums, and a bf16 C is the fp32 result rounded once.
+// CPUs that multiply bf16 slower than fp32 (or, without AVX-512, not at all in Debian's oneDNN)
+// widen the operands to fp32: the same sums, and a bf16 C is the fp32 result rounded once.
 TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
-  cpu::set_bf16_gemm_widened(true);
+  const cpu::Bf16MatmulScope widened(cpu::Bf16Matmul::kWidened);
+  EXPECT_FALSE(cpu::gemm_bf16_tile_available());  // attention: its fp32 tiles
+  EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, 256));
+  // Small, and K long enough that op(B) goes in more panels of columns than there are threads.
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
       check_gemm(ta, tb, false, false);
       check_gemm(ta, tb, true, false);
       check_gemm(ta, tb, false, true);
+      check_gemm(ta, tb, true, false, 5, 300, 20000);
+      check_gemm(ta, tb, false, true, 5, 300, 20000);
     }
-  const int64_t M = 9, N = 13, K = 21, ldc = N + 3;
-  std::vector<float> a = randn(M * K, 11), b = randn(N * K, 12), bv = randn(N, 13);
-  std::vector<uint16_t> a16(a.size()), b16(b.size()), c16(M * ldc, 0x7f7f);
-  cpu::to_bf16(a16.data(), a.data(), M * K);
-  cpu::to_bf16(b16.data(), b.data(), N * K);
-  std::vector<float> c(M * N);
-  cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), false, c.data(), N);
-  cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), c16.data(), ldc);
-  cpu::set_bf16_gemm_widened(false);
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j)
-      EXPECT_EQ(c16[i * ldc + j], fp32_to_bf16_ftz(c[i * N + j])) << i << "," << j;
-    for (int64_t j = N; j < ldc; ++j) EXPECT_EQ(c16[i * ldc + j], 0x7f7f);  // padding untouched
+  struct Shape {
+    int64_t M, N, K;
+  };
+  for (const Shape& s : {Shape{9, 13, 21}, Shape{5, 300, 20000}}) {
+    const int64_t M = s.M, N = s.N, K = s.K, ldc = N + 3;
+    std::vector<float> a = randn(M * K, 11), b = randn(N * K, 12), bv = randn(N, 13);
+    std::vector<uint16_t> a16(a.size()), b16(b.size()), c16(M * ldc, 0x7f7f);
+    cpu::to_bf16(a16.data(), a.data(), M * K);
+    cpu::to_bf16(b16.data(), b.data(), N * K);
+    std::vector<float> c(M * N);
+    cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), false, c.data(),
+                   N);
+    cpu::gemm_bf16(false, true, M, N, K, a16.data(), K, b16.data(), K, bv.data(), c16.data(), ldc);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j)
+        ASSERT_EQ(c16[i * ldc + j], fp32_to_bf16_ftz(c[i * N + j])) << i << "," << j;
+      for (int64_t j = N; j < ldc; ++j) ASSERT_EQ(c16[i * ldc + j], 0x7f7f);  // padding untouched
+    }
   }
 }
 

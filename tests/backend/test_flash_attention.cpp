@@ -145,9 +145,12 @@ void check(DType dtype, int64_t window) {
 // 1e-5 for lse (the scores come from exact bf16 products summed in fp32). dout fp32 (dqkv +=,
 // accumulating) or bf16 (dqkv written); bit-identical with 1 and 2 threads.
 void check_bf16(int64_t window, bool bf16_dout) {
+  // The tiles' kernels, also on CPUs whose bf16 products are slower than fp32 (which otherwise
+  // run the fp32 tiles on widened copies).
+  const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
   if (!cpu::gemm_bf16_tile_available())
-    GTEST_SKIP() << "no oneDNN bf16 matmuls on this CPU (AVX512-BF16 / AMX): the fp32 kernels run "
-                    "on widened copies (Bf16.OpsOnBf16MatmulOutputsRoundTheFp32PathOnce)";
+    GTEST_SKIP() << "no AVX512-BF16 or AMX on this CPU: the fp32 kernels run on widened copies "
+                    "(Bf16.OpsOnBf16MatmulOutputsRoundTheFp32PathOnce)";
   const std::string tag = "bf16 window " + std::to_string(window) + (bf16_dout ? " bf16 dout" : "");
   Rng rng(7 + window);
   Tensor q32 = randn({kB, kT, kCq}, DType::kF32, rng, 2.0);

@@ -41,6 +41,13 @@ CpuFeatures detect() {
   }
   if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
     f.avx512_bf16 = os_avx512 && (a & (1u << 5));
+  char vendor[13] = {};
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+  }
+  f.fast_bf16_products = f.amx_bf16 || (f.avx512_bf16 && std::strcmp(vendor, "AuthenticAMD") == 0);
   char brand[49] = {};
   for (unsigned i = 0; i < 3; ++i) {
     if (!__get_cpuid(0x80000002u + i, &a, &b, &c, &d)) break;

@@ -12,7 +12,9 @@
 #include <map>
 #include <sstream>
 
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/data/loader.h"
@@ -552,6 +554,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (on_gpu)
     fmt::print("device: cuda, {}{}\n", cuda::device_name(),
                peak_tflops > 0 ? fmt::format(" (MFU against {:.1f} TFLOP/s)", peak_tflops) : "");
+  else
+    fmt::print("device: cpu, {} [{}], {} threads{}\n", cpu_features().brand,
+               cpu_features().summary(), omp_get_max_threads(),
+               t.precision != "bf16"       ? ""
+               : cpu::bf16_matmul_native() ? "; bf16 matmuls in bf16"
+                                           : "; bf16 matmuls as fp32 GEMMs on the widened operands "
+                                             "(this CPU multiplies bf16 slower than fp32; "
+                                             "LMFORGE_BF16_MATMUL=native overrides)");
   auto checkpoint = [&] {
     st.loader = train_data.state();
     st.guard = guard.state();

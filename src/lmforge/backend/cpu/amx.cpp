@@ -405,7 +405,9 @@ bool small_gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const ui
 }
 
 bool weight_grad_gemm_takes(int64_t M, int64_t N, int64_t K) {
-  if (K <= 0 || K > kWeightGradMaxK || M <= 0 || N <= 0 || omp_in_parallel()) return false;
+  if (K <= 0 || K > kWeightGradMaxK || M <= 0 || N <= 0 || omp_in_parallel() ||
+      !bf16_matmul_native())
+    return false;
   if (amx_gemm_available()) return true;
   // With dot products, only gradients far larger than the caches (an LM head's): there oneDNN's
   // brgemm slows down (Zen 4, 2 cores: 50257 x 768 at K = 256, 258 -> 350 GFLOP/s; K = 1024, 312

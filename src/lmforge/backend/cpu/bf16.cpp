@@ -1,18 +1,22 @@
 // bf16 mixed precision on the CPU: fp32 -> bf16 conversion and bf16 matmuls with fp32
-// accumulation through oneDNN's matmul primitive, which picks its brgemm kernels at run time
-// (AMX on Sapphire Rapids, AVX512-BF16 on Cooper Lake / Zen 4, an emulation on other AVX-512
-// CPUs). Where oneDNN has no bf16 matmul at all (Debian's oneDNN 2.x needs AVX-512: Zen 3, older
-// Intel), the operands are widened to fp32 (exactly) and go to the fp32 sgemm: the same products
-// accumulated in fp32, the same rounding of a bf16 output, no speedup. Primitives are created once
-// per shape and cached, so a training step creates none after the first; conversion scratch grows
-// during the first step and is then reused.
+// accumulation. Where the CPU multiplies bf16 faster than fp32 (AMX; AVX512-BF16 on AMD), they go
+// to oneDNN's matmul primitive, which picks its brgemm kernels at run time. Elsewhere (Intel's
+// AVX512-BF16 without AMX runs them at about half the fp32 rate, AVX-512 without it by emulation
+// at a fifth, and Debian's oneDNN 2.x has none without AVX-512) the operands are widened to fp32
+// (exactly) and go to the fp32 sgemm: the same products accumulated in fp32, the same rounding of
+// a bf16 output. Primitives are created once per shape and cached, so a training step creates none
+// after the first; conversion scratch grows during the first step and is then reused.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <string>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -62,6 +66,22 @@ struct GemmPlan {
   bool widen = false;  // no oneDNN bf16 matmul here: widened operands through sgemm
 };
 
+std::atomic<Bf16Matmul> g_mode{Bf16Matmul::kAuto};  // set_bf16_matmul
+
+// kAuto: LMFORGE_BF16_MATMUL=native|widened, else the CPU's own (fast_bf16_products).
+bool default_native() {
+  static const bool native = [] {
+    const char* e = std::getenv("LMFORGE_BF16_MATMUL");
+    const std::string v = e ? e : "";
+    if (v == "native" || v == "widened") return v == "native";
+    if (!v.empty())
+      std::fprintf(stderr, "warning: LMFORGE_BF16_MATMUL=%s: expected native or widened; ignored\n",
+                   e);
+    return cpu_features().fast_bf16_products;
+  }();
+  return native;
+}
+
 // The descriptors of a row-major product op(A) op(B) (a transposed operand is the same memory read
 // with swapped strides, which oneDNN's brgemm handles without a copy) and its attribute: our own
 // scratchpad, and the sum post-op when it accumulates into C.
@@ -98,10 +118,10 @@ class Bf16Gemm {
     static Bf16Gemm g;
     return g;
   }
-  bool force_widen_ = false;  // set_bf16_gemm_widened
   void run(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias, void* C) {
+    if (!bf16_matmul_native()) return run_widened(k, A, B, bias, C);
     const GemmPlan& p = plan(k);
-    if (p.widen || force_widen_) return run_widened(k, A, B, bias, C);
+    if (p.widen) return run_widened(k, A, B, bias, C);
     std::unordered_map<int, dnnl::memory> args = {
         {DNNL_ARG_SRC, dnnl::memory(p.a, eng_, const_cast<uint16_t*>(A))},
         {DNNL_ARG_WEIGHTS, dnnl::memory(p.b, eng_, const_cast<uint16_t*>(B))},
@@ -117,28 +137,47 @@ class Bf16Gemm {
  private:
   Bf16Gemm() : eng_(dnnl::engine::kind::cpu, 0), stream_(eng_) {}
 
-  // The fallback: op(A) op(B) on fp32 copies of A and B (exact), into C or, for a bf16 C, into an
-  // fp32 buffer rounded once at the end; the bias joins the fp32 accumulator as oneDNN's does.
+  // The widened product: op(A) op(B) on fp32 copies of the operands (exact). A is widened whole
+  // (an activation or an output gradient); op(B) (a weight, as a rule) in panels of columns, one
+  // per thread at a time, each widened into its thread's buffer (at most kPanelBytes: it stays in
+  // the caches) and multiplied by a single-threaded sgemm (oneDNN runs so inside a parallel
+  // region) into its columns of C, or of an fp32 panel rounded into a bf16 C. As fast as widening
+  // all of B for the multi-threaded sgemm (GPT-2's shapes, 2 cores of an Emerald Rapids), without
+  // a copy of the largest weight (the LM head's took 154 MB). The bias joins the fp32 accumulator
+  // as oneDNN's does.
   void run_widened(const GemmKey& k, const uint16_t* A, const uint16_t* B, const float* bias,
                    void* C) {
     const int64_t a_rows = k.ta ? k.K : k.M, a_cols = k.ta ? k.M : k.K;
-    const int64_t b_rows = k.tb ? k.N : k.K, b_cols = k.tb ? k.K : k.N;
-    float* a = grow(wide_[0], a_rows * a_cols);
-    float* b = grow(wide_[1], b_rows * b_cols);
+    float* a = grow(wide_a_, a_rows * a_cols);
     widen_rows(a, A, a_rows, a_cols, k.lda);
-    widen_rows(b, B, b_rows, b_cols, k.ldb);
-    float* c = k.c16 ? grow(wide_[2], k.M * k.N) : static_cast<float*>(C);
-    const int64_t ldc = k.c16 ? k.N : k.ldc;
-    if (bias)
-      for (int64_t i = 0; i < k.M; ++i) std::memcpy(c + i * ldc, bias, k.N * sizeof(float));
+    const int threads = omp_get_max_threads();
+    if (static_cast<int>(panel_.size()) < threads) panel_.resize(threads);
+    // Panels of at most kPanelBytes of fp32 B, at least a column block of sgemm's, as many as
+    // threads or a multiple.
+    const int64_t cap = std::max<int64_t>(64, kPanelBytes / (4 * k.K) / 16 * 16);
+    int64_t panels = std::max<int64_t>(1, std::min<int64_t>(threads, (k.N + 15) / 16));
+    if ((k.N + panels - 1) / panels > cap)
+      panels = ((k.N + cap - 1) / cap + threads - 1) / threads * threads;
+    const int64_t nc = (k.N + panels - 1) / panels;
     const float beta = k.acc || bias ? 1.0f : 0.0f;
-    gemm<float>(k.ta, k.tb, k.M, k.N, k.K, 1.0f, a, a_cols, b, b_cols, beta, c, ldc);
-    if (k.c16) {
-      auto* out = static_cast<uint16_t*>(C);
-#pragma omp parallel for schedule(static) if (k.M * k.N > (1 << 16))
-      for (int64_t i = 0; i < k.M; ++i) {
-        for (int64_t j = 0; j < k.N; ++j) out[i * k.ldc + j] = fp32_to_bf16_ftz(c[i * k.N + j]);
-      }
+#pragma omp parallel for schedule(static) num_threads(std::min <int64_t>(threads, panels))
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t j0 = p * nc, n = std::min(nc, k.N - j0);
+      if (n <= 0) continue;
+      std::vector<float>& buf = panel_[omp_get_thread_num()];
+      float* b = grow(buf, k.K * n + (k.c16 ? k.M * n : 0));
+      if (k.tb)  // op(B) = B^T: rows j0.. of B, each K long
+        for (int64_t j = 0; j < n; ++j) from_bf16_serial(b + j * k.K, B + (j0 + j) * k.ldb, k.K);
+      else  // columns j0.. of every row of B
+        for (int64_t r = 0; r < k.K; ++r) from_bf16_serial(b + r * n, B + r * k.ldb + j0, n);
+      float* c = k.c16 ? b + k.K * n : static_cast<float*>(C) + j0;
+      const int64_t ldc = k.c16 ? n : k.ldc;
+      if (bias)
+        for (int64_t i = 0; i < k.M; ++i) std::memcpy(c + i * ldc, bias + j0, n * sizeof(float));
+      gemm<float>(k.ta, k.tb, k.M, n, k.K, 1.0f, a, a_cols, b, k.tb ? k.K : n, beta, c, ldc);
+      if (k.c16)
+        for (int64_t i = 0; i < k.M; ++i)
+          to_bf16_serial(static_cast<uint16_t*>(C) + i * k.ldc + j0, c + i * n, n);
     }
   }
   static float* grow(std::vector<float>& v, int64_t n) {
@@ -188,7 +227,10 @@ class Bf16Gemm {
   std::mutex mu_;
   std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> cache_;
   std::vector<char> scratchpad_;
-  std::vector<float> wide_[3];  // the fallback's fp32 A, B and (bf16 C) accumulator
+  // The widened product's fp32 A, and each thread's panel of B (and of a bf16 C's accumulator).
+  static constexpr int64_t kPanelBytes = int64_t{4} << 20;
+  std::vector<float> wide_a_;
+  std::vector<std::vector<float>> panel_;
 };
 
 // Conversion buffers reused by every bf16 linear: they grow during the first step only.
@@ -266,7 +308,7 @@ class TileGemm {
 
 }  // namespace
 
-bool gemm_bf16_tile_available() { return TileGemm::available(); }
+bool gemm_bf16_tile_available() { return bf16_matmul_native() && TileGemm::available(); }
 
 void gemm_bf16_tile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                     int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
@@ -281,7 +323,12 @@ void gemm_bf16_tile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uin
   TileGemm::run({ta, tb, accumulate, false, false, M, N, K, lda, ldb, ldc}, A, B, C);
 }
 
-void set_bf16_gemm_widened(bool on) { Bf16Gemm::get().force_widen_ = on; }
+void set_bf16_matmul(Bf16Matmul mode) { g_mode.store(mode); }
+
+bool bf16_matmul_native() {
+  const Bf16Matmul m = g_mode.load(std::memory_order_relaxed);
+  return m == Bf16Matmul::kAuto ? default_native() : m == Bf16Matmul::kNative;
+}
 
 // The conversions run in chunks of this many elements over OpenMP threads, one chunk serially.
 constexpr int64_t kChunk = 1 << 16;
@@ -327,10 +374,10 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
         for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = bias ? bias[j] : 0.0f;
     return;
   }
-  Bf16Gemm& g = Bf16Gemm::get();
-  if (ta && !tb && !bias && !g.force_widen_ && weight_grad_gemm_takes(M, N, K))
+  if (ta && !tb && !bias && weight_grad_gemm_takes(M, N, K))
     return gemm_bf16_weight_grad(M, N, K, A, lda, B, ldb, accumulate, C, ldc);  // weight gradients
-  g.run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B, bias, C);
+  Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B,
+                      bias, C);
 }
 
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,

@@ -59,9 +59,21 @@ void to_bf16_serial(uint16_t* dst, const float* src, int64_t n);
 // regions, where even an inactive nested region costs a team's set-up per call).
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
 void from_bf16_serial(float* dst, const uint16_t* src, int64_t n);
-// Tests: gemm_bf16 takes the path of CPUs without oneDNN bf16 matmuls (operands widened to fp32,
-// the fp32 sgemm) even where oneDNN has them.
-void set_bf16_gemm_widened(bool on);
+// How bf16 products run (gemm_bf16, gemm_bf16_tile, the weight-gradient kernel): natively
+// (oneDNN's bf16 brgemm, lmforge's AMX and dot-product kernels) where the CPU multiplies bf16
+// faster than fp32 (CpuFeatures::fast_bf16_products), else as fp32 GEMMs on the operands widened
+// to fp32 (exact: the same products, accumulated in fp32; attention then takes its fp32 tiles).
+// LMFORGE_BF16_MATMUL=native|widened overrides the CPU's choice; set_bf16_matmul (tests) too,
+// kAuto restoring it.
+enum class Bf16Matmul { kAuto, kNative, kWidened };
+void set_bf16_matmul(Bf16Matmul mode);
+bool bf16_matmul_native();
+struct Bf16MatmulScope {  // set_bf16_matmul for a scope, kAuto again at its end
+  explicit Bf16MatmulScope(Bf16Matmul mode) { set_bf16_matmul(mode); }
+  ~Bf16MatmulScope() { set_bf16_matmul(Bf16Matmul::kAuto); }
+  Bf16MatmulScope(const Bf16MatmulScope&) = delete;
+  Bf16MatmulScope& operator=(const Bf16MatmulScope&) = delete;
+};
 // C (M, N) fp32 = op(A) op(B) [+ bias (N)] or C += op(A) op(B) (accumulate), A and B bf16 with
 // fp32 accumulation, through oneDNN's matmul (AMX / AVX512-BF16 brgemm chosen at run time).
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
@@ -79,8 +91,8 @@ void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 // accumulate, A (K, M) and B (K, N) bf16 row-major, K short (the tokens of a step), on AMX tiles
 // or, without AMX, with AVX512-BF16 dot products. gemm_bf16 sends its (trans_a, !trans_b) fp32
 // products here where weight_grad_gemm_takes(M, N, K): K <= kWeightGradMaxK, the caller outside an
-// OpenMP parallel region, and AMX-BF16 present and granted by the OS, or else AVX512-BF16 and a
-// gradient of at least 2^24 elements (an LM head's).
+// OpenMP parallel region, bf16 products native (bf16_matmul_native), and AMX-BF16 present and
+// granted by the OS, or else AVX512-BF16 and a gradient of at least 2^24 elements (an LM head's).
 constexpr int64_t kWeightGradMaxK = 1024;
 bool amx_gemm_available();
 bool weight_grad_gemm_takes(int64_t M, int64_t N, int64_t K);
