@@ -217,19 +217,29 @@ TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
   const cpu::Bf16MatmulScope widened(cpu::Bf16Matmul::kWidened);
   EXPECT_FALSE(cpu::gemm_bf16_tile_available());  // attention: its fp32 tiles
   EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, 256));
-  // Small, and K long enough that op(B) goes in more panels of columns than there are threads.
+  // Small; K long enough that op(B) goes in more panels of columns (N > M), or op(A) of rows
+  // (M > N), than there are threads; K far the longest (widened in chunks of K).
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
       check_gemm(ta, tb, false, false);
       check_gemm(ta, tb, true, false);
       check_gemm(ta, tb, false, true);
+      check_gemm(ta, tb, true, false, 53, 37, 71);
+      check_gemm(ta, tb, false, true, 53, 37, 71);
+      check_gemm(ta, tb, true, false, 5, 3000, 2000);
+      check_gemm(ta, tb, false, true, 5, 3000, 2000);
+      check_gemm(ta, tb, true, false, 3000, 5, 2000);
+      check_gemm(ta, tb, false, true, 3000, 5, 2000);
       check_gemm(ta, tb, true, false, 5, 300, 20000);
       check_gemm(ta, tb, false, true, 5, 300, 20000);
+      check_gemm(ta, tb, true, false, 300, 5, 20000);
+      check_gemm(ta, tb, false, true, 300, 5, 20000);
     }
   struct Shape {
     int64_t M, N, K;
   };
-  for (const Shape& s : {Shape{9, 13, 21}, Shape{5, 300, 20000}}) {
+  for (const Shape& s : {Shape{9, 13, 21}, Shape{13, 9, 21}, Shape{5, 3000, 2000},
+                         Shape{3000, 5, 2000}, Shape{5, 300, 20000}, Shape{300, 5, 20000}}) {
     const int64_t M = s.M, N = s.N, K = s.K, ldc = N + 3;
     std::vector<float> a = randn(M * K, 11), b = randn(N * K, 12), bv = randn(N, 13);
     std::vector<uint16_t> a16(a.size()), b16(b.size()), c16(M * ldc, 0x7f7f);
