@@ -61,7 +61,8 @@ fi
 
 a32=$(tps "$log/lmf32") a16=$(tps "$log/lmf16")
 echo
-echo "bf16 matmul ceiling (oneDNN, this machine, $(grep -oE "ceiling: [0-9.]+ GFLOP/s \(.*\)" "$log/ceiling" | sed "s/.*(//; s/)//")): $ceiling GFLOP/s; $gflop GFLOP per token"
+mode=$(sed -n 's/.*ceiling: .* (\(.*\))$/\1/p' "$log/ceiling")  # native bf16, or widened to fp32
+echo "bf16 matmul ceiling (oneDNN, this machine, $mode): $ceiling GFLOP/s; $gflop GFLOP per token"
 for n in lmf32 lmf16 lmf16s t32 t16 tc16 d32 d16; do
   v=$(tps "$log/$n" || true)
   [[ -z $v ]] && continue

@@ -106,7 +106,11 @@ GemmDescs describe(const GemmKey& k) {
   return g;
 }
 
-// dst (rows, cols; contiguous) = src (rows, cols; rows ld apart), bf16 widened to fp32.
+// dst (rows, cols; contiguous) = src (rows, cols; rows ld apart), bf16 widened to fp32; the
+// _serial form inside parallel regions.
+void widen_rows_serial(float* dst, const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) from_bf16_serial(dst + r * cols, src + r * ld, cols);
+}
 void widen_rows(float* dst, const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
   for (int64_t r = 0; r < rows; ++r) from_bf16_serial(dst + r * cols, src + r * ld, cols);
@@ -179,9 +183,9 @@ class Bf16Gemm {
       std::vector<float>& buf = panel_[omp_get_thread_num()];
       float* x = grow(buf, k.K * n + (k.c16 ? rows * cols : 0));
       if (lines_are_rows)
-        for (int64_t j = 0; j < n; ++j) from_bf16_serial(x + j * k.K, X + (i0 + j) * ldx, k.K);
+        widen_rows_serial(x, X + i0 * ldx, n, k.K, ldx);
       else
-        for (int64_t r = 0; r < k.K; ++r) from_bf16_serial(x + r * n, X + r * ldx + i0, n);
+        widen_rows_serial(x, X + i0, k.K, n, ldx);
       const int64_t ldp = lines_are_rows ? k.K : n;
       const int64_t off = by_rows ? i0 * k.ldc : i0;  // this part's first element of C
       float* c = k.c16 ? x + k.K * n : static_cast<float*>(C) + off;
@@ -198,11 +202,11 @@ class Bf16Gemm {
           to_bf16_serial(static_cast<uint16_t*>(C) + off + i * k.ldc, c + i * cols, cols);
     }
   }
-  // K far the longest side (an LM head's input gradient, K = the vocabulary; a layer's input
-  // gradient, K = 4 C, is faster in panels): both operands widened a
-  // chunk of K at a time (each at most about kPanelBytes) for the multi-threaded sgemm, which
-  // accumulates the chunks in C (or an fp32 C rounded at the end). Panels of C would each read
-  // all of the other, widened, operand: 256 x 768 x 50257 ran at 98 ms against sgemm's 78 on fp32.
+  // K far the longest side (an LM head's input gradient, K = the vocabulary; a layer's, K = 4 C,
+  // is faster in panels): both operands widened a chunk of K at a time (each about kPanelBytes)
+  // for the multi-threaded sgemm, which accumulates the chunks in C (or in an fp32 C rounded at
+  // the end). Panels of C would each read all of the other, widened, operand: 256 x 768 x 50257
+  // ran at 98 ms against sgemm's 78 on fp32.
   void run_widened_k_chunks(const GemmKey& k, const uint16_t* A, const uint16_t* B,
                             const float* bias, void* C) {
     const int64_t kc = std::max<int64_t>(256, kPanelBytes / (4 * std::max(k.M, k.N)) / 16 * 16);
