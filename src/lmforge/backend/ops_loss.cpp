@@ -66,14 +66,13 @@ void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Te
             targets.shape().str(), dlogits.shape().str());
   if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
     const int64_t ld = last(dlogits);
-    auto fill = [&](float* dst, int64_t r0, int64_t n) {
-      cpu::softmax_xent_backward<float>(dst, cptr<float>(logits) + r0 * V,
-                                        targets.data<int32_t>() + r0, static_cast<float>(dloss), n,
-                                        V, ignore_index, z_loss);
-    };
     dispatch(
         "softmax_xent_backward", logits,
-        [&](auto) { cpu_rows_bf16("softmax_xent_backward", dlogits, N, V, fill); },
+        [&](auto) {
+          cpu::softmax_xent_backward_bf16(dlogits.bf16_data(), ld, cptr<float>(logits),
+                                          targets.data<int32_t>(), static_cast<float>(dloss), N, V,
+                                          ignore_index, z_loss);
+        },
         LMF_GPU(cuda::softmax_xent_backward(dlogits.bf16_data(), ld, cptr<float>(logits),
                                             targets.data<int32_t>(), static_cast<float>(dloss), N,
                                             V, ignore_index, z_loss)));
@@ -115,19 +114,13 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
   const float dl = static_cast<float>(dloss);
   if (dlogits.dtype() == DType::kBF16) {  // the LM head's backward matmul input, already rounded
     const int64_t ld = last(dlogits);
-    double total = 0;  // the blocks' lse^2 sums
-    auto fill = [&](float* dst, int64_t r0, int64_t n) {
-      double part = 0;
-      cpu::softmax_xent_forward_backward<float>(
-          ptr<float>(losses) + r0, dst, cptr<float>(logits) + r0 * V, targets.data<int32_t>() + r0,
-          dl, n, V, ignore_index, z_loss, &part, rs ? rs + r0 : nullptr);
-      total += part;
-    };
     dispatch(
         "softmax_xent_forward_backward", logits,
         [&](auto) {
-          cpu_rows_bf16("softmax_xent_forward_backward", dlogits, N, V, fill);
-          lse_sq_sum.data<double>()[0] = total;
+          cpu::softmax_xent_forward_backward_bf16(ptr<float>(losses), dlogits.bf16_data(), ld,
+                                                  cptr<float>(logits), targets.data<int32_t>(), dl,
+                                                  N, V, ignore_index, z_loss,
+                                                  lse_sq_sum.data<double>(), rs);
         },
         LMF_GPU(cuda::softmax_xent_forward_backward(ptr<float>(losses), lse_sq_sum.data<double>(),
                                                     dlogits.bf16_data(), ld, cptr<float>(logits),

@@ -264,6 +264,16 @@ void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const
                                    double z_loss, double* lse_sq_sum,
                                    const float* row_scale = nullptr);
 
+// The same two writing dlogits in bf16, rows ld >= V apart (the padding not written): each value
+// the fp32 kernel's rounded as to_bf16 rounds it (the LM head's backward matmul input).
+void softmax_xent_backward_bf16(uint16_t* dlogits, int64_t ld, const float* logits,
+                                const int32_t* targets, float dloss, int64_t N, int64_t V,
+                                int32_t ignore_index, double z_loss);
+void softmax_xent_forward_backward_bf16(float* losses, uint16_t* dlogits, int64_t ld,
+                                        const float* logits, const int32_t* targets, float dloss,
+                                        int64_t N, int64_t V, int32_t ignore_index, double z_loss,
+                                        double* lse_sq_sum, const float* row_scale = nullptr);
+
 // Knowledge distillation per row with a target: losses = (1 - alpha) CE + alpha T^2 KL(q || p^T)
 // with q = softmax(teacher / T), p^T = softmax(logits / T); kl = the KL term; dlogits (may alias
 // logits) = dloss d losses / d logits. Rows with ignore_index get 0.

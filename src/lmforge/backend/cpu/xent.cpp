@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
+#include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
 // GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
@@ -26,43 +28,68 @@ double row_logsumexp(const T* x, int64_t V) {
   return mx + std::log(sum);
 }
 
-// Two halves of an fp32 vector added to double accumulators.
-LMF_AVX512 inline void add_pd(__m512d& acc, __m512 v) {
-  acc = _mm512_add_pd(_mm512_add_pd(acc, lo_pd(v)), hi_pd(v));
-}
-
-// As row_logsumexp<float>: max, then sum of exp(x - max) in double lanes.
-LMF_AVX512 double row_logsumexp_avx512(const float* x, int64_t V) {
+LMF_AVX512 float row_max_avx512(const float* x, int64_t V) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   __m512 mx = ninf;
   for (int64_t v = 0; v < V; v += 16) {
     __mmask16 m = lanes(V - v);
     mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, x + v));
   }
-  const float fmx = _mm512_reduce_max_ps(mx);
-  const __m512 vmx = _mm512_set1_ps(fmx);
-  __m512d acc = _mm512_setzero_pd();
-  for (int64_t v = 0; v < V; v += 16) {
-    __mmask16 m = lanes(V - v);
-    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vmx));
-    add_pd(acc, _mm512_maskz_mov_ps(m, e));
-  }
-  return fmx + std::log(_mm512_reduce_add_pd(acc));
+  return _mm512_reduce_max_ps(mx);
 }
 
-// d = coef * exp(x - lse) (d may alias x); the caller then subtracts dloss at the target.
-LMF_AVX512 void softmax_grad_avx512(float* d, const float* x, int64_t V, float lse, float coef) {
-  const __m512 vl = _mm512_set1_ps(lse), vc = _mm512_set1_ps(coef);
+// The sum of exp(x - mx) in double lanes; kStore: each exp also written to e (which may alias x).
+template <bool kStore>
+LMF_AVX512 double exp_sum_avx512(float* e, const float* x, int64_t V, float mx) {
+  const __m512 vmx = _mm512_set1_ps(mx);
+  // Four independent accumulators (the low and high halves of even and odd vectors): the adds'
+  // latency, not the exps, bounded one chain.
+  __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
+                    _mm512_setzero_pd()};
+  int64_t v = 0;
+  for (; v + 32 <= V; v += 32) {
+    const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + v), vmx));
+    const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + v + 16), vmx));
+    if constexpr (kStore) {
+      _mm512_storeu_ps(e + v, e0);
+      _mm512_storeu_ps(e + v + 16, e1);
+    }
+    acc[0] = _mm512_add_pd(acc[0], lo_pd(e0));
+    acc[1] = _mm512_add_pd(acc[1], hi_pd(e0));
+    acc[2] = _mm512_add_pd(acc[2], lo_pd(e1));
+    acc[3] = _mm512_add_pd(acc[3], hi_pd(e1));
+  }
+  for (; v < V; v += 16) {
+    __mmask16 m = lanes(V - v);
+    __m512 ev = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vmx));
+    ev = _mm512_maskz_mov_ps(m, ev);
+    if constexpr (kStore) _mm512_mask_storeu_ps(e + v, m, ev);
+    acc[0] = _mm512_add_pd(acc[0], lo_pd(ev));
+    acc[1] = _mm512_add_pd(acc[1], hi_pd(ev));
+  }
+  return _mm512_reduce_add_pd(
+      _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+}
+
+// d = e * c (d may alias e); the bf16 one rounded as to_bf16 rounds.
+LMF_AVX512_BF16 void scale_row_bf16_avx512(uint16_t* d, const float* e, int64_t V, float c) {
+  const __m512 vc = _mm512_set1_ps(c);
   for (int64_t v = 0; v < V; v += 16) {
     __mmask16 m = lanes(V - v);
-    __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + v), vl));
-    _mm512_mask_storeu_ps(d + v, m, _mm512_mul_ps(p, vc));
+    store16(d + v, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + v), vc));
+  }
+}
+LMF_AVX512 void scale_row_avx512(float* d, const float* e, int64_t V, float c) {
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t v = 0; v < V; v += 16) {
+    __mmask16 m = lanes(V - v);
+    _mm512_mask_storeu_ps(d + v, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e + v), vc));
   }
 }
 
-// The same on 8 lanes (AVX2); the last V % 8 logits scalar. s > 0: the logsumexp of x * s
-// (distillation's temperature; multiplying by 1 is exact).
-LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V, float s = 1.0f) {
+// The same on 8 lanes (AVX2); the last V % 8 logits scalar. s > 0: of x * s (distillation's
+// temperature; multiplying by 1 is exact).
+LMF_AVX2 float row_max_avx2(const float* x, int64_t V) {
   __m256 mx = _mm256_set1_ps(-__builtin_inff());
   int64_t v = 0;
   for (; v + 8 <= V; v += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + v));
@@ -71,56 +98,171 @@ LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V, float s = 1.0f) {
   float fmx = lanes8[0];
   for (int k = 1; k < 8; ++k) fmx = std::max(fmx, lanes8[k]);
   for (int64_t t = v; t < V; ++t) fmx = std::max(fmx, x[t]);
-  const __m256 vmx = _mm256_set1_ps(fmx), vs = _mm256_set1_ps(s);
-  __m256d acc = _mm256_setzero_pd();
-  for (v = 0; v + 8 <= V; v += 8) {
-    const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx), vs));
-    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(e)), hi_pd256(e));
-  }
-  double sum = hsum256d(acc);
-  for (; v < V; ++v) sum += std::exp(static_cast<double>((x[v] - fmx) * s));
-  return static_cast<double>(fmx) * s + std::log(sum);
+  return fmx;
 }
 
-LMF_AVX2 void softmax_grad_avx2(float* d, const float* x, int64_t V, float lse, float coef) {
-  const __m256 vl = _mm256_set1_ps(lse), vc = _mm256_set1_ps(coef);
+template <bool kStore>
+LMF_AVX2 double exp_sum_avx2(float* e, const float* x, int64_t V, float fmx, float s = 1.0f) {
+  const __m256 vmx = _mm256_set1_ps(fmx), vs = _mm256_set1_ps(s);
+  __m256d acc = _mm256_setzero_pd();
   int64_t v = 0;
-  for (; v + 8 <= V; v += 8)
-    _mm256_storeu_ps(d + v, _mm256_mul_ps(exp256(_mm256_sub_ps(_mm256_loadu_ps(x + v), vl)), vc));
-  for (; v < V; ++v) d[v] = coef * std::exp(x[v] - lse);
+  for (; v + 8 <= V; v += 8) {
+    const __m256 ev = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + v), vmx), vs));
+    if constexpr (kStore) _mm256_storeu_ps(e + v, ev);
+    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(ev)), hi_pd256(ev));
+  }
+  double sum = hsum256d(acc);
+  for (; v < V; ++v) {
+    const double ev = std::exp(static_cast<double>((x[v] - fmx) * s));
+    if constexpr (kStore) e[v] = static_cast<float>(ev);
+    sum += ev;
+  }
+  return sum;
+}
+
+LMF_AVX2 double row_logsumexp_avx2(const float* x, int64_t V, float s = 1.0f) {
+  const float fmx = row_max_avx2(x, V);
+  return static_cast<double>(fmx) * s + std::log(exp_sum_avx2<false>(nullptr, x, V, fmx, s));
+}
+
+LMF_AVX2 void scale_row_avx2(float* d, const float* e, int64_t V, float c) {
+  const __m256 vc = _mm256_set1_ps(c);
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) _mm256_storeu_ps(d + v, _mm256_mul_ps(_mm256_loadu_ps(e + v), vc));
+  for (; v < V; ++v) d[v] = e[v] * c;
 }
 
 template <typename T>
 double lse_of(const T* x, int64_t V) {
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) return row_logsumexp_avx512(x, V);
+    if (has_avx512()) {
+      const float mx = row_max_avx512(x, V);
+      return mx + std::log(exp_sum_avx512<false>(nullptr, x, V, mx));
+    }
     if (has_avx2()) return row_logsumexp_avx2(x, V);
   }
   return row_logsumexp(x, V);
 }
-}  // namespace
 
-namespace {
-// Row i's gradient d(lse - x_y + z lse^2) / dx_v = dloss (p_v (1 + 2 z lse) - [v == y]), from
-// its lse; x is read before d (which may alias it) is written.
+// A thread's fp32 row for the exponentials of a row whose gradient goes out in bf16 (grows in the
+// first step only).
+float* exp_row(int64_t V) {
+  thread_local std::vector<float> row;
+  if (static_cast<int64_t>(row.size()) < V) row.resize(V);
+  return row.data();
+}
+
+struct RowResult {
+  double lse;
+  double x_target;  // x[y], read before the gradient (which may alias x) is written
+};
+
+// Row i's training pass: its logsumexp and the gradient d(lse - x_y + z lse^2) / dx_v = dloss (p_v
+// (1 + 2 z lse) - [v == y]) into d (fp32, may alias x) or d16 (bf16, rounded as to_bf16 rounds
+// the fp32 values: to_bf16(d) bit for bit). With SIMD, p_v = e_v / sum where e_v = exp(x_v - max)
+// is computed once, kept in d (or a thread's row) between the sum and the gradient: one exp per
+// logit. Otherwise (double, or no AVX2) the lse first, then p_v = exp(x_v - lse) in double.
 template <typename T>
-void grad_row(T* d, const T* x, int64_t V, int32_t y, double lse, T dloss, double z_loss) {
-  double zf = 1.0 + 2.0 * z_loss * lse;
+RowResult train_row(T* d, uint16_t* d16, const T* x, int64_t V, int32_t y, T dloss, double z_loss) {
+  const double xy = static_cast<double>(x[y]);
   if constexpr (std::is_same_v<T, float>) {
     if (has_avx512() || has_avx2()) {
-      const float xy = x[y];  // before d overwrites it
-      if (has_avx512())
-        softmax_grad_avx512(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
-      else
-        softmax_grad_avx2(d, x, V, static_cast<float>(lse), static_cast<float>(dloss * zf));
-      d[y] = static_cast<float>(dloss * (std::exp(static_cast<double>(xy) - lse) * zf - 1.0));
-      return;
+      float* e = d16 ? exp_row(V) : d;
+      double sum;
+      if (has_avx512()) {
+        const float mx = row_max_avx512(x, V);
+        sum = exp_sum_avx512<true>(e, x, V, mx);
+        const double lse = mx + std::log(sum), zf = 1.0 + 2.0 * z_loss * lse;
+        const double ey = e[y];
+        const float c = static_cast<float>(dloss * zf / sum);
+        const float dy = static_cast<float>(dloss * (ey / sum * zf - 1.0));
+        if (d16 && has_avx512_bf16()) {
+          scale_row_bf16_avx512(d16, e, V, c);
+          d16[y] = fp32_to_bf16_ftz(dy);
+          return {lse, xy};
+        }
+        scale_row_avx512(e, e, V, c);
+        e[y] = dy;
+        if (d16) to_bf16_serial(d16, e, V);
+        return {lse, xy};
+      }
+      const float mx = row_max_avx2(x, V);
+      sum = exp_sum_avx2<true>(e, x, V, mx);
+      const double lse = static_cast<double>(mx) + std::log(sum), zf = 1.0 + 2.0 * z_loss * lse;
+      const double ey = e[y];
+      scale_row_avx2(e, e, V, static_cast<float>(dloss * zf / sum));
+      e[y] = static_cast<float>(dloss * (ey / sum * zf - 1.0));
+      if (d16) to_bf16_serial(d16, e, V);
+      return {lse, xy};
     }
   }
+  const double lse = row_logsumexp(x, V), zf = 1.0 + 2.0 * z_loss * lse;
+  T* g = d;
+  if constexpr (std::is_same_v<T, float>)
+    if (d16) g = exp_row(V);
   for (int64_t v = 0; v < V; ++v) {
     double p = std::exp(static_cast<double>(x[v]) - lse);
-    d[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));
+    g[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));
   }
+  if constexpr (std::is_same_v<T, float>)
+    if (d16) to_bf16_serial(d16, g, V);
+  return {lse, xy};
+}
+
+// The rows of dlogits for rows i0 .. (fp32 rows V apart, or bf16 rows ld apart).
+template <typename T>
+struct GradRows {
+  T* d;
+  uint16_t* d16;
+  int64_t ld;
+  T* row(int64_t i, int64_t V) const { return d ? d + i * V : nullptr; }
+  uint16_t* row16(int64_t i) const { return d16 ? d16 + i * ld : nullptr; }
+  void zero(int64_t i, int64_t V) const {
+    if (d)
+      std::fill(d + i * V, d + (i + 1) * V, T(0));
+    else
+      std::fill(d16 + i * ld, d16 + i * ld + V, uint16_t{0});
+  }
+};
+
+template <typename T>
+void xent_backward_rows(const GradRows<T>& out, const T* logits, const int32_t* targets, T dloss,
+                        int64_t N, int64_t V, int32_t ignore_index, double z_loss) {
+  IdCheck check;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    int32_t y = targets[i];
+    if (y == ignore_index || !check.ok(targets, i, V)) {
+      out.zero(i, V);
+      continue;
+    }
+    train_row(out.row(i, V), out.row16(i), logits + i * V, V, y, dloss, z_loss);
+  }
+  check.raise(targets, "target", V);
+}
+
+template <typename T>
+void xent_forward_backward_rows(T* losses, const GradRows<T>& out, const T* logits,
+                                const int32_t* targets, T dloss, int64_t N, int64_t V,
+                                int32_t ignore_index, double z_loss, double* lse_sq_sum,
+                                const float* row_scale) {
+  double zsum = 0;
+  IdCheck check;
+#pragma omp parallel for schedule(static) reduction(+ : zsum)
+  for (int64_t i = 0; i < N; ++i) {
+    int32_t y = targets[i];
+    if (y == ignore_index || !check.ok(targets, i, V)) {
+      losses[i] = T(0);
+      out.zero(i, V);
+      continue;
+    }
+    const T dl = row_scale ? static_cast<T>(dloss * row_scale[i]) : dloss;
+    const RowResult r = train_row(out.row(i, V), out.row16(i), logits + i * V, V, y, dl, z_loss);
+    losses[i] = static_cast<T>(r.lse - r.x_target);
+    zsum += r.lse * r.lse;
+  }
+  check.raise(targets, "target", V);
+  if (lse_sq_sum) *lse_sq_sum = zsum;
 }
 }  // namespace
 
@@ -148,44 +290,30 @@ void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, in
 template <typename T>
 void softmax_xent_backward(T* dlogits, const T* logits, const int32_t* targets, T dloss, int64_t N,
                            int64_t V, int32_t ignore_index, double z_loss) {
-  IdCheck check;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i) {
-    int32_t y = targets[i];
-    const T* x = logits + i * V;
-    T* d = dlogits + i * V;
-    if (y == ignore_index || !check.ok(targets, i, V)) {
-      for (int64_t v = 0; v < V; ++v) d[v] = T(0);
-      continue;
-    }
-    grad_row(d, x, V, y, lse_of(x, V), dloss, z_loss);  // lse read fully before d is written
-  }
-  check.raise(targets, "target", V);
+  xent_backward_rows<T>({dlogits, nullptr, V}, logits, targets, dloss, N, V, ignore_index, z_loss);
+}
+
+void softmax_xent_backward_bf16(uint16_t* dlogits, int64_t ld, const float* logits,
+                                const int32_t* targets, float dloss, int64_t N, int64_t V,
+                                int32_t ignore_index, double z_loss) {
+  xent_backward_rows<float>({nullptr, dlogits, ld}, logits, targets, dloss, N, V, ignore_index,
+                            z_loss);
 }
 
 template <typename T>
 void softmax_xent_forward_backward(T* losses, T* dlogits, const T* logits, const int32_t* targets,
                                    T dloss, int64_t N, int64_t V, int32_t ignore_index,
                                    double z_loss, double* lse_sq_sum, const float* row_scale) {
-  double zsum = 0;
-  IdCheck check;
-#pragma omp parallel for schedule(static) reduction(+ : zsum)
-  for (int64_t i = 0; i < N; ++i) {
-    int32_t y = targets[i];
-    const T* x = logits + i * V;
-    T* d = dlogits + i * V;
-    if (y == ignore_index || !check.ok(targets, i, V)) {
-      losses[i] = T(0);
-      for (int64_t v = 0; v < V; ++v) d[v] = T(0);
-      continue;
-    }
-    const double lse = lse_of(x, V);
-    losses[i] = static_cast<T>(lse - x[y]);  // before d (which may alias x) is written
-    zsum += lse * lse;
-    grad_row(d, x, V, y, lse, row_scale ? static_cast<T>(dloss * row_scale[i]) : dloss, z_loss);
-  }
-  check.raise(targets, "target", V);
-  if (lse_sq_sum) *lse_sq_sum = zsum;
+  xent_forward_backward_rows<T>(losses, {dlogits, nullptr, V}, logits, targets, dloss, N, V,
+                                ignore_index, z_loss, lse_sq_sum, row_scale);
+}
+
+void softmax_xent_forward_backward_bf16(float* losses, uint16_t* dlogits, int64_t ld,
+                                        const float* logits, const int32_t* targets, float dloss,
+                                        int64_t N, int64_t V, int32_t ignore_index, double z_loss,
+                                        double* lse_sq_sum, const float* row_scale) {
+  xent_forward_backward_rows<float>(losses, {nullptr, dlogits, ld}, logits, targets, dloss, N, V,
+                                    ignore_index, z_loss, lse_sq_sum, row_scale);
 }
 
 namespace {
