@@ -420,8 +420,8 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
     ASSERT_EQ(std::memcmp(want.bf16_data() + i * V, d16.bf16_data() + i * ld, V * 2), 0) << i;
     for (int64_t v = V; v < ld; ++v) ASSERT_EQ(d16.bf16_data()[i * ld + v], 0xabab);
   }
-  // The fused forward + backward (training): the same losses and dlogits bit for bit, fp32 in
-  // place and bf16 padded alike, and lse^2 to rounding.
+  // The fused forward + backward (training): the same losses, dlogits and lse^2 sum bit for bit,
+  // fp32 in place and bf16 padded alike.
   Tensor l1 = Tensor::empty({R}, DType::kF32), l2 = Tensor::empty({R}, DType::kF32),
          z1 = Tensor::empty({1}, DType::kF64), z2 = Tensor::empty({1}, DType::kF64),
          inplace = logits.clone(), f16 = Tensor::empty({R, ld}, DType::kBF16);
@@ -429,12 +429,34 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
   ops::softmax_xent_forward_backward(l2, z2, inplace, inplace, tg, -100, 0.25, 1e-4);
   EXPECT_EQ(std::memcmp(l1.raw(), l2.raw(), l1.nbytes()), 0);
   EXPECT_EQ(std::memcmp(inplace.raw(), d32.raw(), d32.nbytes()), 0);
-  EXPECT_NEAR(z2.data<double>()[0], z1.data<double>()[0], 1e-12 * z1.data<double>()[0]);
+  EXPECT_EQ(z2.data<double>()[0], z1.data<double>()[0]);
   ops::softmax_xent_forward_backward(l2, z2, f16, logits, tg, -100, 0.25, 1e-4);
   EXPECT_EQ(std::memcmp(l1.raw(), l2.raw(), l1.nbytes()), 0);
   for (int64_t i = 0; i < R; ++i)
     ASSERT_EQ(std::memcmp(f16.bf16_data() + i * ld, d16.bf16_data() + i * ld, V * 2), 0) << i;
-  EXPECT_NEAR(z2.data<double>()[0], z1.data<double>()[0], 1e-12 * z1.data<double>()[0]);
+  EXPECT_EQ(z2.data<double>()[0], z1.data<double>()[0]);
+  // The lse^2 sum (a logged metric) adds the rows in order, whatever the thread count (rows of
+  // very different scales: any other grouping of the sum changes its last bits).
+  {
+    const int64_t R2 = 203;
+    Tensor lg = Tensor::empty({R2, V}, DType::kF32), t2 = Tensor::empty({R2}, DType::kI32),
+           l3 = Tensor::empty({R2}, DType::kF32);
+    fill(lg, 9);
+    for (int64_t i = 0; i < R2; ++i) {
+      for (int64_t v = 0; v < V; ++v) lg.data<float>()[i * V + v] *= 1.0f + 0.37f * (i % 11);
+      t2.data<int32_t>()[i] = static_cast<int32_t>(i * 7 % V);
+    }
+    const int before = omp_get_max_threads();
+    std::vector<double> sums;
+    for (int threads : {1, 2, 3}) {
+      omp_set_num_threads(threads);
+      ops::softmax_xent_rows(l3, lg, t2, -100, z1);
+      sums.push_back(z1.data<double>()[0]);
+    }
+    omp_set_num_threads(before);
+    EXPECT_EQ(sums[0], sums[1]);
+    EXPECT_EQ(sums[0], sums[2]);
+  }
 
   Tensor h16 = Tensor::empty({R, C}, DType::kBF16), hw = Tensor::empty({V, C}, DType::kF32),
          hw16 = Tensor::empty({V, C}, DType::kBF16);

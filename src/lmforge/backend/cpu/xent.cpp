@@ -152,6 +152,19 @@ float* exp_row(int64_t V) {
   return row.data();
 }
 
+// Each row's lse^2 (0 for an ignored row), then their sum in row order: the z-loss metric does
+// not depend on the thread count. The calling thread's buffer, grown in the first step only.
+double* lse_sq_rows(int64_t N) {
+  thread_local std::vector<double> rows;
+  if (static_cast<int64_t>(rows.size()) < N) rows.resize(N);
+  return rows.data();
+}
+double sum_in_order(const double* x, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
 struct RowResult {
   double lse;
   double x_target;  // x[y], read before the gradient (which may alias x) is written
@@ -246,11 +259,12 @@ void xent_forward_backward_rows(T* losses, const GradRows<T>& out, const T* logi
                                 const int32_t* targets, T dloss, int64_t N, int64_t V,
                                 int32_t ignore_index, double z_loss, double* lse_sq_sum,
                                 const float* row_scale) {
-  double zsum = 0;
+  double* sq = lse_sq_rows(N);
   IdCheck check;
-#pragma omp parallel for schedule(static) reduction(+ : zsum)
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
+    sq[i] = 0;
     if (y == ignore_index || !check.ok(targets, i, V)) {
       losses[i] = T(0);
       out.zero(i, V);
@@ -259,21 +273,22 @@ void xent_forward_backward_rows(T* losses, const GradRows<T>& out, const T* logi
     const T dl = row_scale ? static_cast<T>(dloss * row_scale[i]) : dloss;
     const RowResult r = train_row(out.row(i, V), out.row16(i), logits + i * V, V, y, dl, z_loss);
     losses[i] = static_cast<T>(r.lse - r.x_target);
-    zsum += r.lse * r.lse;
+    sq[i] = r.lse * r.lse;
   }
   check.raise(targets, "target", V);
-  if (lse_sq_sum) *lse_sq_sum = zsum;
+  if (lse_sq_sum) *lse_sq_sum = sum_in_order(sq, N);
 }
 }  // namespace
 
 template <typename T>
 void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
                           int32_t ignore_index, double* lse_sq_sum) {
-  double zsum = 0;
+  double* sq = lse_sq_rows(N);
   IdCheck check;
-#pragma omp parallel for schedule(static) reduction(+ : zsum)
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     int32_t y = targets[i];
+    sq[i] = 0;
     if (y == ignore_index || !check.ok(targets, i, V)) {
       losses[i] = T(0);
       continue;
@@ -281,10 +296,10 @@ void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, in
     const T* x = logits + i * V;
     double lse = lse_of(x, V);
     losses[i] = static_cast<T>(lse - x[y]);
-    zsum += lse * lse;
+    sq[i] = lse * lse;
   }
   check.raise(targets, "target", V);
-  if (lse_sq_sum) *lse_sq_sum = zsum;
+  if (lse_sq_sum) *lse_sq_sum = sum_in_order(sq, N);
 }
 
 template <typename T>
