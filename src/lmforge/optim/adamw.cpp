@@ -33,8 +33,8 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
 void AdamW::step(double lr, double grad_scale) {
   ++t_;
   bool refreshed = true, masters = false;
-  std::vector<ops::AdamwItem> items;
-  items.reserve(slots_.size());
+  std::vector<ops::AdamwItem>& items = items_;
+  items.clear();
   for (size_t i = 0; i < slots_.size(); ++i) {
     const OptSlot& s = slots_[i];
     // bf16 master weights are their own bf16 copies, rounded stochastically by the update; their

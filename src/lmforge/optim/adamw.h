@@ -13,6 +13,7 @@
 
 #include <vector>
 
+#include "lmforge/backend/ops.h"
 #include "lmforge/nn/params.h"
 
 namespace lmforge {
@@ -58,6 +59,7 @@ class AdamW {
   std::vector<OptSlot> slots_;
   Arena state_;
   std::vector<Tensor> m_, v_;
+  std::vector<ops::AdamwItem> items_;  // step()'s list, kept: a step allocates nothing
   int64_t t_ = 0;
 };
 

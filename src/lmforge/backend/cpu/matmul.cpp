@@ -1,6 +1,7 @@
 // gemm and linear layers. fp32 matmuls go to oneDNN's sgemm (JIT, AVX2/AVX-512 chosen by
 // oneDNN at run time, row-major). Called from inside an OpenMP region (attention heads), oneDNN
 // runs single-threaded, which is what we want there.
+#include <malloc.h>
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
@@ -13,10 +14,27 @@
 
 namespace lmforge::cpu {
 
+namespace {
+// oneDNN's sgemm mallocs its packing buffers on every call and frees them on return. glibc's
+// default heap gives the freed top back to the kernel (brk, or madvise in a thread's arena) once
+// it passes a trim threshold that depends on the allocation history, and every call then faults
+// the buffers in again: a few hundred page faults per step or none, depending on what ran
+// before. Freed memory stays in the heap instead (trimmed past 1 GiB), and allocations up to
+// 64 MiB come from it (larger ones are lmforge's own, long-lived buffers): a step after the first
+// touches no new memory.
+bool keep_freed_heap() {
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  return true;
+}
+}  // namespace
+
 template <>
 void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  static const bool heap_kept = keep_freed_heap();
+  (void)heap_kept;
   dnnl_status_t st =
       dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   LMF_CHECK(st == dnnl_success, "dnnl_sgemm failed ({}) M={} N={} K={}", static_cast<int>(st), M, N,
