@@ -218,7 +218,8 @@ TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
   EXPECT_FALSE(cpu::gemm_bf16_tile_available());  // attention: its fp32 tiles
   EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, 256));
   // Small; K long enough that op(B) goes in more panels of columns (N > M), or op(A) of rows
-  // (M > N), than there are threads; K far the longest (widened in chunks of K).
+  // (M > N), than there are threads; K far the longest (in parts of K, one thread each, when C is
+  // small; else in chunks of K that every thread multiplies).
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
       check_gemm(ta, tb, false, false);
@@ -235,11 +236,33 @@ TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
       check_gemm(ta, tb, true, false, 300, 5, 20000);
       check_gemm(ta, tb, false, true, 300, 5, 20000);
     }
+  check_gemm(false, true, true, false, 260, 260, 4100);  // C too large for parts: chunks
+  // The parts of K are set by K alone: the same sums whatever the thread count.
+  {
+    const int64_t M = 5, N = 300, K = 20000;
+    std::vector<float> a = randn(M * K, 14), b = randn(K * N, 15);
+    std::vector<uint16_t> a16(a.size()), b16(b.size());
+    cpu::to_bf16(a16.data(), a.data(), M * K);
+    cpu::to_bf16(b16.data(), b.data(), K * N);
+    std::vector<std::vector<float>> results;
+    const int before = omp_get_max_threads();
+    for (int threads : {1, 2, 3}) {
+      omp_set_num_threads(threads);
+      std::vector<float> c(M * N);
+      cpu::gemm_bf16(false, false, M, N, K, a16.data(), K, b16.data(), N, nullptr, false, c.data(),
+                     N);
+      results.push_back(c);
+    }
+    omp_set_num_threads(before);
+    EXPECT_EQ(results[0], results[1]);
+    EXPECT_EQ(results[0], results[2]);
+  }
   struct Shape {
     int64_t M, N, K;
   };
-  for (const Shape& s : {Shape{9, 13, 21}, Shape{13, 9, 21}, Shape{5, 3000, 2000},
-                         Shape{3000, 5, 2000}, Shape{5, 300, 20000}, Shape{300, 5, 20000}}) {
+  for (const Shape& s :
+       {Shape{9, 13, 21}, Shape{13, 9, 21}, Shape{5, 3000, 2000}, Shape{3000, 5, 2000},
+        Shape{5, 300, 20000}, Shape{300, 5, 20000}, Shape{260, 260, 4100}}) {
     const int64_t M = s.M, N = s.N, K = s.K, ldc = N + 3;
     std::vector<float> a = randn(M * K, 11), b = randn(N * K, 12), bv = randn(N, 13);
     std::vector<uint16_t> a16(a.size()), b16(b.size()), c16(M * ldc, 0x7f7f);
