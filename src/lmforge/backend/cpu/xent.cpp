@@ -181,30 +181,23 @@ RowResult train_row(T* d, uint16_t* d16, const T* x, int64_t V, int32_t y, T dlo
   if constexpr (std::is_same_v<T, float>) {
     if (has_avx512() || has_avx2()) {
       float* e = d16 ? exp_row(V) : d;
-      double sum;
-      if (has_avx512()) {
-        const float mx = row_max_avx512(x, V);
-        sum = exp_sum_avx512<true>(e, x, V, mx);
-        const double lse = mx + std::log(sum), zf = 1.0 + 2.0 * z_loss * lse;
-        const double ey = e[y];
-        const float c = static_cast<float>(dloss * zf / sum);
-        const float dy = static_cast<float>(dloss * (ey / sum * zf - 1.0));
-        if (d16 && has_avx512_bf16()) {
-          scale_row_bf16_avx512(d16, e, V, c);
-          d16[y] = fp32_to_bf16_ftz(dy);
-          return {lse, xy};
-        }
-        scale_row_avx512(e, e, V, c);
-        e[y] = dy;
-        if (d16) to_bf16_serial(d16, e, V);
+      const bool avx512 = has_avx512();
+      const float mx = avx512 ? row_max_avx512(x, V) : row_max_avx2(x, V);
+      const double sum =
+          avx512 ? exp_sum_avx512<true>(e, x, V, mx) : exp_sum_avx2<true>(e, x, V, mx);
+      const double lse = mx + std::log(sum), zf = 1.0 + 2.0 * z_loss * lse, ey = e[y];
+      const float c = static_cast<float>(dloss * zf / sum);
+      const float dy = static_cast<float>(dloss * (ey / sum * zf - 1.0));
+      if (d16 && has_avx512_bf16()) {
+        scale_row_bf16_avx512(d16, e, V, c);
+        d16[y] = fp32_to_bf16_ftz(dy);
         return {lse, xy};
       }
-      const float mx = row_max_avx2(x, V);
-      sum = exp_sum_avx2<true>(e, x, V, mx);
-      const double lse = static_cast<double>(mx) + std::log(sum), zf = 1.0 + 2.0 * z_loss * lse;
-      const double ey = e[y];
-      scale_row_avx2(e, e, V, static_cast<float>(dloss * zf / sum));
-      e[y] = static_cast<float>(dloss * (ey / sum * zf - 1.0));
+      if (avx512)
+        scale_row_avx512(e, e, V, c);
+      else
+        scale_row_avx2(e, e, V, c);
+      e[y] = dy;
       if (d16) to_bf16_serial(d16, e, V);
       return {lse, xy};
     }
