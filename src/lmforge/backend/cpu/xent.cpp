@@ -2,6 +2,7 @@
 // F.cross_entropy(ignore_index=...)). logsumexp is accumulated in double.
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -144,25 +145,14 @@ double lse_of(const T* x, int64_t V) {
   return row_logsumexp(x, V);
 }
 
-// A thread's fp32 row for the exponentials of a row whose gradient goes out in bf16 (grows in the
-// first step only).
-float* exp_row(int64_t V) {
-  thread_local std::vector<float> row;
-  if (static_cast<int64_t>(row.size()) < V) row.resize(V);
-  return row.data();
-}
-
-// Each row's lse^2 (0 for an ignored row), then their sum in row order: the z-loss metric does
-// not depend on the thread count. The calling thread's buffer, grown in the first step only.
-double* lse_sq_rows(int64_t N) {
-  thread_local std::vector<double> rows;
-  if (static_cast<int64_t>(rows.size()) < N) rows.resize(N);
-  return rows.data();
-}
-double sum_in_order(const double* x, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += x[i];
-  return s;
+// The calling thread's buffer of n Ts (grows in the first step only): a row's exponentials when
+// its gradient goes out in bf16 (float), the rows' lse^2 before their sum in row order (double:
+// the z-loss metric then does not depend on the thread count).
+template <typename T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
 }
 
 struct RowResult {
@@ -180,7 +170,7 @@ RowResult train_row(T* d, uint16_t* d16, const T* x, int64_t V, int32_t y, T dlo
   const double xy = static_cast<double>(x[y]);
   if constexpr (std::is_same_v<T, float>) {
     if (has_avx512() || has_avx2()) {
-      float* e = d16 ? exp_row(V) : d;
+      float* e = d16 ? thread_buffer<float>(V) : d;
       const bool avx512 = has_avx512();
       const float mx = avx512 ? row_max_avx512(x, V) : row_max_avx2(x, V);
       const double sum =
@@ -205,7 +195,7 @@ RowResult train_row(T* d, uint16_t* d16, const T* x, int64_t V, int32_t y, T dlo
   const double lse = row_logsumexp(x, V), zf = 1.0 + 2.0 * z_loss * lse;
   T* g = d;
   if constexpr (std::is_same_v<T, float>)
-    if (d16) g = exp_row(V);
+    if (d16) g = thread_buffer<float>(V);
   for (int64_t v = 0; v < V; ++v) {
     double p = std::exp(static_cast<double>(x[v]) - lse);
     g[v] = static_cast<T>(dloss * (p * zf - (v == y ? 1.0 : 0.0)));
@@ -252,7 +242,7 @@ void xent_forward_backward_rows(T* losses, const GradRows<T>& out, const T* logi
                                 const int32_t* targets, T dloss, int64_t N, int64_t V,
                                 int32_t ignore_index, double z_loss, double* lse_sq_sum,
                                 const float* row_scale) {
-  double* sq = lse_sq_rows(N);
+  double* sq = thread_buffer<double>(N);
   IdCheck check;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
@@ -269,14 +259,14 @@ void xent_forward_backward_rows(T* losses, const GradRows<T>& out, const T* logi
     sq[i] = r.lse * r.lse;
   }
   check.raise(targets, "target", V);
-  if (lse_sq_sum) *lse_sq_sum = sum_in_order(sq, N);
+  if (lse_sq_sum) *lse_sq_sum = std::accumulate(sq, sq + N, 0.0);
 }
 }  // namespace
 
 template <typename T>
 void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int64_t N, int64_t V,
                           int32_t ignore_index, double* lse_sq_sum) {
-  double* sq = lse_sq_rows(N);
+  double* sq = thread_buffer<double>(N);
   IdCheck check;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
@@ -292,7 +282,7 @@ void softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, in
     sq[i] = lse * lse;
   }
   check.raise(targets, "target", V);
-  if (lse_sq_sum) *lse_sq_sum = sum_in_order(sq, N);
+  if (lse_sq_sum) *lse_sq_sum = std::accumulate(sq, sq + N, 0.0);
 }
 
 template <typename T>
