@@ -15,6 +15,7 @@
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/backend/ops.h"
+#include "lmforge/core/cpu_features.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/models/presets.h"
@@ -165,6 +166,45 @@ TEST(Bf16, WeightGradientKernelMatchesDoubleAndIsThreadCountInvariant) {
   // Widened bf16 products (a CPU that multiplies bf16 slower than fp32): never.
   cpu::set_bf16_matmul(cpu::Bf16Matmul::kWidened);
   EXPECT_FALSE(cpu::weight_grad_gemm_takes(50257, 768, 256));
+}
+
+// A CPU that reports AMX (and LMFORGE_MAX_ISA leaves it on) must run the AMX kernels: the OS
+// granted the tile state. And an LM head's weight gradient (GPT-2's 50257 x 768 at K = 256, rows a
+// page and more apart: the prefetching path) through the native kernel, AMX or dot products,
+// against double sums of the rounded operands on sampled entries, rows at the panel edges too.
+TEST(Bf16, NativeKernelsRunWhereTheCpuHasThemAndLmHeadGradientMatchesDouble) {
+  const bool amx = cpu::amx_gemm_available();
+  std::printf("bf16 products here: %s (CPU: %s)\n",
+              amx                      ? "lmforge's AMX tiles"
+              : cpu::has_avx512_bf16() ? "AVX512-BF16 dot products"
+                                       : "none native (widened to fp32)",
+              cpu_features().summary().c_str());
+  EXPECT_EQ(amx, cpu_features().amx_bf16)
+      << "the CPU reports AMX but the OS refused its tile state (arch_prctl ARCH_REQ_XCOMP_PERM)";
+  const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
+  if (!amx && !cpu::has_avx512_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const int64_t M = 50257, N = 768, K = 256;
+  ASSERT_TRUE(cpu::weight_grad_gemm_takes(M, N, K));
+  std::vector<float> a = randn(K * M, 31), b = randn(K * N, 32);
+  std::vector<uint16_t> a16(a.size()), b16(b.size());
+  cpu::to_bf16(a16.data(), a.data(), static_cast<int64_t>(a.size()));
+  cpu::to_bf16(b16.data(), b.data(), static_cast<int64_t>(b.size()));
+  std::vector<float> c(M * N, std::numeric_limits<float>::quiet_NaN());
+  cpu::gemm_bf16_weight_grad(M, N, K, a16.data(), M, b16.data(), N, false, c.data(), N);
+  Rng rng(33);
+  std::vector<int64_t> rows = {0, 31, 32, M - 18, M - 17, M - 1};
+  for (int i = 0; i < 200; ++i) rows.push_back(static_cast<int64_t>(rng.next_u64() % M));
+  for (int64_t i : rows)
+    for (int64_t j : {int64_t{0}, int64_t{15}, int64_t{16}, int64_t{17}, N / 2, N - 1}) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double x = bf16_to_fp32(a16[k * M + i]), y = bf16_to_fp32(b16[k * N + j]);
+        ref += x * y;
+        mag += std::fabs(x * y);
+      }
+      ASSERT_NEAR(c[i * N + j], ref, 1e-6 * mag + 1e-6) << "at " << i << "," << j;
+    }
+  for (float x : c) ASSERT_FALSE(std::isnan(x)) << "an element of dW not written";
 }
 
 // gemm_bf16_tile's products (attention's tiles, one thread each) on AMX tiles, or AVX512-BF16 dot

@@ -37,7 +37,10 @@ CpuFeatures detect() {
     f.avx512dq = os_avx512 && (b & (1u << 17));
     f.avx512bw = os_avx512 && (b & (1u << 30));
     f.avx512vl = os_avx512 && (b & (1u << 31));
-    f.amx_bf16 = os_amx && (d & (1u << 22));
+    // AMX-BF16 and AMX-TILE; lmforge's AMX kernels pack their operands with AVX-512 (as
+    // oneDNN's): a VM that grants tiles but not ZMM state gets neither.
+    f.amx_bf16 = os_amx && (d & (1u << 22)) && (d & (1u << 24)) && f.avx512f && f.avx512bw &&
+                 f.avx512vl && f.avx512dq;
   }
   if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
     f.avx512_bf16 = os_avx512 && (a & (1u << 5));

@@ -400,7 +400,7 @@ PrepareOptions load_prepare_config(const std::string& path) {
     for (auto it = root.begin(); it != root.end(); ++it) {
       std::string k = it->first.as<std::string>();
       at = k;
-      const YAML::Node& v = it->second;
+      const YAML::Node v = it->second;  // a handle: the iterator's pair is a temporary
       if (k == "output")
         o.output = v.as<std::string>();
       else if (k == "tokenizer")
@@ -420,7 +420,7 @@ PrepareOptions load_prepare_config(const std::string& path) {
           for (auto f = s->second.begin(); f != s->second.end(); ++f) {
             std::string fk = f->first.as<std::string>();
             at = "sources." + src.name + "." + fk;
-            const YAML::Node& fv = f->second;
+            const YAML::Node fv = f->second;
             if (fk == "inputs") {
               if (fv.IsSequence())
                 for (auto x : fv) src.inputs.push_back(x.as<std::string>());

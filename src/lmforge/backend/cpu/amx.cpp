@@ -8,7 +8,7 @@
 // Packing: B once per call into AMX's pair-interleaved layout, B'[k/2][n][2] (two rows of B
 // interleaved 16 bits at a time); A per panel, the same interleave of its 32 columns and then a
 // transpose of the 32-bit pairs, so a tile row holds 32 consecutive k of one row of A^T. K, M and N
-// are padded with zeros to the tiles (16 rows, 32 k, 16 columns).
+// are padded with zeros to whole panels (32 rows of M, 32 k, 32 columns of N).
 //
 // Each output element is the sum over k in the tiles' fixed order, whatever the thread count:
 // deterministic as the rest of the step. The products are exact in fp32 (bf16 x bf16) and the

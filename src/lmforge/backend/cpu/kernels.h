@@ -98,7 +98,7 @@ bool amx_gemm_available();
 bool weight_grad_gemm_takes(int64_t M, int64_t N, int64_t K);
 // gemm_bf16_tile's products where they fit (M <= 128, N <= 256, K <= 256: attention's tiles), run
 // by the calling thread on AMX tiles, or with AVX512-BF16 dot products on CPUs without AMX; false
-// (nothing done) past those sizes or without AVX512-BF16.
+// (nothing done) past those sizes or with neither.
 bool small_gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                      int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
                      int64_t ldc);
