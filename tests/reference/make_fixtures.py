@@ -7,7 +7,7 @@
   model_gpt2-tiny.safetensors     params, tokens, targets, logits, loss, grad.<param> (model_ref.py)
   model_llama3-tiny.safetensors
   adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
-  preference.safetensors          DPO and ORPO losses and gradients on gpt2-tiny (preference_ref.py)
+  preference.safetensors          DPO, ORPO and SimPO losses and gradients on gpt2-tiny (preference_ref.py)
   distill.safetensors             knowledge distillation's loss and gradients (distill_ref.py)
   tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
                                   ~1.5 MB corpus sample and hard cases (tokenizer_ref.py)

@@ -16,6 +16,7 @@ import model_ref
 DPO_BETA, DPO_SMOOTHING, ORPO_LAMBDA = 0.5, 0.1, 0.7
 IPO_BETA = 0.3
 SIMPO_BETA, SIMPO_GAMMA, CPO_ALPHA = 2.0, 0.4, 0.3
+SIMPO_SMOOTHING = 0.15  # the "simpo_smooth" case: label smoothing, no NLL term
 
 
 def row_logps(logits, targets):
@@ -59,7 +60,7 @@ def hinge_beta(policy, ref, tokens, targets):
     return float(2 / z[-1])
 
 
-def simpo_loss(policy, tokens, targets):
+def simpo_loss(policy, tokens, targets, smoothing=0.0, alpha=CPO_ALPHA):
     logits, _ = policy(tokens, targets)
     lp, n = row_logps(logits, targets)
     a = lp / n  # TRL's CPO: average_log_prob for simpo
@@ -67,7 +68,9 @@ def simpo_loss(policy, tokens, targets):
     V = logits.shape[-1]
     nll = F.cross_entropy(logits[0::2].reshape(-1, V), targets[0::2].reshape(-1).long(),
                           ignore_index=-100)
-    loss = -F.logsigmoid(SIMPO_BETA * z).mean() + CPO_ALPHA * nll
+    losses = (-F.logsigmoid(SIMPO_BETA * z) * (1 - smoothing)
+              - F.logsigmoid(-SIMPO_BETA * z) * smoothing)
+    loss = losses.mean() + alpha * nll
     return loss, SIMPO_BETA * a[0::2].detach(), SIMPO_BETA * a[1::2].detach(), nll.detach()
 
 
@@ -117,15 +120,16 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
             out[kind + ".grad." + pname] = p.grad.float().contiguous()
             p.grad = None
 
-    loss, rc, rr, nll = simpo_loss(policy, tokens, targets)
-    loss.backward()
-    out["simpo.loss"] = loss.detach().float().view(1)
-    out["simpo.reward_chosen"] = rc.float().contiguous()
-    out["simpo.reward_rejected"] = rr.float().contiguous()
-    out["simpo.nll"] = nll.float().view(1)
-    for pname, p in policy.named_parameters():
-        out["simpo.grad." + pname] = p.grad.float().contiguous()
-        p.grad = None
+    for kind, smoothing, alpha in (("simpo", 0.0, CPO_ALPHA), ("simpo_smooth", SIMPO_SMOOTHING, 0.0)):
+        loss, rc, rr, nll = simpo_loss(policy, tokens, targets, smoothing, alpha)
+        loss.backward()
+        out[kind + ".loss"] = loss.detach().float().view(1)
+        out[kind + ".reward_chosen"] = rc.float().contiguous()
+        out[kind + ".reward_rejected"] = rr.float().contiguous()
+        out[kind + ".nll"] = nll.float().view(1)
+        for pname, p in policy.named_parameters():
+            out[kind + ".grad." + pname] = p.grad.float().contiguous()
+            p.grad = None
 
     loss, log_odds, nll = orpo_loss(policy, tokens, targets)
     loss.backward()
@@ -136,5 +140,6 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
         out["orpo.grad." + pname] = p.grad.float().contiguous()
     hyper = {"preset": name, "dpo_beta": DPO_BETA, "dpo_label_smoothing": DPO_SMOOTHING,
              "orpo_lambda": ORPO_LAMBDA, "hinge_beta": hinge, "ipo_beta": IPO_BETA,
-             "simpo_beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA, "cpo_alpha": CPO_ALPHA}
+             "simpo_beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA, "cpo_alpha": CPO_ALPHA,
+             "simpo_label_smoothing": SIMPO_SMOOTHING}
     return out, hyper

@@ -70,6 +70,10 @@ void check(const std::string& kind, int64_t rows) {
     o.beta = h.at("simpo_beta").get<double>();
     o.gamma = h.at("simpo_gamma").get<double>();
     o.cpo_alpha = h.at("cpo_alpha").get<double>();
+    if (kind == "simpo_smooth") {  // TRL's label smoothing, SimPO as published (no NLL term)
+      o.label_smoothing = h.at("simpo_label_smoothing").get<double>();
+      o.cpo_alpha = 0;
+    }
   }
   PreferenceObjective obj(o, dpo ? &fx.reference : nullptr);
   dist::LocalCommunicator one;
@@ -117,6 +121,7 @@ TEST(PreferenceObjective, IpoMatchesPyTorch) { check("dpo_ipo", 2); }
 // SimPO with CPO's NLL term (cpo_alpha > 0), no reference model.
 TEST(PreferenceObjective, SimpoMatchesPyTorch) { check("simpo", 6); }
 TEST(PreferenceObjective, SimpoOverMicroBatchesMatchesPyTorch) { check("simpo", 2); }
+TEST(PreferenceObjective, SimpoWithLabelSmoothingMatchesPyTorch) { check("simpo_smooth", 2); }
 
 // DPO under LoRA: the reference as the policy with its adapters off (no second model) gives the
 // loss and gradients of a separate reference model holding the base weights, bit for bit.

@@ -104,6 +104,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.simpo_beta", &c.train.simpo_beta,
        "SimPO: beta, the scale of the length-normalized rewards (2 to 2.5 typical)"},
       {"train.simpo_gamma", &c.train.simpo_gamma, "SimPO: gamma, the target reward margin"},
+      {"train.simpo_label_smoothing", &c.train.simpo_label_smoothing,
+       "SimPO: share of preference labels assumed flipped (TRL's label_smoothing); 0 = SimPO"},
       {"train.cpo_alpha", &c.train.cpo_alpha,
        "SimPO: weight of the chosen responses' NLL (TRL's cpo_alpha); 0 = SimPO as published"},
       {"train.spike_zscore", &c.train.spike_zscore,

@@ -63,6 +63,7 @@ struct TrainConfig {
   double orpo_lambda = 0.1;          // ORPO: weight of the odds-ratio term (TRL's beta)
   double simpo_beta = 2.0;           // SimPO: reward scale
   double simpo_gamma = 0.5;          // SimPO: target reward margin
+  double simpo_label_smoothing = 0;  // SimPO: share of preference labels assumed flipped
   double cpo_alpha = 0;              // SimPO: weight of the chosen responses' NLL (CPO-SimPO)
   double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
   int64_t spike_window = 100;      // steps in the rolling statistics

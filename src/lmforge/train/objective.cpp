@@ -79,15 +79,15 @@ PairTerm orpo_pair(const PairLogps& p, double lambda) {
   return t;
 }
 
-PairTerm simpo_pair(const PairLogps& p, double beta, double gamma) {
+PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_smoothing) {
   LMF_CHECK(p.n_chosen > 0 && p.n_rejected > 0, "simpo_pair without targets");
   const double nc = static_cast<double>(p.n_chosen), nr = static_cast<double>(p.n_rejected);
   PairTerm t;
   t.reward_chosen = beta * (p.chosen / nc);  // TRL's CPO rewards
   t.reward_rejected = beta * (p.rejected / nr);
-  const double z = t.reward_chosen - t.reward_rejected - gamma;
-  t.loss = -log_sigmoid(z);
-  const double dz = -sigmoid(-z);
+  const double z = t.reward_chosen - t.reward_rejected - gamma, s = label_smoothing;
+  t.loss = -(1 - s) * log_sigmoid(z) - s * log_sigmoid(-z);
+  const double dz = -(1 - s) * sigmoid(-z) + s * sigmoid(z);
   t.dchosen = dz * beta / nc;
   t.drejected = -dz * beta / nr;
   return t;
@@ -97,7 +97,9 @@ PreferenceOptions preference_options(const TrainConfig& t) {
   PreferenceOptions o;
   o.kind = t.objective;
   o.beta = t.objective == "dpo" ? t.dpo_beta : t.objective == "orpo" ? t.orpo_lambda : t.simpo_beta;
-  o.label_smoothing = t.objective == "dpo" ? t.dpo_label_smoothing : 0.0;
+  o.label_smoothing = t.objective == "dpo"     ? t.dpo_label_smoothing
+                      : t.objective == "simpo" ? t.simpo_label_smoothing
+                                               : 0.0;
   o.dpo_loss = parse_dpo_loss(t.dpo_loss);
   o.gamma = t.simpo_gamma;
   o.cpo_alpha = t.cpo_alpha;
@@ -148,7 +150,8 @@ PairTerm PreferenceObjective::pair(const std::vector<double>& logp,
   const PairLogps p{
       logp[c], logp[r], targets[c], targets[r], dpo_ ? ref[c] : 0.0, dpo_ ? ref[r] : 0.0};
   if (dpo_) return dpo_pair(p, o_.beta, o_.label_smoothing, o_.dpo_loss);
-  return o_.kind == "orpo" ? orpo_pair(p, o_.beta) : simpo_pair(p, o_.beta, o_.gamma);
+  return o_.kind == "orpo" ? orpo_pair(p, o_.beta)
+                           : simpo_pair(p, o_.beta, o_.gamma, o_.label_smoothing);
 }
 
 void PreferenceObjective::add(Sums& s, const PairTerm& t, double chosen_logp,

@@ -15,9 +15,11 @@
 //        log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)),
 //        loss = NLL(chosen tokens) - lambda log sigmoid(log_odds)
 //        no reference model.
-//   SimPO (Meng et al. 2024; TRL's CPOTrainer, loss_type "simpo"): with a = logp / targets,
-//        loss = -log sigmoid(beta (a_c - a_r) - gamma) + alpha NLL(chosen tokens)
-//        no reference model; rewards beta a; alpha (TRL's cpo_alpha) 0 is SimPO as published.
+//   SimPO (Meng et al. 2024; TRL's CPOTrainer, loss_type "simpo"): with a = logp / targets and
+//        z = beta (a_c - a_r) - gamma,
+//        loss = -(1 - s) log sigmoid(z) - s log sigmoid(-z) + alpha NLL(chosen tokens)
+//        no reference model; rewards beta a; alpha (TRL's cpo_alpha) 0 is SimPO as published;
+//        s TRL's label_smoothing (0 as published).
 // Losses are means over the step's pairs (those with targets in both rows) across micro-batches
 // and ranks; ORPO's and SimPO's NLL is the mean over all chosen target tokens of the step
 // (lmforge's token-count normalization; TRL normalizes per micro-batch).
@@ -64,12 +66,12 @@ PairTerm dpo_pair(const PairLogps& p, double beta, double label_smoothing,
 // The odds-ratio term alone (the NLL is added per token).
 PairTerm orpo_pair(const PairLogps& p, double lambda);
 // SimPO's term alone (CPO's NLL, when weighed, is added per token).
-PairTerm simpo_pair(const PairLogps& p, double beta, double gamma);
+PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_smoothing = 0);
 
 struct PreferenceOptions {
   std::string kind = "dpo";    // dpo | orpo | simpo
   double beta = 0.1;           // DPO's or SimPO's beta, ORPO's lambda
-  double label_smoothing = 0;  // DPO (sigmoid loss)
+  double label_smoothing = 0;  // DPO (sigmoid loss) and SimPO
   DpoLoss dpo_loss = DpoLoss::kSigmoid;
   double gamma = 0.5;    // SimPO: the target reward margin
   double cpo_alpha = 0;  // SimPO: weight of the chosen responses' NLL (ORPO's is 1)

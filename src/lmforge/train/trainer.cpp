@@ -180,6 +180,8 @@ void validate_train_config(const Config& cfg) {
     fail("train.simpo_beta: must be positive (2 to 2.5 typical), got {}", t.simpo_beta);
   if (!(std::fabs(t.simpo_gamma) < 1e6))
     fail("train.simpo_gamma: must be a finite number (0.5 to 1.5 typical), got {}", t.simpo_gamma);
+  if (!(t.simpo_label_smoothing >= 0 && t.simpo_label_smoothing < 0.5))
+    fail("train.simpo_label_smoothing: must be in [0, 0.5), got {}", t.simpo_label_smoothing);
   if (!(t.cpo_alpha >= 0 && t.cpo_alpha < 1e6))
     fail("train.cpo_alpha: must be >= 0 (0 = SimPO, 1 = CPO-SimPO), got {}", t.cpo_alpha);
   if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
