@@ -277,26 +277,37 @@ TEST(Bf16, WidenedFallbackMatchesDoubleProductOfRoundedOperands) {
       check_gemm(ta, tb, false, true, 300, 5, 20000);
     }
   check_gemm(false, true, true, false, 513, 513, 4105);  // C too large for parts: chunks
-  // The parts of K are set by K alone: the same sums whatever the thread count.
-  {
-    const int64_t M = 5, N = 300, K = 20000;
-    std::vector<float> a = randn(M * K, 14), b = randn(K * N, 15);
-    std::vector<uint16_t> a16(a.size()), b16(b.size());
-    cpu::to_bf16(a16.data(), a.data(), M * K);
-    cpu::to_bf16(b16.data(), b.data(), K * N);
-    std::vector<std::vector<float>> results;
-    const int before = omp_get_max_threads();
-    for (int threads : {1, 2, 3}) {
-      omp_set_num_threads(threads);
-      std::vector<float> c(M * N);
-      cpu::gemm_bf16(false, false, M, N, K, a16.data(), K, b16.data(), N, nullptr, false, c.data(),
-                     N);
-      results.push_back(c);
+  // The parts of K are set by K alone: the same sums whatever the thread count, for every
+  // transpose, wide and tall C, with a bias, accumulating, and rounded to a bf16 C.
+  for (const auto& [M, N] : {std::pair<int64_t, int64_t>{5, 300}, {300, 5}})
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool ta = variant & 1, tb = variant & 2, bias = variant == 1, acc = variant == 2;
+      const int64_t K = 20000;
+      std::vector<float> a = randn(M * K, 14), b = randn(K * N, 15), bv = randn(N, 16),
+                         c0 = randn(M * N, 17);
+      std::vector<uint16_t> a16(a.size()), b16(b.size());
+      cpu::to_bf16(a16.data(), a.data(), M * K);
+      cpu::to_bf16(b16.data(), b.data(), K * N);
+      std::vector<std::vector<float>> results;
+      std::vector<std::vector<uint16_t>> results16;
+      const int before = omp_get_max_threads();
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        std::vector<float> c = c0;
+        std::vector<uint16_t> c16(M * N);
+        cpu::gemm_bf16(ta, tb, M, N, K, a16.data(), ta ? M : K, b16.data(), tb ? K : N,
+                       bias ? bv.data() : nullptr, acc, c.data(), N);
+        cpu::gemm_bf16(ta, tb, M, N, K, a16.data(), ta ? M : K, b16.data(), tb ? K : N, bv.data(),
+                       c16.data(), N);
+        results.push_back(c);
+        results16.push_back(c16);
+      }
+      omp_set_num_threads(before);
+      for (int t : {1, 2}) {
+        EXPECT_EQ(results[0], results[t]) << M << "x" << N << " variant " << variant;
+        EXPECT_EQ(results16[0], results16[t]) << M << "x" << N << " variant " << variant;
+      }
     }
-    omp_set_num_threads(before);
-    EXPECT_EQ(results[0], results[1]);
-    EXPECT_EQ(results[0], results[2]);
-  }
   struct Shape {
     int64_t M, N, K;
   };

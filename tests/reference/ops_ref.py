@@ -358,8 +358,10 @@ def add_case(w):
 
 
 def xent_case(w):
-    # V = 37: the vector kernels' masked tail alone; 1000: their unrolled body, then the tail.
-    for name, (B, T, V) in {"xent": (2, 6, 37), "xent_wide": (2, 3, 1000)}.items():
+    # V = 37: the vector kernels' masked tail alone; 1000: their unrolled body, then the tail;
+    # 5: under one vector of either width; 49: the 32-wide unrolled body, then two tail steps.
+    for name, (B, T, V) in {"xent": (2, 6, 37), "xent_wide": (2, 3, 1000), "xent_v5": (2, 3, 5),
+                            "xent_v49": (2, 3, 49)}.items():
         _xent_case(w, name, B, T, V)
 
 

@@ -123,8 +123,8 @@ double softmax_xent_forward(const Tensor& losses, const Tensor& logits, const Te
 void softmax_xent_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                            double dloss, int32_t ignore_index, double z_loss = 0);
 // softmax_xent_rows and softmax_xent_backward in one pass over the logits (training: one
-// logsumexp per row): the same losses and dlogits, bit for bit, and lse_sq_sum to rounding (its
-// partial sums may group differently). dlogits may alias logits, or be bf16: (N, ld >= V) rows,
+// logsumexp per row): the same losses, dlogits and lse_sq_sum, bit for bit (the rows' lse^2
+// added in order). dlogits may alias logits, or be bf16: (N, ld >= V) rows,
 // each rounded to bf16 as to_bf16 would (the LM head's backward matmul input; the padding is not
 // written).
 // vocab > 0: the logits' rows are padded past the vocab (last(logits) > vocab; a GPU with bf16

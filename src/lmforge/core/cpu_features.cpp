@@ -63,15 +63,18 @@ CpuFeatures detect() {
   while (!f.brand.empty() && f.brand.back() == ' ') f.brand.pop_back();
 #endif
   // LMFORGE_MAX_ISA caps what the kernels may use (as oneDNN's ONEDNN_MAX_CPU_ISA): to compare
-  // paths, or to test the AVX2 and portable kernels on a CPU that has more.
+  // paths, or to test the AVX-512 (without BF16), AVX2 and portable kernels on a CPU that has
+  // more. oneDNN keeps its own choice (fast_bf16_products: its bf16 matmuls or widened ones).
   if (const char* cap = std::getenv("LMFORGE_MAX_ISA"); cap && *cap) {
     const std::string v = cap;
     if (v == "avx512_bf16") {
-      f.amx_bf16 = false;  // lmforge's own AMX kernels off (oneDNN still picks its own)
+      f.amx_bf16 = false;        // lmforge's own AMX kernels off (oneDNN still picks its own)
+    } else if (v == "avx512") {  // Skylake-X to Ice Lake: AVX-512 without its bf16 instructions
+      f.avx512_bf16 = f.amx_bf16 = false;
     } else if (v == "avx2" || v == "baseline") {
       f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512_bf16 = f.amx_bf16 = false;
       if (v == "baseline") f.avx2 = false;
-    } else if (v != "avx512") {
+    } else {
       std::fprintf(
           stderr,
           "warning: LMFORGE_MAX_ISA=%s: expected avx512, avx512_bf16, avx2 or baseline; ignored\n",
