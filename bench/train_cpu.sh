@@ -27,21 +27,22 @@ trap 'rm -rf "$log"' EXIT
 
 # A row's figure in each round (one per line), and over the rounds: the median tok/s, the largest
 # peak RSS.
-per_round() {  # row pattern field: the field of the pattern's last match in each round's log
+last_match() { { grep -oE "$2" "$1" || true; } | tail -n 1 | awk "{print \$$3}"; }  # file pattern field
+per_round() {  # row pattern field: last_match in each round's log
   local r
   for ((r = 1; r <= rounds; r++)); do
-    [[ -s $log/$1.$r ]] && { grep -oE "$2" "$log/$1.$r" || true; } | tail -n 1 | awk "{print \$$3}"
+    [[ -s $log/$1.$r ]] && last_match "$log/$1.$r" "$2" "$3"
   done
   return 0
 }
-median() { sort -g | awk '{v[NR] = $1} END {if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
+median() { sort -g | awk '{v[NR] = $1} END {if (NR) printf "%.1f\n", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 tps() { per_round "$1" '[0-9.]+ tok/s' 1 | median; }
 rss() { per_round "$1" 'peak resident [0-9]+' 3 | sort -g | tail -n 1; }
 run() {  # name command...: round $round of the row, its log in $log/name.round
   local name=$1; shift
   local out="$log/$name.$round"
   if "$@" >"$out" 2>&1; then
-    echo "$(tail -n 1 "$out")  (peak resident $(grep -oE 'peak resident [0-9]+' "$out" | tail -n 1 | awk '{print $3}') MiB)"
+    echo "$(tail -n 1 "$out")  (peak resident $(last_match "$out" 'peak resident [0-9]+' 3) MiB)"
   else
     echo "$name: failed (last lines below)"; tail -n 3 "$out"; : >"$out"
   fi
