@@ -26,11 +26,11 @@ void add_prepare(CLI::App& app) {
   cmd->add_option("--field", o->field, "JSONL field (default: text, or messages for chat)");
   cmd->add_option("--format", o->format,
                   "text | chat (JSONL conversations for SFT: the loss on the assistant's tokens "
-                  "only) | preference (JSONL prompt/chosen/rejected pairs for DPO and ORPO; "
-                  "default: text)");
+                  "only) | preference (JSONL prompt/chosen/rejected pairs for DPO, ORPO, SimPO "
+                  "and KTO) | unpaired (JSONL prompt/completion/label for KTO; default: text)");
   cmd->add_option("--chat-template", o->chat_template,
-                  "chat, preference: chatml | llama3 (the tokenizer needs its special tokens; "
-                  "chat's default: chatml; preference's: none, plain text)");
+                  "chat, preference, unpaired: chatml | llama3 (the tokenizer needs its special "
+                  "tokens; chat's default: chatml; the others': none, plain text)");
   cmd->add_option("--text-mode", o->text_mode, ".txt documents: file | blank_line (default: file)");
   cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation");
   cmd->add_option("--val-docs", o->val_docs, "The first N documents are validation (a count)");

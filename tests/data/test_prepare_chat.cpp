@@ -187,7 +187,7 @@ TEST(PrepareChat, BadSetUpIsOneClearErrorBeforeAnyOutput) {
   o = chat_options(dir + "/chat.jsonl", dir + "/o4");  // a template without format chat
   o.sources[0].doc.format = "text";
   e = testing::error_of([&] { run_prepare(o); });
-  EXPECT_NE(e.find("formats chat and preference only"), std::string::npos) << e;
+  EXPECT_NE(e.find("formats chat, preference and unpaired only"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(dir + "/o4"));
 }
 

@@ -1,7 +1,9 @@
 // Preference data (DPO, ORPO): `prepare --format preference` writes each JSONL pair as two
 // documents of a paired shard (chosen, rejected; each the prompt then the response, the mask on
 // the response), and the loader's pairs mode puts them in rows 2j and 2j+1 with the response's
-// tokens as the only targets.
+// tokens as the only targets. KTO's labelled responses: `prepare --format unpaired` writes each
+// as a document of a labelled shard, and the loader's unpaired mode gives each a row and its
+// label (as it does each side of a pair).
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -29,10 +31,11 @@ std::string tokenizer_file(const std::string& name) {
 }
 
 PrepareOptions options(const std::string& in, const std::string& out, const std::string& tok,
-                       const std::string& chat_template = "") {
+                       const std::string& chat_template = "",
+                       const std::string& format = "preference") {
   PrepareOptions o;
   PrepareSource s{"pairs", {in}, {}};
-  s.doc.format = "preference";
+  s.doc.format = format;
   s.doc.chat_template = chat_template;
   o.sources = {s};
   o.output = out;
@@ -145,7 +148,7 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
   lo.seq = 6;
   lo.pairs = false;  // preference pairs are not next-token data
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
-  EXPECT_NE(e.find("only train.objective dpo, orpo and simpo"), std::string::npos) << e;
+  EXPECT_NE(e.find("only train.objective dpo, orpo, simpo and kto"), std::string::npos) << e;
   lo.pairs = true;
   write_shard(dir + "/plain.bin", {1, 2, 3, 4, 5, 6, 7, 8, 9}, {0, 4});
   e = testing::error_of([&] { Loader(parse_data_spec(dir + "/plain.bin", "d"), lo); });
@@ -241,6 +244,154 @@ TEST(PreparePreference, BadSetUpIsOneClearErrorBeforeAnyOutput) {
   e = testing::error_of([&] { run_prepare(o); });
   EXPECT_NE(e.find("fields prompt, chosen and rejected"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(dir + "/o3"));
+}
+
+TEST(PrepareUnpaired, LabelledResponsesAreOneDocumentEachWithTheirLabel) {
+  const std::string dir = testing::temp_dir("prepare-unpaired");
+  {
+    std::ofstream f(dir + "/u.jsonl", std::ios::binary);
+    f << R"({"prompt": "In the beginning", "completion": " God created the heaven.", "label": true})"
+      << "\n";
+    f << R"({"prompt": "In the beginning", "completion": " was nothing.", "label": false})"
+      << "\n";
+    f << R"({"completion": "Amen.", "label": true})"
+      << "\n";  // no prompt
+    f << R"({"prompt": "x", "completion": "y", "label": "yes"})"
+      << "\n";  // malformed_example
+    f << R"({"prompt": "x", "completion": 3, "label": true})"
+      << "\n";  // malformed_example
+    f << R"({"prompt": "x", "completion": "y"})"
+      << "\n";  // missing_field
+    f << R"({"prompt": "x", "label": false})"
+      << "\n";  // missing_field
+  }
+  const json summary = run_prepare(options(dir + "/u.jsonl", dir + "/out", "gpt2", "", "unpaired"));
+  const json& st = summary["sources"]["pairs"];
+  EXPECT_EQ(st["documents"]["train"], 3);
+  EXPECT_EQ(st["skipped"], json({{"malformed_example", 2}, {"missing_field", 2}}));
+
+  auto tok = load_tokenizer(tokenizer_file("gpt2"));
+  TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
+  EXPECT_FALSE(s.paired());
+  ASSERT_TRUE(s.labelled());
+  ASSERT_EQ(s.num_docs(), 3);
+  const std::vector<std::array<std::string, 2>> want = {
+      {"In the beginning", " God created the heaven."},
+      {"In the beginning", " was nothing."},
+      {"", "Amen."}};
+  const int8_t labels[] = {1, 0, 1};
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> mask;
+  for (int64_t d = 0; d < 3; ++d) {
+    read_doc(s, d, ids, mask);
+    std::vector<int32_t> prompt = tok->encode(want[d][0]), response = tok->encode(want[d][1]);
+    std::vector<int32_t> e = prompt;
+    e.insert(e.end(), response.begin(), response.end());
+    e.push_back(tok->eos_id());
+    std::vector<uint8_t> m(prompt.size(), 0);
+    m.resize(e.size(), 1);
+    EXPECT_EQ(ids, e) << "document " << d;
+    EXPECT_EQ(mask, m) << "document " << d;
+    EXPECT_EQ(s.label(d), labels[d]) << "document " << d;
+  }
+
+  // Unpaired mode: a row per response, its label beside it, padding rows labelled -1.
+  LoaderOptions lo;
+  lo.batch = 2;
+  lo.seq = 8;
+  lo.unpaired = true;
+  lo.pad_token = tok->eos_id();
+  Loader loader(parse_data_spec(dir + "/out/pairs", "data.train"), lo);
+  EXPECT_EQ(loader.num_samples(0), 3);
+  ASSERT_EQ(loader.sequential_batches(), 2);
+  Batch b = Batch::make(2, 8);
+  for (int64_t i = 0; i < 2; ++i) {
+    loader.sequential(i, b);
+    for (int64_t row = 0; row < 2; ++row) {
+      const int64_t d = 2 * i + row;
+      if (d == 3) {
+        EXPECT_EQ(b.labels[row], -1) << "padding row";
+        continue;
+      }
+      EXPECT_EQ(b.labels[row], labels[d]) << "document " << d;
+      read_doc(s, d, ids, mask);
+      for (int64_t t = 0; t < 8 && t < static_cast<int64_t>(ids.size()); ++t)
+        EXPECT_EQ(b.tokens.data<int32_t>()[row * 8 + t], ids[t]) << "document " << d;
+    }
+  }
+  // Training draws rows with their labels: every row's label is its document's.
+  for (int k = 0; k < 4; ++k) {
+    loader.next(b);
+    for (size_t row = 0; row < 2; ++row) {
+      const SampleId id = loader.last_samples()[row];
+      EXPECT_EQ(b.labels[row], labels[id.index]);
+    }
+  }
+
+  // Pairs in unpaired mode: each side a row, the chosen one desirable (TRL unpairs them so).
+  {
+    std::ofstream f(dir + "/p.jsonl", std::ios::binary);
+    f << R"({"prompt": "a", "chosen": " b", "rejected": " c"})"
+      << "\n";
+    f << R"({"prompt": "d", "chosen": " e", "rejected": " f"})"
+      << "\n";
+  }
+  run_prepare(options(dir + "/p.jsonl", dir + "/pout", "gpt2"));
+  Loader pairs(parse_data_spec(dir + "/pout/pairs", "data.train"), lo);
+  EXPECT_EQ(pairs.num_samples(0), 4);
+  for (int64_t i = 0; i < 2; ++i) {
+    pairs.sequential(i, b);
+    EXPECT_EQ(b.labels[0], 1);
+    EXPECT_EQ(b.labels[1], 0);
+  }
+
+  // Labelled shards elsewhere, other shards for KTO, packing: one clear error each.
+  lo.unpaired = false;
+  std::string e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("only train.objective kto"), std::string::npos) << e;
+  lo.pairs = true;
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("only train.objective kto"), std::string::npos) << e;
+  lo.pairs = false;
+  lo.unpaired = true;
+  write_shard(dir + "/plain.bin", {1, 2, 3, 4, 5, 6, 7, 8, 9}, {0, 4});
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/plain.bin", "d"), lo); });
+  EXPECT_NE(e.find("--format unpaired"), std::string::npos) << e;
+  lo.packing = "best_fit";
+  e = testing::error_of([&] { Loader(parse_data_spec(dir + "/out/pairs", "d"), lo); });
+  EXPECT_NE(e.find("data.packing: best_fit"), std::string::npos) << e;
+}
+
+// With a chat template: the completion's assistant turn is the target, the prompt's turns (its
+// assistant turn too) are not.
+TEST(PrepareUnpaired, ChatResponsesUseTheTemplate) {
+  const std::string dir = testing::temp_dir("prepare-unpaired-chat");
+  const std::vector<ChatMessage> prompt = {
+      {"user", "Hi."}, {"assistant", "Hello."}, {"user", "Who?"}};
+  {
+    std::ofstream f(dir + "/u.jsonl", std::ios::binary);
+    json turns = json::array();
+    for (const ChatMessage& m : prompt) turns.push_back({{"role", m.role}, {"content", m.content}});
+    f << json({{"prompt", turns}, {"completion", "Moses."}, {"label", false}}).dump() << "\n";
+  }
+  run_prepare(options(dir + "/u.jsonl", dir + "/out", "llama3", "llama3", "unpaired"));
+  auto tok = load_tokenizer(tokenizer_file("llama3"));
+  TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
+  ASSERT_TRUE(s.labelled());
+  ASSERT_EQ(s.num_docs(), 1);
+  EXPECT_EQ(s.label(0), 0);
+  std::vector<ChatMessage> turns = prompt;
+  turns.push_back({"assistant", "Moses."});
+  const ChatEncoding e = apply_chat_template(*tok, turns, "llama3");
+  const size_t k = apply_chat_template(*tok, prompt, "llama3").ids.size();
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> mask;
+  read_doc(s, 0, ids, mask);
+  EXPECT_EQ(ids, e.ids);
+  ASSERT_EQ(mask.size(), e.assistant_mask.size());
+  for (size_t i = 0; i < mask.size(); ++i)
+    EXPECT_EQ(mask[i], i < k ? 0 : e.assistant_mask[i]) << "token " << i;
+  EXPECT_TRUE(std::find(mask.begin(), mask.end(), 1) != mask.end());
 }
 
 }  // namespace lmforge

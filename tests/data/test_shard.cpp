@@ -86,4 +86,49 @@ TEST(Shard, DocumentIndexIsCheckedWholeAndReadUnaligned) {
   EXPECT_NE(e.find("document 2 of the index starts at token 2 (after 3"), std::string::npos) << e;
 }
 
+// Labelled responses (KTO): a label byte per document after the loss mask, read back; a label
+// other than 0 or 1, or a label block cut off, is a corrupt shard.
+TEST(Shard, LabelsFollowTheMaskAndAreChecked) {
+  std::string dir = testing::temp_dir("shard-labels");
+  {
+    ShardWriter w(dir + "/ok.bin", {}, 2, /*loss_mask=*/true, /*paired=*/false,
+                  /*labelled=*/true);
+    const int32_t a[] = {5, 6, 7}, b[] = {8, 9};
+    const uint8_t ma[] = {0, 1, 1}, mb[] = {0, 1};
+    w.begin_document(true);
+    w.append(a, 3, ma);
+    w.begin_document(false);
+    w.append(b, 2, mb);
+    w.commit();
+  }
+  TokenShard ok = TokenShard::open(dir + "/ok.bin");
+  ASSERT_TRUE(ok.labelled());
+  EXPECT_FALSE(ok.paired());
+  ASSERT_EQ(ok.num_docs(), 2);
+  EXPECT_EQ(ok.label(0), 1);
+  EXPECT_EQ(ok.label(1), 0);
+  EXPECT_FALSE(ok.is_target(0));
+  EXPECT_TRUE(ok.is_target(4));
+  const std::string bytes = testing::slurp(dir + "/ok.bin");
+  ASSERT_EQ(bytes.size(), kShardHeaderBytes + 5 * 2 + 3 * 8 + 1 + 2);
+  {
+    std::string b = bytes;
+    b.back() = 7;
+    std::ofstream(dir + "/label.bin", std::ios::binary) << b;
+  }
+  std::string e = error_of(dir + "/label.bin");
+  EXPECT_NE(e.find("document 1 has label 7"), std::string::npos) << e;
+  std::ofstream(dir + "/cut.bin", std::ios::binary) << bytes.substr(0, bytes.size() - 1);
+  e = error_of(dir + "/cut.bin");
+  EXPECT_NE(e.find("truncated or corrupt"), std::string::npos) << e;
+  {
+    std::string b = bytes;
+    const uint32_t flags = 4;  // labels without the loss mask
+    std::memcpy(b.data() + 80, &flags, 4);
+    std::ofstream(dir + "/flags.bin", std::ios::binary) << b;
+  }
+  e = error_of(dir + "/flags.bin");
+  EXPECT_NE(e.find("labelled responses needs a loss mask"), std::string::npos) << e;
+}
+
 }  // namespace lmforge

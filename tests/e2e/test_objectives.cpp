@@ -2,8 +2,9 @@
 // followed by one of two replies ("Amen, so be it." or "Selah.", at random), then:
 // - tuned on pairs that prefer "Amen, so be it.": `lmforge prepare --format preference` (plain
 //   pairs, GPT-2's tokenizer), then `lmforge train` with train.objective dpo (from the pretrained
-//   run, its own frozen reference; its sigmoid and IPO losses), orpo and simpo. The prompt words
-//   carry no signal, so every pair asks the same: prefer the reply;
+//   run, its own frozen reference; its sigmoid and IPO losses), orpo, simpo and kto (also on
+//   single labelled replies, `prepare --format unpaired`). The prompt words carry no signal, so
+//   every pair asks the same: prefer the reply;
 // - distilled (train.objective distill) into a smaller student with the pretrained run as the
 //   teacher.
 #include <gtest/gtest.h>
@@ -34,8 +35,16 @@ class ObjectivesE2E : public ::testing::Test {
       return p + "\n";
     };
     {
-      std::ofstream base(dir_ + "/base.jsonl"), pairs(dir_ + "/pairs.jsonl");
+      std::ofstream base(dir_ + "/base.jsonl"), pairs(dir_ + "/pairs.jsonl"),
+          labelled(dir_ + "/labelled.jsonl");
       for (int i = 0; i < 400; ++i) {
+        // KTO's unpaired data: one reply each, a third of them the desirable one.
+        const bool amen = rng.below(3) == 0;
+        labelled << nlohmann::json({{"prompt", prompt()},
+                                    {"completion", amen ? "Amen, so be it." : "Selah."},
+                                    {"label", amen}})
+                        .dump()
+                 << "\n";
         base << nlohmann::json({{"text", prompt() + (rng.below(2) ? "Amen, so be it." : "Selah.")}})
                     .dump()
              << "\n";
@@ -49,6 +58,9 @@ class ObjectivesE2E : public ::testing::Test {
     auto p = testing::run_lmforge(prep + "--input base.jsonl --output base", dir_);
     ASSERT_EQ(p.exit_code, 0) << p.err;
     p = testing::run_lmforge(prep + "--input pairs.jsonl --output pairs --format preference", dir_);
+    ASSERT_EQ(p.exit_code, 0) << p.err;
+    p = testing::run_lmforge(prep + "--input labelled.jsonl --output labelled --format unpaired",
+                             dir_);
     ASSERT_EQ(p.exit_code, 0) << p.err;
     auto r = testing::run_lmforge(
         "train --set model.preset=gpt2-tiny --set model.vocab_size=0 --set data.tokenizer=" +
@@ -184,6 +196,58 @@ TEST_F(ObjectivesE2E, SimpoLearnsTheChosenReply) {
   }
 }
 
+// KTO (no pairs needed): on the pairs, unpaired as TRL does (each chosen reply desirable, each
+// rejected one not), and on single labelled replies (`prepare --format unpaired`, a third of them
+// desirable). It starts at 0.5 exactly (the reference is the starting policy: log-ratios and the
+// KL estimate 0), learns to reward the desirable reply above the other, and greedy decoding then
+// answers with it. The labelled run resumes bit-exactly.
+TEST_F(ObjectivesE2E, KtoLearnsTheDesirableReplyFromPairsOrLabelledReplies) {
+  for (const std::string data : {"pairs", "labelled"}) {
+    const std::string dir = "kto_" + data;
+    auto r = testing::run_lmforge(tune("kto", 1e-3) + "--set data.train=" + data +
+                                      "/data --set data.val=" + data + "/data --set run.dir=" + dir,
+                                  dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("objective: kto (beta 0.1, desirable weight 1, undesirable weight 1); "
+                         "reference model"),
+              std::string::npos)
+        << r.out;
+    auto steps = testing::records_of(dir_ + "/" + dir + "/metrics.jsonl", "loss");
+    ASSERT_EQ(steps.size(), 30u);
+    EXPECT_NEAR(steps[0]["loss"].get<double>(), 0.5, 1e-12) << data;
+    EXPECT_EQ(steps[0]["kl"].get<double>(), 0.0) << data;
+    auto val = testing::records_of(dir_ + "/" + dir + "/metrics.jsonl", "val_loss");
+    ASSERT_EQ(val.size(), 1u);
+    // loss 0.26 (pairs), 0.17 (labelled); margin 3.4, 4.0 when written.
+    EXPECT_LT(val[0]["val_loss"].get<double>(), 0.4) << data;
+    EXPECT_GT(val[0]["val_reward_margin"].get<double>(), 1.0) << data;
+    EXPECT_GT(val[0]["val_reward_chosen"].get<double>(),
+              val[0]["val_reward_rejected"].get<double>())
+        << data;
+    auto g = testing::run_lmforge(
+        "generate --checkpoint " + dir +
+            " --prompt 'cedar salt dove oil gate horn iron lamp\n' --temperature 0 --max-tokens 8",
+        dir_);
+    ASSERT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+  }
+  std::filesystem::copy(dir_ + "/kto_labelled", dir_ + "/kto_resumed",
+                        std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(dir_ + "/kto_resumed/checkpoints/step-00000030");
+  auto r = testing::run_lmforge(tune("kto", 1e-3) +
+                                    "--set data.train=labelled/data --set data.val=labelled/data "
+                                    "--set run.dir=kto_resumed --resume",
+                                dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto steps = testing::records_of(dir_ + "/kto_labelled/metrics.jsonl", "loss");
+  auto again = testing::records_of(dir_ + "/kto_resumed/metrics.jsonl", "loss");
+  ASSERT_EQ(again.size(), 30u);
+  for (size_t i = 15; i < 30; ++i) {
+    EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
+    EXPECT_EQ(again[i]["kl"].get<double>(), steps[i]["kl"].get<double>()) << "step " << i + 1;
+  }
+}
+
 // Distillation into a student of half the width and depth: the KL to the teacher falls well
 // below where it starts (0.74 -> 0.06 when written).
 TEST_F(ObjectivesE2E, DistillationPullsTheStudentToTheTeacher) {
@@ -235,14 +299,24 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("train.dpo_loss: expected sigmoid, hinge or ipo"), std::string::npos)
       << r.err;
-  r = testing::run_lmforge(tune("kto", 1e-4) + "--set run.dir=x4", dir_);
+  r = testing::run_lmforge(tune("ppo", 1e-4) + "--set run.dir=x4", dir_);
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("expected clm, dpo, orpo, simpo or distill"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("expected clm, dpo, orpo, simpo, kto or distill"), std::string::npos)
+      << r.err;
+  // KTO's KL estimate needs two rows a micro-batch; labelled replies are KTO's alone.
+  r = testing::run_lmforge(tune("kto", 1e-4) + "--set train.batch_size=1 --set run.dir=x9", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("needs at least 2 rows per micro-batch"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("dpo", 1e-4) + "--set data.train=labelled/data --set run.dir=x10",
+                           dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("only train.objective kto trains on"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/x1"));
   // The paired shards as next-token data, and lr-find on a preference objective: refused.
   r = testing::run_lmforge(tune("clm", 1e-4) + "--set run.dir=x6", dir_);
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("only train.objective dpo, orpo and simpo"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("only train.objective dpo, orpo, simpo and kto"), std::string::npos)
+      << r.err;
   r = testing::run_lmforge(
       "lr-find --set init_from=base_run --set data.train=pairs/data "
       "--set train.objective=dpo --set train.batch_size=8 --set run.dir=x7",

@@ -1,12 +1,14 @@
-"""DPO, ORPO and SimPO losses and gradients for tests/train/test_objective.cpp, written from the
-papers and TRL's DPOTrainer (loss_type "sigmoid" with label smoothing, "hinge", "ipo"),
-ORPOTrainer and CPOTrainer (loss_type "simpo" with cpo_alpha), on model_ref.py's PyTorch
-transformer in float64 (not from lmforge's C++).
+"""DPO, ORPO, SimPO and KTO losses and gradients for tests/train/test_objective.cpp, written from
+the papers and TRL's DPOTrainer (loss_type "sigmoid" with label smoothing, "hinge", "ipo"),
+ORPOTrainer, CPOTrainer (loss_type "simpo" with cpo_alpha) and KTOTrainer (loss_type "kto"),
+on model_ref.py's PyTorch transformer in float64 (not from lmforge's C++).
 
 Rows 2j and 2j+1 are pair j's chosen and rejected responses after a shared prompt; targets are
 -100 on the prompt and padding, so a row's log-likelihood is the sum of log p(target) over its
 response. The reference model is the policy with every weight perturbed.
 """
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ DPO_BETA, DPO_SMOOTHING, ORPO_LAMBDA = 0.5, 0.1, 0.7
 IPO_BETA = 0.3
 SIMPO_BETA, SIMPO_GAMMA, CPO_ALPHA = 2.0, 0.4, 0.3
 SIMPO_SMOOTHING = 0.15  # the "simpo_smooth" case: label smoothing, no NLL term
+KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT = 0.3, 1.0, 1.33
+KTO_LABELS = [1, 0, 0, 1, 1, 0]  # KTO reads each row alone: 1 = a desirable response
 
 
 def row_logps(logits, targets):
@@ -87,6 +91,57 @@ def orpo_loss(policy, tokens, targets):
     return nll - (ORPO_LAMBDA * ratio).mean(), log_odds.detach(), nll.detach()
 
 
+def kl_rows(tokens, targets, group):
+    """TRL's KL completions: row i's prompt followed by the response of the row before it
+    (cyclic within each micro-batch of `group` rows), cut to T+1 tokens, padded with ignored
+    targets. The prompt is the row's tokens through its first target's position; the response
+    its tokens after that through its last target, with the targets it had."""
+    B, T = tokens.shape
+    kt = torch.zeros_like(tokens)
+    ky = torch.full_like(targets, -100)
+    for i in range(B):
+        j = (i // group) * group + (i % group - 1) % group
+        ti = (targets[i] != -100).nonzero().flatten()
+        tj = (targets[j] != -100).nonzero().flatten()
+        if len(ti) == 0 or len(tj) == 0:
+            continue
+        fi, fj, lj = int(ti[0]), int(tj[0]), int(tj[-1])
+        # (token, is_target) of the sequence
+        seq = [(int(tokens[i, k]), False) for k in range(fi + 1)]
+        for k in range(fj, lj + 1):
+            is_target = int(targets[j, k]) != -100
+            seq.append((int(targets[j, k]) if is_target else int(tokens[j, k + 1]), is_target))
+        seq = seq[:T + 1]
+        for k, (tok, _) in enumerate(seq[:T]):
+            kt[i, k] = tok
+        for k in range(1, len(seq)):
+            if seq[k][1]:
+                ky[i, k - 1] = seq[k][0]
+    return kt, ky
+
+
+def kto_loss(policy, ref, tokens, targets, labels, group):
+    """TRL's KTO loss (loss_type "kto"): the KL estimate from the KL completions, detached and
+    clamped at 0, then 1 - sigmoid(beta (logratio - kl)) for desirable responses and
+    1 - sigmoid(beta (kl - logratio)) for undesirable ones, weighted, averaged over all rows."""
+    logits, _ = policy(tokens, targets)
+    pi, _ = row_logps(logits, targets)
+    with torch.no_grad():
+        r, _ = row_logps(ref(tokens, targets)[0], targets)
+        kt, ky = kl_rows(tokens, targets, group)
+        kl_pi, n = row_logps(policy(kt, ky)[0], ky)
+        kl_r, _ = row_logps(ref(kt, ky)[0], ky)
+        raw = (kl_pi - kl_r)[n > 0].mean()
+        kl = raw.clamp(min=0)
+    desirable = torch.tensor(labels, dtype=torch.bool)
+    x = pi - r
+    chosen = 1 - torch.sigmoid(KTO_BETA * (x[desirable] - kl))
+    rejected = 1 - torch.sigmoid(KTO_BETA * (kl - x[~desirable]))
+    losses = torch.cat((KTO_DESIRABLE_WEIGHT * chosen, KTO_UNDESIRABLE_WEIGHT * rejected))
+    return (losses.mean(), KTO_BETA * x[desirable].detach(), KTO_BETA * x[~desirable].detach(),
+            kl, raw)
+
+
 def make(name="gpt2-tiny", seed=77, B=6, T=16):
     cfg = model_ref.PRESETS[name]
     torch.manual_seed(seed)
@@ -131,6 +186,29 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
             out[kind + ".grad." + pname] = p.grad.float().contiguous()
             p.grad = None
 
+    # KTO's reference: the policy with its token embeddings (tied to the LM head) scaled by 1.5,
+    # which lowers the log-likelihood of these random tokens: the KL estimate is positive
+    # (~0.5). With the DPO cases' reference it is negative and clamps to 0 ("kto_clamp").
+    kto_ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        for (pname, p), (_, q) in zip(policy.named_parameters(), kto_ref.named_parameters()):
+            q.copy_((p * 1.5).float() if pname == "tok_emb.weight" else p)  # fp32 values
+            out["kto_ref." + pname] = q.float().contiguous()
+    out["kto_labels"] = torch.tensor(KTO_LABELS, dtype=torch.int32)
+    # The KL rows pair rows within micro-batches of `group` rows.
+    for kind, reference, group in (("kto_g6", kto_ref, 6), ("kto_g2", kto_ref, 2),
+                                   ("kto_clamp_g2", ref, 2)):
+        loss, rc, rr, kl, raw = kto_loss(policy, reference, tokens, targets, KTO_LABELS, group)
+        assert (raw > 0.1) if reference is kto_ref else (raw < -0.1), (kind, raw)
+        loss.backward()
+        out[kind + ".loss"] = loss.detach().float().view(1)
+        out[kind + ".reward_chosen"] = rc.float().contiguous()
+        out[kind + ".reward_rejected"] = rr.float().contiguous()
+        out[kind + ".kl"] = kl.float().view(1)
+        for pname, p in policy.named_parameters():
+            out[kind + ".grad." + pname] = p.grad.float().contiguous()
+            p.grad = None
+
     loss, log_odds, nll = orpo_loss(policy, tokens, targets)
     loss.backward()
     out["orpo.loss"] = loss.detach().float().view(1)
@@ -141,5 +219,7 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
     hyper = {"preset": name, "dpo_beta": DPO_BETA, "dpo_label_smoothing": DPO_SMOOTHING,
              "orpo_lambda": ORPO_LAMBDA, "hinge_beta": hinge, "ipo_beta": IPO_BETA,
              "simpo_beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA, "cpo_alpha": CPO_ALPHA,
-             "simpo_label_smoothing": SIMPO_SMOOTHING}
+             "simpo_label_smoothing": SIMPO_SMOOTHING, "kto_beta": KTO_BETA,
+             "kto_desirable_weight": KTO_DESIRABLE_WEIGHT,
+             "kto_undesirable_weight": KTO_UNDESIRABLE_WEIGHT}
     return out, hyper

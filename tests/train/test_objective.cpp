@@ -1,4 +1,4 @@
-// DPO (its sigmoid, hinge and IPO losses), ORPO and SimPO (train/objective.h) against
+// DPO (its sigmoid, hinge and IPO losses), ORPO, SimPO and KTO (train/objective.h) against
 // tests/reference/preference_ref.py: the same policy and reference weights and the same pairs
 // through lmforge's trainer path (DataParallel with a PreferenceObjective,
 // Transformer::forward_backward_rows) and through PyTorch in float64 (TRL's losses written from
@@ -53,11 +53,21 @@ void check(const std::string& kind, int64_t rows) {
   const json& h = fx.hyper;
   fx.policy.plan(rows, fx.T);
   fx.reference.plan(rows, fx.T);
-  // kind: the fixture's name, "dpo_<loss>" for DPO's other losses.
+  // kind: the fixture's name, "dpo_<loss>" for DPO's other losses, "kto[_clamp]_g<rows>" for
+  // KTO with the KL rows of micro-batches of <rows> rows.
   PreferenceOptions o;
   o.kind = kind.substr(0, kind.find('_'));
-  const bool dpo = o.kind == "dpo";
-  if (kind == "dpo") {
+  const bool dpo = o.kind == "dpo", kto = o.kind == "kto";
+  if (kto) {
+    ASSERT_EQ(kind.substr(kind.rfind('_')), "_g" + std::to_string(rows));
+    o.beta = h.at("kto_beta").get<double>();
+    o.desirable_weight = h.at("kto_desirable_weight").get<double>();
+    o.undesirable_weight = h.at("kto_undesirable_weight").get<double>();
+    // Its own reference (a positive KL estimate), or DPO's (one that clamps to 0).
+    if (kind.find("clamp") == std::string::npos)
+      for (Param& p : fx.reference.params().params())
+        p.value.copy_from(fx.f.get("kto_ref." + p.name));
+  } else if (kind == "dpo") {
     o.beta = h.at("dpo_beta").get<double>();
     o.label_smoothing = h.at("dpo_label_smoothing").get<double>();
   } else if (dpo) {
@@ -75,10 +85,17 @@ void check(const std::string& kind, int64_t rows) {
       o.cpo_alpha = 0;
     }
   }
-  PreferenceObjective obj(o, dpo ? &fx.reference : nullptr);
+  PreferenceObjective obj(o, dpo || kto ? &fx.reference : nullptr, false, &fx.policy);
   dist::LocalCommunicator one;
   dist::DataParallel dp(one, fx.policy, DistConfig{}, {});
-  const double loss = dp.forward_backward(fx.micro(rows), nullptr, &obj);
+  std::vector<Batch> micro = fx.micro(rows);
+  if (kto) {
+    const Tensor labels = fx.f.get("kto_labels");
+    for (size_t m = 0; m < micro.size(); ++m)
+      for (int64_t r = 0; r < rows; ++r)
+        micro[m].labels[r] = static_cast<int8_t>(labels.data<int32_t>()[m * rows + r]);
+  }
+  const double loss = dp.forward_backward(micro, nullptr, &obj);
 
   const double ref_loss = fx.f.get(kind + ".loss").data<float>()[0];
   EXPECT_NEAR(loss, ref_loss, kTol * std::fabs(ref_loss)) << kind << " loss";
@@ -90,6 +107,11 @@ void check(const std::string& kind, int64_t rows) {
     for (int64_t i = 0; i < t.numel(); ++i) s += t.data<float>()[i];
     return s / static_cast<double>(t.numel());
   };
+  if (kto) {
+    const double kl = fx.f.get(kind + ".kl").data<float>()[0];
+    EXPECT_NEAR(m.at("kl").get<double>(), kl, 1e-5) << kind;
+    std::printf("  %s: KL estimate %.6f vs %.6f\n", kind.c_str(), m.at("kl").get<double>(), kl);
+  }
   if (o.kind != "orpo") {
     const double rc = mean(fx.f.get(kind + ".reward_chosen"));
     const double rr = mean(fx.f.get(kind + ".reward_rejected"));
@@ -98,7 +120,7 @@ void check(const std::string& kind, int64_t rows) {
   } else {
     EXPECT_NEAR(m.at("log_odds").get<double>(), mean(fx.f.get("orpo.log_odds")), 1e-5);
   }
-  if (!dpo) {
+  if (!dpo && !kto) {
     EXPECT_NEAR(m.at("nll").get<double>(), fx.f.get(kind + ".nll").data<float>()[0], 1e-4);
   }
   double worst = 0;
@@ -122,6 +144,11 @@ TEST(PreferenceObjective, IpoMatchesPyTorch) { check("dpo_ipo", 2); }
 TEST(PreferenceObjective, SimpoMatchesPyTorch) { check("simpo", 6); }
 TEST(PreferenceObjective, SimpoOverMicroBatchesMatchesPyTorch) { check("simpo", 2); }
 TEST(PreferenceObjective, SimpoWithLabelSmoothingMatchesPyTorch) { check("simpo_smooth", 2); }
+// KTO over labelled rows: its KL estimate (each row's prompt with the previous row's response,
+// within a micro-batch) positive, in one micro-batch and in three; and one that clamps to 0.
+TEST(PreferenceObjective, KtoMatchesPyTorch) { check("kto_g6", 6); }
+TEST(PreferenceObjective, KtoOverMicroBatchesMatchesPyTorch) { check("kto_g2", 2); }
+TEST(PreferenceObjective, KtoWithANegativeKlEstimateClampsItToZero) { check("kto_clamp_g2", 2); }
 
 // DPO under LoRA: the reference as the policy with its adapters off (no second model) gives the
 // loss and gradients of a separate reference model holding the base weights, bit for bit.

@@ -61,16 +61,22 @@ DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions o
     : files_(std::move(files)), opt_(std::move(opt)) {
   if (opt_.text_mode != "file" && opt_.text_mode != "blank_line")
     fail("text_mode: expected file or blank_line, got \"{}\"", opt_.text_mode);
-  if (opt_.format != "text" && opt_.format != "chat" && opt_.format != "preference")
-    fail("format: expected text, chat or preference, got \"{}\"", opt_.format);
+  if (opt_.format != "text" && opt_.format != "chat" && opt_.format != "preference" &&
+      opt_.format != "unpaired")
+    fail("format: expected text, chat, preference or unpaired, got \"{}\"", opt_.format);
   if (opt_.format == "text" && !opt_.chat_template.empty())
     fail(
-        "chat_template: \"{}\" applies to formats chat and preference only (this source is "
-        "format text)",
+        "chat_template: \"{}\" applies to formats chat, preference and unpaired only (this "
+        "source is format text)",
         opt_.chat_template);
   if (opt_.format == "preference" && !opt_.field.empty())
     fail(
         "field: format preference reads the fields prompt, chosen and rejected; remove field "
+        "\"{}\"",
+        opt_.field);
+  if (opt_.format == "unpaired" && !opt_.field.empty())
+    fail(
+        "field: format unpaired reads the fields prompt, completion and label; remove field "
         "\"{}\"",
         opt_.field);
   if (opt_.format == "chat" || !opt_.chat_template.empty())
@@ -84,7 +90,10 @@ DocumentReader::DocumentReader(std::vector<std::string> files, DocumentOptions o
                  ? fmt::format(
                        "conversation ({{\"{}\": [{{\"role\": ..., \"content\": ...}}, ...]}})",
                        opt_.json_field())
-                 : "preference pair ({\"prompt\": ..., \"chosen\": ..., \"rejected\": ...})");
+             : opt_.format == "preference"
+                 ? "preference pair ({\"prompt\": ..., \"chosen\": ..., \"rejected\": ...})"
+                 : "labelled response ({\"prompt\": ..., \"completion\": ..., \"label\": "
+                   "true})");
 }
 
 bool DocumentReader::open_next_file() {
@@ -147,6 +156,10 @@ Document DocumentReader::finish(RawRecord&& r) const {
   }
   if (opt_.format == "preference") {
     finish_preference(root, &d);
+    return d;
+  }
+  if (opt_.format == "unpaired") {
+    finish_unpaired(root, &d);
     return d;
   }
   std::string_view text;
@@ -250,9 +263,13 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
   while (d->prompt_turns + 1 < std::min(d->messages.size(), d->rejected.size()) &&
          same(d->messages[d->prompt_turns], d->rejected[d->prompt_turns]))
     ++d->prompt_turns;
-  if (chat) {
-    d->text = render_chat_template(d->messages, opt_.chat_format()) +
-              render_chat_template(d->rejected, opt_.chat_format());
+  set_text(d);
+}
+
+void DocumentReader::set_text(Document* d) const {
+  if (!opt_.chat_template.empty()) {
+    d->text = render_chat_template(d->messages, opt_.chat_format());
+    if (!d->rejected.empty()) d->text += render_chat_template(d->rejected, opt_.chat_format());
   } else {
     d->text.clear();
     for (const auto* m : {&d->messages, &d->rejected})
@@ -260,6 +277,34 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
   }
   check_text(d, /*utf8_checked=*/true);
   if (!d->skip.empty()) d->messages.clear(), d->rejected.clear();
+}
+
+void DocumentReader::finish_unpaired(const simdjson::dom::element& root, Document* d) const {
+  const bool chat = !opt_.chat_template.empty();
+  std::vector<ChatMessage> prompt, completion;
+  bool has_prompt = false, has_completion = false;
+  simdjson::dom::element label;
+  const bool has_label = root["label"].get(label) == simdjson::SUCCESS;
+  bool desirable = false;
+  if (!read_turns(root, "prompt", "user", chat, prompt, has_prompt) ||
+      !read_turns(root, "completion", "assistant", chat, completion, has_completion) ||
+      (has_label && label.get_bool().get(desirable) != simdjson::SUCCESS)) {
+    d->skip = "malformed_example";
+    return;
+  }
+  if (!has_completion || !has_label) {
+    d->skip = "missing_field";
+    return;
+  }
+  if (!has_assistant(completion)) {
+    d->skip = "no_assistant";
+    return;
+  }
+  d->desirable = desirable;
+  d->prompt_turns = prompt.size();
+  d->messages = std::move(prompt);
+  d->messages.insert(d->messages.end(), completion.begin(), completion.end());
+  set_text(d);
 }
 
 bool DocumentReader::next_raw(RawRecord* r) {

@@ -16,6 +16,11 @@
 // wrong kind, a list without a template, a malformed message), missing_field (no chosen or
 // rejected) or no_assistant. Without a template the pair is plain text: prompt then response.
 // The prompt is the leading messages both sides share: assistant turns in it are not trained.
+// Unpaired (format "unpaired", JSONL only; KTO): fields "prompt" (optional), "completion" and
+// "label" (true: a desirable response), as TRL's unpaired preference datasets; prompt and
+// completion as a preference pair's. messages is the prompt + completion, prompt_turns the
+// prompt's messages; skipped as malformed_example (a field of the wrong kind, label not a
+// boolean), missing_field (no completion or label) or no_assistant.
 //
 //   DocumentReader r(files, {.field = "text", .text_mode = "file"});
 //   Document d;
@@ -40,7 +45,7 @@ struct DocumentOptions {
   std::string field;               // the JSONL field; empty: "text", or "messages" for chat
   std::string text_mode = "file";  // file | blank_line
   uint64_t max_document_bytes = 64ull << 20;
-  std::string format = "text";  // text | chat | preference
+  std::string format = "text";  // text | chat | preference | unpaired
   std::string chat_template;    // chat: chatml (when empty) | llama3; preference: none = plain
   const std::string& json_field() const {
     static const std::string text = "text", messages = "messages";
@@ -56,8 +61,9 @@ struct Document {
   std::string text;
   std::vector<ChatMessage> messages;  // format "chat"; "preference": prompt + chosen
   std::vector<ChatMessage> rejected;  // format "preference": prompt + rejected
-  size_t prompt_turns = 0;            // preference: leading messages both sides share (the prompt)
-  std::string skip;                   // reason it is skipped; empty = keep
+  size_t prompt_turns = 0;  // preference: leading messages both sides share (the prompt); unpaired
+  bool desirable = false;   // unpaired: the label
+  std::string skip;         // reason it is skipped; empty = keep
   bool bom_removed = false;
 };
 
@@ -85,6 +91,9 @@ class DocumentReader {
   void check_text(Document* doc, bool utf8_checked = false) const;
   void finish_chat(const simdjson::dom::element& root, Document* doc) const;
   void finish_preference(const simdjson::dom::element& root, Document* doc) const;
+  void finish_unpaired(const simdjson::dom::element& root, Document* doc) const;
+  // d's text from its messages (and rejected): through the template, or their contents.
+  void set_text(Document* d) const;
   std::vector<std::string> files_;
   DocumentOptions opt_;
   size_t file_ = 0;

@@ -35,7 +35,8 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
 
 Batch Batch::make(int64_t B, int64_t T) {
   Batch b{Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
-          Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32)};
+          Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
+          std::vector<int8_t>(static_cast<size_t>(B), -1)};
   b.positions.zero_();  // a batch filled by hand (tokens and targets) is one document per row
   b.doc_ids.zero_();
   return b;
@@ -65,6 +66,11 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
         "train.batch_size: {} is odd; a preference pair takes two rows (chosen, rejected), make "
         "it even",
         o_.batch);
+  if (o_.unpaired && o_.packing != "none")
+    fail(
+        "data.packing: {} packs documents, but KTO takes a row per response; set data.packing: "
+        "none",
+        o_.packing);
   if (o_.pairs && o_.packing != "none")
     fail(
         "data.packing: {} packs documents, but preference pairs take a row per response; set "
@@ -77,16 +83,20 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     s.weight = spec.weight;
     for (const std::string& p : spec.shards) {
       s.shards.push_back(TokenShard::open(p));
-      if (s.shards.back().paired() && !o_.pairs)
+      if (s.shards.back().paired() && !o_.pairs && !o_.unpaired)
         fail(
             "{}: holds preference pairs (chosen and rejected responses), which only "
-            "train.objective dpo, orpo and simpo train on; set one, or prepare the data with "
-            "format "
-            "chat",
+            "train.objective dpo, orpo, simpo and kto train on; set one, or prepare the data with "
+            "format chat",
+            p);
+      if (s.shards.back().labelled() && !o_.unpaired)
+        fail(
+            "{}: holds labelled responses (prepare --format unpaired), which only "
+            "train.objective kto trains on; set it, or prepare the data with format chat",
             p);
       s.tokens += s.shards.back().size();
     }
-    if (o_.pairs)
+    if (o_.pairs || o_.unpaired)
       plan_pairs(s);
     else if (o_.packing == "best_fit")
       plan_best_fit(s);
@@ -185,15 +195,20 @@ void Loader::plan_pairs(Source& s) {
   s.first_span.push_back(0);
   for (size_t k = 0; k < s.shards.size(); ++k) {
     const TokenShard& sh = s.shards[k];
-    if (!sh.paired())
+    if (o_.pairs && !sh.paired())
       fail(
           "{}: is not made of preference pairs, which train.objective dpo, orpo and simpo train "
-          "on; "
-          "make them with `lmforge prepare --format preference`",
+          "on; make them with `lmforge prepare --format preference`",
           sh.path());
-    for (int64_t d = 0; d < sh.num_docs(); d += 2) {
+    if (o_.unpaired && !sh.paired() && !sh.labelled())
+      fail(
+          "{}: holds no labelled responses, which train.objective kto trains on; make them with "
+          "`lmforge prepare --format unpaired` (or --format preference: pairs)",
+          sh.path());
+    const int64_t per = o_.pairs ? 2 : 1;  // documents per sample
+    for (int64_t d = 0; d < sh.num_docs(); d += per) {
       bool cut = false, empty = false;
-      for (int64_t side = 0; side < 2; ++side) {  // chosen, rejected: cut to T+1 tokens
+      for (int64_t side = 0; side < per; ++side) {  // chosen, rejected: cut to T+1 tokens
         const int64_t b = sh.doc_start(d + side), len = std::min(sh.doc_start(d + side + 1) - b, L);
         cut = cut || sh.doc_start(d + side + 1) - b > L;
         bool target = false;  // a token after the first that the mask keeps
@@ -202,8 +217,10 @@ void Loader::plan_pairs(Source& s) {
         s.spans.push_back({static_cast<int32_t>(k), static_cast<int32_t>(len), b});
         s.filled += len;
       }
-      s.docs += 2;
-      s.cut_packed += cut;     // pairs cut by train.seq_len
+      if (o_.unpaired)  // a pair's chosen side is desirable, its rejected one not
+        s.labels.push_back(sh.labelled() ? sh.label(d) : static_cast<int8_t>(d % 2 == 0));
+      s.docs += per;
+      s.cut_packed += cut;     // pairs (responses) cut by train.seq_len
       s.empty_pairs += empty;  // a side without targets: the pair counts for nothing
       s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
     }
@@ -212,6 +229,7 @@ void Loader::plan_pairs(Source& s) {
 
 void Loader::fill_sample(const Source& s, int64_t sample, int64_t row, Batch& b) const {
   const int64_t k0 = s.first_span[sample], k1 = s.first_span[sample + 1];
+  if (o_.unpaired) b.labels[static_cast<size_t>(row)] = s.labels[static_cast<size_t>(sample)];
   if (!o_.pairs) return fill_row(s, k0, k1, row, b);
   for (int64_t k = k0; k < k1; ++k) fill_row(s, k, k + 1, row + (k - k0), b);
 }
@@ -222,6 +240,7 @@ void Loader::pad_row(int64_t row, Batch& b) const {
   std::fill_n(b.targets.data<int32_t>() + row * T, T, o_.ignore_index);
   std::fill_n(b.positions.data<int32_t>() + row * T, T, 0);
   std::fill_n(b.doc_ids.data<int32_t>() + row * T, T, -1);
+  if (o_.unpaired) b.labels[static_cast<size_t>(row)] = -1;
 }
 
 void Loader::fill_row(const Source& s, int64_t k0, int64_t k1, int64_t row, Batch& b) const {
@@ -276,6 +295,7 @@ int64_t Loader::take(Source& s) {
 
 void Loader::next(Batch& b) {
   last_.clear();
+  if (o_.unpaired) b.labels.assign(static_cast<size_t>(o_.batch), -1);
   // Every rank walks the whole global batch (sources drawn, samples taken) and fills its rows.
   const int64_t per = rows_per_sample(), n = o_.batch / per, first = o_.rank * n;
   for (int64_t i = 0; i < n * o_.world; ++i) {
@@ -295,6 +315,7 @@ void Loader::sequential(int64_t i, Batch& b) const {
   int64_t total = 0;
   for (const Source& s : sources_) total += s.samples();
   const int64_t per = rows_per_sample(), n = o_.batch / per;
+  if (o_.unpaired) b.labels.assign(static_cast<size_t>(o_.batch), -1);
   for (int64_t j = 0; j < n; ++j) {
     int64_t k = i * n + j;
     if (k >= total) {  // past the end: rows of padding

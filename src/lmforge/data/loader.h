@@ -53,11 +53,20 @@ struct LoaderOptions {
   // shards (prepare --format preference), filling rows 2j (chosen) and 2j+1 (rejected), each cut
   // to T+1 tokens; batch counts rows and must be even.
   bool pairs = false;
+  // Unpaired preference rows (train.objective kto): a sample is one response with its prompt,
+  // one row cut to T+1 tokens, labelled desirable or not (Batch::labels): each document of a
+  // labelled shard (prepare --format unpaired), and each side of a paired shard (its chosen
+  // side desirable, as TRL unpairs pairs for KTO).
+  bool unpaired = false;
 };
 
 struct Batch {
   Tensor tokens, targets, positions, doc_ids;  // (B, T) int32 each
-  // Positions and doc_ids start zero (one document per row) for batches filled by hand.
+  // Unpaired preference rows (train.objective kto): per row 1 = a desirable response, 0 = an
+  // undesirable one, -1 = none (padding, or not such a batch).
+  std::vector<int8_t> labels;
+  // Positions and doc_ids start zero (one document per row) for batches filled by hand; labels
+  // -1.
   static Batch make(int64_t B, int64_t T);
 };
 
@@ -110,7 +119,8 @@ class Loader {
     std::vector<Span> spans;
     std::vector<int64_t> first_span;  // sample i = spans[first_span[i], first_span[i+1])
     int64_t docs = 0, cut_packed = 0, cut_chunked = 0, tokens = 0, filled = 0;
-    int64_t empty_pairs = 0;  // pairs: a side without targets (its prompt fills T)
+    int64_t empty_pairs = 0;  // pairs: a side without targets (its prompt fills T); unpaired: rows
+    std::vector<int8_t> labels;  // unpaired: per sample, 1 = desirable
     int64_t epoch = 0, cursor = 0;
     std::vector<int64_t> order;  // permutation of the current epoch
     int64_t order_epoch = -1;
@@ -118,7 +128,7 @@ class Loader {
   };
   void plan_chunks(Source& s);
   void plan_best_fit(Source& s);
-  void plan_pairs(Source& s);
+  void plan_pairs(Source& s);  // and unpaired rows
   // Rows per sample: 2 with pairs, else 1.
   int64_t rows_per_sample() const { return o_.pairs ? 2 : 1; }
   // The sample's rows from `row` on: one row of its spans, or (pairs) one row per span.

@@ -76,6 +76,7 @@ class Job {
                     src_.doc.text_mode, src_.doc.max_document_bytes);
     if (chat()) key_src += "chat:" + src_.doc.chat_format() + "|";
     if (preference()) key_src += "preference:" + src_.doc.chat_template + "|";
+    if (unpaired()) key_src += "unpaired:" + src_.doc.chat_template + "|";
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -145,7 +146,7 @@ class Job {
           ++skipped_[d.skip];
         else
           add(index, ids[slot][k], d.text, masked() ? masks[slot][k].data() : nullptr,
-              preference() ? splits[slot][k] : 0);
+              preference() ? splits[slot][k] : 0, d.desirable);
       }
       show(consumed, total_bytes);
     };
@@ -191,6 +192,10 @@ class Job {
                                       r.assistant_mask.end());
               ids[slot][k] = std::move(c.ids);
               masks[slot][k] = std::move(c.assistant_mask);
+            } else if (d.skip.empty() && unpaired()) {
+              ChatEncoding e = encode_response(d.messages, d.prompt_turns);
+              ids[slot][k] = std::move(e.ids);
+              masks[slot][k] = std::move(e.assistant_mask);
             } else if (d.skip.empty()) {
               tok_.encode_append(d.text, ids[slot][k]);
             }
@@ -215,9 +220,11 @@ class Job {
  private:
   bool chat() const { return src_.doc.format == "chat"; }
   bool preference() const { return src_.doc.format == "preference"; }
-  bool masked() const { return chat() || preference(); }
+  bool unpaired() const { return src_.doc.format == "unpaired"; }
+  bool masked() const { return chat() || preference() || unpaired(); }
 
-  // A preference pair's side (prompt + response): with a chat template as chat data; plain, BOS
+  // A preference pair's side or a labelled response (prompt + response): with a chat template as
+  // chat data; plain, BOS
   // + the prompt's text + the response's + EOS, the response and EOS its targets (the prompt and
   // response tokenized apart, as TRL does).
   ChatEncoding encode_response(const std::vector<ChatMessage>& turns, size_t prompt_turns) const {
@@ -250,11 +257,11 @@ class Job {
     return e;
   }
 
-  // is_target (chat, preference): the loss mask of ids; the template frames the conversation (no
-  // BOS/EOS). split (preference): ids are the chosen side's [0, split) then the rejected side's,
-  // written as two documents.
+  // is_target (chat, preference, unpaired): the loss mask of ids; the template frames the
+  // conversation (no BOS/EOS). split (preference): ids are the chosen side's [0, split) then the
+  // rejected side's, written as two documents. desirable (unpaired): the document's label.
   void add(uint64_t record, const std::vector<int32_t>& ids, std::string_view text,
-           const uint8_t* is_target, size_t split = 0) {
+           const uint8_t* is_target, size_t split = 0, bool desirable = false) {
     bool val =
         o_.val_docs > 0 ? val_.docs < o_.val_docs : goes_to_val(o_.seed, text, o_.val_fraction);
     Split& b = val ? val_ : train_;
@@ -262,13 +269,16 @@ class Job {
       b.shard = std::make_unique<ShardWriter>(
           fmt::format("{}/{}-{:05d}.bin", dir_, val ? "val" : "train", b.shards), info_,
           ShardWriter::width_for(info_.vocab_size), /*loss_mask=*/masked(),
-          /*paired=*/preference());
-    b.shard->begin_document();
+          /*paired=*/preference(), /*labelled=*/unpaired());
+    if (unpaired())
+      b.shard->begin_document(desirable);
+    else
+      b.shard->begin_document();
     if (preference()) {
       b.shard->append(ids.data(), split, is_target);
       b.shard->begin_document();
       b.shard->append(ids.data() + split, ids.size() - split, is_target + split);
-    } else if (chat()) {
+    } else if (chat() || unpaired()) {
       b.shard->append(ids.data(), ids.size(), is_target);
     } else {
       if (tok_.bos_id() >= 0) b.shard->append(tok_.bos_id());
@@ -485,8 +495,8 @@ json run_prepare(const PrepareOptions& o) {
   }
   for (const PrepareSource& s : o.sources) {               // fail before any work
     DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
-    if (s.doc.format == "chat" ||
-        (s.doc.format == "preference" && !s.doc.chat_template.empty())) {  // its specials
+    if (s.doc.format == "chat" || ((s.doc.format == "preference" || s.doc.format == "unpaired") &&
+                                   !s.doc.chat_template.empty())) {  // its specials
       try {
         apply_chat_template(*tok, {{"user", "?"}, {"assistant", "!"}}, s.doc.chat_format());
       } catch (const Error& e) {

@@ -43,14 +43,20 @@ TokenShard TokenShard::open(const std::string& path) {
     s.tok_.kind.assign(base + 64, strnlen(base + 64, 16));
   }
   if (version >= 3) std::memcpy(&flags, base + 80, 4);
-  if (flags & ~3u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
+  if (flags & ~7u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
   if (flags & 2u && (!(flags & 1u) || docs % 2))
     fail("{}: a preference shard needs a loss mask and pairs of documents; re-create it", path);
+  if (flags & 4u && (!(flags & 1u) || flags & 2u || docs == 0))
+    fail(
+        "{}: a shard of labelled responses needs a loss mask and a document index, and no pairs; "
+        "re-create it",
+        path);
   s.paired_ = flags & 2u;
   const uint64_t index_bytes = docs ? (docs + 1) * 8 : 0;
   const uint64_t mask_bytes = flags & 1u ? (count + 7) / 8 : 0;
+  const uint64_t label_bytes = flags & 4u ? docs : 0;
   if (count > size || docs > size ||
-      kShardHeaderBytes + count * width + index_bytes + mask_bytes != size)
+      kShardHeaderBytes + count * width + index_bytes + mask_bytes + label_bytes != size)
     fail(
         "{}: header says {} tokens and {} documents but the file holds {} bytes after the "
         "header; the shard is truncated or corrupt, re-create it",
@@ -75,6 +81,14 @@ TokenShard TokenShard::open(const std::string& path) {
   if (mask_bytes)
     s.mask_ =
         reinterpret_cast<const uint8_t*>(base + kShardHeaderBytes + count * width + index_bytes);
+  if (label_bytes) {
+    s.labels_ = reinterpret_cast<const uint8_t*>(base + kShardHeaderBytes + count * width +
+                                                 index_bytes + mask_bytes);
+    for (uint64_t d = 0; d < docs; ++d)
+      if (s.labels_[d] > 1)
+        fail("{}: document {} has label {} (0 or 1); the shard is corrupt, re-create it", path, d,
+             s.labels_[d]);
+  }
   s.path_ = path;
   s.map_ = m;
   s.n_ = static_cast<int64_t>(count);
@@ -96,14 +110,16 @@ constexpr size_t kStageBytes = 1 << 20;
 }
 
 ShardWriter::ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
-                         bool loss_mask, bool paired)
+                         bool loss_mask, bool paired, bool labelled)
     : file_(std::make_unique<AtomicFile>(path)),
       path_(path),
       tok_(tok),
       width_(width),
-      masked_(loss_mask || paired),
-      paired_(paired) {
+      masked_(loss_mask || paired || labelled),
+      paired_(paired),
+      labelled_(labelled) {
   LMF_CHECK(width == 2 || width == 4, "shard token width must be 2 or 4");
+  LMF_CHECK(!(paired && labelled), "a shard of pairs or of labelled responses, not both");
   char header[kShardHeaderBytes] = {};  // counts filled in by commit()
   file_->write(header, sizeof(header));
   stage_.resize(kStageBytes);
@@ -158,9 +174,12 @@ void ShardWriter::commit() {
   }
   if (masked_) file_->write(mask_.data(), mask_.size());
   LMF_CHECK(!paired_ || docs % 2 == 0, "{}: {} documents make no pairs", path_, docs);
+  LMF_CHECK(!labelled_ || (docs > 0 && labels_.size() == docs), "{}: {} labels for {} documents",
+            path_, labels_.size(), docs);
+  if (labelled_) file_->write(labels_.data(), labels_.size());
   char header[kShardHeaderBytes] = {};
   const uint32_t version = masked_ ? kShardVersionMasked : kShardVersion,
-                 flags = (masked_ ? 1u : 0u) | (paired_ ? 2u : 0u);
+                 flags = (masked_ ? 1u : 0u) | (paired_ ? 2u : 0u) | (labelled_ ? 4u : 0u);
   std::memcpy(header + 80, &flags, 4);
   std::memcpy(header, kShardMagic, 8);
   std::memcpy(header + 8, &version, 4);

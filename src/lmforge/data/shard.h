@@ -11,7 +11,9 @@
 //   bytes 64..79  tokenizer kind, ASCII, NUL-padded
 //   bytes 80..83  u32 flags (version 3): bit 0 = a loss mask follows the index; bit 1 =
 //                 preference pairs (with bit 0): documents 2j and 2j+1 are pair j's chosen and
-//                 rejected responses with their prompt, the mask marking the responses
+//                 rejected responses with their prompt, the mask marking the responses; bit 2
+//                 = labelled responses (with bit 0 and an index, not bit 1): each document a
+//                 prompt and response, D label bytes after the mask (1 = desirable, 0 = not)
 //   bytes 84..255 reserved, zero
 //   bytes 256..   N tokens, little-endian; then, when D > 0, D+1 u64 document start offsets;
 //                 then, with a loss mask, ceil(N/8) bytes: bit i % 8 of byte i / 8 set when token
@@ -65,6 +67,9 @@ class TokenShard {
   bool is_target(int64_t i) const { return !mask_ || (mask_[i >> 3] >> (i & 7)) & 1; }
   // Preference pairs (prepare --format preference): documents 2j, 2j+1 are chosen, rejected.
   bool paired() const { return paired_; }
+  // Labelled responses (prepare --format unpaired): document d is desirable when label(d) is 1.
+  bool labelled() const { return labels_ != nullptr; }
+  int8_t label(int64_t d) const { return static_cast<int8_t>(labels_[d]); }
   const std::string& path() const { return path_; }
 
  private:
@@ -77,7 +82,8 @@ class TokenShard {
   ShardTokenizerInfo tok_;
   const char* docs_ = nullptr;  // D+1 little-endian u64
   uint64_t docs_n_ = 0;
-  const uint8_t* mask_ = nullptr;  // ceil(N/8) bytes, or null
+  const uint8_t* mask_ = nullptr;    // ceil(N/8) bytes, or null
+  const uint8_t* labels_ = nullptr;  // D bytes, or null
   bool paired_ = false;
 };
 
@@ -93,13 +99,18 @@ class ShardWriter {
  public:
   // loss_mask: the shard carries a loss mask (version 3); append() without one marks its tokens
   // as targets. paired: preference pairs (a loss mask too; an even number of documents).
+  // labelled: labelled responses (a loss mask too; begin_document gives each its label).
   ShardWriter(const std::string& path, const ShardTokenizerInfo& tok, uint32_t width,
-              bool loss_mask = false, bool paired = false);
+              bool loss_mask = false, bool paired = false, bool labelled = false);
   ~ShardWriter();
   // 2 (u16) when every id of a vocabulary of this size fits, else 4.
   static uint32_t width_for(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 
   void begin_document() { starts_.push_back(count_); }
+  void begin_document(bool desirable) {  // labelled shards
+    starts_.push_back(count_);
+    labels_.push_back(desirable ? 1 : 0);
+  }
   void append(const int32_t* ids, size_t n, const uint8_t* is_target = nullptr);
   void append(int32_t id) { append(&id, 1); }
   uint64_t tokens() const { return count_; }
@@ -115,8 +126,9 @@ class ShardWriter {
   uint32_t width_;
   uint64_t count_ = 0;
   std::vector<uint64_t> starts_;
-  bool masked_ = false, paired_ = false;
-  std::vector<uint8_t> mask_;  // ceil(count_/8) bytes when masked_
+  bool masked_ = false, paired_ = false, labelled_ = false;
+  std::vector<uint8_t> mask_;    // ceil(count_/8) bytes when masked_
+  std::vector<uint8_t> labels_;  // one per document when labelled_
   std::vector<uint8_t> stage_;
   size_t staged_ = 0;  // bytes in stage_
 };

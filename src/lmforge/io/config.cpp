@@ -87,7 +87,8 @@ std::vector<ConfigField> fields(Config& c) {
        "typical); 0 = off"},
       {"train.objective", &c.train.objective,
        "clm (next-token cross-entropy; SFT on masked shards) | dpo | orpo | simpo (preference "
-       "pairs from prepare --format preference) | distill (from train.teacher)"},
+       "pairs from prepare --format preference) | kto (labelled responses: --format unpaired, "
+       "or pairs) | distill (from train.teacher)"},
       {"train.teacher", &c.train.teacher,
        "distill: the teacher model, a checkpoint or run directory or hf:DIR (same tokenizer)"},
       {"train.distill_alpha", &c.train.distill_alpha,
@@ -108,6 +109,12 @@ std::vector<ConfigField> fields(Config& c) {
        "SimPO: share of preference labels assumed flipped (TRL's label_smoothing); 0 = SimPO"},
       {"train.cpo_alpha", &c.train.cpo_alpha,
        "SimPO: weight of the chosen responses' NLL (TRL's cpo_alpha); 0 = SimPO as published"},
+      {"train.kto_beta", &c.train.kto_beta,
+       "KTO: beta, the scale of the rewards and the KL penalty's strength (0.1 typical)"},
+      {"train.kto_desirable_weight", &c.train.kto_desirable_weight,
+       "KTO: weight of the desirable responses' losses (TRL's desirable_weight)"},
+      {"train.kto_undesirable_weight", &c.train.kto_undesirable_weight,
+       "KTO: weight of the undesirable responses' losses (TRL's undesirable_weight)"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

@@ -52,19 +52,22 @@ struct TrainConfig {
   double z_loss = 0;                              // PaLM z-loss coefficient (1e-4 typical); 0 = off
   double neftune_alpha =
       0;  // NEFTune: uniform noise of alpha / sqrt(T C) on the embeddings; 0 = off
-  std::string objective = "clm";     // clm (next-token loss; SFT on masked shards) | dpo | orpo |
-                                     // simpo | distill
-  std::string teacher;               // distill: the teacher (a checkpoint or run dir, or hf:DIR)
-  double distill_alpha = 0.5;        // distill: weight of the KL term (1 - alpha: cross-entropy)
-  double distill_temperature = 2.0;  // distill: softmax temperature of teacher and student
-  double dpo_beta = 0.1;             // DPO: strength of the KL penalty to the reference model
-  double dpo_label_smoothing = 0;    // DPO: conservative DPO's probability of flipped labels
-  std::string dpo_loss = "sigmoid";  // DPO: sigmoid | hinge | ipo (TRL's loss_type)
-  double orpo_lambda = 0.1;          // ORPO: weight of the odds-ratio term (TRL's beta)
-  double simpo_beta = 2.0;           // SimPO: reward scale
-  double simpo_gamma = 0.5;          // SimPO: target reward margin
-  double simpo_label_smoothing = 0;  // SimPO: share of preference labels assumed flipped
-  double cpo_alpha = 0;              // SimPO: weight of the chosen responses' NLL (CPO-SimPO)
+  std::string objective = "clm";      // clm (next-token loss; SFT on masked shards) | dpo | orpo |
+                                      // simpo | kto | distill
+  std::string teacher;                // distill: the teacher (a checkpoint or run dir, or hf:DIR)
+  double distill_alpha = 0.5;         // distill: weight of the KL term (1 - alpha: cross-entropy)
+  double distill_temperature = 2.0;   // distill: softmax temperature of teacher and student
+  double dpo_beta = 0.1;              // DPO: strength of the KL penalty to the reference model
+  double dpo_label_smoothing = 0;     // DPO: conservative DPO's probability of flipped labels
+  std::string dpo_loss = "sigmoid";   // DPO: sigmoid | hinge | ipo (TRL's loss_type)
+  double orpo_lambda = 0.1;           // ORPO: weight of the odds-ratio term (TRL's beta)
+  double simpo_beta = 2.0;            // SimPO: reward scale
+  double simpo_gamma = 0.5;           // SimPO: target reward margin
+  double simpo_label_smoothing = 0;   // SimPO: share of preference labels assumed flipped
+  double cpo_alpha = 0;               // SimPO: weight of the chosen responses' NLL (CPO-SimPO)
+  double kto_beta = 0.1;              // KTO: reward scale (the KL penalty's strength)
+  double kto_desirable_weight = 1;    // KTO: weight of the desirable responses' losses
+  double kto_undesirable_weight = 1;  // KTO: weight of the undesirable responses' losses
   double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
   int64_t spike_window = 100;      // steps in the rolling statistics
   int64_t max_skips = 10;          // consecutive skipped steps before the run stops

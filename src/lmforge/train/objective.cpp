@@ -93,30 +93,103 @@ PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_
   return t;
 }
 
+KtoTerm kto_row(double logp, double ref, double kl, bool desirable, double beta, double weight) {
+  KtoTerm t;
+  const double x = logp - ref;
+  t.reward = beta * x;
+  // desirable: w (1 - sigmoid(beta (x - kl))); undesirable: w (1 - sigmoid(beta (kl - x))).
+  const double z = desirable ? beta * (x - kl) : beta * (kl - x);
+  const double sz = sigmoid(z);
+  t.loss = weight * sigmoid(-z);                 // 1 - sigmoid(z), without cancellation
+  const double dz = -weight * sz * sigmoid(-z);  // d loss / d z
+  t.dlogp = desirable ? dz * beta : -dz * beta;
+  return t;
+}
+
+void kto_kl_rows(const Batch& in, Batch& out, int32_t ignore) {
+  const int64_t B = in.tokens.size(0), T = in.tokens.size(1);
+  LMF_CHECK(out.tokens.size(0) == B && out.tokens.size(1) == T, "kto_kl_rows: shapes");
+  // A row's first and last target positions (-1: none).
+  auto span = [&](int64_t r, int64_t& first, int64_t& last) {
+    const int32_t* y = in.targets.data<int32_t>() + r * T;
+    first = last = -1;
+    for (int64_t k = 0; k < T; ++k)
+      if (y[k] != ignore) {
+        if (first < 0) first = k;
+        last = k;
+      }
+  };
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t j = (i + B - 1) % B;
+    int64_t fi, li, fj, lj;
+    span(i, fi, li);
+    span(j, fj, lj);
+    int32_t* tok = out.tokens.data<int32_t>() + i * T;
+    int32_t* tgt = out.targets.data<int32_t>() + i * T;
+    int32_t* pos = out.positions.data<int32_t>() + i * T;
+    int32_t* doc = out.doc_ids.data<int32_t>() + i * T;
+    std::fill_n(tok, T, 0);
+    std::fill_n(tgt, T, ignore);
+    std::fill_n(pos, T, 0);
+    std::fill_n(doc, T, -1);
+    if (fi < 0 || fj < 0) continue;
+    // The sequence: row i's tokens [0, fi], then row j's response tokens fj+1 .. lj+1 (the one
+    // at fj+1+m is row j's target fj+m when that is a target, else its token fj+1+m).
+    const int32_t* ti = in.tokens.data<int32_t>() + i * T;
+    const int32_t* tj = in.tokens.data<int32_t>() + j * T;
+    const int32_t* yj = in.targets.data<int32_t>() + j * T;
+    int64_t t = 0;
+    for (; t <= fi; ++t) {
+      tok[t] = ti[t];
+      pos[t] = static_cast<int32_t>(t);
+      doc[t] = 0;
+    }
+    for (int64_t m = 0; m <= lj - fj && t <= T; ++m, ++t) {
+      const bool target = yj[fj + m] != ignore;
+      const int32_t id = target ? yj[fj + m] : tj[fj + 1 + m];
+      if (target) tgt[t - 1] = id;  // t >= 1: the previous position predicts it
+      if (t < T) {
+        tok[t] = id;
+        pos[t] = static_cast<int32_t>(t);
+        doc[t] = 0;
+      }
+    }
+  }
+  out.labels.assign(static_cast<size_t>(B), -1);
+}
+
 PreferenceOptions preference_options(const TrainConfig& t) {
   PreferenceOptions o;
   o.kind = t.objective;
-  o.beta = t.objective == "dpo" ? t.dpo_beta : t.objective == "orpo" ? t.orpo_lambda : t.simpo_beta;
+  o.beta = t.objective == "dpo"    ? t.dpo_beta
+           : t.objective == "orpo" ? t.orpo_lambda
+           : t.objective == "kto"  ? t.kto_beta
+                                   : t.simpo_beta;
   o.label_smoothing = t.objective == "dpo"     ? t.dpo_label_smoothing
                       : t.objective == "simpo" ? t.simpo_label_smoothing
                                                : 0.0;
   o.dpo_loss = parse_dpo_loss(t.dpo_loss);
   o.gamma = t.simpo_gamma;
   o.cpo_alpha = t.cpo_alpha;
+  o.desirable_weight = t.kto_desirable_weight;
+  o.undesirable_weight = t.kto_undesirable_weight;
   return o;
 }
 
 PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
-                                         bool reference_without_adapters)
+                                         bool reference_without_adapters, Transformer* policy)
     : o_(o),
       dpo_(o.kind == "dpo"),
+      kto_(o.kind == "kto"),
       nll_weight_(o.kind == "orpo"    ? 1.0
                   : o.kind == "simpo" ? o.cpo_alpha
                                       : 0.0),
       ref_(reference),
-      ref_adapters_off_(reference_without_adapters) {
-  LMF_CHECK(o.kind == "dpo" || o.kind == "orpo" || o.kind == "simpo", "objective {}", o.kind);
+      ref_adapters_off_(reference_without_adapters),
+      policy_(policy) {
+  LMF_CHECK(preference_objective(o.kind), "objective {}", o.kind);
   LMF_CHECK(!dpo_ || ref_, "DPO needs its reference model");
+  LMF_CHECK(!kto_ || (ref_ && policy_), "KTO needs its reference model and the policy");
   step_.fill(0);
   last_.fill(0);
 }
@@ -179,6 +252,14 @@ nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string&
   nlohmann::json j = nlohmann::json::object();  // merged into a record: never null
   if (s[kPairs] == 0) return j;
   const double n = s[kPairs];
+  if (kto_) {
+    const double nd = s[kDesirable], nu = n - nd;
+    if (nd > 0) j[prefix + "reward_chosen"] = s[kRewardC] / nd;
+    if (nu > 0) j[prefix + "reward_rejected"] = s[kRewardR] / nu;
+    if (nd > 0 && nu > 0) j[prefix + "reward_margin"] = s[kRewardC] / nd - s[kRewardR] / nu;
+    if (s[kKlBatches] > 0) j[prefix + "kl"] = s[kKl] / s[kKlBatches];
+    return j;
+  }
   j[prefix + "reward_chosen"] = s[kRewardC] / n;
   j[prefix + "reward_rejected"] = s[kRewardR] / n;
   j[prefix + "reward_margin"] = (s[kRewardC] - s[kRewardR]) / n;
@@ -188,9 +269,72 @@ nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string&
   return j;
 }
 
+void PreferenceObjective::add_kto_rows(Sums& s, const std::vector<int8_t>& labels,
+                                       const std::vector<double>& logp,
+                                       const std::vector<int64_t>& targets,
+                                       const std::vector<double>& ref, double kl, double scale,
+                                       std::vector<float>* w, double* share) const {
+  LMF_CHECK(labels.size() == logp.size(), "KTO: {} labels for {} rows", labels.size(), logp.size());
+  for (size_t r = 0; r < logp.size(); ++r) {
+    if (w) (*w)[r] = 0;
+    if (targets[r] == 0 || labels[r] < 0) continue;  // no response: no term
+    const bool desirable = labels[r] == 1;
+    const KtoTerm t = kto_row(logp[r], ref[r], kl, desirable, o_.beta,
+                              desirable ? o_.desirable_weight : o_.undesirable_weight);
+    s[kPairs] += 1;
+    s[kPrefLoss] += t.loss;
+    if (desirable) {
+      s[kDesirable] += 1;
+      s[kRewardC] += t.reward;
+    } else {
+      s[kRewardR] += t.reward;
+    }
+    if (w) (*w)[r] = static_cast<float>(-t.dlogp * scale);
+    if (share) *share += t.loss * scale;
+  }
+}
+
+void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, double sums[2]) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  const int64_t B = b.tokens.size(0), T = b.tokens.size(1);
+  if (!kl_batch_.tokens.defined() || kl_batch_.tokens.size(0) != B || kl_batch_.tokens.size(1) != T)
+    kl_batch_ = Batch::make(B, T);  // once per shape
+  kto_kl_rows(b, kl_batch_, kIgnore);
+  const std::vector<int64_t> n = row_targets(kl_batch_);
+  std::vector<double> lp, rl;
+  policy.forward(kl_batch_.tokens, kl_batch_.targets, kIgnore, kl_batch_.doc_ids);
+  policy.row_logps(lp);
+  reference_logps(kl_batch_, rl);
+  for (int64_t r = 0; r < B; ++r)
+    if (n[r] > 0) {
+      sums[0] += lp[r] - rl[r];
+      sums[1] += 1;
+    }
+}
+
 void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communicator& world) {
-  double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
   ref_logp_.assign(micro.size(), {});
+  if (kto_) {
+    // Rows with a label and targets; the KL rows' sum of logp - r and their count. The KL rows
+    // run before the policy's training forwards (the policy as it is before this step).
+    double sums[3] = {0, 0, 0};
+    labels_.assign(micro.size(), {});
+    for (size_t m = 0; m < micro.size(); ++m) {
+      const Batch& b = micro[m];
+      const std::vector<int64_t> n = row_targets(b);
+      LMF_CHECK(b.labels.size() == n.size(), "KTO batch without labels");
+      labels_[m] = b.labels;
+      for (size_t r = 0; r < n.size(); ++r) sums[0] += n[r] > 0 && b.labels[r] >= 0;
+      reference_logps(b, ref_logp_[m]);
+      kl_sums(*policy_, b, sums + 1);
+    }
+    world.all_reduce(sums, 3)->wait();
+    pairs_ = sums[0];
+    kl_ = sums[2] > 0 ? std::max(0.0, sums[1] / sums[2]) : 0.0;
+    step_.fill(0);
+    return;
+  }
+  double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
   for (size_t m = 0; m < micro.size(); ++m) {
     const Batch& b = micro[m];
     const std::vector<int64_t> n = row_targets(b);
@@ -213,6 +357,11 @@ double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
   static const std::vector<double> no_ref;
   const std::vector<double>& ref = ref_ ? ref_logp_[m] : no_ref;
   double share = 0;
+  if (kto_) {
+    add_kto_rows(step_, labels_[m], logp, targets, ref, kl_, pairs_ > 0 ? 1 / pairs_ : 0.0, &w,
+                 &share);
+    return share;
+  }
   for (size_t j = 0; 2 * j < logp.size(); ++j) {
     const size_t c = 2 * j, r = c + 1;
     w[c] = w[r] = 0;
@@ -234,6 +383,10 @@ double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
 
 void PreferenceObjective::end(dist::Communicator& world) {
   world.all_reduce(step_.data(), kN)->wait();
+  if (kto_) {
+    step_[kKl] = kl_;
+    step_[kKlBatches] = 1;
+  }
   last_ = step_;
 }
 
@@ -250,6 +403,15 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
     if (ref_) reference_logps(batch, ref);
+    if (kto_) {  // the KL estimate of this batch's KL rows
+      double ks[2] = {0, 0};
+      kl_sums(policy, batch, ks);
+      const double kl = ks[1] > 0 ? std::max(0.0, ks[0] / ks[1]) : 0.0;
+      add_kto_rows(s, batch.labels, logp, n, ref, kl, 0, nullptr, nullptr);
+      s[kKl] += kl;
+      s[kKlBatches] += 1;
+      continue;
+    }
     for (size_t j = 0; 2 * j < n.size(); ++j)
       if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
   }

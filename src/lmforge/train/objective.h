@@ -1,7 +1,8 @@
 // Preference objectives (train.objective: dpo | orpo | simpo) over pairs of rows: each preference
 // pair is two rows of a batch, 2j its chosen response and 2j+1 its rejected one (the loader's pairs
-// mode; `prepare --format preference`), their targets the response tokens only. From each row's
-// log-likelihood logp (the sum of log p(target) over its targets):
+// mode; `prepare --format preference`), their targets the response tokens only. KTO (kto) over
+// single rows, each a desirable or undesirable response (the loader's unpaired mode; Batch::
+// labels). From each row's log-likelihood logp (the sum of log p(target) over its targets):
 //
 //   DPO  (Rafailov et al. 2023; TRL's DPOTrainer): with the frozen reference model's r and
 //        d = (logp_c - r_c) - (logp_r - r_r), TRL's loss_type
@@ -20,9 +21,16 @@
 //        loss = -(1 - s) log sigmoid(z) - s log sigmoid(-z) + alpha NLL(chosen tokens)
 //        no reference model; rewards beta a; alpha (TRL's cpo_alpha) 0 is SimPO as published;
 //        s TRL's label_smoothing (0 as published).
-// Losses are means over the step's pairs (those with targets in both rows) across micro-batches
-// and ranks; ORPO's and SimPO's NLL is the mean over all chosen target tokens of the step
-// (lmforge's token-count normalization; TRL normalizes per micro-batch).
+//   KTO  (Ethayarajh et al. 2024; TRL's KTOTrainer): with the frozen reference's r, the row's
+//        log-ratio x = logp - r and z = max(0, mean over the step's KL rows of (logp - r)), a
+//        KL row being row i's prompt followed by row i-1's response (cyclic within its micro-
+//        batch; detached), loss per row
+//          desirable    w_D (1 - sigmoid(beta (x - z)))
+//          undesirable  w_U (1 - sigmoid(beta (z - x)))
+//        its mean over the step's rows with targets; rewards beta x.
+// Losses are means over the step's pairs (KTO: rows) (those with targets in both rows) across
+// micro-batches and ranks; ORPO's and SimPO's NLL is the mean over all chosen target tokens of the
+// step (lmforge's token-count normalization; TRL normalizes per micro-batch).
 //
 // The gradient flows through Transformer::forward_backward_rows: each row's tokens are weighed
 // by -d loss / d logp of their row (dist::RowObjective).
@@ -54,8 +62,12 @@ struct PairTerm {
 };
 
 // Whether train.objective trains on preference pairs: dpo, orpo, simpo.
-inline bool preference_objective(const std::string& objective) {
+inline bool paired_objective(const std::string& objective) {
   return objective == "dpo" || objective == "orpo" || objective == "simpo";
+}
+// Whether it is a preference objective (PreferenceObjective): those and kto.
+inline bool preference_objective(const std::string& objective) {
+  return paired_objective(objective) || objective == "kto";
 }
 
 enum class DpoLoss { kSigmoid, kHinge, kIpo };
@@ -68,13 +80,26 @@ PairTerm orpo_pair(const PairLogps& p, double lambda);
 // SimPO's term alone (CPO's NLL, when weighed, is added per token).
 PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_smoothing = 0);
 
+// One KTO row: its loss, d loss / d logp and reward beta (logp - ref), given the step's KL
+// estimate kl and the label's weight (w_D or w_U).
+struct KtoTerm {
+  double loss = 0, dlogp = 0, reward = 0;
+};
+KtoTerm kto_row(double logp, double ref, double kl, bool desirable, double beta, double weight);
+// KTO's KL rows of a batch: row i's prompt (its tokens through the first target's position)
+// followed by row i-1's response (cyclic: row 0 takes row B-1's; from its first target through
+// its last, with its loss mask), cut to T+1 tokens and padded (targets ignore_index, doc_ids
+// -1). A row whose own or partner's targets are empty has none.
+void kto_kl_rows(const Batch& in, Batch& out, int32_t ignore_index);
+
 struct PreferenceOptions {
-  std::string kind = "dpo";    // dpo | orpo | simpo
-  double beta = 0.1;           // DPO's or SimPO's beta, ORPO's lambda
+  std::string kind = "dpo";    // dpo | orpo | simpo | kto
+  double beta = 0.1;           // DPO's, SimPO's or KTO's beta, ORPO's lambda
   double label_smoothing = 0;  // DPO (sigmoid loss) and SimPO
   DpoLoss dpo_loss = DpoLoss::kSigmoid;
   double gamma = 0.5;    // SimPO: the target reward margin
   double cpo_alpha = 0;  // SimPO: weight of the chosen responses' NLL (ORPO's is 1)
+  double desirable_weight = 1, undesirable_weight = 1;  // KTO: w_D, w_U
 };
 
 // From train.objective and its keys (validated by the trainer).
@@ -82,18 +107,21 @@ PreferenceOptions preference_options(const TrainConfig& t);
 
 class PreferenceObjective final : public dist::RowObjective {
  public:
-  // reference: DPO's frozen reference model, planned for the policy's (B, T); null otherwise.
+  // reference: DPO's and KTO's frozen reference model, planned for the policy's (B, T); null
+  // otherwise. KTO also runs the policy (no gradients) on its KL rows: policy is that model.
   // reference_without_adapters: the reference is the policy itself with its LoRA adapters off
   // (Transformer::set_adapters) while it computes the reference's log-likelihoods.
   PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
-                      bool reference_without_adapters = false);
+                      bool reference_without_adapters = false, Transformer* policy = nullptr);
 
   void begin(const std::vector<Batch>& micro, dist::Communicator& world) override;
   double weigh(size_t m, const std::vector<double>& logp, const std::vector<int64_t>& targets,
                std::vector<float>& w) override;
   void end(dist::Communicator& world) override;
   // The last step's metrics (means over its pairs): reward_chosen, reward_rejected,
-  // reward_margin, reward_accuracy; ORPO adds nll and log_odds, SimPO nll.
+  // reward_margin, reward_accuracy; ORPO adds nll and log_odds, SimPO nll. KTO: reward_chosen
+  // over the desirable rows, reward_rejected over the undesirable ones, their difference
+  // reward_margin, and kl (the step's estimate z).
   nlohmann::json metrics() const { return metrics_of(last_); }
 
   // Validation: the loss over the pairs of the first `batches` batches of val (each rank the
@@ -102,8 +130,21 @@ class PreferenceObjective final : public dist::RowObjective {
                   nlohmann::json* metrics = nullptr);
 
  private:
-  // Sums over pairs (and ORPO's chosen tokens).
-  enum Sum { kPairs, kChosenTokens, kPrefLoss, kNll, kRewardC, kRewardR, kCorrect, kLogOdds, kN };
+  // Sums over pairs (and ORPO's chosen tokens; KTO: rows, kDesirable of them desirable).
+  enum Sum {
+    kPairs,
+    kChosenTokens,
+    kPrefLoss,
+    kNll,
+    kRewardC,
+    kRewardR,
+    kCorrect,
+    kLogOdds,
+    kDesirable,
+    kKl,
+    kKlBatches,
+    kN
+  };
   using Sums = std::array<double, kN>;
   PairTerm pair(const std::vector<double>& logp, const std::vector<int64_t>& targets,
                 const std::vector<double>& ref, size_t j) const;
@@ -111,16 +152,27 @@ class PreferenceObjective final : public dist::RowObjective {
   double loss_of(const Sums& s) const;
   nlohmann::json metrics_of(const Sums& s, const std::string& prefix = "") const;
   static std::vector<int64_t> row_targets(const Batch& b);
+  // KTO: the terms of a batch's rows (labels: Batch::labels) with the KL estimate kl, into s;
+  // with w, each row's weight scale * (-d loss / d logp) and share += scale * its loss.
+  void add_kto_rows(Sums& s, const std::vector<int8_t>& labels, const std::vector<double>& logp,
+                    const std::vector<int64_t>& targets, const std::vector<double>& ref, double kl,
+                    double scale, std::vector<float>* w, double* share) const;
+  // KTO: sums[0] += the batch's KL rows' logp - r (policy, reference), sums[1] += their count.
+  void kl_sums(Transformer& policy, const Batch& b, double sums[2]);
 
   PreferenceOptions o_;
-  bool dpo_;
+  bool dpo_, kto_;
   double nll_weight_;  // of the chosen responses' mean NLL over the step: ORPO 1, SimPO alpha
   Transformer* ref_;
   bool ref_adapters_off_;
+  Transformer* policy_;                      // KTO: the policy's KL-row log-likelihoods
+  Batch kl_batch_;                           // KTO: a micro-batch's KL rows
+  std::vector<std::vector<int8_t>> labels_;  // KTO: per micro-batch of the step, per row
+  double kl_ = 0;                            // KTO: the step's KL estimate
   // The reference's log-likelihoods of a batch's rows.
   void reference_logps(const Batch& b, std::vector<double>& logp);
   std::vector<std::vector<double>> ref_logp_;  // per micro-batch of the step, per row
-  double pairs_ = 0, chosen_tokens_ = 0;       // the step's, over all ranks
+  double pairs_ = 0, chosen_tokens_ = 0;       // the step's, over all ranks (KTO: rows)
   Sums step_, last_;
 };
 

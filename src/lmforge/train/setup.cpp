@@ -52,18 +52,24 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master) {
+void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master, bool reference) {
   // fp32 values and gradients; + bf16 copies, or bf16 values in place of fp32 ones; two fp32
   // moments per trained parameter (under LoRA the adapters only).
   const double all = static_cast<double>(model.num_params() + model.lora_params());
   const double trained = model.lora.on() ? static_cast<double>(model.lora_params()) : all;
+  const double frozen_copy =
+      reference ? static_cast<double>(model.num_params()) * (bf16 ? 6 : 4) : 0.0;
   check_host_memory(
       all * (bf16_master ? 6
              : bf16      ? 10
                          : 8) +
-          trained * 8,
-      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters)", all / 1e6),
-      "choose a smaller model, or shard it over several ranks (dist.strategy)");
+          trained * 8 + frozen_copy,
+      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters{})", all / 1e6,
+                  reference ? ", and the frozen reference model" : ""),
+      reference ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
+                  "then the base model, no second copy), or shard it over several ranks "
+                  "(dist.strategy)"
+                : "choose a smaller model, or shard it over several ranks (dist.strategy)");
 }
 
 RunSetup setup_run(Config& cfg) {
@@ -126,7 +132,8 @@ RunSetup setup_run(Config& cfg) {
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
-  lo.pairs = preference_objective(t.objective);
+  lo.pairs = paired_objective(t.objective);
+  lo.unpaired = t.objective == "kto";
   lo.rank = dist::rank_info().rank;
   lo.world = dist::rank_info().size;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
@@ -150,9 +157,17 @@ RunSetup setup_run(Config& cfg) {
       fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",
            cfg.model.head_size());
   }
+  // DPO's (and KTO's) reference: the policy as it starts, never trained. LoRA adapters from a
+  // source without them start as a no-op (B = 0): the reference is the policy with its adapters
+  // off (PEFT's disable_adapter(); no second model). Otherwise a second model, loaded the same way
+  // and held whole on every rank.
+  const bool reference = t.objective == "dpo" || t.objective == "kto";
+  const bool reference_is_base =
+      reference && cfg.model.lora.on() && !(init && init->model.lora.on());
   if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
       dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
-    check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16");
+    check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16",
+                        reference && !reference_is_base);
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {
@@ -165,12 +180,8 @@ RunSetup setup_run(Config& cfg) {
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
   }  // full-shard: created as shards by DataParallel (deferred init)
-  if (t.objective == "dpo") {
-    // DPO's reference: the policy as it starts, never trained. LoRA adapters from a source
-    // without them start as a no-op (B = 0): the reference is the policy with its adapters off
-    // (PEFT's disable_adapter(); no second model). Otherwise a second model, loaded the same way
-    // and held whole on every rank.
-    if (cfg.model.lora.on() && !(init && init->model.lora.on())) {
+  if (reference) {
+    if (reference_is_base) {
       r.reference_is_base = true;
     } else {
       r.reference = std::make_unique<Transformer>(cfg.model);

@@ -138,9 +138,10 @@ void validate_train_config(const Config& cfg) {
   make_schedule(t);  // schedule keys
   parse_recompute(t.activation_checkpointing);
   if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
-  const bool pairs = preference_objective(t.objective);
-  if (!pairs && t.objective != "clm" && t.objective != "distill")
-    fail("train.objective: expected clm, dpo, orpo, simpo or distill, got \"{}\"", t.objective);
+  const bool pairs = paired_objective(t.objective);
+  if (!preference_objective(t.objective) && t.objective != "clm" && t.objective != "distill")
+    fail("train.objective: expected clm, dpo, orpo, simpo, kto or distill, got \"{}\"",
+         t.objective);
   if (t.objective != "clm" && t.z_loss != 0)
     fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
   if (t.objective == "distill") {
@@ -182,6 +183,18 @@ void validate_train_config(const Config& cfg) {
     fail("train.simpo_gamma: must be a finite number (0.5 to 1.5 typical), got {}", t.simpo_gamma);
   if (!(t.simpo_label_smoothing >= 0 && t.simpo_label_smoothing < 0.5))
     fail("train.simpo_label_smoothing: must be in [0, 0.5), got {}", t.simpo_label_smoothing);
+  if (t.objective == "kto" && t.batch_size < 2)
+    fail(
+        "train.batch_size: KTO estimates its KL term from each row's prompt with another row's "
+        "response, which needs at least 2 rows per micro-batch; raise it");
+  if (!(t.kto_beta > 0 && t.kto_beta < 1e6))
+    fail("train.kto_beta: must be positive (0.1 typical), got {}", t.kto_beta);
+  if (!(t.kto_desirable_weight > 0 && t.kto_desirable_weight < 1e6))
+    fail("train.kto_desirable_weight: must be positive (1 typical), got {}",
+         t.kto_desirable_weight);
+  if (!(t.kto_undesirable_weight > 0 && t.kto_undesirable_weight < 1e6))
+    fail("train.kto_undesirable_weight: must be positive (1 typical), got {}",
+         t.kto_undesirable_weight);
   if (!(t.cpo_alpha >= 0 && t.cpo_alpha < 1e6))
     fail("train.cpo_alpha: must be >= 0 (0 = SimPO, 1 = CPO-SimPO), got {}", t.cpo_alpha);
   if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
@@ -472,7 +485,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
     if (cfg.data.packing == "best_fit")
       cuts = fmt::format("{} cut by packing ({})", s["cut_by_packing"].get<int64_t>(), cuts);
-    if (preference_objective(t.objective)) {
+    if (t.objective == "kto") {
+      cuts = fmt::format("{} responses cut to train.seq_len", s["cut_by_packing"].get<int64_t>());
+      if (const int64_t empty = s["pairs_without_targets"].get<int64_t>(); empty > 0)
+        cuts += fmt::format(
+            "; warning: {} responses have no targets (the prompt fills train.seq_len) and count "
+            "for nothing",
+            empty);
+    } else if (preference_objective(t.objective)) {
       cuts = fmt::format("{} pairs cut to train.seq_len", s["cut_by_packing"].get<int64_t>());
       if (const int64_t empty = s["pairs_without_targets"].get<int64_t>(); empty > 0)
         cuts += fmt::format(
@@ -511,17 +531,21 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::fflush(stdout);
 
-  // train.objective dpo | orpo | simpo: the loss over preference pairs (train/objective.h).
+  // train.objective dpo | orpo | simpo | kto: the loss over preference pairs or labelled
+  // responses (train/objective.h).
   std::unique_ptr<PreferenceObjective> objective;
   if (preference_objective(t.objective)) {
     const PreferenceOptions po = preference_options(t);
     objective = std::make_unique<PreferenceObjective>(
         po, setup.reference_is_base ? &model : setup.reference.get(),
-        /*reference_without_adapters=*/setup.reference_is_base);
-    std::string what = t.objective == "dpo" ? fmt::format("{} loss, beta {}", t.dpo_loss, po.beta)
-                       : t.objective == "orpo" ? fmt::format("lambda {}", po.beta)
-                                               : fmt::format("beta {} gamma {} cpo_alpha {}",
-                                                             po.beta, po.gamma, po.cpo_alpha);
+        /*reference_without_adapters=*/setup.reference_is_base, &model);
+    std::string what =
+        t.objective == "dpo"    ? fmt::format("{} loss, beta {}", t.dpo_loss, po.beta)
+        : t.objective == "orpo" ? fmt::format("lambda {}", po.beta)
+        : t.objective == "kto"
+            ? fmt::format("beta {}, desirable weight {}, undesirable weight {}", po.beta,
+                          po.desirable_weight, po.undesirable_weight)
+            : fmt::format("beta {} gamma {} cpo_alpha {}", po.beta, po.gamma, po.cpo_alpha);
     fmt::print("objective: {} ({}){}\n", t.objective, what,
                setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
                : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
@@ -689,6 +713,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
           detail = fmt::format(" | reward accuracy {:.3f} | margin {:.4f}",
                                m["val_reward_accuracy"].get<double>(),
                                m["val_reward_margin"].get<double>());
+        else if (m.contains("val_reward_margin"))  // KTO: no pairs to rank
+          detail = fmt::format(" | reward margin {:.4f} | kl {:.4f}",
+                               m["val_reward_margin"].get<double>(), m.value("val_kl", 0.0));
       } else {
         vl = dp.evaluate(*val_data, t.eval_batches, batch);
         val_record["val_ppl"] = std::exp(vl);

@@ -82,8 +82,10 @@ RunSetup setup_run(Config& cfg);
 // One process training on the CPU holds every parameter's fp32 value, gradient and two AdamW
 // moments (+ a bf16 copy under bf16; bf16 values instead of fp32 ones with bf16 master weights):
 // an Error naming the need and the available memory when that alone cannot fit (before any
-// allocation, which Linux would accept and later kill).
-void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master);
+// allocation, which Linux would accept and later kill). reference: DPO's or KTO's frozen copy of
+// the model is held too (fp32 values, + a bf16 copy under bf16).
+void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master,
+                         bool reference = false);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
 
