@@ -1,5 +1,6 @@
 // Hugging Face interop and inspection:
 //   lmforge convert --from-hf DIR --out RUN_DIR     HF model -> weights-only lmforge checkpoint
+//                   [--peft ADAPTER_DIR]             (a PEFT LoRA adapter merged in)
 //   lmforge export --checkpoint PATH --to-hf DIR    lmforge checkpoint -> HF model directory
 //   lmforge info PATH                               architecture, parameters, dtype, tokenizer
 #include "lmforge/models/hf.h"
@@ -76,7 +77,8 @@ void print_tokenizer(const Tokenizer& t) {
              id(t.bos_id()), id(t.eos_id()), t.fingerprint());
 }
 
-void convert(const std::string& from, const std::string& out) {
+// peft (optional): a PEFT LoRA adapter directory merged into the weights.
+void convert(const std::string& from, const std::string& out, const std::string& peft) {
   if (!find_latest_checkpoint(out).empty())
     fail("--out: {} already holds checkpoints; choose a new directory", out);
   HfConfig hc = read_hf_config(from);
@@ -96,11 +98,16 @@ void convert(const std::string& from, const std::string& out) {
   cfg.init_from = "hf:" + from;
   Transformer model(cfg.model);
   load_hf_weights(model, from);
+  if (!peft.empty()) {
+    merge_peft_adapter(model, peft);
+    cfg.init_from += " + peft:" + peft;  // where the weights came from (informational)
+  }
   TrainState st;
   st.init_from = cfg.init_from;
   std::string dir = save_checkpoint(out, model, nullptr, st, config_to_yaml(cfg), 0, *tok);
-  fmt::print("converted {} ({}, {:.1f}M parameters) -> {}\n", from, hc.model.arch,
-             model.params().numel() / 1e6, dir);
+  fmt::print("converted {} ({}, {:.1f}M parameters){} -> {}\n", from, hc.model.arch,
+             model.params().numel() / 1e6,
+             peft.empty() ? "" : fmt::format(" with the LoRA adapter {} merged", peft), dir);
 }
 
 // A checkpoint in any form (sharded by N ranks or single-file) -> a single-file checkpoint of
@@ -235,7 +242,7 @@ void info(const std::string& path) {
 
 void add_hf(CLI::App& app) {
   struct Opts {
-    std::string from, out, checkpoint, to, peft, dtype = "fp32", shard = "5GB", path;
+    std::string from, out, checkpoint, to, peft, merge_peft, dtype = "fp32", shard = "5GB", path;
     bool force = false;
   };
   auto o = std::make_shared<Opts>();
@@ -247,12 +254,16 @@ void add_hf(CLI::App& app) {
                 "A checkpoint (e.g. sharded by several ranks): one single-file checkpoint of the "
                 "same step, optimizer and training state")
       ->excludes(hf);
+  c->add_option("--peft", o->merge_peft,
+                "With --from-hf: a PEFT LoRA adapter directory to merge into the weights (as "
+                "PEFT's merge_and_unload)")
+      ->needs(hf);
   c->add_option("--out", o->out, "Run directory to hold the checkpoint")->required();
   c->callback([o] {
     if (!o->checkpoint.empty())
       consolidate(o->checkpoint, o->out);
     else if (!o->from.empty())
-      convert(o->from, o->out);
+      convert(o->from, o->out, o->merge_peft);
     else
       fail("convert: give --from-hf DIR or --from-checkpoint DIR");
   });

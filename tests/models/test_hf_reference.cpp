@@ -9,6 +9,8 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/rng.h"
@@ -221,6 +223,73 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
 }
 
 // Bad HF directories: one clear error naming the file and the tensor or field.
+// PEFT LoRA adapters made by hf_models_ref.py (not by lmforge), merged on import: the logits of
+// transformers with the adapter merged as PEFT merges it. Llama 3's adapter is on q_proj and
+// v_proj apart (lmforge fuses q/k/v: their rows of it) and down_proj, with rsLoRA's scaling;
+// GPT-2's on its Conv1D c_attn and mlp.c_proj (fan_in_fan_out). Then `convert --peft` writes the
+// same weights, and what cannot be merged exactly is one clear error.
+TEST(HfPeftImport, MergedAdaptersMatchTransformers) {
+  for (const std::string c : {"llama3_peftin", "gpt2_peftin"}) {
+    SCOPED_TRACE(c);
+    const std::string base = hf_dir(c.substr(0, c.find('_')));
+    Transformer model(read_hf_config(base).model);
+    load_hf_weights(model, base);
+    Safetensors ref = Safetensors::open(hf_dir(c) + "/ref.safetensors");
+    float loss = 0;
+    const Tensor before = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss).clone();
+    merge_peft_adapter(model, hf_dir(c) + "/adapter");
+    const Tensor logits = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss);
+    EXPECT_TRUE(t::tensors_close(c + " merged logits", logits, ref.get("logits"), kTol));
+    EXPECT_NEAR(loss, ref.get("loss").data<float>()[0], 1e-4 * std::abs(loss));
+    // The adapter matters: without it the logits are elsewhere.
+    t::Diff d;
+    EXPECT_FALSE(t::tensors_close(c + " base logits", before, ref.get("logits"), kTol, &d));
+  }
+
+  const std::string root = t::temp_dir("hf-peft-import");
+  const std::string base = hf_dir("llama3"), adapter = hf_dir("llama3_peftin") + "/adapter";
+  auto r =
+      t::run_lmforge("convert --from-hf '" + base + "' --peft '" + adapter + "' --out run", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("with the LoRA adapter"), std::string::npos) << r.out;
+  Transformer model(read_hf_config(base).model);
+  load_hf_weights(model, base);
+  merge_peft_adapter(model, adapter);
+  Safetensors saved = Safetensors::open(root + "/run/checkpoints/step-00000000/model.safetensors");
+  for (const Param& p : model.params().params()) {
+    const Tensor v = saved.get(p.name);
+    EXPECT_EQ(std::memcmp(v.raw(), p.value.raw(), p.value.nbytes()), 0) << p.name;
+  }
+  r = t::run_lmforge("generate --checkpoint run --prompt 'In the' --max-tokens 4 --seed 1", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  // Adapters it cannot merge exactly, or that do not fit the base: one error naming file and key.
+  auto bad = [&](const std::string& name, const std::function<void(json&)>& edit,
+                 const std::string& base_dir, const std::string& want) {
+    const std::string d = root + "/" + name;
+    fs::create_directories(d);
+    fs::copy_file(adapter + "/adapter_model.safetensors", d + "/adapter_model.safetensors");
+    json cfg = json::parse(t::slurp(adapter + "/adapter_config.json"));
+    edit(cfg);
+    std::ofstream(d + "/adapter_config.json") << cfg.dump();
+    auto res = t::run_lmforge(
+        "convert --from-hf '" + base_dir + "' --peft '" + d + "' --out " + name + "_run", root);
+    EXPECT_EQ(res.exit_code, 1) << name;
+    EXPECT_NE(res.err.find(want), std::string::npos) << name << ": " << res.err;
+    EXPECT_FALSE(fs::exists(root + "/" + name + "_run/checkpoints")) << name;
+  };
+  bad(
+      "dora", [](json& j) { j["use_dora"] = true; }, base, "\"use_dora\": true is not supported");
+  bad(
+      "ia3", [](json& j) { j["peft_type"] = "IA3"; }, base, "\"peft_type\": \"IA3\"");
+  bad(
+      "rank", [](json& j) { j["r"] = 8; }, base, "(r = 8) for this base model");
+  bad(
+      "extra", [](json& j) { j["modules_to_save"] = {"lm_head"}; }, base, "modules_to_save");
+  bad(
+      "other_base", [](json&) {}, hf_dir("gpt2"), "is no linear layer of this gpt2 model");
+}
+
 TEST(HfBadInput, MissingTensorWrongShapeAndUnsupportedFields) {
   const std::string root = t::temp_dir("hf-bad");
   fs::copy(hf_dir("qwen2"), root + "/m");

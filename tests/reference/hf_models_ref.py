@@ -13,7 +13,8 @@ The families and their tricky parts: GPT-2 (Conv1D weights), Llama 3 (GQA, llama
 scaling), TinyLlama (Llama 2 shapes), SmolLM (tied embeddings), Llama with biases, Mistral
 (sliding window shorter than the sequence), Qwen2 (q/k/v biases), Qwen3 (q/k norm, head_dim !=
 hidden/heads), Phi-3 (fused qkv and gate_up, sliding window). Two extra saves test loading:
-sharded (model.safetensors.index.json) and bfloat16 weights.
+sharded (model.safetensors.index.json) and bfloat16 weights. PEFT_IMPORTS: LoRA adapters for
+lmforge to merge on import.
 """
 import json
 import os
@@ -112,6 +113,42 @@ def reference(model, out_dir):
               os.path.join(out_dir, "ref.safetensors"))
 
 
+# PEFT LoRA adapters made here (not by lmforge) for lmforge to merge on import: a subset of
+# Llama's projections with rsLoRA's scaling (separate q and v adapters where lmforge fuses
+# q/k/v), and GPT-2's Conv1D layers (fan_in_fan_out). OUT/<name>/adapter holds the adapter,
+# OUT/<name>/ref.safetensors the logits of the base model with it merged.
+PEFT_IMPORTS = {
+    "llama3_peftin": ("llama3", dict(r=4, lora_alpha=8, use_rslora=True, fan_in_fan_out=False,
+                                     target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gpt2_peftin": ("gpt2", dict(r=2, lora_alpha=6, use_rslora=False, fan_in_fan_out=True,
+                                 target_modules=["c_attn", "mlp.c_proj"])),
+}
+
+
+def make_peft_adapter(model, adir, opts, seed):
+    """Random A and B (as a trained adapter has: B is no longer 0) for every targeted module,
+    saved with PEFT's keys and adapter_config.json fields."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in opts["target_modules"]):
+            continue
+        w = mod.weight
+        fan_in, fan_out = (w.shape[0], w.shape[1]) if opts["fan_in_fan_out"] else (w.shape[1],
+                                                                                  w.shape[0])
+        key = "base_model.model." + name
+        tensors[key + ".lora_A.weight"] = 0.2 * torch.randn(opts["r"], fan_in, generator=gen)
+        tensors[key + ".lora_B.weight"] = 0.2 * torch.randn(fan_out, opts["r"], generator=gen)
+    assert tensors, opts
+    os.makedirs(adir, exist_ok=True)
+    save_file(tensors, os.path.join(adir, "adapter_model.safetensors"))
+    cfg = dict(opts, peft_type="LORA", task_type="CAUSAL_LM", lora_dropout=0.0, bias="none",
+               use_dora=False, modules_to_save=None, base_model_name_or_path=None,
+               inference_mode=True)
+    with open(os.path.join(adir, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
 def make(out):
     os.makedirs(out, exist_ok=True)
     tok_path = os.path.join(out, "tokenizer.json")
@@ -133,19 +170,27 @@ def make(out):
         # The reference is what transformers computes from the saved files, in float32.
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         reference(reloaded.eval(), d)
+    for seed, (name, (case, opts)) in enumerate(PEFT_IMPORTS.items()):
+        d = os.path.join(out, name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, case),
+                                                                  dtype=torch.float32).eval()
+        make_peft_adapter(model, os.path.join(d, "adapter"), opts, 1000 + seed)
+        apply_peft_adapter(model, os.path.join(d, "adapter"))
+        reference(model, d)
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(sorted(list(CASES) + list(SAVES)), f)
 
 
 def apply_peft_adapter(model, adir):
     """Merges a PEFT LoRA adapter directory into model as PEFT's merge_and_unload does (written from
-    PEFT's LoraLayer.get_delta_weight: W += transpose(B @ A, fan_in_fan_out) * lora_alpha / r),
-    checking the keys and config a PEFT load relies on."""
+    PEFT's LoraLayer.get_delta_weight: W += transpose(B @ A, fan_in_fan_out) * scaling, scaling
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora), checking the keys and config a PEFT
+    load relies on."""
     cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM", cfg
     w = load_file(os.path.join(adir, "adapter_model.safetensors"))
     modules = dict(model.named_modules())
-    scale = cfg["lora_alpha"] / cfg["r"]
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
     merged = 0
     for key, a in w.items():
         if key.endswith(".lora_B.weight"):

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
 #include "lmforge/core/error.h"
@@ -608,6 +609,105 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
               {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
   write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
   if (tok) export_hf_tokenizer(*tok, dir);
+}
+
+void merge_peft_adapter(Transformer& model, const std::string& dir) {
+  const fs::path cfg_path = fs::path(dir) / "adapter_config.json";
+  const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  std::ifstream in(cfg_path);
+  if (!in)
+    fail(
+        "{}: cannot read it; expected a PEFT adapter directory (adapter_config.json, "
+        "adapter_model.safetensors)",
+        cfg_path.string());
+  json c;
+  try {
+    c = json::parse(in);
+  } catch (const std::exception& e) {
+    fail("{}: malformed JSON ({})", cfg_path.string(), e.what());
+  }
+  const std::string where = cfg_path.string();
+  auto refuse = [&](const std::string& key, const std::string& why) {
+    fail("{}: \"{}\": {} is not supported ({})", where, key, c[key].dump(), why);
+  };
+  if (c.value("peft_type", "") != "LORA") refuse("peft_type", "lmforge merges LoRA adapters");
+  if (!c.contains("r") || !c["r"].is_number_integer() || c["r"].get<int64_t>() < 1)
+    fail("{}: \"r\" must be a positive integer", where);
+  if (!c.contains("lora_alpha") || !c["lora_alpha"].is_number())
+    fail("{}: \"lora_alpha\" must be a number", where);
+  if (c.value("use_dora", false)) refuse("use_dora", "DoRA's magnitude vectors");
+  if (c.contains("bias") && c["bias"] != "none") refuse("bias", "trained biases");
+  for (const char* k : {"modules_to_save", "layers_to_transform", "layers_pattern"})
+    if (c.contains(k) && !c[k].is_null() && !(c[k].is_array() && c[k].empty()))
+      refuse(k, "only LoRA's A and B are merged");
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    if (c.contains(k) && !c[k].is_null() && !(c[k].is_object() && c[k].empty()))
+      refuse(k, "one rank and alpha for every module");
+  const int64_t r = c["r"].get<int64_t>();
+  const double alpha = c["lora_alpha"].get<double>();
+  // PEFT's LoraLayer scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
+  const double scale =
+      c.value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+
+  // HF module -> the rows of the lmforge parameter that hold its weight.
+  const ModelConfig& m = model.config();
+  struct Target {
+    Param* param;
+    int64_t row0, rows;
+  };
+  std::map<std::string, Target> targets;
+  for (Param& p : model.params().params()) {
+    if (is_lora_param(p.name) || p.value.ndim() != 2) continue;
+    for (const HfPiece& piece : hf_pieces(m, p.name, p.value.size(0)))
+      if (piece.name.ends_with(".weight"))
+        targets[piece.name.substr(0, piece.name.size() - 7)] = {&p, piece.row0, piece.rows};
+  }
+  if (!fs::exists(weights)) fail("{}: no such file; a PEFT adapter needs it", weights);
+  Safetensors st = Safetensors::open(weights);
+  model.params().invalidate_bf16();
+  int merged = 0;
+  const std::string prefix = "base_model.model.", a_suffix = ".lora_A.weight",
+                    b_suffix = ".lora_B.weight";
+  for (const std::string& key : st.names()) {
+    if (key.ends_with(b_suffix)) continue;  // with its A
+    if (!key.starts_with(prefix) || !key.ends_with(a_suffix))
+      fail(
+          "{}: tensor \"{}\" is not a LoRA A or B of a linear layer (embedding adapters and "
+          "trained extras are not supported)",
+          weights, key);
+    std::string module = key.substr(prefix.size(), key.size() - prefix.size() - a_suffix.size());
+    const std::string b_key = prefix + module + b_suffix;
+    if (!st.has(b_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, b_key);
+    auto it = targets.find(module);
+    if (it == targets.end() && module.starts_with("transformer."))  // Hub GPT-2's naming
+      it = targets.find(module.substr(12));
+    if (it == targets.end() && targets.count("transformer." + module))
+      it = targets.find("transformer." + module);
+    if (it == targets.end())
+      fail("{}: module \"{}\" is no linear layer of this {} model; is the adapter for this base?",
+           weights, module, m.arch);
+    const Target& t = it->second;
+    const Tensor a = st.load(key, DType::kF32), b = st.load(b_key, DType::kF32);
+    const int64_t cols = t.param->value.size(1);
+    if (!(a.shape() == Shape{r, cols}) || !(b.shape() == Shape{t.rows, r}))
+      fail("{}: \"{}\" is {} and its B {}, expected {} and {} (r = {}) for this base model",
+           weights, key, a.shape().str(), b.shape().str(), Shape{r, cols}.str(),
+           Shape{t.rows, r}.str(), r);
+    // W (out, in) += scale B A: lmforge keeps every weight as (out, in), so PEFT's fan_in_fan_out
+    // (GPT-2's Conv1D, stored (in, out)) needs no transpose here.
+    const float* A = a.data<float>();
+    const float* B = b.data<float>();
+    float* W = t.param->value.data<float>() + t.row0 * cols;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < t.rows; ++o)
+      for (int64_t i = 0; i < cols; ++i) {
+        double acc = 0;
+        for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(B[o * r + k]) * A[k * cols + i];
+        W[o * cols + i] += static_cast<float>(scale * acc);
+      }
+    ++merged;
+  }
+  if (merged == 0) fail("{}: holds no LoRA weights", weights);
 }
 
 void save_peft_adapter(const Transformer& model, const std::string& dir,

@@ -68,5 +68,12 @@ void save_hf_model(const Transformer& model, const Tokenizer* tokenizer, const s
 // merge_lora false).
 void save_peft_adapter(const Transformer& model, const std::string& dir,
                        const std::string& base_model, DType dtype);
+// Merges a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) into the
+// model's weights as PEFT's merge_and_unload does: W += scale B A per targeted module, scale =
+// lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), any subset of the linear layers (Llama's
+// q_proj alone, say: its rows of the fused qkv). Throws Error naming the file and key for what it
+// cannot merge exactly (DoRA, trained biases or extra modules, per-module ranks, embedding
+// adapters, a module or shape this base model lacks).
+void merge_peft_adapter(Transformer& model, const std::string& dir);
 
 }  // namespace lmforge
