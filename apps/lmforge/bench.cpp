@@ -281,7 +281,7 @@ void add_bench(CLI::App& app) {
       model.params().zero_grad();
       float loss = 0;
       if (dpo) {
-        Batch b{tok, tgt, Tensor(), Tensor(), {}};
+        Batch b{tok, tgt, Tensor(), Tensor(), {}, {}};
         dpo->begin({b}, one);
         model.forward_backward_rows(
             tok, tgt, [&](const std::vector<double>& logp, std::vector<float>& w) {

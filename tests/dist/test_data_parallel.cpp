@@ -207,7 +207,7 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
 
 // DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair
 // normalization over ranks and micro-batches and the per-row gradient weights give one process's
-// step with the same global batch.
+// step with the same global batch; so do precomputed reference log-likelihoods.
 TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   {
     std::ofstream f(*dir_ + "/pairs.jsonl");
@@ -232,6 +232,13 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
     ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
     expect_same("dpo-" + s, "dpo-ref");
   }
+  // The reference's log-likelihoods precomputed (each rank half the batches, summed over ranks)
+  // and the reference released: the same steps.
+  RunResult r = run("dpo-pre", 2,
+                    dpo + "--set dist.strategy=full-shard --set train.precompute_ref_logps=true");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("reference model ("), std::string::npos) << r.out;
+  expect_same("dpo-pre", "dpo-ref");
 }
 
 TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {

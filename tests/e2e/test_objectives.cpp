@@ -118,6 +118,44 @@ TEST_F(ObjectivesE2E, DpoRanksTheChosenReplyAndResumesExactly) {
     EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
 }
 
+// train.precompute_ref_logps (TRL's precompute_ref_log_probs): the reference's log-likelihoods of
+// every pair once, then the reference model released. The same pairs through the same reference
+// give the same numbers, so the run is the plain run bit for bit (its loss at every step and its
+// validation), in less memory; a resumed run computes them again and continues exactly.
+TEST_F(ObjectivesE2E, DpoWithPrecomputedReferenceIsThePlainRunInLessMemory) {
+  auto r = testing::run_lmforge(tune("dpo", 3e-4) + "--set run.dir=dpo_plain", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string pre = tune("dpo", 3e-4) + "--set train.precompute_ref_logps=true ";
+  r = testing::run_lmforge(pre + "--set run.dir=dpo_pre", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("reference: log-likelihoods of 360 training and 40 validation pairs"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("reference log-likelihoods precomputed"), std::string::npos) << r.out;
+  auto plain = testing::records_of(dir_ + "/dpo_plain/metrics.jsonl", "loss");
+  auto steps = testing::records_of(dir_ + "/dpo_pre/metrics.jsonl", "loss");
+  ASSERT_EQ(plain.size(), 30u);
+  ASSERT_EQ(steps.size(), 30u);
+  for (size_t i = 0; i < 30; ++i)
+    EXPECT_EQ(steps[i]["loss"].get<double>(), plain[i]["loss"].get<double>()) << "step " << i + 1;
+  auto val_plain = testing::records_of(dir_ + "/dpo_plain/metrics.jsonl", "val_loss");
+  auto val = testing::records_of(dir_ + "/dpo_pre/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 1u);
+  EXPECT_EQ(val[0]["val_loss"].get<double>(), val_plain[0]["val_loss"].get<double>());
+  // 434 -> 354 MiB when written (the reference's weights and its forward's buffers).
+  EXPECT_LT(steps.back()["mem_mib"].get<double>(), plain.back()["mem_mib"].get<double>() - 30);
+
+  std::filesystem::copy(dir_ + "/dpo_pre", dir_ + "/dpo_pre_resumed",
+                        std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(dir_ + "/dpo_pre_resumed/checkpoints/step-00000030");
+  r = testing::run_lmforge(pre + "--set run.dir=dpo_pre_resumed --resume", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto again = testing::records_of(dir_ + "/dpo_pre_resumed/metrics.jsonl", "loss");
+  ASSERT_EQ(again.size(), 30u);
+  for (size_t i = 15; i < 30; ++i)
+    EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
+}
+
 // DPO with LoRA: the reference is the policy with its adapters off (no second model); it starts
 // at log 2 all the same, and learns.
 TEST_F(ObjectivesE2E, DpoWithLoraUsesTheBaseModelAsItsReference) {
@@ -303,6 +341,19 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("expected clm, dpo, orpo, simpo, kto or distill"), std::string::npos)
       << r.err;
+  // Precomputed reference log-likelihoods: DPO's alone, and not under LoRA (no second model).
+  r = testing::run_lmforge(
+      tune("kto", 1e-4) + "--set train.precompute_ref_logps=true --set run.dir=x11", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.precompute_ref_logps: applies to train.objective dpo only"),
+            std::string::npos)
+      << r.err;
+  r = testing::run_lmforge(tune("dpo", 1e-4) +
+                               "--set train.precompute_ref_logps=true --set model.lora_rank=4 "
+                               "--set run.dir=x12",
+                           dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("no second model to release"), std::string::npos) << r.err;
   // KTO's KL estimate needs two rows a micro-batch; labelled replies are KTO's alone.
   r = testing::run_lmforge(tune("kto", 1e-4) + "--set train.batch_size=1 --set run.dir=x9", dir_);
   EXPECT_EQ(r.exit_code, 1);

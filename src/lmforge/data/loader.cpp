@@ -34,9 +34,12 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
 }
 
 Batch Batch::make(int64_t B, int64_t T) {
-  Batch b{Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
-          Tensor::empty({B, T}, DType::kI32), Tensor::empty({B, T}, DType::kI32),
-          std::vector<int8_t>(static_cast<size_t>(B), -1)};
+  Batch b{Tensor::empty({B, T}, DType::kI32),
+          Tensor::empty({B, T}, DType::kI32),
+          Tensor::empty({B, T}, DType::kI32),
+          Tensor::empty({B, T}, DType::kI32),
+          std::vector<int8_t>(static_cast<size_t>(B), -1),
+          {}};
   b.positions.zero_();  // a batch filled by hand (tokens and targets) is one document per row
   b.doc_ids.zero_();
   return b;
@@ -309,6 +312,7 @@ void Loader::next(Batch& b) {
     fill_sample(sources_[src], sample, (i - first) * per, b);
     last_.push_back({static_cast<int32_t>(src), sample});
   }
+  b.samples = last_;
 }
 
 void Loader::sequential(int64_t i, Batch& b) const {
@@ -316,6 +320,7 @@ void Loader::sequential(int64_t i, Batch& b) const {
   for (const Source& s : sources_) total += s.samples();
   const int64_t per = rows_per_sample(), n = o_.batch / per;
   if (o_.unpaired) b.labels.assign(static_cast<size_t>(o_.batch), -1);
+  b.samples.assign(static_cast<size_t>(n), SampleId{-1, -1});
   for (int64_t j = 0; j < n; ++j) {
     int64_t k = i * n + j;
     if (k >= total) {  // past the end: rows of padding
@@ -325,6 +330,7 @@ void Loader::sequential(int64_t i, Batch& b) const {
     size_t src = 0;
     while (k >= sources_[src].samples()) k -= sources_[src++].samples();
     fill_sample(sources_[src], k, j * per, b);
+    b.samples[static_cast<size_t>(j)] = {static_cast<int32_t>(src), k};
   }
 }
 

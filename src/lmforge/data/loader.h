@@ -60,11 +60,20 @@ struct LoaderOptions {
   bool unpaired = false;
 };
 
+struct SampleId {
+  int32_t source;
+  int64_t index;  // the sample's index in its source's plan
+  bool operator==(const SampleId&) const = default;
+};
+
 struct Batch {
   Tensor tokens, targets, positions, doc_ids;  // (B, T) int32 each
   // Unpaired preference rows (train.objective kto): per row 1 = a desirable response, 0 = an
   // undesirable one, -1 = none (padding, or not such a batch).
   std::vector<int8_t> labels;
+  // The samples of its rows as the loader filled them (one per row, per pair of rows with
+  // pairs); {-1, -1} for padding. Empty for batches filled by hand.
+  std::vector<SampleId> samples;
   // Positions and doc_ids start zero (one document per row) for batches filled by hand; labels
   // -1.
   static Batch make(int64_t B, int64_t T);
@@ -73,12 +82,6 @@ struct Batch {
 // Per batch: its targets != ignore_index (the loss's token count).
 std::vector<int64_t> target_counts(const std::vector<Batch>& batches,
                                    int32_t ignore_index = LoaderOptions{}.ignore_index);
-
-struct SampleId {
-  int32_t source;
-  int64_t index;  // the sample's index in its source's plan
-  bool operator==(const SampleId&) const = default;
-};
 
 class Loader {
  public:
@@ -93,6 +96,7 @@ class Loader {
   const std::vector<SampleId>& last_samples() const { return last_; }
   int64_t num_tokens() const { return total_tokens_; }
   int64_t num_samples(int source) const { return sources_[source].samples(); }
+  size_t num_sources() const { return sources_.size(); }
   // Per source: samples, documents cut by packing and by plain chunking (pairs: pairs cut by T,
   // and pairs_without_targets), slot fill.
   nlohmann::json stats() const;

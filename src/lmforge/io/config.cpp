@@ -115,6 +115,9 @@ std::vector<ConfigField> fields(Config& c) {
        "KTO: weight of the desirable responses' losses (TRL's desirable_weight)"},
       {"train.kto_undesirable_weight", &c.train.kto_undesirable_weight,
        "KTO: weight of the undesirable responses' losses (TRL's undesirable_weight)"},
+      {"train.precompute_ref_logps", &c.train.precompute_ref_logps,
+       "DPO: the reference's log-likelihoods of every pair computed once before training, and "
+       "the reference model released (TRL's precompute_ref_log_probs)"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

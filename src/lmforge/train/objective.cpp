@@ -188,13 +188,56 @@ PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer
       ref_adapters_off_(reference_without_adapters),
       policy_(policy) {
   LMF_CHECK(preference_objective(o.kind), "objective {}", o.kind);
-  LMF_CHECK(!dpo_ || ref_, "DPO needs its reference model");
   LMF_CHECK(!kto_ || (ref_ && policy_), "KTO needs its reference model and the policy");
   step_.fill(0);
   last_.fill(0);
 }
 
-void PreferenceObjective::reference_logps(const Batch& b, std::vector<double>& logp) {
+ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& data,
+                                          Batch& scratch, dist::Communicator& world) {
+  const int32_t kIgnore = LoaderOptions{}.ignore_index;
+  ReferenceTable t;
+  int64_t total = 0;
+  for (size_t s = 0; s < data.num_sources(); ++s) {
+    t.offset.push_back(total);
+    total += data.num_samples(static_cast<int>(s));
+  }
+  t.logp.assign(static_cast<size_t>(2 * total), 0.0);
+  std::vector<double> lp;
+  const int64_t batches = data.sequential_batches();
+  for (int64_t i = world.rank(); i < batches; i += world.size()) {
+    data.sequential(i, scratch);
+    reference.forward(scratch.tokens, scratch.targets, kIgnore, scratch.doc_ids);
+    reference.row_logps(lp);
+    for (size_t j = 0; j < scratch.samples.size(); ++j) {
+      const SampleId& id = scratch.samples[j];
+      if (id.source < 0) continue;  // padding
+      double* out = t.logp.data() + 2 * (t.offset[static_cast<size_t>(id.source)] + id.index);
+      out[0] = lp[2 * j];
+      out[1] = lp[2 * j + 1];
+    }
+  }
+  // Every entry is written by exactly one rank: the sum is the table.
+  if (world.size() > 1)
+    world.all_reduce(t.logp.data(), static_cast<int64_t>(t.logp.size()))->wait();
+  return t;
+}
+
+void PreferenceObjective::reference_logps(const Batch& b, std::vector<double>& logp,
+                                          const ReferenceTable* table) {
+  if (tables_) {
+    LMF_CHECK(table, "a reference table for this batch");
+    LMF_CHECK(b.samples.size() * 2 == static_cast<size_t>(b.tokens.size(0)),
+              "a batch of {} rows with {} samples", b.tokens.size(0), b.samples.size());
+    logp.assign(static_cast<size_t>(b.tokens.size(0)), 0.0);
+    for (size_t j = 0; j < b.samples.size(); ++j) {
+      if (b.samples[j].source < 0) continue;  // padding: no targets, no term
+      const double* v = table->of(b.samples[j]);
+      logp[2 * j] = v[0];
+      logp[2 * j + 1] = v[1];
+    }
+    return;
+  }
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
   if (ref_adapters_off_) ref_->set_adapters(false);
   try {
@@ -334,6 +377,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
     step_.fill(0);
     return;
   }
+  LMF_CHECK(!dpo_ || ref_ || tables_, "DPO needs its reference model or its tables");
   double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
   for (size_t m = 0; m < micro.size(); ++m) {
     const Batch& b = micro[m];
@@ -344,7 +388,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
         counts[0] += 1;
         counts[1] += static_cast<double>(n[2 * j]);
       }
-    if (ref_) reference_logps(b, ref_logp_[m]);  // before the policy's forward
+    if (ref_ || tables_) reference_logps(b, ref_logp_[m], &train_ref_);  // before the policy's
   }
   world.all_reduce(counts, 2)->wait();
   pairs_ = counts[0];
@@ -355,7 +399,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
 double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
                                   const std::vector<int64_t>& targets, std::vector<float>& w) {
   static const std::vector<double> no_ref;
-  const std::vector<double>& ref = ref_ ? ref_logp_[m] : no_ref;
+  const std::vector<double>& ref = ref_ || tables_ ? ref_logp_[m] : no_ref;
   double share = 0;
   if (kto_) {
     add_kto_rows(step_, labels_[m], logp, targets, ref, kl_, pairs_ > 0 ? 1 / pairs_ : 0.0, &w,
@@ -402,7 +446,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
-    if (ref_) reference_logps(batch, ref);
+    if (ref_ || tables_) reference_logps(batch, ref, &val_ref_);
     if (kto_) {  // the KL estimate of this batch's KL rows
       double ks[2] = {0, 0};
       kl_sums(policy, batch, ks);

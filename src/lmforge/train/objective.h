@@ -92,6 +92,24 @@ KtoTerm kto_row(double logp, double ref, double kl, bool desirable, double beta,
 // -1). A row whose own or partner's targets are empty has none.
 void kto_kl_rows(const Batch& in, Batch& out, int32_t ignore_index);
 
+// DPO's reference log-likelihoods of every pair of a loader's samples, computed once
+// (train.precompute_ref_logps, TRL's precompute_ref_log_probs): the reference model is then
+// not needed while training. logp[2k], logp[2k + 1]: the chosen and rejected rows of sample k in
+// the loader's natural order (sources in turn; Loader::sequential's).
+struct ReferenceTable {
+  std::vector<int64_t> offset;  // per source: its first sample's natural index
+  std::vector<double> logp;
+  // The pair's two values of a batch's sample (Batch::samples).
+  const double* of(const SampleId& id) const {
+    return logp.data() + 2 * (offset[static_cast<size_t>(id.source)] + id.index);
+  }
+};
+// Runs the reference (planned for the loader's batch) over data's samples in natural order;
+// with a world of several ranks each rank computes every world-th batch and an all-reduce
+// gives every rank the whole table.
+ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& data,
+                                          Batch& scratch, dist::Communicator& world);
+
 struct PreferenceOptions {
   std::string kind = "dpo";    // dpo | orpo | simpo | kto
   double beta = 0.1;           // DPO's, SimPO's or KTO's beta, ORPO's lambda
@@ -123,6 +141,15 @@ class PreferenceObjective final : public dist::RowObjective {
   // over the desirable rows, reward_rejected over the undesirable ones, their difference
   // reward_margin, and kl (the step's estimate z).
   nlohmann::json metrics() const { return metrics_of(last_); }
+
+  // DPO: the reference's log-likelihoods from tables (train, and val for evaluate; see
+  // precompute_reference_logps) rather than the reference model, which may then be released.
+  void use_reference_tables(ReferenceTable train, ReferenceTable val) {
+    tables_ = true;
+    train_ref_ = std::move(train);
+    val_ref_ = std::move(val);
+    ref_ = nullptr;
+  }
 
   // Validation: the loss over the pairs of the first `batches` batches of val (each rank the
   // whole set); metrics (optional) receives the same means as metrics(), prefixed "val_".
@@ -169,8 +196,12 @@ class PreferenceObjective final : public dist::RowObjective {
   Batch kl_batch_;                           // KTO: a micro-batch's KL rows
   std::vector<std::vector<int8_t>> labels_;  // KTO: per micro-batch of the step, per row
   double kl_ = 0;                            // KTO: the step's KL estimate
-  // The reference's log-likelihoods of a batch's rows.
-  void reference_logps(const Batch& b, std::vector<double>& logp);
+  // The reference's log-likelihoods of a batch's rows: from the model, or (tables) from the
+  // table of its samples.
+  void reference_logps(const Batch& b, std::vector<double>& logp,
+                       const ReferenceTable* table = nullptr);
+  bool tables_ = false;
+  ReferenceTable train_ref_, val_ref_;
   std::vector<std::vector<double>> ref_logp_;  // per micro-batch of the step, per row
   double pairs_ = 0, chosen_tokens_ = 0;       // the step's, over all ranks (KTO: rows)
   Sums step_, last_;

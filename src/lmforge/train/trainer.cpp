@@ -183,6 +183,11 @@ void validate_train_config(const Config& cfg) {
     fail("train.simpo_gamma: must be a finite number (0.5 to 1.5 typical), got {}", t.simpo_gamma);
   if (!(t.simpo_label_smoothing >= 0 && t.simpo_label_smoothing < 0.5))
     fail("train.simpo_label_smoothing: must be in [0, 0.5), got {}", t.simpo_label_smoothing);
+  if (t.precompute_ref_logps && t.objective != "dpo")
+    fail(
+        "train.precompute_ref_logps: applies to train.objective dpo only (not {}: KTO's KL rows "
+        "change every step, the others have no reference model); set it to false",
+        t.objective);
   if (t.objective == "kto" && t.batch_size < 2)
     fail(
         "train.batch_size: KTO estimates its KL term from each row's prompt with another row's "
@@ -402,6 +407,30 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
     check_generate(model.config(), tokenizer->encode(cfg.sample.prompt, false, true),
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
+  // train.precompute_ref_logps: DPO's reference log-likelihoods of every pair once, then the
+  // reference model released, before the optimizer's state is allocated.
+  std::optional<std::pair<ReferenceTable, ReferenceTable>> ref_tables;
+  if (t.precompute_ref_logps) {
+    if (!setup.reference)
+      fail(
+          "train.precompute_ref_logps: under LoRA the reference is the base model itself (the "
+          "policy with its adapters off), no second model to release; set it to false");
+    const auto t0 = Clock::now();
+    Batch scratch = Batch::make(t.batch_size, t.seq_len);
+    ReferenceTable train_ref =
+        precompute_reference_logps(*setup.reference, train_data, scratch, *world);
+    ReferenceTable val_ref;
+    if (val_data)
+      val_ref = precompute_reference_logps(*setup.reference, *val_data, scratch, *world);
+    const double mib = setup.reference->params().numel() * 4 / 1048576.0;
+    setup.reference.reset();
+    fmt::print(
+        "reference: log-likelihoods of {} training and {} validation pairs in {:.1f} s; the "
+        "reference model ({:.0f} MiB of weights) released\n",
+        train_ref.logp.size() / 2, val_ref.logp.size() / 2,
+        std::chrono::duration<double>(Clock::now() - t0).count(), mib);
+    ref_tables.emplace(std::move(train_ref), std::move(val_ref));
+  }
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
   dist::DataParallel dp(comm, model, cfg.dist,
@@ -539,6 +568,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     objective = std::make_unique<PreferenceObjective>(
         po, setup.reference_is_base ? &model : setup.reference.get(),
         /*reference_without_adapters=*/setup.reference_is_base, &model);
+    if (ref_tables)
+      objective->use_reference_tables(std::move(ref_tables->first), std::move(ref_tables->second));
     std::string what =
         t.objective == "dpo"    ? fmt::format("{} loss, beta {}", t.dpo_loss, po.beta)
         : t.objective == "orpo" ? fmt::format("lambda {}", po.beta)
@@ -548,6 +579,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
             : fmt::format("beta {} gamma {} cpo_alpha {}", po.beta, po.gamma, po.cpo_alpha);
     fmt::print("objective: {} ({}){}\n", t.objective, what,
                setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
+               : ref_tables            ? "; reference log-likelihoods precomputed"
                : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
                                                      setup.reference->params().numel() * 4 / 1048576.0)
                                        : "");
