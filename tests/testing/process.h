@@ -1,6 +1,7 @@
 // Runs the lmforge binary (path from $LMFORGE_BIN, set by CTest) and captures its result.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -10,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "testing/paths.h"
 
@@ -37,12 +39,38 @@ inline void flip_bit(const std::string& path, uint64_t at) {
   f.put(static_cast<char>(c ^ 0x01));
 }
 
-// A fresh, empty directory under the system temp dir, unique per test.
+// The directories temp_dir() made in this process, removed when its tests end if they all passed
+// (a failure keeps them to look at). Runs of the whole suite no longer pile up gigabytes under
+// /tmp.
+class TempDirs : public ::testing::Environment {
+ public:
+  static TempDirs& get() {
+    static TempDirs* self = [] {
+      auto* t = new TempDirs;
+      ::testing::AddGlobalTestEnvironment(t);  // gtest owns it
+      return t;
+    }();
+    return *self;
+  }
+  void add(const std::filesystem::path& dir) { dirs_.push_back(dir); }
+  void TearDown() override {
+    if (!::testing::UnitTest::GetInstance()->Passed()) return;
+    std::error_code ec;
+    for (const auto& d : dirs_) std::filesystem::remove_all(d, ec);
+  }
+
+ private:
+  std::vector<std::filesystem::path> dirs_;
+};
+
+// A fresh, empty directory under the system temp dir, unique per test; removed at the end of the
+// process when every test passed.
 inline std::string temp_dir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() /
              ("lmforge-test-" + name + "-" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
+  TempDirs::get().add(dir);
   return dir.string();
 }
 
