@@ -55,6 +55,25 @@ void read_doc(const TokenShard& s, int64_t d, std::vector<int32_t>& ids,
   }
 }
 
+// Plain-text documents: document d is (BOS) want[d][0] + want[d][1] + EOS, the response and EOS
+// its targets.
+void expect_plain_documents(const TokenShard& s, const Tokenizer& tok,
+                            const std::vector<std::array<std::string, 2>>& want) {
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> mask;
+  for (int64_t d = 0; d < static_cast<int64_t>(want.size()); ++d) {
+    read_doc(s, d, ids, mask);
+    std::vector<int32_t> prompt = tok.encode(want[d][0]), response = tok.encode(want[d][1]);
+    std::vector<int32_t> e = prompt;
+    e.insert(e.end(), response.begin(), response.end());
+    e.push_back(tok.eos_id());
+    std::vector<uint8_t> m(prompt.size(), 0);
+    m.resize(e.size(), 1);
+    EXPECT_EQ(ids, e) << "document " << d;
+    EXPECT_EQ(mask, m) << "document " << d;
+  }
+}
+
 }  // namespace
 
 TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets) {
@@ -87,19 +106,9 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
       {"In the beginning", " was nothing."},
       {"", "Amen."},
       {"", "No."}};
+  expect_plain_documents(s, *tok, want);
   std::vector<int32_t> ids;
   std::vector<uint8_t> mask;
-  for (int64_t d = 0; d < 4; ++d) {
-    read_doc(s, d, ids, mask);
-    std::vector<int32_t> prompt = tok->encode(want[d][0]), response = tok->encode(want[d][1]);
-    std::vector<int32_t> e = prompt;
-    e.insert(e.end(), response.begin(), response.end());
-    e.push_back(tok->eos_id());
-    std::vector<uint8_t> m(prompt.size(), 0);
-    m.resize(e.size(), 1);
-    EXPECT_EQ(ids, e) << "document " << d;
-    EXPECT_EQ(mask, m) << "document " << d;
-  }
 
   // Pairs mode: pair j in rows 2j (chosen) and 2j+1 (rejected); the targets are the response and
   // EOS, nothing of the prompt or the padding. T = 6 cuts the first pair's chosen side.
@@ -280,20 +289,10 @@ TEST(PrepareUnpaired, LabelledResponsesAreOneDocumentEachWithTheirLabel) {
       {"In the beginning", " was nothing."},
       {"", "Amen."}};
   const int8_t labels[] = {1, 0, 1};
+  expect_plain_documents(s, *tok, want);
+  for (int64_t d = 0; d < 3; ++d) EXPECT_EQ(s.label(d), labels[d]) << "document " << d;
   std::vector<int32_t> ids;
   std::vector<uint8_t> mask;
-  for (int64_t d = 0; d < 3; ++d) {
-    read_doc(s, d, ids, mask);
-    std::vector<int32_t> prompt = tok->encode(want[d][0]), response = tok->encode(want[d][1]);
-    std::vector<int32_t> e = prompt;
-    e.insert(e.end(), response.begin(), response.end());
-    e.push_back(tok->eos_id());
-    std::vector<uint8_t> m(prompt.size(), 0);
-    m.resize(e.size(), 1);
-    EXPECT_EQ(ids, e) << "document " << d;
-    EXPECT_EQ(mask, m) << "document " << d;
-    EXPECT_EQ(s.label(d), labels[d]) << "document " << d;
-  }
 
   // Unpaired mode: a row per response, its label beside it, padding rows labelled -1.
   LoaderOptions lo;
