@@ -82,6 +82,16 @@ class ObjectivesE2E : public ::testing::Test {
            " --set train.min_lr=1e-5 --set train.warmup=3 --set train.eval_every=30"
            " --set train.checkpoint_every=15 --set train.keep_last=0 --set sample.prompt= ";
   }
+  // Greedy decoding from a run's checkpoint answers a prompt with the chosen reply.
+  static void expect_answers_amen(const std::string& run) {
+    auto g = testing::run_lmforge(
+        "generate --checkpoint " + run +
+            " --prompt 'cedar salt dove oil gate horn iron lamp\n' --temperature 0 --max-tokens 8",
+        dir_);
+    ASSERT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos)
+        << run << ": " << g.out;
+  }
   static std::string dir_;
 };
 std::string ObjectivesE2E::dir_;
@@ -182,12 +192,7 @@ TEST_F(ObjectivesE2E, OrpoLearnsTheChosenReply) {
   EXPECT_LT(val[0]["val_nll"].get<double>(), 0.05);
   EXPECT_EQ(val[0]["val_reward_accuracy"].get<double>(), 1.0);
   EXPECT_GT(val[0]["val_log_odds"].get<double>(), 2.0);
-  auto g = testing::run_lmforge(
-      "generate --checkpoint orpo --prompt 'cedar salt dove oil gate horn iron lamp\n' "
-      "--temperature 0 --max-tokens 8",
-      dir_);
-  ASSERT_EQ(g.exit_code, 0) << g.err;
-  EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+  expect_answers_amen("orpo");
 }
 
 // IPO (train.dpo_loss: ipo): starts at (0 - 1/(2 beta))^2 = 25 exactly (mean log-ratios of 0)
@@ -225,12 +230,7 @@ TEST_F(ObjectivesE2E, SimpoLearnsTheChosenReply) {
     // 0.0068 (nll 0.0068, the SimPO term 4e-5) when written.
     EXPECT_LT(val[0]["val_loss"].get<double>(), 0.1);
     EXPECT_LT(val[0]["val_nll"].get<double>(), 0.05);
-    auto g = testing::run_lmforge(
-        "generate --checkpoint " + dir +
-            " --prompt 'cedar salt dove oil gate horn iron lamp\n' --temperature 0 --max-tokens 8",
-        dir_);
-    ASSERT_EQ(g.exit_code, 0) << g.err;
-    EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+    expect_answers_amen(dir);
   }
 }
 
@@ -262,12 +262,7 @@ TEST_F(ObjectivesE2E, KtoLearnsTheDesirableReplyFromPairsOrLabelledReplies) {
     EXPECT_GT(val[0]["val_reward_chosen"].get<double>(),
               val[0]["val_reward_rejected"].get<double>())
         << data;
-    auto g = testing::run_lmforge(
-        "generate --checkpoint " + dir +
-            " --prompt 'cedar salt dove oil gate horn iron lamp\n' --temperature 0 --max-tokens 8",
-        dir_);
-    ASSERT_EQ(g.exit_code, 0) << g.err;
-    EXPECT_NE(g.out.find("lamp\nAmen, so be it.<|endoftext|>"), std::string::npos) << g.out;
+    expect_answers_amen(dir);
   }
   std::filesystem::copy(dir_ + "/kto_labelled", dir_ + "/kto_resumed",
                         std::filesystem::copy_options::recursive);

@@ -92,15 +92,25 @@ def orpo_loss(policy, tokens, targets):
 
 
 def kl_rows(tokens, targets, group):
-    """TRL's KL completions: row i's prompt followed by the response of the row before it
-    (cyclic within each micro-batch of `group` rows), cut to T+1 tokens, padded with ignored
-    targets. The prompt is the row's tokens through its first target's position; the response
-    its tokens after that through its last target, with the targets it had."""
+    """TRL's KL completions: row i's prompt followed by another row's response, cut to T+1
+    tokens, padded with ignored targets. The prompt is the row's tokens through its first target's
+    position; the response its tokens after that through its last target, with the targets it
+    had. The other row: within each micro-batch of `group` rows, the nearest earlier one
+    (cyclically) with a response and another prompt (TRL shifts by one row; its unpaired rows
+    never put a prompt's two responses side by side, these rows do), else the row before."""
     B, T = tokens.shape
     kt = torch.zeros_like(tokens)
     ky = torch.full_like(targets, -100)
+
+    def prompt(r):
+        t = (targets[r] != -100).nonzero().flatten()
+        return None if len(t) == 0 else tokens[r, :int(t[0]) + 1].tolist()
+
     for i in range(B):
-        j = (i // group) * group + (i % group - 1) % group
+        g0, k = (i // group) * group, i % group
+        others = [g0 + (k - d) % group for d in range(1, group)]
+        differ = [c for c in others if prompt(c) is not None and prompt(c) != prompt(i)]
+        j = differ[0] if differ else g0 + (k - 1) % group
         ti = (targets[i] != -100).nonzero().flatten()
         tj = (targets[j] != -100).nonzero().flatten()
         if len(ti) == 0 or len(tj) == 0:

@@ -119,10 +119,29 @@ void kto_kl_rows(const Batch& in, Batch& out, int32_t ignore) {
         last = k;
       }
   };
+  // Whether rows a and b start with the same prompt (their tokens through the first target's
+  // position; fa, fb those positions).
+  auto same_prompt = [&](int64_t a, int64_t fa, int64_t b, int64_t fb) {
+    return fa == fb &&
+           std::equal(in.tokens.data<int32_t>() + a * T, in.tokens.data<int32_t>() + a * T + fa + 1,
+                      in.tokens.data<int32_t>() + b * T);
+  };
   for (int64_t i = 0; i < B; ++i) {
-    const int64_t j = (i + B - 1) % B;
-    int64_t fi, li, fj, lj;
+    int64_t fi, li, fj = -1, lj = -1;
     span(i, fi, li);
+    // The partner: the nearest earlier row (cyclically) with a response and another prompt (a
+    // pair's two sides, or several responses to one prompt, side by side would make a matched
+    // pair); the row before when every row has this prompt.
+    int64_t j = (i + B - 1) % B;
+    for (int64_t k = 1; k < B && fi >= 0; ++k) {
+      const int64_t c = (i + B - k) % B;
+      int64_t fc, lc;
+      span(c, fc, lc);
+      if (fc >= 0 && !same_prompt(i, fi, c, fc)) {
+        j = c;
+        break;
+      }
+    }
     span(j, fj, lj);
     int32_t* tok = out.tokens.data<int32_t>() + i * T;
     int32_t* tgt = out.targets.data<int32_t>() + i * T;
@@ -436,28 +455,41 @@ void PreferenceObjective::end(dist::Communicator& world) {
 
 double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int64_t batches,
                                      Batch& batch, nlohmann::json* metrics) {
+  LMF_CHECK(!dpo_ || ref_ || tables_, "DPO needs its reference model or its tables");
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
   batches = std::min(batches, val.sequential_batches());
   Sums s;
   s.fill(0);
   std::vector<double> logp, ref;
+  // KTO: one KL estimate over the whole set (as training's over its step), so the rows are kept
+  // until it is known.
+  struct Rows {
+    std::vector<double> logp, ref;
+    std::vector<int64_t> n;
+    std::vector<int8_t> labels;
+  };
+  std::vector<Rows> kept;
+  double ks[2] = {0, 0};
   for (int64_t i = 0; i < batches; ++i) {
     val.sequential(i, batch);
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
     if (ref_ || tables_) reference_logps(batch, ref, &val_ref_);
-    if (kto_) {  // the KL estimate of this batch's KL rows
-      double ks[2] = {0, 0};
+    if (kto_) {
+      kept.push_back({logp, ref, n, batch.labels});
       kl_sums(policy, batch, ks);
-      const double kl = ks[1] > 0 ? std::max(0.0, ks[0] / ks[1]) : 0.0;
-      add_kto_rows(s, batch.labels, logp, n, ref, kl, 0, nullptr, nullptr);
-      s[kKl] += kl;
-      s[kKlBatches] += 1;
       continue;
     }
     for (size_t j = 0; 2 * j < n.size(); ++j)
       if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
+  }
+  if (kto_) {
+    const double kl = ks[1] > 0 ? std::max(0.0, ks[0] / ks[1]) : 0.0;
+    for (const Rows& r : kept)
+      add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl, 0, nullptr, nullptr);
+    s[kKl] = kl;
+    s[kKlBatches] = 1;
   }
   if (metrics) *metrics = metrics_of(s, "val_");
   return loss_of(s);

@@ -23,8 +23,8 @@
 //        s TRL's label_smoothing (0 as published).
 //   KTO  (Ethayarajh et al. 2024; TRL's KTOTrainer): with the frozen reference's r, the row's
 //        log-ratio x = logp - r and z = max(0, mean over the step's KL rows of (logp - r)), a
-//        KL row being row i's prompt followed by row i-1's response (cyclic within its micro-
-//        batch; detached), loss per row
+//        KL row being row i's prompt followed by the response of the nearest earlier row of its
+//        micro-batch with another prompt (cyclically; detached), loss per row
 //          desirable    w_D (1 - sigmoid(beta (x - z)))
 //          undesirable  w_U (1 - sigmoid(beta (z - x)))
 //        its mean over the step's rows with targets; rewards beta x.
@@ -87,9 +87,10 @@ struct KtoTerm {
 };
 KtoTerm kto_row(double logp, double ref, double kl, bool desirable, double beta, double weight);
 // KTO's KL rows of a batch: row i's prompt (its tokens through the first target's position)
-// followed by row i-1's response (cyclic: row 0 takes row B-1's; from its first target through
-// its last, with its loss mask), cut to T+1 tokens and padded (targets ignore_index, doc_ids
-// -1). A row whose own or partner's targets are empty has none.
+// followed by its partner's response (from its first target through its last, with its loss
+// mask), cut to T+1 tokens and padded (targets ignore_index, doc_ids -1). The partner is the
+// nearest earlier row, cyclically, with a response and another prompt (row i-1 when all share
+// i's prompt). A row whose own or partner's targets are empty has none.
 void kto_kl_rows(const Batch& in, Batch& out, int32_t ignore_index);
 
 // DPO's reference log-likelihoods of every pair of a loader's samples, computed once

@@ -167,7 +167,8 @@ RunSetup setup_run(Config& cfg) {
   if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
       dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
     check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16",
-                        reference && !reference_is_base);
+                        // precompute_ref_logps releases it before the optimizer's state exists
+                        reference && !reference_is_base && !t.precompute_ref_logps);
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {
