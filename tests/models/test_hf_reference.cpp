@@ -222,7 +222,6 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   EXPECT_NE(r.err.find("model.n_layer"), std::string::npos) << r.err;
 }
 
-// Bad HF directories: one clear error naming the file and the tensor or field.
 // PEFT LoRA adapters made by hf_models_ref.py (not by lmforge), merged on import: the logits of
 // transformers with the adapter merged as PEFT merges it. Llama 3's adapter is on q_proj and
 // v_proj apart (lmforge fuses q/k/v: their rows of it) and down_proj, with rsLoRA's scaling;
@@ -288,8 +287,20 @@ TEST(HfPeftImport, MergedAdaptersMatchTransformers) {
       "extra", [](json& j) { j["modules_to_save"] = {"lm_head"}; }, base, "modules_to_save");
   bad(
       "other_base", [](json&) {}, hf_dir("gpt2"), "is no linear layer of this gpt2 model");
+  bad(
+      "pissa", [](json& j) { j["init_lora_weights"] = "pissa"; }, base, "init_lora_weights");
+  bad(
+      "replicated",
+      [](json& j) {
+        j["layer_replication"] = {{0, 2}};
+      },
+      base, "layer_replication");
+  bad(
+      "typed", [](json& j) { j["use_rslora"] = "yes"; }, base,
+      "\"use_rslora\" must be true or false");
 }
 
+// Bad HF directories: one clear error naming the file and the tensor or field.
 TEST(HfBadInput, MissingTensorWrongShapeAndUnsupportedFields) {
   const std::string root = t::temp_dir("hf-bad");
   fs::copy(hf_dir("qwen2"), root + "/m");

@@ -630,24 +630,42 @@ void merge_peft_adapter(Transformer& model, const std::string& dir) {
   auto refuse = [&](const std::string& key, const std::string& why) {
     fail("{}: \"{}\": {} is not supported ({})", where, key, c[key].dump(), why);
   };
-  if (c.value("peft_type", "") != "LORA") refuse("peft_type", "lmforge merges LoRA adapters");
+  if (!c.is_object()) fail("{}: expected a JSON object", where);
+  // A boolean field: absent or null is false; anything but a boolean is an error naming it.
+  auto flag = [&](const char* k) {
+    if (!c.contains(k) || c[k].is_null()) return false;
+    if (!c[k].is_boolean()) fail("{}: \"{}\" must be true or false, got {}", where, k, c[k].dump());
+    return c[k].get<bool>();
+  };
+  if (!c.contains("peft_type") || c["peft_type"] != "LORA")
+    refuse("peft_type", "lmforge merges LoRA adapters");
   if (!c.contains("r") || !c["r"].is_number_integer() || c["r"].get<int64_t>() < 1)
     fail("{}: \"r\" must be a positive integer", where);
   if (!c.contains("lora_alpha") || !c["lora_alpha"].is_number())
     fail("{}: \"lora_alpha\" must be a number", where);
-  if (c.value("use_dora", false)) refuse("use_dora", "DoRA's magnitude vectors");
-  if (c.contains("bias") && c["bias"] != "none") refuse("bias", "trained biases");
-  for (const char* k : {"modules_to_save", "layers_to_transform", "layers_pattern"})
+  if (flag("use_dora")) refuse("use_dora", "DoRA's magnitude vectors");
+  if (c.contains("bias") && !c["bias"].is_null() && c["bias"] != "none")
+    refuse("bias", "trained biases");
+  // PiSSA, OLoRA, CorDA and LoftQ adapters apply to a residual of the base model, not to the base
+  // (unless PEFT converted them to plain LoRA on save, which records init_lora_weights true).
+  if (c.contains("init_lora_weights") && c["init_lora_weights"].is_string()) {
+    const std::string init = c["init_lora_weights"].get<std::string>();
+    if (init.starts_with("pissa") || init == "olora" || init == "corda" || init == "loftq")
+      refuse("init_lora_weights",
+             "the adapter applies to a modified base; save it converted "
+             "to plain LoRA (PEFT's path_initial_model_for_weight_conversion)");
+  }
+  for (const char* k :
+       {"modules_to_save", "layers_to_transform", "layers_pattern", "layer_replication"})
     if (c.contains(k) && !c[k].is_null() && !(c[k].is_array() && c[k].empty()))
-      refuse(k, "only LoRA's A and B are merged");
+      refuse(k, "only LoRA's A and B of the base model's own layers are merged");
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (c.contains(k) && !c[k].is_null() && !(c[k].is_object() && c[k].empty()))
       refuse(k, "one rank and alpha for every module");
   const int64_t r = c["r"].get<int64_t>();
   const double alpha = c["lora_alpha"].get<double>();
   // PEFT's LoraLayer scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
-  const double scale =
-      c.value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+  const double scale = flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
 
   // HF module -> the rows of the lmforge parameter that hold its weight.
   const ModelConfig& m = model.config();
@@ -669,7 +687,11 @@ void merge_peft_adapter(Transformer& model, const std::string& dir) {
   const std::string prefix = "base_model.model.", a_suffix = ".lora_A.weight",
                     b_suffix = ".lora_B.weight";
   for (const std::string& key : st.names()) {
-    if (key.ends_with(b_suffix)) continue;  // with its A
+    if (key.ends_with(b_suffix)) {  // merged with its A
+      const std::string a_key = key.substr(0, key.size() - b_suffix.size()) + a_suffix;
+      if (!st.has(a_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, a_key);
+      continue;
+    }
     if (!key.starts_with(prefix) || !key.ends_with(a_suffix))
       fail(
           "{}: tensor \"{}\" is not a LoRA A or B of a linear layer (embedding adapters and "
