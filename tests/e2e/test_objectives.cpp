@@ -238,7 +238,7 @@ TEST_F(ObjectivesE2E, SimpoLearnsTheChosenReply) {
 // rejected one not), and on single labelled replies (`prepare --format unpaired`, a third of them
 // desirable). It starts at 0.5 exactly (the reference is the starting policy: log-ratios and the
 // KL estimate 0), learns to reward the desirable reply above the other, and greedy decoding then
-// answers with it. The labelled run resumes bit-exactly.
+// answers with it. The labelled run resumes bit-exactly. Then TRL's apo_zero_unpaired loss.
 TEST_F(ObjectivesE2E, KtoLearnsTheDesirableReplyFromPairsOrLabelledReplies) {
   for (const std::string data : {"pairs", "labelled"}) {
     const std::string dir = "kto_" + data;
@@ -246,8 +246,8 @@ TEST_F(ObjectivesE2E, KtoLearnsTheDesirableReplyFromPairsOrLabelledReplies) {
                                       "/data --set data.val=" + data + "/data --set run.dir=" + dir,
                                   dir_);
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_NE(r.out.find("objective: kto (beta 0.1, desirable weight 1, undesirable weight 1); "
-                         "reference model"),
+    EXPECT_NE(r.out.find("objective: kto (kto loss, beta 0.1, desirable weight 1, undesirable "
+                         "weight 1); reference model"),
               std::string::npos)
         << r.out;
     auto steps = testing::records_of(dir_ + "/" + dir + "/metrics.jsonl", "loss");
@@ -279,6 +279,23 @@ TEST_F(ObjectivesE2E, KtoLearnsTheDesirableReplyFromPairsOrLabelledReplies) {
     EXPECT_EQ(again[i]["loss"].get<double>(), steps[i]["loss"].get<double>()) << "step " << i + 1;
     EXPECT_EQ(again[i]["kl"].get<double>(), steps[i]["kl"].get<double>()) << "step " << i + 1;
   }
+
+  // TRL's apo_zero_unpaired: KTO's loss without the KL estimate (no KL rows, no `kl`); it too
+  // starts at 0.5 and learns, even one row a micro-batch.
+  r = testing::run_lmforge(tune("kto", 1e-3) +
+                               "--set train.kto_loss=apo_zero_unpaired --set train.batch_size=1 "
+                               "--set train.grad_accum=8 --set train.steps=10 "
+                               "--set train.eval_every=10 --set data.train=labelled/data "
+                               "--set data.val=labelled/data --set run.dir=kto_apo",
+                           dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("objective: kto (apo_zero_unpaired loss"), std::string::npos) << r.out;
+  steps = testing::records_of(dir_ + "/kto_apo/metrics.jsonl", "loss");
+  ASSERT_EQ(steps.size(), 10u);
+  EXPECT_NEAR(steps[0]["loss"].get<double>(), 0.5, 1e-12);
+  EXPECT_FALSE(steps[0].contains("kl"));
+  EXPECT_LT(steps.back()["loss"].get<double>(), 0.5);
+  EXPECT_GT(steps.back()["reward_margin"].get<double>(), 0.0);
 }
 
 // Distillation into a student of half the width and depth: the KL to the teacher falls well
@@ -353,6 +370,10 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   r = testing::run_lmforge(tune("kto", 1e-4) + "--set train.batch_size=1 --set run.dir=x9", dir_);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("needs at least 2 rows per micro-batch"), std::string::npos) << r.err;
+  r = testing::run_lmforge(tune("kto", 1e-4) + "--set train.kto_loss=bco --set run.dir=x13", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.kto_loss: expected kto or apo_zero_unpaired"), std::string::npos)
+      << r.err;
   r = testing::run_lmforge(tune("dpo", 1e-4) + "--set data.train=labelled/data --set run.dir=x10",
                            dir_);
   EXPECT_EQ(r.exit_code, 1);

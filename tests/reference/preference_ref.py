@@ -152,6 +152,22 @@ def kto_loss(policy, ref, tokens, targets, labels, group):
             kl, raw)
 
 
+def kto_apo_loss(policy, ref, tokens, targets, labels):
+    """TRL's KTO with loss_type "apo_zero_unpaired" (APO-zero, eq. 7 of D'Oosterlinck et al.):
+    1 - sigmoid(beta logratio) for desirable responses, sigmoid(beta logratio) for undesirable
+    ones, weighted, averaged over all rows; no KL estimate."""
+    logits, _ = policy(tokens, targets)
+    pi, _ = row_logps(logits, targets)
+    with torch.no_grad():
+        r, _ = row_logps(ref(tokens, targets)[0], targets)
+    desirable = torch.tensor(labels, dtype=torch.bool)
+    x = pi - r
+    chosen = 1 - torch.sigmoid(KTO_BETA * x[desirable])
+    rejected = torch.sigmoid(KTO_BETA * x[~desirable])
+    losses = torch.cat((KTO_DESIRABLE_WEIGHT * chosen, KTO_UNDESIRABLE_WEIGHT * rejected))
+    return losses.mean(), KTO_BETA * x[desirable].detach(), KTO_BETA * x[~desirable].detach()
+
+
 def make(name="gpt2-tiny", seed=77, B=6, T=16):
     cfg = model_ref.PRESETS[name]
     torch.manual_seed(seed)
@@ -218,6 +234,15 @@ def make(name="gpt2-tiny", seed=77, B=6, T=16):
         for pname, p in policy.named_parameters():
             out[kind + ".grad." + pname] = p.grad.float().contiguous()
             p.grad = None
+
+    loss, rc, rr = kto_apo_loss(policy, kto_ref, tokens, targets, KTO_LABELS)
+    loss.backward()
+    out["kto_apo_g2.loss"] = loss.detach().float().view(1)
+    out["kto_apo_g2.reward_chosen"] = rc.float().contiguous()
+    out["kto_apo_g2.reward_rejected"] = rr.float().contiguous()
+    for pname, p in policy.named_parameters():
+        out["kto_apo_g2.grad." + pname] = p.grad.float().contiguous()
+        p.grad = None
 
     loss, log_odds, nll = orpo_loss(policy, tokens, targets)
     loss.backward()

@@ -63,6 +63,7 @@ void check(const std::string& kind, int64_t rows) {
     o.beta = h.at("kto_beta").get<double>();
     o.desirable_weight = h.at("kto_desirable_weight").get<double>();
     o.undesirable_weight = h.at("kto_undesirable_weight").get<double>();
+    if (kind.find("apo") != std::string::npos) o.kto_loss = KtoLoss::kApoZeroUnpaired;
     // Its own reference (a positive KL estimate), or DPO's (one that clamps to 0).
     if (kind.find("clamp") == std::string::npos)
       for (Param& p : fx.reference.params().params())
@@ -107,7 +108,9 @@ void check(const std::string& kind, int64_t rows) {
     for (int64_t i = 0; i < t.numel(); ++i) s += t.data<float>()[i];
     return s / static_cast<double>(t.numel());
   };
-  if (kto) {
+  if (kto && o.kto_loss == KtoLoss::kApoZeroUnpaired) {
+    EXPECT_FALSE(m.contains("kl")) << kind;
+  } else if (kto) {
     const double kl = fx.f.get(kind + ".kl").data<float>()[0];
     EXPECT_NEAR(m.at("kl").get<double>(), kl, 1e-5) << kind;
     std::printf("  %s: KL estimate %.6f vs %.6f\n", kind.c_str(), m.at("kl").get<double>(), kl);
@@ -149,6 +152,8 @@ TEST(PreferenceObjective, SimpoWithLabelSmoothingMatchesPyTorch) { check("simpo_
 TEST(PreferenceObjective, KtoMatchesPyTorch) { check("kto_g6", 6); }
 TEST(PreferenceObjective, KtoOverMicroBatchesMatchesPyTorch) { check("kto_g2", 2); }
 TEST(PreferenceObjective, KtoWithANegativeKlEstimateClampsItToZero) { check("kto_clamp_g2", 2); }
+// TRL's apo_zero_unpaired loss: no KL estimate.
+TEST(PreferenceObjective, KtoApoZeroUnpairedMatchesPyTorch) { check("kto_apo_g2", 2); }
 
 // DPO under LoRA: the reference as the policy with its adapters off (no second model) gives the
 // loss and gradients of a separate reference model holding the base weights, bit for bit.

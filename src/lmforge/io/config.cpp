@@ -115,6 +115,9 @@ std::vector<ConfigField> fields(Config& c) {
        "KTO: weight of the desirable responses' losses (TRL's desirable_weight)"},
       {"train.kto_undesirable_weight", &c.train.kto_undesirable_weight,
        "KTO: weight of the undesirable responses' losses (TRL's undesirable_weight)"},
+      {"train.kto_loss", &c.train.kto_loss,
+       "KTO: kto | apo_zero_unpaired (APO-zero: KTO's loss without the KL estimate); TRL's "
+       "loss_type"},
       {"train.precompute_ref_logps", &c.train.precompute_ref_logps,
        "DPO: the reference's log-likelihoods of every pair computed once before training, and "
        "the reference model released (TRL's precompute_ref_log_probs)"},

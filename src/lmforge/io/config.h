@@ -68,6 +68,7 @@ struct TrainConfig {
   double kto_beta = 0.1;              // KTO: reward scale (the KL penalty's strength)
   double kto_desirable_weight = 1;    // KTO: weight of the desirable responses' losses
   double kto_undesirable_weight = 1;  // KTO: weight of the undesirable responses' losses
+  std::string kto_loss = "kto";       // KTO: kto | apo_zero_unpaired (TRL's loss_type)
   bool precompute_ref_logps = false;  // DPO: the reference's log-likelihoods once, then released
   double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
   int64_t spike_window = 100;      // steps in the rolling statistics

@@ -93,6 +93,12 @@ PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_
   return t;
 }
 
+KtoLoss parse_kto_loss(const std::string& s) {
+  if (s == "kto") return KtoLoss::kKto;
+  if (s == "apo_zero_unpaired") return KtoLoss::kApoZeroUnpaired;
+  fail("train.kto_loss: expected kto or apo_zero_unpaired (TRL's loss_type), got \"{}\"", s);
+}
+
 KtoTerm kto_row(double logp, double ref, double kl, bool desirable, double beta, double weight) {
   KtoTerm t;
   const double x = logp - ref;
@@ -192,6 +198,7 @@ PreferenceOptions preference_options(const TrainConfig& t) {
   o.cpo_alpha = t.cpo_alpha;
   o.desirable_weight = t.kto_desirable_weight;
   o.undesirable_weight = t.kto_undesirable_weight;
+  o.kto_loss = parse_kto_loss(t.kto_loss);
   return o;
 }
 
@@ -200,6 +207,7 @@ PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer
     : o_(o),
       dpo_(o.kind == "dpo"),
       kto_(o.kind == "kto"),
+      kl_rows_(kto_ && o.kto_loss == KtoLoss::kKto),
       nll_weight_(o.kind == "orpo"    ? 1.0
                   : o.kind == "simpo" ? o.cpo_alpha
                                       : 0.0),
@@ -388,7 +396,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
       labels_[m] = b.labels;
       for (size_t r = 0; r < n.size(); ++r) sums[0] += n[r] > 0 && b.labels[r] >= 0;
       reference_logps(b, ref_logp_[m]);
-      kl_sums(*policy_, b, sums + 1);
+      if (kl_rows_) kl_sums(*policy_, b, sums + 1);
     }
     world.all_reduce(sums, 3)->wait();
     pairs_ = sums[0];
@@ -448,7 +456,7 @@ void PreferenceObjective::end(dist::Communicator& world) {
   world.all_reduce(step_.data(), kN)->wait();
   if (kto_) {
     step_[kKl] = kl_;
-    step_[kKlBatches] = 1;
+    step_[kKlBatches] = kl_rows_;
   }
   last_ = step_;
 }
@@ -478,7 +486,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     if (ref_ || tables_) reference_logps(batch, ref, &val_ref_);
     if (kto_) {
       kept.push_back({logp, ref, n, batch.labels});
-      kl_sums(policy, batch, ks);
+      if (kl_rows_) kl_sums(policy, batch, ks);
       continue;
     }
     for (size_t j = 0; 2 * j < n.size(); ++j)
@@ -489,7 +497,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     for (const Rows& r : kept)
       add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl, 0, nullptr, nullptr);
     s[kKl] = kl;
-    s[kKlBatches] = 1;
+    s[kKlBatches] = kl_rows_;
   }
   if (metrics) *metrics = metrics_of(s, "val_");
   return loss_of(s);

@@ -80,8 +80,13 @@ PairTerm orpo_pair(const PairLogps& p, double lambda);
 // SimPO's term alone (CPO's NLL, when weighed, is added per token).
 PairTerm simpo_pair(const PairLogps& p, double beta, double gamma, double label_smoothing = 0);
 
+// TRL's KTO loss_type: kto, or apo_zero_unpaired (D'Oosterlinck et al. 2024, APO-zero eq. 7:
+// desirable w (1 - sigmoid(beta x)), undesirable w sigmoid(beta x): KTO's loss with z = 0, no KL
+// rows).
+enum class KtoLoss { kKto, kApoZeroUnpaired };
+KtoLoss parse_kto_loss(const std::string& s);  // kto | apo_zero_unpaired; Error naming the key
 // One KTO row: its loss, d loss / d logp and reward beta (logp - ref), given the step's KL
-// estimate kl and the label's weight (w_D or w_U).
+// estimate kl (0 for apo_zero_unpaired) and the label's weight (w_D or w_U).
 struct KtoTerm {
   double loss = 0, dlogp = 0, reward = 0;
 };
@@ -119,6 +124,7 @@ struct PreferenceOptions {
   double gamma = 0.5;    // SimPO: the target reward margin
   double cpo_alpha = 0;  // SimPO: weight of the chosen responses' NLL (ORPO's is 1)
   double desirable_weight = 1, undesirable_weight = 1;  // KTO: w_D, w_U
+  KtoLoss kto_loss = KtoLoss::kKto;
 };
 
 // From train.objective and its keys (validated by the trainer).
@@ -127,7 +133,8 @@ PreferenceOptions preference_options(const TrainConfig& t);
 class PreferenceObjective final : public dist::RowObjective {
  public:
   // reference: DPO's and KTO's frozen reference model, planned for the policy's (B, T); null
-  // otherwise. KTO also runs the policy (no gradients) on its KL rows: policy is that model.
+  // otherwise. KTO also runs the policy (no gradients) on its KL rows (not apo_zero_unpaired):
+  // policy is that model.
   // reference_without_adapters: the reference is the policy itself with its LoRA adapters off
   // (Transformer::set_adapters) while it computes the reference's log-likelihoods.
   PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
@@ -189,7 +196,7 @@ class PreferenceObjective final : public dist::RowObjective {
   void kl_sums(Transformer& policy, const Batch& b, double sums[2]);
 
   PreferenceOptions o_;
-  bool dpo_, kto_;
+  bool dpo_, kto_, kl_rows_;  // kl_rows_: KTO's KL estimate (not apo_zero_unpaired)
   double nll_weight_;  // of the chosen responses' mean NLL over the step: ORPO 1, SimPO alpha
   Transformer* ref_;
   bool ref_adapters_off_;

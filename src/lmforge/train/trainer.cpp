@@ -188,7 +188,8 @@ void validate_train_config(const Config& cfg) {
         "train.precompute_ref_logps: applies to train.objective dpo only (not {}: KTO's KL rows "
         "change every step, the others have no reference model); set it to false",
         t.objective);
-  if (t.objective == "kto" && t.batch_size < 2)
+  parse_kto_loss(t.kto_loss);
+  if (t.objective == "kto" && t.kto_loss == "kto" && t.batch_size < 2)
     fail(
         "train.batch_size: KTO estimates its KL term from each row's prompt with another row's "
         "response, which needs at least 2 rows per micro-batch; raise it");
@@ -574,8 +575,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         t.objective == "dpo"    ? fmt::format("{} loss, beta {}", t.dpo_loss, po.beta)
         : t.objective == "orpo" ? fmt::format("lambda {}", po.beta)
         : t.objective == "kto"
-            ? fmt::format("beta {}, desirable weight {}, undesirable weight {}", po.beta,
-                          po.desirable_weight, po.undesirable_weight)
+            ? fmt::format("{} loss, beta {}, desirable weight {}, undesirable weight {}",
+                          t.kto_loss, po.beta, po.desirable_weight, po.undesirable_weight)
             : fmt::format("beta {} gamma {} cpo_alpha {}", po.beta, po.gamma, po.cpo_alpha);
     fmt::print("objective: {} ({}){}\n", t.objective, what,
                setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
