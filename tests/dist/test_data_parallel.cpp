@@ -241,6 +241,25 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   expect_same("dpo-pre", "dpo-ref");
 }
 
+// Ranks on one CPU node that each hold the whole model share its memory: a model whose training
+// state cannot fit them all is one clear error on every rank before any allocation (it used to
+// be checked for one process only), under no-shard and zero1 alike.
+TEST_F(DataParallelTest, TrainingStateThatCannotFitTheNodesRanksIsRefused) {
+  for (std::string s : {"no-shard", "zero1"}) {
+    RunResult r = run("oom-" + s, 2,
+                      "--set model.n_embd=65536 --set model.n_head=64 --set model.n_layer=64 "
+                      "--set dist.strategy=" +
+                          s);
+    EXPECT_NE(r.exit_code, 0) << s;
+    EXPECT_NE(r.err.find("out of memory: training's weights, gradients and AdamW state"),
+              std::string::npos)
+        << s << ": " << r.err;
+    EXPECT_NE(r.err.find("on each of this node's 2 ranks"), std::string::npos)
+        << s << ": " << r.err;
+    EXPECT_FALSE(std::filesystem::exists(*dir_ + "/oom-" + s + "/checkpoints")) << s;
+  }
+}
+
 TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {
   // 2 ranks x batch 1 x grad_accum 2 takes the rows of one process's 2 x 2 in the same
   // micro-batches; sharded strategies reduce-scatter every micro-batch and accumulate shards.

@@ -52,20 +52,24 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master, bool reference) {
+void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master, bool reference,
+                         int local_ranks, int moment_shards) {
   // fp32 values and gradients; + bf16 copies, or bf16 values in place of fp32 ones; two fp32
-  // moments per trained parameter (under LoRA the adapters only).
+  // moments per trained parameter (under LoRA the adapters only), split over the ranks by zero1.
   const double all = static_cast<double>(model.num_params() + model.lora_params());
   const double trained = model.lora.on() ? static_cast<double>(model.lora_params()) : all;
   const double frozen_copy =
       reference ? static_cast<double>(model.num_params()) * (bf16 ? 6 : 4) : 0.0;
+  const double per_rank = all * (bf16_master ? 6
+                                 : bf16      ? 10
+                                             : 8) +
+                          trained * 8 / moment_shards + frozen_copy;
   check_host_memory(
-      all * (bf16_master ? 6
-             : bf16      ? 10
-                         : 8) +
-          trained * 8 + frozen_copy,
-      fmt::format("training's weights, gradients and AdamW state ({:.0f}M parameters{})", all / 1e6,
-                  reference ? ", and the frozen reference model" : ""),
+      per_rank * local_ranks,
+      fmt::format(
+          "training's weights, gradients and AdamW state ({:.0f}M parameters{}){}", all / 1e6,
+          reference ? ", and the frozen reference model" : "",
+          local_ranks > 1 ? fmt::format(" on each of this node's {} ranks", local_ranks) : ""),
       reference ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
                   "then the base model, no second copy), or shard it over several ranks "
                   "(dist.strategy)"
@@ -164,11 +168,16 @@ RunSetup setup_run(Config& cfg) {
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   const bool reference_is_base =
       reference && cfg.model.lora.on() && !(init && init->model.lora.on());
-  if (resolve_device(t.device) == Device::kCPU && dist::detect_launch().size == 1 &&
-      dist::parse_strategy(cfg.dist.strategy) == dist::Strategy::kNoShard)
+  // Ranks on the CPU that hold whole models (no-shard; zero1 splits the AdamW moments) share
+  // their node's memory.
+  const dist::Strategy strategy = dist::parse_strategy(cfg.dist.strategy);
+  if (resolve_device(t.device) == Device::kCPU && strategy <= dist::Strategy::kZero1) {
+    const dist::RankInfo launch = dist::detect_launch();
     check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16",
                         // precompute_ref_logps releases it before the optimizer's state exists
-                        reference && !reference_is_base && !t.precompute_ref_logps);
+                        reference && !reference_is_base && !t.precompute_ref_logps,
+                        launch.local_size, strategy == dist::Strategy::kZero1 ? launch.size : 1);
+  }
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;
   if (init) {

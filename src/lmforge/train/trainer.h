@@ -79,13 +79,15 @@ struct RunSetup {
   std::unique_ptr<Transformer> teacher;
 };
 RunSetup setup_run(Config& cfg);
-// One process training on the CPU holds every parameter's fp32 value, gradient and two AdamW
-// moments (+ a bf16 copy under bf16; bf16 values instead of fp32 ones with bf16 master weights):
-// an Error naming the need and the available memory when that alone cannot fit (before any
-// allocation, which Linux would accept and later kill). reference: DPO's or KTO's frozen copy of
-// the model is held too (fp32 values, + a bf16 copy under bf16).
+// A process training on the CPU without sharding holds every parameter's fp32 value, gradient and
+// two AdamW moments (+ a bf16 copy under bf16; bf16 values instead of fp32 ones with bf16 master
+// weights): an Error naming the need and the available memory when that alone cannot fit
+// (before any allocation, which Linux would accept and later kill). reference: DPO's or KTO's
+// frozen copy of the model is held too (fp32 values, + a bf16 copy under bf16). local_ranks:
+// processes of this node holding as much; moment_shards: ranks the moments are split over
+// (zero1).
 void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master,
-                         bool reference = false);
+                         bool reference = false, int local_ranks = 1, int moment_shards = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
 
