@@ -10,7 +10,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
-#include <sstream>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/runtime.h"
@@ -42,12 +41,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-Schedule make_schedule(const TrainConfig& t) {
-  Schedule s{t.schedule, t.lr, t.min_lr, t.warmup, t.steps, t.decay_fraction, t.div_factor};
-  s.validate();
-  return s;
-}
-
 json EvalHistory::state() const {
   return {{"best", best_step_ < 0 ? json(nullptr) : json(best_)},
           {"best_step", best_step_},
@@ -75,206 +68,11 @@ bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
 }
 
 namespace {
-std::map<int64_t, std::string> parse_faults(const std::string& spec);
-
-// The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
-SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
-  return {cfg.sample.max_tokens,
-          cfg.sample.temperature,
-          cfg.sample.top_k,
-          cfg.sample.top_p,
-          cfg.train.seed,
-          tok ? tok->eos_id() : -1,
-          tok ? static_cast<int32_t>(tok->vocab_size()) : 0};
-}
-}  // namespace
-
-void validate_train_config(const Config& cfg) {
-  const TrainConfig& t = cfg.train;
-  auto positive = [](int64_t v, const char* key) {
-    if (v <= 0) fail("train.{}: must be positive, got {}", key, v);
-  };
-  positive(t.steps, "steps");
-  if (cfg.run.dir.empty()) fail("run.dir: empty; set the run directory (e.g. runs/my-run)");
-  if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
-  if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
-  if (!cfg.sample.prompt.empty())  // the sample comes after training: its options are checked now
-    check_sampling(sampling_options(cfg, nullptr), /*config_keys=*/true);
-  positive(t.batch_size, "batch_size");
-  positive(t.seq_len, "seq_len");
-  positive(t.grad_accum, "grad_accum");
-  positive(t.log_every, "log_every");
-  if (!(t.lr > 0) || !std::isfinite(t.lr)) fail("train.lr: must be positive, got {}", t.lr);
-  if (!(t.min_lr >= 0) || !std::isfinite(t.min_lr))
-    fail("train.min_lr: must be >= 0, got {}", t.min_lr);
-  if (!(t.beta1 >= 0 && t.beta1 < 1)) fail("train.beta1: must be in [0, 1), got {}", t.beta1);
-  if (!(t.beta2 >= 0 && t.beta2 < 1)) fail("train.beta2: must be in [0, 1), got {}", t.beta2);
-  if (!(t.eps > 0)) fail("train.eps: must be positive, got {}", t.eps);
-  if (!(t.weight_decay >= 0)) fail("train.weight_decay: must be >= 0, got {}", t.weight_decay);
-  if (!(t.grad_clip >= 0)) fail("train.grad_clip: must be >= 0 (0 = off), got {}", t.grad_clip);
-  if (t.checkpoint_every < 0)
-    fail("train.checkpoint_every: must be >= 0 (0 = only at the end), got {}", t.checkpoint_every);
-  if (t.keep_last < 0) fail("train.keep_last: must be >= 0 (0 = all), got {}", t.keep_last);
-  if (t.precision != "fp32" && t.precision != "bf16")
-    fail("train.precision: expected fp32 or bf16, got \"{}\"", t.precision);
-  if (t.master_weights != "fp32" && t.master_weights != "bf16")
-    fail("train.master_weights: expected fp32 or bf16, got \"{}\"", t.master_weights);
-  if (t.master_weights == "bf16") {
-    if (t.precision != "bf16")
-      fail(
-          "train.master_weights: bf16 needs train.precision: bf16 (bf16 weights feed bf16 "
-          "matmuls); set both, or keep master_weights: fp32");
-  }
-  const Device device = resolve_device(t.device);
-  if (t.cuda_graphs && device != Device::kCUDA)
-    fail(
-        "train.cuda_graphs: CUDA graphs need a GPU, but train.device {} trains on the CPU; set "
-        "train.cuda_graphs: false",
-        t.device);
-  if (t.cuda_graphs && dist::parse_strategy(cfg.dist.strategy) > dist::Strategy::kZero1)
-    fail(
-        "train.cuda_graphs: works with dist.strategy no-shard or zero1 (the sharded strategies "
-        "gather and scatter between the layers); set train.cuda_graphs: false");
-  make_schedule(t);  // schedule keys
-  parse_recompute(t.activation_checkpointing);
-  if (t.z_loss < 0) fail("train.z_loss: must be >= 0, got {}", t.z_loss);
-  const bool pairs = paired_objective(t.objective);
-  if (!preference_objective(t.objective) && t.objective != "clm" && t.objective != "distill")
-    fail("train.objective: expected clm, dpo, orpo, simpo, kto or distill, got \"{}\"",
-         t.objective);
-  if (t.objective != "clm" && t.z_loss != 0)
-    fail("train.z_loss: applies to train.objective clm only (not {}); set it to 0", t.objective);
-  if (t.objective == "distill") {
-    if (t.teacher.empty())
-      fail(
-          "train.teacher: train.objective distill needs a teacher; set it to a checkpoint or run "
-          "directory, or hf:DIR");
-    if (!(t.distill_alpha >= 0 && t.distill_alpha <= 1))
-      fail("train.distill_alpha: must be in [0, 1] (the KL term's weight), got {}",
-           t.distill_alpha);
-    if (!(t.distill_temperature > 0 && t.distill_temperature < 1e4))
-      fail("train.distill_temperature: must be positive (2 typical), got {}",
-           t.distill_temperature);
-  } else if (!t.teacher.empty()) {
-    fail("train.teacher: only with train.objective: distill (this run's is {}); remove it",
-         t.objective);
-  }
-  if (pairs) {
-    if (t.batch_size % 2)
-      fail(
-          "train.batch_size: {} is odd; under train.objective {} a preference pair takes two "
-          "rows (chosen, rejected), make it even",
-          t.batch_size, t.objective);
-  }
-  if (!(t.dpo_beta > 0 && t.dpo_beta < 1e6))
-    fail("train.dpo_beta: must be positive (0.1 typical), got {}", t.dpo_beta);
-  if (!(t.dpo_label_smoothing >= 0 && t.dpo_label_smoothing < 0.5))
-    fail("train.dpo_label_smoothing: must be in [0, 0.5), got {}", t.dpo_label_smoothing);
-  if (parse_dpo_loss(t.dpo_loss) != DpoLoss::kSigmoid && t.dpo_label_smoothing != 0)
-    fail(
-        "train.dpo_label_smoothing: applies to train.dpo_loss sigmoid only (this run's is {}); set "
-        "it to 0",
-        t.dpo_loss);
-  if (!(t.orpo_lambda >= 0 && t.orpo_lambda < 1e6))
-    fail("train.orpo_lambda: must be >= 0 (0.1 typical), got {}", t.orpo_lambda);
-  if (!(t.simpo_beta > 0 && t.simpo_beta < 1e6))
-    fail("train.simpo_beta: must be positive (2 to 2.5 typical), got {}", t.simpo_beta);
-  if (!(std::fabs(t.simpo_gamma) < 1e6))
-    fail("train.simpo_gamma: must be a finite number (0.5 to 1.5 typical), got {}", t.simpo_gamma);
-  if (!(t.simpo_label_smoothing >= 0 && t.simpo_label_smoothing < 0.5))
-    fail("train.simpo_label_smoothing: must be in [0, 0.5), got {}", t.simpo_label_smoothing);
-  if (t.precompute_ref_logps && t.objective != "dpo")
-    fail(
-        "train.precompute_ref_logps: applies to train.objective dpo only (not {}: KTO's KL rows "
-        "change every step, the others have no reference model); set it to false",
-        t.objective);
-  parse_kto_loss(t.kto_loss);
-  if (t.objective == "kto" && t.kto_loss == "kto" && t.batch_size < 2)
-    fail(
-        "train.batch_size: KTO estimates its KL term from each row's prompt with another row's "
-        "response, which needs at least 2 rows per micro-batch; raise it");
-  if (!(t.kto_beta > 0 && t.kto_beta < 1e6))
-    fail("train.kto_beta: must be positive (0.1 typical), got {}", t.kto_beta);
-  if (!(t.kto_desirable_weight > 0 && t.kto_desirable_weight < 1e6))
-    fail("train.kto_desirable_weight: must be positive (1 typical), got {}",
-         t.kto_desirable_weight);
-  if (!(t.kto_undesirable_weight > 0 && t.kto_undesirable_weight < 1e6))
-    fail("train.kto_undesirable_weight: must be positive (1 typical), got {}",
-         t.kto_undesirable_weight);
-  if (!(t.cpo_alpha >= 0 && t.cpo_alpha < 1e6))
-    fail("train.cpo_alpha: must be >= 0 (0 = SimPO, 1 = CPO-SimPO), got {}", t.cpo_alpha);
-  if (!(t.neftune_alpha >= 0 && t.neftune_alpha < 1e6))
-    fail("train.neftune_alpha: must be >= 0 (0 = off; 5 is typical), got {}", t.neftune_alpha);
-  if (t.spike_zscore < 0)
-    fail("train.spike_zscore: must be >= 0 (0 = off), got {}", t.spike_zscore);
-  positive(t.spike_window, "spike_window");
-  if (const int64_t h = SpikeGuard::Options{}.min_history; t.spike_zscore > 0 && t.spike_window < h)
-    fail(
-        "train.spike_window: {} is below the {} accepted steps the spike guard needs before it "
-        "z-scores a loss (it would never fire); raise it to at least {}, or set "
-        "train.spike_zscore: 0",
-        t.spike_window, h, h);
-  if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
-  if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
-  if (t.profile_steps < 0)
-    fail("train.profile_steps: must be >= 0 (0 = off), got {}", t.profile_steps);
-  parse_faults(t.inject_fault);
-  dist::parse_strategy(cfg.dist.strategy);
-  if (!(cfg.dist.timeout > 0 && cfg.dist.timeout <= 1e7))  // NaN and inf too (deadlines)
-    fail("dist.timeout: must be seconds in (0, 1e7], got {}", cfg.dist.timeout);
-  if (cfg.dist.ranks_per_node < 0)
-    fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
-}
-
-Device resolve_device(const std::string& device) {
-  if (device == "cpu") return Device::kCPU;
-  if (device == "auto") {
-    if (cuda::available()) return Device::kCUDA;
-    // A GPU the runtime cannot use (driver too old, taken in exclusive mode) is worth a word
-    // before training on the CPU instead.
-    static bool warned = false;
-    if (!warned && !cuda::no_device()) {
-      warned = true;
-      fmt::print(stderr, "warning: train.device: auto trains on the CPU: {}\n",
-                 cuda::unavailable_reason());
-    }
-    return Device::kCPU;
-  }
-  if (device != "cuda") fail("train.device: expected cpu, cuda or auto, got \"{}\"", device);
-  if (!cuda::available())
-    fail("train.device: cuda, but {}; use cpu, or auto to take a GPU only when there is one",
-         cuda::unavailable_reason());
-  return Device::kCUDA;
-}
-
-namespace {
 
 double peak_rss_mib() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
   return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux: KiB
-}
-
-// train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps).
-std::map<int64_t, std::string> parse_faults(const std::string& spec) {
-  std::map<int64_t, std::string> out;
-  std::stringstream ss(spec);
-  for (std::string item; std::getline(ss, item, ',');) {
-    size_t at = item.find('@');
-    std::string kind = item.substr(0, at);
-    int64_t step = 0;
-    try {
-      step = at == std::string::npos ? 0 : std::stoll(item.substr(at + 1));
-    } catch (...) {
-    }
-    if ((kind != "nan" && kind != "spike" && kind != "kill" && kind != "hang") || step <= 0)
-      fail(
-          "train.inject_fault: \"{}\": expected nan@STEP, spike@STEP, kill@STEP or hang@STEP, "
-          "comma-separated",
-          item);
-    out[step] = kind;
-  }
-  return out;
 }
 
 // Selects this rank's GPU and returns its index: a rank the launcher bound to one GPU (srun

@@ -7,6 +7,7 @@
 //   Config cfg = ...;  TrainResult r = train(cfg);   // or train(cfg, {.from = "auto"})
 #pragma once
 
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -17,6 +18,8 @@
 #include "lmforge/train/init_from.h"
 
 namespace lmforge {
+
+struct SamplingOptions;
 
 struct TrainResult {
   int64_t steps = 0;
@@ -93,5 +96,10 @@ Device resolve_device(const std::string& device);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
+// The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
+SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok);
+// train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps); Error naming
+// the key on anything else.
+std::map<int64_t, std::string> parse_faults(const std::string& spec);
 
 }  // namespace lmforge
