@@ -327,7 +327,7 @@ nlohmann::json PreferenceObjective::metrics_of(const Sums& s, const std::string&
     if (nd > 0) j[prefix + "reward_chosen"] = s[kRewardC] / nd;
     if (nu > 0) j[prefix + "reward_rejected"] = s[kRewardR] / nu;
     if (nd > 0 && nu > 0) j[prefix + "reward_margin"] = s[kRewardC] / nd - s[kRewardR] / nu;
-    if (s[kKlBatches] > 0) j[prefix + "kl"] = s[kKl] / s[kKlBatches];
+    if (kl_rows_) j[prefix + "kl"] = s[kKl];
     return j;
   }
   j[prefix + "reward_chosen"] = s[kRewardC] / n;
@@ -362,6 +362,10 @@ void PreferenceObjective::add_kto_rows(Sums& s, const std::vector<int8_t>& label
     if (w) (*w)[r] = static_cast<float>(-t.dlogp * scale);
     if (share) *share += t.loss * scale;
   }
+}
+
+double PreferenceObjective::kl_estimate(const double sums[2]) {
+  return sums[1] > 0 ? std::max(0.0, sums[0] / sums[1]) : 0.0;  // no KL rows: no estimate, 0
 }
 
 void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, double sums[2]) {
@@ -400,11 +404,11 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
     }
     world.all_reduce(sums, 3)->wait();
     pairs_ = sums[0];
-    kl_ = sums[2] > 0 ? std::max(0.0, sums[1] / sums[2]) : 0.0;
+    kl_ = kl_estimate(sums + 1);
     step_.fill(0);
     return;
   }
-  LMF_CHECK(!dpo_ || ref_ || tables_, "DPO needs its reference model or its tables");
+  LMF_CHECK(!dpo_ || has_reference(), "DPO needs its reference model or its tables");
   double counts[2] = {0, 0};  // pairs with targets in both rows; their chosen targets
   for (size_t m = 0; m < micro.size(); ++m) {
     const Batch& b = micro[m];
@@ -415,7 +419,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
         counts[0] += 1;
         counts[1] += static_cast<double>(n[2 * j]);
       }
-    if (ref_ || tables_) reference_logps(b, ref_logp_[m], &train_ref_);  // before the policy's
+    if (has_reference()) reference_logps(b, ref_logp_[m], &train_ref_);  // before the policy's
   }
   world.all_reduce(counts, 2)->wait();
   pairs_ = counts[0];
@@ -426,7 +430,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
 double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
                                   const std::vector<int64_t>& targets, std::vector<float>& w) {
   static const std::vector<double> no_ref;
-  const std::vector<double>& ref = ref_ || tables_ ? ref_logp_[m] : no_ref;
+  const std::vector<double>& ref = has_reference() ? ref_logp_[m] : no_ref;
   double share = 0;
   if (kto_) {
     add_kto_rows(step_, labels_[m], logp, targets, ref, kl_, pairs_ > 0 ? 1 / pairs_ : 0.0, &w,
@@ -454,16 +458,13 @@ double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
 
 void PreferenceObjective::end(dist::Communicator& world) {
   world.all_reduce(step_.data(), kN)->wait();
-  if (kto_) {
-    step_[kKl] = kl_;
-    step_[kKlBatches] = kl_rows_;
-  }
+  if (kto_) step_[kKl] = kl_;
   last_ = step_;
 }
 
 double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int64_t batches,
                                      Batch& batch, nlohmann::json* metrics) {
-  LMF_CHECK(!dpo_ || ref_ || tables_, "DPO needs its reference model or its tables");
+  LMF_CHECK(!dpo_ || has_reference(), "DPO needs its reference model or its tables");
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
   batches = std::min(batches, val.sequential_batches());
   Sums s;
@@ -483,7 +484,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
-    if (ref_ || tables_) reference_logps(batch, ref, &val_ref_);
+    if (has_reference()) reference_logps(batch, ref, &val_ref_);
     if (kto_) {
       kept.push_back({logp, ref, n, batch.labels});
       if (kl_rows_) kl_sums(policy, batch, ks);
@@ -493,11 +494,10 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
       if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
   }
   if (kto_) {
-    const double kl = ks[1] > 0 ? std::max(0.0, ks[0] / ks[1]) : 0.0;
+    const double kl = kl_estimate(ks);
     for (const Rows& r : kept)
       add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl, 0, nullptr, nullptr);
     s[kKl] = kl;
-    s[kKlBatches] = kl_rows_;
   }
   if (metrics) *metrics = metrics_of(s, "val_");
   return loss_of(s);

@@ -176,8 +176,7 @@ class PreferenceObjective final : public dist::RowObjective {
     kCorrect,
     kLogOdds,
     kDesirable,
-    kKl,
-    kKlBatches,
+    kKl,  // KTO: the KL estimate z (set once, not summed)
     kN
   };
   using Sums = std::array<double, kN>;
@@ -194,6 +193,10 @@ class PreferenceObjective final : public dist::RowObjective {
                     double scale, std::vector<float>* w, double* share) const;
   // KTO: sums[0] += the batch's KL rows' logp - r (policy, reference), sums[1] += their count.
   void kl_sums(Transformer& policy, const Batch& b, double sums[2]);
+  // KTO: z = max(0, sums[0] / sums[1]) from kl_sums' sums; 0 without KL rows.
+  static double kl_estimate(const double sums[2]);
+  // DPO and KTO: the reference's log-likelihoods come from a model or from tables.
+  bool has_reference() const { return ref_ != nullptr || tables_; }
 
   PreferenceOptions o_;
   bool dpo_, kto_, kl_rows_;  // kl_rows_: KTO's KL estimate (not apo_zero_unpaired)
