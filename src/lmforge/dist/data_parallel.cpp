@@ -116,6 +116,9 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     for (const auto& [lo, hi] : trainable_)
       if (std::max(lo, b.lo) < std::min(hi, b.hi))
         b.ranges.emplace_back(std::max(lo, b.lo), std::min(hi, b.hi));
+  for (const auto& [lo, hi] : trainable_)
+    if (std::max(lo, my_lo_) < std::min(hi, my_hi_))
+      shard_trained_.emplace_back(std::max(lo, my_lo_) - my_lo_, std::min(hi, my_hi_) - my_lo_);
 
   int64_t block = 0;  // the largest block, in elements
   for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
@@ -255,7 +258,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     if (grad_sharded()) {            // the edges' gradient buffers for this micro-batch
       const int64_t G = model_.num_groups();
       for (int e = 0; e < 2; ++e) {
-        edge_grad_[e].zero_();
+        zero_workspace(edge_grad_[e], e ? G - 1 : 0);
         point_group(e ? G - 1 : 0, edge_grad_[e], /*grad=*/true);
       }
     } else if (m == 0) {
@@ -282,13 +285,13 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     drain();
     grad_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (grad_sharded() && m > 0) {
-      ops::accumulate(gshard_, rs_tmp_);
+      for (const auto& [lo, hi] : shard_trained_)
+        ops::accumulate(gshard_.slice(lo, hi - lo), rs_tmp_.slice(lo, hi - lo));
       rs_tmp_used_ = true;
     }
   }
   sync_ = false;
-  if (strategy_ == Strategy::kHybrid)
-    cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
+  all_reduce_across_nodes();
   world_.all_reduce(sums, 3)->wait();
   if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];
@@ -309,17 +312,31 @@ void DataParallel::launch(Bucket& b, int64_t group) {
     for (const auto& [lo, hi] : b.ranges) works_.push_back(world_.all_reduce(g + lo, hi - lo));
     return;
   }
-  // One group per bucket, its gradients in its workspace buffer.
+  // One group per bucket, its gradients in its workspace buffer: each trained range (the whole
+  // group but under LoRA) reduce-scattered into the ranks' shards of it.
   const int64_t G = model_.num_groups();
   const bool edge = group == 0 || group == G - 1;
   const Tensor& buf = edge ? edge_grad_[group ? 1 : 0] : block_grad_[group % 2];
-  const int64_t at = std::clamp(b.lo, my_lo_, my_hi_) - my_lo_;
   float* out = (first_micro_ ? gshard_ : rs_tmp_).data<float>();
-  WorkPtr w = shard_comm_->reduce_scatter(buf.data<float>(), out + at, layout_.counts(b.lo, b.hi));
-  if (edge)
-    works_.push_back(std::move(w));
-  else
-    block_grad_work_[group % 2] = std::move(w);
+  for (const auto& [lo, hi] : b.ranges) {
+    const int64_t at = std::clamp(lo, my_lo_, my_hi_) - my_lo_;
+    WorkPtr w = shard_comm_->reduce_scatter(buf.data<float>() + (lo - b.lo), out + at,
+                                            layout_.counts(lo, hi));
+    (edge ? works_ : block_grad_work_[group % 2]).push_back(std::move(w));
+  }
+}
+
+void DataParallel::zero_workspace(const Tensor& buf, int64_t group) {
+  if (bucket_of_group_[group] < 0) return;
+  const Bucket& b = buckets_[bucket_of_group_[group]];
+  for (const auto& [lo, hi] : b.ranges) buf.slice(lo - b.lo, hi - lo).zero_();
+}
+
+// Hybrid: the node's shard accumulators summed across the nodes (their trained ranges).
+void DataParallel::all_reduce_across_nodes() {
+  if (strategy_ != Strategy::kHybrid) return;
+  for (const auto& [lo, hi] : shard_trained_)
+    cross_comm_->all_reduce(gshard_.data<float>() + lo, hi - lo)->wait();
 }
 
 double DataParallel::time_gradient_collectives() {
@@ -334,8 +351,7 @@ double DataParallel::time_gradient_collectives() {
       launch(buckets_[i], g - buckets_[i].groups + 1);
     }
     drain();
-    if (strategy_ == Strategy::kHybrid)
-      cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
+    all_reduce_across_nodes();
     best = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return best;
@@ -344,8 +360,10 @@ double DataParallel::time_gradient_collectives() {
 void DataParallel::drain() {
   for (WorkPtr& w : works_) w->wait();
   works_.clear();
-  for (WorkPtr& w : block_grad_work_)
-    if (w) w->wait(), w.reset();
+  for (std::vector<WorkPtr>& ws : block_grad_work_) {
+    for (WorkPtr& w : ws) w->wait();
+    ws.clear();
+  }
 }
 
 double DataParallel::clip_grad_norm(double max_norm) {
@@ -501,8 +519,9 @@ void DataParallel::before_forward(int64_t g) {
 void DataParallel::before_backward(int64_t g) {
   if (grad_sharded() && sync_) {  // block g's gradients into a free workspace buffer
     const int slot = static_cast<int>(g % 2);
-    if (block_grad_work_[slot]) block_grad_work_[slot]->wait(), block_grad_work_[slot].reset();
-    block_grad_[slot].zero_();
+    for (WorkPtr& w : block_grad_work_[slot]) w->wait();
+    block_grad_work_[slot].clear();
+    zero_workspace(block_grad_[slot], g);
     point_group(g, block_grad_[slot], /*grad=*/true);
   }
   if (!sharded_values()) return;

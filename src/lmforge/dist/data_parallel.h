@@ -149,6 +149,10 @@ class DataParallel final : public GroupHooks {
     std::vector<std::pair<int64_t, int64_t>> ranges;
   };
   void launch(Bucket& b, int64_t group);
+  // grad-/full-shard: zeroes the trained ranges of group `group`'s workspace buffer `buf` (the
+  // frozen weights' gradients are never written, sent nor read).
+  void zero_workspace(const Tensor& buf, int64_t group);
+  void all_reduce_across_nodes();
   void drain();
   void gather(int64_t group, bool wait);
   // The value shard from its element `at` all-gathered into `out` over the shard communicator:
@@ -189,7 +193,10 @@ class DataParallel final : public GroupHooks {
   Tensor embed_bf16_, tail_bf16_, block_bf16_[2];
   Arena grad_ws_;  // grad-/full-shard: the backward's gradient workspace (see the constructor)
   Tensor edge_grad_[2], block_grad_[2];
-  WorkPtr block_grad_work_[2];  // the reduce-scatter reading block_grad_[i]
+  std::vector<WorkPtr> block_grad_work_[2];  // the reduce-scatters reading block_grad_[i]
+  // grad-/full-shard: the trained ranges of this rank's shard, relative to its start (all of it
+  // but under LoRA): what the accumulator sums and hybrid all-reduces across nodes.
+  std::vector<std::pair<int64_t, int64_t>> shard_trained_;
   int64_t slot_block_[2] = {-1, -1};
   WorkPtr slot_work_[2], edge_work_[2];
   bool edges_gathered_ = false;
