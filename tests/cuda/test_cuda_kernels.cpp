@@ -344,6 +344,10 @@ void elementwise(Rng& rng, int64_t n, int64_t offset) {
   cpu::scale<float>(acc.data() + o, 0.37f, n);
   cuda::scale(d_acc.get() + o, 0.37f, n);
   EXPECT_TRUE(close("scale", d_acc.host(), acc, kExact));
+  // (the CPU's compiler may fuse a y + b x into one FMA: a rounding apart)
+  cpu::axpby<float>(acc.data() + o, 0.95f, b.data() + o, -0.05f, n);
+  cuda::axpby(d_acc.get() + o, 0.95f, d_b.get() + o, -0.05f, n);
+  EXPECT_TRUE(close("axpby", d_acc.host(), acc, kElementwise));
   std::fill(acc.begin() + o, acc.begin() + o + n, -2.5f);
   cuda::fill(d_acc.get() + o, -2.5f, n);
   EXPECT_TRUE(close("fill", d_acc.host(), acc, kExact));

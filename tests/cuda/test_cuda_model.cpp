@@ -173,9 +173,9 @@ INSTANTIATE_TEST_SUITE_P(Presets, CudaModel,
                          });
 
 // Twenty AdamW steps (two micro-batches each, clipping) through DataParallel on one process:
-// the losses and final parameters track the CPU's.
-TEST(CudaTraining, AdamWStepsTrackTheCpu) {
-  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
+// the losses and final parameters track the CPU's. With `muon`, the blocks' matrices step with
+// Muon (its Newton-Schulz products through cuBLASLt there).
+void optimizer_steps_track_the_cpu(bool muon) {
   ModelConfig c = tiny("llama3-tiny");
   Pair m(c, /*bf16=*/false);
   m.cpu.plan(kB, kT);
@@ -183,6 +183,7 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
   dist::LocalCommunicator one_cpu, one_gpu;
   DistConfig dc;
   AdamWOptions ao{0.9, 0.95, 1e-8, 0.1};
+  ao.muon.on = muon;
   dist::DataParallel dp_cpu(one_cpu, m.cpu, dc, ao), dp_gpu(one_gpu, m.gpu, dc, ao);
   ASSERT_EQ(dp_gpu.optimizer().m(0).device(), Device::kCUDA);
   for (int step = 0; step < 20; ++step) {
@@ -199,6 +200,16 @@ TEST(CudaTraining, AdamWStepsTrackTheCpu) {
   // zero may step the other way, so the bound is a few learning rates (1e-3), not rounding.
   EXPECT_TRUE(tensors_close("parameters after 20 steps", host(m.gpu.params().flat_values()),
                             m.cpu.params().flat_values(), 5e-3));
+}
+
+TEST(CudaTraining, AdamWStepsTrackTheCpu) {
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
+  optimizer_steps_track_the_cpu(/*muon=*/false);
+}
+
+TEST(CudaTraining, MuonStepsTrackTheCpu) {
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
+  optimizer_steps_track_the_cpu(/*muon=*/true);
 }
 
 // train.master_weights: bf16 on the GPU: the weights live on the device in bf16, the update rounds

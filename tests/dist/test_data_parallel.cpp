@@ -213,6 +213,17 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));
 }
 
+// Muon (train.optimizer: muon) under DDP: every rank orthogonalizes the same all-reduced
+// gradients, so two ranks take one process's steps with the same global batch.
+TEST_F(DataParallelTest, MuonUnderNoShardMatchesOneProcess) {
+  const std::string muon = "--set train.optimizer=muon --set train.batch_size=2 ";
+  RunResult ref = run("muon-ref", 1, muon + "--set train.grad_accum=2");
+  ASSERT_EQ(ref.exit_code, 0) << ref.err;
+  RunResult r = run("muon-2", 2, muon + "--set dist.strategy=no-shard");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  expect_same("muon-2", "muon-ref");
+}
+
 // DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair
 // normalization over ranks and micro-batches and the per-row gradient weights give one process's
 // step with the same global batch; so do precomputed reference log-likelihoods.

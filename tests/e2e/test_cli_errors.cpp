@@ -83,6 +83,25 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       {"sample.prompt", "300 tokens", "model.max_seq_len"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.spike_window=10", dir),
                         {"train.spike_window", "at least 20", "train.spike_zscore: 0"});
+  // Muon: its keys, and what it cannot run with.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.optimizer=sgd", dir),
+                        {"train.optimizer", "adamw or muon", "sgd"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.optimizer=muon --set train.muon_ns_steps=0", dir),
+      {"train.muon_ns_steps", "[1, 100)"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.optimizer=muon --set train.muon_adjust_lr=x", dir),
+      {"train.muon_adjust_lr", "match_rms_adamw or original"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.optimizer=muon --set dist.strategy=zero1", dir),
+      {"train.optimizer", "whole matrices", "dist.strategy: no-shard"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.optimizer=muon --set model.lora_rank=4", dir),
+      {"train.optimizer", "LoRA", "adamw"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.optimizer=muon --set "
+                                    "train.precision=bf16 --set train.master_weights=bf16",
+                                    dir),
+                        {"train.master_weights", "fp32"});
   // torchrun's variables: its ranks can join only an NCCL world (a model on GPUs).
   expect_one_line_error(
       run_lmforge("train tiny.yaml", dir,

@@ -65,6 +65,69 @@ TEST(AdamWReference, ThreeStepsMatchTorch) {
   }
 }
 
+// Muon (train.optimizer: muon) against torch.optim.Muon with torch.optim.AdamW beside it, both in
+// float64 (adamw_ref.py's make_muon): the blocks' tall, wide and square matrices step with Muon,
+// the norm weight, embeddings and head with AdamW, for three steps, the second clipped. Two
+// variants: Nesterov momentum with match_rms_adamw's lr (Moonlight), and plain momentum with the
+// original scaling and a 20x larger Muon lr. lmforge's Newton-Schulz runs in fp32.
+TEST(AdamWReference, MuonMatchesTorch) {
+  Safetensors f = testing::open_fixture("adamw.safetensors");
+  json h = json::parse(f.metadata().at("adamw"));
+  json mh = json::parse(f.metadata().at("muon"));
+  for (const auto& [tag, o] : mh.at("variants").items()) {
+    SCOPED_TRACE("variant " + tag);
+    const std::string pre = "muon." + tag + ".";
+    ParamSet ps;
+    for (const json& p : mh.at("params"))
+      ps.add(p.at("name"), f.get(pre + "param." + p.at("name").get<std::string>()).shape(),
+             p.at("decay").get<bool>());
+    ps.finalize();
+    for (Param& p : ps.params()) p.value.copy_from(f.load(pre + "param." + p.name, DType::kF32));
+    AdamWOptions ao{.beta1 = h.at("beta1"),
+                    .beta2 = h.at("beta2"),
+                    .eps = h.at("eps"),
+                    .weight_decay = h.at("weight_decay")};
+    ao.muon = {.on = true,
+               .momentum = o.at("momentum"),
+               .nesterov = o.at("nesterov"),
+               .ns_steps = o.at("ns_steps"),
+               .match_rms_adamw = o.at("adjust_lr") == "match_rms_adamw",
+               .lr_ratio = o.at("lr_ratio")};
+    AdamW opt(ps, ao);
+    EXPECT_STREQ(opt.name(), "muon");
+    int muon_slots = 0;
+    for (size_t i = 0; i < ps.params().size(); ++i) {
+      EXPECT_EQ(!opt.v(i).defined(), muon_param(ps.params()[i])) << ps.params()[i].name;
+      muon_slots += !opt.v(i).defined();
+    }
+    EXPECT_EQ(muon_slots, 3);
+    for (int s = 1; s <= h.at("steps").get<int>(); ++s) {
+      SCOPED_TRACE("step " + std::to_string(s));
+      const std::string step = std::to_string(s) + ".";
+      for (Param& p : ps.params())
+        p.grad.copy_from(f.load(pre + "grad." + step + p.name, DType::kF32));
+      double scale = 1.0;
+      if (f.has("max_norm." + std::to_string(s)))
+        scale = clip_coef(grad_norm(ps), f.get("max_norm." + std::to_string(s)).data<double>()[0]);
+      opt.step(f.get("lr." + std::to_string(s)).data<double>()[0], scale);
+      for (size_t i = 0; i < ps.params().size(); ++i) {
+        const Param& p = ps.params()[i];
+        testing::Diff d, dm;
+        EXPECT_TRUE(testing::tensors_close("param " + step + p.name, p.value,
+                                           f.get(pre + "after." + step + p.name), kTol, &d));
+        EXPECT_TRUE(testing::tensors_close("m " + step + p.name, opt.m(i),
+                                           f.get(pre + "m." + step + p.name), kTol, &dm));
+        if (opt.v(i).defined()) {
+          EXPECT_TRUE(testing::tensors_close("v " + step + p.name, opt.v(i),
+                                             f.get(pre + "v." + step + p.name), kTol));
+        }
+        std::printf("  %s step %d %-26s param err %.2e  m err %.2e\n", tag.c_str(), s,
+                    p.name.c_str(), d.err, dm.err);
+      }
+    }
+  }
+}
+
 // The bf16 values on either side of y (truncated, and the next one away from zero; equal when y
 // is a bf16 value).
 std::pair<float, float> bf16_bracket(float y) {

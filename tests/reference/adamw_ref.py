@@ -12,9 +12,21 @@ bf16 master weights ("sr." prefix): the same parameters drawn again and stored i
 with gradients "sr.grad.<name>": "sr.after.<name>" (fp32, before any rounding), "sr.m.<name>",
 "sr.v.<name>". lmforge's bf16 master update must give one of the two bf16 neighbours of
 sr.after, and the same moments.
+
+Muon ("muon.<variant>." prefix): torch.optim.Muon on the blocks' matrices (tall, wide, square)
+and torch.optim.AdamW on the rest (a norm weight, the embeddings, the head), as lmforge splits
+them with train.optimizer: muon, for three steps with the same learning rates and clipping as
+above. Everything is float64, and so is the Newton-Schulz iteration: torch's runs in bf16, so its
+function is swapped for the same iteration in float64 (checked against torch's own within bf16's
+error). Saved per variant: "param.<name>", "grad.<s>.<name>", "after.<s>.<name>",
+"m.<s>.<name>" (AdamW's first moment, or Muon's momentum buffer) and "v.<s>.<name>" (AdamW's
+only); the variants' options are in the "muon" metadata.
 """
 
+import math
+
 import torch
+import torch.optim._muon as torch_muon
 
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 LRS = [1e-3, 3e-4, 2e-3]
@@ -69,6 +81,108 @@ def make(seed=99):
     hyper = {"beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS, "weight_decay": WEIGHT_DECAY,
              "steps": len(LRS), "params": meta}
     return out, hyper
+
+
+# name, shape, decay: Muon takes the blocks' matrices, AdamW the rest.
+MUON_PARAMS = [
+    ("blocks.0.attn.qkv.weight", (12, 4), True),  # tall: torch transposes it
+    ("blocks.0.mlp.fc2.weight", (4, 10), True),  # wide
+    ("blocks.0.attn.proj.weight", (6, 6), True),
+    ("blocks.0.ln_1.weight", (4,), False),
+    ("tok_emb.weight", (10, 4), False),
+    ("lm_head.weight", (10, 4), True),
+]
+MUON_VARIANTS = {
+    # Moonlight's: AdamW's lr carries over.
+    "a": {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr": "match_rms_adamw",
+          "lr_ratio": 1.0},
+    # Keller Jordan's scaling with its own, larger lr; plain momentum, fewer iterations.
+    "b": {"momentum": 0.9, "nesterov": False, "ns_steps": 3, "adjust_lr": "original",
+          "lr_ratio": 20.0},
+}
+
+
+def newton_schulz_f64(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim._muon._zeropower_via_newtonschulz, in float64 instead of bf16."""
+    a, b, c = ns_coefficients
+    x = grad.double()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    return x
+
+
+def check_against_torch_bf16():
+    """The float64 iteration is torch's: on random matrices both agree within bf16's error."""
+    gen = torch.Generator().manual_seed(5)
+    coeffs = (torch_muon.DEFAULT_A, torch_muon.DEFAULT_B, torch_muon.DEFAULT_C)
+    for shape in [(12, 4), (4, 10), (6, 6)]:
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        ours = newton_schulz_f64(g, coeffs, 5, torch_muon.EPS)
+        theirs = torch_muon._zeropower_via_newtonschulz(g, coeffs, 5, torch_muon.EPS).double()
+        rel = ((ours - theirs).norm() / theirs.norm()).item()
+        assert rel < 0.03, f"float64 Newton-Schulz differs from torch's by {rel} on {shape}"
+
+
+def make_muon(out, seed=123):
+    check_against_torch_bf16()
+    original = torch_muon._zeropower_via_newtonschulz
+    torch_muon._zeropower_via_newtonschulz = newton_schulz_f64
+    try:
+        for tag, opts in MUON_VARIANTS.items():
+            run_muon(out, f"muon.{tag}.", opts, seed)
+    finally:
+        torch_muon._zeropower_via_newtonschulz = original
+    meta = [{"name": n, "shape": list(sh), "decay": d} for n, sh, d in MUON_PARAMS]
+    return {"variants": MUON_VARIANTS, "params": meta}
+
+
+def run_muon(out, prefix, opts, seed):
+    torch.manual_seed(seed)
+    params = {}
+    for name, shape, _ in MUON_PARAMS:
+        value = torch.randn(shape, dtype=torch.float64) * 0.5 + (1.0 if "ln_" in name else 0.0)
+        out[prefix + "param." + name] = value.clone()
+        params[name] = torch.nn.Parameter(value)
+    is_muon = {n: len(sh) == 2 and n.startswith("blocks.") for n, sh, _ in MUON_PARAMS}
+    muon = torch.optim.Muon([params[n] for n in params if is_muon[n]], lr=LRS[0],
+                            weight_decay=WEIGHT_DECAY, momentum=opts["momentum"],
+                            nesterov=opts["nesterov"], ns_steps=opts["ns_steps"],
+                            adjust_lr_fn=opts["adjust_lr"])
+    groups = [
+        {"params": [params[n] for n, _, d in MUON_PARAMS if not is_muon[n] and d],
+         "weight_decay": WEIGHT_DECAY},
+        {"params": [params[n] for n, _, d in MUON_PARAMS if not is_muon[n] and not d],
+         "weight_decay": 0.0},
+    ]
+    adamw = torch.optim.AdamW(groups, lr=LRS[0], betas=BETAS, eps=EPS, foreach=False,
+                              fused=False)
+    for step, lr in enumerate(LRS, start=1):
+        for g in muon.param_groups:
+            g["lr"] = lr * opts["lr_ratio"]
+        for g in adamw.param_groups:
+            g["lr"] = lr
+        for name, shape, _ in MUON_PARAMS:
+            grad = torch.randn(shape, dtype=torch.float64)
+            params[name].grad = grad
+            out[f"{prefix}grad.{step}.{name}"] = grad.clone()
+        if step == CLIP_STEP:
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), MAX_NORM)
+            assert norm > MAX_NORM, "the clipped step must clip"
+        muon.step()
+        adamw.step()
+        for name, p in params.items():
+            out[f"{prefix}after.{step}.{name}"] = p.detach().clone()
+            if is_muon[name]:
+                out[f"{prefix}m.{step}.{name}"] = muon.state[p]["momentum_buffer"].clone()
+            else:
+                out[f"{prefix}m.{step}.{name}"] = adamw.state[p]["exp_avg"].clone()
+                out[f"{prefix}v.{step}.{name}"] = adamw.state[p]["exp_avg_sq"].clone()
 
 
 def make_bf16_master(out, seed):

@@ -6,7 +6,7 @@
   ops.safetensors                 every op: inputs, dout, outputs, gradients (ops_ref.py)
   model_gpt2-tiny.safetensors     params, tokens, targets, logits, loss, grad.<param> (model_ref.py)
   model_llama3-tiny.safetensors
-  adamw.safetensors               torch.optim.AdamW over three steps (adamw_ref.py)
+  adamw.safetensors               torch.optim.AdamW over three steps, and Muon (adamw_ref.py)
   preference.safetensors          DPO, ORPO and SimPO losses and gradients on gpt2-tiny (preference_ref.py)
   distill.safetensors             knowledge distillation's loss and gradients (distill_ref.py)
   tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
@@ -75,7 +75,9 @@ def main():
              {"config": json.dumps(cfg.to_json()), "preset": name, "torch": torch.__version__})
 
     tensors, hyper = adamw_ref.make()
-    save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "torch": torch.__version__})
+    muon = adamw_ref.make_muon(tensors)
+    save("adamw.safetensors", tensors, {"adamw": json.dumps(hyper), "muon": json.dumps(muon),
+                                        "torch": torch.__version__})
 
     tensors, hyper = preference_ref.make()
     save("preference.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})

@@ -151,6 +151,8 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);
 void scale(const Tensor& x, double s);
+// y = a y + b x, elementwise.
+void axpby(const Tensor& y, double a, const Tensor& x, double b);
 double sum_squares(const Tensor& x);
 
 // grad_scale multiplies the gradient as it is read (clipping); param_bf16 receives bf16(param).

@@ -86,6 +86,19 @@ void scale(const Tensor& x, double s) {
       LMF_GPU(cuda::scale(ptr<float>(x), static_cast<float>(s), x.numel())));
 }
 
+void axpby(const Tensor& y, double a, const Tensor& x, double b) {
+  same_device("axpby", y, {&x});
+  same_numel("axpby", y, x);
+  dispatch(
+      "axpby", y,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::axpby<T>(ptr<T>(y), static_cast<T>(a), cptr<T>(x), static_cast<T>(b), y.numel());
+      },
+      LMF_GPU(cuda::axpby(ptr<float>(y), static_cast<float>(a), cptr<float>(x),
+                          static_cast<float>(b), y.numel())));
+}
+
 double sum_squares(const Tensor& x) {
   double r = 0;
   dispatch(

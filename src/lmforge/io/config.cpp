@@ -78,6 +78,18 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.beta1", &c.train.beta1, ""},
       {"train.beta2", &c.train.beta2, ""},
       {"train.eps", &c.train.eps, ""},
+      {"train.optimizer", &c.train.optimizer,
+       "adamw | muon (Muon for the blocks' matrices, AdamW for embeddings, head and vectors; "
+       "torch.optim.Muon)"},
+      {"train.muon_lr", &c.train.muon_lr,
+       "muon: the peak lr of its matrices, on train.lr's schedule; 0 = train.lr"},
+      {"train.muon_momentum", &c.train.muon_momentum, "muon: momentum of its gradient buffer"},
+      {"train.muon_nesterov", &c.train.muon_nesterov, "muon: Nesterov momentum"},
+      {"train.muon_ns_steps", &c.train.muon_ns_steps, "muon: Newton-Schulz iterations"},
+      {"train.muon_adjust_lr", &c.train.muon_adjust_lr,
+       "muon: match_rms_adamw (lr x 0.2 sqrt(max(R, C)): AdamW's lr and decay carry over; "
+       "Moonlight) | original (lr x sqrt(max(1, R / C)); Keller Jordan's, with a larger "
+       "train.muon_lr)"},
       {"train.grad_clip", &c.train.grad_clip, "max global gradient norm; 0 = off"},
       {"train.activation_checkpointing", &c.train.activation_checkpointing,
        "none | selective (recompute norms and MLP activations) | full (whole blocks)"},

@@ -47,9 +47,15 @@ struct TrainConfig {
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
-  double grad_clip = 1.0;                         // max global norm; 0 = off
-  std::string activation_checkpointing = "none";  // none | selective | full (nn/block.h)
-  double z_loss = 0;                              // PaLM z-loss coefficient (1e-4 typical); 0 = off
+  std::string optimizer = "adamw";  // adamw | muon (the blocks' matrices; AdamW for the rest)
+  double muon_lr = 0;               // muon: its matrices' peak lr; 0 = train.lr
+  double muon_momentum = 0.95;
+  bool muon_nesterov = true;
+  int64_t muon_ns_steps = 5;
+  std::string muon_adjust_lr = "match_rms_adamw";  // match_rms_adamw | original
+  double grad_clip = 1.0;                          // max global norm; 0 = off
+  std::string activation_checkpointing = "none";   // none | selective | full (nn/block.h)
+  double z_loss = 0;  // PaLM z-loss coefficient (1e-4 typical); 0 = off
   double neftune_alpha =
       0;  // NEFTune: uniform noise of alpha / sqrt(T C) on the embeddings; 0 = off
   std::string objective = "clm";      // clm (next-token loss; SFT on masked shards) | dpo | orpo |

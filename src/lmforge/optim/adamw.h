@@ -1,6 +1,10 @@
 // AdamW (Loshchilov & Hutter 2019) over a ParamSet, matching torch.optim.AdamW. Weight decay
 // applies only to parameters with decay=true (matrices; not norms, biases or embeddings). Frozen
 // parameters (LoRA's base weights) have no slot: no state, never updated.
+// With Muon on (train.optimizer: muon), the blocks' matrices (muon_param) step with Muon instead,
+// matching torch.optim.Muon: a momentum buffer (their m; no v), orthogonalized by a Newton-Schulz
+// iteration (in fp32, where torch uses bf16), as in Keller Jordan's and Moonlight's set-ups where
+// the embeddings, the head and the vectors stay with AdamW.
 // The optimizer works on slots: contiguous pieces of parameters with their value and gradient.
 // Unsharded, a slot is a whole parameter; under ZeRO (dist/data_parallel.h) each rank owns the
 // pieces of its shard, with the gradient taken from the reduce-scattered shard. Moments live in
@@ -18,6 +22,23 @@
 
 namespace lmforge {
 
+struct MuonOptions {
+  bool on = false;
+  double momentum = 0.95;
+  bool nesterov = true;
+  int ns_steps = 5;
+  double a = 3.4445, b = -4.7750, c = 2.0315;  // the quintic's coefficients
+  double eps = 1e-7;                           // floor of the Frobenius norm it divides by
+  // The step's learning rate per matrix (R, C): lr * 0.2 sqrt(max(R, C)) (match_rms_adamw:
+  // Moonlight's, so AdamW's lr and weight decay carry over) or lr * sqrt(max(1, R / C))
+  // (original: Keller Jordan's, with a larger lr).
+  bool match_rms_adamw = true;
+  double lr_ratio = 1.0;  // the Muon matrices' lr over the step's lr (train.muon_lr / train.lr)
+};
+
+// The parameters Muon steps when it is on: the blocks' 2-D matrices that train.
+bool muon_param(const Param& p);
+
 struct AdamWOptions {
   double beta1 = 0.9;
   double beta2 = 0.95;
@@ -25,6 +46,7 @@ struct AdamWOptions {
   double weight_decay = 0.1;
   uint64_t seed =
       0;  // bf16 master weights: the stochastic rounding's seed (core/stochastic_round.h)
+  MuonOptions muon{};
 };
 
 // Elements [begin, begin + len) of *param (flattened); value, grad and value_bf16 (optional)
@@ -49,13 +71,21 @@ class AdamW {
   void set_steps_taken(int64_t t) { t_ = t; }
   const std::vector<OptSlot>& slots() const { return slots_; }
   // First and second moments of slots()[i] (shaped like the parameter when the slot is whole).
+  // A Muon slot has its momentum buffer as m and no v (!defined()).
   const Tensor& m(size_t i) const { return m_[i]; }
   const Tensor& v(size_t i) const { return v_[i]; }
   size_t state_bytes() const { return state_.capacity(); }
+  // "adamw", or "muon" when Muon steps the blocks' matrices (recorded in checkpoints).
+  const char* name() const { return opt_.muon.on ? "muon" : "adamw"; }
 
  private:
+  void muon_step(size_t i, double lr, double grad_scale);
+
   ParamSet& params_;
   AdamWOptions opt_;
+  // Muon's Newton-Schulz workspace, sized for the largest matrix: X and its next iterate, and
+  // the Gram matrix with its polynomial (the smaller side squared).
+  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_;
   std::vector<OptSlot> slots_;
   Arena state_;
   std::vector<Tensor> m_, v_;

@@ -367,10 +367,10 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
       const OptSlot& s = opt->slots()[i];
       const std::string& n = s.param->name;
       ow.add("m." + n, opt->m(i));
-      ow.add("v." + n, opt->v(i));
+      if (opt->v(i).defined()) ow.add("v." + n, opt->v(i));  // (Muon's matrices have none)
       if (sh.optimizer_sharded) {
         ow.metadata["begin.m." + n] = std::to_string(s.begin);
-        ow.metadata["begin.v." + n] = std::to_string(s.begin);
+        if (opt->v(i).defined()) ow.metadata["begin.v." + n] = std::to_string(s.begin);
       }
     }
     ow.write((tmp / (sh.optimizer_sharded ? rank_file("optimizer", sh.index, sh.count)
@@ -390,6 +390,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"version", kVersion},
             {"step", st.step},
             {"optimizer_steps", opt ? opt->steps_taken() : 0},
+            {"optimizer", opt ? opt->name() : "none"},
             {"weights_only", opt == nullptr},
             {"shards", sh.values || sh.optimizer_sharded ? sh.count : 1},
             {"init_from", st.init_from},
@@ -605,12 +606,18 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
         "it with init_from: {}",
         ckpt_dir, ckpt_dir);
   if (opt) {
+    const std::string saved = j.value("optimizer", "adamw");  // (not recorded before Muon)
+    if (saved != opt->name())
+      fail(
+          "{}: its optimizer state is {}'s, but train.optimizer is {}; resume with "
+          "train.optimizer: {}, or start a new run from it with init_from: {}",
+          ckpt_dir, saved, opt->name(), saved, ckpt_dir);
     std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer");
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];
       const int64_t lo = ps.offset(*s.param) + s.begin;
       fill_flat(files, "m.", ps, lo, opt->m(i).view({s.len}));
-      fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}));
+      if (opt->v(i).defined()) fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}));
     }
     opt->set_steps_taken(j.at("optimizer_steps").get<int64_t>());
   }

@@ -232,8 +232,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
-  dist::DataParallel dp(comm, model, cfg.dist,
-                        {t.beta1, t.beta2, t.eps, t.weight_decay, /*seed=*/t.seed}, deferred_seed);
+  dist::DataParallel dp(comm, model, cfg.dist, optimizer_options(t), deferred_seed);
   AdamW& opt = dp.optimizer();
   Schedule sched = make_schedule(t);  // validated before anything is written
 

@@ -14,6 +14,7 @@
 #include "lmforge/data/loader.h"
 #include "lmforge/io/config.h"
 #include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
 #include "lmforge/optim/schedule.h"
 #include "lmforge/train/init_from.h"
 
@@ -30,6 +31,8 @@ struct TrainResult {
 
 // The learning-rate schedule train.* describes (validated; throws Error naming the key).
 Schedule make_schedule(const TrainConfig& t);
+// The optimizer's options from train.* (train.optimizer: AdamW, with Muon's keys when chosen).
+AdamWOptions optimizer_options(const TrainConfig& t);
 
 // Validation losses so far: the best (lower by more than min_delta than the previous best) and
 // how many evaluations since it (early stopping's count). Saved in checkpoints.

@@ -55,6 +55,53 @@ std::map<int64_t, std::string> parse_faults(const std::string& spec) {
   return out;
 }
 
+namespace {
+// train.optimizer and its train.muon_* keys.
+void validate_optimizer(const Config& cfg) {
+  const TrainConfig& t = cfg.train;
+  if (t.optimizer != "adamw" && t.optimizer != "muon")
+    fail("train.optimizer: expected adamw or muon, got \"{}\"", t.optimizer);
+  if (t.muon_adjust_lr != "match_rms_adamw" && t.muon_adjust_lr != "original")
+    fail("train.muon_adjust_lr: expected match_rms_adamw or original, got \"{}\"",
+         t.muon_adjust_lr);
+  if (!(t.muon_lr >= 0 && t.muon_lr < 1e6))
+    fail("train.muon_lr: must be >= 0 (0 = train.lr), got {}", t.muon_lr);
+  if (!(t.muon_momentum >= 0 && t.muon_momentum < 1))
+    fail("train.muon_momentum: must be in [0, 1) (0.95 typical), got {}", t.muon_momentum);
+  if (t.muon_ns_steps < 1 || t.muon_ns_steps >= 100)
+    fail("train.muon_ns_steps: must be in [1, 100) (5 typical), got {}", t.muon_ns_steps);
+  if (t.optimizer != "muon") return;
+  if (dist::parse_strategy(cfg.dist.strategy) != dist::Strategy::kNoShard)
+    fail(
+        "train.optimizer: muon orthogonalizes whole matrices, which dist.strategy {} splits over "
+        "the ranks; use dist.strategy: no-shard, or train.optimizer: adamw",
+        cfg.dist.strategy);
+  if (cfg.dist.offload)
+    fail(
+        "dist.offload: not with train.optimizer muon (its step runs where the model is); set it "
+        "to false");
+  if (t.master_weights == "bf16")
+    fail(
+        "train.master_weights: muon steps fp32 matrices, not bf16 master weights; set it to fp32 "
+        "(or train.optimizer: adamw)");
+  if (cfg.model.lora.on())
+    fail(
+        "train.optimizer: muon is for whole matrices; LoRA adapters (model.lora_rank) train with "
+        "adamw");
+}
+}  // namespace
+
+AdamWOptions optimizer_options(const TrainConfig& t) {
+  AdamWOptions o{t.beta1, t.beta2, t.eps, t.weight_decay, /*seed=*/t.seed};
+  o.muon.on = t.optimizer == "muon";
+  o.muon.momentum = t.muon_momentum;
+  o.muon.nesterov = t.muon_nesterov;
+  o.muon.ns_steps = static_cast<int>(t.muon_ns_steps);
+  o.muon.match_rms_adamw = t.muon_adjust_lr == "match_rms_adamw";
+  o.muon.lr_ratio = t.muon_lr > 0 ? t.muon_lr / t.lr : 1.0;
+  return o;
+}
+
 void validate_train_config(const Config& cfg) {
   const TrainConfig& t = cfg.train;
   auto positive = [](int64_t v, const char* key) {
@@ -154,6 +201,7 @@ void validate_train_config(const Config& cfg) {
         "train.precompute_ref_logps: applies to train.objective dpo only (not {}: KTO's KL rows "
         "change every step, the others have no reference model); set it to false",
         t.objective);
+  validate_optimizer(cfg);
   parse_kto_loss(t.kto_loss);
   if (t.objective == "kto" && t.kto_loss == "kto" && t.batch_size < 2)
     fail(

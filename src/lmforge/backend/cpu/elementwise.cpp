@@ -31,6 +31,12 @@ void scale(T* x, T s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
+template <typename T>
+void axpby(T* y, T a, const T* x, T b, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = a * y[i] + b * x[i];
+}
+
 // GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
 // maybe-uninitialized once inlined (as in adamw.cpp): off for the kernels below.
 #pragma GCC diagnostic push
@@ -117,6 +123,7 @@ double sum_squares(const T* x, int64_t n) {
   template void add<T>(T*, const T*, const T*, int64_t); \
   template void accumulate<T>(T*, const T*, int64_t);    \
   template void scale<T>(T*, T, int64_t);                \
+  template void axpby<T>(T*, T, const T*, T, int64_t);   \
   template double sum_squares<T>(const T*, int64_t);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)

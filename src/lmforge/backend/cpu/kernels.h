@@ -290,6 +290,9 @@ template <typename T>
 void accumulate(T* dst, const T* src, int64_t n);
 template <typename T>
 void scale(T* x, T s, int64_t n);
+// y = a y + b x (Muon's momentum and update).
+template <typename T>
+void axpby(T* y, T a, const T* x, T b, int64_t n);
 // Sum of squares in double, in fixed-size blocks so the result is independent of thread count.
 template <typename T>
 double sum_squares(const T* x, int64_t n);

@@ -37,6 +37,20 @@ struct ScaleOp {
   }
 };
 
+struct AxpbyOp {
+  float* y;
+  const float* x;
+  float a, b;
+  template <int K>
+  __device__ void apply(int64_t i) const {
+    Floats<K> u = load<K>(y + i);
+    const Floats<K> w = load<K>(x + i);
+#pragma unroll
+    for (int k = 0; k < K; ++k) u.v[k] = __fadd_rn(__fmul_rn(a, u.v[k]), __fmul_rn(b, w.v[k]));
+    store<K>(y + i, u);
+  }
+};
+
 struct FillOp {
   float* x;
   float value;
@@ -149,6 +163,10 @@ void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, i
 }
 
 void scale(float* x, float s, int64_t n) { launch_map(ScaleOp{x, s}, n, aligned16(x)); }
+
+void axpby(float* y, float a, const float* x, float b, int64_t n) {
+  launch_map(AxpbyOp{y, x, a, b}, n, aligned16(y, x));
+}
 
 void fill(float* x, float value, int64_t n) { launch_map(FillOp{x, value}, n, aligned16(x)); }
 

@@ -151,6 +151,7 @@ void accumulate(float* dst, const float* src, int64_t n);         // dst += src
 // v part of a packed qkv gradient.
 void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld);
 void scale(float* x, float s, int64_t n);     // x *= s
+void axpby(float* y, float a, const float* x, float b, int64_t n);  // y = a y + b x
 void fill(float* x, float value, int64_t n);  // x = value
 void zero(float* x, int64_t n);               // x = 0
 // Sum of squares of x in double into the DEVICE double *result (= by default; += with
