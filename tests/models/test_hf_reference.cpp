@@ -11,9 +11,12 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "lmforge/core/rng.h"
+#include "lmforge/data/text_shards.h"
 #include "lmforge/io/config.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/nn/transformer.h"
@@ -220,6 +223,79 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
                      root);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("model.n_layer"), std::string::npos) << r.err;
+}
+
+// lmforge eval --hellaswag against transformers (hellaswag_ref.py): HellaSwag-format examples made
+// from the King James Bible (a verse's first words, then its next words and three other verses'
+// as the endings; one label written as a string, as the Hugging Face copy has them; one context
+// longer than the model's, cut from the left), scored by GPT-2- and Llama-family models converted
+// from transformers. Every ending's log-likelihood and token count agrees, and so do the
+// predictions; bad files are one clear error naming the line.
+TEST(HellaSwag, ScoresMatchTransformers) {
+  const std::string root = t::temp_dir("hellaswag");
+  std::vector<std::vector<std::string>> verses;  // words of the corpus's longer lines
+  std::ifstream text(demo_corpus_path());
+  for (std::string line; std::getline(text, line) && verses.size() < 200;) {
+    std::istringstream ws(line);
+    std::vector<std::string> words{std::istream_iterator<std::string>(ws), {}};
+    if (words.size() >= 10) verses.push_back(words);
+  }
+  ASSERT_EQ(verses.size(), 200u);
+  auto join = [](const std::vector<std::string>& w, size_t a, size_t b) {
+    std::string s;
+    for (size_t i = a; i < b && i < w.size(); ++i) s += (i > a ? " " : "") + w[i];
+    return s;
+  };
+  {
+    std::ofstream items(root + "/items.jsonl");
+    for (int i = 0; i < 16; ++i) {
+      std::vector<std::string> endings;
+      for (int k = 0; k < 4; ++k) endings.push_back(join(verses[(i + 37 * k) % 200], 4, 7));
+      const int label = i % 4;
+      std::swap(endings[0], endings[label]);
+      json j = {{"ctx", join(verses[i], 0, 4)}, {"endings", endings}, {"label", label}};
+      if (i == 3) j["label"] = std::to_string(label);
+      items << j.dump() << "\n";
+    }
+    std::string long_ctx;
+    for (int k = 0; k < 6; ++k) long_ctx += join(verses[50 + k], 0, 12) + " ";
+    items << json({{"ctx", long_ctx},
+                   {"endings", {"and it was so.", "in the garden.", "of the earth.", "my son"}},
+                   {"label", 0}})
+                 .dump()
+          << "\n";
+  }
+  for (const std::string c : {"gpt2", "llama3"}) {
+    SCOPED_TRACE(c);
+    auto r = t::run_lmforge("convert --from-hf '" + hf_dir(c) + "' --out " + c, root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = t::run_lmforge(
+        "eval --checkpoint " + c + " --hellaswag items.jsonl --scores " + c + ".jsonl", root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("hellaswag: 17 examples, acc "), std::string::npos) << r.out;
+    const std::string cmd = "'" + t::python() + "' '" + t::source_dir() +
+                            "/tests/reference/hellaswag_ref.py' '" + hf_dir(c) + "' '" + root +
+                            "/items.jsonl' '" + root + "/" + c + ".jsonl' > '" + root + "/" + c +
+                            ".log' 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << t::slurp(root + "/" + c + ".log");
+    std::printf("%s: %s", c.c_str(), t::slurp(root + "/" + c + ".log").c_str());
+  }
+  // Bad input: the file and line, the field.
+  std::ofstream(root + "/bad.jsonl")
+      << json({{"ctx", "In the"}, {"endings", {"a", "b"}}, {"label", 0}}).dump()
+      << "\n{\"ctx\": \"x\", \"endings\": [\"a\", \"b\"], \"label\": 2}\n";
+  auto r = t::run_lmforge("eval --checkpoint gpt2 --hellaswag bad.jsonl", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("bad.jsonl:2: \"label\" must be the index of one of its 2 endings"),
+            std::string::npos)
+      << r.err;
+  std::ofstream(root + "/notjson.jsonl") << "{\"ctx\": \n";
+  r = t::run_lmforge("eval --checkpoint gpt2 --hellaswag notjson.jsonl", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("notjson.jsonl:1: not JSON"), std::string::npos) << r.err;
+  r = t::run_lmforge("eval --checkpoint gpt2 --hellaswag missing.jsonl", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("missing.jsonl: cannot open"), std::string::npos) << r.err;
 }
 
 // PEFT LoRA adapters made by hf_models_ref.py (not by lmforge), merged on import: the logits of
