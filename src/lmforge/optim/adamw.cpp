@@ -50,6 +50,10 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
         ns_next_ = a.alloc({most});
         ns_gram_ = a.alloc({most_gram});
         ns_poly_ = a.alloc({most_gram});
+        if (!opt_.muon.bf16) return;
+        ns_x16_ = a.alloc({most}, DType::kBF16);
+        ns_gram16_ = a.alloc({most_gram}, DType::kBF16);
+        ns_poly16_ = a.alloc({most_gram}, DType::kBF16);
       },
       device);
 }
@@ -69,24 +73,34 @@ void AdamW::muon_step(size_t i, double lr, double grad_scale) {
   Tensor x = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
   const Tensor gram = ns_gram_.slice(0, k * k).view({k, k});
   const Tensor poly = ns_poly_.slice(0, k * k).view({k, k});
+  // A product's weight operand: itself, or its bf16 copy (which selects the bf16 matmul); with
+  // convert false only its shape is used.
+  auto weight = [&](const Tensor& t, const Tensor& buf16, bool convert = true) {
+    if (!mo.bf16) return t;
+    Tensor w16 = buf16.slice(0, t.numel()).view(t.shape());
+    if (convert) ops::to_bf16(w16, t);
+    return w16;
+  };
 
   ops::axpby(buf, mo.momentum, g, (1 - mo.momentum) * grad_scale);
   x.copy_from(buf);
   if (mo.nesterov) ops::axpby(x, mo.momentum, g, (1 - mo.momentum) * grad_scale);
   ops::scale(x, 1.0 / std::max(std::sqrt(ops::sum_squares(x)), mo.eps));
   for (int it = 0; it < mo.ns_steps; ++it) {
+    const Tensor xw = tall ? Tensor() : weight(x, ns_x16_);  // (wide: X is a weight twice)
     // gram = X^T X (tall: a weight gradient's product) or X X^T (wide).
     if (tall)
-      ops::linear_backward({}, gram, {}, x, x, /*weight: its shape only*/ gram,
+      ops::linear_backward({}, gram, {}, x, x, weight(gram, ns_gram16_, /*convert=*/false),
                            /*dweight_accumulate=*/false);
     else
-      ops::linear_forward(gram, x, x, {});
-    ops::linear_forward(poly, gram, gram, {});  // gram gram^T = gram^2 (symmetric)
-    ops::axpby(poly, mo.c, gram, mo.b);         // b gram + c gram^2, symmetric too
+      ops::linear_forward(gram, x, xw, {});
+    // gram gram^T = gram^2 (symmetric)
+    ops::linear_forward(poly, gram, weight(gram, ns_gram16_), {});
+    ops::axpby(poly, mo.c, gram, mo.b);  // b gram + c gram^2, symmetric too
     if (tall)
-      ops::linear_forward(next, x, poly, {});  // X poly^T = X poly
-    else                                       // poly X, as an input gradient (dout poly, weight X)
-      ops::linear_backward(next, {}, {}, poly, /*inp: its shape only*/ next, x,
+      ops::linear_forward(next, x, weight(poly, ns_poly16_), {});  // X poly^T = X poly
+    else  // poly X, as an input gradient (dout poly, weight X)
+      ops::linear_backward(next, {}, {}, poly, /*inp: its shape only*/ next, xw,
                            /*dweight_accumulate=*/true, /*dinp_accumulate=*/false);
     ops::axpby(next, 1.0, x, mo.a);
     std::swap(x, next);

@@ -34,6 +34,10 @@ struct MuonOptions {
   // (original: Keller Jordan's, with a larger lr).
   bool match_rms_adamw = true;
   double lr_ratio = 1.0;  // the Muon matrices' lr over the step's lr (train.muon_lr / train.lr)
+  // The Newton-Schulz products as bf16 matmuls (fp32 accumulation and iterate), as torch runs
+  // them (in bf16 throughout); else fp32. train.precision: bf16 sets it where bf16 matmuls are
+  // the faster (a GPU, AMX, Zen 4).
+  bool bf16 = false;
 };
 
 // The parameters Muon steps when it is on: the blocks' 2-D matrices that train.
@@ -84,8 +88,9 @@ class AdamW {
   ParamSet& params_;
   AdamWOptions opt_;
   // Muon's Newton-Schulz workspace, sized for the largest matrix: X and its next iterate, and
-  // the Gram matrix with its polynomial (the smaller side squared).
-  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_;
+  // the Gram matrix with its polynomial (the smaller side squared); with bf16 products, the bf16
+  // copies of the operands that are a matmul's weight.
+  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_, ns_x16_, ns_gram16_, ns_poly16_;
   std::vector<OptSlot> slots_;
   Arena state_;
   std::vector<Tensor> m_, v_;

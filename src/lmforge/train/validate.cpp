@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
@@ -99,6 +100,10 @@ AdamWOptions optimizer_options(const TrainConfig& t) {
   o.muon.ns_steps = static_cast<int>(t.muon_ns_steps);
   o.muon.match_rms_adamw = t.muon_adjust_lr == "match_rms_adamw";
   o.muon.lr_ratio = t.muon_lr > 0 ? t.muon_lr / t.lr : 1.0;
+  // The Newton-Schulz products in bf16 (as torch's) where bf16 matmuls beat fp32 ones: a GPU, AMX
+  // or Zen 4; elsewhere (AVX512-BF16 alone) fp32 is faster and exact.
+  o.muon.bf16 = t.precision == "bf16" &&
+                (resolve_device(t.device) == Device::kCUDA || cpu_features().fast_bf16_products);
   return o;
 }
 
