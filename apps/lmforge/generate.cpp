@@ -1,14 +1,63 @@
 // lmforge generate --checkpoint PATH --prompt TEXT [--max-tokens N --temperature T --top-k K
 //                  --top-p P --seed S] [--chat-template chatml|llama3 [--system TEXT]]
+// lmforge chat --checkpoint PATH --chat-template chatml|llama3 [--system TEXT] [sampling flags]
 #include "lmforge/eval/generate.h"
 
 #include <fmt/core.h>
+#include <unistd.h>
+
+#include <iostream>
 
 #include "commands.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/train/checkpoint.h"
 
 namespace lmforge::app {
+
+namespace {
+
+// The sampling flags generate and chat share.
+void add_sampling_options(CLI::App* cmd, SamplingOptions& s) {
+  cmd->add_option("--max-tokens", s.max_tokens, "Tokens to generate")->capture_default_str();
+  cmd->add_option("--temperature", s.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", s.top_k, "Keep the K most likely tokens; 0 = off")
+      ->capture_default_str();
+  cmd->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
+  cmd->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
+}
+
+// A checkpoint's model and tokenizer, and the sampling options' stop token and vocabulary limit.
+struct Loaded {
+  std::unique_ptr<Transformer> model;
+  std::unique_ptr<Tokenizer> tok;
+};
+Loaded load_for_sampling(const std::string& checkpoint, SamplingOptions& s) {
+  std::string dir = resolve_checkpoint(checkpoint);
+  ModelConfig mc = checkpoint_model_config(dir);
+  Loaded l{std::make_unique<Transformer>(mc), checkpoint_tokenizer(dir)};
+  load_checkpoint(dir, *l.model, nullptr, nullptr);
+  if (l.tok->vocab_size() > mc.vocab_size)
+    fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt", dir,
+         l.tok->vocab_size(), mc.vocab_size);
+  s.stop_token = l.tok->eos_id();
+  s.vocab_limit = l.tok->vocab_size();
+  return l;
+}
+
+// The template's ids for `turns` ready for the assistant's reply; --chat-template's errors.
+std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMessage>& turns,
+                                 const std::string& format, SamplingOptions& s) {
+  try {
+    std::vector<int32_t> ids =
+        apply_chat_template(tok, turns, format, /*add_generation_prompt=*/true).ids;
+    s.end_of_turn = *tok.special_id(chat_end_of_turn(format));
+    return ids;
+  } catch (const Error& e) {
+    fail("--chat-template: {}", e.what());
+  }
+}
+
+}  // namespace
 
 void add_generate(CLI::App& app) {
   struct Opts {
@@ -20,28 +69,16 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory, or a run directory")
       ->required();
   cmd->add_option("--prompt", o->prompt, "Text to continue")->required();
-  cmd->add_option("--max-tokens", o->s.max_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_option("--temperature", o->s.temperature, "0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", o->s.top_k, "Keep the K most likely tokens; 0 = off")
-      ->capture_default_str();
-  cmd->add_option("--top-p", o->s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
-  cmd->add_option("--seed", o->s.seed, "Sampling seed")->capture_default_str();
+  add_sampling_options(cmd, o->s);
   cmd->add_option("--chat-template", o->chat_template,
                   "chatml | llama3: the prompt is a user turn of a conversation in that template "
                   "(as the model was fine-tuned); prints the assistant's reply, which ends at the "
                   "end-of-turn token");
   cmd->add_option("--system", o->system, "With --chat-template: a system turn first");
   cmd->callback([o] {
-    std::string dir = resolve_checkpoint(o->checkpoint);
-    ModelConfig mc = checkpoint_model_config(dir);
-    Transformer model(mc);
-    load_checkpoint(dir, model, nullptr, nullptr);
-    auto tok = checkpoint_tokenizer(dir);
-    if (tok->vocab_size() > mc.vocab_size)
-      fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
-           dir, tok->vocab_size(), mc.vocab_size);
-    o->s.stop_token = tok->eos_id();
-    o->s.vocab_limit = tok->vocab_size();
+    Loaded l = load_for_sampling(o->checkpoint, o->s);
+    Transformer& model = *l.model;
+    const Tokenizer* tok = l.tok.get();
     const bool chat = !o->chat_template.empty();
     if (!chat && !o->system.empty()) fail("--system: needs --chat-template");
     std::vector<int32_t> prompt;
@@ -49,17 +86,12 @@ void add_generate(CLI::App& app) {
       std::vector<ChatMessage> turns;
       if (!o->system.empty()) turns.push_back({"system", o->system});
       turns.push_back({"user", o->prompt});
-      try {
-        prompt =
-            apply_chat_template(*tok, turns, o->chat_template, /*add_generation_prompt=*/true).ids;
-      } catch (const Error& e) {
-        fail("--chat-template: {}", e.what());
-      }
-      o->s.end_of_turn = *tok->special_id(chat_end_of_turn(o->chat_template));
+      prompt = chat_prompt(*tok, turns, o->chat_template, o->s);
     } else {
       prompt = tok->encode(o->prompt, false, true);
     }
-    check_generate(mc, prompt, o->s, /*config_keys=*/false);  // before the prompt is echoed
+    // before the prompt is echoed
+    check_generate(model.config(), prompt, o->s, /*config_keys=*/false);
     if (!chat) fmt::print("{}", o->prompt);
     std::fflush(stdout);
     generate(model, prompt, o->s, [&](int32_t id) {
@@ -68,6 +100,91 @@ void add_generate(CLI::App& app) {
       std::fflush(stdout);
     });
     fmt::print("\n");
+  });
+}
+
+// A conversation on stdin, one user turn per line: each reply is sampled from the whole
+// conversation so far in the template (the oldest exchanges dropped when it outgrows the
+// context, the system turn kept), streamed, and becomes part of it. /reset forgets the
+// conversation; /exit or the end of input ends it.
+void add_chat(CLI::App& app) {
+  struct Opts {
+    std::string checkpoint, chat_template, system;
+    SamplingOptions s;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand(
+      "chat", "Talk with a fine-tuned checkpoint: user turns from stdin, replies streamed");
+  cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory, or a run directory")
+      ->required();
+  cmd->add_option("--chat-template", o->chat_template,
+                  "chatml | llama3: the template the model was fine-tuned with")
+      ->required();
+  cmd->add_option("--system", o->system, "A system turn first");
+  add_sampling_options(cmd, o->s);
+  cmd->callback([o] {
+    Loaded l = load_for_sampling(o->checkpoint, o->s);
+    Transformer& model = *l.model;
+    const Tokenizer& tok = *l.tok;
+    check_sampling(o->s, /*config_keys=*/false);
+    const int64_t context = model.config().max_seq_len;
+    const bool tty = isatty(STDIN_FILENO);
+    std::vector<ChatMessage> turns;
+    if (!o->system.empty()) turns.push_back({"system", o->system});
+    const size_t first = turns.size();  // the first turn that may be dropped
+    if (tty)
+      fmt::print("lmforge chat ({} template; /reset forgets, /exit or Ctrl-D ends)\n",
+                 o->chat_template);
+    for (int64_t n = 0;; ++n) {
+      if (tty) {
+        fmt::print("> ");
+        std::fflush(stdout);
+      }
+      std::string line;
+      if (!std::getline(std::cin, line) || line == "/exit") break;
+      if (line == "/reset") {
+        turns.resize(first);
+        if (tty) fmt::print("(conversation reset)\n");
+        continue;
+      }
+      turns.push_back({"user", line});
+      std::vector<int32_t> prompt = chat_prompt(tok, turns, o->chat_template, o->s);
+      // Room for a reply of max_tokens (at least a quarter of the context): drop the oldest
+      // exchanges while there is an earlier one.
+      const int64_t room = std::min<int64_t>(o->s.max_tokens, context / 4);
+      bool dropped = false;
+      while (static_cast<int64_t>(prompt.size()) + room > context && turns.size() > first + 1) {
+        turns.erase(
+            turns.begin() + static_cast<std::ptrdiff_t>(first),
+            turns.begin() + static_cast<std::ptrdiff_t>(std::min(turns.size() - 1, first + 2)));
+        prompt = chat_prompt(tok, turns, o->chat_template, o->s);
+        dropped = true;
+      }
+      if (dropped)  // (stdout is the replies alone when piped)
+        fmt::print(tty ? stdout : stderr,
+                   "(the oldest turns no longer fit the context: dropped)\n");
+      if (static_cast<int64_t>(prompt.size()) >= context) {
+        fmt::print(stderr,
+                   "lmforge: this turn has {} tokens with the template, beyond the "
+                   "model's context of {}; say it in fewer words\n",
+                   prompt.size(), context);
+        turns.pop_back();
+        continue;
+      }
+      check_generate(model.config(), prompt, o->s, /*config_keys=*/false);
+      SamplingOptions s = o->s;
+      s.seed = o->s.seed + static_cast<uint64_t>(n);  // each reply its own draw
+      std::vector<int32_t> reply;
+      generate(model, prompt, s, [&](int32_t id) {
+        if (id == s.stop_token || id == s.end_of_turn) return;  // the reply ends
+        reply.push_back(id);
+        fmt::print("{}", tok.token_bytes(id));
+        std::fflush(stdout);
+      });
+      fmt::print("\n");
+      std::fflush(stdout);
+      turns.push_back({"assistant", tok.decode(reply)});
+    }
   });
 }
 

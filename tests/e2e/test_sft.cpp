@@ -66,6 +66,31 @@ TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
   auto bad = testing::run_lmforge("generate --checkpoint run --system hi --prompt x", dir);
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("--chat-template"), std::string::npos) << bad.err;
+
+  // chat: a conversation on stdin. Every user turn gets the reply, after /reset too, and when
+  // the conversation outgrows the context its oldest exchanges are dropped; a turn that alone
+  // does not fit is one error line, and the conversation goes on.
+  {
+    std::ofstream turns(dir + "/turns.txt");
+    turns << "cedar salt dove\nriver stone lamp\n/reset\nseven wheat\n";
+    for (int i = 0; i < 12; ++i)
+      turns << "iron gate cloud horn myrrh oil bread sword river stone\n";
+    for (int i = 0; i < 200; ++i) turns << "salt ";
+    turns << "\nlamp dove\n/exit\nnever read\n";
+  }
+  auto c = testing::run_lmforge(
+      "chat --checkpoint run --chat-template llama3 --temperature 0 --max-tokens 20 < turns.txt",
+      dir);
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  std::string want;
+  for (int i = 0; i < 16; ++i) want += "Amen, so be it.\n";
+  EXPECT_EQ(c.out, want);
+  EXPECT_NE(c.err.find("beyond the model's context"), std::string::npos) << c.err;
+  EXPECT_NE(c.err.find("the oldest turns no longer fit the context: dropped"), std::string::npos)
+      << c.err;
+  auto nochat = testing::run_lmforge("chat --checkpoint run < turns.txt", dir);
+  EXPECT_EQ(nochat.exit_code, 1);
+  EXPECT_NE(nochat.err.find("--chat-template"), std::string::npos) << nochat.err;
 }
 
 // NEFTune's noise comes from (seed, step, rank, micro-batch): an interrupted and resumed run
