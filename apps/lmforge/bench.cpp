@@ -229,7 +229,8 @@ void add_bench(CLI::App& app) {
     mc.lora.rank = o->lora_rank;
     mc.validate();  // the rank
     if (resolve_device(o->device) == Device::kCPU)
-      check_training_fits(mc, o->precision == "bf16", o->master_weights == "bf16");
+      check_training_fits(
+          mc, {.bf16 = o->precision == "bf16", .bf16_master = o->master_weights == "bf16"});
     Transformer model(mc);
     model.init_weights(1);
     model.to(resolve_device(o->device));

@@ -17,9 +17,11 @@
 #include <regex>
 
 #include "dist/tiny_run.h"
+#include "lmforge/dist/data_parallel.h"
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/train/checkpoint.h"
+#include "lmforge/train/trainer.h"
 #include "testing/metrics.h"
 #include "testing/process.h"
 
@@ -107,6 +109,29 @@ class DataParallelTest : public ::testing::Test {
                 ref.c_str(), exact ? "bit-identical" : "within tolerance", worst, rel);
     return exact;
   }
+  // training_footprint() against what rank 0 reported holding ("dist: ... optimizer state N
+  // bytes, parameters N bytes (+ G bytes of gather buffers), gradients N bytes"): each part
+  // within 1% (the prediction leaves out the 64-byte alignment of each parameter and shard).
+  static void expect_footprint(const std::string& out, const std::string& strategy, int n,
+                               const std::string& run_name) {
+    std::smatch m;
+    std::regex re(
+        "optimizer state (\\d+) bytes, parameters (\\d+) bytes \\(\\+ (\\d+) bytes of gather "
+        "buffers\\), gradients (\\d+) bytes");
+    ASSERT_TRUE(std::regex_search(out, m, re)) << out;
+    FootprintOptions o;
+    o.strategy = static_cast<int>(dist::parse_strategy(strategy));
+    o.shards = n;
+    const TrainingFootprint f = training_footprint(
+        checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o);
+    const double held[] = {std::stod(m[1]), std::stod(m[2]), std::stod(m[3]), std::stod(m[4])};
+    const double predicted[] = {f.optimizer, f.values, f.gather, f.gradients};
+    const char* part[] = {"optimizer", "values", "gather", "gradients"};
+    for (int i = 0; i < 4; ++i)
+      EXPECT_NEAR(predicted[i], held[i], 0.01 * held[i] + 1024) << run_name << " " << part[i];
+    std::printf("%s: footprint %.0f bytes predicted, %.0f held\n", run_name.c_str(), f.total(),
+                held[0] + held[1] + held[2] + held[3]);
+  }
   // "dist: ... optimizer state N bytes, parameters N bytes ..." of rank 0.
   static std::pair<double, double> memory(const std::string& out) {
     std::smatch m;
@@ -173,6 +198,8 @@ TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
         EXPECT_NEAR(par / full_params, 1.0 / n, 0.01 / n) << name;
       else
         EXPECT_EQ(par, full_params);
+      // The memory check's prediction (training_footprint) of what the rank holds.
+      if (n == 2) expect_footprint(r.out, s, n, name);
       // Communication volume, as the communicator counted it, against the theory.
       const double expect = traffic_in_theory(s, n, name);
       const std::vector<double> mib = losses(name, "comm_mib");
@@ -260,11 +287,11 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   expect_same("dpo-pre", "dpo-ref");
 }
 
-// Ranks on one CPU node that each hold the whole model share its memory: a model whose training
-// state cannot fit them all is one clear error on every rank before any allocation (it used to
-// be checked for one process only), under no-shard and zero1 alike.
+// Ranks on one CPU node share its memory: a model whose training state (training_footprint: the
+// rank's shards under zero1, grad-shard and full-shard) cannot fit them all is one clear error on
+// every rank before any allocation, under every strategy.
 TEST_F(DataParallelTest, TrainingStateThatCannotFitTheNodesRanksIsRefused) {
-  for (std::string s : {"no-shard", "zero1"}) {
+  for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
     RunResult r = run("oom-" + s, 2,
                       "--set model.n_embd=65536 --set model.n_head=64 --set model.n_layer=64 "
                       "--set dist.strategy=" +

@@ -52,28 +52,56 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master, bool reference,
-                         int local_ranks, int moment_shards) {
-  // fp32 values and gradients; + bf16 copies, or bf16 values in place of fp32 ones; two fp32
-  // moments per trained parameter (under LoRA the adapters only), split over the ranks by zero1.
+TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOptions& o) {
+  using dist::Strategy;
+  const double C = static_cast<double>(m.n_embd), V = static_cast<double>(m.vocab_size);
+  const double all = static_cast<double>(m.num_params() + m.lora_params());
+  const double trained = m.lora.on() ? static_cast<double>(m.lora_params()) : all;
+  // The groups DataParallel gathers and reduces one at a time: embeddings, head, blocks.
+  const double embeddings =
+      V * C + (m.pos == "learned" ? static_cast<double>(m.max_seq_len) * C : 0);
+  const double head =
+      C * (m.norm == "layernorm" && m.bias ? 2 : 1) + (m.tie_embeddings ? 0 : V * C);
+  const double block =
+      m.n_layer > 0 ? (all - embeddings - head) / static_cast<double>(m.n_layer) : 0;
+  const double workspace = embeddings + head + 2 * block;
+  const auto s = static_cast<Strategy>(o.strategy);
+  const double n = std::max(1, o.shards);
+  const double value_bytes = o.bf16_master ? 2 : 4;
+  TrainingFootprint f;
+  if (s >= Strategy::kFullShard) {
+    f.values = all / n * value_bytes;
+    f.gather = workspace * (4 + (o.bf16 ? 2 : 0));
+  } else {
+    f.values = all * value_bytes + (o.bf16 && !o.bf16_master ? all * 2 : 0);
+  }
+  f.gradients = s >= Strategy::kGradShard ? all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
+                                          : trained * 4;
+  f.optimizer = trained * 8 / (s >= Strategy::kZero1 ? n : 1);
+  f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
+  return f;
+}
+
+void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks) {
+  const TrainingFootprint f = training_footprint(model, o);
   const double all = static_cast<double>(model.num_params() + model.lora_params());
-  const double trained = model.lora.on() ? static_cast<double>(model.lora_params()) : all;
-  const double frozen_copy =
-      reference ? static_cast<double>(model.num_params()) * (bf16 ? 6 : 4) : 0.0;
-  const double per_rank = all * (bf16_master ? 6
-                                 : bf16      ? 10
-                                             : 8) +
-                          trained * 8 / moment_shards + frozen_copy;
+  const bool sharded = o.strategy >= static_cast<int>(dist::Strategy::kZero1) && o.shards > 1;
   check_host_memory(
-      per_rank * local_ranks,
+      f.total() * local_ranks,
       fmt::format(
-          "training's weights, gradients and AdamW state ({:.0f}M parameters{}){}", all / 1e6,
-          reference ? ", and the frozen reference model" : "",
+          "training's weights, gradients and AdamW state ({:.0f}M parameters{}{}){}", all / 1e6,
+          sharded
+              ? fmt::format(", {} over {} ranks",
+                            dist::strategy_name(static_cast<dist::Strategy>(o.strategy)), o.shards)
+              : "",
+          o.reference ? ", and the frozen reference model" : "",
           local_ranks > 1 ? fmt::format(" on each of this node's {} ranks", local_ranks) : ""),
-      reference ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
-                  "then the base model, no second copy), or shard it over several ranks "
-                  "(dist.strategy)"
-                : "choose a smaller model, or shard it over several ranks (dist.strategy)");
+      o.reference
+          ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
+            "then the base model, no second copy), or shard it over more ranks or nodes "
+            "(dist.strategy)"
+          : "choose a smaller model, or shard it over more ranks or nodes "
+            "(dist.strategy: full-shard)");
 }
 
 RunSetup setup_run(Config& cfg) {
@@ -168,15 +196,22 @@ RunSetup setup_run(Config& cfg) {
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   const bool reference_is_base =
       reference && cfg.model.lora.on() && !(init && init->model.lora.on());
-  // Ranks on the CPU that hold whole models (no-shard; zero1 splits the AdamW moments) share
-  // their node's memory.
+  // Ranks on the CPU share their node's memory: each holds training_footprint() (its shards).
   const dist::Strategy strategy = dist::parse_strategy(cfg.dist.strategy);
-  if (resolve_device(t.device) == Device::kCPU && strategy <= dist::Strategy::kZero1) {
+  if (resolve_device(t.device) == Device::kCPU) {
     const dist::RankInfo launch = dist::detect_launch();
-    check_training_fits(cfg.model, t.precision == "bf16", t.master_weights == "bf16",
-                        // precompute_ref_logps releases it before the optimizer's state exists
-                        reference && !reference_is_base && !t.precompute_ref_logps,
-                        launch.local_size, strategy == dist::Strategy::kZero1 ? launch.size : 1);
+    FootprintOptions fo;
+    fo.bf16 = t.precision == "bf16";
+    fo.bf16_master = t.master_weights == "bf16";
+    // precompute_ref_logps releases it before the optimizer's state exists
+    fo.reference = reference && !reference_is_base && !t.precompute_ref_logps;
+    fo.strategy = static_cast<int>(strategy);
+    // hybrid shards within a node (dist.ranks_per_node declares its size)
+    fo.shards = strategy != dist::Strategy::kHybrid ? launch.size
+                : cfg.dist.ranks_per_node > 0       ? static_cast<int>(cfg.dist.ranks_per_node)
+                                                    : launch.local_size;
+    fo.accumulates = t.grad_accum > 1;
+    check_training_fits(cfg.model, fo, launch.local_size);
   }
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;

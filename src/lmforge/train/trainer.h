@@ -85,15 +85,31 @@ struct RunSetup {
   std::unique_ptr<Transformer> teacher;
 };
 RunSetup setup_run(Config& cfg);
-// A process training on the CPU without sharding holds every parameter's fp32 value, gradient and
-// two AdamW moments (+ a bf16 copy under bf16; bf16 values instead of fp32 ones with bf16 master
-// weights): an Error naming the need and the available memory when that alone cannot fit
-// (before any allocation, which Linux would accept and later kill). reference: DPO's or KTO's
-// frozen copy of the model is held too (fp32 values, + a bf16 copy under bf16). local_ranks:
-// processes of this node holding as much; moment_shards: ranks the moments are split over
-// (zero1).
-void check_training_fits(const ModelConfig& model, bool bf16, bool bf16_master,
-                         bool reference = false, int local_ranks = 1, int moment_shards = 1);
+// What one rank holds for training under a sharding strategy (dist/data_parallel.h), in bytes:
+//   values      every parameter's (fp32, or bf16 master weights; + a bf16 copy of each under bf16
+//               precision), or under full-shard its 1/N shard;
+//   gather      full-shard's buffers: embeddings, head and two blocks (+ their bf16 copies);
+//   gradients   the whole-model buffer (no-shard, zero1: under LoRA the adapters' part, the rest
+//               never paged in), or the 1/N accumulator (twice with gradient accumulation) and
+//               the backward's workspace of embeddings, head and two blocks;
+//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on;
+//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16).
+struct TrainingFootprint {
+  double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
+  double total() const { return values + gather + gradients + optimizer + reference; }
+};
+struct FootprintOptions {
+  bool bf16 = false, bf16_master = false;
+  bool reference = false;    // a frozen reference model is held (not precomputed and released)
+  int strategy = 0;          // dist::Strategy
+  int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
+  bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
+};
+TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
+// On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
+// node cannot hold training_footprint() each (before any allocation, which Linux would accept
+// and later kill).
+void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
 
