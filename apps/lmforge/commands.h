@@ -18,7 +18,9 @@ lmforge::Config load_run_config(const std::string& file, const std::vector<std::
 void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_chat(CLI::App& app);  // generate.cpp
-void add_eval(CLI::App& app);  // multiple-choice accuracy (HellaSwag)
+void add_eval(CLI::App& app);
+void add_plan(CLI::App& app);  // memory, traffic and time per strategy  // multiple-choice accuracy
+                               // (HellaSwag)
 void add_bench(CLI::App& app);
 void add_tokenizer(CLI::App& app);
 void add_prepare(CLI::App& app);

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   lmforge::app::add_lr_find(app);
   lmforge::app::add_eval(app);
   lmforge::app::add_chat(app);
+  lmforge::app::add_plan(app);
   lmforge::app::add_launch(app);
   try {
     app.parse(argc, argv);

@@ -20,6 +20,7 @@
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
+#include "lmforge/plan/planner.h"
 #include "lmforge/train/checkpoint.h"
 #include "lmforge/train/trainer.h"
 #include "testing/metrics.h"
@@ -132,6 +133,18 @@ class DataParallelTest : public ::testing::Test {
     std::printf("%s: footprint %.0f bytes predicted, %.0f held\n", run_name.c_str(), f.total(),
                 held[0] + held[1] + held[2] + held[3]);
   }
+  // lmforge plan's bytes per step and rank (step_traffic_bytes) against the counted ones, within
+  // 0.5% (it leaves out the 64-byte alignment gaps between parameters).
+  static void expect_planned_traffic(const std::string& run_name, const std::string& strategy,
+                                     int n, int64_t grad_accum, double measured_mib,
+                                     int shards = 0) {
+    FootprintOptions o;
+    o.strategy = static_cast<int>(dist::parse_strategy(strategy));
+    o.shards = shards ? shards : n;
+    const double planned = step_traffic_bytes(
+        checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o, n, grad_accum);
+    EXPECT_NEAR(planned, measured_mib * 1048576.0, 0.005 * planned) << run_name << " (planned)";
+  }
   // "dist: ... optimizer state N bytes, parameters N bytes ..." of rank 0.
   static std::pair<double, double> memory(const std::string& out) {
     std::smatch m;
@@ -205,6 +218,8 @@ TEST_F(DataParallelTest, EveryStrategyMatchesOneProcessWithTheSameGlobalBatch) {
       const std::vector<double> mib = losses(name, "comm_mib");
       ASSERT_EQ(mib.size(), 6u) << name;
       for (double v : mib) EXPECT_NEAR(v * 1048576.0, expect, 1e-9 * expect) << name;
+      // lmforge plan's prediction (without the layout's alignment gaps).
+      expect_planned_traffic(name, s, n, 1, mib[0]);
       std::printf("%s: %.4f MiB per step and rank, %.4f in theory\n", name.c_str(), mib[0],
                   expect / 1048576.0);
     }
@@ -315,6 +330,10 @@ TEST_F(DataParallelTest, GradientAccumulationAcrossRanksMatches) {
         run(name, 2, "--set train.batch_size=1 --set train.grad_accum=2 --set dist.strategy=" + s);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     expect_same(name, reference(2));
+    // Sharded gradients travel every micro-batch (and full-shard's blocks are gathered again).
+    const std::vector<double> mib = losses(name, "comm_mib");
+    ASSERT_FALSE(mib.empty()) << name;
+    expect_planned_traffic(name, s, 2, 2, mib[0]);
   }
 }
 
@@ -326,6 +345,9 @@ TEST_F(DataParallelTest, HybridAsTwoNodesOfTwoAndOffloadMatch) {
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("2 node(s) x 2"), std::string::npos) << r.out;
   expect_same("hybrid-4", ref);
+  const std::vector<double> mib = losses("hybrid-4", "comm_mib");
+  ASSERT_FALSE(mib.empty());
+  expect_planned_traffic("hybrid-4", "hybrid", 4, 1, mib[0], /*shards=*/2);
   // Within a node the state is halved (full-shard over 2 ranks), replicated across nodes.
   RunResult one = run(
       "single-h", 1, "--set train.batch_size=2 --set train.grad_accum=4 --set dist.strategy=zero1");

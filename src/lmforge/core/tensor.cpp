@@ -15,6 +15,7 @@ namespace lmforge {
 
 namespace {
 constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
+}  // namespace
 
 // MemAvailable from /proc/meminfo in bytes, or 0 when unknown. Linux overcommits, so a too-large
 // malloc "succeeds" and the process is killed later; asking first turns that into an error.
@@ -28,7 +29,6 @@ size_t available_host_memory() {
   std::fclose(f);
   return kb * 1024;
 }
-}  // namespace
 
 void check_host_memory(double bytes, const std::string& what, const std::string& fix) {
   const size_t avail = available_host_memory();

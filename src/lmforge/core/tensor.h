@@ -23,6 +23,8 @@ namespace lmforge {
 // exceed the available host memory. Linux accepts mappings larger than memory and kills the
 // process when they are touched: callers that know a whole footprint ask first.
 void check_host_memory(double bytes, const std::string& what, const std::string& fix);
+// MemAvailable from /proc/meminfo in bytes, or 0 when unknown.
+size_t available_host_memory();
 
 // Raw memory for tensors; owned (freed on destruction) or borrowed (e.g. an mmap'ed file).
 class Storage {

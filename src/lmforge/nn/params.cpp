@@ -19,6 +19,15 @@ void ParamSet::finalize(DType dtype) {
   flat_size_ = static_cast<int64_t>(grads_.used() / dtype_size(dtype_));
 }
 
+void ParamSet::finalize_layout(DType dtype) {
+  dtype_ = dtype;
+  Arena measure = Arena::measuring();  // the offsets allocate_grads() would give
+  for (Param& p : params_)
+    p.flat_offset =
+        static_cast<int64_t>(measure.alloc(p.shape, dtype_).byte_offset() / dtype_size(dtype_));
+  flat_size_ = static_cast<int64_t>(measure.used() / dtype_size(dtype_));
+}
+
 void ParamSet::allocate_grads() {
   grads_ = Arena::planned(
       [&](Arena& a) {

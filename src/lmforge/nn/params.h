@@ -53,6 +53,8 @@ class ParamSet {
  public:
   Param* add(const std::string& name, Shape shape, bool decay);
   void finalize(DType dtype = DType::kF32);
+  // The layout alone (offsets, flat_size()): no buffers; the set cannot hold values.
+  void finalize_layout(DType dtype = DType::kF32);
   // Moves every buffer (values, gradients, bf16 copies) to `device`, contents kept (the bf16
   // copies are reconverted on use); Param tensors point at the new buffers. Set-up code only.
   void to(Device device);

@@ -11,15 +11,19 @@
 
 namespace lmforge {
 
-Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
+Transformer::Transformer(const ModelConfig& cfg) : Transformer(cfg, std::nullopt) {}
+
+Transformer::Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> measure)
+    : cfg_(cfg), measure_(measure) {
   cfg_.validate();
   // Its fp32 weights are written (initialized or loaded) by every user of the model; gradients and
   // optimizer state are training's to check (check_training_fits), and sharded runs never touch
   // most of them.
-  check_host_memory(4.0 * static_cast<double>(cfg_.num_params() + cfg_.lora_params()),
-                    fmt::format("the model's fp32 weights ({:.0f}M parameters)",
-                                (cfg_.num_params() + cfg_.lora_params()) / 1e6),
-                    "choose a smaller model");
+  if (!measure_)
+    check_host_memory(4.0 * static_cast<double>(cfg_.num_params() + cfg_.lora_params()),
+                      fmt::format("the model's fp32 weights ({:.0f}M parameters)",
+                                  (cfg_.num_params() + cfg_.lora_params()) / 1e6),
+                      "choose a smaller model");
   int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
   // Registration order is the parameter order everywhere (init, optimizer, checkpoints).
   tok_emb_ = params_.add("tok_emb.weight", {V, C}, false);
@@ -33,7 +37,10 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg) {
   // LoRA: only the adapters train.
   if (cfg_.lora.on())
     for (Param& p : params_.params()) p.frozen = !is_lora_param(p.name);
-  params_.finalize();
+  if (measure_)
+    params_.finalize_layout();
+  else
+    params_.finalize();
   // Groups: the embeddings, each block ("blocks.<l>."), the rest.
   const auto& ps = params_.params();
   group_begin_.assign(cfg_.n_layer + 3, ps.size());
@@ -192,7 +199,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   block_acts_.assign(cfg_.n_layer, {});
   // bf16 activations where they only feed matmuls (Block::matmul_input_dtype; the final norm's
   // output feeds the LM head).
-  const DType mm_in = bf16() && bf16_acts_ ? DType::kBF16 : DType::kF32;
+  const bool bf16_on = measure_ ? measure_->bf16 : bf16();
+  const DType mm_in = bf16_on && bf16_acts_ ? DType::kBF16 : DType::kF32;
   // LoRA adds its adapters' products into the matmul outputs: those stay fp32.
   const DType mm_out =
       mm_in == DType::kBF16 && bf16_outs_ && !cfg_.lora.on() ? DType::kBF16 : DType::kF32;
@@ -200,44 +208,48 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     b.matmul_input_dtype = mm_in;
     b.matmul_output_dtype = mm_out;
   }
-  acts_ = Arena::planned(
-      [&](Arena& a) {
-        tokens_ = a.alloc({B, T}, DType::kI32);
-        targets_ = a.alloc({B, T}, DType::kI32);
-        pos_ids_ = a.alloc({B, T}, DType::kI32);
-        doc_start_ = a.alloc({B, T}, DType::kI32);
-        x0_ = a.alloc({B, T, C});
-        blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
-        for (int64_t l = 0; l < cfg_.n_layer; ++l)
-          blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
-        norm_f_.plan(a, nf_, B * T);
-        nf_out_ = a.alloc({B, T, C}, mm_in);
-        logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
-        // bf16: the loss's backward writes dlogits rounded to bf16 for the LM head's matmuls
-        // (rows padded to 16 bytes on a GPU, for its fast GEMM kernels), no fp32 dlogits pass.
-        // There the fp32 logits' rows are padded to 16 bytes too (GPT-2's 50257 columns would
-        // leave the LM head's forward GEMM 4-byte aligned rows: Hopper's TMA kernels need 16).
-        const bool gpu = device() != Device::kCPU;
-        const bool bf16_dlogits = !keep_logits && mm_in == DType::kBF16;
-        dlogits16_ = bf16_dlogits && !forward_only_
-                         ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
-                         : Tensor();
-        chunk_ = keep_logits ? Tensor()
-                             : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
-        losses_ = a.alloc({B, T});
-        lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
-        if (forward_only_) {  // no backward
-          dres_ = dnf_ = Tensor();
-          scratch_ = {};
-          return;
-        }
-        dres_ = a.alloc({B, T, C});
-        dnf_ = a.alloc({B, T, C});
-        const bool att_grads =
-            bf16_att_grads_ < 0 ? cudnn_attention_for(B, T) : bf16_att_grads_ == 1;
-        scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
-      },
-      device());
+  const auto layout = [&](Arena& a) {
+    tokens_ = a.alloc({B, T}, DType::kI32);
+    targets_ = a.alloc({B, T}, DType::kI32);
+    pos_ids_ = a.alloc({B, T}, DType::kI32);
+    doc_start_ = a.alloc({B, T}, DType::kI32);
+    x0_ = a.alloc({B, T, C});
+    blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
+    for (int64_t l = 0; l < cfg_.n_layer; ++l)
+      blocks_[l].plan(a, block_acts_[l], B, T, recompute, &shared_acts_);
+    norm_f_.plan(a, nf_, B * T);
+    nf_out_ = a.alloc({B, T, C}, mm_in);
+    logits_ = keep_logits ? a.alloc({B, T, V}) : Tensor();
+    // bf16: the loss's backward writes dlogits rounded to bf16 for the LM head's matmuls
+    // (rows padded to 16 bytes on a GPU, for its fast GEMM kernels), no fp32 dlogits pass.
+    // There the fp32 logits' rows are padded to 16 bytes too (GPT-2's 50257 columns would
+    // leave the LM head's forward GEMM 4-byte aligned rows: Hopper's TMA kernels need 16).
+    const bool gpu = device() != Device::kCPU;
+    const bool bf16_dlogits = !keep_logits && mm_in == DType::kBF16;
+    dlogits16_ = bf16_dlogits && !forward_only_
+                     ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
+                     : Tensor();
+    chunk_ =
+        keep_logits ? Tensor() : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
+    losses_ = a.alloc({B, T});
+    lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
+    if (forward_only_) {  // no backward
+      dres_ = dnf_ = Tensor();
+      scratch_ = {};
+      return;
+    }
+    dres_ = a.alloc({B, T, C});
+    dnf_ = a.alloc({B, T, C});
+    const bool att_grads = bf16_att_grads_ < 0 ? cudnn_attention_for(B, T) : bf16_att_grads_ == 1;
+    scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
+  };
+  if (measure_) {  // the bytes alone
+    Arena bytes = Arena::measuring();
+    layout(bytes);
+    measured_acts_ = bytes.used();
+    return;
+  }
+  acts_ = Arena::planned(layout, device());
   if (device() != Device::kCPU) {
     host_pos_ids_ = Tensor::empty({B, T}, DType::kI32);
     host_doc_start_ = Tensor::empty({B, T}, DType::kI32);

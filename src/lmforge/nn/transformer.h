@@ -15,6 +15,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "lmforge/nn/block.h"
@@ -49,6 +50,13 @@ bool is_lora_param(const std::string& name);
 class Transformer {
  public:
   explicit Transformer(const ModelConfig& cfg);
+  // A model that allocates nothing (lmforge plan's): its parameters' layout, and plan() only
+  // measures the activations it would take (activation_bytes()) as if bf16 were enabled when
+  // `bf16`; it cannot run.
+  struct MeasureOnly {
+    bool bf16 = false;
+  };
+  Transformer(const ModelConfig& cfg, MeasureOnly m) : Transformer(cfg, std::optional(m)) {}
 
   const ModelConfig& config() const { return cfg_; }
   ParamSet& params() { return params_; }
@@ -147,7 +155,7 @@ class Transformer {
   }
   int64_t planned_batch() const { return B_; }
   int64_t planned_seq() const { return T_; }
-  size_t activation_bytes() const { return acts_.capacity(); }
+  size_t activation_bytes() const { return measure_ ? measured_acts_ : acts_.capacity(); }
   int64_t logits_chunk_rows() const { return chunk_rows_; }
   // What B x T x V fp32 logits would take, and what the chunked LM head takes instead.
   size_t full_logits_bytes() const { return static_cast<size_t>(B_ * T_) * cfg_.vocab_size * 4; }
@@ -248,6 +256,9 @@ class Transformer {
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
+  Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> measure);
+  std::optional<MeasureOnly> measure_;  // a model that only measures (MeasureOnly)
+  size_t measured_acts_ = 0;
   bool bf16_acts_ = true;
   bool bf16_outs_ = true;
   int bf16_att_grads_ = -1;  // -1: on a GPU, where cuDNN's attention takes the shape

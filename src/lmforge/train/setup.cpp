@@ -52,36 +52,6 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
 
 }  // namespace
 
-TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOptions& o) {
-  using dist::Strategy;
-  const double C = static_cast<double>(m.n_embd), V = static_cast<double>(m.vocab_size);
-  const double all = static_cast<double>(m.num_params() + m.lora_params());
-  const double trained = m.lora.on() ? static_cast<double>(m.lora_params()) : all;
-  // The groups DataParallel gathers and reduces one at a time: embeddings, head, blocks.
-  const double embeddings =
-      V * C + (m.pos == "learned" ? static_cast<double>(m.max_seq_len) * C : 0);
-  const double head =
-      C * (m.norm == "layernorm" && m.bias ? 2 : 1) + (m.tie_embeddings ? 0 : V * C);
-  const double block =
-      m.n_layer > 0 ? (all - embeddings - head) / static_cast<double>(m.n_layer) : 0;
-  const double workspace = embeddings + head + 2 * block;
-  const auto s = static_cast<Strategy>(o.strategy);
-  const double n = std::max(1, o.shards);
-  const double value_bytes = o.bf16_master ? 2 : 4;
-  TrainingFootprint f;
-  if (s >= Strategy::kFullShard) {
-    f.values = all / n * value_bytes;
-    f.gather = workspace * (4 + (o.bf16 ? 2 : 0));
-  } else {
-    f.values = all * value_bytes + (o.bf16 && !o.bf16_master ? all * 2 : 0);
-  }
-  f.gradients = s >= Strategy::kGradShard ? all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
-                                          : trained * 4;
-  f.optimizer = trained * 8 / (s >= Strategy::kZero1 ? n : 1);
-  f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
-  return f;
-}
-
 void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks) {
   const TrainingFootprint f = training_footprint(model, o);
   const double all = static_cast<double>(model.num_params() + model.lora_params());

@@ -16,6 +16,7 @@
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/schedule.h"
+#include "lmforge/plan/planner.h"
 #include "lmforge/train/init_from.h"
 
 namespace lmforge {
@@ -85,30 +86,9 @@ struct RunSetup {
   std::unique_ptr<Transformer> teacher;
 };
 RunSetup setup_run(Config& cfg);
-// What one rank holds for training under a sharding strategy (dist/data_parallel.h), in bytes:
-//   values      every parameter's (fp32, or bf16 master weights; + a bf16 copy of each under bf16
-//               precision), or under full-shard its 1/N shard;
-//   gather      full-shard's buffers: embeddings, head and two blocks (+ their bf16 copies);
-//   gradients   the whole-model buffer (no-shard, zero1: under LoRA the adapters' part, the rest
-//               never paged in), or the 1/N accumulator (twice with gradient accumulation) and
-//               the backward's workspace of embeddings, head and two blocks;
-//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on;
-//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16).
-struct TrainingFootprint {
-  double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
-  double total() const { return values + gather + gradients + optimizer + reference; }
-};
-struct FootprintOptions {
-  bool bf16 = false, bf16_master = false;
-  bool reference = false;    // a frozen reference model is held (not precomputed and released)
-  int strategy = 0;          // dist::Strategy
-  int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
-  bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
-};
-TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
-// node cannot hold training_footprint() each (before any allocation, which Linux would accept
-// and later kill).
+// node cannot hold training_footprint() (plan/planner.h) each (before any allocation, which Linux
+// would accept and later kill).
 void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);

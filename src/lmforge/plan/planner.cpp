@@ -1,0 +1,222 @@
+#include "lmforge/plan/planner.h"
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "lmforge/core/error.h"
+#include "lmforge/dist/data_parallel.h"
+#include "lmforge/nn/block.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+namespace {
+// The parameter groups DataParallel moves one at a time, in elements: embeddings, head, one block.
+struct Groups {
+  double embeddings, head, block, all, trained;
+};
+Groups groups(const ModelConfig& m) {
+  Groups g;
+  const double C = static_cast<double>(m.n_embd), V = static_cast<double>(m.vocab_size);
+  g.all = static_cast<double>(m.num_params() + m.lora_params());
+  g.trained = m.lora.on() ? static_cast<double>(m.lora_params()) : g.all;
+  g.embeddings = V * C + (m.pos == "learned" ? static_cast<double>(m.max_seq_len) * C : 0);
+  g.head = C * (m.norm == "layernorm" && m.bias ? 2 : 1) + (m.tie_embeddings ? 0 : V * C);
+  g.block = m.n_layer > 0 ? (g.all - g.embeddings - g.head) / static_cast<double>(m.n_layer) : 0;
+  return g;
+}
+
+}  // namespace
+
+TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOptions& o) {
+  using dist::Strategy;
+  const Groups g = groups(m);
+  const double workspace = g.embeddings + g.head + 2 * g.block;  // gather buffers alike
+  const auto s = static_cast<Strategy>(o.strategy);
+  const double n = std::max(1, o.shards);
+  const double value_bytes = o.bf16_master ? 2 : 4;
+  TrainingFootprint f;
+  if (s >= Strategy::kFullShard) {
+    f.values = g.all / n * value_bytes;
+    f.gather = workspace * (4 + (o.bf16 ? 2 : 0));
+  } else {
+    f.values = g.all * value_bytes + (o.bf16 && !o.bf16_master ? g.all * 2 : 0);
+  }
+  f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
+                                          : g.trained * 4;
+  f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
+  f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
+  return f;
+}
+
+namespace {
+std::string gib(double bytes) { return fmt::format("{:.2f}", bytes / 1073741824.0); }
+
+std::string duration(double s) {
+  if (s < 120) return fmt::format("{:.0f} s", s);
+  if (s < 7200) return fmt::format("{:.1f} min", s / 60);
+  if (s < 172800) return fmt::format("{:.1f} h", s / 3600);
+  return fmt::format("{:.1f} days", s / 86400);
+}
+}  // namespace
+
+double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int ranks,
+                          int64_t grad_accum) {
+  using dist::Strategy;
+  const Groups g = groups(m);
+  const auto s = static_cast<Strategy>(o.strategy);
+  const double n = s == Strategy::kHybrid ? o.shards : ranks;
+  if (n <= 1 && s != Strategy::kHybrid) return 0;
+  const double k = (n - 1) / n, mb = static_cast<double>(grad_accum);
+  const double grads = 4 * g.trained;                // fp32 gradients
+  const double value_bytes = o.bf16_master ? 2 : 4;  // gathered values
+  const double updates = value_bytes * g.trained;    // zero1/grad-shard's all-gather
+  const double L = static_cast<double>(m.n_layer);
+  const double edges = value_bytes * (g.embeddings + g.head);  // gathered once a step
+  // Blocks gathered: the first micro-batch's forward all of them, each backward all but the last
+  // two (still in the two buffers); a later micro-batch's forward all but the first two (left in
+  // them by the backward before).
+  const double inner = std::max(0.0, L - 2);
+  const double blocks = value_bytes * g.block * (L + inner + (mb - 1) * 2 * inner);
+  double bytes = 0;
+  switch (s) {
+    case Strategy::kNoShard:
+      return 2 * k * grads;
+    case Strategy::kZero1:
+      return 2 * k * grads + k * updates;
+    case Strategy::kGradShard:
+      return mb * k * grads + k * updates;
+    default:  // full-shard, and hybrid within a node
+      bytes = mb * k * grads + k * (edges + blocks);
+  }
+  if (s == Strategy::kHybrid && ranks > n) {  // the node's shard all-reduced across the nodes
+    const double nodes = ranks / n;
+    bytes += 2 * (nodes - 1) / nodes * 4 * g.trained / n;
+  }
+  return bytes;
+}
+
+Plan make_plan(const Config& cfg, const PlanOptions& o) {
+  const TrainConfig& t = cfg.train;
+  if (o.ranks < 1) fail("--ranks: must be at least 1, got {}", o.ranks);
+  const int per_node = o.ranks_per_node > 0 ? o.ranks_per_node : o.ranks;
+  if (o.ranks % per_node != 0)
+    fail("--ranks-per-node: {} does not divide --ranks {}", per_node, o.ranks);
+  if (!(o.mfu > 0 && o.mfu <= 1)) fail("--mfu: must be in (0, 1], got {}", o.mfu);
+  Plan p;
+  p.options = o;
+  p.model = cfg.model;
+  if (p.model.vocab_size == 0) {  // the tokenizer's, padded to 64 (as train does)
+    const std::string& spec = cfg.data.tokenizer;
+    int64_t v = 0;
+    if (spec.starts_with("bpe:")) {
+      try {
+        v = std::stoll(spec.substr(4));
+      } catch (...) {
+      }
+    } else {
+      try {
+        v = load_tokenizer(spec)->vocab_size();
+      } catch (const Error& e) {
+        fail("data.tokenizer: {}", e.what());
+      }
+    }
+    if (v <= 0) fail("data.tokenizer: \"{}\": expected bpe:N, byte or a tokenizer file", spec);
+    p.model.vocab_size = (v + 63) / 64 * 64;
+  }
+  p.model.validate();
+  const ModelConfig& m = p.model;
+  p.batch = t.batch_size;
+  p.seq = t.seq_len;
+  p.grad_accum = t.grad_accum;
+  p.steps = t.steps;
+  p.recompute = t.activation_checkpointing;
+  const Groups g = groups(m);
+  p.params = g.all;
+  p.trained = g.trained;
+  p.flops_per_token = m.flops_per_token(t.seq_len);
+  p.tokens_per_step = static_cast<double>(t.batch_size * t.seq_len * t.grad_accum) * o.ranks;
+  p.tokens = p.tokens_per_step * static_cast<double>(t.steps);
+  if (o.tflops > 0) p.seconds = p.tokens * p.flops_per_token / (o.ranks * o.tflops * 1e12 * o.mfu);
+
+  // The activations of one micro-batch, as the training model would plan them (measured).
+  const bool bf16 = t.precision == "bf16";
+  Transformer measure(m, Transformer::MeasureOnly{bf16});
+  measure.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+  const double activations = static_cast<double>(measure.activation_bytes());
+
+  const bool reference = t.objective == "dpo" || t.objective == "kto";
+  std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
+                                       dist::Strategy::kGradShard, dist::Strategy::kFullShard};
+  if (per_node < o.ranks) order.push_back(dist::Strategy::kHybrid);
+  for (dist::Strategy s : order) {
+    StrategyPlan sp;
+    sp.strategy = static_cast<int>(s);
+    FootprintOptions fo;
+    fo.bf16 = bf16;
+    fo.bf16_master = t.master_weights == "bf16";
+    fo.reference = reference && !m.lora.on() && !t.precompute_ref_logps;
+    fo.strategy = sp.strategy;
+    fo.shards = s == dist::Strategy::kHybrid ? per_node : o.ranks;
+    fo.accumulates = t.grad_accum > 1;
+    sp.state = training_footprint(m, fo);
+    sp.activations = activations;
+    sp.sent_bytes = step_traffic_bytes(m, fo, o.ranks, t.grad_accum);
+    sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
+    p.strategies.push_back(sp);
+  }
+  // The least communication among those that fit (ties: the earlier, less sharded).
+  for (size_t i = 0; i < p.strategies.size(); ++i)
+    if (p.strategies[i].fits &&
+        (p.recommended < 0 ||
+         p.strategies[i].sent_bytes < p.strategies[p.recommended].sent_bytes * (1 - 1e-9)))
+      p.recommended = static_cast<int>(i);
+  return p;
+}
+
+std::string format_plan(const Plan& p) {
+  const ModelConfig& m = p.model;
+  const PlanOptions& o = p.options;
+  const int per_node = o.ranks_per_node > 0 ? o.ranks_per_node : o.ranks;
+  std::string s;
+  s += fmt::format(
+      "model: {:.1f}M parameters ({:.1f}M trained), L={} C={} NH={} V={}; {:.2f} GFLOP per "
+      "token of training at T={}\n",
+      p.params / 1e6, p.trained / 1e6, m.n_layer, m.n_embd, m.n_head, m.vocab_size,
+      p.flops_per_token / 1e9, p.seq);
+  s += fmt::format(
+      "batch: {} x {} tokens x {} micro-batch(es) per rank, {} rank(s) ({} node(s) of {}): {:.0f} "
+      "tokens per step; {} steps = {:.3g} tokens\n",
+      p.batch, p.seq, p.grad_accum, o.ranks, o.ranks / per_node, per_node, p.tokens_per_step,
+      p.steps, p.tokens);
+  s += fmt::format("per rank, GiB (activations: {}){}\n", p.recompute,
+                   o.memory_bytes > 0 ? fmt::format("; {} GiB each", gib(o.memory_bytes)) : "");
+  s += fmt::format("  {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>12}\n", "strategy",
+                   "values", "gather", "grads", "optimizer", "reference", "activations", "total",
+                   "fits", "sent/step");
+  for (const StrategyPlan& sp : p.strategies)
+    s += fmt::format("  {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>8} GiB\n",
+                     dist::strategy_name(static_cast<dist::Strategy>(sp.strategy)),
+                     gib(sp.state.values), gib(sp.state.gather), gib(sp.state.gradients),
+                     gib(sp.state.optimizer), gib(sp.state.reference), gib(sp.activations),
+                     gib(sp.total()), o.memory_bytes > 0 ? (sp.fits ? "yes" : "no") : "?",
+                     gib(sp.sent_bytes));
+  if (p.recommended >= 0)
+    s += fmt::format(
+        "recommended: dist.strategy: {} (fits, and sends the least per step)\n",
+        dist::strategy_name(static_cast<dist::Strategy>(p.strategies[p.recommended].strategy)));
+  else if (o.memory_bytes > 0)
+    s += "recommended: none fits; use more ranks, a smaller micro-batch (train.batch_size with "
+         "train.grad_accum), train.activation_checkpointing: full, or bf16 master weights\n";
+  if (p.seconds > 0)
+    s += fmt::format(
+        "time: {:.3g} FLOP at {:.1f} TFLOP/s x {:.0f}% MFU per rank on {} rank(s): {} "
+        "(compute only)\n",
+        p.tokens * p.flops_per_token, o.tflops, o.mfu * 100, o.ranks, duration(p.seconds));
+  return s;
+}
+
+}  // namespace lmforge

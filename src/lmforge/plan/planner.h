@@ -1,0 +1,83 @@
+// lmforge plan: what a training run needs before it runs. For a config and a number of ranks it
+// predicts, per sharding strategy, each rank's memory (training_footprint: the figures DataParallel
+// reports holding, plus the activations Transformer::plan would take,
+// measured without allocating), the bytes each rank sends per step (the ring algorithm's, as
+// dist/communicator.h counts them), the training FLOPs and the time at a given rate, and
+// recommends the strategy that fits with the least communication.
+//
+//   Plan p = make_plan(cfg, {.ranks = 8, .memory_bytes = 80.0 * (1 << 30), .tflops = 989});
+//   fmt::print("{}", format_plan(p));
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "lmforge/io/config.h"
+
+namespace lmforge {
+
+// What one rank holds for training under a sharding strategy (dist/data_parallel.h), in bytes:
+//   values      every parameter's (fp32, or bf16 master weights; + a bf16 copy of each under bf16
+//               precision), or under full-shard its 1/N shard;
+//   gather      full-shard's buffers: embeddings, head and two blocks (+ their bf16 copies);
+//   gradients   the whole-model buffer (no-shard, zero1: under LoRA the adapters' part, the rest
+//               never paged in), or the 1/N accumulator (twice with gradient accumulation) and
+//               the backward's workspace of embeddings, head and two blocks;
+//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on;
+//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16).
+struct TrainingFootprint {
+  double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
+  double total() const { return values + gather + gradients + optimizer + reference; }
+};
+struct FootprintOptions {
+  bool bf16 = false, bf16_master = false;
+  bool reference = false;    // a frozen reference model is held (not precomputed and released)
+  int strategy = 0;          // dist::Strategy
+  int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
+  bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
+};
+TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
+
+struct PlanOptions {
+  int ranks = 1;
+  int ranks_per_node = 0;   // 0 = all ranks on one node
+  double memory_bytes = 0;  // per rank; 0 = unknown (nothing is said to fit)
+  double tflops = 0;        // per rank's peak; 0 = no time estimate
+  double mfu = 0.4;         // the share of the peak a step reaches
+};
+
+struct StrategyPlan {
+  int strategy = 0;  // dist::Strategy
+  TrainingFootprint state;
+  double activations = 0;  // bytes (Transformer::plan's arena for the micro-batch)
+  double total() const { return state.total() + activations; }
+  double sent_bytes = 0;  // per step and rank (ring algorithm's bytes)
+  bool fits = false;
+};
+
+struct Plan {
+  PlanOptions options;
+  ModelConfig model;
+  int64_t batch = 0, seq = 0, grad_accum = 1, steps = 0;
+  double params = 0, trained = 0;
+  double flops_per_token = 0;  // training (6N + attention)
+  double tokens_per_step = 0, tokens = 0;
+  std::string recompute;  // train.activation_checkpointing
+  std::vector<StrategyPlan> strategies;
+  int recommended = -1;  // index into strategies; -1 = none fits (or memory unknown)
+  double seconds = 0;    // 0 = unknown
+};
+
+// Throws Error naming the key or option for a config or option that cannot be planned.
+Plan make_plan(const Config& cfg, const PlanOptions& o);
+std::string format_plan(const Plan& p);
+
+// Bytes one rank sends per optimizer step under a strategy (ring algorithm's: an all-reduce of B
+// bytes sends 2(N-1)/N B, a reduce-scatter or all-gather (N-1)/N B): its gradients (every
+// micro-batch's under grad-/full-shard), its updated values (zero1, grad-shard), full-shard's
+// gathers (embeddings and head once a step; blocks before their forward and backward, those still
+// in its two buffers excepted) and hybrid's all-reduce across nodes.
+double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int ranks,
+                          int64_t grad_accum);
+
+}  // namespace lmforge

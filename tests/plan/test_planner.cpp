@@ -1,0 +1,99 @@
+// lmforge plan (plan/planner.h): the activations a measuring model predicts are the bytes a real
+// model plans; the command recommends the least communication that fits and refuses bad options.
+// Its memory and traffic per strategy are checked against what training ranks report holding and
+// what their communicator counted in tests/dist/test_data_parallel.cpp.
+#include <gtest/gtest.h>
+
+#include "lmforge/models/presets.h"
+#include "lmforge/nn/block.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/plan/planner.h"
+#include "testing/process.h"
+
+namespace lmforge {
+namespace {
+
+// Transformer::MeasureOnly plans without allocating, and finds the bytes plan() allocates: per
+// preset, precision, activation checkpointing and shape (LoRA's adapter activations too).
+TEST(Planner, MeasuredActivationsAreWhatTheModelPlans) {
+  for (const char* preset : {"gpt2-tiny", "llama3-tiny"})
+    for (bool bf16 : {false, true})
+      for (const char* recompute : {"none", "selective", "full"})
+        for (int lora : {0, 4}) {
+          ModelConfig c = model_preset(preset);
+          c.lora.rank = lora;
+          Transformer real(c), measured(c, Transformer::MeasureOnly{bf16});
+          if (bf16) real.enable_bf16();
+          for (auto [B, T] : {std::pair<int64_t, int64_t>{2, 16}, {3, 64}}) {
+            real.plan(B, T, parse_recompute(recompute));
+            measured.plan(B, T, parse_recompute(recompute));
+            EXPECT_EQ(measured.activation_bytes(), real.activation_bytes())
+                << preset << (bf16 ? " bf16 " : " fp32 ") << recompute << " lora " << lora
+                << " B=" << B << " T=" << T;
+          }
+          EXPECT_EQ(measured.params().flat_size(), real.params().flat_size()) << preset;
+          EXPECT_FALSE(measured.params().has_values());
+        }
+}
+
+TEST(Planner, RecommendsTheLeastTrafficThatFits) {
+  Config cfg;
+  cfg.model = model_preset("gpt2-tiny");
+  cfg.model.vocab_size = 512;
+  cfg.train.batch_size = 4;
+  cfg.train.seq_len = 64;
+  PlanOptions o;
+  o.ranks = 4;
+  o.memory_bytes = 1e12;  // everything fits: no-shard sends the least
+  Plan p = make_plan(cfg, o);
+  ASSERT_EQ(p.strategies.size(), 4u);
+  ASSERT_GE(p.recommended, 0);
+  EXPECT_EQ(p.strategies[p.recommended].strategy, 0);
+  // Less memory than no-shard's but more than full-shard's: the cheapest sharding that fits.
+  const double no_shard = p.strategies[0].total(), full = p.strategies[3].total();
+  ASSERT_LT(full, no_shard);
+  o.memory_bytes = (no_shard + full) / 2;
+  p = make_plan(cfg, o);
+  ASSERT_GE(p.recommended, 0);
+  EXPECT_TRUE(p.strategies[p.recommended].fits);
+  EXPECT_FALSE(p.strategies[0].fits);
+  for (const StrategyPlan& sp : p.strategies)
+    if (sp.fits) {
+      EXPECT_GE(sp.sent_bytes, p.strategies[p.recommended].sent_bytes);
+    }
+  o.memory_bytes = full / 2;  // nothing fits
+  p = make_plan(cfg, o);
+  EXPECT_EQ(p.recommended, -1);
+  EXPECT_NE(format_plan(p).find("none fits"), std::string::npos);
+  // The time: tokens x FLOPs per token over the ranks' rate.
+  o.tflops = 100;
+  o.mfu = 0.5;
+  p = make_plan(cfg, o);
+  EXPECT_DOUBLE_EQ(p.seconds, p.tokens * p.flops_per_token / (4 * 100e12 * 0.5));
+  EXPECT_DOUBLE_EQ(p.tokens, 4.0 * 64 * 4 * static_cast<double>(cfg.train.steps));
+}
+
+TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {
+  const std::string dir = testing::temp_dir("plan");
+  auto r = testing::run_lmforge(
+      "plan --set model.preset=gpt2-tiny --set data.tokenizer=byte --ranks 2 --memory-gib 4 "
+      "--tflops 1",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  for (const char* want :
+       {"model: ", "V=320", "full-shard", "recommended: dist.strategy: no-shard", "time: "})
+    EXPECT_NE(r.out.find(want), std::string::npos) << want << "\n" << r.out;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/runs")) << "plan writes nothing";
+  testing::RunResult bad = testing::run_lmforge("plan --ranks 0", dir);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--ranks"), std::string::npos) << bad.err;
+  bad = testing::run_lmforge("plan --ranks 8 --ranks-per-node 3", dir);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--ranks-per-node: 3 does not divide"), std::string::npos) << bad.err;
+  bad = testing::run_lmforge("plan --set train.seq_len=4096", dir);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("train.seq_len"), std::string::npos) << bad.err;
+}
+
+}  // namespace
+}  // namespace lmforge

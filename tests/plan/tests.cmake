@@ -1,0 +1,1 @@
+lmforge_test(test_planner unit plan/test_planner.cpp)
