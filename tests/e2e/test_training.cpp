@@ -5,7 +5,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
 
 #include "lmforge/data/text_shards.h"
@@ -183,6 +185,66 @@ TEST(Training, MuonLearnsAndResumesBitExact) {
               a.at(1)["loss"].get<double>());
   EXPECT_LT(tail(a), a.at(1)["loss"].get<double>() - 2.0);
   EXPECT_LT(tail(a), tail(w) + 0.05);
+}
+
+// train.hellaswag: HellaSwag-format examples (made from the corpus) scored at every evaluation in
+// the training model's own batches (6 rows: an example's 4 endings may span two forwards), as
+// llm.c does; the last score is what `lmforge eval` gives for the final checkpoint (the same
+// weights, one example per forward; at most one near-tie may fall the other way).
+TEST(Training, HellaSwagIsScoredAtEveryEvaluation) {
+  std::string dir = testing::temp_dir("train-hellaswag");
+  std::vector<std::vector<std::string>> verses;
+  {
+    std::istringstream text(testing::slurp(demo_corpus_path()));
+    for (std::string line; std::getline(text, line) && verses.size() < 60;) {
+      std::istringstream ws(line);
+      std::vector<std::string> w{std::istream_iterator<std::string>(ws), {}};
+      if (w.size() >= 8) verses.push_back(w);
+    }
+  }
+  {
+    std::ofstream f(dir + "/hs.jsonl");
+    for (size_t i = 0; i < 30; ++i) {
+      std::vector<std::string> endings;
+      for (size_t k = 0; k < 4; ++k) {
+        const auto& v = verses[(i + 13 * k) % verses.size()];
+        endings.push_back(v[4] + " " + v[5] + " " + v[6]);
+      }
+      const auto& v = verses[i];
+      f << nlohmann::json({{"ctx", v[0] + " " + v[1] + " " + v[2] + " " + v[3]},
+                           {"endings", endings},
+                           {"label", 0}})
+               .dump()
+        << "\n";
+    }
+  }
+  auto r = run_lmforge(
+      std::string("train ") + kSmall +
+          "--set model.n_layer=2 --set train.steps=40 --set train.eval_every=20 "
+          "--set train.batch_size=6 --set train.hellaswag=hs.jsonl --set train.hellaswag_limit=25 "
+          "--set run.dir=run",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto hs = metrics(dir + "/run", "hellaswag_acc_norm");
+  ASSERT_EQ(hs.size(), 2u);
+  EXPECT_TRUE(hs.count(20) && hs.count(40));
+  EXPECT_NE(r.out.find("hellaswag acc "), std::string::npos) << r.out;
+  auto e = run_lmforge("eval --checkpoint run --hellaswag hs.jsonl --limit 25", dir);
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  const double acc = hs[40]["hellaswag_acc"], acc_norm = hs[40]["hellaswag_acc_norm"];
+  std::printf("step 40: hellaswag acc %.4f acc_norm %.4f; eval: %s", acc, acc_norm, e.out.c_str());
+  std::smatch m;
+  const std::string out = e.out;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("acc ([0-9.]+), acc_norm ([0-9.]+)"))) << out;
+  EXPECT_NEAR(std::stod(m[1]), acc, 1.0 / 25 + 1e-9);
+  EXPECT_NEAR(std::stod(m[2]), acc_norm, 1.0 / 25 + 1e-9);
+  // A file that cannot be read is refused before training starts.
+  r = run_lmforge(
+      std::string("train ") + kSmall + "--set train.hellaswag=missing.jsonl --set run.dir=bad",
+      dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.hellaswag: missing.jsonl: cannot open"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir + "/bad"));
 }
 
 // train.master_weights: bf16. The checkpoints hold the bf16 weights themselves (half the bytes of

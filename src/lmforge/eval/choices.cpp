@@ -58,86 +58,100 @@ std::vector<ChoiceItem> read_hellaswag(const std::string& path, int64_t limit) {
   return items;
 }
 
-namespace {
-// One choice's tokens: the context's, then the ending's; `scored` of the last ones are the
-// ending's.
-struct Row {
-  std::vector<int32_t> ids;
-  int64_t scored = 0;
-};
-}  // namespace
-
-ChoiceResult score_choices(Transformer& model, const Tokenizer& tok,
-                           const std::vector<ChoiceItem>& items,
-                           const std::function<void(const ChoiceResult&)>& progress) {
-  const int64_t max_t = model.config().max_seq_len;
-  // Tokenize everything first: the plan's (B, T) is the largest item's.
-  std::vector<std::vector<Row>> rows(items.size());
-  int64_t B = 0, T = 1;
+ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& items, int64_t max_t,
+                       int64_t vocab) {
+  ChoiceRows rows;
   for (size_t i = 0; i < items.size(); ++i) {
     const ChoiceItem& it = items[i];
     const std::vector<int32_t> ctx = tok.encode(it.context);
     if (ctx.empty()) fail("item {}: its context encodes to no tokens", i + 1);
     for (const std::string& e : it.endings) {
-      Row r;
       const std::vector<int32_t> end = tok.encode(" " + e);
       if (static_cast<int64_t>(end.size()) > max_t)
         fail("item {}: an ending of {} tokens does not fit the model's context of {}", i + 1,
              end.size(), max_t);
-      r.ids = ctx;
-      r.ids.insert(r.ids.end(), end.begin(), end.end());
-      r.scored = static_cast<int64_t>(end.size());
-      if (static_cast<int64_t>(r.ids.size()) > max_t + 1)  // the context cut from the left
-        r.ids.erase(r.ids.begin(), r.ids.end() - (max_t + 1));
-      T = std::max<int64_t>(T, static_cast<int64_t>(r.ids.size()) - 1);
-      rows[i].push_back(std::move(r));
-    }
-    B = std::max<int64_t>(B, static_cast<int64_t>(it.endings.size()));
-  }
-  for (const auto& rs : rows)
-    for (const Row& r : rs)
-      for (int32_t id : r.ids)
-        if (id < 0 || id >= model.config().vocab_size)
+      std::vector<int32_t> ids = ctx;
+      ids.insert(ids.end(), end.begin(), end.end());
+      if (static_cast<int64_t>(ids.size()) > max_t + 1)  // the context cut from the left
+        ids.erase(ids.begin(), ids.end() - (max_t + 1));
+      for (int32_t id : ids)
+        if (id < 0 || id >= vocab)
           fail(
-              "token id {} is outside the model's vocabulary of {}; the tokenizer does not "
-              "match the model",
-              id, model.config().vocab_size);
+              "item {}: token id {} is outside the model's vocabulary of {}; the tokenizer does "
+              "not match the model",
+              i + 1, id, vocab);
+      rows.longest = std::max<int64_t>(rows.longest, static_cast<int64_t>(ids.size()) - 1);
+      rows.ids.push_back(std::move(ids));
+      rows.scored.push_back(static_cast<int64_t>(end.size()));
+      rows.item.push_back(i);
+    }
+  }
+  return rows;
+}
 
-  model.plan_forward_only(B, T);
+ChoiceResult score_rows(Transformer& model, const std::vector<ChoiceItem>& items,
+                        const ChoiceRows& rows,
+                        const std::function<void(const ChoiceResult&)>& progress) {
+  const int64_t B = model.planned_batch(), T = model.planned_seq();
+  LMF_CHECK(rows.longest <= T, "choice rows of {} positions for a model planned for {}",
+            rows.longest, T);
   constexpr int32_t kIgnore = -100;
   Tensor tokens = Tensor::empty({B, T}, DType::kI32), targets = Tensor::empty({B, T}, DType::kI32);
   ChoiceResult out;
+  out.scores.reserve(items.size());
+  ChoiceScore s;  // the item being totalled
+  size_t item = 0;
+  auto finish_item = [&] {
+    out.correct += s.pred == items[item].label;
+    out.correct_norm += s.pred_norm == items[item].label;
+    out.scores.push_back(std::move(s));
+    s = ChoiceScore();
+    ++item;
+    if (progress) progress(out);
+  };
   std::vector<double> logp;
-  for (size_t i = 0; i < items.size(); ++i) {
+  const size_t n = rows.ids.size();
+  for (size_t r0 = 0; r0 < n; r0 += static_cast<size_t>(B)) {
     int32_t* tk = tokens.data<int32_t>();
     int32_t* tg = targets.data<int32_t>();
     std::fill(tk, tk + B * T, 0);
     std::fill(tg, tg + B * T, kIgnore);
-    for (size_t c = 0; c < rows[i].size(); ++c) {
-      const Row& r = rows[i][c];
-      const int64_t n = static_cast<int64_t>(r.ids.size()) - 1;  // positions
-      for (int64_t t = 0; t < n; ++t) {
-        tk[c * T + t] = r.ids[t];
-        if (t >= n - r.scored) tg[c * T + t] = r.ids[t + 1];
+    const size_t rn = std::min(n - r0, static_cast<size_t>(B));
+    for (size_t b = 0; b < rn; ++b) {
+      const std::vector<int32_t>& ids = rows.ids[r0 + b];
+      const int64_t len = static_cast<int64_t>(ids.size()) - 1;  // positions
+      for (int64_t t = 0; t < len; ++t) {
+        tk[b * T + t] = ids[t];
+        if (t >= len - rows.scored[r0 + b]) tg[b * T + t] = ids[t + 1];
       }
     }
     model.forward(tokens, targets, kIgnore);
     model.row_logps(logp);
-    ChoiceScore s;
-    for (size_t c = 0; c < rows[i].size(); ++c) {
-      s.logp.push_back(logp[c]);
-      s.tokens.push_back(model.row_targets()[c]);
-      const double norm = s.logp[c] / std::max<int64_t>(1, s.tokens[c]);
+    for (size_t b = 0; b < rn; ++b) {
+      while (rows.item[r0 + b] != item) finish_item();
+      const size_t c = s.logp.size();
+      s.logp.push_back(logp[b]);
+      s.tokens.push_back(model.row_targets()[b]);
+      const auto norm = [&](size_t k) {
+        return s.logp[k] / static_cast<double>(std::max<int64_t>(1, s.tokens[k]));
+      };
       if (s.logp[c] > s.logp[s.pred]) s.pred = static_cast<int>(c);
-      if (norm > s.logp[s.pred_norm] / std::max<int64_t>(1, s.tokens[s.pred_norm]))
-        s.pred_norm = static_cast<int>(c);
+      if (norm(c) > norm(s.pred_norm)) s.pred_norm = static_cast<int>(c);
     }
-    out.correct += s.pred == items[i].label;
-    out.correct_norm += s.pred_norm == items[i].label;
-    out.scores.push_back(std::move(s));
-    if (progress) progress(out);
   }
+  if (!s.logp.empty()) finish_item();
   return out;
+}
+
+ChoiceResult score_choices(Transformer& model, const Tokenizer& tok,
+                           const std::vector<ChoiceItem>& items,
+                           const std::function<void(const ChoiceResult&)>& progress) {
+  const ChoiceRows rows =
+      choice_rows(tok, items, model.config().max_seq_len, model.config().vocab_size);
+  size_t most = 0;  // endings of the largest item: one forward per item
+  for (const ChoiceItem& it : items) most = std::max(most, it.endings.size());
+  model.plan_forward_only(static_cast<int64_t>(most), std::max<int64_t>(1, rows.longest));
+  return score_rows(model, items, rows, progress);
 }
 
 }  // namespace lmforge

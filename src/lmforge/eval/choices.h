@@ -43,10 +43,28 @@ struct ChoiceResult {
   double acc_norm() const { return scores.empty() ? 0.0 : double(correct_norm) / scores.size(); }
 };
 
-// Scores every item with the model (which this plans for the largest item and runs forwards
-// only: it cannot train afterwards). A choice longer than the model's context keeps its last
-// max_seq_len + 1 tokens (the context is cut from the left; an ending that alone does not fit is
-// an Error naming the item). progress(so_far) after each item, if given.
+// Every item's choices as rows of token ids: the context's, then " " + ending's, the last
+// `scored` of them the ending's. A row longer than max_t + 1 keeps its last max_t + 1 tokens (the
+// context cut from the left); an ending that alone does not fit, or ids beyond `vocab`, are an
+// Error naming the item.
+struct ChoiceRows {
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<int64_t> scored;
+  std::vector<size_t> item;  // the item each row belongs to (rows in item, then ending order)
+  int64_t longest = 0;       // tokens of the longest row, less one (the positions it needs)
+};
+ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& items, int64_t max_t,
+                       int64_t vocab);
+
+// Scores the rows with forwards of the model as planned, (B, T) rows at a time (T >= every
+// row's positions), and totals the items. The forwards go through Transformer::forward, so a
+// model under DataParallel gathers its shards as in evaluation. progress(so_far) after each item.
+ChoiceResult score_rows(Transformer& model, const std::vector<ChoiceItem>& items,
+                        const ChoiceRows& rows,
+                        const std::function<void(const ChoiceResult&)>& progress = {});
+
+// Both for a model of its own: planned for the largest item's choices and forwards only (it
+// cannot train afterwards); rows cut to the model's context.
 ChoiceResult score_choices(Transformer& model, const Tokenizer& tok,
                            const std::vector<ChoiceItem>& items,
                            const std::function<void(const ChoiceResult&)>& progress = {});

@@ -152,6 +152,11 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.seed", &c.train.seed, "weights, batches and sampling"},
       {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},
       {"train.eval_batches", &c.train.eval_batches, "batches per validation"},
+      {"train.hellaswag", &c.train.hellaswag,
+       "HellaSwag JSONL scored at every evaluation (train.eval_every), as llm.c does: "
+       "hellaswag_acc and hellaswag_acc_norm in the metrics; empty = off"},
+      {"train.hellaswag_limit", &c.train.hellaswag_limit,
+       "train.hellaswag: its first N examples only; 0 = all"},
       {"train.patience", &c.train.patience,
        "early stopping after this many evals without improvement; 0 = off"},
       {"train.min_delta", &c.train.min_delta, "val loss improvement that counts"},

@@ -85,7 +85,9 @@ struct TrainConfig {
   std::string device = "cpu";           // cpu | cuda | auto
   bool cuda_graphs = false;  // on a GPU: the step's kernels captured once, replayed (one process)
   uint64_t seed = 1337;
-  int64_t eval_every = 100;  // 0 = never
+  int64_t eval_every = 100;     // 0 = never
+  std::string hellaswag;        // HellaSwag JSONL scored at each evaluation (llm.c's); "" = off
+  int64_t hellaswag_limit = 0;  // its first N examples; 0 = all
   int64_t eval_batches = 10;
   int64_t patience = 0;            // early stopping: evals without improvement; 0 = off
   double min_delta = 0;            // improvement that counts for patience and best

@@ -21,6 +21,7 @@
 #ifdef LMFORGE_HAVE_NCCL
 #include "lmforge/dist/nccl.h"
 #endif
+#include "lmforge/eval/choices.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/nn/transformer.h"
@@ -235,6 +236,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   dist::DataParallel dp(comm, model, cfg.dist, optimizer_options(t), deferred_seed);
   AdamW& opt = dp.optimizer();
   Schedule sched = make_schedule(t);  // validated before anything is written
+  // train.hellaswag: its examples read and tokenized once, in rows of the training shape.
+  std::vector<ChoiceItem> hs_items;
+  ChoiceRows hs_rows;
+  if (!t.hellaswag.empty()) {
+    try {
+      hs_items = read_hellaswag(t.hellaswag, t.hellaswag_limit);
+      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, model.config().vocab_size);
+    } catch (const Error& e) {
+      fail("train.hellaswag: {} (its choices must fit train.seq_len {})", e.what(), t.seq_len);
+    }
+  }
 
   // Run directory: nothing is written until every check above has passed.
   const std::string& run_dir = cfg.run.dir;
@@ -567,6 +579,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
             st.step, t.min_delta, evals.bad(), evals.best(), evals.best_step()));
         stop = true;
       }
+    }
+    if (!hs_items.empty() && t.eval_every > 0 &&
+        (st.step % t.eval_every == 0 || st.step == t.steps)) {
+      const ChoiceResult r = score_rows(model, hs_items, hs_rows);
+      if (metrics)
+        metrics->write(
+            {{"step", st.step}, {"hellaswag_acc", r.acc()}, {"hellaswag_acc_norm", r.acc_norm()}});
+      progress.message(
+          fmt::format("step {:>6}/{} | hellaswag acc {:.4f} | acc_norm {:.4f} ({} "
+                      "examples)",
+                      st.step, t.steps, r.acc(), r.acc_norm(), hs_items.size()));
     }
     if (stop) break;
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
