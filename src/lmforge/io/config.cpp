@@ -132,7 +132,8 @@ std::vector<ConfigField> fields(Config& c) {
        "loss_type"},
       {"train.precompute_ref_logps", &c.train.precompute_ref_logps,
        "DPO: the reference's log-likelihoods of every pair computed once before training, and "
-       "the reference model released (TRL's precompute_ref_log_probs)"},
+       "the reference model released (under LoRA: no reference forward per step) (TRL's "
+       "precompute_ref_log_probs)"},
       {"train.spike_zscore", &c.train.spike_zscore,
        "skip steps whose loss is this many std above the rolling mean (a non-finite loss or grad "
        "norm always skips); 0 = off"},

@@ -207,28 +207,30 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
     check_generate(model.config(), tokenizer->encode(cfg.sample.prompt, false, true),
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
-  // train.precompute_ref_logps: DPO's reference log-likelihoods of every pair once, then the
-  // reference model released, before the optimizer's state is allocated.
+  // train.precompute_ref_logps: DPO's reference log-likelihoods of every pair once, before the
+  // optimizer's state is allocated; then a separate reference model is released, and under LoRA
+  // (the reference is the policy with its adapters off) the steps save its forward.
   std::optional<std::pair<ReferenceTable, ReferenceTable>> ref_tables;
   if (t.precompute_ref_logps) {
-    if (!setup.reference)
-      fail(
-          "train.precompute_ref_logps: under LoRA the reference is the base model itself (the "
-          "policy with its adapters off), no second model to release; set it to false");
+    Transformer& ref = setup.reference ? *setup.reference : model;
+    LMF_CHECK(setup.reference || setup.reference_is_base, "DPO without a reference model");
     const auto t0 = Clock::now();
     Batch scratch = Batch::make(t.batch_size, t.seq_len);
-    ReferenceTable train_ref =
-        precompute_reference_logps(*setup.reference, train_data, scratch, *world);
+    if (!setup.reference) model.set_adapters(false);
+    ReferenceTable train_ref = precompute_reference_logps(ref, train_data, scratch, *world);
     ReferenceTable val_ref;
-    if (val_data)
-      val_ref = precompute_reference_logps(*setup.reference, *val_data, scratch, *world);
-    const double mib = setup.reference->params().numel() * 4 / 1048576.0;
-    setup.reference.reset();
+    if (val_data) val_ref = precompute_reference_logps(ref, *val_data, scratch, *world);
+    model.set_adapters(true);
+    std::string released = "the policy without its LoRA adapters";
+    if (setup.reference) {
+      released = fmt::format("the reference model ({:.0f} MiB of weights) released",
+                             setup.reference->params().numel() * 4 / 1048576.0);
+      setup.reference.reset();
+    }
     fmt::print(
-        "reference: log-likelihoods of {} training and {} validation pairs in {:.1f} s; the "
-        "reference model ({:.0f} MiB of weights) released\n",
+        "reference: log-likelihoods of {} training and {} validation pairs in {:.1f} s; {}\n",
         train_ref.logp.size() / 2, val_ref.logp.size() / 2,
-        std::chrono::duration<double>(Clock::now() - t0).count(), mib);
+        std::chrono::duration<double>(Clock::now() - t0).count(), released);
     ref_tables.emplace(std::move(train_ref), std::move(val_ref));
   }
   std::optional<uint64_t> deferred_seed;
@@ -388,11 +390,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                           t.kto_loss, po.beta, po.desirable_weight, po.undesirable_weight)
             : fmt::format("beta {} gamma {} cpo_alpha {}", po.beta, po.gamma, po.cpo_alpha);
     fmt::print("objective: {} ({}){}\n", t.objective, what,
-               setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
-               : ref_tables            ? "; reference log-likelihoods precomputed"
-               : setup.reference       ? fmt::format("; reference model {:.0f} MiB of weights",
-                                                     setup.reference->params().numel() * 4 / 1048576.0)
-                                       : "");
+               ref_tables                ? "; reference log-likelihoods precomputed"
+               : setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
+               : setup.reference         ? fmt::format("; reference model {:.0f} MiB of weights",
+                                                       setup.reference->params().numel() * 4 / 1048576.0)
+                                         : "");
   }
   if (setup.teacher)
     fmt::print("objective: distill from {} ({:.2f}M parameters), alpha {} temperature {}\n",
