@@ -114,7 +114,7 @@ class DataParallelTest : public ::testing::Test {
   // bytes, parameters N bytes (+ G bytes of gather buffers), gradients N bytes"): each part
   // within 1% (the prediction leaves out the 64-byte alignment of each parameter and shard).
   static void expect_footprint(const std::string& out, const std::string& strategy, int n,
-                               const std::string& run_name) {
+                               const std::string& run_name, bool muon = false) {
     std::smatch m;
     std::regex re(
         "optimizer state (\\d+) bytes, parameters (\\d+) bytes \\(\\+ (\\d+) bytes of gather "
@@ -123,6 +123,7 @@ class DataParallelTest : public ::testing::Test {
     FootprintOptions o;
     o.strategy = static_cast<int>(dist::parse_strategy(strategy));
     o.shards = n;
+    o.muon = muon;
     const TrainingFootprint f = training_footprint(
         checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o);
     const double held[] = {std::stod(m[1]), std::stod(m[2]), std::stod(m[3]), std::stod(m[4])};
@@ -264,6 +265,8 @@ TEST_F(DataParallelTest, MuonUnderNoShardMatchesOneProcess) {
   RunResult r = run("muon-2", 2, muon + "--set dist.strategy=no-shard");
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   expect_same("muon-2", "muon-ref");
+  // One moment for the blocks' matrices, and the Newton-Schulz workspace: as predicted.
+  expect_footprint(r.out, "no-shard", 2, "muon-2", /*muon=*/true);
 }
 
 // DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair

@@ -48,6 +48,22 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
                                           : g.trained * 4;
   f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
+  if (o.muon) {  // no-shard only: the blocks' matrices keep one moment, plus the workspace
+    const double C = static_cast<double>(m.n_embd), F = static_cast<double>(m.ffn());
+    const double matrices[][2] = {{static_cast<double>(m.qkv_dim()), C},
+                                  {C, static_cast<double>(m.n_head * m.head_size())},
+                                  {(m.mlp == "swiglu" ? 2 : 1) * F, C},
+                                  {C, F}};
+    double per_block = 0, most = 0, gram = 0;
+    for (const auto& rc : matrices) {
+      per_block += rc[0] * rc[1];
+      most = std::max(most, rc[0] * rc[1]);
+      gram = std::max(gram, std::min(rc[0], rc[1]) * std::min(rc[0], rc[1]));
+    }
+    const double muon = per_block * static_cast<double>(m.n_layer);
+    f.optimizer =
+        (g.trained - muon) * 8 + muon * 4 + 2 * (most + gram) * (4 + (o.muon_bf16 ? 2 : 0));
+  }
   f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
   return f;
 }
@@ -162,6 +178,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     fo.strategy = sp.strategy;
     fo.shards = s == dist::Strategy::kHybrid ? per_node : o.ranks;
     fo.accumulates = t.grad_accum > 1;
+    fo.muon = t.optimizer == "muon" && s == dist::Strategy::kNoShard;
+    fo.muon_bf16 = fo.muon && bf16 && t.device != "cpu";  // a GPU's (a CPU's: AMX, Zen 4)
     sp.state = training_footprint(m, fo);
     sp.activations = activations;
     sp.sent_bytes = step_traffic_bytes(m, fo, o.ranks, t.grad_accum);

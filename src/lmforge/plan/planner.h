@@ -23,7 +23,8 @@ namespace lmforge {
 //   gradients   the whole-model buffer (no-shard, zero1: under LoRA the adapters' part, the rest
 //               never paged in), or the 1/N accumulator (twice with gradient accumulation) and
 //               the backward's workspace of embeddings, head and two blocks;
-//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on;
+//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on (Muon:
+//               one for the blocks' matrices, and its Newton-Schulz workspace);
 //   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16).
 struct TrainingFootprint {
   double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
@@ -35,6 +36,8 @@ struct FootprintOptions {
   int strategy = 0;          // dist::Strategy
   int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
   bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
+  bool muon = false;         // train.optimizer: muon (one moment for the blocks' matrices)
+  bool muon_bf16 = false;    // its Newton-Schulz products in bf16 (their operands' copies)
 };
 TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
 

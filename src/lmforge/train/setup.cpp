@@ -181,6 +181,8 @@ RunSetup setup_run(Config& cfg) {
                 : cfg.dist.ranks_per_node > 0       ? static_cast<int>(cfg.dist.ranks_per_node)
                                                     : launch.local_size;
     fo.accumulates = t.grad_accum > 1;
+    fo.muon = t.optimizer == "muon";
+    fo.muon_bf16 = optimizer_options(t).muon.bf16;
     check_training_fits(cfg.model, fo, launch.local_size);
   }
   r.model = std::make_unique<Transformer>(cfg.model);
