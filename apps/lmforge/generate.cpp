@@ -147,9 +147,22 @@ void add_chat(CLI::App& app) {
         if (tty) fmt::print("(conversation reset)\n");
         continue;
       }
+      // A turn that cannot fit even alone (after the system turn) is refused, the conversation
+      // kept.
+      std::vector<ChatMessage> alone(turns.begin(),
+                                     turns.begin() + static_cast<std::ptrdiff_t>(first));
+      alone.push_back({"user", line});
+      const size_t alone_tokens = chat_prompt(tok, alone, o->chat_template, o->s).size();
+      if (static_cast<int64_t>(alone_tokens) >= context) {
+        fmt::print(stderr,
+                   "lmforge: this turn has {} tokens with the template, beyond the "
+                   "model's context of {}; say it in fewer words\n",
+                   alone_tokens, context);
+        continue;
+      }
       turns.push_back({"user", line});
       std::vector<int32_t> prompt = chat_prompt(tok, turns, o->chat_template, o->s);
-      // Room for a reply of max_tokens (at least a quarter of the context): drop the oldest
+      // Room for a reply of max_tokens (at most a quarter of the context): drop the oldest
       // exchanges while there is an earlier one.
       const int64_t room = std::min<int64_t>(o->s.max_tokens, context / 4);
       bool dropped = false;
@@ -163,14 +176,6 @@ void add_chat(CLI::App& app) {
       if (dropped)  // (stdout is the replies alone when piped)
         fmt::print(tty ? stdout : stderr,
                    "(the oldest turns no longer fit the context: dropped)\n");
-      if (static_cast<int64_t>(prompt.size()) >= context) {
-        fmt::print(stderr,
-                   "lmforge: this turn has {} tokens with the template, beyond the "
-                   "model's context of {}; say it in fewer words\n",
-                   prompt.size(), context);
-        turns.pop_back();
-        continue;
-      }
       check_generate(model.config(), prompt, o->s, /*config_keys=*/false);
       SamplingOptions s = o->s;
       s.seed = o->s.seed + static_cast<uint64_t>(n);  // each reply its own draw

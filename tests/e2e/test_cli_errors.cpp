@@ -83,6 +83,12 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       {"sample.prompt", "300 tokens", "model.max_seq_len"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.spike_window=10", dir),
                         {"train.spike_window", "at least 20", "train.spike_zscore: 0"});
+  // train.hellaswag is scored at evaluations.
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.hellaswag=hs.jsonl --set train.eval_every=0", dir),
+      {"train.hellaswag", "train.eval_every is 0"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.hellaswag_limit=-1", dir),
+                        {"train.hellaswag_limit", ">= 0"});
   // Muon: its keys, and what it cannot run with.
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.optimizer=sgd", dir),
                         {"train.optimizer", "adamw or muon", "sgd"});

@@ -173,6 +173,13 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
                            dir);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("holds LoRA adapters"), std::string::npos) << r.err;
+  // Continuing them with Muon (whole matrices only): refused, though no model.lora_* is given.
+  r = testing::run_lmforge("train --set init_from=lora --set train.optimizer=muon " + data +
+                               "--set train.steps=1 --set run.dir=again",
+                           dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("train.optimizer: muon"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("continues LoRA adapters"), std::string::npos) << r.err;
 
   r = testing::run_lmforge("export --checkpoint lora --to-hf hf", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;

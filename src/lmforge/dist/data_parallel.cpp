@@ -380,8 +380,8 @@ double DataParallel::clip_grad_norm(double max_norm) {
 }
 
 void DataParallel::scale_grads(double f) {
-  if (grad_sharded())
-    ops::scale(gshard_, f);
+  if (grad_sharded())  // the trained ranges (frozen ones stay zero: nothing writes them)
+    for (const auto& [lo, hi] : shard_trained_) ops::scale(gshard_.slice(lo, hi - lo), f);
   else
     for (Param& p : ps_.params())
       if (!p.frozen) ops::scale(p.grad, f);

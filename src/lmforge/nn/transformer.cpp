@@ -190,7 +190,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   // On a GPU, 512 MiB (Llama 3's 128256 columns: 1024-row chunks, not 512-row ones whose GEMMs
   // ran at 440-580 TFLOP/s on an H200) in rows a multiple of 64 (the GEMM tiles' M), the last
   // chunk shorter.
-  const bool on_gpu = device() != Device::kCPU;
+  const bool on_gpu = measure_ ? measure_->gpu : device() != Device::kCPU;
   const int64_t chunk_bytes = int64_t{on_gpu ? 512 : 256} << 20;
   const int64_t N = B * T, most = std::max<int64_t>(64, chunk_bytes / (4 * V));
   const int64_t chunks = (N + most - 1) / most;
@@ -224,7 +224,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     // (rows padded to 16 bytes on a GPU, for its fast GEMM kernels), no fp32 dlogits pass.
     // There the fp32 logits' rows are padded to 16 bytes too (GPT-2's 50257 columns would
     // leave the LM head's forward GEMM 4-byte aligned rows: Hopper's TMA kernels need 16).
-    const bool gpu = device() != Device::kCPU;
+    const bool gpu = on_gpu;
     const bool bf16_dlogits = !keep_logits && mm_in == DType::kBF16;
     dlogits16_ = bf16_dlogits && !forward_only_
                      ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
@@ -240,7 +240,10 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     }
     dres_ = a.alloc({B, T, C});
     dnf_ = a.alloc({B, T, C});
-    const bool att_grads = bf16_att_grads_ < 0 ? cudnn_attention_for(B, T) : bf16_att_grads_ == 1;
+    const bool att_grads =
+        bf16_att_grads_ >= 0 ? bf16_att_grads_ == 1
+        : measure_ ? measure_->gpu && bf16_on && cfg_.sliding_window == 0 && cfg_.head_size() <= 128
+                   : cudnn_attention_for(B, T);
     scratch_.plan(a, cfg_, B, T, mm_out, att_grads);
   };
   if (measure_) {  // the bytes alone

@@ -52,9 +52,10 @@ class Transformer {
   explicit Transformer(const ModelConfig& cfg);
   // A model that allocates nothing (lmforge plan's): its parameters' layout, and plan() only
   // measures the activations it would take (activation_bytes()) as if bf16 were enabled when
-  // `bf16`; it cannot run.
+  // `bf16`, and as on a GPU when `gpu` (its larger LM-head chunks and padded rows; cuDNN assumed
+  // to take the bf16 attention where its head size allows); it cannot run.
   struct MeasureOnly {
-    bool bf16 = false;
+    bool bf16 = false, gpu = false;
   };
   Transformer(const ModelConfig& cfg, MeasureOnly m) : Transformer(cfg, std::optional(m)) {}
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/nn/block.h"
@@ -160,7 +161,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
 
   // The activations of one micro-batch, as the training model would plan them (measured).
   const bool bf16 = t.precision == "bf16";
-  Transformer measure(m, Transformer::MeasureOnly{bf16});
+  const bool gpu = t.device == "cuda" || (t.device == "auto" && cuda::available());
+  Transformer measure(m, Transformer::MeasureOnly{bf16, gpu});
   measure.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
   const double activations = static_cast<double>(measure.activation_bytes());
 
@@ -179,7 +181,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     fo.shards = s == dist::Strategy::kHybrid ? per_node : o.ranks;
     fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon" && s == dist::Strategy::kNoShard;
-    fo.muon_bf16 = fo.muon && bf16 && t.device != "cpu";  // a GPU's (a CPU's: AMX, Zen 4)
+    fo.muon_bf16 = fo.muon && bf16 && gpu;  // a GPU's (a CPU's with AMX or Zen 4 too)
     sp.state = training_footprint(m, fo);
     sp.activations = activations;
     sp.sent_bytes = step_traffic_bytes(m, fo, o.ranks, t.grad_accum);

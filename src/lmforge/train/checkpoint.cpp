@@ -610,8 +610,8 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
     if (saved != opt->name())
       fail(
           "{}: its optimizer state is {}'s, but train.optimizer is {}; resume with "
-          "train.optimizer: {}, or start a new run from it with init_from: {}",
-          ckpt_dir, saved, opt->name(), saved, ckpt_dir);
+          "train.optimizer: {}, or with --reset-optimizer (its weights, a fresh optimizer)",
+          ckpt_dir, saved, opt->name(), saved);
     std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer");
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];

@@ -88,6 +88,11 @@ RunSetup setup_run(Config& cfg) {
       fail("init_from: {}", e.what());
     }
     adopt_init_model(cfg, *init);
+    if (t.optimizer == "muon" && cfg.model.lora.on())  // adapters the source carries
+      fail(
+          "train.optimizer: muon is for whole matrices; init_from {} continues LoRA adapters, "
+          "which train with adamw",
+          cfg.init_from);
   }
 
   // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
@@ -184,6 +189,14 @@ RunSetup setup_run(Config& cfg) {
     fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = optimizer_options(t).muon.bf16;
     check_training_fits(cfg.model, fo, launch.local_size);
+    if (init && strategy >= dist::Strategy::kFullShard)  // each rank loads it whole, then shards
+      check_host_memory(
+          4.0 * static_cast<double>(cfg.model.num_params() + cfg.model.lora_params()) *
+              launch.local_size,
+          fmt::format("init_from {}: the whole model's fp32 weights on each of this node's {} "
+                      "ranks before they are sharded",
+                      cfg.init_from, launch.local_size),
+          "launch fewer ranks per node, or start from a smaller model");
   }
   r.model = std::make_unique<Transformer>(cfg.model);
   Transformer& model = *r.model;

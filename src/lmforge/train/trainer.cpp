@@ -244,9 +244,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (!t.hellaswag.empty()) {
     try {
       hs_items = read_hellaswag(t.hellaswag, t.hellaswag_limit);
+    } catch (const Error& e) {
+      fail("train.hellaswag: {}", e.what());
+    }
+    try {
       hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, model.config().vocab_size);
     } catch (const Error& e) {
-      fail("train.hellaswag: {} (its choices must fit train.seq_len {})", e.what(), t.seq_len);
+      fail("train.hellaswag: {}: {} (train.seq_len {})", t.hellaswag, e.what(), t.seq_len);
     }
   }
 

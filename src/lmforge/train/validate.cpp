@@ -207,6 +207,13 @@ void validate_train_config(const Config& cfg) {
         "change every step, the others have no reference model); set it to false",
         t.objective);
   validate_optimizer(cfg);
+  if (t.hellaswag_limit < 0)
+    fail("train.hellaswag_limit: must be >= 0 (0 = every example), got {}", t.hellaswag_limit);
+  if (!t.hellaswag.empty() && t.eval_every <= 0)
+    fail(
+        "train.hellaswag: scored at every evaluation, but train.eval_every is {}; set it to the "
+        "steps between scores",
+        t.eval_every);
   parse_kto_loss(t.kto_loss);
   if (t.objective == "kto" && t.kto_loss == "kto" && t.batch_size < 2)
     fail(
