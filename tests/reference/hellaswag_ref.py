@@ -3,8 +3,9 @@
     hellaswag_ref.py HF_DIR ITEMS.jsonl SCORES.jsonl
 
 Scores every example of ITEMS.jsonl (HellaSwag's ctx, endings, label) with the model and
-tokenizer.json of HF_DIR as nanoGPT's and llm.c's HellaSwag eval does: the context's tokens, then
-" " + ending's tokens (encoded apart, no special tokens); an ending's score is the sum of its
+tokenizer.json of HF_DIR as nanoGPT's and llm.c's HellaSwag eval does, the ending's tokens split
+off as lm-eval-harness does: ctx + " " + ending encoded whole (no special tokens), the ending's
+tokens those after the context's; an ending's score is the sum of its
 tokens' log-probabilities given everything before them; a choice longer than the model's
 context (max_position_embeddings) keeps its last context + 1 tokens. SCORES.jsonl is lmforge eval's --scores
 output for the same files; every ending's log-likelihood and token count must agree (1e-4
@@ -37,8 +38,12 @@ def main(hf_dir, items_path, scores_path):
         ctx = tok.encode(item["ctx"], add_special_tokens=False)
         logps, counts = [], []
         for ending in item["endings"]:
-            end = tok.encode(" " + ending, add_special_tokens=False)
-            ids = (ctx + end)[-(max_t + 1):]
+            whole = tok.encode(item["ctx"] + " " + ending, add_special_tokens=False)
+            split = 0  # lm-eval-harness's split: the tokens after the context's
+            while split < min(len(ctx), len(whole)) and ctx[split] == whole[split]:
+                split += 1
+            end = whole[split:]
+            ids = whole[-(max_t + 1):]
             with torch.no_grad():  # position t - 1 predicts token t
                 logits = model(torch.tensor([ids[:-1]])).logits[0]
             logprobs = torch.log_softmax(logits, dim=-1)

@@ -66,12 +66,18 @@ ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& item
     const std::vector<int32_t> ctx = tok.encode(it.context);
     if (ctx.empty()) fail("item {}: its context encodes to no tokens", i + 1);
     for (const std::string& e : it.endings) {
-      const std::vector<int32_t> end = tok.encode(" " + e);
-      if (static_cast<int64_t>(end.size()) > max_t)
-        fail("item {}: an ending of {} tokens does not fit the model's context of {}", i + 1,
-             end.size(), max_t);
-      std::vector<int32_t> ids = ctx;
-      ids.insert(ids.end(), end.begin(), end.end());
+      // The whole text encoded at once, the ending's tokens those after the context's (where a
+      // token straddles the two, from the first that differs): as lm-eval-harness splits it,
+      // right for tokenizers that mark word starts (SentencePiece's "▁") as for GPT-2's.
+      std::vector<int32_t> ids = tok.encode(it.context + " " + e);
+      const size_t split = static_cast<size_t>(
+          std::mismatch(ctx.begin(), ctx.end(), ids.begin(), ids.end()).first - ctx.begin());
+      const int64_t end = static_cast<int64_t>(ids.size() - split);
+      if (end == 0 || split == 0)
+        fail("item {}: the ending \"{}\" encodes to no tokens of its own", i + 1, e);
+      if (end > max_t)
+        fail("item {}: an ending of {} tokens does not fit the model's context of {}", i + 1, end,
+             max_t);
       if (static_cast<int64_t>(ids.size()) > max_t + 1)  // the context cut from the left
         ids.erase(ids.begin(), ids.end() - (max_t + 1));
       for (int32_t id : ids)
@@ -82,7 +88,7 @@ ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& item
               i + 1, id, vocab);
       rows.longest = std::max<int64_t>(rows.longest, static_cast<int64_t>(ids.size()) - 1);
       rows.ids.push_back(std::move(ids));
-      rows.scored.push_back(static_cast<int64_t>(end.size()));
+      rows.scored.push_back(end);
       rows.item.push_back(i);
     }
   }

@@ -1,6 +1,7 @@
 // Multiple-choice evaluation by log-likelihood, as nanoGPT's and llm.c's HellaSwag eval runs it:
-// each choice is the context followed by the ending (" " + ending, tokenized apart from the
-// context), and the model scores each ending's tokens given everything before them. The predicted
+// each choice is the context, a space and the ending (encoded whole, the ending's tokens those
+// after the context's, as lm-eval-harness splits them), and the model scores each ending's tokens
+// given everything before them. The predicted
 // choice has the highest sum of log-probabilities (acc) or the highest mean per ending token
 // (acc_norm: llm.c's, the lowest average loss).
 //
@@ -43,8 +44,8 @@ struct ChoiceResult {
   double acc_norm() const { return scores.empty() ? 0.0 : double(correct_norm) / scores.size(); }
 };
 
-// Every item's choices as rows of token ids: the context's, then " " + ending's, the last
-// `scored` of them the ending's. A row longer than max_t + 1 keeps its last max_t + 1 tokens (the
+// Every item's choices as rows of token ids: context + " " + ending, the last `scored` of them
+// the ending's. A row longer than max_t + 1 keeps its last max_t + 1 tokens (the
 // context cut from the left); an ending that alone does not fit, or ids beyond `vocab`, are an
 // Error naming the item.
 struct ChoiceRows {
