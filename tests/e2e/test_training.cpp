@@ -1,4 +1,5 @@
 // End-to-end training on the demo corpus (the King James Bible from Debian's bible-kjv).
+#include <fmt/core.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -131,6 +132,22 @@ TEST(Training, ResumeIsBitExact) {
             testing::slurp(dir + "/b/checkpoints/step-00000012/model.safetensors"));
   EXPECT_EQ(testing::slurp(dir + "/a/checkpoints/step-00000012/optimizer.safetensors"),
             testing::slurp(dir + "/b/checkpoints/step-00000012/optimizer.safetensors"));
+
+  // run.dir/dashboard.html: finished (no reload), the last step, the latest loss, the charts of
+  // what the run logged; the resumed run's from its whole history.
+  const std::string last_loss = fmt::format("<tr><th>loss</th><td>{:.6g}</td><td>12</td></tr>",
+                                            a.at(12)["loss"].get<double>());
+  for (const char* run : {"a", "b"}) {
+    const std::string page = testing::slurp(dir + "/" + run + "/dashboard.html");
+    EXPECT_NE(page.find("step 12 of 12"), std::string::npos) << run;
+    EXPECT_NE(page.find("finished"), std::string::npos) << run;
+    EXPECT_EQ(page.find("http-equiv=\"refresh\""), std::string::npos) << run;
+    EXPECT_NE(page.find(last_loss), std::string::npos) << run << ": " << last_loss;
+    size_t charts = 0;
+    for (size_t at = page.find("<svg"); at != std::string::npos; at = page.find("<svg", at + 1))
+      ++charts;
+    EXPECT_EQ(charts, 4u) << run << ": loss, lr, gradient norm, throughput";
+  }
 
   // Generation from the checkpoint is reproducible for a seed and continues the prompt.
   std::string gen = "generate --checkpoint a --prompt 'And God said' --max-tokens 40 --seed 3";

@@ -172,6 +172,9 @@ std::vector<ConfigField> fields(Config& c) {
        "op-level profile of this many steps after the run's first: printed and written to "
        "run.dir/profile.txt (0 = off)"},
       {"run.dir", &c.run.dir, "run directory"},
+      {"run.dashboard", &c.run.dashboard,
+       "run.dir/dashboard.html: the run's latest metrics and charts in one page that reloads "
+       "itself while the run goes on (open it in a browser)"},
       {"dist.strategy", &c.dist.strategy,
        "no-shard (DDP; alias ddp), zero1, grad-shard (ZeRO-2; alias zero2), full-shard (ZeRO-3; "
        "alias zero3) or hybrid"},

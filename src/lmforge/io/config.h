@@ -101,6 +101,7 @@ struct TrainConfig {
 
 struct RunConfig {
   std::string dir = "runs/default";
+  bool dashboard = true;  // dir/dashboard.html: a self-reloading page of the run's charts
 };
 
 // Data parallelism across processes (dist/data_parallel.h); ignored by a single process except

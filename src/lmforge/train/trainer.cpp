@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <sstream>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/runtime.h"
@@ -30,6 +31,7 @@
 #include "lmforge/optim/schedule.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/checkpoint.h"
+#include "lmforge/train/dashboard.h"
 #include "lmforge/train/guard.h"
 #include "lmforge/train/init_from.h"
 #include "lmforge/train/metrics.h"
@@ -314,6 +316,22 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   world->barrier();  // rank 0 has made the run directory
   std::optional<MetricsWriter> metrics;
   if (lead) metrics.emplace(metrics_path, /*tensorboard_run_dir=*/run_dir);
+  // run.dashboard: run_dir/dashboard.html, from the history so far (a resume's kept records).
+  std::optional<Dashboard> dashboard;
+  if (lead && cfg.run.dashboard) {
+    dashboard.emplace(run_dir + "/dashboard.html", run_dir, t.steps);
+    if (std::filesystem::exists(metrics_path)) {
+      std::istringstream kept(read_file(metrics_path));
+      for (std::string line; std::getline(kept, line);) {
+        auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+        if (!j.is_discarded()) dashboard->add(j);
+      }
+    }
+  }
+  auto record_metrics = [&](const json& record) {  // metrics.jsonl, TensorBoard, the dashboard
+    if (metrics) metrics->write(record);
+    if (dashboard) dashboard->add(record);
+  };
 
   fmt::print("model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB\n",
              cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
@@ -534,7 +552,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     // JSON has no NaN/Inf: a non-finite value is written as null.
     for (auto& [k, v] : record.items())
       if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
-    if (metrics) metrics->write(record);
+    record_metrics(record);
     progress.step(st.step, loss, lr, norm, tps);
     if (verdict != SpikeGuard::Verdict::kOk) {
       progress.message(fmt::format(
@@ -575,7 +593,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       res.last_val_loss = vl;
       st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
       bool best = evals.add(st.step, vl, t.min_delta);
-      if (metrics) metrics->write(val_record);
+      record_metrics(val_record);
       progress.message(fmt::format("step {:>6}/{} | val loss {:.4f}{}{}", st.step, t.steps, vl,
                                    detail, best ? " | best" : ""));
       if (t.patience > 0 && evals.bad() >= t.patience) {
@@ -589,9 +607,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (!hs_items.empty() && t.eval_every > 0 &&
         (st.step % t.eval_every == 0 || st.step == t.steps)) {
       const ChoiceResult r = score_rows(model, hs_items, hs_rows);
-      if (metrics)
-        metrics->write(
-            {{"step", st.step}, {"hellaswag_acc", r.acc()}, {"hellaswag_acc_norm", r.acc_norm()}});
+      record_metrics(
+          {{"step", st.step}, {"hellaswag_acc", r.acc()}, {"hellaswag_acc_norm", r.acc_norm()}});
       progress.message(
           fmt::format("step {:>6}/{} | hellaswag acc {:.4f} | acc_norm {:.4f} ({} "
                       "examples)",
@@ -626,6 +643,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print("dist.offload: AdamW master values and gradients in a host arena of {} bytes\n",
                dp.host_bytes());
   res.stopped_early = st.step < t.steps;
+  if (dashboard) dashboard->write(/*live=*/false);
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
   dp.gather_full_model();  // full-shard: the whole model again, for sampling
