@@ -69,9 +69,9 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, in
       o.reference
           ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
             "then the base model, no second copy), or shard it over more ranks or nodes "
-            "(dist.strategy)"
+            "(dist.strategy; lmforge plan shows what fits)"
           : "choose a smaller model, or shard it over more ranks or nodes "
-            "(dist.strategy: full-shard)");
+            "(dist.strategy: full-shard; lmforge plan shows what fits)");
 }
 
 RunSetup setup_run(Config& cfg) {
