@@ -10,6 +10,7 @@
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/nn/block.h"
 #include "lmforge/nn/transformer.h"
+#include "lmforge/optim/adamw.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
@@ -49,19 +50,16 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
                                           : g.trained * 4;
   f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
-  if (o.muon) {  // no-shard only: the blocks' matrices keep one moment, plus the workspace
-    const double C = static_cast<double>(m.n_embd), F = static_cast<double>(m.ffn());
-    const double matrices[][2] = {{static_cast<double>(m.qkv_dim()), C},
-                                  {C, static_cast<double>(m.n_head * m.head_size())},
-                                  {(m.mlp == "swiglu" ? 2 : 1) * F, C},
-                                  {C, F}};
-    double per_block = 0, most = 0, gram = 0;
-    for (const auto& rc : matrices) {
-      per_block += rc[0] * rc[1];
-      most = std::max(most, rc[0] * rc[1]);
-      gram = std::max(gram, std::min(rc[0], rc[1]) * std::min(rc[0], rc[1]));
+  if (o.muon) {  // no-shard only: Muon's matrices (muon_param) keep one moment, + its workspace
+    const Transformer layout(m, Transformer::MeasureOnly{});  // the parameters, nothing allocated
+    double muon = 0, most = 0, gram = 0;
+    for (const Param& p : layout.params().params()) {
+      if (!muon_param(p)) continue;
+      const double r = static_cast<double>(p.shape[0]), c = static_cast<double>(p.shape[1]);
+      muon += r * c;
+      most = std::max(most, r * c);
+      gram = std::max(gram, std::min(r, c) * std::min(r, c));
     }
-    const double muon = per_block * static_cast<double>(m.n_layer);
     f.optimizer =
         (g.trained - muon) * 8 + muon * 4 + 2 * (most + gram) * (4 + (o.muon_bf16 ? 2 : 0));
   }
