@@ -368,7 +368,10 @@ void DataParallel::drain() {
 
 double DataParallel::clip_grad_norm(double max_norm) {
   double norm = 0;
-  if (grad_sharded()) {
+  if (tp_) {
+    LMF_CHECK(strategy_ == Strategy::kNoShard, "tensor parallelism under no-shard only");
+    norm = tp_->grad_norm();
+  } else if (grad_sharded()) {
     double ss = ops::sum_squares(gshard_);
     shard_comm_->all_reduce(&ss, 1)->wait();  // hybrid: the shards of one node cover everything
     norm = std::sqrt(ss);

@@ -26,6 +26,7 @@
 
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/communicator.h"
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/io/config.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
@@ -99,6 +100,10 @@ class DataParallel final : public GroupHooks {
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);
+  // Tensor parallelism (dist/tensor_parallel.h; no-shard only): the model is one rank's share
+  // and the ranks given are those holding the same share; the gradient norm is then the whole
+  // model's (TensorParallel::grad_norm).
+  void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
   // Multiplies this step's gradients by f (fault injection in tests).
   void scale_grads(double f);
   void step(double lr);
@@ -183,6 +188,7 @@ class DataParallel final : public GroupHooks {
   bool sync_ = false;
   bool first_micro_ = true;
   double grad_scale_ = 1.0;  // clip_grad_norm's factor for the next step()
+  TensorParallel* tp_ = nullptr;
   Arena shard_arena_, gather_;
   // Gradient accumulator (the first micro-batch's reduce-scatter target), the later
   // micro-batches' target (untouched, so not resident, without gradient accumulation), values.

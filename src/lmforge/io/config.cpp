@@ -187,6 +187,9 @@ std::vector<ConfigField> fields(Config& c) {
        "0 = as launched; declares the node size (hybrid shards within a node)"},
       {"dist.backend", &c.dist.backend,
        "auto (NCCL for a model on GPUs, else MPI; none for one process), mpi, nccl or local"},
+      {"dist.tensor_parallel", &c.dist.tensor_parallel,
+       "ranks that split every block's heads and MLP width (Megatron-LM tensor parallelism; "
+       "consecutive ranks; data parallelism across the groups); 1 = off"},
       {"sample.prompt", &c.sample.prompt, "sample after training (empty = none)"},
       {"sample.max_tokens", &c.sample.max_tokens, ""},
       {"sample.temperature", &c.sample.temperature, ""},

@@ -113,6 +113,7 @@ struct DistConfig {
   double timeout = 600;               // seconds a collective may take before the job stops
   int64_t ranks_per_node = 0;         // 0 = as launched; declares nodes for hybrid
   std::string backend = "auto";       // auto | mpi | nccl | local
+  int64_t tensor_parallel = 1;        // ranks sharing each block (dist/tensor_parallel.h)
 };
 
 struct SampleConfig {  // printed after training when prompt is non-empty

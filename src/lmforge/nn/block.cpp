@@ -17,7 +17,7 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   const DType att = bf16_attention_grads && !c.qk_norm ? matmul_output_dtype : DType::kF32;
   dqkv = a.alloc({B, T, c.qkv_dim()}, att);
   if (c.qk_norm) dqkv_raw = a.alloc({B, T, c.qkv_dim()});
-  datt = a.alloc({B, T, C}, att);
+  datt = a.alloc({B, T, c.n_head * c.head_size()}, att);
   dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
   if (c.lora.on()) dlora = a.alloc({B * T, c.lora.rank});
@@ -142,6 +142,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
                          pos.doc_start);
   proj.forward(a.att_proj, a.att, a.t_proj);
+  if (partial) partial->sum(a.att_proj);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
   fc.forward(a.fc_out, a.n2_out, a.t_fc);
@@ -150,6 +151,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   else
     ops::gelu_forward(a.act, a.fc_out);
   down.forward(a.mlp_out, a.act, a.t_down);
+  if (partial) partial->sum(a.mlp_out);
   ops::add(a.x_out, a.x_mid, a.mlp_out);
 }
 
@@ -165,6 +167,7 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   else
     ops::gelu_backward(s.dfc, a.fc_out, s.dact);
   fc.backward(s.dnorm, s.dfc, a.n2_out, a.t_fc, s.dlora, false);
+  if (partial) partial->sum(s.dnorm);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
@@ -182,6 +185,7 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   } else {
     qkv.backward(s.dnorm, s.dqkv, a.n1_out, a.t_qkv, s.dlora, false);
   }
+  if (partial) partial->sum(s.dnorm);
   norm1.backward(dres, s.dnorm, x, a.n1);  // dres is now d(x)
 }
 

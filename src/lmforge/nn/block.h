@@ -44,6 +44,17 @@ struct BlockScratch {
             DType matmul_output_dtype = DType::kF32, bool bf16_attention_grads = false);
 };
 
+// Tensor parallelism's seam (dist/tensor_parallel.h). A block that holds one rank's share of
+// the attention heads and of the MLP's hidden units (Megatron-LM's column- and row-parallel
+// layers) computes partial sums of its two residual branches in forward and of its norms' input
+// gradients in backward; sum() adds a partial sum over the ranks that share the block, in place
+// (fp32). The block knows nothing else of the split.
+class PartialSums {
+ public:
+  virtual ~PartialSums() = default;
+  virtual void sum(const Tensor& t) const = 0;
+};
+
 enum class Recompute { kNone, kSelective, kFull };
 // "none" | "selective" | "full"; throws Error naming train.activation_checkpointing otherwise.
 Recompute parse_recompute(const std::string& s);
@@ -55,6 +66,7 @@ struct Block {
   Linear fc, down;          // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
   Param* q_norm = nullptr;  // (HS) each, when cfg.qk_norm
   Param* k_norm = nullptr;
+  const PartialSums* partial = nullptr;  // tensor parallelism (see PartialSums), or none
   // bf16 activations (set before plan under bf16 precision): the tensors that only feed matmuls
   // (n1_out, n2_out, act) are planned in bf16 and written rounded by the norms and the activation
   // function, so the bf16 matmuls read them as they are (no conversion pass, half the memory).

@@ -25,6 +25,10 @@ struct Linear {
   Param* lora_b = nullptr;  // (r, OC): B transposed
   double lora_scale = 0;
   bool lora_off = false;  // the adapter skipped (forward only: DPO's reference under LoRA)
+  // The output is a partial sum that another rank adds the bias to (tensor parallelism's
+  // row-parallel layers, nn/block.h PartialSums): forward leaves the bias out; backward still
+  // computes its gradient (the output's gradient is whole on every rank).
+  bool bias_elsewhere = false;
 
   void declare(ParamSet& ps, const std::string& name, int64_t in, int64_t out, bool has_bias,
                int64_t lora_rank = 0, double scale = 0) {
@@ -44,7 +48,8 @@ struct Linear {
   // t: the adapter's (N, r) fp32 activation s (inp A^T), written here and read by backward
   // (needed with an adapter; decode passes a temporary). out must be fp32 then.
   void forward(const Tensor& out, const Tensor& inp, const Tensor& t = {}) const {
-    ops::linear_forward(out, inp, weight->matmul_weight(), bias ? bias->fp32() : Tensor());
+    ops::linear_forward(out, inp, weight->matmul_weight(),
+                        bias && !bias_elsewhere ? bias->fp32() : Tensor());
     if (!lora_a || lora_off) return;
     const Tensor tt = t.defined() ? t
                                   : Tensor::empty({inp.numel() / inp.size(-1), lora_rank()},

@@ -507,7 +507,7 @@ void Transformer::queue_step(double dloss) {
 
 void Transformer::run_step(double dloss) {
   if (!cuda_graphs_ || device() != Device::kCUDA || profile::enabled() || !hooks().graph_safe() ||
-      distill_.teacher) {
+      tensor_parallel() || distill_.teacher) {
     queue_step(dloss);
     return;
   }

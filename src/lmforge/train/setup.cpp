@@ -7,6 +7,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/text_shards.h"
 #include "lmforge/dist/data_parallel.h"
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
@@ -128,6 +129,15 @@ RunSetup setup_run(Config& cfg) {
         "the tokenizer's",
         cfg.model.vocab_size, tokenizer->vocab_size(), cfg.data.tokenizer);
   cfg.model.validate();
+  // dist.tensor_parallel: groups of consecutive ranks share each block; the groups are the data
+  // parallel ranks (each group reads one slice of the batch).
+  const int tp = static_cast<int>(cfg.dist.tensor_parallel);
+  if (dist::rank_info().size % tp != 0)
+    fail(
+        "dist.tensor_parallel: {} does not divide the {} ranks launched; launch a multiple of {} "
+        "ranks",
+        tp, dist::rank_info().size, tp);
+  const ModelConfig share_config = dist::tensor_parallel_config(cfg.model, tp);
 
   // Data.
   std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
@@ -141,8 +151,8 @@ RunSetup setup_run(Config& cfg) {
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
   lo.pairs = paired_objective(t.objective);
   lo.unpaired = t.objective == "kto";
-  lo.rank = dist::rank_info().rank;
-  lo.world = dist::rank_info().size;
+  lo.rank = dist::rank_info().rank / tp;
+  lo.world = dist::rank_info().size / tp;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
   r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
   r.train_data->check_tokenizer(*tokenizer, "data.train");
@@ -188,7 +198,7 @@ RunSetup setup_run(Config& cfg) {
     fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = optimizer_options(t).muon.bf16;
-    check_training_fits(cfg.model, fo, launch.local_size);
+    check_training_fits(share_config, fo, launch.local_size);
     if (init && strategy >= dist::Strategy::kFullShard)  // each rank loads it whole, then shards
       check_host_memory(
           4.0 * static_cast<double>(cfg.model.num_params() + cfg.model.lora_params()) *
@@ -199,7 +209,7 @@ RunSetup setup_run(Config& cfg) {
           "launch fewer ranks per node, or start from a smaller model");
   }
   r.model = std::make_unique<Transformer>(cfg.model);
-  Transformer& model = *r.model;
+  Transformer& model = *r.model;  // (replaced by its share under tensor parallelism)
   if (init) {
     // LoRA adapters the source does not have start from their initial values (B = 0: the
     // source's model); the load replaces everything else.
@@ -209,7 +219,12 @@ RunSetup setup_run(Config& cfg) {
     fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
-  }  // full-shard: created as shards by DataParallel (deferred init)
+  }              // full-shard: created as shards by DataParallel (deferred init)
+  if (tp > 1) {  // this rank's share of the whole model made above, which is released
+    auto share = std::make_unique<Transformer>(share_config);
+    dist::copy_tensor_parallel_share(model, *share, tp, dist::rank_info().rank % tp);
+    r.model = std::move(share);
+  }
   if (reference) {
     if (reference_is_base) {
       r.reference_is_base = true;
@@ -254,24 +269,27 @@ RunSetup setup_run(Config& cfg) {
   for (Transformer* m : {r.model.get(), r.reference.get(), r.teacher.get()}) {
     if (!m) continue;
     m->to(resolve_device(t.device));
+    // Tensor parallelism adds fp32 partial sums: the row-parallel layers' outputs stay fp32.
+    if (tp > 1) m->set_bf16_matmul_outputs(false);
     if (t.precision == "bf16") {
       m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
       if (t.master_weights == "bf16") m->use_bf16_master();
     }
     // The reference and the teacher only run forwards: each block keeps its input alone, no
     // backward buffers nor gradients (the same results, bit for bit, in a fraction of the memory).
-    if (m == &model)
+    if (m == r.model.get())
       m->plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
     else
       m->plan_forward_only(t.batch_size, t.seq_len);
   }
-  if (t.precision == "bf16" && model.device() == Device::kCPU && !cpu_features().avx512_bf16 &&
+  if (t.precision == "bf16" && r.model->device() == Device::kCPU && !cpu_features().avx512_bf16 &&
       !cpu_features().amx_bf16)
     fmt::print(
         "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
         "bf16 matmuls, which may be slower than fp32\n");
-  model.set_cuda_graphs(t.cuda_graphs);
-  if (r.teacher) model.set_distillation({r.teacher.get(), t.distill_alpha, t.distill_temperature});
+  r.model->set_cuda_graphs(t.cuda_graphs);
+  if (r.teacher)
+    r.model->set_distillation({r.teacher.get(), t.distill_alpha, t.distill_temperature});
   return r;
 }
 

@@ -21,6 +21,7 @@
 #include "lmforge/dist/data_parallel.h"
 #ifdef LMFORGE_HAVE_NCCL
 #include "lmforge/dist/nccl.h"
+#include "lmforge/dist/tensor_parallel.h"
 #endif
 #include "lmforge/eval/choices.h"
 #include "lmforge/eval/generate.h"
@@ -237,8 +238,28 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
-  dist::DataParallel dp(comm, model, cfg.dist, optimizer_options(t), deferred_seed);
+  // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
+  // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the
+  // same share. Checkpoints and the end's sample take the whole model (`whole`, on rank 0).
+  const int tp_size = static_cast<int>(cfg.dist.tensor_parallel);
+  std::unique_ptr<dist::Communicator> tp_comm, dp_comm;
+  std::unique_ptr<dist::TensorParallel> tp;
+  if (tp_size > 1) {
+    tp_comm = comm.split(comm.rank() / tp_size, comm.rank());
+    dp_comm = comm.split(comm.rank() % tp_size, comm.rank());
+    tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model);
+  }
+  dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
+  dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), deferred_seed);
+  dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
+  std::unique_ptr<Transformer> whole;  // tensor parallelism: the model gathered (rank 0)
+  std::unique_ptr<AdamW> whole_opt;
+  auto make_whole = [&](bool with_opt) {
+    if (!whole) whole = std::make_unique<Transformer>(cfg.model);
+    if (with_opt && !whole_opt)
+      whole_opt = std::make_unique<AdamW>(whole->params(), optimizer_options(t));
+  };
   Schedule sched = make_schedule(t);  // validated before anything is written
   // train.hellaswag: its examples read and tokenized once, in rows of the training shape.
   std::vector<ChoiceItem> hs_items;
@@ -297,7 +318,16 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   st.init_from = cfg.init_from;
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
-    load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
+    if (tp) {  // the whole model's, then this rank's share of it
+      make_whole(!resume.reset_optimizer);
+      load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
+      dist::copy_tensor_parallel_share(*whole, model, tp->size(), tp->rank());
+      if (whole_opt) tp->copy_optimizer_share(*whole_opt, opt);
+      whole.reset();  // (rank 0 makes it again for saves)
+      whole_opt.reset();
+    } else {
+      load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
+    }
     if (dp.sharded_values())
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
                              dp.value_shard());
@@ -377,16 +407,19 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     const std::string over = world.get() == &comm ? comm.backend()
                                                   : fmt::format("{} (tensors over {})",
                                                                 world->backend(), comm.backend());
-    fmt::print("dist: {} ranks ({} node(s) x {}) over {}, {}; global batch {} sequences per step\n",
-               world->size(), ri.nodes, ri.local_size, over, dist::strategy_name(dp.strategy()),
-               t.batch_size * t.grad_accum * world->size());
+    fmt::print(
+        "dist: {} ranks ({} node(s) x {}) over {}, {}{}; global batch {} sequences per step\n",
+        world->size(), ri.nodes, ri.local_size, over, dist::strategy_name(dp.strategy()),
+        tp ? fmt::format(" over {} groups of {} tensor-parallel ranks", dp_world.size(), tp_size)
+           : "",
+        t.batch_size * t.grad_accum * dp_world.size());
   }
   // Communication: each step's traffic (comm_mib) and the time spent waiting for gradient
   // collectives after the backward passes (comm_wait_s), against the same collectives timed
   // alone: the share hidden behind the backward (docs/distributed.md, "communication").
   double comm_alone_s = 0, comm_mib_sum = 0, comm_wait_sum = 0;
   int64_t comm_steps = 0;
-  if (world->size() > 1) {
+  if (dp_world.size() > 1) {
     comm_alone_s = dp.time_gradient_collectives() *
                    (dp.strategy() >= dist::Strategy::kGradShard ? t.grad_accum : 1);
     fmt::print("dist: a step's gradient collectives take {:.3f} s alone (timed at start-up)\n",
@@ -433,7 +466,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   TrainResult res;
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
-  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world->size();
+  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * dp_world.size();
   // Counted across resumes (which may change the batch, accumulation or ranks); checkpoints that
   // did not record them count the steps done at today's step size.
   if (st.tokens < 0) st.tokens = st.step * tokens_per_step;
@@ -458,6 +491,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     st.loader = train_data.state();
     st.guard = guard.state();
     st.evals = evals.state();
+    if (tp) {  // the whole model and its AdamW state, gathered on rank 0, which writes them
+      if (lead) make_whole(true);
+      if (dp_world.rank() == 0) tp->gather(whole.get(), &opt, whole_opt.get());
+    }
     CheckpointShards shards;
     shards.comm = world.get();
     shards.index = dp.shard_rank();
@@ -469,7 +506,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       shards.values_lo = dp.layout().begin(dp.shard_rank());
     }
     res.last_checkpoint =
-        save_checkpoint(run_dir, model, &opt, st, config_yaml, t.keep_last, *tokenizer, &shards);
+        save_checkpoint(run_dir, whole ? *whole : model, whole_opt ? whole_opt.get() : &opt, st,
+                        config_yaml, t.keep_last, *tokenizer, &shards);
+    whole_opt.reset();  // (made again for the next save)
+    whole.reset();
   };
 
   // train.profile_steps: the op-level profile of the steps after this run's first (rank 0's).
@@ -502,6 +542,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                              static_cast<uint64_t>(world->rank()));
     double kl = 0;
     const dist::CommStats comm0 = dp.comm_stats();
+    const double tp_bytes0 = tp ? tp->comm_stats().bus_bytes : 0;
     const double wait0 = dp.grad_wait_s();
     double loss = dp.forward_backward(micro, &lse_sq, objective.get(), &kl);
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
@@ -539,6 +580,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       comm_wait_sum += dp.grad_wait_s() - wait0;
       ++comm_steps;
     }
+    if (tp) record["tp_comm_mib"] = (tp->comm_stats().bus_bytes - tp_bytes0) / 1048576.0;
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
     // tflops is the job's (tokens of every rank); the peak is one GPU's.
@@ -647,12 +689,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
   dp.gather_full_model();  // full-shard: the whole model again, for sampling
-  if (lead && !cfg.sample.prompt.empty()) model.to(Device::kCPU);  // decode runs on the CPU
+  if (tp && !cfg.sample.prompt.empty() && dp_world.rank() == 0) {  // tensor parallelism: likewise
+    if (lead) make_whole(false);
+    tp->gather(whole.get(), nullptr, nullptr);
+  }
+  Transformer& sampler = whole ? *whole : model;
+  if (lead && !cfg.sample.prompt.empty()) sampler.to(Device::kCPU);  // decode runs on the CPU
 
   if (lead && !cfg.sample.prompt.empty()) {
     SamplingOptions so = sampling_options(cfg, tokenizer.get());
     fmt::print("--- sample ---\n{}", cfg.sample.prompt);
-    generate(model, tokenizer->encode(cfg.sample.prompt, false, true), so, [&](int32_t id) {
+    generate(sampler, tokenizer->encode(cfg.sample.prompt, false, true), so, [&](int32_t id) {
       fmt::print("{}", tokenizer->token_bytes(id));
       std::fflush(stdout);
     });

@@ -90,6 +90,28 @@ void validate_optimizer(const Config& cfg) {
         "train.optimizer: muon is for whole matrices; LoRA adapters (model.lora_rank) train with "
         "adamw");
 }
+// dist.tensor_parallel and what it does not combine with yet.
+void validate_tensor_parallel(const Config& cfg) {
+  const TrainConfig& t = cfg.train;
+  const int64_t tp = cfg.dist.tensor_parallel;
+  if (tp < 1 || tp > 4096)
+    fail("dist.tensor_parallel: expected the ranks sharing each block (1 = off), got {}", tp);
+  if (tp == 1) return;
+  auto refuse = [&](const std::string& key, const std::string& fix) {
+    fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
+  };
+  if (dist::parse_strategy(cfg.dist.strategy) != dist::Strategy::kNoShard)
+    refuse("dist.strategy " + cfg.dist.strategy,
+           "use dist.strategy: no-shard (data parallelism across the groups)");
+  if (cfg.dist.offload) refuse("dist.offload", "set it to false");
+  if (t.optimizer != "adamw") refuse("train.optimizer " + t.optimizer, "use adamw");
+  if (t.master_weights != "fp32") refuse("train.master_weights bf16", "use fp32");
+  if (t.objective == "dpo" || t.objective == "kto" || t.objective == "distill")
+    refuse("train.objective " + t.objective + " (its second model)",
+           "train it with dist.tensor_parallel: 1");
+  if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
+}
+
 }  // namespace
 
 AdamWOptions optimizer_options(const TrainConfig& t) {
@@ -250,6 +272,7 @@ void validate_train_config(const Config& cfg) {
     fail("dist.timeout: must be seconds in (0, 1e7], got {}", cfg.dist.timeout);
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
+  validate_tensor_parallel(cfg);
 }
 
 Device resolve_device(const std::string& device) {

@@ -1,0 +1,212 @@
+#include "lmforge/dist/tensor_parallel.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge::dist {
+
+namespace {
+
+// Runs of elements of one parameter: [whole, whole + len) of the whole model's tensor is
+// [share, share + len) of rank r's.
+struct Run {
+  int64_t whole, share, len;
+};
+
+bool ends_with(const std::string& s, const char* suffix) {
+  const size_t n = std::strlen(suffix);
+  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+// Rank r of tp's runs of parameter `name`, shaped `shape` in the whole model `c`.
+std::vector<Run> share_runs(const std::string& name, const Shape& shape, const ModelConfig& c,
+                            int tp, int r) {
+  const int64_t HS = c.head_size(), NH = c.n_head, NKV = c.kv_heads(), F = c.ffn();
+  const int64_t nh = NH / tp, nkv = NKV / tp, f = F / tp;
+  const int64_t width = shape.ndim() == 2 ? shape[1] : 1;  // a row's elements (1: a bias)
+  std::vector<Run> runs;
+  if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
+    // [q heads | k heads | v heads] by rows: this rank's heads of each.
+    runs.push_back({r * nh * HS * width, 0, nh * HS * width});
+    runs.push_back({(NH + r * nkv) * HS * width, nh * HS * width, nkv * HS * width});
+    runs.push_back({(NH + NKV + r * nkv) * HS * width, (nh + nkv) * HS * width, nkv * HS * width});
+  } else if (ends_with(name, ".mlp.fc.weight") || ends_with(name, ".mlp.fc.bias")) {
+    runs.push_back({r * f * width, 0, f * width});  // gelu's hidden units, or swiglu's gate
+    if (c.mlp == "swiglu") runs.push_back({(F + r * f) * width, f * width, f * width});  // up
+  } else if (ends_with(name, ".attn.proj.weight") || ends_with(name, ".mlp.proj.weight")) {
+    // (C, K) by columns: each row's slice of this rank's inputs.
+    const int64_t K = shape[1], k = K / tp;
+    for (int64_t row = 0; row < shape[0]; ++row) runs.push_back({row * K + r * k, row * k, k});
+  } else {
+    runs.push_back({0, 0, shape.numel()});
+  }
+  return runs;
+}
+
+Tensor on_host(const Tensor& t) { return t.device() == Device::kCPU ? t : t.to(Device::kCPU); }
+
+}  // namespace
+
+ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
+  if (tp < 1) fail("dist.tensor_parallel: expected 1 or more ranks, got {}", tp);
+  ModelConfig c = whole;
+  if (tp == 1) return c;
+  auto divides = [&](int64_t n, const char* what) {
+    if (n % tp != 0)
+      fail(
+          "dist.tensor_parallel: {} does not divide the model's {} ({}): each rank holds an "
+          "equal share; choose a divisor of {}",
+          tp, what, n, n);
+  };
+  divides(whole.n_head, "attention heads (model.n_head)");
+  divides(whole.kv_heads(), "key/value heads (model.n_kv_head)");
+  divides(whole.ffn(), "MLP width (model.ffn_hidden)");
+  if (whole.qk_norm)
+    fail("dist.tensor_parallel: not with q/k norms (model.qk_norm) yet; train with 1");
+  if (whole.lora.on())
+    fail("dist.tensor_parallel: not with LoRA adapters (model.lora_rank) yet; train with 1");
+  c.head_dim = whole.head_size();
+  c.n_head = whole.n_head / tp;
+  c.n_kv_head = whole.kv_heads() / tp;
+  c.ffn_hidden = whole.ffn() / tp;
+  return c;
+}
+
+bool tensor_parallel_replicated(const std::string& name) {
+  for (const char* s : {".attn.qkv.weight", ".attn.qkv.bias", ".mlp.fc.weight", ".mlp.fc.bias",
+                        ".attn.proj.weight", ".mlp.proj.weight"})
+    if (ends_with(name, s)) return false;
+  return true;
+}
+
+void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
+  const ParamSet &wp = whole.params(), &sp = share.params();
+  LMF_CHECK(wp.params().size() == sp.params().size(), "{} parameters in the whole, {} in a share",
+            wp.params().size(), sp.params().size());
+  Tensor host = Tensor::empty({sp.flat_size()}, DType::kF32);
+  float* out = host.data<float>();
+  const Tensor values = on_host(wp.flat_values());
+  LMF_CHECK(values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
+  const float* in = values.data<float>();
+  for (size_t i = 0; i < wp.params().size(); ++i) {
+    const Param &p = wp.params()[i], &q = sp.params()[i];
+    LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
+    for (const Run& run : share_runs(p.name, p.shape, whole.config(), tp, r))
+      std::memcpy(out + sp.offset(q) + run.share, in + wp.offset(p) + run.whole,
+                  sizeof(float) * run.len);
+  }
+  share.params().assign_values(host);
+}
+
+TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model)
+    : comm_(tp), whole_(whole), model_(model) {
+  model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
+}
+
+TensorParallel::~TensorParallel() { model_.set_partial_sums(nullptr, true); }
+
+void TensorParallel::sum(const Tensor& t) const {
+  LMF_CHECK(t.dtype() == DType::kF32, "tensor parallelism sums fp32 partial sums, got {}",
+            dtype_name(t.dtype()));
+  comm_.all_reduce(t.data<float>(), t.numel())->wait();
+}
+
+double TensorParallel::grad_norm() {
+  const ParamSet& ps = model_.params();
+  double ss = 0;
+  for (const Param& p : ps.params())
+    if (!p.frozen && (rank() == 0 || !tensor_parallel_replicated(p.name)))
+      ss += ops::sum_squares(p.grad);
+  comm_.all_reduce(&ss, 1)->wait();
+  return std::sqrt(ss);
+}
+
+void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt) {
+  const ParamSet& sp = model_.params();
+  const int n = size();
+  const bool lead = rank() == 0;
+  LMF_CHECK(!lead || whole, "gather: rank 0 needs the whole model");
+  // Every rank's flat values, then each parameter's runs from each rank's block.
+  const int64_t flat = sp.flat_size();
+  const Tensor mine = on_host(sp.flat_values());
+  LMF_CHECK(mine.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
+  std::vector<float> all(static_cast<size_t>(flat) * n);
+  comm_.all_gather(mine.data<float>(), all.data(), std::vector<int64_t>(n, flat))->wait();
+  if (lead) {
+    const ParamSet& wp = whole->params();
+    Tensor host = Tensor::empty({wp.flat_size()}, DType::kF32);
+    for (size_t i = 0; i < wp.params().size(); ++i) {
+      const Param &p = wp.params()[i], &q = sp.params()[i];
+      const bool replicated = tensor_parallel_replicated(p.name);
+      for (int r = 0; r < n; ++r) {
+        const float* block = all.data() + static_cast<size_t>(flat) * r + sp.offset(q);
+        if (replicated && r > 0) {
+          LMF_CHECK(
+              std::memcmp(block, all.data() + sp.offset(q), sizeof(float) * p.shape.numel()) == 0,
+              "tensor parallelism: replicated parameter {} differs on rank {} of the group", p.name,
+              r);
+          continue;
+        }
+        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
+          std::memcpy(host.data<float>() + wp.offset(p) + run.whole, block + run.share,
+                      sizeof(float) * run.len);
+      }
+    }
+    whole->params().assign_values(host);
+  }
+  if (!opt) return;
+  // AdamW's moments: each slot's m then v, slot after slot, in one buffer per rank.
+  const auto& slots = opt->slots();
+  int64_t len = 0;
+  for (const OptSlot& s : slots) len += 2 * s.len;
+  std::vector<float> packed(len), gathered(static_cast<size_t>(len) * n);
+  int64_t at = 0;
+  for (size_t i = 0; i < slots.size(); ++i)
+    for (const Tensor* t : {&opt->m(i), &opt->v(i)}) {
+      LMF_CHECK(t->defined() && slots[i].whole(),
+                "tensor parallelism: AdamW over whole parameters");
+      const Tensor h = on_host(*t);
+      std::memcpy(packed.data() + at, h.data<float>(), sizeof(float) * slots[i].len);
+      at += slots[i].len;
+    }
+  comm_.all_gather(packed.data(), gathered.data(), std::vector<int64_t>(n, len))->wait();
+  if (!lead) return;
+  LMF_CHECK(whole_opt && whole_opt->slots().size() == slots.size(),
+            "gather: an AdamW over the whole model's parameters");
+  for (int r = 0; r < n; ++r) {
+    at = static_cast<int64_t>(r) * len;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const Param& p = *whole_opt->slots()[i].param;
+      LMF_CHECK(p.name == slots[i].param->name, "slot {}: {} and {}", i, p.name,
+                slots[i].param->name);
+      for (const Tensor* t : {&whole_opt->m(i), &whole_opt->v(i)}) {
+        if (r == 0 || !tensor_parallel_replicated(p.name))
+          for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
+            std::memcpy(t->data<float>() + run.whole, gathered.data() + at + run.share,
+                        sizeof(float) * run.len);
+        at += slots[i].len;
+      }
+    }
+  }
+  whole_opt->set_steps_taken(opt->steps_taken());
+}
+
+void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const {
+  LMF_CHECK(whole_opt.slots().size() == opt.slots().size(), "{} slots in the whole, {} in a share",
+            whole_opt.slots().size(), opt.slots().size());
+  for (size_t i = 0; i < opt.slots().size(); ++i) {
+    const Param& p = *whole_opt.slots()[i].param;
+    for (auto [from, to] : {std::pair{&whole_opt.m(i), &opt.m(i)}, {&whole_opt.v(i), &opt.v(i)}}) {
+      Tensor host = Tensor::empty(to->shape(), DType::kF32);
+      for (const Run& run : share_runs(p.name, p.shape, whole_, size(), rank()))
+        std::memcpy(host.data<float>() + run.share, from->data<float>() + run.whole,
+                    sizeof(float) * run.len);
+      to->copy_from(host);
+    }
+  }
+  opt.set_steps_taken(whole_opt.steps_taken());
+}
+
+}  // namespace lmforge::dist
