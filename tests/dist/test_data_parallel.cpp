@@ -19,6 +19,7 @@
 
 #include "dist/tiny_run.h"
 #include "lmforge/dist/data_parallel.h"
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/plan/planner.h"
@@ -114,8 +115,9 @@ class DataParallelTest : public ::testing::Test {
   // training_footprint() against what rank 0 reported holding ("dist: ... optimizer state N
   // bytes, parameters N bytes (+ G bytes of gather buffers), gradients N bytes"): each part
   // within 1% (the prediction leaves out the 64-byte alignment of each parameter and shard).
+  // tp: a share of tensor parallelism's groups of tp ranks (n: the groups).
   static void expect_footprint(const std::string& out, const std::string& strategy, int n,
-                               const std::string& run_name, bool muon = false) {
+                               const std::string& run_name, bool muon = false, int tp = 1) {
     std::smatch m;
     std::regex re(
         "optimizer state (\\d+) bytes, parameters (\\d+) bytes \\(\\+ (\\d+) bytes of gather "
@@ -126,7 +128,9 @@ class DataParallelTest : public ::testing::Test {
     o.shards = n;
     o.muon = muon;
     const TrainingFootprint f = training_footprint(
-        checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o);
+        dist::tensor_parallel_config(
+            checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), tp),
+        o);
     const double held[] = {std::stod(m[1]), std::stod(m[2]), std::stod(m[3]), std::stod(m[4])};
     const double predicted[] = {f.optimizer, f.values, f.gather, f.gradients};
     const char* part[] = {"optimizer", "values", "gather", "gradients"};
@@ -554,9 +558,14 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   expect_same("tp2", reference(1));
   // Per step 4 all-reduces of the (B, T, C) fp32 partial sums per block (2 in forward, 2 in
   // backward), each sending 2 (n - 1) / n of its bytes from a rank in a ring.
+  // (lmforge plan's figure, and the memory it predicts for a share.)
   const ModelConfig c = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/tp2"));
   const double expected = 4.0 * c.n_layer * 2 * 32 * c.n_embd * 4 * (2.0 * (2 - 1) / 2);
-  for (double mib : losses("tp2", "tp_comm_mib")) EXPECT_DOUBLE_EQ(mib * 1048576.0, expected);
+  EXPECT_DOUBLE_EQ(tensor_parallel_traffic_bytes(c, 2, 32, 2, 1, false), expected);
+  const std::vector<double> tp_mib = losses("tp2", "tp_comm_mib");
+  EXPECT_EQ(tp_mib.size(), 6u);
+  for (double mib : tp_mib) EXPECT_DOUBLE_EQ(mib * 1048576.0, expected);
+  expect_footprint(r.out, "no-shard", 1, "tp2", false, 2);
 
   RunResult d = run("tp2-dp2", 4, "--set train.batch_size=2 --set dist.tensor_parallel=2");
   ASSERT_EQ(d.exit_code, 0) << d.out << d.err;

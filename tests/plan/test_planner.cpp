@@ -4,6 +4,7 @@
 // what their communicator counted in tests/dist/test_data_parallel.cpp.
 #include <gtest/gtest.h>
 
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/block.h"
 #include "lmforge/nn/transformer.h"
@@ -46,9 +47,30 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   o.ranks = 4;
   o.memory_bytes = 1e12;  // everything fits: no-shard sends the least
   Plan p = make_plan(cfg, o);
-  ASSERT_EQ(p.strategies.size(), 4u);
+  // The four strategies, then tensor parallelism in groups of 2 and 4 (gpt2-tiny's 4 heads).
+  ASSERT_EQ(p.strategies.size(), 6u);
   ASSERT_GE(p.recommended, 0);
   EXPECT_EQ(p.strategies[p.recommended].strategy, 0);
+  EXPECT_EQ(p.strategies[p.recommended].tensor_parallel, 1);
+  for (int i : {4, 5}) {
+    const int tp = 2 << (i - 4);
+    const StrategyPlan& sp = p.strategies[i];
+    EXPECT_EQ(sp.tensor_parallel, tp);
+    // A share's state under no-shard across 4 / tp groups, and its partial sums' traffic.
+    FootprintOptions fo;
+    fo.shards = 4 / tp;
+    const ModelConfig share = dist::tensor_parallel_config(p.model, tp);
+    EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total());
+    EXPECT_DOUBLE_EQ(sp.sent_bytes,
+                     step_traffic_bytes(share, fo, 4 / tp, 1) +
+                         tensor_parallel_traffic_bytes(p.model, 4, 64, tp, 1, false));
+    EXPECT_LT(sp.total(), p.strategies[0].total());
+  }
+  // The share's activations are what its model plans (the branches fp32).
+  Transformer share(dist::tensor_parallel_config(p.model, 2));
+  share.set_bf16_matmul_outputs(false);
+  share.plan(4, 64);
+  EXPECT_DOUBLE_EQ(p.strategies[4].activations, static_cast<double>(share.activation_bytes()));
   // Less memory than no-shard's but more than full-shard's: the cheapest sharding that fits.
   const double no_shard = p.strategies[0].total(), full = p.strategies[3].total();
   ASSERT_LT(full, no_shard);
@@ -57,9 +79,12 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   ASSERT_GE(p.recommended, 0);
   EXPECT_TRUE(p.strategies[p.recommended].fits);
   EXPECT_FALSE(p.strategies[0].fits);
+  // (per token: a tensor-parallel group trains 1/N of the tokens per step)
   for (const StrategyPlan& sp : p.strategies)
     if (sp.fits) {
-      EXPECT_GE(sp.sent_bytes, p.strategies[p.recommended].sent_bytes);
+      EXPECT_GE(
+          sp.sent_bytes * sp.tensor_parallel,
+          p.strategies[p.recommended].sent_bytes * p.strategies[p.recommended].tensor_parallel);
     }
   o.memory_bytes = full / 2;  // nothing fits
   p = make_plan(cfg, o);

@@ -8,10 +8,12 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
 #include "lmforge/dist/data_parallel.h"
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/nn/block.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/trainer.h"
 
 namespace lmforge {
 
@@ -114,6 +116,14 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   return bytes;
 }
 
+double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
+                                     int64_t grad_accum, bool full_recompute) {
+  if (tp <= 1) return 0;
+  const double sums = (full_recompute ? 6.0 : 4.0) * static_cast<double>(m.n_layer);
+  const double bytes = 4.0 * static_cast<double>(batch * seq * m.n_embd);
+  return static_cast<double>(grad_accum) * sums * bytes * 2.0 * (tp - 1) / tp;
+}
+
 Plan make_plan(const Config& cfg, const PlanOptions& o) {
   const TrainConfig& t = cfg.train;
   if (o.ranks < 1) fail("--ranks: must be at least 1, got {}", o.ranks);
@@ -160,9 +170,15 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   // The activations of one micro-batch, as the training model would plan them (measured).
   const bool bf16 = t.precision == "bf16";
   const bool gpu = t.device == "cuda" || (t.device == "auto" && cuda::available());
-  Transformer measure(m, Transformer::MeasureOnly{bf16, gpu});
-  measure.plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
-  const double activations = static_cast<double>(measure.activation_bytes());
+  const Recompute recompute = parse_recompute(t.activation_checkpointing);
+  // tp > 1: a share's, whose row-parallel outputs stay fp32 (as the trainer plans it).
+  auto measure_activations = [&](const ModelConfig& model, int tp) {
+    Transformer measure(model, Transformer::MeasureOnly{bf16, gpu});
+    if (tp > 1) measure.set_bf16_matmul_outputs(false);
+    measure.plan(t.batch_size, t.seq_len, recompute);
+    return static_cast<double>(measure.activation_bytes());
+  };
+  const double activations = measure_activations(m, 1);
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
@@ -186,14 +202,52 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
     p.strategies.push_back(sp);
   }
-  // The least communication among those that fit (ties: the earlier, less sharded).
+  // Tensor parallelism: groups of tp ranks within a node (powers of two dividing the model's
+  // heads and MLP width), no-shard across the groups; only where the run could use it.
+  Config probe = cfg;
+  probe.model = m;
+  for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2) {
+    probe.dist.tensor_parallel = tp;
+    probe.dist.strategy = "no-shard";
+    ModelConfig share;
+    try {
+      validate_train_config(probe);
+      share = dist::tensor_parallel_config(m, tp);
+    } catch (const Error&) {
+      break;
+    }
+    StrategyPlan sp;
+    sp.tensor_parallel = tp;
+    FootprintOptions fo;
+    fo.bf16 = bf16;
+    fo.shards = o.ranks / tp;
+    fo.accumulates = t.grad_accum > 1;
+    sp.state = training_footprint(share, fo);
+    sp.activations = measure_activations(share, tp);
+    sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
+                    tensor_parallel_traffic_bytes(m, t.batch_size, t.seq_len, tp, t.grad_accum,
+                                                  recompute == Recompute::kFull);
+    sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
+    p.strategies.push_back(sp);
+  }
+  // The least communication per token among those that fit (ties: the earlier, less sharded): a
+  // tensor-parallel group of N ranks trains 1/N of the tokens of N data-parallel ranks per step.
+  auto per_token = [](const StrategyPlan& sp) { return sp.sent_bytes * sp.tensor_parallel; };
   for (size_t i = 0; i < p.strategies.size(); ++i)
     if (p.strategies[i].fits &&
         (p.recommended < 0 ||
-         p.strategies[i].sent_bytes < p.strategies[p.recommended].sent_bytes * (1 - 1e-9)))
+         per_token(p.strategies[i]) < per_token(p.strategies[p.recommended]) * (1 - 1e-9)))
       p.recommended = static_cast<int>(i);
   return p;
 }
+
+namespace {
+// A row's name: the strategy, or "tpN" for tensor parallelism in groups of N (no-shard across).
+std::string name(const StrategyPlan& sp) {
+  if (sp.tensor_parallel > 1) return fmt::format("tp{}", sp.tensor_parallel);
+  return dist::strategy_name(static_cast<dist::Strategy>(sp.strategy));
+}
+}  // namespace
 
 std::string format_plan(const Plan& p) {
   const ModelConfig& m = p.model;
@@ -207,24 +261,29 @@ std::string format_plan(const Plan& p) {
       p.flops_per_token / 1e9, p.seq);
   s += fmt::format(
       "batch: {} x {} tokens x {} micro-batch(es) per rank, {} rank(s) ({} node(s) of {}): {:.0f} "
-      "tokens per step; {} steps = {:.3g} tokens\n",
+      "tokens per step (under tpN each group of N ranks shares one batch: 1/N of them); {} steps "
+      "= {:.3g} tokens\n",
       p.batch, p.seq, p.grad_accum, o.ranks, o.ranks / per_node, per_node, p.tokens_per_step,
       p.steps, p.tokens);
   s += fmt::format("per rank, GiB (activations: {}){}\n", p.recompute,
                    o.memory_bytes > 0 ? fmt::format("; {} GiB each", gib(o.memory_bytes)) : "");
-  s += fmt::format("  {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>12}\n", "strategy",
+  s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>12}\n", "strategy",
                    "values", "gather", "grads", "optimizer", "reference", "activations", "total",
                    "fits", "sent/step");
   for (const StrategyPlan& sp : p.strategies)
-    s += fmt::format("  {:<11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>8} GiB\n",
-                     dist::strategy_name(static_cast<dist::Strategy>(sp.strategy)),
-                     gib(sp.state.values), gib(sp.state.gather), gib(sp.state.gradients),
+    s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>8} GiB\n",
+                     name(sp), gib(sp.state.values), gib(sp.state.gather), gib(sp.state.gradients),
                      gib(sp.state.optimizer), gib(sp.state.reference), gib(sp.activations),
                      gib(sp.total()), o.memory_bytes > 0 ? (sp.fits ? "yes" : "no") : "?",
                      gib(sp.sent_bytes));
-  if (p.recommended >= 0)
+  if (p.recommended >= 0 && p.strategies[p.recommended].tensor_parallel > 1)
     s += fmt::format(
-        "recommended: dist.strategy: {} (fits, and sends the least per step)\n",
+        "recommended: dist.tensor_parallel: {} with dist.strategy: no-shard (fits, and sends the "
+        "least per token)\n",
+        p.strategies[p.recommended].tensor_parallel);
+  else if (p.recommended >= 0)
+    s += fmt::format(
+        "recommended: dist.strategy: {} (fits, and sends the least per token)\n",
         dist::strategy_name(static_cast<dist::Strategy>(p.strategies[p.recommended].strategy)));
   else if (o.memory_bytes > 0)
     s += "recommended: none fits; use more ranks, a smaller micro-batch (train.batch_size with "

@@ -50,7 +50,8 @@ struct PlanOptions {
 };
 
 struct StrategyPlan {
-  int strategy = 0;  // dist::Strategy
+  int strategy = 0;         // dist::Strategy
+  int tensor_parallel = 1;  // dist.tensor_parallel (groups of N ranks; strategy no-shard across)
   TrainingFootprint state;
   double activations = 0;  // bytes (Transformer::plan's arena for the micro-batch)
   double total() const { return state.total() + activations; }
@@ -82,5 +83,11 @@ std::string format_plan(const Plan& p);
 // in its two buffers excepted) and hybrid's all-reduce across nodes.
 double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int ranks,
                           int64_t grad_accum);
+// Bytes one rank sends per optimizer step for tensor parallelism's partial sums
+// (dist/tensor_parallel.h) in a group of tp: per micro-batch and block 4 all-reduces of the
+// (B, T, C) fp32 activations (6 with full activation checkpointing, whose recomputed forward sums
+// again), each 2(tp-1)/tp of its bytes.
+double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
+                                     int64_t grad_accum, bool full_recompute);
 
 }  // namespace lmforge
