@@ -419,6 +419,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // alone: the share hidden behind the backward (docs/distributed.md, "communication").
   double comm_alone_s = 0, comm_mib_sum = 0, comm_wait_sum = 0;
   int64_t comm_steps = 0;
+  double tp_mib_sum = 0;  // tensor parallelism's partial sums, per step
+  int64_t tp_steps = 0;
   if (dp_world.size() > 1) {
     comm_alone_s = dp.time_gradient_collectives() *
                    (dp.strategy() >= dist::Strategy::kGradShard ? t.grad_accum : 1);
@@ -573,14 +575,18 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (t.z_loss > 0) record["z_loss"] = t.z_loss * lse_sq;
     if (objective) record.update(objective->metrics());
     if (setup.teacher) record["kl"] = kl;
-    if (world->size() > 1) {
+    if (dp_world.size() > 1) {
       record["comm_mib"] = comm.bus_bytes / 1048576.0;
       record["comm_wait_s"] = dp.grad_wait_s() - wait0;
       comm_mib_sum += comm.bus_bytes / 1048576.0;
       comm_wait_sum += dp.grad_wait_s() - wait0;
       ++comm_steps;
     }
-    if (tp) record["tp_comm_mib"] = (tp->comm_stats().bus_bytes - tp_bytes0) / 1048576.0;
+    if (tp) {
+      record["tp_comm_mib"] = (tp->comm_stats().bus_bytes - tp_bytes0) / 1048576.0;
+      tp_mib_sum += record["tp_comm_mib"].get<double>();
+      ++tp_steps;
+    }
     const double tflops = flops_per_token * tps / 1e12;
     record["tflops"] = tflops;
     // tflops is the job's (tokens of every rank); the peak is one GPU's.
@@ -681,6 +687,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         comm_mib_sum / static_cast<double>(comm_steps), wait, comm_alone_s,
         comm_alone_s > 0 ? 100.0 * std::clamp(1.0 - wait / comm_alone_s, 0.0, 1.0) : 0.0);
   }
+  if (tp && tp_steps > 0)
+    fmt::print(
+        "dist.tensor_parallel: {} ranks per group; per step and rank {:.1f} MiB of partial sums "
+        "sent (ring algorithm's bytes)\n",
+        tp->size(), tp_mib_sum / static_cast<double>(tp_steps));
   if (dp.offload())
     fmt::print("dist.offload: AdamW master values and gradients in a host arena of {} bytes\n",
                dp.host_bytes());
