@@ -631,6 +631,68 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   EXPECT_NE(s.out.find("--- sample ---"), std::string::npos) << s.out;
 }
 
+TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
+  // Each rank of a group its own 2 rows: like as many data-parallel ranks (the reference with
+  // their micro-batches), the group's rows gathered for attention and the MLP.
+  const std::string sp = "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true ";
+  RunResult r = run("sp2", 2, sp + "--set train.batch_size=2");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("groups of 2 tensor-parallel ranks (sequence-parallel); global batch 4"),
+            std::string::npos)
+      << r.out;
+  expect_same("sp2", reference(2));
+  // Its collectives per step, exactly as lmforge plan counts them.
+  const ModelConfig c = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2"));
+  const double planned = tensor_parallel_traffic_bytes(c, 2, 32, 2, 1, false, true);
+  const std::vector<double> mib = losses("sp2", "tp_comm_mib");
+  EXPECT_EQ(mib.size(), 6u);
+  for (double m : mib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned);
+
+  // 2 groups of 2; full activation checkpointing (its forward gathers and sums again) with
+  // gradient accumulation.
+  RunResult d = run("sp4", 4, sp + "--set train.batch_size=2");
+  ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
+  expect_same("sp4", reference(4));
+  RunResult f = run("sp2-full", 2,
+                    sp + "--set train.batch_size=1 --set train.grad_accum=2 --set "
+                         "train.activation_checkpointing=full");
+  ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
+  expect_same("sp2-full", reference(2));  // (the rows of its 2 x 2, as with data parallelism)
+  for (double m : losses("sp2-full", "tp_comm_mib"))
+    EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 2, true, true));
+
+  // Llama (GQA, RoPE, SwiGLU) in bf16 (its norms' outputs gathered in bf16) against one process
+  // in bf16, whose branches are rounded to bf16 where the partial sums stay fp32.
+  const std::string llama =
+      "--set model.preset=llama3-tiny --set train.lr=1e-3 --set train.precision=bf16 ";
+  RunResult one =
+      run("ref-llama-bf16", 1, llama + "--set train.batch_size=2 --set train.grad_accum=2");
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  RunResult l = run("sp2-llama-bf16", 2, llama + sp + "--set train.batch_size=2");
+  ASSERT_EQ(l.exit_code, 0) << l.out << l.err;
+  std::vector<double> a = losses("sp2-llama-bf16"), b = losses("ref-llama-bf16");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-3 * b[i]) << "step " << i + 1;
+  const ModelConfig lc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2-llama-bf16"));
+  for (double m : losses("sp2-llama-bf16", "tp_comm_mib"))
+    EXPECT_DOUBLE_EQ(m * 1048576.0,
+                     tensor_parallel_traffic_bytes(lc, 2, 32, 2, 1, false, true, true));
+
+  // A resume is bit-exact.
+  RunResult k = run("sp-ckpt", 2,
+                    sp + "--set train.batch_size=2 --set train.checkpoint_every=3 --set "
+                         "train.keep_last=0");
+  ASSERT_EQ(k.exit_code, 0) << k.out << k.err;
+  RunResult again =
+      run("sp-resume", 2,
+          sp + "--set train.batch_size=2 --resume=" + *dir_ + "/sp-ckpt/checkpoints/step-00000003");
+  ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
+  const std::vector<double> whole = losses("sp-ckpt"), rest = losses("sp-resume");
+  ASSERT_EQ(rest.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
+  EXPECT_EQ(params("sp-resume"), params("sp-ckpt"));
+}
+
 TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
   struct Case {
     int ranks;
@@ -641,7 +703,13 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
         Case{1, "--set dist.tensor_parallel=2 --set dist.strategy=full-shard",
              "dist.strategy full-shard is not supported with tensor parallelism"},
         Case{4, "--set dist.tensor_parallel=4 --set model.preset=llama3-tiny",
-             "does not divide the model's key/value heads (model.n_kv_head) (2)"}}) {
+             "does not divide the model's key/value heads (model.n_kv_head) (2)"},
+        Case{1, "--set dist.sequence_parallel=true",
+             "dist.sequence_parallel: splits the rows of a tensor-parallel group"},
+        Case{2,
+             "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
+             "data.packing=best_fit",
+             "data.packing best_fit is not supported with sequence parallelism"}}) {
     RunResult r = run("tp-refused", c.ranks, c.extra);
     EXPECT_NE(r.exit_code, 0) << c.extra;
     EXPECT_NE(r.err.find(c.message), std::string::npos) << c.extra << "\n" << r.err;

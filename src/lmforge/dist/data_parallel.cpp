@@ -248,7 +248,8 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   const std::vector<int64_t> counts = target_counts(micro, kIgnore);
   double targets = 0;
   for (int64_t c : counts) targets += static_cast<double>(c);
-  world_.all_reduce(&targets, 1)->wait();  // over all ranks and micro-batches
+  world_.all_reduce(&targets, 1)->wait();     // over all ranks and micro-batches
+  if (tp_) tp_->sum_over_group(&targets, 1);  // sequence parallelism: each rank's own rows
   if (objective) objective->begin(micro, world_);
 
   double sums[3] = {0, 0, 0};  // loss, lse^2, KL: token-weighted over this rank's share
@@ -293,6 +294,10 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   sync_ = false;
   all_reduce_across_nodes();
   world_.all_reduce(sums, 3)->wait();
+  if (tp_) {  // sequence parallelism: the ranks' own rows' shares, and their gradients
+    tp_->sum_over_group(sums, 3);
+    tp_->sum_row_grads();
+  }
   if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];
   if (mean_kl) *mean_kl = sums[2];

@@ -100,8 +100,9 @@ void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, in
   share.params().assign_values(host);
 }
 
-TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model)
-    : comm_(tp), whole_(whole), model_(model) {
+TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,
+                               bool sequence_parallel)
+    : comm_(tp), whole_(whole), model_(model), sequence_parallel_(sequence_parallel) {
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
 }
 
@@ -111,6 +112,40 @@ void TensorParallel::sum(const Tensor& t) const {
   LMF_CHECK(t.dtype() == DType::kF32, "tensor parallelism sums fp32 partial sums, got {}",
             dtype_name(t.dtype()));
   comm_.all_reduce(t.data<float>(), t.numel())->wait();
+}
+
+void TensorParallel::gather(const Tensor& local, const Tensor& all) const {
+  LMF_CHECK(all.numel() == local.numel() * size() && all.dtype() == local.dtype(),
+            "sequence parallelism: gather {} rows of {} into {}", size(), local.shape().str(),
+            all.shape().str());
+  const std::vector<int64_t> counts(size(), local.numel());
+  if (local.dtype() == DType::kBF16)
+    comm_.all_gather(local.bf16_data(), all.bf16_data(), counts)->wait();
+  else
+    comm_.all_gather(local.data<float>(), all.data<float>(), counts)->wait();
+}
+
+void TensorParallel::sum_scatter(const Tensor& all, const Tensor& local) const {
+  LMF_CHECK(all.numel() == local.numel() * size() && all.dtype() == DType::kF32 &&
+                local.dtype() == DType::kF32,
+            "sequence parallelism: sum {} into {} rows of {} (fp32)", all.shape().str(), size(),
+            local.shape().str());
+  comm_
+      .reduce_scatter(all.data<float>(), local.data<float>(),
+                      std::vector<int64_t>(size(), local.numel()))
+      ->wait();
+}
+
+void TensorParallel::sum_over_group(double* v, int n) {
+  if (sequence_parallel_) comm_.all_reduce(v, n)->wait();
+}
+
+void TensorParallel::sum_row_grads() {
+  if (!sequence_parallel_) return;
+  for (Param& p : model_.params().params())
+    if (!p.frozen && tensor_parallel_replicated(p.name) && !ends_with(p.name, ".attn.proj.bias") &&
+        !ends_with(p.name, ".mlp.proj.bias"))
+      comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
 }
 
 double TensorParallel::grad_norm() {

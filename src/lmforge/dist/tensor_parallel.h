@@ -13,6 +13,16 @@
 // and MLP activations. The ranks of a group are consecutive (rank = dp * N + tp, within a node);
 // data parallelism (no-shard) runs across the groups, over the ranks of equal tp.
 //
+// Sequence parallelism (dist.sequence_parallel, as Megatron-LM's, Korthikanti et al. 2022): the
+// norms, residual adds, embeddings and LM head run on each rank's own rows (B, T) alone, attention
+// and the MLP on the group's (N B, T): the all-reduces become an all-gather of the rows before
+// the column-parallel matmuls and a reduce-scatter after the row-parallel ones (the same bytes),
+// and the activations outside attention and the MLP are 1/N of the group's. Megatron splits the
+// group's tokens along the sequence; lmforge gives each rank its own rows, which for these
+// per-token ops is the same split and keeps every sequence whole on one rank. The gradients of
+// the replicated parameters fed by a rank's own rows (embeddings, norms, head) are then summed
+// over the group after each step's backward, and each rank reads its own slice of the batch.
+//
 // Checkpoints hold the whole model, as one process would write it (gather() onto the group's rank
 // 0; a load takes each rank's share of it), so they resume with any tensor_parallel and export as
 // usual.
@@ -45,8 +55,10 @@ void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, in
 class TensorParallel final : public PartialSums {
  public:
   // tp: the group (its rank r holds share r); whole: the model split; model: this rank's share,
-  // whose blocks' partial sums go over tp from now on.
-  TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model);
+  // whose blocks' partial sums go over tp from now on (planned again under sequence
+  // parallelism).
+  TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,
+                 bool sequence_parallel = false);
   ~TensorParallel() override;
   TensorParallel(const TensorParallel&) = delete;
   TensorParallel& operator=(const TensorParallel&) = delete;
@@ -54,6 +66,15 @@ class TensorParallel final : public PartialSums {
   int size() const { return comm_.size(); }
   int rank() const { return comm_.rank(); }
   void sum(const Tensor& t) const override;
+  int64_t row_shards() const override { return sequence_parallel_ ? size() : 1; }
+  void gather(const Tensor& local, const Tensor& all) const override;
+  void sum_scatter(const Tensor& all, const Tensor& local) const override;
+  bool sequence_parallel() const { return sequence_parallel_; }
+  // Sequence parallelism: sums n numbers over the group (losses and target counts of the ranks'
+  // own rows), and the gradients of the replicated parameters that each rank's rows fed (all but
+  // the row-parallel biases, whose gradients come from the group's rows); nothing otherwise.
+  void sum_over_group(double* v, int n);
+  void sum_row_grads();
   // The partial sums' traffic so far (this rank's; CountingCommunicator's convention).
   const CommStats& comm_stats() const { return comm_.stats(); }
 
@@ -74,6 +95,7 @@ class TensorParallel final : public PartialSums {
   mutable CountingCommunicator comm_;
   ModelConfig whole_;
   Transformer& model_;
+  bool sequence_parallel_;
 };
 
 }  // namespace lmforge::dist

@@ -190,6 +190,10 @@ std::vector<ConfigField> fields(Config& c) {
       {"dist.tensor_parallel", &c.dist.tensor_parallel,
        "ranks that split every block's heads and MLP width (Megatron-LM tensor parallelism; "
        "consecutive ranks; data parallelism across the groups); 1 = off"},
+      {"dist.sequence_parallel", &c.dist.sequence_parallel,
+       "with dist.tensor_parallel: the norms, residual adds, embeddings and LM head on each "
+       "rank's own rows, attention and the MLP on the group's (Megatron-LM sequence "
+       "parallelism: 1/N of those activations; each rank reads its own slice of the batch)"},
       {"sample.prompt", &c.sample.prompt, "sample after training (empty = none)"},
       {"sample.max_tokens", &c.sample.max_tokens, ""},
       {"sample.temperature", &c.sample.temperature, ""},

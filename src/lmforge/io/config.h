@@ -114,6 +114,7 @@ struct DistConfig {
   int64_t ranks_per_node = 0;         // 0 = as launched; declares nodes for hybrid
   std::string backend = "auto";       // auto | mpi | nccl | local
   int64_t tensor_parallel = 1;        // ranks sharing each block (dist/tensor_parallel.h)
+  bool sequence_parallel = false;     // and the rest split by rows among them (the same)
 };
 
 struct SampleConfig {  // printed after training when prompt is non-empty

@@ -9,9 +9,10 @@ bool bf16_run(const Linear& l) { return l.weight->value_bf16.defined(); }
 }  // namespace
 
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
-                        DType matmul_output_dtype, bool bf16_attention_grads) {
+                        DType matmul_output_dtype, bool bf16_attention_grads, int64_t row_shards) {
   int64_t C = c.n_embd, F = c.ffn();
   dnorm = a.alloc({B, T, C});
+  B *= row_shards;  // attention's and the MLP's gradients: the group's rows
   // Attention's gradients in bf16 (written, not added to) only when asked and attention itself is
   // bf16 (not with q/k norms).
   const DType att = bf16_attention_grads && !c.qk_norm ? matmul_output_dtype : DType::kF32;
@@ -63,18 +64,22 @@ void Block::recompute(const Acts& a, const Tensor& x, const Positions& pos, Reco
 }
 
 void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode) const {
+  int64_t C = cfg.n_embd;
+  if (row_shards() > 1) {  // sequence parallelism's group-row buffers
+    s.n_full = a.alloc({B * row_shards(), T, C}, matmul_input_dtype);
+    s.full = a.alloc({B * row_shards(), T, C});
+  }
   if (mode == Recompute::kFull) {
-    plan(a, s, B, T);
+    plan(a, s, B, T, Recompute::kNone, &s);
     return;
   }
-  int64_t C = cfg.n_embd;
   // The residual branches are added to the stream right after the GEMMs that write them and are
   // not read in backward: one buffer serves att_proj and mlp_out in every block.
   s.att_proj = s.mlp_out = a.alloc({B, T, C}, matmul_output_dtype);
   if (mode != Recompute::kSelective) return;
   s.n1_out = a.alloc({B, T, C}, matmul_input_dtype);
   s.n2_out = a.alloc({B, T, C}, matmul_input_dtype);
-  s.act = a.alloc({B, T, cfg.ffn()}, matmul_input_dtype);
+  s.act = a.alloc({B * row_shards(), T, cfg.ffn()}, matmul_input_dtype);
 }
 
 void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
@@ -85,6 +90,12 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     x.x_out = a.alloc({B, T, C});
     return;
   }
+  if (shared) {  // sequence parallelism's group-row buffers (see plan_shared)
+    x.n_full = shared->n_full;
+    x.full = shared->full;
+  }
+  // Sequence parallelism: attention and the MLP run on the group's rows.
+  const int64_t G = B * row_shards();
   // kSelective: what recompute() rebuilds is shared; the rest (matmul outputs, attention's
   // output and logsumexp) is kept. In either mode the residual branches are shared (see
   // plan_shared).
@@ -99,26 +110,26 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
                      : mm_out ? matmul_output_dtype
                               : DType::kF32;
     const bool branch = field == &Acts::att_proj || field == &Acts::mlp_out;
-    x.*field = (sel && mm_in) || (branch && shared && shared->att_proj.defined())
+    x.*field = (sel && mm_in) || (branch && shared && shared->att_proj.defined() && shared != &x)
                    ? shared->*field
                    : a.alloc(shape, dt);
   };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);
   keep(&Acts::n1_out, {B, T, C});
-  keep(&Acts::qkv, {B, T, cfg.qkv_dim()});
+  keep(&Acts::qkv, {G, T, cfg.qkv_dim()});
   if (cfg.qk_norm) {
-    keep(&Acts::qkv_raw, {B, T, cfg.qkv_dim()});
-    keep(&Acts::rstd_q, {B * T * NH});
-    keep(&Acts::rstd_k, {B * T * cfg.kv_heads()});
+    keep(&Acts::qkv_raw, {G, T, cfg.qkv_dim()});
+    keep(&Acts::rstd_q, {G * T * NH});
+    keep(&Acts::rstd_k, {G * T * cfg.kv_heads()});
   }
-  keep(&Acts::lse, {B, NH, T});
-  keep(&Acts::att, {B, T, NH * cfg.head_size()});
+  keep(&Acts::lse, {G, NH, T});
+  keep(&Acts::att, {G, T, NH * cfg.head_size()});
   keep(&Acts::att_proj, {B, T, C});
   keep(&Acts::x_mid, {B, T, C});
   keep(&Acts::n2_out, {B, T, C});
-  keep(&Acts::fc_out, {B, T, cfg.mlp == "swiglu" ? 2 * F : F});
-  keep(&Acts::act, {B, T, F});
+  keep(&Acts::fc_out, {G, T, cfg.mlp == "swiglu" ? 2 * F : F});
+  keep(&Acts::act, {G, T, F});
   keep(&Acts::mlp_out, {B, T, C});
   keep(&Acts::x_out, {B, T, C});
   for (auto [l, t] : {std::pair{&qkv, &Acts::t_qkv},
@@ -130,48 +141,81 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
 
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
+  const bool sp = row_shards() > 1;  // sequence parallelism (see PartialSums)
   norm1.forward(a.n1_out, a.n1, x);
+  if (sp) partial->gather(a.n1_out, a.n_full);
+  const Tensor& in1 = sp ? a.n_full : a.n1_out;
   if (cfg.qk_norm) {
-    qkv.forward(a.qkv_raw, a.n1_out, a.t_qkv);
+    qkv.forward(a.qkv_raw, in1, a.t_qkv);
     ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
                          NKV, cfg.norm_eps);
   } else {
-    qkv.forward(a.qkv, a.n1_out, a.t_qkv);
+    qkv.forward(a.qkv, in1, a.t_qkv);
   }
   if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
                          pos.doc_start);
-  proj.forward(a.att_proj, a.att, a.t_proj);
-  if (partial) partial->sum(a.att_proj);
+  if (sp) {
+    proj.forward(a.full, a.att, a.t_proj);
+    partial->sum_scatter(a.full, a.att_proj);
+  } else {
+    proj.forward(a.att_proj, a.att, a.t_proj);
+    if (partial) partial->sum(a.att_proj);
+  }
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
-  fc.forward(a.fc_out, a.n2_out, a.t_fc);
+  if (sp) partial->gather(a.n2_out, a.n_full);
+  fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc);
   if (cfg.mlp == "swiglu")
     ops::swiglu_forward(a.act, a.fc_out);
   else
     ops::gelu_forward(a.act, a.fc_out);
-  down.forward(a.mlp_out, a.act, a.t_down);
-  if (partial) partial->sum(a.mlp_out);
+  if (sp) {
+    down.forward(a.full, a.act, a.t_down);
+    partial->sum_scatter(a.full, a.mlp_out);
+  } else {
+    down.forward(a.mlp_out, a.act, a.t_down);
+    if (partial) partial->sum(a.mlp_out);
+  }
   ops::add(a.x_out, a.x_mid, a.mlp_out);
 }
 
 void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const BlockScratch& s,
                      const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
+  // Sequence parallelism (see PartialSums): the row-parallel layers' output gradients are the
+  // group's rows (gathered into a.full), the column-parallel layers' input gradients partial sums
+  // of them (in a.full, then summed into this rank's rows of s.dnorm), their inputs gathered
+  // again into a.n_full.
+  const bool sp = row_shards() > 1;
+  // A column-parallel layer's backward into s.dnorm (written) from its input `in` (a norm's
+  // output), summed over the ranks under tensor parallelism.
+  auto column_backward = [&](const Linear& l, const Tensor& dout, const Tensor& in,
+                             const Tensor& t) {
+    if (sp) {
+      partial->gather(in, a.n_full);
+      l.backward(a.full, dout, a.n_full, t, s.dlora, false);
+      partial->sum_scatter(a.full, s.dnorm);
+    } else {
+      l.backward(s.dnorm, dout, in, t, s.dlora, false);
+      if (partial) partial->sum(s.dnorm);
+    }
+  };
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   // The scratch gradients dact and dnorm are written by their layer's backward (no zeroing).
-  down.backward(s.dact, dres, a.act, a.t_down, s.dlora, false);
+  if (sp) partial->gather(dres, a.full);
+  down.backward(s.dact, sp ? a.full : dres, a.act, a.t_down, s.dlora, false);
   if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
   if (cfg.mlp == "swiglu")
     ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
   else
     ops::gelu_backward(s.dfc, a.fc_out, s.dact);
-  fc.backward(s.dnorm, s.dfc, a.n2_out, a.t_fc, s.dlora, false);
-  if (partial) partial->sum(s.dnorm);
+  column_backward(fc, s.dfc, a.n2_out, a.t_fc);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
-  proj.backward(s.datt, dres, a.att, a.t_proj, s.dlora);
+  if (sp) partial->gather(dres, a.full);
+  proj.backward(s.datt, sp ? a.full : dres, a.att, a.t_proj, s.dlora);
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
                           bf16_run(qkv), pos.doc_start);
@@ -181,11 +225,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
     ops::qk_norm_backward(s.dqkv_raw, q_norm->frozen ? Tensor() : q_norm->grad,
                           k_norm->frozen ? Tensor() : k_norm->grad, s.dqkv, a.qkv_raw,
                           q_norm->fp32(), k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
-    qkv.backward(s.dnorm, s.dqkv_raw, a.n1_out, a.t_qkv, s.dlora, false);
-  } else {
-    qkv.backward(s.dnorm, s.dqkv, a.n1_out, a.t_qkv, s.dlora, false);
   }
-  if (partial) partial->sum(s.dnorm);
+  column_backward(qkv, cfg.qk_norm ? s.dqkv_raw : s.dqkv, a.n1_out, a.t_qkv);
   norm1.backward(dres, s.dnorm, x, a.n1);  // dres is now d(x)
 }
 

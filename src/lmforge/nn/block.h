@@ -40,8 +40,11 @@ struct BlockScratch {
   Tensor dlora;     // (B*T, r): LoRA adapters' gradient scratch (Linear::backward)
   // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
   // attention backward reads and writes, so no conversion passes around it on a GPU.
+  // row_shards: sequence parallelism's (PartialSums), whose attention and MLP gradients are the
+  // group's rows.
   void plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
-            DType matmul_output_dtype = DType::kF32, bool bf16_attention_grads = false);
+            DType matmul_output_dtype = DType::kF32, bool bf16_attention_grads = false,
+            int64_t row_shards = 1);
 };
 
 // Tensor parallelism's seam (dist/tensor_parallel.h). A block that holds one rank's share of
@@ -49,10 +52,23 @@ struct BlockScratch {
 // layers) computes partial sums of its two residual branches in forward and of its norms' input
 // gradients in backward; sum() adds a partial sum over the ranks that share the block, in place
 // (fp32). The block knows nothing else of the split.
+//
+// With sequence parallelism (row_shards() = the group's ranks), the norms and residual adds run
+// on this rank's own rows (B, T) alone and attention and the MLP on the whole group's
+// (row_shards() B, T), rank r's rows the r-th block of them: gather() collects every rank's rows
+// before the column-parallel matmuls (and their outputs' gradients before the row-parallel
+// ones' backward), and sum_scatter() replaces sum(): it adds the partial sums over the ranks and
+// keeps this rank's rows.
 class PartialSums {
  public:
   virtual ~PartialSums() = default;
   virtual void sum(const Tensor& t) const = 0;
+  virtual int64_t row_shards() const { return 1; }
+  // local (R, ...) of every rank into all (row_shards() R, ...), in rank order (fp32 or bf16).
+  virtual void gather(const Tensor& local, const Tensor& all) const {}
+  // all (row_shards() R, ...) fp32 partial sums, summed over the ranks: this rank's rows into
+  // local (R, ...).
+  virtual void sum_scatter(const Tensor& all, const Tensor& local) const {}
 };
 
 enum class Recompute { kNone, kSelective, kFull };
@@ -90,7 +106,12 @@ struct Block {
     Tensor qkv_raw, rstd_q, rstd_k;                 // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
     Tensor t_qkv, t_proj, t_fc, t_down;  // LoRA adapters' activations (B*T, r), fp32
+    // Sequence parallelism (shared by all blocks): a norm's output gathered over the group's rows
+    // (the matmul input dtype), and the group's rows of a branch's partial sums, or of a gradient
+    // (fp32).
+    Tensor n_full, full;
   };
+  int64_t row_shards() const { return partial ? partial->row_shards() : 1; }
 
   void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);
   // Allocates acts; with a Recompute mode other than kNone, the tensors that mode recomputes are

@@ -91,14 +91,9 @@ class Transformer {
   // Tensor parallelism (dist/tensor_parallel.h): this model is one rank's share of a larger one
   // (its config's heads and MLP width are the share's); every block's partial sums go through
   // `sums`, and the ranks other than `adds_bias` leave the row-parallel layers' biases to it.
-  // Not with CUDA graphs.
-  void set_partial_sums(const PartialSums* sums, bool adds_bias) {
-    for (Block& b : blocks_) {
-      b.partial = sums;
-      b.proj.bias_elsewhere = b.down.bias_elsewhere = sums && !adds_bias;
-    }
-    graph_ = {};
-  }
+  // With sequence parallelism (sums->row_shards() > 1) a planned model is planned again (its
+  // attention and MLP activations are the group's rows). Not with CUDA graphs.
+  void set_partial_sums(const PartialSums* sums, bool adds_bias);
   bool tensor_parallel() const { return !blocks_.empty() && blocks_[0].partial; }
 
   // bf16 mixed precision (train.precision: bf16): the matmuls read bf16 copies of the weights

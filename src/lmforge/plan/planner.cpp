@@ -117,11 +117,24 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
 }
 
 double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
-                                     int64_t grad_accum, bool full_recompute) {
+                                     int64_t grad_accum, bool full_recompute,
+                                     bool sequence_parallel, bool bf16_inputs) {
   if (tp <= 1) return 0;
-  const double sums = (full_recompute ? 6.0 : 4.0) * static_cast<double>(m.n_layer);
-  const double bytes = 4.0 * static_cast<double>(batch * seq * m.n_embd);
-  return static_cast<double>(grad_accum) * sums * bytes * 2.0 * (tp - 1) / tp;
+  const double L = static_cast<double>(m.n_layer), k = (tp - 1.0) / tp;
+  const double elements = static_cast<double>(batch * seq * m.n_embd);  // a rank's (B, T, C)
+  if (!sequence_parallel) {
+    const double sums = (full_recompute ? 6.0 : 4.0) * L;
+    return static_cast<double>(grad_accum) * sums * 4.0 * elements * 2.0 * k;
+  }
+  // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
+  const double in = bf16_inputs ? 2.0 : 4.0;
+  const double norm_gathers = full_recompute ? 6.0 : 4.0, fp32_ops = full_recompute ? 8.0 : 6.0;
+  const double per_micro = L * (norm_gathers * in + fp32_ops * 4.0) * elements * (tp - 1);
+  // The gradients of the parameters fed by a rank's own rows, all-reduced once a step.
+  const Groups g = groups(m);
+  const double norm = static_cast<double>(m.n_embd) * (m.norm == "layernorm" && m.bias ? 2 : 1);
+  const double rows_fed = g.embeddings + g.head + 2.0 * L * norm;
+  return static_cast<double>(grad_accum) * per_micro + 2.0 * k * 4.0 * rows_fed;
 }
 
 Plan make_plan(const Config& cfg, const PlanOptions& o) {

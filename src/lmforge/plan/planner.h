@@ -86,8 +86,14 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
 // Bytes one rank sends per optimizer step for tensor parallelism's partial sums
 // (dist/tensor_parallel.h) in a group of tp: per micro-batch and block 4 all-reduces of the
 // (B, T, C) fp32 activations (6 with full activation checkpointing, whose recomputed forward sums
-// again), each 2(tp-1)/tp of its bytes.
+// again), each 2(tp-1)/tp of its bytes. With sequence parallelism (B: each rank's own rows), per
+// block the gathers of the norms' outputs (2 in forward, again in backward; bf16 with bf16_inputs)
+// and of the output gradients (2), and the reduce-scatters of the partial sums (2 in forward, 2 in
+// backward; full recomputation repeats the forward's), each (tp-1)/tp of the group's buffer; and
+// per step an all-reduce of the gradients of the parameters fed by each rank's rows (embeddings,
+// norms, head).
 double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
-                                     int64_t grad_accum, bool full_recompute);
+                                     int64_t grad_accum, bool full_recompute,
+                                     bool sequence_parallel = false, bool bf16_inputs = false);
 
 }  // namespace lmforge

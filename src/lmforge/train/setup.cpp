@@ -151,8 +151,10 @@ RunSetup setup_run(Config& cfg) {
   LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
   lo.pairs = paired_objective(t.objective);
   lo.unpaired = t.objective == "kto";
-  lo.rank = dist::rank_info().rank / tp;
-  lo.world = dist::rank_info().size / tp;
+  // (sequence parallelism: every rank its own rows)
+  const int readers = cfg.dist.sequence_parallel ? 1 : tp;
+  lo.rank = dist::rank_info().rank / readers;
+  lo.world = dist::rank_info().size / readers;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
   r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
   r.train_data->check_tokenizer(*tokenizer, "data.train");

@@ -247,9 +247,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (tp_size > 1) {
     tp_comm = comm.split(comm.rank() / tp_size, comm.rank());
     dp_comm = comm.split(comm.rank() % tp_size, comm.rank());
-    tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model);
+    tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model,
+                                                cfg.dist.sequence_parallel);
   }
   dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
+  // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
+  // parallelism every rank.
+  const int64_t readers = tp && tp->sequence_parallel() ? comm.size() : dp_world.size();
   dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), deferred_seed);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
@@ -410,9 +414,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print(
         "dist: {} ranks ({} node(s) x {}) over {}, {}{}; global batch {} sequences per step\n",
         world->size(), ri.nodes, ri.local_size, over, dist::strategy_name(dp.strategy()),
-        tp ? fmt::format(" over {} groups of {} tensor-parallel ranks", dp_world.size(), tp_size)
+        tp ? fmt::format(" over {} groups of {} tensor-parallel ranks{}", dp_world.size(), tp_size,
+                         tp->sequence_parallel() ? " (sequence-parallel)" : "")
            : "",
-        t.batch_size * t.grad_accum * dp_world.size());
+        t.batch_size * t.grad_accum * readers);
   }
   // Communication: each step's traffic (comm_mib) and the time spent waiting for gradient
   // collectives after the backward passes (comm_wait_s), against the same collectives timed
@@ -468,7 +473,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   TrainResult res;
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
-  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * dp_world.size();
+  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * readers;
   // Counted across resumes (which may change the batch, accumulation or ranks); checkpoints that
   // did not record them count the steps done at today's step size.
   if (st.tokens < 0) st.tokens = st.step * tokens_per_step;

@@ -96,7 +96,13 @@ void validate_tensor_parallel(const Config& cfg) {
   const int64_t tp = cfg.dist.tensor_parallel;
   if (tp < 1 || tp > 4096)
     fail("dist.tensor_parallel: expected the ranks sharing each block (1 = off), got {}", tp);
-  if (tp == 1) return;
+  if (tp == 1) {
+    if (cfg.dist.sequence_parallel)
+      fail(
+          "dist.sequence_parallel: splits the rows of a tensor-parallel group; set "
+          "dist.tensor_parallel to 2 or more, or sequence_parallel to false");
+    return;
+  }
   auto refuse = [&](const std::string& key, const std::string& fix) {
     fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
   };
@@ -110,6 +116,14 @@ void validate_tensor_parallel(const Config& cfg) {
     refuse("train.objective " + t.objective + " (its second model)",
            "train it with dist.tensor_parallel: 1");
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
+  if (!cfg.dist.sequence_parallel) return;
+  auto refuse_sp = [&](const std::string& key, const std::string& fix) {
+    fail("dist.sequence_parallel: {} is not supported with sequence parallelism yet; {}", key, fix);
+  };
+  if (cfg.data.packing != "none")
+    refuse_sp("data.packing " + cfg.data.packing, "use data.packing: none");
+  if (t.objective != "clm")
+    refuse_sp("train.objective " + t.objective, "train it with dist.sequence_parallel: false");
 }
 
 }  // namespace
