@@ -632,43 +632,44 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
 }
 
 TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
-  // Each rank of a group its own 2 rows: like as many data-parallel ranks (the reference with
-  // their micro-batches), the group's rows gathered for attention and the MLP.
+  // A group of 2 shares a batch of 2 rows as under tensor parallelism alone, each rank holding 1
+  // outside attention and the MLP (which run on the group's rows, gathered): the same training as
+  // one process with the group's batch.
   const std::string sp = "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true ";
   RunResult r = run("sp2", 2, sp + "--set train.batch_size=2");
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_NE(r.out.find("groups of 2 tensor-parallel ranks (sequence-parallel); global batch 4"),
+  EXPECT_NE(r.out.find("groups of 2 tensor-parallel ranks (sequence-parallel); global batch 2"),
             std::string::npos)
       << r.out;
-  expect_same("sp2", reference(2));
-  // Its collectives per step, exactly as lmforge plan counts them.
+  expect_same("sp2", reference(1));
+  // Its collectives per step, exactly as lmforge plan counts them (a rank's 1 row).
   const ModelConfig c = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2"));
-  const double planned = tensor_parallel_traffic_bytes(c, 2, 32, 2, 1, false, true);
   const std::vector<double> mib = losses("sp2", "tp_comm_mib");
   EXPECT_EQ(mib.size(), 6u);
-  for (double m : mib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned);
+  for (double m : mib)
+    EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 1, false, true));
 
   // 2 groups of 2; full activation checkpointing (its forward gathers and sums again) with
   // gradient accumulation.
   RunResult d = run("sp4", 4, sp + "--set train.batch_size=2");
   ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
-  expect_same("sp4", reference(4));
+  expect_same("sp4", reference(2));
   RunResult f = run("sp2-full", 2,
-                    sp + "--set train.batch_size=1 --set train.grad_accum=2 --set "
+                    sp + "--set train.batch_size=2 --set train.grad_accum=2 --set "
                          "train.activation_checkpointing=full");
   ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
-  expect_same("sp2-full", reference(2));  // (the rows of its 2 x 2, as with data parallelism)
+  expect_same("sp2-full", reference(2));
   for (double m : losses("sp2-full", "tp_comm_mib"))
     EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 2, true, true));
 
   // Llama (GQA, RoPE, SwiGLU) in bf16 (its norms' outputs gathered in bf16) against one process
   // in bf16, whose branches are rounded to bf16 where the partial sums stay fp32.
   const std::string llama =
-      "--set model.preset=llama3-tiny --set train.lr=1e-3 --set train.precision=bf16 ";
-  RunResult one =
-      run("ref-llama-bf16", 1, llama + "--set train.batch_size=2 --set train.grad_accum=2");
+      "--set model.preset=llama3-tiny --set train.lr=1e-3 --set train.precision=bf16 "
+      "--set train.batch_size=4 ";
+  RunResult one = run("ref-llama-bf16", 1, llama);
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  RunResult l = run("sp2-llama-bf16", 2, llama + sp + "--set train.batch_size=2");
+  RunResult l = run("sp2-llama-bf16", 2, llama + sp);
   ASSERT_EQ(l.exit_code, 0) << l.out << l.err;
   std::vector<double> a = losses("sp2-llama-bf16"), b = losses("ref-llama-bf16");
   ASSERT_EQ(a.size(), b.size());
@@ -708,8 +709,12 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
              "dist.sequence_parallel: splits the rows of a tensor-parallel group"},
         Case{2,
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
-             "data.packing=best_fit",
-             "data.packing best_fit is not supported with sequence parallelism"}}) {
+             "train.batch_size=2 --set data.packing=best_fit",
+             "data.packing best_fit is not supported with sequence parallelism"},
+        Case{2,
+             "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
+             "train.batch_size=3",
+             "train.batch_size: 3 rows do not split over the 2 ranks"}}) {
     RunResult r = run("tp-refused", c.ranks, c.extra);
     EXPECT_NE(r.exit_code, 0) << c.extra;
     EXPECT_NE(r.err.find(c.message), std::string::npos) << c.extra << "\n" << r.err;

@@ -47,24 +47,30 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   o.ranks = 4;
   o.memory_bytes = 1e12;  // everything fits: no-shard sends the least
   Plan p = make_plan(cfg, o);
-  // The four strategies, then tensor parallelism in groups of 2 and 4 (gpt2-tiny's 4 heads).
-  ASSERT_EQ(p.strategies.size(), 6u);
+  // The four strategies, then tensor parallelism in groups of 2 and 4 (gpt2-tiny's 4 heads),
+  // each without and with sequence parallelism.
+  ASSERT_EQ(p.strategies.size(), 8u);
   ASSERT_GE(p.recommended, 0);
   EXPECT_EQ(p.strategies[p.recommended].strategy, 0);
   EXPECT_EQ(p.strategies[p.recommended].tensor_parallel, 1);
-  for (int i : {4, 5}) {
-    const int tp = 2 << (i - 4);
+  for (int i = 4; i < 8; ++i) {
+    const int tp = i < 6 ? 2 : 4;
+    const bool seq = i % 2 == 1;
     const StrategyPlan& sp = p.strategies[i];
     EXPECT_EQ(sp.tensor_parallel, tp);
-    // A share's state under no-shard across 4 / tp groups, and its partial sums' traffic.
+    EXPECT_EQ(sp.sequence_parallel, seq);
+    // A share's state under no-shard across 4 / tp groups, and its partial sums' traffic (a
+    // rank's 4 / tp rows under sequence parallelism).
     FootprintOptions fo;
     fo.shards = 4 / tp;
     const ModelConfig share = dist::tensor_parallel_config(p.model, tp);
     EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total());
-    EXPECT_DOUBLE_EQ(sp.sent_bytes,
-                     step_traffic_bytes(share, fo, 4 / tp, 1) +
-                         tensor_parallel_traffic_bytes(p.model, 4, 64, tp, 1, false));
+    EXPECT_DOUBLE_EQ(sp.sent_bytes, step_traffic_bytes(share, fo, 4 / tp, 1) +
+                                        tensor_parallel_traffic_bytes(p.model, seq ? 4 / tp : 4, 64,
+                                                                      tp, 1, false, seq));
     EXPECT_LT(sp.total(), p.strategies[0].total());
+    // Sequence parallelism holds less outside attention and the MLP.
+    if (seq) EXPECT_LT(sp.activations, p.strategies[i - 1].activations);
   }
   // The share's activations are what its model plans (the branches fp32).
   Transformer share(dist::tensor_parallel_config(p.model, 2));
@@ -86,7 +92,9 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
           sp.sent_bytes * sp.tensor_parallel,
           p.strategies[p.recommended].sent_bytes * p.strategies[p.recommended].tensor_parallel);
     }
-  o.memory_bytes = full / 2;  // nothing fits
+  double least = full;  // nothing fits
+  for (const StrategyPlan& sp : p.strategies) least = std::min(least, sp.total());
+  o.memory_bytes = least / 2;
   p = make_plan(cfg, o);
   EXPECT_EQ(p.recommended, -1);
   EXPECT_NE(format_plan(p).find("none fits"), std::string::npos);

@@ -184,14 +184,25 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   const bool bf16 = t.precision == "bf16";
   const bool gpu = t.device == "cuda" || (t.device == "auto" && cuda::available());
   const Recompute recompute = parse_recompute(t.activation_checkpointing);
-  // tp > 1: a share's, whose row-parallel outputs stay fp32 (as the trainer plans it).
-  auto measure_activations = [&](const ModelConfig& model, int tp) {
+  // tp > 1: a share's, whose row-parallel outputs stay fp32 (as the trainer plans it); under
+  // sequence parallelism its attention and MLP on the group's rows.
+  struct RowShards final : PartialSums {
+    int64_t n = 1;
+    void sum(const Tensor&) const override {}
+    int64_t row_shards() const override { return n; }
+  };
+  auto measure_activations = [&](const ModelConfig& model, int tp, bool sp) {
     Transformer measure(model, Transformer::MeasureOnly{bf16, gpu});
-    if (tp > 1) measure.set_bf16_matmul_outputs(false);
-    measure.plan(t.batch_size, t.seq_len, recompute);
+    RowShards shards;
+    shards.n = sp ? tp : 1;
+    if (tp > 1) {
+      measure.set_bf16_matmul_outputs(false);
+      measure.set_partial_sums(&shards, true);
+    }
+    measure.plan(sp ? t.batch_size / tp : t.batch_size, t.seq_len, recompute);
     return static_cast<double>(measure.activation_bytes());
   };
-  const double activations = measure_activations(m, 1);
+  const double activations = measure_activations(m, 1, false);
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
@@ -217,34 +228,40 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   }
   // Tensor parallelism: groups of tp ranks within a node (powers of two dividing the model's
   // heads and MLP width), no-shard across the groups; only where the run could use it.
+  // With sequence parallelism too ("tpN-sp", where the run allows it).
   Config probe = cfg;
   probe.model = m;
-  for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2) {
-    probe.dist.tensor_parallel = tp;
-    probe.dist.strategy = "no-shard";
-    ModelConfig share;
-    try {
-      validate_train_config(probe);
-      share = dist::tensor_parallel_config(m, tp);
-    } catch (const Error&) {
-      break;
+  for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2)
+    for (bool seq : {false, true}) {
+      probe.dist.tensor_parallel = tp;
+      probe.dist.sequence_parallel = seq;
+      probe.dist.strategy = "no-shard";
+      ModelConfig share;
+      try {
+        validate_train_config(probe);
+        share = dist::tensor_parallel_config(m, tp);
+      } catch (const Error&) {
+        continue;
+      }
+      StrategyPlan sp;
+      sp.tensor_parallel = tp;
+      sp.sequence_parallel = seq;
+      FootprintOptions fo;
+      fo.bf16 = bf16;
+      fo.shards = o.ranks / tp;
+      fo.accumulates = t.grad_accum > 1;
+      sp.state = training_footprint(share, fo);
+      sp.activations = measure_activations(share, tp, seq);
+      sp.sent_bytes =
+          step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
+          tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size, t.seq_len, tp,
+                                        t.grad_accum, recompute == Recompute::kFull, seq, bf16);
+      sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
+      p.strategies.push_back(sp);
     }
-    StrategyPlan sp;
-    sp.tensor_parallel = tp;
-    FootprintOptions fo;
-    fo.bf16 = bf16;
-    fo.shards = o.ranks / tp;
-    fo.accumulates = t.grad_accum > 1;
-    sp.state = training_footprint(share, fo);
-    sp.activations = measure_activations(share, tp);
-    sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
-                    tensor_parallel_traffic_bytes(m, t.batch_size, t.seq_len, tp, t.grad_accum,
-                                                  recompute == Recompute::kFull);
-    sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
-    p.strategies.push_back(sp);
-  }
   // The least communication per token among those that fit (ties: the earlier, less sharded): a
-  // tensor-parallel group of N ranks trains 1/N of the tokens of N data-parallel ranks per step.
+  // tensor-parallel group of N ranks trains 1/N of the tokens of N data-parallel ranks per step
+  // (with sequence parallelism too: its ranks split the group's batch).
   auto per_token = [](const StrategyPlan& sp) { return sp.sent_bytes * sp.tensor_parallel; };
   for (size_t i = 0; i < p.strategies.size(); ++i)
     if (p.strategies[i].fits &&
@@ -257,7 +274,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
 namespace {
 // A row's name: the strategy, or "tpN" for tensor parallelism in groups of N (no-shard across).
 std::string name(const StrategyPlan& sp) {
-  if (sp.tensor_parallel > 1) return fmt::format("tp{}", sp.tensor_parallel);
+  if (sp.tensor_parallel > 1)
+    return fmt::format("tp{}{}", sp.tensor_parallel, sp.sequence_parallel ? "-sp" : "");
   return dist::strategy_name(static_cast<dist::Strategy>(sp.strategy));
 }
 }  // namespace
@@ -291,9 +309,10 @@ std::string format_plan(const Plan& p) {
                      gib(sp.sent_bytes));
   if (p.recommended >= 0 && p.strategies[p.recommended].tensor_parallel > 1)
     s += fmt::format(
-        "recommended: dist.tensor_parallel: {} with dist.strategy: no-shard (fits, and sends the "
-        "least per token)\n",
-        p.strategies[p.recommended].tensor_parallel);
+        "recommended: dist.tensor_parallel: {}{} with dist.strategy: no-shard (fits, and sends "
+        "the least per token)\n",
+        p.strategies[p.recommended].tensor_parallel,
+        p.strategies[p.recommended].sequence_parallel ? ", dist.sequence_parallel: true" : "");
   else if (p.recommended >= 0)
     s += fmt::format(
         "recommended: dist.strategy: {} (fits, and sends the least per token)\n",

@@ -52,6 +52,7 @@ struct PlanOptions {
 struct StrategyPlan {
   int strategy = 0;         // dist::Strategy
   int tensor_parallel = 1;  // dist.tensor_parallel (groups of N ranks; strategy no-shard across)
+  bool sequence_parallel = false;  // dist.sequence_parallel (each rank its own rows)
   TrainingFootprint state;
   double activations = 0;  // bytes (Transformer::plan's arena for the micro-batch)
   double total() const { return state.total() + activations; }

@@ -148,10 +148,12 @@ RunSetup setup_run(Config& cfg) {
   }
   if (train_spec.empty())
     fail("data.train: no training data; set data.train (shards) or data.text");
-  LoaderOptions lo{t.batch_size, t.seq_len, t.seed + 1, cfg.data.packing};
+  // Rows per rank: the batch, or under sequence parallelism this rank's 1/N of its group's.
+  const int64_t rows = cfg.dist.sequence_parallel ? t.batch_size / tp : t.batch_size;
+  LoaderOptions lo{rows, t.seq_len, t.seed + 1, cfg.data.packing};
   lo.pairs = paired_objective(t.objective);
   lo.unpaired = t.objective == "kto";
-  // (sequence parallelism: every rank its own rows)
+  // (sequence parallelism: every rank its own share of the group's rows)
   const int readers = cfg.dist.sequence_parallel ? 1 : tp;
   lo.rank = dist::rank_info().rank / readers;
   lo.world = dist::rank_info().size / readers;
@@ -280,7 +282,7 @@ RunSetup setup_run(Config& cfg) {
     // The reference and the teacher only run forwards: each block keeps its input alone, no
     // backward buffers nor gradients (the same results, bit for bit, in a fraction of the memory).
     if (m == r.model.get())
-      m->plan(t.batch_size, t.seq_len, parse_recompute(t.activation_checkpointing));
+      m->plan(rows, t.seq_len, parse_recompute(t.activation_checkpointing));
     else
       m->plan_forward_only(t.batch_size, t.seq_len);
   }

@@ -417,7 +417,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         tp ? fmt::format(" over {} groups of {} tensor-parallel ranks{}", dp_world.size(), tp_size,
                          tp->sequence_parallel() ? " (sequence-parallel)" : "")
            : "",
-        t.batch_size * t.grad_accum * readers);
+        model.planned_batch() * t.grad_accum * readers);
   }
   // Communication: each step's traffic (comm_mib) and the time spent waiting for gradient
   // collectives after the backward passes (comm_wait_s), against the same collectives timed
@@ -462,9 +462,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print("objective: distill from {} ({:.2f}M parameters), alpha {} temperature {}\n",
                t.teacher, setup.teacher->params().numel() / 1e6, t.distill_alpha,
                t.distill_temperature);
-  Batch batch = Batch::make(t.batch_size, t.seq_len);
+  const int64_t rows = model.planned_batch();  // t.batch_size, or 1/N of it (sequence parallel)
+  Batch batch = Batch::make(rows, t.seq_len);
   std::vector<Batch> micro(t.grad_accum);
-  for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
+  for (Batch& b : micro) b = Batch::make(rows, t.seq_len);
   model.set_z_loss(t.z_loss);
   SpikeGuard guard({t.spike_zscore, t.spike_window});
   guard.set_state(st.guard);
@@ -473,7 +474,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   TrainResult res;
   auto start = Clock::now();
   Progress progress(t.steps, st.step, t.log_every);
-  const int64_t tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * readers;
+  const int64_t tokens_per_step = model.planned_batch() * t.seq_len * t.grad_accum * readers;
   // Counted across resumes (which may change the batch, accumulation or ranks); checkpoints that
   // did not record them count the steps done at today's step size.
   if (st.tokens < 0) st.tokens = st.step * tokens_per_step;

@@ -120,6 +120,11 @@ void validate_tensor_parallel(const Config& cfg) {
   auto refuse_sp = [&](const std::string& key, const std::string& fix) {
     fail("dist.sequence_parallel: {} is not supported with sequence parallelism yet; {}", key, fix);
   };
+  if (t.batch_size % tp != 0)
+    fail(
+        "train.batch_size: {} rows do not split over the {} ranks of a sequence-parallel group "
+        "(each takes 1/{} of them); choose a multiple of {}",
+        t.batch_size, tp, tp, tp);
   if (cfg.data.packing != "none")
     refuse_sp("data.packing " + cfg.data.packing, "use data.packing: none");
   if (t.objective != "clm")
