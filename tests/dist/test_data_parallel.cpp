@@ -679,6 +679,21 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
     EXPECT_DOUBLE_EQ(m * 1048576.0,
                      tensor_parallel_traffic_bytes(lc, 2, 32, 2, 1, false, true, true));
 
+  // Validation: each rank scores its 1/N of every batch, the loss summed over the group: one
+  // process's over the same rows.
+  const std::string eval =
+      "--set train.batch_size=2 --set train.eval_every=3 --set "
+      "train.eval_batches=5 --set train.steps=3 ";
+  RunResult ve = run("sp2-eval", 2, sp + eval);
+  ASSERT_EQ(ve.exit_code, 0) << ve.out << ve.err;
+  RunResult vo = run("ref-eval", 1, eval);
+  ASSERT_EQ(vo.exit_code, 0) << vo.err;
+  const std::vector<double> va = losses("sp2-eval", "val_loss"),
+                            vb = losses("ref-eval", "val_loss");
+  ASSERT_EQ(va.size(), 1u);
+  ASSERT_EQ(vb.size(), 1u);
+  EXPECT_NEAR(va[0], vb[0], 1e-6 * vb[0]);
+
   // A resume is bit-exact.
   RunResult k = run("sp-ckpt", 2,
                     sp + "--set train.batch_size=2 --set train.checkpoint_every=3 --set "

@@ -70,7 +70,9 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
                                                                       tp, 1, false, seq));
     EXPECT_LT(sp.total(), p.strategies[0].total());
     // Sequence parallelism holds less outside attention and the MLP.
-    if (seq) EXPECT_LT(sp.activations, p.strategies[i - 1].activations);
+    if (seq) {
+      EXPECT_LT(sp.activations, p.strategies[i - 1].activations);
+    }
   }
   // The share's activations are what its model plans (the branches fp32).
   Transformer share(dist::tensor_parallel_config(p.model, 2));

@@ -427,17 +427,23 @@ void DataParallel::step(double lr) {
 double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) {
   // Token-weighted like the training loss (a batch's mean times its targets), over at most the
   // whole validation set once.
+  // Sequence parallelism: a group's batch is its ranks' consecutive ones (each rank 1/N of its
+  // rows), and every rank runs every forward (they gather and sum over the group).
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
-  batches = std::min(batches, val.sequential_batches());
-  double sum = 0, targets = 0;
+  const bool split = tp_ && tp_->sequence_parallel();
+  const int64_t parts = split ? tp_->size() : 1, part = split ? tp_->rank() : 0;
+  batches = std::min(batches, (val.sequential_batches() + parts - 1) / parts);
+  double sums[2] = {0, 0};  // loss x targets, targets
   for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i, batch);
+    val.sequential(i * parts + part, batch);  // (past the end: padding without targets)
     const double n = static_cast<double>(target_counts({batch}, kIgnore)[0]);
-    if (n == 0) continue;
-    sum += model_.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids) * n;
-    targets += n;
+    if (n == 0 && !split) continue;
+    const double loss = model_.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
+    if (n > 0) sums[0] += loss * n;
+    sums[1] += n;
   }
-  return targets > 0 ? sum / targets : std::nan("");
+  if (tp_) tp_->sum_over_group(sums, 2);
+  return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
 }
 
 // Full-shard: group g's values, all-gathered from the shards into its buffer.

@@ -106,7 +106,8 @@ TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Trans
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
 }
 
-TensorParallel::~TensorParallel() { model_.set_partial_sums(nullptr, true); }
+// (The share stays set up for its partial sums: it is not used without them.)
+TensorParallel::~TensorParallel() = default;
 
 void TensorParallel::sum(const Tensor& t) const {
   LMF_CHECK(t.dtype() == DType::kF32, "tensor parallelism sums fp32 partial sums, got {}",
@@ -158,6 +159,24 @@ double TensorParallel::grad_norm() {
   return std::sqrt(ss);
 }
 
+Tensor TensorParallel::all_of(const Tensor& mine) {
+  // In pieces of at most 4M elements per rank through a staging buffer where `mine` is (NCCL moves
+  // device memory), each piece copied to the host: a few times 16 MiB on a GPU.
+  const int n = size();
+  const int64_t numel = mine.numel(), piece = std::min<int64_t>(numel, int64_t{1} << 22);
+  const Tensor all = Tensor::empty({numel * n}, DType::kF32);
+  if (numel == 0) return all;
+  const Tensor staging = Tensor::empty({piece * n}, DType::kF32, mine.device());
+  for (int64_t at = 0; at < numel; at += piece) {
+    const int64_t len = std::min(piece, numel - at);
+    comm_.all_gather(mine.data<float>() + at, staging.data<float>(), std::vector<int64_t>(n, len))
+        ->wait();
+    for (int r = 0; r < n; ++r)
+      all.slice(r * numel + at, len).copy_from(staging.slice(r * len, len));
+  }
+  return all;
+}
+
 void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt) {
   const ParamSet& sp = model_.params();
   const int n = size();
@@ -165,10 +184,10 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
   LMF_CHECK(!lead || whole, "gather: rank 0 needs the whole model");
   // Every rank's flat values, then each parameter's runs from each rank's block.
   const int64_t flat = sp.flat_size();
-  const Tensor mine = on_host(sp.flat_values());
+  const Tensor mine = sp.flat_values();
   LMF_CHECK(mine.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-  std::vector<float> all(static_cast<size_t>(flat) * n);
-  comm_.all_gather(mine.data<float>(), all.data(), std::vector<int64_t>(n, flat))->wait();
+  const Tensor everyone = all_of(mine);
+  const float* all = everyone.data<float>();
   if (lead) {
     const ParamSet& wp = whole->params();
     Tensor host = Tensor::empty({wp.flat_size()}, DType::kF32);
@@ -176,12 +195,11 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
       const Param &p = wp.params()[i], &q = sp.params()[i];
       const bool replicated = tensor_parallel_replicated(p.name);
       for (int r = 0; r < n; ++r) {
-        const float* block = all.data() + static_cast<size_t>(flat) * r + sp.offset(q);
+        const float* block = all + static_cast<size_t>(flat) * r + sp.offset(q);
         if (replicated && r > 0) {
-          LMF_CHECK(
-              std::memcmp(block, all.data() + sp.offset(q), sizeof(float) * p.shape.numel()) == 0,
-              "tensor parallelism: replicated parameter {} differs on rank {} of the group", p.name,
-              r);
+          LMF_CHECK(std::memcmp(block, all + sp.offset(q), sizeof(float) * p.shape.numel()) == 0,
+                    "tensor parallelism: replicated parameter {} differs on rank {} of the group",
+                    p.name, r);
           continue;
         }
         for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
@@ -192,40 +210,27 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
     whole->params().assign_values(host);
   }
   if (!opt) return;
-  // AdamW's moments: each slot's m then v, slot after slot, in one buffer per rank.
+  // AdamW's moments, each slot's m and v in turn.
   const auto& slots = opt->slots();
-  int64_t len = 0;
-  for (const OptSlot& s : slots) len += 2 * s.len;
-  std::vector<float> packed(len), gathered(static_cast<size_t>(len) * n);
-  int64_t at = 0;
-  for (size_t i = 0; i < slots.size(); ++i)
-    for (const Tensor* t : {&opt->m(i), &opt->v(i)}) {
-      LMF_CHECK(t->defined() && slots[i].whole(),
-                "tensor parallelism: AdamW over whole parameters");
-      const Tensor h = on_host(*t);
-      std::memcpy(packed.data() + at, h.data<float>(), sizeof(float) * slots[i].len);
-      at += slots[i].len;
-    }
-  comm_.all_gather(packed.data(), gathered.data(), std::vector<int64_t>(n, len))->wait();
-  if (!lead) return;
-  LMF_CHECK(whole_opt && whole_opt->slots().size() == slots.size(),
+  LMF_CHECK(!lead || (whole_opt && whole_opt->slots().size() == slots.size()),
             "gather: an AdamW over the whole model's parameters");
-  for (int r = 0; r < n; ++r) {
-    at = static_cast<int64_t>(r) * len;
-    for (size_t i = 0; i < slots.size(); ++i) {
+  for (size_t i = 0; i < slots.size(); ++i)
+    for (int k = 0; k < 2; ++k) {
+      const Tensor& t = k ? opt->v(i) : opt->m(i);
+      LMF_CHECK(t.defined() && slots[i].whole(), "tensor parallelism: AdamW over whole parameters");
+      const int64_t len = slots[i].len;
+      const Tensor gathered = all_of(t.view({len}));
+      if (!lead) continue;
       const Param& p = *whole_opt->slots()[i].param;
       LMF_CHECK(p.name == slots[i].param->name, "slot {}: {} and {}", i, p.name,
                 slots[i].param->name);
-      for (const Tensor* t : {&whole_opt->m(i), &whole_opt->v(i)}) {
-        if (r == 0 || !tensor_parallel_replicated(p.name))
-          for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
-            std::memcpy(t->data<float>() + run.whole, gathered.data() + at + run.share,
-                        sizeof(float) * run.len);
-        at += slots[i].len;
-      }
+      const Tensor& into = k ? whole_opt->v(i) : whole_opt->m(i);
+      for (int r = 0; r < (tensor_parallel_replicated(p.name) ? 1 : n); ++r)
+        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
+          std::memcpy(into.data<float>() + run.whole, gathered.data<float>() + r * len + run.share,
+                      sizeof(float) * run.len);
     }
-  }
-  whole_opt->set_steps_taken(opt->steps_taken());
+  if (lead) whole_opt->set_steps_taken(opt->steps_taken());
 }
 
 void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const {

@@ -92,6 +92,8 @@ class TensorParallel final : public PartialSums {
   void copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const;
 
  private:
+  // Every rank's `mine` (fp32, where the model is), in rank order, on the host.
+  Tensor all_of(const Tensor& mine);
   mutable CountingCommunicator comm_;
   ModelConfig whole_;
   Transformer& model_;

@@ -212,8 +212,16 @@ RunSetup setup_run(Config& cfg) {
                       cfg.init_from, launch.local_size),
           "launch fewer ranks per node, or start from a smaller model");
   }
+  if (tp > 1)  // every rank makes the whole model's values, then keeps its share
+    check_host_memory(
+        4.0 * static_cast<double>(cfg.model.num_params()) * dist::detect_launch().local_size,
+        fmt::format("dist.tensor_parallel: the whole model's fp32 weights on each of this node's "
+                    "{} ranks before each takes its share",
+                    dist::detect_launch().local_size),
+        "launch fewer ranks per node, or start from a smaller model");
   r.model = std::make_unique<Transformer>(cfg.model);
-  Transformer& model = *r.model;  // (replaced by its share under tensor parallelism)
+  Transformer& model = *r.model;               // (replaced by its share under tensor parallelism)
+  if (tp > 1) model.params().release_grads();  // (values only)
   if (init) {
     // LoRA adapters the source does not have start from their initial values (B = 0: the
     // source's model); the load replaces everything else.

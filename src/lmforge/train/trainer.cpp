@@ -21,8 +21,8 @@
 #include "lmforge/dist/data_parallel.h"
 #ifdef LMFORGE_HAVE_NCCL
 #include "lmforge/dist/nccl.h"
-#include "lmforge/dist/tensor_parallel.h"
 #endif
+#include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/eval/choices.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
@@ -260,7 +260,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<Transformer> whole;  // tensor parallelism: the model gathered (rank 0)
   std::unique_ptr<AdamW> whole_opt;
   auto make_whole = [&](bool with_opt) {
-    if (!whole) whole = std::make_unique<Transformer>(cfg.model);
+    if (!whole) {
+      whole = std::make_unique<Transformer>(cfg.model);
+      whole->params().release_grads();  // values only
+    }
     if (with_opt && !whole_opt)
       whole_opt = std::make_unique<AdamW>(whole->params(), optimizer_options(t));
   };
@@ -323,6 +326,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
     if (tp) {  // the whole model's, then this rank's share of it
+      check_host_memory(
+          (resume.reset_optimizer ? 4.0 : 12.0) * static_cast<double>(cfg.model.num_params()) *
+              dist::rank_info().local_size,
+          fmt::format("--resume under dist.tensor_parallel: the whole model's fp32 weights{} on "
+                      "each of this node's {} ranks before each takes its share",
+                      resume.reset_optimizer ? "" : " and AdamW state",
+                      dist::rank_info().local_size),
+          "launch fewer ranks per node");
       make_whole(!resume.reset_optimizer);
       load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
       dist::copy_tensor_parallel_share(*whole, model, tp->size(), tp->rank());
@@ -367,10 +378,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (dashboard) dashboard->add(record);
   };
 
-  fmt::print("model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB\n",
-             cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
-             model.params().numel() / 1e6, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
-             cfg.model.vocab_size, model.activation_bytes() / 1048576.0);
+  fmt::print(
+      "model {} ({}): {:.2f}M parameters, L={} C={} NH={} V={}; activations {:.0f} MiB{}\n",
+      cfg.model.preset.empty() ? "custom" : cfg.model.preset, cfg.model.arch,
+      (tp ? cfg.model.num_params() : model.params().numel()) / 1e6, cfg.model.n_layer,
+      cfg.model.n_embd, cfg.model.n_head, cfg.model.vocab_size,
+      model.activation_bytes() / 1048576.0,
+      tp ? fmt::format(" (a rank's share: {:.2f}M parameters)", model.params().numel() / 1e6) : "");
   if (cfg.model.lora.on())
     fmt::print(
         "LoRA rank {} alpha {} on {}: {:.3f}M trainable parameters ({:.2f}%), the rest frozen\n",
@@ -543,11 +557,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (fault != faults.end() && (fault->second == "kill" || fault->second == "hang"))
       inject_rank_failure(fault->second, *world);
     double lse_sq = 0;
-    // NEFTune's noise: drawn from (seed, step, rank, micro-batch), so a resumed run draws the same.
+    // NEFTune's noise: drawn from (seed, step, reader, micro-batch), so a resumed run draws the
+    // same (the ranks of a tensor-parallel group share rows, and noise, unless sequence-parallel).
     if (t.neftune_alpha > 0)
       model.set_neftune(t.neftune_alpha, t.seed * 0x9e3779b97f4a7c15ull ^
                                              static_cast<uint64_t>(step) << 20 ^
-                                             static_cast<uint64_t>(world->rank()));
+                                             static_cast<uint64_t>(tp && !tp->sequence_parallel()
+                                                                       ? world->rank() / tp_size
+                                                                       : world->rank()));
     double kl = 0;
     const dist::CommStats comm0 = dp.comm_stats();
     const double tp_bytes0 = tp ? tp->comm_stats().bus_bytes : 0;
