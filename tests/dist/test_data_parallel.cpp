@@ -584,6 +584,14 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   ASSERT_EQ(l.exit_code, 0) << l.out << l.err;
   expect_same("tp2-llama", "ref-llama");
 
+  // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
+  const std::string neft = "--set train.batch_size=2 --set train.neftune_alpha=5";
+  RunResult no = run("ref-neftune", 1, neft);
+  ASSERT_EQ(no.exit_code, 0) << no.err;
+  RunResult ne = run("tp2-neftune", 2, neft + " --set dist.tensor_parallel=2");
+  ASSERT_EQ(ne.exit_code, 0) << ne.out << ne.err;
+  expect_same("tp2-neftune", "ref-neftune");
+
   // bf16: the partial sums stay fp32 where one process rounds the branches to bf16 (a few 1e-4
   // apart; a share summed wrongly moves the loss by far more).
   const std::string bf16 = "--set train.batch_size=2 --set train.precision=bf16";
