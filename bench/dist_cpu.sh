@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Data parallelism on one CPU machine: the same global batch trained by one process (all cores)
-# and by N ranks (cores / N threads each) under every dist.strategy, in one run.
+# and by N ranks (cores / N threads each) under every dist.strategy, then as one tensor-parallel
+# group of N (dist.tensor_parallel), without and with sequence parallelism, in one run.
 #   bench/dist_cpu.sh [--model gpt2] [--batch 4] [--seq 128] [--steps 6] [--ranks 2] [--tokenizer F]
 # (default: GPT-2's tokenizer from ../shared/assets, so gpt2 is the 124M model)
-# --batch is the global batch; each of N ranks takes batch/N rows. Prints per configuration the
+# --batch is the global batch; each of N data-parallel ranks takes batch/N rows (a tensor-parallel
+# group shares them; with sequence parallelism each rank holds batch/N outside attention and MLP). Prints per configuration the
 # median tokens/s of the steps after the first two, peak RSS of rank 0, rank 0's optimizer
 # state and parameter bytes, its traffic per step (MiB sent, as the communicator counts a ring
 # algorithm's bytes) and the share of the gradient collectives' time the backward hid; then
@@ -30,14 +32,20 @@ print(f"{statistics.median(v):.1f}" if v else "n/a")
 PY
 }
 rows=() runs=0
-bench() {  # name nranks strategy
-  local name=$1 n=$2 strategy=$3 dir="$log/run$((++runs))"
+bench() {  # name nranks strategy [tp|sp]
+  local name=$1 n=$2 strategy=$3 split=${4:-} dir="$log/run$((++runs))"
   local args=(train "${common[@]}" --set "run.dir=$dir" --set "dist.strategy=$strategy")
+  local rows_per_rank=$((batch / n))
+  if [[ -n $split ]]; then  # one group of n: the batch is the group's
+    args+=(--set "dist.tensor_parallel=$n")
+    [[ $split == sp ]] && args+=(--set dist.sequence_parallel=true)
+    rows_per_rank=$batch
+  fi
   if ((n == 1)); then
     args+=(--set "train.batch_size=$((batch / ranks))" --set "train.grad_accum=$ranks")
     OMP_NUM_THREADS=$cores "$root/build/lmforge" "${args[@]}" >"$log/$name.out" 2>&1 || { echo "$name failed"; tail -3 "$log/$name.out"; return; }
   else
-    args+=(--set "train.batch_size=$((batch / n))")
+    args+=(--set "train.batch_size=$rows_per_rank")
     OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) \
       "$root/build/lmforge" launch --nproc "$n" -- "${args[@]}" >"$log/$name.out" 2>&1 || { echo "$name failed"; tail -3 "$log/$name.out"; return; }
   fi
@@ -56,6 +64,8 @@ bench "1 process x $cores threads" 1 no-shard
 for s in no-shard zero1 grad-shard full-shard; do
   bench "$ranks ranks $s" "$ranks" "$s"
 done
+bench "$ranks ranks tensor-parallel" "$ranks" no-shard tp
+bench "$ranks ranks tensor- + sequence-parallel" "$ranks" no-shard sp
 echo
 echo "| model, global batch | configuration | tokens/s | peak RSS rank 0 (MiB) | optimizer state rank 0 (MiB) | parameters rank 0 (MiB) | sent per step, rank 0 (MiB) | gradient collectives hidden |"
 echo "|---|---|---|---|---|---|---|---|"
