@@ -584,6 +584,18 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   ASSERT_EQ(l.exit_code, 0) << l.out << l.err;
   expect_same("tp2-llama", "ref-llama");
 
+  // Qwen3's q/k norms: each rank's heads give part of their gradients, summed over the group
+  // (also under sequence parallelism, whose gathered rows then reach them).
+  const std::string qk = llama + " --set model.qk_norm=true";
+  RunResult qo = run("ref-qk", 1, qk);
+  ASSERT_EQ(qo.exit_code, 0) << qo.err;
+  for (const char* extra : {"", " --set dist.sequence_parallel=true"}) {
+    const std::string name = std::string("tp2-qk") + (*extra ? "-sp" : "");
+    RunResult q = run(name, 2, qk + " --set dist.tensor_parallel=2" + extra);
+    ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
+    expect_same(name, "ref-qk");
+  }
+
   // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
   const std::string neft = "--set train.batch_size=2 --set train.neftune_alpha=5";
   RunResult no = run("ref-neftune", 1, neft);

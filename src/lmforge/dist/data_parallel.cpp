@@ -296,7 +296,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   world_.all_reduce(sums, 3)->wait();
   if (tp_) {  // sequence parallelism: the ranks' own rows' shares, and their gradients
     tp_->sum_over_group(sums, 3);
-    tp_->sum_row_grads();
+    tp_->sum_partial_grads();
   }
   if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];

@@ -63,8 +63,6 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
   divides(whole.n_head, "attention heads (model.n_head)");
   divides(whole.kv_heads(), "key/value heads (model.n_kv_head)");
   divides(whole.ffn(), "MLP width (model.ffn_hidden)");
-  if (whole.qk_norm)
-    fail("dist.tensor_parallel: not with q/k norms (model.qk_norm) yet; train with 1");
   if (whole.lora.on())
     fail("dist.tensor_parallel: not with LoRA adapters (model.lora_rank) yet; train with 1");
   c.head_dim = whole.head_size();
@@ -141,12 +139,17 @@ void TensorParallel::sum_over_group(double* v, int n) {
   if (sequence_parallel_) comm_.all_reduce(v, n)->wait();
 }
 
-void TensorParallel::sum_row_grads() {
-  if (!sequence_parallel_) return;
-  for (Param& p : model_.params().params())
-    if (!p.frozen && tensor_parallel_replicated(p.name) && !ends_with(p.name, ".attn.proj.bias") &&
-        !ends_with(p.name, ".mlp.proj.bias"))
-      comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
+void TensorParallel::sum_partial_grads() {
+  for (Param& p : model_.params().params()) {
+    if (p.frozen || !tensor_parallel_replicated(p.name)) continue;
+    // q/k norms: from this rank's heads; under sequence parallelism also what this rank's rows
+    // fed (all but the row-parallel biases, whose gradients come from the group's rows).
+    const bool heads =
+        ends_with(p.name, ".attn.q_norm.weight") || ends_with(p.name, ".attn.k_norm.weight");
+    const bool rows = sequence_parallel_ && !ends_with(p.name, ".attn.proj.bias") &&
+                      !ends_with(p.name, ".mlp.proj.bias");
+    if (heads || rows) comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
+  }
 }
 
 double TensorParallel::grad_norm() {

@@ -7,7 +7,8 @@
 //                    added over the group before the residual add (rank 0 adds the bias), and
 //                    the norms' input gradients likewise in backward (nn/block.h PartialSums);
 //   replicated       the embeddings, norms, LM head and the row-parallel biases: the same on
-//                    every rank of the group (their gradients come from whole tensors).
+//                    every rank of the group (their gradients come from whole tensors; the q/k
+//                    norms' (Qwen3) from each rank's heads, summed over the group).
 // Per block that is two all-reduces of (B, T, C) in forward and two in backward; each rank
 // computes and holds 1/N of the blocks' matmuls, weights, gradients, optimizer state and attention
 // and MLP activations. The ranks of a group are consecutive (rank = dp * N + tp, within a node);
@@ -42,7 +43,7 @@ namespace lmforge::dist {
 
 // The model one of `tp` ranks holds (head size and everything else kept). Throws Error naming
 // dist.tensor_parallel when the heads, the key/value heads or the MLP's width do not divide, or
-// for what tensor parallelism does not cover yet (q/k norms, LoRA adapters).
+// for what tensor parallelism does not cover yet (LoRA adapters).
 ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp);
 
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
@@ -71,10 +72,13 @@ class TensorParallel final : public PartialSums {
   void sum_scatter(const Tensor& all, const Tensor& local) const override;
   bool sequence_parallel() const { return sequence_parallel_; }
   // Sequence parallelism: sums n numbers over the group (losses and target counts of the ranks'
-  // own rows), and the gradients of the replicated parameters that each rank's rows fed (all but
-  // the row-parallel biases, whose gradients come from the group's rows); nothing otherwise.
+  // own rows); nothing otherwise.
   void sum_over_group(double* v, int n);
-  void sum_row_grads();
+  // After a step's backward: sums over the group the gradients of the replicated parameters that
+  // each rank computes in part: the q/k norms' (from its heads), and under sequence parallelism
+  // those its own rows fed (embeddings, norms, head; the row-parallel biases' come from the
+  // group's rows).
+  void sum_partial_grads();
   // The partial sums' traffic so far (this rank's; CountingCommunicator's convention).
   const CommStats& comm_stats() const { return comm_.stats(); }
 
