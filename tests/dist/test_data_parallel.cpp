@@ -643,6 +643,20 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   ASSERT_EQ(l.size(), 3u);
   for (size_t i = 0; i < 3; ++i)
     EXPECT_NEAR(l[i], full[3 + i], 1e-5 * full[3 + i]) << "1 process, step " << 4 + i;
+  // init_from a checkpoint: each rank takes its share of the loaded model, as one process trains
+  // from it.
+  const std::string from = "--set train.batch_size=2 --set train.steps=3 --set init_from=" + ckpt;
+  RunResult fo = run("ref-init", 1, from);
+  ASSERT_EQ(fo.exit_code, 0) << fo.err;
+  RunResult ft = run("tp-init", 2, from + " --set dist.tensor_parallel=2");
+  ASSERT_EQ(ft.exit_code, 0) << ft.out << ft.err;
+  l = losses("tp-init");
+  const std::vector<double> lo = losses("ref-init");
+  ASSERT_EQ(l.size(), 3u);
+  ASSERT_EQ(lo.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(l[i], lo[i], 1e-6 * lo[i]) << "init_from, step " << i + 1;
+
   // The end's sample comes from the whole model, gathered.
   RunResult s = run("tp-sample", 2,
                     "--set train.batch_size=2 --set dist.tensor_parallel=2 --set train.steps=1 "
