@@ -142,6 +142,17 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   const bool sp = row_shards() > 1;  // sequence parallelism (see PartialSums)
+  // A row-parallel layer's output `out` (a residual branch), summed over the ranks under tensor
+  // parallelism (this rank's rows of the group's under sequence parallelism).
+  auto row_forward = [&](const Linear& l, const Tensor& in, const Tensor& t, const Tensor& out) {
+    if (sp) {
+      l.forward(a.full, in, t);
+      partial->sum_scatter(a.full, out);
+    } else {
+      l.forward(out, in, t);
+      if (partial) partial->sum(out);
+    }
+  };
   norm1.forward(a.n1_out, a.n1, x);
   if (sp) partial->gather(a.n1_out, a.n_full);
   const Tensor& in1 = sp ? a.n_full : a.n1_out;
@@ -155,13 +166,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
                          pos.doc_start);
-  if (sp) {
-    proj.forward(a.full, a.att, a.t_proj);
-    partial->sum_scatter(a.full, a.att_proj);
-  } else {
-    proj.forward(a.att_proj, a.att, a.t_proj);
-    if (partial) partial->sum(a.att_proj);
-  }
+  row_forward(proj, a.att, a.t_proj, a.att_proj);
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
   if (sp) partial->gather(a.n2_out, a.n_full);
@@ -170,13 +175,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
     ops::swiglu_forward(a.act, a.fc_out);
   else
     ops::gelu_forward(a.act, a.fc_out);
-  if (sp) {
-    down.forward(a.full, a.act, a.t_down);
-    partial->sum_scatter(a.full, a.mlp_out);
-  } else {
-    down.forward(a.mlp_out, a.act, a.t_down);
-    if (partial) partial->sum(a.mlp_out);
-  }
+  row_forward(down, a.act, a.t_down, a.mlp_out);
   ops::add(a.x_out, a.x_mid, a.mlp_out);
 }
 
