@@ -79,23 +79,45 @@ bool tensor_parallel_replicated(const std::string& name) {
   return true;
 }
 
-void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
-  const ParamSet &wp = whole.params(), &sp = share.params();
-  LMF_CHECK(wp.params().size() == sp.params().size(), "{} parameters in the whole, {} in a share",
-            wp.params().size(), sp.params().size());
+namespace {
+// Builds the share's flat values on the host from each whole parameter's (give(i, values): the
+// i-th parameter's values, called for every parameter in order), then assigns them.
+template <typename Each>
+void make_share(const ModelConfig& whole, const ParamSet& layout, Transformer& share, int tp, int r,
+                Each&& each) {
+  const ParamSet& sp = share.params();
+  LMF_CHECK(layout.params().size() == sp.params().size(),
+            "{} parameters in the whole, {} in a share", layout.params().size(),
+            sp.params().size());
   Tensor host = Tensor::empty({sp.flat_size()}, DType::kF32);
   float* out = host.data<float>();
+  each([&](size_t i, const float* values) {
+    const Param &p = layout.params()[i], &q = sp.params()[i];
+    LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
+    for (const Run& run : share_runs(p.name, p.shape, whole, tp, r))
+      std::memcpy(out + sp.offset(q) + run.share, values + run.whole, sizeof(float) * run.len);
+  });
+  share.params().assign_values(host);
+}
+}  // namespace
+
+void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
+  const ParamSet& wp = whole.params();
   const Tensor values = on_host(wp.flat_values());
   LMF_CHECK(values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-  const float* in = values.data<float>();
-  for (size_t i = 0; i < wp.params().size(); ++i) {
-    const Param &p = wp.params()[i], &q = sp.params()[i];
-    LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
-    for (const Run& run : share_runs(p.name, p.shape, whole.config(), tp, r))
-      std::memcpy(out + sp.offset(q) + run.share, in + wp.offset(p) + run.whole,
-                  sizeof(float) * run.len);
-  }
-  share.params().assign_values(host);
+  make_share(whole.config(), wp, share, tp, r, [&](auto&& give) {
+    for (size_t i = 0; i < wp.params().size(); ++i)
+      give(i, values.data<float>() + wp.offset(wp.params()[i]));
+  });
+}
+
+void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, uint64_t seed, int tp,
+                                int r) {
+  const Transformer layout(whole, Transformer::MeasureOnly{});  // allocates nothing
+  make_share(whole, layout.params(), share, tp, r, [&](auto&& give) {
+    size_t i = 0;
+    layout.for_each_init_param(seed, [&](const Param&, const float* values) { give(i++, values); });
+  });
 }
 
 TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,

@@ -52,6 +52,10 @@ bool tensor_parallel_replicated(const std::string& name);
 // Copies rank r's share of every parameter from `whole` (fp32 values on the host) into `share`
 // (tensor_parallel_config(whole's, tp); fp32 values, on the host or a GPU).
 void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r);
+// Gives `share` rank r's share of the values a model of config `whole` gets from
+// init_weights(seed), without making the whole (one parameter at a time).
+void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, uint64_t seed, int tp,
+                                int r);
 
 class TensorParallel final : public PartialSums {
  public:

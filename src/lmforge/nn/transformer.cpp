@@ -134,6 +134,18 @@ void Transformer::init_adapters(uint64_t seed) {
   params_.invalidate_bf16();
 }
 
+void Transformer::for_each_init_param(
+    uint64_t seed, const std::function<void(const Param&, const float*)>& fn) const {
+  std::vector<float> values;  // the parameter's so far
+  for_init_values(seed, [&](const Param& p, int64_t i, float v) {
+    const int64_t n = p.shape.numel();
+    if (i <= 0) values.resize(static_cast<size_t>(n));  // a new parameter
+    if (i < 0) std::fill(values.begin(), values.end(), v);
+    if (i >= 0) values[static_cast<size_t>(i)] = v;
+    if (i < 0 || i == n - 1) fn(p, values.data());
+  });
+}
+
 void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const {
   std::fill(out, out + n, 0.0f);  // alignment gaps
   for_init_values(seed, [&](const Param& p, int64_t i, float v) {

@@ -212,16 +212,19 @@ RunSetup setup_run(Config& cfg) {
                       cfg.init_from, launch.local_size),
           "launch fewer ranks per node, or start from a smaller model");
   }
-  if (tp > 1)  // every rank makes the whole model's values, then keeps its share
+  // Tensor parallelism: a share made directly from the seed, or from the whole model that
+  // init_from loads (every rank, values only), released once the share is taken.
+  const bool whole_first = tp == 1 || init;
+  if (tp > 1 && init)
     check_host_memory(
         4.0 * static_cast<double>(cfg.model.num_params()) * dist::detect_launch().local_size,
         fmt::format("dist.tensor_parallel: the whole model's fp32 weights on each of this node's "
                     "{} ranks before each takes its share",
                     dist::detect_launch().local_size),
         "launch fewer ranks per node, or start from a smaller model");
-  r.model = std::make_unique<Transformer>(cfg.model);
-  Transformer& model = *r.model;               // (replaced by its share under tensor parallelism)
-  if (tp > 1) model.params().release_grads();  // (values only)
+  r.model = std::make_unique<Transformer>(whole_first ? cfg.model : share_config);
+  Transformer& model = *r.model;  // (replaced by its share under tensor parallelism)
+  if (tp > 1 && init) model.params().release_grads();  // (values only)
   if (init) {
     // LoRA adapters the source does not have start from their initial values (B = 0: the
     // source's model); the load replaces everything else.
@@ -229,10 +232,12 @@ RunSetup setup_run(Config& cfg) {
     init->load_weights(model);
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
+  } else if (tp > 1) {
+    dist::init_tensor_parallel_share(cfg.model, model, t.seed, tp, dist::rank_info().rank % tp);
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
-  }              // full-shard: created as shards by DataParallel (deferred init)
-  if (tp > 1) {  // this rank's share of the whole model made above, which is released
+  }                      // full-shard: created as shards by DataParallel (deferred init)
+  if (tp > 1 && init) {  // this rank's share of the whole model loaded above, which is released
     auto share = std::make_unique<Transformer>(share_config);
     dist::copy_tensor_parallel_share(model, *share, tp, dist::rank_info().rank % tp);
     r.model = std::move(share);
