@@ -207,33 +207,32 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
   const int n = size();
   const bool lead = rank() == 0;
   LMF_CHECK(!lead || whole, "gather: rank 0 needs the whole model");
-  // Every rank's flat values, then each parameter's runs from each rank's block.
-  const int64_t flat = sp.flat_size();
-  const Tensor mine = sp.flat_values();
-  LMF_CHECK(mine.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-  const Tensor everyone = all_of(mine);
-  const float* all = everyone.data<float>();
-  if (lead) {
-    const ParamSet& wp = whole->params();
-    Tensor host = Tensor::empty({wp.flat_size()}, DType::kF32);
-    for (size_t i = 0; i < wp.params().size(); ++i) {
-      const Param &p = wp.params()[i], &q = sp.params()[i];
-      const bool replicated = tensor_parallel_replicated(p.name);
-      for (int r = 0; r < n; ++r) {
-        const float* block = all + static_cast<size_t>(flat) * r + sp.offset(q);
-        if (replicated && r > 0) {
-          LMF_CHECK(std::memcmp(block, all + sp.offset(q), sizeof(float) * p.shape.numel()) == 0,
-                    "tensor parallelism: replicated parameter {} differs on rank {} of the group",
-                    p.name, r);
-          continue;
-        }
-        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
-          std::memcpy(host.data<float>() + wp.offset(p) + run.whole, block + run.share,
-                      sizeof(float) * run.len);
+  // Each parameter's values from every rank (one parameter at a time: at most N of the largest
+  // on the host), their runs written into the whole model's (on the host).
+  for (size_t i = 0; i < sp.params().size(); ++i) {
+    const Param& q = sp.params()[i];
+    LMF_CHECK(q.value.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
+    const int64_t len = q.shape.numel();
+    const Tensor everyone = all_of(q.value.view({len}));
+    if (!lead) continue;
+    const Param& p = whole->params().params()[i];
+    LMF_CHECK(p.name == q.name && p.value.device() == Device::kCPU, "gather: {} into {}", q.name,
+              p.name);
+    const float* all = everyone.data<float>();
+    const bool replicated = tensor_parallel_replicated(p.name);
+    for (int r = 0; r < n; ++r) {
+      const float* block = all + r * len;
+      if (replicated && r > 0) {
+        LMF_CHECK(std::memcmp(block, all, sizeof(float) * len) == 0,
+                  "tensor parallelism: replicated parameter {} differs on rank {} of the group",
+                  p.name, r);
+        continue;
       }
+      for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
+        std::memcpy(p.value.data<float>() + run.whole, block + run.share, sizeof(float) * run.len);
     }
-    whole->params().assign_values(host);
   }
+  if (lead) whole->params().invalidate_bf16();
   if (!opt) return;
   // AdamW's moments, each slot's m and v in turn.
   const auto& slots = opt->slots();
