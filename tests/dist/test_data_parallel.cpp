@@ -643,6 +643,24 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   ASSERT_EQ(l.size(), 3u);
   for (size_t i = 0; i < 3; ++i)
     EXPECT_NEAR(l[i], full[3 + i], 1e-5 * full[3 + i]) << "1 process, step " << 4 + i;
+  // zero1 across 2 groups of 2 (each share's AdamW state halved over its 2 data-parallel ranks):
+  // like one process, the state gathered whole into the checkpoint, a bit-exact resume.
+  const std::string z1 =
+      "--set train.batch_size=2 --set dist.tensor_parallel=2 --set "
+      "dist.strategy=zero1 ";
+  RunResult z = run("tp-z1", 4, z1 + "--set train.checkpoint_every=3 --set train.keep_last=0");
+  ASSERT_EQ(z.exit_code, 0) << z.out << z.err;
+  expect_same("tp-z1", reference(2));
+  expect_footprint(z.out, "zero1", 2, "tp-z1", false, 2);
+  const std::string zckpt = *dir_ + "/tp-z1/checkpoints/step-00000003";
+  EXPECT_TRUE(std::filesystem::exists(zckpt + "/optimizer.safetensors"));
+  RunResult zr = run("tp-z1-resume", 4, z1 + "--resume=" + zckpt);
+  ASSERT_EQ(zr.exit_code, 0) << zr.out << zr.err;
+  const std::vector<double> zl = losses("tp-z1"), zrl = losses("tp-z1-resume");
+  ASSERT_EQ(zrl.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(zrl[i], zl[3 + i]) << "zero1, step " << 4 + i;
+  EXPECT_EQ(params("tp-z1-resume"), params("tp-z1"));
+
   // init_from a checkpoint: each rank takes its share of the loaded model, as one process trains
   // from it.
   const std::string from = "--set train.batch_size=2 --set train.steps=3 --set init_from=" + ckpt;

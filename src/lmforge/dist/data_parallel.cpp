@@ -374,7 +374,7 @@ void DataParallel::drain() {
 double DataParallel::clip_grad_norm(double max_norm) {
   double norm = 0;
   if (tp_) {
-    LMF_CHECK(strategy_ == Strategy::kNoShard, "tensor parallelism under no-shard only");
+    LMF_CHECK(strategy_ <= Strategy::kZero1, "tensor parallelism under no-shard and zero1 only");
     norm = tp_->grad_norm();
   } else if (grad_sharded()) {
     double ss = ops::sum_squares(gshard_);
@@ -385,6 +385,45 @@ double DataParallel::clip_grad_norm(double max_norm) {
   }
   grad_scale_ = clip_coef(norm, max_norm);
   return norm;
+}
+
+void DataParallel::gather_optimizer(AdamW& whole) {
+  LMF_CHECK(!grad_sharded() && !offload(), "gather_optimizer: no-shard or zero1");
+  const auto& mine = opt_->slots();
+  size_t k = 0;  // this rank's slot of the parameter at hand
+  for (size_t i = 0; i < whole.slots().size(); ++i) {
+    const Param& p = *whole.slots()[i].param;
+    const bool have = k < mine.size() && mine[k].param == &p;
+    for (int moment = 0; moment < 2; ++moment) {
+      const Tensor& into = moment ? whole.v(i) : whole.m(i);
+      if (strategy_ == Strategy::kNoShard) {
+        LMF_CHECK(have, "gather_optimizer: no slot for {}", p.name);
+        into.copy_from(moment ? opt_->v(k) : opt_->m(k));
+        continue;
+      }
+      const int64_t off = ps_.offset(p);  // zero1: the ranks' pieces, in order
+      const std::vector<int64_t> counts = layout_.counts(off, off + p.shape.numel());
+      const Tensor& piece = have ? (moment ? opt_->v(k) : opt_->m(k)) : into;
+      counted_.all_gather(piece.data<float>(), into.data<float>(), counts)->wait();
+    }
+    if (have) ++k;
+  }
+  whole.set_steps_taken(opt_->steps_taken());
+}
+
+void DataParallel::take_optimizer(const AdamW& whole) {
+  const auto& mine = opt_->slots();
+  size_t i = 0;
+  for (size_t k = 0; k < mine.size(); ++k) {
+    while (i < whole.slots().size() && whole.slots()[i].param != mine[k].param) ++i;
+    LMF_CHECK(i < whole.slots().size(), "take_optimizer: no state for {}", mine[k].param->name);
+    for (int moment = 0; moment < 2; ++moment) {
+      const Tensor& from = moment ? whole.v(i) : whole.m(i);
+      (moment ? opt_->v(k) : opt_->m(k))
+          .copy_from(from.view({from.numel()}).slice(mine[k].begin, mine[k].len));
+    }
+  }
+  opt_->set_steps_taken(whole.steps_taken());
 }
 
 void DataParallel::scale_grads(double f) {

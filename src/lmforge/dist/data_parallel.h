@@ -100,10 +100,15 @@ class DataParallel final : public GroupHooks {
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);
-  // Tensor parallelism (dist/tensor_parallel.h; no-shard only): the model is one rank's share
-  // and the ranks given are those holding the same share; the gradient norm is then the whole
-  // model's (TensorParallel::grad_norm).
+  // Tensor parallelism (dist/tensor_parallel.h; no-shard and zero1): the model is one rank's
+  // share and the ranks given are those holding the same share; the gradient norm is then the
+  // whole model's (TensorParallel::grad_norm).
   void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
+  // Collective over the ranks: AdamW's state over every trained parameter, whole (`whole`: an
+  // AdamW over this model's parameters), from this rank's slots and the others' (zero1's pieces),
+  // with the step count; and back: this rank's slots from such a whole state (not collective).
+  void gather_optimizer(AdamW& whole);
+  void take_optimizer(const AdamW& whole);
   // Multiplies this step's gradients by f (fault injection in tests).
   void scale_grads(double f);
   void step(double lr);

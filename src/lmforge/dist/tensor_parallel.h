@@ -12,7 +12,7 @@
 // Per block that is two all-reduces of (B, T, C) in forward and two in backward; each rank
 // computes and holds 1/N of the blocks' matmuls, weights, gradients, optimizer state and attention
 // and MLP activations. The ranks of a group are consecutive (rank = dp * N + tp, within a node);
-// data parallelism (no-shard) runs across the groups, over the ranks of equal tp.
+// data parallelism (no-shard or zero1) runs across the groups, over the ranks of equal tp.
 //
 // Sequence parallelism (dist.sequence_parallel, as Megatron-LM's, Korthikanti et al. 2022): the
 // norms, residual adds, embeddings and LM head run on each rank's own rows (B, T) alone, attention

@@ -189,7 +189,7 @@ std::vector<ConfigField> fields(Config& c) {
        "auto (NCCL for a model on GPUs, else MPI; none for one process), mpi, nccl or local"},
       {"dist.tensor_parallel", &c.dist.tensor_parallel,
        "ranks that split every block's heads and MLP width (Megatron-LM tensor parallelism; "
-       "consecutive ranks; data parallelism across the groups); 1 = off"},
+       "consecutive ranks; data parallelism, no-shard or zero1, across the groups); 1 = off"},
       {"dist.sequence_parallel", &c.dist.sequence_parallel,
        "with dist.tensor_parallel: the norms, residual adds, embeddings and LM head on each "
        "rank's own rows, attention and the MLP on the group's (Megatron-LM sequence "

@@ -337,7 +337,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       make_whole(!resume.reset_optimizer);
       load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
       dist::copy_tensor_parallel_share(*whole, model, tp->size(), tp->rank());
-      if (whole_opt) tp->copy_optimizer_share(*whole_opt, opt);
+      if (whole_opt) {  // (zero1: this rank's pieces of its share's)
+        AdamW share_opt(model.params(), optimizer_options(t));
+        tp->copy_optimizer_share(*whole_opt, share_opt);
+        dp.take_optimizer(share_opt);
+      }
       whole.reset();  // (rank 0 makes it again for saves)
       whole_opt.reset();
     } else {
@@ -514,15 +518,21 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     st.guard = guard.state();
     st.evals = evals.state();
     if (tp) {  // the whole model and its AdamW state, gathered on rank 0, which writes them
+      std::unique_ptr<AdamW> share_opt;  // zero1: each share's state, whole first
+      if (dp.strategy() == dist::Strategy::kZero1) {
+        share_opt = std::make_unique<AdamW>(model.params(), optimizer_options(t));
+        dp.gather_optimizer(*share_opt);
+      }
       if (lead) make_whole(true);
-      if (dp_world.rank() == 0) tp->gather(whole.get(), &opt, whole_opt.get());
+      if (dp_world.rank() == 0)
+        tp->gather(whole.get(), share_opt ? share_opt.get() : &opt, whole_opt.get());
     }
     CheckpointShards shards;
     shards.comm = world.get();
     shards.index = dp.shard_rank();
     shards.count = dp.layout().ranks;
     shards.writes = dist::rank_info().node == 0 || dp.strategy() != dist::Strategy::kHybrid;
-    shards.optimizer_sharded = dp.strategy() != dist::Strategy::kNoShard;
+    shards.optimizer_sharded = dp.strategy() != dist::Strategy::kNoShard && !tp;
     if (dp.sharded_values()) {
       shards.values = &dp.value_shard();
       shards.values_lo = dp.layout().begin(dp.shard_rank());
