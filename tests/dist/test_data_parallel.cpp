@@ -596,6 +596,15 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
     expect_same(name, "ref-qk");
   }
 
+  // LoRA on every layer: a column-parallel layer's B split with it, a row-parallel layer's A; the
+  // replicated factors' gradients summed over the group.
+  const std::string lora = "--set train.batch_size=2 --set model.lora_rank=4";
+  RunResult lr = run("ref-lora", 1, lora);
+  ASSERT_EQ(lr.exit_code, 0) << lr.err;
+  RunResult lt = run("tp2-lora", 2, lora + " --set dist.tensor_parallel=2");
+  ASSERT_EQ(lt.exit_code, 0) << lt.out << lt.err;
+  expect_same("tp2-lora", "ref-lora");
+
   // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
   const std::string neft = "--set train.batch_size=2 --set train.neftune_alpha=5";
   RunResult no = run("ref-neftune", 1, neft);
@@ -778,6 +787,10 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
              "train.batch_size=2 --set data.packing=best_fit",
              "data.packing best_fit is not supported with sequence parallelism"},
+        Case{2,
+             "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
+             "train.batch_size=2 --set model.lora_rank=4",
+             "dist.sequence_parallel: model.lora_rank is not supported with sequence parallelism"},
         Case{2,
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
              "train.batch_size=3",

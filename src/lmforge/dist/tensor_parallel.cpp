@@ -27,6 +27,19 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
   const int64_t nh = NH / tp, nkv = NKV / tp, f = F / tp;
   const int64_t width = shape.ndim() == 2 ? shape[1] : 1;  // a row's elements (1: a bias)
   std::vector<Run> runs;
+  // LoRA's B^T (r, out) of a column-parallel layer: each of its r rows split as the layer's bias.
+  for (const char* layer : {".attn.qkv", ".mlp.fc"})
+    if (ends_with(name, (std::string(layer) + ".lora_b").c_str())) {
+      const int64_t out = shape[1];
+      const std::string bias = name.substr(0, name.size() - 7) + ".bias";
+      const std::vector<Run> one = share_runs(bias, Shape{out}, c, tp, r);
+      int64_t share = 0;
+      for (const Run& run : one) share += run.len;
+      for (int64_t row = 0; row < shape[0]; ++row)
+        for (const Run& run : one)
+          runs.push_back({row * out + run.whole, row * share + run.share, run.len});
+      return runs;
+    }
   if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
     // [q heads | k heads | v heads] by rows: this rank's heads of each.
     runs.push_back({r * nh * HS * width, 0, nh * HS * width});
@@ -35,8 +48,9 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
   } else if (ends_with(name, ".mlp.fc.weight") || ends_with(name, ".mlp.fc.bias")) {
     runs.push_back({r * f * width, 0, f * width});  // gelu's hidden units, or swiglu's gate
     if (c.mlp == "swiglu") runs.push_back({(F + r * f) * width, f * width, f * width});  // up
-  } else if (ends_with(name, ".attn.proj.weight") || ends_with(name, ".mlp.proj.weight")) {
-    // (C, K) by columns: each row's slice of this rank's inputs.
+  } else if (ends_with(name, ".attn.proj.weight") || ends_with(name, ".mlp.proj.weight") ||
+             ends_with(name, ".attn.proj.lora_a") || ends_with(name, ".mlp.proj.lora_a")) {
+    // (C, K), or LoRA's A (r, K), by columns: each row's slice of this rank's inputs.
     const int64_t K = shape[1], k = K / tp;
     for (int64_t row = 0; row < shape[0]; ++row) runs.push_back({row * K + r * k, row * k, k});
   } else {
@@ -63,8 +77,6 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
   divides(whole.n_head, "attention heads (model.n_head)");
   divides(whole.kv_heads(), "key/value heads (model.n_kv_head)");
   divides(whole.ffn(), "MLP width (model.ffn_hidden)");
-  if (whole.lora.on())
-    fail("dist.tensor_parallel: not with LoRA adapters (model.lora_rank) yet; train with 1");
   c.head_dim = whole.head_size();
   c.n_head = whole.n_head / tp;
   c.n_kv_head = whole.kv_heads() / tp;
@@ -74,7 +86,8 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
 
 bool tensor_parallel_replicated(const std::string& name) {
   for (const char* s : {".attn.qkv.weight", ".attn.qkv.bias", ".mlp.fc.weight", ".mlp.fc.bias",
-                        ".attn.proj.weight", ".mlp.proj.weight"})
+                        ".attn.proj.weight", ".mlp.proj.weight", ".attn.qkv.lora_b",
+                        ".mlp.fc.lora_b", ".attn.proj.lora_a", ".mlp.proj.lora_a"})
     if (ends_with(name, s)) return false;
   return true;
 }
@@ -166,8 +179,12 @@ void TensorParallel::sum_partial_grads() {
     if (p.frozen || !tensor_parallel_replicated(p.name)) continue;
     // q/k norms: from this rank's heads; under sequence parallelism also what this rank's rows
     // fed (all but the row-parallel biases, whose gradients come from the group's rows).
+    // LoRA: the column-parallel layers' A from this rank's output units, the row-parallel ones'
+    // B from its inputs.
     const bool heads =
-        ends_with(p.name, ".attn.q_norm.weight") || ends_with(p.name, ".attn.k_norm.weight");
+        ends_with(p.name, ".attn.q_norm.weight") || ends_with(p.name, ".attn.k_norm.weight") ||
+        ends_with(p.name, ".attn.qkv.lora_a") || ends_with(p.name, ".mlp.fc.lora_a") ||
+        ends_with(p.name, ".attn.proj.lora_b") || ends_with(p.name, ".mlp.proj.lora_b");
     const bool rows = sequence_parallel_ && !ends_with(p.name, ".attn.proj.bias") &&
                       !ends_with(p.name, ".mlp.proj.bias");
     if (heads || rows) comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();

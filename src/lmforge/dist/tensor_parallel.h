@@ -9,6 +9,9 @@
 //   replicated       the embeddings, norms, LM head and the row-parallel biases: the same on
 //                    every rank of the group (their gradients come from whole tensors; the q/k
 //                    norms' (Qwen3) from each rank's heads, summed over the group).
+// LoRA adapters follow their layer: a column-parallel layer's B^T split by its output units (its
+// A replicated), a row-parallel layer's A by its inputs (its B^T replicated); the replicated
+// one's gradient is a partial sum on each rank, summed over the group.
 // Per block that is two all-reduces of (B, T, C) in forward and two in backward; each rank
 // computes and holds 1/N of the blocks' matmuls, weights, gradients, optimizer state and attention
 // and MLP activations. The ranks of a group are consecutive (rank = dp * N + tp, within a node);
@@ -42,8 +45,7 @@
 namespace lmforge::dist {
 
 // The model one of `tp` ranks holds (head size and everything else kept). Throws Error naming
-// dist.tensor_parallel when the heads, the key/value heads or the MLP's width do not divide, or
-// for what tensor parallelism does not cover yet (LoRA adapters).
+// dist.tensor_parallel when the heads, the key/value heads or the MLP's width do not divide.
 ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp);
 
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
@@ -79,7 +81,8 @@ class TensorParallel final : public PartialSums {
   // own rows); nothing otherwise.
   void sum_over_group(double* v, int n);
   // After a step's backward: sums over the group the gradients of the replicated parameters that
-  // each rank computes in part: the q/k norms' (from its heads), and under sequence parallelism
+  // each rank computes in part: the q/k norms' (from its heads), LoRA's replicated factors', and
+  // under sequence parallelism
   // those its own rows fed (embeddings, norms, head; the row-parallel biases' come from the
   // group's rows).
   void sum_partial_grads();
