@@ -248,6 +248,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       sp.sequence_parallel = seq;
       FootprintOptions fo;
       fo.bf16 = bf16;
+      fo.reference = reference && !m.lora.on() && !t.precompute_ref_logps;  // (its share)
       fo.shards = o.ranks / tp;
       fo.accumulates = t.grad_accum > 1;
       sp.state = training_footprint(share, fo);

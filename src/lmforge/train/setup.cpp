@@ -240,21 +240,27 @@ RunSetup setup_run(Config& cfg) {
     dist::init_tensor_parallel_share(cfg.model, model, t.seed, tp, dist::rank_info().rank % tp);
   } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
     model.init_weights(t.seed);
-  }                      // full-shard: created as shards by DataParallel (deferred init)
-  if (tp > 1 && init) {  // this rank's share of the whole model loaded above, which is released
+  }  // full-shard: created as shards by DataParallel (deferred init)
+  // Under tensor parallelism: a whole model loaded above replaced by this rank's share of it.
+  auto take_share = [&](std::unique_ptr<Transformer>& m) {
     auto share = std::make_unique<Transformer>(share_config);
-    dist::copy_tensor_parallel_share(model, *share, tp, dist::rank_info().rank % tp);
-    r.model = std::move(share);
-  }
+    dist::copy_tensor_parallel_share(*m, *share, tp, dist::rank_info().rank % tp);
+    m = std::move(share);
+  };
+  if (tp > 1 && init) take_share(r.model);
   if (reference) {
     if (reference_is_base) {
       r.reference_is_base = true;
     } else {
-      r.reference = std::make_unique<Transformer>(cfg.model);
+      r.reference = std::make_unique<Transformer>(whole_first ? cfg.model : share_config);
       if (init)
         init->load_weights(*r.reference);
+      else if (tp > 1)
+        dist::init_tensor_parallel_share(cfg.model, *r.reference, t.seed, tp,
+                                         dist::rank_info().rank % tp);
       else
         r.reference->init_weights(t.seed);
+      if (tp > 1 && init) take_share(r.reference);
     }
   }
   if (t.objective == "distill") {

@@ -210,6 +210,24 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
     check_generate(model.config(), tokenizer->encode(cfg.sample.prompt, false, true),
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
+  // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
+  // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the
+  // same share. Checkpoints and the end's sample take the whole model (`whole`, on rank 0).
+  const int tp_size = static_cast<int>(cfg.dist.tensor_parallel);
+  std::unique_ptr<dist::Communicator> tp_comm, dp_comm;
+  std::unique_ptr<dist::TensorParallel> tp, ref_tp;
+  if (tp_size > 1) {
+    tp_comm = comm.split(comm.rank() / tp_size, comm.rank());
+    dp_comm = comm.split(comm.rank() % tp_size, comm.rank());
+    tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model,
+                                                cfg.dist.sequence_parallel);
+    if (setup.reference)  // DPO's and KTO's reference: its share, summed over the same group
+      ref_tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, *setup.reference);
+  }
+  dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
+  // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
+  // parallelism every rank.
+  const int64_t readers = tp && tp->sequence_parallel() ? comm.size() : dp_world.size();
   // train.precompute_ref_logps: DPO's reference log-likelihoods of every pair once, before the
   // optimizer's state is allocated; then a separate reference model is released, and under LoRA
   // (the reference is the policy with its adapters off) the steps save its forward.
@@ -220,14 +238,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     const auto t0 = Clock::now();
     Batch scratch = Batch::make(t.batch_size, t.seq_len);
     if (!setup.reference) model.set_adapters(false);
-    ReferenceTable train_ref = precompute_reference_logps(ref, train_data, scratch, *world);
+    // (the data-parallel ranks split the pairs; a tensor-parallel group scores the same ones)
+    dist::Communicator& split = tp ? dp_world : *world;
+    ReferenceTable train_ref = precompute_reference_logps(ref, train_data, scratch, split);
     ReferenceTable val_ref;
-    if (val_data) val_ref = precompute_reference_logps(ref, *val_data, scratch, *world);
+    if (val_data) val_ref = precompute_reference_logps(ref, *val_data, scratch, split);
     model.set_adapters(true);
     std::string released = "the policy without its LoRA adapters";
     if (setup.reference) {
       released = fmt::format("the reference model ({:.0f} MiB of weights) released",
                              setup.reference->params().numel() * 4 / 1048576.0);
+      ref_tp.reset();
       setup.reference.reset();
     }
     fmt::print(
@@ -238,22 +259,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::optional<uint64_t> deferred_seed;
   if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
-  // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
-  // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the
-  // same share. Checkpoints and the end's sample take the whole model (`whole`, on rank 0).
-  const int tp_size = static_cast<int>(cfg.dist.tensor_parallel);
-  std::unique_ptr<dist::Communicator> tp_comm, dp_comm;
-  std::unique_ptr<dist::TensorParallel> tp;
-  if (tp_size > 1) {
-    tp_comm = comm.split(comm.rank() / tp_size, comm.rank());
-    dp_comm = comm.split(comm.rank() % tp_size, comm.rank());
-    tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model,
-                                                cfg.dist.sequence_parallel);
-  }
-  dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
-  // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
-  // parallelism every rank.
-  const int64_t readers = tp && tp->sequence_parallel() ? comm.size() : dp_world.size();
   dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), deferred_seed);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
