@@ -619,6 +619,17 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   ASSERT_EQ(lt.exit_code, 0) << lt.out << lt.err;
   expect_same("tp2-lora", "ref-lora");
 
+  // Distillation: the teacher (tp2's model) runs whole on every rank of the group.
+  const std::string distill =
+      "--set train.batch_size=2 --set model.n_layer=2 --set "
+      "train.objective=distill --set train.teacher=" +
+      *dir_ + "/tp2";
+  RunResult dr = run("ref-distill", 1, distill);
+  ASSERT_EQ(dr.exit_code, 0) << dr.err;
+  RunResult dt = run("tp2-distill", 2, distill + " --set dist.tensor_parallel=2");
+  ASSERT_EQ(dt.exit_code, 0) << dt.out << dt.err;
+  expect_same("tp2-distill", "ref-distill");
+
   // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
   const std::string neft = "--set train.batch_size=2 --set train.neftune_alpha=5";
   RunResult no = run("ref-neftune", 1, neft);

@@ -112,8 +112,7 @@ void validate_tensor_parallel(const Config& cfg) {
   if (cfg.dist.offload) refuse("dist.offload", "set it to false");
   if (t.optimizer != "adamw") refuse("train.optimizer " + t.optimizer, "use adamw");
   if (t.master_weights != "fp32") refuse("train.master_weights bf16", "use fp32");
-  if (t.objective == "distill")
-    refuse("train.objective distill (its teacher)", "train it with dist.tensor_parallel: 1");
+  // (distillation's teacher runs whole on every rank of a group, on the group's shared rows)
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
   if (!cfg.dist.sequence_parallel) return;
   auto refuse_sp = [&](const std::string& key, const std::string& fix) {
