@@ -200,9 +200,11 @@ RunSetup setup_run(Config& cfg) {
     fo.reference = reference && !reference_is_base && !t.precompute_ref_logps;
     fo.strategy = static_cast<int>(strategy);
     // hybrid shards within a node (dist.ranks_per_node declares its size)
-    fo.shards = strategy != dist::Strategy::kHybrid ? launch.size
-                : cfg.dist.ranks_per_node > 0       ? static_cast<int>(cfg.dist.ranks_per_node)
-                                                    : launch.local_size;
+    // (tensor parallelism: zero1 over the ranks holding the same share)
+    fo.shards = (strategy != dist::Strategy::kHybrid ? launch.size
+                 : cfg.dist.ranks_per_node > 0       ? static_cast<int>(cfg.dist.ranks_per_node)
+                                                     : launch.local_size) /
+                tp;
     fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = optimizer_options(t).muon.bf16;
@@ -253,6 +255,7 @@ RunSetup setup_run(Config& cfg) {
       r.reference_is_base = true;
     } else {
       r.reference = std::make_unique<Transformer>(whole_first ? cfg.model : share_config);
+      if (tp > 1 && init) r.reference->params().release_grads();  // (values only)
       if (init)
         init->load_weights(*r.reference);
       else if (tp > 1)

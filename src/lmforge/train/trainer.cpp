@@ -342,7 +342,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       make_whole(!resume.reset_optimizer);
       load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
       dist::copy_tensor_parallel_share(*whole, model, tp->size(), tp->rank());
-      if (whole_opt) {  // (zero1: this rank's pieces of its share's)
+      if (whole_opt && dp.strategy() == dist::Strategy::kNoShard) {
+        tp->copy_optimizer_share(*whole_opt, opt);
+      } else if (whole_opt) {  // zero1: this rank's pieces of its share's
         AdamW share_opt(model.params(), optimizer_options(t));
         tp->copy_optimizer_share(*whole_opt, share_opt);
         dp.take_optimizer(share_opt);
