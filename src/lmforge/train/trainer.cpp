@@ -224,6 +224,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (setup.reference)  // DPO's and KTO's reference: its share, summed over the same group
       ref_tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, *setup.reference);
   }
+  if (tp && lead && tp_size > dist::rank_info().local_size)
+    fmt::print(
+        "note: dist.tensor_parallel: groups of {} ranks span nodes of {}: their partial sums "
+        "cross the network in every block; groups within a node are faster\n",
+        tp_size, dist::rank_info().local_size);
   dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
   // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
   // parallelism every rank.
