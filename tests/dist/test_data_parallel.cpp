@@ -562,6 +562,15 @@ TEST_F(DataParallelTest, CheckpointOfFourRanksResumesOnTwoAndOne) {
 }
 
 TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
+  // One process ("ref-NAME") and a group of 2 ("tp2-NAME") with the same options: the same
+  // training.
+  auto like_one_process = [&](const std::string& name, const std::string& extra) {
+    RunResult one = run("ref-" + name, 1, extra);
+    ASSERT_EQ(one.exit_code, 0) << one.err;
+    RunResult two = run("tp2-" + name, 2, extra + " --set dist.tensor_parallel=2");
+    ASSERT_EQ(two.exit_code, 0) << two.out << two.err;
+    expect_same("tp2-" + name, "ref-" + name);
+  };
   // A group of 2 ranks splitting every block (GPT-2: biases, learned positions; Llama: GQA, RoPE,
   // SwiGLU), and 2 groups of 2 with data parallelism across them.
   RunResult r = run("tp2", 2, "--set train.batch_size=2 --set dist.tensor_parallel=2");
@@ -592,11 +601,7 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   // in the step-6 gradient norm; at 1e-3 they stay below 2e-6.)
   const std::string llama =
       "--set model.preset=llama3-tiny --set train.batch_size=2 --set train.lr=1e-3";
-  RunResult one = run("ref-llama", 1, llama);
-  ASSERT_EQ(one.exit_code, 0) << one.err;
-  RunResult l = run("tp2-llama", 2, llama + " --set dist.tensor_parallel=2");
-  ASSERT_EQ(l.exit_code, 0) << l.out << l.err;
-  expect_same("tp2-llama", "ref-llama");
+  like_one_process("llama", llama);
 
   // Qwen3's q/k norms: each rank's heads give part of their gradients, summed over the group
   // (also under sequence parallelism, whose gathered rows then reach them).
@@ -612,31 +617,16 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
 
   // LoRA on every layer: a column-parallel layer's B split with it, a row-parallel layer's A; the
   // replicated factors' gradients summed over the group.
-  const std::string lora = "--set train.batch_size=2 --set model.lora_rank=4";
-  RunResult lr = run("ref-lora", 1, lora);
-  ASSERT_EQ(lr.exit_code, 0) << lr.err;
-  RunResult lt = run("tp2-lora", 2, lora + " --set dist.tensor_parallel=2");
-  ASSERT_EQ(lt.exit_code, 0) << lt.out << lt.err;
-  expect_same("tp2-lora", "ref-lora");
+  like_one_process("lora", "--set train.batch_size=2 --set model.lora_rank=4");
 
   // Distillation: the teacher (tp2's model) runs whole on every rank of the group.
-  const std::string distill =
-      "--set train.batch_size=2 --set model.n_layer=2 --set "
-      "train.objective=distill --set train.teacher=" +
-      *dir_ + "/tp2";
-  RunResult dr = run("ref-distill", 1, distill);
-  ASSERT_EQ(dr.exit_code, 0) << dr.err;
-  RunResult dt = run("tp2-distill", 2, distill + " --set dist.tensor_parallel=2");
-  ASSERT_EQ(dt.exit_code, 0) << dt.out << dt.err;
-  expect_same("tp2-distill", "ref-distill");
+  like_one_process("distill",
+                   "--set train.batch_size=2 --set model.n_layer=2 --set "
+                   "train.objective=distill --set train.teacher=" +
+                       *dir_ + "/tp2");
 
   // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
-  const std::string neft = "--set train.batch_size=2 --set train.neftune_alpha=5";
-  RunResult no = run("ref-neftune", 1, neft);
-  ASSERT_EQ(no.exit_code, 0) << no.err;
-  RunResult ne = run("tp2-neftune", 2, neft + " --set dist.tensor_parallel=2");
-  ASSERT_EQ(ne.exit_code, 0) << ne.out << ne.err;
-  expect_same("tp2-neftune", "ref-neftune");
+  like_one_process("neftune", "--set train.batch_size=2 --set train.neftune_alpha=5");
 
   // bf16: the partial sums stay fp32 where one process rounds the branches to bf16 (a few 1e-4
   // apart; a share summed wrongly moves the loss by far more).
