@@ -388,7 +388,7 @@ double DataParallel::clip_grad_norm(double max_norm) {
 }
 
 void DataParallel::gather_optimizer(AdamW& whole) {
-  LMF_CHECK(!grad_sharded() && !offload(), "gather_optimizer: no-shard or zero1");
+  LMF_CHECK(strategy_ == Strategy::kZero1 && !offload(), "gather_optimizer: zero1 only");
   const auto& mine = opt_->slots();
   size_t k = 0;  // this rank's slot of the parameter at hand
   for (size_t i = 0; i < whole.slots().size(); ++i) {
@@ -396,12 +396,7 @@ void DataParallel::gather_optimizer(AdamW& whole) {
     const bool have = k < mine.size() && mine[k].param == &p;
     for (int moment = 0; moment < 2; ++moment) {
       const Tensor& into = moment ? whole.v(i) : whole.m(i);
-      if (strategy_ == Strategy::kNoShard) {
-        LMF_CHECK(have, "gather_optimizer: no slot for {}", p.name);
-        into.copy_from(moment ? opt_->v(k) : opt_->m(k));
-        continue;
-      }
-      const int64_t off = ps_.offset(p);  // zero1: the ranks' pieces, in order
+      const int64_t off = ps_.offset(p);  // the ranks' pieces, in order
       const std::vector<int64_t> counts = layout_.counts(off, off + p.shape.numel());
       const Tensor& piece = have ? (moment ? opt_->v(k) : opt_->m(k)) : into;
       counted_.all_gather(piece.data<float>(), into.data<float>(), counts)->wait();

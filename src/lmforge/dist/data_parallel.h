@@ -104,9 +104,9 @@ class DataParallel final : public GroupHooks {
   // share and the ranks given are those holding the same share; the gradient norm is then the
   // whole model's (TensorParallel::grad_norm).
   void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
-  // Collective over the ranks: AdamW's state over every trained parameter, whole (`whole`: an
-  // AdamW over this model's parameters), from this rank's slots and the others' (zero1's pieces),
-  // with the step count; and back: this rank's slots from such a whole state (not collective).
+  // zero1, collective over the ranks: AdamW's state over every trained parameter, whole
+  // (`whole`: an AdamW over this model's parameters), from the ranks' pieces, with the step
+  // count; and back: this rank's pieces from such a whole state (not collective).
   void gather_optimizer(AdamW& whole);
   void take_optimizer(const AdamW& whole);
   // Multiplies this step's gradients by f (fault injection in tests).

@@ -20,6 +20,36 @@ bool ends_with(const std::string& s, const char* suffix) {
   return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
 }
 
+// How a parameter is split, by its name: the one place that knows.
+enum class Role {
+  kQkvRows,     // attn.qkv weight and bias: this rank's q, k and v heads (rows)
+  kFcRows,      // mlp.fc weight and bias: its hidden units (gelu), or gate and up (swiglu)
+  kLoraOut,     // LoRA's B^T (r, out) of qkv or fc: each row split as the layer's bias
+  kInColumns,   // attn.proj and mlp.proj weights, and their LoRA A (r, K): by input columns
+  kRowBias,     // the row-parallel biases: replicated, gradients from whole outputs
+  kPartial,     // replicated, gradients partial on each rank: q/k norms (its heads), LoRA's
+                // A of qkv and fc (its outputs), B^T of proj and mlp.proj (its inputs)
+  kReplicated,  // the rest (embeddings, norms, head): under sequence parallelism their
+                // gradients come from each rank's own rows
+};
+Role role(const std::string& name) {
+  auto any = [&](std::initializer_list<const char*> suffixes) {
+    for (const char* x : suffixes)
+      if (ends_with(name, x)) return true;
+    return false;
+  };
+  if (any({".attn.qkv.weight", ".attn.qkv.bias"})) return Role::kQkvRows;
+  if (any({".mlp.fc.weight", ".mlp.fc.bias"})) return Role::kFcRows;
+  if (any({".attn.qkv.lora_b", ".mlp.fc.lora_b"})) return Role::kLoraOut;
+  if (any({".attn.proj.weight", ".mlp.proj.weight", ".attn.proj.lora_a", ".mlp.proj.lora_a"}))
+    return Role::kInColumns;
+  if (any({".attn.proj.bias", ".mlp.proj.bias"})) return Role::kRowBias;
+  if (any({".attn.q_norm.weight", ".attn.k_norm.weight", ".attn.qkv.lora_a", ".mlp.fc.lora_a",
+           ".attn.proj.lora_b", ".mlp.proj.lora_b"}))
+    return Role::kPartial;
+  return Role::kReplicated;
+}
+
 // Rank r of tp's runs of parameter `name`, shaped `shape` in the whole model `c`.
 std::vector<Run> share_runs(const std::string& name, const Shape& shape, const ModelConfig& c,
                             int tp, int r) {
@@ -27,34 +57,35 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
   const int64_t nh = NH / tp, nkv = NKV / tp, f = F / tp;
   const int64_t width = shape.ndim() == 2 ? shape[1] : 1;  // a row's elements (1: a bias)
   std::vector<Run> runs;
-  // LoRA's B^T (r, out) of a column-parallel layer: each of its r rows split as the layer's bias.
-  for (const char* layer : {".attn.qkv", ".mlp.fc"})
-    if (ends_with(name, (std::string(layer) + ".lora_b").c_str())) {
+  switch (role(name)) {
+    case Role::kQkvRows:  // [q heads | k heads | v heads] by rows: this rank's heads of each
+      runs.push_back({r * nh * HS * width, 0, nh * HS * width});
+      runs.push_back({(NH + r * nkv) * HS * width, nh * HS * width, nkv * HS * width});
+      runs.push_back(
+          {(NH + NKV + r * nkv) * HS * width, (nh + nkv) * HS * width, nkv * HS * width});
+      break;
+    case Role::kFcRows:
+      runs.push_back({r * f * width, 0, f * width});  // gelu's hidden units, or swiglu's gate
+      if (c.mlp == "swiglu") runs.push_back({(F + r * f) * width, f * width, f * width});  // up
+      break;
+    case Role::kLoraOut: {  // each of the r rows as the layer's bias
       const int64_t out = shape[1];
-      const std::string bias = name.substr(0, name.size() - 7) + ".bias";
+      const std::string bias = name.substr(0, name.size() - 7) + ".bias";  // "<layer>.lora_b"
       const std::vector<Run> one = share_runs(bias, Shape{out}, c, tp, r);
       int64_t share = 0;
       for (const Run& run : one) share += run.len;
       for (int64_t row = 0; row < shape[0]; ++row)
         for (const Run& run : one)
           runs.push_back({row * out + run.whole, row * share + run.share, run.len});
-      return runs;
+      break;
     }
-  if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
-    // [q heads | k heads | v heads] by rows: this rank's heads of each.
-    runs.push_back({r * nh * HS * width, 0, nh * HS * width});
-    runs.push_back({(NH + r * nkv) * HS * width, nh * HS * width, nkv * HS * width});
-    runs.push_back({(NH + NKV + r * nkv) * HS * width, (nh + nkv) * HS * width, nkv * HS * width});
-  } else if (ends_with(name, ".mlp.fc.weight") || ends_with(name, ".mlp.fc.bias")) {
-    runs.push_back({r * f * width, 0, f * width});  // gelu's hidden units, or swiglu's gate
-    if (c.mlp == "swiglu") runs.push_back({(F + r * f) * width, f * width, f * width});  // up
-  } else if (ends_with(name, ".attn.proj.weight") || ends_with(name, ".mlp.proj.weight") ||
-             ends_with(name, ".attn.proj.lora_a") || ends_with(name, ".mlp.proj.lora_a")) {
-    // (C, K), or LoRA's A (r, K), by columns: each row's slice of this rank's inputs.
-    const int64_t K = shape[1], k = K / tp;
-    for (int64_t row = 0; row < shape[0]; ++row) runs.push_back({row * K + r * k, row * k, k});
-  } else {
-    runs.push_back({0, 0, shape.numel()});
+    case Role::kInColumns: {  // (rows, K): each row's slice of this rank's inputs
+      const int64_t K = shape[1], k = K / tp;
+      for (int64_t row = 0; row < shape[0]; ++row) runs.push_back({row * K + r * k, row * k, k});
+      break;
+    }
+    default:
+      runs.push_back({0, 0, shape.numel()});
   }
   return runs;
 }
@@ -84,13 +115,7 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
   return c;
 }
 
-bool tensor_parallel_replicated(const std::string& name) {
-  for (const char* s : {".attn.qkv.weight", ".attn.qkv.bias", ".mlp.fc.weight", ".mlp.fc.bias",
-                        ".attn.proj.weight", ".mlp.proj.weight", ".attn.qkv.lora_b",
-                        ".mlp.fc.lora_b", ".attn.proj.lora_a", ".mlp.proj.lora_a"})
-    if (ends_with(name, s)) return false;
-  return true;
-}
+bool tensor_parallel_replicated(const std::string& name) { return role(name) >= Role::kRowBias; }
 
 namespace {
 // Builds the share's flat values on the host from each whole parameter's (give(i, values): the
@@ -176,18 +201,9 @@ void TensorParallel::sum_over_group(double* v, int n) {
 
 void TensorParallel::sum_partial_grads() {
   for (Param& p : model_.params().params()) {
-    if (p.frozen || !tensor_parallel_replicated(p.name)) continue;
-    // q/k norms: from this rank's heads; under sequence parallelism also what this rank's rows
-    // fed (all but the row-parallel biases, whose gradients come from the group's rows).
-    // LoRA: the column-parallel layers' A from this rank's output units, the row-parallel ones'
-    // B from its inputs.
-    const bool heads =
-        ends_with(p.name, ".attn.q_norm.weight") || ends_with(p.name, ".attn.k_norm.weight") ||
-        ends_with(p.name, ".attn.qkv.lora_a") || ends_with(p.name, ".mlp.fc.lora_a") ||
-        ends_with(p.name, ".attn.proj.lora_b") || ends_with(p.name, ".mlp.proj.lora_b");
-    const bool rows = sequence_parallel_ && !ends_with(p.name, ".attn.proj.bias") &&
-                      !ends_with(p.name, ".mlp.proj.bias");
-    if (heads || rows) comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
+    const Role k = role(p.name);
+    if (!p.frozen && (k == Role::kPartial || (sequence_parallel_ && k == Role::kReplicated)))
+      comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
   }
 }
 

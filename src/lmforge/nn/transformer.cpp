@@ -255,8 +255,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     const bool att_grads =
         bf16_att_grads_ >= 0 ? bf16_att_grads_ == 1
         : measure_ ? measure_->gpu && bf16_on && cfg_.sliding_window == 0 && cfg_.head_size() <= 128
-                   : cudnn_attention_for(B * (blocks_.empty() ? 1 : blocks_[0].row_shards()), T);
-    scratch_.plan(a, cfg_, B, T, mm_out, att_grads, blocks_.empty() ? 1 : blocks_[0].row_shards());
+                   : cudnn_attention_for(B * row_shards(), T);
+    scratch_.plan(a, cfg_, B, T, mm_out, att_grads, row_shards());
   };
   if (measure_) {  // the bytes alone
     Arena bytes = Arena::measuring();
@@ -573,14 +573,13 @@ void Transformer::run_step(double dloss) {
 }
 
 void Transformer::set_partial_sums(const PartialSums* sums, bool adds_bias) {
-  const int64_t shards = blocks_.empty() ? 1 : blocks_[0].row_shards();
+  const int64_t shards = row_shards();
   for (Block& b : blocks_) {
     b.partial = sums;
     b.proj.bias_elsewhere = b.down.bias_elsewhere = sums && !adds_bias;
   }
   graph_ = {};
-  if (B_ > 0 && !blocks_.empty() && blocks_[0].row_shards() != shards)
-    plan(B_, T_, recompute_, keep_logits_);
+  if (B_ > 0 && row_shards() != shards) plan(B_, T_, recompute_, keep_logits_);
 }
 
 void Transformer::grads_ready(int64_t g) {

@@ -100,6 +100,8 @@ class Transformer {
   // attention and MLP activations are the group's rows). Not with CUDA graphs.
   void set_partial_sums(const PartialSums* sums, bool adds_bias);
   bool tensor_parallel() const { return !blocks_.empty() && blocks_[0].partial; }
+  // Sequence parallelism's group size (its blocks' attention and MLP rows per own row), or 1.
+  int64_t row_shards() const { return blocks_.empty() ? 1 : blocks_[0].row_shards(); }
 
   // bf16 mixed precision (train.precision: bf16): the matmuls read bf16 copies of the weights
   // and round their inputs to bf16, accumulating in fp32; parameters, gradients, optimizer state

@@ -205,19 +205,20 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   const double activations = measure_activations(m, 1, false);
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";
+  FootprintOptions base;  // what every row shares
+  base.bf16 = bf16;
+  base.bf16_master = t.master_weights == "bf16";
+  base.reference = reference && !m.lora.on() && !t.precompute_ref_logps;
+  base.accumulates = t.grad_accum > 1;
   std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
                                        dist::Strategy::kGradShard, dist::Strategy::kFullShard};
   if (per_node < o.ranks) order.push_back(dist::Strategy::kHybrid);
   for (dist::Strategy s : order) {
     StrategyPlan sp;
     sp.strategy = static_cast<int>(s);
-    FootprintOptions fo;
-    fo.bf16 = bf16;
-    fo.bf16_master = t.master_weights == "bf16";
-    fo.reference = reference && !m.lora.on() && !t.precompute_ref_logps;
+    FootprintOptions fo = base;
     fo.strategy = sp.strategy;
     fo.shards = s == dist::Strategy::kHybrid ? per_node : o.ranks;
-    fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon" && s == dist::Strategy::kNoShard;
     fo.muon_bf16 = fo.muon && bf16 && gpu;  // a GPU's (a CPU's with AMX or Zen 4 too)
     sp.state = training_footprint(m, fo);
@@ -246,11 +247,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       StrategyPlan sp;
       sp.tensor_parallel = tp;
       sp.sequence_parallel = seq;
-      FootprintOptions fo;
-      fo.bf16 = bf16;
-      fo.reference = reference && !m.lora.on() && !t.precompute_ref_logps;  // (its share)
+      FootprintOptions fo = base;  // (the reference's share, where there is one)
       fo.shards = o.ranks / tp;
-      fo.accumulates = t.grad_accum > 1;
       sp.state = training_footprint(share, fo);
       sp.activations = measure_activations(share, tp, seq);
       sp.sent_bytes =
