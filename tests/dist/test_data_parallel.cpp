@@ -707,6 +707,65 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   EXPECT_NE(s.out.find("--- sample ---"), std::string::npos) << s.out;
 }
 
+TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess) {
+  // 2-D parallelism: 2 groups of 2, each share's gradients (grad-shard) and values (full-shard)
+  // split over the 2 ranks holding it; hybrid as 2 nodes, one group each (the shards within a
+  // node, all-reduced across). The same training as one process with the global batch.
+  const std::string tp2 = "--set train.batch_size=2 --set dist.tensor_parallel=2 ";
+  for (std::string s : {"grad-shard", "full-shard"}) {
+    const std::string name = "tp2-" + s;
+    RunResult r = run(name, 4, tp2 + "--set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find(s + " over 2 groups of 2 tensor-parallel ranks"), std::string::npos)
+        << r.out;
+    expect_same(name, reference(2));
+    expect_footprint(r.out, s, 2, name, false, 2);
+  }
+  RunResult h =
+      run("tp2-hybrid", 4, tp2 + "--set dist.strategy=hybrid --set dist.ranks_per_node=2");
+  ASSERT_EQ(h.exit_code, 0) << h.out << h.err;
+  expect_same("tp2-hybrid", reference(2));
+  // Gradient accumulation (each micro-batch reduce-scattered, the shards summed), and sequence
+  // parallelism (the embeddings' and norms' gradients summed over the group on the shards).
+  RunResult a = run("tp2-grad-shard-accum", 4,
+                    "--set train.batch_size=1 --set train.grad_accum=2 --set "
+                    "dist.tensor_parallel=2 --set dist.strategy=grad-shard");
+  ASSERT_EQ(a.exit_code, 0) << a.out << a.err;
+  expect_same("tp2-grad-shard-accum", reference(2));
+  RunResult q = run("sp2-full-shard", 4,
+                    tp2 + "--set dist.strategy=full-shard --set dist.sequence_parallel=true");
+  ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
+  expect_same("sp2-full-shard", reference(2));
+
+  // Checkpoints hold the whole model (each share's values and state gathered over its shards
+  // first): a resume is bit-exact, one process continues it, and the end's sample is the whole
+  // model's.
+  const std::string full = tp2 + "--set dist.strategy=full-shard ";
+  RunResult c = run("tp2-full-ckpt", 4,
+                    full +
+                        "--set train.checkpoint_every=3 --set train.keep_last=0 --set "
+                        "sample.prompt=The --set sample.max_tokens=8");
+  ASSERT_EQ(c.exit_code, 0) << c.out << c.err;
+  EXPECT_NE(c.out.find("--- sample ---"), std::string::npos) << c.out;
+  const std::string ckpt = *dir_ + "/tp2-full-ckpt/checkpoints/step-00000003";
+  EXPECT_TRUE(std::filesystem::exists(ckpt + "/model.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(ckpt + "/optimizer.safetensors"));
+  RunResult again = run("tp2-full-resume", 4, full + "--resume=" + ckpt);
+  ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
+  const std::vector<double> whole = losses("tp2-full-ckpt"), rest = losses("tp2-full-resume");
+  ASSERT_EQ(whole.size(), 6u);
+  ASSERT_EQ(rest.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
+  EXPECT_EQ(params("tp2-full-resume"), params("tp2-full-ckpt"));
+  RunResult one = run("tp2-full-resume-1", 1,
+                      "--set train.batch_size=2 --set train.grad_accum=2 --resume=" + ckpt);
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const std::vector<double> l = losses("tp2-full-resume-1");
+  ASSERT_EQ(l.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
+}
+
 TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   // A group of 2 shares a batch of 2 rows as under tensor parallelism alone, each rank holding 1
   // outside attention and the MLP (which run on the group's rows, gathered): the same training as
@@ -792,8 +851,8 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
   };
   for (const Case& c :
        {Case{1, "--set dist.tensor_parallel=2", "does not divide the 1 ranks launched"},
-        Case{1, "--set dist.tensor_parallel=2 --set dist.strategy=full-shard",
-             "dist.strategy full-shard is not supported with tensor parallelism"},
+        Case{1, "--set dist.tensor_parallel=2 --set dist.offload=true",
+             "dist.offload is not supported with tensor parallelism"},
         Case{4, "--set dist.tensor_parallel=4 --set model.preset=llama3-tiny",
              "does not divide the model's key/value heads (model.n_kv_head) (2)"},
         Case{1, "--set dist.sequence_parallel=true",

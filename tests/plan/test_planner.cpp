@@ -4,6 +4,7 @@
 // what their communicator counted in tests/dist/test_data_parallel.cpp.
 #include <gtest/gtest.h>
 
+#include "lmforge/dist/data_parallel.h"
 #include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/block.h"
@@ -48,32 +49,45 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   o.memory_bytes = 1e12;  // everything fits: no-shard sends the least
   Plan p = make_plan(cfg, o);
   // The four strategies, then tensor parallelism in groups of 2 and 4 (gpt2-tiny's 4 heads),
-  // each without and with sequence parallelism.
-  ASSERT_EQ(p.strategies.size(), 8u);
+  // each without and with sequence parallelism; the 2 groups of 2 also with full-shard across
+  // them.
+  const char* const names[] = {"tp2", "tp2-fsdp", "tp2-sp", "tp2-sp-fsdp", "tp4", "tp4-sp"};
+  ASSERT_EQ(p.strategies.size(), 10u);
   ASSERT_GE(p.recommended, 0);
   EXPECT_EQ(p.strategies[p.recommended].strategy, 0);
   EXPECT_EQ(p.strategies[p.recommended].tensor_parallel, 1);
-  for (int i = 4; i < 8; ++i) {
-    const int tp = i < 6 ? 2 : 4;
-    const bool seq = i % 2 == 1;
+  const std::string table = format_plan(p);
+  for (int i = 4; i < 10; ++i) {
+    const std::string n = names[i - 4];
+    const int tp = n[2] - '0';
+    const bool seq = n.find("-sp") != std::string::npos;
+    const bool fsdp = n.find("-fsdp") != std::string::npos;
     const StrategyPlan& sp = p.strategies[i];
-    EXPECT_EQ(sp.tensor_parallel, tp);
-    EXPECT_EQ(sp.sequence_parallel, seq);
-    // A share's state under no-shard across 4 / tp groups, and its partial sums' traffic (a
-    // rank's 4 / tp rows under sequence parallelism).
+    EXPECT_EQ(sp.tensor_parallel, tp) << n;
+    EXPECT_EQ(sp.sequence_parallel, seq) << n;
+    EXPECT_NE(table.find("\n  " + n + " "), std::string::npos) << table;
+    // A share's state under no-shard (or full-shard) across 4 / tp groups, and its partial sums'
+    // traffic (a rank's 4 / tp rows under sequence parallelism).
     FootprintOptions fo;
+    fo.strategy = static_cast<int>(fsdp ? dist::Strategy::kFullShard : dist::Strategy::kNoShard);
+    EXPECT_EQ(sp.strategy, fo.strategy) << n;
     fo.shards = 4 / tp;
     const ModelConfig share = dist::tensor_parallel_config(p.model, tp);
-    EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total());
+    EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total()) << n;
     EXPECT_DOUBLE_EQ(sp.sent_bytes, step_traffic_bytes(share, fo, 4 / tp, 1) +
                                         tensor_parallel_traffic_bytes(p.model, seq ? 4 / tp : 4, 64,
-                                                                      tp, 1, false, seq));
-    EXPECT_LT(sp.total(), p.strategies[0].total());
-    // Sequence parallelism holds less outside attention and the MLP.
-    if (seq) {
-      EXPECT_LT(sp.activations, p.strategies[i - 1].activations);
+                                                                      tp, 1, false, seq))
+        << n;
+    EXPECT_LT(sp.total(), p.strategies[0].total()) << n;
+    // Full-shard across the groups holds less of the share, and sends more.
+    if (fsdp) {
+      EXPECT_LT(sp.state.total(), p.strategies[i - 1].state.total()) << n;
+      EXPECT_GT(sp.sent_bytes, p.strategies[i - 1].sent_bytes) << n;
     }
   }
+  // Sequence parallelism holds less outside attention and the MLP.
+  EXPECT_LT(p.strategies[6].activations, p.strategies[4].activations);
+  EXPECT_LT(p.strategies[9].activations, p.strategies[8].activations);
   // The share's activations are what its model plans (the branches fp32).
   Transformer share(dist::tensor_parallel_config(p.model, 2));
   share.set_bf16_matmul_outputs(false);

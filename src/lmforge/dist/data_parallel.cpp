@@ -296,7 +296,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   world_.all_reduce(sums, 3)->wait();
   if (tp_) {  // sequence parallelism: the ranks' own rows' shares, and their gradients
     tp_->sum_over_group(sums, 3);
-    tp_->sum_partial_grads();
+    tp_->sum_partial_grads(grad_sharded() ? gshard_ : Tensor(), my_lo_);
   }
   if (objective) objective->end(world_);
   if (mean_lse_sq) *mean_lse_sq = sums[1];
@@ -373,8 +373,9 @@ void DataParallel::drain() {
 
 double DataParallel::clip_grad_norm(double max_norm) {
   double norm = 0;
-  if (tp_) {
-    LMF_CHECK(strategy_ <= Strategy::kZero1, "tensor parallelism under no-shard and zero1 only");
+  if (tp_ && grad_sharded()) {
+    norm = tp_->grad_norm(gshard_, my_lo_, shard_comm_);
+  } else if (tp_) {
     norm = tp_->grad_norm();
   } else if (grad_sharded()) {
     double ss = ops::sum_squares(gshard_);
@@ -388,7 +389,7 @@ double DataParallel::clip_grad_norm(double max_norm) {
 }
 
 void DataParallel::gather_optimizer(AdamW& whole) {
-  LMF_CHECK(strategy_ == Strategy::kZero1 && !offload(), "gather_optimizer: zero1 only");
+  LMF_CHECK(strategy_ != Strategy::kNoShard && !offload(), "gather_optimizer: sharded state only");
   const auto& mine = opt_->slots();
   size_t k = 0;  // this rank's slot of the parameter at hand
   for (size_t i = 0; i < whole.slots().size(); ++i) {
@@ -399,7 +400,7 @@ void DataParallel::gather_optimizer(AdamW& whole) {
       const int64_t off = ps_.offset(p);  // the ranks' pieces, in order
       const std::vector<int64_t> counts = layout_.counts(off, off + p.shape.numel());
       const Tensor& piece = have ? (moment ? opt_->v(k) : opt_->m(k)) : into;
-      counted_.all_gather(piece.data<float>(), into.data<float>(), counts)->wait();
+      shard_comm_->all_gather(piece.data<float>(), into.data<float>(), counts)->wait();
     }
     if (have) ++k;
   }
@@ -575,6 +576,24 @@ void DataParallel::before_backward(int64_t g) {
   if (!sharded_values()) return;
   gather(g, true);
   if (g - 1 >= 1) gather(g - 1, false);
+}
+
+Tensor DataParallel::gathered_values() {
+  LMF_CHECK(sharded_values() && vshard_.dtype() == DType::kF32,
+            "gathered_values: fp32 shards only");
+  Tensor all = Tensor::empty({layout_.n}, DType::kF32, model_.device());
+  gather_values(0, all, layout_.counts(0, layout_.n))->wait();
+  return all;
+}
+
+void DataParallel::assign_values(const Tensor& values) {
+  LMF_CHECK(values.numel() == layout_.n, "assign_values: {} values for {}", values.numel(),
+            layout_.n);
+  if (sharded_values())
+    vshard_.copy_from(values.view({layout_.n}).slice(my_lo_, my_hi_ - my_lo_));
+  else
+    ps_.assign_values(values);
+  refresh_master();
 }
 
 void DataParallel::gather_full_model() {

@@ -100,13 +100,14 @@ class DataParallel final : public GroupHooks {
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);
-  // Tensor parallelism (dist/tensor_parallel.h; no-shard and zero1): the model is one rank's
-  // share and the ranks given are those holding the same share; the gradient norm is then the
-  // whole model's (TensorParallel::grad_norm).
+  // Tensor parallelism (dist/tensor_parallel.h; not with offload): the model is one rank's share
+  // and the ranks given are those holding the same share; the gradient norm is then the whole
+  // model's (TensorParallel::grad_norm).
   void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
-  // zero1, collective over the ranks: AdamW's state over every trained parameter, whole
-  // (`whole`: an AdamW over this model's parameters), from the ranks' pieces, with the step
-  // count; and back: this rank's pieces from such a whole state (not collective).
+  // With AdamW's state sharded (zero1 and up; not offloaded), collective over the shards' ranks:
+  // the state over every trained parameter, whole (`whole`: an AdamW over this model's
+  // parameters), from the ranks' pieces, with the step count; and back: this rank's pieces from
+  // such a whole state (not collective).
   void gather_optimizer(AdamW& whole);
   void take_optimizer(const AdamW& whole);
   // Multiplies this step's gradients by f (fault injection in tests).
@@ -131,6 +132,12 @@ class DataParallel final : public GroupHooks {
   // parameters into the model (allocates its value buffer; for sampling and export at the end).
   const Tensor& value_shard() const { return vshard_; }
   void gather_full_model();
+  // Full-shard (fp32 values), collective over the shards' ranks: every parameter's values, flat
+  // (ParamSet::offset), in a new tensor where the model is; the model is left as it was.
+  Tensor gathered_values();
+  // The model's values replaced by `values` (flat, the whole model's; on any device): this rank's
+  // shard of them under full-shard, and dist.offload's host copy.
+  void assign_values(const Tensor& values);
 
   // What this rank holds, in bytes: AdamW state; parameters (the shard under full-shard, else all)
   // and the full-shard gather buffers; gradients (the whole-model buffer under no-shard/zero1;

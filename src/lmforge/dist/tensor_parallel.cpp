@@ -1,5 +1,6 @@
 #include "lmforge/dist/tensor_parallel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -118,12 +119,11 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
 bool tensor_parallel_replicated(const std::string& name) { return role(name) >= Role::kRowBias; }
 
 namespace {
-// Builds the share's flat values on the host from each whole parameter's (give(i, values): the
-// i-th parameter's values, called for every parameter in order), then assigns them.
+// The share's flat values on the host, built from each whole parameter's (give(i, values): the
+// i-th parameter's values, called for every parameter in order).
 template <typename Each>
-void make_share(const ModelConfig& whole, const ParamSet& layout, Transformer& share, int tp, int r,
-                Each&& each) {
-  const ParamSet& sp = share.params();
+Tensor make_share(const ModelConfig& whole, const ParamSet& layout, const ParamSet& sp, int tp,
+                  int r, Each&& each) {
   LMF_CHECK(layout.params().size() == sp.params().size(),
             "{} parameters in the whole, {} in a share", layout.params().size(),
             sp.params().size());
@@ -135,27 +135,34 @@ void make_share(const ModelConfig& whole, const ParamSet& layout, Transformer& s
     for (const Run& run : share_runs(p.name, p.shape, whole, tp, r))
       std::memcpy(out + sp.offset(q) + run.share, values + run.whole, sizeof(float) * run.len);
   });
-  share.params().assign_values(host);
+  return host;
 }
 }  // namespace
 
-void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
+Tensor tensor_parallel_share_values(const Transformer& whole, const ParamSet& share, int tp,
+                                    int r) {
   const ParamSet& wp = whole.params();
   const Tensor values = on_host(wp.flat_values());
   LMF_CHECK(values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-  make_share(whole.config(), wp, share, tp, r, [&](auto&& give) {
+  return make_share(whole.config(), wp, share, tp, r, [&](auto&& give) {
     for (size_t i = 0; i < wp.params().size(); ++i)
       give(i, values.data<float>() + wp.offset(wp.params()[i]));
   });
 }
 
+void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
+  share.params().assign_values(tensor_parallel_share_values(whole, share.params(), tp, r));
+}
+
 void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, uint64_t seed, int tp,
                                 int r) {
   const Transformer layout(whole, Transformer::MeasureOnly{});  // allocates nothing
-  make_share(whole, layout.params(), share, tp, r, [&](auto&& give) {
-    size_t i = 0;
-    layout.for_each_init_param(seed, [&](const Param&, const float* values) { give(i++, values); });
-  });
+  share.params().assign_values(
+      make_share(whole, layout.params(), share.params(), tp, r, [&](auto&& give) {
+        size_t i = 0;
+        layout.for_each_init_param(seed,
+                                   [&](const Param&, const float* values) { give(i++, values); });
+      }));
 }
 
 TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,
@@ -199,20 +206,36 @@ void TensorParallel::sum_over_group(double* v, int n) {
   if (sequence_parallel_) comm_.all_reduce(v, n)->wait();
 }
 
-void TensorParallel::sum_partial_grads() {
-  for (Param& p : model_.params().params()) {
-    const Role k = role(p.name);
-    if (!p.frozen && (k == Role::kPartial || (sequence_parallel_ && k == Role::kReplicated)))
-      comm_.all_reduce(p.grad.data<float>(), p.grad.numel())->wait();
+template <typename F>
+void TensorParallel::for_each_grad(const Tensor& shard, int64_t shard_lo, F&& f) {
+  const ParamSet& ps = model_.params();
+  const int64_t shard_hi = shard_lo + (shard.defined() ? shard.numel() : 0);
+  for (const Param& p : ps.params()) {
+    if (p.frozen) continue;
+    if (!shard.defined()) {
+      f(p, p.grad);
+      continue;
+    }
+    const int64_t off = ps.offset(p);
+    const int64_t lo = std::max(off, shard_lo), hi = std::min(off + p.shape.numel(), shard_hi);
+    if (lo < hi) f(p, shard.slice(lo - shard_lo, hi - lo));
   }
 }
 
-double TensorParallel::grad_norm() {
-  const ParamSet& ps = model_.params();
+void TensorParallel::sum_partial_grads(const Tensor& shard, int64_t shard_lo) {
+  for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
+    const Role k = role(p.name);
+    if (k == Role::kPartial || (sequence_parallel_ && k == Role::kReplicated))
+      comm_.all_reduce(g.data<float>(), g.numel())->wait();
+  });
+}
+
+double TensorParallel::grad_norm(const Tensor& shard, int64_t shard_lo, Communicator* shards) {
   double ss = 0;
-  for (const Param& p : ps.params())
-    if (!p.frozen && (rank() == 0 || !tensor_parallel_replicated(p.name)))
-      ss += ops::sum_squares(p.grad);
+  for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
+    if (rank() == 0 || !tensor_parallel_replicated(p.name)) ss += ops::sum_squares(g);
+  });
+  if (shards) shards->all_reduce(&ss, 1)->wait();
   comm_.all_reduce(&ss, 1)->wait();
   return std::sqrt(ss);
 }
@@ -235,7 +258,8 @@ Tensor TensorParallel::all_of(const Tensor& mine) {
   return all;
 }
 
-void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt) {
+void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt,
+                            const Tensor& values) {
   const ParamSet& sp = model_.params();
   const int n = size();
   const bool lead = rank() == 0;
@@ -246,13 +270,16 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
   // summed over the group: exact in a double for up to 8192 ranks).
   for (size_t i = 0; i < sp.params().size(); ++i) {
     const Param& q = sp.params()[i];
-    LMF_CHECK(q.value.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
     const int64_t len = q.shape.numel();
+    const Tensor mine_values = values.defined()
+                                   ? values.view({values.numel()}).slice(sp.offset(q), len)
+                                   : q.value.view({len});
+    LMF_CHECK(mine_values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
     const Param* p = lead ? &whole->params().params()[i] : nullptr;
     LMF_CHECK(!p || (p->name == q.name && p->value.device() == Device::kCPU), "gather: {} into {}",
               q.name, p ? p->name : "");
     if (tensor_parallel_replicated(q.name)) {
-      const Tensor mine = on_host(q.value);
+      const Tensor mine = on_host(mine_values);
       const auto* bytes = reinterpret_cast<const unsigned char*>(mine.data<float>());
       uint64_t h = 1469598103934665603ull;  // FNV-1a
       for (size_t b = 0; b < sizeof(float) * static_cast<size_t>(len); ++b)
@@ -266,7 +293,7 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
       p->value.copy_from(mine);
       continue;
     }
-    const Tensor everyone = all_of(q.value.view({len}));
+    const Tensor everyone = all_of(mine_values);
     if (!lead) continue;
     for (int r = 0; r < n; ++r)
       for (const Run& run : share_runs(p->name, p->shape, whole_, n, r))

@@ -27,6 +27,10 @@
 // the replicated parameters fed by a rank's own rows (embeddings, norms, head) are then summed
 // over the group after each step's backward, and each rank reads its own slice of the batch.
 //
+// Data parallelism across the groups may shard too (grad-shard, full-shard, hybrid: "2-D"
+// parallelism, as torchtitan composes FSDP with tensor parallelism): each rank then holds 1/D of
+// its share's gradients (and values) over the D ranks holding that share.
+//
 // Checkpoints hold the whole model, as one process would write it (gather() onto the group's rank
 // 0; a load takes each rank's share of it), so they resume with any tensor_parallel and export as
 // usual.
@@ -51,8 +55,10 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp);
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
 bool tensor_parallel_replicated(const std::string& name);
 
-// Copies rank r's share of every parameter from `whole` (fp32 values on the host) into `share`
-// (tensor_parallel_config(whole's, tp); fp32 values, on the host or a GPU).
+// Rank r's share of every parameter of `whole` (fp32 values on the host): the flat values (on
+// the host) of a model laid out as `share` (tensor_parallel_config(whole's, tp)); and copied into
+// `share` (fp32 values, on the host or a GPU).
+Tensor tensor_parallel_share_values(const Transformer& whole, const ParamSet& share, int tp, int r);
 void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r);
 // Gives `share` rank r's share of the values a model of config `whole` gets from
 // init_weights(seed), without making the whole (one parameter at a time).
@@ -80,24 +86,31 @@ class TensorParallel final : public PartialSums {
   // Sequence parallelism: sums n numbers over the group (losses and target counts of the ranks'
   // own rows); nothing otherwise.
   void sum_over_group(double* v, int n);
+  // The gradients a rank holds after a step's data-parallel reduction: each parameter's own
+  // (Param::grad; `shard` undefined), or under grad-/full-shard and hybrid the pieces of the
+  // share's flat range [shard_lo, shard_lo + shard.numel()) in `shard` (the same range on every
+  // rank of the group: their shares are laid out alike).
+  //
   // After a step's backward: sums over the group the gradients of the replicated parameters that
   // each rank computes in part: the q/k norms' (from its heads), LoRA's replicated factors', and
-  // under sequence parallelism
-  // those its own rows fed (embeddings, norms, head; the row-parallel biases' come from the
-  // group's rows).
-  void sum_partial_grads();
+  // under sequence parallelism those its own rows fed (embeddings, norms, head; the row-parallel
+  // biases' come from the group's rows).
+  void sum_partial_grads(const Tensor& shard = Tensor(), int64_t shard_lo = 0);
   // The partial sums' traffic so far (this rank's; CountingCommunicator's convention).
   const CommStats& comm_stats() const { return comm_.stats(); }
 
-  // The global gradient norm of the whole model (no-shard data parallelism: every rank holds its
-  // share's reduced gradients): the shares' sums of squares added over the group, the replicated
-  // parameters counted once.
-  double grad_norm();
+  // The global gradient norm of the whole model: the shares' sums of squares added over the
+  // group, the replicated parameters counted once; with a shard, also over `shards` (the ranks
+  // whose shards make up the share).
+  double grad_norm(const Tensor& shard = Tensor(), int64_t shard_lo = 0,
+                   Communicator* shards = nullptr);
   // Collective over the group: the whole model's values (and, with opt, AdamW's moments and step
   // count into whole_opt, an AdamW over every parameter of whole) assembled on the group's rank 0
   // into `whole` (unused elsewhere: pass null). Checks that the replicated parameters are equal
-  // on every rank.
-  void gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt);
+  // on every rank. `values`: the share's flat values when its parameters do not hold them
+  // (full-shard), else undefined.
+  void gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt,
+              const Tensor& values = Tensor());
   // This rank's share of whole_opt's moments and step count (not collective; opt over every
   // parameter of the share, whole_opt over every parameter of the whole model).
   void copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const;
@@ -105,6 +118,10 @@ class TensorParallel final : public PartialSums {
  private:
   // Every rank's `mine` (fp32, where the model is), in rank order, on the host.
   Tensor all_of(const Tensor& mine);
+  // f(param, gradient) over the gradients this rank holds of the trained parameters (see
+  // sum_partial_grads: each whole, or the pieces in a shard).
+  template <typename F>
+  void for_each_grad(const Tensor& shard, int64_t shard_lo, F&& f);
   mutable CountingCommunicator comm_;
   ModelConfig whole_;
   Transformer& model_;

@@ -228,36 +228,41 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     p.strategies.push_back(sp);
   }
   // Tensor parallelism: groups of tp ranks within a node (powers of two dividing the model's
-  // heads and MLP width), no-shard across the groups; only where the run could use it.
-  // With sequence parallelism too ("tpN-sp", where the run allows it).
+  // heads and MLP width), no-shard across the groups, and where there are several groups also
+  // full-shard across them ("-fsdp": 2-D parallelism); only where the run could use it. With
+  // sequence parallelism too ("tpN-sp", where the run allows it).
   Config probe = cfg;
   probe.model = m;
   for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2)
-    for (bool seq : {false, true}) {
-      probe.dist.tensor_parallel = tp;
-      probe.dist.sequence_parallel = seq;
-      probe.dist.strategy = "no-shard";
-      ModelConfig share;
-      try {
-        validate_train_config(probe);
-        share = dist::tensor_parallel_config(m, tp);
-      } catch (const Error&) {
-        continue;
+    for (bool seq : {false, true})
+      for (dist::Strategy across : {dist::Strategy::kNoShard, dist::Strategy::kFullShard}) {
+        if (across != dist::Strategy::kNoShard && o.ranks == tp) continue;  // one group
+        probe.dist.tensor_parallel = tp;
+        probe.dist.sequence_parallel = seq;
+        probe.dist.strategy = dist::strategy_name(across);
+        ModelConfig share;
+        try {
+          validate_train_config(probe);
+          share = dist::tensor_parallel_config(m, tp);
+        } catch (const Error&) {
+          continue;
+        }
+        StrategyPlan sp;
+        sp.strategy = static_cast<int>(across);
+        sp.tensor_parallel = tp;
+        sp.sequence_parallel = seq;
+        FootprintOptions fo = base;  // (the reference's share, where there is one)
+        fo.strategy = sp.strategy;
+        fo.shards = o.ranks / tp;
+        sp.state = training_footprint(share, fo);
+        sp.activations = measure_activations(share, tp, seq);
+        sp.sent_bytes =
+            step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
+            tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size, t.seq_len, tp,
+                                          t.grad_accum, recompute == Recompute::kFull, seq, bf16);
+        sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
+        p.strategies.push_back(sp);
       }
-      StrategyPlan sp;
-      sp.tensor_parallel = tp;
-      sp.sequence_parallel = seq;
-      FootprintOptions fo = base;  // (the reference's share, where there is one)
-      fo.shards = o.ranks / tp;
-      sp.state = training_footprint(share, fo);
-      sp.activations = measure_activations(share, tp, seq);
-      sp.sent_bytes =
-          step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
-          tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size, t.seq_len, tp,
-                                        t.grad_accum, recompute == Recompute::kFull, seq, bf16);
-      sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
-      p.strategies.push_back(sp);
-    }
   // The least communication per token among those that fit (ties: the earlier, less sharded): a
   // tensor-parallel group of N ranks trains 1/N of the tokens of N data-parallel ranks per step
   // (with sequence parallelism too: its ranks split the group's batch).
@@ -271,10 +276,12 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
 }
 
 namespace {
-// A row's name: the strategy, or "tpN" for tensor parallelism in groups of N (no-shard across).
+// A row's name: the strategy, or "tpN" for tensor parallelism in groups of N ("-sp": sequence
+// parallelism; "-fsdp": full-shard across the groups, else no-shard).
 std::string name(const StrategyPlan& sp) {
   if (sp.tensor_parallel > 1)
-    return fmt::format("tp{}{}", sp.tensor_parallel, sp.sequence_parallel ? "-sp" : "");
+    return fmt::format("tp{}{}{}", sp.tensor_parallel, sp.sequence_parallel ? "-sp" : "",
+                       sp.strategy == static_cast<int>(dist::Strategy::kFullShard) ? "-fsdp" : "");
   return dist::strategy_name(static_cast<dist::Strategy>(sp.strategy));
 }
 }  // namespace
@@ -308,10 +315,11 @@ std::string format_plan(const Plan& p) {
                      gib(sp.sent_bytes));
   if (p.recommended >= 0 && p.strategies[p.recommended].tensor_parallel > 1)
     s += fmt::format(
-        "recommended: dist.tensor_parallel: {}{} with dist.strategy: no-shard (fits, and sends "
-        "the least per token)\n",
+        "recommended: dist.tensor_parallel: {}{} with dist.strategy: {} (fits, and sends the "
+        "least per token)\n",
         p.strategies[p.recommended].tensor_parallel,
-        p.strategies[p.recommended].sequence_parallel ? ", dist.sequence_parallel: true" : "");
+        p.strategies[p.recommended].sequence_parallel ? ", dist.sequence_parallel: true" : "",
+        dist::strategy_name(static_cast<dist::Strategy>(p.strategies[p.recommended].strategy)));
   else if (p.recommended >= 0)
     s += fmt::format(
         "recommended: dist.strategy: {} (fits, and sends the least per token)\n",

@@ -50,8 +50,8 @@ struct PlanOptions {
 };
 
 struct StrategyPlan {
-  int strategy = 0;         // dist::Strategy
-  int tensor_parallel = 1;  // dist.tensor_parallel (groups of N ranks; strategy no-shard across)
+  int strategy = 0;                // dist::Strategy
+  int tensor_parallel = 1;         // dist.tensor_parallel (groups of N ranks; strategy across them)
   bool sequence_parallel = false;  // dist.sequence_parallel (each rank its own rows)
   TrainingFootprint state;
   double activations = 0;  // bytes (Transformer::plan's arena for the micro-batch)

@@ -263,7 +263,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     ref_tables.emplace(std::move(train_ref), std::move(val_ref));
   }
   std::optional<uint64_t> deferred_seed;
-  if (!setup.init) deferred_seed = t.seed;  // full-shard creates its shards from the seed
+  // full-shard creates its shards from the seed (a tensor-parallel share is made already)
+  if (!setup.init && !tp) deferred_seed = t.seed;
   dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), deferred_seed);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
@@ -346,10 +347,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
           "launch fewer ranks per node");
       make_whole(!resume.reset_optimizer);
       load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
-      dist::copy_tensor_parallel_share(*whole, model, tp->size(), tp->rank());
+      dp.assign_values(
+          dist::tensor_parallel_share_values(*whole, model.params(), tp->size(), tp->rank()));
       if (whole_opt && dp.strategy() == dist::Strategy::kNoShard) {
         tp->copy_optimizer_share(*whole_opt, opt);
-      } else if (whole_opt) {  // zero1: this rank's pieces of its share's
+      } else if (whole_opt) {  // sharded: this rank's pieces of its share's
         AdamW share_opt(model.params(), optimizer_options(t));
         tp->copy_optimizer_share(*whole_opt, share_opt);
         dp.take_optimizer(share_opt);
@@ -359,7 +361,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     } else {
       load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
     }
-    if (dp.sharded_values())
+    if (dp.sharded_values() && !tp)
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
                              dp.value_shard());
     dp.refresh_master();  // dist.offload's host copy of the loaded values
@@ -530,14 +532,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     st.guard = guard.state();
     st.evals = evals.state();
     if (tp) {  // the whole model and its AdamW state, gathered on rank 0, which writes them
-      std::unique_ptr<AdamW> share_opt;  // zero1: each share's state, whole first
-      if (dp.strategy() == dist::Strategy::kZero1) {
+      // Sharded data parallelism: each share's state (and under full-shard its values) whole
+      // first, over the ranks holding that share.
+      std::unique_ptr<AdamW> share_opt;
+      if (dp.strategy() != dist::Strategy::kNoShard) {
         share_opt = std::make_unique<AdamW>(model.params(), optimizer_options(t));
         dp.gather_optimizer(*share_opt);
       }
+      const Tensor share_values = dp.sharded_values() ? dp.gathered_values() : Tensor();
       if (lead) make_whole(true);
       if (dp_world.rank() == 0)
-        tp->gather(whole.get(), share_opt ? share_opt.get() : &opt, whole_opt.get());
+        tp->gather(whole.get(), share_opt ? share_opt.get() : &opt, whole_opt.get(), share_values);
     }
     CheckpointShards shards;
     shards.comm = world.get();
@@ -545,7 +550,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     shards.count = dp.layout().ranks;
     shards.writes = dist::rank_info().node == 0 || dp.strategy() != dist::Strategy::kHybrid;
     shards.optimizer_sharded = dp.strategy() != dist::Strategy::kNoShard && !tp;
-    if (dp.sharded_values()) {
+    if (dp.sharded_values() && !tp) {
       shards.values = &dp.value_shard();
       shards.values_lo = dp.layout().begin(dp.shard_rank());
     }

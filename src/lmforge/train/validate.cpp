@@ -106,9 +106,6 @@ void validate_tensor_parallel(const Config& cfg) {
   auto refuse = [&](const std::string& key, const std::string& fix) {
     fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
   };
-  if (dist::parse_strategy(cfg.dist.strategy) > dist::Strategy::kZero1)
-    refuse("dist.strategy " + cfg.dist.strategy,
-           "use dist.strategy: no-shard or zero1 (data parallelism across the groups)");
   if (cfg.dist.offload) refuse("dist.offload", "set it to false");
   if (t.optimizer != "adamw") refuse("train.optimizer " + t.optimizer, "use adamw");
   if (t.master_weights != "fp32") refuse("train.master_weights bf16", "use fp32");
