@@ -324,11 +324,12 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   // pairs, a group's ranks score the same ones). Its partial sums round the log-likelihoods
   // differently from one process (~1e-7), and DPO's loss, a sigmoid of their small differences,
   // magnifies that: measured up to 7e-6 relative (a wrong share or a missing sum moves it by
-  // far more), so the losses get 1e-4.
+  // far more), so the losses get 1e-4. (Precomputed under full-shard across the groups.)
   for (const char* pre : {"false", "true"}) {
     const std::string name = std::string("dpo-tp2-pre-") + pre;
-    RunResult t =
-        run(name, 4, dpo + "--set dist.tensor_parallel=2 --set train.precompute_ref_logps=" + pre);
+    RunResult t = run(name, 4,
+                      dpo + "--set dist.tensor_parallel=2 --set train.precompute_ref_logps=" + pre +
+                          (pre[0] == 't' ? " --set dist.strategy=full-shard" : ""));
     ASSERT_EQ(t.exit_code, 0) << name << "\n" << t.out << t.err;
     expect_same(name, "dpo-ref", 1e-4);
   }
@@ -736,6 +737,17 @@ TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess)
                     tp2 + "--set dist.strategy=full-shard --set dist.sequence_parallel=true");
   ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
   expect_same("sp2-full-shard", reference(2));
+  // LoRA (the frozen base never reduced; the replicated factors' partial gradients summed on the
+  // shards) with Llama's q/k norms (likewise).
+  const std::string lora =
+      "--set model.preset=llama3-tiny --set model.qk_norm=true --set train.lr=1e-3 --set "
+      "train.batch_size=2 --set model.lora_rank=4 ";
+  RunResult lo = run("ref-lora-qk", 1, lora + "--set train.grad_accum=2");
+  ASSERT_EQ(lo.exit_code, 0) << lo.err;
+  RunResult lt = run("tp2-lora-qk-grad-shard", 4,
+                     lora + "--set dist.tensor_parallel=2 --set dist.strategy=grad-shard");
+  ASSERT_EQ(lt.exit_code, 0) << lt.out << lt.err;
+  expect_same("tp2-lora-qk-grad-shard", "ref-lora-qk");
 
   // Checkpoints hold the whole model (each share's values and state gathered over its shards
   // first): a resume is bit-exact, one process continues it, and the end's sample is the whole
