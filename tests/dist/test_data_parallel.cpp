@@ -143,11 +143,12 @@ class DataParallelTest : public ::testing::Test {
   // lmforge plan's bytes per step and rank (step_traffic_bytes) against the counted ones, within
   // 0.5% (it leaves out the 64-byte alignment gaps between parameters).
   static void expect_planned_traffic(const std::string& run_name, const std::string& strategy,
-                                     int n, int64_t grad_accum, double measured_mib,
-                                     int shards = 0) {
+                                     int n, int64_t grad_accum, double measured_mib, int shards = 0,
+                                     bool muon = false) {
     FootprintOptions o;
     o.strategy = static_cast<int>(dist::parse_strategy(strategy));
     o.shards = shards ? shards : n;
+    o.muon = muon;
     const double planned = step_traffic_bytes(
         checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o, n, grad_accum);
     EXPECT_NEAR(planned, measured_mib * 1048576.0, 0.005 * planned) << run_name << " (planned)";
@@ -272,17 +273,54 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));
 }
 
-// Muon (train.optimizer: muon) under DDP: every rank orthogonalizes the same all-reduced
-// gradients, so two ranks take one process's steps with the same global batch.
-TEST_F(DataParallelTest, MuonUnderNoShardMatchesOneProcess) {
+// Muon (train.optimizer: muon) under every strategy: under DDP every rank orthogonalizes the same
+// all-reduced gradients; with sharded state each rank updates its pieces of the momentum, gathers
+// each matrix's update direction whole, orthogonalizes the matrices it holds a piece of and
+// updates its pieces (Moonlight's distributed Muon). Either way one process's steps with the same
+// global batch.
+TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
   const std::string muon = "--set train.optimizer=muon --set train.batch_size=2 ";
   RunResult ref = run("muon-ref", 1, muon + "--set train.grad_accum=2");
   ASSERT_EQ(ref.exit_code, 0) << ref.err;
-  RunResult r = run("muon-2", 2, muon + "--set dist.strategy=no-shard");
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  expect_same("muon-2", "muon-ref");
-  // One moment for the blocks' matrices, and the Newton-Schulz workspace: as predicted.
-  expect_footprint(r.out, "no-shard", 2, "muon-2", /*muon=*/true);
+  for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
+    const std::string name = "muon-" + s;
+    RunResult r = run(name, 2, muon + "--set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    expect_same(name, "muon-ref");
+    // One moment for the blocks' matrices (1/N of it when sharded), and the Newton-Schulz
+    // workspace; the traffic with the directions' gathers: as predicted.
+    expect_footprint(r.out, s, 2, name, /*muon=*/true);
+    const std::vector<double> mib = losses(name, "comm_mib");
+    ASSERT_FALSE(mib.empty()) << name;
+    expect_planned_traffic(name, s, 2, 1, mib[0], 0, /*muon=*/true);
+  }
+  RunResult ref4 = run("muon-ref4", 1, muon + "--set train.grad_accum=4");
+  ASSERT_EQ(ref4.exit_code, 0) << ref4.err;
+  RunResult h =
+      run("muon-hybrid", 4, muon + "--set dist.strategy=hybrid --set dist.ranks_per_node=2");
+  ASSERT_EQ(h.exit_code, 0) << h.out << h.err;
+  expect_same("muon-hybrid", "muon-ref4");
+
+  // A sharded checkpoint of Muon's momentum pieces resumes bit-exactly, and in one process.
+  RunResult c = run("muon-ckpt", 2,
+                    muon +
+                        "--set dist.strategy=full-shard --set train.checkpoint_every=3 --set "
+                        "train.keep_last=0");
+  ASSERT_EQ(c.exit_code, 0) << c.out << c.err;
+  const std::string ckpt = *dir_ + "/muon-ckpt/checkpoints/step-00000003";
+  RunResult again = run("muon-resume", 2, muon + "--set dist.strategy=full-shard --resume=" + ckpt);
+  ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
+  const std::vector<double> whole = losses("muon-ckpt"), rest = losses("muon-resume");
+  ASSERT_EQ(whole.size(), 6u);
+  ASSERT_EQ(rest.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
+  EXPECT_EQ(params("muon-resume"), params("muon-ckpt"));
+  RunResult one = run("muon-resume-1", 1, muon + "--set train.grad_accum=2 --resume=" + ckpt);
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const std::vector<double> l = losses("muon-resume-1");
+  ASSERT_EQ(l.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
 }
 
 // DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair

@@ -99,8 +99,10 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       run_lmforge("train tiny.yaml --set train.optimizer=muon --set train.muon_adjust_lr=x", dir),
       {"train.muon_adjust_lr", "match_rms_adamw or original"});
   expect_one_line_error(
-      run_lmforge("train tiny.yaml --set train.optimizer=muon --set dist.strategy=zero1", dir),
-      {"train.optimizer", "whole matrices", "dist.strategy: no-shard"});
+      run_lmforge("train tiny.yaml --set train.optimizer=muon --set dist.strategy=zero1 --set "
+                  "dist.offload=true",
+                  dir),
+      {"dist.offload", "muon"});
   expect_one_line_error(
       run_lmforge("train tiny.yaml --set train.optimizer=muon --set model.lora_rank=4", dir),
       {"train.optimizer", "LoRA", "adamw"});

@@ -206,6 +206,13 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     slots = host_slots_;
   }
   opt_ = std::make_unique<AdamW>(ps_, std::move(slots), opt);
+  if (opt.muon.on && strategy_ != Strategy::kNoShard)  // each matrix's direction, whole
+    opt_->set_muon_gather([this](const Param& p, const Tensor& whole) {
+      const int64_t off = ps_.offset(p);
+      shard_comm_
+          ->all_gather(nullptr, whole.data<float>(), layout_.counts(off, off + p.shape.numel()))
+          ->wait();
+    });
   model.set_hooks(this);
 }
 

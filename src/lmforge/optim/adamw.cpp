@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_map>
 #include <utility>
 
 #include "lmforge/backend/ops.h"
@@ -25,14 +26,25 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
     : params_(params), opt_(opt), slots_(std::move(slots)) {
   // The moments live where the slots' values do (the GPU; the host under dist.offload).
   const Device device = slots_.empty() ? Device::kCPU : slots_[0].value.device();
-  int64_t most = 0, most_gram = 0;  // Muon's largest matrix and Gram matrix, in elements
-  for (const OptSlot& s : slots_) {
+  // Muon's largest matrix and Gram matrix, in elements: of every Muon matrix in the set (a rank
+  // holding pieces gathers each whole).
+  int64_t most = 0, most_gram = 0;
+  muon_slot_.assign(params_.params().size(), -1);
+  std::unordered_map<const Param*, size_t> index;
+  for (const Param& p : params_.params()) index.emplace(&p, index.size());
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const OptSlot& s = slots_[i];
     if (!opt_.muon.on || !muon_param(*s.param)) continue;
-    LMF_CHECK(s.whole() && s.value.dtype() == DType::kF32,
-              "Muon steps whole fp32 matrices, but {} is a {} slot of {} elements", s.param->name,
-              dtype_name(s.value.dtype()), s.len);
-    const int64_t side = std::min(s.param->shape[0], s.param->shape[1]);
-    most = std::max(most, s.len);
+    LMF_CHECK(s.value.dtype() == DType::kF32, "Muon steps fp32 matrices, but {} is {}",
+              s.param->name, dtype_name(s.value.dtype()));
+    const auto at = index.find(s.param);
+    LMF_CHECK(at != index.end(), "AdamW: slot {} is not a parameter of its set", s.param->name);
+    muon_slot_[at->second] = static_cast<int64_t>(i);
+  }
+  for (const Param& p : params_.params()) {
+    if (!opt_.muon.on || !muon_param(p)) continue;
+    const int64_t side = std::min(p.shape[0], p.shape[1]);
+    most = std::max(most, p.shape.numel());
     most_gram = std::max(most_gram, side * side);
   }
   state_ = Arena::planned(
@@ -64,13 +76,20 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
 //   X^T X from the right, which is the same as torch's transposing it):
 //     A = X X^T;  X = a X + (b A + c A^2) X;
 //   W = (1 - lr wd) W - lr_adj X.
-void AdamW::muon_step(size_t i, double lr, double grad_scale) {
+void AdamW::muon_direction(size_t i, const Tensor& x, double grad_scale) {
   const OptSlot& s = slots_[i];
   const MuonOptions& mo = opt_.muon;
-  const int64_t R = s.param->shape[0], C = s.param->shape[1], k = std::min(R, C);
+  const Tensor g = s.grad.view({s.len}), buf = m_[i].view({s.len});
+  const Tensor u = x.view({x.numel()}).slice(s.begin, s.len);
+  ops::axpby(buf, mo.momentum, g, (1 - mo.momentum) * grad_scale);
+  u.copy_from(buf);
+  if (mo.nesterov) ops::axpby(u, mo.momentum, g, (1 - mo.momentum) * grad_scale);
+}
+
+void AdamW::newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C) {
+  const MuonOptions& mo = opt_.muon;
+  const int64_t k = std::min(R, C);
   const bool tall = R > C;
-  const Tensor g = s.grad.view({R, C}), buf = m_[i].view({R, C}), w = s.value.view({R, C});
-  Tensor x = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
   const Tensor gram = ns_gram_.slice(0, k * k).view({k, k});
   const Tensor poly = ns_poly_.slice(0, k * k).view({k, k});
   // A product's weight operand: itself, or its bf16 copy (which selects the bf16 matmul); with
@@ -81,10 +100,6 @@ void AdamW::muon_step(size_t i, double lr, double grad_scale) {
     if (convert) ops::to_bf16(w16, t);
     return w16;
   };
-
-  ops::axpby(buf, mo.momentum, g, (1 - mo.momentum) * grad_scale);
-  x.copy_from(buf);
-  if (mo.nesterov) ops::axpby(x, mo.momentum, g, (1 - mo.momentum) * grad_scale);
   ops::scale(x, 1.0 / std::max(std::sqrt(ops::sum_squares(x)), mo.eps));
   for (int it = 0; it < mo.ns_steps; ++it) {
     const Tensor xw = tall ? Tensor() : weight(x, ns_x16_);  // (wide: X is a weight twice)
@@ -105,24 +120,52 @@ void AdamW::muon_step(size_t i, double lr, double grad_scale) {
     ops::axpby(next, 1.0, x, mo.a);
     std::swap(x, next);
   }
+}
+
+void AdamW::muon_apply(size_t i, const Tensor& x, double lr) {
+  const OptSlot& s = slots_[i];
+  const MuonOptions& mo = opt_.muon;
+  const int64_t R = s.param->shape[0], C = s.param->shape[1];
   const double muon_lr = lr * mo.lr_ratio;
   const double ratio = mo.match_rms_adamw ? 0.2 * std::sqrt(static_cast<double>(std::max(R, C)))
                                           : std::sqrt(std::max(1.0, static_cast<double>(R) / C));
   const double wd = s.param->decay ? opt_.weight_decay : 0.0;
-  ops::axpby(w, 1 - muon_lr * wd, x, -muon_lr * ratio);
+  ops::axpby(s.value.view({s.len}), 1 - muon_lr * wd, x.view({x.numel()}).slice(s.begin, s.len),
+             -muon_lr * ratio);
+}
+
+// Every Muon matrix of the set in order: its direction from this rank's slot (if any), gathered
+// whole when slots are pieces, orthogonalized and applied to the slot.
+void AdamW::muon_steps(double lr, double grad_scale) {
+  const auto& ps = params_.params();
+  for (size_t j = 0; j < ps.size(); ++j) {
+    const Param& p = ps[j];
+    if (!muon_param(p)) continue;
+    const int64_t i = muon_slot_[j];
+    if (i < 0 && !muon_gather_) continue;  // (frozen: no slot anywhere)
+    const int64_t R = p.shape[0], C = p.shape[1];
+    Tensor x = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
+    if (i >= 0) muon_direction(i, x, grad_scale);
+    if (muon_gather_) muon_gather_(p, x.view({R * C}));
+    LMF_CHECK(i < 0 || muon_gather_ || slots_[i].whole(),
+              "Muon over a piece of {} needs set_muon_gather", p.name);
+    if (i < 0) continue;
+    newton_schulz(x, next, R, C);
+    muon_apply(i, x, lr);
+  }
 }
 
 void AdamW::step(double lr, double grad_scale) {
   ++t_;
   bool refreshed = true, masters = false;
+  if (opt_.muon.on) muon_steps(lr, grad_scale);
   std::vector<ops::AdamwItem>& items = items_;
   items.clear();
   for (size_t i = 0; i < slots_.size(); ++i) {
     const OptSlot& s = slots_[i];
-    if (!v_[i].defined()) {  // Muon: its bf16 copy converted after the update, when beside it
-      muon_step(i, lr, grad_scale);
+    if (!v_[i].defined()) {  // Muon (muon_steps): its bf16 copy converted, when beside it
       const Tensor& bf16 = s.param->value_bf16;
-      if (bf16.defined() && s.value.raw() == s.param->value.raw())
+      if (bf16.defined() && s.whole() && s.value.raw() == s.param->value.raw())
         ops::to_bf16(bf16, s.value.view(s.param->shape));
       else
         refreshed = refreshed && !bf16.defined();

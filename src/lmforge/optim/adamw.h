@@ -9,12 +9,16 @@
 // Unsharded, a slot is a whole parameter; under ZeRO (dist/data_parallel.h) each rank owns the
 // pieces of its shard, with the gradient taken from the reduce-scattered shard. Moments live in
 // one buffer, one pair per slot; checkpoints save them by parameter name.
+// Muon over pieces (Moonlight's distributed Muon, Liu et al. 2025): each rank updates its pieces
+// of the momentum, the whole update direction is all-gathered (set_muon_gather), orthogonalized
+// by the ranks holding a piece of the matrix and applied to their pieces.
 //
 //   AdamW opt(model.params(), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1});
 //   opt.step(lr);                                              // or, clipped:
 //   opt.step(lr, clip_coef(grad_norm(model.params()), 1.0));  // optim/clip.h
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "lmforge/backend/ops.h"
@@ -81,9 +85,22 @@ class AdamW {
   size_t state_bytes() const { return state_.capacity(); }
   // "adamw", or "muon" when Muon steps the blocks' matrices (recorded in checkpoints).
   const char* name() const { return opt_.muon.on ? "muon" : "adamw"; }
+  // Muon over slots that are pieces of matrices (ZeRO): gather(p, whole) fills `whole` (the fp32
+  // elements of matrix p, flat, where the slots live) with every rank's piece of the update
+  // direction; this rank's piece, if it holds one, is already in place. step() calls it for every
+  // Muon matrix of the ParamSet in order, on every rank (a collective), whether it holds a piece
+  // of it or not.
+  using MuonGather = std::function<void(const Param& p, const Tensor& whole)>;
+  void set_muon_gather(MuonGather gather) { muon_gather_ = std::move(gather); }
 
  private:
-  void muon_step(size_t i, double lr, double grad_scale);
+  // Muon for the slot (whole or piece) of one matrix: the momentum and update direction of the
+  // slot's elements written into x (the whole matrix's buffer, at the slot's place); then, after
+  // the rest of x is filled, its orthogonalization and the slot's update.
+  void muon_direction(size_t i, const Tensor& x, double grad_scale);
+  void newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C);
+  void muon_apply(size_t i, const Tensor& x, double lr);
+  void muon_steps(double lr, double grad_scale);
 
   ParamSet& params_;
   AdamWOptions opt_;
@@ -95,6 +112,8 @@ class AdamW {
   Arena state_;
   std::vector<Tensor> m_, v_;
   std::vector<ops::AdamwItem> items_;  // step()'s list, kept: a step allocates nothing
+  std::vector<int64_t> muon_slot_;     // per parameter of the set: its Muon slot, or -1
+  MuonGather muon_gather_;
   int64_t t_ = 0;
 };
 

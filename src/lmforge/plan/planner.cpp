@@ -33,6 +33,34 @@ Groups groups(const ModelConfig& m) {
   return g;
 }
 
+// Muon's matrices (muon_param): their elements, the largest and the largest Gram matrix's; and
+// the optimizer state of the rank holding the most when `shards` ranks split it (Muon's matrices
+// keep one moment, the rest AdamW's two: the ranks' shares differ).
+struct MuonSizes {
+  double elements = 0, most = 0, gram = 0, state = 0;
+};
+MuonSizes muon_sizes(const ModelConfig& m, int shards = 1) {
+  const Transformer layout(m, Transformer::MeasureOnly{});  // the parameters, nothing allocated
+  const ParamSet& ps = layout.params();
+  const dist::ShardLayout cut(ps.flat_size(), std::max(1, shards));
+  std::vector<double> state(cut.ranks, 0.0);
+  MuonSizes mu;
+  for (const Param& p : ps.params()) {
+    if (p.frozen) continue;
+    const int64_t off = ps.offset(p);
+    const std::vector<int64_t> pieces = cut.counts(off, off + p.shape.numel());
+    for (int r = 0; r < cut.ranks; ++r)
+      state[r] += static_cast<double>(pieces[r]) * (muon_param(p) ? 4 : 8);
+    if (!muon_param(p)) continue;
+    const double rows = static_cast<double>(p.shape[0]), cols = static_cast<double>(p.shape[1]);
+    mu.elements += rows * cols;
+    mu.most = std::max(mu.most, rows * cols);
+    mu.gram = std::max(mu.gram, std::min(rows, cols) * std::min(rows, cols));
+  }
+  mu.state = *std::max_element(state.begin(), state.end());
+  return mu;
+}
+
 }  // namespace
 
 TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOptions& o) {
@@ -52,18 +80,10 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
                                           : g.trained * 4;
   f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
-  if (o.muon) {  // no-shard only: Muon's matrices (muon_param) keep one moment, + its workspace
-    const Transformer layout(m, Transformer::MeasureOnly{});  // the parameters, nothing allocated
-    double muon = 0, most = 0, gram = 0;
-    for (const Param& p : layout.params().params()) {
-      if (!muon_param(p)) continue;
-      const double r = static_cast<double>(p.shape[0]), c = static_cast<double>(p.shape[1]);
-      muon += r * c;
-      most = std::max(most, r * c);
-      gram = std::max(gram, std::min(r, c) * std::min(r, c));
-    }
-    f.optimizer =
-        (g.trained - muon) * 8 + muon * 4 + 2 * (most + gram) * (4 + (o.muon_bf16 ? 2 : 0));
+  if (o.muon) {  // the most state a rank holds (all of it under no-shard), + the Newton-Schulz
+                 // workspace (for whole matrices)
+    const MuonSizes mu = muon_sizes(m, s >= Strategy::kZero1 ? o.shards : 1);
+    f.optimizer = mu.state + 2 * (mu.most + mu.gram) * (4 + (o.muon_bf16 ? 2 : 0));
   }
   f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
   return f;
@@ -98,16 +118,18 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   // them by the backward before).
   const double inner = std::max(0.0, L - 2);
   const double blocks = value_bytes * g.block * (L + inner + (mb - 1) * 2 * inner);
-  double bytes = 0;
+  // Muon over shards: every matrix's update direction all-gathered (fp32) each step.
+  const double muon = o.muon ? k * 4 * muon_sizes(m).elements : 0;
+  double bytes = muon;
   switch (s) {
     case Strategy::kNoShard:
       return 2 * k * grads;
     case Strategy::kZero1:
-      return 2 * k * grads + k * updates;
+      return bytes + 2 * k * grads + k * updates;
     case Strategy::kGradShard:
-      return mb * k * grads + k * updates;
+      return bytes + mb * k * grads + k * updates;
     default:  // full-shard, and hybrid within a node
-      bytes = mb * k * grads + k * (edges + blocks);
+      bytes += mb * k * grads + k * (edges + blocks);
   }
   if (s == Strategy::kHybrid && ranks > n) {  // the node's shard all-reduced across the nodes
     const double nodes = ranks / n;
@@ -219,7 +241,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     FootprintOptions fo = base;
     fo.strategy = sp.strategy;
     fo.shards = s == dist::Strategy::kHybrid ? per_node : o.ranks;
-    fo.muon = t.optimizer == "muon" && s == dist::Strategy::kNoShard;
+    fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = fo.muon && bf16 && gpu;  // a GPU's (a CPU's with AMX or Zen 4 too)
     sp.state = training_footprint(m, fo);
     sp.activations = activations;

@@ -72,11 +72,6 @@ void validate_optimizer(const Config& cfg) {
   if (t.muon_ns_steps < 1 || t.muon_ns_steps >= 100)
     fail("train.muon_ns_steps: must be in [1, 100) (5 typical), got {}", t.muon_ns_steps);
   if (t.optimizer != "muon") return;
-  if (dist::parse_strategy(cfg.dist.strategy) != dist::Strategy::kNoShard)
-    fail(
-        "train.optimizer: muon orthogonalizes whole matrices, which dist.strategy {} splits over "
-        "the ranks; use dist.strategy: no-shard, or train.optimizer: adamw",
-        cfg.dist.strategy);
   if (cfg.dist.offload)
     fail(
         "dist.offload: not with train.optimizer muon (its step runs where the model is); set it "
