@@ -323,9 +323,10 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
     EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
 }
 
-// DPO (train/objective.h) under every strategy: its reference model's forward, the per-pair
-// normalization over ranks and micro-batches and the per-row gradient weights give one process's
-// step with the same global batch; so do precomputed reference log-likelihoods.
+// DPO (train/objective.h) under every strategy (and KTO under tensor parallelism): its reference
+// model's forward, the per-pair normalization over ranks and micro-batches and the per-row gradient
+// weights give one process's step with the same global batch; so do precomputed reference
+// log-likelihoods.
 TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   {
     std::ofstream f(*dir_ + "/pairs.jsonl");
@@ -370,7 +371,37 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
                           (pre[0] == 't' ? " --set dist.strategy=full-shard" : ""));
     ASSERT_EQ(t.exit_code, 0) << name << "\n" << t.out << t.err;
     expect_same(name, "dpo-ref", 1e-4);
+    // The partial sums of the step and, unless precomputed, of the reference's forward.
+    const ModelConfig c = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + name));
+    const double planned =
+        tensor_parallel_traffic_bytes(c, 2, 32, 2, 1, {.extra_forwards = pre[0] == 't' ? 0 : 1});
+    for (double mib : losses(name, "tp_comm_mib")) EXPECT_DOUBLE_EQ(mib * 1048576.0, planned);
   }
+  // KTO likewise: its KL rows through the policy and the reference, and its batch through the
+  // reference, each a forward of partial sums besides the step's.
+  {
+    std::ofstream f(*dir_ + "/labelled.jsonl");
+    for (int i = 0; i < 40; ++i)
+      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
+                           {"completion", i % 3 ? "In the beginning." : "Selah."},
+                           {"label", i % 3 != 0}})
+               .dump()
+        << "\n";
+  }
+  p = testing::run_lmforge(
+      "prepare --input labelled.jsonl --output labelled --format unpaired --val-fraction 0", *dir_);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  const std::string kto =
+      "--set train.objective=kto --set data.text= --set data.tokenizer=byte --set "
+      "model.vocab_size=0 --set data.train=labelled/data --set train.batch_size=2 ";
+  RunResult ko = run("kto-ref", 1, kto);
+  ASSERT_EQ(ko.exit_code, 0) << ko.out << ko.err;
+  RunResult kt = run("kto-tp2", 2, kto + "--set dist.tensor_parallel=2");
+  ASSERT_EQ(kt.exit_code, 0) << kt.out << kt.err;
+  expect_same("kto-tp2", "kto-ref", 1e-4);
+  const ModelConfig kc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/kto-tp2"));
+  const double planned = tensor_parallel_traffic_bytes(kc, 2, 32, 2, 1, {.extra_forwards = 3});
+  for (double mib : losses("kto-tp2", "tp_comm_mib")) EXPECT_DOUBLE_EQ(mib * 1048576.0, planned);
 }
 
 // Ranks on one CPU node share its memory: a model whose training state (training_footprint: the
@@ -623,7 +654,7 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   // (lmforge plan's figure, and the memory it predicts for a share.)
   const ModelConfig c = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/tp2"));
   const double expected = 4.0 * c.n_layer * 2 * 32 * c.n_embd * 4 * (2.0 * (2 - 1) / 2);
-  EXPECT_DOUBLE_EQ(tensor_parallel_traffic_bytes(c, 2, 32, 2, 1, false), expected);
+  EXPECT_DOUBLE_EQ(tensor_parallel_traffic_bytes(c, 2, 32, 2, 1), expected);
   const std::vector<double> tp_mib = losses("tp2", "tp_comm_mib");
   EXPECT_EQ(tp_mib.size(), 6u);
   for (double mib : tp_mib) EXPECT_DOUBLE_EQ(mib * 1048576.0, expected);
@@ -832,7 +863,8 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   const std::vector<double> mib = losses("sp2", "tp_comm_mib");
   EXPECT_EQ(mib.size(), 6u);
   for (double m : mib)
-    EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 1, false, true));
+    EXPECT_DOUBLE_EQ(m * 1048576.0,
+                     tensor_parallel_traffic_bytes(c, 1, 32, 2, 1, {.sequence_parallel = true}));
 
   // 2 groups of 2; full activation checkpointing (its forward gathers and sums again) with
   // gradient accumulation.
@@ -845,7 +877,9 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
   expect_same("sp2-full", reference(2));
   for (double m : losses("sp2-full", "tp_comm_mib"))
-    EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 2, true, true));
+    EXPECT_DOUBLE_EQ(m * 1048576.0,
+                     tensor_parallel_traffic_bytes(
+                         c, 1, 32, 2, 2, {.full_recompute = true, .sequence_parallel = true}));
 
   // Llama (GQA, RoPE, SwiGLU) in bf16 (its norms' outputs gathered in bf16) against one process
   // in bf16, whose branches are rounded to bf16 where the partial sums stay fp32.
@@ -862,7 +896,8 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   const ModelConfig lc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2-llama-bf16"));
   for (double m : losses("sp2-llama-bf16", "tp_comm_mib"))
     EXPECT_DOUBLE_EQ(m * 1048576.0,
-                     tensor_parallel_traffic_bytes(lc, 2, 32, 2, 1, false, true, true));
+                     tensor_parallel_traffic_bytes(
+                         lc, 2, 32, 2, 1, {.sequence_parallel = true, .bf16_inputs = true}));
 
   // Validation: each rank scores its 1/N of every batch, the loss summed over the group: one
   // process's over the same rows.

@@ -74,9 +74,11 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
     fo.shards = 4 / tp;
     const ModelConfig share = dist::tensor_parallel_config(p.model, tp);
     EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total()) << n;
-    EXPECT_DOUBLE_EQ(sp.sent_bytes, step_traffic_bytes(share, fo, 4 / tp, 1) +
-                                        tensor_parallel_traffic_bytes(p.model, seq ? 4 / tp : 4, 64,
-                                                                      tp, 1, false, seq))
+    EXPECT_DOUBLE_EQ(sp.sent_bytes,
+                     step_traffic_bytes(share, fo, 4 / tp, 1) +
+                         tensor_parallel_traffic_bytes(
+                             p.model, seq ? 4 / tp : 4, 64, tp, 1,
+                             {.sequence_parallel = seq, .data_shards = fsdp ? 4 / tp : 1}))
         << n;
     EXPECT_LT(sp.total(), p.strategies[0].total()) << n;
     // Full-shard across the groups holds less of the share, and sends more.

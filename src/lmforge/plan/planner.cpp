@@ -139,24 +139,25 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
 }
 
 double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
-                                     int64_t grad_accum, bool full_recompute,
-                                     bool sequence_parallel, bool bf16_inputs) {
+                                     int64_t grad_accum, const TensorParallelTraffic& o) {
   if (tp <= 1) return 0;
   const double L = static_cast<double>(m.n_layer), k = (tp - 1.0) / tp;
   const double elements = static_cast<double>(batch * seq * m.n_embd);  // a rank's (B, T, C)
-  if (!sequence_parallel) {
-    const double sums = (full_recompute ? 6.0 : 4.0) * L;
+  if (!o.sequence_parallel) {
+    const double sums =
+        ((o.full_recompute ? 6.0 : 4.0) + 2.0 * static_cast<double>(o.extra_forwards)) * L;
     return static_cast<double>(grad_accum) * sums * 4.0 * elements * 2.0 * k;
   }
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
-  const double in = bf16_inputs ? 2.0 : 4.0;
-  const double norm_gathers = full_recompute ? 6.0 : 4.0, fp32_ops = full_recompute ? 8.0 : 6.0;
+  const double in = o.bf16_inputs ? 2.0 : 4.0;
+  const double norm_gathers = o.full_recompute ? 6.0 : 4.0, fp32_ops = o.full_recompute ? 8.0 : 6.0;
   const double per_micro = L * (norm_gathers * in + fp32_ops * 4.0) * elements * (tp - 1);
   // The gradients of the parameters fed by a rank's own rows, all-reduced once a step.
   const Groups g = groups(m);
   const double norm = static_cast<double>(m.n_embd) * (m.norm == "layernorm" && m.bias ? 2 : 1);
   const double rows_fed = g.embeddings + g.head + 2.0 * L * norm;
-  return static_cast<double>(grad_accum) * per_micro + 2.0 * k * 4.0 * rows_fed;
+  return static_cast<double>(grad_accum) * per_micro +
+         2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards);
 }
 
 Plan make_plan(const Config& cfg, const PlanOptions& o) {
@@ -255,6 +256,12 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   // sequence parallelism too ("tpN-sp", where the run allows it).
   Config probe = cfg;
   probe.model = m;
+  // The forwards over the group besides the step's own: DPO's reference (unless precomputed),
+  // KTO's KL rows (the policy and the reference) and reference (a share of the policy with its
+  // adapters off under LoRA: the same partial sums).
+  const int64_t extra_forwards = t.objective == "kto"                              ? 3
+                                 : t.objective == "dpo" && !t.precompute_ref_logps ? 1
+                                                                                   : 0;
   for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2)
     for (bool seq : {false, true})
       for (dist::Strategy across : {dist::Strategy::kNoShard, dist::Strategy::kFullShard}) {
@@ -278,10 +285,15 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         fo.shards = o.ranks / tp;
         sp.state = training_footprint(share, fo);
         sp.activations = measure_activations(share, tp, seq);
-        sp.sent_bytes =
-            step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
-            tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size, t.seq_len, tp,
-                                          t.grad_accum, recompute == Recompute::kFull, seq, bf16);
+        TensorParallelTraffic traffic;
+        traffic.full_recompute = recompute == Recompute::kFull;
+        traffic.sequence_parallel = seq;
+        traffic.bf16_inputs = bf16;
+        traffic.extra_forwards = extra_forwards;
+        traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
+        sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
+                        tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,
+                                                      t.seq_len, tp, t.grad_accum, traffic);
         sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
         p.strategies.push_back(sp);
       }

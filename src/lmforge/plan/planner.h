@@ -84,17 +84,29 @@ std::string format_plan(const Plan& p);
 // in its two buffers excepted) and hybrid's all-reduce across nodes.
 double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int ranks,
                           int64_t grad_accum);
+// What tensor_parallel_traffic_bytes counts besides the training step's own collectives.
+struct TensorParallelTraffic {
+  bool full_recompute = false;     // train.activation_checkpointing: full
+  bool sequence_parallel = false;  // dist.sequence_parallel
+  bool bf16_inputs = false;        // its norms' outputs gathered in bf16 (train.precision: bf16)
+  // Per micro-batch, forwards without a backward over the group's shares (not under sequence
+  // parallelism): DPO's reference (1); KTO's KL rows through the policy and the reference and
+  // its batch through the reference (3).
+  int64_t extra_forwards = 0;
+  // Sequence parallelism with grad-shard, full-shard or hybrid across the groups: the once-a-step
+  // sums run on gradient shards of 1/data_shards (about: the shards cut through parameters).
+  int data_shards = 1;
+};
 // Bytes one rank sends per optimizer step for tensor parallelism's partial sums
 // (dist/tensor_parallel.h) in a group of tp: per micro-batch and block 4 all-reduces of the
 // (B, T, C) fp32 activations (6 with full activation checkpointing, whose recomputed forward sums
-// again), each 2(tp-1)/tp of its bytes. With sequence parallelism (B: each rank's own rows), per
-// block the gathers of the norms' outputs (2 in forward, again in backward; bf16 with bf16_inputs)
-// and of the output gradients (2), and the reduce-scatters of the partial sums (2 in forward, 2 in
-// backward; full recomputation repeats the forward's), each (tp-1)/tp of the group's buffer; and
-// per step an all-reduce of the gradients of the parameters fed by each rank's rows (embeddings,
-// norms, head).
+// again; 2 per extra forward), each 2(tp-1)/tp of its bytes. With sequence parallelism (B: each
+// rank's own rows), per block the gathers of the norms' outputs (2 in forward, again in backward;
+// bf16 with bf16_inputs) and of the output gradients (2), and the reduce-scatters of the partial
+// sums (2 in forward, 2 in backward; full recomputation repeats the forward's), each (tp-1)/tp of
+// the group's buffer; and per step an all-reduce of the gradients of the parameters fed by each
+// rank's rows (embeddings, norms, head).
 double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
-                                     int64_t grad_accum, bool full_recompute,
-                                     bool sequence_parallel = false, bool bf16_inputs = false);
+                                     int64_t grad_accum, const TensorParallelTraffic& o = {});
 
 }  // namespace lmforge

@@ -594,7 +594,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                                                        : world->rank()));
     double kl = 0;
     const dist::CommStats comm0 = dp.comm_stats();
-    const double tp_bytes0 = tp ? tp->comm_stats().bus_bytes : 0;
+    // (tensor parallelism's partial sums, the reference's included)
+    auto tp_bytes = [&] {
+      return (tp ? tp->comm_stats().bus_bytes : 0) + (ref_tp ? ref_tp->comm_stats().bus_bytes : 0);
+    };
+    const double tp_bytes0 = tp_bytes();
     const double wait0 = dp.grad_wait_s();
     double loss = dp.forward_backward(micro, &lse_sq, objective.get(), &kl);
     if (fault != faults.end() && (fault->second == "nan" || fault->second == "spike"))
@@ -633,7 +637,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       ++comm_steps;
     }
     if (tp) {
-      record["tp_comm_mib"] = (tp->comm_stats().bus_bytes - tp_bytes0) / 1048576.0;
+      record["tp_comm_mib"] = (tp_bytes() - tp_bytes0) / 1048576.0;
       tp_mib_sum += record["tp_comm_mib"].get<double>();
       ++tp_steps;
     }
