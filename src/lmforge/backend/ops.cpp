@@ -226,10 +226,22 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
                                     OC)));
 }
 
+namespace {
+void check_vocab_split(const char* op, const Tensor& t, int64_t v0, int64_t vocab_total,
+                       int64_t V) {
+  LMF_CHECK(v0 >= 0 && (vocab_total == 0 || v0 + V <= vocab_total),
+            "{}: rows [{}, {}) of a vocabulary of {}", op, v0, v0 + V, vocab_total);
+  LMF_CHECK(t.device() == Device::kCPU || (v0 == 0 && (vocab_total == 0 || vocab_total == V)),
+            "{}: a vocabulary split over ranks on the CPU only", op);
+}
+}  // namespace
+
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
-                       const Tensor& wpe, const Tensor& positions) {
+                       const Tensor& wpe, const Tensor& positions, int64_t v0,
+                       int64_t vocab_total) {
   same_device("embedding_forward", out, {&tokens, &wte, &wpe, &positions});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
+  check_vocab_split("embedding_forward", out, v0, vocab_total, V);
   LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
             tokens.shape().str());
   LMF_CHECK(!wpe.raw() || positions.defined() || wpe.size(0) >= T_,
@@ -245,7 +257,8 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
         "embedding_forward", out,
         [&](auto tag) {
           if constexpr (std::is_same_v<decltype(tag), float>)
-            cpu::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V, pos);
+            cpu::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), e, p, B, T_, C, V, pos,
+                                   v0, vocab_total);
           else
             LMF_CHECK(false, "embedding_forward: a bf16 table gives fp32 rows");
         },
@@ -258,16 +271,18 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
       [&](auto tag) {
         using T = decltype(tag);
         cpu::embedding_forward(ptr<T>(out), tokens.data<int32_t>(), cptr<T>(wte), cptr<T>(wpe), B,
-                               T_, C, V, pos);
+                               T_, C, V, pos, v0, vocab_total);
       },
       LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), cptr<float>(wte),
                                       cptr<float>(wpe), B, T_, C, V, pos)));
 }
 
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
-                        const Tensor& tokens, const Tensor& positions) {
+                        const Tensor& tokens, const Tensor& positions, int64_t v0,
+                        int64_t vocab_total) {
   same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens, &positions});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
+  check_vocab_split("embedding_backward", dout, v0, vocab_total, V);
   const int64_t P = dwpe.raw() ? dwpe.size(0) : 0;
   if (dwpe.raw()) check_positions("embedding_backward", positions, B, T_, P);
   const int32_t* pos = dwpe.raw() ? cptr<int32_t>(positions) : nullptr;
@@ -276,7 +291,7 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
       [&](auto tag) {
         using T = decltype(tag);
         cpu::embedding_backward<T>(ptr<T>(dwte), ptr<T>(dwpe), cptr<T>(dout),
-                                   tokens.data<int32_t>(), B, T_, C, V, pos);
+                                   tokens.data<int32_t>(), B, T_, C, V, pos, v0, vocab_total);
       },
       LMF_GPU(cuda::embedding_backward(ptr<float>(dwte), ptr<float>(dwpe), cptr<float>(dout),
                                        tokens.data<int32_t>(), B, T_, C, V, pos, P)));

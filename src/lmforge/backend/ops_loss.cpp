@@ -141,6 +141,48 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
           targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, rs)));
 }
 
+void softmax_xent_stats(const Tensor& stats, const Tensor& logits, const Tensor& targets,
+                        int32_t ignore_index, int64_t v0, int64_t vocab_total) {
+  same_device("softmax_xent_stats", logits, {&stats, &targets});
+  const int64_t N = rows(logits), V = last(logits);
+  LMF_CHECK(logits.dtype() == DType::kF32 && stats.dtype() == DType::kF64 &&
+                stats.numel() == 3 * N && targets.numel() == N && v0 >= 0 && v0 + V <= vocab_total,
+            "softmax_xent_stats: logits {} (columns {} of {}) stats {} targets {}",
+            logits.shape().str(), v0, vocab_total, stats.shape().str(), targets.shape().str());
+  dispatch("softmax_xent_stats", logits, [&](auto) {
+    cpu::softmax_xent_stats(stats.data<double>(), logits.data<float>(), targets.data<int32_t>(), N,
+                            V, ignore_index, v0, vocab_total);
+  });
+}
+
+void softmax_xent_parallel(const Tensor& losses, const Tensor& lse_sq_sum, const Tensor& dlogits,
+                           const Tensor& logits, const Tensor& targets, const Tensor& all_stats,
+                           int32_t ignore_index, double dloss, double z_loss, int64_t v0,
+                           const Tensor& row_scale) {
+  same_device("softmax_xent_parallel", logits,
+              {&losses, &lse_sq_sum, &dlogits, &targets, &all_stats, &row_scale});
+  const int64_t N = rows(logits), V = last(logits);
+  const int64_t P = N > 0 ? all_stats.numel() / (3 * N) : 0;
+  const bool bf16 = dlogits.defined() && dlogits.dtype() == DType::kBF16;
+  LMF_CHECK(logits.dtype() == DType::kF32 && all_stats.dtype() == DType::kF64 &&
+                all_stats.numel() == 3 * N * P && targets.numel() == N && losses.numel() == N &&
+                lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
+                (!dlogits.defined() ||
+                 (rows(dlogits) == N && (bf16 ? last(dlogits) >= V : last(dlogits) == V))) &&
+                (!row_scale.defined() || row_scale.numel() == N),
+            "softmax_xent_parallel: logits {} stats {} targets {} dlogits {}", logits.shape().str(),
+            all_stats.shape().str(), targets.shape().str(),
+            dlogits.defined() ? dlogits.shape().str() : "none");
+  dispatch("softmax_xent_parallel", logits, [&](auto) {
+    cpu::softmax_xent_parallel(
+        losses.data<float>(), lse_sq_sum.data<double>(),
+        dlogits.defined() && !bf16 ? dlogits.data<float>() : nullptr,
+        bf16 ? dlogits.bf16_data() : nullptr, bf16 ? last(dlogits) : V, logits.data<float>(),
+        targets.data<int32_t>(), all_stats.data<double>(), P, static_cast<float>(dloss), N, V,
+        ignore_index, z_loss, v0, row_scale.defined() ? row_scale.data<float>() : nullptr);
+  });
+}
+
 void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,
                                       const Tensor& logits, const Tensor& teacher,
                                       const Tensor& targets, int32_t ignore_index, double dloss,

@@ -145,13 +145,17 @@ void linear_forward_bf16(uint16_t* out, const float* inp, const uint16_t* weight
                          int64_t N, int64_t C, int64_t OC);
 
 // W is T, or uint16_t for bf16 tables (bf16 master weights), widened exactly.
-template <typename T, typename W>
 // pos (B*T, optional): the position of each token for wpe (else t); each in [0, rows of wpe).
+// Vocabulary parallelism: wte's V rows are ids [v0, v0 + V) of a vocabulary of vocab_total (0:
+// V); a token outside them reads a zero row (forward) and adds nothing (backward).
+template <typename T, typename W>
 void embedding_forward(T* out, const int32_t* tokens, const W* wte, const W* wpe, int64_t B,
-                       int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr);
+                       int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr,
+                       int64_t v0 = 0, int64_t vocab_total = 0);
 template <typename T>
 void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B,
-                        int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr);
+                        int64_t T_, int64_t C, int64_t V, const int32_t* pos = nullptr,
+                        int64_t v0 = 0, int64_t vocab_total = 0);
 
 template <typename T>
 void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* weight, const T* bias,
@@ -273,6 +277,21 @@ void softmax_xent_forward_backward_bf16(float* losses, uint16_t* dlogits, int64_
                                         const float* logits, const int32_t* targets, float dloss,
                                         int64_t N, int64_t V, int32_t ignore_index, double z_loss,
                                         double* lse_sq_sum, const float* row_scale = nullptr);
+
+// Vocabulary parallelism: logits (N, V) are the columns [v0, v0 + V) of a vocabulary of
+// vocab_total split over P ranks. softmax_xent_stats writes per row (stats: N x 3 doubles) the
+// max of its logits, the sum of exp(logit - max) and the target's logit where the target is among
+// the columns (else 0); zeros where the target is ignored. softmax_xent_parallel takes every
+// rank's stats (all_stats: P x N x 3) and writes the row's loss lse - x_y and lse^2 sum as
+// softmax_xent_forward, and with dlogits (fp32, may alias logits; or bf16 rows ld apart) the
+// gradient of its columns as softmax_xent_forward_backward.
+void softmax_xent_stats(double* stats, const float* logits, const int32_t* targets, int64_t N,
+                        int64_t V, int32_t ignore_index, int64_t v0, int64_t vocab_total);
+void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, uint16_t* dlogits16,
+                           int64_t ld, const float* logits, const int32_t* targets,
+                           const double* all_stats, int64_t P, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss, int64_t v0,
+                           const float* row_scale = nullptr);
 
 // Knowledge distillation per row with a target: losses = (1 - alpha) CE + alpha T^2 KL(q || p^T)
 // with q = softmax(teacher / T), p^T = softmax(logits / T); kl = the KL term; dlogits (may alias

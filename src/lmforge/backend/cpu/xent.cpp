@@ -315,6 +315,95 @@ void softmax_xent_forward_backward_bf16(float* losses, uint16_t* dlogits, int64_
 }
 
 namespace {
+// A row's max and sum of exp(x - max) (kStore: each exp also written to e, which may alias x).
+template <bool kStore>
+double max_and_exp_sum(float* e, const float* x, int64_t V, float& mx) {
+  if (has_avx512()) {
+    mx = row_max_avx512(x, V);
+    return exp_sum_avx512<kStore>(e, x, V, mx);
+  }
+  if (has_avx2()) {
+    mx = row_max_avx2(x, V);
+    return exp_sum_avx2<kStore>(e, x, V, mx);
+  }
+  mx = x[0];
+  for (int64_t v = 1; v < V; ++v) mx = std::max(mx, x[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double ev = std::exp(static_cast<double>(x[v] - mx));
+    if constexpr (kStore) e[v] = static_cast<float>(ev);
+    sum += ev;
+  }
+  return sum;
+}
+}  // namespace
+
+void softmax_xent_stats(double* stats, const float* logits, const int32_t* targets, int64_t N,
+                        int64_t V, int32_t ignore_index, int64_t v0, int64_t vocab_total) {
+  IdCheck check;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    double* st = stats + 3 * i;
+    const int32_t y = targets[i];
+    st[0] = st[1] = st[2] = 0;
+    if (y == ignore_index || !check.ok(targets, i, vocab_total)) continue;
+    const float* x = logits + i * V;
+    float mx = 0;
+    st[1] = max_and_exp_sum<false>(nullptr, x, V, mx);
+    st[0] = mx;
+    if (y >= v0 && y < v0 + V) st[2] = x[y - v0];
+  }
+  check.raise(targets, "target", vocab_total);
+}
+
+void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, uint16_t* dlogits16,
+                           int64_t ld, const float* logits, const int32_t* targets,
+                           const double* all_stats, int64_t P, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss, int64_t v0,
+                           const float* row_scale) {
+  double* sq = thread_buffer<double>(N);
+  const bool grad = dlogits || dlogits16;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const int32_t y = targets[i];
+    sq[i] = 0;
+    if (y == ignore_index) {  // (stats_ checked the targets)
+      losses[i] = 0.0f;
+      if (dlogits) std::fill(dlogits + i * V, dlogits + (i + 1) * V, 0.0f);
+      if (dlogits16) std::fill(dlogits16 + i * ld, dlogits16 + i * ld + V, uint16_t{0});
+      continue;
+    }
+    // The row's logsumexp over every rank's columns, and its target's logit (one rank's).
+    double M = -INFINITY, xy = 0;
+    for (int64_t k = 0; k < P; ++k) {
+      M = std::max(M, all_stats[(k * N + i) * 3]);
+      xy += all_stats[(k * N + i) * 3 + 2];
+    }
+    double S = 0;
+    for (int64_t k = 0; k < P; ++k) {
+      const double* st = all_stats + (k * N + i) * 3;
+      S += st[1] * std::exp(st[0] - M);
+    }
+    const double lse = M + std::log(S);
+    losses[i] = static_cast<float>(lse - xy);
+    sq[i] = lse * lse;
+    if (!grad) continue;
+    // d_v = dl (1 + 2 z lse) exp(x_v - lse) - dl [v + v0 == y], with exp(x_v - lse) = exp(x_v -
+    // mx) exp(mx - lse) for this rank's max mx (one exp per logit, as train_row).
+    const float* x = logits + i * V;
+    float* e = dlogits16 ? thread_buffer<float>(V) : dlogits + i * V;
+    float mx = 0;
+    max_and_exp_sum<true>(e, x, V, mx);
+    const double dl = row_scale ? dloss * static_cast<double>(row_scale[i]) : dloss;
+    const float c = static_cast<float>(dl * (1.0 + 2.0 * z_loss * lse) * std::exp(mx - lse));
+    for (int64_t v = 0; v < V; ++v) e[v] *= c;
+    if (y >= v0 && y < v0 + V) e[y - v0] -= static_cast<float>(dl);
+    if (dlogits16) to_bf16_serial(dlogits16 + i * ld, e, V);
+  }
+  if (lse_sq_sum) *lse_sq_sum = std::accumulate(sq, sq + N, 0.0);
+}
+
+namespace {
 // The distillation row's gradient without the one-hot term, d = ca p + cb (p^T - q), and its KL
 // sum q (log q - log p^T), on 8 lanes (d may alias x).
 LMF_AVX2 double distill_row_avx2(float* d, const float* x, const float* t, int64_t V, float inv_t,
