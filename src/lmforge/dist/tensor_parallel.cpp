@@ -30,10 +30,11 @@ enum class Role {
   kRowBias,     // the row-parallel biases: replicated, gradients from whole outputs
   kPartial,     // replicated, gradients partial on each rank: q/k norms (its heads), LoRA's
                 // A of qkv and fc (its outputs), B^T of proj and mlp.proj (its inputs)
+  kVocabRows,   // the token embeddings and LM head under vocabulary parallelism: its rows
   kReplicated,  // the rest (embeddings, norms, head): under sequence parallelism their
                 // gradients come from each rank's own rows
 };
-Role role(const std::string& name) {
+Role role(const std::string& name, bool vocab_parallel) {
   auto any = [&](std::initializer_list<const char*> suffixes) {
     for (const char* x : suffixes)
       if (ends_with(name, x)) return true;
@@ -48,17 +49,25 @@ Role role(const std::string& name) {
   if (any({".attn.q_norm.weight", ".attn.k_norm.weight", ".attn.qkv.lora_a", ".mlp.fc.lora_a",
            ".attn.proj.lora_b", ".mlp.proj.lora_b"}))
     return Role::kPartial;
+  if (vocab_parallel && (name == "tok_emb.weight" || name == "lm_head.weight"))
+    return Role::kVocabRows;
   return Role::kReplicated;
 }
 
-// Rank r of tp's runs of parameter `name`, shaped `shape` in the whole model `c`.
+// Whether the share (of `whole`'s model split over tp ranks) holds a part of the vocabulary.
+bool splits_vocab(const ModelConfig& share, const ModelConfig& whole) {
+  return share.vocab_size != whole.vocab_size;
+}
+
+// Rank r of tp's runs of parameter `name`, shaped `shape` in the whole model `c` (vocab: split
+// by vocabulary too).
 std::vector<Run> share_runs(const std::string& name, const Shape& shape, const ModelConfig& c,
-                            int tp, int r) {
+                            int tp, int r, bool vocab) {
   const int64_t HS = c.head_size(), NH = c.n_head, NKV = c.kv_heads(), F = c.ffn();
   const int64_t nh = NH / tp, nkv = NKV / tp, f = F / tp;
   const int64_t width = shape.ndim() == 2 ? shape[1] : 1;  // a row's elements (1: a bias)
   std::vector<Run> runs;
-  switch (role(name)) {
+  switch (role(name, vocab)) {
     case Role::kQkvRows:  // [q heads | k heads | v heads] by rows: this rank's heads of each
       runs.push_back({r * nh * HS * width, 0, nh * HS * width});
       runs.push_back({(NH + r * nkv) * HS * width, nh * HS * width, nkv * HS * width});
@@ -72,12 +81,17 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
     case Role::kLoraOut: {  // each of the r rows as the layer's bias
       const int64_t out = shape[1];
       const std::string bias = name.substr(0, name.size() - 7) + ".bias";  // "<layer>.lora_b"
-      const std::vector<Run> one = share_runs(bias, Shape{out}, c, tp, r);
+      const std::vector<Run> one = share_runs(bias, Shape{out}, c, tp, r, vocab);
       int64_t share = 0;
       for (const Run& run : one) share += run.len;
       for (int64_t row = 0; row < shape[0]; ++row)
         for (const Run& run : one)
           runs.push_back({row * out + run.whole, row * share + run.share, run.len});
+      break;
+    }
+    case Role::kVocabRows: {  // (V, C): this rank's rows
+      const int64_t v = shape[0] / tp;
+      runs.push_back({r * v * width, 0, v * width});
       break;
     }
     case Role::kInColumns: {  // (rows, K): each row's slice of this rank's inputs
@@ -95,7 +109,7 @@ Tensor on_host(const Tensor& t) { return t.device() == Device::kCPU ? t : t.to(D
 
 }  // namespace
 
-ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
+ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp, bool vocab_parallel) {
   if (tp < 1) fail("dist.tensor_parallel: expected 1 or more ranks, got {}", tp);
   ModelConfig c = whole;
   if (tp == 1) return c;
@@ -113,10 +127,17 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp) {
   c.n_head = whole.n_head / tp;
   c.n_kv_head = whole.kv_heads() / tp;
   c.ffn_hidden = whole.ffn() / tp;
+  if (vocab_parallel) {
+    divides(whole.vocab_size, "vocabulary (model.vocab_size)");
+    c.vocab_size = whole.vocab_size / tp;
+  }
   return c;
 }
 
-bool tensor_parallel_replicated(const std::string& name) { return role(name) >= Role::kRowBias; }
+bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel) {
+  const Role k = role(name, vocab_parallel);
+  return k == Role::kRowBias || k == Role::kPartial || k == Role::kReplicated;
+}
 
 namespace {
 // The share's flat values on the host, built from each whole parameter's (give(i, values): the
@@ -129,10 +150,11 @@ Tensor make_share(const ModelConfig& whole, const ParamSet& layout, const ParamS
             sp.params().size());
   Tensor host = Tensor::empty({sp.flat_size()}, DType::kF32);
   float* out = host.data<float>();
+  const bool vocab = sp.params().front().shape[0] != layout.params().front().shape[0];
   each([&](size_t i, const float* values) {
     const Param &p = layout.params()[i], &q = sp.params()[i];
     LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
-    for (const Run& run : share_runs(p.name, p.shape, whole, tp, r))
+    for (const Run& run : share_runs(p.name, p.shape, whole, tp, r, vocab))
       std::memcpy(out + sp.offset(q) + run.share, values + run.whole, sizeof(float) * run.len);
   });
   return host;
@@ -167,8 +189,18 @@ void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, ui
 
 TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,
                                bool sequence_parallel)
-    : comm_(tp), whole_(whole), model_(model), sequence_parallel_(sequence_parallel) {
+    : comm_(tp),
+      whole_(whole),
+      model_(model),
+      sequence_parallel_(sequence_parallel),
+      vocab_parallel_(splits_vocab(model.config(), whole)) {
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
+  if (vocab_parallel_) {
+    LMF_CHECK(!sequence_parallel, "vocabulary parallelism without sequence parallelism");
+    const int64_t v = model.config().vocab_size;
+    model_.set_vocab_parallel(this, tp.rank() * v, whole.vocab_size, tp.size(),
+                              /*adds_positions=*/tp.rank() == 0);
+  }
 }
 
 // (The share stays set up for its partial sums: it is not used without them.)
@@ -224,7 +256,7 @@ void TensorParallel::for_each_grad(const Tensor& shard, int64_t shard_lo, F&& f)
 
 void TensorParallel::sum_partial_grads(const Tensor& shard, int64_t shard_lo) {
   for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
-    const Role k = role(p.name);
+    const Role k = role(p.name, vocab_parallel_);
     if (k == Role::kPartial || (sequence_parallel_ && k == Role::kReplicated))
       comm_.all_reduce(g.data<float>(), g.numel())->wait();
   });
@@ -233,7 +265,8 @@ void TensorParallel::sum_partial_grads(const Tensor& shard, int64_t shard_lo) {
 double TensorParallel::grad_norm(const Tensor& shard, int64_t shard_lo, Communicator* shards) {
   double ss = 0;
   for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
-    if (rank() == 0 || !tensor_parallel_replicated(p.name)) ss += ops::sum_squares(g);
+    if (rank() == 0 || !tensor_parallel_replicated(p.name, vocab_parallel_))
+      ss += ops::sum_squares(g);
   });
   if (shards) shards->all_reduce(&ss, 1)->wait();
   comm_.all_reduce(&ss, 1)->wait();
@@ -278,7 +311,7 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
     const Param* p = lead ? &whole->params().params()[i] : nullptr;
     LMF_CHECK(!p || (p->name == q.name && p->value.device() == Device::kCPU), "gather: {} into {}",
               q.name, p ? p->name : "");
-    if (tensor_parallel_replicated(q.name)) {
+    if (tensor_parallel_replicated(q.name, vocab_parallel_)) {
       const Tensor mine = on_host(mine_values);
       const auto* bytes = reinterpret_cast<const unsigned char*>(mine.data<float>());
       uint64_t h = 1469598103934665603ull;  // FNV-1a
@@ -296,7 +329,7 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
     const Tensor everyone = all_of(mine_values);
     if (!lead) continue;
     for (int r = 0; r < n; ++r)
-      for (const Run& run : share_runs(p->name, p->shape, whole_, n, r))
+      for (const Run& run : share_runs(p->name, p->shape, whole_, n, r, vocab_parallel_))
         std::memcpy(p->value.data<float>() + run.whole,
                     everyone.data<float>() + r * len + run.share, sizeof(float) * run.len);
   }
@@ -311,7 +344,7 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
       const Tensor& t = k ? opt->v(i) : opt->m(i);
       LMF_CHECK(t.defined() && slots[i].whole(), "tensor parallelism: AdamW over whole parameters");
       const int64_t len = slots[i].len;
-      const bool replicated = tensor_parallel_replicated(slots[i].param->name);
+      const bool replicated = tensor_parallel_replicated(slots[i].param->name, vocab_parallel_);
       if (replicated && !lead) continue;  // (rank 0's: the same on every rank)
       const Tensor gathered = replicated ? on_host(t.view({len})) : all_of(t.view({len}));
       if (!lead) continue;
@@ -320,7 +353,7 @@ void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_o
                 slots[i].param->name);
       const Tensor& into = k ? whole_opt->v(i) : whole_opt->m(i);
       for (int r = 0; r < (replicated ? 1 : n); ++r)
-        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r))
+        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r, vocab_parallel_))
           std::memcpy(into.data<float>() + run.whole, gathered.data<float>() + r * len + run.share,
                       sizeof(float) * run.len);
     }
@@ -334,7 +367,7 @@ void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) co
     const Param& p = *whole_opt.slots()[i].param;
     for (auto [from, to] : {std::pair{&whole_opt.m(i), &opt.m(i)}, {&whole_opt.v(i), &opt.v(i)}}) {
       Tensor host = Tensor::empty(to->shape(), DType::kF32);
-      for (const Run& run : share_runs(p.name, p.shape, whole_, size(), rank()))
+      for (const Run& run : share_runs(p.name, p.shape, whole_, size(), rank(), vocab_parallel_))
         std::memcpy(host.data<float>() + run.share, from->data<float>() + run.whole,
                     sizeof(float) * run.len);
       to->copy_from(host);

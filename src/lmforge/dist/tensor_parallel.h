@@ -48,12 +48,13 @@
 
 namespace lmforge::dist {
 
-// The model one of `tp` ranks holds (head size and everything else kept). Throws Error naming
-// dist.tensor_parallel when the heads, the key/value heads or the MLP's width do not divide.
-ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp);
+// The model one of `tp` ranks holds (head size and everything else kept; with vocab_parallel
+// 1/tp of the vocabulary). Throws Error naming dist.tensor_parallel when the heads, the key/value
+// heads, the MLP's width (or the vocabulary) do not divide.
+ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp, bool vocab_parallel = false);
 
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
-bool tensor_parallel_replicated(const std::string& name);
+bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel = false);
 
 // Rank r's share of every parameter of `whole` (fp32 values on the host): the flat values (on
 // the host) of a model laid out as `share` (tensor_parallel_config(whole's, tp)); and copied into
@@ -83,6 +84,9 @@ class TensorParallel final : public PartialSums {
   void gather(const Tensor& local, const Tensor& all) const override;
   void sum_scatter(const Tensor& all, const Tensor& local) const override;
   bool sequence_parallel() const { return sequence_parallel_; }
+  // Whether the share holds 1/N of the vocabulary's embeddings and LM head (its config's
+  // vocab_size is the whole's / N: Transformer::set_vocab_parallel), else all of them.
+  bool vocab_parallel() const { return vocab_parallel_; }
   // Sequence parallelism: sums n numbers over the group (losses and target counts of the ranks'
   // own rows); nothing otherwise.
   void sum_over_group(double* v, int n);
@@ -126,6 +130,7 @@ class TensorParallel final : public PartialSums {
   ModelConfig whole_;
   Transformer& model_;
   bool sequence_parallel_;
+  bool vocab_parallel_;
 };
 
 }  // namespace lmforge::dist

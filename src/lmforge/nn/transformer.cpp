@@ -177,7 +177,7 @@ void Transformer::to(Device device) {
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
-  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = Tensor();
+  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -245,6 +245,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
         keep_logits ? Tensor() : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
     losses_ = a.alloc({B, T});
     lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
+    stats_ = vocab_parallel() ? a.alloc({chunk_rows_, 3}, DType::kF64) : Tensor();
+    all_stats_ = vocab_parallel() ? a.alloc({vocab_ranks_, chunk_rows_, 3}, DType::kF64) : Tensor();
     if (forward_only_) {  // no backward
       dres_ = dnf_ = Tensor();
       scratch_ = {};
@@ -438,8 +440,10 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
 }
 
 void Transformer::queue_trunk(bool training) {
-  ops::embedding_forward(x0_, tokens_, tok_emb_->value, pos_emb_ ? pos_emb_->value : Tensor(),
-                         positions_.ids);
+  const bool positions = pos_emb_ && adds_positions_;
+  ops::embedding_forward(x0_, tokens_, tok_emb_->value, positions ? pos_emb_->value : Tensor(),
+                         positions_.ids, vocab_begin_, vocab_total_);
+  if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
@@ -455,9 +459,11 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
                              const Tensor& row_scale) {
   const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
   if (!has_targets) {
+    LMF_CHECK(!vocab_parallel(), "logits without targets from a share of the vocabulary");
     ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
     return;
   }
+  LMF_CHECK(!vocab_parallel() || !distill_.teacher, "distillation with a share of the vocabulary");
   if (training) dnf_.zero_();
 
   // The LM head and the loss, chunk by chunk; in training each chunk's logits turn into dlogits
@@ -471,15 +477,26 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
-    if (!training) {
-      ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
-                             lse_sums_.slice(c, 1), V);
-      continue;
-    }
     // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
     // for the bf16 matmuls.
-    const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
-    if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
+    const Tensor dl = !training ? Tensor() : dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
+    if (vocab_parallel()) {  // every rank's statistics of its columns, then the loss
+      const Tensor mine = stats_.slice(0, R), all = all_stats_.view({vocab_ranks_ * R * 3});
+      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_);
+      // (fp64 statistics gathered as pairs of fp32 words: bits moved, not added)
+      auto words = [](const Tensor& t) {
+        return Tensor(t.storage(), t.byte_offset(), Shape{t.numel() * 2}, DType::kF32);
+      };
+      vocab_sums_->gather(words(mine), words(all.slice(0, vocab_ranks_ * R * 3)));
+      ops::softmax_xent_parallel(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits, yr,
+                                 all.slice(0, vocab_ranks_ * R * 3), ignore_index_, dloss, z_loss_,
+                                 vocab_begin_,
+                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
+    } else if (!training) {
+      ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
+                             lse_sums_.slice(c, 1), V);
+    } else if (distill_
+                   .teacher) {  // the teacher's logits of these rows, then the distillation loss
       if (!teacher_chunk_.defined() || teacher_chunk_.size(0) != chunk_rows_ ||
           teacher_chunk_.device() != device()) {
         teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());  // once per plan
@@ -496,10 +513,27 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
                                          yr, ignore_index_, dloss, z_loss_, V,
                                          row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
     }
+    if (!training) continue;
     const bool train_head = !lm_head_->frozen;
     ops::linear_backward(dh.slice(r0, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl, hr,
                          lm_head_weight(), !train_head || lm_head_->accumulate_grad());
   }
+  // Each rank's columns give part of every row's input gradient, as a row-parallel layer's.
+  if (training && vocab_parallel()) vocab_sums_->sum(dnf_);
+}
+
+void Transformer::set_vocab_parallel(const PartialSums* sums, int64_t begin, int64_t total,
+                                     int64_t ranks, bool adds_positions) {
+  LMF_CHECK(ranks == 1 || (sums && begin >= 0 && begin + cfg_.vocab_size <= total),
+            "vocabulary parallelism: rows [{}, {}) of {}", begin, begin + cfg_.vocab_size, total);
+  const bool planned_for = vocab_parallel() == (ranks > 1) && vocab_ranks_ == ranks;
+  vocab_sums_ = ranks > 1 ? sums : nullptr;
+  vocab_begin_ = ranks > 1 ? begin : 0;
+  vocab_total_ = ranks > 1 ? total : 0;
+  vocab_ranks_ = ranks;
+  adds_positions_ = ranks == 1 || adds_positions;
+  graph_ = {};
+  if (B_ > 0 && !planned_for) plan(B_, T_, recompute_, keep_logits_);  // its statistics' buffers
 }
 
 float Transformer::read_loss() {
@@ -603,7 +637,7 @@ void Transformer::backward_blocks() {
   if (!tok_emb_->frozen) {    // LoRA freezes both tables
     tok_emb_->settle_grad();  // tied: the LM head's gradient is in it already
     ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
-                            positions_.ids);
+                            positions_.ids, vocab_begin_, vocab_total_);
   }
   grads_ready(0);
 }

@@ -100,6 +100,16 @@ class Transformer {
   // attention and MLP activations are the group's rows). Not with CUDA graphs.
   void set_partial_sums(const PartialSums* sums, bool adds_bias);
   bool tensor_parallel() const { return !blocks_.empty() && blocks_[0].partial; }
+  // Vocabulary parallelism (with tensor parallelism, CPU): this share's token embeddings and LM
+  // head (config().vocab_size rows) are ids [begin, begin + vocab_size) of a vocabulary of `total`
+  // split over `ranks` ranks. The embeddings' rows are summed over them through `sums` (a token's
+  // row is one rank's; the positions added by the rank with adds_positions), the loss combines
+  // every rank's statistics of its columns (ops::softmax_xent_parallel), and the LM head's input
+  // gradient is summed like a row-parallel layer's. Not with distillation or forwards without
+  // targets.
+  void set_vocab_parallel(const PartialSums* sums, int64_t begin, int64_t total, int64_t ranks,
+                          bool adds_positions);
+  bool vocab_parallel() const { return vocab_ranks_ > 1; }
   // Sequence parallelism's group size (its blocks' attention and MLP rows per own row), or 1.
   int64_t row_shards() const { return blocks_.empty() ? 1 : blocks_[0].row_shards(); }
 
@@ -280,6 +290,12 @@ class Transformer {
   int bf16_att_grads_ = -1;  // -1: on a GPU, where cuDNN's attention takes the shape
   bool cudnn_attention_for(int64_t B, int64_t T) const;
   Tensor lse_sums_;  // (chunks) fp64: each LM-head chunk's sum of logsumexp^2 (z-loss)
+  // Vocabulary parallelism (set_vocab_parallel): a chunk's loss statistics (chunk_rows_, 3), and
+  // every rank's (ranks, chunk_rows_, 3), fp64.
+  const PartialSums* vocab_sums_ = nullptr;
+  int64_t vocab_begin_ = 0, vocab_total_ = 0, vocab_ranks_ = 1;
+  bool adds_positions_ = true;
+  Tensor stats_, all_stats_;
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   bool forward_only_ = false;  // plan_forward_only

@@ -13,6 +13,7 @@
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
 namespace lmforge {
@@ -144,9 +145,15 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   const double L = static_cast<double>(m.n_layer), k = (tp - 1.0) / tp;
   const double elements = static_cast<double>(batch * seq * m.n_embd);  // a rank's (B, T, C)
   if (!o.sequence_parallel) {
-    const double sums =
-        ((o.full_recompute ? 6.0 : 4.0) + 2.0 * static_cast<double>(o.extra_forwards)) * L;
-    return static_cast<double>(grad_accum) * sums * 4.0 * elements * 2.0 * k;
+    const double forwards = 1.0 + static_cast<double>(o.extra_forwards);
+    double sums = ((o.full_recompute ? 6.0 : 4.0) + 2.0 * (forwards - 1)) * L;
+    double gathered = 0;  // the loss's row statistics
+    if (o.vocab_parallel) {
+      sums += forwards + 1;  // the embeddings' every forward, the head's input gradient once
+      gathered = (forwards + (o.rows_weighed ? 1 : 0)) * static_cast<double>(batch * seq) * 24.0 *
+                 (tp - 1);
+    }
+    return static_cast<double>(grad_accum) * (sums * 4.0 * elements * 2.0 * k + gathered);
   }
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
   const double in = o.bf16_inputs ? 2.0 : 4.0;
@@ -272,7 +279,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         ModelConfig share;
         try {
           validate_train_config(probe);
-          share = dist::tensor_parallel_config(m, tp);
+          share = dist::tensor_parallel_config(m, tp, vocab_parallel(probe, gpu));
         } catch (const Error&) {
           continue;
         }
@@ -291,6 +298,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.bf16_inputs = bf16;
         traffic.extra_forwards = extra_forwards;
         traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
+        traffic.vocab_parallel = vocab_parallel(probe, gpu);
+        traffic.rows_weighed = preference_objective(t.objective);
         sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
                         tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,
                                                       t.seq_len, tp, t.grad_accum, traffic);

@@ -96,11 +96,18 @@ struct TensorParallelTraffic {
   // Sequence parallelism with grad-shard, full-shard or hybrid across the groups: the once-a-step
   // sums run on gradient shards of 1/data_shards (about: the shards cut through parameters).
   int data_shards = 1;
+  // Vocabulary parallelism (train/trainer.h vocab_parallel): per forward the embeddings'
+  // all-reduce and the gather of the loss's row statistics (24 bytes a row), per backward the LM
+  // head's input gradient's all-reduce; rows_weighed: a per-row objective (DPO, ORPO, SimPO,
+  // KTO) whose loss head runs twice (the rows' weights first).
+  bool vocab_parallel = false;
+  bool rows_weighed = false;
 };
 // Bytes one rank sends per optimizer step for tensor parallelism's partial sums
 // (dist/tensor_parallel.h) in a group of tp: per micro-batch and block 4 all-reduces of the
 // (B, T, C) fp32 activations (6 with full activation checkpointing, whose recomputed forward sums
-// again; 2 per extra forward), each 2(tp-1)/tp of its bytes. With sequence parallelism (B: each
+// again; 2 per extra forward), each 2(tp-1)/tp of its bytes (and vocabulary parallelism's, see
+// TensorParallelTraffic). With sequence parallelism (B: each
 // rank's own rows), per block the gathers of the norms' outputs (2 in forward, again in backward;
 // bf16 with bf16_inputs) and of the output gradients (2), and the reduce-scatters of the partial
 // sums (2 in forward, 2 in backward; full recomputation repeats the forward's), each (tp-1)/tp of

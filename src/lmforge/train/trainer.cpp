@@ -208,7 +208,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<Loader>& val_data = setup.val_data;
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
   if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
-    check_generate(model.config(), tokenizer->encode(cfg.sample.prompt, false, true),
+    check_generate(cfg.dist.tensor_parallel > 1 ? cfg.model : model.config(),  // (not a share's)
+                   tokenizer->encode(cfg.sample.prompt, false, true),
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
   // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
   // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the

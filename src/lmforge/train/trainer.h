@@ -92,6 +92,12 @@ RunSetup setup_run(Config& cfg);
 void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
+// Whether tensor parallelism splits the vocabulary too (the token embeddings and LM head:
+// Transformer::set_vocab_parallel): where dist.tensor_parallel divides model.vocab_size, except
+// under sequence parallelism (each rank's own rows already split the LM head's work),
+// distillation (the teacher's logits are whole) and on a GPU (`gpu`: its kernels are the CPU's
+// only so far).
+bool vocab_parallel(const Config& cfg, bool gpu);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
