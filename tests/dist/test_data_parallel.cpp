@@ -382,7 +382,9 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
     const double planned = tensor_parallel_traffic_bytes(
         c, 2, 32, 2, 1,
         {.extra_forwards = pre[0] == 't' ? 0 : 1, .vocab_parallel = true, .rows_weighed = true});
-    for (double mib : losses(name, "tp_comm_mib")) EXPECT_DOUBLE_EQ(mib * 1048576.0, planned);
+    const std::vector<double> mib = losses(name, "tp_comm_mib");
+    ASSERT_EQ(mib.size(), 6u) << name;
+    for (double m : mib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned);
   }
   // KTO likewise: its KL rows through the policy and the reference, and its batch through the
   // reference, each a forward of partial sums besides the step's.
@@ -409,7 +411,9 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   const ModelConfig kc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/kto-tp2"));
   const double planned = tensor_parallel_traffic_bytes(
       kc, 2, 32, 2, 1, {.extra_forwards = 3, .vocab_parallel = true, .rows_weighed = true});
-  for (double mib : losses("kto-tp2", "tp_comm_mib")) EXPECT_DOUBLE_EQ(mib * 1048576.0, planned);
+  const std::vector<double> kmib = losses("kto-tp2", "tp_comm_mib");
+  ASSERT_EQ(kmib.size(), 6u);
+  for (double m : kmib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned);
 }
 
 // Ranks on one CPU node share its memory: a model whose training state (training_footprint: the
@@ -710,6 +714,17 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   // NEFTune: the ranks of a group add the same noise to their shared rows (one process's).
   like_one_process("neftune", "--set train.batch_size=2 --set train.neftune_alpha=5");
 
+  // The LM head in chunks of 11 rows and a shorter last one (of 64 rows, or a rank's 32 under
+  // sequence parallelism), each chunk's loss statistics gathered over the group.
+  setenv("LMFORGE_LOGITS_CHUNK_ROWS", "12", 1);
+  like_one_process("chunks", "--set train.batch_size=2");
+  RunResult cs = run("sp2-chunks", 2,
+                     "--set train.batch_size=2 --set dist.tensor_parallel=2 --set "
+                     "dist.sequence_parallel=true");
+  unsetenv("LMFORGE_LOGITS_CHUNK_ROWS");
+  ASSERT_EQ(cs.exit_code, 0) << cs.out << cs.err;
+  expect_same("sp2-chunks", "ref-chunks");
+
   // bf16: the partial sums stay fp32 where one process rounds the branches to bf16 (a few 1e-4
   // apart; a share summed wrongly moves the loss by far more).
   const std::string bf16 = "--set train.batch_size=2 --set train.precision=bf16";
@@ -803,10 +818,12 @@ TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess)
     expect_same(name, reference(2));
     expect_footprint(r.out, s, 2, name, false, 2);
   }
+  // (8 ranks as 2 nodes of 4: each share sharded over its 2 ranks on a node)
   RunResult h =
-      run("tp2-hybrid", 4, tp2 + "--set dist.strategy=hybrid --set dist.ranks_per_node=2");
+      run("tp2-hybrid", 8, tp2 + "--set dist.strategy=hybrid --set dist.ranks_per_node=4");
   ASSERT_EQ(h.exit_code, 0) << h.out << h.err;
-  expect_same("tp2-hybrid", reference(2));
+  EXPECT_NE(h.out.find("2 node(s) x 4"), std::string::npos) << h.out;
+  expect_same("tp2-hybrid", reference(4));
   // Gradient accumulation (each micro-batch reduce-scattered, the shards summed), and sequence
   // parallelism (the embeddings' and norms' gradients summed over the group on the shards).
   RunResult a = run("tp2-grad-shard-accum", 4,
@@ -876,7 +893,8 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   EXPECT_EQ(mib.size(), 6u);
   for (double m : mib)
     EXPECT_DOUBLE_EQ(m * 1048576.0,
-                     tensor_parallel_traffic_bytes(c, 1, 32, 2, 1, {.sequence_parallel = true}));
+                     tensor_parallel_traffic_bytes(
+                         c, 1, 32, 2, 1, {.sequence_parallel = true, .vocab_parallel = true}));
 
   // 2 groups of 2; full activation checkpointing (its forward gathers and sums again) with
   // gradient accumulation.
@@ -889,9 +907,10 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
   expect_same("sp2-full", reference(2));
   for (double m : losses("sp2-full", "tp_comm_mib"))
-    EXPECT_DOUBLE_EQ(m * 1048576.0,
-                     tensor_parallel_traffic_bytes(
-                         c, 1, 32, 2, 2, {.full_recompute = true, .sequence_parallel = true}));
+    EXPECT_DOUBLE_EQ(m * 1048576.0, tensor_parallel_traffic_bytes(c, 1, 32, 2, 2,
+                                                                  {.full_recompute = true,
+                                                                   .sequence_parallel = true,
+                                                                   .vocab_parallel = true}));
 
   // Llama (GQA, RoPE, SwiGLU) in bf16 (its norms' outputs gathered in bf16) against one process
   // in bf16, whose branches are rounded to bf16 where the partial sums stay fp32.
@@ -909,7 +928,8 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   for (double m : losses("sp2-llama-bf16", "tp_comm_mib"))
     EXPECT_DOUBLE_EQ(m * 1048576.0,
                      tensor_parallel_traffic_bytes(
-                         lc, 2, 32, 2, 1, {.sequence_parallel = true, .bf16_inputs = true}));
+                         lc, 2, 32, 2, 1,
+                         {.sequence_parallel = true, .bf16_inputs = true, .vocab_parallel = true}));
 
   // Validation: each rank scores its 1/N of every batch, the loss summed over the group: one
   // process's over the same rows.

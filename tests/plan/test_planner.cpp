@@ -72,15 +72,15 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
     fo.strategy = static_cast<int>(fsdp ? dist::Strategy::kFullShard : dist::Strategy::kNoShard);
     EXPECT_EQ(sp.strategy, fo.strategy) << n;
     fo.shards = 4 / tp;
-    // (the vocabulary split too, but under sequence parallelism)
-    const ModelConfig share = dist::tensor_parallel_config(p.model, tp, !seq);
+    // (the vocabulary split too)
+    const ModelConfig share = dist::tensor_parallel_config(p.model, tp, true);
     EXPECT_DOUBLE_EQ(sp.state.total(), training_footprint(share, fo).total()) << n;
     EXPECT_DOUBLE_EQ(sp.sent_bytes,
                      step_traffic_bytes(share, fo, 4 / tp, 1) +
                          tensor_parallel_traffic_bytes(p.model, seq ? 4 / tp : 4, 64, tp, 1,
                                                        {.sequence_parallel = seq,
                                                         .data_shards = fsdp ? 4 / tp : 1,
-                                                        .vocab_parallel = !seq}))
+                                                        .vocab_parallel = true}))
         << n;
     EXPECT_LT(sp.total(), p.strategies[0].total()) << n;
     // Full-shard across the groups holds less of the share, and sends more.
@@ -92,9 +92,14 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   // Sequence parallelism holds less outside attention and the MLP.
   EXPECT_LT(p.strategies[6].activations, p.strategies[4].activations);
   EXPECT_LT(p.strategies[9].activations, p.strategies[8].activations);
-  // The share's activations are what its model plans (the branches fp32).
+  // The share's activations are what its model plans (the branches fp32; its part of the
+  // vocabulary's loss statistics).
+  struct NoSums final : PartialSums {
+    void sum(const Tensor&) const override {}
+  } no_sums;
   Transformer share(dist::tensor_parallel_config(p.model, 2, /*vocab_parallel=*/true));
   share.set_bf16_matmul_outputs(false);
+  share.set_vocab_parallel(&no_sums, 0, p.model.vocab_size, 2, true);
   share.plan(4, 64);
   EXPECT_DOUBLE_EQ(p.strategies[4].activations, static_cast<double>(share.activation_bytes()));
   // Less memory than no-shard's but more than full-shard's: the cheapest sharding that fits.

@@ -281,7 +281,12 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
                         const Tensor& tokens, const Tensor& positions, int64_t v0,
                         int64_t vocab_total) {
   same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens, &positions});
-  int64_t B = tokens.size(0), T_ = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
+  // (without dwte: the positions' gradient alone, CPU; vocabulary parallelism's own rows)
+  LMF_CHECK(dwte.raw() || dout.device() == Device::kCPU, "embedding_backward: no dwte on a GPU");
+  const int64_t B = tokens.size(0), T_ = tokens.size(1), C = last(dout);
+  const int64_t V = dwte.raw() ? dwte.size(0) : 0;
+  LMF_CHECK(!dwte.raw() || dwte.size(1) == C, "embedding_backward: dwte {} for dout {}",
+            dwte.shape().str(), dout.shape().str());
   check_vocab_split("embedding_backward", dout, v0, vocab_total, V);
   const int64_t P = dwpe.raw() ? dwpe.size(0) : 0;
   if (dwpe.raw()) check_positions("embedding_backward", positions, B, T_, P);

@@ -196,7 +196,6 @@ TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Trans
       vocab_parallel_(splits_vocab(model.config(), whole)) {
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
   if (vocab_parallel_) {
-    LMF_CHECK(!sequence_parallel, "vocabulary parallelism without sequence parallelism");
     const int64_t v = model.config().vocab_size;
     model_.set_vocab_parallel(this, tp.rank() * v, whole.vocab_size, tp.size(),
                               /*adds_positions=*/tp.rank() == 0);
@@ -214,7 +213,7 @@ void TensorParallel::sum(const Tensor& t) const {
 
 void TensorParallel::gather(const Tensor& local, const Tensor& all) const {
   LMF_CHECK(all.numel() == local.numel() * size() && all.dtype() == local.dtype(),
-            "sequence parallelism: gather {} rows of {} into {}", size(), local.shape().str(),
+            "tensor parallelism: gather {} ranks' {} into {}", size(), local.shape().str(),
             all.shape().str());
   const std::vector<int64_t> counts(size(), local.numel());
   if (local.dtype() == DType::kBF16)

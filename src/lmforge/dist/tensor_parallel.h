@@ -10,7 +10,8 @@
 //                    VocabParallelEmbedding and parallel cross-entropy; tensor_parallel_config's
 //                    vocab_parallel, where train/trainer.h's vocab_parallel allows it): the
 //                    embeddings' rows summed over the group, the loss from every rank's per-row
-//                    statistics, the head's input gradient summed (Transformer::set_vocab_parallel);
+//                    statistics, the head's input gradient summed
+//                    (Transformer::set_vocab_parallel);
 //   replicated       the norms, the row-parallel biases, learned positions (and the embeddings
 //                    and head where the vocabulary is not split): the same on every rank of the
 //                    group (their gradients come from whole tensors; the q/k norms' (Qwen3) from
@@ -19,7 +20,8 @@
 // A replicated), a row-parallel layer's A by its inputs (its B^T replicated); the replicated
 // one's gradient is a partial sum on each rank, summed over the group.
 // Per block that is two all-reduces of (B, T, C) in forward and two in backward (and with the
-// vocabulary split one more each way, plus the loss's statistics, 3 doubles a row); each rank
+// vocabulary split, per micro-batch one more each way plus the loss's statistics, 3 doubles a
+// row); each rank
 // computes and holds 1/N of the blocks' (and the head's) matmuls, weights, gradients, optimizer
 // state and attention and MLP activations. The ranks of a group are consecutive (rank = dp * N +
 // tp, within a node); data parallelism runs across the groups, over the ranks of equal tp.
@@ -33,8 +35,8 @@
 // per-token ops is the same split and keeps every sequence whole on one rank. The gradients of
 // the replicated parameters fed by a rank's own rows (embeddings, norms, head) are then summed
 // over the group after each step's backward, and each rank reads its own slice of the batch.
-// (The vocabulary stays whole under sequence parallelism: each rank's head already computes 1/N
-// of the group's logits, its own rows'.)
+// With the vocabulary split, each rank embeds and scores the group's rows (gathered) with its
+// part of the vocabulary and keeps its own rows' sums (Transformer::set_vocab_parallel).
 //
 // Data parallelism across the groups may shard too (grad-shard, full-shard, hybrid: "2-D"
 // parallelism, as torchtitan composes FSDP with tensor parallelism): each rank then holds 1/D of

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/runtime.h"
@@ -178,6 +179,8 @@ void Transformer::to(Device device) {
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ = Tensor();
+  group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
+      Tensor();
   B_ = T_ = 0;
 }
 
@@ -204,8 +207,11 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   // chunk shorter.
   const bool on_gpu = measure_ ? measure_->gpu : device() != Device::kCPU;
   const int64_t chunk_bytes = int64_t{on_gpu ? 512 : 256} << 20;
-  const int64_t N = B * T, most = std::max<int64_t>(64, chunk_bytes / (4 * V));
-  const int64_t chunks = (N + most - 1) / most;
+  int64_t most = std::max<int64_t>(64, chunk_bytes / (4 * V));
+  // LMFORGE_LOGITS_CHUNK_ROWS=n: at most n rows a chunk (tests: several chunks, a short last one)
+  if (const char* e = std::getenv("LMFORGE_LOGITS_CHUNK_ROWS"); e && std::atoll(e) > 0)
+    most = std::atoll(e);
+  const int64_t N = B * T, chunks = (N + most - 1) / most;
   chunk_rows_ = (N + chunks - 1) / chunks;
   if (on_gpu && chunks > 1) chunk_rows_ = std::min(N, (chunk_rows_ + 63) / 64 * 64);
   block_acts_.assign(cfg_.n_layer, {});
@@ -247,6 +253,18 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
     stats_ = vocab_parallel() ? a.alloc({chunk_rows_, 3}, DType::kF64) : Tensor();
     all_stats_ = vocab_parallel() ? a.alloc({vocab_ranks_, chunk_rows_, 3}, DType::kF64) : Tensor();
+    const int64_t group = vocab_parallel() ? row_shards() : 1;  // sequence parallelism's ranks
+    group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ =
+        other_lse_ = Tensor();
+    if (group > 1) {
+      group_tokens_ = a.alloc({group * B, T}, DType::kI32);
+      group_targets_ = a.alloc({group * B, T}, DType::kI32);
+      group_x0_ = a.alloc({group * B, T, C});
+      group_nf_ = a.alloc({group * B, T, C}, mm_in);
+      other_losses_ = a.alloc({B * T});
+      other_lse_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
+      if (!forward_only_) group_dnf_ = a.alloc({group * B, T, C});
+    }
     if (forward_only_) {  // no backward
       dres_ = dnf_ = Tensor();
       scratch_ = {};
@@ -378,6 +396,7 @@ void Transformer::forward_hidden(const Tensor& tokens, const Tensor& doc_ids) {
 }
 
 void Transformer::head_logits(const Tensor& out, int64_t r0, int64_t R) {
+  LMF_CHECK(!vocab_parallel(), "head_logits from a share of the vocabulary");
   const int64_t N = B_ * T_, C = cfg_.n_embd;
   ops::linear_forward(out, nf_out_.view({N, C}).slice(r0, R), lm_head_weight(), Tensor());
 }
@@ -439,11 +458,28 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   queue_head(has_targets, dloss, training);
 }
 
+namespace {
+// A tensor's bytes as fp32 words (int32 ids, fp64 statistics): what a gather moves unchanged.
+Tensor as_words(const Tensor& t) {
+  return Tensor(t.storage(), t.byte_offset(), Shape{static_cast<int64_t>(t.nbytes() / 4)},
+                DType::kF32);
+}
+}  // namespace
+
 void Transformer::queue_trunk(bool training) {
   const bool positions = pos_emb_ && adds_positions_;
-  ops::embedding_forward(x0_, tokens_, tok_emb_->value, positions ? pos_emb_->value : Tensor(),
-                         positions_.ids, vocab_begin_, vocab_total_);
-  if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
+  if (group_tokens_.defined()) {
+    // Vocabulary and sequence parallelism: the group's rows embedded from this rank's part of
+    // the vocabulary (each token's row is one rank's), summed into each rank's own rows.
+    vocab_sums_->gather(as_words(tokens_), as_words(group_tokens_));
+    ops::embedding_forward(group_x0_, group_tokens_, tok_emb_->value,
+                           positions ? pos_emb_->value : Tensor(), {}, vocab_begin_, vocab_total_);
+    vocab_sums_->sum_scatter(group_x0_, x0_);
+  } else {
+    ops::embedding_forward(x0_, tokens_, tok_emb_->value, positions ? pos_emb_->value : Tensor(),
+                           positions_.ids, vocab_begin_, vocab_total_);
+    if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
+  }
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
@@ -463,7 +499,12 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
     return;
   }
-  LMF_CHECK(!vocab_parallel() || !distill_.teacher, "distillation with a share of the vocabulary");
+  if (vocab_parallel()) {
+    LMF_CHECK(!distill_.teacher && !keep_logits_,
+              "distillation or kept logits with a share of the vocabulary");
+    queue_head_vocab(training, dloss, row_scale);
+    return;
+  }
   if (training) dnf_.zero_();
 
   // The LM head and the loss, chunk by chunk; in training each chunk's logits turn into dlogits
@@ -477,26 +518,15 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
     ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
-    // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
-    // for the bf16 matmuls.
-    const Tensor dl = !training ? Tensor() : dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
-    if (vocab_parallel()) {  // every rank's statistics of its columns, then the loss
-      const Tensor mine = stats_.slice(0, R), all = all_stats_.view({vocab_ranks_ * R * 3});
-      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_);
-      // (fp64 statistics gathered as pairs of fp32 words: bits moved, not added)
-      auto words = [](const Tensor& t) {
-        return Tensor(t.storage(), t.byte_offset(), Shape{t.numel() * 2}, DType::kF32);
-      };
-      vocab_sums_->gather(words(mine), words(all.slice(0, vocab_ranks_ * R * 3)));
-      ops::softmax_xent_parallel(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits, yr,
-                                 all.slice(0, vocab_ranks_ * R * 3), ignore_index_, dloss, z_loss_,
-                                 vocab_begin_,
-                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
-    } else if (!training) {
+    if (!training) {
       ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
                              lse_sums_.slice(c, 1), V);
-    } else if (distill_
-                   .teacher) {  // the teacher's logits of these rows, then the distillation loss
+      continue;
+    }
+    // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
+    // for the bf16 matmuls.
+    const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
+    if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
       if (!teacher_chunk_.defined() || teacher_chunk_.size(0) != chunk_rows_ ||
           teacher_chunk_.device() != device()) {
         teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());  // once per plan
@@ -513,13 +543,62 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
                                          yr, ignore_index_, dloss, z_loss_, V,
                                          row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
     }
-    if (!training) continue;
     const bool train_head = !lm_head_->frozen;
     ops::linear_backward(dh.slice(r0, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl, hr,
                          lm_head_weight(), !train_head || lm_head_->accumulate_grad());
   }
+}
+
+void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& row_scale) {
+  // This rank's columns of the logits of the rows the loss needs: its own, or under sequence
+  // parallelism the group's (P blocks of N rows, rank k's k-th), chunk by chunk; each chunk's row
+  // statistics gathered over the group, then the loss and the gradient of these columns (the
+  // losses and lse^2 sums of other ranks' rows go to scratch: each rank reports its own).
+  const int64_t N = B_ * T_, C = cfg_.n_embd, P = group_tokens_.defined() ? row_shards() : 1;
+  const int64_t me = vocab_begin_ / cfg_.vocab_size;
+  Tensor h = nf_out_.view({N, C}), y = targets_.view({N});
+  Tensor dh = training ? dnf_.view({N, C}) : Tensor();
+  if (training) dnf_.zero_();
+  if (P > 1) {
+    vocab_sums_->gather(nf_out_, group_nf_);
+    vocab_sums_->gather(as_words(targets_), as_words(group_targets_));
+    h = group_nf_.view({P * N, C});
+    y = group_targets_.view({P * N});
+    if (training) {
+      group_dnf_.zero_();
+      dh = group_dnf_.view({P * N, C});
+    }
+  }
+  const bool train_head = !lm_head_->frozen;
+  for (int64_t k = 0; k < P; ++k) {
+    const bool own = P == 1 || k == me;
+    const Tensor losses = own ? losses_.view({N}) : other_losses_,
+                 lse = own ? lse_sums_ : other_lse_;
+    for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
+      const int64_t R = std::min(chunk_rows_, N - r0), at = k * N + r0;
+      const Tensor logits = chunk_.slice(0, R), hr = h.slice(at, R), yr = y.slice(at, R);
+      ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
+      const Tensor dl = !training              ? Tensor()
+                        : dlogits16_.defined() ? dlogits16_.slice(0, R)
+                                               : logits;
+      const Tensor mine = stats_.slice(0, R),
+                   all = all_stats_.view({all_stats_.numel()}).slice(0, vocab_ranks_ * R * 3);
+      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_);
+      vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
+      ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
+                                 ignore_index_, dloss, z_loss_, vocab_begin_,
+                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
+      if (!training) continue;
+      ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
+                           hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());
+    }
+  }
   // Each rank's columns give part of every row's input gradient, as a row-parallel layer's.
-  if (training && vocab_parallel()) vocab_sums_->sum(dnf_);
+  if (!training) return;
+  if (P > 1)
+    vocab_sums_->sum_scatter(group_dnf_, dnf_);
+  else
+    vocab_sums_->sum(dnf_);
 }
 
 void Transformer::set_vocab_parallel(const PartialSums* sums, int64_t begin, int64_t total,
@@ -636,8 +715,19 @@ void Transformer::backward_blocks() {
   }
   if (!tok_emb_->frozen) {    // LoRA freezes both tables
     tok_emb_->settle_grad();  // tied: the LM head's gradient is in it already
-    ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
-                            positions_.ids, vocab_begin_, vocab_total_);
+    if (group_tokens_.defined()) {
+      // Vocabulary and sequence parallelism: this rank's rows of the table from the group's
+      // output gradients (gathered); the positions' from its own rows (summed over the group
+      // after the step, as every replicated parameter its rows feed).
+      vocab_sums_->gather(dres_, group_x0_);
+      ops::embedding_backward(tok_emb_->grad, Tensor(), group_x0_, group_tokens_, {}, vocab_begin_,
+                              vocab_total_);
+      if (pos_emb_)
+        ops::embedding_backward(Tensor(), pos_emb_->grad, dres_, tokens_, {}, 0, vocab_total_);
+    } else {
+      ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
+                              positions_.ids, vocab_begin_, vocab_total_);
+    }
   }
   grads_ready(0);
 }

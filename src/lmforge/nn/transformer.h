@@ -105,8 +105,11 @@ class Transformer {
   // split over `ranks` ranks. The embeddings' rows are summed over them through `sums` (a token's
   // row is one rank's; the positions added by the rank with adds_positions), the loss combines
   // every rank's statistics of its columns (ops::softmax_xent_parallel), and the LM head's input
-  // gradient is summed like a row-parallel layer's. Not with distillation or forwards without
-  // targets.
+  // gradient is summed like a row-parallel layer's. Under sequence parallelism (sums->row_shards()
+  // > 1) each rank embeds and scores the group's rows (their tokens, targets and final norm's
+  // outputs gathered) and keeps its own: the embeddings and the head's input gradient are
+  // reduce-scattered, the embeddings' gradient takes the group's output gradients (gathered).
+  // Not with distillation or forwards without targets.
   void set_vocab_parallel(const PartialSums* sums, int64_t begin, int64_t total, int64_t ranks,
                           bool adds_positions);
   bool vocab_parallel() const { return vocab_ranks_ > 1; }
@@ -296,6 +299,12 @@ class Transformer {
   int64_t vocab_begin_ = 0, vocab_total_ = 0, vocab_ranks_ = 1;
   bool adds_positions_ = true;
   Tensor stats_, all_stats_;
+  // ... under sequence parallelism, the group's rows (all ranks' own, in rank order): tokens,
+  // targets, embeddings (in backward their output gradients), the final norm's outputs and their
+  // gradient; the losses and lse^2 sums of the other ranks' rows.
+  Tensor group_tokens_, group_targets_, group_x0_, group_nf_, group_dnf_, other_losses_, other_lse_;
+  // The LM head and loss under vocabulary parallelism (see queue_head).
+  void queue_head_vocab(bool training, double dloss, const Tensor& row_scale);
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   bool forward_only_ = false;  // plan_forward_only

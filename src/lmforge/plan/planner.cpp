@@ -158,11 +158,21 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
   const double in = o.bf16_inputs ? 2.0 : 4.0;
   const double norm_gathers = o.full_recompute ? 6.0 : 4.0, fp32_ops = o.full_recompute ? 8.0 : 6.0;
-  const double per_micro = L * (norm_gathers * in + fp32_ops * 4.0) * elements * (tp - 1);
+  double per_micro = L * (norm_gathers * in + fp32_ops * 4.0) * elements * (tp - 1);
   // The gradients of the parameters fed by a rank's own rows, all-reduced once a step.
   const Groups g = groups(m);
   const double norm = static_cast<double>(m.n_embd) * (m.norm == "layernorm" && m.bias ? 2 : 1);
-  const double rows_fed = g.embeddings + g.head + 2.0 * L * norm;
+  double rows_fed = g.embeddings + g.head + 2.0 * L * norm;
+  if (o.vocab_parallel) {
+    // The group's rows embedded and scored by every rank: the tokens' and targets' gathers (4
+    // bytes a row each), the embeddings' reduce-scatter, the final norm's outputs gathered, the
+    // loss statistics (24 bytes a row of the group's), and in backward the head's input gradient
+    // reduce-scattered and the output gradients gathered for the embeddings'; which are no
+    // longer summed once a step (nor the head's).
+    const double rows = static_cast<double>(batch * seq);
+    per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows) * (tp - 1);
+    rows_fed -= static_cast<double>(m.vocab_size * m.n_embd) * (m.tie_embeddings ? 1 : 2);
+  }
   return static_cast<double>(grad_accum) * per_micro +
          2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards);
 }
@@ -221,6 +231,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     void sum(const Tensor&) const override {}
     int64_t row_shards() const override { return n; }
   };
+  // (a share of the vocabulary: with its loss statistics' buffers and, under sequence
+  // parallelism, the group's rows for the embeddings and head)
   auto measure_activations = [&](const ModelConfig& model, int tp, bool sp) {
     Transformer measure(model, Transformer::MeasureOnly{bf16, gpu});
     RowShards shards;
@@ -228,6 +240,8 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     if (tp > 1) {
       measure.set_bf16_matmul_outputs(false);
       measure.set_partial_sums(&shards, true);
+      if (model.vocab_size != m.vocab_size)
+        measure.set_vocab_parallel(&shards, 0, m.vocab_size, tp, true);
     }
     measure.plan(sp ? t.batch_size / tp : t.batch_size, t.seq_len, recompute);
     return static_cast<double>(measure.activation_bytes());

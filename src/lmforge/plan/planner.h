@@ -81,7 +81,8 @@ std::string format_plan(const Plan& p);
 // bytes sends 2(N-1)/N B, a reduce-scatter or all-gather (N-1)/N B): its gradients (every
 // micro-batch's under grad-/full-shard), its updated values (zero1, grad-shard), full-shard's
 // gathers (embeddings and head once a step; blocks before their forward and backward, those still
-// in its two buffers excepted) and hybrid's all-reduce across nodes.
+// in its two buffers excepted), hybrid's all-reduce across nodes, and under Muon with sharded
+// state each matrix's update direction all-gathered (fp32).
 double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int ranks,
                           int64_t grad_accum);
 // What tensor_parallel_traffic_bytes counts besides the training step's own collectives.

@@ -201,7 +201,7 @@ RunSetup setup_run(Config& cfg) {
     fo.reference = reference && !reference_is_base && !t.precompute_ref_logps;
     fo.strategy = static_cast<int>(strategy);
     // hybrid shards within a node (dist.ranks_per_node declares its size)
-    // (tensor parallelism: zero1 over the ranks holding the same share)
+    // (tensor parallelism: sharded over the ranks holding the same share)
     fo.shards = (strategy != dist::Strategy::kHybrid ? launch.size
                  : cfg.dist.ranks_per_node > 0       ? static_cast<int>(cfg.dist.ranks_per_node)
                                                      : launch.local_size) /

@@ -290,7 +290,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       fail("train.hellaswag: {}", e.what());
     }
     try {
-      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, model.config().vocab_size);
+      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len,
+                            (tp_size > 1 ? cfg.model : model.config()).vocab_size);
     } catch (const Error& e) {
       fail("train.hellaswag: {}: {} (train.seq_len {})", t.hellaswag, e.what(), t.seq_len);
     }

@@ -288,8 +288,8 @@ void validate_train_config(const Config& cfg) {
 
 bool vocab_parallel(const Config& cfg, bool gpu) {
   const int64_t tp = cfg.dist.tensor_parallel;
-  return tp > 1 && !cfg.dist.sequence_parallel && cfg.train.objective != "distill" && !gpu &&
-         cfg.model.vocab_size > 0 && cfg.model.vocab_size % tp == 0;
+  return tp > 1 && cfg.train.objective != "distill" && !gpu && cfg.model.vocab_size > 0 &&
+         cfg.model.vocab_size % tp == 0;
 }
 
 Device resolve_device(const std::string& device) {

@@ -48,7 +48,7 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
   const int64_t Vt = vocab_total > 0 ? vocab_total : V;
   IdCheck check;
 #pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
+  for (int64_t blk = 0; blk < (dwte ? nblocks : 0); ++blk) {  // (no dwte: the positions' only)
     int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
     for (int64_t bt = 0; bt < B * T_; ++bt) {
       if (!check.ok(tokens, bt, Vt)) continue;
