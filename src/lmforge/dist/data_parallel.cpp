@@ -395,23 +395,25 @@ double DataParallel::clip_grad_norm(double max_norm) {
   return norm;
 }
 
-void DataParallel::gather_optimizer(AdamW& whole) {
-  LMF_CHECK(strategy_ != Strategy::kNoShard && !offload(), "gather_optimizer: sharded state only");
-  const auto& mine = opt_->slots();
-  size_t k = 0;  // this rank's slot of the parameter at hand
-  for (size_t i = 0; i < whole.slots().size(); ++i) {
-    const Param& p = *whole.slots()[i].param;
-    const bool have = k < mine.size() && mine[k].param == &p;
-    for (int moment = 0; moment < 2; ++moment) {
-      const Tensor& into = moment ? whole.v(i) : whole.m(i);
-      const int64_t off = ps_.offset(p);  // the ranks' pieces, in order
-      const std::vector<int64_t> counts = layout_.counts(off, off + p.shape.numel());
-      const Tensor& piece = have ? (moment ? opt_->v(k) : opt_->m(k)) : into;
-      shard_comm_->all_gather(piece.data<float>(), into.data<float>(), counts)->wait();
-    }
-    if (have) ++k;
-  }
-  whole.set_steps_taken(opt_->steps_taken());
+Tensor DataParallel::whole_param(const Param& p, int what) {
+  LMF_CHECK(what >= 0 && what <= 2 && !offload(), "whole_param: values or moments, not offloaded");
+  const int64_t off = ps_.offset(p), n = p.shape.numel();
+  const bool pieces = what == 0 ? sharded_values() : strategy_ != Strategy::kNoShard;
+  const auto& slots = opt_->slots();
+  size_t k = 0;  // this rank's slot of p, if any
+  while (what > 0 && k < slots.size() && slots[k].param != &p) ++k;
+  const bool held = what > 0 && k < slots.size();
+  LMF_CHECK(what == 0 || held || pieces, "whole_param: {} has no AdamW state", p.name);
+  auto moment = [&] { return what == 1 ? opt_->m(k) : opt_->v(k); };
+  if (!pieces) return what == 0 ? p.value.view({n}) : moment().view({n});
+  LMF_CHECK(what > 0 || vshard_.dtype() == DType::kF32, "whole_param: fp32 values");
+  // The ranks' pieces of p, in order (a rank holding none sends nothing).
+  Tensor out = Tensor::empty({n}, DType::kF32, model_.device());
+  const float* mine = what == 0 ? vshard_.data<float>() + (std::clamp(off, my_lo_, my_hi_) - my_lo_)
+                      : held    ? moment().data<float>()
+                                : out.data<float>();
+  shard_comm_->all_gather(mine, out.data<float>(), layout_.counts(off, off + n))->wait();
+  return out;
 }
 
 void DataParallel::take_optimizer(const AdamW& whole) {
@@ -583,14 +585,6 @@ void DataParallel::before_backward(int64_t g) {
   if (!sharded_values()) return;
   gather(g, true);
   if (g - 1 >= 1) gather(g - 1, false);
-}
-
-Tensor DataParallel::gathered_values() {
-  LMF_CHECK(sharded_values() && vshard_.dtype() == DType::kF32,
-            "gathered_values: fp32 shards only");
-  Tensor all = Tensor::empty({layout_.n}, DType::kF32, model_.device());
-  gather_values(0, all, layout_.counts(0, layout_.n))->wait();
-  return all;
 }
 
 void DataParallel::assign_values(const Tensor& values) {

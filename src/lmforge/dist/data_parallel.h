@@ -104,11 +104,13 @@ class DataParallel final : public GroupHooks {
   // and the ranks given are those holding the same share; the gradient norm is then the whole
   // model's (TensorParallel::grad_norm).
   void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
-  // With AdamW's state sharded (zero1 and up; not offloaded), collective over the shards' ranks:
-  // the state over every trained parameter, whole (`whole`: an AdamW over this model's
-  // parameters), from the ranks' pieces, with the step count; and back: this rank's pieces from
-  // such a whole state (not collective).
-  void gather_optimizer(AdamW& whole);
+  // One parameter of this rank's model whole, flat, fp32 where the model is: its values (what 0)
+  // or AdamW's first or second moment (1, 2; a trained parameter, not offloaded). Collective over
+  // the shards' ranks where they hold it in pieces (every rank calls it for the same parameters in
+  // the same order), else a view of this rank's own.
+  Tensor whole_param(const Param& p, int what);
+  // With AdamW's state sharded (zero1 and up): this rank's pieces from a whole state (`whole`: an
+  // AdamW over this model's parameters; not collective).
   void take_optimizer(const AdamW& whole);
   // Multiplies this step's gradients by f (fault injection in tests).
   void scale_grads(double f);
@@ -132,9 +134,6 @@ class DataParallel final : public GroupHooks {
   // parameters into the model (allocates its value buffer; for sampling and export at the end).
   const Tensor& value_shard() const { return vshard_; }
   void gather_full_model();
-  // Full-shard (fp32 values), collective over the shards' ranks: every parameter's values, flat
-  // (ParamSet::offset), in a new tensor where the model is; the model is left as it was.
-  Tensor gathered_values();
   // The model's values replaced by `values` (flat, the whole model's; on any device): this rank's
   // shard of them under full-shard, and dist.offload's host copy.
   void assign_values(const Tensor& values);

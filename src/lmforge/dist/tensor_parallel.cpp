@@ -290,73 +290,66 @@ Tensor TensorParallel::all_of(const Tensor& mine) {
   return all;
 }
 
-void TensorParallel::gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt,
-                            const Tensor& values) {
+void TensorParallel::gather(Transformer* whole, AdamW* whole_opt, bool moments, int64_t steps,
+                            const Take& take, bool writes) {
   const ParamSet& sp = model_.params();
   const int n = size();
-  const bool lead = rank() == 0;
-  LMF_CHECK(!lead || whole, "gather: rank 0 needs the whole model");
-  // Each parameter's values from every rank (one parameter at a time: at most N of the largest
-  // on the host), their runs written into the whole model's (on the host). A replicated one is
-  // rank 0's, after a check that every rank holds the same bits (a 40-bit hash of each rank's,
-  // summed over the group: exact in a double for up to 8192 ranks).
-  for (size_t i = 0; i < sp.params().size(); ++i) {
-    const Param& q = sp.params()[i];
-    const int64_t len = q.shape.numel();
-    const Tensor mine_values = values.defined()
-                                   ? values.view({values.numel()}).slice(sp.offset(q), len)
-                                   : q.value.view({len});
-    LMF_CHECK(mine_values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-    const Param* p = lead ? &whole->params().params()[i] : nullptr;
-    LMF_CHECK(!p || (p->name == q.name && p->value.device() == Device::kCPU), "gather: {} into {}",
-              q.name, p ? p->name : "");
-    if (tensor_parallel_replicated(q.name, vocab_parallel_)) {
-      const Tensor mine = on_host(mine_values);
-      const auto* bytes = reinterpret_cast<const unsigned char*>(mine.data<float>());
-      uint64_t h = 1469598103934665603ull;  // FNV-1a
-      for (size_t b = 0; b < sizeof(float) * static_cast<size_t>(len); ++b)
-        h = (h ^ bytes[b]) * 1099511628211ull;
-      double sums[1] = {static_cast<double>(h >> 24)};
-      comm_.all_reduce(sums, 1)->wait();
-      if (!lead) continue;
-      LMF_CHECK(sums[0] == static_cast<double>(h >> 24) * n,
-                "tensor parallelism: replicated parameter {} differs between the group's ranks",
+  const bool lead = writes && rank() == 0;
+  LMF_CHECK(!lead || (whole && (!moments || whole_opt)), "gather: rank 0 needs the whole model{}",
+            moments ? " and an AdamW over it" : "");
+  // Values (what 0), then AdamW's first and second moments (1, 2) of the trained parameters, one
+  // parameter at a time (at most N of the largest on the host): every rank's share, its runs
+  // written into the whole model's (on the host). A replicated one is rank 0's; its values are
+  // first checked equal on every rank (a 40-bit hash of each rank's bits, summed over the group:
+  // exact in a double for up to 8192 ranks).
+  for (int what = 0; what < (moments ? 3 : 1); ++what) {
+    size_t slot = 0;  // the whole AdamW's slot (its trained parameters, in order)
+    for (size_t i = 0; i < sp.params().size(); ++i) {
+      const Param& q = sp.params()[i];
+      if (what > 0 && q.frozen) continue;
+      const size_t j = what > 0 ? slot++ : i;
+      const Tensor mine = take(q, what);  // (collective over the ranks sharding this share)
+      if (!writes) continue;
+      const int64_t len = q.shape.numel();
+      LMF_CHECK(mine.dtype() == DType::kF32 && mine.numel() == len,
+                "tensor parallelism gathers fp32 parameters whole: {}", q.name);
+      const Param* p = !lead       ? nullptr
+                       : what == 0 ? &whole->params().params()[i]
+                                   : whole_opt->slots()[j].param;
+      LMF_CHECK(!p || p->name == q.name, "gather: {} into {}", q.name, p ? p->name : "");
+      const Tensor into = !lead       ? Tensor()
+                          : what == 0 ? p->value
+                          : what == 1 ? whole_opt->m(j)
+                                      : whole_opt->v(j);
+      LMF_CHECK(!lead || into.device() == Device::kCPU, "gather: {} into a model on the host",
                 q.name);
-      p->value.copy_from(mine);
-      continue;
-    }
-    const Tensor everyone = all_of(mine_values);
-    if (!lead) continue;
-    for (int r = 0; r < n; ++r)
-      for (const Run& run : share_runs(p->name, p->shape, whole_, n, r, vocab_parallel_))
-        std::memcpy(p->value.data<float>() + run.whole,
-                    everyone.data<float>() + r * len + run.share, sizeof(float) * run.len);
-  }
-  if (lead) whole->params().invalidate_bf16();
-  if (!opt) return;
-  // AdamW's moments, each slot's m and v in turn.
-  const auto& slots = opt->slots();
-  LMF_CHECK(!lead || (whole_opt && whole_opt->slots().size() == slots.size()),
-            "gather: an AdamW over the whole model's parameters");
-  for (size_t i = 0; i < slots.size(); ++i)
-    for (int k = 0; k < 2; ++k) {
-      const Tensor& t = k ? opt->v(i) : opt->m(i);
-      LMF_CHECK(t.defined() && slots[i].whole(), "tensor parallelism: AdamW over whole parameters");
-      const int64_t len = slots[i].len;
-      const bool replicated = tensor_parallel_replicated(slots[i].param->name, vocab_parallel_);
-      if (replicated && !lead) continue;  // (rank 0's: the same on every rank)
-      const Tensor gathered = replicated ? on_host(t.view({len})) : all_of(t.view({len}));
+      if (tensor_parallel_replicated(q.name, vocab_parallel_)) {
+        const Tensor host = on_host(mine.view({len}));
+        if (what == 0) {
+          const auto* bytes = reinterpret_cast<const unsigned char*>(host.data<float>());
+          uint64_t h = 1469598103934665603ull;  // FNV-1a
+          for (size_t b = 0; b < sizeof(float) * static_cast<size_t>(len); ++b)
+            h = (h ^ bytes[b]) * 1099511628211ull;
+          double sums[1] = {static_cast<double>(h >> 24)};
+          comm_.all_reduce(sums, 1)->wait();
+          LMF_CHECK(!lead || sums[0] == static_cast<double>(h >> 24) * n,
+                    "tensor parallelism: replicated parameter {} differs between the group's ranks",
+                    q.name);
+        }
+        if (lead) into.view({len}).copy_from(host);
+        continue;
+      }
+      const Tensor everyone = all_of(mine.view({len}));
       if (!lead) continue;
-      const Param& p = *whole_opt->slots()[i].param;
-      LMF_CHECK(p.name == slots[i].param->name, "slot {}: {} and {}", i, p.name,
-                slots[i].param->name);
-      const Tensor& into = k ? whole_opt->v(i) : whole_opt->m(i);
-      for (int r = 0; r < (replicated ? 1 : n); ++r)
-        for (const Run& run : share_runs(p.name, p.shape, whole_, n, r, vocab_parallel_))
-          std::memcpy(into.data<float>() + run.whole, gathered.data<float>() + r * len + run.share,
+      for (int r = 0; r < n; ++r)
+        for (const Run& run : share_runs(p->name, p->shape, whole_, n, r, vocab_parallel_))
+          std::memcpy(into.data<float>() + run.whole, everyone.data<float>() + r * len + run.share,
                       sizeof(float) * run.len);
     }
-  if (lead) whole_opt->set_steps_taken(opt->steps_taken());
+  }
+  if (!lead) return;
+  whole->params().invalidate_bf16();
+  if (moments) whole_opt->set_steps_taken(steps);
 }
 
 void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const {

@@ -51,6 +51,7 @@
 //   TensorParallel tp(tp_comm, cfg, share);                // the blocks' sums go over tp_comm
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include "lmforge/dist/communicator.h"
@@ -119,13 +120,17 @@ class TensorParallel final : public PartialSums {
   // whose shards make up the share).
   double grad_norm(const Tensor& shard = Tensor(), int64_t shard_lo = 0,
                    Communicator* shards = nullptr);
-  // Collective over the group: the whole model's values (and, with opt, AdamW's moments and step
-  // count into whole_opt, an AdamW over every parameter of whole) assembled on the group's rank 0
-  // into `whole` (unused elsewhere: pass null). Checks that the replicated parameters are equal
-  // on every rank. `values`: the share's flat values when its parameters do not hold them
-  // (full-shard), else undefined.
-  void gather(Transformer* whole, const AdamW* opt, AdamW* whole_opt,
-              const Tensor& values = Tensor());
+  // Collective over the group: the whole model's values (with `moments`, AdamW's moments and
+  // `steps` into whole_opt, an AdamW over every trained parameter of whole) assembled on the
+  // group's rank 0 into `whole` (elsewhere unused: pass null), one parameter at a time. take(p,
+  // what) gives this rank's share of parameter p whole and flat: its values (what 0) or AdamW's
+  // first or second moment (1, 2) (DataParallel::whole_param, itself collective over the ranks
+  // sharding this share). writes: whether this group assembles (data-parallel rank 0's); the
+  // other groups' ranks call it too, only to take the same parameters in the same order. Checks
+  // that the replicated parameters are equal on every rank of the group.
+  using Take = std::function<Tensor(const Param& p, int what)>;
+  void gather(Transformer* whole, AdamW* whole_opt, bool moments, int64_t steps, const Take& take,
+              bool writes = true);
   // This rank's share of whole_opt's moments and step count (not collective; opt over every
   // parameter of the share, whole_opt over every parameter of the whole model).
   void copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const;

@@ -271,6 +271,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   AdamW& opt = dp.optimizer();
   std::unique_ptr<Transformer> whole;  // tensor parallelism: the model gathered (rank 0)
   std::unique_ptr<AdamW> whole_opt;
+  auto take_share = [&](const Param& p, int what) { return dp.whole_param(p, what); };
   auto make_whole = [&](bool with_opt) {
     if (!whole) {
       whole = std::make_unique<Transformer>(cfg.model);
@@ -534,17 +535,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     st.guard = guard.state();
     st.evals = evals.state();
     if (tp) {  // the whole model and its AdamW state, gathered on rank 0, which writes them
-      // Sharded data parallelism: each share's state (and under full-shard its values) whole
-      // first, over the ranks holding that share.
-      std::unique_ptr<AdamW> share_opt;
-      if (dp.strategy() != dist::Strategy::kNoShard) {
-        share_opt = std::make_unique<AdamW>(model.params(), optimizer_options(t));
-        dp.gather_optimizer(*share_opt);
-      }
-      const Tensor share_values = dp.sharded_values() ? dp.gathered_values() : Tensor();
+      // (one parameter at a time, each first whole over the ranks sharding its share)
       if (lead) make_whole(true);
-      if (dp_world.rank() == 0)
-        tp->gather(whole.get(), share_opt ? share_opt.get() : &opt, whole_opt.get(), share_values);
+      tp->gather(whole.get(), whole_opt.get(), /*moments=*/true, opt.steps_taken(), take_share,
+                 /*writes=*/dp_world.rank() == 0);
     }
     CheckpointShards shards;
     shards.comm = world.get();
@@ -755,10 +749,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (dashboard) dashboard->write(/*live=*/false);
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
-  dp.gather_full_model();  // full-shard: the whole model again, for sampling
-  if (tp && !cfg.sample.prompt.empty() && dp_world.rank() == 0) {  // tensor parallelism: likewise
+  dp.gather_full_model();                  // full-shard: the whole model again, for sampling
+  if (tp && !cfg.sample.prompt.empty()) {  // tensor parallelism: likewise (values only)
     if (lead) make_whole(false);
-    tp->gather(whole.get(), nullptr, nullptr);
+    tp->gather(whole.get(), nullptr, /*moments=*/false, 0, take_share,
+               /*writes=*/dp_world.rank() == 0);
   }
   Transformer& sampler = whole ? *whole : model;
   if (lead && !cfg.sample.prompt.empty()) sampler.to(Device::kCPU);  // decode runs on the CPU
