@@ -227,12 +227,9 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
 }
 
 namespace {
-void check_vocab_split(const char* op, const Tensor& t, int64_t v0, int64_t vocab_total,
-                       int64_t V) {
+void check_vocab_split(const char* op, int64_t v0, int64_t vocab_total, int64_t V) {
   LMF_CHECK(v0 >= 0 && (vocab_total == 0 || v0 + V <= vocab_total),
             "{}: rows [{}, {}) of a vocabulary of {}", op, v0, v0 + V, vocab_total);
-  LMF_CHECK(t.device() == Device::kCPU || (v0 == 0 && (vocab_total == 0 || vocab_total == V)),
-            "{}: a vocabulary split over ranks on the CPU only", op);
 }
 }  // namespace
 
@@ -241,7 +238,7 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
                        int64_t vocab_total) {
   same_device("embedding_forward", out, {&tokens, &wte, &wpe, &positions});
   int64_t B = tokens.size(0), T_ = tokens.size(1), V = wte.size(0), C = wte.size(1);
-  check_vocab_split("embedding_forward", out, v0, vocab_total, V);
+  check_vocab_split("embedding_forward", v0, vocab_total, V);
   LMF_CHECK(out.numel() == B * T_ * C, "embedding: out {} tokens {}", out.shape().str(),
             tokens.shape().str());
   LMF_CHECK(!wpe.raw() || positions.defined() || wpe.size(0) >= T_,
@@ -251,6 +248,8 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
   LMF_CHECK(!wpe.raw() || wpe.dtype() == wte.dtype(), "embedding: wte {} but wpe {}",
             dtype_name(wte.dtype()), dtype_name(wpe.dtype()));
   if (wte.dtype() == DType::kBF16) {  // bf16 master weights: the tables widened on the way
+    LMF_CHECK(out.device() == Device::kCPU || (v0 == 0 && (vocab_total == 0 || vocab_total == V)),
+              "embedding_forward: bf16 tables split over ranks on the CPU only");
     const uint16_t* e = wte.bf16_data();
     const uint16_t* p = wpe.raw() ? wpe.bf16_data() : nullptr;
     dispatch(
@@ -274,20 +273,19 @@ void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wt
                                T_, C, V, pos, v0, vocab_total);
       },
       LMF_GPU(cuda::embedding_forward(ptr<float>(out), tokens.data<int32_t>(), cptr<float>(wte),
-                                      cptr<float>(wpe), B, T_, C, V, pos)));
+                                      cptr<float>(wpe), B, T_, C, V, pos, v0, vocab_total)));
 }
 
 void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                         const Tensor& tokens, const Tensor& positions, int64_t v0,
                         int64_t vocab_total) {
   same_device("embedding_backward", dout, {&dwte, &dwpe, &tokens, &positions});
-  // (without dwte: the positions' gradient alone, CPU; vocabulary parallelism's own rows)
-  LMF_CHECK(dwte.raw() || dout.device() == Device::kCPU, "embedding_backward: no dwte on a GPU");
+  // (without dwte: the positions' gradient alone; vocabulary parallelism's own rows)
   const int64_t B = tokens.size(0), T_ = tokens.size(1), C = last(dout);
   const int64_t V = dwte.raw() ? dwte.size(0) : 0;
   LMF_CHECK(!dwte.raw() || dwte.size(1) == C, "embedding_backward: dwte {} for dout {}",
             dwte.shape().str(), dout.shape().str());
-  check_vocab_split("embedding_backward", dout, v0, vocab_total, V);
+  check_vocab_split("embedding_backward", v0, vocab_total, V);
   const int64_t P = dwpe.raw() ? dwpe.size(0) : 0;
   if (dwpe.raw()) check_positions("embedding_backward", positions, B, T_, P);
   const int32_t* pos = dwpe.raw() ? cptr<int32_t>(positions) : nullptr;
@@ -299,7 +297,7 @@ void embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& do
                                    tokens.data<int32_t>(), B, T_, C, V, pos, v0, vocab_total);
       },
       LMF_GPU(cuda::embedding_backward(ptr<float>(dwte), ptr<float>(dwpe), cptr<float>(dout),
-                                       tokens.data<int32_t>(), B, T_, C, V, pos, P)));
+                                       tokens.data<int32_t>(), B, T_, C, V, pos, P, v0)));
 }
 
 void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,

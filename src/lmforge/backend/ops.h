@@ -37,7 +37,7 @@ void linear_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& db
 
 // out (B, T, C) = wte[tokens] + wpe[t] (or wpe[positions]); tokens (B, T) int32; wpe may be
 // absent. The tables may be bf16 (bf16 master weights; both alike), widened exactly into fp32 rows.
-// Vocabulary parallelism (CPU): wte's rows are ids [vocab_begin, vocab_begin + rows) of a
+// Vocabulary parallelism: wte's rows are ids [vocab_begin, vocab_begin + rows) of a
 // vocabulary of vocab_total (0: wte's rows); a token outside them reads a zero row and its
 // gradient goes nowhere.
 void embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
@@ -143,18 +143,20 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
                                    double z_loss = 0, int64_t vocab = 0,
                                    const Tensor& row_scale = {});
 
-// The loss over a vocabulary split by columns (dist/tensor_parallel.h; CPU): logits (N, V) are
+// The loss over a vocabulary split by columns (dist/tensor_parallel.h): logits (N, V) are
 // the columns [vocab_begin, vocab_begin + V) of vocab_total. softmax_xent_stats writes each row's
 // statistics (stats: N x 3 fp64: its max, sum of exp(logit - max), and the target's logit if it
 // is among the columns, else 0). Given every rank's (all_stats: P x N x 3, rank order),
 // softmax_xent_parallel writes the losses, lse_sq_sum and, where dlogits is defined, the
 // gradient of these columns, as softmax_xent_forward_backward would over the whole vocabulary.
+// vocab > 0: the logits' rows are padded past it (a GPU only), the padding not read.
 void softmax_xent_stats(const Tensor& stats, const Tensor& logits, const Tensor& targets,
-                        int32_t ignore_index, int64_t vocab_begin, int64_t vocab_total);
+                        int32_t ignore_index, int64_t vocab_begin, int64_t vocab_total,
+                        int64_t vocab = 0);
 void softmax_xent_parallel(const Tensor& losses, const Tensor& lse_sq_sum, const Tensor& dlogits,
                            const Tensor& logits, const Tensor& targets, const Tensor& all_stats,
                            int32_t ignore_index, double dloss, double z_loss, int64_t vocab_begin,
-                           const Tensor& row_scale = {});
+                           const Tensor& row_scale = {}, int64_t vocab = 0);
 
 // Knowledge distillation (train.objective: distill): per row with a target, losses = (1 - alpha)
 // CE + alpha T^2 KL(softmax(teacher / T) || softmax(logits / T)) (Hinton et al. 2015), kl = the

@@ -141,46 +141,70 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
           targets.data<int32_t>(), dl, N, V, ignore_index, z_loss, rs)));
 }
 
+namespace {
+// The columns of a vocabulary part's logits (rows padded past them on a GPU only).
+int64_t part_columns(const char* op, const Tensor& logits, int64_t vocab) {
+  const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx;
+  LMF_CHECK(V <= ldx && (V == ldx || logits.device() == Device::kCUDA),
+            "{}: {} columns in logits rows of {} (padded rows: a GPU only)", op, V, ldx);
+  return V;
+}
+}  // namespace
+
 void softmax_xent_stats(const Tensor& stats, const Tensor& logits, const Tensor& targets,
-                        int32_t ignore_index, int64_t v0, int64_t vocab_total) {
+                        int32_t ignore_index, int64_t v0, int64_t vocab_total, int64_t vocab) {
   same_device("softmax_xent_stats", logits, {&stats, &targets});
-  const int64_t N = rows(logits), V = last(logits);
+  const int64_t N = rows(logits), V = part_columns("softmax_xent_stats", logits, vocab);
   LMF_CHECK(logits.dtype() == DType::kF32 && stats.dtype() == DType::kF64 &&
                 stats.numel() == 3 * N && targets.numel() == N && v0 >= 0 && v0 + V <= vocab_total,
             "softmax_xent_stats: logits {} (columns {} of {}) stats {} targets {}",
             logits.shape().str(), v0, vocab_total, stats.shape().str(), targets.shape().str());
-  dispatch("softmax_xent_stats", logits, [&](auto) {
-    cpu::softmax_xent_stats(stats.data<double>(), logits.data<float>(), targets.data<int32_t>(), N,
-                            V, ignore_index, v0, vocab_total);
-  });
+  dispatch(
+      "softmax_xent_stats", logits,
+      [&](auto) {
+        cpu::softmax_xent_stats(stats.data<double>(), logits.data<float>(), targets.data<int32_t>(),
+                                N, V, ignore_index, v0, vocab_total);
+      },
+      LMF_GPU(cuda::softmax_xent_stats(stats.data<double>(), logits.data<float>(),
+                                       targets.data<int32_t>(), N, V, ignore_index, v0, vocab_total,
+                                       last(logits))));
 }
 
 void softmax_xent_parallel(const Tensor& losses, const Tensor& lse_sq_sum, const Tensor& dlogits,
                            const Tensor& logits, const Tensor& targets, const Tensor& all_stats,
                            int32_t ignore_index, double dloss, double z_loss, int64_t v0,
-                           const Tensor& row_scale) {
+                           const Tensor& row_scale, int64_t vocab) {
   same_device("softmax_xent_parallel", logits,
               {&losses, &lse_sq_sum, &dlogits, &targets, &all_stats, &row_scale});
-  const int64_t N = rows(logits), V = last(logits);
-  const int64_t P = N > 0 ? all_stats.numel() / (3 * N) : 0;
+  const int64_t N = rows(logits), V = part_columns("softmax_xent_parallel", logits, vocab);
+  const int64_t ldx = last(logits), P = N > 0 ? all_stats.numel() / (3 * N) : 0;
   const bool bf16 = dlogits.defined() && dlogits.dtype() == DType::kBF16;
+  // (fp32 dlogits: in the logits' own rows, which they may alias)
   LMF_CHECK(logits.dtype() == DType::kF32 && all_stats.dtype() == DType::kF64 &&
                 all_stats.numel() == 3 * N * P && targets.numel() == N && losses.numel() == N &&
                 lse_sq_sum.numel() == 1 && lse_sq_sum.dtype() == DType::kF64 &&
                 (!dlogits.defined() ||
-                 (rows(dlogits) == N && (bf16 ? last(dlogits) >= V : last(dlogits) == V))) &&
+                 (rows(dlogits) == N && (bf16 ? last(dlogits) >= V : last(dlogits) == ldx))) &&
                 (!row_scale.defined() || row_scale.numel() == N),
             "softmax_xent_parallel: logits {} stats {} targets {} dlogits {}", logits.shape().str(),
             all_stats.shape().str(), targets.shape().str(),
             dlogits.defined() ? dlogits.shape().str() : "none");
-  dispatch("softmax_xent_parallel", logits, [&](auto) {
-    cpu::softmax_xent_parallel(
-        losses.data<float>(), lse_sq_sum.data<double>(),
-        dlogits.defined() && !bf16 ? dlogits.data<float>() : nullptr,
-        bf16 ? dlogits.bf16_data() : nullptr, bf16 ? last(dlogits) : V, logits.data<float>(),
-        targets.data<int32_t>(), all_stats.data<double>(), P, static_cast<float>(dloss), N, V,
-        ignore_index, z_loss, v0, row_scale.defined() ? row_scale.data<float>() : nullptr);
-  });
+  float* d32 = dlogits.defined() && !bf16 ? dlogits.data<float>() : nullptr;
+  uint16_t* d16 = bf16 ? dlogits.bf16_data() : nullptr;
+  const int64_t ld = bf16 ? last(dlogits) : ldx;
+  const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  dispatch(
+      "softmax_xent_parallel", logits,
+      [&](auto) {
+        cpu::softmax_xent_parallel(losses.data<float>(), lse_sq_sum.data<double>(), d32, d16, ld,
+                                   logits.data<float>(), targets.data<int32_t>(),
+                                   all_stats.data<double>(), P, static_cast<float>(dloss), N, V,
+                                   ignore_index, z_loss, v0, rs);
+      },
+      LMF_GPU(cuda::softmax_xent_parallel(losses.data<float>(), lse_sq_sum.data<double>(), d32, d16,
+                                          ld, logits.data<float>(), targets.data<int32_t>(),
+                                          all_stats.data<double>(), P, static_cast<float>(dloss), N,
+                                          V, ignore_index, z_loss, v0, rs, ldx)));
 }
 
 void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,

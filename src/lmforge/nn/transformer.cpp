@@ -554,8 +554,8 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
   // parallelism the group's (P blocks of N rows, rank k's k-th), chunk by chunk; each chunk's row
   // statistics gathered over the group, then the loss and the gradient of these columns (the
   // losses and lse^2 sums of other ranks' rows go to scratch: each rank reports its own).
-  const int64_t N = B_ * T_, C = cfg_.n_embd, P = group_tokens_.defined() ? row_shards() : 1;
-  const int64_t me = vocab_begin_ / cfg_.vocab_size;
+  const int64_t N = B_ * T_, C = cfg_.n_embd, V = cfg_.vocab_size;
+  const int64_t P = group_tokens_.defined() ? row_shards() : 1, me = vocab_begin_ / V;
   Tensor h = nf_out_.view({N, C}), y = targets_.view({N});
   Tensor dh = training ? dnf_.view({N, C}) : Tensor();
   if (training) dnf_.zero_();
@@ -583,11 +583,12 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
                                                : logits;
       const Tensor mine = stats_.slice(0, R),
                    all = all_stats_.view({all_stats_.numel()}).slice(0, vocab_ranks_ * R * 3);
-      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_);
+      // (a GPU's chunk has padded rows: the loss takes V of each)
+      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_, V);
       vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
       ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
                                  ignore_index_, dloss, z_loss_, vocab_begin_,
-                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
+                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor(), V);
       if (!training) continue;
       ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
                            hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());

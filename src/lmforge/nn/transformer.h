@@ -100,7 +100,7 @@ class Transformer {
   // attention and MLP activations are the group's rows). Not with CUDA graphs.
   void set_partial_sums(const PartialSums* sums, bool adds_bias);
   bool tensor_parallel() const { return !blocks_.empty() && blocks_[0].partial; }
-  // Vocabulary parallelism (with tensor parallelism, CPU): this share's token embeddings and LM
+  // Vocabulary parallelism (with tensor parallelism): this share's token embeddings and LM
   // head (config().vocab_size rows) are ids [begin, begin + vocab_size) of a vocabulary of `total`
   // split over `ranks` ranks. The embeddings' rows are summed over them through `sums` (a token's
   // row is one rank's; the positions added by the rank with adds_positions), the loss combines

@@ -293,7 +293,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         ModelConfig share;
         try {
           validate_train_config(probe);
-          share = dist::tensor_parallel_config(m, tp, vocab_parallel(probe, gpu));
+          share = dist::tensor_parallel_config(m, tp, vocab_parallel(probe));
         } catch (const Error&) {
           continue;
         }
@@ -312,7 +312,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.bf16_inputs = bf16;
         traffic.extra_forwards = extra_forwards;
         traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
-        traffic.vocab_parallel = vocab_parallel(probe, gpu);
+        traffic.vocab_parallel = vocab_parallel(probe);
         traffic.rows_weighed = preference_objective(t.objective);
         sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
                         tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,

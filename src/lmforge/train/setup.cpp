@@ -137,8 +137,7 @@ RunSetup setup_run(Config& cfg) {
         "dist.tensor_parallel: {} does not divide the {} ranks launched; launch a multiple of {} "
         "ranks",
         tp, dist::rank_info().size, tp);
-  const ModelConfig share_config = dist::tensor_parallel_config(
-      cfg.model, tp, vocab_parallel(cfg, resolve_device(t.device) == Device::kCUDA));
+  const ModelConfig share_config = dist::tensor_parallel_config(cfg.model, tp, vocab_parallel(cfg));
   if (cfg.dist.sequence_parallel && cfg.model.lora.on())  // (adapters init_from carries too)
     fail(
         "dist.sequence_parallel: model.lora_rank is not supported with sequence parallelism yet; "

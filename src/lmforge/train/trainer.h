@@ -94,9 +94,8 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, in
 Device resolve_device(const std::string& device);
 // Whether tensor parallelism splits the vocabulary too (the token embeddings and LM head:
 // Transformer::set_vocab_parallel): where dist.tensor_parallel divides model.vocab_size, except
-// with distillation (the teacher's logits are whole) and on a GPU (`gpu`: its kernels are the
-// CPU's only so far).
-bool vocab_parallel(const Config& cfg, bool gpu);
+// with distillation (the teacher's logits are whole).
+bool vocab_parallel(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);

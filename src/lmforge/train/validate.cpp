@@ -286,9 +286,9 @@ void validate_train_config(const Config& cfg) {
   validate_tensor_parallel(cfg);
 }
 
-bool vocab_parallel(const Config& cfg, bool gpu) {
+bool vocab_parallel(const Config& cfg) {
   const int64_t tp = cfg.dist.tensor_parallel;
-  return tp > 1 && cfg.train.objective != "distill" && !gpu && cfg.model.vocab_size > 0 &&
+  return tp > 1 && cfg.train.objective != "distill" && cfg.model.vocab_size > 0 &&
          cfg.model.vocab_size % tp == 0;
 }
 

@@ -31,16 +31,23 @@ struct EmbeddingForwardOp {
   const W* wpe;
   const int32_t* pos;  // or null: t
   int64_t T, C, V;
+  int64_t v0, Vt;  // wte's rows are ids [v0, v0 + V) of Vt (vocabulary parallelism; else 0, V)
   template <int K>
   __device__ void apply(int64_t i) const {  // K divides C: one token per call
     const int64_t bt = i / C, c = i - bt * C;
     const int32_t tok = tokens[bt];
+    const int64_t row = static_cast<int64_t>(tok) - v0;
     Floats<K> o;
-    if (tok < 0 || tok >= V) {
+    if (tok < 0 || tok >= Vt) {
 #pragma unroll
       for (int k = 0; k < K; ++k) o.v[k] = __int_as_float(0x7fc00000);  // NaN: see kernels.h
     } else {
-      o = load_table<K>(wte + static_cast<int64_t>(tok) * C + c);
+      if (row >= 0 && row < V) {
+        o = load_table<K>(wte + row * C + c);
+      } else {  // another rank's row: zeros
+#pragma unroll
+        for (int k = 0; k < K; ++k) o.v[k] = 0.0f;
+      }
       Floats<K> p;
       if (wpe) {
         p = load_table<K>(wpe + (pos ? pos[bt] : bt % T) * C + c);
@@ -86,8 +93,8 @@ constexpr int kEmbWarps = kEmbChannels / 32;
 
 __global__ void __launch_bounds__(kEmbChannels)
     embedding_wte_grad_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
-                              const int32_t* __restrict__ tokens, int64_t BT, int64_t C,
-                              int64_t V) {
+                              const int32_t* __restrict__ tokens, int64_t BT, int64_t C, int64_t V,
+                              int64_t v0) {
   __shared__ int32_t hit_pos[kEmbChunk];  // position within the chunk
   __shared__ int32_t hit_tok[kEmbChunk];
   __shared__ int counts[kEmbScan * kEmbWarps];
@@ -102,7 +109,8 @@ __global__ void __launch_bounds__(kEmbChannels)
 #pragma unroll
     for (int k = 0; k < kEmbScan; ++k) {
       const int64_t bt = base + k * kEmbChannels + threadIdx.x;
-      tok[k] = bt < BT ? tokens[bt] : -1;
+      // (rows [v0, v0 + V) of the vocabulary: another rank's ids land outside [0, V))
+      tok[k] = bt < BT ? static_cast<int32_t>(tokens[bt] - v0) : -1;
       const bool mine = tok[k] >= 0 && tok[k] < V && tok[k] % parts == part;
       ballot[k] = __ballot_sync(kFullMask, mine);
       if (lane == 0) counts[k * kEmbWarps + warp] = __popc(ballot[k]);
@@ -175,37 +183,40 @@ __global__ void __launch_bounds__(kEmbChannels)
 }  // namespace
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos) {
-  launch_map(EmbeddingForwardOp<float>{out, tokens, wte, wpe, pos, T, C, V}, B * T * C,
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t v0,
+                       int64_t vocab_total) {
+  const int64_t Vt = vocab_total > 0 ? vocab_total : V;
+  launch_map(EmbeddingForwardOp<float>{out, tokens, wte, wpe, pos, T, C, V, v0, Vt}, B * T * C,
              C % 4 == 0 && aligned16(out, wte, wpe));
 }
 
 void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos) {
-  launch_map(EmbeddingForwardOp<uint16_t>{out, tokens, wte, wpe, pos, T, C, V}, B * T * C,
+  launch_map(EmbeddingForwardOp<uint16_t>{out, tokens, wte, wpe, pos, T, C, V, 0, V}, B * T * C,
              C % 4 == 0 && aligned16(out));
 }
 
 namespace {
 // d[ids[i]] += dout[i] over the BT rows, V rows of d (embedding_wte_grad_kernel).
-void scatter_rows(float* d, const float* dout, const int32_t* ids, int64_t BT, int64_t C,
-                  int64_t V) {
+void scatter_rows(float* d, const float* dout, const int32_t* ids, int64_t BT, int64_t C, int64_t V,
+                  int64_t v0 = 0) {
   // The grid only spreads the work: results are the same for any number of parts. Aim for a
   // few blocks per SM.
   const int64_t slices = (C + kEmbChannels - 1) / kEmbChannels;
   const int64_t parts = std::clamp<int64_t>((4 * sm_count() + slices - 1) / slices, 1,
                                             std::clamp<int64_t>(V, 1, 65535));
   const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(parts));
-  embedding_wte_grad_kernel<<<grid, kEmbChannels, 0, cur_stream()>>>(d, dout, ids, BT, C, V);
+  embedding_wte_grad_kernel<<<grid, kEmbChannels, 0, cur_stream()>>>(d, dout, ids, BT, C, V, v0);
   LMF_CUDA_LAUNCHED();
 }
 }  // namespace
 
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
-                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P) {
+                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P,
+                        int64_t v0) {
   const int64_t BT = B * T;
   if (BT <= 0 || C <= 0) return;
-  scatter_rows(dwte, dout, tokens, BT, C, V);
+  if (dwte) scatter_rows(dwte, dout, tokens, BT, C, V, v0);
   if (dwpe && pos) {
     if (P <= 0) detail::raise("cuda::embedding_backward: positions need P, the table's rows");
     scatter_rows(dwpe, dout, pos, BT, C, P);

@@ -36,16 +36,21 @@ namespace lmforge::cuda {
 
 // out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null. pos (B*T, or null): the
 // row of wpe for each token (packed rows) instead of t.
+// Vocabulary parallelism: wte's V rows are ids [v0, v0 + V) of vocab_total (0: V); another
+// rank's id reads a zero row (backward: adds nothing); an id outside [0, vocab_total) is NaN.
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr);
+                       int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr,
+                       int64_t v0 = 0, int64_t vocab_total = 0);
 // The same from bf16 tables (bf16 master weights), widened exactly.
 void embedding_forward(float* out, const int32_t* tokens, const uint16_t* wte, const uint16_t* wpe,
                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos = nullptr);
 // dwte += scatter of dout by token (deterministic: each block owns a channel slice and a set of
 // vocabulary rows, and adds its tokens in (b, t) order); dwpe (if not null) += sum over b, or with
-// pos (B*T; P rows of wpe) the same scatter as dwte's by position.
+// pos (B*T; P rows of wpe) the same scatter as dwte's by position. dwte may be null (the
+// positions' alone); its V rows are ids [v0, v0 + V) (vocabulary parallelism).
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
-                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P);
+                        int64_t B, int64_t T, int64_t C, int64_t V, const int32_t* pos, int64_t P,
+                        int64_t v0 = 0);
 
 // LayerNorm over rows of C; mean, rstd (N) are saved for backward. bias / dbias may be null.
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
@@ -136,6 +141,22 @@ void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* 
                                    int64_t N, int64_t V, int32_t ignore_index, double z_loss,
                                    int64_t ldx = 0, const float* row_scale = nullptr);
 
+// Vocabulary parallelism (as cpu::softmax_xent_stats and cpu::softmax_xent_parallel): stats (N
+// x 3 device doubles) per row: a (m, s) pair with s exp(m) the sum of exp over its columns (this
+// kernel writes (lse, 1)) and the target's logit if it is among columns [v0, v0 + V) of
+// vocab_total, else 0; zeros for ignored rows. softmax_xent_parallel: from every rank's stats
+// (P x N x 3), losses, lse_sq_sum (a device double, =) and, when given, dlogits (fp32 in the
+// logits' rows, may alias them; or bf16 rows ld apart) of these columns; row_scale optional.
+// ldx: the logits' row stride (>= V; 0 = V).
+void softmax_xent_stats(double* stats, const float* logits, const int32_t* targets, int64_t N,
+                        int64_t V, int32_t ignore_index, int64_t v0, int64_t vocab_total,
+                        int64_t ldx = 0);
+void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, uint16_t* dlogits16,
+                           int64_t ld, const float* logits, const int32_t* targets,
+                           const double* all_stats, int64_t P, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss, int64_t v0,
+                           const float* row_scale = nullptr, int64_t ldx = 0);
+
 // Knowledge distillation per row (as cpu::softmax_distill_forward_backward): dlogits fp32 (ld = V,
 // may alias logits) or, when dlogits16 is given, bf16 rows ld apart; logits rows ldx apart; teacher
 // (N, V).
@@ -150,10 +171,10 @@ void accumulate(float* dst, const float* src, int64_t n);         // dst += src
 // dst += src on `cols` columns of `rows` rows ld elements apart (both the same layout), e.g. the
 // v part of a packed qkv gradient.
 void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld);
-void scale(float* x, float s, int64_t n);     // x *= s
+void scale(float* x, float s, int64_t n);                           // x *= s
 void axpby(float* y, float a, const float* x, float b, int64_t n);  // y = a y + b x
-void fill(float* x, float value, int64_t n);  // x = value
-void zero(float* x, int64_t n);               // x = 0
+void fill(float* x, float value, int64_t n);                        // x = value
+void zero(float* x, int64_t n);                                     // x = 0
 // Sum of squares of x in double into the DEVICE double *result (= by default; += with
 // accumulate, e.g. over the tensors of a global gradient norm, in call order). Deterministic:
 // blocks of a size fixed by n, then one fixed-order reduction of the block sums.

@@ -236,7 +236,113 @@ __global__ void __launch_bounds__(kXentThreads)
   }
 }
 
+// Vocabulary parallelism: one block per row. The statistics of this rank's columns (their
+// logsumexp, as (m, s) = (lse, 1), and the target's logit where it is one of them).
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_xent_stats_kernel(double* stats, const float* logits, int64_t ldx,
+                              const int32_t* targets, int64_t V, int32_t ignore_index, int64_t v0,
+                              int64_t Vt) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  double* st = stats + 3 * i;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) st[0] = st[1] = st[2] = 0.0;
+    return;
+  }
+  const float* x = logits + i * ldx;
+  const double lse = row_logsumexp(x, V);
+  if (threadIdx.x == 0) {
+    const bool valid = y >= 0 && y < Vt, here = y >= v0 && y < v0 + V;
+    st[0] = lse;
+    st[1] = valid ? 1.0 : __longlong_as_double(0x7ff8000000000000LL);  // NaN: see kernels.h
+    st[2] = valid && here ? static_cast<double>(x[y - v0]) : 0.0;
+  }
+}
+
+// From every rank's statistics (P x N x 3): the row's lse and loss, and the gradient of this
+// rank's columns, p_v (1 + 2 z lse) - [v + v0 == y] (times dloss and the row's scale). The target
+// logit comes from the statistics, so writing in place needs no ordering.
+template <typename O>
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_xent_parallel_kernel(float* losses, double* lse_sq, O* dlogits, int64_t ld,
+                                 const float* logits, int64_t ldx, const int32_t* targets,
+                                 const double* all_stats, int64_t P, int64_t N, float dloss,
+                                 int64_t V, int32_t ignore_index, double z_loss, int64_t v0,
+                                 const float* row_scale) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  const float* x = logits + i * ldx;
+  O* d = dlogits ? dlogits + i * ld : nullptr;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) {
+      losses[i] = 0.0f;
+      if (lse_sq) lse_sq[i] = 0.0;
+    }
+    if (d) zero_row(d, x, V);
+    return;
+  }
+  double M = -INFINITY, xy = 0, S = 0;
+  for (int64_t k = 0; k < P; ++k) {
+    M = fmax(M, all_stats[(k * N + i) * 3]);
+    xy += all_stats[(k * N + i) * 3 + 2];
+  }
+  for (int64_t k = 0; k < P; ++k) {
+    const double* st = all_stats + (k * N + i) * 3;
+    S += st[1] * exp(st[0] - M);
+  }
+  const double lse = M + log(S);
+  if (threadIdx.x == 0) {
+    losses[i] = static_cast<float>(lse - xy);
+    if (lse_sq) lse_sq[i] = lse * lse;
+  }
+  if (!d) return;
+  const float dl = row_scale ? dloss * row_scale[i] : dloss;
+  const double zf = 1.0 + 2.0 * z_loss * lse;
+  const float lse_f = static_cast<float>(lse), coef = static_cast<float>(dl * zf);
+  const int64_t yl = static_cast<int64_t>(y) - v0;  // the target's column here, if any
+  auto g = [&](int64_t v, float xv) {
+    if (v == yl) return static_cast<float>(dl * (exp(static_cast<double>(xv) - lse) * zf - 1.0));
+    return expf(xv - lse_f) * coef;
+  };
+  if constexpr (std::is_same_v<O, float>)
+    map_row(d, x, V, g);
+  else
+    for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
+}
+
 }  // namespace
+
+void softmax_xent_stats(double* stats, const float* logits, const int32_t* targets, int64_t N,
+                        int64_t V, int32_t ignore_index, int64_t v0, int64_t vocab_total,
+                        int64_t ldx) {
+  if (N <= 0) return;
+  softmax_xent_stats_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      stats, logits, ldx > 0 ? ldx : V, targets, V, ignore_index, v0, vocab_total);
+  LMF_CUDA_LAUNCHED();
+}
+
+void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, uint16_t* dlogits16,
+                           int64_t ld, const float* logits, const int32_t* targets,
+                           const double* all_stats, int64_t P, float dloss, int64_t N, int64_t V,
+                           int32_t ignore_index, double z_loss, int64_t v0, const float* row_scale,
+                           int64_t ldx) {
+  if (N <= 0) {
+    if (lse_sq_sum) LMF_CUDA(cudaMemsetAsync(lse_sq_sum, 0, sizeof(double), cur_stream()));
+    return;
+  }
+  double* lse_sq = lse_sq_sum ? scratch(N) : nullptr;
+  if (ldx <= 0) ldx = V;
+  if (dlogits16)
+    softmax_xent_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, lse_sq, dlogits16, ld, logits, ldx, targets, all_stats, P, N, dloss, V,
+        ignore_index, z_loss, v0, row_scale);
+  else  // (fp32: in place, the logits' rows)
+    softmax_xent_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, lse_sq, dlogits, ldx, logits, ldx, targets, all_stats, P, N, dloss, V, ignore_index,
+        z_loss, v0, row_scale);
+  LMF_CUDA_LAUNCHED();
+  if (lse_sq_sum) sum_partials(lse_sq_sum, lse_sq, N, false);
+}
 
 void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
                                       int64_t ld, const float* logits, int64_t ldx,
