@@ -26,6 +26,7 @@
 #include "lmforge/train/checkpoint.h"
 #include "lmforge/train/trainer.h"
 #include "testing/metrics.h"
+#include "testing/paths.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -131,6 +132,7 @@ class DataParallelTest : public ::testing::Test {
     o.strategy = static_cast<int>(dist::parse_strategy(strategy));
     o.shards = n;
     o.muon = muon;
+    o.tensor_parallel = tp;
     const TrainingFootprint f = training_footprint(
         dist::tensor_parallel_config(
             checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), tp,
@@ -325,6 +327,40 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
   ASSERT_EQ(l.size(), 3u);
   for (size_t i = 0; i < 3; ++i)
     EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
+
+  // Tensor parallelism: each matrix's update direction assembled whole over the group (Muon
+  // orthogonalizes the whole model's matrices), each rank applying its share of the result; the
+  // gathers counted in tp_comm_mib as lmforge plan counts them.
+  RunResult one1 = run("muon-ref1", 1, muon);
+  ASSERT_EQ(one1.exit_code, 0) << one1.err;
+  RunResult t = run("muon-tp2", 2, muon + "--set dist.tensor_parallel=2");
+  ASSERT_EQ(t.exit_code, 0) << t.out << t.err;
+  expect_same("muon-tp2", "muon-ref1");
+  expect_footprint(t.out, "no-shard", 1, "muon-tp2", /*muon=*/true, 2);
+  const ModelConfig mc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/muon-tp2"));
+  double matrices = 0;  // the whole model's Muon matrices, in elements
+  const Transformer layout(mc, Transformer::MeasureOnly{});
+  for (const Param& p : layout.params().params())
+    if (muon_param(p)) matrices += static_cast<double>(p.shape.numel());
+  const double planned = tensor_parallel_traffic_bytes(
+      mc, 2, 32, 2, 1, {.vocab_parallel = true, .muon_elements = matrices});
+  const std::vector<double> mib = losses("muon-tp2", "tp_comm_mib");
+  ASSERT_EQ(mib.size(), 6u);
+  for (double m : mib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned);
+  // 2 groups with full-shard across them (the pieces first whole over each share's ranks): a
+  // checkpoint (no second moments for the matrices) resumes bit-exactly.
+  const std::string tpf = muon + "--set dist.tensor_parallel=2 --set dist.strategy=full-shard ";
+  RunResult f =
+      run("muon-tp2-fsdp", 4, tpf + "--set train.checkpoint_every=3 --set train.keep_last=0");
+  ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
+  expect_same("muon-tp2-fsdp", "muon-ref");
+  RunResult fr = run("muon-tp2-fsdp-resume", 4,
+                     tpf + "--resume=" + *dir_ + "/muon-tp2-fsdp/checkpoints/step-00000003");
+  ASSERT_EQ(fr.exit_code, 0) << fr.out << fr.err;
+  const std::vector<double> all = losses("muon-tp2-fsdp"), tail = losses("muon-tp2-fsdp-resume");
+  ASSERT_EQ(tail.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(tail[i], all[3 + i]) << "step " << 4 + i;
+  EXPECT_EQ(params("muon-tp2-fsdp-resume"), params("muon-tp2-fsdp"));
 }
 
 // DPO (train/objective.h) under every strategy (and KTO under tensor parallelism): its reference
@@ -945,6 +981,36 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   ASSERT_EQ(va.size(), 1u);
   ASSERT_EQ(vb.size(), 1u);
   EXPECT_NEAR(va[0], vb[0], 1e-6 * vb[0]);
+
+  // Masked targets (SFT): rows whose tokens are all prompt have none, so a rank's loss scale
+  // can be 0 for its own rows while its columns of the vocabulary still score the others'.
+  {
+    std::ofstream f(*dir_ + "/chat.jsonl");
+    for (int i = 0; i < 24; ++i) {
+      std::string user = "Verse " + std::to_string(i);
+      for (int w = 0; w < (i % 2 ? 40 : 2); ++w) user += " and the earth was";
+      f << nlohmann::json({{"messages",
+                            {{{"role", "user"}, {"content", user}},
+                             {{"role", "assistant"}, {"content", "Amen, so be it."}}}}})
+               .dump()
+        << "\n";
+    }
+  }
+  const std::string llama3 = testing::shared_tokenizers_dir() + "/llama3.tiktoken";
+  RunResult pc =
+      testing::run_lmforge("prepare --input chat.jsonl --output chat --tokenizer " + llama3 +
+                               " --format chat --chat-template llama3 "
+                               "--val-docs 0",
+                           *dir_);
+  ASSERT_EQ(pc.exit_code, 0) << pc.err;
+  const std::string chat =
+      "--set data.text= --set data.tokenizer=" + llama3 +
+      " --set model.vocab_size=0 --set data.train=chat/data --set train.batch_size=2 ";
+  RunResult mo = run("ref-masked", 1, chat);
+  ASSERT_EQ(mo.exit_code, 0) << mo.out << mo.err;
+  RunResult ms = run("sp2-masked", 2, chat + sp);
+  ASSERT_EQ(ms.exit_code, 0) << ms.out << ms.err;
+  expect_same("sp2-masked", "ref-masked");
 
   // A resume is bit-exact.
   RunResult k = run("sp-ckpt", 2,

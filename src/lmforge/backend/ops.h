@@ -145,11 +145,13 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
 
 // The loss over a vocabulary split by columns (dist/tensor_parallel.h): logits (N, V) are
 // the columns [vocab_begin, vocab_begin + V) of vocab_total. softmax_xent_stats writes each row's
-// statistics (stats: N x 3 fp64: its max, sum of exp(logit - max), and the target's logit if it
-// is among the columns, else 0). Given every rank's (all_stats: P x N x 3, rank order),
-// softmax_xent_parallel writes the losses, lse_sq_sum and, where dlogits is defined, the
-// gradient of these columns, as softmax_xent_forward_backward would over the whole vocabulary.
-// vocab > 0: the logits' rows are padded past it (a GPU only), the padding not read.
+// statistics (stats: N x 3 fp64: a pair (m, s) with s exp(m) the sum of the exponentials of its
+// logits (the CPU writes their max and sum of exp(logit - max), a GPU (lse, 1)), and the
+// target's logit if it is among the columns, else 0). A target outside the vocabulary is an
+// Error on the CPU and NaN on a GPU, as the whole vocabulary's ops. Given every rank's (all_stats:
+// P x N x 3, rank order), softmax_xent_parallel writes the losses, lse_sq_sum and, where dlogits is
+// defined, the gradient of these columns, as softmax_xent_forward_backward would over the whole
+// vocabulary. vocab > 0: the logits' rows are padded past it (a GPU only), the padding not read.
 void softmax_xent_stats(const Tensor& stats, const Tensor& logits, const Tensor& targets,
                         int32_t ignore_index, int64_t vocab_begin, int64_t vocab_total,
                         int64_t vocab = 0);

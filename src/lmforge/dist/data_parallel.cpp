@@ -395,8 +395,14 @@ double DataParallel::clip_grad_norm(double max_norm) {
   return norm;
 }
 
+void DataParallel::set_tensor_parallel(TensorParallel* tp) {
+  tp_ = tp;
+  if (tp && opt_->muon()) opt_->set_muon_shares(tp->muon_shares(model_.device()));
+}
+
 Tensor DataParallel::whole_param(const Param& p, int what) {
   LMF_CHECK(what >= 0 && what <= 2 && !offload(), "whole_param: values or moments, not offloaded");
+  if (what == 2 && opt_->muon() && muon_param(p)) return Tensor();  // (no second moment)
   const int64_t off = ps_.offset(p), n = p.shape.numel();
   const bool pieces = what == 0 ? sharded_values() : strategy_ != Strategy::kNoShard;
   const auto& slots = opt_->slots();
@@ -424,6 +430,7 @@ void DataParallel::take_optimizer(const AdamW& whole) {
     LMF_CHECK(i < whole.slots().size(), "take_optimizer: no state for {}", mine[k].param->name);
     for (int moment = 0; moment < 2; ++moment) {
       const Tensor& from = moment ? whole.v(i) : whole.m(i);
+      if (!from.defined()) continue;  // (Muon's matrices: no second moment)
       (moment ? opt_->v(k) : opt_->m(k))
           .copy_from(from.view({from.numel()}).slice(mine[k].begin, mine[k].len));
     }

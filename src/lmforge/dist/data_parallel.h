@@ -103,7 +103,8 @@ class DataParallel final : public GroupHooks {
   // Tensor parallelism (dist/tensor_parallel.h; not with offload): the model is one rank's share
   // and the ranks given are those holding the same share; the gradient norm is then the whole
   // model's (TensorParallel::grad_norm).
-  void set_tensor_parallel(TensorParallel* tp) { tp_ = tp; }
+  // (Muon then orthogonalizes the whole model's matrices: AdamW::set_muon_shares.)
+  void set_tensor_parallel(TensorParallel* tp);
   // One parameter of this rank's model whole, flat, fp32 where the model is: its values (what 0)
   // or AdamW's first or second moment (1, 2; a trained parameter, not offloaded). Collective over
   // the shards' ranks where they hold it in pieces (every rank calls it for the same parameters in

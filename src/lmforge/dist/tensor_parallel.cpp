@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
 
 #include "lmforge/core/error.h"
 
@@ -308,8 +310,8 @@ void TensorParallel::gather(Transformer* whole, AdamW* whole_opt, bool moments, 
       const Param& q = sp.params()[i];
       if (what > 0 && q.frozen) continue;
       const size_t j = what > 0 ? slot++ : i;
-      const Tensor mine = take(q, what);  // (collective over the ranks sharding this share)
-      if (!writes) continue;
+      const Tensor mine = take(q, what);         // (collective over the ranks sharding this share)
+      if (!writes || !mine.defined()) continue;  // (Muon's matrices: no second moment)
       const int64_t len = q.shape.numel();
       LMF_CHECK(mine.dtype() == DType::kF32 && mine.numel() == len,
                 "tensor parallelism gathers fp32 parameters whole: {}", q.name);
@@ -352,12 +354,43 @@ void TensorParallel::gather(Transformer* whole, AdamW* whole_opt, bool moments, 
   if (moments) whole_opt->set_steps_taken(steps);
 }
 
+AdamW::MuonShares TensorParallel::muon_shares(Device device) {
+  // The whole model's shapes of the share's Muon matrices, and a buffer for every rank's share
+  // of the largest (allocated once: a step allocates nothing).
+  auto shapes = std::make_shared<std::map<std::string, Shape>>();
+  const Transformer layout(whole_, Transformer::MeasureOnly{});
+  int64_t most = 0;
+  for (const Param& p : layout.params().params())
+    if (muon_param(p)) (*shapes)[p.name] = p.shape;
+  for (const Param& q : model_.params().params())
+    if (muon_param(q)) most = std::max(most, q.shape.numel());
+  auto staging = std::make_shared<Tensor>(Tensor::empty({most * size()}, DType::kF32, device));
+  AdamW::MuonShares m;
+  m.whole_shape = [shapes](const Param& p) { return shapes->at(p.name); };
+  m.gather = [this, shapes, staging](const Param& p, const Tensor& x, const Tensor& whole) {
+    const int n = size();
+    const int64_t len = x.numel();
+    const Tensor all = staging->slice(0, len * n);
+    comm_.all_gather(x.data<float>(), all.data<float>(), std::vector<int64_t>(n, len))->wait();
+    for (int r = 0; r < n; ++r)
+      for (const Run& run : share_runs(p.name, shapes->at(p.name), whole_, n, r, vocab_parallel_))
+        whole.slice(run.whole, run.len).copy_from(all.slice(r * len + run.share, run.len));
+  };
+  m.take = [this, shapes](const Param& p, const Tensor& whole, const Tensor& x) {
+    for (const Run& run :
+         share_runs(p.name, shapes->at(p.name), whole_, size(), rank(), vocab_parallel_))
+      x.slice(run.share, run.len).copy_from(whole.slice(run.whole, run.len));
+  };
+  return m;
+}
+
 void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const {
   LMF_CHECK(whole_opt.slots().size() == opt.slots().size(), "{} slots in the whole, {} in a share",
             whole_opt.slots().size(), opt.slots().size());
   for (size_t i = 0; i < opt.slots().size(); ++i) {
     const Param& p = *whole_opt.slots()[i].param;
     for (auto [from, to] : {std::pair{&whole_opt.m(i), &opt.m(i)}, {&whole_opt.v(i), &opt.v(i)}}) {
+      if (!to->defined()) continue;  // (Muon's matrices: no second moment)
       Tensor host = Tensor::empty(to->shape(), DType::kF32);
       for (const Run& run : share_runs(p.name, p.shape, whole_, size(), rank(), vocab_parallel_))
         std::memcpy(host.data<float>() + run.share, from->data<float>() + run.whole,

@@ -21,7 +21,7 @@
 // one's gradient is a partial sum on each rank, summed over the group.
 // Per block that is two all-reduces of (B, T, C) in forward and two in backward (and with the
 // vocabulary split, per micro-batch one more each way plus the loss's statistics, 3 doubles a
-// row); each rank
+// row; under sequence parallelism gathers and reduce-scatters instead); each rank
 // computes and holds 1/N of the blocks' (and the head's) matmuls, weights, gradients, optimizer
 // state and attention and MLP activations. The ranks of a group are consecutive (rank = dp * N +
 // tp, within a node); data parallelism runs across the groups, over the ranks of equal tp.
@@ -131,6 +131,10 @@ class TensorParallel final : public PartialSums {
   using Take = std::function<Tensor(const Param& p, int what)>;
   void gather(Transformer* whole, AdamW* whole_opt, bool moments, int64_t steps, const Take& take,
               bool writes = true);
+  // Muon over this rank's share (AdamW::set_muon_shares): each matrix assembled whole over the
+  // group (its rows, or its input columns, as share_runs lays them out), and this rank's part
+  // taken back. `device`: where the optimizer's buffers are.
+  AdamW::MuonShares muon_shares(Device device);
   // This rank's share of whole_opt's moments and step count (not collective; opt over every
   // parameter of the share, whole_opt over every parameter of the whole model).
   void copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const;

@@ -180,7 +180,7 @@ void Transformer::to(Device device) {
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ = Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
-      Tensor();
+      scale_ = group_scale_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -255,8 +255,10 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     all_stats_ = vocab_parallel() ? a.alloc({vocab_ranks_, chunk_rows_, 3}, DType::kF64) : Tensor();
     const int64_t group = vocab_parallel() ? row_shards() : 1;  // sequence parallelism's ranks
     group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ =
-        other_lse_ = Tensor();
+        other_lse_ = scale_ = group_scale_ = Tensor();
     if (group > 1) {
+      scale_ = a.alloc({1}, DType::kF64);
+      group_scale_ = a.alloc({group}, DType::kF64);
       group_tokens_ = a.alloc({group * B, T}, DType::kI32);
       group_targets_ = a.alloc({group * B, T}, DType::kI32);
       group_x0_ = a.alloc({group * B, T, C});
@@ -471,6 +473,7 @@ void Transformer::queue_trunk(bool training) {
   if (group_tokens_.defined()) {
     // Vocabulary and sequence parallelism: the group's rows embedded from this rank's part of
     // the vocabulary (each token's row is one rank's), summed into each rank's own rows.
+    LMF_CHECK(!positions_.ids.defined(), "sequence parallelism with packed rows");
     vocab_sums_->gather(as_words(tokens_), as_words(group_tokens_));
     ops::embedding_forward(group_x0_, group_tokens_, tok_emb_->value,
                            positions ? pos_emb_->value : Tensor(), {}, vocab_begin_, vocab_total_);
@@ -559,7 +562,9 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
   Tensor h = nf_out_.view({N, C}), y = targets_.view({N});
   Tensor dh = training ? dnf_.view({N, C}) : Tensor();
   if (training) dnf_.zero_();
+  std::vector<double> scales(P, dloss);  // each block's rows' loss scale (its rank's)
   if (P > 1) {
+    LMF_CHECK(!row_scale.defined(), "per-row weights under sequence parallelism");
     vocab_sums_->gather(nf_out_, group_nf_);
     vocab_sums_->gather(as_words(targets_), as_words(group_targets_));
     h = group_nf_.view({P * N, C});
@@ -567,6 +572,14 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
     if (training) {
       group_dnf_.zero_();
       dh = group_dnf_.view({P * N, C});
+      // (a rank without targets of its own has scale 0; the others' rows need theirs)
+      Tensor one = Tensor::empty({1}, DType::kF64);
+      one.data<double>()[0] = dloss;
+      scale_.copy_from(one);
+      vocab_sums_->gather(as_words(scale_), as_words(group_scale_));
+      const Tensor all =
+          group_scale_.device() == Device::kCPU ? group_scale_ : group_scale_.to(Device::kCPU);
+      for (int64_t k = 0; k < P; ++k) scales[k] = all.data<double>()[k];
     }
   }
   const bool train_head = !lm_head_->frozen;
@@ -587,7 +600,7 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
       ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_, V);
       vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
       ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
-                                 ignore_index_, dloss, z_loss_, vocab_begin_,
+                                 ignore_index_, scales[k], z_loss_, vocab_begin_,
                                  row_scale.defined() ? row_scale.slice(r0, R) : Tensor(), V);
       if (!training) continue;
       ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,

@@ -303,6 +303,9 @@ class Transformer {
   // targets, embeddings (in backward their output gradients), the final norm's outputs and their
   // gradient; the losses and lse^2 sums of the other ranks' rows.
   Tensor group_tokens_, group_targets_, group_x0_, group_nf_, group_dnf_, other_losses_, other_lse_;
+  // ... and the loss's gradient scale of this rank's rows (1) and of every rank's (ranks), fp64:
+  // each block of the group's rows takes its own rank's.
+  Tensor scale_, group_scale_;
   // The LM head and loss under vocabulary parallelism (see queue_head).
   void queue_head_vocab(bool training, double dloss, const Tensor& row_scale);
   int64_t chunk_rows_ = 0;

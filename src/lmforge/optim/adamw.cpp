@@ -26,9 +26,6 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
     : params_(params), opt_(opt), slots_(std::move(slots)) {
   // The moments live where the slots' values do (the GPU; the host under dist.offload).
   const Device device = slots_.empty() ? Device::kCPU : slots_[0].value.device();
-  // Muon's largest matrix and Gram matrix, in elements: of every Muon matrix in the set (a rank
-  // holding pieces gathers each whole).
-  int64_t most = 0, most_gram = 0;
   muon_slot_.assign(params_.params().size(), -1);
   std::unordered_map<const Param*, size_t> index;
   for (const Param& p : params_.params()) index.emplace(&p, index.size());
@@ -41,12 +38,6 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
     LMF_CHECK(at != index.end(), "AdamW: slot {} is not a parameter of its set", s.param->name);
     muon_slot_[at->second] = static_cast<int64_t>(i);
   }
-  for (const Param& p : params_.params()) {
-    if (!opt_.muon.on || !muon_param(p)) continue;
-    const int64_t side = std::min(p.shape[0], p.shape[1]);
-    most = std::max(most, p.shape.numel());
-    most_gram = std::max(most_gram, side * side);
-  }
   state_ = Arena::planned(
       [&](Arena& a) {
         m_.clear();
@@ -57,17 +48,44 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
           const bool muon = opt_.muon.on && muon_param(*s.param);  // no second moment
           v_.push_back(muon ? Tensor() : a.alloc(shape, DType::kF32));
         }
+      },
+      device);
+  plan_muon_workspace(device);
+}
+
+// Muon's largest matrix and Gram matrix, in elements: of every Muon matrix in the set (a rank
+// holding pieces gathers each whole), or of the whole matrices they are shares of.
+void AdamW::plan_muon_workspace(Device device) {
+  int64_t most = 0, most_gram = 0, share = 0;
+  for (const Param& p : params_.params()) {
+    if (!opt_.muon.on || !muon_param(p)) continue;
+    const Shape w = shares_.whole_shape ? shares_.whole_shape(p) : p.shape;
+    const int64_t side = std::min(w[0], w[1]);
+    most = std::max(most, w.numel());
+    most_gram = std::max(most_gram, side * side);
+    share = std::max(share, p.shape.numel());
+  }
+  ns_x_ = ns_next_ = ns_gram_ = ns_poly_ = ns_x16_ = ns_gram16_ = ns_poly16_ = ns_share_ = Tensor();
+  ns_arena_ = Arena::planned(
+      [&](Arena& a) {
         if (most == 0) return;
         ns_x_ = a.alloc({most});
         ns_next_ = a.alloc({most});
         ns_gram_ = a.alloc({most_gram});
         ns_poly_ = a.alloc({most_gram});
+        if (shares_.whole_shape) ns_share_ = a.alloc({share});
         if (!opt_.muon.bf16) return;
         ns_x16_ = a.alloc({most}, DType::kBF16);
         ns_gram16_ = a.alloc({most_gram}, DType::kBF16);
         ns_poly16_ = a.alloc({most_gram}, DType::kBF16);
       },
       device);
+}
+
+void AdamW::set_muon_shares(MuonShares shares) {
+  LMF_CHECK(shares.whole_shape && shares.gather && shares.take, "set_muon_shares: all three");
+  shares_ = std::move(shares);
+  plan_muon_workspace(slots_.empty() ? Device::kCPU : slots_[0].value.device());
 }
 
 // torch.optim.Muon's step for one matrix W (R, C) with gradient g:
@@ -122,10 +140,9 @@ void AdamW::newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C) {
   }
 }
 
-void AdamW::muon_apply(size_t i, const Tensor& x, double lr) {
+void AdamW::muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C) {
   const OptSlot& s = slots_[i];
   const MuonOptions& mo = opt_.muon;
-  const int64_t R = s.param->shape[0], C = s.param->shape[1];
   const double muon_lr = lr * mo.lr_ratio;
   const double ratio = mo.match_rms_adamw ? 0.2 * std::sqrt(static_cast<double>(std::max(R, C)))
                                           : std::sqrt(std::max(1.0, static_cast<double>(R) / C));
@@ -143,15 +160,24 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     if (!muon_param(p)) continue;
     const int64_t i = muon_slot_[j];
     if (i < 0 && !muon_gather_) continue;  // (frozen: no slot anywhere)
-    const int64_t R = p.shape[0], C = p.shape[1];
-    Tensor x = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
+    // This rank's direction of p (of its share under tensor parallelism), whole once gathered
+    // over the ranks holding its pieces; then the matrix Muon sees (the whole model's, assembled
+    // from the group's shares), orthogonalized, and this rank's part of it applied.
+    const int64_t n = p.shape.numel();
+    const bool shares = static_cast<bool>(shares_.whole_shape);
+    const Tensor x = (shares ? ns_share_ : ns_x_).slice(0, n);
     if (i >= 0) muon_direction(i, x, grad_scale);
-    if (muon_gather_) muon_gather_(p, x.view({R * C}));
+    if (muon_gather_) muon_gather_(p, x);
     LMF_CHECK(i < 0 || muon_gather_ || slots_[i].whole(),
               "Muon over a piece of {} needs set_muon_gather", p.name);
-    if (i < 0) continue;
-    newton_schulz(x, next, R, C);
-    muon_apply(i, x, lr);
+    if (i < 0) continue;  // (the ranks of a tensor-parallel group hold the same pieces)
+    const Shape w = shares ? shares_.whole_shape(p) : p.shape;
+    const int64_t R = w[0], C = w[1];
+    Tensor X = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
+    if (shares) shares_.gather(p, x, X.view({R * C}));
+    newton_schulz(X, next, R, C);  // (X may now be the other buffer)
+    if (shares) shares_.take(p, X.view({R * C}), x);
+    muon_apply(i, shares ? x : X.view({R * C}), lr, R, C);
   }
 }
 

@@ -82,9 +82,10 @@ class AdamW {
   // A Muon slot has its momentum buffer as m and no v (!defined()).
   const Tensor& m(size_t i) const { return m_[i]; }
   const Tensor& v(size_t i) const { return v_[i]; }
-  size_t state_bytes() const { return state_.capacity(); }
+  size_t state_bytes() const { return state_.capacity() + ns_arena_.capacity(); }
   // "adamw", or "muon" when Muon steps the blocks' matrices (recorded in checkpoints).
   const char* name() const { return opt_.muon.on ? "muon" : "adamw"; }
+  bool muon() const { return opt_.muon.on; }
   // Muon over slots that are pieces of matrices (ZeRO): gather(p, whole) fills `whole` (the fp32
   // elements of matrix p, flat, where the slots live) with every rank's piece of the update
   // direction; this rank's piece, if it holds one, is already in place. step() calls it for every
@@ -92,6 +93,18 @@ class AdamW {
   // of it or not.
   using MuonGather = std::function<void(const Param& p, const Tensor& whole)>;
   void set_muon_gather(MuonGather gather) { muon_gather_ = std::move(gather); }
+  // Tensor parallelism (dist/tensor_parallel.h): each Muon matrix of the set is one rank's share
+  // of a larger one, which Muon orthogonalizes whole. whole_shape(p) is its shape; gather(p, x,
+  // whole) assembles it (flat) from every rank's share x (flat, p's elements: a collective over
+  // the group, called for the same matrices in the same order on its ranks); take(p, whole, x)
+  // copies this rank's share of it back into x. Plans the Newton-Schulz workspace again (whole
+  // matrices, and one share's direction).
+  struct MuonShares {
+    std::function<Shape(const Param& p)> whole_shape;
+    std::function<void(const Param& p, const Tensor& x, const Tensor& whole)> gather;
+    std::function<void(const Param& p, const Tensor& whole, const Tensor& x)> take;
+  };
+  void set_muon_shares(MuonShares shares);
 
  private:
   // Muon for the slot (whole or piece) of one matrix: the momentum and update direction of the
@@ -99,15 +112,20 @@ class AdamW {
   // the rest of x is filled, its orthogonalization and the slot's update.
   void muon_direction(size_t i, const Tensor& x, double grad_scale);
   void newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C);
-  void muon_apply(size_t i, const Tensor& x, double lr);
+  // x: the slot's matrix's orthogonalized direction (flat); R, C: the matrix Muon saw.
+  void muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C);
   void muon_steps(double lr, double grad_scale);
+  void plan_muon_workspace(Device device);
 
   ParamSet& params_;
   AdamWOptions opt_;
   // Muon's Newton-Schulz workspace, sized for the largest matrix: X and its next iterate, and
   // the Gram matrix with its polynomial (the smaller side squared); with bf16 products, the bf16
   // copies of the operands that are a matmul's weight.
-  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_, ns_x16_, ns_gram16_, ns_poly16_;
+  // Under tensor parallelism (set_muon_shares) also ns_share_, one share's direction.
+  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_, ns_x16_, ns_gram16_, ns_poly16_, ns_share_;
+  Arena ns_arena_;
+  MuonShares shares_;
   std::vector<OptSlot> slots_;
   Arena state_;
   std::vector<Tensor> m_, v_;

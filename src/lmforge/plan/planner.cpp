@@ -82,9 +82,19 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
                                           : g.trained * 4;
   f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
   if (o.muon) {  // the most state a rank holds (all of it under no-shard), + the Newton-Schulz
-                 // workspace (for whole matrices)
+                 // workspace (for whole matrices: the whole model's under tensor parallelism,
+                 // with a share's direction beside them)
     const MuonSizes mu = muon_sizes(m, s >= Strategy::kZero1 ? o.shards : 1);
-    f.optimizer = mu.state + 2 * (mu.most + mu.gram) * (4 + (o.muon_bf16 ? 2 : 0));
+    ModelConfig whole = m;
+    if (o.tensor_parallel > 1) {
+      whole.head_dim = m.head_size();
+      whole.n_head = m.n_head * o.tensor_parallel;
+      whole.n_kv_head = m.kv_heads() * o.tensor_parallel;
+      whole.ffn_hidden = m.ffn() * o.tensor_parallel;
+    }
+    const MuonSizes w = o.tensor_parallel > 1 ? muon_sizes(whole) : mu;
+    f.optimizer = mu.state + 2 * (w.most + w.gram) * (4 + (o.muon_bf16 ? 2 : 0)) +
+                  (o.tensor_parallel > 1 ? 4 * mu.most : 0);
   }
   f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
   return f;
@@ -144,6 +154,9 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   if (tp <= 1) return 0;
   const double L = static_cast<double>(m.n_layer), k = (tp - 1.0) / tp;
   const double elements = static_cast<double>(batch * seq * m.n_embd);  // a rank's (B, T, C)
+  // Muon: each matrix's shares of the update direction all-gathered once a step (by the ranks
+  // holding a piece of it under sharded data parallelism: about 1/data_shards of the matrices).
+  const double muon = 4.0 * o.muon_elements / tp * (tp - 1) / std::max(1, o.data_shards);
   if (!o.sequence_parallel) {
     const double forwards = 1.0 + static_cast<double>(o.extra_forwards);
     double sums = ((o.full_recompute ? 6.0 : 4.0) + 2.0 * (forwards - 1)) * L;
@@ -153,7 +166,7 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
       gathered = (forwards + (o.rows_weighed ? 1 : 0)) * static_cast<double>(batch * seq) * 24.0 *
                  (tp - 1);
     }
-    return static_cast<double>(grad_accum) * (sums * 4.0 * elements * 2.0 * k + gathered);
+    return static_cast<double>(grad_accum) * (sums * 4.0 * elements * 2.0 * k + gathered) + muon;
   }
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
   const double in = o.bf16_inputs ? 2.0 : 4.0;
@@ -166,15 +179,15 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   if (o.vocab_parallel) {
     // The group's rows embedded and scored by every rank: the tokens' and targets' gathers (4
     // bytes a row each), the embeddings' reduce-scatter, the final norm's outputs gathered, the
-    // loss statistics (24 bytes a row of the group's), and in backward the head's input gradient
-    // reduce-scattered and the output gradients gathered for the embeddings'; which are no
-    // longer summed once a step (nor the head's).
+    // loss statistics (24 bytes a row of the group's) and the ranks' loss scales (8 bytes each),
+    // and in backward the head's input gradient reduce-scattered and the output gradients
+    // gathered for the embeddings'; which are no longer summed once a step (nor the head's).
     const double rows = static_cast<double>(batch * seq);
-    per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows) * (tp - 1);
+    per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows + 8.0) * (tp - 1);
     rows_fed -= static_cast<double>(m.vocab_size * m.n_embd) * (m.tie_embeddings ? 1 : 2);
   }
   return static_cast<double>(grad_accum) * per_micro +
-         2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards);
+         2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards) + muon;
 }
 
 Plan make_plan(const Config& cfg, const PlanOptions& o) {
@@ -304,6 +317,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         FootprintOptions fo = base;  // (the reference's share, where there is one)
         fo.strategy = sp.strategy;
         fo.shards = o.ranks / tp;
+        fo.tensor_parallel = tp;
         sp.state = training_footprint(share, fo);
         sp.activations = measure_activations(share, tp, seq);
         TensorParallelTraffic traffic;
@@ -314,6 +328,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
         traffic.vocab_parallel = vocab_parallel(probe);
         traffic.rows_weighed = preference_objective(t.objective);
+        traffic.muon_elements = fo.muon ? muon_sizes(m).elements : 0;
         sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
                         tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,
                                                       t.seq_len, tp, t.grad_accum, traffic);

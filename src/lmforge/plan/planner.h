@@ -38,6 +38,9 @@ struct FootprintOptions {
   bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
   bool muon = false;         // train.optimizer: muon (one moment for the blocks' matrices)
   bool muon_bf16 = false;    // its Newton-Schulz products in bf16 (their operands' copies)
+  // The model is one rank's share under dist.tensor_parallel: N (Muon orthogonalizes the whole
+  // model's matrices, with one share's direction beside them).
+  int tensor_parallel = 1;
 };
 TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
 
@@ -103,6 +106,9 @@ struct TensorParallelTraffic {
   // KTO) whose loss head runs twice (the rows' weights first).
   bool vocab_parallel = false;
   bool rows_weighed = false;
+  // train.optimizer: muon: the whole model's Muon matrix elements (their shares' update
+  // directions all-gathered over the group once a step).
+  double muon_elements = 0;
 };
 // Bytes one rank sends per optimizer step for tensor parallelism's partial sums
 // (dist/tensor_parallel.h) in a group of tp: per micro-batch and block 4 all-reduces of the

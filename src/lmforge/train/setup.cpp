@@ -208,6 +208,7 @@ RunSetup setup_run(Config& cfg) {
     fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = optimizer_options(t).muon.bf16;
+    fo.tensor_parallel = tp;
     check_training_fits(share_config, fo, launch.local_size);
     if (init && strategy >= dist::Strategy::kFullShard)  // each rank loads it whole, then shards
       check_host_memory(

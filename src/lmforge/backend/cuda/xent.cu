@@ -317,7 +317,8 @@ void softmax_xent_stats(double* stats, const float* logits, const int32_t* targe
                         int64_t ldx) {
   if (N <= 0) return;
   softmax_xent_stats_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      stats, logits, ldx > 0 ? ldx : V, targets, V, ignore_index, v0, vocab_total);
+      stats, logits, ldx > 0 ? ldx : V, targets, V, ignore_index, v0,
+      vocab_total > 0 ? vocab_total : V);
   LMF_CUDA_LAUNCHED();
 }
 
