@@ -11,17 +11,12 @@
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
+#include "testing/random.h"
 
 namespace lmforge {
 namespace {
 
-Tensor randn(Shape shape, uint64_t seed, double scale = 1.0) {
-  Tensor t = Tensor::empty(shape, DType::kF32);
-  Rng rng(seed);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    t.data<float>()[i] = static_cast<float>(rng.normal() * scale);
-  return t;
-}
+using testing::random_normal;
 
 // Columns [c0, c0 + n) of a (rows, cols) fp32 matrix, contiguous.
 Tensor columns(const Tensor& m, int64_t c0, int64_t n) {
@@ -34,7 +29,8 @@ Tensor columns(const Tensor& m, int64_t c0, int64_t n) {
 
 TEST(VocabParallel, EmbeddingSplitByRowsSumsToTheWhole) {
   const int64_t B = 3, T = 7, C = 24, V = 60, P = 3, v = V / P;
-  const Tensor wte = randn({V, C}, 1), wpe = randn({T, C}, 2), dout = randn({B, T, C}, 3);
+  const Tensor wte = random_normal({V, C}, 1), wpe = random_normal({T, C}, 2),
+               dout = random_normal({B, T, C}, 3);
   Tensor tokens = Tensor::empty({B, T}, DType::kI32);
   Rng rng(4);
   for (int64_t i = 0; i < B * T; ++i)
@@ -73,7 +69,7 @@ TEST(VocabParallel, EmbeddingSplitByRowsSumsToTheWhole) {
 void loss_matches_the_whole(bool bf16, double z_loss, bool row_scale) {
   const int64_t N = 37, V = 96, P = 3, v = V / P;
   const int32_t kIgnore = -100;
-  const Tensor logits = randn({N, V}, 11, 3.0);
+  const Tensor logits = random_normal({N, V}, 11, 3.0);
   Tensor targets = Tensor::empty({N}, DType::kI32);
   Rng rng(12);
   for (int64_t i = 0; i < N; ++i)

@@ -12,17 +12,12 @@
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
+#include "testing/random.h"
 
 namespace lmforge {
 namespace {
 
-Tensor randn(Shape shape, uint64_t seed, double scale = 1.0) {
-  Tensor t = Tensor::empty(shape, DType::kF32);
-  Rng rng(seed);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    t.data<float>()[i] = static_cast<float>(rng.normal() * scale);
-  return t;
-}
+using testing::random_normal;
 Tensor gpu(const Tensor& t) { return t.to(Device::kCUDA); }
 Tensor host(const Tensor& t) { return t.to(Device::kCPU); }
 
@@ -43,13 +38,13 @@ double error(const Tensor& a, const Tensor& b) {
 TEST(CudaVocabParallel, EmbeddingPartsMatchTheCpu) {
   if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t B = 3, T = 9, C = 32, V = 90, P = 3, v = V / P;
-  const Tensor wpe = randn({T, C}, 2), dout = randn({B, T, C}, 3);
+  const Tensor wpe = random_normal({T, C}, 2), dout = random_normal({B, T, C}, 3);
   Tensor tokens = Tensor::empty({B, T}, DType::kI32);
   Rng rng(4);
   for (int64_t i = 0; i < B * T; ++i)
     tokens.data<int32_t>()[i] = static_cast<int32_t>(rng.below(V));
   for (int64_t r = 0; r < P; ++r) {
-    const Tensor mine = randn({v, C}, 10 + r);
+    const Tensor mine = random_normal({v, C}, 10 + r);
     Tensor out = Tensor::empty({B, T, C}, DType::kF32), got = gpu(out);
     ops::embedding_forward(out, tokens, mine, r == 0 ? wpe : Tensor(), {}, r * v, V);
     ops::embedding_forward(got, gpu(tokens), gpu(mine), r == 0 ? gpu(wpe) : Tensor(), {}, r * v, V);
@@ -84,7 +79,7 @@ void loss_part_matches_the_cpu(bool bf16, double z_loss, bool row_scale, int64_t
     for (int64_t i = 0; i < N; ++i) scale.data<float>()[i] = 0.5f + 0.125f * (i % 4);
   }
   std::vector<Tensor> parts;
-  for (int64_t r = 0; r < P; ++r) parts.push_back(randn({N, v}, 20 + r, 2.0));
+  for (int64_t r = 0; r < P; ++r) parts.push_back(random_normal({N, v}, 20 + r, 2.0));
   // Every rank's statistics, from the CPU (the gather's result), and this test's GPU's own.
   Tensor all = Tensor::empty({P, N, 3}, DType::kF64);
   for (int64_t r = 0; r < P; ++r)
