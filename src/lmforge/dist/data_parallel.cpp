@@ -208,10 +208,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   opt_ = std::make_unique<AdamW>(ps_, std::move(slots), opt);
   if (opt.muon.on && strategy_ != Strategy::kNoShard)  // each matrix's direction, whole
     opt_->set_muon_gather([this](const Param& p, const Tensor& whole) {
-      const int64_t off = ps_.offset(p);
-      shard_comm_
-          ->all_gather(nullptr, whole.data<float>(), layout_.counts(off, off + p.shape.numel()))
-          ->wait();
+      gather_param(p, nullptr, whole.data<float>());  // (this rank's piece in place)
     });
   model.set_hooks(this);
 }
@@ -413,13 +410,17 @@ Tensor DataParallel::whole_param(const Param& p, int what) {
   auto moment = [&] { return what == 1 ? opt_->m(k) : opt_->v(k); };
   if (!pieces) return what == 0 ? p.value.view({n}) : moment().view({n});
   LMF_CHECK(what > 0 || vshard_.dtype() == DType::kF32, "whole_param: fp32 values");
-  // The ranks' pieces of p, in order (a rank holding none sends nothing).
   Tensor out = Tensor::empty({n}, DType::kF32, model_.device());
   const float* mine = what == 0 ? vshard_.data<float>() + (std::clamp(off, my_lo_, my_hi_) - my_lo_)
                       : held    ? moment().data<float>()
                                 : out.data<float>();
-  shard_comm_->all_gather(mine, out.data<float>(), layout_.counts(off, off + n))->wait();
+  gather_param(p, mine, out.data<float>());
   return out;
+}
+
+void DataParallel::gather_param(const Param& p, const float* mine, float* out) {
+  const int64_t off = ps_.offset(p);
+  shard_comm_->all_gather(mine, out, layout_.counts(off, off + p.shape.numel()))->wait();
 }
 
 void DataParallel::take_optimizer(const AdamW& whole) {

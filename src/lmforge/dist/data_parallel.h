@@ -178,6 +178,10 @@ class DataParallel final : public GroupHooks {
   // Points group `group`'s values (or gradients) into `buf`; with `bf16` (full-shard under bf16
   // precision) also its matmul weights' bf16 copies, converted from the values.
   void point_group(int64_t group, const Tensor& buf, bool grad = false, const Tensor& bf16 = {});
+  // Every rank's piece of parameter p (ParamSet::offset's layout), in order, into out (p's
+  // elements), over the shard communicator; mine: this rank's piece (a rank holding none sends
+  // nothing), or null where it is already in place in out.
+  void gather_param(const Param& p, const float* mine, float* out);
   int64_t group_lo(int64_t g) const;
   int64_t group_hi(int64_t g) const { return group_lo(g + 1); }
   std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);

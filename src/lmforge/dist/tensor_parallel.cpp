@@ -56,9 +56,10 @@ Role role(const std::string& name, bool vocab_parallel) {
   return Role::kReplicated;
 }
 
-// Whether the share (of `whole`'s model split over tp ranks) holds a part of the vocabulary.
-bool splits_vocab(const ModelConfig& share, const ModelConfig& whole) {
-  return share.vocab_size != whole.vocab_size;
+// Whether a share of `whole`'s model whose token embeddings have `share_vocab` rows holds a
+// part of the vocabulary (tensor_parallel_config's vocab_parallel).
+bool splits_vocab(int64_t share_vocab, const ModelConfig& whole) {
+  return share_vocab != whole.vocab_size;
 }
 
 // Rank r of tp's runs of parameter `name`, shaped `shape` in the whole model `c` (vocab: split
@@ -152,7 +153,7 @@ Tensor make_share(const ModelConfig& whole, const ParamSet& layout, const ParamS
             sp.params().size());
   Tensor host = Tensor::empty({sp.flat_size()}, DType::kF32);
   float* out = host.data<float>();
-  const bool vocab = sp.params().front().shape[0] != layout.params().front().shape[0];
+  const bool vocab = splits_vocab(sp.params().front().shape[0], whole);  // (tok_emb.weight)
   each([&](size_t i, const float* values) {
     const Param &p = layout.params()[i], &q = sp.params()[i];
     LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
@@ -195,7 +196,7 @@ TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Trans
       whole_(whole),
       model_(model),
       sequence_parallel_(sequence_parallel),
-      vocab_parallel_(splits_vocab(model.config(), whole)) {
+      vocab_parallel_(splits_vocab(model.config().vocab_size, whole)) {
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
   if (vocab_parallel_) {
     const int64_t v = model.config().vocab_size;

@@ -207,9 +207,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
+  // The model trained: `model`, or under tensor parallelism the whole that each rank's share is
+  // part of (its vocabulary for token ids, its shape for generation).
+  const ModelConfig& whole_config = cfg.dist.tensor_parallel > 1 ? cfg.model : model.config();
   if (!cfg.sample.prompt.empty())  // sampled after training: a prompt that cannot fit fails now
-    check_generate(cfg.dist.tensor_parallel > 1 ? cfg.model : model.config(),  // (not a share's)
-                   tokenizer->encode(cfg.sample.prompt, false, true),
+    check_generate(whole_config, tokenizer->encode(cfg.sample.prompt, false, true),
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
   // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
   // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the
@@ -291,8 +293,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       fail("train.hellaswag: {}", e.what());
     }
     try {
-      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len,
-                            (tp_size > 1 ? cfg.model : model.config()).vocab_size);
+      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, whole_config.vocab_size);
     } catch (const Error& e) {
       fail("train.hellaswag: {}: {} (train.seq_len {})", t.hellaswag, e.what(), t.seq_len);
     }
