@@ -654,8 +654,13 @@ TEST_F(DataParallelTest, CheckpointOfFourRanksResumesOnTwoAndOne) {
     int ranks;
     std::string extra;
   };
+  // (and on 2 tensor-parallel groups of 2 x batch 4, full-shard across them: each rank reads its
+  // share's pieces from the 4 ranks' slices)
   for (const Case& c : {Case{"reshard-2", 2, "--set train.batch_size=4 --set dist.strategy=zero1"},
-                        Case{"reshard-1", 1, "--set train.batch_size=8"}}) {
+                        Case{"reshard-1", 1, "--set train.batch_size=8"},
+                        Case{"reshard-tp2", 4,
+                             "--set train.batch_size=4 --set dist.tensor_parallel=2 --set "
+                             "dist.strategy=full-shard"}}) {
     RunResult x = run(c.name, c.ranks, c.extra + " --resume=" + ckpt);
     ASSERT_EQ(x.exit_code, 0) << c.name << "\n" << x.out << x.err;
     std::vector<double> l = losses(c.name);

@@ -12,11 +12,7 @@ namespace lmforge::dist {
 
 namespace {
 
-// Runs of elements of one parameter: [whole, whole + len) of the whole model's tensor is
-// [share, share + len) of rank r's.
-struct Run {
-  int64_t whole, share, len;
-};
+using Run = ShareRun;  // [whole, whole + len) of the whole's tensor is [share, ...) of r's
 
 bool ends_with(const std::string& s, const char* suffix) {
   const size_t n = std::strlen(suffix);
@@ -110,6 +106,14 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
 
 Tensor on_host(const Tensor& t) { return t.device() == Device::kCPU ? t : t.to(Device::kCPU); }
 
+// The whole model's parameter shapes, by name (a layout: nothing allocated).
+std::shared_ptr<const std::map<std::string, Shape>> whole_shapes(const ModelConfig& whole) {
+  auto shapes = std::make_shared<std::map<std::string, Shape>>();
+  const Transformer layout(whole, Transformer::MeasureOnly{});
+  for (const Param& p : layout.params().params()) (*shapes)[p.name] = p.shape;
+  return shapes;
+}
+
 }  // namespace
 
 ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp, bool vocab_parallel) {
@@ -135,6 +139,15 @@ ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp, bool vocab_
     c.vocab_size = whole.vocab_size / tp;
   }
   return c;
+}
+
+ShareOfWhole tensor_parallel_share_of(const ModelConfig& whole, int tp, int r,
+                                      bool vocab_parallel) {
+  return [shapes = whole_shapes(whole), whole, tp, r, vocab_parallel](const Param& p) {
+    auto it = shapes->find(p.name);
+    LMF_CHECK(it != shapes->end(), "parameter {} is not in the whole model", p.name);
+    return ParamShare{it->second, share_runs(p.name, it->second, whole, tp, r, vocab_parallel)};
+  };
 }
 
 bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel) {
@@ -358,11 +371,8 @@ void TensorParallel::gather(Transformer* whole, AdamW* whole_opt, bool moments, 
 AdamW::MuonShares TensorParallel::muon_shares(Device device) {
   // The whole model's shapes of the share's Muon matrices, and a buffer for every rank's share
   // of the largest (allocated once: a step allocates nothing).
-  auto shapes = std::make_shared<std::map<std::string, Shape>>();
-  const Transformer layout(whole_, Transformer::MeasureOnly{});
+  auto shapes = whole_shapes(whole_);
   int64_t most = 0;
-  for (const Param& p : layout.params().params())
-    if (muon_param(p)) (*shapes)[p.name] = p.shape;
   for (const Param& q : model_.params().params())
     if (muon_param(q)) most = std::max(most, q.shape.numel());
   auto staging = std::make_shared<Tensor>(Tensor::empty({most * size()}, DType::kF32, device));
@@ -383,23 +393,6 @@ AdamW::MuonShares TensorParallel::muon_shares(Device device) {
       x.slice(run.share, run.len).copy_from(whole.slice(run.whole, run.len));
   };
   return m;
-}
-
-void TensorParallel::copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const {
-  LMF_CHECK(whole_opt.slots().size() == opt.slots().size(), "{} slots in the whole, {} in a share",
-            whole_opt.slots().size(), opt.slots().size());
-  for (size_t i = 0; i < opt.slots().size(); ++i) {
-    const Param& p = *whole_opt.slots()[i].param;
-    for (auto [from, to] : {std::pair{&whole_opt.m(i), &opt.m(i)}, {&whole_opt.v(i), &opt.v(i)}}) {
-      if (!to->defined()) continue;  // (Muon's matrices: no second moment)
-      Tensor host = Tensor::empty(to->shape(), DType::kF32);
-      for (const Run& run : share_runs(p.name, p.shape, whole_, size(), rank(), vocab_parallel_))
-        std::memcpy(host.data<float>() + run.share, from->data<float>() + run.whole,
-                    sizeof(float) * run.len);
-      to->copy_from(host);
-    }
-  }
-  opt.set_steps_taken(whole_opt.steps_taken());
 }
 
 }  // namespace lmforge::dist

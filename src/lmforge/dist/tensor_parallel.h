@@ -65,6 +65,11 @@ namespace lmforge::dist {
 // heads, the MLP's width (or the vocabulary) do not divide.
 ModelConfig tensor_parallel_config(const ModelConfig& whole, int tp, bool vocab_parallel = false);
 
+// Where rank r of tp's share finds each of its parameters' elements in the whole model's
+// tensors (a checkpoint's: load_checkpoint reads a share from them directly).
+ShareOfWhole tensor_parallel_share_of(const ModelConfig& whole, int tp, int r,
+                                      bool vocab_parallel = false);
+
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
 bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel = false);
 
@@ -135,9 +140,6 @@ class TensorParallel final : public PartialSums {
   // group (its rows, or its input columns, as share_runs lays them out), and this rank's part
   // taken back. `device`: where the optimizer's buffers are.
   AdamW::MuonShares muon_shares(Device device);
-  // This rank's share of whole_opt's moments and step count (not collective; opt over every
-  // parameter of the share, whole_opt over every parameter of the whole model).
-  void copy_optimizer_share(const AdamW& whole_opt, AdamW& opt) const;
 
  private:
   // Every rank's `mine` (fp32, where the model is), in rank order, on the host.

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,6 +49,20 @@ struct Param {
   // The operand of the fp32 ops (norm weights, biases): the value, or its fp32 working copy.
   const Tensor& fp32() const { return value_f32.defined() ? value_f32 : value; }
 };
+
+// Where a model that holds part of each parameter (a tensor-parallel share) finds its elements
+// in the whole model's tensors: the whole parameter's shape, and runs of elements, each
+// [whole, whole + len) of the whole tensor (flat) being [share, share + len) of the part.
+struct ShareRun {
+  int64_t whole, share, len;
+};
+struct ParamShare {
+  Shape whole_shape;
+  std::vector<ShareRun> runs;
+};
+// For each parameter of the part, its place in the whole (dist::tensor_parallel_share_of); an
+// empty function: the model is whole.
+using ShareOfWhole = std::function<ParamShare(const Param&)>;
 
 class ParamSet {
  public:

@@ -245,14 +245,17 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
 
 // Fills out (a flat fp32 tensor) with the flat elements [lo, lo + out.numel()) of tensors
 // prefix + <parameter name>, whole or in slices (metadata "begin.<name>"), from the files.
+// share: where a part of each tensor (a tensor-parallel share: ps is its layout) lies in the
+// files' whole tensors; empty: ps is the whole model's.
 // without_adapters: the files are of a model without LoRA adapters (init_from under LoRA): the
 // adapters' elements keep the values out has.
 void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
-               int64_t lo, const Tensor& out, bool without_adapters = false) {
+               int64_t lo, const Tensor& out, const ShareOfWhole& share = {},
+               bool without_adapters = false) {
   if (out.device() != Device::kCPU) {  // a GPU buffer: filled on the host, copied in one piece
     Tensor host = Tensor::empty(out.shape(), out.dtype());
     if (without_adapters) host.copy_from(out);
-    fill_flat(files, prefix, ps, lo, host, without_adapters);
+    fill_flat(files, prefix, ps, lo, host, share, without_adapters);
     out.copy_from(host);
     return;
   }
@@ -266,8 +269,21 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
   char* dst = static_cast<char*>(out.raw());
   for (const Param& p : ps.params()) {
     const int64_t off = ps.offset(p), numel = p.shape.numel();
-    const int64_t want = std::max<int64_t>(0, std::min(hi, off + numel) - std::max(lo, off));
-    if (want == 0) continue;
+    if (std::min(hi, off + numel) <= std::max(lo, off)) continue;
+    const ParamShare place = share ? share(p) : ParamShare{p.shape, {{0, 0, numel}}};
+    const int64_t whole_numel = place.whole_shape.numel();
+    // The runs' parts inside [lo, hi): elements [w, w + n) of the whole tensor go to out[o...].
+    struct Want {
+      int64_t w, o, n;
+    };
+    std::vector<Want> wants;
+    int64_t want = 0;
+    for (const ShareRun& run : place.runs) {
+      const int64_t a = std::max(lo, off + run.share), z = std::min(hi, off + run.share + run.len);
+      if (a >= z) continue;
+      wants.push_back({run.whole + (a - off - run.share), a - lo, z - a});
+      want += z - a;
+    }
     const std::string name = prefix + p.name;
     int64_t got = 0;
     for (const Safetensors& f : files) {
@@ -289,21 +305,24 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
           fail("{}: metadata begin.{} is \"{}\", not an element offset; the checkpoint is corrupt",
                f.path(), name, b->second);
       }
-      if ((b == f.metadata().end() && !(t.shape() == p.shape)) || begin < 0 ||
-          begin + t.numel() > numel)
+      if ((b == f.metadata().end() && !(t.shape() == place.whole_shape)) || begin < 0 ||
+          begin + t.numel() > whole_numel)
         fail(
             "{}: tensor {} is {} {} but the model needs {}; the checkpoint is from another "
             "architecture",
-            f.path(), name, t.shape().str(), stored, p.shape.str());
-      const int64_t a = std::max(lo, off + begin), z = std::min(hi, off + begin + t.numel());
-      if (a >= z) continue;
-      if (t.dtype() == out.dtype())
-        std::memcpy(dst + (a - lo) * esize,
-                    static_cast<const char*>(t.raw()) + (a - off - begin) * esize,
-                    static_cast<size_t>(z - a) * esize);
-      else  // an fp32 checkpoint into bf16 master weights
-        ops::to_bf16(out.slice(a - lo, z - a), t.view({t.numel()}).slice(a - off - begin, z - a));
-      got += z - a;
+            f.path(), name, t.shape().str(), stored, place.whole_shape.str());
+      const Tensor flat = t.view({t.numel()});
+      for (const Want& w : wants) {  // this file's elements [begin, begin + t.numel())
+        const int64_t a = std::max(w.w, begin), z = std::min(w.w + w.n, begin + t.numel());
+        if (a >= z) continue;
+        const int64_t to = w.o + (a - w.w);
+        if (t.dtype() == out.dtype())
+          std::memcpy(dst + to * esize, static_cast<const char*>(t.raw()) + (a - begin) * esize,
+                      static_cast<size_t>(z - a) * esize);
+        else  // an fp32 checkpoint into bf16 master weights
+          ops::to_bf16(out.slice(to, z - a), flat.slice(a - begin, z - a));
+        got += z - a;
+      }
     }
     if (without_adapters && is_lora_param(p.name)) continue;
     if (got != want)
@@ -579,12 +598,13 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
 
 namespace {
 void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, AdamW* opt,
-                           TrainState* st);
+                           TrainState* st, const ShareOfWhole& share);
 }  // namespace
 
-void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st) {
+void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st,
+                     const ShareOfWhole& share) {
   try {
-    load_checkpoint_state(ckpt_dir, model, opt, st);
+    load_checkpoint_state(ckpt_dir, model, opt, st, share);
   } catch (const json::exception& e) {  // a field of the wrong type or missing
     fail("{}/state.json: {}; the checkpoint is corrupt, resume from an earlier one", ckpt_dir,
          e.what());
@@ -593,11 +613,11 @@ void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt
 
 namespace {
 void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, AdamW* opt,
-                           TrainState* st) {
+                           TrainState* st, const ShareOfWhole& share) {
   json j = read_state(ckpt_dir);
   ParamSet& ps = model.params();
   if (ps.has_values()) {
-    load_checkpoint_values(ckpt_dir, ps, 0, ps.flat_values());
+    load_checkpoint_values(ckpt_dir, ps, 0, ps.flat_values(), share);
     ps.invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
   }
   if ((opt || st) && j.value("weights_only", false))
@@ -616,8 +636,8 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];
       const int64_t lo = ps.offset(*s.param) + s.begin;
-      fill_flat(files, "m.", ps, lo, opt->m(i).view({s.len}));
-      if (opt->v(i).defined()) fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}));
+      fill_flat(files, "m.", ps, lo, opt->m(i).view({s.len}), share);
+      if (opt->v(i).defined()) fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}), share);
     }
     opt->set_steps_taken(j.at("optimizer_steps").get<int64_t>());
   }
@@ -637,12 +657,12 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
 }  // namespace
 
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
-                            const Tensor& out) {
+                            const Tensor& out, const ShareOfWhole& share) {
   // A model with LoRA adapters from a checkpoint without them (init_from): they keep their values.
   const bool without_adapters = !checkpoint_model_config(ckpt_dir).lora.on() &&
                                 std::any_of(ps.params().begin(), ps.params().end(),
                                             [](const Param& p) { return is_lora_param(p.name); });
-  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, without_adapters);
+  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, share, without_adapters);
 }
 
 std::string checkpoint_init_from(const std::string& ckpt_dir) {

@@ -90,13 +90,17 @@ std::string checkpoint_init_from(const std::string& ckpt_dir);
 // The safetensors dtypes its model values are stored in ("F32"; "BF16" under bf16 master weights).
 std::set<std::string> checkpoint_dtypes(const std::string& ckpt_dir);
 // The values of the flat parameter elements [lo, lo + out.numel()) (ParamSet::offset) from
-// model.safetensors or the model-rank files, whichever the checkpoint has.
+// model.safetensors or the model-rank files, whichever the checkpoint has. With `share`, ps is
+// the layout of a part of the checkpoint's model (a tensor-parallel share,
+// dist::tensor_parallel_share_of) and only that part is read.
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
-                            const Tensor& out);
+                            const Tensor& out, const ShareOfWhole& share = {});
 // Loads parameters (unless the model's values are released for full-shard), and when given,
-// optimizer state (opt) and train state (st); a weights-only checkpoint then fails with a message
-// pointing at init_from. Does not verify: get ckpt_dir from find_latest_checkpoint /
-// resolve_checkpoint.
-void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st);
+// optimizer state (opt: its slots' elements alone) and train state (st); a weights-only
+// checkpoint then fails with a message pointing at init_from. With `share`, the model is a share
+// of the checkpoint's (see load_checkpoint_values). Does not verify: get ckpt_dir from
+// find_latest_checkpoint / resolve_checkpoint.
+void load_checkpoint(const std::string& ckpt_dir, Transformer& model, AdamW* opt, TrainState* st,
+                     const ShareOfWhole& share = {});
 
 }  // namespace lmforge

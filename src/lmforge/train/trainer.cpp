@@ -340,34 +340,16 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   st.init_from = cfg.init_from;
   std::string metrics_path = run_dir + "/metrics.jsonl";
   if (!ckpt.empty()) {
-    if (tp) {  // the whole model's, then this rank's share of it
-      check_host_memory(
-          (resume.reset_optimizer ? 4.0 : 12.0) * static_cast<double>(cfg.model.num_params()) *
-              dist::rank_info().local_size,
-          fmt::format("--resume under dist.tensor_parallel: the whole model's fp32 weights{} on "
-                      "each of this node's {} ranks before each takes its share",
-                      resume.reset_optimizer ? "" : " and AdamW state",
-                      dist::rank_info().local_size),
-          "launch fewer ranks per node");
-      make_whole(!resume.reset_optimizer);
-      load_checkpoint(ckpt, *whole, resume.reset_optimizer ? nullptr : whole_opt.get(), &st);
-      dp.assign_values(
-          dist::tensor_parallel_share_values(*whole, model.params(), tp->size(), tp->rank()));
-      if (whole_opt && dp.strategy() == dist::Strategy::kNoShard) {
-        tp->copy_optimizer_share(*whole_opt, opt);
-      } else if (whole_opt) {  // sharded: this rank's pieces of its share's
-        AdamW share_opt(model.params(), optimizer_options(t));
-        tp->copy_optimizer_share(*whole_opt, share_opt);
-        dp.take_optimizer(share_opt);
-      }
-      whole.reset();  // (rank 0 makes it again for saves)
-      whole_opt.reset();
-    } else {
-      load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st);
-    }
-    if (dp.sharded_values() && !tp)
+    // Each rank reads its own part of the checkpoint's tensors: under tensor parallelism its
+    // share's elements, and of those the optimizer state's (and under full-shard the values')
+    // pieces its shard holds.
+    const ShareOfWhole share =
+        tp ? dist::tensor_parallel_share_of(cfg.model, tp->size(), tp->rank(), tp->vocab_parallel())
+           : ShareOfWhole();
+    load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st, share);
+    if (dp.sharded_values())
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
-                             dp.value_shard());
+                             dp.value_shard(), share);
     dp.refresh_master();  // dist.offload's host copy of the loaded values
     train_data.set_state(st.loader);
     const int64_t saved_step = st.step;
