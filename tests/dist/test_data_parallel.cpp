@@ -44,9 +44,11 @@ class DataParallelTest : public ::testing::Test {
   }
   static void TearDownTestSuite() { delete dir_; }
 
-  // Trains in run directory `name` with n ranks (n = 1: a plain process); extra --set args.
-  static RunResult run(const std::string& name, int n, const std::string& extra) {
-    std::string args = std::string(kTrain) + "--set run.dir=" + *dir_ + "/" + name + " " + extra;
+  // Trains in run directory `name` with n ranks (n = 1: a plain process); extra --set args
+  // after `train` (the tiny run's command).
+  static RunResult run(const std::string& name, int n, const std::string& extra,
+                       const std::string& train = kTrain) {
+    std::string args = train + "--set run.dir=" + *dir_ + "/" + name + " " + extra;
     if (n > 1) args = "launch --nproc " + std::to_string(n) + " -- " + args;
     return testing::run_lmforge(args, *dir_);
   }
@@ -843,6 +845,52 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
                     "--set sample.prompt=The --set sample.max_tokens=8");
   ASSERT_EQ(s.exit_code, 0) << s.out << s.err;
   EXPECT_NE(s.out.find("--- sample ---"), std::string::npos) << s.out;
+}
+
+TEST_F(DataParallelTest, InitFromGivesEachRankItsPartAsOneProcessLoadsIt) {
+  // init_from under tensor parallelism (each rank's share) and full-shard (each rank's shard) is
+  // read one parameter at a time, never the whole model: the same training as one process that
+  // loads it whole, from an lmforge checkpoint and from a Hugging Face directory, LoRA adapters
+  // the source lacks starting from the seed's values as in one process.
+  RunResult src = run(
+      "init-src", 1, "--set train.batch_size=2 --set train.steps=3 --set train.checkpoint_every=3");
+  ASSERT_EQ(src.exit_code, 0) << src.err;
+  const std::string ckpt = *dir_ + "/init-src/checkpoints/step-00000003";
+  RunResult ex = testing::run_lmforge(
+      "export --checkpoint " + ckpt + " --to-hf " + *dir_ + "/init-src-hf", *dir_);
+  ASSERT_EQ(ex.exit_code, 0) << ex.err;
+  struct Source {
+    std::string tag, spec;
+  };
+  for (const Source& from : {Source{"ckpt", ckpt}, Source{"hf", "hf:" + *dir_ + "/init-src-hf"}}) {
+    // (a Hugging Face source fixes the architecture: the tiny run without its preset)
+    std::string train = kTrain;
+    const std::string preset = "--set model.preset=gpt2-tiny ";
+    if (from.tag == "hf") train.erase(train.find(preset), preset.size());
+    const std::string base =
+        "--set train.steps=3 --set init_from=" + from.spec +
+        (from.tag == "hf" ? " --set model.lora_rank=4 --set train.lr=1e-3 " : " ");
+    struct Case {
+      std::string name, args, one_args, says;
+    };
+    for (const Case& c :
+         {Case{"tp2", "--set train.batch_size=2 --set dist.tensor_parallel=2",
+               "--set train.batch_size=2", "each rank's share of its"},
+          Case{"fs2", "--set train.batch_size=2 --set dist.strategy=full-shard",
+               "--set train.batch_size=2 --set train.grad_accum=2", "each rank's shard of its"}}) {
+      const std::string name = "init-" + from.tag + "-" + c.name, one = name + "-one";
+      RunResult o = run(one, 1, base + c.one_args, train);
+      ASSERT_EQ(o.exit_code, 0) << one << "\n" << o.err;
+      RunResult x = run(name, 2, base + c.args, train);
+      ASSERT_EQ(x.exit_code, 0) << name << "\n" << x.out << x.err;
+      EXPECT_NE(x.out.find(c.says), std::string::npos) << name << "\n" << x.out;
+      const std::vector<double> a = losses(name), b = losses(one);
+      ASSERT_EQ(a.size(), 3u) << name;
+      ASSERT_EQ(b.size(), 3u) << one;
+      for (size_t i = 0; i < 3; ++i)
+        EXPECT_NEAR(a[i], b[i], 1e-6 * b[i]) << name << " step " << i + 1;
+    }
+  }
 }
 
 TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess) {

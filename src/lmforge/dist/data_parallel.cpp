@@ -51,7 +51,7 @@ Tensor flat_view(const Tensor& t, int64_t start, int64_t len) {
 }  // namespace
 
 DataParallel::DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
-                           const AdamWOptions& opt, std::optional<uint64_t> init_seed)
+                           const AdamWOptions& opt, const ValueStream& init)
     : counted_(world),
       world_(counted_),
       shard_comm_(&counted_),
@@ -145,11 +145,23 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     ps_.release_grads();
   }
   if (values_sharded) {
-    if (ps_.has_values() && !init_seed)
+    if (!init) {
       vshard_.copy_from(flat_view(ps_.flat_values(), my_lo_, mine));
-    else {  // made on the host, then copied to where the shard lives
-      Tensor host = Tensor::empty({mine}, DType::kF32);
-      model.init_weights_range(init_seed.value_or(0), my_lo_, mine, host.data<float>());
+    } else {  // made on the host, one parameter at a time, then copied to where the shard lives
+      Tensor host = Tensor::zeros({mine}, DType::kF32);  // (alignment gaps: 0)
+      float* out = host.data<float>();
+      int64_t given = 0;
+      init([&](const Param& p, const float* values) {
+        const Param* q = ps_.find(p.name);
+        LMF_CHECK(q && q->shape == p.shape, "initial values for {}: not a parameter of the model",
+                  p.name);
+        const int64_t off = ps_.offset(*q), n = q->shape.numel();
+        const int64_t a = std::max(off, my_lo_), z = std::min(off + n, my_hi_);
+        if (a < z) std::copy(values + (a - off), values + (z - off), out + (a - my_lo_));
+        ++given;
+      });
+      LMF_CHECK(given == static_cast<int64_t>(ps_.params().size()),
+                "initial values for {} of {} parameters", given, ps_.params().size());
       if (master16) {  // rounded to nearest even, as ParamSet::use_bf16_master does
         Tensor h16 = Tensor::empty({mine}, DType::kBF16);
         ops::to_bf16(h16, host);

@@ -66,11 +66,11 @@ class RowObjective {
 
 class DataParallel final : public GroupHooks {
  public:
-  // The model must be planned. Under full-shard the model's value buffer is released: the
-  // values come from the model when it holds them (init_from), else from init_seed (created
-  // directly as shards).
+  // The model must be planned. Under full-shard the model's value buffer is released: each
+  // rank's shard of the values comes from `init` when given (every parameter of the model,
+  // streamed one at a time: the whole model's values are never held), else from the model.
   DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
-               const AdamWOptions& opt, std::optional<uint64_t> init_seed = std::nullopt);
+               const AdamWOptions& opt, const ValueStream& init = {});
   ~DataParallel() override;
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;

@@ -155,52 +155,23 @@ bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel) {
   return k == Role::kRowBias || k == Role::kPartial || k == Role::kReplicated;
 }
 
-namespace {
-// The share's flat values on the host, built from each whole parameter's (give(i, values): the
-// i-th parameter's values, called for every parameter in order).
-template <typename Each>
-Tensor make_share(const ModelConfig& whole, const ParamSet& layout, const ParamSet& sp, int tp,
-                  int r, Each&& each) {
-  LMF_CHECK(layout.params().size() == sp.params().size(),
-            "{} parameters in the whole, {} in a share", layout.params().size(),
-            sp.params().size());
-  Tensor host = Tensor::empty({sp.flat_size()}, DType::kF32);
+void set_tensor_parallel_share(const ModelConfig& whole, Transformer& share, int tp, int r,
+                               const ValueStream& values) {
+  ParamSet& sp = share.params();
+  Tensor host = Tensor::zeros({sp.flat_size()}, DType::kF32);  // (alignment gaps: 0)
   float* out = host.data<float>();
-  const bool vocab = splits_vocab(sp.params().front().shape[0], whole);  // (tok_emb.weight)
-  each([&](size_t i, const float* values) {
-    const Param &p = layout.params()[i], &q = sp.params()[i];
-    LMF_CHECK(p.name == q.name, "parameter {}: {} in the share", p.name, q.name);
+  const bool vocab = splits_vocab(share.config().vocab_size, whole);
+  size_t given = 0;
+  values([&](const Param& p, const float* v) {
+    const Param* q = sp.find(p.name);
+    LMF_CHECK(q, "parameter {} is not in the share", p.name);
     for (const Run& run : share_runs(p.name, p.shape, whole, tp, r, vocab))
-      std::memcpy(out + sp.offset(q) + run.share, values + run.whole, sizeof(float) * run.len);
+      std::memcpy(out + sp.offset(*q) + run.share, v + run.whole, sizeof(float) * run.len);
+    ++given;
   });
-  return host;
-}
-}  // namespace
-
-Tensor tensor_parallel_share_values(const Transformer& whole, const ParamSet& share, int tp,
-                                    int r) {
-  const ParamSet& wp = whole.params();
-  const Tensor values = on_host(wp.flat_values());
-  LMF_CHECK(values.dtype() == DType::kF32, "tensor parallelism needs fp32 values");
-  return make_share(whole.config(), wp, share, tp, r, [&](auto&& give) {
-    for (size_t i = 0; i < wp.params().size(); ++i)
-      give(i, values.data<float>() + wp.offset(wp.params()[i]));
-  });
-}
-
-void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r) {
-  share.params().assign_values(tensor_parallel_share_values(whole, share.params(), tp, r));
-}
-
-void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, uint64_t seed, int tp,
-                                int r) {
-  const Transformer layout(whole, Transformer::MeasureOnly{});  // allocates nothing
-  share.params().assign_values(
-      make_share(whole, layout.params(), share.params(), tp, r, [&](auto&& give) {
-        size_t i = 0;
-        layout.for_each_init_param(seed,
-                                   [&](const Param&, const float* values) { give(i++, values); });
-      }));
+  LMF_CHECK(given == sp.params().size(), "values for {} of the share's {} parameters", given,
+            sp.params().size());
+  sp.assign_values(host);
 }
 
 TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Transformer& model,

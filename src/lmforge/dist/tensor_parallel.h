@@ -46,8 +46,9 @@
 // 0; a load takes each rank's share of it), so they resume with any tensor_parallel and export as
 // usual.
 //
-//   Transformer share(tensor_parallel_config(cfg, 2));
-//   copy_tensor_parallel_share(whole, share, 2, tp_rank);  // initial values
+//   Transformer share(tensor_parallel_config(cfg, 2)), layout(cfg, Transformer::MeasureOnly{});
+//   set_tensor_parallel_share(cfg, share, 2, tp_rank,         // initial values
+//                             [&](auto& give) { layout.for_each_init_param(seed, give); });
 //   TensorParallel tp(tp_comm, cfg, share);                // the blocks' sums go over tp_comm
 #pragma once
 
@@ -73,15 +74,12 @@ ShareOfWhole tensor_parallel_share_of(const ModelConfig& whole, int tp, int r,
 // Whether parameter `name` is held whole on every rank of a group (the rest are split).
 bool tensor_parallel_replicated(const std::string& name, bool vocab_parallel = false);
 
-// Rank r's share of every parameter of `whole` (fp32 values on the host): the flat values (on
-// the host) of a model laid out as `share` (tensor_parallel_config(whole's, tp)); and copied into
-// `share` (fp32 values, on the host or a GPU).
-Tensor tensor_parallel_share_values(const Transformer& whole, const ParamSet& share, int tp, int r);
-void copy_tensor_parallel_share(const Transformer& whole, Transformer& share, int tp, int r);
-// Gives `share` rank r's share of the values a model of config `whole` gets from
-// init_weights(seed), without making the whole (one parameter at a time).
-void init_tensor_parallel_share(const ModelConfig& whole, Transformer& share, uint64_t seed, int tp,
-                                int r);
+// Gives `share` (tensor_parallel_config(whole, tp)'s model) rank r's share of the whole model's
+// values that `values` streams (every parameter of a layout of `whole`, each whole, one at a
+// time: the whole model is never held; Transformer::for_each_init_param for a seed's,
+// InitSource::values for init_from's).
+void set_tensor_parallel_share(const ModelConfig& whole, Transformer& share, int tp, int r,
+                               const ValueStream& values);
 
 class TensorParallel final : public PartialSums {
  public:

@@ -490,10 +490,9 @@ bool equal_bytes(const Tensor& a, const Tensor& b) {
 
 }  // namespace
 
-void load_hf_weights(Transformer& model, const std::string& dir) {
-  model.params().invalidate_bf16();  // the weights change below; bf16 copies follow on use
+void for_each_hf_weight(const Transformer& layout, const std::string& dir, const GiveValues& give) {
   SafetensorsSet set = SafetensorsSet::open(dir);
-  const ModelConfig& m = model.config();
+  const ModelConfig& m = layout.config();
   std::set<std::string> used;
   // Hub GPT-2 checkpoints predate the "transformer." prefix.
   auto resolve = [&](const std::string& name) {
@@ -502,21 +501,22 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
     fail("{}: tensor \"{}\" is missing; the checkpoint does not match its config.json", set.path(),
          name);
   };
-  for (Param& p : model.params().params()) {
+  for (const Param& p : layout.params().params()) {
     if (is_lora_param(p.name)) continue;  // LoRA adapters on top keep their initial values
-    const int64_t rows = p.value.size(0);
-    const int64_t cols = p.value.numel() / rows;
+    const int64_t rows = p.shape[0];
+    const int64_t cols = p.shape.numel() / rows;
+    Tensor value = Tensor::empty(p.shape, DType::kF32);
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
       std::string name = resolve(piece.name);
       used.insert(name);
       Tensor t = set.load(name, DType::kF32);
       Shape want = piece.transpose       ? Shape{cols, piece.rows}
-                   : p.value.ndim() == 1 ? Shape{piece.rows}
+                   : p.shape.ndim() == 1 ? Shape{piece.rows}
                                          : Shape{piece.rows, cols};
       if (!(t.shape() == want))
         fail("{}: tensor \"{}\" has shape {}, expected {} from config.json", set.path(), name,
              t.shape().str(), want.str());
-      Tensor dst = p.value.slice(piece.row0, piece.rows);
+      Tensor dst = value.slice(piece.row0, piece.rows);
       if (!piece.transpose) {
         dst.copy_from(t);
         continue;
@@ -526,13 +526,17 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
       for (int64_t r = 0; r < piece.rows; ++r)
         for (int64_t c = 0; c < cols; ++c) d[r * cols + c] = s[c * piece.rows + r];
     }
+    give(p, value.data<float>());
   }
   for (const std::string& name : set.names()) {
     if (used.count(name) || is_buffer(name)) continue;
     if (name == "lm_head.weight" && m.tie_embeddings) {
       // Some exports store the tied head anyway; it must then equal the embedding.
-      Tensor head = set.load(name, DType::kF32);
-      if (!equal_bytes(head, model.params().params().front().value))
+      const Param& emb = layout.params().params().front();
+      const std::vector<HfPiece> pieces = hf_pieces(m, emb.name, emb.shape[0]);
+      LMF_CHECK(pieces.size() == 1 && !pieces[0].transpose, "the token embedding in {} pieces",
+                pieces.size());
+      if (!equal_bytes(set.load(name, DType::kF32), set.load(resolve(pieces[0].name), DType::kF32)))
         fail(
             "{}: lm_head.weight differs from the token embedding but config.json says "
             "tie_word_embeddings=true",
@@ -544,6 +548,15 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
         "lmforge does not support",
         set.path(), name, m.arch);
   }
+}
+
+void load_hf_weights(Transformer& model, const std::string& dir) {
+  model.params().invalidate_bf16();  // the weights change below; bf16 copies follow on use
+  for_each_hf_weight(model, dir, [](const Param& p, const float* values) {
+    LMF_CHECK(p.value.dtype() == DType::kF32 && p.value.device() == Device::kCPU,
+              "load_hf_weights: {} is not fp32 on the host", p.name);
+    std::copy(values, values + p.shape.numel(), p.value.data<float>());
+  });
 }
 
 namespace {

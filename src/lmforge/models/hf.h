@@ -20,6 +20,7 @@
 
 #include "lmforge/core/dtype.h"
 #include "lmforge/models/config.h"
+#include "lmforge/nn/params.h"
 
 namespace lmforge {
 
@@ -52,6 +53,9 @@ std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& para
 
 // Loads every parameter from DIR (model.safetensors or a sharded index), converting to fp32.
 void load_hf_weights(Transformer& model, const std::string& dir);
+// The same values one parameter at a time: give(p, values) for every parameter of `layout` (a
+// model of DIR's architecture, MeasureOnly will do) but LoRA's adapters, each whole in fp32.
+void for_each_hf_weight(const Transformer& layout, const std::string& dir, const GiveValues& give);
 // Writes config.json, generation_config.json, the weights (sharded past max_shard_bytes, with
 // model.safetensors.index.json) in `dtype` (F32 or BF16) and the tokenizer files into dir.
 // LoRA adapters are merged into their layers' weights (W + (alpha / r) B A); with merge_lora

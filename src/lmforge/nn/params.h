@@ -64,6 +64,13 @@ struct ParamShare {
 // empty function: the model is whole.
 using ShareOfWhole = std::function<ParamShare(const Param&)>;
 
+// A model's values one parameter at a time (a seed's initial values, init_from's source):
+// calls give(p, values) for parameters of a layout of the model, each with its whole fp32
+// values on the host (valid during the call), so that a part of the model (a shard, a
+// tensor-parallel share) is made without the whole.
+using GiveValues = std::function<void(const Param&, const float*)>;
+using ValueStream = std::function<void(const GiveValues&)>;
+
 class ParamSet {
  public:
   Param* add(const std::string& name, Shape shape, bool decay);

@@ -106,8 +106,10 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
 void Transformer::init_weights(uint64_t seed) {
   params_.invalidate_bf16();
   if (device() != Device::kCPU || params_.bf16_master()) {  // made on the host, then copied in
-    Tensor host = Tensor::empty({params_.flat_size()}, DType::kF32);
-    init_weights_range(seed, 0, params_.flat_size(), host.data<float>());
+    Tensor host = Tensor::zeros({params_.flat_size()}, DType::kF32);  // (alignment gaps: 0)
+    for_each_init_param(seed, [&](const Param& p, const float* values) {
+      std::copy(values, values + p.shape.numel(), host.data<float>() + params_.offset(p));
+    });
     params_.assign_values(host);
     return;
   }
@@ -120,23 +122,30 @@ void Transformer::init_weights(uint64_t seed) {
 }
 
 void Transformer::init_adapters(uint64_t seed) {
-  Rng rng = lora_stream(seed);
-  for (Param& p : params_.params()) {
-    if (!is_lora_param(p.name)) continue;
-    Tensor host = Tensor::zeros(p.shape, DType::kF32);  // B = 0
-    if (p.name.ends_with(".lora_a"))
-      for (int64_t i = 0; i < host.numel(); ++i)
-        host.data<float>()[i] = lora_a_value(rng, p.shape[1]);
+  for_each_adapter_init(seed, [&](const Param& p, const float* values) {
+    Tensor host = Tensor::empty(p.shape, DType::kF32);
+    std::copy(values, values + p.shape.numel(), host.data<float>());
     if (p.value.dtype() == DType::kF32)
       p.value.copy_from(host);
     else
       ops::to_bf16(p.value, host.to(p.value.device()));
-  }
+  });
   params_.invalidate_bf16();
 }
 
-void Transformer::for_each_init_param(
-    uint64_t seed, const std::function<void(const Param&, const float*)>& fn) const {
+void Transformer::for_each_adapter_init(uint64_t seed, const GiveValues& fn) const {
+  Rng rng = lora_stream(seed);
+  std::vector<float> values;
+  for (const Param& p : params_.params()) {
+    if (!is_lora_param(p.name)) continue;
+    values.assign(static_cast<size_t>(p.shape.numel()), 0.0f);  // B = 0
+    if (p.name.ends_with(".lora_a"))
+      for (float& v : values) v = lora_a_value(rng, p.shape[1]);
+    fn(p, values.data());
+  }
+}
+
+void Transformer::for_each_init_param(uint64_t seed, const GiveValues& fn) const {
   std::vector<float> values;  // the parameter's so far
   for_init_values(seed, [&](const Param& p, int64_t i, float v) {
     const int64_t n = p.shape.numel();
@@ -144,19 +153,6 @@ void Transformer::for_each_init_param(
     if (i < 0) std::fill(values.begin(), values.end(), v);
     if (i >= 0) values[static_cast<size_t>(i)] = v;
     if (i < 0 || i == n - 1) fn(p, values.data());
-  });
-}
-
-void Transformer::init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const {
-  std::fill(out, out + n, 0.0f);  // alignment gaps
-  for_init_values(seed, [&](const Param& p, int64_t i, float v) {
-    const int64_t off = params_.offset(p), numel = p.shape.numel();
-    if (off + numel <= lo || off >= lo + n) return;
-    if (i >= 0) {
-      if (off + i >= lo && off + i < lo + n) out[off + i - lo] = v;
-      return;
-    }
-    for (int64_t k = std::max(off, lo); k < std::min(off + numel, lo + n); ++k) out[k - lo] = v;
   });
 }
 

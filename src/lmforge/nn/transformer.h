@@ -76,14 +76,11 @@ class Transformer {
   // The LoRA adapters alone, with the values init_weights(seed) gives them (the other weights
   // come from elsewhere: init_from).
   void init_adapters(uint64_t seed);
-  // The same values, for the flat elements [lo, lo + n) of the parameter space only (ParamSet::
-  // offset), written to out[0, n): a sharded model is created without the whole (deferred init).
-  void init_weights_range(uint64_t seed, int64_t lo, int64_t n, float* out) const;
-  // The same values one parameter at a time, in order: fn(p, values) with p's numel() values
-  // (valid during the call); a MeasureOnly model gives them too. For parts of a model made
-  // without the whole (tensor parallelism's shares).
-  void for_each_init_param(uint64_t seed,
-                           const std::function<void(const Param&, const float*)>& fn) const;
+  // The values init_weights(seed) gives, one parameter at a time, in order (the adapters'
+  // alone: init_adapters'); a MeasureOnly model gives them too. For parts of a model made
+  // without the whole (a full-shard rank's shard, a tensor-parallel share).
+  void for_each_init_param(uint64_t seed, const GiveValues& fn) const;
+  void for_each_adapter_init(uint64_t seed, const GiveValues& fn) const;
 
   // Parameter groups (see GroupHooks): params()[group_begin(g), group_begin(g + 1)).
   int64_t num_groups() const { return cfg_.n_layer + 2; }

@@ -665,6 +665,18 @@ void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int
   fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, share, without_adapters);
 }
 
+void for_each_checkpoint_value(const std::string& ckpt_dir, const ParamSet& layout,
+                               const GiveValues& give) {
+  const bool without_adapters = !checkpoint_model_config(ckpt_dir).lora.on();
+  const std::vector<Safetensors> files = open_pieces(ckpt_dir, "model");
+  for (const Param& p : layout.params()) {
+    if (without_adapters && is_lora_param(p.name)) continue;
+    const Tensor values = Tensor::empty({p.shape.numel()}, DType::kF32);
+    fill_flat(files, "", layout, layout.offset(p), values);
+    give(p, values.data<float>());
+  }
+}
+
 std::string checkpoint_init_from(const std::string& ckpt_dir) {
   return read_state(ckpt_dir).value("init_from", "");
 }

@@ -95,6 +95,11 @@ std::set<std::string> checkpoint_dtypes(const std::string& ckpt_dir);
 // dist::tensor_parallel_share_of) and only that part is read.
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
                             const Tensor& out, const ShareOfWhole& share = {});
+// The same values one parameter at a time: give(p, values) for every parameter of `layout` (a
+// model of the checkpoint's architecture, MeasureOnly will do; LoRA adapters a checkpoint without
+// them lacks are left out), each whole in fp32.
+void for_each_checkpoint_value(const std::string& ckpt_dir, const ParamSet& layout,
+                               const GiveValues& give);
 // Loads parameters (unless the model's values are released for full-shard), and when given,
 // optimizer state (opt: its slots' elements alone) and train state (st); a weights-only
 // checkpoint then fails with a message pointing at init_from. With `share`, the model is a share

@@ -46,4 +46,14 @@ void InitSource::load_weights(Transformer& m) const {
     load_checkpoint(path, m, nullptr, nullptr);
 }
 
+ValueStream InitSource::values(const Transformer& layout, uint64_t adapter_seed) const {
+  return [this, &layout, adapter_seed](const GiveValues& give) {
+    if (!model.lora.on()) layout.for_each_adapter_init(adapter_seed, give);
+    if (hf)
+      for_each_hf_weight(layout, path, give);
+    else
+      for_each_checkpoint_value(path, layout.params(), give);
+  };
+}
+
 }  // namespace lmforge

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lmforge/models/config.h"
+#include "lmforge/nn/params.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
@@ -27,6 +28,11 @@ struct InitSource {
   std::vector<std::string> notes;  // config.json fields accepted but not acted on
 
   void load_weights(Transformer& model) const;
+  // The initial values of a run's model laid out as `layout` (the whole model, MeasureOnly will
+  // do) from this source, one parameter at a time (ValueStream: for a part of the model made
+  // without the whole): LoRA adapters the source lacks as init_adapters(adapter_seed) gives
+  // them, the rest from the source. The stream refers to this source and `layout`.
+  ValueStream values(const Transformer& layout, uint64_t adapter_seed) const;
 };
 
 // Throws Error naming the path when it is neither a HF model directory nor a checkpoint.

@@ -210,62 +210,48 @@ RunSetup setup_run(Config& cfg) {
     fo.muon_bf16 = optimizer_options(t).muon.bf16;
     fo.tensor_parallel = tp;
     check_training_fits(share_config, fo, launch.local_size);
-    if (init && strategy >= dist::Strategy::kFullShard)  // each rank loads it whole, then shards
-      check_host_memory(
-          4.0 * static_cast<double>(cfg.model.num_params() + cfg.model.lora_params()) *
-              launch.local_size,
-          fmt::format("init_from {}: the whole model's fp32 weights on each of this node's {} "
-                      "ranks before they are sharded",
-                      cfg.init_from, launch.local_size),
-          "launch fewer ranks per node, or start from a smaller model");
   }
-  // Tensor parallelism: a share made directly from the seed, or from the whole model that
-  // init_from loads (every rank, values only), released once the share is taken.
-  const bool whole_first = tp == 1 || init;
-  if (tp > 1 && init)
-    check_host_memory(
-        4.0 * static_cast<double>(cfg.model.num_params()) * dist::detect_launch().local_size,
-        fmt::format("dist.tensor_parallel: the whole model's fp32 weights on each of this node's "
-                    "{} ranks before each takes its share",
-                    dist::detect_launch().local_size),
-        "launch fewer ranks per node, or start from a smaller model");
-  r.model = std::make_unique<Transformer>(whole_first ? cfg.model : share_config);
-  Transformer& model = *r.model;  // (replaced by its share under tensor parallelism)
-  if (tp > 1 && init) model.params().release_grads();  // (values only)
-  if (init) {
-    // LoRA adapters the source does not have start from their initial values (B = 0: the
-    // source's model); the load replaces everything else.
-    if (cfg.model.lora.on()) model.init_adapters(t.seed);
-    init->load_weights(model);
-    for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
-    fmt::print("init_from {}: loaded {} weights\n", cfg.init_from, cfg.model.arch);
-  } else if (tp > 1) {
-    dist::init_tensor_parallel_share(cfg.model, model, t.seed, tp, dist::rank_info().rank % tp);
-  } else if (dist::parse_strategy(cfg.dist.strategy) < dist::Strategy::kFullShard) {
-    model.init_weights(t.seed);
-  }  // full-shard: created as shards by DataParallel (deferred init)
-  // Under tensor parallelism: a whole model loaded above replaced by this rank's share of it.
-  auto take_share = [&](std::unique_ptr<Transformer>& m) {
-    auto share = std::make_unique<Transformer>(share_config);
-    dist::copy_tensor_parallel_share(*m, *share, tp, dist::rank_info().rank % tp);
-    m = std::move(share);
+  // The model: whole, or under tensor parallelism this rank's share, made one parameter at a
+  // time from the whole model's values (the seed's, or init_from's); under full-shard the values
+  // are left to DataParallel, which makes each rank's shard the same way (RunSetup::values). No
+  // rank holds the whole model's values, but a DPO or KTO reference outside tensor parallelism
+  // (held whole).
+  const int tp_rank = dist::rank_info().rank % tp;
+  auto stream = [&init, seed = t.seed](const Transformer& layout) -> ValueStream {
+    if (init) return init->values(layout, seed);
+    return [&layout, seed](const GiveValues& give) { layout.for_each_init_param(seed, give); };
   };
-  if (tp > 1 && init) take_share(r.model);
-  if (reference) {
-    if (reference_is_base) {
-      r.reference_is_base = true;
+  const Transformer layout(cfg.model, Transformer::MeasureOnly{});
+  auto make = [&](bool shards_later) {
+    auto m = std::make_unique<Transformer>(share_config);  // (cfg.model without tensor parallelism)
+    if (tp > 1) {
+      dist::set_tensor_parallel_share(cfg.model, *m, tp, tp_rank, stream(layout));
+    } else if (shards_later) {
+      r.values = stream(*m);  // (the model's buffer is never written: nothing resident)
+    } else if (init) {
+      // LoRA adapters the source does not have start from their initial values (B = 0: the
+      // source's model); the load replaces everything else.
+      if (cfg.model.lora.on()) m->init_adapters(t.seed);
+      init->load_weights(*m);
     } else {
-      r.reference = std::make_unique<Transformer>(whole_first ? cfg.model : share_config);
-      if (tp > 1 && init) r.reference->params().release_grads();  // (values only)
-      if (init)
-        init->load_weights(*r.reference);
-      else if (tp > 1)
-        dist::init_tensor_parallel_share(cfg.model, *r.reference, t.seed, tp,
-                                         dist::rank_info().rank % tp);
-      else
-        r.reference->init_weights(t.seed);
-      if (tp > 1 && init) take_share(r.reference);
+      m->init_weights(t.seed);
     }
+    return m;
+  };
+  r.model = make(strategy >= dist::Strategy::kFullShard);
+  if (init) {
+    for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
+    fmt::print("init_from {}: {} {} weights\n", cfg.init_from,
+               r.values ? "each rank's shard of its"
+               : tp > 1 ? "each rank's share of its"
+                        : "loaded",
+               cfg.model.arch);
+  }
+  if (reference) {
+    if (reference_is_base)
+      r.reference_is_base = true;
+    else
+      r.reference = make(/*shards_later=*/false);
   }
   if (t.objective == "distill") {
     // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.

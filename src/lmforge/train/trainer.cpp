@@ -265,10 +265,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         std::chrono::duration<double>(Clock::now() - t0).count(), released);
     ref_tables.emplace(std::move(train_ref), std::move(val_ref));
   }
-  std::optional<uint64_t> deferred_seed;
-  // full-shard creates its shards from the seed (a tensor-parallel share is made already)
-  if (!setup.init && !tp) deferred_seed = t.seed;
-  dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), deferred_seed);
+  dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), setup.values);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
   std::unique_ptr<Transformer> whole;  // tensor parallelism: the model gathered (rank 0)

@@ -77,6 +77,10 @@ struct RunSetup {
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Loader> train_data, val_data;  // val_data may be null
   std::unique_ptr<Transformer> model;
+  // Under full-shard (without tensor parallelism) the model's initial values, its buffer left
+  // unwritten: DataParallel makes each rank's shard from them (the seed's, or init_from's);
+  // empty otherwise (the model holds them).
+  ValueStream values;
   // train.objective dpo: the frozen reference model (the policy's initial weights), planned for
   // the same (B, T); null otherwise, or when reference_is_base: under LoRA from a source without
   // adapters the reference is the policy with its adapters off.
