@@ -405,6 +405,37 @@ TEST(Safetensors, WriterRejectsDuplicateAndReservedNames) {
   EXPECT_FALSE(fs::exists(dir + "/x.safetensors"));
 }
 
+TEST(Safetensors, WriterMakesStreamedTensorsInOrderOneAtATime) {
+  // Tensors made at write() (a checkpoint gathered one parameter at a time) give the same file
+  // as the same tensors added whole; each is made once, in order.
+  std::string dir = testing::temp_dir("st-stream");
+  std::vector<Tensor> ts;
+  for (int64_t n : {5, 12, 3}) {
+    Tensor t = Tensor::empty({n}, DType::kF32);
+    for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = static_cast<float>(n * 100 + i);
+    ts.push_back(t);
+  }
+  SafetensorsWriter whole, streamed;
+  std::vector<int> made;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const std::string name = "t" + std::to_string(i);
+    whole.add(name, ts[i]);
+    streamed.add(name, DType::kF32, ts[i].shape(), [&, i] {
+      made.push_back(static_cast<int>(i));
+      return ts[i].clone();
+    });
+  }
+  whole.metadata["k"] = streamed.metadata["k"] = "v";
+  whole.write(dir + "/whole.safetensors");
+  streamed.write(dir + "/streamed.safetensors");
+  EXPECT_EQ(made, (std::vector<int>{0, 1, 2}));
+  auto bytes = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  EXPECT_EQ(bytes(dir + "/streamed.safetensors"), bytes(dir + "/whole.safetensors"));
+}
+
 TEST(SafetensorsSet, ShardsAsHuggingFaceAndReadsBack) {
   std::string dir = testing::temp_dir("st-set");
   std::vector<std::pair<std::string, Tensor>> tensors;

@@ -180,7 +180,8 @@ TensorParallel::TensorParallel(Communicator& tp, const ModelConfig& whole, Trans
       whole_(whole),
       model_(model),
       sequence_parallel_(sequence_parallel),
-      vocab_parallel_(splits_vocab(model.config().vocab_size, whole)) {
+      vocab_parallel_(splits_vocab(model.config().vocab_size, whole)),
+      whole_shapes_(whole_shapes(whole)) {
   model_.set_partial_sums(this, /*adds_bias=*/tp.rank() == 0);
   if (vocab_parallel_) {
     const int64_t v = model.config().vocab_size;
@@ -277,72 +278,47 @@ Tensor TensorParallel::all_of(const Tensor& mine) {
   return all;
 }
 
-void TensorParallel::gather(Transformer* whole, AdamW* whole_opt, bool moments, int64_t steps,
-                            const Take& take, bool writes) {
-  const ParamSet& sp = model_.params();
+Tensor TensorParallel::gather_param(const Param& q, int what, const Take& take, bool writes) {
   const int n = size();
   const bool lead = writes && rank() == 0;
-  LMF_CHECK(!lead || (whole && (!moments || whole_opt)), "gather: rank 0 needs the whole model{}",
-            moments ? " and an AdamW over it" : "");
-  // Values (what 0), then AdamW's first and second moments (1, 2) of the trained parameters, one
-  // parameter at a time (at most N of the largest on the host): every rank's share, its runs
-  // written into the whole model's (on the host). A replicated one is rank 0's; its values are
-  // first checked equal on every rank (a 40-bit hash of each rank's bits, summed over the group:
-  // exact in a double for up to 8192 ranks).
-  for (int what = 0; what < (moments ? 3 : 1); ++what) {
-    size_t slot = 0;  // the whole AdamW's slot (its trained parameters, in order)
-    for (size_t i = 0; i < sp.params().size(); ++i) {
-      const Param& q = sp.params()[i];
-      if (what > 0 && q.frozen) continue;
-      const size_t j = what > 0 ? slot++ : i;
-      const Tensor mine = take(q, what);         // (collective over the ranks sharding this share)
-      if (!writes || !mine.defined()) continue;  // (Muon's matrices: no second moment)
-      const int64_t len = q.shape.numel();
-      LMF_CHECK(mine.dtype() == DType::kF32 && mine.numel() == len,
-                "tensor parallelism gathers fp32 parameters whole: {}", q.name);
-      const Param* p = !lead       ? nullptr
-                       : what == 0 ? &whole->params().params()[i]
-                                   : whole_opt->slots()[j].param;
-      LMF_CHECK(!p || p->name == q.name, "gather: {} into {}", q.name, p ? p->name : "");
-      const Tensor into = !lead       ? Tensor()
-                          : what == 0 ? p->value
-                          : what == 1 ? whole_opt->m(j)
-                                      : whole_opt->v(j);
-      LMF_CHECK(!lead || into.device() == Device::kCPU, "gather: {} into a model on the host",
+  const Tensor mine = take(q, what);  // (collective over the ranks sharding this share)
+  if (!writes || !mine.defined()) return Tensor();  // (Muon's matrices: no second moment)
+  const int64_t len = q.shape.numel();
+  LMF_CHECK(mine.dtype() == DType::kF32 && mine.numel() == len,
+            "tensor parallelism gathers fp32 parameters whole: {}", q.name);
+  const Shape& shape = whole_shapes_->at(q.name);
+  const Tensor out = lead ? Tensor::empty(shape, DType::kF32) : Tensor();
+  if (tensor_parallel_replicated(q.name, vocab_parallel_)) {
+    // Rank 0's, its values first checked equal on every rank of the group (a 40-bit hash of each
+    // rank's bits, summed over the group: exact in a double for up to 8192 ranks).
+    const Tensor host = on_host(mine.view({len}));
+    if (what == 0) {
+      const auto* bytes = reinterpret_cast<const unsigned char*>(host.data<float>());
+      uint64_t h = 1469598103934665603ull;  // FNV-1a
+      for (size_t b = 0; b < sizeof(float) * static_cast<size_t>(len); ++b)
+        h = (h ^ bytes[b]) * 1099511628211ull;
+      double sums[1] = {static_cast<double>(h >> 24)};
+      comm_.all_reduce(sums, 1)->wait();
+      LMF_CHECK(!lead || sums[0] == static_cast<double>(h >> 24) * n,
+                "tensor parallelism: replicated parameter {} differs between the group's ranks",
                 q.name);
-      if (tensor_parallel_replicated(q.name, vocab_parallel_)) {
-        const Tensor host = on_host(mine.view({len}));
-        if (what == 0) {
-          const auto* bytes = reinterpret_cast<const unsigned char*>(host.data<float>());
-          uint64_t h = 1469598103934665603ull;  // FNV-1a
-          for (size_t b = 0; b < sizeof(float) * static_cast<size_t>(len); ++b)
-            h = (h ^ bytes[b]) * 1099511628211ull;
-          double sums[1] = {static_cast<double>(h >> 24)};
-          comm_.all_reduce(sums, 1)->wait();
-          LMF_CHECK(!lead || sums[0] == static_cast<double>(h >> 24) * n,
-                    "tensor parallelism: replicated parameter {} differs between the group's ranks",
-                    q.name);
-        }
-        if (lead) into.view({len}).copy_from(host);
-        continue;
-      }
-      const Tensor everyone = all_of(mine.view({len}));
-      if (!lead) continue;
-      for (int r = 0; r < n; ++r)
-        for (const Run& run : share_runs(p->name, p->shape, whole_, n, r, vocab_parallel_))
-          std::memcpy(into.data<float>() + run.whole, everyone.data<float>() + r * len + run.share,
-                      sizeof(float) * run.len);
     }
+    if (lead) out.view({len}).copy_from(host);
+    return out;
   }
-  if (!lead) return;
-  whole->params().invalidate_bf16();
-  if (moments) whole_opt->set_steps_taken(steps);
+  const Tensor everyone = all_of(mine.view({len}));  // (every rank's share, in pieces)
+  if (!lead) return Tensor();
+  for (int r = 0; r < n; ++r)
+    for (const Run& run : share_runs(q.name, shape, whole_, n, r, vocab_parallel_))
+      std::memcpy(out.data<float>() + run.whole, everyone.data<float>() + r * len + run.share,
+                  sizeof(float) * run.len);
+  return out;
 }
 
 AdamW::MuonShares TensorParallel::muon_shares(Device device) {
   // The whole model's shapes of the share's Muon matrices, and a buffer for every rank's share
   // of the largest (allocated once: a step allocates nothing).
-  auto shapes = whole_shapes(whole_);
+  const auto shapes = whole_shapes_;
   int64_t most = 0;
   for (const Param& q : model_.params().params())
     if (muon_param(q)) most = std::max(most, q.shape.numel());

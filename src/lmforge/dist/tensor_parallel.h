@@ -42,9 +42,9 @@
 // parallelism, as torchtitan composes FSDP with tensor parallelism): each rank then holds 1/D of
 // its share's gradients (and values) over the D ranks holding that share.
 //
-// Checkpoints hold the whole model, as one process would write it (gather() onto the group's rank
-// 0; a load takes each rank's share of it), so they resume with any tensor_parallel and export as
-// usual.
+// Checkpoints hold the whole model, as one process would write it (gather_param onto the group's
+// rank 0, streamed into the files one parameter at a time; a load reads each rank's share of it:
+// tensor_parallel_share_of), so they resume with any tensor_parallel and export as usual.
 //
 //   Transformer share(tensor_parallel_config(cfg, 2)), layout(cfg, Transformer::MeasureOnly{});
 //   set_tensor_parallel_share(cfg, share, 2, tp_rank,         // initial values
@@ -53,6 +53,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 
 #include "lmforge/dist/communicator.h"
@@ -123,17 +124,17 @@ class TensorParallel final : public PartialSums {
   // whose shards make up the share).
   double grad_norm(const Tensor& shard = Tensor(), int64_t shard_lo = 0,
                    Communicator* shards = nullptr);
-  // Collective over the group: the whole model's values (with `moments`, AdamW's moments and
-  // `steps` into whole_opt, an AdamW over every trained parameter of whole) assembled on the
-  // group's rank 0 into `whole` (elsewhere unused: pass null), one parameter at a time. take(p,
-  // what) gives this rank's share of parameter p whole and flat: its values (what 0) or AdamW's
-  // first or second moment (1, 2) (DataParallel::whole_param, itself collective over the ranks
-  // sharding this share). writes: whether this group assembles (data-parallel rank 0's); the
-  // other groups' ranks call it too, only to take the same parameters in the same order. Checks
-  // that the replicated parameters are equal on every rank of the group.
-  using Take = std::function<Tensor(const Param& p, int what)>;
-  void gather(Transformer* whole, AdamW* whole_opt, bool moments, int64_t steps, const Take& take,
-              bool writes = true);
+  // Collective over the group: parameter q of this rank's share made whole, on the group's rank
+  // 0 (a host tensor of the whole model's shape; undefined elsewhere). what: its values (0) or
+  // AdamW's first or second moment (1, 2); take(q, what) gives this rank's share of it whole and
+  // flat (DataParallel::whole_param, itself collective over the ranks sharding this share;
+  // undefined where there is none: Muon's matrices have no second moment, and then so is the
+  // result). writes: whether this group assembles (data-parallel rank 0's); the other groups'
+  // ranks call it too, only to take the same parameters in the same order. Checks that a
+  // replicated parameter's values are equal on every rank of the group. Checkpoints and the end's
+  // sample hold the whole model one parameter at a time this way.
+  using Take = std::function<Tensor(const Param& q, int what)>;
+  Tensor gather_param(const Param& q, int what, const Take& take, bool writes = true);
   // Muon over this rank's share (AdamW::set_muon_shares): each matrix assembled whole over the
   // group (its rows, or its input columns, as share_runs lays them out), and this rank's part
   // taken back. `device`: where the optimizer's buffers are.
@@ -151,6 +152,7 @@ class TensorParallel final : public PartialSums {
   Transformer& model_;
   bool sequence_parallel_;
   bool vocab_parallel_;
+  std::shared_ptr<const std::map<std::string, Shape>> whole_shapes_;  // by parameter name
 };
 
 }  // namespace lmforge::dist

@@ -177,7 +177,14 @@ std::vector<std::string> Safetensors::names() const { return order_; }
 
 void SafetensorsWriter::add(const std::string& name, const Tensor& t) {
   // A GPU tensor is copied to the host now: what is written is its value at add().
-  tensors_.emplace_back(name, t.device() == Device::kCPU ? t : t.to(Device::kCPU));
+  LMF_CHECK(t.defined(), "tensor {} is undefined", name);
+  const Tensor host = t.device() == Device::kCPU ? t : t.to(Device::kCPU);
+  tensors_.push_back({name, host, host.dtype(), host.shape(), {}});
+}
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, const Shape& shape,
+                            std::function<Tensor()> make) {
+  tensors_.push_back({name, Tensor(), dtype, shape, std::move(make)});
 }
 
 void SafetensorsWriter::write(const std::string& path) const {
@@ -186,18 +193,20 @@ void SafetensorsWriter::write(const std::string& path) const {
   };
   nlohmann::json header = nlohmann::json::object();
   uint64_t offset = 0;
-  for (auto& [name, t] : tensors_) {
-    if (name == "__metadata__" || header.contains(name))
-      fail("{}: cannot write tensor {}: {}", path, quote_name(name),
-           name == "__metadata__" ? "the name is reserved" : "two tensors have this name");
-    check_utf8(name, "tensor name");
-    LMF_CHECK(t.defined() && t.device() == Device::kCPU, "tensor {} must be on the CPU", name);
+  auto bytes = [](const Entry& e) {
+    return static_cast<uint64_t>(e.shape.numel()) * dtype_size(e.dtype);
+  };
+  for (const Entry& e : tensors_) {
+    if (e.name == "__metadata__" || header.contains(e.name))
+      fail("{}: cannot write tensor {}: {}", path, quote_name(e.name),
+           e.name == "__metadata__" ? "the name is reserved" : "two tensors have this name");
+    check_utf8(e.name, "tensor name");
     std::vector<int64_t> dims;
-    for (int i = 0; i < t.ndim(); ++i) dims.push_back(t.size(i));
-    header[name] = {{"dtype", format_dtype_name(t.dtype())},
-                    {"shape", dims},
-                    {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
+    for (int i = 0; i < e.shape.ndim(); ++i) dims.push_back(e.shape[i]);
+    header[e.name] = {{"dtype", format_dtype_name(e.dtype)},
+                      {"shape", dims},
+                      {"data_offsets", {offset, offset + bytes(e)}}};
+    offset += bytes(e);
   }
   for (auto& [k, v] : metadata) {
     check_utf8(k, "metadata key");
@@ -210,7 +219,13 @@ void SafetensorsWriter::write(const std::string& path) const {
   uint64_t n = h.size();
   out.write(&n, 8);
   out.write(h.data(), h.size());
-  for (auto& [name, t] : tensors_) out.write(t.raw(), t.nbytes());
+  for (const Entry& e : tensors_) {
+    const Tensor t = e.make ? e.make() : e.t;
+    LMF_CHECK(t.defined() && t.device() == Device::kCPU && t.dtype() == e.dtype &&
+                  t.shape() == e.shape && t.nbytes() == bytes(e),
+              "tensor {}: {} {} on the host expected", e.name, dtype_name(e.dtype), e.shape.str());
+    out.write(t.raw(), t.nbytes());
+  }
   out.commit();
 }
 

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -77,6 +78,10 @@ class SafetensorsWriter {
  public:
   // Keeps a reference (data read at write()); a GPU tensor is copied to the host here.
   void add(const std::string& name, const Tensor& t);
+  // A tensor made when write() reaches it, its bytes written and the tensor released: `make`
+  // returns it (on the host) with this dtype and shape. A file of such tensors is written
+  // holding one of them at a time.
+  void add(const std::string& name, DType dtype, const Shape& shape, std::function<Tensor()> make);
   std::map<std::string, std::string> metadata;
   // Writes to a temporary beside path (AtomicFile) then renames: a reader never sees a
   // half-written file. Tensors are stored in the order added. Throws Error for a duplicate or
@@ -84,7 +89,14 @@ class SafetensorsWriter {
   void write(const std::string& path) const;
 
  private:
-  std::vector<std::pair<std::string, Tensor>> tensors_;
+  struct Entry {
+    std::string name;
+    Tensor t;  // (undefined: made by `make`)
+    DType dtype;
+    Shape shape;
+    std::function<Tensor()> make;
+  };
+  std::vector<Entry> tensors_;
 };
 
 // A model's weights as Hugging Face stores them: one `model.safetensors`, or shards

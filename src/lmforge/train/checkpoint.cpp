@@ -361,7 +361,31 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   barrier();
 
   const ParamSet& ps = model.params();
-  if (sh.values) {  // each writer its slices of the values
+  // Tensor parallelism: the tensors rank 0 writes, in order, each made by a collective.
+  std::vector<std::pair<const Param*, int>> made;
+  if (sh.whole_param) {
+    for (const Param& p : ps.params()) made.emplace_back(&p, 0);
+    if (opt)
+      for (const Param& p : ps.params()) {
+        if (p.frozen) continue;
+        made.emplace_back(&p, 1);
+        if (!(opt->muon() && muon_param(p))) made.emplace_back(&p, 2);  // (Muon's: no v)
+      }
+  }
+  if (sh.whole_param && !lead) {
+    for (const auto& [p, what] : made) sh.whole_param(*p, what);
+  } else if (sh.whole_param) {
+    SafetensorsWriter mw, ow;
+    for (const auto& [p, what] : made) {
+      static const char* const prefix[] = {"", "m.", "v."};
+      (what == 0 ? mw : ow)
+          .add(prefix[what] + p->name, DType::kF32, p->shape,
+               [&sh, p = p, what = what] { return sh.whole_param(*p, what); });
+    }
+    mw.metadata["format"] = "pt";
+    mw.write((tmp / "model.safetensors").string());
+    if (opt) ow.write((tmp / "optimizer.safetensors").string());
+  } else if (sh.values) {  // each writer its slices of the values
     if (sh.writes) {
       SafetensorsWriter mw;
       const int64_t lo = sh.values_lo, hi = lo + sh.values->numel();
@@ -380,7 +404,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
     mw.metadata["format"] = "pt";
     mw.write((tmp / "model.safetensors").string());
   }
-  if (opt && (sh.optimizer_sharded ? sh.writes : lead)) {
+  if (opt && !sh.whole_param && (sh.optimizer_sharded ? sh.writes : lead)) {
     SafetensorsWriter ow;
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];

@@ -215,7 +215,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                    sampling_options(cfg, tokenizer.get()), /*config_keys=*/true);
   // dist.tensor_parallel: groups of consecutive ranks each hold one share of the model
   // (dist/tensor_parallel.h); data parallelism runs across the groups, over the ranks holding the
-  // same share. Checkpoints and the end's sample take the whole model (`whole`, on rank 0).
+  // same share. Checkpoints and the end's sample take the whole model (gathered on rank 0, one
+  // parameter at a time).
   const int tp_size = static_cast<int>(cfg.dist.tensor_parallel);
   std::unique_ptr<dist::Communicator> tp_comm, dp_comm;
   std::unique_ptr<dist::TensorParallel> tp, ref_tp;
@@ -268,16 +269,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), setup.values);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
-  std::unique_ptr<Transformer> whole;  // tensor parallelism: the model gathered (rank 0)
-  std::unique_ptr<AdamW> whole_opt;
-  auto take_share = [&](const Param& p, int what) { return dp.whole_param(p, what); };
-  auto make_whole = [&](bool with_opt) {
-    if (!whole) {
-      whole = std::make_unique<Transformer>(cfg.model);
-      whole->params().release_grads();  // values only
-    }
-    if (with_opt && !whole_opt)
-      whole_opt = std::make_unique<AdamW>(whole->params(), optimizer_options(t));
+  // Tensor parallelism: the whole model's parameter p (its values, or AdamW's moments: what 1,
+  // 2), made whole on rank 0 one at a time (collective over every rank: the group's shares, each
+  // first whole over the ranks sharding it); checkpoints stream them into their files.
+  std::optional<Transformer> whole_layout;
+  if (tp) whole_layout.emplace(cfg.model, Transformer::MeasureOnly{});
+  auto whole_param = [&](const Param& p, int what) {
+    const Param* q = model.params().find(p.name);
+    LMF_CHECK(q, "parameter {} is not in this rank's share", p.name);
+    return tp->gather_param(
+        *q, what, [&](const Param& x, int w) { return dp.whole_param(x, w); },
+        /*writes=*/dp_world.rank() == 0);
   };
   Schedule sched = make_schedule(t);  // validated before anything is written
   // train.hellaswag: its examples read and tokenized once, in rows of the training shape.
@@ -514,12 +516,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     st.loader = train_data.state();
     st.guard = guard.state();
     st.evals = evals.state();
-    if (tp) {  // the whole model and its AdamW state, gathered on rank 0, which writes them
-      // (one parameter at a time, each first whole over the ranks sharding its share)
-      if (lead) make_whole(true);
-      tp->gather(whole.get(), whole_opt.get(), /*moments=*/true, opt.steps_taken(), take_share,
-                 /*writes=*/dp_world.rank() == 0);
-    }
     CheckpointShards shards;
     shards.comm = world.get();
     shards.index = dp.shard_rank();
@@ -530,11 +526,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       shards.values = &dp.value_shard();
       shards.values_lo = dp.layout().begin(dp.shard_rank());
     }
-    res.last_checkpoint =
-        save_checkpoint(run_dir, whole ? *whole : model, whole_opt ? whole_opt.get() : &opt, st,
-                        config_yaml, t.keep_last, *tokenizer, &shards);
-    whole_opt.reset();  // (made again for the next save)
-    whole.reset();
+    if (tp) shards.whole_param = whole_param;  // (the whole model, streamed by rank 0)
+    res.last_checkpoint = save_checkpoint(run_dir, tp ? *whole_layout : model, &opt, st,
+                                          config_yaml, t.keep_last, *tokenizer, &shards);
   };
 
   // train.profile_steps: the op-level profile of the steps after this run's first (rank 0's).
@@ -729,11 +723,19 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (dashboard) dashboard->write(/*live=*/false);
   checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
-  dp.gather_full_model();                  // full-shard: the whole model again, for sampling
+  // full-shard: the whole model again, for sampling (only then: it is a whole copy per rank)
+  if (!cfg.sample.prompt.empty()) dp.gather_full_model();
+  std::unique_ptr<Transformer> whole;
   if (tp && !cfg.sample.prompt.empty()) {  // tensor parallelism: likewise (values only)
-    if (lead) make_whole(false);
-    tp->gather(whole.get(), nullptr, /*moments=*/false, 0, take_share,
-               /*writes=*/dp_world.rank() == 0);
+    if (lead) {
+      whole = std::make_unique<Transformer>(cfg.model);
+      whole->params().release_grads();  // values only
+    }
+    for (const Param& p : whole_layout->params().params()) {
+      const Tensor v = whole_param(p, 0);
+      if (lead) whole->params().find(p.name)->value.copy_from(v);
+    }
+    if (lead) whole->params().invalidate_bf16();
   }
   Transformer& sampler = whole ? *whole : model;
   if (lead && !cfg.sample.prompt.empty()) sampler.to(Device::kCPU);  // decode runs on the CPU
