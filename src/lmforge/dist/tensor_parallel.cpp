@@ -260,22 +260,29 @@ double TensorParallel::grad_norm(const Tensor& shard, int64_t shard_lo, Communic
   return std::sqrt(ss);
 }
 
-Tensor TensorParallel::all_of(const Tensor& mine) {
+void TensorParallel::assemble(const Tensor& mine, const std::vector<std::vector<Run>>& runs,
+                              const Tensor& out) {
   // In pieces of at most 4M elements per rank through a staging buffer where `mine` is (NCCL moves
-  // device memory), each piece copied to the host: a few times 16 MiB on a GPU.
+  // device memory), each piece copied to the host and its runs placed into out: a few times
+  // 16 MiB beside the whole parameter.
   const int n = size();
   const int64_t numel = mine.numel(), piece = std::min<int64_t>(numel, int64_t{1} << 22);
-  const Tensor all = Tensor::empty({numel * n}, DType::kF32);
-  if (numel == 0) return all;
+  if (numel == 0) return;
   const Tensor staging = Tensor::empty({piece * n}, DType::kF32, mine.device());
   for (int64_t at = 0; at < numel; at += piece) {
     const int64_t len = std::min(piece, numel - at);
     comm_.all_gather(mine.data<float>() + at, staging.data<float>(), std::vector<int64_t>(n, len))
         ->wait();
+    if (!out.defined()) continue;
+    const Tensor host = on_host(staging.slice(0, len * n));
     for (int r = 0; r < n; ++r)
-      all.slice(r * numel + at, len).copy_from(staging.slice(r * len, len));
+      for (const Run& run : runs[r]) {  // its elements in [at, at + len) of rank r's share
+        const int64_t a = std::max(run.share, at), z = std::min(run.share + run.len, at + len);
+        if (a < z)
+          std::memcpy(out.data<float>() + run.whole + (a - run.share),
+                      host.data<float>() + r * len + (a - at), sizeof(float) * (z - a));
+      }
   }
-  return all;
 }
 
 Tensor TensorParallel::gather_param(const Param& q, int what, const Take& take, bool writes) {
@@ -306,12 +313,10 @@ Tensor TensorParallel::gather_param(const Param& q, int what, const Take& take, 
     if (lead) out.view({len}).copy_from(host);
     return out;
   }
-  const Tensor everyone = all_of(mine.view({len}));  // (every rank's share, in pieces)
-  if (!lead) return Tensor();
-  for (int r = 0; r < n; ++r)
-    for (const Run& run : share_runs(q.name, shape, whole_, n, r, vocab_parallel_))
-      std::memcpy(out.data<float>() + run.whole, everyone.data<float>() + r * len + run.share,
-                  sizeof(float) * run.len);
+  std::vector<std::vector<Run>> runs(n);
+  if (lead)
+    for (int r = 0; r < n; ++r) runs[r] = share_runs(q.name, shape, whole_, n, r, vocab_parallel_);
+  assemble(mine.view({len}), runs, out);  // (every rank's share, in pieces)
   return out;
 }
 

@@ -141,8 +141,10 @@ class TensorParallel final : public PartialSums {
   AdamW::MuonShares muon_shares(Device device);
 
  private:
-  // Every rank's `mine` (fp32, where the model is), in rank order, on the host.
-  Tensor all_of(const Tensor& mine);
+  // Every rank's `mine` (fp32, where the model is) placed into `out` (the whole parameter on the
+  // host; undefined: this rank only takes part), rank r's share by runs[r].
+  void assemble(const Tensor& mine, const std::vector<std::vector<ShareRun>>& runs,
+                const Tensor& out);
   // f(param, gradient) over the gradients this rank holds of the trained parameters (see
   // sum_partial_grads: each whole, or the pieces in a shard).
   template <typename F>
