@@ -1020,6 +1020,17 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
                          lc, 2, 32, 2, 1,
                          {.sequence_parallel = true, .bf16_inputs = true, .vocab_parallel = true}));
 
+  // LoRA (the adapters' products x A^T on the group's rows; the replicated factors' partial
+  // gradients summed over the group) with Llama's q/k norms, against one process.
+  const std::string lora =
+      "--set model.preset=llama3-tiny --set model.qk_norm=true --set train.lr=1e-3 --set "
+      "train.batch_size=2 --set model.lora_rank=4 ";
+  RunResult lo = run("ref-sp-lora", 1, lora);
+  ASSERT_EQ(lo.exit_code, 0) << lo.err;
+  RunResult ls = run("sp2-lora", 2, lora + sp);
+  ASSERT_EQ(ls.exit_code, 0) << ls.out << ls.err;
+  expect_same("sp2-lora", "ref-sp-lora");
+
   // Validation: each rank scores its 1/N of every batch, the loss summed over the group: one
   // process's over the same rows.
   const std::string eval =
@@ -1097,10 +1108,6 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
              "train.batch_size=2 --set data.packing=best_fit",
              "data.packing best_fit is not supported with sequence parallelism"},
-        Case{2,
-             "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
-             "train.batch_size=2 --set model.lora_rank=4",
-             "dist.sequence_parallel: model.lora_rank is not supported with sequence parallelism"},
         Case{2,
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
              "train.batch_size=3",

@@ -136,7 +136,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
                       {&proj, &Acts::t_proj},
                       {&fc, &Acts::t_fc},
                       {&down, &Acts::t_down}})
-    if (l->has_lora()) x.*t = a.alloc({B * T, l->lora_rank()});
+    if (l->has_lora()) x.*t = a.alloc({G * T, l->lora_rank()});  // (x A^T: the group's rows)
 }
 
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {

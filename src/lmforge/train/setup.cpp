@@ -138,10 +138,6 @@ RunSetup setup_run(Config& cfg) {
         "ranks",
         tp, dist::rank_info().size, tp);
   const ModelConfig share_config = dist::tensor_parallel_config(cfg.model, tp, vocab_parallel(cfg));
-  if (cfg.dist.sequence_parallel && cfg.model.lora.on())  // (adapters init_from carries too)
-    fail(
-        "dist.sequence_parallel: model.lora_rank is not supported with sequence parallelism yet; "
-        "train LoRA adapters with dist.sequence_parallel: false");
 
   // Data.
   std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
