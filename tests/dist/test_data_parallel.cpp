@@ -400,6 +400,15 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("reference model ("), std::string::npos) << r.out;
   expect_same("dpo-pre", "dpo-ref");
+  // Under LoRA the reference is the policy with its adapters off: precomputed from its whole
+  // values before the full-shard ranks shard them (not from a buffer left to the shards).
+  const std::string lora = dpo + "--set model.lora_rank=4 --set train.lr=1e-2 ";
+  RunResult lr = run("dpo-lora-ref", 1, lora + "--set train.grad_accum=2");
+  ASSERT_EQ(lr.exit_code, 0) << lr.out << lr.err;
+  RunResult lp = run("dpo-lora-pre", 2,
+                     lora + "--set dist.strategy=full-shard --set train.precompute_ref_logps=true");
+  ASSERT_EQ(lp.exit_code, 0) << lp.out << lp.err;
+  expect_same("dpo-lora-pre", "dpo-lora-ref");
   // Tensor parallelism: the reference split like the policy (its own partial sums over the same
   // group); 2 groups of 2, with the reference in the steps and precomputed (the groups split the
   // pairs, a group's ranks score the same ones). Its partial sums round the log-likelihoods

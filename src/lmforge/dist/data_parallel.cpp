@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -144,13 +145,15 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         device);
     ps_.release_grads();
   }
+  LMF_CHECK(!init || values_sharded, "initial values streamed to {}: only full-shard takes them",
+            strategy_name(strategy_));
   if (values_sharded) {
     if (!init) {
       vshard_.copy_from(flat_view(ps_.flat_values(), my_lo_, mine));
     } else {  // made on the host, one parameter at a time, then copied to where the shard lives
       Tensor host = Tensor::zeros({mine}, DType::kF32);  // (alignment gaps: 0)
       float* out = host.data<float>();
-      int64_t given = 0;
+      std::set<std::string> given;
       init([&](const Param& p, const float* values) {
         const Param* q = ps_.find(p.name);
         LMF_CHECK(q && q->shape == p.shape, "initial values for {}: not a parameter of the model",
@@ -158,10 +161,10 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
         const int64_t off = ps_.offset(*q), n = q->shape.numel();
         const int64_t a = std::max(off, my_lo_), z = std::min(off + n, my_hi_);
         if (a < z) std::copy(values + (a - off), values + (z - off), out + (a - my_lo_));
-        ++given;
+        given.insert(p.name);
       });
-      LMF_CHECK(given == static_cast<int64_t>(ps_.params().size()),
-                "initial values for {} of {} parameters", given, ps_.params().size());
+      LMF_CHECK(given.size() == ps_.params().size(), "initial values for {} of {} parameters",
+                given.size(), ps_.params().size());
       if (master16) {  // rounded to nearest even, as ParamSet::use_bf16_master does
         Tensor h16 = Tensor::empty({mine}, DType::kBF16);
         ops::to_bf16(h16, host);

@@ -15,7 +15,7 @@
 // checkpoints record. The loss of a step is normalized by the number of target tokens over all
 // ranks and micro-batches, so N ranks give the gradient of one process with the global batch.
 //
-//   DataParallel dp(world, model, cfg.dist, adamw_options, init_seed);
+//   DataParallel dp(world, model, cfg.dist, adamw_options, init);  // init: full-shard's values
 //   double loss = dp.forward_backward(micro);  // all ranks
 //   double norm = dp.clip_grad_norm(max_norm);
 //   dp.step(lr);

@@ -223,7 +223,7 @@ RunSetup setup_run(Config& cfg) {
     if (tp > 1) {
       dist::set_tensor_parallel_share(cfg.model, *m, tp, tp_rank, stream(layout));
     } else if (shards_later) {
-      r.values = stream(*m);  // (the model's buffer is never written: nothing resident)
+      r.values = stream(*m);  // (the model's buffer left unwritten: nothing resident)
     } else if (init) {
       // LoRA adapters the source does not have start from their initial values (B = 0: the
       // source's model); the load replaces everything else.
@@ -234,7 +234,10 @@ RunSetup setup_run(Config& cfg) {
     }
     return m;
   };
-  r.model = make(strategy >= dist::Strategy::kFullShard);
+  // (DPO's reference as the policy without its adapters, precomputed before DataParallel shards
+  // the values: the policy holds them whole until then)
+  r.model = make(strategy >= dist::Strategy::kFullShard &&
+                 !(reference_is_base && t.precompute_ref_logps));
   if (init) {
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: {} {} weights\n", cfg.init_from,
