@@ -176,7 +176,7 @@ void Transformer::to(Device device) {
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ = Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
-      scale_ = group_scale_ = Tensor();
+      scale_ = group_scale_ = group_pos_ids_ = group_doc_start_ = Tensor();
   B_ = T_ = 0;
 }
 
@@ -227,6 +227,9 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     targets_ = a.alloc({B, T}, DType::kI32);
     pos_ids_ = a.alloc({B, T}, DType::kI32);
     doc_start_ = a.alloc({B, T}, DType::kI32);
+    const bool sp = row_shards() > 1;
+    group_pos_ids_ = sp ? a.alloc({row_shards() * B, T}, DType::kI32) : Tensor();
+    group_doc_start_ = sp ? a.alloc({row_shards() * B, T}, DType::kI32) : Tensor();
     x0_ = a.alloc({B, T, C});
     blocks_[0].plan_shared(a, shared_acts_, B, T, recompute);
     for (int64_t l = 0; l < cfg_.n_layer; ++l)
@@ -324,6 +327,14 @@ float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets,
   return loss;
 }
 
+namespace {
+// A tensor's bytes as fp32 words (int32 ids, fp64 statistics): what a gather moves unchanged.
+Tensor as_words(const Tensor& t) {
+  return Tensor(t.storage(), t.byte_offset(), Shape{static_cast<int64_t>(t.nbytes() / 4)},
+                DType::kF32);
+}
+}  // namespace
+
 void Transformer::stage_documents(const Tensor& doc_ids) {
   positions_.ids = positions_.doc_start = Tensor();
   if (!doc_ids.defined()) return;
@@ -333,7 +344,10 @@ void Transformer::stage_documents(const Tensor& doc_ids) {
             tokens_.shape().str());
   const int32_t* d = doc_ids.data<int32_t>();
   // One document per row (padding after it aside: nothing real attends to it) is the plain case.
-  bool packed = false;
+  // Under sequence parallelism the group's rows are gathered whether or not this rank's are packed
+  // (every rank takes part; plain rows' positions are those of unpacked ones).
+  const bool sp = group_pos_ids_.defined() && packed_rows_;
+  bool packed = sp;
   for (int64_t i = 0; i < B_ * T_ && !packed; ++i)
     packed = i % T_ && d[i] >= 0 && d[i - 1] >= 0 && d[i] != d[i - 1];
   if (!packed) return;
@@ -357,6 +371,16 @@ void Transformer::stage_documents(const Tensor& doc_ids) {
   }
   positions_.ids = pos_ids_;
   positions_.doc_start = doc_start_;
+  if (!sp) return;
+  const PartialSums* group = blocks_[0].partial;
+  group->gather(as_words(pos_ids_), as_words(group_pos_ids_));
+  group->gather(as_words(doc_start_), as_words(group_doc_start_));
+  positions_.ids = group_pos_ids_;
+  positions_.doc_start = group_doc_start_;
+}
+
+Tensor Transformer::own_position_ids() const {
+  return positions_.ids.defined() ? pos_ids_ : Tensor();
 }
 
 void Transformer::stage_inputs(const Tensor& tokens, const Tensor& doc_ids) {
@@ -456,27 +480,19 @@ void Transformer::queue_forward(bool has_targets, double dloss, bool training) {
   queue_head(has_targets, dloss, training);
 }
 
-namespace {
-// A tensor's bytes as fp32 words (int32 ids, fp64 statistics): what a gather moves unchanged.
-Tensor as_words(const Tensor& t) {
-  return Tensor(t.storage(), t.byte_offset(), Shape{static_cast<int64_t>(t.nbytes() / 4)},
-                DType::kF32);
-}
-}  // namespace
-
 void Transformer::queue_trunk(bool training) {
   const bool positions = pos_emb_ && adds_positions_;
   if (group_tokens_.defined()) {
     // Vocabulary and sequence parallelism: the group's rows embedded from this rank's part of
     // the vocabulary (each token's row is one rank's), summed into each rank's own rows.
-    LMF_CHECK(!positions_.ids.defined(), "sequence parallelism with packed rows");
     vocab_sums_->gather(as_words(tokens_), as_words(group_tokens_));
     ops::embedding_forward(group_x0_, group_tokens_, tok_emb_->value,
-                           positions ? pos_emb_->value : Tensor(), {}, vocab_begin_, vocab_total_);
+                           positions ? pos_emb_->value : Tensor(), positions_.ids, vocab_begin_,
+                           vocab_total_);  // (the group's position ids, when packed)
     vocab_sums_->sum_scatter(group_x0_, x0_);
   } else {
     ops::embedding_forward(x0_, tokens_, tok_emb_->value, positions ? pos_emb_->value : Tensor(),
-                           positions_.ids, vocab_begin_, vocab_total_);
+                           own_position_ids(), vocab_begin_, vocab_total_);
     if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
   }
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
@@ -733,10 +749,11 @@ void Transformer::backward_blocks() {
       ops::embedding_backward(tok_emb_->grad, Tensor(), group_x0_, group_tokens_, {}, vocab_begin_,
                               vocab_total_);
       if (pos_emb_)
-        ops::embedding_backward(Tensor(), pos_emb_->grad, dres_, tokens_, {}, 0, vocab_total_);
+        ops::embedding_backward(Tensor(), pos_emb_->grad, dres_, tokens_, own_position_ids(), 0,
+                                vocab_total_);
     } else {
       ops::embedding_backward(tok_emb_->grad, pos_emb_ ? pos_emb_->grad : Tensor(), dres_, tokens_,
-                              positions_.ids, vocab_begin_, vocab_total_);
+                              own_position_ids(), vocab_begin_, vocab_total_);
     }
   }
   grads_ready(0);

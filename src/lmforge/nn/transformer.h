@@ -129,6 +129,10 @@ class Transformer {
   // and llm.c's activations): on by default; off keeps them fp32 (the exact fp32-activation
   // results, for comparison).
   void set_bf16_matmul_outputs(bool on) { bf16_outs_ = on; }
+  // Whether batches may hold packed rows (data.packing: best_fit): under sequence parallelism the
+  // group's position ids and document starts are then gathered every forward (every rank's rows
+  // must agree on it; without it none are).
+  void set_packed_rows(bool on) { packed_rows_ = on; }
   // With bf16 matmul outputs, attention's gradients d(att) and d(qkv) in bf16 as well: what cuDNN
   // reads and writes, so on by default on a GPU where cuDNN takes the shape, where it saves the
   // conversion passes around cuDNN's backward and the rounding is cuDNN's anyway (a shape cuDNN
@@ -351,7 +355,13 @@ class Transformer {
   Norm::Saved nf_;
   BlockScratch scratch_;
   Tensor tokens_, targets_;
-  Tensor pos_ids_, doc_start_;            // (B, T) int32 on the device, for packed rows
+  Tensor pos_ids_, doc_start_;  // (B, T) int32 on the device, for packed rows
+  // Sequence parallelism: the group's (row_shards() B, T), gathered, for attention and RoPE on
+  // the group's rows (positions_ then points at them; pos_ids_ stays this rank's rows').
+  Tensor group_pos_ids_, group_doc_start_;
+  bool packed_rows_ = false;  // set_packed_rows
+  // This rank's rows' position ids while the batch is packed (else undefined).
+  Tensor own_position_ids() const;
   Tensor host_pos_ids_, host_doc_start_;  // their host staging (GPU only)
   int32_t ignore_index_ = -100;
   int64_t target_count_ = 0;

@@ -186,6 +186,7 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows + 8.0) * (tp - 1);
     rows_fed -= static_cast<double>(m.vocab_size * m.n_embd) * (m.tie_embeddings ? 1 : 2);
   }
+  if (o.packed_rows) per_micro += 8.0 * static_cast<double>(batch * seq) * (tp - 1);
   return static_cast<double>(grad_accum) * per_micro +
          2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards) + muon;
 }
@@ -328,6 +329,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
         traffic.vocab_parallel = vocab_parallel(probe);
         traffic.rows_weighed = preference_objective(t.objective);
+        traffic.packed_rows = seq && cfg.data.packing != "none";
         traffic.muon_elements = fo.muon ? muon_sizes(m).elements : 0;
         sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
                         tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,

@@ -106,6 +106,9 @@ struct TensorParallelTraffic {
   // KTO) whose loss head runs twice (the rows' weights first).
   bool vocab_parallel = false;
   bool rows_weighed = false;
+  // data.packing best_fit under sequence parallelism: the group's position ids and document
+  // starts gathered every forward (8 bytes a row's token).
+  bool packed_rows = false;
   // train.optimizer: muon: the whole model's Muon matrix elements (their shares' update
   // directions all-gathered over the group once a step).
   double muon_elements = 0;

@@ -287,6 +287,7 @@ RunSetup setup_run(Config& cfg) {
     m->to(resolve_device(t.device));
     // Tensor parallelism adds fp32 partial sums: the row-parallel layers' outputs stay fp32.
     if (tp > 1) m->set_bf16_matmul_outputs(false);
+    m->set_packed_rows(cfg.data.packing != "none");
     if (t.precision == "bf16") {
       m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
       if (t.master_weights == "bf16") m->use_bf16_master();

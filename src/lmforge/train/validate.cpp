@@ -114,8 +114,6 @@ void validate_tensor_parallel(const Config& cfg) {
         "train.batch_size: {} rows do not split over the {} ranks of a sequence-parallel group "
         "(each takes 1/{} of them); choose a multiple of {}",
         t.batch_size, tp, tp, tp);
-  if (cfg.data.packing != "none")
-    refuse_sp("data.packing " + cfg.data.packing, "use data.packing: none");
   if (t.objective != "clm")
     refuse_sp("train.objective " + t.objective, "train it with dist.sequence_parallel: false");
 }
