@@ -1041,6 +1041,22 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   ASSERT_EQ(ls.exit_code, 0) << ls.out << ls.err;
   expect_same("sp2-lora", "ref-sp-lora");
 
+  // Distillation: the teacher (sp2's model), whole on every rank, scores each rank's own rows.
+  const std::string distill =
+      "--set train.batch_size=2 --set model.n_layer=2 --set "
+      "train.objective=distill --set train.teacher=" +
+      *dir_ + "/sp2 ";
+  RunResult k1 = run("ref-sp-distill", 1, distill);
+  ASSERT_EQ(k1.exit_code, 0) << k1.err;
+  RunResult k2 = run("sp2-distill", 2, distill + sp);
+  ASSERT_EQ(k2.exit_code, 0) << k2.out << k2.err;
+  expect_same("sp2-distill", "ref-sp-distill");
+  {  // the KL term, summed over the group's rows
+    const std::vector<double> a = losses("sp2-distill", "kl"), b = losses("ref-sp-distill", "kl");
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << "kl " << i + 1;
+  }
+
   // Packed rows (best-fit: several short documents a row, each attending to itself with its own
   // positions): the group's position ids and document starts gathered for attention and RoPE,
   // each rank's own for the learned positions; GPT-2 and Llama against one process.

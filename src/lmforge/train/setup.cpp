@@ -297,7 +297,7 @@ RunSetup setup_run(Config& cfg) {
     if (m == r.model.get())
       m->plan(rows, t.seq_len, parse_recompute(t.activation_checkpointing));
     else
-      m->plan_forward_only(t.batch_size, t.seq_len);
+      m->plan_forward_only(rows, t.seq_len);  // (sequence parallelism: this rank's rows)
   }
   if (t.precision == "bf16" && r.model->device() == Device::kCPU && !cpu_features().avx512_bf16 &&
       !cpu_features().amx_bf16)

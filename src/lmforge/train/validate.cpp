@@ -114,7 +114,8 @@ void validate_tensor_parallel(const Config& cfg) {
         "train.batch_size: {} rows do not split over the {} ranks of a sequence-parallel group "
         "(each takes 1/{} of them); choose a multiple of {}",
         t.batch_size, tp, tp, tp);
-  if (t.objective != "clm")
+  // (distillation: the teacher, whole on every rank, scores each rank's own rows)
+  if (t.objective != "clm" && t.objective != "distill")
     refuse_sp("train.objective " + t.objective, "train it with dist.sequence_parallel: false");
 }
 
