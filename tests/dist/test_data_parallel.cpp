@@ -1093,6 +1093,14 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   ASSERT_EQ(g2.exit_code, 0) << g2.out << g2.err;
   expect_same("sp2-packed-gpt2", "ref-packed-gpt2");
   packed_traffic("sp2-packed-gpt2");
+  // (an odd vocabulary: not split, each rank embedding its own rows with its own position ids)
+  const std::string odd = packed + "--set model.vocab_size=257 ";
+  RunResult o1 = run("ref-packed-gpt2-odd", 1, odd);
+  ASSERT_EQ(o1.exit_code, 0) << o1.err;
+  RunResult o2 = run("sp2-packed-gpt2-odd", 2, odd + sp);
+  ASSERT_EQ(o2.exit_code, 0) << o2.out << o2.err;
+  expect_same("sp2-packed-gpt2-odd", "ref-packed-gpt2-odd");
+  packed_traffic("sp2-packed-gpt2-odd");
   // Llama (RoPE at the packed positions): sequence parallelism against tensor parallelism alone
   // (the same sums, gathered instead: equal to rounding), and that against one process. Tensor
   // parallelism's partial sums round differently from one process, and on these packed rows

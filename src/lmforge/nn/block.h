@@ -26,7 +26,8 @@ namespace lmforge {
 // (ops.h; undefined: one sequence per row from position 0).
 struct Positions {
   Tensor cos, sin;        // (max_seq_len, HS/2) fp32; undefined when pos != rope
-  Tensor ids, doc_start;  // (B, T) int32 on the model's device, or undefined
+  Tensor ids, doc_start;  // (B, T) int32 on the model's device (the group's rows under sequence
+                          // parallelism), or undefined
 };
 
 // Gradient buffers shared by all blocks during backward.
@@ -37,7 +38,8 @@ struct BlockScratch {
   Tensor datt;      // (B, T, C); likewise (written by proj's backward)
   Tensor dfc;       // (B, T, F or 2F); bf16 when fc_out is (written by the activation's backward)
   Tensor dact;      // (B, T, F)
-  Tensor dlora;     // (B*T, r): LoRA adapters' gradient scratch (Linear::backward)
+  Tensor dlora;     // (B*T, r): LoRA adapters' gradient scratch (Linear::backward; the group's
+                    // rows under sequence parallelism, as every buffer here)
   // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
   // attention backward reads and writes, so no conversion passes around it on a GPU.
   // row_shards: sequence parallelism's (PartialSums), whose attention and MLP gradients are the

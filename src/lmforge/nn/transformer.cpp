@@ -337,6 +337,9 @@ Tensor as_words(const Tensor& t) {
 
 void Transformer::stage_documents(const Tensor& doc_ids) {
   positions_.ids = positions_.doc_start = Tensor();
+  // (sequence parallelism with packed rows: every rank of the group gathers, so every one stages)
+  const bool sp = group_pos_ids_.defined() && packed_rows_;
+  LMF_CHECK(doc_ids.defined() || !sp, "sequence parallelism with packed rows: no document ids");
   if (!doc_ids.defined()) return;
   LMF_CHECK(doc_ids.shape() == tokens_.shape() && doc_ids.dtype() == DType::kI32 &&
                 doc_ids.device() == Device::kCPU,
@@ -346,11 +349,12 @@ void Transformer::stage_documents(const Tensor& doc_ids) {
   // One document per row (padding after it aside: nothing real attends to it) is the plain case.
   // Under sequence parallelism the group's rows are gathered whether or not this rank's are packed
   // (every rank takes part; plain rows' positions are those of unpacked ones).
-  const bool sp = group_pos_ids_.defined() && packed_rows_;
   bool packed = sp;
   for (int64_t i = 0; i < B_ * T_ && !packed; ++i)
     packed = i % T_ && d[i] >= 0 && d[i - 1] >= 0 && d[i] != d[i - 1];
   if (!packed) return;
+  LMF_CHECK(sp || !group_pos_ids_.defined(),
+            "packed rows under sequence parallelism need set_packed_rows(true)");
   const bool host = device() == Device::kCPU;
   const Tensor& pos_t = host ? pos_ids_ : host_pos_ids_;
   const Tensor& ds_t = host ? doc_start_ : host_doc_start_;

@@ -211,7 +211,8 @@ RunSetup setup_run(Config& cfg) {
   // time from the whole model's values (the seed's, or init_from's); under full-shard the values
   // are left to DataParallel, which makes each rank's shard the same way (RunSetup::values). No
   // rank holds the whole model's values, but a DPO or KTO reference outside tensor parallelism
-  // (held whole).
+  // (held whole), and under LoRA with precomputed reference log-likelihoods the policy until
+  // they are scored (below).
   const int tp_rank = dist::rank_info().rank % tp;
   auto stream = [&init, seed = t.seed](const Transformer& layout) -> ValueStream {
     if (init) return init->values(layout, seed);
