@@ -980,6 +980,19 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   // outside attention and the MLP (which run on the group's rows, gathered): the same training as
   // one process with the group's batch.
   const std::string sp = "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true ";
+  // One process ("ref-sp-NAME", unless `against` names a run already made) and a group of 2
+  // ("sp2-NAME") with the same options: the same training.
+  auto sp_like_one_process = [&](const std::string& name, const std::string& args,
+                                 std::string against = "") {
+    if (against.empty()) {
+      against = "ref-sp-" + name;
+      RunResult one = run(against, 1, args);
+      ASSERT_EQ(one.exit_code, 0) << one.err;
+    }
+    RunResult two = run("sp2-" + name, 2, args + sp);
+    ASSERT_EQ(two.exit_code, 0) << two.out << two.err;
+    expect_same("sp2-" + name, against);
+  };
   RunResult r = run("sp2", 2, sp + "--set train.batch_size=2");
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("groups of 2 tensor-parallel ranks (sequence-parallel); global batch 2"),
@@ -1035,22 +1048,14 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   const std::string lora =
       "--set model.preset=llama3-tiny --set model.qk_norm=true --set train.lr=1e-3 --set "
       "train.batch_size=2 --set model.lora_rank=4 ";
-  RunResult lo = run("ref-sp-lora", 1, lora);
-  ASSERT_EQ(lo.exit_code, 0) << lo.err;
-  RunResult ls = run("sp2-lora", 2, lora + sp);
-  ASSERT_EQ(ls.exit_code, 0) << ls.out << ls.err;
-  expect_same("sp2-lora", "ref-sp-lora");
+  sp_like_one_process("lora", lora);
 
   // Distillation: the teacher (sp2's model), whole on every rank, scores each rank's own rows.
   const std::string distill =
       "--set train.batch_size=2 --set model.n_layer=2 --set "
       "train.objective=distill --set train.teacher=" +
       *dir_ + "/sp2 ";
-  RunResult k1 = run("ref-sp-distill", 1, distill);
-  ASSERT_EQ(k1.exit_code, 0) << k1.err;
-  RunResult k2 = run("sp2-distill", 2, distill + sp);
-  ASSERT_EQ(k2.exit_code, 0) << k2.out << k2.err;
-  expect_same("sp2-distill", "ref-sp-distill");
+  sp_like_one_process("distill", distill);
   {  // the KL term, summed over the group's rows
     const std::vector<double> a = losses("sp2-distill", "kl"), b = losses("ref-sp-distill", "kl");
     ASSERT_EQ(a.size(), b.size());
@@ -1076,9 +1081,12 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   const std::string packed =
       "--set data.text= --set data.tokenizer=byte --set model.vocab_size=0 --set "
       "data.train=docs/data --set data.packing=best_fit --set train.batch_size=2 ";
-  auto packed_traffic = [&](const std::string& name) {
-    const ModelConfig pc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + name));
-    for (double mb : losses(name, "tp_comm_mib"))
+  // sp_like_one_process, and the traffic as counted, the positions' gathers included.
+  auto packed_run = [&](const std::string& name, const std::string& args,
+                        const std::string& against = "") {
+    sp_like_one_process(name, args, against);
+    const ModelConfig pc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2-" + name));
+    for (double mb : losses("sp2-" + name, "tp_comm_mib"))
       EXPECT_DOUBLE_EQ(mb * 1048576.0,
                        tensor_parallel_traffic_bytes(pc, 1, 32, 2, 1,
                                                      {.sequence_parallel = true,
@@ -1086,21 +1094,9 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
                                                       .packed_rows = true}))
           << name;
   };
-  RunResult g1 = run("ref-packed-gpt2", 1, packed);
-  ASSERT_EQ(g1.exit_code, 0) << g1.err;
-  EXPECT_NE(g1.out.find("cut by packing"), std::string::npos) << g1.out;
-  RunResult g2 = run("sp2-packed-gpt2", 2, packed + sp);
-  ASSERT_EQ(g2.exit_code, 0) << g2.out << g2.err;
-  expect_same("sp2-packed-gpt2", "ref-packed-gpt2");
-  packed_traffic("sp2-packed-gpt2");
+  packed_run("packed-gpt2", packed);
   // (an odd vocabulary: not split, each rank embedding its own rows with its own position ids)
-  const std::string odd = packed + "--set model.vocab_size=257 ";
-  RunResult o1 = run("ref-packed-gpt2-odd", 1, odd);
-  ASSERT_EQ(o1.exit_code, 0) << o1.err;
-  RunResult o2 = run("sp2-packed-gpt2-odd", 2, odd + sp);
-  ASSERT_EQ(o2.exit_code, 0) << o2.out << o2.err;
-  expect_same("sp2-packed-gpt2-odd", "ref-packed-gpt2-odd");
-  packed_traffic("sp2-packed-gpt2-odd");
+  packed_run("packed-gpt2-odd", packed + "--set model.vocab_size=257 ");
   // Llama (RoPE at the packed positions): sequence parallelism against tensor parallelism alone
   // (the same sums, gathered instead: equal to rounding), and that against one process. Tensor
   // parallelism's partial sums round differently from one process, and on these packed rows
@@ -1110,12 +1106,10 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   const std::string packed_llama = packed + "--set model.preset=llama3-tiny ";
   RunResult l1 = run("ref-packed-llama", 1, packed_llama);
   ASSERT_EQ(l1.exit_code, 0) << l1.err;
+  EXPECT_NE(l1.out.find("cut by packing"), std::string::npos) << l1.out;  // (packed, really)
   RunResult lt = run("tp2-packed-llama", 2, packed_llama + "--set dist.tensor_parallel=2");
   ASSERT_EQ(lt.exit_code, 0) << lt.out << lt.err;
-  RunResult l2 = run("sp2-packed-llama", 2, packed_llama + sp);
-  ASSERT_EQ(l2.exit_code, 0) << l2.out << l2.err;
-  expect_same("sp2-packed-llama", "tp2-packed-llama");
-  packed_traffic("sp2-packed-llama");
+  packed_run("packed-llama", packed_llama, "tp2-packed-llama");
   {
     const std::vector<double> a = losses("tp2-packed-llama"), b = losses("ref-packed-llama");
     ASSERT_EQ(a.size(), b.size());
