@@ -6,10 +6,12 @@
 #include <omp.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "lmforge/backend/cpu/kernels.h"
@@ -863,7 +865,10 @@ TEST(Bf16, CopiesFollowWeightsWrittenOutsideTheOptimizer) {
 }
 
 // After the first steps (primitive creation, scratch growth) a training step allocates no new
-// memory: counted as minor page faults, which every fresh buffer costs when first touched.
+// memory: counted as minor page faults, which every fresh buffer costs when first touched. An
+// allocation in the step faults in every step; the kernel reclaiming a page now and then (a
+// fresh CI run once counted 381 faults over 3 steps, never again) faults in some: so each step
+// is counted, and the median of 5 must stay small.
 TEST(Bf16, StepsAfterWarmUpTouchNoNewMemory) {
   for (int mode = 0; mode < 3; ++mode) {  // fp32, bf16, bf16 with bf16 master weights
     const bool bf16 = mode > 0;
@@ -881,11 +886,18 @@ TEST(Bf16, StepsAfterWarmUpTouchNoNewMemory) {
     };
     step();
     step();
-    rusage before{}, after{};
-    getrusage(RUSAGE_SELF, &before);
-    for (int i = 0; i < 3; ++i) step();
-    getrusage(RUSAGE_SELF, &after);
-    EXPECT_LT(after.ru_minflt - before.ru_minflt, 64) << "mode " << mode;
+    std::vector<long> faults;
+    for (int i = 0; i < 5; ++i) {
+      rusage before{}, after{};
+      getrusage(RUSAGE_SELF, &before);
+      step();
+      getrusage(RUSAGE_SELF, &after);
+      faults.push_back(after.ru_minflt - before.ru_minflt);
+    }
+    std::string all;
+    for (long f : faults) all += std::to_string(f) + " ";
+    std::sort(faults.begin(), faults.end());
+    EXPECT_LT(faults[2], 22) << "mode " << mode << ", minor page faults per step: " << all;
   }
 }
 
