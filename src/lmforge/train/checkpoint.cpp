@@ -378,9 +378,14 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
     SafetensorsWriter mw, ow;
     for (const auto& [p, what] : made) {
       static const char* const prefix[] = {"", "m.", "v."};
-      (what == 0 ? mw : ow)
-          .add(prefix[what] + p->name, DType::kF32, p->shape,
-               [&sh, p = p, what = what] { return sh.whole_param(*p, what); });
+      const DType dtype = what == 0 ? sh.values_dtype : DType::kF32;
+      (what == 0 ? mw : ow).add(prefix[what] + p->name, dtype, p->shape, [&sh, p = p, what, dtype] {
+        const Tensor whole = sh.whole_param(*p, what);
+        if (dtype == DType::kF32) return whole;
+        Tensor rounded = Tensor::empty(whole.shape(), dtype);  // (bf16 values widened: exact)
+        ops::to_bf16(rounded, whole);
+        return rounded;
+      });
     }
     mw.metadata["format"] = "pt";
     mw.write((tmp / "model.safetensors").string());

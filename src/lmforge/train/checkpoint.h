@@ -62,6 +62,7 @@ struct CheckpointShards {
   // into model.safetensors and optimizer.safetensors, holding one parameter at a time; `opt`
   // (the share's) gives the step count and the optimizer's name.
   std::function<Tensor(const Param& p, int what)> whole_param;
+  DType values_dtype = DType::kF32;  // the values' dtype in the file (bf16 masters: bf16)
 };
 
 // Writes <run_dir>/checkpoints/step-<st.step>/ (see above) and returns its path. Then: removes

@@ -177,6 +177,11 @@ RunSetup setup_run(Config& cfg) {
     if (cfg.model.head_size() > 128)
       fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",
            cfg.model.head_size());
+    if (tp > 1 && t.master_weights == "bf16" && vocab_parallel(cfg))
+      fail(
+          "train.master_weights: bf16 with dist.tensor_parallel splitting the vocabulary (bf16 "
+          "embedding tables in parts) runs on the CPU only; use train.master_weights: fp32 on "
+          "GPUs");
   }
   // DPO's (and KTO's) reference: the policy as it starts, never trained. LoRA adapters from a
   // source without them start as a no-op (B = 0): the reference is the policy with its adapters

@@ -526,7 +526,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       shards.values = &dp.value_shard();
       shards.values_lo = dp.layout().begin(dp.shard_rank());
     }
-    if (tp) shards.whole_param = whole_param;  // (the whole model, streamed by rank 0)
+    if (tp) {  // the whole model, streamed by rank 0
+      shards.whole_param = whole_param;
+      shards.values_dtype = model.params().bf16_master() ? DType::kBF16 : DType::kF32;
+    }
     res.last_checkpoint = save_checkpoint(run_dir, tp ? *whole_layout : model, &opt, st,
                                           config_yaml, t.keep_last, *tokenizer, &shards);
   };

@@ -102,7 +102,6 @@ void validate_tensor_parallel(const Config& cfg) {
     fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
   };
   if (cfg.dist.offload) refuse("dist.offload", "set it to false");
-  if (t.master_weights != "fp32") refuse("train.master_weights bf16", "use fp32");
   // (distillation's teacher runs whole on every rank of a group, on the group's shared rows)
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
   if (!cfg.dist.sequence_parallel) return;
