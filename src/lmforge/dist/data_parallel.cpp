@@ -423,16 +423,18 @@ Tensor DataParallel::whole_param(const Param& p, int what) {
   const bool held = what > 0 && k < slots.size();
   LMF_CHECK(what == 0 || held || pieces, "whole_param: {} has no AdamW state", p.name);
   auto moment = [&] { return what == 1 ? opt_->m(k) : opt_->v(k); };
-  if (!pieces) {
-    if (what > 0) return moment().view({n});
-    return p.value.dtype() == DType::kF32 ? p.value.view({n}) : p.value.view({n}).to(DType::kF32);
-  }
+  auto fp32 = [&](const Tensor& v) {  // bf16 master weights widened (exact), where they are
+    if (v.dtype() == DType::kF32) return v;
+    Tensor w = Tensor::empty({v.numel()}, DType::kF32, v.device());
+    ops::from_bf16(w, v);
+    return w;
+  };
+  if (!pieces) return what > 0 ? moment().view({n}) : fp32(p.value.view({n}));
   Tensor out = Tensor::empty({n}, DType::kF32, model_.device());
-  Tensor piece;  // this rank's piece of p's values, fp32 (bf16 master weights widened: exact)
+  Tensor piece;  // this rank's piece of p's values, fp32
   if (what == 0) {
     const int64_t a = std::clamp(off, my_lo_, my_hi_), z = std::clamp(off + n, my_lo_, my_hi_);
-    piece = vshard_.slice(a - my_lo_, z - a);
-    if (piece.dtype() != DType::kF32) piece = piece.to(DType::kF32);
+    piece = fp32(vshard_.slice(a - my_lo_, z - a));
   }
   const float* mine = what == 0 ? piece.data<float>()
                       : held    ? moment().data<float>()

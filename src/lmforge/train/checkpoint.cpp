@@ -382,9 +382,16 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
       (what == 0 ? mw : ow).add(prefix[what] + p->name, dtype, p->shape, [&sh, p = p, what, dtype] {
         const Tensor whole = sh.whole_param(*p, what);
         if (dtype == DType::kF32) return whole;
-        Tensor rounded = Tensor::empty(whole.shape(), dtype);  // (bf16 values widened: exact)
-        ops::to_bf16(rounded, whole);
-        return rounded;
+        // bf16 values widened: their top halves, exactly (subnormals kept, as one process's)
+        Tensor narrow = Tensor::empty(whole.shape(), dtype);
+        const float* f = whole.data<float>();
+        uint16_t* h = static_cast<uint16_t*>(narrow.raw());
+        for (int64_t i = 0; i < whole.numel(); ++i) {
+          uint32_t u;
+          std::memcpy(&u, f + i, 4);
+          h[i] = static_cast<uint16_t>(u >> 16);
+        }
+        return narrow;
       });
     }
     mw.metadata["format"] = "pt";
