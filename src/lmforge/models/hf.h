@@ -1,6 +1,7 @@
 // Hugging Face interop: config.json <-> ModelConfig and HF tensor names <-> lmforge parameters,
 // for the families ModelConfig::arch names (gpt2, llama, mistral, qwen2, qwen3, phi3; SmolLM and
-// TinyLlama are llama). docs/formats.md, "Hugging Face checkpoints", has the tables.
+// TinyLlama are llama). docs/formats.md, "Hugging Face checkpoints", has the tables. hf.cpp maps
+// config.json; hf_weights.cpp the tensors (import, export, PEFT adapters).
 //
 //   HfConfig hc = read_hf_config("models/SmolLM2-135M");   // throws on anything unsupported
 //   Transformer model(hc.model);

@@ -1,0 +1,405 @@
+// Hugging Face checkpoints' weights (models/hf.h): where each lmforge parameter lies in HF's
+// tensors (hf_pieces), loading them (whole or one parameter at a time), the export and PEFT
+// adapters. config.json's mapping is in hf.cpp.
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
+#include "lmforge/io/safetensors.h"
+#include "lmforge/models/hf.h"
+#include "lmforge/nn/transformer.h"
+#include "lmforge/tokenizer/tokenizer.h"
+
+namespace lmforge {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::vector<HfPiece> hf_pieces(const ModelConfig& m, const std::string& param, int64_t param_rows) {
+  const bool gpt2 = m.arch == "gpt2";
+  const std::string pre = gpt2 ? "transformer." : "model.";
+  auto whole = [&](const std::string& name, bool transpose = false) {
+    return std::vector<HfPiece>{{name, 0, param_rows, transpose}};
+  };
+  if (param == "tok_emb.weight") return whole(pre + (gpt2 ? "wte.weight" : "embed_tokens.weight"));
+  if (param == "pos_emb.weight") return whole(pre + "wpe.weight");
+  if (param == "lm_head.weight") return whole("lm_head.weight");
+  if (param.starts_with("norm_f."))
+    return whole(pre + (gpt2 ? "ln_f." : "norm.") + param.substr(7));
+  LMF_CHECK(param.starts_with("blocks."), "unexpected parameter {}", param);
+  size_t dot = param.find('.', 7);
+  const std::string layer = param.substr(7, dot - 7), rest = param.substr(dot + 1);
+  const std::string suffix = rest.substr(rest.rfind('.') + 1);  // weight | bias
+  const std::string base = rest.substr(0, rest.rfind('.'));
+  const bool is_weight = suffix == "weight";
+  if (gpt2) {
+    const std::string h = pre + "h." + layer + ".";
+    static const std::pair<const char*, const char*> names[] = {
+        {"norm1", "ln_1"},           {"norm2", "ln_2"},
+        {"attn.qkv", "attn.c_attn"}, {"attn.proj", "attn.c_proj"},
+        {"mlp.fc", "mlp.c_fc"},      {"mlp.proj", "mlp.c_proj"}};
+    for (auto& [ours, theirs] : names)
+      if (base == ours) {
+        bool conv1d = base != "norm1" && base != "norm2";  // HF GPT-2 stores (in, out)
+        return whole(h + theirs + "." + suffix, conv1d && is_weight);
+      }
+    LMF_CHECK(false, "unexpected GPT-2 parameter {}", param);
+  }
+  const std::string l = pre + "layers." + layer + ".";
+  const int64_t HS = m.head_size(), F = m.ffn();
+  const int64_t q = m.n_head * HS, kv = m.kv_heads() * HS;
+  if (base == "norm1") return whole(l + "input_layernorm." + suffix);
+  if (base == "norm2") return whole(l + "post_attention_layernorm." + suffix);
+  if (base == "attn.q_norm") return whole(l + "self_attn.q_norm." + suffix);
+  if (base == "attn.k_norm") return whole(l + "self_attn.k_norm." + suffix);
+  if (base == "attn.proj") return whole(l + "self_attn.o_proj." + suffix);
+  if (base == "mlp.proj") return whole(l + "mlp.down_proj." + suffix);
+  if (base == "attn.qkv") {
+    if (m.arch == "phi3") return whole(l + "self_attn.qkv_proj." + suffix);
+    return {{l + "self_attn.q_proj." + suffix, 0, q, false},
+            {l + "self_attn.k_proj." + suffix, q, kv, false},
+            {l + "self_attn.v_proj." + suffix, q + kv, kv, false}};
+  }
+  if (base == "mlp.fc") {
+    if (m.arch == "phi3") return whole(l + "mlp.gate_up_proj." + suffix);
+    return {{l + "mlp.gate_proj." + suffix, 0, F, false},
+            {l + "mlp.up_proj." + suffix, F, F, false}};
+  }
+  LMF_CHECK(false, "unexpected parameter {}", param);
+  return {};
+}
+
+namespace {
+
+// Buffers some HF checkpoints carry that are not weights.
+bool is_buffer(const std::string& name) {
+  return name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") ||
+         name.ends_with("rotary_emb.inv_freq");
+}
+
+bool equal_bytes(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+}  // namespace
+
+void for_each_hf_weight(const Transformer& layout, const std::string& dir, const GiveValues& give) {
+  SafetensorsSet set = SafetensorsSet::open(dir);
+  const ModelConfig& m = layout.config();
+  std::set<std::string> used;
+  // Hub GPT-2 checkpoints predate the "transformer." prefix.
+  auto resolve = [&](const std::string& name) {
+    if (set.has(name)) return name;
+    if (name.starts_with("transformer.") && set.has(name.substr(12))) return name.substr(12);
+    fail("{}: tensor \"{}\" is missing; the checkpoint does not match its config.json", set.path(),
+         name);
+  };
+  for (const Param& p : layout.params().params()) {
+    if (is_lora_param(p.name)) continue;  // LoRA adapters on top keep their initial values
+    const int64_t rows = p.shape[0];
+    const int64_t cols = p.shape.numel() / rows;
+    Tensor value = Tensor::empty(p.shape, DType::kF32);
+    for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
+      std::string name = resolve(piece.name);
+      used.insert(name);
+      Tensor t = set.load(name, DType::kF32);
+      Shape want = piece.transpose       ? Shape{cols, piece.rows}
+                   : p.shape.ndim() == 1 ? Shape{piece.rows}
+                                         : Shape{piece.rows, cols};
+      if (!(t.shape() == want))
+        fail("{}: tensor \"{}\" has shape {}, expected {} from config.json", set.path(), name,
+             t.shape().str(), want.str());
+      Tensor dst = value.slice(piece.row0, piece.rows);
+      if (!piece.transpose) {
+        dst.copy_from(t);
+        continue;
+      }
+      const float* s = t.data<float>();
+      float* d = dst.data<float>();
+      for (int64_t r = 0; r < piece.rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) d[r * cols + c] = s[c * piece.rows + r];
+    }
+    give(p, value.data<float>());
+  }
+  for (const std::string& name : set.names()) {
+    if (used.count(name) || is_buffer(name)) continue;
+    if (name == "lm_head.weight" && m.tie_embeddings) {
+      // Some exports store the tied head anyway; it must then equal the embedding.
+      const Param& emb = layout.params().params().front();
+      const std::vector<HfPiece> pieces = hf_pieces(m, emb.name, emb.shape[0]);
+      LMF_CHECK(pieces.size() == 1 && !pieces[0].transpose, "the token embedding in {} pieces",
+                pieces.size());
+      if (!equal_bytes(set.load(name, DType::kF32), set.load(resolve(pieces[0].name), DType::kF32)))
+        fail(
+            "{}: lm_head.weight differs from the token embedding but config.json says "
+            "tie_word_embeddings=true",
+            set.path());
+      continue;
+    }
+    fail(
+        "{}: tensor \"{}\" has no place in lmforge's {} model; the checkpoint holds a variant "
+        "lmforge does not support",
+        set.path(), name, m.arch);
+  }
+}
+
+void load_hf_weights(Transformer& model, const std::string& dir) {
+  model.params().invalidate_bf16();  // the weights change below; bf16 copies follow on use
+  for_each_hf_weight(model, dir, [](const Param& p, const float* values) {
+    LMF_CHECK(p.value.dtype() == DType::kF32 && p.value.device() == Device::kCPU,
+              "load_hf_weights: {} is not fp32 on the host", p.name);
+    std::copy(values, values + p.shape.numel(), p.value.data<float>());
+  });
+}
+
+namespace {
+// p's fp32 value on the host, with a LoRA adapter merged in: W + s B A (lora_b holds B^T).
+Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
+  Tensor w = p.value.dtype() == DType::kF32 ? p.value.clone() : p.value.to(DType::kF32);
+  if (!p.name.ends_with(".weight")) return w;
+  const std::string layer = p.name.substr(0, p.name.size() - 7);
+  const Param *a = nullptr, *b = nullptr;
+  for (const Param& q : ps.params()) {
+    if (q.name == layer + ".lora_a") a = &q;
+    if (q.name == layer + ".lora_b") b = &q;
+  }
+  if (!a || !b) return w;
+  const Tensor af = a->value.to(DType::kF32), bf = b->value.to(DType::kF32);
+  const int64_t r = a->shape[0], C = a->shape[1], OC = b->shape[1];
+  const float* A = af.data<float>();
+  const float* Bt = bf.data<float>();
+  float* W = w.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < OC; ++o)
+    for (int64_t c = 0; c < C; ++c) {
+      double acc = 0;
+      for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(Bt[k * OC + o]) * A[k * C + c];
+      W[o * C + c] += static_cast<float>(scale * acc);
+    }
+  return w;
+}
+}  // namespace
+
+void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::string& dir,
+                   DType dtype, uint64_t max_shard_bytes, bool merge_lora) {
+  LMF_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "export dtype {}", dtype_name(dtype));
+  const ModelConfig& m = model.config();
+  int64_t bos = tok ? tok->bos_id() : -1, eos = tok ? tok->eos_id() : -1;
+  json config = hf_config_json(m, bos, eos, dtype);  // throws before anything is written
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const Param& p : model.params().params()) {
+    if (is_lora_param(p.name)) continue;  // merged into their layers' weights, or left out
+    const int64_t rows = p.value.size(0), cols = p.value.numel() / rows;
+    // fp32 (bf16 master weights widened), LoRA merged.
+    const Tensor value = m.lora.on() && merge_lora ? merged_value(model.params(), p, m.lora.scale())
+                         : p.value.dtype() == DType::kF32 ? p.value
+                                                          : p.value.to(DType::kF32);
+    for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
+      Tensor src = value.slice(piece.row0, piece.rows), t;
+      if (piece.transpose) {
+        t = Tensor::empty({cols, piece.rows}, DType::kF32);
+        const float* s = src.data<float>();
+        float* d = t.data<float>();
+        for (int64_t r = 0; r < piece.rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) d[c * piece.rows + r] = s[r * cols + c];
+      } else {
+        t = src.clone();
+      }
+      tensors.emplace_back(piece.name, dtype == DType::kF32 ? t : t.to(dtype));
+    }
+  }
+  fs::create_directories(dir);
+  write_safetensors_set(dir, tensors, {{"format", "pt"}}, max_shard_bytes);
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
+              {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
+  write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
+  if (tok) export_hf_tokenizer(*tok, dir);
+}
+
+void merge_peft_adapter(Transformer& model, const std::string& dir) {
+  const fs::path cfg_path = fs::path(dir) / "adapter_config.json";
+  const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  std::ifstream in(cfg_path);
+  if (!in)
+    fail(
+        "{}: cannot read it; expected a PEFT adapter directory (adapter_config.json, "
+        "adapter_model.safetensors)",
+        cfg_path.string());
+  json c;
+  try {
+    c = json::parse(in);
+  } catch (const std::exception& e) {
+    fail("{}: malformed JSON ({})", cfg_path.string(), e.what());
+  }
+  const std::string where = cfg_path.string();
+  auto refuse = [&](const std::string& key, const std::string& why) {
+    fail("{}: \"{}\": {} is not supported ({})", where, key, c[key].dump(), why);
+  };
+  if (!c.is_object()) fail("{}: expected a JSON object", where);
+  // A boolean field: absent or null is false; anything but a boolean is an error naming it.
+  auto flag = [&](const char* k) {
+    if (!c.contains(k) || c[k].is_null()) return false;
+    if (!c[k].is_boolean()) fail("{}: \"{}\" must be true or false, got {}", where, k, c[k].dump());
+    return c[k].get<bool>();
+  };
+  if (!c.contains("peft_type") || c["peft_type"] != "LORA")
+    refuse("peft_type", "lmforge merges LoRA adapters");
+  if (!c.contains("r") || !c["r"].is_number_integer() || c["r"].get<int64_t>() < 1)
+    fail("{}: \"r\" must be a positive integer", where);
+  if (!c.contains("lora_alpha") || !c["lora_alpha"].is_number())
+    fail("{}: \"lora_alpha\" must be a number", where);
+  if (flag("use_dora")) refuse("use_dora", "DoRA's magnitude vectors");
+  if (c.contains("bias") && !c["bias"].is_null() && c["bias"] != "none")
+    refuse("bias", "trained biases");
+  // PiSSA, OLoRA, CorDA and LoftQ adapters apply to a residual of the base model, not to the base
+  // (unless PEFT converted them to plain LoRA on save, which records init_lora_weights true).
+  if (c.contains("init_lora_weights") && c["init_lora_weights"].is_string()) {
+    const std::string init = c["init_lora_weights"].get<std::string>();
+    if (init.starts_with("pissa") || init == "olora" || init == "corda" || init == "loftq")
+      refuse("init_lora_weights",
+             "the adapter applies to a modified base; save it converted "
+             "to plain LoRA (PEFT's path_initial_model_for_weight_conversion)");
+  }
+  for (const char* k :
+       {"modules_to_save", "layers_to_transform", "layers_pattern", "layer_replication"})
+    if (c.contains(k) && !c[k].is_null() && !(c[k].is_array() && c[k].empty()))
+      refuse(k, "only LoRA's A and B of the base model's own layers are merged");
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    if (c.contains(k) && !c[k].is_null() && !(c[k].is_object() && c[k].empty()))
+      refuse(k, "one rank and alpha for every module");
+  const int64_t r = c["r"].get<int64_t>();
+  const double alpha = c["lora_alpha"].get<double>();
+  // PEFT's LoraLayer scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
+  const double scale = flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+
+  // HF module -> the rows of the lmforge parameter that hold its weight.
+  const ModelConfig& m = model.config();
+  struct Target {
+    Param* param;
+    int64_t row0, rows;
+  };
+  std::map<std::string, Target> targets;
+  for (Param& p : model.params().params()) {
+    if (is_lora_param(p.name) || p.value.ndim() != 2) continue;
+    for (const HfPiece& piece : hf_pieces(m, p.name, p.value.size(0)))
+      if (piece.name.ends_with(".weight"))
+        targets[piece.name.substr(0, piece.name.size() - 7)] = {&p, piece.row0, piece.rows};
+  }
+  if (!fs::exists(weights)) fail("{}: no such file; a PEFT adapter needs it", weights);
+  Safetensors st = Safetensors::open(weights);
+  model.params().invalidate_bf16();
+  int merged = 0;
+  const std::string prefix = "base_model.model.", a_suffix = ".lora_A.weight",
+                    b_suffix = ".lora_B.weight";
+  for (const std::string& key : st.names()) {
+    if (key.ends_with(b_suffix)) {  // merged with its A
+      const std::string a_key = key.substr(0, key.size() - b_suffix.size()) + a_suffix;
+      if (!st.has(a_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, a_key);
+      continue;
+    }
+    if (!key.starts_with(prefix) || !key.ends_with(a_suffix))
+      fail(
+          "{}: tensor \"{}\" is not a LoRA A or B of a linear layer (embedding adapters and "
+          "trained extras are not supported)",
+          weights, key);
+    std::string module = key.substr(prefix.size(), key.size() - prefix.size() - a_suffix.size());
+    const std::string b_key = prefix + module + b_suffix;
+    if (!st.has(b_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, b_key);
+    auto it = targets.find(module);
+    if (it == targets.end() && module.starts_with("transformer."))  // Hub GPT-2's naming
+      it = targets.find(module.substr(12));
+    if (it == targets.end() && targets.count("transformer." + module))
+      it = targets.find("transformer." + module);
+    if (it == targets.end())
+      fail("{}: module \"{}\" is no linear layer of this {} model; is the adapter for this base?",
+           weights, module, m.arch);
+    const Target& t = it->second;
+    const Tensor a = st.load(key, DType::kF32), b = st.load(b_key, DType::kF32);
+    const int64_t cols = t.param->value.size(1);
+    if (!(a.shape() == Shape{r, cols}) || !(b.shape() == Shape{t.rows, r}))
+      fail("{}: \"{}\" is {} and its B {}, expected {} and {} (r = {}) for this base model",
+           weights, key, a.shape().str(), b.shape().str(), Shape{r, cols}.str(),
+           Shape{t.rows, r}.str(), r);
+    // W (out, in) += scale B A: lmforge keeps every weight as (out, in), so PEFT's fan_in_fan_out
+    // (GPT-2's Conv1D, stored (in, out)) needs no transpose here.
+    const float* A = a.data<float>();
+    const float* B = b.data<float>();
+    float* W = t.param->value.data<float>() + t.row0 * cols;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < t.rows; ++o)
+      for (int64_t i = 0; i < cols; ++i) {
+        double acc = 0;
+        for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(B[o * r + k]) * A[k * cols + i];
+        W[o * cols + i] += static_cast<float>(scale * acc);
+      }
+    ++merged;
+  }
+  if (merged == 0) fail("{}: holds no LoRA weights", weights);
+}
+
+void save_peft_adapter(const Transformer& model, const std::string& dir,
+                       const std::string& base_model, DType dtype) {
+  const ModelConfig& m = model.config();
+  LMF_CHECK(m.lora.on(), "save_peft_adapter without LoRA adapters");
+  const ParamSet& ps = model.params();
+  auto find = [&ps](const std::string& name) -> const Param& {
+    for (const Param& p : ps.params())
+      if (p.name == name) return p;
+    LMF_CHECK(false, "no parameter {}", name);
+    return ps.params().front();
+  };
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::set<std::string> targets;
+  bool conv1d = false;
+  for (const Param& a : ps.params()) {
+    if (!a.name.ends_with(".lora_a")) continue;
+    const std::string layer = a.name.substr(0, a.name.size() - 7);
+    const Param& b = find(layer + ".lora_b");
+    const Param& w = find(layer + ".weight");
+    const Tensor af = a.value.to(DType::kF32), bt = b.value.to(DType::kF32);  // (r, in), (r, out)
+    const int64_t r = a.shape[0], out = b.shape[1];
+    for (const HfPiece& piece : hf_pieces(m, w.name, w.shape[0])) {
+      conv1d = conv1d || piece.transpose;
+      const std::string module = piece.name.substr(0, piece.name.rfind(".weight"));
+      Tensor bp = Tensor::empty({piece.rows, r}, DType::kF32);  // B's rows of this module
+      for (int64_t i = 0; i < piece.rows; ++i)
+        for (int64_t k = 0; k < r; ++k)
+          bp.data<float>()[i * r + k] = bt.data<float>()[k * out + piece.row0 + i];
+      const std::string key = "base_model.model." + module;
+      tensors.emplace_back(key + ".lora_A.weight",
+                           dtype == DType::kF32 ? af.clone() : af.to(dtype));
+      tensors.emplace_back(key + ".lora_B.weight", dtype == DType::kF32 ? bp : bp.to(dtype));
+      // PEFT matches target_modules as suffixes of the module names: the last two components
+      // tell GPT-2's attn.c_proj from its mlp.c_proj.
+      const size_t last = module.rfind('.'), before = module.rfind('.', last - 1);
+      targets.insert(module.substr(before + 1));
+    }
+  }
+  json config = {{"peft_type", "LORA"},
+                 {"task_type", "CAUSAL_LM"},
+                 {"r", m.lora.rank},
+                 {"lora_alpha", m.lora.alpha},
+                 {"lora_dropout", 0.0},
+                 {"bias", "none"},
+                 {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
+                 {"fan_in_fan_out", conv1d},
+                 {"use_rslora", false},
+                 {"init_lora_weights", true},
+                 {"inference_mode", true},
+                 {"modules_to_save", nullptr},
+                 {"base_model_name_or_path", base_model.empty() ? json(nullptr) : json(base_model)},
+                 {"revision", nullptr}};
+  fs::create_directories(dir);
+  SafetensorsWriter wr;
+  for (const auto& [name, t] : tensors) wr.add(name, t);
+  wr.metadata = {{"format", "pt"}};
+  wr.write((fs::path(dir) / "adapter_model.safetensors").string());
+  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), config.dump(2) + "\n");
+}
+
+}  // namespace lmforge
