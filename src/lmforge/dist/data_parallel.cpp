@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -153,18 +152,12 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     } else {  // made on the host, one parameter at a time, then copied to where the shard lives
       Tensor host = Tensor::zeros({mine}, DType::kF32);  // (alignment gaps: 0)
       float* out = host.data<float>();
-      std::set<std::string> given;
-      init([&](const Param& p, const float* values) {
-        const Param* q = ps_.find(p.name);
-        LMF_CHECK(q && q->shape == p.shape, "initial values for {}: not a parameter of the model",
-                  p.name);
-        const int64_t off = ps_.offset(*q), n = q->shape.numel();
+      ps_.take_stream(init, [&](const Param& q, const Param& p, const float* values) {
+        LMF_CHECK(q.shape == p.shape, "initial values for {}: shaped {}", p.name, p.shape.str());
+        const int64_t off = ps_.offset(q), n = q.shape.numel();
         const int64_t a = std::max(off, my_lo_), z = std::min(off + n, my_hi_);
         if (a < z) std::copy(values + (a - off), values + (z - off), out + (a - my_lo_));
-        given.insert(p.name);
       });
-      LMF_CHECK(given.size() == ps_.params().size(), "initial values for {} of {} parameters",
-                given.size(), ps_.params().size());
       if (master16) {  // rounded to nearest even, as ParamSet::use_bf16_master does
         Tensor h16 = Tensor::empty({mine}, DType::kBF16);
         ops::to_bf16(h16, host);

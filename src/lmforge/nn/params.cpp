@@ -1,5 +1,7 @@
 #include "lmforge/nn/params.h"
 
+#include <set>
+
 #include "lmforge/backend/ops.h"
 
 namespace lmforge {
@@ -220,6 +222,20 @@ Param* ParamSet::find(const std::string& name) {
   for (Param& p : params_)
     if (p.name == name) return &p;
   return nullptr;
+}
+
+void ParamSet::take_stream(
+    const ValueStream& values,
+    const std::function<void(const Param& q, const Param& p, const float*)>& put) {
+  std::set<std::string> given;
+  values([&](const Param& p, const float* v) {
+    const Param* q = find(p.name);
+    LMF_CHECK(q && given.insert(p.name).second, "values streamed for {}: not a parameter, or twice",
+              p.name);
+    put(*q, p, v);
+  });
+  LMF_CHECK(given.size() == params_.size(), "values streamed for {} of {} parameters", given.size(),
+            params_.size());
 }
 
 int64_t ParamSet::numel() const {

@@ -82,6 +82,11 @@ class ParamSet {
   void to(Device device);
   Device device() const { return device_; }
   Param* find(const std::string& name);
+  // Takes a stream of another layout's values (a whole model's, for this set's part of it): put(q,
+  // p, values) for this set's parameter q named as the streamed p; checks that every parameter of
+  // this set came, once.
+  void take_stream(const ValueStream& values,
+                   const std::function<void(const Param& q, const Param& p, const float*)>& put);
 
   std::deque<Param>& params() { return params_; }
   const std::deque<Param>& params() const { return params_; }
