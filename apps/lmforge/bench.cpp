@@ -251,6 +251,7 @@ void add_bench(CLI::App& app) {
     std::unique_ptr<Transformer> reference;
     std::unique_ptr<PreferenceObjective> dpo;
     dist::LocalCommunicator one;
+    const dist::RowRanks ranks{one};
     if (o->objective == "dpo") {
       if (!mc.lora.on()) {
         reference = std::make_unique<Transformer>(mc);
@@ -283,7 +284,7 @@ void add_bench(CLI::App& app) {
       float loss = 0;
       if (dpo) {
         Batch b{tok, tgt, Tensor(), Tensor(), {}, {}};
-        dpo->begin({b}, one);
+        dpo->begin({b}, ranks);
         model.forward_backward_rows(
             tok, tgt, [&](const std::vector<double>& logp, std::vector<float>& w) {
               loss = static_cast<float>(dpo->weigh(0, logp, model.row_targets(), w));

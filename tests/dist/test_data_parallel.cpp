@@ -1227,6 +1227,136 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   EXPECT_EQ(params("sp-resume"), params("sp-ckpt"));
 }
 
+// The preference objectives under sequence parallelism: each rank scores its own pairs (KTO: its
+// labelled rows) with the policy and the reference, its group's KL rows made from the group's
+// gathered tokens, the terms summed over the group; each rank's columns of the vocabulary weigh
+// the group's rows by their ranks' weights. The same training as tensor parallelism alone, and
+// as one process with the group's batch (to the tolerance TP's partial sums need under DPO's
+// sigmoid: DpoOnEveryStrategyMatchesOneProcess).
+TEST_F(DataParallelTest, SequenceParallelPreferenceObjectivesMatchTensorParallelAlone) {
+  {
+    std::ofstream f(*dir_ + "/sp-pairs.jsonl");
+    for (int i = 0; i < 40; ++i)
+      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
+                           {"chosen", i % 3 ? "In the beginning." : "And God said, Let there be."},
+                           {"rejected", i % 2 ? "Selah." : "And it was so, and it was good."}})
+               .dump()
+        << "\n";
+    std::ofstream g(*dir_ + "/sp-labelled.jsonl");
+    for (int i = 0; i < 40; ++i)
+      g << nlohmann::json({{"prompt", "Verse " + std::to_string(i % 7) + ": "},
+                           {"completion", i % 3 ? "In the beginning." : "Selah."},
+                           {"label", i % 3 != 0}})
+               .dump()
+        << "\n";
+  }
+  for (const char* prep : {"prepare --input sp-pairs.jsonl --output sp-prefs --format preference "
+                           "--val-fraction 0.2",
+                           "prepare --input sp-labelled.jsonl --output sp-labelled --format "
+                           "unpaired --val-fraction 0.2"}) {
+    RunResult p = testing::run_lmforge(prep, *dir_);
+    ASSERT_EQ(p.exit_code, 0) << p.err;
+  }
+  const std::string byte =
+      "--set data.text= --set data.tokenizer=byte --set model.vocab_size=0 --set "
+      "train.batch_size=4 ";
+  const std::string tp = "--set dist.tensor_parallel=2 ";
+  const std::string sp = tp + "--set dist.sequence_parallel=true ";
+  struct Case {
+    std::string name, args;
+    int64_t extra_forwards;
+    bool kl_rows;
+  };
+  const std::string prefs = byte + "--set data.train=sp-prefs/data ";
+  for (const Case& c : {
+           Case{"dpo", prefs + "--set train.objective=dpo --set train.dpo_beta=0.5 ", 1, false},
+           Case{"orpo", prefs + "--set train.objective=orpo ", 0, false},
+           Case{"simpo", prefs + "--set train.objective=simpo --set train.cpo_alpha=0.5 ", 0,
+                false},
+           Case{"kto", byte + "--set data.train=sp-labelled/data --set train.objective=kto ", 3,
+                true},
+       }) {
+    RunResult one = run("pref-one-" + c.name, 1, c.args);
+    ASSERT_EQ(one.exit_code, 0) << c.name << "\n" << one.out << one.err;
+    RunResult alone = run("pref-tp2-" + c.name, 2, c.args + tp);
+    ASSERT_EQ(alone.exit_code, 0) << c.name << "\n" << alone.out << alone.err;
+    RunResult two = run("pref-sp2-" + c.name, 2, c.args + sp);
+    ASSERT_EQ(two.exit_code, 0) << c.name << "\n" << two.out << two.err;
+    expect_same("pref-sp2-" + c.name, "pref-tp2-" + c.name, 1e-5, 1e-5);
+    // (ORPO's gradient, through 1 / (1 - e^a) of a response near probability 1, jumps to a norm
+    // of ~34 at step 6, where TP's partial sums, alone as with sequence parallelism, are 1.2e-3 of
+    // it from one process's)
+    expect_same("pref-sp2-" + c.name, "pref-one-" + c.name, 1e-4, c.name == "orpo" ? 3e-3 : 1e-4);
+    // The objective's metrics (rewards, margins; KTO's KL estimate) over the group's rows.
+    for (const char* key : {"reward_margin", "reward_chosen"}) {
+      const std::vector<double> a = losses("pref-sp2-" + c.name, key),
+                                b = losses("pref-one-" + c.name, key);
+      ASSERT_EQ(a.size(), b.size()) << c.name << " " << key;
+      for (size_t i = 0; i < a.size(); ++i)
+        EXPECT_NEAR(a[i], b[i], 1e-4 * std::abs(b[i]) + 1e-7) << c.name << " " << key << " " << i;
+    }
+    // The partial sums, gathers and scatters as lmforge plan counts them (a rank's 2 rows).
+    const ModelConfig mc =
+        checkpoint_model_config(find_latest_checkpoint(*dir_ + "/pref-sp2-" + c.name));
+    const double planned = tensor_parallel_traffic_bytes(mc, 2, 32, 2, 1,
+                                                         {.sequence_parallel = true,
+                                                          .extra_forwards = c.extra_forwards,
+                                                          .kl_rows = c.kl_rows,
+                                                          .vocab_parallel = true,
+                                                          .rows_weighed = true});
+    const std::vector<double> mib = losses("pref-sp2-" + c.name, "tp_comm_mib");
+    ASSERT_EQ(mib.size(), 6u) << c.name;
+    for (double m : mib) EXPECT_DOUBLE_EQ(m * 1048576.0, planned) << c.name;
+  }
+  const std::string dpo = prefs + "--set train.objective=dpo --set train.dpo_beta=0.5 ";
+  // The reference's log-likelihoods precomputed, 2 groups of 2 (full-shard across them): each
+  // group scores every other group batch, each rank its own rows of it; the same values as the
+  // reference's forwards in the steps give. (Against one process: this run's DPO saturates, its
+  // loss ~6e-5 by step 4, where TP's roundings show at ~1e-4 of it.)
+  const std::string sp4 = dpo + sp + "--set dist.strategy=full-shard ";
+  RunResult in_step = run("pref-sp4", 4, sp4);
+  ASSERT_EQ(in_step.exit_code, 0) << in_step.out << in_step.err;
+  RunResult pre = run("pref-sp4-pre", 4, sp4 + "--set train.precompute_ref_logps=true");
+  ASSERT_EQ(pre.exit_code, 0) << pre.out << pre.err;
+  expect_same("pref-sp4-pre", "pref-sp4");
+  RunResult one4 = run("pref-one-dpo-accum", 1, dpo + "--set train.grad_accum=2");
+  ASSERT_EQ(one4.exit_code, 0) << one4.out << one4.err;
+  expect_same("pref-sp4", "pref-one-dpo-accum", 1e-3, 1e-4);
+  // LoRA: the reference is the policy with its adapters off (the same group's forward).
+  const std::string lora = dpo + "--set model.lora_rank=4 --set train.lr=1e-2 ";
+  RunResult lo = run("pref-one-lora", 1, lora);
+  ASSERT_EQ(lo.exit_code, 0) << lo.out << lo.err;
+  RunResult ls = run("pref-sp2-lora", 2, lora + sp);
+  ASSERT_EQ(ls.exit_code, 0) << ls.out << ls.err;
+  expect_same("pref-sp2-lora", "pref-one-lora", 1e-4, 1e-4);
+  // Validation: each rank scores its rows of every group batch, the sums over the group.
+  for (const Case& c : {Case{"dpo", dpo + "--set data.val=sp-prefs/data ", 0, false},
+                        Case{"kto",
+                             byte + "--set data.train=sp-labelled/data --set "
+                                    "data.val=sp-labelled/data --set train.objective=kto ",
+                             0, false}}) {
+    const std::string args = c.args + "--set train.eval_every=3 --set train.eval_batches=3 ";
+    RunResult a = run("pref-eval-one-" + c.name, 1, args);
+    ASSERT_EQ(a.exit_code, 0) << a.out << a.err;
+    RunResult b = run("pref-eval-sp2-" + c.name, 2, args + sp);
+    ASSERT_EQ(b.exit_code, 0) << b.out << b.err;
+    for (const char* key : {"val_loss", "val_reward_margin"}) {
+      const std::vector<double> va = losses("pref-eval-sp2-" + c.name, key),
+                                vb = losses("pref-eval-one-" + c.name, key);
+      ASSERT_EQ(va.size(), 2u) << c.name << " " << key;
+      ASSERT_EQ(vb.size(), 2u) << c.name << " " << key;
+      for (size_t i = 0; i < 2; ++i)
+        EXPECT_NEAR(va[i], vb[i], 1e-4 * std::abs(vb[i]) + 1e-7) << c.name << " " << key;
+    }
+  }
+  // A pair's two rows stay on one rank.
+  RunResult odd = run("pref-odd", 2, dpo + sp + "--set train.batch_size=2");
+  EXPECT_NE(odd.exit_code, 0);
+  EXPECT_NE(odd.err.find("a preference pair takes two rows of one rank; choose a multiple of 4"),
+            std::string::npos)
+      << odd.err;
+}
+
 TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
   struct Case {
     int ranks;

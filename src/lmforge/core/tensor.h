@@ -134,4 +134,10 @@ class Tensor {
   bool dtype_set_ = false;
 };
 
+// A tensor's bytes as fp32 words (int32 ids, fp64 statistics): what a gather moves unchanged.
+inline Tensor as_words(const Tensor& t) {
+  return Tensor(t.storage(), t.byte_offset(), Shape{static_cast<int64_t>(t.nbytes() / 4)},
+                DType::kF32);
+}
+
 }  // namespace lmforge

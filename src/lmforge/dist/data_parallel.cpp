@@ -253,6 +253,22 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
   return out;
 }
 
+void RowRanks::sum(double* v, int n) const {
+  world.all_reduce(v, n)->wait();
+  if (group) group->sum_over_group(v, n);
+}
+
+void RowRanks::gather_rows(const Tensor& mine, const Tensor& all) const {
+  LMF_CHECK(mine.dtype() == DType::kI32 && all.dtype() == DType::kI32 &&
+                all.numel() == mine.numel() * parts(),
+            "gather_rows: {} rows of {} ranks into {}", mine.shape().str(), parts(),
+            all.shape().str());
+  if (group)
+    group->gather(as_words(mine), as_words(all));
+  else
+    all.copy_from(mine);
+}
+
 double DataParallel::forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq,
                                       RowObjective* objective, double* mean_kl) {
   grad_scale_ = 1.0;                                     // new gradients: no clipping decided yet
@@ -262,7 +278,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   for (int64_t c : counts) targets += static_cast<double>(c);
   world_.all_reduce(&targets, 1)->wait();     // over all ranks and micro-batches
   if (tp_) tp_->sum_over_group(&targets, 1);  // sequence parallelism: each rank's own rows
-  if (objective) objective->begin(micro, world_);
+  if (objective) objective->begin(micro, row_ranks());
 
   double sums[3] = {0, 0, 0};  // loss, lse^2, KL: token-weighted over this rank's share
   for (size_t m = 0; m < micro.size(); ++m) {
@@ -310,7 +326,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     tp_->sum_over_group(sums, 3);
     tp_->sum_partial_grads(grad_sharded() ? gshard_ : Tensor(), my_lo_);
   }
-  if (objective) objective->end(world_);
+  if (objective) objective->end(row_ranks());
   if (mean_lse_sq) *mean_lse_sq = sums[1];
   if (mean_kl) *mean_kl = sums[2];
   return sums[0];

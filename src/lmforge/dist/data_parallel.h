@@ -49,19 +49,35 @@ struct ShardLayout {
   std::vector<int64_t> counts(int64_t lo, int64_t hi) const;
 };
 
+// The ranks whose rows make up a step's batch, as a per-row objective sees them: the data-parallel
+// ranks (world), each with micro-batches of its own, and under sequence parallelism the ranks of
+// this rank's tensor-parallel group (group), which split each of their group's micro-batches by
+// rows (this rank's part(): rows [part() R, (part() + 1) R) of its group's parts() R).
+struct RowRanks {
+  Communicator& world;
+  TensorParallel* group = nullptr;  // sequence parallelism's; null otherwise
+  // Sums n numbers over every rank (each one's rows' terms).
+  void sum(double* v, int n) const;
+  int64_t parts() const { return group ? group->size() : 1; }
+  int64_t part() const { return group ? group->rank() : 0; }
+  // A (R, ...) int32 tensor of this rank's rows made its group's (parts() R, ...) in `all`, in
+  // rank order (a copy without sequence parallelism).
+  void gather_rows(const Tensor& mine, const Tensor& all) const;
+};
+
 // A loss over whole rows in place of the mean cross-entropy of their tokens (train/objective.h:
-// DPO, ORPO). Per step, forward_backward() calls begin(micro, world) on every rank, then for each
-// micro-batch m weigh(m, logp, targets, w) with the policy's log-likelihood of each row's targets
-// and the rows' target counts: it sets the rows' gradient weights (Transformer::RowWeigher) and
-// returns the micro-batch's share of the global loss (the shares are summed over micro-batches and
-// ranks); then end(world) (metrics over the ranks).
+// DPO, ORPO, SimPO, KTO). Per step, forward_backward() calls begin(micro, ranks) on every rank,
+// then for each micro-batch m weigh(m, logp, targets, w) with the policy's log-likelihood of each
+// of this rank's rows' targets and the rows' target counts: it sets the rows' gradient weights
+// (Transformer::RowWeigher) and returns the micro-batch's share of the global loss (the shares are
+// summed over micro-batches and ranks); then end(ranks) (metrics over the ranks).
 class RowObjective {
  public:
   virtual ~RowObjective() = default;
-  virtual void begin(const std::vector<Batch>& micro, Communicator& world) = 0;
+  virtual void begin(const std::vector<Batch>& micro, const RowRanks& ranks) = 0;
   virtual double weigh(size_t m, const std::vector<double>& logp,
                        const std::vector<int64_t>& targets, std::vector<float>& w) = 0;
-  virtual void end(Communicator& world) {}
+  virtual void end(const RowRanks& ranks) {}
 };
 
 class DataParallel final : public GroupHooks {
@@ -97,6 +113,9 @@ class DataParallel final : public GroupHooks {
   // knowledge distillation (Transformer::set_distillation), the mean KL term over the targets.
   double forward_backward(const std::vector<Batch>& micro, double* mean_lse_sq = nullptr,
                           RowObjective* objective = nullptr, double* mean_kl = nullptr);
+  // The ranks with rows of their own (RowObjective's view; evaluation under sequence parallelism
+  // splits each batch the same way).
+  RowRanks row_ranks() { return {world_, tp_ && tp_->sequence_parallel() ? tp_ : nullptr}; }
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);

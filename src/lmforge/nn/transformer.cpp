@@ -174,7 +174,8 @@ void Transformer::to(Device device) {
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
-  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ = Tensor();
+  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ =
+      Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
       scale_ = group_scale_ = group_pos_ids_ = group_doc_start_ = Tensor();
   B_ = T_ = 0;
@@ -291,7 +292,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     host_doc_start_ = Tensor::empty({B, T}, DType::kI32);
   }
   positions_.ids = positions_.doc_start = Tensor();
-  row_scale_ = host_row_scale_ = teacher_chunk_ = kl_ = Tensor();  // sized for the old (B, T)
+  // (sized for the old (B, T))
+  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = Tensor();
 }
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
@@ -326,14 +328,6 @@ float Transformer::forward_backward(const Tensor& tokens, const Tensor& targets,
       distill_.teacher && target_count_ ? ops::sum(kl_) / static_cast<double>(target_count_) : 0.0;
   return loss;
 }
-
-namespace {
-// A tensor's bytes as fp32 words (int32 ids, fp64 statistics): what a gather moves unchanged.
-Tensor as_words(const Tensor& t) {
-  return Tensor(t.storage(), t.byte_offset(), Shape{static_cast<int64_t>(t.nbytes() / 4)},
-                DType::kF32);
-}
-}  // namespace
 
 void Transformer::stage_documents(const Tensor& doc_ids) {
   positions_.ids = positions_.doc_start = Tensor();
@@ -456,6 +450,9 @@ void Transformer::forward_backward_rows(const Tensor& tokens, const Tensor& targ
   if (!row_scale_.defined() || row_scale_.numel() != B_ * T_ || row_scale_.device() != device()) {
     row_scale_ = Tensor::empty({B_ * T_}, DType::kF32, device());  // once per plan
     host_row_scale_ = device() == Device::kCPU ? row_scale_ : Tensor::empty({B_ * T_}, DType::kF32);
+    // (vocabulary and sequence parallelism: this rank's columns of the group's rows need theirs)
+    if (group_tokens_.defined())
+      group_row_scale_ = Tensor::empty({row_shards() * B_ * T_}, DType::kF32, device());
   }
   float* h = host_row_scale_.data<float>();
   for (int64_t i = 0; i < B_ * T_; ++i) h[i] = w[i / T_];
@@ -568,7 +565,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
   }
 }
 
-void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& row_scale) {
+void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale) {
   // This rank's columns of the logits of the rows the loss needs: its own, or under sequence
   // parallelism the group's (P blocks of N rows, rank k's k-th), chunk by chunk; each chunk's row
   // statistics gathered over the group, then the loss and the gradient of these columns (the
@@ -580,7 +577,6 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
   if (training) dnf_.zero_();
   std::vector<double> scales(P, dloss);  // each block's rows' loss scale (its rank's)
   if (P > 1) {
-    LMF_CHECK(!row_scale.defined(), "per-row weights under sequence parallelism");
     vocab_sums_->gather(nf_out_, group_nf_);
     vocab_sums_->gather(as_words(targets_), as_words(group_targets_));
     h = group_nf_.view({P * N, C});
@@ -596,6 +592,12 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
       const Tensor all =
           group_scale_.device() == Device::kCPU ? group_scale_ : group_scale_.to(Device::kCPU);
       for (int64_t k = 0; k < P; ++k) scales[k] = all.data<double>()[k];
+      if (row_scale.defined()) {  // every rank's rows' weights (forward_backward_rows)
+        LMF_CHECK(row_scale.numel() == N && group_row_scale_.numel() == P * N,
+                  "per-row weights of {} rows for {} ranks' {}", row_scale.numel(), P, N);
+        vocab_sums_->gather(row_scale, group_row_scale_);
+        row_scale = group_row_scale_;
+      }
     }
   }
   const bool train_head = !lm_head_->frozen;
@@ -617,7 +619,7 @@ void Transformer::queue_head_vocab(bool training, double dloss, const Tensor& ro
       vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
       ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
                                  ignore_index_, scales[k], z_loss_, vocab_begin_,
-                                 row_scale.defined() ? row_scale.slice(r0, R) : Tensor(), V);
+                                 row_scale.defined() ? row_scale.slice(at, R) : Tensor(), V);
       if (!training) continue;
       ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
                            hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());

@@ -308,7 +308,7 @@ class Transformer {
   // each block of the group's rows takes its own rank's.
   Tensor scale_, group_scale_;
   // The LM head and loss under vocabulary parallelism (see queue_head).
-  void queue_head_vocab(bool training, double dloss, const Tensor& row_scale);
+  void queue_head_vocab(bool training, double dloss, Tensor row_scale);
   int64_t chunk_rows_ = 0;
   bool keep_logits_ = false;
   bool forward_only_ = false;  // plan_forward_only
@@ -367,6 +367,7 @@ class Transformer {
   int64_t target_count_ = 0;
   std::vector<int64_t> row_targets_;
   Tensor row_scale_, host_row_scale_;  // (B T) per-token weights of forward_backward_rows
+  Tensor group_row_scale_;  // ... of the group's rows (vocabulary and sequence parallelism)
   Distillation distill_;
   bool adapters_off_ = false;
   Tensor teacher_chunk_, kl_;  // the teacher's logits of a chunk; (B T) KL terms

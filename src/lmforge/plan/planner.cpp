@@ -169,9 +169,10 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     return static_cast<double>(grad_accum) * (sums * 4.0 * elements * 2.0 * k + gathered) + muon;
   }
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
-  const double in = o.bf16_inputs ? 2.0 : 4.0;
+  const double in = o.bf16_inputs ? 2.0 : 4.0, extra = static_cast<double>(o.extra_forwards);
   const double norm_gathers = o.full_recompute ? 6.0 : 4.0, fp32_ops = o.full_recompute ? 8.0 : 6.0;
-  double per_micro = L * (norm_gathers * in + fp32_ops * 4.0) * elements * (tp - 1);
+  double per_micro = L * ((norm_gathers + 2.0 * extra) * in + (fp32_ops + 2.0 * extra) * 4.0) *
+                     elements * (tp - 1);
   // The gradients of the parameters fed by a rank's own rows, all-reduced once a step.
   const Groups g = groups(m);
   const double norm = static_cast<double>(m.n_embd) * (m.norm == "layernorm" && m.bias ? 2 : 1);
@@ -184,9 +185,15 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     // gathered for the embeddings'; which are no longer summed once a step (nor the head's).
     const double rows = static_cast<double>(batch * seq);
     per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows + 8.0) * (tp - 1);
+    // An extra forward: its tokens and targets, embeddings, final norm and loss statistics. A
+    // per-row objective's first pass of the head: the final norm's outputs, the targets and the
+    // statistics again, and then the rows' weights (4 bytes a row's token).
+    per_micro += extra * (8.0 * rows + (4.0 + in) * elements + 24.0 * tp * rows) * (tp - 1);
+    if (o.rows_weighed) per_micro += (8.0 * rows + in * elements + 24.0 * tp * rows) * (tp - 1);
     rows_fed -= static_cast<double>(m.vocab_size * m.n_embd) * (m.tie_embeddings ? 1 : 2);
   }
-  if (o.packed_rows) per_micro += 8.0 * static_cast<double>(batch * seq) * (tp - 1);
+  if (o.packed_rows) per_micro += (1.0 + extra) * 8.0 * static_cast<double>(batch * seq) * (tp - 1);
+  if (o.kl_rows) per_micro += 8.0 * static_cast<double>(batch * seq) * (tp - 1);
   return static_cast<double>(grad_accum) * per_micro +
          2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards) + muon;
 }
@@ -294,7 +301,10 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   // The forwards over the group besides the step's own: DPO's reference (unless precomputed),
   // KTO's KL rows (the policy and the reference) and reference (a share of the policy with its
   // adapters off under LoRA: the same partial sums).
-  const int64_t extra_forwards = t.objective == "kto"                              ? 3
+  // (KTO's loss apo_zero_unpaired has no KL rows: its reference alone)
+  const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
+  const int64_t extra_forwards = kl_rows                                           ? 3
+                                 : t.objective == "kto"                            ? 1
                                  : t.objective == "dpo" && !t.precompute_ref_logps ? 1
                                                                                    : 0;
   for (int tp = 2; tp <= per_node && o.ranks % tp == 0; tp *= 2)
@@ -326,6 +336,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.sequence_parallel = seq;
         traffic.bf16_inputs = bf16;
         traffic.extra_forwards = extra_forwards;
+        traffic.kl_rows = seq && kl_rows;
         traffic.data_shards = across == dist::Strategy::kNoShard ? 1 : o.ranks / tp;
         traffic.vocab_parallel = vocab_parallel(probe);
         traffic.rows_weighed = preference_objective(t.objective);

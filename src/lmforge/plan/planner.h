@@ -93,10 +93,12 @@ struct TensorParallelTraffic {
   bool full_recompute = false;     // train.activation_checkpointing: full
   bool sequence_parallel = false;  // dist.sequence_parallel
   bool bf16_inputs = false;        // its norms' outputs gathered in bf16 (train.precision: bf16)
-  // Per micro-batch, forwards without a backward over the group's shares (not under sequence
-  // parallelism): DPO's reference (1); KTO's KL rows through the policy and the reference and
-  // its batch through the reference (3).
+  // Per micro-batch, forwards without a backward over the group's shares: DPO's reference (1);
+  // KTO's KL rows through the policy and the reference and its batch through the reference (3).
   int64_t extra_forwards = 0;
+  // KTO's KL rows under sequence parallelism: made from the group's rows, whose tokens and
+  // targets are gathered (8 bytes a token).
+  bool kl_rows = false;
   // Sequence parallelism with grad-shard, full-shard or hybrid across the groups: the once-a-step
   // sums run on gradient shards of 1/data_shards (about: the shards cut through parameters).
   int data_shards = 1;
@@ -107,7 +109,7 @@ struct TensorParallelTraffic {
   bool vocab_parallel = false;
   bool rows_weighed = false;
   // data.packing best_fit under sequence parallelism: the group's position ids and document
-  // starts gathered every forward (8 bytes a row's token).
+  // starts gathered every forward (8 bytes a row's token; the extra forwards' too).
   bool packed_rows = false;
   // train.optimizer: muon: the whole model's Muon matrix elements (their shares' update
   // directions all-gathered over the group once a step).
@@ -121,8 +123,9 @@ struct TensorParallelTraffic {
 // rank's own rows), per block the gathers of the norms' outputs (2 in forward, again in backward;
 // bf16 with bf16_inputs) and of the output gradients (2), and the reduce-scatters of the partial
 // sums (2 in forward, 2 in backward; full recomputation repeats the forward's), each (tp-1)/tp of
-// the group's buffer; and per step an all-reduce of the gradients of the parameters fed by each
-// rank's rows (embeddings, norms, head).
+// the group's buffer (an extra forward: the forward's gathers and reduce-scatters); and per step
+// an all-reduce of the gradients of the parameters fed by each rank's rows (embeddings, norms,
+// head).
 double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_t seq, int tp,
                                      int64_t grad_accum, const TensorParallelTraffic& o = {});
 

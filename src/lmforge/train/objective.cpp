@@ -221,7 +221,7 @@ PreferenceObjective::PreferenceObjective(const PreferenceOptions& o, Transformer
 }
 
 ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& data,
-                                          Batch& scratch, dist::Communicator& world) {
+                                          Batch& scratch, const dist::RowRanks& ranks) {
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
   ReferenceTable t;
   int64_t total = 0;
@@ -231,9 +231,10 @@ ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& 
   }
   t.logp.assign(static_cast<size_t>(2 * total), 0.0);
   std::vector<double> lp;
-  const int64_t batches = data.sequential_batches();
-  for (int64_t i = world.rank(); i < batches; i += world.size()) {
-    data.sequential(i, scratch);
+  const int64_t batches = data.sequential_batches(), parts = ranks.parts();
+  // (a group's ranks go through the same group batches: past the end, padding)
+  for (int64_t i = ranks.world.rank(); i * parts < batches; i += ranks.world.size()) {
+    data.sequential(i * parts + ranks.part(), scratch);
     reference.forward(scratch.tokens, scratch.targets, kIgnore, scratch.doc_ids);
     reference.row_logps(lp);
     for (size_t j = 0; j < scratch.samples.size(); ++j) {
@@ -245,8 +246,7 @@ ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& 
     }
   }
   // Every entry is written by exactly one rank: the sum is the table.
-  if (world.size() > 1)
-    world.all_reduce(t.logp.data(), static_cast<int64_t>(t.logp.size()))->wait();
+  if (ranks.world.size() * parts > 1) ranks.sum(t.logp.data(), static_cast<int>(t.logp.size()));
   return t;
 }
 
@@ -368,12 +368,30 @@ double PreferenceObjective::kl_estimate(const double sums[2]) {
   return sums[1] > 0 ? std::max(0.0, sums[0] / sums[1]) : 0.0;  // no KL rows: no estimate, 0
 }
 
-void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, double sums[2]) {
+void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, const dist::RowRanks* ranks,
+                                  double sums[2]) {
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
-  const int64_t B = b.tokens.size(0), T = b.tokens.size(1);
-  if (!kl_batch_.tokens.defined() || kl_batch_.tokens.size(0) != B || kl_batch_.tokens.size(1) != T)
-    kl_batch_ = Batch::make(B, T);  // once per shape
-  kto_kl_rows(b, kl_batch_, kIgnore);
+  const int64_t B = b.tokens.size(0), T = b.tokens.size(1), P = ranks ? ranks->parts() : 1;
+  auto sized = [](Batch& x, int64_t rows, int64_t T) {
+    if (!x.tokens.defined() || x.tokens.size(0) != rows || x.tokens.size(1) != T)
+      x = Batch::make(rows, T);  // once per shape
+  };
+  sized(kl_batch_, B, T);
+  if (P == 1) {
+    kto_kl_rows(b, kl_batch_, kIgnore);
+  } else {  // the group's KL rows, this rank's part of them
+    sized(group_batch_, P * B, T);
+    sized(group_kl_, P * B, T);
+    ranks->gather_rows(b.tokens, group_batch_.tokens);
+    ranks->gather_rows(b.targets, group_batch_.targets);
+    kto_kl_rows(group_batch_, group_kl_, kIgnore);
+    const int64_t r0 = ranks->part() * B;
+    kl_batch_.tokens.copy_from(group_kl_.tokens.slice(r0, B));
+    kl_batch_.targets.copy_from(group_kl_.targets.slice(r0, B));
+    kl_batch_.positions.copy_from(group_kl_.positions.slice(r0, B));
+    kl_batch_.doc_ids.copy_from(group_kl_.doc_ids.slice(r0, B));
+    kl_batch_.labels.assign(static_cast<size_t>(B), -1);
+  }
   const std::vector<int64_t> n = row_targets(kl_batch_);
   std::vector<double> lp, rl;
   policy.forward(kl_batch_.tokens, kl_batch_.targets, kIgnore, kl_batch_.doc_ids);
@@ -386,7 +404,7 @@ void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, double su
     }
 }
 
-void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communicator& world) {
+void PreferenceObjective::begin(const std::vector<Batch>& micro, const dist::RowRanks& ranks) {
   ref_logp_.assign(micro.size(), {});
   if (kto_) {
     // Rows with a label and targets; the KL rows' sum of logp - r and their count. The KL rows
@@ -400,9 +418,9 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
       labels_[m] = b.labels;
       for (size_t r = 0; r < n.size(); ++r) sums[0] += n[r] > 0 && b.labels[r] >= 0;
       reference_logps(b, ref_logp_[m]);
-      if (kl_rows_) kl_sums(*policy_, b, sums + 1);
+      if (kl_rows_) kl_sums(*policy_, b, &ranks, sums + 1);
     }
-    world.all_reduce(sums, 3)->wait();
+    ranks.sum(sums, 3);
     pairs_ = sums[0];
     kl_ = kl_estimate(sums + 1);
     step_.fill(0);
@@ -421,7 +439,7 @@ void PreferenceObjective::begin(const std::vector<Batch>& micro, dist::Communica
       }
     if (has_reference()) reference_logps(b, ref_logp_[m], &train_ref_);  // before the policy's
   }
-  world.all_reduce(counts, 2)->wait();
+  ranks.sum(counts, 2);
   pairs_ = counts[0];
   chosen_tokens_ = counts[1];
   step_.fill(0);
@@ -456,17 +474,23 @@ double PreferenceObjective::weigh(size_t m, const std::vector<double>& logp,
   return share;
 }
 
-void PreferenceObjective::end(dist::Communicator& world) {
-  world.all_reduce(step_.data(), kN)->wait();
+void PreferenceObjective::end(const dist::RowRanks& ranks) {
+  ranks.sum(step_.data(), kN);
   if (kto_) step_[kKl] = kl_;
   last_ = step_;
 }
 
 double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int64_t batches,
-                                     Batch& batch, nlohmann::json* metrics) {
+                                     Batch& batch, nlohmann::json* metrics,
+                                     const dist::RowRanks* ranks) {
   LMF_CHECK(!dpo_ || has_reference(), "DPO needs its reference model or its tables");
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
-  batches = std::min(batches, val.sequential_batches());
+  // (sequence parallelism: every rank runs every forward, past the end on padding)
+  const int64_t parts = ranks ? ranks->parts() : 1, part = ranks ? ranks->part() : 0;
+  auto group_sum = [&](double* v, int n) {
+    if (ranks && ranks->group) ranks->group->sum_over_group(v, n);
+  };
+  batches = std::min(batches, (val.sequential_batches() + parts - 1) / parts);
   Sums s;
   s.fill(0);
   std::vector<double> logp, ref;
@@ -480,24 +504,28 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
   std::vector<Rows> kept;
   double ks[2] = {0, 0};
   for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i, batch);
+    val.sequential(i * parts + part, batch);
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
     if (has_reference()) reference_logps(batch, ref, &val_ref_);
     if (kto_) {
       kept.push_back({logp, ref, n, batch.labels});
-      if (kl_rows_) kl_sums(policy, batch, ks);
+      if (kl_rows_) kl_sums(policy, batch, ranks, ks);
       continue;
     }
     for (size_t j = 0; 2 * j < n.size(); ++j)
       if (n[2 * j] > 0 && n[2 * j + 1] > 0) add(s, pair(logp, n, ref, j), logp[2 * j], n[2 * j]);
   }
   if (kto_) {
+    group_sum(ks, 2);
     const double kl = kl_estimate(ks);
     for (const Rows& r : kept)
       add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl, 0, nullptr, nullptr);
+    group_sum(s.data(), kN);
     s[kKl] = kl;
+  } else {
+    group_sum(s.data(), kN);
   }
   if (metrics) *metrics = metrics_of(s, "val_");
   return loss_of(s);

@@ -111,10 +111,11 @@ struct ReferenceTable {
   }
 };
 // Runs the reference (planned for the loader's batch) over data's samples in natural order;
-// with a world of several ranks each rank computes every world-th batch and an all-reduce
-// gives every rank the whole table.
+// with a world of several ranks (ranks.world) each rank computes every world-th batch, under
+// sequence parallelism each group every world-th of its batches (its ranks' consecutive ones, each
+// rank its own), and a sum over the ranks gives every rank the whole table.
 ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& data,
-                                          Batch& scratch, dist::Communicator& world);
+                                          Batch& scratch, const dist::RowRanks& ranks);
 
 struct PreferenceOptions {
   std::string kind = "dpo";    // dpo | orpo | simpo | kto
@@ -140,10 +141,10 @@ class PreferenceObjective final : public dist::RowObjective {
   PreferenceObjective(const PreferenceOptions& o, Transformer* reference,
                       bool reference_without_adapters = false, Transformer* policy = nullptr);
 
-  void begin(const std::vector<Batch>& micro, dist::Communicator& world) override;
+  void begin(const std::vector<Batch>& micro, const dist::RowRanks& ranks) override;
   double weigh(size_t m, const std::vector<double>& logp, const std::vector<int64_t>& targets,
                std::vector<float>& w) override;
-  void end(dist::Communicator& world) override;
+  void end(const dist::RowRanks& ranks) override;
   // The last step's metrics (means over its pairs): reward_chosen, reward_rejected,
   // reward_margin, reward_accuracy; ORPO adds nll and log_odds, SimPO nll. KTO: reward_chosen
   // over the desirable rows, reward_rejected over the undesirable ones, their difference
@@ -160,9 +161,11 @@ class PreferenceObjective final : public dist::RowObjective {
   }
 
   // Validation: the loss over the pairs of the first `batches` batches of val (each rank the
-  // whole set); metrics (optional) receives the same means as metrics(), prefixed "val_".
+  // whole set; under sequence parallelism (ranks.group) a group's batch is its ranks' consecutive
+  // ones, each rank 1/N of its rows, as training splits them); metrics (optional) receives the
+  // same means as metrics(), prefixed "val_".
   double evaluate(Transformer& policy, const Loader& val, int64_t batches, Batch& batch,
-                  nlohmann::json* metrics = nullptr);
+                  nlohmann::json* metrics = nullptr, const dist::RowRanks* ranks = nullptr);
 
  private:
   // Sums over pairs (and ORPO's chosen tokens; KTO: rows, kDesirable of them desirable).
@@ -192,7 +195,10 @@ class PreferenceObjective final : public dist::RowObjective {
                     const std::vector<int64_t>& targets, const std::vector<double>& ref, double kl,
                     double scale, std::vector<float>* w, double* share) const;
   // KTO: sums[0] += the batch's KL rows' logp - r (policy, reference), sums[1] += their count.
-  void kl_sums(Transformer& policy, const Batch& b, double sums[2]);
+  // Under sequence parallelism the KL rows are those of the group's batch (its tokens and
+  // targets gathered: the rows and partners of tensor parallelism alone), this rank's part of
+  // them.
+  void kl_sums(Transformer& policy, const Batch& b, const dist::RowRanks* ranks, double sums[2]);
   // KTO: z = max(0, sums[0] / sums[1]) from kl_sums' sums; 0 without KL rows.
   static double kl_estimate(const double sums[2]);
   // DPO and KTO: the reference's log-likelihoods come from a model or from tables.
@@ -205,6 +211,7 @@ class PreferenceObjective final : public dist::RowObjective {
   bool ref_adapters_off_;
   Transformer* policy_;                      // KTO: the policy's KL-row log-likelihoods
   Batch kl_batch_;                           // KTO: a micro-batch's KL rows
+  Batch group_batch_, group_kl_;             // ... and its group's rows (sequence parallelism)
   std::vector<std::vector<int8_t>> labels_;  // KTO: per micro-batch of the step, per row
   double kl_ = 0;                            // KTO: the step's KL estimate
   // The reference's log-likelihoods of a batch's rows: from the model, or (tables) from the

@@ -226,7 +226,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model,
                                                 cfg.dist.sequence_parallel);
     if (setup.reference)  // DPO's and KTO's reference: its share, summed over the same group
-      ref_tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, *setup.reference);
+      ref_tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, *setup.reference,
+                                                      cfg.dist.sequence_parallel);
   }
   if (tp && lead && tp_size > dist::rank_info().local_size)
     fmt::print(
@@ -245,10 +246,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     Transformer& ref = setup.reference ? *setup.reference : model;
     LMF_CHECK(setup.reference || setup.reference_is_base, "DPO without a reference model");
     const auto t0 = Clock::now();
-    Batch scratch = Batch::make(t.batch_size, t.seq_len);
+    Batch scratch = Batch::make(model.planned_batch(), t.seq_len);
     if (!setup.reference) model.set_adapters(false);
-    // (the data-parallel ranks split the pairs; a tensor-parallel group scores the same ones)
-    dist::Communicator& split = tp ? dp_world : *world;
+    // (the data-parallel ranks split the pairs; a tensor-parallel group scores the same ones, or
+    // under sequence parallelism each rank its own rows of them)
+    const dist::RowRanks split{tp ? dp_world : *world,
+                               tp && tp->sequence_parallel() ? tp.get() : nullptr};
     ReferenceTable train_ref = precompute_reference_logps(ref, train_data, scratch, split);
     ReferenceTable val_ref;
     if (val_data) val_ref = precompute_reference_logps(ref, *val_data, scratch, split);
@@ -648,7 +651,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       std::string detail;
       if (objective) {
         json m;
-        vl = objective->evaluate(model, *val_data, t.eval_batches, batch, &m);
+        const dist::RowRanks ranks = dp.row_ranks();
+        vl = objective->evaluate(model, *val_data, t.eval_batches, batch, &m, &ranks);
         val_record.update(m);
         if (m.contains("val_reward_accuracy"))
           detail = fmt::format(" | reward accuracy {:.3f} | margin {:.4f}",

@@ -105,17 +105,18 @@ void validate_tensor_parallel(const Config& cfg) {
   // (distillation's teacher runs whole on every rank of a group, on the group's shared rows)
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
   if (!cfg.dist.sequence_parallel) return;
-  auto refuse_sp = [&](const std::string& key, const std::string& fix) {
-    fail("dist.sequence_parallel: {} is not supported with sequence parallelism yet; {}", key, fix);
-  };
   if (t.batch_size % tp != 0)
     fail(
         "train.batch_size: {} rows do not split over the {} ranks of a sequence-parallel group "
         "(each takes 1/{} of them); choose a multiple of {}",
         t.batch_size, tp, tp, tp);
-  // (distillation: the teacher, whole on every rank, scores each rank's own rows)
-  if (t.objective != "clm" && t.objective != "distill")
-    refuse_sp("train.objective " + t.objective, "train it with dist.sequence_parallel: false");
+  // (distillation: the teacher, whole on every rank, scores each rank's own rows; preference
+  // objectives: each rank its own pairs or labelled rows, their terms summed over the group)
+  if (paired_objective(t.objective) && (t.batch_size / tp) % 2 != 0)
+    fail(
+        "train.batch_size: {} rows give each of the {} ranks of a sequence-parallel group {}, "
+        "but a preference pair takes two rows of one rank; choose a multiple of {}",
+        t.batch_size, tp, t.batch_size / tp, 2 * tp);
 }
 
 }  // namespace
