@@ -152,13 +152,19 @@ class DataParallelTest : public ::testing::Test {
   }
   // lmforge plan's bytes per step and rank (step_traffic_bytes) against the counted ones, within
   // 0.5% (it leaves out the 64-byte alignment gaps between parameters).
+  // reference_forwards: DPO's or KTO's reference held, with so many forwards per micro-batch;
+  // policy_forwards: the policy's forwards without a backward.
   static void expect_planned_traffic(const std::string& run_name, const std::string& strategy,
                                      int n, int64_t grad_accum, double measured_mib, int shards = 0,
-                                     bool muon = false) {
+                                     bool muon = false, int reference_forwards = 0,
+                                     int policy_forwards = 0) {
     FootprintOptions o;
     o.strategy = static_cast<int>(dist::parse_strategy(strategy));
     o.shards = shards ? shards : n;
     o.muon = muon;
+    o.reference = reference_forwards > 0;
+    o.reference_forwards = reference_forwards;
+    o.policy_forwards = policy_forwards;
     const double planned = step_traffic_bytes(
         checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + run_name)), o, n, grad_accum);
     EXPECT_NEAR(planned, measured_mib * 1048576.0, 0.005 * planned) << run_name << " (planned)";
@@ -394,6 +400,31 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
     RunResult r = run("dpo-" + s, 2, dpo + "--set dist.strategy=" + s);
     ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
     expect_same("dpo-" + s, "dpo-ref");
+    if (s != "full-shard") continue;
+    // Full-shard shards the reference as the policy: each rank holds half its values (+ its own
+    // gather buffers), each block gathered for its forwards.
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.out, m,
+                                  std::regex("reference model ([0-9.]+) MiB of weights: a shard of "
+                                             "([0-9.]+) MiB \\(\\+ ([0-9.]+) MiB of gather")))
+        << r.out;
+    EXPECT_NEAR(std::stod(m[2]), std::stod(m[1]) / 2, 0.01) << m[0];
+    // ... as the memory check predicts it (training_footprint's reference).
+    FootprintOptions fo;
+    fo.strategy = static_cast<int>(dist::Strategy::kFullShard);
+    fo.shards = 2;
+    fo.reference = true;
+    const double predicted =
+        training_footprint(checkpoint_model_config(find_latest_checkpoint(*dir_ + "/dpo-" + s)), fo)
+            .reference /
+        1048576.0;
+    EXPECT_NEAR(predicted, std::stod(m[2]) + std::stod(m[3]), 0.02 * predicted) << m[0];
+    // Its gathers join the step's traffic (from step 2: the first also gathers its embeddings
+    // and head, kept since), as lmforge plan counts them.
+    const std::vector<double> mib = losses("dpo-" + s, "comm_mib");
+    ASSERT_EQ(mib.size(), 6u);
+    for (size_t i = 1; i < mib.size(); ++i)
+      expect_planned_traffic("dpo-" + s, s, 2, 1, mib[i], 0, false, /*reference_forwards=*/1);
   }
   // The reference's log-likelihoods precomputed (each rank half the batches, summed over ranks)
   // and the reference released: the same steps.
@@ -454,6 +485,20 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
       "model.vocab_size=0 --set data.train=labelled/data --set train.batch_size=2 ";
   RunResult ko = run("kto-ref", 1, kto);
   ASSERT_EQ(ko.exit_code, 0) << ko.out << ko.err;
+  // Full-shard: the reference sharded, scoring the batch and the KL rows (2 forwards a
+  // micro-batch, and the policy's of the KL rows); 2 ranks against one process's 2 micro-batches
+  // (each rank's KL rows from its own micro-batch).
+  RunResult ka = run("kto-ref-accum", 1, kto + "--set train.grad_accum=2");
+  ASSERT_EQ(ka.exit_code, 0) << ka.out << ka.err;
+  RunResult kf = run("kto-full-shard", 2, kto + "--set dist.strategy=full-shard");
+  ASSERT_EQ(kf.exit_code, 0) << kf.out << kf.err;
+  expect_same("kto-full-shard", "kto-ref-accum");
+  {
+    const std::vector<double> mib = losses("kto-full-shard", "comm_mib");
+    ASSERT_EQ(mib.size(), 6u);
+    for (size_t i = 1; i < mib.size(); ++i)
+      expect_planned_traffic("kto-full-shard", "full-shard", 2, 1, mib[i], 0, false, 2, 1);
+  }
   RunResult kt = run("kto-tp2", 2, kto + "--set dist.tensor_parallel=2");
   ASSERT_EQ(kt.exit_code, 0) << kt.out << kt.err;
   expect_same("kto-tp2", "kto-ref", 1e-4, 1e-4);

@@ -83,6 +83,8 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     }
   }
   const bool values_sharded = strategy_ >= Strategy::kFullShard;
+  trainable_ = ps_.trainable_ranges();
+  const bool trains = !trainable_.empty();  // (a frozen model: its values alone)
   const bool bf16 = model.bf16();
   // bf16 master weights: the value shard is bf16 and blocks are gathered as 2-byte elements.
   const bool master16 = ps_.bf16_master();
@@ -111,7 +113,6 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     ++b.groups;
     bucket_of_group_[g] = static_cast<int>(buckets_.size()) - 1;
   }
-  trainable_ = ps_.trainable_ranges();
   for (Bucket& b : buckets_)
     for (const auto& [lo, hi] : trainable_)
       if (std::max(lo, b.lo) < std::min(hi, b.hi))
@@ -125,8 +126,10 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
   if (grad_sharded()) {
     shard_arena_ = Arena::planned(
         [&](Arena& a) {
-          gshard_ = a.alloc({mine});
-          rs_tmp_ = a.alloc({mine});
+          if (trains) {
+            gshard_ = a.alloc({mine});
+            rs_tmp_ = a.alloc({mine});
+          }
           vshard_ =
               values_sharded ? a.alloc({mine}, master16 ? DType::kBF16 : DType::kF32) : Tensor();
         },
@@ -134,14 +137,15 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     // The backward writes each group's gradients into a small workspace instead of a
     // whole-model buffer: the embeddings and the head for the micro-batch, blocks in two
     // alternating buffers, each reused once its reduce-scatter has completed.
-    grad_ws_ = Arena::planned(
-        [&](Arena& a) {
-          edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
-          edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
-          block_grad_[0] = a.alloc({block});
-          block_grad_[1] = a.alloc({block});
-        },
-        device);
+    if (trains)
+      grad_ws_ = Arena::planned(
+          [&](Arena& a) {
+            edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
+            edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
+            block_grad_[0] = a.alloc({block});
+            block_grad_[1] = a.alloc({block});
+          },
+          device);
     ps_.release_grads();
   }
   LMF_CHECK(!init || values_sharded, "initial values streamed to {}: only full-shard takes them",
@@ -253,7 +257,7 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
   return out;
 }
 
-void RowRanks::sum(double* v, int n) const {
+void RowRanks::sum(double* v, int64_t n) const {
   world.all_reduce(v, n)->wait();
   if (group) group->sum_over_group(v, n);
 }

@@ -57,7 +57,7 @@ struct RowRanks {
   Communicator& world;
   TensorParallel* group = nullptr;  // sequence parallelism's; null otherwise
   // Sums n numbers over every rank (each one's rows' terms).
-  void sum(double* v, int n) const;
+  void sum(double* v, int64_t n) const;
   int64_t parts() const { return group ? group->size() : 1; }
   int64_t part() const { return group ? group->rank() : 0; }
   // A (R, ...) int32 tensor of this rank's rows made its group's (parts() R, ...) in `all`, in
@@ -85,6 +85,9 @@ class DataParallel final : public GroupHooks {
   // The model must be planned. Under full-shard the model's value buffer is released: each
   // rank's shard of the values comes from `init` when given (every parameter of the model,
   // streamed one at a time: the whole model's values are never held), else from the model.
+  // A model that trains nothing (every parameter frozen: DPO's or KTO's reference,
+  // Transformer::plan_forward_only) under full-shard or hybrid has its values sharded and
+  // gathered for its forwards alone: no gradient buffers, no optimizer state.
   DataParallel(Communicator& world, Transformer& model, const DistConfig& cfg,
                const AdamWOptions& opt, const ValueStream& init = {});
   ~DataParallel() override;

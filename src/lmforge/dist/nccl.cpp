@@ -510,6 +510,18 @@ WorkPtr NcclCommunicator::gather(const void* in, void* out, const std::vector<in
   for (int r = 0; r < rank_; ++r) mine_off += c[r];
   const void* mine = in ? in : at(out, mine_off);
   LMF_CUDA_CHECK(cudaSetDevice(device_));
+  if (n > 0 && !cuda::is_device_pointer(out)) {
+    // Host rows (a KTO group's token ids): staged, complete on return, as all_reduce's scalars.
+    LMF_CHECK(!cuda::is_device_pointer(mine), "NCCL all_gather: device input, host output");
+    void* d = stage(checked_count(n) * esize);
+    LMF_CUDA_CHECK(cudaMemcpyAsync(at(d, mine_off), mine, checked_count(c[rank_]) * esize,
+                                   cudaMemcpyHostToDevice, stream_));
+    gather(nullptr, d, c, esize, type)->wait();  // in place on the device
+    LMF_CUDA_CHECK(
+        cudaMemcpyAsync(out, d, checked_count(n) * esize, cudaMemcpyDeviceToHost, stream_));
+    LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return std::make_unique<CompletedWork>();
+  }
   after_compute();
   if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
     LMF_NCCL_CHECK(ncclAllGather(mine, out, checked_count(c[0]), dtype, comm_, stream_));

@@ -6,9 +6,9 @@
 // (cudaStreamWaitEvent) for everything already queued on lmforge's compute stream
 // (cuda::stream()), so a collective reads the gradients the backward has produced so far; the
 // compute work queued after it overlaps with it, and consumers wait() on the host first.
-// Host memory: all_reduce(double*) and broadcast() also take host pointers (the loss and token
-// counts, the checkpoint's scalars): those are staged through device memory and complete before
-// the call returns. A Work completes when its
+// Host memory: all_reduce(double*), broadcast() and all_gather() also take host pointers (the
+// loss and token counts, the checkpoint's scalars, KTO's gathered token ids): those are staged
+// through device memory and complete before the call returns. A Work completes when its
 // cudaEvent, recorded after the collective, has fired; wait() fails the whole job with one line
 // (and ncclCommAbort) when NCCL reports an asynchronous error or the timeout passes.
 //

@@ -215,7 +215,7 @@ void TensorParallel::sum_scatter(const Tensor& all, const Tensor& local) const {
       ->wait();
 }
 
-void TensorParallel::sum_over_group(double* v, int n) {
+void TensorParallel::sum_over_group(double* v, int64_t n) {
   if (sequence_parallel_) comm_.all_reduce(v, n)->wait();
 }
 

@@ -105,7 +105,7 @@ class TensorParallel final : public PartialSums {
   bool vocab_parallel() const { return vocab_parallel_; }
   // Sequence parallelism: sums n numbers over the group (losses and target counts of the ranks'
   // own rows); nothing otherwise.
-  void sum_over_group(double* v, int n);
+  void sum_over_group(double* v, int64_t n);
   // The gradients a rank holds after a step's data-parallel reduction: each parameter's own
   // (Param::grad; `shard` undefined), or under grad-/full-shard and hybrid the pieces of the
   // share's flat range [shard_lo, shard_lo + shard.numel()) in `shard` (the same range on every

@@ -177,9 +177,10 @@ class Transformer {
   // A model that only runs forwards (DPO's separate reference, a distillation teacher): planned
   // as full recomputation plans its forward (each block keeps its input alone; the same results,
   // bit for bit) without the backward's buffers, and its gradient buffer freed. It cannot train
-  // afterwards.
+  // afterwards: every parameter is frozen (DataParallel then shards its values alone).
   void plan_forward_only(int64_t B, int64_t T) {
     forward_only_ = true;
+    for (Param& p : params_.params()) p.frozen = true;
     params_.release_grads();
     plan(B, T, Recompute::kFull);
   }

@@ -96,7 +96,10 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
     f.optimizer = mu.state + 2 * (w.most + w.gram) * (4 + (o.muon_bf16 ? 2 : 0)) +
                   (o.tensor_parallel > 1 ? 4 * mu.most : 0);
   }
-  f.reference = o.reference ? static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4) : 0;
+  if (o.reference)  // (under full-shard sharded like the values, with gather buffers of its own)
+    f.reference = s >= Strategy::kFullShard
+                      ? f.values + f.gather
+                      : static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4);
   return f;
 }
 
@@ -132,6 +135,13 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   // Muon over shards: every matrix's update direction all-gathered (fp32) each step.
   const double muon = o.muon ? k * 4 * muon_sizes(m).elements : 0;
   double bytes = muon;
+  // Forwards without a backward gather every block but those of the first two still in the
+  // buffers from the forward before (its last two): the policy's (its first forward of a step
+  // then takes the place of the training one's, as a later forward), and the reference's (a
+  // frozen model: DataParallel keeps its edges from the first step on).
+  const double kept = std::max(0.0, std::min(2.0, 4.0 - L));
+  const double forwards_only = value_bytes * g.block * (L - kept) * mb *
+                               (o.policy_forwards + (o.reference ? o.reference_forwards : 0));
   switch (s) {
     case Strategy::kNoShard:
       return 2 * k * grads;
@@ -140,7 +150,7 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
     case Strategy::kGradShard:
       return bytes + mb * k * grads + k * updates;
     default:  // full-shard, and hybrid within a node
-      bytes += mb * k * grads + k * (edges + blocks);
+      bytes += mb * k * grads + k * (edges + blocks + forwards_only);
   }
   if (s == Strategy::kHybrid && ranks > n) {  // the node's shard all-reduced across the nodes
     const double nodes = ranks / n;
@@ -274,6 +284,11 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   base.bf16 = bf16;
   base.bf16_master = t.master_weights == "bf16";
   base.reference = reference && !m.lora.on() && !t.precompute_ref_logps;
+  // (under LoRA the reference is the policy with its adapters off)
+  const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
+  const int reference_forwards = reference && !t.precompute_ref_logps ? (kl_rows ? 2 : 1) : 0;
+  base.reference_forwards = base.reference ? reference_forwards : 0;
+  base.policy_forwards = (kl_rows ? 1 : 0) + (base.reference ? 0 : reference_forwards);
   base.accumulates = t.grad_accum > 1;
   std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
                                        dist::Strategy::kGradShard, dist::Strategy::kFullShard};
@@ -302,7 +317,6 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   // KTO's KL rows (the policy and the reference) and reference (a share of the policy with its
   // adapters off under LoRA: the same partial sums).
   // (KTO's loss apo_zero_unpaired has no KL rows: its reference alone)
-  const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
   const int64_t extra_forwards = kl_rows                                           ? 3
                                  : t.objective == "kto"                            ? 1
                                  : t.objective == "dpo" && !t.precompute_ref_logps ? 1

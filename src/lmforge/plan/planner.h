@@ -25,14 +25,19 @@ namespace lmforge {
 //               the backward's workspace of embeddings, head and two blocks;
 //   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on (Muon:
 //               one for the blocks' matrices, and its Newton-Schulz workspace);
-//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16).
+//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16), or under
+//               full-shard its 1/N shard and its own gather buffers.
 struct TrainingFootprint {
   double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
   double total() const { return values + gather + gradients + optimizer + reference; }
 };
 struct FootprintOptions {
   bool bf16 = false, bf16_master = false;
-  bool reference = false;    // a frozen reference model is held (not precomputed and released)
+  bool reference = false;  // a frozen reference model is held (not precomputed and released)
+  // Per micro-batch, forwards without a backward, whose blocks full-shard gathers
+  // (step_traffic_bytes): the reference's (DPO 1; KTO 2, 1 without KL rows) and the policy's
+  // (KTO's KL rows; under LoRA also the reference's, the policy with its adapters off).
+  int reference_forwards = 0, policy_forwards = 0;
   int strategy = 0;          // dist::Strategy
   int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
   bool accumulates = false;  // train.grad_accum > 1 (the sharded accumulator's second buffer)
@@ -94,7 +99,8 @@ struct TensorParallelTraffic {
   bool sequence_parallel = false;  // dist.sequence_parallel
   bool bf16_inputs = false;        // its norms' outputs gathered in bf16 (train.precision: bf16)
   // Per micro-batch, forwards without a backward over the group's shares: DPO's reference (1);
-  // KTO's KL rows through the policy and the reference and its batch through the reference (3).
+  // KTO's KL rows through the policy and the reference and its batch through the reference (3;
+  // 1 under apo_zero_unpaired, without KL rows).
   int64_t extra_forwards = 0;
   // KTO's KL rows under sequence parallelism: made from the group's rows, whose tokens and
   // targets are gathered (8 bytes a token).

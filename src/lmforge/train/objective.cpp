@@ -231,10 +231,12 @@ ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& 
   }
   t.logp.assign(static_cast<size_t>(2 * total), 0.0);
   std::vector<double> lp;
-  const int64_t batches = data.sequential_batches(), parts = ranks.parts();
-  // (a group's ranks go through the same group batches: past the end, padding)
-  for (int64_t i = ranks.world.rank(); i * parts < batches; i += ranks.world.size()) {
-    data.sequential(i * parts + ranks.part(), scratch);
+  const int64_t parts = ranks.parts(), W = ranks.world.size();
+  const int64_t group_batches = (data.sequential_batches() + parts - 1) / parts;
+  // Every rank runs as many forwards (collectives under tensor parallelism and full-shard): past
+  // the end, padding.
+  for (int64_t round = 0; round * W < group_batches; ++round) {
+    data.sequential((round * W + ranks.world.rank()) * parts + ranks.part(), scratch);
     reference.forward(scratch.tokens, scratch.targets, kIgnore, scratch.doc_ids);
     reference.row_logps(lp);
     for (size_t j = 0; j < scratch.samples.size(); ++j) {
@@ -246,7 +248,7 @@ ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& 
     }
   }
   // Every entry is written by exactly one rank: the sum is the table.
-  if (ranks.world.size() * parts > 1) ranks.sum(t.logp.data(), static_cast<int>(t.logp.size()));
+  if (ranks.world.size() * parts > 1) ranks.sum(t.logp.data(), static_cast<int64_t>(t.logp.size()));
   return t;
 }
 

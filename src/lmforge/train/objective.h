@@ -113,7 +113,8 @@ struct ReferenceTable {
 // Runs the reference (planned for the loader's batch) over data's samples in natural order;
 // with a world of several ranks (ranks.world) each rank computes every world-th batch, under
 // sequence parallelism each group every world-th of its batches (its ranks' consecutive ones, each
-// rank its own), and a sum over the ranks gives every rank the whole table.
+// rank its own; every rank as many, padding past the end), and a sum over the ranks gives every
+// rank the whole table.
 ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& data,
                                           Batch& scratch, const dist::RowRanks& ranks);
 

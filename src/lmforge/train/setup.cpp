@@ -185,8 +185,8 @@ RunSetup setup_run(Config& cfg) {
   }
   // DPO's (and KTO's) reference: the policy as it starts, never trained. LoRA adapters from a
   // source without them start as a no-op (B = 0): the reference is the policy with its adapters
-  // off (PEFT's disable_adapter(); no second model). Otherwise a second model, loaded the same way
-  // and held whole on every rank.
+  // off (PEFT's disable_adapter(); no second model). Otherwise a second model, made the same way
+  // as the policy: each rank's share under tensor parallelism, its shard under full-shard.
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   const bool reference_is_base =
       reference && cfg.model.lora.on() && !(init && init->model.lora.on());
@@ -215,21 +215,22 @@ RunSetup setup_run(Config& cfg) {
   // The model: whole, or under tensor parallelism this rank's share, made one parameter at a
   // time from the whole model's values (the seed's, or init_from's); under full-shard the values
   // are left to DataParallel, which makes each rank's shard the same way (RunSetup::values). No
-  // rank holds the whole model's values, but a DPO or KTO reference outside tensor parallelism
-  // (held whole), and under LoRA with precomputed reference log-likelihoods the policy until
-  // they are scored (below).
+  // rank holds the whole model's values, but a DPO or KTO reference under no-shard, zero1 or
+  // grad-shard (held whole, as the policy is), and under LoRA with precomputed reference
+  // log-likelihoods the policy until they are scored (below).
   const int tp_rank = dist::rank_info().rank % tp;
   auto stream = [&init, seed = t.seed](const Transformer& layout) -> ValueStream {
     if (init) return init->values(layout, seed);
     return [&layout, seed](const GiveValues& give) { layout.for_each_init_param(seed, give); };
   };
   const Transformer layout(cfg.model, Transformer::MeasureOnly{});
-  auto make = [&](bool shards_later) {
+  // shards_later: where the values go for DataParallel to shard them (RunSetup::values).
+  auto make = [&](ValueStream* shards_later) {
     auto m = std::make_unique<Transformer>(share_config);  // (cfg.model without tensor parallelism)
     if (tp > 1) {
       dist::set_tensor_parallel_share(cfg.model, *m, tp, tp_rank, stream(layout));
     } else if (shards_later) {
-      r.values = stream(*m);  // (the model's buffer left unwritten: nothing resident)
+      *shards_later = stream(*m);  // (the model's buffer left unwritten: nothing resident)
     } else if (init) {
       // LoRA adapters the source does not have start from their initial values (B = 0: the
       // source's model); the load replaces everything else.
@@ -242,8 +243,9 @@ RunSetup setup_run(Config& cfg) {
   };
   // (DPO's reference as the policy without its adapters, precomputed before DataParallel shards
   // the values: the policy holds them whole until then)
-  r.model = make(strategy >= dist::Strategy::kFullShard &&
-                 !(reference_is_base && t.precompute_ref_logps));
+  const bool full_shard = strategy >= dist::Strategy::kFullShard;
+  r.model =
+      make(full_shard && !(reference_is_base && t.precompute_ref_logps) ? &r.values : nullptr);
   if (init) {
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
     fmt::print("init_from {}: {} {} weights\n", cfg.init_from,
@@ -255,8 +257,8 @@ RunSetup setup_run(Config& cfg) {
   if (reference) {
     if (reference_is_base)
       r.reference_is_base = true;
-    else
-      r.reference = make(/*shards_later=*/false);
+    else  // (under full-shard sharded like the policy: RunSetup::reference_values)
+      r.reference = make(full_shard ? &r.reference_values : nullptr);
   }
   if (t.objective == "distill") {
     // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.

@@ -235,6 +235,25 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "cross the network in every block; groups within a node are faster\n",
         tp_size, dist::rank_info().local_size);
   dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
+  // DPO's and KTO's reference under full-shard (or hybrid): its values sharded as the policy's,
+  // over the same ranks, each block gathered for its forwards (no gradients, no optimizer state).
+  std::unique_ptr<dist::DataParallel> ref_dp;
+  if (setup.reference && dist::parse_strategy(cfg.dist.strategy) >= dist::Strategy::kFullShard) {
+    DistConfig rc = cfg.dist;
+    rc.offload = false;
+    ref_dp = std::make_unique<dist::DataParallel>(dp_world, *setup.reference, rc, AdamWOptions{},
+                                                  setup.reference_values);
+    setup.reference_values = {};
+  }
+  // The reference's weights as this rank holds them (its shard and gather buffers under
+  // full-shard), for the log.
+  auto reference_held = [&] {
+    const double whole = static_cast<double>(setup.reference->params().numel()) * 4 / 1048576.0;
+    if (!ref_dp) return fmt::format("{:.2f} MiB of weights", whole);
+    return fmt::format(
+        "{:.2f} MiB of weights: a shard of {:.2f} MiB (+ {:.2f} MiB of gather buffers)", whole,
+        ref_dp->parameter_bytes() / 1048576.0, ref_dp->gather_buffer_bytes() / 1048576.0);
+  };
   // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
   // parallelism every rank.
   const int64_t readers = tp && tp->sequence_parallel() ? comm.size() : dp_world.size();
@@ -258,8 +277,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     model.set_adapters(true);
     std::string released = "the policy without its LoRA adapters";
     if (setup.reference) {
-      released = fmt::format("the reference model ({:.0f} MiB of weights) released",
-                             setup.reference->params().numel() * 4 / 1048576.0);
+      released = fmt::format("the reference model ({}) released", reference_held());
+      ref_dp.reset();
       ref_tp.reset();
       setup.reference.reset();
     }
@@ -474,8 +493,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print("objective: {} ({}){}\n", t.objective, what,
                ref_tables                ? "; reference log-likelihoods precomputed"
                : setup.reference_is_base ? "; reference model: the policy without its LoRA adapters"
-               : setup.reference         ? fmt::format("; reference model {:.0f} MiB of weights",
-                                                       setup.reference->params().numel() * 4 / 1048576.0)
+               : setup.reference         ? fmt::format("; reference model {}", reference_held())
                                          : "");
   }
   if (setup.teacher)
@@ -570,6 +588,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                                                        : world->rank()));
     double kl = 0;
     const dist::CommStats comm0 = dp.comm_stats();
+    // (the reference's gathers under full-shard)
+    const double ref_comm0 = ref_dp ? ref_dp->comm_stats().bus_bytes : 0;
     // (tensor parallelism's partial sums, the reference's included)
     auto tp_bytes = [&] {
       return (tp ? tp->comm_stats().bus_bytes : 0) + (ref_tp ? ref_tp->comm_stats().bus_bytes : 0);
@@ -584,6 +604,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (verdict == SpikeGuard::Verdict::kOk) dp.step(lr);
     dist::CommStats comm = dp.comm_stats();
     comm -= comm0;
+    if (ref_dp) comm.bus_bytes += ref_dp->comm_stats().bus_bytes - ref_comm0;
     st.step = step + 1;
     st.val_loss.reset();
     if (profiling && on_gpu) cuda::synchronize();  // the step's kernels, for the profile's shares

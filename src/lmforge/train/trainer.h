@@ -83,8 +83,11 @@ struct RunSetup {
   ValueStream values;
   // train.objective dpo: the frozen reference model (the policy's initial weights), planned for
   // the same (B, T); null otherwise, or when reference_is_base: under LoRA from a source without
-  // adapters the reference is the policy with its adapters off.
+  // adapters the reference is the policy with its adapters off. Under full-shard (without tensor
+  // parallelism) its values are left to a DataParallel of its own, like the policy's
+  // (reference_values).
   std::unique_ptr<Transformer> reference;
+  ValueStream reference_values;
   bool reference_is_base = false;
   // train.objective distill: the teacher (train.teacher), planned for (B, T), set on the model.
   std::unique_ptr<Transformer> teacher;
