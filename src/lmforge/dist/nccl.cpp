@@ -502,41 +502,47 @@ WorkPtr NcclCommunicator::all_gather(const uint16_t* in, uint16_t* out,
 WorkPtr NcclCommunicator::gather(const void* in, void* out, const std::vector<int64_t>& c,
                                  size_t esize, int type) {
   const auto dtype = static_cast<ncclDataType_t>(type);
-  auto at = [&](void* base, int64_t elems) {
-    return static_cast<char*>(base) + static_cast<size_t>(elems) * esize;
+  auto at = [&](const void* base, int64_t elems) {
+    return static_cast<char*>(const_cast<void*>(base)) + static_cast<size_t>(elems) * esize;
   };
   int64_t n = total(c);
   int64_t mine_off = 0;
   for (int r = 0; r < rank_; ++r) mine_off += c[r];
   const void* mine = in ? in : at(out, mine_off);
+  // Every rank's block into `into` (device memory) from `send` (this rank's).
+  auto queue = [&](const void* send, void* into) {
+    if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
+      LMF_NCCL_CHECK(ncclAllGather(send, into, checked_count(c[0]), dtype, comm_, stream_));
+      return;
+    }
+    // Rank r broadcasts its block into place; sendbuff is read on the root only.
+    LMF_NCCL_CHECK(ncclGroupStart());
+    int64_t off = 0;
+    for (int r = 0; r < size_; ++r) {
+      if (c[r] > 0)
+        LMF_NCCL_CHECK(ncclBroadcast(r == rank_ ? send : at(into, off), at(into, off),
+                                     checked_count(c[r]), dtype, r, comm_, stream_));
+      off += c[r];
+    }
+    LMF_NCCL_CHECK(ncclGroupEnd());
+  };
   LMF_CUDA_CHECK(cudaSetDevice(device_));
   if (n > 0 && !cuda::is_device_pointer(out)) {
-    // Host rows (a KTO group's token ids): staged, complete on return, as all_reduce's scalars.
+    // Host rows (a KTO group's token ids): staged, complete on return, and not ordered after the
+    // queued compute (as all_reduce's scalars).
     LMF_CHECK(!cuda::is_device_pointer(mine), "NCCL all_gather: device input, host output");
     void* d = stage(checked_count(n) * esize);
     LMF_CUDA_CHECK(cudaMemcpyAsync(at(d, mine_off), mine, checked_count(c[rank_]) * esize,
                                    cudaMemcpyHostToDevice, stream_));
-    gather(nullptr, d, c, esize, type)->wait();  // in place on the device
+    queue(at(d, mine_off), d);  // in place
+    finish(kAllGather, n)->wait();
     LMF_CUDA_CHECK(
         cudaMemcpyAsync(out, d, checked_count(n) * esize, cudaMemcpyDeviceToHost, stream_));
     LMF_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return std::make_unique<CompletedWork>();
   }
   after_compute();
-  if (std::all_of(c.begin(), c.end(), [&](int64_t x) { return x == c[0]; })) {
-    LMF_NCCL_CHECK(ncclAllGather(mine, out, checked_count(c[0]), dtype, comm_, stream_));
-  } else {
-    // Rank r broadcasts its block into place; sendbuff is read on the root only.
-    LMF_NCCL_CHECK(ncclGroupStart());
-    int64_t off = 0;
-    for (int r = 0; r < size_; ++r) {
-      if (c[r] > 0)
-        LMF_NCCL_CHECK(ncclBroadcast(r == rank_ ? mine : at(out, off), at(out, off),
-                                     checked_count(c[r]), dtype, r, comm_, stream_));
-      off += c[r];
-    }
-    LMF_NCCL_CHECK(ncclGroupEnd());
-  }
+  queue(mine, out);
   return finish(kAllGather, n);
 }
 

@@ -338,6 +338,12 @@ AdamW::MuonShares TensorParallel::muon_shares(Device device) {
          share_runs(p.name, shapes->at(p.name), whole_, size(), rank(), vocab_parallel_))
       x.slice(run.share, run.len).copy_from(whole.slice(run.whole, run.len));
   };
+  // (the group's ranks take turns at the Newton-Schulz iterations)
+  m.ranks = size();
+  m.rank = rank();
+  m.broadcast = [this](const Tensor& whole, int root) {
+    comm_.broadcast(whole.raw(), static_cast<int64_t>(whole.nbytes()), root)->wait();
+  };
   return m;
 }
 

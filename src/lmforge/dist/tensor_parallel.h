@@ -136,8 +136,9 @@ class TensorParallel final : public PartialSums {
   using Take = std::function<Tensor(const Param& q, int what)>;
   Tensor gather_param(const Param& q, int what, const Take& take, bool writes = true);
   // Muon over this rank's share (AdamW::set_muon_shares): each matrix assembled whole over the
-  // group (its rows, or its input columns, as share_runs lays them out), and this rank's part
-  // taken back. `device`: where the optimizer's buffers are.
+  // group (its rows, or its input columns, as share_runs lays them out), orthogonalized by one
+  // rank of the group in turn and broadcast from it, and this rank's part taken back. `device`:
+  // where the optimizer's buffers are.
   AdamW::MuonShares muon_shares(Device device);
 
  private:

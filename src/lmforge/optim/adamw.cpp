@@ -65,7 +65,8 @@ void AdamW::plan_muon_workspace(Device device) {
     most_gram = std::max(most_gram, side * side);
     share = std::max(share, p.shape.numel());
   }
-  ns_x_ = ns_next_ = ns_gram_ = ns_poly_ = ns_x16_ = ns_gram16_ = ns_poly16_ = ns_share_ = Tensor();
+  ns_x_ = ns_next_ = ns_gram_ = ns_poly_ = ns_x16_ = ns_gram16_ = ns_poly16_ = ns_share_ =
+      ns_other_ = Tensor();
   ns_arena_ = Arena::planned(
       [&](Arena& a) {
         if (most == 0) return;
@@ -73,7 +74,10 @@ void AdamW::plan_muon_workspace(Device device) {
         ns_next_ = a.alloc({most});
         ns_gram_ = a.alloc({most_gram});
         ns_poly_ = a.alloc({most_gram});
-        if (shares_.whole_shape) ns_share_ = a.alloc({share});
+        if (shares_.whole_shape) {
+          ns_share_ = a.alloc({share * shares_.ranks});
+          if (shares_.ranks > 1) ns_other_ = a.alloc({most});
+        }
         if (!opt_.muon.bf16) return;
         ns_x16_ = a.alloc({most}, DType::kBF16);
         ns_gram16_ = a.alloc({most_gram}, DType::kBF16);
@@ -83,7 +87,10 @@ void AdamW::plan_muon_workspace(Device device) {
 }
 
 void AdamW::set_muon_shares(MuonShares shares) {
-  LMF_CHECK(shares.whole_shape && shares.gather && shares.take, "set_muon_shares: all three");
+  LMF_CHECK(shares.whole_shape && shares.gather && shares.take &&
+                (shares.ranks == 1 || shares.broadcast) && shares.rank >= 0 &&
+                shares.rank < shares.ranks,
+            "set_muon_shares: its functions, rank {} of {}", shares.rank, shares.ranks);
   shares_ = std::move(shares);
   plan_muon_workspace(slots_.empty() ? Device::kCPU : slots_[0].value.device());
 }
@@ -152,9 +159,13 @@ void AdamW::muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t 
 }
 
 // Every Muon matrix of the set in order: its direction from this rank's slot (if any), gathered
-// whole when slots are pieces, orthogonalized and applied to the slot.
+// whole when slots are pieces, orthogonalized and applied to the slot. Under tensor parallelism the
+// group's ranks take turns: the matrices this rank holds go in rounds of the group's size, the
+// k-th of a round orthogonalized by rank k (muon_rounds).
 void AdamW::muon_steps(double lr, double grad_scale) {
   const auto& ps = params_.params();
+  const bool shares = static_cast<bool>(shares_.whole_shape);
+  std::vector<std::pair<size_t, int64_t>> round;  // (parameter, slot) of this round's matrices
   for (size_t j = 0; j < ps.size(); ++j) {
     const Param& p = ps[j];
     if (!muon_param(p)) continue;
@@ -164,13 +175,22 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     // over the ranks holding its pieces; then the matrix Muon sees (the whole model's, assembled
     // from the group's shares), orthogonalized, and this rank's part of it applied.
     const int64_t n = p.shape.numel();
-    const bool shares = static_cast<bool>(shares_.whole_shape);
-    const Tensor x = (shares ? ns_share_ : ns_x_).slice(0, n);
+    const int64_t k = static_cast<int64_t>(round.size());  // (its place in the round)
+    const Tensor x =
+        (shares ? ns_share_.slice(k * (ns_share_.numel() / shares_.ranks), n) : ns_x_.slice(0, n));
     if (i >= 0) muon_direction(i, x, grad_scale);
     if (muon_gather_) muon_gather_(p, x);
     LMF_CHECK(i < 0 || muon_gather_ || slots_[i].whole(),
               "Muon over a piece of {} needs set_muon_gather", p.name);
     if (i < 0) continue;  // (the ranks of a tensor-parallel group hold the same pieces)
+    if (shares_.ranks > 1) {
+      round.emplace_back(j, i);
+      if (static_cast<int>(round.size()) == shares_.ranks) {
+        muon_rounds(round, lr);
+        round.clear();
+      }
+      continue;
+    }
     const Shape w = shares ? shares_.whole_shape(p) : p.shape;
     const int64_t R = w[0], C = w[1];
     Tensor X = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
@@ -178,6 +198,38 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     newton_schulz(X, next, R, C);  // (X may now be the other buffer)
     if (shares) shares_.take(p, X.view({R * C}), x);
     muon_apply(i, shares ? x : X.view({R * C}), lr, R, C);
+  }
+  if (!round.empty()) muon_rounds(round, lr);
+}
+
+void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, double lr) {
+  // Every matrix of the round gathered whole on every rank (a collective; this rank keeps its
+  // own: the matrix at its place in the round, if there is one), orthogonalized by its rank, and
+  // broadcast from there: each rank takes its share of each and applies it.
+  const auto& ps = params_.params();
+  auto share_of = [&](size_t k) {  // (the round's k-th, at k times the largest share)
+    return ns_share_.slice(static_cast<int64_t>(k) * (ns_share_.numel() / shares_.ranks),
+                           ps[matrices[k].first].shape.numel());
+  };
+  auto whole_of = [&](size_t k) { return shares_.whole_shape(ps[matrices[k].first]); };
+  const size_t own = static_cast<size_t>(shares_.rank);
+  for (size_t k = 0; k < matrices.size(); ++k)
+    shares_.gather(ps[matrices[k].first], share_of(k),
+                   (k == own ? ns_x_ : ns_other_).slice(0, whole_of(k).numel()));
+  Tensor result;  // this rank's matrix, orthogonalized
+  if (own < matrices.size()) {
+    const int64_t R = whole_of(own)[0], C = whole_of(own)[1];
+    Tensor X = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
+    newton_schulz(X, next, R, C);  // (X may now be the other buffer)
+    result = X.view({R * C});
+  }
+  for (size_t k = 0; k < matrices.size(); ++k) {
+    const Shape w = whole_of(k);
+    const Tensor whole = k == own ? result : ns_other_.slice(0, w.numel());
+    shares_.broadcast(whole, static_cast<int>(k));
+    const Param& p = ps[matrices[k].first];
+    shares_.take(p, whole, share_of(k));
+    muon_apply(static_cast<size_t>(matrices[k].second), share_of(k), lr, w[0], w[1]);
   }
 }
 

@@ -97,12 +97,17 @@ class AdamW {
   // of a larger one, which Muon orthogonalizes whole. whole_shape(p) is its shape; gather(p, x,
   // whole) assembles it (flat) from every rank's share x (flat, p's elements: a collective over
   // the group, called for the same matrices in the same order on its ranks); take(p, whole, x)
-  // copies this rank's share of it back into x. Plans the Newton-Schulz workspace again (whole
-  // matrices, and one share's direction).
+  // copies this rank's share of it back into x. The group's `ranks` split the Newton-Schulz
+  // work: the matrices go in rounds of `ranks`, the k-th of a round orthogonalized by rank k
+  // alone (this one: `rank`), which then broadcast(whole, k)s the result to the group (a
+  // collective). Plans the Newton-Schulz workspace again (whole matrices, a round's shares of
+  // the direction).
   struct MuonShares {
     std::function<Shape(const Param& p)> whole_shape;
     std::function<void(const Param& p, const Tensor& x, const Tensor& whole)> gather;
     std::function<void(const Param& p, const Tensor& whole, const Tensor& x)> take;
+    int ranks = 1, rank = 0;
+    std::function<void(const Tensor& whole, int root)> broadcast;
   };
   void set_muon_shares(MuonShares shares);
 
@@ -115,6 +120,9 @@ class AdamW {
   // x: the slot's matrix's orthogonalized direction (flat); R, C: the matrix Muon saw.
   void muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C);
   void muon_steps(double lr, double grad_scale);
+  // Under tensor parallelism: the Muon matrices this rank holds slots of (parameter index j,
+  // slot i), orthogonalized in rounds over the group (set_muon_shares).
+  void muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, double lr);
   void plan_muon_workspace(Device device);
 
   ParamSet& params_;
@@ -122,8 +130,10 @@ class AdamW {
   // Muon's Newton-Schulz workspace, sized for the largest matrix: X and its next iterate, and
   // the Gram matrix with its polynomial (the smaller side squared); with bf16 products, the bf16
   // copies of the operands that are a matmul's weight.
-  // Under tensor parallelism (set_muon_shares) also ns_share_, one share's direction.
-  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_, ns_x16_, ns_gram16_, ns_poly16_, ns_share_;
+  // Under tensor parallelism (set_muon_shares) also ns_share_, a round's shares of the direction
+  // (one per rank of the group), and ns_other_, another rank's matrix whole (gathered, then
+  // received orthogonalized).
+  Tensor ns_x_, ns_next_, ns_gram_, ns_poly_, ns_x16_, ns_gram16_, ns_poly16_, ns_share_, ns_other_;
   Arena ns_arena_;
   MuonShares shares_;
   std::vector<OptSlot> slots_;

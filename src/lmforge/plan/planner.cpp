@@ -93,8 +93,10 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
       whole.ffn_hidden = m.ffn() * o.tensor_parallel;
     }
     const MuonSizes w = o.tensor_parallel > 1 ? muon_sizes(whole) : mu;
+    // (tensor parallelism: a round's shares of the direction, one per rank of the group, and
+    // another rank's whole matrix)
     f.optimizer = mu.state + 2 * (w.most + w.gram) * (4 + (o.muon_bf16 ? 2 : 0)) +
-                  (o.tensor_parallel > 1 ? 4 * mu.most : 0);
+                  (o.tensor_parallel > 1 ? 4 * (o.tensor_parallel * mu.most + w.most) : 0);
   }
   if (o.reference)  // (under full-shard sharded like the values, with gather buffers of its own)
     f.reference = s >= Strategy::kFullShard
@@ -139,7 +141,7 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   // buffers from the forward before (its last two): the policy's (its first forward of a step
   // then takes the place of the training one's, as a later forward), and the reference's (a
   // frozen model: DataParallel keeps its edges from the first step on).
-  const double kept = std::max(0.0, std::min(2.0, 4.0 - L));
+  const double kept = std::min({2.0, L, std::max(0.0, 4.0 - L)});
   const double forwards_only = value_bytes * g.block * (L - kept) * mb *
                                (o.policy_forwards + (o.reference ? o.reference_forwards : 0));
   switch (s) {
@@ -166,7 +168,8 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   const double elements = static_cast<double>(batch * seq * m.n_embd);  // a rank's (B, T, C)
   // Muon: each matrix's shares of the update direction all-gathered once a step (by the ranks
   // holding a piece of it under sharded data parallelism: about 1/data_shards of the matrices).
-  const double muon = 4.0 * o.muon_elements / tp * (tp - 1) / std::max(1, o.data_shards);
+  // (each direction all-gathered, and broadcast orthogonalized from the rank that took it)
+  const double muon = 4.0 * o.muon_elements * ((tp - 1.0) / tp + 1.0) / std::max(1, o.data_shards);
   if (!o.sequence_parallel) {
     const double forwards = 1.0 + static_cast<double>(o.extra_forwards);
     double sums = ((o.full_recompute ? 6.0 : 4.0) + 2.0 * (forwards - 1)) * L;

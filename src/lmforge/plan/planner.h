@@ -118,7 +118,8 @@ struct TensorParallelTraffic {
   // starts gathered every forward (8 bytes a row's token; the extra forwards' too).
   bool packed_rows = false;
   // train.optimizer: muon: the whole model's Muon matrix elements (their shares' update
-  // directions all-gathered over the group once a step).
+  // directions all-gathered over the group once a step, and each orthogonalized matrix broadcast
+  // from the rank that took it).
   double muon_elements = 0;
 };
 // Bytes one rank sends per optimizer step for tensor parallelism's partial sums

@@ -248,7 +248,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // The reference's weights as this rank holds them (its shard and gather buffers under
   // full-shard), for the log.
   auto reference_held = [&] {
-    const double whole = static_cast<double>(setup.reference->params().numel()) * 4 / 1048576.0;
+    const double whole = static_cast<double>(setup.reference->params().numel()) *
+                         (t.master_weights == "bf16" ? 2 : 4) / 1048576.0;
     if (!ref_dp) return fmt::format("{:.2f} MiB of weights", whole);
     return fmt::format(
         "{:.2f} MiB of weights: a shard of {:.2f} MiB (+ {:.2f} MiB of gather buffers)", whole,
