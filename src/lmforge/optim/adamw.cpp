@@ -161,11 +161,13 @@ void AdamW::muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t 
 // Every Muon matrix of the set in order: its direction from this rank's slot (if any), gathered
 // whole when slots are pieces, orthogonalized and applied to the slot. Under tensor parallelism the
 // group's ranks take turns: the matrices this rank holds go in rounds of the group's size, the
-// k-th of a round orthogonalized by rank k (muon_rounds).
+// k-th of round r orthogonalized by rank (k + r) mod N (muon_rounds: the owners rotate, so that
+// no rank always takes the same kind of matrix).
 void AdamW::muon_steps(double lr, double grad_scale) {
   const auto& ps = params_.params();
   const bool shares = static_cast<bool>(shares_.whole_shape);
   std::vector<std::pair<size_t, int64_t>> round;  // (parameter, slot) of this round's matrices
+  int rounds = 0;
   for (size_t j = 0; j < ps.size(); ++j) {
     const Param& p = ps[j];
     if (!muon_param(p)) continue;
@@ -186,7 +188,7 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     if (shares_.ranks > 1) {
       round.emplace_back(j, i);
       if (static_cast<int>(round.size()) == shares_.ranks) {
-        muon_rounds(round, lr);
+        muon_rounds(round, rounds++, lr);
         round.clear();
       }
       continue;
@@ -199,10 +201,10 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     if (shares) shares_.take(p, X.view({R * C}), x);
     muon_apply(i, shares ? x : X.view({R * C}), lr, R, C);
   }
-  if (!round.empty()) muon_rounds(round, lr);
+  if (!round.empty()) muon_rounds(round, rounds, lr);
 }
 
-void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, double lr) {
+void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, int r, double lr) {
   // Every matrix of the round gathered whole on every rank (a collective; this rank keeps its
   // own: the matrix at its place in the round, if there is one), orthogonalized by its rank, and
   // broadcast from there: each rank takes its share of each and applies it.
@@ -212,7 +214,9 @@ void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices,
                            ps[matrices[k].first].shape.numel());
   };
   auto whole_of = [&](size_t k) { return shares_.whole_shape(ps[matrices[k].first]); };
-  const size_t own = static_cast<size_t>(shares_.rank);
+  // The k-th matrix's rank: (k + r) mod N; this rank's matrix: the one at (rank - r) mod N.
+  const int N = shares_.ranks;
+  const size_t own = static_cast<size_t>(((shares_.rank - r) % N + N) % N);
   for (size_t k = 0; k < matrices.size(); ++k)
     shares_.gather(ps[matrices[k].first], share_of(k),
                    (k == own ? ns_x_ : ns_other_).slice(0, whole_of(k).numel()));
@@ -226,7 +230,7 @@ void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices,
   for (size_t k = 0; k < matrices.size(); ++k) {
     const Shape w = whole_of(k);
     const Tensor whole = k == own ? result : ns_other_.slice(0, w.numel());
-    shares_.broadcast(whole, static_cast<int>(k));
+    shares_.broadcast(whole, static_cast<int>((static_cast<int>(k) + r) % N));
     const Param& p = ps[matrices[k].first];
     shares_.take(p, whole, share_of(k));
     muon_apply(static_cast<size_t>(matrices[k].second), share_of(k), lr, w[0], w[1]);

@@ -98,10 +98,10 @@ class AdamW {
   // whole) assembles it (flat) from every rank's share x (flat, p's elements: a collective over
   // the group, called for the same matrices in the same order on its ranks); take(p, whole, x)
   // copies this rank's share of it back into x. The group's `ranks` split the Newton-Schulz
-  // work: the matrices go in rounds of `ranks`, the k-th of a round orthogonalized by rank k
-  // alone (this one: `rank`), which then broadcast(whole, k)s the result to the group (a
-  // collective). Plans the Newton-Schulz workspace again (whole matrices, a round's shares of
-  // the direction).
+  // work: the matrices go in rounds of `ranks`, the k-th of round r orthogonalized by rank
+  // (k + r) mod ranks alone (this one: `rank`), which then broadcast(whole, that rank)s the result
+  // to the group (a collective). Plans the Newton-Schulz workspace again (whole matrices, a round's
+  // shares of the direction).
   struct MuonShares {
     std::function<Shape(const Param& p)> whole_shape;
     std::function<void(const Param& p, const Tensor& x, const Tensor& whole)> gather;
@@ -120,9 +120,10 @@ class AdamW {
   // x: the slot's matrix's orthogonalized direction (flat); R, C: the matrix Muon saw.
   void muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C);
   void muon_steps(double lr, double grad_scale);
-  // Under tensor parallelism: the Muon matrices this rank holds slots of (parameter index j,
-  // slot i), orthogonalized in rounds over the group (set_muon_shares).
-  void muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, double lr);
+  // Under tensor parallelism: round r of the Muon matrices this rank holds slots of (parameter
+  // index j, slot i), orthogonalized over the group (set_muon_shares), its k-th by rank
+  // (k + r) mod N.
+  void muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, int r, double lr);
   void plan_muon_workspace(Device device);
 
   ParamSet& params_;
