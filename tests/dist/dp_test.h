@@ -8,6 +8,7 @@
 // tests also report when they are bit-identical. Each including file is its own test binary.
 #pragma once
 
+#include <fmt/core.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -207,6 +208,54 @@ class DataParallelTest : public ::testing::Test {
     if (s == "zero1") return 3 * k * T;
     if (s == "grad-shard") return 2 * k * T;
     return k * T + k * ((P - blocks) + blocks + regathered);  // full-shard
+  }
+  // A run resumed from `whole`'s step-3 checkpoint: its 3 steps against `whole`'s last 3, the
+  // same losses and final parameters exactly, or with rel > 0 losses within rel (a continuation
+  // under another layout, as one process).
+  static void expect_resumed(const std::string& resumed, const std::string& whole, double rel = 0) {
+    const std::vector<double> all = losses(whole), rest = losses(resumed);
+    ASSERT_EQ(all.size(), 6u) << whole;
+    ASSERT_EQ(rest.size(), 3u) << resumed;
+    for (size_t i = 0; i < 3; ++i) {
+      if (rel == 0) {
+        EXPECT_EQ(rest[i], all[3 + i]) << resumed << ", step " << 4 + i;
+      } else {
+        EXPECT_NEAR(rest[i], all[3 + i], rel * all[3 + i]) << resumed << ", step " << 4 + i;
+      }
+    }
+    if (rel == 0) {
+      EXPECT_EQ(params(resumed), params(whole)) << resumed;
+    }
+  }
+  // Preference data prepared into dir_/<out>/data (and val shards with val_fraction): 40 pairs
+  // (prompt, chosen, rejected: --format preference), or with `labelled` 40 replies labelled
+  // desirable or not (prompt, completion, label: --format unpaired), their prompts repeating
+  // every `prompts`.
+  static void prepare_preferences(const std::string& out, bool labelled, int prompts = 40,
+                                  double val_fraction = 0) {
+    {
+      std::ofstream f(*dir_ + "/" + out + ".jsonl");
+      for (int i = 0; i < 40; ++i) {
+        const std::string prompt = "Verse " + std::to_string(i % prompts) + ": ";
+        if (labelled)
+          f << nlohmann::json({{"prompt", prompt},
+                               {"completion", i % 3 ? "In the beginning." : "Selah."},
+                               {"label", i % 3 != 0}})
+                   .dump();
+        else
+          f << nlohmann::json(
+                   {{"prompt", prompt},
+                    {"chosen", i % 3 ? "In the beginning." : "And God said, Let there be."},
+                    {"rejected", i % 2 ? "Selah." : "And it was so, and it was good."}})
+                   .dump();
+        f << "\n";
+      }
+    }
+    RunResult p = testing::run_lmforge(
+        fmt::format("prepare --input {}.jsonl --output {} --format {} --val-fraction {}", out, out,
+                    labelled ? "unpaired" : "preference", val_fraction),
+        *dir_);
+    ASSERT_EQ(p.exit_code, 0) << p.err;
   }
   static inline std::string* dir_ = nullptr;
 };

@@ -124,17 +124,10 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
   const std::string ckpt = *dir_ + "/muon-ckpt/checkpoints/step-00000003";
   RunResult again = run("muon-resume", 2, muon + "--set dist.strategy=full-shard --resume=" + ckpt);
   ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
-  const std::vector<double> whole = losses("muon-ckpt"), rest = losses("muon-resume");
-  ASSERT_EQ(whole.size(), 6u);
-  ASSERT_EQ(rest.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
-  EXPECT_EQ(params("muon-resume"), params("muon-ckpt"));
+  expect_resumed("muon-resume", "muon-ckpt");
   RunResult one = run("muon-resume-1", 1, muon + "--set train.grad_accum=2 --resume=" + ckpt);
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  const std::vector<double> l = losses("muon-resume-1");
-  ASSERT_EQ(l.size(), 3u);
-  for (size_t i = 0; i < 3; ++i)
-    EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
+  expect_resumed("muon-resume-1", "muon-ckpt", 1e-5);
 
   // Tensor parallelism: each matrix's update direction assembled whole over the group (Muon
   // orthogonalizes the whole model's matrices), orthogonalized by one rank of the group in turn
@@ -175,10 +168,7 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
   RunResult fr = run("muon-tp2-fsdp-resume", 4,
                      tpf + "--resume=" + *dir_ + "/muon-tp2-fsdp/checkpoints/step-00000003");
   ASSERT_EQ(fr.exit_code, 0) << fr.out << fr.err;
-  const std::vector<double> all = losses("muon-tp2-fsdp"), tail = losses("muon-tp2-fsdp-resume");
-  ASSERT_EQ(tail.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(tail[i], all[3 + i]) << "step " << 4 + i;
-  EXPECT_EQ(params("muon-tp2-fsdp-resume"), params("muon-tp2-fsdp"));
+  expect_resumed("muon-tp2-fsdp-resume", "muon-tp2-fsdp");
 }
 
 // DPO (train/objective.h) under every strategy (and KTO under tensor parallelism): its reference
@@ -186,18 +176,7 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
 // weights give one process's step with the same global batch; so do precomputed reference
 // log-likelihoods.
 TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
-  {
-    std::ofstream f(*dir_ + "/pairs.jsonl");
-    for (int i = 0; i < 40; ++i)
-      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
-                           {"chosen", i % 3 ? "In the beginning." : "And God said, Let there be."},
-                           {"rejected", i % 2 ? "Selah." : "And it was so, and it was good."}})
-               .dump()
-        << "\n";
-  }
-  RunResult p = testing::run_lmforge(
-      "prepare --input pairs.jsonl --output prefs --format preference --val-fraction 0", *dir_);
-  ASSERT_EQ(p.exit_code, 0) << p.err;
+  prepare_preferences("prefs", /*labelled=*/false);
   const std::string dpo =
       "--set train.objective=dpo --set train.dpo_beta=0.5 --set data.text= --set "
       "data.tokenizer=byte "
@@ -276,18 +255,7 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   }
   // KTO likewise: its KL rows through the policy and the reference, and its batch through the
   // reference, each a forward of partial sums besides the step's.
-  {
-    std::ofstream f(*dir_ + "/labelled.jsonl");
-    for (int i = 0; i < 40; ++i)
-      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
-                           {"completion", i % 3 ? "In the beginning." : "Selah."},
-                           {"label", i % 3 != 0}})
-               .dump()
-        << "\n";
-  }
-  p = testing::run_lmforge(
-      "prepare --input labelled.jsonl --output labelled --format unpaired --val-fraction 0", *dir_);
-  ASSERT_EQ(p.exit_code, 0) << p.err;
+  prepare_preferences("labelled", /*labelled=*/true);
   const std::string kto =
       "--set train.objective=kto --set data.text= --set data.tokenizer=byte --set "
       "model.vocab_size=0 --set data.train=labelled/data --set train.batch_size=2 ";

@@ -205,10 +205,7 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
       run("sp-resume", 2,
           sp + "--set train.batch_size=2 --resume=" + *dir_ + "/sp-ckpt/checkpoints/step-00000003");
   ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
-  const std::vector<double> whole = losses("sp-ckpt"), rest = losses("sp-resume");
-  ASSERT_EQ(rest.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
-  EXPECT_EQ(params("sp-resume"), params("sp-ckpt"));
+  expect_resumed("sp-resume", "sp-ckpt");
 }
 
 // The preference objectives under sequence parallelism: each rank scores its own pairs (KTO: its
@@ -218,29 +215,9 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
 // as one process with the group's batch (to the tolerance TP's partial sums need under DPO's
 // sigmoid: DpoOnEveryStrategyMatchesOneProcess).
 TEST_F(DataParallelTest, SequenceParallelPreferenceObjectivesMatchTensorParallelAlone) {
-  {
-    std::ofstream f(*dir_ + "/sp-pairs.jsonl");
-    for (int i = 0; i < 40; ++i)
-      f << nlohmann::json({{"prompt", "Verse " + std::to_string(i) + ": "},
-                           {"chosen", i % 3 ? "In the beginning." : "And God said, Let there be."},
-                           {"rejected", i % 2 ? "Selah." : "And it was so, and it was good."}})
-               .dump()
-        << "\n";
-    std::ofstream g(*dir_ + "/sp-labelled.jsonl");
-    for (int i = 0; i < 40; ++i)
-      g << nlohmann::json({{"prompt", "Verse " + std::to_string(i % 7) + ": "},
-                           {"completion", i % 3 ? "In the beginning." : "Selah."},
-                           {"label", i % 3 != 0}})
-               .dump()
-        << "\n";
-  }
-  for (const char* prep : {"prepare --input sp-pairs.jsonl --output sp-prefs --format preference "
-                           "--val-fraction 0.2",
-                           "prepare --input sp-labelled.jsonl --output sp-labelled --format "
-                           "unpaired --val-fraction 0.2"}) {
-    RunResult p = testing::run_lmforge(prep, *dir_);
-    ASSERT_EQ(p.exit_code, 0) << p.err;
-  }
+  // (KTO's prompts repeat: its KL rows pair each reply with another prompt's)
+  prepare_preferences("sp-prefs", /*labelled=*/false, 40, 0.2);
+  prepare_preferences("sp-labelled", /*labelled=*/true, 7, 0.2);
   const std::string byte =
       "--set data.text= --set data.tokenizer=byte --set model.vocab_size=0 --set "
       "train.batch_size=4 ";

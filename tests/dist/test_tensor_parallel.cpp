@@ -115,21 +115,13 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   EXPECT_EQ(verify_checkpoint(ckpt), "");
   EXPECT_TRUE(std::filesystem::exists(ckpt + "/model.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(ckpt + "/optimizer.safetensors"));
-  const std::vector<double> full = losses("tp-ckpt");
-  ASSERT_EQ(full.size(), 6u);
   RunResult again =
       run("tp-resume", 2, "--set train.batch_size=2 --set dist.tensor_parallel=2 --resume=" + ckpt);
   ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
-  std::vector<double> l = losses("tp-resume");
-  ASSERT_EQ(l.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(l[i], full[3 + i]) << "step " << 4 + i;
-  EXPECT_EQ(params("tp-resume"), params("tp-ckpt"));
+  expect_resumed("tp-resume", "tp-ckpt");
   RunResult one = run("tp-resume-1", 1, "--set train.batch_size=2 --resume=" + ckpt);
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  l = losses("tp-resume-1");
-  ASSERT_EQ(l.size(), 3u);
-  for (size_t i = 0; i < 3; ++i)
-    EXPECT_NEAR(l[i], full[3 + i], 1e-5 * full[3 + i]) << "1 process, step " << 4 + i;
+  expect_resumed("tp-resume-1", "tp-ckpt", 1e-5);
   // zero1 across 2 groups of 2 (each share's AdamW state halved over its 2 data-parallel ranks):
   // like one process, the state gathered whole into the checkpoint, a bit-exact resume.
   const std::string z1 =
@@ -143,10 +135,7 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   EXPECT_TRUE(std::filesystem::exists(zckpt + "/optimizer.safetensors"));
   RunResult zr = run("tp-z1-resume", 4, z1 + "--resume=" + zckpt);
   ASSERT_EQ(zr.exit_code, 0) << zr.out << zr.err;
-  const std::vector<double> zl = losses("tp-z1"), zrl = losses("tp-z1-resume");
-  ASSERT_EQ(zrl.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(zrl[i], zl[3 + i]) << "zero1, step " << 4 + i;
-  EXPECT_EQ(params("tp-z1-resume"), params("tp-z1"));
+  expect_resumed("tp-z1-resume", "tp-z1");
 
   // init_from a checkpoint: each rank takes its share of the loaded model, as one process trains
   // from it.
@@ -155,7 +144,7 @@ TEST_F(DataParallelTest, TensorParallelCheckpointsResumeBitExactAndAnywhere) {
   ASSERT_EQ(fo.exit_code, 0) << fo.err;
   RunResult ft = run("tp-init", 2, from + " --set dist.tensor_parallel=2");
   ASSERT_EQ(ft.exit_code, 0) << ft.out << ft.err;
-  l = losses("tp-init");
+  const std::vector<double> l = losses("tp-init");
   const std::vector<double> lo = losses("ref-init");
   ASSERT_EQ(l.size(), 3u);
   ASSERT_EQ(lo.size(), 3u);
@@ -274,18 +263,11 @@ TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess)
   EXPECT_TRUE(std::filesystem::exists(ckpt + "/optimizer.safetensors"));
   RunResult again = run("tp2-full-resume", 4, full + "--resume=" + ckpt);
   ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
-  const std::vector<double> whole = losses("tp2-full-ckpt"), rest = losses("tp2-full-resume");
-  ASSERT_EQ(whole.size(), 6u);
-  ASSERT_EQ(rest.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], whole[3 + i]) << "step " << 4 + i;
-  EXPECT_EQ(params("tp2-full-resume"), params("tp2-full-ckpt"));
+  expect_resumed("tp2-full-resume", "tp2-full-ckpt");
   RunResult one = run("tp2-full-resume-1", 1,
                       "--set train.batch_size=2 --set train.grad_accum=2 --resume=" + ckpt);
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  const std::vector<double> l = losses("tp2-full-resume-1");
-  ASSERT_EQ(l.size(), 3u);
-  for (size_t i = 0; i < 3; ++i)
-    EXPECT_NEAR(l[i], whole[3 + i], 1e-5 * whole[3 + i]) << "1 process, step " << 4 + i;
+  expect_resumed("tp2-full-resume-1", "tp2-full-ckpt", 1e-5);
 }
 
 // bf16 master weights under tensor parallelism: each rank keeps its share's weights in bf16 and
@@ -331,10 +313,7 @@ TEST_F(DataParallelTest, TensorParallelWithBf16MasterWeights) {
   EXPECT_EQ(checkpoint_dtypes(ckpt), std::set<std::string>{"BF16"});
   RunResult again = run("bf16m-tp2-fs-resume", 4, tpfs + "--resume=" + ckpt);
   ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
-  const std::vector<double> c = losses("bf16m-tp2-fs-resume");
-  ASSERT_EQ(c.size(), 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(c[i], a[3 + i]) << "resumed, step " << 4 + i;
-  EXPECT_EQ(params("bf16m-tp2-fs-resume"), params("bf16m-tp2-fs"));
+  expect_resumed("bf16m-tp2-fs-resume", "bf16m-tp2-fs");
 }
 
 TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
