@@ -165,7 +165,10 @@ class DataParallel final : public GroupHooks {
   // and the full-shard gather buffers; gradients (the whole-model buffer under no-shard/zero1;
   // under grad-/full-shard the 1/N accumulator, its second buffer and the backward's workspace:
   // embeddings, head and two blocks).
-  size_t optimizer_bytes() const { return opt_->state_bytes(); }
+  // (with Muon under tensor parallelism, its staging of the group's shares too)
+  size_t optimizer_bytes() const {
+    return opt_->state_bytes() + (tp_ ? tp_->muon_staging_bytes() : 0);
+  }
   size_t parameter_bytes() const;
   size_t gather_buffer_bytes() const { return gather_.capacity(); }
   size_t gradient_bytes() const;

@@ -322,6 +322,7 @@ AdamW::MuonShares TensorParallel::muon_shares(Device device) {
   for (const Param& q : model_.params().params())
     if (muon_param(q)) most = std::max(most, q.shape.numel());
   auto staging = std::make_shared<Tensor>(Tensor::empty({most * size()}, DType::kF32, device));
+  muon_staging_bytes_ = staging->nbytes();
   AdamW::MuonShares m;
   m.whole_shape = [shapes](const Param& p) { return shapes->at(p.name); };
   m.gather = [this, shapes, staging](const Param& p, const Tensor& x, const Tensor& whole) {

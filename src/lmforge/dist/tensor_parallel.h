@@ -140,6 +140,8 @@ class TensorParallel final : public PartialSums {
   // rank of the group in turn and broadcast from it, and this rank's part taken back. `device`:
   // where the optimizer's buffers are.
   AdamW::MuonShares muon_shares(Device device);
+  // The bytes of muon_shares' staging buffer (every rank's share of the largest matrix).
+  size_t muon_staging_bytes() const { return muon_staging_bytes_; }
 
  private:
   // Every rank's `mine` (fp32, where the model is) placed into `out` (the whole parameter on the
@@ -155,6 +157,7 @@ class TensorParallel final : public PartialSums {
   Transformer& model_;
   bool sequence_parallel_;
   bool vocab_parallel_;
+  size_t muon_staging_bytes_ = 0;
   std::shared_ptr<const std::map<std::string, Shape>> whole_shapes_;  // by parameter name
 };
 

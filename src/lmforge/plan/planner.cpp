@@ -93,10 +93,13 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
       whole.ffn_hidden = m.ffn() * o.tensor_parallel;
     }
     const MuonSizes w = o.tensor_parallel > 1 ? muon_sizes(whole) : mu;
-    // (tensor parallelism: a round's shares of the direction, one per rank of the group, and
-    // another rank's whole matrix)
-    f.optimizer = mu.state + 2 * (w.most + w.gram) * (4 + (o.muon_bf16 ? 2 : 0)) +
-                  (o.tensor_parallel > 1 ? 4 * (o.tensor_parallel * mu.most + w.most) : 0);
+    // X, its next iterate, the Gram matrix and its polynomial in fp32 (X and the two Gram-sized
+    // ones also in bf16 for bf16 products); under tensor parallelism a round's shares of the
+    // direction (one per rank of the group), another rank's whole matrix, and the gather's
+    // staging of the group's shares.
+    f.optimizer = mu.state + 2 * (w.most + w.gram) * 4 +
+                  (o.muon_bf16 ? (w.most + 2 * w.gram) * 2 : 0) +
+                  (o.tensor_parallel > 1 ? 4 * (2 * o.tensor_parallel * mu.most + w.most) : 0);
   }
   if (o.reference)  // (under full-shard sharded like the values, with gather buffers of its own)
     f.reference = s >= Strategy::kFullShard
