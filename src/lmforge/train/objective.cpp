@@ -388,10 +388,8 @@ void PreferenceObjective::kl_sums(Transformer& policy, const Batch& b, const dis
     ranks->gather_rows(b.targets, group_batch_.targets);
     kto_kl_rows(group_batch_, group_kl_, kIgnore);
     const int64_t r0 = ranks->part() * B;
-    kl_batch_.tokens.copy_from(group_kl_.tokens.slice(r0, B));
-    kl_batch_.targets.copy_from(group_kl_.targets.slice(r0, B));
-    kl_batch_.positions.copy_from(group_kl_.positions.slice(r0, B));
-    kl_batch_.doc_ids.copy_from(group_kl_.doc_ids.slice(r0, B));
+    for (Tensor Batch::*f : {&Batch::tokens, &Batch::targets, &Batch::positions, &Batch::doc_ids})
+      (kl_batch_.*f).copy_from((group_kl_.*f).slice(r0, B));
     kl_batch_.labels.assign(static_cast<size_t>(B), -1);
   }
   const std::vector<int64_t> n = row_targets(kl_batch_);
@@ -521,14 +519,11 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
   }
   if (kto_) {
     group_sum(ks, 2);
-    const double kl = kl_estimate(ks);
     for (const Rows& r : kept)
-      add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl, 0, nullptr, nullptr);
-    group_sum(s.data(), kN);
-    s[kKl] = kl;
-  } else {
-    group_sum(s.data(), kN);
+      add_kto_rows(s, r.labels, r.logp, r.n, r.ref, kl_estimate(ks), 0, nullptr, nullptr);
   }
+  group_sum(s.data(), kN);
+  if (kto_) s[kKl] = kl_estimate(ks);  // (the group's estimate, set once: not summed)
   if (metrics) *metrics = metrics_of(s, "val_");
   return loss_of(s);
 }
