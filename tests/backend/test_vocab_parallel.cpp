@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lmforge/backend/distill_stats.h"
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
@@ -123,6 +124,73 @@ TEST(VocabParallel, CrossEntropySplitByColumnsIsTheWhole) {
   loss_matches_the_whole(/*bf16=*/false, /*z_loss=*/0, /*row_scale=*/false);
   loss_matches_the_whole(/*bf16=*/false, /*z_loss=*/1e-2, /*row_scale=*/true);
   loss_matches_the_whole(/*bf16=*/true, /*z_loss=*/0, /*row_scale=*/false);
+}
+
+// Knowledge distillation's loss over P column blocks (every rank's statistics gathered), against
+// the whole vocabulary's kernel (itself tested against PyTorch in test_objective).
+void distill_matches_the_whole(bool bf16, double alpha, double temperature) {
+  const int64_t N = 29, V = 90, P = 3, v = V / P;
+  const int32_t kIgnore = -100;
+  const Tensor logits = random_normal({N, V}, 21, 3.0), teacher = random_normal({N, V}, 22, 4.0);
+  Tensor targets = Tensor::empty({N}, DType::kI32);
+  Rng rng(23);
+  for (int64_t i = 0; i < N; ++i)
+    targets.data<int32_t>()[i] = i % 6 == 2 ? kIgnore : static_cast<int32_t>(rng.below(V));
+  const double dloss = 1.0 / 23;
+  Tensor losses = Tensor::empty({N}, DType::kF32), kl = Tensor::empty({N}, DType::kF32);
+  Tensor grad = Tensor::empty({N, V}, DType::kF32);
+  ops::softmax_distill_forward_backward(losses, kl, grad, logits, teacher, targets, kIgnore, dloss,
+                                        alpha, temperature);
+  Tensor all = Tensor::empty({P, N, kDistillStats}, DType::kF64);
+  for (int64_t r = 0; r < P; ++r)
+    ops::softmax_distill_stats(
+        all.view({all.numel()}).slice(r * N * kDistillStats, N * kDistillStats),
+        columns(logits, r * v, v), columns(teacher, r * v, v), targets, kIgnore, r * v, V,
+        temperature);
+  for (int64_t r = 0; r < P; ++r) {
+    const Tensor mine = columns(logits, r * v, v);
+    Tensor l = Tensor::empty({N}, DType::kF32), k = Tensor::empty({N}, DType::kF32);
+    Tensor d = bf16 ? Tensor::empty({N, v}, DType::kBF16) : mine;  // (fp32: in place)
+    ops::softmax_distill_parallel(l, k, d, mine, columns(teacher, r * v, v), targets, all, kIgnore,
+                                  dloss, alpha, temperature, r * v);
+    for (int64_t i = 0; i < N; ++i) {
+      const float want_l = losses.data<float>()[i], want_k = kl.data<float>()[i];
+      EXPECT_NEAR(l.data<float>()[i], want_l, 2e-5 * std::abs(want_l) + 1e-6)
+          << "rank " << r << " row " << i;
+      EXPECT_NEAR(k.data<float>()[i], want_k, 2e-5 * std::abs(want_k) + 1e-6)
+          << "rank " << r << " row " << i;
+      if (targets.data<int32_t>()[i] == kIgnore) {
+        EXPECT_EQ(l.data<float>()[i], 0.0f);
+      }
+    }
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < v; ++c) {
+        const float want = grad.data<float>()[i * V + r * v + c];
+        const float got =
+            bf16 ? bf16_to_fp32(d.bf16_data()[i * v + c]) : d.data<float>()[i * v + c];
+        const double tol = bf16 ? std::abs(want) / 128 + 1e-9 : 2e-6 * std::abs(want) + 1e-9;
+        ASSERT_NEAR(got, want, tol) << "rank " << r << " row " << i << " column " << c;
+      }
+  }
+  // Without dlogits: the losses alone.
+  Tensor l = Tensor::empty({N}, DType::kF32), k = Tensor::empty({N}, DType::kF32);
+  ops::softmax_distill_parallel(l, k, Tensor(), columns(logits, v, v), columns(teacher, v, v),
+                                targets, all, kIgnore, 0, alpha, temperature, v);
+  for (int64_t i = 0; i < N; ++i)
+    EXPECT_NEAR(k.data<float>()[i], kl.data<float>()[i],
+                2e-5 * std::abs(kl.data<float>()[i]) + 1e-6);
+  // A target outside the whole vocabulary is an error whichever columns a rank holds.
+  targets.data<int32_t>()[4] = static_cast<int32_t>(V);
+  EXPECT_THROW(ops::softmax_distill_stats(all.view({all.numel()}).slice(0, N * kDistillStats),
+                                          columns(logits, 0, v), columns(teacher, 0, v), targets,
+                                          kIgnore, 0, V, temperature),
+               Error);
+}
+
+TEST(VocabParallel, DistillationSplitByColumnsIsTheWhole) {
+  distill_matches_the_whole(/*bf16=*/false, /*alpha=*/0.5, /*temperature=*/2.0);
+  distill_matches_the_whole(/*bf16=*/false, /*alpha=*/0.9, /*temperature=*/1.0);
+  distill_matches_the_whole(/*bf16=*/true, /*alpha=*/0.3, /*temperature=*/3.0);
 }
 
 }  // namespace

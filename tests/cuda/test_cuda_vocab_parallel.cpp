@@ -1,5 +1,6 @@
 // Vocabulary parallelism's ops on the GPU (backend/cuda: the embedding with a vocabulary offset,
-// softmax_xent_stats and softmax_xent_parallel) against the same ops on the CPU, which
+// softmax_xent_stats and softmax_xent_parallel, distillation's softmax_distill_stats and
+// softmax_distill_parallel) against the same ops on the CPU, which
 // test_vocab_parallel checks against the whole vocabulary's. Three ranks' parts of one
 // vocabulary, fp32 and bf16 gradients, the z-loss with per-row scales, and a GPU chunk's padded
 // logits rows. Every test skips without a GPU.
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/backend/distill_stats.h"
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
@@ -133,6 +135,71 @@ TEST(CudaVocabParallel, LossPartsMatchTheCpu) {
   loss_part_matches_the_cpu(/*bf16=*/false, 1e-2, true, /*pad=*/0);
   loss_part_matches_the_cpu(/*bf16=*/true, 0, false, /*pad=*/2);
   loss_part_matches_the_cpu(/*bf16=*/true, 1e-2, true, /*pad=*/2);
+}
+
+// Distillation's part of the loss (softmax_distill_stats and softmax_distill_parallel), CPU against
+// GPU, the GPU's logits rows padded past V.
+void distill_part_matches_the_cpu(bool bf16, int64_t pad) {
+  const int64_t N = 33, V = 150, P = 3, v = V / P, S = kDistillStats;
+  const int32_t kIgnore = -100;
+  const double alpha = 0.4, temperature = 2.5, dloss = 1.0 / 31;
+  Tensor targets = Tensor::empty({N}, DType::kI32);
+  Rng rng(14);
+  for (int64_t i = 0; i < N; ++i)
+    targets.data<int32_t>()[i] = i % 5 == 1 ? kIgnore : static_cast<int32_t>(rng.below(V));
+  std::vector<Tensor> parts, teacher;
+  for (int64_t r = 0; r < P; ++r) {
+    parts.push_back(random_normal({N, v}, 30 + r, 2.0));
+    teacher.push_back(random_normal({N, v}, 40 + r, 3.0));
+  }
+  Tensor all = Tensor::empty({P, N, S}, DType::kF64);
+  for (int64_t r = 0; r < P; ++r)
+    ops::softmax_distill_stats(all.view({P * N * S}).slice(r * N * S, N * S), parts[r], teacher[r],
+                               targets, kIgnore, r * v, V, temperature);
+  const Tensor gt = gpu(targets), gall = gpu(all);
+  for (int64_t r = 0; r < P; ++r) {
+    Tensor padded = Tensor::empty({N, v + pad}, DType::kF32);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < v + pad; ++c)
+        padded.data<float>()[i * (v + pad) + c] = c < v ? parts[r].data<float>()[i * v + c] : NAN;
+    const Tensor gl = gpu(padded), gtch = gpu(teacher[r]);
+    // The GPU's statistics of rank r's columns: the CPU's (both are the same lse values).
+    Tensor gst = gpu(Tensor::empty({N, S}, DType::kF64));
+    ops::softmax_distill_stats(gst, gl, gtch, gt, kIgnore, r * v, V, temperature, v);
+    const Tensor own = host(gst);
+    for (int64_t k = 0; k < N * S; ++k) {
+      const double want = all.data<double>()[r * N * S + k];
+      EXPECT_NEAR(own.data<double>()[k], want, 1e-5 * std::abs(want) + 1e-6)
+          << "rank " << r << " statistic " << k;
+    }
+    Tensor l = Tensor::empty({N}, DType::kF32), kl = Tensor::empty({N}, DType::kF32);
+    Tensor d = bf16 ? Tensor::empty({N, v}, DType::kBF16) : parts[r].clone();
+    ops::softmax_distill_parallel(l, kl, d, bf16 ? parts[r] : d, teacher[r], targets, all, kIgnore,
+                                  dloss, alpha, temperature, r * v);
+    Tensor gls = gpu(Tensor::empty({N}, DType::kF32)), gkl = gpu(Tensor::empty({N}, DType::kF32));
+    Tensor gd = bf16 ? gpu(Tensor::empty({N, v + pad + 8}, DType::kBF16)) : gl;
+    ops::softmax_distill_parallel(gls, gkl, gd, gl, gtch, gt, gall, kIgnore, dloss, alpha,
+                                  temperature, r * v, v);
+    EXPECT_LE(error(host(gls), l), 1e-6) << "rank " << r;
+    EXPECT_LE(error(host(gkl), kl), 1e-5) << "rank " << r;
+    Tensor dh = host(gd), got = Tensor::empty({N, v}, bf16 ? DType::kBF16 : DType::kF32);
+    const int64_t ld = bf16 ? v + pad + 8 : v + pad;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < v; ++c) {
+        if (bf16)
+          got.bf16_data()[i * v + c] = dh.bf16_data()[i * ld + c];
+        else
+          got.data<float>()[i * v + c] = dh.data<float>()[i * ld + c];
+      }
+    EXPECT_LE(error(got, d), bf16 ? 1.0 / 128 : 1e-5) << "rank " << r;
+  }
+}
+
+TEST(CudaVocabParallel, DistillationPartsMatchTheCpu) {
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
+  distill_part_matches_the_cpu(/*bf16=*/false, /*pad=*/0);
+  distill_part_matches_the_cpu(/*bf16=*/false, /*pad=*/3);
+  distill_part_matches_the_cpu(/*bf16=*/true, /*pad=*/2);
 }
 
 }  // namespace

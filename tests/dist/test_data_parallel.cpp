@@ -289,6 +289,47 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
 // Ranks on one CPU node share its memory: a model whose training state (training_footprint: the
 // rank's shards under zero1, grad-shard and full-shard) cannot fit them all is one clear error on
 // every rank before any allocation, under every strategy.
+// Distillation's teacher made as DPO's reference is: under full-shard (and hybrid) each rank
+// holds its shard, each block gathered for its forward; under tensor parallelism with full-shard
+// across the groups, its share's shard (and its vocabulary split with the student's). The same
+// steps as one process with the same global batch.
+TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
+  const std::string& teacher = reference(1);  // a trained gpt2-tiny run
+  const std::string distill =
+      "--set train.batch_size=2 --set model.n_layer=2 --set "
+      "train.objective=distill --set train.teacher=" +
+      *dir_ + "/" + teacher + " ";
+  RunResult ref = run("distill-ref", 1, distill + "--set train.grad_accum=2");
+  ASSERT_EQ(ref.exit_code, 0) << ref.out << ref.err;
+  auto shard_of_whole = [](const std::string& out, double parts) {
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(
+        out, m,
+        std::regex("distill from .*, ([0-9.]+) MiB of weights.*: a shard of ([0-9.]+) MiB")))
+        << out;
+    EXPECT_NEAR(std::stod(m[2]), std::stod(m[1]) / parts, 0.01) << m[0];
+  };
+  for (const char* s : {"full-shard", "hybrid"}) {
+    const std::string name = std::string("distill-") + s;
+    RunResult r = run(name, 2, distill + "--set dist.strategy=" + s);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    expect_same(name, "distill-ref");
+    shard_of_whole(r.out, 2);
+    // (the KL term, as one process's)
+    const std::vector<double> a = losses(name, "kl"), b = losses("distill-ref", "kl");
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << s << " kl " << i;
+  }
+  // 2 groups of 2: each rank's share of the teacher (half its blocks' weights and vocabulary),
+  // sharded over the 2 ranks holding the same share.
+  RunResult r = run("distill-tp2-fsdp", 4,
+                    distill + "--set dist.tensor_parallel=2 --set dist.strategy=full-shard");
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("(this rank's 1/2 share)"), std::string::npos) << r.out;
+  shard_of_whole(r.out, 2);
+  expect_same("distill-tp2-fsdp", "distill-ref");
+}
+
 TEST_F(DataParallelTest, TrainingStateThatCannotFitTheNodesRanksIsRefused) {
   for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
     RunResult r = run("oom-" + s, 2,

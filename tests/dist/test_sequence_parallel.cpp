@@ -84,7 +84,8 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
       "train.batch_size=2 --set model.lora_rank=4 ";
   sp_like_one_process("lora", lora);
 
-  // Distillation: the teacher (sp2's model), whole on every rank, scores each rank's own rows.
+  // Distillation: the teacher (sp2's model) split and sequence-parallel like the student, each
+  // rank's columns of both models' logits of the group's rows.
   const std::string distill =
       "--set train.batch_size=2 --set model.n_layer=2 --set "
       "train.objective=distill --set train.teacher=" +

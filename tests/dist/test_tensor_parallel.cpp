@@ -71,7 +71,8 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   // replicated factors' gradients summed over the group.
   like_one_process("lora", "--set train.batch_size=2 --set model.lora_rank=4");
 
-  // Distillation: the teacher (tp2's model) runs whole on every rank of the group.
+  // Distillation: the teacher (tp2's model) split like the student, its vocabulary too (each
+  // rank's columns of both models' logits, their statistics gathered).
   like_one_process("distill",
                    "--set train.batch_size=2 --set model.n_layer=2 --set "
                    "train.objective=distill --set train.teacher=" +
@@ -321,6 +322,11 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
     int ranks;
     std::string extra, message;
   };
+  // A distillation teacher is split like the student: Llama's 2 key/value heads not over 4 ranks
+  // (gpt2-tiny's 4 heads would split).
+  RunResult t = run("tp-llama-teacher", 1, "--set model.preset=llama3-tiny --set train.steps=1");
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  const std::string teacher = *dir_ + "/tp-llama-teacher";
   for (const Case& c :
        {Case{1, "--set dist.tensor_parallel=2", "does not divide the 1 ranks launched"},
         Case{1, "--set dist.tensor_parallel=2 --set dist.offload=true",
@@ -332,7 +338,13 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
         Case{2,
              "--set dist.tensor_parallel=2 --set dist.sequence_parallel=true --set "
              "train.batch_size=3",
-             "train.batch_size: 3 rows do not split over the 2 ranks"}}) {
+             "train.batch_size: 3 rows do not split over the 2 ranks"},
+        Case{4,
+             "--set dist.tensor_parallel=4 --set train.objective=distill --set train.teacher=" +
+                 teacher,
+             "train.teacher: " + teacher +
+                 " cannot be split like the model: dist.tensor_parallel: 4 does not divide the "
+                 "model's key/value heads (model.n_kv_head) (2)"}}) {
     RunResult r = run("tp-refused", c.ranks, c.extra);
     EXPECT_NE(r.exit_code, 0) << c.extra;
     EXPECT_NE(r.err.find(c.message), std::string::npos) << c.extra << "\n" << r.err;

@@ -169,6 +169,22 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
                                       const Tensor& targets, int32_t ignore_index, double dloss,
                                       double alpha, double temperature, int64_t vocab = 0);
 
+// The same over a vocabulary split by columns (dist/tensor_parallel.h; backend/distill_stats.h):
+// logits and teacher (N, V) fp32 are the columns [vocab_begin, vocab_begin + V) of vocab_total.
+// softmax_distill_stats writes each row's statistics (stats: N x kDistillStats fp64; an Error for
+// a target outside the vocabulary on the CPU, NaN on a GPU). Given every rank's (all_stats: P x N
+// x kDistillStats, rank order), softmax_distill_parallel writes losses, kl and, where dlogits is
+// defined, the gradient of these columns as softmax_distill_forward_backward would over the whole
+// vocabulary. vocab > 0: the logits' rows are padded past it (a GPU only).
+void softmax_distill_stats(const Tensor& stats, const Tensor& logits, const Tensor& teacher,
+                           const Tensor& targets, int32_t ignore_index, int64_t vocab_begin,
+                           int64_t vocab_total, double temperature, int64_t vocab = 0);
+void softmax_distill_parallel(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,
+                              const Tensor& logits, const Tensor& teacher, const Tensor& targets,
+                              const Tensor& all_stats, int32_t ignore_index, double dloss,
+                              double alpha, double temperature, int64_t vocab_begin,
+                              int64_t vocab = 0);
+
 // b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);

@@ -2,6 +2,7 @@
 // and the host sum of a tensor.
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/dispatch.h"
+#include "lmforge/backend/distill_stats.h"
 #include "lmforge/backend/ops.h"
 
 namespace lmforge::ops {
@@ -251,6 +252,78 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
           ptr<float>(losses), ptr<float>(kl), ptr<float>(dlogits), nullptr, V, cptr<float>(logits),
           ldx, cptr<float>(teacher), targets.data<int32_t>(), dl, N, V, ignore_index, alpha,
           temperature)));
+}
+
+void softmax_distill_stats(const Tensor& stats, const Tensor& logits, const Tensor& teacher,
+                           const Tensor& targets, int32_t ignore_index, int64_t v0,
+                           int64_t vocab_total, double temperature, int64_t vocab) {
+  same_device("softmax_distill_stats", logits, {&stats, &teacher, &targets});
+  const int64_t N = rows(logits), V = part_columns("softmax_distill_stats", logits, vocab);
+  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
+                teacher.numel() == N * V && stats.dtype() == DType::kF64 &&
+                stats.numel() == kDistillStats * N && targets.numel() == N && v0 >= 0 &&
+                v0 + V <= vocab_total && temperature > 0,
+            "softmax_distill_stats: logits {} (columns {} of {}) teacher {} stats {} targets {}",
+            logits.shape().str(), v0, vocab_total, teacher.shape().str(), stats.shape().str(),
+            targets.shape().str());
+  dispatch_device(
+      "softmax_distill_stats", logits,
+      [&]() {
+        cpu::softmax_distill_stats(stats.data<double>(), cptr<float>(logits), cptr<float>(teacher),
+                                   targets.data<int32_t>(), N, V, ignore_index, v0, vocab_total,
+                                   temperature);
+      },
+      LMF_GPU(cuda::softmax_distill_stats(stats.data<double>(), cptr<float>(logits), last(logits),
+                                          cptr<float>(teacher), targets.data<int32_t>(), N, V,
+                                          ignore_index, v0, vocab_total, temperature)));
+}
+
+void softmax_distill_parallel(const Tensor& losses, const Tensor& kl, const Tensor& dlogits,
+                              const Tensor& logits, const Tensor& teacher, const Tensor& targets,
+                              const Tensor& all_stats, int32_t ignore_index, double dloss,
+                              double alpha, double temperature, int64_t v0, int64_t vocab) {
+  same_device("softmax_distill_parallel", logits,
+              {&losses, &kl, &dlogits, &teacher, &targets, &all_stats});
+  const int64_t N = rows(logits), V = part_columns("softmax_distill_parallel", logits, vocab);
+  const int64_t ldx = last(logits), P = N > 0 ? all_stats.numel() / (kDistillStats * N) : 0;
+  const bool bf16 = dlogits.defined() && dlogits.dtype() == DType::kBF16;
+  // (fp32 dlogits: in the logits' own rows, which they may alias)
+  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
+                teacher.numel() == N * V && all_stats.dtype() == DType::kF64 &&
+                all_stats.numel() == kDistillStats * N * P && targets.numel() == N &&
+                losses.numel() == N && kl.numel() == N &&
+                (!dlogits.defined() ||
+                 (rows(dlogits) == N && (bf16 ? last(dlogits) >= V : last(dlogits) == ldx))),
+            "softmax_distill_parallel: logits {} teacher {} stats {} targets {} dlogits {}",
+            logits.shape().str(), teacher.shape().str(), all_stats.shape().str(),
+            targets.shape().str(), dlogits.defined() ? dlogits.shape().str() : "none");
+  const float dl = static_cast<float>(dloss);
+  dispatch_device(
+      "softmax_distill_parallel", logits,
+      [&]() {
+        if (!bf16) {
+          cpu::softmax_distill_parallel(
+              ptr<float>(losses), ptr<float>(kl), dlogits.defined() ? ptr<float>(dlogits) : nullptr,
+              cptr<float>(logits), cptr<float>(teacher), targets.data<int32_t>(),
+              all_stats.data<double>(), P, dl, N, 0, N, V, ignore_index, alpha, temperature, v0);
+          return;
+        }
+        // bf16 dlogits: each block of rows in fp32 first (the statistics are indexed by row, so
+        // the blocks take the whole table and their rows' offset)
+        cpu_rows_bf16(
+            "softmax_distill_parallel", dlogits, N, V, [&](float* d, int64_t r0, int64_t n) {
+              cpu::softmax_distill_parallel(ptr<float>(losses), ptr<float>(kl), d,
+                                            cptr<float>(logits), cptr<float>(teacher),
+                                            targets.data<int32_t>(), all_stats.data<double>(), P,
+                                            dl, N, r0, n, V, ignore_index, alpha, temperature, v0);
+            });
+      },
+      LMF_GPU(cuda::softmax_distill_parallel(
+          ptr<float>(losses), ptr<float>(kl),
+          bf16 || !dlogits.defined() ? nullptr : ptr<float>(dlogits),
+          bf16 ? dlogits.bf16_data() : nullptr, bf16 ? last(dlogits) : ldx, cptr<float>(logits),
+          ldx, cptr<float>(teacher), targets.data<int32_t>(), all_stats.data<double>(), P, dl, N, V,
+          ignore_index, alpha, temperature, v0)));
 }
 
 }  // namespace lmforge::ops

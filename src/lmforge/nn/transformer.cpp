@@ -6,6 +6,7 @@
 
 #include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/runtime.h"
+#include "lmforge/backend/distill_stats.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/models/rope_table.h"
@@ -175,7 +176,7 @@ void Transformer::to(Device device) {
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ =
-      Tensor();
+      distill_stats_ = all_distill_stats_ = other_kl_ = Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
       scale_ = group_scale_ = group_pos_ids_ = group_doc_start_ = Tensor();
   B_ = T_ = 0;
@@ -293,7 +294,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   }
   positions_.ids = positions_.doc_start = Tensor();
   // (sized for the old (B, T))
-  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = Tensor();
+  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = distill_stats_ =
+      all_distill_stats_ = other_kl_ = Tensor();
 }
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
@@ -413,12 +415,33 @@ double Transformer::stage(const Tensor& tokens, const Tensor& targets, int32_t i
 void Transformer::forward_hidden(const Tensor& tokens, const Tensor& doc_ids) {
   stage_inputs(tokens, doc_ids);
   queue_trunk(/*training=*/false);
+  // (a share of the vocabulary under sequence parallelism scores the group's rows)
+  if (vocab_parallel() && group_nf_.defined()) vocab_sums_->gather(nf_out_, group_nf_);
 }
 
 void Transformer::head_logits(const Tensor& out, int64_t r0, int64_t R) {
-  LMF_CHECK(!vocab_parallel(), "head_logits from a share of the vocabulary");
-  const int64_t N = B_ * T_, C = cfg_.n_embd;
-  ops::linear_forward(out, nf_out_.view({N, C}).slice(r0, R), lm_head_weight(), Tensor());
+  const Tensor h = vocab_parallel() && group_nf_.defined() ? group_nf_ : nf_out_;
+  const int64_t C = cfg_.n_embd;
+  ops::linear_forward(out, h.view({h.numel() / C, C}).slice(r0, R), lm_head_weight(), Tensor());
+}
+
+void Transformer::plan_distillation() {
+  const int64_t N = B_ * T_, V = cfg_.vocab_size;
+  if (teacher_chunk_.defined() && teacher_chunk_.size(0) == chunk_rows_ &&
+      teacher_chunk_.device() == device())
+    return;
+  // Once per plan: the teacher's logits of a chunk (this rank's columns), the rows' KL terms and
+  // with the vocabulary split the statistics (and the KL terms of other ranks' rows under
+  // sequence parallelism).
+  teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());
+  kl_ = Tensor::empty({N}, DType::kF32, device());
+  const bool split = vocab_parallel();
+  distill_stats_ =
+      split ? Tensor::empty({chunk_rows_, kDistillStats}, DType::kF64, device()) : Tensor();
+  all_distill_stats_ =
+      split ? Tensor::empty({vocab_ranks_, chunk_rows_, kDistillStats}, DType::kF64, device())
+            : Tensor();
+  other_kl_ = split && group_nf_.defined() ? Tensor::empty({N}, DType::kF32, device()) : Tensor();
 }
 
 void Transformer::row_logps(std::vector<double>& logp) const {
@@ -516,8 +539,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     return;
   }
   if (vocab_parallel()) {
-    LMF_CHECK(!distill_.teacher && !keep_logits_,
-              "distillation or kept logits with a share of the vocabulary");
+    LMF_CHECK(!keep_logits_, "kept logits with a share of the vocabulary");
     queue_head_vocab(training, dloss, row_scale);
     return;
   }
@@ -543,11 +565,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
-      if (!teacher_chunk_.defined() || teacher_chunk_.size(0) != chunk_rows_ ||
-          teacher_chunk_.device() != device()) {
-        teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());  // once per plan
-        kl_ = Tensor::empty({N}, DType::kF32, device());
-      }
+      plan_distillation();
       const Tensor tl = teacher_chunk_.slice(0, R);
       distill_.teacher->head_logits(tl, r0, R);
       lse_sums_.slice(c, 1).zero_();  // no z-loss
@@ -601,6 +619,11 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
     }
   }
   const bool train_head = !lm_head_->frozen;
+  if (training && distill_.teacher) {
+    LMF_CHECK(distill_.teacher->config().vocab_size == V && distill_.teacher->vocab_parallel(),
+              "distillation with a share of {} of the vocabulary: the teacher's must match", V);
+    plan_distillation();
+  }
   for (int64_t k = 0; k < P; ++k) {
     const bool own = P == 1 || k == me;
     const Tensor losses = own ? losses_.view({N}) : other_losses_,
@@ -612,6 +635,26 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
       const Tensor dl = !training              ? Tensor()
                         : dlogits16_.defined() ? dlogits16_.slice(0, R)
                                                : logits;
+      if (training && distill_.teacher) {
+        // Distillation: this rank's columns of the teacher's logits of the same rows, both
+        // models' statistics gathered, then the loss and these columns' gradient.
+        const Tensor tl = teacher_chunk_.slice(0, R);
+        distill_.teacher->head_logits(tl, at, R);
+        const int64_t S = kDistillStats;
+        const Tensor mine = distill_stats_.slice(0, R),
+                     all = all_distill_stats_.view({all_distill_stats_.numel()})
+                               .slice(0, vocab_ranks_ * R * S);
+        ops::softmax_distill_stats(mine, logits, tl, yr, ignore_index_, vocab_begin_, vocab_total_,
+                                   distill_.temperature, V);
+        vocab_sums_->gather(as_words(mine), as_words(all));
+        lse.slice(c, 1).zero_();  // no z-loss
+        ops::softmax_distill_parallel(losses.slice(r0, R), (own ? kl_ : other_kl_).slice(r0, R), dl,
+                                      logits, tl, yr, all, ignore_index_, scales[k], distill_.alpha,
+                                      distill_.temperature, vocab_begin_, V);
+        ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
+                             hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());
+        continue;
+      }
       const Tensor mine = stats_.slice(0, R),
                    all = all_stats_.view({all_stats_.numel()}).slice(0, vocab_ranks_ * R * 3);
       // (a GPU's chunk has padded rows: the loss takes V of each)

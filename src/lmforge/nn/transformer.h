@@ -224,9 +224,11 @@ class Transformer {
   // Knowledge distillation (train.objective: distill): training forwards (forward_backward) run
   // the teacher's trunk on the same tokens, and each LM-head chunk's loss per target becomes
   // (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)) with the teacher's
-  // logits of those rows (ops::softmax_distill_forward_backward). Evaluation stays plain cross-
-  // entropy. The teacher: same vocabulary, planned for the same (B, T). Not captured in CUDA
-  // graphs; no z-loss. teacher null = off.
+  // logits of those rows (ops::softmax_distill_forward_backward; with the vocabulary split, each
+  // rank's columns of both models' logits and their statistics gathered over the group:
+  // ops::softmax_distill_parallel). Evaluation stays plain cross-entropy. The teacher: same
+  // vocabulary (split alike), planned for the same (B, T). Not captured in CUDA graphs; no
+  // z-loss. teacher null = off.
   struct Distillation {
     Transformer* teacher = nullptr;
     double alpha = 0.5, temperature = 2.0;
@@ -237,7 +239,10 @@ class Transformer {
   }
   double mean_kl() const { return mean_kl_; }  // the last training forward's, over its targets
   // For a teacher: the trunk (embeddings, blocks, final norm) over tokens (B, T), then the LM
-  // head's logits of its rows [r0, r0 + R) into out (R, V) fp32.
+  // head's logits of its rows [r0, r0 + R) into out (R, V) fp32. With a share of the vocabulary
+  // (tensor parallelism: the student's split alike) the logits of this rank's columns, and under
+  // sequence parallelism of the group's rows (rank k's k-th block of B T), as the student's head
+  // scores them.
   void forward_hidden(const Tensor& tokens, const Tensor& doc_ids = {});
   void head_logits(const Tensor& out, int64_t r0, int64_t R);
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
@@ -371,7 +376,10 @@ class Transformer {
   Tensor group_row_scale_;  // ... of the group's rows (vocabulary and sequence parallelism)
   Distillation distill_;
   bool adapters_off_ = false;
-  Tensor teacher_chunk_, kl_;  // the teacher's logits of a chunk; (B T) KL terms
+  // The teacher's logits of a chunk; (B T) KL terms; with the vocabulary split, the chunk's
+  // statistics (backend/distill_stats.h) and other ranks' rows' KL terms (plan_distillation).
+  Tensor teacher_chunk_, kl_, distill_stats_, all_distill_stats_, other_kl_;
+  void plan_distillation();
   double mean_kl_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;
   double neftune_alpha_ = 0;

@@ -257,8 +257,8 @@ RunSetup setup_run(Config& cfg) {
   if (reference) {
     if (reference_is_base)
       r.reference_is_base = true;
-    else  // (under full-shard sharded like the policy: RunSetup::reference_values)
-      r.reference = make(full_shard ? &r.reference_values : nullptr);
+    else  // (under full-shard sharded like the policy: RunSetup::frozen_values)
+      r.reference = make(full_shard ? &r.frozen_values : nullptr);
   }
   if (t.objective == "distill") {
     // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
@@ -282,9 +282,28 @@ RunSetup setup_run(Config& cfg) {
     if (src.model.max_seq_len < t.seq_len)
       fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
            src.model.max_seq_len, t.seq_len);
-    r.teacher = std::make_unique<Transformer>(src.model);
+    // Made as the policy is: under tensor parallelism each rank's share (its vocabulary split
+    // alike), under full-shard its shard left to a DataParallel of its own (frozen_values).
+    ModelConfig share;
     try {
-      src.load_weights(*r.teacher);
+      share = dist::tensor_parallel_config(src.model, tp, vocab_parallel(cfg));
+    } catch (const Error& e) {
+      fail("train.teacher: {} cannot be split like the model: {}", t.teacher, e.what());
+    }
+    r.teacher_config = src.model;
+    r.teacher_source = std::make_unique<InitSource>(std::move(src));
+    const InitSource& from = *r.teacher_source;
+    r.teacher = std::make_unique<Transformer>(share);
+    try {
+      if (tp > 1) {
+        const Transformer whole(from.model, Transformer::MeasureOnly{});
+        dist::set_tensor_parallel_share(from.model, *r.teacher, tp, tp_rank,
+                                        from.values(whole, t.seed));
+      } else if (full_shard) {
+        r.frozen_values = from.values(*r.teacher, t.seed);  // (read as DataParallel shards it)
+      } else {
+        from.load_weights(*r.teacher);
+      }
     } catch (const Error& e) {
       fail("train.teacher: {}", e.what());
     }

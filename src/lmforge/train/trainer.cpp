@@ -225,9 +225,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     dp_comm = comm.split(comm.rank() % tp_size, comm.rank());
     tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, model,
                                                 cfg.dist.sequence_parallel);
-    if (setup.reference)  // DPO's and KTO's reference: its share, summed over the same group
-      ref_tp = std::make_unique<dist::TensorParallel>(*tp_comm, cfg.model, *setup.reference,
-                                                      cfg.dist.sequence_parallel);
+    // DPO's and KTO's reference, distillation's teacher: its share, summed over the same group
+    if (Transformer* frozen = setup.frozen())
+      ref_tp = std::make_unique<dist::TensorParallel>(
+          *tp_comm, setup.teacher ? setup.teacher_config : cfg.model, *frozen,
+          cfg.dist.sequence_parallel);
   }
   if (tp && lead && tp_size > dist::rank_info().local_size)
     fmt::print(
@@ -235,25 +237,27 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "cross the network in every block; groups within a node are faster\n",
         tp_size, dist::rank_info().local_size);
   dist::Communicator& dp_world = dp_comm ? *dp_comm : comm;
-  // DPO's and KTO's reference under full-shard (or hybrid): its values sharded as the policy's,
-  // over the same ranks, each block gathered for its forwards (no gradients, no optimizer state).
+  // The reference (or the teacher) under full-shard (or hybrid): its values sharded as the
+  // policy's, over the same ranks, each block gathered for its forwards (no gradients, no
+  // optimizer state).
   std::unique_ptr<dist::DataParallel> ref_dp;
-  if (setup.reference && dist::parse_strategy(cfg.dist.strategy) >= dist::Strategy::kFullShard) {
+  if (setup.frozen() && dist::parse_strategy(cfg.dist.strategy) >= dist::Strategy::kFullShard) {
     DistConfig rc = cfg.dist;
     rc.offload = false;
-    ref_dp = std::make_unique<dist::DataParallel>(dp_world, *setup.reference, rc, AdamWOptions{},
-                                                  setup.reference_values);
-    setup.reference_values = {};
+    ref_dp = std::make_unique<dist::DataParallel>(dp_world, *setup.frozen(), rc, AdamWOptions{},
+                                                  setup.frozen_values);
+    setup.frozen_values = {};
   }
-  // The reference's weights as this rank holds them (its shard and gather buffers under
-  // full-shard), for the log.
+  // The reference's (or teacher's) weights as this rank holds them (its share under tensor
+  // parallelism; its shard and gather buffers under full-shard), for the log.
   auto reference_held = [&] {
-    const double whole = static_cast<double>(setup.reference->params().numel()) *
-                         (t.master_weights == "bf16" ? 2 : 4) / 1048576.0;
-    if (!ref_dp) return fmt::format("{:.2f} MiB of weights", whole);
+    const double held = static_cast<double>(setup.frozen()->params().numel()) *
+                        (t.master_weights == "bf16" ? 2 : 4) / 1048576.0;
+    const std::string share = tp ? fmt::format(" (this rank's 1/{} share)", tp->size()) : "";
+    if (!ref_dp) return fmt::format("{:.2f} MiB of weights{}", held, share);
     return fmt::format(
-        "{:.2f} MiB of weights: a shard of {:.2f} MiB (+ {:.2f} MiB of gather buffers)", whole,
-        ref_dp->parameter_bytes() / 1048576.0, ref_dp->gather_buffer_bytes() / 1048576.0);
+        "{:.2f} MiB of weights{}: a shard of {:.2f} MiB (+ {:.2f} MiB of gather buffers)", held,
+        share, ref_dp->parameter_bytes() / 1048576.0, ref_dp->gather_buffer_bytes() / 1048576.0);
   };
   // The ranks reading their own slice of each batch: the data-parallel ones, and under sequence
   // parallelism every rank.
@@ -498,9 +502,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                          : "");
   }
   if (setup.teacher)
-    fmt::print("objective: distill from {} ({:.2f}M parameters), alpha {} temperature {}\n",
-               t.teacher, setup.teacher->params().numel() / 1e6, t.distill_alpha,
-               t.distill_temperature);
+    fmt::print("objective: distill from {} ({:.2f}M parameters, {}), alpha {} temperature {}\n",
+               t.teacher, setup.teacher_config.num_params() / 1e6, reference_held(),
+               t.distill_alpha, t.distill_temperature);
   const int64_t rows = model.planned_batch();  // t.batch_size, or 1/N of it (sequence parallel)
   Batch batch = Batch::make(rows, t.seq_len);
   std::vector<Batch> micro(t.grad_accum);

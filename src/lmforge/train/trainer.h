@@ -83,14 +83,22 @@ struct RunSetup {
   ValueStream values;
   // train.objective dpo: the frozen reference model (the policy's initial weights), planned for
   // the same (B, T); null otherwise, or when reference_is_base: under LoRA from a source without
-  // adapters the reference is the policy with its adapters off. Under full-shard (without tensor
-  // parallelism) its values are left to a DataParallel of its own, like the policy's
-  // (reference_values).
+  // adapters the reference is the policy with its adapters off. Under tensor parallelism this
+  // rank's share; under full-shard (without tensor parallelism) its values are left to a
+  // DataParallel of its own, like the policy's (frozen_values).
   std::unique_ptr<Transformer> reference;
-  ValueStream reference_values;
   bool reference_is_base = false;
-  // train.objective distill: the teacher (train.teacher), planned for (B, T), set on the model.
+  // train.objective distill: the teacher (train.teacher), planned for (B, T), set on the model;
+  // made as the reference is (a share, a shard's values in frozen_values) from teacher_source,
+  // whose whole architecture is teacher_config.
   std::unique_ptr<Transformer> teacher;
+  std::unique_ptr<InitSource> teacher_source;
+  ModelConfig teacher_config;
+  // The reference's or the teacher's initial values under full-shard (see above); empty
+  // otherwise.
+  ValueStream frozen_values;
+  // The frozen model a run scores with: the reference or the teacher (null if none).
+  Transformer* frozen() const { return reference ? reference.get() : teacher.get(); }
 };
 RunSetup setup_run(Config& cfg);
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
@@ -99,9 +107,9 @@ RunSetup setup_run(Config& cfg);
 void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
-// Whether tensor parallelism splits the vocabulary too (the token embeddings and LM head:
-// Transformer::set_vocab_parallel): where dist.tensor_parallel divides model.vocab_size, except
-// with distillation (the teacher's logits are whole).
+// Whether tensor parallelism splits the vocabulary too (the token embeddings and LM head, and a
+// distillation teacher's alike: Transformer::set_vocab_parallel): where dist.tensor_parallel
+// divides model.vocab_size.
 bool vocab_parallel(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.

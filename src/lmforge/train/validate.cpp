@@ -102,7 +102,7 @@ void validate_tensor_parallel(const Config& cfg) {
     fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
   };
   if (cfg.dist.offload) refuse("dist.offload", "set it to false");
-  // (distillation's teacher runs whole on every rank of a group, on the group's shared rows)
+  // (distillation's teacher is split like the model: its share scores the group's rows)
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
   if (!cfg.dist.sequence_parallel) return;
   if (t.batch_size % tp != 0)
@@ -110,7 +110,7 @@ void validate_tensor_parallel(const Config& cfg) {
         "train.batch_size: {} rows do not split over the {} ranks of a sequence-parallel group "
         "(each takes 1/{} of them); choose a multiple of {}",
         t.batch_size, tp, tp, tp);
-  // (distillation: the teacher, whole on every rank, scores each rank's own rows; preference
+  // (distillation: the teacher's share runs sequence-parallel too; preference
   // objectives: each rank its own pairs or labelled rows, their terms summed over the group)
   if (paired_objective(t.objective) && (t.batch_size / tp) % 2 != 0)
     fail(
@@ -284,8 +284,7 @@ void validate_train_config(const Config& cfg) {
 
 bool vocab_parallel(const Config& cfg) {
   const int64_t tp = cfg.dist.tensor_parallel;
-  return tp > 1 && cfg.train.objective != "distill" && cfg.model.vocab_size > 0 &&
-         cfg.model.vocab_size % tp == 0;
+  return tp > 1 && cfg.model.vocab_size > 0 && cfg.model.vocab_size % tp == 0;
 }
 
 Device resolve_device(const std::string& device) {

@@ -301,6 +301,20 @@ void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, 
                                       int64_t N, int64_t V, int32_t ignore_index, double alpha,
                                       double temperature);
 
+// The same over a vocabulary split by columns (backend/distill_stats.h): logits and teacher (N, V)
+// are the columns [v0, v0 + V) of vocab_total. softmax_distill_stats writes each row's
+// kDistillStats statistics; softmax_distill_parallel, from every rank's (all_stats: P x N x
+// kDistillStats), the losses, kl and (when dlogits is given) the gradient of these columns for
+// rows [r0, r0 + n) of N: dlogits holds those rows alone (row r0 first; may alias logits' when
+// r0 = 0, n = N), every other array all N.
+void softmax_distill_stats(double* stats, const float* logits, const float* teacher,
+                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                           int64_t v0, int64_t vocab_total, double temperature);
+void softmax_distill_parallel(float* losses, float* kl, float* dlogits, const float* logits,
+                              const float* teacher, const int32_t* targets, const double* all_stats,
+                              int64_t P, float dloss, int64_t N, int64_t r0, int64_t n, int64_t V,
+                              int32_t ignore_index, double alpha, double temperature, int64_t v0);
+
 template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);
 // out = a + b with b bf16, widened exactly (a residual branch's bf16 matmul output).

@@ -8,6 +8,7 @@
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
+#include "lmforge/backend/distill_stats.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
 
@@ -490,6 +491,101 @@ void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, 
     losses[i] = static_cast<float>((1 - alpha) * ce + alpha * temperature * temperature * kl_sum);
   }
   check.raise(targets, "target", V);
+}
+
+namespace {
+// The teacher's part of a distillation row's KL: sum exp(t / T - lse_q) (t - x) / T, on 8 lanes.
+LMF_AVX2 double distill_part_avx2(const float* x, const float* t, int64_t V, float inv_t,
+                                  float lse_q) {
+  const __m256 vi = _mm256_set1_ps(inv_t), vl = _mm256_set1_ps(lse_q);
+  __m256d acc = _mm256_setzero_pd();
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + v), tv = _mm256_loadu_ps(t + v);
+    const __m256 q = exp256(_mm256_fmsub_ps(tv, vi, vl));
+    const __m256 k = _mm256_mul_ps(q, _mm256_mul_ps(_mm256_sub_ps(tv, xv), vi));
+    acc = _mm256_add_pd(_mm256_add_pd(acc, lo_pd256(k)), hi_pd256(k));
+  }
+  double w = hsum256d(acc);
+  for (; v < V; ++v)
+    w += static_cast<double>(std::exp(t[v] * inv_t - lse_q)) * ((t[v] - x[v]) * inv_t);
+  return w;
+}
+
+double logsumexp_scaled(const float* x, int64_t V, double s) {
+  double m = -INFINITY, sum = 0;
+  for (int64_t v = 0; v < V; ++v) m = std::max(m, x[v] * s);
+  for (int64_t v = 0; v < V; ++v) sum += std::exp(x[v] * s - m);
+  return m + std::log(sum);
+}
+}  // namespace
+
+void softmax_distill_stats(double* stats, const float* logits, const float* teacher,
+                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                           int64_t v0, int64_t vocab_total, double temperature) {
+  const double inv_t = 1.0 / temperature;
+  IdCheck check;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    double* st = stats + kDistillStats * i;
+    const int32_t y = targets[i];
+    std::fill(st, st + kDistillStats, 0.0);
+    if (y == ignore_index || !check.ok(targets, i, vocab_total)) continue;
+    const float *x = logits + i * V, *t = teacher + i * V;
+    st[0] = lse_of(x, V);
+    if (has_avx2()) {
+      const float s = static_cast<float>(inv_t);
+      st[1] = row_logsumexp_avx2(x, V, s);
+      st[2] = row_logsumexp_avx2(t, V, s);
+      st[3] = distill_part_avx2(x, t, V, s, static_cast<float>(st[2]));
+    } else {
+      st[1] = logsumexp_scaled(x, V, inv_t);
+      st[2] = logsumexp_scaled(t, V, inv_t);
+      for (int64_t v = 0; v < V; ++v)
+        st[3] += std::exp(t[v] * inv_t - st[2]) * (static_cast<double>(t[v]) - x[v]) * inv_t;
+    }
+    if (y >= v0 && y < v0 + V) st[4] = x[y - v0];
+  }
+  check.raise(targets, "target", vocab_total);
+}
+
+void softmax_distill_parallel(float* losses, float* kl, float* dlogits, const float* logits,
+                              const float* teacher, const int32_t* targets, const double* all_stats,
+                              int64_t P, float dloss, int64_t N, int64_t r0, int64_t n, int64_t V,
+                              int32_t ignore_index, double alpha, double temperature, int64_t v0) {
+  const double inv_t = 1.0 / temperature;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = r0; i < r0 + n; ++i) {
+    const int32_t y = targets[i];
+    const float *x = logits + i * V, *t = teacher + i * V;
+    float* d = dlogits ? dlogits + (i - r0) * V : nullptr;
+    if (y == ignore_index) {  // (the statistics checked the targets)
+      losses[i] = kl[i] = 0.0f;
+      if (d) std::fill(d, d + V, 0.0f);
+      continue;
+    }
+    const DistillRow r = distill_combine(all_stats, P, N, i);
+    kl[i] = static_cast<float>(r.kl);
+    losses[i] = static_cast<float>((1 - alpha) * r.ce + alpha * temperature * temperature * r.kl);
+    if (!d) continue;
+    // d/dx_v of (1 - a) CE + a T^2 KL = (1 - a)(p_v - [v == y]) + a T (p^T_v - q_v), as the whole
+    // vocabulary's kernel writes it.
+    const float ca = static_cast<float>(dloss * (1 - alpha));
+    if (has_avx2()) {
+      distill_row_avx2(d, x, t, V, static_cast<float>(inv_t), static_cast<float>(r.lse),
+                       static_cast<float>(r.lse_u), static_cast<float>(r.lse_q), ca,
+                       static_cast<float>(dloss * alpha * temperature));
+      if (y >= v0 && y < v0 + V) d[y - v0] -= ca;
+      continue;
+    }
+    for (int64_t v = 0; v < V; ++v) {
+      const double xv = x[v];
+      const double g =
+          (1 - alpha) * (std::exp(xv - r.lse) - (v + v0 == y ? 1.0 : 0.0)) +
+          alpha * temperature * (std::exp(xv * inv_t - r.lse_u) - std::exp(t[v] * inv_t - r.lse_q));
+      d[v] = static_cast<float>(dloss * g);
+    }
+  }
 }
 
 template void softmax_xent_forward<float>(float*, const float*, const int32_t*, int64_t, int64_t,

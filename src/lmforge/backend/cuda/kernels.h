@@ -166,6 +166,19 @@ void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, 
                                       int64_t N, int64_t V, int32_t ignore_index, double alpha,
                                       double temperature);
 
+// The same over a vocabulary split by columns (as cpu::softmax_distill_stats and
+// cpu::softmax_distill_parallel; backend/distill_stats.h): logits rows ldx apart (0 = V), teacher
+// (N, V); stats N x kDistillStats device doubles (a target outside vocab_total: NaN). dlogits
+// fp32 in the logits' rows (may alias them), or bf16 rows ld apart, or neither.
+void softmax_distill_stats(double* stats, const float* logits, int64_t ldx, const float* teacher,
+                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                           int64_t v0, int64_t vocab_total, double temperature);
+void softmax_distill_parallel(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
+                              int64_t ld, const float* logits, int64_t ldx, const float* teacher,
+                              const int32_t* targets, const double* all_stats, int64_t P,
+                              float dloss, int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                              double temperature, int64_t v0);
+
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src
 // dst += src on `cols` columns of `rows` rows ld elements apart (both the same layout), e.g. the

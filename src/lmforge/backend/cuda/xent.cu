@@ -2,6 +2,7 @@
 #include <type_traits>
 
 #include "lmforge/backend/cuda/device.cuh"
+#include "lmforge/backend/distill_stats.h"
 
 namespace lmforge::cuda {
 
@@ -310,7 +311,111 @@ __global__ void __launch_bounds__(kXentThreads)
     for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
 }
 
+// Distillation over a vocabulary split by columns (backend/distill_stats.h): one block per row,
+// this rank's columns' statistics.
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_distill_stats_kernel(double* stats, const float* logits, int64_t ldx,
+                                 const float* teacher, const int32_t* targets, int64_t V,
+                                 int32_t ignore_index, int64_t v0, int64_t Vt, double temperature) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  double* st = stats + kDistillStats * i;
+  if (y == ignore_index) {
+    if (threadIdx.x < kDistillStats) st[threadIdx.x] = 0.0;
+    return;
+  }
+  const float* x = logits + i * ldx;
+  const float* t = teacher + i * V;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const double lse = row_logsumexp(x, V);
+  __syncthreads();
+  const double lse_u = row_logsumexp(x, V, inv_t);
+  __syncthreads();
+  const double lse_q = row_logsumexp(t, V, inv_t);
+  double part = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+    part += exp(t[v] * inv_t - lse_q) * (static_cast<double>(t[v]) - x[v]) * inv_t;
+  const double w = block_sum(part);
+  if (threadIdx.x == 0) {
+    const bool valid = y >= 0 && y < Vt, here = y >= v0 && y < v0 + V;
+    const double nan = __longlong_as_double(0x7ff8000000000000LL);  // see kernels.h
+    st[0] = valid ? lse : nan;
+    st[1] = lse_u;
+    st[2] = lse_q;
+    st[3] = w;
+    st[4] = valid && here ? static_cast<double>(x[y - v0]) : 0.0;
+  }
+}
+
+// From every rank's statistics: the row's loss and KL, and the gradient of this rank's columns.
+template <typename O>
+__global__ void __launch_bounds__(kXentThreads)
+    softmax_distill_parallel_kernel(float* losses, float* kl, O* dlogits, int64_t ld,
+                                    const float* logits, int64_t ldx, const float* teacher,
+                                    const int32_t* targets, const double* all_stats, int64_t P,
+                                    int64_t N, float dloss, int64_t V, int32_t ignore_index,
+                                    double alpha, double temperature, int64_t v0) {
+  const int64_t i = blockIdx.x;
+  const int32_t y = targets[i];
+  const float* x = logits + i * ldx;
+  const float* t = teacher + i * V;
+  O* d = dlogits ? dlogits + i * ld : nullptr;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) losses[i] = kl[i] = 0.0f;
+    if (d) zero_row(d, x, V);
+    return;
+  }
+  const DistillRow r = distill_combine(all_stats, P, N, i);
+  if (threadIdx.x == 0) {
+    kl[i] = static_cast<float>(r.kl);
+    losses[i] = static_cast<float>((1 - alpha) * r.ce + alpha * temperature * temperature * r.kl);
+  }
+  if (!d) return;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float lse_f = static_cast<float>(r.lse), lse_uf = static_cast<float>(r.lse_u),
+              lse_qf = static_cast<float>(r.lse_q);
+  const float a = static_cast<float>(1 - alpha), b = static_cast<float>(alpha * temperature);
+  const int64_t yl = static_cast<int64_t>(y) - v0;  // the target's column here, if any
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const float xv = x[v];
+    const float g = dloss * (a * (expf(xv - lse_f) - (v == yl ? 1.0f : 0.0f)) +
+                             b * (expf(xv * inv_t - lse_uf) - expf(t[v] * inv_t - lse_qf)));
+    if constexpr (std::is_same_v<O, float>)
+      d[v] = g;  // (in place: each element read and written by one thread)
+    else
+      d[v] = bf16_ftz(g);
+  }
+}
+
 }  // namespace
+
+void softmax_distill_stats(double* stats, const float* logits, int64_t ldx, const float* teacher,
+                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                           int64_t v0, int64_t vocab_total, double temperature) {
+  if (N <= 0) return;
+  softmax_distill_stats_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+      stats, logits, ldx > 0 ? ldx : V, teacher, targets, V, ignore_index, v0, vocab_total,
+      temperature);
+  LMF_CUDA_LAUNCHED();
+}
+
+void softmax_distill_parallel(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
+                              int64_t ld, const float* logits, int64_t ldx, const float* teacher,
+                              const int32_t* targets, const double* all_stats, int64_t P,
+                              float dloss, int64_t N, int64_t V, int32_t ignore_index, double alpha,
+                              double temperature, int64_t v0) {
+  if (N <= 0) return;
+  if (ldx <= 0) ldx = V;
+  if (dlogits16)
+    softmax_distill_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, kl, dlogits16, ld, logits, ldx, teacher, targets, all_stats, P, N, dloss, V,
+        ignore_index, alpha, temperature, v0);
+  else  // (fp32: in place, the logits' rows; or none)
+    softmax_distill_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
+        losses, kl, dlogits, ldx, logits, ldx, teacher, targets, all_stats, P, N, dloss, V,
+        ignore_index, alpha, temperature, v0);
+  LMF_CUDA_LAUNCHED();
+}
 
 void softmax_xent_stats(double* stats, const float* logits, const int32_t* targets, int64_t N,
                         int64_t V, int32_t ignore_index, int64_t v0, int64_t vocab_total,
