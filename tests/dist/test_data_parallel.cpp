@@ -301,20 +301,49 @@ TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
       *dir_ + "/" + teacher + " ";
   RunResult ref = run("distill-ref", 1, distill + "--set train.grad_accum=2");
   ASSERT_EQ(ref.exit_code, 0) << ref.out << ref.err;
-  auto shard_of_whole = [](const std::string& out, double parts) {
+  const ModelConfig whole = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/distill-ref"));
+  const ModelConfig teacher_whole =
+      checkpoint_model_config(find_latest_checkpoint(*dir_ + "/" + teacher));
+  // What the memory check and lmforge plan predict for a rank's teacher (its share with tp > 1),
+  // and for the traffic of its forwards: each step's (from step 2: the first also gathers its
+  // embeddings and head, kept since) as the run measured it.
+  auto as_planned = [&](const std::string& name, const std::string& out, int tp) {
     std::smatch m;
-    ASSERT_TRUE(std::regex_search(
-        out, m,
-        std::regex("distill from .*, ([0-9.]+) MiB of weights.*: a shard of ([0-9.]+) MiB")))
+    ASSERT_TRUE(std::regex_search(out, m,
+                                  std::regex("distill from .*, ([0-9.]+) MiB of weights.*: a "
+                                             "shard of ([0-9.]+) MiB \\(\\+ ([0-9.]+) MiB")))
         << out;
-    EXPECT_NEAR(std::stod(m[2]), std::stod(m[1]) / parts, 0.01) << m[0];
+    EXPECT_NEAR(std::stod(m[2]), std::stod(m[1]) / 2, 0.01) << m[0];
+    const ModelConfig share = dist::tensor_parallel_config(whole, tp, tp > 1),
+                      teacher_share = dist::tensor_parallel_config(teacher_whole, tp, tp > 1);
+    FootprintOptions fo;
+    fo.strategy = static_cast<int>(dist::Strategy::kFullShard);
+    fo.shards = 2;
+    fo.reference = true;
+    fo.reference_forwards = 1;
+    fo.frozen = &teacher_share;
+    fo.tensor_parallel = tp;
+    const double predicted = training_footprint(share, fo).reference / 1048576.0;
+    EXPECT_NEAR(predicted, std::stod(m[2]) + std::stod(m[3]), 0.02 * predicted) << m[0];
+    const std::vector<double> mib = losses(name, "comm_mib");
+    ASSERT_EQ(mib.size(), 6u);
+    const double planned = step_traffic_bytes(share, fo, 2, 1);
+    for (size_t i = 1; i < mib.size(); ++i)
+      EXPECT_NEAR(mib[i] * 1048576.0, planned, 0.005 * planned) << name << " step " << i + 1;
+    if (tp == 1) return;
+    // The group's partial sums: the student's and the teacher's, and both models' loss
+    // statistics (40 bytes a row).
+    const double tp_planned = tensor_parallel_traffic_bytes(
+        whole, 2, 32, tp, 1, {.vocab_parallel = true, .teacher = &teacher_whole});
+    for (double got : losses(name, "tp_comm_mib"))
+      EXPECT_DOUBLE_EQ(got * 1048576.0, tp_planned) << name;
   };
   for (const char* s : {"full-shard", "hybrid"}) {
     const std::string name = std::string("distill-") + s;
     RunResult r = run(name, 2, distill + "--set dist.strategy=" + s);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     expect_same(name, "distill-ref");
-    shard_of_whole(r.out, 2);
+    as_planned(name, r.out, 1);
     // (the KL term, as one process's)
     const std::vector<double> a = losses(name, "kl"), b = losses("distill-ref", "kl");
     ASSERT_EQ(a.size(), b.size());
@@ -326,8 +355,8 @@ TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
                     distill + "--set dist.tensor_parallel=2 --set dist.strategy=full-shard");
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("(this rank's 1/2 share)"), std::string::npos) << r.out;
-  shard_of_whole(r.out, 2);
   expect_same("distill-tp2-fsdp", "distill-ref");
+  as_planned("distill-tp2-fsdp", r.out, 2);
 }
 
 TEST_F(DataParallelTest, TrainingStateThatCannotFitTheNodesRanksIsRefused) {

@@ -95,6 +95,15 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
     const std::vector<double> a = losses("sp2-distill", "kl"), b = losses("ref-sp-distill", "kl");
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << "kl " << i + 1;
+    // The student's and the teacher's gathers and scatters, as lmforge plan counts them (a rank's
+    // 1 row).
+    const ModelConfig sc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2-distill")),
+                      tc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2"));
+    for (double mb : losses("sp2-distill", "tp_comm_mib"))
+      EXPECT_DOUBLE_EQ(mb * 1048576.0,
+                       tensor_parallel_traffic_bytes(
+                           sc, 1, 32, 2, 1,
+                           {.sequence_parallel = true, .vocab_parallel = true, .teacher = &tc}));
   }
 
   // Packed rows (best-fit: several short documents a row, each attending to itself with its own

@@ -33,6 +33,12 @@ TEST(Planner, MeasuredActivationsAreWhatTheModelPlans) {
                 << preset << (bf16 ? " bf16 " : " fp32 ") << recompute << " lora " << lora
                 << " B=" << B << " T=" << T;
           }
+          // A frozen model's forwards (a DPO reference, a distillation teacher).
+          Transformer frozen(c), measured_frozen(c, Transformer::MeasureOnly{bf16});
+          if (bf16) frozen.enable_bf16();
+          frozen.plan_forward_only(3, 64);
+          measured_frozen.plan_forward_only(3, 64);
+          EXPECT_EQ(measured_frozen.activation_bytes(), frozen.activation_bytes()) << preset;
           EXPECT_EQ(measured.params().flat_size(), real.params().flat_size()) << preset;
           EXPECT_FALSE(measured.params().has_values());
         }
@@ -129,6 +135,55 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
   p = make_plan(cfg, o);
   EXPECT_DOUBLE_EQ(p.seconds, p.tokens * p.flops_per_token / (4 * 100e12 * 0.5));
   EXPECT_DOUBLE_EQ(p.tokens, 4.0 * 64 * 4 * static_cast<double>(cfg.train.steps));
+}
+
+// Distillation: the teacher (train.teacher's architecture) is held as a reference is, its
+// forward's activations beside the student's, its forward's FLOPs in the time.
+TEST(Planner, CountsADistillationTeacher) {
+  const std::string dir = testing::temp_dir("plan-teacher");
+  auto t = testing::run_lmforge(
+      "train --set model.preset=llama3-tiny --set data.tokenizer=byte --set model.vocab_size=320 "
+      "--set train.steps=1 --set train.batch_size=1 --set train.seq_len=32 --set "
+      "train.eval_every=0 --set sample.prompt= --set run.dir=" +
+          dir + "/teacher",
+      dir);
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  Config cfg;
+  cfg.model = model_preset("gpt2-tiny");
+  cfg.model.vocab_size = 320;
+  cfg.train.batch_size = 4;
+  cfg.train.seq_len = 64;
+  PlanOptions o;
+  o.ranks = 2;
+  const Plan clm = make_plan(cfg, o);
+  cfg.train.objective = "distill";
+  cfg.train.teacher = dir + "/teacher";
+  const Plan p = make_plan(cfg, o);
+  ASSERT_EQ(p.strategies.size(), clm.strategies.size());
+  ModelConfig teacher = model_preset("llama3-tiny");
+  teacher.vocab_size = 320;
+  Transformer forwards(teacher, Transformer::MeasureOnly{});
+  forwards.plan_forward_only(4, 64);
+  // no-shard: the whole teacher (fp32); full-shard: its shard and gather buffers
+  EXPECT_EQ(p.strategies[0].state.reference, static_cast<double>(teacher.num_params()) * 4);
+  FootprintOptions fo;  // (its shard's bytes checked against a run in test_data_parallel)
+  fo.strategy = static_cast<int>(dist::Strategy::kFullShard);
+  fo.shards = 2;
+  fo.reference = true;
+  fo.frozen = &teacher;
+  EXPECT_EQ(p.strategies[3].state.reference, training_footprint(cfg.model, fo).reference);
+  EXPECT_EQ(p.strategies[0].activations,
+            clm.strategies[0].activations + static_cast<double>(forwards.activation_bytes()));
+  EXPECT_GT(p.strategies[3].sent_bytes, clm.strategies[3].sent_bytes);  // its blocks gathered
+  EXPECT_DOUBLE_EQ(p.flops_per_token,
+                   clm.flops_per_token + teacher.flops_per_token(cfg.train.seq_len) / 3);
+  cfg.train.teacher = dir + "/missing";
+  try {
+    make_plan(cfg, o);
+    ADD_FAILURE() << "a missing teacher was planned";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.teacher: "), std::string::npos) << e.what();
+  }
 }
 
 TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {

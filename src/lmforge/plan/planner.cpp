@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
@@ -13,6 +14,7 @@
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/init_from.h"
 #include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
@@ -101,10 +103,14 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
                   (o.muon_bf16 ? (w.most + 2 * w.gram) * 2 : 0) +
                   (o.tensor_parallel > 1 ? 4 * (2 * o.tensor_parallel * mu.most + w.most) : 0);
   }
-  if (o.reference)  // (under full-shard sharded like the values, with gather buffers of its own)
+  if (o.reference) {  // (under full-shard sharded like the values, with gather buffers of its own)
+    const ModelConfig& fm = o.frozen ? *o.frozen : m;
+    const Groups gf = groups(fm);
     f.reference = s >= Strategy::kFullShard
-                      ? f.values + f.gather
-                      : static_cast<double>(m.num_params()) * (o.bf16 ? 6 : 4);
+                      ? gf.all / n * value_bytes +
+                            (gf.embeddings + gf.head + 2 * gf.block) * (4 + (o.bf16 ? 2 : 0))
+                      : static_cast<double>(fm.num_params()) * (o.bf16 ? 6 : 4);
+  }
   return f;
 }
 
@@ -144,9 +150,13 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   // buffers from the forward before (its last two): the policy's (its first forward of a step
   // then takes the place of the training one's, as a later forward), and the reference's (a
   // frozen model: DataParallel keeps its edges from the first step on).
-  const double kept = std::min({2.0, L, std::max(0.0, 4.0 - L)});
-  const double forwards_only = value_bytes * g.block * (L - kept) * mb *
-                               (o.policy_forwards + (o.reference ? o.reference_forwards : 0));
+  auto kept = [](double layers) { return std::min({2.0, layers, std::max(0.0, 4.0 - layers)}); };
+  const ModelConfig& fm = o.frozen ? *o.frozen : m;
+  const double Lf = static_cast<double>(fm.n_layer);
+  const double forwards_only =
+      value_bytes * mb *
+      (g.block * (L - kept(L)) * o.policy_forwards +
+       (o.reference ? groups(fm).block * (Lf - kept(Lf)) * o.reference_forwards : 0));
   switch (s) {
     case Strategy::kNoShard:
       return 2 * k * grads;
@@ -179,10 +189,17 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     double gathered = 0;  // the loss's row statistics
     if (o.vocab_parallel) {
       sums += forwards + 1;  // the embeddings' every forward, the head's input gradient once
-      gathered = (forwards + (o.rows_weighed ? 1 : 0)) * static_cast<double>(batch * seq) * 24.0 *
-                 (tp - 1);
+      gathered = (forwards + (o.rows_weighed ? 1 : 0)) * static_cast<double>(batch * seq) *
+                 (o.teacher ? 40.0 : 24.0) * (tp - 1);
     }
-    return static_cast<double>(grad_accum) * (sums * 4.0 * elements * 2.0 * k + gathered) + muon;
+    // The teacher's forward: 2 sums a block (and its embeddings') of its own width.
+    const double teacher =
+        o.teacher ? (2.0 * static_cast<double>(o.teacher->n_layer) + (o.vocab_parallel ? 1 : 0)) *
+                        4.0 * static_cast<double>(batch * seq * o.teacher->n_embd) * 2.0 * k
+                  : 0.0;
+    return static_cast<double>(grad_accum) *
+               (sums * 4.0 * elements * 2.0 * k + gathered + teacher) +
+           muon;
   }
   // Each collective moves the group's tp B rows: (tp - 1) of a rank's bytes.
   const double in = o.bf16_inputs ? 2.0 : 4.0, extra = static_cast<double>(o.extra_forwards);
@@ -200,7 +217,9 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     // and in backward the head's input gradient reduce-scattered and the output gradients
     // gathered for the embeddings'; which are no longer summed once a step (nor the head's).
     const double rows = static_cast<double>(batch * seq);
-    per_micro += (8.0 * rows + (4.0 + in + 8.0) * elements + 24.0 * tp * rows + 8.0) * (tp - 1);
+    per_micro +=
+        (8.0 * rows + (4.0 + in + 8.0) * elements + (o.teacher ? 40.0 : 24.0) * tp * rows + 8.0) *
+        (tp - 1);
     // An extra forward: its tokens and targets, embeddings, final norm and loss statistics. A
     // per-row objective's first pass of the head: the final norm's outputs, the targets and the
     // statistics again, and then the rows' weights (4 bytes a row's token).
@@ -208,7 +227,15 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
     if (o.rows_weighed) per_micro += (8.0 * rows + in * elements + 24.0 * tp * rows) * (tp - 1);
     rows_fed -= static_cast<double>(m.vocab_size * m.n_embd) * (m.tie_embeddings ? 1 : 2);
   }
-  if (o.packed_rows) per_micro += (1.0 + extra) * 8.0 * static_cast<double>(batch * seq) * (tp - 1);
+  if (o.teacher) {  // its forward's gathers and reduce-scatters per block, of its own width
+    const double te = static_cast<double>(batch * seq * o.teacher->n_embd);
+    per_micro += static_cast<double>(o.teacher->n_layer) * (2.0 * in + 2.0 * 4.0) * te * (tp - 1);
+    // (its tokens gathered, its embeddings reduce-scattered, its final norm's outputs gathered)
+    if (o.vocab_parallel)
+      per_micro += (4.0 * static_cast<double>(batch * seq) + (4.0 + in) * te) * (tp - 1);
+  }
+  const double forwards = 1.0 + extra + (o.teacher ? 1 : 0);  // (each gathers the positions)
+  if (o.packed_rows) per_micro += forwards * 8.0 * static_cast<double>(batch * seq) * (tp - 1);
   if (o.kl_rows) per_micro += 8.0 * static_cast<double>(batch * seq) * (tp - 1);
   return static_cast<double>(grad_accum) * per_micro +
          2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards) + muon;
@@ -270,7 +297,9 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   };
   // (a share of the vocabulary: with its loss statistics' buffers and, under sequence
   // parallelism, the group's rows for the embeddings and head)
-  auto measure_activations = [&](const ModelConfig& model, int tp, bool sp) {
+  // (a frozen model, forward_only: a reference's or teacher's forwards, as setup plans them)
+  auto measure_activations = [&](const ModelConfig& model, int tp, bool sp,
+                                 bool forward_only = false) {
     Transformer measure(model, Transformer::MeasureOnly{bf16, gpu});
     RowShards shards;
     shards.n = sp ? tp : 1;
@@ -280,20 +309,40 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       if (model.vocab_size != m.vocab_size)
         measure.set_vocab_parallel(&shards, 0, m.vocab_size, tp, true);
     }
-    measure.plan(sp ? t.batch_size / tp : t.batch_size, t.seq_len, recompute);
+    const int64_t rows = sp ? t.batch_size / tp : t.batch_size;
+    if (forward_only)
+      measure.plan_forward_only(rows, t.seq_len);
+    else
+      measure.plan(rows, t.seq_len, recompute);
     return static_cast<double>(measure.activation_bytes());
   };
-  const double activations = measure_activations(m, 1, false);
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";
+  // Distillation's teacher: its architecture from train.teacher, held as a reference is.
+  std::optional<ModelConfig> teacher;
+  if (t.objective == "distill") try {
+      teacher = open_init_source(t.teacher).model;
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+  if (teacher) p.flops_per_token += teacher->flops_per_token(t.seq_len) / 3;  // its forward
   FootprintOptions base;  // what every row shares
   base.bf16 = bf16;
   base.bf16_master = t.master_weights == "bf16";
-  base.reference = reference && !m.lora.on() && !t.precompute_ref_logps;
+  base.reference = (reference && !m.lora.on() && !t.precompute_ref_logps) || teacher;
+  base.frozen = teacher ? &*teacher : nullptr;
   // (under LoRA the reference is the policy with its adapters off)
   const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
-  const int reference_forwards = reference && !t.precompute_ref_logps ? (kl_rows ? 2 : 1) : 0;
+  const int reference_forwards = teacher                                ? 1
+                                 : reference && !t.precompute_ref_logps ? (kl_rows ? 2 : 1)
+                                                                        : 0;
   base.reference_forwards = base.reference ? reference_forwards : 0;
+  // One micro-batch's activations: the model's, and a frozen model's forwards beside them.
+  auto activations_of = [&](const ModelConfig& model, const ModelConfig* frozen, int tp, bool sp) {
+    return measure_activations(model, tp, sp) +
+           (base.reference ? measure_activations(frozen ? *frozen : model, tp, sp, true) : 0.0);
+  };
+  const double activations = activations_of(m, base.frozen, 1, false);
   base.policy_forwards = (kl_rows ? 1 : 0) + (base.reference ? 0 : reference_forwards);
   base.accumulates = t.grad_accum > 1;
   std::vector<dist::Strategy> order = {dist::Strategy::kNoShard, dist::Strategy::kZero1,
@@ -334,10 +383,12 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         probe.dist.tensor_parallel = tp;
         probe.dist.sequence_parallel = seq;
         probe.dist.strategy = dist::strategy_name(across);
-        ModelConfig share;
+        ModelConfig share, teacher_share;
         try {
           validate_train_config(probe);
           share = dist::tensor_parallel_config(m, tp, vocab_parallel(probe));
+          if (teacher)
+            teacher_share = dist::tensor_parallel_config(*teacher, tp, vocab_parallel(probe));
         } catch (const Error&) {
           continue;
         }
@@ -349,8 +400,9 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         fo.strategy = sp.strategy;
         fo.shards = o.ranks / tp;
         fo.tensor_parallel = tp;
+        fo.frozen = teacher ? &teacher_share : nullptr;
         sp.state = training_footprint(share, fo);
-        sp.activations = measure_activations(share, tp, seq);
+        sp.activations = activations_of(share, fo.frozen, tp, seq);
         TensorParallelTraffic traffic;
         traffic.full_recompute = recompute == Recompute::kFull;
         traffic.sequence_parallel = seq;
@@ -361,6 +413,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         traffic.vocab_parallel = vocab_parallel(probe);
         traffic.rows_weighed = preference_objective(t.objective);
         traffic.packed_rows = seq && cfg.data.packing != "none";
+        traffic.teacher = teacher ? &*teacher : nullptr;
         traffic.muon_elements = fo.muon ? muon_sizes(m).elements : 0;
         sp.sent_bytes = step_traffic_bytes(share, fo, o.ranks / tp, t.grad_accum) +
                         tensor_parallel_traffic_bytes(m, seq ? t.batch_size / tp : t.batch_size,

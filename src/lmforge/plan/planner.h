@@ -25,8 +25,9 @@ namespace lmforge {
 //               the backward's workspace of embeddings, head and two blocks;
 //   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on (Muon:
 //               one for the blocks' matrices, and its Newton-Schulz workspace);
-//   reference   DPO's or KTO's frozen model (fp32 values, + bf16 copies under bf16), or under
-//               full-shard its 1/N shard and its own gather buffers.
+//   reference   DPO's or KTO's frozen model, or distillation's teacher (fp32 values, + bf16
+//               copies under bf16), or under full-shard its 1/N shard and its own gather
+//               buffers.
 struct TrainingFootprint {
   double values = 0, gather = 0, gradients = 0, optimizer = 0, reference = 0;
   double total() const { return values + gather + gradients + optimizer + reference; }
@@ -34,9 +35,13 @@ struct TrainingFootprint {
 struct FootprintOptions {
   bool bf16 = false, bf16_master = false;
   bool reference = false;  // a frozen reference model is held (not precomputed and released)
+  // Its shape where it is not the model's: distillation's teacher (its share under tensor
+  // parallelism); null: the model's.
+  const ModelConfig* frozen = nullptr;
   // Per micro-batch, forwards without a backward, whose blocks full-shard gathers
-  // (step_traffic_bytes): the reference's (DPO 1; KTO 2, 1 without KL rows) and the policy's
-  // (KTO's KL rows; under LoRA also the reference's, the policy with its adapters off).
+  // (step_traffic_bytes): the reference's (DPO 1; KTO 2, 1 without KL rows; the teacher 1) and
+  // the policy's (KTO's KL rows; under LoRA also the reference's, the policy with its adapters
+  // off).
   int reference_forwards = 0, policy_forwards = 0;
   int strategy = 0;          // dist::Strategy
   int shards = 1;            // N: the ranks the state is sharded over (a node's under hybrid)
@@ -114,6 +119,12 @@ struct TensorParallelTraffic {
   // KTO) whose loss head runs twice (the rows' weights first).
   bool vocab_parallel = false;
   bool rows_weighed = false;
+  // Distillation's teacher (its whole shape): per micro-batch its forward over the group's shares
+  // (its own partial sums; under sequence parallelism its gathers and reduce-scatters, with the
+  // vocabulary split its tokens gathered, its embeddings summed and its final norm's outputs
+  // gathered), and with the vocabulary split the loss's statistics of both models (40 bytes a
+  // row instead of 24).
+  const ModelConfig* teacher = nullptr;
   // data.packing best_fit under sequence parallelism: the group's position ids and document
   // starts gathered every forward (8 bytes a row's token; the extra forwards' too).
   bool packed_rows = false;

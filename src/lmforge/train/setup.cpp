@@ -65,9 +65,13 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, in
               ? fmt::format(", {} over {} ranks",
                             dist::strategy_name(static_cast<dist::Strategy>(o.strategy)), o.shards)
               : "",
-          o.reference ? ", and the frozen reference model" : "",
+          o.frozen      ? ", and the teacher"
+          : o.reference ? ", and the frozen reference model"
+                        : "",
           local_ranks > 1 ? fmt::format(" on each of this node's {} ranks", local_ranks) : ""),
-      o.reference
+      o.frozen ? "choose a smaller model or teacher, or shard both over more ranks or nodes "
+                 "(dist.strategy: full-shard, dist.tensor_parallel; lmforge plan shows what fits)"
+      : o.reference
           ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
             "then the base model, no second copy), or shard it over more ranks or nodes "
             "(dist.strategy; lmforge plan shows what fits)"
@@ -190,6 +194,39 @@ RunSetup setup_run(Config& cfg) {
   const bool reference = t.objective == "dpo" || t.objective == "kto";
   const bool reference_is_base =
       reference && cfg.model.lora.on() && !(init && init->model.lora.on());
+  if (t.objective == "distill") {
+    // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
+    InitSource src;
+    try {
+      src = open_init_source(t.teacher);
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+    if (src.tokenizer->fingerprint() != tokenizer->fingerprint())
+      fail(
+          "train.teacher: {} has tokenizer {} ({}) but this run's is {} ({}); distillation needs "
+          "the same tokenizer",
+          t.teacher, src.tokenizer->kind(), src.tokenizer->fingerprint(), tokenizer->kind(),
+          tokenizer->fingerprint());
+    if (src.model.vocab_size != cfg.model.vocab_size)
+      fail(
+          "train.teacher: {} has a vocabulary of {} but the model's is {}; set model.vocab_size: "
+          "{}",
+          t.teacher, src.model.vocab_size, cfg.model.vocab_size, src.model.vocab_size);
+    if (src.model.max_seq_len < t.seq_len)
+      fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
+           src.model.max_seq_len, t.seq_len);
+    r.teacher_config = src.model;
+    r.teacher_source = std::make_unique<InitSource>(std::move(src));
+  }
+  // Made as the policy is: under tensor parallelism each rank's share (its vocabulary split
+  // alike), under full-shard its shard left to a DataParallel of its own (frozen_values).
+  ModelConfig teacher_share;
+  if (r.teacher_source) try {
+      teacher_share = dist::tensor_parallel_config(r.teacher_config, tp, vocab_parallel(cfg));
+    } catch (const Error& e) {
+      fail("train.teacher: {} cannot be split like the model: {}", t.teacher, e.what());
+    }
   // Ranks on the CPU share their node's memory: each holds training_footprint() (its shards).
   const dist::Strategy strategy = dist::parse_strategy(cfg.dist.strategy);
   if (resolve_device(t.device) == Device::kCPU) {
@@ -198,7 +235,8 @@ RunSetup setup_run(Config& cfg) {
     fo.bf16 = t.precision == "bf16";
     fo.bf16_master = t.master_weights == "bf16";
     // precompute_ref_logps releases it before the optimizer's state exists
-    fo.reference = reference && !reference_is_base && !t.precompute_ref_logps;
+    fo.reference = (reference && !reference_is_base && !t.precompute_ref_logps) || r.teacher_source;
+    fo.frozen = r.teacher_source ? &teacher_share : nullptr;
     fo.strategy = static_cast<int>(strategy);
     // hybrid shards within a node (dist.ranks_per_node declares its size)
     // (tensor parallelism: sharded over the ranks holding the same share)
@@ -260,40 +298,9 @@ RunSetup setup_run(Config& cfg) {
     else  // (under full-shard sharded like the policy: RunSetup::frozen_values)
       r.reference = make(full_shard ? &r.frozen_values : nullptr);
   }
-  if (t.objective == "distill") {
-    // The teacher: any model lmforge loads with this run's tokenizer and vocabulary.
-    InitSource src;
-    try {
-      src = open_init_source(t.teacher);
-    } catch (const Error& e) {
-      fail("train.teacher: {}", e.what());
-    }
-    if (src.tokenizer->fingerprint() != tokenizer->fingerprint())
-      fail(
-          "train.teacher: {} has tokenizer {} ({}) but this run's is {} ({}); distillation needs "
-          "the same tokenizer",
-          t.teacher, src.tokenizer->kind(), src.tokenizer->fingerprint(), tokenizer->kind(),
-          tokenizer->fingerprint());
-    if (src.model.vocab_size != cfg.model.vocab_size)
-      fail(
-          "train.teacher: {} has a vocabulary of {} but the model's is {}; set model.vocab_size: "
-          "{}",
-          t.teacher, src.model.vocab_size, cfg.model.vocab_size, src.model.vocab_size);
-    if (src.model.max_seq_len < t.seq_len)
-      fail("train.teacher: {} takes at most {} positions, below train.seq_len {}", t.teacher,
-           src.model.max_seq_len, t.seq_len);
-    // Made as the policy is: under tensor parallelism each rank's share (its vocabulary split
-    // alike), under full-shard its shard left to a DataParallel of its own (frozen_values).
-    ModelConfig share;
-    try {
-      share = dist::tensor_parallel_config(src.model, tp, vocab_parallel(cfg));
-    } catch (const Error& e) {
-      fail("train.teacher: {} cannot be split like the model: {}", t.teacher, e.what());
-    }
-    r.teacher_config = src.model;
-    r.teacher_source = std::make_unique<InitSource>(std::move(src));
+  if (r.teacher_source) {
     const InitSource& from = *r.teacher_source;
-    r.teacher = std::make_unique<Transformer>(share);
+    r.teacher = std::make_unique<Transformer>(teacher_share);
     try {
       if (tp > 1) {
         const Transformer whole(from.model, Transformer::MeasureOnly{});
