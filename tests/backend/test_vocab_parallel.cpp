@@ -128,8 +128,9 @@ TEST(VocabParallel, CrossEntropySplitByColumnsIsTheWhole) {
 
 // Knowledge distillation's loss over P column blocks (every rank's statistics gathered), against
 // the whole vocabulary's kernel (itself tested against PyTorch in test_objective).
-void distill_matches_the_whole(bool bf16, double alpha, double temperature) {
-  const int64_t N = 29, V = 90, P = 3, v = V / P;
+void distill_matches_the_whole(bool bf16, double alpha, double temperature, int64_t N = 29,
+                               int64_t V = 90) {
+  const int64_t P = 3, v = V / P;
   const int32_t kIgnore = -100;
   const Tensor logits = random_normal({N, V}, 21, 3.0), teacher = random_normal({N, V}, 22, 4.0);
   Tensor targets = Tensor::empty({N}, DType::kI32);
@@ -191,6 +192,9 @@ TEST(VocabParallel, DistillationSplitByColumnsIsTheWhole) {
   distill_matches_the_whole(/*bf16=*/false, /*alpha=*/0.5, /*temperature=*/2.0);
   distill_matches_the_whole(/*bf16=*/false, /*alpha=*/0.9, /*temperature=*/1.0);
   distill_matches_the_whole(/*bf16=*/true, /*alpha=*/0.3, /*temperature=*/3.0);
+  // bf16 gradients in several blocks of rows (cpu_rows_bf16: 64 rows of 4096 columns a block)
+  distill_matches_the_whole(/*bf16=*/true, /*alpha=*/0.5, /*temperature=*/2.0, /*N=*/150,
+                            /*V=*/3 * 4096);
 }
 
 }  // namespace

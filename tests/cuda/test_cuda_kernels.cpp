@@ -304,16 +304,16 @@ void xent_objectives(Rng& rng, int64_t N, int64_t V) {
                                         teacher.data(), targets.data(), dloss, N, V, kIgnore, alpha,
                                         temperature);
   cuda::softmax_distill_forward_backward(d_losses.get(), d_kl.get(), d_dlogits.get(), nullptr, V,
-                                         d_logits.get(), V, d_teacher.get(), d_targets.get(), dloss,
-                                         N, V, kIgnore, alpha, temperature);
+                                         d_logits.get(), V, d_teacher.get(), V, d_targets.get(),
+                                         dloss, N, V, kIgnore, alpha, temperature);
   EXPECT_TRUE(close("distill losses", d_losses.host(), losses, kReduction));
   EXPECT_TRUE(close("distill kl", d_kl.host(), kl, kReduction));
   EXPECT_TRUE(close("distill dlogits", d_dlogits.host(), dlogits, kReduction));
   const int64_t ld = (V + 7) / 8 * 8;
   DeviceArray<uint16_t> d16(std::vector<uint16_t>(N * ld, 0xabab));
   cuda::softmax_distill_forward_backward(d_losses.get(), d_kl.get(), nullptr, d16.get(), ld,
-                                         d_logits.get(), V, d_teacher.get(), d_targets.get(), dloss,
-                                         N, V, kIgnore, alpha, temperature);
+                                         d_logits.get(), V, d_teacher.get(), V, d_targets.get(),
+                                         dloss, N, V, kIgnore, alpha, temperature);
   const std::vector<uint16_t> got16 = d16.host();
   expect_bf16_rows_near(got16, dlogits, N, V, ld);
 }

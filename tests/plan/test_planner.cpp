@@ -155,6 +155,7 @@ TEST(Planner, CountsADistillationTeacher) {
   cfg.train.seq_len = 64;
   PlanOptions o;
   o.ranks = 2;
+  o.tflops = 1;
   const Plan clm = make_plan(cfg, o);
   cfg.train.objective = "distill";
   cfg.train.teacher = dir + "/teacher";
@@ -177,6 +178,7 @@ TEST(Planner, CountsADistillationTeacher) {
   EXPECT_GT(p.strategies[3].sent_bytes, clm.strategies[3].sent_bytes);  // its blocks gathered
   EXPECT_DOUBLE_EQ(p.flops_per_token,
                    clm.flops_per_token + teacher.flops_per_token(cfg.train.seq_len) / 3);
+  EXPECT_DOUBLE_EQ(p.seconds, clm.seconds * p.flops_per_token / clm.flops_per_token);
   cfg.train.teacher = dir + "/missing";
   try {
     make_plan(cfg, o);

@@ -143,6 +143,17 @@ void softmax_xent_forward_backward(const Tensor& losses, const Tensor& lse_sq_su
 }
 
 namespace {
+// The row stride of a distillation teacher's logits (N rows of V columns; padded past them on a
+// GPU only, as its own LM head's chunk is).
+int64_t teacher_stride(const char* op, const Tensor& teacher, int64_t N, int64_t V) {
+  const int64_t ldt = last(teacher);
+  LMF_CHECK(teacher.dtype() == DType::kF32 && rows(teacher) == N &&
+                (ldt == V || (ldt > V && teacher.device() == Device::kCUDA)),
+            "{}: teacher logits {} for {} rows of {} columns (padded rows: a GPU only)", op,
+            teacher.shape().str(), N, V);
+  return ldt;
+}
+
 // The columns of a vocabulary part's logits (rows padded past them on a GPU only).
 int64_t part_columns(const char* op, const Tensor& logits, int64_t vocab) {
   const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx;
@@ -216,8 +227,8 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
               {&losses, &kl, &dlogits, &teacher, &targets});
   const int64_t ldx = last(logits), V = vocab > 0 ? vocab : ldx, N = rows(logits);
   const bool bf16 = dlogits.dtype() == DType::kBF16;
-  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
-                teacher.numel() == N * V && targets.numel() == N && losses.numel() == N &&
+  const int64_t ldt = teacher_stride("distill", teacher, N, V);
+  LMF_CHECK(logits.dtype() == DType::kF32 && targets.numel() == N && losses.numel() == N &&
                 kl.numel() == N && rows(dlogits) == N &&
                 (bf16 ? last(dlogits) >= V : last(dlogits) == V) &&
                 (V == ldx || (logits.device() == Device::kCUDA && bf16)),
@@ -236,7 +247,7 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
         [&]() { cpu_rows_bf16("softmax_distill_forward_backward", dlogits, N, V, fill); },
         LMF_GPU(cuda::softmax_distill_forward_backward(
             ptr<float>(losses), ptr<float>(kl), nullptr, dlogits.bf16_data(), last(dlogits),
-            cptr<float>(logits), ldx, cptr<float>(teacher), targets.data<int32_t>(), dl, N, V,
+            cptr<float>(logits), ldx, cptr<float>(teacher), ldt, targets.data<int32_t>(), dl, N, V,
             ignore_index, alpha, temperature)));
     return;
   }
@@ -250,7 +261,7 @@ void softmax_distill_forward_backward(const Tensor& losses, const Tensor& kl, co
       },
       LMF_GPU(cuda::softmax_distill_forward_backward(
           ptr<float>(losses), ptr<float>(kl), ptr<float>(dlogits), nullptr, V, cptr<float>(logits),
-          ldx, cptr<float>(teacher), targets.data<int32_t>(), dl, N, V, ignore_index, alpha,
+          ldx, cptr<float>(teacher), ldt, targets.data<int32_t>(), dl, N, V, ignore_index, alpha,
           temperature)));
 }
 
@@ -259,8 +270,8 @@ void softmax_distill_stats(const Tensor& stats, const Tensor& logits, const Tens
                            int64_t vocab_total, double temperature, int64_t vocab) {
   same_device("softmax_distill_stats", logits, {&stats, &teacher, &targets});
   const int64_t N = rows(logits), V = part_columns("softmax_distill_stats", logits, vocab);
-  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
-                teacher.numel() == N * V && stats.dtype() == DType::kF64 &&
+  const int64_t ldt = teacher_stride("softmax_distill_stats", teacher, N, V);
+  LMF_CHECK(logits.dtype() == DType::kF32 && stats.dtype() == DType::kF64 &&
                 stats.numel() == kDistillStats * N && targets.numel() == N && v0 >= 0 &&
                 v0 + V <= vocab_total && temperature > 0,
             "softmax_distill_stats: logits {} (columns {} of {}) teacher {} stats {} targets {}",
@@ -274,7 +285,7 @@ void softmax_distill_stats(const Tensor& stats, const Tensor& logits, const Tens
                                    temperature);
       },
       LMF_GPU(cuda::softmax_distill_stats(stats.data<double>(), cptr<float>(logits), last(logits),
-                                          cptr<float>(teacher), targets.data<int32_t>(), N, V,
+                                          cptr<float>(teacher), ldt, targets.data<int32_t>(), N, V,
                                           ignore_index, v0, vocab_total, temperature)));
 }
 
@@ -288,8 +299,8 @@ void softmax_distill_parallel(const Tensor& losses, const Tensor& kl, const Tens
   const int64_t ldx = last(logits), P = N > 0 ? all_stats.numel() / (kDistillStats * N) : 0;
   const bool bf16 = dlogits.defined() && dlogits.dtype() == DType::kBF16;
   // (fp32 dlogits: in the logits' own rows, which they may alias)
-  LMF_CHECK(logits.dtype() == DType::kF32 && teacher.dtype() == DType::kF32 &&
-                teacher.numel() == N * V && all_stats.dtype() == DType::kF64 &&
+  const int64_t ldt = teacher_stride("softmax_distill_parallel", teacher, N, V);
+  LMF_CHECK(logits.dtype() == DType::kF32 && all_stats.dtype() == DType::kF64 &&
                 all_stats.numel() == kDistillStats * N * P && targets.numel() == N &&
                 losses.numel() == N && kl.numel() == N &&
                 (!dlogits.defined() ||
@@ -322,8 +333,8 @@ void softmax_distill_parallel(const Tensor& losses, const Tensor& kl, const Tens
           ptr<float>(losses), ptr<float>(kl),
           bf16 || !dlogits.defined() ? nullptr : ptr<float>(dlogits),
           bf16 ? dlogits.bf16_data() : nullptr, bf16 ? last(dlogits) : ldx, cptr<float>(logits),
-          ldx, cptr<float>(teacher), targets.data<int32_t>(), all_stats.data<double>(), P, dl, N, V,
-          ignore_index, alpha, temperature, v0)));
+          ldx, cptr<float>(teacher), ldt, targets.data<int32_t>(), all_stats.data<double>(), P, dl,
+          N, V, ignore_index, alpha, temperature, v0)));
 }
 
 }  // namespace lmforge::ops

@@ -175,8 +175,8 @@ void Transformer::to(Device device) {
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
       logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
-  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = stats_ = all_stats_ =
-      distill_stats_ = all_distill_stats_ = other_kl_ = Tensor();
+  row_scale_ = host_row_scale_ = group_row_scale_ = kl_ = stats_ = all_stats_ = distill_stats_ =
+      all_distill_stats_ = other_kl_ = Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
       scale_ = group_scale_ = group_pos_ids_ = group_doc_start_ = Tensor();
   B_ = T_ = 0;
@@ -294,8 +294,8 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   }
   positions_.ids = positions_.doc_start = Tensor();
   // (sized for the old (B, T))
-  row_scale_ = host_row_scale_ = group_row_scale_ = teacher_chunk_ = kl_ = distill_stats_ =
-      all_distill_stats_ = other_kl_ = Tensor();
+  row_scale_ = host_row_scale_ = group_row_scale_ = kl_ = distill_stats_ = all_distill_stats_ =
+      other_kl_ = Tensor();
 }
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
@@ -419,21 +419,22 @@ void Transformer::forward_hidden(const Tensor& tokens, const Tensor& doc_ids) {
   if (vocab_parallel() && group_nf_.defined()) vocab_sums_->gather(nf_out_, group_nf_);
 }
 
-void Transformer::head_logits(const Tensor& out, int64_t r0, int64_t R) {
+Tensor Transformer::head_logits(int64_t r0, int64_t R) {
+  LMF_CHECK(chunk_.defined() && R <= chunk_rows_, "head_logits: {} rows, planned chunks of {}", R,
+            chunk_rows_);
   const Tensor h = vocab_parallel() && group_nf_.defined() ? group_nf_ : nf_out_;
   const int64_t C = cfg_.n_embd;
+  const Tensor out = chunk_.slice(0, R);
   ops::linear_forward(out, h.view({h.numel() / C, C}).slice(r0, R), lm_head_weight(), Tensor());
+  return out;
 }
 
 void Transformer::plan_distillation() {
-  const int64_t N = B_ * T_, V = cfg_.vocab_size;
-  if (teacher_chunk_.defined() && teacher_chunk_.size(0) == chunk_rows_ &&
-      teacher_chunk_.device() == device())
-    return;
-  // Once per plan: the teacher's logits of a chunk (this rank's columns), the rows' KL terms and
-  // with the vocabulary split the statistics (and the KL terms of other ranks' rows under
-  // sequence parallelism).
-  teacher_chunk_ = Tensor::empty({chunk_rows_, V}, DType::kF32, device());
+  const int64_t N = B_ * T_;
+  if (kl_.defined() && kl_.numel() == N && kl_.device() == device()) return;
+  // Once per plan: the rows' KL terms and with the vocabulary split the statistics (and the KL
+  // terms of other ranks' rows under sequence parallelism). (The teacher's logits of a chunk are
+  // in its own chunk buffer.)
   kl_ = Tensor::empty({N}, DType::kF32, device());
   const bool split = vocab_parallel();
   distill_stats_ =
@@ -566,8 +567,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
     if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
       plan_distillation();
-      const Tensor tl = teacher_chunk_.slice(0, R);
-      distill_.teacher->head_logits(tl, r0, R);
+      const Tensor tl = distill_.teacher->head_logits(r0, R);
       lse_sums_.slice(c, 1).zero_();  // no z-loss
       ops::softmax_distill_forward_backward(loss_rows.slice(r0, R), kl_.slice(r0, R), dl, logits,
                                             tl, yr, ignore_index_, dloss, distill_.alpha,
@@ -620,8 +620,12 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
   }
   const bool train_head = !lm_head_->frozen;
   if (training && distill_.teacher) {
-    LMF_CHECK(distill_.teacher->config().vocab_size == V && distill_.teacher->vocab_parallel(),
-              "distillation with a share of {} of the vocabulary: the teacher's must match", V);
+    const Transformer& t = *distill_.teacher;
+    LMF_CHECK(t.config().vocab_size == V && t.vocab_parallel() && t.vocab_begin_ == vocab_begin_ &&
+                  t.row_shards() == row_shards(),
+              "distillation with columns [{}, {}) of the vocabulary over {} row shards: the "
+              "teacher's must match",
+              vocab_begin_, vocab_begin_ + V, row_shards());
     plan_distillation();
   }
   for (int64_t k = 0; k < P; ++k) {
@@ -638,8 +642,7 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
       if (training && distill_.teacher) {
         // Distillation: this rank's columns of the teacher's logits of the same rows, both
         // models' statistics gathered, then the loss and these columns' gradient.
-        const Tensor tl = teacher_chunk_.slice(0, R);
-        distill_.teacher->head_logits(tl, at, R);
+        const Tensor tl = distill_.teacher->head_logits(at, R);
         const int64_t S = kDistillStats;
         const Tensor mine = distill_stats_.slice(0, R),
                      all = all_distill_stats_.view({all_distill_stats_.numel()})

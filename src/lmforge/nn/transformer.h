@@ -239,12 +239,13 @@ class Transformer {
   }
   double mean_kl() const { return mean_kl_; }  // the last training forward's, over its targets
   // For a teacher: the trunk (embeddings, blocks, final norm) over tokens (B, T), then the LM
-  // head's logits of its rows [r0, r0 + R) into out (R, V) fp32. With a share of the vocabulary
+  // head's logits of its rows [r0, r0 + R), R at most a chunk's rows: (R, V) fp32 in its own
+  // chunk buffer (rows padded on a GPU), valid until the next call. With a share of the vocabulary
   // (tensor parallelism: the student's split alike) the logits of this rank's columns, and under
   // sequence parallelism of the group's rows (rank k's k-th block of B T), as the student's head
   // scores them.
   void forward_hidden(const Tensor& tokens, const Tensor& doc_ids = {});
-  void head_logits(const Tensor& out, int64_t r0, int64_t R);
+  Tensor head_logits(int64_t r0, int64_t R);
   // Targets != ignore_index in the last forward; mean logsumexp^2 over them (the z-loss term).
   int64_t target_count() const { return target_count_; }
   double mean_lse_sq() const { return mean_lse_sq_; }
@@ -376,9 +377,9 @@ class Transformer {
   Tensor group_row_scale_;  // ... of the group's rows (vocabulary and sequence parallelism)
   Distillation distill_;
   bool adapters_off_ = false;
-  // The teacher's logits of a chunk; (B T) KL terms; with the vocabulary split, the chunk's
-  // statistics (backend/distill_stats.h) and other ranks' rows' KL terms (plan_distillation).
-  Tensor teacher_chunk_, kl_, distill_stats_, all_distill_stats_, other_kl_;
+  // (B T) KL terms; with the vocabulary split, a chunk's statistics (backend/distill_stats.h)
+  // and other ranks' rows' KL terms (plan_distillation).
+  Tensor kl_, distill_stats_, all_distill_stats_, other_kl_;
   void plan_distillation();
   double mean_kl_ = 0;
   double mean_lse_sq_ = 0, z_loss_ = 0;

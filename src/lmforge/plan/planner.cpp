@@ -109,7 +109,8 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
     f.reference = s >= Strategy::kFullShard
                       ? gf.all / n * value_bytes +
                             (gf.embeddings + gf.head + 2 * gf.block) * (4 + (o.bf16 ? 2 : 0))
-                      : static_cast<double>(fm.num_params()) * (o.bf16 ? 6 : 4);
+                      : static_cast<double>(fm.num_params()) *
+                            (value_bytes + (o.bf16 && !o.bf16_master ? 2 : 0));
   }
   return f;
 }
@@ -280,6 +281,15 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   p.params = g.all;
   p.trained = g.trained;
   p.flops_per_token = m.flops_per_token(t.seq_len);
+  // Distillation's teacher: its architecture from train.teacher, held as a reference is; its
+  // forward's FLOPs (a third of training's) join the student's.
+  std::optional<ModelConfig> teacher;
+  if (t.objective == "distill") try {
+      teacher = open_init_source(t.teacher).model;
+    } catch (const Error& e) {
+      fail("train.teacher: {}", e.what());
+    }
+  if (teacher) p.flops_per_token += teacher->flops_per_token(t.seq_len) / 3;
   p.tokens_per_step = static_cast<double>(t.batch_size * t.seq_len * t.grad_accum) * o.ranks;
   p.tokens = p.tokens_per_step * static_cast<double>(t.steps);
   if (o.tflops > 0) p.seconds = p.tokens * p.flops_per_token / (o.ranks * o.tflops * 1e12 * o.mfu);
@@ -318,14 +328,6 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   };
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";
-  // Distillation's teacher: its architecture from train.teacher, held as a reference is.
-  std::optional<ModelConfig> teacher;
-  if (t.objective == "distill") try {
-      teacher = open_init_source(t.teacher).model;
-    } catch (const Error& e) {
-      fail("train.teacher: {}", e.what());
-    }
-  if (teacher) p.flops_per_token += teacher->flops_per_token(t.seq_len) / 3;  // its forward
   FootprintOptions base;  // what every row shares
   base.bf16 = bf16;
   base.bf16_master = t.master_weights == "bf16";

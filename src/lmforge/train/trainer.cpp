@@ -246,8 +246,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     rc.offload = false;
     ref_dp = std::make_unique<dist::DataParallel>(dp_world, *setup.frozen(), rc, AdamWOptions{},
                                                   setup.frozen_values);
-    setup.frozen_values = {};
   }
+  setup.frozen_values = {};
+  setup.teacher_source.reset();  // (its values are in place: the teacher's tokenizer not needed)
   // The reference's (or teacher's) weights as this rank holds them (its share under tensor
   // parallelism; its shard and gather buffers under full-shard), for the log.
   auto reference_held = [&] {

@@ -159,25 +159,26 @@ void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, ui
 
 // Knowledge distillation per row (as cpu::softmax_distill_forward_backward): dlogits fp32 (ld = V,
 // may alias logits) or, when dlogits16 is given, bf16 rows ld apart; logits rows ldx apart; teacher
-// (N, V).
+// rows ldt apart (0 = V: its own LM head's chunk may be padded as the logits are).
 void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
                                       int64_t ld, const float* logits, int64_t ldx,
-                                      const float* teacher, const int32_t* targets, float dloss,
-                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
-                                      double temperature);
+                                      const float* teacher, int64_t ldt, const int32_t* targets,
+                                      float dloss, int64_t N, int64_t V, int32_t ignore_index,
+                                      double alpha, double temperature);
 
 // The same over a vocabulary split by columns (as cpu::softmax_distill_stats and
 // cpu::softmax_distill_parallel; backend/distill_stats.h): logits rows ldx apart (0 = V), teacher
-// (N, V); stats N x kDistillStats device doubles (a target outside vocab_total: NaN). dlogits
-// fp32 in the logits' rows (may alias them), or bf16 rows ld apart, or neither.
+// rows ldt apart (0 = V); stats N x kDistillStats device doubles (a target outside vocab_total:
+// NaN). dlogits fp32 in the logits' rows (may alias them), or bf16 rows ld apart, or neither.
 void softmax_distill_stats(double* stats, const float* logits, int64_t ldx, const float* teacher,
-                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
-                           int64_t v0, int64_t vocab_total, double temperature);
+                           int64_t ldt, const int32_t* targets, int64_t N, int64_t V,
+                           int32_t ignore_index, int64_t v0, int64_t vocab_total,
+                           double temperature);
 void softmax_distill_parallel(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
                               int64_t ld, const float* logits, int64_t ldx, const float* teacher,
-                              const int32_t* targets, const double* all_stats, int64_t P,
-                              float dloss, int64_t N, int64_t V, int32_t ignore_index, double alpha,
-                              double temperature, int64_t v0);
+                              int64_t ldt, const int32_t* targets, const double* all_stats,
+                              int64_t P, float dloss, int64_t N, int64_t V, int32_t ignore_index,
+                              double alpha, double temperature, int64_t v0);
 
 void add(float* out, const float* a, const float* b, int64_t n);  // out = a + b
 void accumulate(float* dst, const float* src, int64_t n);         // dst += src

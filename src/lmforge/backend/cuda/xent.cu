@@ -189,12 +189,13 @@ __global__ void __launch_bounds__(kXentThreads)
 template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
     softmax_distill_kernel(float* losses, float* kl, O* dlogits, int64_t ld, const float* logits,
-                           int64_t ldx, const float* teacher, const int32_t* targets, float dloss,
-                           int64_t V, int32_t ignore_index, double alpha, double temperature) {
+                           int64_t ldx, const float* teacher, int64_t ldt, const int32_t* targets,
+                           float dloss, int64_t V, int32_t ignore_index, double alpha,
+                           double temperature) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
   const float* x = logits + i * ldx;
-  const float* t = teacher + i * V;
+  const float* t = teacher + i * ldt;
   O* d = dlogits + i * ld;
   if (y == ignore_index) {
     if (threadIdx.x == 0) losses[i] = kl[i] = 0.0f;
@@ -315,8 +316,9 @@ __global__ void __launch_bounds__(kXentThreads)
 // this rank's columns' statistics.
 __global__ void __launch_bounds__(kXentThreads)
     softmax_distill_stats_kernel(double* stats, const float* logits, int64_t ldx,
-                                 const float* teacher, const int32_t* targets, int64_t V,
-                                 int32_t ignore_index, int64_t v0, int64_t Vt, double temperature) {
+                                 const float* teacher, int64_t ldt, const int32_t* targets,
+                                 int64_t V, int32_t ignore_index, int64_t v0, int64_t Vt,
+                                 double temperature) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
   double* st = stats + kDistillStats * i;
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(kXentThreads)
     return;
   }
   const float* x = logits + i * ldx;
-  const float* t = teacher + i * V;
+  const float* t = teacher + i * ldt;
   const float inv_t = static_cast<float>(1.0 / temperature);
   const double lse = row_logsumexp(x, V);
   __syncthreads();
@@ -352,13 +354,14 @@ template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
     softmax_distill_parallel_kernel(float* losses, float* kl, O* dlogits, int64_t ld,
                                     const float* logits, int64_t ldx, const float* teacher,
-                                    const int32_t* targets, const double* all_stats, int64_t P,
-                                    int64_t N, float dloss, int64_t V, int32_t ignore_index,
-                                    double alpha, double temperature, int64_t v0) {
+                                    int64_t ldt, const int32_t* targets, const double* all_stats,
+                                    int64_t P, int64_t N, float dloss, int64_t V,
+                                    int32_t ignore_index, double alpha, double temperature,
+                                    int64_t v0) {
   const int64_t i = blockIdx.x;
   const int32_t y = targets[i];
   const float* x = logits + i * ldx;
-  const float* t = teacher + i * V;
+  const float* t = teacher + i * ldt;
   O* d = dlogits ? dlogits + i * ld : nullptr;
   if (y == ignore_index) {
     if (threadIdx.x == 0) losses[i] = kl[i] = 0.0f;
@@ -366,8 +369,8 @@ __global__ void __launch_bounds__(kXentThreads)
     return;
   }
   const DistillRow r = distill_combine(all_stats, P, N, i);
-  if (threadIdx.x == 0) {
-    kl[i] = static_cast<float>(r.kl);
+  if (threadIdx.x == 0) {  // (a target outside the vocabulary: NaN, as the whole vocabulary's)
+    kl[i] = isnan(r.lse) ? __int_as_float(0x7fc00000) : static_cast<float>(r.kl);
     losses[i] = static_cast<float>((1 - alpha) * r.ce + alpha * temperature * temperature * r.kl);
   }
   if (!d) return;
@@ -390,29 +393,31 @@ __global__ void __launch_bounds__(kXentThreads)
 }  // namespace
 
 void softmax_distill_stats(double* stats, const float* logits, int64_t ldx, const float* teacher,
-                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
-                           int64_t v0, int64_t vocab_total, double temperature) {
+                           int64_t ldt, const int32_t* targets, int64_t N, int64_t V,
+                           int32_t ignore_index, int64_t v0, int64_t vocab_total,
+                           double temperature) {
   if (N <= 0) return;
   softmax_distill_stats_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-      stats, logits, ldx > 0 ? ldx : V, teacher, targets, V, ignore_index, v0, vocab_total,
-      temperature);
+      stats, logits, ldx > 0 ? ldx : V, teacher, ldt > 0 ? ldt : V, targets, V, ignore_index, v0,
+      vocab_total, temperature);
   LMF_CUDA_LAUNCHED();
 }
 
 void softmax_distill_parallel(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
                               int64_t ld, const float* logits, int64_t ldx, const float* teacher,
-                              const int32_t* targets, const double* all_stats, int64_t P,
-                              float dloss, int64_t N, int64_t V, int32_t ignore_index, double alpha,
-                              double temperature, int64_t v0) {
+                              int64_t ldt, const int32_t* targets, const double* all_stats,
+                              int64_t P, float dloss, int64_t N, int64_t V, int32_t ignore_index,
+                              double alpha, double temperature, int64_t v0) {
   if (N <= 0) return;
   if (ldx <= 0) ldx = V;
+  if (ldt <= 0) ldt = V;
   if (dlogits16)
     softmax_distill_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-        losses, kl, dlogits16, ld, logits, ldx, teacher, targets, all_stats, P, N, dloss, V,
+        losses, kl, dlogits16, ld, logits, ldx, teacher, ldt, targets, all_stats, P, N, dloss, V,
         ignore_index, alpha, temperature, v0);
   else  // (fp32: in place, the logits' rows; or none)
     softmax_distill_parallel_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-        losses, kl, dlogits, ldx, logits, ldx, teacher, targets, all_stats, P, N, dloss, V,
+        losses, kl, dlogits, ldx, logits, ldx, teacher, ldt, targets, all_stats, P, N, dloss, V,
         ignore_index, alpha, temperature, v0);
   LMF_CUDA_LAUNCHED();
 }
@@ -452,17 +457,18 @@ void softmax_xent_parallel(float* losses, double* lse_sq_sum, float* dlogits, ui
 
 void softmax_distill_forward_backward(float* losses, float* kl, float* dlogits, uint16_t* dlogits16,
                                       int64_t ld, const float* logits, int64_t ldx,
-                                      const float* teacher, const int32_t* targets, float dloss,
-                                      int64_t N, int64_t V, int32_t ignore_index, double alpha,
-                                      double temperature) {
+                                      const float* teacher, int64_t ldt, const int32_t* targets,
+                                      float dloss, int64_t N, int64_t V, int32_t ignore_index,
+                                      double alpha, double temperature) {
   if (N <= 0) return;
+  if (ldt <= 0) ldt = V;
   if (dlogits16)
     softmax_distill_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-        losses, kl, dlogits16, ld, logits, ldx, teacher, targets, dloss, V, ignore_index, alpha,
-        temperature);
+        losses, kl, dlogits16, ld, logits, ldx, teacher, ldt, targets, dloss, V, ignore_index,
+        alpha, temperature);
   else
     softmax_distill_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(
-        losses, kl, dlogits, ld, logits, ldx, teacher, targets, dloss, V, ignore_index, alpha,
+        losses, kl, dlogits, ld, logits, ldx, teacher, ldt, targets, dloss, V, ignore_index, alpha,
         temperature);
   LMF_CUDA_LAUNCHED();
 }
