@@ -60,11 +60,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(GptBlock(C, NH) for _ in range(L))
         self.ln_f = nn.LayerNorm(C)
 
-    def forward(self, idx, targets, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean"):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in self.blocks:
             x = b(x)
         logits = self.ln_f(x) @ self.wte.weight.t()  # tied head
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
                                reduction=reduction)
 
@@ -119,7 +121,7 @@ class Llama(nn.Module):
         self.head = None if tied else nn.Linear(C, V, bias=False)
         self.hs, self.theta = C // NH, theta
 
-    def forward(self, idx, targets, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean"):
         T = idx.shape[1]
         dev = idx.device
         inv = 1.0 / (self.theta ** (torch.arange(0, self.hs, 2, device=dev).float() / self.hs))
@@ -130,6 +132,8 @@ class Llama(nn.Module):
             x = b(x, cos, sin)
         h = self.norm(x)
         logits = h @ (self.wte.weight if self.head is None else self.head.weight).t()
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
                                reduction=reduction)
 
@@ -182,6 +186,27 @@ def dpo_loss(model, reference, idx, tgt, beta=0.1):
     return -F.logsigmoid(z).mean()
 
 
+def distill_loss(model, teacher, idx, tgt, alpha=0.5, temperature=2.0):
+    """Knowledge distillation as Hugging Face's distillation examples compute it: the teacher's
+    logits without gradients, (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) ||
+    softmax(student / T)) over every token (full B x T x V logits, autograd)."""
+    with torch.no_grad():
+        t = teacher(idx).float()
+    s = model(idx).float()
+    V = s.size(-1)
+    ce = F.cross_entropy(s.view(-1, V), tgt.view(-1))
+    kl = F.kl_div(F.log_softmax(s / temperature, -1).view(-1, V),
+                  F.log_softmax(t / temperature, -1).view(-1, V), log_target=True,
+                  reduction="batchmean")
+    return (1 - alpha) * ce + alpha * temperature * temperature * kl
+
+
+def make_model(name):
+    if name in GPT2:
+        return GPT(*GPT2[name]), 50257
+    return Llama(*LLAMA[name]), LLAMA[name][5]
+
+
 def init_like_gpt2(model):
     """nanoGPT's _init_weights (GPT-2's, and lmforge's Transformer::init_weights): N(0, 0.02) for
     the matrices and embeddings, N(0, 0.02 / sqrt(2 L)) for the projections into the residual
@@ -209,21 +234,28 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters on every block linear")
     ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--objective", default="clm", choices=["clm", "dpo"],
+    ap.add_argument("--objective", default="clm", choices=["clm", "dpo", "distill"],
                     help="dpo: rows 2j, 2j+1 a pair; TRL's sigmoid loss, beta 0.1, the reference "
-                    "a frozen copy (with --lora-rank the model with its adapters off)")
+                    "a frozen copy (with --lora-rank the model with its adapters off); distill: "
+                    "from --teacher (alpha 0.5, temperature 2)")
+    ap.add_argument("--teacher", default="", help="distill: the teacher's preset (default the "
+                    "model's), its own random weights")
     a = ap.parse_args()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(1)
-    if a.model in GPT2:
-        model, V = GPT(*GPT2[a.model]), 50257
-    else:
-        model, V = Llama(*LLAMA[a.model]), LLAMA[a.model][5]
+    model, V = make_model(a.model)
     with torch.no_grad():
         init_like_gpt2(model)
+    teacher = None
+    if a.objective == "distill":
+        teacher, tv = make_model(a.teacher or a.model)
+        assert tv == V, "the teacher's vocabulary must be the model's"
+        with torch.no_grad():
+            init_like_gpt2(teacher)
+        teacher.requires_grad_(False).eval()
     # FLOPs per token as lmforge counts them (ModelConfig::flops_per_token): 6N + 12 L C T, N all
     # parameters but the learned positions and, with an untied head, the input table.
     n = sum(p.numel() for p in model.parameters())
@@ -233,6 +265,8 @@ def main():
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha)
     model.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     reference = None
     if a.objective == "dpo" and not a.lora_rank:
         reference = copy.deepcopy(model).requires_grad_(False)
@@ -249,6 +283,8 @@ def main():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             if a.objective == "dpo":
                 loss = dpo_loss(step_model, reference, idx, tgt)
+            elif a.objective == "distill":
+                loss = distill_loss(step_model, teacher, idx, tgt)
             else:
                 loss = step_model(idx, tgt)
         opt.zero_grad(set_to_none=True)
@@ -267,7 +303,8 @@ def main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
     tag = a.precision + ("+compile" if a.compile else "") + \
-        (f"+lora{a.lora_rank}" if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "")
+        (f"+lora{a.lora_rank}" if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "") + \
+        (f"+distill({a.teacher or a.model})" if a.objective == "distill" else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")
 

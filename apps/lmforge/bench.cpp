@@ -172,7 +172,7 @@ void add_bench(CLI::App& app) {
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0, lora_rank = 0;
     bool cuda_graphs = false;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
-                activations = "bf16", outputs = "bf16", objective = "clm";
+                activations = "bf16", outputs = "bf16", objective = "clm", teacher;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
@@ -202,9 +202,13 @@ void add_bench(CLI::App& app) {
                   "frozen); 0 = full training")
       ->capture_default_str();
   cmd->add_option("--objective", o->objective,
-                  "clm | dpo (as train.objective: rows 2j, 2j+1 a pair; a reference model's "
-                  "forward, or with --lora-rank the model's without adapters)")
+                  "clm | dpo | distill (as train.objective; dpo: rows 2j, 2j+1 a pair, a "
+                  "reference model's forward, or with --lora-rank the model's without adapters; "
+                  "distill: from --teacher, alpha 0.5, temperature 2)")
       ->capture_default_str();
+  cmd->add_option("--teacher", o->teacher,
+                  "--objective distill: the teacher's preset (its own random weights; default "
+                  "the model's), with the model's vocabulary");
   cmd->add_option("--device", o->device, "cpu | cuda | auto (as train.device)")
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", o->cuda_graphs,
@@ -221,8 +225,10 @@ void add_bench(CLI::App& app) {
       fail("--master-weights: fp32, or bf16 with --precision bf16; got \"{}\"", o->master_weights);
     if (o->steps <= 0 || o->batch <= 0 || o->seq <= 0 || o->profile_steps < 0)
       fail("--batch, --seq and --steps must be positive, --profile-steps at least 0");
-    if (o->objective != "clm" && o->objective != "dpo")
-      fail("--objective: expected clm or dpo, got \"{}\"", o->objective);
+    if (o->objective != "clm" && o->objective != "dpo" && o->objective != "distill")
+      fail("--objective: expected clm, dpo or distill, got \"{}\"", o->objective);
+    if (!o->teacher.empty() && o->objective != "distill")
+      fail("--teacher: only with --objective distill");
     if (o->objective == "dpo" && o->batch % 2)
       fail("--batch: {} is odd; a DPO pair takes two rows", o->batch);
     ModelConfig mc = model_preset(o->model);
@@ -262,6 +268,20 @@ void add_bench(CLI::App& app) {
       }
       dpo = std::make_unique<PreferenceObjective>(PreferenceOptions{"dpo", 0.1, 0.0},
                                                   reference ? reference.get() : &model, !reference);
+    }
+    // Distillation: the teacher as the trainer makes it (frozen, planned for forwards only).
+    std::unique_ptr<Transformer> teacher;
+    if (o->objective == "distill") {
+      const ModelConfig tc = model_preset(o->teacher.empty() ? o->model : o->teacher);
+      if (tc.vocab_size != mc.vocab_size)
+        fail("--teacher: {} has a vocabulary of {}, the model's is {}", o->teacher, tc.vocab_size,
+             mc.vocab_size);
+      teacher = std::make_unique<Transformer>(tc);
+      teacher->init_weights(2);
+      teacher->to(model.device());
+      if (o->precision == "bf16") teacher->enable_bf16();
+      teacher->plan_forward_only(o->batch, o->seq);
+      model.set_distillation({teacher.get(), 0.5, 2.0});
     }
     AdamW opt(model.params(), {});
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
@@ -323,8 +343,11 @@ void add_bench(CLI::App& app) {
     fmt::print("LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
                model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
                model.full_logits_bytes() / 1048576.0);
-    const double fpt = mc.flops_per_token(o->seq);
-    fmt::print("{:.3f} GFLOP per token, {:.1f} GFLOP/s achieved\n", fpt / 1e9, fpt * tps / 1e9);
+    // (with a teacher, its forward too: a third of its training FLOPs)
+    const double fpt = mc.flops_per_token(o->seq) +
+                       (teacher ? teacher->config().flops_per_token(o->seq) / 3 : 0.0);
+    fmt::print("{:.3f} GFLOP per token{}, {:.1f} GFLOP/s achieved\n", fpt / 1e9,
+               teacher ? " (with the teacher's forward)" : "", fpt * tps / 1e9);
     if (gpu) {
       const double peak = cuda::datasheet_bf16_tflops();
       fmt::print("peak GPU memory {:.0f} MiB (allocated by lmforge){}\n",
@@ -335,7 +358,12 @@ void add_bench(CLI::App& app) {
     }
     fmt::print("lmforge {} B={} T={} {}{}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq,
                o->precision, o->lora_rank ? fmt::format("+lora{}", o->lora_rank) : "",
-               dpo ? "+dpo" : "", tps);
+               dpo       ? "+dpo"
+               : teacher ? fmt::format("+distill({})", teacher->config().preset.empty()
+                                                           ? o->model
+                                                           : teacher->config().preset)
+                         : "",
+               tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);
