@@ -269,6 +269,35 @@ TEST_F(DataParallelTest, TensorParallelWithShardedDataParallelMatchesOneProcess)
                       "--set train.batch_size=2 --set train.grad_accum=2 --resume=" + ckpt);
   ASSERT_EQ(one.exit_code, 0) << one.err;
   expect_resumed("tp2-full-resume-1", "tp2-full-ckpt", 1e-5);
+
+  // dist.offload: each rank's AdamW steps its share's state and master values in a host arena
+  // (its shard under full-shard): the same steps as without it, bit for bit; its checkpoint (the
+  // moments gathered from the host arenas) resumes bit-exactly, with or without offload.
+  RunResult o = run("tp2-full-offload", 4,
+                    full +
+                        "--set dist.offload=true --set train.checkpoint_every=3 --set "
+                        "train.keep_last=0");
+  ASSERT_EQ(o.exit_code, 0) << o.out << o.err;
+  EXPECT_NE(o.out.find("dist.offload: AdamW master values and gradients in a host arena"),
+            std::string::npos)
+      << o.out;
+  EXPECT_EQ(losses("tp2-full-offload"), losses("tp2-full-ckpt"));
+  EXPECT_EQ(losses("tp2-full-offload", "grad_norm"), losses("tp2-full-ckpt", "grad_norm"));
+  EXPECT_EQ(params("tp2-full-offload"), params("tp2-full-ckpt"));
+  const std::string ockpt = *dir_ + "/tp2-full-offload/checkpoints/step-00000003";
+  for (const char* extra : {" --set dist.offload=true", ""}) {
+    const std::string name = std::string("tp2-offload-resume") + (*extra ? "" : "-plain");
+    RunResult r = run(name, 4, full + extra + " --resume=" + ockpt);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    expect_resumed(name, "tp2-full-offload");
+  }
+  // (no-shard: each rank's whole share offloaded)
+  RunResult plain = run("tp2-no-shard", 2, tp2);
+  ASSERT_EQ(plain.exit_code, 0) << plain.out << plain.err;
+  RunResult no = run("tp2-no-shard-offload", 2, tp2 + "--set dist.offload=true");
+  ASSERT_EQ(no.exit_code, 0) << no.out << no.err;
+  EXPECT_EQ(losses("tp2-no-shard-offload"), losses("tp2-no-shard"));
+  EXPECT_EQ(params("tp2-no-shard-offload"), params("tp2-no-shard"));
 }
 
 // bf16 master weights under tensor parallelism: each rank keeps its share's weights in bf16 and
@@ -329,8 +358,6 @@ TEST_F(DataParallelTest, TensorParallelRefusesWhatItCannotSplit) {
   const std::string teacher = *dir_ + "/tp-llama-teacher";
   for (const Case& c :
        {Case{1, "--set dist.tensor_parallel=2", "does not divide the 1 ranks launched"},
-        Case{1, "--set dist.tensor_parallel=2 --set dist.offload=true",
-             "dist.offload is not supported with tensor parallelism"},
         Case{4, "--set dist.tensor_parallel=4 --set model.preset=llama3-tiny",
              "does not divide the model's key/value heads (model.n_kv_head) (2)"},
         Case{1, "--set dist.sequence_parallel=true",

@@ -426,7 +426,7 @@ void DataParallel::set_tensor_parallel(TensorParallel* tp) {
 }
 
 Tensor DataParallel::whole_param(const Param& p, int what) {
-  LMF_CHECK(what >= 0 && what <= 2 && !offload(), "whole_param: values or moments, not offloaded");
+  LMF_CHECK(what >= 0 && what <= 2, "whole_param: values or moments, got {}", what);
   if (what == 2 && opt_->muon() && muon_param(p)) return Tensor();  // (no second moment)
   const int64_t off = ps_.offset(p), n = p.shape.numel();
   const bool pieces = what == 0 ? sharded_values() : strategy_ != Strategy::kNoShard;
@@ -443,7 +443,9 @@ Tensor DataParallel::whole_param(const Param& p, int what) {
     return w;
   };
   if (!pieces) return what > 0 ? moment().view({n}) : fp32(p.value.view({n}));
-  Tensor out = Tensor::empty({n}, DType::kF32, model_.device());
+  // (dist.offload: the moments are gathered where they are, on the host)
+  Tensor out =
+      Tensor::empty({n}, DType::kF32, what > 0 && offload() ? Device::kCPU : model_.device());
   Tensor piece;  // this rank's piece of p's values, fp32
   if (what == 0) {
     const int64_t a = std::clamp(off, my_lo_, my_hi_), z = std::clamp(off + n, my_lo_, my_hi_);

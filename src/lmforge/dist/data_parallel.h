@@ -122,13 +122,14 @@ class DataParallel final : public GroupHooks {
   // Global gradient norm; when above max_norm, the next step() scales the gradients as torch's
   // clip_grad_norm_ would (inside the AdamW update: optim/clip.h).
   double clip_grad_norm(double max_norm);
-  // Tensor parallelism (dist/tensor_parallel.h; not with offload): the model is one rank's share
+  // Tensor parallelism (dist/tensor_parallel.h): the model is one rank's share
   // and the ranks given are those holding the same share; the gradient norm is then the whole
   // model's (TensorParallel::grad_norm).
   // (Muon then orthogonalizes the whole model's matrices: AdamW::set_muon_shares.)
   void set_tensor_parallel(TensorParallel* tp);
-  // One parameter of this rank's model whole, flat, fp32 where the model is: its values (what 0)
-  // or AdamW's first or second moment (1, 2; a trained parameter, not offloaded). Collective over
+  // One parameter of this rank's model whole, flat, fp32: its values (what 0, where the model is)
+  // or AdamW's first or second moment (1, 2; a trained parameter; where AdamW's state is, the host
+  // under dist.offload). Collective over
   // the shards' ranks where they hold it in pieces (every rank calls it for the same parameters in
   // the same order), else a view of this rank's own.
   Tensor whole_param(const Param& p, int what);

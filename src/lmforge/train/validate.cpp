@@ -101,7 +101,6 @@ void validate_tensor_parallel(const Config& cfg) {
   auto refuse = [&](const std::string& key, const std::string& fix) {
     fail("dist.tensor_parallel: {} is not supported with tensor parallelism yet; {}", key, fix);
   };
-  if (cfg.dist.offload) refuse("dist.offload", "set it to false");
   // (distillation's teacher is split like the model: its share scores the group's rows)
   if (t.cuda_graphs) refuse("train.cuda_graphs", "set it to false");
   if (!cfg.dist.sequence_parallel) return;
