@@ -279,7 +279,10 @@ void add_bench(CLI::App& app) {
       teacher = std::make_unique<Transformer>(tc);
       teacher->init_weights(2);
       teacher->to(model.device());
-      if (o->precision == "bf16") teacher->enable_bf16();
+      if (o->precision == "bf16") {  // (held in bf16 alone, as the trainer holds it)
+        teacher->enable_bf16();
+        teacher->use_bf16_master();
+      }
       teacher->plan_forward_only(o->batch, o->seq);
       model.set_distillation({teacher.get(), 0.5, 2.0});
     }

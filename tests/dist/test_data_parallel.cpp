@@ -307,7 +307,8 @@ TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
   // What the memory check and lmforge plan predict for a rank's teacher (its share with tp > 1),
   // and for the traffic of its forwards: each step's (from step 2: the first also gathers its
   // embeddings and head, kept since) as the run measured it.
-  auto as_planned = [&](const std::string& name, const std::string& out, int tp) {
+  auto as_planned = [&](const std::string& name, const std::string& out, int tp,
+                        bool bf16 = false) {
     std::smatch m;
     ASSERT_TRUE(std::regex_search(out, m,
                                   std::regex("distill from .*, ([0-9.]+) MiB of weights.*: a "
@@ -323,6 +324,7 @@ TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
     fo.reference_forwards = 1;
     fo.frozen = &teacher_share;
     fo.tensor_parallel = tp;
+    fo.bf16 = fo.frozen_bf16 = bf16;  // (under bf16 the teacher is held in bf16 alone)
     const double predicted = training_footprint(share, fo).reference / 1048576.0;
     EXPECT_NEAR(predicted, std::stod(m[2]) + std::stod(m[3]), 0.02 * predicted) << m[0];
     const std::vector<double> mib = losses(name, "comm_mib");
@@ -349,6 +351,19 @@ TEST_F(DataParallelTest, DistillationWithAShardedTeacherMatchesOneProcess) {
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << s << " kl " << i;
   }
+  // bf16: the teacher held in bf16 alone (a third of its memory), its shards and gathers bf16,
+  // the same steps as 2 ranks of DDP whose teacher is rounded to bf16 at load.
+  const std::string bf16 = distill + "--set train.precision=bf16 ";
+  RunResult d = run("distill-ddp-bf16", 2, bf16);
+  ASSERT_EQ(d.exit_code, 0) << d.out << d.err;
+  EXPECT_NE(
+      d.out.find(fmt::format("{:.2f} MiB of weights", teacher_whole.num_params() * 2 / 1048576.0)),
+      std::string::npos)
+      << d.out;
+  RunResult fb = run("distill-full-shard-bf16", 2, bf16 + "--set dist.strategy=full-shard");
+  ASSERT_EQ(fb.exit_code, 0) << fb.out << fb.err;
+  expect_same("distill-full-shard-bf16", "distill-ddp-bf16");
+  as_planned("distill-full-shard-bf16", fb.out, 1, /*bf16=*/true);
   // 2 groups of 2: each rank's share of the teacher (half its blocks' weights and vocabulary),
   // sharded over the 2 ranks holding the same share.
   RunResult r = run("distill-tp2-fsdp", 4,

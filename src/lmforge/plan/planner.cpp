@@ -106,11 +106,12 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   if (o.reference) {  // (under full-shard sharded like the values, with gather buffers of its own)
     const ModelConfig& fm = o.frozen ? *o.frozen : m;
     const Groups gf = groups(fm);
-    f.reference = s >= Strategy::kFullShard
-                      ? gf.all / n * value_bytes +
-                            (gf.embeddings + gf.head + 2 * gf.block) * (4 + (o.bf16 ? 2 : 0))
-                      : static_cast<double>(fm.num_params()) *
-                            (value_bytes + (o.bf16 && !o.bf16_master ? 2 : 0));
+    const bool bf16_values = o.bf16_master || o.frozen_bf16;
+    f.reference =
+        s >= Strategy::kFullShard
+            ? gf.all / n * (bf16_values ? 2 : 4) +
+                  (gf.embeddings + gf.head + 2 * gf.block) * (4 + (o.bf16 ? 2 : 0))
+            : static_cast<double>(fm.num_params()) * (bf16_values ? 2 : 4 + (o.bf16 ? 2 : 0));
   }
   return f;
 }
@@ -154,10 +155,11 @@ double step_traffic_bytes(const ModelConfig& m, const FootprintOptions& o, int r
   auto kept = [](double layers) { return std::min({2.0, layers, std::max(0.0, 4.0 - layers)}); };
   const ModelConfig& fm = o.frozen ? *o.frozen : m;
   const double Lf = static_cast<double>(fm.n_layer);
+  const double frozen_bytes = o.bf16_master || o.frozen_bf16 ? 2 : 4;
   const double forwards_only =
-      value_bytes * mb *
-      (g.block * (L - kept(L)) * o.policy_forwards +
-       (o.reference ? groups(fm).block * (Lf - kept(Lf)) * o.reference_forwards : 0));
+      mb * (value_bytes * g.block * (L - kept(L)) * o.policy_forwards +
+            (o.reference ? frozen_bytes * groups(fm).block * (Lf - kept(Lf)) * o.reference_forwards
+                         : 0));
   switch (s) {
     case Strategy::kNoShard:
       return 2 * k * grads;
@@ -333,6 +335,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   base.bf16_master = t.master_weights == "bf16";
   base.reference = (reference && !m.lora.on() && !t.precompute_ref_logps) || teacher;
   base.frozen = teacher ? &*teacher : nullptr;
+  base.frozen_bf16 = teacher_in_bf16(cfg);
   // (under LoRA the reference is the policy with its adapters off)
   const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
   const int reference_forwards = teacher                                ? 1
@@ -403,6 +406,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         fo.shards = o.ranks / tp;
         fo.tensor_parallel = tp;
         fo.frozen = teacher ? &teacher_share : nullptr;
+        fo.frozen_bf16 = teacher_in_bf16(probe);
         sp.state = training_footprint(share, fo);
         sp.activations = activations_of(share, fo.frozen, tp, seq);
         TensorParallelTraffic traffic;

@@ -38,6 +38,7 @@ struct FootprintOptions {
   // Its shape where it is not the model's: distillation's teacher (its share under tensor
   // parallelism); null: the model's.
   const ModelConfig* frozen = nullptr;
+  bool frozen_bf16 = false;  // its values in bf16 alone (train/trainer.h teacher_in_bf16)
   // Per micro-batch, forwards without a backward, whose blocks full-shard gathers
   // (step_traffic_bytes): the reference's (DPO 1; KTO 2, 1 without KL rows; the teacher 1) and
   // the policy's (KTO's KL rows; under LoRA also the reference's, the policy with its adapters

@@ -253,7 +253,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // parallelism; its shard and gather buffers under full-shard), for the log.
   auto reference_held = [&] {
     const double held = static_cast<double>(setup.frozen()->params().numel()) *
-                        (t.master_weights == "bf16" ? 2 : 4) / 1048576.0;
+                        (setup.frozen()->params().bf16_master() ? 2 : 4) / 1048576.0;
     const std::string share = tp ? fmt::format(" (this rank's 1/{} share)", tp->size()) : "";
     if (!ref_dp) return fmt::format("{:.2f} MiB of weights{}", held, share);
     return fmt::format(

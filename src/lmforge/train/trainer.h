@@ -111,6 +111,9 @@ Device resolve_device(const std::string& device);
 // distillation teacher's alike: Transformer::set_vocab_parallel): where dist.tensor_parallel
 // divides model.vocab_size.
 bool vocab_parallel(const Config& cfg);
+// Whether distillation's teacher is held in bf16 alone (Transformer::use_bf16_master: it is never
+// updated): under train.precision bf16, but on a GPU with the vocabulary split.
+bool teacher_in_bf16(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
