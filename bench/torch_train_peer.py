@@ -256,6 +256,8 @@ def main():
         with torch.no_grad():
             init_like_gpt2(teacher)
         teacher.requires_grad_(False).eval()
+        if a.precision == "bf16":  # (as lmforge holds it, and as HF trainers load a teacher)
+            teacher.to(torch.bfloat16)
     # FLOPs per token as lmforge counts them (ModelConfig::flops_per_token): 6N + 12 L C T, N all
     # parameters but the learned positions and, with an untied head, the input table.
     n = sum(p.numel() for p in model.parameters())

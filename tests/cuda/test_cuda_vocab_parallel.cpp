@@ -37,6 +37,20 @@ double error(const Tensor& a, const Tensor& b) {
   return scale > 0 ? worst / scale : worst;
 }
 
+// The first v columns of N rows ld apart (a GPU's padded fp32 or bf16 gradient rows), contiguous.
+Tensor columns_of(const Tensor& rows, int64_t N, int64_t v, int64_t ld) {
+  const bool bf16 = rows.dtype() == DType::kBF16;
+  Tensor got = Tensor::empty({N, v}, rows.dtype());
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < v; ++c) {
+      if (bf16)
+        got.bf16_data()[i * v + c] = rows.bf16_data()[i * ld + c];
+      else
+        got.data<float>()[i * v + c] = rows.data<float>()[i * ld + c];
+    }
+  return got;
+}
+
 TEST(CudaVocabParallel, EmbeddingPartsMatchTheCpu) {
   if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
   const int64_t B = 3, T = 9, C = 32, V = 90, P = 3, v = V / P;
@@ -109,15 +123,7 @@ void loss_part_matches_the_cpu(bool bf16, double z_loss, bool row_scale, int64_t
     EXPECT_LE(error(host(gls), l), 1e-6) << "rank " << r;
     EXPECT_NEAR(host(gss).data<double>()[0], s.data<double>()[0], 1e-9 * s.data<double>()[0]);
     // The gradient of rank r's columns (the GPU's rows: the padded ones, or bf16 ones ld apart).
-    Tensor dh = host(gd), got = Tensor::empty({N, v}, bf16 ? DType::kBF16 : DType::kF32);
-    const int64_t ld = bf16 ? v + pad + 8 : v + pad;
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < v; ++c) {
-        if (bf16)
-          got.bf16_data()[i * v + c] = dh.bf16_data()[i * ld + c];
-        else
-          got.data<float>()[i * v + c] = dh.data<float>()[i * ld + c];
-      }
+    const Tensor got = columns_of(host(gd), N, v, bf16 ? v + pad + 8 : v + pad);
     EXPECT_LE(error(got, d), bf16 ? 1.0 / 128 : 1e-5) << "rank " << r;
     // The GPU's own statistics give the same losses.
     Tensor mixed = all.clone();
@@ -182,15 +188,7 @@ void distill_part_matches_the_cpu(bool bf16, int64_t pad) {
                                   temperature, r * v, v);
     EXPECT_LE(error(host(gls), l), 1e-6) << "rank " << r;
     EXPECT_LE(error(host(gkl), kl), 1e-5) << "rank " << r;
-    Tensor dh = host(gd), got = Tensor::empty({N, v}, bf16 ? DType::kBF16 : DType::kF32);
-    const int64_t ld = bf16 ? v + pad + 8 : v + pad;
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < v; ++c) {
-        if (bf16)
-          got.bf16_data()[i * v + c] = dh.bf16_data()[i * ld + c];
-        else
-          got.data<float>()[i * v + c] = dh.data<float>()[i * ld + c];
-      }
+    const Tensor got = columns_of(host(gd), N, v, bf16 ? v + pad + 8 : v + pad);
     EXPECT_LE(error(got, d), bf16 ? 1.0 / 128 : 1e-5) << "rank " << r;
   }
 }

@@ -204,6 +204,7 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     default:
       slots = shard_slots(vshard_, gshard_);
   }
+  offload_ = cfg.offload;
   if (cfg.offload) {
     device_slots_ = slots;
     host_ = Arena::planned(

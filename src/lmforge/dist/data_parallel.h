@@ -148,7 +148,7 @@ class DataParallel final : public GroupHooks {
   // shard in and the new values out (device-to-host and back once the model lives on a GPU;
   // plain copies on the CPU). After the model's values are replaced (a checkpoint load),
   // refresh_master() copies them in again.
-  bool offload() const { return !host_slots_.empty() || host_.capacity() > 0; }
+  bool offload() const { return offload_; }  // (on every rank, even one with nothing to step)
   void refresh_master();
   size_t host_bytes() const { return host_.capacity(); }
   AdamW& optimizer() { return *opt_; }
@@ -249,6 +249,7 @@ class DataParallel final : public GroupHooks {
   WorkPtr slot_work_[2], edge_work_[2];
   bool edges_gathered_ = false;
   Arena host_;  // dist.offload: master values and gradients
+  bool offload_ = false;
   std::vector<OptSlot> host_slots_, device_slots_;
   std::unique_ptr<AdamW> opt_;
 };

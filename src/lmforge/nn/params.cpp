@@ -114,7 +114,7 @@ void ParamSet::assign_values(const Tensor& src) {
   invalidate_bf16();
 }
 
-void ParamSet::use_bf16_master() {
+void ParamSet::use_bf16_master(bool convert) {
   LMF_CHECK(dtype_ == DType::kF32 && has_values() && !bf16_external_,
             "use_bf16_master needs the set's own fp32 values");
   if (master_bf16_) return;
@@ -123,7 +123,7 @@ void ParamSet::use_bf16_master() {
   for (Param& p : params_) p.value_bf16 = Tensor();
   master_bf16_ = true;
   allocate_values();
-  ops::to_bf16(flat_values(), old);
+  if (convert) ops::to_bf16(flat_values(), old);
 }
 
 void ParamSet::enable_bf16() {

@@ -144,8 +144,9 @@ class ParamSet {
   // (ops::adamw_update). The 1-D parameters (norm weights, biases) get fp32 working copies
   // (value_f32, read through Param::fp32()) that sync_bf16() refreshes; the embedding tables are
   // read as bf16 by ops::embedding_forward. Gradients stay fp32. After enable_bf16, before
-  // use_external_bf16.
-  void use_bf16_master();
+  // use_external_bf16. convert = false: the values are not written yet (full-shard's, which
+  // DataParallel makes from a stream): the bf16 buffer is left unwritten too.
+  void use_bf16_master(bool convert = true);
   bool bf16_master() const { return master_bf16_; }
   void invalidate_bf16() { bf16_fresh_ = false; }
   void bf16_refreshed() { bf16_fresh_ = true; }

@@ -155,9 +155,9 @@ class Transformer {
   int64_t graph_launches() const { return graph_.launches; }
   int64_t graph_captures() const { return graph_.captures; }
   // train.master_weights: bf16 (after enable_bf16): the weights themselves in bf16, updated with
-  // stochastic rounding (ParamSet::use_bf16_master).
-  void use_bf16_master() {
-    params_.use_bf16_master();
+  // stochastic rounding (ParamSet::use_bf16_master; convert = false: values not written yet).
+  void use_bf16_master(bool convert = true) {
+    params_.use_bf16_master(convert);
     graph_ = {};
   }
 

@@ -335,7 +335,12 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   base.bf16_master = t.master_weights == "bf16";
   base.reference = (reference && !m.lora.on() && !t.precompute_ref_logps) || teacher;
   base.frozen = teacher ? &*teacher : nullptr;
-  base.frozen_bf16 = teacher_in_bf16(cfg);
+  {  // (these rows without tensor parallelism, whatever the config's)
+    Config one = cfg;
+    one.model = m;
+    one.dist.tensor_parallel = 1;
+    base.frozen_bf16 = teacher_in_bf16(one);
+  }
   // (under LoRA the reference is the policy with its adapters off)
   const bool kl_rows = t.objective == "kto" && t.kto_loss == "kto";
   const int reference_forwards = teacher                                ? 1

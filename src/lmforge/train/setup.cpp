@@ -327,8 +327,11 @@ RunSetup setup_run(Config& cfg) {
       m->enable_bf16();  // the reference computes as the policy does: equal log-likelihoods at 0
       // A distillation teacher, never updated, is held in bf16 alone (its weights rounded once,
       // as Hugging Face trainers load a teacher in the run's dtype): a third of its memory.
+      // (Under full-shard without tensor parallelism the values are not written yet: DataParallel
+      // makes each rank's bf16 shard from the stream, and the whole buffer stays unwritten.)
+      const bool streamed = m == r.model.get() ? bool(r.values) : bool(r.frozen_values);
       if (t.master_weights == "bf16" || (m == r.teacher.get() && teacher_in_bf16(cfg)))
-        m->use_bf16_master();
+        m->use_bf16_master(/*convert=*/!streamed);
     }
     // The reference and the teacher only run forwards: each block keeps its input alone, no
     // backward buffers nor gradients (the same results, bit for bit, in a fraction of the memory).

@@ -185,6 +185,21 @@ __global__ void __launch_bounds__(kXentThreads)
   write_grad_row(d, x, V, y, lse, row_scale ? dloss * row_scale[i] : dloss, z_loss);
 }
 
+// A distillation row's log-sum-exps: of the student's logits x, of x / T and of the teacher's t / T
+// (inv_t = 1 / T); every thread of the block calls it.
+struct DistillLses {
+  double x, x_t, t_t;
+};
+__device__ DistillLses distill_lses(const float* x, const float* t, int64_t V, float inv_t) {
+  DistillLses r;
+  r.x = row_logsumexp(x, V);
+  __syncthreads();
+  r.x_t = row_logsumexp(x, V, inv_t);
+  __syncthreads();
+  r.t_t = row_logsumexp(t, V, inv_t);
+  return r;
+}
+
 // Knowledge distillation: one block per row, as softmax_distill_forward_backward documents.
 template <typename O>
 __global__ void __launch_bounds__(kXentThreads)
@@ -203,11 +218,7 @@ __global__ void __launch_bounds__(kXentThreads)
     return;
   }
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const double lse = row_logsumexp(x, V);
-  __syncthreads();
-  const double lse_s = row_logsumexp(x, V, inv_t);
-  __syncthreads();
-  const double lse_t = row_logsumexp(t, V, inv_t);
+  const auto [lse, lse_s, lse_t] = distill_lses(x, t, V, inv_t);
   double part = 0;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
     const double log_q = t[v] * inv_t - lse_t, log_ps = x[v] * inv_t - lse_s;
@@ -329,11 +340,7 @@ __global__ void __launch_bounds__(kXentThreads)
   const float* x = logits + i * ldx;
   const float* t = teacher + i * ldt;
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const double lse = row_logsumexp(x, V);
-  __syncthreads();
-  const double lse_u = row_logsumexp(x, V, inv_t);
-  __syncthreads();
-  const double lse_q = row_logsumexp(t, V, inv_t);
+  const auto [lse, lse_u, lse_q] = distill_lses(x, t, V, inv_t);
   double part = 0;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
     part += exp(t[v] * inv_t - lse_q) * (static_cast<double>(t[v]) - x[v]) * inv_t;
