@@ -654,19 +654,17 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
         ops::softmax_distill_parallel(losses.slice(r0, R), (own ? kl_ : other_kl_).slice(r0, R), dl,
                                       logits, tl, yr, all, ignore_index_, scales[k], distill_.alpha,
                                       distill_.temperature, vocab_begin_, V);
-        ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
-                             hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());
-        continue;
+      } else {
+        const Tensor mine = stats_.slice(0, R),
+                     all = all_stats_.view({all_stats_.numel()}).slice(0, vocab_ranks_ * R * 3);
+        // (a GPU's chunk has padded rows: the loss takes V of each)
+        ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_, V);
+        vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
+        ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
+                                   ignore_index_, scales[k], z_loss_, vocab_begin_,
+                                   row_scale.defined() ? row_scale.slice(at, R) : Tensor(), V);
+        if (!training) continue;
       }
-      const Tensor mine = stats_.slice(0, R),
-                   all = all_stats_.view({all_stats_.numel()}).slice(0, vocab_ranks_ * R * 3);
-      // (a GPU's chunk has padded rows: the loss takes V of each)
-      ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_, V);
-      vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
-      ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
-                                 ignore_index_, scales[k], z_loss_, vocab_begin_,
-                                 row_scale.defined() ? row_scale.slice(at, R) : Tensor(), V);
-      if (!training) continue;
       ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
                            hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());
     }
