@@ -28,6 +28,20 @@ Tensor columns(const Tensor& m, int64_t c0, int64_t n) {
   return out;
 }
 
+// Rank r's columns d (N, v: fp32, or bf16 within an ulp) of a whole gradient (N, V), each within
+// rel of its value.
+void expect_columns_of(const Tensor& d, const Tensor& whole, int64_t r, double rel) {
+  const int64_t N = whole.size(0), V = whole.size(1), v = d.size(1);
+  const bool bf16 = d.dtype() == DType::kBF16;
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < v; ++c) {
+      const float want = whole.data<float>()[i * V + r * v + c];
+      const float got = bf16 ? bf16_to_fp32(d.bf16_data()[i * v + c]) : d.data<float>()[i * v + c];
+      const double tol = bf16 ? std::abs(want) / 128 + 1e-9 : rel * std::abs(want) + 1e-9;
+      ASSERT_NEAR(got, want, tol) << "rank " << r << " row " << i << " column " << c;
+    }
+}
+
 TEST(VocabParallel, EmbeddingSplitByRowsSumsToTheWhole) {
   const int64_t B = 3, T = 7, C = 24, V = 60, P = 3, v = V / P;
   const Tensor wte = random_normal({V, C}, 1), wpe = random_normal({T, C}, 2),
@@ -103,14 +117,7 @@ void loss_matches_the_whole(bool bf16, double z_loss, bool row_scale) {
           << "rank " << r << " row " << i;
     EXPECT_NEAR(s.data<double>()[0], lse.data<double>()[0], 1e-9 * lse.data<double>()[0]);
     // The gradient of rank r's columns: the whole's within fp32 rounding (bf16: within an ulp).
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < v; ++c) {
-        const float want = grad.data<float>()[i * V + r * v + c];
-        const float got =
-            bf16 ? bf16_to_fp32(d.bf16_data()[i * v + c]) : d.data<float>()[i * v + c];
-        const double tol = bf16 ? std::abs(want) / 128 + 1e-9 : 1e-6 * std::abs(want) + 1e-9;
-        ASSERT_NEAR(got, want, tol) << "rank " << r << " row " << i << " column " << c;
-      }
+    expect_columns_of(d, grad, r, 1e-6);
   }
   // Without dlogits: the losses alone (evaluation).
   Tensor l = Tensor::empty({N}, DType::kF32), s = Tensor::empty({1}, DType::kF64);
@@ -164,14 +171,7 @@ void distill_matches_the_whole(bool bf16, double alpha, double temperature, int6
         EXPECT_EQ(l.data<float>()[i], 0.0f);
       }
     }
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < v; ++c) {
-        const float want = grad.data<float>()[i * V + r * v + c];
-        const float got =
-            bf16 ? bf16_to_fp32(d.bf16_data()[i * v + c]) : d.data<float>()[i * v + c];
-        const double tol = bf16 ? std::abs(want) / 128 + 1e-9 : 2e-6 * std::abs(want) + 1e-9;
-        ASSERT_NEAR(got, want, tol) << "rank " << r << " row " << i << " column " << c;
-      }
+    expect_columns_of(d, grad, r, 2e-6);
   }
   // Without dlogits: the losses alone.
   Tensor l = Tensor::empty({N}, DType::kF32), k = Tensor::empty({N}, DType::kF32);
