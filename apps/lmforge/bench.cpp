@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <vector>
 
 #include "commands.h"
@@ -234,9 +235,20 @@ void add_bench(CLI::App& app) {
     ModelConfig mc = model_preset(o->model);
     mc.lora.rank = o->lora_rank;
     mc.validate();  // the rank
+    // (distill: the teacher as the trainer holds it, in bf16 alone under bf16)
+    const std::optional<ModelConfig> tc =
+        o->objective == "distill"
+            ? std::optional(model_preset(o->teacher.empty() ? o->model : o->teacher))
+            : std::nullopt;
+    if (tc && tc->vocab_size != mc.vocab_size)
+      fail("--teacher: {} has a vocabulary of {}, the model's is {}", o->teacher, tc->vocab_size,
+           mc.vocab_size);
     if (resolve_device(o->device) == Device::kCPU)
-      check_training_fits(
-          mc, {.bf16 = o->precision == "bf16", .bf16_master = o->master_weights == "bf16"});
+      check_training_fits(mc, {.bf16 = o->precision == "bf16",
+                               .bf16_master = o->master_weights == "bf16",
+                               .reference = tc.has_value(),
+                               .frozen = tc ? &*tc : nullptr,
+                               .frozen_bf16 = tc && o->precision == "bf16"});
     Transformer model(mc);
     model.init_weights(1);
     model.to(resolve_device(o->device));
@@ -271,12 +283,8 @@ void add_bench(CLI::App& app) {
     }
     // Distillation: the teacher as the trainer makes it (frozen, planned for forwards only).
     std::unique_ptr<Transformer> teacher;
-    if (o->objective == "distill") {
-      const ModelConfig tc = model_preset(o->teacher.empty() ? o->model : o->teacher);
-      if (tc.vocab_size != mc.vocab_size)
-        fail("--teacher: {} has a vocabulary of {}, the model's is {}", o->teacher, tc.vocab_size,
-             mc.vocab_size);
-      teacher = std::make_unique<Transformer>(tc);
+    if (tc) {
+      teacher = std::make_unique<Transformer>(*tc);
       teacher->init_weights(2);
       teacher->to(model.device());
       if (o->precision == "bf16") {  // (held in bf16 alone, as the trainer holds it)

@@ -200,6 +200,12 @@ TEST(Cli, HelpOnEverySubcommand) {
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
   }
   EXPECT_NE(run_lmforge("frobnicate", dir).exit_code, 0);
+  // bench train's distillation options: a teacher only with it, of the model's vocabulary.
+  expect_one_line_error(run_lmforge("bench train --model gpt2-tiny --teacher gpt2", dir),
+                        {"--teacher", "only with --objective distill"});
+  expect_one_line_error(
+      run_lmforge("bench train --model gpt2-tiny --objective distill --teacher llama3-tiny", dir),
+      {"--teacher", "llama3-tiny", "vocabulary of 128256"});
 }
 
 // Hostile inputs across commands: one line naming the culprit, exit 1, nothing written.
