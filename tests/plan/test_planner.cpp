@@ -44,12 +44,18 @@ TEST(Planner, MeasuredActivationsAreWhatTheModelPlans) {
         }
 }
 
-TEST(Planner, RecommendsTheLeastTrafficThatFits) {
+// gpt2-tiny with this vocabulary at B=4, T=64.
+Config tiny_config(int64_t vocab) {
   Config cfg;
   cfg.model = model_preset("gpt2-tiny");
-  cfg.model.vocab_size = 512;
+  cfg.model.vocab_size = vocab;
   cfg.train.batch_size = 4;
   cfg.train.seq_len = 64;
+  return cfg;
+}
+
+TEST(Planner, RecommendsTheLeastTrafficThatFits) {
+  Config cfg = tiny_config(512);
   PlanOptions o;
   o.ranks = 4;
   o.memory_bytes = 1e12;  // everything fits: no-shard sends the least
@@ -148,11 +154,7 @@ TEST(Planner, CountsADistillationTeacher) {
           dir + "/teacher",
       dir);
   ASSERT_EQ(t.exit_code, 0) << t.err;
-  Config cfg;
-  cfg.model = model_preset("gpt2-tiny");
-  cfg.model.vocab_size = 320;
-  cfg.train.batch_size = 4;
-  cfg.train.seq_len = 64;
+  Config cfg = tiny_config(320);
   PlanOptions o;
   o.ranks = 2;
   o.tflops = 1;
