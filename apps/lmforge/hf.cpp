@@ -1,6 +1,7 @@
 // Hugging Face interop and inspection:
 //   lmforge convert --from-hf DIR --out RUN_DIR     HF model -> weights-only lmforge checkpoint
-//                   [--peft ADAPTER_DIR]             (a PEFT LoRA adapter merged in)
+//                   [--peft ADAPTER_DIR [--keep-adapter]]  (a PEFT LoRA adapter merged in,
+//                                                          or kept as LoRA adapters)
 //   lmforge export --checkpoint PATH --to-hf DIR    lmforge checkpoint -> HF model directory
 //   lmforge info PATH                               architecture, parameters, dtype, tokenizer
 #include "lmforge/models/hf.h"
@@ -77,8 +78,10 @@ void print_tokenizer(const Tokenizer& t) {
              id(t.bos_id()), id(t.eos_id()), t.fingerprint());
 }
 
-// peft (optional): a PEFT LoRA adapter directory merged into the weights.
-void convert(const std::string& from, const std::string& out, const std::string& peft) {
+// peft (optional): a PEFT LoRA adapter directory merged into the weights, or with keep_adapter
+// held as the checkpoint's LoRA adapters (model.lora_*), to train on with init_from.
+void convert(const std::string& from, const std::string& out, const std::string& peft,
+             bool keep_adapter) {
   if (!find_latest_checkpoint(out).empty())
     fail("--out: {} already holds checkpoints; choose a new directory", out);
   HfConfig hc = read_hf_config(from);
@@ -96,18 +99,25 @@ void convert(const std::string& from, const std::string& out, const std::string&
   cfg.model = hc.model;
   cfg.model.preset.clear();
   cfg.init_from = "hf:" + from;
+  if (keep_adapter) cfg.model.lora = peft_lora_config(hc.model, peft);
   Transformer model(cfg.model);
   load_hf_weights(model, from);
-  if (!peft.empty()) {
+  if (keep_adapter)
+    load_peft_adapter(model, peft);
+  else if (!peft.empty())
     merge_peft_adapter(model, peft);
-    cfg.init_from += " + peft:" + peft;  // where the weights came from (informational)
-  }
+  if (!peft.empty()) cfg.init_from += " + peft:" + peft;  // where the weights came from
   TrainState st;
   st.init_from = cfg.init_from;
   std::string dir = save_checkpoint(out, model, nullptr, st, config_to_yaml(cfg), 0, *tok);
   fmt::print("converted {} ({}, {:.1f}M parameters){} -> {}\n", from, hc.model.arch,
              model.params().numel() / 1e6,
-             peft.empty() ? "" : fmt::format(" with the LoRA adapter {} merged", peft), dir);
+             peft.empty() ? ""
+             : keep_adapter
+                 ? fmt::format(" with the LoRA adapter {} (rank {}, alpha {:g}, on {})", peft,
+                               cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets)
+                 : fmt::format(" with the LoRA adapter {} merged", peft),
+             dir);
 }
 
 // A checkpoint in any form (sharded by N ranks or single-file) -> a single-file checkpoint of
@@ -243,7 +253,7 @@ void info(const std::string& path) {
 void add_hf(CLI::App& app) {
   struct Opts {
     std::string from, out, checkpoint, to, peft, merge_peft, dtype = "fp32", shard = "5GB", path;
-    bool force = false;
+    bool force = false, keep_adapter = false;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* c = app.add_subcommand(
@@ -254,16 +264,20 @@ void add_hf(CLI::App& app) {
                 "A checkpoint (e.g. sharded by several ranks): one single-file checkpoint of the "
                 "same step, optimizer and training state")
       ->excludes(hf);
-  c->add_option("--peft", o->merge_peft,
-                "With --from-hf: a PEFT LoRA adapter directory to merge into the weights (as "
-                "PEFT's merge_and_unload)")
-      ->needs(hf);
+  auto* peft = c->add_option("--peft", o->merge_peft,
+                             "With --from-hf: a PEFT LoRA adapter directory to merge into the "
+                             "weights (as PEFT's merge_and_unload)")
+                   ->needs(hf);
+  c->add_flag("--keep-adapter", o->keep_adapter,
+              "With --peft: keep the adapter as the checkpoint's LoRA adapters instead of merging "
+              "it (to train it further with init_from, or export it again with --to-peft)")
+      ->needs(peft);
   c->add_option("--out", o->out, "Run directory to hold the checkpoint")->required();
   c->callback([o] {
     if (!o->checkpoint.empty())
       consolidate(o->checkpoint, o->out);
     else if (!o->from.empty())
-      convert(o->from, o->out, o->merge_peft);
+      convert(o->from, o->out, o->merge_peft, o->keep_adapter);
     else
       fail("convert: give --from-hf DIR or --from-checkpoint DIR");
   });

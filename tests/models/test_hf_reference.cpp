@@ -376,6 +376,82 @@ TEST(HfPeftImport, MergedAdaptersMatchTransformers) {
       "\"use_rslora\" must be true or false");
 }
 
+// `convert --peft --keep-adapter` keeps a PEFT adapter made by hf_models_ref.py (not by lmforge)
+// as the checkpoint's LoRA adapters, each module its own A and B: exported merged they give
+// transformers' logits with the adapter merged, and --to-peft writes the same tensors back. Llama
+// 3's adapter leaves k_proj out (q_proj, v_proj, down_proj; rsLoRA): lmforge's qkv adapter holds
+// k with A = B = 0, which training must leave at 0 (no gradient reaches it) while the others move.
+TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
+  const std::string root = t::temp_dir("hf-peft-keep");
+  std::ofstream(root + "/text.txt") << "In the beginning God created the heaven and the earth.\n";
+  for (const std::string c : {"llama3_peftin", "gpt2_peftin"}) {
+    SCOPED_TRACE(c);
+    const bool llama = c.starts_with("llama");
+    const std::string base = hf_dir(c.substr(0, c.find('_'))), adapter = hf_dir(c) + "/adapter";
+    auto r = t::run_lmforge(
+        "convert --from-hf '" + base + "' --peft '" + adapter + "' --keep-adapter --out " + c,
+        root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    // rsLoRA's alpha / sqrt(r) = 8 / 2 as lmforge's alpha / r; GPT-2's 6 / 2.
+    EXPECT_NE(
+        r.out.find(llama ? "(rank 4, alpha 16, on qkv,down)" : "(rank 2, alpha 6, on qkv,down)"),
+        std::string::npos)
+        << r.out;
+    r = t::run_lmforge("export --checkpoint " + c + " --to-hf merged", root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    Transformer merged(read_hf_config(root + "/merged").model);
+    load_hf_weights(merged, root + "/merged");
+    Safetensors ref = Safetensors::open(hf_dir(c) + "/ref.safetensors");
+    float loss = 0;
+    const Tensor logits = run_logits(merged, ref.get("tokens"), ref.get("targets"), &loss);
+    EXPECT_TRUE(t::tensors_close(c + " kept adapter's logits", logits, ref.get("logits"), kTol));
+    fs::remove_all(root + "/merged");
+
+    // --to-peft gives back the adapter's tensors (k_proj, A = B = 0, left out again).
+    r = t::run_lmforge("export --checkpoint " + c + " --to-peft again", root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    Safetensors in = Safetensors::open(adapter + "/adapter_model.safetensors");
+    Safetensors out = Safetensors::open(root + "/again/adapter_model.safetensors");
+    EXPECT_EQ(in.names().size(), out.names().size());
+    for (const std::string& name : in.names()) {
+      ASSERT_TRUE(out.has(name)) << name;
+      const Tensor a = in.load(name, DType::kF32), b = out.load(name, DType::kF32);
+      ASSERT_TRUE(a.shape() == b.shape()) << name;
+      EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << name;
+    }
+    fs::remove_all(root + "/again");
+
+    // Two steps of training on top of it: the adapted modules' adapters move, k's stay 0.
+    r = t::run_lmforge("train --set init_from=" + c +
+                           " --set data.text=text.txt --set data.val_fraction=0 "
+                           "--set train.steps=2 --set train.batch_size=1 --set train.seq_len=8 "
+                           "--set train.lr=0.01 --set train.eval_every=0 --set run.dir=" +
+                           c + "_ft",
+                       root);
+    ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+    const std::string before = root + "/" + c + "/checkpoints/step-00000000/model.safetensors";
+    const std::string after = root + "/" + c + "_ft/checkpoints/step-00000002/model.safetensors";
+    Safetensors b0 = Safetensors::open(before), b2 = Safetensors::open(after);
+    const ModelConfig mc = read_hf_config(base).model;
+    const int64_t r4 = llama ? 4 : 2, C = mc.n_embd, q = mc.n_head * mc.head_size();
+    for (const char* layer :
+         {"blocks.0.attn.qkv.lora_a", "blocks.0.attn.qkv.lora_b", "blocks.0.mlp.proj.lora_a"}) {
+      const Tensor x0 = b0.load(layer, DType::kF32), x2 = b2.load(layer, DType::kF32);
+      EXPECT_NE(std::memcmp(x0.raw(), x2.raw(), x0.nbytes()), 0) << layer << " trains";
+    }
+    if (llama) {  // k: rows [r, 2r) of qkv's A and B^T's columns [q, q + kv)
+      const int64_t kv = mc.kv_heads() * mc.head_size();
+      const Tensor a = b2.load("blocks.0.attn.qkv.lora_a", DType::kF32);
+      const Tensor bt = b2.load("blocks.0.attn.qkv.lora_b", DType::kF32);
+      ASSERT_EQ(a.size(0), 3 * r4);
+      for (int64_t i = r4 * C; i < 2 * r4 * C; ++i) ASSERT_EQ(a.data<float>()[i], 0.0f) << i;
+      for (int64_t k = 0; k < r4; ++k)
+        for (int64_t o = q; o < q + kv; ++o)
+          ASSERT_EQ(bt.data<float>()[k * bt.size(1) + o], 0.0f) << k << " " << o;
+    }
+  }
+}
+
 // Bad HF directories: one clear error naming the file and the tensor or field.
 TEST(HfBadInput, MissingTensorWrongShapeAndUnsupportedFields) {
   const std::string root = t::temp_dir("hf-bad");

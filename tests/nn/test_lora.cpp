@@ -72,14 +72,16 @@ const Param& param(const Transformer& m, const std::string& name) {
   return m.params().params().front();
 }
 
-// out (M, N) = a (M, K) @ b (K, N) in double, a and b given by element functions.
-template <typename A, typename B>
-std::vector<double> matmul(int64_t M, int64_t K, int64_t N, A a, B b) {
-  std::vector<double> out(M * N, 0.0);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < N; ++j) out[i * N + j] += a(i, k) * b(k, j);
-  return out;
+// The Hugging Face modules a layer ("blocks.0.attn.qkv") holds: their output widths, each with
+// its own A (rows [p r, (p + 1) r) of lora_a) and B (its columns of lora_b).
+std::vector<int64_t> modules_of(const ModelConfig& c, const std::string& layer) {
+  for (auto [suffix, kind] : {std::pair{".attn.qkv", "qkv"},
+                              {".attn.proj", "proj"},
+                              {".mlp.fc", "fc"},
+                              {".mlp.proj", "down"}})
+    if (layer.ends_with(suffix)) return c.lora_pieces(kind);
+  ADD_FAILURE() << "no layer " << layer;
+  return {};
 }
 
 void check_against_merged(const std::string& preset) {
@@ -90,6 +92,7 @@ void check_against_merged(const std::string& preset) {
   randomize_b(lora, 9);
   const double s = lc.lora.scale();
   std::vector<std::string> layers;
+  size_t modules = 0;
   for (Param& p : merged.params().params()) {
     const Param& lp = param(lora, p.name);  // the base weights are the non-LoRA model's
     ASSERT_EQ(std::memcmp(lp.value.raw(), p.value.raw(), p.value.nbytes()), 0) << p.name;
@@ -101,15 +104,26 @@ void check_against_merged(const std::string& preset) {
     layers.push_back(layer);
     const Param& a = param(lora, layer + ".lora_a");
     const Param& b = param(lora, layer + ".lora_b");
-    const int64_t r = a.shape[0], C = a.shape[1], OC = b.shape[1];
+    const std::vector<int64_t> mods = modules_of(lc, layer);
+    modules += mods.size();
+    const int64_t r = b.shape[0], C = a.shape[1], OC = b.shape[1];
+    ASSERT_EQ(a.shape[0], static_cast<int64_t>(mods.size()) * r) << layer;
     const float* A = a.value.data<float>();
     const float* Bt = b.value.data<float>();
-    const auto ba = matmul(
-        OC, r, C, [&](int64_t o, int64_t k) { return Bt[k * OC + o]; },
-        [&](int64_t k, int64_t c) { return A[k * C + c]; });
-    for (int64_t i = 0; i < OC * C; ++i) p.value.data<float>()[i] += static_cast<float>(s * ba[i]);
+    // W' rows of module m: W + s B_m A_m.
+    for (int64_t m = 0, o0 = 0; m < static_cast<int64_t>(mods.size()); o0 += mods[m++])
+      for (int64_t o = o0; o < o0 + mods[m]; ++o)
+        for (int64_t c = 0; c < C; ++c) {
+          double acc = 0;
+          for (int64_t k = 0; k < r; ++k)
+            acc += static_cast<double>(Bt[k * OC + o]) * A[(m * r + k) * C + c];
+          p.value.data<float>()[o * C + c] += static_cast<float>(s * acc);
+        }
   }
   ASSERT_EQ(layers.size(), 4u * lc.n_layer) << "qkv, proj, fc and down of every block";
+  // Llama's q, k, v and gate, up are modules of their own (each its A), GPT-2's c_attn and c_fc
+  // one each.
+  EXPECT_EQ(modules, (preset.starts_with("llama") ? 7u : 4u) * lc.n_layer);
 
   const auto [ll, lm] = train_both(lora, merged, 21);
   EXPECT_NEAR(ll, lm, 2e-6 * std::fabs(lm));
@@ -118,17 +132,20 @@ void check_against_merged(const std::string& preset) {
     const Param& a = param(lora, layer + ".lora_a");
     const Param& b = param(lora, layer + ".lora_b");
     const Param& w = param(merged, layer + ".weight");
-    const int64_t r = a.shape[0], C = a.shape[1], OC = b.shape[1];
+    const std::vector<int64_t> mods = modules_of(lc, layer);
+    const int64_t r = b.shape[0], C = a.shape[1], OC = b.shape[1];
     const float* A = a.value.data<float>();
     const float* Bt = b.value.data<float>();
     const float* dW = w.grad.data<float>();
-    // dA (r, C) = s B^T dW' = s lora_b dW';  d(lora_b) (r, OC) = s (dW' A^T)^T = s A dW'^T.
-    const auto da = matmul(
-        r, OC, C, [&](int64_t k, int64_t o) { return s * Bt[k * OC + o]; },
-        [&](int64_t o, int64_t c) { return dW[o * C + c]; });
-    const auto db = matmul(
-        r, C, OC, [&](int64_t k, int64_t c) { return s * A[k * C + c]; },
-        [&](int64_t c, int64_t o) { return dW[o * C + c]; });
+    // Module m, rows o of W': dA_m (r, C) = s B_m^T dW'_m, d(lora_b)[k, o] = s (A_m dW'_m^T)[k, o].
+    std::vector<double> da(a.shape.numel(), 0.0), db(b.shape.numel(), 0.0);
+    for (int64_t m = 0, o0 = 0; m < static_cast<int64_t>(mods.size()); o0 += mods[m++])
+      for (int64_t o = o0; o < o0 + mods[m]; ++o)
+        for (int64_t k = 0; k < r; ++k)
+          for (int64_t c = 0; c < C; ++c) {
+            da[(m * r + k) * C + c] += s * Bt[k * OC + o] * dW[o * C + c];
+            db[k * OC + o] += s * A[(m * r + k) * C + c] * dW[o * C + c];
+          }
     for (auto [got, want, what] : {std::tuple{&a, &da, "lora_a"}, {&b, &db, "lora_b"}}) {
       double worst = 0, scale = 0;
       for (size_t i = 0; i < want->size(); ++i) {
@@ -195,10 +212,8 @@ TEST(Lora, OnlyAdaptersTrainAndTheExportIsMerged) {
   EXPECT_LT(worst, 1e-4);
 }
 
-// Under bf16 the adapters' products are added into fp32 matmul outputs: the loss and the
-// adapters' gradients stay close to fp32's.
-TEST(Lora, Bf16IsCloseToFp32) {
-  const ModelConfig lc = tiny("gpt2-tiny", 4);
+void check_bf16(const std::string& preset) {
+  const ModelConfig lc = tiny(preset, 4);
   Transformer f32(lc), b16(lc);
   for (Transformer* m : {&f32, &b16}) {
     m->init_weights(2);
@@ -219,6 +234,16 @@ TEST(Lora, Bf16IsCloseToFp32) {
     }
     EXPECT_GT(aa, 0) << a.name;
     EXPECT_LT(std::sqrt(dd / aa), 5e-2) << a.name;
+  }
+}
+
+// Under bf16 the adapters' products are added into fp32 matmul outputs: the loss and the
+// adapters' gradients stay close to fp32's (Llama's layers of several modules too: their B
+// expanded in bf16).
+TEST(Lora, Bf16IsCloseToFp32) {
+  for (const char* preset : {"gpt2-tiny", "llama3-tiny"}) {
+    SCOPED_TRACE(preset);
+    check_bf16(preset);
   }
 }
 

@@ -188,6 +188,13 @@ void softmax_distill_parallel(const Tensor& losses, const Tensor& kl, const Tens
 // b may be bf16 (a residual branch's bf16 matmul output), widened exactly; out and a fp32.
 void add(const Tensor& out, const Tensor& a, const Tensor& b);
 void accumulate(const Tensor& dst, const Tensor& src);
+// A block of one 2-D tensor into another (a fused layer's LoRA adapters, nn/linear.h): the rows
+// [dst_row, dst_row + rows) by columns [dst_col, dst_col + cols) of dst = (or += with
+// accumulate: fp32 or fp64) the block of src of that size at (src_row, src_col). Same dtype and
+// device; any dtype when copying.
+void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tensor& src,
+                int64_t src_row, int64_t src_col, int64_t rows, int64_t cols,
+                bool accumulate = false);
 void scale(const Tensor& x, double s);
 // y = a y + b x, elementwise.
 void axpby(const Tensor& y, double a, const Tensor& x, double b);

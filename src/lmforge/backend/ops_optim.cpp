@@ -1,7 +1,10 @@
 // Conversions, elementwise arithmetic, squared norms and the AdamW update: the ops over whole
 // buffers (parameters, gradients, optimizer state).
+#include <cstring>
+
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/cuda/matmul.h"
+#include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/backend/dispatch.h"
 #include "lmforge/backend/ops.h"
 #include "lmforge/core/stochastic_round.h"
@@ -74,6 +77,52 @@ void accumulate(const Tensor& dst, const Tensor& src) {
         cpu::accumulate<T>(ptr<T>(dst), cptr<T>(src), src.numel());
       },
       LMF_GPU(cuda::accumulate(ptr<float>(dst), cptr<float>(src), src.numel())));
+}
+
+void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tensor& src,
+                int64_t src_row, int64_t src_col, int64_t rows, int64_t cols, bool accumulate) {
+  same_device("copy_block", dst, {&src});
+  LMF_CHECK(dst.ndim() == 2 && src.ndim() == 2 && dst.dtype() == src.dtype(),
+            "copy_block: 2-D tensors of one dtype, got {} {} and {} {}", dst.shape().str(),
+            dtype_name(dst.dtype()), src.shape().str(), dtype_name(src.dtype()));
+  LMF_CHECK(rows >= 0 && cols >= 0 && dst_row >= 0 && dst_col >= 0 && src_row >= 0 &&
+                src_col >= 0 && dst_row + rows <= dst.size(0) && dst_col + cols <= dst.size(1) &&
+                src_row + rows <= src.size(0) && src_col + cols <= src.size(1),
+            "copy_block: a {}x{} block at ({}, {}) of {} from ({}, {}) of {}", rows, cols, dst_row,
+            dst_col, dst.shape().str(), src_row, src_col, src.shape().str());
+  LMF_CHECK(!accumulate || dst.dtype() == DType::kF32 || dst.dtype() == DType::kF64,
+            "copy_block: accumulates fp32 or fp64, got {}", dtype_name(dst.dtype()));
+  const int64_t ldd = dst.size(1), lds = src.size(1);
+  const size_t es = dtype_size(dst.dtype());
+  if (rows == 0 || cols == 0) return;
+  dispatch_device(
+      "copy_block", dst,
+      [&] {
+        auto* d = static_cast<char*>(dst.raw()) + (dst_row * ldd + dst_col) * es;
+        const auto* s = static_cast<const char*>(src.raw()) + (src_row * lds + src_col) * es;
+        for (int64_t r = 0; r < rows; ++r) {
+          char* dr = d + r * ldd * es;
+          const char* sr = s + r * lds * es;
+          auto add = [&](auto* to, const auto* from) {
+            for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
+          };
+          if (!accumulate)
+            std::memcpy(dr, sr, cols * es);
+          else if (dst.dtype() == DType::kF32)
+            add(reinterpret_cast<float*>(dr), reinterpret_cast<const float*>(sr));
+          else
+            add(reinterpret_cast<double*>(dr), reinterpret_cast<const double*>(sr));
+        }
+      },
+      LMF_GPU({
+        auto* d = static_cast<char*>(dst.raw()) + (dst_row * ldd + dst_col) * es;
+        const auto* s = static_cast<const char*>(src.raw()) + (src_row * lds + src_col) * es;
+        if (!accumulate)
+          cuda::memcpy_2d(d, ldd * es, s, lds * es, cols * es, rows);
+        else
+          cuda::accumulate_block(reinterpret_cast<float*>(d), ldd,
+                                 reinterpret_cast<const float*>(s), lds, rows, cols);
+      }));
 }
 
 void scale(const Tensor& x, double s) {

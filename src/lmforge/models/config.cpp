@@ -71,15 +71,31 @@ bool LoraConfig::targets_layer(const std::string& layer) const {
   return false;
 }
 
+std::vector<int64_t> ModelConfig::lora_pieces(const std::string& layer) const {
+  const bool fused = arch == "gpt2" || arch == "phi3";  // HF's own fused modules
+  const int64_t q = n_head * head_size(), kv = kv_heads() * head_size();
+  if (layer == "qkv") return fused ? std::vector<int64_t>{qkv_dim()} : std::vector{q, kv, kv};
+  if (layer == "fc") {
+    if (mlp != "swiglu") return {ffn()};
+    return fused ? std::vector<int64_t>{2 * ffn()} : std::vector{ffn(), ffn()};
+  }
+  if (layer == "proj") return {n_embd};
+  LMF_CHECK(layer == "down", "no layer {}", layer);
+  return {n_embd};
+}
+
 int64_t ModelConfig::lora_params() const {
   if (!lora.on()) return 0;
   const int64_t C = n_embd, r = lora.rank;
-  const int64_t fc_out = mlp == "swiglu" ? 2 * ffn() : ffn();
   int64_t per_block = 0;
-  if (lora.targets_layer("qkv")) per_block += r * (C + qkv_dim());
-  if (lora.targets_layer("proj")) per_block += r * (n_head * head_size() + C);
-  if (lora.targets_layer("fc")) per_block += r * (C + fc_out);
-  if (lora.targets_layer("down")) per_block += r * (ffn() + C);
+  // Each module its A (r, in) and B (out, r).
+  for (auto [layer, in] : {std::pair<const char*, int64_t>{"qkv", C},
+                           {"proj", n_head * head_size()},
+                           {"fc", C},
+                           {"down", ffn()}}) {
+    if (!lora.targets_layer(layer)) continue;
+    for (int64_t out : lora_pieces(layer)) per_block += r * (in + out);
+  }
   return n_layer * per_block;
 }
 

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace lmforge {
 
@@ -25,9 +26,10 @@ struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
 };
 
 // Low-rank adapters (LoRA, Hu et al. 2021) on the linear layers of every block named in
-// `targets` (lmforge's layers: qkv, proj, fc, down; docs/config.md maps them to HF's): the layer
-// computes W x + b + (alpha / rank) B (A x) with A (rank, in) and B (out, rank), B starting at 0,
-// and only the adapters train: every other parameter is frozen. rank 0 = off.
+// `targets` (lmforge's layers: qkv, proj, fc, down; docs/config.md maps them to HF's): each
+// Hugging Face module a layer holds (ModelConfig::lora_pieces) computes W x + b + (alpha / rank)
+// B (A x) with its own A (rank, in) and B (out, rank), B starting at 0, as PEFT's adapters on
+// those modules; only the adapters train: every other parameter is frozen. rank 0 = off.
 struct LoraConfig {
   int64_t rank = 0;
   double alpha = 16;
@@ -73,6 +75,11 @@ struct ModelConfig {
   // those.
   int64_t num_params() const;
   int64_t lora_params() const;
+  // The output widths of the Hugging Face modules a layer of a block holds ("qkv", "proj", "fc",
+  // "down"), in order: each has its own LoRA A. Llama's qkv is q_proj, k_proj and v_proj, its fc
+  // gate_proj and up_proj; GPT-2's c_attn and c_fc and Phi-3's qkv_proj and gate_up_proj are one
+  // module each, as proj and down are everywhere (models/hf.h hf_pieces splits alike).
+  std::vector<int64_t> lora_pieces(const std::string& layer) const;
   // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
   // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head.
   double flops_per_token(int64_t T) const;

@@ -68,7 +68,7 @@ void save_hf_model(const Transformer& model, const Tokenizer* tokenizer, const s
 // base_model_name_or_path = base_model or null) and adapter_model.safetensors with PEFT's keys
 // "base_model.model.<HF module>.lora_A.weight" (r, in) and ".lora_B.weight" (out, r). A fused
 // lmforge layer that is several HF modules (Llama's qkv: q_proj, k_proj, v_proj; fc: gate_proj,
-// up_proj) gives each its rows of B and the shared A: the same products. For
+// up_proj) gives each its own A and its rows of B. For
 // peft.PeftModel.from_pretrained on the base model (the init_from source, or save_hf_model with
 // merge_lora false).
 void save_peft_adapter(const Transformer& model, const std::string& dir,
@@ -80,5 +80,14 @@ void save_peft_adapter(const Transformer& model, const std::string& dir,
 // cannot merge exactly (DoRA, trained biases or extra modules, per-module ranks, embedding
 // adapters, a module or shape this base model lacks).
 void merge_peft_adapter(Transformer& model, const std::string& dir);
+// The LoRA adapters that hold a PEFT adapter directory as it is (load_peft_adapter), on the
+// base model of architecture `base`: its r, an alpha giving PEFT's scaling (rsLoRA's too), and
+// the lmforge layers any of whose modules it adapts. Error as merge_peft_adapter.
+LoraConfig peft_lora_config(const ModelConfig& base, const std::string& dir);
+// Writes a PEFT adapter directory into the model's LoRA adapters (a model made with
+// peft_lora_config's, its base weights loaded apart): each module's A and B exactly; a module
+// of an adapted layer that the adapter leaves out gets A = B = 0, which training keeps at 0 (no
+// gradient reaches either), so it stays without an adapter as in PEFT.
+void load_peft_adapter(Transformer& model, const std::string& dir);
 
 }  // namespace lmforge

@@ -1,6 +1,7 @@
 // Hugging Face checkpoints' weights (models/hf.h): where each lmforge parameter lies in HF's
 // tensors (hf_pieces), loading them (whole or one parameter at a time), the export and PEFT
 // adapters. config.json's mapping is in hf.cpp.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -157,8 +158,10 @@ void load_hf_weights(Transformer& model, const std::string& dir) {
 }
 
 namespace {
-// p's fp32 value on the host, with a LoRA adapter merged in: W + s B A (lora_b holds B^T).
-Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
+// p's fp32 value on the host, with its LoRA adapters merged in: W + s B A for each module
+// (rows of W) with its own A (lora_a's rows [k r, (k + 1) r) for module k) and B (its columns of
+// lora_b, which holds B^T).
+Tensor merged_value(const ModelConfig& m, const ParamSet& ps, const Param& p, double scale) {
   Tensor w = p.value.dtype() == DType::kF32 ? p.value.clone() : p.value.to(DType::kF32);
   if (!p.name.ends_with(".weight")) return w;
   const std::string layer = p.name.substr(0, p.name.size() - 7);
@@ -169,7 +172,14 @@ Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
   }
   if (!a || !b) return w;
   const Tensor af = a->value.to(DType::kF32), bf = b->value.to(DType::kF32);
-  const int64_t r = a->shape[0], C = a->shape[1], OC = b->shape[1];
+  const int64_t r = b->shape[0], C = a->shape[1], OC = b->shape[1];
+  std::vector<int64_t> first_row(OC);  // of A, for each row of W: its module's
+  const std::vector<HfPiece> pieces = hf_pieces(m, p.name, OC);
+  LMF_CHECK(static_cast<int64_t>(pieces.size()) * r == a->shape[0], "{}: {} modules, A {}", a->name,
+            pieces.size(), a->shape.str());
+  for (size_t k = 0; k < pieces.size(); ++k)
+    for (int64_t o = pieces[k].row0; o < pieces[k].row0 + pieces[k].rows; ++o)
+      first_row[o] = static_cast<int64_t>(k) * r;
   const float* A = af.data<float>();
   const float* Bt = bf.data<float>();
   float* W = w.data<float>();
@@ -177,7 +187,8 @@ Tensor merged_value(const ParamSet& ps, const Param& p, double scale) {
   for (int64_t o = 0; o < OC; ++o)
     for (int64_t c = 0; c < C; ++c) {
       double acc = 0;
-      for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(Bt[k * OC + o]) * A[k * C + c];
+      for (int64_t k = 0; k < r; ++k)
+        acc += static_cast<double>(Bt[k * OC + o]) * A[(first_row[o] + k) * C + c];
       W[o * C + c] += static_cast<float>(scale * acc);
     }
   return w;
@@ -195,7 +206,8 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
     if (is_lora_param(p.name)) continue;  // merged into their layers' weights, or left out
     const int64_t rows = p.value.size(0), cols = p.value.numel() / rows;
     // fp32 (bf16 master weights widened), LoRA merged.
-    const Tensor value = m.lora.on() && merge_lora ? merged_value(model.params(), p, m.lora.scale())
+    const Tensor value = m.lora.on() && merge_lora
+                             ? merged_value(m, model.params(), p, m.lora.scale())
                          : p.value.dtype() == DType::kF32 ? p.value
                                                           : p.value.to(DType::kF32);
     for (const HfPiece& piece : hf_pieces(m, p.name, rows)) {
@@ -221,9 +233,17 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   if (tok) export_hf_tokenizer(*tok, dir);
 }
 
-void merge_peft_adapter(Transformer& model, const std::string& dir) {
+namespace {
+
+// A PEFT LoRA adapter directory whose adapter_config.json asks only for what lmforge computes.
+struct PeftAdapter {
+  std::string weights;  // adapter_model.safetensors
+  int64_t r = 0;
+  double scale = 0;  // PEFT's LoraLayer scaling: lora_alpha / r, or lora_alpha / sqrt(r) (rsLoRA)
+};
+
+PeftAdapter read_peft_adapter(const std::string& dir) {
   const fs::path cfg_path = fs::path(dir) / "adapter_config.json";
-  const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
   std::ifstream in(cfg_path);
   if (!in)
     fail(
@@ -248,7 +268,7 @@ void merge_peft_adapter(Transformer& model, const std::string& dir) {
     return c[k].get<bool>();
   };
   if (!c.contains("peft_type") || c["peft_type"] != "LORA")
-    refuse("peft_type", "lmforge merges LoRA adapters");
+    refuse("peft_type", "lmforge takes LoRA adapters");
   if (!c.contains("r") || !c["r"].is_number_integer() || c["r"].get<int64_t>() < 1)
     fail("{}: \"r\" must be a positive integer", where);
   if (!c.contains("lora_alpha") || !c["lora_alpha"].is_number())
@@ -268,48 +288,62 @@ void merge_peft_adapter(Transformer& model, const std::string& dir) {
   for (const char* k :
        {"modules_to_save", "layers_to_transform", "layers_pattern", "layer_replication"})
     if (c.contains(k) && !c[k].is_null() && !(c[k].is_array() && c[k].empty()))
-      refuse(k, "only LoRA's A and B of the base model's own layers are merged");
+      refuse(k, "only LoRA's A and B of the base model's own layers are taken");
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (c.contains(k) && !c[k].is_null() && !(c[k].is_object() && c[k].empty()))
       refuse(k, "one rank and alpha for every module");
-  const int64_t r = c["r"].get<int64_t>();
+  PeftAdapter a;
+  a.weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  a.r = c["r"].get<int64_t>();
   const double alpha = c["lora_alpha"].get<double>();
-  // PEFT's LoraLayer scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
-  const double scale = flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+  a.scale = flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(a.r)) : alpha / a.r;
+  if (!fs::exists(a.weights)) fail("{}: no such file; a PEFT adapter needs it", a.weights);
+  return a;
+}
 
-  // HF module -> the rows of the lmforge parameter that hold its weight.
+// One module's adapter in the file, A (r, in) and B (out, r) as stored, and where it lands: the
+// rows [row0, row0 + rows) of an lmforge weight, module `piece` of that layer's hf_pieces.
+struct PeftModule {
+  Tensor a, b;
+  Param* weight;
+  int64_t piece, row0, rows;
+};
+
+// Every module of the adapter's file matched to the model's weights (its LoRA adapters' own
+// parameters aside); Error naming the file and tensor for one that does not fit.
+std::vector<PeftModule> peft_modules(Transformer& model, const PeftAdapter& ad) {
   const ModelConfig& m = model.config();
   struct Target {
     Param* param;
-    int64_t row0, rows;
+    int64_t piece, row0, rows;
   };
   std::map<std::string, Target> targets;
   for (Param& p : model.params().params()) {
-    if (is_lora_param(p.name) || p.value.ndim() != 2) continue;
-    for (const HfPiece& piece : hf_pieces(m, p.name, p.value.size(0)))
-      if (piece.name.ends_with(".weight"))
-        targets[piece.name.substr(0, piece.name.size() - 7)] = {&p, piece.row0, piece.rows};
+    if (is_lora_param(p.name) || p.shape.ndim() != 2) continue;
+    const std::vector<HfPiece> pieces = hf_pieces(m, p.name, p.shape[0]);
+    for (size_t k = 0; k < pieces.size(); ++k)
+      if (pieces[k].name.ends_with(".weight"))
+        targets[pieces[k].name.substr(0, pieces[k].name.size() - 7)] = {
+            &p, static_cast<int64_t>(k), pieces[k].row0, pieces[k].rows};
   }
-  if (!fs::exists(weights)) fail("{}: no such file; a PEFT adapter needs it", weights);
-  Safetensors st = Safetensors::open(weights);
-  model.params().invalidate_bf16();
-  int merged = 0;
+  Safetensors st = Safetensors::open(ad.weights);
+  std::vector<PeftModule> out;
   const std::string prefix = "base_model.model.", a_suffix = ".lora_A.weight",
                     b_suffix = ".lora_B.weight";
   for (const std::string& key : st.names()) {
-    if (key.ends_with(b_suffix)) {  // merged with its A
+    if (key.ends_with(b_suffix)) {  // taken with its A
       const std::string a_key = key.substr(0, key.size() - b_suffix.size()) + a_suffix;
-      if (!st.has(a_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, a_key);
+      if (!st.has(a_key)) fail("{}: \"{}\" has no \"{}\"", ad.weights, key, a_key);
       continue;
     }
     if (!key.starts_with(prefix) || !key.ends_with(a_suffix))
       fail(
           "{}: tensor \"{}\" is not a LoRA A or B of a linear layer (embedding adapters and "
           "trained extras are not supported)",
-          weights, key);
+          ad.weights, key);
     std::string module = key.substr(prefix.size(), key.size() - prefix.size() - a_suffix.size());
     const std::string b_key = prefix + module + b_suffix;
-    if (!st.has(b_key)) fail("{}: \"{}\" has no \"{}\"", weights, key, b_key);
+    if (!st.has(b_key)) fail("{}: \"{}\" has no \"{}\"", ad.weights, key, b_key);
     auto it = targets.find(module);
     if (it == targets.end() && module.starts_with("transformer."))  // Hub GPT-2's naming
       it = targets.find(module.substr(12));
@@ -317,29 +351,102 @@ void merge_peft_adapter(Transformer& model, const std::string& dir) {
       it = targets.find("transformer." + module);
     if (it == targets.end())
       fail("{}: module \"{}\" is no linear layer of this {} model; is the adapter for this base?",
-           weights, module, m.arch);
+           ad.weights, module, m.arch);
     const Target& t = it->second;
-    const Tensor a = st.load(key, DType::kF32), b = st.load(b_key, DType::kF32);
-    const int64_t cols = t.param->value.size(1);
+    Tensor a = st.load(key, DType::kF32), b = st.load(b_key, DType::kF32);
+    const int64_t cols = t.param->shape[1], r = ad.r;
+    // lmforge keeps every weight as (out, in), so PEFT's fan_in_fan_out (GPT-2's Conv1D, stored
+    // (in, out)) needs no transpose: A and B are (r, in) and (out, r) either way.
     if (!(a.shape() == Shape{r, cols}) || !(b.shape() == Shape{t.rows, r}))
       fail("{}: \"{}\" is {} and its B {}, expected {} and {} (r = {}) for this base model",
-           weights, key, a.shape().str(), b.shape().str(), Shape{r, cols}.str(),
+           ad.weights, key, a.shape().str(), b.shape().str(), Shape{r, cols}.str(),
            Shape{t.rows, r}.str(), r);
-    // W (out, in) += scale B A: lmforge keeps every weight as (out, in), so PEFT's fan_in_fan_out
-    // (GPT-2's Conv1D, stored (in, out)) needs no transpose here.
-    const float* A = a.data<float>();
-    const float* B = b.data<float>();
-    float* W = t.param->value.data<float>() + t.row0 * cols;
+    out.push_back({std::move(a), std::move(b), t.param, t.piece, t.row0, t.rows});
+  }
+  if (out.empty()) fail("{}: holds no LoRA weights", ad.weights);
+  return out;
+}
+
+// The lmforge layer kind ("qkv", "proj", "fc", "down") of a block's weight.
+std::string layer_kind(const std::string& weight) {
+  for (auto [suffix, kind] : {std::pair{".attn.qkv.weight", "qkv"},
+                              {".attn.proj.weight", "proj"},
+                              {".mlp.fc.weight", "fc"},
+                              {".mlp.proj.weight", "down"}})
+    if (weight.ends_with(suffix)) return kind;
+  return "";
+}
+
+}  // namespace
+
+void merge_peft_adapter(Transformer& model, const std::string& dir) {
+  const PeftAdapter ad = read_peft_adapter(dir);
+  model.params().invalidate_bf16();
+  for (const PeftModule& mod : peft_modules(model, ad)) {
+    const int64_t cols = mod.weight->shape[1], r = ad.r;
+    const float* A = mod.a.data<float>();
+    const float* B = mod.b.data<float>();
+    float* W = mod.weight->value.data<float>() + mod.row0 * cols;
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < t.rows; ++o)
+    for (int64_t o = 0; o < mod.rows; ++o)
       for (int64_t i = 0; i < cols; ++i) {
         double acc = 0;
         for (int64_t k = 0; k < r; ++k) acc += static_cast<double>(B[o * r + k]) * A[k * cols + i];
-        W[o * cols + i] += static_cast<float>(scale * acc);
+        W[o * cols + i] += static_cast<float>(ad.scale * acc);
       }
-    ++merged;
   }
-  if (merged == 0) fail("{}: holds no LoRA weights", weights);
+}
+
+LoraConfig peft_lora_config(const ModelConfig& base, const std::string& dir) {
+  const PeftAdapter ad = read_peft_adapter(dir);
+  ModelConfig m = base;
+  m.lora = {};
+  Transformer layout(m, Transformer::MeasureOnly{});
+  std::set<std::string> kinds;
+  for (const PeftModule& mod : peft_modules(layout, ad)) {
+    const std::string kind = layer_kind(mod.weight->name);
+    LMF_CHECK(!kind.empty(), "PEFT module on {}", mod.weight->name);
+    kinds.insert(kind);
+  }
+  LoraConfig lc;
+  lc.rank = ad.r;
+  lc.alpha = ad.scale * static_cast<double>(ad.r);  // lmforge's scale is alpha / r
+  lc.targets.clear();
+  for (const char* kind : {"qkv", "proj", "fc", "down"})  // lmforge's order
+    if (kinds.count(kind)) lc.targets += std::string(lc.targets.empty() ? "" : ",") + kind;
+  return lc;
+}
+
+void load_peft_adapter(Transformer& model, const std::string& dir) {
+  const PeftAdapter ad = read_peft_adapter(dir);
+  const ModelConfig& m = model.config();
+  LMF_CHECK(m.lora.rank == ad.r, "load_peft_adapter: the model's LoRA rank {}, the adapter's {}",
+            m.lora.rank, ad.r);
+  std::map<std::string, Param*> by_name;
+  for (Param& p : model.params().params()) by_name[p.name] = &p;
+  // Every adapter parameter starts at 0: a module the adapter leaves out (Llama's k_proj when it
+  // targets q_proj and v_proj) keeps A = B = 0, where training leaves it (no gradient reaches
+  // either), so it stays absent, as in PEFT.
+  for (Param& p : model.params().params())
+    if (is_lora_param(p.name)) p.value.zero_();
+  for (const PeftModule& mod : peft_modules(model, ad)) {
+    const std::string layer = mod.weight->name.substr(0, mod.weight->name.size() - 7);
+    auto a = by_name.find(layer + ".lora_a"), b = by_name.find(layer + ".lora_b");
+    if (a == by_name.end() || b == by_name.end())
+      fail("{}: the adapter has {} but the model has no LoRA adapters on {}", ad.weights,
+           mod.weight->name, layer);
+    const int64_t r = ad.r, cols = mod.weight->shape[1], OC = b->second->shape[1];
+    LMF_CHECK(a->second->value.dtype() == DType::kF32 && a->second->shape[1] == cols,
+              "load_peft_adapter: {}", a->second->name);
+    // A: rows [piece r, (piece + 1) r) of lora_a; B (rows, r): columns [row0, row0 + rows) of
+    // lora_b (B^T).
+    std::copy(mod.a.data<float>(), mod.a.data<float>() + r * cols,
+              a->second->value.data<float>() + mod.piece * r * cols);
+    float* bt = b->second->value.data<float>();
+    for (int64_t o = 0; o < mod.rows; ++o)
+      for (int64_t k = 0; k < r; ++k) bt[k * OC + mod.row0 + o] = mod.b.data<float>()[o * r + k];
+  }
+  model.params().invalidate_bf16();
 }
 
 void save_peft_adapter(const Transformer& model, const std::string& dir,
@@ -361,18 +468,30 @@ void save_peft_adapter(const Transformer& model, const std::string& dir,
     const std::string layer = a.name.substr(0, a.name.size() - 7);
     const Param& b = find(layer + ".lora_b");
     const Param& w = find(layer + ".weight");
-    const Tensor af = a.value.to(DType::kF32), bt = b.value.to(DType::kF32);  // (r, in), (r, out)
-    const int64_t r = a.shape[0], out = b.shape[1];
-    for (const HfPiece& piece : hf_pieces(m, w.name, w.shape[0])) {
+    // (P r, in): each module's A; (r, out): B^T, each module's in its columns
+    const Tensor af = a.value.to(DType::kF32), bt = b.value.to(DType::kF32);
+    const int64_t r = b.shape[0], out = b.shape[1];
+    const std::vector<HfPiece> pieces = hf_pieces(m, w.name, w.shape[0]);
+    LMF_CHECK(static_cast<int64_t>(pieces.size()) * r == a.shape[0], "{}: {} modules, A {}", a.name,
+              pieces.size(), a.shape.str());
+    for (size_t j = 0; j < pieces.size(); ++j) {
+      const HfPiece& piece = pieces[j];
       conv1d = conv1d || piece.transpose;
       const std::string module = piece.name.substr(0, piece.name.rfind(".weight"));
       Tensor bp = Tensor::empty({piece.rows, r}, DType::kF32);  // B's rows of this module
       for (int64_t i = 0; i < piece.rows; ++i)
         for (int64_t k = 0; k < r; ++k)
           bp.data<float>()[i * r + k] = bt.data<float>()[k * out + piece.row0 + i];
+      const Tensor ap = af.slice(static_cast<int64_t>(j) * r, r).clone();
+      // A module with A = B = 0 has no adapter (load_peft_adapter: one the imported adapter left
+      // out, which training keeps at 0): left out again.
+      auto zero = [](const Tensor& t) {
+        const float* v = t.data<float>();
+        return std::all_of(v, v + t.numel(), [](float x) { return x == 0.0f; });
+      };
+      if (zero(ap) && zero(bp)) continue;
       const std::string key = "base_model.model." + module;
-      tensors.emplace_back(key + ".lora_A.weight",
-                           dtype == DType::kF32 ? af.clone() : af.to(dtype));
+      tensors.emplace_back(key + ".lora_A.weight", dtype == DType::kF32 ? ap : ap.to(dtype));
       tensors.emplace_back(key + ".lora_B.weight", dtype == DType::kF32 ? bp : bp.to(dtype));
       // PEFT matches target_modules as suffixes of the module names: the last two components
       // tell GPT-2's attn.c_proj from its mlp.c_proj.

@@ -1,11 +1,42 @@
 #include "lmforge/nn/block.h"
 
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
 namespace lmforge {
 
 namespace {
 // bf16 mixed precision (train.precision: bf16): the matmul weights have bf16 copies
 // (ParamSet::enable_bf16), and attention may then run in bf16 as well (ops::attention_forward).
 bool bf16_run(const Linear& l) { return l.weight->value_bf16.defined(); }
+
+// The block's layers with LoRA adapters: their (in, out) and modules (ModelConfig::lora_pieces).
+struct LoraLayer {
+  int64_t in, out;
+  std::vector<int64_t> pieces;
+};
+std::vector<LoraLayer> lora_layers(const ModelConfig& c) {
+  std::vector<LoraLayer> out;
+  const int64_t C = c.n_embd, F = c.ffn();
+  for (auto [name, in, o] : {std::tuple<const char*, int64_t, int64_t>{"qkv", C, c.qkv_dim()},
+                             {"proj", c.n_head * c.head_size(), C},
+                             {"fc", C, c.mlp == "swiglu" ? 2 * F : F},
+                             {"down", F, C}})
+    if (c.lora.targets_layer(name)) out.push_back({in, o, c.lora_pieces(name)});
+  return out;
+}
+// The adapters' scratch a block needs: the most columns of t (P r), and the most elements of a
+// block-diagonal B expansion (P r OC, layers of several modules; 0: none).
+std::pair<int64_t, int64_t> lora_scratch(const ModelConfig& c) {
+  int64_t width = 0, expansion = 0;
+  for (const LoraLayer& l : lora_layers(c)) {
+    const auto P = static_cast<int64_t>(l.pieces.size());
+    width = std::max(width, P * c.lora.rank);
+    if (P > 1) expansion = std::max(expansion, P * c.lora.rank * l.out);
+  }
+  return {width, expansion};
+}
 }  // namespace
 
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
@@ -21,7 +52,11 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   datt = a.alloc({B, T, c.n_head * c.head_size()}, att);
   dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
-  if (c.lora.on()) dlora = a.alloc({B * T, c.lora.rank});
+  if (c.lora.on()) {
+    const auto [width, expansion] = lora_scratch(c);
+    dlora = a.alloc({B * T, width});
+    if (expansion > 0) dlora_b = a.alloc({expansion});
+  }
 }
 
 void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
@@ -32,14 +67,16 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   auto rank = [&](const char* layer) { return c.lora.targets_layer(layer) ? c.lora.rank : 0; };
   const double s = c.lora.on() ? c.lora.scale() : 0;
   norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias);
-  qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s);
+  qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s,
+              c.lora_pieces("qkv"));
   if (c.qk_norm) {
     q_norm = ps.add(p + ".attn.q_norm.weight", {c.head_size()}, false);
     k_norm = ps.add(p + ".attn.k_norm.weight", {c.head_size()}, false);
   }
   proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s);
   norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias);
-  fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias, rank("fc"), s);
+  fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias, rank("fc"), s,
+             c.lora_pieces("fc"));
   down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s);
 }
 
@@ -69,6 +106,8 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
     s.n_full = a.alloc({B * row_shards(), T, C}, matmul_input_dtype);
     s.full = a.alloc({B * row_shards(), T, C});
   }
+  if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0)
+    s.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
   if (mode == Recompute::kFull) {
     plan(a, s, B, T, Recompute::kNone, &s);
     return;
@@ -90,9 +129,12 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     x.x_out = a.alloc({B, T, C});
     return;
   }
-  if (shared) {  // sequence parallelism's group-row buffers (see plan_shared)
+  if (shared) {  // sequence parallelism's group-row buffers, LoRA's B (see plan_shared)
     x.n_full = shared->n_full;
     x.full = shared->full;
+    x.lora_b_full = shared->lora_b_full;
+  } else if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0) {
+    x.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
   }
   // Sequence parallelism: attention and the MLP run on the group's rows.
   const int64_t G = B * row_shards();
@@ -136,7 +178,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
                       {&proj, &Acts::t_proj},
                       {&fc, &Acts::t_fc},
                       {&down, &Acts::t_down}})
-    if (l->has_lora()) x.*t = a.alloc({G * T, l->lora_rank()});  // (x A^T: the group's rows)
+    if (l->has_lora()) x.*t = a.alloc({G * T, l->lora_width()});  // (x A^T: the group's rows)
 }
 
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
@@ -146,10 +188,10 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   // parallelism (this rank's rows of the group's under sequence parallelism).
   auto row_forward = [&](const Linear& l, const Tensor& in, const Tensor& t, const Tensor& out) {
     if (sp) {
-      l.forward(a.full, in, t);
+      l.forward(a.full, in, t, a.lora_b_full);
       partial->sum_scatter(a.full, out);
     } else {
-      l.forward(out, in, t);
+      l.forward(out, in, t, a.lora_b_full);
       if (partial) partial->sum(out);
     }
   };
@@ -157,11 +199,11 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   if (sp) partial->gather(a.n1_out, a.n_full);
   const Tensor& in1 = sp ? a.n_full : a.n1_out;
   if (cfg.qk_norm) {
-    qkv.forward(a.qkv_raw, in1, a.t_qkv);
+    qkv.forward(a.qkv_raw, in1, a.t_qkv, a.lora_b_full);
     ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
                          NKV, cfg.norm_eps);
   } else {
-    qkv.forward(a.qkv, in1, a.t_qkv);
+    qkv.forward(a.qkv, in1, a.t_qkv, a.lora_b_full);
   }
   if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
@@ -170,7 +212,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
   if (sp) partial->gather(a.n2_out, a.n_full);
-  fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc);
+  fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc, a.lora_b_full);
   if (cfg.mlp == "swiglu")
     ops::swiglu_forward(a.act, a.fc_out);
   else
@@ -193,10 +235,10 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
                              const Tensor& t) {
     if (sp) {
       partial->gather(in, a.n_full);
-      l.backward(a.full, dout, a.n_full, t, s.dlora, false);
+      l.backward(a.full, dout, a.n_full, t, s.dlora, false, a.lora_b_full, s.dlora_b);
       partial->sum_scatter(a.full, s.dnorm);
     } else {
-      l.backward(s.dnorm, dout, in, t, s.dlora, false);
+      l.backward(s.dnorm, dout, in, t, s.dlora, false, a.lora_b_full, s.dlora_b);
       if (partial) partial->sum(s.dnorm);
     }
   };

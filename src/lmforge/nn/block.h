@@ -38,8 +38,9 @@ struct BlockScratch {
   Tensor datt;      // (B, T, C); likewise (written by proj's backward)
   Tensor dfc;       // (B, T, F or 2F); bf16 when fc_out is (written by the activation's backward)
   Tensor dact;      // (B, T, F)
-  Tensor dlora;     // (B*T, r): LoRA adapters' gradient scratch (Linear::backward; the group's
+  Tensor dlora;     // (B*T, P r): LoRA adapters' gradient scratch (Linear::backward; the group's
                     // rows under sequence parallelism, as every buffer here)
+  Tensor dlora_b;   // fp32, the largest (P r, OC) of a layer of P > 1 modules (Linear::backward)
   // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
   // attention backward reads and writes, so no conversion passes around it on a GPU.
   // row_shards: sequence parallelism's (PartialSums), whose attention and MLP gradients are the
@@ -99,6 +100,8 @@ struct Block {
   // widen the branch. Unlike the bf16 matmul inputs this rounds values the fp32 path keeps, so
   // training is close to it, not identical. Models with q/k norms keep qkv and attention fp32.
   DType matmul_output_dtype = DType::kF32;
+  // The matmul weights' dtype (bf16 under bf16 precision, set before plan): LoRA's B expansion's.
+  DType matmul_weight_dtype = DType::kF32;
   // qkv's and the attention output's dtype.
   DType attention_dtype() const { return cfg.qk_norm ? DType::kF32 : matmul_output_dtype; }
 
@@ -107,11 +110,14 @@ struct Block {
     Tensor n1_out, qkv, lse, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T) (B,T,C) ...
     Tensor qkv_raw, rstd_q, rstd_k;                 // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
-    Tensor t_qkv, t_proj, t_fc, t_down;  // LoRA adapters' activations (B*T, r), fp32
+    Tensor t_qkv, t_proj, t_fc, t_down;  // LoRA adapters' activations (B*T, P r), fp32
+    // (shared by all blocks) LoRA's B of a layer of several modules expanded block-diagonally
+    // (Linear::lora_b_weight), matmul_weight_dtype; undefined without such a layer.
     // Sequence parallelism (shared by all blocks): a norm's output gathered over the group's rows
     // (the matmul input dtype), and the group's rows of a branch's partial sums, or of a gradient
     // (fp32).
     Tensor n_full, full;
+    Tensor lora_b_full;
   };
   int64_t row_shards() const { return partial ? partial->row_shards() : 1; }
 

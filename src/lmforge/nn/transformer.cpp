@@ -222,6 +222,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
   for (Block& b : blocks_) {
     b.matmul_input_dtype = mm_in;
     b.matmul_output_dtype = mm_out;
+    b.matmul_weight_dtype = bf16_on ? DType::kBF16 : DType::kF32;
   }
   const auto layout = [&](Arena& a) {
     tokens_ = a.alloc({B, T}, DType::kI32);

@@ -305,8 +305,17 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
           fail("{}: metadata begin.{} is \"{}\", not an element offset; the checkpoint is corrupt",
                f.path(), name, b->second);
       }
-      if ((b == f.metadata().end() && !(t.shape() == place.whole_shape)) || begin < 0 ||
-          begin + t.numel() > whole_numel)
+      const bool mismatch = (b == f.metadata().end() && !(t.shape() == place.whole_shape)) ||
+                            begin < 0 || begin + t.numel() > whole_numel;
+      if (mismatch && name.ends_with(".lora_a") && t.ndim() == 2 && place.whole_shape.ndim() == 2 &&
+          t.size(1) == place.whole_shape[1] && place.whole_shape[0] % t.size(0) == 0 &&
+          place.whole_shape[0] > t.size(0))
+        fail(
+            "{}: tensor {} is {} but the model needs {}: the checkpoint is from an lmforge whose "
+            "fused layers shared one LoRA A; train it again, or export it with --to-hf (merged) "
+            "from that version",
+            f.path(), name, t.shape().str(), place.whole_shape.str());
+      if (mismatch)
         fail(
             "{}: tensor {} is {} {} but the model needs {}; the checkpoint is from another "
             "architecture",

@@ -144,22 +144,27 @@ namespace {
 struct AccumulateRowsOp {
   float* dst;
   const float* src;
-  int64_t cols, ld;
+  int64_t cols, ldd, lds;
   template <int K>
   __device__ void apply(int64_t u) const {  // K divides cols: one row per call
-    const int64_t r = u / cols, at = r * ld + (u - r * cols);
-    Floats<K> x = load<K>(dst + at);
-    const Floats<K> y = load<K>(src + at);
+    const int64_t r = u / cols, c = u - r * cols;
+    Floats<K> x = load<K>(dst + r * ldd + c);
+    const Floats<K> y = load<K>(src + r * lds + c);
 #pragma unroll
     for (int k = 0; k < K; ++k) x.v[k] = __fadd_rn(x.v[k], y.v[k]);
-    store<K>(dst + at, x);
+    store<K>(dst + r * ldd + c, x);
   }
 };
 }  // namespace
 
 void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
-  launch_map(AccumulateRowsOp{dst, src, cols, ld}, rows * cols,
-             cols % 4 == 0 && ld % 4 == 0 && aligned16(dst, src));
+  accumulate_block(dst, ld, src, ld, rows, cols);
+}
+
+void accumulate_block(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
+                      int64_t cols) {
+  launch_map(AccumulateRowsOp{dst, src, cols, ldd, lds}, rows * cols,
+             cols % 4 == 0 && ldd % 4 == 0 && lds % 4 == 0 && aligned16(dst, src));
 }
 
 void scale(float* x, float s, int64_t n) { launch_map(ScaleOp{x, s}, n, aligned16(x)); }

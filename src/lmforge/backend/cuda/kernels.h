@@ -185,6 +185,9 @@ void accumulate(float* dst, const float* src, int64_t n);         // dst += src
 // dst += src on `cols` columns of `rows` rows ld elements apart (both the same layout), e.g. the
 // v part of a packed qkv gradient.
 void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld);
+// dst += src on a block of `rows` rows by `cols` columns, dst's rows ldd apart and src's lds.
+void accumulate_block(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
+                      int64_t cols);
 void scale(float* x, float s, int64_t n);                           // x *= s
 void axpby(float* y, float a, const float* x, float b, int64_t n);  // y = a y + b x
 void fill(float* x, float value, int64_t n);                        // x = value

@@ -195,6 +195,12 @@ void memcpy(void* dst, const void* src, size_t bytes, Copy kind) {
   if (kind == Copy::kDeviceToHost) LMF_CUDA(cudaStreamSynchronize(s));  // the host reads it next
 }
 
+void memcpy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+               size_t rows) {
+  LMF_CUDA(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice,
+                             static_cast<cudaStream_t>(stream())));
+}
+
 void memset_zero(void* p, size_t bytes) {
   LMF_CUDA(cudaMemsetAsync(p, 0, bytes, static_cast<cudaStream_t>(stream())));
 }

@@ -39,6 +39,9 @@ bool is_device_pointer(const void* p);  // memory of a CUDA device (false withou
 enum class Copy { kHostToDevice, kDeviceToHost, kDeviceToDevice };
 void memcpy(void* dst, const void* src, size_t bytes, Copy kind);  // ordered on stream()
 void memset_zero(void* p, size_t bytes);                           // ordered on stream()
+// `rows` rows of `width` bytes, device to device, their starts pitch bytes apart in each.
+void memcpy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+               size_t rows);  // ordered on stream()
 void synchronize();  // waits for stream(); Error naming the failing kernel's message if any
 
 // Device scratch that grows to the largest request and is then reused. Growing waits for the

@@ -30,6 +30,7 @@ size_t peak_allocated() { return 0; }
 bool is_device_pointer(const void*) { return false; }
 void memcpy(void*, const void*, size_t, Copy) { cuda_unavailable("memcpy"); }
 void memset_zero(void*, size_t) { cuda_unavailable("memset"); }
+void memcpy_2d(void*, size_t, const void*, size_t, size_t, size_t) { cuda_unavailable("memcpy"); }
 void synchronize() {}
 void* event_record() { cuda_unavailable("event_record"); }
 float event_elapsed_ms(void*, void*) { cuda_unavailable("event_elapsed_ms"); }
