@@ -379,8 +379,9 @@ TEST(HfPeftImport, MergedAdaptersMatchTransformers) {
 // `convert --peft --keep-adapter` keeps a PEFT adapter made by hf_models_ref.py (not by lmforge)
 // as the checkpoint's LoRA adapters, each module its own A and B: exported merged they give
 // transformers' logits with the adapter merged, and --to-peft writes the same tensors back. Llama
-// 3's adapter leaves k_proj out (q_proj, v_proj, down_proj; rsLoRA): lmforge's qkv adapter holds
-// k with A = B = 0, which training must leave at 0 (no gradient reaches it) while the others move.
+// 3's adapter leaves k_proj out (q_proj, v_proj, down_proj; rsLoRA): model.lora_targets names the
+// modules, and lmforge's qkv holds k's A = B = 0, which training must leave at 0 (no gradient
+// reaches it) while the others move.
 TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
   const std::string root = t::temp_dir("hf-peft-keep");
   std::ofstream(root + "/text.txt") << "In the beginning God created the heaven and the earth.\n";
@@ -393,9 +394,9 @@ TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
         root);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     // rsLoRA's alpha / sqrt(r) = 8 / 2 as lmforge's alpha / r; GPT-2's 6 / 2.
-    EXPECT_NE(
-        r.out.find(llama ? "(rank 4, alpha 16, on qkv,down)" : "(rank 2, alpha 6, on qkv,down)"),
-        std::string::npos)
+    EXPECT_NE(r.out.find(llama ? "(rank 4, alpha 16, on q_proj,v_proj,down)"
+                               : "(rank 2, alpha 6, on qkv,down)"),
+              std::string::npos)
         << r.out;
     r = t::run_lmforge("export --checkpoint " + c + " --to-hf merged", root);
     ASSERT_EQ(r.exit_code, 0) << r.err;

@@ -247,5 +247,97 @@ TEST(Lora, Bf16IsCloseToFp32) {
   }
 }
 
+// model.lora_targets by Hugging Face module (PEFT's target_modules rule): Llama's q_proj and
+// v_proj adapt those two modules of the fused qkv, whose k part then holds A = B = 0 and keeps
+// them through training with weight decay (no gradient reaches it), while q's and v's train. The
+// trainable count is PEFT's; an unknown name is one error naming the family's modules.
+TEST(Lora, TargetsByModuleAdaptThoseModulesAlone) {
+  ModelConfig lc = tiny("llama3-tiny", 4);
+  lc.lora.targets = "q_proj,v_proj,mlp.down_proj";
+  lc.validate();
+  EXPECT_TRUE(lc.lora_adapts("qkv") && lc.lora_adapts("down"));
+  EXPECT_FALSE(lc.lora_adapts("proj") || lc.lora_adapts("fc"));
+  EXPECT_EQ(lc.lora_modules("qkv"), (std::vector<bool>{true, false, true}));
+  const int64_t C = lc.n_embd, r = 4, q = lc.n_head * lc.head_size(),
+                kv = lc.kv_heads() * lc.head_size();
+  EXPECT_EQ(lc.lora_params(/*adapted=*/true),
+            lc.n_layer * r * ((C + q) + (C + kv) + (lc.ffn() + C)));
+  EXPECT_EQ(lc.lora_params(), lc.lora_params(true) + lc.n_layer * r * (C + kv));
+
+  Transformer m(lc);
+  m.init_weights(5);
+  randomize_b(m, 7);  // (k's columns too: put back to 0 below, as an import leaves them)
+  const Param& a = param(m, "blocks.0.attn.qkv.lora_a");
+  const Param& bt = param(m, "blocks.0.attn.qkv.lora_b");
+  auto k_part = [&](bool zero_it) {
+    double sum = 0;
+    for (int64_t i = r * C; i < 2 * r * C; ++i) sum += std::fabs(a.value.data<float>()[i]);
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t o = q; o < q + kv; ++o) {
+        float& v = bt.value.data<float>()[k * bt.shape[1] + o];
+        sum += std::fabs(v);
+        if (zero_it) v = 0;
+      }
+    return sum;
+  };
+  EXPECT_GT(k_part(/*zero_it=*/true), 0) << "randomize_b wrote k's B";
+  EXPECT_EQ(k_part(false), 0.0) << "k's A starts at 0";
+  const Tensor before = m.params().flat_values().clone();
+  AdamW opt(m.params(), {.weight_decay = 0.1});
+  Tensor tok, tgt;
+  batch(tok, tgt, 4);
+  m.plan(kB, kT);
+  for (int step = 0; step < 4; ++step) {
+    m.params().zero_grad();
+    m.forward_backward(tok, tgt);
+    opt.step(1e-2);
+  }
+  EXPECT_EQ(k_part(false), 0.0) << "k's adapter stays absent";
+  const Tensor was = before.view({before.numel()}).slice(m.params().offset(a), a.shape.numel());
+  EXPECT_NE(std::memcmp(was.raw(), a.value.raw(), a.value.nbytes()), 0) << "q's and v's train";
+
+  for (auto [preset, targets, want] :
+       {std::tuple{"llama3-tiny", "q_prog", "\"q_prog\" is not a layer or module of this llama"},
+        {"gpt2-tiny", "q_proj", "its modules c_attn, c_proj, c_fc, c_proj"}}) {
+    ModelConfig bad = tiny(preset, 4);
+    bad.lora.targets = targets;
+    try {
+      bad.validate();
+      ADD_FAILURE() << targets;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  }
+  ModelConfig gpt = tiny("gpt2-tiny", 4);  // PEFT's "c_proj" is both of GPT-2's
+  gpt.lora.targets = "c_proj";
+  EXPECT_TRUE(gpt.lora_adapts("proj") && gpt.lora_adapts("down") && !gpt.lora_adapts("qkv"));
+}
+
+// lora_pieces and lora_module_names split a layer as the Hugging Face import and export do
+// (hf_pieces), for each family's fused layers.
+TEST(Lora, ModulesAreTheHuggingFaceModules) {
+  for (const char* arch : {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"}) {
+    SCOPED_TRACE(arch);
+    ModelConfig c = tiny(std::string(arch) == "gpt2" ? "gpt2-tiny" : "llama3-tiny", 4);
+    c.arch = arch;
+    c.n_kv_head = std::string(arch) == "gpt2" ? 0 : 2;
+    for (auto [layer, param, rows] :
+         {std::tuple{"qkv", "blocks.0.attn.qkv.weight", c.qkv_dim()},
+          {"proj", "blocks.0.attn.proj.weight", c.n_embd},
+          {"fc", "blocks.0.mlp.fc.weight", c.mlp == "swiglu" ? 2 * c.ffn() : c.ffn()},
+          {"down", "blocks.0.mlp.proj.weight", c.n_embd}}) {
+      const std::vector<HfPiece> hf = hf_pieces(c, param, rows);
+      const std::vector<int64_t> widths = c.lora_pieces(layer);
+      const std::vector<std::string> names = c.lora_module_names(layer);
+      ASSERT_EQ(hf.size(), widths.size()) << layer;
+      ASSERT_EQ(hf.size(), names.size()) << layer;
+      for (size_t i = 0; i < hf.size(); ++i) {
+        EXPECT_EQ(hf[i].rows, widths[i]) << layer;
+        EXPECT_TRUE(hf[i].name.ends_with("." + names[i] + ".weight")) << hf[i].name;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lmforge

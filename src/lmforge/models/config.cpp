@@ -1,8 +1,28 @@
 #include "lmforge/models/config.h"
 
+#include <algorithm>
+#include <iterator>
+
 #include "lmforge/core/error.h"
 
 namespace lmforge {
+
+namespace {
+constexpr const char* kLoraLayers[] = {"qkv", "proj", "fc", "down"};
+// The items of a comma-separated list.
+std::vector<std::string> comma_list(const std::string& s) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    size_t comma = s.find(',', pos);
+    if (comma == std::string::npos) comma = s.size();
+    out.push_back(s.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
+bool module_matches(const std::string& module, const std::string& target);
+}  // namespace
 
 void ModelConfig::validate() const {
   auto need = [](bool ok, const char* key, const std::string& why) {
@@ -46,30 +66,71 @@ void ModelConfig::validate() const {
   if (lora.on()) {
     need(lora.alpha > 0 && lora.alpha < 1e9, "lora_alpha",
          fmt::format("must be positive, got {}", lora.alpha));
-    size_t pos = 0;
-    while (pos <= lora.targets.size()) {
-      size_t comma = lora.targets.find(',', pos);
-      if (comma == std::string::npos) comma = lora.targets.size();
-      const std::string t = lora.targets.substr(pos, comma - pos);
-      need(t == "qkv" || t == "proj" || t == "fc" || t == "down", "lora_targets",
-           fmt::format("\"{}\" is not a layer; list some of qkv, proj, fc, down (comma-separated)",
-                       t));
-      pos = comma + 1;
+    std::string modules;  // this family's, for the message
+    for (const char* layer : kLoraLayers)
+      for (const std::string& m : lora_module_names(layer))
+        modules += (modules.empty() ? "" : ", ") + m.substr(m.rfind('.') + 1);
+    for (const std::string& t : comma_list(lora.targets)) {
+      bool known =
+          std::find(std::begin(kLoraLayers), std::end(kLoraLayers), t) != std::end(kLoraLayers);
+      for (const char* layer : kLoraLayers)
+        for (const std::string& m : lora_module_names(layer)) known |= module_matches(m, t);
+      need(known, "lora_targets",
+           fmt::format("\"{}\" is not a layer or module of this {} model; list some of qkv, "
+                       "proj, fc, down or of its modules {} (comma-separated)",
+                       t, arch, modules));
     }
   }
 }
 
-bool LoraConfig::targets_layer(const std::string& layer) const {
-  if (!on()) return false;
-  size_t pos = 0;
-  while (pos <= targets.size()) {
-    size_t comma = targets.find(',', pos);
-    if (comma == std::string::npos) comma = targets.size();
-    if (targets.compare(pos, comma - pos, layer) == 0) return true;
-    pos = comma + 1;
+std::vector<std::string> ModelConfig::lora_module_names(const std::string& layer) const {
+  if (arch == "gpt2") {
+    if (layer == "qkv") return {"attn.c_attn"};
+    if (layer == "proj") return {"attn.c_proj"};
+    return {layer == "fc" ? "mlp.c_fc" : "mlp.c_proj"};
   }
-  return false;
+  if (layer == "qkv")
+    return arch == "phi3" ? std::vector<std::string>{"self_attn.qkv_proj"}
+                          : std::vector<std::string>{"self_attn.q_proj", "self_attn.k_proj",
+                                                     "self_attn.v_proj"};
+  if (layer == "proj") return {"self_attn.o_proj"};
+  if (layer == "down") return {"mlp.down_proj"};
+  if (mlp != "swiglu") return {"mlp.fc"};  // (no such Hugging Face family)
+  return arch == "phi3" ? std::vector<std::string>{"mlp.gate_up_proj"}
+                        : std::vector<std::string>{"mlp.gate_proj", "mlp.up_proj"};
 }
+
+std::vector<bool> ModelConfig::lora_modules(const std::string& layer) const {
+  const std::vector<std::string> names = lora_module_names(layer);
+  std::vector<bool> on(names.size(), false);
+  if (!lora.on()) return on;
+  for (const std::string& t : comma_list(lora.targets))
+    for (size_t i = 0; i < names.size(); ++i)
+      on[i] = on[i] || t == layer || module_matches(names[i], t);
+  return on;
+}
+
+bool ModelConfig::lora_adapts(const std::string& layer) const {
+  const std::vector<bool> on = lora_modules(layer);
+  return std::find(on.begin(), on.end(), true) != on.end();
+}
+
+std::string lora_layer_of(const std::string& param) {
+  for (auto [part, layer] : {std::pair{".attn.qkv.", "qkv"},
+                             {".attn.proj.", "proj"},
+                             {".mlp.fc.", "fc"},
+                             {".mlp.proj.", "down"}})
+    if (param.find(part) != std::string::npos) return layer;
+  return "";
+}
+
+namespace {
+// PEFT's target_modules rule: a module matches a name equal to it or to its last components.
+bool module_matches(const std::string& module, const std::string& target) {
+  return module == target || (module.size() > target.size() && module.ends_with(target) &&
+                              module[module.size() - target.size() - 1] == '.');
+}
+}  // namespace
 
 std::vector<int64_t> ModelConfig::lora_pieces(const std::string& layer) const {
   const bool fused = arch == "gpt2" || arch == "phi3";  // HF's own fused modules
@@ -84,17 +145,21 @@ std::vector<int64_t> ModelConfig::lora_pieces(const std::string& layer) const {
   return {n_embd};
 }
 
-int64_t ModelConfig::lora_params() const {
+int64_t ModelConfig::lora_params(bool adapted) const {
   if (!lora.on()) return 0;
   const int64_t C = n_embd, r = lora.rank;
   int64_t per_block = 0;
-  // Each module its A (r, in) and B (out, r).
+  // Each module of an adapted layer its A (r, in) and B (out, r) (those it leaves out too: they
+  // are held, at 0), or with `adapted` those of the modules adapted alone.
   for (auto [layer, in] : {std::pair<const char*, int64_t>{"qkv", C},
                            {"proj", n_head * head_size()},
                            {"fc", C},
                            {"down", ffn()}}) {
-    if (!lora.targets_layer(layer)) continue;
-    for (int64_t out : lora_pieces(layer)) per_block += r * (in + out);
+    if (!lora_adapts(layer)) continue;
+    const std::vector<int64_t> pieces = lora_pieces(layer);
+    const std::vector<bool> on = lora_modules(layer);
+    for (size_t i = 0; i < pieces.size(); ++i)
+      if (!adapted || on[i]) per_block += r * (in + pieces[i]);
   }
   return n_layer * per_block;
 }

@@ -26,16 +26,16 @@ struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
 };
 
 // Low-rank adapters (LoRA, Hu et al. 2021) on the linear layers of every block named in
-// `targets` (lmforge's layers: qkv, proj, fc, down; docs/config.md maps them to HF's): each
-// Hugging Face module a layer holds (ModelConfig::lora_pieces) computes W x + b + (alpha / rank)
-// B (A x) with its own A (rank, in) and B (out, rank), B starting at 0, as PEFT's adapters on
-// those modules; only the adapters train: every other parameter is frozen. rank 0 = off.
+// `targets`: lmforge's layers (qkv, proj, fc, down) or Hugging Face modules as PEFT's
+// target_modules names them (q_proj, v_proj, mlp.c_proj, ...; docs/config.md). Each adapted
+// module (ModelConfig::lora_pieces, lora_modules) computes W x + b + (alpha / rank) B (A x) with
+// its own A (rank, in) and B (out, rank), B starting at 0, as PEFT's adapters; only the adapters
+// train: every other parameter is frozen. rank 0 = off.
 struct LoraConfig {
   int64_t rank = 0;
   double alpha = 16;
   std::string targets = "qkv,proj,fc,down";
   bool on() const { return rank > 0; }
-  bool targets_layer(const std::string& layer) const;  // on() and `layer` is listed
   double scale() const { return alpha / static_cast<double>(rank); }
 };
 
@@ -74,15 +74,28 @@ struct ModelConfig {
   // Parameter count (tied embeddings counted once), without LoRA adapters; lora_params() counts
   // those.
   int64_t num_params() const;
-  int64_t lora_params() const;
+  // The adapters' parameters held (adapted: those of the adapted modules alone; see
+  // lora_modules).
+  int64_t lora_params(bool adapted = false) const;
   // The output widths of the Hugging Face modules a layer of a block holds ("qkv", "proj", "fc",
   // "down"), in order: each has its own LoRA A. Llama's qkv is q_proj, k_proj and v_proj, its fc
   // gate_proj and up_proj; GPT-2's c_attn and c_fc and Phi-3's qkv_proj and gate_up_proj are one
   // module each, as proj and down are everywhere (models/hf.h hf_pieces splits alike).
   std::vector<int64_t> lora_pieces(const std::string& layer) const;
+  // Those modules' names as Hugging Face's model has them under a block ("self_attn.q_proj",
+  // GPT-2's "attn.c_attn"), and whether lora.targets adapts each: the layer's name, or a module
+  // name or its last components (PEFT's rule: "c_proj" is both of GPT-2's). An adapted layer holds
+  // an A and B for each of its modules; those of a module left out stay 0 (nn/linear.h).
+  std::vector<std::string> lora_module_names(const std::string& layer) const;
+  std::vector<bool> lora_modules(const std::string& layer) const;
+  bool lora_adapts(const std::string& layer) const;  // any of its modules
   // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
   // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head.
   double flops_per_token(int64_t T) const;
 };
+
+// The layer ("qkv", "proj", "fc", "down") a block parameter ("blocks.3.mlp.fc.lora_a") belongs
+// to, or "".
+std::string lora_layer_of(const std::string& param);
 
 }  // namespace lmforge

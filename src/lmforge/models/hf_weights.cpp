@@ -367,16 +367,6 @@ std::vector<PeftModule> peft_modules(Transformer& model, const PeftAdapter& ad) 
   return out;
 }
 
-// The lmforge layer kind ("qkv", "proj", "fc", "down") of a block's weight.
-std::string layer_kind(const std::string& weight) {
-  for (auto [suffix, kind] : {std::pair{".attn.qkv.weight", "qkv"},
-                              {".attn.proj.weight", "proj"},
-                              {".mlp.fc.weight", "fc"},
-                              {".mlp.proj.weight", "down"}})
-    if (weight.ends_with(suffix)) return kind;
-  return "";
-}
-
 }  // namespace
 
 void merge_peft_adapter(Transformer& model, const std::string& dir) {
@@ -402,18 +392,28 @@ LoraConfig peft_lora_config(const ModelConfig& base, const std::string& dir) {
   ModelConfig m = base;
   m.lora = {};
   Transformer layout(m, Transformer::MeasureOnly{});
-  std::set<std::string> kinds;
+  std::map<std::string, std::set<int64_t>> adapted;  // layer -> its modules in the adapter
   for (const PeftModule& mod : peft_modules(layout, ad)) {
-    const std::string kind = layer_kind(mod.weight->name);
-    LMF_CHECK(!kind.empty(), "PEFT module on {}", mod.weight->name);
-    kinds.insert(kind);
+    const std::string layer = lora_layer_of(mod.weight->name);
+    LMF_CHECK(!layer.empty(), "PEFT module on {}", mod.weight->name);
+    adapted[layer].insert(mod.piece);
   }
+  // A layer all of whose modules the adapter has by its name, else those modules by theirs
+  // (Llama's q_proj and v_proj without k_proj: unambiguous last components).
   LoraConfig lc;
   lc.rank = ad.r;
   lc.alpha = ad.scale * static_cast<double>(ad.r);  // lmforge's scale is alpha / r
   lc.targets.clear();
-  for (const char* kind : {"qkv", "proj", "fc", "down"})  // lmforge's order
-    if (kinds.count(kind)) lc.targets += std::string(lc.targets.empty() ? "" : ",") + kind;
+  auto add = [&](const std::string& t) { lc.targets += (lc.targets.empty() ? "" : ",") + t; };
+  for (const char* layer : {"qkv", "proj", "fc", "down"}) {  // lmforge's order
+    if (!adapted.count(layer)) continue;
+    const std::vector<std::string> names = m.lora_module_names(layer);
+    if (adapted[layer].size() == names.size()) {
+      add(layer);
+      continue;
+    }
+    for (int64_t piece : adapted[layer]) add(names[piece].substr(names[piece].rfind('.') + 1));
+  }
   return lc;
 }
 

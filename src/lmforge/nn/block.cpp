@@ -23,7 +23,7 @@ std::vector<LoraLayer> lora_layers(const ModelConfig& c) {
                              {"proj", c.n_head * c.head_size(), C},
                              {"fc", C, c.mlp == "swiglu" ? 2 * F : F},
                              {"down", F, C}})
-    if (c.lora.targets_layer(name)) out.push_back({in, o, c.lora_pieces(name)});
+    if (c.lora_adapts(name)) out.push_back({in, o, c.lora_pieces(name)});
   return out;
 }
 // The adapters' scratch a block needs: the most columns of t (P r), and the most elements of a
@@ -64,7 +64,7 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   int64_t C = c.n_embd, F = c.ffn();
   bool rms = c.norm == "rmsnorm";
   // LoRA adapters' rank for a layer (0: none) and their scale.
-  auto rank = [&](const char* layer) { return c.lora.targets_layer(layer) ? c.lora.rank : 0; };
+  auto rank = [&](const char* layer) { return c.lora_adapts(layer) ? c.lora.rank : 0; };
   const double s = c.lora.on() ? c.lora.scale() : 0;
   norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias);
   qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s,

@@ -75,6 +75,16 @@ Rng lora_stream(uint64_t seed) { return Rng(seed ^ 0x4c6f5241ull); }
 float lora_a_value(Rng& rng, int64_t in) {
   return static_cast<float>((2.0 * rng.uniform() - 1.0) / std::sqrt(static_cast<double>(in)));
 }
+// Whether each row of a layer's lora_a (its modules' A's, stacked) belongs to an adapted module:
+// the others start at 0 with their B, which keeps them at 0 (nn/linear.h).
+std::vector<bool> lora_a_rows(const ModelConfig& c, const Param& a) {
+  const std::vector<bool> on = c.lora_modules(lora_layer_of(a.name));
+  std::vector<bool> rows;
+  for (bool m : on) rows.insert(rows.end(), static_cast<size_t>(c.lora.rank), m);
+  LMF_CHECK(static_cast<int64_t>(rows.size()) == a.shape[0], "{}: {} rows for {} modules", a.name,
+            a.shape[0], on.size());
+  return rows;
+}
 }  // namespace
 
 // Calls fn(param, i, value) for every element of every parameter in order, drawing the random
@@ -90,7 +100,11 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
     bool is_norm = p.name.find("norm") != std::string::npos;
     bool is_bias = p.name.size() > 5 && p.name.ends_with(".bias");
     if (p.name.ends_with(".lora_a")) {
-      for (int64_t i = 0; i < n; ++i) fn(p, i, lora_a_value(lora_rng, p.shape[1]));
+      const std::vector<bool> rows = lora_a_rows(cfg_, p);
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = lora_a_value(lora_rng, p.shape[1]);
+        fn(p, i, rows[i / p.shape[1]] ? v : 0.0f);
+      }
     } else if (p.name.ends_with(".lora_b")) {
       fn(p, -1, 0.0f);
     } else if (is_bias || is_norm) {
@@ -139,8 +153,13 @@ void Transformer::for_each_adapter_init(uint64_t seed, const GiveValues& fn) con
   for (const Param& p : params_.params()) {
     if (!is_lora_param(p.name)) continue;
     values.assign(static_cast<size_t>(p.shape.numel()), 0.0f);  // B = 0
-    if (p.name.ends_with(".lora_a"))
-      for (float& v : values) v = lora_a_value(rng, p.shape[1]);
+    if (p.name.ends_with(".lora_a")) {
+      const std::vector<bool> rows = lora_a_rows(cfg_, p);
+      for (size_t i = 0; i < values.size(); ++i) {
+        const float v = lora_a_value(rng, p.shape[1]);
+        values[i] = rows[i / p.shape[1]] ? v : 0.0f;
+      }
+    }
     fn(p, values.data());
   }
 }

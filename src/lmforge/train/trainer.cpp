@@ -420,8 +420,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print(
         "LoRA rank {} alpha {} on {}: {:.3f}M trainable parameters ({:.2f}%), the rest frozen\n",
         cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets,
-        cfg.model.lora_params() / 1e6,
-        100.0 * static_cast<double>(cfg.model.lora_params()) /
+        cfg.model.lora_params(/*adapted=*/true) / 1e6,
+        100.0 * static_cast<double>(cfg.model.lora_params(/*adapted=*/true)) /
             static_cast<double>(model.params().numel()));
   for (const auto& s : train_data.stats()) {
     std::string cuts = fmt::format("{} cut by chunking", s["cut_by_chunking"].get<int64_t>());
