@@ -139,32 +139,46 @@ class Llama(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """PEFT's LoRA layer without dropout: base(x) + (alpha / r) B A x, A ~ U(+-1/sqrt(in)), B = 0."""
+    """PEFT's LoRA layers without dropout on the modules a fused linear holds (Llama's q, k, v
+    projections in qkv, gate and up in gate_up; `pieces` their output widths): each module's
+    base(x) + (alpha / r) B A x with its own A ~ U(+-1/sqrt(in)) and B = 0, as PEFT adapts
+    q_proj, k_proj and v_proj apart."""
 
-    def __init__(self, base, r, alpha):
+    def __init__(self, base, r, alpha, pieces=None):
         super().__init__()
         self.base, self.s = base, alpha / r
+        self.pieces = pieces or [base.out_features]
         bound = 1.0 / math.sqrt(base.in_features)
-        self.A = nn.Parameter(torch.empty(r, base.in_features).uniform_(-bound, bound))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.A = nn.ParameterList(
+            nn.Parameter(torch.empty(r, base.in_features).uniform_(-bound, bound))
+            for _ in self.pieces)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(w, r)) for w in self.pieces)
 
     enabled = True  # off: the base layer alone (PEFT's disable_adapter, DPO's reference)
 
     def forward(self, x):
         if not LoraLinear.enabled:
             return self.base(x)
-        return self.base(x) + self.s * F.linear(F.linear(x, self.A), self.B)
+        delta = [F.linear(F.linear(x, a), b) for a, b in zip(self.A, self.B)]
+        return self.base(x) + self.s * (delta[0] if len(delta) == 1 else torch.cat(delta, -1))
 
 
 def add_lora(model, r, alpha):
-    """Freezes every weight and wraps each block's linear layers with an adapter."""
+    """Freezes every weight and wraps each block's linear layers with adapters, one per Hugging
+    Face module (Llama's qkv is q_proj, k_proj, v_proj; gate_up is gate_proj, up_proj)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.modules():
         if isinstance(block, (GptBlock, LlamaBlock)):
             for name, child in list(block.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(block, name, LoraLinear(child, r, alpha))
+                if not isinstance(child, nn.Linear):
+                    continue
+                pieces = None
+                if isinstance(block, LlamaBlock) and name == "qkv":
+                    pieces = [block.nh * block.hs, block.nkv * block.hs, block.nkv * block.hs]
+                elif isinstance(block, LlamaBlock) and name == "gate_up":
+                    pieces = [child.out_features // 2] * 2
+                setattr(block, name, LoraLinear(child, r, alpha, pieces))
 
 
 def row_logps(model, idx, tgt):

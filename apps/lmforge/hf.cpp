@@ -204,7 +204,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   if (peft) {
     fmt::print(
         "exported the LoRA adapters of {} (rank {}, alpha {}, {:.2f}M parameters, {}) -> {}\n", dir,
-        mc.lora.rank, mc.lora.alpha, mc.lora_params() / 1e6, dtype, out);
+        mc.lora.rank, mc.lora.alpha, mc.lora_params(/*adapted=*/true) / 1e6, dtype, out);
     fmt::print("base model: {}\n",
                base_model.empty()
                    ? fmt::format("not a HF directory (init_from {}); export that with --to-hf",

@@ -298,7 +298,7 @@ TEST(Lora, TargetsByModuleAdaptThoseModulesAlone) {
 
   for (auto [preset, targets, want] :
        {std::tuple{"llama3-tiny", "q_prog", "\"q_prog\" is not a layer or module of this llama"},
-        {"gpt2-tiny", "q_proj", "its modules c_attn, c_proj, c_fc, c_proj"}}) {
+        {"gpt2-tiny", "q_proj", "its modules c_attn, c_proj, c_fc (comma-separated)"}}) {
     ModelConfig bad = tiny(preset, 4);
     bad.lora.targets = targets;
     try {

@@ -66,10 +66,13 @@ void ModelConfig::validate() const {
   if (lora.on()) {
     need(lora.alpha > 0 && lora.alpha < 1e9, "lora_alpha",
          fmt::format("must be positive, got {}", lora.alpha));
-    std::string modules;  // this family's, for the message
+    std::vector<std::string> names;  // this family's modules, for the message
     for (const char* layer : kLoraLayers)
       for (const std::string& m : lora_module_names(layer))
-        modules += (modules.empty() ? "" : ", ") + m.substr(m.rfind('.') + 1);
+        if (std::find(names.begin(), names.end(), m.substr(m.rfind('.') + 1)) == names.end())
+          names.push_back(m.substr(m.rfind('.') + 1));
+    std::string modules;
+    for (const std::string& n : names) modules += (modules.empty() ? "" : ", ") + n;
     for (const std::string& t : comma_list(lora.targets)) {
       bool known =
           std::find(std::begin(kLoraLayers), std::end(kLoraLayers), t) != std::end(kLoraLayers);

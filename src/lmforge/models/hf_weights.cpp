@@ -395,7 +395,11 @@ LoraConfig peft_lora_config(const ModelConfig& base, const std::string& dir) {
   std::map<std::string, std::set<int64_t>> adapted;  // layer -> its modules in the adapter
   for (const PeftModule& mod : peft_modules(layout, ad)) {
     const std::string layer = lora_layer_of(mod.weight->name);
-    LMF_CHECK(!layer.empty(), "PEFT module on {}", mod.weight->name);
+    if (layer.empty())
+      fail(
+          "{}: the adapter's module on {} is outside the blocks' layers, where lmforge keeps "
+          "LoRA adapters; merge it instead (convert without --keep-adapter)",
+          ad.weights, mod.weight->name);
     adapted[layer].insert(mod.piece);
   }
   // A layer all of whose modules the adapter has by its name, else those modules by theirs
@@ -513,6 +517,9 @@ void save_peft_adapter(const Transformer& model, const std::string& dir,
                  {"modules_to_save", nullptr},
                  {"base_model_name_or_path", base_model.empty() ? json(nullptr) : json(base_model)},
                  {"revision", nullptr}};
+  if (tensors.empty())
+    fail("{}: every LoRA adapter of the model is 0 (A = B = 0); there is no adapter to export",
+         dir);
   fs::create_directories(dir);
   SafetensorsWriter wr;
   for (const auto& [name, t] : tensors) wr.add(name, t);
