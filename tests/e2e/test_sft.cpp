@@ -122,6 +122,48 @@ TEST(Neftune, ResumeIsBitExactAndTheNoiseIsApplied) {
   }
 }
 
+// LoRA's dropout masks come from (seed, step, rank, micro-batch), as NEFTune's noise: an
+// interrupted and resumed run equals an uninterrupted one bit for bit, and differs from a run
+// without dropout from the second step on (B starts at 0: the first loss is the base model's).
+// With tensor parallelism it is one clear error.
+TEST(Lora, DropoutResumesBitExactly) {
+  const std::string dir = testing::temp_dir("lora-dropout-e2e");
+  const std::string common =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=2 --set model.vocab_size=257 "
+      "--set model.max_seq_len=64 --set data.text=demo:kjv --set data.tokenizer=byte "
+      "--set model.lora_rank=4 --set train.lr=1e-2 "
+      "--set train.batch_size=4 --set train.seq_len=64 --set train.grad_accum=2 "
+      "--set train.steps=8 --set train.checkpoint_every=4 --set train.keep_last=0 "
+      "--set train.eval_every=0 --set sample.prompt= ";
+  const std::string dropped = common + "--set model.lora_dropout=0.1 ";
+  ASSERT_EQ(testing::run_lmforge(dropped + "--set run.dir=a", dir).exit_code, 0);
+  ASSERT_EQ(testing::run_lmforge(dropped + "--set run.dir=b", dir).exit_code, 0);
+  ASSERT_EQ(testing::run_lmforge(common + "--set run.dir=plain", dir).exit_code, 0);
+  std::filesystem::remove_all(dir + "/b/checkpoints/step-00000008");
+  auto r = testing::run_lmforge(dropped + "--set run.dir=b --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss");
+  auto b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
+  auto p = testing::records_of(dir + "/plain/metrics.jsonl", "loss");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), 8u);
+  ASSERT_EQ(p.size(), 8u);
+  EXPECT_EQ(a[0]["loss"].get<double>(), p[0]["loss"].get<double>());
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
+    if (i > 0) {
+      EXPECT_NE(a[i]["loss"].get<double>(), p[i]["loss"].get<double>()) << "step " << i + 1;
+    }
+  }
+  r = testing::run_lmforge(
+      "launch --nproc 2 -- " + dropped + "--set dist.tensor_parallel=2 --set run.dir=tp", dir);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE((r.err + r.out).find("model.lora_dropout: not with dist.tensor_parallel"),
+            std::string::npos)
+      << r.err << r.out;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/tp/checkpoints"));
+}
+
 // LoRA from a pretrained checkpoint by config keys alone: the adapters learn, the base weights in
 // the run's checkpoints stay those of the source bit for bit, AdamW keeps state for the adapters
 // only, the run resumes, and the export merges the adapters.

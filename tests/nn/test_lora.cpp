@@ -10,8 +10,11 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 
+#include "lmforge/backend/ops.h"
 #include "lmforge/core/rng.h"
+#include "lmforge/core/stochastic_round.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/transformer.h"
@@ -336,6 +339,167 @@ TEST(Lora, ModulesAreTheHuggingFaceModules) {
         EXPECT_TRUE(hf[i].name.ends_with("." + names[i] + ".weight")) << hf[i].name;
       }
     }
+  }
+}
+
+// LoRA's dropout (PEFT's lora_dropout): in a training forward the adapters see the input with
+// element i zeroed where sr_bits(key, i) < p 2^32 (the documented mask) and the rest scaled by
+// 1 / (1 - p), while the base layer sees it whole. Outputs and every gradient against that
+// definition in double, for a layer of three modules (Llama's qkv); without the scratch (an
+// evaluation) the adapters see the whole input; the mask drops about p of the elements.
+TEST(Lora, DropoutFollowsItsDefinition) {
+  const int64_t N = 6, C = 8, r = 2, OC = 8;
+  const std::vector<int64_t> pieces{4, 2, 2};
+  const double p = 0.3, s = 1.5;
+  ParamSet ps;
+  Linear l;
+  l.declare(ps, "blocks.0.attn.qkv", C, OC, false, r, s, pieces, p);
+  ps.finalize();
+  Rng rng(11);
+  for (Param& q : ps.params())
+    for (int64_t i = 0; i < q.shape.numel(); ++i)
+      q.value.data<float>()[i] = static_cast<float>(0.5 * rng.normal());
+  Tensor x = Tensor::empty({N, C}, DType::kF32), dout = Tensor::empty({N, OC}, DType::kF32);
+  for (int64_t i = 0; i < N * C; ++i) x.data<float>()[i] = static_cast<float>(rng.normal());
+  for (int64_t i = 0; i < N * OC; ++i) dout.data<float>()[i] = static_cast<float>(rng.normal());
+  const uint32_t key = 0x1234567u;
+  const Tensor xs = Tensor::zeros({N, C}, DType::kF32), gs = Tensor::zeros({N, C}, DType::kF32);
+  const Tensor t = Tensor::zeros({N, 3 * r}, DType::kF32),
+               dt = Tensor::zeros({N, 3 * r}, DType::kF32);
+  const Tensor bfull = Tensor::zeros({3 * r * OC}, DType::kF32);
+  const Tensor dbfull = Tensor::zeros({3 * r * OC}, DType::kF32);
+  const LoraDropout drop{key, xs, gs};
+
+  // The definition: m_i / (1 - p) on the adapters' input.
+  std::vector<double> xd(N * C);
+  int64_t dropped = 0;
+  for (int64_t i = 0; i < N * C; ++i) {
+    const bool keep =
+        sr_bits(key, static_cast<uint32_t>(i)) >= static_cast<uint32_t>(p * 4294967296.0);
+    dropped += !keep;
+    xd[i] = keep ? x.data<float>()[i] / (1 - p) : 0.0;
+  }
+  ASSERT_GT(dropped, 0);
+  ASSERT_LT(dropped, N * C);
+  const float* W = l.weight->value.data<float>();
+  const float* A = l.lora_a->value.data<float>();
+  const float* Bt = l.lora_b->value.data<float>();
+  auto module_of = [&](int64_t o) { return o < 4 ? 0 : o < 6 ? 1 : 2; };
+  // u[n][m r + k] = s (A_m xd_n)_k; out = W x + B_m u_m.
+  std::vector<double> u(N * 3 * r, 0.0), want(N * OC, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < 3 * r; ++j) {
+      for (int64_t c = 0; c < C; ++c) u[n * 3 * r + j] += A[j * C + c] * xd[n * C + c];
+      u[n * 3 * r + j] *= s;
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < OC; ++o) {
+      double v = 0;
+      for (int64_t c = 0; c < C; ++c) v += W[o * C + c] * x.data<float>()[n * C + c];
+      for (int64_t k = 0; k < r; ++k) v += Bt[k * OC + o] * u[n * 3 * r + module_of(o) * r + k];
+      want[n * OC + o] = v;
+    }
+  const Tensor out = Tensor::empty({N, OC}, DType::kF32);
+  l.forward(out, x, t, bfull, drop);
+  for (int64_t i = 0; i < N * OC; ++i) EXPECT_NEAR(out.data<float>()[i], want[i], 1e-4) << i;
+
+  // Gradients: dB^T[k][o] = sum_n u dout; dv = s B_m^T dout (per module); dA = dv^T xd;
+  // dx = W^T dout + (A^T dv) * m / (1 - p).
+  std::vector<double> dbt(r * OC, 0.0), dv(N * 3 * r, 0.0), da(3 * r * C, 0.0), dx(N * C, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < OC; ++o) {
+      const double g = dout.data<float>()[n * OC + o];
+      for (int64_t k = 0; k < r; ++k) {
+        dbt[k * OC + o] += u[n * 3 * r + module_of(o) * r + k] * g;
+        dv[n * 3 * r + module_of(o) * r + k] += s * Bt[k * OC + o] * g;
+      }
+      for (int64_t c = 0; c < C; ++c) dx[n * C + c] += W[o * C + c] * g;
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < 3 * r; ++j)
+      for (int64_t c = 0; c < C; ++c) {
+        da[j * C + c] += dv[n * 3 * r + j] * xd[n * C + c];
+        if (xd[n * C + c] != 0.0) dx[n * C + c] += A[j * C + c] * dv[n * 3 * r + j] / (1 - p);
+      }
+  l.weight->frozen = true;
+  ps.zero_grad();
+  const Tensor dinp = Tensor::zeros({N, C}, DType::kF32);
+  xs.zero_();  // backward draws the mask again
+  l.backward(dinp, dout, x, t, dt, true, bfull, dbfull, drop);
+  for (int64_t i = 0; i < N * C; ++i) EXPECT_NEAR(dinp.data<float>()[i], dx[i], 1e-4) << i;
+  for (int64_t i = 0; i < 3 * r * C; ++i)
+    EXPECT_NEAR(l.lora_a->grad.data<float>()[i], da[i], 1e-4) << i;
+  for (int64_t i = 0; i < r * OC; ++i)
+    EXPECT_NEAR(l.lora_b->grad.data<float>()[i], dbt[i], 1e-4) << i;
+
+  // An evaluation (no scratch): the adapters see x itself.
+  const Tensor plain = Tensor::empty({N, OC}, DType::kF32);
+  l.forward(plain, x, {}, {});
+  double moved = 0;
+  for (int64_t i = 0; i < N * OC; ++i)
+    moved += std::fabs(plain.data<float>()[i] - out.data<float>()[i]);
+  EXPECT_GT(moved, 1e-3);
+
+  // About p of a million elements dropped, the rest scaled by 1 / (1 - p).
+  const int64_t M = 1 << 20;
+  const Tensor ones = Tensor::empty({M}, DType::kF32), d = Tensor::empty({M}, DType::kF32);
+  ones.fill_(1.0);
+  ops::dropout_forward(d, ones, p, 99);
+  int64_t zeros = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    const float v = d.data<float>()[i];
+    zeros += v == 0.0f;
+    if (v != 0.0f) {
+      ASSERT_EQ(v, static_cast<float>(1.0 / (1.0 - p))) << i;
+    }
+  }
+  EXPECT_NEAR(static_cast<double>(zeros) / M, p, 0.003);
+}
+
+// In a model: evaluation applies no dropout (the same logits as the model without it), training
+// forwards do, each micro-batch its own mask from (key, call), identical after the same key again;
+// recomputing activations (selective, full) draws the same masks: bit-identical gradients.
+TEST(Lora, DropoutInTrainingOnlyAndRecomputedAlike) {
+  ModelConfig dc = tiny("llama3-tiny", 4), pc = dc;
+  dc.lora.dropout = 0.2;
+  Tensor tok, tgt;
+  batch(tok, tgt, 3);
+  auto make = [&](const ModelConfig& c, Recompute mode) {
+    auto m = std::make_unique<Transformer>(c);
+    m->init_weights(4);
+    randomize_b(*m, 5);
+    m->plan(kB, kT, mode);
+    return m;
+  };
+  auto grads = [](const Transformer& m) { return m.params().flat_grads().clone(); };
+  auto same = [](const Tensor& a, const Tensor& b) {
+    return std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+  };
+  auto plain = make(pc, Recompute::kNone), dropped = make(dc, Recompute::kNone);
+  EXPECT_EQ(plain->forward(tok, tgt), dropped->forward(tok, tgt)) << "evaluation: no dropout";
+  plain->params().zero_grad();
+  const float lp = plain->forward_backward(tok, tgt);
+  std::vector<Tensor> g;
+  std::vector<float> loss;
+  for (int call = 0; call < 2; ++call) {
+    dropped->set_lora_dropout_key(7);
+    for (int k = 0; k < 2; ++k) {
+      dropped->params().zero_grad();
+      loss.push_back(dropped->forward_backward(tok, tgt));
+      g.push_back(grads(*dropped));
+    }
+  }
+  EXPECT_NE(loss[0], lp);
+  EXPECT_NE(loss[0], loss[1]) << "a new mask each training forward";
+  EXPECT_EQ(loss[0], loss[2]);
+  EXPECT_TRUE(same(g[0], g[2])) << "the same key, the same masks";
+  EXPECT_FALSE(same(g[0], g[1]));
+  for (Recompute mode : {Recompute::kSelective, Recompute::kFull}) {
+    auto m = make(dc, mode);
+    m->set_lora_dropout_key(7);
+    m->params().zero_grad();
+    EXPECT_EQ(m->forward_backward(tok, tgt), loss[0]);
+    EXPECT_TRUE(same(grads(*m), g[0])) << static_cast<int>(mode);
   }
 }
 

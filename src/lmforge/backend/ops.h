@@ -195,6 +195,12 @@ void accumulate(const Tensor& dst, const Tensor& src);
 void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tensor& src,
                 int64_t src_row, int64_t src_col, int64_t rows, int64_t cols,
                 bool accumulate = false);
+// Inverted dropout (LoRA's lora_dropout, nn/linear.h): out (fp32) = inp (fp32, or bf16 widened)
+// * keep_i / (1 - p), element i kept when sr_bits(key, i) >= p 2^32 (core/stochastic_round.h's
+// hash): a mask no buffer holds, the same on every backend and when recomputed for backward.
+// dropout_backward: dinp (fp32) += g * keep_i / (1 - p), the same mask.
+void dropout_forward(const Tensor& out, const Tensor& inp, double p, uint32_t key);
+void dropout_backward(const Tensor& dinp, const Tensor& g, double p, uint32_t key);
 void scale(const Tensor& x, double s);
 // y = a y + b x, elementwise.
 void axpby(const Tensor& y, double a, const Tensor& x, double b);

@@ -125,6 +125,63 @@ void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tenso
       }));
 }
 
+namespace {
+// The dropout threshold on 32 hashed bits: element i is dropped when its bits fall below it.
+uint32_t dropout_threshold(double p) {
+  LMF_CHECK(p >= 0 && p < 1, "dropout: p {} outside [0, 1)", p);
+  return static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+}
+}  // namespace
+
+void dropout_forward(const Tensor& out, const Tensor& inp, double p, uint32_t key) {
+  same_device("dropout_forward", out, {&inp});
+  same_numel("dropout_forward", out, inp);
+  LMF_CHECK(
+      out.dtype() == DType::kF32 && (inp.dtype() == DType::kF32 || inp.dtype() == DType::kBF16),
+      "dropout_forward: fp32 out from fp32 or bf16, got {} from {}", dtype_name(out.dtype()),
+      dtype_name(inp.dtype()));
+  const uint32_t cut = dropout_threshold(p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const int64_t n = out.numel();
+  dispatch_device(
+      "dropout_forward", out,
+      [&] {
+        float* o = out.data<float>();
+        const bool bf = inp.dtype() == DType::kBF16;
+        const float* x = bf ? nullptr : inp.data<float>();
+        const uint16_t* h = bf ? inp.bf16_data() : nullptr;
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = bf ? bf16_to_fp32(h[i]) : x[i];
+          o[i] = sr_bits(key, static_cast<uint32_t>(i)) >= cut ? v * scale : 0.0f;
+        }
+      },
+      LMF_GPU(cuda::dropout_forward(
+          out.data<float>(), inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr,
+          inp.dtype() == DType::kBF16 ? inp.bf16_data() : nullptr, n, cut, scale, key)));
+}
+
+void dropout_backward(const Tensor& dinp, const Tensor& g, double p, uint32_t key) {
+  same_device("dropout_backward", dinp, {&g});
+  same_numel("dropout_backward", dinp, g);
+  LMF_CHECK(dinp.dtype() == DType::kF32 && g.dtype() == DType::kF32,
+            "dropout_backward: fp32, got {} and {}", dtype_name(dinp.dtype()),
+            dtype_name(g.dtype()));
+  const uint32_t cut = dropout_threshold(p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const int64_t n = g.numel();
+  dispatch_device(
+      "dropout_backward", dinp,
+      [&] {
+        float* d = dinp.data<float>();
+        const float* x = g.data<float>();
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; ++i)
+          if (sr_bits(key, static_cast<uint32_t>(i)) >= cut) d[i] += x[i] * scale;
+      },
+      LMF_GPU(cuda::dropout_backward(dinp.data<float>(), g.data<float>(), n, cut, scale, key)));
+}
+
 void scale(const Tensor& x, double s) {
   dispatch(
       "scale", x,

@@ -44,6 +44,8 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
       {"init_std", &m.init_std, ""},
       {"lora_rank", &m.lora.rank, "LoRA adapters' rank; 0 = off (full fine-tuning)"},
       {"lora_alpha", &m.lora.alpha, "LoRA scale numerator: updates are (alpha / rank) B A x"},
+      {"lora_dropout", &m.lora.dropout,
+       "dropout on the LoRA adapters' input in training (PEFT's lora_dropout); 0 = off"},
       {"lora_targets", &m.lora.targets,
        "layers with adapters: some of qkv, proj, fc, down, or Hugging Face modules (q_proj, ...)"},
   };

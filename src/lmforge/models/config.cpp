@@ -66,6 +66,8 @@ void ModelConfig::validate() const {
   if (lora.on()) {
     need(lora.alpha > 0 && lora.alpha < 1e9, "lora_alpha",
          fmt::format("must be positive, got {}", lora.alpha));
+    need(lora.dropout >= 0 && lora.dropout < 1, "lora_dropout",
+         fmt::format("must be in [0, 1) (0.05 typical), got {}", lora.dropout));
     std::vector<std::string> names;  // this family's modules, for the message
     for (const char* layer : kLoraLayers)
       for (const std::string& m : lora_module_names(layer))

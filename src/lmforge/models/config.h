@@ -35,6 +35,9 @@ struct LoraConfig {
   int64_t rank = 0;
   double alpha = 16;
   std::string targets = "qkv,proj,fc,down";
+  // PEFT's lora_dropout: training forwards zero each element of an adapter's input with this
+  // probability (and scale the rest by 1 / (1 - dropout)); the base layer sees the whole input.
+  double dropout = 0;
   bool on() const { return rank > 0; }
   double scale() const { return alpha / static_cast<double>(rank); }
 };

@@ -239,7 +239,8 @@ namespace {
 struct PeftAdapter {
   std::string weights;  // adapter_model.safetensors
   int64_t r = 0;
-  double scale = 0;  // PEFT's LoraLayer scaling: lora_alpha / r, or lora_alpha / sqrt(r) (rsLoRA)
+  double scale = 0;    // PEFT's LoraLayer scaling: lora_alpha / r, or lora_alpha / sqrt(r) (rsLoRA)
+  double dropout = 0;  // lora_dropout
 };
 
 PeftAdapter read_peft_adapter(const std::string& dir) {
@@ -297,6 +298,13 @@ PeftAdapter read_peft_adapter(const std::string& dir) {
   a.r = c["r"].get<int64_t>();
   const double alpha = c["lora_alpha"].get<double>();
   a.scale = flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(a.r)) : alpha / a.r;
+  if (c.contains("lora_dropout") && !c["lora_dropout"].is_null()) {
+    if (!c["lora_dropout"].is_number() || !(c["lora_dropout"].get<double>() >= 0) ||
+        !(c["lora_dropout"].get<double>() < 1))
+      fail("{}: \"lora_dropout\" must be a number in [0, 1), got {}", where,
+           c["lora_dropout"].dump());
+    a.dropout = c["lora_dropout"].get<double>();
+  }
   if (!fs::exists(a.weights)) fail("{}: no such file; a PEFT adapter needs it", a.weights);
   return a;
 }
@@ -407,6 +415,7 @@ LoraConfig peft_lora_config(const ModelConfig& base, const std::string& dir) {
   LoraConfig lc;
   lc.rank = ad.r;
   lc.alpha = ad.scale * static_cast<double>(ad.r);  // lmforge's scale is alpha / r
+  lc.dropout = ad.dropout;
   lc.targets.clear();
   auto add = [&](const std::string& t) { lc.targets += (lc.targets.empty() ? "" : ",") + t; };
   for (const char* layer : {"qkv", "proj", "fc", "down"}) {  // lmforge's order
@@ -507,7 +516,7 @@ void save_peft_adapter(const Transformer& model, const std::string& dir,
                  {"task_type", "CAUSAL_LM"},
                  {"r", m.lora.rank},
                  {"lora_alpha", m.lora.alpha},
-                 {"lora_dropout", 0.0},
+                 {"lora_dropout", m.lora.dropout},
                  {"bias", "none"},
                  {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
                  {"fan_in_fan_out", conv1d},

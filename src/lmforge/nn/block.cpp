@@ -4,6 +4,8 @@
 #include <tuple>
 #include <vector>
 
+#include "lmforge/core/stochastic_round.h"
+
 namespace lmforge {
 
 namespace {
@@ -25,6 +27,14 @@ std::vector<LoraLayer> lora_layers(const ModelConfig& c) {
                              {"down", F, C}})
     if (c.lora_adapts(name)) out.push_back({in, o, c.lora_pieces(name)});
   return out;
+}
+// The widest input of a layer with adapters (LoRA's dropout scratch: rows of it), 0 without
+// dropout.
+int64_t lora_dropout_width(const ModelConfig& c) {
+  int64_t w = 0;
+  if (c.lora.dropout > 0)
+    for (const LoraLayer& l : lora_layers(c)) w = std::max(w, l.in);
+  return w;
 }
 // The adapters' scratch a block needs: the most columns of t (P r), and the most elements of a
 // block-diagonal B expansion (P r OC, layers of several modules; 0: none).
@@ -56,6 +66,7 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
     const auto [width, expansion] = lora_scratch(c);
     dlora = a.alloc({B * T, width});
     if (expansion > 0) dlora_b = a.alloc({expansion});
+    if (const int64_t w = lora_dropout_width(c); w > 0) dlora_x = a.alloc({B * T, w});
   }
 }
 
@@ -68,16 +79,17 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   const double s = c.lora.on() ? c.lora.scale() : 0;
   norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias);
   qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s,
-              c.lora_pieces("qkv"));
+              c.lora_pieces("qkv"), c.lora.dropout);
   if (c.qk_norm) {
     q_norm = ps.add(p + ".attn.q_norm.weight", {c.head_size()}, false);
     k_norm = ps.add(p + ".attn.k_norm.weight", {c.head_size()}, false);
   }
-  proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s);
+  proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s, {},
+               c.lora.dropout);
   norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias);
   fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias, rank("fc"), s,
-             c.lora_pieces("fc"));
-  down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s);
+             c.lora_pieces("fc"), c.lora.dropout);
+  down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s, {}, c.lora.dropout);
 }
 
 Recompute parse_recompute(const std::string& s) {
@@ -108,6 +120,8 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
   }
   if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0)
     s.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
+  if (const int64_t w = lora_dropout_width(cfg); w > 0)
+    s.lora_x = a.alloc({B * row_shards() * T, w});
   if (mode == Recompute::kFull) {
     plan(a, s, B, T, Recompute::kNone, &s);
     return;
@@ -133,8 +147,12 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     x.n_full = shared->n_full;
     x.full = shared->full;
     x.lora_b_full = shared->lora_b_full;
-  } else if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0) {
-    x.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
+    x.lora_x = shared->lora_x;
+  } else {
+    if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0)
+      x.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
+    if (const int64_t w = lora_dropout_width(cfg); w > 0)
+      x.lora_x = a.alloc({B * row_shards() * T, w});
   }
   // Sequence parallelism: attention and the MLP run on the group's rows.
   const int64_t G = B * row_shards();
@@ -181,6 +199,12 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     if (l->has_lora()) x.*t = a.alloc({G * T, l->lora_width()});  // (x A^T: the group's rows)
 }
 
+LoraDropout Block::lora_drop(const Linear& l, const Tensor& x, const Tensor& g) const {
+  if (!lora_dropping || !l.has_lora()) return {};
+  const uint32_t which = &l == &qkv ? 1 : &l == &proj ? 2 : &l == &fc ? 3 : 4;
+  return {hash32(lora_drop_key ^ (which * 0x9e3779b9u)), x, g};
+}
+
 void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const {
   int64_t NH = cfg.n_head, NKV = cfg.kv_heads();
   const bool sp = row_shards() > 1;  // sequence parallelism (see PartialSums)
@@ -188,10 +212,10 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   // parallelism (this rank's rows of the group's under sequence parallelism).
   auto row_forward = [&](const Linear& l, const Tensor& in, const Tensor& t, const Tensor& out) {
     if (sp) {
-      l.forward(a.full, in, t, a.lora_b_full);
+      l.forward(a.full, in, t, a.lora_b_full, lora_drop(l, a.lora_x));
       partial->sum_scatter(a.full, out);
     } else {
-      l.forward(out, in, t, a.lora_b_full);
+      l.forward(out, in, t, a.lora_b_full, lora_drop(l, a.lora_x));
       if (partial) partial->sum(out);
     }
   };
@@ -199,11 +223,11 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   if (sp) partial->gather(a.n1_out, a.n_full);
   const Tensor& in1 = sp ? a.n_full : a.n1_out;
   if (cfg.qk_norm) {
-    qkv.forward(a.qkv_raw, in1, a.t_qkv, a.lora_b_full);
+    qkv.forward(a.qkv_raw, in1, a.t_qkv, a.lora_b_full, lora_drop(qkv, a.lora_x));
     ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
                          NKV, cfg.norm_eps);
   } else {
-    qkv.forward(a.qkv, in1, a.t_qkv, a.lora_b_full);
+    qkv.forward(a.qkv, in1, a.t_qkv, a.lora_b_full, lora_drop(qkv, a.lora_x));
   }
   if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
@@ -212,7 +236,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   ops::add(a.x_mid, x, a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
   if (sp) partial->gather(a.n2_out, a.n_full);
-  fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc, a.lora_b_full);
+  fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc, a.lora_b_full, lora_drop(fc, a.lora_x));
   if (cfg.mlp == "swiglu")
     ops::swiglu_forward(a.act, a.fc_out);
   else
@@ -235,17 +259,20 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
                              const Tensor& t) {
     if (sp) {
       partial->gather(in, a.n_full);
-      l.backward(a.full, dout, a.n_full, t, s.dlora, false, a.lora_b_full, s.dlora_b);
+      l.backward(a.full, dout, a.n_full, t, s.dlora, false, a.lora_b_full, s.dlora_b,
+                 lora_drop(l, a.lora_x, s.dlora_x));
       partial->sum_scatter(a.full, s.dnorm);
     } else {
-      l.backward(s.dnorm, dout, in, t, s.dlora, false, a.lora_b_full, s.dlora_b);
+      l.backward(s.dnorm, dout, in, t, s.dlora, false, a.lora_b_full, s.dlora_b,
+                 lora_drop(l, a.lora_x, s.dlora_x));
       if (partial) partial->sum(s.dnorm);
     }
   };
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   // The scratch gradients dact and dnorm are written by their layer's backward (no zeroing).
   if (sp) partial->gather(dres, a.full);
-  down.backward(s.dact, sp ? a.full : dres, a.act, a.t_down, s.dlora, false);
+  down.backward(s.dact, sp ? a.full : dres, a.act, a.t_down, s.dlora, false, {}, {},
+                lora_drop(down, a.lora_x, s.dlora_x));
   if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
   if (cfg.mlp == "swiglu")
     ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
@@ -256,7 +283,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
   if (sp) partial->gather(dres, a.full);
-  proj.backward(s.datt, sp ? a.full : dres, a.att, a.t_proj, s.dlora);
+  proj.backward(s.datt, sp ? a.full : dres, a.att, a.t_proj, s.dlora, true, {}, {},
+                lora_drop(proj, a.lora_x, s.dlora_x));
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
                           bf16_run(qkv), pos.doc_start);

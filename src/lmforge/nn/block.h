@@ -41,6 +41,7 @@ struct BlockScratch {
   Tensor dlora;     // (B*T, P r): LoRA adapters' gradient scratch (Linear::backward; the group's
                     // rows under sequence parallelism, as every buffer here)
   Tensor dlora_b;   // fp32, the largest (P r, OC) of a layer of P > 1 modules (Linear::backward)
+  Tensor dlora_x;   // (B*T, widest adapted input) fp32: LoRA dropout's input gradient, or none
   // bf16_attention_grads (with bf16 matmul outputs): d(att) and d(qkv) in bf16, the types cuDNN's
   // attention backward reads and writes, so no conversion passes around it on a GPU.
   // row_shards: sequence parallelism's (PartialSums), whose attention and MLP gradients are the
@@ -102,6 +103,11 @@ struct Block {
   DType matmul_output_dtype = DType::kF32;
   // The matmul weights' dtype (bf16 under bf16 precision, set before plan): LoRA's B expansion's.
   DType matmul_weight_dtype = DType::kF32;
+  // LoRA's dropout (LoraConfig::dropout) in this training forward and its backward (and
+  // recompute): on, and the key its layers' masks derive from (Transformer::queue_trunk).
+  bool lora_dropping = false;
+  uint32_t lora_drop_key = 0;
+  LoraDropout lora_drop(const Linear& l, const Tensor& x, const Tensor& g = {}) const;
   // qkv's and the attention output's dtype.
   DType attention_dtype() const { return cfg.qk_norm ? DType::kF32 : matmul_output_dtype; }
 
@@ -118,6 +124,7 @@ struct Block {
     // (fp32).
     Tensor n_full, full;
     Tensor lora_b_full;
+    Tensor lora_x;  // (shared) the LoRA dropout's dropped input (fp32), without dropout none
   };
   int64_t row_shards() const { return partial ? partial->row_shards() : 1; }
 

@@ -25,6 +25,15 @@
 
 namespace lmforge {
 
+// LoRA's dropout in a training forward (LoraConfig::dropout; PEFT's lora_dropout): the key of
+// this call's mask (ops::dropout_forward) and fp32 scratch of at least the input's elements for
+// the dropped input (x) and, in backward, its gradient (g). Undefined x: no dropout (evaluation,
+// decode).
+struct LoraDropout {
+  uint32_t key = 0;
+  Tensor x, g;
+};
+
 struct Linear {
   Param* weight = nullptr;
   Param* bias = nullptr;
@@ -32,14 +41,16 @@ struct Linear {
   Param* lora_b = nullptr;           // (r, OC): B transposed, module p's B^T in its columns
   std::vector<int64_t> lora_pieces;  // the modules' output widths (summing to OC)
   double lora_scale = 0;
-  bool lora_off = false;  // the adapter skipped (forward only: DPO's reference under LoRA)
+  double lora_dropout = 0;  // the adapters see dropout(inp) in training (LoraDropout)
+  bool lora_off = false;    // the adapter skipped (forward only: DPO's reference under LoRA)
   // The output is a partial sum that another rank adds the bias to (tensor parallelism's
   // row-parallel layers, nn/block.h PartialSums): forward leaves the bias out; backward still
   // computes its gradient (the output's gradient is whole on every rank).
   bool bias_elsewhere = false;
 
   void declare(ParamSet& ps, const std::string& name, int64_t in, int64_t out, bool has_bias,
-               int64_t lora_rank = 0, double scale = 0, std::vector<int64_t> pieces = {}) {
+               int64_t lora_rank = 0, double scale = 0, std::vector<int64_t> pieces = {},
+               double dropout = 0) {
     weight = ps.add(name + ".weight", {out, in}, true);
     weight->matmul = true;
     bias = has_bias ? ps.add(name + ".bias", {out}, false) : nullptr;
@@ -54,7 +65,17 @@ struct Linear {
       lora_b = ps.add(name + ".lora_b", {lora_rank, out}, true);
       lora_a->matmul = lora_b->matmul = true;
       lora_scale = scale;
+      lora_dropout = dropout;
     }
+  }
+  // The adapters' input: inp, or in a training forward with dropout its dropped copy in drop.x.
+  Tensor lora_input(const Tensor& inp, const LoraDropout& drop) const {
+    if (lora_dropout <= 0 || !drop.x.defined()) return inp;
+    LMF_CHECK(drop.x.dtype() == DType::kF32 && drop.x.numel() >= inp.numel(),
+              "LoRA dropout scratch {} for an input {}", drop.x.shape().str(), inp.shape().str());
+    const Tensor x = drop.x.view({-1}).slice(0, inp.numel()).view(inp.shape());
+    ops::dropout_forward(x, inp, lora_dropout, drop.key);
+    return x;
   }
   bool has_lora() const { return lora_a != nullptr; }
   int64_t lora_rank() const { return lora_b ? lora_b->shape[0] : 0; }
@@ -88,14 +109,14 @@ struct Linear {
   // (needed with adapters; decode passes a temporary). out must be fp32 then. b_full: see
   // lora_b_weight.
   void forward(const Tensor& out, const Tensor& inp, const Tensor& t = {},
-               const Tensor& b_full = {}) const {
+               const Tensor& b_full = {}, const LoraDropout& drop = {}) const {
     ops::linear_forward(out, inp, weight->matmul_weight(),
                         bias && !bias_elsewhere ? bias->fp32() : Tensor());
     if (!lora_a || lora_off) return;
     const Tensor tt = t.defined() ? t
                                   : Tensor::empty({inp.numel() / inp.size(-1), lora_width()},
                                                   DType::kF32, inp.device());
-    ops::linear_forward(tt, inp, lora_a->matmul_weight(), Tensor());
+    ops::linear_forward(tt, lora_input(inp, drop), lora_a->matmul_weight(), Tensor());
     ops::scale(tt, lora_scale);
     // out += t B^T: linear_backward's dinp += dout W with dout = t, W = lora_b (no weight
     // gradient; `out` only sizes the rows).
@@ -107,7 +128,7 @@ struct Linear {
   // r, OC).
   void backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, const Tensor& t = {},
                 const Tensor& dt = {}, bool dinp_accumulate = true, const Tensor& b_full = {},
-                const Tensor& db_full = {}) const {
+                const Tensor& db_full = {}, const LoraDropout& drop = {}) const {
     const bool train_w = !weight->frozen;
     ops::linear_backward(
         dinp, train_w ? weight->grad : Tensor(), bias && !bias->frozen ? bias->grad : Tensor(),
@@ -138,8 +159,19 @@ struct Linear {
     const Tensor d = dt.view({-1}).slice(0, N * lora_width()).view({N, lora_width()});
     ops::linear_forward(d, dout, bw, Tensor());
     ops::scale(d, lora_scale);
-    ops::linear_backward(dinp, lora_a->grad, Tensor(), d, inp, lora_a->matmul_weight(),
-                         lora_a->accumulate_grad());
+    const Tensor ain = lora_input(inp, drop);  // (the forward's mask again)
+    if (ain.raw() == inp.raw()) {
+      ops::linear_backward(dinp, lora_a->grad, Tensor(), d, inp, lora_a->matmul_weight(),
+                           lora_a->accumulate_grad());
+      return;
+    }
+    // Through the dropout: g = d A (written), dinp += g * mask / (1 - p).
+    LMF_CHECK(drop.g.defined() && drop.g.dtype() == DType::kF32 && drop.g.numel() >= inp.numel(),
+              "LoRA dropout gradient scratch for an input {}", inp.shape().str());
+    const Tensor g = drop.g.view({-1}).slice(0, inp.numel()).view(inp.shape());
+    ops::linear_backward(g, lora_a->grad, Tensor(), d, ain, lora_a->matmul_weight(),
+                         lora_a->accumulate_grad(), /*dinp_accumulate=*/false);
+    ops::dropout_backward(dinp, g, lora_dropout, drop.key);
   }
 };
 

@@ -8,6 +8,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/core/rng.h"
+#include "lmforge/core/stochastic_round.h"
 #include "lmforge/models/rope_table.h"
 
 namespace lmforge {
@@ -514,6 +515,14 @@ void Transformer::queue_trunk(bool training) {
     if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
   }
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
+  // LoRA's dropout: a mask for each training forward, drawn from (key, call, layer); the
+  // blocks keep it for their backward (and recompute).
+  const bool drop = training && cfg_.lora.on() && cfg_.lora.dropout > 0;
+  const uint32_t call = drop ? sr_key(lora_drop_key_, ++lora_drop_calls_, 0) : 0;
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    blocks_[l].lora_dropping = drop;
+    blocks_[l].lora_drop_key = drop ? hash32(call ^ static_cast<uint32_t>(l) * 0x85ebca6bu) : 0;
+  }
   const Tensor* x = &x0_;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     hooks().before_forward(l + 1);

@@ -262,6 +262,12 @@ class Transformer {
     neftune_key_ = key;
     neftune_calls_ = 0;
   }
+  // LoRA's dropout (LoraConfig::dropout): the masks of the k-th training forward after this call
+  // derive from (key, k), so a resumed run that sets the same key draws the same.
+  void set_lora_dropout_key(uint64_t key) {
+    lora_drop_key_ = key;
+    lora_drop_calls_ = 0;
+  }
   const Tensor& logits() const { return logits_; }  // (B, T, V) after forward, if kept
   const Tensor& embeddings() const { return x0_; }  // (B, T, C): the last forward's block input
 
@@ -385,6 +391,7 @@ class Transformer {
   double mean_lse_sq_ = 0, z_loss_ = 0;
   double neftune_alpha_ = 0;
   uint64_t neftune_key_ = 0, neftune_calls_ = 0;
+  uint64_t lora_drop_key_ = 0, lora_drop_calls_ = 0;
   Tensor noise_, host_noise_;  // (B, T, C) NEFTune's noise, and its host staging on a GPU
   void stage_noise();
 

@@ -41,6 +41,7 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
   if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
   if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
   if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
+  if (cfg.keys_given.count("model.lora_dropout")) cfg.model.lora.dropout = lora.dropout;
   const LoraConfig& had = src.model.lora;
   const LoraConfig& now = cfg.model.lora;
   if (had.on() && (now.rank != had.rank || now.alpha != had.alpha || now.targets != had.targets))
@@ -177,6 +178,16 @@ RunSetup setup_run(Config& cfg) {
   }
 
   // Model.
+  if (cfg.model.lora.on() && cfg.model.lora.dropout > 0) {  // (after init_from's, as it may set it)
+    if (tp > 1)
+      fail(
+          "model.lora_dropout: not with dist.tensor_parallel yet (the ranks of a group would drop "
+          "their shares of an input apart); set model.lora_dropout: 0 or dist.tensor_parallel: 1");
+    if (t.cuda_graphs)
+      fail(
+          "model.lora_dropout: not with train.cuda_graphs (each micro-batch draws a new mask); set "
+          "train.cuda_graphs: false or model.lora_dropout: 0");
+  }
   if (resolve_device(t.device) == Device::kCUDA) {  // what the CUDA backend cannot run yet
     if (cfg.model.head_size() > 128)
       fail("model: head size {} exceeds the CUDA attention's 128; train it with train.device: cpu",

@@ -586,12 +586,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     double lse_sq = 0;
     // NEFTune's noise: drawn from (seed, step, reader, micro-batch), so a resumed run draws the
     // same (the ranks of a tensor-parallel group share rows, and noise, unless sequence-parallel).
-    if (t.neftune_alpha > 0)
-      model.set_neftune(t.neftune_alpha, t.seed * 0x9e3779b97f4a7c15ull ^
-                                             static_cast<uint64_t>(step) << 20 ^
-                                             static_cast<uint64_t>(tp && !tp->sequence_parallel()
-                                                                       ? world->rank() / tp_size
-                                                                       : world->rank()));
+    // LoRA's dropout masks likewise (each rank its own: tensor parallelism is refused with it).
+    const uint64_t step_key =
+        t.seed * 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(step) << 20 ^
+        static_cast<uint64_t>(tp && !tp->sequence_parallel() ? world->rank() / tp_size
+                                                             : world->rank());
+    if (t.neftune_alpha > 0) model.set_neftune(t.neftune_alpha, step_key);
+    if (cfg.model.lora.dropout > 0) model.set_lora_dropout_key(step_key ^ 0x6c6f7261ull);
     double kl = 0;
     const dist::CommStats comm0 = dp.comm_stats();
     // (the reference's gathers under full-shard)

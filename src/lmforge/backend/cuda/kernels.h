@@ -188,6 +188,12 @@ void accumulate_rows(float* dst, const float* src, int64_t rows, int64_t cols, i
 // dst += src on a block of `rows` rows by `cols` columns, dst's rows ldd apart and src's lds.
 void accumulate_block(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
                       int64_t cols);
+// ops::dropout_forward / dropout_backward: element i kept when sr_bits(key, i) >= cut, scaled.
+// The input x (fp32) or h (bf16): one of them.
+void dropout_forward(float* out, const float* x, const uint16_t* h, int64_t n, uint32_t cut,
+                     float scale, uint32_t key);
+void dropout_backward(float* dinp, const float* g, int64_t n, uint32_t cut, float scale,
+                      uint32_t key);
 void scale(float* x, float s, int64_t n);                           // x *= s
 void axpby(float* y, float a, const float* x, float b, int64_t n);  // y = a y + b x
 void fill(float* x, float value, int64_t n);                        // x = value

@@ -1,4 +1,5 @@
 // Per-element kernels on the grid-stride map: rotary embedding, GELU, SwiGLU and AdamW.
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -387,6 +388,41 @@ void adamw_update_many(const AdamwSlot* slots, int64_t count, double lr, double 
   adamw_many_kernel<<<static_cast<unsigned>(chunks.size()), kThreads, 0, cur_stream()>>>(
       d_slots, d_chunks, sd, sn);
   LMF_CUDA_LAUNCHED();
+}
+
+namespace {
+__global__ void dropout_forward_kernel(float* out, const float* x, const uint16_t* h, int64_t n,
+                                       uint32_t cut, float scale, uint32_t key) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = x ? x[i] : __uint_as_float(static_cast<uint32_t>(h[i]) << 16);
+    out[i] = sr_bits(key, static_cast<uint32_t>(i)) >= cut ? v * scale : 0.0f;
+  }
+}
+__global__ void dropout_backward_kernel(float* dinp, const float* g, int64_t n, uint32_t cut,
+                                        float scale, uint32_t key) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    if (sr_bits(key, static_cast<uint32_t>(i)) >= cut) dinp[i] = __fadd_rn(dinp[i], g[i] * scale);
+}
+unsigned dropout_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));
+}
+}  // namespace
+
+void dropout_forward(float* out, const float* x, const uint16_t* h, int64_t n, uint32_t cut,
+                     float scale, uint32_t key) {
+  if (n <= 0) return;
+  dropout_forward_kernel<<<dropout_blocks(n), 256, 0, cur_stream()>>>(out, x, h, n, cut, scale,
+                                                                      key);
+  LMF_CUDA(cudaGetLastError());
+}
+
+void dropout_backward(float* dinp, const float* g, int64_t n, uint32_t cut, float scale,
+                      uint32_t key) {
+  if (n <= 0) return;
+  dropout_backward_kernel<<<dropout_blocks(n), 256, 0, cur_stream()>>>(dinp, g, n, cut, scale, key);
+  LMF_CUDA(cudaGetLastError());
 }
 
 }  // namespace lmforge::cuda
