@@ -144,9 +144,10 @@ class LoraLinear(nn.Module):
     base(x) + (alpha / r) B A x with its own A ~ U(+-1/sqrt(in)) and B = 0, as PEFT adapts
     q_proj, k_proj and v_proj apart."""
 
-    def __init__(self, base, r, alpha, pieces=None):
+    def __init__(self, base, r, alpha, pieces=None, dropout=0.0):
         super().__init__()
         self.base, self.s = base, alpha / r
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # PEFT's lora_dropout
         self.pieces = pieces or [base.out_features]
         bound = 1.0 / math.sqrt(base.in_features)
         self.A = nn.ParameterList(
@@ -159,11 +160,11 @@ class LoraLinear(nn.Module):
     def forward(self, x):
         if not LoraLinear.enabled:
             return self.base(x)
-        delta = [F.linear(F.linear(x, a), b) for a, b in zip(self.A, self.B)]
+        delta = [F.linear(F.linear(self.drop(x), a), b) for a, b in zip(self.A, self.B)]
         return self.base(x) + self.s * (delta[0] if len(delta) == 1 else torch.cat(delta, -1))
 
 
-def add_lora(model, r, alpha):
+def add_lora(model, r, alpha, dropout=0.0):
     """Freezes every weight and wraps each block's linear layers with adapters, one per Hugging
     Face module (Llama's qkv is q_proj, k_proj, v_proj; gate_up is gate_proj, up_proj)."""
     for p in model.parameters():
@@ -178,7 +179,7 @@ def add_lora(model, r, alpha):
                     pieces = [block.nh * block.hs, block.nkv * block.hs, block.nkv * block.hs]
                 elif isinstance(block, LlamaBlock) and name == "gate_up":
                     pieces = [child.out_features // 2] * 2
-                setattr(block, name, LoraLinear(child, r, alpha, pieces))
+                setattr(block, name, LoraLinear(child, r, alpha, pieces, dropout))
 
 
 def row_logps(model, idx, tgt):
@@ -248,6 +249,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters on every block linear")
     ap.add_argument("--lora-alpha", type=float, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="PEFT's lora_dropout")
     ap.add_argument("--objective", default="clm", choices=["clm", "dpo", "distill"],
                     help="dpo: rows 2j, 2j+1 a pair; TRL's sigmoid loss, beta 0.1, the reference "
                     "a frozen copy (with --lora-rank the model with its adapters off); distill: "
@@ -279,7 +281,7 @@ def main():
         (model.wte.weight.numel() if model.head is not None else 0)
     gflop = (6 * n + 12 * len(model.blocks) * model.wte.weight.shape[1] * a.seq) / 1e9
     if a.lora_rank:
-        add_lora(model, a.lora_rank, a.lora_alpha)
+        add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout)
     model.to(dev)
     if teacher is not None:
         teacher.to(dev)
@@ -319,7 +321,8 @@ def main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
     tag = a.precision + ("+compile" if a.compile else "") + \
-        (f"+lora{a.lora_rank}" if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "") + \
+        (f"+lora{a.lora_rank}" + (f"-dropout{a.lora_dropout:g}" if a.lora_dropout else "")
+         if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "") + \
         (f"+distill({a.teacher or a.model})" if a.objective == "distill" else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "
           f"{a.batch * a.seq * a.steps / total:.1f} tok/s")

@@ -171,6 +171,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0, lora_rank = 0;
+    double lora_dropout = 0;
     bool cuda_graphs = false;
     std::string precision = "fp32", master_weights = "fp32", recompute = "none", device = "cpu",
                 activations = "bf16", outputs = "bf16", objective = "clm", teacher;
@@ -201,6 +202,9 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--lora-rank", o->lora_rank,
                   "LoRA adapters of this rank on every block layer (as model.lora_rank; the rest "
                   "frozen); 0 = full training")
+      ->capture_default_str();
+  cmd->add_option("--lora-dropout", o->lora_dropout,
+                  "With --lora-rank: dropout on the adapters' input (as model.lora_dropout)")
       ->capture_default_str();
   cmd->add_option("--objective", o->objective,
                   "clm | dpo | distill (as train.objective; dpo: rows 2j, 2j+1 a pair, a "
@@ -234,7 +238,11 @@ void add_bench(CLI::App& app) {
       fail("--batch: {} is odd; a DPO pair takes two rows", o->batch);
     ModelConfig mc = model_preset(o->model);
     mc.lora.rank = o->lora_rank;
-    mc.validate();  // the rank
+    mc.lora.dropout = o->lora_dropout;
+    if (o->lora_dropout != 0 && o->lora_rank == 0) fail("--lora-dropout: only with --lora-rank");
+    if (o->lora_dropout > 0 && o->cuda_graphs)
+      fail("--lora-dropout: not with --cuda-graphs (each micro-batch draws a new mask)");
+    mc.validate();  // the rank and dropout
     // (distill: the teacher as the trainer holds it, in bf16 alone under bf16)
     const std::optional<ModelConfig> tc =
         o->objective == "distill"
@@ -367,14 +375,18 @@ void add_bench(CLI::App& app) {
                                         100 * fpt * tps / 1e12 / peak, peak)
                           : "");
     }
-    fmt::print("lmforge {} B={} T={} {}{}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq,
-               o->precision, o->lora_rank ? fmt::format("+lora{}", o->lora_rank) : "",
-               dpo       ? "+dpo"
-               : teacher ? fmt::format("+distill({})", teacher->config().preset.empty()
-                                                           ? o->model
-                                                           : teacher->config().preset)
-                         : "",
-               tps);
+    fmt::print(
+        "lmforge {} B={} T={} {}{}{}: {:.1f} tok/s\n", o->model, o->batch, o->seq, o->precision,
+        o->lora_rank
+            ? fmt::format("+lora{}{}", o->lora_rank,
+                          o->lora_dropout > 0 ? fmt::format("-dropout{:g}", o->lora_dropout) : "")
+            : "",
+        dpo ? "+dpo"
+        : teacher
+            ? fmt::format("+distill({})",
+                          teacher->config().preset.empty() ? o->model : teacher->config().preset)
+            : "",
+        tps);
   });
   add_bench_tokenizer(*bench);
   add_bench_loader(*bench);

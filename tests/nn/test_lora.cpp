@@ -454,6 +454,15 @@ TEST(Lora, DropoutFollowsItsDefinition) {
     }
   }
   EXPECT_NEAR(static_cast<double>(zeros) / M, p, 0.003);
+  // A bf16 input (bf16 matmul inputs) is widened exactly first: the same as its fp32 values.
+  const Tensor r32 = Tensor::empty({1000}, DType::kF32), r16 = Tensor::empty({1000}, DType::kBF16);
+  for (int64_t i = 0; i < 1000; ++i) r32.data<float>()[i] = static_cast<float>(rng.normal());
+  ops::to_bf16(r16, r32);
+  ops::from_bf16(r32, r16);
+  const Tensor o32 = Tensor::empty({1000}, DType::kF32), o16 = Tensor::empty({1000}, DType::kF32);
+  ops::dropout_forward(o32, r32, p, 5);
+  ops::dropout_forward(o16, r16, p, 5);
+  EXPECT_EQ(std::memcmp(o32.raw(), o16.raw(), o32.nbytes()), 0);
 }
 
 // In a model: evaluation applies no dropout (the same logits as the model without it), training

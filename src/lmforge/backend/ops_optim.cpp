@@ -146,15 +146,9 @@ void dropout_forward(const Tensor& out, const Tensor& inp, double p, uint32_t ke
   dispatch_device(
       "dropout_forward", out,
       [&] {
-        float* o = out.data<float>();
-        const bool bf = inp.dtype() == DType::kBF16;
-        const float* x = bf ? nullptr : inp.data<float>();
-        const uint16_t* h = bf ? inp.bf16_data() : nullptr;
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; ++i) {
-          const float v = bf ? bf16_to_fp32(h[i]) : x[i];
-          o[i] = sr_bits(key, static_cast<uint32_t>(i)) >= cut ? v * scale : 0.0f;
-        }
+        cpu::dropout_forward(
+            out.data<float>(), inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr,
+            inp.dtype() == DType::kBF16 ? inp.bf16_data() : nullptr, n, cut, scale, key);
       },
       LMF_GPU(cuda::dropout_forward(
           out.data<float>(), inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr,
@@ -172,13 +166,7 @@ void dropout_backward(const Tensor& dinp, const Tensor& g, double p, uint32_t ke
   const int64_t n = g.numel();
   dispatch_device(
       "dropout_backward", dinp,
-      [&] {
-        float* d = dinp.data<float>();
-        const float* x = g.data<float>();
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; ++i)
-          if (sr_bits(key, static_cast<uint32_t>(i)) >= cut) d[i] += x[i] * scale;
-      },
+      [&] { cpu::dropout_backward(dinp.data<float>(), g.data<float>(), n, cut, scale, key); },
       LMF_GPU(cuda::dropout_backward(dinp.data<float>(), g.data<float>(), n, cut, scale, key)));
 }
 

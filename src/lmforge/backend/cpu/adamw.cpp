@@ -124,22 +124,10 @@ void adamw_sr_portable(uint16_t* p, const float* g, float* m, float* v, int64_t 
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i hash32_avx512(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void adamw_sr_avx512(
-    uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamScalars& s, uint32_t key,
-    uint32_t index0) {
+LMF_AVX512 void adamw_sr_avx512(uint16_t* p, const float* g, float* m, float* v, int64_t n,
+                                const AdamScalars& s, uint32_t key, uint32_t index0) {
   const AdamLanes adam(s);
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i vkey = _mm512_set1_epi32(static_cast<int>(key)),
-                golden = _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)),
-                low16 = _mm512_set1_epi32(0xffff), abs_mask = _mm512_set1_epi32(0x7fffffff),
+  const __m512i low16 = _mm512_set1_epi32(0xffff), abs_mask = _mm512_set1_epi32(0x7fffffff),
                 exp_mask = _mm512_set1_epi32(0x7f800000), quiet = _mm512_set1_epi32(0x40 << 16);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -148,9 +136,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void adamw_sr_avx512(
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), g + i, m + i, v + i);
     // bf16_round_stochastic, lanewise: finite values get the random offset, NaN its quiet bit,
     // inf nothing.
-    const __m512i idx = _mm512_add_epi32(
-        _mm512_set1_epi32(static_cast<int>(index0 + static_cast<uint32_t>(i))), lanes);
-    const __m512i bits = hash32_avx512(_mm512_xor_si512(_mm512_mullo_epi32(idx, golden), vkey));
+    const __m512i bits = sr_bits16(key, index0 + static_cast<uint32_t>(i));
     const __m512i u = _mm512_castps_si512(pi);
     const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, exp_mask), exp_mask);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), exp_mask);

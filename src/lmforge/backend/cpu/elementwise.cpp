@@ -5,6 +5,7 @@
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/dtype.h"
+#include "lmforge/core/stochastic_round.h"
 
 namespace lmforge::cpu {
 
@@ -118,6 +119,74 @@ double sum_squares(const T* x, int64_t n) {
   double total = 0;
   for (int64_t b = 0; b < nb; ++b) total += partial[b];
   return total;
+}
+
+namespace {
+constexpr int64_t kDropChunk = 1 << 14;  // a multiple of 16
+
+LMF_AVX512 void dropout_forward_avx512(float* out, const float* x, const uint16_t* h, int64_t n,
+                                       uint32_t cut, float scale, uint32_t key, uint32_t i0) {
+  const __m512i vcut = _mm512_set1_epi32(static_cast<int>(cut));
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    // (bf16 widened with zero-masked ops: GCC 12 warns of load16's undefined sources here)
+    const __m512 v =
+        x ? load16(x + i, m)
+          : _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+                m, _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, h + i)), 16));
+    const __mmask16 keep =
+        _mm512_cmpge_epu32_mask(sr_bits16(key, i0 + static_cast<uint32_t>(i)), vcut);
+    store16(out + i, m, _mm512_maskz_mul_ps(keep, v, vs));
+  }
+}
+
+LMF_AVX512 void dropout_backward_avx512(float* dinp, const float* g, int64_t n, uint32_t cut,
+                                        float scale, uint32_t key, uint32_t i0) {
+  const __m512i vcut = _mm512_set1_epi32(static_cast<int>(cut));
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __mmask16 keep =
+        m & _mm512_cmpge_epu32_mask(sr_bits16(key, i0 + static_cast<uint32_t>(i)), vcut);
+    const __m512 d = _mm512_maskz_loadu_ps(m, dinp + i);
+    _mm512_mask_storeu_ps(dinp + i, keep,
+                          _mm512_add_ps(d, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i), vs)));
+  }
+}
+}  // namespace
+
+void dropout_forward(float* out, const float* x, const uint16_t* h, int64_t n, uint32_t cut,
+                     float scale, uint32_t key) {
+  static const bool avx512 = has_avx512();
+#pragma omp parallel for schedule(static) if (n > kDropChunk)
+  for (int64_t c = 0; c < n; c += kDropChunk) {
+    const int64_t len = std::min(kDropChunk, n - c);
+    if (avx512) {
+      dropout_forward_avx512(out + c, x ? x + c : nullptr, h ? h + c : nullptr, len, cut, scale,
+                             key, static_cast<uint32_t>(c));
+      continue;
+    }
+    for (int64_t i = c; i < c + len; ++i) {
+      const float v = x ? x[i] : bf16_to_fp32(h[i]);
+      out[i] = sr_bits(key, static_cast<uint32_t>(i)) >= cut ? v * scale : 0.0f;
+    }
+  }
+}
+
+void dropout_backward(float* dinp, const float* g, int64_t n, uint32_t cut, float scale,
+                      uint32_t key) {
+  static const bool avx512 = has_avx512();
+#pragma omp parallel for schedule(static) if (n > kDropChunk)
+  for (int64_t c = 0; c < n; c += kDropChunk) {
+    const int64_t len = std::min(kDropChunk, n - c);
+    if (avx512) {
+      dropout_backward_avx512(dinp + c, g + c, len, cut, scale, key, static_cast<uint32_t>(c));
+      continue;
+    }
+    for (int64_t i = c; i < c + len; ++i)
+      if (sr_bits(key, static_cast<uint32_t>(i)) >= cut) dinp[i] += g[i] * scale;
+  }
 }
 
 #define LMF_INSTANTIATE(T)                               \

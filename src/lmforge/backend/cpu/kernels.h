@@ -319,6 +319,12 @@ template <typename T>
 void add(T* out, const T* a, const T* b, int64_t n);
 // out = a + b with b bf16, widened exactly (a residual branch's bf16 matmul output).
 void add(float* out, const float* a, const uint16_t* b, int64_t n);
+// ops::dropout_forward / dropout_backward: element i kept when sr_bits(key, i) >= cut, scaled by
+// `scale`; the input x (fp32) or h (bf16), one of them.
+void dropout_forward(float* out, const float* x, const uint16_t* h, int64_t n, uint32_t cut,
+                     float scale, uint32_t key);
+void dropout_backward(float* dinp, const float* g, int64_t n, uint32_t cut, float scale,
+                      uint32_t key);
 template <typename T>
 void accumulate(T* dst, const T* src, int64_t n);
 template <typename T>

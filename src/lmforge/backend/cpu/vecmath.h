@@ -72,6 +72,25 @@ LMF_AVX512 inline __m512 sigmoid512(__m512 x) {
 }
 
 // The mask of the first min(n, 16) lanes: all 16 in the body of a loop, the tail at its end.
+// core/stochastic_round.h's hash32 and sr_bits(key, index0 + lane) on 16 lanes.
+LMF_AVX512 inline __m512i hash32_avx512(__m512i x) {
+  // (the zero-masked shifts: GCC 12 warns of the unmasked ones' undefined source once inlined)
+  const __mmask16 all = 0xffff;
+  x = _mm512_xor_si512(x, _mm512_maskz_srli_epi32(all, x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_maskz_srli_epi32(all, x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_maskz_srli_epi32(all, x, 16));
+}
+LMF_AVX512 inline __m512i sr_bits16(uint32_t key, uint32_t index0) {
+  const __m512i idx =
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index0)),
+                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return hash32_avx512(
+      _mm512_xor_si512(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int>(0x9e3779b9u))),
+                       _mm512_set1_epi32(static_cast<int>(key))));
+}
+
 LMF_AVX512 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
