@@ -162,6 +162,14 @@ TEST(Lora, DropoutResumesBitExactly) {
             std::string::npos)
       << r.err << r.out;
   EXPECT_FALSE(std::filesystem::exists(dir + "/tp/checkpoints"));
+  // Dropout without adapters would do nothing: one clear error.
+  r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.lora_dropout=0.1 --set run.dir=none", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("model.lora_dropout: 0.1 drops the LoRA adapters' input, but the model has "
+                       "none"),
+            std::string::npos)
+      << r.err;
 }
 
 // LoRA from a pretrained checkpoint by config keys alone: the adapters learn, the base weights in

@@ -440,14 +440,20 @@ TEST(Lora, DropoutFollowsItsDefinition) {
     moved += std::fabs(plain.data<float>()[i] - out.data<float>()[i]);
   EXPECT_GT(moved, 1e-3);
 
-  // About p of a million elements dropped, the rest scaled by 1 / (1 - p).
-  const int64_t M = 1 << 20;
+  // A million elements (many of the kernel's chunks): each dropped exactly where the definition
+  // says, about p of them, the rest scaled by 1 / (1 - p); the backward keeps the same ones.
+  const int64_t M = (1 << 20) + 7;
+  const uint32_t cut = static_cast<uint32_t>(p * 4294967296.0);
   const Tensor ones = Tensor::empty({M}, DType::kF32), d = Tensor::empty({M}, DType::kF32);
   ones.fill_(1.0);
   ops::dropout_forward(d, ones, p, 99);
+  const Tensor back = Tensor::zeros({M}, DType::kF32);
+  ops::dropout_backward(back, ones, p, 99);
   int64_t zeros = 0;
   for (int64_t i = 0; i < M; ++i) {
     const float v = d.data<float>()[i];
+    ASSERT_EQ(v == 0.0f, sr_bits(99, static_cast<uint32_t>(i)) < cut) << i;
+    ASSERT_EQ(back.data<float>()[i], v) << i;
     zeros += v == 0.0f;
     if (v != 0.0f) {
       ASSERT_EQ(v, static_cast<float>(1.0 / (1.0 - p))) << i;

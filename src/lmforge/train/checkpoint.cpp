@@ -620,7 +620,8 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
   ModelConfig saved = checkpoint_model_config(ckpt_dir), cur = cfg;
   auto a = model_fields(saved), b = model_fields(cur);
   for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].key == "preset" || a[i].key == "init_std") continue;
+    // (lora_dropout: a training knob, not the architecture)
+    if (a[i].key == "preset" || a[i].key == "init_std" || a[i].key == "lora_dropout") continue;
     if (field_value(a[i]) != field_value(b[i]))
       fail(
           "{}: checkpoint has model.{}={} but the config says {}; resume with the config it was "

@@ -178,6 +178,11 @@ RunSetup setup_run(Config& cfg) {
   }
 
   // Model.
+  if (cfg.model.lora.dropout > 0 && !cfg.model.lora.on())
+    fail(
+        "model.lora_dropout: {} drops the LoRA adapters' input, but the model has none; set "
+        "model.lora_rank, or remove model.lora_dropout",
+        cfg.model.lora.dropout);
   if (cfg.model.lora.on() && cfg.model.lora.dropout > 0) {  // (after init_from's, as it may set it)
     if (tp > 1)
       fail(

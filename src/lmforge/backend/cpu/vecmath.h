@@ -71,7 +71,6 @@ LMF_AVX512 inline __m512 sigmoid512(__m512 x) {
   return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
-// The mask of the first min(n, 16) lanes: all 16 in the body of a loop, the tail at its end.
 // core/stochastic_round.h's hash32 and sr_bits(key, index0 + lane) on 16 lanes.
 LMF_AVX512 inline __m512i hash32_avx512(__m512i x) {
   // (the zero-masked shifts: GCC 12 warns of the unmasked ones' undefined source once inlined)
@@ -91,6 +90,7 @@ LMF_AVX512 inline __m512i sr_bits16(uint32_t key, uint32_t index0) {
                        _mm512_set1_epi32(static_cast<int>(key))));
 }
 
+// The mask of the first min(n, 16) lanes: all 16 in the body of a loop, the tail at its end.
 LMF_AVX512 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
