@@ -574,28 +574,6 @@ void adamw_sr(Rng& rng, int64_t n, int64_t step, uint32_t index0) {
   EXPECT_TRUE(close("v", d_v.host(), v, kExact));
 }
 
-// LoRA's dropout: the same mask (a hash of the element's index) and values as the CPU, from fp32
-// and bf16 inputs, forward and backward, bit-identical.
-void dropout(Rng& rng, int64_t n, double p) {
-  const uint32_t cut = static_cast<uint32_t>(p * 4294967296.0), key = 0x5eedu;
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  const std::vector<float> x = randn(rng, n), g = randn(rng, n), d0 = randn(rng, n);
-  std::vector<uint16_t> h(n);
-  for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_bf16(x[i]);
-  std::vector<float> o32(n), o16(n), d = d0;
-  cpu::dropout_forward(o32.data(), x.data(), nullptr, n, cut, scale, key);
-  cpu::dropout_forward(o16.data(), nullptr, h.data(), n, cut, scale, key);
-  cpu::dropout_backward(d.data(), g.data(), n, cut, scale, key);
-  DeviceArray<float> d_x(x), d_g(g), d_o32(zeros(n)), d_o16(zeros(n)), d_d(d0);
-  DeviceArray<uint16_t> d_h(h);
-  cuda::dropout_forward(d_o32.get(), d_x.get(), nullptr, n, cut, scale, key);
-  cuda::dropout_forward(d_o16.get(), nullptr, d_h.get(), n, cut, scale, key);
-  cuda::dropout_backward(d_d.get(), d_g.get(), n, cut, scale, key);
-  EXPECT_TRUE(close("fp32 in", d_o32.host(), o32, kExact));
-  EXPECT_TRUE(close("bf16 in", d_o16.host(), o16, kExact));
-  EXPECT_TRUE(close("backward", d_d.host(), d, kExact));
-}
-
 // The whole step in one launch (adamw_update_many): fp32 slots with and without a bf16 copy and
 // weight decay, one of them unaligned (the scalar path) and spanning several chunks, and a bf16
 // master slot, against the CPU's one call per slot: bit-identical.
@@ -703,8 +681,6 @@ std::vector<Case> cases() {
       {"adamw_n5_step1", [](Rng& r) { adamw(r, 5, false, 1); }},
       {"adamw_p16_n1000003_step10", [](Rng& r) { adamw(r, 1000003, true, 10); }},
       {"adamw_sr_n5_step1", [](Rng& r) { adamw_sr(r, 5, 1, 0); }},
-      {"dropout_n5", [](Rng& r) { dropout(r, 5, 0.3); }},
-      {"dropout_n100003", [](Rng& r) { dropout(r, 100003, 0.05); }},
       {"bf16_outputs_N33_C768", [](Rng& r) { bf16_outputs(r, 33, 768); }},
       {"bf16_outputs_N7_C37", [](Rng& r) { bf16_outputs(r, 7, 37); }},
       {"bf16_matmul_outputs_N64_F768", [](Rng& r) { bf16_matmul_outputs(r, 64, 768); }},
