@@ -418,8 +418,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       tp ? fmt::format(" (a rank's share: {:.2f}M parameters)", model.params().numel() / 1e6) : "");
   if (cfg.model.lora.on())
     fmt::print(
-        "LoRA rank {} alpha {} on {}: {:.3f}M trainable parameters ({:.2f}%), the rest frozen\n",
+        "LoRA rank {} alpha {} on {}{}: {:.3f}M trainable parameters ({:.2f}%), the rest "
+        "frozen\n",
         cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets,
+        cfg.model.lora.dropout > 0 ? fmt::format(", dropout {:g}", cfg.model.lora.dropout) : "",
         cfg.model.lora_params(/*adapted=*/true) / 1e6,
         100.0 * static_cast<double>(cfg.model.lora_params(/*adapted=*/true)) /
             static_cast<double>(model.params().numel()));
