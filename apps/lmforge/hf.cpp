@@ -70,6 +70,12 @@ void print_model(const ModelConfig& m) {
   fmt::print("features:     {}\n", features(m));
   int64_t n = m.num_params();
   fmt::print("parameters:   {} ({:.1f}M)\n", n, n / 1e6);
+  if (m.lora.on())
+    fmt::print(
+        "lora:         rank {}, alpha {:g}, on {}{}: {} adapter parameters (the base frozen)\n",
+        m.lora.rank, m.lora.alpha, m.lora.targets,
+        m.lora.dropout > 0 ? fmt::format(", dropout {:g}", m.lora.dropout) : "",
+        m.lora_params(/*adapted=*/true));
 }
 
 void print_tokenizer(const Tokenizer& t) {

@@ -398,6 +398,11 @@ TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
                                : "(rank 2, alpha 6, on qkv,down)"),
               std::string::npos)
         << r.out;
+    r = t::run_lmforge("info " + c, root);  // the kept adapters described
+    EXPECT_NE(r.out.find(llama ? "lora:         rank 4, alpha 16, on q_proj,v_proj,down:"
+                               : "lora:         rank 2, alpha 6, on qkv,down:"),
+              std::string::npos)
+        << r.out;
     r = t::run_lmforge("export --checkpoint " + c + " --to-hf merged", root);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     Transformer merged(read_hf_config(root + "/merged").model);
