@@ -95,17 +95,17 @@ void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tenso
   const int64_t ldd = dst.size(1), lds = src.size(1);
   const size_t es = dtype_size(dst.dtype());
   if (rows == 0 || cols == 0) return;
+  auto* d = static_cast<char*>(dst.raw()) + (dst_row * ldd + dst_col) * es;
+  const auto* s = static_cast<const char*>(src.raw()) + (src_row * lds + src_col) * es;
   dispatch_device(
       "copy_block", dst,
       [&] {
-        auto* d = static_cast<char*>(dst.raw()) + (dst_row * ldd + dst_col) * es;
-        const auto* s = static_cast<const char*>(src.raw()) + (src_row * lds + src_col) * es;
+        auto add = [&](auto* to, const auto* from) {
+          for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
+        };
         for (int64_t r = 0; r < rows; ++r) {
           char* dr = d + r * ldd * es;
           const char* sr = s + r * lds * es;
-          auto add = [&](auto* to, const auto* from) {
-            for (int64_t c = 0; c < cols; ++c) to[c] += from[c];
-          };
           if (!accumulate)
             std::memcpy(dr, sr, cols * es);
           else if (dst.dtype() == DType::kF32)
@@ -115,8 +115,6 @@ void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tenso
         }
       },
       LMF_GPU({
-        auto* d = static_cast<char*>(dst.raw()) + (dst_row * ldd + dst_col) * es;
-        const auto* s = static_cast<const char*>(src.raw()) + (src_row * lds + src_col) * es;
         if (!accumulate)
           cuda::memcpy_2d(d, ldd * es, s, lds * es, cols * es, rows);
         else
@@ -126,11 +124,17 @@ void copy_block(const Tensor& dst, int64_t dst_row, int64_t dst_col, const Tenso
 }
 
 namespace {
-// The dropout threshold on 32 hashed bits: element i is dropped when its bits fall below it.
-uint32_t dropout_threshold(double p) {
-  LMF_CHECK(p >= 0 && p < 1, "dropout: p {} outside [0, 1)", p);
-  return static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
-}
+// Inverted dropout of probability p on 32 hashed bits: element i is dropped when its bits fall
+// below `cut`, the others scaled.
+struct Dropout {
+  uint32_t cut;
+  float scale;
+  explicit Dropout(double p) {
+    LMF_CHECK(p >= 0 && p < 1, "dropout: p {} outside [0, 1)", p);
+    cut = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+    scale = static_cast<float>(1.0 / (1.0 - p));
+  }
+};
 }  // namespace
 
 void dropout_forward(const Tensor& out, const Tensor& inp, double p, uint32_t key) {
@@ -140,19 +144,14 @@ void dropout_forward(const Tensor& out, const Tensor& inp, double p, uint32_t ke
       out.dtype() == DType::kF32 && (inp.dtype() == DType::kF32 || inp.dtype() == DType::kBF16),
       "dropout_forward: fp32 out from fp32 or bf16, got {} from {}", dtype_name(out.dtype()),
       dtype_name(inp.dtype()));
-  const uint32_t cut = dropout_threshold(p);
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  const int64_t n = out.numel();
+  const Dropout m(p);
+  float* o = out.data<float>();
+  const float* x = inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr;
+  const uint16_t* h = inp.dtype() == DType::kBF16 ? inp.bf16_data() : nullptr;
   dispatch_device(
       "dropout_forward", out,
-      [&] {
-        cpu::dropout_forward(
-            out.data<float>(), inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr,
-            inp.dtype() == DType::kBF16 ? inp.bf16_data() : nullptr, n, cut, scale, key);
-      },
-      LMF_GPU(cuda::dropout_forward(
-          out.data<float>(), inp.dtype() == DType::kF32 ? inp.data<float>() : nullptr,
-          inp.dtype() == DType::kBF16 ? inp.bf16_data() : nullptr, n, cut, scale, key)));
+      [&] { cpu::dropout_forward(o, x, h, out.numel(), m.cut, m.scale, key); },
+      LMF_GPU(cuda::dropout_forward(o, x, h, out.numel(), m.cut, m.scale, key)));
 }
 
 void dropout_backward(const Tensor& dinp, const Tensor& g, double p, uint32_t key) {
@@ -161,13 +160,14 @@ void dropout_backward(const Tensor& dinp, const Tensor& g, double p, uint32_t ke
   LMF_CHECK(dinp.dtype() == DType::kF32 && g.dtype() == DType::kF32,
             "dropout_backward: fp32, got {} and {}", dtype_name(dinp.dtype()),
             dtype_name(g.dtype()));
-  const uint32_t cut = dropout_threshold(p);
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  const int64_t n = g.numel();
+  const Dropout m(p);
   dispatch_device(
       "dropout_backward", dinp,
-      [&] { cpu::dropout_backward(dinp.data<float>(), g.data<float>(), n, cut, scale, key); },
-      LMF_GPU(cuda::dropout_backward(dinp.data<float>(), g.data<float>(), n, cut, scale, key)));
+      [&] {
+        cpu::dropout_backward(dinp.data<float>(), g.data<float>(), g.numel(), m.cut, m.scale, key);
+      },
+      LMF_GPU(cuda::dropout_backward(dinp.data<float>(), g.data<float>(), g.numel(), m.cut, m.scale,
+                                     key)));
 }
 
 void scale(const Tensor& x, double s) {

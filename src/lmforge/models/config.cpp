@@ -150,17 +150,22 @@ std::vector<int64_t> ModelConfig::lora_pieces(const std::string& layer) const {
   return {n_embd};
 }
 
+int64_t ModelConfig::lora_in(const std::string& layer) const {
+  if (layer == "proj") return n_head * head_size();
+  if (layer == "down") return ffn();
+  LMF_CHECK(layer == "qkv" || layer == "fc", "no layer {}", layer);
+  return n_embd;
+}
+
 int64_t ModelConfig::lora_params(bool adapted) const {
   if (!lora.on()) return 0;
-  const int64_t C = n_embd, r = lora.rank;
+  const int64_t r = lora.rank;
   int64_t per_block = 0;
   // Each module of an adapted layer its A (r, in) and B (out, r) (those it leaves out too: they
   // are held, at 0), or with `adapted` those of the modules adapted alone.
-  for (auto [layer, in] : {std::pair<const char*, int64_t>{"qkv", C},
-                           {"proj", n_head * head_size()},
-                           {"fc", C},
-                           {"down", ffn()}}) {
+  for (const char* layer : kLoraLayers) {
     if (!lora_adapts(layer)) continue;
+    const int64_t in = lora_in(layer);
     const std::vector<int64_t> pieces = lora_pieces(layer);
     const std::vector<bool> on = lora_modules(layer);
     for (size_t i = 0; i < pieces.size(); ++i)

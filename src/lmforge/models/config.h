@@ -85,6 +85,7 @@ struct ModelConfig {
   // gate_proj and up_proj; GPT-2's c_attn and c_fc and Phi-3's qkv_proj and gate_up_proj are one
   // module each, as proj and down are everywhere (models/hf.h hf_pieces splits alike).
   std::vector<int64_t> lora_pieces(const std::string& layer) const;
+  int64_t lora_in(const std::string& layer) const;  // the layer's input width (each A's columns)
   // Those modules' names as Hugging Face's model has them under a block ("self_attn.q_proj",
   // GPT-2's "attn.c_attn"), and whether lora.targets adapts each: the layer's name, or a module
   // name or its last components (PEFT's rule: "c_proj" is both of GPT-2's). An adapted layer holds

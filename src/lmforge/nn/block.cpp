@@ -20,12 +20,13 @@ struct LoraLayer {
 };
 std::vector<LoraLayer> lora_layers(const ModelConfig& c) {
   std::vector<LoraLayer> out;
-  const int64_t C = c.n_embd, F = c.ffn();
-  for (auto [name, in, o] : {std::tuple<const char*, int64_t, int64_t>{"qkv", C, c.qkv_dim()},
-                             {"proj", c.n_head * c.head_size(), C},
-                             {"fc", C, c.mlp == "swiglu" ? 2 * F : F},
-                             {"down", F, C}})
-    if (c.lora_adapts(name)) out.push_back({in, o, c.lora_pieces(name)});
+  for (const char* name : {"qkv", "proj", "fc", "down"}) {
+    if (!c.lora_adapts(name)) continue;
+    std::vector<int64_t> pieces = c.lora_pieces(name);
+    int64_t o = 0;
+    for (int64_t w : pieces) o += w;
+    out.push_back({c.lora_in(name), o, std::move(pieces)});
+  }
   return out;
 }
 // The widest input of a layer with adapters (LoRA's dropout scratch: rows of it), 0 without

@@ -68,9 +68,12 @@ struct Linear {
       lora_dropout = dropout;
     }
   }
+  // Whether this call drops the adapters' input: a training forward (or its backward) with
+  // dropout.
+  bool lora_drops(const LoraDropout& drop) const { return lora_dropout > 0 && drop.x.defined(); }
   // The adapters' input: inp, or in a training forward with dropout its dropped copy in drop.x.
   Tensor lora_input(const Tensor& inp, const LoraDropout& drop) const {
-    if (lora_dropout <= 0 || !drop.x.defined()) return inp;
+    if (!lora_drops(drop)) return inp;
     LMF_CHECK(drop.x.dtype() == DType::kF32 && drop.x.numel() >= inp.numel(),
               "LoRA dropout scratch {} for an input {}", drop.x.shape().str(), inp.shape().str());
     const Tensor x = drop.x.view({-1}).slice(0, inp.numel()).view(inp.shape());
@@ -159,12 +162,12 @@ struct Linear {
     const Tensor d = dt.view({-1}).slice(0, N * lora_width()).view({N, lora_width()});
     ops::linear_forward(d, dout, bw, Tensor());
     ops::scale(d, lora_scale);
-    const Tensor ain = lora_input(inp, drop);  // (the forward's mask again)
-    if (ain.raw() == inp.raw()) {
+    if (!lora_drops(drop)) {
       ops::linear_backward(dinp, lora_a->grad, Tensor(), d, inp, lora_a->matmul_weight(),
                            lora_a->accumulate_grad());
       return;
     }
+    const Tensor ain = lora_input(inp, drop);  // (the forward's mask again)
     // Through the dropout: g = d A (written), dinp += g * mask / (1 - p).
     LMF_CHECK(drop.g.defined() && drop.g.dtype() == DType::kF32 && drop.g.numel() >= inp.numel(),
               "LoRA dropout gradient scratch for an input {}", inp.shape().str());
