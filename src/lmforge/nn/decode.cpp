@@ -37,6 +37,7 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
   Tensor att = Tensor::empty({1, n, NH * HS}, DType::kF32);
   Tensor fc = Tensor::empty({1, n, swiglu ? 2 * F : F}, DType::kF32);
   Tensor act = Tensor::empty({1, n, F}, DType::kF32);
+  Tensor lse = Tensor::empty({1, NH, pos0 == 0 && n > 1 ? n : 1}, DType::kF32);
   Norm::Saved saved{Tensor::empty({n}, DType::kF32), Tensor::empty({n}, DType::kF32)};
 
   ops::embedding_forward(x, tok, tok_emb_->value,
@@ -63,8 +64,11 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
         std::memcpy(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS,
                     HS * sizeof(float));
       }
-    cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
-                          cfg_.sliding_window);
+    if (pos0 == 0 && n > 1)  // a whole prompt: the training forward's tiled attention
+      ops::attention_forward(att, lse, qkv, NH, NKV, cfg_.sliding_window);
+    else
+      cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
+                            cfg_.sliding_window);
     b.proj.forward(o, att);
     ops::add(x_mid, x, o);
     b.norm2.forward(h, saved, x_mid);

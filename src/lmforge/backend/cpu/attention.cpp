@@ -494,17 +494,88 @@ template void attention_backward_bf16<uint16_t>(float*, const uint16_t*, const u
                                                 const uint16_t*, const float*, int64_t, int64_t,
                                                 int64_t, int64_t, int64_t, int64_t, const int32_t*);
 
+namespace {
+// One query row of one head against the cached keys [lo, len): out (HS) = softmax(q K^T scale) V,
+// att: scratch for the scores. The portable form (fp32 products, double softmax sums).
+void decode_row(float* o, const float* qh, const float* K, const float* Vc, int64_t lo, int64_t len,
+                int64_t HS, float scale, float* att) {
+  float mx = -INFINITY;
+  for (int64_t j = lo; j < len; ++j) {
+    float s = 0;
+    for (int64_t d = 0; d < HS; ++d) s += qh[d] * K[j * HS + d];
+    att[j] = s * scale;
+    mx = std::max(mx, att[j]);
+  }
+  double sum = 0;
+  for (int64_t j = lo; j < len; ++j) {
+    att[j] = std::exp(att[j] - mx);
+    sum += att[j];
+  }
+  for (int64_t d = 0; d < HS; ++d) o[d] = 0;
+  for (int64_t j = lo; j < len; ++j) {
+    float w = static_cast<float>(att[j] / sum);
+    for (int64_t d = 0; d < HS; ++d) o[d] += w * Vc[j * HS + d];
+  }
+}
+
+// The same on AVX-512: the dot products 16 lanes at a time, exp512 over 16 scores, the sum in
+// double lanes, and the output accumulated in registers for up to 128 columns at a time.
+LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const float* K, const float* Vc,
+                                  int64_t lo, int64_t len, int64_t HS, float scale, float* att) {
+  const int64_t chunks = (HS + 15) / 16;
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = lo; j < len; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 m = lanes(HS - 16 * c);
+      acc = _mm512_fmadd_ps(load16(qh + 16 * c, m), load16(K + j * HS + 16 * c, m), acc);
+    }
+    att[j] = _mm512_reduce_add_ps(acc) * scale;
+  }
+  for (int64_t j = lo; j < len; j += 16)
+    mx = _mm512_mask_max_ps(mx, lanes(len - j), mx, _mm512_maskz_loadu_ps(lanes(len - j), att + j));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512d sum = _mm512_setzero_pd();
+  for (int64_t j = lo; j < len; j += 16) {
+    const __mmask16 m = lanes(len - j);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(load16(att + j, m), top)));
+    _mm512_mask_storeu_ps(att + j, m, e);
+    sum = _mm512_add_pd(sum, _mm512_add_pd(lo_pd(e), hi_pd(e)));
+  }
+  const float inv = static_cast<float>(1.0 / _mm512_reduce_add_pd(sum));
+  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {  // 8 vectors of the output at a time
+    const int64_t nc = std::min<int64_t>(8, chunks - c0);
+    __m512 acc[8];
+    for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t j = lo; j < len; ++j) {
+      const __m512 w = _mm512_set1_ps(att[j] * inv);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t d = 16 * (c0 + c);
+        acc[c] = _mm512_fmadd_ps(w, load16(Vc + j * HS + d, lanes(HS - d)), acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t d = 16 * (c0 + c);
+      store16(o + d, lanes(HS - d), acc[c]);
+    }
+  }
+}
+}  // namespace
+
 void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
                       const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
                       int64_t NKV, int64_t HS, int64_t window) {
   const int64_t group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  // One row of scores per thread, allocated before the parallel region (a bad_alloc inside it
-  // would end the process); per generate call, not a training step.
-  std::vector<float> rows(static_cast<size_t>(omp_get_max_threads()) * (pos0 + n));
+  const bool avx512 = has_avx512();
+  // One row of scores per thread (+ 16: the vector loops read whole vectors), allocated before
+  // the parallel region (a bad_alloc inside it would end the process); per generate call, not a
+  // training step.
+  const int64_t row = pos0 + n + 16;
+  std::vector<float> rows(static_cast<size_t>(omp_get_max_threads() * row));
 #pragma omp parallel
   {
-    float* att = rows.data() + static_cast<size_t>(omp_get_thread_num()) * (pos0 + n);
+    float* att = rows.data() + static_cast<size_t>(omp_get_thread_num()) * row;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < NH; ++h) {
@@ -512,24 +583,11 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
         const float* K = kcache + (h / group) * T_max * HS;
         const float* Vc = vcache + (h / group) * T_max * HS;
         const int64_t len = pos0 + i + 1, lo = first_key(pos0 + i, window);
-        float mx = -INFINITY;
-        for (int64_t j = lo; j < len; ++j) {
-          float s = 0;
-          for (int64_t d = 0; d < HS; ++d) s += qh[d] * K[j * HS + d];
-          att[j] = s * scale;
-          mx = std::max(mx, att[j]);
-        }
-        double sum = 0;
-        for (int64_t j = lo; j < len; ++j) {
-          att[j] = std::exp(att[j] - mx);
-          sum += att[j];
-        }
         float* o = out + i * NH * HS + h * HS;
-        for (int64_t d = 0; d < HS; ++d) o[d] = 0;
-        for (int64_t j = lo; j < len; ++j) {
-          float w = static_cast<float>(att[j] / sum);
-          for (int64_t d = 0; d < HS; ++d) o[d] += w * Vc[j * HS + d];
-        }
+        if (avx512)
+          decode_row_avx512(o, qh, K, Vc, lo, len, HS, scale, att);
+        else
+          decode_row(o, qh, K, Vc, lo, len, HS, scale, att);
       }
   }
 }

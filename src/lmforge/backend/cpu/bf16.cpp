@@ -481,6 +481,8 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t
         for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = bias ? bias[j] : 0.0f;
     return;
   }
+  if (!ta && tb && gemv_takes(M))  // decoding's matrix-vector products
+    return gemv_bf16(M, N, K, A, lda, B, ldb, bias, accumulate, C, ldc);
   if (ta && !tb && !bias && weight_grad_gemm_takes(M, N, K))
     return gemm_bf16_weight_grad(M, N, K, A, lda, B, ldb, accumulate, C, ldc);  // weight gradients
   Bf16Gemm::get().run({ta, tb, accumulate, bias != nullptr, false, M, N, K, lda, ldb, ldc}, A, B,

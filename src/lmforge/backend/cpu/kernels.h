@@ -87,6 +87,17 @@ bool gemm_bf16_tile_available();
 void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                     int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
                     int64_t ldc);
+// Matrix-vector products (cpu/gemv.cpp): C (M, N) = A (M, K) B (N, K)^T [+ bias (N)], or C +=
+// with accumulate, for M <= kGemvMaxRows rows of A (decoding's activations against a weight),
+// bound by streaming B once. fp32, or A and B bf16 (AVX512-BF16's dot products, else B widened
+// in registers) with fp32 accumulation. linear_forward and gemm_bf16 send their (!trans_a,
+// trans_b) products of such M here where gemv_takes(M): AVX-512 present (oneDNN otherwise).
+constexpr int64_t kGemvMaxRows = 4;
+bool gemv_takes(int64_t M);
+void gemv(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+          const float* bias, bool accumulate, float* C, int64_t ldc);
+void gemv_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+               int64_t ldb, const float* bias, bool accumulate, float* C, int64_t ldc);
 // The weight-gradient product of our own (cpu/amx.cpp): C (M, N) fp32 = A^T B, or += with
 // accumulate, A (K, M) and B (K, N) bf16 row-major, K short (the tokens of a step), on AMX tiles
 // or, without AMX, with AVX512-BF16 dot products. gemm_bf16 sends its (trans_a, !trans_b) fp32

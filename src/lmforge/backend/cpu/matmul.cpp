@@ -62,6 +62,8 @@ template <typename T>
 void linear_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t N, int64_t C,
                     int64_t OC) {
   // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC)
+  if constexpr (std::is_same_v<T, float>)
+    if (gemv_takes(N)) return gemv(N, OC, C, inp, C, weight, C, bias, false, out, OC);
   gemm<T>(false, true, N, OC, C, T(1), inp, C, weight, C, T(0), out, OC);
   if (bias) {
 #pragma omp parallel for schedule(static)
