@@ -2,8 +2,11 @@
 // through decode() gives, for the last token, the logits forward() gives at that position.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "lmforge/core/error.h"
@@ -15,11 +18,21 @@
 namespace lmforge {
 
 namespace {
-void check_decode_matches_forward(ModelConfig cfg) {
+// The last position's logits of a prompt chunk at position 0 (the tiled attention), a chunk of 3
+// after it (the cache's attention, several rows) and single tokens, against the full forward.
+// bf16: the weights held in bf16 (generate --precision bf16) against the training forward with
+// bf16 weights and fp32 activations: the same matmuls of bf16-rounded inputs, in another order.
+void check_decode_matches_forward(ModelConfig cfg, bool bf16 = false) {
   cfg.vocab_size = 97;
   cfg.n_layer = 2;
   Transformer model(cfg);
   model.init_weights(3);
+  if (bf16) {
+    model.enable_bf16();
+    model.use_bf16_master();
+    model.set_bf16_activations(false);
+    model.set_bf16_matmul_outputs(false);
+  }
   const int64_t T = 11;
   model.plan(1, T, Recompute::kNone, /*keep_logits=*/true);
   Tensor tok = Tensor::empty({1, T}, DType::kI32);
@@ -30,15 +43,16 @@ void check_decode_matches_forward(ModelConfig cfg) {
 
   KvCache cache = model.make_cache(T);
   const int32_t* ids = tok.data<int32_t>();
-  model.decode(cache, ids, 6, 0);  // a prompt chunk, then single tokens
-  Tensor last;
-  for (int64_t t = 6; t < T; ++t) last = model.decode(cache, ids + t, 1, t);
+  model.decode(cache, ids, 5, 0);
+  Tensor last = model.decode(cache, ids + 5, 3, 5);
+  for (int64_t t = 8; t < T; ++t) last = model.decode(cache, ids + t, 1, t);
   double max_err = 0, max_ref = 0;
   for (int v = 0; v < 97; ++v) {
     max_err = std::max(max_err, static_cast<double>(std::fabs(last.data<float>()[v] - ref[v])));
     max_ref = std::max(max_ref, static_cast<double>(std::fabs(ref[v])));
   }
-  EXPECT_LT(max_err / max_ref, 1e-5) << cfg.preset << " max abs err " << max_err;
+  EXPECT_LT(max_err / max_ref, bf16 ? 2e-3 : 1e-5)
+      << cfg.preset << (bf16 ? " bf16" : "") << " max abs err " << max_err;
 }
 }  // namespace
 
@@ -47,6 +61,10 @@ TEST(Decode, KvCacheMatchesFullForwardGpt2) {
 }
 TEST(Decode, KvCacheMatchesFullForwardLlama) {
   check_decode_matches_forward(model_preset("llama3-tiny"));
+}
+TEST(Decode, Bf16WeightsMatchTheBf16Forward) {
+  check_decode_matches_forward(model_preset("gpt2-tiny"), /*bf16=*/true);
+  check_decode_matches_forward(model_preset("llama3-tiny"), /*bf16=*/true);
 }
 
 // Qwen3-style q/k norms with head_dim != n_embd / n_head, and a Mistral-style window shorter
@@ -117,6 +135,71 @@ TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
     const double p = std::exp(logits[v] / 0.7) / z;
     // 5 standard deviations of a binomial count
     EXPECT_NEAR(count[v], n * p, 5 * std::sqrt(n * p * (1 - p))) << v;
+  }
+}
+
+// top_k and top_p keep the sets they define over the order by logit (ties: lower id first), and
+// sample within them by the renormalised tempered softmax: a vocabulary of 3000 with ties, a
+// nucleus of a few ids and one of most of the vocabulary (past the prefix sample_token sorts
+// first), top_k alone and with top_p; against the definition computed here in double.
+TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
+  const int64_t V = 3000;
+  for (double spread : {0.05, 3.0}) {  // nearly flat; peaked
+    std::vector<float> logits(V);
+    Rng init(5);
+    for (float& l : logits) l = static_cast<float>(init.normal() * spread);
+    for (int64_t i = 0; i < V; i += 7) logits[i] = logits[i / 2];  // ties
+    std::vector<int32_t> order(V);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+    for (auto [top_k, top_p] :
+         std::vector<std::pair<int64_t, double>>{{0, 0.9}, {0, 0.3}, {40, 1.0}, {2000, 0.8}}) {
+      SamplingOptions o;
+      o.temperature = 0.9;
+      o.top_k = top_k;
+      o.top_p = top_p;
+      // The set by the definition, and each member's probability within it.
+      const int64_t k = top_k > 0 ? top_k : V;
+      std::vector<double> w(k);
+      double z = 0;
+      for (int64_t i = 0; i < k; ++i) z += w[i] = std::exp(logits[order[i]] / o.temperature);
+      int64_t keep = k;
+      double acc = 0;
+      for (int64_t i = 0; i < k && top_p < 1; ++i)
+        if ((acc += w[i] / z) >= top_p) {
+          keep = i + 1;
+          break;
+        }
+      const double mass = std::accumulate(w.begin(), w.begin() + keep, 0.0);
+      std::vector<int64_t> rank(V, -1);
+      for (int64_t i = 0; i < keep; ++i) rank[order[i]] = i;
+      Rng rng(13);
+      const int n = 6000;
+      std::vector<int> count(keep, 0);
+      for (int d = 0; d < n; ++d) {
+        const int32_t id = sample_token(logits.data(), V, o, rng);
+        ASSERT_GE(rank[id], 0) << "id " << id << " outside the set: spread " << spread << " top_k "
+                               << top_k << " top_p " << top_p;
+        ++count[rank[id]];
+      }
+      // The first, middle and last members, and the first and second halves of the set.
+      auto expect = [&](int64_t lo, int64_t hi) {
+        int c = 0;
+        double p = 0;
+        for (int64_t i = lo; i < hi; ++i) c += count[i], p += w[i] / mass;
+        EXPECT_NEAR(c, n * p, 5 * std::sqrt(n * p * (1 - p)) + 1)
+            << "ranks [" << lo << ", " << hi << ") of " << keep << ": spread " << spread
+            << " top_k " << top_k << " top_p " << top_p;
+      };
+      expect(0, 1);
+      expect(keep / 2, keep / 2 + 1);
+      expect(keep - 1, keep);
+      expect(0, keep / 2);
+      if (spread < 1 && top_k == 0 && top_p == 0.9) {
+        EXPECT_GT(keep, 1024);  // past the prefix sorted first
+      }
+    }
   }
 }
 

@@ -1,6 +1,9 @@
 #include "lmforge/eval/generate.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 
@@ -35,50 +38,74 @@ void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
 }
 
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
-  if (o.temperature <= 0)
-    return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  const auto best = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  if (o.temperature <= 0) return best;
   for (int64_t i = 0; i < V; ++i)
     if (std::isnan(logits[i]))
       fail("generate: the model's logits are NaN (id {}); the weights have diverged", i);
-  std::vector<int32_t> idx(V);
-  std::iota(idx.begin(), idx.end(), 0);
-  // Sort descending by logit (stable: ties keep id order, so sampling is reproducible).
-  std::stable_sort(idx.begin(), idx.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
-  std::vector<double> p(k);
-  // Relative to the top logit before dividing: the top token weighs exactly 1 even where
+  // Weights relative to the top logit before dividing: the top token weighs exactly 1 even where
   // logit / temperature overflows (a tiny temperature, an infinite logit), so sampling then
   // becomes greedy instead of NaN.
-  const double top = logits[idx[0]];
-  if (std::isinf(top)) return idx[0];
-  double sum = 0;
-  for (int64_t i = 0; i < k; ++i)
-    sum += p[i] = std::exp((static_cast<double>(logits[idx[i]]) - top) / o.temperature);
-  if (o.top_p < 1) {  // nucleus: smallest prefix whose mass reaches top_p
-    double acc = 0;
-    int64_t keep = k;
-    for (int64_t i = 0; i < k; ++i) {
-      acc += p[i] / sum;
-      if (acc >= o.top_p) {
-        keep = i + 1;
-        break;
-      }
+  const double top = logits[best];
+  if (std::isinf(top)) return best;
+  auto weight = [&](int64_t i) {
+    return std::exp((static_cast<double>(logits[i]) - top) / o.temperature);
+  };
+  const int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
+  // Draws one of ids[0 .. n) (null: the ids themselves) by the weights p.
+  auto draw = [&](const int32_t* ids, const std::vector<double>& p, int64_t n) {
+    const double sum = std::accumulate(p.begin(), p.begin() + n, 0.0);
+    double r = rng.uniform() * sum, acc = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      acc += p[i];
+      if (r < acc) return ids ? ids[i] : static_cast<int32_t>(i);
     }
-    k = keep;
-    sum = std::accumulate(p.begin(), p.begin() + k, 0.0);
+    return ids ? ids[n - 1] : best;  // (rounding at the very end of the mass)
+  };
+  std::vector<double> p;
+  if (k == V && o.top_p >= 1) {  // the whole softmax: no order needed
+    p.resize(V);
+    for (int64_t i = 0; i < V; ++i) p[i] = weight(i);
+    return draw(nullptr, p, V);
   }
-  double r = rng.uniform() * sum, acc = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    acc += p[i];
-    if (r < acc) return idx[i];
+  // The candidates in descending order of logit (ties: lower id first), sorted only as far as
+  // needed: the top k, or for the nucleus alone a prefix that usually holds the mass top_p.
+  std::vector<int32_t> idx(V);
+  std::iota(idx.begin(), idx.end(), 0);
+  auto before = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  double mass = 0;  // of all k candidates
+  if (k == V)
+    for (int64_t i = 0; i < V; ++i) mass += weight(i);
+  for (int64_t m = k == V ? std::min<int64_t>(V, 1024) : k;; m = k) {
+    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), before);
+    p.resize(m);
+    for (int64_t i = 0; i < m; ++i) p[i] = weight(idx[i]);
+    if (k < V) mass = std::accumulate(p.begin(), p.end(), 0.0);
+    if (o.top_p >= 1) return draw(idx.data(), p, m);
+    // nucleus: the smallest prefix whose mass reaches top_p
+    double acc = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      acc += p[i] / mass;
+      if (acc >= o.top_p) return draw(idx.data(), p, i + 1);
+    }
+    if (m == k) return draw(idx.data(), p, m);
   }
-  return idx[k - 1];
+}
+
+std::string GenerateStats::str() const {
+  auto rate = [](int64_t n, double s) { return s > 0 ? static_cast<double>(n) / s : 0.0; };
+  return fmt::format(
+      "prompt {} tokens in {:.3f} s ({:.1f} tok/s); {} new tokens in {:.3f} s after it ({:.1f} "
+      "tok/s)",
+      prompt_tokens, prefill_s, rate(prompt_tokens, prefill_s), new_tokens, decode_s,
+      rate(std::max<int64_t>(new_tokens - 1, 0), decode_s));
 }
 
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
-                              const std::function<void(int32_t)>& on_token) {
+                              const std::function<void(int32_t)>& on_token, GenerateStats* stats) {
   const ModelConfig& c = model.config();
   check_generate(c, prompt, o, /*config_keys=*/false);
   const int64_t P = static_cast<int64_t>(prompt.size());  // < max_seq_len (check_generate)
@@ -86,7 +113,10 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   KvCache cache = model.make_cache(total);
   Rng rng(o.seed);
   std::vector<int32_t> out;
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
   Tensor logits = model.decode(cache, prompt.data(), static_cast<int64_t>(prompt.size()), 0);
+  const auto t1 = Clock::now();
   int64_t pos = static_cast<int64_t>(prompt.size());
   while (pos < total) {
     int64_t V = o.vocab_limit > 0 ? std::min(o.vocab_limit, c.vocab_size) : c.vocab_size;
@@ -97,6 +127,9 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
     logits = model.decode(cache, &id, 1, pos);
     ++pos;
   }
+  if (stats)
+    *stats = {P, static_cast<int64_t>(out.size()), std::chrono::duration<double>(t1 - t0).count(),
+              std::chrono::duration<double>(Clock::now() - t1).count()};
   return out;
 }
 
