@@ -1,6 +1,6 @@
 // Hugging Face interop against transformers itself (tests/reference/hf_models_ref.py):
 //   import  a tiny random model per family saved by save_pretrained (fp32, sharded, bf16) loads
-//           into lmforge with the same logits and loss;
+//           into lmforge with the same logits and loss, and generates greedily the same ids;
 //   export  a random lmforge model per family, exported, loads with AutoModelForCausalLM with the
 //           same logits, its tokenizer with AutoTokenizer with the same ids, and imports back
 //           bit-identically;
@@ -17,6 +17,7 @@
 
 #include "lmforge/core/rng.h"
 #include "lmforge/data/text_shards.h"
+#include "lmforge/eval/generate.h"
 #include "lmforge/io/config.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/nn/transformer.h"
@@ -79,6 +80,31 @@ TEST_P(HfImport, LogitsAndLossMatchTransformers) {
   Tensor logits = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss);
   EXPECT_TRUE(t::tensors_close(GetParam() + " logits", logits, ref.get("logits"), kTol));
   EXPECT_NEAR(loss, ref.get("loss").data<float>()[0], 1e-4 * std::abs(loss));
+}
+
+// Greedy generation (lmforge's KV cache: the prompt through the tiled attention, then one token
+// at a time through the matrix-vector kernels) against transformers' generate with its own
+// cache: the same ids at every step whose choice is not within 1e-3 of a tie (none is, in these
+// fixtures; the test insists on 12 steps at least).
+TEST_P(HfImport, GreedyGenerationMatchesTransformers) {
+  const std::string dir = hf_dir(GetParam());
+  Transformer model(read_hf_config(dir).model);
+  load_hf_weights(model, dir);
+  Safetensors ref = Safetensors::open(dir + "/ref.safetensors");
+  const Tensor prompt = ref.get("gen_prompt"), ids = ref.get("gen_ids"),
+               margin = ref.get("gen_margin");
+  SamplingOptions o;
+  o.temperature = 0;
+  o.max_tokens = ids.numel();
+  const std::vector<int32_t> got = generate(
+      model, std::vector<int32_t>(prompt.data<int32_t>(), prompt.data<int32_t>() + prompt.numel()),
+      o);
+  ASSERT_EQ(static_cast<int64_t>(got.size()), ids.numel());
+  int64_t clear = 0;  // steps before the first near-tie
+  while (clear < ids.numel() && margin.data<float>()[clear] > 1e-3f) ++clear;
+  ASSERT_GE(clear, 12) << "the fixture's choices are too close to call";
+  for (int64_t i = 0; i < clear; ++i)
+    ASSERT_EQ(got[i], ids.data<int32_t>()[i]) << GetParam() << " step " << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, HfImport, ::testing::ValuesIn(kCases),

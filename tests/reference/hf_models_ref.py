@@ -3,7 +3,8 @@
   hf_models_ref.py make OUT          one tiny random model per family, saved by transformers'
                                      save_pretrained into OUT/<case>/, with a byte-level BPE
                                      tokenizer and OUT/<case>/ref.safetensors holding tokens,
-                                     targets, logits (float32) and the loss
+                                     targets, logits (float32), the loss, and a greedy
+                                     generation (prompt, new ids, each step's logit margin)
   hf_models_ref.py check DIR...      loads each lmforge-exported DIR with AutoModelForCausalLM and
                                      AutoTokenizer; writes DIR/hf_logits.safetensors for DIR's
                                      tokens.safetensors and DIR/hf_tokens.json with AutoTokenizer's
@@ -16,6 +17,7 @@ hidden/heads), Phi-3 (fused qkv and gate_up, sliding window). Two extra saves te
 sharded (model.safetensors.index.json) and bfloat16 weights. PEFT_IMPORTS: LoRA adapters for
 lmforge to merge on import.
 """
+import copy
 import json
 import os
 import sys
@@ -28,6 +30,7 @@ import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 V, T, B = 320, 16, 2
+PROMPT, GEN = 6, 24  # greedy generation: prompt and new tokens (within every case's context)
 
 COMMON = dict(vocab_size=V, bos_token_id=256, eos_token_id=256, pad_token_id=None)
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -108,8 +111,21 @@ def reference(model, out_dir):
     with torch.no_grad():
         logits = model(input_ids=tokens).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+    # Greedy generation through transformers' own KV cache: GEN new tokens after a prompt of
+    # the first PROMPT tokens, with each step's margin (top logit minus the runner-up) telling
+    # how close the choice was.
+    prompt = tokens[:1, :PROMPT]
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id, gc.pad_token_id = None, 0  # no stopping, no end-of-text suppression
+    with torch.no_grad():
+        g = model.generate(prompt, generation_config=gc, max_new_tokens=GEN, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    top2 = torch.stack([s[0].float().topk(2).values for s in g.logits])
     save_file({"tokens": tokens.to(torch.int32), "targets": targets.to(torch.int32),
-               "logits": logits.contiguous(), "loss": loss.reshape(1)},
+               "logits": logits.contiguous(), "loss": loss.reshape(1),
+               "gen_prompt": prompt[0].to(torch.int32).contiguous(),
+               "gen_ids": g.sequences[0, PROMPT:].to(torch.int32).contiguous(),
+               "gen_margin": (top2[:, 0] - top2[:, 1]).contiguous()},
               os.path.join(out_dir, "ref.safetensors"))
 
 
