@@ -1,5 +1,5 @@
 // lmforge generate --checkpoint PATH --prompt TEXT [--max-tokens N --temperature T --top-k K
-//                  --top-p P --seed S --precision fp32|bf16 --stats]
+//                  --top-p P --seed S --precision fp32|bf16 --stats --ignore-eos]
 //                  [--chat-template chatml|llama3 [--system TEXT]]
 // lmforge chat --checkpoint PATH --chat-template chatml|llama3 [--system TEXT] [sampling flags]
 #include "lmforge/eval/generate.h"
@@ -77,7 +77,7 @@ std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMes
 void add_generate(CLI::App& app) {
   struct Opts {
     std::string checkpoint, prompt, chat_template, system, precision = "fp32";
-    bool stats = false;
+    bool stats = false, ignore_eos = false;
     SamplingOptions s;
   };
   auto o = std::make_shared<Opts>();
@@ -94,8 +94,11 @@ void add_generate(CLI::App& app) {
   add_precision_option(cmd, o->precision);
   cmd->add_flag("--stats", o->stats,
                 "At the end, on stderr: the prompt's and the new tokens' times and tokens/s");
+  cmd->add_flag("--ignore-eos", o->ignore_eos,
+                "Go on past the end-of-text token, to --max-tokens (benchmarks)");
   cmd->callback([o] {
     Loaded l = load_for_sampling(o->checkpoint, o->precision, o->s);
+    if (o->ignore_eos) o->s.stop_token = -1;
     Transformer& model = *l.model;
     const Tokenizer* tok = l.tok.get();
     const bool chat = !o->chat_template.empty();
