@@ -46,11 +46,11 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
   std::string dir = resolve_checkpoint(checkpoint);
   ModelConfig mc = checkpoint_model_config(dir);
   Loaded l{std::make_unique<Transformer>(mc), checkpoint_tokenizer(dir)};
-  load_checkpoint(dir, *l.model, nullptr, nullptr);
-  if (precision == "bf16") {  // the fp32 values converted once and released
+  if (precision == "bf16") {  // bf16 values, the checkpoint's fp32 rounded as they are read
     l.model->enable_bf16();
-    l.model->use_bf16_master();
+    l.model->use_bf16_master(/*convert=*/false);
   }
+  load_checkpoint(dir, *l.model, nullptr, nullptr);
   if (l.tok->vocab_size() > mc.vocab_size)
     fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt", dir,
          l.tok->vocab_size(), mc.vocab_size);

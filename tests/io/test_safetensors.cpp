@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
@@ -109,6 +110,48 @@ TEST(Safetensors, RoundTripsTensorsAndMetadata) {
   EXPECT_EQ(f.info("a").dtype, "F32");
   EXPECT_EQ(f.info("b.ids").begin, 24u);
   EXPECT_THROW(f.get("missing"), Error);
+}
+
+namespace {
+int64_t rss_kib() {  // this process's resident memory now (VmRSS)
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.starts_with("VmRSS:")) return std::stoll(line.substr(6));
+  return -1;
+}
+}  // namespace
+
+// release(): a mapped file's tensor leaves the resident memory once read (what a checkpoint load
+// does after copying each tensor), and a view of it still reads the same values (from the file
+// again); over bytes in memory it does nothing to them.
+TEST(Safetensors, ReleasedTensorsLeaveResidentMemoryAndStayReadable) {
+  const std::string dir = testing::temp_dir("st_release");
+  const int64_t n = 4 << 20;  // 16 MiB of fp32
+  Tensor a = Tensor::empty({n}, DType::kF32);
+  for (int64_t i = 0; i < n; ++i) a.data<float>()[i] = static_cast<float>(i % 1000) * 0.25f;
+  SafetensorsWriter w;
+  w.add("a", a);
+  w.write(dir + "/x.safetensors");
+  Safetensors f = Safetensors::open(dir + "/x.safetensors");
+  const Tensor v = f.get("a");
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += v.data<float>()[i];  // every page mapped in
+  const int64_t before = rss_kib();
+  f.release("a");
+  const int64_t after = rss_kib();
+  EXPECT_GT(before - after, 12 << 10) << "RSS " << before << " -> " << after << " KiB";
+  for (int64_t i = 0; i < n; i += 4099) ASSERT_EQ(v.data<float>()[i], a.data<float>()[i]) << i;
+  EXPECT_GT(sum, 0);
+
+  std::ifstream in(dir + "/x.safetensors", std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto storage = Storage::allocate(bytes.size());
+  std::memcpy(storage->data(), bytes.data(), bytes.size());
+  Safetensors m = Safetensors::from_bytes(storage, "bytes");
+  m.release("a");
+  const Tensor mv = m.get("a");
+  for (int64_t i = 0; i < n; i += 4099) ASSERT_EQ(mv.data<float>()[i], a.data<float>()[i]) << i;
 }
 
 // Temporaries are per process; one left by a killed writer (its pid gone) is removed by the next

@@ -35,6 +35,16 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, const std:
   return f;
 }
 
+void MappedFile::release(const void* p, size_t n) const {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto lo = reinterpret_cast<uintptr_t>(p), hi = lo + n;
+  const uintptr_t first = (lo + page - 1) / page * page, last = hi / page * page;
+  const auto begin = reinterpret_cast<uintptr_t>(addr_);
+  LMF_CHECK(lo >= begin && hi <= begin + size_, "MappedFile::release outside the mapping");
+  // Read-only private file pages: dropping them loses nothing (advice only; failure is harmless).
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 MappedFile::~MappedFile() {
   if (addr_) munmap(addr_, size_);
 }

@@ -22,6 +22,10 @@ class MappedFile {
   const char* data() const { return static_cast<const char*>(addr_); }
   size_t size() const { return size_; }
   void* raw() const { return addr_; }
+  // Drops the whole pages inside [p, p + n) from this process's resident memory (the kernel's
+  // page cache keeps them; a later read maps them again): after a loader has copied them out,
+  // so that a checkpoint's bytes do not count twice in the peak RSS.
+  void release(const void* p, size_t n) const;
 
  private:
   MappedFile() = default;

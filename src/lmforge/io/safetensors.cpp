@@ -107,7 +107,15 @@ void convert_floats(const void* src, DType from, void* dst, DType to, int64_t n)
 
 Safetensors Safetensors::open(const std::string& path) {
   auto mapping = MappedFile::open(path, "check the path");
-  return from_bytes(Storage::borrow(mapping->raw(), mapping->size(), mapping), path);
+  Safetensors f = from_bytes(Storage::borrow(mapping->raw(), mapping->size(), mapping), path);
+  f.file_ = std::move(mapping);
+  return f;
+}
+
+void Safetensors::release(const std::string& name) const {
+  if (!file_) return;
+  const Info& i = entry(name).info;
+  file_->release(static_cast<const char*>(map_->data()) + data_start_ + i.begin, i.end - i.begin);
 }
 
 Safetensors Safetensors::from_bytes(std::shared_ptr<Storage> bytes, const std::string& name) {

@@ -30,6 +30,8 @@
 
 namespace lmforge {
 
+class MappedFile;
+
 class Safetensors {
  public:
   // What the header says about one tensor: any dtype of the format ("F8_E4M3", "I64", ...), any
@@ -55,7 +57,11 @@ class Safetensors {
   // nearest even, IEEE subnormals/inf/NaN kept); other dtypes only to themselves.
   Tensor load(const std::string& name, DType want) const;
   const Info& info(const std::string& name) const;  // throws if absent
-  std::vector<std::string> names() const;           // in file (data offset) order
+  // For a file opened by open(): the tensor's pages leave this process's resident memory
+  // (MappedFile::release) once its values are copied out; views of it stay valid (read again
+  // from the file). Nothing for bytes in memory.
+  void release(const std::string& name) const;
+  std::vector<std::string> names() const;  // in file (data offset) order
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
 
@@ -67,7 +73,8 @@ class Safetensors {
   const Entry& entry(const std::string& name) const;
 
   std::string path_;
-  std::shared_ptr<Storage> map_;  // the whole file
+  std::shared_ptr<Storage> map_;      // the whole file
+  std::shared_ptr<MappedFile> file_;  // its mapping (open()), or null (from_bytes)
   size_t data_start_ = 0;
   std::map<std::string, Entry> index_;
   std::vector<std::string> order_;

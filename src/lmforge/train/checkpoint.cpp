@@ -332,6 +332,7 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
           ops::to_bf16(out.slice(to, z - a), flat.slice(a - begin, z - a));
         got += z - a;
       }
+      f.release(name);  // copied: its pages need not stay resident
     }
     if (without_adapters && is_lora_param(p.name)) continue;
     if (got != want)
