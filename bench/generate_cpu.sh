@@ -31,7 +31,8 @@ if [[ ! -s $work/run/config.yaml ]]; then
     --out "$work/hf"
   "$lmforge" convert --from-hf "$work/hf" --out "$work/run" >/dev/null
 fi
-text=$("$python" "$peer" prompt --dir "$work/hf" --prompt "$prompt")
+text=$("$python" "$peer" prompt --dir "$work/hf" --prompt "$prompt"; printf x)  # (x: keeps a
+text=${text%x}                                                          # final newline)
 
 # field N of the stats line: prompt tok/s is $7, new tok/s $17 (both "(R" with the paren)
 stat() { grep -oE 'prompt [0-9]+ tokens in [0-9.]+ s \([0-9.]+ tok/s\); [0-9]+ new tokens in [0-9.]+ s after it \([0-9.]+' "$1" | tail -n 1 | tr -d '(' | awk -v f="$2" '{print $f}'; }
@@ -64,9 +65,10 @@ done
 # The markdown row: prompt tok/s / new tok/s (peak RSS MiB) per column, medians over the rounds.
 cells=""
 for n in "${names[@]}"; do
-  pre=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && stat "$log/$n.$r" 7; done | median)
-  dec=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && stat "$log/$n.$r" 17; done | median)
-  mem=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && rss "$log/$n.$r"; done | sort -g | tail -n 1)
+  # (a failed row's logs are empty: its cells read "—")
+  pre=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && stat "$log/$n.$r" 7; done | median || true)
+  dec=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && stat "$log/$n.$r" 17; done | median || true)
+  mem=$(for ((r = 1; r <= rounds; r++)); do [[ -s $log/$n.$r ]] && rss "$log/$n.$r"; done | sort -g | tail -n 1 || true)
   cells+=" ${pre:-—} / **${dec:-—}** (${mem:-—}) |"
 done
 echo "| model, prompt + new | lmforge fp32 | lmforge bf16 | transformers fp32 | transformers bf16 |"

@@ -2,10 +2,12 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "lmforge/io/config.h"
+#include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge::app {
 
@@ -25,6 +27,10 @@ void add_bench(CLI::App& app);
 void add_tokenizer(CLI::App& app);
 void add_prepare(CLI::App& app);
 void add_hf(CLI::App& app);  // convert, export, info
+// A Hugging Face model directory's tokenizer, checked against its config.json's vocabulary (hf.cpp;
+// convert, and generate/chat with hf:DIR).
+std::unique_ptr<lmforge::Tokenizer> hf_dir_tokenizer(const std::string& dir,
+                                                     const lmforge::ModelConfig& model);
 void add_plot(CLI::App& app);
 void add_lr_find(CLI::App& app);
 void add_launch(CLI::App& app);  // N ranks of lmforge through mpirun

@@ -10,6 +10,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "lmforge/models/hf.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/train/checkpoint.h"
 
@@ -43,17 +44,32 @@ struct Loaded {
 };
 Loaded load_for_sampling(const std::string& checkpoint, const std::string& precision,
                          SamplingOptions& s) {
-  std::string dir = resolve_checkpoint(checkpoint);
-  ModelConfig mc = checkpoint_model_config(dir);
-  Loaded l{std::make_unique<Transformer>(mc), checkpoint_tokenizer(dir)};
-  if (precision == "bf16") {  // bf16 values, the checkpoint's fp32 rounded as they are read
-    l.model->enable_bf16();
-    l.model->use_bf16_master(/*convert=*/false);
+  Loaded l;
+  const bool bf16 = precision == "bf16";
+  if (checkpoint.starts_with("hf:")) {  // a Hugging Face model directory, read as convert reads it
+    const std::string dir = checkpoint.substr(3);
+    const HfConfig hc = read_hf_config(dir);
+    l.tok = hf_dir_tokenizer(dir, hc.model);
+    for (const std::string& n : hc.notes) fmt::print(stderr, "note: {}\n", n);
+    l.model = std::make_unique<Transformer>(hc.model);
+    load_hf_weights(*l.model, dir);
+    if (bf16) {  // (the fp32 values converted, then released)
+      l.model->enable_bf16();
+      l.model->use_bf16_master();
+    }
+  } else {
+    const std::string dir = resolve_checkpoint(checkpoint);
+    const ModelConfig mc = checkpoint_model_config(dir);
+    l = {std::make_unique<Transformer>(mc), checkpoint_tokenizer(dir)};
+    if (bf16) {  // bf16 values, the checkpoint's fp32 rounded as they are read
+      l.model->enable_bf16();
+      l.model->use_bf16_master(/*convert=*/false);
+    }
+    load_checkpoint(dir, *l.model, nullptr, nullptr);
+    if (l.tok->vocab_size() > mc.vocab_size)
+      fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
+           dir, l.tok->vocab_size(), mc.vocab_size);
   }
-  load_checkpoint(dir, *l.model, nullptr, nullptr);
-  if (l.tok->vocab_size() > mc.vocab_size)
-    fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt", dir,
-         l.tok->vocab_size(), mc.vocab_size);
   s.stop_token = l.tok->eos_id();
   s.vocab_limit = l.tok->vocab_size();
   return l;
@@ -82,7 +98,9 @@ void add_generate(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Sample text from a trained checkpoint");
-  cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory, or a run directory")
+  cmd->add_option("--checkpoint", o->checkpoint,
+                  "Checkpoint directory, a run directory, or hf:DIR (a Hugging Face model "
+                  "directory: config.json, *.safetensors, a tokenizer)")
       ->required();
   cmd->add_option("--prompt", o->prompt, "Text to continue")->required();
   add_sampling_options(cmd, o->s);
@@ -98,6 +116,7 @@ void add_generate(CLI::App& app) {
                 "Go on past the end-of-text token, to --max-tokens (benchmarks)");
   cmd->callback([o] {
     Loaded l = load_for_sampling(o->checkpoint, o->precision, o->s);
+    const int32_t eos = o->s.stop_token;  // (a reply's end, never printed)
     if (o->ignore_eos) o->s.stop_token = -1;
     Transformer& model = *l.model;
     const Tokenizer* tok = l.tok.get();
@@ -120,7 +139,7 @@ void add_generate(CLI::App& app) {
     generate(
         model, prompt, o->s,
         [&](int32_t id) {
-          if (chat && (id == o->s.stop_token || id == o->s.end_of_turn)) return;  // reply ends
+          if (chat && (id == eos || id == o->s.end_of_turn)) return;  // the reply ends
           fmt::print("{}", tok->token_bytes(id));
           std::fflush(stdout);
         },
@@ -142,7 +161,9 @@ void add_chat(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
       "chat", "Talk with a fine-tuned checkpoint: user turns from stdin, replies streamed");
-  cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory, or a run directory")
+  cmd->add_option("--checkpoint", o->checkpoint,
+                  "Checkpoint directory, a run directory, or hf:DIR (a Hugging Face model "
+                  "directory)")
       ->required();
   cmd->add_option("--chat-template", o->chat_template,
                   "chatml | llama3: the template the model was fine-tuned with")

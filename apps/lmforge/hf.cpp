@@ -84,6 +84,23 @@ void print_tokenizer(const Tokenizer& t) {
              id(t.bos_id()), id(t.eos_id()), t.fingerprint());
 }
 
+}  // namespace
+
+std::unique_ptr<Tokenizer> hf_dir_tokenizer(const std::string& dir, const ModelConfig& model) {
+  std::unique_ptr<Tokenizer> tok;
+  try {
+    tok = load_tokenizer(dir);
+  } catch (const Error& e) {
+    fail("{}: no usable tokenizer in the model directory ({})", dir, e.what());
+  }
+  if (tok->vocab_size() > model.vocab_size)  // as init_from: hf:DIR checks
+    fail("{}: the tokenizer has {} ids but config.json says vocab_size {}", dir, tok->vocab_size(),
+         model.vocab_size);
+  return tok;
+}
+
+namespace {
+
 // peft (optional): a PEFT LoRA adapter directory merged into the weights, or with keep_adapter
 // held as the checkpoint's LoRA adapters (model.lora_*), to train on with init_from.
 void convert(const std::string& from, const std::string& out, const std::string& peft,
@@ -91,15 +108,7 @@ void convert(const std::string& from, const std::string& out, const std::string&
   if (!find_latest_checkpoint(out).empty())
     fail("--out: {} already holds checkpoints; choose a new directory", out);
   HfConfig hc = read_hf_config(from);
-  std::unique_ptr<Tokenizer> tok;
-  try {
-    tok = load_tokenizer(from);
-  } catch (const Error& e) {
-    fail("{}: no usable tokenizer in the model directory ({})", from, e.what());
-  }
-  if (tok->vocab_size() > hc.model.vocab_size)  // as init_from: hf:DIR checks
-    fail("{}: the tokenizer has {} ids but config.json says vocab_size {}", from, tok->vocab_size(),
-         hc.model.vocab_size);
+  std::unique_ptr<Tokenizer> tok = hf_dir_tokenizer(from, hc.model);
   for (const std::string& n : hc.notes) fmt::print("note: {}\n", n);
   Config cfg;
   cfg.model = hc.model;

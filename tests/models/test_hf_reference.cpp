@@ -212,6 +212,18 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
 
   r = t::run_lmforge("generate --checkpoint run --prompt 'In the' --max-tokens 5 --seed 1", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Straight from the HF directory: the same samples as from the converted checkpoint, in fp32
+  // and in bf16 (rounded on load either way); --stats on stderr.
+  for (const std::string p : {"fp32", "bf16"}) {
+    const std::string flags =
+        " --prompt 'In the' --max-tokens 8 --seed 3 --ignore-eos --precision " + p;
+    auto a = t::run_lmforge("generate --checkpoint run" + flags, root);
+    auto b = t::run_lmforge("generate --checkpoint hf:'" + src + "'" + flags + " --stats", root);
+    ASSERT_EQ(a.exit_code, 0) << a.err;
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+    EXPECT_EQ(a.out, b.out) << p;
+    EXPECT_NE(b.err.find("8 new tokens in"), std::string::npos) << b.err;
+  }
 
   r = t::run_lmforge("export --checkpoint run --to-hf out", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;

@@ -2,6 +2,7 @@
 // prompt, then one at a time), appends their keys/values to the cache and returns the last
 // token's logits. Buffers here are per call (generation is not a training step).
 #include <cstring>
+#include <type_traits>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/nn/transformer.h"
@@ -14,9 +15,10 @@ KvCache Transformer::make_cache(int64_t max_len) const {
          max_len, cfg_.max_seq_len);
   KvCache c;
   c.max_len = max_len;
+  const DType dt = bf16() ? DType::kBF16 : DType::kF32;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
-    c.k.push_back(Tensor::empty({cfg_.kv_heads(), max_len, cfg_.head_size()}, DType::kF32));
-    c.v.push_back(Tensor::empty({cfg_.kv_heads(), max_len, cfg_.head_size()}, DType::kF32));
+    c.k.push_back(Tensor::empty({cfg_.kv_heads(), max_len, cfg_.head_size()}, dt));
+    c.v.push_back(Tensor::empty({cfg_.kv_heads(), max_len, cfg_.head_size()}, dt));
   }
   return c;
 }
@@ -55,20 +57,30 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
     if (positions_.cos.defined())
       ops::rope_forward(qkv, positions_.cos, positions_.sin, NH, NKV, pos0);
     float* q = qkv.data<float>();
-    float* kc = cache.k[l].data<float>();
-    float* vc = cache.v[l].data<float>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t kvh = 0; kvh < NKV; ++kvh) {
-        std::memcpy(kc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + kvh) * HS,
-                    HS * sizeof(float));
-        std::memcpy(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS,
-                    HS * sizeof(float));
-      }
-    if (pos0 == 0 && n > 1)  // a whole prompt: the training forward's tiled attention
-      ops::attention_forward(att, lse, qkv, NH, NKV, cfg_.sliding_window);
+    // This call's keys and values into the cache (rounded to bf16 in a bf16 cache), then
+    // attention over it.
+    auto attend = [&](auto* kc, auto* vc) {
+      auto put = [](auto* dst, const float* src, int64_t len) {
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, float>)
+          std::memcpy(dst, src, len * sizeof(float));
+        else
+          cpu::to_bf16_serial(dst, src, len);
+      };
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t kvh = 0; kvh < NKV; ++kvh) {
+          put(kc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + kvh) * HS, HS);
+          put(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS, HS);
+        }
+      if (pos0 == 0 && n > 1)  // a whole prompt: the training forward's tiled attention
+        ops::attention_forward(att, lse, qkv, NH, NKV, cfg_.sliding_window);
+      else
+        cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
+                              cfg_.sliding_window);
+    };
+    if (cache.k[l].dtype() == DType::kBF16)
+      attend(cache.k[l].bf16_data(), cache.v[l].bf16_data());
     else
-      cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
-                            cfg_.sliding_window);
+      attend(cache.k[l].data<float>(), cache.v[l].data<float>());
     b.proj.forward(o, att);
     ops::add(x_mid, x, o);
     b.norm2.forward(h, saved, x_mid);

@@ -24,7 +24,7 @@ namespace lmforge {
 
 struct KvCache {
   int64_t max_len = 0;
-  std::vector<Tensor> k, v;  // per layer (NKV, max_len, HS)
+  std::vector<Tensor> k, v;  // per layer (NKV, max_len, HS): fp32, or bf16 for bf16 weights
 };
 
 // Data parallelism's seam (dist/data_parallel.h). The parameters fall into groups that tile
@@ -271,6 +271,8 @@ class Transformer {
   const Tensor& logits() const { return logits_; }  // (B, T, V) after forward, if kept
   const Tensor& embeddings() const { return x0_; }  // (B, T, C): the last forward's block input
 
+  // Under bf16 (weights in bf16: generate --precision bf16) the cache holds bf16 keys and values,
+  // half the memory traffic of decoding at long contexts; the attention still computes in fp32.
   KvCache make_cache(int64_t max_len) const;
   // Runs n tokens at positions pos0.. through the model with the cache; returns the logits of
   // the last one (V). The cache must hold pos0 + n positions.

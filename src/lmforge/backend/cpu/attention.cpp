@@ -495,14 +495,19 @@ template void attention_backward_bf16<uint16_t>(float*, const uint16_t*, const u
                                                 int64_t, int64_t, int64_t, int64_t, const int32_t*);
 
 namespace {
+inline float cached(float x) { return x; }
+inline float cached(uint16_t x) { return bf16_to_fp32(x); }  // a bf16 cache's value
+
 // One query row of one head against the cached keys [lo, len): out (HS) = softmax(q K^T scale) V,
-// att: scratch for the scores. The portable form (fp32 products, double softmax sums).
-void decode_row(float* o, const float* qh, const float* K, const float* Vc, int64_t lo, int64_t len,
+// att: scratch for the scores; the cache fp32 or bf16 (KV). The portable form (fp32 products,
+// double softmax sums).
+template <typename KV>
+void decode_row(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo, int64_t len,
                 int64_t HS, float scale, float* att) {
   float mx = -INFINITY;
   for (int64_t j = lo; j < len; ++j) {
     float s = 0;
-    for (int64_t d = 0; d < HS; ++d) s += qh[d] * K[j * HS + d];
+    for (int64_t d = 0; d < HS; ++d) s += qh[d] * cached(K[j * HS + d]);
     att[j] = s * scale;
     mx = std::max(mx, att[j]);
   }
@@ -514,14 +519,15 @@ void decode_row(float* o, const float* qh, const float* K, const float* Vc, int6
   for (int64_t d = 0; d < HS; ++d) o[d] = 0;
   for (int64_t j = lo; j < len; ++j) {
     float w = static_cast<float>(att[j] / sum);
-    for (int64_t d = 0; d < HS; ++d) o[d] += w * Vc[j * HS + d];
+    for (int64_t d = 0; d < HS; ++d) o[d] += w * cached(Vc[j * HS + d]);
   }
 }
 
 // The same on AVX-512: the dot products 16 lanes at a time, exp512 over 16 scores, the sum in
 // double lanes, and the output accumulated in registers for up to 128 columns at a time.
-LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const float* K, const float* Vc,
-                                  int64_t lo, int64_t len, int64_t HS, float scale, float* att) {
+template <typename KV>
+LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo,
+                                  int64_t len, int64_t HS, float scale, float* att) {
   const int64_t chunks = (HS + 15) / 16;
   __m512 mx = _mm512_set1_ps(-INFINITY);
   for (int64_t j = lo; j < len; ++j) {
@@ -562,8 +568,9 @@ LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const float* K, con
 }
 }  // namespace
 
-void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
-                      const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
+template <typename KV>
+void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kcache,
+                      const KV* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
                       int64_t NKV, int64_t HS, int64_t window) {
   const int64_t group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
@@ -580,8 +587,8 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < NH; ++h) {
         const float* qh = q + i * q_stride + h * HS;
-        const float* K = kcache + (h / group) * T_max * HS;
-        const float* Vc = vcache + (h / group) * T_max * HS;
+        const KV* K = kcache + (h / group) * T_max * HS;
+        const KV* Vc = vcache + (h / group) * T_max * HS;
         const int64_t len = pos0 + i + 1, lo = first_key(pos0 + i, window);
         float* o = out + i * NH * HS + h * HS;
         if (avx512)
@@ -592,6 +599,12 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const float*
   }
 }
 
+template void attention_decode<float>(float*, const float*, int64_t, const float*, const float*,
+                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      int64_t);
+template void attention_decode<uint16_t>(float*, const float*, int64_t, const uint16_t*,
+                                         const uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                                         int64_t, int64_t, int64_t);
 template void attention_forward<float>(float*, float*, const float*, int64_t, int64_t, int64_t,
                                        int64_t, int64_t, int64_t, const int32_t*);
 template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t, int64_t,

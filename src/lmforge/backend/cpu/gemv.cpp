@@ -131,13 +131,14 @@ void gemv(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemv_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
                int64_t ldb, const float* bias, bool accumulate, float* C, int64_t ldc) {
   LMF_CHECK(gemv_takes(M), "gemv_bf16: {} rows, or no AVX-512", M);
-  if (has_avx512_bf16()) {
+  if (has_avx512_bf16() && bf16_matmul_native()) {  // as gemm_bf16's other native products
     over_rows(M, N, [&](auto rows, int64_t n) {
       row_dpbf16<decltype(rows)::value>(A, lda, B, ldb, K, n, bias, accumulate, C, ldc);
     });
     return;
   }
-  // Without AVX512-BF16: A widened once (exact), B widened in registers as it streams by.
+  // Without AVX512-BF16, or where bf16 products run widened (Bf16Matmul): A widened once, B in
+  // registers as it streams by (exact: the same products, accumulated in fp32).
   std::vector<float> a(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) from_bf16_serial(a.data() + m * K, A + m * lda, K);
   over_rows(M, N, [&](auto rows, int64_t n) {

@@ -89,9 +89,10 @@ void gemm_bf16_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                     int64_t ldc);
 // Matrix-vector products (cpu/gemv.cpp): C (M, N) = A (M, K) B (N, K)^T [+ bias (N)], or C +=
 // with accumulate, for M <= kGemvMaxRows rows of A (decoding's activations against a weight),
-// bound by streaming B once. fp32, or A and B bf16 (AVX512-BF16's dot products, else B widened
-// in registers) with fp32 accumulation. linear_forward and gemm_bf16 send their (!trans_a,
-// trans_b) products of such M here where gemv_takes(M): AVX-512 present (oneDNN otherwise).
+// bound by streaming B once. fp32, or A and B bf16 (AVX512-BF16's dot products where bf16
+// products run natively, bf16_matmul_native; else B widened in registers) with fp32 accumulation.
+// linear_forward and gemm_bf16 send their (!trans_a, trans_b) products of such M here where
+// gemv_takes(M): AVX-512 present (oneDNN otherwise).
 constexpr int64_t kGemvMaxRows = 4;
 bool gemv_takes(int64_t M);
 void gemv(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -239,9 +240,10 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
                              int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is
-// (n, NH*HS).
-void attention_decode(float* out, const float* q, int64_t q_stride, const float* kcache,
-                      const float* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
+// (n, NH*HS). KV = float, or uint16_t: a bf16 cache, widened as it is read.
+template <typename KV>
+void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kcache,
+                      const KV* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
                       int64_t NKV, int64_t HS, int64_t window);
 
 template <typename T>
