@@ -36,7 +36,7 @@ text=${text%x}                                                          # final 
 
 # field N of the stats line: prompt tok/s is $7, new tok/s $17 (both "(R" with the paren)
 stat() { grep -oE 'prompt [0-9]+ tokens in [0-9.]+ s \([0-9.]+ tok/s\); [0-9]+ new tokens in [0-9.]+ s after it \([0-9.]+' "$1" | tail -n 1 | tr -d '(' | awk -v f="$2" '{print $f}'; }
-rss() { grep -oE 'peak [0-9]+ KB' "$1" | tail -n 1 | awk '{printf "%d", $2 / 1024}'; }
+rss() { grep -oE 'peak [0-9]+ KB' "$1" | tail -n 1 | awk '{printf "%d\n", $2 / 1024}'; }
 median() { sort -g | awk '{v[NR] = $1} END {if (NR) printf "%.1f\n", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 run() {  # name command...: round $round of the row, its log in $log/name.round
   local name=$1; shift

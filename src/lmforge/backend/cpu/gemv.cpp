@@ -26,15 +26,28 @@ namespace {
 
 constexpr int kUnroll = 4;  // vectors of K in flight per row of A
 
+// Output n of each of the M rows of C from its kUnroll vectors of partial sums (+ bias; added to
+// C with accumulate).
+template <int M>
+LMF_AVX512 void finish(const __m512 (&acc)[M][kUnroll], int64_t n, const float* bias,
+                       bool accumulate, float* C, int64_t ldc) {
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[m][0];
+    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
+    float v = _mm512_reduce_add_ps(sum);
+    if (bias) v += bias[n];
+    float& c = C[m * ldc + n];
+    c = accumulate ? c + v : v;
+  }
+}
+
 // Output n (one row of B) for the M rows of A: B's row streamed once, kUnroll vectors of 16
 // elements at a time (B fp32 or bf16, widened exactly), partial sums in M x kUnroll lanes.
 template <int M, typename TB>
 LMF_AVX512 void row_avx512(const float* A, int64_t lda, const TB* B, int64_t ldb, int64_t K,
                            int64_t n, const float* bias, bool accumulate, float* C, int64_t ldc) {
   const TB* b = B + n * ldb;
-  __m512 acc[M][kUnroll];
-  for (int m = 0; m < M; ++m)
-    for (int u = 0; u < kUnroll; ++u) acc[m][u] = _mm512_setzero_ps();
+  __m512 acc[M][kUnroll] = {};
   int64_t k = 0;
   for (; k + 16 * kUnroll <= K; k += 16 * kUnroll)
     for (int u = 0; u < kUnroll; ++u) {
@@ -48,14 +61,7 @@ LMF_AVX512 void row_avx512(const float* A, int64_t lda, const TB* B, int64_t ldb
     for (int m = 0; m < M; ++m)
       acc[m][0] = _mm512_fmadd_ps(load16(A + m * lda + k, mk), bv, acc[m][0]);
   }
-  for (int m = 0; m < M; ++m) {
-    __m512 sum = acc[m][0];
-    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
-    float v = _mm512_reduce_add_ps(sum);
-    if (bias) v += bias[n];
-    float& c = C[m * ldc + n];
-    c = accumulate ? c + v : v;
-  }
+  finish<M>(acc, n, bias, accumulate, C, ldc);
 }
 
 LMF_AVX512_BF16 inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
@@ -67,9 +73,7 @@ LMF_AVX512_BF16 void row_dpbf16(const uint16_t* A, int64_t lda, const uint16_t* 
                                 int64_t K, int64_t n, const float* bias, bool accumulate, float* C,
                                 int64_t ldc) {
   const uint16_t* b = B + n * ldb;
-  __m512 acc[M][kUnroll];
-  for (int m = 0; m < M; ++m)
-    for (int u = 0; u < kUnroll; ++u) acc[m][u] = _mm512_setzero_ps();
+  __m512 acc[M][kUnroll] = {};
   int64_t k = 0;
   for (; k + 32 * kUnroll <= K; k += 32 * kUnroll)
     for (int u = 0; u < kUnroll; ++u) {
@@ -85,14 +89,7 @@ LMF_AVX512_BF16 void row_dpbf16(const uint16_t* A, int64_t lda, const uint16_t* 
       acc[m][0] =
           _mm512_dpbf16_ps(acc[m][0], bh(_mm512_maskz_loadu_epi16(mk, A + m * lda + k)), bv);
   }
-  for (int m = 0; m < M; ++m) {
-    __m512 sum = acc[m][0];
-    for (int u = 1; u < kUnroll; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
-    float v = _mm512_reduce_add_ps(sum);
-    if (bias) v += bias[n];
-    float& c = C[m * ldc + n];
-    c = accumulate ? c + v : v;
-  }
+  finish<M>(acc, n, bias, accumulate, C, ldc);
 }
 
 // Every row of B over the OpenMP threads in contiguous bands (each thread one sequential stream
