@@ -61,11 +61,19 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
     const std::string dir = resolve_checkpoint(checkpoint);
     const ModelConfig mc = checkpoint_model_config(dir);
     l = {std::make_unique<Transformer>(mc), checkpoint_tokenizer(dir)};
-    if (bf16) {  // bf16 values, the checkpoint's fp32 rounded as they are read
+    const bool lora = mc.lora.on();
+    if (bf16 && !lora) {  // bf16 values, the checkpoint's fp32 rounded as they are read
       l.model->enable_bf16();
       l.model->use_bf16_master(/*convert=*/false);
     }
     load_checkpoint(dir, *l.model, nullptr, nullptr);
+    if (lora) {  // adapters folded into the weights (in fp32): the base model's speed
+      merge_lora_adapters(*l.model);
+      if (bf16) {
+        l.model->enable_bf16();
+        l.model->use_bf16_master();
+      }
+    }
     if (l.tok->vocab_size() > mc.vocab_size)
       fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
            dir, l.tok->vocab_size(), mc.vocab_size);

@@ -172,6 +172,43 @@ TEST(Lora, LlamaAdaptersMatchTheMergedModel) { check_against_merged("llama3-tiny
 
 // AdamW keeps state for the adapters only and never moves a frozen weight; after training, the
 // Hugging Face export (adapters merged) computes the adapted model's logits.
+// Generation folds the adapters into the weights (merge_lora_adapters): the decoded logits of a
+// prompt and the tokens after it are those of the model with its adapters, and the adapters are
+// off afterwards (their cost gone). Llama's fused qkv and fc: an A per module.
+TEST(Lora, MergedForGenerationDecodesAsTheAdapters) {
+  for (const char* preset : {"gpt2-tiny", "llama3-tiny"}) {
+    Transformer m(tiny(preset, 4));
+    m.init_weights(3);
+    randomize_b(m, 9);
+    const std::vector<int32_t> ids = {5, 17, 2, 40, 33, 8, 11, 60, 1};
+    auto logits = [&] {
+      KvCache cache = m.make_cache(static_cast<int64_t>(ids.size()));
+      std::vector<float> all;
+      Tensor l = m.decode(cache, ids.data(), 4, 0);
+      all.assign(l.data<float>(), l.data<float>() + l.numel());
+      for (int64_t t = 4; t < static_cast<int64_t>(ids.size()); ++t) {
+        l = m.decode(cache, ids.data() + t, 1, t);
+        all.insert(all.end(), l.data<float>(), l.data<float>() + l.numel());
+      }
+      return all;
+    };
+    const std::vector<float> with = logits();
+    const Tensor qkv_before = param(m, "blocks.1.attn.qkv.weight").value.clone();
+    merge_lora_adapters(m);
+    const std::vector<float> merged = logits();
+    double err = 0, mag = 0;
+    for (size_t i = 0; i < with.size(); ++i) {
+      err = std::max(err, static_cast<double>(std::fabs(with[i] - merged[i])));
+      mag = std::max(mag, static_cast<double>(std::fabs(with[i])));
+    }
+    EXPECT_LT(err, 1e-5 * mag) << preset;
+    EXPECT_GT(mag, 0) << preset;
+    const Tensor& qkv = param(m, "blocks.1.attn.qkv.weight").value;
+    EXPECT_NE(std::memcmp(qkv.raw(), qkv_before.raw(), qkv.nbytes()), 0) << "weights unchanged";
+    EXPECT_TRUE(m.adapters_off()) << preset;
+  }
+}
+
 TEST(Lora, OnlyAdaptersTrainAndTheExportIsMerged) {
   const ModelConfig lc = tiny("llama3-tiny", 8);
   Transformer m(lc);

@@ -73,6 +73,11 @@ void save_hf_model(const Transformer& model, const Tokenizer* tokenizer, const s
 // merge_lora false).
 void save_peft_adapter(const Transformer& model, const std::string& dir,
                        const std::string& base_model, DType dtype);
+// Folds a LoRA model's adapters into their layers' weights, W += (alpha / r) B A per module (as
+// save_hf_model merges them), and turns the adapters off (Transformer::set_adapters): forwards
+// then compute what they computed with them, at the base model's cost (generation). fp32 values
+// on the host.
+void merge_lora_adapters(Transformer& model);
 // Merges a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) into the
 // model's weights as PEFT's merge_and_unload does: W += scale B A per targeted module, scale =
 // lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), any subset of the linear layers (Llama's

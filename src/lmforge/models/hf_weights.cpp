@@ -195,6 +195,22 @@ Tensor merged_value(const ModelConfig& m, const ParamSet& ps, const Param& p, do
 }
 }  // namespace
 
+void merge_lora_adapters(Transformer& model) {
+  const ModelConfig& m = model.config();
+  if (!m.lora.on()) return;
+  for (Param& p : model.params().params()) {
+    if (is_lora_param(p.name) || !p.name.ends_with(".weight") ||
+        !model.params().find(p.name.substr(0, p.name.size() - 7) + ".lora_a"))
+      continue;  // (a layer without adapters)
+    LMF_CHECK(p.value.dtype() == DType::kF32 && p.value.device() == Device::kCPU,
+              "merge_lora_adapters: {} is not fp32 on the host", p.name);
+    const Tensor w = merged_value(m, model.params(), p, m.lora.scale());
+    std::copy(w.data<float>(), w.data<float>() + w.numel(), p.value.data<float>());
+  }
+  model.params().invalidate_bf16();
+  model.set_adapters(false);
+}
+
 void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::string& dir,
                    DType dtype, uint64_t max_shard_bytes, bool merge_lora) {
   LMF_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "export dtype {}", dtype_name(dtype));

@@ -73,6 +73,7 @@ class Transformer {
       for (Linear* l : {&b.qkv, &b.proj, &b.fc, &b.down}) l->lora_off = !on;
     adapters_off_ = !on;
   }
+  bool adapters_off() const { return adapters_off_; }
   // The LoRA adapters alone, with the values init_weights(seed) gives them (the other weights
   // come from elsewhere: init_from).
   void init_adapters(uint64_t seed);
