@@ -159,8 +159,9 @@ void add_generate(CLI::App& app) {
 
 // A conversation on stdin, one user turn per line: each reply is sampled from the whole
 // conversation so far in the template (the oldest exchanges dropped when it outgrows the
-// context, the system turn kept), streamed, and becomes part of it. /reset forgets the
-// conversation; /exit or the end of input ends it.
+// context, the system turn kept; the part the KV cache holds from the turn before not run
+// again), streamed, and becomes part of it. /reset forgets the conversation; /exit or the end of
+// input ends it.
 void add_chat(CLI::App& app) {
   struct Opts {
     std::string checkpoint, chat_template, system, precision = "fp32";
@@ -189,6 +190,9 @@ void add_chat(CLI::App& app) {
     std::vector<ChatMessage> turns;
     if (!o->system.empty()) turns.push_back({"system", o->system});
     const size_t first = turns.size();  // the first turn that may be dropped
+    // The conversation's keys and values kept between turns: each turn runs only what follows
+    // the part of the prompt the cache already holds (the new user turn, mostly).
+    GenerateSession session;
     if (tty)
       fmt::print("lmforge chat ({} template; /reset forgets, /exit or Ctrl-D ends)\n",
                  o->chat_template);
@@ -201,6 +205,7 @@ void add_chat(CLI::App& app) {
       if (!std::getline(std::cin, line) || line == "/exit") break;
       if (line == "/reset") {
         turns.resize(first);
+        session.reset();
         if (tty) fmt::print("(conversation reset)\n");
         continue;
       }
@@ -237,12 +242,15 @@ void add_chat(CLI::App& app) {
       SamplingOptions s = o->s;
       s.seed = o->s.seed + static_cast<uint64_t>(n);  // each reply its own draw
       std::vector<int32_t> reply;
-      generate(model, prompt, s, [&](int32_t id) {
-        if (id == s.stop_token || id == s.end_of_turn) return;  // the reply ends
-        reply.push_back(id);
-        fmt::print("{}", tok.token_bytes(id));
-        std::fflush(stdout);
-      });
+      generate(
+          model, prompt, s,
+          [&](int32_t id) {
+            if (id == s.stop_token || id == s.end_of_turn) return;  // the reply ends
+            reply.push_back(id);
+            fmt::print("{}", tok.token_bytes(id));
+            std::fflush(stdout);
+          },
+          nullptr, &session);
       fmt::print("\n");
       std::fflush(stdout);
       turns.push_back({"assistant", tok.decode(reply)});

@@ -242,6 +242,44 @@ TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
   }
 }
 
+// A session (a chat) keeps the cache between calls: a prompt that extends the last prompt and its
+// reply runs only its new tokens, one that departs early runs from there, and either generates
+// what a fresh call does (greedy). GPT-2 and a Llama with a window shorter than the prompts.
+TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
+  ModelConfig g = model_preset("gpt2-tiny"), l = model_preset("llama3-tiny");
+  l.sliding_window = 5;
+  for (ModelConfig cfg : {g, l}) {
+    cfg.vocab_size = 97;
+    cfg.n_layer = 2;
+    cfg.max_seq_len = 64;
+    Transformer model(cfg);
+    model.init_weights(3);
+    SamplingOptions o;
+    o.temperature = 0;
+    o.max_tokens = 6;
+    GenerateSession session;
+    GenerateStats st;
+    const std::vector<int32_t> p1 = {1, 9, 33, 4, 70, 12, 8, 50};
+    const std::vector<int32_t> r1 = generate(model, p1, o, {}, &st, &session);
+    EXPECT_EQ(st.reused, 0);
+    EXPECT_EQ(st.prompt_tokens, 8);
+    EXPECT_EQ(session.ids.size(), 8u + 5u);  // the reply's last token never ran
+    std::vector<int32_t> p2 = p1;
+    p2.insert(p2.end(), r1.begin(), r1.end());
+    p2.insert(p2.end(), {3, 3, 61});
+    EXPECT_EQ(generate(model, p2, o, {}, &st, &session), generate(model, p2, o)) << cfg.arch;
+    EXPECT_EQ(st.reused, 13);
+    EXPECT_EQ(st.prompt_tokens, static_cast<int64_t>(p2.size()) - 13);
+    std::vector<int32_t> p3(p1.begin(), p1.begin() + 3);
+    p3.insert(p3.end(), {20, 21, 22, 23});
+    EXPECT_EQ(generate(model, p3, o, {}, &st, &session), generate(model, p3, o)) << cfg.arch;
+    EXPECT_EQ(st.reused, 3);
+    session.reset();
+    EXPECT_EQ(generate(model, p3, o, {}, &st, &session), generate(model, p3, o)) << cfg.arch;
+    EXPECT_EQ(st.reused, 0);
+  }
+}
+
 // A --max-tokens near INT64_MAX generates up to the context instead of overflowing.
 TEST(Sampling, HugeMaxTokensStopsAtTheContext) {
   ModelConfig cfg = model_preset("gpt2-tiny");

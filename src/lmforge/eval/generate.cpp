@@ -97,25 +97,40 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
 std::string GenerateStats::str() const {
   auto rate = [](int64_t n, double s) { return s > 0 ? static_cast<double>(n) / s : 0.0; };
   return fmt::format(
-      "prompt {} tokens in {:.3f} s ({:.1f} tok/s); {} new tokens in {:.3f} s after it ({:.1f} "
+      "prompt {} tokens in {:.3f} s ({:.1f} tok/s){}; {} new tokens in {:.3f} s after it ({:.1f} "
       "tok/s)",
-      prompt_tokens, prefill_s, rate(prompt_tokens, prefill_s), new_tokens, decode_s,
+      prompt_tokens, prefill_s, rate(prompt_tokens, prefill_s),
+      reused ? fmt::format(" after {} reused", reused) : "", new_tokens, decode_s,
       rate(std::max<int64_t>(new_tokens - 1, 0), decode_s));
 }
 
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
-                              const std::function<void(int32_t)>& on_token, GenerateStats* stats) {
+                              const std::function<void(int32_t)>& on_token, GenerateStats* stats,
+                              GenerateSession* session) {
   const ModelConfig& c = model.config();
   check_generate(c, prompt, o, /*config_keys=*/false);
   const int64_t P = static_cast<int64_t>(prompt.size());  // < max_seq_len (check_generate)
   const int64_t total = P + std::min<int64_t>(o.max_tokens, c.max_seq_len - P);
-  KvCache cache = model.make_cache(total);
+  KvCache local;
+  int64_t reused = 0;  // the prompt's first tokens already in the session's cache
+  if (session) {
+    if (session->cache.max_len < c.max_seq_len) {
+      session->cache = model.make_cache(c.max_seq_len);
+      session->ids.clear();
+    }
+    const auto held = static_cast<int64_t>(session->ids.size());
+    while (reused < std::min(held, P - 1) && session->ids[reused] == prompt[reused]) ++reused;
+    session->ids.clear();  // (until this call ends well: an exception leaves nothing reusable)
+  } else {
+    local = model.make_cache(total);
+  }
+  KvCache& cache = session ? session->cache : local;
   Rng rng(o.seed);
   std::vector<int32_t> out;
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
-  Tensor logits = model.decode(cache, prompt.data(), static_cast<int64_t>(prompt.size()), 0);
+  Tensor logits = model.decode(cache, prompt.data() + reused, P - reused, reused);
   const auto t1 = Clock::now();
   int64_t pos = static_cast<int64_t>(prompt.size());
   while (pos < total) {
@@ -128,8 +143,13 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
     ++pos;
   }
   if (stats)
-    *stats = {P, static_cast<int64_t>(out.size()), std::chrono::duration<double>(t1 - t0).count(),
+    *stats = {P - reused, static_cast<int64_t>(out.size()), reused,
+              std::chrono::duration<double>(t1 - t0).count(),
               std::chrono::duration<double>(Clock::now() - t1).count()};
+  if (session) {  // what the cache now holds: the prompt and the reply but its last token
+    session->ids = prompt;
+    session->ids.insert(session->ids.end(), out.begin(), out.end() - (out.empty() ? 0 : 1));
+  }
   return out;
 }
 

@@ -43,16 +43,27 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
 
 // Where generate's time went: the prompt's forward (prefill) and everything after it (decode:
 // new_tokens - 1 one-token forwards and new_tokens samplings, on_token included).
+// reused: the prompt's first tokens whose keys and values a GenerateSession already held (not
+// run again; prompt_tokens counts those that were).
 struct GenerateStats {
-  int64_t prompt_tokens = 0, new_tokens = 0;
+  int64_t prompt_tokens = 0, new_tokens = 0, reused = 0;
   double prefill_s = 0, decode_s = 0;
   std::string str() const;  // "prompt 136 tokens in 0.21 s (648 tok/s); 255 more in ..."
+};
+
+// A KV cache kept from one generate() call to the next (a chat's conversation): the next prompt's
+// longest prefix in common with what the cache holds (ids: the earlier prompt and its reply but
+// the last token) is not run again. Sized for the whole context on first use.
+struct GenerateSession {
+  KvCache cache;
+  std::vector<int32_t> ids;
+  void reset() { ids.clear(); }
 };
 
 // Returns the generated ids (without the prompt); calls on_token for each as it is produced.
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token = {},
-                              GenerateStats* stats = nullptr);
+                              GenerateStats* stats = nullptr, GenerateSession* session = nullptr);
 
 }  // namespace lmforge
