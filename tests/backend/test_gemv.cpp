@@ -64,14 +64,18 @@ void check(bool bf16, int64_t M, int64_t N, int64_t K, bool bias, bool acc) {
 
 TEST(Gemv, MatchesDoubleForEveryRowCountAndRemainder) {
   if (!cpu::gemv_takes(1)) GTEST_SKIP() << "no AVX-512 (or capped): the GEMMs run instead";
-  for (bool bf16 : {false, true})
-    for (int64_t M = 1; M <= cpu::kGemvMaxRows; ++M)
-      for (int64_t N : {1, 3, 4, 9, 130})
-        for (int64_t K : {1, 15, 16, 17, 31, 32, 33, 100, 771}) {
-          check(bf16, M, N, K, /*bias=*/false, /*acc=*/false);
-          check(bf16, M, N, K, /*bias=*/true, /*acc=*/false);
-          check(bf16, M, N, K, /*bias=*/false, /*acc=*/true);
-        }
+  // bf16: the dot products (native, where AVX512-BF16 is present) and the widened kernel.
+  for (auto mode : {cpu::Bf16Matmul::kNative, cpu::Bf16Matmul::kWidened}) {
+    const cpu::Bf16MatmulScope scope(mode);
+    for (bool bf16 : {false, true})
+      for (int64_t M = 1; M <= cpu::kGemvMaxRows; ++M)
+        for (int64_t N : {1, 3, 4, 9, 130})
+          for (int64_t K : {1, 15, 16, 17, 31, 32, 33, 100, 771}) {
+            check(bf16, M, N, K, /*bias=*/false, /*acc=*/false);
+            check(bf16, M, N, K, /*bias=*/true, /*acc=*/false);
+            check(bf16, M, N, K, /*bias=*/false, /*acc=*/true);
+          }
+  }
 }
 
 TEST(Gemv, TakesFewRowsWithAvx512Only) {

@@ -230,6 +230,19 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   SafetensorsSet hf = SafetensorsSet::open(dir + "/hf");
   for (const std::string& n : hf.names()) EXPECT_EQ(n.find("lora"), std::string::npos) << n;
+  // Sampling the LoRA run folds its adapters into the weights as the export does: the same
+  // greedy text as the exported model's, in fp32 and in bf16.
+  for (const char* p : {"fp32", "bf16"}) {
+    const std::string flags = std::string(
+                                  " --prompt 'In the' --temperature 0 --max-tokens 12 "
+                                  "--ignore-eos --precision ") +
+                              p;
+    auto a = testing::run_lmforge("generate --checkpoint lora" + flags, dir);
+    auto b = testing::run_lmforge("generate --checkpoint hf:hf" + flags, dir);
+    ASSERT_EQ(a.exit_code, 0) << a.err;
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+    EXPECT_EQ(a.out, b.out) << p;
+  }
 
   // The adapters alone, as PEFT saves them (their values are checked against transformers in
   // test_hf_reference): GPT-2's four Conv1D layers per block, A and B each.

@@ -243,40 +243,63 @@ TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
 }
 
 // A session (a chat) keeps the cache between calls: a prompt that extends the last prompt and its
-// reply runs only its new tokens, one that departs early runs from there, and either generates
-// what a fresh call does (greedy). GPT-2 and a Llama with a window shorter than the prompts.
+// reply runs only its new tokens (the cache growing to hold them), one that departs early runs
+// whole, and either generates what a fresh call does (greedy); a stop token, max_tokens 0 and a
+// prompt equal to what the cache holds leave it consistent. GPT-2, a Llama with a window
+// shorter than the prompts, and bf16 weights (a bf16 cache).
 TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
   ModelConfig g = model_preset("gpt2-tiny"), l = model_preset("llama3-tiny");
   l.sliding_window = 5;
-  for (ModelConfig cfg : {g, l}) {
+  for (auto [cfg, bf16] : {std::pair{g, false}, {l, false}, {g, true}}) {
     cfg.vocab_size = 97;
     cfg.n_layer = 2;
     cfg.max_seq_len = 64;
     Transformer model(cfg);
     model.init_weights(3);
+    if (bf16) {
+      model.enable_bf16();
+      model.use_bf16_master();
+    }
+    const std::string what = cfg.arch + (bf16 ? " bf16" : "");
     SamplingOptions o;
     o.temperature = 0;
     o.max_tokens = 6;
     GenerateSession session;
     GenerateStats st;
+    auto run = [&](const std::vector<int32_t>& p, int64_t reused) {
+      const std::vector<int32_t> got = generate(model, p, o, {}, &st, &session);
+      EXPECT_EQ(got, generate(model, p, o)) << what << ", " << p.size() << " tokens";
+      EXPECT_EQ(st.reused, reused) << what;
+      EXPECT_EQ(st.prompt_tokens, static_cast<int64_t>(p.size()) - reused) << what;
+      return got;
+    };
     const std::vector<int32_t> p1 = {1, 9, 33, 4, 70, 12, 8, 50};
-    const std::vector<int32_t> r1 = generate(model, p1, o, {}, &st, &session);
-    EXPECT_EQ(st.reused, 0);
-    EXPECT_EQ(st.prompt_tokens, 8);
+    const std::vector<int32_t> r1 = run(p1, 0);
     EXPECT_EQ(session.ids.size(), 8u + 5u);  // the reply's last token never ran
+    EXPECT_EQ(session.cache.max_len, 14);
     std::vector<int32_t> p2 = p1;
     p2.insert(p2.end(), r1.begin(), r1.end());
     p2.insert(p2.end(), {3, 3, 61});
-    EXPECT_EQ(generate(model, p2, o, {}, &st, &session), generate(model, p2, o)) << cfg.arch;
-    EXPECT_EQ(st.reused, 13);
-    EXPECT_EQ(st.prompt_tokens, static_cast<int64_t>(p2.size()) - 13);
+    run(p2, 13);  // (the cache grown, its 13 positions kept)
+    EXPECT_GE(session.cache.max_len, static_cast<int64_t>(p2.size()) + 6);
     std::vector<int32_t> p3(p1.begin(), p1.begin() + 3);
     p3.insert(p3.end(), {20, 21, 22, 23});
-    EXPECT_EQ(generate(model, p3, o, {}, &st, &session), generate(model, p3, o)) << cfg.arch;
-    EXPECT_EQ(st.reused, 3);
+    run(p3, 0);  // 3 in common, 4 more: run whole
+    const std::vector<int32_t> held = session.ids;
+    run(held, static_cast<int64_t>(held.size()) - 1);  // all held: the last one runs again
+    o.stop_token = generate(model, p1, o)[0];          // stops at once
+    run(p1, 0);
+    EXPECT_EQ(session.ids, p1);
+    o.stop_token = -1;
+    o.max_tokens = 0;
+    EXPECT_TRUE(generate(model, p2, o, {}, &st, &session).empty());
+    EXPECT_EQ(session.ids, p2);
+    o.max_tokens = 6;
+    std::vector<int32_t> p4 = p2;
+    p4.push_back(7);
+    run(p4, static_cast<int64_t>(p2.size()));
     session.reset();
-    EXPECT_EQ(generate(model, p3, o, {}, &st, &session), generate(model, p3, o)) << cfg.arch;
-    EXPECT_EQ(st.reused, 0);
+    run(p4, 0);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "lmforge/core/error.h"
@@ -104,6 +105,25 @@ std::string GenerateStats::str() const {
       rate(std::max<int64_t>(new_tokens - 1, 0), decode_s));
 }
 
+void GenerateSession::reserve(const Transformer& m, int64_t positions, int64_t keep) {
+  if (cache.max_len >= positions) return;
+  // Grown geometrically (within the context), the first `keep` positions copied over.
+  const int64_t len = std::min(m.config().max_seq_len, std::max(positions, 2 * cache.max_len));
+  KvCache grown = m.make_cache(len);
+  auto copy = [&](const Tensor& from, const Tensor& to) {  // (NKV, max_len, HS) each
+    const int64_t row = from.size(2) * static_cast<int64_t>(dtype_size(from.dtype()));
+    for (int64_t h = 0; h < from.size(0); ++h)
+      std::memcpy(static_cast<char*>(to.raw()) + h * len * row,
+                  static_cast<const char*>(from.raw()) + h * cache.max_len * row, keep * row);
+  };
+  if (keep > 0)
+    for (size_t l = 0; l < cache.k.size(); ++l) {
+      copy(cache.k[l], grown.k[l]);
+      copy(cache.v[l], grown.v[l]);
+    }
+  cache = std::move(grown);
+}
+
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token, GenerateStats* stats,
@@ -115,13 +135,15 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   KvCache local;
   int64_t reused = 0;  // the prompt's first tokens already in the session's cache
   if (session) {
-    if (session->cache.max_len < c.max_seq_len) {
-      session->cache = model.make_cache(c.max_seq_len);
-      session->ids.clear();
-    }
+    if (session->model != &model) *session = GenerateSession{{}, {}, &model};
     const auto held = static_cast<int64_t>(session->ids.size());
     while (reused < std::min(held, P - 1) && session->ids[reused] == prompt[reused]) ++reused;
+    // What is left runs through the cache's attention a row at a time: worth it for a new turn
+    // after a long conversation, not for a conversation whose start changed (oldest turns
+    // dropped), which the prompt's tiled attention runs faster whole.
+    if (P - reused > reused) reused = 0;
     session->ids.clear();  // (until this call ends well: an exception leaves nothing reusable)
+    session->reserve(model, total, reused);
   } else {
     local = model.make_cache(total);
   }

@@ -53,11 +53,16 @@ struct GenerateStats {
 
 // A KV cache kept from one generate() call to the next (a chat's conversation): the next prompt's
 // longest prefix in common with what the cache holds (ids: the earlier prompt and its reply but
-// the last token) is not run again. Sized for the whole context on first use.
+// the last token) is not run again, unless what is left is longer than it (then the whole prompt
+// runs, through the faster tiled attention). The cache grows as the conversation does. Another
+// model's call starts it afresh.
 struct GenerateSession {
   KvCache cache;
   std::vector<int32_t> ids;
+  const Transformer* model = nullptr;  // whose keys and values the cache holds
   void reset() { ids.clear(); }
+  // Room for `positions`, the first `keep` kept.
+  void reserve(const Transformer& m, int64_t positions, int64_t keep);
 };
 
 // Returns the generated ids (without the prompt); calls on_token for each as it is produced.

@@ -76,7 +76,8 @@ void save_peft_adapter(const Transformer& model, const std::string& dir,
 // Folds a LoRA model's adapters into their layers' weights, W += (alpha / r) B A per module (as
 // save_hf_model merges them), and turns the adapters off (Transformer::set_adapters): forwards
 // then compute what they computed with them, at the base model's cost (generation). fp32 values
-// on the host.
+// on the host. Nothing when the adapters are off (merged already); the adapters are left as they
+// were, so they must stay off (set_adapters(true) would count them twice).
 void merge_lora_adapters(Transformer& model);
 // Merges a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) into the
 // model's weights as PEFT's merge_and_unload does: W += scale B A per targeted module, scale =

@@ -197,7 +197,7 @@ Tensor merged_value(const ModelConfig& m, const ParamSet& ps, const Param& p, do
 
 void merge_lora_adapters(Transformer& model) {
   const ModelConfig& m = model.config();
-  if (!m.lora.on()) return;
+  if (!m.lora.on() || model.adapters_off()) return;  // (merged already: never twice)
   for (Param& p : model.params().params()) {
     if (is_lora_param(p.name) || !p.name.ends_with(".weight") ||
         !model.params().find(p.name.substr(0, p.name.size() - 7) + ".lora_a"))

@@ -583,7 +583,8 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kc
 #pragma omp parallel
   {
     float* att = rows.data() + static_cast<size_t>(omp_get_thread_num()) * row;
-#pragma omp for collapse(2) schedule(static)
+    // (round-robin: row i's work grows with i)
+#pragma omp for collapse(2) schedule(static, 1)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < NH; ++h) {
         const float* qh = q + i * q_stride + h * HS;
