@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -25,17 +26,25 @@ namespace {
 // bf16: the weights held in bf16 (generate --precision bf16) against the training forward with
 // bf16 weights and fp32 activations: the same matmuls of bf16-rounded inputs, in another order,
 // and the cache's keys and values rounded to bf16.
-void check_decode_matches_forward(ModelConfig cfg, bool bf16 = false) {
+// A 2-layer model of cfg's family, 97 ids, the weights of seed 3; bf16: held in bf16 (generate
+// --precision bf16), its training forward with fp32 activations.
+std::unique_ptr<Transformer> small_model(ModelConfig cfg, bool bf16) {
   cfg.vocab_size = 97;
   cfg.n_layer = 2;
-  Transformer model(cfg);
-  model.init_weights(3);
+  auto model = std::make_unique<Transformer>(cfg);
+  model->init_weights(3);
   if (bf16) {
-    model.enable_bf16();
-    model.use_bf16_master();
-    model.set_bf16_activations(false);
-    model.set_bf16_matmul_outputs(false);
+    model->enable_bf16();
+    model->use_bf16_master();
+    model->set_bf16_activations(false);
+    model->set_bf16_matmul_outputs(false);
   }
+  return model;
+}
+
+void check_decode_matches_forward(const ModelConfig& cfg, bool bf16 = false) {
+  const std::unique_ptr<Transformer> owner = small_model(cfg, bf16);
+  Transformer& model = *owner;
   const int64_t T = 40;  // (the cache's attention over more than a vector of keys)
   model.plan(1, T, Recompute::kNone, /*keep_logits=*/true);
   Tensor tok = Tensor::empty({1, T}, DType::kI32);
@@ -251,15 +260,9 @@ TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
   ModelConfig g = model_preset("gpt2-tiny"), l = model_preset("llama3-tiny");
   l.sliding_window = 5;
   for (auto [cfg, bf16] : {std::pair{g, false}, {l, false}, {g, true}}) {
-    cfg.vocab_size = 97;
-    cfg.n_layer = 2;
     cfg.max_seq_len = 64;
-    Transformer model(cfg);
-    model.init_weights(3);
-    if (bf16) {
-      model.enable_bf16();
-      model.use_bf16_master();
-    }
+    const std::unique_ptr<Transformer> owner = small_model(cfg, bf16);
+    Transformer& model = *owner;
     const std::string what = cfg.arch + (bf16 ? " bf16" : "");
     SamplingOptions o;
     o.temperature = 0;
