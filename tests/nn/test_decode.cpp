@@ -188,8 +188,8 @@ TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
 
 // top_k and top_p keep the sets they define over the order by logit (ties: lower id first), and
 // sample within them by the renormalised tempered softmax: a vocabulary of 3000 with ties, a
-// nucleus of a few ids and one of most of the vocabulary (past the prefix sample_token sorts
-// first), top_k alone and with top_p; against the definition computed here in double.
+// nucleus of a few ids and one of most of the vocabulary, top_k alone and with top_p; against
+// the definition computed here in double.
 TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
   const int64_t V = 3000;
   for (double spread : {0.05, 3.0}) {  // nearly flat; peaked
@@ -245,10 +245,52 @@ TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
       expect(keep - 1, keep);
       expect(0, keep / 2);
       if (spread < 1 && top_k == 0 && top_p == 0.9) {
-        EXPECT_GT(keep, 1024);  // past the prefix sorted first
+        EXPECT_GT(keep, 1024);  // most of the vocabulary
       }
     }
   }
+}
+
+// The sets themselves, exactly: the nucleus found by selection (and the top k by a partial sort)
+// against the definition's sort, over flat to peaked distributions with ties, vocabularies
+// where the selection partitions many times, nuclei from one id to nearly all.
+TEST(Sampling, SetsAreTheDefinitionsExactly) {
+  for (int64_t V : {50, 3000, 50257})
+    for (double spread : {0.01, 0.2, 1.0, 4.0})
+      for (uint64_t seed : {1, 2, 3}) {
+        std::vector<float> logits(V);
+        Rng init(seed * 100 + static_cast<uint64_t>(spread * 10));
+        for (float& l : logits) l = static_cast<float>(init.normal() * spread);
+        for (int64_t i = 0; i < V; i += 5) logits[i] = logits[i / 3];  // ties
+        std::vector<int32_t> order(V);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+        for (int64_t top_k : {0, 7, 1000})
+          for (double top_p : {0.05, 0.5, 0.9, 0.999, 1.0}) {
+            SamplingOptions o;
+            o.temperature = 0.7;
+            o.top_k = top_k;
+            o.top_p = top_p;
+            const int64_t k = top_k > 0 && top_k < V ? top_k : V;
+            std::vector<double> w(k);
+            double z = 0;
+            for (int64_t i = 0; i < k; ++i)
+              z += w[i] = std::exp((logits[order[i]] - logits[order[0]]) / 0.7);
+            int64_t keep = k;
+            double acc = 0;
+            for (int64_t i = 0; i < k && top_p < 1; ++i)
+              if ((acc += w[i]) >= top_p * z) {
+                keep = i + 1;
+                break;
+              }
+            std::vector<int32_t> want(order.begin(), order.begin() + keep);
+            std::sort(want.begin(), want.end());
+            ASSERT_EQ(sampling_set(logits.data(), V, o), want)
+                << "V " << V << " spread " << spread << " seed " << seed << " top_k " << top_k
+                << " top_p " << top_p << " (" << keep << " ids)";
+          }
+      }
 }
 
 // A session (a chat) keeps the cache between calls: a prompt that extends the last prompt and its

@@ -38,61 +38,125 @@ void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
       fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
 }
 
+namespace {
+
+// The ids top_k / top_p keep (ids) and their weights (w), in the order draws walk them; weights
+// relative to the top logit (max_logit) before the temperature divides, so the top id weighs
+// exactly 1 even where logit / temperature overflows (a tiny temperature, an infinite logit:
+// sampling then becomes greedy, not NaN). Neither option set: ids empty, meaning every id in id
+// order (w for all).
+struct Candidates {
+  std::vector<int32_t> ids;
+  std::vector<double> w;
+};
+
+Candidates candidates(const float* logits, int64_t V, const SamplingOptions& o, double max_logit) {
+  auto weight = [&](int64_t i) {
+    return std::exp((static_cast<double>(logits[i]) - max_logit) / o.temperature);
+  };
+  const int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
+  Candidates c;
+  if (k == V && o.top_p >= 1) {  // the whole softmax: no order needed
+    c.w.resize(V);
+    for (int64_t i = 0; i < V; ++i) c.w[i] = weight(i);
+    return c;
+  }
+  // The candidates in descending order of logit (ties: lower id first: a strict order, so the
+  // top k and the nucleus are sets of their own).
+  std::vector<int32_t>& idx = c.ids;
+  idx.resize(V);
+  std::iota(idx.begin(), idx.end(), 0);
+  auto before = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  auto keep = [&](int64_t n, std::vector<double> w) {  // the first n of idx, w theirs
+    idx.resize(n);
+    w.resize(n);
+    c.w = std::move(w);
+    return c;
+  };
+  if (k < V) {  // the top k in order, then the nucleus within them (its mass theirs)
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
+    std::vector<double> w(k);
+    for (int64_t i = 0; i < k; ++i) w[i] = weight(idx[i]);
+    if (o.top_p >= 1) return keep(k, std::move(w));
+    const double mass = std::accumulate(w.begin(), w.end(), 0.0);
+    double acc = 0;
+    for (int64_t i = 0; i < k; ++i)
+      if ((acc += w[i]) >= o.top_p * mass) return keep(i + 1, std::move(w));
+    return keep(k, std::move(w));
+  }
+  // The nucleus of the whole vocabulary: the fewest first ids in that order whose mass reaches
+  // top_p, found by a selection on the mass (expected linear time; sorting a flat distribution's
+  // nucleus of tens of thousands of ids cost more than the forward): partition [lo, hi) around
+  // a pivot id and keep the side where the running mass crosses the target. Ids [0, lo) come
+  // before every id of [lo, hi) and hold `acc` of the mass.
+  std::vector<double> w(V);
+  double mass = 0;
+  for (int64_t i = 0; i < V; ++i) mass += w[i] = weight(i);
+  const double target = o.top_p * mass;
+  int64_t lo = 0, hi = V, n = -1;
+  double acc = 0;
+  while (hi - lo > 64 && n < 0) {
+    const int32_t pivot = idx[lo + (hi - lo) / 2];
+    const auto mid = std::partition(idx.begin() + lo, idx.begin() + hi,
+                                    [&](int32_t i) { return before(i, pivot); }) -
+                     idx.begin();
+    std::iter_swap(std::find(idx.begin() + mid, idx.begin() + hi, pivot), idx.begin() + mid);
+    double upper = 0;  // [lo, mid): before the pivot
+    for (int64_t i = lo; i < mid; ++i) upper += w[idx[i]];
+    if (acc + upper >= target) {
+      hi = mid;
+    } else if (acc + upper + w[pivot] >= target) {
+      n = mid + 1;  // the pivot completes it
+    } else {
+      acc += upper + w[pivot];
+      lo = mid + 1;
+    }
+  }
+  if (n < 0) {  // the last few in order
+    std::sort(idx.begin() + lo, idx.begin() + hi, before);
+    n = hi;
+    for (int64_t i = lo; i < hi; ++i)
+      if ((acc += w[idx[i]]) >= target) {
+        n = i + 1;
+        break;
+      }
+  }
+  std::vector<double> kept(n);
+  for (int64_t i = 0; i < n; ++i) kept[i] = w[idx[i]];
+  return keep(n, std::move(kept));
+}
+
+}  // namespace
+
+std::vector<int32_t> sampling_set(const float* logits, int64_t V, const SamplingOptions& o) {
+  const double top = *std::max_element(logits, logits + V);
+  std::vector<int32_t> ids = candidates(logits, V, o, top).ids;
+  if (ids.empty()) {
+    ids.resize(V);
+    std::iota(ids.begin(), ids.end(), 0);
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
   const auto best = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
   if (o.temperature <= 0) return best;
   for (int64_t i = 0; i < V; ++i)
     if (std::isnan(logits[i]))
       fail("generate: the model's logits are NaN (id {}); the weights have diverged", i);
-  // Weights relative to the top logit before dividing: the top token weighs exactly 1 even where
-  // logit / temperature overflows (a tiny temperature, an infinite logit), so sampling then
-  // becomes greedy instead of NaN.
   const double top = logits[best];
   if (std::isinf(top)) return best;
-  auto weight = [&](int64_t i) {
-    return std::exp((static_cast<double>(logits[i]) - top) / o.temperature);
-  };
-  const int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
-  // Draws one of ids[0 .. n) (null: the ids themselves) by the weights p.
-  auto draw = [&](const int32_t* ids, const std::vector<double>& p, int64_t n) {
-    const double sum = std::accumulate(p.begin(), p.begin() + n, 0.0);
-    double r = rng.uniform() * sum, acc = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      acc += p[i];
-      if (r < acc) return ids ? ids[i] : static_cast<int32_t>(i);
-    }
-    return ids ? ids[n - 1] : best;  // (rounding at the very end of the mass)
-  };
-  std::vector<double> p;
-  if (k == V && o.top_p >= 1) {  // the whole softmax: no order needed
-    p.resize(V);
-    for (int64_t i = 0; i < V; ++i) p[i] = weight(i);
-    return draw(nullptr, p, V);
+  const Candidates c = candidates(logits, V, o, top);
+  const double sum = std::accumulate(c.w.begin(), c.w.end(), 0.0);
+  double r = rng.uniform() * sum, acc = 0;
+  for (size_t i = 0; i < c.w.size(); ++i) {
+    acc += c.w[i];
+    if (r < acc) return c.ids.empty() ? static_cast<int32_t>(i) : c.ids[i];
   }
-  // The candidates in descending order of logit (ties: lower id first), sorted only as far as
-  // needed: the top k, or for the nucleus alone a prefix that usually holds the mass top_p.
-  std::vector<int32_t> idx(V);
-  std::iota(idx.begin(), idx.end(), 0);
-  auto before = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  double mass = 0;  // of all k candidates
-  if (k == V)
-    for (int64_t i = 0; i < V; ++i) mass += weight(i);
-  for (int64_t m = k == V ? std::min<int64_t>(V, 1024) : k;; m = k) {
-    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), before);
-    p.resize(m);
-    for (int64_t i = 0; i < m; ++i) p[i] = weight(idx[i]);
-    if (k < V) mass = std::accumulate(p.begin(), p.end(), 0.0);
-    if (o.top_p >= 1) return draw(idx.data(), p, m);
-    // nucleus: the smallest prefix whose mass reaches top_p
-    double acc = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      acc += p[i] / mass;
-      if (acc >= o.top_p) return draw(idx.data(), p, i + 1);
-    }
-    if (m == k) return draw(idx.data(), p, m);
-  }
+  return c.ids.empty() ? best : c.ids.back();  // (rounding at the very end of the mass)
 }
 
 std::string GenerateStats::str() const {

@@ -40,6 +40,9 @@ void check_generate(const ModelConfig& model, const std::vector<int32_t>& prompt
 
 // Picks one id from logits (V) with the options above.
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng);
+// The ids sample_token draws from with a positive temperature (ascending): the top_k by logit
+// (ties: lower id first), then the fewest of them whose tempered softmax mass reaches top_p.
+std::vector<int32_t> sampling_set(const float* logits, int64_t V, const SamplingOptions& o);
 
 // Where generate's time went: the prompt's forward (prefill) and everything after it (decode:
 // new_tokens - 1 one-token forwards and new_tokens samplings, on_token included).
