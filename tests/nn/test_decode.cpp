@@ -186,6 +186,24 @@ TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
   }
 }
 
+namespace {
+// V logits drawn from N(0, spread^2), every `every`-th a copy of the one at i / div (ties), and
+// the ids in the definition's order: descending logit, ties by id.
+std::pair<std::vector<float>, std::vector<int32_t>> tied_logits(int64_t V, double spread,
+                                                                uint64_t seed, int64_t every,
+                                                                int64_t div) {
+  std::vector<float> logits(V);
+  Rng init(seed);
+  for (float& l : logits) l = static_cast<float>(init.normal() * spread);
+  for (int64_t i = 0; i < V; i += every) logits[i] = logits[i / div];
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  return {logits, order};
+}
+}  // namespace
+
 // top_k and top_p keep the sets they define over the order by logit (ties: lower id first), and
 // sample within them by the renormalised tempered softmax: a vocabulary of 3000 with ties, a
 // nucleus of a few ids and one of most of the vocabulary, top_k alone and with top_p; against
@@ -193,14 +211,7 @@ TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
 TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
   const int64_t V = 3000;
   for (double spread : {0.05, 3.0}) {  // nearly flat; peaked
-    std::vector<float> logits(V);
-    Rng init(5);
-    for (float& l : logits) l = static_cast<float>(init.normal() * spread);
-    for (int64_t i = 0; i < V; i += 7) logits[i] = logits[i / 2];  // ties
-    std::vector<int32_t> order(V);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+    const auto [logits, order] = tied_logits(V, spread, 5, 7, 2);
     for (auto [top_k, top_p] :
          std::vector<std::pair<int64_t, double>>{{0, 0.9}, {0, 0.3}, {40, 1.0}, {2000, 0.8}}) {
       SamplingOptions o;
@@ -258,14 +269,8 @@ TEST(Sampling, SetsAreTheDefinitionsExactly) {
   for (int64_t V : {50, 3000, 50257})
     for (double spread : {0.01, 0.2, 1.0, 4.0})
       for (uint64_t seed : {1, 2, 3}) {
-        std::vector<float> logits(V);
-        Rng init(seed * 100 + static_cast<uint64_t>(spread * 10));
-        for (float& l : logits) l = static_cast<float>(init.normal() * spread);
-        for (int64_t i = 0; i < V; i += 5) logits[i] = logits[i / 3];  // ties
-        std::vector<int32_t> order(V);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+        const auto [logits, order] =
+            tied_logits(V, spread, seed * 100 + static_cast<uint64_t>(spread * 10), 5, 3);
         for (int64_t top_k : {0, 7, 1000})
           for (double top_p : {0.05, 0.5, 0.9, 0.999, 1.0}) {
             SamplingOptions o;
