@@ -498,66 +498,50 @@ namespace {
 inline float cached(float x) { return x; }
 inline float cached(uint16_t x) { return bf16_to_fp32(x); }  // a bf16 cache's value
 
-// One query row of one head against the cached keys [lo, len): out (HS) = softmax(q K^T scale) V,
-// att: scratch for the scores; the cache fp32 or bf16 (KV). The portable form (fp32 products,
-// double softmax sums).
+// The scores of one query row against the cached keys [lo, len): att[j] = (q . K_j) scale; and
+// the row's output o (HS) = sum_j w att[j] V_j. Portable, and AVX-512 below (16 lanes of the
+// head at a time; the output accumulated in registers, up to 128 columns per pass).
 template <typename KV>
-void decode_row(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo, int64_t len,
-                int64_t HS, float scale, float* att) {
-  float mx = -INFINITY;
+void decode_scores(float* att, const float* qh, const KV* K, int64_t lo, int64_t len, int64_t HS,
+                   float scale) {
   for (int64_t j = lo; j < len; ++j) {
     float s = 0;
     for (int64_t d = 0; d < HS; ++d) s += qh[d] * cached(K[j * HS + d]);
     att[j] = s * scale;
-    mx = std::max(mx, att[j]);
-  }
-  double sum = 0;
-  for (int64_t j = lo; j < len; ++j) {
-    att[j] = std::exp(att[j] - mx);
-    sum += att[j];
-  }
-  for (int64_t d = 0; d < HS; ++d) o[d] = 0;
-  for (int64_t j = lo; j < len; ++j) {
-    float w = static_cast<float>(att[j] / sum);
-    for (int64_t d = 0; d < HS; ++d) o[d] += w * cached(Vc[j * HS + d]);
   }
 }
-
-// The same on AVX-512: the dot products 16 lanes at a time, exp512 over 16 scores, the sum in
-// double lanes, and the output accumulated in registers for up to 128 columns at a time.
 template <typename KV>
-LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo,
-                                  int64_t len, int64_t HS, float scale, float* att) {
-  const int64_t chunks = (HS + 15) / 16;
-  __m512 mx = _mm512_set1_ps(-INFINITY);
+void decode_values(float* o, const float* att, const KV* Vc, int64_t lo, int64_t len, int64_t HS,
+                   float w) {
+  for (int64_t d = 0; d < HS; ++d) o[d] = 0;
+  for (int64_t j = lo; j < len; ++j)
+    for (int64_t d = 0; d < HS; ++d) o[d] += att[j] * w * cached(Vc[j * HS + d]);
+}
+
+template <typename KV>
+LMF_AVX512 void decode_scores_avx512(float* att, const float* qh, const KV* K, int64_t lo,
+                                     int64_t len, int64_t HS, float scale) {
   for (int64_t j = lo; j < len; ++j) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __mmask16 m = lanes(HS - 16 * c);
-      acc = _mm512_fmadd_ps(load16(qh + 16 * c, m), load16(K + j * HS + 16 * c, m), acc);
-    }
+    for (int64_t d = 0; d < HS; d += 16)
+      acc = _mm512_fmadd_ps(load16(qh + d, lanes(HS - d)), load16(K + j * HS + d, lanes(HS - d)),
+                            acc);
     att[j] = _mm512_reduce_add_ps(acc) * scale;
   }
-  for (int64_t j = lo; j < len; j += 16)
-    mx = _mm512_mask_max_ps(mx, lanes(len - j), mx, _mm512_maskz_loadu_ps(lanes(len - j), att + j));
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512d sum = _mm512_setzero_pd();
-  for (int64_t j = lo; j < len; j += 16) {
-    const __mmask16 m = lanes(len - j);
-    const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(load16(att + j, m), top)));
-    _mm512_mask_storeu_ps(att + j, m, e);
-    sum = _mm512_add_pd(sum, _mm512_add_pd(lo_pd(e), hi_pd(e)));
-  }
-  const float inv = static_cast<float>(1.0 / _mm512_reduce_add_pd(sum));
-  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {  // 8 vectors of the output at a time
+}
+template <typename KV>
+LMF_AVX512 void decode_values_avx512(float* o, const float* att, const KV* Vc, int64_t lo,
+                                     int64_t len, int64_t HS, float w) {
+  const int64_t chunks = (HS + 15) / 16;
+  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
     const int64_t nc = std::min<int64_t>(8, chunks - c0);
     __m512 acc[8];
     for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t j = lo; j < len; ++j) {
-      const __m512 w = _mm512_set1_ps(att[j] * inv);
+      const __m512 p = _mm512_set1_ps(att[j] * w);
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t d = 16 * (c0 + c);
-        acc[c] = _mm512_fmadd_ps(w, load16(Vc + j * HS + d, lanes(HS - d)), acc[c]);
+        acc[c] = _mm512_fmadd_ps(p, load16(Vc + j * HS + d, lanes(HS - d)), acc[c]);
       }
     }
     for (int64_t c = 0; c < nc; ++c) {
@@ -565,6 +549,25 @@ LMF_AVX512 void decode_row_avx512(float* o, const float* qh, const KV* K, const 
       store16(o + d, lanes(HS - d), acc[c]);
     }
   }
+}
+
+// One query row of one head against the cached keys [lo, len): out (HS) = softmax(q K^T scale) V,
+// att: scratch for the scores; the cache fp32 or bf16 (KV). The softmax is the tiled kernel's
+// (exp_sub_sum).
+template <typename KV>
+void decode_row(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo, int64_t len,
+                int64_t HS, float scale, float* att) {
+  const bool avx512 = has_avx512();
+  if (avx512)
+    decode_scores_avx512(att, qh, K, lo, len, HS, scale);
+  else
+    decode_scores(att, qh, K, lo, len, HS, scale);
+  const float mx = *std::max_element(att + lo, att + len);
+  const float w = 1.0f / exp_sub_sum<float>(att + lo, att + lo, len - lo, mx);
+  if (avx512)
+    decode_values_avx512(o, att, Vc, lo, len, HS, w);
+  else
+    decode_values(o, att, Vc, lo, len, HS, w);
 }
 }  // namespace
 
@@ -574,11 +577,9 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kc
                       int64_t NKV, int64_t HS, int64_t window) {
   const int64_t group = NH / NKV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  const bool avx512 = has_avx512();
-  // One row of scores per thread (+ 16: the vector loops read whole vectors), allocated before
-  // the parallel region (a bad_alloc inside it would end the process); per generate call, not a
-  // training step.
-  const int64_t row = pos0 + n + 16;
+  // One row of scores per thread, allocated before the parallel region (a bad_alloc inside it
+  // would end the process); per generate call, not a training step.
+  const int64_t row = pos0 + n;
   std::vector<float> rows(static_cast<size_t>(omp_get_max_threads() * row));
 #pragma omp parallel
   {
@@ -592,10 +593,7 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kc
         const KV* Vc = vcache + (h / group) * T_max * HS;
         const int64_t len = pos0 + i + 1, lo = first_key(pos0 + i, window);
         float* o = out + i * NH * HS + h * HS;
-        if (avx512)
-          decode_row_avx512(o, qh, K, Vc, lo, len, HS, scale, att);
-        else
-          decode_row(o, qh, K, Vc, lo, len, HS, scale, att);
+        decode_row(o, qh, K, Vc, lo, len, HS, scale, att);
       }
   }
 }
