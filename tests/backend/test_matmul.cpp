@@ -66,6 +66,8 @@ TEST(CpuGemm, Fp32PanelsMatchDoubleInEveryTransposition) {
       for (bool tb : {false, true})
         for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{37, 301, 70},  // by columns
                                {301, 37, 70},                                       // by rows
+                               {37, 513, 20},  // (513 / 2 is a multiple of 16: panels of
+                               {513, 37, 20},  // 513 / 2 would miss the last column or row)
                                {200, 200, 1},
                                {70, 70, 33}})  // below the panel threshold at 3 threads
           for (float beta : {0.0f, 1.5f}) check(ta, tb, M, N, K, beta, false);

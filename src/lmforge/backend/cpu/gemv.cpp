@@ -1,4 +1,5 @@
-// Matrix-vector products of decoding (one to four rows of activations against a weight):
+// Matrix-vector products of decoding (one to four rows of activations against a weight: a
+// sequence, or a batch of them):
 // C (M, N) = A (M, K) B (N, K)^T [+ bias], M <= kGemvMaxRows. They are bound by reading B once
 // from memory, which oneDNN's GEMMs at M = 1 do at half the bandwidth or less (bf16 weights no
 // faster than fp32 ones; measured with `lmforge bench matmul --shape 1xNxK`). Here each thread
@@ -51,9 +52,9 @@ LMF_AVX512 void row_avx512(const float* A, int64_t lda, const TB* B, int64_t ldb
   int64_t k = 0;
   for (; k + 16 * kUnroll <= K; k += 16 * kUnroll)
     for (int u = 0; u < kUnroll; ++u) {
-      const __m512 bv = load16(b + k + 16 * u, lanes(16));
+      const __m512 bv = load16(b + k + 16 * u);
       for (int m = 0; m < M; ++m)
-        acc[m][u] = _mm512_fmadd_ps(load16(A + m * lda + k + 16 * u, lanes(16)), bv, acc[m][u]);
+        acc[m][u] = _mm512_fmadd_ps(load16(A + m * lda + k + 16 * u), bv, acc[m][u]);
     }
   for (; k < K; k += 16) {
     const __mmask16 mk = lanes(K - k);

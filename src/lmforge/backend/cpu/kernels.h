@@ -32,6 +32,10 @@ struct IdCheck {
   void raise(const int32_t* ids, const char* what, int64_t V) const;
 };
 
+// Keeps freed memory in glibc's heap and serves allocations up to 64 MiB from it (once per
+// process; cpu/matmul.cpp says why): called by the fp32 gemm and by decoding.
+void keep_freed_heap();
+
 // C (M, N) = alpha * op(A) op(B) + beta * C, row-major. float goes to oneDNN's sgemm; double is
 // a plain loop (used only by gradient checks on tiny shapes).
 template <typename T>

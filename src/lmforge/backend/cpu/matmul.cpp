@@ -15,20 +15,21 @@
 
 namespace lmforge::cpu {
 
-namespace {
 // oneDNN's sgemm mallocs its packing buffers on every call and frees them on return. glibc's
 // default heap gives the freed top back to the kernel (brk, or madvise in a thread's arena) once
 // it passes a trim threshold that depends on the allocation history, and every call then faults
 // the buffers in again: a few hundred page faults per step or none, depending on what ran
 // before. Freed memory stays in the heap instead (trimmed past 1 GiB), and allocations up to
 // 64 MiB come from it (larger ones are lmforge's own, long-lived buffers): a step after the first
-// touches no new memory.
-bool keep_freed_heap() {
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  mallopt(M_MMAP_THRESHOLD, 64 << 20);
-  return true;
+// touches no new memory. (Decoding's per-call buffers, the same.)
+void keep_freed_heap() {
+  static const bool kept = [] {
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_MMAP_THRESHOLD, 64 << 20);
+    return true;
+  }();
+  (void)kept;
 }
-}  // namespace
 
 // Outside a parallel region, C is cut into one panel per thread (op(B)'s columns, or op(A)'s rows
 // when C is taller than wide), each a single-threaded sgemm: oneDNN 2.6's own threading of an
@@ -39,8 +40,7 @@ template <>
 void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  static const bool heap_kept = keep_freed_heap();
-  (void)heap_kept;
+  keep_freed_heap();
   auto sgemm = [&](int64_t m, int64_t n, const float* a, const float* b, float* c) {
     return static_cast<int>(
         dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, K, alpha, a, lda, b, ldb, beta, c, ldc));
@@ -49,7 +49,7 @@ void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
   int st = dnnl_success;
   if (threads > 1 && std::max(M, N) >= 32 * threads) {
     const bool by_cols = N >= M;
-    const int64_t len = by_cols ? N : M, width = (len / threads + 15) / 16 * 16;
+    const int64_t len = by_cols ? N : M, width = ((len + threads - 1) / threads + 15) / 16 * 16;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(max : st)
     for (int p = 0; p < threads; ++p) {
       const int64_t j0 = p * width, n = std::min(width, len - j0);
