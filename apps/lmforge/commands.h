@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +32,11 @@ void add_hf(CLI::App& app);  // convert, export, info
 // convert, and generate/chat with hf:DIR).
 std::unique_ptr<lmforge::Tokenizer> hf_dir_tokenizer(const std::string& dir,
                                                      const lmforge::ModelConfig& model);
+// Calls fn with string field `field` of each line of a JSONL file (blank lines skipped); one
+// error naming the file and line for a line without it (tokenizer.cpp; tokenizer encode --jsonl,
+// generate --prompts).
+void for_each_jsonl_string(const std::string& path, const std::string& field,
+                           const std::function<void(std::string)>& fn);
 void add_plot(CLI::App& app);
 void add_lr_find(CLI::App& app);
 void add_launch(CLI::App& app);  // N ranks of lmforge through mpirun

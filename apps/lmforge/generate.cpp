@@ -1,5 +1,6 @@
-// lmforge generate --checkpoint PATH --prompt TEXT [--max-tokens N --temperature T --top-k K
-//                  --top-p P --seed S --precision fp32|bf16 --stats --ignore-eos]
+// lmforge generate --checkpoint PATH (--prompt TEXT | --prompts FILE.jsonl) [--num-samples N
+//                  --batch B --max-tokens N --temperature T --top-k K --top-p P --seed S
+//                  --precision fp32|bf16 --stats --ignore-eos]
 //                  [--chat-template chatml|llama3 [--system TEXT]]
 // lmforge chat --checkpoint PATH --chat-template chatml|llama3 [--system TEXT] [sampling flags]
 #include "lmforge/eval/generate.h"
@@ -8,6 +9,8 @@
 #include <unistd.h>
 
 #include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "lmforge/models/hf.h"
@@ -100,8 +103,9 @@ std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMes
 
 void add_generate(CLI::App& app) {
   struct Opts {
-    std::string checkpoint, prompt, chat_template, system, precision = "fp32";
+    std::string checkpoint, prompt, prompts, chat_template, system, precision = "fp32";
     bool stats = false, ignore_eos = false;
+    int64_t samples = 1, batch = 8;
     SamplingOptions s;
   };
   auto o = std::make_shared<Opts>();
@@ -110,7 +114,21 @@ void add_generate(CLI::App& app) {
                   "Checkpoint directory, a run directory, or hf:DIR (a Hugging Face model "
                   "directory: config.json, *.safetensors, a tokenizer)")
       ->required();
-  cmd->add_option("--prompt", o->prompt, "Text to continue")->required();
+  cmd->add_option("--prompt", o->prompt, "Text to continue");
+  cmd->add_option("--prompts", o->prompts,
+                  "A JSONL file of prompts, one {\"prompt\": TEXT} per line, instead of --prompt: "
+                  "prints one JSON line per prompt (and sample) in the file's order, {\"prompt\", "
+                  "\"completion\", \"finish_reason\": \"stop\" | \"length\"} (+ \"sample\")");
+  cmd->add_option("--num-samples", o->samples,
+                  "Samples of each prompt, with seeds --seed, --seed + 1, ...; each printed whole, "
+                  "then a line of dashes (with --prompts: one JSON line each)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--batch", o->batch,
+                  "Sequences decoded at once with --num-samples or --prompts (each step's matmuls "
+                  "read the weights once for all of them)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   add_sampling_options(cmd, o->s);
   cmd->add_option("--chat-template", o->chat_template,
                   "chatml | llama3: the prompt is a user turn of a conversation in that template "
@@ -123,36 +141,94 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--ignore-eos", o->ignore_eos,
                 "Go on past the end-of-text token, to --max-tokens (benchmarks)");
   cmd->callback([o] {
+    if (o->prompt.empty() == o->prompts.empty())
+      fail("generate: pass --prompt TEXT or --prompts FILE.jsonl (one of them)");
+    const bool chat = !o->chat_template.empty();
+    if (!chat && !o->system.empty()) fail("--system: needs --chat-template");
+    std::vector<std::string> texts =
+        o->prompts.empty() ? std::vector<std::string>{o->prompt} : std::vector<std::string>{};
+    if (!o->prompts.empty()) {
+      for_each_jsonl_string(o->prompts, "prompt",
+                            [&](std::string t) { texts.push_back(std::move(t)); });
+      if (texts.empty()) fail("--prompts {}: no prompts in the file", o->prompts);
+    }
     Loaded l = load_for_sampling(o->checkpoint, o->precision, o->s);
     const int32_t eos = o->s.stop_token;  // (a reply's end, never printed)
     if (o->ignore_eos) o->s.stop_token = -1;
     Transformer& model = *l.model;
     const Tokenizer* tok = l.tok.get();
-    const bool chat = !o->chat_template.empty();
-    if (!chat && !o->system.empty()) fail("--system: needs --chat-template");
-    std::vector<int32_t> prompt;
-    if (chat) {
-      std::vector<ChatMessage> turns;
-      if (!o->system.empty()) turns.push_back({"system", o->system});
-      turns.push_back({"user", o->prompt});
-      prompt = chat_prompt(*tok, turns, o->chat_template, o->s);
-    } else {
-      prompt = tok->encode(o->prompt, false, true);
+    // Each text's ids, checked before anything is printed.
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      std::vector<int32_t> ids;
+      if (chat) {
+        std::vector<ChatMessage> turns;
+        if (!o->system.empty()) turns.push_back({"system", o->system});
+        turns.push_back({"user", texts[i]});
+        ids = chat_prompt(*tok, turns, o->chat_template, o->s);
+      } else {
+        ids = tok->encode(texts[i], false, true);
+      }
+      if (ids.empty() && !o->prompts.empty())
+        fail("--prompts {}: prompt {} is empty (no tokens)", o->prompts, i + 1);
+      try {
+        check_generate(model.config(), ids, o->s, /*config_keys=*/false);
+      } catch (const Error& e) {
+        if (o->prompts.empty()) throw;
+        fail("--prompts {}: prompt {}: {}", o->prompts, i + 1, e.what());
+      }
+      prompts.push_back(std::move(ids));
     }
-    // before the prompt is echoed
-    check_generate(model.config(), prompt, o->s, /*config_keys=*/false);
-    if (!chat) fmt::print("{}", o->prompt);
-    std::fflush(stdout);
+    // What a reply prints: every id but a chat's end of turn (or end of text).
+    auto text_of = [&](int32_t id) {
+      return chat && (id == eos || id == o->s.end_of_turn) ? std::string() : tok->token_bytes(id);
+    };
     GenerateStats stats;
-    generate(
-        model, prompt, o->s,
-        [&](int32_t id) {
-          if (chat && (id == eos || id == o->s.end_of_turn)) return;  // the reply ends
-          fmt::print("{}", tok->token_bytes(id));
-          std::fflush(stdout);
-        },
-        &stats);
-    fmt::print("\n");
+    if (o->prompts.empty() && o->samples == 1) {  // one sample, streamed
+      if (!chat) fmt::print("{}", o->prompt);
+      std::fflush(stdout);
+      generate(
+          model, prompts[0], o->s,
+          [&](int32_t id) {
+            fmt::print("{}", text_of(id));
+            std::fflush(stdout);
+          },
+          &stats);
+      fmt::print("\n");
+    } else {  // --num-samples of each prompt, decoded --batch at a time, printed in order
+      std::vector<std::vector<int32_t>> runs;
+      for (const std::vector<int32_t>& p : prompts)
+        for (int64_t k = 0; k < o->samples; ++k) runs.push_back(p);
+      std::vector<std::optional<std::vector<int32_t>>> done(runs.size());
+      size_t printed = 0;
+      auto print = [&](size_t r) {
+        const size_t i = r / static_cast<size_t>(o->samples);
+        const std::vector<int32_t>& ids = *done[r];
+        std::string completion;
+        for (int32_t id : ids) completion += text_of(id);
+        if (o->prompts.empty()) {
+          fmt::print("{}{}\n---------------\n", chat ? "" : texts[i], completion);
+        } else {
+          const bool stop =
+              !ids.empty() && (ids.back() == o->s.stop_token || ids.back() == o->s.end_of_turn);
+          if (stop && !chat)
+            completion.resize(completion.size() - tok->token_bytes(ids.back()).size());
+          nlohmann::json j = {{"prompt", texts[i]},
+                              {"completion", completion},
+                              {"finish_reason", stop ? "stop" : "length"}};
+          if (o->samples > 1) j["sample"] = r % static_cast<size_t>(o->samples);
+          fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+        }
+        std::fflush(stdout);
+      };
+      generate_batch(
+          model, runs, o->s, o->batch,
+          [&](size_t r, const std::vector<int32_t>& ids) {
+            done[r] = ids;
+            for (; printed < done.size() && done[printed]; ++printed) print(printed);
+          },
+          &stats);
+    }
     if (o->stats) fmt::print(stderr, "lmforge generate: {}\n", stats.str());
   });
 }

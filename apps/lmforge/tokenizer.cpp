@@ -58,6 +58,21 @@ std::vector<int32_t> parse_ids(const std::string& line, const std::string& where
 
 }  // namespace
 
+void for_each_jsonl_string(const std::string& path, const std::string& field,
+                           const std::function<void(std::string)>& fn) {
+  std::ifstream in(path);
+  if (!in) fail("{}: cannot open; check the path", path);
+  size_t line_no = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains(field) || !j[field].is_string())
+      fail("{}:{}: expected a JSON object with a string field \"{}\"", path, line_no, field);
+    fn(j[field].get<std::string>());
+  }
+}
+
 void add_tokenizer(CLI::App& app) {
   struct Opts {
     std::string tokenizer, jsonl, field = "text";
@@ -83,17 +98,7 @@ void add_tokenizer(CLI::App& app) {
       print_ids(tok->encode(text, o->allow_special, o->bos));
     };
     if (!o->jsonl.empty()) {
-      std::ifstream in(o->jsonl);
-      if (!in) fail("{}: cannot open; check the path", o->jsonl);
-      size_t line_no = 0;
-      for (std::string line; std::getline(in, line);) {
-        ++line_no;
-        nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        if (j.is_discarded() || !j.is_object() || !j.contains(o->field) || !j[o->field].is_string())
-          fail("{}:{}: expected a JSON object with a string field \"{}\"", o->jsonl, line_no,
-               o->field);
-        encode(j[o->field].get<std::string>());
-      }
+      for_each_jsonl_string(o->jsonl, o->field, encode);
     } else if (o->files.empty()) {
       encode(std::string(std::istreambuf_iterator<char>(std::cin), {}));
     } else {

@@ -171,6 +171,17 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--max-tokens", ">= 0"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --top-p 0", dir),
                         {"--top-p", "(0, 1]"});
+  // --prompts: a line that is not a prompt, an empty prompt, or both --prompt and --prompts.
+  std::ofstream(dir + "/p.jsonl") << "{\"prompt\": \"hi\"}\n{\"text\": \"hi\"}\n";
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompts p.jsonl", dir),
+                        {"p.jsonl:2", "\"prompt\""});
+  std::ofstream(dir + "/e.jsonl") << "{\"prompt\": \"hi\"}\n{\"prompt\": \"\"}\n";
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompts e.jsonl", dir),
+                        {"e.jsonl", "prompt 2", "empty"});
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --prompts p.jsonl", dir),
+                        {"--prompt", "--prompts"});
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompts missing.jsonl", dir),
+                        {"missing.jsonl", "cannot open"});
   // export --force replaces its target: never the run, its checkpoint or the working directory.
   for (std::string to : {"run", ".", "run/checkpoints"})
     expect_one_line_error(run_lmforge("export --checkpoint run --to-hf " + to + " --force", dir),

@@ -156,6 +156,49 @@ TEST(Training, ResumeIsBitExact) {
   EXPECT_EQ(g1.out, g2.out);
   EXPECT_EQ(g1.out.rfind("And God said", 0), 0u);
   EXPECT_GT(g1.out.size(), std::string("And God said").size() + 10);
+
+  // Several samples decoded together: each as its own run with seed 3, 4, 5 prints it.
+  auto many = run_lmforge(gen + " --num-samples 3 --batch 2", dir);
+  ASSERT_EQ(many.exit_code, 0) << many.err;
+  const std::string sep = "---------------\n";
+  std::string want;
+  for (int seed : {3, 4, 5}) {
+    auto one =
+        run_lmforge("generate --checkpoint a --prompt 'And God said' --max-tokens 40 --seed " +
+                        std::to_string(seed),
+                    dir);
+    ASSERT_EQ(one.exit_code, 0) << one.err;
+    want += one.out + sep;
+  }
+  EXPECT_EQ(many.out, want);
+  // --prompts: one JSON line per prompt and sample, in the file's order.
+  std::ofstream(dir + "/prompts.jsonl") << R"({"prompt": "And God said"})"
+                                        << "\n\n"
+                                        << R"({"prompt": "In the beginning", "id": 7})"
+                                        << "\n";
+  auto js = run_lmforge(
+      "generate --checkpoint a --prompts prompts.jsonl --max-tokens 40 --seed 3 --num-samples 2",
+      dir);
+  ASSERT_EQ(js.exit_code, 0) << js.err;
+  std::vector<nlohmann::json> lines;
+  std::istringstream in(js.out);
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(lines.size(), 4u) << js.out;
+  for (size_t r = 0; r < 4; ++r) {
+    EXPECT_EQ(lines[r]["prompt"], r < 2 ? "And God said" : "In the beginning") << r;
+    EXPECT_EQ(lines[r]["sample"], r % 2) << r;
+    EXPECT_TRUE(lines[r]["finish_reason"] == "stop" || lines[r]["finish_reason"] == "length");
+  }
+  // (its first: the first sample above, but for a stop token's text and the newline, invalid
+  // UTF-8 replaced by U+FFFD as JSON output must)
+  const std::string first =
+      nlohmann::json::parse(nlohmann::json(g1.out.substr(12, g1.out.size() - 13))
+                                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace))
+          .get<std::string>();
+  EXPECT_EQ(first.rfind(lines[0]["completion"].get<std::string>(), 0), 0u) << first;
+  if (lines[0]["finish_reason"] == "length") {
+    EXPECT_EQ(lines[0]["completion"], first);
+  }
 }
 
 // train.optimizer: muon. It learns (on the demo corpus, as fast as AdamW at the same lr, which

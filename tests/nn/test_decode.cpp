@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -351,6 +352,123 @@ TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
     session.reset();
     run(p4, 0);
   }
+}
+
+// Sequences decoded together (Transformer::decode's segments: one matmul over all their rows)
+// give each the logits and cache a call of its own gives: a whole prompt (the tiled attention), a
+// chunk of 3 after a prompt and a single token, in fp32 and with bf16 weights and caches.
+TEST(Decode, SegmentsRunTogetherAsEachAlone) {
+  ModelConfig l = model_preset("llama3-tiny");
+  l.sliding_window = 6;
+  for (auto [cfg, bf16] : {std::pair{model_preset("gpt2-tiny"), false},
+                           {l, false},
+                           {model_preset("gpt2-tiny"), true}}) {
+    const std::unique_ptr<Transformer> owner = small_model(cfg, bf16);
+    Transformer& model = *owner;
+    const std::vector<int32_t> ids = {5, 17, 3, 88, 40, 2, 61, 9, 30, 71, 12, 50};
+    // (prefix run before, segment start, segment length)
+    const std::vector<std::array<int64_t, 2>> shape = {{0, 9}, {7, 3}, {10, 1}, {4, 1}};
+    std::vector<KvCache> together, alone;
+    std::vector<Tensor> want;
+    std::vector<DecodeSegment> segs;
+    for (const auto& [start, len] : shape) {
+      together.push_back(model.make_cache(16));
+      alone.push_back(model.make_cache(16));
+      if (start > 0) {
+        model.decode(together.back(), ids.data(), start, 0);
+        model.decode(alone.back(), ids.data(), start, 0);
+      }
+      want.push_back(model.decode(alone.back(), ids.data() + start, len, start).clone());
+    }
+    for (size_t g = 0; g < shape.size(); ++g)
+      segs.push_back({&together[g], ids.data() + shape[g][0], shape[g][1], shape[g][0]});
+    const Tensor got = model.decode(segs);
+    const int64_t V = model.config().vocab_size;
+    ASSERT_EQ(got.size(0), 4);
+    for (size_t g = 0; g < shape.size(); ++g) {
+      double err = 0, ref = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        err = std::max(err,
+                       std::fabs(double(got.data<float>()[g * V + v]) - want[g].data<float>()[v]));
+        ref = std::max(ref, std::fabs(double(want[g].data<float>()[v])));
+      }
+      // (bf16: the same rounded products summed in another order as the row counts differ)
+      EXPECT_LT(err / ref, bf16 ? 2e-3 : 1e-5)
+          << cfg.arch << (bf16 ? " bf16" : "") << " segment " << g;
+      // The keys and values of every position the segment ran, in its own cache.
+      const int64_t end = shape[g][0] + shape[g][1];
+      for (int64_t layer = 0; layer < model.config().n_layer; ++layer)
+        for (const auto& [a, b] : {std::pair{together[g].k[layer], alone[g].k[layer]},
+                                   {together[g].v[layer], alone[g].v[layer]}}) {
+          const Tensor af = a.dtype() == DType::kBF16 ? a.to(DType::kF32) : a;
+          const Tensor bf = b.dtype() == DType::kBF16 ? b.to(DType::kF32) : b;
+          const int64_t HS = af.size(2);
+          for (int64_t hd = 0; hd < af.size(0); ++hd)
+            for (int64_t t = 0; t < end * HS; ++t) {
+              const float x = af.data<float>()[hd * 16 * HS + t],
+                          y = bf.data<float>()[hd * 16 * HS + t];
+              ASSERT_NEAR(x, y, (bf16 ? 1e-2 : 1e-5) * (1 + std::fabs(y)))
+                  << cfg.arch << " segment " << g << " layer " << layer;
+            }
+        }
+    }
+  }
+}
+
+// generate_batch: each prompt's continuation is generate()'s with seed + its index, whatever the
+// batch's width (a prompt running beside other sequences' tokens, sequences ending early on the
+// stop token or at the context, max_tokens 0); on_done once per prompt.
+TEST(Sampling, BatchGivesEachPromptItsOwnGeneration) {
+  ModelConfig cfg = model_preset("llama3-tiny");
+  cfg.max_seq_len = 24;
+  const std::unique_ptr<Transformer> owner = small_model(cfg, false);
+  Transformer& model = *owner;
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 9, 33},
+      {4},
+      {70, 12, 8, 50, 6, 6, 2},
+      {3, 3},
+      {11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30},  // 4 left
+      {90, 1},
+      {44, 45, 46, 47}};
+  for (double temperature : {0.0, 0.9}) {
+    SamplingOptions o;
+    o.temperature = temperature;
+    o.top_k = temperature > 0 ? 40 : 0;
+    o.max_tokens = 9;
+    o.seed = 21;
+    SamplingOptions o1 = o;
+    o1.seed = o.seed + 1;
+    o.stop_token = generate(model, prompts[1], o1)[3];  // prompt 1 (at least) stops early
+    std::vector<std::vector<int32_t>> want;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      SamplingOptions oi = o;
+      oi.seed = o.seed + i;
+      want.push_back(generate(model, prompts[i], oi));
+    }
+    EXPECT_LE(want[1].size(), 4u);
+    EXPECT_EQ(want[4].size(), 4u);  // at the context
+    for (int64_t width : {1, 3, 16}) {
+      std::vector<int> calls(prompts.size());
+      GenerateStats st;
+      const auto got = generate_batch(
+          model, prompts, o, width,
+          [&](size_t i, const std::vector<int32_t>& ids) {
+            ++calls[i];
+            EXPECT_EQ(ids, want[i]) << "prompt " << i;
+          },
+          &st);
+      EXPECT_EQ(got, want) << "width " << width << ", temperature " << temperature;
+      EXPECT_EQ(calls, std::vector<int>(prompts.size(), 1));
+      EXPECT_EQ(st.sequences, 7);
+      EXPECT_EQ(st.prompt_tokens, 39);
+    }
+  }
+  SamplingOptions none;
+  none.max_tokens = 0;
+  EXPECT_EQ(generate_batch(model, prompts, none, 2),
+            std::vector<std::vector<int32_t>>(prompts.size()));
+  EXPECT_THROW(generate_batch(model, {{1, 2}, {}}, none, 2), Error);  // an empty prompt
 }
 
 // A --max-tokens near INT64_MAX generates up to the context instead of overflowing.

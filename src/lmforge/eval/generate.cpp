@@ -161,6 +161,11 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, R
 
 std::string GenerateStats::str() const {
   auto rate = [](int64_t n, double s) { return s > 0 ? static_cast<double>(n) / s : 0.0; };
+  if (sequences > 0)
+    return fmt::format(
+        "{} sequences: {} prompt tokens and {} new tokens in {:.3f} s ({:.1f} new "
+        "tok/s)",
+        sequences, prompt_tokens, new_tokens, decode_s, rate(new_tokens, decode_s));
   return fmt::format(
       "prompt {} tokens in {:.3f} s ({:.1f} tok/s){}; {} new tokens in {:.3f} s after it ({:.1f} "
       "tok/s)",
@@ -188,6 +193,21 @@ void GenerateSession::reserve(const Transformer& m, int64_t positions, int64_t k
   cache = std::move(grown);
 }
 
+namespace {
+// The positions a sequence of prompt P ends at (the prompt and up to max_tokens, within the
+// context), the ids sampled from (not the vocabulary's padding), and whether a sampled id at
+// position `pos` (the cache holding pos tokens) ends it.
+int64_t end_position(const ModelConfig& c, int64_t P, const SamplingOptions& o) {
+  return P + std::min<int64_t>(o.max_tokens, c.max_seq_len - P);
+}
+int64_t sampled_ids(const ModelConfig& c, const SamplingOptions& o) {
+  return o.vocab_limit > 0 ? std::min(o.vocab_limit, c.vocab_size) : c.vocab_size;
+}
+bool ends(int32_t id, int64_t pos, int64_t total, const SamplingOptions& o) {
+  return id == o.stop_token || id == o.end_of_turn || pos + 1 >= total;
+}
+}  // namespace
+
 std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& prompt,
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token, GenerateStats* stats,
@@ -195,7 +215,7 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   const ModelConfig& c = model.config();
   check_generate(c, prompt, o, /*config_keys=*/false);
   const int64_t P = static_cast<int64_t>(prompt.size());  // < max_seq_len (check_generate)
-  const int64_t total = P + std::min<int64_t>(o.max_tokens, c.max_seq_len - P);
+  const int64_t total = end_position(c, P, o);
   KvCache local;
   int64_t reused = 0;  // the prompt's first tokens already in the session's cache
   if (session) {
@@ -220,22 +240,86 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
   const auto t1 = Clock::now();
   int64_t pos = static_cast<int64_t>(prompt.size());
   while (pos < total) {
-    int64_t V = o.vocab_limit > 0 ? std::min(o.vocab_limit, c.vocab_size) : c.vocab_size;
-    int32_t id = sample_token(logits.data<float>(), V, o, rng);
+    int32_t id = sample_token(logits.data<float>(), sampled_ids(c, o), o, rng);
     out.push_back(id);
     if (on_token) on_token(id);
-    if (id == o.stop_token || id == o.end_of_turn || pos + 1 >= total) break;
+    if (ends(id, pos, total, o)) break;
     logits = model.decode(cache, &id, 1, pos);
     ++pos;
   }
   if (stats)
-    *stats = {P - reused, static_cast<int64_t>(out.size()), reused,
-              std::chrono::duration<double>(t1 - t0).count(),
-              std::chrono::duration<double>(Clock::now() - t1).count()};
+    *stats = {.prompt_tokens = P - reused,
+              .new_tokens = static_cast<int64_t>(out.size()),
+              .reused = reused,
+              .prefill_s = std::chrono::duration<double>(t1 - t0).count(),
+              .decode_s = std::chrono::duration<double>(Clock::now() - t1).count()};
   if (session) {  // what the cache now holds: the prompt and the reply but its last token
     session->ids = prompt;
     session->ids.insert(session->ids.end(), out.begin(), out.end() - (out.empty() ? 0 : 1));
   }
+  return out;
+}
+
+std::vector<std::vector<int32_t>> generate_batch(
+    Transformer& model, const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& o,
+    int64_t width, const std::function<void(size_t, const std::vector<int32_t>&)>& on_done,
+    GenerateStats* stats) {
+  const ModelConfig& c = model.config();
+  LMF_CHECK(width > 0, "generate_batch: width {}", width);
+  for (const std::vector<int32_t>& p : prompts) check_generate(c, p, o, /*config_keys=*/false);
+  struct Slot {
+    size_t i;  // which prompt
+    KvCache cache;
+    Rng rng;
+    int64_t pos = 0, total = 0;  // the tokens the cache holds; where the sequence ends
+    int32_t last = -1;           // the newest sampled id (not yet run)
+  };
+  std::vector<std::vector<int32_t>> out(prompts.size());
+  std::vector<Slot> active;
+  size_t next = 0;
+  GenerateStats st;
+  st.sequences = static_cast<int64_t>(prompts.size());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto finish = [&](size_t i) {
+    st.new_tokens += static_cast<int64_t>(out[i].size());
+    if (on_done) on_done(i, out[i]);
+  };
+  for (;;) {
+    // Free slots take the next prompts; a prompt with nothing to generate ends at once.
+    while (static_cast<int64_t>(active.size()) < width && next < prompts.size()) {
+      const size_t i = next++;
+      const auto P = static_cast<int64_t>(prompts[i].size());
+      const int64_t total = end_position(c, P, o);
+      if (total == P) {
+        finish(i);
+        continue;
+      }
+      active.push_back({i, model.make_cache(total), Rng(o.seed + i), 0, total, -1});
+      st.prompt_tokens += P;
+    }
+    if (active.empty()) break;
+    std::vector<DecodeSegment> segs;
+    for (Slot& s : active)
+      segs.push_back(s.pos == 0 ? DecodeSegment{&s.cache, prompts[s.i].data(),
+                                                static_cast<int64_t>(prompts[s.i].size()), 0}
+                                : DecodeSegment{&s.cache, &s.last, 1, s.pos});
+    const Tensor logits = model.decode(segs);
+    std::vector<Slot> going;
+    for (size_t k = 0; k < active.size(); ++k) {
+      Slot& s = active[k];
+      s.pos += segs[k].n;
+      s.last = sample_token(logits.data<float>() + static_cast<int64_t>(k) * c.vocab_size,
+                            sampled_ids(c, o), o, s.rng);
+      out[s.i].push_back(s.last);
+      if (ends(s.last, s.pos, s.total, o))
+        finish(s.i);
+      else
+        going.push_back(std::move(s));
+    }
+    active = std::move(going);
+  }
+  st.decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (stats) *stats = st;
   return out;
 }
 

@@ -48,8 +48,10 @@ std::vector<int32_t> sampling_set(const float* logits, int64_t V, const Sampling
 // new_tokens - 1 one-token forwards and new_tokens samplings, on_token included).
 // reused: the prompt's first tokens whose keys and values a GenerateSession already held (not
 // run again; prompt_tokens counts those that were).
+// generate_batch's: sequences (> 0, 0 for generate's), decode_s the whole time (prompts and new
+// tokens together).
 struct GenerateStats {
-  int64_t prompt_tokens = 0, new_tokens = 0, reused = 0;
+  int64_t prompt_tokens = 0, new_tokens = 0, reused = 0, sequences = 0;
   double prefill_s = 0, decode_s = 0;
   std::string str() const;  // "prompt 136 tokens in 0.21 s (648 tok/s); 255 more in ..."
 };
@@ -73,5 +75,17 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
                               const SamplingOptions& o,
                               const std::function<void(int32_t)>& on_token = {},
                               GenerateStats* stats = nullptr, GenerateSession* session = nullptr);
+
+// One continuation per prompt, up to `width` sequences decoding at once: each step's tokens run
+// through the model together (Transformer::decode's segments), so the weights are read once for
+// all of them, and a finished sequence's place goes to the next prompt, whose prompt runs beside
+// the others' tokens (continuous batching). Prompt i samples with seed o.seed + i: what generate()
+// gives it with that seed, up to the rounding of matmuls over more rows. on_done(i, ids) as each
+// sequence ends (in the order they end). Every prompt is checked as check_generate before any
+// work.
+std::vector<std::vector<int32_t>> generate_batch(
+    Transformer& model, const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& o,
+    int64_t width, const std::function<void(size_t, const std::vector<int32_t>&)>& on_done = {},
+    GenerateStats* stats = nullptr);
 
 }  // namespace lmforge

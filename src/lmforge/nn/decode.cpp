@@ -1,6 +1,8 @@
 // Inference through the same parameters with a KV cache: each call runs n new tokens (the
 // prompt, then one at a time), appends their keys/values to the cache and returns the last
-// token's logits. Buffers here are per call (generation is not a training step).
+// token's logits. Several sequences (segments, each with its cache) run in one call share every
+// matmul: a batch's decoding step reads the weights once. Buffers here are per call (generation
+// is not a training step).
 #include <cstring>
 #include <type_traits>
 
@@ -24,26 +26,48 @@ KvCache Transformer::make_cache(int64_t max_len) const {
 }
 
 Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int64_t pos0) {
+  const DecodeSegment seg{&cache, tokens, n, pos0};
+  return decode({&seg, 1}).view({cfg_.vocab_size});
+}
+
+Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
   LMF_CHECK(device() == Device::kCPU, "decode runs on the CPU: call to(Device::kCPU) first");
   params_.sync_bf16();
-  LMF_CHECK(n > 0 && pos0 + n <= cache.max_len, "decode: n={} pos0={} cache {}", n, pos0,
-            cache.max_len);
+  cpu::keep_freed_heap();  // (this call's buffers: no fresh pages zeroed by the kernel each token)
+  const int64_t S = static_cast<int64_t>(segs.size());
+  int64_t n = 0;  // all segments' tokens: the rows of every matmul
+  for (const DecodeSegment& g : segs) {
+    LMF_CHECK(g.n > 0 && g.pos0 + g.n <= g.cache->max_len, "decode: n={} pos0={} cache {}", g.n,
+              g.pos0, g.cache->max_len);
+    n += g.n;
+  }
+  LMF_CHECK(S > 0, "decode: no segments");
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head, NKV = cfg_.kv_heads(), HS = cfg_.head_size();
   const int64_t Cq = cfg_.qkv_dim(), F = cfg_.ffn();
   const bool swiglu = cfg_.mlp == "swiglu";
-  Tensor tok = Tensor::empty({1, n}, DType::kI32);
-  std::memcpy(tok.raw(), tokens, n * sizeof(int32_t));
+  Tensor tok = Tensor::empty({n}, DType::kI32);
   Tensor x = Tensor::empty({1, n, C}, DType::kF32), x_mid = Tensor::empty({1, n, C}, DType::kF32);
   Tensor h = Tensor::empty({1, n, C}, DType::kF32), o = Tensor::empty({1, n, C}, DType::kF32);
   Tensor qkv = Tensor::empty({1, n, Cq}, DType::kF32);
   Tensor att = Tensor::empty({1, n, NH * HS}, DType::kF32);
   Tensor fc = Tensor::empty({1, n, swiglu ? 2 * F : F}, DType::kF32);
   Tensor act = Tensor::empty({1, n, F}, DType::kF32);
-  Tensor lse = Tensor::empty({1, NH, pos0 == 0 && n > 1 ? n : 1}, DType::kF32);
+  Tensor lse = Tensor::empty({NH * n}, DType::kF32);  // (a whole prompt's, unused after)
   Norm::Saved saved{Tensor::empty({n}, DType::kF32), Tensor::empty({n}, DType::kF32)};
+  // Segment g's rows of a (1, n, D) activation, as (1, g.n, D).
+  std::vector<int64_t> row0(S);
+  for (int64_t g = 0, r = 0; g < S; r += segs[g].n, ++g) row0[g] = r;
+  auto rows = [&](const Tensor& t, int64_t g) {
+    const int64_t D = t.size(2);
+    return t.view({n, D}).slice(row0[g], segs[g].n).view({1, segs[g].n, D});
+  };
 
-  ops::embedding_forward(x, tok, tok_emb_->value,
-                         pos_emb_ ? pos_emb_->value.slice(pos0, n) : Tensor());
+  for (int64_t g = 0; g < S; ++g) {
+    std::memcpy(tok.data<int32_t>() + row0[g], segs[g].tokens, segs[g].n * sizeof(int32_t));
+    ops::embedding_forward(rows(x, g), tok.slice(row0[g], segs[g].n).view({1, segs[g].n}),
+                           tok_emb_->value,
+                           pos_emb_ ? pos_emb_->value.slice(segs[g].pos0, segs[g].n) : Tensor());
+  }
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     const Block& b = blocks_[l];
     b.norm1.forward(h, saved, x);
@@ -54,33 +78,40 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
       ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->fp32(), b.k_norm->fp32(), NH, NKV,
                            cfg_.norm_eps);
     }
-    if (positions_.cos.defined())
-      ops::rope_forward(qkv, positions_.cos, positions_.sin, NH, NKV, pos0);
-    float* q = qkv.data<float>();
-    // This call's keys and values into the cache (rounded to bf16 in a bf16 cache), then
-    // attention over it.
-    auto attend = [&](auto* kc, auto* vc) {
-      auto put = [](auto* dst, const float* src, int64_t len) {
-        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, float>)
-          std::memcpy(dst, src, len * sizeof(float));
+    for (int64_t g = 0; g < S; ++g) {
+      const DecodeSegment& seg = segs[g];
+      KvCache& cache = *seg.cache;
+      const Tensor q_g = rows(qkv, g), att_g = rows(att, g);
+      if (positions_.cos.defined())
+        ops::rope_forward(q_g, positions_.cos, positions_.sin, NH, NKV, seg.pos0);
+      const float* q = q_g.data<float>();
+      // The segment's keys and values into its cache (rounded to bf16 in a bf16 cache), then
+      // attention over it.
+      auto attend = [&](auto* kc, auto* vc) {
+        auto put = [](auto* dst, const float* src, int64_t len) {
+          if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, float>)
+            std::memcpy(dst, src, len * sizeof(float));
+          else
+            cpu::to_bf16_serial(dst, src, len);
+        };
+        for (int64_t i = 0; i < seg.n; ++i)
+          for (int64_t kvh = 0; kvh < NKV; ++kvh) {
+            const int64_t at = (kvh * cache.max_len + seg.pos0 + i) * HS;
+            put(kc + at, q + i * Cq + (NH + kvh) * HS, HS);
+            put(vc + at, q + i * Cq + (NH + NKV + kvh) * HS, HS);
+          }
+        if (seg.pos0 == 0 && seg.n > 1)  // a whole prompt: the training forward's tiled attention
+          ops::attention_forward(att_g, lse.slice(0, NH * seg.n).view({1, NH, seg.n}), q_g, NH, NKV,
+                                 cfg_.sliding_window);
         else
-          cpu::to_bf16_serial(dst, src, len);
+          cpu::attention_decode(att_g.data<float>(), q, Cq, kc, vc, seg.n, seg.pos0, cache.max_len,
+                                NH, NKV, HS, cfg_.sliding_window);
       };
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t kvh = 0; kvh < NKV; ++kvh) {
-          put(kc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + kvh) * HS, HS);
-          put(vc + (kvh * cache.max_len + pos0 + i) * HS, q + i * Cq + (NH + NKV + kvh) * HS, HS);
-        }
-      if (pos0 == 0 && n > 1)  // a whole prompt: the training forward's tiled attention
-        ops::attention_forward(att, lse, qkv, NH, NKV, cfg_.sliding_window);
+      if (cache.k[l].dtype() == DType::kBF16)
+        attend(cache.k[l].bf16_data(), cache.v[l].bf16_data());
       else
-        cpu::attention_decode(att.data<float>(), q, Cq, kc, vc, n, pos0, cache.max_len, NH, NKV, HS,
-                              cfg_.sliding_window);
-    };
-    if (cache.k[l].dtype() == DType::kBF16)
-      attend(cache.k[l].bf16_data(), cache.v[l].bf16_data());
-    else
-      attend(cache.k[l].data<float>(), cache.v[l].data<float>());
+        attend(cache.k[l].data<float>(), cache.v[l].data<float>());
+    }
     b.proj.forward(o, att);
     ops::add(x_mid, x, o);
     b.norm2.forward(h, saved, x_mid);
@@ -92,13 +123,17 @@ Tensor Transformer::decode(KvCache& cache, const int32_t* tokens, int64_t n, int
     b.down.forward(o, act);
     ops::add(x, x_mid, o);
   }
-  Tensor last = x.view({n, C}).slice(n - 1, 1);
-  Tensor hl = Tensor::empty({1, C}, DType::kF32);
-  Norm::Saved s1{Tensor::empty({1}, DType::kF32), Tensor::empty({1}, DType::kF32)};
+  // Each segment's last token: the final norm and the LM head over those S rows.
+  Tensor last = Tensor::empty({S, C}, DType::kF32);
+  for (int64_t g = 0; g < S; ++g)
+    std::memcpy(last.data<float>() + g * C, x.data<float>() + (row0[g] + segs[g].n - 1) * C,
+                C * sizeof(float));
+  Tensor hl = Tensor::empty({S, C}, DType::kF32);
+  Norm::Saved s1{Tensor::empty({S}, DType::kF32), Tensor::empty({S}, DType::kF32)};
   norm_f_.forward(hl, s1, last);
-  Tensor logits = Tensor::empty({1, cfg_.vocab_size}, DType::kF32);
+  Tensor logits = Tensor::empty({S, cfg_.vocab_size}, DType::kF32);
   ops::linear_forward(logits, hl, lm_head_weight(), Tensor());
-  return logits.view({cfg_.vocab_size});
+  return logits;
 }
 
 }  // namespace lmforge

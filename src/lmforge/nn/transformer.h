@@ -16,6 +16,7 @@
 
 #include <functional>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "lmforge/nn/block.h"
@@ -25,6 +26,14 @@ namespace lmforge {
 struct KvCache {
   int64_t max_len = 0;
   std::vector<Tensor> k, v;  // per layer (NKV, max_len, HS): fp32, or bf16 for bf16 weights
+};
+
+// n tokens of one sequence at positions pos0.. for Transformer::decode, its keys and values kept
+// in cache.
+struct DecodeSegment {
+  KvCache* cache;
+  const int32_t* tokens;
+  int64_t n, pos0;
 };
 
 // Data parallelism's seam (dist/data_parallel.h). The parameters fall into groups that tile
@@ -278,6 +287,10 @@ class Transformer {
   // Runs n tokens at positions pos0.. through the model with the cache; returns the logits of
   // the last one (V). The cache must hold pos0 + n positions.
   Tensor decode(KvCache& cache, const int32_t* tokens, int64_t n, int64_t pos0);
+  // Several sequences at once, each segment as the call above with its own cache (a batch's
+  // decoding step: one token each; a prompt may run beside them): their matmuls are one.
+  // Returns each segment's last token's logits (segments, V).
+  Tensor decode(std::span<const DecodeSegment> segments);
 
  private:
   ModelConfig cfg_;
