@@ -120,8 +120,9 @@ void add_generate(CLI::App& app) {
                   "prints one JSON line per prompt (and sample) in the file's order, {\"prompt\", "
                   "\"completion\", \"finish_reason\": \"stop\" | \"length\"} (+ \"sample\")");
   cmd->add_option("--num-samples", o->samples,
-                  "Samples of each prompt, with seeds --seed, --seed + 1, ...; each printed whole, "
-                  "then a line of dashes (with --prompts: one JSON line each)")
+                  "Samples of each prompt, with seeds --seed, --seed + 1, ... (each prompt's k-th "
+                  "what --seed + k gives it alone); each printed whole, then a line of dashes "
+                  "(with --prompts: one JSON line each)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_option("--batch", o->batch,
@@ -140,8 +141,8 @@ void add_generate(CLI::App& app) {
                 "At the end, on stderr: the prompt's and the new tokens' times and tokens/s");
   cmd->add_flag("--ignore-eos", o->ignore_eos,
                 "Go on past the end-of-text token, to --max-tokens (benchmarks)");
-  cmd->callback([o] {
-    if (o->prompt.empty() == o->prompts.empty())
+  cmd->callback([o, cmd] {
+    if ((cmd->count("--prompt") > 0) == !o->prompts.empty())
       fail("generate: pass --prompt TEXT or --prompts FILE.jsonl (one of them)");
     const bool chat = !o->chat_template.empty();
     if (!chat && !o->system.empty()) fail("--system: needs --chat-template");
@@ -158,6 +159,7 @@ void add_generate(CLI::App& app) {
     Transformer& model = *l.model;
     const Tokenizer* tok = l.tok.get();
     // Each text's ids, checked before anything is printed.
+    check_sampling(o->s, /*config_keys=*/false);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < texts.size(); ++i) {
       std::vector<int32_t> ids;
@@ -197,8 +199,12 @@ void add_generate(CLI::App& app) {
       fmt::print("\n");
     } else {  // --num-samples of each prompt, decoded --batch at a time, printed in order
       std::vector<std::vector<int32_t>> runs;
+      std::vector<uint64_t> seeds;
       for (const std::vector<int32_t>& p : prompts)
-        for (int64_t k = 0; k < o->samples; ++k) runs.push_back(p);
+        for (int64_t k = 0; k < o->samples; ++k) {
+          runs.push_back(p);
+          seeds.push_back(o->s.seed + static_cast<uint64_t>(k));
+        }
       std::vector<std::optional<std::vector<int32_t>>> done(runs.size());
       size_t printed = 0;
       auto print = [&](size_t r) {
@@ -213,11 +219,12 @@ void add_generate(CLI::App& app) {
               !ids.empty() && (ids.back() == o->s.stop_token || ids.back() == o->s.end_of_turn);
           if (stop && !chat)
             completion.resize(completion.size() - tok->token_bytes(ids.back()).size());
-          nlohmann::json j = {{"prompt", texts[i]},
-                              {"completion", completion},
-                              {"finish_reason", stop ? "stop" : "length"}};
+          nlohmann::ordered_json j = {{"prompt", texts[i]},
+                                      {"completion", completion},
+                                      {"finish_reason", stop ? "stop" : "length"}};
           if (o->samples > 1) j["sample"] = r % static_cast<size_t>(o->samples);
-          fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+          fmt::print("{}\n",
+                     j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace));
         }
         std::fflush(stdout);
       };
@@ -227,7 +234,7 @@ void add_generate(CLI::App& app) {
             done[r] = ids;
             for (; printed < done.size() && done[printed]; ++printed) print(printed);
           },
-          &stats);
+          &stats, seeds);
     }
     if (o->stats) fmt::print(stderr, "lmforge generate: {}\n", stats.str());
   });

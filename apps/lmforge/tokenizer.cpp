@@ -87,7 +87,7 @@ void add_tokenizer(CLI::App& app) {
       tk->add_subcommand("encode", "Text -> one line of space-separated ids per document");
   enc->add_option("--tokenizer", o->tokenizer, "Tokenizer file or directory (or \"byte\")")
       ->required();
-  enc->add_option("--jsonl", o->jsonl, "JSONL input: one document per line");
+  enc->add_option("--jsonl", o->jsonl, "JSONL input: one document per line (blank lines skipped)");
   enc->add_option("--field", o->field, "JSONL field holding the text")->capture_default_str();
   enc->add_flag("--allow-special", o->allow_special, "Special-token text becomes special ids");
   enc->add_flag("--bos", o->bos, "Prepend the tokenizer's BOS token, if it has one");

@@ -356,13 +356,17 @@ TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
 
 // Sequences decoded together (Transformer::decode's segments: one matmul over all their rows)
 // give each the logits and cache a call of its own gives: a whole prompt (the tiled attention), a
-// chunk of 3 after a prompt and a single token, in fp32 and with bf16 weights and caches.
+// chunk of 3 after a prompt and a single token, in fp32 and with bf16 weights and caches (GPT-2;
+// a Llama with a window and q/k norms).
 TEST(Decode, SegmentsRunTogetherAsEachAlone) {
   ModelConfig l = model_preset("llama3-tiny");
   l.sliding_window = 6;
+  ModelConfig q = l;  // q/k norms, in bf16
+  q.qk_norm = true;
   for (auto [cfg, bf16] : {std::pair{model_preset("gpt2-tiny"), false},
                            {l, false},
-                           {model_preset("gpt2-tiny"), true}}) {
+                           {model_preset("gpt2-tiny"), true},
+                           {q, true}}) {
     const std::unique_ptr<Transformer> owner = small_model(cfg, bf16);
     Transformer& model = *owner;
     const std::vector<int32_t> ids = {5, 17, 3, 88, 40, 2, 61, 9, 30, 71, 12, 50};
@@ -464,6 +468,15 @@ TEST(Sampling, BatchGivesEachPromptItsOwnGeneration) {
       EXPECT_EQ(st.prompt_tokens, 39);
     }
   }
+  // Seeds given: each prompt's own (all the same here), as generate with that seed.
+  SamplingOptions o;
+  o.temperature = 0.9;
+  o.max_tokens = 5;
+  const std::vector<uint64_t> seeds(prompts.size(), 77);
+  o.seed = 77;
+  const auto seeded = generate_batch(model, prompts, o, 3, {}, nullptr, seeds);
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(seeded[i], generate(model, prompts[i], o)) << "prompt " << i;
   SamplingOptions none;
   none.max_tokens = 0;
   EXPECT_EQ(generate_batch(model, prompts, none, 2),

@@ -263,9 +263,12 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
 std::vector<std::vector<int32_t>> generate_batch(
     Transformer& model, const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& o,
     int64_t width, const std::function<void(size_t, const std::vector<int32_t>&)>& on_done,
-    GenerateStats* stats) {
+    GenerateStats* stats, const std::vector<uint64_t>& seeds) {
   const ModelConfig& c = model.config();
   LMF_CHECK(width > 0, "generate_batch: width {}", width);
+  LMF_CHECK(seeds.empty() || seeds.size() == prompts.size(), "generate_batch: {} seeds, {} prompts",
+            seeds.size(), prompts.size());
+  constexpr int64_t kPrefillRows = 4096;
   for (const std::vector<int32_t>& p : prompts) check_generate(c, p, o, /*config_keys=*/false);
   struct Slot {
     size_t i;  // which prompt
@@ -285,17 +288,24 @@ std::vector<std::vector<int32_t>> generate_batch(
     if (on_done) on_done(i, out[i]);
   };
   for (;;) {
-    // Free slots take the next prompts; a prompt with nothing to generate ends at once.
+    // Free slots take the next prompts, up to kPrefillRows of prompt in one call (its buffers
+    // hold every row; a longer prompt runs alone, as in generate); a prompt with nothing to
+    // generate ends at once.
+    int64_t prefill = 0;
     while (static_cast<int64_t>(active.size()) < width && next < prompts.size()) {
-      const size_t i = next++;
+      const size_t i = next;
       const auto P = static_cast<int64_t>(prompts[i].size());
+      if (prefill > 0 && prefill + P > kPrefillRows) break;
+      ++next;
       const int64_t total = end_position(c, P, o);
       if (total == P) {
         finish(i);
         continue;
       }
-      active.push_back({i, model.make_cache(total), Rng(o.seed + i), 0, total, -1});
+      active.push_back(
+          {i, model.make_cache(total), Rng(seeds.empty() ? o.seed + i : seeds[i]), 0, total, -1});
       st.prompt_tokens += P;
+      prefill += P;
     }
     if (active.empty()) break;
     std::vector<DecodeSegment> segs;

@@ -79,13 +79,13 @@ std::vector<int32_t> generate(Transformer& model, const std::vector<int32_t>& pr
 // One continuation per prompt, up to `width` sequences decoding at once: each step's tokens run
 // through the model together (Transformer::decode's segments), so the weights are read once for
 // all of them, and a finished sequence's place goes to the next prompt, whose prompt runs beside
-// the others' tokens (continuous batching). Prompt i samples with seed o.seed + i: what generate()
-// gives it with that seed, up to the rounding of matmuls over more rows. on_done(i, ids) as each
-// sequence ends (in the order they end). Every prompt is checked as check_generate before any
-// work.
+// the others' tokens (continuous batching; at most 4096 rows of new prompts in one step). Prompt i
+// samples with seeds[i] (none given: o.seed + i): what generate() gives it with that seed, up to
+// the rounding of matmuls over more rows. on_done(i, ids) as each sequence ends (in the order
+// they end). Every prompt is checked as check_generate before any work.
 std::vector<std::vector<int32_t>> generate_batch(
     Transformer& model, const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& o,
     int64_t width, const std::function<void(size_t, const std::vector<int32_t>&)>& on_done = {},
-    GenerateStats* stats = nullptr);
+    GenerateStats* stats = nullptr, const std::vector<uint64_t>& seeds = {});
 
 }  // namespace lmforge
