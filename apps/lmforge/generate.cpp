@@ -55,11 +55,11 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
     l.tok = hf_dir_tokenizer(dir, hc.model);
     for (const std::string& n : hc.notes) fmt::print(stderr, "note: {}\n", n);
     l.model = std::make_unique<Transformer>(hc.model);
-    load_hf_weights(*l.model, dir);
-    if (bf16) {  // (the fp32 values converted, then released)
+    if (bf16) {  // bf16 values, each tensor rounded as it is read
       l.model->enable_bf16();
-      l.model->use_bf16_master();
+      l.model->use_bf16_master(/*convert=*/false);
     }
+    load_hf_weights(*l.model, dir);
   } else {
     const std::string dir = resolve_checkpoint(checkpoint);
     const ModelConfig mc = checkpoint_model_config(dir);

@@ -120,6 +120,7 @@ class SafetensorsSet {
   bool has(const std::string& name) const { return where_.count(name) != 0; }
   Tensor get(const std::string& name) const;  // as Safetensors::get
   Tensor load(const std::string& name, DType want) const;
+  void release(const std::string& name) const;  // as Safetensors::release
   const Safetensors::Info& info(const std::string& name) const;
   std::vector<std::string> names() const;  // by shard, then in file order
   // The __metadata__ of the single file, or of the first shard.

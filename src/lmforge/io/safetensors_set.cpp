@@ -117,6 +117,8 @@ Tensor SafetensorsSet::load(const std::string& name, DType want) const {
   return file_of(name).load(name, want);
 }
 
+void SafetensorsSet::release(const std::string& name) const { file_of(name).release(name); }
+
 const Safetensors::Info& SafetensorsSet::info(const std::string& name) const {
   return file_of(name).info(name);
 }

@@ -8,6 +8,7 @@
 #include <map>
 #include <set>
 
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/safetensors.h"
@@ -108,6 +109,7 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
       std::string name = resolve(piece.name);
       used.insert(name);
       Tensor t = set.load(name, DType::kF32);
+      set.release(name);  // (copied: its mapped pages need not stay resident)
       Shape want = piece.transpose       ? Shape{cols, piece.rows}
                    : p.shape.ndim() == 1 ? Shape{piece.rows}
                                          : Shape{piece.rows, cols};
@@ -151,9 +153,11 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
 void load_hf_weights(Transformer& model, const std::string& dir) {
   model.params().invalidate_bf16();  // the weights change below; bf16 copies follow on use
   for_each_hf_weight(model, dir, [](const Param& p, const float* values) {
-    LMF_CHECK(p.value.dtype() == DType::kF32 && p.value.device() == Device::kCPU,
-              "load_hf_weights: {} is not fp32 on the host", p.name);
-    std::copy(values, values + p.shape.numel(), p.value.data<float>());
+    LMF_CHECK(p.value.device() == Device::kCPU, "load_hf_weights: {} is not on the host", p.name);
+    if (p.value.dtype() == DType::kBF16)  // bf16 values (rounded as every weight's conversion)
+      cpu::to_bf16(p.value.bf16_data(), values, p.shape.numel());
+    else
+      std::copy(values, values + p.shape.numel(), p.value.data<float>());
   });
 }
 
