@@ -477,6 +477,25 @@ TEST(Sampling, BatchGivesEachPromptItsOwnGeneration) {
   const auto seeded = generate_batch(model, prompts, o, 3, {}, nullptr, seeds);
   for (size_t i = 0; i < prompts.size(); ++i)
     EXPECT_EQ(seeded[i], generate(model, prompts[i], o)) << "prompt " << i;
+  // Prompts past the 4096 rows one step takes: the second long one joins a step later, beside
+  // the first's decoding.
+  {
+    ModelConfig big = cfg;
+    big.max_seq_len = 3100;
+    const std::unique_ptr<Transformer> m2 = small_model(big, false);
+    std::vector<std::vector<int32_t>> longs(2, std::vector<int32_t>(3000));
+    for (size_t j = 0; j < 3000; ++j) {
+      longs[0][j] = static_cast<int32_t>(j * 7 % 97);
+      longs[1][j] = static_cast<int32_t>(j * 13 % 97);
+    }
+    longs.push_back({5, 6, 7});
+    SamplingOptions g;
+    g.temperature = 0;
+    g.max_tokens = 4;
+    const auto got = generate_batch(*m2, longs, g, 3);
+    for (size_t i = 0; i < longs.size(); ++i)
+      EXPECT_EQ(got[i], generate(*m2, longs[i], g)) << "long prompt " << i;
+  }
   SamplingOptions none;
   none.max_tokens = 0;
   EXPECT_EQ(generate_batch(model, prompts, none, 2),

@@ -289,8 +289,8 @@ std::vector<std::vector<int32_t>> generate_batch(
   };
   for (;;) {
     // Free slots take the next prompts, up to kPrefillRows of prompt in one call (its buffers
-    // hold every row; a longer prompt runs alone, as in generate); a prompt with nothing to
-    // generate ends at once.
+    // hold every row; a longer one is taken alone, beside the sequences decoding); a prompt with
+    // nothing to generate ends at once.
     int64_t prefill = 0;
     while (static_cast<int64_t>(active.size()) < width && next < prompts.size()) {
       const size_t i = next;

@@ -52,7 +52,8 @@ struct HfPiece {
 std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& param,
                                int64_t param_rows);
 
-// Loads every parameter from DIR (model.safetensors or a sharded index), converting to fp32.
+// Loads every parameter from DIR (model.safetensors or a sharded index), converting to fp32 (or
+// rounding to bf16 for bf16 master values: use_bf16_master(false) before it).
 void load_hf_weights(Transformer& model, const std::string& dir);
 // The same values one parameter at a time: give(p, values) for every parameter of `layout` (a
 // model of DIR's architecture, MeasureOnly will do) but LoRA's adapters, each whole in fp32.
