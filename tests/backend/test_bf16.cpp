@@ -23,6 +23,7 @@
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
+#include "testing/random.h"
 
 // GCC 12 reports the intrinsics' deliberately undefined pass-through operands as
 // maybe-uninitialized once vecmath.h's kernels are inlined here (as in adamw.cpp): off for this
@@ -34,12 +35,7 @@
 namespace lmforge {
 namespace {
 
-std::vector<float> randn(int64_t n, uint64_t seed, double scale = 1.0) {
-  Rng rng(seed);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(rng.normal() * scale);
-  return v;
-}
+using testing::randn;
 
 TEST(Bf16, ConversionIsRoundToNearestEvenWithDenormalsFlushed) {
   std::vector<float> v = randn(10007, 1, 100.0);

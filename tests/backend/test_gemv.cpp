@@ -18,12 +18,7 @@
 namespace lmforge {
 namespace {
 
-std::vector<float> randn(int64_t n, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(rng.normal());
-  return v;
-}
+using testing::randn;
 
 std::vector<uint16_t> rounded(const std::vector<float>& v) {
   std::vector<uint16_t> r(v.size());

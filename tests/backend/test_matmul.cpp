@@ -11,16 +11,12 @@
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/core/rng.h"
+#include "testing/random.h"
 
 namespace lmforge {
 namespace {
 
-std::vector<float> randn(int64_t n, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(rng.normal());
-  return v;
-}
+using testing::randn;
 
 void check(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float beta, bool nested) {
   // Stored shapes: A (M, K) or (K, M), B (K, N) or (N, K); three spare columns in each.
