@@ -7,6 +7,7 @@
 //   CLI     convert -> info -> export round trip, generate and train from init_from.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -520,6 +521,38 @@ TEST(HfBadInput, MissingTensorWrongShapeAndUnsupportedFields) {
     EXPECT_NE(std::string(e.what()).find("model.layers.1.self_attn.k_proj.bias"), std::string::npos)
         << e.what();
     EXPECT_NE(std::string(e.what()).find("missing"), std::string::npos) << e.what();
+  }
+  // A tied model whose file stores the head anyway: loaded when it equals the embedding, refused
+  // naming both when it differs.
+  for (bool differs : {false, true}) {
+    const std::string tied = root + (differs ? "/tied-differs" : "/tied-equal");
+    fs::copy(hf_dir("smollm"), tied);
+    Safetensors f = Safetensors::open(tied + "/model.safetensors");
+    SafetensorsWriter w;
+    for (auto& n : f.names()) w.add(n, f.get(n).clone());
+    Tensor head = f.get("model.embed_tokens.weight").clone();
+    if (differs) head.data<float>()[5] += 1.0f;
+    w.add("lm_head.weight", head);
+    w.write(tied + "/with-head.safetensors");
+    fs::rename(tied + "/with-head.safetensors", tied + "/model.safetensors");
+    Transformer m(read_hf_config(tied).model);
+    if (!differs) {
+      load_hf_weights(m, tied);
+      Transformer plain(read_hf_config(hf_dir("smollm")).model);
+      load_hf_weights(plain, hf_dir("smollm"));
+      EXPECT_TRUE(std::equal(m.params().params().front().value.data<float>(),
+                             m.params().params().front().value.data<float>() +
+                                 m.params().params().front().shape.numel(),
+                             plain.params().params().front().value.data<float>()));
+      continue;
+    }
+    try {
+      load_hf_weights(m, tied);
+      FAIL() << "loaded a tied model whose stored head differs from its embedding";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("lm_head.weight differs"), std::string::npos)
+          << e.what();
+    }
   }
   // An unsupported rope type and an unknown field, via the CLI.
   json cfg = json::parse(t::slurp(hf_dir("qwen2") + "/config.json"));

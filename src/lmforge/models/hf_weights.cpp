@@ -136,7 +136,15 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
       const std::vector<HfPiece> pieces = hf_pieces(m, emb.name, emb.shape[0]);
       LMF_CHECK(pieces.size() == 1 && !pieces[0].transpose, "the token embedding in {} pieces",
                 pieces.size());
-      if (!equal_bytes(set.load(name, DType::kF32), set.load(resolve(pieces[0].name), DType::kF32)))
+      // (stored alike: their bytes, read in place; else their fp32 values)
+      const std::string emb_name = resolve(pieces[0].name);
+      const bool alike = set.info(name).dtype == set.info(emb_name).dtype;
+      const bool same =
+          alike ? equal_bytes(set.get(name), set.get(emb_name))
+                : equal_bytes(set.load(name, DType::kF32), set.load(emb_name, DType::kF32));
+      set.release(name);
+      set.release(emb_name);
+      if (!same)
         fail(
             "{}: lm_head.weight differs from the token embedding but config.json says "
             "tie_word_embeddings=true",
