@@ -457,9 +457,11 @@ TEST(Bf16, ForwardsWithBf16OutputRoundTheirFp32Output) {
   ops::gelu_forward(out, x);
   ops::gelu_forward(out16, x);
   same("gelu", out, out16);
-  ops::swiglu_forward(out, x2);
-  ops::swiglu_forward(out16, x2);
-  same("swiglu", out, out16);
+  for (Gate gate : {Gate::kSilu, Gate::kGelu}) {
+    ops::glu_forward(out, x2, gate);
+    ops::glu_forward(out16, x2, gate);
+    same(gate == Gate::kSilu ? "swiglu" : "geglu", out, out16);
+  }
   // A bf16 input goes into the matmul as it is: the same as the fp32 input it rounds.
   Tensor w16 = Tensor::empty({32, C}, DType::kBF16), y1 = Tensor::empty({N, 32}, DType::kF32),
          y2 = Tensor::empty({N, 32}, DType::kF32), wf = Tensor::empty({32, C}, DType::kF32);
@@ -640,15 +642,18 @@ TEST(Bf16, OpsOnBf16MatmulOutputsRoundTheFp32PathOnce) {
   ops::gelu_backward(d32, widen(a16), dy);
   ops::gelu_backward(d16, a16, dy);
   same("gelu backward", rounded(d32), d16);
-  ops::swiglu_forward(o32, widen(a2_16));
-  ops::swiglu_forward(o16, a2_16);
-  same("swiglu", rounded(o32), o16);
-  Tensor s32 = Tensor::zeros({R, 2 * F}, DType::kF32),
-         s16 = Tensor::empty({R, 2 * F}, DType::kBF16);
-  std::memset(s16.raw(), 0x7f, s16.nbytes());
-  ops::swiglu_backward(s32, widen(a2_16), dy);
-  ops::swiglu_backward(s16, a2_16, dy);
-  same("swiglu backward", rounded(s32), s16);
+  for (Gate gate : {Gate::kSilu, Gate::kGelu}) {
+    const std::string name = gate == Gate::kSilu ? "swiglu" : "geglu";
+    ops::glu_forward(o32, widen(a2_16), gate);
+    ops::glu_forward(o16, a2_16, gate);
+    same(name.c_str(), rounded(o32), o16);
+    Tensor s32 = Tensor::zeros({R, 2 * F}, DType::kF32),
+           s16 = Tensor::empty({R, 2 * F}, DType::kBF16);
+    std::memset(s16.raw(), 0x7f, s16.nbytes());
+    ops::glu_backward(s32, widen(a2_16), dy, gate);
+    ops::glu_backward(s16, a2_16, dy, gate);
+    same((name + " backward").c_str(), rounded(s32), s16);
+  }
 
   // The residual add of a bf16 branch.
   Tensor res = filled({R, F}, DType::kF32, 8), sum1 = Tensor::empty({R, F}, DType::kF32),

@@ -204,15 +204,15 @@ void gelu(Check& c) {
   c.backward = [=] { ops::gelu_backward(dx, x, R); };
 }
 
-void swiglu(Check& c) {
+void glu(Check& c, Gate gate) {
   const int64_t N = 3, F = 5;
   auto [x, dx] = c.input("x", {N, 2 * F}, 2.5);
   Tensor out = Tensor::empty({N, F}, DType::kF64), R = c.randn(out.shape());
   c.loss = [=] {
-    ops::swiglu_forward(out, x);
+    ops::glu_forward(out, x, gate);
     return dot(out, R);
   };
-  c.backward = [=] { ops::swiglu_backward(dx, x, R); };
+  c.backward = [=] { ops::glu_backward(dx, x, R, gate); };
 }
 
 void add(Check& c) {
@@ -265,7 +265,8 @@ std::vector<GradCase> cases() {
       {"attention_tiles_window37", [](Check& c) { attention(c, 2, 1, 37, 200, 1); }},
       {"qk_norm", qk_norm},
       {"gelu", gelu},
-      {"swiglu", swiglu},
+      {"swiglu", [](Check& c) { glu(c, Gate::kSilu); }},
+      {"geglu", [](Check& c) { glu(c, Gate::kGelu); }},
       {"add", add},
       {"softmax_xent", [](Check& c) { xent(c); }},
       {"softmax_xent_zloss", [](Check& c) { xent(c, 0.3); }},

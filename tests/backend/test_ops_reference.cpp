@@ -217,11 +217,12 @@ void run_gelu(Case& c) {
   c.backward = [=] { ops::gelu_backward(dx, x, dout); };
 }
 
-void run_swiglu(Case& c) {
+template <Gate G>
+void run_glu(Case& c) {
   Tensor x = c.in("x"), dout = c.in("dout");
-  ops::swiglu_forward(c.result("out"), x);
+  ops::glu_forward(c.result("out"), x, G);
   Tensor dx = c.grad("dx");
-  c.backward = [=] { ops::swiglu_backward(dx, x, dout); };
+  c.backward = [=] { ops::glu_backward(dx, x, dout, G); };
 }
 
 // The residual add; its backward hands dout to both branches, which layers do by accumulate().
@@ -273,12 +274,19 @@ struct Op {
 
 const std::vector<Op>& op_table() {
   static const std::vector<Op> table = {
-      {"linear", 1e-5, run_linear},       {"embedding", 1e-6, run_embedding},
-      {"layernorm", 1e-5, run_layernorm}, {"rmsnorm", 1e-5, run_rmsnorm},
-      {"qk_norm", 1e-5, run_qk_norm},     {"rope", 1e-5, run_rope},
-      {"attention", 1e-5, run_attention}, {"gelu", 1e-5, run_gelu},
-      {"swiglu", 1e-5, run_swiglu},       {"add", 1e-6, run_add},
-      {"softmax_xent", 1e-5, run_xent},   {"sum_squares", 1e-6, run_sum_squares},
+      {"linear", 1e-5, run_linear},
+      {"embedding", 1e-6, run_embedding},
+      {"layernorm", 1e-5, run_layernorm},
+      {"rmsnorm", 1e-5, run_rmsnorm},
+      {"qk_norm", 1e-5, run_qk_norm},
+      {"rope", 1e-5, run_rope},
+      {"attention", 1e-5, run_attention},
+      {"gelu", 1e-5, run_gelu},
+      {"swiglu", 1e-5, run_glu<Gate::kSilu>},
+      {"geglu", 1e-5, run_glu<Gate::kGelu>},
+      {"add", 1e-6, run_add},
+      {"softmax_xent", 1e-5, run_xent},
+      {"sum_squares", 1e-6, run_sum_squares},
   };
   return table;
 }

@@ -180,15 +180,15 @@ void gelu(Rng& rng, int64_t n, int64_t offset) {
   EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kElementwise));
 }
 
-void swiglu(Rng& rng, int64_t N, int64_t F) {
+void glu(Rng& rng, int64_t N, int64_t F, Gate gate) {
   const std::vector<float> inp = randn(rng, N * 2 * F, 3.0), dout = randn(rng, N * F);
   std::vector<float> out(N * F), dinp = randn(rng, N * 2 * F);
   DeviceArray<float> d_inp(inp), d_dout(dout), d_out(out), d_dinp(dinp);
-  cpu::swiglu_forward<float>(out.data(), inp.data(), N, F);
-  cuda::swiglu_forward(d_out.get(), d_inp.get(), N, F);
+  cpu::glu_forward<float>(out.data(), inp.data(), N, F, gate);
+  cuda::glu_forward(d_out.get(), d_inp.get(), N, F, gate);
   EXPECT_TRUE(close("out", d_out.host(), out, kElementwise));
-  cpu::swiglu_backward<float>(dinp.data(), inp.data(), dout.data(), N, F);
-  cuda::swiglu_backward(d_dinp.get(), d_inp.get(), d_dout.get(), N, F);
+  cpu::glu_backward<float>(dinp.data(), inp.data(), dout.data(), N, F, gate);
+  cuda::glu_backward(d_dinp.get(), d_inp.get(), d_dout.get(), N, F, gate);
   EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kElementwise));
 }
 
@@ -428,9 +428,11 @@ void bf16_outputs(Rng& rng, int64_t N, int64_t C) {
   cuda::gelu_forward(d_out.get(), d_inp.get(), N * C);
   cuda::gelu_forward(d_got.get(), d_inp.get(), N * C);
   check("gelu");
-  cuda::swiglu_forward(d_out.get(), d_inp.get(), N, C);
-  cuda::swiglu_forward(d_got.get(), d_inp.get(), N, C);
-  check("swiglu");
+  for (Gate gate : {Gate::kSilu, Gate::kGelu}) {
+    cuda::glu_forward(d_out.get(), d_inp.get(), N, C, gate);
+    cuda::glu_forward(d_got.get(), d_inp.get(), N, C, gate);
+    check(gate == Gate::kSilu ? "swiglu" : "geglu");
+  }
 }
 
 // bf16 matmul outputs (bf16 activations throughout): the activations on a bf16 input give their
@@ -469,13 +471,16 @@ void bf16_matmul_outputs(Rng& rng, int64_t N, int64_t F) {
   cuda::gelu_backward(d_f32.get(), d_a32.get(), d_dout.get(), N * F);
   cuda::gelu_backward(d_got.get(), d_a16.get(), d_dout.get(), N * F);
   check("gelu_backward", N * F);
-  cuda::swiglu_forward(d_f32.get(), d_a32.get(), N, F);
-  cuda::swiglu_forward(d_got.get(), d_a16.get(), N, F);
-  check("swiglu", N * F);
-  cuda::zero(d_f32.get(), N * 2 * F);
-  cuda::swiglu_backward(d_f32.get(), d_a32.get(), d_dout.get(), N, F);
-  cuda::swiglu_backward(d_got.get(), d_a16.get(), d_dout.get(), N, F);
-  check("swiglu_backward", N * 2 * F);
+  for (Gate gate : {Gate::kSilu, Gate::kGelu}) {
+    const std::string name = gate == Gate::kSilu ? "swiglu" : "geglu";
+    cuda::glu_forward(d_f32.get(), d_a32.get(), N, F, gate);
+    cuda::glu_forward(d_got.get(), d_a16.get(), N, F, gate);
+    check(name.c_str(), N * F);
+    cuda::zero(d_f32.get(), N * 2 * F);
+    cuda::glu_backward(d_f32.get(), d_a32.get(), d_dout.get(), N, F, gate);
+    cuda::glu_backward(d_got.get(), d_a16.get(), d_dout.get(), N, F, gate);
+    check((name + "_backward").c_str(), N * 2 * F);
+  }
 
   // The residual add, against the CPU.
   std::vector<float> sum(N * F);
@@ -656,9 +661,11 @@ std::vector<Case> cases() {
       {"gelu_n12345", [](Rng& r) { gelu(r, 12345, 0); }},
       {"gelu_n21504", [](Rng& r) { gelu(r, 768 * 4 * 7, 0); }},
       {"gelu_misaligned_n1000", [](Rng& r) { gelu(r, 1000, 1); }},
-      {"swiglu_N3_F37", [](Rng& r) { swiglu(r, 3, 37); }},
-      {"swiglu_N5_F128", [](Rng& r) { swiglu(r, 5, 128); }},
-      {"swiglu_N8_F3072", [](Rng& r) { swiglu(r, 8, 3072); }},
+      {"swiglu_N3_F37", [](Rng& r) { glu(r, 3, 37, Gate::kSilu); }},
+      {"swiglu_N5_F128", [](Rng& r) { glu(r, 5, 128, Gate::kSilu); }},
+      {"swiglu_N8_F3072", [](Rng& r) { glu(r, 8, 3072, Gate::kSilu); }},
+      {"geglu_N3_F37", [](Rng& r) { glu(r, 3, 37, Gate::kGelu); }},
+      {"geglu_N8_F3072", [](Rng& r) { glu(r, 8, 3072, Gate::kGelu); }},
       {"softmax_xent_N7_V50257", [](Rng& r) { softmax_xent(r, 7, 50257, 0.0); }},
       {"softmax_xent_zloss_N16_V50304", [](Rng& r) { softmax_xent(r, 16, 50304, 1e-4); }},
       {"softmax_xent_N33_V100", [](Rng& r) { softmax_xent(r, 33, 100, 0.0); }},

@@ -15,6 +15,7 @@ Conventions mirrored from backend/cpu/kernels.h:
              learned and rotary position embeddings, and attention only within a document
              (a block-diagonal causal mask); the op takes doc_start, each token's document start
   swiglu     x (N, 2F) = [gate | up] -> silu(gate) * up
+  geglu      x (N, 2F) = [gate | up] -> gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh)
   xent       mean over targets != ignore_index, as F.cross_entropy
 """
 
@@ -349,6 +350,14 @@ def activation_cases(w):
         return {"out": F.silu(gate) * up}
 
     _run(put, {"x": _randn(B, T, 2 * F_, scale=2.5)}, swiglu, {"x": "dx"})
+
+    put = w.case("geglu", "geglu")
+
+    def geglu(x):
+        gate, up = x.chunk(2, dim=-1)
+        return {"out": F.gelu(gate, approximate="tanh") * up}
+
+    _run(put, {"x": _randn(B, T, 2 * F_, scale=2.5)}, geglu, {"x": "dx"})
 
 
 def add_case(w):

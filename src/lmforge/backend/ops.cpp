@@ -740,59 +740,60 @@ void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
           cuda::gelu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout), inp.numel())));
 }
 
-void swiglu_forward(const Tensor& out, const Tensor& inp) {
-  same_device("swiglu_forward", out, {&inp});
+void glu_forward(const Tensor& out, const Tensor& inp, Gate gate) {
+  same_device("glu_forward", out, {&inp});
   int64_t F = last(inp) / 2, N = rows(inp);
-  LMF_CHECK(out.numel() == N * F, "swiglu: inp {} out {}", inp.shape().str(), out.shape().str());
+  LMF_CHECK(out.numel() == N * F, "glu: inp {} out {}", inp.shape().str(), out.shape().str());
   if (inp.dtype() == DType::kBF16) {
     act_forward_bf16(
-        "swiglu_forward", out, inp, F,
-        [&](uint16_t* y, const uint16_t* x) { return cpu::swiglu_forward_bf16(y, x, N, F); },
-        [&](float* dst, const float* x, int64_t n) { cpu::swiglu_forward<float>(dst, x, n, F); },
-        LMF_GPU(cuda::swiglu_forward(out.bf16_data(), inp.bf16_data(), N, F)));
+        "glu_forward", out, inp, F,
+        [&](uint16_t* y, const uint16_t* x) { return cpu::glu_forward_bf16(y, x, N, F, gate); },
+        [&](float* dst, const float* x, int64_t n) { cpu::glu_forward<float>(dst, x, n, F, gate); },
+        LMF_GPU(cuda::glu_forward(out.bf16_data(), inp.bf16_data(), N, F, gate)));
     return;
   }
   if (out.dtype() == DType::kBF16) {  // bf16 activations
     auto fill = [&](float* dst, int64_t r0, int64_t n) {
-      cpu::swiglu_forward<float>(dst, cptr<float>(inp) + r0 * 2 * F, n, F);
+      cpu::glu_forward<float>(dst, cptr<float>(inp) + r0 * 2 * F, n, F, gate);
     };
     dispatch(
-        "swiglu_forward", inp, [&](auto) { cpu_rows_bf16("swiglu_forward", out, N, F, fill); },
-        LMF_GPU(cuda::swiglu_forward(out.bf16_data(), cptr<float>(inp), N, F)));
+        "glu_forward", inp, [&](auto) { cpu_rows_bf16("glu_forward", out, N, F, fill); },
+        LMF_GPU(cuda::glu_forward(out.bf16_data(), cptr<float>(inp), N, F, gate)));
     return;
   }
   dispatch(
-      "swiglu_forward", out,
+      "glu_forward", out,
       [&](auto tag) {
         using T = decltype(tag);
-        cpu::swiglu_forward<T>(ptr<T>(out), cptr<T>(inp), N, F);
+        cpu::glu_forward<T>(ptr<T>(out), cptr<T>(inp), N, F, gate);
       },
-      LMF_GPU(cuda::swiglu_forward(ptr<float>(out), cptr<float>(inp), N, F)));
+      LMF_GPU(cuda::glu_forward(ptr<float>(out), cptr<float>(inp), N, F, gate)));
 }
 
-void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout) {
-  same_device("swiglu_backward", dout, {&dinp, &inp});
+void glu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout, Gate gate) {
+  same_device("glu_backward", dout, {&dinp, &inp});
   const int64_t N = rows(inp), F = last(inp) / 2;
   if (inp.dtype() == DType::kBF16) {
     act_backward_bf16(
-        "swiglu_backward", dinp, inp, dout,
+        "glu_backward", dinp, inp, dout,
         [&](uint16_t* d, const uint16_t* x, const float* g) {
-          return cpu::swiglu_backward_bf16(d, x, g, N, F);
+          return cpu::glu_backward_bf16(d, x, g, N, F, gate);
         },
         [&](float* dst, const float* x, const float* g, int64_t n) {
-          cpu::swiglu_backward<float>(dst, x, g, n, F);
+          cpu::glu_backward<float>(dst, x, g, n, F, gate);
         },
         LMF_GPU(
-            cuda::swiglu_backward(dinp.bf16_data(), inp.bf16_data(), dout.data<float>(), N, F)));
+            cuda::glu_backward(dinp.bf16_data(), inp.bf16_data(), dout.data<float>(), N, F, gate)));
     return;
   }
   dispatch(
-      "swiglu_backward", dout,
+      "glu_backward", dout,
       [&](auto tag) {
         using T = decltype(tag);
-        cpu::swiglu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), N, F);
+        cpu::glu_backward<T>(ptr<T>(dinp), cptr<T>(inp), cptr<T>(dout), N, F, gate);
       },
-      LMF_GPU(cuda::swiglu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout), N, F)));
+      LMF_GPU(
+          cuda::glu_backward(ptr<float>(dinp), cptr<float>(inp), cptr<float>(dout), N, F, gate)));
 }
 
 }  // namespace lmforge::ops

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "lmforge/backend/gate.h"
 #include "lmforge/core/tensor.h"
 
 namespace lmforge::ops {
@@ -106,9 +107,9 @@ void from_bf16(const Tensor& dst, const Tensor& src);
 // input rounded once.
 void gelu_forward(const Tensor& out, const Tensor& inp);
 void gelu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
-// inp (N, 2F) = [gate | up] -> out (N, F)
-void swiglu_forward(const Tensor& out, const Tensor& inp);
-void swiglu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout);
+// inp (N, 2F) = [gate | up] -> out (N, F) = act(gate) * up (SwiGLU, GeGLU: backend/gate.h)
+void glu_forward(const Tensor& out, const Tensor& inp, Gate gate);
+void glu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout, Gate gate);
 
 // losses (N) per row (0 where target == ignore_index); lse_sq_sum (one fp64 element on the
 // logits' device) = the sum over the kept rows of logsumexp(logits)^2 (for the z-loss). Reads

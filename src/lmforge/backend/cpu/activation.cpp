@@ -1,5 +1,5 @@
-// GELU, tanh approximation (Hendrycks & Gimpel 2016; GPT-2's "gelu_new"), and SwiGLU
-// (Shazeer 2020; Llama's MLP): silu(gate) * up.
+// GELU, tanh approximation (Hendrycks & Gimpel 2016; GPT-2's "gelu_new"), and the gated MLPs
+// (Shazeer 2020): SwiGLU (Llama's), silu(gate) * up, and GeGLU (Gemma's), gelu_tanh(gate) * up.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -55,28 +55,50 @@ LMF_AVX512_BF16 inline void gelu_backward_avx512(Out* dinp, const In* inp, const
   }
 }
 
-template <typename Out, typename In>
-LMF_AVX512_BF16 inline void swiglu_forward_avx512(Out* out, const In* g, const In* u, int64_t F) {
-  for (int64_t f = 0; f < F; f += 16) {
-    __mmask16 m = lanes(F - f);
-    __m512 x = load16(g + f, m);
-    store16(out + f, m, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid512(x)), load16(u + f, m)));
+// The gate's activation and its derivative (GELU: as gelu_backward_avx512).
+template <Gate G>
+LMF_AVX512_BF16 inline __m512 gate512(__m512 x, __m512* grad) {
+  if constexpr (G == Gate::kSilu) {
+    const __m512 s = sigmoid512(x);
+    if (grad)
+      *grad = _mm512_mul_ps(
+          s, _mm512_fmadd_ps(x, _mm512_sub_ps(_mm512_set1_ps(1.0f), s), _mm512_set1_ps(1.0f)));
+    return _mm512_mul_ps(x, s);
+  } else {
+    const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
+                 k3 = _mm512_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm512_set1_ps(0.5f),
+                 one = _mm512_set1_ps(1.0f);
+    const __m512 x2 = _mm512_mul_ps(x, x);
+    const __m512 th = tanh512(_mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), x2, x)));
+    const __m512 hx = _mm512_mul_ps(half, x);
+    if (grad)
+      *grad = _mm512_fmadd_ps(_mm512_mul_ps(hx, _mm512_fnmadd_ps(th, th, one)),
+                              _mm512_mul_ps(c, _mm512_fmadd_ps(k3, x2, one)),
+                              _mm512_mul_ps(half, _mm512_add_ps(one, th)));
+    return _mm512_mul_ps(hx, _mm512_add_ps(one, th));
   }
 }
 
-template <typename Out, typename In>
-LMF_AVX512_BF16 inline void swiglu_backward_avx512(Out* dg, Out* du, const In* g, const In* u,
-                                                   const float* dout, int64_t F) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+template <Gate G, typename Out, typename In>
+LMF_AVX512_BF16 inline void glu_forward_avx512(Out* out, const In* g, const In* u, int64_t F) {
+  for (int64_t f = 0; f < F; f += 16) {
+    __mmask16 m = lanes(F - f);
+    __m512 x = load16(g + f, m);
+    store16(out + f, m, _mm512_mul_ps(gate512<G>(x, nullptr), load16(u + f, m)));
+  }
+}
+
+template <Gate G, typename Out, typename In>
+LMF_AVX512_BF16 inline void glu_backward_avx512(Out* dg, Out* du, const In* g, const In* u,
+                                                const float* dout, int64_t F) {
   for (int64_t f = 0; f < F; f += 16) {
     __mmask16 m = lanes(F - f);
     __m512 x = load16(g + f, m), up = load16(u + f, m);
-    __m512 d = _mm512_maskz_loadu_ps(m, dout + f), s = sigmoid512(x);
-    // dg += d u s (1 + g (1 - s)); du += d g s
-    __m512 t = _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one);
-    store16(dg + f, m,
-            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(d, up), s), t, prior16(dg + f, m)));
-    store16(du + f, m, _mm512_fmadd_ps(_mm512_mul_ps(d, x), s, prior16(du + f, m)));
+    __m512 d = _mm512_maskz_loadu_ps(m, dout + f), grad;
+    // dg += d u act'(g); du += d act(g)
+    const __m512 a = gate512<G>(x, &grad);
+    store16(dg + f, m, _mm512_fmadd_ps(_mm512_mul_ps(d, up), grad, prior16(dg + f, m)));
+    store16(du + f, m, _mm512_fmadd_ps(d, a, prior16(du + f, m)));
   }
 }
 
@@ -123,33 +145,77 @@ LMF_AVX2 void gelu_backward_avx2(float* dinp, const float* inp, const float* dou
   for (; i < n; ++i) dinp[i] += dout[i] * gelu_grad_scalar(inp[i]);
 }
 
-LMF_AVX2 void swiglu_forward_avx2(float* out, const float* g, const float* u, int64_t F) {
-  int64_t f = 0;
-  for (; f + 8 <= F; f += 8) {
-    const __m256 x = _mm256_loadu_ps(g + f);
-    _mm256_storeu_ps(out + f,
-                     _mm256_mul_ps(_mm256_mul_ps(x, sigmoid256(x)), _mm256_loadu_ps(u + f)));
-  }
-  for (; f < F; ++f) out[f] = g[f] * sigmoid_scalar(g[f]) * u[f];
+float gate_scalar(Gate G, float x) {
+  return G == Gate::kSilu ? x * sigmoid_scalar(x) : gelu_scalar(x);
+}
+float gate_grad_scalar(Gate G, float x) {
+  if (G == Gate::kGelu) return gelu_grad_scalar(x);
+  const float s = sigmoid_scalar(x);
+  return s * (1.0f + x * (1.0f - s));
 }
 
-LMF_AVX2 void swiglu_backward_avx2(float* dg, float* du, const float* g, const float* u,
-                                   const float* dout, int64_t F) {
+template <Gate G>
+LMF_AVX2 inline __m256 gate256(__m256 x, __m256* grad) {  // as gate512
   const __m256 one = _mm256_set1_ps(1.0f);
+  if constexpr (G == Gate::kSilu) {
+    const __m256 s = sigmoid256(x);
+    if (grad) *grad = _mm256_mul_ps(s, _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one));
+    return _mm256_mul_ps(x, s);
+  } else {
+    const __m256 c = _mm256_set1_ps(static_cast<float>(kGeluC)), k = _mm256_set1_ps(0.044715f),
+                 k3 = _mm256_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm256_set1_ps(0.5f);
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    const __m256 th = tanh256(_mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, x), x2, x)));
+    const __m256 hx = _mm256_mul_ps(half, x);
+    if (grad)
+      *grad = _mm256_fmadd_ps(_mm256_mul_ps(hx, _mm256_fnmadd_ps(th, th, one)),
+                              _mm256_mul_ps(c, _mm256_fmadd_ps(k3, x2, one)),
+                              _mm256_mul_ps(half, _mm256_add_ps(one, th)));
+    return _mm256_mul_ps(hx, _mm256_add_ps(one, th));
+  }
+}
+
+template <Gate G>
+LMF_AVX2 void glu_forward_avx2(float* out, const float* g, const float* u, int64_t F) {
+  int64_t f = 0;
+  for (; f + 8 <= F; f += 8)
+    _mm256_storeu_ps(out + f, _mm256_mul_ps(gate256<G>(_mm256_loadu_ps(g + f), nullptr),
+                                            _mm256_loadu_ps(u + f)));
+  for (; f < F; ++f) out[f] = gate_scalar(G, g[f]) * u[f];
+}
+
+template <Gate G>
+LMF_AVX2 void glu_backward_avx2(float* dg, float* du, const float* g, const float* u,
+                                const float* dout, int64_t F) {
   int64_t f = 0;
   for (; f + 8 <= F; f += 8) {
     const __m256 x = _mm256_loadu_ps(g + f), up = _mm256_loadu_ps(u + f),
-                 d = _mm256_loadu_ps(dout + f), s = sigmoid256(x);
-    const __m256 t = _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one);
-    _mm256_storeu_ps(dg + f, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(d, up), s), t,
-                                             _mm256_loadu_ps(dg + f)));
-    _mm256_storeu_ps(du + f, _mm256_fmadd_ps(_mm256_mul_ps(d, x), s, _mm256_loadu_ps(du + f)));
+                 d = _mm256_loadu_ps(dout + f);
+    __m256 grad;
+    const __m256 a = gate256<G>(x, &grad);
+    _mm256_storeu_ps(dg + f, _mm256_fmadd_ps(_mm256_mul_ps(d, up), grad, _mm256_loadu_ps(dg + f)));
+    _mm256_storeu_ps(du + f, _mm256_fmadd_ps(d, a, _mm256_loadu_ps(du + f)));
   }
   for (; f < F; ++f) {
-    const float s = sigmoid_scalar(g[f]), d = dout[f];
-    dg[f] += d * u[f] * s * (1.0f + g[f] * (1.0f - s));
-    du[f] += d * g[f] * s;
+    const float d = dout[f];
+    dg[f] += d * u[f] * gate_grad_scalar(G, g[f]);
+    du[f] += d * gate_scalar(G, g[f]);
   }
+}
+
+// The gate's activation and derivative in T (the plain loops: no AVX2, and the fp64 checks).
+template <typename T>
+T gate_value(Gate G, T x, T* grad) {
+  if (G == Gate::kSilu) {
+    const T s = T(1) / (T(1) + std::exp(-x));
+    if (grad) *grad = s * (T(1) + x * (T(1) - s));
+    return x * s;
+  }
+  const T th = std::tanh(T(kGeluC) * (x + T(0.044715) * x * x * x));
+  if (grad)
+    *grad = T(0.5) * (T(1) + th) +
+            T(0.5) * x * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3 * 0.044715) * x * x);
+  return T(0.5) * x * (T(1) + th);
 }
 
 // The kernel for this CPU: the AVX-512 one, else the AVX2 one, else null (the portable loop).
@@ -200,9 +266,13 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
 }
 
 template <typename T>
-void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
+void glu_forward(T* out, const T* inp, int64_t N, int64_t F, Gate gate) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(swiglu_forward_avx512<float, float>, swiglu_forward_avx2)) {
+    auto k =
+        gate == Gate::kSilu
+            ? pick(glu_forward_avx512<Gate::kSilu, float, float>, glu_forward_avx2<Gate::kSilu>)
+            : pick(glu_forward_avx512<Gate::kGelu, float, float>, glu_forward_avx2<Gate::kGelu>);
+    if (k) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < N; ++i) k(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
       return;
@@ -212,17 +282,18 @@ void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F) {
   for (int64_t i = 0; i < N; ++i) {
     const T* g = inp + i * 2 * F;
     const T* u = g + F;
-    for (int64_t f = 0; f < F; ++f) {
-      T s = T(1) / (T(1) + std::exp(-g[f]));
-      out[i * F + f] = g[f] * s * u[f];
-    }
+    for (int64_t f = 0; f < F; ++f) out[i * F + f] = gate_value<T>(gate, g[f], nullptr) * u[f];
   }
 }
 
 template <typename T>
-void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F) {
+void glu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F, Gate gate) {
   if constexpr (std::is_same_v<T, float>) {
-    if (auto k = pick(swiglu_backward_avx512<float, float>, swiglu_backward_avx2)) {
+    auto k =
+        gate == Gate::kSilu
+            ? pick(glu_backward_avx512<Gate::kSilu, float, float>, glu_backward_avx2<Gate::kSilu>)
+            : pick(glu_backward_avx512<Gate::kGelu, float, float>, glu_backward_avx2<Gate::kGelu>);
+    if (k) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < N; ++i)
         k(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F, inp + i * 2 * F + F,
@@ -237,10 +308,10 @@ void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F)
     T* dg = dinp + i * 2 * F;
     T* du = dg + F;
     for (int64_t f = 0; f < F; ++f) {
-      T s = T(1) / (T(1) + std::exp(-g[f]));
-      T d = dout[i * F + f];
-      dg[f] += d * u[f] * s * (T(1) + g[f] * (T(1) - s));
-      du[f] += d * g[f] * s;
+      T grad;
+      const T a = gate_value<T>(gate, g[f], &grad), d = dout[i * F + f];
+      dg[f] += d * u[f] * grad;
+      du[f] += d * a;
     }
   }
 }
@@ -261,29 +332,32 @@ bool gelu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, 
   return true;
 }
 
-bool swiglu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F) {
+bool glu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F, Gate gate) {
   if (!has_avx512_bf16()) return false;
+  auto k = gate == Gate::kSilu ? glu_forward_avx512<Gate::kSilu, uint16_t, uint16_t>
+                               : glu_forward_avx512<Gate::kGelu, uint16_t, uint16_t>;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i)
-    swiglu_forward_avx512(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
+  for (int64_t i = 0; i < N; ++i) k(out + i * F, inp + i * 2 * F, inp + i * 2 * F + F, F);
   return true;
 }
 
-bool swiglu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N,
-                          int64_t F) {
+bool glu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F,
+                       Gate gate) {
   if (!has_avx512_bf16()) return false;
+  auto k = gate == Gate::kSilu ? glu_backward_avx512<Gate::kSilu, uint16_t, uint16_t>
+                               : glu_backward_avx512<Gate::kGelu, uint16_t, uint16_t>;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i)
-    swiglu_backward_avx512(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F,
-                           inp + i * 2 * F + F, dout + i * F, F);
+    k(dinp + i * 2 * F, dinp + i * 2 * F + F, inp + i * 2 * F, inp + i * 2 * F + F, dout + i * F,
+      F);
   return true;
 }
 
-#define LMF_INSTANTIATE(T)                                         \
-  template void gelu_forward<T>(T*, const T*, int64_t);            \
-  template void gelu_backward<T>(T*, const T*, const T*, int64_t); \
-  template void swiglu_forward<T>(T*, const T*, int64_t, int64_t); \
-  template void swiglu_backward<T>(T*, const T*, const T*, int64_t, int64_t);
+#define LMF_INSTANTIATE(T)                                            \
+  template void gelu_forward<T>(T*, const T*, int64_t);               \
+  template void gelu_backward<T>(T*, const T*, const T*, int64_t);    \
+  template void glu_forward<T>(T*, const T*, int64_t, int64_t, Gate); \
+  template void glu_backward<T>(T*, const T*, const T*, int64_t, int64_t, Gate);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE

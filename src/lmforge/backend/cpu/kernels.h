@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "lmforge/backend/gate.h"
+
 namespace lmforge::cpu {
 
 // Token ids checked inside an OpenMP loop. An exception must not leave a parallel region (the
@@ -254,19 +256,19 @@ template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n);
 template <typename T>
 void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n);
-// inp (N, 2F) = [gate | up]; out (N, F) = silu(gate) * up.
+// inp (N, 2F) = [gate | up]; out (N, F) = act(gate) * up (backend/gate.h).
 template <typename T>
-void swiglu_forward(T* out, const T* inp, int64_t N, int64_t F);
+void glu_forward(T* out, const T* inp, int64_t N, int64_t F, Gate gate);
 template <typename T>
-void swiglu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F);
+void glu_backward(T* dinp, const T* inp, const T* dout, int64_t N, int64_t F, Gate gate);
 // The four on bf16 activations (a bf16 input; a bf16 output, or a bf16 dinp written, not added
 // to): the fp32 kernels' arithmetic on the widened input, rounded to nearest even, in one pass.
 // false (nothing done) where the CPU has no AVX512-BF16: the caller widens into fp32 blocks.
 bool gelu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t n);
 bool gelu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n);
-bool swiglu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F);
-bool swiglu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N,
-                          int64_t F);
+bool glu_forward_bf16(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F, Gate gate);
+bool glu_backward_bf16(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F,
+                       Gate gate);
 
 // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], or 0 where targets[i] == ignore_index.
 template <typename T>

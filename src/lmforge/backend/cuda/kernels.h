@@ -32,6 +32,8 @@
 
 #include <cstdint>
 
+#include "lmforge/backend/gate.h"
+
 namespace lmforge::cuda {
 
 // out (B, T, C) = wte[tokens] (V, C) + wpe[t] (T, C); wpe may be null. pos (B*T, or null): the
@@ -80,9 +82,10 @@ void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int
 // GELU, tanh approximation. backward: dinp += dout * gelu'(inp).
 void gelu_forward(float* out, const float* inp, int64_t n);
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n);
-// inp (N, 2F) = [gate | up]; out (N, F) = silu(gate) * up. backward: dinp (N, 2F) +=.
-void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F);
-void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F);
+// inp (N, 2F) = [gate | up]; out (N, F) = act(gate) * up (gate.h). backward: dinp (N, 2F) +=.
+void glu_forward(float* out, const float* inp, int64_t N, int64_t F, Gate gate);
+void glu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F,
+                  Gate gate);
 
 // bf16 activations: the same forwards writing their output rounded to bf16 (round to nearest
 // even, denormals to zero: cpu::to_bf16 of the fp32 output, bit for bit), for a bf16 matmul to
@@ -92,7 +95,7 @@ void layernorm_forward(uint16_t* out, float* mean, float* rstd, const float* inp
 void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N,
                      int64_t C, double eps, int64_t group, int64_t stride);
 void gelu_forward(uint16_t* out, const float* inp, int64_t n);
-void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F);
+void glu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F, Gate gate);
 
 // bf16 matmul outputs (bf16 activations throughout): the activations read the fc matmul's bf16
 // output and write bf16; their backwards read it too and WRITE (not +=) dinp rounded to bf16, the
@@ -102,8 +105,9 @@ void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F);
 // bit-identical to the CPU).
 void gelu_forward(uint16_t* out, const uint16_t* inp, int64_t n);
 void gelu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t n);
-void swiglu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F);
-void swiglu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F);
+void glu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F, Gate gate);
+void glu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F,
+                  Gate gate);
 void rope_forward(uint16_t* x, const float* cos, const float* sin, int64_t B, int64_t T,
                   int64_t n_heads, int64_t HS, int64_t row_stride, int64_t pos0,
                   const int32_t* pos = nullptr);

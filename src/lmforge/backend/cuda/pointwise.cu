@@ -126,8 +126,21 @@ __device__ __forceinline__ float sigmoid(float x) {
   return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
 }
 
-template <typename O, typename I = float>
-struct SwigluForwardOp {
+// The gate's activation act(x) (the GLU variants, gate.h) and, with grad, its derivative.
+template <Gate G>
+__device__ __forceinline__ float gate_act(float x, float* grad) {
+  if constexpr (G == Gate::kSilu) {
+    const float s = sigmoid(x);  // silu' = s (1 + x (1 - s))
+    if (grad) *grad = __fmul_rn(s, __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+    return __fmul_rn(x, s);
+  } else {
+    if (grad) *grad = gelu_grad(x);
+    return gelu(x);
+  }
+}
+
+template <Gate G, typename O, typename I = float>
+struct GluForwardOp {
   O* out;
   const I* inp;
   int64_t F;
@@ -138,14 +151,14 @@ struct SwigluForwardOp {
     Floats<K> gv = load<K>(g);
     const Floats<K> uv = load<K>(g + F);
 #pragma unroll
-    for (int k = 0; k < K; ++k) gv.v[k] = __fmul_rn(__fmul_rn(gv.v[k], sigmoid(gv.v[k])), uv.v[k]);
+    for (int k = 0; k < K; ++k) gv.v[k] = __fmul_rn(gate_act<G>(gv.v[k], nullptr), uv.v[k]);
     store<K>(out + i, gv);
   }
 };
 
-// dgate += d u s (1 + g (1 - s)); dup += d g s, with s = sigmoid(g).
-template <typename D = float, typename I = float>  // as GeluBackwardOp
-struct SwigluBackwardOp {
+// dgate += d u act'(g); dup += d act(g).
+template <Gate G, typename D = float, typename I = float>  // as GeluBackwardOp
+struct GluBackwardOp {
   D* dinp;
   const I* inp;
   const float* dout;
@@ -159,15 +172,24 @@ struct SwigluBackwardOp {
     Floats<K> dgv = grad_in<K>(dg), duv = grad_in<K>(dg + F);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float x = gv.v[k], s = sigmoid(x);
-      const float ds = __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s)));
-      dgv.v[k] = __fadd_rn(dgv.v[k], __fmul_rn(__fmul_rn(__fmul_rn(d.v[k], uv.v[k]), s), ds));
-      duv.v[k] = __fadd_rn(duv.v[k], __fmul_rn(__fmul_rn(d.v[k], x), s));
+      float grad;
+      const float a = gate_act<G>(gv.v[k], &grad);
+      dgv.v[k] = __fadd_rn(dgv.v[k], __fmul_rn(__fmul_rn(d.v[k], uv.v[k]), grad));
+      duv.v[k] = __fadd_rn(duv.v[k], __fmul_rn(d.v[k], a));
     }
     store<K>(dg, dgv);
     store<K>(dg + F, duv);
   }
 };
+
+// One launch of Op<Gate::kSilu or kGelu, ...>{args...} over n elements.
+template <template <Gate, typename...> class Op, typename... Ts, typename... Args>
+void launch_glu(Gate gate, int64_t n, bool vec, Args... args) {
+  if (gate == Gate::kSilu)
+    launch_map(Op<Gate::kSilu, Ts...>{args...}, n, vec);
+  else
+    launch_map(Op<Gate::kGelu, Ts...>{args...}, n, vec);
+}
 
 // ---------------------------------------------------------------------------------------------
 // AdamW: cpu::adamw_update's operations in its order, each rounded to fp32 (no contraction).
@@ -316,25 +338,28 @@ void gelu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64
              aligned4(dinp) && aligned4(inp) && aligned4(dout));
 }
 
-void swiglu_forward(float* out, const float* inp, int64_t N, int64_t F) {
-  launch_map(SwigluForwardOp<float>{out, inp, F}, N * F, F % 4 == 0 && aligned16(out, inp));
+void glu_forward(float* out, const float* inp, int64_t N, int64_t F, Gate gate) {
+  launch_glu<GluForwardOp, float>(gate, N * F, F % 4 == 0 && aligned16(out, inp), out, inp, F);
 }
 
-void swiglu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F) {
-  launch_map(SwigluForwardOp<uint16_t>{out, inp, F}, N * F, F % 4 == 0 && aligned16(out, inp));
+void glu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F, Gate gate) {
+  launch_glu<GluForwardOp, uint16_t>(gate, N * F, F % 4 == 0 && aligned16(out, inp), out, inp, F);
 }
 
-void swiglu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F) {
-  launch_map(SwigluBackwardOp<>{dinp, inp, dout, F}, N * F,
-             F % 4 == 0 && aligned16(dinp, inp, dout));
+void glu_backward(float* dinp, const float* inp, const float* dout, int64_t N, int64_t F,
+                  Gate gate) {
+  launch_glu<GluBackwardOp>(gate, N * F, F % 4 == 0 && aligned16(dinp, inp, dout), dinp, inp, dout,
+                            F);
 }
-void swiglu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F) {
-  launch_map(SwigluForwardOp<uint16_t, uint16_t>{out, inp, F}, N * F,
-             F % 4 == 0 && aligned4(out) && aligned4(inp));
+void glu_forward(uint16_t* out, const uint16_t* inp, int64_t N, int64_t F, Gate gate) {
+  launch_glu<GluForwardOp, uint16_t, uint16_t>(
+      gate, N * F, F % 4 == 0 && aligned4(out) && aligned4(inp), out, inp, F);
 }
-void swiglu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F) {
-  launch_map(SwigluBackwardOp<uint16_t, uint16_t>{dinp, inp, dout, F}, N * F,
-             F % 4 == 0 && aligned4(dinp) && aligned4(inp) && aligned4(dout));
+void glu_backward(uint16_t* dinp, const uint16_t* inp, const float* dout, int64_t N, int64_t F,
+                  Gate gate) {
+  launch_glu<GluBackwardOp, uint16_t, uint16_t>(
+      gate, N * F, F % 4 == 0 && aligned4(dinp) && aligned4(inp) && aligned4(dout), dinp, inp, dout,
+      F);
 }
 
 void adamw_update(float* p, const float* g, float* m, float* v, uint16_t* p16, int64_t n, double lr,
