@@ -7,6 +7,7 @@
 //   CLI     convert -> info -> export round trip, generate and train from init_from.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -37,12 +38,14 @@ using nlohmann::json;
 constexpr double kTol = 1e-4;
 
 // Must equal hf_models_ref.py's CASES + SAVES (checked against cases.json).
-const std::vector<std::string> kCases = {"gpt2",       "llama3", "llama3_sharded", "llama_bias",
-                                         "mistral",    "phi3",   "qwen2",          "qwen3",
-                                         "qwen3_bf16", "smollm", "tinyllama"};
+const std::vector<std::string> kCases = {
+    "gemma", "gemma3", "gpt2",  "llama3",     "llama3_sharded", "llama_bias", "mistral",
+    "phi3",  "qwen2",  "qwen3", "qwen3_bf16", "smollm",         "tinyllama"};
 const std::map<std::string, std::string> kArchitecture = {
-    {"gpt2", "GPT2LMHeadModel"},   {"llama", "LlamaForCausalLM"}, {"mistral", "MistralForCausalLM"},
-    {"qwen2", "Qwen2ForCausalLM"}, {"qwen3", "Qwen3ForCausalLM"}, {"phi3", "Phi3ForCausalLM"}};
+    {"gpt2", "GPT2LMHeadModel"},       {"llama", "LlamaForCausalLM"},
+    {"mistral", "MistralForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"},
+    {"qwen3", "Qwen3ForCausalLM"},     {"phi3", "Phi3ForCausalLM"},
+    {"gemma", "GemmaForCausalLM"},     {"gemma3", "Gemma3ForCausalLM"}};
 
 std::string hf_dir(const std::string& c = "") { return t::ref_dir() + "/hf_models/" + c; }
 
@@ -82,6 +85,42 @@ TEST_P(HfImport, LogitsAndLossMatchTransformers) {
   EXPECT_NEAR(loss, ref.get("loss").data<float>()[0], 1e-4 * std::abs(loss));
 }
 
+// The loss's gradient with respect to every weight against transformers' autograd (each lmforge
+// parameter's rows against the HF tensors they hold: q/k/v, gate/up, GPT-2's transposed Conv1D;
+// a tied head's gradient is the embedding's). Backward through every family's layers: Gemma's
+// scaled embeddings, GeGLU, post norms and per-layer windows and RoPE bases included.
+TEST_P(HfImport, GradientsMatchTransformers) {
+  const std::string dir = hf_dir(GetParam());
+  Transformer model(read_hf_config(dir).model);
+  load_hf_weights(model, dir);
+  Safetensors ref = Safetensors::open(dir + "/ref.safetensors");
+  const Tensor tokens = ref.get("tokens");
+  model.plan(tokens.size(0), tokens.size(1), Recompute::kNone);
+  model.params().zero_grad();
+  model.forward_backward(tokens, ref.get("targets"));
+  int64_t compared = 0;
+  for (const Param& p : model.params().params()) {
+    const int64_t rows = p.shape[0], cols = p.shape.numel() / rows;
+    const Tensor g = p.grad.to(DType::kF32);
+    for (const HfPiece& piece : hf_pieces(model.config(), p.name, rows)) {
+      const std::string key = "grad." + piece.name;
+      if (!ref.has(key)) continue;  // (a stored copy: GPT-2's unprefixed names are not)
+      Tensor want = ref.get(key);
+      if (piece.transpose) {  // HF's (in, out) Conv1D: ours is its transpose
+        Tensor t = Tensor::empty({piece.rows, cols}, DType::kF32);
+        for (int64_t r = 0; r < piece.rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            t.data<float>()[r * cols + c] = want.data<float>()[c * piece.rows + r];
+        want = t;
+      }
+      const Tensor got = g.slice(piece.row0, piece.rows).clone();
+      EXPECT_TRUE(t::tensors_close(GetParam() + " " + key, got.view(want.shape()), want, kTol));
+      ++compared;
+    }
+  }
+  EXPECT_GE(compared, static_cast<int64_t>(model.params().params().size()));
+}
+
 // Greedy generation (lmforge's KV cache: the prompt through the tiled attention, then one token
 // at a time through the matrix-vector kernels) against transformers' generate with its own
 // cache: the same ids at every step whose choice is not within 1e-3 of a tie (none is, in these
@@ -110,14 +149,16 @@ TEST_P(HfImport, GreedyGenerationMatchesTransformers) {
 INSTANTIATE_TEST_SUITE_P(Families, HfImport, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return info.param; });
 
-// Random weights of lmforge's own, norms and biases included, so every tensor matters.
+// Random weights of lmforge's own, norms and biases included, so every tensor matters. (Norms
+// within [0.5, 2]: there Gemma's exported w = v - 1 is exact, so the round trip is bit for bit.)
 void randomize(Transformer& model, uint64_t seed) {
   Rng rng(seed);
   for (Param& p : model.params().params()) {
     bool norm = p.name.find("norm") != std::string::npos;
     float* w = p.value.data<float>();
     for (int64_t i = 0; i < p.value.numel(); ++i)
-      w[i] = static_cast<float>(norm ? 1.0 + 0.2 * rng.normal() : 0.1 * rng.normal());
+      w[i] = static_cast<float>(norm ? std::clamp(1.0 + 0.2 * rng.normal(), 0.5, 2.0)
+                                     : 0.1 * rng.normal());
   }
 }
 
@@ -135,7 +176,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   // reference applies as PEFT merges them (W += alpha / r * B A, transposed for GPT-2's Conv1D).
   for (const std::string c :
        {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral", "qwen2", "qwen3", "phi3",
-        "llama3_lora", "llama3_peft", "gpt2_peft"}) {
+        "gemma", "gemma3", "llama3_lora", "llama3_peft", "gpt2_peft", "gemma3_peft"}) {
     const bool peft = c.ends_with("_peft");
     const std::string src = c.substr(0, c.find('_', c.starts_with("llama_") ? 6 : 0));
     ModelConfig mc = read_hf_config(hf_dir(src)).model;

@@ -13,7 +13,9 @@
 The families and their tricky parts: GPT-2 (Conv1D weights), Llama 3 (GQA, llama3 rope
 scaling), TinyLlama (Llama 2 shapes), SmolLM (tied embeddings), Llama with biases, Mistral
 (sliding window shorter than the sequence), Qwen2 (q/k/v biases), Qwen3 (q/k norm, head_dim !=
-hidden/heads), Phi-3 (fused qkv and gate_up, sliding window). Two extra saves test loading:
+hidden/heads), Phi-3 (fused qkv and gate_up, sliding window), Gemma (GeGLU, scaled embeddings,
+1 + w norms), Gemma 3 (post norms, windows on some layers with their own RoPE base). Two extra
+saves test loading:
 sharded (model.safetensors.index.json) and bfloat16 weights. PEFT_IMPORTS: LoRA adapters for
 lmforge to merge on import.
 """
@@ -52,6 +54,13 @@ CASES = {
     "qwen3": ("qwen3", dict(LLAMA, head_dim=32, use_sliding_window=False)),
     "phi3": ("phi3", dict(LLAMA, num_key_value_heads=4, sliding_window=6,
                           original_max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0)),
+    # Gemma: GeGLU, embeddings times sqrt(72) (not a round fp32 number), norms scaling by 1 + w.
+    "gemma": ("gemma", dict(LLAMA, hidden_size=72, head_dim=32, tie_word_embeddings=True)),
+    # Gemma 3: q/k norms, post norms, a window of 5 on layers 0 and 2 (layer 1 full) with their
+    # own RoPE base (10000 against 1e6).
+    "gemma3": ("gemma3_text", dict(LLAMA, hidden_size=72, head_dim=32, query_pre_attn_scalar=32,
+                                   num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
+                                   tie_word_embeddings=True)),
 }
 # Same model as a case above, saved differently.
 SAVES = {"llama3_sharded": ("llama3", dict(max_shard_size="40KB"), None),
@@ -108,9 +117,15 @@ def reference(model, out_dir):
     gen = torch.Generator().manual_seed(99)
     seq = torch.randint(0, V, (B, T + 1), generator=gen)
     tokens, targets = seq[:, :T].contiguous(), seq[:, 1:].contiguous()
-    with torch.no_grad():
+    # The loss's gradient with respect to every weight ("grad.<HF name>"), through autograd.
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
         logits = model(input_ids=tokens).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        loss.backward()
+    grads = {"grad." + n: p.grad.float().contiguous() for n, p in model.named_parameters()
+             if p.grad is not None}
+    logits, loss = logits.detach(), loss.detach()
     # Greedy generation through transformers' own KV cache: GEN new tokens after a prompt of
     # the first PROMPT tokens, with each step's margin (top logit minus the runner-up) telling
     # how close the choice was.
@@ -125,7 +140,7 @@ def reference(model, out_dir):
                "logits": logits.contiguous(), "loss": loss.reshape(1),
                "gen_prompt": prompt[0].to(torch.int32).contiguous(),
                "gen_ids": g.sequences[0, PROMPT:].to(torch.int32).contiguous(),
-               "gen_margin": (top2[:, 0] - top2[:, 1]).contiguous()},
+               "gen_margin": (top2[:, 0] - top2[:, 1]).contiguous(), **grads},
               os.path.join(out_dir, "ref.safetensors"))
 
 

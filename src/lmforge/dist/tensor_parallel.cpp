@@ -75,7 +75,7 @@ std::vector<Run> share_runs(const std::string& name, const Shape& shape, const M
       break;
     case Role::kFcRows:
       runs.push_back({r * f * width, 0, f * width});  // gelu's hidden units, or swiglu's gate
-      if (c.mlp == "swiglu") runs.push_back({(F + r * f) * width, f * width, f * width});  // up
+      if (c.gated_mlp()) runs.push_back({(F + r * f) * width, f * width, f * width});  // up
       break;
     case Role::kLoraOut: {  // each of the r rows as the layer's bias
       const int64_t out = shape[1];

@@ -29,8 +29,9 @@ void ModelConfig::validate() const {
     if (!ok) fail("model.{}: {}", key, why);
   };
   need(arch == "gpt2" || arch == "llama" || arch == "mistral" || arch == "qwen2" ||
-           arch == "qwen3" || arch == "phi3",
-       "arch", "expected gpt2, llama, mistral, qwen2, qwen3 or phi3, got \"" + arch + "\"");
+           arch == "qwen3" || arch == "phi3" || arch == "gemma" || arch == "gemma3",
+       "arch",
+       "expected gpt2, llama, mistral, qwen2, qwen3, phi3, gemma or gemma3, got \"" + arch + "\"");
   need(vocab_size > 0, "vocab_size", "must be positive");
   need(n_layer > 0, "n_layer", "must be positive");
   need(n_head > 0, "n_head", "must be positive");
@@ -39,11 +40,20 @@ void ModelConfig::validate() const {
        fmt::format("{} must be a positive multiple of n_head={} (or set model.head_dim)", n_embd,
                    n_head));
   need(sliding_window >= 0, "sliding_window", "must be >= 0 (0 = off)");
+  need(full_attention_every >= 0, "full_attention_every", "must be >= 0 (0 = off)");
+  need(full_attention_every == 0 || sliding_window > 0, "full_attention_every",
+       "picks the layers without a window; set model.sliding_window too");
+  need(rope_local_theta >= 0, "rope_local_theta", "must be >= 0 (0 = rope_theta)");
+  need(rope_local_theta == 0 || (pos == "rope" && sliding_window > 0), "rope_local_theta",
+       "is the RoPE base of the sliding-window layers; needs pos: rope and model.sliding_window");
+  need(!post_norms || norm == "rmsnorm", "post_norms", "needs norm: rmsnorm");
+  need(!embed_scale || pos == "rope", "embed_scale",
+       "scales the token embeddings of a rope model (Gemma); set pos: rope");
   need(!qk_norm || norm == "rmsnorm", "qk_norm", "needs norm: rmsnorm");
   need(kv_heads() > 0 && n_head % kv_heads() == 0, "n_kv_head",
        fmt::format("n_head={} must be a multiple of n_kv_head={}", n_head, kv_heads()));
   need(norm == "layernorm" || norm == "rmsnorm", "norm", "expected layernorm or rmsnorm");
-  need(mlp == "gelu" || mlp == "swiglu", "mlp", "expected gelu or swiglu");
+  need(mlp == "gelu" || mlp == "swiglu" || mlp == "geglu", "mlp", "expected gelu, swiglu or geglu");
   need(pos == "learned" || pos == "rope", "pos", "expected learned or rope");
   need(pos != "rope" || head_size() % 2 == 0, "n_embd", "rope needs an even head size");
   need(max_seq_len > 0, "max_seq_len", "must be positive");
@@ -100,7 +110,7 @@ std::vector<std::string> ModelConfig::lora_module_names(const std::string& layer
                                                      "self_attn.v_proj"};
   if (layer == "proj") return {"self_attn.o_proj"};
   if (layer == "down") return {"mlp.down_proj"};
-  if (mlp != "swiglu") return {"mlp.fc"};  // (no such Hugging Face family)
+  if (!gated_mlp()) return {"mlp.fc"};  // (no such Hugging Face family)
   return arch == "phi3" ? std::vector<std::string>{"mlp.gate_up_proj"}
                         : std::vector<std::string>{"mlp.gate_proj", "mlp.up_proj"};
 }
@@ -142,7 +152,7 @@ std::vector<int64_t> ModelConfig::lora_pieces(const std::string& layer) const {
   const int64_t q = n_head * head_size(), kv = kv_heads() * head_size();
   if (layer == "qkv") return fused ? std::vector<int64_t>{qkv_dim()} : std::vector{q, kv, kv};
   if (layer == "fc") {
-    if (mlp != "swiglu") return {ffn()};
+    if (!gated_mlp()) return {ffn()};
     return fused ? std::vector<int64_t>{2 * ffn()} : std::vector{ffn(), ffn()};
   }
   if (layer == "proj") return {n_embd};
@@ -187,10 +197,9 @@ int64_t ModelConfig::num_params() const {
   int64_t attn_out = n_head * head_size();
   int64_t attn = C * qkv_dim() + attn_out * C + (has_qkv_bias() ? qkv_dim() : 0) + (bias ? C : 0) +
                  (qk_norm ? 2 * head_size() : 0);
-  int64_t mlp_p =
-      mlp == "swiglu" ? 3 * C * F + (bias ? 2 * F + C : 0) : 2 * C * F + (bias ? F + C : 0);
+  int64_t mlp_p = gated_mlp() ? 3 * C * F + (bias ? 2 * F + C : 0) : 2 * C * F + (bias ? F + C : 0);
   int64_t n = vocab_size * C + (pos == "learned" ? max_seq_len * C : 0);
-  n += n_layer * (2 * per_norm + attn + mlp_p) + per_norm;
+  n += n_layer * ((post_norms ? 4 : 2) * per_norm + attn + mlp_p) + per_norm;
   if (!tie_embeddings) n += vocab_size * C;
   return n;
 }

@@ -5,6 +5,10 @@
 //   Llama3:  norm=rmsnorm,   mlp=swiglu, pos=rope,    bias=false, tie_embeddings=false (3.2: true)
 //   Mistral: Llama + sliding_window;  Phi-3: Llama with HF's fused qkv/gate_up tensor names;
 //   Qwen2:   Llama + qkv_bias;        Qwen3: Llama + qk_norm (and head_dim != n_embd / n_head)
+//   Gemma:   Llama with mlp=geglu, embed_scale, tied embeddings; Gemma 3 (gemma3_text) adds
+//            qk_norm, post_norms, sliding_window on all layers but every full_attention_every-th,
+//            and rope_local_theta for the windowed ones. Gemma's RMSNorms scale by (1 + w): lmforge
+//            holds 1 + w as the norm's weight (models/hf.h adds and subtracts the 1).
 //
 // `arch` names the Hugging Face family (models/hf.h): the tensor names and config.json layout
 // used for import and export. The other fields say what the network computes.
@@ -44,7 +48,7 @@ struct LoraConfig {
 
 struct ModelConfig {
   std::string preset;              // name it came from, for logs
-  std::string arch = "gpt2";       // gpt2 | llama | mistral | qwen2 | qwen3 | phi3
+  std::string arch = "gpt2";       // gpt2 | llama | mistral | qwen2 | qwen3 | phi3 | gemma | gemma3
   int64_t vocab_size = 50257;      // V
   int64_t max_seq_len = 1024;      // positions (learned table size / rope table size)
   int64_t n_layer = 12;            // L
@@ -55,7 +59,7 @@ struct ModelConfig {
   int64_t ffn_hidden = 0;          // F; 0 means 4*C for gelu
   std::string norm = "layernorm";  // layernorm | rmsnorm
   double norm_eps = 1e-5;
-  std::string mlp = "gelu";     // gelu (GELU-tanh) | swiglu
+  std::string mlp = "gelu";     // gelu (GELU-tanh) | swiglu | geglu (gated, GELU-tanh)
   std::string pos = "learned";  // learned | rope
   double rope_theta = 10000;
   RopeScaling rope_scaling;
@@ -63,6 +67,12 @@ struct ModelConfig {
   bool qkv_bias = false;       // q/k/v biases even when bias is false (Qwen2)
   bool qk_norm = false;        // RMSNorm over each q and k head before RoPE (Qwen3)
   int64_t sliding_window = 0;  // attend to the last W positions only; 0 = all (Mistral)
+  // With sliding_window: layers N-1, 2N-1, ... attend to all positions, the others through the
+  // window (Gemma 3: 6); 0 = every layer through the window.
+  int64_t full_attention_every = 0;
+  double rope_local_theta = 0;  // RoPE base of the windowed layers (Gemma 3: 10000); 0 = rope_theta
+  bool embed_scale = false;     // token embeddings times sqrt(n_embd) (Gemma)
+  bool post_norms = false;      // a norm on each branch's output before its residual add (Gemma 3)
   bool tie_embeddings = true;
   double init_std = 0.02;
   LoraConfig lora;
@@ -72,6 +82,12 @@ struct ModelConfig {
   bool has_qkv_bias() const { return bias || qkv_bias; }
   int64_t ffn() const { return ffn_hidden ? ffn_hidden : 4 * n_embd; }
   int64_t qkv_dim() const { return (n_head + 2 * kv_heads()) * head_size(); }
+  bool gated_mlp() const { return mlp != "gelu"; }  // fc is [gate | up] (2F, C)
+  // Layer l's attention window (0 = all positions) and whether it uses rope_local_theta.
+  int64_t window(int64_t layer) const {
+    return full_attention_every > 0 && (layer + 1) % full_attention_every == 0 ? 0 : sliding_window;
+  }
+  bool local_rope(int64_t layer) const { return rope_local_theta > 0 && window(layer) > 0; }
   // Throws Error naming the field when the combination is inconsistent.
   void validate() const;
   // Parameter count (tied embeddings counted once), without LoRA adapters; lora_params() counts

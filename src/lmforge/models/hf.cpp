@@ -1,5 +1,6 @@
 #include "lmforge/models/hf.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -14,20 +15,26 @@ using json = nlohmann::json;
 namespace {
 
 struct Family {
-  const char* model_type;    // config.json "model_type" and ModelConfig::arch
+  const char* arch;          // ModelConfig::arch
+  const char* model_type;    // config.json "model_type"
   const char* architecture;  // config.json "architectures"
   bool has_head_dim;         // the config class reads "head_dim"
 };
 
 const Family kFamilies[] = {
-    {"gpt2", "GPT2LMHeadModel", false},      {"llama", "LlamaForCausalLM", true},
-    {"mistral", "MistralForCausalLM", true}, {"qwen2", "Qwen2ForCausalLM", false},
-    {"qwen3", "Qwen3ForCausalLM", true},     {"phi3", "Phi3ForCausalLM", false},
+    {"gpt2", "gpt2", "GPT2LMHeadModel", false},
+    {"llama", "llama", "LlamaForCausalLM", true},
+    {"mistral", "mistral", "MistralForCausalLM", true},
+    {"qwen2", "qwen2", "Qwen2ForCausalLM", false},
+    {"qwen3", "qwen3", "Qwen3ForCausalLM", true},
+    {"phi3", "phi3", "Phi3ForCausalLM", false},
+    {"gemma", "gemma", "GemmaForCausalLM", true},
+    {"gemma3", "gemma3_text", "Gemma3ForCausalLM", true},  // (Gemma 3's text-only models)
 };
 
-const Family* find_family(const std::string& model_type) {
+const Family* find_family(const std::string& name, bool by_arch = false) {
   for (const Family& f : kFamilies)
-    if (model_type == f.model_type) return &f;
+    if (name == (by_arch ? f.arch : f.model_type)) return &f;
   return nullptr;
 }
 
@@ -263,6 +270,146 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   }
 }
 
+// Gemma (GemmaForCausalLM) and Gemma 3's text models (Gemma3ForCausalLM): Llama's layout with a
+// GeGLU MLP, embeddings scaled by sqrt(hidden_size), RMSNorms that scale by 1 + weight (held as
+// 1 + weight: hf_pieces' offset); Gemma 3 adds q/k norms, norms on both branches' outputs, and
+// sliding-window layers (layer_types) with their own RoPE base.
+void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelConfig& m) {
+  const bool g3 = type == "gemma3_text";
+  m.norm = "rmsnorm";
+  m.mlp = "geglu";
+  m.pos = "rope";
+  m.embed_scale = true;
+  m.qk_norm = m.post_norms = g3;
+  m.vocab_size = r.integer("vocab_size");
+  m.n_embd = r.integer("hidden_size");
+  m.ffn_hidden = r.integer("intermediate_size");
+  m.n_layer = r.integer("num_hidden_layers");
+  m.n_head = r.integer("num_attention_heads");
+  m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : 0;
+  if (m.n_kv_head == m.n_head) m.n_kv_head = 0;
+  m.max_seq_len = r.integer("max_position_embeddings");
+  m.norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.head_dim = r.has("head_dim") ? r.integer("head_dim") : 256;  // transformers' default
+  if (m.n_head > 0 && m.head_dim * m.n_head == m.n_embd) m.head_dim = 0;
+  // The gate's activation: the tanh GELU ("gelu" is Gemma's legacy name for it).
+  for (const char* k : {"hidden_act", "hidden_activation"}) {
+    const std::string act = r.string(k, "gelu_pytorch_tanh");
+    if (act != "gelu_pytorch_tanh" && !(act == "gelu" && !g3))
+      r.unsupported(k, "lmforge's Gemma MLP is GeGLU with the tanh GELU, gelu_pytorch_tanh");
+  }
+  m.tie_embeddings = r.boolean("tie_word_embeddings", true);
+  r.require("attention_bias", false, "Gemma has no biases");
+  if (r.has("use_bidirectional_attention") && r.boolean("use_bidirectional_attention", false))
+    r.unsupported("use_bidirectional_attention", "lmforge's decoders are causal");
+  if (!g3) {
+    read_rope(r, j, m);
+    return;
+  }
+  for (const char* k : {"attn_logit_softcapping", "final_logit_softcapping"})
+    if (r.has(k)) r.unsupported(k, "no logit soft-capping (Gemma 2's)");
+  const int64_t HS = m.head_size();
+  if (r.has("query_pre_attn_scalar") && r.number("query_pre_attn_scalar", 0) != HS)
+    r.unsupported("query_pre_attn_scalar",
+                  fmt::format("attention is scaled by 1/sqrt(head_dim = {})", HS));
+  // Which layers attend through the window: layer_types, or every pattern-th is full.
+  int64_t pattern = 6;
+  for (const char* k : {"sliding_window_pattern", "_sliding_window_pattern"})
+    if (r.has(k)) pattern = r.integer(k);
+  std::vector<bool> full(m.n_layer);
+  if (r.has("layer_types")) {
+    const json& t = r.at("layer_types");
+    if (!t.is_array() || static_cast<int64_t>(t.size()) != m.n_layer)
+      r.bad("layer_types", "a list of num_hidden_layers attention types");
+    for (int64_t i = 0; i < m.n_layer; ++i) {
+      if (t[i] != "full_attention" && t[i] != "sliding_attention")
+        r.unsupported("layer_types", "full_attention and sliding_attention layers only");
+      full[i] = t[i] == "full_attention";
+    }
+  } else {
+    for (int64_t i = 0; i < m.n_layer; ++i) full[i] = pattern > 0 && (i + 1) % pattern == 0;
+  }
+  const int64_t first_full = std::find(full.begin(), full.end(), true) - full.begin();
+  const bool windows = std::find(full.begin(), full.end(), false) != full.end();
+  if (windows) {
+    m.sliding_window = r.integer("sliding_window");
+    m.full_attention_every = first_full < m.n_layer ? first_full + 1 : 0;
+    for (int64_t i = 0; i < m.n_layer; ++i)
+      if (full[i] != (m.full_attention_every > 0 && (i + 1) % m.full_attention_every == 0))
+        r.unsupported("layer_types", "full attention on every N-th layer (N-1, 2N-1, ...) only");
+  } else {
+    r.has("sliding_window");  // (no layer uses it)
+  }
+  // RoPE: transformers 5's rope_parameters per layer type, or rope_theta (full layers) and
+  // rope_local_base_freq (sliding ones).
+  double theta = 1e6, local = 1e4;
+  if (r.has("rope_parameters")) {
+    const json& p = r.at("rope_parameters");
+    for (auto& [kind, v] : p.items()) {
+      if ((kind != "full_attention" && kind != "sliding_attention") || !v.is_object())
+        r.unsupported("rope_parameters", "full_attention and sliding_attention entries only");
+      for (auto& [k, x] : v.items()) {
+        if (k == "rope_type" && x == "default") continue;
+        if (k == "rope_theta" && x.is_number() && x.get<double>() > 0) {
+          (kind == "full_attention" ? theta : local) = x.get<double>();
+          continue;
+        }
+        r.unsupported("rope_parameters", "default RoPE with a positive rope_theta only");
+      }
+    }
+  }
+  theta = r.number("rope_theta", theta);
+  local = r.number("rope_local_base_freq", local);
+  if (r.has("rope_scaling")) r.unsupported("rope_scaling", "RoPE scaling of Gemma 3 4B and up");
+  m.rope_theta = theta;
+  m.rope_local_theta = windows && local != theta ? local : 0;
+}
+
+// hf_config_json's Gemma and Gemma 3 (the checks common to the Llama-like families done): the
+// config.json fields on top of j's. cannot(key, value, hint) throws.
+template <typename Cannot>
+json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
+  const bool g3 = m.arch == "gemma3";
+  if (m.mlp != "geglu") cannot("mlp", m.mlp, "Gemma uses geglu");
+  if (m.pos != "rope") cannot("pos", m.pos, "Gemma uses rope");
+  if (!m.embed_scale) cannot("embed_scale", "false", "Gemma scales its embeddings");
+  if (m.bias || m.qkv_bias) cannot("bias", "true", "Gemma has no biases");
+  if (m.qk_norm != g3) cannot("qk_norm", m.qk_norm ? "true" : "false", "Gemma 3 alone, always");
+  if (m.post_norms != g3)
+    cannot("post_norms", m.post_norms ? "true" : "false", "Gemma 3 alone, always");
+  if (m.rope_scaling.factor > 0) cannot("rope_scaling.factor", "> 0", "no RoPE scaling");
+  if (!g3 && m.sliding_window)
+    cannot("sliding_window", std::to_string(m.sliding_window), "choose arch gemma3");
+  j.update({{"hidden_size", m.n_embd},
+            {"intermediate_size", m.ffn()},
+            {"num_hidden_layers", m.n_layer},
+            {"num_attention_heads", m.n_head},
+            {"num_key_value_heads", m.kv_heads()},
+            {"head_dim", m.head_size()},
+            {"max_position_embeddings", m.max_seq_len},
+            {"rms_norm_eps", m.norm_eps},
+            {"attention_bias", false},
+            {"attention_dropout", 0.0},
+            {"rope_theta", m.rope_theta},
+            {"rope_scaling", nullptr}});
+  if (!g3) {
+    j["hidden_act"] = "gelu_pytorch_tanh";
+    return j;
+  }
+  json types = json::array();
+  for (int64_t l = 0; l < m.n_layer; ++l)
+    types.push_back(m.window(l) > 0 ? "sliding_attention" : "full_attention");
+  j.update({{"hidden_activation", "gelu_pytorch_tanh"},
+            {"query_pre_attn_scalar", m.head_size()},
+            {"layer_types", types},
+            {"sliding_window", m.sliding_window ? json(m.sliding_window) : json(nullptr)},
+            {"rope_local_base_freq", m.rope_local_theta > 0 ? m.rope_local_theta : m.rope_theta},
+            {"attn_logit_softcapping", nullptr},
+            {"final_logit_softcapping", nullptr},
+            {"use_bidirectional_attention", false}});
+  return j;
+}
+
 }  // namespace
 
 HfConfig hf_config_from_json(const json& j, const std::string& source) {
@@ -278,10 +425,12 @@ HfConfig hf_config_from_json(const json& j, const std::string& source) {
   }
   ModelConfig& m = out.model;
   m = ModelConfig{};
-  m.arch = type;
+  m.arch = find_family(type)->arch;
   m.bias = false;
   if (type == "gpt2")
     read_gpt2(r, m);
+  else if (type.starts_with("gemma"))
+    read_gemma(r, j, type, m);
   else
     read_llama_like(r, j, type, m);
   m.init_std = r.number("initializer_range", 0.02);
@@ -320,7 +469,7 @@ HfConfig read_hf_config(const std::string& dir) {
 }
 
 json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype) {
-  const Family* fam = find_family(m.arch);
+  const Family* fam = find_family(m.arch, /*by_arch=*/true);
   LMF_CHECK(fam, "arch {}", m.arch);
   const std::string type = m.arch;
   auto cannot = [&](const char* key, const std::string& value, const char* hint) {
@@ -330,7 +479,7 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
   const int64_t HS = m.head_size();
   const bool default_hs = m.n_embd % m.n_head == 0 && HS == m.n_embd / m.n_head;
   json j = {{"architectures", {fam->architecture}},
-            {"model_type", type},
+            {"model_type", fam->model_type},
             {"vocab_size", m.vocab_size},
             {"tie_word_embeddings", m.tie_embeddings},
             {"bos_token_id", token(bos)},
@@ -362,6 +511,13 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
     return j;
   }
   if (m.norm != "rmsnorm") cannot("norm", m.norm, "this family uses rmsnorm");
+  if (m.embed_scale && !type.starts_with("gemma"))
+    cannot("embed_scale", "true", "choose arch gemma or gemma3");
+  if (m.post_norms && type != "gemma3") cannot("post_norms", "true", "choose arch gemma3");
+  if ((m.full_attention_every || m.rope_local_theta) && type != "gemma3")
+    cannot("full_attention_every", std::to_string(m.full_attention_every),
+           "choose arch gemma3 (windows on some layers, rope_local_theta)");
+  if (type.starts_with("gemma")) return gemma_config_json(m, j, cannot);
   if (m.mlp != "swiglu") cannot("mlp", m.mlp, "this family uses swiglu");
   if (m.pos != "rope") cannot("pos", m.pos, "this family uses rope");
   if (m.qk_norm != (type == "qwen3"))

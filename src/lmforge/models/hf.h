@@ -1,7 +1,8 @@
 // Hugging Face interop: config.json <-> ModelConfig and HF tensor names <-> lmforge parameters,
-// for the families ModelConfig::arch names (gpt2, llama, mistral, qwen2, qwen3, phi3; SmolLM and
-// TinyLlama are llama). docs/formats.md, "Hugging Face checkpoints", has the tables. hf.cpp maps
-// config.json; hf_weights.cpp the tensors (import, export, PEFT adapters).
+// for the families ModelConfig::arch names (gpt2, llama, mistral, qwen2, qwen3, phi3, gemma,
+// gemma3 = Gemma 3's gemma3_text; SmolLM and TinyLlama are llama). docs/formats.md, "Hugging Face
+// checkpoints", has the tables. hf.cpp maps config.json; hf_weights.cpp the tensors (import,
+// export, PEFT adapters).
 //
 //   HfConfig hc = read_hf_config("models/SmolLM2-135M");   // throws on anything unsupported
 //   Transformer model(hc.model);
@@ -43,11 +44,13 @@ nlohmann::json hf_config_json(const ModelConfig& model, int64_t bos_token_id, in
                               DType dtype);
 
 // One piece of an lmforge parameter in a HF checkpoint: rows [row0, row0 + rows) of the lmforge
-// tensor are the HF tensor `name` (transposed for GPT-2's Conv1D layers).
+// tensor are the HF tensor `name` (transposed for GPT-2's Conv1D layers) plus `offset` (Gemma's
+// norms, which HF stores as w for a scale of 1 + w: lmforge holds 1 + w).
 struct HfPiece {
   std::string name;
   int64_t row0 = 0, rows = 0;
   bool transpose = false;
+  float offset = 0;
 };
 std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& param,
                                int64_t param_rows);

@@ -4,12 +4,13 @@
 
 namespace lmforge {
 
-std::vector<double> rope_inv_freq(const ModelConfig& cfg) {
+std::vector<double> rope_inv_freq(const ModelConfig& cfg, bool local) {
   int64_t HS = cfg.head_size(), half = HS / 2;
   std::vector<double> inv(half);
-  for (int64_t i = 0; i < half; ++i) inv[i] = 1.0 / std::pow(cfg.rope_theta, 2.0 * i / HS);
+  const double theta = local ? cfg.rope_local_theta : cfg.rope_theta;
+  for (int64_t i = 0; i < half; ++i) inv[i] = 1.0 / std::pow(theta, 2.0 * i / HS);
   const RopeScaling& s = cfg.rope_scaling;
-  if (s.factor > 0) {
+  if (s.factor > 0 && !local) {
     double old_len = static_cast<double>(s.original_max_position_embeddings);
     double low_wavelen = old_len / s.low_freq_factor;
     double high_wavelen = old_len / s.high_freq_factor;
@@ -28,8 +29,8 @@ std::vector<double> rope_inv_freq(const ModelConfig& cfg) {
   return inv;
 }
 
-void rope_tables(const ModelConfig& cfg, const Tensor& cos, const Tensor& sin) {
-  std::vector<double> inv = rope_inv_freq(cfg);
+void rope_tables(const ModelConfig& cfg, const Tensor& cos, const Tensor& sin, bool local) {
+  std::vector<double> inv = rope_inv_freq(cfg, local);
   int64_t half = static_cast<int64_t>(inv.size()), n = cos.numel() / half;
   float* c = cos.data<float>();
   float* s = sin.data<float>();

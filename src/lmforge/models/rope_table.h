@@ -11,8 +11,9 @@
 
 namespace lmforge {
 
-std::vector<double> rope_inv_freq(const ModelConfig& cfg);
+// local: the sliding-window layers' (ModelConfig::rope_local_theta, never rescaled).
+std::vector<double> rope_inv_freq(const ModelConfig& cfg, bool local = false);
 // Fills cos and sin, each (max_seq_len, HS/2) fp32.
-void rope_tables(const ModelConfig& cfg, const Tensor& cos, const Tensor& sin);
+void rope_tables(const ModelConfig& cfg, const Tensor& cos, const Tensor& sin, bool local = false);
 
 }  // namespace lmforge

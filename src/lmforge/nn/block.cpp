@@ -50,6 +50,27 @@ std::pair<int64_t, int64_t> lora_scratch(const ModelConfig& c) {
 }
 }  // namespace
 
+void mlp_activation_forward(const ModelConfig& c, const Tensor& act, const Tensor& fc_out) {
+  if (c.gated_mlp())
+    ops::glu_forward(act, fc_out, c.mlp == "geglu" ? Gate::kGelu : Gate::kSilu);
+  else
+    ops::gelu_forward(act, fc_out);
+}
+
+void mlp_activation_backward(const ModelConfig& c, const Tensor& dfc, const Tensor& fc_out,
+                             const Tensor& dact) {
+  if (c.gated_mlp())
+    ops::glu_backward(dfc, fc_out, dact, c.mlp == "geglu" ? Gate::kGelu : Gate::kSilu);
+  else
+    ops::gelu_backward(dfc, fc_out, dact);
+}
+
+std::pair<const Tensor*, const Tensor*> rope_of(const ModelConfig& c, const Positions& pos,
+                                                int64_t layer) {
+  if (c.local_rope(layer)) return {&pos.cos_local, &pos.sin_local};
+  return {&pos.cos, &pos.sin};
+}
+
 void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
                         DType matmul_output_dtype, bool bf16_attention_grads, int64_t row_shards) {
   int64_t C = c.n_embd, F = c.ffn();
@@ -61,7 +82,7 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   dqkv = a.alloc({B, T, c.qkv_dim()}, att);
   if (c.qk_norm) dqkv_raw = a.alloc({B, T, c.qkv_dim()});
   datt = a.alloc({B, T, c.n_head * c.head_size()}, att);
-  dfc = a.alloc({B, T, c.mlp == "swiglu" ? 2 * F : F}, matmul_output_dtype);
+  dfc = a.alloc({B, T, c.gated_mlp() ? 2 * F : F}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
   if (c.lora.on()) {
     const auto [width, expansion] = lora_scratch(c);
@@ -71,8 +92,9 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   }
 }
 
-void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
+void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c, int64_t index) {
   cfg = c;
+  layer = index;
   int64_t C = c.n_embd, F = c.ffn();
   bool rms = c.norm == "rmsnorm";
   // LoRA adapters' rank for a layer (0: none) and their scale.
@@ -87,10 +109,12 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c) {
   }
   proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s, {},
                c.lora.dropout);
+  if (c.post_norms) post1.declare(ps, p + ".attn.post_norm", C, rms, c.norm_eps, c.bias);
   norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias);
-  fc.declare(ps, p + ".mlp.fc", C, c.mlp == "swiglu" ? 2 * F : F, c.bias, rank("fc"), s,
+  fc.declare(ps, p + ".mlp.fc", C, c.gated_mlp() ? 2 * F : F, c.bias, rank("fc"), s,
              c.lora_pieces("fc"), c.lora.dropout);
   down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s, {}, c.lora.dropout);
+  if (c.post_norms) post2.declare(ps, p + ".mlp.post_norm", C, rms, c.norm_eps, c.bias);
 }
 
 Recompute parse_recompute(const std::string& s) {
@@ -106,10 +130,7 @@ void Block::recompute(const Acts& a, const Tensor& x, const Positions& pos, Reco
   } else if (mode == Recompute::kSelective) {
     norm1.forward(a.n1_out, a.n1, x);
     norm2.forward(a.n2_out, a.n2, a.x_mid);
-    if (cfg.mlp == "swiglu")
-      ops::swiglu_forward(a.act, a.fc_out);
-    else
-      ops::gelu_forward(a.act, a.fc_out);
+    mlp_activation_forward(cfg, a.act, a.fc_out);
   }
 }
 
@@ -128,8 +149,12 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
     return;
   }
   // The residual branches are added to the stream right after the GEMMs that write them and are
-  // not read in backward: one buffer serves att_proj and mlp_out in every block.
-  s.att_proj = s.mlp_out = a.alloc({B, T, C}, matmul_output_dtype);
+  // not read in backward: one buffer serves att_proj and mlp_out in every block. Under post_norms
+  // the branches are the norms' inputs, kept per block, and their outputs share one buffer.
+  if (cfg.post_norms)
+    s.branch = a.alloc({B, T, C});
+  else
+    s.att_proj = s.mlp_out = a.alloc({B, T, C}, matmul_output_dtype);
   if (mode != Recompute::kSelective) return;
   s.n1_out = a.alloc({B, T, C}, matmul_input_dtype);
   s.n2_out = a.alloc({B, T, C}, matmul_input_dtype);
@@ -149,6 +174,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     x.full = shared->full;
     x.lora_b_full = shared->lora_b_full;
     x.lora_x = shared->lora_x;
+    x.branch = shared->branch;
   } else {
     if (const int64_t expansion = lora_scratch(cfg).second; expansion > 0)
       x.lora_b_full = a.alloc({expansion}, matmul_weight_dtype);
@@ -166,17 +192,23 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
     const bool attn = field == &Acts::qkv || field == &Acts::att;
     const bool mm_out =
         field == &Acts::att_proj || field == &Acts::fc_out || field == &Acts::mlp_out;
-    const DType dt = mm_in    ? matmul_input_dtype
-                     : attn   ? attention_dtype()
-                     : mm_out ? matmul_output_dtype
-                              : DType::kF32;
     const bool branch = field == &Acts::att_proj || field == &Acts::mlp_out;
+    const DType dt = mm_in                      ? matmul_input_dtype
+                     : attn                     ? attention_dtype()
+                     : branch && cfg.post_norms ? DType::kF32  // (a norm's input)
+                     : mm_out                   ? matmul_output_dtype
+                                                : DType::kF32;
     x.*field = (sel && mm_in) || (branch && shared && shared->att_proj.defined() && shared != &x)
                    ? shared->*field
                    : a.alloc(shape, dt);
   };
   norm1.plan(a, x.n1, B * T);
   norm2.plan(a, x.n2, B * T);
+  if (cfg.post_norms) {
+    post1.plan(a, x.p1, B * T);
+    post2.plan(a, x.p2, B * T);
+    if (!x.branch.defined()) x.branch = a.alloc({B, T, C});
+  }
   keep(&Acts::n1_out, {B, T, C});
   keep(&Acts::qkv, {G, T, cfg.qkv_dim()});
   if (cfg.qk_norm) {
@@ -189,7 +221,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   keep(&Acts::att_proj, {B, T, C});
   keep(&Acts::x_mid, {B, T, C});
   keep(&Acts::n2_out, {B, T, C});
-  keep(&Acts::fc_out, {G, T, cfg.mlp == "swiglu" ? 2 * F : F});
+  keep(&Acts::fc_out, {G, T, cfg.gated_mlp() ? 2 * F : F});
   keep(&Acts::act, {G, T, F});
   keep(&Acts::mlp_out, {B, T, C});
   keep(&Acts::x_out, {B, T, C});
@@ -230,20 +262,20 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   } else {
     qkv.forward(a.qkv, in1, a.t_qkv, a.lora_b_full, lora_drop(qkv, a.lora_x));
   }
-  if (pos.cos.defined()) ops::rope_forward(a.qkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
-  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.sliding_window, bf16_run(qkv),
+  const auto [cos, sin] = rope_of(cfg, pos, layer);
+  if (cos->defined()) ops::rope_forward(a.qkv, *cos, *sin, NH, NKV, 0, pos.ids);
+  ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.window(layer), bf16_run(qkv),
                          pos.doc_start);
   row_forward(proj, a.att, a.t_proj, a.att_proj);
-  ops::add(a.x_mid, x, a.att_proj);
+  if (cfg.post_norms) post1.forward(a.branch, a.p1, a.att_proj);
+  ops::add(a.x_mid, x, cfg.post_norms ? a.branch : a.att_proj);
   norm2.forward(a.n2_out, a.n2, a.x_mid);
   if (sp) partial->gather(a.n2_out, a.n_full);
   fc.forward(a.fc_out, sp ? a.n_full : a.n2_out, a.t_fc, a.lora_b_full, lora_drop(fc, a.lora_x));
-  if (cfg.mlp == "swiglu")
-    ops::swiglu_forward(a.act, a.fc_out);
-  else
-    ops::gelu_forward(a.act, a.fc_out);
+  mlp_activation_forward(cfg, a.act, a.fc_out);
   row_forward(down, a.act, a.t_down, a.mlp_out);
-  ops::add(a.x_out, a.x_mid, a.mlp_out);
+  if (cfg.post_norms) post2.forward(a.branch, a.p2, a.mlp_out);
+  ops::add(a.x_out, a.x_mid, cfg.post_norms ? a.branch : a.mlp_out);
 }
 
 void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const BlockScratch& s,
@@ -269,27 +301,35 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
       if (partial) partial->sum(s.dnorm);
     }
   };
+  // A branch's output gradient: dres, or under post_norms its norm's input gradient (in s.dnorm,
+  // consumed by the branch's last layer before its first layer writes s.dnorm again).
+  auto branch_grad = [&](const Norm& post, const Tensor& in, const Norm::Saved& saved) {
+    if (!cfg.post_norms) return dres;
+    s.dnorm.zero_();
+    post.backward(s.dnorm, dres, in, saved);
+    return s.dnorm;
+  };
   // MLP branch: x_out = x_mid + mlp(norm2(x_mid)); the residual passes dres through unchanged.
   // The scratch gradients dact and dnorm are written by their layer's backward (no zeroing).
-  if (sp) partial->gather(dres, a.full);
-  down.backward(s.dact, sp ? a.full : dres, a.act, a.t_down, s.dlora, false, {}, {},
+  const Tensor dmlp = branch_grad(post2, a.mlp_out, a.p2);
+  if (sp) partial->gather(dmlp, a.full);
+  down.backward(s.dact, sp ? a.full : dmlp, a.act, a.t_down, s.dlora, false, {}, {},
                 lora_drop(down, a.lora_x, s.dlora_x));
   if (s.dfc.dtype() != DType::kBF16) s.dfc.zero_();  // a bf16 one is written, not added to
-  if (cfg.mlp == "swiglu")
-    ops::swiglu_backward(s.dfc, a.fc_out, s.dact);
-  else
-    ops::gelu_backward(s.dfc, a.fc_out, s.dact);
+  mlp_activation_backward(cfg, s.dfc, a.fc_out, s.dact);
   column_backward(fc, s.dfc, a.n2_out, a.t_fc);
   norm2.backward(dres, s.dnorm, a.x_mid, a.n2);  // dres is now d(x_mid)
   // Attention branch: x_mid = x + proj(att).
   if (s.datt.dtype() != DType::kBF16) s.datt.zero_();  // bf16 ones are written (see plan)
-  if (sp) partial->gather(dres, a.full);
-  proj.backward(s.datt, sp ? a.full : dres, a.att, a.t_proj, s.dlora, true, {}, {},
+  const Tensor datt_proj = branch_grad(post1, a.att_proj, a.p1);
+  if (sp) partial->gather(datt_proj, a.full);
+  proj.backward(s.datt, sp ? a.full : datt_proj, a.att, a.t_proj, s.dlora, true, {}, {},
                 lora_drop(proj, a.lora_x, s.dlora_x));
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
-  ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.sliding_window,
+  ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.window(layer),
                           bf16_run(qkv), pos.doc_start);
-  if (pos.cos.defined()) ops::rope_backward(s.dqkv, pos.cos, pos.sin, NH, NKV, 0, pos.ids);
+  const auto [cos, sin] = rope_of(cfg, pos, layer);
+  if (cos->defined()) ops::rope_backward(s.dqkv, *cos, *sin, NH, NKV, 0, pos.ids);
   if (cfg.qk_norm) {
     s.dqkv_raw.zero_();
     ops::qk_norm_backward(s.dqkv_raw, q_norm->frozen ? Tensor() : q_norm->grad,

@@ -1,6 +1,8 @@
 // One transformer block (pre-norm, as GPT-2 and Llama):
-//   x_mid = x + proj(attention(rope(qk_norm?(qkv(norm1(x))))))
-//   x_out = x_mid + mlp(norm2(x_mid))      mlp: fc -> gelu -> proj  |  gate_up -> swiglu -> down
+//   x_mid = x + post1?(proj(attention(rope(qk_norm?(qkv(norm1(x)))))))
+//   x_out = x_mid + post2?(mlp(norm2(x_mid)))
+//   mlp: fc -> gelu -> proj  |  gate_up -> swiglu or geglu -> down
+// (post1, post2: ModelConfig::post_norms, Gemma 3's norms of each branch's output.)
 // Activations for one (B, T) live in Block::Acts, planned once; backward reuses shared gradient
 // scratch (BlockScratch) across blocks since it runs one block at a time.
 //
@@ -25,7 +27,8 @@ namespace lmforge {
 // row), each token's position in its document and its document's first position in the row
 // (ops.h; undefined: one sequence per row from position 0).
 struct Positions {
-  Tensor cos, sin;        // (max_seq_len, HS/2) fp32; undefined when pos != rope
+  Tensor cos, sin;              // (max_seq_len, HS/2) fp32; undefined when pos != rope
+  Tensor cos_local, sin_local;  // the sliding-window layers' (ModelConfig::rope_local_theta)
   Tensor ids, doc_start;  // (B, T) int32 on the model's device (the group's rows under sequence
                           // parallelism), or undefined
 };
@@ -75,13 +78,23 @@ class PartialSums {
   virtual void sum_scatter(const Tensor& all, const Tensor& local) const {}
 };
 
+// The MLP's activation of fc's output: GELU, or a gated unit (SwiGLU, GeGLU) of [gate | up].
+void mlp_activation_forward(const ModelConfig& c, const Tensor& act, const Tensor& fc_out);
+void mlp_activation_backward(const ModelConfig& c, const Tensor& dfc, const Tensor& fc_out,
+                             const Tensor& dact);
+// RoPE's tables for layer `layer` (the sliding-window layers' own under rope_local_theta).
+std::pair<const Tensor*, const Tensor*> rope_of(const ModelConfig& c, const Positions& pos,
+                                                int64_t layer);
+
 enum class Recompute { kNone, kSelective, kFull };
 // "none" | "selective" | "full"; throws Error naming train.activation_checkpointing otherwise.
 Recompute parse_recompute(const std::string& s);
 
 struct Block {
   ModelConfig cfg;
+  int64_t layer = 0;  // its index: the attention window and RoPE table (ModelConfig::window)
   Norm norm1, norm2;
+  Norm post1, post2;        // ModelConfig::post_norms: on the attention's and the MLP's outputs
   Linear qkv, proj;         // attention
   Linear fc, down;          // mlp: fc is (F, C) for gelu or (2F, C) = [gate | up] for swiglu
   Param* q_norm = nullptr;  // (HS) each, when cfg.qk_norm
@@ -112,7 +125,7 @@ struct Block {
   DType attention_dtype() const { return cfg.qk_norm ? DType::kF32 : matmul_output_dtype; }
 
   struct Acts {
-    Norm::Saved n1, n2;
+    Norm::Saved n1, n2, p1, p2;                     // (p1, p2: the post norms')
     Tensor n1_out, qkv, lse, att, att_proj, x_mid;  // (B,T,C) (B,T,Cq) (B,NH,T) (B,T,C) ...
     Tensor qkv_raw, rstd_q, rstd_k;                 // qk_norm: qkv before the norm, stats
     Tensor n2_out, fc_out, act, mlp_out, x_out;
@@ -125,10 +138,13 @@ struct Block {
     Tensor n_full, full;
     Tensor lora_b_full;
     Tensor lora_x;  // (shared) the LoRA dropout's dropped input (fp32), without dropout none
+    // post_norms: att_proj and mlp_out are the branches before their norms (fp32, kept), and
+    // `branch` (shared) each norm's output, added to the stream.
+    Tensor branch;
   };
   int64_t row_shards() const { return partial ? partial->row_shards() : 1; }
 
-  void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c);
+  void declare(ParamSet& ps, const std::string& prefix, const ModelConfig& c, int64_t layer);
   // Allocates acts; with a Recompute mode other than kNone, the tensors that mode recomputes are
   // views of `shared` (planned once with kNone) instead, and with a `shared` from plan_shared the
   // residual branches are its one buffer.

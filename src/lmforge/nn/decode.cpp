@@ -44,13 +44,13 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
   LMF_CHECK(S > 0, "decode: no segments");
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head, NKV = cfg_.kv_heads(), HS = cfg_.head_size();
   const int64_t Cq = cfg_.qkv_dim(), F = cfg_.ffn();
-  const bool swiglu = cfg_.mlp == "swiglu";
   Tensor tok = Tensor::empty({n}, DType::kI32);
   Tensor x = Tensor::empty({1, n, C}, DType::kF32), x_mid = Tensor::empty({1, n, C}, DType::kF32);
   Tensor h = Tensor::empty({1, n, C}, DType::kF32), o = Tensor::empty({1, n, C}, DType::kF32);
   Tensor qkv = Tensor::empty({1, n, Cq}, DType::kF32);
   Tensor att = Tensor::empty({1, n, NH * HS}, DType::kF32);
-  Tensor fc = Tensor::empty({1, n, swiglu ? 2 * F : F}, DType::kF32);
+  Tensor fc = Tensor::empty({1, n, cfg_.gated_mlp() ? 2 * F : F}, DType::kF32);
+  Tensor normed = cfg_.post_norms ? Tensor::empty({1, n, C}, DType::kF32) : Tensor();
   Tensor act = Tensor::empty({1, n, F}, DType::kF32);
   Tensor lse = Tensor::empty({NH * n}, DType::kF32);  // (a whole prompt's, unused after)
   Norm::Saved saved{Tensor::empty({n}, DType::kF32), Tensor::empty({n}, DType::kF32)};
@@ -68,8 +68,16 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
                            tok_emb_->value,
                            pos_emb_ ? pos_emb_->value.slice(segs[g].pos0, segs[g].n) : Tensor());
   }
+  if (cfg_.embed_scale) ops::scale(x, embed_scale());
+  // A branch's output onto the stream: dst = src + (post_norms ? post(o) : o).
+  auto add_branch = [&](const Tensor& dst, const Tensor& src, const Norm& post) {
+    if (cfg_.post_norms) post.forward(normed, saved, o);
+    ops::add(dst, src, cfg_.post_norms ? normed : o);
+  };
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     const Block& b = blocks_[l];
+    const auto [cos, sin] = rope_of(cfg_, positions_, l);
+    const int64_t window = cfg_.window(l);
     b.norm1.forward(h, saved, x);
     b.qkv.forward(qkv, h);
     if (cfg_.qk_norm) {
@@ -82,8 +90,7 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
       const DecodeSegment& seg = segs[g];
       KvCache& cache = *seg.cache;
       const Tensor q_g = rows(qkv, g), att_g = rows(att, g);
-      if (positions_.cos.defined())
-        ops::rope_forward(q_g, positions_.cos, positions_.sin, NH, NKV, seg.pos0);
+      if (cos->defined()) ops::rope_forward(q_g, *cos, *sin, NH, NKV, seg.pos0);
       const float* q = q_g.data<float>();
       // The segment's keys and values into its cache (rounded to bf16 in a bf16 cache), then
       // attention over it.
@@ -102,10 +109,10 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
           }
         if (seg.pos0 == 0 && seg.n > 1)  // a whole prompt: the training forward's tiled attention
           ops::attention_forward(att_g, lse.slice(0, NH * seg.n).view({1, NH, seg.n}), q_g, NH, NKV,
-                                 cfg_.sliding_window);
+                                 window);
         else
           cpu::attention_decode(att_g.data<float>(), q, Cq, kc, vc, seg.n, seg.pos0, cache.max_len,
-                                NH, NKV, HS, cfg_.sliding_window);
+                                NH, NKV, HS, window);
       };
       if (cache.k[l].dtype() == DType::kBF16)
         attend(cache.k[l].bf16_data(), cache.v[l].bf16_data());
@@ -113,15 +120,12 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
         attend(cache.k[l].data<float>(), cache.v[l].data<float>());
     }
     b.proj.forward(o, att);
-    ops::add(x_mid, x, o);
+    add_branch(x_mid, x, b.post1);
     b.norm2.forward(h, saved, x_mid);
     b.fc.forward(fc, h);
-    if (swiglu)
-      ops::swiglu_forward(act, fc);
-    else
-      ops::gelu_forward(act, fc);
+    mlp_activation_forward(cfg_, act, fc);
     b.down.forward(o, act);
-    ops::add(x, x_mid, o);
+    add_branch(x, x_mid, b.post2);
   }
   // Each segment's last token: the final norm and the LM head over those S rows.
   Tensor last = Tensor::empty({S, C}, DType::kF32);

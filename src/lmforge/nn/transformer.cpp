@@ -32,7 +32,7 @@ Transformer::Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> meas
   if (cfg_.pos == "learned") pos_emb_ = params_.add("pos_emb.weight", {cfg_.max_seq_len, C}, false);
   blocks_.resize(cfg_.n_layer);
   for (int64_t l = 0; l < cfg_.n_layer; ++l)
-    blocks_[l].declare(params_, "blocks." + std::to_string(l), cfg_);
+    blocks_[l].declare(params_, "blocks." + std::to_string(l), cfg_, l);
   norm_f_.declare(params_, "norm_f", C, cfg_.norm == "rmsnorm", cfg_.norm_eps, cfg_.bias);
   lm_head_ = cfg_.tie_embeddings ? tok_emb_ : params_.add("lm_head.weight", {V, C}, true);
   lm_head_->matmul = true;
@@ -62,6 +62,11 @@ Transformer::Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> meas
     positions_.cos = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
     positions_.sin = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
     rope_tables(cfg_, positions_.cos, positions_.sin);
+    if (cfg_.rope_local_theta > 0) {
+      positions_.cos_local = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
+      positions_.sin_local = Tensor::empty({cfg_.max_seq_len, half}, DType::kF32);
+      rope_tables(cfg_, positions_.cos_local, positions_.sin_local, /*local=*/true);
+    }
   }
 }
 
@@ -179,10 +184,8 @@ void Transformer::for_each_init_param(uint64_t seed, const GiveValues& fn) const
 void Transformer::to(Device device) {
   if (device == this->device()) return;
   params_.to(device);
-  if (positions_.cos.defined()) {
-    positions_.cos = positions_.cos.to(device);
-    positions_.sin = positions_.sin.to(device);
-  }
+  for (Tensor* t : {&positions_.cos, &positions_.sin, &positions_.cos_local, &positions_.sin_local})
+    if (t->defined()) *t = t->to(device);
   // The activations are not moved: whoever trains or evaluates there plans for its (B, T), and
   // decode() (generation after a GPU run) needs none.
   graph_ = {};
@@ -514,6 +517,7 @@ void Transformer::queue_trunk(bool training) {
                            own_position_ids(), vocab_begin_, vocab_total_);
     if (vocab_parallel()) vocab_sums_->sum(x0_);  // each token's row from the rank holding it
   }
+  if (cfg_.embed_scale) ops::scale(x0_, embed_scale());  // Gemma (with rope: tokens alone)
   if (training && neftune_alpha_ > 0) ops::accumulate(x0_, noise_);  // NEFTune
   // LoRA's dropout: a mask for each training forward, drawn from (key, call, layer); the
   // blocks keep it for their backward (and recompute).
@@ -623,6 +627,7 @@ void Transformer::backward_blocks() {
   }
   if (!tok_emb_->frozen) {    // LoRA freezes both tables
     tok_emb_->settle_grad();  // tied: the LM head's gradient is in it already
+    if (cfg_.embed_scale) ops::scale(dres_, embed_scale());
     if (group_tokens_.defined()) {
       // Vocabulary and sequence parallelism: this rank's rows of the table from the group's
       // output gradients (gathered); the positions' from its own rows (summed over the group

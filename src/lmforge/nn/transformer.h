@@ -14,6 +14,7 @@
 // Generation uses decode() with a KvCache (see eval/generate.h).
 #pragma once
 
+#include <cmath>
 #include <functional>
 #include <optional>
 #include <span>
@@ -391,6 +392,10 @@ class Transformer {
   bool packed_rows_ = false;  // set_packed_rows
   // This rank's rows' position ids while the batch is packed (else undefined).
   Tensor own_position_ids() const;
+  // ModelConfig::embed_scale's factor, sqrt(C) rounded to fp32 (as Gemma's embed_scale buffer).
+  double embed_scale() const {
+    return static_cast<float>(std::sqrt(static_cast<double>(cfg_.n_embd)));
+  }
   Tensor host_pos_ids_, host_doc_start_;  // their host staging (GPU only)
   int32_t ignore_index_ = -100;
   int64_t target_count_ = 0;
