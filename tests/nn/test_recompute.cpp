@@ -149,6 +149,30 @@ TEST(Bf16Activations, BitIdenticalToFp32ActivationsLlama) {
   check_bf16_activations(model_preset("llama3-tiny"));
 }
 
+// Gemma 3's shape: GeGLU, scaled embeddings, q/k norms, post norms (the branches kept fp32 for
+// them), windows on layers 0 and 2 with their own RoPE base.
+ModelConfig gemma3_style() {
+  ModelConfig c = model_preset("llama3-tiny");
+  c.arch = "gemma3";
+  c.mlp = "geglu";
+  c.embed_scale = c.qk_norm = c.post_norms = c.tie_embeddings = true;
+  c.sliding_window = 5;
+  c.full_attention_every = 2;
+  c.rope_theta = 1e6;
+  c.rope_local_theta = 1e4;
+  return c;
+}
+TEST(Bf16MatmulOutputs, CloseToFp32ActivationsGemma3Style) {
+  check_bf16_matmul_outputs(gemma3_style());
+  check_bf16_matmul_outputs(gemma3_style(), /*grads=*/true);
+}
+TEST(Bf16Activations, BitIdenticalToFp32ActivationsGemma3Style) {
+  check_bf16_activations(gemma3_style());
+}
+TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGemma3Style) {
+  check(gemma3_style());
+}
+
 TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGpt2) {
   check(model_preset("gpt2-tiny"));
 }

@@ -207,7 +207,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   if (cfg.post_norms) {
     post1.plan(a, x.p1, B * T);
     post2.plan(a, x.p2, B * T);
-    if (!x.branch.defined()) x.branch = a.alloc({B, T, C});
+    if (!shared || shared == &x) x.branch = a.alloc({B, T, C});  // (else plan_shared's)
   }
   keep(&Acts::n1_out, {B, T, C});
   keep(&Acts::qkv, {G, T, cfg.qkv_dim()});
