@@ -57,14 +57,25 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
 
   // Qwen3's q/k norms: each rank's heads give part of their gradients, summed over the group
   // (also under sequence parallelism, whose gathered rows then reach them).
+  // Gemma 3's shape too: post norms on the branches' sums (replicated, their gradients from each
+  // rank's rows under sequence parallelism), GeGLU's gate and up split as SwiGLU's, per-layer
+  // windows and RoPE bases.
   const std::string qk = llama + " --set model.qk_norm=true";
-  RunResult qo = run("ref-qk", 1, qk);
-  ASSERT_EQ(qo.exit_code, 0) << qo.err;
-  for (const char* extra : {"", " --set dist.sequence_parallel=true"}) {
-    const std::string name = std::string("tp2-qk") + (*extra ? "-sp" : "");
-    RunResult q = run(name, 2, qk + " --set dist.tensor_parallel=2" + extra);
-    ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
-    expect_same(name, "ref-qk");
+  const std::string gemma3 = qk +
+                             " --set model.arch=gemma3 --set model.mlp=geglu --set "
+                             "model.post_norms=true --set model.embed_scale=true --set "
+                             "model.sliding_window=5 --set model.full_attention_every=2 --set "
+                             "model.rope_local_theta=10000";
+  for (const auto& [tag, cfg] :
+       {std::pair{std::string("qk"), qk}, {std::string("gemma3"), gemma3}}) {
+    RunResult qo = run("ref-" + tag, 1, cfg);
+    ASSERT_EQ(qo.exit_code, 0) << qo.err;
+    for (const char* extra : {"", " --set dist.sequence_parallel=true"}) {
+      const std::string name = "tp2-" + tag + (*extra ? "-sp" : "");
+      RunResult q = run(name, 2, cfg + " --set dist.tensor_parallel=2" + extra);
+      ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
+      expect_same(name, "ref-" + tag);
+    }
   }
 
   // LoRA on every layer: a column-parallel layer's B split with it, a row-parallel layer's A; the
