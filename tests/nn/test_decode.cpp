@@ -141,6 +141,7 @@ TEST(Presets, SizesMatchThePublicConfigurations) {
   EXPECT_EQ(model_preset("llama3.2-1b").num_params(), 1235814400);
   EXPECT_EQ(model_preset("llama3.2-3b").num_params(), 3212749824);
   EXPECT_EQ(model_preset("llama3-8b").num_params(), 8030261248);
+  EXPECT_EQ(model_preset("gemma3-270m").num_params(), 268098176);  // transformers' count
   // BENCHMARKS.md's FLOPs per token: 6 * (124,439,808 - 1024*768 learned positions; the tied
   // head counts once as the LM head) + 12 * 12 * 768 * 1024.
   EXPECT_EQ(model_preset("gpt2").flops_per_token(1024), 6.0 * 123653376 + 12.0 * 12 * 768 * 1024);

@@ -77,6 +77,22 @@ const std::map<std::string, std::function<ModelConfig()>>& table() {
        }},
       {"llama3.2-1b", [] { return llama32(16, 32, 2048); }},
       {"llama3.2-3b", [] { return llama32(28, 24, 3072); }},
+      {"gemma3-270m",  // google/gemma-3-270m's shape (Gemma3ForCausalLM)
+       [] {
+         ModelConfig c = llama(18, 4, 1, 640, 2048);
+         c.arch = "gemma3";
+         c.vocab_size = 262144;
+         c.max_seq_len = 32768;
+         c.head_dim = 256;
+         c.norm_eps = 1e-6;
+         c.mlp = "geglu";
+         c.rope_theta = 1e6;
+         c.rope_local_theta = 1e4;
+         c.sliding_window = 512;
+         c.full_attention_every = 6;
+         c.embed_scale = c.qk_norm = c.post_norms = c.tie_embeddings = true;
+         return c;
+       }},
       {"llama3-8b",
        [] {
          ModelConfig c = llama(32, 32, 8, 4096, 14336);
