@@ -49,6 +49,14 @@ MODELS = {
                                                 "original_max_position_embeddings": 8192},
                                   rms_norm_eps=1e-5, tie_word_embeddings=True, vocab_size=128256,
                                   bos_token_id=128000, eos_token_id=128001), "llama3"),
+    # (Gemma's own tokenizer is not among the shared assets: GPT-2's ids, in its 262144 rows.)
+    "gemma3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                                        num_hidden_layers=18, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=256,
+                                        query_pre_attn_scalar=256, max_position_embeddings=32768,
+                                        sliding_window=512, rms_norm_eps=1e-6,
+                                        tie_word_embeddings=True, bos_token_id=50256,
+                                        eos_token_id=50256, pad_token_id=None), "gpt2"),
 }
 
 

@@ -25,6 +25,15 @@ LLAMA = {  # (n_layer, n_head, n_kv_head, n_embd, ffn_hidden, vocab, rope_theta,
     "smollm2-135m": (30, 9, 3, 576, 1536, 49152, 100000.0, True),
     "llama3.2-1b": (16, 32, 8, 2048, 8192, 128256, 500000.0, True),
 }
+# Families no nanoGPT-style model here covers: transformers' own model (what a user of that family
+# trains), from the reference environment (not on Debian's PyTorch 1.13, which has no transformers).
+HF = {
+    "gemma3-270m": ("gemma3_text", dict(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
+}
 
 
 def attention(q, k, v):
@@ -216,9 +225,31 @@ def distill_loss(model, teacher, idx, tgt, alpha=0.5, temperature=2.0):
     return (1 - alpha) * ce + alpha * temperature * temperature * kl
 
 
+class HfModel(nn.Module):
+    """A transformers causal LM with this file's interface (blocks, wte, head, the loss)."""
+
+    def __init__(self, model_type, kw):
+        super().__init__()
+        import transformers
+        config = transformers.AutoConfig.for_model(model_type, **kw)
+        self.m = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.blocks, self.wte = self.m.model.layers, self.m.model.embed_tokens
+        self.head = None if config.tie_word_embeddings else self.m.lm_head
+        self.attn_dim = config.num_attention_heads * config.head_dim
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits = self.m(input_ids=idx).logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                               reduction=reduction)
+
+
 def make_model(name):
     if name in GPT2:
         return GPT(*GPT2[name]), 50257
+    if name in HF:
+        return HfModel(*HF[name]), HF[name][1]["vocab_size"]
     return Llama(*LLAMA[name]), LLAMA[name][5]
 
 
@@ -279,7 +310,8 @@ def main():
     n = sum(p.numel() for p in model.parameters())
     n -= model.wpe.weight.numel() if isinstance(model, GPT) else \
         (model.wte.weight.numel() if model.head is not None else 0)
-    gflop = (6 * n + 12 * len(model.blocks) * model.wte.weight.shape[1] * a.seq) / 1e9
+    attn_dim = getattr(model, "attn_dim", model.wte.weight.shape[1])  # NH HS
+    gflop = (6 * n + 12 * len(model.blocks) * attn_dim * a.seq) / 1e9
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout)
     model.to(dev)

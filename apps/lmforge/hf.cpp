@@ -53,13 +53,19 @@ std::string features(const ModelConfig& m) {
   std::string f = fmt::format("{}, {}, {}", m.norm, m.mlp, m.pos);
   if (m.pos == "rope") {
     f += fmt::format(" (theta {}", m.rope_theta);
+    if (m.rope_local_theta > 0) f += fmt::format(", windowed layers {}", m.rope_local_theta);
     if (m.rope_scaling.factor > 0) f += fmt::format(", llama3 scaling x{}", m.rope_scaling.factor);
     f += ")";
   }
+  if (m.embed_scale) f += ", embeddings x sqrt(C)";
   if (m.bias) f += ", biases";
   if (m.qkv_bias && !m.bias) f += ", q/k/v biases";
   if (m.qk_norm) f += ", q/k norm";
-  if (m.sliding_window) f += fmt::format(", sliding window {}", m.sliding_window);
+  if (m.post_norms) f += ", post norms";
+  if (m.sliding_window)
+    f += m.full_attention_every ? fmt::format(", sliding window {} (every {}th layer full)",
+                                              m.sliding_window, m.full_attention_every)
+                                : fmt::format(", sliding window {}", m.sliding_window);
   if (m.tie_embeddings) f += ", tied embeddings";
   return f;
 }

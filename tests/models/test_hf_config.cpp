@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
+#include "lmforge/io/config.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/models/presets.h"
 
@@ -109,6 +110,37 @@ const Published kModels[] = {
       "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
       "rope_scaling": null, "tie_word_embeddings": false, "torch_dtype": "float32",
       "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})"},
+    {"Gemma-2B", 2'506'172'416, R"({"architectures": ["GemmaForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 2, "eos_token_id": 1,
+      "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+      "intermediate_size": 16384, "max_position_embeddings": 8192, "model_type": "gemma",
+      "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1,
+      "pad_token_id": 0, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 10000.0,
+      "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0", "use_cache": true,
+      "vocab_size": 256000})"},
+    {"Gemma-3-270M", 268'098'176, R"({"_sliding_window_pattern": 6,
+      "architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "attn_logit_softcapping": null, "bos_token_id": 2, "eos_token_id": 1,
+      "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+      "hidden_size": 640, "initializer_range": 0.02, "intermediate_size": 2048,
+      "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+      "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+      "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
+      "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
+      "rope_scaling": null, "rope_theta": 1000000.0, "sliding_window": 512,
+      "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0",
+      "use_bidirectional_attention": false, "use_cache": true, "vocab_size": 262144})"},
+    {"Gemma-3-1B", 999'885'952, R"({"architectures": ["Gemma3ForCausalLM"],
+      "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": null,
+      "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+      "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+      "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912,
+      "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+      "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+      "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+      "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
+      "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+      "use_cache": true, "vocab_size": 262144})"},
 };
 
 void PrintTo(const Published& p, std::ostream* os) { *os << p.name; }
@@ -196,6 +228,17 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {2, "rope_scaling", {{"rope_type", nullptr}}, "rope_type"},
       {2, "rope_theta", "500000", "rope_theta"},
       {2, "rope_theta", -1.0, "rope_theta"},
+      // Gemma 2's soft-capping, Gemma 3 4B's RoPE scaling and 27B's attention scale, a layer
+      // pattern that is not every N-th, bidirectional attention, another gate.
+      {11, "attn_logit_softcapping", 50.0, "attn_logit_softcapping"},
+      {11, "final_logit_softcapping", 30.0, "final_logit_softcapping"},
+      {11, "rope_scaling", {{"rope_type", "linear"}, {"factor", 8.0}}, "rope_scaling"},
+      {11, "query_pre_attn_scalar", 168, "query_pre_attn_scalar"},
+      {11, "layer_types", json(std::vector<std::string>(17, "sliding_attention")), "layer_types"},
+      {11, "use_bidirectional_attention", true, "use_bidirectional_attention"},
+      {11, "hidden_activation", "gelu", "hidden_activation"},
+      {10, "hidden_act", "silu", "hidden_act"},
+      {2, "model_type", "gemma2", "gemma2"},
   };
   for (const Bad& b : cases) {
     json j = json::parse(kModels[b.model].config);
@@ -209,6 +252,54 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
     }
   }
+}
+
+// Gemma 3 1B as transformers reads it: every sixth layer full, a window of 512 on the others with
+// RoPE base 10000 against 1e6; the 270M's layer_types say the same. Without layer_types the
+// pattern is sliding_window_pattern's (transformers ignores the "_sliding_window_pattern" it
+// writes), and without query_pre_attn_scalar the scale is transformers' default 1/sqrt(256).
+// The gemma3-270m preset is what google/gemma-3-270m's config.json maps to, field for field.
+TEST(Presets, Gemma3PresetIsTheHubConfig) {
+  ModelConfig hub = hf_config_from_json(json::parse(kModels[11].config), "270m").model;
+  ModelConfig preset = model_preset("gemma3-270m");
+  auto a = model_fields(hub), b = model_fields(preset);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].key == "preset") continue;
+    EXPECT_EQ(field_value(a[i]), field_value(b[i])) << a[i].key;
+  }
+}
+
+TEST(HfConfig, Gemma3LayerTypesAndRopeBases) {
+  for (int i : {11, 12}) {
+    const ModelConfig m = hf_config_from_json(json::parse(kModels[i].config), "g3").model;
+    EXPECT_EQ(m.arch, "gemma3");
+    EXPECT_EQ(m.mlp, "geglu");
+    EXPECT_TRUE(m.embed_scale && m.qk_norm && m.post_norms && m.tie_embeddings);
+    EXPECT_EQ(m.sliding_window, 512);
+    EXPECT_EQ(m.full_attention_every, 6);
+    EXPECT_EQ(m.window(4), 512);
+    EXPECT_EQ(m.window(5), 0);
+    EXPECT_EQ(m.rope_theta, 1e6);
+    EXPECT_EQ(m.rope_local_theta, 1e4);
+  }
+  json j = json::parse(kModels[11].config);
+  j.erase("layer_types");
+  j["_sliding_window_pattern"] = 3;  // (not read: transformers' default 6 applies)
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.full_attention_every, 6);
+  j["sliding_window_pattern"] = 3;
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.full_attention_every, 3);
+  // rope_parameters per layer type win over the top-level keys (transformers' setdefault).
+  j["rope_parameters"] = {{"full_attention", {{"rope_type", "default"}, {"rope_theta", 5e5}}},
+                          {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 2e4}}}};
+  const ModelConfig r = hf_config_from_json(j, "g3").model;
+  EXPECT_EQ(r.rope_theta, 5e5);
+  EXPECT_EQ(r.rope_local_theta, 2e4);
+  j = json::parse(kModels[11].config);
+  j.erase("query_pre_attn_scalar");
+  j["head_dim"] = 128;
+  j["hidden_size"] = 512;  // (not 4 x 128: head_dim is explicit)
+  EXPECT_THROW(hf_config_from_json(j, "g3"), Error);
 }
 
 TEST(HfConfig, ExportRefusesWhatTheFamilyCannotExpress) {

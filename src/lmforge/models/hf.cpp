@@ -53,7 +53,7 @@ const std::set<std::string> kMetadataKeys = {
     "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
     "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "transformers.js_config", "is_llama_config", "auto_map",
+    "transformers.js_config", "is_llama_config", "auto_map", "cache_implementation",
     // GPT-2's sequence-summary head (for classification models, not the LM)
     "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
     "summary_first_dropout"};
@@ -286,7 +286,8 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   m.ffn_hidden = r.integer("intermediate_size");
   m.n_layer = r.integer("num_hidden_layers");
   m.n_head = r.integer("num_attention_heads");
-  m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : 0;
+  // (transformers' defaults where a field is absent: GemmaConfig's, Gemma3TextConfig's)
+  m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : g3 ? 4 : 16;
   if (m.n_kv_head == m.n_head) m.n_kv_head = 0;
   m.max_seq_len = r.integer("max_position_embeddings");
   m.norm_eps = r.number("rms_norm_eps", 1e-6);
@@ -309,13 +310,15 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   for (const char* k : {"attn_logit_softcapping", "final_logit_softcapping"})
     if (r.has(k)) r.unsupported(k, "no logit soft-capping (Gemma 2's)");
   const int64_t HS = m.head_size();
-  if (r.has("query_pre_attn_scalar") && r.number("query_pre_attn_scalar", 0) != HS)
-    r.unsupported("query_pre_attn_scalar",
-                  fmt::format("attention is scaled by 1/sqrt(head_dim = {})", HS));
-  // Which layers attend through the window: layer_types, or every pattern-th is full.
-  int64_t pattern = 6;
-  for (const char* k : {"sliding_window_pattern", "_sliding_window_pattern"})
-    if (r.has(k)) pattern = r.integer(k);
+  if (r.number("query_pre_attn_scalar", 256) != HS)  // (256: transformers' default)
+    fail(
+        "{}: \"query_pre_attn_scalar\": {} is not supported (attention is scaled by "
+        "1/sqrt(head_dim = {})); lmforge supports {}",
+        r.source(), r.number("query_pre_attn_scalar", 256), HS, HS);
+  // Which layers attend through the window: layer_types, or (as transformers builds it) every
+  // sliding_window_pattern-th is full; the "_sliding_window_pattern" it writes is not read back.
+  const int64_t pattern = r.has("sliding_window_pattern") ? r.integer("sliding_window_pattern") : 6;
+  r.has("_sliding_window_pattern");
   std::vector<bool> full(m.n_layer);
   if (r.has("layer_types")) {
     const json& t = r.at("layer_types");
@@ -332,7 +335,7 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   const int64_t first_full = std::find(full.begin(), full.end(), true) - full.begin();
   const bool windows = std::find(full.begin(), full.end(), false) != full.end();
   if (windows) {
-    m.sliding_window = r.integer("sliding_window");
+    m.sliding_window = r.has("sliding_window") ? r.integer("sliding_window") : 4096;
     m.full_attention_every = first_full < m.n_layer ? first_full + 1 : 0;
     for (int64_t i = 0; i < m.n_layer; ++i)
       if (full[i] != (m.full_attention_every > 0 && (i + 1) % m.full_attention_every == 0))
@@ -340,9 +343,9 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   } else {
     r.has("sliding_window");  // (no layer uses it)
   }
-  // RoPE: transformers 5's rope_parameters per layer type, or rope_theta (full layers) and
-  // rope_local_base_freq (sliding ones).
-  double theta = 1e6, local = 1e4;
+  // RoPE: transformers 5's rope_parameters per layer type, else rope_theta (full layers) and
+  // rope_local_base_freq (sliding ones), else 1e6 and 1e4 (transformers' order).
+  double theta = r.number("rope_theta", 1e6), local = r.number("rope_local_base_freq", 1e4);
   if (r.has("rope_parameters")) {
     const json& p = r.at("rope_parameters");
     for (auto& [kind, v] : p.items()) {
@@ -358,8 +361,6 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
       }
     }
   }
-  theta = r.number("rope_theta", theta);
-  local = r.number("rope_local_base_freq", local);
   if (r.has("rope_scaling")) r.unsupported("rope_scaling", "RoPE scaling of Gemma 3 4B and up");
   m.rope_theta = theta;
   m.rope_local_theta = windows && local != theta ? local : 0;
@@ -370,6 +371,8 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
 template <typename Cannot>
 json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   const bool g3 = m.arch == "gemma3";
+  if (g3 && m.n_embd % m.n_head != 0)  // (Gemma3TextConfig.validate_architecture)
+    cannot("n_embd", std::to_string(m.n_embd), "Gemma 3 needs a multiple of n_head");
   if (m.mlp != "geglu") cannot("mlp", m.mlp, "Gemma uses geglu");
   if (m.pos != "rope") cannot("pos", m.pos, "Gemma uses rope");
   if (!m.embed_scale) cannot("embed_scale", "false", "Gemma scales its embeddings");

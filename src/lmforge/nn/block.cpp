@@ -151,9 +151,10 @@ void Block::plan_shared(Arena& a, Acts& s, int64_t B, int64_t T, Recompute mode)
   // The residual branches are added to the stream right after the GEMMs that write them and are
   // not read in backward: one buffer serves att_proj and mlp_out in every block. Under post_norms
   // the branches are the norms' inputs, kept per block, and their outputs share one buffer.
-  if (cfg.post_norms)
+  if (cfg.post_norms) {
     s.branch = a.alloc({B, T, C});
-  else
+    s.att_proj = s.mlp_out = Tensor();  // (kept per block: none from an earlier plan)
+  } else
     s.att_proj = s.mlp_out = a.alloc({B, T, C}, matmul_output_dtype);
   if (mode != Recompute::kSelective) return;
   s.n1_out = a.alloc({B, T, C}, matmul_input_dtype);

@@ -212,7 +212,7 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
   // The gradients of the parameters fed by a rank's own rows, all-reduced once a step.
   const Groups g = groups(m);
   const double norm = static_cast<double>(m.n_embd) * (m.norm == "layernorm" && m.bias ? 2 : 1);
-  double rows_fed = g.embeddings + g.head + 2.0 * L * norm;
+  double rows_fed = g.embeddings + g.head + (m.post_norms ? 4.0 : 2.0) * L * norm;
   if (o.vocab_parallel) {
     // The group's rows embedded and scored by every rank: the tokens' and targets' gathers (4
     // bytes a row each), the embeddings' reduce-scatter, the final norm's outputs gathered, the
