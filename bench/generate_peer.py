@@ -90,6 +90,12 @@ def prompt_ids(args):
     return enc, enc.encode(open(os.path.join(args.dir, "prompt.txt")).read())[:args.prompt]
 
 
+def text_of(enc, ids):
+    """The tokens as text; ids past the tokenizer's (a model with more rows than it: gemma3-270m
+    with GPT-2's ids) as <id>."""
+    return "".join(enc.decode([i]) if i < enc.n_vocab else f"<{i}>" for i in ids)
+
+
 def run(args):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     enc, ids = prompt_ids(args)
@@ -109,7 +115,7 @@ def run(args):
         if args.batch > 1:
             total, out = timed(args.new)
             new = (out.shape[1] - len(ids)) * args.batch
-            print(enc.decode(out[0, len(ids):].tolist()))
+            print(text_of(enc, out[0, len(ids):].tolist()))
             print(f"transformers {transformers.__version__} {args.dtype}: {args.batch} sequences: "
                   f"{len(ids) * args.batch} prompt tokens and {new} new tokens in {total:.3f} s "
                   f"({new / total:.1f} new tok/s)", file=sys.stderr)
@@ -118,7 +124,7 @@ def run(args):
         total, out = timed(args.new)
     new = out.shape[1] - len(ids)
     after = total - first
-    print(enc.decode(out[0, len(ids):].tolist()))
+    print(text_of(enc, out[0, len(ids):].tolist()))
     print(f"transformers {transformers.__version__} {args.dtype}: prompt {len(ids)} tokens in "
           f"{first:.3f} s ({len(ids) / first:.1f} tok/s); {new} new tokens in {after:.3f} s after "
           f"it ({(new - 1) / after:.1f} tok/s)", file=sys.stderr)
