@@ -63,9 +63,10 @@ std::string features(const ModelConfig& m) {
   if (m.qk_norm) f += ", q/k norm";
   if (m.post_norms) f += ", post norms";
   if (m.sliding_window)
-    f += m.full_attention_every ? fmt::format(", sliding window {} (every {}th layer full)",
-                                              m.sliding_window, m.full_attention_every)
-                                : fmt::format(", sliding window {}", m.sliding_window);
+    f += m.full_attention_every
+             ? fmt::format(", sliding window {} (full attention every {} layers)", m.sliding_window,
+                           m.full_attention_every)
+             : fmt::format(", sliding window {}", m.sliding_window);
   if (m.tie_embeddings) f += ", tied embeddings";
   return f;
 }

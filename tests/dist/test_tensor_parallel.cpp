@@ -65,7 +65,7 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
                              " --set model.arch=gemma3 --set model.mlp=geglu --set "
                              "model.post_norms=true --set model.embed_scale=true --set "
                              "model.sliding_window=5 --set model.full_attention_every=2 --set "
-                             "model.rope_local_theta=10000";
+                             "model.rope_local_theta=10000 --set model.norm_offset=1";
   for (const auto& [tag, cfg] :
        {std::pair{std::string("qk"), qk}, {std::string("gemma3"), gemma3}}) {
     RunResult qo = run("ref-" + tag, 1, cfg);
@@ -74,7 +74,9 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
       const std::string name = "tp2-" + tag + (*extra ? "-sp" : "");
       RunResult q = run(name, 2, cfg + " --set dist.tensor_parallel=2" + extra);
       ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
-      expect_same(name, "ref-" + tag);
+      // (Gemma's norm weights start at 0, so |param| is smaller and the same AdamW rounding
+      // a larger share of it: 1.3e-5 relative, against ~1e-1 for a wrong shard.)
+      expect_same(name, "ref-" + tag, 1e-6, 1e-5, tag == "gemma3" ? 3e-5 : 1e-5);
     }
   }
 

@@ -149,13 +149,14 @@ TEST(Bf16Activations, BitIdenticalToFp32ActivationsLlama) {
   check_bf16_activations(model_preset("llama3-tiny"));
 }
 
-// Gemma 3's shape: GeGLU, scaled embeddings, q/k norms, post norms (the branches kept fp32 for
-// them), windows on layers 0 and 2 with their own RoPE base.
+// Gemma 3's shape: GeGLU, scaled embeddings, 1 + w norms, q/k norms, post norms (the branches
+// kept fp32 for them), windows on layers 0 and 2 with their own RoPE base.
 ModelConfig gemma3_style() {
   ModelConfig c = model_preset("llama3-tiny");
   c.arch = "gemma3";
   c.mlp = "geglu";
   c.embed_scale = c.qk_norm = c.post_norms = c.tie_embeddings = true;
+  c.norm_offset = 1;
   c.sliding_window = 5;
   c.full_attention_every = 2;
   c.rope_theta = 1e6;

@@ -350,19 +350,19 @@ void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor&
 }
 
 void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
-                     double eps) {
+                     double eps, double offset) {
   same_device("rmsnorm_forward", out, {&rstd, &inp, &weight});
   same_numel("rmsnorm_forward", out, inp);
   if (out.dtype() == DType::kBF16) {  // bf16 activations
     const int64_t N = rows(inp), C = last(inp);
     auto fill = [&](float* dst, int64_t r0, int64_t n) {
       cpu::rmsnorm_forward<float>(dst, ptr<float>(rstd) + r0, cptr<float>(inp) + r0 * C,
-                                  cptr<float>(weight), n, C, eps, 1, C);
+                                  cptr<float>(weight), n, C, eps, 1, C, offset);
     };
     dispatch(
         "rmsnorm_forward", inp, [&](auto) { cpu_rows_bf16("rmsnorm_forward", out, N, C, fill); },
         LMF_GPU(cuda::rmsnorm_forward(out.bf16_data(), ptr<float>(rstd), cptr<float>(inp),
-                                      cptr<float>(weight), N, C, eps, 1, C)));
+                                      cptr<float>(weight), N, C, eps, 1, C, offset)));
     return;
   }
   dispatch(
@@ -370,31 +370,32 @@ void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, c
       [&](auto tag) {
         using T = decltype(tag);
         cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd), cptr<T>(inp), cptr<T>(weight), rows(inp),
-                                last(inp), eps, 1, last(inp));
+                                last(inp), eps, 1, last(inp), offset);
       },
       LMF_GPU(cuda::rmsnorm_forward(ptr<float>(out), ptr<float>(rstd), cptr<float>(inp),
-                                    cptr<float>(weight), rows(inp), last(inp), eps, 1, last(inp))));
+                                    cptr<float>(weight), rows(inp), last(inp), eps, 1, last(inp),
+                                    offset)));
 }
 
 void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
-                      const Tensor& inp, const Tensor& weight, const Tensor& rstd) {
+                      const Tensor& inp, const Tensor& weight, const Tensor& rstd, double offset) {
   same_device("rmsnorm_backward", dout, {&dinp, &dweight, &inp, &weight, &rstd});
   dispatch(
       "rmsnorm_backward", dout,
       [&](auto tag) {
         using T = decltype(tag);
         cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dweight), cptr<T>(dout), cptr<T>(inp),
-                                 cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp), 1,
-                                 last(inp));
+                                 cptr<T>(weight), cptr<T>(rstd), rows(inp), last(inp), 1, last(inp),
+                                 offset);
       },
       LMF_GPU(cuda::rmsnorm_backward(ptr<float>(dinp), ptr<float>(dweight), cptr<float>(dout),
                                      cptr<float>(inp), cptr<float>(weight), cptr<float>(rstd),
-                                     rows(inp), last(inp), 1, last(inp))));
+                                     rows(inp), last(inp), 1, last(inp), offset)));
 }
 
 void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd_k,
                      const Tensor& inp, const Tensor& wq, const Tensor& wk, int64_t NH, int64_t NKV,
-                     double eps) {
+                     double eps, double offset) {
   const int64_t HS = wq.numel(), Cq = inp.size(-1), N = inp.numel() / Cq;
   LMF_CHECK(Cq == (NH + 2 * NKV) * HS && out.numel() == inp.numel() && wk.numel() == HS &&
                 rstd_q.numel() == N * NH && rstd_k.numel() == N * NKV,
@@ -408,20 +409,20 @@ void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd
       [&](auto tag) {
         using T = decltype(tag);
         cpu::rmsnorm_forward<T>(ptr<T>(out), ptr<T>(rstd_q), cptr<T>(inp), cptr<T>(wq), N * NH, HS,
-                                eps, NH, Cq);
+                                eps, NH, Cq, offset);
         cpu::rmsnorm_forward<T>(ptr<T>(out) + NH * HS, ptr<T>(rstd_k), cptr<T>(inp) + NH * HS,
-                                cptr<T>(wk), N * NKV, HS, eps, NKV, Cq);
+                                cptr<T>(wk), N * NKV, HS, eps, NKV, Cq, offset);
       },
       LMF_GPU(cuda::rmsnorm_forward(ptr<float>(out), ptr<float>(rstd_q), cptr<float>(inp),
-                                    cptr<float>(wq), N * NH, HS, eps, NH, Cq);
+                                    cptr<float>(wq), N * NH, HS, eps, NH, Cq, offset);
               cuda::rmsnorm_forward(ptr<float>(out) + NH * HS, ptr<float>(rstd_k),
                                     cptr<float>(inp) + NH * HS, cptr<float>(wk), N * NKV, HS, eps,
-                                    NKV, Cq)));
+                                    NKV, Cq, offset)));
 }
 
 void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, const Tensor& dout,
                       const Tensor& inp, const Tensor& wq, const Tensor& wk, const Tensor& rstd_q,
-                      const Tensor& rstd_k, int64_t NH, int64_t NKV) {
+                      const Tensor& rstd_k, int64_t NH, int64_t NKV, double offset) {
   const int64_t HS = wq.numel(), Cq = inp.size(-1), N = inp.numel() / Cq;
   same_numel("qk_norm_backward", dinp, dout);
   same_device("qk_norm_backward", dout, {&dinp, &dwq, &dwk, &inp, &wq, &wk, &rstd_q, &rstd_k});
@@ -431,10 +432,10 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
       [&](auto tag) {
         using T = decltype(tag);
         cpu::rmsnorm_backward<T>(ptr<T>(dinp), ptr<T>(dwq), cptr<T>(dout), cptr<T>(inp),
-                                 cptr<T>(wq), cptr<T>(rstd_q), N * NH, HS, NH, Cq);
+                                 cptr<T>(wq), cptr<T>(rstd_q), N * NH, HS, NH, Cq, offset);
         cpu::rmsnorm_backward<T>(ptr<T>(dinp) + NH * HS, ptr<T>(dwk), cptr<T>(dout) + NH * HS,
                                  cptr<T>(inp) + NH * HS, cptr<T>(wk), cptr<T>(rstd_k), N * NKV, HS,
-                                 NKV, Cq);
+                                 NKV, Cq, offset);
         T* d = ptr<T>(dinp);
         const T* g = cptr<T>(dout);
 #pragma omp parallel for schedule(static)
@@ -443,10 +444,11 @@ void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, 
       },
       LMF_GPU(cuda::rmsnorm_backward(ptr<float>(dinp), ptr<float>(dwq), cptr<float>(dout),
                                      cptr<float>(inp), cptr<float>(wq), cptr<float>(rstd_q), N * NH,
-                                     HS, NH, Cq);
+                                     HS, NH, Cq, offset);
               cuda::rmsnorm_backward(ptr<float>(dinp) + NH * HS, ptr<float>(dwk),
                                      cptr<float>(dout) + NH * HS, cptr<float>(inp) + NH * HS,
-                                     cptr<float>(wk), cptr<float>(rstd_k), N * NKV, HS, NKV, Cq);
+                                     cptr<float>(wk), cptr<float>(rstd_k), N * NKV, HS, NKV, Cq,
+                                     offset);
               cuda::accumulate_rows(ptr<float>(dinp) + v0, cptr<float>(dout) + v0, N, nv, Cq)));
 }
 

@@ -54,18 +54,20 @@ void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd
 void layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                         const Tensor& dout, const Tensor& inp, const Tensor& weight,
                         const Tensor& mean, const Tensor& rstd);
+// RMSNorm's scale is offset + weight (Gemma's 1 + w, added in fp32).
 void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& weight,
-                     double eps);
+                     double eps, double offset = 0);
 void rmsnorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dout,
-                      const Tensor& inp, const Tensor& weight, const Tensor& rstd);
+                      const Tensor& inp, const Tensor& weight, const Tensor& rstd,
+                      double offset = 0);
 // Qwen3's q/k norm: RMSNorm over each head of HS (weights wq, wk: (HS)) of the q and k parts of
 // qkv (B, T, (NH + 2 NKV) * HS); v is copied. rstd_q (B*T*NH), rstd_k (B*T*NKV) saved for backward.
 void qk_norm_forward(const Tensor& out, const Tensor& rstd_q, const Tensor& rstd_k,
                      const Tensor& inp, const Tensor& wq, const Tensor& wk, int64_t n_head,
-                     int64_t n_kv_head, double eps);
+                     int64_t n_kv_head, double eps, double offset = 0);
 void qk_norm_backward(const Tensor& dinp, const Tensor& dwq, const Tensor& dwk, const Tensor& dout,
                       const Tensor& inp, const Tensor& wq, const Tensor& wk, const Tensor& rstd_q,
-                      const Tensor& rstd_k, int64_t n_head, int64_t n_kv_head);
+                      const Tensor& rstd_k, int64_t n_head, int64_t n_kv_head, double offset = 0);
 
 // In place on the q and k heads of qkv (B, T, (NH + 2 NKV) * HS); cos/sin are (T_max, HS/2)
 // fp32 tables (models/rope_table.h). backward applies the inverse rotation to dqkv in place. A

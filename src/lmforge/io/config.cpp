@@ -29,6 +29,8 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
       {"ffn_hidden", &m.ffn_hidden, "F (0 = 4*C)"},
       {"norm", &m.norm, "layernorm | rmsnorm"},
       {"norm_eps", &m.norm_eps, ""},
+      {"norm_offset", &m.norm_offset,
+       "RMSNorms scale by norm_offset + w: 0, or 1 (Gemma; its weights start at 0)"},
       {"mlp", &m.mlp, "gelu | swiglu | geglu"},
       {"pos", &m.pos, "learned | rope"},
       {"rope_theta", &m.rope_theta, ""},

@@ -47,6 +47,8 @@ void ModelConfig::validate() const {
   need(rope_local_theta == 0 || (pos == "rope" && sliding_window > 0), "rope_local_theta",
        "is the RoPE base of the sliding-window layers; needs pos: rope and model.sliding_window");
   need(!post_norms || norm == "rmsnorm", "post_norms", "needs norm: rmsnorm");
+  need(norm_offset == 0 || (norm == "rmsnorm" && norm_offset == 1), "norm_offset",
+       "is 0, or 1 with norm: rmsnorm (Gemma's 1 + w)");
   need(!embed_scale || pos == "rope", "embed_scale",
        "scales the token embeddings of a rope model (Gemma); set pos: rope");
   need(!qk_norm || norm == "rmsnorm", "qk_norm", "needs norm: rmsnorm");

@@ -7,8 +7,8 @@
 //   Qwen2:   Llama + qkv_bias;        Qwen3: Llama + qk_norm (and head_dim != n_embd / n_head)
 //   Gemma:   Llama with mlp=geglu, embed_scale, tied embeddings; Gemma 3 (gemma3_text) adds
 //            qk_norm, post_norms, sliding_window on all layers but every full_attention_every-th,
-//            and rope_local_theta for the windowed ones. Gemma's RMSNorms scale by (1 + w): lmforge
-//            holds 1 + w as the norm's weight (models/hf.h adds and subtracts the 1).
+//            and rope_local_theta for the windowed ones. Gemma's RMSNorms scale by 1 + w
+//            (norm_offset 1, their weights starting at 0).
 //
 // `arch` names the Hugging Face family (models/hf.h): the tensor names and config.json layout
 // used for import and export. The other fields say what the network computes.
@@ -59,6 +59,7 @@ struct ModelConfig {
   int64_t ffn_hidden = 0;          // F; 0 means 4*C for gelu
   std::string norm = "layernorm";  // layernorm | rmsnorm
   double norm_eps = 1e-5;
+  double norm_offset = 0;       // RMSNorms scale by norm_offset + w (Gemma: 1, w initialised to 0)
   std::string mlp = "gelu";     // gelu (GELU-tanh) | swiglu | geglu (gated, GELU-tanh)
   std::string pos = "learned";  // learned | rope
   double rope_theta = 10000;

@@ -271,8 +271,8 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
 }
 
 // Gemma (GemmaForCausalLM) and Gemma 3's text models (Gemma3ForCausalLM): Llama's layout with a
-// GeGLU MLP, embeddings scaled by sqrt(hidden_size), RMSNorms that scale by 1 + weight (held as
-// 1 + weight: hf_pieces' offset); Gemma 3 adds q/k norms, norms on both branches' outputs, and
+// GeGLU MLP, embeddings scaled by sqrt(hidden_size), RMSNorms that scale by 1 + weight
+// (norm_offset); Gemma 3 adds q/k norms, norms on both branches' outputs, and
 // sliding-window layers (layer_types) with their own RoPE base.
 void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelConfig& m) {
   const bool g3 = type == "gemma3_text";
@@ -280,6 +280,7 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   m.mlp = "geglu";
   m.pos = "rope";
   m.embed_scale = true;
+  m.norm_offset = 1;
   m.qk_norm = m.post_norms = g3;
   m.vocab_size = r.integer("vocab_size");
   m.n_embd = r.integer("hidden_size");
@@ -376,6 +377,7 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   if (m.mlp != "geglu") cannot("mlp", m.mlp, "Gemma uses geglu");
   if (m.pos != "rope") cannot("pos", m.pos, "Gemma uses rope");
   if (!m.embed_scale) cannot("embed_scale", "false", "Gemma scales its embeddings");
+  if (m.norm_offset != 1) cannot("norm_offset", "0", "Gemma's RMSNorms scale by 1 + w");
   if (m.bias || m.qkv_bias) cannot("bias", "true", "Gemma has no biases");
   if (m.qk_norm != g3) cannot("qk_norm", m.qk_norm ? "true" : "false", "Gemma 3 alone, always");
   if (m.post_norms != g3)
@@ -514,6 +516,8 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
     return j;
   }
   if (m.norm != "rmsnorm") cannot("norm", m.norm, "this family uses rmsnorm");
+  if (m.norm_offset != 0 && !type.starts_with("gemma"))
+    cannot("norm_offset", "1", "choose arch gemma or gemma3");
   if (m.embed_scale && !type.starts_with("gemma"))
     cannot("embed_scale", "true", "choose arch gemma or gemma3");
   if (m.post_norms && type != "gemma3") cannot("post_norms", "true", "choose arch gemma3");

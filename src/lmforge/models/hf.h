@@ -44,13 +44,11 @@ nlohmann::json hf_config_json(const ModelConfig& model, int64_t bos_token_id, in
                               DType dtype);
 
 // One piece of an lmforge parameter in a HF checkpoint: rows [row0, row0 + rows) of the lmforge
-// tensor are the HF tensor `name` (transposed for GPT-2's Conv1D layers) plus `offset` (Gemma's
-// norms, which HF stores as w for a scale of 1 + w: lmforge holds 1 + w).
+// tensor are the HF tensor `name` (transposed for GPT-2's Conv1D layers).
 struct HfPiece {
   std::string name;
   int64_t row0 = 0, rows = 0;
   bool transpose = false;
-  float offset = 0;
 };
 std::vector<HfPiece> hf_pieces(const ModelConfig& model, const std::string& param,
                                int64_t param_rows);

@@ -30,17 +30,8 @@ std::vector<HfPiece> hf_pieces(const ModelConfig& m, const std::string& param, i
   if (param == "tok_emb.weight") return whole(pre + (gpt2 ? "wte.weight" : "embed_tokens.weight"));
   if (param == "pos_emb.weight") return whole(pre + "wpe.weight");
   if (param == "lm_head.weight") return whole("lm_head.weight");
-  // Gemma's RMSNorms scale by 1 + w (HfPiece::offset).
-  const float norm_offset = m.arch.starts_with("gemma") ? 1.0f : 0.0f;
-  auto norm = [&](const std::string& name) {
-    std::vector<HfPiece> p = whole(name);
-    p[0].offset = norm_offset;
-    return p;
-  };
-  if (param.starts_with("norm_f.")) {
-    if (gpt2) return whole(pre + "ln_f." + param.substr(7));
-    return norm(pre + "norm." + param.substr(7));
-  }
+  if (param.starts_with("norm_f."))
+    return whole(pre + (gpt2 ? "ln_f." : "norm.") + param.substr(7));
   LMF_CHECK(param.starts_with("blocks."), "unexpected parameter {}", param);
   size_t dot = param.find('.', 7);
   const std::string layer = param.substr(7, dot - 7), rest = param.substr(dot + 1);
@@ -66,13 +57,13 @@ std::vector<HfPiece> hf_pieces(const ModelConfig& m, const std::string& param, i
   // (Gemma 3's post_attention_layernorm is the attention branch's post norm; its MLP's pre-norm is
   // pre_feedforward_layernorm.)
   const bool post = m.post_norms;
-  if (base == "norm1") return norm(l + "input_layernorm." + suffix);
+  if (base == "norm1") return whole(l + "input_layernorm." + suffix);
   if (base == "norm2")
-    return norm(l + (post ? "pre_feedforward_layernorm." : "post_attention_layernorm.") + suffix);
-  if (base == "attn.post_norm") return norm(l + "post_attention_layernorm." + suffix);
-  if (base == "mlp.post_norm") return norm(l + "post_feedforward_layernorm." + suffix);
-  if (base == "attn.q_norm") return norm(l + "self_attn.q_norm." + suffix);
-  if (base == "attn.k_norm") return norm(l + "self_attn.k_norm." + suffix);
+    return whole(l + (post ? "pre_feedforward_layernorm." : "post_attention_layernorm.") + suffix);
+  if (base == "attn.post_norm") return whole(l + "post_attention_layernorm." + suffix);
+  if (base == "mlp.post_norm") return whole(l + "post_feedforward_layernorm." + suffix);
+  if (base == "attn.q_norm") return whole(l + "self_attn.q_norm." + suffix);
+  if (base == "attn.k_norm") return whole(l + "self_attn.k_norm." + suffix);
   if (base == "attn.proj") return whole(l + "self_attn.o_proj." + suffix);
   if (base == "mlp.proj") return whole(l + "mlp.down_proj." + suffix);
   if (base == "attn.qkv") {
@@ -134,9 +125,6 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
       Tensor dst = value.slice(piece.row0, piece.rows);
       if (!piece.transpose) {
         dst.copy_from(t);
-        float* d = dst.data<float>();
-        if (piece.offset != 0)
-          for (int64_t i = 0; i < dst.numel(); ++i) d[i] += piece.offset;
         continue;
       }
       const float* s = t.data<float>();
@@ -266,9 +254,6 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
           for (int64_t c = 0; c < cols; ++c) d[c * piece.rows + r] = s[r * cols + c];
       } else {
         t = src.clone();
-        float* d = t.data<float>();
-        if (piece.offset != 0)
-          for (int64_t i = 0; i < t.numel(); ++i) d[i] -= piece.offset;
       }
       tensors.emplace_back(piece.name, dtype == DType::kF32 ? t : t.to(dtype));
     }

@@ -91,6 +91,7 @@ const std::map<std::string, std::function<ModelConfig()>>& table() {
          c.sliding_window = 512;
          c.full_attention_every = 6;
          c.embed_scale = c.qk_norm = c.post_norms = c.tie_embeddings = true;
+         c.norm_offset = 1;
          return c;
        }},
       {"llama3-8b",

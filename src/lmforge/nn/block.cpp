@@ -100,7 +100,7 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c, in
   // LoRA adapters' rank for a layer (0: none) and their scale.
   auto rank = [&](const char* layer) { return c.lora_adapts(layer) ? c.lora.rank : 0; };
   const double s = c.lora.on() ? c.lora.scale() : 0;
-  norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias);
+  norm1.declare(ps, p + ".norm1", C, rms, c.norm_eps, c.bias, c.norm_offset);
   qkv.declare(ps, p + ".attn.qkv", C, c.qkv_dim(), c.has_qkv_bias(), rank("qkv"), s,
               c.lora_pieces("qkv"), c.lora.dropout);
   if (c.qk_norm) {
@@ -109,12 +109,14 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c, in
   }
   proj.declare(ps, p + ".attn.proj", c.n_head * c.head_size(), C, c.bias, rank("proj"), s, {},
                c.lora.dropout);
-  if (c.post_norms) post1.declare(ps, p + ".attn.post_norm", C, rms, c.norm_eps, c.bias);
-  norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias);
+  if (c.post_norms)
+    post1.declare(ps, p + ".attn.post_norm", C, rms, c.norm_eps, c.bias, c.norm_offset);
+  norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias, c.norm_offset);
   fc.declare(ps, p + ".mlp.fc", C, c.gated_mlp() ? 2 * F : F, c.bias, rank("fc"), s,
              c.lora_pieces("fc"), c.lora.dropout);
   down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s, {}, c.lora.dropout);
-  if (c.post_norms) post2.declare(ps, p + ".mlp.post_norm", C, rms, c.norm_eps, c.bias);
+  if (c.post_norms)
+    post2.declare(ps, p + ".mlp.post_norm", C, rms, c.norm_eps, c.bias, c.norm_offset);
 }
 
 Recompute parse_recompute(const std::string& s) {
@@ -259,7 +261,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   if (cfg.qk_norm) {
     qkv.forward(a.qkv_raw, in1, a.t_qkv, a.lora_b_full, lora_drop(qkv, a.lora_x));
     ops::qk_norm_forward(a.qkv, a.rstd_q, a.rstd_k, a.qkv_raw, q_norm->fp32(), k_norm->fp32(), NH,
-                         NKV, cfg.norm_eps);
+                         NKV, cfg.norm_eps, cfg.norm_offset);
   } else {
     qkv.forward(a.qkv, in1, a.t_qkv, a.lora_b_full, lora_drop(qkv, a.lora_x));
   }
@@ -335,7 +337,8 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
     s.dqkv_raw.zero_();
     ops::qk_norm_backward(s.dqkv_raw, q_norm->frozen ? Tensor() : q_norm->grad,
                           k_norm->frozen ? Tensor() : k_norm->grad, s.dqkv, a.qkv_raw,
-                          q_norm->fp32(), k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV);
+                          q_norm->fp32(), k_norm->fp32(), a.rstd_q, a.rstd_k, NH, NKV,
+                          cfg.norm_offset);
   }
   column_backward(qkv, cfg.qk_norm ? s.dqkv_raw : s.dqkv, a.n1_out, a.t_qkv);
   norm1.backward(dres, s.dnorm, x, a.n1);  // dres is now d(x)

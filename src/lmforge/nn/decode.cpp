@@ -84,7 +84,7 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
       Tensor raw = qkv.clone();
       Tensor rq = Tensor::empty({n * NH}, DType::kF32), rk = Tensor::empty({n * NKV}, DType::kF32);
       ops::qk_norm_forward(qkv, rq, rk, raw, b.q_norm->fp32(), b.k_norm->fp32(), NH, NKV,
-                           cfg_.norm_eps);
+                           cfg_.norm_eps, cfg_.norm_offset);
     }
     for (int64_t g = 0; g < S; ++g) {
       const DecodeSegment& seg = segs[g];

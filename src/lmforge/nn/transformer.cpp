@@ -33,7 +33,8 @@ Transformer::Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> meas
   blocks_.resize(cfg_.n_layer);
   for (int64_t l = 0; l < cfg_.n_layer; ++l)
     blocks_[l].declare(params_, "blocks." + std::to_string(l), cfg_, l);
-  norm_f_.declare(params_, "norm_f", C, cfg_.norm == "rmsnorm", cfg_.norm_eps, cfg_.bias);
+  norm_f_.declare(params_, "norm_f", C, cfg_.norm == "rmsnorm", cfg_.norm_eps, cfg_.bias,
+                  cfg_.norm_offset);
   lm_head_ = cfg_.tie_embeddings ? tok_emb_ : params_.add("lm_head.weight", {V, C}, true);
   lm_head_->matmul = true;
   // LoRA: only the adapters train.
@@ -114,7 +115,8 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
     } else if (p.name.ends_with(".lora_b")) {
       fn(p, -1, 0.0f);
     } else if (is_bias || is_norm) {
-      fn(p, -1, is_bias ? 0.0f : 1.0f);  // the whole parameter
+      // (a norm's scale starts at 1: its weight at 1 - norm_offset)
+      fn(p, -1, is_bias ? 0.0f : static_cast<float>(1.0 - cfg_.norm_offset));
     } else {
       bool resid = p.name.ends_with("attn.proj.weight") || p.name.ends_with("mlp.proj.weight");
       double s = resid ? resid_std : std;

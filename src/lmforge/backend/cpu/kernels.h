@@ -184,16 +184,18 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
 
 // RMSNorm over N rows of C. Row i lives at (i / group) * stride + (i % group) * C: group = 1,
 // stride = C for a contiguous (N, C) tensor; group = heads, stride = the qkv row width for
-// per-head q/k norms (Qwen3) reading heads in place.
+// per-head q/k norms (Qwen3) reading heads in place. Each row scales by offset + weight (Gemma's
+// RMSNorms: 1 + w, added in fp32 as transformers adds it).
 inline int64_t row_offset(int64_t i, int64_t C, int64_t group, int64_t stride) {
   return group == 1 ? i * stride : (i / group) * stride + (i % group) * C;
 }
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
-                     double eps, int64_t group, int64_t stride);
+                     double eps, int64_t group, int64_t stride, double offset = 0);
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride);
+                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride,
+                      double offset = 0);
 
 // Rotary embedding (HF "rotate_half" layout: pairs (i, i + HS/2)) applied in place to n_heads
 // heads of HS at x + (b*T + t)*row_stride + h*HS, position pos0 + t. cos/sin are (T_max, HS/2).

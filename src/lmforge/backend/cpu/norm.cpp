@@ -104,7 +104,8 @@ LMF_AVX512 void layernorm_backward_row_avx512(float* d, const float* x, const fl
 // One row of rmsnorm_forward / rmsnorm_backward's dinp in fp32 with AVX-512: the scalar loops'
 // double arithmetic on 8 lanes (row sums in lanes, then across them).
 LMF_AVX512 void rmsnorm_forward_row_avx512(float* o, float* rstd, const float* x, const float* w,
-                                           int64_t C, double eps) {
+                                           int64_t C, double eps, float offset) {
+  const __m512 off = _mm512_set1_ps(offset);
   __m512d acc = _mm512_setzero_pd();
   for (int64_t c = 0; c < C; c += 16) {
     const __m512 xv = _mm512_maskz_loadu_ps(lanes(C - c), x + c);  // masked lanes are 0
@@ -119,19 +120,20 @@ LMF_AVX512 void rmsnorm_forward_row_avx512(float* o, float* rstd, const float* x
     _mm512_mask_storeu_ps(
         o + c, k,
         _mm512_mul_ps(join_ps(_mm512_mul_pd(lo_pd(xv), s), _mm512_mul_pd(hi_pd(xv), s)),
-                      _mm512_maskz_loadu_ps(k, w + c)));
+                      _mm512_add_ps(_mm512_maskz_loadu_ps(k, w + c), off)));
   }
   *rstd = static_cast<float>(sd);
 }
 
 LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const float* g,
-                                            const float* w, double rstd, int64_t C) {
+                                            const float* w, double rstd, int64_t C, float offset) {
+  const __m512 off = _mm512_set1_ps(offset);  // (masked lanes: g is 0 there)
   const __m512d s = _mm512_set1_pd(rstd);
   __m512d acc = _mm512_setzero_pd();  // sum of dn * n, dn = w g, n = x rstd
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = lanes(C - c);  // masked lanes add zeros
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
-                 wv = _mm512_maskz_loadu_ps(k, w + c);
+                 wv = _mm512_add_ps(_mm512_maskz_loadu_ps(k, w + c), off);
     for (int h = 0; h < 2; ++h) {
       const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
       acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_mul_pd(dn, half_pd(xv, h)), s));
@@ -141,7 +143,7 @@ LMF_AVX512 void rmsnorm_backward_row_avx512(float* d, const float* x, const floa
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = lanes(C - c);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + c), gv = _mm512_maskz_loadu_ps(k, g + c),
-                 wv = _mm512_maskz_loadu_ps(k, w + c);
+                 wv = _mm512_add_ps(_mm512_maskz_loadu_ps(k, w + c), off);
     __m512d r[2];
     for (int h = 0; h < 2; ++h) {
       const __m512d dn = _mm512_mul_pd(half_pd(wv, h), half_pd(gv, h));
@@ -284,13 +286,14 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
 
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
-                     double eps, int64_t group, int64_t stride) {
+                     double eps, int64_t group, int64_t stride, double offset) {
+  const T off = static_cast<T>(offset);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t at = row_offset(i, C, group, stride);
     if constexpr (std::is_same_v<T, float>) {
       if (has_avx512()) {
-        rmsnorm_forward_row_avx512(out + at, rstd + i, inp + at, weight, C, eps);
+        rmsnorm_forward_row_avx512(out + at, rstd + i, inp + at, weight, C, eps, off);
         continue;
       }
     }
@@ -299,20 +302,22 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, 
     for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[c]) * x[c];
     double s = 1.0 / std::sqrt(ss / C + eps);
     T* o = out + at;
-    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(x[c] * s) * weight[c];
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(x[c] * s) * (weight[c] + off);
     rstd[i] = static_cast<T>(s);
   }
 }
 
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride) {
+                      const T* rstd, int64_t N, int64_t C, int64_t group, int64_t stride,
+                      double offset) {
+  const T off = static_cast<T>(offset);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t at = row_offset(i, C, group, stride);
     if constexpr (std::is_same_v<T, float>) {
       if (has_avx512()) {
-        rmsnorm_backward_row_avx512(dinp + at, inp + at, dout + at, weight, rstd[i], C);
+        rmsnorm_backward_row_avx512(dinp + at, inp + at, dout + at, weight, rstd[i], C, off);
         continue;
       }
     }
@@ -320,12 +325,12 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
     const T* g = dout + at;
     double s = rstd[i];
     double dot = 0;  // mean(dn * n)
-    for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(weight[c]) * g[c] * x[c] * s;
+    for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(weight[c] + off) * g[c] * x[c] * s;
     dot /= C;
     T* d = dinp + at;
     for (int64_t c = 0; c < C; ++c) {
       double n = x[c] * s;
-      d[c] += static_cast<T>(s * (static_cast<double>(weight[c]) * g[c] - n * dot));
+      d[c] += static_cast<T>(s * (static_cast<double>(weight[c] + off) * g[c] - n * dot));
     }
   }
   if (!dweight) return;  // frozen
@@ -357,9 +362,9 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
   template void layernorm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,         \
                                       const T*, int64_t, int64_t);                                \
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double, int64_t, \
-                                   int64_t);                                                      \
+                                   int64_t, double);                                              \
   template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,      \
-                                    int64_t, int64_t, int64_t);
+                                    int64_t, int64_t, int64_t, double);
 LMF_INSTANTIATE(float)
 LMF_INSTANTIATE(double)
 #undef LMF_INSTANTIATE

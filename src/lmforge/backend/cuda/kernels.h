@@ -62,12 +62,13 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
                         int64_t N, int64_t C);
 
 // RMSNorm over N rows of C; row i lives at (i / group) * stride + (i % group) * C, as
-// cpu::row_offset (group = 1, stride = C for a contiguous (N, C) tensor).
+// cpu::row_offset (group = 1, stride = C for a contiguous (N, C) tensor); scaled by offset +
+// weight (Gemma: 1 + w).
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                     int64_t C, double eps, int64_t group, int64_t stride);
+                     int64_t C, double eps, int64_t group, int64_t stride, float offset = 0);
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
                       const float* weight, const float* rstd, int64_t N, int64_t C, int64_t group,
-                      int64_t stride);
+                      int64_t stride, float offset = 0);
 
 // Rotary embedding in place, HF "rotate_half" layout, as cpu::rope_forward; cos/sin (T_max, HS/2)
 // are device arrays. backward applies the inverse rotation to dx in place.
@@ -93,7 +94,7 @@ void glu_backward(float* dinp, const float* inp, const float* dout, int64_t N, i
 void layernorm_forward(uint16_t* out, float* mean, float* rstd, const float* inp,
                        const float* weight, const float* bias, int64_t N, int64_t C, double eps);
 void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                     int64_t C, double eps, int64_t group, int64_t stride);
+                     int64_t C, double eps, int64_t group, int64_t stride, float offset = 0);
 void gelu_forward(uint16_t* out, const float* inp, int64_t n);
 void glu_forward(uint16_t* out, const float* inp, int64_t N, int64_t F, Gate gate);
 

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
 template <int K, typename O>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_forward_kernel(O* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                           int64_t C, double eps, int64_t group, int64_t stride) {
+                           int64_t C, double eps, int64_t group, int64_t stride, float offset) {
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (i >= N) return;
@@ -116,7 +116,8 @@ __global__ void __launch_bounds__(kThreads)
     Floats<K> v = load<K>(x + c);
     const Floats<K> w = load<K>(weight + c);
 #pragma unroll
-    for (int k = 0; k < K; ++k) v.v[k] = __fmul_rn(static_cast<float>(v.v[k] * s), w.v[k]);
+    for (int k = 0; k < K; ++k)
+      v.v[k] = __fmul_rn(static_cast<float>(v.v[k] * s), __fadd_rn(w.v[k], offset));
     store<K>(o + c, v);
   }
   if (lane == 0) rstd[i] = static_cast<float>(s);
@@ -126,8 +127,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int K>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_backward_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
-                            const float* rstd, int64_t N, int64_t C, int64_t group,
-                            int64_t stride) {
+                            const float* rstd, int64_t N, int64_t C, int64_t group, int64_t stride,
+                            float offset) {
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (i >= N) return;
@@ -139,7 +140,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = lane * K; c < C; c += 32 * K) {
     const Floats<K> xv = load<K>(x + c), gv = load<K>(g + c), wv = load<K>(weight + c);
 #pragma unroll
-    for (int k = 0; k < K; ++k) dot += static_cast<double>(wv.v[k]) * gv.v[k] * xv.v[k] * s;
+    for (int k = 0; k < K; ++k)
+      dot += static_cast<double>(__fadd_rn(wv.v[k], offset)) * gv.v[k] * xv.v[k] * s;
   }
   dot = warp_sum(dot) / C;
   float* d = dinp + at;
@@ -150,7 +152,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < K; ++k) {
       const double n = xv.v[k] * s;
       dv.v[k] = __fadd_rn(
-          dv.v[k], static_cast<float>(s * (static_cast<double>(wv.v[k]) * gv.v[k] - n * dot)));
+          dv.v[k], static_cast<float>(
+                       s * (static_cast<double>(__fadd_rn(wv.v[k], offset)) * gv.v[k] - n * dot)));
     }
     store<K>(d + c, dv);
   }
@@ -253,14 +256,14 @@ void launch_layernorm_forward(O* out, float* mean, float* rstd, const float* inp
 
 template <typename O>
 void launch_rmsnorm_forward(O* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                            int64_t C, double eps, int64_t group, int64_t stride) {
+                            int64_t C, double eps, int64_t group, int64_t stride, float offset) {
   if (N <= 0 || C <= 0) return;
   if (C % 4 == 0 && stride % 4 == 0 && aligned16(out, inp, weight))
     rmsnorm_forward_kernel<4><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        out, rstd, inp, weight, N, C, eps, group, stride);
+        out, rstd, inp, weight, N, C, eps, group, stride, offset);
   else
     rmsnorm_forward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        out, rstd, inp, weight, N, C, eps, group, stride);
+        out, rstd, inp, weight, N, C, eps, group, stride, offset);
   LMF_CUDA_LAUNCHED();
 }
 
@@ -291,25 +294,25 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
 }
 
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                     int64_t C, double eps, int64_t group, int64_t stride) {
-  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride);
+                     int64_t C, double eps, int64_t group, int64_t stride, float offset) {
+  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride, offset);
 }
 
 void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                     int64_t C, double eps, int64_t group, int64_t stride) {
-  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride);
+                     int64_t C, double eps, int64_t group, int64_t stride, float offset) {
+  launch_rmsnorm_forward(out, rstd, inp, weight, N, C, eps, group, stride, offset);
 }
 
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
                       const float* weight, const float* rstd, int64_t N, int64_t C, int64_t group,
-                      int64_t stride) {
+                      int64_t stride, float offset) {
   if (N <= 0 || C <= 0) return;
   if (C % 4 == 0 && stride % 4 == 0 && aligned16(dinp, dout, inp, weight))
     rmsnorm_backward_kernel<4><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        dinp, dout, inp, weight, rstd, N, C, group, stride);
+        dinp, dout, inp, weight, rstd, N, C, group, stride, offset);
   else
     rmsnorm_backward_kernel<1><<<row_blocks(N), kThreads, 0, cur_stream()>>>(
-        dinp, dout, inp, weight, rstd, N, C, group, stride);
+        dinp, dout, inp, weight, rstd, N, C, group, stride, offset);
   LMF_CUDA_LAUNCHED();
   if (dweight) norm_param_grads(dweight, nullptr, dout, inp, nullptr, rstd, N, C, group, stride);
 }
