@@ -121,17 +121,18 @@ void layernorm(Check& c, bool bias) {
   c.backward = [=] { ops::layernorm_backward(dx, dw, db, R, x, w, mean, rstd); };
 }
 
-void rmsnorm(Check& c) {
+// offset: Gemma's scale of 1 + w (weights then around 0).
+void rmsnorm(Check& c, double offset = 0) {
   const int64_t N = 5, C = 6;
   auto [x, dx] = c.input("x", {N, C}, 2.0, 0.5);
-  auto [w, dw] = c.input("weight", {C}, 0.5, 1.0);
+  auto [w, dw] = c.input("weight", {C}, 0.5, 1.0 - offset);
   Tensor out = Tensor::empty({N, C}, DType::kF64), R = c.randn(out.shape());
   Tensor rstd = Tensor::empty({N}, DType::kF64);
   c.loss = [=] {
-    ops::rmsnorm_forward(out, rstd, x, w, 1e-5);
+    ops::rmsnorm_forward(out, rstd, x, w, 1e-5, offset);
     return dot(out, R);
   };
-  c.backward = [=] { ops::rmsnorm_backward(dx, dw, R, x, w, rstd); };
+  c.backward = [=] { ops::rmsnorm_backward(dx, dw, R, x, w, rstd, offset); };
 }
 
 // GQA heads, pos0 > 0 and llama3 scaling with a short original context, so all three frequency
@@ -163,19 +164,19 @@ void rope(Check& c) {
   };
 }
 
-void qk_norm(Check& c) {
+void qk_norm(Check& c, double offset = 0) {
   const int64_t B = 2, T = 3, NH = 4, NKV = 2, HS = 4;
   auto [x, dx] = c.input("qkv", {B, T, (NH + 2 * NKV) * HS}, 2.0, 0.5);
-  auto [wq, dwq] = c.input("wq", {HS}, 0.5, 1.0);
-  auto [wk, dwk] = c.input("wk", {HS}, 0.5, 1.0);
+  auto [wq, dwq] = c.input("wq", {HS}, 0.5, 1.0 - offset);
+  auto [wk, dwk] = c.input("wk", {HS}, 0.5, 1.0 - offset);
   Tensor out = Tensor::empty(x.shape(), DType::kF64), R = c.randn(out.shape());
   Tensor rq = Tensor::empty({B * T * NH}, DType::kF64),
          rk = Tensor::empty({B * T * NKV}, DType::kF64);
   c.loss = [=] {
-    ops::qk_norm_forward(out, rq, rk, x, wq, wk, NH, NKV, 1e-5);
+    ops::qk_norm_forward(out, rq, rk, x, wq, wk, NH, NKV, 1e-5, offset);
     return dot(out, R);
   };
-  c.backward = [=] { ops::qk_norm_backward(dx, dwq, dwk, R, x, wq, wk, rq, rk, NH, NKV); };
+  c.backward = [=] { ops::qk_norm_backward(dx, dwq, dwk, R, x, wq, wk, rq, rk, NH, NKV, offset); };
 }
 
 // T = 4 lies inside one tile of the kernel; T = 200 spans four query tiles (of 64) and two key
@@ -255,7 +256,8 @@ std::vector<GradCase> cases() {
       {"embedding_nopos", [](Check& c) { embedding(c, false); }},
       {"layernorm", [](Check& c) { layernorm(c, true); }},
       {"layernorm_nobias", [](Check& c) { layernorm(c, false); }},
-      {"rmsnorm", rmsnorm},
+      {"rmsnorm", [](Check& c) { rmsnorm(c); }},
+      {"rmsnorm_offset1", [](Check& c) { rmsnorm(c, 1.0); }},
       {"rope_gqa_pos0_scaled", rope},
       {"attention_gqa", [](Check& c) { attention(c, 4, 2); }},
       {"attention_mha", [](Check& c) { attention(c, 2, 2); }},
@@ -263,7 +265,8 @@ std::vector<GradCase> cases() {
       {"attention_window2", [](Check& c) { attention(c, 4, 2, 2); }},
       {"attention_tiles", [](Check& c) { attention(c, 2, 1, 0, 200, 1); }},
       {"attention_tiles_window37", [](Check& c) { attention(c, 2, 1, 37, 200, 1); }},
-      {"qk_norm", qk_norm},
+      {"qk_norm", [](Check& c) { qk_norm(c); }},
+      {"qk_norm_offset1", [](Check& c) { qk_norm(c, 1.0); }},
       {"gelu", gelu},
       {"swiglu", [](Check& c) { glu(c, Gate::kSilu); }},
       {"geglu", [](Check& c) { glu(c, Gate::kGelu); }},

@@ -112,15 +112,17 @@ void layernorm(Rng& rng, int64_t N, int64_t C, bool with_bias) {
 
 // Rows at offset + row_offset(i, C, group, stride) of one array, as the per-head q/k norms read
 // a qkv tensor in place; the elements between rows must stay untouched.
-void rmsnorm(Rng& rng, int64_t N, int64_t C, int64_t group, int64_t stride, int64_t offset) {
+// scale_offset: Gemma's 1 + w.
+void rmsnorm(Rng& rng, int64_t N, int64_t C, int64_t group, int64_t stride, int64_t offset,
+             float scale_offset = 0) {
   const int64_t size = offset + cpu::row_offset(N - 1, C, group, stride) + C;
   const std::vector<float> inp = randn(rng, size, 2.0, 0.5), weight = randn(rng, C);
   std::vector<float> out = randn(rng, size), rstd(N);
   DeviceArray<float> d_inp(inp), d_weight(weight), d_out(out), d_rstd(rstd);
   cpu::rmsnorm_forward<float>(out.data() + offset, rstd.data(), inp.data() + offset, weight.data(),
-                              N, C, 1e-6, group, stride);
+                              N, C, 1e-6, group, stride, scale_offset);
   cuda::rmsnorm_forward(d_out.get() + offset, d_rstd.get(), d_inp.get() + offset, d_weight.get(), N,
-                        C, 1e-6, group, stride);
+                        C, 1e-6, group, stride, scale_offset);
   EXPECT_TRUE(close("out", d_out.host(), out, kReduction));
   EXPECT_TRUE(close("rstd", d_rstd.host(), rstd, kReduction));
 
@@ -128,10 +130,11 @@ void rmsnorm(Rng& rng, int64_t N, int64_t C, int64_t group, int64_t stride, int6
   std::vector<float> dinp = randn(rng, size), dweight = randn(rng, C);
   DeviceArray<float> d_dout(dout), d_dinp(dinp), d_dweight(dweight), c_rstd(rstd);
   cpu::rmsnorm_backward<float>(dinp.data() + offset, dweight.data(), dout.data() + offset,
-                               inp.data() + offset, weight.data(), rstd.data(), N, C, group,
-                               stride);
+                               inp.data() + offset, weight.data(), rstd.data(), N, C, group, stride,
+                               scale_offset);
   cuda::rmsnorm_backward(d_dinp.get() + offset, d_dweight.get(), d_dout.get() + offset,
-                         d_inp.get() + offset, d_weight.get(), c_rstd.get(), N, C, group, stride);
+                         d_inp.get() + offset, d_weight.get(), c_rstd.get(), N, C, group, stride,
+                         scale_offset);
   EXPECT_TRUE(close("dinp", d_dinp.host(), dinp, kReduction));
   EXPECT_TRUE(close("dweight", d_dweight.host(), dweight, kReduction));
 }
@@ -644,6 +647,9 @@ std::vector<Case> cases() {
       {"layernorm_N600_C768", [](Rng& r) { layernorm(r, 600, 768, true); }},
       {"rmsnorm_N17_C768", [](Rng& r) { rmsnorm(r, 17, 768, 1, 768, 0); }},
       {"rmsnorm_N5_C37", [](Rng& r) { rmsnorm(r, 5, 37, 1, 37, 0); }},
+      {"rmsnorm_plus_one_N17_C640", [](Rng& r) { rmsnorm(r, 17, 640, 1, 640, 0, 1.0f); }},
+      {"rmsnorm_plus_one_qnorm_N24_C64_group4",
+       [](Rng& r) { rmsnorm(r, 24, 64, 4, 512, 0, 1.0f); }},
       {"rmsnorm_N3000_C128", [](Rng& r) { rmsnorm(r, 3000, 128, 1, 128, 0); }},
       // Qwen3's q/k norms on a qkv row of (4 q + 2 k + 2 v) heads of 64: q heads, then k heads.
       {"rmsnorm_qnorm_N24_C64_group4", [](Rng& r) { rmsnorm(r, 24, 64, 4, 512, 0); }},
