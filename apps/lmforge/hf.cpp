@@ -61,6 +61,7 @@ std::string features(const ModelConfig& m) {
   if (m.bias) f += ", biases";
   if (m.qkv_bias && !m.bias) f += ", q/k/v biases";
   if (m.qk_norm) f += ", q/k norm";
+  if (m.norm_offset != 0) f += fmt::format(", norms scale by {:g} + w", m.norm_offset);
   if (m.post_norms) f += ", post norms";
   if (m.sliding_window)
     f += m.full_attention_every

@@ -149,14 +149,16 @@ TEST_P(HfImport, GreedyGenerationMatchesTransformers) {
 INSTANTIATE_TEST_SUITE_P(Families, HfImport, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return info.param; });
 
-// Random weights of lmforge's own, norms and biases included, so every tensor matters.
+// Random weights of lmforge's own, norms and biases included, so every tensor matters (norms
+// scaling by about 1: Gemma's weights about 0).
 void randomize(Transformer& model, uint64_t seed) {
   Rng rng(seed);
+  const double norm_center = 1.0 - model.config().norm_offset;
   for (Param& p : model.params().params()) {
     bool norm = p.name.find("norm") != std::string::npos;
     float* w = p.value.data<float>();
     for (int64_t i = 0; i < p.value.numel(); ++i)
-      w[i] = static_cast<float>(norm ? 1.0 + 0.2 * rng.normal() : 0.1 * rng.normal());
+      w[i] = static_cast<float>(norm ? norm_center + 0.2 * rng.normal() : 0.1 * rng.normal());
   }
 }
 

@@ -243,6 +243,34 @@ TEST(Checkpoint, WeightsOnlyCannotResumeEvenWithoutOptimizer) {
 
 // A state.json field of the wrong type (a hand edit, a damaged but re-hashed checkpoint) is one
 // error naming the file, not a bare JSON exception.
+// A checkpoint saved before a model key existed (LoRA's, Gemma's) loads with the key's default,
+// which is what that model computed; a key every checkpoint has is still required.
+TEST(Checkpoint, ModelKeysAddedLaterTakeTheirDefaults) {
+  Saver s("ckpt-later-keys");
+  std::string dir = s.save(2);
+  json j = json::parse(testing::slurp(dir + "/state.json"));
+  for (const char* k :
+       {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "full_attention_every",
+        "rope_local_theta", "embed_scale", "post_norms", "norm_offset"}) {
+    ASSERT_TRUE(j["model"].contains(k)) << k;
+    j["model"].erase(k);
+  }
+  std::ofstream(dir + "/state.json") << j.dump();
+  const ModelConfig back = checkpoint_model_config(dir);
+  EXPECT_EQ(back.n_layer, s.model.config().n_layer);
+  EXPECT_EQ(back.num_params(), s.model.config().num_params());
+  EXPECT_FALSE(back.embed_scale || back.post_norms || back.lora.on());
+  EXPECT_EQ(back.norm_offset, 0);
+  j["model"].erase("n_layer");
+  std::ofstream(dir + "/state.json") << j.dump();
+  try {
+    checkpoint_model_config(dir);
+    ADD_FAILURE() << "a checkpoint without model.n_layer was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Checkpoint, StateFieldsOfTheWrongTypeNameTheFile) {
   Saver s("ckpt-state-types");
   std::string dir = s.save(2);

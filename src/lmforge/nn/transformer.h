@@ -74,7 +74,8 @@ class Transformer {
   const ParamSet& params() const { return params_; }
 
   // GPT-2 initialisation: N(0, init_std) for matrices and embeddings, N(0, init_std/sqrt(2L)) for
-  // the projections into the residual stream, zeros for biases, ones for norm weights.
+  // the projections into the residual stream, zeros for biases, norms scaling by one (weights 1,
+  // or 0 under norm_offset 1).
   void init_weights(uint64_t seed);
   // LoRA: with adapters off, forwards compute the base model alone (PEFT's disable_adapter();
   // DPO's reference under LoRA). Training needs them on.

@@ -606,9 +606,15 @@ std::string resolve_checkpoint(const std::string& path) {
 ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
   json j = read_state(ckpt_dir);
   ModelConfig mc;
+  // Keys added since the first checkpoints, whose defaults are what a model saved before them
+  // computes (LoRA: none; Gemma's switches: off).
+  auto later = [](const std::string& k) {
+    return k.starts_with("lora_") || k == "full_attention_every" || k == "rope_local_theta" ||
+           k == "embed_scale" || k == "post_norms" || k == "norm_offset";
+  };
   for (auto& f : model_fields(mc)) {
     if (!j["model"].contains(f.key)) {
-      if (f.key.starts_with("lora_")) continue;  // from before LoRA: none
+      if (later(f.key)) continue;
       fail("{}/state.json: model.{} missing; the checkpoint is corrupt", ckpt_dir, f.key);
     }
     assign_field(f, j["model"][f.key].get<std::string>(), ckpt_dir + "/state.json");
