@@ -23,39 +23,9 @@ constexpr int64_t kChunk = 1 << 12;            // elements per vectorized task
 // to nearest even (as to_bf16), a bf16 gradient written where an fp32 one is added to (prior16);
 // the same fp32 arithmetic either way. Compiled with AVX512-BF16 enabled for the bf16 store; the
 // fp32 instantiations hold no bf16 instruction, so AVX-512 CPUs without it run them (pick).
-template <typename Out, typename In>
-LMF_AVX512_BF16 inline void gelu_forward_avx512(Out* out, const In* inp, int64_t n) {
-  const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
-               half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = lanes(n - i);
-    __m512 x = load16(inp + i, m);
-    __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), _mm512_mul_ps(x, x), x));
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh512(u)));
-    store16(out + i, m, y);
-  }
-}
-
-template <typename Out, typename In>
-LMF_AVX512_BF16 inline void gelu_backward_avx512(Out* dinp, const In* inp, const float* dout,
-                                                 int64_t n) {
-  const __m512 c = _mm512_set1_ps(static_cast<float>(kGeluC)), k = _mm512_set1_ps(0.044715f),
-               k3 = _mm512_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm512_set1_ps(0.5f),
-               one = _mm512_set1_ps(1.0f);
-  for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = lanes(n - i);
-    __m512 x = load16(inp + i, m), x2 = _mm512_mul_ps(x, x);
-    __m512 th = tanh512(_mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, x), x2, x)));
-    __m512 sech2 = _mm512_fnmadd_ps(th, th, one);
-    __m512 du = _mm512_mul_ps(c, _mm512_fmadd_ps(k3, x2, one));
-    __m512 g = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, x), sech2), du,
-                               _mm512_mul_ps(half, _mm512_add_ps(one, th)));
-    store16(dinp + i, m,
-            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dout + i), g, prior16(dinp + i, m)));
-  }
-}
-
-// The gate's activation and its derivative (GELU: as gelu_backward_avx512).
+// An activation of x on 16 lanes and, with grad, its derivative: silu, or the tanh GELU
+// (0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); its derivative
+// 0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)).
 template <Gate G>
 LMF_AVX512_BF16 inline __m512 gate512(__m512 x, __m512* grad) {
   if constexpr (G == Gate::kSilu) {
@@ -76,6 +46,26 @@ LMF_AVX512_BF16 inline __m512 gate512(__m512 x, __m512* grad) {
                               _mm512_mul_ps(c, _mm512_fmadd_ps(k3, x2, one)),
                               _mm512_mul_ps(half, _mm512_add_ps(one, th)));
     return _mm512_mul_ps(hx, _mm512_add_ps(one, th));
+  }
+}
+
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void gelu_forward_avx512(Out* out, const In* inp, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = lanes(n - i);
+    store16(out + i, m, gate512<Gate::kGelu>(load16(inp + i, m), nullptr));
+  }
+}
+
+template <typename Out, typename In>
+LMF_AVX512_BF16 inline void gelu_backward_avx512(Out* dinp, const In* inp, const float* dout,
+                                                 int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = lanes(n - i);
+    __m512 g;
+    gate512<Gate::kGelu>(load16(inp + i, m), &g);
+    store16(dinp + i, m,
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dout + i), g, prior16(dinp + i, m)));
   }
 }
 
@@ -114,46 +104,6 @@ float gelu_grad_scalar(float x) {
 }
 float sigmoid_scalar(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-LMF_AVX2 void gelu_forward_avx2(float* out, const float* inp, int64_t n) {
-  const __m256 c = _mm256_set1_ps(static_cast<float>(kGeluC)), k = _mm256_set1_ps(0.044715f),
-               half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(inp + i);
-    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, x), _mm256_mul_ps(x, x), x));
-    _mm256_storeu_ps(out + i,
-                     _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh256(u))));
-  }
-  for (; i < n; ++i) out[i] = gelu_scalar(inp[i]);
-}
-
-LMF_AVX2 void gelu_backward_avx2(float* dinp, const float* inp, const float* dout, int64_t n) {
-  const __m256 c = _mm256_set1_ps(static_cast<float>(kGeluC)), k = _mm256_set1_ps(0.044715f),
-               k3 = _mm256_set1_ps(static_cast<float>(3 * 0.044715)), half = _mm256_set1_ps(0.5f),
-               one = _mm256_set1_ps(1.0f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(inp + i), x2 = _mm256_mul_ps(x, x);
-    const __m256 th = tanh256(_mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, x), x2, x)));
-    const __m256 sech2 = _mm256_fnmadd_ps(th, th, one);
-    const __m256 du = _mm256_mul_ps(c, _mm256_fmadd_ps(k3, x2, one));
-    const __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), sech2), du,
-                                     _mm256_mul_ps(half, _mm256_add_ps(one, th)));
-    _mm256_storeu_ps(dinp + i,
-                     _mm256_fmadd_ps(_mm256_loadu_ps(dout + i), g, _mm256_loadu_ps(dinp + i)));
-  }
-  for (; i < n; ++i) dinp[i] += dout[i] * gelu_grad_scalar(inp[i]);
-}
-
-float gate_scalar(Gate G, float x) {
-  return G == Gate::kSilu ? x * sigmoid_scalar(x) : gelu_scalar(x);
-}
-float gate_grad_scalar(Gate G, float x) {
-  if (G == Gate::kGelu) return gelu_grad_scalar(x);
-  const float s = sigmoid_scalar(x);
-  return s * (1.0f + x * (1.0f - s));
-}
-
 template <Gate G>
 LMF_AVX2 inline __m256 gate256(__m256 x, __m256* grad) {  // as gate512
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -173,6 +123,33 @@ LMF_AVX2 inline __m256 gate256(__m256 x, __m256* grad) {  // as gate512
                               _mm256_mul_ps(half, _mm256_add_ps(one, th)));
     return _mm256_mul_ps(hx, _mm256_add_ps(one, th));
   }
+}
+
+LMF_AVX2 void gelu_forward_avx2(float* out, const float* inp, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, gate256<Gate::kGelu>(_mm256_loadu_ps(inp + i), nullptr));
+  for (; i < n; ++i) out[i] = gelu_scalar(inp[i]);
+}
+
+LMF_AVX2 void gelu_backward_avx2(float* dinp, const float* inp, const float* dout, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 g;
+    gate256<Gate::kGelu>(_mm256_loadu_ps(inp + i), &g);
+    _mm256_storeu_ps(dinp + i,
+                     _mm256_fmadd_ps(_mm256_loadu_ps(dout + i), g, _mm256_loadu_ps(dinp + i)));
+  }
+  for (; i < n; ++i) dinp[i] += dout[i] * gelu_grad_scalar(inp[i]);
+}
+
+float gate_scalar(Gate G, float x) {
+  return G == Gate::kSilu ? x * sigmoid_scalar(x) : gelu_scalar(x);
+}
+float gate_grad_scalar(Gate G, float x) {
+  if (G == Gate::kGelu) return gelu_grad_scalar(x);
+  const float s = sigmoid_scalar(x);
+  return s * (1.0f + x * (1.0f - s));
 }
 
 template <Gate G>
