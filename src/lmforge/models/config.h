@@ -83,7 +83,8 @@ struct ModelConfig {
   bool has_qkv_bias() const { return bias || qkv_bias; }
   int64_t ffn() const { return ffn_hidden ? ffn_hidden : 4 * n_embd; }
   int64_t qkv_dim() const { return (n_head + 2 * kv_heads()) * head_size(); }
-  bool gated_mlp() const { return mlp != "gelu"; }  // fc is [gate | up] (2F, C)
+  bool gated_mlp() const { return mlp != "gelu"; }                      // fc is [gate | up] (2F, C)
+  int64_t fc_width() const { return gated_mlp() ? 2 * ffn() : ffn(); }  // fc's outputs
   // Layer l's attention window (0 = all positions) and whether it uses rope_local_theta.
   int64_t window(int64_t layer) const {
     return full_attention_every > 0 && (layer + 1) % full_attention_every == 0 ? 0 : sliding_window;

@@ -50,9 +50,13 @@ std::pair<int64_t, int64_t> lora_scratch(const ModelConfig& c) {
 }
 }  // namespace
 
+namespace {
+Gate gate_of(const ModelConfig& c) { return c.mlp == "geglu" ? Gate::kGelu : Gate::kSilu; }
+}  // namespace
+
 void mlp_activation_forward(const ModelConfig& c, const Tensor& act, const Tensor& fc_out) {
   if (c.gated_mlp())
-    ops::glu_forward(act, fc_out, c.mlp == "geglu" ? Gate::kGelu : Gate::kSilu);
+    ops::glu_forward(act, fc_out, gate_of(c));
   else
     ops::gelu_forward(act, fc_out);
 }
@@ -60,7 +64,7 @@ void mlp_activation_forward(const ModelConfig& c, const Tensor& act, const Tenso
 void mlp_activation_backward(const ModelConfig& c, const Tensor& dfc, const Tensor& fc_out,
                              const Tensor& dact) {
   if (c.gated_mlp())
-    ops::glu_backward(dfc, fc_out, dact, c.mlp == "geglu" ? Gate::kGelu : Gate::kSilu);
+    ops::glu_backward(dfc, fc_out, dact, gate_of(c));
   else
     ops::gelu_backward(dfc, fc_out, dact);
 }
@@ -82,7 +86,7 @@ void BlockScratch::plan(Arena& a, const ModelConfig& c, int64_t B, int64_t T,
   dqkv = a.alloc({B, T, c.qkv_dim()}, att);
   if (c.qk_norm) dqkv_raw = a.alloc({B, T, c.qkv_dim()});
   datt = a.alloc({B, T, c.n_head * c.head_size()}, att);
-  dfc = a.alloc({B, T, c.gated_mlp() ? 2 * F : F}, matmul_output_dtype);
+  dfc = a.alloc({B, T, c.fc_width()}, matmul_output_dtype);
   dact = a.alloc({B, T, F});
   if (c.lora.on()) {
     const auto [width, expansion] = lora_scratch(c);
@@ -112,8 +116,8 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c, in
   if (c.post_norms)
     post1.declare(ps, p + ".attn.post_norm", C, rms, c.norm_eps, c.bias, c.norm_offset);
   norm2.declare(ps, p + ".norm2", C, rms, c.norm_eps, c.bias, c.norm_offset);
-  fc.declare(ps, p + ".mlp.fc", C, c.gated_mlp() ? 2 * F : F, c.bias, rank("fc"), s,
-             c.lora_pieces("fc"), c.lora.dropout);
+  fc.declare(ps, p + ".mlp.fc", C, c.fc_width(), c.bias, rank("fc"), s, c.lora_pieces("fc"),
+             c.lora.dropout);
   down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s, {}, c.lora.dropout);
   if (c.post_norms)
     post2.declare(ps, p + ".mlp.post_norm", C, rms, c.norm_eps, c.bias, c.norm_offset);
@@ -224,7 +228,7 @@ void Block::plan(Arena& a, Acts& x, int64_t B, int64_t T, Recompute mode,
   keep(&Acts::att_proj, {B, T, C});
   keep(&Acts::x_mid, {B, T, C});
   keep(&Acts::n2_out, {B, T, C});
-  keep(&Acts::fc_out, {G, T, cfg.gated_mlp() ? 2 * F : F});
+  keep(&Acts::fc_out, {G, T, cfg.fc_width()});
   keep(&Acts::act, {G, T, F});
   keep(&Acts::mlp_out, {B, T, C});
   keep(&Acts::x_out, {B, T, C});

@@ -49,7 +49,7 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
   Tensor h = Tensor::empty({1, n, C}, DType::kF32), o = Tensor::empty({1, n, C}, DType::kF32);
   Tensor qkv = Tensor::empty({1, n, Cq}, DType::kF32);
   Tensor att = Tensor::empty({1, n, NH * HS}, DType::kF32);
-  Tensor fc = Tensor::empty({1, n, cfg_.gated_mlp() ? 2 * F : F}, DType::kF32);
+  Tensor fc = Tensor::empty({1, n, cfg_.fc_width()}, DType::kF32);
   Tensor normed = cfg_.post_norms ? Tensor::empty({1, n, C}, DType::kF32) : Tensor();
   Tensor act = Tensor::empty({1, n, F}, DType::kF32);
   Tensor lse = Tensor::empty({NH * n}, DType::kF32);  // (a whole prompt's, unused after)
