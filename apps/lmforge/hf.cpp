@@ -63,6 +63,9 @@ std::string features(const ModelConfig& m) {
   if (m.qk_norm) f += ", q/k norm";
   if (m.norm_offset != 0) f += fmt::format(", norms scale by {:g} + w", m.norm_offset);
   if (m.post_norms) f += ", post norms";
+  if (m.attn_scale_dim) f += fmt::format(", scores / sqrt({})", m.attn_scale_dim);
+  if (m.attn_softcap > 0) f += fmt::format(", scores capped at {:g}", m.attn_softcap);
+  if (m.logit_softcap > 0) f += fmt::format(", logits capped at {:g}", m.logit_softcap);
   if (m.sliding_window)
     f += m.full_attention_every
              ? fmt::format(", sliding window {} (full attention every {} layers)", m.sliding_window,

@@ -141,6 +141,30 @@ const Published kModels[] = {
       "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
       "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
       "use_cache": true, "vocab_size": 262144})"},
+    // Gemma 2 (transformers' Gemma2Config counts): soft-capping, every other layer windowed; the
+    // 27B scales its scores by 144^-1/2 with head_dim 128 and carries a legacy
+    // sliding_window_size.
+    {"Gemma-2-2B", 2'614'341'888,
+     R"({"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+       "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+       "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+       "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+       "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192,
+       "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+       "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+       "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+       "transformers_version": "4.42.4", "use_cache": true, "vocab_size": 256000})"},
+    {"Gemma-2-27B", 27'227'128'320,
+     R"({"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+       "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+       "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 128,
+       "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 4608,
+       "initializer_range": 0.02, "intermediate_size": 36864, "max_position_embeddings": 8192,
+       "model_type": "gemma2", "num_attention_heads": 32, "num_hidden_layers": 46,
+       "num_key_value_heads": 16, "pad_token_id": 0, "query_pre_attn_scalar": 144,
+       "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+       "sliding_window_size": 4096, "torch_dtype": "float32", "transformers_version": "4.42.0.dev0",
+       "use_cache": true, "vocab_size": 256000})"},
 };
 
 void PrintTo(const Published& p, std::ostream* os) { *os << p.name; }
@@ -228,17 +252,21 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {2, "rope_scaling", {{"rope_type", nullptr}}, "rope_type"},
       {2, "rope_theta", "500000", "rope_theta"},
       {2, "rope_theta", -1.0, "rope_theta"},
-      // Gemma 2's soft-capping, Gemma 3 4B's RoPE scaling and 27B's attention scale, a layer
-      // pattern that is not every N-th, bidirectional attention, another gate.
-      {11, "attn_logit_softcapping", 50.0, "attn_logit_softcapping"},
-      {11, "final_logit_softcapping", 30.0, "final_logit_softcapping"},
+      // Soft-capping that is not a positive cap, Gemma 3 4B's RoPE scaling, a fractional
+      // attention scale, a layer pattern that is not every N-th, bidirectional attention, another
+      // gate, RoPE bases per layer type in Gemma 2.
+      {11, "attn_logit_softcapping", -50.0, "attn_logit_softcapping"},
+      {13, "final_logit_softcapping", "30", "final_logit_softcapping"},
       {11, "rope_scaling", {{"rope_type", "linear"}, {"factor", 8.0}}, "rope_scaling"},
-      {11, "query_pre_attn_scalar", 168, "query_pre_attn_scalar"},
+      {11, "query_pre_attn_scalar", 168.5, "query_pre_attn_scalar"},
+      {13, "layer_types", json(std::vector<std::string>(25, "sliding_attention")), "layer_types"},
+      {13, "hidden_activation", "silu", "hidden_activation"},
+      {13, "rope_local_base_freq", 1e4, "rope_local_base_freq"},
       {11, "layer_types", json(std::vector<std::string>(17, "sliding_attention")), "layer_types"},
       {11, "use_bidirectional_attention", true, "use_bidirectional_attention"},
       {11, "hidden_activation", "gelu", "hidden_activation"},
       {10, "hidden_act", "silu", "hidden_act"},
-      {2, "model_type", "gemma2", "gemma2"},
+      {2, "model_type", "gemma4", "gemma4"},
   };
   for (const Bad& b : cases) {
     json j = json::parse(kModels[b.model].config);
@@ -295,11 +323,60 @@ TEST(HfConfig, Gemma3LayerTypesAndRopeBases) {
   const ModelConfig r = hf_config_from_json(j, "g3").model;
   EXPECT_EQ(r.rope_theta, 5e5);
   EXPECT_EQ(r.rope_local_theta, 2e4);
+  // Without query_pre_attn_scalar the scores are scaled by transformers' default 256^-1/2 whatever
+  // the head size (Gemma 3 27B: 168 with head_dim 128).
   j = json::parse(kModels[11].config);
   j.erase("query_pre_attn_scalar");
   j["head_dim"] = 128;
   j["hidden_size"] = 512;  // (not 4 x 128: head_dim is explicit)
-  EXPECT_THROW(hf_config_from_json(j, "g3"), Error);
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_scale_dim, 256);
+  j["query_pre_attn_scalar"] = 168;
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_scale_dim, 168);
+  j["query_pre_attn_scalar"] = 128;  // = head_dim: the plain scale
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_scale_dim, 0);
+  // Gemma 3 takes soft-capping too, when a config asks for it (null: none).
+  j["attn_logit_softcapping"] = 20.0;
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_softcap, 20.0);
+  EXPECT_EQ(hf_config_from_json(j, "g3").model.logit_softcap, 0.0);
+}
+
+// Gemma 2 as transformers reads it: post norms without q/k norms, every other layer windowed
+// (layer 1, 3, ... full), soft-capped scores and logits (50 and 30 when the keys are absent, none
+// when null), one RoPE base; the 27B's scale 144^-1/2.
+TEST(HfConfig, Gemma2SoftCappingAndWindows) {
+  const ModelConfig m = hf_config_from_json(json::parse(kModels[13].config), "g2").model;
+  EXPECT_EQ(m.arch, "gemma2");
+  EXPECT_TRUE(m.embed_scale && m.post_norms && !m.qk_norm && m.tie_embeddings);
+  EXPECT_EQ(m.norm_offset, 1);
+  EXPECT_EQ(m.sliding_window, 4096);
+  EXPECT_EQ(m.full_attention_every, 2);
+  EXPECT_EQ(m.window(0), 4096);
+  EXPECT_EQ(m.window(1), 0);
+  EXPECT_EQ(m.rope_theta, 1e4);
+  EXPECT_EQ(m.rope_local_theta, 0);
+  EXPECT_EQ(m.attn_softcap, 50.0);
+  EXPECT_EQ(m.logit_softcap, 30.0);
+  EXPECT_EQ(m.attn_scale_dim, 0);
+  EXPECT_EQ(hf_config_from_json(json::parse(kModels[14].config), "g27").model.attn_scale_dim, 144);
+  json j = json::parse(kModels[13].config);
+  j.erase("attn_logit_softcapping");
+  j.erase("final_logit_softcapping");
+  EXPECT_EQ(hf_config_from_json(j, "g2").model.attn_softcap, 50.0);
+  EXPECT_EQ(hf_config_from_json(j, "g2").model.logit_softcap, 30.0);
+  j["attn_logit_softcapping"] = nullptr;
+  j["final_logit_softcapping"] = nullptr;
+  EXPECT_EQ(hf_config_from_json(j, "g2").model.attn_softcap, 0.0);
+  EXPECT_EQ(hf_config_from_json(j, "g2").model.logit_softcap, 0.0);
+  // transformers 5's layer_types and rope_parameters
+  j = json::parse(kModels[13].config);
+  json types = json::array();
+  for (int i = 0; i < 26; ++i) types.push_back(i % 2 ? "full_attention" : "sliding_attention");
+  j["layer_types"] = types;
+  j.erase("rope_theta");
+  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 2e4}};
+  const ModelConfig t5 = hf_config_from_json(j, "g2").model;
+  EXPECT_EQ(t5.full_attention_every, 2);
+  EXPECT_EQ(t5.rope_theta, 2e4);
 }
 
 TEST(HfConfig, ExportRefusesWhatTheFamilyCannotExpress) {

@@ -39,13 +39,14 @@ constexpr double kTol = 1e-4;
 
 // Must equal hf_models_ref.py's CASES + SAVES (checked against cases.json).
 const std::vector<std::string> kCases = {
-    "gemma", "gemma3", "gpt2",  "llama3",     "llama3_sharded", "llama_bias", "mistral",
-    "phi3",  "qwen2",  "qwen3", "qwen3_bf16", "smollm",         "tinyllama"};
+    "gemma",   "gemma2", "gemma3", "gpt2",  "llama3",     "llama3_sharded", "llama_bias",
+    "mistral", "phi3",   "qwen2",  "qwen3", "qwen3_bf16", "smollm",         "tinyllama"};
 const std::map<std::string, std::string> kArchitecture = {
     {"gpt2", "GPT2LMHeadModel"},       {"llama", "LlamaForCausalLM"},
     {"mistral", "MistralForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"},
     {"qwen3", "Qwen3ForCausalLM"},     {"phi3", "Phi3ForCausalLM"},
-    {"gemma", "GemmaForCausalLM"},     {"gemma3", "Gemma3ForCausalLM"}};
+    {"gemma", "GemmaForCausalLM"},     {"gemma2", "Gemma2ForCausalLM"},
+    {"gemma3", "Gemma3ForCausalLM"}};
 
 std::string hf_dir(const std::string& c = "") { return t::ref_dir() + "/hf_models/" + c; }
 
@@ -176,7 +177,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   // reference applies as PEFT merges them (W += alpha / r * B A, transposed for GPT-2's Conv1D).
   for (const std::string c :
        {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral", "qwen2", "qwen3", "phi3",
-        "gemma", "gemma3", "llama3_lora", "llama3_peft", "gpt2_peft", "gemma3_peft"}) {
+        "gemma", "gemma2", "gemma3", "llama3_lora", "llama3_peft", "gpt2_peft", "gemma3_peft"}) {
     const bool peft = c.ends_with("_peft");
     const std::string src = c.substr(0, c.find('_', c.starts_with("llama_") ? 6 : 0));
     ModelConfig mc = read_hf_config(hf_dir(src)).model;

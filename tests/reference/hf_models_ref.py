@@ -14,7 +14,9 @@ The families and their tricky parts: GPT-2 (Conv1D weights), Llama 3 (GQA, llama
 scaling), TinyLlama (Llama 2 shapes), SmolLM (tied embeddings), Llama with biases, Mistral
 (sliding window shorter than the sequence), Qwen2 (q/k/v biases), Qwen3 (q/k norm, head_dim !=
 hidden/heads), Phi-3 (fused qkv and gate_up, sliding window), Gemma (GeGLU, scaled embeddings,
-1 + w norms), Gemma 3 (post norms, windows on some layers with their own RoPE base). Two extra
+1 + w norms), Gemma 2 (post norms, windows on every other layer, soft-capped attention scores
+and logits, query_pre_attn_scalar), Gemma 3 (q/k norms, windows on some layers with their own
+RoPE base). Two extra
 saves test loading:
 sharded (model.safetensors.index.json) and bfloat16 weights. PEFT_IMPORTS: LoRA adapters for
 lmforge to merge on import.
@@ -56,6 +58,12 @@ CASES = {
                           original_max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0)),
     # Gemma: GeGLU, embeddings times sqrt(72) (not a round fp32 number), norms scaling by 1 + w.
     "gemma": ("gemma", dict(LLAMA, hidden_size=72, head_dim=32, tie_word_embeddings=True)),
+    # Gemma 2: post norms, a window of 5 on layers 0 and 2 (layer 1 full), scores scaled by
+    # 24^-1/2 (query_pre_attn_scalar != head_dim) and soft-capped at 1 (scores reach ~1), logits
+    # soft-capped at 1.5 (they reach ~1): both caps bend what passes through them.
+    "gemma2": ("gemma2", dict(LLAMA, hidden_size=72, head_dim=32, query_pre_attn_scalar=24,
+                              num_hidden_layers=3, sliding_window=5, attn_logit_softcapping=1.0,
+                              final_logit_softcapping=1.5, tie_word_embeddings=True)),
     # Gemma 3: q/k norms, post norms, a window of 5 on layers 0 and 2 (layer 1 full) with their
     # own RoPE base (10000 against 1e6).
     "gemma3": ("gemma3_text", dict(LLAMA, hidden_size=72, head_dim=32, query_pre_attn_scalar=32,

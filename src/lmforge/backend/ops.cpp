@@ -48,10 +48,11 @@ void check_doc_start(const char* op, const Tensor& doc_start, int64_t B, int64_t
 }
 
 #ifdef LMFORGE_HAVE_CUDA
-// Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h).
+// Attention under bf16 mixed precision tries cuDNN's fused flash attention first (see ops.h);
+// its plans take the plain 1 / sqrt(HS) scores only.
 bool try_cudnn_attention(bool bf16, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                         int64_t window) {
-  return bf16 && cuda::cudnn_attention_takes(B, T, NH, NKV, HS, window);
+                         int64_t window, const AttnScore& score) {
+  return bf16 && score.plain(HS) && cuda::cudnn_attention_takes(B, T, NH, NKV, HS, window);
 }
 #endif
 
@@ -504,7 +505,7 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t NH,
                        int64_t NKV, int64_t window, [[maybe_unused]] bool bf16,
-                       const Tensor& doc_start) {
+                       const Tensor& doc_start, const AttnScore& score) {
   same_device("attention_forward", out, {&lse, &qkv, &doc_start});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
@@ -519,19 +520,20 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
   if (qkv.dtype() == DType::kBF16) {  // bf16 qkv and out (bf16 matmul outputs)
     LMF_CHECK(out.dtype() == DType::kBF16, "attention_forward: a bf16 qkv needs a bf16 out");
 #ifdef LMFORGE_HAVE_CUDA
-    if (qkv.device() == Device::kCUDA && try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) &&
+    if (qkv.device() == Device::kCUDA &&
+        try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window, score) &&
         cuda::cudnn_attention_forward(out.bf16_data(), ptr<float>(lse), qkv.bf16_data(), B, T_, NH,
                                       NKV, HS))
       return;
 #endif
     if (qkv.device() == Device::kCPU && cpu::bf16_attention_tiles(HS)) {
       cpu::attention_forward_bf16(out.bf16_data(), ptr<float>(lse), qkv.bf16_data(), B, T_, NH, NKV,
-                                  HS, window, ds);
+                                  HS, window, ds, score);
       return;
     }
     // The fp32 kernel on the widened qkv, its output rounded.
     const Tensor o = f32_scratch(out, 1);
-    attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false, doc_start);
+    attention_forward(o, lse, widened(qkv, 0), NH, NKV, window, false, doc_start, score);
     to_bf16(out, o);
     return;
   }
@@ -540,18 +542,19 @@ void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, 
       [&](auto tag) {
         using T = decltype(tag);
         cpu::attention_forward<T>(ptr<T>(out), ptr<T>(lse), cptr<T>(qkv), B, T_, NH, NKV, HS,
-                                  window, ds);
+                                  window, ds, score);
       },
-      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
+      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window, score) ||
                   !cuda::cudnn_attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv),
                                                  B, T_, NH, NKV, HS))
                   cuda::attention_forward(ptr<float>(out), ptr<float>(lse), cptr<float>(qkv), B, T_,
-                                          NH, NKV, HS, window, ds)));
+                                          NH, NKV, HS, window, ds, score)));
 }
 
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t NH, int64_t NKV,
-                        int64_t window, [[maybe_unused]] bool bf16, const Tensor& doc_start) {
+                        int64_t window, [[maybe_unused]] bool bf16, const Tensor& doc_start,
+                        const AttnScore& score) {
   same_device("attention_backward", dout, {&dqkv, &qkv, &out, &lse, &doc_start});
   int64_t B = qkv.size(0), T_ = qkv.size(1), HS = qkv.size(2) / (NH + 2 * NKV);
   LMF_CHECK(NH % NKV == 0 && qkv.size(2) == (NH + 2 * NKV) * HS && lse.numel() == B * NH * T_ &&
@@ -572,7 +575,8 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
               "attention_backward: a bf16 qkv needs a bf16 out, and dout and dqkv both fp32 or "
               "both bf16");
 #ifdef LMFORGE_HAVE_CUDA
-    if (qkv.device() == Device::kCUDA && try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) &&
+    if (qkv.device() == Device::kCUDA &&
+        try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window, score) &&
         (g16 ? cuda::cudnn_attention_backward(dqkv.bf16_data(), dout.bf16_data(), qkv.bf16_data(),
                                               out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS)
              : cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout), qkv.bf16_data(),
@@ -587,14 +591,14 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
       if (g16)
         cpu::attention_backward_bf16(
             dq.data<float>(), static_cast<const uint16_t*>(dout.bf16_data()), qkv.bf16_data(),
-            out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window, ds);
+            out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window, ds, score);
       else
         cpu::attention_backward_bf16(dq.data<float>(), cptr<float>(dout), qkv.bf16_data(),
                                      out.bf16_data(), cptr<float>(lse), B, T_, NH, NKV, HS, window,
-                                     ds);
+                                     ds, score);
     } else {  // the fp32 kernel on widened copies
       attention_backward(dq, g16 ? widened(dout, 2) : dout, widened(qkv, 0), widened(out, 1), lse,
-                         NH, NKV, window, false, doc_start);
+                         NH, NKV, window, false, doc_start, score);
     }
     if (g16) to_bf16(dqkv, dq);
     return;
@@ -604,15 +608,15 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
       [&](auto tag) {
         using T = decltype(tag);
         cpu::attention_backward<T>(ptr<T>(dqkv), cptr<T>(dout), cptr<T>(qkv), cptr<T>(out),
-                                   cptr<T>(lse), B, T_, NH, NKV, HS, window, ds);
+                                   cptr<T>(lse), B, T_, NH, NKV, HS, window, ds, score);
       },
-      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window) ||
+      LMF_GPU(if (!try_cudnn_attention(bf16, B, T_, NH, NKV, HS, window, score) ||
                   !cuda::cudnn_attention_backward(ptr<float>(dqkv), cptr<float>(dout),
                                                   cptr<float>(qkv), cptr<float>(out),
                                                   cptr<float>(lse), B, T_, NH, NKV, HS))
                   cuda::attention_backward(ptr<float>(dqkv), cptr<float>(dout), cptr<float>(qkv),
                                            cptr<float>(out), cptr<float>(lse), B, T_, NH, NKV, HS,
-                                           window, ds)));
+                                           window, ds, score)));
 }
 
 }  // namespace lmforge::ops

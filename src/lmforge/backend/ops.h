@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "lmforge/backend/attn_score.h"
 #include "lmforge/backend/gate.h"
 #include "lmforge/core/tensor.h"
 
@@ -92,12 +93,15 @@ void rope_backward(const Tensor& dqkv, const Tensor& cos, const Tensor& sin, int
 // both fp32 (dqkv +=) or both bf16 (dqkv written, rounded once); cuDNN then reads and writes them
 // as they are, and the fp32 kernel (the CPU, or a shape cuDNN does not take) runs on fp32 copies
 // in grow-only scratch outside the activation plan. rope_backward takes a bf16 dqkv likewise.
+// score: the scores' scale and soft-capping (backend/attn_score.h); cuDNN takes the plain ones
+// only.
 void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& qkv, int64_t n_head,
                        int64_t n_kv_head, int64_t window = 0, bool bf16 = false,
-                       const Tensor& doc_start = {});
+                       const Tensor& doc_start = {}, const AttnScore& score = {});
 void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                         const Tensor& out, const Tensor& lse, int64_t n_head, int64_t n_kv_head,
-                        int64_t window = 0, bool bf16 = false, const Tensor& doc_start = {});
+                        int64_t window = 0, bool bf16 = false, const Tensor& doc_start = {},
+                        const AttnScore& score = {});
 
 // dst (bf16) = src (fp32) rounded to nearest even (the bf16 copies of the matmul weights).
 void to_bf16(const Tensor& dst, const Tensor& src);
@@ -119,6 +123,12 @@ void glu_backward(const Tensor& dinp, const Tensor& inp, const Tensor& dout, Gat
 // vocab > 0: the logits' rows are padded past it (a GPU only), the padding not read.
 void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor& targets,
                        int32_t ignore_index, const Tensor& lse_sq_sum, int64_t vocab = 0);
+// Final-logit soft-capping (Gemma 2's final_logit_softcapping): x = cap tanh(x / cap) in place
+// on logits x (N, V), fp32 (or fp64 on the host). softcap_backward: dx = dy (1 - (y / cap)^2) from
+// the capped logits y and their gradient dy (both (N, V)); dx like y (may be dy or y), or bf16
+// (N, ld >= V: the LM head's bf16 dlogits; each rounded once, the padding not written).
+void softcap_forward(const Tensor& x, double cap);
+void softcap_backward(const Tensor& dx, const Tensor& dy, const Tensor& y, double cap);
 // The sum of x's elements in double, on the host (fp32, or fp64 on the host; one read-back on a
 // GPU).
 double sum(const Tensor& x);

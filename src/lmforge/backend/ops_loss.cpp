@@ -1,5 +1,5 @@
-// The loss ops: softmax cross-entropy over rows of logits (forward, backward, both in one pass)
-// and the host sum of a tensor.
+// The loss ops: softmax cross-entropy over rows of logits (forward, backward, both in one pass),
+// the logits' soft-capping and the host sum of a tensor.
 #include "lmforge/backend/cuda/kernels.h"
 #include "lmforge/backend/dispatch.h"
 #include "lmforge/backend/distill_stats.h"
@@ -29,6 +29,49 @@ void softmax_xent_rows(const Tensor& losses, const Tensor& logits, const Tensor&
       LMF_GPU(cuda::softmax_xent_forward(ptr<float>(losses), cptr<float>(logits),
                                          targets.data<int32_t>(), N, V, ignore_index,
                                          lse_sq_sum.data<double>(), ldx)));
+}
+
+void softcap_forward(const Tensor& x, double cap) {
+  LMF_CHECK(cap > 0, "softcap_forward: cap {} (must be > 0)", cap);
+  const int64_t N = rows(x), V = last(x);
+  dispatch(
+      "softcap_forward", x,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softcap_rows<T>(ptr<T>(x), N, V, static_cast<T>(cap));
+      },
+      LMF_GPU(cuda::softcap_rows(ptr<float>(x), N, V, static_cast<float>(cap))));
+}
+
+void softcap_backward(const Tensor& dx, const Tensor& dy, const Tensor& y, double cap) {
+  same_device("softcap_backward", y, {&dx, &dy});
+  const int64_t N = rows(y), V = last(y), ldd = last(dx);
+  LMF_CHECK(cap > 0 && dy.dtype() == y.dtype() && dy.numel() == y.numel() && rows(dx) == N &&
+                (dx.dtype() == DType::kBF16 ? ldd >= V && y.dtype() == DType::kF32
+                                            : ldd == V && dx.dtype() == y.dtype()),
+            "softcap_backward: dx {} {} dy {} y {} cap {}", dx.shape().str(),
+            dtype_name(dx.dtype()), dy.shape().str(), y.shape().str(), cap);
+  const float c = static_cast<float>(cap);
+  if (dx.dtype() == DType::kBF16) {
+    dispatch(
+        "softcap_backward", y,
+        [&](auto) {
+          cpu::softcap_grad_rows(static_cast<uint16_t*>(dx.bf16_data()), ldd, cptr<float>(dy),
+                                 cptr<float>(y), N, V, c);
+        },
+        LMF_GPU(cuda::softcap_grad_rows(static_cast<uint16_t*>(dx.bf16_data()), ldd,
+                                        cptr<float>(dy), cptr<float>(y), N, V, c)));
+    return;
+  }
+  dispatch(
+      "softcap_backward", y,
+      [&](auto tag) {
+        using T = decltype(tag);
+        cpu::softcap_grad_rows<T, T>(ptr<T>(dx), V, cptr<T>(dy), cptr<T>(y), N, V,
+                                     static_cast<T>(cap));
+      },
+      LMF_GPU(
+          cuda::softcap_grad_rows(ptr<float>(dx), V, cptr<float>(dy), cptr<float>(y), N, V, c)));
 }
 
 double sum(const Tensor& x) {

@@ -29,9 +29,11 @@ void ModelConfig::validate() const {
     if (!ok) fail("model.{}: {}", key, why);
   };
   need(arch == "gpt2" || arch == "llama" || arch == "mistral" || arch == "qwen2" ||
-           arch == "qwen3" || arch == "phi3" || arch == "gemma" || arch == "gemma3",
+           arch == "qwen3" || arch == "phi3" || arch == "gemma" || arch == "gemma2" ||
+           arch == "gemma3",
        "arch",
-       "expected gpt2, llama, mistral, qwen2, qwen3, phi3, gemma or gemma3, got \"" + arch + "\"");
+       "expected gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2 or gemma3, got \"" + arch +
+           "\"");
   need(vocab_size > 0, "vocab_size", "must be positive");
   need(n_layer > 0, "n_layer", "must be positive");
   need(n_head > 0, "n_head", "must be positive");
@@ -47,6 +49,9 @@ void ModelConfig::validate() const {
   need(rope_local_theta == 0 || (pos == "rope" && sliding_window > 0), "rope_local_theta",
        "is the RoPE base of the sliding-window layers; needs pos: rope and model.sliding_window");
   need(!post_norms || norm == "rmsnorm", "post_norms", "needs norm: rmsnorm");
+  need(attn_scale_dim >= 0, "attn_scale_dim", "must be >= 0 (0 = the head size)");
+  need(attn_softcap >= 0, "attn_softcap", "must be >= 0 (0 = off)");
+  need(logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 = off)");
   need(norm_offset == 0 || (norm == "rmsnorm" && norm_offset == 1), "norm_offset",
        "is 0, or 1 with norm: rmsnorm (Gemma's 1 + w)");
   need(!embed_scale || pos == "rope", "embed_scale",

@@ -5,10 +5,12 @@
 //   Llama3:  norm=rmsnorm,   mlp=swiglu, pos=rope,    bias=false, tie_embeddings=false (3.2: true)
 //   Mistral: Llama + sliding_window;  Phi-3: Llama with HF's fused qkv/gate_up tensor names;
 //   Qwen2:   Llama + qkv_bias;        Qwen3: Llama + qk_norm (and head_dim != n_embd / n_head)
-//   Gemma:   Llama with mlp=geglu, embed_scale, tied embeddings; Gemma 3 (gemma3_text) adds
-//            qk_norm, post_norms, sliding_window on all layers but every full_attention_every-th,
-//            and rope_local_theta for the windowed ones. Gemma's RMSNorms scale by 1 + w
-//            (norm_offset 1, their weights starting at 0).
+//   Gemma:   Llama with mlp=geglu, embed_scale, tied embeddings; Gemma 2 adds post_norms,
+//            sliding_window on all layers but every full_attention_every-th (2), attn_softcap
+//            and logit_softcap; Gemma 3 (gemma3_text) drops the soft-capping for qk_norm and
+//            rope_local_theta on the windowed layers (every 6th full). Gemma's RMSNorms scale by
+//            1 + w (norm_offset 1, their weights starting at 0); attn_scale_dim is its
+//            query_pre_attn_scalar.
 //
 // `arch` names the Hugging Face family (models/hf.h): the tensor names and config.json layout
 // used for import and export. The other fields say what the network computes.
@@ -19,6 +21,8 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "lmforge/backend/attn_score.h"
 
 namespace lmforge {
 
@@ -47,8 +51,9 @@ struct LoraConfig {
 };
 
 struct ModelConfig {
-  std::string preset;              // name it came from, for logs
-  std::string arch = "gpt2";       // gpt2 | llama | mistral | qwen2 | qwen3 | phi3 | gemma | gemma3
+  std::string preset;  // name it came from, for logs
+  std::string arch =
+      "gpt2";  // gpt2 | llama | mistral | qwen2 | qwen3 | phi3 | gemma | gemma2 | gemma3
   int64_t vocab_size = 50257;      // V
   int64_t max_seq_len = 1024;      // positions (learned table size / rope table size)
   int64_t n_layer = 12;            // L
@@ -74,6 +79,12 @@ struct ModelConfig {
   double rope_local_theta = 0;  // RoPE base of the windowed layers (Gemma 3: 10000); 0 = rope_theta
   bool embed_scale = false;     // token embeddings times sqrt(n_embd) (Gemma)
   bool post_norms = false;      // a norm on each branch's output before its residual add (Gemma 3)
+  // Attention scores scaled by 1 / sqrt(attn_scale_dim) (Gemma's query_pre_attn_scalar); 0 = the
+  // head size.
+  int64_t attn_scale_dim = 0;
+  double attn_softcap =
+      0;  // attention scores soft-capped, cap tanh(s / cap) (Gemma 2: 50); 0 = off
+  double logit_softcap = 0;  // the LM head's logits soft-capped likewise (Gemma 2: 30); 0 = off
   bool tie_embeddings = true;
   double init_std = 0.02;
   LoraConfig lora;
@@ -90,6 +101,8 @@ struct ModelConfig {
     return full_attention_every > 0 && (layer + 1) % full_attention_every == 0 ? 0 : sliding_window;
   }
   bool local_rope(int64_t layer) const { return rope_local_theta > 0 && window(layer) > 0; }
+  // How attention forms its scores (scale, soft-capping).
+  AttnScore attn_score() const { return {attn_scale_dim, static_cast<float>(attn_softcap)}; }
   // Throws Error naming the field when the combination is inconsistent.
   void validate() const;
   // Parameter count (tied embeddings counted once), without LoRA adapters; lora_params() counts

@@ -29,6 +29,7 @@ const Family kFamilies[] = {
     {"qwen3", "qwen3", "Qwen3ForCausalLM", true},
     {"phi3", "phi3", "Phi3ForCausalLM", false},
     {"gemma", "gemma", "GemmaForCausalLM", true},
+    {"gemma2", "gemma2", "Gemma2ForCausalLM", true},
     {"gemma3", "gemma3_text", "Gemma3ForCausalLM", true},  // (Gemma 3's text-only models)
 };
 
@@ -270,25 +271,29 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   }
 }
 
-// Gemma (GemmaForCausalLM) and Gemma 3's text models (Gemma3ForCausalLM): Llama's layout with a
-// GeGLU MLP, embeddings scaled by sqrt(hidden_size), RMSNorms that scale by 1 + weight
-// (norm_offset); Gemma 3 adds q/k norms, norms on both branches' outputs, and
-// sliding-window layers (layer_types) with their own RoPE base.
+// Gemma (GemmaForCausalLM), Gemma 2 (Gemma2ForCausalLM) and Gemma 3's text models
+// (Gemma3ForCausalLM): Llama's layout with a GeGLU MLP, embeddings scaled by sqrt(hidden_size),
+// RMSNorms that scale by 1 + weight (norm_offset); Gemma 2 adds norms on both branches' outputs,
+// sliding-window layers (layer_types), query_pre_attn_scalar and soft-capped attention scores
+// and logits; Gemma 3 has no soft-capping by default, adds q/k norms and gives the windowed layers
+// their own RoPE base.
 void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelConfig& m) {
-  const bool g3 = type == "gemma3_text";
+  const bool g3 = type == "gemma3_text", g2 = type == "gemma2";
   m.norm = "rmsnorm";
   m.mlp = "geglu";
   m.pos = "rope";
   m.embed_scale = true;
   m.norm_offset = 1;
-  m.qk_norm = m.post_norms = g3;
+  m.qk_norm = g3;
+  m.post_norms = g2 || g3;
   m.vocab_size = r.integer("vocab_size");
   m.n_embd = r.integer("hidden_size");
   m.ffn_hidden = r.integer("intermediate_size");
   m.n_layer = r.integer("num_hidden_layers");
   m.n_head = r.integer("num_attention_heads");
-  // (transformers' defaults where a field is absent: GemmaConfig's, Gemma3TextConfig's)
-  m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : g3 ? 4 : 16;
+  // (transformers' defaults where a field is absent: GemmaConfig's, Gemma2Config's,
+  // Gemma3TextConfig's)
+  m.n_kv_head = r.has("num_key_value_heads") ? r.integer("num_key_value_heads") : g2 || g3 ? 4 : 16;
   if (m.n_kv_head == m.n_head) m.n_kv_head = 0;
   m.max_seq_len = r.integer("max_position_embeddings");
   m.norm_eps = r.number("rms_norm_eps", 1e-6);
@@ -297,29 +302,38 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   // The gate's activation: the tanh GELU ("gelu" is Gemma's legacy name for it).
   for (const char* k : {"hidden_act", "hidden_activation"}) {
     const std::string act = r.string(k, "gelu_pytorch_tanh");
-    if (act != "gelu_pytorch_tanh" && !(act == "gelu" && !g3))
+    if (act != "gelu_pytorch_tanh" && !(act == "gelu" && type == "gemma"))
       r.unsupported(k, "lmforge's Gemma MLP is GeGLU with the tanh GELU, gelu_pytorch_tanh");
   }
   m.tie_embeddings = r.boolean("tie_word_embeddings", true);
   r.require("attention_bias", false, "Gemma has no biases");
   if (r.has("use_bidirectional_attention") && r.boolean("use_bidirectional_attention", false))
     r.unsupported("use_bidirectional_attention", "lmforge's decoders are causal");
-  if (!g3) {
+  if (type == "gemma") {
     read_rope(r, j, m);
     return;
   }
-  for (const char* k : {"attn_logit_softcapping", "final_logit_softcapping"})
-    if (r.has(k)) r.unsupported(k, "no logit soft-capping (Gemma 2's)");
-  const int64_t HS = m.head_size();
-  if (r.number("query_pre_attn_scalar", 256) != HS)  // (256: transformers' default)
-    fail(
-        "{}: \"query_pre_attn_scalar\": {} is not supported (attention is scaled by "
-        "1/sqrt(head_dim = {})); lmforge supports {}",
-        r.source(), r.number("query_pre_attn_scalar", 256), HS, HS);
+  // Soft-capping: a positive cap, or null (none; Gemma 3's default, Gemma 2's 50 and 30).
+  auto cap = [&](const char* k, double fallback) {
+    if (!r.has(k)) return j.contains(k) ? 0.0 : fallback;  // (has: present and not null)
+    const double v = r.number(k, fallback);
+    if (!(v > 0)) r.bad(k, "a positive number or null");
+    return v;
+  };
+  m.attn_softcap = cap("attn_logit_softcapping", g2 ? 50.0 : 0.0);
+  m.logit_softcap = cap("final_logit_softcapping", g2 ? 30.0 : 0.0);
+  // Scores scaled by query_pre_attn_scalar^-1/2 (256: transformers' default).
+  const double qpas = r.number("query_pre_attn_scalar", 256);
+  if (!(qpas >= 1) || qpas != static_cast<double>(static_cast<int64_t>(qpas)))
+    r.bad("query_pre_attn_scalar", "a positive integer");
+  m.attn_scale_dim = static_cast<int64_t>(qpas) == m.head_size() ? 0 : static_cast<int64_t>(qpas);
   // Which layers attend through the window: layer_types, or (as transformers builds it) every
-  // sliding_window_pattern-th is full; the "_sliding_window_pattern" it writes is not read back.
-  const int64_t pattern = r.has("sliding_window_pattern") ? r.integer("sliding_window_pattern") : 6;
-  r.has("_sliding_window_pattern");
+  // other layer (Gemma 2) or every sliding_window_pattern-th (Gemma 3) is full; the
+  // "_sliding_window_pattern" Gemma 3 writes is not read back.
+  const int64_t pattern = !g3                               ? 2
+                          : r.has("sliding_window_pattern") ? r.integer("sliding_window_pattern")
+                                                            : 6;
+  if (g3) r.has("_sliding_window_pattern");
   std::vector<bool> full(m.n_layer);
   if (r.has("layer_types")) {
     const json& t = r.at("layer_types");
@@ -344,6 +358,11 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   } else {
     r.has("sliding_window");  // (no layer uses it)
   }
+  if (g2) {                        // one RoPE base for every layer, as Llama's
+    r.has("sliding_window_size");  // (legacy, in the 9B and 27B configs: transformers ignores it)
+    read_rope(r, j, m);
+    return;
+  }
   // RoPE: transformers 5's rope_parameters per layer type, else rope_theta (full layers) and
   // rope_local_base_freq (sliding ones), else 1e6 and 1e4 (transformers' order).
   double theta = r.number("rope_theta", 1e6), local = r.number("rope_local_base_freq", 1e4);
@@ -367,11 +386,11 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   m.rope_local_theta = windows && local != theta ? local : 0;
 }
 
-// hf_config_json's Gemma and Gemma 3 (the checks common to the Llama-like families done): the
-// config.json fields on top of j's. cannot(key, value, hint) throws.
+// hf_config_json's Gemma, Gemma 2 and Gemma 3 (the checks common to the Llama-like families
+// done): the config.json fields on top of j's. cannot(key, value, hint) throws.
 template <typename Cannot>
 json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
-  const bool g3 = m.arch == "gemma3";
+  const bool g3 = m.arch == "gemma3", g2 = m.arch == "gemma2";
   if (g3 && m.n_embd % m.n_head != 0)  // (Gemma3TextConfig.validate_architecture)
     cannot("n_embd", std::to_string(m.n_embd), "Gemma 3 needs a multiple of n_head");
   if (m.mlp != "geglu") cannot("mlp", m.mlp, "Gemma uses geglu");
@@ -380,11 +399,18 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   if (m.norm_offset != 1) cannot("norm_offset", "0", "Gemma's RMSNorms scale by 1 + w");
   if (m.bias || m.qkv_bias) cannot("bias", "true", "Gemma has no biases");
   if (m.qk_norm != g3) cannot("qk_norm", m.qk_norm ? "true" : "false", "Gemma 3 alone, always");
-  if (m.post_norms != g3)
-    cannot("post_norms", m.post_norms ? "true" : "false", "Gemma 3 alone, always");
+  if (m.post_norms != (g2 || g3))
+    cannot("post_norms", m.post_norms ? "true" : "false", "Gemma 2 and 3 alone, always");
   if (m.rope_scaling.factor > 0) cannot("rope_scaling.factor", "> 0", "no RoPE scaling");
-  if (!g3 && m.sliding_window)
-    cannot("sliding_window", std::to_string(m.sliding_window), "choose arch gemma3");
+  if (m.arch == "gemma") {
+    if (m.sliding_window)
+      cannot("sliding_window", std::to_string(m.sliding_window), "choose arch gemma2 or gemma3");
+    if (m.attn_scale_dim || m.attn_softcap > 0 || m.logit_softcap > 0)
+      cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap),
+             "choose arch gemma2 (soft-capping, attn_scale_dim)");
+  }
+  if (g2 && m.rope_local_theta > 0)
+    cannot("rope_local_theta", fmt::format("{:g}", m.rope_local_theta), "choose arch gemma3");
   j.update({{"hidden_size", m.n_embd},
             {"intermediate_size", m.ffn()},
             {"num_hidden_layers", m.n_layer},
@@ -397,21 +423,22 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
             {"attention_dropout", 0.0},
             {"rope_theta", m.rope_theta},
             {"rope_scaling", nullptr}});
-  if (!g3) {
+  if (m.arch == "gemma") {
     j["hidden_act"] = "gelu_pytorch_tanh";
     return j;
   }
   json types = json::array();
   for (int64_t l = 0; l < m.n_layer; ++l)
     types.push_back(m.window(l) > 0 ? "sliding_attention" : "full_attention");
+  auto cap = [](double c) { return c > 0 ? json(c) : json(nullptr); };
   j.update({{"hidden_activation", "gelu_pytorch_tanh"},
-            {"query_pre_attn_scalar", m.head_size()},
+            {"query_pre_attn_scalar", m.attn_scale_dim ? m.attn_scale_dim : m.head_size()},
             {"layer_types", types},
             {"sliding_window", m.sliding_window ? json(m.sliding_window) : json(nullptr)},
-            {"rope_local_base_freq", m.rope_local_theta > 0 ? m.rope_local_theta : m.rope_theta},
-            {"attn_logit_softcapping", nullptr},
-            {"final_logit_softcapping", nullptr},
+            {"attn_logit_softcapping", cap(m.attn_softcap)},
+            {"final_logit_softcapping", cap(m.logit_softcap)},
             {"use_bidirectional_attention", false}});
+  if (g3) j["rope_local_base_freq"] = m.rope_local_theta > 0 ? m.rope_local_theta : m.rope_theta;
   return j;
 }
 
@@ -516,15 +543,16 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
     return j;
   }
   if (m.norm != "rmsnorm") cannot("norm", m.norm, "this family uses rmsnorm");
-  if (m.norm_offset != 0 && !type.starts_with("gemma"))
-    cannot("norm_offset", "1", "choose arch gemma or gemma3");
-  if (m.embed_scale && !type.starts_with("gemma"))
-    cannot("embed_scale", "true", "choose arch gemma or gemma3");
-  if (m.post_norms && type != "gemma3") cannot("post_norms", "true", "choose arch gemma3");
-  if ((m.full_attention_every || m.rope_local_theta) && type != "gemma3")
-    cannot("full_attention_every", std::to_string(m.full_attention_every),
-           "choose arch gemma3 (windows on some layers, rope_local_theta)");
   if (type.starts_with("gemma")) return gemma_config_json(m, j, cannot);
+  if (m.norm_offset != 0) cannot("norm_offset", "1", "choose arch gemma, gemma2 or gemma3");
+  if (m.embed_scale) cannot("embed_scale", "true", "choose arch gemma, gemma2 or gemma3");
+  if (m.post_norms) cannot("post_norms", "true", "choose arch gemma2 or gemma3");
+  if (m.full_attention_every || m.rope_local_theta)
+    cannot("full_attention_every", std::to_string(m.full_attention_every),
+           "choose arch gemma2 or gemma3 (windows on some layers; rope_local_theta: gemma3)");
+  if (m.attn_scale_dim || m.attn_softcap > 0 || m.logit_softcap > 0)
+    cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap),
+           "choose arch gemma2 (soft-capping, attn_scale_dim)");
   if (m.mlp != "swiglu") cannot("mlp", m.mlp, "this family uses swiglu");
   if (m.pos != "rope") cannot("pos", m.pos, "this family uses rope");
   if (m.qk_norm != (type == "qwen3"))

@@ -272,7 +272,7 @@ void Block::forward(const Acts& a, const Tensor& x, const Positions& pos) const 
   const auto [cos, sin] = rope_of(cfg, pos, layer);
   if (cos->defined()) ops::rope_forward(a.qkv, *cos, *sin, NH, NKV, 0, pos.ids);
   ops::attention_forward(a.att, a.lse, a.qkv, NH, NKV, cfg.window(layer), bf16_run(qkv),
-                         pos.doc_start);
+                         pos.doc_start, cfg.attn_score());
   row_forward(proj, a.att, a.t_proj, a.att_proj);
   if (cfg.post_norms) post1.forward(a.branch, a.p1, a.att_proj);
   ops::add(a.x_mid, x, cfg.post_norms ? a.branch : a.att_proj);
@@ -334,7 +334,7 @@ void Block::backward(const Tensor& dres, const Tensor& x, const Acts& a, const B
                 lora_drop(proj, a.lora_x, s.dlora_x));
   if (s.dqkv.dtype() != DType::kBF16) s.dqkv.zero_();
   ops::attention_backward(s.dqkv, s.datt, a.qkv, a.att, a.lse, NH, NKV, cfg.window(layer),
-                          bf16_run(qkv), pos.doc_start);
+                          bf16_run(qkv), pos.doc_start, cfg.attn_score());
   const auto [cos, sin] = rope_of(cfg, pos, layer);
   if (cos->defined()) ops::rope_backward(s.dqkv, *cos, *sin, NH, NKV, 0, pos.ids);
   if (cfg.qk_norm) {

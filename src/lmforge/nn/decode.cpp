@@ -109,10 +109,10 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
           }
         if (seg.pos0 == 0 && seg.n > 1)  // a whole prompt: the training forward's tiled attention
           ops::attention_forward(att_g, lse.slice(0, NH * seg.n).view({1, NH, seg.n}), q_g, NH, NKV,
-                                 window);
+                                 window, false, {}, cfg_.attn_score());
         else
           cpu::attention_decode(att_g.data<float>(), q, Cq, kc, vc, seg.n, seg.pos0, cache.max_len,
-                                NH, NKV, HS, window);
+                                NH, NKV, HS, window, cfg_.attn_score());
       };
       if (cache.k[l].dtype() == DType::kBF16)
         attend(cache.k[l].bf16_data(), cache.v[l].bf16_data());
@@ -136,7 +136,7 @@ Tensor Transformer::decode(std::span<const DecodeSegment> segs) {
   Norm::Saved s1{Tensor::empty({S}, DType::kF32), Tensor::empty({S}, DType::kF32)};
   norm_f_.forward(hl, s1, last);
   Tensor logits = Tensor::empty({S, cfg_.vocab_size}, DType::kF32);
-  ops::linear_forward(logits, hl, lm_head_weight(), Tensor());
+  head_matmul(logits, hl);
   return logits;
 }
 

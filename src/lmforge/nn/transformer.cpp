@@ -198,7 +198,7 @@ void Transformer::to(Device device) {
   nf_ = {};
   noise_ = host_noise_ = Tensor();
   tokens_ = targets_ = pos_ids_ = doc_start_ = host_pos_ids_ = host_doc_start_ = x0_ = nf_out_ =
-      logits_ = chunk_ = dlogits16_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
+      logits_ = chunk_ = dlogits16_ = dcap_ = losses_ = lse_sums_ = dres_ = dnf_ = Tensor();
   row_scale_ = host_row_scale_ = group_row_scale_ = kl_ = stats_ = all_stats_ = distill_stats_ =
       all_distill_stats_ = other_kl_ = Tensor();
   group_tokens_ = group_targets_ = group_x0_ = group_nf_ = group_dnf_ = other_losses_ = other_lse_ =
@@ -273,8 +273,12 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     dlogits16_ = bf16_dlogits && !forward_only_
                      ? a.alloc({chunk_rows_, gpu ? (V + 7) / 8 * 8 : V}, DType::kBF16)
                      : Tensor();
-    chunk_ =
-        keep_logits ? Tensor() : a.alloc({chunk_rows_, gpu && bf16_dlogits ? (V + 3) / 4 * 4 : V});
+    // (Soft-capped logits keep unpadded rows: the cap's backward reads them beside dcap_.)
+    const bool capped = cfg_.logit_softcap > 0;
+    chunk_ = keep_logits
+                 ? Tensor()
+                 : a.alloc({chunk_rows_, gpu && bf16_dlogits && !capped ? (V + 3) / 4 * 4 : V});
+    dcap_ = capped && !keep_logits && !forward_only_ ? a.alloc({chunk_rows_, V}) : Tensor();
     losses_ = a.alloc({B, T});
     lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
     stats_ = vocab_parallel() ? a.alloc({chunk_rows_, 3}, DType::kF64) : Tensor();
@@ -300,10 +304,11 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     }
     dres_ = a.alloc({B, T, C});
     dnf_ = a.alloc({B, T, C});
-    const bool att_grads =
-        bf16_att_grads_ >= 0 ? bf16_att_grads_ == 1
-        : measure_ ? measure_->gpu && bf16_on && cfg_.sliding_window == 0 && cfg_.head_size() <= 128
-                   : cudnn_attention_for(B * row_shards(), T);
+    const bool att_grads = bf16_att_grads_ >= 0 ? bf16_att_grads_ == 1
+                           : measure_ ? measure_->gpu && bf16_on && cfg_.sliding_window == 0 &&
+                                            cfg_.head_size() <= 128 &&
+                                            cfg_.attn_score().plain(cfg_.head_size())
+                                      : cudnn_attention_for(B * row_shards(), T);
     scratch_.plan(a, cfg_, B, T, mm_out, att_grads, row_shards());
   };
   if (measure_) {  // the bytes alone
@@ -325,7 +330,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
 
 bool Transformer::cudnn_attention_for(int64_t B, int64_t T) const {
 #ifdef LMFORGE_HAVE_CUDA
-  return device() == Device::kCUDA &&
+  return device() == Device::kCUDA && cfg_.attn_score().plain(cfg_.head_size()) &&
          cuda::cudnn_attention_takes(B, T, cfg_.n_head, cfg_.kv_heads(), cfg_.head_size(),
                                      cfg_.sliding_window);
 #else

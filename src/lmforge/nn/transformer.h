@@ -317,6 +317,7 @@ class Transformer {
   Block::Acts shared_acts_;  // what activation checkpointing recomputes, for all blocks
   Recompute recompute_ = Recompute::kNone;
   Tensor x0_, nf_out_, logits_, chunk_, dlogits16_, losses_, dres_, dnf_;
+  Tensor dcap_;  // a chunk's fp32 dlogits before the final-logit soft-capping's backward
   Transformer(const ModelConfig& cfg, std::optional<MeasureOnly> measure);
   std::optional<MeasureOnly> measure_;  // a model that only measures (MeasureOnly)
   size_t measured_acts_ = 0;
@@ -418,6 +419,12 @@ class Transformer {
   void stage_noise();
 
   const Tensor& lm_head_weight() const { return lm_head_->matmul_weight(); }
+  // The LM head: logits = h W^T, soft-capped under model.logit_softcap.
+  void head_matmul(const Tensor& logits, const Tensor& h) const;
+  // Where the loss writes the gradient of a chunk's (R rows) logits meant for dl: dl itself, or
+  // with soft-capping dcap_, which uncap_grad then takes through the cap into dl.
+  Tensor capped_grad(const Tensor& dl, int64_t R) const;
+  void uncap_grad(const Tensor& dl, const Tensor& g, const Tensor& logits) const;
 };
 
 }  // namespace lmforge

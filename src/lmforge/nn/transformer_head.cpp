@@ -15,8 +15,21 @@ Tensor Transformer::head_logits(int64_t r0, int64_t R) {
   const Tensor h = vocab_parallel() && group_nf_.defined() ? group_nf_ : nf_out_;
   const int64_t C = cfg_.n_embd;
   const Tensor out = chunk_.slice(0, R);
-  ops::linear_forward(out, h.view({h.numel() / C, C}).slice(r0, R), lm_head_weight(), Tensor());
+  head_matmul(out, h.view({h.numel() / C, C}).slice(r0, R));
   return out;
+}
+
+void Transformer::head_matmul(const Tensor& logits, const Tensor& h) const {
+  ops::linear_forward(logits, h, lm_head_weight(), Tensor());
+  if (cfg_.logit_softcap > 0) ops::softcap_forward(logits, cfg_.logit_softcap);
+}
+
+Tensor Transformer::capped_grad(const Tensor& dl, int64_t R) const {
+  return cfg_.logit_softcap > 0 ? dcap_.slice(0, R) : dl;
+}
+
+void Transformer::uncap_grad(const Tensor& dl, const Tensor& g, const Tensor& logits) const {
+  if (cfg_.logit_softcap > 0) ops::softcap_backward(dl, g, logits, cfg_.logit_softcap);
 }
 
 void Transformer::plan_distillation() {
@@ -40,7 +53,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
   const int64_t N = B_ * T_, V = cfg_.vocab_size, C = cfg_.n_embd;
   if (!has_targets) {
     LMF_CHECK(!vocab_parallel(), "logits without targets from a share of the vocabulary");
-    ops::linear_forward(logits_, nf_out_, lm_head_weight(), Tensor());
+    head_matmul(logits_, nf_out_);
     return;
   }
   if (vocab_parallel()) {
@@ -60,7 +73,7 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     // A GPU's chunk has padded rows (see plan): the GEMM and the loss take V of each.
     Tensor logits = keep_logits_ ? all_logits.slice(r0, R) : chunk_.slice(0, R);
     Tensor hr = h.slice(r0, R), yr = yt.slice(r0, R);
-    ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
+    head_matmul(logits, hr);
     if (!training) {
       ops::softmax_xent_rows(loss_rows.slice(r0, R), logits, yr, ignore_index_,
                              lse_sums_.slice(c, 1), V);
@@ -69,18 +82,20 @@ void Transformer::queue_head(bool has_targets, double dloss, bool training,
     // Training: the loss and dlogits in one pass, dlogits in place (fp32) or straight into bf16
     // for the bf16 matmuls.
     const Tensor dl = dlogits16_.defined() ? dlogits16_.slice(0, R) : logits;
+    const Tensor g = capped_grad(dl, R);  // the loss's gradient (before the cap's, if any)
     if (distill_.teacher) {  // the teacher's logits of these rows, then the distillation loss
       plan_distillation();
       const Tensor tl = distill_.teacher->head_logits(r0, R);
       lse_sums_.slice(c, 1).zero_();  // no z-loss
-      ops::softmax_distill_forward_backward(loss_rows.slice(r0, R), kl_.slice(r0, R), dl, logits,
-                                            tl, yr, ignore_index_, dloss, distill_.alpha,
+      ops::softmax_distill_forward_backward(loss_rows.slice(r0, R), kl_.slice(r0, R), g, logits, tl,
+                                            yr, ignore_index_, dloss, distill_.alpha,
                                             distill_.temperature, V);
     } else {
-      ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), dl, logits,
+      ops::softmax_xent_forward_backward(loss_rows.slice(r0, R), lse_sums_.slice(c, 1), g, logits,
                                          yr, ignore_index_, dloss, z_loss_, V,
                                          row_scale.defined() ? row_scale.slice(r0, R) : Tensor());
     }
+    uncap_grad(dl, g, logits);
     const bool train_head = !lm_head_->frozen;
     ops::linear_backward(dh.slice(r0, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl, hr,
                          lm_head_weight(), !train_head || lm_head_->accumulate_grad());
@@ -139,10 +154,11 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
     for (int64_t r0 = 0, c = 0; r0 < N; r0 += chunk_rows_, ++c) {
       const int64_t R = std::min(chunk_rows_, N - r0), at = k * N + r0;
       const Tensor logits = chunk_.slice(0, R), hr = h.slice(at, R), yr = y.slice(at, R);
-      ops::linear_forward(logits, hr, lm_head_weight(), Tensor());
+      head_matmul(logits, hr);
       const Tensor dl = !training              ? Tensor()
                         : dlogits16_.defined() ? dlogits16_.slice(0, R)
                                                : logits;
+      const Tensor g = training ? capped_grad(dl, R) : Tensor();
       if (training && distill_.teacher) {
         // Distillation: this rank's columns of the teacher's logits of the same rows, both
         // models' statistics gathered, then the loss and these columns' gradient.
@@ -155,7 +171,7 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
                                    distill_.temperature, V);
         vocab_sums_->gather(as_words(mine), as_words(all));
         lse.slice(c, 1).zero_();  // no z-loss
-        ops::softmax_distill_parallel(losses.slice(r0, R), (own ? kl_ : other_kl_).slice(r0, R), dl,
+        ops::softmax_distill_parallel(losses.slice(r0, R), (own ? kl_ : other_kl_).slice(r0, R), g,
                                       logits, tl, yr, all, ignore_index_, scales[k], distill_.alpha,
                                       distill_.temperature, vocab_begin_, V);
       } else {
@@ -164,11 +180,12 @@ void Transformer::queue_head_vocab(bool training, double dloss, Tensor row_scale
         // (a GPU's chunk has padded rows: the loss takes V of each)
         ops::softmax_xent_stats(mine, logits, yr, ignore_index_, vocab_begin_, vocab_total_, V);
         vocab_sums_->gather(as_words(mine), as_words(all));  // (fp64 as pairs of words)
-        ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), dl, logits, yr, all,
+        ops::softmax_xent_parallel(losses.slice(r0, R), lse.slice(c, 1), g, logits, yr, all,
                                    ignore_index_, scales[k], z_loss_, vocab_begin_,
                                    row_scale.defined() ? row_scale.slice(at, R) : Tensor(), V);
         if (!training) continue;
       }
+      uncap_grad(dl, g, logits);
       ops::linear_backward(dh.slice(at, R), train_head ? lm_head_->grad : Tensor(), Tensor(), dl,
                            hr, lm_head_weight(), !train_head || lm_head_->accumulate_grad());
     }

@@ -610,7 +610,8 @@ ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
   // computes (LoRA: none; Gemma's switches: off).
   auto later = [](const std::string& k) {
     return k.starts_with("lora_") || k == "full_attention_every" || k == "rope_local_theta" ||
-           k == "embed_scale" || k == "post_norms" || k == "norm_offset";
+           k == "embed_scale" || k == "post_norms" || k == "norm_offset" || k == "attn_scale_dim" ||
+           k == "attn_softcap" || k == "logit_softcap";
   };
   for (auto& f : model_fields(mc)) {
     if (!j["model"].contains(f.key)) {

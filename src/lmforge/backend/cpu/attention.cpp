@@ -3,7 +3,8 @@
 // t attends to keys (t - W, t], as Hugging Face's sliding-window mask. Packed rows (several
 // documents in one row) pass doc_start, the first position of each query's document: query t
 // then sees keys [doc_start[t], t] only (a block-diagonal causal mask, as flash-attention's
-// variable-length kernels), combined with the window.
+// variable-length kernels), combined with the window. The scores are scale (q . k), optionally
+// soft-capped (backend/attn_score.h: Gemma's scale and Gemma 2's attention soft-capping).
 //
 // Tiled as FlashAttention (Dao et al. 2022; backward as FlashAttention-2, Dao 2023): queries in
 // blocks of kBq rows meet keys in blocks of kBk columns, and the softmax is computed online
@@ -185,10 +186,11 @@ void for_visible_rows(T* s, int64_t i0, int64_t j0, int64_t nq, int64_t nk, int6
 
 template <typename T>
 void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                       int64_t HS, int64_t window, const int32_t* doc_start) {
+                       int64_t HS, int64_t window, const int32_t* doc_start,
+                       const AttnScore& score) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kBq - 1) / kBq;
-  const T scale = T(1) / std::sqrt(T(HS));
+  const T scale = score.scale<T>(HS), cap = T(score.softcap);
 #pragma omp parallel for collapse(3) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h)
@@ -212,6 +214,7 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
           // A row that sees none of the tile gets P = 0 and rescales nothing.
           for_visible_rows(
               s, i0, j0, nq, nk, window, ds, [&](int64_t r, T* row, int64_t a, int64_t e) {
+                if (cap > 0) softcap_serial<T>(row + a, nullptr, e - a, cap);
                 const T mx = std::max(m[r], *std::max_element(row + a, row + e));
                 if (mx > m[r]) {  // rescale what is accumulated (from -inf: all zero, factor 0)
                   const T corr = std::exp(m[r] - mx);
@@ -235,15 +238,16 @@ void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int6
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window,
-                        const int32_t* doc_start) {
+                        const int32_t* doc_start, const AttnScore& score) {
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kBq - 1) / kBq;
-  const T scale = T(1) / std::sqrt(T(HS));
+  const T scale = score.scale<T>(HS), cap = T(score.softcap);
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kvh = 0; kvh < NKV; ++kvh) {
       alignas(64) T p[kBq * kBk];   // P of one tile
       alignas(64) T dp[kBq * kBk];  // dP, then dS
+      alignas(64) T f[kBq * kBk];   // soft-capping's derivative, if any
       T D[kBq];                     // rowsum(dO * O) per query row
       const T* base = qkv + b * T_ * Cq;
       T* dbase = dqkv + b * T_ * Cq;
@@ -263,10 +267,11 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
           rowsum_products(D, dO, O, nq, HS, Co);
           for (int64_t j0 = first_key_block(i0, window, ds); j0 < i0 + nq; j0 += kBk) {
             const int64_t nk = std::min(kBk, i0 + nq - j0);
-            // P = exp(scale Q K^T - lse), zero where masked.
+            // P = exp(scale Q K^T - lse) (capped), zero where masked.
             gemm<T>(false, true, nq, nk, HS, scale, q, Cq, k + j0 * Cq, Cq, T(0), p, kBk);
             for_visible_rows(p, i0, j0, nq, nk, window, ds,
                              [&](int64_t r, T* row, int64_t a, int64_t e) {
+                               if (cap > 0) softcap_serial<T>(row + a, f + r * kBk + a, e - a, cap);
                                exp_sub_sum(row + a, row + a, e - a, lr[r]);
                              });
             // dV += P^T dO; dP = dO V^T
@@ -276,6 +281,11 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
             for (int64_t r = 0; r < nq; ++r)
               for (int64_t j = 0; j < nk; ++j)
                 dp[r * kBk + j] = p[r * kBk + j] * (dp[r * kBk + j] - D[r]);
+            if (cap > 0)  // through the cap: dS *= 1 - tanh^2
+              for_visible_rows(dp, i0, j0, nq, nk, window, ds,
+                               [&](int64_t r, T* row, int64_t a, int64_t e) {
+                                 for (int64_t j = a; j < e; ++j) row[j] *= f[r * kBk + j];
+                               });
             // dQ += scale dS K; dK += scale dS^T Q
             gemm<T>(false, false, nq, HS, nk, scale, dp, kBk, k + j0 * Cq, Cq, T(1), dq, Cq);
             gemm<T>(true, false, nk, HS, nq, scale, dp, kBk, q, Cq, T(1), dk + j0 * Cq, Cq);
@@ -329,14 +339,16 @@ LMF_AVX512_BF16 float exp_scaled(float* p, uint16_t* p16, const float* s, int64_
   return _mm512_reduce_add_ps(acc);
 }
 
-// ds16[j] = bf16(scale p[j] (dp[j] - D)), j in [0, n): backward's scaled dS.
+// ds16[j] = bf16(scale p[j] (dp[j] - D) f[j]), j in [0, n): backward's scaled dS, through
+// soft-capping's derivative f unless f is null.
 LMF_AVX512_BF16 void softmax_grad_bf16(uint16_t* ds16, const float* p, const float* dp, int64_t n,
-                                       float scale, float D) {
+                                       float scale, float D, const float* f) {
   const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(D);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = lanes(n - j);
-    const __m512 x = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(k, p + j)),
-                                   _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd));
+    __m512 x = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(k, p + j)),
+                             _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd));
+    if (f) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, f + j));
     store16(ds16 + j, k, x);
   }
 }
@@ -362,12 +374,14 @@ void set_bf16_attention_tiles(bool on) { g_bf16_tiles.store(on); }
 
 void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T_,
                             int64_t NH, int64_t NKV, int64_t HS, int64_t window,
-                            const int32_t* doc_start) {
+                            const int32_t* doc_start, const AttnScore& score) {
   LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_forward_bf16: head size {} above {}", HS,
             kMaxBf16HeadSize);
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kQ16 - 1) / kQ16;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  // With soft-capping the scale goes into the capped scores, and the softmax passes take them as
+  // they are.
+  const float cap = score.softcap, scale = score.scale<float>(HS), sm = cap > 0 ? 1.0f : scale;
 #pragma omp parallel for collapse(3) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h)
@@ -392,15 +406,16 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
           for_visible_rows(
               p16.v, i0, j0, nq, nk, window, ds,
               [&](int64_t r, uint16_t* prow, int64_t a, int64_t e) {
-                const float* srow = s.v + r * kK16;
-                const float mx = std::max(m[r], scaled_max(srow + a, e - a, scale));
+                float* srow = s.v + r * kK16;
+                if (cap > 0) softcap_serial<float>(srow + a, nullptr, e - a, cap, scale);
+                const float mx = std::max(m[r], scaled_max(srow + a, e - a, sm));
                 if (mx > m[r]) {
                   const float corr = std::exp(m[r] - mx);
                   l[r] *= corr;
                   for (int64_t d = 0; d < HS; ++d) o[r * HS + d] *= corr;
                   m[r] = mx;
                 }
-                l[r] += exp_scaled(nullptr, prow + a, srow + a, e - a, scale, mx);
+                l[r] += exp_scaled(nullptr, prow + a, srow + a, e - a, sm, mx);
               },
               kK16);
           gemm_bf16_tile(false, false, nq, HS, nk, p16.v, kK16, v + j0 * Cq, Cq, true, o, HS);
@@ -419,16 +434,17 @@ void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int6
 template <typename DO>
 void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, const uint16_t* out,
                              const float* lse, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                             int64_t HS, int64_t window, const int32_t* doc_start) {
+                             int64_t HS, int64_t window, const int32_t* doc_start,
+                             const AttnScore& score) {
   LMF_CHECK(HS <= kMaxBf16HeadSize, "attention_backward_bf16: head size {} above {}", HS,
             kMaxBf16HeadSize);
   const int64_t Cq = (NH + 2 * NKV) * HS, Co = NH * HS, group = NH / NKV;
   const int64_t nqb = (T_ + kQ16 - 1) / kQ16;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float cap = score.softcap, scale = score.scale<float>(HS), sm = cap > 0 ? 1.0f : scale;
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kvh = 0; kvh < NKV; ++kvh) {
-      Tile<float, kQ16 * kK16> p, dp;                 // P; dP
+      Tile<float, kQ16 * kK16> p, dp, f;              // P; dP; soft-capping's derivative
       Tile<uint16_t, kQ16 * kK16> p16, ds16;          // bf16(P); bf16(scale dS)
       Tile<uint16_t, kQ16 * kMaxBf16HeadSize> dO16s;  // dO of the query block, when fp32
       float D[kQ16];
@@ -468,17 +484,20 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
               uint16_t* row16 = p16.v + r * kK16;
               int64_t a, e;
               visible(i0 + r, j0, nk, window, doc_lo(ds, i0 + r), a, e);
-              if (a < e) exp_scaled(row + a, row16 + a, row + a, e - a, scale, lr[r]);
+              if (a < e && cap > 0)
+                softcap_serial<float>(row + a, f.v + r * kK16 + a, e - a, cap, scale);
+              if (a < e) exp_scaled(row + a, row16 + a, row + a, e - a, sm, lr[r]);
               zero_outside(row, a, e, nk);
               zero_outside(row16, a, e, nk);
+              if (cap > 0) zero_outside(f.v + r * kK16, a, e, nk);
             }
             // dV += P^T dO; dP = dO V^T
             gemm_bf16_tile(true, false, nk, HS, nq, p16.v, kK16, g16, ldg, true, dv + j0 * Cq, Cq);
             gemm_bf16_tile(false, true, nq, nk, HS, g16, ldg, v + j0 * Cq, Cq, false, dp.v, kK16);
             // scale dS = scale P (dP - D); masked entries have P = 0 and so dS = 0.
             for (int64_t r = 0; r < nq; ++r)
-              softmax_grad_bf16(ds16.v + r * kK16, p.v + r * kK16, dp.v + r * kK16, nk, scale,
-                                D[r]);
+              softmax_grad_bf16(ds16.v + r * kK16, p.v + r * kK16, dp.v + r * kK16, nk, scale, D[r],
+                                cap > 0 ? f.v + r * kK16 : nullptr);
             // dQ += (scale dS) K; dK += (scale dS)^T Q
             gemm_bf16_tile(false, false, nq, HS, nk, ds16.v, kK16, k + j0 * Cq, Cq, true, dq, Cq);
             gemm_bf16_tile(true, false, nk, HS, nq, ds16.v, kK16, q, Cq, true, dk + j0 * Cq, Cq);
@@ -489,10 +508,11 @@ void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, c
 
 template void attention_backward_bf16<float>(float*, const float*, const uint16_t*, const uint16_t*,
                                              const float*, int64_t, int64_t, int64_t, int64_t,
-                                             int64_t, int64_t, const int32_t*);
+                                             int64_t, int64_t, const int32_t*, const AttnScore&);
 template void attention_backward_bf16<uint16_t>(float*, const uint16_t*, const uint16_t*,
                                                 const uint16_t*, const float*, int64_t, int64_t,
-                                                int64_t, int64_t, int64_t, int64_t, const int32_t*);
+                                                int64_t, int64_t, int64_t, int64_t, const int32_t*,
+                                                const AttnScore&);
 
 namespace {
 inline float cached(float x) { return x; }
@@ -553,15 +573,16 @@ LMF_AVX512 void decode_values_avx512(float* o, const float* att, const KV* Vc, i
 
 // One query row of one head against the cached keys [lo, len): out (HS) = softmax(q K^T scale) V,
 // att: scratch for the scores; the cache fp32 or bf16 (KV). The softmax is the tiled kernel's
-// (exp_sub_sum).
+// (exp_sub_sum), after the soft-capping, if any (cap > 0).
 template <typename KV>
 void decode_row(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo, int64_t len,
-                int64_t HS, float scale, float* att) {
+                int64_t HS, float scale, float cap, float* att) {
   const bool avx512 = has_avx512();
   if (avx512)
     decode_scores_avx512(att, qh, K, lo, len, HS, scale);
   else
     decode_scores(att, qh, K, lo, len, HS, scale);
+  if (cap > 0) softcap_serial<float>(att + lo, nullptr, len - lo, cap);
   const float mx = *std::max_element(att + lo, att + len);
   const float w = 1.0f / exp_sub_sum<float>(att + lo, att + lo, len - lo, mx);
   if (avx512)
@@ -574,9 +595,9 @@ void decode_row(float* o, const float* qh, const KV* K, const KV* Vc, int64_t lo
 template <typename KV>
 void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kcache,
                       const KV* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
-                      int64_t NKV, int64_t HS, int64_t window) {
+                      int64_t NKV, int64_t HS, int64_t window, const AttnScore& score) {
   const int64_t group = NH / NKV;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  const float scale = score.scale<float>(HS);
   // One row of scores per thread, allocated before the parallel region (a bad_alloc inside it
   // would end the process); per generate call, not a training step.
   const int64_t row = pos0 + n;
@@ -593,27 +614,28 @@ void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kc
         const KV* Vc = vcache + (h / group) * T_max * HS;
         const int64_t len = pos0 + i + 1, lo = first_key(pos0 + i, window);
         float* o = out + i * NH * HS + h * HS;
-        decode_row(o, qh, K, Vc, lo, len, HS, scale, att);
+        decode_row(o, qh, K, Vc, lo, len, HS, scale, score.softcap, att);
       }
   }
 }
 
 template void attention_decode<float>(float*, const float*, int64_t, const float*, const float*,
-                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                      int64_t);
+                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      const AttnScore&);
 template void attention_decode<uint16_t>(float*, const float*, int64_t, const uint16_t*,
                                          const uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t, int64_t, int64_t);
+                                         int64_t, int64_t, int64_t, const AttnScore&);
 template void attention_forward<float>(float*, float*, const float*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t, const int32_t*);
+                                       int64_t, int64_t, int64_t, const int32_t*, const AttnScore&);
 template void attention_forward<double>(double*, double*, const double*, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t, const int32_t*);
+                                        int64_t, int64_t, int64_t, const int32_t*,
+                                        const AttnScore&);
 template void attention_backward<float>(float*, const float*, const float*, const float*,
                                         const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, const int32_t*);
+                                        int64_t, const int32_t*, const AttnScore&);
 template void attention_backward<double>(double*, const double*, const double*, const double*,
                                          const double*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t, const int32_t*);
+                                         int64_t, const int32_t*, const AttnScore&);
 
 }  // namespace lmforge::cpu
 

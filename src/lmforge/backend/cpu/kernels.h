@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "lmforge/backend/attn_score.h"
 #include "lmforge/backend/gate.h"
 
 namespace lmforge::cpu {
@@ -223,13 +224,15 @@ void rope_bf16(uint16_t* x, const float* cos, const float* sin, int64_t B, int64
 // other softmaxes here, T = float keeps the online softmax's running max/sum in fp32.
 template <typename T>
 // doc_start (B*T, optional): packed rows; query t sees keys [doc_start[t], t] only, with
-// doc_start[t] in [0, t] and never decreasing along a row.
+// doc_start[t] in [0, t] and never decreasing along a row. score: the scale and soft-capping
+// (backend/attn_score.h).
 void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                       int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
+                       int64_t HS, int64_t window, const int32_t* doc_start = nullptr,
+                       const AttnScore& score = {});
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const T* lse, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HS, int64_t window,
-                        const int32_t* doc_start = nullptr);
+                        const int32_t* doc_start = nullptr, const AttnScore& score = {});
 // The same on bf16 qkv and out (bf16 activations) with bf16 tile products (gemm_bf16_tile: only
 // where gemm_bf16_tile_available()), head size at most kMaxBf16HeadSize. backward adds into an
 // fp32 dqkv; dout is fp32 or bf16.
@@ -241,18 +244,32 @@ bool bf16_attention_tiles(int64_t HS);
 void set_bf16_attention_tiles(bool on);
 void attention_forward_bf16(uint16_t* out, float* lse, const uint16_t* qkv, int64_t B, int64_t T_,
                             int64_t NH, int64_t NKV, int64_t HS, int64_t window,
-                            const int32_t* doc_start = nullptr);
+                            const int32_t* doc_start = nullptr, const AttnScore& score = {});
 template <typename DO>
 void attention_backward_bf16(float* dqkv, const DO* dout, const uint16_t* qkv, const uint16_t* out,
                              const float* lse, int64_t B, int64_t T_, int64_t NH, int64_t NKV,
-                             int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
+                             int64_t HS, int64_t window, const int32_t* doc_start = nullptr,
+                             const AttnScore& score = {});
 // Inference with a KV cache: n new query rows (stride q_stride) at positions pos0.. attend to
 // kcache/vcache (NKV, T_max, HS) positions [0, pos0 + i] (within the window, if any). out is
 // (n, NH*HS). KV = float, or uint16_t: a bf16 cache, widened as it is read.
 template <typename KV>
 void attention_decode(float* out, const float* q, int64_t q_stride, const KV* kcache,
                       const KV* vcache, int64_t n, int64_t pos0, int64_t T_max, int64_t NH,
-                      int64_t NKV, int64_t HS, int64_t window);
+                      int64_t NKV, int64_t HS, int64_t window, const AttnScore& score = {});
+
+// Soft-capping (Gemma 2; cpu/softcap.cpp): x = cap tanh(in_scale x / cap) in place on x[0, n) by
+// the calling thread, with deriv[j] = 1 - tanh^2 unless deriv is null. softcap_rows: the same on
+// (rows, cols) over OpenMP threads (the LM head's logits). softcap_grad_rows: dx = dy (1 -
+// (y / cap)^2) from the capped y, dy and y (rows, cols), dx rows ldd apart, fp32 (may be dy or
+// y) or bf16 (rounded once).
+template <typename T>
+void softcap_serial(T* x, T* deriv, int64_t n, T cap, T in_scale = 1);
+template <typename T>  // float, double
+void softcap_rows(T* x, int64_t rows, int64_t cols, T cap);
+template <typename D, typename T>  // (D, T): (float, float), (uint16_t, float), (double, double)
+void softcap_grad_rows(D* dx, int64_t ldd, const T* dy, const T* y, int64_t rows, int64_t cols,
+                       T cap);
 
 template <typename T>
 void gelu_forward(T* out, const T* inp, int64_t n);

@@ -62,8 +62,22 @@ struct Shape {
   int64_t B, T, NH, NKV, HS, window;
   const int32_t* doc_start;  // (B, T) device array, or null: see attention.h
   int64_t Cq, Co, group;     // qkv row width, out row width, query heads per kv head
-  float scale;               // 1 / sqrt(HS)
+  float scale;               // 1 / sqrt(HS), or of the score's scale_dim (attn_score.h)
+  float softcap;             // > 0: scores soft-capped (attn_score.h)
 };
+
+// The score of a raw product x = q . k: scale x, soft-capped when s.softcap > 0; deriv receives
+// its derivative with respect to scale x (1 without the cap), which backward multiplies into dS.
+__device__ __forceinline__ float score_of(float x, const Shape& s, float& deriv) {
+  const float y = x * s.scale;
+  if (s.softcap <= 0.0f) {
+    deriv = 1.0f;
+    return y;
+  }
+  const float t = tanhf(y / s.softcap);
+  deriv = 1.0f - t * t;
+  return s.softcap * t;
+}
 
 // The first key position query t may see.
 __host__ __device__ inline int64_t first_key(int64_t t, int64_t window) {
@@ -206,7 +220,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int64_t j = j0 + tx + 16 * jj;
-        sc[i][jj] = visible(t, j, s.T, s.window, lo[i]) ? sc[i][jj] * s.scale : -INFINITY;
+        float unused;
+        sc[i][jj] =
+            visible(t, j, s.T, s.window, lo[i]) ? score_of(sc[i][jj], s, unused) : -INFINITY;
         mx = fmaxf(mx, sc[i][jj]);
       }
       mx = half_warp_max(mx);
@@ -336,10 +352,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int jj = 0; jj < 4; ++jj) {
           const int q = tx + 16 * jj;
           const int64_t j = j0 + 4 * ty + i, t = i0 + q;
-          // P = exp(scale q.k - lse), 0 where masked; dS = P (dP - D)
+          // P = exp(score - lse), 0 where masked; dS = P (dP - D), through the cap
+          float f = 1.0f;
           const float p =
-              visible(t, j, s.T, s.window, Lo[q]) ? expf(st[i][jj] * s.scale - Ls[q]) : 0.0f;
-          ds[i][jj] = p * (dpt[i][jj] - Dsm[q]);
+              visible(t, j, s.T, s.window, Lo[q]) ? expf(score_of(st[i][jj], s, f) - Ls[q]) : 0.0f;
+          ds[i][jj] = p * (dpt[i][jj] - Dsm[q]) * f;
           Ss[(4 * ty + i) * kPS + q] = p;
         }
       __syncthreads();
@@ -438,9 +455,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int64_t t = i0 + 4 * ty + i, j = j0 + tx + 16 * jj;
+        float f = 1.0f;
         const float p =
-            visible(t, j, s.T, s.window, lo[i]) ? expf(sc[i][jj] * s.scale - L[i]) : 0.0f;
-        Ss[(4 * ty + i) * kPS + tx + 16 * jj] = p * (dp[i][jj] - Dr[i]);
+            visible(t, j, s.T, s.window, lo[i]) ? expf(score_of(sc[i][jj], s, f) - L[i]) : 0.0f;
+        Ss[(4 * ty + i) * kPS + tx + 16 * jj] = p * (dp[i][jj] - Dr[i]) * f;
       }
     __syncthreads();
 #pragma unroll 4
@@ -525,7 +543,7 @@ void backward_kD(float* dqkv, const float* dout, const float* qkv, const float* 
 
 // Checks the shape (an Error naming the bad value) and fills in the derived sizes.
 Shape make_shape(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                 int64_t window, const int32_t* doc_start) {
+                 int64_t window, const int32_t* doc_start, const AttnScore& score) {
   auto bad = [&](const std::string& what) {
     detail::raise(std::string("cuda::") + op + ": " + what + " (B=" + std::to_string(B) + " T=" +
                   std::to_string(T) + " NH=" + std::to_string(NH) + " NKV=" + std::to_string(NKV) +
@@ -546,7 +564,8 @@ Shape make_shape(const char* op, int64_t B, int64_t T, int64_t NH, int64_t NKV, 
           (NH + 2 * NKV) * HS,
           NH * HS,
           NH / NKV,
-          1.0f / std::sqrt(static_cast<float>(HS))};  // as the CPU computes it
+          score.scale<float>(HS),  // as the CPU computes it
+          score.softcap};
   return s;
 }
 
@@ -562,8 +581,9 @@ float* d_scratch(size_t n) {
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t NH,
-                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start) {
-  const Shape s = make_shape("attention_forward", B, T, NH, NKV, HS, window, doc_start);
+                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start,
+                       const AttnScore& score) {
+  const Shape s = make_shape("attention_forward", B, T, NH, NKV, HS, window, doc_start, score);
   if (B == 0 || T == 0) return;
   if (HS <= 32)
     forward_kD<32>(out, lse, qkv, s);
@@ -575,8 +595,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int6
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                        int64_t window, const int32_t* doc_start) {
-  const Shape s = make_shape("attention_backward", B, T, NH, NKV, HS, window, doc_start);
+                        int64_t window, const int32_t* doc_start, const AttnScore& score) {
+  const Shape s = make_shape("attention_backward", B, T, NH, NKV, HS, window, doc_start, score);
   if (B == 0 || T == 0) return;
   float* D = d_scratch(static_cast<size_t>(B * NH * T));
   const int64_t rows = B * T * NH, per_block = kThreads / 32;

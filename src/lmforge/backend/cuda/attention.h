@@ -27,13 +27,18 @@
 
 #include <cstdint>
 
+#include "lmforge/backend/attn_score.h"
+
 namespace lmforge::cuda {
 
+// score: the scores' scale and soft-capping (backend/attn_score.h), as the CPU's.
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t NH,
-                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start = nullptr);
+                       int64_t NKV, int64_t HS, int64_t window, const int32_t* doc_start = nullptr,
+                       const AttnScore& score = {});
 // Adds into dqkv (B, T, (NH + 2*NKV) * HS). out and lse are the forward's.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
                         const float* lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS,
-                        int64_t window, const int32_t* doc_start = nullptr);
+                        int64_t window, const int32_t* doc_start = nullptr,
+                        const AttnScore& score = {});
 
 }  // namespace lmforge::cuda

@@ -126,6 +126,14 @@ void softmax_xent_forward(float* losses, const float* logits, const int32_t* tar
                           int64_t V, int32_t ignore_index, double* lse_sq_sum, int64_t ldx = 0);
 // dlogits (N, V) = dloss * (softmax(logits) (1 + 2 z_loss lse) - onehot(target)); ignored rows
 // get 0. Writes (does not accumulate); dlogits may alias logits. dloss is a host value.
+// Final-logit soft-capping (ops::softcap_forward / softcap_backward): x (N, V) = cap tanh(x / cap)
+// in place; dx = dy (1 - (y / cap)^2), dy and y (N, V), dx rows ldd apart (float: may be dy or
+// y; uint16_t: bf16, rounded once).
+void softcap_rows(float* x, int64_t N, int64_t V, float cap);
+void softcap_grad_rows(float* dx, int64_t ldd, const float* dy, const float* y, int64_t N,
+                       int64_t V, float cap);
+void softcap_grad_rows(uint16_t* dx, int64_t ldd, const float* dy, const float* y, int64_t N,
+                       int64_t V, float cap);
 void softmax_xent_backward(float* dlogits, const float* logits, const int32_t* targets, float dloss,
                            int64_t N, int64_t V, int32_t ignore_index, double z_loss);
 // The same written rounded to bf16 (bf16_ftz) into rows ld >= V apart (the LM head's backward

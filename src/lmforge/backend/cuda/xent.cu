@@ -144,6 +144,26 @@ __device__ __forceinline__ void write_grad_row(O* d, const float* x, int64_t V, 
     for_row(x, V, [&](int64_t v, float xv) { d[v] = bf16_ftz(g(v, xv)); });
 }
 
+// Final-logit soft-capping, one block per row: x = cap tanh(x / cap); and its backward dx =
+// dy (1 - (y / cap)^2) (dx float: may be dy or y; uint16_t: bf16 rows ldd apart, rounded once).
+__global__ void __launch_bounds__(kXentThreads) softcap_kernel(float* x, int64_t V, float cap) {
+  float* r = x + blockIdx.x * V;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) r[v] = cap * tanhf(r[v] / cap);
+}
+
+template <typename O>
+__global__ void __launch_bounds__(kXentThreads)
+    softcap_grad_kernel(O* dx, int64_t ldd, const float* dy, const float* y, int64_t V, float cap) {
+  const int64_t i = blockIdx.x;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const float t = y[i * V + v] / cap, g = dy[i * V + v] * (1.0f - t * t);
+    if constexpr (std::is_same_v<O, float>)
+      dx[i * ldd + v] = g;
+    else
+      dx[i * ldd + v] = bf16_ftz(g);
+  }
+}
+
 template <typename O>
 __device__ __forceinline__ void zero_row(O* d, const float* x, int64_t V) {
   if constexpr (std::is_same_v<O, float>)
@@ -530,6 +550,29 @@ void softmax_xent_forward_backward(float* losses, double* lse_sq_sum, uint16_t* 
                                    int64_t ldx, const float* row_scale) {
   launch_fused(losses, lse_sq_sum, dlogits, ld, logits, ldx > 0 ? ldx : V, targets, dloss, N, V,
                ignore_index, z_loss, row_scale);
+}
+
+void softcap_rows(float* x, int64_t N, int64_t V, float cap) {
+  if (N <= 0) return;
+  softcap_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(x, V, cap);
+  LMF_CUDA_LAUNCHED();
+}
+
+template <typename O>
+void launch_softcap_grad(O* dx, int64_t ldd, const float* dy, const float* y, int64_t N, int64_t V,
+                         float cap) {
+  if (N <= 0) return;
+  softcap_grad_kernel<<<static_cast<unsigned>(N), kXentThreads, 0, cur_stream()>>>(dx, ldd, dy, y,
+                                                                                   V, cap);
+  LMF_CUDA_LAUNCHED();
+}
+void softcap_grad_rows(float* dx, int64_t ldd, const float* dy, const float* y, int64_t N,
+                       int64_t V, float cap) {
+  launch_softcap_grad(dx, ldd, dy, y, N, V, cap);
+}
+void softcap_grad_rows(uint16_t* dx, int64_t ldd, const float* dy, const float* y, int64_t N,
+                       int64_t V, float cap) {
+  launch_softcap_grad(dx, ldd, dy, y, N, V, cap);
 }
 
 void softmax_xent_backward(uint16_t* dlogits, int64_t ld, const float* logits,
