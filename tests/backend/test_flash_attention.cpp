@@ -33,8 +33,10 @@ struct Naive {
   Tensor out, lse, dqkv;  // (B, T, NH HS), (B, NH, T), (B, T, Cq), fp64
 };
 
-// Causal softmax attention, query t seeing keys (t - window, t] (all of [0, t] for window 0).
-Naive naive_attention(const Tensor& qkv_in, const Tensor& dout_in, int64_t window) {
+// Causal softmax attention, query t seeing keys (t - window, t] (all of [0, t] for window 0), its
+// scores scaled and soft-capped as `score` says (attn_score.h; the cap's derivative 1 - tanh^2).
+Naive naive_attention(const Tensor& qkv_in, const Tensor& dout_in, int64_t window,
+                      const AttnScore& score = {}) {
   Tensor qkv = qkv_in.to(DType::kF64), dout = dout_in.to(DType::kF64);
   const double* x = qkv.data<double>();
   const double* dO = dout.data<double>();
@@ -42,8 +44,8 @@ Naive naive_attention(const Tensor& qkv_in, const Tensor& dout_in, int64_t windo
           Tensor::zeros({kB, kT, kCq}, DType::kF64)};
   double* out = r.out.data<double>();
   double* dx = r.dqkv.data<double>();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(kHS));
-  std::vector<double> p(kT), dp(kT);
+  const double scale = score.scale<double>(kHS), cap = score.softcap;
+  std::vector<double> p(kT), dp(kT), f(kT, 1.0);
   for (int64_t b = 0; b < kB; ++b)
     for (int64_t h = 0; h < kNH; ++h) {
       const int64_t qo = h * kHS, ko = (kNH + h / (kNH / kNKV)) * kHS, vo = ko + kNKV * kHS;
@@ -56,6 +58,11 @@ Naive naive_attention(const Tensor& qkv_in, const Tensor& dout_in, int64_t windo
           double s = 0;
           for (int64_t d = 0; d < kHS; ++d) s += at(t, qo)[d] * at(j, ko)[d];
           p[j] = s * scale;
+          if (cap > 0) {
+            const double th = std::tanh(p[j] / cap);
+            p[j] = cap * th;
+            f[j] = 1 - th * th;
+          }
           mx = std::max(mx, p[j]);
         }
         double sum = 0;
@@ -74,7 +81,7 @@ Naive naive_attention(const Tensor& qkv_in, const Tensor& dout_in, int64_t windo
           dot += p[j] * dp[j];
         }
         for (int64_t j = lo; j <= t; ++j) {
-          const double ds = p[j] * (dp[j] - dot) * scale;
+          const double ds = p[j] * (dp[j] - dot) * f[j] * scale;
           for (int64_t d = 0; d < kHS; ++d) {
             dat(t, qo)[d] += ds * at(j, ko)[d];
             dat(j, ko)[d] += ds * at(t, qo)[d];
@@ -96,14 +103,15 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
-void check(DType dtype, int64_t window) {
+void check(DType dtype, int64_t window, const AttnScore& score = {}) {
   const double tol = dtype == DType::kF32 ? 1e-5 : 1e-12;
-  const std::string tag = std::string(dtype_name(dtype)) + " window " + std::to_string(window);
+  const std::string tag = std::string(dtype_name(dtype)) + " window " + std::to_string(window) +
+                          (score.softcap > 0 ? " capped" : "");
   Rng rng(42 + window);
   // Scale 2: scores of order 1-10, so rows are peaked and the running max moves between tiles.
   Tensor qkv = randn({kB, kT, kCq}, dtype, rng, 2.0);
   Tensor dout = randn({kB, kT, kCo}, dtype, rng, 1.0);
-  Naive want = naive_attention(qkv, dout, window);
+  Naive want = naive_attention(qkv, dout, window, score);
 
   const int threads = omp_get_max_threads();
   Tensor out[2], lse[2], dqkv[2];
@@ -114,8 +122,9 @@ void check(DType dtype, int64_t window) {
     dqkv[run] = Tensor::zeros({kB, kT, kCq}, dtype);
     out[run].fill_(NAN);
     lse[run].fill_(NAN);
-    ops::attention_forward(out[run], lse[run], qkv, kNH, kNKV, window);
-    ops::attention_backward(dqkv[run], dout, qkv, out[run], lse[run], kNH, kNKV, window);
+    ops::attention_forward(out[run], lse[run], qkv, kNH, kNKV, window, false, {}, score);
+    ops::attention_backward(dqkv[run], dout, qkv, out[run], lse[run], kNH, kNKV, window, false, {},
+                            score);
   }
   omp_set_num_threads(threads);
 
@@ -132,7 +141,7 @@ void check(DType dtype, int64_t window) {
   EXPECT_TRUE(bit_equal(lse[0], lse[1])) << tag << ": lse depends on the thread count";
   EXPECT_TRUE(bit_equal(dqkv[0], dqkv[1])) << tag << ": dqkv depends on the thread count";
 
-  ops::attention_backward(dqkv[1], dout, qkv, out[1], lse[1], kNH, kNKV, window);
+  ops::attention_backward(dqkv[1], dout, qkv, out[1], lse[1], kNH, kNKV, window, false, {}, score);
   Tensor twice = want.dqkv.clone();
   ops::scale(twice, 2.0);
   close("dqkv x2", dqkv[1], twice);  // backward accumulates
@@ -144,14 +153,15 @@ void check(DType dtype, int64_t window) {
 // dS's rounding, 2^-9 relative per entry),
 // 1e-5 for lse (the scores come from exact bf16 products summed in fp32). dout fp32 (dqkv +=,
 // accumulating) or bf16 (dqkv written); bit-identical with 1 and 2 threads.
-void check_bf16(int64_t window, bool bf16_dout) {
+void check_bf16(int64_t window, bool bf16_dout, const AttnScore& score = {}) {
   // The tiles' kernels, also on CPUs whose bf16 products are slower than fp32 (which otherwise
   // run the fp32 tiles on widened copies).
   const cpu::Bf16MatmulScope native(cpu::Bf16Matmul::kNative);
   if (!cpu::gemm_bf16_tile_available())
     GTEST_SKIP() << "no AVX512-BF16 or AMX on this CPU: the fp32 kernels run on widened copies "
                     "(Bf16.OpsOnBf16MatmulOutputsRoundTheFp32PathOnce)";
-  const std::string tag = "bf16 window " + std::to_string(window) + (bf16_dout ? " bf16 dout" : "");
+  const std::string tag = "bf16 window " + std::to_string(window) +
+                          (bf16_dout ? " bf16 dout" : "") + (score.softcap > 0 ? " capped" : "");
   Rng rng(7 + window);
   Tensor q32 = randn({kB, kT, kCq}, DType::kF32, rng, 2.0);
   Tensor qkv = Tensor::empty({kB, kT, kCq}, DType::kBF16);
@@ -161,7 +171,7 @@ void check_bf16(int64_t window, bool bf16_dout) {
   Tensor g16 = Tensor::empty({kB, kT, kCo}, DType::kBF16);
   ops::to_bf16(g16, g32);
   if (bf16_dout) ops::from_bf16(g32, g16);
-  Naive want = naive_attention(q32, g32, window);
+  Naive want = naive_attention(q32, g32, window, score);
 
   const int threads = omp_get_max_threads();
   Tensor out[2], lse[2], dqkv[2];
@@ -170,14 +180,16 @@ void check_bf16(int64_t window, bool bf16_dout) {
     out[run] = Tensor::empty({kB, kT, kCo}, DType::kBF16);
     lse[run] = Tensor::empty({kB, kNH, kT}, DType::kF32);
     lse[run].fill_(NAN);
-    ops::attention_forward(out[run], lse[run], qkv, kNH, kNKV, window, true);
+    ops::attention_forward(out[run], lse[run], qkv, kNH, kNKV, window, true, {}, score);
     if (bf16_dout) {
       dqkv[run] = Tensor::empty({kB, kT, kCq}, DType::kBF16);
       std::memset(dqkv[run].raw(), 0x7f, dqkv[run].nbytes());  // written, not added to
-      ops::attention_backward(dqkv[run], g16, qkv, out[run], lse[run], kNH, kNKV, window, true);
+      ops::attention_backward(dqkv[run], g16, qkv, out[run], lse[run], kNH, kNKV, window, true, {},
+                              score);
     } else {
       dqkv[run] = Tensor::zeros({kB, kT, kCq}, DType::kF32);
-      ops::attention_backward(dqkv[run], g32, qkv, out[run], lse[run], kNH, kNKV, window, true);
+      ops::attention_backward(dqkv[run], g32, qkv, out[run], lse[run], kNH, kNKV, window, true, {},
+                              score);
     }
   }
   omp_set_num_threads(threads);
@@ -198,7 +210,7 @@ void check_bf16(int64_t window, bool bf16_dout) {
   EXPECT_TRUE(bit_equal(out[0], out[1])) << tag << ": out depends on the thread count";
   EXPECT_TRUE(bit_equal(dqkv[0], dqkv[1])) << tag << ": dqkv depends on the thread count";
   if (!bf16_dout) {
-    ops::attention_backward(dqkv[1], g32, qkv, out[1], lse[1], kNH, kNKV, window, true);
+    ops::attention_backward(dqkv[1], g32, qkv, out[1], lse[1], kNH, kNKV, window, true, {}, score);
     Tensor twice = want.dqkv.clone();
     ops::scale(twice, 2.0);
     close("dqkv x2", dqkv[1], twice, 2e-2);  // backward accumulates
@@ -212,6 +224,15 @@ TEST(FlashAttention, Bf16TilesWithBf16GradientsMatchNaive) { check_bf16(0, true)
 TEST(FlashAttention, MatchesNaiveFp32Window37) { check(DType::kF32, 37); }
 TEST(FlashAttention, MatchesNaiveFp64) { check(DType::kF64, 0); }
 TEST(FlashAttention, MatchesNaiveFp64Window37) { check(DType::kF64, 37); }
+// Gemma's scores: scaled by 24^-1/2 (HS = 16), soft-capped at 5 (most of the scores, of order
+// 1-10, are bent by the cap).
+constexpr AttnScore kGemmaScore{24, 5.0f};
+TEST(FlashAttention, SoftcapMatchesNaiveFp32Window37) { check(DType::kF32, 37, kGemmaScore); }
+TEST(FlashAttention, SoftcapMatchesNaiveFp64) { check(DType::kF64, 0, kGemmaScore); }
+TEST(FlashAttention, SoftcapBf16TilesMatchNaive) { check_bf16(0, false, kGemmaScore); }
+TEST(FlashAttention, SoftcapBf16TilesWithBf16GradientsMatchNaive) {
+  check_bf16(37, true, kGemmaScore);
+}
 
 }  // namespace
 }  // namespace lmforge

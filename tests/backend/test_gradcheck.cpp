@@ -182,17 +182,31 @@ void qk_norm(Check& c, double offset = 0) {
 // T = 4 lies inside one tile of the kernel; T = 200 spans four query tiles (of 64) and two key
 // tiles (of 128), the last of each partial, so the online softmax's rescaling is differentiated,
 // and with window 37 the last query tile skips the first key tile.
-void attention(Check& c, int64_t NH, int64_t NKV, int64_t window = 0, int64_t T = 4,
-               int64_t B = 2) {
+void attention(Check& c, int64_t NH, int64_t NKV, int64_t window = 0, int64_t T = 4, int64_t B = 2,
+               AttnScore score = {}) {
   const int64_t HS = 4;
   auto [qkv, dqkv] = c.input("qkv", {B, T, (NH + 2 * NKV) * HS}, 1.5);
   Tensor out = Tensor::empty({B, T, NH * HS}, DType::kF64), R = c.randn(out.shape());
   Tensor lse = Tensor::empty({B, NH, T}, DType::kF64);
   c.loss = [=] {
-    ops::attention_forward(out, lse, qkv, NH, NKV, window);
+    ops::attention_forward(out, lse, qkv, NH, NKV, window, false, {}, score);
     return dot(out, R);
   };
-  c.backward = [=] { ops::attention_backward(dqkv, R, qkv, out, lse, NH, NKV, window); };
+  c.backward = [=] {
+    ops::attention_backward(dqkv, R, qkv, out, lse, NH, NKV, window, false, {}, score);
+  };
+}
+
+// Final-logit soft-capping: out = cap tanh(x / cap) in place, backward from the capped values.
+void softcap(Check& c) {
+  auto [x, dx] = c.input("x", {3, 7}, 2.5);
+  Tensor y = Tensor::empty(x.shape(), DType::kF64), R = c.randn(x.shape());
+  c.loss = [=] {
+    y.copy_from(x);
+    ops::softcap_forward(y, 1.5);
+    return dot(y, R);
+  };
+  c.backward = [=] { ops::softcap_backward(dx, R, y, 1.5); };
 }
 
 void gelu(Check& c) {
@@ -265,6 +279,16 @@ std::vector<GradCase> cases() {
       {"attention_window2", [](Check& c) { attention(c, 4, 2, 2); }},
       {"attention_tiles", [](Check& c) { attention(c, 2, 1, 0, 200, 1); }},
       {"attention_tiles_window37", [](Check& c) { attention(c, 2, 1, 37, 200, 1); }},
+      // Gemma's scores: scaled by 6^-1/2 (HS = 4), soft-capped at 0.8 (the scores reach ~2)
+      {"attention_softcap",
+       [](Check& c) {
+         attention(c, 4, 2, 0, 4, 2, {6, 0.8f});
+       }},
+      {"attention_softcap_tiles",
+       [](Check& c) {
+         attention(c, 2, 1, 37, 200, 1, {6, 0.8f});
+       }},
+      {"softcap", softcap},
       {"qk_norm", [](Check& c) { qk_norm(c); }},
       {"qk_norm_offset1", [](Check& c) { qk_norm(c, 1.0); }},
       {"gelu", gelu},

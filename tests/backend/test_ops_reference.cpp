@@ -171,10 +171,12 @@ void run_qk_norm(Case& c) {
 }
 
 // The kernel saves the logsumexp of each row of scaled scores S instead of the probabilities P;
-// the reference for it comes from the fixture's P and S = Q K^T / sqrt(HS) recomputed here in
-// double from the fixture's qkv: on every visible key, lse = S - log P, so the P-weighted mean
-// sum_j P_j (S_j - log P_j) equals lse and weights down the keys whose P is least accurate.
-Tensor lse_from_probs(const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV) {
+// the reference for it comes from the fixture's P and S = Q K^T / sqrt(HS) (or the score's
+// scale_dim, then its soft-capping) recomputed here in double from the fixture's qkv: on every
+// visible key, lse = S - log P, so the P-weighted mean sum_j P_j (S_j - log P_j) equals lse and
+// weights down the keys whose P is least accurate.
+Tensor lse_from_probs(const Tensor& qkv, const Tensor& probs, int64_t NH, int64_t NKV,
+                      const AttnScore& score) {
   const int64_t B = qkv.size(0), T = qkv.size(1), Cq = qkv.size(2), HS = Cq / (NH + 2 * NKV);
   const float* x = qkv.data<float>();
   const float* p = probs.data<float>();
@@ -190,7 +192,9 @@ Tensor lse_from_probs(const Tensor& qkv, const Tensor& probs, int64_t NH, int64_
           const float* k = x + (b * T + j) * Cq + (NH + h / (NH / NKV)) * HS;
           double s = 0;
           for (int64_t d = 0; d < HS; ++d) s += static_cast<double>(q[d]) * k[d];
-          acc += pr[j] * (s / std::sqrt(static_cast<double>(HS)) - std::log(pr[j]));
+          s *= score.scale<double>(HS);
+          if (score.softcap > 0) s = score.softcap * std::tanh(s / score.softcap);
+          acc += pr[j] * (s - std::log(pr[j]));
         }
         lse.data<double>()[(b * NH + h) * T + t] = acc;
       }
@@ -202,11 +206,13 @@ void run_attention(Case& c) {
   int64_t window = c.meta().value("window", 0);
   Tensor qkv = c.in("qkv"), dout = c.in("dout"), out = c.result("out");
   Tensor doc_start = maybe_in(c, "doc_start");  // packed rows
-  Tensor lse = c.derived_result("lse", lse_from_probs(qkv, c.in("probs"), NH, NKV));
-  ops::attention_forward(out, lse, qkv, NH, NKV, window, false, doc_start);
+  const AttnScore score{c.meta().value("scale_dim", int64_t{0}),
+                        c.meta().value("softcap", 0.0f)};  // (Gemma's)
+  Tensor lse = c.derived_result("lse", lse_from_probs(qkv, c.in("probs"), NH, NKV, score));
+  ops::attention_forward(out, lse, qkv, NH, NKV, window, false, doc_start, score);
   Tensor dqkv = c.grad("dqkv");
   c.backward = [=] {
-    ops::attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, false, doc_start);
+    ops::attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, false, doc_start, score);
   };
 }
 

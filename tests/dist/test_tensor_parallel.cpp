@@ -59,13 +59,16 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   // (also under sequence parallelism, whose gathered rows then reach them).
   // Gemma 3's shape too: post norms on the branches' sums (replicated, their gradients from each
   // rank's rows under sequence parallelism), GeGLU's gate and up split as SwiGLU's, per-layer
-  // windows and RoPE bases.
+  // windows and RoPE bases; with Gemma 2's soft-capping of each rank's heads' scores and of each
+  // rank's columns of the logits (the caps low enough to bend them).
   const std::string qk = llama + " --set model.qk_norm=true";
   const std::string gemma3 = qk +
                              " --set model.arch=gemma3 --set model.mlp=geglu --set "
                              "model.post_norms=true --set model.embed_scale=true --set "
                              "model.sliding_window=5 --set model.full_attention_every=2 --set "
-                             "model.rope_local_theta=10000 --set model.norm_offset=1";
+                             "model.rope_local_theta=10000 --set model.norm_offset=1 --set "
+                             "model.attn_scale_dim=24 --set model.attn_softcap=1 --set "
+                             "model.logit_softcap=0.5";
   for (const auto& [tag, cfg] :
        {std::pair{std::string("qk"), qk}, {std::string("gemma3"), gemma3}}) {
     RunResult qo = run("ref-" + tag, 1, cfg);

@@ -174,6 +174,31 @@ TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGemma3Style) {
   check(gemma3_style());
 }
 
+// Gemma 2's: post norms without q/k norms, windows on every other layer, scores scaled by
+// 24^-1/2 and soft-capped, logits soft-capped (the caps low enough to bend this model's scores
+// and logits; the logits' gradient through the cap into bf16 dlogits under bf16 matmuls).
+ModelConfig gemma2_style() {
+  ModelConfig c = gemma3_style();
+  c.arch = "gemma2";
+  c.qk_norm = false;
+  c.rope_local_theta = 0;
+  c.rope_theta = 1e4;
+  c.attn_scale_dim = 24;
+  c.attn_softcap = 0.5;
+  c.logit_softcap = 0.3;
+  return c;
+}
+TEST(Bf16MatmulOutputs, CloseToFp32ActivationsGemma2Style) {
+  check_bf16_matmul_outputs(gemma2_style());
+  check_bf16_matmul_outputs(gemma2_style(), /*grads=*/true);
+}
+TEST(Bf16Activations, BitIdenticalToFp32ActivationsGemma2Style) {
+  check_bf16_activations(gemma2_style());
+}
+TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGemma2Style) {
+  check(gemma2_style());
+}
+
 TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGpt2) {
   check(model_preset("gpt2-tiny"));
 }

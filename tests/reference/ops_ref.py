@@ -82,10 +82,12 @@ def merge_qkv(q, k, v):
     return torch.cat([flat(q), flat(k), flat(v)], dim=-1)
 
 
-def causal_attention(q, k, v, window=0, doc_ids=None):
+def causal_attention(q, k, v, window=0, doc_ids=None, scale_dim=0, softcap=0.0):
     """q (B, NH, T, HS), k/v (B, NKV, T, HS) -> out (B, T, NH HS), probs (B, NH, T, T).
     window > 0: query t sees keys t - window < j <= t (HF's sliding-window mask). doc_ids (B, T):
-    query t sees only keys of its own document."""
+    query t sees only keys of its own document. scale_dim > 0: scores scaled by scale_dim^-1/2
+    instead of HS^-1/2; softcap > 0: scores soft-capped, softcap tanh(s / softcap) (Gemma 2's
+    eager attention in transformers), the softmax and output written out instead of SDPA's."""
     B, NH, T, hs = q.shape
     group = NH // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
@@ -95,9 +97,14 @@ def causal_attention(q, k, v, window=0, doc_ids=None):
         mask &= torch.ones(T, T, dtype=torch.bool).triu(-(window - 1))
     if doc_ids is not None:
         mask = mask[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(scale_dim or hs)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if scale_dim or softcap:
+        out = probs @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, T, NH * hs), probs
 
 
@@ -317,6 +324,19 @@ def attention_cases(w):
             return {"out": out, "probs": probs}
 
         # scale 2: scores of order 1-10, so the softmax is far from uniform
+        _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS, scale=2.0)}, fn, {"qkv": "dqkv"})
+
+    # Gemma's scores: scaled by 12^-1/2 (not HS = 8), soft-capped at 3 (inputs of scale 2 give
+    # scores of order 1-10: the cap bends most of them); one case with a window over 45 positions.
+    for name, B, T, NH, NKV, window in (("attention_softcap", 2, 7, 4, 2, 0),
+                                        ("attention_softcap_window", 1, 45, 2, 1, 9)):
+        put = w.case(name, "attention", n_head=NH, n_kv_head=NKV, window=window, scale_dim=12,
+                     softcap=3.0)
+
+        def fn(qkv, NH=NH, NKV=NKV, window=window):
+            out, probs = causal_attention(*split_qkv(qkv, NH, NKV), window, None, 12, 3.0)
+            return {"out": out, "probs": probs}
+
         _run(put, {"qkv": _randn(B, T, (NH + 2 * NKV) * HS, scale=2.0)}, fn, {"qkv": "dqkv"})
 
     # Packed rows: attention within each document only. T = 300 spans several query tiles (64)

@@ -91,9 +91,11 @@ void softcap_grad_rows(D* dx, int64_t ldd, const T* dy, const T* y, int64_t rows
         continue;
       }
     }
+    // (the vector kernel's operations: y times 1 / cap, 1 - t t fused)
+    const T r = T(1) / cap;
     for (int64_t j = 0; j < cols; ++j) {
-      const T t = yr[j] / cap;
-      put(d + j, g[j] * (T(1) - t * t));
+      const T t = yr[j] * r;
+      put(d + j, g[j] * std::fma(-t, t, T(1)));
     }
   }
 }
