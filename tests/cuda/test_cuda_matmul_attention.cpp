@@ -264,7 +264,8 @@ TEST(CudaMatmul, BiasGradIsDeterministic) {
 
 struct AttnCase {
   int64_t B, T, NH, NKV, HS, window;
-  int64_t doc = 0;  // > 0: packed rows of documents of doc, 1 and 2 doc + 5 tokens, cycled
+  int64_t doc = 0;       // > 0: packed rows of documents of doc, 1 and 2 doc + 5 tokens, cycled
+  AttnScore score = {};  // Gemma's scale and soft-capping
 };
 
 // Each position's document start for packed rows (cpu/kernels.h), or empty.
@@ -294,6 +295,9 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
       {2, 200, 4, 2, 64, 0, 70},
       {2, 200, 4, 2, 64, 37, 50},
       {1, 77, 2, 1, 80, 5, 9},
+      // Gemma: scores scaled by 24^-1/2 and soft-capped at 1 (random inputs give scores ~3)
+      {2, 200, 4, 2, 64, 0, 0, {24, 1.0f}},
+      {2, 200, 4, 2, 32, 37, 50, {24, 1.0f}},
   };
   uint64_t seed = 500;
   for (const AttnCase& c : cases) {
@@ -304,20 +308,21 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
     const std::vector<int32_t> ds = doc_starts(c);
     const int32_t* h_ds = ds.empty() ? nullptr : ds.data();
     cpu::attention_forward<float>(out.data(), lse.data(), qkv.data(), c.B, c.T, c.NH, c.NKV, c.HS,
-                                  c.window, h_ds);
+                                  c.window, h_ds, c.score);
     cpu::attention_backward<float>(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(),
-                                   c.B, c.T, c.NH, c.NKV, c.HS, c.window, h_ds);
+                                   c.B, c.T, c.NH, c.NKV, c.HS, c.window, h_ds, c.score);
 
     DeviceArray<float> d_qkv(qkv), d_dout(dout), d_out(out.size()), d_lse(lse.size()),
         d_dqkv(std::vector<float>(dqkv.size(), 0.0f));
     DeviceArray<int32_t> d_ds(ds.empty() ? std::vector<int32_t>{0} : ds);
     const int32_t* g_ds = ds.empty() ? nullptr : d_ds.get();
     cuda::attention_forward(d_out.get(), d_lse.get(), d_qkv.get(), c.B, c.T, c.NH, c.NKV, c.HS,
-                            c.window, g_ds);
+                            c.window, g_ds, c.score);
     cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
-                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds);
-    const std::string tag = fmt::format("B={} T={} NH={} NKV={} HS={} window={} doc={}", c.B, c.T,
-                                        c.NH, c.NKV, c.HS, c.window, c.doc);
+                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds, c.score);
+    const std::string tag =
+        fmt::format("B={} T={} NH={} NKV={} HS={} window={} doc={} softcap={}", c.B, c.T, c.NH,
+                    c.NKV, c.HS, c.window, c.doc, c.score.softcap);
     EXPECT_TRUE(parity("attention out " + tag, d_out.host(), out, kTol.attention));
     EXPECT_TRUE(parity("attention lse " + tag, d_lse.host(), lse, kTol.attention));
     const std::vector<float> g1 = d_dqkv.host();
@@ -325,7 +330,7 @@ TEST(CudaAttention, ForwardBackwardMatchCpu) {
 
     // Backward adds, and adds the same bits again: exactly twice the first gradient.
     cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
-                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds);
+                             c.T, c.NH, c.NKV, c.HS, c.window, g_ds, c.score);
     const std::vector<float> g2 = d_dqkv.host();
     size_t mismatches = 0;
     for (size_t i = 0; i < g1.size(); ++i) mismatches += g2[i] != 2.0f * g1[i];
