@@ -286,15 +286,18 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
 // RoPE base 10000 against 1e6; the 270M's layer_types say the same. Without layer_types the
 // pattern is sliding_window_pattern's (transformers ignores the "_sliding_window_pattern" it
 // writes), and without query_pre_attn_scalar the scale is transformers' default 1/sqrt(256).
-// The gemma3-270m preset is what google/gemma-3-270m's config.json maps to, field for field.
-TEST(Presets, Gemma3PresetIsTheHubConfig) {
-  ModelConfig hub = hf_config_from_json(json::parse(kModels[11].config), "270m").model;
-  ModelConfig preset = model_preset("gemma3-270m");
-  auto a = model_fields(hub), b = model_fields(preset);
-  ASSERT_EQ(a.size(), b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].key == "preset") continue;
-    EXPECT_EQ(field_value(a[i]), field_value(b[i])) << a[i].key;
+// The gemma3-270m and gemma2-2b presets are what google/gemma-3-270m's and google/gemma-2-2b's
+// config.json map to, field for field.
+TEST(Presets, GemmaPresetsAreTheHubConfigs) {
+  for (const auto& [index, name] : {std::pair{11, "gemma3-270m"}, {13, "gemma2-2b"}}) {
+    ModelConfig hub = hf_config_from_json(json::parse(kModels[index].config), name).model;
+    ModelConfig preset = model_preset(name);
+    auto a = model_fields(hub), b = model_fields(preset);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].key == "preset") continue;
+      EXPECT_EQ(field_value(a[i]), field_value(b[i])) << name << " " << a[i].key;
+    }
   }
 }
 

@@ -94,6 +94,24 @@ const std::map<std::string, std::function<ModelConfig()>>& table() {
          c.norm_offset = 1;
          return c;
        }},
+      {"gemma2-2b",  // google/gemma-2-2b's shape (Gemma2ForCausalLM)
+       [] {
+         ModelConfig c = llama(26, 8, 4, 2304, 9216);
+         c.arch = "gemma2";
+         c.vocab_size = 256000;
+         c.max_seq_len = 8192;
+         c.head_dim = 256;
+         c.norm_eps = 1e-6;
+         c.mlp = "geglu";
+         c.rope_theta = 1e4;
+         c.sliding_window = 4096;
+         c.full_attention_every = 2;
+         c.attn_softcap = 50;
+         c.logit_softcap = 30;
+         c.embed_scale = c.post_norms = c.tie_embeddings = true;
+         c.norm_offset = 1;
+         return c;
+       }},
       {"llama3-8b",
        [] {
          ModelConfig c = llama(32, 32, 8, 4096, 14336);
