@@ -33,6 +33,13 @@ HF = {
         num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
         max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
         tie_word_embeddings=True)),
+    # google/gemma-2-2b: soft-capped attention (transformers runs its eager attention: SDPA has no
+    # soft-capping) and logits
+    "gemma2-2b": ("gemma2", dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=8192, sliding_window=4096, rms_norm_eps=1e-6,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True)),
 }
 
 
@@ -178,6 +185,13 @@ def add_lora(model, r, alpha, dropout=0.0):
     Face module (Llama's qkv is q_proj, k_proj, v_proj; gate_up is gate_proj, up_proj)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    if isinstance(model, HfModel):  # PEFT's layers on each block's q/k/v/o and gate/up/down
+        for block in model.blocks:
+            for mod in (block.self_attn, block.mlp):
+                for name, child in list(mod.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(mod, name, LoraLinear(child, r, alpha, None, dropout))
+        return
     for block in model.modules():
         if isinstance(block, (GptBlock, LlamaBlock)):
             for name, child in list(block.named_children()):

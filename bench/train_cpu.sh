@@ -63,7 +63,7 @@ debian_torch=0
 /usr/bin/python3 -c 'import torch' 2>/dev/null && debian_torch=1
 ((debian_torch)) || echo "Debian python3-torch not installed: no PyTorch 1.13 rows"
 # Presets whose peer is transformers' own model (torch_train_peer.py's HF): no PyTorch 1.13 rows.
-if ((debian_torch)) && [[ $model == gemma3-* ]]; then
+if ((debian_torch)) && [[ $model == gemma* ]]; then
   debian_torch=0
   echo "$model: the peer is transformers' model, which Debian's PyTorch 1.13 lacks: no 1.13 rows"
 fi

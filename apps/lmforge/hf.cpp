@@ -54,7 +54,8 @@ std::string features(const ModelConfig& m) {
   if (m.pos == "rope") {
     f += fmt::format(" (theta {}", m.rope_theta);
     if (m.rope_local_theta > 0) f += fmt::format(", windowed layers {}", m.rope_local_theta);
-    if (m.rope_scaling.factor > 0) f += fmt::format(", llama3 scaling x{}", m.rope_scaling.factor);
+    if (m.rope_scaling.factor > 0)
+      f += fmt::format(", {} scaling x{}", m.rope_scaling.type, m.rope_scaling.factor);
     f += ")";
   }
   if (m.embed_scale) f += ", embeddings x sqrt(C)";

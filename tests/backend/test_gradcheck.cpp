@@ -145,7 +145,8 @@ void rope(Check& c) {
   cfg.n_embd = NH * HS;
   cfg.max_seq_len = pos0 + T;
   cfg.rope_theta = 10000;
-  cfg.rope_scaling = {4.0, 1.0, 4.0, 64};  // kept: HS-wavelength 6.3 < 16; 63 blended; > 64 divided
+  cfg.rope_scaling = {"llama3", 4.0, 1.0, 4.0,
+                      64};  // kept: HS-wavelength 6.3 < 16; 63 blended; > 64 divided
   Tensor cos = Tensor::empty({cfg.max_seq_len, HS / 2}, DType::kF32);
   Tensor sin = Tensor::empty({cfg.max_seq_len, HS / 2}, DType::kF32);
   rope_tables(cfg, cos, sin);

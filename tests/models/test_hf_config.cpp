@@ -4,12 +4,14 @@
 // mapped config must equal them exactly. Unsupported fields are one clear error naming them.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/config.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/models/presets.h"
+#include "lmforge/models/rope_table.h"
 
 namespace lmforge {
 namespace {
@@ -154,6 +156,19 @@ const Published kModels[] = {
        "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
        "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
        "transformers_version": "4.42.4", "use_cache": true, "vocab_size": 256000})"},
+    // Gemma 3 4B (multimodal): its text model (transformers' Gemma3ForCausalLM count from
+    // text_config), the fields text_config leaves out at Gemma3TextConfig's defaults; linear RoPE
+    // scaling on the full layers.
+    {"Gemma-3-4B-it", 3'880'263'168,
+     R"({"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+       "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+       "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+       "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+       "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+       "sliding_window": 1024}, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+       "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+       "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+       "patch_size": 14, "vision_use_head": false}})"},
     {"Gemma-2-27B", 27'227'128'320,
      R"({"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
@@ -257,7 +272,9 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       // gate, RoPE bases per layer type in Gemma 2.
       {11, "attn_logit_softcapping", -50.0, "attn_logit_softcapping"},
       {13, "final_logit_softcapping", "30", "final_logit_softcapping"},
-      {11, "rope_scaling", {{"rope_type", "linear"}, {"factor", 8.0}}, "rope_scaling"},
+      {11, "rope_scaling", {{"rope_type", "yarn"}, {"factor", 8.0}}, "rope_scaling"},
+      {11, "rope_scaling", {{"rope_type", "linear"}}, "rope_scaling"},
+      {14, "vision_tower", 1, "vision_tower"},
       {11, "query_pre_attn_scalar", 168.5, "query_pre_attn_scalar"},
       {13, "layer_types", json(std::vector<std::string>(25, "sliding_attention")), "layer_types"},
       {13, "hidden_activation", "silu", "hidden_activation"},
@@ -343,6 +360,43 @@ TEST(HfConfig, Gemma3LayerTypesAndRopeBases) {
   EXPECT_EQ(hf_config_from_json(j, "g3").model.logit_softcap, 0.0);
 }
 
+// Gemma 3 4B's multimodal config: its text model with Gemma3TextConfig's defaults, linear RoPE
+// scaling on the full layers only (the windowed ones keep their own unscaled table, even at the
+// same base), the vision tower noted as not imported.
+TEST(HfConfig, Gemma3MultimodalTextModel) {
+  const HfConfig hc = hf_config_from_json(json::parse(kModels[14].config), "4b");
+  const ModelConfig& m = hc.model;
+  EXPECT_EQ(m.arch, "gemma3");
+  EXPECT_EQ(m.vocab_size, 262208);
+  EXPECT_EQ(m.n_embd, 2560);
+  EXPECT_EQ(m.n_head, 8);
+  EXPECT_EQ(m.kv_heads(), 4);
+  EXPECT_EQ(m.head_size(), 256);
+  EXPECT_EQ(m.max_seq_len, 131072);
+  EXPECT_TRUE(m.qk_norm && m.post_norms && m.tie_embeddings);
+  EXPECT_EQ(m.sliding_window, 1024);
+  EXPECT_EQ(m.full_attention_every, 6);
+  EXPECT_EQ(m.rope_scaling.type, "linear");
+  EXPECT_EQ(m.rope_scaling.factor, 8.0);
+  EXPECT_EQ(m.rope_theta, 1e6);
+  EXPECT_EQ(m.rope_local_theta, 1e4);
+  ASSERT_EQ(hc.notes.size(), 1u);
+  EXPECT_NE(hc.notes[0].find("vision"), std::string::npos);
+  json j = json::parse(kModels[14].config);
+  j["text_config"]["rope_local_base_freq"] = 1e6;  // the same base: still its own, unscaled
+  EXPECT_EQ(hf_config_from_json(j, "4b").model.rope_local_theta, 1e6);
+  // The scaled and unscaled tables: every frequency of the full layers' divided by 8.
+  const std::vector<double> full = rope_inv_freq(m, false), local = rope_inv_freq(m, true);
+  ModelConfig plain = m;
+  plain.rope_scaling.factor = 0;
+  const std::vector<double> unscaled = rope_inv_freq(plain, false);
+  for (size_t i = 0; i < full.size(); ++i) EXPECT_DOUBLE_EQ(full[i] * 8, unscaled[i]);
+  EXPECT_DOUBLE_EQ(local[1], 1.0 / std::pow(1e4, 2.0 / 256));
+  j = json::parse(kModels[14].config);
+  j["text_config"]["model_type"] = "gemma2";
+  EXPECT_THROW(hf_config_from_json(j, "4b"), Error);
+}
+
 // Gemma 2 as transformers reads it: post norms without q/k norms, every other layer windowed
 // (layer 1, 3, ... full), soft-capped scores and logits (50 and 30 when the keys are absent, none
 // when null), one RoPE base; the 27B's scale 144^-1/2.
@@ -360,7 +414,7 @@ TEST(HfConfig, Gemma2SoftCappingAndWindows) {
   EXPECT_EQ(m.attn_softcap, 50.0);
   EXPECT_EQ(m.logit_softcap, 30.0);
   EXPECT_EQ(m.attn_scale_dim, 0);
-  EXPECT_EQ(hf_config_from_json(json::parse(kModels[14].config), "g27").model.attn_scale_dim, 144);
+  EXPECT_EQ(hf_config_from_json(json::parse(kModels[15].config), "g27").model.attn_scale_dim, 144);
   json j = json::parse(kModels[13].config);
   j.erase("attn_logit_softcapping");
   j.erase("final_logit_softcapping");
@@ -392,6 +446,26 @@ TEST(HfConfig, ExportRefusesWhatTheFamilyCannotExpress) {
   EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
   m = l.model;
   m.arch = "gpt2";
+  EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
+  // Soft-capping and the scores' scale: Gemma 2 and 3 alone (a GPT-2 trained with capped logits
+  // must not export as one without them); Gemma 2 windows every other layer.
+  const ModelConfig gpt2 = hf_config_from_json(json::parse(kModels[0].config), "gpt2").model,
+                    gemma = hf_config_from_json(json::parse(kModels[10].config), "gemma").model,
+                    gemma2 = hf_config_from_json(json::parse(kModels[13].config), "g2").model;
+  EXPECT_NO_THROW(hf_config_json(gpt2, -1, -1, DType::kF32));
+  for (ModelConfig c : {gpt2, l.model, gemma}) {
+    ModelConfig x = c;
+    x.logit_softcap = 30;
+    EXPECT_THROW(hf_config_json(x, -1, -1, DType::kF32), Error) << c.arch;
+    x = c;
+    x.attn_softcap = 50;
+    EXPECT_THROW(hf_config_json(x, -1, -1, DType::kF32), Error) << c.arch;
+    x = c;
+    x.attn_scale_dim = 96;
+    EXPECT_THROW(hf_config_json(x, -1, -1, DType::kF32), Error) << c.arch;
+  }
+  m = gemma2;
+  m.full_attention_every = 3;
   EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
 }
 

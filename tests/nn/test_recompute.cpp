@@ -24,7 +24,7 @@ struct Result {
 };
 
 Result run(ModelConfig cfg, Recompute mode, bool bf16 = false, bool bf16_acts = true,
-           bool bf16_outs = true, bool bf16_att_grads = false) {
+           bool bf16_outs = true, bool bf16_att_grads = false, bool keep_logits = false) {
   const int64_t B = 2, T = 16;
   Transformer m(cfg);
   m.init_weights(5);
@@ -32,7 +32,7 @@ Result run(ModelConfig cfg, Recompute mode, bool bf16 = false, bool bf16_acts = 
   m.set_bf16_activations(bf16_acts);
   m.set_bf16_matmul_outputs(bf16_outs);
   m.set_bf16_attention_grads(bf16_att_grads);
-  m.plan(B, T, mode);
+  m.plan(B, T, mode, keep_logits);
   Tensor tok = Tensor::empty({B, T}, DType::kI32), tgt = Tensor::empty({B, T}, DType::kI32);
   Rng rng(7);
   for (int64_t i = 0; i < B * T; ++i) {
@@ -197,6 +197,20 @@ TEST(Bf16Activations, BitIdenticalToFp32ActivationsGemma2Style) {
 }
 TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGemma2Style) {
   check(gemma2_style());
+}
+// Training with the whole logits kept (plan(..., keep_logits)) takes them through the cap alike.
+TEST(LogitSoftcap, KeptLogitsTrainAlike) {
+  ModelConfig c = gemma2_style();
+  c.vocab_size = 97;
+  const Result chunked = run(c, Recompute::kNone);
+  const Result kept = run(c, Recompute::kNone, false, true, true, false, /*keep_logits=*/true);
+  EXPECT_EQ(kept.loss, chunked.loss);
+  ASSERT_EQ(kept.grads.size(), chunked.grads.size());
+  EXPECT_EQ(std::memcmp(kept.grads.data(), chunked.grads.data(), kept.grads.size() * sizeof(float)),
+            0);
+  // (and the cap bends this model's logits: without it the loss differs)
+  c.logit_softcap = 0;
+  EXPECT_NE(run(c, Recompute::kNone).loss, chunked.loss);
 }
 
 TEST(ActivationCheckpointing, BitIdenticalGradientsWithLessMemoryGpt2) {

@@ -16,7 +16,7 @@ scaling), TinyLlama (Llama 2 shapes), SmolLM (tied embeddings), Llama with biase
 hidden/heads), Phi-3 (fused qkv and gate_up, sliding window), Gemma (GeGLU, scaled embeddings,
 1 + w norms), Gemma 2 (post norms, windows on every other layer, soft-capped attention scores
 and logits, query_pre_attn_scalar), Gemma 3 (q/k norms, windows on some layers with their own
-RoPE base). Two extra
+RoPE base), Gemma 3 4B's multimodal model (its text model; linear RoPE scaling). Two extra
 saves test loading:
 sharded (model.safetensors.index.json) and bfloat16 weights. PEFT_IMPORTS: LoRA adapters for
 lmforge to merge on import.
@@ -69,10 +69,29 @@ CASES = {
     "gemma3": ("gemma3_text", dict(LLAMA, hidden_size=72, head_dim=32, query_pre_attn_scalar=32,
                                    num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
                                    tie_word_embeddings=True)),
+    # Gemma 3 4B and up (Gemma3ForConditionalGeneration): the text model in text_config, with
+    # linear RoPE scaling (factor 4) on its full layers, scores scaled by 24^-1/2; a tiny SigLIP
+    # vision tower lmforge leaves out (text-only inputs never reach it).
+    "gemma3_mm": ("gemma3", dict(
+        text_config=dict(LLAMA, **COMMON, hidden_size=72, head_dim=32, query_pre_attn_scalar=24,
+                         num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
+                         tie_word_embeddings=True,
+                         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                           patch_size=14),
+        mm_tokens_per_image=4, bos_token_id=256, eos_token_id=256)),
 }
-# Same model as a case above, saved differently.
+# Same model as a case above, saved differently. *_renamed: a multimodal Gemma 3's tensors under
+# its modules' names (model.language_model.*, model.vision_tower.*) instead of the names
+# save_pretrained writes, the Hub's (language_model.model.*, vision_tower.*); transformers loads
+# both.
 SAVES = {"llama3_sharded": ("llama3", dict(max_shard_size="40KB"), None),
-         "qwen3_bf16": ("qwen3", {}, torch.bfloat16)}
+         "qwen3_bf16": ("qwen3", {}, torch.bfloat16),
+         "gemma3_mm_renamed": ("gemma3_mm", {}, None)}
+MODULE_NAMES = [("language_model.model.", "model.language_model."),
+                ("vision_tower.", "model.vision_tower."),
+                ("multi_modal_projector.", "model.multi_modal_projector.")]
 
 
 def corpus():
@@ -111,12 +130,20 @@ def randomize(model, gen):
                 p.copy_(0.1 * noise)
 
 
+def attention(config):
+    """Eager attention where scores are soft-capped (SDPA ignores the cap; transformers picks eager
+    for Gemma 2 itself, pinned here so the reference does not depend on its version)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None  # None: default
+
+
 def build(case):
     model_type, kw = CASES[case]
-    config = transformers.AutoConfig.for_model(model_type, **COMMON, **kw)
+    common = {} if model_type == "gemma3" else COMMON  # (the multimodal config's are its text's)
+    config = transformers.AutoConfig.for_model(model_type, **common, **kw)
     config.dtype = torch.float32
     gen = torch.Generator().manual_seed(1234)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          attn_implementation=attention(config))
     randomize(model, gen)
     return model.eval()
 
@@ -131,8 +158,9 @@ def reference(model, out_dir):
         logits = model(input_ids=tokens).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
         loss.backward()
-    grads = {"grad." + n: p.grad.float().contiguous() for n, p in model.named_parameters()
-             if p.grad is not None}
+    # (a multimodal Gemma 3's text model by the names of Gemma3ForCausalLM's, lmforge's)
+    grads = {"grad." + n.replace("model.language_model.", "model."): p.grad.float().contiguous()
+             for n, p in model.named_parameters() if p.grad is not None}
     logits, loss = logits.detach(), loss.detach()
     # Greedy generation through transformers' own KV cache: GEN new tokens after a prompt of
     # the first PROMPT tokens, with each step's margin (top logit minus the runner-up) telling
@@ -206,8 +234,14 @@ def make(out):
         m = models[case] if dtype is None else build(case).to(dtype)
         m.save_pretrained(d, **kwargs)
         fast.save_pretrained(d)
+        if name.endswith("_renamed"):
+            rename_to_modules(os.path.join(d, "model.safetensors"))
         # The reference is what transformers computes from the saved files, in float32.
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        if name.endswith("_renamed"):  # every tensor found under its new name
+            tokens = torch.arange(T).reshape(1, T) % V
+            with torch.no_grad():
+                assert torch.equal(reloaded(input_ids=tokens).logits, m(input_ids=tokens).logits)
         reference(reloaded.eval(), d)
     for seed, (name, (case, opts)) in enumerate(PEFT_IMPORTS.items()):
         d = os.path.join(out, name)
@@ -218,6 +252,20 @@ def make(out):
         reference(model, d)
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(sorted(list(CASES) + list(SAVES)), f)
+
+
+def rename_to_modules(path):
+    """Rewrites a saved multimodal Gemma 3's tensors under its modules' names (MODULE_NAMES)."""
+    tensors = load_file(path)
+    renamed = {}
+    for k, t in tensors.items():
+        for saved, module in MODULE_NAMES:
+            if k.startswith(saved):
+                k = module + k[len(saved):]
+                break
+        renamed[k] = t
+    assert any(k.startswith("model.language_model.") for k in renamed), list(renamed)[:5]
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def apply_peft_adapter(model, adir):
@@ -252,7 +300,9 @@ def apply_peft_adapter(model, adir):
 
 def check(dirs):
     for d in dirs:
-        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        config = transformers.AutoConfig.from_pretrained(d)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation=attention(config)).eval()
         if os.path.isdir(os.path.join(d, "adapter")):
             apply_peft_adapter(model, os.path.join(d, "adapter"))
         tokens = load_file(os.path.join(d, "tokens.safetensors"))["tokens"].long()

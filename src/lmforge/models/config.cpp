@@ -46,6 +46,8 @@ void ModelConfig::validate() const {
   need(full_attention_every == 0 || sliding_window > 0, "full_attention_every",
        "picks the layers without a window; set model.sliding_window too");
   need(rope_local_theta >= 0, "rope_local_theta", "must be >= 0 (0 = rope_theta)");
+  need(rope_scaling.type == "llama3" || rope_scaling.type == "linear", "rope_scaling.type",
+       "expected llama3 or linear, got \"" + rope_scaling.type + "\"");
   need(rope_local_theta == 0 || (pos == "rope" && sliding_window > 0), "rope_local_theta",
        "is the RoPE base of the sliding-window layers; needs pos: rope and model.sliding_window");
   need(!post_norms || norm == "rmsnorm", "post_norms", "needs norm: rmsnorm");

@@ -26,7 +26,11 @@
 
 namespace lmforge {
 
-struct RopeScaling {  // Llama 3.1 "llama3" rope scaling; factor == 0 means off
+// RoPE scaling; factor == 0 means off. type llama3: Llama 3.1's (the low frequencies divided by
+// factor, the high ones kept, a smooth ramp between); linear: every frequency divided by factor
+// (positions interpolated; Gemma 3 4B and up, on its full-attention layers).
+struct RopeScaling {
+  std::string type = "llama3";  // llama3 | linear
   double factor = 0;
   double low_freq_factor = 1;
   double high_freq_factor = 4;

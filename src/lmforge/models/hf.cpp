@@ -176,8 +176,14 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
     }
     bool llama3_key = k == "factor" || k == "low_freq_factor" || k == "high_freq_factor" ||
                       k == "original_max_position_embeddings";
-    if (!(type == "llama3" && llama3_key))
+    if (!(type == "llama3" && llama3_key) && !(type == "linear" && k == "factor"))
       fail("{}: \"{}\" ({}) is not supported with rope_type {}", where, k, v.dump(), type);
+  }
+  if (type == "linear") {
+    if (!params.contains("factor")) fail("{}: rope_type linear needs \"factor\"", where);
+    m.rope_scaling.type = "linear";
+    m.rope_scaling.factor = positive("factor", 0);
+    return;
   }
   if (type == "llama3") {
     if (!params.contains("factor"))
@@ -188,8 +194,8 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
     m.rope_scaling.original_max_position_embeddings =
         static_cast<int64_t>(positive("original_max_position_embeddings", 8192));
   } else if (type != "default") {
-    fail("{}: rope_type \"{}\" is not supported (lmforge supports default and llama3)", where,
-         type);
+    fail("{}: rope_type \"{}\" is not supported (lmforge supports default, linear and llama3)",
+         where, type);
   }
 }
 
@@ -363,27 +369,51 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
     read_rope(r, j, m);
     return;
   }
-  // RoPE: transformers 5's rope_parameters per layer type, else rope_theta (full layers) and
-  // rope_local_base_freq (sliding ones), else 1e6 and 1e4 (transformers' order).
+  // RoPE: transformers 5's rope_parameters per layer type, with rope_scaling merged into the full
+  // layers' entry (Gemma 3 4B and up: linear, factor 8), else rope_theta (full layers) and
+  // rope_local_base_freq (sliding ones), else 1e6 and 1e4 (transformers' order). The sliding
+  // layers are never scaled.
   double theta = r.number("rope_theta", 1e6), local = r.number("rope_local_base_freq", 1e4);
+  json full_rope = json::object(), sliding_rope = json::object();
   if (r.has("rope_parameters")) {
     const json& p = r.at("rope_parameters");
     for (auto& [kind, v] : p.items()) {
       if ((kind != "full_attention" && kind != "sliding_attention") || !v.is_object())
         r.unsupported("rope_parameters", "full_attention and sliding_attention entries only");
-      for (auto& [k, x] : v.items()) {
-        if (k == "rope_type" && x == "default") continue;
-        if (k == "rope_theta" && x.is_number() && x.get<double>() > 0) {
-          (kind == "full_attention" ? theta : local) = x.get<double>();
-          continue;
-        }
-        r.unsupported("rope_parameters", "default RoPE with a positive rope_theta only");
-      }
+      (kind == "full_attention" ? full_rope : sliding_rope) = v;
     }
   }
-  if (r.has("rope_scaling")) r.unsupported("rope_scaling", "RoPE scaling of Gemma 3 4B and up");
+  if (r.has("rope_scaling")) {
+    if (!r.at("rope_scaling").is_object()) r.bad("rope_scaling", "an object or null");
+    for (auto& [k, x] : r.at("rope_scaling").items()) full_rope[k] = x;
+  }
+  for (const bool is_full : {true, false}) {
+    const char* key = r.has("rope_scaling") && is_full ? "rope_scaling" : "rope_parameters";
+    std::string type = "default";
+    double factor = 0;
+    for (auto& [k, x] : (is_full ? full_rope : sliding_rope).items()) {
+      if ((k == "rope_type" || k == "type") && x.is_string()) {
+        type = x.get<std::string>();
+      } else if ((k == "rope_theta" || (k == "factor" && is_full)) && x.is_number() &&
+                 x.get<double>() > 0) {
+        (k == "factor" ? factor : is_full ? theta : local) = x.get<double>();
+      } else {
+        r.unsupported(key,
+                      "default RoPE with a positive rope_theta, or linear scaling (a positive "
+                      "factor) on the full-attention layers");
+      }
+    }
+    if (type == "linear" && is_full && factor > 0) {
+      m.rope_scaling.type = "linear";
+      m.rope_scaling.factor = factor;
+    } else if (type != "default" || factor > 0) {
+      r.unsupported(key, "default RoPE, or linear scaling on the full-attention layers");
+    }
+  }
   m.rope_theta = theta;
-  m.rope_local_theta = windows && local != theta ? local : 0;
+  // (a windowed layer's own table whenever it differs from the full layers': another base, or
+  // the full layers scaled)
+  m.rope_local_theta = windows && (local != theta || m.rope_scaling.factor > 0) ? local : 0;
 }
 
 // hf_config_json's Gemma, Gemma 2 and Gemma 3 (the checks common to the Llama-like families
@@ -401,16 +431,20 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   if (m.qk_norm != g3) cannot("qk_norm", m.qk_norm ? "true" : "false", "Gemma 3 alone, always");
   if (m.post_norms != (g2 || g3))
     cannot("post_norms", m.post_norms ? "true" : "false", "Gemma 2 and 3 alone, always");
-  if (m.rope_scaling.factor > 0) cannot("rope_scaling.factor", "> 0", "no RoPE scaling");
-  if (m.arch == "gemma") {
-    if (m.sliding_window)
-      cannot("sliding_window", std::to_string(m.sliding_window), "choose arch gemma2 or gemma3");
-    if (m.attn_scale_dim || m.attn_softcap > 0 || m.logit_softcap > 0)
-      cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap),
-             "choose arch gemma2 (soft-capping, attn_scale_dim)");
-  }
+  if (m.rope_scaling.factor > 0 && !(g3 && m.rope_scaling.type == "linear"))
+    cannot("rope_scaling.factor", fmt::format("{:g}", m.rope_scaling.factor),
+           "Gemma 3 alone has RoPE scaling, linear");
+  if (m.rope_scaling.factor > 0 && m.sliding_window > 0 && m.rope_local_theta == 0)
+    cannot("rope_local_theta", "0",
+           "transformers' windowed layers are not scaled: set their base (Gemma 3: 10000)");
+  if (m.arch == "gemma" && m.sliding_window)
+    cannot("sliding_window", std::to_string(m.sliding_window), "choose arch gemma2 or gemma3");
   if (g2 && m.rope_local_theta > 0)
     cannot("rope_local_theta", fmt::format("{:g}", m.rope_local_theta), "choose arch gemma3");
+  // (transformers before layer_types hard-codes Gemma 2's pattern: every other layer windowed)
+  if (g2 && (m.sliding_window == 0 || m.full_attention_every != 2))
+    cannot("full_attention_every", std::to_string(m.full_attention_every),
+           "Gemma 2 windows every other layer: sliding_window > 0 and full_attention_every 2");
   j.update({{"hidden_size", m.n_embd},
             {"intermediate_size", m.ffn()},
             {"num_hidden_layers", m.n_layer},
@@ -422,7 +456,9 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
             {"attention_bias", false},
             {"attention_dropout", 0.0},
             {"rope_theta", m.rope_theta},
-            {"rope_scaling", nullptr}});
+            {"rope_scaling", m.rope_scaling.factor > 0
+                                 ? json{{"rope_type", "linear"}, {"factor", m.rope_scaling.factor}}
+                                 : json(nullptr)}});
   if (m.arch == "gemma") {
     j["hidden_act"] = "gelu_pytorch_tanh";
     return j;
@@ -444,9 +480,48 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
 
 }  // namespace
 
+// Gemma 3 4B and up (Gemma3ForConditionalGeneration, model_type gemma3): its text model, from
+// text_config with Gemma3TextConfig's defaults where the Hub's configs leave fields out (they give
+// only what differs), the top level's token ids and tie_word_embeddings; the vision tower and
+// its projector are not imported (a note says so), the text model exports as Gemma3ForCausalLM.
+HfConfig read_gemma3_multimodal(const json& j, const std::string& source) {
+  static const std::set<std::string> kTop = {
+      "text_config",     "vision_config",       "mm_tokens_per_image", "boi_token_index",
+      "eoi_token_index", "image_token_index",   "boi_token_id",        "eoi_token_id",
+      "image_token_id",  "tie_word_embeddings", "processor_class"};
+  for (auto& [k, v] : j.items())
+    if (!kTop.count(k) && !kMetadataKeys.count(k))
+      fail(
+          "{}: \"{}\" is not supported in a Gemma 3 multimodal config (lmforge imports its "
+          "text_config's model)",
+          source, k);
+  if (!j.contains("text_config") || !j.at("text_config").is_object())
+    fail("{}: \"text_config\": expected an object (the text model's config)", source);
+  json t = j.at("text_config");
+  if (t.value("model_type", "gemma3_text") != "gemma3_text")
+    fail("{}: text_config.model_type \"{}\" (expected gemma3_text)", source,
+         t.value("model_type", ""));
+  t["model_type"] = "gemma3_text";
+  const std::pair<const char*, int64_t> kDefaults[] = {
+      {"vocab_size", 262208},    {"hidden_size", 2304},      {"intermediate_size", 9216},
+      {"num_hidden_layers", 26}, {"num_attention_heads", 8}, {"max_position_embeddings", 131072}};
+  for (const auto& [k, v] : kDefaults)
+    if (!t.contains(k)) t[k] = v;
+  t["tie_word_embeddings"] = j.value("tie_word_embeddings", true);
+  for (const char* k : {"bos_token_id", "eos_token_id", "pad_token_id"})
+    if (j.contains(k)) t[k] = j.at(k);
+  HfConfig out = hf_config_from_json(t, source + ": text_config");
+  if (j.contains("vision_config"))
+    out.notes.push_back(
+        "vision_config: the vision tower is not imported; lmforge trains the text model and "
+        "exports it as Gemma3ForCausalLM");
+  return out;
+}
+
 HfConfig hf_config_from_json(const json& j, const std::string& source) {
   HfConfig out;
   if (!j.is_object()) fail("{}: expected a JSON object", source);
+  if (j.value("model_type", "") == "gemma3") return read_gemma3_multimodal(j, source);
   ConfigReader r(j, source, out);
   std::string type = r.string("model_type", "");
   if (!find_family(type)) {
@@ -519,6 +594,15 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
             {"pad_token_id", nullptr},
             {"initializer_range", m.init_std},
             {"torch_dtype", dtype == DType::kBF16 ? "bfloat16" : "float32"}};
+  // Gemma 2's and 3's alone: the scores' scale and soft-capping
+  if (type != "gemma2" && type != "gemma3") {
+    if (m.attn_scale_dim)
+      cannot("attn_scale_dim", std::to_string(m.attn_scale_dim), "choose arch gemma2");
+    if (m.attn_softcap > 0)
+      cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap), "choose arch gemma2");
+    if (m.logit_softcap > 0)
+      cannot("logit_softcap", fmt::format("{:g}", m.logit_softcap), "choose arch gemma2");
+  }
   if (type == "gpt2") {
     if (m.norm != "layernorm") cannot("norm", m.norm, "GPT-2 uses layernorm");
     if (m.mlp != "gelu") cannot("mlp", m.mlp, "GPT-2 uses gelu");
@@ -550,9 +634,6 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
   if (m.full_attention_every || m.rope_local_theta)
     cannot("full_attention_every", std::to_string(m.full_attention_every),
            "choose arch gemma2 or gemma3 (windows on some layers; rope_local_theta: gemma3)");
-  if (m.attn_scale_dim || m.attn_softcap > 0 || m.logit_softcap > 0)
-    cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap),
-           "choose arch gemma2 (soft-capping, attn_scale_dim)");
   if (m.mlp != "swiglu") cannot("mlp", m.mlp, "this family uses swiglu");
   if (m.pos != "rope") cannot("pos", m.pos, "this family uses rope");
   if (m.qk_norm != (type == "qwen3"))
@@ -578,7 +659,9 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
             {"attention_dropout", 0.0},
             {"rope_theta", m.rope_theta}});
   if (fam->has_head_dim) j["head_dim"] = HS;
-  if (m.rope_scaling.factor > 0)
+  if (m.rope_scaling.factor > 0 && m.rope_scaling.type == "linear")
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", m.rope_scaling.factor}};
+  else if (m.rope_scaling.factor > 0)
     j["rope_scaling"] = {
         {"rope_type", "llama3"},
         {"factor", m.rope_scaling.factor},

@@ -99,10 +99,16 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
   SafetensorsSet set = SafetensorsSet::open(dir);
   const ModelConfig& m = layout.config();
   std::set<std::string> used;
-  // Hub GPT-2 checkpoints predate the "transformer." prefix.
+  // Hub GPT-2 checkpoints predate the "transformer." prefix. Gemma 3's multimodal models hold the
+  // text model under language_model (the Hub's files: language_model.model.*, transformers 5's:
+  // model.language_model.*).
   auto resolve = [&](const std::string& name) {
     if (set.has(name)) return name;
     if (name.starts_with("transformer.") && set.has(name.substr(12))) return name.substr(12);
+    if (m.arch == "gemma3" && name.starts_with("model."))
+      for (const char* pre : {"language_model.model.", "model.language_model."})
+        if (set.has(pre + name.substr(6))) return pre + name.substr(6);
+    if (m.arch == "gemma3" && set.has("language_model." + name)) return "language_model." + name;
     fail("{}: tensor \"{}\" is missing; the checkpoint does not match its config.json", set.path(),
          name);
   };
@@ -134,9 +140,17 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
     }
     give(p, value.data<float>());
   }
+  // (a Gemma 3 multimodal checkpoint's vision tower and projector: not imported)
+  auto vision = [&](const std::string& name) {
+    if (m.arch != "gemma3") return false;
+    for (const char* pre : {"vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                            "model.multi_modal_projector."})
+      if (name.starts_with(pre)) return true;
+    return false;
+  };
   for (const std::string& name : set.names()) {
-    if (used.count(name) || is_buffer(name)) continue;
-    if (name == "lm_head.weight" && m.tie_embeddings) {
+    if (used.count(name) || is_buffer(name) || vision(name)) continue;
+    if ((name == "lm_head.weight" || name == "language_model.lm_head.weight") && m.tie_embeddings) {
       // Some exports store the tied head anyway; it must then equal the embedding.
       const Param& emb = layout.params().params().front();
       const std::vector<HfPiece> pieces = hf_pieces(m, emb.name, emb.shape[0]);

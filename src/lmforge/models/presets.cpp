@@ -43,7 +43,7 @@ ModelConfig llama32(int64_t L, int64_t NH, int64_t C) {
   ModelConfig c = llama(L, NH, 8, C, 8192);
   c.max_seq_len = 131072;
   c.tie_embeddings = true;
-  c.rope_scaling = {32.0, 1.0, 4.0, 8192};
+  c.rope_scaling = {"llama3", 32.0, 1.0, 4.0, 8192};
   return c;
 }
 

@@ -10,7 +10,9 @@ std::vector<double> rope_inv_freq(const ModelConfig& cfg, bool local) {
   const double theta = local ? cfg.rope_local_theta : cfg.rope_theta;
   for (int64_t i = 0; i < half; ++i) inv[i] = 1.0 / std::pow(theta, 2.0 * i / HS);
   const RopeScaling& s = cfg.rope_scaling;
-  if (s.factor > 0 && !local) {
+  if (s.factor > 0 && !local && s.type == "linear") {
+    for (double& f : inv) f /= s.factor;
+  } else if (s.factor > 0 && !local) {
     double old_len = static_cast<double>(s.original_max_position_embeddings);
     double low_wavelen = old_len / s.low_freq_factor;
     double high_wavelen = old_len / s.high_freq_factor;

@@ -278,7 +278,7 @@ void Transformer::plan(int64_t B, int64_t T, Recompute recompute, bool keep_logi
     chunk_ = keep_logits
                  ? Tensor()
                  : a.alloc({chunk_rows_, gpu && bf16_dlogits && !capped ? (V + 3) / 4 * 4 : V});
-    dcap_ = capped && !keep_logits && !forward_only_ ? a.alloc({chunk_rows_, V}) : Tensor();
+    dcap_ = capped && !forward_only_ ? a.alloc({chunk_rows_, V}) : Tensor();
     losses_ = a.alloc({B, T});
     lse_sums_ = a.alloc({(B * T + chunk_rows_ - 1) / chunk_rows_}, DType::kF64);
     stats_ = vocab_parallel() ? a.alloc({chunk_rows_, 3}, DType::kF64) : Tensor();

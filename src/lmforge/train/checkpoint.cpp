@@ -611,7 +611,7 @@ ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
   auto later = [](const std::string& k) {
     return k.starts_with("lora_") || k == "full_attention_every" || k == "rope_local_theta" ||
            k == "embed_scale" || k == "post_norms" || k == "norm_offset" || k == "attn_scale_dim" ||
-           k == "attn_softcap" || k == "logit_softcap";
+           k == "attn_softcap" || k == "logit_softcap" || k == "rope_scaling.type";
   };
   for (auto& f : model_fields(mc)) {
     if (!j["model"].contains(f.key)) {
