@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # lmforge generate vs transformers' generate on the CPU: the same weights, prompt, greedy decoding
 # (no stop token), threads and machine, in one run.
-#   bench/generate_cpu.sh [--model gpt2|smollm2-135m|gemma3-270m|llama3.2-1b] [--prompt 128] [--new 128]
-#                         [--batch 1] [--rounds 1]
+#   bench/generate_cpu.sh [--model gpt2|smollm2-135m|gemma3-270m|gemma2-2b|llama3.2-1b] [--prompt 128]
+#                         [--new 128] [--batch 1] [--rounds 1]
 # The model: transformers' random initialisation of the preset's shape (bench/generate_peer.py
 # make), converted once with `lmforge convert`; both kept under ~/.cache/lmforge/bench-generate/.
 # Rows: lmforge fp32 and bf16 (--precision), transformers fp32 and bf16 (dtype=); each prints the

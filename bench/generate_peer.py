@@ -57,6 +57,15 @@ MODELS = {
                                         sliding_window=512, rms_norm_eps=1e-6,
                                         tie_word_embeddings=True, bos_token_id=50256,
                                         eos_token_id=50256, pad_token_id=None), "gpt2"),
+    # google/gemma-2-2b's shape: soft-capped attention (transformers' eager attention) and logits
+    "gemma2-2b": ("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                                 num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                 head_dim=256, query_pre_attn_scalar=256,
+                                 max_position_embeddings=8192, sliding_window=4096,
+                                 rms_norm_eps=1e-6, attn_logit_softcapping=50.0,
+                                 final_logit_softcapping=30.0, tie_word_embeddings=True,
+                                 bos_token_id=50256, eos_token_id=50256, pad_token_id=None),
+                  "gpt2"),
 }
 
 
