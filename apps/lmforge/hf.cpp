@@ -11,6 +11,7 @@
 
 #include <cctype>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -213,6 +214,17 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   // The adapters' base: the HF directory the run started from, if it did.
   const std::string from = checkpoint_init_from(dir);
   const std::string base_model = from.starts_with("hf:") ? from.substr(3) : "";
+  if (peft && !base_model.empty()) {
+    // PEFT names the adapters after the base's modules: a Gemma 3 image-text model holds the text
+    // model under model.language_model (and its vision tower has q_proj's too).
+    std::ifstream in(fs::path(base_model) / "config.json");
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("model_type") && j["model_type"] == "gemma3")
+      fail(
+          "--to-peft: the run started from {}, a Gemma 3 image-text model, whose modules PEFT's "
+          "adapter keys would not name; export the merged text model with --to-hf instead",
+          base_model);
+  }
   // Written beside the target and renamed, so a failure leaves no half-written model.
   std::string tmp = out + ".tmp";
   fs::remove_all(tmp, ec);

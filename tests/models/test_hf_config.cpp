@@ -395,6 +395,17 @@ TEST(HfConfig, Gemma3MultimodalTextModel) {
   j = json::parse(kModels[14].config);
   j["text_config"]["model_type"] = "gemma2";
   EXPECT_THROW(hf_config_from_json(j, "4b"), Error);
+  // The image-text model's forward does not soft-cap its logits (Gemma3ForCausalLM's would): the
+  // key is noted and ignored. Its head is tied by the top level's flag.
+  j = json::parse(kModels[14].config);
+  j["text_config"]["final_logit_softcapping"] = 30.0;
+  j["text_config"]["tie_word_embeddings"] = false;
+  const HfConfig capped = hf_config_from_json(j, "4b");
+  EXPECT_EQ(capped.model.logit_softcap, 0);
+  EXPECT_TRUE(capped.model.tie_embeddings);
+  EXPECT_EQ(capped.notes.size(), 2u);
+  j["model_type"] = nullptr;  // (not a string: an error naming it, not a JSON exception)
+  EXPECT_THROW(hf_config_from_json(j, "4b"), Error);
 }
 
 // Gemma 2 as transformers reads it: post norms without q/k norms, every other layer windowed

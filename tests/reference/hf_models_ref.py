@@ -70,12 +70,13 @@ CASES = {
                                    num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
                                    tie_word_embeddings=True)),
     # Gemma 3 4B and up (Gemma3ForConditionalGeneration): the text model in text_config, with
-    # linear RoPE scaling (factor 4) on its full layers, scores scaled by 24^-1/2; a tiny SigLIP
-    # vision tower lmforge leaves out (text-only inputs never reach it).
+    # linear RoPE scaling (factor 4) on its full layers, the windowed ones unscaled at the same base
+    # (1e6), scores scaled by 24^-1/2; the head tied by the top level's flag (text_config's says
+    # no); a tiny SigLIP vision tower lmforge leaves out (text-only inputs never reach it).
     "gemma3_mm": ("gemma3", dict(
         text_config=dict(LLAMA, **COMMON, hidden_size=72, head_dim=32, query_pre_attn_scalar=24,
                          num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
-                         tie_word_embeddings=True,
+                         rope_local_base_freq=1e6, tie_word_embeddings=False,
                          rope_scaling={"rope_type": "linear", "factor": 4.0}),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
                            num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -133,7 +134,8 @@ def randomize(model, gen):
 def attention(config):
     """Eager attention where scores are soft-capped (SDPA ignores the cap; transformers picks eager
     for Gemma 2 itself, pinned here so the reference does not depend on its version)."""
-    return "eager" if getattr(config, "attn_logit_softcapping", None) else None  # None: default
+    capped = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+    return "eager" if capped else None  # None: transformers' default
 
 
 def build(case):
@@ -257,6 +259,7 @@ def make(out):
 def rename_to_modules(path):
     """Rewrites a saved multimodal Gemma 3's tensors under its modules' names (MODULE_NAMES)."""
     tensors = load_file(path)
+    assert any(k.startswith("language_model.model.") for k in tensors), list(tensors)[:5]
     renamed = {}
     for k, t in tensors.items():
         for saved, module in MODULE_NAMES:

@@ -393,7 +393,9 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
     double factor = 0;
     for (auto& [k, x] : (is_full ? full_rope : sliding_rope).items()) {
       if ((k == "rope_type" || k == "type") && x.is_string()) {
-        type = x.get<std::string>();
+        // (rope_type wins over the legacy type, as in transformers)
+        if (k == "rope_type" || !(is_full ? full_rope : sliding_rope).contains("rope_type"))
+          type = x.get<std::string>();
       } else if ((k == "rope_theta" || (k == "factor" && is_full)) && x.is_number() &&
                  x.get<double>() > 0) {
         (k == "factor" ? factor : is_full ? theta : local) = x.get<double>();
@@ -498,16 +500,22 @@ HfConfig read_gemma3_multimodal(const json& j, const std::string& source) {
   if (!j.contains("text_config") || !j.at("text_config").is_object())
     fail("{}: \"text_config\": expected an object (the text model's config)", source);
   json t = j.at("text_config");
-  if (t.value("model_type", "gemma3_text") != "gemma3_text")
-    fail("{}: text_config.model_type \"{}\" (expected gemma3_text)", source,
-         t.value("model_type", ""));
+  if (t.contains("model_type") && t["model_type"] != "gemma3_text")
+    fail("{}: text_config.model_type {} (expected \"gemma3_text\")", source,
+         t["model_type"].dump());
   t["model_type"] = "gemma3_text";
   const std::pair<const char*, int64_t> kDefaults[] = {
       {"vocab_size", 262208},    {"hidden_size", 2304},      {"intermediate_size", 9216},
       {"num_hidden_layers", 26}, {"num_attention_heads", 8}, {"max_position_embeddings", 131072}};
   for (const auto& [k, v] : kDefaults)
     if (!t.contains(k)) t[k] = v;
-  t["tie_word_embeddings"] = j.value("tie_word_embeddings", true);
+  // (the image-text model ties its head by the top level's flag, and its forward does not
+  // soft-cap the logits: Gemma3ForCausalLM's does)
+  const json tie = j.contains("tie_word_embeddings") ? j.at("tie_word_embeddings") : json(true);
+  t["tie_word_embeddings"] = tie.is_boolean() ? tie.get<bool>() : true;
+  const bool capped =
+      t.contains("final_logit_softcapping") && !t["final_logit_softcapping"].is_null();
+  t["final_logit_softcapping"] = nullptr;
   for (const char* k : {"bos_token_id", "eos_token_id", "pad_token_id"})
     if (j.contains(k)) t[k] = j.at(k);
   HfConfig out = hf_config_from_json(t, source + ": text_config");
@@ -515,13 +523,18 @@ HfConfig read_gemma3_multimodal(const json& j, const std::string& source) {
     out.notes.push_back(
         "vision_config: the vision tower is not imported; lmforge trains the text model and "
         "exports it as Gemma3ForCausalLM");
+  if (capped)
+    out.notes.push_back(
+        "text_config.final_logit_softcapping ignored, as Gemma3ForConditionalGeneration ignores "
+        "it");
   return out;
 }
 
 HfConfig hf_config_from_json(const json& j, const std::string& source) {
   HfConfig out;
   if (!j.is_object()) fail("{}: expected a JSON object", source);
-  if (j.value("model_type", "") == "gemma3") return read_gemma3_multimodal(j, source);
+  if (j.contains("model_type") && j["model_type"] == "gemma3")
+    return read_gemma3_multimodal(j, source);
   ConfigReader r(j, source, out);
   std::string type = r.string("model_type", "");
   if (!find_family(type)) {
@@ -644,6 +657,9 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
     cannot("qkv_bias", m.qkv_bias ? "true" : "false", "qwen2 has q/k/v biases and no others");
   if (m.bias && type != "llama")
     cannot("bias", "true", "choose arch llama (attention_bias, mlp_bias)");
+  if (type == "phi3" && m.rope_scaling.factor > 0)  // (Phi3Config: default or longrope only)
+    cannot("rope_scaling.factor", fmt::format("{:g}", m.rope_scaling.factor),
+           "Phi-3's config takes no llama3 or linear RoPE scaling");
   if (m.sliding_window && type != "mistral" && type != "phi3")
     cannot("sliding_window", std::to_string(m.sliding_window), "choose arch mistral");
   if (!fam->has_head_dim && !default_hs)

@@ -140,9 +140,13 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
     }
     give(p, value.data<float>());
   }
-  // (a Gemma 3 multimodal checkpoint's vision tower and projector: not imported)
+  // (a Gemma 3 multimodal checkpoint's vision tower and projector, beside its language model:
+  // not imported)
+  bool multimodal = false;
+  for (const std::string& name : set.names())
+    multimodal |= name.starts_with("language_model.") || name.starts_with("model.language_model.");
   auto vision = [&](const std::string& name) {
-    if (m.arch != "gemma3") return false;
+    if (m.arch != "gemma3" || !multimodal) return false;
     for (const char* pre : {"vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                             "model.multi_modal_projector."})
       if (name.starts_with(pre)) return true;
