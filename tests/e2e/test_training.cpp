@@ -356,6 +356,18 @@ TEST(Training, Bf16MasterWeightsCheckpointAndResumeBitExact) {
   ASSERT_EQ(hf.nbytes(), ours.nbytes());
   EXPECT_EQ(std::memcmp(hf.raw(), ours.raw(), ours.nbytes()), 0);
 
+  // init_from the fp32-master run's checkpoint with bf16 master weights: the weights load straight
+  // into bf16 values (no fp32 copy is made first) and train as the fp32-master run from there does
+  // (a value left unwritten or misrounded would show in the first loss).
+  const std::string from = "--set init_from=f/checkpoints/step-00000012 --set train.steps=2 ";
+  ASSERT_EQ(run_lmforge("train " + common + master + from + "--set run.dir=i", dir).exit_code, 0);
+  ASSERT_EQ(run_lmforge("train " + common + from + "--set run.dir=j", dir).exit_code, 0);
+  auto i = metrics(dir + "/i", "loss"), jf = metrics(dir + "/j", "loss");
+  ASSERT_EQ(i.size(), 2u);
+  EXPECT_NEAR(i.at(1)["loss"].get<double>(), jf.at(1)["loss"].get<double>(),
+              2e-3 * jf.at(1)["loss"].get<double>());
+  EXPECT_LT(i.at(1)["loss"].get<double>(), f.at(1)["loss"].get<double>());  // (trained weights)
+
   // Back to fp32 master weights from step 10 of the bf16-master run: the bf16 values widen
   // exactly, and training continues.
   fs::copy(dir + "/a", dir + "/c", fs::copy_options::recursive);

@@ -287,6 +287,12 @@ RunSetup setup_run(Config& cfg) {
     } else if (shards_later) {
       *shards_later = stream(*m);  // (the model's buffer left unwritten: nothing resident)
     } else if (init) {
+      // bf16 master weights on the host: the values made bf16 before the load writes them (fp32
+      // to bf16 as the later conversion would round them), so their fp32 buffer is never
+      // resident: a 2.6B model peaks at its 5 GiB, not 15 converting after the load.
+      if (t.precision == "bf16" && t.master_weights == "bf16" &&
+          resolve_device(t.device) == Device::kCPU)
+        m->use_bf16_master(/*convert=*/false);
       // LoRA adapters the source does not have start from their initial values (B = 0: the
       // source's model); the load replaces everything else.
       if (cfg.model.lora.on()) m->init_adapters(t.seed);
