@@ -16,7 +16,8 @@ import model_ref
 ALPHA, TEMPERATURE = 0.7, 2.0
 
 
-def make(name="gpt2-tiny", seed=91, B=3, T=16):
+def make(name="gpt2-tiny", seed=91, B=3, T=16, logit_softcap=0.0):
+    """logit_softcap > 0: both models' logits soft-capped, cap tanh(z / cap) (Gemma 2's)."""
     cfg = model_ref.PRESETS[name]
     torch.manual_seed(seed)
     student, teacher, values = model_ref.two_models(
@@ -33,6 +34,9 @@ def make(name="gpt2-tiny", seed=91, B=3, T=16):
     logits, _ = student(tokens, targets)
     with torch.no_grad():
         teacher_logits, _ = teacher(tokens, targets)
+    if logit_softcap:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+        teacher_logits = logit_softcap * torch.tanh(teacher_logits / logit_softcap)
     mask = (targets != -100).reshape(-1)
     V = logits.shape[-1]
     s, t, y = logits.reshape(-1, V)[mask], teacher_logits.reshape(-1, V)[mask], targets.reshape(-1)[mask]
@@ -47,4 +51,5 @@ def make(name="gpt2-tiny", seed=91, B=3, T=16):
     out["kl"] = kl.mean().detach().float().view(1)
     for pname, p in student.named_parameters():
         out["grad." + pname] = p.grad.float().contiguous()
-    return out, {"preset": name, "alpha": ALPHA, "temperature": TEMPERATURE}
+    return out, {"preset": name, "alpha": ALPHA, "temperature": TEMPERATURE,
+                 "logit_softcap": logit_softcap}

@@ -9,6 +9,7 @@
   adamw.safetensors               torch.optim.AdamW over three steps, and Muon (adamw_ref.py)
   preference.safetensors          DPO, ORPO and SimPO losses and gradients on gpt2-tiny (preference_ref.py)
   distill.safetensors             knowledge distillation's loss and gradients (distill_ref.py)
+  distill_capped.safetensors      the same with both models' logits soft-capped
   tokenizers/                     token ids from tiktoken, HF tokenizers and sentencepiece on a
                                   ~1.5 MB corpus sample and hard cases (tokenizer_ref.py)
 
@@ -83,6 +84,10 @@ def main():
     save("preference.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})
     tensors, hyper = distill_ref.make()
     save("distill.safetensors", tensors, {"hyper": json.dumps(hyper), "torch": torch.__version__})
+    # both models' logits soft-capped at 0.3 (the student's reach ~0.3, the teacher's ~1)
+    tensors, hyper = distill_ref.make(seed=92, logit_softcap=0.3)
+    save("distill_capped.safetensors", tensors,
+         {"hyper": json.dumps(hyper), "torch": torch.__version__})
 
     tokenizer_ref.make(os.path.join(args.out, "tokenizers"), args.tokenizer_assets)
 

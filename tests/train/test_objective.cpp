@@ -196,11 +196,13 @@ TEST(PreferenceObjective, LoraReferenceIsThePolicyWithoutAdapters) {
 }
 
 // Knowledge distillation through the trainer's path (DataParallel, the teacher's trunk and the
-// fused distillation loss per LM-head chunk) against distill_ref.py.
-TEST(Distillation, LossKlAndGradientsMatchPyTorch) {
-  Safetensors f = testing::open_fixture("distill.safetensors");
+// fused distillation loss per LM-head chunk) against distill_ref.py; with both models' logits
+// soft-capped too (the teacher's head capped, the student's gradient through its cap).
+void check_distillation(const std::string& fixture) {
+  Safetensors f = testing::open_fixture(fixture);
   const json h = json::parse(f.metadata().at("hyper"));
-  const ModelConfig cfg = model_preset(h.at("preset").get<std::string>());
+  ModelConfig cfg = model_preset(h.at("preset").get<std::string>());
+  cfg.logit_softcap = h.value("logit_softcap", 0.0);
   Transformer student(cfg), teacher(cfg);
   for (Param& p : student.params().params()) p.value.copy_from(f.get(p.name));
   for (Param& p : teacher.params().params()) p.value.copy_from(f.get("teacher." + p.name));
@@ -232,6 +234,10 @@ TEST(Distillation, LossKlAndGradientsMatchPyTorch) {
   // Evaluation stays the student's plain cross-entropy.
   const float ce = student.forward(tokens, targets);
   EXPECT_NE(ce, static_cast<float>(loss));
+}
+TEST(Distillation, LossKlAndGradientsMatchPyTorch) { check_distillation("distill.safetensors"); }
+TEST(Distillation, SoftCappedLogitsMatchPyTorch) {
+  check_distillation("distill_capped.safetensors");
 }
 
 // A step whose pairs all lack targets on a side has no terms: its metrics are an empty object
