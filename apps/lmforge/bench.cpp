@@ -19,6 +19,7 @@
 #include "lmforge/core/rng.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/config.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
@@ -165,10 +166,22 @@ void add_bench_matmul(CLI::App& bench) {
   });
 }
 
+// --set model.KEY=VALUE on the preset's config (a model key, as train's --set takes it).
+void set_model_key(ModelConfig& mc, const std::string& assignment) {
+  const size_t eq = assignment.find('=');
+  if (eq == std::string::npos || !assignment.starts_with("model."))
+    fail("--set: expected model.KEY=VALUE (a model key of the preset), got \"{}\"", assignment);
+  const std::string key = assignment.substr(6, eq - 6);
+  for (const ConfigField& f : model_fields(mc))
+    if (f.key == key) return assign_field(f, assignment.substr(eq + 1), "--set");
+  fail("--set: unknown model key \"model.{}\" (docs/config.md lists them)", key);
+}
+
 }  // namespace
 
 void add_bench(CLI::App& app) {
   struct Opts {
+    std::vector<std::string> sets;
     std::string model = "gpt2";
     int64_t batch = 4, seq = 64, steps = 5, profile_steps = 0, lora_rank = 0;
     double lora_dropout = 0;
@@ -181,6 +194,9 @@ void add_bench(CLI::App& app) {
   bench->require_subcommand(1);
   CLI::App* cmd = bench->add_subcommand("train", "Time training steps of a preset on random data");
   cmd->add_option("--model", o->model, "Model preset")->capture_default_str();
+  cmd->add_option("--set", o->sets,
+                  "A model key over the preset's, e.g. --set model.logit_softcap=30 (repeatable)")
+      ->type_name("model.KEY=VALUE");
   cmd->add_option("--batch", o->batch, "B")->capture_default_str();
   cmd->add_option("--seq", o->seq, "T")->capture_default_str();
   cmd->add_option("--steps", o->steps, "Timed steps (after one warm-up step)")
@@ -237,6 +253,7 @@ void add_bench(CLI::App& app) {
     if (o->objective == "dpo" && o->batch % 2)
       fail("--batch: {} is odd; a DPO pair takes two rows", o->batch);
     ModelConfig mc = model_preset(o->model);
+    for (const std::string& s : o->sets) set_model_key(mc, s);
     mc.lora.rank = o->lora_rank;
     mc.lora.dropout = o->lora_dropout;
     if (o->lora_dropout != 0 && o->lora_rank == 0) fail("--lora-dropout: only with --lora-rank");
