@@ -253,9 +253,9 @@ void add_bench(CLI::App& app) {
     if (o->objective == "dpo" && o->batch % 2)
       fail("--batch: {} is odd; a DPO pair takes two rows", o->batch);
     ModelConfig mc = model_preset(o->model);
-    for (const std::string& s : o->sets) set_model_key(mc, s);
     mc.lora.rank = o->lora_rank;
     mc.lora.dropout = o->lora_dropout;
+    for (const std::string& s : o->sets) set_model_key(mc, s);
     if (o->lora_dropout != 0 && o->lora_rank == 0) fail("--lora-dropout: only with --lora-rank");
     if (o->lora_dropout > 0 && o->cuda_graphs)
       fail("--lora-dropout: not with --cuda-graphs (each micro-batch draws a new mask)");

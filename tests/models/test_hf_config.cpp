@@ -408,6 +408,24 @@ TEST(HfConfig, Gemma3MultimodalTextModel) {
   EXPECT_THROW(hf_config_from_json(j, "4b"), Error);
 }
 
+// Linear RoPE scaling (rope_type linear: every frequency / factor) in a Llama config reads and
+// exports back; Phi-3's config class takes none, so its export refuses it.
+TEST(HfConfig, LinearRopeScalingRoundTrips) {
+  json j = json::parse(kModels[1].config);  // Llama 2 7B
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+  const ModelConfig m = hf_config_from_json(j, "llama2").model;
+  EXPECT_EQ(m.rope_scaling.type, "linear");
+  EXPECT_EQ(m.rope_scaling.factor, 2.0);
+  const json back = hf_config_json(m, -1, -1, DType::kF32);
+  EXPECT_EQ(back.at("rope_scaling"), (json{{"rope_type", "linear"}, {"factor", 2.0}}));
+  EXPECT_EQ(hf_config_from_json(back, "back").model.rope_scaling.type, "linear");
+  ModelConfig phi3 = hf_config_from_json(json::parse(kModels[7].config), "phi3").model;
+  phi3.rope_scaling = m.rope_scaling;
+  EXPECT_THROW(hf_config_json(phi3, -1, -1, DType::kF32), Error);
+  j["rope_scaling"] = {{"rope_type", "linear"}};  // (no factor)
+  EXPECT_THROW(hf_config_from_json(j, "llama2"), Error);
+}
+
 // Gemma 2 as transformers reads it: post norms without q/k norms, every other layer windowed
 // (layer 1, 3, ... full), soft-capped scores and logits (50 and 30 when the keys are absent, none
 // when null), one RoPE base; the 27B's scale 144^-1/2.

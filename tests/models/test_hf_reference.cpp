@@ -167,6 +167,25 @@ void randomize(Transformer& model, uint64_t seed) {
   }
 }
 
+// bf16 master weights made before the load (train.master_weights: bf16 with init_from: the fp32
+// values never made) hold the bits the fp32 load converted afterwards holds, LoRA adapters' initial
+// values included.
+TEST(HfImport, LoadIntoBf16MasterWeightsIsTheConvertedLoad) {
+  ModelConfig mc = read_hf_config(hf_dir("gemma2")).model;
+  mc.lora.rank = 4;
+  Transformer early(mc), late(mc);
+  early.use_bf16_master(/*convert=*/false);
+  for (Transformer* m : {&early, &late}) {
+    m->init_adapters(3);
+    load_hf_weights(*m, hf_dir("gemma2"));
+  }
+  late.use_bf16_master();
+  const Tensor a = early.params().flat_values(), b = late.params().flat_values();
+  ASSERT_EQ(a.dtype(), DType::kBF16);
+  ASSERT_EQ(a.nbytes(), b.nbytes());
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+}
+
 TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   const std::string root = t::temp_dir("hf-export");
   const std::string corpus =

@@ -433,10 +433,10 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   if (m.qk_norm != g3) cannot("qk_norm", m.qk_norm ? "true" : "false", "Gemma 3 alone, always");
   if (m.post_norms != (g2 || g3))
     cannot("post_norms", m.post_norms ? "true" : "false", "Gemma 2 and 3 alone, always");
-  if (m.rope_scaling.factor > 0 && !(g3 && m.rope_scaling.type == "linear"))
-    cannot("rope_scaling.factor", fmt::format("{:g}", m.rope_scaling.factor),
-           "Gemma 3 alone has RoPE scaling, linear");
-  if (m.rope_scaling.factor > 0 && m.sliding_window > 0 && m.rope_local_theta == 0)
+  if (m.rope_scaling.factor > 0 && m.rope_scaling.type != "linear")
+    cannot("rope_scaling.type", m.rope_scaling.type, "Gemma's configs take linear RoPE scaling");
+  // (Gemma 3's windowed layers have their own table, never scaled; Gemma and Gemma 2 scale all)
+  if (g3 && m.rope_scaling.factor > 0 && m.sliding_window > 0 && m.rope_local_theta == 0)
     cannot("rope_local_theta", "0",
            "transformers' windowed layers are not scaled: set their base (Gemma 3: 10000)");
   if (m.arch == "gemma" && m.sliding_window)

@@ -143,9 +143,10 @@ class ParamSet {
   // matmul weight's value_bf16 is its value. AdamW updates them in fp32 and rounds stochastically
   // (ops::adamw_update). The 1-D parameters (norm weights, biases) get fp32 working copies
   // (value_f32, read through Param::fp32()) that sync_bf16() refreshes; the embedding tables are
-  // read as bf16 by ops::embedding_forward. Gradients stay fp32. After enable_bf16, before
-  // use_external_bf16. convert = false: the values are not written yet (full-shard's, which
-  // DataParallel makes from a stream): the bf16 buffer is left unwritten too.
+  // read as bf16 by ops::embedding_forward. Gradients stay fp32. Before or after enable_bf16,
+  // before use_external_bf16. convert = false: the values are not written yet (full-shard's, which
+  // DataParallel makes from a stream, or a load's that writes them next): the bf16 buffer is left
+  // unwritten too.
   void use_bf16_master(bool convert = true);
   bool bf16_master() const { return master_bf16_; }
   void invalidate_bf16() { bf16_fresh_ = false; }
