@@ -99,16 +99,24 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
   SafetensorsSet set = SafetensorsSet::open(dir);
   const ModelConfig& m = layout.config();
   std::set<std::string> used;
-  // Hub GPT-2 checkpoints predate the "transformer." prefix. Gemma 3's multimodal models hold the
-  // text model under language_model (the Hub's files: language_model.model.*, transformers 5's:
-  // model.language_model.*).
+  // A Gemma 3 image-text checkpoint: its text model under language_model (the Hub's files:
+  // language_model.model.*, transformers 5's modules: model.language_model.*), beside a vision
+  // tower and projector that are not imported.
+  bool multimodal = false;
+  if (m.arch == "gemma3")
+    for (const std::string& name : set.names())
+      multimodal |=
+          name.starts_with("language_model.") || name.starts_with("model.language_model.");
+  // Hub GPT-2 checkpoints predate the "transformer." prefix.
   auto resolve = [&](const std::string& name) {
     if (set.has(name)) return name;
     if (name.starts_with("transformer.") && set.has(name.substr(12))) return name.substr(12);
-    if (m.arch == "gemma3" && name.starts_with("model."))
-      for (const char* pre : {"language_model.model.", "model.language_model."})
-        if (set.has(pre + name.substr(6))) return pre + name.substr(6);
-    if (m.arch == "gemma3" && set.has("language_model." + name)) return "language_model." + name;
+    if (multimodal) {
+      const std::string rest = name.starts_with("model.") ? name.substr(6) : name;
+      for (const std::string& at : {"language_model.model." + rest, "model.language_model." + rest,
+                                    "language_model." + name})
+        if (set.has(at)) return at;
+    }
     fail("{}: tensor \"{}\" is missing; the checkpoint does not match its config.json", set.path(),
          name);
   };
@@ -140,13 +148,8 @@ void for_each_hf_weight(const Transformer& layout, const std::string& dir, const
     }
     give(p, value.data<float>());
   }
-  // (a Gemma 3 multimodal checkpoint's vision tower and projector, beside its language model:
-  // not imported)
-  bool multimodal = false;
-  for (const std::string& name : set.names())
-    multimodal |= name.starts_with("language_model.") || name.starts_with("model.language_model.");
   auto vision = [&](const std::string& name) {
-    if (m.arch != "gemma3" || !multimodal) return false;
+    if (!multimodal) return false;
     for (const char* pre : {"vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                             "model.multi_modal_projector."})
       if (name.starts_with(pre)) return true;
