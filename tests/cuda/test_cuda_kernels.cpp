@@ -582,6 +582,21 @@ void adamw_sr(Rng& rng, int64_t n, int64_t step, uint32_t index0) {
   EXPECT_TRUE(close("v", d_v.host(), v, kExact));
 }
 
+// LoRA's fp32 masters of bf16 values: masters kept where they round to the value (half of them
+// here, denormals among them), the value widened elsewhere; bit-identical to the CPU.
+void keep_master(Rng& rng, int64_t n) {
+  std::vector<float> w = randn(rng, n);
+  for (int64_t i = 0; i < n; i += 97) w[i] = 1e-40f * static_cast<float>(rng.normal());
+  std::vector<uint16_t> v(n);
+  for (int64_t i = 0; i < n; ++i)
+    v[i] = i % 2 ? fp32_to_bf16_ftz(w[i]) : fp32_to_bf16(static_cast<float>(rng.normal()));
+  DeviceArray<float> d_w(w);
+  DeviceArray<uint16_t> d_v(v);
+  cpu::keep_master(w.data(), v.data(), n);
+  cuda::keep_master(d_w.get(), d_v.get(), n);
+  EXPECT_TRUE(close("master", d_w.host(), w, kExact));
+}
+
 // The whole step in one launch (adamw_update_many): fp32 slots with and without a bf16 copy and
 // weight decay, one of them unaligned (the scalar path) and spanning several chunks, and a bf16
 // master slot, against the CPU's one call per slot: bit-identical.
@@ -700,6 +715,7 @@ std::vector<Case> cases() {
       {"bf16_matmul_outputs_N9_F36", [](Rng& r) { bf16_matmul_outputs(r, 9, 36); }},
       {"bf16_matmul_outputs_N5_F13", [](Rng& r) { bf16_matmul_outputs(r, 5, 13); }},
       {"adamw_sr_n1000003_step10", [](Rng& r) { adamw_sr(r, 1000003, 10, 4000000000u); }},
+      {"keep_master_n1000003", [](Rng& r) { keep_master(r, 1000003); }},
       {"adamw_many_step1", [](Rng& r) { adamw_many(r, 1); }},
       {"adamw_many_step7", [](Rng& r) { adamw_many(r, 7); }},
       {"embedding_bf16_B4_T64_C768_V1000",

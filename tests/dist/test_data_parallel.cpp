@@ -87,6 +87,69 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   EXPECT_EQ(ref_opt, 8.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128));
 }
 
+// LoRA under bf16 master weights: the adapters' fp32 masters live in AdamW's state, sharded with it
+// (zero1, full-shard: each rank's pieces, saved in its own file as w.<name> slices; the runs are
+// one process's) and gathered whole into the checkpoint under tensor parallelism; every run
+// resumes bit for bit (a tensor-parallel checkpoint also in one process, within bf16's
+// roundings).
+TEST_F(DataParallelTest, LoraWithBf16MasterWeightsShardsTheAdaptersMasters) {
+  const std::string lora =
+      "--set model.lora_rank=4 --set train.batch_size=2 --set train.precision=bf16 "
+      "--set train.master_weights=bf16 --set train.checkpoint_every=3 --set train.keep_last=0 ";
+  // (zero1 on one process is no-shard, and reports its memory)
+  RunResult ref = run("lora16-ref", 1, lora + "--set train.grad_accum=2 --set dist.strategy=zero1");
+  ASSERT_EQ(ref.exit_code, 0) << ref.err;
+  // AdamW's state: two moments and a master per adapter element (4 blocks x 4 layers x r (in +
+  // out)), as the planner counts it.
+  const double adapters = 4.0 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128);
+  EXPECT_EQ(memory(ref.out).first, 12 * adapters);
+  FootprintOptions fo;
+  fo.bf16 = fo.bf16_master = true;
+  EXPECT_EQ(
+      training_footprint(checkpoint_model_config(find_latest_checkpoint(*dir_ + "/lora16-ref")), fo)
+          .optimizer,
+      12 * adapters);
+  // Every adapter's master is saved (4 blocks x 4 layers x A and B), by one file or another.
+  auto masters_saved = [&](const std::string& name, const std::vector<std::string>& files) {
+    std::set<std::string> seen;
+    for (const std::string& f : files)
+      for (const std::string& n :
+           Safetensors::open(*dir_ + "/" + name + "/checkpoints/step-00000003/" + f).names())
+        if (n.starts_with("w.")) {
+          EXPECT_TRUE(n.ends_with(".lora_a") || n.ends_with(".lora_b")) << n;
+          seen.insert(n);
+        }
+    EXPECT_EQ(seen.size(), 32u) << name;
+  };
+  masters_saved("lora16-ref", {"optimizer-rank-00000-of-00001.safetensors"});
+  for (std::string s : {"zero1", "full-shard"}) {
+    const std::string name = "lora16-" + s, with = lora + "--set dist.strategy=" + s + " ";
+    RunResult r = run(name, 2, with);
+    ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
+    expect_same(name, "lora16-ref", 1e-5, 1e-5, 1e-4);
+    masters_saved(name, {"optimizer-rank-00000-of-00002.safetensors",
+                         "optimizer-rank-00001-of-00002.safetensors"});
+    RunResult again = run(name + "-resume", 2,
+                          with + "--resume=" + *dir_ + "/" + name + "/checkpoints/step-00000003");
+    ASSERT_EQ(again.exit_code, 0) << s << "\n" << again.out << again.err;
+    expect_resumed(name + "-resume", name);
+  }
+  const std::string tp = lora + "--set dist.tensor_parallel=2 ";
+  RunResult t = run("lora16-tp", 2, tp);
+  ASSERT_EQ(t.exit_code, 0) << t.out << t.err;
+  masters_saved("lora16-tp", {"optimizer.safetensors"});
+  const std::string ckpt = " --resume=" + *dir_ + "/lora16-tp/checkpoints/step-00000003";
+  RunResult tr = run("lora16-tp-resume", 2, tp + ckpt);
+  ASSERT_EQ(tr.exit_code, 0) << tr.out << tr.err;
+  expect_resumed("lora16-tp-resume", "lora16-tp");
+  // One process goes on from the group's checkpoint as the group does, within bf16's roundings
+  // (TP's partial sums stay fp32; masters read wrong, or widened from the values, would move the
+  // adapters' updates by more).
+  RunResult one = run("lora16-tp-resume-1", 1, lora + ckpt);
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  expect_resumed("lora16-tp-resume-1", "lora16-tp", 1e-3);
+}
+
 // Muon (train.optimizer: muon) under every strategy: under DDP every rank orthogonalizes the same
 // all-reduced gradients; with sharded state each rank updates its pieces of the momentum, gathers
 // each matrix's update direction whole, orthogonalizes the matrices it holds a piece of and

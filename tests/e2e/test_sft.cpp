@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/io/safetensors.h"
 #include "testing/metrics.h"
@@ -165,6 +166,66 @@ TEST(Lora, DropoutResumesBitExactly) {
                        "none"),
             std::string::npos)
       << r.err;
+}
+
+// LoRA under bf16 master weights: the frozen weights bf16 alone, the adapters with fp32 masters in
+// the optimizer's state (checkpointed as w.<name>). From a source whose weights (adapters
+// included) are bf16 values the run is the fp32-master run bit for bit (the adapters' updates
+// are those of fp32 masters, their bf16 copies rounded to nearest; bf16 masters alone would round
+// stochastically); it resumes bit for bit, and resuming an fp32-master run's checkpoint with bf16
+// master weights takes its fp32 adapters as the masters and goes on as that run.
+TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
+  const std::string dir = testing::temp_dir("lora-bf16-masters-e2e");
+  const std::string bf16 = "--set train.precision=bf16 ";
+  const std::string master = "--set train.master_weights=bf16 ";
+  const std::string adapters = "--set model.lora_rank=4 --set train.lr=1e-2 ";
+  auto r = testing::run_lmforge(kResumeRun + bf16 + master + adapters + "--set run.dir=base", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string lora =
+      kResumeRun + bf16 + adapters + "--set init_from=base/checkpoints/step-00000008 ";
+  for (const std::string run : {"a", "b"})
+    ASSERT_EQ(testing::run_lmforge(lora + master + "--set run.dir=" + run, dir).exit_code, 0);
+  ASSERT_EQ(testing::run_lmforge(lora + "--set run.dir=f", dir).exit_code, 0);
+  std::filesystem::remove_all(dir + "/b/checkpoints/step-00000008");
+  r = testing::run_lmforge(lora + master + "--set run.dir=b --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // f's run from its step-4 checkpoint under bf16 master weights.
+  std::filesystem::copy(dir + "/f", dir + "/c", std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(dir + "/c/checkpoints/step-00000008");
+  r = testing::run_lmforge(lora + master + "--set run.dir=c --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss");
+  auto b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
+  auto c = testing::records_of(dir + "/c/metrics.jsonl", "loss");
+  auto f = testing::records_of(dir + "/f/metrics.jsonl", "loss");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), 8u);
+  ASSERT_EQ(c.size(), 8u);
+  ASSERT_EQ(f.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    const double la = a[i]["loss"].get<double>();
+    EXPECT_EQ(la, b[i]["loss"].get<double>()) << "resumed, step " << i + 1;
+    EXPECT_EQ(la, f[i]["loss"].get<double>()) << "fp32 masters, step " << i + 1;
+    EXPECT_EQ(la, c[i]["loss"].get<double>()) << "from fp32 masters, step " << i + 1;
+  }
+  const std::string step8 = "/checkpoints/step-00000008/";
+  Safetensors ma = Safetensors::open(dir + "/a" + step8 + "model.safetensors"),
+              oa = Safetensors::open(dir + "/a" + step8 + "optimizer.safetensors"),
+              mf = Safetensors::open(dir + "/f" + step8 + "model.safetensors");
+  EXPECT_EQ(testing::slurp(dir + "/a" + step8 + "optimizer.safetensors"),
+            testing::slurp(dir + "/b" + step8 + "optimizer.safetensors"));
+  const std::string adapter = "blocks.1.attn.qkv.lora_a";
+  EXPECT_EQ(ma.info(adapter).dtype, "BF16");
+  EXPECT_EQ(ma.info("blocks.1.attn.qkv.weight").dtype, "BF16");
+  ASSERT_TRUE(oa.has("w." + adapter));
+  EXPECT_EQ(oa.info("w." + adapter).dtype, "F32");
+  EXPECT_FALSE(oa.has("w.blocks.1.attn.qkv.weight"));  // (frozen: no optimizer state)
+  // The masters are the fp32-master run's adapters; the checkpoint's values their nearest bf16.
+  const Tensor w = oa.get("w." + adapter), wf = mf.get(adapter), v = ma.get(adapter);
+  ASSERT_EQ(w.nbytes(), wf.nbytes());
+  EXPECT_EQ(std::memcmp(w.raw(), wf.raw(), w.nbytes()), 0);
+  for (int64_t i = 0; i < w.numel(); ++i)
+    ASSERT_EQ(static_cast<const uint16_t*>(v.raw())[i], fp32_to_bf16_ftz(w.data<float>()[i])) << i;
 }
 
 // LoRA from a pretrained checkpoint by config keys alone: the adapters learn, the base weights in

@@ -107,6 +107,9 @@ void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qk
 void to_bf16(const Tensor& dst, const Tensor& src);
 // dst (fp32) = src (bf16), exact (fp32 working copies of bf16 master weights).
 void from_bf16(const Tensor& dst, const Tensor& src);
+// fp32 masters of bf16 values (AdamWOptions::fp32_masters): every element of master (fp32) that
+// does not round to nearest (as to_bf16) to value's (bf16) becomes value's, widened; the rest stay.
+void keep_master(const Tensor& master, const Tensor& value);
 
 // bf16 activations: inp may be bf16 (the fc matmul's output; out is then bf16), and the backward
 // then WRITES (not +=) a bf16 dinp from an fp32 dout, each the fp32 arithmetic on the widened

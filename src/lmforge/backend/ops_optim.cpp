@@ -42,6 +42,17 @@ void from_bf16(const Tensor& dst, const Tensor& src) {
       LMF_GPU(cuda::from_bf16(dst.data<float>(), src.bf16_data(), src.numel())));
 }
 
+void keep_master(const Tensor& master, const Tensor& value) {
+  same_numel("keep_master", master, value);
+  LMF_CHECK(master.device() == value.device() && master.dtype() == DType::kF32 &&
+                value.dtype() == DType::kBF16,
+            "keep_master: an fp32 master of a bf16 value on the same device");
+  dispatch(
+      "keep_master", master,
+      [&](auto) { cpu::keep_master(master.data<float>(), value.bf16_data(), master.numel()); },
+      LMF_GPU(cuda::keep_master(master.data<float>(), value.bf16_data(), master.numel())));
+}
+
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   same_device("add", out, {&a, &b});
   same_numel("add", a, b);

@@ -427,7 +427,7 @@ void DataParallel::set_tensor_parallel(TensorParallel* tp) {
 }
 
 Tensor DataParallel::whole_param(const Param& p, int what) {
-  LMF_CHECK(what >= 0 && what <= 2, "whole_param: values or moments, got {}", what);
+  LMF_CHECK(what >= 0 && what <= 3, "whole_param: values, moments or masters, got {}", what);
   if (what == 2 && opt_->muon() && muon_param(p)) return Tensor();  // (no second moment)
   const int64_t off = ps_.offset(p), n = p.shape.numel();
   const bool pieces = what == 0 ? sharded_values() : strategy_ != Strategy::kNoShard;
@@ -436,7 +436,7 @@ Tensor DataParallel::whole_param(const Param& p, int what) {
   while (what > 0 && k < slots.size() && slots[k].param != &p) ++k;
   const bool held = what > 0 && k < slots.size();
   LMF_CHECK(what == 0 || held || pieces, "whole_param: {} has no AdamW state", p.name);
-  auto moment = [&] { return what == 1 ? opt_->m(k) : opt_->v(k); };
+  auto moment = [&] { return what == 1 ? opt_->m(k) : what == 2 ? opt_->v(k) : opt_->master(k); };
   auto fp32 = [&](const Tensor& v) {  // bf16 master weights widened (exact), where they are
     if (v.dtype() == DType::kF32) return v;
     Tensor w = Tensor::empty({v.numel()}, DType::kF32, v.device());
@@ -470,11 +470,11 @@ void DataParallel::take_optimizer(const AdamW& whole) {
   for (size_t k = 0; k < mine.size(); ++k) {
     while (i < whole.slots().size() && whole.slots()[i].param != mine[k].param) ++i;
     LMF_CHECK(i < whole.slots().size(), "take_optimizer: no state for {}", mine[k].param->name);
-    for (int moment = 0; moment < 2; ++moment) {
-      const Tensor& from = moment ? whole.v(i) : whole.m(i);
-      if (!from.defined()) continue;  // (Muon's matrices: no second moment)
-      (moment ? opt_->v(k) : opt_->m(k))
-          .copy_from(from.view({from.numel()}).slice(mine[k].begin, mine[k].len));
+    const std::pair<const Tensor&, const Tensor&> state[] = {
+        {whole.m(i), opt_->m(k)}, {whole.v(i), opt_->v(k)}, {whole.master(i), opt_->master(k)}};
+    for (const auto& [from, to] : state) {
+      if (!from.defined() || !to.defined()) continue;  // (Muon's matrices: no v; fp32 masters)
+      to.copy_from(from.view({from.numel()}).slice(mine[k].begin, mine[k].len));
     }
   }
   opt_->set_steps_taken(whole.steps_taken());

@@ -128,8 +128,8 @@ class DataParallel final : public GroupHooks {
   // (Muon then orthogonalizes the whole model's matrices: AdamW::set_muon_shares.)
   void set_tensor_parallel(TensorParallel* tp);
   // One parameter of this rank's model whole, flat, fp32: its values (what 0, where the model is)
-  // or AdamW's first or second moment (1, 2; a trained parameter; where AdamW's state is, the host
-  // under dist.offload). Collective over
+  // or AdamW's first or second moment or fp32 master (1, 2, 3; a trained parameter; where AdamW's
+  // state is, the host under dist.offload). Collective over
   // the shards' ranks where they hold it in pieces (every rank calls it for the same parameters in
   // the same order), else a view of this rank's own.
   Tensor whole_param(const Param& p, int what);

@@ -126,9 +126,9 @@ class TensorParallel final : public PartialSums {
                    Communicator* shards = nullptr);
   // Collective over the group: parameter q of this rank's share made whole, on the group's rank
   // 0 (a host tensor of the whole model's shape; undefined elsewhere). what: its values (0) or
-  // AdamW's first or second moment (1, 2); take(q, what) gives this rank's share of it whole and
-  // flat (DataParallel::whole_param, itself collective over the ranks sharding this share;
-  // undefined where there is none: Muon's matrices have no second moment, and then so is the
+  // AdamW's first or second moment or fp32 master (1, 2, 3); take(q, what) gives this rank's share
+  // of it whole and flat (DataParallel::whole_param, itself collective over the ranks sharding this
+  // share; undefined where there is none: Muon's matrices have no second moment, and then so is the
   // result). writes: whether this group assembles (data-parallel rank 0's); the other groups'
   // ranks call it too, only to take the same parameters in the same order. Checks that a
   // replicated parameter's values are equal on every rank of the group. Checkpoints and the end's

@@ -42,14 +42,21 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
       [&](Arena& a) {
         m_.clear();
         v_.clear();
+        w_.clear();
         for (const OptSlot& s : slots_) {
           Shape shape = s.whole() ? s.param->shape : Shape{s.len};
           m_.push_back(a.alloc(shape, DType::kF32));
           const bool muon = opt_.muon.on && muon_param(*s.param);  // no second moment
           v_.push_back(muon ? Tensor() : a.alloc(shape, DType::kF32));
+          const bool master = opt_.fp32_masters && s.value.dtype() == DType::kBF16;
+          w_.push_back(master ? a.alloc(shape, DType::kF32) : Tensor());
+          masters_ = masters_ || master;
         }
       },
       device);
+  // The masters start as the values, widened (exact).
+  for (size_t i = 0; i < slots_.size(); ++i)
+    if (w_[i].defined()) ops::from_bf16(w_[i].view({slots_[i].len}), slots_[i].value);
   plan_muon_workspace(device);
 }
 
@@ -254,7 +261,9 @@ void AdamW::step(double lr, double grad_scale) {
       continue;
     }
     // bf16 master weights are their own bf16 copies, rounded stochastically by the update; their
-    // fp32 working copies (1-D parameters) are refreshed before the next forward.
+    // fp32 working copies (1-D parameters) are refreshed before the next forward. With an fp32
+    // master the update runs on it and writes the value as its bf16 copy (rounded to nearest),
+    // the master first widened from the value wherever the two disagree.
     const bool master16 = s.value.dtype() == DType::kBF16;
     LMF_CHECK(!s.param->value.defined() || s.param->value.dtype() == s.value.dtype(),
               "AdamW over {} was made before ParamSet::use_bf16_master; make it after",
@@ -266,6 +275,13 @@ void AdamW::step(double lr, double grad_scale) {
     const Tensor& bf16 = master16 ? Tensor() : s.whole() ? s.param->value_bf16 : s.value_bf16;
     const bool beside = bf16.defined() && bf16.device() == s.value.device();
     refreshed = refreshed && (beside || !bf16.defined());
+    if (w_[i].defined()) {
+      const Tensor w = w_[i].view({s.len});
+      ops::keep_master(w, s.value);
+      items.push_back(
+          {w, s.grad, m_[i], v_[i], s.value, s.param->decay, params_.offset(*s.param) + s.begin});
+      continue;
+    }
     items.push_back({s.value, s.grad, m_[i], v_[i], beside ? bf16 : Tensor(), s.param->decay,
                      params_.offset(*s.param) + s.begin});
   }

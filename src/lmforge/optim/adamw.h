@@ -8,7 +8,8 @@
 // The optimizer works on slots: contiguous pieces of parameters with their value and gradient.
 // Unsharded, a slot is a whole parameter; under ZeRO (dist/data_parallel.h) each rank owns the
 // pieces of its shard, with the gradient taken from the reduce-scattered shard. Moments live in
-// one buffer, one pair per slot; checkpoints save them by parameter name.
+// one buffer, one pair per slot (with fp32_masters, an fp32 master of each bf16 value beside
+// them); checkpoints save them by parameter name.
 // Muon over pieces (Moonlight's distributed Muon, Liu et al. 2025): each rank updates its pieces
 // of the momentum, the whole update direction is all-gathered (set_muon_gather), orthogonalized
 // by the ranks holding a piece of the matrix and applied to their pieces.
@@ -54,6 +55,11 @@ struct AdamWOptions {
   double weight_decay = 0.1;
   uint64_t seed =
       0;  // bf16 master weights: the stochastic rounding's seed (core/stochastic_round.h)
+  // bf16 values (master weights in bf16) keep an fp32 master each in the optimizer state: the
+  // update runs on it and the value becomes its nearest bf16, exactly as fp32 master weights with
+  // bf16 copies train, rather than rounding stochastically. For LoRA, whose adapters are few
+  // beside the frozen weights (PEFT keeps them fp32 over a bf16 model).
+  bool fp32_masters = false;
   MuonOptions muon{};
 };
 
@@ -82,6 +88,11 @@ class AdamW {
   // A Muon slot has its momentum buffer as m and no v (!defined()).
   const Tensor& m(size_t i) const { return m_[i]; }
   const Tensor& v(size_t i) const { return v_[i]; }
+  // AdamWOptions::fp32_masters: slot i's fp32 master (!defined() for fp32 values). Each element is
+  // kept while it rounds to the value; step() widens the value into it wherever something else
+  // wrote the value (a load, a checkpoint's weights without masters), so it never goes stale.
+  const Tensor& master(size_t i) const { return w_[i]; }
+  bool keeps_masters() const { return masters_; }
   size_t state_bytes() const { return state_.capacity() + ns_arena_.capacity(); }
   // "adamw", or "muon" when Muon steps the blocks' matrices (recorded in checkpoints).
   const char* name() const { return opt_.muon.on ? "muon" : "adamw"; }
@@ -139,7 +150,8 @@ class AdamW {
   MuonShares shares_;
   std::vector<OptSlot> slots_;
   Arena state_;
-  std::vector<Tensor> m_, v_;
+  std::vector<Tensor> m_, v_, w_;
+  bool masters_ = false;
   std::vector<ops::AdamwItem> items_;  // step()'s list, kept: a step allocates nothing
   std::vector<int64_t> muon_slot_;     // per parameter of the set: its Muon slot, or -1
   MuonGather muon_gather_;

@@ -82,7 +82,10 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   }
   f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
                                           : g.trained * 4;
-  f.optimizer = g.trained * 8 / (s >= Strategy::kZero1 ? n : 1);
+  // AdamW's moments, and under bf16 master weights LoRA's adapters' fp32 masters
+  // (AdamWOptions::fp32_masters)
+  const double state_bytes = 8 + (o.bf16_master && m.lora.on() ? 4 : 0);
+  f.optimizer = g.trained * state_bytes / (s >= Strategy::kZero1 ? n : 1);
   if (o.muon) {  // the most state a rank holds (all of it under no-shard), + the Newton-Schulz
                  // workspace (for whole matrices: the whole model's under tensor parallelism,
                  // with a share's direction beside them)

@@ -23,8 +23,9 @@ namespace lmforge {
 //   gradients   the whole-model buffer (no-shard, zero1: under LoRA the adapters' part, the rest
 //               never paged in), or the 1/N accumulator (twice with gradient accumulation) and
 //               the backward's workspace of embeddings, head and two blocks;
-//   optimizer   AdamW's two fp32 moments per trained parameter, 1/N of them from zero1 on (Muon:
-//               one for the blocks' matrices, and its Newton-Schulz workspace);
+//   optimizer   AdamW's two fp32 moments per trained parameter (LoRA under bf16 master weights:
+//               and an fp32 master), 1/N of them from zero1 on (Muon: one for the blocks'
+//               matrices, and its Newton-Schulz workspace);
 //   reference   DPO's or KTO's frozen model, or distillation's teacher (fp32 values, + bf16
 //               copies under bf16), or under full-shard its 1/N shard and its own gather
 //               buffers.

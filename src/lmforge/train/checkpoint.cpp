@@ -380,6 +380,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
         if (p.frozen) continue;
         made.emplace_back(&p, 1);
         if (!(opt->muon() && muon_param(p))) made.emplace_back(&p, 2);  // (Muon's: no v)
+        if (opt->keeps_masters()) made.emplace_back(&p, 3);             // (fp32 masters)
       }
   }
   if (sh.whole_param && !lead) {
@@ -387,7 +388,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   } else if (sh.whole_param) {
     SafetensorsWriter mw, ow;
     for (const auto& [p, what] : made) {
-      static const char* const prefix[] = {"", "m.", "v."};
+      static const char* const prefix[] = {"", "m.", "v.", "w."};
       const DType dtype = what == 0 ? sh.values_dtype : DType::kF32;
       (what == 0 ? mw : ow).add(prefix[what] + p->name, dtype, p->shape, [&sh, p = p, what, dtype] {
         const Tensor whole = sh.whole_param(*p, what);
@@ -431,11 +432,12 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];
       const std::string& n = s.param->name;
-      ow.add("m." + n, opt->m(i));
-      if (opt->v(i).defined()) ow.add("v." + n, opt->v(i));  // (Muon's matrices have none)
-      if (sh.optimizer_sharded) {
-        ow.metadata["begin.m." + n] = std::to_string(s.begin);
-        if (opt->v(i).defined()) ow.metadata["begin.v." + n] = std::to_string(s.begin);
+      // (Muon's matrices have no v; only bf16 values under fp32_masters have a master, w)
+      for (const auto& [prefix, t] :
+           {std::pair{"m.", &opt->m(i)}, {"v.", &opt->v(i)}, {"w.", &opt->master(i)}}) {
+        if (!t->defined()) continue;
+        ow.add(prefix + n, *t);
+        if (sh.optimizer_sharded) ow.metadata["begin." + (prefix + n)] = std::to_string(s.begin);
       }
     }
     ow.write((tmp / (sh.optimizer_sharded ? rank_file("optimizer", sh.index, sh.count)
@@ -686,12 +688,21 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
           "{}: its optimizer state is {}'s, but train.optimizer is {}; resume with "
           "train.optimizer: {}, or with --reset-optimizer (its weights, a fresh optimizer)",
           ckpt_dir, saved, opt->name(), saved);
-    std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer");
+    std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer"), model_files;
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];
       const int64_t lo = ps.offset(*s.param) + s.begin;
       fill_flat(files, "m.", ps, lo, opt->m(i).view({s.len}), share);
       if (opt->v(i).defined()) fill_flat(files, "v.", ps, lo, opt->v(i).view({s.len}), share);
+      if (!opt->master(i).defined()) continue;
+      // fp32 masters of bf16 values: the saved ones, or else the checkpoint's weights themselves
+      // (fp32 master weights: exactly the masters they were; bf16 ones: widened).
+      const std::string w = "w." + s.param->name;
+      const bool saved =
+          std::any_of(files.begin(), files.end(), [&](const Safetensors& f) { return f.has(w); });
+      if (!saved && model_files.empty()) model_files = open_pieces(ckpt_dir, "model");
+      fill_flat(saved ? files : model_files, saved ? "w." : "", ps, lo,
+                opt->master(i).view({s.len}), share);
     }
     opt->set_steps_taken(j.at("optimizer_steps").get<int64_t>());
   }

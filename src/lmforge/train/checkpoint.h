@@ -57,8 +57,9 @@ struct CheckpointShards {
   int64_t values_lo = 0;               // its first flat element (ParamSet::offset)
   // Tensor parallelism: `model` is a layout of the whole model (MeasureOnly) and each of its
   // tensors is made whole by this collective (TensorParallel::gather_param): p's values (what
-  // 0) or AdamW's moments (1, 2), on rank 0, undefined elsewhere. Every rank calls it in the
-  // same order (the values, then each trained parameter's m and v) while rank 0 streams them
+  // 0) or AdamW's moments and fp32 masters (1, 2, 3), on rank 0, undefined elsewhere. Every rank
+  // calls it in the same order (the values, then each trained parameter's m, v and master) while
+  // rank 0 streams them
   // into model.safetensors and optimizer.safetensors, holding one parameter at a time; `opt`
   // (the share's) gives the step count and the optimizer's name.
   std::function<Tensor(const Param& p, int what)> whole_param;

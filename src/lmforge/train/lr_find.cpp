@@ -30,7 +30,7 @@ LrFindResult lr_find(Config& cfg, const LrFindOptions& o) {
   const TrainConfig& t = cfg.train;
   Transformer& model = *setup.model;
   dist::LocalCommunicator one;
-  dist::DataParallel dp(one, model, cfg.dist, optimizer_options(t), setup.values);
+  dist::DataParallel dp(one, model, cfg.dist, optimizer_options(cfg), setup.values);
   std::vector<Batch> micro(t.grad_accum);
   for (Batch& b : micro) b = Batch::make(t.batch_size, t.seq_len);
   model.set_z_loss(t.z_loss);

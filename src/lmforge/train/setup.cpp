@@ -263,7 +263,7 @@ RunSetup setup_run(Config& cfg) {
                 tp;
     fo.accumulates = t.grad_accum > 1;
     fo.muon = t.optimizer == "muon";
-    fo.muon_bf16 = optimizer_options(t).muon.bf16;
+    fo.muon_bf16 = optimizer_options(cfg).muon.bf16;
     fo.tensor_parallel = tp;
     check_training_fits(share_config, fo, launch.local_size);
   }

@@ -294,7 +294,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         std::chrono::duration<double>(Clock::now() - t0).count(), released);
     ref_tables.emplace(std::move(train_ref), std::move(val_ref));
   }
-  dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(t), setup.values);
+  dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(cfg), setup.values);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
   // Tensor parallelism: the whole model's parameter p (its values, or AdamW's moments: what 1,

@@ -32,8 +32,9 @@ struct TrainResult {
 
 // The learning-rate schedule train.* describes (validated; throws Error naming the key).
 Schedule make_schedule(const TrainConfig& t);
-// The optimizer's options from train.* (train.optimizer: AdamW, with Muon's keys when chosen).
-AdamWOptions optimizer_options(const TrainConfig& t);
+// The optimizer's options from train.* (train.optimizer: AdamW, with Muon's keys when chosen);
+// LoRA under bf16 master weights keeps the adapters' fp32 masters (AdamWOptions::fp32_masters).
+AdamWOptions optimizer_options(const Config& cfg);
 
 // Validation losses so far: the best (lower by more than min_delta than the previous best) and
 // how many evaluations since it (early stopping's count). Saved in checkpoints.

@@ -120,8 +120,10 @@ void validate_tensor_parallel(const Config& cfg) {
 
 }  // namespace
 
-AdamWOptions optimizer_options(const TrainConfig& t) {
+AdamWOptions optimizer_options(const Config& cfg) {
+  const TrainConfig& t = cfg.train;
   AdamWOptions o{t.beta1, t.beta2, t.eps, t.weight_decay, /*seed=*/t.seed};
+  o.fp32_masters = cfg.model.lora.on();  // (only bf16 values get one: bf16 master weights)
   o.muon.on = t.optimizer == "muon";
   o.muon.momentum = t.muon_momentum;
   o.muon.nesterov = t.muon_nesterov;

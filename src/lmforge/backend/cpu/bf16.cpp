@@ -470,6 +470,12 @@ void from_bf16(float* dst, const uint16_t* src, int64_t n) {
     from_bf16_serial(dst + c, src + c, std::min(kChunk, n - c));
 }
 
+void keep_master(float* master, const uint16_t* value, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > kChunk)
+  for (int64_t i = 0; i < n; ++i)
+    if (fp32_to_bf16_ftz(master[i]) != value[i]) master[i] = bf16_to_fp32(value[i]);
+}
+
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                const uint16_t* B, int64_t ldb, const float* bias, bool accumulate, float* C,
                int64_t ldc) {

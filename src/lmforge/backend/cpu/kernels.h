@@ -66,6 +66,9 @@ void to_bf16_serial(uint16_t* dst, const float* src, int64_t n);
 // regions, where even an inactive nested region costs a team's set-up per call).
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
 void from_bf16_serial(float* dst, const uint16_t* src, int64_t n);
+// fp32 masters of bf16 values (AdamWOptions::fp32_masters): each master[i] that does not round
+// (fp32_to_bf16_ftz) to value[i] becomes value[i], widened; the others are kept.
+void keep_master(float* master, const uint16_t* value, int64_t n);
 // How bf16 products run (gemm_bf16, gemm_bf16_tile, the weight-gradient kernel): natively
 // (oneDNN's bf16 brgemm, lmforge's AMX and dot-product kernels) where the CPU multiplies bf16
 // faster than fp32 (CpuFeatures::fast_bf16_products), else as fp32 GEMMs on the operands widened

@@ -42,6 +42,8 @@ void bias_grad(float* dbias, const uint16_t* dout, int64_t N, int64_t OC, int64_
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // fp32 = bf16, exact.
 void from_bf16(float* dst, const uint16_t* src, int64_t n);
+// As cpu::keep_master: master[i] = value[i] widened wherever master[i] does not round to it.
+void keep_master(float* master, const uint16_t* value, int64_t n);
 
 // C (M, N) fp32 = op(A) op(B) [+ bias (N)], or C += op(A) op(B) when accumulate; A and B bf16,
 // fp32 accumulation. bias and accumulate are exclusive (as cpu::gemm_bf16).

@@ -49,6 +49,14 @@ __global__ void from_bf16_kernel(float* __restrict__ dst, const uint16_t* __rest
     dst[i] = __uint_as_float(static_cast<uint32_t>(src[i]) << 16);
 }
 
+__global__ void keep_master_kernel(float* __restrict__ master, const uint16_t* __restrict__ value,
+                                   int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    if (bf16_rne_ftz(master[i]) != value[i])
+      master[i] = __uint_as_float(static_cast<uint32_t>(value[i]) << 16);
+}
+
 __global__ void to_bf16_rows_kernel(uint16_t* __restrict__ dst, int64_t ld,
                                     const float* __restrict__ src, int64_t rows, int64_t cols) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * cols;
@@ -175,6 +183,12 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n) {
 void from_bf16(float* dst, const uint16_t* src, int64_t n) {
   if (n <= 0) return;
   from_bf16_kernel<<<grid_for(n), kThreads, 0, cur_stream()>>>(dst, src, n);
+  LMF_CUDA(cudaGetLastError());
+}
+
+void keep_master(float* master, const uint16_t* value, int64_t n) {
+  if (n <= 0) return;
+  keep_master_kernel<<<grid_for(n), kThreads, 0, cur_stream()>>>(master, value, n);
   LMF_CUDA(cudaGetLastError());
 }
 
