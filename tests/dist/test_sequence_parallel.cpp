@@ -253,7 +253,9 @@ TEST_F(DataParallelTest, SequenceParallelPreferenceObjectivesMatchTensorParallel
     ASSERT_EQ(alone.exit_code, 0) << c.name << "\n" << alone.out << alone.err;
     RunResult two = run("pref-sp2-" + c.name, 2, c.args + sp);
     ASSERT_EQ(two.exit_code, 0) << c.name << "\n" << two.out << two.err;
-    expect_same("pref-sp2-" + c.name, "pref-tp2-" + c.name, 1e-5, 1e-5);
+    // (DPO saturates: kSaturatedDpo)
+    const double tol = c.name == "dpo" ? kSaturatedDpo : 1e-5;
+    expect_same("pref-sp2-" + c.name, "pref-tp2-" + c.name, tol, tol);
     // (ORPO's gradient, through 1 / (1 - e^a) of a response near probability 1, jumps to a norm
     // of ~34 at step 6, where TP's partial sums, alone as with sequence parallelism, are 1.2e-3 of
     // it from one process's)
@@ -283,16 +285,17 @@ TEST_F(DataParallelTest, SequenceParallelPreferenceObjectivesMatchTensorParallel
   // The reference's log-likelihoods precomputed, 2 groups of 2 (full-shard across them): each
   // group scores every other group batch, each rank its own rows of it; the same values as the
   // reference's forwards in the steps give. (Against one process: this run's DPO saturates, its
-  // loss ~6e-5 by step 4, where TP's roundings show at ~1e-4 of it.)
+  // loss ~6e-5 by step 4, where TP's roundings show at ~1e-4 of it, and ~3e-4 of its gradient
+  // norm with AVX2's matmuls.)
   const std::string sp4 = dpo + sp + "--set dist.strategy=full-shard ";
   RunResult in_step = run("pref-sp4", 4, sp4);
   ASSERT_EQ(in_step.exit_code, 0) << in_step.out << in_step.err;
   RunResult pre = run("pref-sp4-pre", 4, sp4 + "--set train.precompute_ref_logps=true");
   ASSERT_EQ(pre.exit_code, 0) << pre.out << pre.err;
-  expect_same("pref-sp4-pre", "pref-sp4");
+  expect_same("pref-sp4-pre", "pref-sp4", kSaturatedDpo, kSaturatedDpo);
   RunResult one4 = run("pref-one-dpo-accum", 1, dpo + "--set train.grad_accum=2");
   ASSERT_EQ(one4.exit_code, 0) << one4.out << one4.err;
-  expect_same("pref-sp4", "pref-one-dpo-accum", 1e-3, 1e-4);
+  expect_same("pref-sp4", "pref-one-dpo-accum", 1e-3, 1e-3);
   // LoRA: the reference is the policy with its adapters off (the same group's forward).
   const std::string lora = dpo + "--set model.lora_rank=4 --set train.lr=1e-2 ";
   RunResult lo = run("pref-one-lora", 1, lora);

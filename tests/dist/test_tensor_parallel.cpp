@@ -128,13 +128,14 @@ TEST_F(DataParallelTest, TensorParallelMatchesOneProcess) {
   RunResult td = run("tp2-distill-bf16", 2, dbf16 + " --set dist.tensor_parallel=2");
   ASSERT_EQ(td.exit_code, 0) << td.out << td.err;
   // (the KL term is small here, ~2e-3 from step 5 on: its bf16 rounding noise, ~2e-6, gets an
-  // absolute 1e-5; a wrong share of the teacher moves it by far more)
+  // absolute 1e-5, and 2e-3 of it relative (1.8e-3 seen at step 2 on Zen 3's AVX2); a wrong share
+  // of the teacher moves it by far more)
   for (const char* key : {"loss", "kl"}) {
     const std::vector<double> a = losses("tp2-distill-bf16", key),
                               b = losses("ref-distill-bf16", key);
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i)
-      EXPECT_NEAR(a[i], b[i], 1e-3 * b[i] + 1e-5) << key << " step " << i + 1;
+      EXPECT_NEAR(a[i], b[i], 2e-3 * b[i] + 1e-5) << key << " step " << i + 1;
   }
 }
 

@@ -3,6 +3,7 @@
 // per train.objective, DPO's reference or the distillation teacher.
 #include <fmt/core.h>
 
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/data/text_shards.h"
@@ -362,11 +363,13 @@ RunSetup setup_run(Config& cfg) {
     else
       m->plan_forward_only(rows, t.seq_len);  // (sequence parallelism: this rank's rows)
   }
+  // (Without them the bf16 matmuls run as fp32 GEMMs on the widened operands, as the device line
+  // says, unless LMFORGE_BF16_MATMUL=native asks for oneDNN's emulated ones.)
   if (t.precision == "bf16" && r.model->device() == Device::kCPU && !cpu_features().avx512_bf16 &&
-      !cpu_features().amx_bf16)
+      !cpu_features().amx_bf16 && cpu::bf16_matmul_native())
     fmt::print(
-        "note: train.precision: bf16 on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
-        "bf16 matmuls, which may be slower than fp32\n");
+        "note: LMFORGE_BF16_MATMUL=native on a CPU without AVX512-BF16 or AMX: oneDNN emulates the "
+        "bf16 matmuls; the default (fp32 GEMMs on the widened operands) is expected faster\n");
   r.model->set_cuda_graphs(t.cuda_graphs);
   if (r.teacher)
     r.model->set_distillation({r.teacher.get(), t.distill_alpha, t.distill_temperature});
