@@ -242,11 +242,11 @@ def distill_loss(model, teacher, idx, tgt, alpha=0.5, temperature=2.0):
 class HfModel(nn.Module):
     """A transformers causal LM with this file's interface (blocks, wte, head, the loss)."""
 
-    def __init__(self, model_type, kw):
+    def __init__(self, model_type, kw, dtype=torch.float32):
         super().__init__()
         import transformers
         config = transformers.AutoConfig.for_model(model_type, **kw)
-        self.m = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.m = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.blocks, self.wte = self.m.model.layers, self.m.model.embed_tokens
         self.head = None if config.tie_word_embeddings else self.m.lm_head
         self.attn_dim = config.num_attention_heads * config.head_dim
@@ -259,12 +259,13 @@ class HfModel(nn.Module):
                                reduction=reduction)
 
 
-def make_model(name):
+def make_model(name, dtype=torch.float32):
+    """The model with its weights in dtype (a transformers model made in it, never in fp32)."""
     if name in GPT2:
-        return GPT(*GPT2[name]), 50257
+        return GPT(*GPT2[name]).to(dtype), 50257
     if name in HF:
-        return HfModel(*HF[name]), HF[name][1]["vocab_size"]
-    return Llama(*LLAMA[name]), LLAMA[name][5]
+        return HfModel(*HF[name], dtype=dtype), HF[name][1]["vocab_size"]
+    return Llama(*LLAMA[name]).to(dtype), LLAMA[name][5]
 
 
 def init_like_gpt2(model):
@@ -295,6 +296,10 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters on every block linear")
     ap.add_argument("--lora-alpha", type=float, default=16)
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="PEFT's lora_dropout")
+    ap.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="with --lora-rank and --precision bf16: the frozen weights' dtype (bf16: "
+                    "the model made in bf16, as PEFT users load one; the adapters stay fp32, as "
+                    "PEFT's autocast_adapter_dtype keeps them)")
     ap.add_argument("--objective", default="clm", choices=["clm", "dpo", "distill"],
                     help="dpo: rows 2j, 2j+1 a pair; TRL's sigmoid loss, beta 0.1, the reference "
                     "a frozen copy (with --lora-rank the model with its adapters off); distill: "
@@ -302,12 +307,14 @@ def main():
     ap.add_argument("--teacher", default="", help="distill: the teacher's preset (default the "
                     "model's), its own random weights")
     a = ap.parse_args()
+    if a.base_dtype == "bf16" and not (a.lora_rank and a.precision == "bf16"):
+        ap.error("--base-dtype bf16 needs --lora-rank and --precision bf16")
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(1)
-    model, V = make_model(a.model)
+    model, V = make_model(a.model, torch.bfloat16 if a.base_dtype == "bf16" else torch.float32)
     with torch.no_grad():
         init_like_gpt2(model)
     teacher = None
@@ -368,6 +375,7 @@ def main():
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")
     tag = a.precision + ("+compile" if a.compile else "") + \
         (f"+lora{a.lora_rank}" + (f"-dropout{a.lora_dropout:g}" if a.lora_dropout else "")
+         + ("-bf16-base" if a.base_dtype == "bf16" else "")
          if a.lora_rank else "") + ("+dpo" if a.objective == "dpo" else "") + \
         (f"+distill({a.teacher or a.model})" if a.objective == "distill" else "")
     print(f"torch {torch.__version__} {a.model} B={a.batch} T={a.seq} {tag}: "

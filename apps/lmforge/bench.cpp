@@ -275,6 +275,10 @@ void add_bench(CLI::App& app) {
                                .frozen = tc ? &*tc : nullptr,
                                .frozen_bf16 = tc && o->precision == "bf16"});
     Transformer model(mc);
+    // bf16 master weights on the host: made in bf16 (as the trainer makes them), never in fp32.
+    const bool host_masters16 =
+        o->master_weights == "bf16" && resolve_device(o->device) == Device::kCPU;
+    if (host_masters16) model.use_bf16_master(/*convert=*/false);
     model.init_weights(1);
     model.to(resolve_device(o->device));
     const bool gpu = model.device() == Device::kCUDA;
@@ -319,7 +323,9 @@ void add_bench(CLI::App& app) {
       teacher->plan_forward_only(o->batch, o->seq);
       model.set_distillation({teacher.get(), 0.5, 2.0});
     }
-    AdamW opt(model.params(), {});
+    AdamWOptions adamw;
+    adamw.fp32_masters = mc.lora.on();  // (as the trainer's optimizer_options)
+    AdamW opt(model.params(), adamw);
     Tensor tok = Tensor::empty({o->batch, o->seq}, DType::kI32);
     Tensor tgt = Tensor::empty({o->batch, o->seq}, DType::kI32);
     Rng rng(1);

@@ -768,6 +768,27 @@ std::unique_ptr<Transformer> tiny_model(uint64_t seed, bool bf16, int64_t B, int
   return m;
 }
 
+// bf16 master weights made in place (use_bf16_master(false) before init_weights: the seed's values
+// rounded one parameter at a time, no fp32 copy of the model, as train and bench make them on the
+// host) hold the bits that converting an fp32 init gives, LoRA's adapters included.
+TEST(Bf16, MasterWeightsInitializedInPlaceAreTheConvertedInit) {
+  ModelConfig cfg = model_preset("llama3-tiny");
+  cfg.lora.rank = 4;
+  Transformer a(cfg), b(cfg);
+  a.init_weights(5);
+  a.use_bf16_master();
+  b.use_bf16_master(/*convert=*/false);
+  b.init_weights(5);
+  int checked = 0;
+  for (size_t i = 0; i < a.params().params().size(); ++i) {
+    const Param &p = a.params().params()[i], &q = b.params().params()[i];
+    ASSERT_EQ(q.value.dtype(), DType::kBF16);
+    EXPECT_EQ(std::memcmp(p.value.raw(), q.value.raw(), p.value.nbytes()), 0) << p.name;
+    checked += p.name.ends_with(".lora_a");
+  }
+  EXPECT_GT(checked, 0);
+}
+
 // gpt2-tiny on a fixed repeating token pattern (learnable), `steps` AdamW steps.
 TrainRun train(bool bf16, int steps, bool bf16_master = false) {
   const int64_t B = 4, T = 32;

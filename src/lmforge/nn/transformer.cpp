@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/cudnn_attention.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/profile.h"
@@ -127,7 +128,16 @@ void Transformer::for_init_values(uint64_t seed, Fn&& fn) const {
 
 void Transformer::init_weights(uint64_t seed) {
   params_.invalidate_bf16();
-  if (device() != Device::kCPU || params_.bf16_master()) {  // made on the host, then copied in
+  if (device() == Device::kCPU && params_.bf16_master()) {
+    // bf16 master weights on the host: each parameter's values rounded into place as they are
+    // made (as use_bf16_master converts them: the same bits), never the whole model in fp32.
+    params_.flat_values().zero_();  // (the alignment gaps)
+    for_each_init_param(seed, [&](const Param& p, const float* values) {
+      cpu::to_bf16(p.value.bf16_data(), values, p.shape.numel());
+    });
+    return;
+  }
+  if (device() != Device::kCPU) {  // made on the host, then copied in
     Tensor host = Tensor::zeros({params_.flat_size()}, DType::kF32);  // (alignment gaps: 0)
     for_each_init_param(seed, [&](const Param& p, const float* values) {
       std::copy(values, values + p.shape.numel(), host.data<float>() + params_.offset(p));

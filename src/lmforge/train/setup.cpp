@@ -287,19 +287,22 @@ RunSetup setup_run(Config& cfg) {
       dist::set_tensor_parallel_share(cfg.model, *m, tp, tp_rank, stream(layout));
     } else if (shards_later) {
       *shards_later = stream(*m);  // (the model's buffer left unwritten: nothing resident)
-    } else if (init) {
-      // bf16 master weights on the host: the values made bf16 before the load writes them (fp32
-      // to bf16 as the later conversion would round them), so their fp32 buffer is never
-      // resident (GPT-2 124M with LoRA r8: a 486 MiB peak, not 671 converting after the load).
+    } else {
+      // bf16 master weights on the host: the values made bf16 before the load or the seed's
+      // initial values write them (fp32 to bf16 as the later conversion would round them), so
+      // their fp32 buffer is never resident (GPT-2 124M with LoRA r8 from a checkpoint: a 486 MiB
+      // peak, not 671 converting after the load).
       if (t.precision == "bf16" && t.master_weights == "bf16" &&
           resolve_device(t.device) == Device::kCPU)
         m->use_bf16_master(/*convert=*/false);
-      // LoRA adapters the source does not have start from their initial values (B = 0: the
-      // source's model); the load replaces everything else.
-      if (cfg.model.lora.on()) m->init_adapters(t.seed);
-      init->load_weights(*m);
-    } else {
-      m->init_weights(t.seed);
+      if (init) {
+        // LoRA adapters the source does not have start from their initial values (B = 0: the
+        // source's model); the load replaces everything else.
+        if (cfg.model.lora.on()) m->init_adapters(t.seed);
+        init->load_weights(*m);
+      } else {
+        m->init_weights(t.seed);
+      }
     }
     return m;
   };
