@@ -251,7 +251,7 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
     ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
     // (this DPO saturates, its loss ~9e-5 by step 4: the loss's relative rounding there is the
     // margin's absolute one, ~1e-6 with AVX2's matmuls (Zen 3); a wrong shard moves it by ~1e-1)
-    expect_same("dpo-" + s, "dpo-ref", kSaturatedDpo);
+    expect_same("dpo-" + s, "dpo-ref", kSaturatedDpo, kSaturatedDpo);
     if (s != "full-shard") continue;
     // Full-shard shards the reference as the policy: each rank holds half its values (+ its own
     // gather buffers), each block gathered for its forwards.
@@ -284,7 +284,7 @@ TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
                     dpo + "--set dist.strategy=full-shard --set train.precompute_ref_logps=true");
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("reference model ("), std::string::npos) << r.out;
-  expect_same("dpo-pre", "dpo-ref", kSaturatedDpo);
+  expect_same("dpo-pre", "dpo-ref", kSaturatedDpo, kSaturatedDpo);
   // Under LoRA the reference is the policy with its adapters off: precomputed from its whole
   // values before the full-shard ranks shard them (not from a buffer left to the shards).
   const std::string lora = dpo + "--set model.lora_rank=4 --set train.lr=1e-2 ";

@@ -208,6 +208,23 @@ TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
     EXPECT_EQ(la, f[i]["loss"].get<double>()) << "fp32 masters, step " << i + 1;
     EXPECT_EQ(la, c[i]["loss"].get<double>()) << "from fp32 masters, step " << i + 1;
   }
+  // --reset-optimizer from a's step-4 checkpoint: fresh moments and masters taken from the loaded
+  // values (widened), as fp32 master weights resumed the same way take the adapters.
+  for (const std::string run : {"ra", "rf"}) {
+    std::filesystem::copy(dir + "/a", dir + "/" + run, std::filesystem::copy_options::recursive);
+    std::filesystem::remove_all(dir + "/" + run + "/checkpoints/step-00000008");
+    r = testing::run_lmforge(
+        lora + (run == "ra" ? master : "") + "--set run.dir=" + run + " --resume --reset-optimizer",
+        dir);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  auto ra = testing::records_of(dir + "/ra/metrics.jsonl", "loss");
+  auto rf = testing::records_of(dir + "/rf/metrics.jsonl", "loss");
+  ASSERT_EQ(ra.size(), 8u);
+  ASSERT_EQ(rf.size(), 8u);
+  for (size_t i = 4; i < 8; ++i)
+    EXPECT_EQ(ra[i]["loss"].get<double>(), rf[i]["loss"].get<double>())
+        << "reset optimizer, step " << i + 1;
   const std::string step8 = "/checkpoints/step-00000008/";
   Safetensors ma = Safetensors::open(dir + "/a" + step8 + "model.safetensors"),
               oa = Safetensors::open(dir + "/a" + step8 + "optimizer.safetensors"),

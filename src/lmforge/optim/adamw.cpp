@@ -50,14 +50,19 @@ AdamW::AdamW(ParamSet& params, std::vector<OptSlot> slots, const AdamWOptions& o
           v_.push_back(muon ? Tensor() : a.alloc(shape, DType::kF32));
           const bool master = opt_.fp32_masters && s.value.dtype() == DType::kBF16;
           w_.push_back(master ? a.alloc(shape, DType::kF32) : Tensor());
-          masters_ = masters_ || master;
         }
       },
       device);
-  // The masters start as the values, widened (exact).
+  // Decided by the set, not by this rank's slots (a shard may hold frozen weights alone): every
+  // rank of a collective save then names the same tensors.
+  masters_ = opt_.fp32_masters && params_.bf16_master();
+  masters_from_values();
+  plan_muon_workspace(device);
+}
+
+void AdamW::masters_from_values() {
   for (size_t i = 0; i < slots_.size(); ++i)
     if (w_[i].defined()) ops::from_bf16(w_[i].view({slots_[i].len}), slots_[i].value);
-  plan_muon_workspace(device);
 }
 
 // Muon's largest matrix and Gram matrix, in elements: of every Muon matrix in the set (a rank

@@ -136,6 +136,10 @@ class AdamW {
   // (k + r) mod N.
   void muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices, int r, double lr);
   void plan_muon_workspace(Device device);
+  // Every master set to its value, widened (exact). Made so, a master that still rounds to its
+  // value after a load elsewhere (--reset-optimizer) is that value widened: keep_master in step()
+  // takes up the rest.
+  void masters_from_values();
 
   ParamSet& params_;
   AdamWOptions opt_;

@@ -297,9 +297,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   dist::DataParallel dp(dp_world, model, cfg.dist, optimizer_options(cfg), setup.values);
   dp.set_tensor_parallel(tp.get());
   AdamW& opt = dp.optimizer();
-  // Tensor parallelism: the whole model's parameter p (its values, or AdamW's moments: what 1,
-  // 2), made whole on rank 0 one at a time (collective over every rank: the group's shares, each
-  // first whole over the ranks sharding it); checkpoints stream them into their files.
+  // Tensor parallelism: the whole model's parameter p (its values, or AdamW's moments and fp32
+  // masters: what 1, 2, 3), made whole on rank 0 one at a time (collective over every rank: the
+  // group's shares, each first whole over the ranks sharding it); checkpoints stream them into
+  // their files.
   std::optional<Transformer> whole_layout;
   if (tp) whole_layout.emplace(cfg.model, Transformer::MeasureOnly{});
   auto whole_param = [&](const Param& p, int what) {
