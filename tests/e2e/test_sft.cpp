@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
@@ -96,6 +97,14 @@ TEST(Sft, AssistantOnlyLossLearnsTheRepliesAndIgnoresTheUsers) {
 
 namespace {
 
+// The loss records of run dir/name, which ran kResumeRun's 8 steps.
+std::vector<nlohmann::json> losses8(const std::string& dir, const std::string& name) {
+  auto l = testing::records_of(dir + "/" + name + "/metrics.jsonl", "loss");
+  EXPECT_EQ(l.size(), 8u) << name;
+  l.resize(8);  // (missing steps: null, which get<double>() refuses)
+  return l;
+}
+
 // 8 steps of a 2-layer GPT-2 (grad_accum 2, a checkpoint every 4) with `extra` on top of `base`,
 // twice (a, and b interrupted after step 4 and resumed) and without `extra` (plain): b's losses
 // equal a's bit for bit at every step, and differ from plain's from step `differs_from` on (the
@@ -115,12 +124,7 @@ void expect_resume_bit_exact(const std::string& dir, const std::string& base,
   std::filesystem::remove_all(dir + "/b/checkpoints/step-00000008");
   auto r = testing::run_lmforge(with + "--set run.dir=b --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss");
-  auto b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
-  auto p = testing::records_of(dir + "/plain/metrics.jsonl", "loss");
-  ASSERT_EQ(a.size(), 8u);
-  ASSERT_EQ(b.size(), 8u);
-  ASSERT_EQ(p.size(), 8u);
+  auto a = losses8(dir, "a"), b = losses8(dir, "b"), p = losses8(dir, "plain");
   for (size_t i = 0; i < 8; ++i) {
     const double la = a[i]["loss"].get<double>(), lp = p[i]["loss"].get<double>();
     EXPECT_EQ(la, b[i]["loss"].get<double>()) << "step " << i + 1;
@@ -194,14 +198,7 @@ TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
   std::filesystem::remove_all(dir + "/c/checkpoints/step-00000008");
   r = testing::run_lmforge(lora + master + "--set run.dir=c --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto a = testing::records_of(dir + "/a/metrics.jsonl", "loss");
-  auto b = testing::records_of(dir + "/b/metrics.jsonl", "loss");
-  auto c = testing::records_of(dir + "/c/metrics.jsonl", "loss");
-  auto f = testing::records_of(dir + "/f/metrics.jsonl", "loss");
-  ASSERT_EQ(a.size(), 8u);
-  ASSERT_EQ(b.size(), 8u);
-  ASSERT_EQ(c.size(), 8u);
-  ASSERT_EQ(f.size(), 8u);
+  auto a = losses8(dir, "a"), b = losses8(dir, "b"), c = losses8(dir, "c"), f = losses8(dir, "f");
   for (size_t i = 0; i < 8; ++i) {
     const double la = a[i]["loss"].get<double>();
     EXPECT_EQ(la, b[i]["loss"].get<double>()) << "resumed, step " << i + 1;
@@ -218,10 +215,7 @@ TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
         dir);
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
-  auto ra = testing::records_of(dir + "/ra/metrics.jsonl", "loss");
-  auto rf = testing::records_of(dir + "/rf/metrics.jsonl", "loss");
-  ASSERT_EQ(ra.size(), 8u);
-  ASSERT_EQ(rf.size(), 8u);
+  auto ra = losses8(dir, "ra"), rf = losses8(dir, "rf");
   for (size_t i = 4; i < 8; ++i)
     EXPECT_EQ(ra[i]["loss"].get<double>(), rf[i]["loss"].get<double>())
         << "reset optimizer, step " << i + 1;
