@@ -327,14 +327,17 @@ def main():
         if a.precision == "bf16":  # (as lmforge holds it, and as HF trainers load a teacher)
             teacher.to(torch.bfloat16)
     # FLOPs per token as lmforge counts them (ModelConfig::flops_per_token): 6N + 12 L C T, N all
-    # parameters but the learned positions and, with an untied head, the input table.
+    # parameters but the learned positions and, with an untied head, the input table; under LoRA
+    # 4N (no gradients for the frozen weights) + 6 per adapter parameter.
     n = sum(p.numel() for p in model.parameters())
     n -= model.wpe.weight.numel() if isinstance(model, GPT) else \
         (model.wte.weight.numel() if model.head is not None else 0)
     attn_dim = getattr(model, "attn_dim", model.wte.weight.shape[1])  # NH HS
-    gflop = (6 * n + 12 * len(model.blocks) * attn_dim * a.seq) / 1e9
+    weight_flops = 6 * n
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout)
+        weight_flops = 4 * n + 6 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gflop = (weight_flops + 12 * len(model.blocks) * attn_dim * a.seq) / 1e9
     model.to(dev)
     if teacher is not None:
         teacher.to(dev)
@@ -369,7 +372,7 @@ def main():
             total += dt
         print(f"step {s} loss {loss.item():.4f} {dt:.3f}s{' (warm-up)' if s == 0 else ''}", flush=True)
     print(f"peak resident {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print(f"{gflop:.3f} GFLOP per token (the base model's)")
+    print(f"{gflop:.3f} GFLOP per token (the trained model's)")
     if gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB "
               f"(torch.cuda.max_memory_allocated) on {torch.cuda.get_device_name()}")

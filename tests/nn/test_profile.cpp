@@ -96,6 +96,43 @@ TEST(Profile, CountsTheModelsOpsOncePerCall) {
   EXPECT_LE(in_ops, seconds) << "outermost ops only: their times cannot exceed the steps'";
 }
 
+// The matmuls' FLOPs a training step makes, counted by the ops as they run, are what
+// ModelConfig::flops_per_token (the MFU and GFLOP/s figures) counts for the weights: 6 a parameter,
+// and under LoRA 4 a frozen one (no weight gradient) and 6 an adapter's. Off by at most the
+// parameters no matmul reads (biases, norm gains: 1-D).
+void expect_matmul_flops_counted(const ModelConfig& c) {
+  Step s(c);
+  s.run();
+  profile::enable(true);
+  s.run();
+  std::vector<profile::Row> rows = profile::rows();
+  profile::enable(false);
+  double matmul = 0;
+  for (const profile::Row& r : rows)
+    if (r.op.starts_with("linear_")) matmul += r.flops;
+  double not_matmul = 0;
+  for (const Param& p : s.model.params().params())
+    if (p.value.ndim() == 1) not_matmul += static_cast<double>(p.value.numel());
+  const int64_t T = s.tok.size(1);
+  const double tokens = static_cast<double>(s.tok.numel());
+  const double attention = 12.0 * static_cast<double>(c.n_layer * c.n_head * c.head_size() * T);
+  const double counted = (c.flops_per_token(T) - attention) * tokens;
+  EXPECT_NEAR(matmul, counted, 6 * not_matmul * tokens)
+      << c.preset << " LoRA rank " << c.lora.rank << ": the ops ran " << matmul / tokens
+      << " matmul FLOPs a token, flops_per_token counts " << counted / tokens;
+}
+
+TEST(Profile, MatmulFlopsAreTheModelsFlopCount) {
+  ModelConfig gpt = model_preset("gpt2-tiny"), llama = model_preset("llama3-tiny");
+  gpt.vocab_size = llama.vocab_size = 300;
+  expect_matmul_flops_counted(gpt);
+  expect_matmul_flops_counted(llama);
+  // GPT-2's block layers are one module each, so each adapter's GEMMs are exactly its own (Llama's
+  // fused qkv multiplies by a block-diagonal B of all three).
+  gpt.lora.rank = 4;
+  expect_matmul_flops_counted(gpt);
+}
+
 TEST(Profile, AnOpMadeOfOpsIsOneRow) {
   Tensor logits = Tensor::zeros({4, 10}, DType::kF32), losses = Tensor::empty({4}, DType::kF32);
   Tensor targets = Tensor::zeros({4}, DType::kI32);

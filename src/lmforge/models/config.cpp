@@ -196,8 +196,12 @@ int64_t ModelConfig::lora_params(bool adapted) const {
 double ModelConfig::flops_per_token(int64_t T) const {
   int64_t N = num_params() - (pos == "learned" ? max_seq_len * n_embd : 0) -
               (tie_embeddings ? 0 : vocab_size * n_embd);
-  return 6.0 * static_cast<double>(N) +
-         12.0 * static_cast<double>(n_layer * n_head * head_size() * T);
+  // LoRA computes no gradient for the frozen weights (forward and input gradient: 4 a parameter)
+  // and the whole 6 for each adapter's.
+  const double weights = lora.on() ? 4.0 * static_cast<double>(N) +
+                                         6.0 * static_cast<double>(lora_params(/*adapted=*/true))
+                                   : 6.0 * static_cast<double>(N);
+  return weights + 12.0 * static_cast<double>(n_layer * n_head * head_size() * T);
 }
 
 int64_t ModelConfig::num_params() const {

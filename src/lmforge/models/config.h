@@ -129,7 +129,8 @@ struct ModelConfig {
   std::vector<bool> lora_modules(const std::string& layer) const;
   bool lora_adapts(const std::string& layer) const;  // any of its modules
   // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
-  // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head.
+  // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head. Under LoRA the frozen
+  // N count 4 (no weight gradients) and the adapters' parameters 6.
   double flops_per_token(int64_t T) const;
 };
 
