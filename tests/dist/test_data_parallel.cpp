@@ -133,6 +133,24 @@ TEST_F(DataParallelTest, LoraWithBf16MasterWeightsShardsTheAdaptersMasters) {
                           with + "--resume=" + *dir_ + "/" + name + "/checkpoints/step-00000003");
     ASSERT_EQ(again.exit_code, 0) << s << "\n" << again.out << again.err;
     expect_resumed(name + "-resume", name);
+    // Resumed with fp32 master weights, the adapters' values are the saved masters on every rank
+    // (under zero1 each rank's replicas too, not just the shard it updates): the same steps, the
+    // adapters ending as the bf16 run's masters (its values their nearest bf16).
+    RunResult fp32 = run(name + "-resume-fp32", 2,
+                         with + "--set train.master_weights=fp32 --resume=" + *dir_ + "/" + name +
+                             "/checkpoints/step-00000003");
+    ASSERT_EQ(fp32.exit_code, 0) << s << "\n" << fp32.out << fp32.err;
+    const std::vector<double> all = losses(name), rest = losses(name + "-resume-fp32");
+    ASSERT_EQ(rest.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(rest[i], all[3 + i]) << s << ", step " << 4 + i;
+    const std::vector<float> p = params(name + "-resume-fp32"), q = params(name);
+    ASSERT_EQ(p.size(), q.size());
+    size_t rounded = 0;
+    for (size_t i = 0; i < p.size(); ++i) {
+      ASSERT_EQ(bf16_to_fp32(fp32_to_bf16_ftz(p[i])), q[i]) << s << ", element " << i;
+      rounded += p[i] != q[i];
+    }
+    EXPECT_GT(rounded, 0u) << "the adapters kept fp32 values";
   }
   const std::string tp = lora + "--set dist.tensor_parallel=2 ";
   RunResult t = run("lora16-tp", 2, tp);

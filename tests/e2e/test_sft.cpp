@@ -198,12 +198,20 @@ TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
   std::filesystem::remove_all(dir + "/c/checkpoints/step-00000008");
   r = testing::run_lmforge(lora + master + "--set run.dir=c --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto a = losses8(dir, "a"), b = losses8(dir, "b"), c = losses8(dir, "c"), f = losses8(dir, "f");
+  // And a's from its step-4 checkpoint under fp32 master weights: the adapters continue from the
+  // masters it saved (w.), not their bf16 values.
+  std::filesystem::copy(dir + "/a", dir + "/d", std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(dir + "/d/checkpoints/step-00000008");
+  r = testing::run_lmforge(lora + "--set run.dir=d --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto a = losses8(dir, "a"), b = losses8(dir, "b"), c = losses8(dir, "c"), f = losses8(dir, "f"),
+       d = losses8(dir, "d");
   for (size_t i = 0; i < 8; ++i) {
     const double la = a[i]["loss"].get<double>();
     EXPECT_EQ(la, b[i]["loss"].get<double>()) << "resumed, step " << i + 1;
     EXPECT_EQ(la, f[i]["loss"].get<double>()) << "fp32 masters, step " << i + 1;
     EXPECT_EQ(la, c[i]["loss"].get<double>()) << "from fp32 masters, step " << i + 1;
+    EXPECT_EQ(la, d[i]["loss"].get<double>()) << "to fp32 masters, step " << i + 1;
   }
   // --reset-optimizer from a's step-4 checkpoint: fresh moments and masters taken from the loaded
   // values (widened), as fp32 master weights resumed the same way take the adapters.
@@ -232,9 +240,12 @@ TEST(Lora, Bf16MasterWeightsKeepFp32AdapterMasters) {
   EXPECT_EQ(oa.info("w." + adapter).dtype, "F32");
   EXPECT_FALSE(oa.has("w.blocks.1.attn.qkv.weight"));  // (frozen: no optimizer state)
   // The masters are the fp32-master run's adapters; the checkpoint's values their nearest bf16.
-  const Tensor w = oa.get("w." + adapter), wf = mf.get(adapter), v = ma.get(adapter);
+  const Tensor w = oa.get("w." + adapter), wf = mf.get(adapter), v = ma.get(adapter),
+               wd = Safetensors::open(dir + "/d" + step8 + "model.safetensors").get(adapter);
   ASSERT_EQ(w.nbytes(), wf.nbytes());
   EXPECT_EQ(std::memcmp(w.raw(), wf.raw(), w.nbytes()), 0);
+  ASSERT_EQ(w.nbytes(), wd.nbytes());
+  EXPECT_EQ(std::memcmp(w.raw(), wd.raw(), w.nbytes()), 0) << "resumed with fp32 masters";
   for (int64_t i = 0; i < w.numel(); ++i)
     ASSERT_EQ(static_cast<const uint16_t*>(v.raw())[i], fp32_to_bf16_ftz(w.data<float>()[i])) << i;
 }

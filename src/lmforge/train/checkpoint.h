@@ -101,9 +101,12 @@ std::set<std::string> checkpoint_dtypes(const std::string& ckpt_dir);
 // The values of the flat parameter elements [lo, lo + out.numel()) (ParamSet::offset) from
 // model.safetensors or the model-rank files, whichever the checkpoint has. With `share`, ps is
 // the layout of a part of the checkpoint's model (a tensor-parallel share,
-// dist::tensor_parallel_share_of) and only that part is read.
+// dist::tensor_parallel_share_of) and only that part is read. `resuming` (with the optimizer
+// state): fp32 values take the fp32 masters of bf16 ones the optimizer files hold (LoRA's adapters
+// under bf16 master weights) instead of the rounded values.
 void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int64_t lo,
-                            const Tensor& out, const ShareOfWhole& share = {});
+                            const Tensor& out, const ShareOfWhole& share = {},
+                            bool resuming = false);
 // The same values one parameter at a time: give(p, values) for every parameter of `layout` (a
 // model of the checkpoint's architecture, MeasureOnly will do; LoRA adapters a checkpoint without
 // them lacks are left out), each whole in fp32.

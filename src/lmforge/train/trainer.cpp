@@ -377,7 +377,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     load_checkpoint(ckpt, model, resume.reset_optimizer ? nullptr : &opt, &st, share);
     if (dp.sharded_values())
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
-                             dp.value_shard(), share);
+                             dp.value_shard(), share, /*resuming=*/!resume.reset_optimizer);
     dp.refresh_master();  // dist.offload's host copy of the loaded values
     train_data.set_state(st.loader);
     const int64_t saved_step = st.step;
