@@ -12,7 +12,7 @@
 namespace lmforge {
 
 namespace {
-CpuFeatures detect() {
+CpuFeatures detect_hardware() {
   CpuFeatures f;
 #if defined(__x86_64__)
   unsigned a, b, c, d;
@@ -62,6 +62,16 @@ CpuFeatures detect() {
   f.brand = brand;
   while (!f.brand.empty() && f.brand.back() == ' ') f.brand.pop_back();
 #endif
+  return f;
+}
+
+const CpuFeatures& hardware() {
+  static const CpuFeatures f = detect_hardware();
+  return f;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f = hardware();
   // LMFORGE_MAX_ISA caps what the kernels may use (as oneDNN's ONEDNN_MAX_CPU_ISA): to compare
   // paths, or to test the AVX-512 (without BF16), AVX2 and portable kernels on a CPU that has
   // more. oneDNN keeps its own choice (fast_bf16_products: its bf16 matmuls or widened ones).
@@ -102,6 +112,13 @@ std::string CpuFeatures::summary() const {
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = detect();
   return f;
+}
+
+bool max_isa_takes_nothing() {
+  const CpuFeatures &a = hardware(), &b = cpu_features();
+  return a.avx2 == b.avx2 && a.avx512f == b.avx512f && a.avx512bw == b.avx512bw &&
+         a.avx512vl == b.avx512vl && a.avx512dq == b.avx512dq && a.avx512_bf16 == b.avx512_bf16 &&
+         a.amx_bf16 == b.amx_bf16;
 }
 
 }  // namespace lmforge

@@ -23,5 +23,8 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
+// Whether LMFORGE_MAX_ISA leaves lmforge's kernels every feature this CPU has (or is unset): they
+// run as without it.
+bool max_isa_takes_nothing();
 
 }  // namespace lmforge
