@@ -1,7 +1,8 @@
 lmforge_test(test_ops_reference reference backend/test_ops_reference.cpp)
 lmforge_test(test_gradcheck unit backend/test_gradcheck.cpp)
 lmforge_test(test_flash_attention unit backend/test_flash_attention.cpp)
-lmforge_test(test_bf16 unit backend/test_bf16.cpp)
+lmforge_test(test_bf16 unit backend/test_bf16.cpp backend/test_bf16_ops.cpp
+             backend/test_bf16_training.cpp)
 lmforge_isa_variants(test_ops_reference reference)
 lmforge_isa_variants(test_bf16 unit avx512_bf16)
 lmforge_test(test_matmul unit backend/test_matmul.cpp)
