@@ -10,6 +10,7 @@
 #include "lmforge/io/sha256.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/train/checkpoint.h"
+#include "testing/errors.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -238,6 +239,11 @@ TEST(Checkpoint, WeightsOnlyCannotResumeEvenWithoutOptimizer) {
   EXPECT_FALSE(fs::exists(s.ckpt(0) + "/optimizer.safetensors"));
   TrainState back;
   EXPECT_THROW(load_checkpoint(s.ckpt(0), s.model, nullptr, &back), Error);
+  // With the optimizer: the same message (not the missing optimizer file), pointing at init_from.
+  const std::string e =
+      testing::error_of([&] { load_checkpoint(s.ckpt(0), s.model, &s.opt, &back); });
+  EXPECT_NE(e.find("weights-only checkpoint"), std::string::npos) << e;
+  EXPECT_NE(e.find("init_from"), std::string::npos) << e;
   load_checkpoint(s.ckpt(0), s.model, nullptr, nullptr);  // weights: fine
 }
 

@@ -679,15 +679,15 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
                            TrainState* st, const ShareOfWhole& share) {
   json j = read_state(ckpt_dir);
   ParamSet& ps = model.params();
-  if (ps.has_values()) {
-    load_checkpoint_values(ckpt_dir, ps, 0, ps.flat_values(), share, /*resuming=*/opt != nullptr);
-    ps.invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
-  }
   if ((opt || st) && j.value("weights_only", false))
     fail(
         "{}: a weights-only checkpoint (no optimizer state) cannot be resumed; start a run from "
         "it with init_from: {}",
         ckpt_dir, ckpt_dir);
+  if (ps.has_values()) {
+    load_checkpoint_values(ckpt_dir, ps, 0, ps.flat_values(), share, /*resuming=*/opt != nullptr);
+    ps.invalidate_bf16();  // new weights: the bf16 copies are reconverted on use
+  }
   if (opt) {
     const std::string saved = j.value("optimizer", "adamw");  // (not recorded before Muon)
     if (saved != opt->name())
