@@ -385,9 +385,9 @@ void add_bench(CLI::App& app) {
     fmt::print("LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
                model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
                model.full_logits_bytes() / 1048576.0);
-    // (with a teacher, its forward too: a third of its training FLOPs)
+    // (with a teacher, its forward too)
     const double fpt = mc.flops_per_token(o->seq) +
-                       (teacher ? teacher->config().flops_per_token(o->seq) / 3 : 0.0);
+                       (teacher ? teacher->config().forward_flops_per_token(o->seq) : 0.0);
     fmt::print("{:.3f} GFLOP per token{}, {:.1f} GFLOP/s achieved\n", fpt / 1e9,
                teacher ? " (with the teacher's forward)" : "", fpt * tps / 1e9);
     if (gpu) {

@@ -133,9 +133,9 @@ TEST_F(DataParallelTest, LoraWithBf16MasterWeightsShardsTheAdaptersMasters) {
                           with + "--resume=" + *dir_ + "/" + name + "/checkpoints/step-00000003");
     ASSERT_EQ(again.exit_code, 0) << s << "\n" << again.out << again.err;
     expect_resumed(name + "-resume", name);
-    // Resumed with fp32 master weights, the adapters' values are the saved masters on every rank
-    // (under zero1 each rank's replicas too, not just the shard it updates): the same steps, the
-    // adapters ending as the bf16 run's masters (its values their nearest bf16).
+    // Resumed with fp32 master weights, the adapters' values are the saved masters (the shard each
+    // rank updates; full-shard's value shards): the same steps, the adapters ending as the bf16
+    // run's masters (its values their nearest bf16).
     RunResult fp32 = run(name + "-resume-fp32", 2,
                          with + "--set train.master_weights=fp32 --resume=" + *dir_ + "/" + name +
                              "/checkpoints/step-00000003");

@@ -98,28 +98,37 @@ TEST(Profile, CountsTheModelsOpsOncePerCall) {
 
 // The matmuls' FLOPs a training step makes, counted by the ops as they run, are what
 // ModelConfig::flops_per_token (the MFU and GFLOP/s figures) counts for the weights: 6 a parameter,
-// and under LoRA 4 a frozen one (no weight gradient) and 6 an adapter's. Off by at most the
-// parameters no matmul reads (biases, norm gains: 1-D).
+// and under LoRA 4 a frozen one (no weight gradient) and 6 an adapter's; a forward alone's are
+// forward_flops_per_token's (2 each: a distillation teacher's). Off by at most the parameters no
+// matmul reads (biases, norm gains: 1-D).
 void expect_matmul_flops_counted(const ModelConfig& c) {
   Step s(c);
   s.run();
-  profile::enable(true);
-  s.run();
-  std::vector<profile::Row> rows = profile::rows();
-  profile::enable(false);
-  double matmul = 0;
-  for (const profile::Row& r : rows)
-    if (r.op.starts_with("linear_")) matmul += r.flops;
+  double matmul[2] = {0, 0};  // a training step's, a forward's
+  for (int forward = 0; forward < 2; ++forward) {
+    profile::enable(true);
+    if (forward)
+      s.model.forward(s.tok, s.tgt);
+    else
+      s.run();
+    for (const profile::Row& r : profile::rows())
+      if (r.op.starts_with("linear_")) matmul[forward] += r.flops;
+    profile::enable(false);
+  }
   double not_matmul = 0;
   for (const Param& p : s.model.params().params())
     if (p.value.ndim() == 1) not_matmul += static_cast<double>(p.value.numel());
   const int64_t T = s.tok.size(1);
   const double tokens = static_cast<double>(s.tok.numel());
-  const double attention = 12.0 * static_cast<double>(c.n_layer * c.n_head * c.head_size() * T);
-  const double counted = (c.flops_per_token(T) - attention) * tokens;
-  EXPECT_NEAR(matmul, counted, 6 * not_matmul * tokens)
-      << c.preset << " LoRA rank " << c.lora.rank << ": the ops ran " << matmul / tokens
+  const double attention = 4.0 * static_cast<double>(c.n_layer * c.n_head * c.head_size() * T);
+  const double counted = (c.flops_per_token(T) - 3 * attention) * tokens,
+               forward = (c.forward_flops_per_token(T) - attention) * tokens;
+  EXPECT_NEAR(matmul[0], counted, 6 * not_matmul * tokens)
+      << c.preset << " LoRA rank " << c.lora.rank << ": the ops ran " << matmul[0] / tokens
       << " matmul FLOPs a token, flops_per_token counts " << counted / tokens;
+  EXPECT_NEAR(matmul[1], forward, 2 * not_matmul * tokens)
+      << c.preset << " LoRA rank " << c.lora.rank << ": a forward ran " << matmul[1] / tokens
+      << " matmul FLOPs a token, forward_flops_per_token counts " << forward / tokens;
 }
 
 TEST(Profile, MatmulFlopsAreTheModelsFlopCount) {

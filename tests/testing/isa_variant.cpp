@@ -9,9 +9,10 @@
 
 namespace {
 const bool kChecked = [] {
-  if (std::getenv("LMFORGE_ISA_VARIANT") && lmforge::max_isa_takes_nothing()) {
+  const char* cap = std::getenv("LMFORGE_MAX_ISA");
+  if (std::getenv("LMFORGE_ISA_VARIANT") && cap && *cap && lmforge::max_isa_takes_nothing()) {
     std::printf("LMFORGE_MAX_ISA=%s takes nothing from this CPU (%s): the uncapped run covers it\n",
-                std::getenv("LMFORGE_MAX_ISA"), lmforge::cpu_features().summary().c_str());
+                cap, lmforge::cpu_features().summary().c_str());
     std::exit(77);
   }
   return true;

@@ -193,15 +193,26 @@ int64_t ModelConfig::lora_params(bool adapted) const {
   return n_layer * per_block;
 }
 
+namespace {
+// N of the FLOP counts: the parameters but the learned positions and an untied input table.
+double flop_params(const ModelConfig& c) {
+  return static_cast<double>(c.num_params() - (c.pos == "learned" ? c.max_seq_len * c.n_embd : 0) -
+                             (c.tie_embeddings ? 0 : c.vocab_size * c.n_embd));
+}
+}  // namespace
+
 double ModelConfig::flops_per_token(int64_t T) const {
-  int64_t N = num_params() - (pos == "learned" ? max_seq_len * n_embd : 0) -
-              (tie_embeddings ? 0 : vocab_size * n_embd);
   // LoRA computes no gradient for the frozen weights (forward and input gradient: 4 a parameter)
   // and the whole 6 for each adapter's.
-  const double weights = lora.on() ? 4.0 * static_cast<double>(N) +
-                                         6.0 * static_cast<double>(lora_params(/*adapted=*/true))
-                                   : 6.0 * static_cast<double>(N);
+  const double N = flop_params(*this);
+  const double weights =
+      lora.on() ? 4.0 * N + 6.0 * static_cast<double>(lora_params(/*adapted=*/true)) : 6.0 * N;
   return weights + 12.0 * static_cast<double>(n_layer * n_head * head_size() * T);
+}
+
+double ModelConfig::forward_flops_per_token(int64_t T) const {
+  return 2.0 * (flop_params(*this) + static_cast<double>(lora_params(/*adapted=*/true))) +
+         4.0 * static_cast<double>(n_layer * n_head * head_size() * T);
 }
 
 int64_t ModelConfig::num_params() const {

@@ -129,9 +129,11 @@ struct ModelConfig {
   std::vector<bool> lora_modules(const std::string& layer) const;
   bool lora_adapts(const std::string& layer) const;  // any of its modules
   // Training FLOPs per token at sequence length T (forward + backward), as BENCHMARKS.md defines
-  // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head. Under LoRA the frozen
-  // N count 4 (no weight gradients) and the adapters' parameters 6.
+  // them: 6 N + 12 L (NH HS) T, N = non-embedding parameters + the LM head; under LoRA (lmforge's
+  // count of the work done) the frozen N count 4 (no weight gradients) and the adapters' 6.
   double flops_per_token(int64_t T) const;
+  // One forward's (a distillation teacher's): 2 (N + adapters) + 4 L (NH HS) T.
+  double forward_flops_per_token(int64_t T) const;
 };
 
 // The layer ("qkv", "proj", "fc", "down") a block parameter ("blocks.3.mlp.fc.lora_a") belongs

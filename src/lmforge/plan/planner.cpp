@@ -287,14 +287,14 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   p.trained = g.trained;
   p.flops_per_token = m.flops_per_token(t.seq_len);
   // Distillation's teacher: its architecture from train.teacher, held as a reference is; its
-  // forward's FLOPs (a third of training's) join the student's.
+  // forward's FLOPs join the student's.
   std::optional<ModelConfig> teacher;
   if (t.objective == "distill") try {
       teacher = open_init_source(t.teacher).model;
     } catch (const Error& e) {
       fail("train.teacher: {}", e.what());
     }
-  if (teacher) p.flops_per_token += teacher->flops_per_token(t.seq_len) / 3;
+  if (teacher) p.flops_per_token += teacher->forward_flops_per_token(t.seq_len);
   p.tokens_per_step = static_cast<double>(t.batch_size * t.seq_len * t.grad_accum) * o.ranks;
   p.tokens = p.tokens_per_step * static_cast<double>(t.steps);
   if (o.tflops > 0) p.seconds = p.tokens * p.flops_per_token / (o.ranks * o.tflops * 1e12 * o.mfu);

@@ -243,24 +243,19 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
   return out;
 }
 
-// Fills out (a flat fp32 tensor) with the flat elements [lo, lo + out.numel()) of tensors
+// Fills out (a flat fp32 or bf16 tensor) with the flat elements [lo, lo + out.numel()) of tensors
 // prefix + <parameter name>, whole or in slices (metadata "begin.<name>"), from the files.
 // share: where a part of each tensor (a tensor-parallel share: ps is its layout) lies in the
-// files' whole tensors; empty: ps is the whole model's. may_lack: the parameters the files may
-// lack, whose elements keep the values out has.
-enum class MayLack {
-  kNone,      // a parameter missing or incomplete: the checkpoint is corrupt or another model's
-  kAdapters,  // LoRA's (the files are of the model without them: init_from under LoRA)
-  kAny,       // any it has none of (an overlay of some parameters: LoRA's fp32 masters)
-};
-
+// files' whole tensors; empty: ps is the whole model's.
+// without_adapters: the files are of a model without LoRA adapters (init_from under LoRA): the
+// adapters' elements keep the values out has.
 void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix, const ParamSet& ps,
                int64_t lo, const Tensor& out, const ShareOfWhole& share = {},
-               MayLack may_lack = MayLack::kNone) {
+               bool without_adapters = false) {
   if (out.device() != Device::kCPU) {  // a GPU buffer: filled on the host, copied in one piece
     Tensor host = Tensor::empty(out.shape(), out.dtype());
-    if (may_lack != MayLack::kNone) host.copy_from(out);
-    fill_flat(files, prefix, ps, lo, host, share, may_lack);
+    if (without_adapters) host.copy_from(out);
+    fill_flat(files, prefix, ps, lo, host, share, without_adapters);
     out.copy_from(host);
     return;
   }
@@ -339,9 +334,7 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
       }
       f.release(name);  // copied: its pages need not stay resident
     }
-    if ((may_lack == MayLack::kAdapters && is_lora_param(p.name)) ||
-        (may_lack == MayLack::kAny && got == 0))
-      continue;
+    if (without_adapters && is_lora_param(p.name)) continue;
     if (got != want)
       fail(
           "{}: tensor {} is missing or incomplete; the checkpoint is corrupt or from another model",
@@ -734,18 +727,19 @@ void load_checkpoint_values(const std::string& ckpt_dir, const ParamSet& ps, int
   const bool without_adapters = !checkpoint_model_config(ckpt_dir).lora.on() &&
                                 std::any_of(ps.params().begin(), ps.params().end(),
                                             [](const Param& p) { return is_lora_param(p.name); });
-  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, share,
-            without_adapters ? MayLack::kAdapters : MayLack::kNone);
+  fill_flat(open_pieces(ckpt_dir, "model"), "", ps, lo, out, share, without_adapters);
   // LoRA under bf16 master weights resumed with fp32 ones: the adapters' fp32 masters the
   // optimizer files keep (w.) are their values; the model file holds them rounded to bf16.
   if (!resuming || out.dtype() != DType::kF32) return;
   const std::vector<Safetensors> opt = open_pieces(ckpt_dir, "optimizer");
-  const bool masters = std::any_of(opt.begin(), opt.end(), [](const Safetensors& f) {
-    const std::vector<std::string> names = f.names();
-    return std::any_of(names.begin(), names.end(),
-                       [](const std::string& n) { return n.starts_with("w."); });
-  });
-  if (masters) fill_flat(opt, "w.", ps, lo, out, share, MayLack::kAny);
+  const int64_t hi = lo + out.numel();
+  for (const Param& p : ps.params()) {  // each one's range alone (a GPU's out: no whole copy)
+    const std::string w = "w." + p.name;
+    if (std::none_of(opt.begin(), opt.end(), [&](const Safetensors& f) { return f.has(w); }))
+      continue;
+    const int64_t a = std::max(lo, ps.offset(p)), z = std::min(hi, ps.offset(p) + p.shape.numel());
+    if (a < z) fill_flat(opt, "w.", ps, a, out.slice(a - lo, z - a), share);
+  }
 }
 
 void for_each_checkpoint_value(const std::string& ckpt_dir, const ParamSet& layout,
