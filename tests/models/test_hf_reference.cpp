@@ -334,9 +334,11 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
 // lmforge eval --hellaswag against transformers (hellaswag_ref.py): HellaSwag-format examples made
 // from the King James Bible (a verse's first words, then its next words and three other verses'
 // as the endings; one label written as a string, as the Hugging Face copy has them; one context
-// longer than the model's, cut from the left), scored by GPT-2- and Llama-family models converted
-// from transformers. Every ending's log-likelihood and token count agrees, and so do the
-// predictions; bad files are one clear error naming the line.
+// longer than the model's, cut from the left), scored by GPT-2-, Llama- and Gemma-family models
+// converted from transformers (Gemma 2's with a tokenizer whose post-processor adds a BOS, as
+// Gemma's does: both sides start its choices with it, as lm-eval-harness does). Every ending's
+// log-likelihood and token count agrees, and so do the predictions; bad files are one clear error
+// naming the line.
 TEST(HellaSwag, ScoresMatchTransformers) {
   const std::string root = t::temp_dir("hellaswag");
   std::vector<std::vector<std::string>> verses;  // words of the corpus's longer lines
@@ -371,16 +373,26 @@ TEST(HellaSwag, ScoresMatchTransformers) {
                  .dump()
           << "\n";
   }
-  for (const std::string c : {"gpt2", "llama3"}) {
+  // The Gemma 2 model with its tokenizer's BOS.
+  const std::string gemma = root + "/gemma2-bos";
+  std::filesystem::copy(hf_dir("gemma2"), gemma);
+  json tj = json::parse(t::slurp(gemma + "/tokenizer.json"));
+  const json bos = {{"SpecialToken", {{"id", "<|endoftext|>"}, {"type_id", 0}}}};
+  tj["post_processor"]["single"].insert(tj["post_processor"]["single"].begin(), bos);
+  tj["post_processor"]["special_tokens"] = {
+      {"<|endoftext|>", {{"id", "<|endoftext|>"}, {"ids", {300}}, {"tokens", {"<|endoftext|>"}}}}};
+  std::ofstream(gemma + "/tokenizer.json") << tj.dump();
+  for (const std::string c : {"gpt2", "llama3", "gemma2"}) {
     SCOPED_TRACE(c);
-    auto r = t::run_lmforge("convert --from-hf '" + hf_dir(c) + "' --out " + c, root);
+    const std::string src = c == "gemma2" ? gemma : hf_dir(c);
+    auto r = t::run_lmforge("convert --from-hf '" + src + "' --out " + c, root);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     r = t::run_lmforge(
         "eval --checkpoint " + c + " --hellaswag items.jsonl --scores " + c + ".jsonl", root);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("hellaswag: 17 examples, acc "), std::string::npos) << r.out;
     const std::string cmd = "'" + t::python() + "' '" + t::source_dir() +
-                            "/tests/reference/hellaswag_ref.py' '" + hf_dir(c) + "' '" + root +
+                            "/tests/reference/hellaswag_ref.py' '" + src + "' '" + root +
                             "/items.jsonl' '" + root + "/" + c + ".jsonl' > '" + root + "/" + c +
                             ".log' 2>&1";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << t::slurp(root + "/" + c + ".log");

@@ -4,7 +4,8 @@
 
 Scores every example of ITEMS.jsonl (HellaSwag's ctx, endings, label) with the model and
 tokenizer.json of HF_DIR as nanoGPT's and llm.c's HellaSwag eval does, the ending's tokens split
-off as lm-eval-harness does: ctx + " " + ending encoded whole (no special tokens), the ending's
+off as lm-eval-harness does: ctx + " " + ending encoded whole (no special tokens; Gemma-family
+models with them, i.e. the post-processor's BOS, as lm-eval-harness adds it for them), the ending's
 tokens those after the context's; an ending's score is the sum of its
 tokens' log-probabilities given everything before them; a choice longer than the model's
 context (max_position_embeddings) keeps its last context + 1 tokens. SCORES.jsonl is lmforge eval's --scores
@@ -30,15 +31,16 @@ def main(hf_dir, items_path, scores_path):
     model.eval()
     cfg = model.config
     max_t = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+    special = "gemma" in cfg.model_type  # lm-eval-harness's add_bos_token for Gemma models
     items = [json.loads(line) for line in open(items_path) if line.strip()]
     scores = [json.loads(line) for line in open(scores_path) if line.strip()]
     assert len(items) == len(scores), f"{len(items)} items but {len(scores)} scores"
     worst, problems, correct, correct_norm = 0.0, [], 0, 0
     for i, (item, got) in enumerate(zip(items, scores)):
-        ctx = tok.encode(item["ctx"], add_special_tokens=False)
+        ctx = tok.encode(item["ctx"], add_special_tokens=special)
         logps, counts = [], []
         for ending in item["endings"]:
-            whole = tok.encode(item["ctx"] + " " + ending, add_special_tokens=False)
+            whole = tok.encode(item["ctx"] + " " + ending, add_special_tokens=special)
             split = 0  # lm-eval-harness's split: the tokens after the context's
             while split < min(len(ctx), len(whole)) and ctx[split] == whole[split]:
                 split += 1

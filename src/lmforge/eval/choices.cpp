@@ -58,18 +58,20 @@ std::vector<ChoiceItem> read_hellaswag(const std::string& path, int64_t limit) {
   return items;
 }
 
+bool choices_take_bos(const ModelConfig& c) { return c.arch.starts_with("gemma"); }
+
 ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& items, int64_t max_t,
-                       int64_t vocab) {
+                       int64_t vocab, bool bos) {
   ChoiceRows rows;
   for (size_t i = 0; i < items.size(); ++i) {
     const ChoiceItem& it = items[i];
-    const std::vector<int32_t> ctx = tok.encode(it.context);
+    const std::vector<int32_t> ctx = tok.encode(it.context, false, bos);
     if (ctx.empty()) fail("item {}: its context encodes to no tokens", i + 1);
     for (const std::string& e : it.endings) {
       // The whole text encoded at once, the ending's tokens those after the context's (where a
       // token straddles the two, from the first that differs): as lm-eval-harness splits it,
       // right for tokenizers that mark word starts (SentencePiece's "▁") as for GPT-2's.
-      std::vector<int32_t> ids = tok.encode(it.context + " " + e);
+      std::vector<int32_t> ids = tok.encode(it.context + " " + e, false, bos);
       const size_t split = static_cast<size_t>(
           std::mismatch(ctx.begin(), ctx.end(), ids.begin(), ids.end()).first - ctx.begin());
       const int64_t end = static_cast<int64_t>(ids.size() - split);
@@ -152,8 +154,8 @@ ChoiceResult score_rows(Transformer& model, const std::vector<ChoiceItem>& items
 ChoiceResult score_choices(Transformer& model, const Tokenizer& tok,
                            const std::vector<ChoiceItem>& items,
                            const std::function<void(const ChoiceResult&)>& progress) {
-  const ChoiceRows rows =
-      choice_rows(tok, items, model.config().max_seq_len, model.config().vocab_size);
+  const ModelConfig& c = model.config();
+  const ChoiceRows rows = choice_rows(tok, items, c.max_seq_len, c.vocab_size, choices_take_bos(c));
   size_t most = 0;  // endings of the largest item: one forward per item
   for (const ChoiceItem& it : items) most = std::max(most, it.endings.size());
   model.plan_forward_only(static_cast<int64_t>(most), std::max<int64_t>(1, rows.longest));

@@ -44,8 +44,13 @@ struct ChoiceResult {
   double acc_norm() const { return scores.empty() ? 0.0 : double(correct_norm) / scores.size(); }
 };
 
-// Every item's choices as rows of token ids: context + " " + ending, the last `scored` of them
-// the ending's. A row longer than max_t + 1 keeps its last max_t + 1 tokens (the
+// Whether the choices start with the tokenizer's BOS (its post-processor's, where it has one):
+// lm-eval-harness's rule, for Gemma-family models (which score poorly without it); not for the
+// others, as nanoGPT's and llm.c's HellaSwag for GPT-2 and lm-eval-harness's default.
+bool choices_take_bos(const ModelConfig& c);
+
+// Every item's choices as rows of token ids: [BOS with `bos`] context + " " + ending, the last
+// `scored` of them the ending's. A row longer than max_t + 1 keeps its last max_t + 1 tokens (the
 // context cut from the left); an ending that alone does not fit, or ids beyond `vocab`, are an
 // Error naming the item.
 struct ChoiceRows {
@@ -55,7 +60,7 @@ struct ChoiceRows {
   int64_t longest = 0;       // tokens of the longest row, less one (the positions it needs)
 };
 ChoiceRows choice_rows(const Tokenizer& tok, const std::vector<ChoiceItem>& items, int64_t max_t,
-                       int64_t vocab);
+                       int64_t vocab, bool bos = false);
 
 // Scores the rows with forwards of the model as planned, (B, T) rows at a time (T >= every
 // row's positions), and totals the items. The forwards go through Transformer::forward, so a

@@ -321,7 +321,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       fail("train.hellaswag: {}", e.what());
     }
     try {
-      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, whole_config.vocab_size);
+      hs_rows = choice_rows(*tokenizer, hs_items, t.seq_len, whole_config.vocab_size,
+                            choices_take_bos(whole_config));
     } catch (const Error& e) {
       fail("train.hellaswag: {}: {} (train.seq_len {})", t.hellaswag, e.what(), t.seq_len);
     }
