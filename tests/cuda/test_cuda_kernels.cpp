@@ -598,39 +598,51 @@ void keep_master(Rng& rng, int64_t n) {
 }
 
 // The whole step in one launch (adamw_update_many): fp32 slots with and without a bf16 copy and
-// weight decay, one of them unaligned (the scalar path) and spanning several chunks, and a bf16
-// master slot, against the CPU's one call per slot: bit-identical.
+// weight decay, one of them unaligned (the scalar path) and spanning several chunks, a bf16
+// master slot, and an fp32 master of bf16 values kept first (LoRA's adapters under bf16 master
+// weights: half its masters no longer round to their values), against the CPU's one call per
+// slot: bit-identical.
 void adamw_many(Rng& rng, int64_t step) {
-  const int64_t n0 = 5, n1 = 40001, n2 = 70001;
-  std::vector<float> p0 = randn(rng, n0), p1 = randn(rng, n1 + 1);
-  std::vector<uint16_t> p2(n2), p16(n0, 0xffff);
+  const int64_t n0 = 5, n1 = 40001, n2 = 70001, n3 = 20003;
+  std::vector<float> p0 = randn(rng, n0), p1 = randn(rng, n1 + 1), p3 = randn(rng, n3);
+  std::vector<uint16_t> p2(n2), p16(n0, 0xffff), h3(n3);
   for (uint16_t& h : p2) h = fp32_to_bf16(static_cast<float>(rng.normal()));
-  const int64_t n = n0 + n1 + 1 + n2;
+  for (int64_t i = 0; i < n3; ++i)
+    h3[i] = i % 2 ? fp32_to_bf16_ftz(p3[i]) : fp32_to_bf16(static_cast<float>(rng.normal()));
+  const int64_t n = n0 + n1 + 1 + n2 + n3;
   std::vector<float> g = randn(rng, n, 1e-2), m = randn(rng, n, 1e-3), v(n);
   for (float& x : v) x = static_cast<float>(rng.uniform() * 1e-4);
-  DeviceArray<float> d_p0(p0), d_p1(p1), d_g(g), d_m(m), d_v(v);
-  DeviceArray<uint16_t> d_p2(p2), d_p16(p16);
+  DeviceArray<float> d_p0(p0), d_p1(p1), d_p3(p3), d_g(g), d_m(m), d_v(v);
+  DeviceArray<uint16_t> d_p2(p2), d_p16(p16), d_h3(h3);
   const uint32_t key = sr_key(1337, step, 0), index0 = 4000000000u;
   const double lr = 3e-4, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, gs = 0.61;
   // CPU: one call per slot. Slot 1 starts one element into its arrays (unaligned).
-  const int64_t o1 = n0 + 1, o2 = n0 + n1 + 1;
+  const int64_t o1 = n0 + 1, o2 = n0 + n1 + 1, o3 = o2 + n2;
   cpu::adamw_update(p0.data(), g.data(), m.data(), v.data(), p16.data(), n0, lr, b1, b2, eps, wd,
                     step, gs);
   cpu::adamw_update(p1.data() + 1, g.data() + o1, m.data() + o1, v.data() + o1, nullptr, n1, lr, b1,
                     b2, eps, 0.0, step, gs);
   cpu::adamw_update_sr(p2.data(), g.data() + o2, m.data() + o2, v.data() + o2, n2, lr, b1, b2, eps,
                        wd, step, gs, key, index0);
+  cpu::keep_master(p3.data(), h3.data(), n3);
+  cpu::adamw_update(p3.data(), g.data() + o3, m.data() + o3, v.data() + o3, h3.data(), n3, lr, b1,
+                    b2, eps, wd, step, gs);
   const cuda::AdamwSlot slots[] = {
       {d_p0.get(), d_g.get(), d_m.get(), d_v.get(), d_p16.get(), n0, 0, 0, false, true},
       {d_p1.get() + 1, d_g.get() + o1, d_m.get() + o1, d_v.get() + o1, nullptr, n1, 0, 0, false,
        false},
       {d_p2.get(), d_g.get() + o2, d_m.get() + o2, d_v.get() + o2, nullptr, n2, key, index0, true,
-       true}};
-  cuda::adamw_update_many(slots, 3, lr, b1, b2, eps, wd, step, gs);
+       true},
+      {d_p3.get(), d_g.get() + o3, d_m.get() + o3, d_v.get() + o3, d_h3.get(), n3, 0, 0, false,
+       true,
+       /*keep=*/true}};
+  cuda::adamw_update_many(slots, 4, lr, b1, b2, eps, wd, step, gs);
   EXPECT_TRUE(close("p0", d_p0.host(), p0, kExact));
   EXPECT_TRUE(same_bits("p16", d_p16.host(), p16));
   EXPECT_TRUE(close("p1", d_p1.host(), p1, kExact));
   EXPECT_TRUE(same_bits("p2 (bf16 masters)", d_p2.host(), p2));
+  EXPECT_TRUE(close("p3 (fp32 masters of bf16 values)", d_p3.host(), p3, kExact));
+  EXPECT_TRUE(same_bits("their values", d_h3.host(), h3));
   EXPECT_TRUE(close("m", d_m.host(), m, kExact));
   EXPECT_TRUE(close("v", d_v.host(), v, kExact));
 }

@@ -238,6 +238,9 @@ struct AdamwItem {
   Tensor param, grad, m, v, param_bf16;
   bool decay = true;
   int64_t sr_index = 0;
+  // param is the fp32 master of the bf16 value param_bf16 (LoRA's adapters under bf16 master
+  // weights): keep_master(param, param_bf16) first (on a GPU inside the one launch).
+  bool keep_master = false;
 };
 void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double beta1, double beta2,
                       double eps, double weight_decay, int64_t step, double grad_scale = 1.0,

@@ -303,7 +303,7 @@ void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double bet
       } else {
         slots.push_back({it.param.data<float>(), g, m, v,
                          it.param_bf16.defined() ? it.param_bf16.bf16_data() : nullptr,
-                         it.param.numel(), 0, 0, /*sr=*/false, it.decay});
+                         it.param.numel(), 0, 0, /*sr=*/false, it.decay, it.keep_master});
       }
     }
     cuda::adamw_update_many(slots.data(), static_cast<int64_t>(slots.size()), lr, beta1, beta2, eps,
@@ -312,10 +312,12 @@ void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double bet
   }
 #endif
   // The CPU's update: one parallel loop per item.
-  for (const AdamwItem& it : items)
+  for (const AdamwItem& it : items) {
+    if (it.keep_master) keep_master(it.param, it.param_bf16);
     adamw_update(it.param, it.grad, it.m, it.v, lr, beta1, beta2, eps,
                  it.decay ? weight_decay : 0.0, step, it.param_bf16, grad_scale, sr_seed,
                  it.sr_index);
+  }
 }
 
 }  // namespace lmforge::ops

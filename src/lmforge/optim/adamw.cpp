@@ -281,10 +281,8 @@ void AdamW::step(double lr, double grad_scale) {
     const bool beside = bf16.defined() && bf16.device() == s.value.device();
     refreshed = refreshed && (beside || !bf16.defined());
     if (w_[i].defined()) {
-      const Tensor w = w_[i].view({s.len});
-      ops::keep_master(w, s.value);
-      items.push_back(
-          {w, s.grad, m_[i], v_[i], s.value, s.param->decay, params_.offset(*s.param) + s.begin});
+      items.push_back({w_[i].view({s.len}), s.grad, m_[i], v_[i], s.value, s.param->decay,
+                       params_.offset(*s.param) + s.begin, /*keep_master=*/true});
       continue;
     }
     items.push_back({s.value, s.grad, m_[i], v_[i], beside ? bf16 : Tensor(), s.param->decay,

@@ -243,6 +243,9 @@ struct AdamwSlot {
   int64_t n;
   uint32_t key, index0;  // sr only
   bool sr, decay;
+  // p is the fp32 master of the bf16 value p16 (LoRA's adapters under bf16 master weights):
+  // first widened from it wherever it does not round to it (as cuda::keep_master).
+  bool keep = false;
 };
 void adamw_update_many(const AdamwSlot* slots, int64_t count, double lr, double beta1, double beta2,
                        double eps, double weight_decay, int64_t step, double grad_scale);

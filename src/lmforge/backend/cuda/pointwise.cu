@@ -212,6 +212,7 @@ struct AdamwOp {
   float* v;
   uint16_t* p16;
   AdamScalars s;
+  bool keep = false;  // p the fp32 master of the value p16 (AdamwSlot::keep)
   template <int K>
   __device__ void apply(int64_t i) const {
     Floats<K> pv = load<K>(p + i), mv = load<K>(m + i), vv = load<K>(v + i);
@@ -219,6 +220,8 @@ struct AdamwOp {
     uint16_t h[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
+      if (keep && bf16_ftz(pv.v[k]) != p16[i + k])
+        pv.v[k] = __uint_as_float(static_cast<uint32_t>(p16[i + k]) << 16);
       pv.v[k] = adam_element(pv.v[k], gv.v[k], mv.v[k], vv.v[k], s);
       h[k] = bf16_ftz(pv.v[k]);
     }
@@ -292,7 +295,8 @@ __global__ void __launch_bounds__(kThreads)
     apply_range(AdamwSrOp{static_cast<uint16_t*>(s.p), s.g, s.m, s.v, sc, s.key, s.index0}, c.begin,
                 end, d.vec);
   else
-    apply_range(AdamwOp{static_cast<float*>(s.p), s.g, s.m, s.v, s.p16, sc}, c.begin, end, d.vec);
+    apply_range(AdamwOp{static_cast<float*>(s.p), s.g, s.m, s.v, s.p16, sc, s.keep}, c.begin, end,
+                d.vec);
 }
 
 }  // namespace
