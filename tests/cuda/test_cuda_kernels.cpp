@@ -607,6 +607,7 @@ void adamw_many(Rng& rng, int64_t step) {
   std::vector<float> p0 = randn(rng, n0), p1 = randn(rng, n1 + 1), p3 = randn(rng, n3);
   std::vector<uint16_t> p2(n2), p16(n0, 0xffff), h3(n3);
   for (uint16_t& h : p2) h = fp32_to_bf16(static_cast<float>(rng.normal()));
+  for (int64_t i = 0; i < n3; i += 97) p3[i] = 1e-40f * static_cast<float>(rng.normal());
   for (int64_t i = 0; i < n3; ++i)
     h3[i] = i % 2 ? fp32_to_bf16_ftz(p3[i]) : fp32_to_bf16(static_cast<float>(rng.normal()));
   const int64_t n = n0 + n1 + 1 + n2 + n3;

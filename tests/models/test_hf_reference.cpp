@@ -379,8 +379,13 @@ TEST(HellaSwag, ScoresMatchTransformers) {
   json tj = json::parse(t::slurp(gemma + "/tokenizer.json"));
   const json bos = {{"SpecialToken", {{"id", "<|endoftext|>"}, {"type_id", 0}}}};
   tj["post_processor"]["single"].insert(tj["post_processor"]["single"].begin(), bos);
+  int bos_id = -1;
+  for (const json& a : tj["added_tokens"])
+    if (a["content"] == "<|endoftext|>") bos_id = a["id"].get<int>();
+  ASSERT_GE(bos_id, 0);
   tj["post_processor"]["special_tokens"] = {
-      {"<|endoftext|>", {{"id", "<|endoftext|>"}, {"ids", {300}}, {"tokens", {"<|endoftext|>"}}}}};
+      {"<|endoftext|>",
+       {{"id", "<|endoftext|>"}, {"ids", {bos_id}}, {"tokens", {"<|endoftext|>"}}}}};
   std::ofstream(gemma + "/tokenizer.json") << tj.dump();
   for (const std::string c : {"gpt2", "llama3", "gemma2"}) {
     SCOPED_TRACE(c);

@@ -291,6 +291,9 @@ void adamw_update_all(const std::vector<AdamwItem>& items, double lr, double bet
     slots.reserve(items.size());
     for (const AdamwItem& it : items) {
       check_adamw(it.param, it.grad, it.m, it.v, it.param_bf16);
+      LMF_CHECK(!it.keep_master || (it.param.dtype() == DType::kF32 && it.param_bf16.defined() &&
+                                    it.param_bf16.dtype() == DType::kBF16),
+                "adamw_update_all: keep_master needs an fp32 master and its bf16 value");
       const float* g = it.grad.data<float>();
       float *m = it.m.data<float>(), *v = it.v.data<float>();
       if (it.param.dtype() == DType::kBF16) {
