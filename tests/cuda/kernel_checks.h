@@ -1,5 +1,5 @@
-// Helpers of the CUDA kernel parity tests (test_cuda_kernels.cpp): tolerances, random inputs and
-// comparisons of device results with the CPU's.
+// Helpers of the CUDA kernel parity tests (test_cuda_kernels.cpp, test_cuda_optimizer.cpp):
+// tolerances, random inputs and comparisons of device results with the CPU's.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -101,6 +103,27 @@ inline void expect_bf16_rows_near(const std::vector<uint16_t>& got16,
     }
     for (int64_t v = V; v < ld; ++v) ASSERT_EQ(got16[i * ld + v], 0xabab) << "row " << i;
   }
+}
+
+// One parity case of a parametrized test: its name (the test's) and what it runs on both backends.
+struct KernelCase {
+  std::string name;
+  std::function<void(Rng&)> run;
+};
+
+inline void PrintTo(const KernelCase& c, std::ostream* os) { *os << c.name; }
+
+inline std::string kernel_case_name(const ::testing::TestParamInfo<KernelCase>& p) {
+  return p.param.name;
+}
+
+// Runs c with a fixed seed per case (FNV-1a of its name); skips without a GPU.
+inline void run_kernel_case(const KernelCase& c) {
+  if (!cuda::available()) GTEST_SKIP() << cuda::unavailable_reason();
+  uint64_t seed = 1469598103934665603ull;
+  for (char ch : c.name) seed = (seed ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  Rng rng(seed);
+  c.run(rng);
 }
 
 template <typename T>
