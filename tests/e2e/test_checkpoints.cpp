@@ -1,6 +1,6 @@
 // Checkpoints through the real binary: kill -9 at random moments (3 kills here, 20 in
 // test_checkpoints_slow.cpp), damaged checkpoints skipped with a warning, --reset-optimizer and
-// --start-step.
+// --start-step; a run's resolved config.yaml runs it again.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -210,6 +210,51 @@ TEST(CheckpointResume, TokensAndElapsedCountAcrossResumes) {
     EXPECT_GE(std::stod(elapsed[s]), std::stod(elapsed[s - 1])) << "step " << s;
   auto state = nlohmann::json::parse(slurp(ckpt(dir + "/a", 8) + "/state.json"));
   EXPECT_EQ(state["tokens"], 4 * step_tokens + 4 * 2 * step_tokens);
+}
+
+// A fine-tuning run started without a config file (the embedded default's data.text and
+// data.tokenizer stay unset by the user) from a Hugging Face directory (so no model.preset):
+// its data is data.train alone (no validation on the default's demo corpus), and its resolved
+// config.yaml runs it again, the same losses and weights, and continues it with --resume.
+TEST(ResolvedConfig, ReproducesAFineTuningRunStartedWithoutAConfigFile) {
+  std::string dir = testing::temp_dir("resolved-config");
+  ASSERT_EQ(
+      run_lmforge(std::string(kRun) + "--set train.steps=4 --set run.dir=base", dir).exit_code, 0);
+  auto r = run_lmforge("export --checkpoint base --to-hf hf", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  {
+    std::ofstream f(dir + "/ft.txt");
+    for (int i = 0; i < 200; ++i) f << "Fine-tuning text, line " << i << ", of the new task.\n";
+  }
+  r = run_lmforge(
+      "prepare --input ft.txt --output shards --tokenizer hf/tokenizer.json --val-fraction 0", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string ft =
+      "train --set init_from=hf:hf --set data.train=shards/data --set train.batch_size=4 "
+      "--set train.seq_len=32 --set train.steps=6 --set train.eval_every=3 "
+      "--set train.checkpoint_every=3 --set sample.prompt= ";
+  r = run_lmforge(ft + "--set run.dir=ft", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(metric_by_step(dir + "/ft", "val_loss").empty()) << "validated on the demo corpus";
+  const std::string saved = slurp(dir + "/ft/config.yaml");
+  EXPECT_NE(saved.find("preset: \"\""), std::string::npos) << saved;
+  EXPECT_NE(saved.find("tokenizer: \"\""), std::string::npos) << saved;
+
+  r = run_lmforge("train ft/config.yaml --set run.dir=again", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto loss = metric_by_step(dir + "/ft", "loss");
+  ASSERT_EQ(loss.size(), 6u);
+  EXPECT_EQ(metric_by_step(dir + "/again", "loss"), loss);
+  EXPECT_EQ(slurp(ckpt(dir + "/ft", 6) + "/model.safetensors"),
+            slurp(ckpt(dir + "/again", 6) + "/model.safetensors"));
+  // Resumed from its step 3 (into another directory, to compare): steps 4 to 6 as before.
+  r = run_lmforge("train ft/config.yaml --resume=" + ckpt("ft", 3) + " --set run.dir=cont", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto cont = metric_by_step(dir + "/cont", "loss");
+  ASSERT_EQ(cont.size(), 3u);
+  for (auto& [step, l] : cont) EXPECT_EQ(l, loss.at(step)) << step;
+  EXPECT_EQ(slurp(ckpt(dir + "/ft", 6) + "/model.safetensors"),
+            slurp(ckpt(dir + "/cont", 6) + "/model.safetensors"));
 }
 
 }  // namespace lmforge

@@ -83,6 +83,9 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       {"sample.prompt", "300 tokens", "model.max_seq_len"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.spike_window=10", dir),
                         {"train.spike_window", "at least 20", "train.spike_zscore: 0"});
+  // An empty tokenizer means init_from's; without one it names what to set.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=", dir),
+                        {"data.tokenizer: not set", "init_from", "bpe:N"});
   // train.hellaswag is scored at evaluations.
   expect_one_line_error(
       run_lmforge("train tiny.yaml --set train.hellaswag=hs.jsonl --set train.eval_every=0", dir),

@@ -190,6 +190,43 @@ TEST(Planner, CountsADistillationTeacher) {
   }
 }
 
+// init_from: the source's architecture is planned, as train adopts it (LoRA on top as given), not
+// the config's model section; a model key that contradicts the source is refused as train does.
+TEST(Planner, PlansTheInitFromSourcesModel) {
+  const std::string dir = testing::temp_dir("plan-init");
+  auto t = testing::run_lmforge(
+      "train --set model.preset=llama3-tiny --set data.tokenizer=byte --set model.vocab_size=320 "
+      "--set train.steps=1 --set train.batch_size=1 --set train.seq_len=32 --set "
+      "train.eval_every=0 --set sample.prompt= --set run.dir=" +
+          dir + "/src",
+      dir);
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  ModelConfig src = model_preset("llama3-tiny");
+  src.vocab_size = 320;
+  Config cfg = tiny_config(512);  // a GPT-2 model section the source replaces
+  cfg.init_from = dir + "/src";
+  PlanOptions o;
+  Plan p = make_plan(cfg, o);
+  EXPECT_EQ(p.model.arch, "llama");
+  EXPECT_EQ(p.params, static_cast<double>(src.num_params()));
+  EXPECT_EQ(p.trained, static_cast<double>(src.num_params()));
+  EXPECT_DOUBLE_EQ(p.flops_per_token, src.flops_per_token(cfg.train.seq_len));
+  cfg.model.lora.rank = 4;
+  cfg.keys_given.insert("model.lora_rank");
+  p = make_plan(cfg, o);
+  src.lora.rank = 4;
+  EXPECT_EQ(p.trained, static_cast<double>(src.lora_params()));
+  EXPECT_DOUBLE_EQ(p.flops_per_token, src.flops_per_token(cfg.train.seq_len));
+  cfg.keys_given.insert("model.n_layer");  // gpt2-tiny's 4 layers: the source has as many
+  cfg.model.n_layer = src.n_layer + 1;
+  try {
+    make_plan(cfg, o);
+    ADD_FAILURE() << "a model key contradicting init_from was planned";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.n_layer: "), std::string::npos) << e.what();
+  }
+}
+
 TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {
   const std::string dir = testing::temp_dir("plan");
   auto r = testing::run_lmforge(

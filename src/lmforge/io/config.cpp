@@ -365,12 +365,13 @@ void ConfigLoader::finish() {
   std::vector<ConfigField> fs = fields(cfg_);
   for (auto& a : pending_)
     if (!find_field(fs, a.key)) unknown_key(fs, a.key, a.source);
-  // The preset replaces the whole model section; explicit model keys then override it.
+  // The preset replaces the whole model section; explicit model keys then override it. An empty
+  // one (a resolved config.yaml of a model from no preset) leaves the section's own defaults.
   for (auto it = pending_.rbegin(); it != pending_.rend(); ++it)
     if (it->key == "model.preset") {
       std::string name = trim(it->value);
       try {
-        cfg_.model = model_preset(name);
+        cfg_.model = name.empty() ? ModelConfig() : model_preset(name);
       } catch (const Error& e) {
         fail("{}: {}", it->source, e.what());
       }

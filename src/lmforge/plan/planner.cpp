@@ -257,6 +257,17 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   Plan p;
   p.options = o;
   p.model = cfg.model;
+  if (!cfg.init_from.empty()) {  // the source's architecture, as train takes it
+    std::optional<InitSource> src;
+    try {
+      src.emplace(open_init_source(cfg.init_from));
+    } catch (const Error& e) {
+      fail("init_from: {}", e.what());
+    }
+    Config c = cfg;
+    adopt_init_model(c, *src);
+    p.model = c.model;
+  }
   if (p.model.vocab_size == 0) {  // the tokenizer's, padded to 64 (as train does)
     const std::string& spec = cfg.data.tokenizer;
     int64_t v = 0;

@@ -56,4 +56,37 @@ ValueStream InitSource::values(const Transformer& layout, uint64_t adapter_seed)
   };
 }
 
+void adopt_init_model(Config& cfg, const InitSource& src) {
+  ModelConfig want = src.model;
+  if (src.hf) want.preset.clear();
+  auto set = model_fields(cfg.model), from = model_fields(want);
+  for (size_t i = 0; i < set.size(); ++i) {
+    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std" ||
+        set[i].key.starts_with("lora_"))  // adapters go on top of the source's architecture
+      continue;
+    std::string v = field_value(set[i]);
+    if (v != field_value(from[i]))
+      fail(
+          "model.{}: {} conflicts with init_from {} ({}); the architecture comes from init_from, "
+          "remove model.{} from the config",
+          set[i].key, v, src.spec, field_value(from[i]), set[i].key);
+  }
+  const LoraConfig lora = cfg.model.lora;
+  cfg.model = src.model;
+  if (src.hf) cfg.model.preset.clear();  // "hf:DIR" is not a preset name a config can load
+  // LoRA as configured; keys not given keep the source's (a LoRA checkpoint continues as one).
+  if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
+  if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
+  if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
+  if (cfg.keys_given.count("model.lora_dropout")) cfg.model.lora.dropout = lora.dropout;
+  const LoraConfig& had = src.model.lora;
+  const LoraConfig& now = cfg.model.lora;
+  if (had.on() && (now.rank != had.rank || now.alpha != had.alpha || now.targets != had.targets))
+    fail(
+        "model.lora_*: init_from {} holds LoRA adapters (rank {}, alpha {}, on {}) that the "
+        "config would drop or change; remove model.lora_* to continue them, or export it merged "
+        "(lmforge export --to-hf DIR) and start from hf:DIR",
+        src.spec, had.rank, had.alpha, had.targets);
+}
+
 }  // namespace lmforge

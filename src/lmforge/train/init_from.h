@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "lmforge/io/config.h"
 #include "lmforge/models/config.h"
 #include "lmforge/nn/params.h"
 #include "lmforge/tokenizer/tokenizer.h"
@@ -37,5 +38,11 @@ struct InitSource {
 
 // Throws Error naming the path when it is neither a HF model directory nor a checkpoint.
 InitSource open_init_source(const std::string& spec);
+
+// The run's model becomes the source's architecture (and LoRA as cfg configures it, or as the
+// source carries it). A model key cfg.keys_given holds with another value than the source's is a
+// conflict (fail); keys equal to the source's are fine, so a run's resolved config.yaml, which
+// lists them all, loads again.
+void adopt_init_model(Config& cfg, const InitSource& src);
 
 }  // namespace lmforge

@@ -15,46 +15,6 @@
 
 namespace lmforge {
 
-namespace {
-
-// With init_from the architecture comes from the source; a model key the user set to something
-// else is a conflict (keys equal to the source's are fine, so a run's resolved config.yaml, which
-// lists them all, loads again).
-void adopt_init_model(Config& cfg, const InitSource& src) {
-  ModelConfig want = src.model;
-  if (src.hf) want.preset.clear();
-  auto set = model_fields(cfg.model), from = model_fields(want);
-  for (size_t i = 0; i < set.size(); ++i) {
-    if (!cfg.keys_given.count("model." + set[i].key) || set[i].key == "init_std" ||
-        set[i].key.starts_with("lora_"))  // adapters go on top of the source's architecture
-      continue;
-    std::string v = field_value(set[i]);
-    if (v != field_value(from[i]))
-      fail(
-          "model.{}: {} conflicts with init_from {} ({}); the architecture comes from init_from, "
-          "remove model.{} from the config",
-          set[i].key, v, src.spec, field_value(from[i]), set[i].key);
-  }
-  const LoraConfig lora = cfg.model.lora;
-  cfg.model = src.model;
-  if (src.hf) cfg.model.preset.clear();  // "hf:DIR" is not a preset name a config can load
-  // LoRA as configured; keys not given keep the source's (a LoRA checkpoint continues as one).
-  if (cfg.keys_given.count("model.lora_rank")) cfg.model.lora.rank = lora.rank;
-  if (cfg.keys_given.count("model.lora_alpha")) cfg.model.lora.alpha = lora.alpha;
-  if (cfg.keys_given.count("model.lora_targets")) cfg.model.lora.targets = lora.targets;
-  if (cfg.keys_given.count("model.lora_dropout")) cfg.model.lora.dropout = lora.dropout;
-  const LoraConfig& had = src.model.lora;
-  const LoraConfig& now = cfg.model.lora;
-  if (had.on() && (now.rank != had.rank || now.alpha != had.alpha || now.targets != had.targets))
-    fail(
-        "model.lora_*: init_from {} holds LoRA adapters (rank {}, alpha {}, on {}) that the "
-        "config would drop or change; remove model.lora_* to continue them, or export it merged "
-        "(lmforge export --to-hf DIR) and start from hf:DIR",
-        src.spec, had.rank, had.alpha, had.targets);
-}
-
-}  // namespace
-
 void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks) {
   const TrainingFootprint f = training_footprint(model, o);
   const double all = static_cast<double>(model.num_params() + model.lora_params());
@@ -102,13 +62,18 @@ RunSetup setup_run(Config& cfg) {
           cfg.init_from);
   }
 
-  // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64).
+  // Tokenizer, and the model's vocabulary from it (0 = the tokenizer's, padded to 64). With
+  // init_from and no data.tokenizer (or an empty one: the resolved config.yaml of such a run), the
+  // source's.
   std::unique_ptr<Tokenizer>& tokenizer = r.tokenizer;
-  if (init && !cfg.keys_given.count("data.tokenizer")) {
+  if (init && (!cfg.keys_given.count("data.tokenizer") || cfg.data.tokenizer.empty())) {
     tokenizer = std::move(init->tokenizer);
+    cfg.data.tokenizer.clear();  // not the embedded default's, which this run does not use
   } else
     try {
       std::string spec = cfg.data.tokenizer;
+      if (spec.empty())
+        fail("not set (it may be empty only with init_from); byte, bpe:N or a tokenizer file");
       if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
         int64_t n = 0;
         try {
@@ -146,10 +111,13 @@ RunSetup setup_run(Config& cfg) {
   const ModelConfig share_config = dist::tensor_parallel_config(cfg.model, tp, vocab_parallel(cfg));
 
   // Data.
+  // data.text is the data when data.train is not set (the embedded default's demo corpus would
+  // otherwise validate a fine-tuning run on the Bible); its held-out share validates unless
+  // data.val is set.
   std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
-  if (!cfg.data.text.empty()) {
+  if (!cfg.data.text.empty() && train_spec.empty()) {
     TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction, *tokenizer);
-    if (train_spec.empty()) train_spec = s.train;
+    train_spec = s.train;
     if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
   }
   if (train_spec.empty())
