@@ -240,6 +240,7 @@ void add_bench(CLI::App& app) {
                   "where a step's time goes, op by op")
       ->capture_default_str();
   cmd->callback([o] {
+    set_oom_hint(kTrainingOomHint);
     if (o->precision != "fp32" && o->precision != "bf16")
       fail("--precision: expected fp32 or bf16, got \"{}\"", o->precision);
     if (o->master_weights != "fp32" && !(o->master_weights == "bf16" && o->precision == "bf16"))

@@ -12,6 +12,12 @@
 
 namespace lmforge::app {
 
+// What an out-of-memory error suggests (set_oom_hint, core/tensor.h) in training and generation.
+inline constexpr const char* kTrainingOomHint =
+    "reduce train.batch_size, train.seq_len or the model size (lmforge plan shows what fits)";
+inline constexpr const char* kGenerationOomHint =
+    "lower --max-tokens or --batch, or use --precision bf16";
+
 extern const char* const kDefaultConfigYaml;
 
 // The config `lmforge train [FILE] [--set K=V]...` runs: FILE, or the embedded default as the

@@ -142,6 +142,7 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--ignore-eos", o->ignore_eos,
                 "Go on past the end-of-text token, to --max-tokens (benchmarks)");
   cmd->callback([o, cmd] {
+    set_oom_hint(kGenerationOomHint);
     if ((cmd->count("--prompt") > 0) == !o->prompts.empty())
       fail("generate: pass --prompt TEXT or --prompts FILE.jsonl (one of them)");
     const bool chat = !o->chat_template.empty();
@@ -264,6 +265,7 @@ void add_chat(CLI::App& app) {
   add_sampling_options(cmd, o->s);
   add_precision_option(cmd, o->precision);
   cmd->callback([o] {
+    set_oom_hint(kGenerationOomHint);
     Loaded l = load_for_sampling(o->checkpoint, o->precision, o->s);
     Transformer& model = *l.model;
     const Tokenizer& tok = *l.tok;

@@ -31,6 +31,7 @@ void add_lr_find(CLI::App& app) {
   cmd->add_option("--out", o->out, "Plot (.svg or .png); the points go beside it as .json")
       ->capture_default_str();
   cmd->callback([o] {
+    set_oom_hint(kTrainingOomHint);
     Config cfg = load_run_config(o->config, o->sets);
     std::string ext = o->out.size() > 4 ? o->out.substr(o->out.size() - 4) : "";
     if (ext != ".svg" && ext != ".png") fail("--out: {}: expected a .svg or .png file", o->out);

@@ -1,14 +1,22 @@
 // lmforge: train large language models from one native program.
 // Every user error is one line on stderr and exit code 1 (lmforge::Error is caught here).
+#include <execinfo.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <new>
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/tensor.h"
 #include "lmforge/dist/communicator.h"
 
 int main(int argc, char** argv) {
+  // glibc loads libgcc_s's unwinder the first time an exception unwinds through its C code (oneDNN
+  // throws bad_alloc through pthread_once when memory runs out); then, short of memory, that load
+  // fails and glibc aborts. backtrace() loads it now, while there is memory.
+  void* frame = nullptr;
+  backtrace(&frame, 1);
   CLI::App app{"lmforge: train large language models end to end, natively (no Python)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "lmforge 0.1.0");
@@ -38,8 +46,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lmforge: %s; see lmforge --help (or SUBCOMMAND --help)\n", e.what());
     return 1;
   } catch (const std::bad_alloc&) {
-    lmforge::dist::abort_job(
-        "lmforge: out of memory; reduce train.batch_size, train.seq_len or the model size");
+    lmforge::dist::abort_job("lmforge: out of memory; " + lmforge::oom_hint());
   } catch (const std::filesystem::filesystem_error& e) {  // names the path(s) itself
     lmforge::dist::abort_job(std::string("lmforge: ") + e.what() +
                              "; check the path and its permissions");

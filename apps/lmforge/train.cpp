@@ -48,6 +48,7 @@ void add_train(CLI::App& app) {
                 "With --resume: load the weights only; fresh AdamW state (moments and step "
                 "count 0)");
   cmd->callback([o, cmd] {
+    set_oom_hint(kTrainingOomHint);
     Config cfg = load_run_config(o->config, o->sets);
     ResumeOptions resume{o->resume, o->start_step, o->reset_optimizer};
     if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";

@@ -1,6 +1,7 @@
 #include "lmforge/core/tensor.h"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -17,17 +18,77 @@ namespace {
 constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
 }  // namespace
 
-// MemAvailable from /proc/meminfo in bytes, or 0 when unknown. Linux overcommits, so a too-large
-// malloc "succeeds" and the process is killed later; asking first turns that into an error.
-size_t available_host_memory() {
-  std::FILE* f = std::fopen("/proc/meminfo", "r");
-  if (!f) return 0;
-  char line[256];
-  size_t kb = 0;
-  while (std::fgets(line, sizeof(line), f))
-    if (std::sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+namespace {
+
+std::string& oom_hint_storage() {
+  static std::string hint = "close other programs or use a machine with more memory";
+  return hint;
+}
+
+// The first number in a file (cgroup v2's memory.max / memory.current), or -1 ("max", absent).
+int64_t file_number(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return -1;
+  long long v = -1;
+  if (std::fscanf(f, "%lld", &v) != 1) v = -1;
   std::fclose(f);
-  return kb * 1024;
+  return v;
+}
+
+// This process's cgroup v2 directory ("0::/path" in /proc/self/cgroup), or "".
+std::string cgroup_dir() {
+  std::FILE* f = std::fopen("/proc/self/cgroup", "r");
+  if (!f) return "";
+  char line[1024];
+  std::string dir;
+  while (std::fgets(line, sizeof(line), f))
+    if (std::strncmp(line, "0::", 3) == 0) {
+      dir = line + 3;
+      while (!dir.empty() && (dir.back() == '\n' || dir.back() == '/')) dir.pop_back();
+      dir = "/sys/fs/cgroup" + dir;
+      break;
+    }
+  std::fclose(f);
+  return dir;
+}
+
+}  // namespace
+
+void set_oom_hint(std::string hint) { oom_hint_storage() = std::move(hint); }
+const std::string& oom_hint() { return oom_hint_storage(); }
+
+// Linux overcommits, so a too-large malloc "succeeds" and the process is killed later; asking
+// first turns that into an error. The least of: MemAvailable, what is left of the address-space
+// limit (ulimit -v) and of this process's cgroup's memory.max (a container's limit).
+size_t available_host_memory() {
+  size_t avail = 0;
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    size_t kb = 0;
+    while (std::fgets(line, sizeof(line), f))
+      if (std::sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+    std::fclose(f);
+    avail = kb * 1024;
+  }
+  auto at_most = [&](size_t left) { avail = avail ? std::min(avail, left) : left; };
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    size_t vm_kb = 0;
+    if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
+      char line[256];
+      while (std::fgets(line, sizeof(line), f))
+        if (std::sscanf(line, "VmSize: %zu kB", &vm_kb) == 1) break;
+      std::fclose(f);
+    }
+    const size_t used = vm_kb * 1024;
+    at_most(rl.rlim_cur > used ? rl.rlim_cur - used : 0);
+  }
+  if (const std::string dir = cgroup_dir(); !dir.empty()) {
+    const int64_t max = file_number(dir + "/memory.max"),
+                  cur = file_number(dir + "/memory.current");
+    if (max > 0 && cur >= 0) at_most(max > cur ? static_cast<size_t>(max - cur) : 0);
+  }
+  return avail;
 }
 
 void check_host_memory(double bytes, const std::string& what, const std::string& fix) {
@@ -46,8 +107,7 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   }
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   if (rounded > (size_t{1} << 26))
-    check_host_memory(static_cast<double>(rounded), "a new buffer",
-                      "reduce train.batch_size, train.seq_len or the model size");
+    check_host_memory(static_cast<double>(rounded), "a new buffer", oom_hint());
   // Large buffers come straight from the kernel: zero pages that only become resident when
   // first written (a full-shard model never touches its whole-model buffer; start-up does not
   // page in every arena twice). Small ones from the heap, zeroed.
@@ -65,11 +125,7 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
     p = std::aligned_alloc(kAlign, rounded);
     if (p) std::memset(p, 0, rounded);
   }
-  if (rounded && !p)
-    fail(
-        "out of memory allocating {:.1f} MiB; reduce train.batch_size, train.seq_len or the model "
-        "size",
-        bytes / 1048576.0);
+  if (rounded && !p) fail("out of memory allocating {:.1f} MiB; {}", bytes / 1048576.0, oom_hint());
   auto s = std::shared_ptr<Storage>(new Storage(p, bytes, device, true));
   s->mapped_ = map ? rounded : 0;
   return s;

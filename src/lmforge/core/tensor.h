@@ -23,8 +23,13 @@ namespace lmforge {
 // exceed the available host memory. Linux accepts mappings larger than memory and kills the
 // process when they are touched: callers that know a whole footprint ask first.
 void check_host_memory(double bytes, const std::string& what, const std::string& fix);
-// MemAvailable from /proc/meminfo in bytes, or 0 when unknown.
+// Host memory this process may still take, in bytes (0 when unknown): the least of MemAvailable,
+// what is left of ulimit -v, and of its cgroup's memory.max.
 size_t available_host_memory();
+// What an out-of-memory error suggests (the command's knobs); each subcommand sets its own, the
+// default says to free memory.
+void set_oom_hint(std::string hint);
+const std::string& oom_hint();
 
 // Raw memory for tensors; owned (freed on destruction) or borrowed (e.g. an mmap'ed file).
 class Storage {

@@ -12,6 +12,7 @@
 #include "lmforge/backend/cpu/vecmath.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/tensor.h"  // oom_hint
 
 namespace lmforge::cpu {
 
@@ -60,6 +61,8 @@ void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
   } else {
     st = sgemm(M, N, A, B, C);
   }
+  if (st == dnnl_out_of_memory)  // its packing buffers
+    fail("out of memory in a {}x{}x{} matmul; {}", M, N, K, oom_hint());
   LMF_CHECK(st == dnnl_success, "dnnl_sgemm failed ({}) M={} N={} K={}", st, M, N, K);
 }
 
