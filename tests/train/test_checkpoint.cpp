@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "lmforge/io/sha256.h"
 #include "lmforge/models/presets.h"
@@ -85,6 +86,41 @@ TEST(Checkpoint, ManifestListsEveryFileWithSizeAndSha256) {
   load_checkpoint(dir, s.model, &s.opt, &back);
   EXPECT_EQ(back.step, 3);
   EXPECT_EQ(back.val_loss, 2.5);
+}
+
+// A state.json that parses but holds nonsense (as a damaged or hand-edited one may, with its
+// manifest rewritten to match): an error naming the file, never a negative step run or a
+// library's own message.
+TEST(Checkpoint, NonsenseInStateJsonNamesTheFile) {
+  Saver s("ckpt-nonsense");
+  const std::string good = s.save(2);
+  auto edited = [&](const std::string& name, const std::function<void(json&)>& edit) {
+    const std::string dir = s.run + "/" + name;
+    fs::copy(good, dir, fs::copy_options::recursive);
+    json j = json::parse(testing::slurp(dir + "/state.json"));
+    edit(j);
+    std::ofstream(dir + "/state.json") << j.dump();
+    return dir;
+  };
+  using testing::error_of;
+  std::string dir = edited("negative", [](json& j) { j["step"] = -5; });
+  std::string e = error_of([&] {
+    TrainState st;
+    load_checkpoint(dir, s.model, &s.opt, &st);
+  });
+  EXPECT_NE(e.find(dir + "/state.json: step -5 is negative"), std::string::npos) << e;
+  dir = edited("array", [](json& j) { j = json::array(); });
+  e = error_of([&] { checkpoint_model_config(dir); });
+  EXPECT_NE(e.find(dir + "/state.json: corrupt checkpoint state (not a JSON object)"),
+            std::string::npos)
+      << e;
+  dir = edited("heads", [](json& j) { j["model"]["n_head"] = "0"; });
+  e = error_of([&] { checkpoint_model_config(dir); });
+  EXPECT_NE(e.find(dir + "/state.json: model.n_head: must be positive"), std::string::npos) << e;
+  dir = edited("model-array", [](json& j) { j["model"] = json::array(); });
+  e = error_of([&] { checkpoint_model_config(dir); });
+  EXPECT_NE(e.find(dir + "/state.json: "), std::string::npos) << e;
+  EXPECT_NE(e.find("the checkpoint is corrupt"), std::string::npos) << e;
 }
 
 TEST(Checkpoint, VerifyNamesTheFirstDamagedFile) {

@@ -211,6 +211,9 @@ json read_state(const std::string& ckpt_dir) {
   } catch (const json::exception& e) {
     fail("{}: corrupt checkpoint state ({}); resume from an earlier checkpoint", path, e.what());
   }
+  if (!j.is_object())
+    fail("{}: corrupt checkpoint state (not a JSON object); resume from an earlier checkpoint",
+         path);
   if (j.value("format", "") != kFormat)
     fail("{}: not an lmforge checkpoint (format \"{}\")", path, j.value("format", ""));
   if (j.value("version", 0) != kVersion)
@@ -615,14 +618,19 @@ ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
            k == "embed_scale" || k == "post_norms" || k == "norm_offset" || k == "attn_scale_dim" ||
            k == "attn_softcap" || k == "logit_softcap" || k == "rope_scaling.type";
   };
-  for (auto& f : model_fields(mc)) {
-    if (!j["model"].contains(f.key)) {
-      if (later(f.key)) continue;
-      fail("{}/state.json: model.{} missing; the checkpoint is corrupt", ckpt_dir, f.key);
+  try {
+    for (auto& f : model_fields(mc)) {
+      if (!j.at("model").contains(f.key)) {
+        if (later(f.key)) continue;
+        fail("model.{} missing", f.key);
+      }
+      assign_field(f, j["model"][f.key].get<std::string>(), ckpt_dir + "/state.json");
     }
-    assign_field(f, j["model"][f.key].get<std::string>(), ckpt_dir + "/state.json");
+    mc.validate();
+  } catch (const std::exception& e) {  // json's, or a value no model has
+    const std::string what = e.what(), path = ckpt_dir + "/state.json";
+    fail("{}{}; the checkpoint is corrupt", what.starts_with(path) ? "" : path + ": ", what);
   }
-  mc.validate();
   return mc;
 }
 
@@ -704,10 +712,19 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
       fill_flat(saved ? files : model_files, saved ? "w." : "", ps, lo,
                 opt->master(i).view({s.len}), share);
     }
-    opt->set_steps_taken(j.at("optimizer_steps").get<int64_t>());
+    const int64_t taken = j.at("optimizer_steps").get<int64_t>();
+    if (taken < 0)
+      fail("{}/state.json: optimizer_steps {} is negative; the checkpoint is corrupt", ckpt_dir,
+           taken);
+    opt->set_steps_taken(taken);
   }
   if (st) {
     st->step = j.at("step").get<int64_t>();
+    if (st->step < 0)
+      fail(
+          "{}/state.json: step {} is negative; the checkpoint is corrupt, resume from an earlier "
+          "one",
+          ckpt_dir, st->step);
     st->loader = j.at("loader");
     st->init_from = j.value("init_from", "");
     st->val_loss.reset();

@@ -380,7 +380,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
                              dp.value_shard(), share, /*resuming=*/!resume.reset_optimizer);
     dp.refresh_master();  // dist.offload's host copy of the loaded values
-    train_data.set_state(st.loader);
+    try {
+      train_data.set_state(st.loader);
+    } catch (const Error& e) {
+      fail("{}/state.json: {}", ckpt, e.what());
+    }
+    if (st.step > t.steps && resume.start_step < 0)
+      fail("--resume: {} is at step {}, past train.steps ({}); raise train.steps", ckpt, st.step,
+           t.steps);
     const int64_t saved_step = st.step;
     if (resume.start_step >= 0) st.step = resume.start_step;
     // Records past the checkpoint belong to the interrupted continuation.
