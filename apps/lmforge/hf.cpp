@@ -190,8 +190,31 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
     fail("--to-peft: {} has no LoRA adapters (model.lora_rank 0); export it whole with --to-hf",
          dir);
   std::error_code ec;
+  if (fs::exists(out, ec) && !fs::is_directory(out, ec))
+    fail("{}: {} exists and is not a directory; choose a directory path", opt, out);
   if (fs::exists(out, ec) && !fs::is_empty(out, ec) && !force)
-    fail("{}: {} exists and is not empty; choose a new directory or pass --force", opt, out);
+    fail(
+        "{}: {} exists and is not empty; choose a new directory, or pass --force to replace an "
+        "earlier export",
+        opt, out);
+  // --force replaces an earlier export only: a directory of the files one writes, nothing else.
+  if (fs::is_directory(out, ec))
+    for (const fs::directory_entry& e : fs::directory_iterator(out, ec)) {
+      const std::string name = e.path().filename().string();
+      const bool exported =
+          e.is_regular_file(ec) &&
+          (name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") ||
+           name == "config.json" || name == "generation_config.json" ||
+           name == "adapter_config.json" || name == "tokenizer.json" ||
+           name == "tokenizer_config.json" || name == "special_tokens_map.json" ||
+           name == "chat_template.jinja" || name == "tokenizer.model" || name == "vocab.json" ||
+           name == "merges.txt");
+      if (!exported)
+        fail(
+            "{}: {} holds {}, which an export does not write and --force would delete; export to "
+            "a new directory",
+            opt, out, name);
+    }
   // --force replaces the directory: never one that holds the checkpoint, a run, or this process's
   // working directory.
   auto inside = [](const fs::path& child, const fs::path& parent) {

@@ -190,6 +190,17 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
     expect_one_line_error(run_lmforge("export --checkpoint run --to-hf " + to + " --force", dir),
                           {"--to-hf", "--force would delete"});
   EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/state.json"));
+  // ... nor a file, nor a directory with files an export does not write.
+  std::ofstream(dir + "/file.txt") << "mine\n";
+  expect_one_line_error(run_lmforge("export --checkpoint run --to-hf file.txt --force", dir),
+                        {"--to-hf", "file.txt", "not a directory"});
+  fs::create_directories(dir + "/mine");
+  std::ofstream(dir + "/mine/config.json") << "{}\n";
+  std::ofstream(dir + "/mine/notes.txt") << "mine\n";
+  expect_one_line_error(run_lmforge("export --checkpoint run --to-hf mine --force", dir),
+                        {"--to-hf", "notes.txt", "--force would delete"});
+  EXPECT_EQ(testing::slurp(dir + "/file.txt"), "mine\n");
+  EXPECT_EQ(testing::slurp(dir + "/mine/notes.txt"), "mine\n");
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
   // A checkpoint from another architecture.
