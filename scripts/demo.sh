@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up, train the default small GPT on the demo corpus
-# (the King James Bible, byte-level) on the CPU, then sample from it.
+# (the King James Bible, with its own 2048-token BPE: data.tokenizer bpe:2048 in
+# configs/default.yaml) on the CPU, then sample from it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -16,7 +16,9 @@ namespace lmforge {
 
 std::vector<ConfigField> model_fields(ModelConfig& m) {
   return {
-      {"preset", &m.preset, "named preset applied before the other model keys"},
+      {"preset", &m.preset,
+       "named preset applied before the other model keys; empty = none (the model section's own "
+       "defaults, as a resolved config.yaml saves a model from no preset, e.g. hf:DIR)"},
       {"arch", &m.arch,
        "Hugging Face family: gpt2 | llama | mistral | qwen2 | qwen3 | phi3 | gemma | gemma2 | "
        "gemma3"},
@@ -47,7 +49,8 @@ std::vector<ConfigField> model_fields(ModelConfig& m) {
       {"qk_norm", &m.qk_norm, "RMSNorm on each q and k head before RoPE (Qwen3)"},
       {"sliding_window", &m.sliding_window, "attend to the last W positions; 0 = all (Mistral)"},
       {"full_attention_every", &m.full_attention_every,
-       "with sliding_window: layers N-1, 2N-1, ... attend to all positions (Gemma 3: 6); 0 = none"},
+       "with sliding_window: layers N-1, 2N-1, ... attend to all positions, the others through "
+       "the window (Gemma 2: 2, Gemma 3: 6); 0 = every layer through it"},
       {"rope_local_theta", &m.rope_local_theta,
        "RoPE base of the sliding-window layers (Gemma 3: 10000); 0 = rope_theta"},
       {"embed_scale", &m.embed_scale, "token embeddings times sqrt(n_embd) (Gemma)"},
@@ -76,15 +79,20 @@ std::vector<ConfigField> fields(Config& c) {
   std::vector<ConfigField> rest = {
       {"init_from", &c.init_from,
        "initial weights and tokenizer: hf:DIR (a Hugging Face model) or an lmforge checkpoint"},
-      {"data.text", &c.data.text, "text file tokenized into shards; demo:kjv = the demo corpus"},
+      {"data.text", &c.data.text,
+       "text file tokenized into shards: the training data when data.train is not set (with "
+       "data.train, only what data.tokenizer bpe:N trains on); demo:kjv = the demo corpus"},
       {"data.train", &c.data.train,
        "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3"},
       {"data.val", &c.data.val, "validation shard(s)"},
-      {"data.val_fraction", &c.data.val_fraction, "share of data.text held out"},
+      {"data.val_fraction", &c.data.val_fraction,
+       "share of data.text held out when data.text is the data; it validates when data.val is "
+       "not set"},
       {"data.packing", &c.data.packing,
        "none (chunks) | best_fit (whole documents, each attending only to itself)"},
       {"data.tokenizer", &c.data.tokenizer,
-       "byte; bpe:N (train one on data.text); or a tokenizer file/directory"},
+       "byte; bpe:N (train one on data.text); or a tokenizer file/directory; with init_from, "
+       "unset or empty = the source's (such a run saves \"\")"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},
       {"train.seq_len", &c.train.seq_len, "T"},
@@ -164,7 +172,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.max_skips", &c.train.max_skips,
        "the run stops when more steps than this are skipped in a row"},
       {"train.inject_fault", &c.train.inject_fault,
-       "testing aid: nan@STEP,spike@STEP poisons those steps"},
+       "testing aid: nan@STEP,spike@STEP poisons those steps; kill@STEP / hang@STEP make the "
+       "last rank die (SIGKILL) or stop (SIGSTOP) in that step"},
       {"train.precision", &c.train.precision, "fp32 | bf16 (bf16 matmuls, fp32 master weights)"},
       {"train.master_weights", &c.train.master_weights,
        "fp32 | bf16 (bf16 precision only: bf16 weights updated with stochastic rounding)"},
@@ -210,8 +219,10 @@ std::vector<ConfigField> fields(Config& c) {
       {"dist.backend", &c.dist.backend,
        "auto (NCCL for a model on GPUs, else MPI; none for one process), mpi, nccl or local"},
       {"dist.tensor_parallel", &c.dist.tensor_parallel,
-       "ranks that split every block's heads and MLP width (Megatron-LM tensor parallelism; "
-       "consecutive ranks; data parallelism, no-shard or zero1, across the groups); 1 = off"},
+       "ranks that split every block's attention heads and MLP width (Megatron-LM tensor "
+       "parallelism): groups of consecutive ranks, data parallelism across the groups under any "
+       "dist.strategy (2-D with grad-shard, full-shard, hybrid), with or without dist.offload; "
+       "1 = off; see docs/distributed.md"},
       {"dist.sequence_parallel", &c.dist.sequence_parallel,
        "with dist.tensor_parallel: the norms, residual adds, embeddings and LM head on each "
        "rank's own rows, attention and the MLP on the group's (Megatron-LM sequence "

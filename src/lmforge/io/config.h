@@ -24,12 +24,17 @@
 namespace lmforge {
 
 struct DataConfig {
-  std::string text;   // a UTF-8 text file tokenized byte-level into shards ("demo:kjv" = demo)
+  // A UTF-8 text file tokenized into shards ("demo:kjv" = demo): the training data when `train`
+  // is not set (its val_fraction held out validates unless `val` is set); with `train` set, only
+  // what a "bpe:N" tokenizer trains on.
+  std::string text;
   std::string train;  // token shard file(s): a path, a directory or a glob
-  std::string val;    // validation shard(s); empty with `text` = split from it
+  std::string val;    // validation shard(s); empty with `text` as the data = split from it
   double val_fraction = 0.05;
-  std::string packing = "none";    // none (concatenate and chunk) | best_fit (whole documents)
-  std::string tokenizer = "byte";  // "byte", or a tokenizer file/directory (any format)
+  std::string packing = "none";  // none (concatenate and chunk) | best_fit (whole documents)
+  // "byte", "bpe:N" (trained on `text`), or a tokenizer file/directory (any format); with
+  // init_from, unset or empty = the source's (such a run saves "").
+  std::string tokenizer = "byte";
 };
 
 struct TrainConfig {
@@ -79,7 +84,7 @@ struct TrainConfig {
   double spike_zscore = 6;         // skip a step whose loss/grad norm z-score exceeds this; 0 = off
   int64_t spike_window = 100;      // steps in the rolling statistics
   int64_t max_skips = 10;          // consecutive skipped steps before the run stops
-  std::string inject_fault;        // testing aid: "nan@STEP,spike@STEP" (1-based steps)
+  std::string inject_fault;        // testing aid: nan@, spike@, kill@ or hang@STEP (1-based)
   std::string precision = "fp32";  // fp32 | bf16 (bf16 matmuls, fp32 master weights)
   std::string master_weights = "fp32";  // fp32 | bf16 (stochastic rounding; with bf16 precision)
   std::string device = "cpu";           // cpu | cuda | auto
@@ -113,7 +118,7 @@ struct DistConfig {
   double timeout = 600;               // seconds a collective may take before the job stops
   int64_t ranks_per_node = 0;         // 0 = as launched; declares nodes for hybrid
   std::string backend = "auto";       // auto | mpi | nccl | local
-  int64_t tensor_parallel = 1;        // ranks sharing each block (dist/tensor_parallel.h)
+  int64_t tensor_parallel = 1;        // ranks sharing each block, any strategy across the groups
   bool sequence_parallel = false;     // and the rest split by rows among them (the same)
 };
 
