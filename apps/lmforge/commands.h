@@ -1,7 +1,10 @@
 // Subcommands of the lmforge CLI, one file each; main.cpp wires them into CLI11.
 #pragma once
 
+#include <fmt/core.h>
+
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <string>
@@ -11,6 +14,21 @@
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge::app {
+
+// A numeric option's range [lo, hi) (hi: none when infinite), refused in one line naming it:
+// "--batch: must be at least 1, got 0" (CLI11's own ranges print DBL_MAX in full).
+inline CLI::Validator in_range(double lo, double hi = HUGE_VAL) {
+  return CLI::Validator(
+      [lo, hi](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        if (end == s.c_str() || *end != '\0' || !(v >= lo && v < hi))
+          return hi == HUGE_VAL ? fmt::format("must be at least {}, got {}", lo, s)
+                                : fmt::format("must be in [{}, {}), got {}", lo, hi, s);
+        return "";
+      },
+      "");
+}
 
 // What an out-of-memory error suggests (set_oom_hint, core/tensor.h) in training and generation.
 inline constexpr const char* kTrainingOomHint =

@@ -123,12 +123,12 @@ void add_generate(CLI::App& app) {
                   "Samples of each prompt, with seeds --seed, --seed + 1, ... (each prompt's k-th "
                   "what --seed + k gives it alone); each printed whole, then a line of dashes "
                   "(with --prompts: one JSON line each)")
-      ->check(CLI::PositiveNumber)
+      ->check(in_range(1))
       ->capture_default_str();
   cmd->add_option("--batch", o->batch,
                   "Sequences decoded at once with --num-samples or --prompts (each step's matmuls "
                   "read the weights once for all of them)")
-      ->check(CLI::PositiveNumber)
+      ->check(in_range(1))
       ->capture_default_str();
   add_sampling_options(cmd, o->s);
   cmd->add_option("--chat-template", o->chat_template,

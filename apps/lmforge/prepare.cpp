@@ -32,12 +32,15 @@ void add_prepare(CLI::App& app) {
                   "chat, preference, unpaired: chatml | llama3 (the tokenizer needs its special "
                   "tokens; chat's default: chatml; the others': none, plain text)");
   cmd->add_option("--text-mode", o->text_mode, ".txt documents: file | blank_line (default: file)");
-  cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation");
-  cmd->add_option("--val-docs", o->val_docs, "The first N documents are validation (a count)");
-  cmd->add_option("--shard-tokens", o->shard_tokens, "Tokens per train shard");
-  cmd->add_option("--seed", o->seed, "Seed of the train/validation split");
+  cmd->add_option("--val-fraction", o->val_fraction, "Share of documents for validation")
+      ->check(in_range(0, 1));
+  cmd->add_option("--val-docs", o->val_docs, "The first N documents are validation (a count)")
+      ->check(in_range(0));
+  cmd->add_option("--shard-tokens", o->shard_tokens, "Tokens per train shard")->check(in_range(1));
+  cmd->add_option("--seed", o->seed, "Seed of the train/validation split")->check(in_range(0));
   cmd->add_option("--stop-after-shards", o->stop_after,
-                  "Stop after N train shards, as an interruption would (for testing resume)");
+                  "Stop after N train shards, as an interruption would (for testing resume)")
+      ->check(in_range(0));
   cmd->callback([o] {
     PrepareOptions p = o->config.empty() ? PrepareOptions{} : load_prepare_config(o->config);
     if (!o->inputs.empty()) {

@@ -43,7 +43,7 @@ void add_train(CLI::App& app) {
                   "With --resume: continue as step N (step counter and LR schedule); the data "
                   "position still comes from the checkpoint")
       ->type_name("N")
-      ->check(CLI::NonNegativeNumber);
+      ->check(in_range(0));
   cmd->add_flag("--reset-optimizer", o->reset_optimizer,
                 "With --resume: load the weights only; fresh AdamW state (moments and step "
                 "count 0)");

@@ -185,6 +185,8 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--prompt", "--prompts"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompts missing.jsonl", dir),
                         {"missing.jsonl", "cannot open"});
+  expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --num-samples 0", dir),
+                        {"--num-samples", "at least 1", "got 0"});
   // export --force replaces its target: never the run, its checkpoint or the working directory.
   for (std::string to : {"run", ".", "run/checkpoints"})
     expect_one_line_error(run_lmforge("export --checkpoint run --to-hf " + to + " --force", dir),
@@ -277,6 +279,14 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   std::ofstream(dir + "/plain.jsonl.gz") << "{\"text\": \"not compressed\"}\n";
   expect_one_line_error(run_lmforge("prepare --input plain.jsonl.gz --output prep2", dir),
                         {"plain.jsonl.gz", "not gzip data"});
+  // Every record skipped (a misspelt field): an error, and no empty shards left to train on.
+  std::ofstream(dir + "/texts.jsonl") << "{\"text\": \"a b\"}\n{\"text\": \"c\"}\n";
+  expect_one_line_error(run_lmforge("prepare --input texts.jsonl --output prep3 --field txt", dir),
+                        {"texts.jsonl", "no documents kept", "missing_field", "--field"});
+  EXPECT_FALSE(fs::exists(dir + "/prep3"));
+  expect_one_line_error(
+      run_lmforge("prepare --input texts.jsonl --output prep3 --val-fraction -0.5", dir),
+      {"--val-fraction", "[0, 1)", "-0.5"});
   expect_one_line_error(run_lmforge("launch --nproc 99999 -- info run", dir),
                         {"--nproc 99999", "4096"});
   // The longest schedule plots in bounded time.

@@ -1,5 +1,6 @@
 #include "lmforge/data/prepare.h"
 
+#include <fmt/ranges.h>
 #include <malloc.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -493,7 +494,9 @@ json run_prepare(const PrepareOptions& o) {
   } catch (const Error& e) {
     fail("tokenizer: {}", e.what());
   }
-  for (const PrepareSource& s : o.sources) {               // fail before any work
+  for (const PrepareSource& s : o.sources) {  // fail before any work
+    if (s.inputs.empty())
+      fail("source {}: no inputs; list its files, directories or globs", s.name);
     DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
     if (s.doc.format == "chat" || ((s.doc.format == "preference" || s.doc.format == "unpaired") &&
                                    !s.doc.chat_template.empty())) {  // its specials
@@ -528,6 +531,17 @@ json run_prepare(const PrepareOptions& o) {
                s.name, st["documents"]["train"].get<uint64_t>(),
                st["documents"]["val"].get<uint64_t>(), st["tokens"]["train"].get<uint64_t>(),
                st["tokens"]["val"].get<uint64_t>(), st["skipped"].dump(), st["repaired"].dump());
+    // Nothing kept (every record skipped: a wrong field or format): no shards to train on, and
+    // none left behind.
+    if (st["documents"]["train"].get<uint64_t>() + st["documents"]["val"].get<uint64_t>() == 0 &&
+        o.stop_after_shards == 0) {
+      fs::remove_all(fs::path(o.output) / s.name, ec);
+      if (fs::is_empty(o.output, ec)) fs::remove(o.output, ec);
+      fail(
+          "prepare {}: no documents kept from {} (skipped {}); check --field (the JSONL key "
+          "holding the text) and --format against the files",
+          s.name, fmt::join(s.inputs, ", "), st["skipped"].dump());
+    }
   }
   double dt = std::chrono::duration<double>(Clock::now() - t0).count();
   summary["seconds"] = dt;  // reading, tokenizing and writing; excludes loading the tokenizer
