@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lmforge/core/error.h"
@@ -164,6 +165,18 @@ TEST(TokenizerErrors, TruncatedTokenizerJsonNamesTheFile) {
   std::string path = dir + "/tokenizer.json";
   write(path, R"({"model": {"type": "BPE", "vocab": {"a": "zero"}, "merges": []}})");
   EXPECT_NE(error_of([&] { load_tokenizer(path); }).find(path), std::string::npos);
+  // A file whose content is no format's is read as its name says (an empty or damaged one gets
+  // that format's error, not SentencePiece's).
+  for (const auto& [name, text, want] :
+       {std::tuple<std::string, std::string, std::string>{"array.json", "[]\n", "layout"},
+        {"empty.json", "", "not valid JSON"},
+        {"empty.tiktoken", "", "0 ranks"}}) {
+    write(dir + "/" + name, text);
+    const std::string msg = error_of([&] { load_tokenizer(dir + "/" + name); });
+    EXPECT_NE(msg.find(dir + "/" + name + ": "), std::string::npos) << msg;
+    EXPECT_NE(msg.find(want), std::string::npos) << name << ": " << msg;
+    EXPECT_EQ(msg.find("SentencePiece"), std::string::npos) << name << ": " << msg;
+  }
 }
 
 TEST(TokenizerErrors, TruncatedVocabMergesNameTheFile) {

@@ -92,9 +92,11 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     fs::path merges = fs::path(path).parent_path() / "merges.txt";
     return load_gpt2_vocab_merges(path, merges.string());
   }
-  std::string kind = sniff(path);
-  if (kind == "json") return load_hf_tokenizer_json(path);
-  if (kind == "tiktoken") return load_tiktoken(path);
+  // By content, or by name when the content is no format's (an empty or damaged file: the error
+  // of the format it claims to be).
+  const std::string kind = sniff(path), ext = fs::path(path).extension().string();
+  if (kind == "json" || (kind == "binary" && ext == ".json")) return load_hf_tokenizer_json(path);
+  if (kind == "tiktoken" || (kind == "binary" && ext == ".tiktoken")) return load_tiktoken(path);
   return load_sentencepiece(path);
 }
 
