@@ -64,6 +64,21 @@ TEST(Config, WrongTypesAreRejectedWithTheKey) {
   EXPECT_NE(error_of("", {"train.lr"}).find("expected KEY=VALUE"), std::string::npos);
 }
 
+// What YAML itself lets pass: a key given twice (the last would win), a second document (it would
+// be ignored), a section with a value; a section with nothing under it sets nothing.
+TEST(Config, RepeatedKeysDocumentsAndSectionValuesAreRefused) {
+  EXPECT_EQ(error_of("train:\n  steps: 5\n  steps: 7\n"),
+            "test.yaml:3: \"train.steps\" is given twice; keep one");
+  EXPECT_NE(error_of("train:\n  steps: 5\n---\ntrain:\n  steps: 7\n").find("2 YAML documents"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: 5\n").find("test.yaml: train: a section"), std::string::npos);
+  EXPECT_NE(error_of("", {"model.rope_scaling=2"}).find("--set: model.rope_scaling: a section"),
+            std::string::npos);
+  EXPECT_EQ(load("train:\nmodel:\n  rope_scaling:\n").train.steps, Config().train.steps);
+  // An empty preset is none (what a resolved config.yaml of a model from hf:DIR says).
+  EXPECT_EQ(load("model:\n  preset: \"\"\n  n_layer: 3\n").model.n_embd, ModelConfig().n_embd);
+}
+
 TEST(Config, ResolvedYamlRoundTrips) {
   Config a = load("model:\n  preset: gpt2-tiny\n  vocab_size: 257\nrun:\n  dir: \"x: y\"\n",
                   {"train.steps=17", "sample.prompt=In the beginning"});

@@ -276,9 +276,13 @@ const ConfigField* find_field(const std::vector<ConfigField>& fs, const std::str
 void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
              std::vector<std::pair<std::string, std::string>>& out) {
   if (node.IsMap()) {
+    std::set<std::string> seen;  // YAML would keep the last of a repeated key, silently
     for (auto it = node.begin(); it != node.end(); ++it) {
       std::string k = it->first.as<std::string>();
-      flatten(it->second, prefix.empty() ? k : prefix + "." + k, source, out);
+      const std::string key = prefix.empty() ? k : prefix + "." + k;
+      if (!seen.insert(k).second)
+        fail("{}:{}: \"{}\" is given twice; keep one", source, it->first.Mark().line + 1, key);
+      flatten(it->second, key, source, out);
     }
   } else if (node.IsScalar()) {
     out.emplace_back(prefix, node.Scalar());
@@ -350,7 +354,10 @@ std::string field_value(const ConfigField& f) {
 void ConfigLoader::load_yaml_text(const std::string& text, const std::string& source, bool base) {
   YAML::Node root;
   try {
-    root = YAML::Load(text);
+    const std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    if (docs.size() > 1)
+      fail("{}: holds {} YAML documents (separated by ---); a config is one", source, docs.size());
+    if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
     fail("{}:{}: invalid YAML ({})", source, e.mark.line + 1, e.msg);
   }
@@ -374,6 +381,17 @@ void ConfigLoader::set(const std::string& assignment, const std::string& source)
 
 void ConfigLoader::finish() {
   std::vector<ConfigField> fs = fields(cfg_);
+  // A section with nothing under it ("train:" alone) sets nothing; with a value it is a mistake.
+  std::erase_if(pending_, [&](const Assignment& a) {
+    const bool section =
+        !find_field(fs, a.key) && std::any_of(fs.begin(), fs.end(), [&](const ConfigField& f) {
+          return f.key.starts_with(a.key + ".");
+        });
+    if (section && !trim(a.value).empty())
+      fail("{}: {}: a section, expected its keys under it (e.g. {}.KEY: VALUE), got \"{}\"",
+           a.source, a.key, a.key, a.value);
+    return section;
+  });
   for (auto& a : pending_)
     if (!find_field(fs, a.key)) unknown_key(fs, a.key, a.source);
   // The preset replaces the whole model section; explicit model keys then override it. An empty

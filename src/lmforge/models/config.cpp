@@ -48,6 +48,16 @@ void ModelConfig::validate() const {
   need(rope_local_theta >= 0, "rope_local_theta", "must be >= 0 (0 = rope_theta)");
   need(rope_scaling.type == "llama3" || rope_scaling.type == "linear", "rope_scaling.type",
        "expected llama3 or linear, got \"" + rope_scaling.type + "\"");
+  need(rope_scaling.factor >= 0, "rope_scaling.factor",
+       fmt::format("must be >= 0 (0 = no scaling), got {}", rope_scaling.factor));
+  need(rope_scaling.factor == 0 || rope_scaling.type != "llama3" ||
+           (rope_scaling.low_freq_factor > 0 &&
+            rope_scaling.high_freq_factor > rope_scaling.low_freq_factor &&
+            rope_scaling.original_max_position_embeddings > 0),
+       "rope_scaling",
+       "llama3 scaling needs 0 < low_freq_factor < high_freq_factor and "
+       "original_max_position_embeddings > 0");
+  need(init_std >= 0, "init_std", fmt::format("must be >= 0, got {}", init_std));
   need(rope_local_theta == 0 || (pos == "rope" && sliding_window > 0), "rope_local_theta",
        "is the RoPE base of the sliding-window layers; needs pos: rope and model.sliding_window");
   need(!post_norms || norm == "rmsnorm", "post_norms", "needs norm: rmsnorm");
