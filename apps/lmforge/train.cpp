@@ -1,5 +1,9 @@
 // lmforge train [CONFIG.yaml] [--set KEY=VALUE]... [--resume[=auto|PATH]] [--start-step N]
 //               [--reset-optimizer]
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+
 #include "commands.h"
 #include "lmforge/io/config.h"
 #include "lmforge/train/trainer.h"
@@ -52,7 +56,15 @@ void add_train(CLI::App& app) {
     Config cfg = load_run_config(o->config, o->sets);
     ResumeOptions resume{o->resume, o->start_step, o->reset_optimizer};
     if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";
-    train(cfg, resume);
+    const TrainResult r = train(cfg, resume);
+    if (r.interrupted) {
+      std::fprintf(stderr,
+                   "lmforge: interrupted (%s) after step %lld; saved %s; continue with the same "
+                   "command and --resume\n",
+                   r.interrupted == SIGINT ? "Ctrl-C" : strsignal(r.interrupted),
+                   static_cast<long long>(r.steps), r.last_checkpoint.c_str());
+      throw CLI::RuntimeError(128 + r.interrupted);
+    }
   });
 }
 

@@ -3,8 +3,11 @@
 // --start-step; a run's resolved config.yaml runs it again.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "e2e/crash_resume.h"
 #include "testing/metrics.h"
@@ -255,6 +258,48 @@ TEST(ResolvedConfig, ReproducesAFineTuningRunStartedWithoutAConfigFile) {
   for (auto& [step, l] : cont) EXPECT_EQ(l, loss.at(step)) << step;
   EXPECT_EQ(slurp(ckpt(dir + "/ft", 6) + "/model.safetensors"),
             slurp(ckpt(dir + "/cont", 6) + "/model.safetensors"));
+}
+
+// Ctrl-C (SIGINT) during a run: the step finishes, a checkpoint of it is saved (none was due),
+// the run says so in one line and exits 130; --resume continues from that step to the end.
+TEST(Interrupt, CtrlCSavesACheckpointAndResumeContinues) {
+  std::string dir = testing::temp_dir("interrupt");
+  const std::string args =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=2 --set model.vocab_size=257 "
+      "--set model.max_seq_len=64 --set data.text=demo:kjv --set data.tokenizer=byte "
+      "--set train.batch_size=4 --set train.seq_len=32 --set train.steps=300 "
+      "--set train.checkpoint_every=1000 --set train.eval_every=0 --set sample.prompt= "
+      "--set run.dir=run";
+  pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+  int status = 0;
+  bool sent = false;
+  for (int i = 0; i < 6000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
+    const std::string m = slurp(dir + "/run/metrics.jsonl");  // complete lines: written steps
+    if (!sent && std::count(m.begin(), m.end(), '\n') >= 5) {
+      ::kill(pid, SIGINT);
+      sent = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  const auto listing = testing::list_checkpoint_dir(dir + "/run");
+  ASSERT_EQ(listing.complete.size(), 1u);
+  EXPECT_TRUE(listing.tmp.empty());
+  const int64_t step = listing.complete.begin()->first;
+  EXPECT_LT(step, 300);
+  EXPECT_EQ(metric_by_step(dir + "/run", "loss").rbegin()->first, step);
+  const std::string err = slurp(dir + "/err.txt");
+  EXPECT_NE(err.find(fmt::format("lmforge: interrupted (Ctrl-C) after step {}; saved {}", step,
+                                 "run/checkpoints/" + listing.complete.begin()->second)),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  auto r = run_lmforge(args + " --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find(fmt::format("at step {}", step)), std::string::npos) << r.out;
+  EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 300u);
 }
 
 }  // namespace lmforge

@@ -16,6 +16,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/interrupt.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/data_parallel.h"
@@ -550,6 +551,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                            : "; bf16 matmuls as fp32 GEMMs on the widened operands "
                                              "(this CPU multiplies bf16 slower than fp32; "
                                              "LMFORGE_BF16_MATMUL=native overrides)");
+  int64_t saved_step = -1;  // the step of the checkpoint last saved in this process
   auto checkpoint = [&] {
     st.loader = train_data.state();
     st.guard = guard.state();
@@ -570,6 +572,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     }
     res.last_checkpoint = save_checkpoint(run_dir, tp ? *whole_layout : model, &opt, st,
                                           config_yaml, t.keep_last, *tokenizer, &shards);
+    saved_step = st.step;
   };
 
   // train.profile_steps: the op-level profile of the steps after this run's first (rank 0's).
@@ -584,6 +587,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     profiled = 0;
   };
 
+  // Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, the run says how to go on. One
+  // process only: under several, mpirun or srun stops the ranks.
+  if (world->size() == 1) catch_interrupts();
   for (int64_t step = st.step; step < t.steps; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
@@ -735,6 +741,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if (stop) break;
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
       checkpoint();
+    if ((res.interrupted = interrupted())) break;
   }
   if (profiled > 0) report_profile();  // the run ended (or stopped early) before N steps
   progress.finish();
@@ -767,8 +774,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                dp.host_bytes());
   res.stopped_early = st.step < t.steps;
   if (dashboard) dashboard->write(/*live=*/false);
-  checkpoint();
+  if (saved_step != st.step) checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
+  if (res.interrupted) return res;  // no sample: the run is to be continued
   // full-shard: the whole model again, for sampling (only then: it is a whole copy per rank)
   if (!cfg.sample.prompt.empty()) dp.gather_full_model();
   std::unique_ptr<Transformer> whole;

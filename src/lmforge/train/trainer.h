@@ -28,6 +28,7 @@ struct TrainResult {
   double first_loss = 0, last_loss = 0, last_val_loss = -1;
   std::string last_checkpoint;
   bool stopped_early = false;
+  int interrupted = 0;  // the signal (SIGINT, SIGTERM) that stopped it after a checkpoint, or 0
 };
 
 // The learning-rate schedule train.* describes (validated; throws Error naming the key).

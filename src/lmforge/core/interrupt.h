@@ -1,0 +1,15 @@
+// Ctrl-C and SIGTERM (a scheduler's preemption) during a one-process run: the first one is noted
+// and the run stops at the end of its step, saves a checkpoint and says how to continue; a second
+// one ends the process at once (the default action, restored by the first).
+//
+//   catch_interrupts();
+//   for (...) { step(); if (interrupted()) break; }
+#pragma once
+
+namespace lmforge {
+
+void catch_interrupts();
+// The signal noted (SIGINT, SIGTERM), or 0.
+int interrupted();
+
+}  // namespace lmforge
