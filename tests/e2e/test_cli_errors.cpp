@@ -246,6 +246,19 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   expect_one_line_error(run_lmforge("train adir", dir), {"adir", "is a directory"});
   expect_one_line_error(run_lmforge("tokenizer decode --tokenizer byte adir", dir),
                         {"adir", "is a directory"});
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train= --set data.text=adir", dir),
+                        {"data.text: adir", "not a file", "data.train"});
+  std::ofstream(dir + "/empty.txt").flush();
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set data.train= --set data.text=empty.txt", dir),
+      {"data.text: empty.txt", "empty"});
+  std::ofstream(dir + "/short.txt") << "hello\n";
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set data.train= --set data.text=short.txt", dir),
+      {"data.text: short.txt", "no sample"});
+  // Ranges YAML and the model take but training cannot.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set model.init_std=-1", dir),
+                        {"model.init_std", ">= 0"});
   // Values no model or optimizer can take.
   expect_one_line_error(run_lmforge("train tiny.yaml --set model.norm_eps=-1", dir),
                         {"model.norm_eps", "positive"});

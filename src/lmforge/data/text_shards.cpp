@@ -49,9 +49,26 @@ std::string demo_corpus_path() {
   return path;
 }
 
-std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) {
+namespace {
+
+// data.text's file: "demo:kjv" made if need be; a file with text in it, or an error naming it.
+std::string text_path(const std::string& spec) {
   std::string path = spec == "demo:kjv" ? demo_corpus_path() : spec;
-  if (!fs::exists(path)) fail("data.text: {}: no such file; check the path", path);
+  std::error_code ec;
+  if (!fs::exists(path, ec)) fail("data.text: {}: no such file; check the path", path);
+  if (!fs::is_regular_file(path, ec))
+    fail(
+        "data.text: {}: not a file; give one text file (prepare a directory of files with "
+        "lmforge prepare, then set data.train)",
+        path);
+  if (fs::file_size(path, ec) == 0) fail("data.text: {}: the file is empty", path);
+  return path;
+}
+
+}  // namespace
+
+std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) {
+  const std::string path = text_path(spec);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
   size_t key = std::hash<std::string>{}(fmt::format(
       "{}|{}|{}|{}|bpe-v1", fs::absolute(path).string(), fs::file_size(path), mtime, vocab_size));
@@ -67,8 +84,7 @@ std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) 
 }
 
 TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok) {
-  std::string path = spec == "demo:kjv" ? demo_corpus_path() : spec;
-  if (!fs::exists(path)) fail("data.text: {}: no such file; check the path", path);
+  const std::string path = text_path(spec);
   if (!(val_fraction >= 0 && val_fraction < 1))
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();

@@ -115,7 +115,8 @@ RunSetup setup_run(Config& cfg) {
   // otherwise validate a fine-tuning run on the Bible); its held-out share validates unless
   // data.val is set.
   std::string train_spec = cfg.data.train, val_spec = cfg.data.val;
-  if (!cfg.data.text.empty() && train_spec.empty()) {
+  const bool from_text = !cfg.data.text.empty() && train_spec.empty();
+  if (from_text) {
     TextShards s = shards_from_text(cfg.data.text, cfg.data.val_fraction, *tokenizer);
     train_spec = s.train;
     if (val_spec.empty() && cfg.data.val_fraction > 0) val_spec = s.val;
@@ -132,7 +133,12 @@ RunSetup setup_run(Config& cfg) {
   lo.rank = dist::rank_info().rank / readers;
   lo.world = dist::rank_info().size / readers;
   lo.pad_token = std::max(tokenizer->eos_id(), 0);
-  r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
+  try {
+    r.train_data = std::make_unique<Loader>(parse_data_spec(train_spec, "data.train"), lo);
+  } catch (const Error& e) {  // (its shard is a cache file: name the text instead)
+    if (!from_text) throw;
+    fail("data.text: {}: {}", cfg.data.text, e.what());
+  }
   r.train_data->check_tokenizer(*tokenizer, "data.train");
   r.train_data->check_vocab(cfg.model.vocab_size, "data.train");
   std::unique_ptr<Loader>& val_data = r.val_data;
@@ -141,7 +147,13 @@ RunSetup setup_run(Config& cfg) {
     vo.seed = 0;
     vo.rank = 0;  // every rank evaluates the whole validation set
     vo.world = 1;
-    val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);
+    try {
+      val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);
+    } catch (const Error& e) {
+      if (!from_text || !cfg.data.val.empty()) throw;
+      fail("data.text: {}: its held-out share (data.val_fraction {}): {}", cfg.data.text,
+           cfg.data.val_fraction, e.what());
+    }
     val_data->check_tokenizer(*tokenizer, "data.val");
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
   }
