@@ -275,6 +275,16 @@ void add_chat(CLI::App& app) {
     std::vector<ChatMessage> turns;
     if (!o->system.empty()) turns.push_back({"system", o->system});
     const size_t first = turns.size();  // the first turn that may be dropped
+    {  // the template (and the tokenizer's specials for it), and room left by the system turn
+      std::vector<ChatMessage> probe = turns;
+      probe.push_back({"user", ""});
+      const size_t n = chat_prompt(tok, probe, o->chat_template, o->s).size();
+      if (!o->system.empty() && static_cast<int64_t>(n) >= context / 2)
+        fail(
+            "--system: {} tokens with the template, half the model's context of {} or more; "
+            "shorten it",
+            n, context);
+    }
     // The conversation's keys and values kept between turns: each turn runs only what follows
     // the part of the prompt the cache already holds (the new user turn, mostly).
     GenerateSession session;

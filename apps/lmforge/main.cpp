@@ -32,6 +32,18 @@ int main(int argc, char** argv) {
   lmforge::app::add_chat(app);
   lmforge::app::add_plan(app);
   lmforge::app::add_launch(app);
+  // A word where the command goes that names none: CLI11 would say "A subcommand is required".
+  std::string names;
+  bool known = false;
+  for (const CLI::App* c : app.get_subcommands({})) {
+    names += (names.empty() ? "" : ", ") + c->get_name();
+    known |= argc > 1 && c->get_name() == argv[1];
+  }
+  if (argc > 1 && argv[1][0] != '-' && !known) {
+    std::fprintf(stderr, "lmforge: unknown command \"%s\"; the commands: %s (lmforge --help)\n",
+                 argv[1], names.c_str());
+    return 1;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

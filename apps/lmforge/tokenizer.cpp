@@ -60,6 +60,8 @@ std::vector<int32_t> parse_ids(const std::string& line, const std::string& where
 
 void for_each_jsonl_string(const std::string& path, const std::string& field,
                            const std::function<void(std::string)>& fn) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail("{}: is a directory; give a JSONL file", path);
   std::ifstream in(path);
   if (!in) fail("{}: cannot open; check the path", path);
   size_t line_no = 0;

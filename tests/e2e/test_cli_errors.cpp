@@ -187,6 +187,9 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"missing.jsonl", "cannot open"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --num-samples 0", dir),
                         {"--num-samples", "at least 1", "got 0"});
+  // chat's template is checked before the first turn is read.
+  expect_one_line_error(run_lmforge("chat --checkpoint run --chat-template foo", dir),
+                        {"--chat-template", "\"foo\""});
   // export --force replaces its target: never the run, its checkpoint or the working directory.
   for (std::string to : {"run", ".", "run/checkpoints"})
     expect_one_line_error(run_lmforge("export --checkpoint run --to-hf " + to + " --force", dir),
@@ -226,7 +229,8 @@ TEST(Cli, HelpOnEverySubcommand) {
     EXPECT_EQ(r.exit_code, 0) << cmd << r.err;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
   }
-  EXPECT_NE(run_lmforge("frobnicate", dir).exit_code, 0);
+  expect_one_line_error(run_lmforge("frobnicate", dir),
+                        {"unknown command \"frobnicate\"", "train, generate"});
   // bench train's distillation options: a teacher only with it, of the model's vocabulary.
   expect_one_line_error(run_lmforge("bench train --model gpt2-tiny --teacher gpt2", dir),
                         {"--teacher", "only with --objective distill"});
