@@ -212,6 +212,17 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
   expect_one_line_error(
       run_lmforge("train tiny.yaml --set model.n_layer=2 --set train.steps=4 --resume", dir),
       {"model.n_layer", "checkpoint"});
+  // ... or another tokenizer of the same size (the ids would mean other text).
+  {
+    std::ofstream f(dir + "/words.txt");
+    for (int i = 0; i < 300; ++i) f << "the words of line " << i << " and more words\n";
+  }
+  ASSERT_EQ(run_lmforge("tokenizer train --vocab-size 257 --out tok257 words.txt", dir).exit_code,
+            0);
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train= --set data.text=words.txt "
+                                    "--set data.tokenizer=tok257 --set train.steps=4 --resume",
+                                    dir),
+                        {"trained with tokenizer byte", "data.tokenizer"});
   // Corrupt weights file.
   std::string ckpt = dir + "/run/checkpoints/step-00000002";
   fs::resize_file(ckpt + "/model.safetensors", 100);

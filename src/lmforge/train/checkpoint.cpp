@@ -648,6 +648,18 @@ void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg
   }
 }
 
+void check_same_tokenizer(const std::string& ckpt_dir, const Tokenizer& tok) {
+  const json j = read_state(ckpt_dir);
+  if (!j.contains("tokenizer") || !j["tokenizer"].is_object()) return;  // (not recorded early on)
+  const std::string kind = j["tokenizer"].value("kind", ""),
+                    fp = j["tokenizer"].value("fingerprint", "");
+  if (fp != tok.fingerprint())
+    fail(
+        "{}: trained with tokenizer {} (fingerprint {}) but this run's is {} ({}); resume with "
+        "the data.tokenizer it was trained with (its config.yaml) or start a new run.dir",
+        ckpt_dir, kind, fp, tok.kind(), tok.fingerprint());
+}
+
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
   json j = read_state(ckpt_dir);
   std::string kind = j.contains("tokenizer") ? j["tokenizer"].value("kind", "byte") : "byte";

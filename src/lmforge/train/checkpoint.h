@@ -92,6 +92,9 @@ std::string resolve_checkpoint(const std::string& path);
 ModelConfig checkpoint_model_config(const std::string& ckpt_dir);
 // Throws Error naming the first model key that differs from the checkpoint's.
 void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg);
+// Throws Error when the checkpoint was trained with another tokenizer than `tok` (its fingerprint
+// in state.json; the same vocabulary size would otherwise resume silently with other ids).
+void check_same_tokenizer(const std::string& ckpt_dir, const Tokenizer& tok);
 // The checkpoint's tokenizer (its tokenizer/ directory, else the byte-level one).
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir);
 // The checkpoint's recorded init_from ("" when trained from random weights).

@@ -352,6 +352,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
           "--resume=PATH",
           run_dir);
     check_same_architecture(ckpt, cfg.model);
+    check_same_tokenizer(ckpt, *tokenizer);
   } else if (has_checkpoints(run_dir)) {
     fail(
         "run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "
