@@ -1,7 +1,7 @@
 // lmforge launch --nproc N [--ranks-per-node K] [--timeout S] -- SUBCOMMAND ARGS...
 // Runs N ranks of this lmforge on this node. lmforge's CPU collectives are MPI, so the ranks are
 // started by OpenMPI's mpirun (Debian's openmpi-bin):
-//   mpirun -np N --oversubscribe --bind-to none --quiet [--allow-run-as-root, as root]
+//   mpirun -np N --oversubscribe --bind-to none [--allow-run-as-root, as root]
 //          -x OMP_NUM_THREADS=<max(1, cores/N), or as set> [-x LMFORGE_RANKS_PER_NODE=K]
 //          /proc/self/exe SUBCOMMAND ARGS...
 // SIGINT/SIGTERM sent to launch reach mpirun, which stops the ranks. launch exits with mpirun's
@@ -107,9 +107,8 @@ struct LaunchOptions {
 };
 
 std::vector<std::string> mpirun_argv(const std::string& mpirun, const LaunchOptions& o) {
-  // --quiet: not mpirun's boxed notes when a rank fails (the rank's own one-line error says it).
-  std::vector<std::string> a = {
-      mpirun, "-np", std::to_string(o.nproc), "--oversubscribe", "--bind-to", "none", "--quiet"};
+  std::vector<std::string> a = {mpirun,      "-np", std::to_string(o.nproc), "--oversubscribe",
+                                "--bind-to", "none"};
   if (geteuid() == 0) a.push_back("--allow-run-as-root");
   a.push_back("-x");
   if (const char* t = std::getenv("OMP_NUM_THREADS"); t && *t)
