@@ -312,6 +312,12 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   expect_one_line_error(run_lmforge("prepare --input texts.jsonl --output prep3 --field txt", dir),
                         {"texts.jsonl", "no documents kept", "missing_field", "--field"});
   EXPECT_FALSE(fs::exists(dir + "/prep3"));
+  // ... but a source directory that was there before is not removed, nor what it holds.
+  fs::create_directories(dir + "/prep4/data");
+  std::ofstream(dir + "/prep4/data/mine.txt") << "mine\n";
+  expect_one_line_error(run_lmforge("prepare --input texts.jsonl --output prep4 --field txt", dir),
+                        {"no documents kept"});
+  EXPECT_EQ(testing::slurp(dir + "/prep4/data/mine.txt"), "mine\n");
   expect_one_line_error(
       run_lmforge("prepare --input texts.jsonl --output prep3 --val-fraction -0.5", dir),
       {"--val-fraction", "[0, 1)", "-0.5"});

@@ -74,7 +74,9 @@ TEST(Config, RepeatedKeysDocumentsAndSectionValuesAreRefused) {
   EXPECT_NE(error_of("train: 5\n").find("test.yaml: train: a section"), std::string::npos);
   EXPECT_NE(error_of("", {"model.rope_scaling=2"}).find("--set: model.rope_scaling: a section"),
             std::string::npos);
+  EXPECT_NE(error_of("", {"train="}).find("--set: train: a section"), std::string::npos);
   EXPECT_EQ(load("train:\nmodel:\n  rope_scaling:\n").train.steps, Config().train.steps);
+  EXPECT_EQ(load("train:\n  steps: 5\n---\n").train.steps, 5);  // a trailing --- is no document
   // An empty preset is none (what a resolved config.yaml of a model from hf:DIR says).
   EXPECT_EQ(load("model:\n  preset: \"\"\n  n_layer: 3\n").model.n_embd, ModelConfig().n_embd);
 }

@@ -4,11 +4,14 @@
 //
 //   catch_interrupts();
 //   for (...) { step(); if (interrupted()) break; }
+//   release_interrupts();
 #pragma once
 
 namespace lmforge {
 
 void catch_interrupts();
+// Back to the default actions (a signal noted stays noted).
+void release_interrupts();
 // The signal noted (SIGINT, SIGTERM), or 0.
 int interrupted();
 

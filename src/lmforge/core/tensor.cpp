@@ -58,8 +58,9 @@ void set_oom_hint(std::string hint) { oom_hint_storage() = std::move(hint); }
 const std::string& oom_hint() { return oom_hint_storage(); }
 
 // Linux overcommits, so a too-large malloc "succeeds" and the process is killed later; asking
-// first turns that into an error. The least of: MemAvailable, what is left of the address-space
-// limit (ulimit -v) and of this process's cgroup's memory.max (a container's limit).
+// first turns that into an error. The node's: the lesser of MemAvailable and what this process's
+// cgroup (v2) may still take, memory.max - memory.current, less the reclaimable page cache
+// (inactive_file) that memory.current counts.
 size_t available_host_memory() {
   size_t avail = 0;
   if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
@@ -70,32 +71,54 @@ size_t available_host_memory() {
     std::fclose(f);
     avail = kb * 1024;
   }
-  auto at_most = [&](size_t left) { avail = avail ? std::min(avail, left) : left; };
-  rlimit rl{};
-  if (::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
-    size_t vm_kb = 0;
-    if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
-      char line[256];
-      while (std::fgets(line, sizeof(line), f))
-        if (std::sscanf(line, "VmSize: %zu kB", &vm_kb) == 1) break;
-      std::fclose(f);
-    }
-    const size_t used = vm_kb * 1024;
-    at_most(rl.rlim_cur > used ? rl.rlim_cur - used : 0);
-  }
   if (const std::string dir = cgroup_dir(); !dir.empty()) {
     const int64_t max = file_number(dir + "/memory.max"),
                   cur = file_number(dir + "/memory.current");
-    if (max > 0 && cur >= 0) at_most(max > cur ? static_cast<size_t>(max - cur) : 0);
+    int64_t cache = 0;
+    if (std::FILE* f = std::fopen((dir + "/memory.stat").c_str(), "r")) {
+      char line[256];
+      long long v = 0;
+      while (std::fgets(line, sizeof(line), f))
+        if (std::sscanf(line, "inactive_file %lld", &v) == 1) cache = v;
+      std::fclose(f);
+    }
+    if (max > 0 && cur >= 0) {
+      const int64_t used = std::max<int64_t>(0, cur - cache);
+      const size_t left = max > used ? static_cast<size_t>(max - used) : 1;  // (0: unknown)
+      avail = avail ? std::min(avail, left) : left;
+    }
   }
   return avail;
 }
 
-void check_host_memory(double bytes, const std::string& what, const std::string& fix) {
+// What is left of this process's address-space limit (ulimit -v), or SIZE_MAX without one.
+size_t process_address_room() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_AS, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return SIZE_MAX;
+  size_t vm_kb = 0;
+  if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof(line), f))
+      if (std::sscanf(line, "VmSize: %zu kB", &vm_kb) == 1) break;
+    std::fclose(f);
+  }
+  const size_t used = vm_kb * 1024;
+  return rl.rlim_cur > used ? rl.rlim_cur - used : 0;
+}
+
+void check_host_memory(double bytes, const std::string& what, const std::string& fix,
+                       int processes) {
   const size_t avail = available_host_memory();
   if (avail && bytes > static_cast<double>(avail))
     fail("out of memory: {} need {:.2f} GiB but {:.2f} GiB is available; {}", what,
          bytes / 1073741824.0, avail / 1073741824.0, fix);
+  const size_t room = process_address_room();
+  const double mine = bytes / std::max(1, processes);
+  if (room != SIZE_MAX && mine > static_cast<double>(room))
+    fail(
+        "out of memory: {} need {:.2f} GiB{} but the address-space limit (ulimit -v) leaves "
+        "{:.2f} GiB; {}",
+        what, mine / 1073741824.0, processes > 1 ? " per process" : "", room / 1073741824.0, fix);
 }
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {

@@ -22,10 +22,15 @@ namespace lmforge {
 // Throws Error "out of memory: <what> need X GiB but Y GiB is available; <fix>" when `bytes`
 // exceed the available host memory. Linux accepts mappings larger than memory and kills the
 // process when they are touched: callers that know a whole footprint ask first.
-void check_host_memory(double bytes, const std::string& what, const std::string& fix);
-// Host memory this process may still take, in bytes (0 when unknown): the least of MemAvailable,
-// what is left of ulimit -v, and of its cgroup's memory.max.
+// `processes`: the node's processes (ranks) that `bytes` is the total of, each checked against its
+// own address-space limit.
+void check_host_memory(double bytes, const std::string& what, const std::string& fix,
+                       int processes = 1);
+// Host memory the node's processes may still take, in bytes (0 when unknown): the lesser of
+// MemAvailable and what is left of this process's cgroup's memory.max.
 size_t available_host_memory();
+// What is left of this process's ulimit -v, in bytes (SIZE_MAX without one).
+size_t process_address_room();
 // What an out-of-memory error suggests (the command's knobs); each subcommand sets its own, the
 // default says to free memory.
 void set_oom_hint(std::string hint);

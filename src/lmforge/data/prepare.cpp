@@ -508,6 +508,7 @@ json run_prepare(const PrepareOptions& o) {
     }
   }
   std::error_code ec;  // the output directory only once the inputs are known good
+  const bool output_fresh = !fs::exists(o.output, ec);
   fs::create_directories(o.output, ec);
   if (ec || access(o.output.c_str(), W_OK) != 0)
     fail("{}: cannot write the output directory ({}); check permissions", o.output,
@@ -524,6 +525,7 @@ json run_prepare(const PrepareOptions& o) {
                   {"sources", json::object()}};
   uint64_t bytes = 0;
   for (const PrepareSource& s : o.sources) {
+    const bool fresh = !fs::exists(fs::path(o.output) / s.name, ec);  // (else not ours to remove)
     json st = Job(o, s, *tok).run();
     bytes += st.value("document_bytes", uint64_t{0});
     summary["sources"][s.name] = st;
@@ -535,8 +537,8 @@ json run_prepare(const PrepareOptions& o) {
     // none left behind.
     if (st["documents"]["train"].get<uint64_t>() + st["documents"]["val"].get<uint64_t>() == 0 &&
         o.stop_after_shards == 0) {
-      fs::remove_all(fs::path(o.output) / s.name, ec);
-      if (fs::is_empty(o.output, ec)) fs::remove(o.output, ec);
+      if (fresh) fs::remove_all(fs::path(o.output) / s.name, ec);
+      if (output_fresh && fs::is_empty(o.output, ec)) fs::remove(o.output, ec);
       fail(
           "prepare {}: no documents kept from {} (skipped {}); check --field (the JSONL key "
           "holding the text) and --format against the files",

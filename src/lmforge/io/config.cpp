@@ -354,7 +354,8 @@ std::string field_value(const ConfigField& f) {
 void ConfigLoader::load_yaml_text(const std::string& text, const std::string& source, bool base) {
   YAML::Node root;
   try {
-    const std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    std::erase_if(docs, [](const YAML::Node& d) { return d.IsNull(); });  // (a trailing ---)
     if (docs.size() > 1)
       fail("{}: holds {} YAML documents (separated by ---); a config is one", source, docs.size());
     if (!docs.empty()) root = docs[0];
@@ -365,7 +366,7 @@ void ConfigLoader::load_yaml_text(const std::string& text, const std::string& so
   if (!root.IsMap()) fail("{}: expected a mapping of sections (model:, train:, ...)", source);
   std::vector<std::pair<std::string, std::string>> kv;
   flatten(root, "", source, kv);
-  for (auto& [k, v] : kv) pending_.push_back({k, v, source, base});
+  for (auto& [k, v] : kv) pending_.push_back({k, v, source, base, /*yaml=*/true});
 }
 
 void ConfigLoader::load_yaml_file(const std::string& path) {
@@ -381,13 +382,14 @@ void ConfigLoader::set(const std::string& assignment, const std::string& source)
 
 void ConfigLoader::finish() {
   std::vector<ConfigField> fs = fields(cfg_);
-  // A section with nothing under it ("train:" alone) sets nothing; with a value it is a mistake.
+  // A section with nothing under it ("train:" alone in a file) sets nothing; with a value, or
+  // from --set, it is a mistake.
   std::erase_if(pending_, [&](const Assignment& a) {
     const bool section =
         !find_field(fs, a.key) && std::any_of(fs.begin(), fs.end(), [&](const ConfigField& f) {
           return f.key.starts_with(a.key + ".");
         });
-    if (section && !trim(a.value).empty())
+    if (section && (!a.yaml || !trim(a.value).empty()))
       fail("{}: {}: a section, expected its keys under it (e.g. {}.KEY: VALUE), got \"{}\"",
            a.source, a.key, a.key, a.value);
     return section;

@@ -167,6 +167,7 @@ class ConfigLoader {
   struct Assignment {
     std::string key, value, source;
     bool base = false;
+    bool yaml = false;  // from a file (an empty section there is no mistake)
   };
   Config& cfg_;
   std::vector<Assignment> pending_;

@@ -38,7 +38,8 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, in
             "then the base model, no second copy), or shard it over more ranks or nodes "
             "(dist.strategy; lmforge plan shows what fits)"
           : "choose a smaller model, or shard it over more ranks or nodes "
-            "(dist.strategy: full-shard; lmforge plan shows what fits)");
+            "(dist.strategy: full-shard; lmforge plan shows what fits)",
+      local_ranks);
 }
 
 RunSetup setup_run(Config& cfg) {

@@ -591,6 +591,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, the run says how to go on. One
   // process only: under several, mpirun or srun stops the ranks.
   if (world->size() == 1) catch_interrupts();
+  bool early_stopped = false;
   for (int64_t step = st.step; step < t.steps; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
@@ -739,11 +740,15 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                       "examples)",
                       st.step, t.steps, r.acc(), r.acc_norm(), hs_items.size()));
     }
-    if (stop) break;
+    if ((early_stopped = stop)) break;
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
       checkpoint();
-    if ((res.interrupted = interrupted())) break;
+    if (interrupted()) break;
   }
+  // From here on (the last save, the sample) a signal ends the process as usual; one noted
+  // during the last step, or with early stopping, leaves a finished run.
+  release_interrupts();
+  if (st.step < t.steps && !early_stopped) res.interrupted = interrupted();
   if (profiled > 0) report_profile();  // the run ended (or stopped early) before N steps
   progress.finish();
   fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
