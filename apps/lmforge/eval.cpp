@@ -2,6 +2,7 @@
 #include <fmt/core.h>
 
 #include <chrono>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -33,6 +34,13 @@ void add_eval(CLI::App& app) {
   cmd->callback([o] {
     if (o->limit < 0) fail("--limit: must be >= 0, got {}", o->limit);
     const std::vector<ChoiceItem> items = read_hellaswag(o->hellaswag, o->limit);
+    if (!o->scores.empty()) {  // before the scoring, not after it
+      const auto parent = std::filesystem::path(o->scores).parent_path();
+      std::error_code ec;
+      if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
+        fail("--scores: {}: no directory {}; create it or choose another path", o->scores,
+             parent.string());
+    }
     std::string dir = resolve_checkpoint(o->checkpoint);
     ModelConfig mc = checkpoint_model_config(dir);
     Transformer model(mc);
@@ -40,14 +48,19 @@ void add_eval(CLI::App& app) {
     auto tok = checkpoint_tokenizer(dir);
     const auto t0 = std::chrono::steady_clock::now();
     const bool tty = Progress::stdout_is_tty();  // a live count on a terminal
-    ChoiceResult r = score_choices(model, *tok, items, [&](const ChoiceResult& so_far) {
-      const size_t done = so_far.scores.size();
-      if (tty && (done % 10 == 0 || done == items.size())) {
-        fmt::print("\rhellaswag {}/{} | acc {:.4f} | acc_norm {:.4f}", done, items.size(),
-                   so_far.acc(), so_far.acc_norm());
-        std::fflush(stdout);
-      }
-    });
+    ChoiceResult r;
+    try {
+      r = score_choices(model, *tok, items, [&](const ChoiceResult& so_far) {
+        const size_t done = so_far.scores.size();
+        if (tty && (done % 10 == 0 || done == items.size())) {
+          fmt::print("\rhellaswag {}/{} | acc {:.4f} | acc_norm {:.4f}", done, items.size(),
+                     so_far.acc(), so_far.acc_norm());
+          std::fflush(stdout);
+        }
+      });
+    } catch (const Error& e) {  // (an item's: name the file)
+      fail("{}: {}", o->hellaswag, e.what());
+    }
     if (tty) fmt::print("\n");
     if (!o->scores.empty()) {
       std::string lines;

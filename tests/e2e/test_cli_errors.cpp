@@ -187,6 +187,20 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"missing.jsonl", "cannot open"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --num-samples 0", dir),
                         {"--num-samples", "at least 1", "got 0"});
+  // A diverged model (its logits NaN): greedy decoding and HellaSwag refuse it (NaN compares
+  // false: they would print id 0 and always pick the first ending).
+  ASSERT_EQ(run_lmforge("train tiny.yaml --set train.lr=1e30 --set run.dir=nan", dir).exit_code, 0);
+  std::ofstream(dir + "/hs.jsonl") << "{\"ctx\": \"In the\", \"endings\": [\"beginning\", "
+                                      "\"end\"], \"label\": 0}\n";
+  expect_one_line_error(run_lmforge("eval --checkpoint nan --hellaswag hs.jsonl", dir),
+                        {"hs.jsonl", "item 1", "diverged"});
+  expect_one_line_error(
+      run_lmforge("generate --checkpoint nan --prompt hi --temperature 0 --max-tokens 4", dir),
+      {"NaN", "diverged"});
+  std::ofstream(dir + "/hs-empty.jsonl")
+      << "{\"ctx\": \"In the\", \"endings\": [\"beginning\", \"\"], \"label\": 0}\n";
+  expect_one_line_error(run_lmforge("eval --checkpoint run --hellaswag hs-empty.jsonl", dir),
+                        {"hs-empty.jsonl:1", "an empty ending"});
   // chat's template is checked before the first turn is read.
   expect_one_line_error(run_lmforge("chat --checkpoint run --chat-template foo", dir),
                         {"--chat-template", "\"foo\""});

@@ -3,6 +3,8 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -11,6 +13,9 @@
 namespace lmforge {
 
 std::vector<ChoiceItem> read_hellaswag(const std::string& path, int64_t limit) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    fail("{}: is a directory; give a HellaSwag JSONL file", path);
   std::ifstream in(path);
   if (!in) fail("{}: cannot open (a HellaSwag JSONL file: ctx, endings, label per line)", path);
   std::vector<ChoiceItem> items;
@@ -36,6 +41,7 @@ std::vector<ChoiceItem> read_hellaswag(const std::string& path, int64_t limit) {
       bad("no \"endings\" array of at least 2 strings");
     for (const auto& e : j["endings"]) {
       if (!e.is_string()) bad("an ending that is not a string");
+      if (e.get<std::string>().empty()) bad("an empty ending");
       item.endings.push_back(e.get<std::string>());
     }
     const auto& label = j.contains("label") ? j["label"] : nlohmann::json();
@@ -136,6 +142,9 @@ ChoiceResult score_rows(Transformer& model, const std::vector<ChoiceItem>& items
     model.forward(tokens, targets, kIgnore);
     model.row_logps(logp);
     for (size_t b = 0; b < rn; ++b) {
+      if (!std::isfinite(logp[b]))  // NaN compares false: every item would pick ending 0
+        fail("item {}: its log-likelihood is {}; the model's weights have diverged",
+             rows.item[r0 + b] + 1, logp[b]);
       while (rows.item[r0 + b] != item) finish_item();
       const size_t c = s.logp.size();
       s.logp.push_back(logp[b]);

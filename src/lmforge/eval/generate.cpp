@@ -142,11 +142,12 @@ std::vector<int32_t> sampling_set(const float* logits, int64_t V, const Sampling
 }
 
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, Rng& rng) {
-  const auto best = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
-  if (o.temperature <= 0) return best;
+  // (greedy too: NaN compares false, so a diverged model would decode id 0 forever)
   for (int64_t i = 0; i < V; ++i)
     if (std::isnan(logits[i]))
       fail("generate: the model's logits are NaN (id {}); the weights have diverged", i);
+  const auto best = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  if (o.temperature <= 0) return best;
   const double top = logits[best];
   if (std::isinf(top)) return best;
   const Candidates c = candidates(logits, V, o, top);
