@@ -123,8 +123,14 @@ void add_bench_matmul(CLI::App& bench) {
     double best16 = 0;
     for (const std::string& s : *shapes) {
       int64_t M = 0, N = 0, K = 0;
-      if (std::sscanf(s.c_str(), "%ldx%ldx%ld", &M, &N, &K) != 3 || M <= 0 || N <= 0 || K <= 0)
-        fail("--shape: expected MxNxK with positive sizes, got \"{}\"", s);
+      int used = 0;
+      if (std::sscanf(s.c_str(), "%ldx%ldx%ld%n", &M, &N, &K, &used) != 3 ||
+          used != static_cast<int>(s.size()) || M <= 0 || N <= 0 || K <= 0 || M > (1 << 24) ||
+          N > (1 << 24) || K > (1 << 24))
+        fail("--shape: expected MxNxK with sizes from 1 to 16777216, got \"{}\"", s);
+      // fp32 and bf16 copies of A, B and C
+      check_host_memory(6.0 * static_cast<double>(M * K + K * N + M * N),
+                        fmt::format("a {} matmul's operands", s), "choose a smaller --shape");
       std::vector<float> a(M * K, 0.5f), b(K * N, 0.25f), c(M * N);
       std::vector<uint16_t> a16(M * K), b16(K * N);
       cpu::to_bf16(a16.data(), a.data(), M * K);

@@ -58,6 +58,16 @@ void add_lr_find(CLI::App& app) {
         "suggested lr {:.2e}: where the smoothed loss falls fastest per log-LR before its minimum "
         "(the minimum's LR / 10 = {:.2e}); plot {}, points {}\n",
         r.suggested, r.min_over_10, o->out, json_path);
+    // The minimum at the sweep's end: the loss never turned up, so the range was too narrow (or
+    // too short) for the rule to find where it diverges.
+    size_t at_min = 0;
+    for (size_t i = 0; i < r.smoothed.size(); ++i)
+      if (std::isfinite(r.smoothed[i]) && r.smoothed[i] < r.smoothed[at_min]) at_min = i;
+    if (r.smoothed.size() > 1 && at_min + 1 == r.smoothed.size())
+      fmt::print(stderr,
+                 "lr-find: warning: the loss still fell at the sweep's last LR ({:.2e}); the "
+                 "suggestion is uncertain: raise --end or --steps\n",
+                 r.lrs.back());
   });
 }
 

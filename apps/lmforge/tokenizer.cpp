@@ -94,7 +94,11 @@ void add_tokenizer(CLI::App& app) {
   enc->add_flag("--allow-special", o->allow_special, "Special-token text becomes special ids");
   enc->add_flag("--bos", o->bos, "Prepend the tokenizer's BOS token, if it has one");
   enc->add_option("files", o->files, "Text files, one document each (default: stdin)");
-  enc->callback([o] {
+  enc->callback([o, enc] {
+    if (!o->jsonl.empty() && !o->files.empty())
+      fail("tokenizer encode: --jsonl {} or FILE..., not both", o->jsonl);
+    if (o->jsonl.empty() && enc->count("--field"))
+      fail("--field: only with --jsonl (it names the JSONL field to encode)");
     auto tok = load_tokenizer(o->tokenizer);
     auto encode = [&](const std::string& text) {
       print_ids(tok->encode(text, o->allow_special, o->bos));

@@ -285,6 +285,14 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   expect_one_line_error(
       run_lmforge("train tiny.yaml --set data.train= --set data.text=short.txt", dir),
       {"data.text: short.txt", "no sample"});
+  // Mixing weights that would overflow their sum (one source would get every sample).
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.train=train.bin@1e308", dir),
+                        {"data.train", "1e308", "below 1e12"});
+  expect_one_line_error(run_lmforge("schedule tiny.yaml --out s.svg --set train.lr=0", dir),
+                        {"train.lr", "positive"});
+  expect_one_line_error(run_lmforge("bench matmul --shape 4x4x4x4", dir), {"--shape", "4x4x4x4"});
+  expect_one_line_error(run_lmforge("tokenizer encode --tokenizer byte --field foo", dir),
+                        {"--field", "--jsonl"});
   // Ranges YAML and the model take but training cannot.
   expect_one_line_error(run_lmforge("train tiny.yaml --set model.init_std=-1", dir),
                         {"model.init_std", ">= 0"});

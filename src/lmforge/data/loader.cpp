@@ -15,15 +15,18 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
     std::string item =
         spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     pos = comma == std::string::npos ? spec.size() + 1 : comma + 1;
-    if (item.empty()) continue;
+    if (item.empty()) fail("{}: an empty entry in \"{}\"; remove the extra comma", key, spec);
     DataSourceSpec s;
     size_t at = item.rfind('@');
     s.spec = item.substr(0, at);
     if (at != std::string::npos) {
       char* end = nullptr;
       s.weight = std::strtod(item.c_str() + at + 1, &end);
-      if (*end != '\0' || !(s.weight > 0))
-        fail("{}: weight \"{}\" of {} must be a positive number", key, item.substr(at + 1), s.spec);
+      if (*end != '\0' || !(s.weight > 0) || !(s.weight < 1e12))  // (a sum that stays finite)
+        fail(
+            "{}: weight \"{}\" of {} must be a positive number below 1e12 (a share: "
+            "a@0.7,b@0.3; an entry without @ weighs 1)",
+            key, item.substr(at + 1), s.spec);
     }
     s.shards = expand_shards(s.spec, key);
     out.push_back(std::move(s));

@@ -83,7 +83,8 @@ std::vector<ConfigField> fields(Config& c) {
        "text file tokenized into shards: the training data when data.train is not set (with "
        "data.train, only what data.tokenizer bpe:N trains on); demo:kjv = the demo corpus"},
       {"data.train", &c.data.train,
-       "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3"},
+       "training shards: file, directory or glob; several mix by weight: a@0.7,b@0.3 (an "
+       "entry without @ weighs 1)"},
       {"data.val", &c.data.val, "validation shard(s)"},
       {"data.val_fraction", &c.data.val_fraction,
        "share of data.text held out when data.text is the data; it validates when data.val is "

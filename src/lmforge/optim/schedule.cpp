@@ -23,6 +23,7 @@ void Schedule::validate() const {
         "train.schedule: unknown schedule \"{}\"; expected constant, cosine, linear, wsd or "
         "one_cycle",
         kind);
+  if (!(lr > 0) || !std::isfinite(lr)) fail("train.lr: must be positive, got {}", lr);
   if (warmup < 0) fail("train.warmup: must be >= 0, got {}", warmup);
   if (min_lr < 0) fail("train.min_lr: must be >= 0, got {}", min_lr);
   if (!(decay_fraction > 0 && decay_fraction <= 1))
