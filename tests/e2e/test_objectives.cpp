@@ -401,6 +401,11 @@ TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("train.dpo_loss: expected sigmoid, hinge or ipo"), std::string::npos)
       << r.err;
+  // Every pair's prompt fills train.seq_len: no targets at all, a loss of 0 for nothing.
+  r = testing::run_lmforge(tune("dpo", 1e-4) + "--set train.seq_len=4 --set run.dir=x14", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("no pair has targets within train.seq_len 4"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/x14"));
   r = testing::run_lmforge(tune("ppo", 1e-4) + "--set run.dir=x4", dir_);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("expected clm, dpo, orpo, simpo, kto or distill"), std::string::npos)

@@ -140,6 +140,13 @@ RunSetup setup_run(Config& cfg) {
     if (!from_text) throw;
     fail("data.text: {}: {}", cfg.data.text, e.what());
   }
+  if (lo.pairs || lo.unpaired)  // every sample without targets would train on nothing (loss 0)
+    for (const auto& st : r.train_data->stats())
+      if (st["pairs_without_targets"].get<int64_t>() >= st["samples"].get<int64_t>())
+        fail(
+            "data.train: {}: no {} has targets within train.seq_len {} (its prompt fills it); "
+            "raise train.seq_len or shorten the prompts",
+            st["source"].get<std::string>(), lo.unpaired ? "response" : "pair", t.seq_len);
   r.train_data->check_tokenizer(*tokenizer, "data.train");
   r.train_data->check_vocab(cfg.model.vocab_size, "data.train");
   std::unique_ptr<Loader>& val_data = r.val_data;
