@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <thread>
 
@@ -136,6 +137,28 @@ TEST(Launch, TimeoutStopsTheJob) {
   close(b.stdin_fd);
   EXPECT_EQ(code, 124) << testing::slurp(dir + "/.stderr");
   EXPECT_NE(testing::slurp(dir + "/.stderr").find("--timeout"), std::string::npos);
+}
+
+// Ranks started with different configs (mpirun's MPMD form here; a stale copy on one node
+// alike): refused at start-up, naming the rank, before anything is written.
+TEST(Launch, RanksWithDifferentConfigsAreRefused) {
+  std::string dir = testing::temp_dir("launch-configs");
+  const std::string common =
+      "train --set model.n_layer=1 --set model.vocab_size=257 --set model.max_seq_len=32 "
+      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.steps=2 "
+      "--set train.batch_size=2 --set train.seq_len=16 --set sample.prompt= --set run.dir=run ";
+  const std::string mpirun = std::string("mpirun -np 1 --oversubscribe --bind-to none ") +
+                             (geteuid() == 0 ? "--allow-run-as-root " : "") +
+                             "-x OMP_NUM_THREADS=1";
+  auto r =
+      run_lmforge(common + "--set model.preset=gpt2-tiny : -np 1 -x OMP_NUM_THREADS=1 '" +
+                      testing::lmforge_bin() + "' " + common + "--set model.preset=llama3-tiny",
+                  dir, mpirun);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("lmforge: rank 1: its config (file and --set) differs from rank 0's"),
+            std::string::npos)
+      << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/run"));
 }
 
 }  // namespace lmforge

@@ -27,6 +27,7 @@
 #include "lmforge/eval/choices.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/sha256.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
@@ -187,6 +188,16 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   std::unique_ptr<dist::Communicator> world =
       make_world(cfg, resolve_device(t.device) == Device::kCUDA);
   const bool lead = world->rank() == 0;
+  // Every rank runs rank 0's config: a stale copy on one node would train apart, or fail inside a
+  // collective of other sizes.
+  if (world->size() > 1) {
+    const std::string mine = sha256_hex(config_to_yaml(cfg));
+    if (broadcast_string(*world, mine) != mine)
+      fail(
+          "rank {}: its config (file and --set) differs from rank 0's; every rank must run the "
+          "same one",
+          world->rank());
+  }
   if (t.cuda_graphs && world->size() > 1)
     fail(
         "train.cuda_graphs: one process only for now ({} ranks: the gradient all-reduce runs "
