@@ -43,7 +43,9 @@ void add_bench_tokenizer(CLI::App& bench) {
   CLI::App* cmd = bench.add_subcommand("tokenizer", "Encode throughput (MB/s) of a tokenizer");
   cmd->add_option("--tokenizer", o->tokenizer, "Tokenizer file")->required();
   cmd->add_option("file", o->file, "Text to encode")->required();
-  cmd->add_option("--repeat", o->repeat, "Timed passes (best is reported)")->capture_default_str();
+  cmd->add_option("--repeat", o->repeat, "Timed passes (best is reported)")
+      ->check(in_range(1))
+      ->capture_default_str();
   cmd->callback([o] {
     auto tok = load_tokenizer(o->tokenizer);
     std::string text = read_file(o->file);
@@ -92,7 +94,9 @@ void add_bench_loader(CLI::App& bench) {
   cmd->add_option("--batch", o->batch, "B")->capture_default_str();
   cmd->add_option("--seq", o->seq, "T")->capture_default_str();
   cmd->add_option("--packing", o->packing, "none | best_fit")->capture_default_str();
-  cmd->add_option("--batches", o->batches, "Batches to time")->capture_default_str();
+  cmd->add_option("--batches", o->batches, "Batches to time")
+      ->check(in_range(1))
+      ->capture_default_str();
   cmd->callback([o] {
     LoaderOptions lo{o->batch, o->seq, 1, o->packing};
     auto t0 = std::chrono::steady_clock::now();

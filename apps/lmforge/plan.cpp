@@ -2,6 +2,8 @@
 //              [--memory-gib G] [--tflops T] [--mfu F]
 #include <fmt/core.h>
 
+#include <cmath>
+
 #include "commands.h"
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/tensor.h"
@@ -44,7 +46,8 @@ void add_plan(CLI::App& app) {
     const int per_node = p.ranks_per_node > 0 ? p.ranks_per_node : p.ranks;
     const bool gpu =
         cfg.train.device == "cuda" || (cfg.train.device == "auto" && cuda::available());
-    if (o->memory_gib < 0) fail("--memory-gib: must be >= 0, got {}", o->memory_gib);
+    if (!(o->memory_gib >= 0) || !std::isfinite(o->memory_gib))
+      fail("--memory-gib: must be a number >= 0, got {}", o->memory_gib);
     p.memory_bytes = o->memory_gib * 1073741824.0;
     if (p.memory_bytes == 0)
       p.memory_bytes = gpu ? (cuda::available() ? static_cast<double>(cuda::free_memory()) : 0.0)

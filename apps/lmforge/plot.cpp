@@ -4,6 +4,7 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -81,6 +82,13 @@ void add_plot_command(CLI::App& app) {
              path, o->metric, o->val ? " nor \"val_" + o->metric + "\" values" : "");
       points += found;
     }
+    if (o->log_y && std::none_of(c.series.begin(), c.series.end(), [](const Series& s) {
+          return std::any_of(s.y.begin(), s.y.end(), [](double y) { return y > 0; });
+        }))
+      fail(
+          "--log-y: none of the {} \"{}\" values is positive, which a logarithmic axis needs; "
+          "plot them without --log-y",
+          points, o->metric);
     write_chart(c, o->out);
     fmt::print("wrote {} ({} series, {} points)\n", o->out, c.series.size(), points);
   });

@@ -293,6 +293,15 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   expect_one_line_error(run_lmforge("bench matmul --shape 4x4x4x4", dir), {"--shape", "4x4x4x4"});
   expect_one_line_error(run_lmforge("tokenizer encode --tokenizer byte --field foo", dir),
                         {"--field", "--jsonl"});
+  // Nothing to learn from, nothing a log axis can show: refused, not an empty result.
+  std::ofstream(dir + "/nothing.txt").flush();
+  expect_one_line_error(
+      run_lmforge("tokenizer train --vocab-size 300 --out tok-empty nothing.txt", dir),
+      {"tokenizer train", "no text in nothing.txt"});
+  EXPECT_FALSE(fs::exists(dir + "/tok-empty"));
+  std::ofstream(dir + "/neg.jsonl") << "{\"step\": 1, \"loss\": -1}\n{\"step\": 2, \"loss\": 0}\n";
+  expect_one_line_error(run_lmforge("plot neg.jsonl --out neg.svg --log-y", dir),
+                        {"--log-y", "none of the 2 \"loss\" values is positive"});
   // Ranges YAML and the model take but training cannot.
   expect_one_line_error(run_lmforge("train tiny.yaml --set model.init_std=-1", dir),
                         {"model.init_std", ">= 0"});

@@ -94,6 +94,9 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
   Counts counts;
   for (const std::string& f : files) count_file(f, pre, o.specials, counts, res.bytes_read);
   res.distinct_pieces = counts.size();
+  if (counts.empty())  // (a tokenizer of the 256 bytes alone, learnt from nothing)
+    fail("tokenizer train: no text in {}; give files with text to learn from",
+         files.size() == 1 ? files[0] : fmt::format("the {} files", files.size()));
 
   // Words in a fixed order (sorted bytes) so ids and tie-breaks never depend on hashing.
   std::vector<std::pair<std::string, uint64_t>> sorted(counts.begin(), counts.end());
