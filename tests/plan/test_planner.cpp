@@ -45,6 +45,16 @@ TEST(Planner, MeasuredActivationsAreWhatTheModelPlans) {
 }
 
 // gpt2-tiny with this vocabulary at B=4, T=64.
+// One step of llama3-tiny (V = 320, byte tokenizer) into dir/run: a checkpoint to plan from.
+testing::RunResult train_llama_tiny(const std::string& dir, const std::string& run) {
+  return testing::run_lmforge(
+      "train --set model.preset=llama3-tiny --set data.tokenizer=byte --set model.vocab_size=320 "
+      "--set train.steps=1 --set train.batch_size=1 --set train.seq_len=32 --set "
+      "train.eval_every=0 --set sample.prompt= --set run.dir=" +
+          dir + "/" + run,
+      dir);
+}
+
 Config tiny_config(int64_t vocab) {
   Config cfg;
   cfg.model = model_preset("gpt2-tiny");
@@ -147,12 +157,7 @@ TEST(Planner, RecommendsTheLeastTrafficThatFits) {
 // forward's activations beside the student's, its forward's FLOPs in the time.
 TEST(Planner, CountsADistillationTeacher) {
   const std::string dir = testing::temp_dir("plan-teacher");
-  auto t = testing::run_lmforge(
-      "train --set model.preset=llama3-tiny --set data.tokenizer=byte --set model.vocab_size=320 "
-      "--set train.steps=1 --set train.batch_size=1 --set train.seq_len=32 --set "
-      "train.eval_every=0 --set sample.prompt= --set run.dir=" +
-          dir + "/teacher",
-      dir);
+  const auto t = train_llama_tiny(dir, "teacher");
   ASSERT_EQ(t.exit_code, 0) << t.err;
   Config cfg = tiny_config(320);
   PlanOptions o;
@@ -194,12 +199,7 @@ TEST(Planner, CountsADistillationTeacher) {
 // the config's model section; a model key that contradicts the source is refused as train does.
 TEST(Planner, PlansTheInitFromSourcesModel) {
   const std::string dir = testing::temp_dir("plan-init");
-  auto t = testing::run_lmforge(
-      "train --set model.preset=llama3-tiny --set data.tokenizer=byte --set model.vocab_size=320 "
-      "--set train.steps=1 --set train.batch_size=1 --set train.seq_len=32 --set "
-      "train.eval_every=0 --set sample.prompt= --set run.dir=" +
-          dir + "/src",
-      dir);
+  const auto t = train_llama_tiny(dir, "src");
   ASSERT_EQ(t.exit_code, 0) << t.err;
   ModelConfig src = model_preset("llama3-tiny");
   src.vocab_size = 320;
