@@ -8,6 +8,7 @@
 #include <fmt/core.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -182,6 +183,16 @@ void add_generate(CLI::App& app) {
       }
       prompts.push_back(std::move(ids));
     }
+    // A reply of --max-tokens that cannot fit the context stops at its end: said up front.
+    const int64_t context = model.config().max_seq_len;
+    size_t longest = 0;
+    for (const auto& p : prompts) longest = std::max(longest, p.size());
+    if (static_cast<int64_t>(longest) + o->s.max_tokens > context)
+      fmt::print(stderr,
+                 "lmforge generate: note: at most {} new tokens (the model's context is {}, the "
+                 "{}prompt {}), not --max-tokens {}\n",
+                 context - static_cast<int64_t>(longest), context,
+                 prompts.size() > 1 ? "longest " : "", longest, o->s.max_tokens);
     // What a reply prints: every id but a chat's end of turn (or end of text).
     auto text_of = [&](int32_t id) {
       return chat && (id == eos || id == o->s.end_of_turn) ? std::string() : tok->token_bytes(id);

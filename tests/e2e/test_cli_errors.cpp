@@ -201,6 +201,12 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
       << "{\"ctx\": \"In the\", \"endings\": [\"beginning\", \"\"], \"label\": 0}\n";
   expect_one_line_error(run_lmforge("eval --checkpoint run --hellaswag hs-empty.jsonl", dir),
                         {"hs-empty.jsonl:1", "an empty ending"});
+  // A reply that cannot reach --max-tokens within the context: said, not silently cut.
+  {
+    auto g = run_lmforge("generate --checkpoint run --prompt hi --max-tokens 1000", dir);
+    EXPECT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_NE(g.err.find("not --max-tokens 1000"), std::string::npos) << g.err;
+  }
   // chat's template is checked before the first turn is read.
   expect_one_line_error(run_lmforge("chat --checkpoint run --chat-template foo", dir),
                         {"--chat-template", "\"foo\""});
