@@ -760,6 +760,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // during the last step, or with early stopping, leaves a finished run.
   release_interrupts();
   if (st.step < t.steps && !early_stopped) res.interrupted = interrupted();
+  if (lead && guard.consecutive() > 0)  // the weights these steps left are the run's last
+    fmt::print(stderr,
+               "lmforge: warning: the run ended with its last {} step(s) skipped (non-finite or a "
+               "spike: train.max_skips not reached); the weights may have diverged: resume from an "
+               "earlier checkpoint with a lower train.lr or a longer train.warmup\n",
+               guard.consecutive());
   if (profiled > 0) report_profile();  // the run ended (or stopped early) before N steps
   progress.finish();
   fmt::print("peak resident memory {:.0f} MiB (activations planned: {:.0f} MiB)\n", peak_rss_mib(),
