@@ -15,22 +15,24 @@
 namespace lmforge {
 
 namespace {
-constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
-}  // namespace
 
-namespace {
+constexpr size_t kAlign = 64;  // one cache line; AVX-512 loads want 64-byte alignment
 
 std::string& oom_hint_storage() {
   static std::string hint = "close other programs or use a machine with more memory";
   return hint;
 }
 
-// The first number in a file (cgroup v2's memory.max / memory.current), or -1 ("max", absent).
-int64_t file_number(const std::string& path) {
+// The number of the first line of `path` that `format` (a sscanf format with one %lld) matches,
+// e.g. "MemAvailable: %lld kB" in /proc/meminfo; -1 when none does or the file is absent
+// (cgroup v2's memory.max says "max" without a limit).
+int64_t line_value(const std::string& path, const char* format) {
   std::FILE* f = std::fopen(path.c_str(), "r");
   if (!f) return -1;
+  char line[1024];
   long long v = -1;
-  if (std::fscanf(f, "%lld", &v) != 1) v = -1;
+  while (std::fgets(line, sizeof(line), f))
+    if (std::sscanf(line, format, &v) == 1) break;
   std::fclose(f);
   return v;
 }
@@ -62,26 +64,13 @@ const std::string& oom_hint() { return oom_hint_storage(); }
 // cgroup (v2) may still take, memory.max - memory.current, less the reclaimable page cache
 // (inactive_file) that memory.current counts.
 size_t available_host_memory() {
-  size_t avail = 0;
-  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
-    char line[256];
-    size_t kb = 0;
-    while (std::fgets(line, sizeof(line), f))
-      if (std::sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
-    std::fclose(f);
-    avail = kb * 1024;
-  }
+  const int64_t kb = line_value("/proc/meminfo", "MemAvailable: %lld kB");
+  size_t avail = kb > 0 ? static_cast<size_t>(kb) * 1024 : 0;
   if (const std::string dir = cgroup_dir(); !dir.empty()) {
-    const int64_t max = file_number(dir + "/memory.max"),
-                  cur = file_number(dir + "/memory.current");
-    int64_t cache = 0;
-    if (std::FILE* f = std::fopen((dir + "/memory.stat").c_str(), "r")) {
-      char line[256];
-      long long v = 0;
-      while (std::fgets(line, sizeof(line), f))
-        if (std::sscanf(line, "inactive_file %lld", &v) == 1) cache = v;
-      std::fclose(f);
-    }
+    const int64_t max = line_value(dir + "/memory.max", "%lld"),
+                  cur = line_value(dir + "/memory.current", "%lld"),
+                  cache =
+                      std::max<int64_t>(0, line_value(dir + "/memory.stat", "inactive_file %lld"));
     if (max > 0 && cur >= 0) {
       const int64_t used = std::max<int64_t>(0, cur - cache);
       const size_t left = max > used ? static_cast<size_t>(max - used) : 1;  // (0: unknown)
@@ -95,14 +84,9 @@ size_t available_host_memory() {
 size_t process_address_room() {
   rlimit rl{};
   if (::getrlimit(RLIMIT_AS, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return SIZE_MAX;
-  size_t vm_kb = 0;
-  if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof(line), f))
-      if (std::sscanf(line, "VmSize: %zu kB", &vm_kb) == 1) break;
-    std::fclose(f);
-  }
-  const size_t used = vm_kb * 1024;
+  const size_t used = static_cast<size_t>(std::max<int64_t>(
+                          0, line_value("/proc/self/status", "VmSize: %lld kB"))) *
+                      1024;
   return rl.rlim_cur > used ? rl.rlim_cur - used : 0;
 }
 
