@@ -42,6 +42,18 @@ extern const char* const kDefaultConfigYaml;
 // base, then the --set assignments (train.cpp).
 lmforge::Config load_run_config(const std::string& file, const std::vector<std::string>& sets);
 
+// train's command line (train.cpp).
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  std::string resume;
+  int64_t start_step = -1;
+  bool reset_optimizer = false;
+};
+void add_train_args(CLI::App* cmd, TrainArgs& o);
+// Parses train's arguments (after "train") as the command would and loads their config, so that
+// launch says a mistake once instead of once per rank; false when they asked for --help (printed).
+bool check_train_command(const std::vector<std::string>& args);
 void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_chat(CLI::App& app);  // generate.cpp

@@ -1,9 +1,10 @@
-// lmforge launch --nproc N [--ranks-per-node K] [--timeout S] -- SUBCOMMAND ARGS...
-// Runs N ranks of this lmforge on this node. lmforge's CPU collectives are MPI, so the ranks are
+// lmforge launch --nproc N [--ranks-per-node K] [--timeout S] -- train ARGS...
+// Runs N ranks of `lmforge train` on this node (its config checked here first, so that a mistake
+// is said once and not by every rank). lmforge's CPU collectives are MPI, so the ranks are
 // started by OpenMPI's mpirun (Debian's openmpi-bin):
 //   mpirun -np N --oversubscribe --bind-to none [--allow-run-as-root, as root]
 //          -x OMP_NUM_THREADS=<max(1, cores/N), or as set> [-x LMFORGE_RANKS_PER_NODE=K]
-//          /proc/self/exe SUBCOMMAND ARGS...
+//          /proc/self/exe train ARGS...
 // SIGINT/SIGTERM sent to launch reach mpirun, which stops the ranks. launch exits with mpirun's
 // status: 0 when every rank succeeded, non-zero when one failed or was killed by a signal, 124
 // when --timeout passed (like timeout(1)). It prints nothing of its own on success.
@@ -223,7 +224,10 @@ void add_launch(CLI::App& app) {
       fail("launch: --ranks-per-node {} does not divide --nproc {}", o->ranks_per_node, o->nproc);
     if (!(o->timeout_s >= 0 && o->timeout_s <= 1e7))  // NaN and inf too (deadline arithmetic)
       fail("launch: --timeout {}: expected seconds from 0 (none) to 1e7", o->timeout_s);
-    if (o->command.front() == "launch") fail("launch: the ranks cannot themselves launch");
+    if (o->command.front() != "train")  // the only command whose ranks work together
+      fail("launch: only train runs on several ranks; run `lmforge {}` directly",
+           o->command.front());
+    if (!check_train_command({o->command.begin() + 1, o->command.end()})) return;
     std::string mpirun = find_on_path("mpirun");
     if (mpirun.empty())
       fail(

@@ -22,35 +22,47 @@ Config load_run_config(const std::string& file, const std::vector<std::string>& 
   return cfg;
 }
 
-void add_train(CLI::App& app) {
-  struct Opts {
-    std::string config;
-    std::vector<std::string> sets;
-    std::string resume;
-    int64_t start_step = -1;
-    bool reset_optimizer = false;
-  };
-  auto o = std::make_shared<Opts>();
-  CLI::App* cmd = app.add_subcommand(
-      "train",
-      "Train a model. Without CONFIG, trains the embedded default (a small GPT on the "
-      "demo corpus; see configs/default.yaml).");
-  cmd->add_option("config", o->config, "YAML config (docs/config.md)");
-  cmd->add_option("--set", o->sets, "Override a config key, e.g. --set train.lr=3e-4")
+void add_train_args(CLI::App* cmd, TrainArgs& o) {
+  cmd->add_option("config", o.config, "YAML config (docs/config.md)");
+  cmd->add_option("--set", o.sets, "Override a config key, e.g. --set train.lr=3e-4")
       ->type_name("KEY=VALUE");
-  cmd->add_option("--resume", o->resume,
+  cmd->add_option("--resume", o.resume,
                   "Continue from a checkpoint: bare or =auto for the newest in run.dir that "
                   "verifies against its manifest, or a checkpoint directory")
       ->expected(0, 1)
       ->default_str("auto");
-  cmd->add_option("--start-step", o->start_step,
+  cmd->add_option("--start-step", o.start_step,
                   "With --resume: continue as step N (step counter and LR schedule); the data "
                   "position still comes from the checkpoint")
       ->type_name("N")
       ->check(in_range(0));
-  cmd->add_flag("--reset-optimizer", o->reset_optimizer,
+  cmd->add_flag("--reset-optimizer", o.reset_optimizer,
                 "With --resume: load the weights only; fresh AdamW state (moments and step "
                 "count 0)");
+}
+
+bool check_train_command(const std::vector<std::string>& args) {
+  CLI::App cmd("lmforge train", "train");
+  TrainArgs o;
+  add_train_args(&cmd, o);
+  std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 takes them reversed
+  try {
+    cmd.parse(reversed);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(cmd.help().c_str(), stdout);
+    return false;
+  }
+  load_run_config(o.config, o.sets);
+  return true;
+}
+
+void add_train(CLI::App& app) {
+  auto o = std::make_shared<TrainArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "train",
+      "Train a model. Without CONFIG, trains the embedded default (a small GPT on the "
+      "demo corpus; see configs/default.yaml).");
+  add_train_args(cmd, *o);
   cmd->callback([o, cmd] {
     set_oom_hint(kTrainingOomHint);
     Config cfg = load_run_config(o->config, o->sets);

@@ -1,6 +1,6 @@
-// lmforge launch: N ranks of the real binary through mpirun. A subcommand that succeeds on every
+// lmforge launch: N ranks of the real binary's train through mpirun. A run that succeeds on every
 // rank succeeds; one that fails, or ranks stopped by a signal or --timeout, give a non-zero exit;
-// bad arguments and a missing mpirun are one clear line.
+// bad arguments, a config mistake, another command and a missing mpirun are one clear line.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -22,12 +23,6 @@ namespace lmforge {
 using testing::run_lmforge;
 
 namespace {
-
-size_t count_of(const std::string& text, const std::string& needle) {
-  size_t n = 0;
-  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
-  return n;
-}
 
 using testing::expect_one_line_error;
 
@@ -77,30 +72,64 @@ int wait_exit(pid_t pid, std::chrono::seconds limit) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+// A tiny train of `steps` steps on the byte tokenizer, writing run/, as a command line.
+std::string tiny_train(long steps) {
+  return "train --set model.n_layer=1 --set model.vocab_size=257 --set model.max_seq_len=32 "
+         "--set data.text=demo:kjv --set data.tokenizer=byte --set train.steps=" +
+         std::to_string(steps) +
+         " --set train.batch_size=2 --set train.seq_len=16 --set sample.prompt= --set "
+         "run.dir=run ";
+}
+
+std::vector<std::string> words(const std::string& line) {
+  std::vector<std::string> out;
+  std::istringstream in(line);
+  for (std::string w; in >> w;) out.push_back(w);
+  return out;
+}
+
 }  // namespace
 
-TEST(Launch, EveryRankRunsTheSubcommand) {
+TEST(Launch, EveryRankTrains) {
   std::string dir = testing::temp_dir("launch-ok");
-  auto r = run_lmforge("launch --nproc 2 -- tokenizer info --tokenizer byte", dir);
+  auto r = run_lmforge("launch --nproc 2 -- " + tiny_train(2), dir);
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(count_of(r.out, "vocab_size:"), 2u) << r.out;
-  EXPECT_EQ(r.err.find("lmforge"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("dist: 2 ranks"), std::string::npos) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/run/metrics.jsonl"));
 }
 
 TEST(Launch, FailingRankFailsTheJob) {
   std::string dir = testing::temp_dir("launch-fail");
-  auto r = run_lmforge("launch --nproc 2 -- train missing.yaml", dir);
+  auto r = run_lmforge("launch --nproc 2 -- " + tiny_train(2) + "--resume nowhere", dir);
   EXPECT_NE(r.exit_code, 0) << r.err;
-  EXPECT_NE(r.err.find("missing.yaml"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("nowhere"), std::string::npos) << r.err;
+}
+
+// launch reads the config before starting the ranks: its mistakes are one line, not one per rank.
+TEST(Launch, ConfigMistakesAreSaidOnce) {
+  std::string dir = testing::temp_dir("launch-config");
+  expect_one_line_error(run_lmforge("launch --nproc 2 -- train missing.yaml", dir),
+                        {"missing.yaml"});
+  expect_one_line_error(run_lmforge("launch --nproc 2 -- train --set train.lr=x", dir),
+                        {"train.lr"});
+  expect_one_line_error(run_lmforge("launch --nproc 2 -- train --no-such-flag", dir),
+                        {"--no-such-flag"});
+  EXPECT_FALSE(std::filesystem::exists(dir + "/run"));
+}
+
+// Only train's ranks work together: N copies of another command would race (export) or repeat
+// themselves (generate).
+TEST(Launch, OtherCommandsAreRefused) {
+  std::string dir = testing::temp_dir("launch-other");
+  expect_one_line_error(run_lmforge("launch --nproc 2 -- tokenizer info --tokenizer byte", dir),
+                        {"only train", "lmforge tokenizer"});
 }
 
 TEST(Launch, BadArgumentsAreOneLine) {
   std::string dir = testing::temp_dir("launch-args");
-  expect_one_line_error(run_lmforge("launch --nproc 0 -- tokenizer info --tokenizer byte", dir),
-                        {"--nproc 0", "at least 1"});
-  expect_one_line_error(
-      run_lmforge("launch --nproc 4 --ranks-per-node 3 -- tokenizer info --tokenizer byte", dir),
-      {"--ranks-per-node 3", "--nproc 4"});
+  expect_one_line_error(run_lmforge("launch --nproc 0 -- train", dir), {"--nproc 0", "at least 1"});
+  expect_one_line_error(run_lmforge("launch --nproc 4 --ranks-per-node 3 -- train", dir),
+                        {"--ranks-per-node 3", "--nproc 4"});
   EXPECT_NE(run_lmforge("launch --nproc 2", dir).exit_code, 0);  // no subcommand
 }
 
@@ -108,17 +137,16 @@ TEST(Launch, MissingMpirunNamesThePackage) {
   std::string dir = testing::temp_dir("launch-nompi");
   std::string path = std::getenv("PATH") ? std::getenv("PATH") : "";
   setenv("PATH", dir.c_str(), 1);  // the binary and /bin/sh are run by absolute path
-  auto r = run_lmforge("launch --nproc 2 -- tokenizer info --tokenizer byte", dir);
+  auto r = run_lmforge("launch --nproc 2 -- train", dir);
   setenv("PATH", path.c_str(), 1);
   expect_one_line_error(r, {"mpirun", "openmpi-bin"});
 }
 
-// SIGTERM to launch reaches mpirun, which stops the ranks (rank 0 waits on stdin); the job's exit
-// is non-zero.
+// SIGTERM to launch reaches mpirun, which stops the ranks (training for a long time); the job's
+// exit is non-zero.
 TEST(Launch, SigtermStopsTheRanks) {
   std::string dir = testing::temp_dir("launch-sigterm");
-  Background b = spawn_lmforge(
-      {"launch", "--nproc", "2", "--", "tokenizer", "encode", "--tokenizer", "byte"}, dir);
+  Background b = spawn_lmforge(words("launch --nproc 2 -- " + tiny_train(1000000)), dir);
   std::this_thread::sleep_for(std::chrono::seconds(2));
   EXPECT_EQ(waitpid(b.pid, nullptr, WNOHANG), 0) << testing::slurp(dir + "/.stderr");
   kill(b.pid, SIGTERM);
@@ -130,9 +158,8 @@ TEST(Launch, SigtermStopsTheRanks) {
 
 TEST(Launch, TimeoutStopsTheJob) {
   std::string dir = testing::temp_dir("launch-timeout");
-  Background b = spawn_lmforge({"launch", "--nproc", "1", "--timeout", "1", "--", "tokenizer",
-                                "encode", "--tokenizer", "byte"},
-                               dir);
+  Background b =
+      spawn_lmforge(words("launch --nproc 1 --timeout 1 -- " + tiny_train(1000000)), dir);
   int code = wait_exit(b.pid, std::chrono::seconds(30));
   close(b.stdin_fd);
   EXPECT_EQ(code, 124) << testing::slurp(dir + "/.stderr");
@@ -143,10 +170,7 @@ TEST(Launch, TimeoutStopsTheJob) {
 // alike): refused at start-up, naming the rank, before anything is written.
 TEST(Launch, RanksWithDifferentConfigsAreRefused) {
   std::string dir = testing::temp_dir("launch-configs");
-  const std::string common =
-      "train --set model.n_layer=1 --set model.vocab_size=257 --set model.max_seq_len=32 "
-      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.steps=2 "
-      "--set train.batch_size=2 --set train.seq_len=16 --set sample.prompt= --set run.dir=run ";
+  const std::string common = tiny_train(2);
   const std::string mpirun = std::string("mpirun -np 1 --oversubscribe --bind-to none ") +
                              (geteuid() == 0 ? "--allow-run-as-root " : "") +
                              "-x OMP_NUM_THREADS=1";
