@@ -343,6 +343,30 @@ TEST(TokenizerSpecials, PublicEncodingsWithAndWithoutTheirJson) {
   EXPECT_EQ(byte->special_id("<|endoftext|>"), std::optional<int32_t>(256));
 }
 
+// A rank file's fingerprint (which shards, the data.text cache and checkpoints are checked by)
+// covers its pattern and specials, from its sibling .json: another pattern or other specials make
+// other ids. The same .json written out again is the same tokenizer.
+TEST(TokenizerFingerprint, TiktokenCountsItsJson) {
+  std::string dir = testing::temp_dir("tok-fp");
+  fs::create_symlink(shared("cl100k_base.tiktoken"), dir + "/t.tiktoken");
+  auto fingerprint_with = [&](const nlohmann::json& meta) {
+    std::ofstream(dir + "/t.json") << meta.dump(2);
+    return load_tokenizer(dir + "/t.tiktoken")->fingerprint();
+  };
+  const nlohmann::json cl100k = nlohmann::json::parse(testing::slurp(shared("cl100k_base.json")));
+  const std::string base = load_tokenizer(shared("cl100k_base.tiktoken"))->fingerprint();
+  EXPECT_EQ(fingerprint_with(cl100k), base);  // written out again: the same encoding
+  nlohmann::json other = cl100k;
+  other["pat_str"] = nlohmann::json::parse(testing::slurp(shared("gpt2.json")))["pat_str"];
+  EXPECT_NE(fingerprint_with(other), base);
+  other = cl100k;
+  other["special_tokens"]["<|im_start|>"] = 100264;
+  const std::string with_im = fingerprint_with(other);
+  EXPECT_NE(with_im, base);
+  other["special_tokens"]["<|im_start|>"] = 100265;
+  EXPECT_NE(fingerprint_with(other), with_im);
+}
+
 // --- invalid UTF-8 ----------------------------------------------------------------------------
 
 // Random bytes (mostly invalid UTF-8) encode without error and decode back to the same bytes.
