@@ -6,6 +6,9 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/data/shard.h"
+#include "lmforge/data/text_shards.h"
+#include "lmforge/tokenizer/tokenizer.h"
+#include "testing/paths.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -129,6 +132,27 @@ TEST(Shard, LabelsFollowTheMaskAndAreChecked) {
   }
   e = error_of(dir + "/flags.bin");
   EXPECT_NE(e.find("labelled responses needs a loss mask"), std::string::npos) << e;
+}
+
+// data.text's shard is the file's encoding as one text (the tokenizer's own encoding is checked
+// against tiktoken in test_tokenizer_reference): encoded in chunks cut at newlines, a blank line
+// at a chunk's edge became two tokens ("?\n", "\n" for cl100k's "?\n\n").
+TEST(TextShards, HoldTheFileEncodedAsOneText) {
+  std::string dir = testing::temp_dir("text-shards");
+  setenv("LMFORGE_CACHE", (dir + "/cache").c_str(), 1);
+  std::string text;
+  for (int i = 0; text.size() < (5u << 19); ++i)
+    text += fmt::format("And he said unto him {}, Where art thou?\n\n", i);
+  std::ofstream(dir + "/text.txt") << text;
+  auto tok = load_tokenizer(testing::shared_tokenizers_dir() + "/cl100k_base.tiktoken");
+  TextShards shards = shards_from_text(dir + "/text.txt", 0.0, *tok);
+  unsetenv("LMFORGE_CACHE");
+  std::vector<int32_t> want = tok->encode(text);
+  want.push_back(tok->eos_id());
+  TokenShard got = TokenShard::open(shards.train);
+  ASSERT_EQ(got.size(), static_cast<int64_t>(want.size()));
+  for (size_t i = 0; i < want.size(); ++i)
+    ASSERT_EQ(got[static_cast<int64_t>(i)], static_cast<uint32_t>(want[i])) << "token " << i;
 }
 
 }  // namespace lmforge

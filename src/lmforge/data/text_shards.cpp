@@ -89,7 +89,7 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
   size_t key = std::hash<std::string>{}(
-      fmt::format("{}|{}|{}|{}|{}|shard-v2", fs::absolute(path).string(), fs::file_size(path),
+      fmt::format("{}|{}|{}|{}|{}|shard-v3", fs::absolute(path).string(), fs::file_size(path),
                   mtime, val_fraction, tok.fingerprint()));
   std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
   TextShards out{dir + "/train.bin", dir + "/val.bin"};
@@ -103,17 +103,14 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     if (nl != std::string::npos && nl > 0) cut = nl + 1;
   }
   auto to_shard = [&](std::string_view part, const std::string& file) {
-    // Encoded in ~1 MB chunks cut at newlines, on all cores.
-    std::vector<std::string_view> chunks;
-    for (size_t pos = 0; pos < part.size();) {
-      size_t end = part.find('\n', std::min(part.size(), pos + (1 << 20)));
-      end = end == std::string_view::npos ? part.size() : end + 1;
-      chunks.push_back(part.substr(pos, end - pos));
-      pos = end;
-    }
+    // One text, as `tokenizer encode FILE` and prepare encode it: chunks cut at newlines are no
+    // pre-tokenizer boundary (a newline run splits in two, a prefix space or SentencePiece's ▁
+    // would start each chunk).
+    const std::vector<int32_t> ids = tok.encode(part);
     std::vector<uint32_t> u;
+    u.reserve(ids.size() + 2);
     if (tok.bos_id() >= 0) u.push_back(tok.bos_id());
-    for (auto& ids : tok.encode_batch(chunks)) u.insert(u.end(), ids.begin(), ids.end());
+    u.insert(u.end(), ids.begin(), ids.end());
     if (tok.eos_id() >= 0) u.push_back(tok.eos_id());
     write_shard(file, u, {0},
                 {tok.fingerprint(), tok.kind(), static_cast<uint64_t>(tok.vocab_size()),
