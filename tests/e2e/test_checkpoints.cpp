@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "e2e/crash_resume.h"
+#include "testing/errors.h"
 #include "testing/metrics.h"
 
 namespace lmforge {
@@ -73,12 +74,17 @@ TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
                     fs::file_size(ckpt(run, 12) + "/model.safetensors") - 3);
   auto r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(lines(r.err),
-            std::vector<std::string>{fmt::format(
-                "warning: run/checkpoints/step-00000012/optimizer.safetensors: {} bytes, "
-                "manifest.json says {}; skipping checkpoint step-00000012; using step-00000008 "
-                "instead",
-                opt_size - 1000, opt_size)});
+  // The damaged step 12, past the resumed step 8, is moved aside (nothing is deleted).
+  EXPECT_EQ(
+      lines(r.err),
+      (std::vector<std::string>{
+          fmt::format("warning: run/checkpoints/step-00000012/optimizer.safetensors: {} bytes, "
+                      "manifest.json says {}; skipping checkpoint step-00000012; using "
+                      "step-00000008 instead",
+                      opt_size - 1000, opt_size),
+          "warning: run/checkpoints/step-00000012 is from a continuation this run "
+          "abandoned (it went back to step 8); moved to "
+          "run/checkpoints/abandoned/step-00000012"}));
   EXPECT_NE(r.out.find("resumed from run/checkpoints/step-00000008 at step 8"), std::string::npos)
       << r.out;
   expect_same_as(dir, "run");
@@ -93,8 +99,13 @@ TEST(CheckpointCorruption, ResumeSkipsDamagedCheckpointsWithAWarning) {
   EXPECT_NE(g.err.find("using step-00000004"), std::string::npos) << g.err;
   r = run_lmforge(std::string(kRun) + "--set run.dir=run --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  ASSERT_EQ(lines(r.err).size(), 3u) << r.err;  // the third: step 12 moved aside at step 8's save
-  EXPECT_EQ(lines(r.err)[2].rfind("warning: run/checkpoints/step-00000012 is from a continuation "
+  ASSERT_EQ(lines(r.err).size(), 4u) << r.err;  // then steps 8 and 12 moved aside at the resume
+  EXPECT_EQ(lines(r.err)[2].rfind("warning: run/checkpoints/step-00000008 is from a continuation "
+                                  "this run abandoned",
+                                  0),
+            0u)
+      << r.err;
+  EXPECT_EQ(lines(r.err)[3].rfind("warning: run/checkpoints/step-00000012 is from a continuation "
                                   "this run abandoned",
                                   0),
             0u)
@@ -170,14 +181,14 @@ TEST(CheckpointResume, ResetOptimizerAndStartStep) {
   EXPECT_EQ(state["optimizer_steps"], 16);
   auto listing = testing::list_checkpoint_dir(dir + "/start");
   EXPECT_EQ(listing.complete.size(), 3u);  // step 4 as it was; 8 and 12 written anew
-  // The old step 12 (past the first new save, step 8) is moved aside, not deleted; the old step 8
-  // is replaced.
+  // The old step 12 (past the resumed step 8) is moved aside, not deleted; the old step 8 is
+  // replaced.
   EXPECT_TRUE(fs::exists(dir + "/start/checkpoints/abandoned/step-00000012/state.json"));
   EXPECT_EQ(nlohmann::json::parse(slurp(dir + "/start/checkpoints/abandoned/step-00000012/"
                                               "state.json"))["optimizer_steps"],
             12);
-  EXPECT_NE(r.err.find("step-00000012 is from a continuation this run abandoned (it saved step 8 "
-                       "anew); moved to"),
+  EXPECT_NE(r.err.find("step-00000012 is from a continuation this run abandoned (it went back to "
+                       "step 8); moved to"),
             std::string::npos)
       << r.err;
 
@@ -213,6 +224,65 @@ TEST(CheckpointResume, TokensAndElapsedCountAcrossResumes) {
     EXPECT_GE(std::stod(elapsed[s]), std::stod(elapsed[s - 1])) << "step " << s;
   auto state = nlohmann::json::parse(slurp(ckpt(dir + "/a", 8) + "/state.json"));
   EXPECT_EQ(state["tokens"], 4 * step_tokens + 4 * 2 * step_tokens);
+}
+
+// Going back to an earlier checkpoint abandons the later ones at once: a crash before the next
+// save (here a kill in step 6) leaves --resume the checkpoint the new continuation started from,
+// not the abandoned run's newest.
+TEST(CheckpointResume, GoingBackThenCrashingResumesWhereTheContinuationStarted) {
+  std::string dir = testing::temp_dir("ckpt-go-back");
+  ASSERT_EQ(run_lmforge(std::string(kRun) + "--set run.dir=a", dir).exit_code, 0);
+  const std::string other = std::string(kRun) + "--set run.dir=a --set train.lr=1e-3 ";
+  auto r = run_lmforge(
+      other + "--set train.inject_fault=kill@6 --resume=a/checkpoints/step-00000004", dir);
+  ASSERT_NE(r.exit_code, 0) << r.err;
+  auto listing = testing::list_checkpoint_dir(dir + "/a");
+  EXPECT_EQ(listing.complete.size(), 1u);
+  EXPECT_TRUE(listing.complete.count(4));
+  EXPECT_TRUE(fs::exists(dir + "/a/checkpoints/abandoned/step-00000008/state.json"));
+  EXPECT_TRUE(fs::exists(dir + "/a/checkpoints/abandoned/step-00000012/state.json"));
+  r = run_lmforge(other + "--resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("resumed from a/checkpoints/step-00000004 at step 4"), std::string::npos)
+      << r.out;
+  EXPECT_EQ(metric_by_step(dir + "/a", "loss").size(), 12u);  // steps 1-12, one record each
+  EXPECT_EQ(nlohmann::json::parse(slurp(ckpt(dir + "/a", 12) + "/state.json"))["optimizer_steps"],
+            12);
+}
+
+// A run that stopped early, resumed with the same command (a requeued job), trains nothing, as a
+// finished run resumed; a larger train.patience lets it go on.
+TEST(CheckpointResume, AnEarlyStoppedRunStaysStopped) {
+  std::string dir = testing::temp_dir("ckpt-early-stop");
+  // Evaluations at 4 and 8: no loss improves on the first by 100, so the run stops at step 8.
+  const std::string run =
+      std::string(kRun) + "--set run.dir=a --set train.patience=1 --set train.min_delta=100 ";
+  auto r = run_lmforge(run, dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_NE(r.out.find("early stopping at step 8"), std::string::npos) << r.out;
+  const std::string weights = slurp(ckpt(dir + "/a", 8) + "/model.safetensors");
+  const std::string metrics = slurp(dir + "/a/metrics.jsonl");
+  r = run_lmforge(run + "--resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("nothing to train"), std::string::npos) << r.out;
+  EXPECT_EQ(slurp(ckpt(dir + "/a", 8) + "/model.safetensors"), weights);
+  EXPECT_EQ(slurp(dir + "/a/metrics.jsonl"), metrics);
+  EXPECT_FALSE(fs::exists(ckpt(dir + "/a", 12)));
+  r = run_lmforge(run + "--set train.patience=3 --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(ckpt(dir + "/a", 12)));
+}
+
+// train.seed draws each epoch's data order: resuming with another would reorder the epoch under
+// the saved position (samples twice, others never), so it is refused.
+TEST(CheckpointResume, AnotherSeedIsRefused) {
+  std::string dir = testing::temp_dir("ckpt-seed");
+  const std::string run = std::string(kRun) + "--set run.dir=a --set train.steps=4 ";
+  ASSERT_EQ(run_lmforge(run, dir).exit_code, 0);
+  testing::expect_one_line_error(
+      run_lmforge(run + "--set train.steps=8 --set train.seed=7 --resume", dir),
+      {"step-00000004/state.json", "train.seed", "--set train.seed="});
+  EXPECT_FALSE(fs::exists(ckpt(dir + "/a", 8)));
 }
 
 // A fine-tuning run started without a config file (the embedded default's data.text and

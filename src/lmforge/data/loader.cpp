@@ -391,12 +391,20 @@ nlohmann::json Loader::state() const {
   nlohmann::json src = nlohmann::json::array();
   for (const Source& s : sources_)
     src.push_back({{"epoch", s.epoch}, {"cursor", s.cursor}, {"samples", s.samples()}});
-  return {{"rng", rng_.state()}, {"sources", src}};
+  return {{"rng", rng_.state()}, {"seed", o_.seed}, {"sources", src}};
 }
 
 void Loader::set_state(const nlohmann::json& j) {
   try {
     rng_.set_state(j.at("rng").get<Rng::State>());
+    // Each epoch's order is drawn from the seed: another seed would reorder the epoch under its
+    // saved position (samples seen twice, others never). Checkpoints before it was saved:
+    // unchecked.
+    if (j.contains("seed") && j.at("seed").get<uint64_t>() != o_.seed)
+      fail(
+          "the data order was drawn with train.seed {} but train.seed is {}; resume with "
+          "--set train.seed={}, or start a new run from the checkpoint with init_from",
+          j.at("seed").get<uint64_t>(), o_.seed, j.at("seed").get<uint64_t>());
     const auto& src = j.at("sources");
     if (src.size() != sources_.size())
       fail("loader state has {} sources but data.train has {}; resume with the same data",

@@ -157,52 +157,6 @@ std::optional<double> saved_val_loss(const fs::path& ckpt) {
   return std::nullopt;
 }
 
-// After saving step `step`: moves checkpoints past it aside (into checkpoints/abandoned/, so
-// --resume never takes them and nothing trained is deleted), marks the best, keeps keep_last +
-// best.
-void prune(const std::string& run_dir, int64_t step, int64_t keep_last) {
-  fs::path dir = fs::path(run_dir) / "checkpoints";
-  std::vector<Listed> kept, drop;
-  std::error_code ec;
-  for (Listed& c : list_checkpoints(run_dir)) {
-    if (c.step <= step) {
-      kept.push_back(c);
-      continue;
-    }
-    fs::path to = dir / "abandoned" / c.dir.filename();
-    fs::create_directories(to.parent_path(), ec);
-    for (int n = 2; fs::exists(to, ec); ++n)  // an earlier abandoned one of the same step stays
-      to = dir / "abandoned" / fmt::format("{}.{}", c.dir.filename().string(), n);
-    fs::rename(c.dir, to, ec);
-    if (ec) {
-      drop.push_back(c);  // cannot move it aside: it must not be resumed, so it goes
-      continue;
-    }
-    fmt::print(stderr,
-               "warning: {} is from a continuation this run abandoned (it saved step {} anew); "
-               "moved to {}\n",
-               c.dir.string(), step, to.string());
-  }
-  const Listed* best = nullptr;
-  std::optional<double> best_loss;
-  for (const Listed& c : kept) {
-    std::optional<double> vl = saved_val_loss(c.dir);
-    if (vl && (!best_loss || *vl < *best_loss)) {
-      best = &c;
-      best_loss = vl;
-    }
-  }
-  if (best)
-    write_file_atomic((dir / "best").string(), best->dir.filename().string() + "\n");
-  else
-    fs::remove(dir / "best", ec);
-  if (keep_last > 0)
-    for (size_t k = 0; k + keep_last < kept.size(); ++k)
-      if (&kept[k] != best) drop.push_back(kept[k]);
-  for (const Listed& c : drop) retire(c.dir);
-  sync_path(dir, true);
-}
-
 json read_state(const std::string& ckpt_dir) {
   std::string path = ckpt_dir + "/state.json";
   json j;
@@ -346,6 +300,49 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
 }
 
 }  // namespace
+
+void prune_checkpoints(const std::string& run_dir, int64_t step, int64_t keep_last) {
+  fs::path dir = fs::path(run_dir) / "checkpoints";
+  std::vector<Listed> kept, drop;
+  std::error_code ec;
+  for (Listed& c : list_checkpoints(run_dir)) {
+    if (c.step <= step) {
+      kept.push_back(c);
+      continue;
+    }
+    fs::path to = dir / "abandoned" / c.dir.filename();
+    fs::create_directories(to.parent_path(), ec);
+    for (int n = 2; fs::exists(to, ec); ++n)  // an earlier abandoned one of the same step stays
+      to = dir / "abandoned" / fmt::format("{}.{}", c.dir.filename().string(), n);
+    fs::rename(c.dir, to, ec);
+    if (ec) {
+      drop.push_back(c);  // cannot move it aside: it must not be resumed, so it goes
+      continue;
+    }
+    fmt::print(stderr,
+               "warning: {} is from a continuation this run abandoned (it went back to step {}); "
+               "moved to {}\n",
+               c.dir.string(), step, to.string());
+  }
+  const Listed* best = nullptr;
+  std::optional<double> best_loss;
+  for (const Listed& c : kept) {
+    std::optional<double> vl = saved_val_loss(c.dir);
+    if (vl && (!best_loss || *vl < *best_loss)) {
+      best = &c;
+      best_loss = vl;
+    }
+  }
+  if (best)
+    write_file_atomic((dir / "best").string(), best->dir.filename().string() + "\n");
+  else
+    fs::remove(dir / "best", ec);
+  if (keep_last > 0)
+    for (size_t k = 0; k + keep_last < kept.size(); ++k)
+      if (&kept[k] != best) drop.push_back(kept[k]);
+  for (const Listed& c : drop) retire(c.dir);
+  sync_path(dir, true);
+}
 
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
@@ -499,7 +496,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   if (old != tmp) fs::rename(tmp, final_dir);
   sync_path(dir, true);
   fs::remove_all(old, ec);
-  prune(run_dir, st.step, keep_last);
+  prune_checkpoints(run_dir, st.step, keep_last);
   barrier();
   return final_dir.string();
 }

@@ -67,10 +67,13 @@ struct CheckpointShards {
 };
 
 // Writes <run_dir>/checkpoints/step-<st.step>/ (see above) and returns its path. Then: removes
-// stale step-*.tmp directories left by an interrupted save; removes checkpoints with a higher step
-// (left from a continuation abandoned by resuming an earlier checkpoint); keeps the newest
-// keep_last (0 = all) plus the one with the lowest val_loss, named in checkpoints/best.
+// stale step-*.tmp directories left by an interrupted save, and prune_checkpoints(st.step).
 // opt == nullptr writes a weights-only checkpoint (no optimizer.safetensors).
+// Moves the checkpoints past `step` aside into checkpoints/abandoned/ (a continuation abandoned by
+// resuming an earlier checkpoint: --resume never takes them, nothing trained is deleted); keeps
+// the newest keep_last (0 = all) plus the one with the lowest val_loss, named in
+// checkpoints/best. After each save, and when a resume starts.
+void prune_checkpoints(const std::string& run_dir, int64_t step, int64_t keep_last);
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
                             const TrainState& st, const std::string& config_yaml, int64_t keep_last,
                             const Tokenizer& tok, const CheckpointShards* shards = nullptr);

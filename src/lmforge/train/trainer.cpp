@@ -311,8 +311,13 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
            t.steps);
     const int64_t saved_step = st.step;
     if (resume.start_step >= 0) st.step = resume.start_step;
-    // Records past the checkpoint belong to the interrupted continuation.
-    if (lead) MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
+    // Records and checkpoints past the checkpoint belong to the continuation this resume
+    // abandons: the checkpoints are moved aside now, so that a crash before the next save does
+    // not make --resume take them.
+    if (lead) {
+      MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
+      prune_checkpoints(run_dir, saved_step, /*keep_last=*/0);
+    }
     fmt::print("resumed from {} at step {}{}{}\n", ckpt, saved_step,
                st.step != saved_step ? fmt::format(", continuing as step {}", st.step) : "",
                resume.reset_optimizer ? "; optimizer state reset" : "");
@@ -510,8 +515,14 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, the run says how to go on. One
   // process only: under several, mpirun or srun stops the ranks.
   if (world->size() == 1) catch_interrupts();
-  bool early_stopped = false;
-  for (int64_t step = st.step; step < t.steps; ++step) {
+  // A run resumed after it stopped early stays stopped (as a finished one resumed does nothing).
+  bool early_stopped = t.patience > 0 && evals.bad() >= t.patience;
+  if (early_stopped)
+    progress.message(fmt::format(
+        "early stopping: reached before this resume (val loss not improved by {} for {} "
+        "evaluations, best {:.4f} at step {}); nothing to train: raise train.patience to go on",
+        t.min_delta, evals.bad(), evals.best(), evals.best_step()));
+  for (int64_t step = st.step; step < t.steps && !early_stopped; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
     auto t0 = Clock::now();
