@@ -90,4 +90,47 @@ TEST(ChatTemplate, ChatMLIdsEqualEncodingTheRenderedTextAndMaskIsTheAssistant) {
   EXPECT_EQ(spaced->decode(assistant), "  4.\n\nIt's four.<|im_end|>6<|im_end|>");
 }
 
+// The rendered text equals transformers' rendering of the same templates (its Jinja, so Python's
+// str.strip() for Llama 3's `trim`: every Unicode space, not only ASCII's), and Llama 3's ids are
+// the rendered text's.
+TEST(ChatTemplate, RenderedLikeTransformers) {
+  if (testing::python().empty()) GTEST_SKIP() << "configured without LMFORGE_PYTHON";
+  const std::string spaces =
+      "\t\n\v\f\r\x1c\x1d\x1e\x1f \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+      "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000";
+  const std::vector<std::vector<ChatMessage>> conversations = {
+      conversation(),
+      {{"user", "\u00a0nbsp\u3000"}, {"assistant", "\vvt\f"}},
+      {{"system", spaces + "inner" + spaces + "space" + spaces}, {"assistant", spaces}},
+      {{"user", "\u200bzero width stays\ufeff"}, {"assistant", ""}, {"user", "é\u0301 "}},
+  };
+  std::string dir = testing::temp_dir("chat-ref");
+  nlohmann::json in = nlohmann::json::array();
+  for (const auto& c : conversations) {
+    nlohmann::json turns = nlohmann::json::array();
+    for (const ChatMessage& m : c) turns.push_back({{"role", m.role}, {"content", m.content}});
+    in.push_back(turns);
+  }
+  std::ofstream(dir + "/in.json") << in.dump();
+  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
+                          "/tests/reference/chat_template_ref.py' --conversations '" + dir +
+                          "/in.json' --out '" + dir + "/out.json'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const nlohmann::json ref = nlohmann::json::parse(testing::slurp(dir + "/out.json"));
+  auto tok = load_tokenizer(testing::shared_tokenizers_dir() + "/llama3.tiktoken");
+  for (const std::string format : {"llama3", "chatml"}) {
+    for (bool gen : {false, true}) {
+      for (size_t c = 0; c < conversations.size(); ++c) {
+        SCOPED_TRACE(fmt::format("{}{} conversation {}", format, gen ? "+gen" : "", c));
+        const std::string rendered = render_chat_template(conversations[c], format, gen);
+        EXPECT_EQ(rendered, ref.at(format + (gen ? "+gen" : "")).at(c).get<std::string>());
+        if (format == "llama3") {
+          EXPECT_EQ(apply_chat_template(*tok, conversations[c], format, gen).ids,
+                    tok->encode(rendered, /*allow_special=*/true));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace lmforge

@@ -1,6 +1,10 @@
 #include "lmforge/tokenizer/chat_template.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 
 namespace lmforge {
 
@@ -36,10 +40,36 @@ struct Builder {
   }
 };
 
+// Python's str.isspace(), which Jinja's `trim` strips (str.strip()): Unicode white space and
+// U+001C..U+001F.
+bool python_space(uint32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20) || cp == 0x85 || cp == 0xA0 ||
+         cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
+         cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+// The code point of the valid character of n bytes at s[i].
+uint32_t code_point(std::string_view s, size_t i, size_t n) {
+  static constexpr unsigned char kLead[] = {0, 0x7F, 0x1F, 0x0F, 0x07};
+  uint32_t cp = static_cast<unsigned char>(s[i]) & kLead[n];
+  for (size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+  return cp;
+}
+
 // Jinja's `trim`, which Meta's and HF's Llama 3 templates apply to each message's content.
 std::string trim(const std::string& s) {
-  size_t b = s.find_first_not_of(" \t\r\n"), e = s.find_last_not_of(" \t\r\n");
-  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+  std::vector<size_t> starts;  // of the characters (an invalid byte is one), then the end
+  for (size_t i = 0; i < s.size(); i += std::max<size_t>(1, utf8_char_len(s, i)))
+    starts.push_back(i);
+  starts.push_back(s.size());
+  auto space = [&](size_t k) {
+    const size_t n = starts[k + 1] - starts[k];
+    return utf8_char_len(s, starts[k]) == n && python_space(code_point(s, starts[k], n));
+  };
+  size_t b = 0, e = starts.size() - 1;
+  while (b < e && space(b)) ++b;
+  while (e > b && space(e - 1)) --e;
+  return s.substr(starts[b], starts[e] - starts[b]);
 }
 
 void check_format(const std::string& format) {
