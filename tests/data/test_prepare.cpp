@@ -262,6 +262,24 @@ TEST(Prepare, BlankLineModeSkipsABlockWithAnOverlongLine) {
   EXPECT_EQ(decode_split(dir + "/out/src", "train", *tok), std::vector<std::string>{"second doc"});
 }
 
+// text_mode: blank_line on a CRLF file: the blocks of the LF file, their inner line ends CRLF, and
+// no \r left at a block's end (the line end before the blank line).
+TEST(Prepare, BlankLineModeEndsCrlfBlocksLikeLfOnes) {
+  std::string dir = testing::temp_dir("prepare-crlf");
+  auto tok = load_tokenizer(gpt2());
+  for (const std::string eol : {"\n", "\r\n"}) {
+    std::ofstream(dir + "/in.txt", std::ios::binary)
+        << "para one" << eol << "line two" << eol << eol << "para two" << eol << " " << eol << eol
+        << "last" << eol;
+    PrepareOptions o = options(dir + "/in.txt", dir + "/out" + std::to_string(eol.size()));
+    o.sources[0].doc.text_mode = "blank_line";
+    o.val_fraction = 0;
+    run_prepare(o);
+    EXPECT_EQ(decode_split(dir + "/out" + std::to_string(eol.size()) + "/src", "train", *tok),
+              (std::vector<std::string>{"para one" + eol + "line two", "para two", "last"}));
+  }
+}
+
 // A gzip input cut short is an error naming it, not a corpus that silently ends early.
 TEST(Prepare, TruncatedGzipIsAnError) {
   std::string dir = testing::temp_dir("prepare-gz");

@@ -376,6 +376,8 @@ bool DocumentReader::next_raw(RawRecord* r) {
       file_done_ = true;
       continue;
     }
+    // A CRLF file's block keeps its inner line ends; its last line's \r ends the line, as \n does.
+    if (!block.empty() && block.back() == '\r') block.pop_back();
     r->data = std::move(block);
     if (too_long) d->skip = "too_large";
     return true;
