@@ -35,7 +35,7 @@ void print_ids(const std::vector<int32_t>& ids) {
 }
 
 std::vector<int32_t> parse_ids(const std::string& line, const std::string& where, size_t line_no,
-                               int64_t vocab_size) {
+                               const Tokenizer& tk) {
   std::vector<int32_t> ids;
   std::istringstream in(line);
   std::string tok;
@@ -49,9 +49,14 @@ std::vector<int32_t> parse_ids(const std::string& line, const std::string& where
       fail("{}:{}: \"{}\" is not a token id; expected space-separated non-negative integers", where,
            line_no, tok);
     }
-    if (ids.back() >= vocab_size)
+    if (ids.back() >= tk.vocab_size())
       fail("{}:{}: id {} is outside the tokenizer's {} ids; decode with the tokenizer that made it",
-           where, line_no, ids.back(), vocab_size);
+           where, line_no, ids.back(), tk.vocab_size());
+    if (tk.token_bytes(ids.back()).empty())  // a gap in the ids (cl100k's 100261..100275)
+      fail(
+          "{}:{}: id {} is no token of {} (an unassigned id below its {}); decode with the "
+          "tokenizer that made it",
+          where, line_no, ids.back(), tk.source(), tk.vocab_size());
   }
   return ids;
 }
@@ -121,7 +126,7 @@ void add_tokenizer(CLI::App& app) {
     auto run = [&](std::istream& in, const std::string& where) {
       size_t line_no = 0;
       for (std::string line; std::getline(in, line);) {
-        std::string text = tok->decode(parse_ids(line, where, ++line_no, tok->vocab_size())) + "\n";
+        std::string text = tok->decode(parse_ids(line, where, ++line_no, *tok)) + "\n";
         std::fwrite(text.data(), 1, text.size(), stdout);
       }
     };

@@ -8,6 +8,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/data/shard.h"
 #include "testing/errors.h"
+#include "testing/paths.h"
 #include "testing/process.h"
 
 namespace lmforge {
@@ -342,6 +343,12 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   std::ofstream(dir + "/ids.txt") << "300 1 2\n";
   expect_one_line_error(run_lmforge("tokenizer decode --tokenizer byte ids.txt", dir),
                         {"ids.txt:1", "id 300", "outside"});
+  std::ofstream(dir + "/gap.txt") << "100257 100261\n";  // cl100k assigns no 100261..100275
+  expect_one_line_error(
+      run_lmforge("tokenizer decode --tokenizer '" + testing::shared_tokenizers_dir() +
+                      "/cl100k_base.tiktoken' gap.txt",
+                  dir),
+      {"gap.txt:1", "id 100261", "unassigned"});
   // prepare: a source name is one directory under --output; a .gz that is not gzip.
   std::ofstream(dir + "/doc.txt") << "In the beginning God created the heaven and the earth.\n";
   expect_one_line_error(run_lmforge("prepare --input doc.txt --output prep --name ../esc", dir),
