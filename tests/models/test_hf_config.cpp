@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
@@ -12,6 +13,8 @@
 #include "lmforge/models/hf.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/models/rope_table.h"
+#include "testing/paths.h"
+#include "testing/process.h"
 
 namespace lmforge {
 namespace {
@@ -239,6 +242,62 @@ TEST(HfConfig, FieldsThatChangeTheNetwork) {
   EXPECT_EQ(hf_config_from_json(llama, "llama").model.norm_eps, 1e-6);
 }
 
+// RoPE and window settings read as transformers' config classes read them (their defaults, and
+// its precedence: a non-empty legacy rope_scaling replaces rope_parameters; the top-level
+// rope_theta and partial_rotary_factor only fill in), checked against transformers itself.
+TEST(HfConfig, RopeAndWindowAsTransformersReadsThem) {
+  if (testing::python().empty()) GTEST_SKIP() << "configured without LMFORGE_PYTHON";
+  const json base = {
+      {"model_type", "llama"},          {"vocab_size", 300},      {"hidden_size", 64},
+      {"intermediate_size", 128},       {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+      {"max_position_embeddings", 8192}};
+  const json params500 = {{"rope_type", "default"}, {"rope_theta", 500.0}};
+  const json linear4 = {{"rope_type", "linear"}, {"factor", 4.0}};
+  const json llama3 = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
+                       {"original_max_position_embeddings", 1024}};
+  std::vector<json> configs;
+  auto with = [&](json extra) {
+    json j = base;
+    j.update(extra);
+    configs.push_back(j);
+  };
+  with({{"rope_parameters", params500}, {"rope_theta", 10000.0}});
+  with({{"rope_parameters", params500}, {"rope_scaling", linear4}});
+  with({{"rope_parameters", params500}, {"rope_scaling", json::object()}});
+  with({{"rope_theta", 123.0}});
+  with({{"rope_scaling", llama3}, {"rope_theta", 500000.0}});
+  json llama3_7 = llama3;
+  llama3_7["rope_theta"] = 7.0;
+  with({{"rope_parameters", llama3_7}, {"rope_theta", 500000.0}});
+  with({{"model_type", "mistral"}});
+  with({{"model_type", "mistral"}, {"sliding_window", nullptr}});
+  with({{"model_type", "mistral"}, {"sliding_window", 16}});
+  with({{"model_type", "phi3"}, {"partial_rotary_factor", 1.0}, {"rope_theta", 777.0}});
+  std::string dir = testing::temp_dir("hf-config-ref");
+  std::ofstream(dir + "/in.json") << json(configs).dump();
+  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
+                          "/tests/reference/hf_config_ref.py' --configs '" + dir +
+                          "/in.json' --out '" + dir + "/out.json'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const json ref = json::parse(testing::slurp(dir + "/out.json"));
+  ASSERT_EQ(ref.size(), configs.size());
+  for (size_t i = 0; i < configs.size(); ++i) {
+    SCOPED_TRACE(configs[i].dump());
+    const ModelConfig m = hf_config_from_json(configs[i], "config.json").model;
+    EXPECT_EQ(m.rope_theta, ref[i]["rope_theta"].get<double>());
+    const std::string type = ref[i]["rope_type"];
+    EXPECT_EQ(m.rope_scaling.factor > 0 ? m.rope_scaling.type : "default", type);
+    if (type != "default") {
+      EXPECT_EQ(m.rope_scaling.factor, ref[i]["factor"].get<double>());
+    }
+    EXPECT_EQ(m.sliding_window,
+              ref[i]["sliding_window"].is_null() ? 0 : ref[i]["sliding_window"].get<int64_t>());
+  }
+}
+
 // Each mutation of a valid config must fail with an error naming `field`.
 TEST(HfConfig, UnsupportedFieldsAreNamed) {
   struct Bad {
@@ -354,10 +413,20 @@ TEST(HfConfig, Gemma3LayerTypesAndRopeBases) {
   EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_scale_dim, 168);
   j["query_pre_attn_scalar"] = 128;  // = head_dim: the plain scale
   EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_scale_dim, 0);
-  // Gemma 3 takes soft-capping too, when a config asks for it (null: none).
+  // Gemma 3's logits are soft-capped when a config asks for it (null: none); its attention scores
+  // never are (Gemma3Attention passes no softcap to its attention): the key is noted, ignored, and
+  // a model that caps them cannot be exported as Gemma 3.
   j["attn_logit_softcapping"] = 20.0;
-  EXPECT_EQ(hf_config_from_json(j, "g3").model.attn_softcap, 20.0);
-  EXPECT_EQ(hf_config_from_json(j, "g3").model.logit_softcap, 0.0);
+  j["final_logit_softcapping"] = 15.0;
+  const HfConfig g3 = hf_config_from_json(j, "g3");
+  EXPECT_EQ(g3.model.attn_softcap, 0.0);
+  EXPECT_EQ(g3.model.logit_softcap, 15.0);
+  ASSERT_EQ(g3.notes.size(), 1u);
+  EXPECT_NE(g3.notes[0].find("attn_logit_softcapping=20 ignored"), std::string::npos);
+  EXPECT_NO_THROW(hf_config_json(g3.model, -1, -1, DType::kF32));
+  ModelConfig capped = g3.model;
+  capped.attn_softcap = 20;
+  EXPECT_THROW(hf_config_json(capped, -1, -1, DType::kF32), Error);
 }
 
 // Gemma 3 4B's multimodal config: its text model with Gemma3TextConfig's defaults, linear RoPE

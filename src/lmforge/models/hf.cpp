@@ -137,7 +137,9 @@ class ConfigReader {
 };
 
 // rope_theta and rope scaling: the legacy keys (rope_theta, rope_scaling) or transformers 5's
-// rope_parameters.
+// rope_parameters, with transformers' precedence (convert_rope_params_to_dict): a non-empty
+// legacy rope_scaling replaces rope_parameters whole; the top-level rope_theta and
+// partial_rotary_factor only fill in what the parameters lack.
 void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
   json params = json::object();
   if (r.has("rope_parameters")) {
@@ -146,9 +148,10 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
   }
   if (r.has("rope_scaling")) {
     if (!j.at("rope_scaling").is_object()) r.bad("rope_scaling", "an object or null");
-    for (auto& [k, v] : j.at("rope_scaling").items()) params[k] = v;
+    if (!j.at("rope_scaling").empty()) params = j.at("rope_scaling");
   }
-  if (r.has("rope_theta")) params["rope_theta"] = j.at("rope_theta");
+  for (const char* k : {"rope_theta", "partial_rotary_factor"})
+    if (r.has(k) && !params.contains(k)) params[k] = j.at(k);
   const std::string where = r.source() + ": rope_parameters";
   // A positive number under `k` (fallback when absent), or an error naming the file and key.
   auto positive = [&](const char* k, double fallback) {
@@ -165,6 +168,9 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
         fail("{}: \"{}\": expected a string, got {}", where, k, params[k].dump());
       type = params[k].get<std::string>();
     }
+  if (type != "default" && type != "linear" && type != "llama3")
+    fail("{}: rope_type \"{}\" is not supported (lmforge supports default, linear and llama3)",
+         where, type);
   m.rope_theta = positive("rope_theta", 10000.0);
   for (auto& [k, v] : params.items()) {
     if (k == "rope_type" || k == "type" || k == "rope_theta") continue;
@@ -193,9 +199,6 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
     m.rope_scaling.high_freq_factor = positive("high_freq_factor", 4.0);
     m.rope_scaling.original_max_position_embeddings =
         static_cast<int64_t>(positive("original_max_position_embeddings", 8192));
-  } else if (type != "default") {
-    fail("{}: rope_type \"{}\" is not supported (lmforge supports default, linear and llama3)",
-         where, type);
   }
 }
 
@@ -260,7 +263,10 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   }
   if (type == "qwen3") m.qk_norm = true;
   if (type == "mistral" || type == "phi3") {
-    if (r.has("sliding_window")) m.sliding_window = r.integer("sliding_window");
+    if (r.has("sliding_window"))
+      m.sliding_window = r.integer("sliding_window");
+    else if (type == "mistral" && !j.contains("sliding_window"))
+      m.sliding_window = 4096;  // MistralConfig's default (null: none)
   } else if (type == "qwen2" || type == "qwen3") {
     r.has("max_window_layers");  // only used with use_sliding_window
     if (r.boolean("use_sliding_window", false))
@@ -327,6 +333,12 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
     return v;
   };
   m.attn_softcap = cap("attn_logit_softcapping", g2 ? 50.0 : 0.0);
+  if (g3 && m.attn_softcap > 0) {  // Gemma3Attention passes no softcap to its attention
+    r.note(fmt::format(
+        "attn_logit_softcapping={:g} ignored: transformers' Gemma 3 attention does not apply it",
+        m.attn_softcap));
+    m.attn_softcap = 0;
+  }
   m.logit_softcap = cap("final_logit_softcapping", g2 ? 30.0 : 0.0);
   // Scores scaled by query_pre_attn_scalar^-1/2 (256: transformers' default).
   const double qpas = r.number("query_pre_attn_scalar", 256);
@@ -608,6 +620,9 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
             {"initializer_range", m.init_std},
             {"torch_dtype", dtype == DType::kBF16 ? "bfloat16" : "float32"}};
   // Gemma 2's and 3's alone: the scores' scale and soft-capping
+  if (type == "gemma3" && m.attn_softcap > 0)
+    cannot("attn_softcap", fmt::format("{:g}", m.attn_softcap),
+           "transformers' Gemma 3 attention does not apply it (choose arch gemma2)");
   if (type != "gemma2" && type != "gemma3") {
     if (m.attn_scale_dim)
       cannot("attn_scale_dim", std::to_string(m.attn_scale_dim), "choose arch gemma2");

@@ -339,9 +339,11 @@ void write_tokenizer_config(const std::string& dir, const std::string& bos, cons
 }
 
 // The tokenizer's file, checked to be what was loaded (the fingerprint that shards and
-// checkpoints record; GPT-2's covers vocab.json and merges.txt, as in load_gpt2_vocab_merges).
+// checkpoints record; GPT-2's covers vocab.json and merges.txt, as in load_gpt2_vocab_merges; a
+// rank file's, its sibling .json's pattern and specials too, so it is loaded again).
 std::string read_source(const Tokenizer& tok) {
   std::string text = read_file(tok.source()), fingerprint = fnv1a_hex(text);
+  if (tok.kind() == "tiktoken") fingerprint = load_tiktoken(tok.source())->fingerprint();
   if (tok.kind() == "gpt2-merges") {
     std::string merges = read_file((fs::path(tok.source()).parent_path() / "merges.txt").string());
     fingerprint = fnv1a_hex(merges, std::stoull(fingerprint, nullptr, 16));
