@@ -302,6 +302,9 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
     Tensor a = orig.get(n), b = back.get(n);
     EXPECT_TRUE(a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0) << n;
   }
+  // The tokenizer's metadata (EOS and pad names, length, chat template) travels with it.
+  EXPECT_EQ(t::slurp(root + "/out/tokenizer_config.json"),
+            t::slurp(src + "/tokenizer_config.json"));
   r = t::run_lmforge("export --checkpoint run --to-hf out", root);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;

@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/bpe.h"
+#include "lmforge/tokenizer/bpe_trainer.h"
 #include "lmforge/tokenizer/formats/formats.h"
 #include "lmforge/tokenizer/pretokenizer.h"
 #include "lmforge/tokenizer/tokenizer.h"
@@ -365,6 +367,42 @@ TEST(TokenizerFingerprint, TiktokenCountsItsJson) {
   EXPECT_NE(with_im, base);
   other["special_tokens"]["<|im_start|>"] = 100265;
   EXPECT_NE(fingerprint_with(other), with_im);
+}
+
+// A tokenizer.json's EOS is its tokenizer_config.json's eos_token where that is a token (what
+// transformers' tokenizer.eos_token is), else guessed by name; the fingerprint covers the choice,
+// and a checkpoint's copy of the tokenizer carries the file, so it loads as the same tokenizer.
+TEST(TokenizerFingerprint, TokenizerJsonTakesItsConfigsEos) {
+  std::string dir = testing::temp_dir("tok-config-eos");
+  std::ofstream(dir + "/corpus.txt") << "In the beginning God created the heaven and the earth.\n";
+  BpeTrainOptions o;
+  o.vocab_size = 280;
+  o.specials = {"</s>", "<|im_end|>", "<eos>"};
+  write_file_atomic(dir + "/tokenizer.json", train_bpe({dir + "/corpus.txt"}, o).tokenizer_json);
+  auto guessed = load_tokenizer(dir + "/tokenizer.json");
+  const int32_t s_end = *guessed->special_id("</s>"), im_end = *guessed->special_id("<|im_end|>"),
+                eos = *guessed->special_id("<eos>");
+  EXPECT_EQ(guessed->eos_id(), s_end);  // by name: </s> before <|im_end|>
+  auto with_config = [&](const nlohmann::json& config) {
+    std::ofstream(dir + "/tokenizer_config.json") << config.dump();
+    return load_tokenizer(dir + "/tokenizer.json");
+  };
+  EXPECT_EQ(with_config({{"eos_token", "<eos>"}})->eos_id(), eos);
+  auto im = with_config({{"eos_token", {{"content", "<|im_end|>"}, {"special", true}}}});
+  EXPECT_EQ(im->eos_id(), im_end);
+  EXPECT_NE(im->fingerprint(), guessed->fingerprint());
+  auto same = with_config({{"eos_token", "</s>"}, {"pad_token", "<eos>"}});
+  EXPECT_EQ(same->eos_id(), s_end);
+  EXPECT_EQ(same->fingerprint(), guessed->fingerprint());  // the guess's EOS: the same tokenizer
+  EXPECT_EQ(with_config({{"eos_token", "<not a token>"}})->eos_id(), s_end);
+  // A checkpoint's copy: tokenizer_config.json (and the chat template) go with tokenizer.json.
+  std::ofstream(dir + "/chat_template.jinja") << "{{ messages }}";
+  auto chat = with_config({{"eos_token", "<|im_end|>"}});
+  ASSERT_TRUE(copy_tokenizer_files(*chat, dir + "/copy"));
+  EXPECT_TRUE(fs::exists(dir + "/copy/chat_template.jinja"));
+  auto copied = load_tokenizer(dir + "/copy/tokenizer.json");
+  EXPECT_EQ(copied->eos_id(), im_end);
+  EXPECT_EQ(copied->fingerprint(), chat->fingerprint());
 }
 
 // --- invalid UTF-8 ----------------------------------------------------------------------------

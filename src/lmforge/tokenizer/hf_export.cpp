@@ -340,10 +340,13 @@ void write_tokenizer_config(const std::string& dir, const std::string& bos, cons
 
 // The tokenizer's file, checked to be what was loaded (the fingerprint that shards and
 // checkpoints record; GPT-2's covers vocab.json and merges.txt, as in load_gpt2_vocab_merges; a
-// rank file's, its sibling .json's pattern and specials too, so it is loaded again).
+// rank file's, its sibling .json's pattern and specials too, and a tokenizer.json's, the EOS of
+// its tokenizer_config.json: those two are loaded again).
 std::string read_source(const Tokenizer& tok) {
   std::string text = read_file(tok.source()), fingerprint = fnv1a_hex(text);
   if (tok.kind() == "tiktoken") fingerprint = load_tiktoken(tok.source())->fingerprint();
+  if (tok.kind() == "hf-bpe" || tok.kind() == "hf-sp-bpe")
+    fingerprint = load_hf_tokenizer_json(tok.source())->fingerprint();
   if (tok.kind() == "gpt2-merges") {
     std::string merges = read_file((fs::path(tok.source()).parent_path() / "merges.txt").string());
     fingerprint = fnv1a_hex(merges, std::stoull(fingerprint, nullptr, 16));

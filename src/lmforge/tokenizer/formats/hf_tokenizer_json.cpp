@@ -6,6 +6,7 @@
 //    normalizers or a Metaspace pre-tokenizer, byte_fallback <0xXX> tokens.
 // Added tokens keep their special/lstrip/rstrip flags; a TemplateProcessing post-processor that
 // starts with a special token gives the BOS.
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
@@ -55,6 +56,28 @@ void add_merges(BpeTokenizer& tok, const json& merges, const std::string& path, 
       fail("{}: merge {} (\"{} {}\") uses or makes a token missing from the vocabulary", path, rank,
            a, b);
     tok.engine().add_merge(ia, ib, im, rank++, /*last_wins=*/true);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// eos_token of the tokenizer_config.json beside a tokenizer.json ("" when none): a string or
+// {"content": ...}, as transformers writes either.
+std::string tokenizer_config_eos(const std::string& tokenizer_json) {
+  const std::string path =
+      (std::filesystem::path(tokenizer_json).parent_path() / "tokenizer_config.json").string();
+  if (!std::filesystem::exists(path)) return "";
+  try {
+    const json j = json::parse(read_file(path));
+    const json eos = j.is_object() ? j.value("eos_token", json()) : json();
+    if (eos.is_string()) return eos.get<std::string>();
+    if (eos.is_object() && eos.contains("content") && eos["content"].is_string())
+      return eos["content"].get<std::string>();
+    return "";
+  } catch (const json::exception& e) {
+    fail("{}: not a JSON object ({}); fix or remove it", path, e.what());
   }
 }
 
@@ -209,8 +232,20 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         break;
       }
     }
+    // The sibling tokenizer_config.json's eos_token names it where it is a token (transformers'
+    // tokenizer.eos_token: Gemma's <eos>, a chat model's <|im_end|> over </s>); the fingerprint
+    // covers it when it differs from the guess by name.
+    std::string identity = text;
+    if (const std::string name = tokenizer_config_eos(path); !name.empty()) {
+      const auto it = tok->special_tokens().find(name);
+      const int32_t id = it != tok->special_tokens().end() ? it->second : tok->id_of(name);
+      if (id >= 0 && id != eos) {
+        identity += "\0eos=" + name;
+        eos = id;
+      }
+    }
     tok->set_bos_eos(bos, eos);
-    tok->set_identity(byte_level ? "hf-bpe" : "hf-sp-bpe", path, fnv1a_hex(text));
+    tok->set_identity(byte_level ? "hf-bpe" : "hf-sp-bpe", path, fnv1a_hex(identity));
   } catch (const json::exception& e) {
     fail("{}: unexpected tokenizer.json layout ({})", path, e.what());
   }
