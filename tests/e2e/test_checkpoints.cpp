@@ -281,7 +281,7 @@ TEST(CheckpointResume, AnotherSeedIsRefused) {
   ASSERT_EQ(run_lmforge(run, dir).exit_code, 0);
   testing::expect_one_line_error(
       run_lmforge(run + "--set train.steps=8 --set train.seed=7 --resume", dir),
-      {"step-00000004/state.json", "train.seed", "--set train.seed="});
+      {"step-00000004/state.json", "train.seed 1337 but train.seed is 7", "--set train.seed=1337"});
   EXPECT_FALSE(fs::exists(ckpt(dir + "/a", 8)));
 }
 

@@ -402,9 +402,9 @@ void Loader::set_state(const nlohmann::json& j) {
     // unchecked.
     if (j.contains("seed") && j.at("seed").get<uint64_t>() != o_.seed)
       fail(
-          "the data order was drawn with train.seed {} but train.seed is {}; resume with "
-          "--set train.seed={}, or start a new run from the checkpoint with init_from",
-          j.at("seed").get<uint64_t>(), o_.seed, j.at("seed").get<uint64_t>());
+          "the loader's order was drawn with seed {} but this loader's is {}; resume with the "
+          "same seed, or start a new run from the checkpoint with init_from",
+          j.at("seed").get<uint64_t>(), o_.seed);
     const auto& src = j.at("sources");
     if (src.size() != sources_.size())
       fail("loader state has {} sources but data.train has {}; resume with the same data",

@@ -126,7 +126,7 @@ RunSetup setup_run(Config& cfg) {
     fail("data.train: no training data; set data.train (shards) or data.text");
   // Rows per rank: the batch, or under sequence parallelism this rank's 1/N of its group's.
   const int64_t rows = cfg.dist.sequence_parallel ? t.batch_size / tp : t.batch_size;
-  LoaderOptions lo{rows, t.seq_len, t.seed + 1, cfg.data.packing};
+  LoaderOptions lo{rows, t.seq_len, loader_seed(t), cfg.data.packing};
   lo.pairs = paired_objective(t.objective);
   lo.unpaired = t.objective == "kto";
   // (sequence parallelism: every rank its own share of the group's rows)

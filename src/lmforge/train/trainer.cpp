@@ -301,6 +301,15 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       load_checkpoint_values(ckpt, model.params(), dp.layout().begin(dp.shard_rank()),
                              dp.value_shard(), share, /*resuming=*/!resume.reset_optimizer);
     dp.refresh_master();  // dist.offload's host copy of the loaded values
+    // Another train.seed would reorder the epoch under the saved position (samples seen twice,
+    // others never). Checkpoints before the seed was saved: unchecked.
+    if (const auto seed = st.loader.find("seed"); seed != st.loader.end() &&
+                                                  seed->is_number_unsigned() &&
+                                                  seed->get<uint64_t>() != loader_seed(t))
+      fail(
+          "{}/state.json: the data order was drawn with train.seed {} but train.seed is {}; "
+          "resume with --set train.seed={}, or start a new run from the checkpoint with init_from",
+          ckpt, seed->get<uint64_t>() - 1, t.seed, seed->get<uint64_t>() - 1);
     try {
       train_data.set_state(st.loader);
     } catch (const Error& e) {

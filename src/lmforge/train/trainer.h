@@ -103,6 +103,8 @@ struct RunSetup {
   Transformer* frozen() const { return reference ? reference.get() : teacher.get(); }
 };
 RunSetup setup_run(Config& cfg);
+// The training loader's seed (its epochs' order), saved in checkpoints' loader state.
+inline uint64_t loader_seed(const TrainConfig& t) { return t.seed + 1; }
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
 // node cannot hold training_footprint() (plan/planner.h) each (before any allocation, which Linux
 // would accept and later kill).
