@@ -41,6 +41,15 @@ TEST(Config, PresetFirstThenOverridesInOrder) {
   EXPECT_DOUBLE_EQ(c.model.rope_scaling.factor, 32.0);
 }
 
+// train.min_lr unset: a tenth of whatever peak the file and --set give (a fixed default rose above
+// a fine-tuning lr); set, it stays as given.
+TEST(Config, UnsetMinLrIsATenthOfThePeak) {
+  EXPECT_DOUBLE_EQ(load("train:\n  lr: 2e-3\n").train.min_lr, 2e-4);
+  EXPECT_DOUBLE_EQ(load("train:\n  lr: 2e-3\n", {"train.lr=5e-7"}).train.min_lr, 5e-8);
+  EXPECT_DOUBLE_EQ(load("train:\n  lr: 2e-3\n  min_lr: 0\n").train.min_lr, 0);
+  EXPECT_DOUBLE_EQ(load("train:\n  lr: 2e-3\n", {"train.min_lr=3e-4"}).train.min_lr, 3e-4);
+}
+
 TEST(Config, UnknownKeyNamesFileKeyAndKnownKeys) {
   std::string e = error_of("train:\n  lrr: 0.1\n");
   EXPECT_NE(e.find("test.yaml"), std::string::npos) << e;

@@ -56,6 +56,33 @@ TEST(Schedule, OneCycleRisesFromLrOverDivThenFallsToMin) {
   }
 }
 
+// A min_lr above the peak would make every decay rise; constant never reaches it. wsd's warmup
+// must end before its decay starts (the lr fell by half in one step).
+TEST(Schedule, MinLrAbovePeakAndWarmupIntoWsdDecayAreRefused) {
+  for (const char* kind : {"cosine", "linear", "wsd", "one_cycle"}) {
+    Schedule s = make(kind);
+    s.min_lr = 2 * kLr;
+    try {
+      s.validate();
+      ADD_FAILURE() << kind;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("train.min_lr"), std::string::npos) << e.what();
+    }
+  }
+  Schedule c = make("constant");
+  c.min_lr = 2 * kLr;
+  EXPECT_NO_THROW(c.validate());
+  Schedule w = make("wsd", /*warmup=*/80);  // the decay: the last 20 of 100 steps
+  EXPECT_NO_THROW(w.validate());
+  w.warmup = 81;
+  try {
+    w.validate();
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.warmup"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Schedule, BadValuesNameTheKey) {
   Schedule s = make("cosine");
   s.kind = "exponential";

@@ -99,7 +99,7 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.seq_len", &c.train.seq_len, "T"},
       {"train.grad_accum", &c.train.grad_accum, "micro-batches per step"},
       {"train.lr", &c.train.lr, "peak learning rate"},
-      {"train.min_lr", &c.train.min_lr, "final learning rate"},
+      {"train.min_lr", &c.train.min_lr, "final learning rate (unset or -1: train.lr / 10)"},
       {"train.schedule", &c.train.schedule,
        "constant | cosine | linear | wsd | one_cycle (docs/config.md)"},
       {"train.warmup", &c.train.warmup, "linear warmup steps (one_cycle: the rising phase)"},
@@ -414,6 +414,8 @@ void ConfigLoader::finish() {
     if (!a.base) cfg_.keys_given.insert(a.key);
   }
   pending_.clear();
+  // Unset: a tenth of the peak, whatever the peak (nanoGPT's and Chinchilla's); saved resolved.
+  if (cfg_.train.min_lr == -1) cfg_.train.min_lr = cfg_.train.lr / 10;
 }
 
 std::string config_to_yaml(Config& cfg) {

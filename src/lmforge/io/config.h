@@ -43,7 +43,7 @@ struct TrainConfig {
   int64_t seq_len = 256;   // T
   int64_t grad_accum = 1;
   double lr = 1e-3;
-  double min_lr = 1e-4;
+  double min_lr = -1;  // -1: train.lr / 10 (resolved by the config loader and make_schedule)
   std::string schedule = "cosine";  // constant | cosine | linear | wsd | one_cycle
   int64_t warmup = 50;
   double decay_fraction = 0.2;  // wsd: share of the steps spent decaying to min_lr

@@ -26,8 +26,18 @@ void Schedule::validate() const {
   if (!(lr > 0) || !std::isfinite(lr)) fail("train.lr: must be positive, got {}", lr);
   if (warmup < 0) fail("train.warmup: must be >= 0, got {}", warmup);
   if (min_lr < 0) fail("train.min_lr: must be >= 0, got {}", min_lr);
+  if (kind != "constant" && min_lr > lr)  // the decay would rise
+    fail(
+        "train.min_lr: {} is above train.lr {}, the peak the schedule decays from; lower it, or "
+        "leave it unset for train.lr / 10",
+        min_lr, lr);
   if (!(decay_fraction > 0 && decay_fraction <= 1))
     fail("train.decay_fraction: must be in (0, 1], got {}", decay_fraction);
+  if (kind == "wsd" && warmup > steps - decay_steps())
+    fail(
+        "train.warmup: {} steps run into wsd's decay (its last {} of {} steps, "
+        "train.decay_fraction {}); shorten the warmup or the decay",
+        warmup, decay_steps(), steps, decay_fraction);
   if (!(div_factor >= 1)) fail("train.div_factor: must be >= 1, got {}", div_factor);
 }
 
@@ -43,8 +53,7 @@ double Schedule::at(int64_t step) const {
   if (step < warmup) return lr * (s + 1) / static_cast<double>(warmup);
   if (kind == "constant") return lr;
   if (kind == "wsd") {
-    int64_t decay = std::max<int64_t>(1, std::llround(decay_fraction * static_cast<double>(steps)));
-    int64_t start = steps - decay;
+    const int64_t decay = decay_steps(), start = steps - decay;
     if (step < start) return lr;
     double p = std::min(1.0, (s - static_cast<double>(start) + 1) / static_cast<double>(decay));
     return lr + (min_lr - lr) * p;

@@ -12,6 +12,8 @@
 // docs/config.md lists the keys.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -28,6 +30,10 @@ struct Schedule {
   // Throws Error naming train.schedule (or the offending key) for an unknown kind or bad values.
   void validate() const;
   double at(int64_t step) const;
+  // wsd: the steps of its decay, D = round(decay_fraction S), at least 1.
+  int64_t decay_steps() const {
+    return std::max<int64_t>(1, std::llround(decay_fraction * static_cast<double>(steps)));
+  }
 };
 
 }  // namespace lmforge

@@ -303,6 +303,7 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
 
 void prune_checkpoints(const std::string& run_dir, int64_t step, int64_t keep_last) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
+  if (!fs::is_directory(dir)) return;  // a resume into a new run.dir: none yet
   std::vector<Listed> kept, drop;
   std::error_code ec;
   for (Listed& c : list_checkpoints(run_dir)) {

@@ -20,7 +20,9 @@
 namespace lmforge {
 
 Schedule make_schedule(const TrainConfig& t) {
-  Schedule s{t.schedule, t.lr, t.min_lr, t.warmup, t.steps, t.decay_fraction, t.div_factor};
+  Schedule s{t.schedule,  t.lr,    t.min_lr == -1 ? t.lr / 10 : t.min_lr,
+             t.warmup,    t.steps, t.decay_fraction,
+             t.div_factor};
   s.validate();
   return s;
 }
