@@ -61,6 +61,8 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
       l.model->use_bf16_master(/*convert=*/false);
     }
     load_hf_weights(*l.model, dir);
+    for (int64_t id : hf_stop_token_ids(dir))  // where transformers' generate stops too
+      if (id >= 0 && id < hc.model.vocab_size) s.add_stop(static_cast<int32_t>(id));
   } else {
     const std::string dir = resolve_checkpoint(checkpoint);
     const ModelConfig mc = checkpoint_model_config(dir);
@@ -82,7 +84,7 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
       fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
            dir, l.tok->vocab_size(), mc.vocab_size);
   }
-  s.stop_token = l.tok->eos_id();
+  s.add_stop(l.tok->eos_id());
   s.vocab_limit = l.tok->vocab_size();
   return l;
 }
@@ -93,7 +95,7 @@ std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMes
   try {
     std::vector<int32_t> ids =
         apply_chat_template(tok, turns, format, /*add_generation_prompt=*/true).ids;
-    s.end_of_turn = *tok.special_id(chat_end_of_turn(format));
+    s.add_stop(*tok.special_id(chat_end_of_turn(format)));
     return ids;
   } catch (const Error& e) {
     fail("--chat-template: {}", e.what());
@@ -105,7 +107,7 @@ std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMes
 void add_generate(CLI::App& app) {
   struct Opts {
     std::string checkpoint, prompt, prompts, chat_template, system, precision = "fp32";
-    bool stats = false, ignore_eos = false;
+    bool stats = false, ignore_eos = false, allow_special = false;
     int64_t samples = 1, batch = 8;
     SamplingOptions s;
   };
@@ -142,12 +144,17 @@ void add_generate(CLI::App& app) {
                 "At the end, on stderr: the prompt's and the new tokens' times and tokens/s");
   cmd->add_flag("--ignore-eos", o->ignore_eos,
                 "Go on past the end-of-text token, to --max-tokens (benchmarks)");
+  cmd->add_flag("--allow-special", o->allow_special,
+                "Read special tokens' text in the prompt (<|im_start|>, <|eot_id|>) as those "
+                "tokens, as transformers' tokenizer does; by default it is plain text");
   cmd->callback([o, cmd] {
     set_oom_hint(kGenerationOomHint);
     if ((cmd->count("--prompt") > 0) == !o->prompts.empty())
       fail("generate: pass --prompt TEXT or --prompts FILE.jsonl (one of them)");
     const bool chat = !o->chat_template.empty();
     if (!chat && !o->system.empty()) fail("--system: needs --chat-template");
+    if (chat && o->allow_special)  // the template's specials are its own; a message is text
+      fail("--allow-special: not with --chat-template (a message's text is never a special token)");
     std::vector<std::string> texts =
         o->prompts.empty() ? std::vector<std::string>{o->prompt} : std::vector<std::string>{};
     if (!o->prompts.empty()) {
@@ -156,8 +163,8 @@ void add_generate(CLI::App& app) {
       if (texts.empty()) fail("--prompts {}: no prompts in the file", o->prompts);
     }
     Loaded l = load_for_sampling(o->checkpoint, o->precision, o->s);
-    const int32_t eos = o->s.stop_token;  // (a reply's end, never printed)
-    if (o->ignore_eos) o->s.stop_token = -1;
+    const SamplingOptions ends = o->s;  // (a chat reply's end, never printed)
+    if (o->ignore_eos) o->s.stop_tokens.clear();
     Transformer& model = *l.model;
     const Tokenizer* tok = l.tok.get();
     // Each text's ids, checked before anything is printed.
@@ -171,7 +178,7 @@ void add_generate(CLI::App& app) {
         turns.push_back({"user", texts[i]});
         ids = chat_prompt(*tok, turns, o->chat_template, o->s);
       } else {
-        ids = tok->encode(texts[i], false, true);
+        ids = tok->encode(texts[i], o->allow_special, /*add_bos=*/true);
       }
       if (ids.empty() && !o->prompts.empty())
         fail("--prompts {}: prompt {} is empty (no tokens)", o->prompts, i + 1);
@@ -195,7 +202,8 @@ void add_generate(CLI::App& app) {
                  prompts.size() > 1 ? "longest " : "", longest, o->s.max_tokens);
     // What a reply prints: every id but a chat's end of turn (or end of text).
     auto text_of = [&](int32_t id) {
-      return chat && (id == eos || id == o->s.end_of_turn) ? std::string() : tok->token_bytes(id);
+      return chat && (ends.stops_at(id) || o->s.stops_at(id)) ? std::string()
+                                                              : tok->token_bytes(id);
     };
     GenerateStats stats;
     if (o->prompts.empty() && o->samples == 1) {  // one sample, streamed
@@ -227,8 +235,7 @@ void add_generate(CLI::App& app) {
         if (o->prompts.empty()) {
           fmt::print("{}{}\n---------------\n", chat ? "" : texts[i], completion);
         } else {
-          const bool stop =
-              !ids.empty() && (ids.back() == o->s.stop_token || ids.back() == o->s.end_of_turn);
+          const bool stop = !ids.empty() && o->s.stops_at(ids.back());
           if (stop && !chat)
             completion.resize(completion.size() - tok->token_bytes(ids.back()).size());
           nlohmann::ordered_json j = {{"prompt", texts[i]},
@@ -351,7 +358,7 @@ void add_chat(CLI::App& app) {
       generate(
           model, prompt, s,
           [&](int32_t id) {
-            if (id == s.stop_token || id == s.end_of_turn) return;  // the reply ends
+            if (s.stops_at(id)) return;  // the reply ends
             reply.push_back(id);
             fmt::print("{}", tok.token_bytes(id));
             std::fflush(stdout);

@@ -443,6 +443,36 @@ TEST(Training, TiktokenTokenizerFlowsIntoCheckpointAndGenerate) {
   EXPECT_EQ(g.out.rfind("And God said", 0), 0u) << g.out;
 }
 
+// The sample a run prints at its end is what generate draws from its checkpoint with the same
+// seed and options: over a vocabulary padded past the tokenizer's (257 byte ids of 320), at a
+// temperature that makes every id likely, neither samples a padding id (they print nothing: the
+// sample came out short) nor stops at one.
+TEST(Training, EndSampleIsGeneratesSample) {
+  std::string dir = testing::temp_dir("train-sample");
+  auto r = run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set model.vocab_size=0 "
+      "--set model.max_seq_len=64 --set data.text=demo:kjv --set data.tokenizer=byte "
+      "--set train.steps=2 --set train.batch_size=2 --set train.seq_len=32 "
+      "--set train.eval_every=0 --set train.seed=5 --set sample.prompt=The "
+      "--set sample.max_tokens=50 --set sample.temperature=100 --set sample.top_p=1 "
+      "--set run.dir=run",
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string begin = "--- sample ---\n", end = "\n--------------\n";
+  const size_t from = r.out.find(begin);
+  ASSERT_NE(from, std::string::npos) << r.out;
+  const size_t to = r.out.find(end, from + begin.size());
+  ASSERT_NE(to, std::string::npos) << r.out;
+  const std::string sample = r.out.substr(from + begin.size(), to - from - begin.size());
+  auto g = run_lmforge(
+      "generate --checkpoint run --prompt The --max-tokens 50 --temperature 100 --seed 5", dir);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(g.out, sample + "\n");
+  if (!sample.ends_with("<|endoftext|>")) {  // a byte per token: every one of them printed
+    EXPECT_EQ(sample.size(), 3u + 50u) << sample;
+  }
+}
+
 // data.tokenizer=bpe:N trains a BPE on data.text (as the embedded default does); the checkpoint
 // carries it and generate decodes with it.
 TEST(Training, TrainsItsOwnBpeOnDataText) {

@@ -334,6 +334,49 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   EXPECT_NE(r.err.find("model.n_layer"), std::string::npos) << r.err;
 }
 
+// generate from hf:DIR stops where transformers' generate does: at any id of
+// generation_config.json's eos_token_id (a list in Llama 3 Instruct, Gemma 2), not only at the
+// tokenizer's EOS. Here the list names the greedy reply's first token, so the reply stops at once.
+// --allow-special reads a special token's text in the prompt as the token, as transformers'
+// tokenizer does.
+TEST(HfCli, GenerateStopsAtTheModelsEndIdsAndReadsSpecialsOnRequest) {
+  const std::string root = t::temp_dir("hf-stop");
+  std::filesystem::copy(hf_dir("llama3"), root + "/hf", std::filesystem::copy_options::recursive);
+  std::ofstream(root + "/p.jsonl") << "{\"prompt\": \"In the\"}\n";
+  const std::string gen =
+      "generate --checkpoint hf:hf --prompts p.jsonl --temperature 0 --max-tokens ";
+  auto tok = load_tokenizer(root + "/hf");
+  const HfConfig hc = read_hf_config(root + "/hf");
+  Transformer model(hc.model);
+  load_hf_weights(model, root + "/hf");
+  SamplingOptions greedy;
+  greedy.temperature = 0;
+  greedy.max_tokens = 1;
+  const int32_t first = generate(model, tok->encode("In the", false, true), greedy).at(0);
+  auto r = t::run_lmforge(gen + "6", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out).at("finish_reason"), "length") << r.out;
+  json g = json::parse(t::slurp(root + "/hf/generation_config.json"));
+  g["eos_token_id"] = {tok->eos_id(), first};
+  std::ofstream(root + "/hf/generation_config.json") << g.dump();
+  r = t::run_lmforge(gen + "6", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out).at("finish_reason"), "stop") << r.out;
+  EXPECT_EQ(json::parse(r.out).at("completion"), "") << r.out;
+
+  // The special token's text: one id with --allow-special, its characters without.
+  const std::string special = tok->decode({tok->eos_id()});
+  std::ofstream(root + "/s.jsonl") << json({{"prompt", "In the" + special}}).dump() << "\n";
+  const std::string plain =
+      "generate --checkpoint hf:hf --prompts s.jsonl --temperature 0 "
+      "--ignore-eos --max-tokens 4";
+  auto a = t::run_lmforge(plain, root), b = t::run_lmforge(plain + " --allow-special", root);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  ASSERT_GT(tok->encode(special, false).size(), 1u);  // as text: several ids
+  EXPECT_NE(json::parse(a.out).at("completion"), json::parse(b.out).at("completion"));
+}
+
 // lmforge eval --hellaswag against transformers (hellaswag_ref.py): HellaSwag-format examples made
 // from the King James Bible (a verse's first words, then its next words and three other verses'
 // as the endings; one label written as a string, as the Hugging Face copy has them; one context

@@ -339,10 +339,10 @@ TEST(Sampling, SessionRunsOnlyWhatTheCacheLacks) {
     run(p3, 0);  // 3 in common, 4 more: run whole
     const std::vector<int32_t> held = session.ids;
     run(held, static_cast<int64_t>(held.size()) - 1);  // all held: the last one runs again
-    o.stop_token = generate(model, p1, o)[0];          // stops at once
+    o.stop_tokens = {generate(model, p1, o)[0]};       // stops at once
     run(p1, 0);
     EXPECT_EQ(session.ids, p1);
-    o.stop_token = -1;
+    o.stop_tokens.clear();
     o.max_tokens = 0;
     EXPECT_TRUE(generate(model, p2, o, {}, &st, &session).empty());
     EXPECT_EQ(session.ids, p2);
@@ -444,7 +444,7 @@ TEST(Sampling, BatchGivesEachPromptItsOwnGeneration) {
     o.seed = 21;
     SamplingOptions o1 = o;
     o1.seed = o.seed + 1;
-    o.stop_token = generate(model, prompts[1], o1)[3];  // prompt 1 (at least) stops early
+    o.stop_tokens = {generate(model, prompts[1], o1)[3]};  // prompt 1 (at least) stops early
     std::vector<std::vector<int32_t>> want;
     for (size_t i = 0; i < prompts.size(); ++i) {
       SamplingOptions oi = o;

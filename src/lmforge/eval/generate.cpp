@@ -205,7 +205,7 @@ int64_t sampled_ids(const ModelConfig& c, const SamplingOptions& o) {
   return o.vocab_limit > 0 ? std::min(o.vocab_limit, c.vocab_size) : c.vocab_size;
 }
 bool ends(int32_t id, int64_t pos, int64_t total, const SamplingOptions& o) {
-  return id == o.stop_token || id == o.end_of_turn || pos + 1 >= total;
+  return o.stops_at(id) || pos + 1 >= total;
 }
 }  // namespace
 

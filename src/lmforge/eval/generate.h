@@ -1,11 +1,11 @@
 // Sampling from a model with a KV cache: the prompt is run once, then one token per step.
-// temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens, stop_token or
-// end_of_turn.
+// temperature 0 = greedy; top_k 0 and top_p 1 = off. Stops at max_tokens or any of stop_tokens.
 //
 //   SamplingOptions o{.max_tokens = 100, .temperature = 0.8, .top_k = 40, .top_p = 0.95, .seed =
 //   1}; std::vector<int32_t> out = generate(model, prompt_ids, o, [](int32_t id) { print(id); });
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -22,9 +22,17 @@ struct SamplingOptions {
   int64_t top_k = 0;
   double top_p = 1.0;
   uint64_t seed = 1337;
-  int32_t stop_token = -1;   // e.g. <|endoftext|>; -1 = none
-  int32_t end_of_turn = -1;  // a second stop token (a chat's, e.g. <|im_end|>); -1 = none
-  int64_t vocab_limit = 0;   // ids >= this (vocabulary padding) are never sampled; 0 = all
+  // The ids that end a reply (sampled, then stop): the tokenizer's EOS, a model's own end ids
+  // (generation_config.json's eos_token_id list), a chat's end of turn (<|im_end|>).
+  std::vector<int32_t> stop_tokens;
+  int64_t vocab_limit = 0;  // ids >= this (vocabulary padding) are never sampled; 0 = all
+
+  bool stops_at(int32_t id) const {
+    return std::find(stop_tokens.begin(), stop_tokens.end(), id) != stop_tokens.end();
+  }
+  void add_stop(int32_t id) {
+    if (id >= 0 && !stops_at(id)) stop_tokens.push_back(id);
+  }
 };
 
 // Throws Error naming the option for a value outside its range (max_tokens < 0, temperature < 0

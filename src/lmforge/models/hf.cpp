@@ -6,6 +6,7 @@
 #include <set>
 
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
 
 namespace lmforge {
 
@@ -581,6 +582,26 @@ HfConfig hf_config_from_json(const json& j, const std::string& source) {
     fail("{}: {}", source, e.what());
   }
   return out;
+}
+
+std::vector<int64_t> hf_stop_token_ids(const std::string& dir) {
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const fs::path p = fs::path(dir) / name;
+    if (!fs::exists(p)) continue;
+    json j;
+    try {
+      j = json::parse(read_file(p.string()));
+    } catch (const json::exception& e) {
+      fail("{}: not JSON ({})", p.string(), e.what());
+    }
+    if (!j.is_object() || !j.contains("eos_token_id") || j["eos_token_id"].is_null()) continue;
+    const json& e = j["eos_token_id"];
+    std::vector<int64_t> ids;
+    for (const json& v : e.is_array() ? e : json::array({e}))
+      if (v.is_number_integer()) ids.push_back(v.get<int64_t>());
+    if (!ids.empty()) return ids;
+  }
+  return {};
 }
 
 HfConfig read_hf_config(const std::string& dir) {

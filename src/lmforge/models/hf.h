@@ -37,6 +37,10 @@ struct HfConfig {
 
 // Maps DIR/config.json (or a config.json path) onto a ModelConfig; `preset` is set to "hf:DIR".
 HfConfig read_hf_config(const std::string& dir);
+// The ids a Hugging Face model's generate stops at: generation_config.json's eos_token_id (an id
+// or a list: Llama 3 Instruct's [128001, 128009], Gemma 2's [1, 107]) where it has one, else
+// config.json's; empty when neither names any.
+std::vector<int64_t> hf_stop_token_ids(const std::string& dir);
 HfConfig hf_config_from_json(const nlohmann::json& j, const std::string& source);
 // The config.json transformers needs for `model` (its arch must be able to express it; throws
 // naming the field otherwise). Token ids < 0 are written as null.

@@ -28,13 +28,15 @@ Schedule make_schedule(const TrainConfig& t) {
 }
 
 SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
-  return {cfg.sample.max_tokens,
-          cfg.sample.temperature,
-          cfg.sample.top_k,
-          cfg.sample.top_p,
-          cfg.train.seed,
-          tok ? tok->eos_id() : -1,
-          tok ? static_cast<int32_t>(tok->vocab_size()) : 0};
+  SamplingOptions o;
+  o.max_tokens = cfg.sample.max_tokens;
+  o.temperature = cfg.sample.temperature;
+  o.top_k = cfg.sample.top_k;
+  o.top_p = cfg.sample.top_p;
+  o.seed = cfg.train.seed;
+  o.vocab_limit = tok ? tok->vocab_size() : 0;
+  if (tok) o.add_stop(tok->eos_id());
+  return o;
 }
 
 std::map<int64_t, std::string> parse_faults(const std::string& spec) {
