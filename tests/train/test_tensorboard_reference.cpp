@@ -110,5 +110,23 @@ TEST(TensorBoardReference, ResumedRunReadsAsOneHistory) {
   EXPECT_EQ(got["lr"].size(), 8u);
 }
 
+// A record's non-finite numbers: null in metrics.jsonl (JSON has none), the values themselves in
+// TensorBoard (a diverged step shows as NaN there, not as a missing point).
+TEST(TensorBoardReference, NonFiniteMetricsReachTensorBoardAndAreNullInJson) {
+  if (testing::python().empty()) GTEST_SKIP() << "configured without LMFORGE_PYTHON";
+  std::string dir = testing::temp_dir("tb-nan");
+  {
+    MetricsWriter m(dir + "/metrics.jsonl", dir);
+    m.write({{"step", 1}, {"loss", 2.5}, {"grad_norm", 1.0}});
+    m.write({{"step", 2}, {"loss", NAN}, {"grad_norm", INFINITY}});
+  }
+  const json got = read_back(dir)["scalars"];
+  ASSERT_EQ(got["loss"].size(), 2u) << got.dump();
+  EXPECT_TRUE(std::isnan(std::strtod(got["loss"][1][1].get<std::string>().c_str(), nullptr)));
+  EXPECT_TRUE(std::isinf(std::strtod(got["grad_norm"][1][1].get<std::string>().c_str(), nullptr)));
+  const std::string lines = testing::slurp(dir + "/metrics.jsonl");
+  EXPECT_NE(lines.find(R"({"grad_norm":null,"loss":null,"step":2})"), std::string::npos) << lines;
+}
+
 }  // namespace
 }  // namespace lmforge

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -40,8 +41,14 @@ void MetricsWriter::enable_tensorboard(const std::string& run_dir) {
   tb_ = std::make_unique<TensorBoardWriter>(run_dir);
 }
 
+nlohmann::json with_nulls(nlohmann::json record) {
+  for (auto& [k, v] : record.items())
+    if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
+  return record;
+}
+
 void MetricsWriter::write(const nlohmann::json& record) {
-  std::string line = record.dump() + "\n";
+  std::string line = with_nulls(record).dump() + "\n";
   std::fwrite(line.data(), 1, line.size(), f_);
   std::fflush(f_);
   if (!tb_ || !record.contains("step") || !record["step"].is_number_integer()) return;

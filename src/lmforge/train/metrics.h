@@ -18,6 +18,9 @@ namespace lmforge {
 
 class TensorBoardWriter;
 
+// The record with its non-finite numbers as null (JSON has no NaN/Inf).
+nlohmann::json with_nulls(nlohmann::json record);
+
 class MetricsWriter {
  public:
   explicit MetricsWriter(const std::string& path);
@@ -29,6 +32,8 @@ class MetricsWriter {
 
   // Starts TensorBoard logging for the records written from now on.
   void enable_tensorboard(const std::string& run_dir);
+  // One line of JSON (which has no NaN/Inf: a non-finite number is written as null); TensorBoard
+  // gets the numbers as they are, NaN and infinities included.
   void write(const nlohmann::json& record);
 
   // Drops records with "step" > step (rewrites the file atomically), and likewise the events

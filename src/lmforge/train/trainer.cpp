@@ -348,9 +348,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       }
     }
   }
-  auto record_metrics = [&](const json& record) {  // metrics.jsonl, TensorBoard, the dashboard
+  // metrics.jsonl (a non-finite number as null), TensorBoard (as it is), the dashboard.
+  auto record_metrics = [&](const json& record) {
     if (metrics) metrics->write(record);
-    if (dashboard) dashboard->add(record);
+    if (dashboard) dashboard->add(with_nulls(record));
   };
 
   fmt::print(
@@ -613,9 +614,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       record["skipped"] = verdict_name(verdict);
       record["skipped_total"] = guard.skipped();
     }
-    // JSON has no NaN/Inf: a non-finite value is written as null.
-    for (auto& [k, v] : record.items())
-      if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
     record_metrics(record);
     progress.step(st.step, loss, lr, norm, tps);
     if (verdict != SpikeGuard::Verdict::kOk) {
@@ -653,8 +651,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         detail = fmt::format(" | ppl {:.2f}", std::exp(vl));
       }
       val_record["val_loss"] = vl;
-      for (auto& [k, v] : val_record.items())  // JSON has no NaN
-        if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
       res.last_val_loss = vl;
       st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
       bool best = evals.add(st.step, vl, t.min_delta);
