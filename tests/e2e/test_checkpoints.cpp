@@ -366,6 +366,9 @@ TEST(Interrupt, CtrlCSavesACheckpointAndResumeContinues) {
             std::string::npos)
       << err;
   EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_NE(slurp(dir + "/run/dashboard.html")
+                .find(fmt::format("step {} of 300 &middot; interrupted", step)),
+            std::string::npos);
   auto r = run_lmforge(args + " --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find(fmt::format("at step {}", step)), std::string::npos) << r.out;

@@ -54,6 +54,10 @@ TEST(SpikeGuard, TooManySkipsInARowStopTheRun) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("train.max_skips=2"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("step 7"), std::string::npos) << r.err;
+  // The dashboard says how the run ended and shows its last steps (not a stale "live" page).
+  const std::string page = testing::slurp(dir + "/run/dashboard.html");
+  EXPECT_NE(page.find("step 7 of 20 &middot; failed"), std::string::npos) << page.substr(0, 600);
+  EXPECT_EQ(page.find("http-equiv=\"refresh\""), std::string::npos);
 }
 
 TEST(EarlyStopping, StopsAfterPatienceEvaluationsWithoutImprovement) {
@@ -67,6 +71,9 @@ TEST(EarlyStopping, StopsAfterPatienceEvaluationsWithoutImprovement) {
                        dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("early stopping at step 15"), std::string::npos) << r.out;
+  EXPECT_NE(
+      testing::slurp(dir + "/run/dashboard.html").find("step 15 of 100 &middot; stopped early"),
+      std::string::npos);
   auto val = testing::records_of(dir + "/run/metrics.jsonl", "val_loss");
   EXPECT_EQ(val.size(), 3u);
   EXPECT_NEAR(val.back()["val_ppl"].get<double>(), std::exp(val.back()["val_loss"].get<double>()),

@@ -53,7 +53,8 @@ Series series(const std::vector<nlohmann::json>& records, const std::string& key
 }  // namespace
 
 std::string dashboard_html(const std::vector<nlohmann::json>& records, const std::string& title,
-                           int64_t total_steps, bool live) {
+                           int64_t total_steps, const std::string& ended) {
+  const bool live = ended.empty();
   // The latest value of every numeric key, and the step it came with.
   std::map<std::string, std::pair<double, int64_t>> latest;
   int64_t step = 0;
@@ -70,7 +71,7 @@ std::string dashboard_html(const std::vector<nlohmann::json>& records, const std
       "th{{text-align:left}}.charts svg{{margin:4px}}</style></head><body>\n"
       "<h2>{}</h2>\n<p>step {} of {}{}</p>\n",
       live ? "<meta http-equiv=\"refresh\" content=\"5\">" : "", escape(title), escape(title), step,
-      total_steps, live ? " &middot; live (reloads every 5 s)" : " &middot; finished");
+      total_steps, live ? " &middot; live (reloads every 5 s)" : " &middot; " + escape(ended));
   h += "<table>\n<tr><th>metric</th><th>latest</th><th>at step</th></tr>\n";
   for (const auto& [k, v] : latest)
     h += fmt::format("<tr><th>{}</th><td>{:.6g}</td><td>{}</td></tr>\n", escape(k), v.first,
@@ -119,11 +120,11 @@ void Dashboard::add(const nlohmann::json& record) {
       std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   if (now - last_write_ < 2.0) return;
   last_write_ = now;
-  write(/*live=*/true);
+  write("");
 }
 
-void Dashboard::write(bool live) {
-  write_file_atomic(path_, dashboard_html(records_, title_, total_steps_, live));
+void Dashboard::write(const std::string& ended) {
+  write_file_atomic(path_, dashboard_html(records_, title_, total_steps_, ended));
 }
 
 }  // namespace lmforge

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <sstream>
@@ -348,6 +349,19 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       }
     }
   }
+  // A run ended by an error (too many skipped steps, a failed rank) leaves the page saying so,
+  // with every record it had, not the last throttled write still claiming to be live.
+  struct DashboardOnError {
+    std::optional<Dashboard>& d;
+    const int uncaught = std::uncaught_exceptions();
+    ~DashboardOnError() {
+      if (!d || std::uncaught_exceptions() <= uncaught) return;
+      try {
+        d->write("failed (see the run's error)");
+      } catch (...) {  // (unwinding already: the run's own error is the one to report)
+      }
+    }
+  } dashboard_on_error{dashboard};
   // metrics.jsonl (a non-finite number as null), TensorBoard (as it is), the dashboard.
   auto record_metrics = [&](const json& record) {
     if (metrics) metrics->write(record);
@@ -720,7 +734,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fmt::print("dist.offload: AdamW master values and gradients in a host arena of {} bytes\n",
                dp.host_bytes());
   res.stopped_early = st.step < t.steps;
-  if (dashboard) dashboard->write(/*live=*/false);
+  if (dashboard)
+    dashboard->write(res.interrupted ? "interrupted (continue with --resume)"
+                     : early_stopped ? "stopped early"
+                                     : "finished");
   if (saved_step != st.step) checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
   if (res.interrupted) return res;  // no sample: the run is to be continued
