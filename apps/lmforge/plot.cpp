@@ -82,6 +82,13 @@ void add_plot_command(CLI::App& app) {
              path, o->metric, o->val ? " nor \"val_" + o->metric + "\" values" : "");
       points += found;
     }
+    if (std::none_of(c.series.begin(), c.series.end(), [](const Series& s) {
+          return std::any_of(s.y.begin(), s.y.end(), [](double y) { return std::isfinite(y); });
+        }))
+      fail(
+          "\"{}\": all {} values are null (non-finite: the run diverged where they were logged); "
+          "nothing to plot",
+          o->metric, points);
     if (o->log_y && std::none_of(c.series.begin(), c.series.end(), [](const Series& s) {
           return std::any_of(s.y.begin(), s.y.end(), [](double y) { return y > 0; });
         }))
@@ -118,14 +125,15 @@ void add_schedule_command(CLI::App& app) {
     // Every step up to 20,000; beyond, an even sample of them (and the last): a kink is then
     // off by at most steps / 10,000, less than a pixel.
     const int64_t stride = t.steps <= 20000 ? 1 : t.steps / 10000 + 1;  // no overflow
+    // Numbered as metrics.jsonl numbers them: step N (1..steps) trains with sched.at(N - 1).
     Series s{t.schedule, {}, {}};
     for (int64_t step = 0;; step += stride) {
-      s.x.push_back(static_cast<double>(step));
+      s.x.push_back(static_cast<double>(step + 1));
       s.y.push_back(sched.at(step));
       if (t.steps - 1 - step < stride) break;
     }
-    if (s.x.back() != static_cast<double>(t.steps - 1)) {
-      s.x.push_back(static_cast<double>(t.steps - 1));
+    if (s.x.back() != static_cast<double>(t.steps)) {
+      s.x.push_back(static_cast<double>(t.steps));
       s.y.push_back(sched.at(t.steps - 1));
     }
     Chart c;

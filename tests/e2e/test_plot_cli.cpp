@@ -62,6 +62,11 @@ TEST(PlotCli, PlotErrorsNameTheFile) {
                         {"runs/a/metrics.jsonl", "\"mfu\""});
   expect_one_line_error(run_lmforge("plot runs/a --out x.gif", dir), {"x.gif", ".svg or .png"});
   expect_one_line_error(run_lmforge("plot runs/a --out nodir/x.svg", dir), {"nodir/x.svg"});
+  // A metric logged only as null (a diverged run's non-finite values): nothing to draw.
+  std::ofstream(dir + "/runs/a/metrics.jsonl", std::ios::app)
+      << "\n{\"step\": 6, \"z\": null}\n{\"step\": 7, \"z\": null}\n";
+  expect_one_line_error(run_lmforge("plot runs/a --metric z --out x.svg", dir),
+                        {"\"z\"", "all 2 values are null"});
   EXPECT_FALSE(std::filesystem::exists(dir + "/x.svg"));
 }
 
@@ -75,6 +80,9 @@ TEST(PlotCli, ScheduleDrawsEveryStepOfTheConfig) {
   std::string svg = testing::slurp(dir + "/s.svg");
   EXPECT_EQ(polyline_points(svg), (std::vector<size_t>{300}));
   EXPECT_NE(svg.find("linear schedule"), std::string::npos);
+  // Steps numbered 1..300, as metrics.jsonl numbers them (its lr at step 30 is the peak).
+  EXPECT_NE(svg.find("text-anchor=\"middle\">300</text>"), std::string::npos);
+  EXPECT_EQ(svg.find("text-anchor=\"middle\">0</text>"), std::string::npos);
   std::ofstream(dir + "/c.yaml") << "train:\n  steps: 100000\n  schedule: cosine\n";
   r = run_lmforge("schedule c.yaml --out s.png", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;

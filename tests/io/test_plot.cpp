@@ -5,7 +5,9 @@
 #include <zlib.h>
 
 #include <cmath>
+#include <map>
 #include <regex>
+#include <set>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/plot.h"
@@ -178,13 +180,38 @@ TEST(Plot, LogAxisTicksArePowersOfTenAndSkipNonPositive) {
   EXPECT_GT(d.count(series_color(0)), 300);
 }
 
+// Tick labels tell their ticks apart: throughput of 120000 +- 60 (at 4 digits: 1.2e+05 five
+// times) and steps 100000..100100 (1e+05 three times); whole numbers print in full.
+TEST(Plot, TickLabelsAreDistinct) {
+  Chart c = chart("", "", "");
+  Series s{"", {}, {}};
+  for (int i = 0; i <= 100; ++i)
+    s.x.push_back(100000 + i), s.y.push_back(120000 + 0.6 * (i - 50) + 0.5);
+  c.series = {s};
+  const std::string svg = chart_svg(c);
+  std::map<std::string, std::vector<std::string>> labels;  // by text-anchor
+  const std::regex text(
+      R"re(<text x="[^"]*" y="[^"]*" text-anchor="(end|middle)">([^<]*)</text>)re");
+  for (std::sregex_iterator it(svg.begin(), svg.end(), text), end; it != end; ++it)
+    labels[(*it)[1]].push_back((*it)[2]);
+  for (const auto& [anchor, l] : labels) {
+    SCOPED_TRACE(anchor);
+    EXPECT_GE(l.size(), 3u);
+    EXPECT_EQ(std::set<std::string>(l.begin(), l.end()).size(), l.size())
+        << ::testing::PrintToString(l);
+  }
+  EXPECT_NE(svg.find(">100000<"), std::string::npos) << ::testing::PrintToString(labels["middle"]);
+}
+
 TEST(Plot, DegenerateDataStillDraws) {
   Chart one = chart("one point", "", "");
   one.series = {{"a", {5}, {2}}};
   std::string svg = chart_svg(one);
   expect_well_formed_xml(svg);
   EXPECT_NE(svg.find("<circle"), std::string::npos);
-  EXPECT_EQ(decode_png(chart_png(one)).width, 800);
+  const Decoded png = decode_png(chart_png(one));
+  EXPECT_EQ(png.width, 800);
+  EXPECT_GE(png.count(series_color(0)), 25) << "a dot, not 2x2 pixels";
   Chart none = chart("nothing", "", "");
   none.series = {{"nan", {1, 2}, {NAN, NAN}}};
   expect_well_formed_xml(chart_svg(none));

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <set>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
@@ -27,13 +28,28 @@ struct Axis {
   bool log = false;
   double lo = 0, hi = 1;  // log: log10 of the bounds
   std::vector<double> ticks;
+  int digits = 4;  // of the tick labels (tick_label); -1: whole numbers in full
 
   double frac(double v) const { return ((log ? std::log10(v) : v) - lo) / (hi - lo); }
 };
 
-std::string tick_label(double v) {
-  std::string s = fmt::format("{:.4g}", v);
+std::string tick_label(double v, int digits) {
+  std::string s = digits < 0 ? fmt::format("{:.0f}", v) : fmt::format("{:.{}g}", v, digits);
   return s == "-0" ? "0" : s;
+}
+
+// The labels' precision: whole numbers (below 1e9) in full, else the fewest significant digits,
+// at least 4, that tell every tick apart (120000 +- 60 needs 6: 1.2e+05 five times told nothing).
+int tick_digits(const std::vector<double>& ticks) {
+  if (std::all_of(ticks.begin(), ticks.end(),
+                  [](double t) { return t == std::round(t) && std::abs(t) < 1e9; }))
+    return -1;
+  for (int digits = 4; digits < 17; ++digits) {
+    std::set<std::string> seen;
+    for (double t : ticks) seen.insert(tick_label(t, digits));
+    if (seen.size() == ticks.size()) return digits;
+  }
+  return 17;
 }
 
 bool usable(double v, bool log) { return std::isfinite(v) && (!log || v > 0); }
@@ -83,6 +99,7 @@ Axis make_axis(const std::vector<double>& values, bool log, double pad) {
     log_ticks(a);
   else
     linear_ticks(a);
+  a.digits = tick_digits(a.ticks);
   return a;
 }
 
@@ -113,7 +130,7 @@ Layout make_layout(const Chart& c) {
   l.x = make_axis(xs, c.log_x, 0);
   l.y = make_axis(ys, c.log_y, 0.04);
   size_t label_chars = 0;
-  for (double t : l.y.ticks) label_chars = std::max(label_chars, tick_label(t).size());
+  for (double t : l.y.ticks) label_chars = std::max(label_chars, tick_label(t, l.y.digits).size());
   l.left = 10 + (c.ylabel.empty() ? 0 : 16) + static_cast<int>(label_chars) * kCharW + 8;
   l.top = c.title.empty() ? 16 : 40;
   l.right = c.width - 24;
@@ -272,10 +289,10 @@ std::string chart_svg(const Chart& c) {
       l.left, l.top, l.right - l.left, l.bottom - l.top);
   for (double t : l.x.ticks)
     o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", l.px(t),
-                     l.bottom + 16, tick_label(t));
+                     l.bottom + 16, tick_label(t, l.x.digits));
   for (double t : l.y.ticks)
     o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", l.left - 6,
-                     l.py(t) + 4, tick_label(t));
+                     l.py(t) + 4, tick_label(t, l.y.digits));
   if (!c.xlabel.empty())
     o += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
                      (l.left + l.right) / 2, c.height - 10, xml_escape(c.xlabel));
@@ -331,14 +348,14 @@ std::string chart_png(const Chart& c) {
     int x = static_cast<int>(std::lround(l.px(t)));
     img.fill(x, l.top, x, l.bottom, kGrid);
     img.fill(x, l.bottom, x, l.bottom + kTickLen, kBlack);
-    std::string s = tick_label(t);
+    std::string s = tick_label(t, l.x.digits);
     draw_text(img, x - text_width(s, 1) / 2, l.bottom + kTickLen + 4, s, kText);
   }
   for (double t : l.y.ticks) {
     int y = static_cast<int>(std::lround(l.py(t)));
     img.fill(l.left, y, l.right, y, kGrid);
     img.fill(l.left - kTickLen, y, l.left, y, kBlack);
-    std::string s = tick_label(t);
+    std::string s = tick_label(t, l.y.digits);
     draw_text(img, l.left - kTickLen - 4 - text_width(s, 1), y - kGlyphHeight / 2, s, kText);
   }
   img.fill(l.left, l.top, l.right, l.top, kBlack);
@@ -360,6 +377,15 @@ std::string chart_png(const Chart& c) {
       auto [x1, y1] = pts[k];
       auto [x0, y0] = pts[k == 0 ? 0 : k - 1];
       draw_line(img, x0, y0, x1, y1, series_color(i), inside);
+    }
+    if (pts.size() == 1) {  // a dot, as the SVG's circle (a line to itself is 2x2 pixels)
+      const int cx = static_cast<int>(std::lround(pts[0].first)),
+                cy = static_cast<int>(std::lround(pts[0].second));
+      for (int dy = -3; dy <= 3; ++dy)
+        for (int dx = -3; dx <= 3; ++dx)
+          if (dx * dx + dy * dy <= 9 && cx + dx >= inside[0] && cx + dx <= inside[2] &&
+              cy + dy >= inside[1] && cy + dy <= inside[3])
+            img.fill(cx + dx, cy + dy, cx + dx, cy + dy, series_color(i));
     }
   }
   auto [bx, by, bw, bh] = legend_box(l, c);
