@@ -40,6 +40,9 @@ void add_eval(CLI::App& app) {
       if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
         fail("--scores: {}: no directory {}; create it or choose another path", o->scores,
              parent.string());
+      if (std::filesystem::is_directory(o->scores, ec))
+        fail("--scores: {} is a directory; name the JSONL file to write (e.g. {}/scores.jsonl)",
+             o->scores, o->scores);
     }
     std::string dir = resolve_checkpoint(o->checkpoint);
     ModelConfig mc = checkpoint_model_config(dir);

@@ -465,6 +465,11 @@ TEST(HellaSwag, ScoresMatchTransformers) {
   r = t::run_lmforge("eval --checkpoint gpt2 --hellaswag missing.jsonl", root);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("missing.jsonl: cannot open"), std::string::npos) << r.err;
+  // --scores naming a directory: said before the scoring, not after it.
+  std::filesystem::create_directories(root + "/scored");
+  r = t::run_lmforge("eval --checkpoint gpt2 --hellaswag items.jsonl --scores scored", root);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--scores: scored is a directory"), std::string::npos) << r.err;
 }
 
 // PEFT LoRA adapters made by hf_models_ref.py (not by lmforge), merged on import: the logits of
