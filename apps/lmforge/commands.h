@@ -4,7 +4,9 @@
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
+#include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -25,6 +27,20 @@ inline CLI::Validator in_range(double lo, double hi = HUGE_VAL) {
         if (end == s.c_str() || *end != '\0' || !(v >= lo && v < hi))
           return hi == HUGE_VAL ? fmt::format("must be at least {}, got {}", lo, s)
                                 : fmt::format("must be in [{}, {}), got {}", lo, hi, s);
+        return "";
+      },
+      "");
+}
+
+// An unsigned 64-bit option (a seed): digits only, at most 2^64 - 1, refused in one line otherwise
+// (CLI11 itself wraps -1 and 2^64 around to 2^64 - 1).
+inline CLI::Validator unsigned_64() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        uint64_t v = 0;
+        const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (s.empty() || ec != std::errc() || end != s.data() + s.size())
+          return fmt::format("expected an integer from 0 to 18446744073709551615, got {}", s);
         return "";
       },
       "");

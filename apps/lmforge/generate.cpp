@@ -29,7 +29,7 @@ void add_sampling_options(CLI::App* cmd, SamplingOptions& s) {
   cmd->add_option("--top-k", s.top_k, "Keep the K most likely tokens; 0 = off")
       ->capture_default_str();
   cmd->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
-  cmd->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--seed", s.seed, "Sampling seed")->check(unsigned_64())->capture_default_str();
 }
 
 // --precision: the weights the forwards read.

@@ -329,6 +329,11 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
                         {"train.keep_last"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.seed=-1", dir),
                         {"train.seed", "a non-negative integer"});
+  // generate --seed: -1 and 2^64 were wrapped to 2^64 - 1 by the parser.
+  for (const char* seed : {"-1", "18446744073709551616"})
+    expect_one_line_error(
+        run_lmforge(std::string("generate --checkpoint run --prompt x --seed ") + seed, dir),
+        {"--seed", seed, "18446744073709551615"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set run.dir=", dir), {"run.dir", "empty"});
   expect_one_line_error(run_lmforge("lr-find tiny.yaml --end inf", dir), {"lr-find", "finite"});
   std::ofstream(dir + "/bad-prepare.yaml") << "output: [1]\n";
