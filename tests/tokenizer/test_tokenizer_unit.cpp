@@ -346,9 +346,18 @@ TEST(TokenizerSpecials, PublicEncodingsWithAndWithoutTheirJson) {
 }
 
 // A rank file's fingerprint (which shards, the data.text cache and checkpoints are checked by)
-// covers its pattern and specials, from its sibling .json: another pattern or other specials make
-// other ids. The same .json written out again is the same tokenizer.
+// covers its pattern and specials where a sibling .json changes them from the built-in encoding:
+// other ids. The public files, with their .json (tiktoken's older spelling of the same patterns)
+// or without, keep the fingerprint of their ranks alone, which earlier checkpoints recorded.
 TEST(TokenizerFingerprint, TiktokenCountsItsJson) {
+  std::string bare = testing::temp_dir("tok-fp-bare");
+  for (const char* name : {"gpt2", "cl100k_base", "o200k_base", "llama3"}) {
+    const std::string ranks = shared(std::string(name) + ".tiktoken");
+    fs::create_symlink(ranks, bare + "/" + name + ".tiktoken");
+    const std::string before = fnv1a_hex(testing::slurp(ranks));
+    EXPECT_EQ(load_tokenizer(ranks)->fingerprint(), before) << name;
+    EXPECT_EQ(load_tokenizer(bare + "/" + name + ".tiktoken")->fingerprint(), before) << name;
+  }
   std::string dir = testing::temp_dir("tok-fp");
   fs::create_symlink(shared("cl100k_base.tiktoken"), dir + "/t.tiktoken");
   auto fingerprint_with = [&](const nlohmann::json& meta) {

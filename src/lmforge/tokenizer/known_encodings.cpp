@@ -35,7 +35,13 @@ std::vector<std::pair<std::string, int32_t>> llama3_specials() {
 
 const KnownEncoding* known_encoding_for_ranks(size_t n_ranks) {
   static const std::vector<KnownEncoding> table = {
-      {"gpt2", 50256, kGpt2Pattern, {{"<|endoftext|>", 50256}}, "", "<|endoftext|>"},
+      {"gpt2",
+       50256,
+       kGpt2Pattern,
+       {{"<|endoftext|>", 50256}},
+       "",
+       "<|endoftext|>",
+       {R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}},
       {"cl100k_base",
        100256,
        kCl100kPattern,
@@ -45,13 +51,15 @@ const KnownEncoding* known_encoding_for_ranks(size_t n_ranks) {
         {"<|fim_suffix|>", 100260},
         {"<|endofprompt|>", 100276}},
        "",
-       "<|endoftext|>"},
+       "<|endoftext|>",
+       {R"(('s|'S|'t|'T|'re|'rE|'Re|'RE|'ve|'vE|'Ve|'VE|'m|'M|'ll|'lL|'Ll|'LL|'d|'D)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
       {"o200k_base",
        199998,
        kO200kPattern,
        {{"<|endoftext|>", 199999}, {"<|endofprompt|>", 200018}},
        "",
-       "<|endoftext|>"},
+       "<|endoftext|>",
+       {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+('s|'S|'t|'T|'re|'rE|'Re|'RE|'ve|'vE|'Ve|'VE|'m|'M|'ll|'lL|'Ll|'LL|'d|'D)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*('s|'S|'t|'T|'re|'rE|'Re|'RE|'ve|'vE|'Ve|'VE|'m|'M|'ll|'lL|'Ll|'LL|'d|'D)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
       {"llama3", 128000, kLlama3Pattern, llama3_specials(), "<|begin_of_text|>", "<|end_of_text|>"},
   };
   for (const KnownEncoding& e : table)

@@ -3,6 +3,7 @@
 // tokens without a side file. A sibling <name>.json ({"pat_str", "special_tokens"}) overrides.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -16,6 +17,12 @@ struct KnownEncoding {
   std::string pattern;
   std::vector<std::pair<std::string, int32_t>> specials;
   std::string bos, eos;  // special names ("" = none)
+  // The same pattern as older tiktoken releases spelled it (the .json files written from them
+  // carry these): the same encoding, so the same fingerprint.
+  std::vector<std::string> spellings = {};
+  bool same_pattern(const std::string& p) const {
+    return p == pattern || std::find(spellings.begin(), spellings.end(), p) != spellings.end();
+  }
 };
 
 const KnownEncoding* known_encoding_for_ranks(size_t n_ranks);

@@ -240,7 +240,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
       const auto it = tok->special_tokens().find(name);
       const int32_t id = it != tok->special_tokens().end() ? it->second : tok->id_of(name);
       if (id >= 0 && id != eos) {
-        identity += "\0eos=" + name;
+        identity += std::string(1, '\0') + "eos=" + name;
         eos = id;
       }
     }

@@ -122,14 +122,24 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path) {
   int32_t eos = known ? sid(known->eos) : -1;
   if (eos < 0) eos = sid("<|endoftext|>") >= 0 ? sid("<|endoftext|>") : sid("<|end_of_text|>");
   tok->set_bos_eos(bos, eos);
-  // The identity: the ranks, the pattern and the specials (from a sibling .json or built in): a
-  // .json that changes either makes another tokenizer, whose shards and checkpoints must not pass
-  // for this one's.
+  // The identity: the ranks, and the pattern and specials where they are not the built-in
+  // encoding's (a .json that changes either makes another tokenizer, whose shards and
+  // checkpoints must not pass for this one's). The public files, with their .json or without,
+  // keep the ranks' fingerprint that earlier shards and checkpoints recorded.
   std::vector<std::pair<std::string, int32_t>> specials(tok->special_tokens().begin(),
                                                         tok->special_tokens().end());
   std::sort(specials.begin(), specials.end());
-  std::string identity = text + '\0' + pattern;
-  for (const auto& [name, id] : specials) identity += '\0' + name + '=' + std::to_string(id);
+  bool as_known = known && known->same_pattern(pattern);
+  if (as_known) {
+    auto builtin = known->specials;
+    std::sort(builtin.begin(), builtin.end());
+    as_known = builtin == specials;
+  }
+  std::string identity = text;
+  if (!as_known) {
+    identity += '\0' + pattern;
+    for (const auto& [name, id] : specials) identity += '\0' + name + '=' + std::to_string(id);
+  }
   tok->set_identity("tiktoken", path, fnv1a_hex(identity));
   tok->finalize();
   return tok;
