@@ -52,7 +52,9 @@ std::vector<int32_t> parse_ids(const std::string& line, const std::string& where
     if (ids.back() >= tk.vocab_size())
       fail("{}:{}: id {} is outside the tokenizer's {} ids; decode with the tokenizer that made it",
            where, line_no, ids.back(), tk.vocab_size());
-    if (tk.token_bytes(ids.back()).empty())  // a gap in the ids (cl100k's 100261..100275)
+    // A gap in a BPE vocabulary's ids (cl100k's 100261..100275); SentencePiece's control pieces
+    // (<s>, </s>) decode to nothing and are ids all the same.
+    if (tk.kind() != "sentencepiece" && tk.token_bytes(ids.back()).empty())
       fail(
           "{}:{}: id {} is no token of {} (an unassigned id below its {}); decode with the "
           "tokenizer that made it",

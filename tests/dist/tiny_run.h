@@ -12,7 +12,8 @@ namespace lmforge::testing {
 
 inline constexpr const char* kTinyTrain =
     "train --set model.preset=gpt2-tiny --set train.seq_len=32 --set train.steps=6 "
-    "--set train.lr=3e-3 --set train.warmup=0 --set train.grad_clip=0.5 --set train.eval_every=0 "
+    "--set train.lr=3e-3 --set train.min_lr=2e-4 --set train.warmup=0 --set train.grad_clip=0.5 "
+    "--set train.eval_every=0 "
     "--set train.checkpoint_every=0 --set sample.prompt= --set train.log_every=1 ";
 
 // A run where the last of 2 ranks hangs (SIGSTOP) at step 3 and the others give up after 3 s.

@@ -285,6 +285,24 @@ TEST(CheckpointResume, AnotherSeedIsRefused) {
   EXPECT_FALSE(fs::exists(ckpt(dir + "/a", 8)));
 }
 
+// A run resumed with a config that leaves train.min_lr unset keeps the min_lr it was trained
+// toward (its config.yaml's), so its schedule goes on as it was: the same lr at every step.
+TEST(CheckpointResume, UnsetMinLrKeepsTheRunsSchedule) {
+  std::string dir = testing::temp_dir("ckpt-min-lr");
+  const std::string run = std::string(kRun) + "--set train.steps=8 --set train.warmup=0 ";
+  ASSERT_EQ(run_lmforge(run + "--set run.dir=ref --set train.min_lr=1e-5", dir).exit_code, 0);
+  // Killed in step 6, after the checkpoint of step 4; resumed without the key.
+  ASSERT_NE(
+      run_lmforge(run + "--set run.dir=a --set train.min_lr=1e-5 --set train.inject_fault=kill@6",
+                  dir)
+          .exit_code,
+      0);
+  auto r = run_lmforge(run + "--set run.dir=a --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("note: train.min_lr 1e-05 as"), std::string::npos) << r.out;
+  EXPECT_EQ(metric_by_step(dir + "/a", "lr"), metric_by_step(dir + "/ref", "lr"));
+}
+
 // A fine-tuning run started without a config file (the embedded default's data.text and
 // data.tokenizer stay unset by the user) from a Hugging Face directory (so no model.preset):
 // its data is data.train alone (no validation on the default's demo corpus), and its resolved

@@ -273,6 +273,26 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
           run_dir);
     check_same_architecture(ckpt, cfg.model);
     check_same_tokenizer(ckpt, *tokenizer);
+    // train.min_lr unset resolves to train.lr / 10 (once a fixed 1e-4): a run resumed with a
+    // config that leaves it unset keeps the value it was trained toward, its config.yaml's.
+    if (!cfg.keys_given.count("train.min_lr")) {
+      try {
+        Config saved;
+        ConfigLoader loader(saved);
+        loader.load_yaml_file(ckpt + "/config.yaml");
+        loader.finish();
+        if (saved.train.min_lr != cfg.train.min_lr) {
+          if (lead)
+            fmt::print(
+                "note: train.min_lr {:g} as {}/config.yaml has it (unset, it would be train.lr / "
+                "10 = {:g}); set train.min_lr to change it\n",
+                saved.train.min_lr, ckpt, cfg.train.min_lr);
+          cfg.train.min_lr = saved.train.min_lr;
+          sched = make_schedule(t);
+        }
+      } catch (const Error&) {  // an older config.yaml that no longer reads: the config's value
+      }
+    }
   } else if (has_checkpoints(run_dir)) {
     fail(
         "run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "

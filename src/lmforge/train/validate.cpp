@@ -156,7 +156,7 @@ void validate_train_config(const Config& cfg) {
   positive(t.seq_len, "seq_len");
   positive(t.grad_accum, "grad_accum");
   positive(t.log_every, "log_every");
-  if (!(t.min_lr >= 0) || !std::isfinite(t.min_lr))
+  if (t.min_lr != -1 && (!(t.min_lr >= 0) || !std::isfinite(t.min_lr)))  // -1: train.lr / 10
     fail("train.min_lr: must be >= 0, got {}", t.min_lr);
   if (!(t.beta1 >= 0 && t.beta1 < 1)) fail("train.beta1: must be in [0, 1), got {}", t.beta1);
   if (!(t.beta2 >= 0 && t.beta2 < 1)) fail("train.beta2: must be in [0, 1), got {}", t.beta2);
