@@ -404,6 +404,10 @@ TEST(TokenizerFingerprint, TokenizerJsonTakesItsConfigsEos) {
   EXPECT_EQ(same->eos_id(), s_end);
   EXPECT_EQ(same->fingerprint(), guessed->fingerprint());  // the guess's EOS: the same tokenizer
   EXPECT_EQ(with_config({{"eos_token", "<not a token>"}})->eos_id(), s_end);
+  // Only a model directory's pair: another file name beside the config keeps its guessed EOS.
+  fs::copy_file(dir + "/tokenizer.json", dir + "/other.json");
+  with_config({{"eos_token", "<eos>"}});
+  EXPECT_EQ(load_tokenizer(dir + "/other.json")->eos_id(), s_end);
   // A checkpoint's copy: tokenizer_config.json (and the chat template) go with tokenizer.json.
   std::ofstream(dir + "/chat_template.jinja") << "{{ messages }}";
   auto chat = with_config({{"eos_token", "<|im_end|>"}});

@@ -123,9 +123,12 @@ bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir) {
     copy(src, "tokenizer.json");
     // What transformers reads beside it: the EOS (which load_hf_tokenizer_json takes from it),
     // the pad token, the chat template, the length; an export carries them on.
-    for (const char* name :
-         {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
-      if (fs::exists(src.parent_path() / name)) copy(src.parent_path() / name, name);
+    // (a model directory's pair only, as load_hf_tokenizer_json reads it: the copy is named
+    // tokenizer.json whatever the original's name, and must load as the same tokenizer)
+    if (src.filename() == "tokenizer.json")
+      for (const char* name :
+           {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+        if (fs::exists(src.parent_path() / name)) copy(src.parent_path() / name, name);
   }
   return true;
 }

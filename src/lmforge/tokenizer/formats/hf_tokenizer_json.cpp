@@ -66,6 +66,8 @@ namespace {
 // eos_token of the tokenizer_config.json beside a tokenizer.json ("" when none): a string or
 // {"content": ...}, as transformers writes either.
 std::string tokenizer_config_eos(const std::string& tokenizer_json) {
+  // (a model directory's pair only: a folder of several tokenizers has no one config for them)
+  if (std::filesystem::path(tokenizer_json).filename() != "tokenizer.json") return "";
   const std::string path =
       (std::filesystem::path(tokenizer_json).parent_path() / "tokenizer_config.json").string();
   if (!std::filesystem::exists(path)) return "";
