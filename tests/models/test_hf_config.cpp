@@ -13,6 +13,7 @@
 #include "lmforge/models/hf.h"
 #include "lmforge/models/presets.h"
 #include "lmforge/models/rope_table.h"
+#include "lmforge/nn/transformer.h"
 #include "testing/paths.h"
 #include "testing/process.h"
 
@@ -565,6 +566,27 @@ TEST(HfConfig, ExportRefusesWhatTheFamilyCannotExpress) {
   m = gemma2;
   m.full_attention_every = 3;
   EXPECT_THROW(hf_config_json(m, -1, -1, DType::kF32), Error);
+}
+
+// Muon orthogonalizes each projection of the fused attn.qkv and mlp.fc apart: their row blocks are
+// the Hugging Face modules a Llama-family checkpoint holds them as (q_proj, k_proj, v_proj;
+// gate_proj, up_proj), in every preset with such modules, GQA and head sizes included.
+TEST(Presets, MuonRowBlocksAreTheHfModules) {
+  for (const char* name : {"llama3-tiny", "smollm2-135m", "gemma3-270m", "gemma2-2b"}) {
+    SCOPED_TRACE(name);
+    const ModelConfig m = model_preset(name);
+    const Transformer layout(m, Transformer::MeasureOnly{});
+    int checked = 0;
+    for (const Param& p : layout.params().params()) {
+      if (!p.name.ends_with("attn.qkv.weight") && !p.name.ends_with("mlp.fc.weight")) continue;
+      std::vector<int64_t> modules;
+      for (const HfPiece& piece : hf_pieces(m, p.name, p.shape[0])) modules.push_back(piece.rows);
+      ASSERT_GT(modules.size(), 1u) << p.name;
+      EXPECT_EQ(p.row_blocks, modules) << p.name;
+      ++checked;
+    }
+    EXPECT_EQ(checked, 2 * m.n_layer);
+  }
 }
 
 }  // namespace

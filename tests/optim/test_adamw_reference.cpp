@@ -66,7 +66,8 @@ TEST(AdamWReference, ThreeStepsMatchTorch) {
 }
 
 // Muon (train.optimizer: muon) against torch.optim.Muon with torch.optim.AdamW beside it, both in
-// float64 (adamw_ref.py's make_muon): the blocks' tall, wide and square matrices step with Muon,
+// float64 (adamw_ref.py's make_muon): the blocks' tall, wide and square matrices step with Muon
+// (the fused q/k/v and gate/up as their projections apart, which torch sees as parameters apart),
 // the norm weight, embeddings and head with AdamW, for three steps, the second clipped. Two
 // variants: Nesterov momentum with match_rms_adamw's lr (Moonlight), and plain momentum with the
 // original scaling and a 20x larger Muon lr. lmforge's Newton-Schulz runs in fp32.
@@ -95,6 +96,8 @@ void muon_matches_torch(bool bf16, double tol) {
       ps.add(p.at("name"), f.get(pre + "param." + p.at("name").get<std::string>()).shape(),
              p.at("decay").get<bool>());
     ps.finalize();
+    for (size_t i = 0; i < ps.params().size(); ++i)
+      ps.params()[i].row_blocks = mh.at("params")[i].at("row_blocks").get<std::vector<int64_t>>();
     for (Param& p : ps.params()) p.value.copy_from(f.load(pre + "param." + p.name, DType::kF32));
     AdamWOptions ao{.beta1 = h.at("beta1"),
                     .beta2 = h.at("beta2"),
@@ -114,7 +117,7 @@ void muon_matches_torch(bool bf16, double tol) {
       EXPECT_EQ(!opt.v(i).defined(), muon_param(ps.params()[i])) << ps.params()[i].name;
       muon_slots += !opt.v(i).defined();
     }
-    EXPECT_EQ(muon_slots, 3);
+    EXPECT_EQ(muon_slots, 4);
     for (int s = 1; s <= h.at("steps").get<int>(); ++s) {
       SCOPED_TRACE("step " + std::to_string(s));
       const std::string step = std::to_string(s) + ".";
@@ -132,9 +135,18 @@ void muon_matches_torch(bool bf16, double tol) {
         testing::Diff d, dm;
         if (bf16 && !opt.v(i).defined()) {
           const std::string was = s == 1 ? "param." : "after." + std::to_string(s - 1) + ".";
+          const Tensor update = difference(want, f.get(pre + was + p.name));
+          // torch's own bf16 update, and its distance from float64's by the same measure.
+          const Tensor off = f.get(pre + "bf16_off." + step + p.name);
+          Tensor torch16 = difference(update, Tensor());
+          for (int64_t e = 0; e < off.numel(); ++e)
+            torch16.data<double>()[e] += off.data<double>()[e];
+          testing::Diff t16;
+          testing::tensors_close("torch's bf16 update", torch16, update, 1e9, &t16);
           EXPECT_TRUE(testing::tensors_close("update " + step + p.name,
-                                             difference(p.value, before[i]),
-                                             difference(want, f.get(pre + was + p.name)), tol, &d));
+                                             difference(p.value, before[i]), update,
+                                             std::max(tol, 1.5 * t16.err), &d))
+              << "torch's own bf16 update is off by " << t16.err;
           p.value.copy_from(f.load(pre + "after." + step + p.name, DType::kF32));
         } else {
           EXPECT_TRUE(testing::tensors_close("param " + step + p.name, p.value, want, kTol, &d));
@@ -155,10 +167,11 @@ void muon_matches_torch(bool bf16, double tol) {
 TEST(AdamWReference, MuonMatchesTorch) { muon_matches_torch(/*bf16=*/false, kTol); }
 
 TEST(AdamWReference, MuonWithBf16ProductsIsWithinBf16OfTorch) {
-  // torch's own bf16 iteration is up to 7% (of the largest element) from float64 on such
-  // matrices (2.5% with 3 steps); an update without the iteration, or with a wrong scale or
-  // orientation, is off by tens of percent.
-  muon_matches_torch(/*bf16=*/true, 0.08);
+  // Within 6% (of the largest element) of float64's update, or 1.5 times torch's own bf16
+  // iteration's distance from it where that is larger (small matrices: up to 15% at 6x4 over
+  // random draws); an update without the iteration, with a wrong scale or orientation, or over
+  // the fused q/k/v whole, is off by tens of percent.
+  muon_matches_torch(/*bf16=*/true, 0.06);
 }
 
 // The bf16 values on either side of y (truncated, and the next one away from zero; equal when y

@@ -19,8 +19,10 @@ them with train.optimizer: muon, for three steps with the same learning rates an
 above. Everything is float64, and so is the Newton-Schulz iteration: torch's runs in bf16, so its
 function is swapped for the same iteration in float64 (checked against torch's own within bf16's
 error). Saved per variant: "param.<name>", "grad.<s>.<name>", "after.<s>.<name>",
-"m.<s>.<name>" (AdamW's first moment, or Muon's momentum buffer) and "v.<s>.<name>" (AdamW's
-only); the variants' options are in the "muon" metadata.
+"m.<s>.<name>" (AdamW's first moment, or Muon's momentum buffer), "v.<s>.<name>" (AdamW's
+only) and, per Muon matrix, "bf16_off.<s>.<name>": how far torch's update with its own bf16
+iteration is from the float64 one on the same step's direction. The variants' options are in the
+"muon" metadata.
 """
 
 import math
@@ -83,14 +85,17 @@ def make(seed=99):
     return out, hyper
 
 
-# name, shape, decay: Muon takes the blocks' matrices, AdamW the rest.
+# name, shape, decay, row blocks: Muon takes the blocks' matrices, AdamW the rest. A matrix with
+# row blocks is lmforge's fused q/k/v or gate/up: torch.optim.Muon sees each block as its own
+# parameter (a Hugging Face Llama's q_proj, k_proj, v_proj; gate_proj, up_proj).
 MUON_PARAMS = [
-    ("blocks.0.attn.qkv.weight", (12, 4), True),  # tall: torch transposes it
-    ("blocks.0.mlp.fc2.weight", (4, 10), True),  # wide
-    ("blocks.0.attn.proj.weight", (6, 6), True),
-    ("blocks.0.ln_1.weight", (4,), False),
-    ("tok_emb.weight", (10, 4), False),
-    ("lm_head.weight", (10, 4), True),
+    ("blocks.0.attn.qkv.weight", (12, 4), True, [6, 3, 3]),  # q tall (torch transposes it), k, v wide
+    ("blocks.0.mlp.fc.weight", (4, 10), True, [2, 2]),  # gate and up, wide
+    ("blocks.0.attn.proj.weight", (6, 6), True, None),
+    ("blocks.0.mlp.proj.weight", (10, 4), True, None),  # tall, whole
+    ("blocks.0.ln_1.weight", (4,), False, None),
+    ("tok_emb.weight", (10, 4), False, None),
+    ("lm_head.weight", (10, 4), True, None),
 ]
 MUON_VARIANTS = {
     # Moonlight's: AdamW's lr carries over.
@@ -135,29 +140,30 @@ def make_muon(out, seed=123):
     torch_muon._zeropower_via_newtonschulz = newton_schulz_f64
     try:
         for tag, opts in MUON_VARIANTS.items():
-            run_muon(out, f"muon.{tag}.", opts, seed)
+            run_muon(out, f"muon.{tag}.", opts, seed, original)
     finally:
         torch_muon._zeropower_via_newtonschulz = original
-    meta = [{"name": n, "shape": list(sh), "decay": d} for n, sh, d in MUON_PARAMS]
+    meta = [{"name": n, "shape": list(sh), "decay": d, "row_blocks": rows or []}
+            for n, sh, d, rows in MUON_PARAMS]
     return {"variants": MUON_VARIANTS, "params": meta}
 
 
-def run_muon(out, prefix, opts, seed):
+def run_muon(out, prefix, opts, seed, zeropower_bf16):
     torch.manual_seed(seed)
-    params = {}
-    for name, shape, _ in MUON_PARAMS:
+    params = {}  # name: its torch parameters (one per row block)
+    for name, shape, _, rows in MUON_PARAMS:
         value = torch.randn(shape, dtype=torch.float64) * 0.5 + (1.0 if "ln_" in name else 0.0)
         out[prefix + "param." + name] = value.clone()
-        params[name] = torch.nn.Parameter(value)
-    is_muon = {n: len(sh) == 2 and n.startswith("blocks.") for n, sh, _ in MUON_PARAMS}
-    muon = torch.optim.Muon([params[n] for n in params if is_muon[n]], lr=LRS[0],
+        params[name] = [torch.nn.Parameter(v.clone()) for v in value.split(rows or [shape[0]])]
+    is_muon = {n: len(sh) == 2 and n.startswith("blocks.") for n, sh, _, _ in MUON_PARAMS}
+    muon = torch.optim.Muon([b for n in params if is_muon[n] for b in params[n]], lr=LRS[0],
                             weight_decay=WEIGHT_DECAY, momentum=opts["momentum"],
                             nesterov=opts["nesterov"], ns_steps=opts["ns_steps"],
                             adjust_lr_fn=opts["adjust_lr"])
     groups = [
-        {"params": [params[n] for n, _, d in MUON_PARAMS if not is_muon[n] and d],
+        {"params": [params[n][0] for n, _, d, _ in MUON_PARAMS if not is_muon[n] and d],
          "weight_decay": WEIGHT_DECAY},
-        {"params": [params[n] for n, _, d in MUON_PARAMS if not is_muon[n] and not d],
+        {"params": [params[n][0] for n, _, d, _ in MUON_PARAMS if not is_muon[n] and not d],
          "weight_decay": 0.0},
     ]
     adamw = torch.optim.AdamW(groups, lr=LRS[0], betas=BETAS, eps=EPS, foreach=False,
@@ -167,22 +173,39 @@ def run_muon(out, prefix, opts, seed):
             g["lr"] = lr * opts["lr_ratio"]
         for g in adamw.param_groups:
             g["lr"] = lr
-        for name, shape, _ in MUON_PARAMS:
+        for name, shape, _, rows in MUON_PARAMS:
             grad = torch.randn(shape, dtype=torch.float64)
-            params[name].grad = grad
+            for b, gb in zip(params[name], grad.split(rows or [shape[0]])):
+                b.grad = gb.clone()
             out[f"{prefix}grad.{step}.{name}"] = grad.clone()
         if step == CLIP_STEP:
-            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), MAX_NORM)
+            norm = torch.nn.utils.clip_grad_norm_([b for bs in params.values() for b in bs],
+                                                  MAX_NORM)
             assert norm > MAX_NORM, "the clipped step must clip"
         muon.step()
         adamw.step()
-        for name, p in params.items():
-            out[f"{prefix}after.{step}.{name}"] = p.detach().clone()
+        # torch's own update with its bf16 iteration on the same direction, the measure of bf16's
+        # error here: lmforge's bf16 products are checked against float64 within a multiple of it.
+        group = muon.param_groups[0]
+        for name, blocks in params.items():
+            if not is_muon[name]:
+                continue
+            deltas = []
+            for b in blocks:
+                buf, g = muon.state[b]["momentum_buffer"], b.grad
+                u = g.lerp(buf, opts["momentum"]) if opts["nesterov"] else buf
+                args = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+                off = zeropower_bf16(u, *args).double() - newton_schulz_f64(u, *args)
+                deltas.append(-torch_muon._adjust_lr(group["lr"], opts["adjust_lr"], b.shape) * off)
+            out[f"{prefix}bf16_off.{step}.{name}"] = torch.cat(deltas)
+        for name, blocks in params.items():
+            out[f"{prefix}after.{step}.{name}"] = torch.cat([b.detach() for b in blocks])
             if is_muon[name]:
-                out[f"{prefix}m.{step}.{name}"] = muon.state[p]["momentum_buffer"].clone()
+                out[f"{prefix}m.{step}.{name}"] = torch.cat(
+                    [muon.state[b]["momentum_buffer"] for b in blocks])
             else:
-                out[f"{prefix}m.{step}.{name}"] = adamw.state[p]["exp_avg"].clone()
-                out[f"{prefix}v.{step}.{name}"] = adamw.state[p]["exp_avg_sq"].clone()
+                out[f"{prefix}m.{step}.{name}"] = adamw.state[blocks[0]]["exp_avg"].clone()
+                out[f"{prefix}v.{step}.{name}"] = adamw.state[blocks[0]]["exp_avg_sq"].clone()
 
 
 def make_bf16_master(out, seed):

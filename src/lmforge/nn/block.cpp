@@ -119,6 +119,9 @@ void Block::declare(ParamSet& ps, const std::string& p, const ModelConfig& c, in
   fc.declare(ps, p + ".mlp.fc", C, c.fc_width(), c.bias, rank("fc"), s, c.lora_pieces("fc"),
              c.lora.dropout);
   down.declare(ps, p + ".mlp.proj", F, C, c.bias, rank("down"), s, {}, c.lora.dropout);
+  const int64_t q = c.n_head * c.head_size(), kv = c.kv_heads() * c.head_size();
+  qkv.weight->row_blocks = {q, kv, kv};
+  if (c.gated_mlp()) fc.weight->row_blocks = {F, F};
   if (c.post_norms)
     post2.declare(ps, p + ".mlp.post_norm", C, rms, c.norm_eps, c.bias, c.norm_offset);
 }

@@ -8,7 +8,7 @@ namespace lmforge {
 
 Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
   LMF_CHECK(find(name) == nullptr, "duplicate parameter {}", name);
-  params_.push_back(Param{name, shape, decay, {}, {}, false, false, {}, 0, {}});
+  params_.push_back(Param{name, shape, decay, {}, {}, false, false, {}, 0, {}, {}});
   return &params_.back();
 }
 

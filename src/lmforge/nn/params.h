@@ -29,6 +29,9 @@ struct Param {
   Tensor value_bf16;        // bf16(value) for the matmuls when enabled; see ParamSet
   int64_t flat_offset = 0;  // first element in ParamSet's flat space (ParamSet::offset)
   Tensor value_f32;         // bf16 master weights: the fp32 working copy of a 1-D parameter
+  // The rows of each projection stacked in this matrix (attn.qkv: q, k, v; a gated mlp.fc: gate,
+  // up), which Muon orthogonalizes apart; empty: one matrix.
+  std::vector<int64_t> row_blocks;
   // On the host, zero_grad() leaves a matmul weight's gradient as it was and sets this instead:
   // the step's first GEMM into it then writes rather than adds (PyTorch's zero_grad with
   // set_to_none), which saves the pass that zeroing the buffer costs. Whoever adds to the

@@ -113,6 +113,9 @@ void AdamW::set_muon_shares(MuonShares shares) {
 //   X^T X from the right, which is the same as torch's transposing it):
 //     A = X X^T;  X = a X + (b A + c A^2) X;
 //   W = (1 - lr wd) W - lr_adj X.
+// The fused attn.qkv and gated mlp.fc are each the projections stacked (Param::row_blocks): every
+// block steps as its own matrix (orthogonalize, muon_apply), as torch.optim.Muon over a Hugging
+// Face Llama's q_proj, k_proj, v_proj, gate_proj and up_proj, and the nanoGPT speedrun's q, k, v.
 void AdamW::muon_direction(size_t i, const Tensor& x, double grad_scale) {
   const OptSlot& s = slots_[i];
   const MuonOptions& mo = opt_.muon;
@@ -129,45 +132,100 @@ void AdamW::newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C) {
   const bool tall = R > C;
   const Tensor gram = ns_gram_.slice(0, k * k).view({k, k});
   const Tensor poly = ns_poly_.slice(0, k * k).view({k, k});
-  // A product's weight operand: itself, or its bf16 copy (which selects the bf16 matmul); with
-  // convert false only its shape is used.
-  auto weight = [&](const Tensor& t, const Tensor& buf16, bool convert = true) {
+  // With bf16 products, t rounded to bf16 in place (its bf16 copy, in buf16, is what selects the
+  // bf16 matmul as a product's weight operand): as in torch's iteration, X and A = XX^T are each
+  // rounded once and used so everywhere, in the products and in the sums (a mix of a rounded and
+  // an unrounded X or A lands about twice as far from float64's result). Without, t itself.
+  auto rounded = [&](const Tensor& t, const Tensor& buf16) {
     if (!mo.bf16) return t;
-    Tensor w16 = buf16.slice(0, t.numel()).view(t.shape());
-    if (convert) ops::to_bf16(w16, t);
-    return w16;
+    Tensor t16 = buf16.slice(0, t.numel()).view(t.shape());
+    ops::to_bf16(t16, t);
+    ops::from_bf16(t, t16);
+    return t16;
   };
   ops::scale(x, 1.0 / std::max(std::sqrt(ops::sum_squares(x)), mo.eps));
   for (int it = 0; it < mo.ns_steps; ++it) {
-    const Tensor xw = tall ? Tensor() : weight(x, ns_x16_);  // (wide: X is a weight twice)
+    const Tensor xw = rounded(x, ns_x16_);  // (wide: X is a weight twice)
     // gram = X^T X (tall: a weight gradient's product) or X X^T (wide).
     if (tall)
-      ops::linear_backward({}, gram, {}, x, x, weight(gram, ns_gram16_, /*convert=*/false),
+      ops::linear_backward({}, gram, {}, x, x,
+                           mo.bf16 ? ns_gram16_.slice(0, k * k).view({k, k}) : gram,
                            /*dweight_accumulate=*/false);
     else
       ops::linear_forward(gram, x, xw, {});
     // gram gram^T = gram^2 (symmetric)
-    ops::linear_forward(poly, gram, weight(gram, ns_gram16_), {});
+    ops::linear_forward(poly, gram, rounded(gram, ns_gram16_), {});
     ops::axpby(poly, mo.c, gram, mo.b);  // b gram + c gram^2, symmetric too
-    if (tall)
-      ops::linear_forward(next, x, weight(poly, ns_poly16_), {});  // X poly^T = X poly
-    else  // poly X, as an input gradient (dout poly, weight X)
+    if (tall) {
+      Tensor poly16 = mo.bf16 ? ns_poly16_.slice(0, k * k).view({k, k}) : poly;
+      if (mo.bf16) ops::to_bf16(poly16, poly);
+      ops::linear_forward(next, x, poly16, {});  // X poly^T = X poly
+    } else {  // poly X, as an input gradient (dout poly, weight X)
       ops::linear_backward(next, {}, {}, poly, /*inp: its shape only*/ next, xw,
                            /*dweight_accumulate=*/true, /*dinp_accumulate=*/false);
+    }
     ops::axpby(next, 1.0, x, mo.a);
     std::swap(x, next);
   }
 }
 
-void AdamW::muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C) {
+namespace {
+// The row blocks of p (Param::row_blocks; all its rows when none), as rows of p.
+std::vector<int64_t> row_blocks(const Param& p) {
+  if (p.row_blocks.empty()) return {p.shape[0]};
+  int64_t rows = 0;
+  for (int64_t r : p.row_blocks) rows += r;
+  LMF_CHECK(rows == p.shape[0], "{}: row blocks of {} rows in a matrix of {}", p.name, rows,
+            p.shape[0]);
+  return p.row_blocks;
+}
+
+// The rows of the whole matrix w per row of p: 1, or under tensor parallelism the group's size
+// where p holds a share of w's rows (each of its blocks a share of the whole's same block).
+int64_t rows_scale(const Param& p, const Shape& w) {
+  LMF_CHECK(w[0] % p.shape[0] == 0, "{}: {} is not a share of the rows of {}", p.name,
+            p.shape.str(), w.str());
+  return w[0] / p.shape[0];
+}
+}  // namespace
+
+void AdamW::orthogonalize(const Param& p, Tensor& X, Tensor& next, const Shape& w) {
+  const int64_t C = w[1], scale = rows_scale(p, w);
+  const Tensor x = X.view({w.numel()}), n = next.view({w.numel()});
+  bool traded = false;
+  int64_t row = 0;
+  for (int64_t rows : row_blocks(p)) {
+    rows *= scale;
+    Tensor xb = x.slice(row * C, rows * C).view({rows, C});
+    Tensor nb = n.slice(row * C, rows * C).view({rows, C});
+    const void* was = xb.raw();
+    newton_schulz(xb, nb, rows, C);
+    traded = xb.raw() != was;  // (the same for every block: the same number of iterations)
+    row += rows;
+  }
+  if (traded) std::swap(X, next);
+}
+
+void AdamW::muon_apply(size_t i, const Tensor& x, double lr, const Shape& w) {
   const OptSlot& s = slots_[i];
+  const Param& p = *s.param;
   const MuonOptions& mo = opt_.muon;
   const double muon_lr = lr * mo.lr_ratio;
-  const double ratio = mo.match_rms_adamw ? 0.2 * std::sqrt(static_cast<double>(std::max(R, C)))
-                                          : std::sqrt(std::max(1.0, static_cast<double>(R) / C));
-  const double wd = s.param->decay ? opt_.weight_decay : 0.0;
-  ops::axpby(s.value.view({s.len}), 1 - muon_lr * wd, x.view({x.numel()}).slice(s.begin, s.len),
-             -muon_lr * ratio);
+  const double wd = p.decay ? opt_.weight_decay : 0.0;
+  const int64_t C = w[1], cols = p.shape[1], scale = rows_scale(p, w);
+  const Tensor value = s.value.view({s.len}), dir = x.view({x.numel()});
+  int64_t at = 0;  // the block's first element in p's layout
+  for (const int64_t rows : row_blocks(p)) {
+    const auto R = static_cast<double>(rows * scale);  // the block's rows in the matrix Muon saw
+    const double ratio = mo.match_rms_adamw ? 0.2 * std::sqrt(std::max(R, static_cast<double>(C)))
+                                            : std::sqrt(std::max(1.0, R / C));
+    // The part of the block in the slot.
+    const int64_t begin = std::max(at, s.begin), end = std::min(at + rows * cols, s.begin + s.len);
+    if (begin < end)
+      ops::axpby(value.slice(begin - s.begin, end - begin), 1 - muon_lr * wd,
+                 dir.slice(begin, end - begin), -muon_lr * ratio);
+    at += rows * cols;
+  }
 }
 
 // Every Muon matrix of the set in order: its direction from this rank's slot (if any), gathered
@@ -209,9 +267,9 @@ void AdamW::muon_steps(double lr, double grad_scale) {
     const int64_t R = w[0], C = w[1];
     Tensor X = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
     if (shares) shares_.gather(p, x, X.view({R * C}));
-    newton_schulz(X, next, R, C);  // (X may now be the other buffer)
+    orthogonalize(p, X, next, w);  // (X may now be the other buffer)
     if (shares) shares_.take(p, X.view({R * C}), x);
-    muon_apply(i, shares ? x : X.view({R * C}), lr, R, C);
+    muon_apply(i, shares ? x : X.view({R * C}), lr, w);
   }
   if (!round.empty()) muon_rounds(round, rounds, lr);
 }
@@ -234,9 +292,10 @@ void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices,
                    (k == own ? ns_x_ : ns_other_).slice(0, whole_of(k).numel()));
   Tensor result;  // this rank's matrix, orthogonalized
   if (own < matrices.size()) {
-    const int64_t R = whole_of(own)[0], C = whole_of(own)[1];
+    const Shape w = whole_of(own);
+    const int64_t R = w[0], C = w[1];
     Tensor X = ns_x_.slice(0, R * C).view({R, C}), next = ns_next_.slice(0, R * C).view({R, C});
-    newton_schulz(X, next, R, C);  // (X may now be the other buffer)
+    orthogonalize(ps[matrices[own].first], X, next, w);  // (X may now be the other buffer)
     result = X.view({R * C});
   }
   for (size_t k = 0; k < matrices.size(); ++k) {
@@ -245,7 +304,7 @@ void AdamW::muon_rounds(const std::vector<std::pair<size_t, int64_t>>& matrices,
     shares_.broadcast(whole, static_cast<int>((static_cast<int>(k) + r) % N));
     const Param& p = ps[matrices[k].first];
     shares_.take(p, whole, share_of(k));
-    muon_apply(static_cast<size_t>(matrices[k].second), share_of(k), lr, w[0], w[1]);
+    muon_apply(static_cast<size_t>(matrices[k].second), share_of(k), lr, w);
   }
 }
 

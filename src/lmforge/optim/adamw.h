@@ -128,8 +128,12 @@ class AdamW {
   // the rest of x is filled, its orthogonalization and the slot's update.
   void muon_direction(size_t i, const Tensor& x, double grad_scale);
   void newton_schulz(Tensor& x, Tensor& next, int64_t R, int64_t C);
-  // x: the slot's matrix's orthogonalized direction (flat); R, C: the matrix Muon saw.
-  void muon_apply(size_t i, const Tensor& x, double lr, int64_t R, int64_t C);
+  // X (w: p's shape, or the whole matrix p is a share of) orthogonalized, each of p's row blocks
+  // apart (Param::row_blocks); X and next may trade buffers.
+  void orthogonalize(const Param& p, Tensor& X, Tensor& next, const Shape& w);
+  // x: the slot's parameter's orthogonalized direction (flat, in its layout); w: as above, for
+  // the lr adjustment of each block (its rows in the matrix Muon saw).
+  void muon_apply(size_t i, const Tensor& x, double lr, const Shape& w);
   void muon_steps(double lr, double grad_scale);
   // Under tensor parallelism: round r of the Muon matrices this rank holds slots of (parameter
   // index j, slot i), orthogonalized over the group (set_muon_shares), its k-th by rank
