@@ -273,6 +273,9 @@ TEST(HfConfig, RopeAndWindowAsTransformersReadsThem) {
   json llama3_7 = llama3;
   llama3_7["rope_theta"] = 7.0;
   with({{"rope_parameters", llama3_7}, {"rope_theta", 500000.0}});
+  json llama3_no_original = llama3;  // (transformers takes max_position_embeddings)
+  llama3_no_original.erase("original_max_position_embeddings");
+  with({{"rope_scaling", llama3_no_original}, {"max_position_embeddings", 2048}});
   with({{"model_type", "mistral"}});
   with({{"model_type", "mistral"}, {"sliding_window", nullptr}});
   with({{"model_type", "mistral"}, {"sliding_window", 16}});
@@ -293,6 +296,10 @@ TEST(HfConfig, RopeAndWindowAsTransformersReadsThem) {
     EXPECT_EQ(m.rope_scaling.factor > 0 ? m.rope_scaling.type : "default", type);
     if (type != "default") {
       EXPECT_EQ(m.rope_scaling.factor, ref[i]["factor"].get<double>());
+    }
+    if (type == "llama3") {
+      EXPECT_EQ(m.rope_scaling.original_max_position_embeddings,
+                ref[i]["original_max_position_embeddings"].get<int64_t>());
     }
     EXPECT_EQ(m.sliding_window,
               ref[i]["sliding_window"].is_null() ? 0 : ref[i]["sliding_window"].get<int64_t>());
@@ -321,6 +328,10 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {5, "use_sliding_window", true, "use_sliding_window"},
       {8, "rope_interleaved", true, "rope_interleaved"},
       {7, "rope_scaling", {{"type", "longrope"}, {"long_factor", {1.0}}}, "long"},
+      {7,
+       "rope_scaling",
+       {{"rope_type", "linear"}, {"factor", 2.0}},
+       "rope_scaling"},  // (Phi3Config)
       {2, "num_hidden_layers", "32", "num_hidden_layers"},
       {2, "rope_scaling", {{"rope_type", "llama3"}, {"low_freq_factor", 1.0}}, "factor"},
       {2, "rope_scaling", {{"rope_type", "llama3"}, {"factor", -8.0}}, "factor"},

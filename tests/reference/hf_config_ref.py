@@ -5,7 +5,7 @@ top-level rope_theta), the reference for tests/models/test_hf_config.cpp.
   hf_config_ref.py --configs in.json --out out.json
 
 in.json: [config dict, ...]; out.json: [{"rope_theta", "rope_type", "factor" (or null),
-"sliding_window" (or null)}, ...].
+"original_max_position_embeddings" (or null), "sliding_window" (or null)}, ...].
 """
 import argparse
 import json
@@ -23,5 +23,7 @@ for d in json.load(open(a.configs)):
     c = transformers.CONFIG_MAPPING[d["model_type"]].from_dict(dict(d))  # as from_pretrained
     p = c.rope_parameters
     out.append({"rope_theta": p["rope_theta"], "rope_type": p.get("rope_type", "default"),
-                "factor": p.get("factor"), "sliding_window": getattr(c, "sliding_window", None)})
+                "factor": p.get("factor"),
+                "original_max_position_embeddings": p.get("original_max_position_embeddings"),
+                "sliding_window": getattr(c, "sliding_window", None)})
 json.dump(out, open(a.out, "w"))

@@ -198,8 +198,9 @@ void read_rope(ConfigReader& r, const json& j, ModelConfig& m) {
     m.rope_scaling.factor = positive("factor", 0);
     m.rope_scaling.low_freq_factor = positive("low_freq_factor", 1.0);
     m.rope_scaling.high_freq_factor = positive("high_freq_factor", 4.0);
-    m.rope_scaling.original_max_position_embeddings =
-        static_cast<int64_t>(positive("original_max_position_embeddings", 8192));
+    // (absent: max_position_embeddings, as transformers' standardize_rope_params)
+    m.rope_scaling.original_max_position_embeddings = static_cast<int64_t>(
+        positive("original_max_position_embeddings", static_cast<double>(m.max_seq_len)));
   }
 }
 
@@ -281,6 +282,9 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   if (type == "phi3") {
     // Only read by the longrope scaling, which read_rope() rejects.
     if (r.has("original_max_position_embeddings")) r.integer("original_max_position_embeddings");
+    if (m.rope_scaling.factor > 0)  // (Phi3Config refuses them: default or longrope only)
+      r.unsupported(r.has("rope_scaling") ? "rope_scaling" : "rope_parameters",
+                    "Phi-3 takes no llama3 or linear RoPE scaling (transformers refuses it too)");
   }
 }
 
