@@ -384,6 +384,19 @@ TEST_F(ObjectivesE2E, DistillationPullsTheStudentToTheTeacher) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("distillation needs the same tokenizer"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/x5"));
+
+  // The teacher exported to Hugging Face (its tokenizer now a tokenizer.json, with another
+  // fingerprint) has the same vocabulary as this run's GPT-2 tiktoken file: it is taken.
+  r = testing::run_lmforge("export --checkpoint base_run --to-hf base_hf", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.vocab_size=0 --set data.tokenizer=" + tok() +
+          " --set data.train=base/data --set train.objective=distill"
+          " --set train.teacher=hf:base_hf --set train.batch_size=2 --set train.seq_len=32"
+          " --set train.steps=1 --set train.eval_every=0 --set sample.prompt= --set run.dir=x6",
+      dir_);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("objective: distill from hf:base_hf"), std::string::npos) << r.out;
 }
 
 TEST_F(ObjectivesE2E, WrongSetUpIsOneClearError) {

@@ -107,6 +107,20 @@ TEST(TokenizerHfExportByteLevel, BosBecomesTemplateProcessing) {
   // What lmforge exported it loads again, with the same ids.
   auto back = load_tokenizer(dir + "/out");
   EXPECT_EQ(back->encode("ab abc", false, true), tok->encode("ab abc", false, true));
+  // Another format (its fingerprint hashes other files) with the same vocabulary: a model of one
+  // takes the other's ids (init_from with data.tokenizer, a distillation teacher).
+  EXPECT_NE(back->fingerprint(), tok->fingerprint());
+  EXPECT_TRUE(same_vocabulary(*back, *tok));
+  EXPECT_TRUE(same_vocabulary(*tok, *tok));
+  // One token's bytes, a special's name, or the EOS apart is another vocabulary.
+  const std::string other = testing::temp_dir("hf-export-unit-bos-other");
+  EXPECT_FALSE(same_vocabulary(
+      *back,
+      *tiny_tiktoken(other, {"ac"}, R"({"<|begin_of_text|>": 257, "<|end_of_text|>": 258})")));
+  EXPECT_FALSE(same_vocabulary(
+      *back, *tiny_tiktoken(other, {"ab"}, R"({"<|begin_of_text|>": 257, "<|eot_id|>": 258})")));
+  EXPECT_FALSE(
+      same_vocabulary(*back, *tiny_tiktoken(other, {"ab"}, R"({"<|begin_of_text|>": 257})")));
 }
 
 SentencePieceModel tiny_sentencepiece() {

@@ -18,6 +18,23 @@ std::string fnv1a_hex(std::string_view data, uint64_t h) {
   return fmt::format("{:016x}", h);
 }
 
+bool same_vocabulary(const Tokenizer& a, const Tokenizer& b) {
+  if (a.fingerprint() == b.fingerprint()) return true;
+  if (a.vocab_size() != b.vocab_size() || a.special_tokens() != b.special_tokens() ||
+      a.bos_id() != b.bos_id() || a.eos_id() != b.eos_id())
+    return false;
+  auto bytes = [](const Tokenizer& t, int32_t id) -> std::optional<std::string> {
+    try {
+      return t.token_bytes(id);
+    } catch (const Error&) {  // (an unassigned id)
+      return std::nullopt;
+    }
+  };
+  for (int32_t id = 0; id < a.vocab_size(); ++id)
+    if (bytes(a, id) != bytes(b, id)) return false;
+  return true;
+}
+
 std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
   auto it = specials_.find(std::string(name));
   if (it == specials_.end()) return std::nullopt;

@@ -82,6 +82,12 @@ bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir);
 // such as nmt_nfkc, ...).
 void export_hf_tokenizer(const Tokenizer& tok, const std::string& dir);
 
+// Whether every id means the same token in a and b: the same fingerprint, or tokenizers of other
+// formats with the same vocabulary (each id's bytes, the specials by name, BOS and EOS), such as a
+// tiktoken file and the tokenizer.json lmforge exports from it. What a model trained on one's ids
+// needs of the other (init_from with data.tokenizer, a distillation teacher).
+bool same_vocabulary(const Tokenizer& a, const Tokenizer& b);
+
 // FNV-1a 64-bit of data, as 16 hex digits (tokenizer fingerprints).
 std::string fnv1a_hex(std::string_view data, uint64_t seed = 0xcbf29ce484222325ull);
 

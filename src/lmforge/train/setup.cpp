@@ -89,7 +89,7 @@ RunSetup setup_run(Config& cfg) {
     } catch (const Error& e) {
       fail("data.tokenizer: {}", e.what());
     }
-  if (init && init->tokenizer && tokenizer->fingerprint() != init->tokenizer->fingerprint())
+  if (init && init->tokenizer && !same_vocabulary(*tokenizer, *init->tokenizer))
     fail(
         "data.tokenizer: {} differs from the tokenizer of init_from {}; remove data.tokenizer to "
         "use the model's own",
@@ -207,7 +207,7 @@ RunSetup setup_run(Config& cfg) {
     } catch (const Error& e) {
       fail("train.teacher: {}", e.what());
     }
-    if (src.tokenizer->fingerprint() != tokenizer->fingerprint())
+    if (!same_vocabulary(*src.tokenizer, *tokenizer))
       fail(
           "train.teacher: {} has tokenizer {} ({}) but this run's is {} ({}); distillation needs "
           "the same tokenizer",
