@@ -84,7 +84,7 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
       fail("{}: the tokenizer has {} ids but model.vocab_size is {}; the checkpoint is corrupt",
            dir, l.tok->vocab_size(), mc.vocab_size);
   }
-  s.add_stop(l.tok->eos_id());
+  for (int32_t id : stop_token_ids(*l.tok)) s.add_stop(id);  // (a checkpoint's copy of them too)
   s.vocab_limit = l.tok->vocab_size();
   return l;
 }

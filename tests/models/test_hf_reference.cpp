@@ -363,6 +363,18 @@ TEST(HfCli, GenerateStopsAtTheModelsEndIdsAndReadsSpecialsOnRequest) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out).at("finish_reason"), "stop") << r.out;
   EXPECT_EQ(json::parse(r.out).at("completion"), "") << r.out;
+  // Converted, the checkpoint keeps the model's generation_config.json with its tokenizer:
+  // generate from it stops alike, and an export writes it again.
+  r = t::run_lmforge("convert --from-hf hf --out ck", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = t::run_lmforge("generate --checkpoint ck --prompts p.jsonl --temperature 0 --max-tokens 6",
+                     root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out).at("finish_reason"), "stop") << r.out;
+  r = t::run_lmforge("export --checkpoint ck --to-hf out", root);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(t::slurp(root + "/out/generation_config.json")).at("eos_token_id"),
+            g["eos_token_id"]);
 
   // The special token's text: one id with --allow-special, its characters without.
   const std::string special = tok->decode({tok->eos_id()});

@@ -7,6 +7,7 @@
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge {
 
@@ -606,6 +607,22 @@ std::vector<int64_t> hf_stop_token_ids(const std::string& dir) {
     if (!ids.empty()) return ids;
   }
   return {};
+}
+
+std::string hf_tokenizer_dir(const Tokenizer& tok) {
+  if (!tok.kind().starts_with("hf-")) return "";
+  const fs::path src(tok.source());
+  return src.filename() == "tokenizer.json" ? src.parent_path().string() : "";
+}
+
+std::vector<int32_t> stop_token_ids(const Tokenizer& tok) {
+  std::vector<int32_t> out;
+  if (tok.eos_id() >= 0) out.push_back(tok.eos_id());
+  if (const std::string dir = hf_tokenizer_dir(tok); !dir.empty())
+    for (int64_t id : hf_stop_token_ids(dir))
+      if (id >= 0 && id < tok.vocab_size() && id != tok.eos_id())
+        out.push_back(static_cast<int32_t>(id));
+  return out;
 }
 
 HfConfig read_hf_config(const std::string& dir) {

@@ -41,6 +41,13 @@ HfConfig read_hf_config(const std::string& dir);
 // or a list: Llama 3 Instruct's [128001, 128009], Gemma 2's [1, 107]) where it has one, else
 // config.json's; empty when neither names any.
 std::vector<int64_t> hf_stop_token_ids(const std::string& dir);
+// The directory of the Hugging Face tokenizer.json tok was loaded from (a model directory, or a
+// checkpoint's copy of one, which keeps its generation_config.json beside it), else "".
+std::string hf_tokenizer_dir(const Tokenizer& tok);
+// The ids generation stops at with tok: its EOS, and hf_stop_token_ids of hf_tokenizer_dir(tok)
+// in its vocabulary (Llama 3 Instruct's <|eot_id|> beside <|end_of_text|>), as transformers'
+// generate; so after convert --from-hf or init_from: hf:DIR too.
+std::vector<int32_t> stop_token_ids(const Tokenizer& tok);
 HfConfig hf_config_from_json(const nlohmann::json& j, const std::string& source);
 // The config.json transformers needs for `model` (its arch must be able to express it; throws
 // naming the field otherwise). Token ids < 0 are written as null.

@@ -282,9 +282,17 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   fs::create_directories(dir);
   write_safetensors_set(dir, tensors, {{"format", "pt"}}, max_shard_bytes);
   write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-  json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
-              {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
-  write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
+  // The source model's generation_config.json where the tokenizer came with one (its end ids and
+  // sampling defaults, as transformers' save_pretrained keeps them), else the tokenizer's ids.
+  const std::string from = tok ? hf_tokenizer_dir(*tok) : "";
+  if (!from.empty() && fs::exists(fs::path(from) / "generation_config.json")) {
+    write_file_atomic((fs::path(dir) / "generation_config.json").string(),
+                      read_file((fs::path(from) / "generation_config.json").string()));
+  } else {
+    json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
+                {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
+    write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
+  }
   if (tok) export_hf_tokenizer(*tok, dir);
 }
 

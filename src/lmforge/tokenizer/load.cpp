@@ -139,12 +139,13 @@ bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir) {
   } else {
     copy(src, "tokenizer.json");
     // What transformers reads beside it: the EOS (which load_hf_tokenizer_json takes from it),
-    // the pad token, the chat template, the length; an export carries them on.
+    // the pad token, the chat template, the length, and the model's generation_config.json (the
+    // ids generate stops at, its sampling defaults); an export carries them on.
     // (a model directory's pair only, as load_hf_tokenizer_json reads it: the copy is named
     // tokenizer.json whatever the original's name, and must load as the same tokenizer)
     if (src.filename() == "tokenizer.json")
-      for (const char* name :
-           {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+      for (const char* name : {"tokenizer_config.json", "special_tokens_map.json",
+                               "chat_template.jinja", "generation_config.json"})
         if (fs::exists(src.parent_path() / name)) copy(src.parent_path() / name, name);
   }
   return true;

@@ -11,6 +11,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
+#include "lmforge/models/hf.h"
 #include "lmforge/nn/block.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/guard.h"
@@ -35,7 +36,8 @@ SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
   o.top_p = cfg.sample.top_p;
   o.seed = cfg.train.seed;
   o.vocab_limit = tok ? tok->vocab_size() : 0;
-  if (tok) o.add_stop(tok->eos_id());
+  if (tok)
+    for (int32_t id : stop_token_ids(*tok)) o.add_stop(id);
   return o;
 }
 
