@@ -149,6 +149,35 @@ TEST(Loader, BestFitPackingCutsFewerDocumentsAndRestartsPositions) {
   }
 }
 
+// Packed, every token of every document but its first is a target exactly once per epoch (a long
+// document's slots overlap by one token, as the windows of data.packing: none do), and a
+// sequential read (validation) goes through the documents in order: its first batch holds the
+// first documents, not the long ones' slots.
+TEST(Loader, BestFitTargetsEveryTokenOnceAndReadsInDocumentOrder) {
+  std::vector<int> lens = {5, 100, 34, 65, 66, 33, 2, 1};
+  for (int d = 0; d < 60; ++d) lens.push_back(3 + (d * 37) % 29);
+  const std::string path = doc_shard(testing::temp_dir("loader-pack-targets"), "d.bin", lens);
+  LoaderOptions o = opts(4, 32, 1);
+  o.packing = "best_fit";
+  Loader l(parse_data_spec(path, "data.train"), o);
+  Batch b = Batch::make(4, 32);
+  std::multiset<int32_t> targets;
+  for (int64_t i = 0; i < l.sequential_batches(); ++i) {
+    l.sequential(i, b);
+    for (int j = 0; j < 4 * 32; ++j)
+      if (b.targets.data<int32_t>()[j] != -100) targets.insert(b.targets.data<int32_t>()[j]);
+    if (i == 0) {  // documents 0 and 1's first tokens
+      std::set<int32_t> first(b.tokens.data<int32_t>(), b.tokens.data<int32_t>() + 4 * 32);
+      EXPECT_TRUE(first.count(0) && first.count(1000))
+          << "the first batch is not the first documents'";
+    }
+  }
+  std::multiset<int32_t> want;
+  for (size_t d = 0; d < lens.size(); ++d)
+    for (int i = 1; i < lens[d]; ++i) want.insert(static_cast<int32_t>(1000 * d + i));
+  EXPECT_EQ(targets, want);
+}
+
 TEST(Loader, RejectsTokensBeyondTheVocabularyAndTooLittleData) {
   std::string dir = testing::temp_dir("loader-vocab");
   std::string path = counting_shard(dir, "s.bin", 300);

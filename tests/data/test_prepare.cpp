@@ -205,6 +205,17 @@ TEST(Prepare, PoisonedCorpusCountsEachReasonAndKeepsOnlyTheCleanDocuments) {
   EXPECT_EQ(shard_files(dir + "/out-poisoned/src"), shard_files(dir + "/out-clean/src"));
 }
 
+// A file named by several inputs (its directory, a glob in it, its path spelled another way) is
+// read once, at its first place.
+TEST(Prepare, InputsNamingAFileTwiceReadItOnce) {
+  const std::string dir = testing::temp_dir("prepare-inputs");
+  std::filesystem::create_directories(dir + "/in");
+  for (const char* name : {"a.jsonl", "b.txt"}) std::ofstream(dir + "/in/" + name) << "x\n";
+  const std::vector<std::string> files = expand_inputs(
+      {dir + "/in/b.txt", dir + "/in", dir + "/in/*.jsonl", dir + "/in/../in/a.jsonl"});
+  EXPECT_EQ(files, (std::vector<std::string>{dir + "/in/b.txt", dir + "/in/a.jsonl"}));
+}
+
 TEST(Prepare, SplitsByCount) {
   std::string dir = testing::temp_dir("prepare-count");
   auto docs = make_docs(50);

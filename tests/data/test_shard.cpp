@@ -61,6 +61,28 @@ TEST(Shard, BadMagicSizeMismatchAndMissingFileAreClearErrors) {
   EXPECT_THROW(expand_shards(dir + "/nothing*", "data.train"), Error);
 }
 
+// A prepared source's directory gives the key's split; a glob over both splits is refused (the
+// validation documents would be trained on), a glob of one split is taken.
+TEST(Shard, AGlobOverBothSplitsOfAPreparedSourceIsRefused) {
+  std::string dir = testing::temp_dir("shard-splits");
+  for (const char* name : {"train-00000.bin", "train-00001.bin", "val-00000.bin"})
+    write_shard(dir + "/" + name, std::vector<uint32_t>(10, 1));
+  EXPECT_EQ(expand_shards(dir, "data.train").size(), 2u);
+  EXPECT_EQ(expand_shards(dir, "data.val").size(), 1u);
+  EXPECT_EQ(expand_shards(dir + "/train-*.bin", "data.train").size(), 2u);
+  EXPECT_EQ(expand_shards(dir + "/val-*", "data.train").size(), 1u);  // asked for by name
+  for (const char* key : {"data.train", "data.val"}) {
+    try {
+      expand_shards(dir + "/*.bin", key);
+      ADD_FAILURE() << key << ": a glob over both splits was taken";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("matches both train-*.bin and val-*.bin"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
 // The document index is checked whole: an entry in the middle past the tokens, or going back,
 // would make the loader read past the mapped file. 2-byte tokens leave the index unaligned
 // (N odd): it still reads back.

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 
 #include "lmforge/core/error.h"
 #include "lmforge/core/utf8.h"
@@ -34,6 +35,7 @@ bool is_input_file(const fs::path& p) {
 
 std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
   std::vector<std::string> out;
+  std::set<std::string> taken;  // canonical paths
   for (const std::string& spec : specs) {
     std::vector<std::string> found;
     std::error_code ec;
@@ -52,7 +54,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
     }
     if (found.empty()) fail("{}: matches no input files (.txt, .jsonl, .gz, .zst)", spec);
     std::sort(found.begin(), found.end());
-    out.insert(out.end(), found.begin(), found.end());
+    // Each file once, where several inputs name it (a directory and a glob in it, a path
+    // spelled two ways): at its first place.
+    for (const std::string& f : found)
+      if (taken.insert(fs::weakly_canonical(f, ec).string()).second) out.push_back(f);
   }
   return out;
 }

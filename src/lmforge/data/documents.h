@@ -104,7 +104,8 @@ class DocumentReader {
 };
 
 // Expands paths, directories (recursively: *.txt, *.jsonl and their .gz/.zst) and globs into a
-// sorted file list; throws Error naming the path that matches nothing.
+// file list (each spec's sorted, in the specs' order; a file named by several specs once, at its
+// first place); throws Error naming the path that matches nothing.
 std::vector<std::string> expand_inputs(const std::vector<std::string>& specs);
 
 }  // namespace lmforge

@@ -160,7 +160,10 @@ void Loader::plan_best_fit(Source& s) {
       if (e - b > 0 && b / o_.seq != (e - 1) / o_.seq) ++s.cut_chunked;
       if (e - b > L) ++s.cut_packed;
       const int64_t doc_begin = b;
-      for (; e - b > L; b += L) {  // full slots of a long document
+      // Full slots of a long document, each starting at the previous one's last token (its last
+      // target is the next slot's first input, as windows overlap in plan_chunks): every token
+      // but the document's first is a target once. The rest (2 tokens or more) is a piece.
+      for (; e - b > L; b += o_.seq) {
         bins.push_back({{static_cast<int32_t>(k), static_cast<int32_t>(L), b,
                          static_cast<int32_t>(b - doc_begin)}});
         s.filled += L;
@@ -189,8 +192,19 @@ void Loader::plan_best_fit(Source& s) {
     s.filled += p.len;
     if (left - p.len > 0) room.emplace(left - p.len, bin);
   }
+  // Samples in the order of their earliest piece (shard, then start): a sequential read (the
+  // validation batches) takes the documents from the first on, as plan_chunks' windows do, not
+  // the long documents' slots and the longest pieces first.
+  std::vector<std::pair<std::pair<int32_t, int64_t>, size_t>> order;  // (earliest piece, bin)
+  for (size_t i = 0; i < bins.size(); ++i) {
+    std::pair<int32_t, int64_t> key{bins[i][0].shard, bins[i][0].start};
+    for (const Span& sp : bins[i]) key = std::min(key, std::pair(sp.shard, sp.start));
+    order.emplace_back(key, i);
+  }
+  std::sort(order.begin(), order.end());
   s.first_span.push_back(0);
-  for (const auto& bin : bins) {
+  for (const auto& [key, i] : order) {
+    const std::vector<Span>& bin = bins[i];
     s.spans.insert(s.spans.end(), bin.begin(), bin.end());
     s.first_span.push_back(static_cast<int64_t>(s.spans.size()));
   }

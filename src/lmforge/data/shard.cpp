@@ -241,6 +241,19 @@ std::vector<std::string> expand_shards(const std::string& spec, const std::strin
     if (::glob(spec.c_str(), 0, nullptr, &g) == 0)
       for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
     globfree(&g);
+    // Both splits of a prepared source (dir/*.bin): its validation documents would be trained
+    // on, or its training documents scored as validation.
+    auto named = [&](const char* prefix) {
+      return std::any_of(out.begin(), out.end(), [&](const std::string& p) {
+        return fs::path(p).filename().string().starts_with(prefix);
+      });
+    };
+    if (named("train-") && named("val-"))
+      fail(
+          "{}: {} matches both train-*.bin and val-*.bin shards of a prepared source, so one split "
+          "would be read as the other; name the directory (it takes the split {} reads) or a "
+          "glob of one split",
+          key, spec, key);
   } else {
     if (!fs::exists(spec, ec)) fail("{}: {}: no such file; check the path", key, spec);
     out.push_back(spec);
