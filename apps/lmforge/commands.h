@@ -67,9 +67,10 @@ struct TrainArgs {
   bool reset_optimizer = false;
 };
 void add_train_args(CLI::App* cmd, TrainArgs& o);
-// Parses train's arguments (after "train") as the command would and loads their config, so that
-// launch says a mistake once instead of once per rank; false when they asked for --help (printed).
-bool check_train_command(const std::vector<std::string>& args);
+// Parses train's arguments (after "train") as the command would, loads their config and checks
+// its values (validate_train_config) and `ranks`, the number launch starts, so that launch says a
+// mistake once instead of once per rank; false when they asked for --help (printed).
+bool check_train_command(const std::vector<std::string>& args, int ranks);
 void add_train(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_chat(CLI::App& app);  // generate.cpp

@@ -227,7 +227,7 @@ void add_launch(CLI::App& app) {
     if (o->command.front() != "train")  // the only command whose ranks work together
       fail("launch: only train runs on several ranks; run `lmforge {}` directly",
            o->command.front());
-    if (!check_train_command({o->command.begin() + 1, o->command.end()})) return;
+    if (!check_train_command({o->command.begin() + 1, o->command.end()}, o->nproc)) return;
     std::string mpirun = find_on_path("mpirun");
     if (mpirun.empty())
       fail(

@@ -41,7 +41,7 @@ void add_train_args(CLI::App* cmd, TrainArgs& o) {
                 "count 0)");
 }
 
-bool check_train_command(const std::vector<std::string>& args) {
+bool check_train_command(const std::vector<std::string>& args, int ranks) {
   CLI::App cmd("lmforge train", "train");
   TrainArgs o;
   add_train_args(&cmd, o);
@@ -52,7 +52,9 @@ bool check_train_command(const std::vector<std::string>& args) {
     std::fputs(cmd.help().c_str(), stdout);
     return false;
   }
-  load_run_config(o.config, o.sets);
+  const Config cfg = load_run_config(o.config, o.sets);
+  validate_train_config(cfg);  // what every rank checks first, and what needs the rank count
+  validate_rank_count(cfg, ranks);
   return true;
 }
 

@@ -114,6 +114,15 @@ TEST(Launch, ConfigMistakesAreSaidOnce) {
                         {"train.lr"});
   expect_one_line_error(run_lmforge("launch --nproc 2 -- train --no-such-flag", dir),
                         {"--no-such-flag"});
+  // Values each rank would refuse, and what the number of ranks launched must satisfy.
+  for (const std::string set :
+       {"train.batch_size=0", "dist.strategy=zero4", "dist.timeout=0", "dist.backend=foo",
+        "dist.backend=local", "dist.bucket_mb=-1", "dist.ranks_per_node=3",
+        "dist.tensor_parallel=4", "dist.sequence_parallel=true"}) {
+    SCOPED_TRACE(set);
+    expect_one_line_error(run_lmforge("launch --nproc 2 -- train --set " + set, dir),
+                          {set.substr(0, set.find('='))});
+  }
   EXPECT_FALSE(std::filesystem::exists(dir + "/run"));
 }
 

@@ -160,6 +160,11 @@ std::unique_ptr<Communicator> CountingCommunicator::split(int color, int key) {
   return std::unique_ptr<Communicator>(new CountingCommunicator(inner_->split(color, key), stats_));
 }
 
+void check_backend(const std::string& backend) {
+  if (backend != "auto" && backend != "mpi" && backend != "local" && backend != "nccl")
+    fail("dist.backend: expected auto, mpi, nccl or local, got \"{}\"", backend);
+}
+
 RankInfo detect_launch() {
   RankInfo r;
   // torchrun's workers inherit their parent's variables (srun torchrun, torchrun inside an sbatch
@@ -234,9 +239,7 @@ std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
     g_info.node = g_info.rank / o.ranks_per_node;
     g_info.nodes = g_info.size / o.ranks_per_node;
   }
-  if (opt.backend != "auto" && opt.backend != "mpi" && opt.backend != "local" &&
-      opt.backend != "nccl")
-    fail("dist.backend: expected auto, mpi, nccl or local, got \"{}\"", opt.backend);
+  check_backend(opt.backend);
   if (opt.backend == "local" && g_info.size > 1)
     fail("dist.backend: local runs one process but the launcher started {}", g_info.size);
   if (g_info.launcher == "torchrun" && opt.rendezvous_world &&

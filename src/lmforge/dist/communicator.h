@@ -135,6 +135,9 @@ struct WorldOptions {
   std::function<std::unique_ptr<Communicator>(const RankInfo&)> rendezvous_world;
 };
 
+// Throws naming dist.backend unless it is auto, mpi, nccl or local.
+void check_backend(const std::string& backend);
+
 // Reads the launcher's environment: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE} (mpirun),
 // PMI_RANK/PMI_SIZE (MPICH, Intel MPI), SLURM_{PROCID,NTASKS,LOCALID,NTASKS_PER_NODE,NNODES} (srun;
 // nodes hold consecutive ranks), RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (torchrun's

@@ -104,11 +104,7 @@ RunSetup setup_run(Config& cfg) {
   // dist.tensor_parallel: groups of consecutive ranks share each block; the groups are the data
   // parallel ranks (each group reads one slice of the batch).
   const int tp = static_cast<int>(cfg.dist.tensor_parallel);
-  if (dist::rank_info().size % tp != 0)
-    fail(
-        "dist.tensor_parallel: {} does not divide the {} ranks launched; launch a multiple of {} "
-        "ranks",
-        tp, dist::rank_info().size, tp);
+  validate_rank_count(cfg, dist::rank_info().size);
   const ModelConfig share_config = dist::tensor_parallel_config(cfg.model, tp, vocab_parallel(cfg));
 
   // Data.

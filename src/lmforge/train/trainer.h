@@ -121,6 +121,9 @@ bool teacher_in_bf16(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
+// What the number of ranks launched must satisfy: one for dist.backend local; a multiple of
+// dist.ranks_per_node and of dist.tensor_parallel (launch checks it before starting them).
+void validate_rank_count(const Config& cfg, int ranks);
 // The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
 SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok);
 // train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps); Error naming

@@ -9,6 +9,7 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
+#include "lmforge/dist/communicator.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/models/hf.h"
@@ -281,11 +282,27 @@ void validate_train_config(const Config& cfg) {
     fail("train.profile_steps: must be >= 0 (0 = off), got {}", t.profile_steps);
   parse_faults(t.inject_fault);
   dist::parse_strategy(cfg.dist.strategy);
+  dist::check_backend(cfg.dist.backend);
+  if (!(cfg.dist.bucket_mb > 0))  // NaN too
+    fail("dist.bucket_mb: must be positive, got {}", cfg.dist.bucket_mb);
   if (!(cfg.dist.timeout > 0 && cfg.dist.timeout <= 1e7))  // NaN and inf too (deadlines)
     fail("dist.timeout: must be seconds in (0, 1e7], got {}", cfg.dist.timeout);
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
   validate_tensor_parallel(cfg);
+}
+
+void validate_rank_count(const Config& cfg, int ranks) {
+  if (cfg.dist.backend == "local" && ranks > 1)
+    fail("dist.backend: local runs one process but {} ranks are launched", ranks);
+  if (cfg.dist.ranks_per_node > 0 && ranks % cfg.dist.ranks_per_node != 0)
+    fail("dist.ranks_per_node: {} does not divide the {} ranks", cfg.dist.ranks_per_node, ranks);
+  const int64_t tp = cfg.dist.tensor_parallel;
+  if (ranks % tp != 0)
+    fail(
+        "dist.tensor_parallel: {} does not divide the {} ranks launched; launch a multiple of {} "
+        "ranks",
+        tp, ranks, tp);
 }
 
 bool vocab_parallel(const Config& cfg) {
