@@ -256,6 +256,37 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
 // model's forward, the per-pair normalization over ranks and micro-batches and the per-row gradient
 // weights give one process's step with the same global batch; so do precomputed reference
 // log-likelihoods.
+// Validation is split as training is: train.eval_batches global batches (batch_size x ranks rows
+// each), every rank scoring its rows and the sums taken over the ranks, so N ranks of batch B
+// score the rows one process of batch N·B does (the same val_loss, as the training losses), under
+// a sharded model too (every rank runs every forward), and for DPO's rewards.
+TEST_F(DataParallelTest, ValidationScoresTheRowsOfOneProcessWithTheSameGlobalBatch) {
+  const std::string eval =
+      "--set train.steps=3 --set train.eval_every=3 --set train.eval_batches=3 ";
+  prepare_preferences("val-prefs", /*labelled=*/false);
+  const std::string dpo =
+      "--set train.objective=dpo --set train.dpo_beta=0.5 --set data.text= --set "
+      "data.tokenizer=byte --set model.vocab_size=0 --set data.train=val-prefs/data "
+      "--set data.val=val-prefs/data/train-*.bin ";
+  for (const auto& [name, args] :
+       {std::pair<std::string, std::string>{"val", eval}, {"val-dpo", eval + dpo}}) {
+    RunResult one = run(name + "-one", 1, args + "--set train.batch_size=4");
+    ASSERT_EQ(one.exit_code, 0) << one.out << one.err;
+    for (std::string s : {"no-shard", "full-shard"}) {
+      const std::string run_name = name + "-" + s;
+      RunResult r = run(run_name, 2, args + "--set train.batch_size=2 --set dist.strategy=" + s);
+      ASSERT_EQ(r.exit_code, 0) << run_name << "\n" << r.out << r.err;
+      for (const char* key : {"val_loss", "val_reward_margin"}) {
+        const std::vector<double> a = losses(run_name, key), b = losses(name + "-one", key);
+        if (std::string(key) == "val_reward_margin" && name == "val") continue;
+        ASSERT_EQ(a.size(), 1u) << run_name << " " << key;
+        ASSERT_EQ(b.size(), 1u) << run_name << " " << key;
+        EXPECT_NEAR(a[0], b[0], 1e-5 * std::abs(b[0]) + 1e-7) << run_name << " " << key;
+      }
+    }
+  }
+}
+
 TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   prepare_preferences("prefs", /*labelled=*/false);
   const std::string dpo =

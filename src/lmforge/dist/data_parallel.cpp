@@ -258,6 +258,12 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
   return out;
 }
 
+int64_t eval_rows(const RowRanks& ranks, const Loader& val, int64_t& batches) {
+  const int64_t per = ranks.world.size() * ranks.parts();
+  batches = std::min(batches, (val.sequential_batches() + per - 1) / per);
+  return per;
+}
+
 void RowRanks::sum(double* v, int64_t n) const {
   world.all_reduce(v, n)->wait();
   if (group) group->sum_over_group(v, n);
@@ -519,23 +525,21 @@ void DataParallel::step(double lr) {
 
 double DataParallel::evaluate(const Loader& val, int64_t batches, Batch& batch) {
   // Token-weighted like the training loss (a batch's mean times its targets), over at most the
-  // whole validation set once.
-  // Sequence parallelism: a group's batch is its ranks' consecutive ones (each rank 1/N of its
-  // rows), and every rank runs every forward (they gather and sum over the group).
+  // whole validation set once. `batches` global batches, split as training's are (eval_rows):
+  // the same rows whatever the number of ranks, for the same global batch.
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
-  const bool split = tp_ && tp_->sequence_parallel();
-  const int64_t parts = split ? tp_->size() : 1, part = split ? tp_->rank() : 0;
-  batches = std::min(batches, (val.sequential_batches() + parts - 1) / parts);
+  const RowRanks ranks = row_ranks();
+  const int64_t per = eval_rows(ranks, val, batches);
   double sums[2] = {0, 0};  // loss x targets, targets
   for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i * parts + part, batch);  // (past the end: padding without targets)
+    val.sequential(i * per + ranks.index(), batch);  // (past the end: padding without targets)
     const double n = static_cast<double>(target_counts({batch}, kIgnore)[0]);
-    if (n == 0 && !split) continue;
+    if (n == 0 && per == 1) continue;  // (several ranks: every one runs every forward)
     const double loss = model_.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     if (n > 0) sums[0] += loss * n;
     sums[1] += n;
   }
-  if (tp_) tp_->sum_over_group(sums, 2);
+  if (per > 1) ranks.sum(sums, 2);
   return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
 }
 

@@ -60,10 +60,20 @@ struct RowRanks {
   void sum(double* v, int64_t n) const;
   int64_t parts() const { return group ? group->size() : 1; }
   int64_t part() const { return group ? group->rank() : 0; }
+  // This rank's place among the world's parts: its batch of each global batch in a sequential
+  // read (world rank-major, then the part; as training splits its rows).
+  int64_t index() const { return world.rank() * parts() + part(); }
   // A (R, ...) int32 tensor of this rank's rows made its group's (parts() R, ...) in `all`, in
   // rank order (a copy without sequence parallelism).
   void gather_rows(const Tensor& mine, const Tensor& all) const;
 };
+
+// Validation over `batches` global batches of a sequential read of val (each of the world's
+// batch_size x ranks rows, sequence parallelism's parts included): the rank with index() i reads
+// batch b * per + i, where per (returned) is the number of ranks' batches in one; batches is cut
+// to the whole set once. The sums of what each rank scores are then ranks.sum()'s; with per 1
+// there are none to make.
+int64_t eval_rows(const RowRanks& ranks, const Loader& val, int64_t& batches);
 
 // A loss over whole rows in place of the mean cross-entropy of their tokens (train/objective.h:
 // DPO, ORPO, SimPO, KTO). Per step, forward_backward() calls begin(micro, ranks) on every rank,

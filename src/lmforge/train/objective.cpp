@@ -485,12 +485,14 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
                                      const dist::RowRanks* ranks) {
   LMF_CHECK(!dpo_ || has_reference(), "DPO needs its reference model or its tables");
   const int32_t kIgnore = LoaderOptions{}.ignore_index;
-  // (sequence parallelism: every rank runs every forward, past the end on padding)
-  const int64_t parts = ranks ? ranks->parts() : 1, part = ranks ? ranks->part() : 0;
+  // (several ranks: each scores its rows of every global batch, every rank runs every forward,
+  // past the end on padding; then the sums over them)
+  const int64_t per = ranks ? eval_rows(*ranks, val, batches) : 1,
+                index = ranks ? ranks->index() : 0;
+  if (!ranks) batches = std::min(batches, val.sequential_batches());
   auto group_sum = [&](double* v, int n) {
-    if (ranks && ranks->group) ranks->group->sum_over_group(v, n);
+    if (per > 1) ranks->sum(v, n);
   };
-  batches = std::min(batches, (val.sequential_batches() + parts - 1) / parts);
   Sums s;
   s.fill(0);
   std::vector<double> logp, ref;
@@ -504,7 +506,7 @@ double PreferenceObjective::evaluate(Transformer& policy, const Loader& val, int
   std::vector<Rows> kept;
   double ks[2] = {0, 0};
   for (int64_t i = 0; i < batches; ++i) {
-    val.sequential(i * parts + part, batch);
+    val.sequential(i * per + index, batch);
     const std::vector<int64_t> n = row_targets(batch);
     policy.forward(batch.tokens, batch.targets, kIgnore, batch.doc_ids);
     policy.row_logps(logp);
