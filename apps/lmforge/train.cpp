@@ -55,6 +55,11 @@ bool check_train_command(const std::vector<std::string>& args, int ranks) {
   const Config cfg = load_run_config(o.config, o.sets);
   validate_train_config(cfg);  // what every rank checks first, and what needs the rank count
   validate_rank_count(cfg, ranks);
+  // (what dist::init_world checks in every rank)
+  if (cfg.dist.backend == "local" && ranks > 1)
+    fail("dist.backend: local runs one process but launch starts {}", ranks);
+  if (cfg.dist.ranks_per_node > 0 && ranks % cfg.dist.ranks_per_node != 0)
+    fail("dist.ranks_per_node: {} does not divide the {} ranks", cfg.dist.ranks_per_node, ranks);
   return true;
 }
 

@@ -233,6 +233,19 @@ TEST(Loader, StateOfOtherDataOrOutOfRangeIsRefused) {
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("sequence length 0"), std::string::npos) << err.what();
   }
+  // A best_fit position saved before its rows were cut and numbered as now (no "plan") would
+  // point at other rows: refused, naming the way on; one saved now resumes.
+  const std::string docs =
+      doc_shard(testing::temp_dir("loader-state-plan"), "d.bin", {5, 100, 34, 65, 7, 12, 40});
+  LoaderOptions o = opts(2, 16, 9);
+  o.packing = "best_fit";
+  Loader packed(parse_data_spec(docs, "data.train"), o);
+  nlohmann::json saved = nlohmann::json::parse(packed.state().dump());
+  EXPECT_EQ(error_of(packed, saved), "");
+  saved["sources"][0].erase("plan");
+  e = error_of(packed, saved);
+  EXPECT_NE(e.find("earlier lmforge"), std::string::npos) << e;
+  EXPECT_NE(e.find("init_from"), std::string::npos) << e;
 }
 
 }  // namespace lmforge

@@ -252,10 +252,6 @@ TEST_F(DataParallelTest, MuonUnderEveryStrategyMatchesOneProcess) {
   expect_resumed("muon-tp2-fsdp-resume", "muon-tp2-fsdp");
 }
 
-// DPO (train/objective.h) under every strategy (and KTO under tensor parallelism): its reference
-// model's forward, the per-pair normalization over ranks and micro-batches and the per-row gradient
-// weights give one process's step with the same global batch; so do precomputed reference
-// log-likelihoods.
 // Validation is split as training is: train.eval_batches global batches (batch_size x ranks rows
 // each), every rank scoring its rows and the sums taken over the ranks, so N ranks of batch B
 // score the rows one process of batch N·B does (the same val_loss, as the training losses), under
@@ -287,6 +283,10 @@ TEST_F(DataParallelTest, ValidationScoresTheRowsOfOneProcessWithTheSameGlobalBat
   }
 }
 
+// DPO (train/objective.h) under every strategy (and KTO under tensor parallelism): its reference
+// model's forward, the per-pair normalization over ranks and micro-batches and the per-row gradient
+// weights give one process's step with the same global batch; so do precomputed reference
+// log-likelihoods.
 TEST_F(DataParallelTest, DpoOnEveryStrategyMatchesOneProcess) {
   prepare_preferences("prefs", /*labelled=*/false);
   const std::string dpo =

@@ -56,8 +56,11 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
     std::sort(found.begin(), found.end());
     // Each file once, where several inputs name it (a directory and a glob in it, a path
     // spelled two ways): at its first place.
-    for (const std::string& f : found)
-      if (taken.insert(fs::weakly_canonical(f, ec).string()).second) out.push_back(f);
+    for (const std::string& f : found) {
+      fs::path key = fs::weakly_canonical(f, ec);
+      if (ec) key = fs::absolute(f).lexically_normal();
+      if (taken.insert(key.string()).second) out.push_back(f);
+    }
   }
   return out;
 }

@@ -104,7 +104,7 @@ Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& op
     }
     if (o_.pairs || o_.unpaired)
       plan_pairs(s);
-    else if (o_.packing == "best_fit")
+    else if (packs_best_fit())
       plan_best_fit(s);
     else
       plan_chunks(s);
@@ -403,8 +403,10 @@ void Loader::check_tokenizer(const Tokenizer& tok, const std::string& key) const
 
 nlohmann::json Loader::state() const {
   nlohmann::json src = nlohmann::json::array();
-  for (const Source& s : sources_)
+  for (const Source& s : sources_) {
     src.push_back({{"epoch", s.epoch}, {"cursor", s.cursor}, {"samples", s.samples()}});
+    if (packs_best_fit()) src.back()["plan"] = kBestFitPlan;
+  }
   return {{"rng", rng_.state()}, {"seed", o_.seed}, {"sources", src}};
 }
 
@@ -432,6 +434,14 @@ void Loader::set_state(const nlohmann::json& j) {
             "train.seq_len or data.packing changed); resume with the same data, or start a new "
             "run from the checkpoint with init_from",
             s.spec, src[i].at("samples").get<int64_t>(), s.samples());
+      // best_fit's rows were cut and numbered otherwise before plan 2 (2026-12-07): a saved
+      // position would point at other rows, repeating some and skipping others.
+      if (packs_best_fit() && src[i].value("plan", 1) != kBestFitPlan)
+        fail(
+            "checkpoint loader state: {}: saved by an earlier lmforge, whose data.packing "
+            "best_fit cut and numbered the rows otherwise; start a new run from the checkpoint "
+            "with init_from (its weights), or resume it with that version",
+            s.spec);
       const int64_t epoch = src[i].at("epoch").get<int64_t>();
       const int64_t cursor = src[i].at("cursor").get<int64_t>();
       if (epoch < 0 || cursor < 0 || cursor > s.samples())

@@ -110,6 +110,10 @@ class Loader {
   void set_state(const nlohmann::json& s);
 
  private:
+  // Rows of whole documents (data.packing best_fit), as plan_best_fit cuts and numbers them:
+  // the loader state records the plan, so that a position saved under another is refused.
+  bool packs_best_fit() const { return !o_.pairs && !o_.unpaired && o_.packing == "best_fit"; }
+  static constexpr int kBestFitPlan = 2;
   struct Span {
     int32_t shard;
     int32_t len;

@@ -93,7 +93,7 @@ std::vector<ConfigField> fields(Config& c) {
        "none (chunks) | best_fit (whole documents, each attending only to itself)"},
       {"data.tokenizer", &c.data.tokenizer,
        "byte; bpe:N (train one on data.text); or a tokenizer file/directory; with init_from, "
-       "unset or empty = the source's (such a run saves \"\")"},
+       "unset or empty = the source's (such a run saves \"\"), else one with its vocabulary"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},
       {"train.seq_len", &c.train.seq_len, "T"},
@@ -133,7 +133,7 @@ std::vector<ConfigField> fields(Config& c) {
        "pairs from prepare --format preference) | kto (labelled responses: --format unpaired, "
        "or pairs) | distill (from train.teacher)"},
       {"train.teacher", &c.train.teacher,
-       "distill: the teacher model, a checkpoint or run directory or hf:DIR (same tokenizer)"},
+       "distill: the teacher model, a checkpoint or run directory or hf:DIR (the same vocabulary)"},
       {"train.distill_alpha", &c.train.distill_alpha,
        "distill: weight of the KL term; the cross-entropy gets 1 - alpha"},
       {"train.distill_temperature", &c.train.distill_temperature,
@@ -184,7 +184,8 @@ std::vector<ConfigField> fields(Config& c) {
        "(one process; bit-identical, less launch overhead)"},
       {"train.seed", &c.train.seed, "weights, batches and sampling"},
       {"train.eval_every", &c.train.eval_every, "steps between validation; 0 = never"},
-      {"train.eval_batches", &c.train.eval_batches, "batches per validation"},
+      {"train.eval_batches", &c.train.eval_batches,
+       "global batches per validation (batch_size x data-parallel ranks rows each)"},
       {"train.hellaswag", &c.train.hellaswag,
        "HellaSwag JSONL scored at every evaluation (train.eval_every), as llm.c does: "
        "hellaswag_acc and hellaswag_acc_norm in the metrics; empty = off"},

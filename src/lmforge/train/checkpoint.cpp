@@ -460,6 +460,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
             {"optimizer_steps", opt ? opt->steps_taken() : 0},
             {"optimizer", opt ? opt->name() : "none"},
             {"weights_only", opt == nullptr},
+            {"muon_row_blocks", opt && opt->muon()},
             {"shards", sh.values || sh.optimizer_sharded ? sh.count : 1},
             {"init_from", st.init_from},
             {"val_loss", st.val_loss ? json(*st.val_loss) : json(nullptr)},
@@ -706,6 +707,13 @@ void load_checkpoint_state(const std::string& ckpt_dir, Transformer& model, Adam
           "{}: its optimizer state is {}'s, but train.optimizer is {}; resume with "
           "train.optimizer: {}, or with --reset-optimizer (its weights, a fresh optimizer)",
           ckpt_dir, saved, opt->name(), saved);
+    // Muon stepped the fused attn.qkv and mlp.fc whole before 2026-12-07: the run goes on with
+    // their projections apart (other directions, and a smaller lr scale: each block's rows).
+    if (opt->muon() && !j.value("muon_row_blocks", false))
+      fmt::print(stderr,
+                 "note: {}: its Muon stepped the fused attn.qkv and mlp.fc whole; from here each "
+                 "projection (q, k, v; gate, up) steps as its own matrix, as torch.optim.Muon\n",
+                 ckpt_dir);
     std::vector<Safetensors> files = open_pieces(ckpt_dir, "optimizer"), model_files;
     for (size_t i = 0; i < opt->slots().size(); ++i) {
       const OptSlot& s = opt->slots()[i];

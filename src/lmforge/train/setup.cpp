@@ -149,7 +149,7 @@ RunSetup setup_run(Config& cfg) {
   if (!val_spec.empty()) {
     LoaderOptions vo = lo;
     vo.seed = 0;
-    vo.rank = 0;  // every rank evaluates the whole validation set
+    vo.rank = 0;  // a sequential read: each rank takes its batches of it (dist::eval_rows)
     vo.world = 1;
     try {
       val_data = std::make_unique<Loader>(parse_data_spec(val_spec, "data.val"), vo);

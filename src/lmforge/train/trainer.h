@@ -121,8 +121,8 @@ bool teacher_in_bf16(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
-// What the number of ranks launched must satisfy: one for dist.backend local; a multiple of
-// dist.ranks_per_node and of dist.tensor_parallel (launch checks it before starting them).
+// What the number of ranks launched must satisfy for the run's layout: a multiple of
+// dist.tensor_parallel (the world's own, dist.backend and dist.ranks_per_node, when it is made).
 void validate_rank_count(const Config& cfg, int ranks);
 // The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
 SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok);

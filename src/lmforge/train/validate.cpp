@@ -293,10 +293,6 @@ void validate_train_config(const Config& cfg) {
 }
 
 void validate_rank_count(const Config& cfg, int ranks) {
-  if (cfg.dist.backend == "local" && ranks > 1)
-    fail("dist.backend: local runs one process but {} ranks are launched", ranks);
-  if (cfg.dist.ranks_per_node > 0 && ranks % cfg.dist.ranks_per_node != 0)
-    fail("dist.ranks_per_node: {} does not divide the {} ranks", cfg.dist.ranks_per_node, ranks);
   const int64_t tp = cfg.dist.tensor_parallel;
   if (ranks % tp != 0)
     fail(
