@@ -191,6 +191,12 @@ TEST(Loader, RejectsTokensBeyondTheVocabularyAndTooLittleData) {
   }
   EXPECT_THROW(Loader(parse_data_spec(path, "data.train"), opts(1, 300, 1)), Error);
   EXPECT_THROW(parse_data_spec(path + "@-1", "data.train"), Error);
+  // Spaces around the entries and their weights, as a list is often written.
+  const auto spaced = parse_data_spec(" " + path + " @ 0.7 , " + path + "@0.3 ", "data.train");
+  ASSERT_EQ(spaced.size(), 2u);
+  EXPECT_EQ(spaced[0].spec, path);
+  EXPECT_EQ(spaced[0].weight, 0.7);
+  EXPECT_EQ(spaced[1].weight, 0.3);
   LoaderOptions o = opts(1, 8, 1);
   o.packing = "best_fit";  // needs a document index
   EXPECT_THROW(Loader(parse_data_spec(path, "data.train"), o), Error);

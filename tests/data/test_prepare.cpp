@@ -216,6 +216,24 @@ TEST(Prepare, InputsNamingAFileTwiceReadItOnce) {
   EXPECT_EQ(files, (std::vector<std::string>{dir + "/in/b.txt", dir + "/in/a.jsonl"}));
 }
 
+// Two prepares into one output under other names: summary.json lists both sources (the first's
+// kept while its directory is there and the tokenizer is the same).
+TEST(Prepare, SummaryKeepsTheSourcesPreparedBefore) {
+  const std::string dir = testing::temp_dir("prepare-summary");
+  fs::create_directories(dir + "/in");
+  write_jsonl(dir + "/in/a.jsonl", make_docs(30));
+  PrepareOptions o = options(dir + "/in", dir + "/out");
+  run_prepare(o);
+  o.sources[0].name = "other";
+  const json summary = run_prepare(o);
+  EXPECT_TRUE(summary["sources"].contains("src")) << summary.dump();
+  EXPECT_TRUE(summary["sources"].contains("other")) << summary.dump();
+  EXPECT_EQ(json::parse(testing::slurp(dir + "/out/summary.json")), summary);
+  fs::remove_all(dir + "/out/src");
+  o.sources[0].name = "third";
+  EXPECT_FALSE(run_prepare(o)["sources"].contains("src"));
+}
+
 TEST(Prepare, SplitsByCount) {
   std::string dir = testing::temp_dir("prepare-count");
   auto docs = make_docs(50);

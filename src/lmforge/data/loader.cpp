@@ -15,10 +15,15 @@ std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::
     std::string item =
         spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     pos = comma == std::string::npos ? spec.size() + 1 : comma + 1;
+    auto trim = [](std::string t) {  // (a YAML list written "a@0.7, b@0.3")
+      const size_t b = t.find_first_not_of(" \t"), e = t.find_last_not_of(" \t");
+      return b == std::string::npos ? std::string() : t.substr(b, e - b + 1);
+    };
+    item = trim(item);
     if (item.empty()) fail("{}: an empty entry in \"{}\"; remove the extra comma", key, spec);
     DataSourceSpec s;
     size_t at = item.rfind('@');
-    s.spec = item.substr(0, at);
+    s.spec = trim(item.substr(0, at));
     if (at != std::string::npos) {
       char* end = nullptr;
       s.weight = std::strtod(item.c_str() + at + 1, &end);

@@ -523,6 +523,15 @@ json run_prepare(const PrepareOptions& o) {
                     {"bos", tok->bos_id()},
                     {"eos", tok->eos_id()}}},
                   {"sources", json::object()}};
+  // Sources prepared into this output earlier (another --name) stay listed while their directory
+  // is there, when they were made with the same tokenizer (the summary names one).
+  try {
+    const json before = json::parse(read_file(o.output + "/summary.json"));
+    if (before.at("tokenizer").at("fingerprint") == tok->fingerprint())
+      for (const auto& [name, st] : before.at("sources").items())
+        if (fs::is_directory(fs::path(o.output) / name, ec)) summary["sources"][name] = st;
+  } catch (const std::exception&) {  // (none, or not one this could read: replaced)
+  }
   uint64_t bytes = 0;
   for (const PrepareSource& s : o.sources) {
     const bool fresh = !fs::exists(fs::path(o.output) / s.name, ec);  // (else not ours to remove)
