@@ -149,9 +149,9 @@ class DataParallel final : public GroupHooks {
   // Multiplies this step's gradients by f (fault injection in tests).
   void scale_grads(double f);
   void step(double lr);
-  // Validation loss over the same batches on every rank (eval runs redundantly per rank): the
-  // mean over the targets of the first `batches` batches (at most the whole set, once), as the
-  // training loss weighs them; NaN when they hold no targets.
+  // Validation loss over the first `batches` global batches (at most the whole set, once; each
+  // rank scores its rows of each, eval_rows), the mean over their targets as the training loss
+  // weighs them, the same on every rank; NaN when they hold no targets.
   double evaluate(const Loader& val, int64_t batches, Batch& batch);
   // dist.offload: AdamW keeps its state and a master copy of this rank's parameters (fp32, or
   // bf16 under bf16 master weights) in a host arena and steps there; step() copies the gradient
