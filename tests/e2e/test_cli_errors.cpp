@@ -87,6 +87,12 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
   // An empty tokenizer means init_from's; without one it names what to set.
   expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=", dir),
                         {"data.tokenizer: not set", "init_from", "bpe:N"});
+  // bpe:N takes digits alone (std::stoll read "2048abc" as 2048), in train and in plan.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=bpe:2048abc", dir),
+                        {"data.tokenizer", "bpe:2048abc", "bpe:N"});
+  expect_one_line_error(
+      run_lmforge("plan tiny.yaml --set model.vocab_size=0 --set data.tokenizer=bpe:2048abc", dir),
+      {"data.tokenizer", "bpe:2048abc"});
   // train.hellaswag is scored at evaluations.
   expect_one_line_error(
       run_lmforge("train tiny.yaml --set train.hellaswag=hs.jsonl --set train.eval_every=0", dir),

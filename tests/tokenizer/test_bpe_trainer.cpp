@@ -56,6 +56,24 @@ TEST(BpeTrainer, TokenizerJsonEncodesLikeHuggingFaceAndTrainingIsDeterministic) 
   for (size_t i = 0; i < hf.size(); ++i) ASSERT_EQ(ours[i], hf[i]) << "first difference at " << i;
 }
 
+// The trainer reads a file in 4 MiB chunks; a chunk's end between two newlines must not count
+// "\n\n" as two "\n" pieces (encode never makes them): here "\n\n" twice, once across the
+// first chunk's end, is the second merge.
+TEST(BpeTrainer, ANewlineRunAcrossTheReadsChunksStaysOnePiece) {
+  std::string dir = testing::temp_dir("bpe-train-chunks");
+  std::string text;
+  for (int i = 0; i < 1398100; ++i) text += "ab\n";
+  text += "abx\n\nab\nq\n\nq\n";  // bytes 4 MiB - 1 and 4 MiB: "\n\n"
+  ASSERT_EQ(text.substr((4u << 20) - 1, 2), "\n\n");
+  std::ofstream(dir + "/train.txt") << text;
+  BpeTrainOptions o;
+  o.vocab_size = 300;
+  const nlohmann::json j = nlohmann::json::parse(train_bpe({dir + "/train.txt"}, o).tokenizer_json);
+  const nlohmann::json& merges = j.at("model").at("merges");
+  ASSERT_EQ(merges.size(), 2u) << merges.dump();  // "a b", then "\n\n" (no other pair twice)
+  EXPECT_EQ(merges[1], nlohmann::json::array({"\u010a", "\u010a"})) << merges.dump();
+}
+
 // The special strings are cut out of the training text before counting, as Hugging Face's trainer
 // does with added tokens: documents joined by <|endoftext|> teach no merge of its pieces.
 TEST(BpeTrainer, SpecialStringsInTheTextTeachNoMerges) {

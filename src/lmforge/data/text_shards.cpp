@@ -67,6 +67,16 @@ std::string text_path(const std::string& spec) {
 
 }  // namespace
 
+int64_t bpe_spec_size(const std::string& spec) {
+  if (!spec.starts_with("bpe:") || spec.size() == 4 || spec.size() > 4 + 12) return 0;
+  int64_t n = 0;
+  for (char c : spec.substr(4)) {
+    if (c < '0' || c > '9') return 0;
+    n = n * 10 + (c - '0');
+  }
+  return n;
+}
+
 std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) {
   const std::string path = text_path(spec);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();

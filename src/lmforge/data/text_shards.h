@@ -26,6 +26,8 @@ std::string demo_corpus_path();
 // "demo:kjv") with `lmforge tokenizer train`'s trainer, cached under
 // $LMFORGE_CACHE/tokenizers/; returns the tokenizer.json path.
 std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size);
+// N of a data.tokenizer "bpe:N" (the digits alone); 0 for anything else ("bpe:2048abc" too).
+int64_t bpe_spec_size(const std::string& spec);
 
 TextShards shards_from_text(const std::string& spec, double val_fraction, const Tokenizer& tok);
 

@@ -8,6 +8,7 @@
 
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/error.h"
+#include "lmforge/data/text_shards.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/nn/block.h"
@@ -272,10 +273,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     const std::string& spec = cfg.data.tokenizer;
     int64_t v = 0;
     if (spec.starts_with("bpe:")) {
-      try {
-        v = std::stoll(spec.substr(4));
-      } catch (...) {
-      }
+      v = bpe_spec_size(spec);
     } else {
       try {
         v = load_tokenizer(spec)->vocab_size();

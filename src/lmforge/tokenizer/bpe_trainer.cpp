@@ -47,7 +47,17 @@ void count_text(std::string_view text, const Pretokenizer& pre,
   }
 }
 
-// Reads `path` in ~4 MB chunks cut after a newline and adds its pieces' counts.
+// Reads `path` in ~4 MB chunks and adds its pieces' counts. A chunk is cut after a newline that
+// a non-space follows, where no pre-tokenizer pattern joins the two sides (after any newline, a run
+// of them, "\n\n", would be counted as two pieces that encode never makes).
+size_t chunk_cut(const std::string& chunk) {
+  auto space = [](char c) { return c == '\n' || c == '\r' || c == ' ' || c == '\t'; };
+  for (size_t p = chunk.rfind('\n'); p != std::string::npos;
+       p = p > 0 ? chunk.rfind('\n', p - 1) : std::string::npos)
+    if (p + 1 < chunk.size() && !space(chunk[p + 1])) return p;
+  return chunk.rfind('\n');  // (only newlines followed by spaces: the last one)
+}
+
 void count_file(const std::string& path, const Pretokenizer& pre,
                 const std::vector<std::string>& specials, Counts& counts, uint64_t& bytes) {
   check_not_directory(path);
@@ -58,7 +68,7 @@ void count_file(const std::string& path, const Pretokenizer& pre,
     in.read(buf.data(), buf.size());
     std::string chunk = carry + buf.substr(0, in.gcount());
     bytes += in.gcount();
-    size_t cut = in ? chunk.rfind('\n') : std::string::npos;
+    size_t cut = in ? chunk_cut(chunk) : std::string::npos;
     if (cut == std::string::npos) {
       carry.clear();
       if (in) {  // no newline in 4 MB: cut anyway at a UTF-8 boundary

@@ -76,11 +76,7 @@ RunSetup setup_run(Config& cfg) {
       if (spec.empty())
         fail("not set (it may be empty only with init_from); byte, bpe:N or a tokenizer file");
       if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
-        int64_t n = 0;
-        try {
-          n = std::stoll(spec.substr(4));
-        } catch (...) {
-        }
+        const int64_t n = bpe_spec_size(spec);
         if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
         if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
         spec = bpe_tokenizer_for_text(cfg.data.text, n);
