@@ -48,7 +48,9 @@ inline CLI::Validator unsigned_64() {
 
 // What an out-of-memory error suggests (set_oom_hint, core/tensor.h) in training and generation.
 inline constexpr const char* kTrainingOomHint =
-    "reduce train.batch_size, train.seq_len or the model size (lmforge plan shows what fits)";
+    "reduce train.batch_size (train.grad_accum keeps the global batch) or train.seq_len, set "
+    "train.activation_checkpointing: full, or choose a smaller model (lmforge plan shows what "
+    "fits)";
 inline constexpr const char* kGenerationOomHint =
     "lower --max-tokens or --batch, or use --precision bf16";
 

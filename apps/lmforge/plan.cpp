@@ -52,7 +52,7 @@ void add_plan(CLI::App& app) {
     if (p.memory_bytes == 0)
       p.memory_bytes = gpu ? (cuda::available() ? static_cast<double>(cuda::free_memory()) : 0.0)
                            : static_cast<double>(available_host_memory()) / std::max(1, per_node);
-    if (p.tflops < 0) fail("--tflops: must be >= 0, got {}", p.tflops);
+    if (!(p.tflops >= 0 && p.tflops < 1e9)) fail("--tflops: must be >= 0, got {}", p.tflops);
     if (p.tflops == 0)
       p.tflops = cfg.train.peak_tflops > 0  ? cfg.train.peak_tflops
                  : gpu && cuda::available() ? cuda::datasheet_bf16_tflops()

@@ -90,6 +90,12 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
   // bpe:N takes digits alone (std::stoll read "2048abc" as 2048), in train and in plan.
   expect_one_line_error(run_lmforge("train tiny.yaml --set data.tokenizer=bpe:2048abc", dir),
                         {"data.tokenizer", "bpe:2048abc", "bpe:N"});
+  // plan refuses what train refuses (a batch of 0 divided by zero in it), and a NaN peak.
+  for (const std::string set :
+       {"train.batch_size=0", "train.seq_len=-5", "train.grad_accum=0", "dist.strategy=bogus"})
+    expect_one_line_error(run_lmforge("plan tiny.yaml --set " + set, dir),
+                          {set.substr(0, set.find('='))});
+  expect_one_line_error(run_lmforge("plan tiny.yaml --tflops nan", dir), {"--tflops"});
   expect_one_line_error(
       run_lmforge("plan tiny.yaml --set model.vocab_size=0 --set data.tokenizer=bpe:2048abc", dir),
       {"data.tokenizer", "bpe:2048abc"});

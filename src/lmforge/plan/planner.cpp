@@ -255,6 +255,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   if (o.ranks % per_node != 0)
     fail("--ranks-per-node: {} does not divide --ranks {}", per_node, o.ranks);
   if (!(o.mfu > 0 && o.mfu <= 1)) fail("--mfu: must be in (0, 1], got {}", o.mfu);
+  validate_train_config(cfg);  // (what train refuses: a batch of 0 divided by zero here)
   Plan p;
   p.options = o;
   p.model = cfg.model;
