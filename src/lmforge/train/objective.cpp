@@ -236,7 +236,7 @@ ReferenceTable precompute_reference_logps(Transformer& reference, const Loader& 
   // Every rank runs as many forwards (collectives under tensor parallelism and full-shard): past
   // the end, padding.
   for (int64_t round = 0; round * W < group_batches; ++round) {
-    data.sequential((round * W + ranks.world.rank()) * parts + ranks.part(), scratch);
+    data.sequential(round * W * parts + ranks.index(), scratch);
     reference.forward(scratch.tokens, scratch.targets, kIgnore, scratch.doc_ids);
     reference.row_logps(lp);
     for (size_t j = 0; j < scratch.samples.size(); ++j) {
