@@ -279,12 +279,20 @@ void add_bench(CLI::App& app) {
     if (tc && tc->vocab_size != mc.vocab_size)
       fail("--teacher: {} has a vocabulary of {}, the model's is {}", o->teacher, tc->vocab_size,
            mc.vocab_size);
-    if (resolve_device(o->device) == Device::kCPU)
-      check_training_fits(mc, {.bf16 = o->precision == "bf16",
-                               .bf16_master = o->master_weights == "bf16",
-                               .reference = tc.has_value(),
-                               .frozen = tc ? &*tc : nullptr,
-                               .frozen_bf16 = tc && o->precision == "bf16"});
+    if (resolve_device(o->device) == Device::kCPU) {
+      const ActivationShape shape{.batch = o->batch,
+                                  .seq = o->seq,
+                                  .bf16 = o->precision == "bf16",
+                                  .recompute = parse_recompute(o->recompute)};
+      check_training_fits(mc,
+                          {.bf16 = o->precision == "bf16",
+                           .bf16_master = o->master_weights == "bf16",
+                           .reference = tc.has_value(),
+                           .frozen = tc ? &*tc : nullptr,
+                           .frozen_bf16 = tc && o->precision == "bf16"},
+                          activation_bytes(mc, shape) +
+                              (tc ? activation_bytes(*tc, shape, /*forward_only=*/true) : 0.0));
+    }
     Transformer model(mc);
     // bf16 master weights on the host: made in bf16 (as the trainer makes them), never in fp32.
     const bool host_masters16 =

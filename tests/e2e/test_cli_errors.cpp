@@ -356,6 +356,11 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
                                     "model.n_head=64 --set model.n_layer=64",
                                     dir),
                         {"out of memory", "AdamW state", "GiB is available"});
+  // So is a micro-batch whose activations cannot (their arena is mapped untouched: without
+  // counting it the run passed the check and was killed by the kernel mid-step).
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.batch_size=200000", dir),
+                        {"out of memory", "micro-batch's activations", "lower train.batch_size",
+                         "train.activation_checkpointing"});
   // Ids the tokenizer does not have.
   std::ofstream(dir + "/ids.txt") << "300 1 2\n";
   expect_one_line_error(run_lmforge("tokenizer decode --tokenizer byte ids.txt", dir),

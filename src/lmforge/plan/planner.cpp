@@ -248,6 +248,33 @@ double tensor_parallel_traffic_bytes(const ModelConfig& m, int64_t batch, int64_
          2.0 * k * 4.0 * rows_fed / std::max(1, o.data_shards) + muon;
 }
 
+double activation_bytes(const ModelConfig& model, const ActivationShape& s, bool forward_only) {
+  // tp > 1: a share's, whose row-parallel outputs stay fp32 (as the trainer plans it); under
+  // sequence parallelism its attention and MLP on the group's rows.
+  struct RowShards final : PartialSums {
+    int64_t n = 1;
+    void sum(const Tensor&) const override {}
+    int64_t row_shards() const override { return n; }
+  };
+  Transformer measure(model, Transformer::MeasureOnly{s.bf16, s.gpu});
+  RowShards shards;
+  shards.n = s.sequence_parallel ? s.tp : 1;
+  if (s.tp > 1) {
+    measure.set_bf16_matmul_outputs(false);
+    measure.set_partial_sums(&shards, true);
+    // (a share of the vocabulary: with its loss statistics' buffers and, under sequence
+    // parallelism, the group's rows for the embeddings and head)
+    if (s.whole_vocab > 0 && model.vocab_size != s.whole_vocab)
+      measure.set_vocab_parallel(&shards, 0, s.whole_vocab, s.tp, true);
+  }
+  const int64_t rows = s.sequence_parallel ? s.batch / s.tp : s.batch;
+  if (forward_only)
+    measure.plan_forward_only(rows, s.seq);
+  else
+    measure.plan(rows, s.seq, s.recompute);
+  return static_cast<double>(measure.activation_bytes());
+}
+
 Plan make_plan(const Config& cfg, const PlanOptions& o) {
   const TrainConfig& t = cfg.train;
   if (o.ranks < 1) fail("--ranks: must be at least 1, got {}", o.ranks);
@@ -313,33 +340,18 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   const bool bf16 = t.precision == "bf16";
   const bool gpu = t.device == "cuda" || (t.device == "auto" && cuda::available());
   const Recompute recompute = parse_recompute(t.activation_checkpointing);
-  // tp > 1: a share's, whose row-parallel outputs stay fp32 (as the trainer plans it); under
-  // sequence parallelism its attention and MLP on the group's rows.
-  struct RowShards final : PartialSums {
-    int64_t n = 1;
-    void sum(const Tensor&) const override {}
-    int64_t row_shards() const override { return n; }
-  };
-  // (a share of the vocabulary: with its loss statistics' buffers and, under sequence
-  // parallelism, the group's rows for the embeddings and head)
-  // (a frozen model, forward_only: a reference's or teacher's forwards, as setup plans them)
   auto measure_activations = [&](const ModelConfig& model, int tp, bool sp,
                                  bool forward_only = false) {
-    Transformer measure(model, Transformer::MeasureOnly{bf16, gpu});
-    RowShards shards;
-    shards.n = sp ? tp : 1;
-    if (tp > 1) {
-      measure.set_bf16_matmul_outputs(false);
-      measure.set_partial_sums(&shards, true);
-      if (model.vocab_size != m.vocab_size)
-        measure.set_vocab_parallel(&shards, 0, m.vocab_size, tp, true);
-    }
-    const int64_t rows = sp ? t.batch_size / tp : t.batch_size;
-    if (forward_only)
-      measure.plan_forward_only(rows, t.seq_len);
-    else
-      measure.plan(rows, t.seq_len, recompute);
-    return static_cast<double>(measure.activation_bytes());
+    return activation_bytes(model,
+                            {.batch = t.batch_size,
+                             .seq = t.seq_len,
+                             .bf16 = bf16,
+                             .gpu = gpu,
+                             .recompute = recompute,
+                             .tp = tp,
+                             .sequence_parallel = sp,
+                             .whole_vocab = m.vocab_size},
+                            forward_only);
   };
 
   const bool reference = t.objective == "dpo" || t.objective == "kto";

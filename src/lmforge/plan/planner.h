@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lmforge/io/config.h"
+#include "lmforge/nn/block.h"
 
 namespace lmforge {
 
@@ -55,6 +56,22 @@ struct FootprintOptions {
   int tensor_parallel = 1;
 };
 TrainingFootprint training_footprint(const ModelConfig& model, const FootprintOptions& o);
+
+// One micro-batch's activations as the training model plans them (Transformer::plan, measured
+// without allocating), in bytes. The model is one rank's share under tensor parallelism (tp > 1:
+// its row-parallel outputs fp32, its vocabulary split where model.vocab_size is not whole_vocab,
+// under sequence parallelism its rows batch / tp); forward_only: a frozen model's forwards (a
+// DPO or KTO reference's, a teacher's), as setup_run plans them.
+struct ActivationShape {
+  int64_t batch = 1, seq = 1;
+  bool bf16 = false, gpu = false;
+  Recompute recompute = Recompute::kNone;
+  int tp = 1;
+  bool sequence_parallel = false;
+  int64_t whole_vocab = 0;  // 0: the model's
+};
+double activation_bytes(const ModelConfig& model, const ActivationShape& s,
+                        bool forward_only = false);
 
 struct PlanOptions {
   int ranks = 1;

@@ -15,14 +15,22 @@
 
 namespace lmforge {
 
-void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks) {
+void check_training_fits(const ModelConfig& model, const FootprintOptions& o, double activations,
+                         int local_ranks) {
   const TrainingFootprint f = training_footprint(model, o);
   const double all = static_cast<double>(model.num_params() + model.lora_params());
   const bool sharded = o.strategy >= static_cast<int>(dist::Strategy::kZero1) && o.shards > 1;
+  // The activations' share of the need decides which knob the hint names first.
+  const bool activations_lead = activations > f.total();
+  const std::string smaller_batch =
+      "lower train.batch_size (train.grad_accum keeps the tokens a step) or set "
+      "train.activation_checkpointing: full";
   check_host_memory(
-      f.total() * local_ranks,
+      (f.total() + activations) * local_ranks,
       fmt::format(
-          "training's weights, gradients and AdamW state ({:.0f}M parameters{}{}){}", all / 1e6,
+          "training's weights, gradients and AdamW state ({:.0f}M parameters{}{}) and one "
+          "micro-batch's activations ({:.2f} GiB){}",
+          all / 1e6,
           sharded
               ? fmt::format(", {} over {} ranks",
                             dist::strategy_name(static_cast<dist::Strategy>(o.strategy)), o.shards)
@@ -30,15 +38,20 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, in
           o.frozen      ? ", and the teacher"
           : o.reference ? ", and the frozen reference model"
                         : "",
+          activations / 1073741824.0,
           local_ranks > 1 ? fmt::format(" on each of this node's {} ranks", local_ranks) : ""),
-      o.frozen ? "choose a smaller model or teacher, or shard both over more ranks or nodes "
-                 "(dist.strategy: full-shard, dist.tensor_parallel; lmforge plan shows what fits)"
+      activations_lead ? smaller_batch + "; lmforge plan shows what fits"
+      : o.frozen ? "choose a smaller model or teacher, or shard both over more ranks or nodes "
+                   "(dist.strategy: full-shard, dist.tensor_parallel), or " +
+                       smaller_batch + "; lmforge plan shows what fits"
       : o.reference
           ? "choose a smaller model, train LoRA adapters (model.lora_rank: the reference is "
             "then the base model, no second copy), or shard it over more ranks or nodes "
-            "(dist.strategy; lmforge plan shows what fits)"
-          : "choose a smaller model, or shard it over more ranks or nodes "
-            "(dist.strategy: full-shard; lmforge plan shows what fits)",
+            "(dist.strategy), or " +
+                smaller_batch + "; lmforge plan shows what fits"
+          : "choose a smaller model, or shard it over more ranks or nodes (dist.strategy: "
+            "full-shard), or " +
+                smaller_batch + "; lmforge plan shows what fits",
       local_ranks);
 }
 
@@ -246,7 +259,20 @@ RunSetup setup_run(Config& cfg) {
     fo.muon = t.optimizer == "muon";
     fo.muon_bf16 = optimizer_options(cfg).muon.bf16;
     fo.tensor_parallel = tp;
-    check_training_fits(share_config, fo, launch.local_size);
+    // One micro-batch's activations beside them, as Transformer::plan will take them (and a
+    // frozen model's forwards).
+    ActivationShape shape;
+    shape.batch = t.batch_size;
+    shape.seq = t.seq_len;
+    shape.bf16 = fo.bf16;
+    shape.recompute = parse_recompute(t.activation_checkpointing);
+    shape.tp = tp;
+    shape.sequence_parallel = cfg.dist.sequence_parallel;
+    shape.whole_vocab = cfg.model.vocab_size;
+    double activations = activation_bytes(share_config, shape);
+    if (fo.reference)
+      activations += activation_bytes(fo.frozen ? *fo.frozen : share_config, shape, true);
+    check_training_fits(share_config, fo, activations, launch.local_size);
   }
   // The model: whole, or under tensor parallelism this rank's share, made one parameter at a
   // time from the whole model's values (the seed's, or init_from's); under full-shard the values

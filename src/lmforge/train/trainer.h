@@ -106,9 +106,10 @@ RunSetup setup_run(Config& cfg);
 // The training loader's seed (its epochs' order), saved in checkpoints' loader state.
 inline uint64_t loader_seed(const TrainConfig& t) { return t.seed + 1; }
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
-// node cannot hold training_footprint() (plan/planner.h) each (before any allocation, which Linux
-// would accept and later kill).
-void check_training_fits(const ModelConfig& model, const FootprintOptions& o, int local_ranks = 1);
+// node cannot hold training_footprint() (plan/planner.h) and one micro-batch's `activations`
+// (activation_bytes) each (before any allocation, which Linux would accept and later kill).
+void check_training_fits(const ModelConfig& model, const FootprintOptions& o, double activations,
+                         int local_ranks = 1);
 // train.device as a Device: cpu, cuda (Error when no GPU is usable), auto (the GPU if any).
 Device resolve_device(const std::string& device);
 // Whether tensor parallelism splits the vocabulary too (the token embeddings and LM head, and a
