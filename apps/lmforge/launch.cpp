@@ -5,9 +5,11 @@
 //   mpirun -np N --oversubscribe --bind-to none [--allow-run-as-root, as root]
 //          -x OMP_NUM_THREADS=<max(1, cores/N), or as set> [-x LMFORGE_RANKS_PER_NODE=K]
 //          /proc/self/exe train ARGS...
-// SIGINT/SIGTERM sent to launch reach mpirun, which stops the ranks. launch exits with mpirun's
-// status: 0 when every rank succeeded, non-zero when one failed or was killed by a signal, 124
-// when --timeout passed (like timeout(1)). It prints nothing of its own on success.
+// SIGINT/SIGTERM sent to launch reach mpirun, which passes SIGTERM to the ranks: they finish the
+// step, save a checkpoint of it together and exit (trainer.cpp). launch exits with mpirun's
+// status: 0 when every rank succeeded, 128 + the signal when one stopped the job, non-zero when a
+// rank failed or was killed, 124 when --timeout passed (like timeout(1)). It prints nothing of
+// its own on success.
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -32,11 +34,13 @@ namespace lmforge::app {
 namespace {
 
 volatile sig_atomic_t g_mpirun_pid = 0;
+volatile sig_atomic_t g_signal = 0;  // the first SIGINT or SIGTERM launch got
 
 // A Ctrl-C at the terminal already reached mpirun (it shares launch's process group, so that it
 // can forward the terminal's stdin to rank 0); forward what was sent to launch alone (kill, a
 // scheduler, timeout(1)) so that mpirun does not get it twice.
 void forward_signal(int sig, siginfo_t* info, void*) {
+  if (g_signal == 0) g_signal = sig;
   bool from_process = info == nullptr || info->si_code == SI_USER || info->si_code == SI_QUEUE ||
                       info->si_code == SI_TKILL;
   if (g_mpirun_pid > 0 && from_process) kill(g_mpirun_pid, sig);
@@ -193,6 +197,9 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
   g_mpirun_pid = 0;
   kill_orphaned_ranks();
   if (timed_out) return 124;
+  // Stopped by a signal to launch (the ranks saved a checkpoint of their last step and said so):
+  // 128 + it, as a one-process train exits (mpirun's own status is 1).
+  if (g_signal && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) return 128 + g_signal;
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return 1;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "commands.h"
+#include "lmforge/dist/communicator.h"
 #include "lmforge/io/config.h"
 #include "lmforge/train/trainer.h"
 
@@ -77,11 +78,12 @@ void add_train(CLI::App& app) {
     if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";
     const TrainResult r = train(cfg, resume);
     if (r.interrupted) {
-      std::fprintf(stderr,
-                   "lmforge: interrupted (%s) after step %lld; saved %s; continue with the same "
-                   "command and --resume\n",
-                   r.interrupted == SIGINT ? "Ctrl-C" : strsignal(r.interrupted),
-                   static_cast<long long>(r.steps), r.last_checkpoint.c_str());
+      if (dist::rank_info().rank == 0)  // (every rank stopped after the same step)
+        std::fprintf(stderr,
+                     "lmforge: interrupted (%s) after step %lld; saved %s; continue with the same "
+                     "command and --resume\n",
+                     r.interrupted == SIGINT ? "Ctrl-C" : strsignal(r.interrupted),
+                     static_cast<long long>(r.steps), r.last_checkpoint.c_str());
       throw CLI::RuntimeError(128 + r.interrupted);
     }
   });

@@ -15,6 +15,7 @@
 #include <string>
 #include <thread>
 
+#include "e2e/crash_resume.h"
 #include "testing/errors.h"
 #include "testing/process.h"
 
@@ -79,6 +80,26 @@ std::string tiny_train(long steps) {
          std::to_string(steps) +
          " --set train.batch_size=2 --set train.seq_len=16 --set sample.prompt= --set "
          "run.dir=run ";
+}
+
+// The processes whose parent is `pid` (from /proc/<p>/stat).
+std::vector<pid_t> children(pid_t pid) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator("/proc", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    std::istringstream stat(testing::slurp(it->path().string() + "/stat"));
+    std::string comm_end;
+    pid_t p = 0, parent = 0;
+    char state = 0;
+    std::string line = stat.str();
+    const size_t close = line.rfind(')');  // (the command name may hold spaces)
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 1));
+    if (!(std::istringstream(line) >> p) || !(rest >> state >> parent)) continue;
+    if (parent == pid) out.push_back(p);
+  }
+  return out;
 }
 
 std::vector<std::string> words(const std::string& line) {
@@ -151,18 +172,72 @@ TEST(Launch, MissingMpirunNamesThePackage) {
   expect_one_line_error(r, {"mpirun", "openmpi-bin"});
 }
 
-// SIGTERM to launch reaches mpirun, which stops the ranks (training for a long time); the job's
-// exit is non-zero.
-TEST(Launch, SigtermStopsTheRanks) {
+// SIGTERM to launch (a scheduler's preemption) reaches mpirun, which passes it to the ranks
+// (training for a long time), each at its own moment of a step: they agree to stop after the same
+// step, save a checkpoint of it together, say so once, and the job exits 143 as one process
+// does; --resume goes on from that step. The same when the signal reaches one rank alone: the
+// other stops after the same step, not in a collective its peer never joins. (Before, the ranks
+// died and the steps since the last save were lost.)
+TEST(Launch, SigtermSavesTheRanksStepAndResumeContinues) {
   std::string dir = testing::temp_dir("launch-sigterm");
-  Background b = spawn_lmforge(words("launch --nproc 2 -- " + tiny_train(1000000)), dir);
-  std::this_thread::sleep_for(std::chrono::seconds(2));
-  EXPECT_EQ(waitpid(b.pid, nullptr, WNOHANG), 0) << testing::slurp(dir + "/.stderr");
-  kill(b.pid, SIGTERM);
-  int code = wait_exit(b.pid, std::chrono::seconds(30));
-  close(b.stdin_fd);
-  EXPECT_NE(code, -1) << "launch did not exit after SIGTERM";
-  EXPECT_NE(code, 0) << testing::slurp(dir + "/.stderr");
+  const std::string train = tiny_train(1000000) + "--set train.checkpoint_every=1000000 ";
+  // Starts the job (resumed when `resume`), waits for steps past `after` and sends SIGTERM to
+  // launch or to one rank; returns the step saved.
+  auto stop = [&](bool resume, int64_t after, bool one_rank) -> int64_t {
+    Background b =
+        spawn_lmforge(words("launch --nproc 2 -- " + train + (resume ? "--resume" : "")), dir);
+    bool running = false;
+    for (int i = 0; i < 1200 && !running; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      const std::string m = testing::slurp(dir + "/run/metrics.jsonl");
+      running = std::count(m.begin(), m.end(), '\n') >= after + 3;
+    }
+    EXPECT_TRUE(running) << testing::slurp(dir + "/.stderr");
+    pid_t target = b.pid;
+    if (one_rank) {
+      const std::vector<pid_t> mpirun = children(b.pid);
+      const std::vector<pid_t> ranks = mpirun.size() == 1 ? children(mpirun[0]) : mpirun;
+      EXPECT_EQ(ranks.size(), 2u);
+      if (!ranks.empty()) target = ranks.back();
+    }
+    kill(target, SIGTERM);
+    int code = wait_exit(b.pid, std::chrono::seconds(60));
+    close(b.stdin_fd);
+    const std::string err = testing::slurp(dir + "/.stderr");
+    EXPECT_NE(code, 0) << err;
+    if (!one_rank) {
+      EXPECT_EQ(code, 128 + SIGTERM) << err;  // (else mpirun's status)
+    }
+    const auto listing = testing::list_checkpoint_dir(dir + "/run");
+    EXPECT_TRUE(listing.tmp.empty());
+    if (listing.complete.empty()) {
+      ADD_FAILURE() << "no checkpoint saved: " << err;
+      return -1;
+    }
+    const int64_t step = listing.complete.rbegin()->first;
+    EXPECT_GT(step, after) << err;
+    EXPECT_NE(err.find(fmt::format("lmforge: interrupted (Terminated) after step {}; saved {}",
+                                   step, "run/checkpoints/" + listing.complete.rbegin()->second)),
+              std::string::npos)
+        << err;
+    // rank 0's line alone (and where a rank had the signal, not mpirun, mpirun's block saying
+    // that rank exited 143)
+    if (!one_rank) {
+      EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    } else {
+      EXPECT_EQ(err.find("lmforge: interrupted"), err.rfind("lmforge: interrupted")) << err;
+    }
+    return step;
+  };
+  const int64_t first = stop(false, 0, false);
+  ASSERT_GT(first, 0);
+  const int64_t second = stop(true, first, true);
+  ASSERT_GT(second, first);
+  auto r = run_lmforge(
+      "launch --nproc 2 -- " + train + "--resume --set train.steps=" + std::to_string(second + 3),
+      dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find(fmt::format("at step {}", second)), std::string::npos) << r.out;
 }
 
 TEST(Launch, TimeoutStopsTheJob) {

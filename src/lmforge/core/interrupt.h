@@ -1,6 +1,7 @@
-// Ctrl-C and SIGTERM (a scheduler's preemption) during a one-process run: the first one is noted
-// and the run stops at the end of its step, saves a checkpoint and says how to continue; a second
-// one ends the process at once (the default action, restored by the first).
+// Ctrl-C and SIGTERM (a scheduler's preemption) during a run: the first one is noted and the run
+// stops at the end of its step, saves a checkpoint and says how to continue (under several ranks
+// after the step every rank agrees on: trainer.cpp); a second one ends the process at once (the
+// default action, restored by the first).
 //
 //   catch_interrupts();
 //   for (...) { step(); if (interrupted()) break; }

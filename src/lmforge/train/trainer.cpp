@@ -556,9 +556,18 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     profiled = 0;
   };
 
-  // Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, the run says how to go on. One
-  // process only: under several, mpirun or srun stops the ranks.
-  if (world->size() == 1) catch_interrupts();
+  // Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, the run says how to go on. Under
+  // several processes (mpirun and srun pass the signal to every rank, each at its own moment of a
+  // step) the ranks agree after every step whether any has one, so that all stop after the same
+  // step and save it together: 16 bytes over the host world, outside the counted traffic.
+  catch_interrupts();
+  auto stop_signal = [&world]() -> int {
+    if (world->size() == 1) return interrupted();
+    double noted[2] = {interrupted() == SIGINT ? 1.0 : 0.0, interrupted() == SIGTERM ? 1.0 : 0.0};
+    world->all_reduce(noted, 2)->wait();
+    return noted[1] > 0 ? SIGTERM : noted[0] > 0 ? SIGINT : 0;
+  };
+  int stopped_by = 0;
   // A run resumed after it stopped early stays stopped (as a finished one resumed does nothing).
   bool early_stopped = t.patience > 0 && evals.bad() >= t.patience;
   if (early_stopped)
@@ -712,12 +721,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     if ((early_stopped = stop)) break;
     if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
       checkpoint();
-    if (interrupted()) break;
+    if ((stopped_by = stop_signal())) break;
   }
   // From here on (the last save, the sample) a signal ends the process as usual; one noted
   // during the last step, or with early stopping, leaves a finished run.
   release_interrupts();
-  if (st.step < t.steps && !early_stopped) res.interrupted = interrupted();
+  if (st.step < t.steps && !early_stopped) res.interrupted = stopped_by;
   if (lead && guard.consecutive() > 0)  // the weights these steps left are the run's last
     fmt::print(stderr,
                "lmforge: warning: the run ended with its last {} step(s) skipped (non-finite or a "
