@@ -493,4 +493,49 @@ TEST(Training, TrainsItsOwnBpeOnDataText) {
   EXPECT_NE(bad.err.find("bpe:N with N >= 257"), std::string::npos) << bad.err;
 }
 
+// bpe:N learns from data.text's training share alone: the held-out share that validates the run
+// is text its tokenizer never saw (it learnt that share's words before). The run's tokenizer is
+// the one `tokenizer train` makes from a file of the first half (two halves of equal bytes,
+// data.val_fraction 0.5: the cut falls between them). plan then takes its vocabulary.
+TEST(Training, OwnBpeLearnsFromTheTrainingShareAlone) {
+  std::string dir = testing::temp_dir("train-bpe-share");
+  std::string first, second;
+  for (int i = 0; i < 100; ++i) {
+    first += "the cat sat on a mat\n";
+    second += "zyxwv qponm lkjih gf\n";
+  }
+  ASSERT_EQ(first.size(), second.size());
+  std::ofstream(dir + "/text.txt") << first << second;
+  std::ofstream(dir + "/first.txt") << first;
+  const std::string sets =
+      " --set model.preset=gpt2-tiny --set model.n_layer=1 --set model.vocab_size=0 "
+      "--set data.text=text.txt --set data.val_fraction=0.5 --set data.tokenizer=bpe:400 "
+      "--set train.steps=1 --set train.batch_size=2 --set train.seq_len=8 --set train.eval_every=0 "
+      "--set sample.prompt= --set run.dir=run";
+  // plan: the vocabulary is at most N (padded) until a run has trained the tokenizer, then the
+  // run's (its merges ran out before N on this text)
+  auto vocab = [](const std::string& out) {
+    const size_t at = out.find(" V=");
+    return at == std::string::npos ? std::string()
+                                   : out.substr(at + 1, out.find_first_of(" ;", at + 1) - at - 1);
+  };
+  auto before = run_lmforge("plan" + sets, dir);
+  ASSERT_EQ(before.exit_code, 0) << before.err;
+  EXPECT_EQ(vocab(before.out), "V=448") << before.out;
+  auto r = run_lmforge("train" + sets, dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto after = run_lmforge("plan" + sets, dir);
+  ASSERT_EQ(after.exit_code, 0) << after.err;
+  ASSERT_NE(vocab(r.out), "");
+  EXPECT_NE(vocab(r.out), "V=448") << r.out;
+  EXPECT_EQ(vocab(after.out), vocab(r.out)) << after.out;
+  auto t = run_lmforge("tokenizer train --vocab-size 400 --out tok first.txt", dir);
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  const std::string trained =
+      testing::slurp(dir + "/run/checkpoints/step-00000001/tokenizer/tokenizer.json");
+  ASSERT_FALSE(trained.empty());
+  EXPECT_EQ(trained, testing::slurp(dir + "/tok/tokenizer.json"));
+  EXPECT_EQ(trained.find("zy"), std::string::npos);  // no merge of the held-out share's letters
+}
+
 }  // namespace lmforge

@@ -77,16 +77,31 @@ int64_t bpe_spec_size(const std::string& spec) {
   return n;
 }
 
-std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size) {
+size_t held_out_cut(const std::string& text, double val_fraction) {
+  size_t cut = text.size() - static_cast<size_t>(text.size() * val_fraction);
+  if (val_fraction > 0) {
+    size_t nl = text.rfind('\n', cut);
+    if (nl != std::string::npos && nl > 0) cut = nl + 1;
+  }
+  return cut;
+}
+
+std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size, double val_fraction,
+                                   bool train_if_missing) {
   const std::string path = text_path(spec);
+  if (!(val_fraction >= 0 && val_fraction < 1))
+    fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
-  size_t key = std::hash<std::string>{}(fmt::format(
-      "{}|{}|{}|{}|bpe-v1", fs::absolute(path).string(), fs::file_size(path), mtime, vocab_size));
+  size_t key =
+      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|{}|bpe-v2", fs::absolute(path).string(),
+                                           fs::file_size(path), mtime, vocab_size, val_fraction));
   std::string dir = fmt::format("{}/tokenizers/{:016x}", cache_dir(), key);
   std::string out = dir + "/tokenizer.json";
   if (fs::exists(out)) return out;
+  if (!train_if_missing) return "";
   BpeTrainOptions o;
   o.vocab_size = vocab_size;
+  if (val_fraction > 0) o.max_bytes = held_out_cut(read_file(path), val_fraction);
   BpeTrainResult r = train_bpe({path}, o);
   fs::create_directories(dir);
   write_file_atomic(out, r.tokenizer_json);
@@ -107,11 +122,7 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
   fs::create_directories(dir);
 
   std::string text = read_file(path);
-  size_t cut = text.size() - static_cast<size_t>(text.size() * val_fraction);
-  if (val_fraction > 0) {
-    size_t nl = text.rfind('\n', cut);
-    if (nl != std::string::npos && nl > 0) cut = nl + 1;
-  }
+  const size_t cut = held_out_cut(text, val_fraction);
   auto to_shard = [&](std::string_view part, const std::string& file) {
     // One text, as `tokenizer encode FILE` and prepare encode it: chunks cut at newlines are no
     // pre-tokenizer boundary (a newline run splits in two, a prefix space or SentencePiece's ▁

@@ -24,8 +24,13 @@ std::string cache_dir();  // $LMFORGE_CACHE or $HOME/.cache/lmforge, created if 
 std::string demo_corpus_path();
 // "bpe:N": a byte-level BPE of vocabulary N trained on the text of `spec` (a path or
 // "demo:kjv") with `lmforge tokenizer train`'s trainer, cached under
-// $LMFORGE_CACHE/tokenizers/; returns the tokenizer.json path.
-std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size);
+// $LMFORGE_CACHE/tokenizers/; returns the tokenizer.json path. Where the text is also split
+// (val_fraction > 0), on its training share alone: validation is text the tokenizer never saw.
+// With train_if_missing false, the cached one's path or "" (nothing trained).
+std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size,
+                                   double val_fraction = 0, bool train_if_missing = true);
+// Where shards_from_text cuts `text`: its last `val_fraction` held out, from a line's start.
+size_t held_out_cut(const std::string& text, double val_fraction);
 // N of a data.tokenizer "bpe:N" (the digits alone); 0 for anything else ("bpe:2048abc" too).
 int64_t bpe_spec_size(const std::string& spec);
 

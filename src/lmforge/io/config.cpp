@@ -92,7 +92,7 @@ std::vector<ConfigField> fields(Config& c) {
       {"data.packing", &c.data.packing,
        "none (chunks) | best_fit (whole documents, each attending only to itself)"},
       {"data.tokenizer", &c.data.tokenizer,
-       "byte; bpe:N (train one on data.text); or a tokenizer file/directory; with init_from, "
+       "byte; bpe:N (train one on data.text, its training share); or a tokenizer file/directory; with init_from, "
        "unset or empty = the source's (such a run saves \"\"), else one with its vocabulary"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},

@@ -58,20 +58,25 @@ size_t chunk_cut(const std::string& chunk) {
   return chunk.rfind('\n');  // (only newlines followed by spaces: the last one)
 }
 
+// (`left`: the bytes still to read of all the inputs)
 void count_file(const std::string& path, const Pretokenizer& pre,
-                const std::vector<std::string>& specials, Counts& counts, uint64_t& bytes) {
+                const std::vector<std::string>& specials, Counts& counts, uint64_t& bytes,
+                uint64_t& left) {
   check_not_directory(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("{}: cannot open the training text; check the path", path);
   std::string carry, buf(kChunk, '\0');
-  while (in) {
-    in.read(buf.data(), buf.size());
-    std::string chunk = carry + buf.substr(0, in.gcount());
-    bytes += in.gcount();
-    size_t cut = in ? chunk_cut(chunk) : std::string::npos;
+  for (bool more = left > 0; more;) {
+    in.read(buf.data(), static_cast<std::streamsize>(std::min<uint64_t>(buf.size(), left)));
+    const auto got = static_cast<uint64_t>(in.gcount());
+    std::string chunk = carry + buf.substr(0, got);
+    bytes += got;
+    left -= got;
+    more = in && left > 0;
+    size_t cut = more ? chunk_cut(chunk) : std::string::npos;
     if (cut == std::string::npos) {
       carry.clear();
-      if (in) {  // no newline in 4 MB: cut anyway at a UTF-8 boundary
+      if (more) {  // no newline in 4 MB: cut anyway at a UTF-8 boundary
         cut = chunk.size();
         while (cut > 0 && (static_cast<unsigned char>(chunk[cut - 1]) & 0xC0) == 0x80) --cut;
         carry = chunk.substr(cut > 0 ? cut - 1 : 0);
@@ -102,7 +107,8 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
 
   BpeTrainResult res;
   Counts counts;
-  for (const std::string& f : files) count_file(f, pre, o.specials, counts, res.bytes_read);
+  uint64_t left = o.max_bytes > 0 ? o.max_bytes : UINT64_MAX;
+  for (const std::string& f : files) count_file(f, pre, o.specials, counts, res.bytes_read, left);
   res.distinct_pieces = counts.size();
   if (counts.empty())  // (a tokenizer of the 256 bytes alone, learnt from nothing)
     fail("tokenizer train: no text in {}; give files with text to learn from",

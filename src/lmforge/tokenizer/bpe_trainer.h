@@ -23,6 +23,9 @@ struct BpeTrainOptions {
   std::string pattern;        // "" = the GPT-4 (cl100k) pattern
   std::vector<std::string> specials = {"<|endoftext|>"};
   int64_t min_frequency = 2;  // pairs seen fewer times are not merged
+  // At most this many bytes of the inputs, in order (0: all of them): a text's share before its
+  // held-out part (data/text_shards.h).
+  uint64_t max_bytes = 0;
 };
 
 struct BpeTrainResult {

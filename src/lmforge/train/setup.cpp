@@ -92,7 +92,9 @@ RunSetup setup_run(Config& cfg) {
         const int64_t n = bpe_spec_size(spec);
         if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
         if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
-        spec = bpe_tokenizer_for_text(cfg.data.text, n);
+        // (on the text's training share where it is split: not where data.train is the data)
+        spec = bpe_tokenizer_for_text(cfg.data.text, n,
+                                      cfg.data.train.empty() ? cfg.data.val_fraction : 0.0);
       }
       tokenizer = load_tokenizer(spec);
     } catch (const Error& e) {
