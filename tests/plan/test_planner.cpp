@@ -195,6 +195,30 @@ TEST(Planner, CountsADistillationTeacher) {
   }
 }
 
+// DPO's and KTO's reference forwards (DPO's none when precomputed before training) and KTO's KL
+// rows through the policy and the reference are forwards of the model's shape in every step's time.
+TEST(Planner, CountsTheReferenceForwards) {
+  Config cfg = tiny_config(320);
+  PlanOptions o;
+  o.tflops = 1;
+  const Plan clm = make_plan(cfg, o);
+  const double forward = cfg.model.flops_per_token(cfg.train.seq_len) / 3;
+  auto flops = [&](const std::string& objective, bool precompute, const std::string& kto_loss) {
+    Config c = cfg;
+    c.train.objective = objective;
+    c.train.precompute_ref_logps = precompute;
+    c.train.kto_loss = kto_loss;
+    const Plan p = make_plan(c, o);
+    EXPECT_DOUBLE_EQ(p.seconds, clm.seconds * p.flops_per_token / clm.flops_per_token);
+    return p.flops_per_token;
+  };
+  EXPECT_DOUBLE_EQ(flops("dpo", false, "kto"), clm.flops_per_token + forward);
+  EXPECT_DOUBLE_EQ(flops("dpo", true, "kto"), clm.flops_per_token);
+  EXPECT_DOUBLE_EQ(flops("orpo", false, "kto"), clm.flops_per_token);  // no reference
+  EXPECT_DOUBLE_EQ(flops("kto", false, "kto"), clm.flops_per_token + 3 * forward);
+  EXPECT_DOUBLE_EQ(flops("kto", false, "apo_zero_unpaired"), clm.flops_per_token + forward);
+}
+
 // init_from: the source's architecture is planned, as train adopts it (LoRA on top as given), not
 // the config's model section; a model key that contradicts the source is refused as train does.
 TEST(Planner, PlansTheInitFromSourcesModel) {

@@ -301,7 +301,14 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     const std::string& spec = cfg.data.tokenizer;
     int64_t v = 0;
     if (spec.starts_with("bpe:")) {
+      // (the one a run trained already, cached: merges may run out before N; else at most N)
       v = bpe_spec_size(spec);
+      if (v >= 257 && !cfg.data.text.empty()) try {
+          const std::string cached = bpe_tokenizer_for_text(
+              cfg.data.text, v, cfg.data.train.empty() ? cfg.data.val_fraction : 0.0, false);
+          if (!cached.empty()) v = load_tokenizer(cached)->vocab_size();
+        } catch (const Error&) {  // (no such text: train says so)
+        }
     } else {
       try {
         v = load_tokenizer(spec)->vocab_size();
@@ -332,6 +339,13 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       fail("train.teacher: {}", e.what());
     }
   if (teacher) p.flops_per_token += teacher->forward_flops_per_token(t.seq_len);
+  // DPO's and KTO's reference forwards (unless precomputed before the first step), and KTO's KL
+  // rows through the policy and the reference: forwards of the model's shape beside each step's.
+  if (t.objective == "dpo" || t.objective == "kto") {
+    const bool kl = t.objective == "kto" && t.kto_loss == "kto";
+    const int forwards = (t.precompute_ref_logps ? 0 : kl ? 2 : 1) + (kl ? 1 : 0);  // (DPO's alone)
+    p.flops_per_token += forwards * m.forward_flops_per_token(t.seq_len);
+  }
   p.tokens_per_step = static_cast<double>(t.batch_size * t.seq_len * t.grad_accum) * o.ranks;
   p.tokens = p.tokens_per_step * static_cast<double>(t.steps);
   if (o.tflops > 0) p.seconds = p.tokens * p.flops_per_token / (o.ranks * o.tflops * 1e12 * o.mfu);

@@ -97,7 +97,9 @@ struct Plan {
   ModelConfig model;
   int64_t batch = 0, seq = 0, grad_accum = 1, steps = 0;
   double params = 0, trained = 0;
-  double flops_per_token = 0;  // training (ModelConfig::flops_per_token; + a teacher's forward)
+  // training (ModelConfig::flops_per_token; + a teacher's forward, DPO's or KTO's reference
+  // forwards and KTO's KL rows' forwards)
+  double flops_per_token = 0;
   double tokens_per_step = 0, tokens = 0;
   std::string recompute;  // train.activation_checkpointing
   std::vector<StrategyPlan> strategies;
