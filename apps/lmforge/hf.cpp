@@ -262,7 +262,15 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   }
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
-  if (ec) fail("{}: cannot move {} to {} ({})", opt, tmp, out, ec.message());
+  if (ec) {
+    const std::string why = ec.message();
+    fs::remove_all(tmp, ec);
+    fail("{}: cannot move {} to {} ({}); {}", opt, tmp, out, why,
+         fs::exists(out) ? fmt::format("export into a new directory inside it (e.g. {}/model): a "
+                                       "mount point or a directory in use cannot be replaced",
+                                       out)
+                         : std::string("check that its parent directory is writable"));
+  }
   if (peft) {
     fmt::print(
         "exported the LoRA adapters of {} (rank {}, alpha {}, {:.2f}M parameters, {}) -> {}\n", dir,

@@ -1,7 +1,9 @@
 // lmforge: train large language models from one native program.
 // Every user error is one line on stderr and exit code 1 (lmforge::Error is caught here).
 #include <execinfo.h>
+#include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <new>
@@ -11,7 +13,26 @@
 #include "lmforge/core/tensor.h"
 #include "lmforge/dist/communicator.h"
 
+namespace {
+
+// SIGBUS: a memory-mapped file (a data shard, a checkpoint's tensors) shrank under this process
+// (truncated or rewritten in place by someone else). One line instead of "Bus error".
+void mapped_file_shrank(int) {
+  static const char kLine[] =
+      "lmforge: bus error: a memory-mapped file shrank while it was read (a data shard or "
+      "checkpoint file truncated or rewritten during the run) or its filesystem ran out of space; "
+      "restore it and run again (train: --resume)\n";
+  [[maybe_unused]] ssize_t n = write(STDERR_FILENO, kLine, sizeof kLine - 1);
+  _exit(1);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  // A file grown past `ulimit -f` fails its write (EFBIG), said as every failed write is, instead
+  // of SIGXFSZ ending the process with nothing said and temporary files left behind.
+  std::signal(SIGXFSZ, SIG_IGN);
+  std::signal(SIGBUS, mapped_file_shrank);
   // glibc loads libgcc_s's unwinder the first time an exception unwinds through its C code (oneDNN
   // throws bad_alloc through pthread_once when memory runs out); then, short of memory, that load
   // fails and glibc aborts. backtrace() loads it now, while there is memory.

@@ -3,6 +3,7 @@
 // line, and early stopping ends a run whose validation loss stops improving.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -78,6 +79,25 @@ TEST(EarlyStopping, StopsAfterPatienceEvaluationsWithoutImprovement) {
   EXPECT_EQ(val.size(), 3u);
   EXPECT_NEAR(val.back()["val_ppl"].get<double>(), std::exp(val.back()["val_loss"].get<double>()),
               1e-9);
+}
+
+// A full disk (a file-size limit: the save's optimizer file passes it, SIGXFSZ left as the shell
+// sets it, so lmforge itself must keep the signal from ending the process) while a checkpoint is
+// saved: one line naming the file, exit 1, and no half-written step-N.tmp left holding space.
+TEST(DiskFull, ACheckpointThatCannotBeWrittenIsOneLineAndLeavesNothing) {
+  std::string dir = testing::temp_dir("disk-full-train");
+  auto r = testing::run_lmforge(
+      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set data.text=demo:kjv "
+      "--set data.tokenizer=byte --set model.vocab_size=257 --set train.steps=4 "
+      "--set train.batch_size=2 --set train.seq_len=32 --set train.checkpoint_every=2 "
+      "--set sample.prompt= --set run.dir=run",
+      dir, "ulimit -f 1500;");
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("step-00000002.tmp/optimizer.safetensors"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("write failed"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  ASSERT_TRUE(std::filesystem::exists(dir + "/run/checkpoints"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir + "/run/checkpoints"));
 }
 
 TEST(LrFind, SweepsPlotsAndSuggestsWithoutTouchingTheRunDir) {

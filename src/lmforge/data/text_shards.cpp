@@ -1,10 +1,12 @@
 #include "lmforge/data/text_shards.h"
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 
 #include "lmforge/core/error.h"
@@ -30,20 +32,44 @@ std::string cache_dir() {
   return dir;
 }
 
+namespace {
+
+// Whether a file holds the whole Bible as `bible` prints it: its last verse at the end (`bible`
+// exits 0 when its output is cut by a full disk, and a cut corpus would be trained on silently).
+bool whole_bible(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return false;
+  const std::streamoff size = in.tellg();
+  if (size < 1000000) return false;
+  std::string tail(200, '\0');
+  in.seekg(size - static_cast<std::streamoff>(tail.size()));
+  in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+  return in && tail.find("\nRev22:21 ") != std::string::npos && tail.ends_with("Amen.\n");
+}
+
+}  // namespace
+
 std::string demo_corpus_path() {
   std::string dir = cache_dir() + "/demo", path = dir + "/kjv.txt";
-  if (fs::exists(path)) return path;
+  if (whole_bible(path)) return path;  // (one cut by an earlier version is made again)
   fs::create_directories(dir);
   // Per process: two runs on a fresh cache each write their own, and the last rename wins.
   std::string tmp = fmt::format("{}.{}.tmp", path, getpid());
   std::string cmd = "bible -f \"Gen1:1-Rev22:21\" > \"" + tmp + "\" 2>/dev/null";
   int rc = std::system(cmd.c_str());
   std::error_code ec;
-  if (rc != 0 || fs::file_size(tmp, ec) < 1000000) {
+  const bool whole = rc == 0 && whole_bible(tmp);
+  const auto bytes = fs::file_size(tmp, ec);
+  if (!whole) {
     fs::remove(tmp, ec);
+    if (rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 127)  // (the shell found no `bible`)
+      fail(
+          "demo corpus: the `bible` program (Debian package bible-kjv) is missing; install it "
+          "with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
     fail(
-        "demo corpus: the `bible` program (Debian package bible-kjv) is missing or failed; "
-        "install it with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
+        "demo corpus: {}: `bible` wrote {} bytes, not the whole King James Bible (is the disk "
+        "full?); free space there or set LMFORGE_CACHE to another directory, and run again",
+        tmp, ec ? 0 : bytes);
   }
   fs::rename(tmp, path);
   return path;

@@ -194,6 +194,17 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
     }
     fs::create_directories(tmp);
   }
+  // A save that fails (a full disk) leaves no step-N.tmp holding the space until the next save
+  // removes it: rank 0 removes what it made.
+  struct RemoveOnFailure {
+    fs::path dir;
+    bool on;
+    int uncaught = std::uncaught_exceptions();
+    ~RemoveOnFailure() {
+      std::error_code ec;
+      if (on && std::uncaught_exceptions() > uncaught) fs::remove_all(dir, ec);
+    }
+  } remove_on_failure{tmp, lead};
   barrier();
 
   const ParamSet& ps = model.params();

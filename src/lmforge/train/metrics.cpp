@@ -23,7 +23,7 @@ std::string dir_of(const std::string& path) {
 
 }  // namespace
 
-MetricsWriter::MetricsWriter(const std::string& path) {
+MetricsWriter::MetricsWriter(const std::string& path) : path_(path) {
   f_ = std::fopen(path.c_str(), "a");
   if (!f_) fail("{}: cannot write metrics ({})", path, std::strerror(errno));
 }
@@ -49,8 +49,11 @@ nlohmann::json with_nulls(nlohmann::json record) {
 
 void MetricsWriter::write(const nlohmann::json& record) {
   std::string line = with_nulls(record).dump() + "\n";
-  std::fwrite(line.data(), 1, line.size(), f_);
-  std::fflush(f_);
+  // A full disk is said at the step it happens, not at the next checkpoint's save after a run of
+  // lost records (the line a failed write tears is dropped by --resume: truncate_after).
+  if (std::fwrite(line.data(), 1, line.size(), f_) != line.size() || std::fflush(f_) != 0)
+    fail("{}: cannot write metrics ({}); free space there, then continue with --resume", path_,
+         std::strerror(errno));
   if (!tb_ || !record.contains("step") || !record["step"].is_number_integer()) return;
   int64_t step = record["step"].get<int64_t>();
   double now =

@@ -44,6 +44,7 @@ class MetricsWriter {
 
  private:
   std::FILE* f_ = nullptr;
+  std::string path_;
   std::unique_ptr<TensorBoardWriter> tb_;
 };
 

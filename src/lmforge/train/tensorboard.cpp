@@ -199,7 +199,11 @@ void TensorBoardWriter::write_event(const std::string& event) {
     fail("{}: cannot write TensorBoard events ({})", path_, std::strerror(errno));
 }
 
-void TensorBoardWriter::flush() { std::fflush(f_); }
+void TensorBoardWriter::flush() {
+  if (std::fflush(f_) != 0)
+    fail("{}: cannot write TensorBoard events ({}); free space there, then continue with --resume",
+         path_, std::strerror(errno));
+}
 
 void tensorboard_truncate_after(const std::string& run_dir, int64_t step) {
   for (const fs::path& file : events_files(run_dir)) {
