@@ -260,6 +260,14 @@ TEST(CheckpointResume, AnEarlyStoppedRunStaysStopped) {
   auto r = run_lmforge(run, dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_NE(r.out.find("early stopping at step 8"), std::string::npos) << r.out;
+  // The best the log names is checkpoints/best's (the lowest loss; min_delta counts for early
+  // stopping alone): it named step 4 while checkpoints/best named step 8.
+  const auto val = testing::records_of(dir + "/a/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 2u);
+  const int64_t lowest =
+      val[1]["val_loss"].get<double>() < val[0]["val_loss"].get<double>() ? 8 : 4;
+  EXPECT_EQ(slurp(dir + "/a/checkpoints/best"), fmt::format("step-{:08d}\n", lowest));
+  EXPECT_NE(r.out.find(fmt::format("at step {})", lowest)), std::string::npos) << r.out;
   const std::string weights = slurp(ckpt(dir + "/a", 8) + "/model.safetensors");
   const std::string metrics = slurp(dir + "/a/metrics.jsonl");
   r = run_lmforge(run + "--resume", dir);

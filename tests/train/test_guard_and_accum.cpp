@@ -56,7 +56,8 @@ std::vector<float> grads(Transformer& m) {
 
 // Early stopping's history: a NaN or infinite validation loss is never the best (nothing would
 // beat it, and JSON writes it as null), counts as no improvement, and the state round-trips
-// through text as a checkpoint stores it.
+// through text as a checkpoint stores it. The best is the lowest loss (as checkpoints/best picks
+// it); min_delta decides only early stopping's count.
 TEST(EvalHistory, NonFiniteLossesAreNeverTheBestAndTheStateRoundTrips) {
   EvalHistory h;
   EXPECT_FALSE(h.add(2, std::nan(""), 0.0));
@@ -68,11 +69,22 @@ TEST(EvalHistory, NonFiniteLossesAreNeverTheBestAndTheStateRoundTrips) {
   EXPECT_EQ(after_nan.bad(), 0);
   EXPECT_FALSE(after_nan.add(6, INFINITY, 0.0));
   EXPECT_TRUE(after_nan.add(8, 4.5, 0.0));
-  EXPECT_FALSE(after_nan.add(10, 4.45, 0.1));  // within min_delta
+  // Within min_delta of the reference: the lowest so far (checkpoints/best's), yet no
+  // improvement for early stopping, whose reference stays.
+  EXPECT_TRUE(after_nan.add(10, 4.45, 0.1));
+  EXPECT_FALSE(after_nan.add(12, 4.46, 0.1));
   EvalHistory back(nlohmann::json::parse(after_nan.state().dump()));
-  EXPECT_EQ(back.best(), 4.5);
-  EXPECT_EQ(back.best_step(), 8);
-  EXPECT_EQ(back.bad(), 1);
+  EXPECT_EQ(back.best(), 4.45);
+  EXPECT_EQ(back.best_step(), 10);
+  EXPECT_EQ(back.reference(), 4.5);
+  EXPECT_EQ(back.bad(), 2);
+  EXPECT_TRUE(back.add(14, 4.3, 0.1));  // by more than min_delta: both move
+  EXPECT_EQ(back.reference(), 4.3);
+  EXPECT_EQ(back.bad(), 0);
+  // A state saved before the reference was kept apart: it was the best.
+  nlohmann::json old = back.state();
+  old.erase("reference");
+  EXPECT_EQ(EvalHistory(old).reference(), 4.3);
 }
 
 TEST(GradAccumulation, UnevenIgnoredTargetsGiveTheFullBatchGradient) {

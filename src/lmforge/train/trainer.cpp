@@ -48,7 +48,8 @@ using nlohmann::json;
 json EvalHistory::state() const {
   return {{"best", best_step_ < 0 ? json(nullptr) : json(best_)},
           {"best_step", best_step_},
-          {"bad", bad_}};
+          {"bad", bad_},
+          {"reference", best_step_ < 0 ? json(nullptr) : json(reference_)}};
 }
 
 EvalHistory::EvalHistory(const json& j) {
@@ -56,19 +57,29 @@ EvalHistory::EvalHistory(const json& j) {
   best_step_ = j.at("best_step").get<int64_t>();
   bad_ = j.at("bad").get<int64_t>();
   if (best_step_ >= 0) best_ = j.at("best").get<double>();
+  // (saved before the two differed: the best was the reference)
+  const json ref = j.value("reference", json());
+  reference_ = ref.is_number() ? ref.get<double>() : best_;
 }
 
 bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
   // A non-finite loss never becomes the best (nothing would ever beat a NaN, and JSON cannot
   // hold it): it counts as an evaluation without improvement.
-  if (std::isfinite(val_loss) && (best_step_ < 0 || val_loss < best_ - min_delta)) {
-    best_ = val_loss;
-    best_step_ = step;
-    bad_ = 0;
-    return true;
+  if (!std::isfinite(val_loss)) {
+    ++bad_;
+    return false;
   }
-  ++bad_;
-  return false;
+  const bool first = best_step_ < 0;
+  if (first || val_loss < reference_ - min_delta) {
+    reference_ = val_loss;
+    bad_ = 0;
+  } else {
+    ++bad_;
+  }
+  if (!first && val_loss >= best_) return false;
+  best_ = val_loss;
+  best_step_ = step;
+  return true;
 }
 
 namespace {
@@ -572,9 +583,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   bool early_stopped = t.patience > 0 && evals.bad() >= t.patience;
   if (early_stopped)
     progress.message(fmt::format(
-        "early stopping: reached before this resume (val loss not improved by {} for {} "
-        "evaluations, best {:.4f} at step {}); nothing to train: raise train.patience to go on",
-        t.min_delta, evals.bad(), evals.best(), evals.best_step()));
+        "early stopping: reached before this resume (val loss not below {:.4f} by more than {} "
+        "for {} evaluations, best {:.4f} at step {}); nothing to train: raise train.patience to "
+        "go on",
+        evals.reference(), t.min_delta, evals.bad(), evals.best(), evals.best_step()));
   for (int64_t step = st.step; step < t.steps && !early_stopped; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
@@ -702,9 +714,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                    detail, best ? " | best" : ""));
       if (t.patience > 0 && evals.bad() >= t.patience) {
         progress.message(fmt::format(
-            "early stopping at step {}: val loss has not improved by {} for {} evaluations "
-            "(best {:.4f} at step {})",
-            st.step, t.min_delta, evals.bad(), evals.best(), evals.best_step()));
+            "early stopping at step {}: val loss has not gone below {:.4f} by more than {} for "
+            "{} evaluations (best {:.4f} at step {})",
+            st.step, evals.reference(), t.min_delta, evals.bad(), evals.best(), evals.best_step()));
         stop = true;
       }
     }

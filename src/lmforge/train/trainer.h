@@ -37,8 +37,10 @@ Schedule make_schedule(const TrainConfig& t);
 // LoRA under bf16 master weights keeps the adapters' fp32 masters (AdamWOptions::fp32_masters).
 AdamWOptions optimizer_options(const Config& cfg);
 
-// Validation losses so far: the best (lower by more than min_delta than the previous best) and
-// how many evaluations since it (early stopping's count). Saved in checkpoints.
+// Validation losses so far: the best (the lowest, as checkpoints/best names it) and early
+// stopping's count, the evaluations since one improved on its reference by more than min_delta
+// (the reference: the loss of the last evaluation that did; as Lightning's EarlyStopping beside
+// its ModelCheckpoint). Saved in checkpoints.
 class EvalHistory {
  public:
   explicit EvalHistory(const nlohmann::json& state = nullptr);
@@ -46,11 +48,12 @@ class EvalHistory {
   bool add(int64_t step, double val_loss, double min_delta);
   double best() const { return best_; }
   int64_t best_step() const { return best_step_; }
+  double reference() const { return reference_; }
   int64_t bad() const { return bad_; }
   nlohmann::json state() const;
 
  private:
-  double best_ = 0;
+  double best_ = 0, reference_ = 0;
   int64_t best_step_ = -1, bad_ = 0;
 };
 
