@@ -57,8 +57,15 @@ void add_prepare(CLI::App& app) {
     }
     if (!o->output.empty()) p.output = o->output;
     if (!o->tokenizer.empty()) p.tokenizer = o->tokenizer;
-    if (o->val_fraction >= 0) p.val_fraction = o->val_fraction;
-    if (o->val_docs >= 0) p.val_docs = static_cast<uint64_t>(o->val_docs);
+    // A flag's split replaces CONFIG's, a count or a fraction (both flags: refused by prepare).
+    if (o->val_fraction >= 0) {
+      p.val_fraction = o->val_fraction;
+      if (o->val_docs < 0) p.val_docs = 0;
+    }
+    if (o->val_docs >= 0) {
+      p.val_docs = static_cast<uint64_t>(o->val_docs);
+      if (o->val_fraction < 0) p.val_fraction = 0;
+    }
     if (o->shard_tokens > 0) p.shard_tokens = static_cast<uint64_t>(o->shard_tokens);
     if (o->seed >= 0) p.seed = static_cast<uint64_t>(o->seed);
     p.stop_after_shards = o->stop_after;

@@ -348,6 +348,19 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
         {"--seed", seed, "18446744073709551615"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set run.dir=", dir), {"run.dir", "empty"});
   expect_one_line_error(run_lmforge("lr-find tiny.yaml --end inf", dir), {"lr-find", "finite"});
+  // A flag's validation split replaces the config's (a count for a fraction), as flags override
+  // CONFIG's keys; both flags at once are refused.
+  std::ofstream(dir + "/split.txt") << "one\n\ntwo\n\nthree\n\nfour\n";
+  std::ofstream(dir + "/split.yaml")
+      << "sources:\n  s: {inputs: [split.txt], text_mode: blank_line}\nval_fraction: 0.5\n";
+  auto split =
+      run_lmforge("prepare split.yaml --output split-out --tokenizer byte --val-docs 1", dir);
+  EXPECT_EQ(split.exit_code, 0) << split.err;
+  expect_one_line_error(
+      run_lmforge("prepare split.yaml --output split-2 --tokenizer byte --val-docs 1 "
+                  "--val-fraction 0.5",
+                  dir),
+      {"val_docs", "val_fraction"});
   std::ofstream(dir + "/bad-prepare.yaml") << "output: [1]\n";
   expect_one_line_error(run_lmforge("prepare bad-prepare.yaml", dir),
                         {"bad-prepare.yaml:1", "output", "wrong type"});
