@@ -124,6 +124,9 @@ std::vector<std::string> mpirun_argv(const std::string& mpirun, const LaunchOpti
     a.push_back("-x");
     a.push_back("LMFORGE_RANKS_PER_NODE=" + std::to_string(o.ranks_per_node));
   }
+  // (the ranks' stdout is mpirun's pseudo-terminal: a progress bar only where launch's is one)
+  a.push_back("-x");
+  a.push_back(std::string("LMFORGE_STDOUT_TTY=") + (isatty(STDOUT_FILENO) == 1 ? "1" : "0"));
   std::error_code ec;
   std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
   if (ec) fail("launch: cannot find this executable (/proc/self/exe): {}", ec.message());

@@ -117,6 +117,10 @@ TEST(Launch, EveryRankTrains) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("dist: 2 ranks"), std::string::npos) << r.out;
   EXPECT_TRUE(std::filesystem::exists(dir + "/run/metrics.jsonl"));
+  // launch's stdout is a file: plain step lines, not the terminal's progress bar the ranks drew
+  // on mpirun's pseudo-terminal before.
+  EXPECT_NE(r.out.find("step      2/2 | loss"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find_first_of("\r\x1b"), std::string::npos) << r.out;
 }
 
 TEST(Launch, FailingRankFailsTheJob) {

@@ -170,7 +170,8 @@ TEST(CheckpointResume, ResetOptimizerAndStartStep) {
                       "--start-step 4",
                   dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_NE(r.out.find("at step 8, continuing as step 4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("at step 8, continuing as if 4 steps were done"), std::string::npos)
+      << r.out;
   loss = metric_by_step(dir + "/start", "loss");
   auto lr = metric_by_step(dir + "/start", "lr");
   ASSERT_EQ(loss.size(), 12u);
@@ -354,6 +355,38 @@ TEST(ResolvedConfig, ReproducesAFineTuningRunStartedWithoutAConfigFile) {
   for (auto& [step, l] : cont) EXPECT_EQ(l, loss.at(step)) << step;
   EXPECT_EQ(slurp(ckpt(dir + "/ft", 6) + "/model.safetensors"),
             slurp(ckpt(dir + "/cont", 6) + "/model.safetensors"));
+}
+
+// One trainer per run directory: a --resume started while the run still trains (a requeued job
+// whose first copy lives on) is refused before it touches anything (it moved the first's
+// checkpoints aside and then failed in the first's save), and goes on once the first has ended.
+TEST(RunDirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
+  std::string dir = testing::temp_dir("run-dir-lock");
+  const std::string args =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set model.vocab_size=257 "
+      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
+      "--set train.seq_len=32 --set train.steps=100000 --set train.checkpoint_every=5 "
+      "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
+  pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+  bool saved = false;
+  for (int i = 0; i < 6000 && !saved; ++i) {
+    saved = !testing::list_checkpoint_dir(dir + "/run").complete.empty();
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(saved) << slurp(dir + "/err.txt");
+  auto second = run_lmforge(args + " --resume", dir);
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  const auto listing = testing::list_checkpoint_dir(dir + "/run");
+  EXPECT_EQ(second.exit_code, 1);
+  EXPECT_NE(second.err.find("run.dir: run is in use by another lmforge train"), std::string::npos)
+      << second.err;
+  EXPECT_FALSE(fs::exists(dir + "/run/abandoned"));
+  // After the first ended (killed: the kernel drops its lock), the resume goes on.
+  auto again = run_lmforge(
+      args + " --resume --set train.steps=" + std::to_string(listing.complete.rbegin()->first + 1),
+      dir);
+  EXPECT_EQ(again.exit_code, 0) << again.err;
 }
 
 // Ctrl-C (SIGINT) during a run: the step finishes, a checkpoint of it is saved (none was due),

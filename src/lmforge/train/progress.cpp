@@ -8,6 +8,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+
+#include "lmforge/dist/communicator.h"
 
 namespace lmforge {
 
@@ -51,7 +54,14 @@ std::string format_duration(double s) {
   return fmt::format("{}d{:02}h", n / 86400, n % 86400 / 3600);
 }
 
-bool Progress::stdout_is_tty() { return isatty(STDOUT_FILENO) == 1; }
+bool Progress::stdout_is_tty() {
+  // Under mpirun a rank's stdout is OpenMPI's pseudo-terminal whatever mpirun's own is (a file, a
+  // pipe): launch says what its stdout is (LMFORGE_STDOUT_TTY); under another launcher, plain
+  // lines.
+  if (const char* e = std::getenv("LMFORGE_STDOUT_TTY"); e && *e) return e[0] == '1';
+  if (dist::rank_info().launcher != "none") return false;
+  return isatty(STDOUT_FILENO) == 1;
+}
 
 Progress::Progress(int64_t total_steps, int64_t start_step, int64_t log_every, bool tty)
     : Progress(total_steps, start_step, log_every, tty, write_stdout, steady_seconds,

@@ -1,13 +1,17 @@
 #include "lmforge/train/trainer.h"
 
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <omp.h>
+#include <sys/file.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <map>
@@ -83,6 +87,30 @@ bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
 }
 
 namespace {
+
+// One trainer per run directory (rank 0 holds it): a second one, a --resume started while the
+// first still runs, would move the first's checkpoints aside and write over its metrics. An
+// advisory lock on run_dir/.lock, which the kernel drops when the process ends (kill -9 too).
+class RunDirLock {
+ public:
+  void take(const std::string& run_dir) {
+    if (fd_ >= 0) return;
+    const std::string path = run_dir + "/.lock";
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) fail("run.dir: cannot open {} ({})", path, std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0)
+      fail(
+          "run.dir: {} is in use by another lmforge train (it holds {}); wait for it to end or "
+          "stop it, or choose another directory with --set run.dir=DIR",
+          run_dir, path);
+  }
+  ~RunDirLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+ private:
+  int fd_ = -1;
+};
 
 double peak_rss_mib() {
   rusage u{};
@@ -260,8 +288,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     }
   }
 
-  // Run directory: nothing is written until every check above has passed.
+  // Run directory: nothing is written until every check above has passed (but its lock, where
+  // it exists: before a resume picks its checkpoint).
   const std::string& run_dir = cfg.run.dir;
+  RunDirLock run_dir_lock;
+  if (lead && fs::is_directory(run_dir)) run_dir_lock.take(run_dir);
   std::string ckpt;
   if (resume.from.empty() && (resume.start_step >= 0 || resume.reset_optimizer))
     fail("{}: only with --resume (it changes how a run continues from a checkpoint)",
@@ -315,6 +346,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     std::error_code ec;
     fs::create_directories(run_dir, ec);
     if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
+    run_dir_lock.take(run_dir);
     write_file_atomic(run_dir + "/config.yaml", config_yaml);
   }
 
@@ -359,9 +391,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       MetricsWriter::truncate_after(metrics_path, std::min(saved_step, st.step));
       prune_checkpoints(run_dir, saved_step, /*keep_last=*/0);
     }
-    fmt::print("resumed from {} at step {}{}{}\n", ckpt, saved_step,
-               st.step != saved_step ? fmt::format(", continuing as step {}", st.step) : "",
-               resume.reset_optimizer ? "; optimizer state reset" : "");
+    fmt::print(
+        "resumed from {} at step {}{}{}\n", ckpt, saved_step,
+        st.step != saved_step ? fmt::format(", continuing as if {} steps were done", st.step) : "",
+        resume.reset_optimizer ? "; optimizer state reset" : "");
   } else if (lead) {
     MetricsWriter::remove(metrics_path);  // and an earlier run's TensorBoard events
   }
