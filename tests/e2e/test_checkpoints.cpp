@@ -383,10 +383,15 @@ TEST(RunDirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
       << second.err;
   EXPECT_FALSE(fs::exists(dir + "/run/abandoned"));
   // After the first ended (killed: the kernel drops its lock), the resume goes on.
-  auto again = run_lmforge(
-      args + " --resume --set train.steps=" + std::to_string(listing.complete.rbegin()->first + 1),
-      dir);
+  const std::string to_end =
+      " --resume --set train.steps=" + std::to_string(listing.complete.rbegin()->first + 1);
+  auto again = run_lmforge(args + to_end, dir);
   EXPECT_EQ(again.exit_code, 0) << again.err;
+  // Resumed once more, finished: it says there is nothing to train.
+  auto done = run_lmforge(args + to_end, dir);
+  EXPECT_EQ(done.exit_code, 0) << done.err;
+  EXPECT_NE(done.out.find("nothing to train: the run finished at step"), std::string::npos)
+      << done.out;
 }
 
 // Ctrl-C (SIGINT) during a run: the step finishes, a checkpoint of it is saved (none was due),

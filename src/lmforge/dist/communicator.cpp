@@ -262,6 +262,8 @@ std::unique_ptr<Communicator> init_world(const WorldOptions& opt) {
 }
 
 void abort_job(const std::string& line, int code) {
+  // What the run printed before (its set-up lines) comes before the error, not after it.
+  std::fflush(stdout);
   if (g_info.size > 1 && mpi_active()) {
     // Give rank 0 the chance to be the one that reports an error every rank hits.
     if (g_info.rank != 0) std::this_thread::sleep_for(std::chrono::seconds(1));

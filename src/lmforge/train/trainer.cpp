@@ -620,6 +620,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
         "for {} evaluations, best {:.4f} at step {}); nothing to train: raise train.patience to "
         "go on",
         evals.reference(), t.min_delta, evals.bad(), evals.best(), evals.best_step()));
+  else if (st.step >= t.steps)
+    progress.message(fmt::format(
+        "nothing to train: the run finished at step {} (train.steps); raise train.steps to go on",
+        st.step));
   for (int64_t step = st.step; step < t.steps && !early_stopped; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
