@@ -356,6 +356,14 @@ TEST(CliErrors, HostileInputsAreOneLineErrors) {
   auto split =
       run_lmforge("prepare split.yaml --output split-out --tokenizer byte --val-docs 1", dir);
   EXPECT_EQ(split.exit_code, 0) << split.err;
+  // A fraction that draws no document (one file, one document) is said, with the way on.
+  std::ofstream(dir + "/one.txt") << "text a\n";
+  auto none = run_lmforge(
+      "prepare --input one.txt --output frac-out --tokenizer byte --val-fraction 0.01", dir);
+  EXPECT_EQ(none.exit_code, 0) << none.err;
+  EXPECT_NE(none.err.find("drew none of its 1 documents for validation"), std::string::npos)
+      << none.err;
+  EXPECT_NE(none.err.find("--val-docs N"), std::string::npos) << none.err;
   expect_one_line_error(
       run_lmforge("prepare split.yaml --output split-2 --tokenizer byte --val-docs 1 "
                   "--val-fraction 0.5",

@@ -542,6 +542,16 @@ json run_prepare(const PrepareOptions& o) {
                s.name, st["documents"]["train"].get<uint64_t>(),
                st["documents"]["val"].get<uint64_t>(), st["tokens"]["train"].get<uint64_t>(),
                st["tokens"]["val"].get<uint64_t>(), st["skipped"].dump(), st["repaired"].dump());
+    // A fraction of a few documents (a directory of files, each one document) can draw none:
+    // data.val would then find no val shards.
+    if (o.val_fraction > 0 && o.stop_after_shards == 0 &&
+        st["documents"]["val"].get<uint64_t>() == 0 && st["documents"]["train"].get<uint64_t>() > 0)
+      fmt::print(
+          stderr,
+          "lmforge: warning: prepare {}: val_fraction {} drew none of its {} documents for "
+          "validation (each file is one document unless --text-mode splits it); use --val-docs N "
+          "or --text-mode blank_line\n",
+          s.name, o.val_fraction, st["documents"]["train"].get<uint64_t>());
     // Nothing kept (every record skipped: a wrong field or format): no shards to train on, and
     // none left behind.
     if (st["documents"]["train"].get<uint64_t>() + st["documents"]["val"].get<uint64_t>() == 0 &&
