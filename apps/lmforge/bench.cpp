@@ -401,9 +401,14 @@ void add_bench(CLI::App& app) {
         "resident {:.0f} MiB\n",
         o->recompute, model.activation_bytes() / 1048576.0,
         model.params().weight_bytes() / 1048576.0, o->master_weights, u.ru_maxrss / 1024.0);
-    fmt::print("LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
-               model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
-               model.full_logits_bytes() / 1048576.0);
+    if (model.logits_chunk_rows() >= o->batch * o->seq)  // (the batch's rows fit one chunk)
+      fmt::print("LM head + loss in one chunk of all {} rows: {:.0f} MiB of logits\n",
+                 model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0);
+    else
+      fmt::print(
+          "LM head + loss in chunks of {} rows: {:.0f} MiB of logits instead of {:.0f} MiB\n",
+          model.logits_chunk_rows(), model.chunk_logits_bytes() / 1048576.0,
+          model.full_logits_bytes() / 1048576.0);
     // (with a teacher, its forward too)
     const double fpt = mc.flops_per_token(o->seq) +
                        (teacher ? teacher->config().forward_flops_per_token(o->seq) : 0.0);

@@ -3,6 +3,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 
 #include "commands.h"
 #include "lmforge/dist/communicator.h"
@@ -33,8 +34,8 @@ void add_train_args(CLI::App* cmd, TrainArgs& o) {
       ->expected(0, 1)
       ->default_str("auto");
   cmd->add_option("--start-step", o.start_step,
-                  "With --resume: continue as step N (step counter and LR schedule); the data "
-                  "position still comes from the checkpoint")
+                  "With --resume: continue as if N steps were done (step counter and LR "
+                  "schedule); the data position still comes from the checkpoint")
       ->type_name("N")
       ->check(in_range(0));
   cmd->add_flag("--reset-optimizer", o.reset_optimizer,
@@ -76,6 +77,13 @@ void add_train(CLI::App& app) {
     Config cfg = load_run_config(o->config, o->sets);
     ResumeOptions resume{o->resume, o->start_step, o->reset_optimizer};
     if (cmd->count("--resume") && resume.from.empty()) resume.from = "auto";
+    // `train --resume my.yaml`: the optional value took the config meant as CONFIG.
+    if (o->config.empty() && (resume.from.ends_with(".yaml") || resume.from.ends_with(".yml")) &&
+        std::filesystem::is_regular_file(resume.from))
+      fail(
+          "--resume {}: a config file, taken as the checkpoint to resume; put it first (train {} "
+          "--resume), or give the checkpoint as --resume=PATH",
+          resume.from, resume.from);
     const TrainResult r = train(cfg, resume);
     if (r.interrupted) {
       if (dist::rank_info().rank == 0)  // (every rank stopped after the same step)

@@ -180,6 +180,9 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
   tiny_config(dir);
   expect_one_line_error(run_lmforge("train tiny.yaml --resume", dir),
                         {"--resume", "no checkpoint"});
+  // The config after --resume is its optional value: said so, with the order that works.
+  expect_one_line_error(run_lmforge("train --resume tiny.yaml", dir),
+                        {"--resume tiny.yaml: a config file", "train tiny.yaml --resume"});
   auto ok = run_lmforge("train tiny.yaml", dir);
   ASSERT_EQ(ok.exit_code, 0) << ok.err;
   // Sampling options out of range are refused by generate as by train.
