@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <thread>
 
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/profile.h"
@@ -98,7 +99,13 @@ void check_host_memory(double bytes, const std::string& what, const std::string&
          bytes / 1073741824.0, avail / 1073741824.0, fix);
   const size_t room = process_address_room();
   const double mine = bytes / std::max(1, processes);
-  if (room != SIZE_MAX && mine > static_cast<double>(room))
+  // Beside the planned bytes, what the libraries map as the run goes on: thread stacks (OpenMP's,
+  // and the pools a checkpoint's hashing starts), oneDNN's scratchpads. Within ~40 MiB of the
+  // limit oneDNN crashed (SIGSEGV) and libgomp exited without naming anything, instead of this
+  // line.
+  const double headroom =
+      (128.0 + 16.0 * std::max(1u, std::thread::hardware_concurrency())) * 1048576.0;
+  if (room != SIZE_MAX && mine + headroom > static_cast<double>(room))
     fail(
         "out of memory: {} need {:.2f} GiB{} but the address-space limit (ulimit -v) leaves "
         "{:.2f} GiB; {}",
