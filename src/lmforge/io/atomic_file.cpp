@@ -61,15 +61,38 @@ AtomicFile::~AtomicFile() {
   }
 }
 
+namespace {
+
+// The way on from a failed write, by its errno.
+const char* write_hint(int err) {
+  switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+      return "the disk is full: free space there";
+    case EFBIG:
+      return "the file grew past the file-size limit (ulimit -f)";
+    case EROFS:
+      return "the filesystem is read-only";
+    default:
+      return "is the disk full?";
+  }
+}
+
+}  // namespace
+
 void AtomicFile::write(const void* data, size_t n) {
-  if (n && std::fwrite(data, 1, n, f_) != n)
-    fail("{}: write failed ({}); is the disk full?", tmp_, std::strerror(errno));
+  if (n && std::fwrite(data, 1, n, f_) != n) {
+    const int err = errno;
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
+  }
 }
 
 void AtomicFile::overwrite(uint64_t offset, const void* data, size_t n) {
   if (std::fflush(f_) != 0 ||
-      pwrite(fileno(f_), data, n, static_cast<off_t>(offset)) != static_cast<ssize_t>(n))
-    fail("{}: write failed ({}); is the disk full?", tmp_, std::strerror(errno));
+      pwrite(fileno(f_), data, n, static_cast<off_t>(offset)) != static_cast<ssize_t>(n)) {
+    const int err = errno;
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
+  }
 }
 
 void AtomicFile::commit() {
@@ -79,12 +102,15 @@ void AtomicFile::commit() {
   f_ = nullptr;
   if (!ok) {
     std::remove(tmp_.c_str());
-    fail("{}: write failed ({}); is the disk full?", tmp_, std::strerror(err));
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
   }
   if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     err = errno;
     std::remove(tmp_.c_str());
-    fail("{}: cannot rename into place ({})", path_, std::strerror(err));
+    fail(
+        "{}: cannot rename into place ({}); check that it and its directory are writable (not "
+        "read-only or immutable)",
+        path_, std::strerror(err));
   }
 }
 
