@@ -94,7 +94,11 @@ TEST_F(DataParallelTest, SequenceParallelMatchesOneProcess) {
   {  // the KL term, summed over the group's rows
     const std::vector<double> a = losses("sp2-distill", "kl"), b = losses("ref-sp-distill", "kl");
     ASSERT_EQ(a.size(), b.size());
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << "kl " << i + 1;
+    // (relative, with an absolute floor: the KL is a mean of differences of fp32 log-probabilities
+    // of magnitude ~5, whose rounding in the group's other summation order reached 5.5e-8 on a
+    // KL of 2.3e-3 with AVX2's matmuls, Zen 3)
+    for (size_t i = 0; i < a.size(); ++i)
+      EXPECT_NEAR(a[i], b[i], 1e-5 * b[i] + 2e-7) << "kl " << i + 1;
     // The student's and the teacher's gathers and scatters, as lmforge plan counts them (a rank's
     // 1 row).
     const ModelConfig sc = checkpoint_model_config(find_latest_checkpoint(*dir_ + "/sp2-distill")),
