@@ -5,10 +5,12 @@
 //   mpirun -np N --oversubscribe --bind-to none [--allow-run-as-root, as root]
 //          -x OMP_NUM_THREADS=<max(1, cores/N), or as set> [-x LMFORGE_RANKS_PER_NODE=K]
 //          /proc/self/exe train ARGS...
-// SIGINT/SIGTERM sent to launch reach mpirun, which passes SIGTERM to the ranks: they finish the
-// step, save a checkpoint of it together and exit (trainer.cpp). launch exits with mpirun's
-// status: 0 when every rank succeeded, 128 + the signal when one stopped the job, non-zero when a
-// rank failed or was killed, 124 when --timeout passed (like timeout(1)). It prints nothing of
+// SIGINT/SIGTERM sent to launch (a Ctrl-C at the terminal included: mpirun runs in a process
+// group of its own) are passed to the ranks as SIGTERM, never to mpirun: they finish the step,
+// save a checkpoint of it together and exit 0 (trainer.cpp); a second signal kills them. launch
+// exits with mpirun's status: 0 when every rank succeeded, 128 + the signal when one stopped the
+// job and every rank saved, non-zero when a rank failed or was killed, 124 when --timeout passed
+// (like timeout(1); the ranks are stopped the same way, killed 10 s later). It prints nothing of
 // its own on success.
 #include <sched.h>
 #include <signal.h>
@@ -33,17 +35,16 @@ namespace lmforge::app {
 
 namespace {
 
-volatile sig_atomic_t g_mpirun_pid = 0;
-volatile sig_atomic_t g_signal = 0;  // the first SIGINT or SIGTERM launch got
+volatile sig_atomic_t g_signal = 0;   // the first SIGINT or SIGTERM launch got
+volatile sig_atomic_t g_signals = 0;  // how many
 
-// A Ctrl-C at the terminal already reached mpirun (it shares launch's process group, so that it
-// can forward the terminal's stdin to rank 0); forward what was sent to launch alone (kill, a
-// scheduler, timeout(1)) so that mpirun does not get it twice.
-void forward_signal(int sig, siginfo_t* info, void*) {
+// Noted here, passed to the ranks by run_mpirun's loop: never to mpirun, whose job abort sends
+// the ranks SIGTERM and 1 s later SIGKILL (odls_base_sigkill_timeout), with the ranks' runtime
+// torn down under them, so that a model whose step and save take longer saved nothing. mpirun
+// runs in a process group of its own, so a Ctrl-C at the terminal reaches launch alone.
+void note_signal(int sig) {
   if (g_signal == 0) g_signal = sig;
-  bool from_process = info == nullptr || info->si_code == SI_USER || info->si_code == SI_QUEUE ||
-                      info->si_code == SI_TKILL;
-  if (g_mpirun_pid > 0 && from_process) kill(g_mpirun_pid, sig);
+  g_signals = g_signals + 1;
 }
 
 std::string find_on_path(const std::string& name) {
@@ -68,11 +69,12 @@ int usable_cores() {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
-// The processes this (subreaper) process adopted: ranks whose mpirun died before them.
-std::vector<pid_t> adopted_children() {
+// The processes whose parent is `parent`: mpirun's ranks, or the ones this (subreaper) process
+// adopted when their mpirun died before them.
+std::vector<pid_t> children_of(pid_t parent) {
   std::vector<pid_t> out;
   std::error_code ec;
-  const std::string self = std::to_string(getpid());
+  const std::string self = std::to_string(parent);
   for (auto& e : std::filesystem::directory_iterator("/proc", ec)) {
     const std::string name = e.path().filename().string();
     if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
@@ -97,7 +99,7 @@ std::vector<pid_t> adopted_children() {
 // --timeout escalation) was re-parented to launch, the subreaper; kill and reap it.
 void kill_orphaned_ranks() {
   for (int round = 0; round < 50; ++round) {
-    std::vector<pid_t> left = adopted_children();
+    std::vector<pid_t> left = children_of(getpid());
     if (left.empty()) return;
     for (pid_t p : left) kill(p, SIGKILL);
     for (pid_t p : left) waitpid(p, nullptr, 0);
@@ -109,6 +111,7 @@ struct LaunchOptions {
   int ranks_per_node = 0;
   double timeout_s = 0;
   std::vector<std::string> command;
+  std::string interrupted_file;  // where rank 0 says which signal stopped the job (train.cpp)
 };
 
 std::vector<std::string> mpirun_argv(const std::string& mpirun, const LaunchOptions& o) {
@@ -127,6 +130,13 @@ std::vector<std::string> mpirun_argv(const std::string& mpirun, const LaunchOpti
   // (the ranks' stdout is mpirun's pseudo-terminal: a progress bar only where launch's is one)
   a.push_back("-x");
   a.push_back(std::string("LMFORGE_STDOUT_TTY=") + (isatty(STDOUT_FILENO) == 1 ? "1" : "0"));
+  // (stopped by a signal, the ranks exit 0 after their save, a non-zero one would have mpirun
+  // abort the others, and rank 0 writes the signal's number here for launch's exit status)
+  a.push_back("-x");
+  a.push_back("LMFORGE_INTERRUPTED_FILE=" + o.interrupted_file);
+  // (mpirun in its own process group: no terminal stdin to forward; train reads none)
+  a.push_back("--stdin");
+  a.push_back("none");
   std::error_code ec;
   std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
   if (ec) fail("launch: cannot find this executable (/proc/self/exe): {}", ec.message());
@@ -143,15 +153,15 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
 
   // Ranks outliving mpirun become launch's children instead of init's, to be stopped below.
   prctl(PR_SET_CHILD_SUBREAPER, 1);
-  // Signals stay blocked from before fork until g_mpirun_pid is set, so none is lost.
+  // Signals stay blocked from before fork until the child is in its own group, so none is lost.
   sigset_t block, old;
   sigemptyset(&block);
   sigaddset(&block, SIGINT);
   sigaddset(&block, SIGTERM);
   sigprocmask(SIG_BLOCK, &block, &old);
   struct sigaction sa {};
-  sa.sa_sigaction = forward_signal;
-  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sa.sa_handler = note_signal;
+  sa.sa_flags = SA_RESTART;
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
@@ -161,6 +171,7 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
   pid_t pid = fork();
   if (pid < 0) fail("launch: fork: {}", std::strerror(errno));
   if (pid == 0) {
+    setpgid(0, 0);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     sigprocmask(SIG_SETMASK, &old, nullptr);
@@ -168,41 +179,61 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
     std::fprintf(stderr, "lmforge: launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
     _exit(127);
   }
-  g_mpirun_pid = pid;
+  setpgid(pid, pid);  // (also here: whichever runs first)
   sigprocmask(SIG_SETMASK, &old, nullptr);
 
   using Clock = std::chrono::steady_clock;
   auto deadline = Clock::now() + std::chrono::duration<double>(o.timeout_s);
   auto kill_at = Clock::time_point::max();
-  bool timed_out = false;
+  bool timed_out = false, stopping = false;
+  std::vector<pid_t> stopped;  // ranks sent SIGTERM
+  int killed_at_signals = 0;
   int status = 0;
   for (;;) {
-    pid_t r = waitpid(pid, &status, o.timeout_s > 0 ? WNOHANG : 0);
+    pid_t r = waitpid(pid, &status, WNOHANG);
     if (r == pid) break;
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) fail("launch: waitpid: {}", std::strerror(errno));
     auto now = Clock::now();
-    if (!timed_out && now > deadline) {
+    if (o.timeout_s > 0 && !timed_out && now > deadline) {
       std::fprintf(stderr,
                    "lmforge: launch: the job did not finish within %g s (--timeout); stopping its "
                    "%d ranks\n",
                    o.timeout_s, o.nproc);
-      kill(pid, SIGTERM);
-      timed_out = true;
+      timed_out = stopping = true;
       kill_at = now + std::chrono::seconds(10);
     }
-    if (timed_out && now > kill_at) {
+    stopping = stopping || g_signal != 0;
+    // SIGTERM to each rank (those mpirun has started so far, and any it starts later): they
+    // finish the step, agree on it, save and exit. A second signal kills them.
+    if (stopping)
+      for (pid_t rank : children_of(pid))
+        if (std::find(stopped.begin(), stopped.end(), rank) == stopped.end()) {
+          kill(rank, SIGTERM);
+          stopped.push_back(rank);
+        }
+    if (g_signals > 1 && killed_at_signals != g_signals) {
+      killed_at_signals = g_signals;
+      kill_at = now;
+    }
+    if (now > kill_at) {
+      for (pid_t rank : children_of(pid)) kill(rank, SIGKILL);
       kill(pid, SIGKILL);
       kill_at = Clock::time_point::max();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  g_mpirun_pid = 0;
   kill_orphaned_ranks();
   if (timed_out) return 124;
-  // Stopped by a signal to launch (the ranks saved a checkpoint of their last step and said so):
-  // 128 + it, as a one-process train exits (mpirun's own status is 1).
-  if (g_signal && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) return 128 + g_signal;
+  // Stopped by a signal (launch's, or one a rank had), every rank saved its last step and exited
+  // 0: 128 + it, as a one-process train exits. (A failure on the way: mpirun's status below.)
+  int stopped_by = 0;
+  if (std::FILE* f = std::fopen(o.interrupted_file.c_str(), "r")) {
+    if (std::fscanf(f, "%d", &stopped_by) != 1) stopped_by = 0;
+    std::fclose(f);
+    std::remove(o.interrupted_file.c_str());
+  }
+  if (stopped_by > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) return 128 + stopped_by;
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return 1;
@@ -243,6 +274,10 @@ void add_launch(CLI::App& app) {
       fail(
           "launch: mpirun not found on PATH; lmforge's ranks are started by OpenMPI: install "
           "Debian's openmpi-bin (apt-get install openmpi-bin)");
+    o->interrupted_file = (std::filesystem::temp_directory_path() /
+                           ("lmforge-launch-" + std::to_string(getpid()) + ".interrupted"))
+                              .string();
+    std::remove(o->interrupted_file.c_str());
     int code = run_mpirun(mpirun_argv(mpirun, *o), *o);
     if (code != 0) throw CLI::RuntimeError(code);  // main() exits with it, printing nothing
   });

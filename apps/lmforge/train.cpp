@@ -2,6 +2,7 @@
 //               [--reset-optimizer]
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -92,6 +93,16 @@ void add_train(CLI::App& app) {
                      "command and --resume\n",
                      r.interrupted == SIGINT ? "Ctrl-C" : strsignal(r.interrupted),
                      static_cast<long long>(r.steps), r.last_checkpoint.c_str());
+      // Under launch every rank exits 0 after the save (a rank exiting non-zero would have
+      // mpirun abort the others) and rank 0 tells launch the signal, which launch exits with.
+      if (const char* f = std::getenv("LMFORGE_INTERRUPTED_FILE"); f && *f) {
+        if (dist::rank_info().rank == 0)
+          if (std::FILE* out = std::fopen(f, "w")) {
+            std::fprintf(out, "%d\n", r.interrupted);
+            std::fclose(out);
+          }
+        return;
+      }
       throw CLI::RuntimeError(128 + r.interrupted);
     }
   });
