@@ -263,9 +263,8 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
   if (ec) {
-    const std::string why = ec.message();
-    fs::remove_all(tmp, ec);
-    fail("{}: cannot move {} to {} ({}); {}", opt, tmp, out, why,
+    fail("{}: cannot move {} to {} ({}; the export is complete there); {}", opt, tmp, out,
+         ec.message(),
          fs::exists(out) ? fmt::format("export into a new directory inside it (e.g. {}/model): a "
                                        "mount point or a directory in use cannot be replaced",
                                        out)

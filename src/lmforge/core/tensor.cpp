@@ -104,12 +104,13 @@ void check_host_memory(double bytes, const std::string& what, const std::string&
   // limit oneDNN crashed (SIGSEGV) and libgomp exited without naming anything, instead of this
   // line.
   const double headroom =
-      (128.0 + 16.0 * std::max(1u, std::thread::hardware_concurrency())) * 1048576.0;
+      (128.0 + 16.0 * std::clamp(std::thread::hardware_concurrency(), 1u, 64u)) * 1048576.0;
   if (room != SIZE_MAX && mine + headroom > static_cast<double>(room))
     fail(
-        "out of memory: {} need {:.2f} GiB{} but the address-space limit (ulimit -v) leaves "
-        "{:.2f} GiB; {}",
-        what, mine / 1073741824.0, processes > 1 ? " per process" : "", room / 1073741824.0, fix);
+        "out of memory: {} need {:.2f} GiB{} (+ {:.2f} GiB for threads and libraries) but the "
+        "address-space limit (ulimit -v) leaves {:.2f} GiB; {}",
+        what, mine / 1073741824.0, processes > 1 ? " per process" : "", headroom / 1073741824.0,
+        room / 1073741824.0, fix);
 }
 
 std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {

@@ -114,6 +114,9 @@ size_t held_out_cut(const std::string& text, double val_fraction) {
 
 std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size, double val_fraction,
                                    bool train_if_missing) {
+  // (looking: the demo corpus is not made for it)
+  if (!train_if_missing && spec == "demo:kjv" && !whole_bible(cache_dir() + "/demo/kjv.txt"))
+    return "";
   const std::string path = text_path(spec);
   if (!(val_fraction >= 0 && val_fraction < 1))
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);

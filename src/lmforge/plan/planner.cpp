@@ -307,7 +307,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
           const std::string cached = bpe_tokenizer_for_text(
               cfg.data.text, v, cfg.data.train.empty() ? cfg.data.val_fraction : 0.0, false);
           if (!cached.empty()) v = load_tokenizer(cached)->vocab_size();
-        } catch (const Error&) {  // (no such text: train says so)
+        } catch (const std::exception&) {  // (no such text: train says so)
         }
     } else {
       try {

@@ -319,6 +319,9 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
     if (opt && sh.optimizer_sharded) shard_files.push_back(rank_file("optimizer", i, sh.count));
   }
   checkpoint_dir::write_manifest(tmp, shard_files);
+  // Complete from here: a failure in the swap below must not remove it (the step's only copy
+  // once the old one is moved aside); the next save tidies what is left.
+  remove_on_failure.on = false;
 
   // A checkpoint of the same step (a finished run resumed, an abandoned continuation) is swapped
   // with the new one in one atomic step where the filesystem can (renameat2 RENAME_EXCHANGE), so
@@ -387,8 +390,10 @@ void check_same_tokenizer(const std::string& ckpt_dir, const Tokenizer& tok) {
   if (fp != tok.fingerprint())
     fail(
         "{}: trained with tokenizer {} (fingerprint {}) but this run's is {} ({}); resume with "
-        "the data.tokenizer it was trained with (its config.yaml) or start a new run.dir",
-        ckpt_dir, kind, fp, tok.kind(), tok.fingerprint());
+        "the data.tokenizer it was trained with (its config.yaml; a bpe:N trained before "
+        "2026-12-07 learnt from the held-out share too: --set data.tokenizer={}/tokenizer) or "
+        "start a new run.dir",
+        ckpt_dir, kind, fp, tok.kind(), tok.fingerprint(), ckpt_dir);
 }
 
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {

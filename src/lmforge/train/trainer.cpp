@@ -98,11 +98,17 @@ class RunDirLock {
     const std::string path = run_dir + "/.lock";
     fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0) fail("run.dir: cannot open {} ({})", path, std::strerror(errno));
-    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0)
+    if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
+    if (errno == EWOULDBLOCK)
       fail(
           "run.dir: {} is in use by another lmforge train (it holds {}); wait for it to end or "
           "stop it, or choose another directory with --set run.dir=DIR",
           run_dir, path);
+    // A filesystem without locks (NFS without lockd, Lustre without -o flock): said, not fatal.
+    fmt::print(stderr,
+               "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other train "
+               "uses run.dir {}\n",
+               path, std::strerror(errno), run_dir);
   }
   ~RunDirLock() {
     if (fd_ >= 0) ::close(fd_);
