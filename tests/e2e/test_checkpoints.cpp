@@ -362,11 +362,9 @@ TEST(ResolvedConfig, ReproducesAFineTuningRunStartedWithoutAConfigFile) {
 // checkpoints aside and then failed in the first's save), and goes on once the first has ended.
 TEST(RunDirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
   std::string dir = testing::temp_dir("run-dir-lock");
-  const std::string args =
-      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set model.vocab_size=257 "
-      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
-      "--set train.seq_len=32 --set train.steps=100000 --set train.checkpoint_every=5 "
-      "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
+  const std::string args = std::string(testing::kByteDemoTrain) +
+                           "--set train.steps=100000 --set train.checkpoint_every=5 "
+                           "--set run.dir=run";
   pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
   bool saved = false;
   for (int i = 0; i < 6000 && !saved; ++i) {

@@ -87,10 +87,7 @@ TEST(EarlyStopping, StopsAfterPatienceEvaluationsWithoutImprovement) {
 TEST(DiskFull, ACheckpointThatCannotBeWrittenIsOneLineAndLeavesNothing) {
   std::string dir = testing::temp_dir("disk-full-train");
   const std::string train =
-      "train --set model.preset=gpt2-tiny --set model.n_layer=1 --set data.text=demo:kjv "
-      "--set data.tokenizer=byte --set model.vocab_size=257 --set train.steps=4 "
-      "--set train.batch_size=2 --set train.seq_len=32 --set train.checkpoint_every=2 "
-      "--set sample.prompt= ";
+      std::string(testing::kByteDemoTrain) + "--set train.steps=4 --set train.checkpoint_every=2 ";
   // (the demo corpus and its shards cached first, beyond the limit's reach: a fresh cache's
   // files are larger than it)
   ASSERT_EQ(testing::run_lmforge(train + "--set train.steps=1 --set run.dir=warm", dir).exit_code,
