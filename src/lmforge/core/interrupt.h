@@ -1,7 +1,9 @@
 // Ctrl-C and SIGTERM (a scheduler's preemption) during a run: the first one is noted and the run
 // stops at the end of its step, saves a checkpoint and says how to continue (under several ranks
 // after the step every rank agrees on: trainer.cpp); a second one ends the process at once (the
-// default action, restored by the first).
+// default action, restored by the first). From catch_interrupts on, the calling thread (and the
+// threads it starts) block both: a thread of their own takes them (sigwait), so that no step is
+// interrupted mid-way (under several MPI ranks that corrupted the heap now and then).
 //
 //   catch_interrupts();
 //   for (...) { step(); if (interrupted()) break; }

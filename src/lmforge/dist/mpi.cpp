@@ -7,10 +7,12 @@
 // rank on another node is reported as such.
 #include <fmt/core.h>
 #include <mpi.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <limits>
 #include <thread>
@@ -244,7 +246,16 @@ void mpi_abort(int code) {
 
 std::unique_ptr<Communicator> make_mpi_world(const RankInfo& info, double timeout_s) {
   int provided = 0;
-  if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+  // The threads MPI starts (progress, PMIx) never take SIGINT or SIGTERM: they inherit this mask
+  // (core/interrupt.h: one thread of lmforge's takes them).
+  sigset_t stop_signals, before;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, &before);
+  const int init_rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  if (init_rc != MPI_SUCCESS)
     fail("MPI_Init failed ({} launch of {} ranks); check the MPI installation", info.launcher,
          info.size);
   std::atexit(finalize_at_exit);
