@@ -41,6 +41,7 @@
 #include "lmforge/train/metrics.h"
 #include "lmforge/train/objective.h"
 #include "lmforge/train/progress.h"
+#include "lmforge/train/run_dir_lock.h"
 #include "lmforge/train/run_world.h"
 
 namespace lmforge {
@@ -49,74 +50,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-json EvalHistory::state() const {
-  return {{"best", best_step_ < 0 ? json(nullptr) : json(best_)},
-          {"best_step", best_step_},
-          {"bad", bad_},
-          {"reference", best_step_ < 0 ? json(nullptr) : json(reference_)}};
-}
-
-EvalHistory::EvalHistory(const json& j) {
-  if (j.is_null()) return;
-  best_step_ = j.at("best_step").get<int64_t>();
-  bad_ = j.at("bad").get<int64_t>();
-  if (best_step_ >= 0) best_ = j.at("best").get<double>();
-  // (saved before the two differed: the best was the reference)
-  const json ref = j.value("reference", json());
-  reference_ = ref.is_number() ? ref.get<double>() : best_;
-}
-
-bool EvalHistory::add(int64_t step, double val_loss, double min_delta) {
-  // A non-finite loss never becomes the best (nothing would ever beat a NaN, and JSON cannot
-  // hold it): it counts as an evaluation without improvement.
-  if (!std::isfinite(val_loss)) {
-    ++bad_;
-    return false;
-  }
-  const bool first = best_step_ < 0;
-  if (first || val_loss < reference_ - min_delta) {
-    reference_ = val_loss;
-    bad_ = 0;
-  } else {
-    ++bad_;
-  }
-  if (!first && val_loss >= best_) return false;
-  best_ = val_loss;
-  best_step_ = step;
-  return true;
-}
-
 namespace {
-
-// One trainer per run directory (rank 0 holds it): a second one, a --resume started while the
-// first still runs, would move the first's checkpoints aside and write over its metrics. An
-// advisory lock on run_dir/.lock, which the kernel drops when the process ends (kill -9 too).
-class RunDirLock {
- public:
-  void take(const std::string& run_dir) {
-    if (fd_ >= 0) return;
-    const std::string path = run_dir + "/.lock";
-    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd_ < 0) fail("run.dir: cannot open {} ({})", path, std::strerror(errno));
-    if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
-    if (errno == EWOULDBLOCK)
-      fail(
-          "run.dir: {} is in use by another lmforge train (it holds {}); wait for it to end or "
-          "stop it, or choose another directory with --set run.dir=DIR",
-          run_dir, path);
-    // A filesystem without locks (NFS without lockd, Lustre without -o flock): said, not fatal.
-    fmt::print(stderr,
-               "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other train "
-               "uses run.dir {}\n",
-               path, std::strerror(errno), run_dir);
-  }
-  ~RunDirLock() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
- private:
-  int fd_ = -1;
-};
 
 double peak_rss_mib() {
   rusage u{};

@@ -1,0 +1,37 @@
+#include "lmforge/train/run_dir_lock.h"
+
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "lmforge/core/error.h"
+
+namespace lmforge {
+
+void RunDirLock::take(const std::string& run_dir) {
+  if (fd_ >= 0) return;
+  const std::string path = run_dir + "/.lock";
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail("run.dir: cannot open {} ({})", path, std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
+  if (errno == EWOULDBLOCK)
+    fail(
+        "run.dir: {} is in use by another lmforge train (it holds {}); wait for it to end or "
+        "stop it, or choose another directory with --set run.dir=DIR",
+        run_dir, path);
+  fmt::print(stderr,
+             "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other train "
+             "uses run.dir {}\n",
+             path, std::strerror(errno), run_dir);
+}
+
+RunDirLock::~RunDirLock() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+}  // namespace lmforge
