@@ -121,6 +121,23 @@ TEST(Checkpoint, NonsenseInStateJsonNamesTheFile) {
   e = error_of([&] { checkpoint_model_config(dir); });
   EXPECT_NE(e.find(dir + "/state.json: "), std::string::npos) << e;
   EXPECT_NE(e.find("the checkpoint is corrupt"), std::string::npos) << e;
+  // A model its files do not hold: said before a model of that size is made (an n_embd of 4
+  // million was "out of memory").
+  dir = edited("wide", [](json& j) { j["model"]["n_embd"] = "4000000"; });
+  e = error_of([&] { checkpoint_model_config(dir); });
+  EXPECT_NE(e.find(dir + "/state.json: its model (n_layer=1, n_embd=4000000, vocab_size=257"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find(fmt::format("is not the one its model files hold ({} values)",
+                               s.model.config().num_params())),
+            std::string::npos)
+      << e;
+  dir = edited("vocab", [](json& j) { j["tokenizer"]["vocab_size"] = 1000; });
+  e = error_of([&] { checkpoint_tokenizer(dir); });
+  EXPECT_NE(e.find(dir + "/state.json: tokenizer.vocab_size is 1000 but its tokenizer has 257"),
+            std::string::npos)
+      << e;
+  checkpoint_tokenizer(good);  // (the unedited one loads)
 }
 
 TEST(Checkpoint, VerifyNamesTheFirstDamagedFile) {

@@ -168,6 +168,26 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
   }
 }
 
+// A model in state.json that its model files do not hold (an edited state.json, the files of
+// another run) stops here, before a model of that size is made: the files' elements (whole
+// tensors, or every rank's slices of them) number the model's parameters.
+void check_model_files(const std::string& ckpt_dir, const ModelConfig& mc) {
+  int64_t stored = 0;
+  for (const Safetensors& f : open_pieces(ckpt_dir, "model"))
+    for (const std::string& name : f.names()) {
+      int64_t n = 1;
+      for (uint64_t d : f.info(name).shape) n *= static_cast<int64_t>(d);
+      stored += n;
+    }
+  const int64_t want = mc.num_params() + mc.lora_params();
+  if (stored != want)
+    fail(
+        "{}/state.json: its model (n_layer={}, n_embd={}, vocab_size={}: {} parameters) is not "
+        "the one its model files hold ({} values); the checkpoint is corrupt, resume from an "
+        "earlier one",
+        ckpt_dir, mc.n_layer, mc.n_embd, mc.vocab_size, want, stored);
+}
+
 }  // namespace
 
 std::string save_checkpoint(const std::string& run_dir, const Transformer& model, const AdamW* opt,
@@ -365,6 +385,7 @@ ModelConfig checkpoint_model_config(const std::string& ckpt_dir) {
     const std::string what = e.what(), path = ckpt_dir + "/state.json";
     fail("{}{}; the checkpoint is corrupt", what.starts_with(path) ? "" : path + ": ", what);
   }
+  check_model_files(ckpt_dir, mc);
   return mc;
 }
 
@@ -405,6 +426,12 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& ckpt_dir) {
         "{}/tokenizer: its files do not match the fingerprint in state.json; the checkpoint is "
         "corrupt",
         ckpt_dir);
+  if (j.contains("tokenizer") && j["tokenizer"].contains("vocab_size") &&
+      j["tokenizer"]["vocab_size"] != json(tok->vocab_size()))
+    fail(
+        "{}/state.json: tokenizer.vocab_size is {} but its tokenizer has {} tokens; the "
+        "checkpoint is corrupt",
+        ckpt_dir, j["tokenizer"]["vocab_size"].dump(), tok->vocab_size());
   return tok;
 }
 
