@@ -288,10 +288,16 @@ TEST(CheckpointResume, AnotherSeedIsRefused) {
   std::string dir = testing::temp_dir("ckpt-seed");
   const std::string run = std::string(kRun) + "--set run.dir=a --set train.steps=4 ";
   ASSERT_EQ(run_lmforge(run, dir).exit_code, 0);
+  const std::string config = slurp(dir + "/a/config.yaml");
   testing::expect_one_line_error(
       run_lmforge(run + "--set train.steps=8 --set train.seed=7 --resume", dir),
       {"step-00000004/state.json", "train.seed 1337 but train.seed is 7", "--set train.seed=1337"});
   EXPECT_FALSE(fs::exists(ckpt(dir + "/a", 8)));
+  // A refused resume leaves the run's config.yaml as it was (it held seed 7 and steps 8, which
+  // a later plain `train a/config.yaml --resume` then took).
+  testing::expect_one_line_error(run_lmforge(run + "--set train.steps=2 --resume", dir),
+                                 {"past train.steps (2)"});
+  EXPECT_EQ(slurp(dir + "/a/config.yaml"), config);
 }
 
 // A run resumed with a config that leaves train.min_lr unset keeps the min_lr it was trained
@@ -310,6 +316,46 @@ TEST(CheckpointResume, UnsetMinLrKeepsTheRunsSchedule) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("note: train.min_lr 1e-05 as"), std::string::npos) << r.out;
   EXPECT_EQ(metric_by_step(dir + "/a", "lr"), metric_by_step(dir + "/ref", "lr"));
+  // A train.lr below the min_lr kept is refused (it was noted as kept while the schedule decayed
+  // to the new lr / 10, and config.yaml then held a pair no run accepts).
+  testing::expect_one_line_error(
+      run_lmforge(run + "--set run.dir=a --set train.steps=10 --set train.lr=5e-6 --resume", dir),
+      {"train.lr 5e-06 is below the train.min_lr 1e-05", "--set train.min_lr="});
+}
+
+// A new best validation loss is saved at its step even between train.checkpoint_every's, so that
+// checkpoints/best names the step the log marks best (it named the best of the saved ones).
+TEST(CheckpointResume, ANewBestIsSaved) {
+  std::string dir = testing::temp_dir("ckpt-new-best");
+  auto r =
+      run_lmforge(std::string(kRun) +
+                      "--set run.dir=a --set train.eval_every=2 --set train.checkpoint_every=100",
+                  dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto val = testing::records_of(dir + "/a/metrics.jsonl", "val_loss");
+  ASSERT_EQ(val.size(), 6u);
+  int64_t lowest = 0;
+  double best = INFINITY;
+  std::set<int64_t> bests{12};  // the last step is always saved
+  for (const auto& v : val)
+    if (v["val_loss"].get<double>() < best) {
+      best = v["val_loss"].get<double>();
+      lowest = v["step"].get<int64_t>();
+      bests.insert(lowest);
+      // the log marks it
+      const size_t at =
+          r.out.find(fmt::format("step {:>6}/12 | val loss {:.4f} | ppl", lowest, best));
+      ASSERT_NE(at, std::string::npos) << r.out;
+      EXPECT_TRUE(r.out.substr(at, r.out.find('\n', at) - at).ends_with("| best")) << r.out;
+    }
+  // Saved: each new best (the first evaluation's at least) and the last step, nothing else.
+  std::set<int64_t> saved;
+  for (const auto& [step, name] : testing::list_checkpoint_dir(dir + "/a").complete)
+    saved.insert(step);
+  EXPECT_EQ(saved, bests);
+  EXPECT_EQ(slurp(dir + "/a/checkpoints/best"), fmt::format("step-{:08d}\n", lowest));
+  EXPECT_EQ(nlohmann::json::parse(slurp(ckpt(dir + "/a", lowest) + "/state.json"))["val_loss"],
+            best);
 }
 
 // A fine-tuning run started without a config file (the embedded default's data.text and

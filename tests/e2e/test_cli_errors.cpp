@@ -105,6 +105,13 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
       {"train.hellaswag", "train.eval_every is 0"});
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.hellaswag_limit=-1", dir),
                         {"train.hellaswag_limit", ">= 0"});
+  // Early stopping counts validation losses: never evaluated, or nothing to evaluate on, it
+  // would never fire.
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.patience=2", dir),
+                        {"train.patience", "train.eval_every is 0"});
+  expect_one_line_error(
+      run_lmforge("train tiny.yaml --set train.patience=2 --set train.eval_every=1", dir),
+      {"train.patience", "no validation data", "data.val"});
   // Muon: its keys, and what it cannot run with.
   expect_one_line_error(run_lmforge("train tiny.yaml --set train.optimizer=sgd", dir),
                         {"train.optimizer", "adamw or muon", "sgd"});

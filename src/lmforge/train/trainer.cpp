@@ -258,21 +258,30 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     // train.min_lr unset resolves to train.lr / 10 (once a fixed 1e-4): a run resumed with a
     // config that leaves it unset keeps the value it was trained toward, its config.yaml's.
     if (!cfg.keys_given.count("train.min_lr")) {
+      std::optional<double> saved_min_lr;
       try {
         Config saved;
         ConfigLoader loader(saved);
         loader.load_yaml_file(ckpt + "/config.yaml");
         loader.finish();
-        if (saved.train.min_lr != cfg.train.min_lr) {
-          if (lead)
-            fmt::print(
-                "note: train.min_lr {:g} as {}/config.yaml has it (unset, it would be train.lr / "
-                "10 = {:g}); set train.min_lr to change it\n",
-                saved.train.min_lr, ckpt, cfg.train.min_lr);
-          cfg.train.min_lr = saved.train.min_lr;
-          sched = make_schedule(t);
-        }
+        saved_min_lr = saved.train.min_lr;
       } catch (const Error&) {  // an older config.yaml that no longer reads: the config's value
+      }
+      if (saved_min_lr && *saved_min_lr != cfg.train.min_lr) {
+        if (*saved_min_lr > t.lr && t.schedule != "constant")
+          fail(
+              "train.lr {:g} is below the train.min_lr {:g} this run decays toward "
+              "({}/config.yaml; "
+              "unset, train.min_lr keeps it on resume); set train.min_lr too, e.g. --set "
+              "train.min_lr={:g}",
+              t.lr, *saved_min_lr, ckpt, cfg.train.min_lr);
+        if (lead)
+          fmt::print(
+              "note: train.min_lr {:g} as {}/config.yaml has it (unset, it would be train.lr / "
+              "10 = {:g}); set train.min_lr to change it\n",
+              *saved_min_lr, ckpt, cfg.train.min_lr);
+        cfg.train.min_lr = *saved_min_lr;
+        sched = make_schedule(t);
       }
     }
   } else if (has_checkpoints(run_dir)) {
@@ -287,7 +296,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     fs::create_directories(run_dir, ec);
     if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
     run_dir_lock.take(run_dir);
-    write_file_atomic(run_dir + "/config.yaml", config_yaml);
   }
 
   TrainState st;
@@ -338,6 +346,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   } else if (lead) {
     MetricsWriter::remove(metrics_path);  // and an earlier run's TensorBoard events
   }
+  // (after the checkpoint's checks: a resume refused leaves the run's config.yaml as it was)
+  if (lead) write_file_atomic(run_dir + "/config.yaml", config_yaml);
   world->barrier();  // rank 0 has made the run directory
   std::optional<MetricsWriter> metrics;
   if (lead) metrics.emplace(metrics_path, /*tensorboard_run_dir=*/run_dir);
@@ -660,7 +670,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
             "earlier checkpoint",
             st.step, guard.consecutive(), t.max_skips);
     }
-    bool stop = false;
+    bool stop = false, new_best = false;
     if (val_data && t.eval_every > 0 && (st.step % t.eval_every == 0 || st.step == t.steps)) {
       json val_record = {{"step", st.step}};
       double vl = 0;
@@ -685,10 +695,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       val_record["val_loss"] = vl;
       res.last_val_loss = vl;
       st.val_loss = vl;  // saved with this step's checkpoint; picks checkpoints/best
-      bool best = evals.add(st.step, vl, t.min_delta);
+      new_best = evals.add(st.step, vl, t.min_delta);
       record_metrics(val_record);
       progress.message(fmt::format("step {:>6}/{} | val loss {:.4f}{}{}", st.step, t.steps, vl,
-                                   detail, best ? " | best" : ""));
+                                   detail, new_best ? " | best" : ""));
       if (t.patience > 0 && evals.bad() >= t.patience) {
         progress.message(fmt::format(
             "early stopping at step {}: val loss has not gone below {:.4f} by more than {} for "
@@ -708,7 +718,10 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                       st.step, t.steps, r.acc(), r.acc_norm(), hs_items.size()));
     }
     if ((early_stopped = stop)) break;
-    if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps)
+    // A new best validation loss is saved too (as nanoGPT and Lightning's ModelCheckpoint), so
+    // that checkpoints/best names it.
+    if (t.checkpoint_every > 0 && st.step != t.steps &&
+        (st.step % t.checkpoint_every == 0 || new_best))
       checkpoint();
     if ((stopped_by = stop_signal())) break;
   }
