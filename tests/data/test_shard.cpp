@@ -177,4 +177,25 @@ TEST(TextShards, HoldTheFileEncodedAsOneText) {
     ASSERT_EQ(got[static_cast<int64_t>(i)], static_cast<uint32_t>(want[i])) << "token " << i;
 }
 
+// data.val_fraction holds out the text's last share from a line's start, where one is near: a
+// text of few long lines held out ~all of it (a title, then one 200 kB line: 7 training tokens).
+TEST(TextShards, TheHeldOutShareStartsAtALineNearTheCut) {
+  std::string lines;
+  for (int i = 0; i < 1000; ++i) lines += fmt::format("line {:04d} of the text\n", i);  // 22 B
+  const size_t cut = held_out_cut(lines, 0.05);
+  EXPECT_EQ(cut, lines.size() - 1100);  // exactly 50 lines held out: the cut is a line start
+  EXPECT_EQ(lines[cut - 1], '\n');
+  EXPECT_EQ(held_out_cut(lines, 0.0), lines.size());
+  // 5% of 10 kB, 25 bytes past a line's start: that start (within half the share).
+  std::string near = std::string(9474, 'a') + "\n" + std::string(525, 'b');
+  EXPECT_EQ(held_out_cut(near, 0.05), 9475u);
+  // One long line after a title: ~5% held out, cut mid-line at a character's start (é is two
+  // bytes: the cut never splits it).
+  std::string title = "Title\n";
+  for (int i = 0; i < 50000; ++i) title += "\xC3\xA9";  // é
+  const size_t c = held_out_cut(title, 0.05);
+  EXPECT_NEAR(static_cast<double>(title.size() - c), 0.05 * title.size(), 2.0);
+  EXPECT_EQ(static_cast<unsigned char>(title[c]), 0xC3u);
+}
+
 }  // namespace lmforge

@@ -29,7 +29,8 @@ std::string demo_corpus_path();
 // With train_if_missing false, the cached one's path or "" (nothing trained).
 std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size,
                                    double val_fraction = 0, bool train_if_missing = true);
-// Where shards_from_text cuts `text`: its last `val_fraction` held out, from a line's start.
+// Where shards_from_text cuts `text`: its last `val_fraction` held out, from a line's start when
+// one is within half that share before the cut (else from a character's start).
 size_t held_out_cut(const std::string& text, double val_fraction);
 // N of a data.tokenizer "bpe:N" (the digits alone); 0 for anything else ("bpe:2048abc" too).
 int64_t bpe_spec_size(const std::string& spec);
