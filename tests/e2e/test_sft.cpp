@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "e2e/crash_resume.h"
 #include "lmforge/core/dtype.h"
 #include "lmforge/core/rng.h"
 #include "lmforge/io/safetensors.h"
@@ -264,8 +265,9 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
           data + "--set run.dir=base",
       dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  // (model.vocab_size 0, "the tokenizer's", is the source's: not a conflict with it)
   const std::string lora =
-      "train --set init_from=base --set model.lora_rank=8 "
+      "train --set init_from=base --set model.lora_rank=8 --set model.vocab_size=0 "
       "--set train.lr=1e-2 --set train.checkpoint_every=20 " +
       data + "--set run.dir=lora ";
   r = testing::run_lmforge(lora + "--set train.steps=40", dir);
@@ -274,8 +276,26 @@ TEST(Lora, FineTunesAdaptersOnTopOfACheckpoint) {
   auto loss = testing::records_of(dir + "/lora/metrics.jsonl", "loss");
   ASSERT_EQ(loss.size(), 40u);
   EXPECT_LT(loss.back()["loss"].get<double>(), loss.front()["loss"].get<double>() - 0.1);
-  r = testing::run_lmforge(lora + "--set train.steps=50 --resume", dir);
+  // Resumed without its init_from (moved away): the checkpoint holds what it gave, and the run
+  // goes on as the one resumed beside it.
+  std::filesystem::copy(dir + "/lora", dir + "/with-base",
+                        std::filesystem::copy_options::recursive);
+  r = testing::run_lmforge(
+      "train with-base/config.yaml --set run.dir=with-base --set train.steps=50 --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::filesystem::rename(dir + "/base", dir + "/base-away");
+  r = testing::run_lmforge(lora + "--set train.steps=50 --resume", dir);
+  std::filesystem::rename(dir + "/base-away", dir + "/base");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("note: init_from base cannot be read; resuming"), std::string::npos)
+      << r.out;
+  EXPECT_TRUE(testing::slurp(dir + "/lora/checkpoints/step-00000050/model.safetensors") ==
+              testing::slurp(dir + "/with-base/checkpoints/step-00000050/model.safetensors"));
+  EXPECT_EQ(testing::metric_by_step(dir + "/lora", "loss"),
+            testing::metric_by_step(dir + "/with-base", "loss"));
+  EXPECT_EQ(nlohmann::json::parse(
+                testing::slurp(dir + "/lora/checkpoints/step-00000050/state.json"))["init_from"],
+            "base");
 
   Safetensors base = Safetensors::open(dir + "/base/checkpoints/step-00000020/model.safetensors");
   Safetensors tuned = Safetensors::open(dir + "/lora/checkpoints/step-00000050/model.safetensors");

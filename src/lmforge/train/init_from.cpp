@@ -65,6 +65,8 @@ void adopt_init_model(Config& cfg, const InitSource& src) {
         set[i].key.starts_with("lora_"))  // adapters go on top of the source's architecture
       continue;
     std::string v = field_value(set[i]);
+    // (model.vocab_size 0: the tokenizer's, which with init_from is the source's: its size)
+    if (set[i].key == "vocab_size" && v == "0") continue;
     if (v != field_value(from[i]))
       fail(
           "model.{}: {} conflicts with init_from {} ({}); the architecture comes from init_from, "

@@ -10,6 +10,7 @@
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/dist/tensor_parallel.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "lmforge/train/checkpoint.h"
 #include "lmforge/train/objective.h"
 #include "lmforge/train/trainer.h"
 
@@ -55,7 +56,7 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, do
       local_ranks);
 }
 
-RunSetup setup_run(Config& cfg) {
+RunSetup setup_run(Config& cfg, const std::string& resume_from) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
 
@@ -66,7 +67,25 @@ RunSetup setup_run(Config& cfg) {
     try {
       init = std::make_unique<InitSource>(open_init_source(cfg.init_from));
     } catch (const Error& e) {
-      fail("init_from: {}", e.what());
+      // Resumed: the checkpoint holds what the source gave (as torchtitan resumes from the
+      // checkpoint alone), but DPO's and KTO's reference, made from the source.
+      const bool reference = t.objective == "dpo" || t.objective == "kto";
+      std::string ckpt;
+      if (!resume_from.empty() && !reference)
+        ckpt = resume_from == "auto" ? find_latest_checkpoint(cfg.run.dir)
+                                     : resolve_checkpoint(resume_from);
+      if (ckpt.empty())
+        fail("init_from: {}{}", e.what(),
+             !resume_from.empty() && reference
+                 ? fmt::format(" ({}'s reference model is made from it: restore it to resume)",
+                               t.objective)
+                 : "");
+      init = std::make_unique<InitSource>(open_init_source(ckpt));
+      init->spec = cfg.init_from;  // (state.json's init_from stays the run's)
+      fmt::print(
+          "note: init_from {} cannot be read; resuming, its architecture and tokenizer come from "
+          "{}\n",
+          cfg.init_from, ckpt);
     }
     adopt_init_model(cfg, *init);
     if (t.optimizer == "muon" && cfg.model.lora.on())  // adapters the source carries

@@ -102,7 +102,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (!lead && !std::freopen("/dev/null", "w", stdout))
     fail("cannot silence the standard output of rank {}", world->rank());
 
-  RunSetup setup = setup_run(cfg);
+  RunSetup setup = setup_run(cfg, resume.from);
   Transformer& model = *setup.model;
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;

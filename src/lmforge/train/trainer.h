@@ -105,7 +105,10 @@ struct RunSetup {
   // The frozen model a run scores with: the reference or the teacher (null if none).
   Transformer* frozen() const { return reference ? reference.get() : teacher.get(); }
 };
-RunSetup setup_run(Config& cfg);
+// resume_from (ResumeOptions::from): a resumed run whose init_from can no longer be read (moved,
+// deleted) takes what it gave (the architecture, the tokenizer, initial weights the checkpoint
+// replaces) from the checkpoint it resumes; not DPO or KTO, whose reference it makes.
+RunSetup setup_run(Config& cfg, const std::string& resume_from = "");
 // The training loader's seed (its epochs' order), saved in checkpoints' loader state.
 inline uint64_t loader_seed(const TrainConfig& t) { return t.seed + 1; }
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
