@@ -68,6 +68,12 @@ void add_lr_find(CLI::App& app) {
                  "lr-find: warning: the loss still fell at the sweep's last LR ({:.2e}); the "
                  "suggestion is uncertain: raise --end or --steps\n",
                  r.lrs.back());
+    // The minimum at the first LR: the loss only rose, so the sweep started past where it falls.
+    if (r.smoothed.size() > 1 && at_min == 0)
+      fmt::print(stderr,
+                 "lr-find: warning: the loss never fell below its first LR's ({:.2e}); the "
+                 "suggestion is uncertain: lower --start\n",
+                 r.lrs.front());
   });
 }
 

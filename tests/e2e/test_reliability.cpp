@@ -123,6 +123,14 @@ TEST(LrFind, SweepsPlotsAndSuggestsWithoutTouchingTheRunDir) {
   EXPECT_GT(suggested, 1e-5);
   EXPECT_LT(suggested, 1.0);
   EXPECT_NE(r.out.find("suggested lr"), std::string::npos);
+  EXPECT_EQ(r.err.find("uncertain"), std::string::npos) << r.err;
+  // Started past where the loss falls (it only rises): the suggestion is said to be uncertain.
+  r = run_lmforge(std::string("lr-find ") + kTiny +
+                      "--set run.dir=run --steps 5 --start 100 --end 1e6 --out high.png",
+                  dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("the loss never fell below its first LR's (1.00e+02)"), std::string::npos)
+      << r.err;
 }
 
 }  // namespace

@@ -31,8 +31,8 @@ void check_generate(const ModelConfig& c, const std::vector<int32_t>& prompt,
   if (prompt.empty()) fail("{} is empty; pass {}", what, config_keys ? "some text" : "--prompt");
   check_sampling(o, config_keys);
   if (static_cast<int64_t>(prompt.size()) >= c.max_seq_len)
-    fail("{} has {} tokens but model.max_seq_len is {}; shorten it", what, prompt.size(),
-         c.max_seq_len);
+    fail("{} has {} tokens but model.max_seq_len is {}: no room for a new one; shorten it{}", what,
+         prompt.size(), c.max_seq_len, prompt.size() == 1 ? " (or raise model.max_seq_len)" : "");
   for (int32_t id : prompt)
     if (id < 0 || id >= c.vocab_size)
       fail("generate: prompt token {} outside the model's vocabulary of {}", id, c.vocab_size);
