@@ -283,6 +283,20 @@ TEST(Checkpoint, SaveRemovesStaleTmpAndLaterSteps) {
             s.model.params().params()[0].value.data<float>()[0]);
 }
 
+// A checkpoint a reader resolved (generate, eval, export, info on a run that trains) is held for
+// reading: the trainer's prune leaves it for a later one instead of removing it under the reader.
+TEST(Checkpoint, APruneLeavesACheckpointBeingRead) {
+  Saver s("ckpt-held");
+  s.save(1, std::nullopt, /*keep_last=*/1);
+  EXPECT_EQ(resolve_checkpoint(s.run), s.ckpt(1));  // held from here
+  s.save(2, std::nullopt, 1);
+  EXPECT_EQ(s.listing(), (std::vector<std::string>{"step-00000001", "step-00000002"}));
+  EXPECT_EQ(resolve_checkpoint(s.run), s.ckpt(2));
+  release_checkpoint_reads();
+  s.save(3, std::nullopt, 1);
+  EXPECT_EQ(s.listing(), (std::vector<std::string>{"step-00000003"}));
+}
+
 TEST(Checkpoint, WeightsOnlyCannotResumeEvenWithoutOptimizer) {
   Saver s("ckpt-weights-only");
   TrainState st;

@@ -91,7 +91,12 @@ bool has_checkpoints(const std::string& run_dir);
 std::string find_latest_checkpoint(const std::string& run_dir);
 // PATH may be a checkpoint directory (verified; Error naming the bad file) or a run directory
 // (its newest valid checkpoint).
+// Both hold the checkpoint they return for reading until release_checkpoint_reads() or the
+// process ends: a trainer's prune (train.keep_last) leaves it for a later one meanwhile (generate,
+// eval, export, info on a run that trains). A checkpoint pruned between the listing and the hold
+// is no damage: the listing is taken again.
 std::string resolve_checkpoint(const std::string& path);
+void release_checkpoint_reads();
 ModelConfig checkpoint_model_config(const std::string& ckpt_dir);
 // Throws Error naming the first model key that differs from the checkpoint's.
 void check_same_architecture(const std::string& ckpt_dir, const ModelConfig& cfg);

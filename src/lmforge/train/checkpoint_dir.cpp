@@ -4,6 +4,8 @@
 
 #include <fcntl.h>
 #include <fmt/core.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +13,8 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -140,14 +144,50 @@ namespace {
 // Takes a checkpoint out of the complete set atomically (a rename to *.tmp), then deletes it: a
 // kill in the middle leaves a stale *.tmp for the next save to remove, never a half-deleted
 // checkpoint that still looks complete.
+// A checkpoint a process reads (generate, eval, export, info while its run trains) holds a shared
+// flock on its directory (hold_for_reading); retire() leaves one so held for a later prune, where
+// it otherwise vanished under the reader (keep_last 1: 1 read in 5 failed). Where flock does not
+// work (a filesystem without it), no lock: as before.
 void retire(const fs::path& ckpt) {
   std::error_code ec;
+  const int fd = ::open(ckpt.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+    ::close(fd);
+    return;  // being read: the next save's prune takes it
+  }
   fs::path tmp = ckpt;
   tmp += ".tmp";
   fs::remove_all(tmp, ec);
   fs::rename(ckpt, tmp, ec);
   if (ec) tmp = ckpt;  // cannot rename: delete in place
   fs::remove_all(tmp, ec);
+  if (fd >= 0) ::close(fd);
+}
+
+std::mutex reads_mu;
+std::map<std::string, int> reads;  // checkpoint directory -> its held descriptor
+
+// Takes a shared lock on a checkpoint directory until release_checkpoint_reads() or the end of
+// the process; false when the directory is gone (retired, or being retired, since it was listed).
+bool hold_for_reading(const fs::path& ckpt) {
+  std::lock_guard<std::mutex> lock(reads_mu);
+  if (reads.count(ckpt.string())) return true;
+  const int fd = ::open(ckpt.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno != ENOENT;  // (unreadable: verification says so)
+  if (::flock(fd, LOCK_SH | LOCK_NB) != 0) {
+    const bool retiring = errno == EWOULDBLOCK;
+    ::close(fd);
+    return !retiring;  // (no flock here: read unprotected)
+  }
+  struct stat held {
+  }, now{};  // retired between the open and the lock: another (or no) path
+  if (::fstat(fd, &held) != 0 || ::stat(ckpt.c_str(), &now) != 0 || held.st_ino != now.st_ino ||
+      held.st_dev != now.st_dev) {
+    ::close(fd);
+    return false;
+  }
+  reads[ckpt.string()] = fd;
+  return true;
 }
 
 std::optional<double> saved_val_loss(const fs::path& ckpt) {
@@ -271,16 +311,29 @@ std::string verify_checkpoint(const std::string& ckpt_dir, std::string* why) {
 
 bool has_checkpoints(const std::string& run_dir) { return !list_checkpoints(run_dir).empty(); }
 
-std::string find_latest_checkpoint(const std::string& run_dir) {
+void release_checkpoint_reads() {
+  std::lock_guard<std::mutex> lock(reads_mu);
+  for (const auto& [dir, fd] : reads) ::close(fd);
+  reads.clear();
+}
+
+namespace {
+// The newest of one listing that verifies (""), or false when one was retired under the look
+// and may_relist.
+bool latest_of_listing(const std::string& run_dir, std::string* found, bool may_relist) {
   auto all = list_checkpoints(run_dir);
   std::vector<std::string> skipped;
   for (auto c = all.rbegin(); c != all.rend(); ++c) {
+    std::error_code ec;
+    if (!hold_for_reading(c->dir) && may_relist) return false;
     std::string why, bad = verify_checkpoint(c->dir.string(), &why);
+    if (!bad.empty() && may_relist && !fs::exists(c->dir, ec)) return false;
     if (bad.empty()) {
       for (const std::string& w : skipped)
         fmt::print(stderr, "warning: {}; using {} instead\n", w, c->dir.filename().string());
       std::fflush(stderr);
-      return c->dir.string();
+      *found = c->dir.string();
+      return true;
     }
     skipped.push_back(
         fmt::format("{}: {}; skipping checkpoint {}", bad, why, c->dir.filename().string()));
@@ -290,12 +343,24 @@ std::string find_latest_checkpoint(const std::string& run_dir) {
         "{}; no valid checkpoint in {}/checkpoints ({} damaged); restore one or start a new "
         "run.dir",
         skipped.front(), run_dir, skipped.size());
-  return "";
+  *found = "";
+  return true;
+}
+}  // namespace
+
+std::string find_latest_checkpoint(const std::string& run_dir) {
+  // One retired by the run's trainer since it was listed (train.keep_last) is no damage: the
+  // listing is taken again (bounded: a trainer saving faster than this verifies).
+  for (int relist = 0;; ++relist) {
+    std::string found;
+    if (latest_of_listing(run_dir, &found, relist < 50)) return found;
+  }
 }
 
 std::string resolve_checkpoint(const std::string& path) {
   std::error_code ec;
   if (fs::exists(fs::path(path) / "state.json", ec) || fs::exists(fs::path(path) / kManifest, ec)) {
+    hold_for_reading(path);
     std::string why, bad = verify_checkpoint(path, &why);
     if (!bad.empty())
       fail(

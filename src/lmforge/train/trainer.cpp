@@ -346,6 +346,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   } else if (lead) {
     MetricsWriter::remove(metrics_path);  // and an earlier run's TensorBoard events
   }
+  // Read: this run's own prunes may take the checkpoints it resumed or started from (held for
+  // reading by resolve_checkpoint).
+  release_checkpoint_reads();
   // (after the checkpoint's checks: a resume refused leaves the run's config.yaml as it was)
   if (lead) write_file_atomic(run_dir + "/config.yaml", config_yaml);
   world->barrier();  // rank 0 has made the run directory
