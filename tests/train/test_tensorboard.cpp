@@ -3,10 +3,12 @@
 // tests/train/test_tensorboard_reference.cpp reads the files back with TensorBoard itself.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "lmforge/train/metrics.h"
 #include "lmforge/train/tensorboard.h"
@@ -138,6 +140,25 @@ TEST(TensorBoardWriter, TruncateAfterDropsLaterStepsAndATornTail) {
   EXPECT_EQ(records(path).size(), 5u);
   EXPECT_EQ(fs::last_write_time(path), before);
   tensorboard_truncate_after(testing::temp_dir("tb-none"), 1);  // no tb/: nothing to do
+}
+
+// metrics.jsonl on resume: records past the step, and a torn last line, are cut; with nothing to
+// cut the file stays the same file (a `tail -f` of it follows the resumed run).
+TEST(MetricsWriter, TruncateAfterKeepsTheFileWhenNothingIsCut) {
+  const std::string dir = testing::temp_dir("metrics-truncate");
+  const std::string path = dir + "/metrics.jsonl";
+  std::ofstream(path) << "{\"step\": 1, \"loss\": 2}\n{\"step\": 2, \"loss\": 1}\n";
+  struct stat before {
+  }, after{};
+  ASSERT_EQ(::stat(path.c_str(), &before), 0);
+  MetricsWriter::truncate_after(path, 2);
+  ASSERT_EQ(::stat(path.c_str(), &after), 0);
+  EXPECT_EQ(before.st_ino, after.st_ino);
+  std::ofstream(path, std::ios::app) << "{\"step\": 3, \"lo";  // torn
+  MetricsWriter::truncate_after(path, 2);
+  EXPECT_EQ(testing::slurp(path), "{\"step\": 1, \"loss\": 2}\n{\"step\": 2, \"loss\": 1}\n");
+  MetricsWriter::truncate_after(path, 1);
+  EXPECT_EQ(testing::slurp(path), "{\"step\": 1, \"loss\": 2}\n");
 }
 
 TEST(MetricsWriter, LogsEveryNumericFieldToTensorBoard) {

@@ -66,15 +66,17 @@ void MetricsWriter::write(const nlohmann::json& record) {
 void MetricsWriter::truncate_after(const std::string& path, int64_t step) {
   tensorboard_truncate_after(dir_of(path), step);
   if (!std::filesystem::exists(path)) return;
-  std::istringstream in(read_file(path));
+  const std::string text = read_file(path);
+  std::istringstream in(text);
   std::string kept;
   for (std::string line; std::getline(in, line);) {
     auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded()) continue;  // a torn last line from a crash
-    if (j.contains("step") && j["step"].get<int64_t>() > step) continue;
+    if (j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() > step) continue;
     kept += line + "\n";
   }
-  write_file_atomic(path, kept);
+  // Rewritten (a new file) only when something is cut: `tail -f` of it follows a resume.
+  if (kept != text) write_file_atomic(path, kept);
 }
 
 void MetricsWriter::remove(const std::string& path) {
