@@ -198,17 +198,22 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
   }
 
   // tokenizer.json: vocabulary strings in GPT-2's byte<->unicode form; merges as pairs.
+  // The vocabulary's object is written by hand, as dump(1) writes it: nlohmann's ordered object
+  // finds a key in linear time, which made it quadratic in the vocabulary (2.8 s of 9.2 at 32k).
   using nlohmann::ordered_json;
-  ordered_json jv = ordered_json::object();
   std::unordered_set<std::string> seen;
   int32_t next_id = 0;
   std::vector<std::string> id_str;
+  std::string vocab_text = "{";
   for (const std::string& t : vocab) {
     std::string u = gpt2_bytes_to_unicode(t);
     if (!seen.insert(u).second) continue;  // two merges spelling the same bytes: one token
-    jv[u] = next_id++;
+    vocab_text += next_id ? ",\n   " : "\n   ";
+    vocab_text += nlohmann::json(u).dump() + ": " + std::to_string(next_id++);
     id_str.push_back(u);
   }
+  vocab_text += next_id ? "\n  }" : "}";
+  const std::string vocab_slot = "\x01vocab\x01";  // (no token's text: those are printable)
   ordered_json jm = ordered_json::array();
   for (auto& [a, b] : merges)
     jm.push_back({gpt2_bytes_to_unicode(vocab[a]), gpt2_bytes_to_unicode(vocab[b])});
@@ -253,9 +258,11 @@ BpeTrainResult train_bpe(const std::vector<std::string>& files, const BpeTrainOp
                       {"fuse_unk", false},
                       {"byte_fallback", false},
                       {"ignore_merges", false},
-                      {"vocab", jv},
+                      {"vocab", vocab_slot},
                       {"merges", jm}}}};
   res.tokenizer_json = j.dump(1) + "\n";
+  const std::string slot = nlohmann::json(vocab_slot).dump();
+  res.tokenizer_json.replace(res.tokenizer_json.find(slot), slot.size(), vocab_text);
   res.merges = static_cast<int64_t>(merges.size());
   res.vocab_size = next_id;
   return res;
