@@ -3,6 +3,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -130,10 +131,13 @@ bool LineReader::fill() {
     buf_.erase(0, pos_);
     pos_ = 0;
   }
+  // Reads of 64 KiB growing to 1 MiB: a resize zero-fills what it adds, and a directory of many
+  // small files paid 1 MiB of it each (a third of prepare's time over 20,000 one-line files).
   size_t old = buf_.size();
-  buf_.resize(old + (1 << 20));
-  size_t got = in_.read(buf_.data() + old, 1 << 20);
+  buf_.resize(old + chunk_);
+  size_t got = in_.read(buf_.data() + old, chunk_);
   buf_.resize(old + got);
+  chunk_ = std::min<size_t>(chunk_ * 2, 1 << 20);
   if (got == 0) eof_ = true;
   return got > 0;
 }

@@ -37,7 +37,7 @@ class LineReader {
   ByteStream& in_;
   size_t max_;
   std::string buf_;
-  size_t pos_ = 0;
+  size_t pos_ = 0, chunk_ = 64 << 10;
   bool eof_ = false;
 };
 
