@@ -56,6 +56,34 @@ void check_training_fits(const ModelConfig& model, const FootprintOptions& o, do
       local_ranks);
 }
 
+bool keep_resumed_min_lr(Config& cfg, const std::string& ckpt, bool lead) {
+  if (cfg.keys_given.count("train.min_lr")) return false;
+  std::optional<double> saved_min_lr;
+  try {
+    Config saved;
+    ConfigLoader loader(saved);
+    loader.load_yaml_file(ckpt + "/config.yaml");
+    loader.finish();
+    saved_min_lr = saved.train.min_lr;
+  } catch (const Error&) {  // an older config.yaml that no longer reads: the config's value
+  }
+  if (!saved_min_lr || *saved_min_lr == cfg.train.min_lr) return false;
+  const TrainConfig& t = cfg.train;
+  if (*saved_min_lr > t.lr && t.schedule != "constant")
+    fail(
+        "train.lr {:g} is below the train.min_lr {:g} this run decays toward ({}/config.yaml; "
+        "unset, train.min_lr keeps it on resume); set train.min_lr too, e.g. --set "
+        "train.min_lr={:g}",
+        t.lr, *saved_min_lr, ckpt, cfg.train.min_lr);
+  if (lead)
+    fmt::print(
+        "note: train.min_lr {:g} as {}/config.yaml has it (unset, it would be train.lr / 10 = "
+        "{:g}); set train.min_lr to change it\n",
+        *saved_min_lr, ckpt, cfg.train.min_lr);
+  cfg.train.min_lr = *saved_min_lr;
+  return true;
+}
+
 RunSetup setup_run(Config& cfg, const std::string& resume_from) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;

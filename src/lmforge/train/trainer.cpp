@@ -255,35 +255,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
           run_dir);
     check_same_architecture(ckpt, cfg.model);
     check_same_tokenizer(ckpt, *tokenizer);
-    // train.min_lr unset resolves to train.lr / 10 (once a fixed 1e-4): a run resumed with a
-    // config that leaves it unset keeps the value it was trained toward, its config.yaml's.
-    if (!cfg.keys_given.count("train.min_lr")) {
-      std::optional<double> saved_min_lr;
-      try {
-        Config saved;
-        ConfigLoader loader(saved);
-        loader.load_yaml_file(ckpt + "/config.yaml");
-        loader.finish();
-        saved_min_lr = saved.train.min_lr;
-      } catch (const Error&) {  // an older config.yaml that no longer reads: the config's value
-      }
-      if (saved_min_lr && *saved_min_lr != cfg.train.min_lr) {
-        if (*saved_min_lr > t.lr && t.schedule != "constant")
-          fail(
-              "train.lr {:g} is below the train.min_lr {:g} this run decays toward "
-              "({}/config.yaml; "
-              "unset, train.min_lr keeps it on resume); set train.min_lr too, e.g. --set "
-              "train.min_lr={:g}",
-              t.lr, *saved_min_lr, ckpt, cfg.train.min_lr);
-        if (lead)
-          fmt::print(
-              "note: train.min_lr {:g} as {}/config.yaml has it (unset, it would be train.lr / "
-              "10 = {:g}); set train.min_lr to change it\n",
-              *saved_min_lr, ckpt, cfg.train.min_lr);
-        cfg.train.min_lr = *saved_min_lr;
-        sched = make_schedule(t);
-      }
-    }
+    if (keep_resumed_min_lr(cfg, ckpt, lead)) sched = make_schedule(t);
   } else if (has_checkpoints(run_dir)) {
     fail(
         "run.dir {} already holds checkpoints; pass --resume to continue it, or choose a new "

@@ -109,6 +109,11 @@ struct RunSetup {
 // deleted) takes what it gave (the architecture, the tokenizer, initial weights the checkpoint
 // replaces) from the checkpoint it resumes; not DPO or KTO, whose reference it makes.
 RunSetup setup_run(Config& cfg, const std::string& resume_from = "");
+// A run resumed from `ckpt` with a config that leaves train.min_lr unset keeps the min_lr it was
+// trained toward (the checkpoint's config.yaml's; unset, it resolves to train.lr / 10, once a
+// fixed 1e-4), noted by `lead`; a train.lr below it is an Error. True when cfg.train.min_lr
+// changed.
+bool keep_resumed_min_lr(Config& cfg, const std::string& ckpt, bool lead);
 // The training loader's seed (its epochs' order), saved in checkpoints' loader state.
 inline uint64_t loader_seed(const TrainConfig& t) { return t.seed + 1; }
 // On the CPU: an Error naming the need and the available memory when `local_ranks` ranks of one
