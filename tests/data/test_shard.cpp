@@ -196,6 +196,9 @@ TEST(TextShards, TheHeldOutShareStartsAtALineNearTheCut) {
   const size_t c = held_out_cut(title, 0.05);
   EXPECT_NEAR(static_cast<double>(title.size() - c), 0.05 * title.size(), 2.0);
   EXPECT_EQ(static_cast<unsigned char>(title[c]), 0xC3u);
+  // Text that is not UTF-8 (bytes 0x80-0xBF throughout): at most 3 bytes back, not to the start.
+  const std::string binary(10000, '\x80');
+  EXPECT_GE(held_out_cut(binary, 0.05), 9500u - 3);
 }
 
 }  // namespace lmforge

@@ -356,6 +356,16 @@ TEST(CheckpointResume, ANewBestIsSaved) {
   EXPECT_EQ(slurp(dir + "/a/checkpoints/best"), fmt::format("step-{:08d}\n", lowest));
   EXPECT_EQ(nlohmann::json::parse(slurp(ckpt(dir + "/a", lowest) + "/state.json"))["val_loss"],
             best);
+  // train.save_best: false: the regular saves alone (here the last step's).
+  r = run_lmforge(std::string(kRun) +
+                      "--set run.dir=b --set train.eval_every=2 --set train.checkpoint_every=100 "
+                      "--set train.save_best=false",
+                  dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  saved.clear();
+  for (const auto& [step, name] : testing::list_checkpoint_dir(dir + "/b").complete)
+    saved.insert(step);
+  EXPECT_EQ(saved, std::set<int64_t>{12});
 }
 
 // A fine-tuning run started without a config file (the embedded default's data.text and

@@ -126,7 +126,8 @@ TEST(LrFind, SweepsPlotsAndSuggestsWithoutTouchingTheRunDir) {
   EXPECT_EQ(r.err.find("uncertain"), std::string::npos) << r.err;
   // Started past where the loss falls (it only rises): the suggestion is said to be uncertain.
   r = run_lmforge(std::string("lr-find ") + kTiny +
-                      "--set run.dir=run --steps 5 --start 100 --end 1e6 --out high.png",
+                      "--set run.dir=run --steps 5 --start 100 --end 1e6 --out high.png "
+                      "--set train.patience=2 --set train.eval_every=0",  // (not lr-find's)
                   dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("the loss never fell below its first LR's (1.00e+02)"), std::string::npos)

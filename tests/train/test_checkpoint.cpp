@@ -132,12 +132,6 @@ TEST(Checkpoint, NonsenseInStateJsonNamesTheFile) {
                                s.model.config().num_params())),
             std::string::npos)
       << e;
-  dir = edited("vocab", [](json& j) { j["tokenizer"]["vocab_size"] = 1000; });
-  e = error_of([&] { checkpoint_tokenizer(dir); });
-  EXPECT_NE(e.find(dir + "/state.json: tokenizer.vocab_size is 1000 but its tokenizer has 257"),
-            std::string::npos)
-      << e;
-  checkpoint_tokenizer(good);  // (the unedited one loads)
 }
 
 TEST(Checkpoint, VerifyNamesTheFirstDamagedFile) {

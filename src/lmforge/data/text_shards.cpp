@@ -113,8 +113,10 @@ size_t held_out_cut(const std::string& text, double val_fraction) {
   const size_t nl = text.rfind('\n', cut);
   if (nl != std::string::npos && nl > 0 && (nl + 1 >= cut || cut - (nl + 1) <= window))
     return nl + 1;
-  while (cut > 0 && cut < text.size() && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80)
-    --cut;  // (a UTF-8 continuation byte)
+  for (int back = 0; back < 3 && cut > 0 && cut < text.size() &&
+                     (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80;
+       ++back)
+    --cut;  // (a UTF-8 continuation byte; at most 3: text that is not UTF-8 stays where it is)
   return cut;
 }
 
@@ -128,7 +130,7 @@ std::string bpe_tokenizer_for_text(const std::string& spec, int64_t vocab_size, 
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
   size_t key =
-      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|{}|bpe-v2", fs::absolute(path).string(),
+      std::hash<std::string>{}(fmt::format("{}|{}|{}|{}|{}|bpe-v3", fs::absolute(path).string(),
                                            fs::file_size(path), mtime, vocab_size, val_fraction));
   std::string dir = fmt::format("{}/tokenizers/{:016x}", cache_dir(), key);
   std::string out = dir + "/tokenizer.json";
@@ -149,7 +151,7 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     fail("data.val_fraction: {} must be in [0, 1)", val_fraction);
   auto mtime = fs::last_write_time(path).time_since_epoch().count();
   size_t key = std::hash<std::string>{}(
-      fmt::format("{}|{}|{}|{}|{}|shard-v3", fs::absolute(path).string(), fs::file_size(path),
+      fmt::format("{}|{}|{}|{}|{}|shard-v4", fs::absolute(path).string(), fs::file_size(path),
                   mtime, val_fraction, tok.fingerprint()));
   std::string dir = fmt::format("{}/text-shards/{:016x}", cache_dir(), key);
   TextShards out{dir + "/train.bin", dir + "/val.bin"};

@@ -92,7 +92,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"data.packing", &c.data.packing,
        "none (chunks) | best_fit (whole documents, each attending only to itself)"},
       {"data.tokenizer", &c.data.tokenizer,
-       "byte; bpe:N (train one on data.text, its training share); or a tokenizer file/directory; with init_from, "
+       "byte; bpe:N (train one on data.text, its training share); or a tokenizer file/directory; "
+       "with init_from, "
        "unset or empty = the source's (such a run saves \"\"), else one with its vocabulary"},
       {"train.steps", &c.train.steps, "optimizer steps"},
       {"train.batch_size", &c.train.batch_size, "B"},
@@ -197,6 +198,8 @@ std::vector<ConfigField> fields(Config& c) {
       {"train.checkpoint_every", &c.train.checkpoint_every,
        "steps between checkpoints; the last step is always saved (0 = only it)"},
       {"train.keep_last", &c.train.keep_last, "newest checkpoints kept, plus the best; 0 = all"},
+      {"train.save_best", &c.train.save_best,
+       "a new best validation loss saved at its step (with checkpoint_every > 0)"},
       {"train.log_every", &c.train.log_every, "steps between log lines"},
       {"train.peak_tflops", &c.train.peak_tflops,
        "device peak TFLOP/s; metrics then carry mfu (0 = on a GPU its datasheet bf16 peak where "

@@ -98,6 +98,7 @@ struct TrainConfig {
   double min_delta = 0;            // improvement that counts for patience and best
   int64_t checkpoint_every = 200;  // 0 = only at the end
   int64_t keep_last = 3;           // checkpoints kept; 0 = all
+  bool save_best = true;           // a new best validation loss saved at its step
   int64_t log_every = 1;
   double peak_tflops = 0;  // the device's peak, for MFU in metrics; 0 = not reported
   int64_t profile_steps =

@@ -190,6 +190,15 @@ bool hold_for_reading(const fs::path& ckpt) {
   return true;
 }
 
+// Lets go of one checkpoint held by hold_for_reading (one skipped as damaged: a prune may take it).
+void drop_hold(const fs::path& ckpt) {
+  std::lock_guard<std::mutex> lock(reads_mu);
+  if (auto it = reads.find(ckpt.string()); it != reads.end()) {
+    ::close(it->second);
+    reads.erase(it);
+  }
+}
+
 std::optional<double> saved_val_loss(const fs::path& ckpt) {
   try {
     json j = json::parse(read_file((ckpt / "state.json").string()));
@@ -335,6 +344,7 @@ bool latest_of_listing(const std::string& run_dir, std::string* found, bool may_
       *found = c->dir.string();
       return true;
     }
+    drop_hold(c->dir);
     skipped.push_back(
         fmt::format("{}: {}; skipping checkpoint {}", bad, why, c->dir.filename().string()));
   }

@@ -218,10 +218,6 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
     }
     val_data->check_tokenizer(*tokenizer, "data.val");
     val_data->check_vocab(cfg.model.vocab_size, "data.val");
-  } else if (t.patience > 0) {  // (Lightning's EarlyStopping raises when its metric is missing)
-    fail(
-        "train.patience: early stopping counts validation losses, but this run has no validation "
-        "data; set data.val (or data.val_fraction with data.text), or train.patience: 0");
   }
 
   // Model.

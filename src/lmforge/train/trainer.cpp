@@ -106,6 +106,17 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Transformer& model = *setup.model;
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
+  // Early stopping counts validation losses (Lightning's EarlyStopping raises when its metric is
+  // missing): never evaluated, or nothing to evaluate on, it would never fire.
+  if (t.patience > 0 && t.eval_every <= 0)
+    fail(
+        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
+        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
+        t.eval_every);
+  if (t.patience > 0 && !val_data)
+    fail(
+        "train.patience: early stopping counts validation losses, but this run has no validation "
+        "data; set data.val (or data.val_fraction with data.text), or train.patience: 0");
   std::unique_ptr<Tokenizer>& tokenizer = setup.tokenizer;
   // The model trained: `model`, or under tensor parallelism the whole that each rank's share is
   // part of (its vocabulary for token ids, its shape for generation).
@@ -696,7 +707,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     // A new best validation loss is saved too (as nanoGPT and Lightning's ModelCheckpoint), so
     // that checkpoints/best names it.
     if (t.checkpoint_every > 0 && st.step != t.steps &&
-        (st.step % t.checkpoint_every == 0 || new_best))
+        (st.step % t.checkpoint_every == 0 || (new_best && t.save_best)))
       checkpoint();
     if ((stopped_by = stop_signal())) break;
   }

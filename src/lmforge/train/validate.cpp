@@ -278,11 +278,6 @@ void validate_train_config(const Config& cfg) {
         t.spike_window, h, h);
   if (t.max_skips < 0) fail("train.max_skips: must be >= 0, got {}", t.max_skips);
   if (t.patience < 0) fail("train.patience: must be >= 0 (0 = off), got {}", t.patience);
-  if (t.patience > 0 && t.eval_every <= 0)
-    fail(
-        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
-        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
-        t.eval_every);
   if (t.profile_steps < 0)
     fail("train.profile_steps: must be >= 0 (0 = off), got {}", t.profile_steps);
   parse_faults(t.inject_fault);
