@@ -87,6 +87,8 @@ bool keep_resumed_min_lr(Config& cfg, const std::string& ckpt, bool lead) {
 RunSetup setup_run(Config& cfg, const std::string& resume_from) {
   validate_train_config(cfg);
   const TrainConfig& t = cfg.train;
+  // DPO's and KTO's reference model (below), made from init_from's weights
+  const bool reference = t.objective == "dpo" || t.objective == "kto";
 
   // Initial weights from elsewhere: they fix the architecture and the tokenizer.
   RunSetup r;
@@ -97,7 +99,6 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
     } catch (const Error& e) {
       // Resumed: the checkpoint holds what the source gave (as torchtitan resumes from the
       // checkpoint alone), but DPO's and KTO's reference, made from the source.
-      const bool reference = t.objective == "dpo" || t.objective == "kto";
       std::string ckpt;
       if (!resume_from.empty() && !reference)
         ckpt = resume_from == "auto" ? find_latest_checkpoint(cfg.run.dir)
@@ -250,7 +251,6 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
   // source without them start as a no-op (B = 0): the reference is the policy with its adapters
   // off (PEFT's disable_adapter(); no second model). Otherwise a second model, made the same way
   // as the policy: each rank's share under tensor parallelism, its shard under full-shard.
-  const bool reference = t.objective == "dpo" || t.objective == "kto";
   const bool reference_is_base =
       reference && cfg.model.lora.on() && !(init && init->model.lora.on());
   if (t.objective == "distill") {
