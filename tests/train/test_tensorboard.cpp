@@ -159,6 +159,18 @@ TEST(MetricsWriter, TruncateAfterKeepsTheFileWhenNothingIsCut) {
   EXPECT_EQ(testing::slurp(path), "{\"step\": 1, \"loss\": 2}\n{\"step\": 2, \"loss\": 1}\n");
   MetricsWriter::truncate_after(path, 1);
   EXPECT_EQ(testing::slurp(path), "{\"step\": 1, \"loss\": 2}\n");
+
+  // Read a line at a time: a history over the copy's 1 MiB blocks, a record kept after one cut
+  // (steps out of order), a whole last line without its newline (kept, with one).
+  std::string history;
+  for (int s = 1; s <= 40000; ++s) history += fmt::format("{{\"step\": {}, \"loss\": 1.5}}\n", s);
+  std::ofstream(path) << history << "{\"step\": 50000}\n{\"note\": \"x\"}\n{\"step\": 7}";
+  MetricsWriter::truncate_after(path, 40000);
+  EXPECT_TRUE(testing::slurp(path) == history + "{\"note\": \"x\"}\n{\"step\": 7}\n");
+  std::ofstream(path, std::ios::app) << "{\"step\": 8}";  // the only change: its newline
+  MetricsWriter::truncate_after(path, 40000);
+  EXPECT_TRUE(testing::slurp(path) ==
+              history + "{\"note\": \"x\"}\n{\"step\": 7}\n{\"step\": 8}\n");
 }
 
 TEST(MetricsWriter, LogsEveryNumericFieldToTensorBoard) {

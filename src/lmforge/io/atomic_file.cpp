@@ -3,13 +3,16 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <vector>
 
 #include "lmforge/core/error.h"
 
@@ -118,6 +121,44 @@ void write_file_atomic(const std::string& path, const std::string& content) {
   AtomicFile f(path);
   f.write(content);
   f.commit();
+}
+
+void rewrite_records(const std::string& path, const RecordReader& next) {
+  const uint64_t size = std::filesystem::file_size(path);
+  std::string rec;
+  // The offset of the first change (a dropped or altered record, a dropped tail), if any.
+  auto first_change = [&]() -> std::optional<uint64_t> {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+    for (uint64_t at = 0;;) {
+      uint64_t consumed = 0;
+      RecordAction a = next(in, size - at, rec, consumed);
+      if (a == RecordAction::kEnd) return at < size ? std::optional<uint64_t>(at) : std::nullopt;
+      if (a == RecordAction::kDrop || rec.size() != consumed) return at;
+      at += consumed;
+    }
+  };
+  const std::optional<uint64_t> cut = first_change();
+  if (!cut) return;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+  AtomicFile out(path);
+  std::vector<char> buf(1 << 20);
+  for (uint64_t left = *cut; left > 0;) {  // the unchanged records before the first change
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(left, buf.size()));
+    if (!in.read(buf.data(), static_cast<std::streamsize>(n)))
+      fail("{}: cannot read ({})", path, std::strerror(errno));
+    out.write(buf.data(), n);
+    left -= n;
+  }
+  for (uint64_t at = *cut;;) {
+    uint64_t consumed = 0;
+    RecordAction a = next(in, size - at, rec, consumed);
+    if (a == RecordAction::kEnd) break;
+    if (a == RecordAction::kKeep) out.write(rec);
+    at += consumed;
+  }
+  out.commit();
 }
 
 void check_not_directory(const std::string& path) {

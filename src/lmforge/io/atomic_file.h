@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <functional>
+#include <istream>
 #include <string>
 
 namespace lmforge {
@@ -29,6 +31,17 @@ class AtomicFile {
   std::string path_, tmp_;
   std::FILE* f_ = nullptr;
 };
+
+// Rewrites `path` without the records `next` drops, holding one record in memory (a history of
+// a million lines is not read whole). next(in, left, rec, consumed) reads the record at `in`
+// (`left` bytes remain in the file), setting `consumed` to the bytes it took and `rec` to the
+// bytes to keep in their place, and returns kKeep, kDrop, or kEnd (no more records: a torn or
+// corrupt tail it leaves is dropped). A kept record whose bytes differ in size from what it
+// took counts as a change. The file is rewritten (atomically) only when something changes.
+enum class RecordAction { kKeep, kDrop, kEnd };
+using RecordReader = std::function<RecordAction(std::istream& in, uint64_t left, std::string& rec,
+                                                uint64_t& consumed)>;
+void rewrite_records(const std::string& path, const RecordReader& next);
 
 // Whole-file helpers.
 void write_file_atomic(const std::string& path, const std::string& content);

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <sstream>
+#include <istream>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
@@ -66,17 +66,17 @@ void MetricsWriter::write(const nlohmann::json& record) {
 void MetricsWriter::truncate_after(const std::string& path, int64_t step) {
   tensorboard_truncate_after(dir_of(path), step);
   if (!std::filesystem::exists(path)) return;
-  const std::string text = read_file(path);
-  std::istringstream in(text);
-  std::string kept;
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded()) continue;  // a torn last line from a crash
-    if (j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() > step) continue;
-    kept += line + "\n";
-  }
   // Rewritten (a new file) only when something is cut: `tail -f` of it follows a resume.
-  if (kept != text) write_file_atomic(path, kept);
+  rewrite_records(path, [&](std::istream& in, uint64_t, std::string& rec, uint64_t& consumed) {
+    if (!std::getline(in, rec)) return RecordAction::kEnd;
+    consumed = rec.size() + (in.eof() ? 0 : 1);
+    rec += '\n';  // (a last line without one gains it)
+    auto j = nlohmann::json::parse(rec, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return RecordAction::kDrop;  // a torn last line from a crash
+    if (j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() > step)
+      return RecordAction::kDrop;
+    return RecordAction::kKeep;
+  });
 }
 
 void MetricsWriter::remove(const std::string& path) {

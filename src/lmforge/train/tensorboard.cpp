@@ -8,6 +8,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <istream>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -206,31 +207,30 @@ void TensorBoardWriter::flush() {
 }
 
 void tensorboard_truncate_after(const std::string& run_dir, int64_t step) {
-  for (const fs::path& file : events_files(run_dir)) {
-    std::string data = read_file(file.string()), kept;
-    std::string_view s = data;
-    size_t i = 0;
-    bool changed = false;
-    while (i < s.size()) {
-      uint64_t len = 0;
-      if (s.size() - i < 16) break;
-      std::memcpy(&len, s.data() + i, 8);
-      uint32_t len_crc, data_crc;
-      std::memcpy(&len_crc, s.data() + i + 8, 4);
-      if (len_crc != masked_crc32c(s.data() + i, 8) || len > s.size() - i - 16) break;
-      std::string_view event = s.substr(i + 12, len);
-      std::memcpy(&data_crc, s.data() + i + 12 + len, 4);
-      if (data_crc != masked_crc32c(event.data(), event.size())) break;
-      std::optional<int64_t> st = event_step(event);
-      if (st && *st > step)
-        changed = true;
-      else
-        kept.append(s.substr(i, len + 16));
-      i += len + 16;
-    }
-    if (i < s.size()) changed = true;  // a torn or corrupt tail: dropped with what follows
-    if (changed) write_file_atomic(file.string(), kept);
-  }
+  for (const fs::path& file : events_files(run_dir))
+    rewrite_records(file.string(),
+                    [&](std::istream& in, uint64_t left, std::string& rec, uint64_t& consumed) {
+                      // A torn or corrupt record ends the file (dropped with what follows).
+                      char head[12];
+                      if (left < 16 || !in.read(head, 12)) return RecordAction::kEnd;
+                      uint64_t len = 0;
+                      uint32_t len_crc, data_crc;
+                      std::memcpy(&len, head, 8);
+                      std::memcpy(&len_crc, head + 8, 4);
+                      if (len_crc != masked_crc32c(head, 8) || len > left - 16)
+                        return RecordAction::kEnd;
+                      rec.assign(head, 12);
+                      rec.resize(len + 16);
+                      if (!in.read(rec.data() + 12, static_cast<std::streamsize>(len + 4)))
+                        return RecordAction::kEnd;
+                      const std::string_view event(rec.data() + 12, len);
+                      std::memcpy(&data_crc, rec.data() + 12 + len, 4);
+                      if (data_crc != masked_crc32c(event.data(), event.size()))
+                        return RecordAction::kEnd;
+                      consumed = len + 16;
+                      std::optional<int64_t> st = event_step(event);
+                      return st && *st > step ? RecordAction::kDrop : RecordAction::kKeep;
+                    });
 }
 
 void tensorboard_remove(const std::string& run_dir) {

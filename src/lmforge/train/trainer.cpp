@@ -14,8 +14,8 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <fstream>
 #include <map>
-#include <sstream>
 
 #include "lmforge/backend/cpu/kernels.h"
 #include "lmforge/backend/cuda/runtime.h"
@@ -342,7 +342,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (lead && cfg.run.dashboard) {
     dashboard.emplace(run_dir + "/dashboard.html", run_dir, t.steps);
     if (std::filesystem::exists(metrics_path)) {
-      std::istringstream kept(read_file(metrics_path));
+      std::ifstream kept(metrics_path, std::ios::binary);  // (a line at a time)
       for (std::string line; std::getline(kept, line);) {
         auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
         if (!j.is_discarded()) dashboard->add(j);
