@@ -133,4 +133,47 @@ TEST(ChatTemplate, RenderedLikeTransformers) {
   }
 }
 
+// The ids and assistant masks transformers' apply_chat_template gives, for tokenizers whose
+// context crosses the special tokens: a Metaspace "first" prefix only at the very start (not
+// after each special), <unk> tokens whose bytes are not their text (the header/content boundary),
+// specials with lstrip/rstrip taking the white space beside them.
+TEST(ChatTemplate, MasksLikeTransformers) {
+  if (testing::python().empty()) GTEST_SKIP() << "configured without LMFORGE_PYTHON";
+  const std::vector<std::vector<ChatMessage>> conversations = {
+      {{"user", "hello world"}, {"assistant", "the dog"}},
+      {{"system", "you are helpful."},
+       {"user", "  two plus two? "},
+       {"assistant", " it is four.\n"},
+       {"user", "and \u0416?"},
+       {"assistant", "\u0416\u0416 hello \u0416 world"}},
+      {{"user", "\u0416x"}, {"assistant", ""}, {"user", "q"}, {"assistant", "\n\nthe end  "}},
+  };
+  const std::string dir = testing::temp_dir("chat-mask-ref");
+  nlohmann::json in = nlohmann::json::array();
+  for (const auto& c : conversations) {
+    nlohmann::json turns = nlohmann::json::array();
+    for (const ChatMessage& m : c) turns.push_back({{"role", m.role}, {"content", m.content}});
+    in.push_back(turns);
+  }
+  std::ofstream(dir + "/in.json") << in.dump();
+  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
+                          "/tests/reference/chat_mask_ref.py' --conversations '" + dir +
+                          "/in.json' --out '" + dir + "'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const nlohmann::json ref = nlohmann::json::parse(testing::slurp(dir + "/out.json"));
+  for (const std::string name : {"first", "unk", "strip"}) {
+    auto tok = load_tokenizer(dir + "/" + name + "/tokenizer.json");
+    for (const std::string format : {"chatml", "llama3"}) {
+      for (size_t c = 0; c < conversations.size(); ++c) {
+        SCOPED_TRACE(fmt::format("{} {} conversation {}", name, format, c));
+        const ChatEncoding enc = apply_chat_template(*tok, conversations[c], format);
+        const nlohmann::json& want = ref.at(name).at(format).at(c);
+        EXPECT_EQ(enc.ids, want.at("ids").get<std::vector<int32_t>>());
+        EXPECT_EQ(std::vector<int>(enc.assistant_mask.begin(), enc.assistant_mask.end()),
+                  want.at("mask").get<std::vector<int>>());
+      }
+    }
+  }
+}
+
 }  // namespace lmforge

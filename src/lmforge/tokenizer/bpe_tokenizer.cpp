@@ -219,22 +219,25 @@ size_t whitespace_before(std::string_view text, size_t lo, size_t end) {
 
 }  // namespace
 
-void BpeTokenizer::encode_append(std::string_view text, std::vector<int32_t>& out,
-                                 bool allow_special, bool add_bos) const {
-  if (add_bos && bos_ >= 0) out.push_back(bos_);
+uint8_t BpeTokenizer::added_flags(std::string_view text) const {
+  auto f = added_flags_.find(std::string(text));
+  return f == added_flags_.end() ? 0 : f->second;
+}
+
+void BpeTokenizer::encode_run(std::string_view text, bool at_start, bool allow_special,
+                              std::vector<int32_t>& out) const {
   size_t start = 0;
   if ((allow_special && !specials_.empty()) || has_not_special_) {
     for (size_t i = 0; i < text.size(); ++i) {
       const auto& cands = specials_by_first_[static_cast<unsigned char>(text[i])];
       for (const std::string& s : cands) {  // longest first
         if (text.compare(i, s.size(), s) != 0) continue;
-        auto f = added_flags_.find(s);
-        const uint8_t flags = f == added_flags_.end() ? 0 : f->second;
+        const uint8_t flags = added_flags(s);
         if (!allow_special && !(flags & kNotSpecial)) continue;
         size_t end = i;  // of the ordinary text before the token
         if (flags & kLstrip)
           while (size_t n = whitespace_before(text, start, end)) end -= n;
-        encode_ordinary(text.substr(start, end - start), start == 0, out);
+        encode_ordinary(text.substr(start, end - start), at_start && start == 0, out);
         out.push_back(specials_.at(s));
         size_t next = i + s.size();
         if (flags & kRstrip)
@@ -245,7 +248,35 @@ void BpeTokenizer::encode_append(std::string_view text, std::vector<int32_t>& ou
       }
     }
   }
-  encode_ordinary(text.substr(start), start == 0, out);
+  encode_ordinary(text.substr(start), at_start && start == 0, out);
+}
+
+void BpeTokenizer::encode_append(std::string_view text, std::vector<int32_t>& out,
+                                 bool allow_special, bool add_bos) const {
+  if (add_bos && bos_ >= 0) out.push_back(bos_);
+  encode_run(text, /*at_start=*/true, allow_special, out);
+}
+
+void BpeTokenizer::encode_segments(const std::vector<Segment>& segments, std::vector<int32_t>& out,
+                                   std::vector<size_t>* ends) const {
+  size_t at = 0;  // bytes of the concatenation before the segment
+  for (size_t k = 0; k < segments.size(); ++k) {
+    const Segment& seg = segments[k];
+    if (seg.special) {
+      out.push_back(special_id_or_fail(seg.text));
+    } else {
+      std::string_view t = seg.text;
+      size_t from = at;
+      if (k > 0 && segments[k - 1].special && (added_flags(segments[k - 1].text) & kRstrip))
+        while (size_t n = whitespace_at(t, 0)) t.remove_prefix(n), from += n;
+      if (k + 1 < segments.size() && segments[k + 1].special &&
+          (added_flags(segments[k + 1].text) & kLstrip))
+        while (size_t n = whitespace_before(t, 0, t.size())) t.remove_suffix(n);
+      encode_run(t, from == 0, /*allow_special=*/false, out);
+    }
+    at += seg.text.size();
+    if (ends) ends->push_back(out.size());
+  }
 }
 
 std::string BpeTokenizer::token_bytes(int32_t id) const {

@@ -35,6 +35,8 @@ class BpeTokenizer : public Tokenizer {
 
   void encode_append(std::string_view text, std::vector<int32_t>& out, bool allow_special = false,
                      bool add_bos = false) const override;
+  void encode_segments(const std::vector<Segment>& segments, std::vector<int32_t>& out,
+                       std::vector<size_t>* ends = nullptr) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
   std::string token_bytes(int32_t id) const override;
   int64_t vocab_size() const override { return static_cast<int64_t>(vocab_.size()); }
@@ -100,6 +102,10 @@ class BpeTokenizer : public Tokenizer {
 
  private:
   void encode_ordinary(std::string_view text, bool at_start, std::vector<int32_t>& out) const;
+  // encode_append's text, at the start of the whole text or not (a Metaspace "first" prefix).
+  void encode_run(std::string_view text, bool at_start, bool allow_special,
+                  std::vector<int32_t>& out) const;
+  uint8_t added_flags(std::string_view text) const;
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
 
   std::vector<std::string> vocab_;  // id -> raw bytes

@@ -10,33 +10,57 @@ namespace lmforge {
 
 namespace {
 
+// The template's parts, encoded together at the end (encode_segments: the context of a run of
+// text crosses the special tokens around it, as in the rendered string).
 struct Builder {
   const Tokenizer& tok;
-  ChatEncoding out;
+  struct Part {
+    std::string text;  // a special token's name, or header + content
+    bool special, assistant;
+    size_t header = 0;  // bytes of text that are the header
+  };
+  std::vector<Part> parts;
 
   void special(const std::string& name, bool assistant) {
-    auto id = tok.special_id(name);
-    if (!id)
+    if (!tok.special_id(name))
       fail("chat template: the tokenizer ({}) has no {} token; use a template it supports",
            tok.source(), name);
-    out.ids.push_back(*id);
-    out.assistant_mask.push_back(assistant);
+    parts.push_back({name, true, assistant});
   }
-  // Encodes header + content as one text segment; tokens ending past the header are content.
-  // A tokenizer that prepends a space to each run (SentencePiece's "▁", ByteLevel's
-  // add_prefix_space) decodes to more bytes than the text: those come first.
+  // Header + content as one text; tokens from the first that the header alone does not begin
+  // with are content (a token straddling the boundary is content). Found by encoding the header
+  // in the same context rather than by counting token bytes: an unk token's bytes are not the
+  // text it stands for.
   void text(const std::string& header, const std::string& content, bool assistant) {
-    std::vector<int32_t> ids = tok.encode(header + content, false, false);
-    size_t total = 0;
-    for (int32_t id : ids) total += tok.token_bytes(id).size();
-    const size_t prefix =
-        total > header.size() + content.size() ? total - header.size() - content.size() : 0;
-    size_t end = 0;
-    for (int32_t id : ids) {
-      end += tok.token_bytes(id).size();
-      out.ids.push_back(id);
-      out.assistant_mask.push_back(assistant && end > prefix + header.size());
+    parts.push_back({header + content, false, assistant, header.size()});
+  }
+
+  ChatEncoding finish() const {
+    std::vector<Tokenizer::Segment> segs;
+    for (const Part& p : parts) segs.push_back({p.text, p.special});
+    ChatEncoding out;
+    std::vector<size_t> ends;
+    tok.encode_segments(segs, out.ids, &ends);
+    out.assistant_mask.assign(out.ids.size(), 0);
+    for (size_t k = 0, begin = 0; k < parts.size(); begin = ends[k++]) {
+      const Part& p = parts[k];
+      if (!p.assistant || (!p.special && p.text.size() == p.header)) continue;
+      size_t from = begin;  // the first content token
+      if (!p.special) {
+        std::vector<Tokenizer::Segment> alone;
+        if (k > 0) alone.push_back(segs[k - 1]);
+        alone.push_back({std::string_view(p.text).substr(0, p.header), false});
+        std::vector<int32_t> h;
+        std::vector<size_t> h_ends;
+        tok.encode_segments(alone, h, &h_ends);
+        for (size_t i = k > 0 ? h_ends[0] : 0;
+             i < h.size() && from < ends[k] && out.ids[from] == h[i]; ++i)
+          ++from;
+      }
+      std::fill(out.assistant_mask.begin() + static_cast<std::ptrdiff_t>(from),
+                out.assistant_mask.begin() + static_cast<std::ptrdiff_t>(ends[k]), 1);
     }
+    return out;
   }
 };
 
@@ -112,7 +136,7 @@ ChatEncoding apply_chat_template(const Tokenizer& tok, const std::vector<ChatMes
       b.text("assistant\n", "", false);
     }
   }
-  return std::move(b.out);
+  return b.finish();
 }
 
 std::string chat_end_of_turn(const std::string& format) {

@@ -6,7 +6,9 @@
 //   chatml:  (<|im_start|>{role}\n{content}<|im_end|>\n)*
 // add_generation_prompt appends the assistant header, ready for generate.
 // Text between special tokens is encoded as a unit, exactly as encoding the rendered string
-// with specials allowed would; a token straddling the header/content boundary counts as content.
+// with specials allowed would (Tokenizer::encode_segments: prefixes and a special's lstrip/rstrip
+// as there), except that text in a message spelling a special token stays text; a token
+// straddling the header/content boundary counts as content.
 #pragma once
 
 #include <string>

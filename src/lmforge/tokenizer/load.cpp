@@ -49,6 +49,22 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool allow_special
   return out;
 }
 
+void Tokenizer::encode_segments(const std::vector<Segment>& segments, std::vector<int32_t>& out,
+                                std::vector<size_t>* ends) const {
+  for (const Segment& s : segments) {
+    if (s.special)
+      out.push_back(special_id_or_fail(s.text));
+    else
+      encode_append(s.text, out);
+    if (ends) ends->push_back(out.size());
+  }
+}
+
+int32_t Tokenizer::special_id_or_fail(std::string_view name) const {
+  if (auto id = special_id(name)) return *id;
+  fail("{}: the tokenizer has no {} token", source_, name);
+}
+
 std::vector<std::vector<int32_t>> Tokenizer::encode_batch(
     const std::vector<std::string_view>& texts, bool allow_special, bool add_bos) const {
   std::vector<std::vector<int32_t>> out(texts.size());

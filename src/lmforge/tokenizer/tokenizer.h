@@ -33,6 +33,19 @@ class Tokenizer {
   // encode(), appending to `out` (a buffer reused across documents allocates nothing).
   virtual void encode_append(std::string_view text, std::vector<int32_t>& out,
                              bool allow_special = false, bool add_bos = false) const = 0;
+  // A chat template's parts: text, or a special token by name.
+  struct Segment {
+    std::string_view text;
+    bool special = false;
+  };
+  // Appends the ids of the segments' concatenation as encode(it, allow_special=true) would give
+  // them if exactly the segments marked special were special tokens: text in the others stays
+  // text even where it spells one (what a user typed), and the context crosses segments as it
+  // does in one string (a Metaspace prefix with prepend_scheme "first" only at the very start; a
+  // special's lstrip/rstrip takes the white space of the text beside it). ends (if given) gets
+  // out.size() after each segment. Throws Error for a special the tokenizer does not have.
+  virtual void encode_segments(const std::vector<Segment>& segments, std::vector<int32_t>& out,
+                               std::vector<size_t>* ends = nullptr) const;
   // Encodes many documents on all cores (OpenMP); results in input order.
   std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string_view>& texts,
                                                  bool allow_special = false,
@@ -45,6 +58,7 @@ class Tokenizer {
   // Number of ids (the largest id + 1), specials included.
   virtual int64_t vocab_size() const = 0;
   virtual std::optional<int32_t> special_id(std::string_view name) const;
+  int32_t special_id_or_fail(std::string_view name) const;  // Error naming the tokenizer
   const std::map<std::string, int32_t>& special_tokens() const { return specials_; }
   // Beginning/end of a document (-1 when the tokenizer has none): the token `prepare` appends to
   // each document and `generate` stops at.
