@@ -12,6 +12,7 @@
 #include "lmforge/data/prepare.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/tokenizer/tokenizer.h"
+#include "testing/errors.h"
 #include "testing/paths.h"
 #include "testing/process.h"
 
@@ -216,6 +217,29 @@ TEST(Prepare, InputsNamingAFileTwiceReadItOnce) {
   EXPECT_EQ(files, (std::vector<std::string>{dir + "/in/b.txt", dir + "/in/a.jsonl"}));
 }
 
+// JSONL by extension in any case (.jsonl, .json, .ndjson; .gz/.zst after them): a directory
+// lists them all and names what it leaves; a compression prepare does not read is an error (its
+// bytes read as text were a document of noise, or skipped as nul_bytes without a word).
+TEST(Prepare, InputKindsByExtensionInAnyCase) {
+  const std::string dir = testing::temp_dir("prepare-kinds");
+  std::filesystem::create_directories(dir + "/in");
+  for (const char* name : {"a.jsonl", "b.json", "c.JSONL", "d.ndjson", "e.Txt", "f.csv"})
+    std::ofstream(dir + "/in/" + name) << "{\"text\": \"x\"}\n{\"text\": \"y\"}\n";
+  std::vector<std::string> skipped;
+  const std::vector<std::string> files = expand_inputs({dir + "/in"}, &skipped);
+  EXPECT_EQ(files.size(), 5u);
+  ASSERT_EQ(skipped.size(), 1u);
+  EXPECT_NE(skipped[0].find("1 other file (e.g. " + dir + "/in/f.csv)"), std::string::npos)
+      << skipped[0];
+  // Each JSONL file gives its 2 lines as documents; the .txt file is one document.
+  const nlohmann::json docs =
+      run_prepare(options(dir + "/in", dir + "/out"))["sources"]["src"]["documents"];
+  EXPECT_EQ(docs["train"].get<int>() + docs["val"].get<int>(), 4 * 2 + 1);
+  std::ofstream(dir + "/x.jsonl.bz2") << "BZh91AY&SY";
+  const std::string e = testing::error_of([&] { expand_inputs({dir + "/x.jsonl.bz2"}); });
+  EXPECT_NE(e.find("x.jsonl.bz2: .bz2 files are not read; decompress it"), std::string::npos) << e;
+}
+
 // Two prepares into one output under other names: summary.json lists both sources (the first's
 // kept while its directory is there and the tokenizer is the same).
 TEST(Prepare, SummaryKeepsTheSourcesPreparedBefore) {
@@ -271,6 +295,12 @@ TEST(Prepare, FatalErrorsAreClearAndWriteNothing) {
   PrepareOptions other = options(dir + "/in.jsonl", dir + "/o2");
   other.val_fraction = 0.5;
   EXPECT_NE(error_of(other).find("different prepare"), std::string::npos);
+  // Nothing kept: the hint follows the reason (here every document too large).
+  PrepareOptions small = options(dir + "/in.jsonl", dir + "/o3");
+  small.sources[0].doc.max_document_bytes = 4;
+  const std::string e = error_of(small);
+  EXPECT_NE(e.find("no documents kept"), std::string::npos) << e;
+  EXPECT_NE(e.find("raise the source's max_document_bytes"), std::string::npos) << e;
 }
 
 // text_mode: blank_line: a line too long to hold is dropped by the line reader; it must count

@@ -164,6 +164,41 @@ TEST(PreparePreference, PlainPairsArePromptThenResponseWithTheResponseAsTargets)
   EXPECT_NE(e.find("--format preference"), std::string::npos) << e;
 }
 
+// No prompt, the dialogue in both sides (HH-RLHF's layout): TRL's implicit prompt
+// (trl.data_utils.extract_prompt: their common start, less a space before the first difference;
+// with no difference, all but the shorter's last character). A BOM starting a side's text is
+// removed (and counted repaired), as from a text document.
+TEST(PreparePreference, PlainPairsWithoutAPromptTakeTheImplicitOne) {
+  const std::string dir = testing::temp_dir("prepare-pref-implicit");
+  {
+    std::ofstream f(dir + "/p.jsonl", std::ios::binary);
+    f << R"({"chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.", )"
+      << R"("rejected": "\n\nHuman: Capital of France?\n\nAssistant: London."})"
+      << "\n";
+    f << R"({"prompt": "\ufeffHello", "chosen": " a", "rejected": " b"})"
+      << "\n";
+    f << R"({"chosen": "Yes.", "rejected": "Yes. Sure."})"
+      << "\n";
+    f << R"({"chosen": "\u00e9a", "rejected": "\u00e8b"})"  // differing in a character's last byte
+      << "\n";
+  }
+  const json summary = run_prepare(options(dir + "/p.jsonl", dir + "/out", "gpt2"));
+  EXPECT_EQ(summary["sources"]["pairs"]["repaired"], json({{"bom", 1}}));
+  auto tok = load_tokenizer(tokenizer_file("gpt2"));
+  TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
+  ASSERT_EQ(s.num_docs(), 8);
+  const std::string hh = "\n\nHuman: Capital of France?\n\nAssistant:";
+  expect_plain_documents(s, *tok,
+                         {{hh, " Paris."},
+                          {hh, " London."},
+                          {"Hello", " a"},
+                          {"Hello", " b"},
+                          {"Yes", "."},
+                          {"Yes", ". Sure."},
+                          {"", "\u00e9a"},
+                          {"", "\u00e8b"}});
+}
+
 TEST(PreparePreference, ChatPairsUseTheTemplateForPromptAndResponses) {
   const std::string dir = testing::temp_dir("prepare-pref-chat");
   const std::vector<ChatMessage> prompt = {{"system", "Be brief."}, {"user", "Who led Israel?"}};

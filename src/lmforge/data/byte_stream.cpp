@@ -4,6 +4,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -112,9 +113,12 @@ class ZstdStream : public FileStream {
   bool frame_done_ = true;
 };
 
-bool ends_with(const std::string& s, const char* suffix) {
+bool ends_with(const std::string& s, const char* suffix) {  // in any case (.GZ too)
   size_t n = std::strlen(suffix);
-  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+  if (s.size() < n) return false;
+  for (size_t i = 0; i < n; ++i)
+    if (std::tolower(static_cast<unsigned char>(s[s.size() - n + i])) != suffix[i]) return false;
+  return true;
 }
 
 }  // namespace

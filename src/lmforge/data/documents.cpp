@@ -4,6 +4,8 @@
 #include <simdjson.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstring>
 #include <filesystem>
 #include <set>
 
@@ -16,32 +18,59 @@ namespace fs = std::filesystem;
 
 namespace {
 
-bool is_jsonl(const std::string& path) {
-  std::string p = path;
+// The file name's extension, lower case, without a .gz/.zst after it (compressed: that).
+std::string base_extension(const std::string& path, std::string* compressed = nullptr) {
+  std::string name = fs::path(path).filename().string();
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   for (const char* ext : {".gz", ".zst"})
-    if (p.size() > 4 && p.ends_with(ext)) p.resize(p.size() - std::strlen(ext));
-  return p.ends_with(".jsonl") || p.ends_with(".json");
+    if (name.size() > 4 && name.ends_with(ext)) {
+      if (compressed) *compressed = ext;
+      name.resize(name.size() - std::strlen(ext));
+    }
+  const size_t dot = name.rfind('.');
+  return dot == std::string::npos || dot == 0 ? "" : name.substr(dot);
 }
 
+bool is_jsonl(const std::string& path) {
+  const std::string e = base_extension(path);
+  return e == ".jsonl" || e == ".json" || e == ".ndjson";
+}
+
+// What a directory's listing takes: text and JSONL files, plain or .gz/.zst.
 bool is_input_file(const fs::path& p) {
-  std::string s = p.string();
-  for (const char* ext : {"", ".gz", ".zst"})
-    for (const char* base : {".txt", ".jsonl"})
-      if (s.ends_with(std::string(base) + ext)) return true;
-  return false;
+  return is_jsonl(p.string()) || base_extension(p.string()) == ".txt";
+}
+
+// A compression prepare does not read: an error naming the file, not its bytes read as text.
+void check_compression(const std::string& path) {
+  const std::string e = base_extension(path);
+  for (const char* c : {".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".tar", ".tgz", ".br"})
+    if (e == c)
+      fail(
+          "{}: {} files are not read; decompress it, or recompress it with gzip or zstd "
+          "(.gz and .zst are read as they are)",
+          path, e);
 }
 
 }  // namespace
 
-std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
+std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
+                                       std::vector<std::string>* skipped) {
   std::vector<std::string> out;
   std::set<std::string> taken;  // canonical paths
   for (const std::string& spec : specs) {
     std::vector<std::string> found;
     std::error_code ec;
     if (fs::is_directory(spec, ec)) {
+      std::vector<std::string> others;
       for (auto& e : fs::recursive_directory_iterator(spec))
-        if (e.is_regular_file() && is_input_file(e.path())) found.push_back(e.path().string());
+        if (e.is_regular_file()) (is_input_file(e.path()) ? found : others).push_back(e.path());
+      if (skipped && !others.empty()) {
+        std::sort(others.begin(), others.end());
+        skipped->push_back(fmt::format("{}: {} other file{} (e.g. {})", spec, others.size(),
+                                       others.size() == 1 ? "" : "s", others[0]));
+      }
     } else if (spec.find_first_of("*?[") != std::string::npos) {
       glob_t g{};
       if (::glob(spec.c_str(), 0, nullptr, &g) == 0)
@@ -52,8 +81,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs) {
     } else {
       fail("{}: no such input file; check the path", spec);
     }
-    if (found.empty()) fail("{}: matches no input files (.txt, .jsonl, .gz, .zst)", spec);
+    if (found.empty())
+      fail("{}: matches no input files (.txt, .jsonl, .json, .ndjson; plain, .gz or .zst)", spec);
     std::sort(found.begin(), found.end());
+    for (const std::string& f : found) check_compression(f);
     // Each file once, where several inputs name it (a directory and a glob in it, a path
     // spelled two ways): at its first place.
     for (const std::string& f : found) {
@@ -233,6 +264,23 @@ bool read_turns(const simdjson::dom::element& root, const char* key, const char*
   return true;
 }
 
+// TRL's extract_prompt on two strings: up to the first character where they differ, less a
+// space just before it (with no difference, all but the shorter's last character, as TRL's loop
+// leaves it).
+size_t implicit_prompt_bytes(const std::string& a, const std::string& b) {
+  const size_t n = std::min(a.size(), b.size());
+  size_t i = 0, last = 0;  // last: the start of the last character both share
+  while (i < n) {
+    const size_t len = std::max<size_t>(1, utf8_char_len(a, i));
+    if (i + len > n || a.compare(i, len, b, i, len) != 0) break;
+    last = i;
+    i += len;
+  }
+  if (i == n) i = last;
+  if (i > 0 && a[i - 1] == ' ') --i;
+  return i;
+}
+
 bool has_assistant(const std::vector<ChatMessage>& m) {
   return std::any_of(m.begin(), m.end(),
                      [](const ChatMessage& x) { return x.role == "assistant"; });
@@ -259,6 +307,14 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
     d->skip = "no_assistant";
     return;
   }
+  if (!chat && !has_prompt) {  // TRL's implicit prompt of string pairs (HH-RLHF's layout)
+    const size_t n = implicit_prompt_bytes(chosen[0].content, rejected[0].content);
+    if (n > 0) {
+      prompt.push_back({"user", chosen[0].content.substr(0, n)});
+      chosen[0].content.erase(0, n);
+      rejected[0].content.erase(0, n);
+    }
+  }
   d->messages = prompt;
   d->messages.insert(d->messages.end(), chosen.begin(), chosen.end());
   d->rejected = std::move(prompt);
@@ -279,6 +335,12 @@ void DocumentReader::set_text(Document* d) const {
     d->text = render_chat_template(d->messages, opt_.chat_format());
     if (!d->rejected.empty()) d->text += render_chat_template(d->rejected, opt_.chat_format());
   } else {
+    // Each side is a document: a BOM its text starts with is removed (and counted) there.
+    for (auto* m : {&d->messages, &d->rejected})
+      if (!m->empty() && m->front().content.starts_with("\xEF\xBB\xBF")) {
+        m->front().content.erase(0, 3);
+        d->bom_removed = true;
+      }
     d->text.clear();
     for (const auto* m : {&d->messages, &d->rejected})
       for (const ChatMessage& x : *m) d->text += x.content;

@@ -391,6 +391,20 @@ class Job {
   Clock::time_point start_;
 };
 
+// What to do when a source keeps no document, by its most frequent skip reason.
+std::string nothing_kept_hint(const json& skipped) {
+  std::string top;
+  uint64_t most = 0;
+  for (const auto& [reason, n] : skipped.items())
+    if (n.get<uint64_t>() > most) most = n.get<uint64_t>(), top = reason;
+  if (top == "too_large")
+    return "raise the source's max_document_bytes (default 64 MiB) or split the documents";
+  if (top == "nul_bytes" || top == "invalid_utf8")
+    return "the files hold binary or non-UTF-8 bytes; convert them to UTF-8 text";
+  if (top == "empty") return "the documents are empty";
+  return "check --field (the JSONL key holding the text) and --format against the files";
+}
+
 }  // namespace
 
 PrepareOptions load_prepare_config(const std::string& path) {
@@ -497,7 +511,13 @@ json run_prepare(const PrepareOptions& o) {
   for (const PrepareSource& s : o.sources) {  // fail before any work
     if (s.inputs.empty())
       fail("source {}: no inputs; list its files, directories or globs", s.name);
-    DocumentReader check(expand_inputs(s.inputs), s.doc);  // options and input kinds
+    std::vector<std::string> skipped;
+    DocumentReader check(expand_inputs(s.inputs, &skipped), s.doc);  // options and input kinds
+    for (const std::string& line : skipped)
+      fmt::print(stderr,
+                 "lmforge: warning: source {}: {} not read (not .txt, .jsonl, .json or .ndjson, "
+                 "plain, .gz or .zst)\n",
+                 s.name, line);
     if (s.doc.format == "chat" || ((s.doc.format == "preference" || s.doc.format == "unpaired") &&
                                    !s.doc.chat_template.empty())) {  // its specials
       try {
@@ -549,8 +569,8 @@ json run_prepare(const PrepareOptions& o) {
       fmt::print(
           stderr,
           "lmforge: warning: prepare {}: val_fraction {} drew none of its {} documents for "
-          "validation (each file is one document unless --text-mode splits it); use --val-docs N "
-          "or --text-mode blank_line\n",
+          "validation (a .txt file is one document unless --text-mode splits it, a JSONL line "
+          "one); use --val-docs N, or --text-mode blank_line for text files\n",
           s.name, o.val_fraction, st["documents"]["train"].get<uint64_t>());
     // Nothing kept (every record skipped: a wrong field or format): no shards to train on, and
     // none left behind.
@@ -558,10 +578,8 @@ json run_prepare(const PrepareOptions& o) {
         o.stop_after_shards == 0) {
       if (fresh) fs::remove_all(fs::path(o.output) / s.name, ec);
       if (output_fresh && fs::is_empty(o.output, ec)) fs::remove(o.output, ec);
-      fail(
-          "prepare {}: no documents kept from {} (skipped {}); check --field (the JSONL key "
-          "holding the text) and --format against the files",
-          s.name, fmt::join(s.inputs, ", "), st["skipped"].dump());
+      fail("prepare {}: no documents kept from {} (skipped {}); {}", s.name,
+           fmt::join(s.inputs, ", "), st["skipped"].dump(), nothing_kept_hint(st["skipped"]));
     }
   }
   double dt = std::chrono::duration<double>(Clock::now() - t0).count();

@@ -93,6 +93,7 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
   // Initial weights from elsewhere: they fix the architecture and the tokenizer.
   RunSetup r;
   std::unique_ptr<InitSource>& init = r.init;
+  bool init_stood_in = false;  // by the resumed checkpoint (the note says so)
   if (!cfg.init_from.empty()) {
     try {
       init = std::make_unique<InitSource>(open_init_source(cfg.init_from));
@@ -111,6 +112,7 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
                  : "");
       init = std::make_unique<InitSource>(open_init_source(ckpt));
       init->spec = cfg.init_from;  // (state.json's init_from stays the run's)
+      init_stood_in = true;
       fmt::print(
           "note: init_from {} cannot be read; resuming, its architecture and tokenizer come from "
           "{}\n",
@@ -368,11 +370,12 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
       make(full_shard && !(reference_is_base && t.precompute_ref_logps) ? &r.values : nullptr);
   if (init) {
     for (const std::string& n : init->notes) fmt::print("note: {}: {}\n", init->path, n);
-    fmt::print("init_from {}: {} {} weights\n", cfg.init_from,
-               r.values ? "each rank's shard of its"
-               : tp > 1 ? "each rank's share of its"
-                        : "loaded",
-               cfg.model.arch);
+    if (!init_stood_in)
+      fmt::print("init_from {}: {} {} weights\n", cfg.init_from,
+                 r.values ? "each rank's shard of its"
+                 : tp > 1 ? "each rank's share of its"
+                          : "loaded",
+                 cfg.model.arch);
   }
   if (reference) {
     if (reference_is_base)
