@@ -188,6 +188,22 @@ TEST(Sampling, FrequenciesFollowTheTemperedSoftmax) {
   }
 }
 
+// top_k keeps every id whose logit is not below the k-th (transformers' TopKLogitsWarper,
+// nanoGPT's `logits[logits < v[:, [-1]]] = -inf`): three ids tied at the top with top_k 2 are
+// each drawn a third of the time.
+TEST(Sampling, TopKKeepsTheIdsTiedWithTheKth) {
+  const float logits[5] = {3.0f, 1.0f, 3.0f, 2.0f, 3.0f};
+  SamplingOptions o;
+  o.temperature = 1.0;
+  o.top_k = 2;
+  Rng rng(5);
+  const int n = 30000;
+  std::vector<int> count(5, 0);
+  for (int i = 0; i < n; ++i) ++count[sample_token(logits, 5, o, rng)];
+  EXPECT_EQ(count[1] + count[3], 0);
+  for (int v : {0, 2, 4}) EXPECT_NEAR(count[v], n / 3.0, 5 * std::sqrt(n * (1 / 3.0) * (2 / 3.0)));
+}
+
 namespace {
 // V logits drawn from N(0, spread^2), every `every`-th a copy of the one at i / div (ties), and
 // the ids in the definition's order: descending logit, ties by id.
@@ -221,7 +237,8 @@ TEST(Sampling, TopKAndNucleusSampleTheSetsTheyDefine) {
       o.top_k = top_k;
       o.top_p = top_p;
       // The set by the definition, and each member's probability within it.
-      const int64_t k = top_k > 0 ? top_k : V;
+      int64_t k = top_k > 0 ? top_k : V;
+      while (k < V && logits[order[k]] == logits[order[k - 1]]) ++k;  // ties with the k-th stay
       std::vector<double> w(k);
       double z = 0;
       for (int64_t i = 0; i < k; ++i) z += w[i] = std::exp(logits[order[i]] / o.temperature);
@@ -279,7 +296,8 @@ TEST(Sampling, SetsAreTheDefinitionsExactly) {
             o.temperature = 0.7;
             o.top_k = top_k;
             o.top_p = top_p;
-            const int64_t k = top_k > 0 && top_k < V ? top_k : V;
+            int64_t k = top_k > 0 && top_k < V ? top_k : V;
+            while (k < V && logits[order[k]] == logits[order[k - 1]]) ++k;  // ties stay
             std::vector<double> w(k);
             double z = 0;
             for (int64_t i = 0; i < k; ++i)

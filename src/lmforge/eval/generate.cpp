@@ -54,7 +54,7 @@ Candidates candidates(const float* logits, int64_t V, const SamplingOptions& o, 
   auto weight = [&](int64_t i) {
     return std::exp((static_cast<double>(logits[i]) - max_logit) / o.temperature);
   };
-  const int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
+  int64_t k = (o.top_k > 0 && o.top_k < V) ? o.top_k : V;
   Candidates c;
   if (k == V && o.top_p >= 1) {  // the whole softmax: no order needed
     c.w.resize(V);
@@ -77,6 +77,13 @@ Candidates candidates(const float* logits, int64_t V, const SamplingOptions& o, 
   };
   if (k < V) {  // the top k in order, then the nucleus within them (its mass theirs)
     std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
+    // Ids tied with the k-th logit stay, as transformers' TopKLogitsWarper and nanoGPT keep
+    // every logit not below it (in id order, as `before` puts ties).
+    const float kth = logits[idx[k - 1]];
+    const auto tied =
+        std::partition(idx.begin() + k, idx.end(), [&](int32_t i) { return logits[i] == kth; });
+    std::sort(idx.begin() + k, tied);
+    k = tied - idx.begin();
     std::vector<double> w(k);
     for (int64_t i = 0; i < k; ++i) w[i] = weight(idx[i]);
     if (o.top_p >= 1) return keep(k, std::move(w));
