@@ -14,6 +14,7 @@
 #include "lmforge/models/presets.h"
 #include "lmforge/models/rope_table.h"
 #include "lmforge/nn/transformer.h"
+#include "testing/errors.h"
 #include "testing/paths.h"
 #include "testing/process.h"
 
@@ -233,6 +234,27 @@ TEST(HfConfig, FieldsThatChangeTheNetwork) {
   HfConfig q2 = hf_config_from_json(json::parse(kModels[5].config), "qwen2");
   EXPECT_TRUE(q2.model.qkv_bias && !q2.model.bias);
   EXPECT_EQ(q2.model.sliding_window, 0) << "use_sliding_window is false";
+  // transformers windows only layers i >= max_window_layers: here none (24 of 24), so the model is
+  // the full-attention one; with max_window_layers 21 the last three: refused.
+  json q2w = json::parse(kModels[5].config);
+  q2w["use_sliding_window"] = true;
+  HfConfig q2_all_full = hf_config_from_json(q2w, "qwen2");
+  EXPECT_EQ(q2_all_full.model.sliding_window, 0);
+  ASSERT_EQ(q2_all_full.notes.size(), 1u);
+  EXPECT_NE(q2_all_full.notes[0].find("no layer windows"), std::string::npos);
+  q2w["max_window_layers"] = 21;
+  const std::string e = testing::error_of([&] { hf_config_from_json(q2w, "qwen2"); });
+  EXPECT_NE(e.find("\"use_sliding_window\": true is not supported (a sliding window on layers 21 "
+                   "to 23 only"),
+            std::string::npos)
+      << e;
+  // pretraining_tp slices the matmuls (the same function, other rounding): noted, as transformers
+  // 5 ignores it.
+  json tp2 = json::parse(kModels[2].config);
+  tp2["pretraining_tp"] = 2;
+  HfConfig l_tp2 = hf_config_from_json(tp2, "llama");
+  ASSERT_EQ(l_tp2.notes.size(), 1u);
+  EXPECT_NE(l_tp2.notes[0].find("pretraining_tp 2 ignored"), std::string::npos);
   HfConfig mistral = hf_config_from_json(json::parse(kModels[4].config), "mistral");
   EXPECT_EQ(mistral.model.sliding_window, 4096);
   // Without rms_norm_eps each family takes transformers' default: 1e-5 for Phi-3, 1e-6 for Llama.
@@ -318,14 +340,12 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {2, "rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}, "yarn"},
       {2, "rope_scaling", {{"rope_type", "dynamic"}, {"factor", 2.0}}, "dynamic"},
       {2, "hidden_act", "gelu", "hidden_act"},
-      {2, "pretraining_tp", 2, "pretraining_tp"},
       {2, "attention_bias", true, "attention_bias"},
       {2, "quantization_config", {{"quant_method", "gptq"}}, "quantization_config"},
       {2, "some_new_field", 1, "some_new_field"},
       {2, "model_type", "falcon", "falcon"},
       {0, "activation_function", "relu", "activation_function"},
       {0, "scale_attn_by_inverse_layer_idx", true, "scale_attn_by_inverse_layer_idx"},
-      {5, "use_sliding_window", true, "use_sliding_window"},
       {8, "rope_interleaved", true, "rope_interleaved"},
       {7, "rope_scaling", {{"type", "longrope"}, {"long_factor", {1.0}}}, "long"},
       {7,

@@ -250,7 +250,11 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   if (act != "silu" && act != "swish")
     r.unsupported("hidden_act", "lmforge's gated MLP is SwiGLU (silu)");
   read_rope(r, j, m);
-  r.require("pretraining_tp", 1, "tensor-parallel slicing of the matmuls changes the numerics");
+  if (r.has("pretraining_tp") && r.integer("pretraining_tp") != 1)  // (the same function)
+    r.note(fmt::format(
+        "pretraining_tp {} ignored: slicing the matmuls changes their rounding only (transformers "
+        "5 ignores it too)",
+        r.at("pretraining_tp").get<int64_t>()));
   r.require("rope_interleaved", false, "lmforge uses the rotate-half RoPE layout");
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
   bool attn_bias = r.boolean("attention_bias", false), mlp_bias = r.boolean("mlp_bias", false);
@@ -271,10 +275,18 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
     else if (type == "mistral" && !j.contains("sliding_window"))
       m.sliding_window = 4096;  // MistralConfig's default (null: none)
   } else if (type == "qwen2" || type == "qwen3") {
-    r.has("max_window_layers");  // only used with use_sliding_window
-    if (r.boolean("use_sliding_window", false))
-      r.unsupported("use_sliding_window", "sliding window on some layers only");
-    if (r.has("sliding_window") && r.has("use_sliding_window"))
+    // transformers windows layers i >= max_window_layers (default 28) under use_sliding_window
+    const int64_t full_layers = r.has("max_window_layers") ? r.integer("max_window_layers") : 28;
+    if (r.boolean("use_sliding_window", false)) {
+      if (full_layers < m.n_layer)
+        r.unsupported("use_sliding_window",
+                      fmt::format("a sliding window on layers {} to {} only (max_window_layers)",
+                                  full_layers, m.n_layer - 1));
+      r.note(fmt::format("use_sliding_window: no layer windows (max_window_layers {} >= {} layers)",
+                         full_layers, m.n_layer));
+    }
+    if (r.has("sliding_window") && r.has("use_sliding_window") &&
+        !r.boolean("use_sliding_window", false))
       r.note("sliding_window ignored: use_sliding_window is false");
     if (r.has("layer_types"))
       for (auto& t : r.at("layer_types"))
