@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -164,15 +165,19 @@ TextShards shards_from_text(const std::string& spec, double val_fraction, const 
     // One text, as `tokenizer encode FILE` and prepare encode it: chunks cut at newlines are no
     // pre-tokenizer boundary (a newline run splits in two, a prefix space or SentencePiece's ▁
     // would start each chunk).
+    // (streamed from the ids: no second copy of a large text's tokens)
     const std::vector<int32_t> ids = tok.encode(part);
-    std::vector<uint32_t> u;
-    u.reserve(ids.size() + 2);
-    if (tok.bos_id() >= 0) u.push_back(tok.bos_id());
-    u.insert(u.end(), ids.begin(), ids.end());
-    if (tok.eos_id() >= 0) u.push_back(tok.eos_id());
-    write_shard(file, u, {0},
-                {tok.fingerprint(), tok.kind(), static_cast<uint64_t>(tok.vocab_size()),
-                 tok.bos_id(), tok.eos_id()});
+    const bool small = std::all_of(ids.begin(), ids.end(), [](int32_t t) { return t < 65536; }) &&
+                       tok.bos_id() < 65536 && tok.eos_id() < 65536;
+    ShardWriter w(file,
+                  {tok.fingerprint(), tok.kind(), static_cast<uint64_t>(tok.vocab_size()),
+                   tok.bos_id(), tok.eos_id()},
+                  small ? 2 : 4);
+    w.begin_document();
+    if (tok.bos_id() >= 0) w.append(tok.bos_id());
+    w.append(ids.data(), ids.size());
+    if (tok.eos_id() >= 0) w.append(tok.eos_id());
+    w.commit();
   };
   to_shard(std::string_view(text).substr(cut), out.val);
   to_shard(std::string_view(text).substr(0, cut), out.train);  // written last: marks completion
