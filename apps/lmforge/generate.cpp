@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "commands.h"
+#include "lmforge/core/utf8.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/train/checkpoint.h"
@@ -169,6 +170,13 @@ void add_generate(CLI::App& app) {
     const Tokenizer* tok = l.tok.get();
     // Each text's ids, checked before anything is printed.
     check_sampling(o->s, /*config_keys=*/false);
+    // Each sample is a sequence held to its end: a count no memory holds is refused up front.
+    constexpr int64_t kMaxSequences = 10'000'000;
+    if (o->samples > kMaxSequences / static_cast<int64_t>(texts.size()))
+      fail(
+          "--num-samples {}: more than {} sequences in one call ({} prompt{} x {}); split the "
+          "work over calls with other --seed values",
+          o->samples, kMaxSequences, texts.size(), texts.size() == 1 ? "" : "s", o->samples);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < texts.size(); ++i) {
       std::vector<int32_t> ids;
@@ -194,7 +202,7 @@ void add_generate(CLI::App& app) {
     const int64_t context = model.config().max_seq_len;
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
-    if (static_cast<int64_t>(longest) + o->s.max_tokens > context)
+    if (o->s.max_tokens > context - static_cast<int64_t>(longest))  // (no overflow)
       fmt::print(stderr,
                  "lmforge generate: note: at most {} new tokens (the model's context is {}, the "
                  "{}prompt {}), not --max-tokens {}\n",
@@ -209,14 +217,15 @@ void add_generate(CLI::App& app) {
     if (o->prompts.empty() && o->samples == 1) {  // one sample, streamed
       if (!chat) fmt::print("{}", o->prompt);
       std::fflush(stdout);
+      Utf8Stream text;  // (a reply ending inside a character prints U+FFFD, not half of it)
       generate(
           model, prompts[0], o->s,
           [&](int32_t id) {
-            fmt::print("{}", text_of(id));
+            fmt::print("{}", text.push(text_of(id)));
             std::fflush(stdout);
           },
           &stats);
-      fmt::print("\n");
+      fmt::print("{}\n", text.finish());
     } else {  // --num-samples of each prompt, decoded --batch at a time, printed in order
       std::vector<std::vector<int32_t>> runs;
       std::vector<uint64_t> seeds;
@@ -233,7 +242,9 @@ void add_generate(CLI::App& app) {
         std::string completion;
         for (int32_t id : ids) completion += text_of(id);
         if (o->prompts.empty()) {
-          fmt::print("{}{}\n---------------\n", chat ? "" : texts[i], completion);
+          Utf8Stream text;
+          fmt::print("{}{}{}\n---------------\n", chat ? "" : texts[i], text.push(completion),
+                     text.finish());
         } else {
           const bool stop = !ids.empty() && o->s.stops_at(ids.back());
           if (stop && !chat)
@@ -355,16 +366,17 @@ void add_chat(CLI::App& app) {
       SamplingOptions s = o->s;
       s.seed = o->s.seed + static_cast<uint64_t>(n);  // each reply its own draw
       std::vector<int32_t> reply;
+      Utf8Stream text;
       generate(
           model, prompt, s,
           [&](int32_t id) {
             if (s.stops_at(id)) return;  // the reply ends
             reply.push_back(id);
-            fmt::print("{}", tok.token_bytes(id));
+            fmt::print("{}", text.push(tok.token_bytes(id)));
             std::fflush(stdout);
           },
           nullptr, &session);
-      fmt::print("\n");
+      fmt::print("{}\n", text.finish());
       std::fflush(stdout);
       turns.push_back({"assistant", tok.decode(reply)});
     }

@@ -210,6 +210,9 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"missing.jsonl", "cannot open"});
   expect_one_line_error(run_lmforge("generate --checkpoint run --prompt hi --num-samples 0", dir),
                         {"--num-samples", "at least 1", "got 0"});
+  expect_one_line_error(  // (each a sequence held to its end: it ran out of memory)
+      run_lmforge("generate --checkpoint run --prompt hi --num-samples 3000000000", dir),
+      {"--num-samples 3000000000", "more than 10000000 sequences"});
   // A diverged model (its logits NaN): greedy decoding and HellaSwag refuse it (NaN compares
   // false: they would print id 0 and always pick the first ending).
   {

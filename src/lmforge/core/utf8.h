@@ -5,8 +5,10 @@
 //   find_invalid_utf8(text) == text.size()  // valid throughout
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 namespace lmforge {
@@ -45,5 +47,52 @@ inline size_t find_invalid_utf8(std::string_view s) {
   }
   return s.size();
 }
+
+// Text streamed a piece at a time (a token's bytes), printed as valid UTF-8: a character cut at
+// the end of a piece waits for the next; bytes that begin no character, and a character the
+// stream ends inside (finish), print as U+FFFD, one per maximal invalid part, as transformers'
+// TextStreamer shows them (its decode with errors="replace").
+//
+//   Utf8Stream u;  print(u.push(token_bytes));  ...  print(u.finish());
+class Utf8Stream {
+ public:
+  std::string push(std::string_view bytes) {
+    pending_.append(bytes);
+    std::string out;
+    size_t i = 0;
+    while (i < pending_.size()) {
+      if (const size_t n = utf8_char_len(pending_, i)) {
+        out.append(pending_, i, n);
+        i += n;
+        continue;
+      }
+      const size_t part = valid_prefix(std::string_view(pending_).substr(i));
+      if (part > 0 && i + part == pending_.size()) break;  // the rest may still come
+      out += kReplacement;
+      i += part > 0 ? part : 1;
+    }
+    pending_.erase(0, i);
+    return out;
+  }
+  std::string finish() {
+    std::string out = pending_.empty() ? "" : kReplacement;
+    pending_.clear();
+    return out;
+  }
+
+ private:
+  static constexpr const char* kReplacement = "\xEF\xBF\xBD";
+  // The bytes of s (fewer than a whole character) that begin some valid character: all of them
+  // when completing them with continuation bytes can make one, else 0.
+  static size_t valid_prefix(std::string_view s) {
+    for (size_t n = std::min<size_t>(s.size(), 3); n > 0; --n)
+      for (const char* fill : {"\x80\x80\x80", "\xBF\xBF\xBF"}) {
+        const std::string t = std::string(s.substr(0, n)) + fill;
+        if (utf8_char_len(t, 0) > n) return n;
+      }
+    return 0;
+  }
+  std::string pending_;
+};
 
 }  // namespace lmforge

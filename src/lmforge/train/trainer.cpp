@@ -23,6 +23,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/core/interrupt.h"
 #include "lmforge/core/profile.h"
+#include "lmforge/core/utf8.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/dist/tensor_parallel.h"
@@ -778,11 +779,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   if (lead && !cfg.sample.prompt.empty()) {
     SamplingOptions so = sampling_options(cfg, tokenizer.get());
     fmt::print("--- sample ---\n{}", cfg.sample.prompt);
+    Utf8Stream text;
     generate(sampler, tokenizer->encode(cfg.sample.prompt, false, true), so, [&](int32_t id) {
-      fmt::print("{}", tokenizer->token_bytes(id));
+      fmt::print("{}", text.push(tokenizer->token_bytes(id)));
       std::fflush(stdout);
     });
-    fmt::print("\n--------------\n");
+    fmt::print("{}\n--------------\n", text.finish());
   }
   return res;
 }
