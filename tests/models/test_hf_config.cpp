@@ -372,6 +372,8 @@ TEST(HfConfig, UnsupportedFieldsAreNamed) {
       {13, "rope_local_base_freq", 1e4, "rope_local_base_freq"},
       {11, "layer_types", json(std::vector<std::string>(17, "sliding_attention")), "layer_types"},
       {11, "use_bidirectional_attention", true, "use_bidirectional_attention"},
+      {11, "sliding_window", nullptr, "sliding_window"},  // (windowed layers: HF fails)
+      {13, "sliding_window", nullptr, "sliding_window"},
       {11, "hidden_activation", "gelu", "hidden_activation"},
       {10, "hidden_act", "silu", "hidden_act"},
       {2, "model_type", "gemma4", "gemma4"},

@@ -386,6 +386,9 @@ void read_gemma(ConfigReader& r, const json& j, const std::string& type, ModelCo
   const int64_t first_full = std::find(full.begin(), full.end(), true) - full.begin();
   const bool windows = std::find(full.begin(), full.end(), false) != full.end();
   if (windows) {
+    if (j.contains("sliding_window") && j["sliding_window"].is_null())
+      r.unsupported("sliding_window",
+                    "layers with sliding_attention need a window (transformers fails on it too)");
     m.sliding_window = r.has("sliding_window") ? r.integer("sliding_window") : 4096;
     m.full_attention_every = first_full < m.n_layer ? first_full + 1 : 0;
     for (int64_t i = 0; i < m.n_layer; ++i)

@@ -128,9 +128,14 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
         const json& pat = p.at("pattern");
         if (!pat.contains("Regex"))
           fail("{}: Split pre-tokenizer with a String pattern is not supported", path);
-        if (p.value("behavior", "Isolated") != "Isolated" || p.value("invert", false))
+        if (p.value("behavior", "Isolated") != "Isolated")
           fail("{}: Split pre-tokenizer behavior {} is not supported (Isolated only)", path,
                p.value("behavior", ""));
+        if (p.value("invert", false))
+          fail(
+              "{}: Split pre-tokenizer with invert: true is not supported (the matches are the "
+              "pieces)",
+              path);
         if (!pattern.empty())
           fail("{}: a second regex pre-tokenizer is not supported (one Split or ByteLevel)", path);
         pattern = pat["Regex"].get<std::string>();
