@@ -75,9 +75,11 @@ class Job {
         fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
                     o_.val_fraction, o_.val_docs, o_.seed, src_.doc.json_field(),
                     src_.doc.text_mode, src_.doc.max_document_bytes);
-    if (chat()) key_src += "chat:" + src_.doc.chat_format() + "|";
-    if (preference()) key_src += "preference:" + src_.doc.chat_template + "|";
-    if (unpaired()) key_src += "unpaired:" + src_.doc.chat_template + "|";
+    // (v2: the chat templates' encoding across special tokens, the implicit prompt of string
+    // pairs: an output begun by an older lmforge is not continued with other documents)
+    if (chat()) key_src += "chat-v2:" + src_.doc.chat_format() + "|";
+    if (preference()) key_src += "preference-v2:" + src_.doc.chat_template + "|";
+    if (unpaired()) key_src += "unpaired-v2:" + src_.doc.chat_template + "|";
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
@@ -89,8 +91,8 @@ class Job {
     Progress p = load_progress();
     if (!p.key.empty() && p.key != key)
       fail(
-          "{}: holds shards of a different prepare (other inputs, tokenizer or options); choose "
-          "another output or delete it",
+          "{}: holds shards of a different prepare (other inputs, tokenizer or options, or an "
+          "older lmforge's); choose another output or delete it",
           dir_);
     if (p.complete) {
       report("already complete");
