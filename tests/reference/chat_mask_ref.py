@@ -14,7 +14,10 @@ end-of-turn token).
   unk:    Metaspace "always", an <unk> and no byte fallback: characters outside the vocabulary
           become <unk>, whose bytes are not the text it stands for;
   strip:  byte-level BPE whose chat specials have lstrip and rstrip: they take the white space
-          beside them.
+          beside them;
+  bytes:  byte-level BPE with GPT-2's regex and plain specials: "\n\n" alone is one token, before
+          a word two (the regex's lookahead), so the header encoded alone is not a prefix of the
+          header and content encoded together.
 """
 import argparse
 import json
@@ -36,19 +39,23 @@ LLAMA3 = (
     "{% if message['role'] == 'assistant' %}{% generation %}"
     "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}")
-CORPUS = ("the user asks and the assistant answers. hello world, the dog sleeps.\n"
+CORPUS = ("the user asks and the assistant answers. hello world, the dog sleeps.\n\n\n"
           "system: you are a helpful assistant. what is two plus two? it is four.\n") * 50
 
 
 def build(name, corpus):
-    if name == "strip":
+    if name in ("strip", "bytes"):
         t = Tokenizer(models.BPE())
         t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         t.decoder = decoders.ByteLevel()
-        t.train([corpus], trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        t.add_special_tokens([AddedToken(s, lstrip=True, rstrip=True, normalized=False,
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        if name == "bytes":  # the text whole (a file is read a line at a time): "\n\n" merges
+            t.train_from_iterator([open(corpus, encoding="utf-8").read()], trainer)
+        else:
+            t.train([corpus], trainer)
+        strip = name == "strip"
+        t.add_special_tokens([AddedToken(s, lstrip=strip, rstrip=strip, normalized=False,
                                          special=True) for s in CHAT_SPECIALS])
     else:
         scheme = "first" if name == "first" else "always"
@@ -71,7 +78,7 @@ corpus = os.path.join(a.out, "corpus.txt")
 with open(corpus, "w", encoding="utf-8") as f:
     f.write(CORPUS)
 out = {}
-for name in ("first", "unk", "strip"):
+for name in ("first", "unk", "strip", "bytes"):
     os.makedirs(os.path.join(a.out, name), exist_ok=True)
     path = os.path.join(a.out, name, "tokenizer.json")
     build(name, corpus).save(path)

@@ -136,7 +136,8 @@ TEST(ChatTemplate, RenderedLikeTransformers) {
 // The ids and assistant masks transformers' apply_chat_template gives, for tokenizers whose
 // context crosses the special tokens: a Metaspace "first" prefix only at the very start (not
 // after each special), <unk> tokens whose bytes are not their text (the header/content boundary),
-// specials with lstrip/rstrip taking the white space beside them.
+// specials with lstrip/rstrip taking the white space beside them, a header ("\n\n") whose tokens
+// change with the content after it.
 TEST(ChatTemplate, MasksLikeTransformers) {
   if (testing::python().empty()) GTEST_SKIP() << "configured without LMFORGE_PYTHON";
   const std::vector<std::vector<ChatMessage>> conversations = {
@@ -161,7 +162,7 @@ TEST(ChatTemplate, MasksLikeTransformers) {
                           "/in.json' --out '" + dir + "'";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   const nlohmann::json ref = nlohmann::json::parse(testing::slurp(dir + "/out.json"));
-  for (const std::string name : {"first", "unk", "strip"}) {
+  for (const std::string name : {"first", "unk", "strip", "bytes"}) {
     auto tok = load_tokenizer(dir + "/" + name + "/tokenizer.json");
     for (const std::string format : {"chatml", "llama3"}) {
       for (size_t c = 0; c < conversations.size(); ++c) {

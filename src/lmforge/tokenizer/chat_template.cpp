@@ -27,10 +27,10 @@ struct Builder {
            tok.source(), name);
     parts.push_back({name, true, assistant});
   }
-  // Header + content as one text; tokens from the first that the header alone does not begin
-  // with are content (a token straddling the boundary is content). Found by encoding the header
-  // in the same context rather than by counting token bytes: an unk token's bytes are not the
-  // text it stands for.
+  // Header + content as one text; tokens ending past the header are content (a token straddling
+  // the boundary is content). Counted in token bytes where they are the text's; else (an <unk>,
+  // whose bytes are not the text it stands for; white space a special strips) the tokens from
+  // the first that the header encoded alone in the same context does not begin with.
   void text(const std::string& header, const std::string& content, bool assistant) {
     parts.push_back({header + content, false, assistant, header.size()});
   }
@@ -46,7 +46,16 @@ struct Builder {
       const Part& p = parts[k];
       if (!p.assistant || (!p.special && p.text.size() == p.header)) continue;
       size_t from = begin;  // the first content token
-      if (!p.special) {
+      std::string bytes;    // the segment's tokens' bytes
+      for (size_t i = begin; i < ends[k]; ++i) bytes += tok.token_bytes(out.ids[i]);
+      if (!p.special && (bytes == p.text || bytes == " " + p.text)) {
+        // Every byte its text's (but a prefix space): tokens ending past the header are content.
+        const size_t header_end = bytes.size() - p.text.size() + p.header;
+        for (size_t end = 0; from < ends[k]; ++from)
+          if ((end += tok.token_bytes(out.ids[from]).size()) > header_end) break;
+      } else if (!p.special) {
+        // An <unk> (its bytes are not its text), a special's strip: the tokens the header alone
+        // begins with, in the same context, are the header.
         std::vector<Tokenizer::Segment> alone;
         if (k > 0) alone.push_back(segs[k - 1]);
         alone.push_back({std::string_view(p.text).substr(0, p.header), false});
