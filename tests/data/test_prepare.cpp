@@ -223,21 +223,32 @@ TEST(Prepare, InputsNamingAFileTwiceReadItOnce) {
 TEST(Prepare, InputKindsByExtensionInAnyCase) {
   const std::string dir = testing::temp_dir("prepare-kinds");
   std::filesystem::create_directories(dir + "/in");
-  for (const char* name : {"a.jsonl", "b.json", "c.JSONL", "d.ndjson", "e.Txt", "f.csv"})
+  for (const char* name : {"a.jsonl", "b.ndjson", "c.JSONL", "d.json", "e.Txt", "f.csv"})
     std::ofstream(dir + "/in/" + name) << "{\"text\": \"x\"}\n{\"text\": \"y\"}\n";
   std::vector<std::string> skipped;
   const std::vector<std::string> files = expand_inputs({dir + "/in"}, &skipped);
-  EXPECT_EQ(files.size(), 5u);
+  EXPECT_EQ(files.size(), 4u);
   ASSERT_EQ(skipped.size(), 1u);
-  EXPECT_NE(skipped[0].find("1 other file (e.g. " + dir + "/in/f.csv)"), std::string::npos)
+  EXPECT_NE(skipped[0].find("2 other files (e.g. " + dir + "/in/d.json)"), std::string::npos)
       << skipped[0];
-  // Each JSONL file gives its 2 lines as documents; the .txt file is one document.
+  // Each JSONL file gives its 2 lines as documents; the .txt file is one document; a .json file
+  // named is JSONL.
   const nlohmann::json docs =
       run_prepare(options(dir + "/in", dir + "/out"))["sources"]["src"]["documents"];
-  EXPECT_EQ(docs["train"].get<int>() + docs["val"].get<int>(), 4 * 2 + 1);
+  EXPECT_EQ(docs["train"].get<int>() + docs["val"].get<int>(), 3 * 2 + 1);
+  EXPECT_EQ(expand_inputs({dir + "/in/d.json"}).size(), 1u);
   std::ofstream(dir + "/x.jsonl.bz2") << "BZh91AY&SY";
   const std::string e = testing::error_of([&] { expand_inputs({dir + "/x.jsonl.bz2"}); });
   EXPECT_NE(e.find("x.jsonl.bz2: .bz2 files are not read; decompress it"), std::string::npos) << e;
+  // In a directory too, where the file is an input once decompressed (other archives are left).
+  std::filesystem::create_directories(dir + "/in2");
+  std::ofstream(dir + "/in2/photos.zip") << "PK";
+  std::ofstream(dir + "/in2/ok.txt") << "x";
+  EXPECT_EQ(expand_inputs({dir + "/in2", dir + "/in"}).size(), 1u + 4u);
+  std::ofstream(dir + "/in2/c.jsonl.XZ") << "\xFD"
+                                            "7zXZ";
+  const std::string e2 = testing::error_of([&] { expand_inputs({dir + "/in2"}); });
+  EXPECT_NE(e2.find("c.jsonl.XZ: .xz files are not read"), std::string::npos) << e2;
 }
 
 // Two prepares into one output under other names: summary.json lists both sources (the first's

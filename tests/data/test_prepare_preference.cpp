@@ -181,12 +181,16 @@ TEST(PreparePreference, PlainPairsWithoutAPromptTakeTheImplicitOne) {
       << "\n";
     f << R"({"chosen": "\u00e9a", "rejected": "\u00e8b"})"  // differing in a character's last byte
       << "\n";
+    f << R"({"chosen": "ab c", "rejected": "ab cd"})"  // no difference: no space taken off
+      << "\n";
+    f << R"({"chosen": "\ufeffSame a", "rejected": "Same b"})"  // a BOM is not text
+      << "\n";
   }
   const json summary = run_prepare(options(dir + "/p.jsonl", dir + "/out", "gpt2"));
-  EXPECT_EQ(summary["sources"]["pairs"]["repaired"], json({{"bom", 1}}));
+  EXPECT_EQ(summary["sources"]["pairs"]["repaired"], json({{"bom", 2}}));
   auto tok = load_tokenizer(tokenizer_file("gpt2"));
   TokenShard s = TokenShard::open(dir + "/out/pairs/train-00000.bin");
-  ASSERT_EQ(s.num_docs(), 8);
+  ASSERT_EQ(s.num_docs(), 12);
   const std::string hh = "\n\nHuman: Capital of France?\n\nAssistant:";
   expect_plain_documents(s, *tok,
                          {{hh, " Paris."},
@@ -196,7 +200,11 @@ TEST(PreparePreference, PlainPairsWithoutAPromptTakeTheImplicitOne) {
                           {"Yes", "."},
                           {"Yes", ". Sure."},
                           {"", "\u00e9a"},
-                          {"", "\u00e8b"}});
+                          {"", "\u00e8b"},
+                          {"ab ", "c"},
+                          {"ab ", "cd"},
+                          {"Same", " a"},
+                          {"Same", " b"}});
 }
 
 TEST(PreparePreference, ChatPairsUseTheTemplateForPromptAndResponses) {

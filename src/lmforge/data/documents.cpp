@@ -37,16 +37,20 @@ bool is_jsonl(const std::string& path) {
   return e == ".jsonl" || e == ".json" || e == ".ndjson";
 }
 
-// What a directory's listing takes: text and JSONL files, plain or .gz/.zst.
+// What a directory's listing takes: text and JSONL files, plain or .gz/.zst (not .json: a
+// directory's .json files are as often a JSON array or some tool's metadata; name one to read it
+// as JSONL).
 bool is_input_file(const fs::path& p) {
-  return is_jsonl(p.string()) || base_extension(p.string()) == ".txt";
+  const std::string e = base_extension(p.string());
+  return e == ".jsonl" || e == ".ndjson" || e == ".txt";
 }
 
 // A compression prepare does not read: an error naming the file, not its bytes read as text.
-void check_compression(const std::string& path) {
+// In a directory, only a file that is an input once decompressed (a.jsonl.xz; not photo.zip).
+void check_compression(const std::string& path, bool listed) {
   const std::string e = base_extension(path);
   for (const char* c : {".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".tar", ".tgz", ".br"})
-    if (e == c)
+    if (e == c && (!listed || is_input_file(path.substr(0, path.size() - e.size()))))
       fail(
           "{}: {} files are not read; decompress it, or recompress it with gzip or zstd "
           "(.gz and .zst are read as they are)",
@@ -65,7 +69,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
     if (fs::is_directory(spec, ec)) {
       std::vector<std::string> others;
       for (auto& e : fs::recursive_directory_iterator(spec))
-        if (e.is_regular_file()) (is_input_file(e.path()) ? found : others).push_back(e.path());
+        if (e.is_regular_file()) {
+          check_compression(e.path(), /*listed=*/true);
+          (is_input_file(e.path()) ? found : others).push_back(e.path());
+        }
       if (skipped && !others.empty()) {
         std::sort(others.begin(), others.end());
         skipped->push_back(fmt::format("{}: {} other file{} (e.g. {})", spec, others.size(),
@@ -84,7 +91,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
     if (found.empty())
       fail("{}: matches no input files (.txt, .jsonl, .json, .ndjson; plain, .gz or .zst)", spec);
     std::sort(found.begin(), found.end());
-    for (const std::string& f : found) check_compression(f);
+    for (const std::string& f : found) check_compression(f, /*listed=*/false);
     // Each file once, where several inputs name it (a directory and a glob in it, a path
     // spelled two ways): at its first place.
     for (const std::string& f : found) {
@@ -265,8 +272,8 @@ bool read_turns(const simdjson::dom::element& root, const char* key, const char*
 }
 
 // TRL's extract_prompt on two strings: up to the first character where they differ, less a
-// space just before it (with no difference, all but the shorter's last character, as TRL's loop
-// leaves it).
+// space just before it; with no difference, all but the shorter's last character (where TRL's
+// loop ends), no space taken off.
 size_t implicit_prompt_bytes(const std::string& a, const std::string& b) {
   const size_t n = std::min(a.size(), b.size());
   size_t i = 0, last = 0;  // last: the start of the last character both share
@@ -276,7 +283,7 @@ size_t implicit_prompt_bytes(const std::string& a, const std::string& b) {
     last = i;
     i += len;
   }
-  if (i == n) i = last;
+  if (i == n) return last;
   if (i > 0 && a[i - 1] == ' ') --i;
   return i;
 }
@@ -308,6 +315,11 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
     return;
   }
   if (!chat && !has_prompt) {  // TRL's implicit prompt of string pairs (HH-RLHF's layout)
+    for (auto* side : {&chosen, &rejected})  // (a BOM starting a side is not text: set_text)
+      if (side->front().content.starts_with("\xEF\xBB\xBF")) {
+        side->front().content.erase(0, 3);
+        d->bom_removed = true;
+      }
     const size_t n = implicit_prompt_bytes(chosen[0].content, rejected[0].content);
     if (n > 0) {
       prompt.push_back({"user", chosen[0].content.substr(0, n)});

@@ -103,11 +103,11 @@ class DocumentReader {
   uint64_t done_bytes_ = 0;
 };
 
-// Expands paths, directories (recursively: *.txt, *.jsonl, *.json, *.ndjson in any case and
-// their .gz/.zst) and globs into a file list (each spec's sorted, in the specs' order; a file
-// named by several specs once, at its first place); throws Error naming the path that matches
-// nothing, or a file compressed other than with gzip or zstd. `skipped` (if given) gets a line
-// per directory that held other files.
+// Expands paths, directories (recursively: *.txt, *.jsonl, *.ndjson in any case and their
+// .gz/.zst; a .json file is read as JSONL only when named) and globs into a file list (each spec's
+// sorted, in the specs' order; a file named by several specs once, at its first place); throws
+// Error naming the path that matches nothing, or a file compressed other than with gzip or zstd.
+// `skipped` (if given) gets a line per directory that held other files.
 std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
                                        std::vector<std::string>* skipped = nullptr);
 

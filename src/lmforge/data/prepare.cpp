@@ -75,24 +75,36 @@ class Job {
         fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|", tok_.fingerprint(), o_.shard_tokens,
                     o_.val_fraction, o_.val_docs, o_.seed, src_.doc.json_field(),
                     src_.doc.text_mode, src_.doc.max_document_bytes);
-    // (v2: the chat templates' encoding across special tokens, the implicit prompt of string
-    // pairs: an output begun by an older lmforge is not continued with other documents)
-    if (chat()) key_src += "chat-v2:" + src_.doc.chat_format() + "|";
-    if (preference()) key_src += "preference-v2:" + src_.doc.chat_template + "|";
-    if (unpaired()) key_src += "unpaired-v2:" + src_.doc.chat_template + "|";
+    // v2: chat templates encode across special tokens, string pairs take an implicit prompt.
+    // The key before (v1) is kept to tell an older lmforge's output: complete, it stands (as it
+    // did); begun, it is not continued with other documents.
+    std::string v1 = key_src, kind;
+    if (chat()) kind = "chat:" + src_.doc.chat_format() + "|";
+    if (preference()) kind = "preference:" + src_.doc.chat_template + "|";
+    if (unpaired()) kind = "unpaired:" + src_.doc.chat_template + "|";
+    v1 += kind;
+    if (!kind.empty()) key_src += "v2-" + kind;
     for (const std::string& f : files) {
       uint64_t size = fs::file_size(f);
       total_bytes += size;
-      key_src += fmt::format("{}:{}:{}|", fs::absolute(f).string(), size,
-                             fs::last_write_time(f).time_since_epoch().count());
+      const std::string file = fmt::format("{}:{}:{}|", fs::absolute(f).string(), size,
+                                           fs::last_write_time(f).time_since_epoch().count());
+      key_src += file;
+      v1 += file;
     }
     std::string key = fnv1a_hex(key_src);
     fs::create_directories(dir_);
     Progress p = load_progress();
-    if (!p.key.empty() && p.key != key)
+    const bool older = !kind.empty() && p.key == fnv1a_hex(v1);
+    if (older && !p.complete)
       fail(
-          "{}: holds shards of a different prepare (other inputs, tokenizer or options, or an "
-          "older lmforge's); choose another output or delete it",
+          "{}: holds shards an older lmforge began, whose chat or preference documents this one "
+          "encodes differently; delete it and prepare again",
+          dir_);
+    if (!p.key.empty() && p.key != key && !older)
+      fail(
+          "{}: holds shards of a different prepare (other inputs, tokenizer or options); choose "
+          "another output or delete it",
           dir_);
     if (p.complete) {
       report("already complete");

@@ -250,11 +250,11 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
   if (act != "silu" && act != "swish")
     r.unsupported("hidden_act", "lmforge's gated MLP is SwiGLU (silu)");
   read_rope(r, j, m);
-  if (r.has("pretraining_tp") && r.integer("pretraining_tp") != 1)  // (the same function)
+  if (r.has("pretraining_tp") && r.number("pretraining_tp", 1) != 1)  // (the same function)
     r.note(fmt::format(
         "pretraining_tp {} ignored: slicing the matmuls changes their rounding only (transformers "
         "5 ignores it too)",
-        r.at("pretraining_tp").get<int64_t>()));
+        r.at("pretraining_tp").dump()));
   r.require("rope_interleaved", false, "lmforge uses the rotate-half RoPE layout");
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
   bool attn_bias = r.boolean("attention_bias", false), mlp_bias = r.boolean("mlp_bias", false);
@@ -276,8 +276,9 @@ void read_llama_like(ConfigReader& r, const json& j, const std::string& type, Mo
       m.sliding_window = 4096;  // MistralConfig's default (null: none)
   } else if (type == "qwen2" || type == "qwen3") {
     // transformers windows layers i >= max_window_layers (default 28) under use_sliding_window
-    const int64_t full_layers = r.has("max_window_layers") ? r.integer("max_window_layers") : 28;
+    r.has("max_window_layers");  // (read only with use_sliding_window)
     if (r.boolean("use_sliding_window", false)) {
+      const int64_t full_layers = r.has("max_window_layers") ? r.integer("max_window_layers") : 28;
       if (full_layers < m.n_layer)
         r.unsupported("use_sliding_window",
                       fmt::format("a sliding window on layers {} to {} only (max_window_layers)",
