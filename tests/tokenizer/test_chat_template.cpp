@@ -21,6 +21,24 @@ std::vector<ChatMessage> conversation() {
           {"user", "And 3+3?"},
           {"assistant", "6"}};
 }
+// Runs tests/reference/SCRIPT --conversations DIR/in.json --out OUT over the conversations and
+// returns DIR/out.json (an empty object when the script fails: the caller's comparisons fail).
+nlohmann::json reference(const std::vector<std::vector<ChatMessage>>& conversations,
+                         const std::string& script, const std::string& dir,
+                         const std::string& out) {
+  nlohmann::json in = nlohmann::json::array();
+  for (const auto& c : conversations) {
+    nlohmann::json turns = nlohmann::json::array();
+    for (const ChatMessage& m : c) turns.push_back({{"role", m.role}, {"content", m.content}});
+    in.push_back(turns);
+  }
+  std::ofstream(dir + "/in.json") << in.dump();
+  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
+                          "/tests/reference/" + script + "' --conversations '" + dir +
+                          "/in.json' --out '" + out + "'";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  return nlohmann::json::parse(testing::slurp(dir + "/out.json"), nullptr, false);
+}
 }  // namespace
 
 // Encoding turn by turn must give exactly the ids of the rendered string encoded with specials
@@ -104,19 +122,9 @@ TEST(ChatTemplate, RenderedLikeTransformers) {
       {{"system", spaces + "inner" + spaces + "space" + spaces}, {"assistant", spaces}},
       {{"user", "\u200bzero width stays\ufeff"}, {"assistant", ""}, {"user", "é\u0301 "}},
   };
-  std::string dir = testing::temp_dir("chat-ref");
-  nlohmann::json in = nlohmann::json::array();
-  for (const auto& c : conversations) {
-    nlohmann::json turns = nlohmann::json::array();
-    for (const ChatMessage& m : c) turns.push_back({{"role", m.role}, {"content", m.content}});
-    in.push_back(turns);
-  }
-  std::ofstream(dir + "/in.json") << in.dump();
-  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
-                          "/tests/reference/chat_template_ref.py' --conversations '" + dir +
-                          "/in.json' --out '" + dir + "/out.json'";
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  const nlohmann::json ref = nlohmann::json::parse(testing::slurp(dir + "/out.json"));
+  const std::string dir = testing::temp_dir("chat-ref");
+  const nlohmann::json ref =
+      reference(conversations, "chat_template_ref.py", dir, dir + "/out.json");
   auto tok = load_tokenizer(testing::shared_tokenizers_dir() + "/llama3.tiktoken");
   for (const std::string format : {"llama3", "chatml"}) {
     for (bool gen : {false, true}) {
@@ -150,18 +158,7 @@ TEST(ChatTemplate, MasksLikeTransformers) {
       {{"user", "\u0416x"}, {"assistant", ""}, {"user", "q"}, {"assistant", "\n\nthe end  "}},
   };
   const std::string dir = testing::temp_dir("chat-mask-ref");
-  nlohmann::json in = nlohmann::json::array();
-  for (const auto& c : conversations) {
-    nlohmann::json turns = nlohmann::json::array();
-    for (const ChatMessage& m : c) turns.push_back({{"role", m.role}, {"content", m.content}});
-    in.push_back(turns);
-  }
-  std::ofstream(dir + "/in.json") << in.dump();
-  const std::string cmd = "'" + testing::python() + "' '" + testing::source_dir() +
-                          "/tests/reference/chat_mask_ref.py' --conversations '" + dir +
-                          "/in.json' --out '" + dir + "'";
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  const nlohmann::json ref = nlohmann::json::parse(testing::slurp(dir + "/out.json"));
+  const nlohmann::json ref = reference(conversations, "chat_mask_ref.py", dir, dir);
   for (const std::string name : {"first", "unk", "strip", "bytes"}) {
     auto tok = load_tokenizer(dir + "/" + name + "/tokenizer.json");
     for (const std::string format : {"chatml", "llama3"}) {
