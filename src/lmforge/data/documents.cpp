@@ -89,7 +89,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
       fail("{}: no such input file; check the path", spec);
     }
     if (found.empty())
-      fail("{}: matches no input files (.txt, .jsonl, .json, .ndjson; plain, .gz or .zst)", spec);
+      fail(
+          "{}: matches no input files (.txt, .jsonl, .ndjson; plain, .gz or .zst; a .json file "
+          "when named)",
+          spec);
     std::sort(found.begin(), found.end());
     for (const std::string& f : found) check_compression(f, /*listed=*/false);
     // Each file once, where several inputs name it (a directory and a glob in it, a path
