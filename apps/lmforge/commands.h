@@ -12,7 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "lmforge/eval/generate.h"
 #include "lmforge/io/config.h"
+#include "lmforge/nn/transformer.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
 namespace lmforge::app {
@@ -87,6 +89,17 @@ void add_hf(CLI::App& app);  // convert, export, info
 // convert, and generate/chat with hf:DIR).
 std::unique_ptr<lmforge::Tokenizer> hf_dir_tokenizer(const std::string& dir,
                                                      const lmforge::ModelConfig& model);
+// A checkpoint's model and tokenizer (generate.cpp): CHECKPOINT is a checkpoint or run directory
+// (a LoRA checkpoint's adapters folded into the weights), or hf:DIR, a Hugging Face model
+// directory read as convert reads it; precision fp32 or bf16 (the weights held in bf16). The
+// sampling options get the tokenizer's stop tokens (and hf:DIR's generation_config ones) and
+// vocabulary limit. (generate, chat, eval)
+struct Loaded {
+  std::unique_ptr<lmforge::Transformer> model;
+  std::unique_ptr<lmforge::Tokenizer> tok;
+};
+Loaded load_for_sampling(const std::string& checkpoint, const std::string& precision,
+                         lmforge::SamplingOptions& s);
 // Calls fn with string field `field` of each line of a JSONL file (blank lines skipped); one
 // error naming the file and line for a line without it (tokenizer.cpp; tokenizer encode --jsonl,
 // generate --prompts).

@@ -22,7 +22,9 @@ void add_eval(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "eval",
       "Multiple-choice accuracy of a checkpoint (HellaSwag, as nanoGPT and llm.c score it)");
-  cmd->add_option("--checkpoint", o->checkpoint, "Checkpoint directory, or a run directory")
+  cmd->add_option("--checkpoint", o->checkpoint,
+                  "Checkpoint directory, a run directory, or hf:DIR (a Hugging Face model "
+                  "directory, read as convert reads it)")
       ->required();
   cmd->add_option("--hellaswag", o->hellaswag,
                   "HellaSwag JSONL (e.g. hellaswag_val.jsonl: ctx, endings, label per line)")
@@ -44,11 +46,10 @@ void add_eval(CLI::App& app) {
         fail("--scores: {} is a directory; name the JSONL file to write (e.g. {}/scores.jsonl)",
              o->scores, o->scores);
     }
-    std::string dir = resolve_checkpoint(o->checkpoint);
-    ModelConfig mc = checkpoint_model_config(dir);
-    Transformer model(mc);
-    load_checkpoint(dir, model, nullptr, nullptr);
-    auto tok = checkpoint_tokenizer(dir);
+    SamplingOptions unused;  // (eval samples nothing)
+    Loaded l = load_for_sampling(o->checkpoint, "fp32", unused);
+    Transformer& model = *l.model;
+    const Tokenizer* tok = l.tok.get();
     const auto t0 = std::chrono::steady_clock::now();
     const bool tty = Progress::stdout_is_tty();  // a live count on a terminal
     ChoiceResult r;

@@ -42,11 +42,21 @@ void add_precision_option(CLI::App* cmd, std::string& precision) {
       ->capture_default_str();
 }
 
-// A checkpoint's model and tokenizer, and the sampling options' stop token and vocabulary limit.
-struct Loaded {
-  std::unique_ptr<Transformer> model;
-  std::unique_ptr<Tokenizer> tok;
-};
+// The template's ids for `turns` ready for the assistant's reply; --chat-template's errors.
+std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMessage>& turns,
+                                 const std::string& format, SamplingOptions& s) {
+  try {
+    std::vector<int32_t> ids =
+        apply_chat_template(tok, turns, format, /*add_generation_prompt=*/true).ids;
+    s.add_stop(*tok.special_id(chat_end_of_turn(format)));
+    return ids;
+  } catch (const Error& e) {
+    fail("--chat-template: {}", e.what());
+  }
+}
+
+}  // namespace
+
 Loaded load_for_sampling(const std::string& checkpoint, const std::string& precision,
                          SamplingOptions& s) {
   Loaded l;
@@ -89,21 +99,6 @@ Loaded load_for_sampling(const std::string& checkpoint, const std::string& preci
   s.vocab_limit = l.tok->vocab_size();
   return l;
 }
-
-// The template's ids for `turns` ready for the assistant's reply; --chat-template's errors.
-std::vector<int32_t> chat_prompt(const Tokenizer& tok, const std::vector<ChatMessage>& turns,
-                                 const std::string& format, SamplingOptions& s) {
-  try {
-    std::vector<int32_t> ids =
-        apply_chat_template(tok, turns, format, /*add_generation_prompt=*/true).ids;
-    s.add_stop(*tok.special_id(chat_end_of_turn(format)));
-    return ids;
-  } catch (const Error& e) {
-    fail("--chat-template: {}", e.what());
-  }
-}
-
-}  // namespace
 
 void add_generate(CLI::App& app) {
   struct Opts {
@@ -327,6 +322,7 @@ void add_chat(CLI::App& app) {
       }
       std::string line;
       if (!std::getline(std::cin, line) || line == "/exit") break;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // (no turn)
       if (line == "/reset") {
         turns.resize(first);
         session.reset();

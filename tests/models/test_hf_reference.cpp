@@ -454,6 +454,13 @@ TEST(HellaSwag, ScoresMatchTransformers) {
         "eval --checkpoint " + c + " --hellaswag items.jsonl --scores " + c + ".jsonl", root);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("hellaswag: 17 examples, acc "), std::string::npos) << r.out;
+    if (c == "gpt2") {  // hf:DIR read as convert reads it: the same scores
+      r = t::run_lmforge(
+          "eval --checkpoint 'hf:" + src + "' --hellaswag items.jsonl --scores hf-gpt2.jsonl",
+          root);
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      EXPECT_TRUE(t::slurp(root + "/hf-gpt2.jsonl") == t::slurp(root + "/gpt2.jsonl"));
+    }
     const std::string cmd = "'" + t::python() + "' '" + t::source_dir() +
                             "/tests/reference/hellaswag_ref.py' '" + src + "' '" + root +
                             "/items.jsonl' '" + root + "/" + c + ".jsonl' > '" + root + "/" + c +
