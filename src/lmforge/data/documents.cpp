@@ -57,6 +57,13 @@ void check_compression(const std::string& path, bool listed) {
           path, e);
 }
 
+// Removes a U+FEFF byte order mark starting s; whether there was one.
+bool remove_bom(std::string& s) {
+  if (s.compare(0, 3, "\xEF\xBB\xBF") != 0) return false;
+  s.erase(0, 3);
+  return true;
+}
+
 }  // namespace
 
 std::vector<std::string> expand_inputs(const std::vector<std::string>& specs,
@@ -160,10 +167,7 @@ bool DocumentReader::open_next_file() {
 }
 
 void DocumentReader::check_text(Document* d, bool utf8_checked) const {
-  if (d->text.compare(0, 3, "\xEF\xBB\xBF") == 0) {
-    d->text.erase(0, 3);
-    d->bom_removed = true;
-  }
+  if (remove_bom(d->text)) d->bom_removed = true;
   if (!d->skip.empty()) return;
   if (d->text.size() > opt_.max_document_bytes)
     d->skip = "too_large";
@@ -319,10 +323,7 @@ void DocumentReader::finish_preference(const simdjson::dom::element& root, Docum
   }
   if (!chat && !has_prompt) {  // TRL's implicit prompt of string pairs (HH-RLHF's layout)
     for (auto* side : {&chosen, &rejected})  // (a BOM starting a side is not text: set_text)
-      if (side->front().content.starts_with("\xEF\xBB\xBF")) {
-        side->front().content.erase(0, 3);
-        d->bom_removed = true;
-      }
+      if (remove_bom(side->front().content)) d->bom_removed = true;
     const size_t n = implicit_prompt_bytes(chosen[0].content, rejected[0].content);
     if (n > 0) {
       prompt.push_back({"user", chosen[0].content.substr(0, n)});
@@ -352,10 +353,7 @@ void DocumentReader::set_text(Document* d) const {
   } else {
     // Each side is a document: a BOM its text starts with is removed (and counted) there.
     for (auto* m : {&d->messages, &d->rejected})
-      if (!m->empty() && m->front().content.starts_with("\xEF\xBB\xBF")) {
-        m->front().content.erase(0, 3);
-        d->bom_removed = true;
-      }
+      if (!m->empty() && remove_bom(m->front().content)) d->bom_removed = true;
     d->text.clear();
     for (const auto* m : {&d->messages, &d->rejected})
       for (const ChatMessage& x : *m) d->text += x.content;
@@ -404,10 +402,7 @@ bool DocumentReader::next_raw(RawRecord* r) {
         file_done_ = true;
         continue;
       }
-      if (first_line_ && line.compare(0, 3, "\xEF\xBB\xBF") == 0) {
-        line.erase(0, 3);
-        d->bom_removed = true;
-      }
+      if (first_line_ && remove_bom(line)) d->bom_removed = true;
       first_line_ = false;
       r->jsonl = true;
       r->no_newline = st == LineReader::Status::kNoNewline;
@@ -436,10 +431,7 @@ bool DocumentReader::next_raw(RawRecord* r) {
     std::string block;
     bool any = false, too_long = false;
     while (lines_->next(&line, &st)) {
-      if (first_line_ && line.compare(0, 3, "\xEF\xBB\xBF") == 0) {
-        line.erase(0, 3);
-        d->bom_removed = true;
-      }
+      if (first_line_ && remove_bom(line)) d->bom_removed = true;
       first_line_ = false;
       if (st == LineReader::Status::kTooLong) {  // its bytes were dropped: not a blank line
         any = too_long = true;

@@ -529,8 +529,8 @@ json run_prepare(const PrepareOptions& o) {
     DocumentReader check(expand_inputs(s.inputs, &skipped), s.doc);  // options and input kinds
     for (const std::string& line : skipped)
       fmt::print(stderr,
-                 "lmforge: warning: source {}: {} not read (not .txt, .jsonl, .json or .ndjson, "
-                 "plain, .gz or .zst)\n",
+                 "lmforge: warning: source {}: {} not read (a directory gives .txt, .jsonl and "
+                 ".ndjson files, plain, .gz or .zst; name a .json file to read it)\n",
                  s.name, line);
     if (s.doc.format == "chat" || ((s.doc.format == "preference" || s.doc.format == "unpaired") &&
                                    !s.doc.chat_template.empty())) {  // its specials
