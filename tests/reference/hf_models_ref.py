@@ -52,10 +52,14 @@ CASES = {
     "smollm": ("llama", dict(LLAMA, num_key_value_heads=4, tie_word_embeddings=True)),
     "llama_bias": ("llama", dict(LLAMA, attention_bias=True, mlp_bias=True)),
     "mistral": ("mistral", dict(LLAMA, sliding_window=5, head_dim=16)),
-    "qwen2": ("qwen2", dict(LLAMA, tie_word_embeddings=True, use_sliding_window=False)),
+    # Qwen2, Phi-3: head_dim != hidden_size / heads, which their attention reads though their
+    # configs do not list it.
+    "qwen2": ("qwen2", dict(LLAMA, tie_word_embeddings=True, use_sliding_window=False,
+                            head_dim=32)),
     "qwen3": ("qwen3", dict(LLAMA, head_dim=32, use_sliding_window=False)),
     "phi3": ("phi3", dict(LLAMA, num_key_value_heads=4, sliding_window=6,
-                          original_max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0)),
+                          original_max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                          head_dim=32)),
     # Gemma: GeGLU, embeddings times sqrt(72) (not a round fp32 number), norms scaling by 1 + w.
     "gemma": ("gemma", dict(LLAMA, hidden_size=72, head_dim=32, tie_word_embeddings=True)),
     # Gemma 2: post norms, a window of 5 on layers 0 and 2 (layer 1 full), scores scaled by

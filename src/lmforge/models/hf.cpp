@@ -20,7 +20,7 @@ struct Family {
   const char* arch;          // ModelConfig::arch
   const char* model_type;    // config.json "model_type"
   const char* architecture;  // config.json "architectures"
-  bool has_head_dim;         // the config class reads "head_dim"
+  bool has_head_dim;         // the config class lists "head_dim" (written always)
 };
 
 const Family kFamilies[] = {
@@ -735,8 +735,6 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
            "Phi-3's config takes no llama3 or linear RoPE scaling");
   if (m.sliding_window && type != "mistral" && type != "phi3")
     cannot("sliding_window", std::to_string(m.sliding_window), "choose arch mistral");
-  if (!fam->has_head_dim && !default_hs)
-    cannot("head_dim", std::to_string(m.head_dim), "HS must be n_embd / n_head");
   j.update({{"hidden_size", m.n_embd},
             {"intermediate_size", m.ffn()},
             {"num_hidden_layers", m.n_layer},
@@ -747,7 +745,8 @@ json hf_config_json(const ModelConfig& m, int64_t bos, int64_t eos, DType dtype)
             {"hidden_act", "silu"},
             {"attention_dropout", 0.0},
             {"rope_theta", m.rope_theta}});
-  if (fam->has_head_dim) j["head_dim"] = HS;
+  // (Qwen2's and Phi-3's attention read head_dim too, though their configs do not list it.)
+  if (fam->has_head_dim || !default_hs) j["head_dim"] = HS;
   if (m.rope_scaling.factor > 0 && m.rope_scaling.type == "linear")
     j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", m.rope_scaling.factor}};
   else if (m.rope_scaling.factor > 0)
