@@ -225,18 +225,22 @@ def with_duplicate_merges(tokenizer_json_text, ranks_to_repeat):
     return json.dumps(j, ensure_ascii=False)
 
 
-def train_sentencepiece(train_lines, path):
-    """A SentencePiece BPE model with Llama 2's options (identity normalization, byte fallback,
-    dummy prefix, digits split, whitespace kept)."""
+LLAMA2_SENTENCEPIECE = dict(
+    model_type="bpe", vocab_size=2000, byte_fallback=True, normalization_rule_name="identity",
+    remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+    allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+    pad_id=-1)
+
+
+def train_sentencepiece(train_lines, path, options=LLAMA2_SENTENCEPIECE):
+    """A SentencePiece model, by default with Llama 2's options (BPE, identity normalization,
+    byte fallback, dummy prefix, digits split, whitespace kept); `options` replaces them (the
+    trainer's defaults for what it leaves out)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
         f.write("\n".join(train_lines))
     try:
-        spm.SentencePieceTrainer.train(
-            input=f.name, model_prefix=path[:-len(".model")], model_type="bpe", vocab_size=2000,
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-            character_coverage=1.0, num_threads=2, minloglevel=2, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1)
+        spm.SentencePieceTrainer.train(input=f.name, model_prefix=path[:-len(".model")],
+                                       num_threads=2, minloglevel=2, **options)
     finally:
         os.unlink(f.name)
     return spm.SentencePieceProcessor(model_file=path)

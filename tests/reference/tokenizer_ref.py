@@ -266,6 +266,22 @@ HARD_CASES = [
 ]
 
 
+def unknown_runs():
+    """Runs of characters an English model lacks (CJK, Greek, Hangul), 1 to 100,000 long, next
+    to text, spaces, characters NFKC maps to ASCII, combining marks and ideographic spaces."""
+    rng = random.Random(97)
+
+    def cjk(n):
+        return "".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(n))
+    docs = []
+    for n in (1, 31, 32, 33, 63, 64, 65, 66, 200, 5000, 100_000):
+        docs += [cjk(n), f"In the beginning {cjk(n)} God created",
+                 f"word{cjk(n)}\uff57\uff4f\uff52\uff44{cjk(n)}\u0301x{cjk(n)}",
+                 f"{cjk(n)}\u3000{cjk(n)} \u00e9\u0301{cjk(n)}\ufb01",
+                 f"  {cjk(n)}   {'Ω' * n}{'αβγ' * n}{cjk(n)}\u0301\u1100\u1161{cjk(n)}  "]
+    return [(f"unknown-run-{i}", d) for i, d in enumerate(docs)]
+
+
 def hard_cases(cn14):
     cases = list(HARD_CASES)
     for i, text in enumerate(codepoint_documents(cn14)):
@@ -718,6 +734,14 @@ def make(out, assets, full=False):
     sp = train_sentencepiece(kjv_lines, sp_path)
     emit("sentencepiece-bpe", sp_path, SentencePieceRef(sp), f"sentencepiece {spm.__version__}",
          main, False)
+    # SentencePiece's defaults (unigram, nmt_nfkc, no byte fallback): a run of characters the
+    # model lacks is one <unk>, however long (lmforge shortens long runs, over which Debian's
+    # libsentencepiece 0.1.97 takes time growing with their square).
+    uni_path = os.path.join(out, "sentencepiece-unigram", "tokenizer.model")
+    os.makedirs(os.path.dirname(uni_path), exist_ok=True)
+    sp = train_sentencepiece(kjv_lines, uni_path, dict(model_type="unigram", vocab_size=1000))
+    emit("sentencepiece-unigram", uni_path, SentencePieceRef(sp),
+         f"sentencepiece {spm.__version__}", small + unknown_runs(), False)
 
     with open(os.path.join(out, "manifest.json.tmp"), "w") as f:
         json.dump({"tier": "full" if full else "fast", "tokenizers": manifest,

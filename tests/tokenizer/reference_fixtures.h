@@ -51,7 +51,8 @@ inline const std::vector<std::string>& reference_tokenizer_names() {
                                                  "hf-nfd",
                                                  "hf-nfkc",
                                                  "hf-nfkd",
-                                                 "sentencepiece-bpe"};
+                                                 "sentencepiece-bpe",
+                                                 "sentencepiece-unigram"};
   return names;
 }
 

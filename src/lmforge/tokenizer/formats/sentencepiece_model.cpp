@@ -1,7 +1,13 @@
 // SentencePiece .model files (Llama 2, Mistral, TinyLlama) through Debian's libsentencepiece.
 #include <sentencepiece_processor.h>
 
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/formats/formats.h"
 
@@ -19,6 +25,17 @@ class SentencePieceTokenizer : public Tokenizer {
       if (sp_.IsControl(id) || sp_.IsUnknown(id)) specials_[sp_.IdToPiece(id)] = id;
     bos_ = sp_.bos_id();
     eos_ = sp_.eos_id();
+    fuses_unknown_ = true;
+    for (int id = 0; id < sp_.GetPieceSize(); ++id) {
+      fuses_unknown_ = fuses_unknown_ && !sp_.IsByte(id);
+      const std::string p = sp_.IdToPiece(id);
+      for (size_t i = 0; i < p.size();) {
+        const size_t n = std::max<size_t>(utf8_char_len(p, i), 1);
+        piece_chars_.insert(char_key(std::string_view(p).substr(i, n)));
+        i += n;
+      }
+    }
+    space_id_ = sp_.PieceToId("\xE2\x96\x81");
     kind_ = "sentencepiece";
     source_ = path;
     fingerprint_ = fnv1a_hex(bytes);
@@ -27,7 +44,8 @@ class SentencePieceTokenizer : public Tokenizer {
   void encode_append(std::string_view text, std::vector<int32_t>& out, bool,
                      bool add_bos) const override {
     std::vector<int> ids;
-    auto st = sp_.Encode(text, &ids);
+    std::string shortened;
+    auto st = sp_.Encode(shorten_unknown_runs(text, shortened), &ids);
     LMF_CHECK(st.ok(), "sentencepiece encode: {}", st.ToString());
     if (add_bos && bos_ >= 0) out.push_back(bos_);
     out.insert(out.end(), ids.begin(), ids.end());
@@ -61,7 +79,78 @@ class SentencePieceTokenizer : public Tokenizer {
   int64_t vocab_size() const override { return sp_.GetPieceSize(); }
 
  private:
+  static uint32_t char_key(std::string_view c) {  // a character's (1-4) bytes as one number
+    uint32_t k = 0;
+    std::memcpy(&k, c.data(), std::min<size_t>(c.size(), 4));
+    return k;
+  }
+
+  // Whether `s` encodes alone as one <unk> (after the dummy prefix's ▁): every character of its
+  // normalized form is one the model lacks.
+  bool unknown_alone(std::string_view s) const {
+    std::vector<int> ids;
+    if (!sp_.Encode(s, &ids).ok()) return false;
+    if (ids.size() == 2 && ids[0] == space_id_ && space_id_ != sp_.unk_id()) ids.erase(ids.begin());
+    return ids.size() == 1 && ids[0] == sp_.unk_id();
+  }
+
+  // A character no piece contains and that normalizes to characters the model lacks.
+  bool unknown_char(std::string_view c) const {
+    const uint32_t key = char_key(c);
+    if (static_cast<unsigned char>(c[0]) < 0x80 || piece_chars_.count(key)) return false;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = unknown_.find(key);
+    if (it == unknown_.end()) it = unknown_.emplace(key, unknown_alone(c)).first;
+    return it->second;
+  }
+
+  // libsentencepiece 0.1.97 (Debian 12's) takes time growing with the square of the length of a
+  // run of characters the model lacks (5 MB of CJK in an English model: over half an hour;
+  // sentencepiece 0.2 is linear). Without byte fallback such a run is one <unk> however long, so
+  // each run over 64 characters is encoded as its first and last 32: the same ids.
+  std::string_view shorten_unknown_runs(std::string_view text, std::string& out) const {
+    if (!fuses_unknown_) return text;
+    constexpr size_t kKeep = 32;
+    size_t copied = 0, run_chars = 0, head_end = 0;
+    auto end_run = [&](size_t end) {
+      if (run_chars > 2 * kKeep) {
+        size_t tail = end;
+        for (size_t k = 0; k < kKeep; ++k) do
+            --tail;
+          while ((static_cast<unsigned char>(text[tail]) & 0xC0) == 0x80);
+        size_t last_head = head_end;  // the junction's two characters must stay unknown together
+        do --last_head;
+        while ((static_cast<unsigned char>(text[last_head]) & 0xC0) == 0x80);
+        std::string pair(text.substr(last_head, head_end - last_head));
+        pair += text.substr(tail, utf8_char_len(text, tail));
+        if (unknown_alone(pair)) {
+          out.append(text.substr(copied, head_end - copied));
+          copied = tail;
+        }
+      }
+      run_chars = 0;
+    };
+    for (size_t i = 0; i < text.size();) {
+      const size_t n = utf8_char_len(text, i);
+      if (n > 0 && unknown_char(text.substr(i, n))) {
+        if (++run_chars == kKeep) head_end = i + n;
+      } else if (run_chars > 0) {
+        end_run(i);
+      }
+      i += std::max<size_t>(n, 1);
+    }
+    if (run_chars > 0) end_run(text.size());
+    if (copied == 0) return text;
+    out.append(text.substr(copied));
+    return out;
+  }
+
   sentencepiece::SentencePieceProcessor sp_;
+  bool fuses_unknown_ = false;  // no byte pieces: a run of characters it lacks is one <unk>
+  std::unordered_set<uint32_t> piece_chars_;  // the characters of its pieces
+  int space_id_ = -1;                         // the piece "▁" (the dummy prefix)
+  mutable std::mutex mu_;
+  mutable std::unordered_map<uint32_t, bool> unknown_;  // unknown_char's answers
 };
 
 }  // namespace
