@@ -10,6 +10,7 @@
 #include <fmt/ranges.h>
 
 #include <cctype>
+#include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -29,25 +30,55 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// "5GB", "500MB", "2000000" -> bytes (decimal units, as transformers' max_shard_size).
+// "5GB", "500MB", "2GiB", "2000000" -> bytes (as transformers' max_shard_size: KB/MB/GB decimal,
+// KiB/MiB/GiB binary, in any case).
 uint64_t parse_size(const std::string& s) {
   size_t i = 0;
   while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
   std::string unit = s.substr(i);
+  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   double v = 0;
-  try {
-    v = std::stod(s.substr(0, i));
-  } catch (...) {
-    fail("--max-shard-size: expected a size such as 5GB or 500MB, got \"{}\"", s);
-  }
-  double mult = unit.empty() || unit == "B" ? 1
-                : unit == "KB"              ? 1e3
-                : unit == "MB"              ? 1e6
-                : unit == "GB"              ? 1e9
-                                            : -1;
-  if (mult < 0 || v <= 0)
-    fail("--max-shard-size: expected a size such as 5GB or 500MB, got \"{}\"", s);
+  auto [end, err] = std::from_chars(s.data(), s.data() + i, v);
+  const double mult = unit.empty() || unit == "B" ? 1
+                      : unit == "KB"              ? 1e3
+                      : unit == "MB"              ? 1e6
+                      : unit == "GB"              ? 1e9
+                      : unit == "KIB"             ? 0x1p10
+                      : unit == "MIB"             ? 0x1p20
+                      : unit == "GIB"             ? 0x1p30
+                                                  : -1;
+  // (transformers reads a lower-case "b" after K, M or G as bits: "5Gb" is 625 MB there; refused)
+  if (i == 0 || err != std::errc() || end != s.data() + i || mult < 0 || !(v > 0) ||
+      (unit.size() == 2 && s.back() == 'b'))
+    fail(
+        "--max-shard-size: expected a size such as 5GB, 500MB or 2GiB (B in capitals), got "
+        "\"{}\"",
+        s);
   return static_cast<uint64_t>(v * mult);
+}
+
+// The Hugging Face directory whose weights are the LoRA adapters' base, "" when none is: the
+// run's init_from hf:DIR, also through the checkpoints it started from that kept those weights
+// (LoRA runs, which train the adapters alone, and `convert`'s step-0 checkpoints) — not through
+// training of the whole model or a PEFT adapter `convert` merged in.
+std::string adapters_base(const std::string& ckpt_dir, int depth = 0) {
+  const std::string from = checkpoint_init_from(ckpt_dir);
+  if (from.starts_with("hf:")) {
+    const size_t peft = from.find(" + peft:");  // convert --peft: merged, or kept as adapters
+    if (peft == std::string::npos) return from.substr(3);
+    return checkpoint_model_config(ckpt_dir).lora.on() ? from.substr(3, peft - 3) : "";
+  }
+  if (from.empty() || depth >= 16) return "";
+  std::string up;
+  try {
+    up = resolve_checkpoint(from);
+  } catch (const Error&) {
+    return "";  // moved or deleted since: the base is not known
+  }
+  const bool lora = checkpoint_model_config(up).lora.on();
+  const int64_t step =
+      nlohmann::json::parse(read_file(up + "/state.json")).value("step", int64_t{-1});
+  return lora || step == 0 ? adapters_base(up, depth + 1) : "";
 }
 
 std::string features(const ModelConfig& m) {
@@ -234,9 +265,8 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
   Transformer model(mc);
   load_checkpoint(dir, model, nullptr, nullptr);
   auto tok = checkpoint_tokenizer(dir);
-  // The adapters' base: the HF directory the run started from, if it did.
   const std::string from = checkpoint_init_from(dir);
-  const std::string base_model = from.starts_with("hf:") ? from.substr(3) : "";
+  const std::string base_model = peft ? adapters_base(dir) : "";
   if (peft && !base_model.empty()) {
     // PEFT names the adapters after the base's modules: a Gemma 3 image-text model holds the text
     // model under model.language_model (and its vision tower has q_proj's too).
@@ -249,8 +279,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
           base_model);
   }
   // Written beside the target and renamed, so a failure leaves no half-written model.
-  std::string tmp = out + ".tmp";
-  fs::remove_all(tmp, ec);
+  const std::string tmp = fresh_temp_path(out);
   try {
     if (peft)
       save_peft_adapter(model, tmp, base_model, dt);

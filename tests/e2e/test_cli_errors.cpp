@@ -1,5 +1,6 @@
 // Bad input through the real binary: one clear line on stderr naming the file/key, exit code 1,
 // no crash, nothing half-written.
+#include <fmt/core.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -258,6 +259,20 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--to-hf", "notes.txt", "--force would delete"});
   EXPECT_EQ(testing::slurp(dir + "/file.txt"), "mine\n");
   EXPECT_EQ(testing::slurp(dir + "/mine/notes.txt"), "mine\n");
+  // Its temporary is its own: a user's DIR.tmp beside the target is left alone.
+  fs::create_directories(dir + "/out.tmp");
+  std::ofstream(dir + "/out.tmp/precious.txt") << "mine\n";
+  for (const char* size : {"1.5.3KB", "5Gb", "KB", "0MB", "5TB"})
+    expect_one_line_error(
+        run_lmforge(fmt::format("export --checkpoint run --to-hf out --max-shard-size {}", size),
+                    dir),
+        {"--max-shard-size", size});
+  EXPECT_FALSE(fs::exists(dir + "/out"));
+  ASSERT_EQ(run_lmforge("export --checkpoint run --to-hf out --max-shard-size 1kib", dir).exit_code,
+            0);
+  EXPECT_EQ(testing::slurp(dir + "/out.tmp/precious.txt"), "mine\n");
+  fs::remove_all(dir + "/out.tmp");  // (the user's: no temporary of lmforge's is left, below)
+  EXPECT_TRUE(fs::exists(dir + "/out/model.safetensors.index.json"));  // 1,024-byte shards
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});
   // A checkpoint from another architecture.

@@ -198,9 +198,11 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
   // llama3_lora: Llama 3 with LoRA adapters on every layer kind, exported merged. *_peft: the
   // base model without them, and the adapters as a PEFT adapter in <dir>/adapter, which the
   // reference applies as PEFT merges them (W += alpha / r * B A, transposed for GPT-2's Conv1D).
-  for (const std::string c : {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral",
-                              "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gemma3_mm",
-                              "llama3_lora", "llama3_peft", "gpt2_peft", "gemma3_peft"}) {
+  // gemma3_full: Gemma 3 with full attention on every layer.
+  for (const std::string c :
+       {"gpt2", "llama3", "tinyllama", "smollm", "llama_bias", "mistral", "qwen2", "qwen3", "phi3",
+        "gemma", "gemma2", "gemma3", "gemma3_mm", "llama3_lora", "llama3_peft", "gpt2_peft",
+        "gemma3_peft", "gemma3_full"}) {
     const bool peft = c.ends_with("_peft");
     // (gemma3_mm: the multimodal model's text model, with linear RoPE scaling, exported as
     // Gemma3ForCausalLM)
@@ -208,6 +210,10 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
         c == "gemma3_mm" ? c : c.substr(0, c.find('_', c.starts_with("llama_") ? 6 : 0));
     ModelConfig mc = read_hf_config(hf_dir(src)).model;
     if (c == "llama3_lora" || peft) mc.lora.rank = 4;
+    if (c == "gemma3_full") {  // no layer windows (transformers' Gemma 3 still needs a window)
+      mc.sliding_window = mc.full_attention_every = 0;
+      mc.rope_local_theta = 0;
+    }
     auto& model = models[c] = std::make_unique<Transformer>(mc);
     randomize(*model, seed++);
     std::string out = root + "/" + c;
@@ -618,6 +624,12 @@ TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
       ASSERT_TRUE(a.shape() == b.shape()) << name;
       EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << name;
     }
+    // The adapters' base is the HF directory (not "DIR + peft:ADAPTER"): PEFT loads it.
+    auto base_of = [&](const std::string& dir) {
+      return json::parse(t::slurp(root + "/" + dir + "/adapter_config.json"))
+          .at("base_model_name_or_path");
+    };
+    EXPECT_EQ(base_of("again"), base);
     fs::remove_all(root + "/again");
 
     // Two steps of training on top of it: the adapted modules' adapters move, k's stay 0.
@@ -648,6 +660,24 @@ TEST(HfPeftImport, KeptAdaptersMatchTransformersTrainAndExportAgain) {
         for (int64_t o = q; o < q + kv; ++o)
           ASSERT_EQ(bt.data<float>()[k * bt.size(1) + o], 0.0f) << k << " " << o;
     }
+    // Trained further, the adapters' base is still the HF directory (through the converted
+    // checkpoint); a LoRA run from the adapter merged into the weights has no HF base.
+    r = t::run_lmforge("export --checkpoint " + c + "_ft --to-peft " + c + "_ft_peft", root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(base_of(c + "_ft_peft"), base);
+    if (!llama) continue;
+    r = t::run_lmforge("convert --from-hf '" + base + "' --peft '" + adapter + "' --out merged_in",
+                       root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = t::run_lmforge(
+        "train --set init_from=merged_in --set model.lora_rank=2 --set data.text=text.txt "
+        "--set data.val_fraction=0 --set train.steps=1 --set train.batch_size=1 "
+        "--set train.seq_len=8 --set train.eval_every=0 --set run.dir=merged_lora",
+        root);
+    ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+    r = t::run_lmforge("export --checkpoint merged_lora --to-peft merged_peft", root);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_TRUE(base_of("merged_peft").is_null()) << base_of("merged_peft");
   }
 }
 

@@ -44,10 +44,15 @@ void remove_stale_temps(const std::string& path) {
     const std::string rest = name.substr(prefix.size());  // "<pid>.<n>.tmp"
     const long pid = std::strtol(rest.c_str(), nullptr, 10);
     if (pid <= 0 || rest.find_first_not_of("0123456789.") != rest.size() - 3) continue;
-    if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove(it->path(), ec);
+    if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove_all(it->path(), ec);
   }
 }
 }  // namespace
+
+std::string fresh_temp_path(const std::string& path) {
+  remove_stale_temps(path);
+  return temp_name(path);
+}
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(path)) {
   remove_stale_temps(path);

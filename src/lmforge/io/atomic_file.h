@@ -43,6 +43,10 @@ using RecordReader = std::function<RecordAction(std::istream& in, uint64_t left,
                                                 uint64_t& consumed)>;
 void rewrite_records(const std::string& path, const RecordReader& next);
 
+// "<path>.<pid>.<n>.tmp", a name no other writer (process or call) uses, for a temporary file or
+// directory to rename onto path; first removes path's temporaries whose writer process is gone.
+std::string fresh_temp_path(const std::string& path);
+
 // Whole-file helpers.
 void write_file_atomic(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path);  // throws Error naming the file

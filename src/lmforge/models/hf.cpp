@@ -506,7 +506,9 @@ json gemma_config_json(const ModelConfig& m, json j, const Cannot& cannot) {
   j.update({{"hidden_activation", "gelu_pytorch_tanh"},
             {"query_pre_attn_scalar", m.attn_scale_dim ? m.attn_scale_dim : m.head_size()},
             {"layer_types", types},
-            {"sliding_window", m.sliding_window ? json(m.sliding_window) : json(nullptr)},
+            // (no layer windows: Gemma3TextConfig's default; transformers' Gemma 3 builds a
+            // window mask whatever the layers are, and fails on null)
+            {"sliding_window", m.sliding_window ? m.sliding_window : 4096},
             {"attn_logit_softcapping", cap(m.attn_softcap)},
             {"final_logit_softcapping", cap(m.logit_softcap)},
             {"use_bidirectional_attention", false}});
