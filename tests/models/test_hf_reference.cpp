@@ -233,6 +233,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
       << t::slurp(root + "/python.log");
 
   std::vector<int32_t> ours = tok->encode(corpus, true);
+  int64_t padded_wins = 0;  // steps whose raw argmax in transformers was a padding id
   for (auto& [c, ptr] : models) {
     SCOPED_TRACE(c);
     Transformer& model = *ptr;
@@ -242,6 +243,22 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
     Tensor logits = run_logits(model, ref.get("tokens"), ref.get("targets"), &loss);
     Safetensors hf = Safetensors::open(d + "/hf_logits.safetensors");
     EXPECT_TRUE(t::tensors_close(c + " exported logits", logits, hf.get("logits"), kTol));
+    // transformers' greedy generate, under the export's generation_config, picks lmforge's ids:
+    // never one past the tokenizer's (the padding of V = 320 over its ids).
+    {
+      SamplingOptions o;
+      o.temperature = 0;
+      o.vocab_limit = tok->vocab_size();
+      const Tensor ids = hf.get("gen_ids"), margin = hf.get("gen_margin");
+      o.max_tokens = ids.numel();
+      const Tensor tokens = ref.get("tokens");
+      const std::vector<int32_t> got = generate(
+          model, std::vector<int32_t>(tokens.data<int32_t>(), tokens.data<int32_t>() + 6), o);
+      ASSERT_EQ(static_cast<int64_t>(got.size()), ids.numel());
+      for (int64_t i = 0; i < ids.numel() && margin.data<float>()[i] > 1e-3f; ++i)
+        ASSERT_EQ(got[i], ids.data<int32_t>()[i]) << c << " step " << i;
+      padded_wins += hf.get("gen_padded_wins").data<int32_t>()[0];
+    }
     json j = json::parse(t::slurp(d + "/hf_tokens.json"));
     EXPECT_EQ(j.at("class").get<std::string>(), kArchitecture.at(model.config().arch));
     EXPECT_EQ(j.at("ids").get<std::vector<int32_t>>(), ours);
@@ -258,6 +275,7 @@ TEST(HfExport, TransformersLoadsExportedModelsWithTheSameLogitsAndTokens) {
       EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << model.params().params()[i].name;
     }
   }
+  EXPECT_GT(padded_wins, 0) << "no padding id would have been picked: the check above is idle";
 }
 
 // The commands end to end: convert a sharded HF model, describe it, sample from it, fine-tune

@@ -315,8 +315,22 @@ def check(dirs):
         tokens = load_file(os.path.join(d, "tokens.safetensors"))["tokens"].long()
         with torch.no_grad():
             logits = model(input_ids=tokens).logits.float().contiguous()
-        save_file({"logits": logits}, os.path.join(d, "hf_logits.safetensors"))
         tok = transformers.AutoTokenizer.from_pretrained(d)
+        # Greedy generation under the export's own generation_config (its suppress_tokens: the
+        # ids past the tokenizer's, vocabulary padding lmforge never samples): the ids, each
+        # step's margin over the processed scores, and the steps whose raw argmax is padding.
+        gc = copy.deepcopy(model.generation_config)
+        gc.eos_token_id, gc.pad_token_id = None, 0
+        with torch.no_grad():
+            g = model.generate(tokens[:1, :PROMPT], generation_config=gc, max_new_tokens=GEN,
+                               do_sample=False, output_scores=True, output_logits=True,
+                               return_dict_in_generate=True)
+        top2 = torch.stack([s[0].float().topk(2).values for s in g.scores])
+        padded_wins = sum(int(x[0].argmax()) >= len(tok) for x in g.logits)
+        save_file({"logits": logits, "gen_ids": g.sequences[0, PROMPT:].to(torch.int32).contiguous(),
+                   "gen_margin": (top2[:, 0] - top2[:, 1]).contiguous(),
+                   "gen_padded_wins": torch.tensor([padded_wins], dtype=torch.int32)},
+                  os.path.join(d, "hf_logits.safetensors"))
         text = open(os.path.join(d, "corpus.txt"), encoding="utf-8").read()
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with open(os.path.join(d, "hf_tokens.json"), "w") as f:

@@ -291,6 +291,13 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   } else {
     json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
                 {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
+    // Ids past the tokenizer's (a vocabulary lmforge padded to a multiple of 64) stand for no
+    // text: lmforge never samples them, and this has transformers' generate skip them too.
+    if (tok && tok->vocab_size() < m.vocab_size) {
+      json ids = json::array();
+      for (int64_t id = tok->vocab_size(); id < m.vocab_size; ++id) ids.push_back(id);
+      gen["suppress_tokens"] = ids;
+    }
     write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
   }
   if (tok) export_hf_tokenizer(*tok, dir);
