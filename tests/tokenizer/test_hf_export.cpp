@@ -65,9 +65,10 @@ const std::vector<Case>& cases() {
       {"hf-sp-metaspace", "sources:hf-sp-metaspace/tokenizer.json", "", false, false},
       {"lmforge-bpe", "trained", "llama"},
       {"sentencepiece-bpe", "sources:sentencepiece-bpe/tokenizer.model", "llama", true, false},
-      // Extra whitespace removed: lmforge's tokenizer.json loader refuses that normalizer.
+      // Extra whitespace removed: lmforge's tokenizer.json loader refuses that normalizer, so
+      // the export directory reloads from the tokenizer.model beside it.
       {"sentencepiece-bpe-plain", "sources:sentencepiece-bpe-plain/tokenizer.model", "", true,
-       false, false},
+       false},
       {"byte", "byte", ""},
   };
   return c;

@@ -1,3 +1,5 @@
+#include <fmt/core.h>
+
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -107,8 +109,18 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) {
     fs::path d(path);
-    if (fs::exists(d / "tokenizer.json"))
-      return load_hf_tokenizer_json((d / "tokenizer.json").string());
+    if (fs::exists(d / "tokenizer.json")) {
+      try {
+        return load_hf_tokenizer_json((d / "tokenizer.json").string());
+      } catch (const Error& e) {
+        // A SentencePiece model beside it (Llama 2's layout, lmforge's own exports of one, whose
+        // generated tokenizer.json may use normalizers lmforge does not read) is the source.
+        if (!fs::exists(d / "tokenizer.model")) throw;
+        fmt::print(stderr, "lmforge: note: {}; reading {} instead\n", e.what(),
+                   (d / "tokenizer.model").string());
+        return load_tokenizer((d / "tokenizer.model").string());
+      }
+    }
     if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"))
       return load_gpt2_vocab_merges((d / "vocab.json").string(), (d / "merges.txt").string());
     if (fs::exists(d / "tokenizer.model")) return load_tokenizer((d / "tokenizer.model").string());
