@@ -336,7 +336,8 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   r = t::run_lmforge("export --checkpoint run --to-hf out/ --force", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(SafetensorsSet::open(root + "/out").names().size(), orig.names().size());
-  EXPECT_FALSE(std::filesystem::exists(root + "/out.tmp"));
+  for (const auto& e : std::filesystem::directory_iterator(root))  // (out.<pid>.<n>.tmp)
+    EXPECT_FALSE(e.path().filename().string().ends_with(".tmp")) << e.path();
   EXPECT_FALSE(std::filesystem::exists(root + "/out/.tmp"));
 
   // Fine-tune from the HF directory on a small text; the run records where it started.
@@ -382,6 +383,7 @@ TEST(HfCli, GenerateStopsAtTheModelsEndIdsAndReadsSpecialsOnRequest) {
   EXPECT_EQ(json::parse(r.out).at("finish_reason"), "length") << r.out;
   json g = json::parse(t::slurp(root + "/hf/generation_config.json"));
   g["eos_token_id"] = {tok->eos_id(), first};
+  g["pad_token_id"] = 0;
   std::ofstream(root + "/hf/generation_config.json") << g.dump();
   r = t::run_lmforge(gen + "6", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -399,6 +401,10 @@ TEST(HfCli, GenerateStopsAtTheModelsEndIdsAndReadsSpecialsOnRequest) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(t::slurp(root + "/out/generation_config.json")).at("eos_token_id"),
             g["eos_token_id"]);
+  // ... and its ids in config.json (the tokenizer alone knows one EOS and no pad).
+  const json exported = json::parse(t::slurp(root + "/out/config.json"));
+  EXPECT_EQ(exported.at("eos_token_id"), g["eos_token_id"]);
+  EXPECT_EQ(exported.at("pad_token_id"), 0);
 
   // The special token's text: one id with --allow-special, its characters without.
   const std::string special = tok->decode({tok->eos_id()});

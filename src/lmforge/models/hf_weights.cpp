@@ -281,14 +281,21 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   }
   fs::create_directories(dir);
   write_safetensors_set(dir, tensors, {{"format", "pt"}}, max_shard_bytes);
-  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
   // The source model's generation_config.json where the tokenizer came with one (its end ids and
   // sampling defaults, as transformers' save_pretrained keeps them), else the tokenizer's ids.
   const std::string from = tok ? hf_tokenizer_dir(*tok) : "";
-  if (!from.empty() && fs::exists(fs::path(from) / "generation_config.json")) {
-    write_file_atomic((fs::path(dir) / "generation_config.json").string(),
-                      read_file((fs::path(from) / "generation_config.json").string()));
-  } else {
+  const bool source_gen = !from.empty() && fs::exists(fs::path(from) / "generation_config.json");
+  if (source_gen) {
+    const std::string gen = read_file((fs::path(from) / "generation_config.json").string());
+    // Its token ids in config.json too, as the source's (Llama 3.1's three end ids, Gemma's pad):
+    // the tokenizer alone knows one EOS and no pad.
+    const json g = json::parse(gen, nullptr, /*allow_exceptions=*/false);
+    for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"})
+      if (g.is_object() && g.contains(key) && !g[key].is_null()) config[key] = g[key];
+    write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen);
+  }
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  if (!source_gen) {
     json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
                 {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
     // Ids past the tokenizer's (a vocabulary lmforge padded to a multiple of 64) stand for no
