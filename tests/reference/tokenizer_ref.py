@@ -740,8 +740,12 @@ def make(out, assets, full=False):
     uni_path = os.path.join(out, "sentencepiece-unigram", "tokenizer.model")
     os.makedirs(os.path.dirname(uni_path), exist_ok=True)
     sp = train_sentencepiece(kjv_lines, uni_path, dict(model_type="unigram", vocab_size=1000))
+    # Long documents too: libsentencepiece 0.1.97's Viterbi over a whole one (float sums) breaks
+    # near-ties unlike sentencepiece 0.2 from ~100 KB on (lmforge encodes them in chunks).
+    kjv = kjv_text()
+    long_docs = [(f"kjv-long-{i}", kjv[i * 1_500_000:i * 1_500_000 + 300_000]) for i in range(3)]
     emit("sentencepiece-unigram", uni_path, SentencePieceRef(sp),
-         f"sentencepiece {spm.__version__}", small + unknown_runs(), False)
+         f"sentencepiece {spm.__version__}", small + unknown_runs() + long_docs, False)
 
     with open(os.path.join(out, "manifest.json.tmp"), "w") as f:
         json.dump({"tier": "full" if full else "fast", "tokenizers": manifest,

@@ -1,6 +1,7 @@
 // SentencePiece .model files (Llama 2, Mistral, TinyLlama) through Debian's libsentencepiece.
 #include <sentencepiece_processor.h>
 
+#include <cctype>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -10,6 +11,7 @@
 #include "lmforge/core/utf8.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/formats/formats.h"
+#include "lmforge/tokenizer/formats/sentencepiece_proto.h"
 
 namespace lmforge {
 
@@ -36,6 +38,16 @@ class SentencePieceTokenizer : public Tokenizer {
       }
     }
     space_id_ = sp_.PieceToId("\xE2\x96\x81");
+    // Unigram documents are encoded in chunks (see encode_append) where that gives the same ids:
+    // a dummy prefix, and no piece with a ▁ after its start but whitespace-only ones.
+    const SentencePieceModel m = parse_sentencepiece_model(bytes, path);
+    chunks_ = m.model_type == SentencePieceModel::kUnigram && m.add_dummy_prefix &&
+              !m.treat_whitespace_as_suffix;
+    for (const SentencePieceModel::Piece& p : m.pieces) {
+      const std::string_view v(p.piece);
+      const bool spaces_only = v.find_first_not_of("\xE2\x96\x81") == std::string_view::npos;
+      if (!spaces_only && v.find("\xE2\x96\x81", 1) != std::string_view::npos) chunks_ = false;
+    }
     kind_ = "sentencepiece";
     source_ = path;
     fingerprint_ = fnv1a_hex(bytes);
@@ -43,12 +55,18 @@ class SentencePieceTokenizer : public Tokenizer {
   // SentencePiece never reads control symbols from text: allow_special has no effect.
   void encode_append(std::string_view text, std::vector<int32_t>& out, bool,
                      bool add_bos) const override {
-    std::vector<int> ids;
     std::string shortened;
-    auto st = sp_.Encode(shorten_unknown_runs(text, shortened), &ids);
-    LMF_CHECK(st.ok(), "sentencepiece encode: {}", st.ToString());
+    const std::string_view t = shorten_unknown_runs(text, shortened);
     if (add_bos && bos_ >= 0) out.push_back(bos_);
-    out.insert(out.end(), ids.begin(), ids.end());
+    std::vector<int> ids;
+    for (size_t start = 0;;) {
+      const size_t end = chunk_end(t, start);
+      auto st = sp_.Encode(t.substr(start, end - start), &ids);
+      LMF_CHECK(st.ok(), "sentencepiece encode: {}", st.ToString());
+      out.insert(out.end(), ids.begin(), ids.end());
+      if (end == t.size()) break;
+      start = end + 1;  // past the space, which the next chunk's dummy prefix stands for
+    }
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::string s;
@@ -79,6 +97,21 @@ class SentencePieceTokenizer : public Tokenizer {
   int64_t vocab_size() const override { return sp_.GetPieceSize(); }
 
  private:
+  // Where the chunk from `start` ends: at a space between two ASCII letters or digits, 8 KB or
+  // more on (t.size() when none is, or when chunks_ is off). libsentencepiece 0.1.97's Unigram
+  // Viterbi sums scores over the whole text in float: over documents of ~100 KB and more it
+  // picks the other of two near-tied splits ("▁Ha r d" for "▁H ar d") where sentencepiece 0.2
+  // does not. No piece spans "x▁y" (checked in the constructor), so the best split of the
+  // whole is the chunks' best splits, each chunk's dummy prefix the ▁ of the space before it.
+  size_t chunk_end(std::string_view t, size_t start) const {
+    constexpr size_t kChunk = 8192;
+    if (!chunks_ || t.size() - start <= kChunk) return t.size();
+    auto alnum = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; };
+    for (size_t i = start + kChunk; i + 1 < t.size(); ++i)
+      if (t[i] == ' ' && alnum(t[i - 1]) && alnum(t[i + 1])) return i;
+    return t.size();
+  }
+
   static uint32_t char_key(std::string_view c) {  // a character's (1-4) bytes as one number
     uint32_t k = 0;
     std::memcpy(&k, c.data(), std::min<size_t>(c.size(), 4));
@@ -147,6 +180,7 @@ class SentencePieceTokenizer : public Tokenizer {
 
   sentencepiece::SentencePieceProcessor sp_;
   bool fuses_unknown_ = false;  // no byte pieces: a run of characters it lacks is one <unk>
+  bool chunks_ = false;         // a Unigram model whose documents encode in chunks (chunk_end)
   std::unordered_set<uint32_t> piece_chars_;  // the characters of its pieces
   int space_id_ = -1;                         // the piece "▁" (the dummy prefix)
   mutable std::mutex mu_;
