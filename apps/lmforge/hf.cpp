@@ -23,6 +23,7 @@
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/train/checkpoint.h"
+#include "lmforge/train/trainer.h"
 
 namespace lmforge::app {
 
@@ -189,7 +190,12 @@ void consolidate(const std::string& from, const std::string& out) {
   TrainState st;
   const nlohmann::json state = nlohmann::json::parse(read_file(dir + "/state.json"));
   const bool weights_only = state.value("weights_only", false);
-  AdamW opt(model.params(), {});
+  // The run's optimizer (AdamW, or Muon with its AdamW part), whose state the checkpoint holds.
+  Config run;
+  ConfigLoader loader(run);
+  loader.load_yaml_text(read_file(dir + "/config.yaml"), dir + "/config.yaml");
+  loader.finish();
+  AdamW opt(model.params(), optimizer_options(run));
   if (weights_only) {  // the weights and where they came from; there is no run to resume
     load_checkpoint(dir, model, nullptr, nullptr);
     st.step = state.value("step", int64_t{0});

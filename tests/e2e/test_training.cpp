@@ -235,6 +235,18 @@ TEST(Training, MuonLearnsAndResumesBitExact) {
   EXPECT_TRUE(opt.has("m.blocks.0.attn.qkv.weight"));
   EXPECT_FALSE(opt.has("v.blocks.0.attn.qkv.weight"));
   EXPECT_TRUE(opt.has("v.tok_emb.weight"));
+  // convert --from-checkpoint consolidates it, Muon's state and all (the same tensors).
+  r = run_lmforge("convert --from-checkpoint b/checkpoints/step-00000050 --out c", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  {
+    Safetensors in = Safetensors::open(dir + "/b/checkpoints/step-00000050/optimizer.safetensors");
+    Safetensors out = Safetensors::open(dir + "/c/checkpoints/step-00000050/optimizer.safetensors");
+    EXPECT_TRUE(in.names() == out.names());
+    for (const std::string& n : in.names()) {
+      const Tensor x = in.get(n), y = out.get(n);
+      EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0) << n;
+    }
+  }
   // The mean of the last 10 losses: below the start by far, and not behind AdamW's.
   auto tail = [](const std::map<int64_t, nlohmann::json>& m) {
     double s = 0;
