@@ -308,6 +308,20 @@ TEST(Checkpoint, WeightsOnlyCannotResumeEvenWithoutOptimizer) {
   load_checkpoint(s.ckpt(0), s.model, nullptr, nullptr);  // weights: fine
 }
 
+// Rank files are found by name: a missing one is named (not a tensor "missing" from rank 0's),
+// as is a set of files from runs of other rank counts.
+TEST(Checkpoint, AMissingRankFileIsNamed) {
+  Saver s("ckpt-rank-files");
+  const std::string d = s.save(1);
+  fs::rename(d + "/optimizer.safetensors", d + "/optimizer-rank-00000-of-00002.safetensors");
+  std::string e = testing::error_of([&] { load_checkpoint(d, s.model, &s.opt, nullptr); });
+  EXPECT_NE(e.find("optimizer-rank-00001-of-00002.safetensors is missing"), std::string::npos) << e;
+  fs::copy_file(d + "/optimizer-rank-00000-of-00002.safetensors",
+                d + "/optimizer-rank-00000-of-00003.safetensors");
+  e = testing::error_of([&] { load_checkpoint(d, s.model, &s.opt, nullptr); });
+  EXPECT_NE(e.find("not the ranks of one run"), std::string::npos) << e;
+}
+
 // A state.json field of the wrong type (a hand edit, a damaged but re-hashed checkpoint) is one
 // error naming the file, not a bare JSON exception.
 // A checkpoint saved before a model key existed (LoRA's, Gemma's) loads with the key's default,

@@ -60,11 +60,31 @@ std::vector<Safetensors> open_pieces(const std::string& dir, const std::string& 
   }
   std::vector<std::string> paths;
   for (auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().starts_with(stem + "-rank-")) paths.push_back(e.path());
+    if (const std::string n = e.path().filename().string();
+        n.starts_with(stem + "-rank-") && n.ends_with(".safetensors"))
+      paths.push_back(e.path());
   std::sort(paths.begin(), paths.end());
   if (paths.empty())
     fail("{}: no {}.safetensors (or {}-rank-*.safetensors); the checkpoint is incomplete", dir,
          stem, stem);
+  // "<stem>-rank-0000i-of-0000N.safetensors": every i of one N, each once.
+  const auto name_of = [&](size_t i, size_t n) {
+    return fmt::format("{}-rank-{:05d}-of-{:05d}.safetensors", stem, i, n);
+  };
+  auto count_in = [](const std::string& path) -> size_t {  // the N of "-of-N"
+    const std::string name = fs::path(path).filename().string();
+    const size_t of = name.find("-of-");
+    return of == std::string::npos ? 0 : std::strtoull(name.c_str() + of + 4, nullptr, 10);
+  };
+  const size_t n = count_in(paths[0]);
+  for (const std::string& p : paths)
+    if (n == 0 || count_in(p) != n || paths.size() > n)
+      fail("{}: {} {}-rank files, not the ranks of one run ({}); the checkpoint is corrupt", dir,
+           paths.size(), stem, fs::path(p).filename().string());
+  for (size_t i = 0; i < n; ++i)
+    if (i >= paths.size() || fs::path(paths[i]).filename() != name_of(i, n))
+      fail("{}: {} is missing (it holds {} of the {} {}-rank files); the checkpoint is incomplete",
+           dir, name_of(i, n), paths.size(), n, stem);
   for (const std::string& p : paths) out.push_back(Safetensors::open(p));
   return out;
 }
@@ -164,7 +184,12 @@ void fill_flat(const std::vector<Safetensors>& files, const std::string& prefix,
     if (got != want)
       fail(
           "{}: tensor {} is missing or incomplete; the checkpoint is corrupt or from another model",
-          files.empty() ? std::string("checkpoint") : files[0].path(), name);
+          files.size() == 1 ? files[0].path()
+          : files.empty()
+              ? std::string("checkpoint")
+              : fmt::format("{} (its {} rank files)",
+                            fs::path(files[0].path()).parent_path().string(), files.size()),
+          name);
   }
 }
 
