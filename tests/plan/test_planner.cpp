@@ -271,6 +271,23 @@ TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {
   bad = testing::run_lmforge("plan --set train.seq_len=4096", dir);
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("train.seq_len"), std::string::npos) << bad.err;
+  // What train refuses from the config alone, plan refuses with train's message (each checked
+  // against `train` too: the same first line).
+  const std::string tiny = "--set model.preset=gpt2-tiny --set data.tokenizer=byte ";
+  for (const auto& [set, want] : std::vector<std::pair<std::string, std::string>>{
+           {"--set model.vocab_size=256", "model.vocab_size: 256 is smaller than the tokenizer's"},
+           {"--set data.tokenizer=bpe:100", "expected bpe:N with N >= 257"},
+           {"--set train.patience=2 --set train.eval_every=0", "train.patience"},
+           {"--set data.val_fraction=1.5", "data.val_fraction"},
+           {"--set data.packing=bogus", "data.packing"},
+           {"--set dist.tensor_parallel=2", "does not divide the 1 ranks"}}) {
+    for (const char* cmd : {"plan ", "train "}) {
+      bad = testing::run_lmforge(cmd + tiny + set, dir);
+      EXPECT_EQ(bad.exit_code, 1) << cmd << set << "\n" << bad.out;
+      EXPECT_NE(bad.err.find(want), std::string::npos) << cmd << set << "\n" << bad.err;
+    }
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/runs")) << "nothing trained";
 }
 
 }  // namespace

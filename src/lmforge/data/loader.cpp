@@ -64,10 +64,14 @@ std::vector<int64_t> target_counts(const std::vector<Batch>& batches, int32_t ig
   return out;
 }
 
+void check_packing(const std::string& packing) {
+  if (packing != "none" && packing != "best_fit")
+    fail("data.packing: expected none or best_fit, got \"{}\"", packing);
+}
+
 Loader::Loader(const std::vector<DataSourceSpec>& specs, const LoaderOptions& opt)
     : o_(opt), rng_(opt.seed) {
-  if (o_.packing != "none" && o_.packing != "best_fit")
-    fail("data.packing: expected none or best_fit, got \"{}\"", o_.packing);
+  check_packing(o_.packing);
   if (o_.world < 1 || o_.rank < 0 || o_.rank >= o_.world)
     fail("loader: rank {} of world {} is invalid", o_.rank, o_.world);
   if (o_.batch < 1 || o_.seq < 1)

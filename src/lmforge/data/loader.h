@@ -42,6 +42,9 @@ struct DataSourceSpec {
 // spec that matches no shard.
 std::vector<DataSourceSpec> parse_data_spec(const std::string& spec, const std::string& key);
 
+// Throws Error for a data.packing other than none and best_fit.
+void check_packing(const std::string& packing);
+
 struct LoaderOptions {
   int64_t batch = 1, seq = 1;
   uint64_t seed = 0;

@@ -283,6 +283,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     fail("--ranks-per-node: {} does not divide --ranks {}", per_node, o.ranks);
   if (!(o.mfu > 0 && o.mfu <= 1)) fail("--mfu: must be in (0, 1], got {}", o.mfu);
   validate_train_config(cfg);  // (what train refuses: a batch of 0 divided by zero here)
+  validate_rank_count(cfg, o.ranks);
   Plan p;
   p.options = o;
   p.model = cfg.model;
@@ -297,16 +298,20 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     adopt_init_model(c, *src);
     p.model = c.model;
   }
-  if (p.model.vocab_size == 0) {  // the tokenizer's, padded to 64 (as train does)
+  // The tokenizer's ids (as train takes them: not with init_from, whose model has its vocabulary):
+  // the model's vocabulary where it is 0 (padded to 64), which must hold them otherwise.
+  if (cfg.init_from.empty() || p.model.vocab_size == 0) {
     const std::string& spec = cfg.data.tokenizer;
     int64_t v = 0;
+    bool exact = true;  // v is the tokenizer's size, not a bound
     if (spec.starts_with("bpe:")) {
       // (the one a run trained already, cached: merges may run out before N; else at most N)
       v = bpe_spec_size(spec);
+      exact = false;
       if (v >= 257 && !cfg.data.text.empty()) try {
           const std::string cached = bpe_tokenizer_for_text(
               cfg.data.text, v, cfg.data.train.empty() ? cfg.data.val_fraction : 0.0, false);
-          if (!cached.empty()) v = load_tokenizer(cached)->vocab_size();
+          if (!cached.empty()) v = load_tokenizer(cached)->vocab_size(), exact = true;
         } catch (const std::exception&) {  // (no such text: train says so)
         }
     } else {
@@ -317,7 +322,10 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       }
     }
     if (v <= 0) fail("data.tokenizer: \"{}\": expected bpe:N, byte or a tokenizer file", spec);
-    p.model.vocab_size = (v + 63) / 64 * 64;
+    if (p.model.vocab_size == 0) p.model.vocab_size = (v + 63) / 64 * 64;
+    Config c = cfg;
+    c.model.vocab_size = p.model.vocab_size;
+    if (exact) check_vocab_covers(c, v);
   }
   p.model.validate();
   const ModelConfig& m = p.model;

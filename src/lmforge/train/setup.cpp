@@ -138,9 +138,8 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
       std::string spec = cfg.data.tokenizer;
       if (spec.empty())
         fail("not set (it may be empty only with init_from); byte, bpe:N or a tokenizer file");
-      if (spec.starts_with("bpe:")) {  // train one on data.text (cached)
-        const int64_t n = bpe_spec_size(spec);
-        if (n < 257) fail("\"{}\": expected bpe:N with N >= 257", spec);
+      if (spec.starts_with("bpe:")) {           // train one on data.text (cached)
+        const int64_t n = bpe_spec_size(spec);  // (>= 257: validate_train_config)
         if (cfg.data.text.empty()) fail("\"{}\" trains on data.text, which is not set", spec);
         // (on the text's training share where it is split: not where data.train is the data)
         spec = bpe_tokenizer_for_text(cfg.data.text, n,
@@ -156,11 +155,7 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
         "use the model's own",
         cfg.data.tokenizer, cfg.init_from);
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = (tokenizer->vocab_size() + 63) / 64 * 64;
-  if (cfg.model.vocab_size < tokenizer->vocab_size())
-    fail(
-        "model.vocab_size: {} is smaller than the tokenizer's {} ids ({}); set it to 0 to take "
-        "the tokenizer's",
-        cfg.model.vocab_size, tokenizer->vocab_size(), cfg.data.tokenizer);
+  check_vocab_covers(cfg, tokenizer->vocab_size());
   cfg.model.validate();
   // dist.tensor_parallel: groups of consecutive ranks share each block; the groups are the data
   // parallel ranks (each group reads one slice of the batch).

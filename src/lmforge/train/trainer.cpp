@@ -108,12 +108,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   // Early stopping counts validation losses (Lightning's EarlyStopping raises when its metric is
-  // missing): never evaluated, or nothing to evaluate on, it would never fire.
-  if (t.patience > 0 && t.eval_every <= 0)
-    fail(
-        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
-        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
-        t.eval_every);
+  // missing): with nothing to evaluate on, it would never fire (never evaluated: refused by
+  // validate_train_config).
   if (t.patience > 0 && !val_data)
     fail(
         "train.patience: early stopping counts validation losses, but this run has no validation "

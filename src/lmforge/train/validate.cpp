@@ -9,6 +9,8 @@
 #include "lmforge/backend/cuda/runtime.h"
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
+#include "lmforge/data/loader.h"
+#include "lmforge/data/text_shards.h"
 #include "lmforge/dist/communicator.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
@@ -153,6 +155,16 @@ void validate_train_config(const Config& cfg) {
   if (cfg.run.dir.empty()) fail("run.dir: empty; set the run directory (e.g. runs/my-run)");
   if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
   if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
+  if (t.patience > 0 && t.eval_every <= 0)
+    fail(
+        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
+        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
+        t.eval_every);
+  if (!(cfg.data.val_fraction >= 0 && cfg.data.val_fraction < 1))
+    fail("data.val_fraction: {} must be in [0, 1)", cfg.data.val_fraction);
+  check_packing(cfg.data.packing);
+  if (cfg.data.tokenizer.starts_with("bpe:") && bpe_spec_size(cfg.data.tokenizer) < 257)
+    fail("data.tokenizer: \"{}\": expected bpe:N with N >= 257", cfg.data.tokenizer);
   if (!cfg.sample.prompt.empty())  // the sample comes after training: its options are checked now
     check_sampling(sampling_options(cfg, nullptr), /*config_keys=*/true);
   positive(t.batch_size, "batch_size");
@@ -290,6 +302,14 @@ void validate_train_config(const Config& cfg) {
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
   validate_tensor_parallel(cfg);
+}
+
+void check_vocab_covers(const Config& cfg, int64_t tokenizer_ids) {
+  if (cfg.model.vocab_size < tokenizer_ids)
+    fail(
+        "model.vocab_size: {} is smaller than the tokenizer's {} ids ({}); set it to 0 to take "
+        "the tokenizer's",
+        cfg.model.vocab_size, tokenizer_ids, cfg.data.tokenizer);
 }
 
 void validate_rank_count(const Config& cfg, int ranks) {
