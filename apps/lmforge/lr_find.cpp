@@ -3,6 +3,8 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -41,7 +43,23 @@ void add_lr_find(CLI::App& app) {
     c.xlabel = "learning rate";
     c.ylabel = "loss";
     c.log_x = true;
-    c.series = {{"loss", r.lrs, r.losses}, {"smoothed", r.lrs, r.smoothed}};
+    // The losses past divergence (up to 4x the smoothed minimum, where the sweep stops) would
+    // squash the useful range: the plot leaves out points above 1.25x the first ones' highest
+    // (the .json keeps them all), and marks the suggestion with a vertical line.
+    double first = 0, low = INFINITY;
+    for (size_t i = 0; i < r.smoothed.size(); ++i) {
+      if (i < 5 && std::isfinite(r.smoothed[i])) first = std::max(first, r.smoothed[i]);
+      if (std::isfinite(r.losses[i])) low = std::min(low, r.losses[i]);
+    }
+    const double cap = first > 0 ? 1.25 * first : INFINITY;
+    auto capped = [&](std::vector<double> v) {
+      for (double& y : v)
+        if (!(y <= cap)) y = NAN;
+      return v;
+    };
+    c.series = {{"loss", r.lrs, capped(r.losses)}, {"smoothed", r.lrs, capped(r.smoothed)}};
+    if (std::isfinite(low) && std::isfinite(cap))
+      c.series.push_back({"suggested", {r.suggested, r.suggested}, {low, cap}});
     write_chart(c, o->out);
     nlohmann::json j = {{"lr", r.lrs},
                         {"loss", r.losses},

@@ -105,11 +105,12 @@ TEST(DiskFull, ACheckpointThatCannotBeWrittenIsOneLineAndLeavesNothing) {
 TEST(LrFind, SweepsPlotsAndSuggestsWithoutTouchingTheRunDir) {
   std::string dir = testing::temp_dir("lrfind");
   auto r = run_lmforge(std::string("lr-find ") + kTiny +
-                           "--set run.dir=run --steps 60 --start 1e-6 --end 10 --out lr.png",
+                           "--set run.dir=run --steps 60 --start 1e-6 --end 10 --out lr.svg",
                        dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir + "/run"));
-  EXPECT_TRUE(std::filesystem::exists(dir + "/lr.png"));
+  // The plot marks the suggestion (a vertical line in the legend as "suggested").
+  EXPECT_NE(testing::slurp(dir + "/lr.svg").find(">suggested<"), std::string::npos);
   auto j = nlohmann::json::parse(testing::slurp(dir + "/lr.json"));
   auto lrs = j["lr"].get<std::vector<double>>();
   ASSERT_GE(lrs.size(), 20u);

@@ -284,6 +284,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
   if (!(o.mfu > 0 && o.mfu <= 1)) fail("--mfu: must be in (0, 1], got {}", o.mfu);
   validate_train_config(cfg);  // (what train refuses: a batch of 0 divided by zero here)
   validate_rank_count(cfg, o.ranks);
+  check_early_stopping(cfg);
   Plan p;
   p.options = o;
   p.model = cfg.model;

@@ -107,9 +107,8 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   Transformer& model = *setup.model;
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
-  // Early stopping counts validation losses (Lightning's EarlyStopping raises when its metric is
-  // missing): with nothing to evaluate on, it would never fire (never evaluated: refused by
-  // validate_train_config).
+  // Early stopping counts validation losses: with nothing to evaluate on, it would never fire.
+  check_early_stopping(cfg);
   if (t.patience > 0 && !val_data)
     fail(
         "train.patience: early stopping counts validation losses, but this run has no validation "

@@ -133,6 +133,9 @@ bool teacher_in_bf16(const Config& cfg);
 
 // Checks train.* values that no other component checks; throws Error naming the key.
 void validate_train_config(const Config& cfg);
+// Throws Error for early stopping that cannot fire (train.patience without evaluations): train's
+// and plan's check (lr-find ignores the key).
+void check_early_stopping(const Config& cfg);
 // Throws Error when model.vocab_size (set, not 0) has fewer rows than the tokenizer has ids.
 void check_vocab_covers(const Config& cfg, int64_t tokenizer_ids);
 // What the number of ranks launched must satisfy for the run's layout: a multiple of

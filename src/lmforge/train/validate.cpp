@@ -155,11 +155,6 @@ void validate_train_config(const Config& cfg) {
   if (cfg.run.dir.empty()) fail("run.dir: empty; set the run directory (e.g. runs/my-run)");
   if (t.eval_every > 0) positive(t.eval_batches, "eval_batches");
   if (t.eval_every < 0) fail("train.eval_every: must be >= 0 (0 = never), got {}", t.eval_every);
-  if (t.patience > 0 && t.eval_every <= 0)
-    fail(
-        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
-        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
-        t.eval_every);
   if (!(cfg.data.val_fraction >= 0 && cfg.data.val_fraction < 1))
     fail("data.val_fraction: {} must be in [0, 1)", cfg.data.val_fraction);
   check_packing(cfg.data.packing);
@@ -302,6 +297,17 @@ void validate_train_config(const Config& cfg) {
   if (cfg.dist.ranks_per_node < 0)
     fail("dist.ranks_per_node: must be >= 0 (0 = as launched), got {}", cfg.dist.ranks_per_node);
   validate_tensor_parallel(cfg);
+}
+
+void check_early_stopping(const Config& cfg) {
+  const TrainConfig& t = cfg.train;
+  // Early stopping counts validation losses (Lightning's EarlyStopping raises when its metric is
+  // missing): never evaluated, it would never fire.
+  if (t.patience > 0 && t.eval_every <= 0)
+    fail(
+        "train.patience: early stopping counts validation losses, but train.eval_every is {} "
+        "(never evaluated); set it to the steps between evaluations, or train.patience: 0",
+        t.eval_every);
 }
 
 void check_vocab_covers(const Config& cfg, int64_t tokenizer_ids) {
