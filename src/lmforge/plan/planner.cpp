@@ -416,6 +416,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     fo.muon_bf16 = fo.muon && bf16 && gpu;  // a GPU's (a CPU's with AMX or Zen 4 too)
     sp.state = training_footprint(m, fo);
     sp.activations = activations;
+    sp.runtime = gpu ? 0 : kCpuRuntimeBytes;
     sp.sent_bytes = step_traffic_bytes(m, fo, o.ranks, t.grad_accum);
     sp.fits = o.memory_bytes > 0 && sp.total() <= o.memory_bytes;
     p.strategies.push_back(sp);
@@ -454,6 +455,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         sp.strategy = static_cast<int>(across);
         sp.tensor_parallel = tp;
         sp.sequence_parallel = seq;
+        sp.runtime = gpu ? 0 : kCpuRuntimeBytes;
         FootprintOptions fo = base;  // (the reference's share, where there is one)
         fo.strategy = sp.strategy;
         fo.shards = o.ranks / tp;
@@ -521,15 +523,15 @@ std::string format_plan(const Plan& p) {
       p.steps, p.tokens);
   s += fmt::format("per rank, GiB (activations: {}){}\n", p.recompute,
                    o.memory_bytes > 0 ? fmt::format("; {} GiB each", gib(o.memory_bytes)) : "");
-  s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>12}\n", "strategy",
-                   "values", "gather", "grads", "optimizer", "reference", "activations", "total",
-                   "fits", "sent/step");
+  s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>7} {:>8} {:>6} {:>12}\n",
+                   "strategy", "values", "gather", "grads", "optimizer", "reference", "activations",
+                   "runtime", "total", "fits", "sent/step");
   for (const StrategyPlan& sp : p.strategies)
-    s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>6} {:>8} GiB\n",
+    s += fmt::format("  {:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>11} {:>7} {:>8} {:>6} {:>8} GiB\n",
                      name(sp), gib(sp.state.values), gib(sp.state.gather), gib(sp.state.gradients),
                      gib(sp.state.optimizer), gib(sp.state.reference), gib(sp.activations),
-                     gib(sp.total()), o.memory_bytes > 0 ? (sp.fits ? "yes" : "no") : "?",
-                     gib(sp.sent_bytes));
+                     gib(sp.runtime), gib(sp.total()),
+                     o.memory_bytes > 0 ? (sp.fits ? "yes" : "no") : "?", gib(sp.sent_bytes));
   if (p.recommended >= 0 && p.strategies[p.recommended].tensor_parallel > 1)
     s += fmt::format(
         "recommended: dist.tensor_parallel: {}{} with dist.strategy: {} (fits, and sends the "

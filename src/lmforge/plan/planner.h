@@ -81,13 +81,19 @@ struct PlanOptions {
   double mfu = 0.4;         // the share of the peak a step reaches
 };
 
+// A training process's memory beside its tensors on a CPU: the binary, oneDNN's and the C++
+// runtime's pages, OpenMP's threads (measured: ~187 MiB peak RSS above the planned tensors,
+// gpt2-tiny to GPT-2 124M, 2026-12-07). A GPU's context is not counted.
+constexpr double kCpuRuntimeBytes = 190.0 * (1 << 20);
+
 struct StrategyPlan {
   int strategy = 0;                // dist::Strategy
   int tensor_parallel = 1;         // dist.tensor_parallel (groups of N ranks; strategy across them)
   bool sequence_parallel = false;  // dist.sequence_parallel (each rank its own rows)
   TrainingFootprint state;
   double activations = 0;  // bytes (Transformer::plan's arena for the micro-batch)
-  double total() const { return state.total() + activations; }
+  double runtime = 0;      // the process itself on a CPU (kCpuRuntimeBytes); 0 on a GPU
+  double total() const { return state.total() + activations + runtime; }
   double sent_bytes = 0;  // per step and rank (ring algorithm's bytes)
   bool fits = false;
 };
