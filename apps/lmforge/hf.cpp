@@ -50,7 +50,7 @@ uint64_t parse_size(const std::string& s) {
                                                   : -1;
   // (transformers reads a lower-case "b" after K, M or G as bits: "5Gb" is 625 MB there; refused)
   if (i == 0 || err != std::errc() || end != s.data() + i || mult < 0 || !(v > 0) ||
-      (unit.size() == 2 && s.back() == 'b'))
+      !(v * mult < 0x1p63) || (unit.size() == 2 && s.back() == 'b'))
     fail(
         "--max-shard-size: expected a size such as 5GB, 500MB or 2GiB (B in capitals), got "
         "\"{}\"",
@@ -195,6 +195,7 @@ void consolidate(const std::string& from, const std::string& out) {
   ConfigLoader loader(run);
   loader.load_yaml_text(read_file(dir + "/config.yaml"), dir + "/config.yaml");
   loader.finish();
+  run.train.device = "cpu";  // (the state's layout is the same; a GPU run consolidates anywhere)
   AdamW opt(model.params(), optimizer_options(run));
   if (weights_only) {  // the weights and where they came from; there is no run to resume
     load_checkpoint(dir, model, nullptr, nullptr);
@@ -285,7 +286,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
           base_model);
   }
   // Written beside the target and renamed, so a failure leaves no half-written model.
-  const std::string tmp = fresh_temp_path(out);
+  const std::string tmp = fresh_temp_path(out + ".lmforge-export");
   try {
     if (peft)
       save_peft_adapter(model, tmp, base_model, dt);

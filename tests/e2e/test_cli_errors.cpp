@@ -259,9 +259,12 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--to-hf", "notes.txt", "--force would delete"});
   EXPECT_EQ(testing::slurp(dir + "/file.txt"), "mine\n");
   EXPECT_EQ(testing::slurp(dir + "/mine/notes.txt"), "mine\n");
-  // Its temporary is its own: a user's DIR.tmp beside the target is left alone.
-  fs::create_directories(dir + "/out.tmp");
-  std::ofstream(dir + "/out.tmp/precious.txt") << "mine\n";
+  // Its temporary is its own: a user's DIR.tmp beside the target is left alone, as is one named
+  // like a temporary of a process that is gone (pid 999999999 is above any pid_max).
+  for (const char* d : {"/out.tmp", "/out.999999999.0.tmp"}) {
+    fs::create_directories(dir + d);
+    std::ofstream(dir + d + "/precious.txt") << "mine\n";
+  }
   for (const char* size : {"1.5.3KB", "5Gb", "KB", "0MB", "5TB"})
     expect_one_line_error(
         run_lmforge(fmt::format("export --checkpoint run --to-hf out --max-shard-size {}", size),
@@ -270,8 +273,10 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
   EXPECT_FALSE(fs::exists(dir + "/out"));
   ASSERT_EQ(run_lmforge("export --checkpoint run --to-hf out --max-shard-size 1kib", dir).exit_code,
             0);
-  EXPECT_EQ(testing::slurp(dir + "/out.tmp/precious.txt"), "mine\n");
-  fs::remove_all(dir + "/out.tmp");  // (the user's: no temporary of lmforge's is left, below)
+  for (const char* d : {"/out.tmp", "/out.999999999.0.tmp"}) {
+    EXPECT_EQ(testing::slurp(dir + d + "/precious.txt"), "mine\n") << d;
+    fs::remove_all(dir + d);  // (the user's: no temporary of lmforge's is left, below)
+  }
   EXPECT_TRUE(fs::exists(dir + "/out/model.safetensors.index.json"));  // 1,024-byte shards
   // Training again into the same run.dir without --resume would mix two runs.
   expect_one_line_error(run_lmforge("train tiny.yaml", dir), {"run.dir", "--resume"});

@@ -336,7 +336,7 @@ TEST(HfCli, ConvertInfoGenerateTrainExport) {
   r = t::run_lmforge("export --checkpoint run --to-hf out/ --force", root);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(SafetensorsSet::open(root + "/out").names().size(), orig.names().size());
-  for (const auto& e : std::filesystem::directory_iterator(root))  // (out.<pid>.<n>.tmp)
+  for (const auto& e : std::filesystem::directory_iterator(root))  // (out.lmforge-export.*.tmp)
     EXPECT_FALSE(e.path().filename().string().ends_with(".tmp")) << e.path();
   EXPECT_FALSE(std::filesystem::exists(root + "/out/.tmp"));
 

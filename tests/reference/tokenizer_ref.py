@@ -268,17 +268,20 @@ HARD_CASES = [
 
 def unknown_runs():
     """Runs of characters an English model lacks (CJK, Greek, Hangul), 1 to 100,000 long, next
-    to text, spaces, characters NFKC maps to ASCII, combining marks and ideographic spaces."""
+    to text, spaces, characters NFKC maps to ASCII, combining marks and ideographic spaces; and
+    Hangul jamo, unknown alone, that compose into a syllable the model has."""
     rng = random.Random(97)
 
     def cjk(n):
         return "".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(n))
     docs = []
+    jamo = "\u1100\u1161"  # 가 as its two jamo (a piece where the model has 가)
     for n in (1, 31, 32, 33, 63, 64, 65, 66, 200, 5000, 100_000):
         docs += [cjk(n), f"In the beginning {cjk(n)} God created",
                  f"word{cjk(n)}\uff57\uff4f\uff52\uff44{cjk(n)}\u0301x{cjk(n)}",
                  f"{cjk(n)}\u3000{cjk(n)} \u00e9\u0301{cjk(n)}\ufb01",
-                 f"  {cjk(n)}   {'Ω' * n}{'αβγ' * n}{cjk(n)}\u0301\u1100\u1161{cjk(n)}  "]
+                 f"  {cjk(n)}   {'Ω' * n}{'αβγ' * n}{cjk(n)}\u0301\u1100\u1161{cjk(n)}  ",
+                 jamo * n, f"{cjk(n)}{jamo * n}\u1100{cjk(n)}"]
     return [(f"unknown-run-{i}", d) for i, d in enumerate(docs)]
 
 
@@ -739,7 +742,11 @@ def make(out, assets, full=False):
     # libsentencepiece 0.1.97 takes time growing with their square).
     uni_path = os.path.join(out, "sentencepiece-unigram", "tokenizer.model")
     os.makedirs(os.path.dirname(uni_path), exist_ok=True)
-    sp = train_sentencepiece(kjv_lines, uni_path, dict(model_type="unigram", vocab_size=1000))
+    # (Hangul syllables in its training text: it has 가 but not the jamo U+1100 U+1161, which
+    # nmt_nfkc composes into it: characters unknown alone, a piece together)
+    hangul = ["가나다라마바사 아자차카타파하 " * 4] * 60
+    sp = train_sentencepiece(kjv_lines + hangul, uni_path,
+                             dict(model_type="unigram", vocab_size=1000))
     # Long documents too: libsentencepiece 0.1.97's Viterbi over a whole one (float sums) breaks
     # near-ties unlike sentencepiece 0.2 from ~100 KB on (lmforge encodes them in chunks).
     kjv = kjv_text()

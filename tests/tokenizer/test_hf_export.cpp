@@ -274,6 +274,28 @@ TEST(TokenizerHfExport, AutoTokenizerEncodesAndDecodesLikeLmforge) {
     else  // refused with an Error rather than encoded differently
       EXPECT_THROW(load_tokenizer(dir), Error);
     check_files(c, tok, dir);
+    if (c.name == "sentencepiece-bpe-plain") {
+      // The tokenizer.model beside a refused tokenizer.json stands in for an intact one only:
+      // not for a damaged file, nor for one with tokens added past the model's pieces.
+      const std::string json_text = testing::slurp(dir + "/tokenizer.json");
+      const std::string other = out + "/sp-fallback";
+      fs::create_directories(other);
+      fs::copy_file(dir + "/tokenizer.model", other + "/tokenizer.model");
+      std::ofstream(other + "/tokenizer.json") << json_text.substr(0, json_text.size() / 2);
+      EXPECT_THROW(load_tokenizer(other), Error);
+      json added = json::parse(json_text);
+      added["added_tokens"].push_back({{"id", tok.vocab_size()},
+                                       {"content", "<|im_start|>"},
+                                       {"single_word", false},
+                                       {"lstrip", false},
+                                       {"rstrip", false},
+                                       {"normalized", false},
+                                       {"special", true}});
+      std::ofstream(other + "/tokenizer.json", std::ios::trunc) << added.dump();
+      EXPECT_THROW(load_tokenizer(other), Error);
+      std::ofstream(other + "/tokenizer.json", std::ios::trunc) << json_text;
+      EXPECT_EQ(load_tokenizer(other)->vocab_size(), tok.vocab_size());
+    }
   }
   std::printf("total: %.1f s\n", std::chrono::duration<double>(clock::now() - t0).count());
   if (!HasFailure()) fs::remove_all(out);

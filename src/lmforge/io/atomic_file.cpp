@@ -44,7 +44,14 @@ void remove_stale_temps(const std::string& path) {
     const std::string rest = name.substr(prefix.size());  // "<pid>.<n>.tmp"
     const long pid = std::strtol(rest.c_str(), nullptr, 10);
     if (pid <= 0 || rest.find_first_not_of("0123456789.") != rest.size() - 3) continue;
-    if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove_all(it->path(), ec);
+    if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      // (a directory only where its name is lmforge's beyond doubt: an export's, see
+      // fresh_temp_path; a user's "x.2024.12.tmp" beside x is left alone)
+      if (!it->is_directory(ec))
+        fs::remove(it->path(), ec);
+      else if (prefix.find(".lmforge-") != std::string::npos)
+        fs::remove_all(it->path(), ec);
+    }
   }
 }
 }  // namespace

@@ -44,7 +44,8 @@ using RecordReader = std::function<RecordAction(std::istream& in, uint64_t left,
 void rewrite_records(const std::string& path, const RecordReader& next);
 
 // "<path>.<pid>.<n>.tmp", a name no other writer (process or call) uses, for a temporary file or
-// directory to rename onto path; first removes path's temporaries whose writer process is gone.
+// directory to rename onto path; first removes path's temporaries whose writer process is gone
+// (directories only where path names lmforge's own, "<...>.lmforge-<what>": an export's).
 std::string fresh_temp_path(const std::string& path);
 
 // Whole-file helpers.

@@ -283,30 +283,32 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
   write_safetensors_set(dir, tensors, {{"format", "pt"}}, max_shard_bytes);
   // The source model's generation_config.json where the tokenizer came with one (its end ids and
   // sampling defaults, as transformers' save_pretrained keeps them), else the tokenizer's ids.
+  // Ids past the tokenizer's (a vocabulary lmforge padded to a multiple of 64) stand for no text:
+  // lmforge never samples them, and suppress_tokens has transformers' generate skip them too.
+  json padding = json::array();
+  for (int64_t id = tok ? tok->vocab_size() : m.vocab_size; id < m.vocab_size; ++id)
+    padding.push_back(id);
   const std::string from = tok ? hf_tokenizer_dir(*tok) : "";
-  const bool source_gen = !from.empty() && fs::exists(fs::path(from) / "generation_config.json");
-  if (source_gen) {
-    const std::string gen = read_file((fs::path(from) / "generation_config.json").string());
+  const fs::path gen_path = fs::path(dir) / "generation_config.json";
+  if (!from.empty() && fs::exists(fs::path(from) / "generation_config.json")) {
+    std::string gen = read_file((fs::path(from) / "generation_config.json").string());
     // Its token ids in config.json too, as the source's (Llama 3.1's three end ids, Gemma's pad):
     // the tokenizer alone knows one EOS and no pad.
-    const json g = json::parse(gen, nullptr, /*allow_exceptions=*/false);
+    json g = json::parse(gen, nullptr, /*allow_exceptions=*/false);
     for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"})
       if (g.is_object() && g.contains(key) && !g[key].is_null()) config[key] = g[key];
-    write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen);
-  }
-  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-  if (!source_gen) {
+    if (g.is_object() && !padding.empty() && !g.contains("suppress_tokens")) {
+      g["suppress_tokens"] = padding;
+      gen = g.dump(2) + "\n";
+    }
+    write_file_atomic(gen_path.string(), gen);
+  } else {
     json gen = {{"bos_token_id", bos >= 0 ? json(bos) : json(nullptr)},
                 {"eos_token_id", eos >= 0 ? json(eos) : json(nullptr)}};
-    // Ids past the tokenizer's (a vocabulary lmforge padded to a multiple of 64) stand for no
-    // text: lmforge never samples them, and this has transformers' generate skip them too.
-    if (tok && tok->vocab_size() < m.vocab_size) {
-      json ids = json::array();
-      for (int64_t id = tok->vocab_size(); id < m.vocab_size; ++id) ids.push_back(id);
-      gen["suppress_tokens"] = ids;
-    }
-    write_file_atomic((fs::path(dir) / "generation_config.json").string(), gen.dump(2) + "\n");
+    if (!padding.empty()) gen["suppress_tokens"] = padding;
+    write_file_atomic(gen_path.string(), gen.dump(2) + "\n");
   }
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
   if (tok) export_hf_tokenizer(*tok, dir);
 }
 

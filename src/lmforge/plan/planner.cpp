@@ -283,7 +283,6 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     fail("--ranks-per-node: {} does not divide --ranks {}", per_node, o.ranks);
   if (!(o.mfu > 0 && o.mfu <= 1)) fail("--mfu: must be in (0, 1], got {}", o.mfu);
   validate_train_config(cfg);  // (what train refuses: a batch of 0 divided by zero here)
-  validate_rank_count(cfg, o.ranks);
   check_early_stopping(cfg);
   Plan p;
   p.options = o;
@@ -319,10 +318,14 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
       try {
         v = load_tokenizer(spec)->vocab_size();
       } catch (const Error& e) {
-        fail("data.tokenizer: {}", e.what());
+        // (with model.vocab_size set the tokenizer need not be here: planning a cluster's run
+        // on a laptop; train checks it)
+        if (p.model.vocab_size == 0) fail("data.tokenizer: {}", e.what());
+        exact = false;
       }
     }
-    if (v <= 0) fail("data.tokenizer: \"{}\": expected bpe:N, byte or a tokenizer file", spec);
+    if (v <= 0 && p.model.vocab_size == 0)
+      fail("data.tokenizer: \"{}\": expected bpe:N, byte or a tokenizer file", spec);
     if (p.model.vocab_size == 0) p.model.vocab_size = (v + 63) / 64 * 64;
     Config c = cfg;
     c.model.vocab_size = p.model.vocab_size;

@@ -3,6 +3,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
 #include "lmforge/tokenizer/formats/formats.h"
@@ -102,6 +103,25 @@ std::string sniff(const std::string& path) {
   return "binary";
 }
 
+// The ids a tokenizer.json names (its model's vocabulary and its added tokens: the highest + 1),
+// or -1 when it is not such JSON.
+int64_t tokenizer_json_ids(const std::string& path) {
+  std::ifstream in(path);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) return -1;
+  int64_t n = -1;
+  const nlohmann::json& vocab = j["model"].value("vocab", nlohmann::json());
+  if (vocab.is_array()) n = static_cast<int64_t>(vocab.size());  // Unigram: [piece, score]
+  if (vocab.is_object())
+    for (const auto& [piece, id] : vocab.items())
+      if (id.is_number_integer()) n = std::max<int64_t>(n, id.get<int64_t>() + 1);
+  if (j.contains("added_tokens") && j["added_tokens"].is_array())
+    for (const nlohmann::json& t : j["added_tokens"])
+      if (t.is_object() && t.contains("id") && t["id"].is_number_integer())
+        n = std::max<int64_t>(n, t["id"].get<int64_t>() + 1);
+  return n;
+}
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
@@ -114,11 +134,22 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
         return load_hf_tokenizer_json((d / "tokenizer.json").string());
       } catch (const Error& e) {
         // A SentencePiece model beside it (Llama 2's layout, lmforge's own exports of one, whose
-        // generated tokenizer.json may use normalizers lmforge does not read) is the source.
+        // generated tokenizer.json may use normalizers lmforge does not read) is the source —
+        // where the tokenizer.json is one (valid JSON, as many ids): not a damaged file, nor one
+        // with tokens added to it.
+        const std::exception_ptr refused = std::current_exception();
         if (!fs::exists(d / "tokenizer.model")) throw;
+        std::unique_ptr<Tokenizer> sp;
+        try {
+          sp = load_tokenizer((d / "tokenizer.model").string());
+        } catch (const Error&) {
+          std::rethrow_exception(refused);
+        }
+        if (tokenizer_json_ids((d / "tokenizer.json").string()) != sp->vocab_size())
+          std::rethrow_exception(refused);
         fmt::print(stderr, "lmforge: note: {}; reading {} instead\n", e.what(),
                    (d / "tokenizer.model").string());
-        return load_tokenizer((d / "tokenizer.model").string());
+        return sp;
       }
     }
     if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"))

@@ -1,9 +1,13 @@
 // SentencePiece .model files (Llama 2, Mistral, TinyLlama) through Debian's libsentencepiece.
 #include <sentencepiece_processor.h>
+#include <unicode/uchar.h>
+#include <unicode/unorm2.h>
+#include <unicode/utf8.h>
 
 #include <cctype>
 #include <cstring>
 #include <mutex>
+#include <shared_mutex>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -40,9 +44,15 @@ class SentencePieceTokenizer : public Tokenizer {
     space_id_ = sp_.PieceToId("\xE2\x96\x81");
     // Unigram documents are encoded in chunks (see encode_append) where that gives the same ids:
     // a dummy prefix, and no piece with a ▁ after its start but whitespace-only ones.
-    const SentencePieceModel m = parse_sentencepiece_model(bytes, path);
-    chunks_ = m.model_type == SentencePieceModel::kUnigram && m.add_dummy_prefix &&
-              !m.treat_whitespace_as_suffix;
+    // (a model lmforge's own parser refuses, one without a TrainerSpec, goes whole)
+    SentencePieceModel m;
+    try {
+      m = parse_sentencepiece_model(bytes, path);
+      chunks_ = m.model_type == SentencePieceModel::kUnigram && m.add_dummy_prefix &&
+                m.escape_whitespaces && !m.treat_whitespace_as_suffix;
+    } catch (const Error&) {
+      chunks_ = false;
+    }
     for (const SentencePieceModel::Piece& p : m.pieces) {
       const std::string_view v(p.piece);
       const bool spaces_only = v.find_first_not_of("\xE2\x96\x81") == std::string_view::npos;
@@ -127,14 +137,26 @@ class SentencePieceTokenizer : public Tokenizer {
     return ids.size() == 1 && ids[0] == sp_.unk_id();
   }
 
-  // A character no piece contains and that normalizes to characters the model lacks.
+  // A character no piece contains and that normalizes to characters the model lacks, and which
+  // composes with no neighbour (NFKC quick check "yes", combining class 0: not a combining mark
+  // nor a Hangul vowel or final jamo, whose pairs may be pieces the characters alone are not).
   bool unknown_char(std::string_view c) const {
     const uint32_t key = char_key(c);
     if (static_cast<unsigned char>(c[0]) < 0x80 || piece_chars_.count(key)) return false;
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = unknown_.find(key);
-    if (it == unknown_.end()) it = unknown_.emplace(key, unknown_alone(c)).first;
-    return it->second;
+    {
+      std::shared_lock<std::shared_mutex> read(mu_);
+      auto it = unknown_.find(key);
+      if (it != unknown_.end()) return it->second;
+    }
+    int32_t i = 0;
+    UChar32 cp = 0;
+    U8_NEXT(c.data(), i, static_cast<int32_t>(c.size()), cp);
+    const bool unknown = cp >= 0 &&
+                         u_getIntPropertyValue(cp, UCHAR_NFKC_QUICK_CHECK) == UNORM_YES &&
+                         u_getCombiningClass(cp) == 0 && unknown_alone(c);
+    std::unique_lock<std::shared_mutex> write(mu_);
+    unknown_.emplace(key, unknown);
+    return unknown;
   }
 
   // libsentencepiece 0.1.97 (Debian 12's) takes time growing with the square of the length of a
@@ -183,7 +205,7 @@ class SentencePieceTokenizer : public Tokenizer {
   bool chunks_ = false;         // a Unigram model whose documents encode in chunks (chunk_end)
   std::unordered_set<uint32_t> piece_chars_;  // the characters of its pieces
   int space_id_ = -1;                         // the piece "▁" (the dummy prefix)
-  mutable std::mutex mu_;
+  mutable std::shared_mutex mu_;
   mutable std::unordered_map<uint32_t, bool> unknown_;  // unknown_char's answers
 };
 
