@@ -138,8 +138,16 @@ TEST(Prepare, ResumesAfterAnInterruptionToTheSameBytes) {
   o.stop_after_shards = 2;
   EXPECT_THROW(run_prepare(o), Error);
   EXPECT_FALSE(json::parse(testing::slurp(dir + "/cut/src/progress.json"))["complete"]);
+  // Its shards so far are not data to train on: the directory (or a glob or file in it) is
+  // refused, naming the rerun, until prepare has finished.
+  for (const std::string& spec : {dir + "/cut/src", dir + "/cut/src/train-*.bin"}) {
+    const std::string e = testing::error_of([&] { expand_shards(spec, "data.train"); });
+    EXPECT_NE(e.find("did not finish"), std::string::npos) << e;
+    EXPECT_NE(e.find("run the same prepare again"), std::string::npos) << e;
+  }
   o.stop_after_shards = 0;
   run_prepare(o);
+  EXPECT_FALSE(expand_shards(dir + "/cut/src", "data.train").empty());
   EXPECT_EQ(shard_files(dir + "/cut/src"), shard_files(dir + "/full/src"));
   EXPECT_EQ(json::parse(testing::slurp(dir + "/cut/src/progress.json"))["stats"],
             json::parse(testing::slurp(dir + "/full/src/progress.json"))["stats"]);

@@ -6,6 +6,9 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "lmforge/core/error.h"
 #include "lmforge/io/atomic_file.h"
@@ -260,6 +263,21 @@ std::vector<std::string> expand_shards(const std::string& spec, const std::strin
   }
   if (out.empty()) fail("{}: {} matches no shard files (*.bin)", key, spec);
   std::sort(out.begin(), out.end());
+  // The output of a `prepare` that did not finish (stopped, out of memory, a full disk) holds the
+  // shards written so far beside progress.json "complete": false, for a rerun to resume: not data
+  // to train on.
+  std::set<fs::path> dirs;
+  for (const std::string& p : out) dirs.insert(fs::path(p).parent_path());
+  for (const fs::path& d : dirs) {
+    if (!fs::exists(d / "progress.json", ec)) continue;
+    std::ifstream in(d / "progress.json");
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && !j.value("complete", true))
+      fail(
+          "{}: {} is the output of an `lmforge prepare` that did not finish (its progress.json "
+          "says complete: false); run the same prepare again to finish it",
+          key, d.empty() ? std::string(".") : d.string());
+  }
   return out;
 }
 
