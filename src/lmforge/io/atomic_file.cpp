@@ -178,6 +178,10 @@ void check_not_directory(const std::string& path) {
   if (std::filesystem::is_directory(path, ec)) fail("{}: is a directory; pass a file", path);
 }
 
+void copy_file_atomic(const std::string& from, const std::string& to) {
+  write_file_atomic(to, read_file(from));
+}
+
 std::string read_file(const std::string& path) {
   check_not_directory(path);  // an ifstream opens a directory and reads nothing
   std::ifstream in(path, std::ios::binary);

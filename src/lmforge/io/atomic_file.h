@@ -51,6 +51,8 @@ std::string fresh_temp_path(const std::string& path);
 // Whole-file helpers.
 void write_file_atomic(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path);  // throws Error naming the file
+// from's bytes written to `to` as write_file_atomic writes (a full disk: one Error naming `to`).
+void copy_file_atomic(const std::string& from, const std::string& to);
 // Throws Error "PATH: is a directory; pass a file" (an ifstream opens one and reads nothing).
 void check_not_directory(const std::string& path);
 

@@ -362,8 +362,7 @@ void copy_into(const fs::path& from, const std::string& dir, const std::string& 
   fs::path to = fs::path(dir) / name;
   std::error_code ec;
   if (fs::exists(to) && fs::equivalent(from, to, ec)) return;
-  fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
-  if (ec) fail("{}: cannot copy into {} ({})", from.string(), dir, ec.message());
+  copy_file_atomic(from.string(), to.string());
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lmforge/core/error.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/formats/formats.h"
 #include "lmforge/tokenizer/tokenizer.h"
 
@@ -181,9 +182,7 @@ bool copy_tokenizer_files(const Tokenizer& tok, const std::string& dir) {
   fs::create_directories(dir);
   fs::path src(tok.source());
   auto copy = [&](const fs::path& from, const std::string& name) {
-    std::error_code ec;
-    fs::copy_file(from, fs::path(dir) / name, fs::copy_options::overwrite_existing, ec);
-    if (ec) fail("{}: cannot copy the tokenizer into {} ({})", from.string(), dir, ec.message());
+    copy_file_atomic(from.string(), (fs::path(dir) / name).string());
   };
   if (tok.kind() == "tiktoken") {
     copy(src, src.filename().string());
