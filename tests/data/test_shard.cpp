@@ -44,15 +44,24 @@ TEST(Shard, RoundTripsU16AndU32) {
 TEST(Shard, BadMagicSizeMismatchAndMissingFileAreClearErrors) {
   std::string dir = testing::temp_dir("shard-bad");
   write_shard(dir + "/ok.bin", std::vector<uint32_t>(100, 5));
+  std::string e;
   {
     std::string bytes = testing::slurp(dir + "/ok.bin");
     bytes[0] = 'X';
     std::ofstream(dir + "/magic.bin", std::ios::binary) << bytes;
   }
   EXPECT_NE(error_of(dir + "/magic.bin").find("bad magic"), std::string::npos);
+  {  // raw bytes in the fingerprint field: named, not printed
+    std::string bytes = testing::slurp(dir + "/ok.bin");
+    bytes[48] = '\xff';
+    std::ofstream(dir + "/fingerprint.bin", std::ios::binary) << bytes;
+  }
+  e = error_of(dir + "/fingerprint.bin");
+  EXPECT_NE(e.find("fingerprint (bytes 48-63) is not ASCII"), std::string::npos) << e;
+  EXPECT_EQ(e.find('\xff'), std::string::npos);
   std::filesystem::copy_file(dir + "/ok.bin", dir + "/short.bin");
   std::filesystem::resize_file(dir + "/short.bin", kShardHeaderBytes + 150);
-  std::string e = error_of(dir + "/short.bin");
+  e = error_of(dir + "/short.bin");
   EXPECT_NE(e.find("header says 100 tokens"), std::string::npos) << e;
   EXPECT_NE(e.find("short.bin"), std::string::npos) << e;
   std::ofstream(dir + "/tiny.bin") << "LMF";

@@ -44,6 +44,13 @@ TokenShard TokenShard::open(const std::string& path) {
     std::memcpy(&s.tok_.eos, base + 44, 4);
     s.tok_.fingerprint.assign(base + 48, strnlen(base + 48, 16));
     s.tok_.kind.assign(base + 64, strnlen(base + 64, 16));
+    // (printable ASCII, NUL-padded: other bytes would reach messages as they are)
+    for (const std::string* field : {&s.tok_.fingerprint, &s.tok_.kind})
+      for (char c : *field)
+        if (c < 0x20 || c > 0x7e)
+          fail(
+              "{}: the header's tokenizer {} is not ASCII text; the shard is corrupt, re-create it",
+              path, field == &s.tok_.kind ? "kind (bytes 64-79)" : "fingerprint (bytes 48-63)");
   }
   if (version >= 3) std::memcpy(&flags, base + 80, 4);
   if (flags & ~7u) fail("{}: unknown shard flags {:#x}; re-create the shard", path, flags);
