@@ -70,6 +70,10 @@ TEST(Config, WrongTypesAreRejectedWithTheKey) {
   EXPECT_NE(error_of("model:\n  preset: gpt5\n").find("unknown preset \"gpt5\""),
             std::string::npos);
   EXPECT_NE(error_of("train: {lr: 1\n").find("invalid YAML"), std::string::npos);
+  // Raw bytes yaml-cpp quotes as they are (here a newline): one line, the byte written out.
+  const std::string e = error_of(std::string("train:\n  steps: \xff\xfe\0\n", 20));
+  EXPECT_NE(e.find("invalid YAML"), std::string::npos) << e;
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
   EXPECT_NE(error_of("", {"train.lr"}).find("expected KEY=VALUE"), std::string::npos);
 }
 

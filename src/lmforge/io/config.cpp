@@ -365,7 +365,11 @@ void ConfigLoader::load_yaml_text(const std::string& text, const std::string& so
       fail("{}: holds {} YAML documents (separated by ---); a config is one", source, docs.size());
     if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
-    fail("{}:{}: invalid YAML ({})", source, e.mark.line + 1, e.msg);
+    std::string msg;  // (yaml-cpp quotes the offending byte as it is: a newline, a raw 0xff)
+    for (unsigned char c : e.msg)
+      msg += c >= 0x20 && c < 0x7f ? std::string(1, static_cast<char>(c))
+                                   : fmt::format("\\x{:02x}", c);
+    fail("{}:{}: invalid YAML ({})", source, e.mark.line + 1, msg);
   }
   if (root.IsNull()) return;
   if (!root.IsMap()) fail("{}: expected a mapping of sections (model:, train:, ...)", source);
