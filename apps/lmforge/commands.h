@@ -55,6 +55,12 @@ inline constexpr const char* kTrainingOomHint =
     "fits)";
 inline constexpr const char* kGenerationOomHint =
     "lower --max-tokens or --batch, or use --precision bf16";
+inline constexpr const char* kPrepareOomHint =
+    "run with fewer threads (OMP_NUM_THREADS=1: each holds the documents it tokenizes), or split "
+    "the inputs' largest documents";
+inline constexpr const char* kTokenizerTrainOomHint =
+    "train on less text or with a smaller --vocab-size (the distinct words and pairs it counts "
+    "grow with both)";
 
 extern const char* const kDefaultConfigYaml;
 

@@ -42,6 +42,7 @@ void add_prepare(CLI::App& app) {
                   "Stop after N train shards, as an interruption would (for testing resume)")
       ->check(in_range(0));
   cmd->callback([o] {
+    set_oom_hint(kPrepareOomHint);
     PrepareOptions p = o->config.empty() ? PrepareOptions{} : load_prepare_config(o->config);
     if (!o->inputs.empty()) {
       PrepareSource s;

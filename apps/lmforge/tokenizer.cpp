@@ -156,6 +156,7 @@ void add_tokenizer(CLI::App& app) {
   train->add_option("--special", t->specials, "Special tokens (default: <|endoftext|>)");
   train->add_option("files", t->files, "Text files (streamed)")->required();
   train->callback([t] {
+    set_oom_hint(kTokenizerTrainOomHint);
     BpeTrainOptions opt;
     opt.vocab_size = t->vocab_size;
     opt.pattern = t->pattern;

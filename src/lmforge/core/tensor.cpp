@@ -122,7 +122,7 @@ std::shared_ptr<Storage> Storage::allocate(size_t bytes, Device device) {
   }
   size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   if (rounded > (size_t{1} << 26))
-    check_host_memory(static_cast<double>(rounded), "a new buffer", oom_hint());
+    check_host_memory(static_cast<double>(rounded), "new buffers", oom_hint());
   // Large buffers come straight from the kernel: zero pages that only become resident when
   // first written (a full-shard model never touches its whole-model buffer; start-up does not
   // page in every arena twice). Small ones from the heap, zeroed.
