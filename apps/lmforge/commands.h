@@ -56,8 +56,8 @@ inline constexpr const char* kTrainingOomHint =
 inline constexpr const char* kGenerationOomHint =
     "lower --max-tokens or --batch, or use --precision bf16";
 inline constexpr const char* kPrepareOomHint =
-    "run with fewer threads (OMP_NUM_THREADS=1: each holds the documents it tokenizes), or split "
-    "the inputs' largest documents";
+    "lower the source's max_document_bytes (default 64 MiB: larger documents are skipped), or run "
+    "with fewer threads (OMP_NUM_THREADS=1)";
 inline constexpr const char* kTokenizerTrainOomHint =
     "train on less text or with a smaller --vocab-size (the distinct words and pairs it counts "
     "grow with both)";

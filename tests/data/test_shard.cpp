@@ -68,6 +68,11 @@ TEST(Shard, BadMagicSizeMismatchAndMissingFileAreClearErrors) {
   EXPECT_NE(error_of(dir + "/tiny.bin").find("not a token shard"), std::string::npos);
   EXPECT_NE(error_of(dir + "/none.bin").find("cannot open"), std::string::npos);
   EXPECT_THROW(expand_shards(dir + "/nothing*", "data.train"), Error);
+  // A progress.json that is not prepare's (another tool's) is none of the loader's business.
+  for (const char* other : {"{\"complete\": 0.75}", "{\"complete\": false}", "[1]"}) {
+    std::ofstream(dir + "/progress.json") << other;
+    EXPECT_EQ(expand_shards(dir + "/ok.bin", "data.train").size(), 1u) << other;
+  }
 }
 
 // A prepared source's directory gives the key's split; a glob over both splits is refused (the

@@ -166,6 +166,19 @@ TEST(AtomicFile, RemovesTheTemporariesOfDeadWritersOnly) {
   EXPECT_FALSE(fs::exists(dead));
   EXPECT_TRUE(fs::exists(live));
   EXPECT_TRUE(fs::exists(other)) << "another file's temporary";
+  // Directories: only lmforge's own kind (an export's, "<DIR>.lmforge-export.<pid>.<n>.tmp") is
+  // removed; a user's directory that merely looks like a temporary stays.
+  const std::string user = path + ".999999999.4.tmp", exported = dir + "/out";
+  const std::string stale = exported + ".lmforge-export.999999999.0.tmp";
+  for (const std::string& d : {user, stale}) {
+    fs::create_directories(d);
+    std::ofstream(d + "/f") << "x";
+  }
+  write_file_atomic(path, "{}");
+  EXPECT_TRUE(fs::exists(user + "/f"));
+  const std::string fresh = fresh_temp_path(exported + ".lmforge-export");
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_NE(fresh.find("out.lmforge-export."), std::string::npos) << fresh;
 }
 
 TEST(Safetensors, TruncatedFileIsAClearError) {

@@ -295,6 +295,15 @@ TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {
       dir);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("V=32000"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("is not here"), std::string::npos) << r.err;
+  // ... but one that is here must load.
+  std::ofstream(dir + "/broken.json") << "{\"model\": ";
+  r = testing::run_lmforge(
+      "plan --set model.preset=gpt2-tiny --set model.vocab_size=32000 "
+      "--set data.tokenizer=broken.json",
+      dir);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.err.find("broken.json"), std::string::npos) << r.err;
 }
 
 }  // namespace

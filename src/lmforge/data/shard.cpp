@@ -279,7 +279,11 @@ std::vector<std::string> expand_shards(const std::string& spec, const std::strin
     if (!fs::exists(d / "progress.json", ec)) continue;
     std::ifstream in(d / "progress.json");
     const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && !j.value("complete", true))
+    // (prepare's own layout only: another tool's progress.json is not its business)
+    const bool prepares = j.is_object() && j.contains("key") && j["key"].is_string() &&
+                          j.contains("stats") && j["stats"].is_object() && j.contains("complete") &&
+                          j["complete"].is_boolean();
+    if (prepares && !j["complete"].get<bool>())
       fail(
           "{}: {} is the output of an `lmforge prepare` that did not finish (its progress.json "
           "says complete: false); run the same prepare again to finish it",

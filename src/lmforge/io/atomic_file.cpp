@@ -188,6 +188,10 @@ std::string read_file(const std::string& path) {
   if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(path, ec);
+  if (in.bad() || (!ec && ss.tellp() >= 0 && static_cast<uintmax_t>(ss.tellp()) < size))
+    fail("{}: read failed partway ({}); check the file and its disk", path, std::strerror(errno));
   return ss.str();
 }
 

@@ -297,9 +297,13 @@ void save_hf_model(const Transformer& model, const Tokenizer* tok, const std::st
     json g = json::parse(gen, nullptr, /*allow_exceptions=*/false);
     for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"})
       if (g.is_object() && g.contains(key) && !g[key].is_null()) config[key] = g[key];
-    if (g.is_object() && !padding.empty() && !g.contains("suppress_tokens")) {
-      g["suppress_tokens"] = padding;
-      gen = g.dump(2) + "\n";
+    if (g.is_object() && !padding.empty()) {  // merged into the file's own list
+      json& list = g["suppress_tokens"];
+      if (!list.is_array()) list = json::array();
+      bool added = false;
+      for (const json& id : padding)
+        if (std::find(list.begin(), list.end(), id) == list.end()) list.push_back(id), added = true;
+      if (added) gen = g.dump(2) + "\n";
     }
     write_file_atomic(gen_path.string(), gen);
   } else {

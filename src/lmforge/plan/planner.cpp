@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <optional>
 
 #include "lmforge/backend/cuda/runtime.h"
@@ -319,8 +320,14 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
         v = load_tokenizer(spec)->vocab_size();
       } catch (const Error& e) {
         // (with model.vocab_size set the tokenizer need not be here: planning a cluster's run
-        // on a laptop; train checks it)
-        if (p.model.vocab_size == 0) fail("data.tokenizer: {}", e.what());
+        // on a laptop; train checks it. A file that is here must load.)
+        std::error_code ec;
+        if (p.model.vocab_size == 0 || spec == "byte" || std::filesystem::exists(spec, ec))
+          fail("data.tokenizer: {}", e.what());
+        fmt::print(stderr,
+                   "lmforge: note: data.tokenizer {} is not here; planned with "
+                   "model.vocab_size {}\n",
+                   spec, p.model.vocab_size);
         exact = false;
       }
     }

@@ -146,8 +146,14 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
         } catch (const Error&) {
           std::rethrow_exception(refused);
         }
-        if (tokenizer_json_ids((d / "tokenizer.json").string()) != sp->vocab_size())
-          std::rethrow_exception(refused);
+        if (const int64_t ids = tokenizer_json_ids((d / "tokenizer.json").string());
+            ids != sp->vocab_size()) {
+          if (ids < 0) std::rethrow_exception(refused);  // (not JSON: its own error says so)
+          fail(
+              "{}; the tokenizer.model beside it has {} pieces but tokenizer.json names {} ids, "
+              "so it cannot stand in",
+              e.what(), sp->vocab_size(), ids);
+        }
         fmt::print(stderr, "lmforge: note: {}; reading {} instead\n", e.what(),
                    (d / "tokenizer.model").string());
         return sp;
