@@ -289,19 +289,19 @@ TEST(Planner, CommandPrintsThePlanAndRefusesBadOptions) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/runs")) << "nothing trained";
   // With model.vocab_size set, a tokenizer that is not on this machine (a cluster's path) is no
   // error: the run is planned all the same.
-  r = testing::run_lmforge(
-      "plan --set model.preset=gpt2-tiny --set model.vocab_size=32000 "
-      "--set data.tokenizer=/nonexistent/tokenizer.model",
-      dir);
+  auto plan_v32000 = [&](const std::string& tokenizer) {
+    return testing::run_lmforge(
+        "plan --set model.preset=gpt2-tiny --set model.vocab_size=32000 --set data.tokenizer=" +
+            tokenizer,
+        dir);
+  };
+  r = plan_v32000("/nonexistent/tokenizer.model");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("V=32000"), std::string::npos) << r.out;
   EXPECT_NE(r.err.find("is not here"), std::string::npos) << r.err;
   // ... but one that is here must load.
   std::ofstream(dir + "/broken.json") << "{\"model\": ";
-  r = testing::run_lmforge(
-      "plan --set model.preset=gpt2-tiny --set model.vocab_size=32000 "
-      "--set data.tokenizer=broken.json",
-      dir);
+  r = plan_v32000("broken.json");
   EXPECT_EQ(r.exit_code, 1) << r.out;
   EXPECT_NE(r.err.find("broken.json"), std::string::npos) << r.err;
 }

@@ -334,9 +334,7 @@ Plan make_plan(const Config& cfg, const PlanOptions& o) {
     if (v <= 0 && p.model.vocab_size == 0)
       fail("data.tokenizer: \"{}\": expected bpe:N, byte or a tokenizer file", spec);
     if (p.model.vocab_size == 0) p.model.vocab_size = (v + 63) / 64 * 64;
-    Config c = cfg;
-    c.model.vocab_size = p.model.vocab_size;
-    if (exact) check_vocab_covers(c, v);
+    if (exact) check_vocab_covers(p.model.vocab_size, v, spec);
   }
   p.model.validate();
   const ModelConfig& m = p.model;

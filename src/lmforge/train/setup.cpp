@@ -155,7 +155,7 @@ RunSetup setup_run(Config& cfg, const std::string& resume_from) {
         "use the model's own",
         cfg.data.tokenizer, cfg.init_from);
   if (cfg.model.vocab_size == 0) cfg.model.vocab_size = (tokenizer->vocab_size() + 63) / 64 * 64;
-  check_vocab_covers(cfg, tokenizer->vocab_size());
+  check_vocab_covers(cfg.model.vocab_size, tokenizer->vocab_size(), cfg.data.tokenizer);
   cfg.model.validate();
   // dist.tensor_parallel: groups of consecutive ranks share each block; the groups are the data
   // parallel ranks (each group reads one slice of the batch).

@@ -136,8 +136,8 @@ void validate_train_config(const Config& cfg);
 // Throws Error for early stopping that cannot fire (train.patience without evaluations): train's
 // and plan's check (lr-find ignores the key).
 void check_early_stopping(const Config& cfg);
-// Throws Error when model.vocab_size (set, not 0) has fewer rows than the tokenizer has ids.
-void check_vocab_covers(const Config& cfg, int64_t tokenizer_ids);
+// Throws Error when model.vocab_size has fewer rows than the tokenizer (data.tokenizer) has ids.
+void check_vocab_covers(int64_t vocab_size, int64_t tokenizer_ids, const std::string& tokenizer);
 // What the number of ranks launched must satisfy for the run's layout: a multiple of
 // dist.tensor_parallel (the world's own, dist.backend and dist.ranks_per_node, when it is made).
 void validate_rank_count(const Config& cfg, int ranks);

@@ -310,12 +310,12 @@ void check_early_stopping(const Config& cfg) {
         t.eval_every);
 }
 
-void check_vocab_covers(const Config& cfg, int64_t tokenizer_ids) {
-  if (cfg.model.vocab_size < tokenizer_ids)
+void check_vocab_covers(int64_t vocab_size, int64_t tokenizer_ids, const std::string& tokenizer) {
+  if (vocab_size < tokenizer_ids)
     fail(
         "model.vocab_size: {} is smaller than the tokenizer's {} ids ({}); set it to 0 to take "
         "the tokenizer's",
-        cfg.model.vocab_size, tokenizer_ids, cfg.data.tokenizer);
+        vocab_size, tokenizer_ids, tokenizer);
 }
 
 void validate_rank_count(const Config& cfg, int ranks) {

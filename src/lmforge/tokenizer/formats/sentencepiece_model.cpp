@@ -31,33 +31,30 @@ class SentencePieceTokenizer : public Tokenizer {
       if (sp_.IsControl(id) || sp_.IsUnknown(id)) specials_[sp_.IdToPiece(id)] = id;
     bos_ = sp_.bos_id();
     eos_ = sp_.eos_id();
+    // Unigram documents are encoded in chunks (see encode_append) where that gives the same ids:
+    // a dummy prefix, and no piece with a ▁ after its start but whitespace-only ones (checked
+    // below). A model lmforge's own parser refuses (one without a TrainerSpec) goes whole.
+    try {
+      const SentencePieceModel m = parse_sentencepiece_model(bytes, path);
+      chunks_ = m.model_type == SentencePieceModel::kUnigram && m.add_dummy_prefix &&
+                m.escape_whitespaces && !m.treat_whitespace_as_suffix;
+    } catch (const Error&) {
+      chunks_ = false;
+    }
+    const std::string_view space = "\xE2\x96\x81";
     fuses_unknown_ = true;
     for (int id = 0; id < sp_.GetPieceSize(); ++id) {
       fuses_unknown_ = fuses_unknown_ && !sp_.IsByte(id);
       const std::string p = sp_.IdToPiece(id);
+      if (p.find_first_not_of(space) != std::string::npos && p.find(space, 1) != std::string::npos)
+        chunks_ = false;
       for (size_t i = 0; i < p.size();) {
         const size_t n = std::max<size_t>(utf8_char_len(p, i), 1);
         piece_chars_.insert(char_key(std::string_view(p).substr(i, n)));
         i += n;
       }
     }
-    space_id_ = sp_.PieceToId("\xE2\x96\x81");
-    // Unigram documents are encoded in chunks (see encode_append) where that gives the same ids:
-    // a dummy prefix, and no piece with a ▁ after its start but whitespace-only ones.
-    // (a model lmforge's own parser refuses, one without a TrainerSpec, goes whole)
-    SentencePieceModel m;
-    try {
-      m = parse_sentencepiece_model(bytes, path);
-      chunks_ = m.model_type == SentencePieceModel::kUnigram && m.add_dummy_prefix &&
-                m.escape_whitespaces && !m.treat_whitespace_as_suffix;
-    } catch (const Error&) {
-      chunks_ = false;
-    }
-    for (const SentencePieceModel::Piece& p : m.pieces) {
-      const std::string_view v(p.piece);
-      const bool spaces_only = v.find_first_not_of("\xE2\x96\x81") == std::string_view::npos;
-      if (!spaces_only && v.find("\xE2\x96\x81", 1) != std::string_view::npos) chunks_ = false;
-    }
+    space_id_ = sp_.PieceToId(std::string(space));
     kind_ = "sentencepiece";
     source_ = path;
     fingerprint_ = fnv1a_hex(bytes);
@@ -160,7 +157,8 @@ class SentencePieceTokenizer : public Tokenizer {
   }
 
   // libsentencepiece 0.1.97 (Debian 12's) takes time growing with the square of the length of a
-  // run of characters the model lacks (5 MB of CJK in an English model: over half an hour;
+  // run of characters the model lacks (5 MB of CJK in an English model: over 120 s, ~30 min by
+  // the square;
   // sentencepiece 0.2 is linear). Without byte fallback such a run is one <unk> however long, so
   // each run over 64 characters is encoded as its first and last 32: the same ids.
   std::string_view shorten_unknown_runs(std::string_view text, std::string& out) const {
