@@ -11,6 +11,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/data/prepare.h"
 #include "lmforge/data/shard.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "testing/errors.h"
 #include "testing/paths.h"
@@ -371,6 +372,43 @@ TEST(Prepare, TruncatedGzipIsAnError) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("in.jsonl.gz: gzip stream ends early"), std::string::npos)
         << e.what();
+  }
+}
+
+// gzip members follow each other (cat a.gz b.gz) and zero padding may end the file, as gzip and
+// Python's gzip module read them; any other bytes after a member -- appended junk, or a member
+// whose header is damaged -- are an error at their offset (zlib's gzread ignored them: a damaged
+// second member silently dropped its documents).
+TEST(Prepare, GzipMembersAndPaddingReadAndTrailingBytesAreAnError) {
+  std::string dir = testing::temp_dir("prepare-gz-members");
+  auto docs = make_docs(120);
+  write_jsonl(dir + "/a.jsonl", std::vector<std::string>(docs.begin(), docs.begin() + 60));
+  write_jsonl(dir + "/b.jsonl", std::vector<std::string>(docs.begin() + 60, docs.end()));
+  ASSERT_EQ(
+      std::system(("cd '" + dir + "' && gzip -k a.jsonl b.jsonl && cat a.jsonl.gz b.jsonl.gz" +
+                   " > ab.jsonl.gz && head -c 1000 /dev/zero | cat ab.jsonl.gz - >" +
+                   " padded.jsonl.gz && printf 'junk' | cat ab.jsonl.gz - > junk.jsonl.gz")
+                      .c_str()),
+      0);
+  auto tok = load_tokenizer(gpt2());
+  for (const char* name : {"ab", "padded"}) {
+    PrepareOptions o = options(dir + "/" + name + ".jsonl.gz", dir + "/out-" + name);
+    o.val_fraction = 0;
+    run_prepare(o);
+    EXPECT_EQ(decode_split(dir + "/out-" + name + "/src", "train", *tok), docs) << name;
+  }
+  std::string a_size = std::to_string(fs::file_size(dir + "/a.jsonl.gz"));
+  std::string ab = read_file(dir + "/ab.jsonl.gz");
+  std::string damaged = ab;
+  damaged[std::stoul(a_size)] = 'x';  // the second member's first header byte
+  std::ofstream(dir + "/damaged.jsonl.gz", std::ios::binary) << damaged;
+  for (auto [name, at] : {std::pair<std::string, std::string>{"junk", std::to_string(ab.size())},
+                          {"damaged", a_size}}) {
+    std::string err = testing::error_of(
+        [&] { run_prepare(options(dir + "/" + name + ".jsonl.gz", dir + "/out-" + name)); });
+    EXPECT_NE(err.find(name + ".jsonl.gz: the bytes from byte " + at + " on are not gzip data"),
+              std::string::npos)
+        << err;
   }
 }
 

@@ -39,43 +39,68 @@ class FileStream : public ByteStream {
   uint64_t consumed_ = 0;
 };
 
-class GzipStream : public ByteStream {
+// gzip through inflate (not gzread): members follow each other, zero padding after the last is
+// allowed (as Python's gzip module reads it), and any other byte after a member is an error --
+// gzread ignores "trailing garbage", which silently dropped a member whose header was damaged.
+class GzipStream : public FileStream {
  public:
-  explicit GzipStream(const std::string& path) : path_(path) {
-    gz_ = gzopen(path.c_str(), "rb");
-    if (!gz_) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
-    gzbuffer(gz_, 1 << 20);
+  explicit GzipStream(const std::string& path) : FileStream(path), in_(1 << 20) {
+    if (inflateInit2(&zs_, 15 + 16) != Z_OK) fail("{}: cannot start zlib's inflate", path);
   }
-  ~GzipStream() override {
-    if (gz_) gzclose(gz_);
-  }
+  ~GzipStream() override { inflateEnd(&zs_); }
   size_t read(char* buf, size_t n) override {
-    int got = gzread(gz_, buf, static_cast<unsigned>(n));
-    if (!checked_ && got > 0) {  // zlib passes non-gzip bytes through ("transparent" reading)
-      checked_ = true;
-      if (gzdirect(gz_))
-        fail("{}: not gzip data (no gzip header); re-compress it or drop the .gz suffix", path_);
+    if (n == 0) return 0;
+    zs_.next_out = reinterpret_cast<Bytef*>(buf);
+    zs_.avail_out = static_cast<uInt>(std::min<size_t>(n, 1u << 30));
+    while (zs_.next_out == reinterpret_cast<Bytef*>(buf)) {
+      if (zs_.avail_in == 0 && !refill()) {
+        if (in_member_)
+          fail("{}: gzip stream ends early; the file is truncated (re-create or re-download it)",
+               path_);
+        return 0;
+      }
+      if (!in_member_) {  // at a member's start: the first, or after zero padding the next
+        while (members_ > 0 && zs_.avail_in > 0 && *zs_.next_in == 0) {
+          ++zs_.next_in;
+          --zs_.avail_in;
+        }
+        if (zs_.avail_in == 0) continue;
+        if (*zs_.next_in != 0x1f) {
+          if (members_ == 0)
+            fail("{}: not gzip data (no gzip header); re-compress it or drop the .gz suffix",
+                 path_);
+          fail(
+              "{}: the bytes from byte {} on are not gzip data (appended to it, or a damaged "
+              "member); re-create the file",
+              path_, consumed());
+        }
+        in_member_ = true;
+      }
+      int r = inflate(&zs_, Z_NO_FLUSH);
+      if (r == Z_STREAM_END) {
+        in_member_ = false;
+        ++members_;
+        inflateReset(&zs_);
+      } else if (r != Z_OK && r != Z_BUF_ERROR) {
+        fail("{}: corrupt gzip data ({}); the file is truncated or damaged", path_,
+             zs_.msg ? zs_.msg : zError(r));
+      }
     }
-    if (got < 0) {
-      int err = 0;
-      const char* msg = gzerror(gz_, &err);
-      fail("{}: corrupt gzip data ({}); the file is truncated or damaged", path_, msg);
-    }
-    if (static_cast<size_t>(got) < n) {  // end of input: complete, or cut inside a gzip member
-      int err = Z_OK;
-      gzerror(gz_, &err);
-      if (err == Z_BUF_ERROR)
-        fail("{}: gzip stream ends early; the file is truncated (re-create or re-download it)",
-             path_);
-    }
-    return static_cast<size_t>(got);
+    return static_cast<size_t>(reinterpret_cast<char*>(zs_.next_out) - buf);
   }
-  uint64_t consumed() const override { return static_cast<uint64_t>(gzoffset(gz_)); }
+  uint64_t consumed() const override { return FileStream::consumed_ - zs_.avail_in; }
 
  private:
-  std::string path_;
-  gzFile gz_ = nullptr;
-  bool checked_ = false;
+  bool refill() {
+    size_t got = FileStream::read(in_.data(), in_.size());
+    zs_.next_in = reinterpret_cast<Bytef*>(in_.data());
+    zs_.avail_in = static_cast<uInt>(got);
+    return got > 0;
+  }
+  z_stream zs_{};
+  std::vector<char> in_;
+  bool in_member_ = false;
+  uint64_t members_ = 0;
 };
 
 class ZstdStream : public FileStream {
