@@ -191,6 +191,23 @@ TEST(TokenizerErrors, TruncatedVocabMergesNameTheFile) {
   write(dir + "/merges.txt", "#version: 0.2\nh e\nnospace\n");
   msg = error_of([&] { load_tokenizer(dir + "/vocab.json"); });
   EXPECT_NE(msg.find(dir + "/merges.txt:3"), std::string::npos) << msg;
+  write(dir + "/merges.txt", "#version: 0.2\nh e\nt h e\n");  // tokenizers: "invalid at line 2"
+  msg = error_of([&] { load_tokenizer(dir + "/vocab.json"); });
+  EXPECT_NE(msg.find(dir + "/merges.txt:3: expected \"left right\""), std::string::npos) << msg;
+}
+
+// A merge of three tokens is refused, in either of tokenizer.json's forms, as tokenizers refuses
+// it (lmforge merged the first two and ignored the third).
+TEST(TokenizerErrors, MergesOfThreeTokensAreRefused) {
+  std::string dir = testing::temp_dir("tok-merge3");
+  std::string h = gpt2_bytes_to_unicode("h"), e = gpt2_bytes_to_unicode("e");
+  for (const json& bad : {json::array({h, e, h}), json(h + " " + e + " " + h), json(h + " ")}) {
+    json j = byte_level_json(false);
+    j["model"]["merges"].push_back(bad);
+    write(dir + "/tokenizer.json", j.dump());
+    std::string msg = error_of([&] { load_tokenizer(dir + "/tokenizer.json"); });
+    EXPECT_NE(msg.find(dir + "/tokenizer.json: merge 4 "), std::string::npos) << msg;
+  }
 }
 
 TEST(TokenizerErrors, MissingPathsAreNamed) {

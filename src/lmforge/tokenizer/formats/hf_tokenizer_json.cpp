@@ -39,13 +39,17 @@ void add_merges(BpeTokenizer& tok, const json& merges, const std::string& path, 
     std::string a, b;
     if (m.is_string()) {
       std::string s = m.get<std::string>();
-      size_t sp = s.find(' ', 1);
-      if (sp == std::string::npos) fail("{}: merge {} is not \"left right\"", path, rank);
+      size_t sp = s.find(' ');  // exactly one space between two tokens, as tokenizers splits it
+      if (sp == 0 || sp == std::string::npos || sp + 1 == s.size() ||
+          s.find(' ', sp + 1) != std::string::npos)
+        fail("{}: merge {} (\"{}\") is not \"left right\"", path, rank, s);
       a = s.substr(0, sp);
       b = s.substr(sp + 1);
     } else {
-      a = m.at(0).get<std::string>();
-      b = m.at(1).get<std::string>();
+      if (!m.is_array() || m.size() != 2 || !m[0].is_string() || !m[1].is_string())
+        fail("{}: merge {} is {}, not [\"left\", \"right\"]", path, rank, m.dump());
+      a = m[0].get<std::string>();
+      b = m[1].get<std::string>();
     }
     std::string ab, bb;
     if (!to_bytes(a, &ab) || !to_bytes(b, &bb))
@@ -290,8 +294,10 @@ std::unique_ptr<Tokenizer> load_gpt2_vocab_merges(const std::string& vocab_json,
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || line.starts_with("#version")) continue;
-    if (line.find(' ') == std::string::npos)
-      fail("{}:{}: expected \"left right\"", merges_txt, line_no);
+    size_t sp = line.find(' ');
+    if (sp == 0 || sp == std::string::npos || sp + 1 == line.size() ||
+        line.find(' ', sp + 1) != std::string::npos)
+      fail("{}:{}: expected \"left right\" (two tokens and one space)", merges_txt, line_no);
     merges.push_back(line);
   }
   add_merges(*tok, merges, merges_txt, gpt2_unicode_to_bytes);
