@@ -58,11 +58,35 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
   RunResult ref = run("lora-ref", 1, lora + "--set train.grad_accum=2 --set dist.strategy=zero1");
   ASSERT_EQ(ref.exit_code, 0) << ref.err;
   const double ref_opt = memory(ref.out).first;
+  // The adapters' bytes in fp32 (4 blocks x 4 layers x r (in + out) elements).
+  const double adapters = 4.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128);
   for (std::string s : {"no-shard", "zero1", "grad-shard", "full-shard"}) {
     RunResult r = run("lora-" + s, 2, lora + "--set dist.strategy=" + s);
     ASSERT_EQ(r.exit_code, 0) << s << "\n" << r.out << r.err;
     expect_same("lora-" + s, "lora-ref");
     EXPECT_LE(memory(r.out).first, ref_opt) << s;
+    // Gradients: the adapters' alone (every buffer packs the trained elements: the model's, and
+    // under grad-/full-shard the shard and the block workspaces, which held the whole model's
+    // 1/N and its largest block). The planner gives the rank holding the most adapters; rank 0,
+    // whose range begins with the embeddings, holds fewer.
+    if (s == "no-shard") {
+      expect_footprint(r.out, s, 2, "lora-" + s);
+    } else {
+      std::smatch m;
+      ASSERT_TRUE(std::regex_search(r.out, m, std::regex("gradients (\\d+) bytes"))) << r.out;
+      const double held = std::stod(m[1]);
+      FootprintOptions o;
+      o.strategy = static_cast<int>(dist::parse_strategy(s));
+      o.shards = 2;
+      const double planned =
+          training_footprint(checkpoint_model_config(find_latest_checkpoint(*dir_ + "/lora-" + s)),
+                             o)
+              .gradients;
+      EXPECT_LE(held, planned + 1024) << s;  // (+ the runs' 64-byte alignment)
+      // zero1: the model's packed buffer; grad-/full-shard: a shard of it and two blocks' worth
+      EXPECT_LE(held, (s == "zero1" ? 1.0 : 1.5) * adapters + 1024) << s;
+      EXPECT_GE(held, (s == "zero1" ? 1.0 : 0.5) * adapters) << s;
+    }
     // A step skipped for a non-finite gradient leaves the next ones alone (the frozen weights'
     // part of a gradient shard is never sent, so it must stay zero, not NaN).
     if (s == "grad-shard" || s == "full-shard") {
@@ -73,7 +97,6 @@ TEST_F(DataParallelTest, LoraOnEveryStrategyMatchesOneProcess) {
                 1u)
           << s;
     }
-    const double adapters = 4.0 * 4 * 4 * (128 + 384 + 128 + 128 + 128 + 512 + 512 + 128);
     const double factor = s == "zero1" ? 1.5 : 1.0;  // 2 ranks: k = 1/2
     const double expect = traffic_in_theory(s, 2, "lora-" + s);
     if (s != "full-shard") {

@@ -45,6 +45,8 @@ std::vector<int64_t> ShardLayout::counts(int64_t lo, int64_t hi) const {
 }
 
 namespace {
+constexpr int64_t kPackAlign = 16;  // packed gradient runs start 64-byte aligned, as ParamSet's
+
 Tensor flat_view(const Tensor& t, int64_t start, int64_t len) {
   return t.view({t.numel()}).slice(start, len);
 }
@@ -117,18 +119,22 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     for (const auto& [lo, hi] : trainable_)
       if (std::max(lo, b.lo) < std::min(hi, b.hi))
         b.ranges.emplace_back(std::max(lo, b.lo), std::min(hi, b.hi));
-  for (const auto& [lo, hi] : trainable_)
-    if (std::max(lo, my_lo_) < std::min(hi, my_hi_))
-      shard_trained_.emplace_back(std::max(lo, my_lo_) - my_lo_, std::min(hi, my_hi_) - my_lo_);
 
   int64_t block = 0;  // the largest block, in elements
   for (int64_t g = 1; g + 1 < G; ++g) block = std::max(block, group_hi(g) - group_lo(g));
   if (grad_sharded()) {
+    // Gradients packed: the trained elements alone (under LoRA the adapters'; else everything).
+    shard_pack_ = PackedRange(my_lo_, my_hi_, trainable_, kPackAlign);
+    int64_t block_trained = 0;  // the most a block trains
+    for (int64_t g = 0; g < G; ++g) {
+      group_pack_.emplace_back(group_lo(g), group_hi(g), trainable_, kPackAlign);
+      if (g > 0 && g + 1 < G) block_trained = std::max(block_trained, group_pack_.back().size());
+    }
     shard_arena_ = Arena::planned(
         [&](Arena& a) {
           if (trains) {
-            gshard_ = a.alloc({mine});
-            rs_tmp_ = a.alloc({mine});
+            gshard_ = a.alloc({shard_pack_.size()});
+            rs_tmp_ = a.alloc({shard_pack_.size()});
           }
           vshard_ =
               values_sharded ? a.alloc({mine}, master16 ? DType::kBF16 : DType::kF32) : Tensor();
@@ -140,10 +146,10 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
     if (trains)
       grad_ws_ = Arena::planned(
           [&](Arena& a) {
-            edge_grad_[0] = a.alloc({group_hi(0) - group_lo(0)});
-            edge_grad_[1] = a.alloc({group_hi(G - 1) - group_lo(G - 1)});
-            block_grad_[0] = a.alloc({block});
-            block_grad_[1] = a.alloc({block});
+            edge_grad_[0] = a.alloc({group_pack_[0].size()});
+            edge_grad_[1] = a.alloc({group_pack_[G - 1].size()});
+            block_grad_[0] = a.alloc({block_trained});
+            block_grad_[1] = a.alloc({block_trained});
           },
           device);
     ps_.release_grads();
@@ -196,13 +202,13 @@ DataParallel::DataParallel(Communicator& world, Transformer& model, const DistCo
       slots = whole_slots(ps_);
       break;
     case Strategy::kZero1:
-      slots = shard_slots(ps_.flat_values(), ps_.flat_grads());
+      slots = shard_slots(ps_.flat_values(), ps_.flat_grads(), &ps_.grad_pack());
       break;
     case Strategy::kGradShard:
-      slots = shard_slots(ps_.flat_values(), gshard_);
+      slots = shard_slots(ps_.flat_values(), gshard_, &shard_pack_);
       break;
     default:
-      slots = shard_slots(vshard_, gshard_);
+      slots = shard_slots(vshard_, gshard_, &shard_pack_);
   }
   offload_ = cfg.offload;
   if (cfg.offload) {
@@ -237,11 +243,12 @@ int64_t DataParallel::group_lo(int64_t g) const {
   return i < ps.size() ? ps_.offset(ps[i]) : ps_.flat_size();
 }
 
-// The pieces of this rank's range [my_lo_, my_hi_) per parameter. `values` and `grads` are
-// flat tensors covering either the whole space or just the shard (by their size).
-std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tensor& grads) {
+// The pieces of this rank's range [my_lo_, my_hi_) per parameter. `values` is a flat tensor
+// covering either the whole space or just the shard (by its size); `grads` the trained elements
+// as `packed` lays them out (the model's whole gradient buffer, or this rank's shard).
+std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tensor& grads,
+                                               const PackedRange* packed) {
   const int64_t vbase = values.numel() == my_hi_ - my_lo_ ? my_lo_ : 0;
-  const int64_t gbase = grads.numel() == my_hi_ - my_lo_ ? my_lo_ : 0;
   std::vector<OptSlot> out;
   for (Param& p : ps_.params()) {
     const int64_t off = ps_.offset(p), numel = p.shape.numel();
@@ -251,7 +258,7 @@ std::vector<OptSlot> DataParallel::shard_slots(const Tensor& values, const Tenso
               lo - off,
               hi - lo,
               flat_view(values, lo - vbase, hi - lo),
-              flat_view(grads, lo - gbase, hi - lo),
+              flat_view(grads, packed->at(lo), hi - lo),
               Tensor()};
     out.push_back(std::move(s));
   }
@@ -325,8 +332,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
     drain();
     grad_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (grad_sharded() && m > 0) {
-      for (const auto& [lo, hi] : shard_trained_)
-        ops::accumulate(gshard_.slice(lo, hi - lo), rs_tmp_.slice(lo, hi - lo));
+      if (gshard_.numel() > 0) ops::accumulate(gshard_, rs_tmp_);
       rs_tmp_used_ = true;
     }
   }
@@ -335,7 +341,7 @@ double DataParallel::forward_backward(const std::vector<Batch>& micro, double* m
   world_.all_reduce(sums, 3)->wait();
   if (tp_) {  // sequence parallelism: the ranks' own rows' shares, and their gradients
     tp_->sum_over_group(sums, 3);
-    tp_->sum_partial_grads(grad_sharded() ? gshard_ : Tensor(), my_lo_);
+    tp_->sum_partial_grads(gshard_, grad_sharded() ? &shard_pack_ : nullptr);
   }
   if (objective) objective->end(row_ranks());
   if (mean_lse_sq) *mean_lse_sq = sums[1];
@@ -353,34 +359,34 @@ void DataParallel::grads_ready(int64_t group) {
 void DataParallel::launch(Bucket& b, int64_t group) {
   if (!grad_sharded()) {
     float* g = ps_.flat_grads().data<float>();
-    for (const auto& [lo, hi] : b.ranges) works_.push_back(world_.all_reduce(g + lo, hi - lo));
+    for (const auto& [lo, hi] : b.ranges)
+      works_.push_back(world_.all_reduce(g + ps_.grad_pack().at(lo), hi - lo));
     return;
   }
-  // One group per bucket, its gradients in its workspace buffer: each trained range (the whole
-  // group but under LoRA) reduce-scattered into the ranks' shards of it.
+  // One group per bucket, its gradients packed in its workspace buffer: each trained range (the
+  // whole group but under LoRA) reduce-scattered into the ranks' packed shards of it.
   const int64_t G = model_.num_groups();
   const bool edge = group == 0 || group == G - 1;
   const Tensor& buf = edge ? edge_grad_[group ? 1 : 0] : block_grad_[group % 2];
   float* out = (first_micro_ ? gshard_ : rs_tmp_).data<float>();
   for (const auto& [lo, hi] : b.ranges) {
-    const int64_t at = std::clamp(lo, my_lo_, my_hi_) - my_lo_;
-    WorkPtr w = shard_comm_->reduce_scatter(buf.data<float>() + (lo - b.lo), out + at,
+    const int64_t a = std::max(lo, my_lo_);  // this rank's first element, if it has any
+    const int64_t at = a < std::min(hi, my_hi_) ? shard_pack_.at(a) : 0;
+    WorkPtr w = shard_comm_->reduce_scatter(buf.data<float>() + group_pack_[group].at(lo), out + at,
                                             layout_.counts(lo, hi));
     (edge ? works_ : block_grad_work_[group % 2]).push_back(std::move(w));
   }
 }
 
 void DataParallel::zero_workspace(const Tensor& buf, int64_t group) {
-  if (bucket_of_group_[group] < 0) return;
-  const Bucket& b = buckets_[bucket_of_group_[group]];
-  for (const auto& [lo, hi] : b.ranges) buf.slice(lo - b.lo, hi - lo).zero_();
+  const int64_t n = group_pack_[group].size();
+  if (n > 0) buf.slice(0, n).zero_();
 }
 
 // Hybrid: the node's shard accumulators summed across the nodes (their trained ranges).
 void DataParallel::all_reduce_across_nodes() {
   if (strategy_ != Strategy::kHybrid) return;
-  for (const auto& [lo, hi] : shard_trained_)
-    cross_comm_->all_reduce(gshard_.data<float>() + lo, hi - lo)->wait();
+  if (gshard_.numel() > 0) cross_comm_->all_reduce(gshard_.data<float>(), gshard_.numel())->wait();
 }
 
 double DataParallel::time_gradient_collectives() {
@@ -413,7 +419,7 @@ void DataParallel::drain() {
 double DataParallel::clip_grad_norm(double max_norm) {
   double norm = 0;
   if (tp_ && grad_sharded()) {
-    norm = tp_->grad_norm(gshard_, my_lo_, shard_comm_);
+    norm = tp_->grad_norm(gshard_, &shard_pack_, shard_comm_);
   } else if (tp_) {
     norm = tp_->grad_norm();
   } else if (grad_sharded()) {
@@ -487,8 +493,8 @@ void DataParallel::take_optimizer(const AdamW& whole) {
 }
 
 void DataParallel::scale_grads(double f) {
-  if (grad_sharded())  // the trained ranges (frozen ones stay zero: nothing writes them)
-    for (const auto& [lo, hi] : shard_trained_) ops::scale(gshard_.slice(lo, hi - lo), f);
+  if (grad_sharded())  // (the trained elements alone, packed)
+    ops::scale(gshard_, f);
   else
     for (Param& p : ps_.params())
       if (!p.frozen) ops::scale(p.grad, f);
@@ -591,13 +597,16 @@ void DataParallel::point_group(int64_t g, const Tensor& buf, bool grad, const Te
   auto& ps = ps_.params();
   for (size_t i = model_.group_begin(g); i < model_.group_begin(g + 1) && i < ps.size(); ++i) {
     Param& p = ps[i];
+    if (grad) {  // packed: the trained parameters' gradients alone (frozen ones have none)
+      p.grad = p.frozen
+                   ? Tensor()
+                   : Tensor(buf.storage(), buf.byte_offset() + group_pack_[g].at(ps_.offset(p)) * 4,
+                            p.shape, DType::kF32);
+      continue;
+    }
     const int64_t at = ps_.offset(p) - lo;
     const Tensor f32 =
         Tensor(buf.storage(), buf.byte_offset() + at * sizeof(float), p.shape, DType::kF32);
-    if (grad) {
-      p.grad = f32;
-      continue;
-    }
     if (vshard_.dtype() == DType::kBF16) {  // bf16 masters: gathered into `bf16`
       p.value = Tensor(bf16.storage(), bf16.byte_offset() + at * 2, p.shape, DType::kBF16);
       if (p.matmul) p.value_bf16 = p.value;

@@ -24,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "lmforge/core/packed_range.h"
 #include "lmforge/data/loader.h"
 #include "lmforge/dist/communicator.h"
 #include "lmforge/dist/tensor_parallel.h"
@@ -175,7 +176,8 @@ class DataParallel final : public GroupHooks {
   // What this rank holds, in bytes: AdamW state; parameters (the shard under full-shard, else all)
   // and the full-shard gather buffers; gradients (the whole-model buffer under no-shard/zero1;
   // under grad-/full-shard the 1/N accumulator, its second buffer and the backward's workspace:
-  // embeddings, head and two blocks).
+  // embeddings, head and two blocks; each of the trained elements alone, under LoRA the
+  // adapters').
   // (with Muon under tensor parallelism, its staging of the group's shares too)
   size_t optimizer_bytes() const {
     return opt_->state_bytes() + (tp_ ? tp_->muon_staging_bytes() : 0);
@@ -220,7 +222,8 @@ class DataParallel final : public GroupHooks {
   void gather_param(const Param& p, const float* mine, float* out);
   int64_t group_lo(int64_t g) const;
   int64_t group_hi(int64_t g) const { return group_lo(g + 1); }
-  std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads);
+  std::vector<OptSlot> shard_slots(const Tensor& values, const Tensor& grads,
+                                   const PackedRange* packed);
   bool grad_sharded() const { return strategy_ >= Strategy::kGradShard; }
 
   CountingCommunicator counted_;  // the world given, counted
@@ -252,9 +255,10 @@ class DataParallel final : public GroupHooks {
   Arena grad_ws_;  // grad-/full-shard: the backward's gradient workspace (see the constructor)
   Tensor edge_grad_[2], block_grad_[2];
   std::vector<WorkPtr> block_grad_work_[2];  // the reduce-scatters reading block_grad_[i]
-  // grad-/full-shard: the trained ranges of this rank's shard, relative to its start (all of it
-  // but under LoRA): what the accumulator sums and hybrid all-reduces across nodes.
-  std::vector<std::pair<int64_t, int64_t>> shard_trained_;
+  // grad-/full-shard: the trained elements of this rank's shard (all of it but under LoRA), as
+  // gshard_ and rs_tmp_ hold them, and of each group, as its workspace buffer holds them.
+  PackedRange shard_pack_;
+  std::vector<PackedRange> group_pack_;
   int64_t slot_block_[2] = {-1, -1};
   WorkPtr slot_work_[2], edge_work_[2];
   bool edges_gathered_ = false;

@@ -220,32 +220,32 @@ void TensorParallel::sum_over_group(double* v, int64_t n) {
 }
 
 template <typename F>
-void TensorParallel::for_each_grad(const Tensor& shard, int64_t shard_lo, F&& f) {
+void TensorParallel::for_each_grad(const Tensor& shard, const PackedRange* pack, F&& f) {
   const ParamSet& ps = model_.params();
-  const int64_t shard_hi = shard_lo + (shard.defined() ? shard.numel() : 0);
   for (const Param& p : ps.params()) {
     if (p.frozen) continue;
-    if (!shard.defined()) {
+    if (!pack) {
       f(p, p.grad);
       continue;
     }
     const int64_t off = ps.offset(p);
-    const int64_t lo = std::max(off, shard_lo), hi = std::min(off + p.shape.numel(), shard_hi);
-    if (lo < hi) f(p, shard.slice(lo - shard_lo, hi - lo));
+    const int64_t lo = std::max(off, pack->lo()), hi = std::min(off + p.shape.numel(), pack->hi());
+    if (lo < hi) f(p, shard.slice(pack->at(lo), hi - lo));
   }
 }
 
-void TensorParallel::sum_partial_grads(const Tensor& shard, int64_t shard_lo) {
-  for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
+void TensorParallel::sum_partial_grads(const Tensor& shard, const PackedRange* pack) {
+  for_each_grad(shard, pack, [&](const Param& p, const Tensor& g) {
     const Role k = role(p.name, vocab_parallel_);
     if (k == Role::kPartial || (sequence_parallel_ && k == Role::kReplicated))
       comm_.all_reduce(g.data<float>(), g.numel())->wait();
   });
 }
 
-double TensorParallel::grad_norm(const Tensor& shard, int64_t shard_lo, Communicator* shards) {
+double TensorParallel::grad_norm(const Tensor& shard, const PackedRange* pack,
+                                 Communicator* shards) {
   double ss = 0;
-  for_each_grad(shard, shard_lo, [&](const Param& p, const Tensor& g) {
+  for_each_grad(shard, pack, [&](const Param& p, const Tensor& g) {
     if (rank() == 0 || !tensor_parallel_replicated(p.name, vocab_parallel_))
       ss += ops::sum_squares(g);
   });

@@ -56,6 +56,7 @@
 #include <map>
 #include <memory>
 
+#include "lmforge/core/packed_range.h"
 #include "lmforge/dist/communicator.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
@@ -107,22 +108,22 @@ class TensorParallel final : public PartialSums {
   // own rows); nothing otherwise.
   void sum_over_group(double* v, int64_t n);
   // The gradients a rank holds after a step's data-parallel reduction: each parameter's own
-  // (Param::grad; `shard` undefined), or under grad-/full-shard and hybrid the pieces of the
-  // share's flat range [shard_lo, shard_lo + shard.numel()) in `shard` (the same range on every
-  // rank of the group: their shares are laid out alike).
+  // (Param::grad; no `pack`), or under grad-/full-shard and hybrid the pieces of the
+  // share's flat range [pack->lo(), pack->hi()) in `shard`, its trained elements packed (the same
+  // range on every rank of the group: their shares are laid out alike).
   //
   // After a step's backward: sums over the group the gradients of the replicated parameters that
   // each rank computes in part: the q/k norms' (from its heads), LoRA's replicated factors', and
   // under sequence parallelism those its own rows fed (embeddings, norms, head; the row-parallel
   // biases' come from the group's rows).
-  void sum_partial_grads(const Tensor& shard = Tensor(), int64_t shard_lo = 0);
+  void sum_partial_grads(const Tensor& shard = Tensor(), const PackedRange* pack = nullptr);
   // The partial sums' traffic so far (this rank's; CountingCommunicator's convention).
   const CommStats& comm_stats() const { return comm_.stats(); }
 
   // The global gradient norm of the whole model: the shares' sums of squares added over the
   // group, the replicated parameters counted once; with a shard, also over `shards` (the ranks
   // whose shards make up the share).
-  double grad_norm(const Tensor& shard = Tensor(), int64_t shard_lo = 0,
+  double grad_norm(const Tensor& shard = Tensor(), const PackedRange* pack = nullptr,
                    Communicator* shards = nullptr);
   // Collective over the group: parameter q of this rank's share made whole, on the group's rank
   // 0 (a host tensor of the whole model's shape; undefined elsewhere). what: its values (0) or
@@ -151,7 +152,7 @@ class TensorParallel final : public PartialSums {
   // f(param, gradient) over the gradients this rank holds of the trained parameters (see
   // sum_partial_grads: each whole, or the pieces in a shard).
   template <typename F>
-  void for_each_grad(const Tensor& shard, int64_t shard_lo, F&& f);
+  void for_each_grad(const Tensor& shard, const PackedRange* pack, F&& f);
   mutable CountingCommunicator comm_;
   ModelConfig whole_;
   Transformer& model_;

@@ -13,12 +13,9 @@ Param* ParamSet::add(const std::string& name, Shape shape, bool decay) {
 }
 
 void ParamSet::finalize(DType dtype) {
-  dtype_ = dtype;
+  finalize_layout(dtype);
   allocate_values();
   allocate_grads();
-  for (Param& p : params_)
-    p.flat_offset = static_cast<int64_t>(p.grad.byte_offset() / dtype_size(dtype_));
-  flat_size_ = static_cast<int64_t>(grads_.used() / dtype_size(dtype_));
 }
 
 void ParamSet::finalize_layout(DType dtype) {
@@ -31,11 +28,14 @@ void ParamSet::finalize_layout(DType dtype) {
 }
 
 void ParamSet::allocate_grads() {
-  grads_ = Arena::planned(
-      [&](Arena& a) {
-        for (Param& p : params_) p.grad = a.alloc(p.shape, dtype_);
-      },
-      device_);
+  // Packed: the trained parameters' elements alone, each run of consecutive ones 64-byte aligned
+  // (under LoRA the adapters'; the frozen base weights get no gradient), else the flat space.
+  grad_pack_ = PackedRange(0, flat_size_, trainable_ranges(), 64 / dtype_size(dtype_));
+  grads_ = Arena::planned([&](Arena& a) { a.alloc({grad_pack_.size()}, dtype_); }, device_);
+  const Tensor flat = flat_grads();
+  for (Param& p : params_)
+    p.grad = p.frozen ? Tensor()
+                      : flat.slice(grad_pack_.at(p.flat_offset), p.shape.numel()).view(p.shape);
 }
 
 void ParamSet::to(Device device) {
@@ -196,14 +196,14 @@ void ParamSet::zero_grad() const {
   if (grads_.capacity() == 0) return;
   const Tensor flat = flat_grads();
   if (device_ != Device::kCPU) {  // one memset on the device is as good as free
-    for (const auto& [lo, hi] : trainable_ranges()) flat.slice(lo, hi - lo).zero_();
+    flat.zero_();
     return;
   }
   // The host: matmul weights marked unwritten, the rest zeroed in runs of consecutive parameters
   // (with the gaps between them, zero anyway).
   int64_t lo = -1, hi = -1;
-  auto flush = [&] {
-    if (lo >= 0) flat.slice(lo, hi - lo).zero_();
+  auto flush = [&] {  // (consecutive trained parameters: consecutive in the packed buffer)
+    if (lo >= 0) flat.slice(grad_pack_.at(lo), hi - lo).zero_();
     lo = hi = -1;
   };
   for (const Param& p : params_) {

@@ -1,5 +1,6 @@
 // ParamSet: every parameter of a model, by name, in one contiguous buffer, with gradients in a
-// second buffer of the same layout. Layers register shapes first; finalize() allocates both
+// second buffer of the same layout, but for frozen parameters (LoRA's base weights), which have
+// none (PackedRange). Layers register shapes first; finalize() allocates both
 // buffers once. Optimizers and checkpoints walk the list; names are stable across runs.
 //
 //   ParamSet ps;
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "lmforge/core/arena.h"
+#include "lmforge/core/packed_range.h"
 
 namespace lmforge {
 
@@ -102,8 +104,11 @@ class ParamSet {
   // The flat ranges [lo, hi) that hold the parameters that train, consecutive ones merged (with
   // the alignment gaps between them): one range, the whole space, without frozen parameters.
   std::vector<std::pair<int64_t, int64_t>> trainable_ranges() const;
-  // The whole gradient buffer as one flat tensor (alignment gaps included; they stay zero).
-  Tensor flat_grads() const { return grads_.as_tensor(dtype_); }
+  // The whole gradient buffer as one flat tensor: the trained parameters' elements packed
+  // (grad_pack(): a flat index's place in it; without frozen parameters the flat index itself;
+  // alignment gaps included, zero).
+  Tensor flat_grads() const { return grads_.as_tensor(dtype_).slice(0, grad_pack_.size()); }
+  const PackedRange& grad_pack() const { return grad_pack_; }
   // The flat index space of both buffers: parameter p occupies elements
   // [offset(p), offset(p) + numel) of flat_size() (the gaps keep every parameter 64-byte aligned).
   // Sharding (dist/) cuts this space into contiguous per-rank ranges.
@@ -160,6 +165,7 @@ class ParamSet {
   std::deque<Param> params_;  // deque: Param* handles stay valid while adding
   Arena values_, grads_, bf16_, work_;
   int64_t flat_size_ = 0;
+  PackedRange grad_pack_;
   bool bf16_fresh_ = false, bf16_external_ = false, master_bf16_ = false;
   DType dtype_ = DType::kF32;
   Device device_ = Device::kCPU;

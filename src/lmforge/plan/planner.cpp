@@ -66,6 +66,22 @@ MuonSizes muon_sizes(const ModelConfig& m, int shards = 1) {
   return mu;
 }
 
+// Under LoRA, the most adapter elements one of `shards` ranks holds of the flat space as
+// ShardLayout cuts it (grad-/full-shard pack a shard's trained elements alone).
+double most_trained_per_shard(const ModelConfig& m, int shards) {
+  const Transformer layout(m, Transformer::MeasureOnly{});
+  const ParamSet& ps = layout.params();
+  const dist::ShardLayout cut(ps.flat_size(), std::max(1, shards));
+  std::vector<double> held(cut.ranks, 0.0);
+  for (const Param& p : ps.params()) {
+    if (p.frozen) continue;
+    const int64_t off = ps.offset(p);
+    const std::vector<int64_t> pieces = cut.counts(off, off + p.shape.numel());
+    for (int r = 0; r < cut.ranks; ++r) held[r] += static_cast<double>(pieces[r]);
+  }
+  return *std::max_element(held.begin(), held.end());
+}
+
 }  // namespace
 
 TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOptions& o) {
@@ -82,12 +98,22 @@ TrainingFootprint training_footprint(const ModelConfig& m, const FootprintOption
   } else {
     f.values = g.all * value_bytes + (o.bf16 && !o.bf16_master ? g.all * 2 : 0);
   }
-  f.gradients = s >= Strategy::kGradShard ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
-                                          : g.trained * 4;
+  if (s >= Strategy::kGradShard && m.lora.on()) {  // the adapters' alone: all in the blocks
+    const double shard = most_trained_per_shard(m, o.shards);
+    f.gradients = shard * 4 * (o.accumulates ? 2 : 1) +
+                  2 * g.trained / static_cast<double>(std::max<int64_t>(1, m.n_layer)) * 4;
+  } else {
+    f.gradients = s >= Strategy::kGradShard
+                      ? g.all / n * 4 * (o.accumulates ? 2 : 1) + workspace * 4
+                      : g.trained * 4;
+  }
   // AdamW's moments, and under bf16 master weights LoRA's adapters' fp32 masters
   // (AdamWOptions::fp32_masters)
   const double state_bytes = 8 + (o.bf16_master && m.lora.on() ? 4 : 0);
-  f.optimizer = g.trained * state_bytes / (s >= Strategy::kZero1 ? n : 1);
+  // (sharded under LoRA: the rank holding the most adapters, as ShardLayout cuts the flat space)
+  f.optimizer = s >= Strategy::kZero1 && m.lora.on()
+                    ? most_trained_per_shard(m, o.shards) * state_bytes
+                    : g.trained * state_bytes / (s >= Strategy::kZero1 ? n : 1);
   if (o.muon) {  // the most state a rank holds (all of it under no-shard), + the Newton-Schulz
                  // workspace (for whole matrices: the whole model's under tensor parallelism,
                  // with a share's direction beside them)
