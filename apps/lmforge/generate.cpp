@@ -15,6 +15,7 @@
 
 #include "commands.h"
 #include "lmforge/core/utf8.h"
+#include "lmforge/io/atomic_file.h"
 #include "lmforge/models/hf.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/train/checkpoint.h"
@@ -211,13 +212,13 @@ void add_generate(CLI::App& app) {
     GenerateStats stats;
     if (o->prompts.empty() && o->samples == 1) {  // one sample, streamed
       if (!chat) fmt::print("{}", o->prompt);
-      std::fflush(stdout);
+      check_stdout(/*flush=*/true);
       Utf8Stream text;  // (a reply ending inside a character prints U+FFFD, not half of it)
       generate(
           model, prompts[0], o->s,
           [&](int32_t id) {
             fmt::print("{}", text.push(text_of(id)));
-            std::fflush(stdout);
+            check_stdout(/*flush=*/true);
           },
           &stats);
       fmt::print("{}\n", text.finish());
@@ -251,7 +252,7 @@ void add_generate(CLI::App& app) {
           fmt::print("{}\n",
                      j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace));
         }
-        std::fflush(stdout);
+        check_stdout(/*flush=*/true);
       };
       generate_batch(
           model, runs, o->s, o->batch,
@@ -318,7 +319,7 @@ void add_chat(CLI::App& app) {
     for (int64_t n = 0;; ++n) {
       if (tty) {
         fmt::print("> ");
-        std::fflush(stdout);
+        check_stdout(/*flush=*/true);
       }
       std::string line;
       if (!std::getline(std::cin, line) || line == "/exit") break;
@@ -369,11 +370,11 @@ void add_chat(CLI::App& app) {
             if (s.stops_at(id)) return;  // the reply ends
             reply.push_back(id);
             fmt::print("{}", text.push(tok.token_bytes(id)));
-            std::fflush(stdout);
+            check_stdout(/*flush=*/true);
           },
           nullptr, &session);
       fmt::print("{}\n", text.finish());
-      std::fflush(stdout);
+      check_stdout(/*flush=*/true);
       turns.push_back({"assistant", tok.decode(reply)});
     }
   });

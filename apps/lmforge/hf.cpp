@@ -210,23 +210,11 @@ void consolidate(const std::string& from, const std::string& out) {
   fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
 }
 
-// --to-hf DIR (peft false) or --to-peft DIR (the LoRA adapters alone, as PEFT saves them).
-void export_hf(const std::string& checkpoint, const std::string& out_arg, const std::string& dtype,
-               const std::string& shard, bool force, bool peft) {
-  const char* opt = peft ? "--to-peft" : "--to-hf";
-  // DIR/ and DIR name the same directory; the temporary goes beside it, not inside.
-  fs::path out_path = fs::path(out_arg).lexically_normal();
-  if (!out_path.has_filename()) out_path = out_path.parent_path();
-  const std::string out = out_path.string();
-  DType dt = dtype == "fp32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : DType::kI32;
-  if (dt == DType::kI32) fail("--dtype: expected fp32 or bf16, got \"{}\"", dtype);
-  uint64_t max_shard = parse_size(shard);
-  std::string dir = resolve_checkpoint(checkpoint);
-  ModelConfig mc = checkpoint_model_config(dir);
-  hf_config_json(mc, -1, -1, dt);  // fails on an inexpressible model before any work
-  if (peft && !mc.lora.on())
-    fail("--to-peft: {} has no LoRA adapters (model.lora_rank 0); export it whole with --to-hf",
-         dir);
+// The export's target: a new or empty directory, or with --force an earlier export's (nothing
+// else: never a run, a checkpoint, the checkpoint read or the working directory). Checked before
+// the work and again just before the target is replaced (another process may have written it).
+void check_export_target(const char* opt, const std::string& out, const fs::path& out_path,
+                         const std::string& dir, bool force) {
   std::error_code ec;
   if (fs::exists(out, ec) && !fs::is_directory(out, ec))
     fail("{}: {} exists and is not a directory; choose a directory path", opt, out);
@@ -269,6 +257,27 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
         "{}: {} is an lmforge run or checkpoint, which --force would delete; export to a new "
         "directory",
         opt, out);
+}
+
+// --to-hf DIR (peft false) or --to-peft DIR (the LoRA adapters alone, as PEFT saves them).
+void export_hf(const std::string& checkpoint, const std::string& out_arg, const std::string& dtype,
+               const std::string& shard, bool force, bool peft) {
+  const char* opt = peft ? "--to-peft" : "--to-hf";
+  // DIR/ and DIR name the same directory; the temporary goes beside it, not inside.
+  fs::path out_path = fs::path(out_arg).lexically_normal();
+  if (!out_path.has_filename()) out_path = out_path.parent_path();
+  const std::string out = out_path.string();
+  DType dt = dtype == "fp32" ? DType::kF32 : dtype == "bf16" ? DType::kBF16 : DType::kI32;
+  if (dt == DType::kI32) fail("--dtype: expected fp32 or bf16, got \"{}\"", dtype);
+  uint64_t max_shard = parse_size(shard);
+  std::string dir = resolve_checkpoint(checkpoint);
+  ModelConfig mc = checkpoint_model_config(dir);
+  hf_config_json(mc, -1, -1, dt);  // fails on an inexpressible model before any work
+  if (peft && !mc.lora.on())
+    fail("--to-peft: {} has no LoRA adapters (model.lora_rank 0); export it whole with --to-hf",
+         dir);
+  check_export_target(opt, out, out_path, dir, force);
+  std::error_code ec;
   Transformer model(mc);
   load_checkpoint(dir, model, nullptr, nullptr);
   auto tok = checkpoint_tokenizer(dir);
@@ -296,8 +305,23 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
     fs::remove_all(tmp, ec);
     throw;
   }
-  fs::remove_all(out, ec);
+  // Without --force, only onto nothing or an empty directory (rename() refuses a non-empty one:
+  // another export, or a run, that appeared meanwhile is never deleted).
+  try {
+    check_export_target(opt, out, out_path, dir, force);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  if (force) fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
+  if (ec && !force && fs::exists(out) && !fs::is_empty(out)) {
+    fs::remove_all(tmp, ec);
+    fail(
+        "{}: {} was written by another process while exporting (it was new or empty); export "
+        "again to a new directory, or pass --force to replace an earlier export",
+        opt, out);
+  }
   if (ec) {
     fail("{}: cannot move {} to {} ({}; the export is complete there); {}", opt, tmp, out,
          ec.message(),

@@ -12,6 +12,7 @@
 #include "lmforge/core/error.h"
 #include "lmforge/core/tensor.h"
 #include "lmforge/dist/communicator.h"
+#include "lmforge/io/atomic_file.h"
 
 namespace {
 
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
+    lmforge::check_stdout(/*flush=*/true);  // what it printed reached its file
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {

@@ -32,6 +32,7 @@ void print_ids(const std::vector<int32_t>& ids) {
   }
   line += '\n';
   std::fwrite(line.data(), 1, line.size(), stdout);
+  check_stdout();
 }
 
 std::vector<int32_t> parse_ids(const std::string& line, const std::string& where, size_t line_no,
@@ -130,6 +131,7 @@ void add_tokenizer(CLI::App& app) {
       for (std::string line; std::getline(in, line);) {
         std::string text = tok->decode(parse_ids(line, where, ++line_no, *tok)) + "\n";
         std::fwrite(text.data(), 1, text.size(), stdout);
+        check_stdout();
       }
     };
     if (o->files.empty()) run(std::cin, "<stdin>");

@@ -305,6 +305,28 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
   expect_no_tmp_files(dir);
 }
 
+// Standard output that cannot be written (a full disk: /dev/full) is an error, not exit 0 with
+// the output cut short: what the loops print, and what a command prints last.
+TEST(CliErrors, StdoutWriteFailuresAreErrors) {
+  std::string dir = testing::temp_dir("cli-stdout");
+  tiny_config(dir);
+  ASSERT_EQ(run_lmforge("train tiny.yaml", dir).exit_code, 0);
+  std::ofstream(dir + "/full.sh") << "exec \"$@\" > /dev/full\n";
+  {
+    std::ofstream big(dir + "/big.txt");
+    for (int i = 0; i < 20000; ++i)
+      big << "In the beginning God created the heaven and the earth.\n";
+    std::ofstream(dir + "/ids.txt") << "72 101 108 108 111\n";
+  }
+  for (const std::string args :
+       {"tokenizer encode --tokenizer byte big.txt", "tokenizer decode --tokenizer byte ids.txt",
+        "tokenizer info --tokenizer byte", "info run",
+        "generate --checkpoint run --prompt Hi --max-tokens 4"}) {
+    const testing::RunResult r = run_lmforge(args, dir, "sh full.sh");
+    expect_one_line_error(r, {"standard output: write failed"});
+  }
+}
+
 TEST(Cli, HelpOnEverySubcommand) {
   std::string dir = testing::temp_dir("cli-help");
   for (std::string cmd : {"--help", "train --help", "generate --help", "bench train --help"}) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -193,6 +194,18 @@ std::string read_file(const std::string& path) {
   if (in.bad() || (!ec && ss.tellp() >= 0 && static_cast<uintmax_t>(ss.tellp()) < size))
     fail("{}: read failed partway ({}); check the file and its disk", path, std::strerror(errno));
   return ss.str();
+}
+
+void check_stdout(bool flush) {
+  const int before = errno;  // the failed write's, when the last one failed
+  bool bad = std::ferror(stdout);
+  errno = 0;
+  if ((flush || bad) && std::fflush(stdout) != 0) bad = true;  // (a retry may say why)
+  const int err = errno ? errno : before;
+  if (bad)
+    fail("standard output: write failed ({}); the output is incomplete: free space, or write it "
+         "elsewhere",
+         err ? std::strerror(err) : "an earlier write");
 }
 
 }  // namespace lmforge
