@@ -493,4 +493,42 @@ TEST(Interrupt, CtrlCSavesACheckpointAndResumeContinues) {
   EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 300u);
 }
 
+// Ctrl-C during the set-up (the run directory written, the model made, the data read) is noted
+// too: the run stops before its first step, saying so, with a checkpoint --resume continues from
+// and no temporary file left (it ended the process silently, leaving config.yaml's temporary).
+TEST(Interrupt, CtrlCDuringTheSetUpStopsBeforeTheFirstStep) {
+  std::string dir = testing::temp_dir("interrupt-setup");
+  const std::string args =
+      "train --set model.preset=gpt2-tiny --set model.n_layer=4 --set model.n_embd=512 "
+      "--set model.n_head=8 --set model.vocab_size=257 --set model.max_seq_len=64 "
+      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
+      "--set train.seq_len=32 --set train.steps=3 --set train.checkpoint_every=0 "
+      "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
+  pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+  int status = 0;
+  bool sent = false;
+  for (int i = 0; i < 200000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
+    if (!sent && fs::exists(dir + "/run/config.yaml")) {  // written during the set-up
+      ::kill(pid, SIGINT);
+      sent = true;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  const auto listing = testing::list_checkpoint_dir(dir + "/run");
+  ASSERT_EQ(listing.complete.size(), 1u);
+  const int64_t step = listing.complete.begin()->first;
+  const std::string err = slurp(dir + "/err.txt");
+  EXPECT_NE(err.find(fmt::format("lmforge: interrupted (Ctrl-C) after step {}", step)),
+            std::string::npos)
+      << err;
+  for (const auto& e : fs::recursive_directory_iterator(dir + "/run"))
+    EXPECT_FALSE(e.path().string().ends_with(".tmp")) << e.path();
+  auto r = run_lmforge(args + " --resume", dir);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 3u);
+}
+
 }  // namespace lmforge

@@ -79,6 +79,10 @@ void inject_rank_failure(const std::string& kind, const dist::Communicator& worl
 TrainResult train(Config& cfg, const ResumeOptions& resume) {
   const TrainConfig& t = cfg.train;
   validate_train_config(cfg);
+  // Ctrl-C or SIGTERM from here on is noted, not fatal (core/interrupt.h): during the set-up (a
+  // checkpoint or init_from loading, the run directory written) the run stops before its first
+  // step, saying so; during the last save, once it is saved.
+  catch_interrupts();
 
   // Ranks: one process, or those mpirun/srun/lmforge launch started. Only rank 0 prints and
   // writes the run directory's files (checkpoints: every rank its shard).
@@ -536,7 +540,6 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // several processes (mpirun and srun pass the signal to every rank, each at its own moment of a
   // step) the ranks agree after every step whether any has one, so that all stop after the same
   // step and save it together: 16 bytes over the host world, outside the counted traffic.
-  catch_interrupts();
   auto stop_signal = [&world]() -> int {
     if (world->size() == 1) return interrupted();
     double noted[2] = {interrupted() == SIGINT ? 1.0 : 0.0, interrupted() == SIGTERM ? 1.0 : 0.0};
@@ -707,9 +710,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
       checkpoint();
     if ((stopped_by = stop_signal())) break;
   }
-  // From here on (the last save, the sample) a signal ends the process as usual; one noted
-  // during the last step, or with early stopping, leaves a finished run.
-  release_interrupts();
+  // A signal noted during the last step, or with early stopping, leaves a finished run.
   if (st.step < t.steps && !early_stopped) res.interrupted = stopped_by;
   if (lead && guard.consecutive() > 0)  // the weights these steps left are the run's last
     fmt::print(stderr,
@@ -753,7 +754,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
                                      : "finished");
   if (saved_step != st.step) checkpoint();
   fmt::print("saved {}\n", res.last_checkpoint);
-  if (res.interrupted) return res;  // no sample: the run is to be continued
+  // From here on (the sample) a signal ends the process as usual; one noted since the last step
+  // (during the last save) skips the sample of the finished run.
+  const bool stop_now = res.interrupted || stop_signal();
+  release_interrupts();
+  if (stop_now) return res;  // no sample: the run is to be continued, or was stopped
   // full-shard: the whole model again, for sampling (only then: it is a whole copy per rank)
   if (!cfg.sample.prompt.empty()) dp.gather_full_model();
   std::unique_ptr<Transformer> whole;
