@@ -203,6 +203,11 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
       timed_out = stopping = true;
       kill_at = now + std::chrono::seconds(10);
     }
+    if (!stopping && g_signal != 0)  // the ranks get SIGTERM: rank 0 says the one launch got
+      if (std::FILE* f = std::fopen((o.interrupted_file + ".launch").c_str(), "w")) {
+        std::fprintf(f, "%d\n", static_cast<int>(g_signal));
+        std::fclose(f);
+      }
     stopping = stopping || g_signal != 0;
     // SIGTERM to each rank (those mpirun has started so far, and any it starts later): they
     // finish the step, agree on it, save and exit. A second signal kills them.
@@ -233,6 +238,7 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
     std::fclose(f);
     std::remove(o.interrupted_file.c_str());
   }
+  std::remove((o.interrupted_file + ".launch").c_str());
   if (stopped_by > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) return 128 + stopped_by;
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);

@@ -85,7 +85,15 @@ void add_train(CLI::App& app) {
           "--resume {}: a config file, taken as the checkpoint to resume; put it first (train {} "
           "--resume), or give the checkpoint as --resume=PATH",
           resume.from, resume.from);
-    const TrainResult r = train(cfg, resume);
+    TrainResult r = train(cfg, resume);
+    // Under launch, the signal launch got (Ctrl-C), which it passed to the ranks as SIGTERM.
+    if (const char* f = std::getenv("LMFORGE_INTERRUPTED_FILE"); r.interrupted && f && *f)
+      if (std::FILE* in = std::fopen((std::string(f) + ".launch").c_str(), "r")) {
+        int sig = 0;
+        if (std::fscanf(in, "%d", &sig) == 1 && (sig == SIGINT || sig == SIGTERM))
+          r.interrupted = sig;
+        std::fclose(in);
+      }
     if (r.interrupted) {
       if (dist::rank_info().rank == 0)  // (every rank stopped after the same step)
         std::fprintf(stderr,

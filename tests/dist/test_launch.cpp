@@ -182,7 +182,8 @@ TEST(Launch, MissingMpirunNamesThePackage) {
 // does; --resume goes on from that step. The same when the signal reaches one rank alone: the
 // other stops after the same step, not in a collective its peer never joins. (Before, the ranks
 // died and the steps since the last save were lost; then mpirun, passed the signal, killed them
-// 1 s into a save: launch now signals the ranks itself.)
+// 1 s into a save: launch now signals the ranks itself.) Ctrl-C to launch (SIGINT, which it
+// passes to the ranks as SIGTERM) exits 130 and says Ctrl-C, as one process does.
 TEST(Launch, SigtermSavesTheRanksStepAndResumeContinues) {
   std::string dir = testing::temp_dir("launch-sigterm");
   // (4 blocks of C=768: a save of about a second, past mpirun's 1 s from its SIGTERM to its
@@ -192,8 +193,8 @@ TEST(Launch, SigtermSavesTheRanksStepAndResumeContinues) {
       tiny_train(1000000) +
       "--set train.checkpoint_every=1000000 --set model.n_layer=4 --set model.n_embd=768 "
       "--set model.n_head=12 ";
-  // Starts the job (resumed when `resume`), waits for steps past `after` and sends SIGTERM to
-  // launch or to one rank; returns the step saved.
+  // Starts the job (resumed when `resume`), waits for steps past `after` and sends SIGINT to
+  // launch or SIGTERM to one rank; returns the step saved.
   auto stop = [&](bool resume, int64_t after, bool one_rank) -> int64_t {
     Background b =
         spawn_lmforge(words("launch --nproc 2 -- " + train + (resume ? "--resume" : "")), dir);
@@ -211,11 +212,12 @@ TEST(Launch, SigtermSavesTheRanksStepAndResumeContinues) {
       EXPECT_EQ(ranks.size(), 2u);
       if (!ranks.empty()) target = ranks.back();
     }
-    kill(target, SIGTERM);
+    const int sig = one_rank ? SIGTERM : SIGINT;
+    kill(target, sig);
     int code = wait_exit(b.pid, std::chrono::seconds(60));
     close(b.stdin_fd);
     const std::string err = testing::slurp(dir + "/.stderr");
-    EXPECT_EQ(code, 128 + SIGTERM) << err;
+    EXPECT_EQ(code, 128 + sig) << err;
     const auto listing = testing::list_checkpoint_dir(dir + "/run");
     EXPECT_TRUE(listing.tmp.empty());
     if (listing.complete.empty()) {
@@ -224,8 +226,9 @@ TEST(Launch, SigtermSavesTheRanksStepAndResumeContinues) {
     }
     const int64_t step = listing.complete.rbegin()->first;
     EXPECT_GT(step, after) << err;
-    EXPECT_NE(err.find(fmt::format("lmforge: interrupted (Terminated) after step {}; saved {}",
-                                   step, "run/checkpoints/" + listing.complete.rbegin()->second)),
+    EXPECT_NE(err.find(fmt::format("lmforge: interrupted ({}) after step {}; saved {}",
+                                   one_rank ? "Terminated" : "Ctrl-C", step,
+                                   "run/checkpoints/" + listing.complete.rbegin()->second)),
               std::string::npos)
         << err;
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;  // rank 0's line alone
