@@ -36,16 +36,8 @@ void add_eval(CLI::App& app) {
   cmd->callback([o] {
     if (o->limit < 0) fail("--limit: must be >= 0, got {}", o->limit);
     const std::vector<ChoiceItem> items = read_hellaswag(o->hellaswag, o->limit);
-    if (!o->scores.empty()) {  // before the scoring, not after it
-      const auto parent = std::filesystem::path(o->scores).parent_path();
-      std::error_code ec;
-      if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
-        fail("--scores: {}: no directory {}; create it or choose another path", o->scores,
-             parent.string());
-      if (std::filesystem::is_directory(o->scores, ec))
-        fail("--scores: {} is a directory; name the JSONL file to write (e.g. {}/scores.jsonl)",
-             o->scores, o->scores);
-    }
+    if (!o->scores.empty())  // before the scoring, not after it
+      check_output_file(o->scores, "--scores", "scores.jsonl");
     SamplingOptions unused;  // (eval samples nothing)
     Loaded l = load_for_sampling(o->checkpoint, "fp32", unused);
     Transformer& model = *l.model;

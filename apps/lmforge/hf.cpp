@@ -18,8 +18,10 @@
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/config.h"
+#include "lmforge/io/dir_lock.h"
 #include "lmforge/io/safetensors.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/train/checkpoint.h"
@@ -146,12 +148,25 @@ std::unique_ptr<Tokenizer> hf_dir_tokenizer(const std::string& dir, const ModelC
 
 namespace {
 
+// convert's --out: made (removed again if the convert fails while it is empty), locked as a
+// training run's directory (another convert or a train into it at the same time is refused) and
+// without checkpoints.
+void take_out_dir(const std::string& out, DirLock& lock) {
+  make_directories(out);
+  std::error_code ec;
+  const std::string lock_file = out + "/.lock";
+  if (!fs::exists(lock_file, ec)) note_temp(lock_file);  // (ours: removed on failure)
+  lock.take(out, "--out");
+  if (!find_latest_checkpoint(out).empty())
+    fail("--out: {} already holds checkpoints; choose a new directory", out);
+}
+
 // peft (optional): a PEFT LoRA adapter directory merged into the weights, or with keep_adapter
 // held as the checkpoint's LoRA adapters (model.lora_*), to train on with init_from.
 void convert(const std::string& from, const std::string& out, const std::string& peft,
              bool keep_adapter) {
-  if (!find_latest_checkpoint(out).empty())
-    fail("--out: {} already holds checkpoints; choose a new directory", out);
+  DirLock lock;
+  take_out_dir(out, lock);
   HfConfig hc = read_hf_config(from);
   std::unique_ptr<Tokenizer> tok = hf_dir_tokenizer(from, hc.model);
   for (const std::string& n : hc.notes) fmt::print("note: {}\n", n);
@@ -170,6 +185,7 @@ void convert(const std::string& from, const std::string& out, const std::string&
   TrainState st;
   st.init_from = cfg.init_from;
   std::string dir = save_checkpoint(out, model, nullptr, st, config_to_yaml(cfg), 0, *tok);
+  forget_temp(out + "/.lock");
   fmt::print("converted {} ({}, {:.1f}M parameters){} -> {}\n", from, hc.model.arch,
              model.params().numel() / 1e6,
              peft.empty() ? ""
@@ -183,8 +199,8 @@ void convert(const std::string& from, const std::string& out, const std::string&
 // A checkpoint in any form (sharded by N ranks or single-file) -> a single-file checkpoint of
 // the same step with the optimizer and training state, which any number of ranks can resume.
 void consolidate(const std::string& from, const std::string& out) {
-  if (!find_latest_checkpoint(out).empty())
-    fail("--out: {} already holds checkpoints; choose a new directory", out);
+  DirLock lock;
+  take_out_dir(out, lock);
   std::string dir = resolve_checkpoint(from);
   Transformer model(checkpoint_model_config(dir));
   TrainState st;
@@ -207,6 +223,7 @@ void consolidate(const std::string& from, const std::string& out) {
   auto tok = checkpoint_tokenizer(dir);
   std::string saved = save_checkpoint(out, model, weights_only ? nullptr : &opt, st,
                                       read_file(dir + "/config.yaml"), 0, *tok);
+  forget_temp(out + "/.lock");
   fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
 }
 

@@ -7,9 +7,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <new>
+#include <string>
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/interrupt.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/core/tensor.h"
 #include "lmforge/dist/communicator.h"
 #include "lmforge/io/atomic_file.h"
@@ -39,6 +42,10 @@ int main(int argc, char** argv) {
   // fails and glibc aborts. backtrace() loads it now, while there is memory.
   void* frame = nullptr;
   backtrace(&frame, 1);
+  // Ctrl-C or SIGTERM removes what the command was writing before the process ends (launch
+  // passes them to its ranks instead, and train notes them: core/interrupt.h). Before any thread
+  // starts, so that all of them leave the signals to the one thread that takes them.
+  if (!(argc > 1 && std::string(argv[1]) == "launch")) lmforge::end_on_interrupt();
   CLI::App app{"lmforge: train large language models end to end, natively (no Python)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "lmforge 0.1.0");
@@ -81,12 +88,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lmforge: %s; see lmforge --help (or SUBCOMMAND --help)\n", e.what());
     return 1;
   } catch (const std::bad_alloc&) {
+    lmforge::remove_leftovers();
     lmforge::dist::abort_job("lmforge: out of memory; " + lmforge::oom_hint());
   } catch (const std::filesystem::filesystem_error& e) {  // names the path(s) itself
+    lmforge::remove_leftovers();
     lmforge::dist::abort_job(std::string("lmforge: ") + e.what() +
                              "; check the path and its permissions");
   } catch (const std::exception& e) {  // lmforge::Error and the rest: one line
     // Under several ranks this stops the others too, which would wait for this one.
+    lmforge::remove_leftovers();  // (what the command was writing: nothing half-written)
     lmforge::dist::abort_job(std::string("lmforge: ") + e.what());
   }
   return 0;

@@ -16,6 +16,7 @@
 
 #include "commands.h"
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/bpe_trainer.h"
 
@@ -164,8 +165,8 @@ void add_tokenizer(CLI::App& app) {
     opt.pattern = t->pattern;
     opt.specials = t->specials;
     auto t0 = std::chrono::steady_clock::now();
+    make_directories(t->out);  // before the work: a path that cannot be one fails now
     BpeTrainResult r = train_bpe(t->files, opt);
-    std::filesystem::create_directories(t->out);
     write_file_atomic(t->out + "/tokenizer.json", r.tokenizer_json);
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     fmt::print(

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "e2e/crash_resume.h"
@@ -416,7 +417,7 @@ TEST(ResolvedConfig, ReproducesAFineTuningRunStartedWithoutAConfigFile) {
 // One trainer per run directory: a --resume started while the run still trains (a requeued job
 // whose first copy lives on) is refused before it touches anything (it moved the first's
 // checkpoints aside and then failed in the first's save), and goes on once the first has ended.
-TEST(RunDirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
+TEST(DirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
   std::string dir = testing::temp_dir("run-dir-lock");
   const std::string args = std::string(testing::kByteDemoTrain) +
                            "--set train.steps=100000 --set train.checkpoint_every=5 "
@@ -433,7 +434,8 @@ TEST(RunDirLock, ASecondTrainerOnTheSameRunDirIsRefused) {
   ::waitpid(pid, nullptr, 0);
   const auto listing = testing::list_checkpoint_dir(dir + "/run");
   EXPECT_EQ(second.exit_code, 1);
-  EXPECT_NE(second.err.find("run.dir: run is in use by another lmforge train"), std::string::npos)
+  EXPECT_NE(second.err.find("run.dir: run is in use by another lmforge train, convert or prepare"),
+            std::string::npos)
       << second.err;
   EXPECT_FALSE(fs::exists(dir + "/run/abandoned"));
   // After the first ended (killed: the kernel drops its lock), the resume goes on.
@@ -491,6 +493,88 @@ TEST(Interrupt, CtrlCSavesACheckpointAndResumeContinues) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find(fmt::format("at step {}", step)), std::string::npos) << r.out;
   EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 300u);
+}
+
+// Ctrl-C to a command that writes files ends it as usual, but first removes what it was writing:
+// no temporary file or directory and no directory it made is left (a shard's temporary and the
+// directories prepare made were; an export's directory of the whole model's weights), and the
+// rerun finishes as an uninterrupted run does.
+TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
+  std::string dir = testing::temp_dir("interrupt-writers");
+  {
+    std::ofstream big(dir + "/big.txt");
+    const std::string para =
+        "And God said, Let there be light: and there was light. And God saw the light, that it "
+        "was good: and God divided the light from the darkness.\n\n";
+    for (int i = 0; i < 60000; ++i) big << i << ' ' << para;
+  }
+  // Sends SIGINT once `ready` holds; returns the signal that ended the process (0: it exited).
+  auto interrupt_when = [&](const std::string& args, const std::function<bool()>& ready) {
+    pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+    int status = 0;
+    bool sent = false;
+    for (int i = 0; i < 400000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
+      if (!sent && ready()) {
+        ::kill(pid, SIGINT);
+        sent = true;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    EXPECT_TRUE(sent) << slurp(dir + "/err.txt");
+    return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+  };
+  auto temporaries = [](const fs::path& under) {
+    std::vector<std::string> found;
+    std::error_code ec;
+    for (fs::recursive_directory_iterator it(under, ec), end; !ec && it != end; it.increment(ec))
+      if (it->path().string().ends_with(".tmp")) found.push_back(it->path().string());
+    return found;
+  };
+  const std::string tok = testing::shared_tokenizers_dir() + "/gpt2.tiktoken";
+  const std::string prep = "prepare --input big.txt --text-mode blank_line --tokenizer " + tok +
+                           " --shard-tokens 20000 --val-docs 10 --output ";
+  // prepare, while it writes its first shard: nothing of it left (the output directory it made
+  // included); then after some shards: those stay (the rerun goes on from them), no temporary.
+  EXPECT_EQ(interrupt_when(prep + "p1", [&] { return !temporaries(dir + "/p1").empty(); }), SIGINT);
+  EXPECT_FALSE(fs::exists(dir + "/p1")) << fs::exists(dir + "/p1/data");
+  EXPECT_NE(slurp(dir + "/err.txt")
+                .find("lmforge: interrupted (Ctrl-C); removed what it was "
+                      "writing"),
+            std::string::npos)
+      << slurp(dir + "/err.txt");
+  auto shards = [&](const std::string& out) {
+    int n = 0;
+    std::error_code ec;
+    for (fs::directory_iterator it(dir + "/" + out + "/data", ec), end; !ec && it != end;
+         it.increment(ec))
+      n += it->path().extension() == ".bin";
+    return n;
+  };
+  EXPECT_EQ(interrupt_when(prep + "p2", [&] { return shards("p2") >= 3; }), SIGINT);
+  EXPECT_EQ(temporaries(dir + "/p2"), std::vector<std::string>{});
+  ASSERT_EQ(run_lmforge(prep + "p2", dir).exit_code, 0);
+  ASSERT_EQ(run_lmforge(prep + "whole", dir).exit_code, 0);
+  for (const auto& e : fs::directory_iterator(dir + "/whole/data"))
+    EXPECT_EQ(slurp(e.path().string()), slurp(dir + "/p2/data/" + e.path().filename().string()))
+        << e.path();
+  // export, while it writes the weights: no directory of them left beside the target.
+  ASSERT_EQ(run_lmforge("train --set model.preset=gpt2-tiny --set model.n_layer=8 "
+                        "--set model.n_embd=512 --set model.n_head=8 --set model.vocab_size=257 "
+                        "--set data.text=big.txt --set data.tokenizer=byte --set "
+                        "train.batch_size=1 --set train.seq_len=16 --set train.steps=1 "
+                        "--set train.eval_every=0 --set sample.prompt= --set run.dir=run",
+                        dir)
+                .exit_code,
+            0);
+  auto export_temp = [&] {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir, ec))
+      if (e.path().filename().string().starts_with("hf.lmforge-export.")) return true;
+    return false;
+  };
+  EXPECT_EQ(interrupt_when("export --checkpoint run --to-hf hf", export_temp), SIGINT);
+  EXPECT_FALSE(export_temp());
+  EXPECT_FALSE(fs::exists(dir + "/hf"));
 }
 
 // Ctrl-C during the set-up (the run directory written, the model made, the data read) is noted

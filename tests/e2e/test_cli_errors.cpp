@@ -327,6 +327,25 @@ TEST(CliErrors, StdoutWriteFailuresAreErrors) {
   }
 }
 
+// An output another process is writing (its DIR/.lock held: here by flock(1)) is refused, for
+// prepare and convert as for train: two prepares lost one's summary, two converts' results
+// replaced each other, each saying it succeeded.
+TEST(CliErrors, OutputsInUseAreRefused) {
+  std::string dir = testing::temp_dir("cli-in-use");
+  tiny_config(dir);
+  ASSERT_EQ(run_lmforge("train tiny.yaml", dir).exit_code, 0);
+  std::ofstream(dir + "/in.txt") << "In the beginning God created the heaven and the earth.\n";
+  for (const std::string out : {"p", "c"}) fs::create_directories(dir + "/" + out);
+  const std::string hold = "flock p/.lock flock c/.lock ";  // (the lmforge command inside)
+  expect_one_line_error(
+      run_lmforge("prepare --input in.txt --tokenizer byte --output p", dir, hold),
+      {"--output: p is in use by another lmforge"});
+  expect_one_line_error(run_lmforge("convert --from-checkpoint run --out c", dir, hold),
+                        {"--out: c is in use by another lmforge"});
+  EXPECT_FALSE(fs::exists(dir + "/p/data"));
+  EXPECT_FALSE(fs::exists(dir + "/c/checkpoints"));
+}
+
 TEST(Cli, HelpOnEverySubcommand) {
   std::string dir = testing::temp_dir("cli-help");
   for (std::string cmd : {"--help", "train --help", "generate --help", "bench train --help"}) {

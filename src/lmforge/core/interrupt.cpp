@@ -5,8 +5,11 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstring>
 #include <mutex>
 #include <thread>
+
+#include "lmforge/core/leftovers.h"
 
 namespace lmforge {
 
@@ -24,8 +27,16 @@ void set_action(void (*handler)(int)) {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
-// The default action of `sig` now (the process ends), from the thread that took it.
+// The default action of `sig` now (the process ends), from the thread that took it, once what
+// the process was writing is removed (core/leftovers.h; said when there was some).
 [[noreturn]] void default_action(int sig) {
+  if (remove_leftovers(/*for_exit=*/true) > 0) {
+    const char* line = sig == SIGINT
+                           ? "lmforge: interrupted (Ctrl-C); removed what it was writing\n"
+                           : "lmforge: interrupted (Terminated); removed what it was "
+                             "writing\n";
+    [[maybe_unused]] ssize_t n = write(STDERR_FILENO, line, std::strlen(line));
+  }
   signal(sig, SIG_DFL);
   sigset_t one;
   sigemptyset(&one);
@@ -74,6 +85,8 @@ void catch_interrupts() {
   set_action(note);
   start_waiter();
 }
+
+void end_on_interrupt() { start_waiter(); }
 
 void release_interrupts() {
   g_catching = false;

@@ -13,6 +13,10 @@
 namespace lmforge {
 
 void catch_interrupts();
+// Without catch_interrupts: a signal ends the process as usual, but first removes what it was
+// writing (core/leftovers.h), saying so. main() sets this up for every command but launch (whose
+// handlers pass signals to its ranks); call it before starting threads.
+void end_on_interrupt();
 // Back to the default actions (a signal noted stays noted).
 void release_interrupts();
 // The signal noted (SIGINT, SIGTERM), or 0.

@@ -11,8 +11,10 @@
 #include <map>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/dir_lock.h"
 #include "lmforge/tokenizer/chat_template.h"
 #include "lmforge/tokenizer/string_id_map.h"
 #include "lmforge/tokenizer/tokenizer.h"
@@ -93,7 +95,7 @@ class Job {
       v1 += file;
     }
     std::string key = fnv1a_hex(key_src);
-    fs::create_directories(dir_);
+    make_directories(dir_);
     Progress p = load_progress();
     const bool older = !kind.empty() && p.key == fnv1a_hex(v1);
     if (older && !p.complete)
@@ -543,10 +545,18 @@ json run_prepare(const PrepareOptions& o) {
   }
   std::error_code ec;  // the output directory only once the inputs are known good
   const bool output_fresh = !fs::exists(o.output, ec);
-  fs::create_directories(o.output, ec);
+  try {
+    make_directories(o.output);  // (removed again if prepare fails while it is empty)
+  } catch (const fs::filesystem_error& e) {
+    ec = e.code();
+  }
   if (ec || access(o.output.c_str(), W_OK) != 0)
     fail("{}: cannot write the output directory ({}); check permissions", o.output,
          ec ? ec.message() : std::strerror(errno));
+  // One prepare at a time into an output (two lost one's summary and raced on its shards).
+  DirLock lock;
+  if (!fs::exists(o.output + "/.lock", ec)) note_temp(o.output + "/.lock");  // (gone on failure)
+  lock.take(o.output, "--output");
   double load_seconds = std::chrono::duration<double>(Clock::now() - t_load).count();
   auto t0 = Clock::now();
   json summary = {{"tokenizer",
@@ -591,7 +601,7 @@ json run_prepare(const PrepareOptions& o) {
     if (st["documents"]["train"].get<uint64_t>() + st["documents"]["val"].get<uint64_t>() == 0 &&
         o.stop_after_shards == 0) {
       if (fresh) fs::remove_all(fs::path(o.output) / s.name, ec);
-      if (output_fresh && fs::is_empty(o.output, ec)) fs::remove(o.output, ec);
+      if (output_fresh) remove_leftovers();  // (the lock file and the directories made)
       fail("prepare {}: no documents kept from {} (skipped {}); {}", s.name,
            fmt::join(s.inputs, ", "), st["skipped"].dump(), nothing_kept_hint(st["skipped"]));
     }
@@ -601,6 +611,7 @@ json run_prepare(const PrepareOptions& o) {
   summary["tokenizer_load_seconds"] = load_seconds;
   summary["mb_per_s"] = dt > 0 ? bytes / 1e6 / dt : 0;
   write_file_atomic(o.output + "/summary.json", summary.dump(2) + "\n");
+  forget_temp(o.output + "/.lock");  // (kept: the output is whole)
   fmt::print(
       "prepare: {:.1f} MB of documents in {:.1f}s ({:.1f} MB/s); summary in {}/summary.json\n",
       bytes / 1e6, dt, dt > 0 ? bytes / 1e6 / dt : 0, o.output);

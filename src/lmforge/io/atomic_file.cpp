@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 
 namespace lmforge {
 
@@ -59,11 +60,14 @@ void remove_stale_temps(const std::string& path) {
 
 std::string fresh_temp_path(const std::string& path) {
   remove_stale_temps(path);
-  return temp_name(path);
+  std::string tmp = temp_name(path);
+  note_temp(tmp);  // (its writer renames it; a name no final file has)
+  return tmp;
 }
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(path)) {
   remove_stale_temps(path);
+  note_temp(tmp_);
   f_ = std::fopen(tmp_.c_str(), "wb");
   if (!f_)
     fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,
@@ -75,6 +79,7 @@ AtomicFile::~AtomicFile() {
     std::fclose(f_);
     std::remove(tmp_.c_str());
   }
+  forget_temp(tmp_);
 }
 
 namespace {
@@ -196,6 +201,17 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+void check_output_file(const std::string& path, const char* option, const char* name) {
+  namespace fs = std::filesystem;
+  const fs::path parent = fs::path(path).parent_path();
+  std::error_code ec;
+  if (!parent.empty() && !fs::is_directory(parent, ec))
+    fail("{}: {}: no directory {}; create it or choose another path", option, path,
+         parent.string());
+  if (fs::is_directory(path, ec))
+    fail("{}: {} is a directory; name the file to write (e.g. {}/{})", option, path, path, name);
+}
+
 void check_stdout(bool flush) {
   const int before = errno;  // the failed write's, when the last one failed
   bool bad = std::ferror(stdout);
@@ -203,9 +219,10 @@ void check_stdout(bool flush) {
   if ((flush || bad) && std::fflush(stdout) != 0) bad = true;  // (a retry may say why)
   const int err = errno ? errno : before;
   if (bad)
-    fail("standard output: write failed ({}); the output is incomplete: free space, or write it "
-         "elsewhere",
-         err ? std::strerror(err) : "an earlier write");
+    fail(
+        "standard output: write failed ({}); the output is incomplete: free space, or write it "
+        "elsewhere",
+        err ? std::strerror(err) : "an earlier write");
 }
 
 }  // namespace lmforge

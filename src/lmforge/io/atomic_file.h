@@ -55,6 +55,9 @@ std::string read_file(const std::string& path);  // throws Error naming the file
 void copy_file_atomic(const std::string& from, const std::string& to);
 // Throws Error "PATH: is a directory; pass a file" (an ifstream opens one and reads nothing).
 void check_not_directory(const std::string& path);
+// A file to write, checked before the work that makes it: its directory exists and it is not a
+// directory itself; the Error names `option` (e.g. "--out") and suggests `name` inside a directory.
+void check_output_file(const std::string& path, const char* option, const char* name);
 // Standard output failed (a full disk, a closed pipe): throws Error, since output cut short must
 // not end with exit 0. Per record in a loop that prints (the buffer's last automatic flush
 // failed), and with flush = true after the last (main() does at every command's end).

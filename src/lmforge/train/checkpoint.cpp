@@ -11,6 +11,7 @@
 #include <set>
 
 #include "lmforge/backend/ops.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/config.h"
 #include "lmforge/io/safetensors.h"
@@ -233,7 +234,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   std::error_code ec;
   if (lead) {
     if (!fs::is_directory(dir, ec)) {
-      fs::create_directories(dir);
+      make_directories(dir.string());  // (removed again if the save fails: core/leftovers.h)
       checkpoint_dir::sync_path(run_dir, true);
     }
     for (auto& e : fs::directory_iterator(dir)) {  // left by a save or prune that was killed
@@ -241,6 +242,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
       if (n.starts_with("step-") && n.ends_with(".tmp")) fs::remove_all(e.path(), ec);
     }
     fs::create_directories(tmp);
+    note_temp(tmp.string());
   }
   // A save that fails (a full disk) leaves no step-N.tmp holding the space until the next save
   // removes it: rank 0 removes what it made.
@@ -370,6 +372,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
   // Complete from here: a failure in the swap below must not remove it (the step's only copy
   // once the old one is moved aside); the next save tidies what is left.
   remove_on_failure.on = false;
+  forget_temp(tmp.string());
 
   // A checkpoint of the same step (a finished run resumed, an abandoned continuation) is swapped
   // with the new one in one atomic step where the filesystem can (renameat2 RENAME_EXCHANGE), so

@@ -22,6 +22,7 @@
 #include "lmforge/core/cpu_features.h"
 #include "lmforge/core/error.h"
 #include "lmforge/core/interrupt.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/core/profile.h"
 #include "lmforge/core/utf8.h"
 #include "lmforge/data/loader.h"
@@ -30,6 +31,7 @@
 #include "lmforge/eval/choices.h"
 #include "lmforge/eval/generate.h"
 #include "lmforge/io/atomic_file.h"
+#include "lmforge/io/dir_lock.h"
 #include "lmforge/nn/transformer.h"
 #include "lmforge/optim/adamw.h"
 #include "lmforge/optim/clip.h"
@@ -42,7 +44,6 @@
 #include "lmforge/train/metrics.h"
 #include "lmforge/train/objective.h"
 #include "lmforge/train/progress.h"
-#include "lmforge/train/run_dir_lock.h"
 #include "lmforge/train/run_world.h"
 
 namespace lmforge {
@@ -242,7 +243,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   // Run directory: nothing is written until every check above has passed (but its lock, where
   // it exists: before a resume picks its checkpoint).
   const std::string& run_dir = cfg.run.dir;
-  RunDirLock run_dir_lock;
+  DirLock run_dir_lock;
   if (lead && fs::is_directory(run_dir)) run_dir_lock.take(run_dir);
   std::string ckpt;
   if (resume.from.empty() && (resume.start_step >= 0 || resume.reset_optimizer))
@@ -275,9 +276,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
   }
   std::string config_yaml = config_to_yaml(cfg);
   if (lead) {
-    std::error_code ec;
-    fs::create_directories(run_dir, ec);
-    if (ec) fail("run.dir: cannot create {} ({})", run_dir, ec.message());
+    try {
+      make_directories(run_dir);  // (removed again if the run fails while it is empty)
+    } catch (const fs::filesystem_error& e) {
+      fail("run.dir: cannot create {} ({})", run_dir, e.code().message());
+    }
     run_dir_lock.take(run_dir);
   }
 

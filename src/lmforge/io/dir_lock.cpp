@@ -1,4 +1,4 @@
-#include "lmforge/train/run_dir_lock.h"
+#include "lmforge/io/dir_lock.h"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -13,24 +13,24 @@
 
 namespace lmforge {
 
-void RunDirLock::take(const std::string& run_dir) {
+void DirLock::take(const std::string& run_dir, const char* key) {
   if (fd_ >= 0) return;
   const std::string path = run_dir + "/.lock";
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) fail("run.dir: cannot open {} ({})", path, std::strerror(errno));
+  if (fd_ < 0) fail("{}: cannot open {} ({})", key, path, std::strerror(errno));
   if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
   if (errno == EWOULDBLOCK)
     fail(
-        "run.dir: {} is in use by another lmforge train (it holds {}); wait for it to end or "
-        "stop it, or choose another directory with --set run.dir=DIR",
-        run_dir, path);
+        "{}: {} is in use by another lmforge train, convert or prepare (it holds {}); wait for it "
+        "to end or stop it, or choose another directory",
+        key, run_dir, path);
   fmt::print(stderr,
              "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other train "
              "uses run.dir {}\n",
              path, std::strerror(errno), run_dir);
 }
 
-RunDirLock::~RunDirLock() {
+DirLock::~DirLock() {
   if (fd_ >= 0) ::close(fd_);
 }
 
