@@ -35,8 +35,7 @@ void add_lr_find(CLI::App& app) {
   cmd->callback([o] {
     set_oom_hint(kTrainingOomHint);
     Config cfg = load_run_config(o->config, o->sets);
-    std::string ext = o->out.size() > 4 ? o->out.substr(o->out.size() - 4) : "";
-    if (ext != ".svg" && ext != ".png") fail("--out: {}: expected a .svg or .png file", o->out);
+    check_chart_path(o->out, "--out");  // before the sweep
     LrFindResult r = lr_find(cfg, o->lf);
     Chart c;
     c.title = "lr-find: suggested " + fmt::format("{:.2e}", r.suggested);

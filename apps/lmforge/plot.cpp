@@ -61,6 +61,7 @@ void add_plot_command(CLI::App& app) {
   cmd->add_flag("--val", o->val, "Also plot val_<metric> (e.g. val_loss)");
   cmd->add_flag("--log-y", o->log_y, "Logarithmic y axis");
   cmd->callback([o] {
+    check_chart_path(o->out, "--out");
     Chart c;
     c.title = o->metric;
     c.xlabel = "step";
@@ -118,6 +119,7 @@ void add_schedule_command(CLI::App& app) {
   cmd->add_option("--out", o->out, "Output image: .svg or .png")->required();
   cmd->add_flag("--log-y", o->log_y, "Logarithmic y axis");
   cmd->callback([o] {
+    check_chart_path(o->out, "--out");
     Config cfg = load_run_config(o->config, o->sets);
     const TrainConfig& t = cfg.train;
     if (t.steps <= 0) fail("train.steps: must be positive, got {}", t.steps);

@@ -61,7 +61,17 @@ TEST(PlotCli, PlotErrorsNameTheFile) {
   expect_one_line_error(run_lmforge("plot runs/a --metric mfu --out x.svg", dir),
                         {"runs/a/metrics.jsonl", "\"mfu\""});
   expect_one_line_error(run_lmforge("plot runs/a --out x.gif", dir), {"x.gif", ".svg or .png"});
-  expect_one_line_error(run_lmforge("plot runs/a --out nodir/x.svg", dir), {"nodir/x.svg"});
+  expect_one_line_error(run_lmforge("plot runs/a --out nodir/x.svg", dir),
+                        {"--out", "nodir/x.svg", "no directory nodir"});
+  // A directory where the image goes: said as such (was "cannot rename into place"), and checked
+  // before the work, as for lr-find's sweep and schedule; the extension in any case.
+  std::filesystem::create_directories(dir + "/d.svg");
+  expect_one_line_error(run_lmforge("plot runs/a --out d.svg", dir),
+                        {"--out", "d.svg is a directory", "d.svg/chart.svg"});
+  expect_one_line_error(run_lmforge("schedule --out d.svg", dir), {"d.svg is a directory"});
+  expect_one_line_error(run_lmforge("lr-find --out nodir/lr.svg", dir), {"no directory nodir"});
+  ASSERT_EQ(run_lmforge("plot runs/a --out UP.SVG", dir).exit_code, 0);
+  EXPECT_TRUE(testing::slurp(dir + "/UP.SVG").starts_with("<svg"));
   // A metric logged only as null (a diverged run's non-finite values): nothing to draw.
   std::ofstream(dir + "/runs/a/metrics.jsonl", std::ios::app)
       << "\n{\"step\": 6, \"z\": null}\n{\"step\": 7, \"z\": null}\n";

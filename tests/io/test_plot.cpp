@@ -10,6 +10,7 @@
 #include <set>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 #include "lmforge/io/plot.h"
 #include "testing/process.h"
 
@@ -178,6 +179,43 @@ TEST(Plot, LogAxisTicksArePowersOfTenAndSkipNonPositive) {
   EXPECT_EQ(svg.find("fill-opacity"), std::string::npos);  // no legend without names
   Decoded d = decode_png(chart_png(c));
   EXPECT_GT(d.count(series_color(0)), 300);
+}
+
+// A log axis over less than a decade (a loss from 9.5 to 5.5, gradient norms) still gets labels:
+// 1..9 x 10^k, or linear ticks when even those are too sparse (it had one label or none).
+TEST(Plot, LogAxisWithinADecadeHasLabels) {
+  for (const auto& [lo, hi] : {std::pair{5.5, 9.5}, {1.39, 1.56}, {0.26, 0.45}, {0.65, 1.24}}) {
+    SCOPED_TRACE(::testing::PrintToString(std::pair{lo, hi}));
+    Chart c = chart("", "", "");
+    c.log_y = true;
+    Series s{"", {}, {}};
+    for (int i = 0; i <= 50; ++i) s.x.push_back(i), s.y.push_back(lo + (hi - lo) * i / 50.0);
+    c.series = {s};
+    const std::string svg = chart_svg(c);
+    std::vector<double> ticks;
+    const std::regex text(R"re(text-anchor="end">([^<]*)</text>)re");
+    for (std::sregex_iterator it(svg.begin(), svg.end(), text), end; it != end; ++it)
+      ticks.push_back(std::stod((*it)[1]));
+    EXPECT_GE(ticks.size(), 3u) << ::testing::PrintToString(ticks);
+    EXPECT_LE(ticks.size(), 12u) << ::testing::PrintToString(ticks);
+    for (double t : ticks) {  // on the axis (its range: the values, padded 4% of the log span)
+      EXPECT_GE(t, lo * std::pow(hi / lo, -0.05));
+      EXPECT_LE(t, hi * std::pow(hi / lo, 0.05));
+    }
+  }
+}
+
+// Names from the file system are not always UTF-8 (a run directory named in Latin-1) and may hold
+// control characters: the SVG stays valid XML text (U+FFFD, control characters dropped).
+TEST(Plot, SvgTextIsValidUtf8WithoutControlCharacters) {
+  Chart c = two_series();
+  c.series[0].name = "lat\xe9n \x01run\x1b";
+  const std::string svg = chart_svg(c);
+  expect_well_formed_xml(svg);
+  EXPECT_EQ(find_invalid_utf8(svg), svg.size());
+  for (char ch : svg)
+    EXPECT_TRUE(static_cast<unsigned char>(ch) >= 0x20 || ch == '\n' || ch == '\t') << int(ch);
+  EXPECT_NE(svg.find(">lat\xEF\xBF\xBDn run</text>"), std::string::npos);
 }
 
 // Tick labels tell their ticks apart: throughput of 120000 +- 60 (at 4 digits: 1.2e+05 five

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/utf8.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/bitmap_font.h"
 #include "lmforge/io/png.h"
@@ -67,14 +68,27 @@ void log_ticks(Axis& a) {
   int first = static_cast<int>(std::ceil(a.lo - 1e-9)), last = static_cast<int>(a.hi + 1e-9);
   int every = std::max(1, (last - first + 1 + 7) / 8);
   for (int e = first; e <= last; e += every) a.ticks.push_back(std::pow(10.0, e));
-  if (a.ticks.size() < 3) {
+  // Fewer decades: 1, 2 and 5 x 10^k; within about one (a loss from 9.5 to 5.5, a gradient
+  // norm), every 1..9 x 10^k, as matplotlib labels them; narrower still (1.39 to 1.56), linear
+  // ticks over the values, placed on the log scale.
+  for (const std::vector<double>& mantissas :
+       {std::vector<double>{1, 2, 5}, std::vector<double>{1, 2, 3, 4, 5, 6, 7, 8, 9}}) {
+    if (a.ticks.size() >= 3) return;
     a.ticks.clear();
     for (int e = static_cast<int>(std::floor(a.lo)); e <= last; ++e)
-      for (double m : {1.0, 2.0, 5.0}) {
+      for (double m : mantissas) {
         double t = m * std::pow(10.0, e), l = std::log10(t);
         if (l >= a.lo - 1e-9 && l <= a.hi + 1e-9) a.ticks.push_back(t);
       }
   }
+  if (a.ticks.size() >= 3) return;
+  Axis lin;
+  lin.lo = std::pow(10.0, a.lo);
+  lin.hi = std::pow(10.0, a.hi);
+  linear_ticks(lin);
+  a.ticks.clear();
+  for (double t : lin.ticks)
+    if (t > 0) a.ticks.push_back(t);
 }
 
 Axis make_axis(const std::vector<double>& values, bool log, double pad) {
@@ -160,30 +174,6 @@ std::array<int, 4> legend_box(const Layout& l, const Chart& c) {
 std::string hex(const Rgb& c) { return fmt::format("#{:02x}{:02x}{:02x}", c[0], c[1], c[2]); }
 
 // ---- SVG -------------------------------------------------------------------------------------
-
-std::string xml_escape(const std::string& s) {
-  std::string o;
-  for (char ch : s) switch (ch) {
-      case '&':
-        o += "&amp;";
-        break;
-      case '<':
-        o += "&lt;";
-        break;
-      case '>':
-        o += "&gt;";
-        break;
-      case '"':
-        o += "&quot;";
-        break;
-      case '\'':
-        o += "&apos;";
-        break;
-      default:
-        o += ch;
-    }
-  return o;
-}
 
 // ---- raster ----------------------------------------------------------------------------------
 
@@ -407,16 +397,53 @@ std::string chart_png(const Chart& c) {
   return encode_png_rgb(img.rgb.data(), img.w, img.h);
 }
 
-void write_chart(const Chart& chart, const std::string& path) {
+std::string xml_escape(const std::string& s) {
+  std::string o;
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_char_len(s, i);
+    if (n == 0) {  // not UTF-8 (a run directory's name in Latin-1): U+FFFD
+      o += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    const char ch = s[i];
+    if (n > 1)
+      o.append(s, i, n);
+    else if (ch == '&')
+      o += "&amp;";
+    else if (ch == '<')
+      o += "&lt;";
+    else if (ch == '>')
+      o += "&gt;";
+    else if (ch == '"')
+      o += "&quot;";
+    else if (ch == '\'')
+      o += "&apos;";
+    else if (static_cast<unsigned char>(ch) >= 0x20 || ch == '\t' || ch == '\n' || ch == '\r')
+      o += ch;  // (the other control characters are not XML; dropped)
+    i += n;
+  }
+  return o;
+}
+
+namespace {
+std::string chart_ext(const std::string& path) {  // ".svg", ".png" (lower case), or ""
   std::string ext = path.size() >= 4 ? path.substr(path.size() - 4) : "";
   std::transform(ext.begin(), ext.end(), ext.begin(),
                  [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  if (ext == ".svg")
-    write_file_atomic(path, chart_svg(chart));
-  else if (ext == ".png")
-    write_file_atomic(path, chart_png(chart));
-  else
-    fail("{}: unknown chart format; the file name must end in .svg or .png", path);
+  return ext == ".svg" || ext == ".png" ? ext : "";
+}
+}  // namespace
+
+void write_chart(const Chart& chart, const std::string& path) {
+  const std::string ext = chart_ext(path);
+  if (ext.empty()) fail("{}: unknown chart format; the file name must end in .svg or .png", path);
+  write_file_atomic(path, ext == ".svg" ? chart_svg(chart) : chart_png(chart));
+}
+
+void check_chart_path(const std::string& path, const char* option) {
+  if (chart_ext(path).empty()) fail("{}: {}: expected a .svg or .png file", option, path);
+  check_output_file(path, option, "chart.svg");
 }
 
 }  // namespace lmforge

@@ -32,9 +32,17 @@ struct Chart {
 
 // By the extension of path (.svg or .png, any case); another extension is an Error naming path.
 void write_chart(const Chart& chart, const std::string& path);
+// Before the work: path ends in .svg or .png (any case), its directory exists and it is not a
+// directory (an Error naming `option`).
+void check_chart_path(const std::string& path, const char* option);
 
 std::string chart_svg(const Chart& chart);
 std::string chart_png(const Chart& chart);  // the PNG file's bytes
+
+// Text for an SVG or HTML document: & < > " ' escaped, bytes that are not UTF-8 as U+FFFD (a
+// directory's name in another encoding), other control characters than tab and line ends
+// dropped (not XML).
+std::string xml_escape(const std::string& s);
 
 // The colour of series i (the tab10 palette, repeating).
 std::array<uint8_t, 3> series_color(size_t i);

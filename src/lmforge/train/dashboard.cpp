@@ -14,23 +14,6 @@ namespace lmforge {
 
 namespace {
 
-std::string escape(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    if (c == '<')
-      o += "&lt;";
-    else if (c == '>')
-      o += "&gt;";
-    else if (c == '&')
-      o += "&amp;";
-    else if (c == '"')
-      o += "&quot;";
-    else
-      o += c;
-  }
-  return o;
-}
-
 // The charts: each of series that the run logs.
 struct ChartSpec {
   const char* title;
@@ -118,12 +101,12 @@ std::string Dashboard::html(const std::string& ended) const {
       "td,th{{padding:2px 10px;text-align:right;border-bottom:1px solid #ddd}}"
       "th{{text-align:left}}.charts svg{{margin:4px}}</style></head><body>\n"
       "<h2>{}</h2>\n<p>step {} of {}{}</p>\n",
-      live ? "<meta http-equiv=\"refresh\" content=\"5\">" : "", escape(title_), escape(title_),
-      step_, total_steps_,
-      live ? " &middot; live (reloads every 5 s)" : " &middot; " + escape(ended));
+      live ? "<meta http-equiv=\"refresh\" content=\"5\">" : "", xml_escape(title_),
+      xml_escape(title_), step_, total_steps_,
+      live ? " &middot; live (reloads every 5 s)" : " &middot; " + xml_escape(ended));
   h += "<table>\n<tr><th>metric</th><th>latest</th><th>at step</th></tr>\n";
   for (const auto& [k, v] : latest_)
-    h += fmt::format("<tr><th>{}</th><td>{:.6g}</td><td>{}</td></tr>\n", escape(k), v.first,
+    h += fmt::format("<tr><th>{}</th><td>{:.6g}</td><td>{}</td></tr>\n", xml_escape(k), v.first,
                      v.second);
   h += "</table>\n<div class=\"charts\">\n";
   for (const ChartSpec& sp : chart_specs()) {
