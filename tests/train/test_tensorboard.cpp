@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 
@@ -144,6 +145,20 @@ TEST(TensorBoardWriter, TruncateAfterDropsLaterStepsAndATornTail) {
 
 // metrics.jsonl on resume: records past the step, and a torn last line, are cut; with nothing to
 // cut the file stays the same file (a `tail -f` of it follows the resumed run).
+// Readers load a run's events files in name order: a resume's file sorts after the files already
+// there even when its time in the name would not (within the same second a smaller pid, as pids
+// wrap, sorted it first and TensorBoard read the resumed steps before the first ones).
+TEST(TensorBoardWriter, ANewFileSortsAfterTheRunsFiles) {
+  const std::string dir = testing::temp_dir("tb-order");
+  fs::create_directories(dir + "/tb");
+  const int64_t later = static_cast<int64_t>(std::time(nullptr)) + 100;
+  const std::string before = fmt::format("events.out.tfevents.{:010d}.host.99999.lmforge", later);
+  std::ofstream(dir + "/tb/" + before).flush();
+  const TensorBoardWriter w(dir);
+  EXPECT_GT(fs::path(w.path()).filename().string(), before);
+  EXPECT_NE(w.path().find(fmt::format(".{:010d}.", later + 1)), std::string::npos) << w.path();
+}
+
 TEST(MetricsWriter, TruncateAfterKeepsTheFileWhenNothingIsCut) {
   const std::string dir = testing::temp_dir("metrics-truncate");
   const std::string path = dir + "/metrics.jsonl";

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cmath>
@@ -162,8 +163,20 @@ TensorBoardWriter::TensorBoardWriter(const std::string& run_dir) {
   // The name TensorBoard's own writer uses (summary/writer/event_file_writer.py); the 10-digit
   // time keeps a run's files in creation order when sorted by name, which is how readers load
   // them.
-  path_ = fmt::format("{}/events.out.tfevents.{:010d}.{}.{}.lmforge", dir,
-                      static_cast<int64_t>(now), host, static_cast<int64_t>(getpid()));
+  // A resume within the second of the run's start (the same time in the name) would sort by its
+  // pid as text, maybe before the first file (pids wrap): the name takes a second past the
+  // newest file's there.
+  int64_t stamp = static_cast<int64_t>(now);
+  for (const fs::path& f : events_files(run_dir)) {
+    const std::string name = f.filename().string();  // events.out.tfevents.<10 digits>.
+    const size_t at = name.find("tfevents.") + 9;
+    if (at + 10 <= name.size() && std::all_of(name.begin() + static_cast<ptrdiff_t>(at),
+                                              name.begin() + static_cast<ptrdiff_t>(at + 10),
+                                              [](char c) { return c >= '0' && c <= '9'; }))
+      stamp = std::max<int64_t>(stamp, std::stoll(name.substr(at, 10)) + 1);
+  }
+  path_ = fmt::format("{}/events.out.tfevents.{:010d}.{}.{}.lmforge", dir, stamp, host,
+                      static_cast<int64_t>(getpid()));
   f_ = std::fopen(path_.c_str(), "ab");
   if (!f_) fail("{}: cannot write TensorBoard events ({})", path_, std::strerror(errno));
   std::string e = event_header(now, 0);
