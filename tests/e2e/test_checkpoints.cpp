@@ -52,6 +52,31 @@ void expect_same_as(const std::string& dir, const std::string& run) {
             slurp(ckpt(dir + "/" + run, 12) + "/model.safetensors"));
 }
 
+// Runs lmforge `args` in dir (its output in out.txt and err.txt), sends it SIGINT once ready()
+// holds (polled every 200 us; *sent says whether it went) and returns its wait status when it
+// ends (killed after 120 s).
+int interrupt_when(const std::string& args, const std::string& dir,
+                   const std::function<bool()>& ready, bool* sent) {
+  const pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  int status = 0;
+  *sent = false;
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      ADD_FAILURE() << args << ": still running after 120 s";
+      break;
+    }
+    if (!*sent && ready()) {
+      ::kill(pid, SIGINT);
+      *sent = true;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return status;
+}
+
 }  // namespace
 
 TEST(CheckpointCrash, ThreeKillsThenResumeIsBitExact) {
@@ -460,17 +485,14 @@ TEST(Interrupt, CtrlCSavesACheckpointAndResumeContinues) {
       "--set train.batch_size=4 --set train.seq_len=32 --set train.steps=300 "
       "--set train.checkpoint_every=1000 --set train.eval_every=0 --set sample.prompt= "
       "--set run.dir=run";
-  pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
-  int status = 0;
   bool sent = false;
-  for (int i = 0; i < 6000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
-    const std::string m = slurp(dir + "/run/metrics.jsonl");  // complete lines: written steps
-    if (!sent && std::count(m.begin(), m.end(), '\n') >= 5) {
-      ::kill(pid, SIGINT);
-      sent = true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  const int status = interrupt_when(
+      args, dir,
+      [&] {
+        const std::string m = slurp(dir + "/run/metrics.jsonl");  // complete lines: written steps
+        return std::count(m.begin(), m.end(), '\n') >= 5;
+      },
+      &sent);
   ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
   ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
   EXPECT_EQ(WEXITSTATUS(status), 130);
@@ -509,17 +531,9 @@ TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
     for (int i = 0; i < 60000; ++i) big << i << ' ' << para;
   }
   // Sends SIGINT once `ready` holds; returns the signal that ended the process (0: it exited).
-  auto interrupt_when = [&](const std::string& args, const std::function<bool()>& ready) {
-    pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
-    int status = 0;
+  auto signal_ending = [&](const std::string& args, const std::function<bool()>& ready) {
     bool sent = false;
-    for (int i = 0; i < 400000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
-      if (!sent && ready()) {
-        ::kill(pid, SIGINT);
-        sent = true;
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+    const int status = interrupt_when(args, dir, ready, &sent);
     EXPECT_TRUE(sent) << slurp(dir + "/err.txt");
     return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
   };
@@ -535,7 +549,7 @@ TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
                            " --shard-tokens 20000 --val-docs 10 --output ";
   // prepare, while it writes its first shard: nothing of it left (the output directory it made
   // included); then after some shards: those stay (the rerun goes on from them), no temporary.
-  EXPECT_EQ(interrupt_when(prep + "p1", [&] { return !temporaries(dir + "/p1").empty(); }), SIGINT);
+  EXPECT_EQ(signal_ending(prep + "p1", [&] { return !temporaries(dir + "/p1").empty(); }), SIGINT);
   EXPECT_FALSE(fs::exists(dir + "/p1")) << fs::exists(dir + "/p1/data");
   EXPECT_NE(slurp(dir + "/err.txt")
                 .find("lmforge: interrupted (Ctrl-C); removed what it was "
@@ -550,7 +564,7 @@ TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
       n += it->path().extension() == ".bin";
     return n;
   };
-  EXPECT_EQ(interrupt_when(prep + "p2", [&] { return shards("p2") >= 3; }), SIGINT);
+  EXPECT_EQ(signal_ending(prep + "p2", [&] { return shards("p2") >= 3; }), SIGINT);
   EXPECT_EQ(temporaries(dir + "/p2"), std::vector<std::string>{});
   ASSERT_EQ(run_lmforge(prep + "p2", dir).exit_code, 0);
   ASSERT_EQ(run_lmforge(prep + "whole", dir).exit_code, 0);
@@ -572,7 +586,7 @@ TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
       if (e.path().filename().string().starts_with("hf.lmforge-export.")) return true;
     return false;
   };
-  EXPECT_EQ(interrupt_when("export --checkpoint run --to-hf hf", export_temp), SIGINT);
+  EXPECT_EQ(signal_ending("export --checkpoint run --to-hf hf", export_temp), SIGINT);
   EXPECT_FALSE(export_temp());
   EXPECT_FALSE(fs::exists(dir + "/hf"));
 }
@@ -588,16 +602,9 @@ TEST(Interrupt, CtrlCDuringTheSetUpStopsBeforeTheFirstStep) {
       "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
       "--set train.seq_len=32 --set train.steps=3 --set train.checkpoint_every=0 "
       "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
-  pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
-  int status = 0;
-  bool sent = false;
-  for (int i = 0; i < 200000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
-    if (!sent && fs::exists(dir + "/run/config.yaml")) {  // written during the set-up
-      ::kill(pid, SIGINT);
-      sent = true;
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  }
+  bool sent = false;  // (config.yaml: written during the set-up)
+  const int status = interrupt_when(
+      args, dir, [&] { return fs::exists(dir + "/run/config.yaml"); }, &sent);
   ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
   ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
   EXPECT_EQ(WEXITSTATUS(status), 130);
