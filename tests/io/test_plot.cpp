@@ -168,6 +168,7 @@ TEST(Plot, LogAxisTicksArePowersOfTenAndSkipNonPositive) {
   c.log_x = true;
   Series s{"", {}, {}};
   for (double lr = 1e-6; lr <= 1.01; lr *= 1.5) s.x.push_back(lr), s.y.push_back(std::log(lr));
+  s.x.push_back(1), s.y.push_back(0);  // (the axis ends at 1: a tick there, none beyond)
   s.x.push_back(0), s.y.push_back(1);  // not on a log axis
   s.x.push_back(-1), s.y.push_back(1);
   c.series = {s};
@@ -184,7 +185,15 @@ TEST(Plot, LogAxisTicksArePowersOfTenAndSkipNonPositive) {
 // A log axis over less than a decade (a loss from 9.5 to 5.5, gradient norms) still gets labels:
 // 1..9 x 10^k, or linear ticks when even those are too sparse (it had one label or none).
 TEST(Plot, LogAxisWithinADecadeHasLabels) {
-  for (const auto& [lo, hi] : {std::pair{5.5, 9.5}, {1.39, 1.56}, {0.26, 0.45}, {0.65, 1.24}}) {
+  // (and below 1, where the top power of ten was truncated upward: a tick above the axis, off
+  // the canvas, that left the range with two labels inside)
+  for (const auto& [lo, hi] : {std::pair{5.5, 9.5},
+                               {1.39, 1.56},
+                               {0.26, 0.45},
+                               {0.65, 1.24},
+                               {3e-5, 3e-4},
+                               {1e-5, 0.03},
+                               {1e-300, 1e300}}) {
     SCOPED_TRACE(::testing::PrintToString(std::pair{lo, hi}));
     Chart c = chart("", "", "");
     c.log_y = true;
@@ -198,6 +207,7 @@ TEST(Plot, LogAxisWithinADecadeHasLabels) {
       ticks.push_back(std::stod((*it)[1]));
     EXPECT_GE(ticks.size(), 3u) << ::testing::PrintToString(ticks);
     EXPECT_LE(ticks.size(), 12u) << ::testing::PrintToString(ticks);
+    EXPECT_EQ(svg.find("inf"), std::string::npos);
     for (double t : ticks) {  // on the axis (its range: the values, padded 4% of the log span)
       EXPECT_GE(t, lo * std::pow(hi / lo, -0.05));
       EXPECT_LE(t, hi * std::pow(hi / lo, 0.05));

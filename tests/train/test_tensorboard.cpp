@@ -154,6 +154,9 @@ TEST(TensorBoardWriter, ANewFileSortsAfterTheRunsFiles) {
   const int64_t later = static_cast<int64_t>(std::time(nullptr)) + 100;
   const std::string before = fmt::format("events.out.tfevents.{:010d}.host.99999.lmforge", later);
   std::ofstream(dir + "/tb/" + before).flush();
+  // Not the run's: other names, a time that would take 11 digits.
+  for (const char* other : {"abcdefgh9999999999_tfevents", "events.out.tfevents.9999999999.h.1"})
+    std::ofstream(dir + "/tb/" + other).flush();
   const TensorBoardWriter w(dir);
   EXPECT_GT(fs::path(w.path()).filename().string(), before);
   EXPECT_NE(w.path().find(fmt::format(".{:010d}.", later + 1)), std::string::npos) << w.path();

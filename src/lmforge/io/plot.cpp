@@ -65,9 +65,11 @@ void linear_ticks(Axis& a) {
 
 // Powers of ten (every n-th when there are many decades; with 2x and 5x when there are few).
 void log_ticks(Axis& a) {
-  int first = static_cast<int>(std::ceil(a.lo - 1e-9)), last = static_cast<int>(a.hi + 1e-9);
+  int first = static_cast<int>(std::ceil(a.lo - 1e-9));
+  int last = static_cast<int>(std::floor(a.hi + 1e-9));  // (below 1 too: floor, not truncation)
   int every = std::max(1, (last - first + 1 + 7) / 8);
-  for (int e = first; e <= last; e += every) a.ticks.push_back(std::pow(10.0, e));
+  for (int e = first; e <= last; e += every)  // (10^-324 underflows to 0: no tick)
+    if (const double t = std::pow(10.0, e); t > 0 && std::isfinite(t)) a.ticks.push_back(t);
   // Fewer decades: 1, 2 and 5 x 10^k; within about one (a loss from 9.5 to 5.5, a gradient
   // norm), every 1..9 x 10^k, as matplotlib labels them; narrower still (1.39 to 1.56), linear
   // ticks over the values, placed on the log scale.
@@ -88,7 +90,7 @@ void log_ticks(Axis& a) {
   linear_ticks(lin);
   a.ticks.clear();
   for (double t : lin.ticks)
-    if (t > 0) a.ticks.push_back(t);
+    if (t > 0 && std::isfinite(t)) a.ticks.push_back(t);
 }
 
 Axis make_axis(const std::vector<double>& values, bool log, double pad) {

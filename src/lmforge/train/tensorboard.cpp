@@ -167,13 +167,16 @@ TensorBoardWriter::TensorBoardWriter(const std::string& run_dir) {
   // pid as text, maybe before the first file (pids wrap): the name takes a second past the
   // newest file's there.
   int64_t stamp = static_cast<int64_t>(now);
+  constexpr std::string_view kPrefix = "events.out.tfevents.";
   for (const fs::path& f : events_files(run_dir)) {
-    const std::string name = f.filename().string();  // events.out.tfevents.<10 digits>.
-    const size_t at = name.find("tfevents.") + 9;
-    if (at + 10 <= name.size() && std::all_of(name.begin() + static_cast<ptrdiff_t>(at),
-                                              name.begin() + static_cast<ptrdiff_t>(at + 10),
-                                              [](char c) { return c >= '0' && c <= '9'; }))
-      stamp = std::max<int64_t>(stamp, std::stoll(name.substr(at, 10)) + 1);
+    const std::string name = f.filename().string();  // events.out.tfevents.<10 digits>.<...>
+    if (!name.starts_with(kPrefix) || name.size() < kPrefix.size() + 11 ||
+        name[kPrefix.size() + 10] != '.')
+      continue;
+    const std::string digits = name.substr(kPrefix.size(), 10);
+    if (std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+        digits < "9999999999")  // (10 digits stay 10)
+      stamp = std::max<int64_t>(stamp, std::stoll(digits) + 1);
   }
   path_ = fmt::format("{}/events.out.tfevents.{:010d}.{}.{}.lmforge", dir, stamp, host,
                       static_cast<int64_t>(getpid()));
