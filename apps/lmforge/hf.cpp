@@ -153,9 +153,6 @@ namespace {
 // without checkpoints.
 void take_out_dir(const std::string& out, DirLock& lock) {
   make_directories(out);
-  std::error_code ec;
-  const std::string lock_file = out + "/.lock";
-  if (!fs::exists(lock_file, ec)) note_temp(lock_file);  // (ours: removed on failure)
   lock.take(out, "--out");
   if (!find_latest_checkpoint(out).empty())
     fail("--out: {} already holds checkpoints; choose a new directory", out);
@@ -185,7 +182,7 @@ void convert(const std::string& from, const std::string& out, const std::string&
   TrainState st;
   st.init_from = cfg.init_from;
   std::string dir = save_checkpoint(out, model, nullptr, st, config_to_yaml(cfg), 0, *tok);
-  forget_temp(out + "/.lock");
+  lock.keep();
   fmt::print("converted {} ({}, {:.1f}M parameters){} -> {}\n", from, hc.model.arch,
              model.params().numel() / 1e6,
              peft.empty() ? ""
@@ -223,7 +220,7 @@ void consolidate(const std::string& from, const std::string& out) {
   auto tok = checkpoint_tokenizer(dir);
   std::string saved = save_checkpoint(out, model, weights_only ? nullptr : &opt, st,
                                       read_file(dir + "/config.yaml"), 0, *tok);
-  forget_temp(out + "/.lock");
+  lock.keep();
   fmt::print("consolidated {} (step {}) -> {}\n", dir, st.step, saved);
 }
 
@@ -312,7 +309,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
           base_model);
   }
   // Written beside the target and renamed, so a failure leaves no half-written model.
-  const std::string tmp = fresh_temp_path(out + ".lmforge-export");
+  const std::string tmp = fresh_temp_dir(out + ".lmforge-export");
   try {
     if (peft)
       save_peft_adapter(model, tmp, base_model, dt);
@@ -340,6 +337,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
         opt, out);
   }
   if (ec) {
+    forget_temp(tmp);  // (kept: the user's to move)
     fail("{}: cannot move {} to {} ({}; the export is complete there); {}", opt, tmp, out,
          ec.message(),
          fs::exists(out) ? fmt::format("export into a new directory inside it (e.g. {}/model): a "

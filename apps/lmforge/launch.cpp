@@ -163,8 +163,11 @@ int run_mpirun(const std::vector<std::string>& args, const LaunchOptions& o) {
   sa.sa_handler = note_signal;
   sa.sa_flags = SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  for (int sig : {SIGINT, SIGTERM}) {  // (one ignored when launch started stays ignored)
+    struct sigaction was {};
+    if (sigaction(sig, nullptr, &was) != 0 || was.sa_handler != SIG_IGN)
+      sigaction(sig, &sa, nullptr);
+  }
 
   std::fflush(stdout);
   std::fflush(stderr);
@@ -283,7 +286,8 @@ void add_launch(CLI::App& app) {
     o->interrupted_file = (std::filesystem::temp_directory_path() /
                            ("lmforge-launch-" + std::to_string(getpid()) + ".interrupted"))
                               .string();
-    std::remove(o->interrupted_file.c_str());
+    std::remove(o->interrupted_file.c_str());  // (stale: an earlier launch of the same pid)
+    std::remove((o->interrupted_file + ".launch").c_str());
     int code = run_mpirun(mpirun_argv(mpirun, *o), *o);
     if (code != 0) throw CLI::RuntimeError(code);  // main() exits with it, printing nothing
   });

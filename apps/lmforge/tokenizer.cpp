@@ -148,6 +148,7 @@ void add_tokenizer(CLI::App& app) {
     int64_t vocab_size = 8192;
     std::string out, pattern;
     std::vector<std::string> specials = {"<|endoftext|>"}, files;
+    bool force = false;
   };
   auto t = std::make_shared<TrainOpts>();
   CLI::App* train = tk->add_subcommand(
@@ -158,7 +159,14 @@ void add_tokenizer(CLI::App& app) {
   train->add_option("--pattern", t->pattern, "Pre-tokenizer regex (default: GPT-4's)");
   train->add_option("--special", t->specials, "Special tokens (default: <|endoftext|>)");
   train->add_option("files", t->files, "Text files (streamed)")->required();
+  train->add_flag("--force", t->force, "Replace OUT/tokenizer.json when it exists");
   train->callback([t] {
+    // Checked before the work: shards and runs made with the tokenizer there would no longer
+    // match it (a mismatch lmforge refuses, but only once the new one is in place).
+    std::error_code ec;
+    if (!t->force && std::filesystem::exists(t->out + "/tokenizer.json", ec))
+      fail("--out: {}/tokenizer.json exists; choose a new directory, or pass --force to replace it",
+           t->out);
     set_oom_hint(kTokenizerTrainOomHint);
     BpeTrainOptions opt;
     opt.vocab_size = t->vocab_size;

@@ -47,6 +47,8 @@ Background spawn_lmforge(const std::vector<std::string>& args, const std::string
     dup2(o, 1);
     dup2(e, 2);
     if (chdir(dir.c_str()) != 0) _exit(126);
+    signal(SIGINT, SIG_DFL);  // (as at a terminal: see spawn_lmforge in crash_resume.h)
+    signal(SIGTERM, SIG_DFL);
     std::vector<char*> argv{const_cast<char*>(bin.c_str())};
     for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);

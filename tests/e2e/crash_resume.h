@@ -40,9 +40,11 @@ inline std::string crash_run_args(int64_t steps) {
 constexpr int64_t kCrashCheckpointEvery = 2;
 
 // Starts the lmforge binary with `args` (split at spaces) in `cwd`, stdout and stderr to
-// out_path / err_path, OMP_NUM_THREADS=1. Everything the child needs is built before fork().
+// out_path / err_path, OMP_NUM_THREADS=1, SIGINT ignored when `ignore_sigint` (as `lmforge &`
+// from a script). Everything the child needs is built before fork().
 inline pid_t spawn_lmforge(const std::string& args, const std::string& cwd,
-                           const std::string& out_path, const std::string& err_path) {
+                           const std::string& out_path, const std::string& err_path,
+                           bool ignore_sigint = false) {
   std::vector<std::string> argv_s{lmforge_bin()}, env_s;
   std::istringstream in(args);
   for (std::string a; in >> a;) argv_s.push_back(a);
@@ -61,6 +63,9 @@ inline pid_t spawn_lmforge(const std::string& args, const std::string& cwd,
     if (o < 0 || e < 0 || ::chdir(cwd.c_str()) != 0) ::_exit(126);
     ::dup2(o, 1);
     ::dup2(e, 2);
+    // Signals as at a terminal (a test run started with `&` from a script ignores SIGINT).
+    ::signal(SIGINT, ignore_sigint ? SIG_IGN : SIG_DFL);
+    ::signal(SIGTERM, SIG_DFL);
     ::execve(argv[0], argv.data(), envp.data());
     ::_exit(127);
   }

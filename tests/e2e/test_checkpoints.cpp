@@ -52,12 +52,25 @@ void expect_same_as(const std::string& dir, const std::string& run) {
             slurp(ckpt(dir + "/" + run, 12) + "/model.safetensors"));
 }
 
+pid_t g_interrupted = 0;  // the process interrupt_when runs (for its `ready`)
+
+// Whether process `pid` has a handler for SIGINT (train's from its first line: core/interrupt.h).
+bool catches_sigint(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/status", pid));
+  for (std::string line; std::getline(in, line);)
+    if (line.starts_with("SigCgt:"))
+      return std::stoull(line.substr(7), nullptr, 16) >> (SIGINT - 1) & 1;
+  return false;
+}
+
 // Runs lmforge `args` in dir (its output in out.txt and err.txt), sends it SIGINT once ready()
 // holds (polled every 200 us; *sent says whether it went) and returns its wait status when it
-// ends (killed after 120 s).
+// ends (killed after 120 s). ignore_sigint: it starts with SIGINT ignored.
 int interrupt_when(const std::string& args, const std::string& dir,
-                   const std::function<bool()>& ready, bool* sent) {
-  const pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+                   const std::function<bool()>& ready, bool* sent, bool ignore_sigint = false) {
+  const pid_t pid =
+      testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt", ignore_sigint);
+  g_interrupted = pid;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   int status = 0;
   *sent = false;
@@ -594,32 +607,96 @@ TEST(Interrupt, CommandsThatWriteRemoveWhatTheyWereWriting) {
 // Ctrl-C during the set-up (the run directory written, the model made, the data read) is noted
 // too: the run stops before its first step, saying so, with a checkpoint --resume continues from
 // and no temporary file left (it ended the process silently, leaving config.yaml's temporary).
+// A run of 3 steps whose set-up (a 4-block C=512 model) takes a while after config.yaml.
+const char* const kSetUpRun =
+    "train --set model.preset=gpt2-tiny --set model.n_layer=4 --set model.n_embd=512 "
+    "--set model.n_head=8 --set model.vocab_size=257 --set model.max_seq_len=64 "
+    "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
+    "--set train.seq_len=32 --set train.steps=3 --set train.checkpoint_every=0 "
+    "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
+
 TEST(Interrupt, CtrlCDuringTheSetUpStopsBeforeTheFirstStep) {
   std::string dir = testing::temp_dir("interrupt-setup");
-  const std::string args =
-      "train --set model.preset=gpt2-tiny --set model.n_layer=4 --set model.n_embd=512 "
-      "--set model.n_head=8 --set model.vocab_size=257 --set model.max_seq_len=64 "
-      "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
-      "--set train.seq_len=32 --set train.steps=3 --set train.checkpoint_every=0 "
-      "--set train.eval_every=0 --set sample.prompt= --set run.dir=run";
-  bool sent = false;  // (config.yaml: written during the set-up)
+  const std::string args = kSetUpRun;
+  bool sent = false;  // (once it catches SIGINT: before it builds the model and reads the data)
   const int status = interrupt_when(
-      args, dir, [&] { return fs::exists(dir + "/run/config.yaml"); }, &sent);
+      args, dir, [&] { return catches_sigint(g_interrupted); }, &sent);
   ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
   ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
   EXPECT_EQ(WEXITSTATUS(status), 130);
   const auto listing = testing::list_checkpoint_dir(dir + "/run");
   ASSERT_EQ(listing.complete.size(), 1u);
-  const int64_t step = listing.complete.begin()->first;
+  EXPECT_EQ(listing.complete.begin()->first, 0);  // no step was run
   const std::string err = slurp(dir + "/err.txt");
-  EXPECT_NE(err.find(fmt::format("lmforge: interrupted (Ctrl-C) after step {}", step)),
-            std::string::npos)
-      << err;
+  EXPECT_NE(err.find("lmforge: interrupted (Ctrl-C) after step 0"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl") &&
+               !metric_by_step(dir + "/run", "loss").empty());
   for (const auto& e : fs::recursive_directory_iterator(dir + "/run"))
     EXPECT_FALSE(e.path().string().ends_with(".tmp")) << e.path();
   auto r = run_lmforge(args + " --resume", dir);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 3u);
+}
+
+// Started with SIGINT ignored (`lmforge train ... &` from a script), a run keeps it ignored: a
+// Ctrl-C meant for the script does not stop it.
+TEST(Interrupt, AnIgnoredSigintStaysIgnored) {
+  std::string dir = testing::temp_dir("interrupt-ignored");
+  bool sent = false;
+  const int status = interrupt_when(
+      kSetUpRun, dir, [&] { return fs::exists(dir + "/run/config.yaml"); }, &sent,
+      /*ignore_sigint=*/true);
+  ASSERT_TRUE(sent) << slurp(dir + "/err.txt");
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << slurp(dir + "/err.txt");
+  EXPECT_EQ(metric_by_step(dir + "/run", "loss").size(), 3u);
+}
+
+// Ctrl-C at the terminal while the demo corpus is being written (`bible`, on a fresh cache)
+// reaches `bible` too: it ends, and the run with one line saying so, the half-written corpus
+// removed. Without `bible` on PATH: one line naming its package, nothing left.
+TEST(Interrupt, CtrlCDuringTheDemoCorpusLeavesNoPartOfIt) {
+  std::string dir = testing::temp_dir("interrupt-demo");
+  const std::string cache = dir + "/cache";
+  auto tmps = [&] {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(cache + "/demo", ec))
+      if (e.path().string().ends_with(".tmp")) out.push_back(e.path().string());
+    return out;
+  };
+  const std::string args = std::string(testing::kByteDemoTrain) + "--set train.steps=2";
+  const char* was = std::getenv("LMFORGE_CACHE");
+  const std::string saved = was ? was : "";
+  ::setenv("LMFORGE_CACHE", cache.c_str(), 1);
+  const pid_t pid = testing::spawn_lmforge(args, dir, dir + "/out.txt", dir + "/err.txt");
+  if (was)
+    ::setenv("LMFORGE_CACHE", saved.c_str(), 1);
+  else
+    ::unsetenv("LMFORGE_CACHE");
+  // `bible`, lmforge's child, once it writes; then the terminal's Ctrl-C: both get SIGINT.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  pid_t bible = 0;
+  while (bible == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::ifstream children(fmt::format("/proc/{}/task/{}/children", pid, pid));
+    if (!tmps().empty()) children >> bible;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  ASSERT_GT(bible, 0) << slurp(dir + "/err.txt");
+  ::kill(bible, SIGINT);
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  testing::expect_one_line_error({1, slurp(dir + "/out.txt"), slurp(dir + "/err.txt")},
+                                 {"demo corpus: `bible` was ended by Ctrl-C", "run again"});
+  EXPECT_EQ(tmps(), std::vector<std::string>{});
+  EXPECT_FALSE(fs::exists(cache + "/demo/kjv.txt"));
+
+  auto r = run_lmforge(args, dir, "env PATH=/nonexistent LMFORGE_CACHE='" + cache + "'");
+  testing::expect_one_line_error(r, {"demo corpus: the `bible` program", "bible-kjv"});
+  EXPECT_EQ(tmps(), std::vector<std::string>{});
 }
 
 }  // namespace lmforge

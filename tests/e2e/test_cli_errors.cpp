@@ -291,6 +291,18 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
   }
   ASSERT_EQ(run_lmforge("tokenizer train --vocab-size 257 --out tok257 words.txt", dir).exit_code,
             0);
+  // (a tokenizer there is replaced only with --force: data made with it would no longer match)
+  const std::string tok257 = testing::slurp(dir + "/tok257/tokenizer.json");
+  expect_one_line_error(run_lmforge("tokenizer train --vocab-size 258 --out tok257 words.txt", dir),
+                        {"--out: tok257/tokenizer.json exists", "--force"});
+  EXPECT_EQ(testing::slurp(dir + "/tok257/tokenizer.json"), tok257);
+  ASSERT_EQ(
+      run_lmforge("tokenizer train --vocab-size 258 --out tok257 words.txt --force", dir).exit_code,
+      0);
+  EXPECT_NE(testing::slurp(dir + "/tok257/tokenizer.json"), tok257);
+  ASSERT_EQ(
+      run_lmforge("tokenizer train --vocab-size 257 --out tok257 words.txt --force", dir).exit_code,
+      0);
   expect_one_line_error(run_lmforge("train tiny.yaml --set data.train= --set data.text=words.txt "
                                     "--set data.tokenizer=tok257 --set train.steps=4 --resume",
                                     dir),
@@ -344,6 +356,9 @@ TEST(CliErrors, OutputsInUseAreRefused) {
                         {"--out: c is in use by another lmforge"});
   EXPECT_FALSE(fs::exists(dir + "/p/data"));
   EXPECT_FALSE(fs::exists(dir + "/c/checkpoints"));
+  // The holder's lock files are not the refused command's to remove.
+  EXPECT_TRUE(fs::exists(dir + "/p/.lock"));
+  EXPECT_TRUE(fs::exists(dir + "/c/.lock"));
 }
 
 TEST(Cli, HelpOnEverySubcommand) {

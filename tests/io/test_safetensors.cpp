@@ -14,6 +14,7 @@
 #include <random>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/io/safetensors.h"
 #include "testing/process.h"
@@ -176,9 +177,11 @@ TEST(AtomicFile, RemovesTheTemporariesOfDeadWritersOnly) {
   }
   write_file_atomic(path, "{}");
   EXPECT_TRUE(fs::exists(user + "/f"));
-  const std::string fresh = fresh_temp_path(exported + ".lmforge-export");
+  const std::string fresh = fresh_temp_dir(exported + ".lmforge-export");
   EXPECT_FALSE(fs::exists(stale));
   EXPECT_NE(fresh.find("out.lmforge-export."), std::string::npos) << fresh;
+  EXPECT_TRUE(fs::is_directory(fresh));
+  forget_temp(fresh);
 }
 
 TEST(Safetensors, TruncatedFileIsAClearError) {

@@ -74,8 +74,6 @@ inline std::string temp_dir(const std::string& name) {
   return dir.string();
 }
 
-// args are appended to the binary verbatim (quote them yourself); runs in `cwd`. `launcher`
-// (e.g. "srun -n 2") goes before the binary.
 // A tiny byte-level run on the demo corpus, as several tests start one (one block of gpt2-tiny,
 // batch 2 x 32, no evaluation or sample): add its steps, saves and run.dir.
 inline constexpr const char* kByteDemoTrain =
@@ -83,6 +81,8 @@ inline constexpr const char* kByteDemoTrain =
     "--set data.text=demo:kjv --set data.tokenizer=byte --set train.batch_size=2 "
     "--set train.seq_len=32 --set train.eval_every=0 --set sample.prompt= ";
 
+// args are appended to the binary verbatim (quote them yourself); runs in `cwd`. `launcher`
+// (e.g. "srun -n 2") goes before the binary.
 inline RunResult run_lmforge(const std::string& args, const std::string& cwd,
                              const std::string& launcher = "") {
   std::string bin = lmforge_bin();

@@ -18,13 +18,30 @@ namespace {
 std::atomic<int> g_signal{0};
 std::atomic<bool> g_catching{false};
 
+// SIGINT and SIGTERM, but one ignored when the process started (a command started with `&`
+// from a script ignores SIGINT; nohup-like wrappers): ignored it stays, as it would without
+// lmforge's handling (a blocked signal reaches sigwait even when ignored).
+sigset_t handled() {
+  static const sigset_t set = [] {
+    sigset_t s;
+    sigemptyset(&s);
+    for (int sig : {SIGINT, SIGTERM}) {
+      struct sigaction old {};
+      if (sigaction(sig, nullptr, &old) != 0 || old.sa_handler != SIG_IGN) sigaddset(&s, sig);
+    }
+    return s;
+  }();
+  return set;
+}
+
 void set_action(void (*handler)(int)) {
+  const sigset_t set = handled();
   struct sigaction sa {};
   sa.sa_handler = handler;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  for (int sig : {SIGINT, SIGTERM})
+    if (sigismember(&set, sig)) sigaction(sig, &sa, nullptr);
 }
 
 // The default action of `sig` now (the process ends), from the thread that took it, once what
@@ -46,10 +63,13 @@ void set_action(void (*handler)(int)) {
   _exit(128 + sig);
 }
 
-// A thread the signal reached without blocking it (one started before catch_interrupts).
+// A thread the signal reached without blocking it (one started before catch_interrupts): only
+// what is async-signal-safe here; the second signal ends the process without removing leftovers.
 void note(int sig) {
   int none = 0;
-  if (!g_catching.load() || !g_signal.compare_exchange_strong(none, sig)) default_action(sig);
+  if (g_catching.load() && g_signal.compare_exchange_strong(none, sig)) return;
+  signal(sig, SIG_DFL);
+  raise(sig);  // (delivered once this handler returns)
 }
 
 // Where SIGINT and SIGTERM go once catch_interrupts has run: the calling (training) thread blocks
@@ -60,10 +80,8 @@ void note(int sig) {
 void start_waiter() {
   static std::once_flag once;
   std::call_once(once, [] {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
+    const sigset_t set = handled();
+    if (sigisemptyset(&set)) return;
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
     std::thread([set] {
       for (;;) {

@@ -3,7 +3,8 @@
 // after the step every rank agrees on: trainer.cpp); a second one ends the process at once (the
 // default action, restored by the first). From catch_interrupts on, the calling thread (and the
 // threads it starts) block both: a thread of their own takes them (sigwait), so that no step is
-// interrupted mid-way (under several MPI ranks that corrupted the heap now and then).
+// interrupted mid-way (under several MPI ranks that corrupted the heap now and then). A signal
+// ignored when the process started (`lmforge ... &` in a script ignores SIGINT) stays ignored.
 //
 //   catch_interrupts();
 //   for (...) { step(); if (interrupted()) break; }

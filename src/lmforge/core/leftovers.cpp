@@ -16,9 +16,10 @@ std::set<std::string> g_temps;
 std::vector<std::string> g_made;  // in the order made: parents before children
 }  // namespace
 
-void note_temp(const std::string& tmp) {
+void note_temp(const std::string& tmp, const std::function<void()>& make) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_temps.insert(tmp);
+  if (make) make();
 }
 
 void forget_temp(const std::string& tmp) {
@@ -27,16 +28,23 @@ void forget_temp(const std::string& tmp) {
 }
 
 void make_directories(const std::string& path) {
-  std::vector<fs::path> missing;  // from the deepest up
-  std::error_code ec;
-  for (fs::path p = fs::path(path).lexically_normal(); !p.empty() && !fs::exists(p, ec);
-       p = p.parent_path()) {
-    missing.push_back(p);
-    if (p == p.parent_path()) break;
+  // One component at a time, remembering those this call made (one another process made
+  // meanwhile is not ours to remove).
+  std::vector<std::string> made;
+  fs::path sofar;
+  for (const fs::path& part : fs::path(path).lexically_normal()) {
+    sofar /= part;
+    if (part.empty() || sofar == sofar.root_path()) continue;
+    try {
+      if (fs::create_directory(sofar)) made.push_back(sofar.string());
+    } catch (const fs::filesystem_error& e) {
+      std::lock_guard<std::mutex> lock(g_mutex);
+      g_made.insert(g_made.end(), made.begin(), made.end());
+      throw fs::filesystem_error("create_directories", fs::path(path), e.code());
+    }
   }
-  fs::create_directories(path);  // (throws filesystem_error naming the path)
   std::lock_guard<std::mutex> lock(g_mutex);
-  for (auto it = missing.rbegin(); it != missing.rend(); ++it) g_made.push_back(it->string());
+  g_made.insert(g_made.end(), made.begin(), made.end());
 }
 
 int remove_leftovers(bool for_exit) {

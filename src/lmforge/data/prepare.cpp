@@ -555,7 +555,6 @@ json run_prepare(const PrepareOptions& o) {
          ec ? ec.message() : std::strerror(errno));
   // One prepare at a time into an output (two lost one's summary and raced on its shards).
   DirLock lock;
-  if (!fs::exists(o.output + "/.lock", ec)) note_temp(o.output + "/.lock");  // (gone on failure)
   lock.take(o.output, "--output");
   double load_seconds = std::chrono::duration<double>(Clock::now() - t_load).count();
   auto t0 = Clock::now();
@@ -611,7 +610,7 @@ json run_prepare(const PrepareOptions& o) {
   summary["tokenizer_load_seconds"] = load_seconds;
   summary["mb_per_s"] = dt > 0 ? bytes / 1e6 / dt : 0;
   write_file_atomic(o.output + "/summary.json", summary.dump(2) + "\n");
-  forget_temp(o.output + "/.lock");  // (kept: the output is whole)
+  lock.keep();  // (the output is whole)
   fmt::print(
       "prepare: {:.1f} MB of documents in {:.1f}s ({:.1f} MB/s); summary in {}/summary.json\n",
       bytes / 1e6, dt, dt > 0 ? bytes / 1e6 / dt : 0, o.output);

@@ -1,16 +1,22 @@
 #include "lmforge/data/text_shards.h"
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 #include "lmforge/data/shard.h"
 #include "lmforge/io/atomic_file.h"
 #include "lmforge/tokenizer/bpe_trainer.h"
@@ -48,6 +54,37 @@ bool whole_bible(const std::string& path) {
   return in && tail.find("\nRev22:21 ") != std::string::npos && tail.ends_with("Amen.\n");
 }
 
+// `bible -f "Gen1:1-Rev22:21" > out`: its wait status, or -errno when it could not start. Run with
+// the default signal handling and no signal blocked (lmforge's threads block SIGINT for their
+// waiter: core/interrupt.h), so that a Ctrl-C at the terminal ends it with lmforge.
+int run_bible(const std::string& out) {
+  posix_spawn_file_actions_t files;
+  posix_spawn_file_actions_init(&files);
+  posix_spawn_file_actions_addopen(&files, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&files, 2, "/dev/null", O_WRONLY, 0);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGINT);
+  sigaddset(&defaults, SIGTERM);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  std::string a0 = "bible", a1 = "-f", a2 = "Gen1:1-Rev22:21";
+  char* argv[] = {a0.data(), a1.data(), a2.data(), nullptr};
+  pid_t pid = 0;
+  const int err = posix_spawnp(&pid, "bible", &files, &attr, argv, environ);
+  posix_spawn_file_actions_destroy(&files);
+  posix_spawnattr_destroy(&attr);
+  if (err != 0) return -err;
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) return -errno;
+  return status;
+}
+
 }  // namespace
 
 std::string demo_corpus_path() {
@@ -56,14 +93,20 @@ std::string demo_corpus_path() {
   fs::create_directories(dir);
   // Per process: two runs on a fresh cache each write their own, and the last rename wins.
   std::string tmp = fmt::format("{}.{}.tmp", path, getpid());
-  std::string cmd = "bible -f \"Gen1:1-Rev22:21\" > \"" + tmp + "\" 2>/dev/null";
-  int rc = std::system(cmd.c_str());
+  note_temp(tmp);  // (a Ctrl-C meanwhile removes it)
+  const int rc = run_bible(tmp);
   std::error_code ec;
   const bool whole = rc == 0 && whole_bible(tmp);
   const auto bytes = fs::file_size(tmp, ec);
   if (!whole) {
     fs::remove(tmp, ec);
-    if (rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 127)  // (the shell found no `bible`)
+    forget_temp(tmp);
+    if (rc > 0 && WIFSIGNALED(rc))  // (a Ctrl-C at the terminal reaches it too)
+      fail(
+          "demo corpus: `bible` was ended by {} before it wrote the whole King James Bible; run "
+          "again",
+          WTERMSIG(rc) == SIGINT ? "Ctrl-C" : strsignal(WTERMSIG(rc)));
+    if (rc == -ENOENT)
       fail(
           "demo corpus: the `bible` program (Debian package bible-kjv) is missing; install it "
           "with `sudo apt-get install bible-kjv` or run scripts/demo.sh");
@@ -73,6 +116,7 @@ std::string demo_corpus_path() {
         tmp, ec ? 0 : bytes);
   }
   fs::rename(tmp, path);
+  forget_temp(tmp);
   return path;
 }
 

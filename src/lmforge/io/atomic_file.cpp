@@ -48,7 +48,7 @@ void remove_stale_temps(const std::string& path) {
     if (pid <= 0 || rest.find_first_not_of("0123456789.") != rest.size() - 3) continue;
     if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
       // (a directory only where its name is lmforge's beyond doubt: an export's, see
-      // fresh_temp_path; a user's "x.2024.12.tmp" beside x is left alone)
+      // fresh_temp_dir; a user's "x.2024.12.tmp" beside x is left alone)
       if (!it->is_directory(ec))
         fs::remove(it->path(), ec);
       else if (prefix.find(".lmforge-") != std::string::npos)
@@ -58,17 +58,16 @@ void remove_stale_temps(const std::string& path) {
 }
 }  // namespace
 
-std::string fresh_temp_path(const std::string& path) {
+std::string fresh_temp_dir(const std::string& path) {
   remove_stale_temps(path);
   std::string tmp = temp_name(path);
-  note_temp(tmp);  // (its writer renames it; a name no final file has)
+  note_temp(tmp, [&] { std::filesystem::create_directory(tmp); });  // (its writer renames it)
   return tmp;
 }
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(path)) {
   remove_stale_temps(path);
-  note_temp(tmp_);
-  f_ = std::fopen(tmp_.c_str(), "wb");
+  note_temp(tmp_, [&] { f_ = std::fopen(tmp_.c_str(), "wb"); });
   if (!f_)
     fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,
          std::strerror(errno));

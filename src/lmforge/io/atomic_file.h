@@ -43,10 +43,11 @@ using RecordReader = std::function<RecordAction(std::istream& in, uint64_t left,
                                                 uint64_t& consumed)>;
 void rewrite_records(const std::string& path, const RecordReader& next);
 
-// "<path>.<pid>.<n>.tmp", a name no other writer (process or call) uses, for a temporary file or
-// directory to rename onto path; first removes path's temporaries whose writer process is gone
-// (directories only where path names lmforge's own, "<...>.lmforge-<what>": an export's).
-std::string fresh_temp_path(const std::string& path);
+// A new directory "<path>.<pid>.<n>.tmp", a name no other writer (process or call) uses, to fill
+// and rename onto path (noted: core/leftovers.h); first removes path's temporaries whose writer
+// process is gone (directories only where path names lmforge's own, "<...>.lmforge-<what>": an
+// export's).
+std::string fresh_temp_dir(const std::string& path);
 
 // Whole-file helpers.
 void write_file_atomic(const std::string& path, const std::string& content);

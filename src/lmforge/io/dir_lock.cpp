@@ -10,24 +10,41 @@
 #include <cstring>
 
 #include "lmforge/core/error.h"
+#include "lmforge/core/leftovers.h"
 
 namespace lmforge {
 
 void DirLock::take(const std::string& run_dir, const char* key) {
   if (fd_ >= 0) return;
   const std::string path = run_dir + "/.lock";
-  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  // Created here, or another process's (which the loser of a race to create it must not remove).
+  bool created = true;
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0 && errno == EEXIST) {
+    created = false;
+    fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  }
   if (fd_ < 0) fail("{}: cannot open {} ({})", key, path, std::strerror(errno));
-  if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
-  if (errno == EWOULDBLOCK)
-    fail(
-        "{}: {} is in use by another lmforge train, convert or prepare (it holds {}); wait for it "
-        "to end or stop it, or choose another directory",
-        key, run_dir, path);
-  fmt::print(stderr,
-             "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other train "
-             "uses run.dir {}\n",
-             path, std::strerror(errno), run_dir);
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK)
+      fail(
+          "{}: {} is in use by another lmforge train, convert or prepare (it holds {}); wait for "
+          "it to end or stop it, or choose another directory",
+          key, run_dir, path);
+    fmt::print(stderr,
+               "lmforge: warning: {}: no lock on this filesystem ({}); make sure no other lmforge "
+               "writes into {} meanwhile\n",
+               path, std::strerror(errno), run_dir);
+  }
+  if (created) {
+    created_ = path;
+    note_temp(path);
+  }
+}
+
+void DirLock::keep() {
+  if (!created_.empty()) forget_temp(created_);
+  created_.clear();
 }
 
 DirLock::~DirLock() {

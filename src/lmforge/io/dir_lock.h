@@ -17,10 +17,15 @@ class DirLock {
   // Takes it (once); an Error naming the directory (after `key`, the option or config key that
   // gave it) when another process holds it. A filesystem without locks (NFS without lockd,
   // Lustre without -o flock) is said and not fatal.
+  // A lock file this call created is noted as a leftover (core/leftovers.h: removed if the
+  // command fails) until keep().
   void take(const std::string& run_dir, const char* key = "run.dir");
+  // What it locks is whole: its lock file stays.
+  void keep();
 
  private:
   int fd_ = -1;
+  std::string created_;  // the lock file, when take() created it
 };
 
 }  // namespace lmforge

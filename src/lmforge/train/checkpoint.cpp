@@ -241,8 +241,7 @@ std::string save_checkpoint(const std::string& run_dir, const Transformer& model
       std::string n = e.path().filename().string();
       if (n.starts_with("step-") && n.ends_with(".tmp")) fs::remove_all(e.path(), ec);
     }
-    fs::create_directories(tmp);
-    note_temp(tmp.string());
+    note_temp(tmp.string(), [&] { fs::create_directories(tmp); });
   }
   // A save that fails (a full disk) leaves no step-N.tmp holding the space until the next save
   // removes it: rank 0 removes what it made.

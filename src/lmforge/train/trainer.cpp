@@ -562,7 +562,9 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     progress.message(fmt::format(
         "nothing to train: the run finished at step {} (train.steps); raise train.steps to go on",
         st.step));
-  for (int64_t step = st.step; step < t.steps && !early_stopped; ++step) {
+  // A signal during the set-up: no step (the checkpoint below is of the step resumed, or 0).
+  if (st.step < t.steps && !early_stopped) stopped_by = stop_signal();
+  for (int64_t step = st.step; step < t.steps && !early_stopped && !stopped_by; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
     auto t0 = Clock::now();
