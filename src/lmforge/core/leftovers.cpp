@@ -29,22 +29,18 @@ void forget_temp(const std::string& tmp) {
 
 void make_directories(const std::string& path) {
   // One component at a time, remembering those this call made (one another process made
-  // meanwhile is not ours to remove).
-  std::vector<std::string> made;
+  // meanwhile is not ours to remove), under the lock as note_temp's make.
+  std::lock_guard<std::mutex> lock(g_mutex);
   fs::path sofar;
   for (const fs::path& part : fs::path(path).lexically_normal()) {
     sofar /= part;
     if (part.empty() || sofar == sofar.root_path()) continue;
     try {
-      if (fs::create_directory(sofar)) made.push_back(sofar.string());
+      if (fs::create_directory(sofar)) g_made.push_back(sofar.string());
     } catch (const fs::filesystem_error& e) {
-      std::lock_guard<std::mutex> lock(g_mutex);
-      g_made.insert(g_made.end(), made.begin(), made.end());
       throw fs::filesystem_error("create_directories", fs::path(path), e.code());
     }
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_made.insert(g_made.end(), made.begin(), made.end());
 }
 
 int remove_leftovers(bool for_exit) {

@@ -525,6 +525,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     res.last_checkpoint = save_checkpoint(run_dir, tp ? *whole_layout : model, &opt, st,
                                           config_yaml, t.keep_last, *tokenizer, &shards);
     saved_step = st.step;
+    run_dir_lock.keep();  // (a run with checkpoints keeps its lock file)
   };
 
   // train.profile_steps: the op-level profile of the steps after this run's first (rank 0's).
@@ -562,8 +563,12 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     progress.message(fmt::format(
         "nothing to train: the run finished at step {} (train.steps); raise train.steps to go on",
         st.step));
-  // A signal during the set-up: no step (the checkpoint below is of the step resumed, or 0).
-  if (st.step < t.steps && !early_stopped) stopped_by = stop_signal();
+  // A signal during the set-up: no step, and a checkpoint of step 0, or none when resumed (the one
+  // resumed from stays as it was: --reset-optimizer's fresh state is not saved over it).
+  if (st.step < t.steps && !early_stopped && (stopped_by = stop_signal()) && !ckpt.empty()) {
+    res.last_checkpoint = ckpt;
+    saved_step = st.step;
+  }
   for (int64_t step = st.step; step < t.steps && !early_stopped && !stopped_by; ++step) {
     const bool profiling = lead && step >= profile_from && step <= profile_to;
     if (profiling) profile::enable(true, /*keep=*/step > profile_from);
