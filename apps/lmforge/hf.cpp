@@ -308,7 +308,16 @@ void export_hf(const std::string& checkpoint, const std::string& out_arg, const 
           "adapter keys would not name; export the merged text model with --to-hf instead",
           base_model);
   }
-  // Written beside the target and renamed, so a failure leaves no half-written model.
+  // Written beside the target and renamed, so a failure leaves no half-written model; the
+  // target's missing parents made first (removed again on failure while empty), as convert's.
+  if (const fs::path parent = out_path.parent_path(); !parent.empty()) {
+    try {
+      make_directories(parent.string());
+    } catch (const fs::filesystem_error& e) {
+      fail("{}: cannot create {} ({}); check the path and its permissions", opt, parent.string(),
+           e.code().message());
+    }
+  }
   const std::string tmp = fresh_temp_dir(out + ".lmforge-export");
   try {
     if (peft)

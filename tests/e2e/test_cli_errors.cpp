@@ -259,6 +259,11 @@ TEST(CliErrors, ResumeAndCheckpointProblems) {
                         {"--to-hf", "notes.txt", "--force would delete"});
   EXPECT_EQ(testing::slurp(dir + "/file.txt"), "mine\n");
   EXPECT_EQ(testing::slurp(dir + "/mine/notes.txt"), "mine\n");
+  // Missing parents are made (as convert's --out); one that cannot be is named.
+  expect_one_line_error(run_lmforge("export --checkpoint run --to-hf file.txt/a/hf", dir),
+                        {"--to-hf", "cannot create file.txt/a"});
+  ASSERT_EQ(run_lmforge("export --checkpoint run --to-hf new/a/hf", dir).exit_code, 0);
+  EXPECT_TRUE(fs::exists(dir + "/new/a/hf/config.json"));
   // Its temporary is its own: a user's DIR.tmp beside the target is left alone, as is one named
   // like a temporary of a process that is gone (pid 999999999 is above any pid_max).
   for (const char* d : {"/out.tmp", "/out.999999999.0.tmp"}) {

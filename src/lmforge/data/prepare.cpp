@@ -593,8 +593,9 @@ json run_prepare(const PrepareOptions& o) {
           stderr,
           "lmforge: warning: prepare {}: val_fraction {} drew none of its {} documents for "
           "validation (a .txt file is one document unless --text-mode splits it, a JSONL line "
-          "one); use --val-docs N, or --text-mode blank_line for text files\n",
-          s.name, o.val_fraction, st["documents"]["train"].get<uint64_t>());
+          "one); use --val-docs N{}\n",
+          s.name, o.val_fraction, st["documents"]["train"].get<uint64_t>(),
+          s.doc.text_mode == "blank_line" ? "" : ", or --text-mode blank_line for text files");
     // Nothing kept (every record skipped: a wrong field or format): no shards to train on, and
     // none left behind.
     if (st["documents"]["train"].get<uint64_t>() + st["documents"]["val"].get<uint64_t>() == 0 &&
