@@ -25,6 +25,7 @@ void add_plan(CLI::App& app) {
       "recommend a strategy");
   cmd->add_option("config", o->config, "YAML config (docs/config.md); none = the embedded default");
   cmd->add_option("--set", o->sets, "Override a config key, e.g. --set model.preset=gpt2")
+      ->type_name("KEY=VALUE")
       ->take_all();
   cmd->add_option("--ranks", o->p.ranks, "Ranks (processes: GPUs, or CPU ranks) in all")
       ->capture_default_str();
