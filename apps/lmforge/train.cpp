@@ -85,6 +85,10 @@ void add_train(CLI::App& app) {
           "--resume {}: a config file, taken as the checkpoint to resume; put it first (train {} "
           "--resume), or give the checkpoint as --resume=PATH",
           resume.from, resume.from);
+    // A reader of the progress that went away (`train | head`) would end the run unsaved
+    // (SIGPIPE): it goes on and saves, and the lost output is one error line at the end, as with
+    // a full disk (check_stdout).
+    std::signal(SIGPIPE, SIG_IGN);
     TrainResult r = train(cfg, resume);
     // Under launch, the signal launch got (Ctrl-C), which it passed to the ranks as SIGTERM.
     if (const char* f = std::getenv("LMFORGE_INTERRUPTED_FILE"); r.interrupted && f && *f)

@@ -342,6 +342,14 @@ TEST(CliErrors, StdoutWriteFailuresAreErrors) {
     const testing::RunResult r = run_lmforge(args, dir, "sh full.sh");
     expect_one_line_error(r, {"standard output: write failed"});
   }
+  // train whose reader went away (`train | head`, SIGPIPE ended it unsaved): the run goes on,
+  // saves, and says so.
+  std::ofstream(dir + "/head.sh") << "set -o pipefail\n\"$@\" | head -c 1 > /dev/null\n";
+  const testing::RunResult t = run_lmforge(
+      "train tiny.yaml --set train.steps=30 --set train.log_every=1 --set run.dir=piped", dir,
+      "bash head.sh");
+  expect_one_line_error(t, {"standard output: write failed (Broken pipe)", "reading it ended"});
+  EXPECT_TRUE(fs::exists(dir + "/piped/checkpoints/step-00000030/manifest.json"));
 }
 
 // An output another process is writing (its DIR/.lock held: here by flock(1)) is refused, for

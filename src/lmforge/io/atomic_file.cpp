@@ -218,10 +218,11 @@ void check_stdout(bool flush) {
   if ((flush || bad) && std::fflush(stdout) != 0) bad = true;  // (a retry may say why)
   const int err = errno ? errno : before;
   if (bad)
-    fail(
-        "standard output: write failed ({}); the output is incomplete: free space, or write it "
-        "elsewhere",
-        err ? std::strerror(err) : "an earlier write");
+    fail("standard output: write failed ({}); the output is incomplete: {}",
+         err ? std::strerror(err) : "an earlier write",
+         err == EPIPE   ? "the program reading it ended first"
+         : err == EBADF ? "standard output is closed; redirect it to a file"
+                        : "free space, or write it elsewhere");
 }
 
 }  // namespace lmforge
