@@ -97,6 +97,10 @@ TEST(CliErrors, ConfigProblemsNameTheFileAndKey) {
     expect_one_line_error(run_lmforge("plan tiny.yaml --set " + set, dir),
                           {set.substr(0, set.find('='))});
   expect_one_line_error(run_lmforge("plan tiny.yaml --tflops nan", dir), {"--tflops"});
+  // A step's micro-batches that cannot all be held name train.grad_accum (was: out of memory,
+  // reduce train.batch_size).
+  expect_one_line_error(run_lmforge("train tiny.yaml --set train.grad_accum=99999999999", dir),
+                        {"train.grad_accum's 99999999999 micro-batches", "lower train.grad_accum"});
   expect_one_line_error(
       run_lmforge("plan tiny.yaml --set model.vocab_size=0 --set data.tokenizer=bpe:2048abc", dir),
       {"data.tokenizer", "bpe:2048abc"});

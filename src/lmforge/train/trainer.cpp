@@ -111,6 +111,11 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
 
   RunSetup setup = setup_run(cfg, resume.from);
   Transformer& model = *setup.model;
+  // A step's micro-batches are all read before it (4 int32 tensors of B x T each, and the rest).
+  check_host_memory((16.0 * static_cast<double>(model.planned_batch() * t.seq_len) + 256.0) *
+                        static_cast<double>(t.grad_accum),
+                    fmt::format("train.grad_accum's {} micro-batches", t.grad_accum),
+                    "lower train.grad_accum (a step holds every micro-batch's tokens)");
   Loader& train_data = *setup.train_data;
   std::unique_ptr<Loader>& val_data = setup.val_data;
   // Early stopping counts validation losses: with nothing to evaluate on, it would never fire.
