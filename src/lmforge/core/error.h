@@ -25,6 +25,10 @@ template <typename... Args>
   throw Error(fmt::format(f, std::forward<Args>(args)...));
 }
 
+// The fix for a failed file operation by its errno (a full disk, ulimit -f, -n or -v, a
+// read-only filesystem, permissions), or `otherwise`.
+const char* io_fix(int err, const char* otherwise);
+
 [[noreturn]] void check_failed(const char* file, int line, const char* cond,
                                const std::string& msg);
 

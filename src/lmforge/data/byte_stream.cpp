@@ -20,7 +20,8 @@ class FileStream : public ByteStream {
  public:
   explicit FileStream(const std::string& path) : path_(path) {
     f_ = std::fopen(path.c_str(), "rb");
-    if (!f_) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+    if (!f_)
+      fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, "check the path"));
   }
   ~FileStream() override {
     if (f_) std::fclose(f_);

@@ -69,8 +69,8 @@ AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(temp_name(pa
   remove_stale_temps(path);
   note_temp(tmp_, [&] { f_ = std::fopen(tmp_.c_str(), "wb"); });
   if (!f_)
-    fail("{}: cannot write ({}); check the directory exists and is writable", tmp_,
-         std::strerror(errno));
+    fail("{}: cannot write ({}); {}", tmp_, std::strerror(errno),
+         io_fix(errno, "check the directory exists and is writable"));
 }
 
 AtomicFile::~AtomicFile() {
@@ -81,29 +81,10 @@ AtomicFile::~AtomicFile() {
   forget_temp(tmp_);
 }
 
-namespace {
-
-// The way on from a failed write, by its errno.
-const char* write_hint(int err) {
-  switch (err) {
-    case ENOSPC:
-    case EDQUOT:
-      return "the disk is full: free space there";
-    case EFBIG:
-      return "the file grew past the file-size limit (ulimit -f)";
-    case EROFS:
-      return "the filesystem is read-only";
-    default:
-      return "is the disk full?";
-  }
-}
-
-}  // namespace
-
 void AtomicFile::write(const void* data, size_t n) {
   if (n && std::fwrite(data, 1, n, f_) != n) {
     const int err = errno;
-    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), io_fix(err, "is the disk full?"));
   }
 }
 
@@ -111,7 +92,7 @@ void AtomicFile::overwrite(uint64_t offset, const void* data, size_t n) {
   if (std::fflush(f_) != 0 ||
       pwrite(fileno(f_), data, n, static_cast<off_t>(offset)) != static_cast<ssize_t>(n)) {
     const int err = errno;
-    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), io_fix(err, "is the disk full?"));
   }
 }
 
@@ -122,7 +103,7 @@ void AtomicFile::commit() {
   f_ = nullptr;
   if (!ok) {
     std::remove(tmp_.c_str());
-    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), write_hint(err));
+    fail("{}: write failed ({}); {}", tmp_, std::strerror(err), io_fix(err, "is the disk full?"));
   }
   if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     err = errno;
@@ -146,7 +127,8 @@ void rewrite_records(const std::string& path, const RecordReader& next) {
   // The offset of the first change (a dropped or altered record, a dropped tail), if any.
   auto first_change = [&]() -> std::optional<uint64_t> {
     std::ifstream in(path, std::ios::binary);
-    if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+    if (!in)
+      fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, "check the path"));
     for (uint64_t at = 0;;) {
       uint64_t consumed = 0;
       RecordAction a = next(in, size - at, rec, consumed);
@@ -158,7 +140,8 @@ void rewrite_records(const std::string& path, const RecordReader& next) {
   const std::optional<uint64_t> cut = first_change();
   if (!cut) return;
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+  if (!in)
+    fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, "check the path"));
   AtomicFile out(path);
   std::vector<char> buf(1 << 20);
   for (uint64_t left = *cut; left > 0;) {  // the unchanged records before the first change
@@ -190,7 +173,8 @@ void copy_file_atomic(const std::string& from, const std::string& to) {
 std::string read_file(const std::string& path) {
   check_not_directory(path);  // an ifstream opens a directory and reads nothing
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+  if (!in)
+    fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, "check the path"));
   std::ostringstream ss;
   ss << in.rdbuf();
   std::error_code ec;

@@ -14,7 +14,8 @@ namespace lmforge {
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, const std::string& hint) {
   int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail("{}: cannot open ({}); {}", path, std::strerror(errno), hint);
+  if (fd < 0)
+    fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, hint.c_str()));
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -27,7 +28,7 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, const std:
     if (p == MAP_FAILED) {
       int err = errno;
       ::close(fd);
-      fail("{}: cannot map ({})", path, std::strerror(err));
+      fail("{}: cannot map ({}); {}", path, std::strerror(err), io_fix(err, "check the file"));
     }
     f->addr_ = p;
   }

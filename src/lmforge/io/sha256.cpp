@@ -200,7 +200,8 @@ std::string sha256_hex(std::string_view data) {
 
 std::string sha256_file(const std::string& path, uint64_t* bytes) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail("{}: cannot open ({}); check the path", path, std::strerror(errno));
+  if (fd < 0)
+    fail("{}: cannot open ({}); {}", path, std::strerror(errno), io_fix(errno, "check the path"));
   Sha256 h;
   std::vector<uint8_t> buf(1 << 20);
   uint64_t total = 0;

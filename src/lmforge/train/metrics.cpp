@@ -52,8 +52,10 @@ void MetricsWriter::write(const nlohmann::json& record) {
   // A full disk is said at the step it happens, not at the next checkpoint's save after a run of
   // lost records (the line a failed write tears is dropped by --resume: truncate_after).
   if (std::fwrite(line.data(), 1, line.size(), f_) != line.size() || std::fflush(f_) != 0)
-    fail("{}: cannot write metrics ({}); free space there, then continue with --resume", path_,
-         std::strerror(errno));
+    fail(
+        "{}: cannot write metrics ({}); free space there, then continue with --resume (run it "
+        "again without, if the run had saved no checkpoint yet)",
+        path_, std::strerror(errno));
   if (!tb_ || !record.contains("step") || !record["step"].is_number_integer()) return;
   int64_t step = record["step"].get<int64_t>();
   double now =

@@ -218,8 +218,10 @@ void TensorBoardWriter::write_event(const std::string& event) {
 
 void TensorBoardWriter::flush() {
   if (std::fflush(f_) != 0)
-    fail("{}: cannot write TensorBoard events ({}); free space there, then continue with --resume",
-         path_, std::strerror(errno));
+    fail(
+        "{}: cannot write TensorBoard events ({}); free space there, then continue with --resume "
+        "(run it again without, if the run had saved no checkpoint yet)",
+        path_, std::strerror(errno));
 }
 
 void tensorboard_truncate_after(const std::string& run_dir, int64_t step) {
