@@ -789,41 +789,7 @@ TrainResult train(Config& cfg, const ResumeOptions& resume) {
     }
     if (lead) whole->params().invalidate_bf16();
   }
-  Transformer& sampler = whole ? *whole : model;
-  if (lead && !cfg.sample.prompt.empty()) sampler.to(Device::kCPU);  // decode runs on the CPU
-
-  // The sample's decode buffers (the fp32 KV cache of its positions, the logits) asked for first:
-  // under an address-space limit (ulimit -v) nearly reached, the decode's first oneDNN GEMMs
-  // crashed (SIGSEGV) setting up state of their own instead of failing. The run is done and saved:
-  // a sample that does not fit is skipped, said.
-  bool sample = lead && !cfg.sample.prompt.empty();
-  std::vector<int32_t> prompt_ids;
-  if (sample) {
-    prompt_ids = tokenizer->encode(cfg.sample.prompt, false, true);
-    const ModelConfig& mc = sampler.config();
-    const int64_t positions = std::min<int64_t>(
-        mc.max_seq_len, static_cast<int64_t>(prompt_ids.size()) + cfg.sample.max_tokens);
-    const double kv = 2.0 * 4.0 * static_cast<double>(mc.n_layer * positions) *
-                      static_cast<double>(mc.kv_heads() * mc.head_size());
-    try {
-      check_host_memory(kv + 4.0 * static_cast<double>(mc.vocab_size),
-                        "the sample's decode buffers",
-                        "sample from the checkpoint with lmforge generate where memory allows");
-    } catch (const Error& e) {
-      fmt::print(stderr, "lmforge: warning: no sample: {}\n", e.what());
-      sample = false;
-    }
-  }
-  if (sample) {
-    SamplingOptions so = sampling_options(cfg, tokenizer.get());
-    fmt::print("--- sample ---\n{}", cfg.sample.prompt);
-    Utf8Stream text;
-    generate(sampler, prompt_ids, so, [&](int32_t id) {
-      fmt::print("{}", text.push(tokenizer->token_bytes(id)));
-      std::fflush(stdout);
-    });
-    fmt::print("{}\n--------------\n", text.finish());
-  }
+  if (lead && !cfg.sample.prompt.empty()) print_run_sample(whole ? *whole : model, cfg, *tokenizer);
   return res;
 }
 

@@ -143,6 +143,9 @@ void check_vocab_covers(int64_t vocab_size, int64_t tokenizer_ids, const std::st
 void validate_rank_count(const Config& cfg, int ranks);
 // The end-of-run sample's options (the stop token and vocabulary limit from `tok` when given).
 SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok);
+// Prints cfg.sample.prompt and the text `model` goes on with (moved to the CPU, where decoding
+// runs), unless its decode buffers do not fit (a warning then).
+void print_run_sample(Transformer& model, const Config& cfg, const Tokenizer& tok);
 // train.inject_fault: "nan@5,spike@9" -> {5: "nan", 9: "spike"} (1-based steps); Error naming
 // the key on anything else.
 std::map<int64_t, std::string> parse_faults(const std::string& spec);

@@ -14,7 +14,6 @@
 #include "lmforge/dist/communicator.h"
 #include "lmforge/dist/data_parallel.h"
 #include "lmforge/eval/generate.h"
-#include "lmforge/models/hf.h"
 #include "lmforge/nn/block.h"
 #include "lmforge/tokenizer/tokenizer.h"
 #include "lmforge/train/guard.h"
@@ -29,19 +28,6 @@ Schedule make_schedule(const TrainConfig& t) {
              t.div_factor};
   s.validate();
   return s;
-}
-
-SamplingOptions sampling_options(const Config& cfg, const Tokenizer* tok) {
-  SamplingOptions o;
-  o.max_tokens = cfg.sample.max_tokens;
-  o.temperature = cfg.sample.temperature;
-  o.top_k = cfg.sample.top_k;
-  o.top_p = cfg.sample.top_p;
-  o.seed = cfg.train.seed;
-  o.vocab_limit = tok ? tok->vocab_size() : 0;
-  if (tok)
-    for (int32_t id : stop_token_ids(*tok)) o.add_stop(id);
-  return o;
 }
 
 std::map<int64_t, std::string> parse_faults(const std::string& spec) {
